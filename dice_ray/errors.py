@@ -1,0 +1,12 @@
+"""The one exception type for bad user input.
+
+Anything the user can get wrong (a config value, a file, a data folder) raises ``InputError`` with a
+one-line message naming the problem; the command-line entry points print it and exit with status 2
+before any work starts.
+"""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Invalid user input: the message is one line that names the bad option and its value."""

@@ -1,0 +1,140 @@
+"""Model registry: name -> factory(input_shape, num_classes) -> ``nn.Module``.
+
+A user adds a model with the decorator::
+
+    from dice_ray.models import register_model
+
+    @register_model("my-net")
+    def my_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        return ...
+
+and selects it with ``--model my-net`` (the module defining it must be imported first, for example from
+a run config's ``model.import_module``). Input shape (channels-first) and class count always come from
+the data set, so one model definition serves every data set it fits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dice_ray.errors import InputError
+
+ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
+_REGISTRY: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Return a decorator registering ``factory(input_shape, num_classes) -> nn.Module`` as ``name``."""
+
+    def decorator(factory: ModelFactory) -> ModelFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def model_names() -> tuple[str, ...]:
+    """Return the registered model names, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Return a freshly initialized model ``name`` for ``input_shape`` inputs and ``num_classes`` outputs."""
+    if name not in _REGISTRY:
+        raise InputError(f"model {name!r} is unknown; choose one of {', '.join(model_names())}")
+    return _REGISTRY[name](tuple(input_shape), int(num_classes))
+
+
+class MLP(nn.Module):
+    """Flatten, then Linear-activation layers, then a linear classifier (the paper's MLP: hidden 128, 64)."""
+
+    def __init__(self, in_features: int, hidden: tuple[int, ...], num_classes: int, activation: str = "relu"):
+        super().__init__()
+        acts = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus}
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), acts[activation]()]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@register_model("mlp")
+def mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The paper's MLP: hidden layers 128 and 64 with ReLU."""
+    return MLP(math.prod(input_shape), (128, 64), num_classes, "relu")
+
+
+@register_model("mlp-tanh")
+def mlp_tanh(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The paper's MLP with tanh: a smooth loss surface, for exactness checks of DICE-E (SPEC §4)."""
+    return MLP(math.prod(input_shape), (128, 64), num_classes, "tanh")
+
+
+@register_model("logreg")
+def logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Multinomial logistic regression (a single linear layer)."""
+    return MLP(math.prod(input_shape), (), num_classes)
+
+
+@register_model("cnn")
+def cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A small CNN: two 3x3 conv-ReLU-maxpool blocks (16, 32 channels), then a 64-unit hidden layer."""
+    channels, height, width = input_shape
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * (height // 4) * (width // 4), 64), nn.ReLU(),
+        nn.Linear(64, num_classes),
+    )
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for small (e.g. 32x32) inputs: 3x3 stem without max-pooling, as usual for CIFAR."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()
+        )
+        blocks, cin = [], 64
+        for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+            blocks += [_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.blocks(self.stem(x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
+
+
+@register_model("resnet18")
+def resnet18(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """ResNet-18 (11M parameters, BatchNorm buffers mixed like parameters): meant for GPUs."""
+    return ResNet18(input_shape[0], num_classes)

@@ -1,0 +1,282 @@
+"""Many participants' models stacked along a leading dimension, stepped at once (pure torch, no Ray).
+
+Every participant k of a block has the same architecture, so its whole local state — parameters, then
+BatchNorm-style buffers — is one row of a flat tensor ``state`` of shape [P, D] (D = parameters +
+buffers). ``params`` and ``buffers`` are column views of it. This buys three things:
+
+- the local step of SPEC §1 (θ_k^{t+½} = O_k(θ_k^t, z_k^t)) for all P participants is one vectorized
+  forward/backward (``torch.func``: functional_call inside vmap) and one in-place optimizer update on
+  [P, D] tensors;
+- gossip (θ_k^{t+1} = Σ_l W^t_kl θ_l^{t+½}) is one sparse-dense matrix product on rows of ``state``;
+- the half-step parameters travel between Ray actors as one contiguous array.
+
+Everything the influence code needs — Δ_k^t, losses and gradients on any data z′ — is computed here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from dice_ray.errors import InputError
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+VECTORIZE = ("vmap", "loop", "auto")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The local optimizer O_k shared by all participants, with torch.optim's semantics.
+
+    ``sgd``: θ ← θ − η (g + λθ).  ``momentum``: torch.optim.SGD with ``momentum`` (and ``nesterov``).
+    ``adam``: torch.optim.Adam (non-AMSGrad) with ``betas`` and ``eps``. λ is ``weight_decay``.
+    """
+
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise InputError(f"optimizer {self.name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InputError(f"learning rate must be a positive number, got {self.lr}")
+
+
+class Layout:
+    """Where each named tensor of a module lives in a flat row: names, shapes and column offsets."""
+
+    def __init__(self, named: list[tuple[str, torch.Size]]):
+        self.names = [n for n, _ in named]
+        self.shapes = [tuple(s) for _, s in named]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)]).tolist()
+        self.width = int(self.offsets[-1])
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return name -> view of ``flat`` ([P, width] -> [P, *shape]; [width] -> [*shape])."""
+        lead = flat.shape[:-1]
+        spans = zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:], strict=True)
+        return {name: flat[..., a:b].view(*lead, *shape) for name, shape, a, b in spans}
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Return the [width] (or [P, width]) concatenation of ``tensors`` in layout order."""
+        first = tensors[self.names[0]] if self.names else None
+        lead = () if first is None else first.shape[: first.dim() - len(self.shapes[0])]
+        parts = [tensors[n].reshape(*lead, -1) for n in self.names]
+        return torch.cat(parts, dim=-1) if parts else torch.zeros(*lead, 0)
+
+
+def model_state_layouts(model: nn.Module) -> tuple[Layout, Layout]:
+    """Return the (parameter, buffer) layouts of ``model``; buffers are only floating-point ones."""
+    params = [(n, p.shape) for n, p in model.named_parameters()]
+    buffers = [(n, b.shape) for n, b in model.named_buffers() if b.is_floating_point()]
+    return Layout(params), Layout(buffers)
+
+
+def initial_state(model: nn.Module, nodes: np.ndarray, seed: int, init: str = "same") -> torch.Tensor:
+    """Return the initial flat states [len(nodes), D] of participants ``nodes``.
+
+    ``init="same"``: every participant starts from one model drawn from ``seed`` (consensus start, the
+    usual D-SGD setting). ``"independent"``: participant k draws its own from (seed, k). Either way a
+    participant's start depends only on (seed, k), never on how participants are grouped.
+    """
+    p_layout, b_layout = model_state_layouts(model)
+
+    def draw(s: int) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            for module in model.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        params = dict(model.named_parameters())
+        buffers = {n: b for n, b in model.named_buffers() if b.is_floating_point()}
+        return torch.cat([p_layout.flatten(params), b_layout.flatten(buffers)]).detach().clone()
+
+    if init == "same":
+        return draw(seed).expand(len(nodes), -1).clone()
+    if init == "independent":
+        seeds = [int(np.random.SeedSequence([seed, int(k)]).generate_state(1)[0]) for k in nodes]
+        return torch.stack([draw(s) for s in seeds])
+    raise InputError(f"init {init!r} is unknown; choose 'same' or 'independent'")
+
+
+class Population:
+    """P participants of one architecture: flat local states [P, D], optimizer state, vectorized step.
+
+    Attributes:
+        state: [P, D] float tensor, row k = (parameters, buffers) of participant k.
+        params, buffers: column views of ``state`` ([P, D_params], [P, D_buffers]).
+        opt_state: optimizer state, name -> [P, D_params] tensor (``step`` is [P]).
+    """
+
+    def __init__(self, model: nn.Module, state: torch.Tensor, optimizer: OptimizerSpec,
+                 vectorize: str = "vmap"):
+        if vectorize not in ("vmap", "loop"):
+            raise InputError(f"vectorize {vectorize!r} is unknown; choose 'vmap' or 'loop'")
+        self.model = model
+        self.param_layout, self.buffer_layout = model_state_layouts(model)
+        self.state = state
+        self.params = state[:, : self.param_layout.width]
+        self.buffers = state[:, self.param_layout.width:]
+        self.optimizer = optimizer
+        self.vectorize = vectorize
+        self.opt_state = init_optimizer_state(optimizer, self.params)
+
+    @property
+    def size(self) -> int:
+        """P, the number of participants stacked here."""
+        return self.state.shape[0]
+
+    # -- losses and gradients -------------------------------------------------------------------
+
+    def _logits(self, params: dict[str, torch.Tensor], buffers: torch.Tensor, x: torch.Tensor,
+                shared_input: bool = False) -> torch.Tensor:
+        """Return logits [P, B, C]: stacked parameter views ``params`` (name -> [P, ...]) applied to each
+        participant's own inputs x [P, B, ...] (or to one shared x [B, ...])."""
+        buffer_views = self.buffer_layout.views(buffers)
+
+        def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+            return functional_call(self.model, {**p, **b}, (xb,))
+
+        if self.vectorize == "vmap":
+            return vmap(one, in_dims=(0, 0, None if shared_input else 0))(params, buffer_views, x)
+        return torch.stack([
+            one({n: v[k] for n, v in params.items()}, {n: v[k] for n, v in buffer_views.items()},
+                x if shared_input else x[k])
+            for k in range(len(buffers))
+        ])
+
+    def _losses_of(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                   shared_input: bool) -> torch.Tensor:
+        logits = self._logits(params, self.buffers[: len(next(iter(params.values())))], x, shared_input)
+        targets = y.expand(logits.shape[0], -1) if shared_input else y
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none") \
+            .view(logits.shape[0], -1).mean(dim=1)
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor, params: torch.Tensor | None = None,
+               shared_input: bool = False) -> torch.Tensor:
+        """Return the mean cross-entropy L(θ_k; z_k) of each participant, shape [P] (differentiable).
+
+        x: [P, B, ...] and y: [P, B] (each participant its own batch), or with ``shared_input`` x: [B, ...],
+        y: [B] (one batch such as z′ for all). ``params`` [P, D_params] defaults to the current parameters.
+        """
+        params = self.params if params is None else params
+        return self._losses_of(self.param_layout.views(params), x, y, shared_input)
+
+    def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor,
+                      shared_input: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (L(θ_k; z_k) [P], ∇_θ L(θ_k; z_k) [P, D_params]) for every participant k.
+
+        Participants' losses are independent, so the gradient of their sum w.r.t. the stacked parameters
+        is every participant's own gradient, row by row: one backward pass for all of them. The leaves
+        are the per-tensor views (not the flat tensor), so backward writes each gradient once instead of
+        scattering every slice into a zero [P, D] tensor (measured 3x faster than grad of the flat tensor).
+        """
+        leaves = {n: v.detach().requires_grad_() for n, v in self.param_layout.views(self.params).items()}
+        with torch.enable_grad():
+            per = self._losses_of(leaves, x, y, shared_input)
+            grads = torch.autograd.grad(per.sum(), list(leaves.values()))
+        flat = torch.cat([g.reshape(self.size, -1) for g in grads], dim=1) if grads else \
+            torch.zeros_like(self.params)
+        return per.detach(), flat
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, shared_input: bool = False,
+                 chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (loss [P], accuracy [P]) in eval mode, in chunks of ``chunk`` participants.
+
+        x: [P, B, ...], y: [P, B]; or with ``shared_input`` one batch x: [B, ...], y: [B] for all.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out_loss, out_acc = [], []
+            for a in range(0, self.size, chunk):
+                b = min(a + chunk, self.size)
+                xs, ys = (x, y) if shared_input else (x[a:b], y[a:b])
+                logits = self._logits(self.param_layout.views(self.params[a:b]), self.buffers[a:b], xs,
+                                      shared_input)
+                targets = ys.expand(b - a, -1) if shared_input else ys
+                loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+                out_loss.append(loss.view(b - a, -1).mean(dim=1))
+                out_acc.append((logits.argmax(-1) == targets).float().mean(dim=1))
+            return torch.cat(out_loss), torch.cat(out_acc)
+        finally:
+            self.model.train(was_training)
+
+    # -- Algorithm 1 --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def half_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Local step θ_k^{t+½} = O_k(θ_k^t, z_k^t) for every k, in place; return the batch losses [P].
+
+        x: [P, B, ...], y: [P, B]. The loss is L(θ_k^t; z_k^t), measured before the step.
+        Δ_k^t is ``state_after - state_before`` (see ``half_step_update``).
+        """
+        loss, g = self.loss_and_grad(x, y)
+        optimizer_update_(self.optimizer, self.params, g, self.opt_state)
+        return loss
+
+    @torch.no_grad()
+    def mix_(self, weights: torch.Tensor, sources: torch.Tensor) -> None:
+        """Gossip in place: state_k ← Σ_l weights[k, l] sources[l] (parameters and buffers alike).
+
+        weights: [P, M] sparse (CSR) or dense rows of W^t restricted to the columns of ``sources``;
+        sources: [M, D] half-step states of those columns' participants.
+        """
+        mixed = torch.sparse.mm(weights, sources) if weights.is_sparse_csr else weights @ sources
+        self.state.copy_(mixed)
+
+
+# -- optimizers on stacked parameters (one implementation: in place; clone first for a functional use) --
+
+
+def init_optimizer_state(spec: OptimizerSpec, params: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Return the zero optimizer state for stacked ``params`` [P, D]: name -> tensor."""
+    state: dict[str, torch.Tensor] = {"step": torch.zeros(params.shape[0], dtype=params.dtype,
+                                                          device=params.device)}
+    if spec.name == "momentum":
+        state["momentum_buffer"] = torch.zeros_like(params)
+    elif spec.name == "adam":
+        state["exp_avg"] = torch.zeros_like(params)
+        state["exp_avg_sq"] = torch.zeros_like(params)
+    return state
+
+
+def optimizer_update_(spec: OptimizerSpec, params: torch.Tensor, grads: torch.Tensor,
+                      state: dict[str, torch.Tensor]) -> None:
+    """Apply one step of ``spec`` to stacked ``params`` [P, D] in place, with gradients ``grads`` [P, D].
+
+    Mirrors torch.optim.SGD / torch.optim.Adam row by row; ``state`` is updated in place.
+    """
+    lr = spec.lr
+    g = grads.add(params, alpha=spec.weight_decay) if spec.weight_decay else grads
+    step = state["step"].add_(1)
+    if spec.name == "sgd":
+        params.add_(g, alpha=-lr)
+    elif spec.name == "momentum":
+        buf = state["momentum_buffer"]
+        # torch.optim.SGD starts the buffer at the first gradient: buf is zero then, so m * buf + g = g.
+        buf.mul_(spec.momentum).add_(g)
+        params.add_(g.add(buf, alpha=spec.momentum) if spec.nesterov else buf, alpha=-lr)
+    else:
+        beta1, beta2 = spec.betas
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        # Bias corrections in float64, as torch.optim computes them from a Python step count.
+        step64 = step.to(torch.float64).unsqueeze(1)
+        step_size = (lr / (1 - beta1**step64)).to(params.dtype)
+        bias2_sqrt = (1 - beta2**step64).sqrt().to(params.dtype)
+        denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(spec.eps)
+        params.addcdiv_(exp_avg * step_size, denom, value=-1.0)
