@@ -192,10 +192,11 @@ class Population:
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, shared_input: bool = False,
-                 chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                 sample_weights: torch.Tensor | None = None, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (loss [P], accuracy [P]) in eval mode, in chunks of ``chunk`` participants.
 
         x: [P, B, ...], y: [P, B]; or with ``shared_input`` one batch x: [B, ...], y: [B] for all.
+        ``sample_weights`` [P, B] (e.g. a padding mask) weights each sample; a row of zeros gives NaN.
         """
         was_training = self.model.training
         self.model.eval()
@@ -208,8 +209,11 @@ class Population:
                                       shared_input)
                 targets = ys.expand(b - a, -1) if shared_input else ys
                 loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-                out_loss.append(loss.view(b - a, -1).mean(dim=1))
-                out_acc.append((logits.argmax(-1) == targets).float().mean(dim=1))
+                correct = (logits.argmax(-1) == targets).to(loss.dtype)
+                w = torch.ones_like(correct) if sample_weights is None else sample_weights[a:b].to(loss.dtype)
+                total = w.sum(dim=1)
+                out_loss.append((loss.view(b - a, -1) * w).sum(dim=1) / total)
+                out_acc.append((correct * w).sum(dim=1) / total)
             return torch.cat(out_loss), torch.cat(out_acc)
         finally:
             self.model.train(was_training)

@@ -1,0 +1,233 @@
+"""The run configuration: typed sections with defaults, validated in one place.
+
+A config is data: ``configs/*.yaml`` files hold it, ``--key value`` options override it, and the
+resolved config is written to each run's ``manifest.json``. Every field has a default, so an empty
+config runs on the embedded data. Validation (types, ranges, unknown keys, names of topologies, data
+sets, models, optimizers) happens here, before any work starts; problems become one-line
+``InputError`` messages that name the field.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dice_ray.data import DATASETS, SCHEMES, WEIGHT_RULES
+from dice_ray.errors import InputError
+from dice_ray.population import OPTIMIZERS, OptimizerSpec
+from dice_ray.topology import TOPOLOGIES
+from dice_ray.topology import WEIGHT_RULES as MIXING_RULES
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+class TopologyConfig(_Section):
+    """Communication graph and mixing matrix W^t (SPEC §1)."""
+
+    name: str = Field("exponential", description=f"graph: {', '.join(TOPOLOGIES)}")
+    weights: str = Field("uniform", description=f"weight rule: {', '.join(MIXING_RULES)}")
+    p: float | None = Field(None, gt=0, le=1, description="edge probability for erdos-renyi "
+                                                           "(default 2 ln(N)/N)")
+    rows: int | None = Field(None, ge=1, description="rows of a grid or torus (default: most square)")
+    file: str | None = Field(None, description="edge list (.txt/.csv) or W matrix (.npy/.npz) for 'file'")
+    directed: bool = Field(False, description="edges of an edge-list file are directed (src -> dst)")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in TOPOLOGIES:
+            raise ValueError(f"topology {v!r} is unknown; choose one of {', '.join(TOPOLOGIES)}")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _known_rule(cls, v: str) -> str:
+        if v not in MIXING_RULES:
+            raise ValueError(f"weight rule {v!r} is unknown; choose one of {', '.join(MIXING_RULES)}")
+        return v
+
+
+class DataConfig(_Section):
+    """Data set, partition over participants, and the held-out batch z′."""
+
+    dataset: str = Field("mnist5k", description=f"data set: {', '.join(DATASETS)}")
+    data_dir: str | None = Field(None, description="folder holding mnist/fashion-mnist/cifar10/cifar100/"
+                                                   "tiny-imagenet in torchvision's layout")
+    download: bool = Field(False, description="download the data set into data_dir if missing")
+    partition: str = Field("iid", description=f"partition scheme: {', '.join(SCHEMES)}")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition=dirichlet)")
+    shards_per_node: int = Field(2, ge=1, description="shards per participant (partition=shards)")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of each participant's data held "
+                                                             "out as its validation split")
+    heldout_size: int = Field(500, ge=1, description="size of the shared held-out batch z′ "
+                                                     "(from the test split)")
+    participant_weights: str = Field("uniform", description="q_k: uniform or data-size")
+    synthetic_samples: int = Field(10_000, ge=2, le=10_000_000, description="samples of 'synthetic'")
+    synthetic_classes: int = Field(10, ge=2, le=10_000, description="classes of 'synthetic'")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(f"data set {v!r} is unknown; choose one of {', '.join(DATASETS)}")
+        return v
+
+    @field_validator("partition")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if v not in SCHEMES:
+            raise ValueError(f"partition {v!r} is unknown; choose one of {', '.join(SCHEMES)}")
+        return v
+
+    @field_validator("participant_weights")
+    @classmethod
+    def _known_rule(cls, v: str) -> str:
+        if v not in WEIGHT_RULES:
+            raise ValueError(f"participant weights {v!r} are unknown; choose one of {', '.join(WEIGHT_RULES)}")
+        return v
+
+
+class ModelConfig(_Section):
+    """Model architecture and how participants' models are initialized and vectorized."""
+
+    name: str = Field("mlp", description="model from the registry (mlp, mlp-tanh, logreg, cnn, resnet18, …)")
+    init: Literal["same", "independent"] = Field("same", description="same initial model for all, or one "
+                                                                     "per participant")
+    vectorize: Literal["auto", "vmap", "loop"] = Field("auto", description="vmap over participants, a loop, "
+                                                                           "or auto (pick per model)")
+    import_module: str | None = Field(None, description="module to import first (registers custom models)")
+
+
+class OptimConfig(_Section):
+    """Local optimizer O_k and minibatch size (shared by all participants)."""
+
+    name: str = Field("sgd", description=f"optimizer: {', '.join(OPTIMIZERS)}")
+    lr: float = Field(0.05, description="learning rate η (> 0)")
+    batch_size: int = Field(8, ge=1, description="minibatch size |z_k^t|")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum (optimizer=momentum)")
+    nesterov: bool = Field(False, description="Nesterov momentum (optimizer=momentum)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay λ")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in OPTIMIZERS:
+            raise ValueError(f"optimizer {v!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"learning rate must be a positive finite number, got {v}")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"Adam betas must lie in [0, 1), got {v}")
+        return v
+
+    def spec(self) -> OptimizerSpec:
+        """Return the ``OptimizerSpec`` the population steps with."""
+        return OptimizerSpec(self.name, self.lr, self.momentum, self.nesterov, tuple(self.betas), self.eps,
+                             self.weight_decay)
+
+
+class EngineConfig(_Section):
+    """Placement on Ray: how many participant-group actors, and their CPUs/GPUs."""
+
+    actors: int | None = Field(None, ge=1, description="participant-group actors (default: one per CPU, "
+                                                       "or per GPU share); capped at the node count")
+    cpus_per_actor: float | None = Field(None, gt=0, description="CPUs reserved per actor (default: the "
+                                                                 "cluster's CPUs / actors)")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU")
+    address: str | None = Field(None, description="Ray cluster address (default: a local Ray on 127.0.0.1)")
+
+
+class OutputConfig(_Section):
+    """Where results go and how often participants are evaluated."""
+
+    out: str | None = Field(None, description="run directory (default runs/<time>-<topology>-n<N>)")
+    eval_every: int = Field(1, ge=1, description="evaluate every k rounds (and after the last)")
+    overwrite: bool = Field(False, description="replace an existing run directory")
+    progress: bool = Field(True, description="show a progress bar")
+
+
+class RunConfig(_Section):
+    """A whole simulation: one of these fully determines a run's numbers (with its seed)."""
+
+    seed: int = Field(0, ge=0, lt=2**32, description="random seed (init, partitions, minibatches, W^t)")
+    nodes: int = Field(16, ge=2, le=1_000_000, description="number of participants N")
+    rounds: int = Field(100, ge=1, le=10_000_000, description="communication rounds T")
+    topology: TopologyConfig = Field(default_factory=TopologyConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.topology.name == "file" and not self.topology.file:
+            raise ValueError("topology 'file' needs topology.file (--topology-file PATH)")
+        return self
+
+
+def _one_line(err: ValidationError) -> str:
+    """Return the first problem of a pydantic error as 'field.path: message (got value)'."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"config: unknown key {where!r}"
+    got = first.get("input")
+    suffix = "" if isinstance(got, dict) or got is None or repr(got) in msg else f" (got {got!r})"
+    return f"config: {where}: {msg}{suffix}"
+
+
+def build_config(data: dict[str, Any] | None = None) -> RunConfig:
+    """Return the validated ``RunConfig`` for a nested dict (as read from YAML); raise ``InputError``."""
+    if data is not None and not isinstance(data, dict):
+        raise InputError(f"config: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise InputError(_one_line(err)) from None
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Return the nested dict of a YAML config file (not yet validated); raise ``InputError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise InputError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data['a']['b'] = value`` for ``dotted='a.b'``, creating sections as needed."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise InputError(f"config: {key!r} must be a section (mapping), got {child!r}")
+        node = child
+    node[leaf] = value

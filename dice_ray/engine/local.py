@@ -1,0 +1,39 @@
+"""``LocalEngine``: every participant in one ``ParticipantBlock`` in this process, no Ray.
+
+The same block methods as the Ray actors, in the same order, so the numbers are the same; useful for
+debugging, for tests of the math, and as the no-Ray baseline of ``bench/``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dice_ray.engine.metrics import RoundMetrics, combine_evaluations
+from dice_ray.experiment import Experiment
+from dice_ray.participants import ParticipantBlock
+
+
+class LocalEngine:
+    """Runs an ``Experiment`` in this process (``device`` 'cpu' or 'cuda')."""
+
+    def __init__(self, experiment: Experiment, device: str = "cpu"):
+        ds, part = experiment.dataset, experiment.partition
+        self.topology = experiment.topology
+        self.block = ParticipantBlock(experiment.config, np.arange(experiment.nodes), ds.x_train, ds.y_train,
+                                      part.train, part.val, experiment.heldout, ds.input_shape,
+                                      ds.num_classes, device=device)
+
+    def run_round(self, t: int, evaluate: bool) -> RoundMetrics:
+        """Run round t; return its metrics."""
+        half, train_loss = self.block.half_step(t)
+        self.block.mix(self.topology.mixing_matrix(t), [half])
+        if not evaluate:
+            return RoundMetrics(t, train_loss)
+        return combine_evaluations(t, train_loss, [self.block.evaluate()], self.topology.n)
+
+    def states(self) -> np.ndarray:
+        """Return all participants' current states θ [N, D]."""
+        return self.block.population.state.cpu().numpy()
+
+    def close(self) -> None:
+        """Nothing to release."""

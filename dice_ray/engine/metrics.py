@@ -1,0 +1,37 @@
+"""What one round reports back to the driver (small arrays, never parameters)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class RoundMetrics:
+    """Metrics of round t for all N participants, in global participant order.
+
+    ``train_loss`` [N] every round; on evaluation rounds also ``val_loss``, ``val_acc``,
+    ``heldout_loss``, ``heldout_acc`` [N] and the network's ``consensus_distance``
+    (1/N) Σ_k ||θ_k^{t+1} − θ̄^{t+1}||²; otherwise those are None.
+    """
+
+    round: int
+    train_loss: np.ndarray
+    val_loss: np.ndarray | None = None
+    val_acc: np.ndarray | None = None
+    heldout_loss: np.ndarray | None = None
+    heldout_acc: np.ndarray | None = None
+    consensus_distance: float | None = None
+
+
+def combine_evaluations(t: int, train_loss: np.ndarray, parts: list[dict[str, np.ndarray]],
+                        n: int) -> RoundMetrics:
+    """Merge per-block ``ParticipantBlock.evaluate`` outputs (in global participant order) into one
+    ``RoundMetrics``; the consensus distance comes from the blocks' parameter sums and squared norms
+    (in float64: (1/N) Σ||θ_k||² − ||θ̄||²)."""
+    mean = sum(p["param_sum"] for p in parts) / n
+    sq = sum(float(p["param_sqnorm"]) for p in parts) / n
+    cat = {key: np.concatenate([p[key] for p in parts]) for key in ("val_loss", "val_acc", "heldout_loss",
+                                                                    "heldout_acc")}
+    return RoundMetrics(t, train_loss, consensus_distance=max(sq - float(mean @ mean), 0.0), **cat)

@@ -1,0 +1,54 @@
+"""``RayEngine``: participant blocks in Ray actors, rounds advanced by a coordinator actor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+
+from dice_ray.engine.actors import Coordinator, ParticipantGroup
+from dice_ray.engine.metrics import RoundMetrics
+from dice_ray.engine.runtime import ActorPlan, plan_actors
+from dice_ray.experiment import Experiment
+
+
+class RayEngine:
+    """Runs an ``Experiment`` on the Ray cluster this process is connected to (``start_ray`` first).
+
+    The training data goes to the object store once; each group copies its participants' rows. The
+    driver holds no parameters (``states()`` fetches them only on request).
+    """
+
+    def __init__(self, experiment: Experiment, plan: ActorPlan | None = None):
+        resources = ray.cluster_resources()
+        self.plan = plan or plan_actors(experiment.config.engine, experiment.nodes,
+                                        resources.get("CPU", 0.0), resources.get("GPU", 0.0))
+        ds, part = experiment.dataset, experiment.partition
+        x_ref, y_ref = ray.put(ds.x_train), ray.put(ds.y_train)
+        heldout_ref = ray.put(experiment.heldout)
+        self.groups = [
+            ParticipantGroup.options(num_cpus=self.plan.cpus_per_actor, num_gpus=self.plan.gpus_per_actor)
+            .remote(experiment.config, block, x_ref, y_ref, [part.train[k] for k in block],
+                    [part.val[k] for k in block], heldout_ref, ds.input_shape, ds.num_classes,
+                    self.plan.threads_per_actor)
+            for block in self.plan.blocks
+        ]
+        self.coordinator = Coordinator.remote(experiment.topology, self.plan.blocks, self.groups)
+
+    def run_round(self, t: int, evaluate: bool) -> RoundMetrics:
+        """Run round t; return its metrics."""
+        return ray.get(self.coordinator.run_round.remote(t, evaluate))
+
+    def info(self) -> list[dict[str, Any]]:
+        """Return each group's placement facts (threads, device, node IP, peak RSS)."""
+        return ray.get([g.info.remote() for g in self.groups])
+
+    def states(self) -> np.ndarray:
+        """Return all participants' current states θ [N, D] in global order (large: on request only)."""
+        return np.concatenate(ray.get([g.state.remote() for g in self.groups]))
+
+    def close(self) -> None:
+        """Stop the actors."""
+        for actor in [self.coordinator, *self.groups]:
+            ray.kill(actor)

@@ -1,0 +1,70 @@
+"""Starting Ray, and sizing the participant-group actor pool from the cluster's resources."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from dice_ray.config import EngineConfig
+from dice_ray.errors import InputError
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to the Ray cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray.
+
+    A local Ray listens on 127.0.0.1 only and starts no dashboard. Does nothing if Ray is running.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # Ray binds a local node to the machine's external address unless it thinks it runs on a laptop
+    # OS: this switch (read from the environment by Ray's processes, and by the driver at import time,
+    # hence the constant too) keeps every Ray process on 127.0.0.1. Only for a local Ray: a driver
+    # joining a cluster must report its real address.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             configure_logging=False, log_to_driver=True)
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How participants are placed: ``blocks[i]`` are the global ids hosted by actor i."""
+
+    blocks: list[np.ndarray]
+    cpus_per_actor: float
+    gpus_per_actor: float
+    threads_per_actor: int
+
+
+def plan_actors(engine: EngineConfig, nodes: int, cluster_cpus: float, cluster_gpus: float) -> ActorPlan:
+    """Return the actor plan: ``engine.actors`` actors (default one per CPU, or per GPU share when
+    ``gpus_per_actor`` > 0), capped at ``nodes``; participants split into contiguous blocks."""
+    gpus = engine.gpus_per_actor
+    if gpus > 0 and cluster_gpus < gpus:
+        raise InputError(f"--gpus-per-actor {gpus} but the Ray cluster has {cluster_gpus:g} GPUs")
+    if engine.actors is not None:
+        actors = engine.actors
+    elif gpus > 0:
+        actors = max(1, math.floor(cluster_gpus / gpus + 1e-9))
+    else:
+        actors = max(1, int(cluster_cpus))
+    actors = min(actors, nodes)
+    if gpus > 0 and actors * gpus > cluster_gpus + 1e-9:
+        raise InputError(f"{actors} actors x --gpus-per-actor {gpus} exceed the cluster's {cluster_gpus:g} GPUs")
+    cpus = engine.cpus_per_actor if engine.cpus_per_actor is not None else max(cluster_cpus, 1) / actors
+    if actors * cpus > cluster_cpus + 1e-9:
+        raise InputError(f"{actors} actors x --cpus-per-actor {cpus:g} exceed the cluster's "
+                         f"{cluster_cpus:g} CPUs")
+    return ActorPlan(blocks=[b.astype(np.int64) for b in np.array_split(np.arange(nodes), actors)],
+                     cpus_per_actor=cpus, gpus_per_actor=gpus, threads_per_actor=max(1, math.floor(cpus)))

@@ -1,0 +1,86 @@
+"""Everything a run needs before its first round, resolved and validated from a ``RunConfig``.
+
+``prepare(config)`` loads the data set, partitions it, draws the held-out batch z′, builds the topology
+and checks every participant can fill a minibatch — all before any Ray actor starts or any file is
+written, so bad input fails fast with one ``InputError`` line.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from dice_ray.config import RunConfig
+from dice_ray.data import (
+    Dataset,
+    Partition,
+    check_partition,
+    heldout_batch,
+    load_dataset,
+    participant_weights,
+    partition_data,
+)
+from dice_ray.errors import InputError
+from dice_ray.models import build_model
+from dice_ray.topology import Topology, make_topology
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A validated run: config, data, partition, z′, participant weights q and topology W^t."""
+
+    config: RunConfig
+    dataset: Dataset
+    partition: Partition
+    heldout: tuple[np.ndarray, np.ndarray]  # z′: x [m, *input_shape] float32, y [m] int64
+    q: np.ndarray  # participant weights q_k, float64 [N]
+    topology: Topology
+    param_count: int
+
+    @property
+    def nodes(self) -> int:
+        """N, the number of participants."""
+        return self.config.nodes
+
+
+def prepare(config: RunConfig) -> Experiment:
+    """Return the ``Experiment`` of ``config``; raise ``InputError`` on anything that would fail later."""
+    if config.model.import_module:
+        try:
+            importlib.import_module(config.model.import_module)
+        except ImportError as err:
+            raise InputError(f"model.import_module {config.model.import_module!r} cannot be imported: "
+                             f"{err}") from None
+    d = config.data
+    topology = make_topology(config.topology.name, config.nodes, weights=config.topology.weights,
+                             seed=config.seed, p=config.topology.p, rows=config.topology.rows,
+                             path=config.topology.file, directed=config.topology.directed)
+    dataset = load_dataset(d.dataset, data_dir=d.data_dir, download=d.download, seed=config.seed,
+                           synthetic_samples=d.synthetic_samples, synthetic_classes=d.synthetic_classes)
+    if config.nodes > len(dataset.y_train):
+        raise InputError(f"--nodes {config.nodes} exceeds the {len(dataset.y_train)} training samples "
+                         f"of {d.dataset}")
+    partition = partition_data(dataset.y_train, config.nodes, scheme=d.partition, alpha=d.alpha,
+                               shards_per_node=d.shards_per_node, val_fraction=d.val_fraction,
+                               seed=config.seed)
+    check_partition(partition, config.optim.batch_size)
+    model = build_model(config.model.name, dataset.input_shape, dataset.num_classes)
+    try:
+        import torch
+
+        with torch.no_grad():
+            model.eval()(torch.from_numpy(dataset.x_test[:2]))
+    except RuntimeError as err:
+        raise InputError(f"model {config.model.name!r} does not fit {d.dataset} inputs of shape "
+                         f"{dataset.input_shape}: {str(err).splitlines()[0]}") from None
+    return Experiment(
+        config=config,
+        dataset=dataset,
+        partition=partition,
+        heldout=heldout_batch(dataset, d.heldout_size, seed=config.seed),
+        q=participant_weights(partition, d.participant_weights),
+        topology=topology,
+        param_count=sum(p.numel() for p in model.parameters()),
+    )

@@ -1,0 +1,139 @@
+"""A block of participants with their local data: what one Ray actor (or one process) hosts.
+
+``ParticipantBlock`` binds a ``Population`` (stacked models) to the participants' local training sets,
+validation splits and the shared held-out batch z′, and exposes the three steps of a round:
+``half_step`` (local step on z_k^t), ``mix`` (gossip with rows of W^t) and ``evaluate``. It knows
+nothing of Ray: the Ray actor and the single-process engine call the same methods, so they compute
+the same numbers.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from dice_ray.config import RunConfig
+from dice_ray.data import minibatch_indices
+from dice_ray.models import build_model
+from dice_ray.population import Population, initial_state
+
+
+def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Return ``a`` as a tensor without copying when possible (object-store arrays are read-only and
+    are never written through these tensors)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.as_tensor(a, device=device)
+
+
+def _csr(w: sp.csr_array, device: torch.device) -> torch.Tensor:
+    """Return scipy CSR ``w`` as a float32 torch sparse CSR tensor."""
+    w = w.astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+        return torch.sparse_csr_tensor(torch.from_numpy(w.indptr.astype(np.int64)),
+                                       torch.from_numpy(w.indices.astype(np.int64)),
+                                       torch.from_numpy(w.data), size=w.shape, device=device)
+
+
+def _padded(groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Return (indices [P, m], mask [P, m]) padding index arrays of unequal lengths to the longest."""
+    width = max((len(g) for g in groups), default=0)
+    idx = np.zeros((len(groups), max(width, 1)), np.int64)
+    mask = np.zeros_like(idx, dtype=bool)
+    for i, g in enumerate(groups):
+        idx[i, : len(g)] = g
+        mask[i, : len(g)] = True
+    return idx, mask
+
+
+class ParticipantBlock:
+    """Participants ``nodes`` (global ids) stepped together.
+
+    Args:
+        config: the run config (model, optimizer, batch size, seed).
+        nodes: int64 [P] global participant ids hosted here.
+        x_train, y_train: the whole training split (only the rows of these participants are copied).
+        train, val: per hosted participant, indices into x_train of its D_k and validation split.
+        heldout: the shared held-out batch z′ (x [m, ...], y [m]).
+        input_shape, num_classes: from the data set.
+    """
+
+    def __init__(self, config: RunConfig, nodes: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
+                 train: list[np.ndarray], val: list[np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
+                 input_shape: tuple[int, ...], num_classes: int, device: str = "cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        self.nodes = np.asarray(nodes, np.int64)
+        model = build_model(config.model.name, input_shape, num_classes).to(self.device)
+        vectorize = "vmap" if config.model.vectorize == "auto" else config.model.vectorize
+        state = initial_state(model, self.nodes, config.seed, config.model.init).to(self.device)
+        self.population = Population(model, state, config.optim.spec(), vectorize)
+
+        # Local training sets, concatenated; participant i's samples are rows offsets[i]:offsets[i]+counts[i].
+        self.counts = np.array([len(t) for t in train], np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+        rows = np.concatenate(train) if len(train) else np.zeros(0, np.int64)
+        self.x_local = torch.from_numpy(np.ascontiguousarray(x_train[rows])).to(self.device)
+        self.y_local = torch.from_numpy(np.ascontiguousarray(y_train[rows])).to(self.device)
+
+        # Validation splits padded to one [P, m] batch with a mask (sizes differ across participants).
+        val_idx, val_mask = _padded([np.asarray(v, np.int64) for v in val])
+        self.x_val = torch.from_numpy(np.ascontiguousarray(x_train[val_idx])).to(self.device)
+        self.y_val = torch.from_numpy(np.ascontiguousarray(y_train[val_idx])).to(self.device)
+        self.val_mask = torch.from_numpy(val_mask).to(self.device)
+        self.x_heldout = _tensor(heldout[0], self.device)
+        self.y_heldout = _tensor(heldout[1], self.device)
+
+    @property
+    def size(self) -> int:
+        """P, the number of participants in this block."""
+        return len(self.nodes)
+
+    def minibatch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return z_k^t for every hosted k: x [P, B, ...], y [P, B] (a pure function of seed, k, t)."""
+        pos = minibatch_indices(self.config.seed, self.nodes, t, self.counts, self.config.optim.batch_size)
+        rows = torch.from_numpy(self.offsets[:, None] + pos).to(self.device)
+        return self.x_local[rows], self.y_local[rows]
+
+    def half_step(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Run the local step of round t; return (half-step states θ^{t+½} [P, D] float32, losses [P]).
+
+        The states array shares memory with the block (a Ray actor's return value is copied into the
+        object store; ``mix`` reads its sources before it overwrites the state).
+        """
+        x, y = self.minibatch(t)
+        loss = self.population.half_step(x, y)
+        return self.population.state.cpu().numpy(), loss.cpu().numpy()
+
+    def mix(self, weights: sp.csr_array, sources: list[np.ndarray]) -> None:
+        """Gossip: θ_k^{t+1} = Σ_l W^t_kl θ_l^{t+½} for hosted k.
+
+        weights: [P, M] rows of W^t for the hosted participants, columns in the order of the rows of
+        ``np.concatenate(sources)``; sources: half-step states of the blocks those columns belong to.
+        """
+        src = _tensor(sources[0], self.device) if len(sources) == 1 else \
+            torch.cat([_tensor(s, self.device) for s in sources])
+        self.population.mix_(_csr(weights, self.device), src)
+
+    def evaluate(self) -> dict[str, np.ndarray]:
+        """Return metrics of the current θ_k: val_loss/val_acc on each participant's validation split,
+        heldout_loss/heldout_acc on z′ (arrays [P]), and param_sum (float64 [D_params]) and
+        param_sqnorm (float64 scalar) of this block's parameters, for the consensus distance.
+        """
+        pop = self.population
+        if self.x_val.shape[1] and self.val_mask.any():
+            loss, acc = pop.evaluate(self.x_val, self.y_val, sample_weights=self.val_mask)
+        else:
+            loss = acc = torch.full((self.size,), float("nan"))
+        h_loss, h_acc = pop.evaluate(self.x_heldout, self.y_heldout, shared_input=True)
+        params = pop.params.double()
+        return {
+            "val_loss": loss.cpu().numpy(), "val_acc": acc.cpu().numpy(),
+            "heldout_loss": h_loss.cpu().numpy(), "heldout_acc": h_acc.cpu().numpy(),
+            "param_sum": params.sum(0).cpu().numpy(),
+            "param_sqnorm": np.float64(params.pow(2).sum().item()),
+        }

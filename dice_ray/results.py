@@ -1,0 +1,139 @@
+"""Result tables: their schemas (column, type, meaning) in one place, and atomic writers.
+
+Every table is a Parquet file in the run directory; each column carries its meaning as field metadata
+(``pyarrow.parquet.read_schema(path).field(name).metadata[b"description"]``). A table is written under a
+temporary name and renamed into place only when complete, so a file under its final name is always a
+whole table: an interrupted run leaves no complete-looking ``rounds.parquet``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def _schema(*columns: tuple[str, pa.DataType, str]) -> pa.Schema:
+    return pa.schema([pa.field(name, kind, metadata={"description": doc}) for name, kind, doc in columns])
+
+
+ROUNDS = _schema(
+    ("round", pa.int32(), "round t (0-based); metrics after round t's gossip, i.e. of θ_k^{t+1}"),
+    ("node", pa.int32(), "participant k (0..N-1)"),
+    ("train_loss", pa.float32(), "L(θ_k^t; z_k^t): mean loss on k's minibatch of round t, before its local step"),
+    ("val_loss", pa.float32(), "mean loss of θ_k^{t+1} on k's own validation split (null between evaluations)"),
+    ("val_acc", pa.float32(), "accuracy of θ_k^{t+1} on k's own validation split (null between evaluations)"),
+    ("heldout_loss", pa.float32(), "mean loss of θ_k^{t+1} on the shared held-out batch z′ (null between "
+                                   "evaluations)"),
+    ("heldout_acc", pa.float32(), "accuracy of θ_k^{t+1} on z′ (null between evaluations)"),
+    ("consensus_distance", pa.float64(), "network-level (1/N) Σ_k ||θ_k^{t+1} − θ̄^{t+1}||² over parameters, "
+                                         "the same on every row of a round (null between evaluations)"),
+)
+
+NODES = _schema(
+    ("node", pa.int32(), "participant k"),
+    ("n_train", pa.int32(), "|D_k|: local training samples"),
+    ("n_val", pa.int32(), "local validation samples"),
+    ("q", pa.float64(), "participant weight q_k (Σ q_k = 1)"),
+    ("in_degree", pa.int32(), "number of in-neighbours in W^0 (excluding k itself)"),
+    ("self_weight", pa.float64(), "W^0_kk"),
+    ("actor", pa.int32(), "index of the participant-group actor that hosted k"),
+)
+
+TABLES: dict[str, pa.Schema] = {"rounds": ROUNDS, "nodes": NODES}
+
+
+def describe_tables() -> str:
+    """Return a Markdown description of every table's columns (used for README and ``--help``)."""
+    lines = []
+    for table, schema in TABLES.items():
+        lines += [f"`{table}.parquet`", "", "| column | type | meaning |", "|---|---|---|"]
+        lines += [f"| `{f.name}` | {f.type} | {f.metadata[b'description'].decode()} |" for f in schema]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _atomic_path(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` as indented JSON to ``path`` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    tmp = _atomic_path(path)
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    _publish(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def write_table_atomic(path: str | Path, columns: Mapping[str, Any], schema: pa.Schema) -> None:
+    """Write a whole table (column name -> values) with ``schema`` to ``path`` atomically."""
+    path = Path(path)
+    table = pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
+    tmp = _atomic_path(path)
+    pq.write_table(table, tmp)
+    _publish(tmp, path)
+
+
+class TableWriter:
+    """Streams row groups of one table into ``<name>.partial``; ``close()`` renames it into place.
+
+    Until ``close()`` the final path does not exist, and the partial file lacks Parquet's footer, so a
+    killed run never leaves a table that reads as complete. Use as a context manager: on an exception
+    the partial file is removed.
+    """
+
+    def __init__(self, path: str | Path, schema: pa.Schema):
+        self.path = Path(path)
+        self.schema = schema
+        self._tmp = _atomic_path(self.path)
+        self._writer = pq.ParquetWriter(self._tmp, schema)
+
+    def write(self, columns: Mapping[str, Any]) -> None:
+        """Append rows given as column name -> array-like (every schema column, equal lengths)."""
+        arrays = [pa.array(columns[f.name], type=f.type) for f in self.schema]
+        self._writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+
+    def close(self) -> None:
+        """Finish the file and rename it to its final path."""
+        self._writer.close()
+        _publish(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        self._writer.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> TableWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,90 @@
+"""The Ray engine computes exactly what the single-process engine computes, however it is placed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dice_ray.config import EngineConfig, build_config
+from dice_ray.engine import LocalEngine, RayEngine, plan_actors
+from dice_ray.errors import InputError
+from dice_ray.experiment import prepare
+
+FIELDS = ("train_loss", "val_loss", "val_acc", "heldout_loss", "heldout_acc")
+
+
+def small(topology: str = "exponential", **optim) -> dict:
+    return {"nodes": 6, "rounds": 4, "topology": {"name": topology},
+            "data": {"dataset": "digits", "heldout_size": 64},
+            "model": {"init": "independent"}, "optim": {"batch_size": 8, **optim}}
+
+
+def run(engine, rounds: int) -> list:
+    out = [engine.run_round(t, evaluate=True) for t in range(rounds)]
+    states = engine.states()
+    engine.close()
+    return out, states
+
+
+def assert_same(a, b, tol: float = 1e-5) -> None:
+    (ma, sa), (mb, sb) = a, b
+    for x, y in zip(ma, mb, strict=True):
+        for f in FIELDS:
+            np.testing.assert_allclose(getattr(x, f), getattr(y, f), atol=tol, rtol=tol, err_msg=f)
+        assert x.consensus_distance == pytest.approx(y.consensus_distance, rel=1e-4, abs=1e-7)
+    np.testing.assert_allclose(sa, sb, atol=tol, rtol=0)
+
+
+def test_local_ray_listens_on_loopback_only(ray_local) -> None:
+    nodes = ray_local.nodes()
+    assert [n["NodeManagerAddress"] for n in nodes] == ["127.0.0.1"]
+    assert ray_local.util.get_node_ip_address() == "127.0.0.1"
+
+
+@pytest.mark.parametrize(("topology", "actor_counts"), [("exponential", (1, 3, 6)), ("random-matching", (4,))])
+def test_same_numbers_for_1_3_and_n_actors(ray_local, topology: str, actor_counts: tuple[int, ...]) -> None:
+    experiment = prepare(build_config(small(topology, name="momentum")))
+    reference = run(LocalEngine(experiment), 4)
+    assert reference[0][-1].consensus_distance < reference[0][0].consensus_distance  # gossip contracts
+    for actors in actor_counts:
+        plan = plan_actors(EngineConfig(actors=actors), 6, cluster_cpus=2, cluster_gpus=0)
+        assert len(plan.blocks) == actors
+        assert_same(run(RayEngine(experiment, plan), 4), reference)
+
+
+def test_complete_graph_averaging_reaches_exact_consensus(ray_local) -> None:
+    """W = 11ᵀ/N averages all half-steps: every participant ends the round with the same θ, so the
+    consensus distance is ~0 and all held-out losses are equal; a ring leaves them apart."""
+    complete = prepare(build_config(small("complete")))
+    engine = RayEngine(complete, plan_actors(EngineConfig(actors=3), 6, 2, 0))
+    m = engine.run_round(0, evaluate=True)
+    states = engine.states()
+    engine.close()
+    assert m.consensus_distance < 1e-9
+    np.testing.assert_allclose(states, np.broadcast_to(states[0], states.shape), atol=1e-6)
+    np.testing.assert_allclose(m.heldout_loss, m.heldout_loss[0], atol=1e-5)
+    ring = LocalEngine(prepare(build_config(small("ring"))))
+    assert ring.run_round(0, evaluate=True).consensus_distance > 1e-4
+
+
+def test_actor_torch_uses_the_cpus_ray_assigned(ray_local) -> None:
+    experiment = prepare(build_config(small()))
+    for actors, threads in ((1, 2), (2, 1)):
+        engine = RayEngine(experiment, plan_actors(EngineConfig(actors=actors), 6, 2, 0))
+        info = engine.info()
+        engine.close()
+        assert [i["threads"] for i in info] == [threads] * actors
+        assert all(i["node_ip"] == "127.0.0.1" and i["device"] == "cpu" for i in info)
+
+
+def test_plan_actors_defaults_and_limits() -> None:
+    plan = plan_actors(EngineConfig(), 10, cluster_cpus=4, cluster_gpus=0)
+    assert len(plan.blocks) == 4 and plan.cpus_per_actor == 1 and plan.threads_per_actor == 1
+    assert np.array_equal(np.concatenate(plan.blocks), np.arange(10))
+    assert len(plan_actors(EngineConfig(), 3, cluster_cpus=8, cluster_gpus=0).blocks) == 3  # capped at N
+    gpu = plan_actors(EngineConfig(gpus_per_actor=0.5), 64, cluster_cpus=16, cluster_gpus=2)
+    assert len(gpu.blocks) == 4 and gpu.gpus_per_actor == 0.5 and gpu.cpus_per_actor == 4
+    with pytest.raises(InputError, match="GPUs"):
+        plan_actors(EngineConfig(gpus_per_actor=1), 8, cluster_cpus=4, cluster_gpus=0)
+    with pytest.raises(InputError, match="CPUs"):
+        plan_actors(EngineConfig(actors=4, cpus_per_actor=2), 8, cluster_cpus=4, cluster_gpus=0)
