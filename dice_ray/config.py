@@ -158,7 +158,7 @@ class OutputConfig(_Section):
     """Where results go and how often participants are evaluated."""
 
     out: str | None = Field(None, description="run directory (default runs/<time>-<topology>-n<N>)")
-    eval_every: int = Field(1, ge=1, description="evaluate every k rounds (and after the last)")
+    eval_every: int = Field(5, ge=1, description="evaluate every k rounds (and after the last)")
     overwrite: bool = Field(False, description="replace an existing run directory")
     progress: bool = Field(True, description="show a progress bar")
 

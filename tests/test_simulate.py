@@ -1,0 +1,158 @@
+"""The command line: tables, manifest, same numbers for any actor count, bad input, interrupted runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from dice_ray.results import ROUNDS
+from dice_ray.simulate import OPTIONS, SWITCHES, build_parser, main
+
+SMALL = ["--nodes", "6", "--rounds", "6", "--dataset", "digits", "--batch-size", "8", "--heldout-size", "64",
+         "--no-progress"]
+
+
+def test_run_writes_documented_tables_and_manifest(ray_local, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main([*SMALL, "--eval-every", "2", "--out", str(out), "--topology", "ring"]) == 0
+    rounds = pd.read_parquet(out / "rounds.parquet")
+    assert list(rounds.columns) == ROUNDS.names
+    assert len(rounds) == 6 * 6 and sorted(rounds["node"].unique()) == list(range(6))
+    assert rounds["train_loss"].notna().all()
+    evaluated = sorted(rounds.loc[rounds["val_loss"].notna(), "round"].unique())
+    assert evaluated == [1, 3, 5]  # every 2nd round, and the last
+    per_round = rounds.dropna(subset=["consensus_distance"]).groupby("round")["consensus_distance"].nunique()
+    assert (per_round == 1).all()  # network-level: one value per round
+    assert rounds["val_acc"].dropna().between(0, 1).all()
+    # it learns: held-out loss falls from the first to the last evaluation
+    by_round = rounds.groupby("round")["heldout_loss"].mean()
+    assert by_round[5] < by_round[1]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["config"]["nodes"] == 6 and manifest["config"]["topology"]["name"] == "ring"
+    assert {"torch", "ray", "dice_ray"} <= set(manifest["versions"])
+    assert manifest["seed"] == 0 and manifest["end_time"] >= manifest["start_time"]
+    nodes = pd.read_parquet(out / "nodes.parquet")
+    assert nodes["q"].sum() == pytest.approx(1.0) and (nodes["in_degree"] == 2).all()
+    # documented schema travels with the file
+    assert pq.read_schema(out / "rounds.parquet").field("consensus_distance").metadata[b"description"]
+
+
+def test_rounds_table_identical_for_1_3_and_n_actors(ray_local, tmp_path: Path) -> None:
+    tables = []
+    for actors in ("1", "3", "6"):
+        out = tmp_path / f"a{actors}"
+        assert main([*SMALL, "--actors", actors, "--out", str(out), "--init", "independent"]) == 0
+        tables.append(pd.read_parquet(out / "rounds.parquet"))
+    for other in tables[1:]:
+        pd.testing.assert_frame_equal(tables[0], other, check_exact=False, atol=1e-5, rtol=1e-5)
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path: Path) -> None:
+    def losses(seed: str, name: str) -> np.ndarray:
+        assert main([*SMALL, "--engine", "local", "--seed", seed, "--out", str(tmp_path / name)]) == 0
+        return pd.read_parquet(tmp_path / name / "rounds.parquet")["train_loss"].to_numpy()
+
+    a, b, c = losses("3", "a"), losses("3", "b"), losses("4", "c")
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+BAD_INPUTS = [
+    (["--topology", "rin"], "topology 'rin' is unknown"),
+    (["--lr", "0"], "learning rate"),
+    (["--lr", "-0.1"], "learning rate"),
+    (["--nodes", "1"], "nodes"),
+    (["--weights", "fancy"], "weight rule"),
+    (["--dataset", "imagenet"], "data set 'imagenet' is unknown"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/folder"], "--download"),
+    (["--dataset", "mnist"], "--data-dir"),
+    (["--model", "transformer"], "model 'transformer' is unknown"),
+    (["--optimizer", "lamb"], "optimizer 'lamb' is unknown"),
+    (["--batch-size", "500"], "fewer than --batch-size 500"),
+    (["--nodes", "2000", "--dataset", "digits"], "exceeds"),
+    (["--partition", "random"], "partition 'random' is unknown"),
+    (["--rounds", "0"], "rounds"),
+    (["--eval-every", "0"], "eval_every"),
+    (["--nodes", "abc"], "invalid int value"),
+    (["--frobnicate"], "unrecognized arguments"),
+    (["--set", "optim.lr=fast"], "lr"),
+    (["--set", "optim.colour=red"], "unknown key 'optim.colour'"),
+    (["--config", "/nonexistent.yaml"], "does not exist"),
+    (["--topology", "file"], "topology.file"),
+    (["--gpus-per-actor", "-1"], "gpus_per_actor"),
+    (["--alpha", "0", "--partition", "dirichlet"], "alpha"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(argv: list[str], message: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(main([*SMALL, *argv, "--out", str(out)]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert message in err
+    assert not out.exists()
+
+
+def test_disconnected_or_non_stochastic_w_file_is_rejected(tmp_path: Path, capsys) -> None:
+    disconnected = np.kron(np.eye(2), np.full((3, 3), 1 / 3))  # two separate triangles
+    np.save(tmp_path / "w_split.npy", disconnected)
+    np.save(tmp_path / "w_bad.npy", np.full((6, 6), 0.2))
+    for name, message in (("w_split.npy", "strongly connected"), ("w_bad.npy", "sums to")):
+        code = main([*SMALL, "--topology", "file", "--topology-file", str(tmp_path / name),
+                     "--out", str(tmp_path / "run")])
+        assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main([*SMALL, "--engine", "local", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_help_documents_every_option(capsys) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, dotted, *_ in [*OPTIONS, *SWITCHES]:
+        assert flag in text and f"config {dotted}" in text
+
+
+def test_killed_run_leaves_no_complete_looking_table(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dice_ray.simulate", "--engine", "local", "--nodes", "8", "--rounds", "100000",
+         "--dataset", "digits", "--no-progress", "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        deadline = time.time() + 120
+        while not any(out.glob(".rounds.parquet.*.partial")) and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # let it write some rounds
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert any(out.glob(".rounds.parquet.*.partial")), "the run never started"
+    assert not (out / "rounds.parquet").exists()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    with pytest.raises(Exception):  # noqa: B017 - a partial file is not a readable Parquet table
+        pq.read_table(next(out.glob(".rounds.parquet.*.partial")))
