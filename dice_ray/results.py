@@ -55,7 +55,8 @@ def describe_tables() -> str:
     lines = []
     for table, schema in TABLES.items():
         lines += [f"`{table}.parquet`", "", "| column | type | meaning |", "|---|---|---|"]
-        lines += [f"| `{f.name}` | {f.type} | {f.metadata[b'description'].decode()} |" for f in schema]
+        lines += [f"| `{f.name}` | {f.type} | {f.metadata[b'description'].decode().replace('|', chr(92) + '|')} |"
+                  for f in schema]
         lines.append("")
     return "\n".join(lines)
 

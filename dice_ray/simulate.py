@@ -72,14 +72,16 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser; every option documents the config field it sets."""
-    parser = _Parser(prog="python -m dice_ray.simulate", description=__doc__.split("\n\n")[0],
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog="python -m dice_ray.simulate", formatter_class=argparse.RawDescriptionHelpFormatter,
+                     description="Run synchronous adapt-then-communicate decentralized SGD over a topology, on Ray, "
+                     "and write the run's tables to a run directory.", epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--config", metavar="FILE", help="YAML run config (see configs/)")
     for flag, dotted, kind in OPTIONS:
-        parser.add_argument(flag, dest=dotted, type=kind, default=None, help=_field_help(dotted))
+        parser.add_argument(flag, dest=dotted, type=kind, default=None, help=_field_help(dotted),
+                            metavar={int: "INT", float: "FLOAT"}.get(kind, "NAME" if flag != "--out" else "DIR"))
     for flag, dotted, value in SWITCHES:
-        parser.add_argument(flag, dest=dotted, action="store_const", const=value, default=None,
-                            help=_field_help(dotted))
+        text = _field_help(dotted) if value else f"do not: {_field_help(dotted)}"
+        parser.add_argument(flag, dest=dotted, action="store_const", const=value, default=None, help=text)
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                         help="override any config field, e.g. --set optim.betas=[0.9,0.99]")
     parser.add_argument("--engine", choices=("ray", "local"), default="ray",
