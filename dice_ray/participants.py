@@ -109,15 +109,14 @@ class ParticipantBlock:
         loss = self.population.half_step(x, y)
         return self.population.state.cpu().numpy(), loss.cpu().numpy()
 
-    def mix(self, weights: sp.csr_array, sources: list[np.ndarray]) -> None:
+    def mix(self, weights: list[sp.csr_array] | sp.csr_array, sources: list[np.ndarray]) -> None:
         """Gossip: θ_k^{t+1} = Σ_l W^t_kl θ_l^{t+½} for hosted k.
 
-        weights: [P, M] rows of W^t for the hosted participants, columns in the order of the rows of
-        ``np.concatenate(sources)``; sources: half-step states of the blocks those columns belong to.
+        ``weights[b]`` [P, M_b]: the rows of W^t for the hosted participants, restricted to the
+        participants whose half-step states ``sources[b]`` [M_b, D] holds (one pair per source block).
         """
-        src = _tensor(sources[0], self.device) if len(sources) == 1 else \
-            torch.cat([_tensor(s, self.device) for s in sources])
-        self.population.mix_(_csr(weights, self.device), src)
+        weights = weights if isinstance(weights, list) else [weights]
+        self.population.mix_([_csr(w, self.device) for w in weights], [_tensor(s, self.device) for s in sources])
 
     def evaluate(self) -> dict[str, np.ndarray]:
         """Return metrics of the current θ_k: val_loss/val_acc on each participant's validation split,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call, grad, vmap
 
 from dice_ray.errors import InputError
 
@@ -251,20 +251,50 @@ class Population:
         return loss
 
     @torch.no_grad()
-    def mix_(self, weights: torch.Tensor, sources: torch.Tensor) -> None:
-        """Gossip in place: state_k ← Σ_l weights[k, l] sources[l] (parameters and buffers alike).
+    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``state`` (as returned by ``init_optimizer_state``, rows for these P participants) in place."""
+        for name, value in state.items():
+            self.opt_state[name].copy_(value)
 
-        weights: [P, M] sparse (CSR) or dense rows of W^t restricted to the columns of ``sources``;
-        sources: [M, D] half-step states of those columns' participants.
+    def functional_step(self, params: torch.Tensor, opt_state: dict[str, torch.Tensor], x: torch.Tensor,
+                        y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return (θ', s') = O(θ, s; z) for stacked parameters ``params`` [P, D_params] and optimizer state
+        ``opt_state``, leaving ``self`` untouched (buffers are read, not updated).
+
+        The same optimizer update as ``half_step``, as a pure function: ``torch.func.jvp`` differentiates
+        through it (the Jacobian J of SPEC §4, for any optimizer).
         """
-        if not weights.is_sparse_csr or sources.is_cuda:
-            self.state.copy_(torch.sparse.mm(weights, sources) if weights.is_sparse_csr else weights @ sources)
+        g = grad(lambda p: self.losses(x, y, p).sum())(params)
+        new_params = params.clone()
+        new_state = {name: value.clone() for name, value in opt_state.items()}
+        optimizer_update_(self.optimizer, new_params, g, new_state)
+        return new_params, new_state
+
+    @torch.no_grad()
+    def mix_(self, weights: torch.Tensor | list[torch.Tensor], sources: torch.Tensor | list[torch.Tensor]) -> None:
+        """Gossip in place: state_k ← Σ_l W_kl θ_l^{t+½} (parameters and buffers alike).
+
+        ``weights[b]`` [P, M_b] (sparse CSR or dense) are the rows of W^t for these participants restricted
+        to the participants whose half-step states are ``sources[b]`` [M_b, D]; one pair or matching lists
+        (one per source block, which saves concatenating blocks received from other actors).
+        """
+        pairs = list(zip(weights, sources, strict=True)) if isinstance(weights, list) else [(weights, sources)]
+
+        def product(w: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+            return torch.sparse.mm(w, src) if w.is_sparse_csr else w @ src
+
+        if pairs[0][1].is_cuda:
+            self.state.copy_(sum(product(w, src) for w, src in pairs))
             return
-        # On CPU, mix in column chunks whose sources fit in cache (~4 MB): 3-4x faster than one product
-        # at N = 256. Each chunk reads only its own columns, so ``sources`` may be ``state`` itself.
-        width = max(1024, (1 << 20) // max(sources.shape[0], 1))
-        for a in range(0, sources.shape[1], width):
-            self.state[:, a:a + width] = torch.sparse.mm(weights, sources[:, a:a + width])
+        # On CPU, mix in column chunks whose sources fit in cache (~4 MB): 3-4x faster than one product at
+        # N = 256. Each chunk reads only its own columns, so a source may be ``state`` itself.
+        rows = sum(src.shape[0] for _, src in pairs)
+        width = max(1024, (1 << 20) // max(rows, 1))
+        for a in range(0, self.state.shape[1], width):
+            chunk = product(pairs[0][0], pairs[0][1][:, a:a + width])
+            for w, src in pairs[1:]:
+                chunk += product(w, src[:, a:a + width])
+            self.state[:, a:a + width] = chunk
 
 
 # -- optimizers on stacked parameters (one implementation: in place; clone first for a functional use) --

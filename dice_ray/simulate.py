@@ -204,9 +204,9 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     try:
         with TableWriter(out / "rounds.parquet", ROUNDS) as rounds_table:
             pending: dict[str, list] = {}
-            for t in range(rounds):
-                evaluate = (t + 1) % every == 0 or t == rounds - 1
-                m = engine.run_round(t, evaluate)
+            schedule = ((t, (t + 1) % every == 0 or t == rounds - 1) for t in range(rounds))
+            for m in engine.run_rounds(schedule):
+                t = m.round
                 if not np.isfinite(m.train_loss).all():
                     bad = np.flatnonzero(~np.isfinite(m.train_loss))[:5].tolist()
                     raise FloatingPointError(f"round {t}: non-finite training loss at participants {bad}")

@@ -79,9 +79,11 @@ def test_actor_torch_uses_the_cpus_ray_assigned(ray_local) -> None:
 
 def test_plan_actors_defaults_and_limits() -> None:
     plan = plan_actors(EngineConfig(), 10, cluster_cpus=4, cluster_gpus=0)
+    assert len(plan.blocks) == 1 and plan.cpus_per_actor == 4 and plan.threads_per_actor == 4  # one per machine
+    plan = plan_actors(EngineConfig(actors=4), 10, cluster_cpus=4, cluster_gpus=0)
     assert len(plan.blocks) == 4 and plan.cpus_per_actor == 1 and plan.threads_per_actor == 1
     assert np.array_equal(np.concatenate(plan.blocks), np.arange(10))
-    assert len(plan_actors(EngineConfig(), 3, cluster_cpus=8, cluster_gpus=0).blocks) == 3  # capped at N
+    assert len(plan_actors(EngineConfig(), 3, cluster_cpus=24, cluster_gpus=0, machines=6).blocks) == 3  # ≤ N
     gpu = plan_actors(EngineConfig(gpus_per_actor=0.5), 64, cluster_cpus=16, cluster_gpus=2)
     assert len(gpu.blocks) == 4 and gpu.gpus_per_actor == 0.5 and gpu.cpus_per_actor == 4
     with pytest.raises(InputError, match="GPUs"):

@@ -230,6 +230,17 @@ def test_mix_is_the_matrix_product(layout: str) -> None:
     assert torch.equal(pop.params, pop.state[:, : pop.param_layout.width])  # views still alias the state
 
 
+def test_mix_over_source_blocks_equals_mix_over_their_concatenation() -> None:
+    torch.manual_seed(7)
+    pop = make_population("mlp", OPTIMIZER_CASES["sgd"], "vmap", p=4)
+    w = torch.rand(4, 7)
+    w /= w.sum(dim=1, keepdim=True)
+    sources = torch.randn(7, pop.state.shape[1])
+    expected = w @ sources
+    pop.mix_([w[:, :3].to_sparse_csr(), w[:, 3:].to_sparse_csr()], [sources[:3], sources[3:]])
+    assert (pop.state - expected).abs().max() < TOL
+
+
 def test_mix_with_identity_leaves_states_unchanged() -> None:
     torch.manual_seed(0)
     pop = make_population("mlp", OptimizerSpec())

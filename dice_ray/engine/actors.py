@@ -21,7 +21,6 @@ import numpy as np
 import ray
 import scipy.sparse as sp
 
-from dice_ray.engine.metrics import RoundMetrics, combine_evaluations
 from dice_ray.topology import Topology
 
 
@@ -42,13 +41,19 @@ class ParticipantGroup:
                                       num_classes, device=device)
 
     @ray.method(num_returns=2)
-    def half_step(self, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """Local step of round t: (half-step states [P, D], train losses [P])."""
-        return self.block.half_step(t)
+    def half_step(self, t: int, publish: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        """Local step of round t: (half-step states [P, D] if other groups read them, else None; train
+        losses [P]). The group's own half-step never leaves the process: ``mix`` reads it in place."""
+        half, loss = self.block.half_step(t)
+        return (half if publish else None), loss
 
-    def mix(self, weights: sp.csr_array, evaluate: bool, *sources: np.ndarray) -> dict[str, Any] | None:
-        """Gossip with rows ``weights`` over ``sources``; return ``evaluate()`` metrics if asked."""
-        self.block.mix(weights, list(sources))
+    def mix(self, weights: list[sp.csr_array], own: int, evaluate: bool, *sources: np.ndarray) -> dict[str, Any] | None:
+        """Gossip with ``weights[b]`` over the source blocks: ``sources`` from other groups, with this group's
+        own half-step inserted at position ``own`` (-1: not read); return ``evaluate()`` metrics if asked."""
+        blocks = list(sources)
+        if own >= 0:
+            blocks.insert(own, self.block.population.state.cpu().numpy())
+        self.block.mix(weights, blocks)
         return self.block.evaluate() if evaluate else None
 
     def info(self) -> dict[str, Any]:
@@ -74,15 +79,13 @@ class Coordinator:
         self.groups = groups
         self.n = topology.n
         self.owner = np.empty(self.n, np.int64)  # owner[l]: the group hosting participant l
-        self.local = np.empty(self.n, np.int64)  # local[l]: l's row within its group's block
         for g, block in enumerate(blocks):
             self.owner[block] = g
-            self.local[block] = np.arange(len(block))
-        self._routes: dict[int, list[tuple[sp.csr_array, list[int]]]] = {}
+        self._routes: dict[int, list[list[tuple[int, sp.csr_array]]]] = {}
 
-    def _route(self, t: int) -> list[tuple[sp.csr_array, list[int]]]:
-        """Per group: (its rows of W^t with columns renumbered into the concatenation of the source
-        blocks, the source groups). Cached for static topologies."""
+    def _route(self, t: int) -> list[list[tuple[int, sp.csr_array]]]:
+        """Per group: the source groups its rows of W^t read, each with the [P, |source block|] slice of
+        W^t for those rows and that block's columns. Cached for static topologies."""
         key = t if self.topology.time_varying else 0
         if key not in self._routes:
             w = self.topology.mixing_matrix(t)
@@ -90,25 +93,22 @@ class Coordinator:
             for block in self.blocks:
                 rows = sp.csr_array(w[block])
                 sources = sorted(set(self.owner[rows.indices].tolist()))
-                start = np.zeros(len(self.blocks), np.int64)
-                start[sources] = np.concatenate([[0], np.cumsum([len(self.blocks[s]) for s in sources])[:-1]])
-                cols = start[self.owner[rows.indices]] + self.local[rows.indices]
-                width = sum(len(self.blocks[s]) for s in sources)
-                renumbered = sp.csr_array((rows.data, cols, rows.indptr), shape=(len(block), width))
-                renumbered.sort_indices()
-                routes.append((renumbered, sources))
+                routes.append([(s, sp.csr_array(rows[:, self.blocks[s]])) for s in sources])
             if not self.topology.time_varying:
                 self._routes.clear()
             self._routes[key] = routes
         return self._routes[key]
 
-    def run_round(self, t: int, evaluate: bool) -> RoundMetrics:
-        """Run round t on every group; return its metrics (evaluation ones if ``evaluate``)."""
-        halves = [g.half_step.remote(t) for g in self.groups]
-        mixed = [g.mix.remote(weights, evaluate, *[halves[s][0] for s in sources])
-                 for g, (weights, sources) in zip(self.groups, self._route(t), strict=True)]
-        train_loss = np.concatenate(ray.get([h[1] for h in halves]))
-        parts = ray.get(mixed)
-        if not evaluate:
-            return RoundMetrics(t, train_loss)
-        return combine_evaluations(t, train_loss, parts, self.n)
+    def submit_round(self, t: int, evaluate: bool) -> tuple[list[Any], list[Any]]:
+        """Queue round t on every group without waiting; return the ObjectRefs of (per-group train
+        losses, per-group mix results). Groups run their tasks in submission order, so rounds queued
+        back to back keep every group busy while the driver collects earlier rounds' metrics."""
+        routes = self._route(t)
+        published = {s for g, route in enumerate(routes) for s, _ in route if s != g}
+        halves = [group.half_step.remote(t, g in published) for g, group in enumerate(self.groups)]
+        mixed = []
+        for g, (group, route) in enumerate(zip(self.groups, routes, strict=True)):
+            own = next((i for i, (s, _) in enumerate(route) if s == g), -1)
+            others = [halves[s][0] for s, _ in route if s != g]
+            mixed.append(group.mix.remote([w for _, w in route], own, evaluate, *others))
+        return [h[1] for h in halves], mixed

@@ -6,6 +6,8 @@ debugging, for tests of the math, and as the no-Ray baseline of ``bench/``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import numpy as np
 
 from dice_ray.engine.metrics import RoundMetrics, combine_evaluations
@@ -26,10 +28,15 @@ class LocalEngine:
     def run_round(self, t: int, evaluate: bool) -> RoundMetrics:
         """Run round t; return its metrics."""
         half, train_loss = self.block.half_step(t)
-        self.block.mix(self.topology.mixing_matrix(t), [half])
+        self.block.mix([self.topology.mixing_matrix(t)], [half])
         if not evaluate:
             return RoundMetrics(t, train_loss)
         return combine_evaluations(t, train_loss, [self.block.evaluate()], self.topology.n)
+
+    def run_rounds(self, schedule: Iterable[tuple[int, bool]]) -> Iterator[RoundMetrics]:
+        """Run the rounds of ``schedule`` ((t, evaluate) pairs, in order); yield each round's metrics."""
+        for t, evaluate in schedule:
+            yield self.run_round(t, evaluate)
 
     def states(self) -> np.ndarray:
         """Return all participants' current states θ [N, D]."""

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import ray
 
 from dice_ray.engine.actors import Coordinator, ParticipantGroup
-from dice_ray.engine.metrics import RoundMetrics
+from dice_ray.engine.metrics import RoundMetrics, combine_evaluations
 from dice_ray.engine.runtime import ActorPlan, plan_actors
 from dice_ray.experiment import Experiment
 
@@ -22,8 +24,9 @@ class RayEngine:
 
     def __init__(self, experiment: Experiment, plan: ActorPlan | None = None):
         resources = ray.cluster_resources()
-        self.plan = plan or plan_actors(experiment.config.engine, experiment.nodes,
-                                        resources.get("CPU", 0.0), resources.get("GPU", 0.0))
+        machines = sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
+        self.plan = plan or plan_actors(experiment.config.engine, experiment.nodes, resources.get("CPU", 0.0),
+                                        resources.get("GPU", 0.0), machines)
         ds, part = experiment.dataset, experiment.partition
         x_ref, y_ref = ray.put(ds.x_train), ray.put(ds.y_train)
         heldout_ref = ray.put(experiment.heldout)
@@ -35,10 +38,33 @@ class RayEngine:
             for block in self.plan.blocks
         ]
         self.coordinator = Coordinator.remote(experiment.topology, self.plan.blocks, self.groups)
+        self.n = experiment.nodes
 
     def run_round(self, t: int, evaluate: bool) -> RoundMetrics:
         """Run round t; return its metrics."""
-        return ray.get(self.coordinator.run_round.remote(t, evaluate))
+        return next(self.run_rounds([(t, evaluate)]))
+
+    def run_rounds(self, schedule: Iterable[tuple[int, bool]], depth: int = 2) -> Iterator[RoundMetrics]:
+        """Run the rounds of ``schedule`` ((t, evaluate) pairs, in order); yield each round's metrics.
+
+        Up to ``depth`` rounds are queued ahead of the one being collected, so the groups never wait for
+        the driver (synchrony is kept by the data flow: round t+1 starts on the mixed states of round t).
+        """
+        inflight: deque[tuple[int, bool, Any]] = deque()
+        for t, evaluate in schedule:
+            inflight.append((t, evaluate, self.coordinator.submit_round.remote(t, evaluate)))
+            if len(inflight) > depth:
+                yield self._collect(*inflight.popleft())
+        while inflight:
+            yield self._collect(*inflight.popleft())
+
+    def _collect(self, t: int, evaluate: bool, submitted: Any) -> RoundMetrics:
+        loss_refs, mix_refs = ray.get(submitted)
+        train_loss = np.concatenate(ray.get(loss_refs))
+        parts = ray.get(mix_refs)
+        if not evaluate:
+            return RoundMetrics(t, train_loss)
+        return combine_evaluations(t, train_loss, parts, self.n)
 
     def info(self) -> list[dict[str, Any]]:
         """Return each group's placement facts (threads, device, node IP, peak RSS)."""

@@ -47,9 +47,12 @@ class ActorPlan:
     threads_per_actor: int
 
 
-def plan_actors(engine: EngineConfig, nodes: int, cluster_cpus: float, cluster_gpus: float) -> ActorPlan:
-    """Return the actor plan: ``engine.actors`` actors (default one per CPU, or per GPU share when
-    ``gpus_per_actor`` > 0), capped at ``nodes``; participants split into contiguous blocks."""
+def plan_actors(engine: EngineConfig, nodes: int, cluster_cpus: float, cluster_gpus: float,
+                machines: int = 1) -> ActorPlan:
+    """Return the actor plan: ``engine.actors`` actors, capped at ``nodes``; participants split into
+    contiguous blocks. Default: one actor per GPU share when ``gpus_per_actor`` > 0, else one actor per
+    machine (``machines`` Ray nodes with CPUs) using all its CPUs — torch parallelizes within an actor,
+    and participants in one actor exchange parameters without copies through the object store."""
     gpus = engine.gpus_per_actor
     if gpus > 0 and cluster_gpus < gpus:
         raise InputError(f"--gpus-per-actor {gpus} but the Ray cluster has {cluster_gpus:g} GPUs")
@@ -58,7 +61,7 @@ def plan_actors(engine: EngineConfig, nodes: int, cluster_cpus: float, cluster_g
     elif gpus > 0:
         actors = max(1, math.floor(cluster_gpus / gpus + 1e-9))
     else:
-        actors = max(1, int(cluster_cpus))
+        actors = max(1, machines)
     actors = min(actors, nodes)
     if gpus > 0 and actors * gpus > cluster_gpus + 1e-9:
         raise InputError(f"{actors} actors x --gpus-per-actor {gpus} exceed the cluster's {cluster_gpus:g} GPUs")

@@ -1,0 +1,79 @@
+"""DICE-GT (SPEC §3): the influence of a probe measured by counterfactual replay.
+
+The counterfactual run differs from the factual one only in the probe's local step: at round t0,
+participant j steps on z_j^t minus z (for the whole batch: no step, optimizer state unchanged). Rounds
+t0..t0+r-1 are replayed with identical minibatches and W^t, and only for the participants the cascade
+has reached (S_s of ``trajectory.reach``): everyone else is exactly factual, so their recorded half-steps
+are mixed in.
+
+    d_k^{(s)} = L(θ_k^{t0+s}; z′) − L(θ_{k∖z}^{t0+s}; z′),   d_j^{(½)} = L(θ_j^{t0+½}; z′) − L(θ_{j∖z}^{t0+½}; z′).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from dice_ray.influence.estimator import Cascade, Window
+from dice_ray.influence.trajectory import reach
+
+
+def _heldout_losses(window: Window, states: torch.Tensor) -> np.ndarray:
+    """L(θ; z′) in eval mode for each row of ``states`` [P, D]: [P] float64."""
+    pop = window.population(0, np.arange(len(states)), states=states)
+    return pop.evaluate(*window.heldout, shared_input=True)[0].double().numpy()
+
+
+def counterfactual_half_step(window: Window, source: int,
+                             removed: np.ndarray | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Return (θ_{j∖z}^{t0+½} [D], j's optimizer state after that step): the whole batch removed (no step)
+    when ``removed`` is None, else the step on j's minibatch without positions ``removed``."""
+    traj = window.trajectory
+    opt = {name: value[[source]].clone() for name, value in traj.opt_states[0].items()}
+    if removed is None:
+        return traj.states[0][source].clone(), {name: value[0] for name, value in opt.items()}
+    x, y = window.batches(traj.t0)
+    keep = np.setdiff1d(np.arange(x.shape[1]), removed)
+    pop = window.population(0, np.array([source]))
+    with torch.no_grad():
+        params, new_opt = pop.functional_step(pop.params, opt, x[[source]][:, keep], y[[source]][:, keep])
+    state = traj.states[0][source].clone()
+    state[: params.shape[1]] = params[0]
+    return state, {name: value[0] for name, value in new_opt.items()}
+
+
+def ground_truth_cascade(window: Window, source: int, hops: int, removed: np.ndarray | None = None) -> Cascade:
+    """Return DICE-GT's cascade d_k^{(s)}, s = 1..hops, of the probe (``source``, t0, z) where z is j's whole
+    minibatch (``removed`` None) or the positions ``removed`` of it."""
+    traj = window.trajectory
+    supports = reach(traj.mixing[:hops], source)
+    half_cf, opt_cf_source = counterfactual_half_step(window, source, removed)
+    half_losses = _heldout_losses(window, torch.stack([traj.halves[0][source], half_cf]))
+    values = [np.zeros(1)]
+
+    halves = traj.halves[0].clone()
+    halves[source] = half_cf
+    cf_rows = supports[0]  # rows whose counterfactual optimizer state differs from the factual one
+    cf_opt = {name: value[None] for name, value in opt_cf_source.items()}
+    for s in range(1, hops + 1):
+        rows = supports[s]
+        w = sp.csr_array(traj.mixing[s - 1][rows])
+        with torch.no_grad():
+            states = torch.as_tensor(w.toarray(), dtype=halves.dtype) @ halves  # θ_{·∖z}^{t0+s} on S_s
+        values.append(_heldout_losses(window, traj.states[s][rows]) - _heldout_losses(window, states))
+        if s == hops:
+            break
+        # Counterfactual local step of round t0+s for S_s; everyone else's half-step is factual.
+        opt = {name: value[rows].clone() for name, value in traj.opt_states[s].items()}
+        at = np.searchsorted(rows, cf_rows)
+        for name, value in cf_opt.items():
+            opt[name][torch.as_tensor(at)] = value
+        pop = window.population(s, rows, states=states)
+        pop.load_optimizer_state(opt)
+        x, y = window.batches(traj.t0 + s)
+        pop.half_step(x[torch.as_tensor(rows)], y[torch.as_tensor(rows)])
+        halves = traj.halves[s].clone()
+        halves[torch.as_tensor(rows)] = pop.state
+        cf_rows, cf_opt = rows, {name: value.clone() for name, value in pop.opt_state.items()}
+    return Cascade(source, float(half_losses[0] - half_losses[1]), supports, values)

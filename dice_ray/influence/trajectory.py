@@ -1,0 +1,93 @@
+"""A window of the factual run, rounds t..t+R: what DICE-GT replays start from and DICE-E differentiates.
+
+``Trajectory`` holds, for every participant, the local state θ^{t+s} before round t+s's local step, its
+half-step θ^{t+s+½}, the optimizer state, and W^{t+s}; minibatches are recomputed from
+(seed, participant, round), never stored. ``record_trajectory`` produces one with the same
+``ParticipantBlock`` code the engines run, so the window is exactly the run's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from dice_ray.experiment import Experiment
+from dice_ray.participants import ParticipantBlock
+
+
+@dataclass
+class Trajectory:
+    """Rounds ``t0 .. t0 + horizon`` of a run, for all N participants (tensors on CPU).
+
+    states[s]      [N, D]  θ^{t0+s} (parameters then buffers), s = 0..horizon
+    halves[s]      [N, D]  θ^{t0+s+½}, s = 0..horizon-1
+    opt_states[s]  name -> [N, D_params] (``step``: [N]) before round t0+s's local step, s = 0..horizon
+    mixing[s]      W^{t0+s} (scipy CSR, N x N), s = 0..horizon-1
+    """
+
+    t0: int
+    states: list[torch.Tensor]
+    halves: list[torch.Tensor]
+    opt_states: list[dict[str, torch.Tensor]]
+    mixing: list[sp.csr_array]
+
+    @property
+    def horizon(self) -> int:
+        """R, the number of rounds after t0 this window covers."""
+        return len(self.mixing)
+
+
+def record_trajectory(experiment: Experiment, t0: int, horizon: int) -> Trajectory:
+    """Train ``experiment`` from round 0 in this process and return the window t0..t0+horizon.
+
+    The rounds before t0 are the run's own (same code as ``LocalEngine``), so states match a run of the
+    same config and seed.
+    """
+    ds, part = experiment.dataset, experiment.partition
+    block = ParticipantBlock(experiment.config, np.arange(experiment.nodes), ds.x_train, ds.y_train, part.train,
+                             part.val, experiment.heldout, ds.input_shape, ds.num_classes)
+    pop = block.population
+    states, halves, opt_states, mixing = [], [], [], []
+    for t in range(t0 + horizon + 1):
+        if t >= t0:
+            states.append(pop.state.clone())
+            opt_states.append({name: value.clone() for name, value in pop.opt_state.items()})
+        if t == t0 + horizon:
+            break
+        half, _ = block.half_step(t)
+        w = experiment.topology.mixing_matrix(t)
+        if t >= t0:
+            halves.append(pop.state.clone())
+            mixing.append(w)
+        block.mix([w], [half])
+    return Trajectory(t0, states, halves, opt_states, mixing)
+
+
+def reach(mixing: list[sp.csr_array], source: int) -> list[np.ndarray]:
+    """Return S_0 = {j} ⊆ S_1 ⊆ … ⊆ S_R (sorted ids): S_s holds every k with (W^{t+s'-1} ⋯ W^t)_{k j} > 0
+    for some s' ≤ s — every participant whose local state the probe can have changed by round t+s.
+
+    The perturbation δ^{(s)} of SPEC §4 is zero outside S_s; see ``first_reached`` for N^{(s)}(j).
+    """
+    sets = [np.array([source])]
+    current = sets[0]
+    for w in mixing:
+        hits = np.asarray((sp.csr_array(w[:, current]) != 0).sum(axis=1)).ravel()
+        current = np.flatnonzero(hits > 0)
+        sets.append(np.union1d(sets[-1], current))
+    return sets
+
+
+def first_reached(supports: list[np.ndarray]) -> list[np.ndarray]:
+    """Return N^{(s)}(j) for s = 0..R (SPEC §3): participants k ≠ j first reached at step s, i.e. in S_s
+    but not in S_{s-1} (N^{(0)} is empty)."""
+    seen = set(supports[0].tolist())
+    out = [np.array([], np.int64)]
+    for support in supports[1:]:
+        new = np.array([k for k in support.tolist() if k not in seen], np.int64)
+        seen.update(new.tolist())
+        out.append(new)
+    return out
