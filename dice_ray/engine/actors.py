@@ -21,6 +21,7 @@ import numpy as np
 import ray
 import scipy.sparse as sp
 
+from dice_ray.engine.runtime import tune_allocator
 from dice_ray.topology import Topology
 
 
@@ -35,6 +36,7 @@ class ParticipantGroup:
 
         from dice_ray.participants import ParticipantBlock
 
+        tune_allocator()
         torch.set_num_threads(threads)
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.block = ParticipantBlock(config, nodes, x_train, y_train, train, val, heldout, input_shape,

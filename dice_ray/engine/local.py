@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from dice_ray.engine.metrics import RoundMetrics, combine_evaluations
+from dice_ray.engine.runtime import tune_allocator
 from dice_ray.experiment import Experiment
 from dice_ray.participants import ParticipantBlock
 
@@ -19,6 +20,7 @@ class LocalEngine:
     """Runs an ``Experiment`` in this process (``device`` 'cpu' or 'cuda')."""
 
     def __init__(self, experiment: Experiment, device: str = "cpu"):
+        tune_allocator()
         ds, part = experiment.dataset, experiment.partition
         self.topology = experiment.topology
         self.block = ParticipantBlock(experiment.config, np.arange(experiment.nodes), ds.x_train, ds.y_train,
