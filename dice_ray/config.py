@@ -163,6 +163,25 @@ class OutputConfig(_Section):
     progress: bool = Field(True, description="show a progress bar")
 
 
+class InfluenceConfig(_Section):
+    """Which probes (source j, round t, z) to measure, and how (SPEC §2–§4). Off unless ``enabled``."""
+
+    enabled: bool = Field(False, description="measure DICE-GT and DICE-E for the probes below")
+    hops: int = Field(3, ge=1, le=64, description="R: steps of the cascade measured after each probe round")
+    rounds: list[int] | None = Field(None, description="probe rounds t (default: the last `last` rounds that "
+                                                       "leave room for R hops)")
+    every: int | None = Field(None, ge=1, description="probe every k-th round instead of a list")
+    last: int = Field(10, ge=1, description="number of probe rounds when neither rounds nor every is given")
+    sources: list[int] | None = Field(None, description="probed participants j (default: all)")
+    sample_sources: int | None = Field(None, ge=1, description="probe this many random participants per round")
+    probe_samples: int = Field(0, ge=0, description="0: z is the whole minibatch (the paper's default); K: also "
+                                                    "K single samples of it, one probe each")
+    variants: list[Literal["first-order", "curvature"]] = Field(["first-order", "curvature"],
+                                                                description="DICE-E variants to compute")
+    ground_truth: bool = Field(True, description="also measure DICE-GT by counterfactual replay")
+    sources_per_task: int = Field(4, ge=1, description="probes of one round batched into one Ray task")
+
+
 class RunConfig(_Section):
     """A whole simulation: one of these fully determines a run's numbers (with its seed)."""
 
@@ -175,11 +194,26 @@ class RunConfig(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    influence: InfluenceConfig = Field(default_factory=InfluenceConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         if self.topology.name == "file" and not self.topology.file:
             raise ValueError("topology 'file' needs topology.file (--topology-file PATH)")
+        inf = self.influence
+        if inf.enabled:
+            for t in inf.rounds or []:
+                if not 0 <= t <= self.rounds - 1 - inf.hops:
+                    raise ValueError(f"influence probe round {t} needs rounds {t}..{t + inf.hops} but the run has "
+                                     f"rounds 0..{self.rounds - 1}")
+            if self.rounds <= inf.hops:
+                raise ValueError(f"influence hops {inf.hops} need more than {inf.hops} rounds, got {self.rounds}")
+            for j in inf.sources or []:
+                if not 0 <= j < self.nodes:
+                    raise ValueError(f"influence source {j} is not a participant (0..{self.nodes - 1})")
+            if inf.probe_samples > self.optim.batch_size - 1:
+                raise ValueError(f"probe_samples {inf.probe_samples} must be below the batch size "
+                                 f"{self.optim.batch_size}")
         return self
 
 

@@ -47,7 +47,53 @@ NODES = _schema(
     ("actor", pa.int32(), "index of the participant-group actor that hosted k"),
 )
 
-TABLES: dict[str, pa.Schema] = {"rounds": ROUNDS, "nodes": NODES}
+_PROBE = (
+    ("round", pa.int32(), "probe round t"),
+    ("source", pa.int32(), "probed participant j"),
+    ("probe_id", pa.int32(), "probe number within the run"),
+    ("sample_index", pa.int32(), "position of the removed sample in j's minibatch; null: z is the whole minibatch"),
+)
+
+INFLUENCE = _schema(
+    *_PROBE,
+    ("target", pa.int32(), "participant k whose loss on z′ is measured"),
+    ("step", pa.int32(), "s: rounds after the probe (k's state θ_k^{t+s}); 0 is the direct term at θ_j^{t+½}"),
+    ("distance", pa.int32(), "hop distance from j to k in W^t (0 for j itself)"),
+    ("gt", pa.float64(), "DICE-GT term d_k^{(s)} = L(θ_k^{t+s}; z′) − L(θ_{k∖z}^{t+s}; z′) by counterfactual replay "
+                         "(s = 0: d_j^{(½)}); negative: z lowered k's loss"),
+    ("est_first_order", pa.float64(), "DICE-E term e_k^{(s)}, communication only (J = I)"),
+    ("est_curvature", pa.float64(), "DICE-E term e_k^{(s)} with the local steps' Jacobians (Hessian-vector products)"),
+)
+
+DICE = _schema(
+    *_PROBE,
+    ("hops", pa.int32(), "r: the cascade up to r hops"),
+    ("gt", pa.float64(), "DICE-GT^{(r)} = q_j d_j^{(½)} + Σ_{s≤r} Σ_{k∈N^{(s)}(j)} q_k d_k^{(s)}"),
+    ("est_first_order", pa.float64(), "DICE-E^{(r)}, first-order variant"),
+    ("est_curvature", pa.float64(), "DICE-E^{(r)}, curvature variant"),
+    ("gt_hop", pa.float64(), "hop r alone: Σ_{k∈N^{(r)}(j)} q_k d_k^{(r)} (DICE-GT^{(r)} − DICE-GT^{(r−1)})"),
+    ("est_first_order_hop", pa.float64(), "hop r alone, DICE-E first-order"),
+    ("est_curvature_hop", pa.float64(), "hop r alone, DICE-E curvature"),
+    ("gt_horizon", pa.float64(), "horizon total Σ_k q_k d_k^{(r)}: z's effect on the network's weighted loss r "
+                                 "rounds later"),
+    ("est_first_order_horizon", pa.float64(), "Σ_k q_k e_k^{(r)}, first-order variant"),
+    ("est_curvature_horizon", pa.float64(), "Σ_k q_k e_k^{(r)}, curvature variant"),
+)
+
+ALIGNMENT = _schema(
+    ("hops", pa.int32(), "r"),
+    ("quantity", pa.string(), "'hop': the hop-r term alone; 'cumulative': DICE^{(r)}; 'terms': every d_k^{(r)}, "
+                              "k in S_r, against e_k^{(r)}"),
+    ("variant", pa.string(), "DICE-E variant: first-order or curvature"),
+    ("probes", pa.int32(), "number of values compared (probes; for 'terms', probe × participant pairs)"),
+    ("pearson", pa.float64(), "Pearson correlation of DICE-E with DICE-GT over the probes"),
+    ("spearman", pa.float64(), "Spearman rank correlation"),
+    ("kendall", pa.float64(), "Kendall's tau"),
+    ("relative_error", pa.float64(), "Σ|GT − E| / Σ|GT| over the probes"),
+)
+
+TABLES: dict[str, pa.Schema] = {"rounds": ROUNDS, "nodes": NODES, "influence": INFLUENCE, "dice": DICE,
+                                "alignment": ALIGNMENT}
 
 
 def describe_tables() -> str:
@@ -92,9 +138,13 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def write_table_atomic(path: str | Path, columns: Mapping[str, Any], schema: pa.Schema) -> None:
-    """Write a whole table (column name -> values) with ``schema`` to ``path`` atomically."""
+def write_table_atomic(path: str | Path, columns: Mapping[str, Any] | list[Mapping[str, Any]],
+                       schema: pa.Schema) -> None:
+    """Write a whole table (column name -> values, or a list of row dicts) with ``schema`` to ``path``
+    atomically."""
     path = Path(path)
+    if isinstance(columns, list):
+        columns = {f.name: [row.get(f.name) for row in columns] for f in schema}
     table = pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
     tmp = _atomic_path(path)
     pq.write_table(table, tmp)

@@ -8,7 +8,8 @@ Examples::
 
 Every option overrides the matching field of the config file (``--config``); ``--set a.b=value``
 overrides any field. Bad input prints one line and exits with status 2 before any work starts.
-Results: a run directory with ``manifest.json``, ``rounds.parquet`` and ``nodes.parquet``.
+Results: a run directory with ``manifest.json``, ``rounds.parquet`` and ``nodes.parquet``; with
+``--influence`` also ``influence.parquet`` and ``dice.parquet`` (DICE-GT and DICE-E of every probe).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dice_ray import __version__
 from dice_ray.config import RunConfig, build_config, load_config, set_dotted
 from dice_ray.errors import InputError
 from dice_ray.experiment import Experiment, prepare
-from dice_ray.results import NODES, ROUNDS, TableWriter, write_json_atomic, write_table_atomic
+from dice_ray.results import DICE, INFLUENCE, NODES, ROUNDS, TableWriter, write_json_atomic, write_table_atomic
 
 # (flag, dotted config field, type). Help texts come from the config fields' descriptions.
 OPTIONS: list[tuple[str, str, Any]] = [
@@ -47,10 +48,13 @@ OPTIONS: list[tuple[str, str, Any]] = [
     ("--actors", "engine.actors", int), ("--cpus-per-actor", "engine.cpus_per_actor", float),
     ("--gpus-per-actor", "engine.gpus_per_actor", float), ("--address", "engine.address", str),
     ("--out", "output.out", str), ("--eval-every", "output.eval_every", int),
+    ("--hops", "influence.hops", int), ("--probe-rounds", "influence.rounds", "int-list"),
+    ("--probe-every", "influence.every", int), ("--probe-sources", "influence.sources", "int-list"),
+    ("--probe-samples", "influence.probe_samples", int),
 ]
 SWITCHES: list[tuple[str, str, bool]] = [
     ("--download", "data.download", True), ("--overwrite", "output.overwrite", True),
-    ("--no-progress", "output.progress", False),
+    ("--no-progress", "output.progress", False), ("--influence", "influence.enabled", True),
 ]
 
 
@@ -62,6 +66,13 @@ def _field_help(dotted: str) -> str:
     field = model.model_fields[leaf]
     default = field.default_factory() if field.default_factory else field.default
     return f"{field.description} [config {dotted}, default {default}]"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "and write the run's tables to a run directory.", epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--config", metavar="FILE", help="YAML run config (see configs/)")
     for flag, dotted, kind in OPTIONS:
-        parser.add_argument(flag, dest=dotted, type=kind, default=None, help=_field_help(dotted),
-                            metavar={int: "INT", float: "FLOAT"}.get(kind, "NAME" if flag != "--out" else "DIR"))
+        names = {int: "INT", float: "FLOAT", "int-list": "INT,INT,..."}
+        metavar = names.get(kind, "DIR" if flag == "--out" else "NAME")
+        parser.add_argument(flag, dest=dotted, type=_int_list if kind == "int-list" else kind, default=None,
+                            help=_field_help(dotted), metavar=metavar)
     for flag, dotted, value in SWITCHES:
         text = _field_help(dotted) if value else f"do not: {_field_help(dotted)}"
         parser.add_argument(flag, dest=dotted, action="store_const", const=value, default=None, help=text)
@@ -161,6 +174,30 @@ def _nodes_table(experiment: Experiment, blocks: list[np.ndarray]) -> dict[str, 
     }
 
 
+def _measure_influence(experiment: Experiment, engine_kind: str) -> tuple[list[dict], list[dict]]:
+    """DICE-GT and DICE-E of every probe: Ray tasks in parallel, or in this process for ``--engine local``."""
+    from tqdm import tqdm
+
+    config = experiment.config
+    if engine_kind == "local":
+        from dice_ray.influence.measure import measure_influence_here
+
+        return measure_influence_here(experiment)
+    from dice_ray.engine.influence import measure_influence
+
+    bar = tqdm(unit="task", desc="influence", disable=not config.output.progress, dynamic_ncols=True,
+               file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        return measure_influence(experiment, progress)
+    finally:
+        bar.close()
+
+
 def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = False,
              experiment: Experiment | None = None) -> Path:
     """Run the simulation of ``config``; return its run directory (see the module docstring)."""
@@ -181,7 +218,7 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
         blocks = engine.plan.blocks
 
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("rounds.parquet", "nodes.parquet", "states.npy"):
+    for stale in ("rounds.parquet", "nodes.parquet", "states.npy", "influence.parquet", "dice.parquet"):
         (out / stale).unlink(missing_ok=True)
     manifest: dict[str, Any] = {
         "status": "running", "config": config.model_dump(mode="json"), "seed": config.seed,
@@ -224,6 +261,11 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
         if save_states:
             np.save(out / "states.npy", engine.states())
         actor_info = engine.info() if hasattr(engine, "info") else []
+        engine.close()  # frees the actors' CPUs for the influence tasks
+        if config.influence.enabled:
+            influence_rows, dice_rows = _measure_influence(experiment, engine_kind)
+            write_table_atomic(out / "influence.parquet", influence_rows, INFLUENCE)
+            write_table_atomic(out / "dice.parquet", dice_rows, DICE)
     except BaseException as err:
         bar.close()
         manifest.update(status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
@@ -232,7 +274,6 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
         write_json_atomic(out / "manifest.json", manifest)
         engine.close()
         raise
-    engine.close()
 
     wall = time.time() - started
     actor_peaks = [a["peak_rss_mib"] for a in actor_info]

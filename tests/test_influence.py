@@ -9,7 +9,7 @@ from torch.func import jvp
 
 from dice_ray.config import build_config
 from dice_ray.experiment import prepare
-from dice_ray.influence.estimator import Window, estimate_cascade, update_difference
+from dice_ray.influence.estimator import Window, estimate_cascade, sample_update_difference, update_difference
 from dice_ray.influence.ground_truth import counterfactual_half_step, ground_truth_cascade
 from dice_ray.influence.paths import path_cascade
 from dice_ray.influence.trajectory import first_reached, reach, record_trajectory
@@ -148,3 +148,15 @@ def test_supports_and_first_reached_follow_the_graph() -> None:
     hops = experiment.topology.hop_distances(0)
     for s, new in enumerate(first_reached(supports)[1:], start=1):
         assert (hops[new] == s).all()
+
+
+def test_single_sample_update_difference_is_exact_for_sgd() -> None:
+    """For SGD on a mean loss, Δ = −η (g_z − ḡ)/(|B| − 1) is the exact difference of the two steps."""
+    window, _ = make_window("ring", nodes=6, dtype=torch.float64)
+    j, pos = 2, 5
+    delta, _ = sample_update_difference(window, j, pos)
+    without, _ = counterfactual_half_step(window, j, np.array([pos]))
+    with_z, _ = counterfactual_half_step(window, j, np.array([], np.int64))  # the full step, in float64 too
+    width = delta.shape[0]
+    exact = with_z[:width] - without[:width]
+    torch.testing.assert_close(delta, exact, rtol=1e-9, atol=1e-12)

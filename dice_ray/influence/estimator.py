@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import jvp
 
 from dice_ray.influence.trajectory import Trajectory, first_reached, reach
-from dice_ray.population import OptimizerSpec, Population, model_state_layouts
+from dice_ray.population import OptimizerSpec, Population, model_state_layouts, optimizer_update_
 
 VARIANTS = ("first-order", "curvature")
 
@@ -46,11 +46,15 @@ class Cascade:
 
     def dice(self, q: np.ndarray, hops: int) -> float:
         """DICE^{(r)} = q_j half + Σ_{s=1..r} Σ_{k ∈ N^{(s)}(j)} q_k value_k^{(s)} (SPEC §3–4), r = ``hops``."""
-        total = q[self.source] * self.half
-        for s, new in enumerate(first_reached(self.supports)[1: hops + 1], start=1):
-            pos = np.searchsorted(self.supports[s], new)
-            total += float(np.dot(q[new], self.values[s][pos]))
-        return float(total)
+        return sum(self.hop_term(q, s) for s in range(hops + 1))
+
+    def hop_term(self, q: np.ndarray, step: int) -> float:
+        """Σ_{k ∈ N^{(step)}(j)} q_k value_k^{(step)}: the part of DICE^{(step)} added by hop ``step`` alone
+        (``step`` 0: q_j half)."""
+        if step == 0:
+            return float(q[self.source] * self.half)
+        new = first_reached(self.supports)[step]
+        return float(np.dot(q[new], self.values[step][np.searchsorted(self.supports[step], new)]))
 
     def horizon_total(self, q: np.ndarray, step: int) -> float:
         """Σ_k q_k value_k^{(step)}: the effect on the whole network's weighted loss ``step`` rounds later."""
@@ -71,6 +75,15 @@ class Window:
         self.optimizer = optimizer
         self.batches = batches
         self.heldout = heldout
+        self._model64: nn.Module | None = None
+
+    def double_model(self) -> nn.Module:
+        """A float64 copy of the architecture (for loss differences that need the precision)."""
+        if self._model64 is None:
+            import copy
+
+            self._model64 = copy.deepcopy(self.model).double()
+        return self._model64
 
     def population(self, s: int, rows: np.ndarray, states: torch.Tensor | None = None) -> Population:
         """Participants ``rows`` at round t0+s (their states, or the given ``states`` [len(rows), D])."""
@@ -109,6 +122,34 @@ def update_difference(window: Window, source: int) -> tuple[torch.Tensor, dict[s
     opt = {name: (traj.opt_states[1][name][source] - traj.opt_states[0][name][source]).clone()
            for name in traj.opt_states[0] if name != "step"}
     return delta, opt
+
+
+def sample_update_difference(window: Window, source: int,
+                             position: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Δ of the single-sample probe (j, t0, z = sample ``position`` of j's minibatch), for DICE-E (SPEC §4).
+
+    From per-sample gradients g_x: removing z changes j's gradient by (g_z − ḡ)/(|B| − 1); Δ is the
+    forward-mode derivative of j's optimizer step in that direction (exactly −η (g_z − ḡ)/(|B| − 1) for
+    SGD; parameters and optimizer state for the others).
+    """
+    traj = window.trajectory
+    x, y = window.batches(traj.t0)
+    xb, yb = x[source], y[source]
+    batch = len(yb)
+    per_sample = window.population(0, np.full(batch, source))  # one copy of j per sample of its batch
+    grads = per_sample.loss_and_grad(xb[:, None], yb[:, None])[1]
+    mean = grads.mean(dim=0)
+    direction = (grads[position] - mean) / (batch - 1)
+    params = per_sample.params[0]
+    opt = {name: value[source].clone() for name, value in traj.opt_states[0].items()}
+
+    def step(g: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        new_params, new_opt = params.clone()[None], {name: value.clone()[None] for name, value in opt.items()}
+        optimizer_update_(window.optimizer, new_params, g[None], new_opt)
+        return new_params[0], {name: value[0] for name, value in new_opt.items() if name != "step"}
+
+    _, (delta, opt_delta) = jvp(step, (mean,), (direction,))
+    return delta, opt_delta
 
 
 def estimate_cascade(window: Window, source: int, delta: torch.Tensor, opt_delta: dict[str, torch.Tensor],

@@ -39,31 +39,46 @@ class Trajectory:
         """R, the number of rounds after t0 this window covers."""
         return len(self.mixing)
 
+    def window(self, t: int, hops: int) -> Trajectory:
+        """Return the sub-window of rounds t..t+hops (no copies)."""
+        a = t - self.t0
+        if a < 0 or a + hops > self.horizon:
+            raise ValueError(f"rounds {t}..{t + hops} are outside the recorded {self.t0}..{self.t0 + self.horizon}")
+        return Trajectory(t, self.states[a: a + hops + 1], self.halves[a: a + hops],
+                          self.opt_states[a: a + hops + 1], self.mixing[a: a + hops])
+
 
 def record_trajectory(experiment: Experiment, t0: int, horizon: int) -> Trajectory:
-    """Train ``experiment`` from round 0 in this process and return the window t0..t0+horizon.
+    """Train ``experiment`` from round 0 in this process and return the window t0..t0+horizon."""
+    return record_windows(experiment, [t0], horizon)[0]
 
-    The rounds before t0 are the run's own (same code as ``LocalEngine``), so states match a run of the
-    same config and seed.
+
+def record_windows(experiment: Experiment, starts: list[int], horizon: int) -> list[Trajectory]:
+    """Train ``experiment`` from round 0 in this process and return the windows t..t+horizon for every t in
+    ``starts``. The rounds are the run's own (the same ``ParticipantBlock`` code as the engines), so the
+    windows match a run of the same config and seed; only rounds inside some window are kept.
     """
     ds, part = experiment.dataset, experiment.partition
     block = ParticipantBlock(experiment.config, np.arange(experiment.nodes), ds.x_train, ds.y_train, part.train,
                              part.val, experiment.heldout, ds.input_shape, ds.num_classes)
     pop = block.population
-    states, halves, opt_states, mixing = [], [], [], []
-    for t in range(t0 + horizon + 1):
-        if t >= t0:
-            states.append(pop.state.clone())
-            opt_states.append({name: value.clone() for name, value in pop.opt_state.items()})
-        if t == t0 + horizon:
+    needed = {t + s for t in starts for s in range(horizon + 1)}
+    states, halves, opt_states, mixing = {}, {}, {}, {}
+    for t in range(max(starts) + horizon + 1):
+        if t in needed:
+            states[t] = pop.state.clone()
+            opt_states[t] = {name: value.clone() for name, value in pop.opt_state.items()}
+        if t == max(starts) + horizon:
             break
         half, _ = block.half_step(t)
         w = experiment.topology.mixing_matrix(t)
-        if t >= t0:
-            halves.append(pop.state.clone())
-            mixing.append(w)
+        if t in needed:
+            halves[t], mixing[t] = pop.state.clone(), w
         block.mix([w], [half])
-    return Trajectory(t0, states, halves, opt_states, mixing)
+    return [Trajectory(t0, [states[t0 + s] for s in range(horizon + 1)],
+                       [halves[t0 + s] for s in range(horizon)],
+                       [opt_states[t0 + s] for s in range(horizon + 1)],
+                       [mixing[t0 + s] for s in range(horizon)]) for t0 in starts]
 
 
 def reach(mixing: list[sp.csr_array], source: int) -> list[np.ndarray]:

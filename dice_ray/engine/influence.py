@@ -1,0 +1,74 @@
+"""Influence measurement on Ray: windows recorded once, probes fanned out as independent tasks.
+
+1. ``record_windows_task`` trains the run in one task and returns one object per probe round: the
+   window t..t+R (states, half-steps, optimizer states, W). It runs the same ``ParticipantBlock`` code as
+   the engines, so the numbers do not depend on how the training run was placed.
+2. ``measure_task`` measures a chunk of one round's probes (DICE-GT replays and DICE-E) on that round's
+   window. Tasks read windows and the experiment as object-store references (one copy per node, not one
+   per task) and run in parallel on every free CPU of the cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from dice_ray.experiment import Experiment
+from dice_ray.influence.probes import Probe, probe_rounds, select_probes
+
+
+@ray.remote(num_cpus=1)
+def record_windows_task(experiment: Experiment, starts: list[int], hops: int) -> Any:
+    """Return the windows t..t+hops for every t in ``starts`` (one object each: use num_returns)."""
+    import torch
+
+    from dice_ray.engine.runtime import tune_allocator
+    from dice_ray.influence.trajectory import record_windows
+
+    tune_allocator()
+    torch.set_num_threads(1)
+    windows = record_windows(experiment, starts, hops)
+    return windows[0] if len(windows) == 1 else tuple(windows)
+
+
+@ray.remote(num_cpus=1, max_retries=3)
+def measure_task(experiment: Experiment, trajectory: Any, probes: list[Probe]) -> tuple[list[dict], list[dict]]:
+    """Measure ``probes`` (all of one round) on its window; return (influence rows, dice rows)."""
+    import torch
+
+    from dice_ray.engine.runtime import tune_allocator
+    from dice_ray.influence.measure import measure_round
+
+    tune_allocator()
+    torch.set_num_threads(1)
+    return measure_round(experiment, trajectory, probes)
+
+
+def measure_influence(experiment: Experiment, progress: Any = None) -> tuple[list[dict], list[dict]]:
+    """Measure every probe of ``experiment.config.influence`` on the connected Ray cluster; return
+    (influence rows, dice rows) sorted by probe. ``progress(done, total)`` is called as tasks finish."""
+    config = experiment.config
+    rounds, probes = probe_rounds(config), select_probes(config)
+    exp_ref = ray.put(experiment)
+    windows = record_windows_task.options(num_returns=len(rounds)).remote(exp_ref, rounds, config.influence.hops)
+    windows = [windows] if len(rounds) == 1 else list(windows)
+    chunk = config.influence.sources_per_task
+    tasks = []
+    for t, window in zip(rounds, windows, strict=True):
+        mine = [p for p in probes if p.round == t]
+        tasks += [measure_task.remote(exp_ref, window, mine[i: i + chunk]) for i in range(0, len(mine), chunk)]
+    influence: list[dict] = []
+    dice: list[dict] = []
+    pending = list(tasks)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        rows_influence, rows_dice = ray.get(done[0])
+        influence += rows_influence
+        dice += rows_dice
+        if progress is not None:
+            progress(len(tasks) - len(pending), len(tasks))
+    order = {p.probe_id: i for i, p in enumerate(probes)}
+    influence.sort(key=lambda r: (order[r["probe_id"]], r["step"], r["target"]))
+    dice.sort(key=lambda r: (order[r["probe_id"]], r["hops"]))
+    return influence, dice

@@ -1,0 +1,105 @@
+"""Measure probes: DICE-GT and DICE-E (both variants) of each probe, as rows of the influence tables.
+
+``measure_probes`` is the unit of work one Ray task runs (the probes of one round); it knows nothing of
+Ray. Row layouts are those of ``results.INFLUENCE`` and ``results.DICE``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from dice_ray.influence.estimator import (
+    Cascade,
+    Window,
+    estimate_cascade,
+    sample_update_difference,
+    update_difference,
+)
+from dice_ray.influence.ground_truth import ground_truth_cascade
+from dice_ray.influence.probes import Probe, probe_rounds, select_probes
+from dice_ray.influence.trajectory import Trajectory, record_windows
+
+COLUMNS = {"first-order": "est_first_order", "curvature": "est_curvature"}
+
+
+def measure_probes(window: Window, probes: list[Probe], q: np.ndarray, hops: int, variants: list[str],
+                   ground_truth: bool, distances: dict[int, np.ndarray]) -> tuple[list[dict], list[dict]]:
+    """Return (influence rows, dice rows) for ``probes`` (all of round ``window.trajectory.t0``).
+
+    ``distances[j]``: hop distances from source j (``Topology.hop_distances``) for the ``distance`` column.
+    """
+    influence: list[dict[str, Any]] = []
+    dice: list[dict[str, Any]] = []
+    for probe in probes:
+        j = probe.source
+        if probe.sample_index is None:
+            delta, opt_delta = update_difference(window, j)
+            removed = None
+        else:
+            delta, opt_delta = sample_update_difference(window, j, probe.sample_index)
+            removed = np.array([probe.sample_index])
+        cascades: dict[str, Cascade | None] = {
+            "gt": ground_truth_cascade(window, j, hops, removed) if ground_truth else None,
+            **{COLUMNS[v]: estimate_cascade(window, j, delta, opt_delta, hops, v) for v in variants},
+        }
+        done = [c for c in cascades.values() if c is not None]
+        supports = done[0].supports
+        base = {"round": probe.round, "source": j, "probe_id": probe.probe_id, "sample_index": probe.sample_index}
+        influence.append({**base, "target": j, "step": 0, "distance": 0,
+                          **{name: None if c is None else c.half for name, c in _all(cascades).items()}})
+        for s in range(1, hops + 1):
+            for i, k in enumerate(supports[s].tolist()):
+                influence.append({**base, "target": k, "step": s, "distance": int(distances[j][k]),
+                                  **{name: None if c is None else float(c.values[s][i])
+                                     for name, c in _all(cascades).items()}})
+        for r in range(1, hops + 1):
+            dice.append({**base, "hops": r,
+                         **{name: None if c is None else c.dice(q, r) for name, c in _all(cascades).items()},
+                         **{f"{name}_hop": None if c is None else c.hop_term(q, r)
+                            for name, c in _all(cascades).items()},
+                         **{f"{name}_horizon": None if c is None else c.horizon_total(q, r)
+                            for name, c in _all(cascades).items()}})
+    return influence, dice
+
+
+def window_for(experiment: Any, trajectory: Trajectory) -> Window:
+    """Return the ``Window`` of ``trajectory`` for ``experiment`` (its model, optimizer, minibatches and z′)."""
+    import torch
+
+    from dice_ray.models import build_model
+    from dice_ray.participants import ParticipantBlock
+
+    ds, part = experiment.dataset, experiment.partition
+    block = ParticipantBlock(experiment.config, np.arange(experiment.nodes), ds.x_train, ds.y_train, part.train,
+                             part.val, experiment.heldout, ds.input_shape, ds.num_classes)
+    model = build_model(experiment.config.model.name, ds.input_shape, ds.num_classes)
+    heldout = (torch.as_tensor(np.array(experiment.heldout[0])), torch.as_tensor(np.array(experiment.heldout[1])))
+    return Window(trajectory, model, experiment.config.optim.spec(), block.minibatch, heldout)
+
+
+def measure_round(experiment: Any, trajectory: Trajectory, probes: list[Probe]) -> tuple[list[dict], list[dict]]:
+    """Measure ``probes`` (all of round ``trajectory.t0``) with the run's influence settings."""
+    inf = experiment.config.influence
+    distances = {j: experiment.topology.hop_distances(j, probes[0].round) for j in {p.source for p in probes}}
+    return measure_probes(window_for(experiment, trajectory), probes, experiment.q, inf.hops, list(inf.variants),
+                          inf.ground_truth, distances)
+
+
+def measure_influence_here(experiment: Any) -> tuple[list[dict], list[dict]]:
+    """Measure every probe of the run in this process (no Ray); return (influence rows, dice rows)."""
+    config = experiment.config
+    rounds, probes = probe_rounds(config), select_probes(config)
+    influence: list[dict] = []
+    dice: list[dict] = []
+    for t, window in zip(rounds, record_windows(experiment, rounds, config.influence.hops), strict=True):
+        rows_influence, rows_dice = measure_round(experiment, window, [p for p in probes if p.round == t])
+        influence += rows_influence
+        dice += rows_dice
+    return influence, dice
+
+
+def _all(cascades: dict[str, Cascade | None]) -> dict[str, Cascade | None]:
+    """Every column, with None for variants not computed."""
+    return {name: cascades.get(name) for name in ("gt", *COLUMNS.values())}

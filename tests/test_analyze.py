@@ -1,0 +1,68 @@
+"""The influence stage of a run (Ray tasks) and the alignment report read from its tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dice_ray.analyze import main as analyze
+from dice_ray.results import ALIGNMENT, DICE, INFLUENCE
+from dice_ray.simulate import main as simulate
+
+RUN = ["--dataset", "digits", "--nodes", "6", "--topology", "ring", "--batch-size", "8", "--rounds", "6",
+       "--heldout-size", "64", "--influence", "--hops", "2", "--probe-rounds", "1,3", "--probe-samples", "1",
+       "--no-progress", "--set", "influence.sources_per_task=3"]
+
+
+@pytest.fixture(scope="module")
+def influence_run(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "ray"
+    assert simulate([*RUN, "--out", str(out)]) == 0
+    return out
+
+
+def test_influence_tables_cover_every_probe(influence_run: Path) -> None:
+    influence = pd.read_parquet(influence_run / "influence.parquet")
+    dice = pd.read_parquet(influence_run / "dice.parquet")
+    assert list(influence.columns) == INFLUENCE.names and list(dice.columns) == DICE.names
+    # 2 rounds x 6 sources x (whole batch + 1 sample) probes, 2 hops each
+    assert dice["probe_id"].nunique() == 24 and len(dice) == 48
+    assert dice["sample_index"].isna().sum() == 24
+    # ring: step s reaches the 2s+1 participants within s hops of j; step 0 is j itself
+    steps = influence.groupby(["probe_id", "step"])["target"].count().unstack()
+    assert (steps[0] == 1).all() and (steps[1] == 3).all() and (steps[2] == 5).all()
+    assert (influence["distance"] <= influence["step"]).all()
+    # the cumulative DICE is the running sum of the hop terms
+    for col in ("gt", "est_first_order", "est_curvature"):
+        wide = dice.pivot(index="probe_id", columns="hops", values=[col, f"{col}_hop"])
+        np.testing.assert_allclose(wide[(col, 2)] - wide[(col, 1)], wide[(f"{col}_hop", 2)], atol=1e-9)
+    # estimates track the ground truth (a trained-from-scratch 6-node ring, early rounds)
+    whole = dice[dice["sample_index"].isna() & (dice["hops"] == 1)]
+    assert np.corrcoef(whole["gt"], whole["est_curvature"])[0, 1] > 0.9
+
+
+def test_influence_numbers_do_not_depend_on_the_engine(influence_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "local"
+    assert simulate([*RUN, "--engine", "local", "--out", str(out)]) == 0
+    a = pd.read_parquet(influence_run / "influence.parquet")
+    b = pd.read_parquet(out / "influence.parquet")
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-5, atol=1e-8)
+
+
+def test_alignment_report(influence_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert analyze(["alignment", str(influence_run)]) == 0
+    table = pd.read_parquet(influence_run / "alignment.parquet")
+    assert list(table.columns) == ALIGNMENT.names
+    assert set(table["quantity"]) == {"hop", "cumulative", "terms"} and set(table["hops"]) == {1, 2}
+    assert table["spearman"].between(-1, 1).all() and (table["relative_error"] >= 0).all()
+    assert (influence_run / "alignment_hop1.png").stat().st_size > 1000
+    assert "spearman" in capsys.readouterr().out
+
+
+def test_alignment_of_a_run_without_influence_is_an_error(tmp_path: Path, capsys) -> None:
+    tmp_path.joinpath("run").mkdir()
+    assert analyze(["alignment", str(tmp_path / "run")]) == 2
+    assert "--influence" in capsys.readouterr().err
