@@ -85,6 +85,7 @@ def _scatter(run: Path, dice: dict[str, np.ndarray], r: int) -> Path:
         ax.set_ylabel("DICE-E")
         ax.set_title(f"hop {r}: " + ("hop-r term" if quantity == "hop" else f"cumulative DICE$^{{({r})}}$"))
         ax.legend(fontsize=8)
+        ax.tick_params(axis="x", labelrotation=30)
     path = run / f"alignment_hop{r}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
