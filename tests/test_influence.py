@@ -9,6 +9,7 @@ from torch.func import jvp
 
 from dice_ray.config import build_config
 from dice_ray.experiment import prepare
+from dice_ray.influence.adjoint import adjoint_horizon
 from dice_ray.influence.estimator import Window, estimate_cascade, sample_update_difference, update_difference
 from dice_ray.influence.ground_truth import counterfactual_half_step, ground_truth_cascade
 from dice_ray.influence.paths import path_cascade
@@ -160,3 +161,14 @@ def test_single_sample_update_difference_is_exact_for_sgd() -> None:
     width = delta.shape[0]
     exact = with_z[:width] - without[:width]
     torch.testing.assert_close(delta, exact, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
+@pytest.mark.parametrize("variant", ["first-order", "curvature"])
+def test_adjoint_horizon_equals_forward_recursion_for_every_source(optimizer: str, variant: str) -> None:
+    window, experiment = make_window("exponential", nodes=8, optimizer=optimizer, hops=3)
+    all_sources = adjoint_horizon(window, experiment.q, 3, variant)
+    for j in range(8):
+        delta, opt_delta = update_difference(window, j)
+        forward = estimate_cascade(window, j, delta, opt_delta, 3, variant).horizon_total(experiment.q, 3)
+        assert all_sources[j] == pytest.approx(forward, rel=1e-4, abs=1e-9)

@@ -1,0 +1,66 @@
+"""DICE-E of every source at once on one target quantity: the adjoint form (SPEC §4).
+
+For the horizon total Σ_k q_k e_k^{(R)} of a probe at round t, the forward recursion needs one
+propagation per source. Propagating the target's gradient backwards instead — through Wᵀ (gossip) and
+Jᵀ (each local step, a vector-Jacobian product through the optimizer) — gives one adjoint vector c_j per
+participant, and every source's estimate is a dot product:
+
+    a^{(R)} = (q_k ∇L(θ_k^{t+R}; z′))_k,   a^{(s)} = Jᵀ (W^{t+s})ᵀ a^{(s+1)},   E_j = ((W^t)ᵀ a^{(1)})_j · Δ_j.
+
+Cost: R − 1 batched vector-Jacobian products over all N participants plus N test gradients, whatever the
+number of sources.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from torch.func import vjp
+
+from dice_ray.influence.estimator import VARIANTS, Window
+
+
+def _transpose_mix(w, a: torch.Tensor) -> torch.Tensor:
+    """(Wᵀ a) for a scipy CSR W [N, N] and a [N, D]."""
+    return torch.as_tensor(w.T.toarray(), dtype=a.dtype) @ a
+
+
+def adjoint_horizon(window: Window, q: np.ndarray, hops: int, variant: str = "curvature",
+                    deltas: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None) -> np.ndarray:
+    """Return the DICE-E horizon total Σ_k q_k e_k^{(hops)} of the whole-batch probe (j, t0) for every
+    participant j: float64 [N]. ``deltas`` maps j to (Δ_j, optimizer-state Δ_j); default: each j's actual
+    update at t0 (``update_difference``)."""
+    from dice_ray.influence.estimator import update_difference
+
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r} is unknown; choose one of {', '.join(VARIANTS)}")
+    traj = window.trajectory
+    n = traj.states[0].shape[0]
+    everyone = np.arange(n)
+    adjoint = torch.as_tensor(q, dtype=traj.states[0].dtype)[:, None] * window.test_gradients(hops, everyone)
+    adjoint_opt: dict[str, torch.Tensor] = {}
+    for s in range(hops - 1, 0, -1):
+        mixed = _transpose_mix(traj.mixing[s], adjoint)
+        if variant == "first-order":
+            adjoint = mixed
+            continue
+        pop = window.population(s, everyone)
+        opt = {name: value.clone() for name, value in traj.opt_states[s].items()}
+        x, y = window.batches(traj.t0 + s)
+        step = functools.partial(pop.functional_step, x=x, y=y)
+        _, pullback = vjp(step, pop.params, opt)
+        cotangent_opt = {name: adjoint_opt.get(name, torch.zeros_like(value)) for name, value in opt.items()}
+        adjoint, adjoint_opt = pullback((mixed, cotangent_opt))
+        adjoint_opt = {name: value for name, value in adjoint_opt.items() if name != "step"}
+    first = _transpose_mix(traj.mixing[0], adjoint)
+    out = np.zeros(n)
+    for j in everyone.tolist():
+        delta, opt_delta = deltas[j] if deltas is not None else update_difference(window, j)
+        total = first[j] @ delta
+        if variant == "curvature":
+            total = total + sum((adjoint_opt[name][j] * value).sum() for name, value in opt_delta.items()
+                                if name in adjoint_opt)
+        out[j] = float(total)
+    return out
