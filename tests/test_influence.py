@@ -10,7 +10,13 @@ from torch.func import jvp
 from dice_ray.config import build_config
 from dice_ray.experiment import prepare
 from dice_ray.influence.adjoint import adjoint_horizon
-from dice_ray.influence.estimator import Window, estimate_cascade, sample_update_difference, update_difference
+from dice_ray.influence.estimator import (
+    Window,
+    estimate_cascade,
+    first_order_all_sources,
+    sample_update_difference,
+    update_difference,
+)
 from dice_ray.influence.ground_truth import counterfactual_half_step, ground_truth_cascade
 from dice_ray.influence.paths import path_cascade
 from dice_ray.influence.trajectory import first_reached, reach, record_trajectory
@@ -172,3 +178,16 @@ def test_adjoint_horizon_equals_forward_recursion_for_every_source(optimizer: st
         delta, opt_delta = update_difference(window, j)
         forward = estimate_cascade(window, j, delta, opt_delta, 3, variant).horizon_total(experiment.q, 3)
         assert all_sources[j] == pytest.approx(forward, rel=1e-4, abs=1e-9)
+
+
+def test_first_order_for_all_sources_equals_per_source_recursion() -> None:
+    window, _ = make_window("exponential", nodes=8, hops=3)
+    deltas = torch.stack([update_difference(window, j)[0] for j in range(8)])
+    half, values = first_order_all_sources(window, deltas, 3)
+    for j in range(8):
+        cascade = estimate_cascade(window, j, deltas[j], {}, 3, "first-order")
+        assert half[j] == pytest.approx(cascade.half, rel=1e-5)
+        for s in (1, 2, 3):
+            np.testing.assert_allclose(values[s - 1][cascade.supports[s], j], cascade.values[s], rtol=1e-4, atol=1e-9)
+            outside = np.setdiff1d(np.arange(8), cascade.supports[s])
+            assert (values[s - 1][outside, j] == 0).all()

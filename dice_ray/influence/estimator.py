@@ -188,3 +188,24 @@ def estimate_cascade(window: Window, source: int, delta: torch.Tensor, opt_delta
             moved[torch.as_tensor(keep)] = value
             opt_perturbation[name] = moved
     return Cascade(source, half, supports, values)
+
+
+def first_order_all_sources(window: Window, deltas: torch.Tensor, hops: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """First-order DICE-E of the whole-batch probes of every source at round t0, for every target and step.
+
+    deltas: [N, D_params], row j = Δ_j. Returns (half [N]: e_j^{(½)}, values: for s = 1..hops an [N, N] array
+    with values[s-1][k, j] = (W^{t+s-1} ⋯ W^t)_{kj} ∇L(θ_k^{t+s}; z′)ᵀ Δ_j). With J = I the perturbation of
+    every source is a column of the product of mixing matrices, so all sources share the same N test
+    gradients per step: the cost is the N·R test gradients plus R [N, D] x [D, N] products.
+    """
+    traj = window.trajectory
+    n = deltas.shape[0]
+    everyone = np.arange(n)
+    half = (window.test_gradients(0, everyone) * deltas).sum(dim=1).numpy()
+    product = np.eye(n)
+    values = []
+    for s in range(1, hops + 1):
+        product = traj.mixing[s - 1] @ product
+        inner = (window.test_gradients(s, everyone) @ deltas.T).numpy()
+        values.append(np.asarray(product) * inner)
+    return half, values
