@@ -76,6 +76,11 @@ class Window:
         self.batches = batches
         self.heldout = heldout
         self._model64: nn.Module | None = None
+        self._test_gradients: dict[int, torch.Tensor] = {}
+
+    def clear_cache(self) -> None:
+        """Forget cached test gradients (for timing)."""
+        self._test_gradients.clear()
 
     def double_model(self) -> nn.Module:
         """A float64 copy of the architecture (for loss differences that need the precision)."""
@@ -91,7 +96,17 @@ class Window:
         return Population(self.model, base.clone(), self.optimizer)
 
     def test_gradients(self, s: int, rows: np.ndarray) -> torch.Tensor:
-        """∇L(θ_k^{t0+s}; z′) for k in ``rows``: [len(rows), D_params] (eval mode)."""
+        """∇L(θ_k^{t0+s}; z′) for k in ``rows``: [len(rows), D_params] (eval mode).
+
+        Computed once per step for all N participants and cached: the probes of one round (every source,
+        both variants) share them, as they share the trajectory.
+        """
+        if s not in self._test_gradients:
+            self._test_gradients[s] = self.compute_test_gradients(s, np.arange(self.trajectory.states[s].shape[0]))
+        return self._test_gradients[s][torch.as_tensor(rows)]
+
+    def compute_test_gradients(self, s: int, rows: np.ndarray) -> torch.Tensor:
+        """``test_gradients`` without the cache."""
         pop = self.population(s, rows)
         self.model.eval()
         try:
