@@ -83,7 +83,9 @@ def test_plan_actors_defaults_and_limits() -> None:
     plan = plan_actors(EngineConfig(actors=4), 10, cluster_cpus=4, cluster_gpus=0)
     assert len(plan.blocks) == 4 and plan.cpus_per_actor == 1 and plan.threads_per_actor == 1
     assert np.array_equal(np.concatenate(plan.blocks), np.arange(10))
-    assert len(plan_actors(EngineConfig(), 3, cluster_cpus=24, cluster_gpus=0, machines=6).blocks) == 3  # ≤ N
+    assert len(plan_actors(EngineConfig(), 3, cluster_cpus=24, cluster_gpus=0, machine_cpus=[4] * 6).blocks) == 3
+    mixed = plan_actors(EngineConfig(), 64, cluster_cpus=12, cluster_gpus=0, machine_cpus=[4, 8])
+    assert mixed.per_machine and len(mixed.blocks) == 2 and mixed.cpus_per_actor == 4
     gpu = plan_actors(EngineConfig(gpus_per_actor=0.5), 64, cluster_cpus=16, cluster_gpus=2)
     assert len(gpu.blocks) == 4 and gpu.gpus_per_actor == 0.5 and gpu.cpus_per_actor == 4
     with pytest.raises(InputError, match="GPUs"):

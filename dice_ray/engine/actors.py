@@ -63,7 +63,7 @@ class ParticipantGroup:
         import torch
 
         return {"threads": torch.get_num_threads(), "device": str(self.block.device),
-                "node_ip": ray.util.get_node_ip_address(),
+                "node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def state(self) -> np.ndarray:

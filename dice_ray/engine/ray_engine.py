@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dice_ray.engine.actors import Coordinator, ParticipantGroup
 from dice_ray.engine.metrics import RoundMetrics, combine_evaluations
@@ -24,18 +25,22 @@ class RayEngine:
 
     def __init__(self, experiment: Experiment, plan: ActorPlan | None = None):
         resources = ray.cluster_resources()
-        machines = sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
+        machines = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
         self.plan = plan or plan_actors(experiment.config.engine, experiment.nodes, resources.get("CPU", 0.0),
-                                        resources.get("GPU", 0.0), machines)
+                                        resources.get("GPU", 0.0), [n["Resources"]["CPU"] for n in machines])
         ds, part = experiment.dataset, experiment.partition
         x_ref, y_ref = ray.put(ds.x_train), ray.put(ds.y_train)
         heldout_ref = ray.put(experiment.heldout)
+        # One actor per machine is pinned to its machine; any other plan is spread over the machines.
+        strategies = ([NodeAffinitySchedulingStrategy(n["NodeID"], soft=False) for n in machines]
+                      if self.plan.per_machine else ["SPREAD"] * len(self.plan.blocks))
         self.groups = [
-            ParticipantGroup.options(num_cpus=self.plan.cpus_per_actor, num_gpus=self.plan.gpus_per_actor)
+            ParticipantGroup.options(num_cpus=self.plan.cpus_per_actor, num_gpus=self.plan.gpus_per_actor,
+                                     scheduling_strategy=strategy)
             .remote(experiment.config, block, x_ref, y_ref, [part.train[k] for k in block],
                     [part.val[k] for k in block], heldout_ref, ds.input_shape, ds.num_classes,
                     self.plan.threads_per_actor)
-            for block in self.plan.blocks
+            for block, strategy in zip(self.plan.blocks, strategies, strict=False)
         ]
         self.coordinator = Coordinator.remote(experiment.topology, self.plan.blocks, self.groups)
         self.n = experiment.nodes

@@ -66,14 +66,17 @@ class ActorPlan:
     cpus_per_actor: float
     gpus_per_actor: float
     threads_per_actor: int
+    per_machine: bool = False
 
 
 def plan_actors(engine: EngineConfig, nodes: int, cluster_cpus: float, cluster_gpus: float,
-                machines: int = 1) -> ActorPlan:
+                machine_cpus: list[float] | None = None) -> ActorPlan:
     """Return the actor plan: ``engine.actors`` actors, capped at ``nodes``; participants split into
     contiguous blocks. Default: one actor per GPU share when ``gpus_per_actor`` > 0, else one actor per
-    machine (``machines`` Ray nodes with CPUs) using all its CPUs — torch parallelizes within an actor,
-    and participants in one actor exchange parameters without copies through the object store."""
+    machine (``machine_cpus``: the CPUs of each Ray node) with the CPUs of the smallest machine — torch
+    parallelizes within an actor, and participants in one actor exchange parameters in place instead of
+    through the object store. ``per_machine`` in the plan says the actors are to be pinned one per node."""
+    machines = len(machine_cpus) if machine_cpus else 1
     gpus = engine.gpus_per_actor
     if gpus > 0 and cluster_gpus < gpus:
         raise InputError(f"--gpus-per-actor {gpus} but the Ray cluster has {cluster_gpus:g} GPUs")
@@ -83,12 +86,19 @@ def plan_actors(engine: EngineConfig, nodes: int, cluster_cpus: float, cluster_g
         actors = max(1, math.floor(cluster_gpus / gpus + 1e-9))
     else:
         actors = max(1, machines)
+    per_machine = engine.actors is None and gpus == 0 and machines > 1 and actors <= nodes
     actors = min(actors, nodes)
     if gpus > 0 and actors * gpus > cluster_gpus + 1e-9:
         raise InputError(f"{actors} actors x --gpus-per-actor {gpus} exceed the cluster's {cluster_gpus:g} GPUs")
-    cpus = engine.cpus_per_actor if engine.cpus_per_actor is not None else max(cluster_cpus, 1) / actors
+    if engine.cpus_per_actor is not None:
+        cpus = engine.cpus_per_actor
+    elif per_machine:
+        cpus = min(machine_cpus)
+    else:
+        cpus = max(cluster_cpus, 1) / actors
     if actors * cpus > cluster_cpus + 1e-9:
         raise InputError(f"{actors} actors x --cpus-per-actor {cpus:g} exceed the cluster's "
                          f"{cluster_cpus:g} CPUs")
     return ActorPlan(blocks=[b.astype(np.int64) for b in np.array_split(np.arange(nodes), actors)],
-                     cpus_per_actor=cpus, gpus_per_actor=gpus, threads_per_actor=max(1, math.floor(cpus)))
+                     cpus_per_actor=cpus, gpus_per_actor=gpus, threads_per_actor=max(1, math.floor(cpus)),
+                     per_machine=per_machine)
