@@ -11,16 +11,27 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dice_ray.data import DATASETS, SCHEMES, WEIGHT_RULES
 from dice_ray.errors import InputError
 from dice_ray.population import OPTIMIZERS, OptimizerSpec
 from dice_ray.topology import TOPOLOGIES
 from dice_ray.topology import WEIGHT_RULES as MIXING_RULES
+
+
+def _one_of(what: str, choices: tuple[str, ...]) -> AfterValidator:
+    """A validator accepting only ``choices``; its error names ``what`` and lists them."""
+
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"{what} {value!r} is unknown; choose one of {', '.join(choices)}")
+        return value
+
+    return AfterValidator(check)
 
 
 class _Section(BaseModel):
@@ -30,67 +41,37 @@ class _Section(BaseModel):
 class TopologyConfig(_Section):
     """Communication graph and mixing matrix W^t (SPEC §1)."""
 
-    name: str = Field("exponential", description=f"graph: {', '.join(TOPOLOGIES)}")
-    weights: str = Field("uniform", description=f"weight rule: {', '.join(MIXING_RULES)}")
+    name: Annotated[str, _one_of("topology", TOPOLOGIES)] = Field(
+        "exponential", description=f"graph: {', '.join(TOPOLOGIES)}")
+    weights: Annotated[str, _one_of("weight rule", MIXING_RULES)] = Field(
+        "uniform", description=f"weight rule: {', '.join(MIXING_RULES)}")
     p: float | None = Field(None, gt=0, le=1, description="edge probability for erdos-renyi "
                                                            "(default 2 ln(N)/N)")
     rows: int | None = Field(None, ge=1, description="rows of a grid or torus (default: most square)")
     file: str | None = Field(None, description="edge list (.txt/.csv) or W matrix (.npy/.npz) for 'file'")
     directed: bool = Field(False, description="edges of an edge-list file are directed (src -> dst)")
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in TOPOLOGIES:
-            raise ValueError(f"topology {v!r} is unknown; choose one of {', '.join(TOPOLOGIES)}")
-        return v
-
-    @field_validator("weights")
-    @classmethod
-    def _known_rule(cls, v: str) -> str:
-        if v not in MIXING_RULES:
-            raise ValueError(f"weight rule {v!r} is unknown; choose one of {', '.join(MIXING_RULES)}")
-        return v
-
 
 class DataConfig(_Section):
     """Data set, partition over participants, and the held-out batch z′."""
 
-    dataset: str = Field("mnist5k", description=f"data set: {', '.join(DATASETS)}")
+    dataset: Annotated[str, _one_of("data set", DATASETS)] = Field(
+        "mnist5k", description=f"data set: {', '.join(DATASETS)}")
     data_dir: str | None = Field(None, description="folder holding mnist/fashion-mnist/cifar10/cifar100/"
                                                    "tiny-imagenet in torchvision's layout")
     download: bool = Field(False, description="download the data set into data_dir if missing")
-    partition: str = Field("iid", description=f"partition scheme: {', '.join(SCHEMES)}")
+    partition: Annotated[str, _one_of("partition", SCHEMES)] = Field(
+        "iid", description=f"partition scheme: {', '.join(SCHEMES)}")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition=dirichlet)")
     shards_per_node: int = Field(2, ge=1, description="shards per participant (partition=shards)")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of each participant's data held "
                                                              "out as its validation split")
     heldout_size: int = Field(500, ge=1, description="size of the shared held-out batch z′ "
                                                      "(from the test split)")
-    participant_weights: str = Field("uniform", description="q_k: uniform or data-size")
+    participant_weights: Annotated[str, _one_of("participant weights", WEIGHT_RULES)] = Field(
+        "uniform", description="q_k: uniform or data-size")
     synthetic_samples: int = Field(10_000, ge=2, le=10_000_000, description="samples of 'synthetic'")
     synthetic_classes: int = Field(10, ge=2, le=10_000, description="classes of 'synthetic'")
-
-    @field_validator("dataset")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in DATASETS:
-            raise ValueError(f"data set {v!r} is unknown; choose one of {', '.join(DATASETS)}")
-        return v
-
-    @field_validator("partition")
-    @classmethod
-    def _known_scheme(cls, v: str) -> str:
-        if v not in SCHEMES:
-            raise ValueError(f"partition {v!r} is unknown; choose one of {', '.join(SCHEMES)}")
-        return v
-
-    @field_validator("participant_weights")
-    @classmethod
-    def _known_rule(cls, v: str) -> str:
-        if v not in WEIGHT_RULES:
-            raise ValueError(f"participant weights {v!r} are unknown; choose one of {', '.join(WEIGHT_RULES)}")
-        return v
 
 
 class ModelConfig(_Section):
@@ -107,7 +88,8 @@ class ModelConfig(_Section):
 class OptimConfig(_Section):
     """Local optimizer O_k and minibatch size (shared by all participants)."""
 
-    name: str = Field("sgd", description=f"optimizer: {', '.join(OPTIMIZERS)}")
+    name: Annotated[str, _one_of("optimizer", OPTIMIZERS)] = Field(
+        "sgd", description=f"optimizer: {', '.join(OPTIMIZERS)}")
     lr: float = Field(0.05, description="learning rate η (> 0)")
     batch_size: int = Field(8, ge=1, description="minibatch size |z_k^t|")
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum (optimizer=momentum)")
@@ -115,13 +97,6 @@ class OptimConfig(_Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay λ")
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in OPTIMIZERS:
-            raise ValueError(f"optimizer {v!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
-        return v
 
     @field_validator("lr")
     @classmethod
