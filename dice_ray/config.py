@@ -151,6 +151,8 @@ class InfluenceConfig(_Section):
     sample_sources: int | None = Field(None, ge=1, description="probe this many random participants per round")
     probe_samples: int = Field(0, ge=0, description="0: z is the whole minibatch (the paper's default); K: also "
                                                     "K single samples of it, one probe each")
+    zprime: Literal["heldout", "validation"] = Field("heldout", description="z′: the shared held-out batch, or "
+                                                                           "each target's own validation split")
     variants: list[Literal["first-order", "curvature"]] = Field(["first-order", "curvature"],
                                                                 description="DICE-E variants to compute")
     ground_truth: bool = Field(True, description="also measure DICE-GT by counterfactual replay")
@@ -186,6 +188,8 @@ class RunConfig(_Section):
             for j in inf.sources or []:
                 if not 0 <= j < self.nodes:
                     raise ValueError(f"influence source {j} is not a participant (0..{self.nodes - 1})")
+            if inf.zprime == "validation" and self.data.val_fraction == 0:
+                raise ValueError("influence.zprime 'validation' needs validation splits (data.val_fraction > 0)")
             if inf.probe_samples > self.optim.batch_size - 1:
                 raise ValueError(f"probe_samples {inf.probe_samples} must be below the batch size "
                                  f"{self.optim.batch_size}")

@@ -159,12 +159,17 @@ class Population:
         ])
 
     def _losses_of(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                   shared_input: bool, buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                   shared_input: bool, buffers: dict[str, torch.Tensor] | None = None,
+                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         buffers = self.buffer_layout.views(self.buffers) if buffers is None else buffers
         logits = self._logits(params, buffers, x, shared_input)
         targets = y.expand(logits.shape[0], -1) if shared_input else y
-        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none") \
-            .view(logits.shape[0], -1).mean(dim=1)
+        per_sample = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none") \
+            .view(logits.shape[0], -1)
+        if sample_weights is None:
+            return per_sample.mean(dim=1)
+        w = sample_weights.to(per_sample.dtype)
+        return (per_sample * w).sum(dim=1) / w.sum(dim=1)
 
     def losses(self, x: torch.Tensor, y: torch.Tensor, params: torch.Tensor | None = None,
                shared_input: bool = False) -> torch.Tensor:
@@ -176,22 +181,23 @@ class Population:
         params = self.params if params is None else params
         return self._losses_of(self.param_layout.views(params), x, y, shared_input)
 
-    def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor,
-                      shared_input: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor, shared_input: bool = False,
+                      sample_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (L(θ_k; z_k) [P], ∇_θ L(θ_k; z_k) [P, D_params]) for every participant k.
 
+        ``sample_weights`` [P, B] (e.g. a padding mask) turns each mean into a weighted mean.
         Participants' losses are independent, so the gradient of their sum w.r.t. the stacked parameters
         is every participant's own gradient, row by row: one backward pass for all of them. The leaves
         are the per-tensor views (not the flat tensor), so backward writes each gradient once instead of
         scattering every slice into a zero [P, D] tensor (measured 3x faster than grad of the flat tensor).
         """
-        per, grads = self._loss_and_grads(x, y, shared_input)
+        per, grads = self._loss_and_grads(x, y, shared_input, sample_weights)
         flat = torch.cat([g.reshape(self.size, -1) for g in grads], dim=1) if grads else \
             torch.zeros_like(self.params)
         return per, flat
 
-    def _loss_and_grads(self, x: torch.Tensor, y: torch.Tensor,
-                        shared_input: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _loss_and_grads(self, x: torch.Tensor, y: torch.Tensor, shared_input: bool = False,
+                        sample_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``loss_and_grad`` with the gradient as a list of [P, *shape] tensors in layout order."""
         leaves = {n: v.detach().requires_grad_() for n, v in self.param_layout.views(self.params).items()}
         # In train mode BatchNorm updates its running statistics in place. Under vmap that update is
@@ -202,7 +208,7 @@ class Population:
         updates_buffers = self.model.training and self.buffer_layout.width > 0
         buffers = {n: v.clone() for n, v in views.items()} if updates_buffers else views
         with torch.enable_grad():
-            per = self._losses_of(leaves, x, y, shared_input, buffers)
+            per = self._losses_of(leaves, x, y, shared_input, buffers, sample_weights)
             grads = torch.autograd.grad(per.sum(), list(leaves.values()))
         if updates_buffers:
             for name, view in views.items():

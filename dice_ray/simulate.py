@@ -50,7 +50,7 @@ OPTIONS: list[tuple[str, str, Any]] = [
     ("--out", "output.out", str), ("--eval-every", "output.eval_every", int),
     ("--hops", "influence.hops", int), ("--probe-rounds", "influence.rounds", "int-list"),
     ("--probe-every", "influence.every", int), ("--probe-sources", "influence.sources", "int-list"),
-    ("--probe-samples", "influence.probe_samples", int),
+    ("--probe-samples", "influence.probe_samples", int), ("--zprime", "influence.zprime", str),
 ]
 SWITCHES: list[tuple[str, str, bool]] = [
     ("--download", "data.download", True), ("--overwrite", "output.overwrite", True),

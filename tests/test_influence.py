@@ -191,3 +191,33 @@ def test_first_order_for_all_sources_equals_per_source_recursion() -> None:
             np.testing.assert_allclose(values[s - 1][cascade.supports[s], j], cascade.values[s], rtol=1e-4, atol=1e-9)
             outside = np.setdiff1d(np.arange(8), cascade.supports[s])
             assert (values[s - 1][outside, j] == 0).all()
+
+
+def test_validation_zprime_uses_each_targets_own_split() -> None:
+    """With z′_k = k's validation split, test gradients and GT losses are k's own (SPEC §2)."""
+    window, experiment = make_window("ring", nodes=6)
+    ds, part = experiment.dataset, experiment.partition
+    k = 3
+    x_val = torch.from_numpy(ds.x_train[part.val[k]])
+    y_val = torch.from_numpy(ds.y_train[part.val[k]])
+    width = model_state_layouts(window.model)[0].width
+    m = max(len(v) for v in part.val)
+    xs = torch.zeros(6, m, *ds.input_shape)
+    ys = torch.zeros(6, m, dtype=torch.int64)
+    mask = torch.zeros(6, m, dtype=torch.bool)
+    for i, v in enumerate(part.val):
+        xs[i, : len(v)], ys[i, : len(v)], mask[i, : len(v)] = torch.from_numpy(ds.x_train[v]), \
+            torch.from_numpy(ds.y_train[v]), True
+    own = Window(window.trajectory, window.model, window.optimizer, window.batches, window.heldout, (xs, ys, mask))
+    reference = window.population(2, np.array([k]))
+    window.model.eval()
+    expected = reference.loss_and_grad(x_val[None], y_val[None])[1][0]
+    window.model.train()
+    torch.testing.assert_close(own.test_gradients(2, np.array([k]))[0], expected, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(own.test_gradients(2, np.array([k]))[0], window.test_gradients(2, np.array([k]))[0])
+    delta, opt_delta = update_difference(own, 0)
+    gt = ground_truth_cascade(own, 0, 2)
+    est = estimate_cascade(own, 0, delta, opt_delta, 2, "curvature")
+    for s in (1, 2):
+        assert np.corrcoef(gt.values[s], est.values[s])[0, 1] > 0.95
+    assert width == delta.shape[0]

@@ -65,16 +65,19 @@ class Window:
     """A ``Trajectory`` with what is needed to evaluate losses and steps on it.
 
     model: the architecture; optimizer: O_k; batches(t) -> (x [N, B, ...], y [N, B]) the minibatches of
-    round t; heldout: z′ = (x [m, ...], y [m]).
+    round t; heldout: z′ = (x [m, ...], y [m]) shared by all participants, or with ``validation`` =
+    (x [N, m, ...], y [N, m], mask [N, m]) each participant's own validation split as its z′_k (SPEC §2).
     """
 
     def __init__(self, trajectory: Trajectory, model: nn.Module, optimizer: OptimizerSpec, batches,
-                 heldout: tuple[torch.Tensor, torch.Tensor]):
+                 heldout: tuple[torch.Tensor, torch.Tensor],
+                 validation: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         self.trajectory = trajectory
         self.model = model
         self.optimizer = optimizer
         self.batches = batches
         self.heldout = heldout
+        self.validation = validation
         self._model64: nn.Module | None = None
         self._test_gradients: dict[int, torch.Tensor] = {}
 
@@ -110,7 +113,10 @@ class Window:
         pop = self.population(s, rows)
         self.model.eval()
         try:
-            return pop.loss_and_grad(*self.heldout, shared_input=True)[1]
+            if self.validation is None:
+                return pop.loss_and_grad(*self.heldout, shared_input=True)[1]
+            x, y, mask = (v[torch.as_tensor(rows)] for v in self.validation)
+            return pop.loss_and_grad(x, y, sample_weights=mask)[1]
         finally:
             self.model.train()
 

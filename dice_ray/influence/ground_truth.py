@@ -20,16 +20,20 @@ from dice_ray.influence.trajectory import reach
 from dice_ray.population import Population
 
 
-def _heldout_losses(window: Window, states: torch.Tensor) -> np.ndarray:
-    """L(θ; z′) in eval mode for each row of ``states`` [P, D], evaluated in float64: [P] float64.
+def _heldout_losses(window: Window, states: torch.Tensor, rows: np.ndarray) -> np.ndarray:
+    """L(θ_k; z′) in eval mode for the states [P, D] of participants ``rows`` (z′_k their own validation
+    split when the window has one), evaluated in float64: [P] float64.
 
     GT terms are differences of nearly equal losses; float32 evaluation would leave ~1e-7 of rounding noise
     in each (measured: 5e-7 differences between thread counts), float64 keeps it below 1e-12.
     """
     model64 = window.double_model()
     pop = Population(model64, states.double(), window.optimizer)
-    x, y = window.heldout
-    return pop.evaluate(x.double(), y, shared_input=True)[0].numpy()
+    if window.validation is None:
+        x, y = window.heldout
+        return pop.evaluate(x.double(), y, shared_input=True)[0].numpy()
+    x, y, mask = (v[torch.as_tensor(rows)] for v in window.validation)
+    return pop.evaluate(x.double(), y, sample_weights=mask)[0].numpy()
 
 
 def counterfactual_half_step(window: Window, source: int,
@@ -56,7 +60,7 @@ def ground_truth_cascade(window: Window, source: int, hops: int, removed: np.nda
     traj = window.trajectory
     supports = reach(traj.mixing[:hops], source)
     half_cf, opt_cf_source = counterfactual_half_step(window, source, removed)
-    half_losses = _heldout_losses(window, torch.stack([traj.halves[0][source], half_cf]))
+    half_losses = _heldout_losses(window, torch.stack([traj.halves[0][source], half_cf]), np.array([source] * 2))
     values = [np.zeros(1)]
 
     halves = traj.halves[0].clone()
@@ -68,7 +72,7 @@ def ground_truth_cascade(window: Window, source: int, hops: int, removed: np.nda
         w = sp.csr_array(traj.mixing[s - 1][rows])
         with torch.no_grad():
             states = torch.as_tensor(w.toarray(), dtype=halves.dtype) @ halves  # θ_{·∖z}^{t0+s} on S_s
-        values.append(_heldout_losses(window, traj.states[s][rows]) - _heldout_losses(window, states))
+        values.append(_heldout_losses(window, traj.states[s][rows], rows) - _heldout_losses(window, states, rows))
         if s == hops:
             break
         # Counterfactual local step of round t0+s for S_s; everyone else's half-step is factual.

@@ -76,7 +76,9 @@ def window_for(experiment: Any, trajectory: Trajectory) -> Window:
                              part.val, experiment.heldout, ds.input_shape, ds.num_classes)
     model = build_model(experiment.config.model.name, ds.input_shape, ds.num_classes)
     heldout = (torch.as_tensor(np.array(experiment.heldout[0])), torch.as_tensor(np.array(experiment.heldout[1])))
-    return Window(trajectory, model, experiment.config.optim.spec(), block.minibatch, heldout)
+    validation = (block.x_val, block.y_val, block.val_mask) if experiment.config.influence.zprime == "validation" \
+        else None
+    return Window(trajectory, model, experiment.config.optim.spec(), block.minibatch, heldout, validation)
 
 
 def measure_round(experiment: Any, trajectory: Trajectory, probes: list[Probe]) -> tuple[list[dict], list[dict]]:
