@@ -1,0 +1,81 @@
+"""Property-based: malformed configs and mixing matrices end in one error line and exit 2 — never a
+traceback, never a run directory."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from dice_ray.simulate import main
+
+FAST = ["--engine", "local", "--no-progress", "--dataset", "digits"]
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                    st.text(max_size=12), st.lists(st.integers(-3, 3), max_size=3))
+FIELDS = ["nodes", "rounds", "seed", "topology.name", "topology.weights", "topology.p", "topology.rows",
+          "data.dataset", "data.partition", "data.alpha", "data.val_fraction", "data.heldout_size",
+          "model.name", "model.init", "optim.name", "optim.lr", "optim.batch_size", "optim.momentum",
+          "optim.betas", "engine.actors", "engine.gpus_per_actor", "output.eval_every", "influence.hops",
+          "influence.rounds", "influence.sources", "influence.probe_samples", "bogus", "optim.bogus"]
+
+
+def run_and_check(argv: list[str], out: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        code = main([*FAST, *argv, "--out", str(out), "--rounds", "1"])
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    event(f"exit {code}")
+    if code == 0:  # a valid config slipped through: it must have produced a complete run
+        assert (out / "rounds.parquet").exists()
+        return
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fields=st.dictionaries(st.sampled_from(FIELDS), scalars, min_size=1, max_size=3))
+def test_random_malformed_config_files(fields: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        data: dict = {}
+        for dotted, value in fields.items():
+            *parents, leaf = dotted.split(".")
+            node = data
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.safe_dump(data))
+        run_and_check(["--config", str(path)], Path(tmp) / "run", capsys)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(normalize=st.booleans(), rows=st.integers(1, 7), cols=st.integers(1, 7),
+       values=st.lists(st.one_of(st.floats(-1, 2), st.sampled_from([0.0, 0.5, 1.0, float("nan"), float("inf")])),
+                       min_size=49, max_size=49))
+def test_random_mixing_matrix_files(normalize: bool, rows: int, cols: int, values: list[float],
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp, np.errstate(all="ignore"):
+        w = np.array(values[: rows * cols]).reshape(rows, cols)
+        if normalize:  # often a valid row-stochastic W: sparse, disconnected or fine
+            w = np.abs(w) * (np.abs(w) > 0.7)
+            w = w / w.sum(axis=1, keepdims=True)
+        np.save(Path(tmp) / "w.npy", w)
+        run_and_check(["--topology", "file", "--topology-file", str(Path(tmp) / "w.npy"), "--nodes", str(rows)],
+                      Path(tmp) / "run", capsys)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=200))
+def test_random_yaml_text(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(text)
+        run_and_check(["--config", str(path)], Path(tmp) / "run", capsys)
