@@ -53,11 +53,17 @@ class OptimizerSpec:
 
 
 class Layout:
-    """Where each named tensor of a module lives in a flat row: names, shapes and column offsets."""
+    """Where each named tensor of a module lives in a flat row: names, shapes and column offsets.
 
-    def __init__(self, named: list[tuple[str, torch.Size]]):
+    Entries in ``transposed`` (2-D matrices) are stored as their transpose, so that a view has the strides
+    of the gradient that vmapped backward passes produce for linear layers: the in-place optimizer update
+    then walks both in the same order (measured: 3x faster at N = 256 than on mismatched strides).
+    """
+
+    def __init__(self, named: list[tuple[str, torch.Size]], transposed: set[str] | None = None):
         self.names = [n for n, _ in named]
         self.shapes = [tuple(s) for _, s in named]
+        self.transposed = [n in (transposed or set()) and len(s) == 2 for n, s in named]
         self.sizes = [math.prod(s) for s in self.shapes]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)]).tolist()
         self.width = int(self.offsets[-1])
@@ -65,22 +71,33 @@ class Layout:
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return name -> view of ``flat`` ([P, width] -> [P, *shape]; [width] -> [*shape])."""
         lead = flat.shape[:-1]
-        spans = zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:], strict=True)
-        return {name: flat[..., a:b].view(torch.Size([*lead, *shape])) for name, shape, a, b in spans}
+        out = {}
+        for name, shape, t, a, b in zip(self.names, self.shapes, self.transposed, self.offsets[:-1],
+                                        self.offsets[1:], strict=True):
+            stored = shape[::-1] if t else shape
+            view = flat[..., a:b].view(torch.Size([*lead, *stored]))
+            out[name] = view.transpose(-1, -2) if t else view
+        return out
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Return the [width] (or [P, width]) concatenation of ``tensors`` in layout order."""
         first = tensors[self.names[0]] if self.names else None
         lead = () if first is None else first.shape[: first.dim() - len(self.shapes[0])]
-        parts = [tensors[n].reshape(*lead, -1) for n in self.names]
+        parts = [(tensors[n].transpose(-1, -2) if t else tensors[n]).reshape(*lead, -1)
+                 for n, t in zip(self.names, self.transposed, strict=True)]
         return torch.cat(parts, dim=-1) if parts else torch.zeros(*lead, 0)
 
 
 def model_state_layouts(model: nn.Module) -> tuple[Layout, Layout]:
-    """Return the (parameter, buffer) layouts of ``model``; buffers are only floating-point ones."""
+    """Return the (parameter, buffer) layouts of ``model``; buffers are only floating-point ones.
+
+    Linear layers' weights are stored transposed (see ``Layout``).
+    """
+    linear = {f"{name}.weight" if name else "weight" for name, module in model.named_modules()
+              if isinstance(module, nn.Linear)}
     params = [(n, p.shape) for n, p in model.named_parameters()]
     buffers = [(n, b.shape) for n, b in model.named_buffers() if b.is_floating_point()]
-    return Layout(params), Layout(buffers)
+    return Layout(params, linear), Layout(buffers)
 
 
 def initial_state(model: nn.Module, nodes: np.ndarray, seed: int, init: str = "same") -> torch.Tensor:
@@ -192,7 +209,7 @@ class Population:
         scattering every slice into a zero [P, D] tensor (measured 3x faster than grad of the flat tensor).
         """
         per, grads = self._loss_and_grads(x, y, shared_input, sample_weights)
-        flat = torch.cat([g.reshape(self.size, -1) for g in grads], dim=1) if grads else \
+        flat = self.param_layout.flatten(dict(zip(self.param_layout.names, grads, strict=True))) if grads else \
             torch.zeros_like(self.params)
         return per, flat
 
