@@ -122,9 +122,9 @@ STEP_CASES = [(model, opt) for model in ("mlp", "mlp-tanh", "cnn") for opt in OP
 @pytest.mark.parametrize(("model", "opt"), STEP_CASES)
 def test_half_step_matches_torch_optim(model: str, opt: str, vectorize: str) -> None:
     # Adam runs in float64. Its update η m̂/(√v̂ + ε) has slope η/ε = 1e6 in g for gradients near ε = 1e-8;
-    # a 4x16836-parameter MLP has a few by chance, and in float32 vmap's batched matmuls sum in another order
-    # than the per-model ones (|Δg| ~ 1e-11 there), which moves such a parameter by ~1e-6 already at the
-    # first step, for ReLU and tanh alike (the "loop" path is bit-identical to torch.optim in float32).
+    # a 4x16836-parameter MLP has a few by chance, and in float32 our matmuls (batched, and on transposed
+    # weight storage) sum in another order than the per-model ones (|Δg| ~ 1e-11 there), which moves such a
+    # parameter by ~1e-6 already at the first step, for ReLU and tanh alike.
     dtype = torch.float64 if opt.startswith("adam") else torch.float32
     _, _, state, reference = run_both(model, OPTIMIZER_CASES[opt], vectorize, steps=3, dtype=dtype)
     assert state.dtype == dtype
