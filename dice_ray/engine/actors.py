@@ -101,6 +101,11 @@ class Coordinator:
             self._routes[key] = routes
         return self._routes[key]
 
+    def submit_rounds(self, rounds: list[tuple[int, bool]]) -> list[tuple[list[Any], list[Any]]]:
+        """``submit_round`` for each (t, evaluate) of ``rounds``, in order (one call for several rounds keeps
+        the coordinator's and driver's CPU time per round small)."""
+        return [self.submit_round(t, evaluate) for t, evaluate in rounds]
+
     def submit_round(self, t: int, evaluate: bool) -> tuple[list[Any], list[Any]]:
         """Queue round t on every group without waiting; return the ObjectRefs of (per-group train
         losses, per-group mix results). Groups run their tasks in submission order, so rounds queued

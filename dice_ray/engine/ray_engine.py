@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -49,22 +50,30 @@ class RayEngine:
         """Run round t; return its metrics."""
         return next(self.run_rounds([(t, evaluate)]))
 
-    def run_rounds(self, schedule: Iterable[tuple[int, bool]], depth: int = 2) -> Iterator[RoundMetrics]:
+    def run_rounds(self, schedule: Iterable[tuple[int, bool]], chunk: int = 4) -> Iterator[RoundMetrics]:
         """Run the rounds of ``schedule`` ((t, evaluate) pairs, in order); yield each round's metrics.
 
-        Up to ``depth`` rounds are queued ahead of the one being collected, so the groups never wait for
-        the driver (synchrony is kept by the data flow: round t+1 starts on the mixed states of round t).
+        Rounds are handed to the coordinator ``chunk`` at a time, and the next chunk is queued before the
+        current one is collected, so the groups never wait for the driver (synchrony is kept by the data
+        flow: round t+1 starts on the mixed states of round t).
         """
-        inflight: deque[tuple[int, bool, Any]] = deque()
-        for t, evaluate in schedule:
-            inflight.append((t, evaluate, self.coordinator.submit_round.remote(t, evaluate)))
-            if len(inflight) > depth:
-                yield self._collect(*inflight.popleft())
-        while inflight:
-            yield self._collect(*inflight.popleft())
+        rounds = iter(schedule)
+        inflight: deque[tuple[list[tuple[int, bool]], Any]] = deque()
 
-    def _collect(self, t: int, evaluate: bool, submitted: Any) -> RoundMetrics:
-        loss_refs, mix_refs = ray.get(submitted)
+        def submit() -> None:
+            batch = list(itertools.islice(rounds, chunk))
+            if batch:
+                inflight.append((batch, self.coordinator.submit_rounds.remote(batch)))
+
+        submit()
+        submit()
+        while inflight:
+            batch, submitted = inflight.popleft()
+            submit()
+            for (t, evaluate), refs in zip(batch, ray.get(submitted), strict=True):
+                yield self._collect(t, evaluate, *refs)
+
+    def _collect(self, t: int, evaluate: bool, loss_refs: list[Any], mix_refs: list[Any]) -> RoundMetrics:
         train_loss = np.concatenate(ray.get(loss_refs))
         parts = ray.get(mix_refs)
         if not evaluate:
