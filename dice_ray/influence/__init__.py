@@ -1,1 +1,6 @@
 """Data influence in decentralized learning (SPEC §2–§5): ground truth, estimator, and their uses."""
+
+import warnings
+
+# torch.func.jvp/vjp import a module that warns about torch.jit.script's deprecation; it is not ours to fix.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
