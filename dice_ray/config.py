@@ -9,7 +9,6 @@ sets, models, optimizers) happens here, before any work starts; problems become 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -95,14 +94,14 @@ class OptimConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum (optimizer=momentum)")
     nesterov: bool = Field(False, description="Nesterov momentum (optimizer=momentum)")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas")
-    eps: float = Field(1e-8, gt=0, description="Adam epsilon")
-    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay λ")
+    eps: float = Field(1e-8, gt=0, le=1, description="Adam epsilon")
+    weight_decay: float = Field(0.0, ge=0, le=1e3, description="L2 weight decay λ")
 
     @field_validator("lr")
     @classmethod
     def _positive(cls, v: float) -> float:
-        if not (v > 0 and math.isfinite(v)):
-            raise ValueError(f"learning rate must be a positive finite number, got {v}")
+        if not (0 < v <= 1e3):  # also rejects NaN and inf
+            raise ValueError(f"learning rate must be a positive number no larger than 1000, got {v}")
         return v
 
     @field_validator("betas")
@@ -159,6 +158,31 @@ class InfluenceConfig(_Section):
     sources_per_task: int = Field(4, ge=1, description="probes of one round batched into one Ray task")
 
 
+class MisbehaviorConfig(_Section):
+    """Participants that misbehave, and how (SPEC §5). Off with kind ``none``."""
+
+    kind: Literal["none", "label-flip", "feature-noise", "sign-flip", "scale", "free-ride"] = Field(
+        "none", description="how misbehaving participants corrupt their data or updates")
+    count: int | None = Field(None, ge=0, description="how many participants misbehave")
+    fraction: float | None = Field(None, ge=0, le=1, description="or which share of them (rounded)")
+    selection: Literal["random", "ids", "degree"] = Field("random", description="random, the given ids, or "
+                                                                                 "the highest in-degree first")
+    ids: list[int] | None = Field(None, description="participants that misbehave (selection ids)")
+    flip_fraction: float = Field(1.0, ge=0, le=1, description="label-flip: share of local labels flipped")
+    sigma: float = Field(1.0, ge=0, le=1e3, description="feature-noise: std of the noise added to inputs")
+    factor: float = Field(10.0, ge=-1e3, le=1e3, description="scale: the factor c of the sent update θ + cΔ")
+
+    def number(self, nodes: int) -> int:
+        """How many of ``nodes`` participants misbehave."""
+        if self.kind == "none":
+            return 0
+        if self.selection == "ids":
+            return len(set(self.ids or []))
+        if self.fraction is not None:
+            return int(round(self.fraction * nodes))
+        return self.count or 0
+
+
 class RunConfig(_Section):
     """A whole simulation: one of these fully determines a run's numbers (with its seed)."""
 
@@ -172,11 +196,21 @@ class RunConfig(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     influence: InfluenceConfig = Field(default_factory=InfluenceConfig)
+    misbehavior: MisbehaviorConfig = Field(default_factory=MisbehaviorConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         if self.topology.name == "file" and not self.topology.file:
             raise ValueError("topology 'file' needs topology.file (--topology-file PATH)")
+        bad = self.misbehavior
+        if bad.kind != "none":
+            if bad.selection == "ids" and not bad.ids:
+                raise ValueError("misbehavior.selection 'ids' needs misbehavior.ids")
+            for k in bad.ids or []:
+                if not 0 <= k < self.nodes:
+                    raise ValueError(f"misbehaving participant {k} is not a participant (0..{self.nodes - 1})")
+            if bad.number(self.nodes) > self.nodes:
+                raise ValueError(f"misbehavior.count {bad.count} exceeds the {self.nodes} participants")
         inf = self.influence
         if inf.enabled:
             for t in inf.rounds or []:

@@ -23,6 +23,7 @@ from dice_ray.data import (
     partition_data,
 )
 from dice_ray.errors import InputError
+from dice_ray.misbehavior import misbehaving_participants
 from dice_ray.models import build_model
 from dice_ray.topology import Topology, make_topology
 
@@ -38,6 +39,7 @@ class Experiment:
     q: np.ndarray  # participant weights q_k, float64 [N]
     topology: Topology
     param_count: int
+    misbehaving: np.ndarray  # sorted ids of misbehaving participants (SPEC §5)
 
     @property
     def nodes(self) -> int:
@@ -83,4 +85,7 @@ def prepare(config: RunConfig) -> Experiment:
         q=participant_weights(partition, d.participant_weights),
         topology=topology,
         param_count=sum(p.numel() for p in model.parameters()),
+        misbehaving=misbehaving_participants(config.misbehavior.kind, config.nodes,
+                                             config.misbehavior.number(config.nodes), config.misbehavior.selection,
+                                             topology, config.seed, config.misbehavior.ids),
     )

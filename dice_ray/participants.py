@@ -17,6 +17,7 @@ import torch
 
 from dice_ray.config import RunConfig
 from dice_ray.data import minibatch_indices
+from dice_ray.misbehavior import DATA_KINDS, UPDATE_KINDS, corrupt_data, update_factor
 from dice_ray.models import build_model
 from dice_ray.population import Population, initial_state
 
@@ -60,11 +61,13 @@ class ParticipantBlock:
         train, val: per hosted participant, indices into x_train of its D_k and validation split.
         heldout: the shared held-out batch z′ (x [m, ...], y [m]).
         input_shape, num_classes: from the data set.
+        misbehaving: global ids of misbehaving participants (``config.misbehavior`` says how).
     """
 
     def __init__(self, config: RunConfig, nodes: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
                  train: list[np.ndarray], val: list[np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
-                 input_shape: tuple[int, ...], num_classes: int, device: str = "cpu"):
+                 input_shape: tuple[int, ...], num_classes: int, device: str = "cpu",
+                 misbehaving: np.ndarray | None = None):
         self.config = config
         self.device = torch.device(device)
         self.nodes = np.asarray(nodes, np.int64)
@@ -77,8 +80,20 @@ class ParticipantBlock:
         self.counts = np.array([len(t) for t in train], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
         rows = np.concatenate(train) if len(train) else np.zeros(0, np.int64)
-        self.x_local = torch.from_numpy(np.ascontiguousarray(x_train[rows])).to(self.device)
-        self.y_local = torch.from_numpy(np.ascontiguousarray(y_train[rows])).to(self.device)
+        x_local, y_local = np.ascontiguousarray(x_train[rows]), np.ascontiguousarray(y_train[rows])
+
+        # Misbehaving participants hosted here (positions in this block): corrupt data now, updates per step.
+        bad = config.misbehavior
+        hosted = np.isin(self.nodes, np.asarray(misbehaving if misbehaving is not None else [], np.int64))
+        self.misbehaving = np.flatnonzero(hosted)
+        if bad.kind in DATA_KINDS:
+            for i in self.misbehaving.tolist():
+                span = slice(self.offsets[i], self.offsets[i] + self.counts[i])
+                x_local[span], y_local[span] = corrupt_data(bad.kind, x_local[span], y_local[span], num_classes,
+                                                            config.seed, int(self.nodes[i]), bad.flip_fraction,
+                                                            bad.sigma)
+        self.x_local = torch.from_numpy(x_local).to(self.device)
+        self.y_local = torch.from_numpy(y_local).to(self.device)
 
         # Validation splits padded to one [P, m] batch with a mask (sizes differ across participants).
         val_idx, val_mask = _padded([np.asarray(v, np.int64) for v in val])
@@ -106,7 +121,15 @@ class ParticipantBlock:
         object store; ``mix`` reads its sources before it overwrites the state).
         """
         x, y = self.minibatch(t)
+        corrupt = self.config.misbehavior.kind in UPDATE_KINDS and len(self.misbehaving) > 0
+        if corrupt:
+            rows = torch.as_tensor(self.misbehaving, device=self.device)
+            before = self.population.params[rows].clone()
         loss = self.population.half_step(x, y)
+        if corrupt:  # they send θ + cΔ instead of θ + Δ
+            c = update_factor(self.config.misbehavior.kind, self.config.misbehavior.factor)
+            after = self.population.params[rows]
+            self.population.params[rows] = before + c * (after - before)
         return self.population.state.cpu().numpy(), loss.cpu().numpy()
 
     def mix(self, weights: list[sp.csr_array] | sp.csr_array, sources: list[np.ndarray]) -> None:

@@ -51,6 +51,9 @@ OPTIONS: list[tuple[str, str, Any]] = [
     ("--hops", "influence.hops", int), ("--probe-rounds", "influence.rounds", "int-list"),
     ("--probe-every", "influence.every", int), ("--probe-sources", "influence.sources", "int-list"),
     ("--probe-samples", "influence.probe_samples", int), ("--zprime", "influence.zprime", str),
+    ("--misbehavior", "misbehavior.kind", str), ("--misbehaving", "misbehavior.count", int),
+    ("--misbehaving-fraction", "misbehavior.fraction", float),
+    ("--misbehaving-selection", "misbehavior.selection", str), ("--misbehaving-ids", "misbehavior.ids", "int-list"),
 ]
 SWITCHES: list[tuple[str, str, bool]] = [
     ("--download", "data.download", True), ("--overwrite", "output.overwrite", True),
@@ -171,6 +174,7 @@ def _nodes_table(experiment: Experiment, blocks: list[np.ndarray]) -> dict[str, 
         "in_degree": np.asarray(experiment.topology.adjacency(0).sum(axis=1)).ravel(),
         "self_weight": w.diagonal(),
         "actor": actor,
+        "misbehaving": np.isin(np.arange(experiment.nodes), experiment.misbehaving),
     }
 
 
@@ -230,6 +234,7 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
                  "input_shape": list(experiment.dataset.input_shape),
                  "num_classes": experiment.dataset.num_classes},
         "model": {"name": config.model.name, "parameters": experiment.param_count},
+        "misbehaving": experiment.misbehaving.tolist(),
     }
     write_json_atomic(out / "manifest.json", manifest)
 
@@ -303,7 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    simulate(config, args.engine, args.save_states, experiment)
+    try:
+        simulate(config, args.engine, args.save_states, experiment)
+    except FloatingPointError as err:  # diverged: the manifest says so, no table reads as complete
+        print(f"error: training diverged: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -221,3 +221,26 @@ def test_validation_zprime_uses_each_targets_own_split() -> None:
     for s in (1, 2):
         assert np.corrcoef(gt.values[s], est.values[s])[0, 1] > 0.95
     assert width == delta.shape[0]
+
+
+@pytest.mark.parametrize("kind", ["scale", "free-ride"])
+def test_influence_replays_and_estimates_follow_corrupted_updates(kind: str) -> None:
+    """Participants sending θ + cΔ are replayed (GT) and differentiated (E) as they behave."""
+    from dice_ray.influence.measure import window_for
+    from dice_ray.influence.trajectory import record_windows
+
+    cfg = build_config({"nodes": 6, "topology": {"name": "ring"}, "data": {"dataset": "digits", "heldout_size": 64},
+                        "model": {"name": "mlp-tanh"}, "optim": {"lr": 0.05, "batch_size": 8},
+                        "misbehavior": {"kind": kind, "selection": "ids", "ids": [1], "factor": 3.0}})
+    experiment = prepare(cfg)
+    window = window_for(experiment, record_windows(experiment, [2], 3)[0])
+    delta, opt_delta = update_difference(window, 1)
+    gt = ground_truth_cascade(window, 1, 3)
+    if kind == "free-ride":  # it sends what it received: its minibatch changes nothing anywhere
+        assert gt.half == 0 and all(np.abs(v).max() < 1e-7 for v in gt.values[1:])  # float rounding only
+        return
+    est = estimate_cascade(window, 0, *update_difference(window, 0), 3, "curvature")
+    truth = ground_truth_cascade(window, 0, 3)  # source 0's cascade passes through the scaling participant 1
+    for s in (1, 2, 3):
+        np.testing.assert_allclose(est.values[s], truth.values[s], rtol=0.15, atol=2e-5)
+    assert np.abs(gt.values[1]).sum() > 0 and delta.abs().sum() > 0

@@ -45,7 +45,7 @@ def test_atomic_writers_replace_whole_files(tmp_path: Path) -> None:
     write_json_atomic(tmp_path / "m.json", {"a": 2})
     assert (tmp_path / "m.json").read_text().strip() == '{\n  "a": 2\n}'
     cols = {"node": [0], "n_train": [5], "n_val": [1], "q": [1.0], "in_degree": [0], "self_weight": [1.0],
-            "actor": [0]}
+            "actor": [0], "misbehaving": [False]}
     write_table_atomic(tmp_path / "nodes.parquet", cols, NODES)
     assert pq.read_table(tmp_path / "nodes.parquet").to_pydict() == cols
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "nodes.parquet"]

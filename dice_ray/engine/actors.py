@@ -31,7 +31,7 @@ class ParticipantGroup:
 
     def __init__(self, config: Any, nodes: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
                  train: list[np.ndarray], val: list[np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
-                 input_shape: tuple[int, ...], num_classes: int, threads: int):
+                 input_shape: tuple[int, ...], num_classes: int, threads: int, misbehaving: np.ndarray):
         import torch
 
         from dice_ray.participants import ParticipantBlock
@@ -40,7 +40,7 @@ class ParticipantGroup:
         torch.set_num_threads(threads)
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.block = ParticipantBlock(config, nodes, x_train, y_train, train, val, heldout, input_shape,
-                                      num_classes, device=device)
+                                      num_classes, device=device, misbehaving=misbehaving)
 
     @ray.method(num_returns=2)
     def half_step(self, t: int, publish: bool) -> tuple[np.ndarray | None, np.ndarray]:

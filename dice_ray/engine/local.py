@@ -25,7 +25,8 @@ class LocalEngine:
         self.topology = experiment.topology
         self.block = ParticipantBlock(experiment.config, np.arange(experiment.nodes), ds.x_train, ds.y_train,
                                       part.train, part.val, experiment.heldout, ds.input_shape,
-                                      ds.num_classes, device=device)
+                                      ds.num_classes, device=device,
+                                      misbehaving=experiment.misbehaving)
 
     def run_round(self, t: int, evaluate: bool) -> RoundMetrics:
         """Run round t; return its metrics."""

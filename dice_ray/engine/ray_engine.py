@@ -40,7 +40,7 @@ class RayEngine:
                                      scheduling_strategy=strategy)
             .remote(experiment.config, block, x_ref, y_ref, [part.train[k] for k in block],
                     [part.val[k] for k in block], heldout_ref, ds.input_shape, ds.num_classes,
-                    self.plan.threads_per_actor)
+                    self.plan.threads_per_actor, experiment.misbehaving)
             for block, strategy in zip(self.plan.blocks, strategies, strict=False)
         ]
         self.coordinator = Coordinator.remote(experiment.topology, self.plan.blocks, self.groups)

@@ -71,13 +71,16 @@ class Window:
 
     def __init__(self, trajectory: Trajectory, model: nn.Module, optimizer: OptimizerSpec, batches,
                  heldout: tuple[torch.Tensor, torch.Tensor],
-                 validation: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+                 validation: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 update_factors: np.ndarray | None = None):
         self.trajectory = trajectory
         self.model = model
         self.optimizer = optimizer
         self.batches = batches
         self.heldout = heldout
         self.validation = validation
+        # c_k of participants that send θ + cΔ instead of their local step's θ + Δ (1 for honest ones).
+        self.update_factors = update_factors
         self._model64: nn.Module | None = None
         self._test_gradients: dict[int, torch.Tensor] = {}
 
@@ -131,7 +134,17 @@ class Window:
         tangents = {name: opt_tangent.get(name, torch.zeros_like(value)) for name, value in opt.items()}
         _, (d_params, d_opt) = jvp(lambda p, o: pop.functional_step(p, o, x, y), (pop.params, opt),
                                    (tangent, tangents))
+        if self.update_factors is not None:  # θ + c(O(θ) − θ) has Jacobian I + c(J − I)
+            c = torch.as_tensor(self.update_factors[rows], dtype=d_params.dtype)[:, None]
+            d_params = tangent + c * (d_params - tangent)
         return d_params, d_opt
+
+    def corrupt_updates_(self, rows: np.ndarray, before: torch.Tensor, pop: Population) -> None:
+        """Turn the local steps just taken by ``rows`` (parameters ``before`` [P, D_params] -> ``pop.params``)
+        into the updates their owners send: θ + c(θ' − θ)."""
+        if self.update_factors is not None:
+            c = torch.as_tensor(self.update_factors[rows], dtype=before.dtype)[:, None]
+            pop.params.copy_(before + c * (pop.params - before))
 
 
 def update_difference(window: Window, source: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -170,6 +183,8 @@ def sample_update_difference(window: Window, source: int,
         return new_params[0], {name: value[0] for name, value in new_opt.items() if name != "step"}
 
     _, (delta, opt_delta) = jvp(step, (mean,), (direction,))
+    if window.update_factors is not None:  # a misbehaving source sends θ + cΔ
+        delta = delta * float(window.update_factors[source])
     return delta, opt_delta
 
 

@@ -49,6 +49,8 @@ def counterfactual_half_step(window: Window, source: int,
     pop = window.population(0, np.array([source]))
     with torch.no_grad():
         params, new_opt = pop.functional_step(pop.params, opt, x[[source]][:, keep], y[[source]][:, keep])
+        if window.update_factors is not None:  # a misbehaving source sends θ + c(θ' − θ)
+            params = pop.params + float(window.update_factors[source]) * (params - pop.params)
     state = traj.states[0][source].clone()
     state[: params.shape[1]] = params[0]
     return state, {name: value[0] for name, value in new_opt.items()}
@@ -83,7 +85,9 @@ def ground_truth_cascade(window: Window, source: int, hops: int, removed: np.nda
         pop = window.population(s, rows, states=states)
         pop.load_optimizer_state(opt)
         x, y = window.batches(traj.t0 + s)
+        before = pop.params.clone()
         pop.half_step(x[torch.as_tensor(rows)], y[torch.as_tensor(rows)])
+        window.corrupt_updates_(rows, before, pop)
         halves = traj.halves[s].clone()
         halves[torch.as_tensor(rows)] = pop.state
         cf_rows, cf_opt = rows, {name: value.clone() for name, value in pop.opt_state.items()}

@@ -20,6 +20,7 @@ from dice_ray.influence.estimator import (
 from dice_ray.influence.ground_truth import ground_truth_cascade
 from dice_ray.influence.probes import Probe, probe_rounds, select_probes
 from dice_ray.influence.trajectory import Trajectory, record_windows
+from dice_ray.misbehavior import UPDATE_KINDS, update_factor
 
 COLUMNS = {"first-order": "est_first_order", "curvature": "est_curvature"}
 
@@ -73,12 +74,18 @@ def window_for(experiment: Any, trajectory: Trajectory) -> Window:
 
     ds, part = experiment.dataset, experiment.partition
     block = ParticipantBlock(experiment.config, np.arange(experiment.nodes), ds.x_train, ds.y_train, part.train,
-                             part.val, experiment.heldout, ds.input_shape, ds.num_classes)
+                             part.val, experiment.heldout, ds.input_shape, ds.num_classes,
+                             misbehaving=experiment.misbehaving)
     model = build_model(experiment.config.model.name, ds.input_shape, ds.num_classes)
     heldout = (torch.as_tensor(np.array(experiment.heldout[0])), torch.as_tensor(np.array(experiment.heldout[1])))
     validation = (block.x_val, block.y_val, block.val_mask) if experiment.config.influence.zprime == "validation" \
         else None
-    return Window(trajectory, model, experiment.config.optim.spec(), block.minibatch, heldout, validation)
+    bad = experiment.config.misbehavior
+    factors = None
+    if bad.kind in UPDATE_KINDS and len(experiment.misbehaving):
+        factors = np.ones(experiment.nodes)
+        factors[experiment.misbehaving] = update_factor(bad.kind, bad.factor)
+    return Window(trajectory, model, experiment.config.optim.spec(), block.minibatch, heldout, validation, factors)
 
 
 def measure_round(experiment: Any, trajectory: Trajectory, probes: list[Probe]) -> tuple[list[dict], list[dict]]:

@@ -60,7 +60,8 @@ def record_windows(experiment: Experiment, starts: list[int], horizon: int) -> l
     """
     ds, part = experiment.dataset, experiment.partition
     block = ParticipantBlock(experiment.config, np.arange(experiment.nodes), ds.x_train, ds.y_train, part.train,
-                             part.val, experiment.heldout, ds.input_shape, ds.num_classes)
+                             part.val, experiment.heldout, ds.input_shape, ds.num_classes,
+                             misbehaving=experiment.misbehaving)
     pop = block.population
     needed = {t + s for t in starts for s in range(horizon + 1)}
     states, halves, opt_states, mixing = {}, {}, {}, {}

@@ -1,0 +1,89 @@
+"""Misbehaving participants: the injected effect is really there, for the chosen participants only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dice_ray.config import build_config
+from dice_ray.experiment import prepare
+from dice_ray.participants import ParticipantBlock
+from dice_ray.simulate import main as simulate
+
+
+def setup(kind: str, **extra):
+    config = build_config({"nodes": 6, "topology": {"name": "star"}, "data": {"dataset": "digits", "heldout_size": 32},
+                           "optim": {"batch_size": 8},
+                           "misbehavior": {"kind": kind, "count": 2, **extra}})
+    experiment = prepare(config)
+    ds, part = experiment.dataset, experiment.partition
+
+    def block(misbehaving=experiment.misbehaving):
+        return ParticipantBlock(config, np.arange(6), ds.x_train, ds.y_train, part.train, part.val,
+                                experiment.heldout, ds.input_shape, ds.num_classes, misbehaving=misbehaving)
+
+    return experiment, block
+
+
+def test_selection_random_ids_and_degree() -> None:
+    experiment, _ = setup("label-flip")
+    assert len(experiment.misbehaving) == 2
+    assert np.array_equal(experiment.misbehaving, setup("label-flip")[0].misbehaving)  # seeded
+    assert setup("label-flip", selection="degree", count=1)[0].misbehaving.tolist() == [0]  # the star's hub
+    assert setup("scale", selection="ids", ids=[4, 1])[0].misbehaving.tolist() == [1, 4]
+    assert setup("label-flip", count=None, fraction=0.5)[0].misbehaving.size == 3
+
+
+def test_label_flip_flips_the_chosen_participants_labels_only() -> None:
+    experiment, block = setup("label-flip")
+    bad, honest = block(), block(np.array([], np.int64))
+    for i in range(6):
+        span = slice(bad.offsets[i], bad.offsets[i] + bad.counts[i])
+        if i in experiment.misbehaving:
+            assert torch.equal(bad.y_local[span], 9 - honest.y_local[span])
+        else:
+            assert torch.equal(bad.y_local[span], honest.y_local[span])
+    half = setup("label-flip", flip_fraction=0.5)[1]()
+    i = int(experiment.misbehaving[0])
+    span = slice(half.offsets[i], half.offsets[i] + half.counts[i])
+    changed = (half.y_local[span] != honest.y_local[span]).float().mean()
+    assert 0.3 < changed < 0.6  # half flipped (labels 4.5 <-> 4.5 cannot change, none exist)
+
+
+def test_feature_noise_has_the_configured_scale() -> None:
+    experiment, block = setup("feature-noise", sigma=0.5)
+    noisy, clean = block(), block(np.array([], np.int64))
+    i = int(experiment.misbehaving[0])
+    span = slice(noisy.offsets[i], noisy.offsets[i] + noisy.counts[i])
+    assert (noisy.x_local[span] - clean.x_local[span]).std() == pytest.approx(0.5, rel=0.05)
+    j = next(k for k in range(6) if k not in experiment.misbehaving)
+    other = slice(noisy.offsets[j], noisy.offsets[j] + noisy.counts[j])
+    assert torch.equal(noisy.x_local[other], clean.x_local[other])
+
+
+@pytest.mark.parametrize(("kind", "factor"), [("free-ride", 0.0), ("sign-flip", -1.0), ("scale", 3.0)])
+def test_corrupted_updates_are_c_times_the_honest_update(kind: str, factor: float) -> None:
+    experiment, block = setup(kind, factor=3.0)
+    bad, honest = block(), block(np.array([], np.int64))
+    start = bad.population.params.clone()
+    bad.half_step(0)
+    honest.half_step(0)
+    sent = bad.population.params - start
+    honest_update = honest.population.params - start
+    for k in range(6):
+        expected = honest_update[k] * (factor if k in experiment.misbehaving else 1.0)
+        torch.testing.assert_close(sent[k], expected, rtol=1e-5, atol=1e-7)
+    if kind == "free-ride":
+        assert (sent[experiment.misbehaving] == 0).all()
+
+
+def test_ground_truth_labels_in_tables_and_manifest(tmp_path) -> None:
+    out = tmp_path / "run"
+    assert simulate(["--engine", "local", "--no-progress", "--dataset", "digits", "--nodes", "6", "--rounds", "3",
+                     "--misbehavior", "sign-flip", "--misbehaving-ids", "2,5", "--misbehaving-selection", "ids",
+                     "--out", str(out)]) == 0
+    nodes = pd.read_parquet(out / "nodes.parquet")
+    assert nodes.loc[nodes["misbehaving"], "node"].tolist() == [2, 5]
+    assert '"misbehaving": [\n    2,\n    5\n  ]' in (out / "manifest.json").read_text()
