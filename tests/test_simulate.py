@@ -49,13 +49,16 @@ def test_run_writes_documented_tables_and_manifest(ray_local, tmp_path: Path) ->
 
 
 def test_rounds_table_identical_for_1_3_and_n_actors(ray_local, tmp_path: Path) -> None:
-    tables = []
+    tables, states = [], []
     for actors in ("1", "3", "6"):
         out = tmp_path / f"a{actors}"
-        assert main([*SMALL, "--actors", actors, "--out", str(out), "--init", "independent"]) == 0
+        assert main([*SMALL, "--actors", actors, "--out", str(out), "--init", "independent", "--save-states"]) == 0
         tables.append(pd.read_parquet(out / "rounds.parquet"))
-    for other in tables[1:]:
+        states.append(np.load(out / "states.npy"))
+    for other, other_states in zip(tables[1:], states[1:], strict=True):
         pd.testing.assert_frame_equal(tables[0], other, check_exact=False, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(states[0], other_states, atol=1e-5)  # final θ of every participant
+    assert states[0].shape[0] == 6 and np.isfinite(states[0]).all()
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path: Path) -> None:
