@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -87,3 +89,20 @@ def test_ground_truth_labels_in_tables_and_manifest(tmp_path) -> None:
     nodes = pd.read_parquet(out / "nodes.parquet")
     assert nodes.loc[nodes["misbehaving"], "node"].tolist() == [2, 5]
     assert '"misbehaving": [\n    2,\n    5\n  ]' in (out / "manifest.json").read_text()
+
+
+def test_dice_flags_label_flippers_as_harmful(tmp_path) -> None:
+    """configs/anomaly.yaml's setting (shorter): label flippers' minibatches raise their neighbours' loss, so
+    their mean DICE is positive and ranks first, by ground truth and by the estimator alike."""
+    out = tmp_path / "run"
+    config = Path(__file__).resolve().parents[1] / "configs" / "anomaly.yaml"
+    assert simulate(["--config", str(config), "--engine", "local", "--no-progress", "--rounds", "20",
+                     "--set", "influence.last=5", "--set", "influence.variants=[first-order]",
+                     "--out", str(out)]) == 0
+    dice = pd.read_parquet(out / "dice.parquet")
+    flippers = pd.read_parquet(out / "nodes.parquet").query("misbehaving")["node"].tolist()
+    assert len(flippers) == 2
+    for column in ("gt", "est_first_order"):
+        mean = dice.groupby("source")[column].mean()
+        assert sorted(mean.nlargest(2).index) == sorted(flippers)
+        assert (mean[flippers] > 0).all() and (mean.drop(flippers) < 0).all()
