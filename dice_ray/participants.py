@@ -103,6 +103,14 @@ class ParticipantBlock:
         self.x_heldout = _tensor(heldout[0], self.device)
         self.y_heldout = _tensor(heldout[1], self.device)
 
+    @classmethod
+    def for_experiment(cls, experiment, device: str = "cpu") -> ParticipantBlock:
+        """Return the block of all N participants of ``experiment`` (an ``experiment.Experiment``)."""
+        ds, part = experiment.dataset, experiment.partition
+        return cls(experiment.config, np.arange(experiment.nodes), ds.x_train, ds.y_train, part.train, part.val,
+                   experiment.heldout, ds.input_shape, ds.num_classes, device=device,
+                   misbehaving=experiment.misbehaving)
+
     @property
     def size(self) -> int:
         """P, the number of participants in this block."""

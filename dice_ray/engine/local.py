@@ -21,12 +21,8 @@ class LocalEngine:
 
     def __init__(self, experiment: Experiment, device: str = "cpu"):
         tune_allocator()
-        ds, part = experiment.dataset, experiment.partition
         self.topology = experiment.topology
-        self.block = ParticipantBlock(experiment.config, np.arange(experiment.nodes), ds.x_train, ds.y_train,
-                                      part.train, part.val, experiment.heldout, ds.input_shape,
-                                      ds.num_classes, device=device,
-                                      misbehaving=experiment.misbehaving)
+        self.block = ParticipantBlock.for_experiment(experiment, device=device)
 
     def run_round(self, t: int, evaluate: bool) -> RoundMetrics:
         """Run round t; return its metrics."""

@@ -72,10 +72,8 @@ def window_for(experiment: Any, trajectory: Trajectory) -> Window:
     from dice_ray.models import build_model
     from dice_ray.participants import ParticipantBlock
 
-    ds, part = experiment.dataset, experiment.partition
-    block = ParticipantBlock(experiment.config, np.arange(experiment.nodes), ds.x_train, ds.y_train, part.train,
-                             part.val, experiment.heldout, ds.input_shape, ds.num_classes,
-                             misbehaving=experiment.misbehaving)
+    ds = experiment.dataset
+    block = ParticipantBlock.for_experiment(experiment)
     model = build_model(experiment.config.model.name, ds.input_shape, ds.num_classes)
     heldout = (torch.as_tensor(np.array(experiment.heldout[0])), torch.as_tensor(np.array(experiment.heldout[1])))
     validation = (block.x_val, block.y_val, block.val_mask) if experiment.config.influence.zprime == "validation" \

@@ -58,10 +58,7 @@ def record_windows(experiment: Experiment, starts: list[int], horizon: int) -> l
     ``starts``. The rounds are the run's own (the same ``ParticipantBlock`` code as the engines), so the
     windows match a run of the same config and seed; only rounds inside some window are kept.
     """
-    ds, part = experiment.dataset, experiment.partition
-    block = ParticipantBlock(experiment.config, np.arange(experiment.nodes), ds.x_train, ds.y_train, part.train,
-                             part.val, experiment.heldout, ds.input_shape, ds.num_classes,
-                             misbehaving=experiment.misbehaving)
+    block = ParticipantBlock.for_experiment(experiment)
     pop = block.population
     needed = {t + s for t in starts for s in range(horizon + 1)}
     states, halves, opt_states, mixing = {}, {}, {}, {}
