@@ -26,7 +26,6 @@ from torch.func import functional_call, grad, vmap
 from dice_ray.errors import InputError
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
-VECTORIZE = ("vmap", "loop", "auto")
 
 
 @dataclass(frozen=True)
