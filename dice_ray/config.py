@@ -81,7 +81,8 @@ class ModelConfig(_Section):
                                                                      "per participant")
     vectorize: Literal["auto", "vmap", "loop"] = Field(
         "auto", description="vmap over participants or a Python loop over them (same numbers to float "
-                            "rounding); auto is vmap, which measured faster here for the MLP and the small CNN")
+                            "rounding); auto is vmap: 3-8x faster than the loop here for the MLP and the CNN "
+                            "on 8x8 inputs, within 10% either way for the CNN on 28x28")
     import_module: str | None = Field(None, description="module to import first (registers custom models)")
 
 
