@@ -68,7 +68,7 @@ def _field_help(dotted: str) -> str:
         model = model.model_fields[p].annotation
     field = model.model_fields[leaf]
     default = field.default_factory() if field.default_factory else field.default
-    return f"{field.description} [config {dotted}, default {default}]"
+    return f"{field.description} [config {dotted}, default {default}]".replace("%", "%%")  # argparse formats help
 
 
 def _int_list(text: str) -> list[int]:
