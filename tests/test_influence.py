@@ -18,10 +18,9 @@ from dice_ray.influence.estimator import (
     update_difference,
 )
 from dice_ray.influence.ground_truth import counterfactual_half_step, ground_truth_cascade
+from dice_ray.influence.measure import window_for
 from dice_ray.influence.paths import path_cascade
 from dice_ray.influence.trajectory import first_reached, reach, record_trajectory
-from dice_ray.models import build_model
-from dice_ray.participants import ParticipantBlock
 from dice_ray.population import model_state_layouts
 
 
@@ -31,23 +30,16 @@ def make_window(topology: str = "ring", nodes: int = 6, lr: float = 0.1, optimiz
                         "data": {"dataset": "digits", "heldout_size": 64}, "model": {"name": "mlp-tanh"},
                         "optim": {"name": optimizer, "lr": lr, "batch_size": batch}})
     experiment = prepare(cfg)
-    trajectory = record_trajectory(experiment, t0, hops)
-    ds, part = experiment.dataset, experiment.partition
-    block = ParticipantBlock(cfg, np.arange(nodes), ds.x_train, ds.y_train, part.train, part.val,
-                             experiment.heldout, ds.input_shape, ds.num_classes)
-    model = build_model("mlp-tanh", ds.input_shape, ds.num_classes)
-    if dtype == torch.float64:
-        model = model.double()
-        trajectory.states = [s.double() for s in trajectory.states]
-        trajectory.halves = [s.double() for s in trajectory.halves]
-        trajectory.opt_states = [{k: v.double() for k, v in o.items()} for o in trajectory.opt_states]
-
-    def batches(t: int):
-        x, y = block.minibatch(t)
-        return x.to(dtype), y
-
-    heldout = (torch.from_numpy(experiment.heldout[0]).to(dtype), torch.from_numpy(experiment.heldout[1]))
-    return Window(trajectory, model, cfg.optim.spec(), batches, heldout), experiment
+    window = window_for(experiment, record_trajectory(experiment, t0, hops))
+    if dtype == torch.float64:  # the same window, every tensor in double precision
+        traj, minibatch = window.trajectory, window.batches
+        traj.states = [s.double() for s in traj.states]
+        traj.halves = [s.double() for s in traj.halves]
+        traj.opt_states = [{k: v.double() for k, v in o.items()} for o in traj.opt_states]
+        window.model = window.model.double()
+        window.heldout = (window.heldout[0].double(), window.heldout[1])
+        window.batches = lambda t: (minibatch(t)[0].double(), minibatch(t)[1])
+    return window, experiment
 
 
 @pytest.mark.parametrize("topology", ["ring", "exponential", "random-matching"])

@@ -79,8 +79,7 @@ class Coordinator:
         self.topology = topology
         self.blocks = blocks
         self.groups = groups
-        self.n = topology.n
-        self.owner = np.empty(self.n, np.int64)  # owner[l]: the group hosting participant l
+        self.owner = np.empty(topology.n, np.int64)  # owner[l]: the group hosting participant l
         for g, block in enumerate(blocks):
             self.owner[block] = g
         self._routes: dict[int, list[list[tuple[int, sp.csr_array]]]] = {}
