@@ -59,11 +59,13 @@ class ParticipantGroup:
         return self.block.evaluate() if evaluate else None
 
     def info(self) -> dict[str, Any]:
-        """Return placement facts: torch threads, device, node IP, peak RSS (MiB) of this process."""
+        """Return placement facts: torch threads, device, node IP, placement group (None outside one), peak
+        RSS (MiB) of this process."""
         import torch
 
         return {"threads": torch.get_num_threads(), "device": str(self.block.device),
                 "node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+                "placement_group": ray.get_runtime_context().get_placement_group_id(),
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def state(self) -> np.ndarray:

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from dice_ray.engine.actors import Coordinator, ParticipantGroup
 from dice_ray.engine.metrics import RoundMetrics, combine_evaluations
@@ -29,6 +30,11 @@ class RayEngine:
         machines = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
         self.plan = plan or plan_actors(experiment.config.engine, experiment.nodes, resources.get("CPU", 0.0),
                                         resources.get("GPU", 0.0), [n["Resources"]["CPU"] for n in machines])
+        # Inside a placement group (a sweep trial's, reserved by Ray Tune) the actors take its bundles and what
+        # they start stays in it: node-affinity or SPREAD strategies would escape the trial's reservation.
+        group = get_current_placement_group()
+        in_group = [PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+                    ] * len(self.plan.blocks) if group is not None else None
         ds, part = experiment.dataset, experiment.partition
         x_ref, y_ref = ray.put(ds.x_train), ray.put(ds.y_train)
         heldout_ref = ray.put(experiment.heldout)
@@ -41,7 +47,7 @@ class RayEngine:
             .remote(experiment.config, block, x_ref, y_ref, [part.train[k] for k in block],
                     [part.val[k] for k in block], heldout_ref, ds.input_shape, ds.num_classes,
                     self.plan.threads_per_actor, experiment.misbehaving)
-            for block, strategy in zip(self.plan.blocks, strategies, strict=False)
+            for block, strategy in zip(self.plan.blocks, in_group or strategies, strict=False)
         ]
         self.coordinator = Coordinator.remote(experiment.topology, self.plan.blocks, self.groups)
         self.n = experiment.nodes
