@@ -109,8 +109,21 @@ PAIRWISE = _schema(
                                 "R = the run's hops; negative: j's data lowered k's loss"),
 )
 
+# The fixed columns of a sweep's trials.parquet; the swept config fields and the trial metrics follow them
+# (dice_ray/sweep/trials.py adds those, as they depend on the sweep).
+TRIALS = _schema(
+    ("trial_id", pa.string(), "trial id: grid index and parameter hash (search grid) or Ray Tune's trial id "
+                              "(search optuna)"),
+    ("status", pa.string(), "ok, or failed: the trial raised (bad input, diverged training, a lost actor)"),
+    ("error", pa.string(), "why a failed trial failed (exception type and message); null when ok"),
+    ("run_dir", pa.string(), "the trial's run directory (simulate's tables), relative to the sweep directory"),
+    ("start_time", pa.string(), "when the trial started (UTC, ISO 8601)"),
+    ("wall_seconds", pa.float64(), "trial wall time: simulation, influence measurement and metrics"),
+)
+
 TABLES: dict[str, pa.Schema] = {"rounds": ROUNDS, "nodes": NODES, "influence": INFLUENCE, "dice": DICE,
-                                "alignment": ALIGNMENT, "cascade": CASCADE, "pairwise": PAIRWISE}
+                                "alignment": ALIGNMENT, "cascade": CASCADE, "pairwise": PAIRWISE,
+                                "trials": TRIALS}
 
 
 def describe_tables() -> str:

@@ -1,0 +1,63 @@
+"""``python -m dice_ray.sweep SWEEP.yaml``: run a sensitivity sweep of simulations on Ray Tune.
+
+Examples::
+
+    python -m dice_ray.sweep sweeps/lr_batch.yaml                 # the learning-rate x batch-size study
+    python -m dice_ray.sweep sweeps/lr_batch.yaml --resume        # after an interruption: only missing trials
+    python -m dice_ray.sweep my.yaml --out runs/sweeps/try2 --max-concurrent 4 --address auto
+
+The sweep file names a base run config, a space over its fields and the search (see dice_ray/sweep/spec.py
+and README "Sweeps"). Every trial is a whole simulation; the sweep directory gets trials/<id>/ (the
+trial's run directory and result.json), trials.parquet (one row per finished trial) and summary.png.
+Bad input prints one line and exits with status 2 before anything is written; failed trials are
+recorded (status failed, with the error) and do not stop the sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+from dice_ray.errors import InputError
+from dice_ray.sweep.runner import run_sweep
+from dice_ray.sweep.spec import load_sweep
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser."""
+    parser = _Parser(prog="python -m dice_ray.sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
+                     description="Run a sweep of simulations over a space of run-config fields on Ray Tune.",
+                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("sweep", help="sweep file (YAML; see sweeps/)")
+    parser.add_argument("--resume", action="store_true",
+                        help="finish the sweep in its directory: skip trials with a recorded result")
+    parser.add_argument("--out", metavar="DIR", help="sweep directory (default: the sweep file's out)")
+    parser.add_argument("--max-concurrent", type=int, metavar="N", help="trials running at once")
+    parser.add_argument("--num-samples", type=int, metavar="N", help="trials of an optuna search")
+    parser.add_argument("--address", metavar="ADDR",
+                        help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2 for bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        sweep = load_sweep(args.sweep, {"out": args.out, "max_concurrent": args.max_concurrent,
+                                        "num_samples": args.num_samples})
+        run_sweep(sweep, resume=args.resume, address=args.address)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

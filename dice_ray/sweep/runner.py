@@ -1,0 +1,233 @@
+"""Running a sweep on Ray Tune: every trial is a full simulation in its own placement group.
+
+Each trial is a Tune function trainable (``run_trial``) that builds the trial's run config, calls
+``simulate`` and computes the trial metrics from the run directory. Tune reserves a placement group per
+trial, sized from the trial's config (``spec.bundles``: an empty bundle for the trainable, which only
+drives, and one per participant-group actor); ``RayEngine`` puts the trial's actors into those bundles, and
+the influence tasks the trial starts stay in them. Trial seeds come from the configs, never from Tune.
+
+The driver records every trial as it ends (``records.write_result``, then ``trials.parquet`` again), so a
+killed sweep loses only the trials that were running. A trial that raises (bad input, diverged training)
+reports ``status: failed`` with its error and the sweep goes on; a trial whose process dies is recorded
+failed from Tune's error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dice_ray.errors import InputError
+from dice_ray.results import write_json_atomic
+from dice_ray.sweep.metrics import compute_metrics
+from dice_ray.sweep.plot import plot_trials
+from dice_ray.sweep.records import finished_trials, trial_dir, write_result, write_trials_table
+from dice_ray.sweep.spec import Sweep, bundles
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
+def _identify(sweep: Sweep, tune_config: dict[str, Any], tune_trial_id: str) -> tuple[str, dict[str, Any]]:
+    """(trial id, swept values) of a Tune trial: a grid trial carries its id, an Optuna trial its values."""
+    if "trial_id" in tune_config:
+        trial_id = tune_config["trial_id"]
+        return trial_id, next(t.params for t in sweep.grid if t.trial_id == trial_id)
+    return tune_trial_id, {field: tune_config[field] for field in sweep.spec.space}
+
+
+def run_trial(tune_config: dict[str, Any], sweep: Sweep, out: str) -> None:
+    """The Tune trainable: run one trial's simulation and report its row (``records`` format) as JSON, with
+    the sweep's ``metric`` (NaN when missing or failed) beside it for the search algorithm."""
+    from ray import tune
+
+    from dice_ray.simulate import simulate
+
+    trial_id, params = _identify(sweep, tune_config, tune.get_context().get_trial_id())
+    started = time.time()
+    row: dict[str, Any] = {"trial_id": trial_id, "status": "ok", "error": None,
+                           "run_dir": str(trial_dir(Path("."), trial_id)), "start_time": _now(),
+                           "params": params, "metrics": {}}
+    try:
+        config = sweep.trial_config(params, trial_dir(Path(out), trial_id))
+        run = simulate(config)
+        row["metrics"] = compute_metrics(run, config, sweep.spec.metrics)
+    except Exception as err:  # a failed trial is a result: recorded with its error while the sweep goes on
+        row.update(status="failed", error=f"{type(err).__name__}: {err}".splitlines()[0])
+    row["wall_seconds"] = time.time() - started
+    report = {"row": json.dumps(row)}
+    if sweep.spec.metric is not None:
+        value = row["metrics"].get(sweep.spec.metric)
+        report[sweep.spec.metric] = math.nan if value is None else value
+    tune.report(report)
+
+
+def _trial_line(row: dict[str, Any], done: int, total: int, show: list[str]) -> str:
+    params = " ".join(f"{k}={v}" for k, v in row["params"].items())
+    if row["status"] == "ok":
+        values = [f"{k}={row['metrics'][k]:.4g}" for k in show if row["metrics"].get(k) is not None]
+        detail = " ".join(values)
+    else:
+        detail = row["error"]
+    wall = "" if row.get("wall_seconds") is None else f" ({row['wall_seconds']:.1f} s)"
+    return f"[{done}/{total}] {row['trial_id']} {row['status']}: {params} | {detail}{wall}"
+
+
+def _shown(sweep: Sweep) -> list[str]:
+    spec = sweep.spec
+    return list(dict.fromkeys([*([spec.metric] if spec.metric else []), *(spec.plot.y if spec.plot else []),
+                               "final_heldout_acc"]))
+
+
+def _recorder(sweep: Sweep, out: Path, total: int) -> Any:
+    """A Tune callback (in the driver) that records each trial the moment it ends and prints one line."""
+    from ray import tune
+
+    class Recorder(tune.Callback):
+        def _record(self, row: dict[str, Any]) -> None:
+            write_result(out, row)
+            rows = finished_trials(out)
+            write_trials_table(out, list(rows.values()), list(sweep.spec.space))
+            print(_trial_line(row, len(rows), total, _shown(sweep)), flush=True)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._record(json.loads(trial.last_result["row"]))
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            trial_id, params = _identify(sweep, trial.config, trial.trial_id)
+            error = trial.get_error()
+            message = f"{type(error).__name__}: {error}".splitlines()[0] if error else "the trial's process failed"
+            self._record({"trial_id": trial_id, "status": "failed", "error": message,
+                          "run_dir": str(trial_dir(Path("."), trial_id)), "start_time": _now(),
+                          "wall_seconds": None, "params": params, "metrics": {}})
+
+    return Recorder()
+
+
+def _claim(sweep: Sweep, out: Path, resume: bool) -> None:
+    """Refuse to mix two sweeps in one directory: a non-empty one is reused only with ``resume`` and the
+    same sweep (``Sweep.fingerprint``)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"sweep out {str(out)!r} exists and is not a directory")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not resume:
+        raise InputError(f"sweep directory {str(out)!r} already exists; pass --resume to finish it or choose "
+                         "another out")
+    recorded = out / "sweep.json"
+    if not recorded.is_file():
+        raise InputError(f"{str(out)!r} is not a sweep directory (no sweep.json); choose another out")
+    if json.loads(recorded.read_text()) != json.loads(json.dumps(sweep.fingerprint())):
+        raise InputError(f"sweep directory {str(out)!r} holds another sweep (base, space, search or metrics "
+                         "differ); choose another out")
+
+
+def _check_fits(sweep: Sweep) -> None:
+    """Refuse trials that need more CPUs or GPUs than the whole Ray cluster has (Tune would wait forever)."""
+    import ray
+
+    have = ray.cluster_resources()
+    for params in sweep.examples:
+        need = bundles(sweep.trial_config(params, Path("check")))
+        for kind in ("CPU", "GPU"):
+            total = sum(b.get(kind, 0.0) for b in need)
+            if total > have.get(kind, 0.0) + 1e-9:
+                raise InputError(f"sweep: a trial with {params} needs {total:g} {kind}s (engine.actors x "
+                                 f"cpus/gpus per actor) but the Ray cluster has {have.get(kind, 0.0):g}")
+
+
+def _searcher(sweep: Sweep, done: dict[str, dict[str, Any]]) -> Any:
+    """OptunaSearch over the space, told the results of the trials already finished (resume)."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    def distribution(kind: str, values: list[Any]) -> Any:
+        if kind in ("grid", "choice"):
+            return optuna.distributions.CategoricalDistribution(values)
+        if kind == "int":
+            return optuna.distributions.IntDistribution(values[0], values[1])
+        return optuna.distributions.FloatDistribution(values[0], values[1], log=kind == "loguniform")
+
+    spec = sweep.spec
+    space = {field: distribution(*next(iter(dist.items()))) for field, dist in spec.space.items()}
+    searcher = OptunaSearch(space=space, metric=spec.metric, mode=spec.mode, seed=spec.seed)
+    for row in done.values():
+        value = row["metrics"].get(spec.metric)
+        failed = row["status"] != "ok" or value is None
+        searcher.add_evaluated_point(row["params"], None if failed else value, error=failed)
+    return searcher
+
+
+def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) -> Path:
+    """Run the trials of ``sweep`` not yet finished in its directory; return the path of trials.parquet.
+
+    Without ``resume`` the sweep directory must be new or empty. Prints one line per finished trial and a
+    summary; writes the summary plot when the sweep file asks for one."""
+    from ray import tune
+
+    from dice_ray.engine import start_ray
+
+    out = sweep.out.resolve()
+    _claim(sweep, out, resume)
+    done = finished_trials(out) if out.is_dir() else {}
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials read paths relative to the sweep's cwd
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    start_ray(address)
+    _check_fits(sweep)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "sweep.json", sweep.fingerprint())
+
+    spec = sweep.spec
+    if spec.search == "grid":
+        todo = [t.trial_id for t in sweep.grid if t.trial_id not in done]
+        total, count = len(sweep.grid), len(todo)
+    else:
+        total = max(spec.num_samples or 0, len(done))
+        count = total - len(done)
+    print(f"sweep {out}: {total} trials ({spec.search}); {len(done)} finished before, running {count}, "
+          f"up to {spec.max_concurrent} at a time", flush=True)
+    started = time.time()
+    if count > 0:
+        def resources(tune_config: dict[str, Any]) -> tune.PlacementGroupFactory:
+            _, params = _identify(sweep, tune_config, "")
+            return tune.PlacementGroupFactory(bundles(sweep.trial_config(params, Path("check"))))
+
+        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, out=str(out)), resources)
+        if spec.search == "grid":
+            param_space: dict[str, Any] = {"trial_id": tune.grid_search(todo)}
+            tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.max_concurrent)
+        else:
+            param_space = {}
+            tune_config = tune.TuneConfig(search_alg=_searcher(sweep, done), num_samples=count,
+                                          max_concurrent_trials=spec.max_concurrent)
+        run_config = tune.RunConfig(name=f"tune-{dt.datetime.now():%Y%m%d-%H%M%S}", storage_path=str(out / "tune"),
+                                    verbose=0, callbacks=[_recorder(sweep, out, total)],
+                                    failure_config=tune.FailureConfig(max_failures=0))
+        tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config).fit()
+    return _summarize(sweep, out, time.time() - started)
+
+
+def _summarize(sweep: Sweep, out: Path, wall: float) -> Path:
+    """Rebuild trials.parquet and the plot from every recorded trial; print the summary line."""
+    spec = sweep.spec
+    rows = list(finished_trials(out).values())
+    path = write_trials_table(out, rows, list(spec.space))
+    ok = [r for r in rows if r["status"] == "ok"]
+    lines = [f"sweep done in {wall:.0f} s: {len(rows)} trials, {len(ok)} ok, {len(rows) - len(ok)} failed; "
+             f"table {path}"]
+    if spec.plot is not None and ok:
+        lines.append(f"plot {plot_trials(rows, spec.plot, out / 'summary.png')}")
+    scored = [r for r in ok if r["metrics"].get(spec.metric or "") is not None]
+    if scored:
+        best = (max if spec.mode == "max" else min)(scored, key=lambda r: r["metrics"][spec.metric])
+        lines.append(f"best {spec.metric} = {best['metrics'][spec.metric]:.4g} at {best['params']} "
+                     f"({best['trial_id']})")
+    print("\n".join(lines), file=sys.stdout, flush=True)
+    return path

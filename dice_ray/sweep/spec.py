@@ -1,0 +1,275 @@
+"""A sweep file: a base run config, a space over its fields, and how to search that space.
+
+```yaml
+base: {config: configs/alignment.yaml, rounds: 20}   # a run config dict; `config:` loads a file first
+space:                                               # dotted run-config field -> one distribution
+  optim.lr: {grid: [0.01, 0.05, 0.1]}                #   grid / choice: these values
+  optim.batch_size: {choice: [8, 16]}
+  data.alpha: {loguniform: [0.1, 10]}                #   uniform / loguniform: [low, high] (search optuna)
+  nodes: {int: [8, 64]}                              #   int: integers in [low, high] (search optuna)
+search: grid                                         # grid: every combination; optuna: num_samples draws
+out: runs/sweeps/lr-batch
+```
+
+Everything is validated before any trial starts: every candidate value is applied to the base config and
+the result must be a valid ``RunConfig`` (an unknown field or a value out of range is one ``InputError``
+line). Trials of a grid are enumerated here, in a fixed order, with stable ids, so a resumed sweep knows
+which of them have finished.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dice_ray.config import RunConfig, build_config, load_config, set_dotted
+from dice_ray.errors import InputError
+
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "int")
+Scalar = bool | int | float | str | None
+
+
+class PlotSpec(BaseModel):
+    """The summary plot beside trials.parquet: each metric of ``y`` against the field ``x``, one line per
+    value of the field ``by`` (means over the trials that share them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    x: str
+    y: list[str] = Field(min_length=1)
+    by: str | None = None
+    logx: bool = False
+
+
+class SweepSpec(BaseModel):
+    """A sweep file, validated (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+    base: dict[str, Any] = Field(default_factory=dict, description="run config; `config: FILE` loads a file first")
+    space: dict[str, dict[str, list[Scalar]]] = Field(min_length=1, description="dotted field -> distribution")
+    search: Literal["grid", "optuna"] = "grid"
+    num_samples: int | None = Field(None, ge=1, description="optuna: number of trials")
+    metric: str | None = Field(None, description="optuna: the trial metric to optimize")
+    mode: Literal["max", "min"] = "max"
+    seed: int = Field(0, ge=0, description="seed of the Optuna sampler (trial seeds come from the configs)")
+    max_concurrent: int = Field(2, ge=1, description="trials running at once")
+    out: str = Field(description="sweep directory")
+    metrics: list[str] | None = Field(None, description="trial metric groups to compute (default: all)")
+    cpus_per_actor: float = Field(1.0, ge=1, description="CPUs per participant-group actor of a trial, unless "
+                                                         "the trial's config sets engine.cpus_per_actor")
+    nodes_per_actor: int = Field(256, ge=1, description="participants per actor when the trial's config sets no "
+                                                        "engine.actors")
+    plot: PlotSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepSpec:
+        for field, dist in self.space.items():
+            _check_distribution(field, dist, self.search)
+        if self.search == "optuna":
+            if self.num_samples is None or self.metric is None:
+                raise ValueError("search optuna needs num_samples and metric")
+        elif self.num_samples is not None:
+            raise ValueError("num_samples applies to search optuna; a grid runs every combination once (sweep "
+                             "the seed field for repeats)")
+        return self
+
+
+def _check_distribution(field: str, dist: dict[str, list[Scalar]], search: str) -> None:
+    if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+        raise ValueError(f"space.{field}: expected one of {', '.join(f'{{{d}: [...]}}' for d in DISTRIBUTIONS)}, "
+                         f"got {dist}")
+    kind, values = next(iter(dist.items()))
+    if kind in ("grid", "choice"):
+        if not values:
+            raise ValueError(f"space.{field}: {kind} needs at least one value")
+        return
+    if search == "grid":
+        raise ValueError(f"space.{field}: {kind} needs search optuna; a grid takes grid or choice values")
+    if len(values) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"space.{field}: {kind} expects [low, high] numbers, got {values}")
+    low, high = values
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"space.{field}: {kind} expects finite low < high, got {values}")
+    if kind == "loguniform" and low <= 0:
+        raise ValueError(f"space.{field}: loguniform needs low > 0, got {values}")
+    if kind == "int" and not all(isinstance(v, int) for v in values):
+        raise ValueError(f"space.{field}: int expects integer bounds, got {values}")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One grid point: its stable id and its values of the swept fields."""
+
+    trial_id: str
+    params: dict[str, Scalar]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated sweep: the spec, the resolved base config dict, for a grid every trial, and the swept
+    values checked up front (``examples``: every grid point, or each candidate value of each field alone)."""
+
+    spec: SweepSpec
+    base: dict[str, Any]
+    grid: list[Trial]
+    examples: list[dict[str, Scalar]]
+
+    @property
+    def out(self) -> Path:
+        """The sweep directory."""
+        return Path(self.spec.out)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a resumed sweep must share with the one it resumes (its trials' numbers depend on these)."""
+        spec = self.spec.model_dump(mode="json")
+        return {"base": self.base, **{k: spec[k] for k in ("space", "search", "metric", "mode", "seed", "metrics",
+                                                             "cpus_per_actor", "nodes_per_actor")}}
+
+    def trial_config(self, params: dict[str, Scalar], run_dir: Path) -> RunConfig:
+        """Return the run config of a trial: base, the trial's values, its run directory, no progress bar,
+        and the placement its Ray Tune reservation is sized from (see ``bundles``)."""
+        data = copy.deepcopy(self.base)
+        for field, value in params.items():
+            set_dotted(data, field, value)
+        set_dotted(data, "output.out", str(run_dir))
+        set_dotted(data, "output.progress", False)
+        set_dotted(data, "output.overwrite", True)  # a trial interrupted mid-run is rerun in place
+        config = build_config(data)
+        engine = config.engine
+        actors = min(engine.actors or math.ceil(config.nodes / self.spec.nodes_per_actor), config.nodes)
+        return config.model_copy(update={"engine": engine.model_copy(update={
+            "actors": actors, "cpus_per_actor": engine.cpus_per_actor or self.spec.cpus_per_actor})})
+
+
+def bundles(config: RunConfig) -> list[dict[str, float]]:
+    """Return the placement-group bundles a trial of ``config`` reserves: an empty head bundle for the trial
+    itself (it only drives), then one bundle per participant-group actor. Influence tasks (1 CPU each) run
+    in the actors' bundles after training, so ``trial_config`` keeps at least 1 CPU per actor."""
+    engine = config.engine
+    actor = {"CPU": float(engine.cpus_per_actor or 1.0), "GPU": float(engine.gpus_per_actor)}
+    return [{}] + [dict(actor) for _ in range(engine.actors or 1)]
+
+
+def trial_id(index: int, params: dict[str, Scalar]) -> str:
+    """Return a grid trial's id: its position in the grid and a hash of its values (a changed space gives
+    new ids, so a resumed sweep never mistakes another trial's result for this one's)."""
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:6]
+    return f"{index:04d}-{digest}"
+
+
+def _spec_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"sweep: unknown key {where!r}"
+    return f"sweep: {where + ': ' if where else ''}{msg}"
+
+
+def _base_config(base: dict[str, Any]) -> dict[str, Any]:
+    base = copy.deepcopy(base)
+    path = base.pop("config", None)
+    if path is None:
+        return base
+    data = load_config(path)
+    for key, value in _dotted_items(base):
+        set_dotted(data, key, value)
+    return data
+
+
+def _dotted_items(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            items += _dotted_items(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def _with(base: dict[str, Any], params: dict[str, Scalar]) -> dict[str, Any]:
+    data = copy.deepcopy(base)
+    for field, value in params.items():
+        set_dotted(data, field, value)
+    return data
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Sweep:
+    """Return the validated ``Sweep`` of a sweep file (``overrides``: top-level keys replacing the file's, as
+    the command line gives them); raise ``InputError`` naming the first problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"sweep file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise InputError(f"sweep file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"sweep file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as err:
+        raise InputError(_spec_error(err)) from None
+    try:
+        base = _base_config(spec.base)
+        build_config(base)
+    except InputError as err:
+        raise InputError(f"sweep: base: {err}") from None
+    examples = []
+    for field, dist in spec.space.items():
+        if field.startswith(("output.", "engine.address")):
+            raise InputError(f"sweep: space.{field}: the sweep sets {field} itself")
+        kind, values = next(iter(dist.items()))
+        candidates = values if kind in ("grid", "choice") else [int(v) if kind == "int" else float(v) for v in values]
+        for value in candidates:
+            try:
+                build_config(_with(base, {field: value}))
+            except InputError as err:
+                raise InputError(f"sweep: space.{field} = {value!r}: {err}") from None
+            examples.append({field: value})
+    grid = []
+    if spec.search == "grid":
+        fields = list(spec.space)
+        for index, values in enumerate(itertools.product(*(next(iter(spec.space[f].values())) for f in fields))):
+            params = dict(zip(fields, values, strict=True))
+            try:
+                build_config(_with(base, params))
+            except InputError as err:
+                raise InputError(f"sweep: trial {params}: {err}") from None
+            grid.append(Trial(trial_id(index, params), params))
+        examples = [t.params for t in grid]
+    sweep = Sweep(spec, base, grid, examples)
+    _check_names(sweep)
+    return sweep
+
+
+def _check_names(sweep: Sweep) -> None:
+    """Metric groups, the optimized metric and the plot's fields must exist (``metric_columns``)."""
+    from dice_ray.sweep.metrics import METRICS, metric_columns
+
+    spec = sweep.spec
+    for name in spec.metrics or []:
+        if name not in METRICS:
+            raise InputError(f"sweep: metrics: {name!r} is unknown; choose from {', '.join(METRICS)}")
+    columns = {c for params in sweep.examples
+               for c in metric_columns(sweep.trial_config(params, Path("check")), spec.metrics)}
+    if spec.metric is not None and spec.metric not in columns:
+        raise InputError(f"sweep: metric {spec.metric!r} is not reported by these trials; they report "
+                         f"{', '.join(sorted(columns)) or 'no metrics'}")
+    if spec.plot is not None:
+        for field in (spec.plot.x, spec.plot.by):
+            if field is not None and field not in spec.space:
+                raise InputError(f"sweep: plot: {field!r} is not a field of the space ({', '.join(spec.space)})")
+        for metric in spec.plot.y:
+            if metric not in columns | {"wall_seconds"}:
+                raise InputError(f"sweep: plot: {metric!r} is not reported by these trials; they report "
+                                 f"{', '.join(sorted(columns | {'wall_seconds'}))}")

@@ -1,0 +1,190 @@
+"""Sweeps on Ray Tune: bad sweep files, a grid sweep killed and resumed, failed trials, Optuna, metrics.
+
+The sweeps run the command line in a subprocess (its own Ray), as a user runs it; trials are tiny
+simulations on the embedded digits data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from dice_ray.config import build_config
+from dice_ray.results import DICE, NODES, TRIALS, write_table_atomic
+from dice_ray.sweep.cli import main
+from dice_ray.sweep.metrics import detection
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"nodes": 6, "rounds": 8, "topology": {"name": "ring"}, "data": {"dataset": "digits", "heldout_size": 64},
+        "optim": {"batch_size": 8}, "output": {"eval_every": 4},
+        "misbehavior": {"kind": "label-flip", "selection": "ids", "ids": [2]},
+        "influence": {"enabled": True, "hops": 1, "last": 1}}
+# 8 trials; lr 1000 really diverges (non-finite loss by round 3), so two trials fail.
+GRID = {"base": BASE, "space": {"optim.lr": {"grid": [0.02, 0.05, 0.1, 1000]}, "seed": {"grid": [0, 1]}},
+        "max_concurrent": 2, "plot": {"x": "optim.lr", "y": ["spearman_h1_curvature"], "by": "seed", "logx": True}}
+
+
+def _write(tmp: Path, name: str, spec: dict) -> Path:
+    path = tmp / name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _sweep(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "dice_ray.sweep", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"space": {"optim.lrr": {"grid": [0.1]}}}, "unknown key 'optim.lrr'"),
+    ({"space": {"optim.lr": {"grid": [0.1, -1]}}}, "space.optim.lr = -1"),
+    ({"space": {"optim.lr": {"between": [0.1, 1]}}}, "space.optim.lr: expected one of"),
+    ({"space": {"optim.lr": {"uniform": [0.1, 1]}}}, "needs search optuna"),
+    ({"space": {"optim.lr": {"loguniform": [0, 1]}}, "search": "optuna", "num_samples": 2,
+      "metric": "final_heldout_acc"}, "loguniform needs low > 0"),
+    ({"search": "optuna", "num_samples": 2}, "needs num_samples and metric"),
+    ({"search": "optuna", "num_samples": 2, "metric": "auc"}, "metric 'auc' is not reported"),
+    ({"plot": {"x": "nodes", "y": ["final_heldout_acc"]}}, "plot: 'nodes' is not a field"),
+    ({"base": {**BASE, "optim": {"bogus": 1}}}, "base: config: unknown key 'optim.bogus'"),
+    ({"metrics": ["accuracy", "auroc"]}, "metrics: 'auroc' is unknown"),
+])
+def test_bad_sweep_file_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              change: dict, message: str) -> None:
+    out = tmp_path / "sweep"
+    path = _write(tmp_path, "bad.yaml", {**GRID, "out": str(out), **change})
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.startswith("error: sweep") and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_existing_sweep_directory_needs_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "notes.txt").write_text("someone else's")
+    assert main([str(_write(tmp_path, "s.yaml", {**GRID, "out": str(out)}))]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([str(_write(tmp_path, "s.yaml", {**GRID, "out": str(out)})), "--resume"]) == 2
+    assert "not a sweep directory" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The 8-trial grid sweep, SIGKILLed once 3 trials are recorded, then finished with --resume."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    out = tmp / "lr-seed"
+    path = _write(tmp, "grid.yaml", {**GRID, "out": str(out)})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen([sys.executable, "-m", "dice_ray.sweep", str(path)], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while len(list(out.glob("trials/*/result.json"))) < 3 and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the sweep and the local Ray it started
+    first.wait()
+    before = {p.parent.name: (p.stat().st_mtime_ns, (p.parent / "manifest.json").stat().st_mtime_ns)
+              for p in out.glob("trials/*/result.json")}
+    resumed = _sweep(str(path), "--resume")
+    return {"out": out, "before": before, "resumed": resumed}
+
+
+def test_killed_sweep_resumes_without_redoing_finished_trials(killed_and_resumed: dict) -> None:
+    out, before, resumed = killed_and_resumed["out"], killed_and_resumed["before"], killed_and_resumed["resumed"]
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert 3 <= len(before) < 8
+    assert f"{len(before)} finished before, running {8 - len(before)}" in resumed.stdout
+    for trial, stamps in before.items():  # finished trials were not run again
+        result = out / "trials" / trial / "result.json"
+        assert (result.stat().st_mtime_ns, (result.parent / "manifest.json").stat().st_mtime_ns) == stamps
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 8 and trials["trial_id"].is_unique
+    assert sorted(zip(trials["optim.lr"], trials["seed"], strict=True)) == sorted(
+        (lr, s) for lr in (0.02, 0.05, 0.1, 1000) for s in (0, 1))
+    assert list(trials.columns[:len(TRIALS)]) == TRIALS.names
+    assert pq.read_schema(out / "trials.parquet").field("status").metadata[b"description"]
+    # one progress line per trial of this run, and the summary
+    assert resumed.stdout.count(" ok: ") + resumed.stdout.count(" failed: ") == 8 - len(before)
+    assert "8 trials, 6 ok, 2 failed" in resumed.stdout
+
+
+def test_diverged_trials_are_recorded_failed_and_the_others_finish(killed_and_resumed: dict) -> None:
+    out = killed_and_resumed["out"]
+    trials = pd.read_parquet(out / "trials.parquet")
+    failed = trials[trials["status"] == "failed"]
+    assert sorted(failed["optim.lr"]) == [1000, 1000]
+    assert failed["error"].str.contains("FloatingPointError: round").all()
+    assert failed["final_heldout_acc"].isna().all()
+    ok = trials[trials["status"] == "ok"]
+    assert len(ok) == 6 and ok["error"].isna().all()
+    assert ok["final_heldout_acc"].between(0, 1).all() and ok["wall_seconds"].gt(0).all()
+    assert ok["spearman_h1_curvature"].between(-1, 1).all() and ok["auc_dice_e"].between(0, 1).all()
+    for run_dir, seed in zip(ok["run_dir"], ok["seed"], strict=True):
+        manifest = json.loads((out / run_dir / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["seed"] == seed  # seeds come from the config
+        assert (out / run_dir / "dice.parquet").is_file()
+    assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_each_trial_runs_its_actors_in_its_own_placement_group(killed_and_resumed: dict) -> None:
+    out = killed_and_resumed["out"]
+    ok = pd.read_parquet(out / "trials.parquet").query("status == 'ok'")
+    groups = []
+    for run_dir in ok["run_dir"]:
+        placement = json.loads((out / run_dir / "manifest.json").read_text())["placement"]
+        assert len(placement) == 1 and placement[0]["threads"] == 1  # one actor, in a 1-CPU bundle
+        groups.append(placement[0]["placement_group"])
+    assert all(groups) and len(set(groups)) == len(groups)
+
+
+def test_optuna_sweep_resumes_with_its_finished_trials(tmp_path: Path) -> None:
+    out = tmp_path / "optuna"
+    base = {**BASE, "misbehavior": {}, "influence": {}}
+    path = _write(tmp_path, "optuna.yaml", {"base": base, "space": {"optim.lr": {"loguniform": [0.01, 0.3]},
+                                                                   "optim.batch_size": {"choice": [4, 8]}},
+                                            "search": "optuna", "num_samples": 2, "metric": "final_heldout_acc",
+                                            "mode": "max", "max_concurrent": 2, "out": str(out)})
+    first = _sweep(str(path))
+    assert first.returncode == 0, first.stderr[-2000:]
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("trials/*/result.json")}
+    assert len(stamps) == 2
+    more = _sweep(str(path), "--resume", "--num-samples", "3")
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert "2 finished before, running 1" in more.stdout and "best final_heldout_acc" in more.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 3 and (trials["status"] == "ok").all()
+    assert trials["optim.lr"].between(0.01, 0.3).all() and set(trials["optim.batch_size"]) <= {4, 8}
+
+
+def test_detection_auc_ranks_sources_by_mean_dice(tmp_path: Path) -> None:
+    config = build_config({"nodes": 4, "rounds": 5, "misbehavior": {"kind": "label-flip", "selection": "ids",
+                                                                     "ids": [1, 3]},
+                           "influence": {"enabled": True, "hops": 2}})
+    nodes = {f.name: [0] * 4 for f in NODES} | {"node": range(4), "misbehaving": [False, True, False, True],
+                                                 "q": [0.25] * 4, "self_weight": [0.5] * 4}
+    write_table_atomic(tmp_path / "nodes.parquet", nodes, NODES)
+    # whole-batch probes at hops 2: sources 1 and 3 (misbehaving) raise losses; hop-1 rows and a single-sample
+    # probe say the opposite and must be ignored
+    harm = {0: -2.0, 1: 1.0, 2: -1.0, 3: 0.5}
+    rows = [{"round": 3, "source": j, "probe_id": j, "sample_index": None, "hops": 2, "gt": -h, "est_curvature": h,
+             "est_first_order": -h} for j, h in harm.items()]
+    rows += [{"round": 3, "source": j, "probe_id": j, "sample_index": None, "hops": 1, "gt": 0.0,
+              "est_curvature": -h, "est_first_order": 0.0} for j, h in harm.items()]
+    rows.append({"round": 3, "source": 0, "probe_id": 9, "sample_index": 0, "hops": 2, "gt": 0.0,
+                 "est_curvature": 99.0, "est_first_order": 0.0})
+    write_table_atomic(tmp_path / "dice.parquet", rows, DICE)
+    assert detection(tmp_path, config) == {"auc_dice_e": 1.0, "auc_dice_gt": 0.0}
+    first_order = config.model_copy(update={"influence": config.influence.model_copy(
+        update={"variants": ["first-order"], "ground_truth": False})})
+    assert detection(tmp_path, first_order) == {"auc_dice_e": 0.0}
