@@ -20,9 +20,11 @@ import pytest
 import yaml
 
 from dice_ray.config import build_config
+from dice_ray.errors import InputError
 from dice_ray.results import DICE, NODES, TRIALS, write_table_atomic
 from dice_ray.sweep.cli import main
 from dice_ray.sweep.metrics import detection
+from dice_ray.sweep.spec import bundles, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"nodes": 6, "rounds": 8, "topology": {"name": "ring"}, "data": {"dataset": "digits", "heldout_size": 64},
@@ -188,3 +190,19 @@ def test_detection_auc_ranks_sources_by_mean_dice(tmp_path: Path) -> None:
     first_order = config.model_copy(update={"influence": config.influence.model_copy(
         update={"variants": ["first-order"], "ground_truth": False})})
     assert detection(tmp_path, first_order) == {"auc_dice_e": 0.0}
+
+
+def test_trial_resources_follow_node_count_and_actors(tmp_path: Path) -> None:
+    spec = {"base": {"data": {"dataset": "synthetic"}}, "space": {"nodes": {"grid": [16, 600]}},
+            "nodes_per_actor": 256, "cpus_per_actor": 2, "out": str(tmp_path / "s")}
+    sweep = load_sweep(_write(tmp_path, "r.yaml", spec))
+    small, large = (sweep.trial_config(t.params, tmp_path / t.trial_id) for t in sweep.grid)
+    assert bundles(small) == [{}, {"CPU": 2.0, "GPU": 0.0}]
+    assert large.engine.actors == 3 and bundles(large) == [{}] + [{"CPU": 2.0, "GPU": 0.0}] * 3
+    assert large.output.out == str(tmp_path / sweep.grid[1].trial_id) and not large.output.progress
+    explicit = load_sweep(_write(tmp_path, "e.yaml", {**spec, "base": {**spec["base"], "engine": {
+        "actors": 5, "cpus_per_actor": 1, "gpus_per_actor": 0.5}}}))
+    assert bundles(explicit.trial_config({"nodes": 600}, tmp_path)) == [{}] + [{"CPU": 1.0, "GPU": 0.5}] * 5
+    with pytest.raises(InputError, match="no room in a trial for its influence tasks"):
+        load_sweep(_write(tmp_path, "i.yaml", {**spec, "base": {"influence": {"enabled": True},
+                                                                "engine": {"cpus_per_actor": 0.5}}}))

@@ -86,14 +86,17 @@ def _shown(sweep: Sweep) -> list[str]:
                                "final_heldout_acc"]))
 
 
-def _recorder(sweep: Sweep, out: Path, total: int) -> Any:
-    """A Tune callback (in the driver) that records each trial the moment it ends and prints one line."""
+def _recorder(sweep: Sweep, out: Path, total: int, done: dict[str, dict[str, Any]]) -> Any:
+    """A Tune callback (in the driver) that records each trial the moment it ends and prints one line;
+    ``done``: the rows recorded before, to which it adds."""
     from ray import tune
+
+    rows = dict(done)
 
     class Recorder(tune.Callback):
         def _record(self, row: dict[str, Any]) -> None:
             write_result(out, row)
-            rows = finished_trials(out)
+            rows[row["trial_id"]] = row
             write_trials_table(out, list(rows.values()), list(sweep.spec.space))
             print(_trial_line(row, len(rows), total, _shown(sweep)), flush=True)
 
@@ -208,7 +211,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
             tune_config = tune.TuneConfig(search_alg=_searcher(sweep, done), num_samples=count,
                                           max_concurrent_trials=spec.max_concurrent)
         run_config = tune.RunConfig(name=f"tune-{dt.datetime.now():%Y%m%d-%H%M%S}", storage_path=str(out / "tune"),
-                                    verbose=0, callbacks=[_recorder(sweep, out, total)],
+                                    verbose=0, callbacks=[_recorder(sweep, out, total, done)],
                                     failure_config=tune.FailureConfig(max_failures=0))
         tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config).fit()
     return _summarize(sweep, out, time.time() - started)

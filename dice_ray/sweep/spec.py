@@ -145,14 +145,18 @@ class Sweep:
         config = build_config(data)
         engine = config.engine
         actors = min(engine.actors or math.ceil(config.nodes / self.spec.nodes_per_actor), config.nodes)
-        return config.model_copy(update={"engine": engine.model_copy(update={
-            "actors": actors, "cpus_per_actor": engine.cpus_per_actor or self.spec.cpus_per_actor})})
+        cpus = engine.cpus_per_actor or self.spec.cpus_per_actor
+        if cpus < 1 and config.influence.enabled:
+            raise InputError(f"sweep: engine.cpus_per_actor {cpus:g} < 1 leaves no room in a trial for its influence "
+                             "tasks (1 CPU each)")
+        return config.model_copy(update={"engine": engine.model_copy(update={"actors": actors,
+                                                                             "cpus_per_actor": cpus})})
 
 
 def bundles(config: RunConfig) -> list[dict[str, float]]:
     """Return the placement-group bundles a trial of ``config`` reserves: an empty head bundle for the trial
     itself (it only drives), then one bundle per participant-group actor. Influence tasks (1 CPU each) run
-    in the actors' bundles after training, so ``trial_config`` keeps at least 1 CPU per actor."""
+    in the actors' bundles after training, so ``trial_config`` refuses less than 1 CPU per actor for them."""
     engine = config.engine
     actor = {"CPU": float(engine.cpus_per_actor or 1.0), "GPU": float(engine.gpus_per_actor)}
     return [{}] + [dict(actor) for _ in range(engine.actors or 1)]
