@@ -18,7 +18,6 @@ import datetime as dt
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -180,7 +179,10 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
     out = sweep.out.resolve()
     _claim(sweep, out, resume)
     done = finished_trials(out) if out.is_dir() else {}
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials read paths relative to the sweep's cwd
+    # Keep trials in this working directory (Tune would move each into a folder of its own), so relative paths
+    # in the config (data_dir, topology.file) mean what they mean to simulate; Tune's older output mode prints
+    # nothing per trial at verbose 0, leaving one line per trial to the recorder.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     start_ray(address)
     _check_fits(sweep)
@@ -232,5 +234,5 @@ def _summarize(sweep: Sweep, out: Path, wall: float) -> Path:
         best = (max if spec.mode == "max" else min)(scored, key=lambda r: r["metrics"][spec.metric])
         lines.append(f"best {spec.metric} = {best['metrics'][spec.metric]:.4g} at {best['params']} "
                      f"({best['trial_id']})")
-    print("\n".join(lines), file=sys.stdout, flush=True)
+    print("\n".join(lines), flush=True)
     return path
