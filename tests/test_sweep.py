@@ -149,6 +149,19 @@ def test_each_trial_runs_its_actors_in_its_own_placement_group(killed_and_resume
     assert all(groups) and len(set(groups)) == len(groups)
 
 
+def test_a_trial_computes_what_a_plain_run_of_its_config_computes(killed_and_resumed: dict, tmp_path: Path) -> None:
+    from dice_ray.simulate import simulate
+
+    out = killed_and_resumed["out"]
+    trial = pd.read_parquet(out / "trials.parquet").query("status == 'ok'").iloc[0]
+    config = json.loads((out / trial["run_dir"] / "manifest.json").read_text())["config"]
+    config["output"]["out"] = str(tmp_path / "plain")
+    config["influence"]["enabled"] = False
+    plain = simulate(build_config(config), engine_kind="local")  # one process, no Ray, no Tune
+    pd.testing.assert_frame_equal(pd.read_parquet(out / trial["run_dir"] / "rounds.parquet"),
+                                  pd.read_parquet(plain / "rounds.parquet"), check_exact=False, atol=1e-5, rtol=1e-5)
+
+
 def test_optuna_sweep_resumes_with_its_finished_trials(tmp_path: Path) -> None:
     out = tmp_path / "optuna"
     base = {**BASE, "misbehavior": {}, "influence": {}}

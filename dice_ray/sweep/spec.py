@@ -136,9 +136,7 @@ class Sweep:
     def trial_config(self, params: dict[str, Scalar], run_dir: Path) -> RunConfig:
         """Return the run config of a trial: base, the trial's values, its run directory, no progress bar,
         and the placement its Ray Tune reservation is sized from (see ``bundles``)."""
-        data = copy.deepcopy(self.base)
-        for field, value in params.items():
-            set_dotted(data, field, value)
+        data = _with(self.base, params)
         set_dotted(data, "output.out", str(run_dir))
         set_dotted(data, "output.progress", False)
         set_dotted(data, "output.overwrite", True)  # a trial interrupted mid-run is rerun in place
