@@ -128,6 +128,9 @@ class EngineConfig(_Section):
                                                                  "cluster's CPUs / actors)")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU")
     address: str | None = Field(None, description="Ray cluster address (default: a local Ray on 127.0.0.1)")
+    max_recoveries: int = Field(3, ge=0, le=1000, description="actor or machine failures a run recovers from "
+                                                             "(restore the last checkpoint, replay) before it gives up")
+    restart_timeout: float = Field(600.0, gt=0, description="seconds to wait for restarted actors after a failure")
 
 
 class OutputConfig(_Section):
@@ -136,6 +139,9 @@ class OutputConfig(_Section):
     out: str | None = Field(None, description="run directory (default runs/<time>-<topology>-n<N>)")
     eval_every: int = Field(5, ge=1, description="evaluate every k rounds (and after the last)")
     overwrite: bool = Field(False, description="replace an existing run directory")
+    checkpoint_every: int = Field(50, ge=0, description="save the simulation state every k rounds (0: never); "
+                                                        "--resume and failure recovery continue from the last one")
+    keep_checkpoints: bool = Field(False, description="keep the run's checkpoints/ after it completes")
     progress: bool = Field(True, description="show a progress bar")
 
 

@@ -75,6 +75,7 @@ class ParticipantBlock:
         vectorize = "vmap" if config.model.vectorize == "auto" else config.model.vectorize
         state = initial_state(model, self.nodes, config.seed, config.model.init).to(self.device)
         self.population = Population(model, state, config.optim.spec(), vectorize)
+        self._model = model
 
         # Local training sets, concatenated; participant i's samples are rows offsets[i]:offsets[i]+counts[i].
         self.counts = np.array([len(t) for t in train], np.int64)
@@ -148,6 +149,28 @@ class ParticipantBlock:
         """
         weights = weights if isinstance(weights, list) else [weights]
         self.population.mix_([_csr(w, self.device) for w in weights], [_tensor(s, self.device) for s in sources])
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Return copies of everything a later round reads: ``state`` [P, D] and the optimizer state
+        (``opt.<name>``). Minibatches, W^t and misbehaviour are pure functions of (seed, participant,
+        round), so these arrays and the round counter are the whole simulation state."""
+        pop = self.population
+        arrays = {"state": pop.state.cpu().numpy().copy()}
+        arrays.update({f"opt.{name}": value.cpu().numpy().copy() for name, value in pop.opt_state.items()})
+        return arrays
+
+    @torch.no_grad()
+    def restore(self, arrays: dict[str, np.ndarray] | None) -> None:
+        """Overwrite the state with a ``snapshot()`` of these participants (rows in block order), or with
+        the initial state when ``arrays`` is None."""
+        pop = self.population
+        if arrays is None:
+            pop.state.copy_(initial_state(self._model, self.nodes, self.config.seed, self.config.model.init))
+            for value in pop.opt_state.values():
+                value.zero_()
+            return
+        pop.state.copy_(torch.from_numpy(arrays["state"]))
+        pop.load_optimizer_state({name: torch.from_numpy(arrays[f"opt.{name}"]) for name in pop.opt_state})
 
     def evaluate(self) -> dict[str, np.ndarray]:
         """Return metrics of the current θ_k: val_loss/val_acc on each participant's validation split,

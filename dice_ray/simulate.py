@@ -16,21 +16,27 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import platform
 import resource
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
+import pyarrow.parquet as pq
 import yaml
 
 from dice_ray import __version__
+from dice_ray.checkpoint import CHECKPOINTS, CheckpointStore, RoundTables, config_digest
 from dice_ray.config import RunConfig, build_config, load_config, set_dotted
 from dice_ray.errors import InputError
 from dice_ray.experiment import Experiment, prepare
-from dice_ray.results import DICE, INFLUENCE, NODES, ROUNDS, TableWriter, write_json_atomic, write_table_atomic
+from dice_ray.results import DICE, INFLUENCE, NODES, ROUNDS, write_json_atomic, write_table_atomic
+from dice_ray.training import TrainingReport, train
 
 # (flag, dotted config field, type). Help texts come from the config fields' descriptions.
 OPTIONS: list[tuple[str, str, Any]] = [
@@ -48,6 +54,7 @@ OPTIONS: list[tuple[str, str, Any]] = [
     ("--actors", "engine.actors", int), ("--cpus-per-actor", "engine.cpus_per_actor", float),
     ("--gpus-per-actor", "engine.gpus_per_actor", float), ("--address", "engine.address", str),
     ("--out", "output.out", str), ("--eval-every", "output.eval_every", int),
+    ("--checkpoint-every", "output.checkpoint_every", int),
     ("--hops", "influence.hops", int), ("--probe-rounds", "influence.rounds", "int-list"),
     ("--probe-every", "influence.every", int), ("--probe-sources", "influence.sources", "int-list"),
     ("--probe-samples", "influence.probe_samples", int), ("--zprime", "influence.zprime", str),
@@ -58,6 +65,7 @@ OPTIONS: list[tuple[str, str, Any]] = [
 SWITCHES: list[tuple[str, str, bool]] = [
     ("--download", "data.download", True), ("--overwrite", "output.overwrite", True),
     ("--no-progress", "output.progress", False), ("--influence", "influence.enabled", True),
+    ("--keep-checkpoints", "output.keep_checkpoints", True),
 ]
 
 
@@ -100,11 +108,54 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(flag, dest=dotted, action="store_const", const=value, default=None, help=text)
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                         help="override any config field, e.g. --set optim.betas=[0.9,0.99]")
-    parser.add_argument("--engine", choices=("ray", "local"), default="ray",
+    parser.add_argument("--engine", choices=("ray", "local"), default=None,
                         help="ray: participant-group actors; local: one process, no Ray (debugging)")
     parser.add_argument("--save-states", action="store_true",
                         help="also save the final states of all participants to states.npy")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue an interrupted run from its last checkpoint, with its own config (only "
+                        f"{', '.join(RESUME_FLAGS)} may be given too)")
     return parser
+
+
+# Options a resumed run may set: where and how it runs, never what it computes.
+RESUME_FLAGS = ("--address", "--actors", "--cpus-per-actor", "--gpus-per-actor", "--no-progress", "--engine",
+                "--keep-checkpoints", "--checkpoint-every")
+
+
+def resume_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any]]:
+    """Return (config, manifest) of the run in ``args.resume``, with the placement options of ``args``."""
+    run = Path(args.resume)
+    path = run / "manifest.json"
+    if not path.is_file():
+        raise InputError(f"--resume {run}: no manifest.json there; not a dice-ray run directory")
+    try:
+        manifest = json.loads(path.read_text())
+        data = manifest["config"]
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"--resume {run}: manifest.json is not a run manifest") from None
+    if manifest.get("status") == "complete":
+        raise InputError(f"--resume {run}: the run is already complete")
+    flags = {dotted: flag for flag, dotted, *_ in [*OPTIONS, *SWITCHES]}
+    refused = [flags[d] for d in flags if getattr(args, d) is not None and flags[d] not in RESUME_FLAGS]
+    refused += ["--config"] * bool(args.config) + ["--set"] * bool(args.set) + ["--save-states"] * args.save_states
+    if refused:
+        raise InputError(f"--resume continues the run with its own config; {', '.join(refused)} cannot change it "
+                         f"(only {', '.join(RESUME_FLAGS)})")
+    for dotted in flags:
+        if getattr(args, dotted) is not None:
+            set_dotted(data, dotted, getattr(args, dotted))
+    set_dotted(data, "output.out", str(run))
+    config = build_config(data)
+    if not (run / "rounds.parquet").exists():
+        store = CheckpointStore(run, config_digest(config))
+        latest = store.latest()
+        try:
+            if latest is not None:
+                store.check(latest)
+        except ValueError as err:
+            raise InputError(f"--resume {run}: {err}") from None
+    return config, manifest
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
@@ -149,18 +200,6 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _append_rows(columns: dict[str, list], metrics: Any, n: int) -> None:
-    """Append round ``metrics`` as N rows of ``rounds.parquet`` (None where not evaluated)."""
-    cd = metrics.consensus_distance
-    values = {"round": [metrics.round] * n, "node": range(n), "train_loss": metrics.train_loss.tolist(),
-              "consensus_distance": [cd] * n}
-    for key in ("val_loss", "val_acc", "heldout_loss", "heldout_acc"):
-        array = getattr(metrics, key)
-        values[key] = [None] * n if array is None else array.tolist()
-    for key, column in values.items():
-        columns.setdefault(key, []).extend(column)
-
-
 def _nodes_table(experiment: Experiment, blocks: list[np.ndarray]) -> dict[str, Any]:
     w = experiment.topology.mixing_matrix(0)
     actor = np.zeros(experiment.nodes, np.int32)
@@ -178,8 +217,10 @@ def _nodes_table(experiment: Experiment, blocks: list[np.ndarray]) -> dict[str, 
     }
 
 
-def _measure_influence(experiment: Experiment, engine_kind: str) -> tuple[list[dict], list[dict]]:
-    """DICE-GT and DICE-E of every probe: Ray tasks in parallel, or in this process for ``--engine local``."""
+def _measure_influence(experiment: Experiment, engine_kind: str,
+                       retries: list[dict]) -> tuple[list[dict], list[dict]]:
+    """DICE-GT and DICE-E of every probe: Ray tasks in parallel (lost tasks resubmitted and appended to
+    ``retries``), or in this process for ``--engine local``."""
     from tqdm import tqdm
 
     config = experiment.config
@@ -197,119 +238,177 @@ def _measure_influence(experiment: Experiment, engine_kind: str) -> tuple[list[d
         bar.update(done - bar.n)
 
     try:
-        return measure_influence(experiment, progress)
+        return measure_influence(experiment, progress, retries)
     finally:
         bar.close()
 
 
 def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = False,
-             experiment: Experiment | None = None) -> Path:
-    """Run the simulation of ``config``; return its run directory (see the module docstring)."""
+             experiment: Experiment | None = None, resume: bool = False,
+             on_round: Callable[[Any, Any], None] | None = None) -> Path:
+    """Run the simulation of ``config``; return its run directory (see the module docstring).
+
+    ``resume``: continue the run in ``config.output.out`` from its last checkpoint (``--resume``).
+    ``on_round(metrics, engine)`` is called after every round (``RoundMetrics``, and the engine running it),
+    e.g. to watch a run.
+    """
     experiment = experiment or prepare(config)
-    out = run_directory(config)
+    config = experiment.config
+    out = Path(config.output.out) if resume else run_directory(config)
     started = time.time()
-
-    if engine_kind == "local":
-        from dice_ray.engine import LocalEngine
-
-        engine: Any = LocalEngine(experiment)
-        blocks = [np.arange(config.nodes)]
+    store = CheckpointStore(out, config_digest(config))
+    tables = RoundTables(out, {"rounds": ROUNDS})
+    if resume:
+        manifest = json.loads((out / "manifest.json").read_text())
+        training_done = (out / "rounds.parquet").exists()
+        latest = store.latest()
+        start = config.rounds if training_done else (latest.round + 1 if latest else 0)
+        manifest.setdefault("resumes", []).append({"time": dt.datetime.now(dt.timezone.utc).isoformat(),
+                                                   "from_round": start})
+        manifest.update(status="running", argv_resume=sys.argv)
+        manifest.pop("error", None)
     else:
-        from dice_ray.engine import RayEngine, start_ray
-
-        start_ray(config.engine.address)
-        engine = RayEngine(experiment)
-        blocks = engine.plan.blocks
-
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("rounds.parquet", "nodes.parquet", "states.npy", "influence.parquet", "dice.parquet"):
-        (out / stale).unlink(missing_ok=True)
-    manifest: dict[str, Any] = {
-        "status": "running", "config": config.model_dump(mode="json"), "seed": config.seed,
-        "versions": _versions(), "host": platform.node(), "argv": sys.argv,
-        "start_time": dt.datetime.now(dt.timezone.utc).isoformat(), "engine": engine_kind,
-        "actors": len(blocks), "topology": experiment.topology.describe(),
-        "data": {"dataset": config.data.dataset, "n_train": int(len(experiment.dataset.y_train)),
-                 "n_test": int(len(experiment.dataset.y_test)), "heldout": int(len(experiment.heldout[1])),
-                 "input_shape": list(experiment.dataset.input_shape),
-                 "num_classes": experiment.dataset.num_classes},
-        "model": {"name": config.model.name, "parameters": experiment.param_count},
-        "misbehaving": experiment.misbehaving.tolist(),
-    }
+        start = 0
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in ("rounds.parquet", "nodes.parquet", "states.npy", "influence.parquet", "dice.parquet"):
+            (out / stale).unlink(missing_ok=True)
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        manifest = {
+            "status": "running", "config": config.model_dump(mode="json"), "seed": config.seed,
+            "versions": _versions(), "host": platform.node(), "argv": sys.argv,
+            "start_time": dt.datetime.now(dt.timezone.utc).isoformat(), "engine": engine_kind,
+            "save_states": save_states, "topology": experiment.topology.describe(),
+            "data": {"dataset": config.data.dataset, "n_train": int(len(experiment.dataset.y_train)),
+                     "n_test": int(len(experiment.dataset.y_test)), "heldout": int(len(experiment.heldout[1])),
+                     "input_shape": list(experiment.dataset.input_shape),
+                     "num_classes": experiment.dataset.num_classes},
+            "model": {"name": config.model.name, "parameters": experiment.param_count},
+            "misbehaving": experiment.misbehaving.tolist(),
+        }
+    manifest["config"]["output"]["out"] = str(out)
     write_json_atomic(out / "manifest.json", manifest)
 
-    from tqdm import tqdm
-
-    n, rounds, every = config.nodes, config.rounds, config.output.eval_every
-    bar = tqdm(total=rounds, unit="round", disable=not config.output.progress, dynamic_ncols=True,
-               file=sys.stderr)
+    engine: Any = None
+    actor_info: list[dict[str, Any]] = []
+    report = TrainingReport()
+    retries: list[dict] = []  # influence tasks lost and resubmitted
     try:
-        with TableWriter(out / "rounds.parquet", ROUNDS) as rounds_table:
-            pending: dict[str, list] = {}
-            schedule = ((t, (t + 1) % every == 0 or t == rounds - 1) for t in range(rounds))
-            for m in engine.run_rounds(schedule):
-                t = m.round
-                if not np.isfinite(m.train_loss).all():
-                    bad = np.flatnonzero(~np.isfinite(m.train_loss))[:5].tolist()
-                    raise FloatingPointError(f"round {t}: non-finite training loss at participants {bad}")
-                _append_rows(pending, m, n)
-                if len(pending["node"]) >= 65_536 or t == rounds - 1:
-                    rounds_table.write(pending)
-                    pending = {}
-                post = {"loss": f"{m.train_loss.mean():.4f}"}
-                if m.heldout_acc is not None:
-                    post["acc"] = f"{m.heldout_acc.mean():.3f}"
-                bar.set_postfix(post, refresh=False)
-                bar.update()
-        bar.close()
-        write_table_atomic(out / "nodes.parquet", _nodes_table(experiment, blocks), NODES)
-        if save_states:
-            np.save(out / "states.npy", engine.states())
-        actor_info = engine.info() if hasattr(engine, "info") else []
-        engine.close()  # frees the actors' CPUs for the influence tasks
+        if start < config.rounds:
+            engine, blocks = _start_engine(experiment, engine_kind)
+            manifest["actors"] = len(blocks)
+            write_table_atomic(out / "nodes.parquet", _nodes_table(experiment, blocks), NODES)
+            if start > 0:
+                latest = store.latest()
+                store.check(latest)
+                engine.restore(latest.load(), config.engine.restart_timeout)
+                tables.rollback(latest.round)
+                store.remove_after(latest.round)
+            else:
+                tables.rollback(-1)
+            _run_rounds(engine, config, tables, store, start, on_round, report)
+            tables.finish(config.rounds - 1)
+            if save_states:
+                np.save(out / "states.npy", engine.states())
+            actor_info = engine.info() if hasattr(engine, "info") else []
+            engine.close()  # frees the actors' CPUs for the influence tasks
+            engine = None
         if config.influence.enabled:
-            influence_rows, dice_rows = _measure_influence(experiment, engine_kind)
+            influence_rows, dice_rows = _measure_influence(experiment, engine_kind, retries)
             write_table_atomic(out / "influence.parquet", influence_rows, INFLUENCE)
             write_table_atomic(out / "dice.parquet", dice_rows, DICE)
     except BaseException as err:
-        bar.close()
+        latest = store.latest()
         manifest.update(status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
-                        error=f"{type(err).__name__}: {err}",
-                        end_time=dt.datetime.now(dt.timezone.utc).isoformat())
+                        error=f"{type(err).__name__}: {err}", end_time=dt.datetime.now(dt.timezone.utc).isoformat(),
+                        last_checkpoint_round=latest.round if latest else None)
+        _record_failures(manifest, report, retries)
         write_json_atomic(out / "manifest.json", manifest)
-        engine.close()
+        if engine is not None:
+            engine.close()
         raise
 
+    if not config.output.keep_checkpoints:
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     wall = time.time() - started
+    final = _final_metrics(out / "rounds.parquet", config.rounds - 1)
     actor_peaks = [a["peak_rss_mib"] for a in actor_info]
     manifest.update(
         status="complete", end_time=dt.datetime.now(dt.timezone.utc).isoformat(), wall_seconds=wall,
-        rounds_per_second=rounds / wall, peak_rss_mib={"driver": _peak_rss_mib(), "actors": actor_peaks},
-        placement=actor_info,
-        final={"heldout_acc_mean": float(np.mean(m.heldout_acc)), "heldout_loss_mean": float(np.mean(m.heldout_loss)),
-               "consensus_distance": m.consensus_distance},
+        rounds_per_second=(config.rounds - start) / wall,
+        peak_rss_mib={"driver": _peak_rss_mib(), "actors": actor_peaks},
+        placement=actor_info, final=final,
     )
+    _record_failures(manifest, report, retries)
     write_json_atomic(out / "manifest.json", manifest)
-    print(f"done: {rounds} rounds x {n} participants in {wall:.1f} s ({rounds / wall:.2f} rounds/s); "
-          f"final held-out accuracy {np.mean(m.heldout_acc):.3f}; peak memory: driver "
-          f"{_peak_rss_mib():.0f} MiB" + (f", actors {sum(actor_peaks):.0f} MiB in total "
-                                          f"(largest {max(actor_peaks):.0f} MiB)" if actor_peaks else "")
-          + f"; results in {out}/", file=sys.stderr)
+    actors = f", actors {sum(actor_peaks):.0f} MiB in total (largest {max(actor_peaks):.0f} MiB)" if actor_peaks else ""
+    print(f"done: rounds {start}..{config.rounds - 1} x {config.nodes} participants in {wall:.1f} s "
+          f"({(config.rounds - start) / wall:.2f} rounds/s); final held-out accuracy "
+          f"{final['heldout_acc_mean']:.3f}; peak memory: driver {_peak_rss_mib():.0f} MiB{actors}; results in {out}/",
+          file=sys.stderr)
     return out
+
+
+def _start_engine(experiment: Experiment, engine_kind: str) -> tuple[Any, list[np.ndarray]]:
+    """Return (engine, participant blocks of its actors)."""
+    if engine_kind == "local":
+        from dice_ray.engine import LocalEngine
+
+        return LocalEngine(experiment), [np.arange(experiment.nodes)]
+    from dice_ray.engine import RayEngine, start_ray
+
+    start_ray(experiment.config.engine.address)
+    engine = RayEngine(experiment)
+    return engine, engine.plan.blocks
+
+
+def _run_rounds(engine: Any, config: RunConfig, tables: RoundTables, store: CheckpointStore, start: int,
+                on_round: Callable[[Any, Any], None] | None, report: TrainingReport) -> None:
+    """``training.train`` with a progress bar (rounds, mean training loss, held-out accuracy, rounds/s)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=config.rounds, initial=start, unit="round", disable=not config.output.progress,
+               dynamic_ncols=True, file=sys.stderr)
+    try:
+        train(engine, config, tables, store, start, on_round, bar, report)
+    finally:
+        bar.close()
+
+
+def _record_failures(manifest: dict[str, Any], report: TrainingReport, retries: list[dict]) -> None:
+    """Add this session's recoveries, checkpoint count and resubmitted influence tasks to ``manifest``."""
+    manifest["recoveries"] = manifest.get("recoveries", []) + report.recoveries
+    manifest["checkpoints_written"] = manifest.get("checkpoints_written", 0) + report.checkpoints
+    manifest["influence_task_retries"] = manifest.get("influence_task_retries", []) + retries
+
+
+def _final_metrics(rounds_path: Path, last: int) -> dict[str, float | None]:
+    """Return the mean held-out accuracy and loss and the consensus distance after the last round."""
+    table = pq.read_table(rounds_path, filters=[("round", "=", last)],
+                          columns=["heldout_acc", "heldout_loss", "consensus_distance"]).to_pydict()
+    return {"heldout_acc_mean": float(np.mean(table["heldout_acc"])),
+            "heldout_loss_mean": float(np.mean(table["heldout_loss"])),
+            "consensus_distance": table["consensus_distance"][0]}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for bad input)."""
     args = build_parser().parse_args(argv)
+    engine, save_states = args.engine or "ray", args.save_states
     try:
-        config = resolve_config(args)
+        if args.resume:
+            config, manifest = resume_config(args)
+            engine = args.engine or manifest.get("engine", "ray")
+            save_states = bool(manifest.get("save_states", False))
+        else:
+            config = resolve_config(args)
         experiment = prepare(config)
-        run_directory(config)
+        if not args.resume:
+            run_directory(config)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        simulate(config, args.engine, args.save_states, experiment)
+        simulate(config, engine, save_states, experiment, resume=bool(args.resume))
     except FloatingPointError as err:  # diverged: the manifest says so, no table reads as complete
         print(f"error: training diverged: {err}", file=sys.stderr)
         return 1

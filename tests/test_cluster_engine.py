@@ -50,3 +50,32 @@ def test_one_actor_per_machine_and_the_same_numbers(two_machines) -> None:
             np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-5, atol=1e-6)
         assert a.consensus_distance == pytest.approx(b.consensus_distance, rel=1e-4)
     np.testing.assert_allclose(states, local.states(), atol=1e-5)
+
+
+def test_losing_a_machine_mid_run_ends_with_the_same_numbers(two_machines, tmp_path) -> None:
+    """A machine is lost at round 7 and a replacement joins (as an autoscaler would add one): the group that
+    lived there is restarted on the new machine, restored from the round-4 checkpoint, and the run
+    replays rounds 5.. to the tables of an undisturbed run."""
+    import json
+
+    import pandas as pd
+
+    from dice_ray.simulate import simulate
+
+    def config(out):
+        return build_config({"nodes": 8, "rounds": 16, "data": {"dataset": "digits", "heldout_size": 64},
+                             "model": {"init": "independent"}, "optim": {"batch_size": 8},
+                             "output": {"out": str(out), "progress": False, "checkpoint_every": 5}})
+
+    def lose_a_machine(metrics, engine) -> None:
+        if metrics.round == 7 and engine.epoch == 1:
+            [worker] = list(two_machines.worker_nodes)
+            two_machines.remove_node(worker, allow_graceful=False)
+            two_machines.add_node(num_cpus=1, resources={"machine_c": 1})
+
+    undisturbed = simulate(config(tmp_path / "a"))
+    disturbed = simulate(config(tmp_path / "b"), on_round=lose_a_machine)
+    a, b = (pd.read_parquet(out / "rounds.parquet") for out in (undisturbed, disturbed))
+    pd.testing.assert_frame_equal(a, b)
+    [recovery] = json.loads((disturbed / "manifest.json").read_text())["recoveries"]
+    assert recovery["restored_from_round"] == 4 and recovery["replayed_rounds"][0] == 5

@@ -21,7 +21,8 @@ FIELDS = ["nodes", "rounds", "seed", "topology.name", "topology.weights", "topol
           "data.dataset", "data.partition", "data.alpha", "data.val_fraction", "data.heldout_size",
           "model.name", "model.init", "optim.name", "optim.lr", "optim.batch_size", "optim.momentum",
           "optim.betas", "engine.actors", "engine.gpus_per_actor", "output.eval_every", "influence.hops",
-          "influence.rounds", "influence.sources", "influence.probe_samples", "bogus", "optim.bogus"]
+          "influence.rounds", "influence.sources", "influence.probe_samples", "output.checkpoint_every",
+          "engine.max_recoveries", "engine.restart_timeout", "bogus", "optim.bogus"]
 
 
 # Derandomized: CI sees the same examples every run (explore locally with a copy without it).

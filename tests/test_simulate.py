@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -137,25 +133,3 @@ def test_help_documents_every_option(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     for flag, dotted, *_ in [*OPTIONS, *SWITCHES]:
         assert flag in text and f"config {dotted}" in text
-
-
-def test_killed_run_leaves_no_complete_looking_table(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dice_ray.simulate", "--engine", "local", "--nodes", "8", "--rounds", "100000",
-         "--dataset", "digits", "--no-progress", "--out", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        deadline = time.time() + 120
-        while not any(out.glob(".rounds.parquet.*.partial")) and time.time() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.0)  # let it write some rounds
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert any(out.glob(".rounds.parquet.*.partial")), "the run never started"
-    assert not (out / "rounds.parquet").exists()
-    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
-    with pytest.raises(Exception):  # noqa: B017 - a partial file is not a readable Parquet table
-        pq.read_table(next(out.glob(".rounds.parquet.*.partial")))

@@ -6,7 +6,10 @@ Round t (SPEC §1, Algorithm 1), as the coordinator drives it:
    θ^{t+½} of its block to the object store (``half_step``, two returns: states and losses);
 2. the coordinator hands each group the rows of W^t for its participants and the ObjectRefs of the
    blocks those rows read; Ray resolves them (zero-copy numpy on the same node) and the group mixes
-   (``mix``), evaluating afterwards on evaluation rounds.
+   (``mix``), evaluating afterwards on evaluation rounds and snapshotting its block on checkpoint rounds.
+
+Ray restarts a group that dies (it comes back empty); the driver then restores every group from the last
+checkpoint (``restore``), replaces the coordinator (it holds no state) and replays the rounds since.
 
 Parameters move only between groups, through the object store; the coordinator and the driver see
 losses and metrics.
@@ -27,36 +30,65 @@ from dice_ray.topology import Topology
 
 @ray.remote
 class ParticipantGroup:
-    """A Ray actor hosting one ``ParticipantBlock``; torch uses the CPUs (and GPU) Ray assigned."""
+    """A Ray actor hosting one ``ParticipantBlock``; torch uses the CPUs (and GPU) Ray assigned.
 
-    def __init__(self, config: Any, nodes: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
-                 train: list[np.ndarray], val: list[np.ndarray], heldout: tuple[np.ndarray, np.ndarray],
-                 input_shape: tuple[int, ...], num_classes: int, threads: int, misbehaving: np.ndarray):
+    Round tasks carry the engine's *epoch*; ``restore`` starts a new one. After a failure, tasks of the
+    abandoned rounds may still be queued here (they were submitted by the coordinator, the restore by
+    the driver, and Ray orders tasks per caller only): they see an old epoch and do nothing.
+    """
+
+    def __init__(self, config: Any, input_shape: tuple[int, ...], num_classes: int, threads: int):
         import torch
-
-        from dice_ray.participants import ParticipantBlock
 
         tune_allocator()
         torch.set_num_threads(threads)
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        self.block = ParticipantBlock(config, nodes, x_train, y_train, train, val, heldout, input_shape,
-                                      num_classes, device=device, misbehaving=misbehaving)
+        self.config, self.input_shape, self.num_classes = config, input_shape, num_classes
+        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.block: Any = None  # built by the first ``restore``
+        self.epoch = -1
+
+    def restore(self, arrays: dict[str, np.ndarray] | None, epoch: int, data: list[Any]) -> int:
+        """Enter ``epoch`` with this block's state set to ``arrays`` (a ``ParticipantBlock.snapshot``; None: the
+        initial state); return the epoch. ``data`` holds ObjectRefs of (participant ids, x_train, y_train,
+        training index lists, validation index lists, held-out batch z′, misbehaving ids): the first call
+        (after creation or a restart) builds the block from them. The references travel with each call,
+        not with the constructor, so Ray can restart this actor without keeping constructor arguments."""
+        if self.block is None:
+            from dice_ray.participants import ParticipantBlock
+
+            nodes, x_train, y_train, train, val, heldout, misbehaving = ray.get(data)
+            self.block = ParticipantBlock(self.config, nodes, x_train, y_train, train, val, heldout,
+                                          self.input_shape, self.num_classes, device=self.device,
+                                          misbehaving=misbehaving)
+            if arrays is not None:
+                self.block.restore(arrays)
+        else:
+            self.block.restore(arrays)
+        self.epoch = epoch
+        return epoch
 
     @ray.method(num_returns=2)
-    def half_step(self, t: int, publish: bool) -> tuple[np.ndarray | None, np.ndarray]:
+    def half_step(self, t: int, publish: bool, epoch: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Local step of round t: (half-step states [P, D] if other groups read them, else None; train
         losses [P]). The group's own half-step never leaves the process: ``mix`` reads it in place."""
+        if epoch != self.epoch:
+            return None, None
         half, loss = self.block.half_step(t)
         return (half if publish else None), loss
 
-    def mix(self, weights: list[sp.csr_array], own: int, evaluate: bool, *sources: np.ndarray) -> dict[str, Any] | None:
+    def mix(self, weights: list[sp.csr_array], own: int, evaluate: bool, snapshot: bool, epoch: int,
+            *sources: np.ndarray) -> dict[str, Any] | None:
         """Gossip with ``weights[b]`` over the source blocks: ``sources`` from other groups, with this group's
-        own half-step inserted at position ``own`` (-1: not read); return ``evaluate()`` metrics if asked."""
+        own half-step inserted at position ``own`` (-1: not read). Return ``{"metrics": evaluate() or None,
+        "snapshot": snapshot() or None}``, or None for a task of an abandoned epoch."""
+        if epoch != self.epoch:
+            return None
         blocks = list(sources)
         if own >= 0:
             blocks.insert(own, self.block.population.state.cpu().numpy())
         self.block.mix(weights, blocks)
-        return self.block.evaluate() if evaluate else None
+        return {"metrics": self.block.evaluate() if evaluate else None,
+                "snapshot": self.block.snapshot() if snapshot else None}
 
     def info(self) -> dict[str, Any]:
         """Return placement facts: torch threads, device, node IP, placement group (None outside one), peak
@@ -102,21 +134,22 @@ class Coordinator:
             self._routes[key] = routes
         return self._routes[key]
 
-    def submit_rounds(self, rounds: list[tuple[int, bool]]) -> list[tuple[list[Any], list[Any]]]:
-        """``submit_round`` for each (t, evaluate) of ``rounds``, in order (one call for several rounds keeps
-        the coordinator's and driver's CPU time per round small)."""
-        return [self.submit_round(t, evaluate) for t, evaluate in rounds]
+    def submit_rounds(self, rounds: list[tuple[int, bool, bool]], epoch: int) -> list[tuple[list[Any], list[Any]]]:
+        """``submit_round`` for each (t, evaluate, snapshot) of ``rounds``, in order (one call for several
+        rounds keeps the coordinator's and driver's CPU time per round small)."""
+        return [self.submit_round(t, evaluate, snapshot, epoch) for t, evaluate, snapshot in rounds]
 
-    def submit_round(self, t: int, evaluate: bool) -> tuple[list[Any], list[Any]]:
-        """Queue round t on every group without waiting; return the ObjectRefs of (per-group train
-        losses, per-group mix results). Groups run their tasks in submission order, so rounds queued
+    def submit_round(self, t: int, evaluate: bool, snapshot: bool = False,
+                     epoch: int = 0) -> tuple[list[Any], list[Any]]:
+        """Queue round t of ``epoch`` on every group without waiting; return the ObjectRefs of (per-group
+        train losses, per-group mix results). Groups run their tasks in submission order, so rounds queued
         back to back keep every group busy while the driver collects earlier rounds' metrics."""
         routes = self._route(t)
         published = {s for g, route in enumerate(routes) for s, _ in route if s != g}
-        halves = [group.half_step.remote(t, g in published) for g, group in enumerate(self.groups)]
+        halves = [group.half_step.remote(t, g in published, epoch) for g, group in enumerate(self.groups)]
         mixed = []
         for g, (group, route) in enumerate(zip(self.groups, routes, strict=True)):
             own = next((i for i, (s, _) in enumerate(route) if s == g), -1)
             others = [halves[s][0] for s, _ in route if s != g]
-            mixed.append(group.mix.remote([w for _, w in route], own, evaluate, *others))
+            mixed.append(group.mix.remote([w for _, w in route], own, evaluate, snapshot, epoch, *others))
         return [h[1] for h in halves], mixed

@@ -32,7 +32,14 @@ def record_windows_task(experiment: Experiment, starts: list[int], hops: int) ->
     return windows[0] if len(windows) == 1 else tuple(windows)
 
 
-@ray.remote(num_cpus=1, max_retries=3)
+# A task lost with its worker or machine is resubmitted this many times (and reported); errors raised by
+# the measurement itself are not retried.
+TASK_RETRIES = 3
+TASK_FAILURES = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
+                 ray.exceptions.OwnerDiedError)
+
+
+@ray.remote(num_cpus=1, max_retries=0)
 def measure_task(experiment: Experiment, trajectory: Any, probes: list[Probe]) -> tuple[list[dict], list[dict]]:
     """Measure ``probes`` (all of one round) on its window; return (influence rows, dice rows)."""
     import torch
@@ -45,29 +52,44 @@ def measure_task(experiment: Experiment, trajectory: Any, probes: list[Probe]) -
     return measure_round(experiment, trajectory, probes)
 
 
-def measure_influence(experiment: Experiment, progress: Any = None) -> tuple[list[dict], list[dict]]:
+def measure_influence(experiment: Experiment, progress: Any = None,
+                      retries: list[dict] | None = None) -> tuple[list[dict], list[dict]]:
     """Measure every probe of ``experiment.config.influence`` on the connected Ray cluster; return
-    (influence rows, dice rows) sorted by probe. ``progress(done, total)`` is called as tasks finish."""
+    (influence rows, dice rows) sorted by probe. ``progress(done, total)`` is called as tasks finish. A
+    task lost with its worker or machine is resubmitted (up to ``TASK_RETRIES`` times) and recorded in
+    ``retries`` (round, probe ids, error)."""
     config = experiment.config
     rounds, probes = probe_rounds(config), select_probes(config)
     exp_ref = ray.put(experiment)
     windows = record_windows_task.options(num_returns=len(rounds)).remote(exp_ref, rounds, config.influence.hops)
     windows = [windows] if len(rounds) == 1 else list(windows)
     chunk = config.influence.sources_per_task
-    tasks = []
+    work = {}  # task ref -> (window ref, probes, attempts so far)
     for t, window in zip(rounds, windows, strict=True):
         mine = [p for p in probes if p.round == t]
-        tasks += [measure_task.remote(exp_ref, window, mine[i: i + chunk]) for i in range(0, len(mine), chunk)]
+        for i in range(0, len(mine), chunk):
+            work[measure_task.remote(exp_ref, window, mine[i: i + chunk])] = (window, mine[i: i + chunk], 0)
+    total, finished = len(work), 0
     influence: list[dict] = []
     dice: list[dict] = []
-    pending = list(tasks)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        rows_influence, rows_dice = ray.get(done[0])
+    while work:
+        [done], _ = ray.wait(list(work), num_returns=1)
+        window, chunk_probes, attempts = work.pop(done)
+        try:
+            rows_influence, rows_dice = ray.get(done)
+        except TASK_FAILURES as err:
+            if attempts >= TASK_RETRIES:
+                raise
+            if retries is not None:
+                retries.append({"round": chunk_probes[0].round, "probe_ids": [p.probe_id for p in chunk_probes],
+                                "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"})
+            work[measure_task.remote(exp_ref, window, chunk_probes)] = (window, chunk_probes, attempts + 1)
+            continue
         influence += rows_influence
         dice += rows_dice
+        finished += 1
         if progress is not None:
-            progress(len(tasks) - len(pending), len(tasks))
+            progress(finished, total)
     order = {p.probe_id: i for i, p in enumerate(probes)}
     influence.sort(key=lambda r: (order[r["probe_id"]], r["step"], r["target"]))
     dice.sort(key=lambda r: (order[r["probe_id"]], r["hops"]))

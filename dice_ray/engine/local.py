@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from dice_ray.engine.metrics import RoundMetrics, combine_evaluations
+from dice_ray.engine.metrics import RoundMetrics, RoundPlan, combine_evaluations
 from dice_ray.engine.runtime import tune_allocator
 from dice_ray.experiment import Experiment
 from dice_ray.participants import ParticipantBlock
@@ -24,18 +24,27 @@ class LocalEngine:
         self.topology = experiment.topology
         self.block = ParticipantBlock.for_experiment(experiment, device=device)
 
-    def run_round(self, t: int, evaluate: bool) -> RoundMetrics:
-        """Run round t; return its metrics."""
+    def run_round(self, t: int, evaluate: bool, snapshot: bool = False) -> RoundMetrics:
+        """Run round t; return its metrics (with the state after it if ``snapshot``)."""
         half, train_loss = self.block.half_step(t)
         self.block.mix([self.topology.mixing_matrix(t)], [half])
-        if not evaluate:
-            return RoundMetrics(t, train_loss)
-        return combine_evaluations(t, train_loss, [self.block.evaluate()], self.topology.n)
+        if evaluate:
+            metrics = combine_evaluations(t, train_loss, [self.block.evaluate()], self.topology.n)
+        else:
+            metrics = RoundMetrics(t, train_loss)
+        if snapshot:
+            metrics.snapshot = self.block.snapshot()
+        return metrics
 
-    def run_rounds(self, schedule: Iterable[tuple[int, bool]]) -> Iterator[RoundMetrics]:
-        """Run the rounds of ``schedule`` ((t, evaluate) pairs, in order); yield each round's metrics."""
-        for t, evaluate in schedule:
-            yield self.run_round(t, evaluate)
+    def run_rounds(self, schedule: Iterable[tuple[int, bool] | RoundPlan]) -> Iterator[RoundMetrics]:
+        """Run the rounds of ``schedule`` (``RoundPlan``s or (t, evaluate) pairs, in order); yield each
+        round's metrics."""
+        for plan in schedule:
+            yield self.run_round(*plan)
+
+    def restore(self, snapshot: dict[str, np.ndarray] | None, timeout_s: float = 0.0) -> None:
+        """Bring the block to ``snapshot`` (None: the initial state)."""
+        self.block.restore(snapshot)
 
     def states(self) -> np.ndarray:
         """Return all participants' current states θ [N, D]."""

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
+
+
+class RoundPlan(NamedTuple):
+    """What to do in round t: evaluate afterwards, and snapshot the state for a checkpoint afterwards.
+    A plain ``(t, evaluate)`` tuple reads as a plan without a snapshot."""
+
+    t: int
+    evaluate: bool
+    snapshot: bool = False
 
 
 @dataclass
@@ -23,6 +33,12 @@ class RoundMetrics:
     heldout_loss: np.ndarray | None = None
     heldout_acc: np.ndarray | None = None
     consensus_distance: float | None = None
+    snapshot: dict[str, np.ndarray] | None = None  # the state after round t, global order (checkpoint rounds)
+
+
+def combine_snapshots(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate per-block ``ParticipantBlock.snapshot`` arrays (blocks in global participant order)."""
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
 def combine_evaluations(t: int, train_loss: np.ndarray, parts: list[dict[str, np.ndarray]],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -13,16 +14,24 @@ from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from dice_ray.engine.actors import Coordinator, ParticipantGroup
-from dice_ray.engine.metrics import RoundMetrics, combine_evaluations
+from dice_ray.engine.metrics import RoundMetrics, RoundPlan, combine_evaluations, combine_snapshots
 from dice_ray.engine.runtime import ActorPlan, plan_actors
 from dice_ray.experiment import Experiment
+
+# What a lost actor or machine looks like to the driver: the round in flight fails with one of these.
+ACTOR_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError,
+                  ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError)
 
 
 class RayEngine:
     """Runs an ``Experiment`` on the Ray cluster this process is connected to (``start_ray`` first).
 
     The training data goes to the object store once; each group copies its participants' rows. The
-    driver holds no parameters (``states()`` fetches them only on request).
+    driver holds no parameters (``states()`` fetches them only on request). Actors are restarted by Ray
+    when they die (``ACTOR_FAILURES`` reach the caller of ``run_rounds``); ``restore`` then brings every
+    group back to a snapshot so the caller can replay the rounds since. Actors take no object references
+    in their constructors (Ray cannot restart an actor whose constructor arguments are gone): the data
+    references travel with ``restore``.
     """
 
     def __init__(self, experiment: Experiment, plan: ActorPlan | None = None):
@@ -36,55 +45,121 @@ class RayEngine:
         in_group = [PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
                     ] * len(self.plan.blocks) if group is not None else None
         ds, part = experiment.dataset, experiment.partition
-        x_ref, y_ref = ray.put(ds.x_train), ray.put(ds.y_train)
-        heldout_ref = ray.put(experiment.heldout)
-        # One actor per machine is pinned to its machine; any other plan is spread over the machines.
-        strategies = ([NodeAffinitySchedulingStrategy(n["NodeID"], soft=False) for n in machines]
+        # One actor per machine goes to its machine (soft: a restart after losing that machine may go
+        # elsewhere); any other plan is spread over the machines.
+        strategies = ([NodeAffinitySchedulingStrategy(n["NodeID"], soft=True) for n in machines]
                       if self.plan.per_machine else ["SPREAD"] * len(self.plan.blocks))
         self.groups = [
             ParticipantGroup.options(num_cpus=self.plan.cpus_per_actor, num_gpus=self.plan.gpus_per_actor,
-                                     scheduling_strategy=strategy)
-            .remote(experiment.config, block, x_ref, y_ref, [part.train[k] for k in block],
-                    [part.val[k] for k in block], heldout_ref, ds.input_shape, ds.num_classes,
-                    self.plan.threads_per_actor, experiment.misbehaving)
-            for block, strategy in zip(self.plan.blocks, in_group or strategies, strict=False)
+                                     scheduling_strategy=strategy, max_restarts=-1)
+            .remote(experiment.config, ds.input_shape, ds.num_classes, self.plan.threads_per_actor)
+            for strategy in (in_group or strategies)[: len(self.plan.blocks)]
         ]
-        self.coordinator = Coordinator.remote(experiment.topology, self.plan.blocks, self.groups)
+        # The data goes to the object store once (each group's index lists separately); the engine keeps the
+        # references, and every ``restore`` hands them over, so a restarted group rebuilds its block.
+        shared = [ray.put(ds.x_train), ray.put(ds.y_train)]
+        heldout, misbehaving = ray.put(experiment.heldout), ray.put(experiment.misbehaving)
+        self._data = [[ray.put(block), *shared, ray.put([part.train[k] for k in block]),
+                       ray.put([part.val[k] for k in block]), heldout, misbehaving] for block in self.plan.blocks]
+        self._topology = experiment.topology
+        self.coordinator = Coordinator.remote(self._topology, self.plan.blocks, self.groups)
         self.n = experiment.nodes
+        self.epoch = 0
+        self.restore(None)
 
     def run_round(self, t: int, evaluate: bool) -> RoundMetrics:
         """Run round t; return its metrics."""
         return next(self.run_rounds([(t, evaluate)]))
 
-    def run_rounds(self, schedule: Iterable[tuple[int, bool]], chunk: int = 4) -> Iterator[RoundMetrics]:
-        """Run the rounds of ``schedule`` ((t, evaluate) pairs, in order); yield each round's metrics.
+    def run_rounds(self, schedule: Iterable[tuple[int, bool] | RoundPlan],
+                   chunk: int = 4) -> Iterator[RoundMetrics]:
+        """Run the rounds of ``schedule`` (``RoundPlan``s or (t, evaluate) pairs, in order); yield each
+        round's metrics.
 
         Rounds are handed to the coordinator ``chunk`` at a time, and the next chunk is queued before the
         current one is collected, so the groups never wait for the driver (synchrony is kept by the data
         flow: round t+1 starts on the mixed states of round t).
         """
-        rounds = iter(schedule)
-        inflight: deque[tuple[list[tuple[int, bool]], Any]] = deque()
+        rounds = (RoundPlan(*plan) for plan in schedule)
+        inflight: deque[tuple[list[RoundPlan], Any]] = deque()
 
         def submit() -> None:
             batch = list(itertools.islice(rounds, chunk))
             if batch:
-                inflight.append((batch, self.coordinator.submit_rounds.remote(batch)))
+                inflight.append((batch, self.coordinator.submit_rounds.remote(batch, self.epoch)))
 
         submit()
         submit()
-        while inflight:
-            batch, submitted = inflight.popleft()
-            submit()
-            for (t, evaluate), refs in zip(batch, ray.get(submitted), strict=True):
-                yield self._collect(t, evaluate, *refs)
+        current: list[Any] = []
+        try:
+            while inflight:
+                batch, submitted = inflight.popleft()
+                submit()
+                current = ray.get(submitted)
+                for plan, refs in zip(batch, current, strict=True):
+                    yield self._collect(plan, *refs)
+        except ACTOR_FAILURES:
+            self._drain([submitted for _, submitted in inflight], current)
+            raise
 
-    def _collect(self, t: int, evaluate: bool, loss_refs: list[Any], mix_refs: list[Any]) -> RoundMetrics:
+    @staticmethod
+    def _drain(submitted: list[Any], rounds: list[Any], timeout_s: float = 30.0) -> None:
+        """Fetch (and drop) the results of abandoned rounds, failed ones included, so that Ray does not report
+        their errors as unhandled; best effort within ``timeout_s``."""
+        refs = [ref for per_round in rounds for part in per_round for ref in part]
+        for chunk in submitted:
+            try:
+                refs += [ref for per_round in ray.get(chunk, timeout=timeout_s) for part in per_round for ref in part]
+            except (ray.exceptions.RayError, TimeoutError):
+                continue
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError:
+                pass
+
+    def _collect(self, plan: RoundPlan, loss_refs: list[Any], mix_refs: list[Any]) -> RoundMetrics:
         train_loss = np.concatenate(ray.get(loss_refs))
         parts = ray.get(mix_refs)
-        if not evaluate:
-            return RoundMetrics(t, train_loss)
-        return combine_evaluations(t, train_loss, parts, self.n)
+        if plan.evaluate:
+            metrics = combine_evaluations(plan.t, train_loss, [p["metrics"] for p in parts], self.n)
+        else:
+            metrics = RoundMetrics(plan.t, train_loss)
+        if plan.snapshot:
+            metrics.snapshot = combine_snapshots([p["snapshot"] for p in parts])
+        return metrics
+
+    def restore(self, snapshot: dict[str, np.ndarray] | None, timeout_s: float = 600.0) -> None:
+        """Bring every group to ``snapshot`` (global arrays as in ``RoundMetrics.snapshot``; None: the
+        initial state) in a new epoch, waiting up to ``timeout_s`` for restarted actors to come up. Rounds
+        still queued from before are dropped by the groups (see ``ParticipantGroup``). The coordinator, which
+        holds no state, is replaced by a fresh one (it may have been on a lost machine)."""
+        if self.epoch > 0:
+            ray.kill(self.coordinator)
+            self.coordinator = Coordinator.remote(self._topology, self.plan.blocks, self.groups)
+        self.epoch += 1
+        deadline = time.monotonic() + timeout_s
+
+        def submit(g: int) -> Any:
+            block = self.plan.blocks[g]
+            arrays = None if snapshot is None else {k: v[block] for k, v in snapshot.items()}
+            return self.groups[g].restore.remote(arrays, self.epoch, self._data[g])
+
+        pending = {g: submit(g) for g in range(len(self.groups))}
+        while pending:
+            g, ref = next(iter(pending.items()))
+            try:
+                ray.get(ref, timeout=max(deadline - time.monotonic(), 0.0))
+                del pending[g]
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(f"participant-group actor {g} did not come back within {timeout_s:g} s after "
+                                   "a failure (is there a machine with room for it?)") from None
+            except ray.exceptions.RayActorError:  # still restarting: ask again
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+                pending[g] = submit(g)
 
     def info(self) -> list[dict[str, Any]]:
         """Return each group's placement facts (threads, device, node IP, peak RSS)."""

@@ -33,7 +33,9 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+    # address="local": always a new Ray of this process's own, never another job's running one (ray.init()
+    # alone joins the newest local Ray it finds, and dies with it).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
              configure_logging=False, log_to_driver=True)
 
 
