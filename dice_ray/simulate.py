@@ -9,7 +9,9 @@ Examples::
 Every option overrides the matching field of the config file (``--config``); ``--set a.b=value``
 overrides any field. Bad input prints one line and exits with status 2 before any work starts.
 Results: a run directory with ``manifest.json``, ``rounds.parquet`` and ``nodes.parquet``; with
-``--influence`` also ``influence.parquet`` and ``dice.parquet`` (DICE-GT and DICE-E of every probe).
+``--influence`` also ``influence.parquet`` and ``dice.parquet`` (DICE-GT and DICE-E of every probe); with
+``--proximal`` ``proximal.parquet`` (every examiner's score of every in-neighbour); with ``--rewire``
+``rewiring.parquet`` (collaborator selection's history).
 """
 
 from __future__ import annotations
@@ -30,7 +32,19 @@ from dice_ray import __version__
 from dice_ray.config import RunConfig, build_config, load_config, set_dotted
 from dice_ray.errors import InputError
 from dice_ray.experiment import Experiment, prepare
-from dice_ray.results import DICE, INFLUENCE, NODES, ROUNDS, TableWriter, write_json_atomic, write_table_atomic
+from dice_ray.proximal import ProximalLedger
+from dice_ray.results import (
+    DICE,
+    INFLUENCE,
+    NODES,
+    PROXIMAL,
+    REWIRING,
+    ROUNDS,
+    TableWriter,
+    write_json_atomic,
+    write_table_atomic,
+)
+from dice_ray.rewiring import Rewirer, rewired_rounds
 
 # (flag, dotted config field, type). Help texts come from the config fields' descriptions.
 OPTIONS: list[tuple[str, str, Any]] = [
@@ -54,10 +68,16 @@ OPTIONS: list[tuple[str, str, Any]] = [
     ("--misbehavior", "misbehavior.kind", str), ("--misbehaving", "misbehavior.count", int),
     ("--misbehaving-fraction", "misbehavior.fraction", float),
     ("--misbehaving-selection", "misbehavior.selection", str), ("--misbehaving-ids", "misbehavior.ids", "int-list"),
+    ("--proximal-every", "proximal.every", int), ("--proximal-zprime", "proximal.zprime", str),
+    ("--proximal-window", "proximal.window", int),
+    ("--rewire", "rewiring.mode", str), ("--rewire-every", "rewiring.every", int),
+    ("--rewire-keep", "rewiring.keep", int), ("--rewire-candidates", "rewiring.candidates", int),
+    ("--rewire-seed", "rewiring.seed", int),
 ]
 SWITCHES: list[tuple[str, str, bool]] = [
     ("--download", "data.download", True), ("--overwrite", "output.overwrite", True),
     ("--no-progress", "output.progress", False), ("--influence", "influence.enabled", True),
+    ("--proximal", "proximal.enabled", True),
 ]
 
 
@@ -222,7 +242,8 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
         blocks = engine.plan.blocks
 
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("rounds.parquet", "nodes.parquet", "states.npy", "influence.parquet", "dice.parquet"):
+    for stale in ("rounds.parquet", "nodes.parquet", "states.npy", "influence.parquet", "dice.parquet",
+                  "proximal.parquet", "rewiring.parquet"):
         (out / stale).unlink(missing_ok=True)
     manifest: dict[str, Any] = {
         "status": "running", "config": config.model_dump(mode="json"), "seed": config.seed,
@@ -243,16 +264,23 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     n, rounds, every = config.nodes, config.rounds, config.output.eval_every
     bar = tqdm(total=rounds, unit="round", disable=not config.output.progress, dynamic_ncols=True,
                file=sys.stderr)
+    ledger = (ProximalLedger(n, experiment.q, experiment.misbehaving, config.proximal.window)
+              if config.proximal.enabled else None)
+    rewirer = (Rewirer(config, experiment.topology.mixing_matrix(0), ledger)
+               if config.rewiring.mode != "none" else None)
+    proximal_table = TableWriter(out / "proximal.parquet", PROXIMAL) if ledger else None
     try:
         with TableWriter(out / "rounds.parquet", ROUNDS) as rounds_table:
             pending: dict[str, list] = {}
             schedule = ((t, (t + 1) % every == 0 or t == rounds - 1) for t in range(rounds))
-            for m in engine.run_rounds(schedule):
+            for m in rewired_rounds(engine, schedule, rewirer):
                 t = m.round
                 if not np.isfinite(m.train_loss).all():
                     bad = np.flatnonzero(~np.isfinite(m.train_loss))[:5].tolist()
                     raise FloatingPointError(f"round {t}: non-finite training loss at participants {bad}")
                 _append_rows(pending, m, n)
+                if m.proximal is not None:
+                    proximal_table.write(ledger.rows(t, m.proximal))
                 if len(pending["node"]) >= 65_536 or t == rounds - 1:
                     rounds_table.write(pending)
                     pending = {}
@@ -262,6 +290,11 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
                 bar.set_postfix(post, refresh=False)
                 bar.update()
         bar.close()
+        if proximal_table:
+            proximal_table.close()
+        if rewirer:
+            write_table_atomic(out / "rewiring.parquet", rewirer.history, REWIRING)
+            manifest["rewiring_fallbacks"] = rewirer.fallbacks
         write_table_atomic(out / "nodes.parquet", _nodes_table(experiment, blocks), NODES)
         if save_states:
             np.save(out / "states.npy", engine.states())
@@ -273,6 +306,8 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
             write_table_atomic(out / "dice.parquet", dice_rows, DICE)
     except BaseException as err:
         bar.close()
+        if proximal_table and not proximal_table.path.exists():
+            proximal_table.abort()
         manifest.update(status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
                         error=f"{type(err).__name__}: {err}",
                         end_time=dt.datetime.now(dt.timezone.utc).isoformat())

@@ -8,6 +8,9 @@ Round t (SPEC §1, Algorithm 1), as the coordinator drives it:
    blocks those rows read; Ray resolves them (zero-copy numpy on the same node) and the group mixes
    (``mix``), evaluating afterwards on evaluation rounds.
 
+On proximal-influence scoring rounds (``proximal.py``) the groups also publish their updates Δ beside
+the half-steps, and ``mix`` returns every examiner's scores of its in-neighbours.
+
 Parameters move only between groups, through the object store; the coordinator and the driver see
 losses and metrics.
 """
@@ -22,6 +25,7 @@ import ray
 import scipy.sparse as sp
 
 from dice_ray.engine.runtime import tune_allocator
+from dice_ray.proximal import ProximalExaminer
 from dice_ray.topology import Topology
 
 
@@ -41,22 +45,37 @@ class ParticipantGroup:
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.block = ParticipantBlock(config, nodes, x_train, y_train, train, val, heldout, input_shape,
                                       num_classes, device=device, misbehaving=misbehaving)
+        self.examiner = ProximalExaminer(self.block, config.proximal.zprime)
 
-    @ray.method(num_returns=2)
-    def half_step(self, t: int, publish: bool) -> tuple[np.ndarray | None, np.ndarray]:
+    @ray.method(num_returns=3)
+    def half_step(self, t: int, publish: bool, score: bool = False) -> tuple[np.ndarray | None, np.ndarray,
+                                                                             np.ndarray | None]:
         """Local step of round t: (half-step states [P, D] if other groups read them, else None; train
-        losses [P]). The group's own half-step never leaves the process: ``mix`` reads it in place."""
+        losses [P]; on scoring rounds the updates Δ [P, D_params] if other groups read them, else None).
+        The group's own half-step never leaves the process: ``mix`` reads it in place."""
+        if score:
+            self.examiner.keep_before()
         half, loss = self.block.half_step(t)
-        return (half if publish else None), loss
+        delta = self.examiner.take_delta() if score else None
+        return (half if publish else None), loss, (delta.cpu().numpy() if publish and score else None)
 
-    def mix(self, weights: list[sp.csr_array], own: int, evaluate: bool, *sources: np.ndarray) -> dict[str, Any] | None:
+    def mix(self, weights: list[sp.csr_array], own: int, evaluate: bool, score_ids: list[np.ndarray] | None,
+            *sources: np.ndarray) -> dict[str, Any] | None:
         """Gossip with ``weights[b]`` over the source blocks: ``sources`` from other groups, with this group's
-        own half-step inserted at position ``own`` (-1: not read); return ``evaluate()`` metrics if asked."""
-        blocks = list(sources)
+        own half-step inserted at position ``own`` (-1: not read); return ``evaluate()`` metrics if asked.
+
+        On scoring rounds ``score_ids`` holds each source block's global ids and ``sources`` ends with the
+        other groups' updates Δ (same order); the result then has the edge scores under ``proximal``."""
+        blocks, deltas = (list(sources), []) if score_ids is None else \
+            (list(sources[: len(sources) // 2]), list(sources[len(sources) // 2:]))
         if own >= 0:
             blocks.insert(own, self.block.population.state.cpu().numpy())
+            deltas.insert(own, self.examiner.delta)
         self.block.mix(weights, blocks)
-        return self.block.evaluate() if evaluate else None
+        out = self.block.evaluate() if evaluate else None
+        if score_ids is not None:
+            out = {**(out or {}), "proximal": self.examiner.score(weights, deltas, score_ids)}
+        return out
 
     def info(self) -> dict[str, Any]:
         """Return placement facts: torch threads, device, node IP, peak RSS (MiB) of this process."""
@@ -83,13 +102,19 @@ class Coordinator:
         for g, block in enumerate(blocks):
             self.owner[block] = g
         self._routes: dict[int, list[list[tuple[int, sp.csr_array]]]] = {}
+        self._mixing: sp.csr_array | None = None  # set by collaborator selection: replaces W from then on
+
+    def set_mixing_matrix(self, w: sp.csr_array) -> None:
+        """Use ``w`` [N, N] as W^t for every later round (collaborator selection rewires the graph)."""
+        self._mixing = sp.csr_array(w)
+        self._routes.clear()
 
     def _route(self, t: int) -> list[list[tuple[int, sp.csr_array]]]:
         """Per group: the source groups its rows of W^t read, each with the [P, |source block|] slice of
         W^t for those rows and that block's columns. Cached for static topologies."""
-        key = t if self.topology.time_varying else 0
+        key = t if self.topology.time_varying and self._mixing is None else 0
         if key not in self._routes:
-            w = self.topology.mixing_matrix(t)
+            w = self.topology.mixing_matrix(t) if self._mixing is None else self._mixing
             routes = []
             for block in self.blocks:
                 rows = sp.csr_array(w[block])
@@ -100,21 +125,26 @@ class Coordinator:
             self._routes[key] = routes
         return self._routes[key]
 
-    def submit_rounds(self, rounds: list[tuple[int, bool]]) -> list[tuple[list[Any], list[Any]]]:
-        """``submit_round`` for each (t, evaluate) of ``rounds``, in order (one call for several rounds keeps
-        the coordinator's and driver's CPU time per round small)."""
-        return [self.submit_round(t, evaluate) for t, evaluate in rounds]
+    def submit_rounds(self, rounds: list[tuple]) -> list[tuple[list[Any], list[Any]]]:
+        """``submit_round`` for each (t, evaluate[, score]) of ``rounds``, in order (one call for several
+        rounds keeps the coordinator's and driver's CPU time per round small)."""
+        return [self.submit_round(*r) for r in rounds]
 
-    def submit_round(self, t: int, evaluate: bool) -> tuple[list[Any], list[Any]]:
+    def submit_round(self, t: int, evaluate: bool, score: bool = False) -> tuple[list[Any], list[Any]]:
         """Queue round t on every group without waiting; return the ObjectRefs of (per-group train
         losses, per-group mix results). Groups run their tasks in submission order, so rounds queued
-        back to back keep every group busy while the driver collects earlier rounds' metrics."""
+        back to back keep every group busy while the driver collects earlier rounds' metrics.
+        ``score``: a proximal-influence scoring round (updates Δ travel beside the half-steps)."""
         routes = self._route(t)
         published = {s for g, route in enumerate(routes) for s, _ in route if s != g}
-        halves = [group.half_step.remote(t, g in published) for g, group in enumerate(self.groups)]
+        halves = [group.half_step.remote(t, g in published, score) for g, group in enumerate(self.groups)]
         mixed = []
         for g, (group, route) in enumerate(zip(self.groups, routes, strict=True)):
             own = next((i for i, (s, _) in enumerate(route) if s == g), -1)
             others = [halves[s][0] for s, _ in route if s != g]
-            mixed.append(group.mix.remote([w for _, w in route], own, evaluate, *others))
+            ids = None
+            if score:
+                ids = [self.blocks[s] for s, _ in route]
+                others += [halves[s][2] for s, _ in route if s != g]
+            mixed.append(group.mix.remote([w for _, w in route], own, evaluate, ids, *others))
         return [h[1] for h in halves], mixed

@@ -13,7 +13,8 @@ class RoundMetrics:
 
     ``train_loss`` [N] every round; on evaluation rounds also ``val_loss``, ``val_acc``,
     ``heldout_loss``, ``heldout_acc`` [N] and the network's ``consensus_distance``
-    (1/N) Σ_k ||θ_k^{t+1} − θ̄^{t+1}||²; otherwise those are None.
+    (1/N) Σ_k ||θ_k^{t+1} − θ̄^{t+1}||²; otherwise those are None. On proximal-influence scoring rounds
+    ``proximal`` holds the edge scores (``proximal.ProximalExaminer.score``, all blocks merged).
     """
 
     round: int
@@ -23,6 +24,7 @@ class RoundMetrics:
     heldout_loss: np.ndarray | None = None
     heldout_acc: np.ndarray | None = None
     consensus_distance: float | None = None
+    proximal: dict[str, np.ndarray] | None = None
 
 
 def combine_evaluations(t: int, train_loss: np.ndarray, parts: list[dict[str, np.ndarray]],

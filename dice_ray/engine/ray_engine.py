@@ -15,6 +15,7 @@ from dice_ray.engine.actors import Coordinator, ParticipantGroup
 from dice_ray.engine.metrics import RoundMetrics, combine_evaluations
 from dice_ray.engine.runtime import ActorPlan, plan_actors
 from dice_ray.experiment import Experiment
+from dice_ray.proximal import combine_scores, scoring_round
 
 
 class RayEngine:
@@ -45,6 +46,7 @@ class RayEngine:
         ]
         self.coordinator = Coordinator.remote(experiment.topology, self.plan.blocks, self.groups)
         self.n = experiment.nodes
+        self.config = experiment.config
 
     def run_round(self, t: int, evaluate: bool) -> RoundMetrics:
         """Run round t; return its metrics."""
@@ -63,7 +65,8 @@ class RayEngine:
         def submit() -> None:
             batch = list(itertools.islice(rounds, chunk))
             if batch:
-                inflight.append((batch, self.coordinator.submit_rounds.remote(batch)))
+                scored = [(t, evaluate, scoring_round(self.config, t)) for t, evaluate in batch]
+                inflight.append((batch, self.coordinator.submit_rounds.remote(scored)))
 
         submit()
         submit()
@@ -76,9 +79,14 @@ class RayEngine:
     def _collect(self, t: int, evaluate: bool, loss_refs: list[Any], mix_refs: list[Any]) -> RoundMetrics:
         train_loss = np.concatenate(ray.get(loss_refs))
         parts = ray.get(mix_refs)
-        if not evaluate:
-            return RoundMetrics(t, train_loss)
-        return combine_evaluations(t, train_loss, parts, self.n)
+        metrics = combine_evaluations(t, train_loss, parts, self.n) if evaluate else RoundMetrics(t, train_loss)
+        if scoring_round(self.config, t):
+            metrics.proximal = combine_scores([p["proximal"] for p in parts])
+        return metrics
+
+    def set_mixing_matrix(self, w: Any) -> None:
+        """Use ``w`` [N, N] as W^t from the next submitted round on (call between ``run_rounds`` calls)."""
+        ray.get(self.coordinator.set_mixing_matrix.remote(w))
 
     def info(self) -> list[dict[str, Any]]:
         """Return each group's placement facts (threads, device, node IP, peak RSS)."""
