@@ -17,6 +17,7 @@ cumulative and windowed sums and writes ``proximal.parquet``. Pure torch and num
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from typing import Any
 
@@ -43,10 +44,12 @@ def _edge_dots(pairs: list[tuple[torch.Tensor, torch.Tensor]], ra: np.ndarray, r
     a0, b0 = pairs[0]
     order = np.lexsort((rb, ra))
     crow = np.concatenate([[0], np.cumsum(np.bincount(ra, minlength=a0.shape[0]))])
-    pattern = torch.sparse_csr_tensor(torch.as_tensor(crow, dtype=torch.int64),
-                                      torch.as_tensor(rb[order], dtype=torch.int64),
-                                      torch.zeros(len(ra), dtype=a0.dtype), size=(a0.shape[0], b0.shape[0]),
-                                      device=a0.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+        pattern = torch.sparse_csr_tensor(torch.as_tensor(crow, dtype=torch.int64),
+                                          torch.as_tensor(rb[order], dtype=torch.int64),
+                                          torch.zeros(len(ra), dtype=a0.dtype), size=(a0.shape[0], b0.shape[0]),
+                                          device=a0.device)
     back = torch.as_tensor(np.argsort(order), device=a0.device)
     return [torch.sparse.sampled_addmm(pattern, a, b.T, beta=0.0).values()[back] for a, b in pairs]
 
