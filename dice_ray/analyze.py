@@ -372,7 +372,7 @@ def _anomaly_plot(run: Path, scores, horizon: int) -> Path:
     left.set_xlabel("false positive rate (honest neighbours flagged)")
     left.set_ylabel("true positive rate (anomalous neighbours flagged)")
     left.set_title(f"ROC over (examiner, in-neighbour) pairs, rounds < {horizon}")
-    left.legend(fontsize=8)
+    left.legend(fontsize=8, loc="lower right")
     right.set_xlabel("rounds scored")
     right.set_ylabel("ROC AUC")
     right.set_title("detection AUC as rounds accumulate")

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dice_ray.analyze import detection_metrics, main as analyze, running_scores
+from dice_ray.analyze import detection_metrics, running_scores
+from dice_ray.analyze import main as analyze
 from dice_ray.simulate import main as simulate
 
 
