@@ -162,9 +162,10 @@ class ProximalLedger:
     def cumulative(self, examiner: int, neighbors: np.ndarray) -> np.ndarray:
         """Return the cumulative score of (examiner, l) for each l of ``neighbors`` (NaN: never scored)."""
         keys = examiner * self.n + np.asarray(neighbors, np.int64)
-        at = np.minimum(np.searchsorted(self._keys, keys), max(len(self._keys) - 1, 0))
-        found = (len(self._keys) > 0) & (self._keys[at] == keys) if len(self._keys) else np.zeros(len(keys), bool)
-        return np.where(found, self._sums[at] if len(self._keys) else 0.0, np.nan)
+        if not len(self._keys):
+            return np.full(len(keys), np.nan)
+        at = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
+        return np.where(self._keys[at] == keys, self._sums[at], np.nan)
 
 
 def _accumulate(keys: list[np.ndarray] | tuple, values: list[np.ndarray] | tuple) -> tuple[np.ndarray, np.ndarray]:
