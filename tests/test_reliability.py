@@ -176,6 +176,21 @@ def test_killed_group_actor_is_restarted_and_the_run_ends_with_the_same_numbers(
     assert recovery["error"].startswith("Actor")  # ActorDiedError or ActorUnavailableError
 
 
+def test_recovery_restores_proximal_ledger_and_rewired_graph(ray_local, tmp_path: Path) -> None:
+    """With online proximal influence and collaborator selection (rewired before round 10), a group killed
+    at round 12 is restored from round 9: the ledger and the graph come back with it, and the replay
+    rewires again to the same W."""
+    common = {"rounds": 24, "engine__actors": 2, "output__checkpoint_every": 5,
+              "proximal": {"enabled": True}, "rewiring": {"mode": "influence", "every": 10, "keep": 2}}
+    undisturbed = simulate(small_config(tmp_path / "a", **common))
+    disturbed = simulate(small_config(tmp_path / "b", **common), on_round=kill_group_at(12, 0))
+    for name in ("rounds", "proximal", "rewiring"):
+        pd.testing.assert_frame_equal(pd.read_parquet(disturbed / f"{name}.parquet"),
+                                      pd.read_parquet(undisturbed / f"{name}.parquet"))
+    assert json.loads((disturbed / "manifest.json").read_text())["recoveries"][0]["restored_from_round"] == 9
+    assert sorted(pd.read_parquet(undisturbed / "rewiring.parquet")["round"].unique()) == [10, 20]
+
+
 def test_run_gives_up_after_max_recoveries(ray_local, tmp_path: Path) -> None:
     config = small_config(tmp_path / "c", rounds=20, engine__actors=2, engine__max_recoveries=0)
     with pytest.raises(RuntimeError, match="gave up after 0 recoveries"):
