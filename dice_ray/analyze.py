@@ -2,6 +2,8 @@
 
     python -m dice_ray.analyze alignment runs/my-run     # DICE-E against DICE-GT, per hop and variant
     python -m dice_ray.analyze cascade runs/my-run       # ripples: influence against hop distance, position
+    python -m dice_ray.analyze anomaly runs/my-run       # detection of misbehaving neighbours (--proximal)
+    python -m dice_ray.analyze collaborators runs/a runs/b ...  # final accuracy: static vs rewired topologies
 
 ``alignment`` reads ``dice.parquet`` and ``influence.parquet`` and prints, for every hop r and DICE-E
 variant, Pearson, Spearman and Kendall correlation with DICE-GT and the relative error Σ|GT − E| / Σ|GT|,
@@ -14,6 +16,16 @@ first-order estimate) and reports how influence decays with hop distance (``casc
 ``cascade_decay.png``), how a source's total influence relates to its degree and centrality (networkx),
 the pairwise matrix I_{j→k} after R rounds (``pairwise.parquet``, ``pairwise_heatmap.png``) and its
 reciprocity: the correlation of I_{j→k} with I_{k→j}.
+
+``anomaly`` reads ``proximal.parquet`` (a run with ``--proximal`` and misbehaving participants) and ranks every
+examiner's in-neighbours by cumulative proximal influence, by its windowed sum, and by two baselines from the
+same run: the neighbour's own training loss and the cosine distance of its update from the examiner's. It
+reports ROC AUC overall and per examiner, precision at the true number of anomalous neighbours and the
+detection delay (``anomaly.parquet``, ``anomaly_roc.png``).
+
+``collaborators`` reads several runs that differ in ``rewiring.mode`` (none, influence, random), misbehaviour
+and seed, and compares the final mean held-out accuracy of the honest participants
+(``collaborators.parquet``).
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ import pyarrow.parquet as pq
 from scipy import stats
 
 from dice_ray.errors import InputError
-from dice_ray.results import ALIGNMENT, CASCADE, PAIRWISE, write_table_atomic
+from dice_ray.results import ALIGNMENT, ANOMALY, CASCADE, COLLABORATORS, PAIRWISE, write_table_atomic
 
 VARIANTS = {"first-order": "est_first_order", "curvature": "est_curvature"}
 QUANTITIES = {"hop": "_hop", "cumulative": ""}
@@ -235,17 +247,276 @@ def _cascade_plots(run: Path, decay: list[dict], pairwise: np.ndarray, column: s
     plt.close(fig)
 
 
+# -- anomaly detection (SPEC §5): proximal influence against two baselines ---------------------------------
+
+METHODS = ("proximal", "proximal-window", "train-loss", "cosine")
+
+
+def _frame(run: Path, name: str, hint: str):
+    import pandas as pd
+
+    path = run / f"{name}.parquet"
+    if not path.is_file():
+        raise InputError(f"{path} does not exist: {hint}")
+    return pd.read_parquet(path)
+
+
+def running_scores(proximal, rounds, window: int):
+    """Return a frame (method, round, examiner, neighbor, anomalous, value): each detector's running score of
+    every pair (k, l) after each scoring round; higher = more anomalous.
+
+    proximal: Σ_{s≤t} p_{k←l}^s; proximal-window: the sum over the pair's last ``window`` scoring rounds;
+    train-loss: the mean over scoring rounds ≤ t of l's own training loss L(θ_l^s; z_l^s); cosine: the mean of
+    1 − cos(Δ_k^s, Δ_l^s).
+    """
+    import pandas as pd
+
+    df = proximal.sort_values(["round", "examiner", "neighbor"], kind="stable").reset_index(drop=True)
+    pair = df.groupby(["examiner", "neighbor"], sort=False)
+    seen = pair.cumcount() + 1
+    loss = rounds.set_index(["round", "node"])["train_loss"]
+    neighbor_loss = loss.reindex(pd.MultiIndex.from_arrays([df["round"], df["neighbor"]])).to_numpy(np.float64)
+    values = {
+        "proximal": pair["score"].cumsum(),
+        "proximal-window": pair["score"].transform(lambda s: s.rolling(window, min_periods=1).sum()),
+        "train-loss": pd.Series(neighbor_loss).groupby([df["examiner"], df["neighbor"]], sort=False).cumsum() / seen,
+        "cosine": (1 - df["update_cosine"]).groupby([df["examiner"], df["neighbor"]], sort=False).cumsum() / seen,
+    }
+    base = df[["round", "examiner", "neighbor"]].assign(anomalous=df["neighbor_is_anomalous"].astype(bool))
+    return pd.concat([base.assign(method=m, value=np.asarray(v, np.float64)) for m, v in values.items()],
+                     ignore_index=True)
+
+
+def _at_horizon(scores, horizon: int):
+    """Each (method, pair)'s running score at its last scoring round before ``horizon``."""
+    before = scores[scores["round"] < horizon]
+    return before.groupby(["method", "examiner", "neighbor"], sort=False).tail(1)
+
+
+def _separated(frame):
+    """Per (method, round, examiner) with an anomalous in-neighbour: True iff every anomalous one scores above
+    every honest one (each ranks among the worst a_k)."""
+    worst_honest = frame[~frame["anomalous"]].groupby(["method", "round", "examiner"])["value"].max()
+    best_anomalous = frame[frame["anomalous"]].groupby(["method", "round", "examiner"])["value"].min()
+    honest = worst_honest.reindex(best_anomalous.index).fillna(-np.inf)
+    return best_anomalous > honest
+
+
+def detection_metrics(scores, horizon: int) -> list[dict]:
+    """Return one row per method of ``anomaly.parquet`` for the scoring rounds before ``horizon``."""
+    from sklearn.metrics import roc_auc_score
+
+    final = _at_horizon(scores, horizon)
+    before = scores[scores["round"] < horizon]
+    separated = _separated(before).rename("separated").reset_index()
+    rows = []
+    for method in METHODS:
+        at = final[final["method"] == method]
+        labels, values = at["anomalous"].to_numpy(), at["value"].to_numpy()
+        both = 0 < labels.sum() < len(labels)
+        per_examiner, precision = [], []
+        for _, group in at.groupby("examiner"):
+            a = int(group["anomalous"].sum())
+            if a == 0:
+                continue
+            top = group.sort_values("value", ascending=False, kind="stable").head(a)
+            precision.append(float(top["anomalous"].mean()))
+            if a < len(group):
+                per_examiner.append(roc_auc_score(group["anomalous"], group["value"]))
+        delays = []
+        sep = separated[separated["method"] == method]
+        examiners = sep["examiner"].nunique()
+        for _, group in sep.groupby("examiner"):
+            flags, times = group["separated"].to_numpy(), group["round"].to_numpy()
+            if not flags[-1]:
+                continue
+            failing = np.flatnonzero(~flags)
+            start = times[failing[-1] + 1] if len(failing) else times[0]
+            delays.append(int(np.searchsorted(times, start)) + 1)  # scoring rounds until detected for good
+        rows.append({
+            "method": method, "horizon": horizon,
+            "auc": float(roc_auc_score(labels, values)) if both else None,
+            "auc_examiner_mean": float(np.mean(per_examiner)) if per_examiner else None,
+            "auc_examiner_min": float(np.min(per_examiner)) if per_examiner else None,
+            "examiners": len(per_examiner),
+            "precision": float(np.mean(precision)) if precision else None,
+            "detected": len(delays) / examiners if examiners else None,
+            "delay_median": float(np.median(delays)) if delays else None,
+            "delay_max": float(np.max(delays)) if delays else None,
+        })
+    return rows
+
+
+def _anomaly_plot(run: Path, scores, horizon: int) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    final = _at_horizon(scores, horizon)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), constrained_layout=True)
+    rounds = sorted(set(scores["round"].tolist()))
+    for method in METHODS:
+        at = final[final["method"] == method]
+        if 0 < at["anomalous"].sum() < len(at):
+            fpr, tpr, _ = roc_curve(at["anomalous"], at["value"])
+            left.plot(fpr, tpr, label=f"{method} (AUC {roc_auc_score(at['anomalous'], at['value']):.3f})")
+        curve = []
+        for t in rounds:
+            now = _at_horizon(scores[scores["method"] == method], t + 1)
+            ok = 0 < now["anomalous"].sum() < len(now)
+            curve.append(roc_auc_score(now["anomalous"], now["value"]) if ok else np.nan)
+        right.plot(np.asarray(rounds) + 1, curve, label=method)
+    left.plot([0, 1], [0, 1], color="grey", linewidth=1)
+    left.set_xlabel("false positive rate (honest neighbours flagged)")
+    left.set_ylabel("true positive rate (anomalous neighbours flagged)")
+    left.set_title(f"ROC over (examiner, in-neighbour) pairs, rounds < {horizon}")
+    left.legend(fontsize=8, loc="lower right")
+    right.set_xlabel("rounds scored")
+    right.set_ylabel("ROC AUC")
+    right.set_title("detection AUC as rounds accumulate")
+    right.legend(fontsize=8)
+    path = run / "anomaly_roc.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def anomaly(run: Path, horizons: list[int] | None = None) -> list[dict]:
+    """Compute, print and write the detection report of ``run`` (a run with ``--proximal`` and misbehaving
+    participants); return its rows. ``horizons``: rounds before which scores count (default 5, 10, 20 and
+    the whole run); the ROC curve uses the last."""
+    import json
+
+    proximal = _frame(run, "proximal", "run the simulation with --proximal first")
+    rounds, nodes = _frame(run, "rounds", "incomplete run"), _frame(run, "nodes", "incomplete run")
+    if not nodes["misbehaving"].any():
+        raise InputError(f"{run} has no misbehaving participants: nothing to detect (--misbehavior)")
+    window = json.loads((run / "manifest.json").read_text())["config"]["proximal"]["window"]
+    last = int(rounds["round"].max()) + 1
+    horizons = sorted({h for h in (horizons or [5, 10, 20]) if 0 < h <= last} | ({last} if not horizons else set()))
+    if not horizons:
+        raise InputError(f"no horizon within the run's {last} rounds")
+    scores = running_scores(proximal, rounds, window)
+    rows = [row for h in horizons for row in detection_metrics(scores, h)]
+    write_table_atomic(run / "anomaly.parquet", rows, ANOMALY)
+    png = _anomaly_plot(run, scores, horizons[-1])
+
+    def cell(v: float | None, spec: str = "8.4f") -> str:
+        return f"{'-':>8}" if v is None else format(v, spec)
+
+    print(f"{int(nodes['misbehaving'].sum())} misbehaving of {len(nodes)}; scores higher = more anomalous")
+    print(f"{'horizon':>7} {'method':>15} {'AUC':>8} {'AUC/exam':>8} {'min':>8} {'exams':>5} {'prec@a':>8} "
+          f"{'detected':>8} {'delay':>8} {'max':>8}")
+    for r in rows:
+        print(f"{r['horizon']:>7} {r['method']:>15} {cell(r['auc'])} {cell(r['auc_examiner_mean'])} "
+              f"{cell(r['auc_examiner_min'])} {r['examiners']:>5} {cell(r['precision'])} {cell(r['detected'])} "
+              f"{cell(r['delay_median'], '8.1f')} {cell(r['delay_max'], '8.0f')}")
+    print(f"wrote {run / 'anomaly.parquet'} and {png.name}")
+    return rows
+
+
+# -- collaborator selection: final accuracy of honest participants, static vs rewired ----------------------
+
+
+def _final_in_edges(run: Path, config, nodes) -> list[np.ndarray]:
+    """In-neighbour sets at the end of ``run``: the last rewiring's, else W^0's."""
+    from dice_ray.rewiring import in_neighbor_sets
+    from dice_ray.topology import make_topology
+
+    path = run / "rewiring.parquet"
+    if config.rewiring.mode != "none" and path.is_file():
+        import pandas as pd
+
+        history = pd.read_parquet(path)
+        if len(history):
+            final = history[(history["round"] == history["round"].max()) & (history["action"] != "dropped")]
+            return [np.sort(final.loc[final["participant"] == k, "neighbor"].to_numpy()) for k in range(len(nodes))]
+    topology = make_topology(config.topology.name, config.nodes, weights=config.topology.weights, seed=config.seed,
+                             p=config.topology.p, rows=config.topology.rows, path=config.topology.file,
+                             directed=config.topology.directed)
+    return in_neighbor_sets(topology.mixing_matrix(0))
+
+
+def collaborator_row(run: Path) -> dict:
+    """Return ``run``'s row of ``collaborators.parquet`` (final accuracy of its honest participants)."""
+    import json
+
+    from dice_ray.config import RunConfig
+
+    manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else None
+    if manifest is None or manifest.get("status") != "complete":
+        raise InputError(f"{run} is not a complete run (manifest.json status)")
+    config = RunConfig.model_validate(manifest["config"])
+    rounds, nodes = _frame(run, "rounds", "incomplete run"), _frame(run, "nodes", "incomplete run")
+    last = rounds[rounds["round"] == rounds["round"].max()].sort_values("node")
+    honest = ~nodes.sort_values("node")["misbehaving"].to_numpy()
+    bad = set(np.flatnonzero(~honest).tolist())
+    edges = _final_in_edges(run, config, nodes)
+    from_bad = [np.isin(e, list(bad)).sum() for k, e in enumerate(edges) if honest[k]]
+    total = sum(len(e) for k, e in enumerate(edges) if honest[k])
+    return {"run": str(run), "rewiring": config.rewiring.mode, "misbehavior": config.misbehavior.kind,
+            "misbehaving": int((~honest).sum()), "seed": config.seed,
+            "honest_acc": float(last["heldout_acc"].to_numpy()[honest].mean()),
+            "honest_loss": float(last["heldout_loss"].to_numpy()[honest].mean()),
+            "anomalous_in_edges": float(sum(from_bad) / total) if total else 0.0}
+
+
+def collaborators(runs: list[Path], out: Path | None = None) -> list[dict]:
+    """Compare runs that differ in collaborator selection (and misbehaviour, seed): print mean final honest
+    accuracy per setting over seeds and each rewiring's gain over the static topology seed by seed; write
+    ``collaborators.parquet`` to ``out`` (default: the runs' common parent folder)."""
+    import os
+
+    rows = [collaborator_row(run) for run in runs]
+    out = out or Path(os.path.commonpath([str(r.resolve().parent) for r in runs]))
+    write_table_atomic(out / "collaborators.parquet", rows, COLLABORATORS)
+    settings = sorted({(r["misbehavior"], r["misbehaving"]) for r in rows})
+    print(f"{'misbehaviour':>16} {'rewiring':>9} {'seeds':>5} {'honest acc':>16} {'bad in-edges':>12} "
+          f"{'gain vs static':>15} {'wins':>5}")
+    for kind, count in settings:
+        static = {r["seed"]: r["honest_acc"] for r in rows if (r["misbehavior"], r["misbehaving"]) == (kind, count)
+                  and r["rewiring"] == "none"}
+        for mode in ("none", "influence", "random"):
+            these = [r for r in rows if (r["misbehavior"], r["misbehaving"], r["rewiring"]) == (kind, count, mode)]
+            if not these:
+                continue
+            acc = np.array([r["honest_acc"] for r in these])
+            gains = [r["honest_acc"] - static[r["seed"]] for r in these if r["seed"] in static]
+            gain = f"{np.mean(gains):+15.4f}" if gains and mode != "none" else f"{'-':>15}"
+            wins = f"{sum(g > 0 for g in gains)}/{len(gains)}" if gains and mode != "none" else "-"
+            label = "none" if kind == "none" else f"{kind} x{count}"
+            spread = acc.std(ddof=1) if len(acc) > 1 else 0.0
+            print(f"{label:>16} {mode:>9} {len(these):>5} {acc.mean():9.4f} ± {spread:.4f} "
+                  f"{np.mean([r['anomalous_in_edges'] for r in these]):12.3f} {gain} {wins:>5}")
+    print(f"wrote {out / 'collaborators.parquet'}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for bad input)."""
     parser = argparse.ArgumentParser(prog="python -m dice_ray.analyze", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("report", choices=("alignment", "cascade"), help="which report")
-    parser.add_argument("run", type=Path, help="run directory")
+    parser.add_argument("report", choices=("alignment", "cascade", "anomaly", "collaborators"), help="which report")
+    parser.add_argument("run", type=Path, nargs="+", help="run directory (collaborators: several)")
+    parser.add_argument("--horizon", type=int, action="append", metavar="ROUNDS",
+                        help="anomaly: count scores of rounds before ROUNDS (repeatable; default 5, 10, 20 and all)")
+    parser.add_argument("--out", type=Path, help="collaborators: folder for collaborators.parquet (default: the "
+                                                 "runs' common parent)")
     args = parser.parse_args(argv)
     try:
-        if not args.run.is_dir():
-            raise InputError(f"run directory {str(args.run)!r} does not exist")
-        {"alignment": alignment, "cascade": cascade}[args.report](args.run)
+        for run in args.run:
+            if not run.is_dir():
+                raise InputError(f"run directory {str(run)!r} does not exist")
+        if args.report == "collaborators":
+            collaborators(args.run, args.out)
+        elif len(args.run) != 1:
+            raise InputError(f"the {args.report} report reads one run directory, got {len(args.run)}")
+        elif args.report == "anomaly":
+            anomaly(args.run[0], args.horizon)
+        else:
+            {"alignment": alignment, "cascade": cascade}[args.report](args.run[0])
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -3,11 +3,12 @@
 A run directory holds, while a run is in progress::
 
     checkpoints/
-      round-000049/                    the state after round 49: state.npz, meta.json
+      round-000049/                    the state after round 49: state.npz, driver.pkl, meta.json
       rounds-000000000-000000049.parquet    rows of rounds.parquet for rounds 0..49 (one part per interval)
 
 The state is everything a later round reads: the participants' stacked states and optimizer states,
-in global participant order (so a resume may use a different number of actors), and the round counter.
+in global participant order (so a resume may use a different number of actors), the round counter, and
+what the driver accumulates over rounds (the proximal-influence ledger, collaborator selection's graph).
 Minibatches, time-varying W^t and misbehaviour are pure functions of (seed, participant, round), so no
 random-generator state exists to save. A checkpoint directory is written under a temporary name and
 renamed into place; the parts of the tables up to its round are written before it, so the newest
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import shutil
 import time
 from collections.abc import Mapping
@@ -64,6 +66,11 @@ class Checkpoint:
         with np.load(self.path / "state.npz") as arrays:
             return {name: arrays[name] for name in arrays.files}
 
+    def load_driver_state(self) -> Any:
+        """Return the driver-side state saved with the participants' (None if there was none)."""
+        path = self.path / "driver.pkl"
+        return pickle.loads(path.read_bytes()) if path.exists() else None
+
 
 class CheckpointStore:
     """The checkpoints of one run directory, newest ``keep`` kept."""
@@ -93,8 +100,10 @@ class CheckpointStore:
             raise ValueError(f"checkpoint {checkpoint.path} belongs to a different config (digest "
                              f"{meta.get('config_digest')}, this run {self.digest})")
 
-    def save(self, round_: int, snapshot: Mapping[str, np.ndarray]) -> Checkpoint:
-        """Write the state after round ``round_`` atomically; drop checkpoints beyond the newest ``keep``."""
+    def save(self, round_: int, snapshot: Mapping[str, np.ndarray], driver_state: Any = None) -> Checkpoint:
+        """Write the state after round ``round_`` atomically, with ``driver_state`` (picklable: what the driver
+        accumulates over rounds, e.g. the proximal-influence ledger); drop checkpoints beyond the newest
+        ``keep``."""
         bad = np.flatnonzero(~np.isfinite(snapshot["state"]).all(axis=1))
         if len(bad):  # never replace a good checkpoint with a poisoned one
             raise FloatingPointError(f"round {round_}: non-finite parameters at participants {bad[:5].tolist()}")
@@ -105,6 +114,8 @@ class CheckpointStore:
         tmp.mkdir()
         with open(tmp / "state.npz", "wb") as f:
             np.savez(f, **snapshot)
+        if driver_state is not None:
+            (tmp / "driver.pkl").write_bytes(pickle.dumps(driver_state))
         write_json_atomic(tmp / "meta.json", {"round": round_, "config_digest": self.digest, "time": time.time(),
                                               "shapes": {k: list(v.shape) for k, v in snapshot.items()}})
         shutil.rmtree(final, ignore_errors=True)
@@ -185,7 +196,8 @@ class RoundTables:
         return pa.concat_tables(parts) if parts else self.schemas[name].empty_table()
 
     def finish(self, last_round: int) -> None:
-        """Commit what is buffered and write each table, from its parts, to ``<run_dir>/<name>.parquet``."""
+        """Commit what is buffered and write each table, from its parts, to ``<run_dir>/<name>.parquet``, in
+        the order of ``schemas`` (name the table whose presence marks a finished run last)."""
         self.commit(last_round)
         for name, schema in self.schemas.items():
             with TableWriter(self.run_dir / f"{name}.parquet", schema) as writer:

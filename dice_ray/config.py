@@ -191,6 +191,32 @@ class MisbehaviorConfig(_Section):
         return self.count or 0
 
 
+class ProximalConfig(_Section):
+    """Online proximal influence (SPEC §5): every examiner k scores each in-neighbour l. Off unless ``enabled``."""
+
+    enabled: bool = Field(False, description="score every in-neighbour by proximal influence "
+                                             "p_{k←l} = q_k W_kl ∇L(θ_k^{t+1}; z′_k)ᵀ Δ_l (proximal.parquet)")
+    every: int = Field(1, ge=1, description="score on every k-th round (rounds t with t % every == 0)")
+    zprime: Literal["validation", "heldout"] = Field("validation", description="z′_k: the examiner's own "
+                                                                              "validation split, or the "
+                                                                              "shared held-out batch")
+    window: int = Field(10, ge=1, description="scoring rounds summed in the windowed score")
+
+
+class RewiringConfig(_Section):
+    """Collaborator selection (SPEC §5): every K rounds each participant keeps m in-neighbours. Off with none."""
+
+    mode: Literal["none", "influence", "random"] = Field(
+        "none", description="none: static W; influence: keep the m candidates with the lowest (most helpful) "
+                            "cumulative proximal influence; random: keep m random candidates")
+    every: int = Field(10, ge=1, description="K: rewire before rounds K, 2K, ...")
+    keep: int = Field(4, ge=1, description="m: in-neighbours each participant keeps")
+    candidates: int = Field(4, ge=0, description="random non-neighbours added to each participant's "
+                                                 "candidate pool (besides its current in-neighbours)")
+    seed: int | None = Field(None, ge=0, lt=2**32, description="seed of the random candidates and of random "
+                                                               "rewiring (default: the run's seed)")
+
+
 class RunConfig(_Section):
     """A whole simulation: one of these fully determines a run's numbers (with its seed)."""
 
@@ -205,6 +231,8 @@ class RunConfig(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     influence: InfluenceConfig = Field(default_factory=InfluenceConfig)
     misbehavior: MisbehaviorConfig = Field(default_factory=MisbehaviorConfig)
+    proximal: ProximalConfig = Field(default_factory=ProximalConfig)
+    rewiring: RewiringConfig = Field(default_factory=RewiringConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -235,7 +263,24 @@ class RunConfig(_Section):
             if inf.probe_samples > self.optim.batch_size - 1:
                 raise ValueError(f"probe_samples {inf.probe_samples} must be below the batch size "
                                  f"{self.optim.batch_size}")
+        self._check_proximal()
         return self
+
+    def _check_proximal(self) -> None:
+        prox, rew = self.proximal, self.rewiring
+        if prox.enabled and prox.zprime == "validation" and self.data.val_fraction == 0:
+            raise ValueError("proximal.zprime 'validation' needs validation splits (data.val_fraction > 0)")
+        if rew.mode == "none":
+            return
+        if rew.mode == "influence" and not prox.enabled:
+            raise ValueError("rewiring.mode 'influence' needs proximal influence (proximal.enabled, --proximal)")
+        if rew.keep > self.nodes - 1:
+            raise ValueError(f"rewiring.keep {rew.keep} exceeds the {self.nodes - 1} other participants")
+        if self.topology.name in ("one-peer-exponential", "random-matching"):
+            raise ValueError(f"rewiring needs a static topology, got time-varying {self.topology.name!r}")
+        if self.influence.enabled:
+            raise ValueError("rewiring changes W during the run; DICE influence (--influence) replays the "
+                             "static topology: use one or the other")
 
 
 def _one_line(err: ValidationError) -> str:

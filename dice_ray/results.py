@@ -109,8 +109,58 @@ PAIRWISE = _schema(
                                 "R = the run's hops; negative: j's data lowered k's loss"),
 )
 
+PROXIMAL = _schema(
+    ("round", pa.int32(), "scoring round t"),
+    ("examiner", pa.int32(), "examiner k, scoring on its own z′_k"),
+    ("neighbor", pa.int32(), "in-neighbour l of k in W^t (l ≠ k)"),
+    ("weight", pa.float64(), "W^t_kl"),
+    ("score", pa.float64(), "proximal influence p_{k←l}^t = q_k W^t_kl ∇L(θ_k^{t+1}; z′_k)ᵀ Δ_l^t; positive: l's "
+                            "update raised k's loss (harmful)"),
+    ("cumulative_score", pa.float64(), "Σ of score over the scoring rounds ≤ t in which l was k's in-neighbour"),
+    ("window_score", pa.float64(), "Σ of score over the last proximal.window scoring rounds (≤ t)"),
+    ("update_cosine", pa.float64(), "baseline: cos(Δ_k^t, Δ_l^t), the two participants' updates (0 if one is zero)"),
+    ("neighbor_is_anomalous", pa.bool_(), "ground truth: l misbehaves (nodes.parquet misbehaving)"),
+)
+
+REWIRING = _schema(
+    ("round", pa.int32(), "the new in-neighbours are used from round t on"),
+    ("participant", pa.int32(), "participant k choosing its in-neighbours"),
+    ("neighbor", pa.int32(), "candidate l"),
+    ("action", pa.string(), "kept (was and stays an in-neighbour), added (new), dropped (was one, is not any more)"),
+    ("cumulative_score", pa.float64(), "cumulative proximal influence of l on k before round t (null: never scored)"),
+)
+
+ANOMALY = _schema(
+    ("method", pa.string(), "detector: proximal (cumulative score), proximal-window (windowed score), train-loss "
+                            "(the neighbour's mean training loss), cosine (mean 1 − cos(Δ_k, Δ_l))"),
+    ("horizon", pa.int32(), "scores use the scoring rounds t < horizon"),
+    ("auc", pa.float64(), "ROC AUC over all (examiner, in-neighbour) pairs: anomalous neighbours against honest ones"),
+    ("auc_examiner_mean", pa.float64(), "mean of the per-examiner ROC AUC (examiners with anomalous and honest "
+                                        "in-neighbours)"),
+    ("auc_examiner_min", pa.float64(), "smallest per-examiner ROC AUC"),
+    ("examiners", pa.int32(), "examiners with anomalous and honest in-neighbours"),
+    ("precision", pa.float64(), "mean over examiners with an anomalous in-neighbour of precision at a_k (a_k = its "
+                                "number of anomalous in-neighbours)"),
+    ("detected", pa.float64(), "share of those examiners whose anomalous in-neighbours all rank worst at the run's "
+                               "last scoring round and from some round on"),
+    ("delay_median", pa.float64(), "median detection delay over detected examiners: scoring rounds until every "
+                                   "anomalous in-neighbour ranks among the worst a_k and stays there"),
+    ("delay_max", pa.float64(), "largest detection delay over detected examiners"),
+)
+
+COLLABORATORS = _schema(
+    ("run", pa.string(), "run directory"),
+    ("rewiring", pa.string(), "collaborator selection: none (static topology), influence or random"),
+    ("misbehavior", pa.string(), "misbehaviour kind"),
+    ("misbehaving", pa.int32(), "number of misbehaving participants"),
+    ("seed", pa.int64(), "the run's seed"),
+    ("honest_acc", pa.float64(), "final mean held-out accuracy of the honest participants"),
+    ("honest_loss", pa.float64(), "final mean held-out loss of the honest participants"),
+    ("anomalous_in_edges", pa.float64(), "share of honest participants' in-edges from misbehaving ones, at the end"),
+)
+
 # The fixed columns of a sweep's trials.parquet; the swept config fields and the trial metrics follow them
-# (dice_ray/sweep/trials.py adds those, as they depend on the sweep).
+# (dice_ray/sweep/records.py adds those, as they depend on the sweep).
 TRIALS = _schema(
     ("trial_id", pa.string(), "trial id: grid index and parameter hash (search grid) or Ray Tune's trial id "
                               "(search optuna)"),
@@ -123,7 +173,8 @@ TRIALS = _schema(
 
 TABLES: dict[str, pa.Schema] = {"rounds": ROUNDS, "nodes": NODES, "influence": INFLUENCE, "dice": DICE,
                                 "alignment": ALIGNMENT, "cascade": CASCADE, "pairwise": PAIRWISE,
-                                "trials": TRIALS}
+                                "proximal": PROXIMAL, "rewiring": REWIRING, "anomaly": ANOMALY,
+                                "collaborators": COLLABORATORS, "trials": TRIALS}
 
 
 def describe_tables() -> str:

@@ -9,7 +9,9 @@ Examples::
 Every option overrides the matching field of the config file (``--config``); ``--set a.b=value``
 overrides any field. Bad input prints one line and exits with status 2 before any work starts.
 Results: a run directory with ``manifest.json``, ``rounds.parquet`` and ``nodes.parquet``; with
-``--influence`` also ``influence.parquet`` and ``dice.parquet`` (DICE-GT and DICE-E of every probe).
+``--influence`` also ``influence.parquet`` and ``dice.parquet`` (DICE-GT and DICE-E of every probe); with
+``--proximal`` ``proximal.parquet`` (every examiner's score of every in-neighbour); with ``--rewire``
+``rewiring.parquet`` (collaborator selection's history).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from dice_ray.checkpoint import CHECKPOINTS, CheckpointStore, RoundTables, confi
 from dice_ray.config import RunConfig, build_config, load_config, set_dotted
 from dice_ray.errors import InputError
 from dice_ray.experiment import Experiment, prepare
-from dice_ray.results import DICE, INFLUENCE, NODES, ROUNDS, write_json_atomic, write_table_atomic
-from dice_ray.training import TrainingReport, train
+from dice_ray.results import DICE, INFLUENCE, NODES, PROXIMAL, REWIRING, ROUNDS, write_json_atomic, write_table_atomic
+from dice_ray.training import OnlineState, TrainingReport, train
 
 # (flag, dotted config field, type). Help texts come from the config fields' descriptions.
 OPTIONS: list[tuple[str, str, Any]] = [
@@ -61,11 +63,16 @@ OPTIONS: list[tuple[str, str, Any]] = [
     ("--misbehavior", "misbehavior.kind", str), ("--misbehaving", "misbehavior.count", int),
     ("--misbehaving-fraction", "misbehavior.fraction", float),
     ("--misbehaving-selection", "misbehavior.selection", str), ("--misbehaving-ids", "misbehavior.ids", "int-list"),
+    ("--proximal-every", "proximal.every", int), ("--proximal-zprime", "proximal.zprime", str),
+    ("--proximal-window", "proximal.window", int),
+    ("--rewire", "rewiring.mode", str), ("--rewire-every", "rewiring.every", int),
+    ("--rewire-keep", "rewiring.keep", int), ("--rewire-candidates", "rewiring.candidates", int),
+    ("--rewire-seed", "rewiring.seed", int),
 ]
 SWITCHES: list[tuple[str, str, bool]] = [
     ("--download", "data.download", True), ("--overwrite", "output.overwrite", True),
     ("--no-progress", "output.progress", False), ("--influence", "influence.enabled", True),
-    ("--keep-checkpoints", "output.keep_checkpoints", True),
+    ("--keep-checkpoints", "output.keep_checkpoints", True), ("--proximal", "proximal.enabled", True),
 ]
 
 
@@ -257,7 +264,10 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     out = Path(config.output.out) if resume else run_directory(config)
     started = time.time()
     store = CheckpointStore(out, config_digest(config))
-    tables = RoundTables(out, {"rounds": ROUNDS})
+    # rounds.parquet last: its presence marks a finished training run
+    tables = RoundTables(out, {"proximal": PROXIMAL, "rounds": ROUNDS} if config.proximal.enabled
+                         else {"rounds": ROUNDS})
+    online = OnlineState.for_experiment(experiment)
     if resume:
         manifest = json.loads((out / "manifest.json").read_text())
         training_done = (out / "rounds.parquet").exists()
@@ -270,7 +280,8 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     else:
         start = 0
         out.mkdir(parents=True, exist_ok=True)
-        for stale in ("rounds.parquet", "nodes.parquet", "states.npy", "influence.parquet", "dice.parquet"):
+        for stale in ("rounds.parquet", "nodes.parquet", "states.npy", "influence.parquet", "dice.parquet",
+                      "proximal.parquet", "rewiring.parquet"):
             (out / stale).unlink(missing_ok=True)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         manifest = {
@@ -301,11 +312,17 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
                 latest = store.latest()
                 store.check(latest)
                 engine.restore(latest.load(), config.engine.restart_timeout)
+                online = latest.load_driver_state() or online
+                if online.rewirer is not None:
+                    engine.set_mixing_matrix(online.rewirer.w)
                 tables.rollback(latest.round)
                 store.remove_after(latest.round)
             else:
                 tables.rollback(-1)
-            _run_rounds(engine, config, tables, store, start, on_round, report)
+            _run_rounds(engine, config, tables, store, online, start, on_round, report)
+            if online.rewirer is not None:  # before the tables: rounds.parquet marks the end of training
+                write_table_atomic(out / "rewiring.parquet", online.rewirer.history, REWIRING)
+                manifest["rewiring_fallbacks"] = online.rewirer.fallbacks
             tables.finish(config.rounds - 1)
             if save_states:
                 np.save(out / "states.npy", engine.states())
@@ -361,15 +378,15 @@ def _start_engine(experiment: Experiment, engine_kind: str) -> tuple[Any, list[n
     return engine, engine.plan.blocks
 
 
-def _run_rounds(engine: Any, config: RunConfig, tables: RoundTables, store: CheckpointStore, start: int,
-                on_round: Callable[[Any, Any], None] | None, report: TrainingReport) -> None:
+def _run_rounds(engine: Any, config: RunConfig, tables: RoundTables, store: CheckpointStore, online: OnlineState,
+                start: int, on_round: Callable[[Any, Any], None] | None, report: TrainingReport) -> None:
     """``training.train`` with a progress bar (rounds, mean training loss, held-out accuracy, rounds/s)."""
     from tqdm import tqdm
 
     bar = tqdm(total=config.rounds, initial=start, unit="round", disable=not config.output.progress,
                dynamic_ncols=True, file=sys.stderr)
     try:
-        train(engine, config, tables, store, start, on_round, bar, report)
+        train(engine, config, tables, store, online, start, on_round, bar, report)
     finally:
         bar.close()
 

@@ -7,10 +7,16 @@ machine is lost, Ray restarts the actor, every group is restored from the newest
 initial state before the first one), the rows after it are dropped, and the rounds since are replayed:
 the run finishes with the numbers an undisturbed run computes. Non-finite losses or parameters stop the
 run (``FloatingPointError``) with the round and the participants named.
+
+``OnlineState`` is what the driver accumulates over rounds beside the tables: the proximal-influence ledger
+(``proximal.py``) and collaborator selection's current graph and history (``rewiring.py``). It is saved with
+each checkpoint and restored with it. Rounds run in segments that end before each rewiring, so the ledger
+holds every score up to the round a new W^t is chosen for.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import sys
 from collections.abc import Callable, Iterator
@@ -22,6 +28,8 @@ import numpy as np
 from dice_ray.checkpoint import CheckpointStore, RoundTables
 from dice_ray.config import RunConfig
 from dice_ray.engine.metrics import RoundMetrics, RoundPlan
+from dice_ray.proximal import ProximalLedger
+from dice_ray.rewiring import Rewirer
 
 FLUSH_ROWS = 1 << 20  # rows buffered in memory before they go to a part file between checkpoints
 
@@ -33,6 +41,45 @@ class TrainingReport:
     last: RoundMetrics | None = None
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: int = 0
+
+
+@dataclass
+class OnlineState:
+    """Driver-side state that evolves with the rounds (None where the run does not use it)."""
+
+    ledger: ProximalLedger | None = None
+    rewirer: Rewirer | None = None
+
+    @classmethod
+    def for_experiment(cls, experiment: Any) -> OnlineState:
+        """Return the initial state of ``experiment`` (an ``experiment.Experiment``)."""
+        config = experiment.config
+        ledger = (ProximalLedger(config.nodes, experiment.q, experiment.misbehaving, config.proximal.window)
+                  if config.proximal.enabled else None)
+        rewirer = (Rewirer(config, experiment.topology.mixing_matrix(0), ledger)
+                   if config.rewiring.mode != "none" else None)
+        return cls(ledger, rewirer)
+
+    def record(self, metrics: RoundMetrics, tables: RoundTables) -> None:
+        """Add a round's proximal scores to the ledger and its rows to ``proximal`` table."""
+        if metrics.proximal is not None and self.ledger is not None:
+            tables.append("proximal", self.ledger.rows(metrics.round, metrics.proximal))
+
+    def segments(self, plans: Iterator[RoundPlan]) -> Iterator[list[RoundPlan]]:
+        """Split ``plans`` before every round collaborator selection rewires (one segment without it)."""
+        segment: list[RoundPlan] = []
+        for plan in plans:
+            if self.rewirer is not None and self.rewirer.due(plan.t) and segment:
+                yield segment
+                segment = []
+            segment.append(plan)
+        if segment:
+            yield segment
+
+    def before(self, t: int, engine: Any) -> None:
+        """Rewire before round t if it is due (every earlier round's scores are in the ledger by now)."""
+        if self.rewirer is not None and self.rewirer.due(t):
+            engine.set_mixing_matrix(self.rewirer.rewire(t))
 
 
 def schedule(config: RunConfig, start: int) -> Iterator[RoundPlan]:
@@ -66,25 +113,28 @@ def check_finite(metrics: RoundMetrics) -> None:
                                  f"{metrics.consensus_distance})")
 
 
-def train(engine: Any, config: RunConfig, tables: RoundTables, store: CheckpointStore, start: int = 0,
-          on_round: Callable[[RoundMetrics, Any], None] | None = None, bar: Any = None,
+def train(engine: Any, config: RunConfig, tables: RoundTables, store: CheckpointStore, online: OnlineState,
+          start: int = 0, on_round: Callable[[RoundMetrics, Any], None] | None = None, bar: Any = None,
           report: TrainingReport | None = None) -> TrainingReport:
-    """Run rounds ``start``..T−1 on ``engine`` (its state is that after round ``start``−1); see the module
-    docstring. ``on_round(metrics, engine)`` is called after each round's rows are recorded; ``bar`` is a
-    tqdm bar; ``report`` (returned) collects the recoveries, also when an exception ends the run."""
+    """Run rounds ``start``..T−1 on ``engine`` (its state, and ``online``, are those after round ``start``−1);
+    see the module docstring. ``on_round(metrics, engine)`` is called after each round's rows are recorded;
+    ``bar`` is a tqdm bar; ``report`` (returned) collects the recoveries, also when an exception ends the run.
+    """
     from dice_ray.engine.ray_engine import ACTOR_FAILURES
 
     n = config.nodes
     report = report if report is not None else TrainingReport()
+    initial = copy.deepcopy(online) if start == 0 else None  # restored after a failure before any checkpoint
     while start < config.rounds:
         seen = start - 1
         try:
-            for m in engine.run_rounds(schedule(config, start)):
+            for m in _rounds(engine, online, schedule(config, start)):
                 check_finite(m)
                 tables.append("rounds", round_rows(m, n))
+                online.record(m, tables)
                 if m.snapshot is not None:
                     tables.commit(m.round)
-                    store.save(m.round, m.snapshot)
+                    store.save(m.round, m.snapshot, online)
                     report.checkpoints += 1
                 elif tables.buffered_rows() >= FLUSH_ROWS:
                     tables.commit(m.round)
@@ -105,6 +155,10 @@ def train(engine: Any, config: RunConfig, tables: RoundTables, store: Checkpoint
             latest = store.latest()
             restored = latest.round if latest is not None else -1
             engine.restore(latest.load() if latest is not None else None, config.engine.restart_timeout)
+            saved = latest.load_driver_state() if latest is not None else copy.deepcopy(initial)
+            online.ledger, online.rewirer = saved.ledger, saved.rewirer
+            if online.rewirer is not None:
+                engine.set_mixing_matrix(online.rewirer.w)
             tables.rollback(restored)
             recovery = {"failed_in_round": seen + 1, "error": _one_line(err), "restored_from_round": restored,
                         "replayed_rounds": [restored + 1, seen + 1],
@@ -117,6 +171,13 @@ def train(engine: Any, config: RunConfig, tables: RoundTables, store: Checkpoint
                 bar.refresh()
             start = restored + 1
     return report
+
+
+def _rounds(engine: Any, online: OnlineState, plans: Iterator[RoundPlan]) -> Iterator[RoundMetrics]:
+    """The engine's rounds, segment by segment (rewiring W^t between segments)."""
+    for segment in online.segments(plans):
+        online.before(segment[0].t, engine)
+        yield from engine.run_rounds(segment)
 
 
 def _one_line(err: BaseException) -> str:

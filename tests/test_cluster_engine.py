@@ -54,8 +54,8 @@ def test_one_actor_per_machine_and_the_same_numbers(two_machines) -> None:
 
 def test_losing_a_machine_mid_run_ends_with_the_same_numbers(two_machines, tmp_path) -> None:
     """A machine is lost at round 7 and a replacement joins (as an autoscaler would add one): the group that
-    lived there is restarted on the new machine, restored from the round-4 checkpoint, and the run
-    replays rounds 5.. to the tables of an undisturbed run."""
+    lived there is restarted on the new machine, restored from the newest checkpoint, and the run replays
+    the rounds since to the tables of an undisturbed run."""
     import json
 
     import pandas as pd
@@ -78,4 +78,5 @@ def test_losing_a_machine_mid_run_ends_with_the_same_numbers(two_machines, tmp_p
     a, b = (pd.read_parquet(out / "rounds.parquet") for out in (undisturbed, disturbed))
     pd.testing.assert_frame_equal(a, b)
     [recovery] = json.loads((disturbed / "manifest.json").read_text())["recoveries"]
-    assert recovery["restored_from_round"] == 4 and recovery["replayed_rounds"][0] == 5
+    assert recovery["restored_from_round"] % 5 == 4 and recovery["replayed_rounds"][0] == recovery[
+        "restored_from_round"] + 1

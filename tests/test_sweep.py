@@ -219,3 +219,19 @@ def test_trial_resources_follow_node_count_and_actors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no room in a trial for its influence tasks"):
         load_sweep(_write(tmp_path, "i.yaml", {**spec, "base": {"influence": {"enabled": True},
                                                                 "engine": {"cpus_per_actor": 0.5}}}))
+
+
+def test_proximal_detection_metric_is_the_anomaly_reports_whole_run_row(tmp_path: Path) -> None:
+    from dice_ray.analyze import anomaly
+    from dice_ray.simulate import simulate
+    from dice_ray.sweep.metrics import metric_columns, proximal_detection
+
+    config = build_config({**BASE, "influence": {}, "proximal": {"enabled": True, "window": 3},
+                           "output": {"out": str(tmp_path / "run"), "progress": False}})
+    assert "auc_proximal" in metric_columns(config)
+    run = simulate(config, engine_kind="local")
+    values = proximal_detection(run, config)
+    report = next(r for r in anomaly(run, [config.rounds]) if r["method"] == "proximal")
+    assert values == {"auc_proximal": report["auc"], "auc_proximal_examiner_mean": report["auc_examiner_mean"],
+                      "precision_proximal": report["precision"]}
+    assert 0 <= values["auc_proximal"] <= 1

@@ -8,6 +8,9 @@ Round t (SPEC §1, Algorithm 1), as the coordinator drives it:
    blocks those rows read; Ray resolves them (zero-copy numpy on the same node) and the group mixes
    (``mix``), evaluating afterwards on evaluation rounds and snapshotting its block on checkpoint rounds.
 
+On proximal-influence scoring rounds (``proximal.py``) the groups also publish their updates Δ beside
+the half-steps, and ``mix`` returns every examiner's scores of its in-neighbours.
+
 Ray restarts a group that dies (it comes back empty); the driver then restores every group from the last
 checkpoint (``restore``), replaces the coordinator (it holds no state) and replays the rounds since.
 
@@ -25,6 +28,7 @@ import ray
 import scipy.sparse as sp
 
 from dice_ray.engine.runtime import tune_allocator
+from dice_ray.proximal import ProximalExaminer
 from dice_ray.topology import Topology
 
 
@@ -45,6 +49,7 @@ class ParticipantGroup:
         self.config, self.input_shape, self.num_classes = config, input_shape, num_classes
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.block: Any = None  # built by the first ``restore``
+        self.examiner: Any = None
         self.epoch = -1
 
     def restore(self, arrays: dict[str, np.ndarray] | None, epoch: int, data: list[Any]) -> int:
@@ -60,6 +65,7 @@ class ParticipantGroup:
             self.block = ParticipantBlock(self.config, nodes, x_train, y_train, train, val, heldout,
                                           self.input_shape, self.num_classes, device=self.device,
                                           misbehaving=misbehaving)
+            self.examiner = ProximalExaminer(self.block, self.config.proximal.zprime)
             if arrays is not None:
                 self.block.restore(arrays)
         else:
@@ -67,28 +73,37 @@ class ParticipantGroup:
         self.epoch = epoch
         return epoch
 
-    @ray.method(num_returns=2)
-    def half_step(self, t: int, publish: bool, epoch: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    @ray.method(num_returns=3)
+    def half_step(self, t: int, publish: bool, score: bool, epoch: int) -> tuple[Any, Any, Any]:
         """Local step of round t: (half-step states [P, D] if other groups read them, else None; train
-        losses [P]). The group's own half-step never leaves the process: ``mix`` reads it in place."""
+        losses [P]; on scoring rounds the updates Δ [P, D_params] if other groups read them, else None).
+        The group's own half-step never leaves the process: ``mix`` reads it in place."""
         if epoch != self.epoch:
-            return None, None
+            return None, None, None
+        if score:
+            self.examiner.keep_before()
         half, loss = self.block.half_step(t)
-        return (half if publish else None), loss
+        delta = self.examiner.take_delta() if score else None
+        return (half if publish else None), loss, (delta.cpu().numpy() if publish and score else None)
 
     def mix(self, weights: list[sp.csr_array], own: int, evaluate: bool, snapshot: bool, epoch: int,
-            *sources: np.ndarray) -> dict[str, Any] | None:
+            score_ids: list[np.ndarray] | None, *sources: np.ndarray) -> dict[str, Any] | None:
         """Gossip with ``weights[b]`` over the source blocks: ``sources`` from other groups, with this group's
         own half-step inserted at position ``own`` (-1: not read). Return ``{"metrics": evaluate() or None,
-        "snapshot": snapshot() or None}``, or None for a task of an abandoned epoch."""
+        "snapshot": snapshot() or None, "proximal": edge scores or None}``, or None for a task of an
+        abandoned epoch. On scoring rounds ``score_ids`` holds each source block's global ids and
+        ``sources`` ends with the other groups' updates Δ (same order)."""
         if epoch != self.epoch:
             return None
-        blocks = list(sources)
+        half = len(sources) if score_ids is None else len(sources) // 2
+        blocks, deltas = list(sources[:half]), list(sources[half:])
         if own >= 0:
             blocks.insert(own, self.block.population.state.cpu().numpy())
+            deltas.insert(own, self.examiner.delta)
         self.block.mix(weights, blocks)
         return {"metrics": self.block.evaluate() if evaluate else None,
-                "snapshot": self.block.snapshot() if snapshot else None}
+                "snapshot": self.block.snapshot() if snapshot else None,
+                "proximal": self.examiner.score(weights, deltas, score_ids) if score_ids is not None else None}
 
     def info(self) -> dict[str, Any]:
         """Return placement facts: torch threads, device, node IP, placement group (None outside one), peak
@@ -117,13 +132,19 @@ class Coordinator:
         for g, block in enumerate(blocks):
             self.owner[block] = g
         self._routes: dict[int, list[list[tuple[int, sp.csr_array]]]] = {}
+        self._mixing: sp.csr_array | None = None  # set by collaborator selection: replaces W from then on
+
+    def set_mixing_matrix(self, w: sp.csr_array) -> None:
+        """Use ``w`` [N, N] as W^t for every later round (collaborator selection rewires the graph)."""
+        self._mixing = sp.csr_array(w)
+        self._routes.clear()
 
     def _route(self, t: int) -> list[list[tuple[int, sp.csr_array]]]:
         """Per group: the source groups its rows of W^t read, each with the [P, |source block|] slice of
         W^t for those rows and that block's columns. Cached for static topologies."""
-        key = t if self.topology.time_varying else 0
+        key = t if self.topology.time_varying and self._mixing is None else 0
         if key not in self._routes:
-            w = self.topology.mixing_matrix(t)
+            w = self.topology.mixing_matrix(t) if self._mixing is None else self._mixing
             routes = []
             for block in self.blocks:
                 rows = sp.csr_array(w[block])
@@ -134,22 +155,28 @@ class Coordinator:
             self._routes[key] = routes
         return self._routes[key]
 
-    def submit_rounds(self, rounds: list[tuple[int, bool, bool]], epoch: int) -> list[tuple[list[Any], list[Any]]]:
-        """``submit_round`` for each (t, evaluate, snapshot) of ``rounds``, in order (one call for several
-        rounds keeps the coordinator's and driver's CPU time per round small)."""
-        return [self.submit_round(t, evaluate, snapshot, epoch) for t, evaluate, snapshot in rounds]
+    def submit_rounds(self, rounds: list[tuple[int, bool, bool, bool]],
+                      epoch: int) -> list[tuple[list[Any], list[Any]]]:
+        """``submit_round`` for each (t, evaluate, snapshot, score) of ``rounds``, in order (one call for
+        several rounds keeps the coordinator's and driver's CPU time per round small)."""
+        return [self.submit_round(t, evaluate, snapshot, score, epoch) for t, evaluate, snapshot, score in rounds]
 
-    def submit_round(self, t: int, evaluate: bool, snapshot: bool = False,
+    def submit_round(self, t: int, evaluate: bool, snapshot: bool = False, score: bool = False,
                      epoch: int = 0) -> tuple[list[Any], list[Any]]:
         """Queue round t of ``epoch`` on every group without waiting; return the ObjectRefs of (per-group
         train losses, per-group mix results). Groups run their tasks in submission order, so rounds queued
-        back to back keep every group busy while the driver collects earlier rounds' metrics."""
+        back to back keep every group busy while the driver collects earlier rounds' metrics.
+        ``score``: a proximal-influence scoring round (updates Δ travel beside the half-steps)."""
         routes = self._route(t)
         published = {s for g, route in enumerate(routes) for s, _ in route if s != g}
-        halves = [group.half_step.remote(t, g in published, epoch) for g, group in enumerate(self.groups)]
+        halves = [group.half_step.remote(t, g in published, score, epoch) for g, group in enumerate(self.groups)]
         mixed = []
         for g, (group, route) in enumerate(zip(self.groups, routes, strict=True)):
             own = next((i for i, (s, _) in enumerate(route) if s == g), -1)
             others = [halves[s][0] for s, _ in route if s != g]
-            mixed.append(group.mix.remote([w for _, w in route], own, evaluate, snapshot, epoch, *others))
+            ids = None
+            if score:  # the other groups' updates Δ follow their half-steps
+                ids = [self.blocks[s] for s, _ in route]
+                others += [halves[s][2] for s, _ in route if s != g]
+            mixed.append(group.mix.remote([w for _, w in route], own, evaluate, snapshot, epoch, ids, *others))
         return [h[1] for h in halves], mixed

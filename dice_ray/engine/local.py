@@ -7,6 +7,7 @@ debugging, for tests of the math, and as the no-Ray baseline of ``bench/``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -14,6 +15,7 @@ from dice_ray.engine.metrics import RoundMetrics, RoundPlan, combine_evaluations
 from dice_ray.engine.runtime import tune_allocator
 from dice_ray.experiment import Experiment
 from dice_ray.participants import ParticipantBlock
+from dice_ray.proximal import ProximalExaminer, scoring_round
 
 
 class LocalEngine:
@@ -22,19 +24,35 @@ class LocalEngine:
     def __init__(self, experiment: Experiment, device: str = "cpu"):
         tune_allocator()
         self.topology = experiment.topology
+        self.config = experiment.config
         self.block = ParticipantBlock.for_experiment(experiment, device=device)
+        self.examiner = ProximalExaminer(self.block, experiment.config.proximal.zprime)
+        self.mixing: Any = None  # set by collaborator selection: replaces W from then on
 
     def run_round(self, t: int, evaluate: bool, snapshot: bool = False) -> RoundMetrics:
-        """Run round t; return its metrics (with the state after it if ``snapshot``)."""
+        """Run round t; return its metrics (with the state after it if ``snapshot``, and the proximal scores
+        on scoring rounds)."""
+        score = scoring_round(self.config, t)
+        if score:
+            self.examiner.keep_before()
         half, train_loss = self.block.half_step(t)
-        self.block.mix([self.topology.mixing_matrix(t)], [half])
+        if score:
+            self.examiner.take_delta()
+        w = self.topology.mixing_matrix(t) if self.mixing is None else self.mixing
+        self.block.mix([w], [half])
         if evaluate:
             metrics = combine_evaluations(t, train_loss, [self.block.evaluate()], self.topology.n)
         else:
             metrics = RoundMetrics(t, train_loss)
         if snapshot:
             metrics.snapshot = self.block.snapshot()
+        if score:
+            metrics.proximal = self.examiner.score([w], [self.examiner.delta], [self.block.nodes])
         return metrics
+
+    def set_mixing_matrix(self, w: Any) -> None:
+        """Use ``w`` [N, N] as W^t for every later round (collaborator selection rewires the graph)."""
+        self.mixing = w
 
     def run_rounds(self, schedule: Iterable[tuple[int, bool] | RoundPlan]) -> Iterator[RoundMetrics]:
         """Run the rounds of ``schedule`` (``RoundPlan``s or (t, evaluate) pairs, in order); yield each

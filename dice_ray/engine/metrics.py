@@ -34,6 +34,7 @@ class RoundMetrics:
     heldout_acc: np.ndarray | None = None
     consensus_distance: float | None = None
     snapshot: dict[str, np.ndarray] | None = None  # the state after round t, global order (checkpoint rounds)
+    proximal: dict[str, np.ndarray] | None = None
 
 
 def combine_snapshots(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ from dice_ray.engine.actors import Coordinator, ParticipantGroup
 from dice_ray.engine.metrics import RoundMetrics, RoundPlan, combine_evaluations, combine_snapshots
 from dice_ray.engine.runtime import ActorPlan, plan_actors
 from dice_ray.experiment import Experiment
+from dice_ray.proximal import combine_scores, scoring_round
 
 # What a lost actor or machine looks like to the driver: the round in flight fails with one of these.
 ACTOR_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError,
@@ -64,6 +65,8 @@ class RayEngine:
         self._topology = experiment.topology
         self.coordinator = Coordinator.remote(self._topology, self.plan.blocks, self.groups)
         self.n = experiment.nodes
+        self.config = experiment.config
+        self._mixing: Any = None  # W set by collaborator selection, if any
         self.epoch = 0
         self.restore(None)
 
@@ -86,7 +89,8 @@ class RayEngine:
         def submit() -> None:
             batch = list(itertools.islice(rounds, chunk))
             if batch:
-                inflight.append((batch, self.coordinator.submit_rounds.remote(batch, self.epoch)))
+                plans = [(*plan[:3], scoring_round(self.config, plan.t)) for plan in batch]
+                inflight.append((batch, self.coordinator.submit_rounds.remote(plans, self.epoch)))
 
         submit()
         submit()
@@ -128,7 +132,14 @@ class RayEngine:
             metrics = RoundMetrics(plan.t, train_loss)
         if plan.snapshot:
             metrics.snapshot = combine_snapshots([p["snapshot"] for p in parts])
+        if scoring_round(self.config, plan.t):
+            metrics.proximal = combine_scores([p["proximal"] for p in parts])
         return metrics
+
+    def set_mixing_matrix(self, w: Any) -> None:
+        """Use ``w`` [N, N] as W^t from the next submitted round on (call between ``run_rounds`` calls)."""
+        self._mixing = w
+        ray.get(self.coordinator.set_mixing_matrix.remote(w))
 
     def restore(self, snapshot: dict[str, np.ndarray] | None, timeout_s: float = 600.0) -> None:
         """Bring every group to ``snapshot`` (global arrays as in ``RoundMetrics.snapshot``; None: the
@@ -138,6 +149,8 @@ class RayEngine:
         if self.epoch > 0:
             ray.kill(self.coordinator)
             self.coordinator = Coordinator.remote(self._topology, self.plan.blocks, self.groups)
+            if self._mixing is not None:
+                self.coordinator.set_mixing_matrix.remote(self._mixing)
         self.epoch += 1
         deadline = time.monotonic() + timeout_s
 

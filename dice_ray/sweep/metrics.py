@@ -131,3 +131,25 @@ def detection(run: Path, config: RunConfig) -> Values:
         ok = labels.any() and not labels.all() and np.isfinite(scores).all()
         values[name] = float(roc_auc_score(labels, scores)) if ok else None
     return values
+
+
+def _proximal_columns(config: RunConfig) -> list[str]:
+    if not config.proximal.enabled or config.misbehavior.kind == "none":
+        return []
+    return ["auc_proximal", "auc_proximal_examiner_mean", "precision_proximal"]
+
+
+@register_metric("proximal_detection", _proximal_columns)
+def proximal_detection(run: Path, config: RunConfig) -> Values:
+    """Issue 4's detection report (``python -m dice_ray.analyze anomaly``) over the whole run, for the cumulative
+    proximal score: ROC AUC over all (examiner, in-neighbour) pairs, its mean over examiners, and precision at
+    a_k (the examiner's number of anomalous in-neighbours)."""
+    import pandas as pd
+
+    from dice_ray.analyze import detection_metrics, running_scores
+
+    scores = running_scores(pd.read_parquet(run / "proximal.parquet"), pd.read_parquet(run / "rounds.parquet"),
+                            config.proximal.window)
+    row = next(r for r in detection_metrics(scores, config.rounds) if r["method"] == "proximal")
+    return {"auc_proximal": _finite(row["auc"]), "auc_proximal_examiner_mean": _finite(row["auc_examiner_mean"]),
+            "precision_proximal": _finite(row["precision"])}

@@ -1,0 +1,129 @@
+"""Collaborator selection (SPEC §5): every K rounds each participant re-chooses whom it listens to.
+
+Before rounds K, 2K, … every participant k takes a candidate pool — its current in-neighbours plus
+``rewiring.candidates`` random other participants — and keeps m of them as its in-neighbours:
+
+- ``influence``: the m with the lowest cumulative proximal influence Σ_t p_{k←l}^t (most helpful: negative
+  lowers k's loss). A candidate k never heard scores 0 (neutral), so it replaces a harmful neighbour but
+  not a helpful one; ties are broken in a random order.
+- ``random``: m of the same pool at random (the baseline), from the rewiring seed.
+
+The choice is directed — k decides whom k listens to; l is not forced to listen back — so a participant
+everyone drops keeps listening but is heard by no one. W is rebuilt with Metropolis–Hastings weights over
+the new in-degrees (W_kl = 1/(1 + max(deg_k, deg_l)), W_kk = 1 − Σ; every in-degree is m, so all weights
+are 1/(m+1)); row-stochastic with self-loops. Such a graph need not be strongly connected (that is the
+point of excluding someone), but it must be *rooted*: one strongly connected component that reaches
+everyone, so honest participants still reach consensus. If a choice is not rooted, the previous W stays
+(its rows are recorded as ``kept``). Pure numpy/scipy; the driver hands the new W to the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse import csgraph
+
+from dice_ray.topology import metropolis_weights
+
+
+def in_neighbor_sets(w: Any) -> list[np.ndarray]:
+    """Return, per participant k, the sorted ids l ≠ k with W[k, l] > 0."""
+    w = sp.csr_array(w)
+    out = []
+    for k in range(w.shape[0]):
+        cols, vals = w.indices[w.indptr[k]:w.indptr[k + 1]], w.data[w.indptr[k]:w.indptr[k + 1]]
+        out.append(np.sort(cols[(vals > 0) & (cols != k)]).astype(np.int64))
+    return out
+
+
+def metropolis_mixing(in_neighbors: list[np.ndarray]) -> sp.csr_array:
+    """Return the Metropolis–Hastings W [N, N] of the directed graph l → k for l in ``in_neighbors[k]``."""
+    n = len(in_neighbors)
+    rows = np.concatenate([np.full(len(nb), k) for k, nb in enumerate(in_neighbors)]).astype(np.int64)
+    cols = np.concatenate(in_neighbors).astype(np.int64)
+    return metropolis_weights(sp.csr_array((np.ones(len(rows)), (rows, cols)), shape=(n, n)))
+
+
+def is_rooted(w: Any) -> bool:
+    """True iff one strongly connected component of W's graph reaches every participant (the condensation
+    has exactly one component without incoming edges): the condition for consensus under gossip."""
+    w = sp.coo_array(w)
+    positive = sp.csr_array((np.ones(int((w.data > 0).sum())), (w.row[w.data > 0], w.col[w.data > 0])),
+                            shape=w.shape)
+    count, labels = csgraph.connected_components(positive, directed=True, connection="strong")
+    coo = positive.tocoo()
+    cross = labels[coo.row] != labels[coo.col]
+    fed = np.zeros(count, bool)
+    fed[labels[coo.row[cross]]] = True  # row k receives from column l: k's component has an incoming edge
+    return int((~fed).sum()) == 1
+
+
+def select_collaborators(mode: str, current: list[np.ndarray], keep: int, extra: int, rng: np.random.Generator,
+                         scores: Any = None) -> list[np.ndarray]:
+    """Return the new in-neighbour set of every participant (sorted int64 arrays of size ``keep``).
+
+    ``current[k]``: k's in-neighbours now; the pool adds ``extra`` random others (not k, not current).
+    ``scores(k, pool)`` -> cumulative proximal influence [len(pool)] (NaN: never scored, read as 0); needed
+    for ``influence``. ``random`` keeps ``keep`` of the pool at random.
+    """
+    n = len(current)
+    chosen = []
+    for k in range(n):
+        others = np.setdiff1d(np.arange(n), np.append(current[k], k))
+        pool = np.concatenate([current[k], rng.choice(others, min(extra, len(others)), replace=False)])
+        pool = rng.permutation(pool)  # random tie-break
+        if mode == "influence":
+            s = np.nan_to_num(np.asarray(scores(k, pool), np.float64), nan=0.0)
+            pick = pool[np.argsort(s, kind="stable")[:keep]]
+        else:
+            pick = pool[:keep]
+        chosen.append(np.sort(pick).astype(np.int64))
+    return chosen
+
+
+class Rewirer:
+    """Collaborator selection during a run: decides when to rewire, builds the new W, records history.
+
+    Args:
+        config: the run config (``rewiring`` section). w0: W^0 [N, N]. ledger: the run's
+        ``proximal.ProximalLedger`` (cumulative scores; None for random rewiring without proximal influence).
+    """
+
+    def __init__(self, config: Any, w0: Any, ledger: Any = None):
+        self.settings = config.rewiring
+        self.seed = config.seed if self.settings.seed is None else self.settings.seed
+        self.w = sp.csr_array(w0)
+        self.ledger = ledger
+        self.history: list[dict[str, Any]] = []
+        self.fallbacks: list[int] = []
+
+    def due(self, t: int) -> bool:
+        """True iff the graph is rewired before round t (t = K, 2K, …)."""
+        return t > 0 and t % self.settings.every == 0
+
+    def _score(self, k: int, pool: np.ndarray) -> np.ndarray:
+        if self.ledger is None:
+            return np.full(len(pool), np.nan)
+        return self.ledger.cumulative(k, pool)
+
+    def rewire(self, t: int) -> sp.csr_array:
+        """Choose the in-neighbours used from round t on; return the new W (the old one if not rooted)."""
+        current = in_neighbor_sets(self.w)
+        rng = np.random.default_rng([self.seed, t, 7001])
+        chosen = select_collaborators(self.settings.mode, current, self.settings.keep, self.settings.candidates,
+                                      rng, self._score)
+        w = metropolis_mixing(chosen)
+        if not is_rooted(w):
+            self.fallbacks.append(t)
+            chosen, w = current, self.w
+        for k, (old, new) in enumerate(zip(current, chosen, strict=True)):
+            for action, ids in (("kept", np.intersect1d(old, new)), ("added", np.setdiff1d(new, old)),
+                                ("dropped", np.setdiff1d(old, new))):
+                score = self._score(k, ids)
+                self.history += [{"round": t, "participant": k, "neighbor": int(nb), "action": action,
+                                  "cumulative_score": None if np.isnan(s) else float(s)}
+                                 for nb, s in zip(ids.tolist(), score.tolist(), strict=True)]
+        self.w = w
+        return w

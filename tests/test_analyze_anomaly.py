@@ -1,0 +1,84 @@
+"""The detection report and the collaborator comparison: metrics against hand-computed answers, and the
+files they write."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dice_ray.analyze import detection_metrics, running_scores
+from dice_ray.analyze import main as analyze
+from dice_ray.simulate import main as simulate
+
+
+def _toy() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Examiner 0 hears 1 (honest) and 2 (anomalous), examiner 1 hears 0 and 2, for rounds 0..3. Examiner 0
+    ranks 2 worst from round 1 on (cumulative: 2 > 1 from round 1), examiner 1 only from round 3."""
+    rows = []
+    score = {(0, 1): [0.0, -1, -1, -1], (0, 2): [-1.0, 2, 0, 0], (1, 0): [1.0, 1, 1, -5], (1, 2): [0.0, 0, 0, 3]}
+    cosine = {(0, 1): 0.9, (0, 2): 0.1, (1, 0): 0.1, (1, 2): 0.5}
+    for t in range(4):
+        for (k, nb), s in score.items():
+            rows.append({"round": t, "examiner": k, "neighbor": nb, "weight": 0.5, "score": s[t],
+                         "update_cosine": cosine[(k, nb)], "neighbor_is_anomalous": nb == 2})
+    rounds = pd.DataFrame({"round": np.repeat(range(4), 3), "node": np.tile(range(3), 4),
+                           "train_loss": np.tile([1.0, 2.0, 3.0], 4).astype(np.float32)})
+    return pd.DataFrame(rows), rounds
+
+
+def test_detection_metrics_by_hand() -> None:
+    proximal, rounds = _toy()
+    scores = running_scores(proximal, rounds, window=2)
+    by = {r["method"]: r for r in detection_metrics(scores, horizon=4)}
+    # cumulative after round 3: (0,1) -3, (0,2) 1, (1,0) -2, (1,2) 3: both anomalous pairs on top
+    assert by["proximal"]["auc"] == 1.0 and by["proximal"]["precision"] == 1.0
+    assert by["proximal"]["auc_examiner_mean"] == 1.0 and by["proximal"]["examiners"] == 2
+    # examiner 0: separated from round 1 on (delay 2 scoring rounds); examiner 1: from round 3 (delay 4)
+    assert by["proximal"]["detected"] == 1.0
+    assert by["proximal"]["delay_median"] == 3.0 and by["proximal"]["delay_max"] == 4.0
+    # windowed (2 rounds) at round 3: (0,1) -2, (0,2) 0, (1,0) -4, (1,2) 3
+    assert by["proximal-window"]["auc"] == 1.0
+    # train loss of the neighbour: node 2 has the largest; cosine distance 1 - cos: (0,2) 0.9 > (0,1) 0.1,
+    # but examiner 1 hears 0 at distance 0.9 and 2 at 0.5: 2 ranks best there
+    assert by["train-loss"]["auc"] == 1.0
+    assert by["cosine"]["precision"] == 0.5 and by["cosine"]["detected"] == 0.5
+    early = {r["method"]: r for r in detection_metrics(scores, horizon=1)}
+    # round 0 alone: anomalous -1 and 0 against honest 0 and 1: one tie among four pairs
+    assert early["proximal"]["auc"] == 0.125
+
+
+def test_anomaly_report_writes_table_and_png(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    assert simulate(["--engine", "local", "--no-progress", "--dataset", "digits", "--nodes", "12", "--rounds", "8",
+                     "--batch-size", "16", "--lr", "0.1", "--val-fraction", "0.2", "--misbehavior", "label-flip",
+                     "--misbehaving", "3", "--proximal", "--out", str(run)]) == 0
+    assert analyze(["anomaly", str(run), "--horizon", "4", "--horizon", "8"]) == 0
+    table = pd.read_parquet(run / "anomaly.parquet")
+    assert sorted(set(table["horizon"])) == [4, 8]
+    assert set(table["method"]) == {"proximal", "proximal-window", "train-loss", "cosine"}
+    assert ((table["auc"] >= 0) & (table["auc"] <= 1)).all()
+    assert (run / "anomaly_roc.png").stat().st_size > 10_000
+    assert "proximal" in capsys.readouterr().out
+    plain = tmp_path / "plain"
+    assert simulate(["--engine", "local", "--no-progress", "--dataset", "digits", "--nodes", "6", "--rounds", "2",
+                     "--out", str(plain)]) == 0
+    assert analyze(["anomaly", str(plain)]) == 2
+    assert "--proximal" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["none", "influence"])
+def test_collaborators_report_compares_runs(tmp_path, mode: str) -> None:
+    runs = []
+    for rewire in ("none", mode):
+        out = tmp_path / f"rewire-{rewire}"
+        if not out.exists():
+            flags = [] if rewire == "none" else ["--rewire", rewire, "--rewire-every", "2", "--rewire-keep", "2"]
+            assert simulate(["--engine", "local", "--no-progress", "--dataset", "digits", "--nodes", "8", "--rounds",
+                             "4", "--misbehavior", "label-flip", "--misbehaving", "1", "--proximal", "--out", str(out),
+                             *flags]) == 0
+        runs.append(str(out))
+    assert analyze(["collaborators", *runs]) == 0
+    table = pd.read_parquet(tmp_path / "collaborators.parquet")
+    assert table["honest_acc"].between(0, 1).all() and table["misbehaving"].tolist() == [1, 1]
+    assert analyze(["anomaly", *runs]) == 2

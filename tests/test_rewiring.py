@@ -1,0 +1,96 @@
+"""Collaborator selection: each participant keeps m in-neighbours, W is Metropolis and row-stochastic, the
+history table matches the W the engine used, and Ray places it as the local engine does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from dice_ray.rewiring import in_neighbor_sets, is_rooted, metropolis_mixing, select_collaborators
+from dice_ray.simulate import main as simulate
+
+
+def test_influence_keeps_the_m_most_helpful_candidates() -> None:
+    current = [np.array([1, 2, 3]), np.array([0, 2]), np.array([0, 1]), np.array([0, 2])]
+    table = {(0, 1): -3.0, (0, 2): 5.0, (0, 3): -1.0, (1, 0): 2.0, (1, 2): 1.0, (2, 0): -1.0, (2, 1): -2.0,
+             (3, 0): 0.5, (3, 2): 0.1}
+
+    def scores(k: int, pool: np.ndarray) -> np.ndarray:
+        return np.array([table.get((k, int(nb)), np.nan) for nb in pool])
+
+    chosen = select_collaborators("influence", current, 2, 0, np.random.default_rng(0), scores)
+    assert [c.tolist() for c in chosen] == [[1, 3], [0, 2], [0, 1], [0, 2]]
+    # an unscored candidate (read as 0) replaces a harmful neighbour but not a helpful one
+    chosen = select_collaborators("influence", current, 2, 1, np.random.default_rng(0), scores)
+    assert chosen[0].tolist() == [1, 3]
+    assert set(chosen[3].tolist()) == {1, 2}  # 1 is 3's only non-neighbour: 0 beats 0.5, loses to 0.1
+    rand = select_collaborators("random", current, 2, 1, np.random.default_rng(0))
+    assert all(len(c) == 2 and k not in c for k, c in enumerate(rand))
+
+
+def test_metropolis_mixing_is_row_stochastic_metropolis_and_keeps_m() -> None:
+    rng = np.random.default_rng(1)
+    n, m = 12, 3
+    sets = [np.sort(rng.choice(np.setdiff1d(np.arange(n), [k]), m, replace=False)) for k in range(n)]
+    w = metropolis_mixing(sets)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0)
+    assert [s.tolist() for s in in_neighbor_sets(w)] == [s.tolist() for s in sets]
+    dense = w.toarray()
+    for k in range(n):
+        for nb in sets[k]:
+            assert dense[k, nb] == pytest.approx(1 / (1 + m))  # 1/(1 + max(deg_k, deg_l)), every in-degree m
+        assert dense[k, k] == pytest.approx(1 - m / (1 + m))
+
+
+def test_rooted_allows_excluded_participants_but_not_split_groups() -> None:
+    heard_by_none = metropolis_mixing([np.array([1]), np.array([0]), np.array([0])])  # 2 listens, nobody hears it
+    assert is_rooted(heard_by_none)
+    split = metropolis_mixing([np.array([1]), np.array([0]), np.array([3]), np.array([2])])
+    assert not is_rooted(split)
+    assert is_rooted(sp.eye_array(1, format="csr"))
+
+
+def _run(tmp_path, name: str, *flags: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    out = tmp_path / name
+    assert simulate(["--no-progress", "--dataset", "digits", "--nodes", "10", "--rounds", "7", "--batch-size", "8",
+                     "--seed", "5", "--misbehavior", "label-flip", "--misbehaving", "2", "--rewire-every", "3",
+                     "--rewire-keep", "2", "--rewire-candidates", "2", "--out", str(out), *flags]) == 0
+    proximal = pd.read_parquet(out / "proximal.parquet") if (out / "proximal.parquet").exists() else None
+    return pd.read_parquet(out / "rewiring.parquet"), proximal
+
+
+def _check_history(history: pd.DataFrame, proximal: pd.DataFrame | None, start: list[list[int]]) -> None:
+    current = {k: set(nb) for k, nb in enumerate(start)}
+    assert sorted(set(history["round"])) == [3, 6]
+    for t, rows in history.groupby("round"):
+        for k, mine in rows.groupby("participant"):
+            kept = set(mine.loc[mine["action"] == "kept", "neighbor"])
+            added = set(mine.loc[mine["action"] == "added", "neighbor"])
+            dropped = set(mine.loc[mine["action"] == "dropped", "neighbor"])
+            assert kept | dropped == current[k] and not kept & dropped
+            assert len(kept | added) == 2 and k not in kept | added and not added & current[k]
+            current[k] = kept | added
+        if proximal is not None:  # the engine mixed over exactly the new in-neighbours from round t on
+            used = proximal[proximal["round"] == t].groupby("examiner")["neighbor"].apply(set).to_dict()
+            assert used == current
+            np.testing.assert_allclose(proximal.loc[proximal["round"] == t, "weight"], 1 / 3)
+
+
+def test_rewiring_history_matches_the_w_used_and_ray_equals_local(ray_local, tmp_path) -> None:
+    from dice_ray.topology import make_topology
+
+    start = [nb.tolist() for nb in in_neighbor_sets(make_topology("exponential", 10).mixing_matrix(0))]
+    history, proximal = _run(tmp_path, "local", "--engine", "local", "--proximal", "--rewire", "influence")
+    _check_history(history, proximal, start)
+    scored = history.dropna(subset=["cumulative_score"])
+    first_added = history[(history["round"] == 3) & (history["action"] == "added")]
+    assert len(scored) and first_added["cumulative_score"].isna().all()  # never neighbours before: unscored
+    ray_history, ray_proximal = _run(tmp_path, "ray", "--actors", "2", "--proximal", "--rewire", "influence")
+    pd.testing.assert_frame_equal(history.drop(columns="cumulative_score"),
+                                  ray_history.drop(columns="cumulative_score"))
+    np.testing.assert_allclose(ray_proximal["score"], proximal["score"], rtol=1e-5, atol=1e-8)
+    random_history, _ = _run(tmp_path, "random", "--engine", "local", "--rewire", "random")
+    _check_history(random_history, None, start)
+    assert random_history["cumulative_score"].isna().all()
