@@ -95,7 +95,7 @@ class LedgerExaminer:
         self.block, self.config = block, config
         self._grads = ProximalExaminer(block, config.ledger.zprime)  # its ``gradients`` on the ledger's z′
         self.gradient: torch.Tensor | None = None
-        self.deltas: dict[int, torch.Tensor] = {}  # probe round t -> Δ^t [P, D_params] of the hosted sources
+        self.deltas: dict[int, torch.Tensor] = {}  # probe round t -> Δ^t [P, D_params] (float64) of the hosted sources
 
     def start(self, u: int) -> torch.Tensor | None:
         """Take g = ∇L(θ^u; z′) [P, D_params] of the hosted participants if round u needs it (returned), and
@@ -108,7 +108,7 @@ class LedgerExaminer:
     def take_delta(self, u: int) -> None:
         """After round u's local step: keep Δ^u = θ^{u+½} − θ^u on ledger rounds."""
         if ledger_round(self.config, u):
-            self.deltas[u] = self._grads.take_delta()
+            self.deltas[u] = self._grads.take_delta().double()  # exact; converted once, read by R + 1 rounds
 
     def terms(self, u: int, paths: list[tuple[int, int, sp.csr_array]], gradients: list[torch.Tensor | np.ndarray],
               ) -> dict[str, np.ndarray] | None:
@@ -130,7 +130,7 @@ class LedgerExaminer:
                 parts[f].append(v)
 
         if u in self.deltas:
-            own = (self.gradient.double() * self.deltas[u].double()).sum(dim=1)
+            own = (self.gradient.double() * self.deltas[u]).sum(dim=1)
             add(0, u, nodes, nodes, own)
         if paths:
             g = torch.cat([(torch.as_tensor(b) if isinstance(b, np.ndarray) else b).to(device).double()
@@ -140,7 +140,7 @@ class LedgerExaminer:
                 if not coo.nnz:
                     continue
                 rows, cols = coo.row.astype(np.int64), coo.col.astype(np.int64)
-                [dots] = _edge_dots([(g, self.deltas[t].double())], rows, cols)
+                [dots] = _edge_dots([(g, self.deltas[t])], rows, cols)
                 add(s, t, nodes[cols], rows, torch.as_tensor(coo.data, dtype=torch.float64, device=device) * dots)
         for t in [t for t in self.deltas if t <= u - self.config.ledger.hops]:
             del self.deltas[t]  # no later round reads it
@@ -166,7 +166,8 @@ class LedgerExaminer:
         for i in range(arrays["ledger.rounds"].shape[1]):
             t = int(arrays["ledger.rounds"][0, i]) if len(arrays["ledger.rounds"]) else -1
             if t >= 0:
-                self.deltas[t] = torch.as_tensor(np.array(arrays["ledger.delta"][:, i]), device=self.block.device)
+                self.deltas[t] = torch.as_tensor(np.array(arrays["ledger.delta"][:, i]),
+                                                 device=self.block.device).double()
 
 
 def sort_terms(terms: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -50,7 +50,8 @@ def test_ledger_equals_sum_of_per_probe_first_order_dice(tmp_path: Path) -> None
     """Every probe of rounds 0..T−1−R, all sources: Σ of the ledger's terms of probe (j, t) equals dice.parquet's
     est_first_order at hops R; rounds after that are truncated, not dropped."""
     out = _run(tmp_path / "run", "--engine", "local", "--rounds", "9", "--topology", "ring", "--misbehavior",
-               "scale", "--misbehaving-ids", "2", "--ledger", "--ledger-hops", "3", "--ledger-every", "2",
+               "scale", "--misbehaving-selection", "ids", "--misbehaving-ids", "2", "--ledger", "--ledger-hops", "3",
+               "--ledger-every", "2",
                "--influence", "--hops", "3", "--probe-rounds", "0,2,4", "--set", "influence.variants=[first-order]",
                "--set", "influence.ground_truth=false")
     ledger = pd.read_parquet(out / "contributions.parquet")
@@ -170,3 +171,22 @@ def test_recovery_restores_the_ledger_and_its_kept_updates(ray_local, tmp_path: 
                                       pd.read_parquet(undisturbed / f"{name}.parquet"))
     manifest = pd.read_json(disturbed / "manifest.json", typ="series")
     assert manifest["recoveries"][0]["restored_from_round"] == 9
+
+
+def test_contributions_report(tmp_path: Path, capsys) -> None:
+    from dice_ray.analyze import main as analyze
+
+    out = _run(tmp_path / "rep", "--engine", "local", "--rounds", "6", "--topology", "exponential", "--misbehavior",
+               "label-flip", "--misbehaving-selection", "ids", "--misbehaving-ids", "1", "--ledger",
+               "--ledger-hops", "2")
+    assert analyze(["contributions", str(out)]) == 0  # without leave-one-out: ledger only
+    assert analyze(["contributions", str(out), "--loo", "--local"]) == 0  # computes loo.parquet now
+    printed = capsys.readouterr().out
+    assert "ledger total vs loo: Spearman" in printed
+    report = pd.read_parquet(out / "contributions_report.parquet")
+    assert len(report) == 8 and report["loo_effect"].notna().all() and report["shapley"].isna().all()
+    assert report.loc[1, "misbehaving"] and sorted(report["rank"]) == list(range(1, 9))
+    assert (out / "contributions_shares.png").stat().st_size > 0 and (out / "contributions_heatmap.png").is_file()
+    plain = _run(tmp_path / "plain", "--engine", "local", "--rounds", "2")
+    assert analyze(["contributions", str(plain)]) == 2
+    assert "--ledger" in capsys.readouterr().err

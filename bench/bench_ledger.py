@@ -1,0 +1,102 @@
+"""Cost of the online contribution ledger: a training run with it against the same run without it.
+
+Workload: ``configs/contributions.yaml``'s setting (the embedded MNIST subset, the MLP, SGD batch 8, exponential
+graph) with N participants. Both runs train the same rounds from the same state in this process, alternating
+(off, on, off, on, ...) ``--repeats`` times; each run's time is the median of its per-round seconds (no
+evaluation inside timed rounds), and a variant's time the lowest over its repeats. The ratio
+(ledger on) / (ledger off) is measured in this one run. ``--engine ray`` times ``RayEngine`` (default actor
+plan) instead of ``LocalEngine``.
+
+The ledger's extra work per round is one batched gradient of every participant on z′ (``--heldout-size``
+samples; the local step uses ``--batch-size``), taken on the rounds t, t+1, ..., t+R of every ledger round t,
+plus sampled dot products for the pairs within R hops. Run::
+
+    python bench/bench_ledger.py                          # N = 16 64, local engine
+    python bench/bench_ledger.py --engine ray --nodes 16
+    python bench/bench_ledger.py --heldout-size 500 --every 8 --hops 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+from dice_ray.config import build_config
+from dice_ray.experiment import prepare
+
+
+def _config(n: int, args: argparse.Namespace, ledger: bool):
+    return build_config({
+        "seed": 0, "nodes": n, "rounds": args.rounds, "topology": {"name": "exponential"},
+        "data": {"dataset": "mnist5k", "heldout_size": args.heldout_size}, "model": {"name": "mlp"},
+        "optim": {"name": "sgd", "lr": 0.05, "batch_size": args.batch_size},
+        "ledger": {"enabled": ledger, "every": args.every, "hops": args.hops, "zprime": args.zprime},
+        "output": {"progress": False}})
+
+
+def _seconds_per_round(experiment, engine_kind: str) -> float:
+    if engine_kind == "ray":
+        from dice_ray.engine import RayEngine
+
+        engine = RayEngine(experiment)
+    else:
+        from dice_ray.engine import LocalEngine
+
+        engine = LocalEngine(experiment)
+    times = []
+    try:
+        for t in range(experiment.config.rounds):
+            start = time.perf_counter()
+            engine.run_round(t, False)
+            times.append(time.perf_counter() - start)
+    finally:
+        engine.close()
+    return float(np.median(times[1:]))  # round 0 pays for warm-up
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--every", type=int, default=1)
+    parser.add_argument("--hops", type=int, default=3)
+    parser.add_argument("--heldout-size", type=int, default=500)
+    parser.add_argument("--zprime", choices=("heldout", "validation"), default="heldout")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--engine", choices=("local", "ray"), default="local")
+    args = parser.parse_args()
+    if args.engine == "ray":
+        from dice_ray.engine import start_ray
+
+        start_ray()
+    else:
+        import torch
+
+        torch.set_num_threads(2)
+    print(f"load average {os.getloadavg()[0]:.2f}; engine {args.engine}; ledger every {args.every}, R = {args.hops}, "
+          f"z′ {args.zprime} (held-out {args.heldout_size}), batch {args.batch_size}")
+    rows = []
+    for n in args.nodes:
+        experiments = {flag: prepare(_config(n, args, flag)) for flag in (False, True)}
+        best = {False: np.inf, True: np.inf}
+        for _ in range(args.repeats):
+            for flag in (False, True):
+                best[flag] = min(best[flag], _seconds_per_round(experiments[flag], args.engine))
+        ratio = best[True] / best[False]
+        rows.append((n, best[False], best[True], ratio))
+        print(f"N = {n}: without {best[False] * 1e3:.1f} ms/round, with ledger {best[True] * 1e3:.1f} ms/round, "
+              f"ratio {ratio:.2f}", flush=True)
+    zprime = args.heldout_size if args.zprime == "heldout" else "validation"
+    print("\n| N | engine | every | R | z′ | without (ms/round) | with ledger (ms/round) | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, off, on, ratio in rows:
+        print(f"| {n} | {args.engine} | {args.every} | {args.hops} | {zprime} | {off * 1e3:.1f} | "
+              f"{on * 1e3:.1f} | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
