@@ -582,7 +582,7 @@ def contributions(run: Path, loo: bool = False, shapley: int | None = None, loca
     rows["n_train"] = nodes["n_train"].to_numpy()
     rows["misbehaving"] = nodes["misbehaving"].to_numpy()
     rows["in_degree"] = nodes["in_degree"].to_numpy()
-    rows["betweenness"] = [betweenness[j] for j in range(n)]
+    rows["betweenness"] = np.round([betweenness[j] for j in range(n)], 12)  # equal ones compare equal
     write_table_atomic(run / "contributions_report.parquet", {c: rows[c].to_numpy() for c in rows.columns},
                        CONTRIBUTION_REPORT)
     total = rows["total"].to_numpy()
