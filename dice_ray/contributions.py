@@ -77,6 +77,9 @@ class PathWeights:
         """Return [(t, s, F^{(s)}[:, columns])] for every ledger round t = u − s, s = 1..R: the hop terms
         measured at the start of round u (``columns``: the hosted sources; default all)."""
         out = []
+        if not self.static:  # time-varying W: products of probe rounds no later round reads
+            for key in [key for key in self._cache if key[0] < u - config.ledger.hops]:
+                del self._cache[key]
         for s in range(1, config.ledger.hops + 1):
             if ledger_round(config, u - s):
                 f = self.first_reached(u - s, s)

@@ -190,3 +190,15 @@ def test_contributions_report(tmp_path: Path, capsys) -> None:
     plain = _run(tmp_path / "plain", "--engine", "local", "--rounds", "2")
     assert analyze(["contributions", str(plain)]) == 2
     assert "--ledger" in capsys.readouterr().err
+
+
+def test_time_varying_topology_ledger_equals_first_order_dice(tmp_path: Path) -> None:
+    out = _run(tmp_path / "tv", "--engine", "local", "--rounds", "6", "--topology", "one-peer-exponential",
+               "--ledger", "--ledger-hops", "2", "--influence", "--hops", "2", "--probe-rounds", "1,3",
+               "--set", "influence.variants=[first-order]", "--set", "influence.ground_truth=false")
+    ledger = pd.read_parquet(out / "contributions.parquet")
+    dice = pd.read_parquet(out / "dice.parquet").query("hops == 2").set_index(["round", "source"])
+    ours = ledger[ledger["probe_round"].isin([1, 3])].groupby(["probe_round", "source"])["influence"].sum()
+    theirs = dice["est_first_order"]
+    np.testing.assert_allclose(ours.to_numpy(), theirs.loc[ours.index].to_numpy(), rtol=1e-6,
+                               atol=1e-6 * theirs.abs().max())
