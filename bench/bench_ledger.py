@@ -4,8 +4,9 @@ Workload: ``configs/contributions.yaml``'s setting (the embedded MNIST subset, t
 graph) with N participants. Both runs train the same rounds from the same state in this process, alternating
 (off, on, off, on, ...) ``--repeats`` times; each run's time is the mean of its per-round seconds after the
 first (no evaluation inside timed rounds), and a variant's time the lowest over its repeats. The ratio
-(ledger on) / (ledger off) is measured in this one run. ``--engine ray`` times ``RayEngine`` (default actor
-plan) instead of ``LocalEngine``.
+(ledger on) / (ledger off) is measured in this one run, in wall-clock time and (local engine) in this
+process's CPU time, which other work on a shared machine disturbs less. ``--engine ray`` times ``RayEngine``
+(default actor plan) instead of ``LocalEngine``.
 
 The ledger's extra work per round is one batched gradient of every participant on z′ (``--heldout-size``
 samples; the local step uses ``--batch-size``), taken on the rounds t, t+1, ..., t+R of every ledger round t,
@@ -37,7 +38,7 @@ def _config(n: int, args: argparse.Namespace, ledger: bool):
         "output": {"progress": False}})
 
 
-def _seconds_per_round(experiment, engine_kind: str) -> float:
+def _seconds_per_round(experiment, engine_kind: str) -> tuple[float, float]:
     if engine_kind == "ray":
         from dice_ray.engine import RayEngine
 
@@ -46,15 +47,17 @@ def _seconds_per_round(experiment, engine_kind: str) -> float:
         from dice_ray.engine import LocalEngine
 
         engine = LocalEngine(experiment)
-    times = []
+    times, cpu = [], []
     try:
         for t in range(experiment.config.rounds):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             engine.run_round(t, False)
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     finally:
         engine.close()
-    return float(np.mean(times[1:]))  # round 0 pays for warm-up; the mean: ledger rounds may be a minority
+    # round 0 pays for warm-up; the mean: ledger rounds may be a minority
+    return float(np.mean(times[1:])), float(np.mean(cpu[1:]))
 
 
 def main() -> None:
@@ -83,19 +86,23 @@ def main() -> None:
     for n in args.nodes:
         experiments = {flag: prepare(_config(n, args, flag)) for flag in (False, True)}
         best = {False: np.inf, True: np.inf}
+        best_cpu = {False: np.inf, True: np.inf}
         for _ in range(args.repeats):
             for flag in (False, True):
-                best[flag] = min(best[flag], _seconds_per_round(experiments[flag], args.engine))
-        ratio = best[True] / best[False]
-        rows.append((n, best[False], best[True], ratio))
+                wall, cpu = _seconds_per_round(experiments[flag], args.engine)
+                best[flag], best_cpu[flag] = min(best[flag], wall), min(best_cpu[flag], cpu)
+        ratio, ratio_cpu = best[True] / best[False], best_cpu[True] / best_cpu[False]
+        rows.append((n, best[False], best[True], ratio, ratio_cpu))
         print(f"N = {n}: without {best[False] * 1e3:.1f} ms/round, with ledger {best[True] * 1e3:.1f} ms/round, "
-              f"ratio {ratio:.2f}", flush=True)
+              f"ratio {ratio:.2f} (CPU time of this process: {ratio_cpu:.2f})", flush=True)
     zprime = args.heldout_size if args.zprime == "heldout" else "validation"
-    print("\n| N | engine | every | R | z′ | without (ms/round) | with ledger (ms/round) | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
-    for n, off, on, ratio in rows:
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    print("\n| N | engine | every | R | z′ | without (ms/round) | with ledger (ms/round) | ratio | CPU-time ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, off, on, ratio, ratio_cpu in rows:
+        cpu = f"{ratio_cpu:.2f}" if args.engine == "local" else "(in actors)"
         print(f"| {n} | {args.engine} | {args.every} | {args.hops} | {zprime} | {off * 1e3:.1f} | "
-              f"{on * 1e3:.1f} | {ratio:.2f} |")
+              f"{on * 1e3:.1f} | {ratio:.2f} | {cpu} |")
 
 
 if __name__ == "__main__":
