@@ -2,8 +2,9 @@
 
 Workload: ``configs/contributions.yaml``'s setting (the embedded MNIST subset, the MLP, SGD batch 8, exponential
 graph) with N participants. Both runs train the same rounds from the same state in this process, alternating
-(off, on, off, on, ...) ``--repeats`` times; each run's time is the mean of its per-round seconds after the
-first (no evaluation inside timed rounds), and a variant's time the lowest over its repeats. The ratio
+(off, on, off, on, ...) ``--repeats`` times; a variant's time is the mean over rounds (after the first, no
+evaluation inside timed rounds) of each round's lowest time over the repeats — robust to bursts of other load,
+and fair to ``--ledger-every`` k > 1, whose ledger rounds are a minority. The ratio
 (ledger on) / (ledger off) is measured in this one run, in wall-clock time and (local engine) in this
 process's CPU time, which other work on a shared machine disturbs less. ``--engine ray`` times ``RayEngine``
 (default actor plan) instead of ``LocalEngine``.
@@ -38,7 +39,8 @@ def _config(n: int, args: argparse.Namespace, ledger: bool):
         "output": {"progress": False}})
 
 
-def _seconds_per_round(experiment, engine_kind: str) -> tuple[float, float]:
+def _round_seconds(experiment, engine_kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return (wall-clock, this process's CPU) seconds of every round after the first (warm-up)."""
     if engine_kind == "ray":
         from dice_ray.engine import RayEngine
 
@@ -56,8 +58,7 @@ def _seconds_per_round(experiment, engine_kind: str) -> tuple[float, float]:
             cpu.append(time.process_time() - start_cpu)
     finally:
         engine.close()
-    # round 0 pays for warm-up; the mean: ledger rounds may be a minority
-    return float(np.mean(times[1:])), float(np.mean(cpu[1:]))
+    return np.array(times[1:]), np.array(cpu[1:])
 
 
 def main() -> None:
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--zprime", choices=("heldout", "validation"), default="heldout")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--engine", choices=("local", "ray"), default="local")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (local engine)")
     args = parser.parse_args()
     if args.engine == "ray":
         from dice_ray.engine import start_ray
@@ -79,7 +81,7 @@ def main() -> None:
     else:
         import torch
 
-        torch.set_num_threads(2)
+        torch.set_num_threads(args.threads)
     print(f"load average {os.getloadavg()[0]:.2f}; engine {args.engine}; ledger every {args.every}, R = {args.hops}, "
           f"z′ {args.zprime} (held-out {args.heldout_size}), batch {args.batch_size}")
     rows = []
@@ -89,8 +91,10 @@ def main() -> None:
         best_cpu = {False: np.inf, True: np.inf}
         for _ in range(args.repeats):
             for flag in (False, True):
-                wall, cpu = _seconds_per_round(experiments[flag], args.engine)
-                best[flag], best_cpu[flag] = min(best[flag], wall), min(best_cpu[flag], cpu)
+                wall, cpu = _round_seconds(experiments[flag], args.engine)
+                best[flag], best_cpu[flag] = np.minimum(best[flag], wall), np.minimum(best_cpu[flag], cpu)
+        best = {flag: float(v.mean()) for flag, v in best.items()}
+        best_cpu = {flag: float(v.mean()) for flag, v in best_cpu.items()}
         ratio, ratio_cpu = best[True] / best[False], best_cpu[True] / best_cpu[False]
         rows.append((n, best[False], best[True], ratio, ratio_cpu))
         print(f"N = {n}: without {best[False] * 1e3:.1f} ms/round, with ledger {best[True] * 1e3:.1f} ms/round, "
