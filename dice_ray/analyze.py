@@ -631,7 +631,7 @@ def _contribution_plots(run: Path, rows, matrix: np.ndarray) -> None:
             ax.annotate("harmful", (i, 0), rotation=90, ha="center", va="bottom", fontsize=7, color="tab:red")
     ax.set_xlabel("participant (by rank)")
     ax.set_ylabel("share of the helpful budget")
-    ax.set_title("contribution shares (red: flagged harmful; orange: misbehaving, not flagged)")
+    ax.set_title("contribution shares\n(red: flagged harmful; orange bar: misbehaving, not flagged)", fontsize=9)
     fig.savefig(run / "contributions_shares.png", dpi=120)
     plt.close(fig)
 
