@@ -4,6 +4,7 @@
     python -m dice_ray.analyze cascade runs/my-run       # ripples: influence against hop distance, position
     python -m dice_ray.analyze anomaly runs/my-run       # detection of misbehaving neighbours (--proximal)
     python -m dice_ray.analyze collaborators runs/a runs/b ...  # final accuracy: static vs rewired topologies
+    python -m dice_ray.analyze contributions runs/my-run [--loo] [--shapley K]  # contribution ledger (--ledger)
 
 ``alignment`` reads ``dice.parquet`` and ``influence.parquet`` and prints, for every hop r and DICE-E
 variant, Pearson, Spearman and Kendall correlation with DICE-GT and the relative error Σ|GT − E| / Σ|GT|,
@@ -26,6 +27,14 @@ detection delay (``anomaly.parquet``, ``anomaly_roc.png``).
 ``collaborators`` reads several runs that differ in ``rewiring.mode`` (none, influence, random), misbehaviour
 and seed, and compares the final mean held-out accuracy of the honest participants
 (``collaborators.parquet``).
+
+``contributions`` reads ``shares.parquet`` and ``contributions.parquet`` (a run with ``--ledger``) and ranks the
+participants by their ledger total T_j, with their share of the helpful budget and the harmful flag, beside
+their data size, misbehaviour and position (in-degree, betweenness). Where leave-one-participant-out retraining
+(``loo.parquet``; ``--loo`` computes it now, as Ray tasks, if the run did not) and Monte-Carlo Shapley
+(``shapley.parquet``; ``--shapley K``) exist, it reports Spearman and Kendall correlation of T_j with them. It
+writes ``contributions_report.parquet``, a bar chart of the shares (``contributions_shares.png``) and the
+heat-map of L[j→k] (``contributions_heatmap.png``).
 """
 
 from __future__ import annotations
@@ -39,7 +48,17 @@ import pyarrow.parquet as pq
 from scipy import stats
 
 from dice_ray.errors import InputError
-from dice_ray.results import ALIGNMENT, ANOMALY, CASCADE, COLLABORATORS, PAIRWISE, write_table_atomic
+from dice_ray.results import (
+    ALIGNMENT,
+    ANOMALY,
+    CASCADE,
+    COLLABORATORS,
+    CONTRIBUTION_REPORT,
+    LOO,
+    PAIRWISE,
+    SHAPLEY,
+    write_table_atomic,
+)
 
 VARIANTS = {"first-order": "est_first_order", "curvature": "est_curvature"}
 QUANTITIES = {"hop": "_hop", "cumulative": ""}
@@ -494,16 +513,155 @@ def collaborators(runs: list[Path], out: Path | None = None) -> list[dict]:
     return rows
 
 
+# -- contribution accounting (issue 7): the ledger against retraining ------------------------------------------
+
+
+def _rank_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float | None]:
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
+        return {"spearman": None, "kendall": None}
+    return {"spearman": float(stats.spearmanr(a[ok], b[ok]).statistic),
+            "kendall": float(stats.kendalltau(a[ok], b[ok]).statistic)}
+
+
+def _run_experiment(run: Path, changes: dict | None = None):
+    import json
+
+    from dice_ray.config import build_config
+    from dice_ray.experiment import prepare
+
+    data = json.loads((run / "manifest.json").read_text())["config"]
+    for section, values in (changes or {}).items():
+        data.setdefault(section, {}).update(values)
+    return prepare(build_config(data))
+
+
+def _retrain_now(run: Path, loo: bool, shapley: int | None, local: bool) -> None:
+    """Compute ``loo.parquet`` (and ``shapley.parquet``) for ``run`` now (Ray tasks, or here if ``local``)."""
+    from dice_ray.engine.contributions import retrain_runs
+
+    experiment = _run_experiment(run, {"ledger": {"loo": loo, "shapley_permutations": shapley or 0}})
+    if not local:
+        from dice_ray.engine import start_ray
+
+        start_ray(experiment.config.engine.address)
+    rows_loo, rows_shapley = retrain_runs(experiment, local=local, progress=True)
+    if rows_loo is not None:
+        write_table_atomic(run / "loo.parquet", rows_loo, LOO)
+    if rows_shapley is not None:
+        write_table_atomic(run / "shapley.parquet", rows_shapley, SHAPLEY)
+
+
+def contributions(run: Path, loo: bool = False, shapley: int | None = None, local: bool = False) -> dict:
+    """Compute, print and write the contributions report of ``run``; return its summary (``rows``, and the
+    rank agreement of the ledger totals with leave-one-out and Shapley where computed)."""
+    import networkx as nx
+
+    shares = _frame(run, "shares", "run the simulation with --ledger first")
+    ledger = _frame(run, "contributions", "run the simulation with --ledger first")
+    nodes = _frame(run, "nodes", "not a finished run")
+    if (loo and not (run / "loo.parquet").is_file()) or (shapley and not (run / "shapley.parquet").is_file()):
+        _retrain_now(run, loo or (run / "loo.parquet").is_file(), shapley, local)
+    n = len(nodes)
+    matrix = np.zeros((n, n))
+    last = ledger.groupby(["source", "target"])["cumulative"].last()
+    matrix[last.index.get_level_values(0), last.index.get_level_values(1)] = last.to_numpy()
+    experiment = _run_experiment(run)
+    graph = experiment.topology.to_networkx(0)
+    betweenness = nx.betweenness_centrality(graph)
+    rows = shares.sort_values("participant").reset_index(drop=True)
+    rows["loo_effect"] = np.nan
+    rows["shapley"] = np.nan
+    if (run / "loo.parquet").is_file():
+        table = _frame(run, "loo", "")
+        effect = table[table["participant"] >= 0].groupby("participant")["effect"].sum()
+        rows.loc[effect.index, "loo_effect"] = effect.to_numpy()
+    if (run / "shapley.parquet").is_file():
+        table = _frame(run, "shapley", "").set_index("participant")["shapley"]
+        rows.loc[table.index, "shapley"] = table.to_numpy()
+    rows["n_train"] = nodes["n_train"].to_numpy()
+    rows["misbehaving"] = nodes["misbehaving"].to_numpy()
+    rows["in_degree"] = nodes["in_degree"].to_numpy()
+    rows["betweenness"] = np.round([betweenness[j] for j in range(n)], 12)  # equal ones compare equal
+    write_table_atomic(run / "contributions_report.parquet", {c: rows[c].to_numpy() for c in rows.columns},
+                       CONTRIBUTION_REPORT)
+    total = rows["total"].to_numpy()
+    summary = {"rows": rows,
+               "loo": _rank_agreement(total, rows["loo_effect"].to_numpy()),
+               "shapley": _rank_agreement(total, rows["shapley"].to_numpy()),
+               "loo_honest": _rank_agreement(total[~rows["misbehaving"].to_numpy()],
+                                             rows["loo_effect"].to_numpy()[~rows["misbehaving"].to_numpy()]),
+               "position": {name: _spearman(total, rows[name].to_numpy(float))
+                            for name in ("n_train", "in_degree", "betweenness")},
+               "misbehaving_flagged": bool(rows.loc[rows["misbehaving"], "harmful"].all())
+               if rows["misbehaving"].any() else None}
+    _contribution_plots(run, rows, matrix)
+
+    print(rows.sort_values("rank").to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for name in ("loo", "shapley"):
+        if summary[name]["spearman"] is not None:
+            print(f"ledger total vs {name}: Spearman {summary[name]['spearman']:.3f}, Kendall "
+                  f"{summary[name]['kendall']:.3f} over {n} participants")
+    if summary["loo_honest"]["spearman"] is not None and rows["misbehaving"].any():
+        print(f"  among the {int((~rows['misbehaving']).sum())} well-behaved participants only: Spearman "
+              f"{summary['loo_honest']['spearman']:.3f}, Kendall {summary['loo_honest']['kendall']:.3f}")
+    print("ledger total vs position and data (Spearman): " + "  ".join(
+        f"{k}: {'-' if v is None else f'{v:.3f}'}" for k, v in summary["position"].items()))
+    if summary["misbehaving_flagged"] is not None:
+        flagged = int(rows.loc[rows["misbehaving"], "harmful"].sum())
+        print(f"misbehaving participants flagged harmful: {flagged} of {int(rows['misbehaving'].sum())}; honest "
+              f"ones flagged: {int(rows.loc[~rows['misbehaving'], 'harmful'].sum())}")
+    print(f"wrote {run / 'contributions_report.parquet'}, contributions_shares.png, contributions_heatmap.png")
+    return summary
+
+
+def _contribution_plots(run: Path, rows, matrix: np.ndarray) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = rows.sort_values("rank")
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(rows)), 3.6), constrained_layout=True)
+    colors = ["tab:red" if h else ("tab:orange" if b else "tab:blue")
+              for h, b in zip(order["harmful"], order["misbehaving"], strict=True)]
+    ax.bar([str(j) for j in order["participant"]], order["share"], color=colors)
+    for i, h in enumerate(order["harmful"]):
+        if h:
+            ax.annotate("harmful", (i, 0), rotation=90, ha="center", va="bottom", fontsize=7, color="tab:red")
+    ax.set_xlabel("participant (by rank)")
+    ax.set_ylabel("share of the helpful budget")
+    ax.set_title("contribution shares\n(red: flagged harmful; orange bar: misbehaving, not flagged)", fontsize=9)
+    fig.savefig(run / "contributions_shares.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4.2), constrained_layout=True)
+    limit = np.abs(matrix).max() or 1.0
+    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
+    ax.set_xlabel("target k")
+    ax.set_ylabel("source j")
+    ax.set_title("ledger L[j → k]: red raised k's loss, blue lowered it")
+    fig.colorbar(image, ax=ax)
+    fig.savefig(run / "contributions_heatmap.png", dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for bad input)."""
     parser = argparse.ArgumentParser(prog="python -m dice_ray.analyze", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("report", choices=("alignment", "cascade", "anomaly", "collaborators"), help="which report")
+    parser.add_argument("report", choices=("alignment", "cascade", "anomaly", "collaborators", "contributions"),
+                        help="which report")
     parser.add_argument("run", type=Path, nargs="+", help="run directory (collaborators: several)")
     parser.add_argument("--horizon", type=int, action="append", metavar="ROUNDS",
                         help="anomaly: count scores of rounds before ROUNDS (repeatable; default 5, 10, 20 and all)")
     parser.add_argument("--out", type=Path, help="collaborators: folder for collaborators.parquet (default: the "
                                                  "runs' common parent)")
+    parser.add_argument("--loo", action="store_true", help="contributions: retrain without each participant's "
+                                                           "data now (Ray tasks) if the run has no loo.parquet")
+    parser.add_argument("--shapley", type=int, metavar="K", help="contributions: Monte-Carlo Shapley with K "
+                                                                 "permutations now (K (N−1) + 2 retraining runs)")
+    parser.add_argument("--local", action="store_true", help="contributions: retrain in this process, not on Ray")
     args = parser.parse_args(argv)
     try:
         for run in args.run:
@@ -515,6 +673,10 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"the {args.report} report reads one run directory, got {len(args.run)}")
         elif args.report == "anomaly":
             anomaly(args.run[0], args.horizon)
+        elif args.report == "contributions":
+            if args.shapley is not None and args.shapley < 1:
+                raise InputError(f"--shapley {args.shapley}: needs at least 1 permutation")
+            contributions(args.run[0], args.loo, args.shapley, args.local)
         else:
             {"alignment": alignment, "cascade": cascade}[args.report](args.run[0])
     except InputError as err:

@@ -51,6 +51,15 @@ class TopologyConfig(_Section):
     directed: bool = Field(False, description="edges of an edge-list file are directed (src -> dst)")
 
 
+class ShrinkConfig(_Section):
+    """Participants holding less data: a seeded ``fraction`` of each listed participant's training samples is
+    dropped (unused by anyone). Fraction 1 leaves none: such a participant takes no local step (Δ = 0) but
+    still gossips."""
+
+    ids: list[int] = Field([], description="participants whose training data shrinks")
+    fraction: float = Field(0.5, ge=0, le=1, description="share of their training samples dropped")
+
+
 class DataConfig(_Section):
     """Data set, partition over participants, and the held-out batch z′."""
 
@@ -69,6 +78,8 @@ class DataConfig(_Section):
                                                      "(from the test split)")
     participant_weights: Annotated[str, _one_of("participant weights", WEIGHT_RULES)] = Field(
         "uniform", description="q_k: uniform or data-size")
+    shrink: ShrinkConfig = Field(default_factory=ShrinkConfig,
+                                 description="drop a share of some participants' training data")
     synthetic_samples: int = Field(10_000, ge=2, le=10_000_000, description="samples of 'synthetic'")
     synthetic_classes: int = Field(10, ge=2, le=10_000, description="classes of 'synthetic'")
 
@@ -203,6 +214,22 @@ class ProximalConfig(_Section):
     window: int = Field(10, ge=1, description="scoring rounds summed in the windowed score")
 
 
+class LedgerConfig(_Section):
+    """Online contribution ledger (issue 7, ``contributions.py``): first-order DICE-E of every participant's
+    update on every participant within R hops. Off unless ``enabled``."""
+
+    enabled: bool = Field(False, description="keep the ledger L[j→k] during training (contributions.parquet, "
+                                             "shares.parquet)")
+    every: int = Field(1, ge=1, description="probe the updates of every k-th round (t % every == 0)")
+    hops: int = Field(3, ge=1, le=64, description="R: hops of each update's cascade counted")
+    zprime: Literal["heldout", "validation"] = Field("heldout", description="z′: the shared held-out batch, or "
+                                                                           "each target's own validation split")
+    loo: bool = Field(False, description="after training, retrain once without each participant's data "
+                                         "(Ray tasks; loo.parquet)")
+    shapley_permutations: int = Field(0, ge=0, le=10_000, description="Monte-Carlo Shapley over participants "
+                                                                      "with this many permutations (0: off)")
+
+
 class RewiringConfig(_Section):
     """Collaborator selection (SPEC §5): every K rounds each participant keeps m in-neighbours. Off with none."""
 
@@ -233,6 +260,7 @@ class RunConfig(_Section):
     misbehavior: MisbehaviorConfig = Field(default_factory=MisbehaviorConfig)
     proximal: ProximalConfig = Field(default_factory=ProximalConfig)
     rewiring: RewiringConfig = Field(default_factory=RewiringConfig)
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -264,7 +292,21 @@ class RunConfig(_Section):
                 raise ValueError(f"probe_samples {inf.probe_samples} must be below the batch size "
                                  f"{self.optim.batch_size}")
         self._check_proximal()
+        self._check_ledger()
         return self
+
+    def _check_ledger(self) -> None:
+        for k in self.data.shrink.ids:
+            if not 0 <= k < self.nodes:
+                raise ValueError(f"data.shrink participant {k} is not a participant (0..{self.nodes - 1})")
+        led = self.ledger
+        if not (led.enabled or led.loo or led.shapley_permutations):
+            return
+        if led.zprime == "validation" and self.data.val_fraction == 0:
+            raise ValueError("ledger.zprime 'validation' needs validation splits (data.val_fraction > 0)")
+        if self.rewiring.mode != "none":
+            raise ValueError("rewiring changes W during the run; the contribution ledger needs the static "
+                             "topology's path weights: use one or the other")
 
     def _check_proximal(self) -> None:
         prox, rew = self.proximal, self.rewiring

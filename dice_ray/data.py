@@ -612,13 +612,25 @@ def _dirichlet_parts(
     )
 
 
+def shrink_partition(partition: Partition, ids: list[int], fraction: float, seed: int = 0) -> Partition:
+    """Return ``partition`` with round(fraction * n_k) of each listed participant k's training samples dropped
+    (a seeded choice; the dropped samples go to nobody; validation splits unchanged). Fraction 1: no data."""
+    train = list(partition.train)
+    for k in sorted(set(ids)):
+        rng = np.random.default_rng([seed, k, 3])
+        keep = len(train[k]) - int(round(fraction * len(train[k])))
+        train[k] = np.sort(rng.permutation(train[k])[:keep]).astype(np.int64)
+    return Partition(train, list(partition.val))
+
+
 def check_partition(partition: Partition, batch_size: int) -> None:
     """Raise ``InputError`` naming the first participant whose train part is smaller than ``batch_size``
-    (minibatches are drawn without replacement); returns None otherwise."""
+    (minibatches are drawn without replacement); returns None otherwise. A participant without training data
+    (``shrink_partition`` with fraction 1) passes: it takes no local step."""
     if int(batch_size) != batch_size or batch_size < 1:
         raise InputError(f"--batch-size {batch_size} must be a positive integer")
     sizes = np.array([len(t) for t in partition.train], np.int64)
-    short = np.flatnonzero(sizes < batch_size)
+    short = np.flatnonzero((sizes < batch_size) & (sizes > 0))
     if len(short):
         k = int(short[0])
         total = int(sizes.sum() + sum(len(v) for v in partition.val))

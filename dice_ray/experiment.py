@@ -21,6 +21,7 @@ from dice_ray.data import (
     load_dataset,
     participant_weights,
     partition_data,
+    shrink_partition,
 )
 from dice_ray.errors import InputError
 from dice_ray.misbehavior import misbehaving_participants
@@ -67,6 +68,8 @@ def prepare(config: RunConfig) -> Experiment:
     partition = partition_data(dataset.y_train, config.nodes, scheme=d.partition, alpha=d.alpha,
                                shards_per_node=d.shards_per_node, val_fraction=d.val_fraction,
                                seed=config.seed)
+    if d.shrink.ids:
+        partition = shrink_partition(partition, d.shrink.ids, d.shrink.fraction, seed=config.seed)
     check_partition(partition, config.optim.batch_size)
     model = build_model(config.model.name, dataset.input_shape, dataset.num_classes)
     try:

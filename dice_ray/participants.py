@@ -93,6 +93,11 @@ class ParticipantBlock:
                 x_local[span], y_local[span] = corrupt_data(bad.kind, x_local[span], y_local[span], num_classes,
                                                             config.seed, int(self.nodes[i]), bad.flip_fraction,
                                                             bad.sigma)
+        # Participants without training data (data.shrink fraction 1) take no local step: ``half_step`` puts
+        # their state back. They still draw a (discarded) minibatch, from a placeholder row if need be.
+        self.idle = np.flatnonzero(self.counts == 0)
+        if not len(x_local):
+            x_local, y_local = np.zeros((1, *input_shape), np.float32), np.zeros(1, y_local.dtype)
         self.x_local = torch.from_numpy(x_local).to(self.device)
         self.y_local = torch.from_numpy(y_local).to(self.device)
 
@@ -119,8 +124,10 @@ class ParticipantBlock:
 
     def minibatch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return z_k^t for every hosted k: x [P, B, ...], y [P, B] (a pure function of seed, k, t)."""
-        pos = minibatch_indices(self.config.seed, self.nodes, t, self.counts, self.config.optim.batch_size)
-        rows = torch.from_numpy(self.offsets[:, None] + pos).to(self.device)
+        batch = self.config.optim.batch_size
+        pos = minibatch_indices(self.config.seed, self.nodes, t, np.where(self.counts > 0, self.counts, batch), batch)
+        rows = np.minimum(self.offsets[:, None] + pos, len(self.y_local) - 1)  # idle rows: any, discarded
+        rows = torch.from_numpy(rows).to(self.device)
         return self.x_local[rows], self.y_local[rows]
 
     def half_step(self, t: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +141,16 @@ class ParticipantBlock:
         if corrupt:
             rows = torch.as_tensor(self.misbehaving, device=self.device)
             before = self.population.params[rows].clone()
+        if len(self.idle):
+            idle = torch.as_tensor(self.idle, device=self.device)
+            pop = self.population
+            kept = pop.state[idle].clone(), {n: v[idle].clone() for n, v in pop.opt_state.items()}
         loss = self.population.half_step(x, y)
+        if len(self.idle):  # no data, no local step: θ^{t+½} = θ^t, optimizer state unchanged
+            self.population.state[idle] = kept[0]
+            for name, value in kept[1].items():
+                self.population.opt_state[name][idle] = value
+            loss[idle] = 0.0
         if corrupt:  # they send θ + cΔ instead of θ + Δ
             c = update_factor(self.config.misbehavior.kind, self.config.misbehavior.factor)
             after = self.population.params[rows]

@@ -159,6 +159,57 @@ COLLABORATORS = _schema(
     ("anomalous_in_edges", pa.float64(), "share of honest participants' in-edges from misbehaving ones, at the end"),
 )
 
+CONTRIBUTIONS = _schema(
+    ("round", pa.int32(), "round u in which the term was measured (gradient at θ_k^u, the start of round u)"),
+    ("probe_round", pa.int32(), "ledger round t whose update Δ_j^t the term is about (t = u − step)"),
+    ("step", pa.int32(), "s: 0 for the self term q_j ∇L(θ_j^t; z′)ᵀΔ_j^t, else the hop s ≤ R at which k is first "
+                         "reached from j"),
+    ("source", pa.int32(), "participant j whose update is accounted"),
+    ("target", pa.int32(), "participant k whose loss on z′ it changed (j itself for step 0)"),
+    ("influence", pa.float64(), "first-order DICE-E term q_k (W^{t+s−1}⋯W^t)_{kj} ∇L(θ_k^{t+s}; z′)ᵀ Δ_j^t; "
+                                "negative: j's update lowered k's loss"),
+    ("cumulative", pa.float64(), "L[j→k]: Σ of influence over this pair's terms measured in rounds ≤ u"),
+)
+
+SHARES = _schema(
+    ("participant", pa.int32(), "participant j"),
+    ("total", pa.float64(), "T_j = Σ_k L[j→k] at the end of the run; negative: j lowered the weighted loss"),
+    ("share", pa.float64(), "max(−T_j, 0) / Σ_l max(−T_l, 0): j's part of the budget of helpful participants"),
+    ("harmful", pa.bool_(), "T_j > 0: j's updates raised the network's weighted loss"),
+    ("rank", pa.int32(), "1 = most helpful (most negative T_j)"),
+)
+
+LOO = _schema(
+    ("participant", pa.int32(), "participant j left out (its training data; it still gossips), or −1: the full run"),
+    ("target", pa.int32(), "participant k"),
+    ("final_loss", pa.float64(), "L(θ_k^T; z′) after the run without j's data (the ledger's z′)"),
+    ("effect", pa.float64(), "q_k (L_k(full) − L_k(without j)); Σ over k is j's leave-one-out effect; negative: "
+                             "j's data lowered k's final loss"),
+)
+
+SHAPLEY = _schema(
+    ("participant", pa.int32(), "participant j"),
+    ("shapley", pa.float64(), "Monte-Carlo Shapley value of j for v(S) = Σ_k q_k L(θ_k^T; z′) training with only "
+                              "S's data (sign as the ledger: negative = j lowered the loss)"),
+    ("stderr", pa.float64(), "standard error over the permutations"),
+    ("permutations", pa.int32(), "permutations sampled"),
+)
+
+CONTRIBUTION_REPORT = _schema(
+    ("participant", pa.int32(), "participant j"),
+    ("total", pa.float64(), "ledger total T_j"),
+    ("share", pa.float64(), "share of the helpful budget"),
+    ("harmful", pa.bool_(), "flagged harmful (T_j > 0)"),
+    ("rank", pa.int32(), "ledger rank, 1 = most helpful"),
+    ("loo_effect", pa.float64(), "leave-one-participant-out effect Σ_k q_k (L_k(full) − L_k(without j)) (null: "
+                                 "not computed)"),
+    ("shapley", pa.float64(), "Monte-Carlo Shapley value (null: not computed)"),
+    ("n_train", pa.int32(), "|D_j|: training samples"),
+    ("misbehaving", pa.bool_(), "j misbehaves (e.g. flips labels)"),
+    ("in_degree", pa.int32(), "in-neighbours of j in W^0"),
+    ("betweenness", pa.float64(), "betweenness centrality of j in the communication graph (networkx)"),
+)
+
 # The fixed columns of a sweep's trials.parquet; the swept config fields and the trial metrics follow them
 # (dice_ray/sweep/records.py adds those, as they depend on the sweep).
 TRIALS = _schema(
@@ -174,7 +225,9 @@ TRIALS = _schema(
 TABLES: dict[str, pa.Schema] = {"rounds": ROUNDS, "nodes": NODES, "influence": INFLUENCE, "dice": DICE,
                                 "alignment": ALIGNMENT, "cascade": CASCADE, "pairwise": PAIRWISE,
                                 "proximal": PROXIMAL, "rewiring": REWIRING, "anomaly": ANOMALY,
-                                "collaborators": COLLABORATORS, "trials": TRIALS}
+                                "collaborators": COLLABORATORS, "contributions": CONTRIBUTIONS, "shares": SHARES,
+                                "loo": LOO, "shapley": SHAPLEY, "contributions_report": CONTRIBUTION_REPORT,
+                                "trials": TRIALS}
 
 
 def describe_tables() -> str:

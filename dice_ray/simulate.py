@@ -11,7 +11,9 @@ overrides any field. Bad input prints one line and exits with status 2 before an
 Results: a run directory with ``manifest.json``, ``rounds.parquet`` and ``nodes.parquet``; with
 ``--influence`` also ``influence.parquet`` and ``dice.parquet`` (DICE-GT and DICE-E of every probe); with
 ``--proximal`` ``proximal.parquet`` (every examiner's score of every in-neighbour); with ``--rewire``
-``rewiring.parquet`` (collaborator selection's history).
+``rewiring.parquet`` (collaborator selection's history); with ``--ledger`` ``contributions.parquet`` (the online
+contribution ledger L[j→k]) and ``shares.parquet``; with ``--loo`` also ``loo.parquet`` (leave-one-participant-out
+retraining, Ray tasks) and with ``--shapley K`` ``shapley.parquet``.
 """
 
 from __future__ import annotations
@@ -35,9 +37,23 @@ import yaml
 from dice_ray import __version__
 from dice_ray.checkpoint import CHECKPOINTS, CheckpointStore, RoundTables, config_digest
 from dice_ray.config import RunConfig, build_config, load_config, set_dotted
+from dice_ray.contributions import shares
 from dice_ray.errors import InputError
 from dice_ray.experiment import Experiment, prepare
-from dice_ray.results import DICE, INFLUENCE, NODES, PROXIMAL, REWIRING, ROUNDS, write_json_atomic, write_table_atomic
+from dice_ray.results import (
+    CONTRIBUTIONS,
+    DICE,
+    INFLUENCE,
+    LOO,
+    NODES,
+    PROXIMAL,
+    REWIRING,
+    ROUNDS,
+    SHAPLEY,
+    SHARES,
+    write_json_atomic,
+    write_table_atomic,
+)
 from dice_ray.training import OnlineState, TrainingReport, train
 
 # (flag, dotted config field, type). Help texts come from the config fields' descriptions.
@@ -68,11 +84,15 @@ OPTIONS: list[tuple[str, str, Any]] = [
     ("--rewire", "rewiring.mode", str), ("--rewire-every", "rewiring.every", int),
     ("--rewire-keep", "rewiring.keep", int), ("--rewire-candidates", "rewiring.candidates", int),
     ("--rewire-seed", "rewiring.seed", int),
+    ("--ledger-every", "ledger.every", int), ("--ledger-hops", "ledger.hops", int),
+    ("--ledger-zprime", "ledger.zprime", str), ("--shapley", "ledger.shapley_permutations", int),
+    ("--shrink-ids", "data.shrink.ids", "int-list"), ("--shrink-fraction", "data.shrink.fraction", float),
 ]
 SWITCHES: list[tuple[str, str, bool]] = [
     ("--download", "data.download", True), ("--overwrite", "output.overwrite", True),
     ("--no-progress", "output.progress", False), ("--influence", "influence.enabled", True),
     ("--keep-checkpoints", "output.keep_checkpoints", True), ("--proximal", "proximal.enabled", True),
+    ("--ledger", "ledger.enabled", True), ("--loo", "ledger.loo", True),
 ]
 
 
@@ -265,8 +285,10 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     started = time.time()
     store = CheckpointStore(out, config_digest(config))
     # rounds.parquet last: its presence marks a finished training run
-    tables = RoundTables(out, {"proximal": PROXIMAL, "rounds": ROUNDS} if config.proximal.enabled
-                         else {"rounds": ROUNDS})
+    round_tables = {"proximal": PROXIMAL} if config.proximal.enabled else {}
+    if config.ledger.enabled:
+        round_tables["contributions"] = CONTRIBUTIONS
+    tables = RoundTables(out, {**round_tables, "rounds": ROUNDS})
     online = OnlineState.for_experiment(experiment)
     if resume:
         manifest = json.loads((out / "manifest.json").read_text())
@@ -281,7 +303,8 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
         start = 0
         out.mkdir(parents=True, exist_ok=True)
         for stale in ("rounds.parquet", "nodes.parquet", "states.npy", "influence.parquet", "dice.parquet",
-                      "proximal.parquet", "rewiring.parquet"):
+                      "proximal.parquet", "rewiring.parquet", "contributions.parquet", "shares.parquet",
+                      "loo.parquet", "shapley.parquet"):
             (out / stale).unlink(missing_ok=True)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         manifest = {
@@ -323,6 +346,8 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
             if online.rewirer is not None:  # before the tables: rounds.parquet marks the end of training
                 write_table_atomic(out / "rewiring.parquet", online.rewirer.history, REWIRING)
                 manifest["rewiring_fallbacks"] = online.rewirer.fallbacks
+            if online.contributions is not None:
+                write_table_atomic(out / "shares.parquet", shares(online.contributions.totals()), SHARES)
             tables.finish(config.rounds - 1)
             if save_states:
                 np.save(out / "states.npy", engine.states())
@@ -333,6 +358,8 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
             influence_rows, dice_rows = _measure_influence(experiment, engine_kind, retries)
             write_table_atomic(out / "influence.parquet", influence_rows, INFLUENCE)
             write_table_atomic(out / "dice.parquet", dice_rows, DICE)
+        if config.ledger.loo or config.ledger.shapley_permutations:
+            _retrain(experiment, engine_kind, out, retries)
     except BaseException as err:
         latest = store.latest()
         manifest.update(status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
@@ -363,6 +390,22 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
           f"{final['heldout_acc_mean']:.3f}; peak memory: driver {_peak_rss_mib():.0f} MiB{actors}; results in {out}/",
           file=sys.stderr)
     return out
+
+
+def _retrain(experiment: Experiment, engine_kind: str, out: Path, retries: list[dict]) -> None:
+    """Leave-one-participant-out (and Monte-Carlo Shapley) retraining: ``loo.parquet`` (``shapley.parquet``)."""
+    from dice_ray.engine.contributions import retrain_runs
+
+    if engine_kind != "local":
+        from dice_ray.engine import start_ray
+
+        start_ray(experiment.config.engine.address)
+    loo, shapley = retrain_runs(experiment, local=engine_kind == "local", retries=retries,
+                                progress=experiment.config.output.progress)
+    if loo is not None:
+        write_table_atomic(out / "loo.parquet", loo, LOO)
+    if shapley is not None:
+        write_table_atomic(out / "shapley.parquet", shapley, SHAPLEY)
 
 
 def _start_engine(experiment: Experiment, engine_kind: str) -> tuple[Any, list[np.ndarray]]:

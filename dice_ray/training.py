@@ -9,7 +9,8 @@ the run finishes with the numbers an undisturbed run computes. Non-finite losses
 run (``FloatingPointError``) with the round and the participants named.
 
 ``OnlineState`` is what the driver accumulates over rounds beside the tables: the proximal-influence ledger
-(``proximal.py``) and collaborator selection's current graph and history (``rewiring.py``). It is saved with
+(``proximal.py``), the contribution ledger L[j→k] (``contributions.py``) and collaborator selection's current
+graph and history (``rewiring.py``). It is saved with
 each checkpoint and restored with it. Rounds run in segments that end before each rewiring, so the ledger
 holds every score up to the round a new W^t is chosen for.
 """
@@ -17,6 +18,7 @@ holds every score up to the round a new W^t is chosen for.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import sys
 from collections.abc import Callable, Iterator
@@ -27,6 +29,7 @@ import numpy as np
 
 from dice_ray.checkpoint import CheckpointStore, RoundTables
 from dice_ray.config import RunConfig
+from dice_ray.contributions import ContributionLedger
 from dice_ray.engine.metrics import RoundMetrics, RoundPlan
 from dice_ray.proximal import ProximalLedger
 from dice_ray.rewiring import Rewirer
@@ -49,6 +52,7 @@ class OnlineState:
 
     ledger: ProximalLedger | None = None
     rewirer: Rewirer | None = None
+    contributions: ContributionLedger | None = None
 
     @classmethod
     def for_experiment(cls, experiment: Any) -> OnlineState:
@@ -58,12 +62,21 @@ class OnlineState:
                   if config.proximal.enabled else None)
         rewirer = (Rewirer(config, experiment.topology.mixing_matrix(0), ledger)
                    if config.rewiring.mode != "none" else None)
-        return cls(ledger, rewirer)
+        contributions = ContributionLedger(config.nodes, experiment.q) if config.ledger.enabled else None
+        return cls(ledger, rewirer, contributions)
 
     def record(self, metrics: RoundMetrics, tables: RoundTables) -> None:
-        """Add a round's proximal scores to the ledger and its rows to ``proximal`` table."""
+        """Add a round's proximal scores to the ledger and its rows to the ``proximal`` table, and its
+        contribution-ledger terms to L[j→k] and the ``contributions`` table."""
         if metrics.proximal is not None and self.ledger is not None:
             tables.append("proximal", self.ledger.rows(metrics.round, metrics.proximal))
+        if metrics.ledger is not None and self.contributions is not None:
+            tables.append("contributions", self.contributions.rows(metrics.round, metrics.ledger))
+
+    def restore(self, saved: OnlineState) -> None:
+        """Take every field of ``saved`` (a checkpoint's driver state)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(saved, f.name, None))
 
     def segments(self, plans: Iterator[RoundPlan]) -> Iterator[list[RoundPlan]]:
         """Split ``plans`` before every round collaborator selection rewires (one segment without it)."""
@@ -156,7 +169,7 @@ def train(engine: Any, config: RunConfig, tables: RoundTables, store: Checkpoint
             restored = latest.round if latest is not None else -1
             engine.restore(latest.load() if latest is not None else None, config.engine.restart_timeout)
             saved = latest.load_driver_state() if latest is not None else copy.deepcopy(initial)
-            online.ledger, online.rewirer = saved.ledger, saved.rewirer
+            online.restore(saved)
             if online.rewirer is not None:
                 engine.set_mixing_matrix(online.rewirer.w)
             tables.rollback(restored)

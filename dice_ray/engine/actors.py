@@ -9,7 +9,10 @@ Round t (SPEC §1, Algorithm 1), as the coordinator drives it:
    (``mix``), evaluating afterwards on evaluation rounds and snapshotting its block on checkpoint rounds.
 
 On proximal-influence scoring rounds (``proximal.py``) the groups also publish their updates Δ beside
-the half-steps, and ``mix`` returns every examiner's scores of its in-neighbours.
+the half-steps, and ``mix`` returns every examiner's scores of its in-neighbours. On rounds the contribution
+ledger needs (``contributions.py``) every group publishes its gradient block g = ∇L(θ^t; z′), taken before
+the local step, every group reads all of them (the simple route: the cascade of R hops may reach anywhere),
+and ``mix`` returns the ledger terms of the group's own sources.
 
 Ray restarts a group that dies (it comes back empty); the driver then restores every group from the last
 checkpoint (``restore``), replaces the coordinator (it holds no state) and replays the rounds since.
@@ -27,6 +30,7 @@ import numpy as np
 import ray
 import scipy.sparse as sp
 
+from dice_ray.contributions import LedgerExaminer, PathWeights
 from dice_ray.engine.runtime import tune_allocator
 from dice_ray.proximal import ProximalExaminer
 from dice_ray.topology import Topology
@@ -50,6 +54,7 @@ class ParticipantGroup:
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.block: Any = None  # built by the first ``restore``
         self.examiner: Any = None
+        self.ledger: Any = None
         self.epoch = -1
 
     def restore(self, arrays: dict[str, np.ndarray] | None, epoch: int, data: list[Any]) -> int:
@@ -66,44 +71,61 @@ class ParticipantGroup:
                                           self.input_shape, self.num_classes, device=self.device,
                                           misbehaving=misbehaving)
             self.examiner = ProximalExaminer(self.block, self.config.proximal.zprime)
+            self.ledger = LedgerExaminer(self.block, self.config)
             if arrays is not None:
                 self.block.restore(arrays)
         else:
             self.block.restore(arrays)
+        self.ledger.restore(arrays)
         self.epoch = epoch
         return epoch
 
-    @ray.method(num_returns=3)
-    def half_step(self, t: int, publish: bool, score: bool, epoch: int) -> tuple[Any, Any, Any]:
+    @ray.method(num_returns=4)
+    def half_step(self, t: int, publish: bool, score: bool, share_gradient: bool,
+                  epoch: int) -> tuple[Any, Any, Any, Any]:
         """Local step of round t: (half-step states [P, D] if other groups read them, else None; train
-        losses [P]; on scoring rounds the updates Δ [P, D_params] if other groups read them, else None).
-        The group's own half-step never leaves the process: ``mix`` reads it in place."""
+        losses [P]; on scoring rounds the updates Δ [P, D_params] if other groups read them, else None; the
+        ledger's gradients g [P, D_params] at θ^t if ``share_gradient``, else None). The group's own half-step
+        never leaves the process: ``mix`` reads it in place."""
         if epoch != self.epoch:
-            return None, None, None
+            return None, None, None, None
         if score:
             self.examiner.keep_before()
+        gradient = self.ledger.start(t)
         half, loss = self.block.half_step(t)
         delta = self.examiner.take_delta() if score else None
-        return (half if publish else None), loss, (delta.cpu().numpy() if publish and score else None)
+        self.ledger.take_delta(t)
+        return ((half if publish else None), loss, (delta.cpu().numpy() if publish and score else None),
+                (gradient.cpu().numpy() if share_gradient and gradient is not None else None))
 
-    def mix(self, weights: list[sp.csr_array], own: int, evaluate: bool, snapshot: bool, epoch: int,
-            score_ids: list[np.ndarray] | None, *sources: np.ndarray) -> dict[str, Any] | None:
-        """Gossip with ``weights[b]`` over the source blocks: ``sources`` from other groups, with this group's
-        own half-step inserted at position ``own`` (-1: not read). Return ``{"metrics": evaluate() or None,
-        "snapshot": snapshot() or None, "proximal": edge scores or None}``, or None for a task of an
-        abandoned epoch. On scoring rounds ``score_ids`` holds each source block's global ids and
-        ``sources`` ends with the other groups' updates Δ (same order)."""
+    def mix(self, t: int, weights: list[sp.csr_array], own: int, evaluate: bool, snapshot: bool, epoch: int,
+            score_ids: list[np.ndarray] | None, ledger: dict[str, Any] | None,
+            *sources: np.ndarray) -> dict[str, Any] | None:
+        """Gossip (round t) with ``weights[b]`` over the source blocks: ``sources`` from other groups, with this
+        group's own half-step inserted at position ``own`` (-1: not read). Return ``{"metrics": evaluate() or
+        None, "snapshot": snapshot() or None, "proximal": edge scores or None, "ledger": ledger terms or None}``,
+        or None for a task of an abandoned epoch. On scoring rounds ``score_ids`` holds each source block's
+        global ids and the other groups' updates Δ follow the half-steps (same order). On ledger rounds
+        ``ledger`` = {"paths": ``PathWeights.terms`` for this group's sources, "group": this group's index} and
+        ``sources`` ends with every other group's gradient block, in group order."""
         if epoch != self.epoch:
             return None
+        if ledger is not None:
+            gradients = list(sources[len(sources) - ledger["groups"] + 1:])
+            sources = sources[: len(sources) - ledger["groups"] + 1]
+            gradients.insert(ledger["group"], self.ledger.gradient)
         half = len(sources) if score_ids is None else len(sources) // 2
         blocks, deltas = list(sources[:half]), list(sources[half:])
         if own >= 0:
             blocks.insert(own, self.block.population.state.cpu().numpy())
             deltas.insert(own, self.examiner.delta)
         self.block.mix(weights, blocks)
+        terms = self.ledger.terms(t, ledger["paths"], gradients) if ledger is not None else None
+        kept = self.ledger.snapshot(t) if snapshot and self.config.ledger.enabled else {}
         return {"metrics": self.block.evaluate() if evaluate else None,
-                "snapshot": self.block.snapshot() if snapshot else None,
-                "proximal": self.examiner.score(weights, deltas, score_ids) if score_ids is not None else None}
+                "snapshot": {**self.block.snapshot(), **kept} if snapshot else None,
+                "proximal": self.examiner.score(weights, deltas, score_ids) if score_ids is not None else None,
+                "ledger": terms}
 
     def info(self) -> dict[str, Any]:
         """Return placement facts: torch threads, device, node IP, placement group (None outside one), peak
@@ -124,8 +146,10 @@ class ParticipantGroup:
 class Coordinator:
     """Advances synchronous rounds over the participant groups (see the module docstring)."""
 
-    def __init__(self, topology: Topology, blocks: list[np.ndarray], groups: list[Any]):
+    def __init__(self, topology: Topology, blocks: list[np.ndarray], groups: list[Any], config: Any = None):
         self.topology = topology
+        self.config = config  # the run config: the contribution ledger's rounds and hops
+        self.paths = PathWeights(topology.mixing_matrix, topology.n, not topology.time_varying)
         self.blocks = blocks
         self.groups = groups
         self.owner = np.empty(topology.n, np.int64)  # owner[l]: the group hosting participant l
@@ -155,21 +179,25 @@ class Coordinator:
             self._routes[key] = routes
         return self._routes[key]
 
-    def submit_rounds(self, rounds: list[tuple[int, bool, bool, bool]],
+    def submit_rounds(self, rounds: list[tuple[int, bool, bool, bool, bool]],
                       epoch: int) -> list[tuple[list[Any], list[Any]]]:
-        """``submit_round`` for each (t, evaluate, snapshot, score) of ``rounds``, in order (one call for
-        several rounds keeps the coordinator's and driver's CPU time per round small)."""
-        return [self.submit_round(t, evaluate, snapshot, score, epoch) for t, evaluate, snapshot, score in rounds]
+        """``submit_round`` for each (t, evaluate, snapshot, score, ledger) of ``rounds``, in order (one call
+        for several rounds keeps the coordinator's and driver's CPU time per round small)."""
+        return [self.submit_round(t, evaluate, snapshot, score, epoch, ledger)
+                for t, evaluate, snapshot, score, ledger in rounds]
 
     def submit_round(self, t: int, evaluate: bool, snapshot: bool = False, score: bool = False,
-                     epoch: int = 0) -> tuple[list[Any], list[Any]]:
+                     epoch: int = 0, ledger: bool = False) -> tuple[list[Any], list[Any]]:
         """Queue round t of ``epoch`` on every group without waiting; return the ObjectRefs of (per-group
         train losses, per-group mix results). Groups run their tasks in submission order, so rounds queued
         back to back keep every group busy while the driver collects earlier rounds' metrics.
-        ``score``: a proximal-influence scoring round (updates Δ travel beside the half-steps)."""
+        ``score``: a proximal-influence scoring round (updates Δ travel beside the half-steps); ``ledger``: a
+        round the contribution ledger measures (gradient blocks travel to every group)."""
         routes = self._route(t)
         published = {s for g, route in enumerate(routes) for s, _ in route if s != g}
-        halves = [group.half_step.remote(t, g in published, score, epoch) for g, group in enumerate(self.groups)]
+        share = ledger and len(self.groups) > 1
+        halves = [group.half_step.remote(t, g in published, score, share, epoch)
+                  for g, group in enumerate(self.groups)]
         mixed = []
         for g, (group, route) in enumerate(zip(self.groups, routes, strict=True)):
             own = next((i for i, (s, _) in enumerate(route) if s == g), -1)
@@ -178,5 +206,11 @@ class Coordinator:
             if score:  # the other groups' updates Δ follow their half-steps
                 ids = [self.blocks[s] for s, _ in route]
                 others += [halves[s][2] for s, _ in route if s != g]
-            mixed.append(group.mix.remote([w for _, w in route], own, evaluate, snapshot, epoch, ids, *others))
+            terms = None
+            if ledger:  # every other group's gradients follow
+                terms = {"paths": self.paths.terms(self.config, t, self.blocks[g]), "group": g,
+                         "groups": len(self.groups)}
+                others += [halves[s][3] for s in range(len(self.groups)) if s != g]
+            mixed.append(group.mix.remote(t, [w for _, w in route], own, evaluate, snapshot, epoch, ids, terms,
+                                          *others))
         return [h[1] for h in halves], mixed

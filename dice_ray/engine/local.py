@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from dice_ray.contributions import LedgerExaminer, PathWeights
 from dice_ray.engine.metrics import RoundMetrics, RoundPlan, combine_evaluations
 from dice_ray.engine.runtime import tune_allocator
 from dice_ray.experiment import Experiment
@@ -28,6 +29,8 @@ class LocalEngine:
         self.block = ParticipantBlock.for_experiment(experiment, device=device)
         self.examiner = ProximalExaminer(self.block, experiment.config.proximal.zprime)
         self.mixing: Any = None  # set by collaborator selection: replaces W from then on
+        self.ledger = LedgerExaminer(self.block, experiment.config)
+        self.paths = PathWeights(self.topology.mixing_matrix, self.topology.n, not self.topology.time_varying)
 
     def run_round(self, t: int, evaluate: bool, snapshot: bool = False) -> RoundMetrics:
         """Run round t; return its metrics (with the state after it if ``snapshot``, and the proximal scores
@@ -35,20 +38,27 @@ class LocalEngine:
         score = scoring_round(self.config, t)
         if score:
             self.examiner.keep_before()
+        gradient = self.ledger.start(t)
         half, train_loss = self.block.half_step(t)
         if score:
             self.examiner.take_delta()
+        self.ledger.take_delta(t)
         w = self.topology.mixing_matrix(t) if self.mixing is None else self.mixing
         self.block.mix([w], [half])
         if evaluate:
             metrics = combine_evaluations(t, train_loss, [self.block.evaluate()], self.topology.n)
         else:
             metrics = RoundMetrics(t, train_loss)
+        if gradient is not None:
+            metrics.ledger = self.ledger.terms(t, self.paths.terms(self.config, t), [gradient])
         if snapshot:
-            metrics.snapshot = self.block.snapshot()
+            metrics.snapshot = {**self.block.snapshot(), **self._ledger_snapshot(t)}
         if score:
             metrics.proximal = self.examiner.score([w], [self.examiner.delta], [self.block.nodes])
         return metrics
+
+    def _ledger_snapshot(self, t: int) -> dict[str, np.ndarray]:
+        return self.ledger.snapshot(t) if self.config.ledger.enabled else {}
 
     def set_mixing_matrix(self, w: Any) -> None:
         """Use ``w`` [N, N] as W^t for every later round (collaborator selection rewires the graph)."""
@@ -63,6 +73,7 @@ class LocalEngine:
     def restore(self, snapshot: dict[str, np.ndarray] | None, timeout_s: float = 0.0) -> None:
         """Bring the block to ``snapshot`` (None: the initial state)."""
         self.block.restore(snapshot)
+        self.ledger.restore(snapshot)
 
     def states(self) -> np.ndarray:
         """Return all participants' current states θ [N, D]."""

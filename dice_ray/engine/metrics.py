@@ -35,6 +35,7 @@ class RoundMetrics:
     consensus_distance: float | None = None
     snapshot: dict[str, np.ndarray] | None = None  # the state after round t, global order (checkpoint rounds)
     proximal: dict[str, np.ndarray] | None = None
+    ledger: dict[str, np.ndarray] | None = None  # contribution-ledger terms measured in round t (contributions.py)
 
 
 def combine_snapshots(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from dice_ray.contributions import combine_terms, ledger_active
 from dice_ray.engine.actors import Coordinator, ParticipantGroup
 from dice_ray.engine.metrics import RoundMetrics, RoundPlan, combine_evaluations, combine_snapshots
 from dice_ray.engine.runtime import ActorPlan, plan_actors
@@ -63,7 +64,7 @@ class RayEngine:
         self._data = [[ray.put(block), *shared, ray.put([part.train[k] for k in block]),
                        ray.put([part.val[k] for k in block]), heldout, misbehaving] for block in self.plan.blocks]
         self._topology = experiment.topology
-        self.coordinator = Coordinator.remote(self._topology, self.plan.blocks, self.groups)
+        self.coordinator = Coordinator.remote(self._topology, self.plan.blocks, self.groups, experiment.config)
         self.n = experiment.nodes
         self.config = experiment.config
         self._mixing: Any = None  # W set by collaborator selection, if any
@@ -89,7 +90,8 @@ class RayEngine:
         def submit() -> None:
             batch = list(itertools.islice(rounds, chunk))
             if batch:
-                plans = [(*plan[:3], scoring_round(self.config, plan.t)) for plan in batch]
+                plans = [(*plan[:3], scoring_round(self.config, plan.t), ledger_active(self.config, plan.t))
+                         for plan in batch]
                 inflight.append((batch, self.coordinator.submit_rounds.remote(plans, self.epoch)))
 
         submit()
@@ -134,6 +136,8 @@ class RayEngine:
             metrics.snapshot = combine_snapshots([p["snapshot"] for p in parts])
         if scoring_round(self.config, plan.t):
             metrics.proximal = combine_scores([p["proximal"] for p in parts])
+        if ledger_active(self.config, plan.t):
+            metrics.ledger = combine_terms([p["ledger"] for p in parts])
         return metrics
 
     def set_mixing_matrix(self, w: Any) -> None:
@@ -148,7 +152,7 @@ class RayEngine:
         holds no state, is replaced by a fresh one (it may have been on a lost machine)."""
         if self.epoch > 0:
             ray.kill(self.coordinator)
-            self.coordinator = Coordinator.remote(self._topology, self.plan.blocks, self.groups)
+            self.coordinator = Coordinator.remote(self._topology, self.plan.blocks, self.groups, self.config)
             if self._mixing is not None:
                 self.coordinator.set_mixing_matrix.remote(self._mixing)
         self.epoch += 1

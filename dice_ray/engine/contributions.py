@@ -1,0 +1,90 @@
+"""Ground truth for contribution accounting, on Ray: whole runs retrained without some participants' data.
+
+Each retraining run (a ``LocalEngine`` run of the whole schedule in one task, one CPU) returns every
+participant's final loss on z′. Leave-one-participant-out needs N + 1 runs (the full run and one without each
+participant's data); Monte-Carlo Shapley with K permutations needs the distinct prefix coalitions of K random
+orders (at most K (N − 1) + 2 runs). Tasks lost with their worker or machine are resubmitted, as influence
+tasks are (``engine/influence.py``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+import ray
+
+from dice_ray.contributions import final_losses, loo_rows, shapley_coalitions, shapley_values
+from dice_ray.engine.influence import TASK_FAILURES, TASK_RETRIES
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def retrain_task(experiment: Any, excluded: list[int]) -> np.ndarray:
+    """Return the final losses [N] of ``experiment`` trained without the data of ``excluded``."""
+    import torch
+
+    from dice_ray.engine.runtime import tune_allocator
+
+    tune_allocator()
+    torch.set_num_threads(1)
+    return final_losses(experiment, excluded)
+
+
+def _run_all(experiment: Any, jobs: list[list[int]], local: bool, retries: list[dict] | None,
+             progress: bool) -> dict[frozenset, np.ndarray]:
+    """Final losses of every job (a list of excluded ids), as Ray tasks in parallel (or here if ``local``)."""
+    from tqdm import tqdm
+
+    unique = {frozenset(job): sorted(job) for job in jobs}
+    bar = tqdm(total=len(unique), unit="run", desc="retraining", disable=not progress, dynamic_ncols=True,
+               file=sys.stderr)
+    out: dict[frozenset, np.ndarray] = {}
+    try:
+        if local:
+            for key, job in unique.items():
+                out[key] = final_losses(experiment, job)
+                bar.update()
+            return out
+        ref = ray.put(experiment)
+        work = {retrain_task.remote(ref, job): (key, job, 0) for key, job in unique.items()}
+        while work:
+            [done], _ = ray.wait(list(work), num_returns=1)
+            key, job, attempts = work.pop(done)
+            try:
+                out[key] = ray.get(done)
+            except TASK_FAILURES as err:
+                if attempts >= TASK_RETRIES:
+                    raise
+                if retries is not None:
+                    retries.append({"retraining_without": job,
+                                    "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"})
+                work[retrain_task.remote(ref, job)] = (key, job, attempts + 1)
+                continue
+            bar.update()
+        return out
+    finally:
+        bar.close()
+
+
+def retrain_runs(experiment: Any, local: bool = False, retries: list[dict] | None = None,
+                 progress: bool = False) -> tuple[dict | None, dict | None]:
+    """Return (rows of ``loo.parquet`` or None, rows of ``shapley.parquet`` or None) for ``experiment.config.ledger``
+    (``loo``, ``shapley_permutations``)."""
+    led, n, q = experiment.config.ledger, experiment.nodes, np.asarray(experiment.q, np.float64)
+    everyone = list(range(n))
+    jobs: list[list[int]] = [[]]
+    if led.loo:
+        jobs += [[j] for j in everyone]
+    orders = shapley_coalitions(n, led.shapley_permutations, experiment.config.seed) if led.shapley_permutations \
+        else []
+    for order in orders:  # the coalition of the first i participants of the order keeps their data only
+        jobs += [[k for k in everyone if k not in set(order[:i].tolist())] for i in range(n + 1)]
+    losses = _run_all(experiment, jobs, local, retries, progress)
+    full = losses[frozenset()]
+    loo = loo_rows(q, full, {j: losses[frozenset([j])] for j in everyone}) if led.loo else None
+    shapley = None
+    if orders:
+        value = {frozenset(everyone) - key: float(q @ loss) for key, loss in losses.items()}
+        shapley = shapley_values(orders, value)
+    return loo, shapley

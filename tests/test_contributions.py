@@ -1,0 +1,204 @@
+"""Contribution accounting (issue 7): the online ledger is the sum of the influence tables' first-order DICE-E,
+the same for any placement and after a lost actor; leave-one-out and Shapley retraining are exact where they
+can be."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dice_ray.contributions import PathWeights, final_losses, shapley_coalitions, shapley_values, shares
+from dice_ray.experiment import prepare
+from dice_ray.influence.trajectory import first_reached, reach
+from dice_ray.simulate import build_parser, resolve_config
+from dice_ray.simulate import main as simulate
+from dice_ray.topology import make_topology
+
+BASE = ["--no-progress", "--dataset", "digits", "--nodes", "8", "--batch-size", "8", "--seed", "5",
+        "--heldout-size", "64"]
+
+
+def _run(out: Path, *flags: str) -> Path:
+    assert simulate([*BASE, "--out", str(out), *flags]) == 0
+    return out
+
+
+def test_path_weights_are_first_reached_products() -> None:
+    topology = make_topology("exponential", 8, weights="metropolis")
+    paths = PathWeights(topology.mixing_matrix, 8, static=True)
+    w = topology.mixing_matrix(0).toarray()
+    for s in (1, 2, 3):
+        f = paths.first_reached(0, s).toarray()
+        product = np.linalg.matrix_power(w, s)
+        for j in range(8):
+            new = first_reached(reach([topology.mixing_matrix(0)] * s, j))[s]
+            assert sorted(np.flatnonzero(f[:, j]).tolist()) == sorted(new.tolist())
+            np.testing.assert_allclose(f[new, j], product[new, j], rtol=1e-12)
+
+
+def test_share_rule() -> None:
+    rows = shares(np.array([-3.0, 1.0, -1.0, 0.0]))
+    np.testing.assert_allclose(rows["share"], [0.75, 0.0, 0.25, 0.0])
+    assert rows["harmful"].tolist() == [False, True, False, False]
+    assert rows["rank"].tolist() == [1, 4, 2, 3]
+
+
+def test_ledger_equals_sum_of_per_probe_first_order_dice(tmp_path: Path) -> None:
+    """Every probe of rounds 0..T−1−R, all sources: Σ of the ledger's terms of probe (j, t) equals dice.parquet's
+    est_first_order at hops R; rounds after that are truncated, not dropped."""
+    out = _run(tmp_path / "run", "--engine", "local", "--rounds", "9", "--topology", "ring", "--misbehavior",
+               "scale", "--misbehaving-selection", "ids", "--misbehaving-ids", "2", "--ledger", "--ledger-hops", "3",
+               "--ledger-every", "2",
+               "--influence", "--hops", "3", "--probe-rounds", "0,2,4", "--set", "influence.variants=[first-order]",
+               "--set", "influence.ground_truth=false")
+    ledger = pd.read_parquet(out / "contributions.parquet")
+    dice = pd.read_parquet(out / "dice.parquet").query("hops == 3").set_index(["round", "source"])
+    ours = ledger[ledger["probe_round"] <= 4].groupby(["probe_round", "source"])["influence"].sum()
+    ours.index.names = ["round", "source"]
+    theirs = dice["est_first_order"]
+    assert len(ours) == len(theirs) == 3 * 8
+    np.testing.assert_allclose(ours.loc[theirs.index], theirs, rtol=1e-6, atol=1e-6 * theirs.abs().max())
+    assert sorted(set(ledger["probe_round"])) == [0, 2, 4, 6, 8]
+    assert ledger.query("probe_round == 6")["step"].max() == 2  # measured at rounds 6..8 only
+    last = ledger.groupby(["source", "target"])["cumulative"].last()
+    np.testing.assert_allclose(last, ledger.groupby(["source", "target"])["influence"].sum(), rtol=1e-12)
+    table = pd.read_parquet(out / "shares.parquet")
+    np.testing.assert_allclose(table["total"], ledger.groupby("source")["influence"].sum(), rtol=1e-12)
+
+
+def test_same_ledger_for_one_and_two_actors_and_local(ray_local, tmp_path: Path) -> None:
+    flags = ["--rounds", "7", "--topology", "exponential", "--ledger", "--ledger-hops", "2", "--ledger-every", "2",
+             "--proximal"]
+    one = pd.read_parquet(_run(tmp_path / "one", "--actors", "1", *flags) / "contributions.parquet")
+    two = pd.read_parquet(_run(tmp_path / "two", "--actors", "2", *flags) / "contributions.parquet")
+    local = pd.read_parquet(_run(tmp_path / "local", "--engine", "local", *flags) / "contributions.parquet")
+    keys = ["round", "probe_round", "step", "source", "target"]
+    assert len(one) > 8 * 8
+    pd.testing.assert_frame_equal(one, local)  # the same block code on the same rows: bitwise
+    # Two blocks of 4 train with float32 vmaps of another width: the runs themselves differ in the last bits
+    # (rounds.parquet too), and the ledger follows them to float32 precision.
+    pd.testing.assert_frame_equal(one[keys], two[keys])
+    for column in ("influence", "cumulative"):
+        scale = one[column].abs().max()
+        np.testing.assert_allclose(one[column], two[column], rtol=1e-5, atol=1e-6 * scale, err_msg=column)
+
+
+def test_leaving_out_a_participant_without_data_changes_nothing(tmp_path: Path) -> None:
+    out = _run(tmp_path / "loo", "--engine", "local", "--rounds", "6", "--topology", "ring", "--shrink-ids", "3,5",
+               "--shrink-fraction", "1.0", "--ledger", "--ledger-hops", "2", "--loo")
+    loo = pd.read_parquet(out / "loo.parquet")
+    effect = loo[loo["participant"] >= 0].groupby("participant")["effect"].sum()
+    assert effect[3] == 0.0 and effect[5] == 0.0  # bitwise: the same run twice
+    assert (effect.drop([3, 5]) != 0).all()
+    ledger = pd.read_parquet(out / "contributions.parquet")
+    assert (ledger.loc[ledger["source"].isin([3, 5]), "influence"] == 0).all()  # no data, no update
+    nodes = pd.read_parquet(out / "nodes.parquet")
+    assert nodes.loc[[3, 5], "n_train"].tolist() == [0, 0]
+
+
+def test_shapley_of_an_additive_game_is_each_players_part() -> None:
+    parts = np.array([0.5, -1.0, 2.0, 0.25])
+    orders = shapley_coalitions(4, 5, seed=1)
+    value = {frozenset(c): float(parts[list(c)].sum()) for c in _subsets(4)}
+    rows = shapley_values(orders, value)
+    np.testing.assert_allclose(rows["shapley"], parts, rtol=1e-12)
+    np.testing.assert_allclose(rows["stderr"], 0, atol=1e-12)
+
+
+def _subsets(n: int) -> list[tuple[int, ...]]:
+    from itertools import combinations
+
+    return [c for r in range(n + 1) for c in combinations(range(n), r)]
+
+
+def test_shapley_values_add_up_to_the_grand_coalition(tmp_path: Path) -> None:
+    """Efficiency: in every permutation the marginals sum to v(everyone) − v(nobody)."""
+    flags = ["--nodes", "4", "--rounds", "3", "--topology", "ring"]
+    out = _run(tmp_path / "shap", "--engine", "local", *flags, "--shapley", "2", "--loo")
+    shapley = pd.read_parquet(out / "shapley.parquet")
+    loo = pd.read_parquet(out / "loo.parquet")
+    experiment = prepare(resolve_config(build_parser().parse_args([*BASE, *flags])))
+    nobody = experiment.q @ final_losses(experiment, [0, 1, 2, 3])
+    everyone = experiment.q @ loo.loc[loo["participant"] == -1, "final_loss"].to_numpy()
+    assert len(shapley) == 4 and (shapley["permutations"] == 2).all()
+    np.testing.assert_allclose(shapley["shapley"].sum(), everyone - nobody, rtol=1e-9)
+    assert everyone < nobody  # training on everyone's data lowers the loss
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--ledger", "--ledger-every", "0"], "ledger.every"),
+    (["--ledger", "--ledger-hops", "0"], "ledger.hops"),
+    (["--ledger", "--rewire", "random", "--proximal"], "contribution ledger"),
+    (["--ledger", "--ledger-zprime", "validation", "--val-fraction", "0"], "ledger.zprime"),
+    (["--shrink-ids", "99"], "data.shrink"),
+    (["--shrink-fraction", "2"], "data.shrink.fraction"),
+    (["--ledger", "--ledger-zprime", "test"], "ledger.zprime"),
+])
+def test_bad_ledger_config_exits_2(tmp_path: Path, capsys, flags: list[str], message: str) -> None:
+    assert simulate([*BASE, "--out", str(tmp_path / "x"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_recovery_restores_the_ledger_and_its_kept_updates(ray_local, tmp_path: Path) -> None:
+    """A group killed at round 12 is restored from the checkpoint after round 9: the driver's L[j→k] and the
+    groups' kept updates Δ of the ledger rounds 8 and 9 (still owed hop terms) come back with it."""
+    from dice_ray.config import build_config
+    from dice_ray.simulate import simulate as run
+
+    def config(out: Path):
+        return build_config({"nodes": 8, "rounds": 20, "seed": 5, "topology": {"name": "exponential"},
+                             "data": {"dataset": "digits", "heldout_size": 64}, "optim": {"batch_size": 8},
+                             "engine": {"actors": 2}, "ledger": {"enabled": True, "hops": 3},
+                             "output": {"out": str(out), "progress": False, "checkpoint_every": 5}})
+
+    def kill_group_at(round_: int, group: int):
+        def on_round(metrics, engine) -> None:
+            import ray
+
+            if metrics.round == round_ and engine.epoch == 1:
+                ray.kill(engine.groups[group], no_restart=False)
+        return on_round
+
+    undisturbed = run(config(tmp_path / "a"))
+    disturbed = run(config(tmp_path / "b"), on_round=kill_group_at(12, 0))
+    for name in ("rounds", "contributions", "shares"):
+        pd.testing.assert_frame_equal(pd.read_parquet(disturbed / f"{name}.parquet"),
+                                      pd.read_parquet(undisturbed / f"{name}.parquet"))
+    manifest = pd.read_json(disturbed / "manifest.json", typ="series")
+    assert manifest["recoveries"][0]["restored_from_round"] == 9
+
+
+def test_contributions_report(tmp_path: Path, capsys) -> None:
+    from dice_ray.analyze import main as analyze
+
+    out = _run(tmp_path / "rep", "--engine", "local", "--rounds", "6", "--topology", "exponential", "--misbehavior",
+               "label-flip", "--misbehaving-selection", "ids", "--misbehaving-ids", "1", "--ledger",
+               "--ledger-hops", "2")
+    assert analyze(["contributions", str(out)]) == 0  # without leave-one-out: ledger only
+    assert analyze(["contributions", str(out), "--loo", "--local"]) == 0  # computes loo.parquet now
+    printed = capsys.readouterr().out
+    assert "ledger total vs loo: Spearman" in printed
+    report = pd.read_parquet(out / "contributions_report.parquet")
+    assert len(report) == 8 and report["loo_effect"].notna().all() and report["shapley"].isna().all()
+    assert report.loc[1, "misbehaving"] and sorted(report["rank"]) == list(range(1, 9))
+    assert (out / "contributions_shares.png").stat().st_size > 0 and (out / "contributions_heatmap.png").is_file()
+    plain = _run(tmp_path / "plain", "--engine", "local", "--rounds", "2")
+    assert analyze(["contributions", str(plain)]) == 2
+    assert "--ledger" in capsys.readouterr().err
+
+
+def test_time_varying_topology_ledger_equals_first_order_dice(tmp_path: Path) -> None:
+    out = _run(tmp_path / "tv", "--engine", "local", "--rounds", "6", "--topology", "one-peer-exponential",
+               "--ledger", "--ledger-hops", "2", "--influence", "--hops", "2", "--probe-rounds", "1,3",
+               "--set", "influence.variants=[first-order]", "--set", "influence.ground_truth=false")
+    ledger = pd.read_parquet(out / "contributions.parquet")
+    dice = pd.read_parquet(out / "dice.parquet").query("hops == 2").set_index(["round", "source"])
+    ours = ledger[ledger["probe_round"].isin([1, 3])].groupby(["probe_round", "source"])["influence"].sum()
+    theirs = dice["est_first_order"]
+    np.testing.assert_allclose(ours.to_numpy(), theirs.loc[ours.index].to_numpy(), rtol=1e-6,
+                               atol=1e-6 * theirs.abs().max())
