@@ -264,3 +264,25 @@ def test_lost_influence_task_is_resubmitted_and_reported(ray_local, tmp_path: Pa
     assert killed, "no measurement task was seen running"
     [retry] = retries
     assert retry["round"] in (3, 6) and len(retry["probe_ids"]) == 8 and "Error" in retry["error"]
+
+
+def test_interrupted_sweep_trial_continues_from_its_checkpoint(ray_local, tmp_path: Path) -> None:
+    """A sweep killed mid-trial: on --resume the trial continues from its last checkpoint, to the tables an
+    uninterrupted run writes."""
+    from dice_ray.sweep.runner import simulate_or_resume
+
+    common = {"rounds": 20, "output": {"progress": False, "eval_every": 3, "checkpoint_every": 5,
+                                       "overwrite": True}}
+    reference = simulate(small_config(tmp_path / "a", **common))
+
+    def stop(metrics, engine) -> None:
+        if metrics.round == 12:
+            raise RuntimeError("the sweep was killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        simulate(small_config(tmp_path / "b", **common), on_round=stop)
+    run = simulate_or_resume(small_config(tmp_path / "b", **common))
+    pd.testing.assert_frame_equal(rounds_table(run), rounds_table(reference))
+    assert json.loads((run / "manifest.json").read_text())["resumes"][0]["from_round"] == 10
+    fresh = simulate_or_resume(small_config(tmp_path / "c", **common))  # nothing to resume: a plain run
+    assert "resumes" not in json.loads((fresh / "manifest.json").read_text())

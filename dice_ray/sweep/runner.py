@@ -42,12 +42,33 @@ def _identify(sweep: Sweep, tune_config: dict[str, Any], tune_trial_id: str) -> 
     return tune_trial_id, {field: tune_config[field] for field in sweep.spec.space}
 
 
+def simulate_or_resume(config: Any) -> Path:
+    """Run a trial's simulation; if its run directory holds an interrupted run of the same config (a sweep
+    killed mid-trial), continue it from its last checkpoint instead of starting over (``simulate --resume``)."""
+    from dice_ray.checkpoint import CheckpointStore, config_digest
+    from dice_ray.simulate import simulate
+
+    run = Path(config.output.out)
+    try:
+        status = json.loads((run / "manifest.json").read_text()).get("status")
+    except (OSError, ValueError):
+        status = None
+    store = CheckpointStore(run, config_digest(config))
+    latest = store.latest()
+    try:
+        if latest is not None:
+            store.check(latest)
+    except ValueError:
+        latest = None
+    resumable = status in ("running", "interrupted", "failed") and (
+        latest is not None or (run / "rounds.parquet").exists())
+    return simulate(config, resume=resumable)
+
+
 def run_trial(tune_config: dict[str, Any], sweep: Sweep, out: str) -> None:
     """The Tune trainable: run one trial's simulation and report its row (``records`` format) as JSON, with
     the sweep's ``metric`` (NaN when missing or failed) beside it for the search algorithm."""
     from ray import tune
-
-    from dice_ray.simulate import simulate
 
     trial_id, params = _identify(sweep, tune_config, tune.get_context().get_trial_id())
     started = time.time()
@@ -56,7 +77,7 @@ def run_trial(tune_config: dict[str, Any], sweep: Sweep, out: str) -> None:
                            "params": params, "metrics": {}}
     try:
         config = sweep.trial_config(params, trial_dir(Path(out), trial_id))
-        run = simulate(config)
+        run = simulate_or_resume(config)
         row["metrics"] = compute_metrics(run, config, sweep.spec.metrics)
     except Exception as err:  # a failed trial is a result: recorded with its error while the sweep goes on
         row.update(status="failed", error=f"{type(err).__name__}: {err}".splitlines()[0])

@@ -139,7 +139,7 @@ class Sweep:
         data = _with(self.base, params)
         set_dotted(data, "output.out", str(run_dir))
         set_dotted(data, "output.progress", False)
-        set_dotted(data, "output.overwrite", True)  # a trial interrupted mid-run is rerun in place
+        set_dotted(data, "output.overwrite", True)  # an interrupted trial resumes, or is rerun, in place
         config = build_config(data)
         engine = config.engine
         actors = min(engine.actors or math.ceil(config.nodes / self.spec.nodes_per_actor), config.nodes)
