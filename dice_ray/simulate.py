@@ -354,6 +354,8 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
             actor_info = engine.info() if hasattr(engine, "info") else []
             engine.close()  # frees the actors' CPUs for the influence tasks
             engine = None
+            manifest["placement"] = actor_info  # now: a resume after training still knows where it ran
+            write_json_atomic(out / "manifest.json", manifest)
         if config.influence.enabled:
             influence_rows, dice_rows = _measure_influence(experiment, engine_kind, retries)
             write_table_atomic(out / "influence.parquet", influence_rows, INFLUENCE)
@@ -375,6 +377,8 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     wall = time.time() - started
     final = _final_metrics(out / "rounds.parquet", config.rounds - 1)
+    if not actor_info:  # resumed after training: the actors that trained are those the manifest names
+        actor_info = manifest.get("placement", [])
     actor_peaks = [a["peak_rss_mib"] for a in actor_info]
     manifest.update(
         status="complete", end_time=dt.datetime.now(dt.timezone.utc).isoformat(), wall_seconds=wall,
