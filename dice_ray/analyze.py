@@ -255,15 +255,7 @@ def _cascade_plots(run: Path, decay: list[dict], pairwise: np.ndarray, column: s
     fig.savefig(run / "cascade_decay.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5, 4.2), constrained_layout=True)
-    limit = np.nanmax(np.abs(pairwise)) if np.isfinite(pairwise).any() else 1.0
-    image = ax.imshow(pairwise, cmap="RdBu_r", vmin=-limit, vmax=limit)
-    ax.set_xlabel("target k")
-    ax.set_ylabel("source j")
-    ax.set_title("I(j → k): red raises k's loss, blue lowers it")
-    fig.colorbar(image, ax=ax)
-    fig.savefig(run / "pairwise_heatmap.png", dpi=120)
-    plt.close(fig)
+    _signed_heatmap(pairwise, "I(j → k): red raises k's loss, blue lowers it", run / "pairwise_heatmap.png")
 
 
 # -- anomaly detection (SPEC §5): proximal influence against two baselines ---------------------------------
@@ -635,16 +627,27 @@ def _contribution_plots(run: Path, rows, matrix: np.ndarray) -> None:
     fig.savefig(run / "contributions_shares.png", dpi=120)
     plt.close(fig)
 
+    _signed_heatmap(matrix, "ledger L[j → k]: red raised k's loss, blue lowered it",
+                    run / "contributions_heatmap.png")
+
+
+
+def _signed_heatmap(matrix: np.ndarray, title: str, path: Path) -> None:
+    """Save a source × target heat-map of ``matrix`` [j, k] with a colour scale symmetric about 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5, 4.2), constrained_layout=True)
-    limit = np.abs(matrix).max() or 1.0
-    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
+    limit = float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else 0.0
+    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-(limit or 1.0), vmax=limit or 1.0)
     ax.set_xlabel("target k")
     ax.set_ylabel("source j")
-    ax.set_title("ledger L[j → k]: red raised k's loss, blue lowered it")
+    ax.set_title(title)
     fig.colorbar(image, ax=ax)
-    fig.savefig(run / "contributions_heatmap.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for bad input)."""

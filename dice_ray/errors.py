@@ -7,6 +7,18 @@ before any work starts.
 
 from __future__ import annotations
 
+import argparse
+import sys
+from typing import NoReturn
+
 
 class InputError(ValueError):
     """Invalid user input: the message is one line that names the bad option and its value."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one ``error:`` line and exit status 2, like ``InputError``."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)

@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -38,7 +38,7 @@ from dice_ray import __version__
 from dice_ray.checkpoint import CHECKPOINTS, CheckpointStore, RoundTables, config_digest
 from dice_ray.config import RunConfig, build_config, load_config, set_dotted
 from dice_ray.contributions import shares
-from dice_ray.errors import InputError
+from dice_ray.errors import InputError, OneLineParser
 from dice_ray.experiment import Experiment, prepare
 from dice_ray.results import (
     CONTRIBUTIONS,
@@ -113,15 +113,9 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser; every option documents the config field it sets."""
-    parser = _Parser(prog="python -m dice_ray.simulate", formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = OneLineParser(prog="python -m dice_ray.simulate", formatter_class=argparse.RawDescriptionHelpFormatter,
                      description="Run synchronous adapt-then-communicate decentralized SGD over a topology, on Ray, "
                      "and write the run's tables to a run directory.", epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--config", metavar="FILE", help="YAML run config (see configs/)")

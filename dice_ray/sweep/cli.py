@@ -17,22 +17,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
 
-from dice_ray.errors import InputError
+from dice_ray.errors import InputError, OneLineParser
 from dice_ray.sweep.runner import run_sweep
 from dice_ray.sweep.spec import load_sweep
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser."""
-    parser = _Parser(prog="python -m dice_ray.sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = OneLineParser(prog="python -m dice_ray.sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
                      description="Run a sweep of simulations over a space of run-config fields on Ray Tune.",
                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("sweep", help="sweep file (YAML; see sweeps/)")
