@@ -77,6 +77,10 @@ def test_losing_a_machine_mid_run_ends_with_the_same_numbers(two_machines, tmp_p
     disturbed = simulate(config(tmp_path / "b"), on_round=lose_a_machine)
     a, b = (pd.read_parquet(out / "rounds.parquet") for out in (undisturbed, disturbed))
     pd.testing.assert_frame_equal(a, b)
-    [recovery] = json.loads((disturbed / "manifest.json").read_text())["recoveries"]
-    assert recovery["restored_from_round"] % 5 == 4 and recovery["replayed_rounds"][0] == recovery[
-        "restored_from_round"] + 1
+    # A lost machine may take two recoveries: the group can answer the first restore from the dying machine
+    # before Ray declares it dead (seen on a slower CI machine). Each must restore a checkpoint and replay.
+    recoveries = json.loads((disturbed / "manifest.json").read_text())["recoveries"]
+    assert 1 <= len(recoveries) <= 3
+    for recovery in recoveries:
+        assert recovery["restored_from_round"] % 5 == 4
+        assert recovery["replayed_rounds"][0] == recovery["restored_from_round"] + 1
