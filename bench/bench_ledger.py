@@ -16,6 +16,13 @@ plus sampled dot products for the pairs within R hops. Run::
     python bench/bench_ledger.py                          # N = 16 64, local engine
     python bench/bench_ledger.py --engine ray --nodes 16
     python bench/bench_ledger.py --heldout-size 500 --every 8 --hops 3
+
+``--whole-run CONFIG`` times whole runs instead, as the CLI runs them (``simulate``: actors, training, tables;
+one local Ray shared by all runs, its start not counted): CONFIG with ``ledger.enabled`` false and true,
+alternating ``--repeats`` times, with ``--set`` overrides; it prints each variant's best and median and their
+ratios::
+
+    python bench/bench_ledger.py --whole-run configs/contributions.yaml --repeats 5
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import os
 import time
 
 import numpy as np
+import yaml
 
 from dice_ray.config import build_config
 from dice_ray.experiment import prepare
@@ -61,6 +69,40 @@ def _round_seconds(experiment, engine_kind: str) -> tuple[np.ndarray, np.ndarray
     return np.array(times[1:]), np.array(cpu[1:])
 
 
+def _whole_runs(args: argparse.Namespace) -> None:
+    import statistics
+    import tempfile
+
+    from dice_ray.config import load_config, set_dotted
+    from dice_ray.engine import start_ray
+    from dice_ray.simulate import simulate
+
+    start_ray()
+    base = load_config(args.whole_run)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        set_dotted(base, key, yaml.safe_load(value))
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            for flag in (False, True):
+                raw = {**base, "ledger": {**base.get("ledger", {}), "enabled": flag},
+                       "output": {**base.get("output", {}), "out": f"{tmp}/{int(flag)}-{i}", "progress": False}}
+                start = time.perf_counter()
+                simulate(build_config(raw))
+                seconds[flag].append(time.perf_counter() - start)
+                print(f"repeat {i}: ledger {'on ' if flag else 'off'} {seconds[flag][-1]:.2f} s", flush=True)
+    best = {flag: min(v) for flag, v in seconds.items()}
+    median = {flag: statistics.median(v) for flag, v in seconds.items()}
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    print("\n| config | overrides | without (s, best / median) | with ledger (s, best / median) | ratio of best | "
+          "ratio of medians |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {args.whole_run} | {' '.join(args.set) or '-'} | {best[False]:.2f} / {median[False]:.2f} | "
+          f"{best[True]:.2f} / {median[True]:.2f} | {best[True] / best[False]:.2f} | "
+          f"{median[True] / median[False]:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[16, 64])
@@ -73,7 +115,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--engine", choices=("local", "ray"), default="local")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (local engine)")
+    parser.add_argument("--whole-run", metavar="CONFIG", help="time whole runs of CONFIG with and without the ledger")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of --whole-run's CONFIG (repeatable)")
     args = parser.parse_args()
+    if args.whole_run:
+        _whole_runs(args)
+        return
     if args.engine == "ray":
         from dice_ray.engine import start_ray
 

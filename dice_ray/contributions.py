@@ -132,12 +132,15 @@ class LedgerExaminer:
                                      value.cpu().numpy()), strict=True):
                 parts[f].append(v)
 
+        if paths:  # every group's g, converted once (the own block's rows serve the self term)
+            blocks = [(torch.as_tensor(b) if isinstance(b, np.ndarray) else b).to(device) for b in gradients]
+            g = (blocks[0] if len(blocks) == 1 else torch.cat(blocks)).double()
+            own_g = g[torch.as_tensor(nodes, device=device)]
+        else:
+            own_g = self.gradient.double()
         if u in self.deltas:
-            own = (self.gradient.double() * self.deltas[u]).sum(dim=1)
-            add(0, u, nodes, nodes, own)
+            add(0, u, nodes, nodes, torch.linalg.vecdot(own_g, self.deltas[u]))
         if paths:
-            g = torch.cat([(torch.as_tensor(b) if isinstance(b, np.ndarray) else b).to(device).double()
-                           for b in gradients])
             for t, s, f in paths:
                 coo = sp.coo_array(f)
                 if not coo.nnz:
