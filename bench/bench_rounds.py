@@ -442,7 +442,8 @@ def report(results: dict[int, dict[str, dict[str, Any]]], breakdown: dict[str, A
     print(", ".join(f"{name} {value:.4f}" for name, value in spans.items())
           + f"; one round at a time {ray_row.get('sync_s_per_round', ray_row['s_per_round']):.4f} "
             f"({ray_row['actors']} actors x "
-          f"{ray_row['threads_per_actor']} thread). half_step includes storing its [P, D] states in the object store.")
+          f"{ray_row['threads_per_actor']} thread). With several groups, half_step includes storing its [P, D] "
+          "states in the object store; one group runs step_and_mix, one task per round.")
     if "pipelined_s_per_round" in ray_row:
         piped = {n: (row["ray"]["pipelined_s_per_round"], row["local"]["s_per_round"]) for n, row in results.items()}
         print("(a) rounds queued ahead (RayEngine.run_rounds, as in the table), s/round: "

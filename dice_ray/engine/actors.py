@@ -56,6 +56,7 @@ class ParticipantGroup:
         self.examiner: Any = None
         self.ledger: Any = None
         self.epoch = -1
+        self._weights: dict[Any, list[sp.csr_array]] = {}  # the coordinator's rows of W, sent once per key
 
     def restore(self, arrays: dict[str, np.ndarray] | None, epoch: int, data: list[Any]) -> int:
         """Enter ``epoch`` with this block's state set to ``arrays`` (a ``ParticipantBlock.snapshot``; None: the
@@ -78,7 +79,18 @@ class ParticipantGroup:
             self.block.restore(arrays)
         self.ledger.restore(arrays)
         self.epoch = epoch
+        self._weights.clear()  # a new coordinator comes with a new epoch and sends its weights again
         return epoch
+
+    @ray.method(num_returns=2)
+    def step_and_mix(self, t: int, score: bool, epoch: int, mix_args: tuple) -> tuple[Any, Any]:
+        """``half_step`` then ``mix`` in one task, for a group whose rows of W read no other group and whose
+        half-step no other group reads (one group hosting everyone: the default on one machine). Returns
+        (train losses [P], ``mix``'s result); ``mix_args`` are ``mix``'s arguments after ``t``."""
+        if epoch != self.epoch:
+            return None, None
+        _, loss, _, _ = self._half_step(t, False, score, False)
+        return loss, self.mix(t, *mix_args)
 
     @ray.method(num_returns=4)
     def half_step(self, t: int, publish: bool, score: bool, share_gradient: bool,
@@ -89,6 +101,9 @@ class ParticipantGroup:
         never leaves the process: ``mix`` reads it in place."""
         if epoch != self.epoch:
             return None, None, None, None
+        return self._half_step(t, publish, score, share_gradient)
+
+    def _half_step(self, t: int, publish: bool, score: bool, share_gradient: bool) -> tuple[Any, Any, Any, Any]:
         if score:
             self.examiner.keep_before()
         gradient = self.ledger.start(t)
@@ -98,11 +113,13 @@ class ParticipantGroup:
         return ((half if publish else None), loss, (delta.cpu().numpy() if publish and score else None),
                 (gradient.cpu().numpy() if share_gradient and gradient is not None else None))
 
-    def mix(self, t: int, weights: list[sp.csr_array], own: int, evaluate: bool, snapshot: bool, epoch: int,
-            score_ids: list[np.ndarray] | None, ledger: dict[str, Any] | None,
+    def mix(self, t: int, weights: tuple[Any, list[sp.csr_array] | None], own: int, evaluate: bool, snapshot: bool,
+            epoch: int, score_ids: list[np.ndarray] | None, ledger: dict[str, Any] | None,
             *sources: np.ndarray) -> dict[str, Any] | None:
-        """Gossip (round t) with ``weights[b]`` over the source blocks: ``sources`` from other groups, with this
-        group's own half-step inserted at position ``own`` (-1: not read). Return ``{"metrics": evaluate() or
+        """Gossip (round t) with ``weights`` = (key, [W_b] or None) over the source blocks: ``W_b`` is this
+        group's rows of W^t over source block b; the coordinator sends them once per key (None: the ones
+        received with that key, which saves serializing W every round). ``sources`` come from other groups,
+        with this group's own half-step inserted at position ``own`` (-1: not read). Return ``{"metrics": evaluate() or
         None, "snapshot": snapshot() or None, "proximal": edge scores or None, "ledger": ledger terms or None}``,
         or None for a task of an abandoned epoch. On scoring rounds ``score_ids`` holds each source block's
         global ids and the other groups' updates Δ follow the half-steps (same order). On ledger rounds
@@ -110,6 +127,10 @@ class ParticipantGroup:
         ``sources`` ends with every other group's gradient block, in group order."""
         if epoch != self.epoch:
             return None
+        key, sent = weights
+        if sent is not None:
+            self._weights = {key: sent}  # only the latest key is read again
+        weights = self._weights[key]
         if ledger is not None:
             gradients = list(sources[len(sources) - ledger["groups"] + 1:])
             sources = sources[: len(sources) - ledger["groups"] + 1]
@@ -157,16 +178,30 @@ class Coordinator:
             self.owner[block] = g
         self._routes: dict[int, list[list[tuple[int, sp.csr_array]]]] = {}
         self._mixing: sp.csr_array | None = None  # set by collaborator selection: replaces W from then on
+        self._version = 0  # bumped when W is replaced: part of the weights' cache key
+        self._sent: list[Any] = [None] * len(groups)  # the weights key each group holds
 
     def set_mixing_matrix(self, w: sp.csr_array) -> None:
         """Use ``w`` [N, N] as W^t for every later round (collaborator selection rewires the graph)."""
         self._mixing = sp.csr_array(w)
         self._routes.clear()
+        self._version += 1
+
+    def _route_key(self, t: int) -> tuple[int, int]:
+        return self._version, (t if self.topology.time_varying and self._mixing is None else 0)
+
+    def _weights(self, g: int, t: int, route: list[tuple[int, sp.csr_array]]) -> tuple[Any, Any]:
+        """``mix``'s ``weights`` argument for group g: the weights the first time a key is used, then the key."""
+        key = self._route_key(t)
+        if self._sent[g] == key:
+            return key, None
+        self._sent[g] = key
+        return key, [w for _, w in route]
 
     def _route(self, t: int) -> list[list[tuple[int, sp.csr_array]]]:
         """Per group: the source groups its rows of W^t read, each with the [P, |source block|] slice of
         W^t for those rows and that block's columns. Cached for static topologies."""
-        key = t if self.topology.time_varying and self._mixing is None else 0
+        key = self._route_key(t)
         if key not in self._routes:
             w = self.topology.mixing_matrix(t) if self._mixing is None else self._mixing
             routes = []
@@ -196,6 +231,13 @@ class Coordinator:
         routes = self._route(t)
         published = {s for g, route in enumerate(routes) for s, _ in route if s != g}
         share = ledger and len(self.groups) > 1
+        if len(self.groups) == 1 and routes[0] and routes[0][0][0] == 0:  # one task per round, nothing to pass
+            terms = {"paths": self.paths.terms(self.config, t, self.blocks[0]), "group": 0, "groups": 1} \
+                if ledger else None
+            mix_args = (self._weights(0, t, routes[0]), 0, evaluate, snapshot, epoch,
+                        [self.blocks[0]] if score else None, terms)
+            loss, mixed = self.groups[0].step_and_mix.remote(t, score, epoch, mix_args)
+            return [loss], [mixed]
         halves = [group.half_step.remote(t, g in published, score, share, epoch)
                   for g, group in enumerate(self.groups)]
         mixed = []
@@ -211,6 +253,6 @@ class Coordinator:
                 terms = {"paths": self.paths.terms(self.config, t, self.blocks[g]), "group": g,
                          "groups": len(self.groups)}
                 others += [halves[s][3] for s in range(len(self.groups)) if s != g]
-            mixed.append(group.mix.remote(t, [w for _, w in route], own, evaluate, snapshot, epoch, ids, terms,
+            mixed.append(group.mix.remote(t, self._weights(g, t, route), own, evaluate, snapshot, epoch, ids, terms,
                                           *others))
         return [h[1] for h in halves], mixed

@@ -126,8 +126,8 @@ class RayEngine:
                 pass
 
     def _collect(self, plan: RoundPlan, loss_refs: list[Any], mix_refs: list[Any]) -> RoundMetrics:
-        train_loss = np.concatenate(ray.get(loss_refs))
-        parts = ray.get(mix_refs)
+        values = ray.get([*loss_refs, *mix_refs])  # one call: each costs the driver ~0.3 ms at N = 256
+        train_loss, parts = np.concatenate(values[:len(loss_refs)]), values[len(loss_refs):]
         if plan.evaluate:
             metrics = combine_evaluations(plan.t, train_loss, [p["metrics"] for p in parts], self.n)
         else:
