@@ -126,6 +126,29 @@ def test_one_hop_ground_truth_needs_no_replay() -> None:
     np.testing.assert_allclose(gt.values[1], (factual - losses).numpy()[gt.supports[1]], atol=1e-6)
 
 
+def test_replay_hands_back_its_counterfactual_states() -> None:
+    """The states the replay compares with are θ_{k∖z}^{t+s}: at s = 1 the closed form of SPEC §3, and at
+    every step their first-order loss change e* = ∇L(θ_k)ᵀ(θ_k − θ_{k∖z}) tracks d_k^{(s)} at least as
+    closely as the curvature estimate does (bench/alignment_floor.py's floor)."""
+    window, _ = make_window("ring", nodes=6, lr=0.2)
+    traj, j = window.trajectory, 1
+    states: list[torch.Tensor] = []
+    gt = ground_truth_cascade(window, j, 3, counterfactual=states)
+    assert [len(s) for s in states] == [len(gt.supports[s]) for s in (1, 2, 3)]
+    half_cf, _ = counterfactual_half_step(window, j)
+    w = torch.as_tensor(traj.mixing[0].toarray(), dtype=torch.float32)
+    closed = traj.states[1] - w[:, [j]] * (traj.halves[0][j] - half_cf)
+    torch.testing.assert_close(states[0], closed[gt.supports[1]], rtol=0, atol=1e-6)
+    delta, opt_delta = update_difference(window, j)
+    curvature = estimate_cascade(window, j, delta, opt_delta, 3, "curvature")
+    width = delta.shape[-1]
+    for s in (1, 2, 3):
+        rows = gt.supports[s]
+        exact = (traj.states[s][rows] - states[s - 1])[:, :width].double()
+        floor = (window.test_gradients(s, rows).double() * exact).sum(dim=1).numpy()
+        assert np.abs(gt.values[s] - floor).sum() <= np.abs(gt.values[s] - curvature.values[s]).sum() * 1.01
+
+
 def test_single_sample_ground_truth_removes_exactly_that_sample() -> None:
     window, _ = make_window("ring", nodes=6)
     j, removed = 4, np.array([3])

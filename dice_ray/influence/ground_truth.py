@@ -56,9 +56,12 @@ def counterfactual_half_step(window: Window, source: int,
     return state, {name: value[0] for name, value in new_opt.items()}
 
 
-def ground_truth_cascade(window: Window, source: int, hops: int, removed: np.ndarray | None = None) -> Cascade:
+def ground_truth_cascade(window: Window, source: int, hops: int, removed: np.ndarray | None = None,
+                         counterfactual: list[torch.Tensor] | None = None) -> Cascade:
     """Return DICE-GT's cascade d_k^{(s)}, s = 1..hops, of the probe (``source``, t0, z) where z is j's whole
-    minibatch (``removed`` None) or the positions ``removed`` of it."""
+    minibatch (``removed`` None) or the positions ``removed`` of it. If ``counterfactual`` is a list, the
+    counterfactual states θ_{k∖z}^{t0+s} [|S_s|, D] (rows: the cascade's supports[s]) are appended to it for
+    s = 1..hops (diagnostics: ``bench/alignment_floor.py``)."""
     traj = window.trajectory
     supports = reach(traj.mixing[:hops], source)
     half_cf, opt_cf_source = counterfactual_half_step(window, source, removed)
@@ -75,6 +78,8 @@ def ground_truth_cascade(window: Window, source: int, hops: int, removed: np.nda
         with torch.no_grad():
             states = torch.as_tensor(w.toarray(), dtype=halves.dtype) @ halves  # θ_{·∖z}^{t0+s} on S_s
         values.append(_heldout_losses(window, traj.states[s][rows], rows) - _heldout_losses(window, states, rows))
+        if counterfactual is not None:
+            counterfactual.append(states.clone())
         if s == hops:
             break
         # Counterfactual local step of round t0+s for S_s; everyone else's half-step is factual.
