@@ -24,7 +24,7 @@ same run: the neighbour's own training loss and the cosine distance of its updat
 reports ROC AUC overall and per examiner, precision at the true number of anomalous neighbours and the
 detection delay (``anomaly.parquet``, ``anomaly_roc.png``).
 
-``collaborators`` reads several runs that differ in ``rewiring.mode`` (none, influence, random), misbehaviour
+``collaborators`` reads several runs that differ in ``rewiring.mode`` (none, influence, outlier, random), misbehaviour
 and seed, and compares the final mean held-out accuracy of the honest participants
 (``collaborators.parquet``).
 
@@ -489,7 +489,7 @@ def collaborators(runs: list[Path], out: Path | None = None) -> list[dict]:
     for kind, count in settings:
         static = {r["seed"]: r["honest_acc"] for r in rows if (r["misbehavior"], r["misbehaving"]) == (kind, count)
                   and r["rewiring"] == "none"}
-        for mode in ("none", "influence", "random"):
+        for mode in ("none", "influence", "outlier", "random"):
             these = [r for r in rows if (r["misbehavior"], r["misbehaving"], r["rewiring"]) == (kind, count, mode)]
             if not these:
                 continue

@@ -233,15 +233,21 @@ class LedgerConfig(_Section):
 class RewiringConfig(_Section):
     """Collaborator selection (SPEC §5): every K rounds each participant keeps m in-neighbours. Off with none."""
 
-    mode: Literal["none", "influence", "random"] = Field(
+    mode: Literal["none", "influence", "outlier", "random"] = Field(
         "none", description="none: static W; influence: keep the m candidates with the lowest (most helpful) "
-                            "cumulative proximal influence; random: keep m random candidates")
+                            "cumulative proximal influence; outlier: drop only in-neighbours whose cumulative "
+                            "influence is a harmful outlier among one's in-neighbours and fill their places from "
+                            "the candidates; random: keep m random candidates")
     every: int = Field(10, ge=1, description="K: rewire before rounds K, 2K, ...")
     keep: int = Field(4, ge=1, description="m: in-neighbours each participant keeps")
     candidates: int = Field(4, ge=0, description="random non-neighbours added to each participant's "
                                                  "candidate pool (besides its current in-neighbours)")
     seed: int | None = Field(None, ge=0, lt=2**32, description="seed of the random candidates and of random "
                                                                "rewiring (default: the run's seed)")
+    outlier_z: float = Field(3.0, gt=0, le=100, description="outlier mode: an in-neighbour is dropped when its "
+                                                            "cumulative influence is positive and exceeds the "
+                                                            "median of one's in-neighbours by this many robust "
+                                                            "standard deviations (1.4826 MAD)")
 
 
 class RunConfig(_Section):
@@ -314,8 +320,8 @@ class RunConfig(_Section):
             raise ValueError("proximal.zprime 'validation' needs validation splits (data.val_fraction > 0)")
         if rew.mode == "none":
             return
-        if rew.mode == "influence" and not prox.enabled:
-            raise ValueError("rewiring.mode 'influence' needs proximal influence (proximal.enabled, --proximal)")
+        if rew.mode in ("influence", "outlier") and not prox.enabled:
+            raise ValueError(f"rewiring.mode {rew.mode!r} needs proximal influence (proximal.enabled, --proximal)")
         if rew.keep > self.nodes - 1:
             raise ValueError(f"rewiring.keep {rew.keep} exceeds the {self.nodes - 1} other participants")
         if self.topology.name in ("one-peer-exponential", "random-matching"):

@@ -6,6 +6,12 @@ Before rounds K, 2K, … every participant k takes a candidate pool — its curr
 - ``influence``: the m with the lowest cumulative proximal influence Σ_t p_{k←l}^t (most helpful: negative
   lowers k's loss). A candidate k never heard scores 0 (neutral), so it replaces a harmful neighbour but
   not a helpful one; ties are broken in a random order.
+- ``outlier``: judged against one's own neighbourhood, which drifts less than an absolute rule (later in
+  training honest neighbours' cumulative scores turn positive too, and ``influence`` then swaps them for
+  never-heard candidates). An in-neighbour is dropped only if its cumulative score is positive and above the
+  median of k's in-neighbours by more than ``rewiring.outlier_z`` robust standard deviations (1.4826 × MAD);
+  the free places go to the pool's other candidates, never-heard ones counting as the median and known
+  outliers never, the lowest first (ties in a random order). In-degrees are brought to m the same way.
 - ``random``: m of the same pool at random (the baseline), from the rewiring seed.
 
 The choice is directed — k decides whom k listens to; l is not forced to listen back — so a participant
@@ -60,19 +66,52 @@ def is_rooted(w: Any) -> bool:
     return int((~fed).sum()) == 1
 
 
+def _outlier_choice(current: np.ndarray, extras: np.ndarray, s_current: np.ndarray, s_extras: np.ndarray,
+                    keep: int, z: float) -> np.ndarray:
+    """The ``outlier`` rule for one participant (see the module docstring); ``extras`` are in random order."""
+    known = s_current[~np.isnan(s_current)]
+    median = float(np.median(known)) if len(known) else 0.0
+    spread = 1.4826 * float(np.median(np.abs(known - median))) if len(known) else 0.0
+    limit = median + z * spread
+
+    def outlier(s: np.ndarray) -> np.ndarray:
+        return ~np.isnan(s) & (s > 0) & (s > limit)
+
+    def filled(s: np.ndarray) -> np.ndarray:
+        return np.where(np.isnan(s), median, s)
+
+    stay = current[~outlier(s_current)]
+    stay = stay[np.argsort(filled(s_current[~outlier(s_current)]), kind="stable")][:keep]
+    fresh = extras[~outlier(s_extras)]
+    fresh = fresh[np.argsort(filled(s_extras[~outlier(s_extras)]), kind="stable")]
+    pick = np.concatenate([stay, fresh[: keep - len(stay)]])
+    if len(pick) < keep:  # more outliers than candidates: the least harmful of them make up the number
+        pool, s = np.concatenate([current, extras]), np.concatenate([s_current, s_extras])
+        rest = np.isin(pool, pick, invert=True)
+        pick = np.concatenate([pick, pool[rest][np.argsort(s[rest], kind="stable")][: keep - len(pick)]])
+    return pick
+
+
 def select_collaborators(mode: str, current: list[np.ndarray], keep: int, extra: int, rng: np.random.Generator,
-                         scores: Any = None) -> list[np.ndarray]:
+                         scores: Any = None, outlier_z: float = 3.0) -> list[np.ndarray]:
     """Return the new in-neighbour set of every participant (sorted int64 arrays of size ``keep``).
 
     ``current[k]``: k's in-neighbours now; the pool adds ``extra`` random others (not k, not current).
-    ``scores(k, pool)`` -> cumulative proximal influence [len(pool)] (NaN: never scored, read as 0); needed
-    for ``influence``. ``random`` keeps ``keep`` of the pool at random.
+    ``scores(k, pool)`` -> cumulative proximal influence [len(pool)] (NaN: never scored; read as 0 by
+    ``influence``, as the neighbourhood's median by ``outlier``); needed for both. ``random`` keeps ``keep``
+    of the pool at random. ``outlier_z``: the ``outlier`` rule's threshold.
     """
     n = len(current)
     chosen = []
     for k in range(n):
         others = np.setdiff1d(np.arange(n), np.append(current[k], k))
         pool = np.concatenate([current[k], rng.choice(others, min(extra, len(others)), replace=False)])
+        if mode == "outlier":
+            extras = rng.permutation(pool[len(current[k]):])  # random tie-break among candidates
+            s = np.asarray(scores(k, np.concatenate([current[k], extras])), np.float64)
+            pick = _outlier_choice(current[k], extras, s[:len(current[k])], s[len(current[k]):], keep, outlier_z)
+            chosen.append(np.sort(pick).astype(np.int64))
+            continue
         pool = rng.permutation(pool)  # random tie-break
         if mode == "influence":
             s = np.nan_to_num(np.asarray(scores(k, pool), np.float64), nan=0.0)
@@ -113,7 +152,7 @@ class Rewirer:
         current = in_neighbor_sets(self.w)
         rng = np.random.default_rng([self.seed, t, 7001])
         chosen = select_collaborators(self.settings.mode, current, self.settings.keep, self.settings.candidates,
-                                      rng, self._score)
+                                      rng, self._score, self.settings.outlier_z)
         w = metropolis_mixing(chosen)
         if not is_rooted(w):
             self.fallbacks.append(t)

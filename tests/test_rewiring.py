@@ -30,6 +30,31 @@ def test_influence_keeps_the_m_most_helpful_candidates() -> None:
     assert all(len(c) == 2 and k not in c for k, c in enumerate(rand))
 
 
+def test_outlier_rule_drops_only_harmful_outliers_of_the_neighbourhood() -> None:
+    current = [np.array([1, 2, 3, 4, 5, 6])] + [np.array([0])] * 8
+    base = {1: 0.010, 2: 0.012, 3: 0.011, 4: 0.009, 5: 0.013, 6: 0.080}  # all positive; 6 stands out
+
+    def scores_from(table):
+        return lambda k, pool: np.array([table.get(int(nb), np.nan) if k == 0 else np.nan for nb in pool])
+
+    def choose(table, extra=2, keep=6, z=3.0):
+        return select_collaborators("outlier", current, keep, extra, np.random.default_rng(0), scores_from(table),
+                                    outlier_z=z)[0].tolist()
+
+    first = choose(base)
+    assert 6 not in first and {1, 2, 3, 4, 5} <= set(first) and len(first) == 6  # one new candidate
+    # honest neighbours whose scores drifted positive stay (the absolute rule would swap them all)
+    assert choose({**base, 6: 0.014}) == [1, 2, 3, 4, 5, 6]
+    absolute = select_collaborators("influence", current, 6, 2, np.random.default_rng(0),
+                                    scores_from({**base, 6: 0.014}))[0].tolist()
+    assert absolute != [1, 2, 3, 4, 5, 6]
+    # a helpful outlier (negative) is kept; a known outlier among the candidates is never taken
+    assert choose({**base, 6: -0.5}) == [1, 2, 3, 4, 5, 6]
+    assert 7 not in choose({**base, 7: 0.5, 8: 0.5}, extra=8) and len(choose({**base}, extra=0)) == 6
+    # a stricter threshold keeps the outlier
+    assert 6 in choose(base, z=100)
+
+
 def test_metropolis_mixing_is_row_stochastic_metropolis_and_keeps_m() -> None:
     rng = np.random.default_rng(1)
     n, m = 12, 3
