@@ -114,10 +114,11 @@ class LedgerExaminer:
             self.deltas[u] = self._grads.take_delta().double()  # exact; converted once, read by R + 1 rounds
 
     def terms(self, u: int, paths: list[tuple[int, int, sp.csr_array]], gradients: list[torch.Tensor | np.ndarray],
-              ) -> dict[str, np.ndarray] | None:
+              ids: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
         """Return the ledger terms measured at round u (None if u needs none).
 
-        ``gradients``: every group's g blocks in global participant order (their concatenation is [N, D_params]);
+        ``gradients``: g blocks whose concatenation holds the rows of the participants ``ids`` (default: every
+        group's blocks in global participant order, [N, D_params]); they must cover every target of ``paths``;
         ``paths``: ``PathWeights.terms`` of round u for the hosted sources. Returns arrays [E] sorted by
         (probe_round, source, target): ``step`` s (0: the self term q_j's e_j^{(½)}), ``probe_round`` t = u − s,
         ``source`` j, ``target`` k (global ids) and ``value`` P^{(s)}_{kj} g_kᵀ Δ_j^t (without q_k).
@@ -132,10 +133,13 @@ class LedgerExaminer:
                                      value.cpu().numpy()), strict=True):
                 parts[f].append(v)
 
-        if paths:  # every group's g, converted once (the own block's rows serve the self term)
+        if paths:  # the g blocks received, converted once (the own block's rows serve the self term)
             blocks = [(torch.as_tensor(b) if isinstance(b, np.ndarray) else b).to(device) for b in gradients]
             g = (blocks[0] if len(blocks) == 1 else torch.cat(blocks)).double()
-            own_g = g[torch.as_tensor(nodes, device=device)]
+            row_of = np.arange(len(g)) if ids is None else np.full(int(max(ids.max(), nodes.max())) + 1, -1)
+            if ids is not None:
+                row_of[ids] = np.arange(len(ids))
+            own_g = g[torch.as_tensor(row_of[nodes], device=device)]
         else:
             own_g = self.gradient.double()
         if u in self.deltas:
@@ -146,7 +150,7 @@ class LedgerExaminer:
                 if not coo.nnz:
                     continue
                 rows, cols = coo.row.astype(np.int64), coo.col.astype(np.int64)
-                [dots] = _edge_dots([(g, self.deltas[t])], rows, cols)
+                [dots] = _edge_dots([(g, self.deltas[t])], row_of[rows], cols)
                 add(s, t, nodes[cols], rows, torch.as_tensor(coo.data, dtype=torch.float64, device=device) * dots)
         for t in [t for t in self.deltas if t <= u - self.config.ledger.hops]:
             del self.deltas[t]  # no later round reads it

@@ -86,6 +86,28 @@ def test_same_ledger_for_one_and_two_actors_and_local(ray_local, tmp_path: Path)
         np.testing.assert_allclose(one[column], two[column], rtol=1e-5, atol=1e-6 * scale, err_msg=column)
 
 
+def test_groups_read_only_the_gradient_blocks_their_terms_need(ray_local, tmp_path: Path) -> None:
+    """Ring of 8 in 4 groups of 2, R = 1: each group reads its two neighbouring groups' gradient blocks, not all
+    three others, and the ledger is the one-actor ledger."""
+    from dice_ray.contributions import PathWeights
+    from dice_ray.engine.actors import ledger_terms
+    from dice_ray.experiment import prepare
+
+    flags = ["--rounds", "5", "--topology", "ring", "--ledger", "--ledger-hops", "1"]
+    one = pd.read_parquet(_run(tmp_path / "one", "--actors", "1", *flags) / "contributions.parquet")
+    four = pd.read_parquet(_run(tmp_path / "four", "--actors", "4", *flags) / "contributions.parquet")
+    keys = ["round", "probe_round", "step", "source", "target"]
+    pd.testing.assert_frame_equal(one[keys], four[keys])
+    for column in ("influence", "cumulative"):
+        np.testing.assert_allclose(one[column], four[column], rtol=1e-5, atol=1e-6 * one[column].abs().max())
+    config = resolve_config(build_parser().parse_args([*BASE, *flags, "--actors", "4"]))
+    experiment = prepare(config)
+    blocks = [np.arange(2 * g, 2 * g + 2) for g in range(4)]
+    paths = PathWeights(experiment.topology.mixing_matrix, 8, True)
+    terms = ledger_terms(paths, config, 3, blocks, np.repeat(np.arange(4), 2), 1)
+    assert terms["needed"] == [0, 1, 2] and terms["ids"].tolist() == [0, 1, 2, 3, 4, 5]
+
+
 def test_leaving_out_a_participant_without_data_changes_nothing(tmp_path: Path) -> None:
     out = _run(tmp_path / "loo", "--engine", "local", "--rounds", "6", "--topology", "ring", "--shrink-ids", "3,5",
                "--shrink-fraction", "1.0", "--ledger", "--ledger-hops", "2", "--loo")

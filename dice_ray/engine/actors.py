@@ -10,8 +10,8 @@ Round t (SPEC §1, Algorithm 1), as the coordinator drives it:
 
 On proximal-influence scoring rounds (``proximal.py``) the groups also publish their updates Δ beside
 the half-steps, and ``mix`` returns every examiner's scores of its in-neighbours. On rounds the contribution
-ledger needs (``contributions.py``) every group publishes its gradient block g = ∇L(θ^t; z′), taken before
-the local step, every group reads all of them (the simple route: the cascade of R hops may reach anywhere),
+ledger needs (``contributions.py``) the groups publish their gradient blocks g = ∇L(θ^t; z′), taken before
+the local step; each group reads those of the groups hosting participants its sources reach within R hops,
 and ``mix`` returns the ledger terms of the group's own sources.
 
 Ray restarts a group that dies (it comes back empty); the driver then restores every group from the last
@@ -123,8 +123,9 @@ class ParticipantGroup:
         None, "snapshot": snapshot() or None, "proximal": edge scores or None, "ledger": ledger terms or None}``,
         or None for a task of an abandoned epoch. On scoring rounds ``score_ids`` holds each source block's
         global ids and the other groups' updates Δ follow the half-steps (same order). On ledger rounds
-        ``ledger`` = {"paths": ``PathWeights.terms`` for this group's sources, "group": this group's index} and
-        ``sources`` ends with every other group's gradient block, in group order."""
+        ``ledger`` = ``Coordinator._ledger_terms`` (the paths of this group's sources; the groups whose gradient
+        blocks they read, this one among them, and those blocks' global ids) and ``sources`` ends with the
+        other needed groups' gradient blocks, in group order."""
         if epoch != self.epoch:
             return None
         key, sent = weights
@@ -132,16 +133,17 @@ class ParticipantGroup:
             self._weights = {key: sent}  # only the latest key is read again
         weights = self._weights[key]
         if ledger is not None:
-            gradients = list(sources[len(sources) - ledger["groups"] + 1:])
-            sources = sources[: len(sources) - ledger["groups"] + 1]
-            gradients.insert(ledger["group"], self.ledger.gradient)
+            received = len(ledger["needed"]) - 1
+            gradients = list(sources[len(sources) - received:]) if received else []
+            sources = sources[: len(sources) - received]
+            gradients.insert(ledger["needed"].index(ledger["group"]), self.ledger.gradient)
         half = len(sources) if score_ids is None else len(sources) // 2
         blocks, deltas = list(sources[:half]), list(sources[half:])
         if own >= 0:
             blocks.insert(own, self.block.population.state.cpu().numpy())
             deltas.insert(own, self.examiner.delta)
         self.block.mix(weights, blocks)
-        terms = self.ledger.terms(t, ledger["paths"], gradients) if ledger is not None else None
+        terms = self.ledger.terms(t, ledger["paths"], gradients, ledger["ids"]) if ledger is not None else None
         kept = self.ledger.snapshot(t) if snapshot and self.config.ledger.enabled else {}
         return {"metrics": self.block.evaluate() if evaluate else None,
                 "snapshot": {**self.block.snapshot(), **kept} if snapshot else None,
@@ -161,6 +163,18 @@ class ParticipantGroup:
     def state(self) -> np.ndarray:
         """Return this block's current states θ^t [P, D] (only when a user asks to save them)."""
         return self.block.population.state.cpu().numpy()
+
+
+def ledger_terms(paths: PathWeights, config: Any, t: int, blocks: list[np.ndarray], owner: np.ndarray,
+                 g: int) -> dict[str, Any]:
+    """``ParticipantGroup.mix``'s ``ledger`` argument for group g at round t: the path weights of its sources'
+    terms (``paths``), and the groups (``needed``, ascending, g among them) hosting the targets those terms
+    reach, whose gradient blocks g reads, with those blocks' global ids (``ids``, in that order).
+    ``owner[l]``: the group hosting participant l."""
+    terms = paths.terms(config, t, blocks[g])
+    targets = np.unique(np.concatenate([f.tocoo().row for _, _, f in terms] or [np.zeros(0, np.int64)]))
+    needed = sorted(set(owner[targets].tolist()) | {g})
+    return {"paths": terms, "group": g, "needed": needed, "ids": np.concatenate([blocks[s] for s in needed])}
 
 
 @ray.remote(num_cpus=0)
@@ -214,6 +228,9 @@ class Coordinator:
             self._routes[key] = routes
         return self._routes[key]
 
+    def _ledger_terms(self, t: int, g: int) -> dict[str, Any]:
+        return ledger_terms(self.paths, self.config, t, self.blocks, self.owner, g)
+
     def submit_rounds(self, rounds: list[tuple[int, bool, bool, bool, bool]],
                       epoch: int) -> list[tuple[list[Any], list[Any]]]:
         """``submit_round`` for each (t, evaluate, snapshot, score, ledger) of ``rounds``, in order (one call
@@ -227,18 +244,19 @@ class Coordinator:
         train losses, per-group mix results). Groups run their tasks in submission order, so rounds queued
         back to back keep every group busy while the driver collects earlier rounds' metrics.
         ``score``: a proximal-influence scoring round (updates Δ travel beside the half-steps); ``ledger``: a
-        round the contribution ledger measures (gradient blocks travel to every group)."""
+        round the contribution ledger measures (gradient blocks travel to the groups whose terms read them)."""
         routes = self._route(t)
         published = {s for g, route in enumerate(routes) for s, _ in route if s != g}
         share = ledger and len(self.groups) > 1
         if len(self.groups) == 1 and routes[0] and routes[0][0][0] == 0:  # one task per round, nothing to pass
-            terms = {"paths": self.paths.terms(self.config, t, self.blocks[0]), "group": 0, "groups": 1} \
-                if ledger else None
+            terms = self._ledger_terms(t, 0) if ledger else None
             mix_args = (self._weights(0, t, routes[0]), 0, evaluate, snapshot, epoch,
                         [self.blocks[0]] if score else None, terms)
             loss, mixed = self.groups[0].step_and_mix.remote(t, score, epoch, mix_args)
             return [loss], [mixed]
-        halves = [group.half_step.remote(t, g in published, score, share, epoch)
+        ledger_terms = [self._ledger_terms(t, g) for g in range(len(self.groups))] if ledger else []
+        shared = {s for terms in ledger_terms for s in terms["needed"] if s != terms["group"]}
+        halves = [group.half_step.remote(t, g in published, score, share and g in shared, epoch)
                   for g, group in enumerate(self.groups)]
         mixed = []
         for g, (group, route) in enumerate(zip(self.groups, routes, strict=True)):
@@ -249,10 +267,9 @@ class Coordinator:
                 ids = [self.blocks[s] for s, _ in route]
                 others += [halves[s][2] for s, _ in route if s != g]
             terms = None
-            if ledger:  # every other group's gradients follow
-                terms = {"paths": self.paths.terms(self.config, t, self.blocks[g]), "group": g,
-                         "groups": len(self.groups)}
-                others += [halves[s][3] for s in range(len(self.groups)) if s != g]
+            if ledger:  # the gradients of the other groups hosting this group's targets follow
+                terms = ledger_terms[g]
+                others += [halves[s][3] for s in terms["needed"] if s != g]
             mixed.append(group.mix.remote(t, self._weights(g, t, route), own, evaluate, snapshot, epoch, ids, terms,
                                           *others))
         return [h[1] for h in halves], mixed
