@@ -50,7 +50,8 @@ def relative_errors(rounds: int, topology: str, hops: int, lr: float) -> dict[in
             delta, opt_delta = update_difference(window, j)
             states: list[torch.Tensor] = []
             gt = ground_truth_cascade(window, j, hops, counterfactual=states)
-            estimates = {v: estimate_cascade(window, j, delta, opt_delta, hops, v) for v in ("first-order", "curvature")}
+            estimates = {v: estimate_cascade(window, j, delta, opt_delta, hops, v)
+                         for v in ("first-order", "curvature")}
             width = delta.shape[-1]
             for s in range(1, hops + 1):
                 rows = gt.supports[s]
@@ -72,8 +73,8 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.func.jvp's note on torch.jit.script
     torch.set_num_threads(2)
-    print(f"| run length | step s | rel. error first-order | rel. error curvature | floor (exact δ) | "
-          f"curvature / first-order | floor / first-order |")
+    print("| run length | step s | rel. error first-order | rel. error curvature | floor (exact δ) | "
+          "curvature / first-order | floor / first-order |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for rounds in args.rounds:
         for s, err in relative_errors(rounds, args.topology, args.hops, args.lr).items():

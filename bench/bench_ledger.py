@@ -32,7 +32,6 @@ import os
 import time
 
 import numpy as np
-import yaml
 
 from dice_ray.config import build_config
 from dice_ray.experiment import prepare
@@ -73,15 +72,12 @@ def _whole_runs(args: argparse.Namespace) -> None:
     import statistics
     import tempfile
 
-    from dice_ray.config import load_config, set_dotted
+    from dice_ray.config import apply_sets, load_config
     from dice_ray.engine import start_ray
     from dice_ray.simulate import simulate
 
     start_ray()
-    base = load_config(args.whole_run)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        set_dotted(base, key, yaml.safe_load(value))
+    base = apply_sets(load_config(args.whole_run), args.set)
     seconds: dict[bool, list[float]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):

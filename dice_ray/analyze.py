@@ -47,7 +47,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from scipy import stats
 
-from dice_ray.errors import InputError
+from dice_ray.errors import InputError, report
 from dice_ray.results import (
     ALIGNMENT,
     ANOMALY,
@@ -683,8 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             {"alignment": alignment, "cascade": cascade}[args.report](args.run[0])
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     return 0
 
 

@@ -353,19 +353,35 @@ def build_config(data: dict[str, Any] | None = None) -> RunConfig:
         raise InputError(_one_line(err)) from None
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Return the nested dict of a YAML config file (not yet validated); raise ``InputError``."""
+def read_yaml(path: str | Path, kind: str = "config file") -> Any:
+    """Return the parsed contents of the YAML file ``path`` (None if empty); raise ``InputError`` naming it as
+    ``kind`` if it is missing or not YAML."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"config file {str(path)!r} does not exist")
+        raise InputError(f"{kind} {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise InputError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise InputError(f"{kind} {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Return the nested dict of a YAML config file (not yet validated); raise ``InputError``."""
+    data = read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise InputError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_sets(data: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides ``KEY=VALUE`` (dotted key, YAML value) to ``data`` in place; return it."""
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set expects KEY=VALUE, got {item!r}")
+        set_dotted(data, key.strip(), yaml.safe_load(raw))
     return data
 
 

@@ -136,9 +136,9 @@ class LedgerExaminer:
         if paths:  # the g blocks received, converted once (the own block's rows serve the self term)
             blocks = [(torch.as_tensor(b) if isinstance(b, np.ndarray) else b).to(device) for b in gradients]
             g = (blocks[0] if len(blocks) == 1 else torch.cat(blocks)).double()
-            row_of = np.arange(len(g)) if ids is None else np.full(int(max(ids.max(), nodes.max())) + 1, -1)
-            if ids is not None:
-                row_of[ids] = np.arange(len(ids))
+            ids = np.arange(len(g)) if ids is None else ids
+            row_of = np.full(int(ids.max()) + 1, -1)  # global id -> row of g (own nodes and targets are in ids)
+            row_of[ids] = np.arange(len(ids))
             own_g = g[torch.as_tensor(row_of[nodes], device=device)]
         else:
             own_g = self.gradient.double()

@@ -16,6 +16,12 @@ class InputError(ValueError):
     """Invalid user input: the message is one line that names the bad option and its value."""
 
 
+def report(err: InputError) -> int:
+    """Print ``err`` as the one ``error:`` line of a command-line entry point; return its exit status, 2."""
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one ``error:`` line and exit status 2, like ``InputError``."""
 

@@ -80,10 +80,12 @@ def _outlier_choice(current: np.ndarray, extras: np.ndarray, s_current: np.ndarr
     def filled(s: np.ndarray) -> np.ndarray:
         return np.where(np.isnan(s), median, s)
 
-    stay = current[~outlier(s_current)]
-    stay = stay[np.argsort(filled(s_current[~outlier(s_current)]), kind="stable")][:keep]
-    fresh = extras[~outlier(s_extras)]
-    fresh = fresh[np.argsort(filled(s_extras[~outlier(s_extras)]), kind="stable")]
+    def ranked(ids: np.ndarray, s: np.ndarray) -> np.ndarray:  # the non-outliers, lowest score first
+        ok = ~outlier(s)
+        return ids[ok][np.argsort(filled(s[ok]), kind="stable")]
+
+    stay = ranked(current, s_current)[:keep]
+    fresh = ranked(extras, s_extras)
     pick = np.concatenate([stay, fresh[: keep - len(stay)]])
     if len(pick) < keep:  # more outliers than candidates: the least harmful of them make up the number
         pool, s = np.concatenate([current, extras]), np.concatenate([s_current, s_extras])

@@ -32,13 +32,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-import yaml
 
 from dice_ray import __version__
 from dice_ray.checkpoint import CHECKPOINTS, CheckpointStore, RoundTables, config_digest
-from dice_ray.config import RunConfig, build_config, load_config, set_dotted
+from dice_ray.config import RunConfig, apply_sets, build_config, load_config, set_dotted
 from dice_ray.contributions import shares
-from dice_ray.errors import InputError, OneLineParser
+from dice_ray.errors import InputError, OneLineParser, report
 from dice_ray.experiment import Experiment, prepare
 from dice_ray.results import (
     CONTRIBUTIONS,
@@ -186,12 +185,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, dotted)
         if value is not None:
             set_dotted(data, dotted, value)
-    for item in args.set:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise InputError(f"--set expects KEY=VALUE, got {item!r}")
-        set_dotted(data, key.strip(), yaml.safe_load(raw))
-    return build_config(data)
+    return build_config(apply_sets(data, args.set))
 
 
 def run_directory(config: RunConfig) -> Path:
@@ -463,8 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.resume:
             run_directory(config)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     try:
         simulate(config, engine, save_states, experiment, resume=bool(args.resume))
     except FloatingPointError as err:  # diverged: the manifest says so, no table reads as complete

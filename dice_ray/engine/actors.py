@@ -56,7 +56,7 @@ class ParticipantGroup:
         self.examiner: Any = None
         self.ledger: Any = None
         self.epoch = -1
-        self._weights: dict[Any, list[sp.csr_array]] = {}  # the coordinator's rows of W, sent once per key
+        self._weights: tuple[Any, list[sp.csr_array]] | None = None  # (key, rows of W), sent once per key
 
     def restore(self, arrays: dict[str, np.ndarray] | None, epoch: int, data: list[Any]) -> int:
         """Enter ``epoch`` with this block's state set to ``arrays`` (a ``ParticipantBlock.snapshot``; None: the
@@ -79,7 +79,7 @@ class ParticipantGroup:
             self.block.restore(arrays)
         self.ledger.restore(arrays)
         self.epoch = epoch
-        self._weights.clear()  # a new coordinator comes with a new epoch and sends its weights again
+        self._weights = None  # a new coordinator comes with a new epoch and sends its weights again
         return epoch
 
     @ray.method(num_returns=2)
@@ -128,10 +128,11 @@ class ParticipantGroup:
         other needed groups' gradient blocks, in group order."""
         if epoch != self.epoch:
             return None
-        key, sent = weights
-        if sent is not None:
-            self._weights = {key: sent}  # only the latest key is read again
-        weights = self._weights[key]
+        if weights[1] is not None:
+            self._weights = weights  # the coordinator sends each key's rows once, before rounds that reuse them
+        if self._weights is None or self._weights[0] != weights[0]:
+            raise RuntimeError(f"round {t}: no rows of W received for {weights[0]}")
+        weights = self._weights[1]
         if ledger is not None:
             received = len(ledger["needed"]) - 1
             gradients = list(sources[len(sources) - received:]) if received else []

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dice_ray.errors import InputError, OneLineParser
+from dice_ray.errors import InputError, OneLineParser, report
 from dice_ray.sweep.runner import run_sweep
 from dice_ray.sweep.spec import load_sweep
 
@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "num_samples": args.num_samples})
         run_sweep(sweep, resume=args.resume, address=args.address)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     return 0
 
 

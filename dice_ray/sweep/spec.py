@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dice_ray.config import RunConfig, build_config, load_config, set_dotted
+from dice_ray.config import RunConfig, build_config, load_config, read_yaml, set_dotted
 from dice_ray.errors import InputError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "int")
@@ -208,12 +207,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     """Return the validated ``Sweep`` of a sweep file (``overrides``: top-level keys replacing the file's, as
     the command line gives them); raise ``InputError`` naming the first problem."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"sweep file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise InputError(f"sweep file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    data = read_yaml(path, "sweep file")
     if not isinstance(data, dict):
         raise InputError(f"sweep file {str(path)!r} must hold a mapping, got {type(data).__name__}")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
