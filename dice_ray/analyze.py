@@ -313,6 +313,33 @@ def _separated(frame):
     return best_anomalous > honest
 
 
+AUC_TARGET = 0.95  # the detection level ``rounds_to_auc`` waits for
+
+
+def auc_curve(scores, method: str, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (t + 1 for each scoring round t < ``horizon``, overall ROC AUC of ``method``'s running scores
+    after round t; NaN where only one class is scored)."""
+    from sklearn.metrics import roc_auc_score
+
+    mine = scores[(scores["method"] == method) & (scores["round"] < horizon)]
+    rounds = np.asarray(sorted(set(mine["round"].tolist())), np.int64)
+    curve = []
+    for t in rounds:
+        now = _at_horizon(mine, int(t) + 1)
+        ok = 0 < now["anomalous"].sum() < len(now)
+        curve.append(roc_auc_score(now["anomalous"], now["value"]) if ok else np.nan)
+    return rounds + 1, np.asarray(curve, np.float64)
+
+
+def _rounds_to(level: float, curve: np.ndarray) -> int | None:
+    """Scoring rounds until ``curve`` (one value per scoring round) reaches ``level`` and stays at or above it
+    to the end (None: never)."""
+    below = np.flatnonzero(~(curve >= level))
+    if len(curve) == 0 or (len(below) and below[-1] == len(curve) - 1):
+        return None
+    return int(below[-1]) + 2 if len(below) else 1
+
+
 def detection_metrics(scores, horizon: int) -> list[dict]:
     """Return one row per method of ``anomaly.parquet`` for the scoring rounds before ``horizon``."""
     from sklearn.metrics import roc_auc_score
@@ -344,9 +371,13 @@ def detection_metrics(scores, horizon: int) -> list[dict]:
             failing = np.flatnonzero(~flags)
             start = times[failing[-1] + 1] if len(failing) else times[0]
             delays.append(int(np.searchsorted(times, start)) + 1)  # scoring rounds until detected for good
+        _, curve = auc_curve(scores, method, horizon)
+        defined = curve[~np.isnan(curve)]
         rows.append({
             "method": method, "horizon": horizon,
             "auc": float(roc_auc_score(labels, values)) if both else None,
+            "auc_mean": float(defined.mean()) if len(defined) else None,
+            "rounds_to_auc": _rounds_to(AUC_TARGET, curve) if len(defined) else None,
             "auc_examiner_mean": float(np.mean(per_examiner)) if per_examiner else None,
             "auc_examiner_min": float(np.min(per_examiner)) if per_examiner else None,
             "examiners": len(per_examiner),
@@ -367,18 +398,12 @@ def _anomaly_plot(run: Path, scores, horizon: int) -> Path:
 
     final = _at_horizon(scores, horizon)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), constrained_layout=True)
-    rounds = sorted(set(scores["round"].tolist()))
     for method in METHODS:
         at = final[final["method"] == method]
         if 0 < at["anomalous"].sum() < len(at):
             fpr, tpr, _ = roc_curve(at["anomalous"], at["value"])
             left.plot(fpr, tpr, label=f"{method} (AUC {roc_auc_score(at['anomalous'], at['value']):.3f})")
-        curve = []
-        for t in rounds:
-            now = _at_horizon(scores[scores["method"] == method], t + 1)
-            ok = 0 < now["anomalous"].sum() < len(now)
-            curve.append(roc_auc_score(now["anomalous"], now["value"]) if ok else np.nan)
-        right.plot(np.asarray(rounds) + 1, curve, label=method)
+        right.plot(*auc_curve(scores, method, horizon), label=method)
     left.plot([0, 1], [0, 1], color="grey", linewidth=1)
     left.set_xlabel("false positive rate (honest neighbours flagged)")
     left.set_ylabel("true positive rate (anomalous neighbours flagged)")
@@ -414,14 +439,15 @@ def anomaly(run: Path, horizons: list[int] | None = None) -> list[dict]:
     write_table_atomic(run / "anomaly.parquet", rows, ANOMALY)
     png = _anomaly_plot(run, scores, horizons[-1])
 
-    def cell(v: float | None, spec: str = "8.4f") -> str:
+    def cell(v: float | int | None, spec: str = "8.4f") -> str:
         return f"{'-':>8}" if v is None else format(v, spec)
 
     print(f"{int(nodes['misbehaving'].sum())} misbehaving of {len(nodes)}; scores higher = more anomalous")
-    print(f"{'horizon':>7} {'method':>15} {'AUC':>8} {'AUC/exam':>8} {'min':>8} {'exams':>5} {'prec@a':>8} "
-          f"{'detected':>8} {'delay':>8} {'max':>8}")
+    print(f"{'horizon':>7} {'method':>15} {'AUC':>8} {'mean AUC':>8} {'to 0.95':>8} {'AUC/exam':>8} {'min':>8} "
+          f"{'exams':>5} {'prec@a':>8} {'detected':>8} {'delay':>8} {'max':>8}")
     for r in rows:
-        print(f"{r['horizon']:>7} {r['method']:>15} {cell(r['auc'])} {cell(r['auc_examiner_mean'])} "
+        print(f"{r['horizon']:>7} {r['method']:>15} {cell(r['auc'])} {cell(r['auc_mean'])} "
+              f"{cell(r['rounds_to_auc'], '8d')} {cell(r['auc_examiner_mean'])} "
               f"{cell(r['auc_examiner_min'])} {r['examiners']:>5} {cell(r['precision'])} {cell(r['detected'])} "
               f"{cell(r['delay_median'], '8.1f')} {cell(r['delay_max'], '8.0f')}")
     print(f"wrote {run / 'anomaly.parquet'} and {png.name}")

@@ -135,6 +135,11 @@ ANOMALY = _schema(
                             "(the neighbour's mean training loss), cosine (mean 1 − cos(Δ_k, Δ_l))"),
     ("horizon", pa.int32(), "scores use the scoring rounds t < horizon"),
     ("auc", pa.float64(), "ROC AUC over all (examiner, in-neighbour) pairs: anomalous neighbours against honest ones"),
+    ("auc_mean", pa.float64(), "mean of the overall ROC AUC after each scoring round before horizon (the area "
+                               "under the AUC-over-time curve, per round): how well a detector does early as well "
+                               "as late"),
+    ("rounds_to_auc", pa.int32(), "scoring rounds until the overall ROC AUC reaches 0.95 and stays at or above it "
+                                  "up to horizon (null: not reached)"),
     ("auc_examiner_mean", pa.float64(), "mean of the per-examiner ROC AUC (examiners with anomalous and honest "
                                         "in-neighbours)"),
     ("auc_examiner_min", pa.float64(), "smallest per-examiner ROC AUC"),

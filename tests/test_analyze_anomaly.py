@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dice_ray.analyze import detection_metrics, running_scores
+from dice_ray.analyze import _rounds_to, detection_metrics, running_scores
 from dice_ray.analyze import main as analyze
 from dice_ray.simulate import main as simulate
 
@@ -46,6 +46,21 @@ def test_detection_metrics_by_hand() -> None:
     early = {r["method"]: r for r in detection_metrics(scores, horizon=1)}
     # round 0 alone: anomalous -1 and 0 against honest 0 and 1: one tie among four pairs
     assert early["proximal"]["auc"] == 0.125
+
+
+def test_auc_over_time_by_hand() -> None:
+    scores = running_scores(*_toy(), window=2)
+    by = {r["method"]: r for r in detection_metrics(scores, horizon=4)}
+    # cumulative proximal AUC after rounds 0..3: 0.125, 0.5 (anomalous 1, 0 against honest -1, 2), 0.5, 1.0
+    assert by["proximal"]["auc_mean"] == pytest.approx((0.125 + 0.5 + 0.5 + 1.0) / 4)
+    assert by["proximal"]["rounds_to_auc"] == 4  # 0.95 first reached after the 4th scoring round
+    assert by["train-loss"]["auc_mean"] == 1.0 and by["train-loss"]["rounds_to_auc"] == 1
+    shorter = {r["method"]: r for r in detection_metrics(scores, horizon=3)}
+    assert shorter["proximal"]["rounds_to_auc"] is None and shorter["proximal"]["auc_mean"] == pytest.approx(0.375)
+    # reaching the level counts only if the AUC stays there: a dip after round 1 restarts the count
+    assert _rounds_to(0.95, np.array([0.96, 0.90, 0.97, 0.99])) == 3
+    assert _rounds_to(0.95, np.array([np.nan, 0.96, 0.99])) == 2
+    assert _rounds_to(0.95, np.array([0.96, 0.90])) is None
 
 
 def test_anomaly_report_writes_table_and_png(tmp_path, capsys) -> None:
