@@ -175,6 +175,9 @@ class InfluenceConfig(_Section):
                                                                 description="DICE-E variants to compute")
     ground_truth: bool = Field(True, description="also measure DICE-GT by counterfactual replay")
     sources_per_task: int = Field(4, ge=1, description="probes of one round batched into one Ray task")
+    online: bool = Field(False, description="compute DICE-E inside the round loop, in the participant groups, "
+                                            "instead of on windows replayed after training (DICE-GT is still "
+                                            "replayed when ground_truth is on)")
 
 
 class MisbehaviorConfig(_Section):
@@ -294,6 +297,9 @@ class RunConfig(_Section):
                     raise ValueError(f"influence source {j} is not a participant (0..{self.nodes - 1})")
             if inf.zprime == "validation" and self.data.val_fraction == 0:
                 raise ValueError("influence.zprime 'validation' needs validation splits (data.val_fraction > 0)")
+            if inf.online and inf.probe_samples:
+                raise ValueError("influence.online measures whole-batch probes only: set probe_samples to 0 (single-"
+                                 "sample probes are measured on replayed windows)")
             if inf.probe_samples > self.optim.batch_size - 1:
                 raise ValueError(f"probe_samples {inf.probe_samples} must be below the batch size "
                                  f"{self.optim.batch_size}")

@@ -19,6 +19,7 @@ retraining, Ray tasks) and with ``--shapley K`` ``shapley.parquet``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import platform
@@ -90,6 +91,7 @@ OPTIONS: list[tuple[str, str, Any]] = [
 SWITCHES: list[tuple[str, str, bool]] = [
     ("--download", "data.download", True), ("--overwrite", "output.overwrite", True),
     ("--no-progress", "output.progress", False), ("--influence", "influence.enabled", True),
+    ("--online-dice", "influence.online", True),
     ("--keep-checkpoints", "output.keep_checkpoints", True), ("--proximal", "proximal.enabled", True),
     ("--ledger", "ledger.enabled", True), ("--loo", "ledger.loo", True),
 ]
@@ -258,6 +260,21 @@ def _measure_influence(experiment: Experiment, engine_kind: str,
         bar.close()
 
 
+def _replay_ground_truth(experiment: Experiment, engine_kind: str, retries: list[dict], out: Path) -> None:
+    """With in-loop DICE-E: measure DICE-GT by replays (no estimate) and fill it into the tables the run wrote."""
+    from dice_ray.influence.online import fill_estimates
+
+    inf = experiment.config.influence
+    replay = dataclasses.replace(experiment, config=experiment.config.model_copy(
+        update={"influence": inf.model_copy(update={"variants": []})}))
+    influence_rows, dice_rows = _measure_influence(replay, engine_kind, retries)
+    estimated = {name: pq.read_table(out / f"{name}.parquet").to_pylist() for name in ("influence", "dice")}
+    write_table_atomic(out / "influence.parquet",
+                       fill_estimates(influence_rows, estimated["influence"], ("probe_id", "step", "target")),
+                       INFLUENCE)
+    write_table_atomic(out / "dice.parquet", fill_estimates(dice_rows, estimated["dice"], ("probe_id", "hops")), DICE)
+
+
 def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = False,
              experiment: Experiment | None = None, resume: bool = False,
              on_round: Callable[[Any, Any], None] | None = None) -> Path:
@@ -336,6 +353,10 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
                 manifest["rewiring_fallbacks"] = online.rewirer.fallbacks
             if online.contributions is not None:
                 write_table_atomic(out / "shares.parquet", shares(online.contributions.totals()), SHARES)
+            if online.cascades is not None:  # in-loop DICE-E; DICE-GT, if asked for, is filled in below
+                influence_rows, dice_rows = online.cascades.tables(experiment)
+                write_table_atomic(out / "influence.parquet", influence_rows, INFLUENCE)
+                write_table_atomic(out / "dice.parquet", dice_rows, DICE)
             tables.finish(config.rounds - 1)
             if save_states:
                 np.save(out / "states.npy", engine.states())
@@ -344,10 +365,12 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
             engine = None
             manifest["placement"] = actor_info  # now: a resume after training still knows where it ran
             write_json_atomic(out / "manifest.json", manifest)
-        if config.influence.enabled:
+        if config.influence.enabled and not config.influence.online:
             influence_rows, dice_rows = _measure_influence(experiment, engine_kind, retries)
             write_table_atomic(out / "influence.parquet", influence_rows, INFLUENCE)
             write_table_atomic(out / "dice.parquet", dice_rows, DICE)
+        elif config.influence.enabled and config.influence.ground_truth:
+            _replay_ground_truth(experiment, engine_kind, retries, out)
         if config.ledger.loo or config.ledger.shapley_permutations:
             _retrain(experiment, engine_kind, out, retries)
     except BaseException as err:

@@ -31,6 +31,7 @@ from dice_ray.checkpoint import CheckpointStore, RoundTables
 from dice_ray.config import RunConfig
 from dice_ray.contributions import ContributionLedger
 from dice_ray.engine.metrics import RoundMetrics, RoundPlan
+from dice_ray.influence.online import CascadeRecorder, online_probes
 from dice_ray.proximal import ProximalLedger
 from dice_ray.rewiring import Rewirer
 
@@ -53,6 +54,7 @@ class OnlineState:
     ledger: ProximalLedger | None = None
     rewirer: Rewirer | None = None
     contributions: ContributionLedger | None = None
+    cascades: CascadeRecorder | None = None  # in-loop DICE-E terms (influence.online)
 
     @classmethod
     def for_experiment(cls, experiment: Any) -> OnlineState:
@@ -63,7 +65,8 @@ class OnlineState:
         rewirer = (Rewirer(config, experiment.topology.mixing_matrix(0), ledger)
                    if config.rewiring.mode != "none" else None)
         contributions = ContributionLedger(config.nodes, experiment.q) if config.ledger.enabled else None
-        return cls(ledger, rewirer, contributions)
+        cascades = CascadeRecorder() if online_probes(config) else None
+        return cls(ledger, rewirer, contributions, cascades)
 
     def record(self, metrics: RoundMetrics, tables: RoundTables) -> None:
         """Add a round's proximal scores to the ledger and its rows to the ``proximal`` table, and its
@@ -72,6 +75,8 @@ class OnlineState:
             tables.append("proximal", self.ledger.rows(metrics.round, metrics.proximal))
         if metrics.ledger is not None and self.contributions is not None:
             tables.append("contributions", self.contributions.rows(metrics.round, metrics.ledger))
+        if self.cascades is not None:
+            self.cascades.add(metrics.cascade)
 
     def restore(self, saved: OnlineState) -> None:
         """Take every field of ``saved`` (a checkpoint's driver state)."""

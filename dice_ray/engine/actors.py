@@ -32,6 +32,7 @@ import scipy.sparse as sp
 
 from dice_ray.contributions import LedgerExaminer, PathWeights
 from dice_ray.engine.runtime import tune_allocator
+from dice_ray.influence.online import OnlineCascades, cascade_mixing, online_probes
 from dice_ray.proximal import ProximalExaminer
 from dice_ray.topology import Topology
 
@@ -55,6 +56,7 @@ class ParticipantGroup:
         self.block: Any = None  # built by the first ``restore``
         self.examiner: Any = None
         self.ledger: Any = None
+        self.cascades: Any = None
         self.epoch = -1
         self._weights: tuple[Any, list[sp.csr_array]] | None = None  # (key, rows of W), sent once per key
 
@@ -73,11 +75,13 @@ class ParticipantGroup:
                                           misbehaving=misbehaving)
             self.examiner = ProximalExaminer(self.block, self.config.proximal.zprime)
             self.ledger = LedgerExaminer(self.block, self.config)
+            self.cascades = OnlineCascades(self.block, self.config)
             if arrays is not None:
                 self.block.restore(arrays)
         else:
             self.block.restore(arrays)
         self.ledger.restore(arrays)
+        self.cascades.restore(arrays)
         self.epoch = epoch
         self._weights = None  # a new coordinator comes with a new epoch and sends its weights again
         return epoch
@@ -89,33 +93,38 @@ class ParticipantGroup:
         (train losses [P], ``mix``'s result); ``mix_args`` are ``mix``'s arguments after ``t``."""
         if epoch != self.epoch:
             return None, None
-        _, loss, _, _ = self._half_step(t, False, score, False)
+        _, loss, _, _, _ = self._half_step(t, False, score, False)
         return loss, self.mix(t, *mix_args)
 
-    @ray.method(num_returns=4)
+    @ray.method(num_returns=5)
     def half_step(self, t: int, publish: bool, score: bool, share_gradient: bool,
-                  epoch: int) -> tuple[Any, Any, Any, Any]:
+                  epoch: int) -> tuple[Any, Any, Any, Any, Any]:
         """Local step of round t: (half-step states [P, D] if other groups read them, else None; train
         losses [P]; on scoring rounds the updates Δ [P, D_params] if other groups read them, else None; the
-        ledger's gradients g [P, D_params] at θ^t if ``share_gradient``, else None). The group's own half-step
-        never leaves the process: ``mix`` reads it in place."""
+        ledger's gradients g [P, D_params] at θ^t if ``share_gradient``, else None; the in-loop DICE-E
+        perturbations J δ of this round (``OnlineCascades.outgoing``) if other groups read them, else None).
+        The group's own half-step never leaves the process: ``mix`` reads it in place."""
         if epoch != self.epoch:
-            return None, None, None, None
+            return None, None, None, None, None
         return self._half_step(t, publish, score, share_gradient)
 
-    def _half_step(self, t: int, publish: bool, score: bool, share_gradient: bool) -> tuple[Any, Any, Any, Any]:
+    def _half_step(self, t: int, publish: bool, score: bool,
+                   share_gradient: bool) -> tuple[Any, Any, Any, Any, Any]:
         if score:
             self.examiner.keep_before()
         gradient = self.ledger.start(t)
+        self.cascades.start(t)
         half, loss = self.block.half_step(t)
         delta = self.examiner.take_delta() if score else None
         self.ledger.take_delta(t)
+        self.cascades.take_updates(t)
         return ((half if publish else None), loss, (delta.cpu().numpy() if publish and score else None),
-                (gradient.cpu().numpy() if share_gradient and gradient is not None else None))
+                (gradient.cpu().numpy() if share_gradient and gradient is not None else None),
+                (self.cascades.outgoing() if publish and self.cascades.enabled else None))
 
     def mix(self, t: int, weights: tuple[Any, list[sp.csr_array] | None], own: int, evaluate: bool, snapshot: bool,
             epoch: int, score_ids: list[np.ndarray] | None, ledger: dict[str, Any] | None,
-            *sources: np.ndarray) -> dict[str, Any] | None:
+            cascade_ids: list[np.ndarray] | None, *sources: Any) -> dict[str, Any] | None:
         """Gossip (round t) with ``weights`` = (key, [W_b] or None) over the source blocks: ``W_b`` is this
         group's rows of W^t over source block b; the coordinator sends them once per key (None: the ones
         received with that key, which saves serializing W every round). ``sources`` come from other groups,
@@ -125,7 +134,9 @@ class ParticipantGroup:
         global ids and the other groups' updates Δ follow the half-steps (same order). On ledger rounds
         ``ledger`` = ``Coordinator._ledger_terms`` (the paths of this group's sources; the groups whose gradient
         blocks they read, this one among them, and those blocks' global ids) and ``sources`` ends with the
-        other needed groups' gradient blocks, in group order."""
+        other needed groups' gradient blocks, in group order. On rounds that gossip in-loop DICE-E perturbations
+        ``cascade_ids`` holds each source block's global ids and the other groups' perturbations come last, in
+        route order."""
         if epoch != self.epoch:
             return None
         if weights[1] is not None:
@@ -133,6 +144,13 @@ class ParticipantGroup:
         if self._weights is None or self._weights[0] != weights[0]:
             raise RuntimeError(f"round {t}: no rows of W received for {weights[0]}")
         weights = self._weights[1]
+        tangents: list[Any] = []
+        if cascade_ids is not None:
+            received = len(cascade_ids) - (1 if own >= 0 else 0)
+            tangents = list(sources[len(sources) - received:]) if received else []
+            sources = sources[: len(sources) - received]
+            if own >= 0:
+                tangents.insert(own, self.cascades)
         if ledger is not None:
             received = len(ledger["needed"]) - 1
             gradients = list(sources[len(sources) - received:]) if received else []
@@ -144,12 +162,15 @@ class ParticipantGroup:
             blocks.insert(own, self.block.population.state.cpu().numpy())
             deltas.insert(own, self.examiner.delta)
         self.block.mix(weights, blocks)
+        if cascade_ids is not None:
+            self.cascades.mix(weights, cascade_ids, tangents)
         terms = self.ledger.terms(t, ledger["paths"], gradients, ledger["ids"]) if ledger is not None else None
         kept = self.ledger.snapshot(t) if snapshot and self.config.ledger.enabled else {}
+        kept.update(self.cascades.snapshot(t) if snapshot else {})
         return {"metrics": self.block.evaluate() if evaluate else None,
                 "snapshot": {**self.block.snapshot(), **kept} if snapshot else None,
                 "proximal": self.examiner.score(weights, deltas, score_ids) if score_ids is not None else None,
-                "ledger": terms}
+                "ledger": terms, "cascade": self.cascades.terms()}
 
     def info(self) -> dict[str, Any]:
         """Return placement facts: torch threads, device, node IP, placement group (None outside one), peak
@@ -186,6 +207,7 @@ class Coordinator:
         self.topology = topology
         self.config = config  # the run config: the contribution ledger's rounds and hops
         self.paths = PathWeights(topology.mixing_matrix, topology.n, not topology.time_varying)
+        self.probes = online_probes(config) if config is not None else []  # in-loop DICE-E
         self.blocks = blocks
         self.groups = groups
         self.owner = np.empty(topology.n, np.int64)  # owner[l]: the group hosting participant l
@@ -249,10 +271,11 @@ class Coordinator:
         routes = self._route(t)
         published = {s for g, route in enumerate(routes) for s, _ in route if s != g}
         share = ledger and len(self.groups) > 1
+        cascade = bool(self.probes) and cascade_mixing(self.config, self.probes, t)
         if len(self.groups) == 1 and routes[0] and routes[0][0][0] == 0:  # one task per round, nothing to pass
             terms = self._ledger_terms(t, 0) if ledger else None
             mix_args = (self._weights(0, t, routes[0]), 0, evaluate, snapshot, epoch,
-                        [self.blocks[0]] if score else None, terms)
+                        [self.blocks[0]] if score else None, terms, [self.blocks[0]] if cascade else None)
             loss, mixed = self.groups[0].step_and_mix.remote(t, score, epoch, mix_args)
             return [loss], [mixed]
         ledger_terms = [self._ledger_terms(t, g) for g in range(len(self.groups))] if ledger else []
@@ -271,6 +294,10 @@ class Coordinator:
             if ledger:  # the gradients of the other groups hosting this group's targets follow
                 terms = ledger_terms[g]
                 others += [halves[s][3] for s in terms["needed"] if s != g]
+            cascade_ids = None
+            if cascade:  # the other groups' DICE-E perturbations come last
+                cascade_ids = [self.blocks[s] for s, _ in route]
+                others += [halves[s][4] for s, _ in route if s != g]
             mixed.append(group.mix.remote(t, self._weights(g, t, route), own, evaluate, snapshot, epoch, ids, terms,
-                                          *others))
+                                          cascade_ids, *others))
         return [h[1] for h in halves], mixed

@@ -15,6 +15,7 @@ from dice_ray.contributions import LedgerExaminer, PathWeights
 from dice_ray.engine.metrics import RoundMetrics, RoundPlan, combine_evaluations
 from dice_ray.engine.runtime import tune_allocator
 from dice_ray.experiment import Experiment
+from dice_ray.influence.online import OnlineCascades
 from dice_ray.participants import ParticipantBlock
 from dice_ray.proximal import ProximalExaminer, scoring_round
 
@@ -31,6 +32,7 @@ class LocalEngine:
         self.mixing: Any = None  # set by collaborator selection: replaces W from then on
         self.ledger = LedgerExaminer(self.block, experiment.config)
         self.paths = PathWeights(self.topology.mixing_matrix, self.topology.n, not self.topology.time_varying)
+        self.cascades = OnlineCascades(self.block, experiment.config)
 
     def run_round(self, t: int, evaluate: bool, snapshot: bool = False) -> RoundMetrics:
         """Run round t; return its metrics (with the state after it if ``snapshot``, and the proximal scores
@@ -39,20 +41,24 @@ class LocalEngine:
         if score:
             self.examiner.keep_before()
         gradient = self.ledger.start(t)
+        self.cascades.start(t)
         half, train_loss = self.block.half_step(t)
         if score:
             self.examiner.take_delta()
         self.ledger.take_delta(t)
+        self.cascades.take_updates(t)
         w = self.topology.mixing_matrix(t) if self.mixing is None else self.mixing
         self.block.mix([w], [half])
+        self.cascades.mix([w], [self.block.nodes], [self.cascades])
         if evaluate:
             metrics = combine_evaluations(t, train_loss, [self.block.evaluate()], self.topology.n)
         else:
             metrics = RoundMetrics(t, train_loss)
         if gradient is not None:
             metrics.ledger = self.ledger.terms(t, self.paths.terms(self.config, t), [gradient])
+        metrics.cascade = self.cascades.terms()
         if snapshot:
-            metrics.snapshot = {**self.block.snapshot(), **self._ledger_snapshot(t)}
+            metrics.snapshot = {**self.block.snapshot(), **self._ledger_snapshot(t), **self.cascades.snapshot(t)}
         if score:
             metrics.proximal = self.examiner.score([w], [self.examiner.delta], [self.block.nodes])
         return metrics
@@ -74,6 +80,7 @@ class LocalEngine:
         """Bring the block to ``snapshot`` (None: the initial state)."""
         self.block.restore(snapshot)
         self.ledger.restore(snapshot)
+        self.cascades.restore(snapshot)
 
     def states(self) -> np.ndarray:
         """Return all participants' current states θ [N, D]."""

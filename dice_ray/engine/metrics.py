@@ -36,6 +36,7 @@ class RoundMetrics:
     snapshot: dict[str, np.ndarray] | None = None  # the state after round t, global order (checkpoint rounds)
     proximal: dict[str, np.ndarray] | None = None
     ledger: dict[str, np.ndarray] | None = None  # contribution-ledger terms measured in round t (contributions.py)
+    cascade: dict[str, np.ndarray] | None = None  # in-loop DICE-E terms recorded in round t (influence/online.py)
 
 
 def combine_snapshots(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ from dice_ray.engine.actors import Coordinator, ParticipantGroup
 from dice_ray.engine.metrics import RoundMetrics, RoundPlan, combine_evaluations, combine_snapshots
 from dice_ray.engine.runtime import ActorPlan, plan_actors
 from dice_ray.experiment import Experiment
+from dice_ray.influence.online import combine_cascade_terms
 from dice_ray.proximal import combine_scores, scoring_round
 
 # What a lost actor or machine looks like to the driver: the round in flight fails with one of these.
@@ -138,6 +139,7 @@ class RayEngine:
             metrics.proximal = combine_scores([p["proximal"] for p in parts])
         if ledger_active(self.config, plan.t):
             metrics.ledger = combine_terms([p["ledger"] for p in parts])
+        metrics.cascade = combine_cascade_terms([p["cascade"] for p in parts])
         return metrics
 
     def set_mixing_matrix(self, w: Any) -> None:

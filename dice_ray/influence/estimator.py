@@ -127,17 +127,12 @@ class Window:
                  opt_tangent: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """J δ for participants ``rows`` at round t0+s: the forward-mode derivative of their local step
         (parameters and optimizer state) in direction (``tangent`` [P, D_params], ``opt_tangent``)."""
-        pop = self.population(s, rows)
-        opt = {name: value[rows].clone() for name, value in self.trajectory.opt_states[s].items()}
         x, y = self.batches(self.trajectory.t0 + s)
-        x, y = x[torch.as_tensor(rows)], y[torch.as_tensor(rows)]
-        tangents = {name: opt_tangent.get(name, torch.zeros_like(value)) for name, value in opt.items()}
-        _, (d_params, d_opt) = jvp(lambda p, o: pop.functional_step(p, o, x, y), (pop.params, opt),
-                                   (tangent, tangents))
-        if self.update_factors is not None:  # θ + c(O(θ) − θ) has Jacobian I + c(J − I)
-            c = torch.as_tensor(self.update_factors[rows], dtype=d_params.dtype)[:, None]
-            d_params = tangent + c * (d_params - tangent)
-        return d_params, d_opt
+        index = torch.as_tensor(rows)
+        return jvp_local_step(self.model, self.optimizer, self.trajectory.states[s][index],
+                              {name: value[index] for name, value in self.trajectory.opt_states[s].items()},
+                              x[index], y[index], tangent, opt_tangent,
+                              None if self.update_factors is None else self.update_factors[rows])
 
     def corrupt_updates_(self, rows: np.ndarray, before: torch.Tensor, pop: Population) -> None:
         """Turn the local steps just taken by ``rows`` (parameters ``before`` [P, D_params] -> ``pop.params``)
@@ -145,6 +140,22 @@ class Window:
         if self.update_factors is not None:
             c = torch.as_tensor(self.update_factors[rows], dtype=before.dtype)[:, None]
             pop.params.copy_(before + c * (pop.params - before))
+
+
+def jvp_local_step(model: nn.Module, optimizer: OptimizerSpec, states: torch.Tensor, opt_state: dict[str, torch.Tensor],
+                   x: torch.Tensor, y: torch.Tensor, tangent: torch.Tensor, opt_tangent: dict[str, torch.Tensor],
+                   factors: np.ndarray | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """J δ: the forward-mode derivative of the local steps of P participants (rows of ``states`` [P, D], their
+    optimizer states, minibatches x [P, B, ...], y [P, B]) along (``tangent`` [P, D_params], ``opt_tangent``;
+    missing optimizer entries: 0). ``factors`` c [P] of participants that send θ + c(O(θ) − θ) (None: all 1)."""
+    pop = Population(model, states.clone(), optimizer)
+    opt = {name: value.clone() for name, value in opt_state.items()}
+    tangents = {name: opt_tangent.get(name, torch.zeros_like(value)) for name, value in opt.items()}
+    _, (d_params, d_opt) = jvp(lambda p, o: pop.functional_step(p, o, x, y), (pop.params, opt), (tangent, tangents))
+    if factors is not None:  # θ + c(O(θ) − θ) has Jacobian I + c(J − I)
+        c = torch.as_tensor(factors, dtype=d_params.dtype, device=d_params.device)[:, None]
+        d_params = tangent + c * (d_params - tangent)
+    return d_params, d_opt
 
 
 def update_difference(window: Window, source: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -45,23 +45,32 @@ def measure_probes(window: Window, probes: list[Probe], q: np.ndarray, hops: int
             "gt": ground_truth_cascade(window, j, hops, removed) if ground_truth else None,
             **{COLUMNS[v]: estimate_cascade(window, j, delta, opt_delta, hops, v) for v in variants},
         }
-        done = [c for c in cascades.values() if c is not None]
-        supports = done[0].supports
-        base = {"round": probe.round, "source": j, "probe_id": probe.probe_id, "sample_index": probe.sample_index}
-        influence.append({**base, "target": j, "step": 0, "distance": 0,
-                          **{name: None if c is None else c.half for name, c in _all(cascades).items()}})
-        for s in range(1, hops + 1):
-            for i, k in enumerate(supports[s].tolist()):
-                influence.append({**base, "target": k, "step": s, "distance": int(distances[j][k]),
-                                  **{name: None if c is None else float(c.values[s][i])
-                                     for name, c in _all(cascades).items()}})
-        for r in range(1, hops + 1):
-            dice.append({**base, "hops": r,
-                         **{name: None if c is None else c.dice(q, r) for name, c in _all(cascades).items()},
-                         **{f"{name}_hop": None if c is None else c.hop_term(q, r)
-                            for name, c in _all(cascades).items()},
-                         **{f"{name}_horizon": None if c is None else c.horizon_total(q, r)
-                            for name, c in _all(cascades).items()}})
+        rows_influence, rows_dice = probe_rows(probe, cascades, hops, q, distances[j])
+        influence += rows_influence
+        dice += rows_dice
+    return influence, dice
+
+
+def probe_rows(probe: Probe, cascades: dict[str, Cascade | None], hops: int, q: np.ndarray,
+               distances: np.ndarray) -> tuple[list[dict], list[dict]]:
+    """Return (influence rows, dice rows) of one probe from its cascades (column name -> ``Cascade`` or None
+    where not measured; at least one measured). ``distances``: hop distances from the probe's source."""
+    j = probe.source
+    done = [c for c in cascades.values() if c is not None]
+    supports = done[0].supports
+    base = {"round": probe.round, "source": j, "probe_id": probe.probe_id, "sample_index": probe.sample_index}
+    influence = [{**base, "target": j, "step": 0, "distance": 0,
+                  **{name: None if c is None else c.half for name, c in _all(cascades).items()}}]
+    for s in range(1, hops + 1):
+        for i, k in enumerate(supports[s].tolist()):
+            influence.append({**base, "target": k, "step": s, "distance": int(distances[k]),
+                              **{name: None if c is None else float(c.values[s][i])
+                                 for name, c in _all(cascades).items()}})
+    dice = [{**base, "hops": r,
+             **{name: None if c is None else c.dice(q, r) for name, c in _all(cascades).items()},
+             **{f"{name}_hop": None if c is None else c.hop_term(q, r) for name, c in _all(cascades).items()},
+             **{f"{name}_horizon": None if c is None else c.horizon_total(q, r) for name, c in _all(cascades).items()}}
+            for r in range(1, hops + 1)]
     return influence, dice
 
 

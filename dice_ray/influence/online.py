@@ -1,0 +1,343 @@
+"""DICE-E inside the round loop (``influence.online``): each probe's perturbation travels with the training run.
+
+The recursion of ``estimator.py`` (SPEC §4), run forward by the participant groups as the rounds happen instead
+of on a replayed window afterwards. For a whole-batch probe (j, t) and round u = t + s:
+
+1. at the start of round u (θ = θ^u) every group hosting a participant k of the probe's support S_s records
+   e_k^{(s)} = ∇L(θ_k^u; z′)ᵀ δ_k^{(s)}; for s < R it then takes the step's Jacobian along δ — for
+   ``curvature`` J_k^u δ_k by forward-mode differentiation through k's local step on z_k^u (one batched
+   Hessian-vector product over every probe's rows), for ``first-order`` δ itself;
+2. after the local step of the probe round (s = 0) the source's group takes Δ_j = θ_j^{t+½} − θ_j^t (and the
+   optimizer-state change), records e_j^{(½)} and starts the probe with J δ := Δ_j on row j;
+3. gossip mixes the stepped perturbations like the half-steps: δ_k^{(s+1)} = Σ_l W^u_kl (J δ)_l, with the blocks
+   of other groups routed to the groups whose rows of W read them; S_{s+1} = S_s ∪ {k : W^u_kl ≠ 0, l ∈ S_s}.
+   Optimizer-state perturbations stay with their owners (they are not gossiped).
+
+The numbers are those of the replayed recursion (the same functions: ``jvp_local_step``, ``test_gradients``),
+whatever the number of groups; a test compares them. No window is recorded and no run is replayed: the
+cost per round is one test-gradient pass over the hosted participants while a probe is in flight, plus one
+Jacobian-vector product per (probe, participant reached) for ``curvature``. The perturbations in flight are
+part of a group's checkpoint snapshot (``snapshot``/``restore``). Pure torch and numpy: no Ray here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from dice_ray.influence.estimator import jvp_local_step
+from dice_ray.influence.probes import Probe, select_probes
+from dice_ray.misbehavior import UPDATE_KINDS, update_factor
+from dice_ray.participants import _tensor
+from dice_ray.proximal import ProximalExaminer
+
+FIELDS = ("probe_id", "step", "target", "first-order", "curvature")  # one recorded term per row
+
+
+def online_probes(config: Any) -> list[Probe]:
+    """The probes measured in the loop: every probe of ``select_probes`` (whole batches only) when
+    ``influence.online``, else none."""
+    inf = config.influence
+    return select_probes(config) if inf.enabled and inf.online else []
+
+
+def cascade_mixing(config: Any, probes: list[Probe], u: int) -> bool:
+    """True iff some probe's perturbation is gossiped in round u (probe round t ≤ u ≤ t + R − 1)."""
+    hops = config.influence.hops
+    return any(p.round <= u < p.round + hops for p in probes)
+
+
+def combine_cascade_terms(parts: list[dict[str, np.ndarray] | None]) -> dict[str, np.ndarray] | None:
+    """Concatenate the groups' ``OnlineCascades.terms`` of one round (None if none recorded any)."""
+    parts = [p for p in parts if p is not None]
+    return {f: np.concatenate([p[f] for p in parts]) for f in FIELDS} if parts else None
+
+
+def in_flight(probes: list[Probe], hops: int, u: int) -> list[int]:
+    """Ids of the probes whose perturbation exists after round u's gossip (t ≤ u < t + R), ascending."""
+    return [p.probe_id for p in probes if p.round <= u < p.round + hops]
+
+
+@dataclass
+class _Cascade:
+    """One probe's perturbation on this block's participants: ``rows`` (global ids, ascending) of S_s here,
+    ``delta[variant]`` [m, D_params] and the optimizer-state perturbation ``opt[name]`` [m, ...] (curvature)."""
+
+    rows: np.ndarray
+    delta: dict[str, torch.Tensor]
+    opt: dict[str, torch.Tensor]
+
+
+class OnlineCascades:
+    """The in-loop DICE-E of one ``ParticipantBlock`` (see the module docstring). Per round u: ``start(u)``
+    before the local step, ``take_updates(u)`` after it, ``outgoing()`` (published for other groups) and
+    ``mix(u, weights, ids, blocks)`` after gossip; ``terms()`` returns what the round recorded."""
+
+    def __init__(self, block: Any, config: Any):
+        self.block, self.config = block, config
+        inf = config.influence
+        self.hops, self.variants = inf.hops, list(inf.variants)
+        self.probes = online_probes(config)
+        self.by_id = {p.probe_id: p for p in self.probes}
+        self.local = {int(k): i for i, k in enumerate(block.nodes.tolist())}
+        self._grads = ProximalExaminer(block, inf.zprime)
+        bad = config.misbehavior
+        self.factors = None
+        if bad.kind in UPDATE_KINDS and len(block.misbehaving):
+            self.factors = np.ones(block.size)
+            self.factors[block.misbehaving] = update_factor(bad.kind, bad.factor)
+        self.active: dict[int, _Cascade] = {}
+        self._out: dict[int, _Cascade] = {}  # stepped perturbations J δ of this round, before gossip
+        self._new: list[Probe] = []
+        self._before: tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor] | None = None
+        self._terms: list[tuple[int, int, np.ndarray, dict[str, np.ndarray]]] = []
+
+    @property
+    def enabled(self) -> bool:
+        """True iff the run measures any probe in the loop."""
+        return bool(self.probes)
+
+    def _positions(self, rows: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor([self.local[int(k)] for k in rows.tolist()], dtype=torch.int64,
+                               device=self.block.device)
+
+    def _record(self, probe_id: int, step: int, rows: np.ndarray, values: dict[str, torch.Tensor]) -> None:
+        self._terms.append((probe_id, step, rows, {v: values[v].cpu().numpy() for v in self.variants}))
+
+    def start(self, u: int) -> None:
+        """Round u begins (θ = θ^u): record e^{(s)} of the probes in flight and step their perturbations."""
+        self._terms, self._out = [], {}
+        self._new = [p for p in self.probes if p.round == u and p.sample_index is None and int(p.source) in self.local]
+        if not self.active and not self._new:
+            return
+        pop = self.block.population
+        g = self._grads.gradients()
+        stepping = []
+        for pid, c in sorted(self.active.items()):
+            s = u - self.by_id[pid].round
+            at = g[self._positions(c.rows)]
+            self._record(pid, s, c.rows, {v: (at * c.delta[v]).sum(dim=1) for v in self.variants})
+            if s < self.hops:
+                stepping.append(pid)
+        self._step(u, [(pid, self.active[pid]) for pid in stepping])
+        self.active = {}
+        if self._new:
+            pos = self._positions(np.array([p.source for p in self._new]))
+            self._before = (pop.params[pos].clone(), {n: v[pos].clone() for n, v in pop.opt_state.items()}, g[pos])
+
+    def _step(self, u: int, cascades: list[tuple[int, _Cascade]]) -> None:
+        """J δ of every stepped cascade into ``self._out`` (one batched forward-mode pass for ``curvature``)."""
+        if not cascades:
+            return
+        if "curvature" not in self.variants:
+            self._out.update({pid: _Cascade(c.rows, dict(c.delta), {}) for pid, c in cascades})
+            return
+        pop = self.block.population
+        rows = np.concatenate([c.rows for _, c in cascades])
+        pos = self._positions(rows)
+        x, y = self.block.minibatch(u)
+        tangent = torch.cat([c.delta["curvature"] for _, c in cascades])
+        opt_tangent = {n: torch.cat([c.opt[n] for _, c in cascades]) for n in cascades[0][1].opt}
+        factors = None if self.factors is None else self.factors[pos.cpu().numpy()]
+        stepped, opt_stepped = jvp_local_step(pop.model, pop.optimizer, pop.state[pos], {
+            n: v[pos] for n, v in pop.opt_state.items()}, x[pos], y[pos], tangent, opt_tangent, factors)
+        a = 0
+        for pid, c in cascades:
+            b = a + len(c.rows)
+            delta = {v: (stepped[a:b] if v == "curvature" else c.delta[v]) for v in self.variants}
+            self._out[pid] = _Cascade(c.rows, delta, {n: t[a:b] for n, t in opt_stepped.items() if n != "step"})
+            a = b
+
+    def take_updates(self, u: int) -> None:
+        """After round u's local step: start the probes of round u whose source is hosted here (J δ := Δ_j)."""
+        if not self._new:
+            return
+        pop = self.block.population
+        params, opt, g = self._before
+        pos = self._positions(np.array([p.source for p in self._new]))
+        delta = pop.params[pos] - params
+        opt_delta = {n: pop.opt_state[n][pos] - v for n, v in opt.items() if n != "step"}
+        half = (g * delta).sum(dim=1)
+        for i, p in enumerate(self._new):
+            rows = np.array([p.source])
+            self._record(p.probe_id, 0, rows, {v: half[i: i + 1] for v in self.variants})
+            self._out[p.probe_id] = _Cascade(rows, {v: delta[i: i + 1] for v in self.variants},
+                                             {n: d[i: i + 1] for n, d in opt_delta.items()}
+                                             if "curvature" in self.variants else {})
+        self._before = None
+
+    def outgoing(self) -> dict[int, tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """This round's stepped perturbations, for the groups whose rows of W read this block: probe id ->
+        (rows, variant -> [m, D_params])."""
+        return {pid: (c.rows, {v: d.cpu().numpy() for v, d in c.delta.items()}) for pid, c in self._out.items()}
+
+    def mix(self, weights: list[sp.csr_array], ids: list[np.ndarray], blocks: list[Any]) -> None:
+        """Gossip the perturbations (round u): ``weights[b]`` [P, M_b] are this block's rows of W^u over source
+        block b, whose global ids are ``ids[b]`` and whose ``outgoing()`` is ``blocks[b]`` (None or {}: nothing
+        from it; this block's own entry may be ``self``)."""
+        device = self.block.device
+        probes = sorted({pid for blk in blocks if blk is not self for pid in (blk or {})} | set(self._out))
+        for pid in probes:
+            reached = np.zeros(self.block.size, bool)
+            total: dict[str, torch.Tensor] = {}
+            for w, block_ids, blk in zip(weights, ids, blocks, strict=True):
+                entry = self._out.get(pid) if blk is self else (blk or {}).get(pid)
+                if entry is None:
+                    continue
+                rows, delta = (entry.rows, entry.delta) if blk is self else entry
+                cols = np.searchsorted(block_ids, rows) if np.all(np.diff(block_ids) > 0) else \
+                    np.array([int(np.flatnonzero(block_ids == k)[0]) for k in rows.tolist()])
+                part = sp.csr_array(sp.csr_array(w)[:, cols])
+                reached |= np.asarray((part != 0).sum(axis=1)).ravel() > 0
+                dense = torch.as_tensor(part.toarray(), device=device)
+                for v in self.variants:
+                    value = _tensor(delta[v], device) if isinstance(delta[v], np.ndarray) else delta[v]
+                    product = dense.to(value.dtype) @ value
+                    total[v] = product if v not in total else total[v] + product
+            own = self._out.get(pid)
+            if own is not None:  # S_s ⊆ S_{s+1}: a row stays in the support
+                reached[self._positions(own.rows).cpu().numpy()] = True
+            here = np.flatnonzero(reached)
+            if not len(here):
+                continue
+            rows = self.block.nodes[here]
+            order = np.argsort(rows)
+            rows, here_t = rows[order], torch.as_tensor(here[order], device=device)
+            delta = {v: (total[v][here_t] if v in total else
+                         torch.zeros(len(rows), self.block.population.params.shape[1], device=device))
+                     for v in self.variants}
+            opt = {}
+            if own is not None and own.opt:
+                keep = torch.as_tensor(np.searchsorted(rows, own.rows), device=device)
+                for n, value in own.opt.items():
+                    moved = torch.zeros(len(rows), *value.shape[1:], dtype=value.dtype, device=device)
+                    moved[keep] = value
+                    opt[n] = moved
+            elif "curvature" in self.variants:
+                opt = {n: torch.zeros(len(rows), *v.shape[1:], dtype=v.dtype, device=device)
+                       for n, v in self.block.population.opt_state.items() if n != "step"}
+            self.active[pid] = _Cascade(rows, delta, opt)
+        self._out = {}
+
+    def terms(self) -> dict[str, np.ndarray] | None:
+        """The terms recorded this round (None if none): ``FIELDS`` -> [E] (probe_id, step, target, and one
+        value column per variant; a variant not computed is NaN)."""
+        if not self._terms:
+            return None
+        parts: dict[str, list[np.ndarray]] = {f: [] for f in FIELDS}
+        for pid, step, rows, values in self._terms:
+            parts["probe_id"].append(np.full(len(rows), pid, np.int64))
+            parts["step"].append(np.full(len(rows), step, np.int64))
+            parts["target"].append(np.asarray(rows, np.int64))
+            for v in ("first-order", "curvature"):
+                parts[v].append(np.asarray(values[v], np.float64) if v in values else np.full(len(rows), np.nan))
+        return {f: np.concatenate(v) for f, v in parts.items()}
+
+    # -- checkpoints: the perturbations in flight after round u, as per-row arrays ---------------------------
+
+    def snapshot(self, u: int) -> dict[str, np.ndarray]:
+        """The perturbations in flight after round u, one row per hosted participant: ``cascade.ids`` [P, A]
+        (the A probes globally in flight, ``in_flight``), ``cascade.mask`` [P, A] (the participant is in the
+        probe's support), ``cascade.<variant>`` [P, A, D_params] and ``cascade.opt.<name>`` [P, A, ...]."""
+        if not self.enabled:
+            return {}
+        flying = in_flight(self.probes, self.hops, u)
+        pop, p, a = self.block.population, self.block.size, len(flying)
+        out = {"cascade.ids": np.tile(np.asarray(flying, np.int64), (p, 1)), "cascade.mask": np.zeros((p, a), bool)}
+        for v in self.variants:
+            out[f"cascade.{v}"] = np.zeros((p, a, pop.params.shape[1]), np.float32)
+        opt_names = [n for n in pop.opt_state if n != "step"] if "curvature" in self.variants else []
+        for n in opt_names:
+            out[f"cascade.opt.{n}"] = np.zeros((p, a, *pop.opt_state[n].shape[1:]), np.float32)
+        for i, pid in enumerate(flying):
+            c = self.active.get(pid)
+            if c is None:
+                continue
+            pos = self._positions(c.rows).cpu().numpy()
+            out["cascade.mask"][pos, i] = True
+            for v in self.variants:
+                out[f"cascade.{v}"][pos, i] = c.delta[v].cpu().numpy()
+            for n in opt_names:
+                out[f"cascade.opt.{n}"][pos, i] = c.opt[n].cpu().numpy()
+        return out
+
+    def restore(self, arrays: dict[str, np.ndarray] | None) -> None:
+        """Set the perturbations in flight from a ``snapshot`` (None or none saved: none)."""
+        self.active, self._out, self._new, self._before = {}, {}, [], None
+        if not self.enabled or arrays is None or "cascade.ids" not in arrays or not len(arrays["cascade.ids"]):
+            return
+        device = self.block.device
+        opt_names = [k[len("cascade.opt."):] for k in arrays if k.startswith("cascade.opt.")]
+        for i, pid in enumerate(arrays["cascade.ids"][0].tolist()):
+            here = np.flatnonzero(arrays["cascade.mask"][:, i])
+            if not len(here):
+                continue
+            here = here[np.argsort(self.block.nodes[here])]  # rows ascending by global id
+            slot = {key: torch.as_tensor(np.array(arrays[key][here, i]), device=device)
+                    for key in [f"cascade.{v}" for v in self.variants] + [f"cascade.opt.{n}" for n in opt_names]}
+            self.active[int(pid)] = _Cascade(self.block.nodes[here], {v: slot[f"cascade.{v}"] for v in self.variants},
+                                             {n: slot[f"cascade.opt.{n}"] for n in opt_names})
+
+
+# -- the driver's side: terms of every round -> influence.parquet and dice.parquet rows -----------------------
+
+
+class CascadeRecorder:
+    """The in-loop terms of every round so far (part of the driver state a checkpoint keeps)."""
+
+    def __init__(self) -> None:
+        self.parts: list[dict[str, np.ndarray]] = []
+
+    def add(self, terms: dict[str, np.ndarray] | None) -> None:
+        """Keep one round's terms (``OnlineCascades.terms``, combined over groups)."""
+        if terms is not None and len(terms["probe_id"]):
+            self.parts.append(terms)
+
+    def tables(self, experiment: Any) -> tuple[list[dict], list[dict]]:
+        """Return (influence rows, dice rows) of every in-loop probe, as ``measure.measure_probes`` writes them,
+        with DICE-GT left empty."""
+        from dice_ray.influence.estimator import Cascade
+        from dice_ray.influence.measure import COLUMNS, probe_rows
+
+        config = experiment.config
+        hops, variants = config.influence.hops, list(config.influence.variants)
+        terms = {f: np.concatenate([p[f] for p in self.parts]) if self.parts else np.zeros(0) for f in FIELDS}
+        order = np.lexsort((terms["target"], terms["step"], terms["probe_id"]))
+        terms = {f: v[order] for f, v in terms.items()}
+        starts = np.searchsorted(terms["probe_id"], [p.probe_id for p in online_probes(config)])
+        influence: list[dict] = []
+        dice: list[dict] = []
+        for probe, a in zip(online_probes(config), starts, strict=True):
+            b = np.searchsorted(terms["probe_id"], probe.probe_id, side="right")
+            step, target = terms["step"][a:b], terms["target"][a:b]
+            if not len(step) or step[0] != 0 or not set(range(hops + 1)) <= set(step.tolist()):
+                raise RuntimeError(f"probe {probe.probe_id} (round {probe.round}, source {probe.source}): the run "
+                                   f"recorded steps {sorted(set(step.tolist()))} of its cascade, not 0..{hops}")
+            supports = [np.array([probe.source])] + [target[step == s] for s in range(1, hops + 1)]
+            cascades: dict[str, Cascade | None] = {"gt": None}
+            for v in variants:
+                values = terms[v][a:b]
+                cascades[COLUMNS[v]] = Cascade(probe.source, float(values[0]), supports,
+                                               [np.zeros(1)] + [values[step == s] for s in range(1, hops + 1)])
+            distances = experiment.topology.hop_distances(probe.source, probe.round)
+            rows_influence, rows_dice = probe_rows(probe, cascades, hops, experiment.q, distances)
+            influence += rows_influence
+            dice += rows_dice
+        return influence, dice
+
+
+def fill_estimates(measured: list[dict], estimated: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """Return ``measured`` rows (DICE-GT of replays, estimates empty) with every column that is empty there
+    taken from the ``estimated`` row of the same ``keys`` (the in-loop DICE-E)."""
+    by_key = {tuple(r[k] for k in keys): r for r in estimated}
+    out = []
+    for row in measured:
+        other = by_key.get(tuple(row[k] for k in keys))
+        if other is None:
+            raise RuntimeError(f"no in-loop estimate for {dict(zip(keys, (row[k] for k in keys), strict=True))}")
+        out.append({k: (other[k] if v is None and k in other else v) for k, v in row.items()})
+    return out

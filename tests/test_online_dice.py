@@ -1,0 +1,118 @@
+"""In-loop DICE-E (``influence.online``): the perturbations travel with the training run, through the groups'
+gossip and their checkpoints, and give the numbers of the recursion on replayed windows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dice_ray.config import build_config
+from dice_ray.simulate import main, simulate
+
+# 8-node ring, momentum (so the optimizer state is perturbed too), probes in rounds 1, 2 and 4 over 3 hops:
+# rounds 2..7 carry perturbations of several probes at once.
+BASE = {"nodes": 8, "rounds": 8, "seed": 3, "topology": {"name": "ring"},
+        "data": {"dataset": "digits", "heldout_size": 64},
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 16},
+        "influence": {"enabled": True, "hops": 3, "rounds": [1, 2, 4]},
+        "output": {"progress": False, "eval_every": 4}}
+ESTIMATES = ("est_first_order", "est_curvature")
+
+
+def config(out: Path, **changes) -> object:
+    data = json.loads(json.dumps(BASE))
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        data.setdefault(section, {})[field] = value
+    data["output"]["out"] = str(out)
+    return build_config(data)
+
+
+def tables(run: Path) -> dict[str, pd.DataFrame]:
+    return {name: pd.read_parquet(run / f"{name}.parquet") for name in ("influence", "dice")}
+
+
+@pytest.fixture(scope="module")
+def replayed(tmp_path_factory) -> dict[str, pd.DataFrame]:
+    """The reference: DICE-GT and DICE-E measured on windows replayed after training."""
+    return tables(simulate(config(tmp_path_factory.mktemp("replayed")), engine_kind="local"))
+
+
+def assert_same_estimates(got: dict[str, pd.DataFrame], want: dict[str, pd.DataFrame]) -> None:
+    for name, table in want.items():
+        mine = got[name]
+        assert list(mine.columns) == list(table.columns) and len(mine) == len(table)
+        keys = [c for c in table.columns if c not in ("gt", *ESTIMATES) and not c.endswith(("_hop", "_horizon"))]
+        pd.testing.assert_frame_equal(mine[keys], table[keys])  # the same probes, targets, steps, supports
+        for column in [c for c in table.columns if c.startswith(ESTIMATES)]:
+            scale = np.abs(table[column].to_numpy()).max()
+            assert np.abs(mine[column].to_numpy() - table[column].to_numpy()).max() <= 1e-5 * scale, column
+
+
+@pytest.mark.parametrize("actors", [None, 1, 3])  # None: the local engine
+def test_in_loop_estimates_equal_the_replayed_ones(replayed, ray_local, tmp_path: Path, actors: int | None) -> None:
+    changes = {"influence__online": True}
+    if actors is not None:
+        changes["engine__actors"] = actors
+    run = simulate(config(tmp_path / "online", **changes), engine_kind="local" if actors is None else "ray")
+    got = tables(run)
+    assert_same_estimates(got, replayed)
+    # DICE-GT still comes from replays, filled in beside the in-loop estimates
+    pd.testing.assert_frame_equal(got["influence"][["gt"]], replayed["influence"][["gt"]])
+    # curvature differs from first-order from the second step on (the Jacobian is not the identity)
+    later = got["influence"][got["influence"]["step"] >= 2]
+    assert (later["est_curvature"] != later["est_first_order"]).mean() > 0.9
+
+
+def test_in_loop_without_ground_truth_leaves_it_empty(replayed, tmp_path: Path) -> None:
+    run = simulate(config(tmp_path / "e", influence__online=True, influence__ground_truth=False), engine_kind="local")
+    got = tables(run)
+    assert got["influence"]["gt"].isna().all() and got["dice"]["gt"].isna().all()
+    assert_same_estimates(got, replayed)
+
+
+def test_perturbations_in_flight_survive_a_lost_group(ray_local, tmp_path: Path) -> None:
+    """A group killed at round 5 is restored from the checkpoint after round 4, when the probes of rounds 2
+    and 4 are in flight: their perturbations come back with it and the tables equal an undisturbed run's."""
+    common = {"influence__online": True, "engine__actors": 2, "output__checkpoint_every": 5}
+    undisturbed = simulate(config(tmp_path / "a", **common))
+
+    def kill(metrics, engine) -> None:
+        import ray
+
+        if metrics.round == 5 and engine.epoch == 1:
+            ray.kill(engine.groups[1], no_restart=False)
+
+    disturbed = simulate(config(tmp_path / "b", **common), on_round=kill)
+    [recovery] = json.loads((disturbed / "manifest.json").read_text())["recoveries"]
+    assert recovery["restored_from_round"] == 4
+    for name, table in tables(undisturbed).items():
+        pd.testing.assert_frame_equal(tables(disturbed)[name], table)
+
+
+def test_interrupted_run_resumes_with_its_perturbations(tmp_path: Path) -> None:
+    cfg = config(tmp_path / "run", influence__online=True, output__checkpoint_every=3)
+
+    def interrupt(metrics, engine) -> None:
+        if metrics.round == 4:  # the checkpoint after round 2 holds the probes of rounds 1 and 2 in flight
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        simulate(cfg, engine_kind="local", on_round=interrupt)
+    assert not (tmp_path / "run" / "influence.parquet").exists()
+    simulate(cfg, engine_kind="local", resume=True)
+    reference = simulate(config(tmp_path / "ref", influence__online=True), engine_kind="local")
+    for name, table in tables(reference).items():
+        pd.testing.assert_frame_equal(tables(tmp_path / "run")[name], table)
+
+
+def test_in_loop_refuses_single_sample_probes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--engine", "local", "--dataset", "digits", "--nodes", "8", "--rounds", "8", "--influence",
+                 "--online-dice", "--probe-samples", "2", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "probe_samples" in err, err
+    assert not (tmp_path / "x").exists()
