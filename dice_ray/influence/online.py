@@ -36,6 +36,7 @@ from dice_ray.participants import _tensor
 from dice_ray.proximal import ProximalExaminer
 
 FIELDS = ("probe_id", "step", "target", "first-order", "curvature")  # one recorded term per row
+JVP_ROWS = 256  # participant rows per forward-mode pass of the curvature variant
 
 
 def online_probes(config: Any) -> list[Probe]:
@@ -137,20 +138,27 @@ class OnlineCascades:
             self._out.update({pid: _Cascade(c.rows, dict(c.delta), {}) for pid, c in cascades})
             return
         pop = self.block.population
-        rows = np.concatenate([c.rows for _, c in cascades])
-        pos = self._positions(rows)
         x, y = self.block.minibatch(u)
-        tangent = torch.cat([c.delta["curvature"] for _, c in cascades])
-        opt_tangent = {n: torch.cat([c.opt[n] for _, c in cascades]) for n in cascades[0][1].opt}
-        factors = None if self.factors is None else self.factors[pos.cpu().numpy()]
-        stepped, opt_stepped = jvp_local_step(pop.model, pop.optimizer, pop.state[pos], {
-            n: v[pos] for n, v in pop.opt_state.items()}, x[pos], y[pos], tangent, opt_tangent, factors)
-        a = 0
-        for pid, c in cascades:
-            b = a + len(c.rows)
-            delta = {v: (stepped[a:b] if v == "curvature" else c.delta[v]) for v in self.variants}
-            self._out[pid] = _Cascade(c.rows, delta, {n: t[a:b] for n, t in opt_stepped.items() if n != "step"})
-            a = b
+        # Several probes' rows at once, up to JVP_ROWS participant copies per forward-mode pass (bounds the
+        # pass's own memory: a copy of the parameters, the tangent and the activations per row).
+        chunk: list[tuple[int, _Cascade]] = []
+        for i, (pid, c) in enumerate(cascades):
+            chunk.append((pid, c))
+            if i + 1 == len(cascades) or sum(len(d.rows) for _, d in chunk) + len(cascades[i + 1][1].rows) > JVP_ROWS:
+                pos = self._positions(np.concatenate([d.rows for _, d in chunk]))
+                tangent = torch.cat([d.delta["curvature"] for _, d in chunk])
+                opt_tangent = {n: torch.cat([d.opt[n] for _, d in chunk]) for n in chunk[0][1].opt}
+                factors = None if self.factors is None else self.factors[pos.cpu().numpy()]
+                stepped, opt_stepped = jvp_local_step(pop.model, pop.optimizer, pop.state[pos], {
+                    n: v[pos] for n, v in pop.opt_state.items()}, x[pos], y[pos], tangent, opt_tangent, factors)
+                a = 0
+                for done, d in chunk:
+                    b = a + len(d.rows)
+                    delta = {v: (stepped[a:b].clone() if v == "curvature" else d.delta[v]) for v in self.variants}
+                    self._out[done] = _Cascade(d.rows, delta, {n: t[a:b].clone() for n, t in opt_stepped.items()
+                                                               if n != "step"})
+                    a = b
+                chunk = []
 
     def take_updates(self, u: int) -> None:
         """After round u's local step: start the probes of round u whose source is hosted here (J δ := Δ_j)."""
@@ -198,7 +206,7 @@ class OnlineCascades:
                     value = _tensor(delta[v], device) if isinstance(delta[v], np.ndarray) else delta[v]
                     product = dense.to(value.dtype) @ value
                     total[v] = product if v not in total else total[v] + product
-            own = self._out.get(pid)
+            own = self._out.pop(pid, None)  # read for the last time: freed as soon as the probe is mixed
             if own is not None:  # S_s ⊆ S_{s+1}: a row stays in the support
                 reached[self._positions(own.rows).cpu().numpy()] = True
             here = np.flatnonzero(reached)
