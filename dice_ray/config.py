@@ -297,9 +297,6 @@ class RunConfig(_Section):
                     raise ValueError(f"influence source {j} is not a participant (0..{self.nodes - 1})")
             if inf.zprime == "validation" and self.data.val_fraction == 0:
                 raise ValueError("influence.zprime 'validation' needs validation splits (data.val_fraction > 0)")
-            if inf.online and inf.probe_samples:
-                raise ValueError("influence.online measures whole-batch probes only: set probe_samples to 0 (single-"
-                                 "sample probes are measured on replayed windows)")
             if inf.probe_samples > self.optim.batch_size - 1:
                 raise ValueError(f"probe_samples {inf.probe_samples} must be below the batch size "
                                  f"{self.optim.batch_size}")

@@ -171,31 +171,42 @@ def update_difference(window: Window, source: int) -> tuple[torch.Tensor, dict[s
 
 def sample_update_difference(window: Window, source: int,
                              position: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Δ of the single-sample probe (j, t0, z = sample ``position`` of j's minibatch), for DICE-E (SPEC §4).
-
-    From per-sample gradients g_x: removing z changes j's gradient by (g_z − ḡ)/(|B| − 1); Δ is the
-    forward-mode derivative of j's optimizer step in that direction (exactly −η (g_z − ḡ)/(|B| − 1) for
-    SGD; parameters and optimizer state for the others).
-    """
+    """Δ of the single-sample probe (j, t0, z = sample ``position`` of j's minibatch), for DICE-E (SPEC §4):
+    ``sample_update`` at j's recorded state and minibatch of round t0."""
     traj = window.trajectory
     x, y = window.batches(traj.t0)
-    xb, yb = x[source], y[source]
+    factor = 1.0 if window.update_factors is None else float(window.update_factors[source])
+    return sample_update(window.model, window.optimizer, traj.states[0][source],
+                         {name: value[source] for name, value in traj.opt_states[0].items()}, x[source], y[source],
+                         position, factor)
+
+
+def sample_update(model: nn.Module, optimizer: OptimizerSpec, state: torch.Tensor, opt_state: dict[str, torch.Tensor],
+                  xb: torch.Tensor, yb: torch.Tensor, position: int,
+                  factor: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Δ of removing sample ``position`` of the minibatch (``xb`` [B, ...], ``yb`` [B]) from one participant's
+    local step at ``state`` [D] with optimizer state ``opt_state`` (SPEC §4, single-sample probes).
+
+    From per-sample gradients g_x: removing z changes the gradient by (g_z − ḡ)/(|B| − 1); Δ is the forward-mode
+    derivative of the optimizer step in that direction (exactly −η (g_z − ḡ)/(|B| − 1) for SGD; parameters and
+    optimizer state for the others). ``factor`` c: the participant sends θ + cΔ (misbehaviour; 1 if honest).
+    """
     batch = len(yb)
-    per_sample = window.population(0, np.full(batch, source))  # one copy of j per sample of its batch
+    per_sample = Population(model, state[None].expand(batch, -1).clone(), optimizer)  # one copy per sample
     grads = per_sample.loss_and_grad(xb[:, None], yb[:, None])[1]
     mean = grads.mean(dim=0)
     direction = (grads[position] - mean) / (batch - 1)
     params = per_sample.params[0]
-    opt = {name: value[source].clone() for name, value in traj.opt_states[0].items()}
+    opt = {name: value.clone() for name, value in opt_state.items()}
 
     def step(g: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         new_params, new_opt = params.clone()[None], {name: value.clone()[None] for name, value in opt.items()}
-        optimizer_update_(window.optimizer, new_params, g[None], new_opt)
+        optimizer_update_(optimizer, new_params, g[None], new_opt)
         return new_params[0], {name: value[0] for name, value in new_opt.items() if name != "step"}
 
     _, (delta, opt_delta) = jvp(step, (mean,), (direction,))
-    if window.update_factors is not None:  # a misbehaving source sends θ + cΔ
-        delta = delta * float(window.update_factors[source])
+    if factor != 1.0:  # a misbehaving source sends θ + cΔ
+        delta = delta * factor
     return delta, opt_delta
 
 

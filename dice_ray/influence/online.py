@@ -29,7 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from dice_ray.influence.estimator import jvp_local_step
+from dice_ray.influence.estimator import jvp_local_step, sample_update
 from dice_ray.influence.probes import Probe, select_probes
 from dice_ray.misbehavior import UPDATE_KINDS, update_factor
 from dice_ray.participants import _tensor
@@ -40,8 +40,7 @@ JVP_ROWS = 256  # participant rows per forward-mode pass of the curvature varian
 
 
 def online_probes(config: Any) -> list[Probe]:
-    """The probes measured in the loop: every probe of ``select_probes`` (whole batches only) when
-    ``influence.online``, else none."""
+    """The probes measured in the loop: every probe of ``select_probes`` when ``influence.online``, else none."""
     inf = config.influence
     return select_probes(config) if inf.enabled and inf.online else []
 
@@ -95,6 +94,7 @@ class OnlineCascades:
         self._out: dict[int, _Cascade] = {}  # stepped perturbations J δ of this round, before gossip
         self._new: list[Probe] = []
         self._before: tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor] | None = None
+        self._samples: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
         self._terms: list[tuple[int, int, np.ndarray, dict[str, np.ndarray]]] = []
 
     @property
@@ -112,7 +112,7 @@ class OnlineCascades:
     def start(self, u: int) -> None:
         """Round u begins (θ = θ^u): record e^{(s)} of the probes in flight and step their perturbations."""
         self._terms, self._out = [], {}
-        self._new = [p for p in self.probes if p.round == u and p.sample_index is None and int(p.source) in self.local]
+        self._new = [p for p in self.probes if p.round == u and int(p.source) in self.local]
         if not self.active and not self._new:
             return
         pop = self.block.population
@@ -129,6 +129,22 @@ class OnlineCascades:
         if self._new:
             pos = self._positions(np.array([p.source for p in self._new]))
             self._before = (pop.params[pos].clone(), {n: v[pos].clone() for n, v in pop.opt_state.items()}, g[pos])
+            self._samples = self._sample_updates(u, pos)
+
+    def _sample_updates(self, u: int, pos: torch.Tensor) -> dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Δ (and optimizer-state Δ) of the single-sample probes of round u, at θ^u (``estimator.sample_update``)."""
+        out = {}
+        pop, x, y = self.block.population, None, None
+        for i, p in enumerate(self._new):
+            if p.sample_index is None:
+                continue
+            if x is None:
+                x, y = self.block.minibatch(u)
+            k = int(pos[i])
+            factor = 1.0 if self.factors is None else float(self.factors[k])
+            out[p.probe_id] = sample_update(pop.model, pop.optimizer, pop.state[k], {
+                n: v[k] for n, v in pop.opt_state.items()}, x[k], y[k], p.sample_index, factor)
+        return out
 
     def _step(self, u: int, cascades: list[tuple[int, _Cascade]]) -> None:
         """J δ of every stepped cascade into ``self._out`` (one batched forward-mode pass for ``curvature``)."""
@@ -169,6 +185,11 @@ class OnlineCascades:
         pos = self._positions(np.array([p.source for p in self._new]))
         delta = pop.params[pos] - params
         opt_delta = {n: pop.opt_state[n][pos] - v for n, v in opt.items() if n != "step"}
+        for i, p in enumerate(self._new):  # a single-sample probe's Δ is that of removing its sample
+            if p.sample_index is not None:
+                delta[i], changes = self._samples[p.probe_id]
+                for n, d in opt_delta.items():
+                    d[i] = changes[n]
         half = (g * delta).sum(dim=1)
         for i, p in enumerate(self._new):
             rows = np.array([p.source])
@@ -176,7 +197,7 @@ class OnlineCascades:
             self._out[p.probe_id] = _Cascade(rows, {v: delta[i: i + 1] for v in self.variants},
                                              {n: d[i: i + 1] for n, d in opt_delta.items()}
                                              if "curvature" in self.variants else {})
-        self._before = None
+        self._before, self._samples = None, {}
 
     def outgoing(self) -> dict[int, tuple[np.ndarray, dict[str, np.ndarray]]]:
         """This round's stepped perturbations, for the groups whose rows of W read this block: probe id ->
@@ -275,7 +296,7 @@ class OnlineCascades:
 
     def restore(self, arrays: dict[str, np.ndarray] | None) -> None:
         """Set the perturbations in flight from a ``snapshot`` (None or none saved: none)."""
-        self.active, self._out, self._new, self._before = {}, {}, [], None
+        self.active, self._out, self._new, self._before, self._samples = {}, {}, [], None, {}
         if not self.enabled or arrays is None or "cascade.ids" not in arrays or not len(arrays["cascade.ids"]):
             return
         device = self.block.device
