@@ -285,6 +285,9 @@ class RunConfig(_Section):
             if bad.number(self.nodes) > self.nodes:
                 raise ValueError(f"misbehavior.count {bad.count} exceeds the {self.nodes} participants")
         inf = self.influence
+        if inf.online and not inf.enabled:
+            raise ValueError("influence.online computes DICE-E of the influence probes: turn them on too "
+                             "(--influence, influence.enabled)")
         if inf.enabled:
             for t in inf.rounds or []:
                 if not 0 <= t <= self.rounds - 1 - inf.hops:

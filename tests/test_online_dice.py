@@ -108,3 +108,13 @@ def test_interrupted_run_resumes_with_its_perturbations(tmp_path: Path) -> None:
     reference = simulate(config(tmp_path / "ref", influence__online=True), engine_kind="local")
     for name, table in tables(reference).items():
         pd.testing.assert_frame_equal(tables(tmp_path / "run")[name], table)
+
+
+def test_online_dice_without_influence_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dice_ray.simulate import main
+
+    code = main(["--engine", "local", "--dataset", "digits", "--nodes", "8", "--rounds", "8", "--online-dice",
+                 "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--influence" in err, err
+    assert not (tmp_path / "x").exists()

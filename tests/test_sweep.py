@@ -233,5 +233,6 @@ def test_proximal_detection_metric_is_the_anomaly_reports_whole_run_row(tmp_path
     values = proximal_detection(run, config)
     report = next(r for r in anomaly(run, [config.rounds]) if r["method"] == "proximal")
     assert values == {"auc_proximal": report["auc"], "auc_proximal_examiner_mean": report["auc_examiner_mean"],
-                      "precision_proximal": report["precision"]}
+                      "precision_proximal": report["precision"], "auc_proximal_mean": report["auc_mean"],
+                      "rounds_to_auc_proximal": report["rounds_to_auc"]}
     assert 0 <= values["auc_proximal"] <= 1

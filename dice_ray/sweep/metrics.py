@@ -136,14 +136,16 @@ def detection(run: Path, config: RunConfig) -> Values:
 def _proximal_columns(config: RunConfig) -> list[str]:
     if not config.proximal.enabled or config.misbehavior.kind == "none":
         return []
-    return ["auc_proximal", "auc_proximal_examiner_mean", "precision_proximal"]
+    return ["auc_proximal", "auc_proximal_examiner_mean", "precision_proximal", "auc_proximal_mean",
+            "rounds_to_auc_proximal"]
 
 
 @register_metric("proximal_detection", _proximal_columns)
 def proximal_detection(run: Path, config: RunConfig) -> Values:
     """Issue 4's detection report (``python -m dice_ray.analyze anomaly``) over the whole run, for the cumulative
-    proximal score: ROC AUC over all (examiner, in-neighbour) pairs, its mean over examiners, and precision at
-    a_k (the examiner's number of anomalous in-neighbours)."""
+    proximal score: ROC AUC over all (examiner, in-neighbour) pairs, its mean over examiners, precision at a_k
+    (the examiner's number of anomalous in-neighbours), the AUC averaged over every scoring round, and the
+    scoring rounds until it reaches 0.95 for good (NaN: never)."""
     import pandas as pd
 
     from dice_ray.analyze import detection_metrics, running_scores
@@ -152,4 +154,5 @@ def proximal_detection(run: Path, config: RunConfig) -> Values:
                             config.proximal.window)
     row = next(r for r in detection_metrics(scores, config.rounds) if r["method"] == "proximal")
     return {"auc_proximal": _finite(row["auc"]), "auc_proximal_examiner_mean": _finite(row["auc_examiner_mean"]),
-            "precision_proximal": _finite(row["precision"])}
+            "precision_proximal": _finite(row["precision"]), "auc_proximal_mean": _finite(row["auc_mean"]),
+            "rounds_to_auc_proximal": _finite(row["rounds_to_auc"])}
