@@ -83,6 +83,9 @@ class OnlineCascades:
         self.hops, self.variants = inf.hops, list(inf.variants)
         self.probes = online_probes(config)
         self.by_id = {p.probe_id: p for p in self.probes}
+        self.by_round: dict[int, list[Probe]] = {}
+        for p in self.probes:
+            self.by_round.setdefault(p.round, []).append(p)
         self.local = {int(k): i for i, k in enumerate(block.nodes.tolist())}
         self._grads = ProximalExaminer(block, inf.zprime)
         bad = config.misbehavior
@@ -112,7 +115,7 @@ class OnlineCascades:
     def start(self, u: int) -> None:
         """Round u begins (θ = θ^u): record e^{(s)} of the probes in flight and step their perturbations."""
         self._terms, self._out = [], {}
-        self._new = [p for p in self.probes if p.round == u and int(p.source) in self.local]
+        self._new = [p for p in self.by_round.get(u, []) if int(p.source) in self.local]
         if not self.active and not self._new:
             return
         pop = self.block.population
