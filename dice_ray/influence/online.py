@@ -36,7 +36,7 @@ from dice_ray.participants import _tensor
 from dice_ray.proximal import ProximalExaminer
 
 FIELDS = ("probe_id", "step", "target", "first-order", "curvature")  # one recorded term per row
-JVP_ROWS = 256  # participant rows per forward-mode pass of the curvature variant
+JVP_ELEMENTS = 1 << 23  # parameters (rows x D) per forward-mode pass of the curvature variant: ~32 MB a copy
 
 
 def online_probes(config: Any) -> list[Probe]:
@@ -127,8 +127,8 @@ class OnlineCascades:
             self._record(pid, s, c.rows, {v: (at * c.delta[v]).sum(dim=1) for v in self.variants})
             if s < self.hops:
                 stepping.append(pid)
-        self._step(u, [(pid, self.active[pid]) for pid in stepping])
-        self.active = {}
+        cascades, self.active = [(pid, self.active[pid]) for pid in stepping], {}
+        self._step(u, cascades)
         if self._new:
             pos = self._positions(np.array([p.source for p in self._new]))
             self._before = (pop.params[pos].clone(), {n: v[pos].clone() for n, v in pop.opt_state.items()}, g[pos])
@@ -158,12 +158,13 @@ class OnlineCascades:
             return
         pop = self.block.population
         x, y = self.block.minibatch(u)
-        # Several probes' rows at once, up to JVP_ROWS participant copies per forward-mode pass (bounds the
-        # pass's own memory: a copy of the parameters, the tangent and the activations per row).
+        # Several probes' rows at once, up to JVP_ELEMENTS parameters per forward-mode pass: the pass holds
+        # several copies of its rows' parameters (primal, tangent, gradient and its tangent, the new state).
+        limit = max(1, JVP_ELEMENTS // pop.params.shape[1])
         chunk: list[tuple[int, _Cascade]] = []
         for i, (pid, c) in enumerate(cascades):
             chunk.append((pid, c))
-            if i + 1 == len(cascades) or sum(len(d.rows) for _, d in chunk) + len(cascades[i + 1][1].rows) > JVP_ROWS:
+            if i + 1 == len(cascades) or sum(len(d.rows) for _, d in chunk) + len(cascades[i + 1][1].rows) > limit:
                 pos = self._positions(np.concatenate([d.rows for _, d in chunk]))
                 tangent = torch.cat([d.delta["curvature"] for _, d in chunk])
                 opt_tangent = {n: torch.cat([d.opt[n] for _, d in chunk]) for n in chunk[0][1].opt}
@@ -176,6 +177,8 @@ class OnlineCascades:
                     delta = {v: (stepped[a:b].clone() if v == "curvature" else d.delta[v]) for v in self.variants}
                     self._out[done] = _Cascade(d.rows, delta, {n: t[a:b].clone() for n, t in opt_stepped.items()
                                                                if n != "step"})
+                    d.delta.pop("curvature")  # δ itself is no longer needed: free it before the next chunk
+                    d.opt.clear()
                     a = b
                 chunk = []
 
