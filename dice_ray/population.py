@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -334,6 +335,36 @@ def init_optimizer_state(spec: OptimizerSpec, params: torch.Tensor) -> dict[str,
     return state
 
 
+class _Sqrt(torch.autograd.Function):
+    """√x whose derivative at x = 0 is taken as 0 instead of ∞.
+
+    Adam's √v̂ is 0 exactly where every gradient so far was 0; there m̂ = 0 too, so the update m̂/(√v̂ + ε) has a
+    finite derivative that does not involve d√v̂ at all. Computed as ∞ · 0 it would be NaN, and one NaN
+    coordinate turns a whole DICE-E estimate (``torch.func.jvp`` through the step) into NaN.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.sqrt()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        ctx.save_for_forward(output)
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: torch.Tensor) -> torch.Tensor:
+        (root,) = ctx.saved_tensors
+        return torch.where(root > 0, x_t / (2 * root), torch.zeros_like(x_t))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (root,) = ctx.saved_tensors
+        return torch.where(root > 0, grad / (2 * root), torch.zeros_like(grad))
+
+
 def optimizer_update_(spec: OptimizerSpec, params: torch.Tensor | list[torch.Tensor],
                       grads: torch.Tensor | list[torch.Tensor],
                       state: dict[str, torch.Tensor | list[torch.Tensor]]) -> None:
@@ -374,5 +405,5 @@ def optimizer_update_(spec: OptimizerSpec, params: torch.Tensor | list[torch.Ten
         bias2_sqrt = (1 - beta2**step64).sqrt().to(ps[0].dtype)
         for p, m1, m2 in zip(ps, exp_avg, exp_avg_sq, strict=True):
             shape = (-1,) + (1,) * (p.dim() - 1)
-            denom = (m2.sqrt() / bias2_sqrt.view(shape)).add_(spec.eps)
+            denom = (_Sqrt.apply(m2) / bias2_sqrt.view(shape)).add_(spec.eps)
             p.addcdiv_(m1 * step_size.view(shape), denom, value=-1.0)

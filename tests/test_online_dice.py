@@ -118,3 +118,14 @@ def test_online_dice_without_influence_is_refused(tmp_path: Path, capsys: pytest
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--influence" in err, err
     assert not (tmp_path / "x").exists()
+
+
+def test_in_loop_with_time_varying_graph_adam_scaled_updates_and_validation_zprime(ray_local, tmp_path: Path) -> None:
+    """Random matching (W changes every round), Adam (two optimizer-state perturbations), two participants
+    sending 10x their update, z′ = each target's validation split; 2 actors against the replay."""
+    changes = {"topology__name": "random-matching", "optim__name": "adam", "optim__lr": 0.01,
+               "misbehavior__kind": "scale", "misbehavior__count": 2, "data__val_fraction": 0.2,
+               "influence__zprime": "validation", "influence__ground_truth": False}
+    replayed = tables(simulate(config(tmp_path / "replay", **changes), engine_kind="local"))
+    online = tables(simulate(config(tmp_path / "online", influence__online=True, engine__actors=2, **changes)))
+    assert_same_estimates(online, replayed)

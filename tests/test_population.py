@@ -374,3 +374,28 @@ def test_half_step_with_batchnorm_under_vmap_gets_parameters_right() -> None:
     width = sum(p.numel() for p in tiny_bn_net().parameters())
     assert (state[:, :width] - reference[:, :width]).abs().max() < TOL
     assert (pop_losses - ref_losses).abs().max() < TOL
+
+
+def test_adam_step_has_a_finite_forward_derivative_where_every_gradient_was_zero() -> None:
+    """Adam's √v̂ is 0 where all gradients were 0; the step's derivative there is finite (m̂ = 0 too), and
+    torch.func.jvp through it (DICE-E's Jacobian) must not turn ∞ · 0 into NaN."""
+    from torch.func import jvp
+
+    from dice_ray.population import init_optimizer_state, optimizer_update_
+
+    spec = OptimizerSpec("adam", lr=0.01)
+    params = torch.randn(2, 5)
+    g = torch.randn(2, 5)
+    g[:, :2] = 0.0  # coordinates whose gradient is exactly 0 on this first step
+
+    def step(grads: torch.Tensor) -> torch.Tensor:
+        p, state = params.clone(), init_optimizer_state(spec, params)
+        optimizer_update_(spec, p, grads, state)
+        return p
+
+    _, tangent = jvp(step, (g,), (torch.ones_like(g),))
+    assert torch.isfinite(tangent).all()
+    # first Adam step: p − lr g/(|g| + ε); its derivative at g = 0 is −lr/ε, elsewhere ≈ 0
+    assert torch.allclose(tangent[:, :2], torch.full((2, 2), -spec.lr / spec.eps), rtol=1e-4)
+    assert tangent[:, 2:].abs().max() < 1e-3
+
