@@ -340,8 +340,15 @@ def _rounds_to(level: float, curve: np.ndarray) -> int | None:
     return int(below[-1]) + 2 if len(below) else 1
 
 
-def detection_metrics(scores, horizon: int) -> list[dict]:
-    """Return one row per method of ``anomaly.parquet`` for the scoring rounds before ``horizon``."""
+def auc_curves(scores, horizon: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``auc_curve`` of every method up to ``horizon``; a shorter horizon's curve is a prefix of it."""
+    return {method: auc_curve(scores, method, horizon) for method in METHODS}
+
+
+def detection_metrics(scores, horizon: int,
+                      curves: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[dict]:
+    """Return one row per method of ``anomaly.parquet`` for the scoring rounds before ``horizon``. ``curves``:
+    ``auc_curves`` up to this horizon or a later one (computed here if None)."""
     from sklearn.metrics import roc_auc_score
 
     final = _at_horizon(scores, horizon)
@@ -371,7 +378,8 @@ def detection_metrics(scores, horizon: int) -> list[dict]:
             failing = np.flatnonzero(~flags)
             start = times[failing[-1] + 1] if len(failing) else times[0]
             delays.append(int(np.searchsorted(times, start)) + 1)  # scoring rounds until detected for good
-        _, curve = auc_curve(scores, method, horizon)
+        seen, curve = (curves or {}).get(method) or auc_curve(scores, method, horizon)
+        curve = curve[seen <= horizon]
         defined = curve[~np.isnan(curve)]
         rows.append({
             "method": method, "horizon": horizon,
@@ -389,7 +397,7 @@ def detection_metrics(scores, horizon: int) -> list[dict]:
     return rows
 
 
-def _anomaly_plot(run: Path, scores, horizon: int) -> Path:
+def _anomaly_plot(run: Path, scores, horizon: int, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,7 +411,7 @@ def _anomaly_plot(run: Path, scores, horizon: int) -> Path:
         if 0 < at["anomalous"].sum() < len(at):
             fpr, tpr, _ = roc_curve(at["anomalous"], at["value"])
             left.plot(fpr, tpr, label=f"{method} (AUC {roc_auc_score(at['anomalous'], at['value']):.3f})")
-        right.plot(*auc_curve(scores, method, horizon), label=method)
+        right.plot(*curves[method], label=method)
     left.plot([0, 1], [0, 1], color="grey", linewidth=1)
     left.set_xlabel("false positive rate (honest neighbours flagged)")
     left.set_ylabel("true positive rate (anomalous neighbours flagged)")
@@ -435,9 +443,10 @@ def anomaly(run: Path, horizons: list[int] | None = None) -> list[dict]:
     if not horizons:
         raise InputError(f"no horizon within the run's {last} rounds")
     scores = running_scores(proximal, rounds, window)
-    rows = [row for h in horizons for row in detection_metrics(scores, h)]
+    curves = auc_curves(scores, horizons[-1])  # once: each horizon reads a prefix
+    rows = [row for h in horizons for row in detection_metrics(scores, h, curves)]
     write_table_atomic(run / "anomaly.parquet", rows, ANOMALY)
-    png = _anomaly_plot(run, scores, horizons[-1])
+    png = _anomaly_plot(run, scores, horizons[-1], curves)
 
     def cell(v: float | int | None, spec: str = "8.4f") -> str:
         return f"{'-':>8}" if v is None else format(v, spec)

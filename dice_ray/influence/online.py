@@ -86,6 +86,8 @@ class OnlineCascades:
         self.by_round: dict[int, list[Probe]] = {}
         for p in self.probes:
             self.by_round.setdefault(p.round, []).append(p)
+        # Blocks hold ascending global ids (``ActorPlan``: contiguous ranges), so rows kept in block order are
+        # ascending too, and a source block's column of a global id is found by binary search.
         self.local = {int(k): i for i, k in enumerate(block.nodes.tolist())}
         self._grads = ProximalExaminer(block, inf.zprime)
         bad = config.misbehavior
@@ -224,9 +226,7 @@ class OnlineCascades:
                 if entry is None:
                     continue
                 rows, delta = (entry.rows, entry.delta) if blk is self else entry
-                cols = np.searchsorted(block_ids, rows) if np.all(np.diff(block_ids) > 0) else \
-                    np.array([int(np.flatnonzero(block_ids == k)[0]) for k in rows.tolist()])
-                part = sp.csr_array(sp.csr_array(w)[:, cols])
+                part = sp.csr_array(sp.csr_array(w)[:, np.searchsorted(block_ids, rows)])
                 reached |= np.asarray((part != 0).sum(axis=1)).ravel() > 0
                 dense = torch.as_tensor(part.toarray(), device=device)
                 for v in self.variants:
@@ -239,9 +239,7 @@ class OnlineCascades:
             here = np.flatnonzero(reached)
             if not len(here):
                 continue
-            rows = self.block.nodes[here]
-            order = np.argsort(rows)
-            rows, here_t = rows[order], torch.as_tensor(here[order], device=device)
+            rows, here_t = self.block.nodes[here], torch.as_tensor(here, device=device)
             delta = {v: (total[v][here_t] if v in total else
                          torch.zeros(len(rows), self.block.population.params.shape[1], device=device))
                      for v in self.variants}
@@ -311,7 +309,6 @@ class OnlineCascades:
             here = np.flatnonzero(arrays["cascade.mask"][:, i])
             if not len(here):
                 continue
-            here = here[np.argsort(self.block.nodes[here])]  # rows ascending by global id
             slot = {key: torch.as_tensor(np.array(arrays[key][here, i]), device=device)
                     for key in [f"cascade.{v}" for v in self.variants] + [f"cascade.opt.{n}" for n in opt_names]}
             self.active[int(pid)] = _Cascade(self.block.nodes[here], {v: slot[f"cascade.{v}"] for v in self.variants},
