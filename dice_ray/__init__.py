@@ -1,15 +1,19 @@
 """dice-ray: decentralized (gossip) learning at scale on Ray, and the data influence cascade (DICE).
 
-Modules, one concept each (math modules know nothing of Ray):
+The Python API (``api.py``)::
 
-- ``topology``   graphs and mixing matrices W^t
-- ``data``       data sets, partitions, minibatch draws, the held-out batch z'
-- ``models``     model registry
-- ``population`` many participants' parameters stacked along dim 0 and their vectorized step
-- ``config``     the run configuration (validated dataclasses, YAML, CLI overrides)
-- ``results``    Parquet schemas and atomic writers
-- ``engine``     Ray actors and the synchronous round loop
-- ``simulate``   ``python -m dice_ray.simulate``
+    import dice_ray
+    run = dice_ray.run(dice_ray.RunConfig(nodes=16, rounds=30), engine="local")
+    run.rounds.head()
+
+``run`` / ``resume`` / ``open_run`` return a ``Run`` (tables as pandas DataFrames, the manifest, the reports);
+``RunConfig`` is the validated run configuration (one-line ``InputError`` on bad input).
 """
 
 __version__ = "0.1.0"
+
+from dice_ray.api import Run, as_config, open_run, resume, run  # noqa: E402
+from dice_ray.config import RunConfig  # noqa: E402
+from dice_ray.errors import InputError  # noqa: E402
+
+__all__ = ["InputError", "Run", "RunConfig", "__version__", "as_config", "open_run", "resume", "run"]

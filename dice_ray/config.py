@@ -34,7 +34,30 @@ def _one_of(what: str, choices: tuple[str, ...]) -> AfterValidator:
 
 
 class _Section(BaseModel):
+    """A config section: unknown keys are refused, and a bad value raises ``InputError`` with one line that
+    names the field (also when built in Python: ``RunConfig(nodes=1)``)."""
+
     model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise _one_line(err) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Any:
+        """Validate ``obj`` (a nested dict); raise ``InputError`` with one line on bad input."""
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as err:
+            raise _one_line(err) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as err:
+            raise _one_line(err) from None
 
 
 class TopologyConfig(_Section):
@@ -337,16 +360,27 @@ class RunConfig(_Section):
                              "static topology: use one or the other")
 
 
-def _one_line(err: ValidationError) -> str:
-    """Return the first problem of a pydantic error as 'field.path: message (got value)'."""
+class _FieldError(InputError):
+    """A section's one-line error, with where it happened (so an enclosing section can prefix its own field)."""
+
+    def __init__(self, loc: tuple, message: str, extra: bool = False):
+        self.loc, self.message, self.extra = loc, message, extra
+        where = ".".join(str(p) for p in loc) or "config"
+        super().__init__(f"config: unknown key {where!r}" if extra else f"config: {where}: {message}")
+
+
+def _one_line(err: ValidationError) -> _FieldError:
+    """Return the first problem of a pydantic error as 'config: field.path: message (got value)'."""
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
+    inner = first.get("ctx", {}).get("error")
+    if isinstance(inner, _FieldError):  # a nested section built by its own __init__ reported it
+        return _FieldError(tuple(first["loc"]) + inner.loc, inner.message, inner.extra)
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        return f"config: unknown key {where!r}"
+        return _FieldError(tuple(first["loc"]), msg, extra=True)
     got = first.get("input")
     suffix = "" if isinstance(got, dict) or got is None or repr(got) in msg else f" (got {got!r})"
-    return f"config: {where}: {msg}{suffix}"
+    return _FieldError(tuple(first["loc"]), f"{msg}{suffix}")
 
 
 def build_config(data: dict[str, Any] | None = None) -> RunConfig:
@@ -356,7 +390,7 @@ def build_config(data: dict[str, Any] | None = None) -> RunConfig:
     try:
         return RunConfig.model_validate(data or {})
     except ValidationError as err:
-        raise InputError(_one_line(err)) from None
+        raise _one_line(err) from None
 
 
 def read_yaml(path: str | Path, kind: str = "config file") -> Any:

@@ -145,9 +145,23 @@ RESUME_FLAGS = ("--address", "--actors", "--cpus-per-actor", "--gpus-per-actor",
                 "--keep-checkpoints", "--checkpoint-every")
 
 
-def resume_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any]]:
-    """Return (config, manifest) of the run in ``args.resume``, with the placement options of ``args``."""
-    run = Path(args.resume)
+def resume_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the placement options of ``args`` for ``resume_config`` (dotted field -> value); raise ``InputError``
+    if ``args`` set anything that would change what the resumed run computes."""
+    flags = {dotted: flag for flag, dotted, *_ in [*OPTIONS, *SWITCHES]}
+    refused = [flags[d] for d in flags if getattr(args, d) is not None and flags[d] not in RESUME_FLAGS]
+    refused += ["--config"] * bool(args.config) + ["--set"] * bool(args.set) + ["--save-states"] * args.save_states
+    if refused:
+        raise InputError(f"--resume continues the run with its own config; {', '.join(refused)} cannot change it "
+                         f"(only {', '.join(RESUME_FLAGS)})")
+    return {dotted: getattr(args, dotted) for dotted in flags if getattr(args, dotted) is not None}
+
+
+def resume_config(run: Path, changes: dict[str, Any] | None = None) -> tuple[RunConfig, dict[str, Any]]:
+    """Return (config, manifest) of the run in ``run``, with the placement ``changes`` (dotted field -> value,
+    only ``api.RESUME_FIELDS``) applied; raise ``InputError`` if it cannot be resumed."""
+    from dice_ray.api import RESUME_FIELDS
+
     path = run / "manifest.json"
     if not path.is_file():
         raise InputError(f"--resume {run}: no manifest.json there; not a dice-ray run directory")
@@ -158,15 +172,11 @@ def resume_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any]]:
         raise InputError(f"--resume {run}: manifest.json is not a run manifest") from None
     if manifest.get("status") == "complete":
         raise InputError(f"--resume {run}: the run is already complete")
-    flags = {dotted: flag for flag, dotted, *_ in [*OPTIONS, *SWITCHES]}
-    refused = [flags[d] for d in flags if getattr(args, d) is not None and flags[d] not in RESUME_FLAGS]
-    refused += ["--config"] * bool(args.config) + ["--set"] * bool(args.set) + ["--save-states"] * args.save_states
-    if refused:
-        raise InputError(f"--resume continues the run with its own config; {', '.join(refused)} cannot change it "
-                         f"(only {', '.join(RESUME_FLAGS)})")
-    for dotted in flags:
-        if getattr(args, dotted) is not None:
-            set_dotted(data, dotted, getattr(args, dotted))
+    for dotted, value in (changes or {}).items():
+        if dotted not in RESUME_FIELDS:
+            raise InputError(f"--resume continues the run with its own config; {dotted} cannot change it "
+                             f"(only {', '.join(RESUME_FIELDS)})")
+        set_dotted(data, dotted, value)
     set_dotted(data, "output.out", str(run))
     config = build_config(data)
     if not (run / "rounds.parquet").exists():
@@ -471,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     engine, save_states = args.engine or "ray", args.save_states
     try:
         if args.resume:
-            config, manifest = resume_config(args)
+            config, manifest = resume_config(Path(args.resume), resume_args(args))
             engine = args.engine or manifest.get("engine", "ray")
             save_states = bool(manifest.get("save_states", False))
         else:

@@ -1,0 +1,161 @@
+"""The Python API: run a simulation, resume one, open a finished run — for notebooks and scripts.
+
+    import dice_ray
+
+    config = dice_ray.RunConfig(nodes=16, rounds=30, influence={"enabled": True, "hops": 2})
+    run = dice_ray.run(config, engine="local")        # or engine="ray" (the default)
+    run.rounds.groupby("round").heldout_acc.mean()     # every table is a pandas DataFrame
+    run.alignment()                                    # the analyze reports, as DataFrames
+
+``run`` and ``resume`` return a ``Run``: a handle on the run directory. Tables are read when first asked for
+(``run.rounds``, ``run.table("dice")``); ``run.manifest`` is the run's ``manifest.json``. The command line
+(``python -m dice_ray.simulate``, ``dice-ray simulate``) is a thin layer over these functions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dice_ray.config import RunConfig, build_config, load_config
+from dice_ray.errors import InputError
+from dice_ray.results import TABLES
+
+ENGINES = ("ray", "local")
+# Fields a resumed run may change: where and how it runs, never what it computes.
+RESUME_FIELDS = ("engine.address", "engine.actors", "engine.cpus_per_actor", "engine.gpus_per_actor",
+                 "output.progress", "output.keep_checkpoints", "output.checkpoint_every")
+
+
+class Run:
+    """A run directory: its manifest, its result tables (pandas, read on first use) and its reports."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "manifest.json").is_file():
+            raise InputError(f"{str(self.path)!r} is not a dice-ray run directory (no manifest.json)")
+        self._tables: dict[str, pd.DataFrame] = {}
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, status={self.status!r}, tables={self.tables()})"
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The run's ``manifest.json`` (read anew each time: a running run updates it)."""
+        return json.loads((self.path / "manifest.json").read_text())
+
+    @property
+    def status(self) -> str:
+        """'running', 'complete', 'failed' or 'interrupted'."""
+        return self.manifest.get("status", "unknown")
+
+    @property
+    def config(self) -> RunConfig:
+        """The resolved ``RunConfig`` the run was started with."""
+        return build_config(self.manifest["config"])
+
+    def tables(self) -> list[str]:
+        """Names of the tables this run has written (``rounds``, ``nodes``, ``dice``, …)."""
+        return sorted(p.stem for p in self.path.glob("*.parquet"))
+
+    def table(self, name: str) -> pd.DataFrame:
+        """Return table ``name`` (see ``dice_ray.results``) as a DataFrame; read once, then cached."""
+        if name not in self._tables:
+            path = self.path / f"{name}.parquet"
+            if not path.is_file():
+                raise InputError(f"run {str(self.path)!r} has no {name} table (it has: "
+                                 f"{', '.join(self.tables()) or 'none'})")
+            self._tables[name] = pd.read_parquet(path)
+        return self._tables[name]
+
+    def __getattr__(self, name: str) -> pd.DataFrame:
+        if name in TABLES:
+            return self.table(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    # -- the analyze reports (``python -m dice_ray.analyze``), as DataFrames --------------------------------
+
+    def alignment(self) -> pd.DataFrame:
+        """DICE-E against DICE-GT per hop and variant (writes ``alignment.parquet`` and plots)."""
+        from dice_ray.analyze import alignment
+
+        return pd.DataFrame(alignment(self.path))
+
+    def cascade(self) -> dict[str, Any]:
+        """Influence against hop distance and position, pairwise reciprocity (writes tables and plots)."""
+        from dice_ray.analyze import cascade
+
+        return cascade(self.path)
+
+    def anomaly(self, horizons: list[int] | None = None) -> pd.DataFrame:
+        """Detection of misbehaving neighbours by proximal influence and the baselines."""
+        from dice_ray.analyze import anomaly
+
+        return pd.DataFrame(anomaly(self.path, horizons))
+
+    def contributions(self, loo: bool = False, shapley: int | None = None, local: bool = False) -> dict[str, Any]:
+        """The contribution ledger's ranking, with leave-one-out / Shapley agreement where available."""
+        from dice_ray.analyze import contributions
+
+        return contributions(self.path, loo, shapley, local)
+
+
+def open_run(path: str | Path) -> Run:
+    """Return the ``Run`` of an existing run directory (finished or not)."""
+    return Run(path)
+
+
+def as_config(config: RunConfig | Mapping[str, Any] | str | Path | None = None, **fields: Any) -> RunConfig:
+    """Return a validated ``RunConfig`` from a config object, a nested dict or a YAML file, with top-level
+    ``fields`` (e.g. ``nodes=64``, ``optim={"lr": 0.1}``) merged over it; bad input raises ``InputError``."""
+    if isinstance(config, RunConfig):
+        data = config.model_dump(mode="json")
+    elif isinstance(config, (str, Path)):
+        data = load_config(config)
+    else:
+        data = json.loads(json.dumps(dict(config or {})))
+    for key, value in fields.items():
+        if isinstance(value, Mapping) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return build_config(data)
+
+
+def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, engine: str = "ray",
+        save_states: bool = False, on_round: Callable[[Any, Any], None] | None = None, **fields: Any) -> Run:
+    """Run the simulation of ``config`` (see ``as_config``) and return its ``Run``.
+
+    ``engine``: 'ray' (participant-group actors on the connected or a local Ray) or 'local' (this process).
+    ``on_round(metrics, engine)`` is called after every round. Bad input raises ``InputError`` before any work.
+    """
+    from dice_ray.experiment import prepare
+    from dice_ray.simulate import run_directory, simulate
+
+    if engine not in ENGINES:
+        raise InputError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
+    config = as_config(config, **fields)
+    experiment = prepare(config)
+    run_directory(config)
+    return Run(simulate(config, engine, save_states, experiment, on_round=on_round))
+
+
+def resume(path: str | Path, *, engine: str | None = None, on_round: Callable[[Any, Any], None] | None = None,
+           **placement: Any) -> Run:
+    """Continue the interrupted run in ``path`` from its last checkpoint, with its own config; ``placement``
+    may change only where it runs (dotted names of ``RESUME_FIELDS`` with '__' for '.', e.g. ``engine__actors=2``)."""
+    from dice_ray.experiment import prepare
+    from dice_ray.simulate import resume_config, simulate
+
+    changes = {key.replace("__", "."): value for key, value in placement.items()}
+    config, manifest = resume_config(Path(path), changes)
+    engine = engine or manifest.get("engine", "ray")
+    if engine not in ENGINES:
+        raise InputError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
+    experiment = prepare(config)
+    return Run(simulate(config, engine, bool(manifest.get("save_states", False)), experiment, resume=True,
+                        on_round=on_round))
