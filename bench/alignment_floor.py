@@ -27,11 +27,11 @@ import torch
 
 from dice_ray.config import build_config
 from dice_ray.experiment import prepare
-from dice_ray.influence.estimator import estimate_cascade, update_difference
-from dice_ray.influence.ground_truth import ground_truth_cascade
-from dice_ray.influence.measure import window_for
-from dice_ray.influence.probes import probe_rounds, select_probes
-from dice_ray.influence.trajectory import record_windows
+from dice_ray.methods.dice.estimator import estimate_cascade, update_difference
+from dice_ray.methods.dice.ground_truth import ground_truth_cascade
+from dice_ray.methods.dice.measure import window_for
+from dice_ray.methods.dice.probes import probe_rounds, select_probes
+from dice_ray.methods.dice.trajectory import record_windows
 
 
 def relative_errors(rounds: int, topology: str, hops: int, lr: float) -> dict[int, dict[str, float]]:

@@ -69,11 +69,11 @@ def main() -> None:
     max_hops = 3 if args.quick else 4
     torch.set_num_threads(1)
 
-    from dice_ray.influence.adjoint import adjoint_horizon
-    from dice_ray.influence.estimator import estimate_cascade, first_order_all_sources, update_difference
-    from dice_ray.influence.measure import window_for
-    from dice_ray.influence.paths import path_cascade
-    from dice_ray.influence.trajectory import record_windows
+    from dice_ray.methods.dice.adjoint import adjoint_horizon
+    from dice_ray.methods.dice.estimator import estimate_cascade, first_order_all_sources, update_difference
+    from dice_ray.methods.dice.measure import window_for
+    from dice_ray.methods.dice.paths import path_cascade
+    from dice_ray.methods.dice.trajectory import record_windows
 
     experiment = experiment_for(n, 12, max_hops)
     t0 = 12 - 1 - max_hops
@@ -124,8 +124,8 @@ def main() -> None:
     import ray
 
     from dice_ray.engine import start_ray
-    from dice_ray.engine.influence import measure_task, record_windows_task
-    from dice_ray.influence.probes import select_probes
+    from dice_ray.methods.dice.probes import select_probes
+    from dice_ray.methods.dice.replays import measure_task, record_windows_task
 
     probes = select_probes(experiment.config)
     rates = {}

@@ -35,6 +35,8 @@ import numpy as np
 
 from dice_ray.config import build_config
 from dice_ray.experiment import prepare
+from dice_ray.hooks import round_hooks
+from dice_ray.methods import methods_for
 
 
 def _config(n: int, args: argparse.Namespace, ledger: bool):
@@ -51,11 +53,11 @@ def _round_seconds(experiment, engine_kind: str) -> tuple[np.ndarray, np.ndarray
     if engine_kind == "ray":
         from dice_ray.engine import RayEngine
 
-        engine = RayEngine(experiment)
+        engine = RayEngine(experiment, hooks=round_hooks(methods_for(experiment.config)))
     else:
         from dice_ray.engine import LocalEngine
 
-        engine = LocalEngine(experiment)
+        engine = LocalEngine(experiment, round_hooks(methods_for(experiment.config)))
     times, cpu = [], []
     try:
         for t in range(experiment.config.rounds):

@@ -171,7 +171,7 @@ def cascade(run: Path) -> dict:
     import networkx as nx
 
     from dice_ray.config import RunConfig
-    from dice_ray.topology import make_topology
+    from dice_ray.core.topology import make_topology
 
     inf = _read(run, "influence")
     column = _value_column(inf)
@@ -468,8 +468,8 @@ def anomaly(run: Path, horizons: list[int] | None = None) -> list[dict]:
 
 def _final_in_edges(run: Path, config, nodes) -> list[np.ndarray]:
     """In-neighbour sets at the end of ``run``: the last rewiring's, else W^0's."""
-    from dice_ray.rewiring import in_neighbor_sets
-    from dice_ray.topology import make_topology
+    from dice_ray.core.topology import make_topology
+    from dice_ray.methods.rewiring import in_neighbor_sets
 
     path = run / "rewiring.parquet"
     if config.rewiring.mode != "none" and path.is_file():
@@ -565,7 +565,7 @@ def _run_experiment(run: Path, changes: dict | None = None):
 
 def _retrain_now(run: Path, loo: bool, shapley: int | None, local: bool) -> None:
     """Compute ``loo.parquet`` (and ``shapley.parquet``) for ``run`` now (Ray tasks, or here if ``local``)."""
-    from dice_ray.engine.contributions import retrain_runs
+    from dice_ray.methods.retraining_tasks import retrain_runs
 
     experiment = _run_experiment(run, {"ledger": {"loo": loo, "shapley_permutations": shapley or 0}})
     if not local:

@@ -23,6 +23,7 @@ import pandas as pd
 
 from dice_ray.config import RunConfig, build_config, load_config
 from dice_ray.errors import InputError
+from dice_ray.hooks import Method
 from dice_ray.results import TABLES
 
 ENGINES = ("ray", "local")
@@ -73,8 +74,8 @@ class Run:
         return self._tables[name]
 
     def __getattr__(self, name: str) -> pd.DataFrame:
-        if name in TABLES:
-            return self.table(name)
+        if name in TABLES or (not name.startswith("_") and (self.path / f"{name}.parquet").is_file()):
+            return self.table(name)  # a built-in table, or one a user's method wrote
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- the analyze reports (``python -m dice_ray.analyze``), as DataFrames --------------------------------
@@ -127,11 +128,14 @@ def as_config(config: RunConfig | Mapping[str, Any] | str | Path | None = None, 
 
 
 def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, engine: str = "ray",
-        save_states: bool = False, on_round: Callable[[Any, Any], None] | None = None, **fields: Any) -> Run:
+        save_states: bool = False, on_round: Callable[[Any, Any], None] | None = None,
+        methods: list[Method] | tuple = (), **fields: Any) -> Run:
     """Run the simulation of ``config`` (see ``as_config``) and return its ``Run``.
 
     ``engine``: 'ray' (participant-group actors on the connected or a local Ray) or 'local' (this process).
-    ``on_round(metrics, engine)`` is called after every round. Bad input raises ``InputError`` before any work.
+    ``on_round(metrics, engine)`` is called after every round. ``methods``: your own ``dice_ray.Method``s (round
+    hooks), run after the built-in ones the config enables; each writes its tables beside the others. Bad input
+    raises ``InputError`` before any work.
     """
     from dice_ray.experiment import prepare
     from dice_ray.simulate import run_directory, simulate
@@ -141,13 +145,14 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
     config = as_config(config, **fields)
     experiment = prepare(config)
     run_directory(config)
-    return Run(simulate(config, engine, save_states, experiment, on_round=on_round))
+    return Run(simulate(config, engine, save_states, experiment, on_round=on_round, methods=methods))
 
 
 def resume(path: str | Path, *, engine: str | None = None, on_round: Callable[[Any, Any], None] | None = None,
-           **placement: Any) -> Run:
+           methods: list[Method] | tuple = (), **placement: Any) -> Run:
     """Continue the interrupted run in ``path`` from its last checkpoint, with its own config; ``placement``
-    may change only where it runs (dotted names of ``RESUME_FIELDS`` with '__' for '.', e.g. ``engine__actors=2``)."""
+    may change only where it runs (dotted names of ``RESUME_FIELDS`` with '__' for '.', e.g. ``engine__actors=2``);
+    ``methods``: the same user methods the run was started with."""
     from dice_ray.experiment import prepare
     from dice_ray.simulate import resume_config, simulate
 
@@ -158,4 +163,4 @@ def resume(path: str | Path, *, engine: str | None = None, on_round: Callable[[A
         raise InputError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
     experiment = prepare(config)
     return Run(simulate(config, engine, bool(manifest.get("save_states", False)), experiment, resume=True,
-                        on_round=on_round))
+                        on_round=on_round, methods=methods))

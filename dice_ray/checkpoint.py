@@ -3,7 +3,7 @@
 A run directory holds, while a run is in progress::
 
     checkpoints/
-      round-000049/                    the state after round 49: state.npz, driver.pkl, meta.json
+      round-000049/                    the state after round 49: state.npz, driver.npz, meta.json (SHA-256s)
       rounds-000000000-000000049.parquet    rows of rounds.parquet for rounds 0..49 (one part per interval)
 
 The state is everything a later round reads: the participants' stacked states and optimizer states,
@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
+import os
 import shutil
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -61,15 +62,49 @@ class Checkpoint:
     round: int
     path: Path
 
-    def load(self) -> dict[str, np.ndarray]:
-        """Return the state arrays (``state`` [N, D] and ``opt.<name>``, global participant order)."""
-        with np.load(self.path / "state.npz") as arrays:
-            return {name: arrays[name] for name in arrays.files}
+    def _arrays(self, name: str) -> dict[str, np.ndarray]:
+        with np.load(self.path / name, allow_pickle=False) as arrays:  # arrays only: a checkpoint never runs code
+            return {key: arrays[key] for key in arrays.files}
 
-    def load_driver_state(self) -> Any:
-        """Return the driver-side state saved with the participants' (None if there was none)."""
-        path = self.path / "driver.pkl"
-        return pickle.loads(path.read_bytes()) if path.exists() else None
+    def load(self) -> dict[str, np.ndarray]:
+        """Return the state arrays (``state`` [N, D], ``opt.<name>`` and the hooks' arrays, global order)."""
+        return self._arrays("state.npz")
+
+    def load_driver_state(self) -> dict[str, np.ndarray] | None:
+        """Return the methods' driver state saved with the participants' (arrays; None if there was none)."""
+        return self._arrays("driver.npz") if (self.path / "driver.npz").exists() else None
+
+    def verify(self) -> str | None:
+        """Return why this checkpoint cannot be trusted (a file missing, or its SHA-256 not the one recorded in
+        ``meta.json``, which is written last), or None if every file is intact."""
+        try:
+            meta = json.loads((self.path / "meta.json").read_text())
+            digests = meta["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return "meta.json is unreadable or records no digests"
+        for name, digest in digests.items():
+            path = self.path / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if _sha256(path) != digest:
+                return f"{name} does not match its recorded SHA-256"
+        return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class CheckpointStore:
@@ -89,9 +124,14 @@ class CheckpointStore:
         return sorted(found, key=lambda c: c.round)
 
     def latest(self) -> Checkpoint | None:
-        """Return the newest complete checkpoint, or None."""
-        found = self.checkpoints()
-        return found[-1] if found else None
+        """Return the newest checkpoint whose files verify (``Checkpoint.verify``), or None; each newer one that
+        does not is skipped with a one-line warning."""
+        for checkpoint in reversed(self.checkpoints()):
+            problem = checkpoint.verify()
+            if problem is None:
+                return checkpoint
+            print(f"warning: skipping checkpoint {checkpoint.path}: {problem}", file=sys.stderr)
+        return None
 
     def check(self, checkpoint: Checkpoint) -> None:
         """Raise ``ValueError`` if ``checkpoint`` was written by a run with a different config."""
@@ -100,10 +140,11 @@ class CheckpointStore:
             raise ValueError(f"checkpoint {checkpoint.path} belongs to a different config (digest "
                              f"{meta.get('config_digest')}, this run {self.digest})")
 
-    def save(self, round_: int, snapshot: Mapping[str, np.ndarray], driver_state: Any = None) -> Checkpoint:
-        """Write the state after round ``round_`` atomically, with ``driver_state`` (picklable: what the driver
-        accumulates over rounds, e.g. the proximal-influence ledger); drop checkpoints beyond the newest
-        ``keep``."""
+    def save(self, round_: int, snapshot: Mapping[str, np.ndarray],
+             driver_state: Mapping[str, np.ndarray] | None = None) -> Checkpoint:
+        """Write the state after round ``round_`` atomically, with ``driver_state`` (arrays: what the methods'
+        drivers accumulate over rounds); drop checkpoints beyond the newest ``keep``. Every file is fsynced, and
+        ``meta.json`` with their SHA-256 digests is written last, before the directory is renamed into place."""
         bad = np.flatnonzero(~np.isfinite(snapshot["state"]).all(axis=1))
         if len(bad):  # never replace a good checkpoint with a poisoned one
             raise FloatingPointError(f"round {round_}: non-finite parameters at participants {bad[:5].tolist()}")
@@ -112,14 +153,22 @@ class CheckpointStore:
         tmp = self.root / f".tmp-round-{round_:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        with open(tmp / "state.npz", "wb") as f:
-            np.savez(f, **snapshot)
-        if driver_state is not None:
-            (tmp / "driver.pkl").write_bytes(pickle.dumps(driver_state))
+        files = {"state.npz": snapshot}
+        if driver_state:
+            files["driver.npz"] = driver_state
+        for name, arrays in files.items():
+            with open(tmp / name, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
         write_json_atomic(tmp / "meta.json", {"round": round_, "config_digest": self.digest, "time": time.time(),
-                                              "shapes": {k: list(v.shape) for k, v in snapshot.items()}})
+                                              "shapes": {k: list(v.shape) for k, v in snapshot.items()},
+                                              "sha256": {name: _sha256(tmp / name) for name in files}})
+        _fsync(tmp / "meta.json")
+        _fsync(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        _fsync(self.root)
         for old in self.checkpoints()[: -self.keep]:
             shutil.rmtree(old.path, ignore_errors=True)
         return Checkpoint(round_, final)

@@ -9,25 +9,30 @@ sets, models, optimizers) happens here, before any work starts; problems become 
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dice_ray.data import DATASETS, SCHEMES, WEIGHT_RULES
+from dice_ray.core.losses import loss_names
+from dice_ray.core.population import OPTIMIZERS, OptimizerSpec
+from dice_ray.core.topology import TOPOLOGIES
+from dice_ray.core.topology import WEIGHT_RULES as MIXING_RULES
+from dice_ray.data import SCHEMES, WEIGHT_RULES, dataset_names
 from dice_ray.errors import InputError
-from dice_ray.population import OPTIMIZERS, OptimizerSpec
-from dice_ray.topology import TOPOLOGIES
-from dice_ray.topology import WEIGHT_RULES as MIXING_RULES
 
 
-def _one_of(what: str, choices: tuple[str, ...]) -> AfterValidator:
-    """A validator accepting only ``choices``; its error names ``what`` and lists them."""
+def _one_of(what: str, choices: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> AfterValidator:
+    """A validator accepting only ``choices`` (or what ``choices()`` returns then: a registry); its error names
+    ``what`` and lists them."""
 
     def check(value: str) -> str:
-        if value not in choices:
-            raise ValueError(f"{what} {value!r} is unknown; choose one of {', '.join(choices)}")
+        names = choices() if callable(choices) else choices
+        if value not in names:
+            raise ValueError(f"{what} {value!r} is unknown; choose one of {', '.join(names)}")
         return value
 
     return AfterValidator(check)
@@ -86,8 +91,8 @@ class ShrinkConfig(_Section):
 class DataConfig(_Section):
     """Data set, partition over participants, and the held-out batch z′."""
 
-    dataset: Annotated[str, _one_of("data set", DATASETS)] = Field(
-        "mnist5k", description=f"data set: {', '.join(DATASETS)}")
+    dataset: Annotated[str, _one_of("data set", dataset_names)] = Field(
+        "mnist5k", description=f"data set: {', '.join(dataset_names())}, or one added with register_dataset")
     data_dir: str | None = Field(None, description="folder holding mnist/fashion-mnist/cifar10/cifar100/"
                                                    "tiny-imagenet in torchvision's layout")
     download: bool = Field(False, description="download the data set into data_dir if missing")
@@ -118,6 +123,9 @@ class ModelConfig(_Section):
                             "rounding); auto is vmap: 3-8x faster than the loop here for the MLP and the CNN "
                             "on 8x8 inputs, within 10% either way for the CNN on 28x28")
     import_module: str | None = Field(None, description="module to import first (registers custom models)")
+    loss: Annotated[str, _one_of("loss", loss_names)] = Field(
+        "cross-entropy", description="the per-sample loss every participant minimizes and influence is measured "
+                                     "on: cross-entropy, mse, or one added with register_loss")
 
 
 class OptimConfig(_Section):
@@ -276,9 +284,26 @@ class RewiringConfig(_Section):
                                                             "standard deviations (1.4826 MAD)")
 
 
+def import_modules(names: list[str]) -> None:
+    """Import ``names`` (modules that register models, data sets, losses or methods); raise ``InputError``."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise _FieldError(("imports",), f"module {name!r} cannot be imported: {err}") from None
+
+
+def load_imports(config: RunConfig) -> None:
+    """Import the modules a run config names (``imports``, ``model.import_module``): in the driver before the run,
+    and in every Ray worker that builds participants or replays them."""
+    import_modules([*config.imports, *([config.model.import_module] if config.model.import_module else [])])
+
+
 class RunConfig(_Section):
     """A whole simulation: one of these fully determines a run's numbers (with its seed)."""
 
+    imports: list[str] = Field([], description="modules imported before the config is checked, and in every Ray "
+                                               "worker: they register custom models, data sets, losses and methods")
     seed: int = Field(0, ge=0, lt=2**32, description="random seed (init, partitions, minibatches, W^t)")
     nodes: int = Field(16, ge=2, le=1_000_000, description="number of participants N")
     rounds: int = Field(100, ge=1, le=10_000_000, description="communication rounds T")
@@ -293,6 +318,18 @@ class RunConfig(_Section):
     proximal: ProximalConfig = Field(default_factory=ProximalConfig)
     rewiring: RewiringConfig = Field(default_factory=RewiringConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_first(cls, data: Any) -> Any:
+        """Import ``imports`` (and ``model.import_module``) before the fields are checked: they register names."""
+        if isinstance(data, dict):
+            names = data.get("imports") or []
+            model = data.get("model")
+            module = model.get("import_module") if isinstance(model, dict) else getattr(model, "import_module", None)
+            if isinstance(names, list) and all(isinstance(n, str) for n in names):
+                import_modules([*names, *([module] if isinstance(module, str) and module else [])])
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

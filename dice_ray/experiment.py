@@ -7,12 +7,14 @@ written, so bad input fails fast with one ``InputError`` line.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from dice_ray.config import RunConfig
+from dice_ray.config import RunConfig, load_imports
+from dice_ray.core.misbehavior import misbehaving_participants
+from dice_ray.core.models import build_model
+from dice_ray.core.topology import Topology, make_topology
 from dice_ray.data import (
     Dataset,
     Partition,
@@ -24,9 +26,6 @@ from dice_ray.data import (
     shrink_partition,
 )
 from dice_ray.errors import InputError
-from dice_ray.misbehavior import misbehaving_participants
-from dice_ray.models import build_model
-from dice_ray.topology import Topology, make_topology
 
 
 @dataclass(frozen=True)
@@ -50,12 +49,7 @@ class Experiment:
 
 def prepare(config: RunConfig) -> Experiment:
     """Return the ``Experiment`` of ``config``; raise ``InputError`` on anything that would fail later."""
-    if config.model.import_module:
-        try:
-            importlib.import_module(config.model.import_module)
-        except ImportError as err:
-            raise InputError(f"model.import_module {config.model.import_module!r} cannot be imported: "
-                             f"{err}") from None
+    load_imports(config)
     d = config.data
     topology = make_topology(config.topology.name, config.nodes, weights=config.topology.weights,
                              seed=config.seed, p=config.topology.p, rows=config.topology.rows,

@@ -37,24 +37,22 @@ import pyarrow.parquet as pq
 from dice_ray import __version__
 from dice_ray.checkpoint import CHECKPOINTS, CheckpointStore, RoundTables, config_digest
 from dice_ray.config import RunConfig, apply_sets, build_config, load_config, set_dotted
-from dice_ray.contributions import shares
+from dice_ray.engine import Engine, LocalEngine, RayEngine, start_ray
+from dice_ray.engine.loop import Drivers, TrainingReport, train
 from dice_ray.errors import InputError, OneLineParser, report
 from dice_ray.experiment import Experiment, prepare
+from dice_ray.hooks import Method, RoundHook, round_hooks
+from dice_ray.methods import methods_for
 from dice_ray.results import (
-    CONTRIBUTIONS,
     DICE,
     INFLUENCE,
     LOO,
     NODES,
-    PROXIMAL,
-    REWIRING,
     ROUNDS,
     SHAPLEY,
-    SHARES,
     write_json_atomic,
     write_table_atomic,
 )
-from dice_ray.training import OnlineState, TrainingReport, train
 
 # (flag, dotted config field, type). Help texts come from the config fields' descriptions.
 OPTIONS: list[tuple[str, str, Any]] = [
@@ -252,10 +250,10 @@ def _measure_influence(experiment: Experiment, engine_kind: str,
 
     config = experiment.config
     if engine_kind == "local":
-        from dice_ray.influence.measure import measure_influence_here
+        from dice_ray.methods.dice.measure import measure_influence_here
 
         return measure_influence_here(experiment)
-    from dice_ray.engine.influence import measure_influence
+    from dice_ray.methods.dice.replays import measure_influence
 
     bar = tqdm(unit="task", desc="influence", disable=not config.output.progress, dynamic_ncols=True,
                file=sys.stderr)
@@ -272,7 +270,7 @@ def _measure_influence(experiment: Experiment, engine_kind: str,
 
 def _replay_ground_truth(experiment: Experiment, engine_kind: str, retries: list[dict], out: Path) -> None:
     """With in-loop DICE-E: measure DICE-GT by replays (no estimate) and fill it into the tables the run wrote."""
-    from dice_ray.influence.online import fill_estimates
+    from dice_ray.methods.dice.online import fill_estimates
 
     inf = experiment.config.influence
     replay = dataclasses.replace(experiment, config=experiment.config.model_copy(
@@ -287,12 +285,12 @@ def _replay_ground_truth(experiment: Experiment, engine_kind: str, retries: list
 
 def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = False,
              experiment: Experiment | None = None, resume: bool = False,
-             on_round: Callable[[Any, Any], None] | None = None) -> Path:
+             on_round: Callable[[Any, Any], None] | None = None, methods: list[Method] | tuple = ()) -> Path:
     """Run the simulation of ``config``; return its run directory (see the module docstring).
 
     ``resume``: continue the run in ``config.output.out`` from its last checkpoint (``--resume``).
     ``on_round(metrics, engine)`` is called after every round (``RoundMetrics``, and the engine running it),
-    e.g. to watch a run.
+    e.g. to watch a run. ``methods``: a user's own ``hooks.Method``s, run after the built-in ones the config enables.
     """
     experiment = experiment or prepare(config)
     config = experiment.config
@@ -300,11 +298,9 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     started = time.time()
     store = CheckpointStore(out, config_digest(config))
     # rounds.parquet last: its presence marks a finished training run
-    round_tables = {"proximal": PROXIMAL} if config.proximal.enabled else {}
-    if config.ledger.enabled:
-        round_tables["contributions"] = CONTRIBUTIONS
-    tables = RoundTables(out, {**round_tables, "rounds": ROUNDS})
-    online = OnlineState.for_experiment(experiment)
+    chosen = methods_for(config, list(methods))
+    online = Drivers(experiment, chosen)
+    tables = RoundTables(out, {**online.tables(), "rounds": ROUNDS})
     if resume:
         manifest = json.loads((out / "manifest.json").read_text())
         training_done = (out / "rounds.parquet").exists()
@@ -343,34 +339,28 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     retries: list[dict] = []  # influence tasks lost and resubmitted
     try:
         if start < config.rounds:
-            engine, blocks = _start_engine(experiment, engine_kind)
+            engine = _start_engine(experiment, engine_kind, round_hooks(chosen))
+            blocks = engine.blocks
             manifest["actors"] = len(blocks)
             write_table_atomic(out / "nodes.parquet", _nodes_table(experiment, blocks), NODES)
             if start > 0:
                 latest = store.latest()
                 store.check(latest)
                 engine.restore(latest.load(), config.engine.restart_timeout)
-                online = latest.load_driver_state() or online
-                if online.rewirer is not None:
-                    engine.set_mixing_matrix(online.rewirer.w)
+                online.load_state(latest.load_driver_state())
+                online.impose_mixing(engine)
                 tables.rollback(latest.round)
                 store.remove_after(latest.round)
             else:
                 tables.rollback(-1)
             _run_rounds(engine, config, tables, store, online, start, on_round, report)
-            if online.rewirer is not None:  # before the tables: rounds.parquet marks the end of training
-                write_table_atomic(out / "rewiring.parquet", online.rewirer.history, REWIRING)
-                manifest["rewiring_fallbacks"] = online.rewirer.fallbacks
-            if online.contributions is not None:
-                write_table_atomic(out / "shares.parquet", shares(online.contributions.totals()), SHARES)
-            if online.cascades is not None:  # in-loop DICE-E; DICE-GT, if asked for, is filled in below
-                influence_rows, dice_rows = online.cascades.tables(experiment)
-                write_table_atomic(out / "influence.parquet", influence_rows, INFLUENCE)
-                write_table_atomic(out / "dice.parquet", dice_rows, DICE)
+            for name, rows, schema in online.finish():  # before rounds.parquet, which marks the end of training
+                write_table_atomic(out / f"{name}.parquet", rows, schema)
+            manifest.update(online.summary())
             tables.finish(config.rounds - 1)
             if save_states:
                 np.save(out / "states.npy", engine.states())
-            actor_info = engine.info() if hasattr(engine, "info") else []
+            actor_info = engine.info()
             engine.close()  # frees the actors' CPUs for the influence tasks
             engine = None
             manifest["placement"] = actor_info  # now: a resume after training still knows where it ran
@@ -400,7 +390,7 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     final = _final_metrics(out / "rounds.parquet", config.rounds - 1)
     if not actor_info:  # resumed after training: the actors that trained are those the manifest names
         actor_info = manifest.get("placement", [])
-    actor_peaks = [a["peak_rss_mib"] for a in actor_info]
+    actor_peaks = [a["peak_rss_mib"] for a in actor_info] if engine_kind != "local" else []  # local: the driver
     manifest.update(
         status="complete", end_time=dt.datetime.now(dt.timezone.utc).isoformat(), wall_seconds=wall,
         rounds_per_second=(config.rounds - start) / wall,
@@ -419,11 +409,9 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
 
 def _retrain(experiment: Experiment, engine_kind: str, out: Path, retries: list[dict]) -> None:
     """Leave-one-participant-out (and Monte-Carlo Shapley) retraining: ``loo.parquet`` (``shapley.parquet``)."""
-    from dice_ray.engine.contributions import retrain_runs
+    from dice_ray.methods.retraining_tasks import retrain_runs
 
     if engine_kind != "local":
-        from dice_ray.engine import start_ray
-
         start_ray(experiment.config.engine.address)
     loo, shapley = retrain_runs(experiment, local=engine_kind == "local", retries=retries,
                                 progress=experiment.config.output.progress)
@@ -433,20 +421,15 @@ def _retrain(experiment: Experiment, engine_kind: str, out: Path, retries: list[
         write_table_atomic(out / "shapley.parquet", shapley, SHAPLEY)
 
 
-def _start_engine(experiment: Experiment, engine_kind: str) -> tuple[Any, list[np.ndarray]]:
-    """Return (engine, participant blocks of its actors)."""
+def _start_engine(experiment: Experiment, engine_kind: str, hooks: list[type[RoundHook]]) -> Engine:
+    """Return the engine of ``engine_kind`` ('local' or 'ray', starting or joining Ray) running ``hooks``."""
     if engine_kind == "local":
-        from dice_ray.engine import LocalEngine
-
-        return LocalEngine(experiment), [np.arange(experiment.nodes)]
-    from dice_ray.engine import RayEngine, start_ray
-
+        return LocalEngine(experiment, hooks)
     start_ray(experiment.config.engine.address)
-    engine = RayEngine(experiment)
-    return engine, engine.plan.blocks
+    return RayEngine(experiment, hooks=hooks)
 
 
-def _run_rounds(engine: Any, config: RunConfig, tables: RoundTables, store: CheckpointStore, online: OnlineState,
+def _run_rounds(engine: Any, config: RunConfig, tables: RoundTables, store: CheckpointStore, online: Drivers,
                 start: int, on_round: Callable[[Any, Any], None] | None, report: TrainingReport) -> None:
     """``training.train`` with a progress bar (rounds, mean training loss, held-out accuracy, rounds/s)."""
     from tqdm import tqdm

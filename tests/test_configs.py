@@ -8,7 +8,7 @@ import pytest
 
 from dice_ray.config import build_config, load_config
 from dice_ray.experiment import prepare
-from dice_ray.influence.probes import select_probes
+from dice_ray.methods.dice.probes import select_probes
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -10,12 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dice_ray.contributions import PathWeights, final_losses, shapley_coalitions, shapley_values, shares
+from dice_ray.core.topology import make_topology
 from dice_ray.experiment import prepare
-from dice_ray.influence.trajectory import first_reached, reach
+from dice_ray.methods.contributions import PathWeights, shares
+from dice_ray.methods.dice.trajectory import first_reached, reach
+from dice_ray.methods.retraining import final_losses, shapley_coalitions, shapley_values
 from dice_ray.simulate import build_parser, resolve_config
 from dice_ray.simulate import main as simulate
-from dice_ray.topology import make_topology
 
 BASE = ["--no-progress", "--dataset", "digits", "--nodes", "8", "--batch-size", "8", "--seed", "5",
         "--heldout-size", "64"]
@@ -89,9 +90,8 @@ def test_same_ledger_for_one_and_two_actors_and_local(ray_local, tmp_path: Path)
 def test_groups_read_only_the_gradient_blocks_their_terms_need(ray_local, tmp_path: Path) -> None:
     """Ring of 8 in 4 groups of 2, R = 1: each group reads its two neighbouring groups' gradient blocks, not all
     three others, and the ledger is the one-actor ledger."""
-    from dice_ray.contributions import PathWeights
-    from dice_ray.engine.actors import ledger_terms
     from dice_ray.experiment import prepare
+    from dice_ray.methods.contributions import LedgerRouter
 
     flags = ["--rounds", "5", "--topology", "ring", "--ledger", "--ledger-hops", "1"]
     one = pd.read_parquet(_run(tmp_path / "one", "--actors", "1", *flags) / "contributions.parquet")
@@ -103,9 +103,9 @@ def test_groups_read_only_the_gradient_blocks_their_terms_need(ray_local, tmp_pa
     config = resolve_config(build_parser().parse_args([*BASE, *flags, "--actors", "4"]))
     experiment = prepare(config)
     blocks = [np.arange(2 * g, 2 * g + 2) for g in range(4)]
-    paths = PathWeights(experiment.topology.mixing_matrix, 8, True)
-    terms = ledger_terms(paths, config, 3, blocks, np.repeat(np.arange(4), 2), 1)
-    assert terms["needed"] == [0, 1, 2] and terms["ids"].tolist() == [0, 1, 2, 3, 4, 5]
+    router = LedgerRouter(config, experiment.topology, blocks, experiment.topology.mixing_matrix)
+    route = router.routes(3)[1]
+    assert route.sources == [0, 1, 2] and np.concatenate([blocks[s] for s in route.sources]).tolist() == list(range(6))
 
 
 def test_leaving_out_a_participant_without_data_changes_nothing(tmp_path: Path) -> None:

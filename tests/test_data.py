@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from dice_ray.data import (
-    DATASETS,
     SCHEMES,
     Dataset,
     Partition,
     check_partition,
+    dataset_names,
     heldout_batch,
     load_dataset,
     minibatch_indices,
@@ -128,7 +128,7 @@ def test_unknown_dataset_lists_choices() -> None:
 
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "cifar10", "cifar100", "tiny-imagenet"])
 def test_on_disk_sets_need_data_dir(name: str) -> None:
-    assert name in DATASETS
+    assert name in dataset_names()
     with pytest.raises(InputError, match=f"--data-dir is required for {name}"):
         load_dataset(name)
 

@@ -8,20 +8,20 @@ import torch
 from torch.func import jvp
 
 from dice_ray.config import build_config
+from dice_ray.core.population import model_state_layouts
 from dice_ray.experiment import prepare
-from dice_ray.influence.adjoint import adjoint_horizon
-from dice_ray.influence.estimator import (
+from dice_ray.methods.dice.adjoint import adjoint_horizon
+from dice_ray.methods.dice.estimator import (
     Window,
     estimate_cascade,
     first_order_all_sources,
     sample_update_difference,
     update_difference,
 )
-from dice_ray.influence.ground_truth import counterfactual_half_step, ground_truth_cascade
-from dice_ray.influence.measure import window_for
-from dice_ray.influence.paths import path_cascade
-from dice_ray.influence.trajectory import first_reached, reach, record_trajectory
-from dice_ray.population import model_state_layouts
+from dice_ray.methods.dice.ground_truth import counterfactual_half_step, ground_truth_cascade
+from dice_ray.methods.dice.measure import window_for
+from dice_ray.methods.dice.paths import path_cascade
+from dice_ray.methods.dice.trajectory import first_reached, reach, record_trajectory
 
 
 def make_window(topology: str = "ring", nodes: int = 6, lr: float = 0.1, optimizer: str = "sgd",
@@ -241,8 +241,8 @@ def test_validation_zprime_uses_each_targets_own_split() -> None:
 @pytest.mark.parametrize("kind", ["scale", "free-ride"])
 def test_influence_replays_and_estimates_follow_corrupted_updates(kind: str) -> None:
     """Participants sending θ + cΔ are replayed (GT) and differentiated (E) as they behave."""
-    from dice_ray.influence.measure import window_for
-    from dice_ray.influence.trajectory import record_windows
+    from dice_ray.methods.dice.measure import window_for
+    from dice_ray.methods.dice.trajectory import record_windows
 
     cfg = build_config({"nodes": 6, "topology": {"name": "ring"}, "data": {"dataset": "digits", "heldout_size": 64},
                         "model": {"name": "mlp-tanh"}, "optim": {"lr": 0.05, "batch_size": 8},

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dice_ray.config import build_config
+from dice_ray.core.participants import ParticipantBlock
 from dice_ray.experiment import prepare
-from dice_ray.participants import ParticipantBlock
 from dice_ray.simulate import main as simulate
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from dice_ray.core.models import build_model, model_names, register_model
+from dice_ray.core.population import OptimizerSpec, Population, initial_state
 from dice_ray.errors import InputError
-from dice_ray.models import build_model, model_names, register_model
-from dice_ray.population import OptimizerSpec, Population, initial_state
 
 SHAPES = {"mlp": (1, 8, 8), "mlp-tanh": (1, 28, 28), "logreg": (3, 32, 32), "cnn": (1, 28, 28),
           "resnet18": (3, 32, 32)}

@@ -1,4 +1,4 @@
-"""Tests of dice_ray.population: the stacked, vectorized local step and gossip of SPEC §1.
+"""Tests of dice_ray.core.population: the stacked, vectorized local step and gossip of SPEC §1.
 
 The oracle throughout is the obvious per-participant code: one ``nn.Module`` per participant k, loaded
 from row k of the stacked state, stepped by ``torch.optim``.
@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+from dice_ray.core.models import build_model
+from dice_ray.core.population import Layout, OptimizerSpec, Population, initial_state, model_state_layouts
 from dice_ray.errors import InputError
-from dice_ray.models import build_model
-from dice_ray.population import Layout, OptimizerSpec, Population, initial_state, model_state_layouts
 
 SHAPE = (1, 8, 8)  # channels-first; 8x8 so the CNN's two 2x2 poolings divide it
 CLASSES = 4
@@ -381,7 +381,7 @@ def test_adam_step_has_a_finite_forward_derivative_where_every_gradient_was_zero
     torch.func.jvp through it (DICE-E's Jacobian) must not turn ∞ · 0 into NaN."""
     from torch.func import jvp
 
-    from dice_ray.population import init_optimizer_state, optimizer_update_
+    from dice_ray.core.population import init_optimizer_state, optimizer_update_
 
     spec = OptimizerSpec("adam", lr=0.01)
     params = torch.randn(2, 5)

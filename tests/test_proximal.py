@@ -11,10 +11,10 @@ from sklearn.metrics import roc_auc_score
 from torch.func import functional_call, grad
 
 from dice_ray.config import build_config
+from dice_ray.core.participants import ParticipantBlock
 from dice_ray.engine import LocalEngine
 from dice_ray.experiment import prepare
-from dice_ray.participants import ParticipantBlock
-from dice_ray.proximal import ProximalLedger
+from dice_ray.methods.proximal import ProximalHook, ProximalLedger
 from dice_ray.simulate import main as simulate
 
 
@@ -31,7 +31,7 @@ def test_score_equals_brute_force_gradient_dot_update(kind: str, zprime: str) ->
     """p_{k←l}^t = q_k W_kl ∇L(θ_k^{t+1}; z′_k)ᵀ Δ_l with Δ_l = θ_l^{t+½} − θ_l^t the update l sent (corrupted
     for misbehaving l), from two saved snapshots and torch.func.grad of one model at a time."""
     experiment = prepare(build_config(config(kind, zprime=zprime)))
-    engine = LocalEngine(experiment)
+    engine = LocalEngine(experiment, [ProximalHook])
     ledger = ProximalLedger(8, experiment.q, experiment.misbehaving, window=2)
     for t in range(2):
         engine.run_round(t, evaluate=False)
@@ -41,7 +41,7 @@ def test_score_equals_brute_force_gradient_dot_update(kind: str, zprime: str) ->
     reference.half_step(2)
     sent = reference.population.state.numpy().copy()
     m = engine.run_round(2, evaluate=False)
-    rows = ledger.rows(2, m.proximal)
+    rows = ledger.rows(2, m.records["proximal"][0])
     after = engine.states()
 
     block, pop = engine.block, engine.block.population

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from dice_ray.rewiring import in_neighbor_sets, is_rooted, metropolis_mixing, select_collaborators
+from dice_ray.methods.rewiring import in_neighbor_sets, is_rooted, metropolis_mixing, select_collaborators
 from dice_ray.simulate import main as simulate
 
 
@@ -104,7 +104,7 @@ def _check_history(history: pd.DataFrame, proximal: pd.DataFrame | None, start: 
 
 
 def test_rewiring_history_matches_the_w_used_and_ray_equals_local(ray_local, tmp_path) -> None:
-    from dice_ray.topology import make_topology
+    from dice_ray.core.topology import make_topology
 
     start = [nb.tolist() for nb in in_neighbor_sets(make_topology("exponential", 10).mixing_matrix(0))]
     history, proximal = _run(tmp_path, "local", "--engine", "local", "--proximal", "--rewire", "influence")

@@ -1,4 +1,4 @@
-"""Tests of dice_ray.topology: graphs, weight rules, validation, files and time-varying W^t (SPEC §1)."""
+"""Tests of dice_ray.core.topology: graphs, weight rules, validation, files and time-varying W^t (SPEC §1)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from scipy import sparse
 
-from dice_ray.errors import InputError
-from dice_ray.topology import (
+from dice_ray.core.topology import (
     TOPOLOGIES,
     WEIGHT_RULES,
     Topology,
@@ -30,6 +29,7 @@ from dice_ray.topology import (
     uniform_weights,
     validate_mixing_matrix,
 )
+from dice_ray.errors import InputError
 
 SIZES = (2, 5, 16, 17, 64)
 STATIC = [name for name in TOPOLOGIES if name not in ("file", "one-peer-exponential", "random-matching")]

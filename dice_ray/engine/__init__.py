@@ -1,13 +1,19 @@
-"""Engines that advance synchronous rounds of Algorithm 1 over participant blocks.
+"""Engines that advance synchronous rounds of Algorithm 1 over participant blocks, calling the round hooks.
 
-``RayEngine`` places blocks in participant-group actors driven by a coordinator actor (``actors.py``);
-``LocalEngine`` steps every participant in this process (``local.py``). Both return the same
-``RoundMetrics`` with the same numbers; ``runtime.py`` starts Ray and sizes the actor pool.
+- ``base.py``       the ``Engine`` protocol both engines implement
+- ``block.py``      a participant block with its round hooks (the part of a round run where the block lives)
+- ``local.py``      ``LocalEngine``: every participant in this process
+- ``actors.py``, ``ray_engine.py``  ``RayEngine``: blocks in participant-group actors, a coordinator actor
+- ``loop.py``       the round loop: tables, checkpoints, the methods' drivers, recovery from lost actors
+- ``runtime.py``    starting Ray, sizing the actor pool; ``tasks.py``: what Ray task fan-outs share
+
+Both engines return the same ``RoundMetrics`` with the same numbers. They know no method by name.
 """
 
+from dice_ray.engine.base import Engine
 from dice_ray.engine.local import LocalEngine
 from dice_ray.engine.metrics import RoundMetrics
 from dice_ray.engine.ray_engine import RayEngine
 from dice_ray.engine.runtime import plan_actors, start_ray
 
-__all__ = ["LocalEngine", "RayEngine", "RoundMetrics", "plan_actors", "start_ray"]
+__all__ = ["Engine", "LocalEngine", "RayEngine", "RoundMetrics", "plan_actors", "start_ray"]

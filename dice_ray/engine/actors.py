@@ -8,11 +8,10 @@ Round t (SPEC §1, Algorithm 1), as the coordinator drives it:
    blocks those rows read; Ray resolves them (zero-copy numpy on the same node) and the group mixes
    (``mix``), evaluating afterwards on evaluation rounds and snapshotting its block on checkpoint rounds.
 
-On proximal-influence scoring rounds (``proximal.py``) the groups also publish their updates Δ beside
-the half-steps, and ``mix`` returns every examiner's scores of its in-neighbours. On rounds the contribution
-ledger needs (``contributions.py``) the groups publish their gradient blocks g = ∇L(θ^t; z′), taken before
-the local step; each group reads those of the groups hosting participants its sources reach within R hops,
-and ``mix`` returns the ledger terms of the group's own sources.
+Each group runs the round hooks it was given (``dice_ray.hooks``) around its local step and gossip. On rounds a
+hook sends messages, each group publishes its message beside its half-step (one object per hook, so a group
+reads only the messages it needs); the coordinator routes them by hook name to the groups that read them (the
+mixing sources, or the hook's ``Router``), and ``mix`` returns every hook's record of the round.
 
 Ray restarts a group that dies (it comes back empty); the driver then restores every group from the last
 checkpoint (``restore``), replaces the coordinator (it holds no state) and replays the rounds since.
@@ -24,153 +23,170 @@ losses and metrics.
 from __future__ import annotations
 
 import resource
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
 import scipy.sparse as sp
 
-from dice_ray.contributions import LedgerExaminer, PathWeights
+from dice_ray.config import load_imports
+from dice_ray.core.topology import Topology
+from dice_ray.engine.block import HookedBlock
 from dice_ray.engine.runtime import tune_allocator
-from dice_ray.influence.online import OnlineCascades, cascade_mixing, online_probes
-from dice_ray.proximal import ProximalExaminer
-from dice_ray.topology import Topology
+from dice_ray.hooks import Inbox, RoundHook
+
+
+@dataclass(frozen=True)
+class HookInbox:
+    """Where a hook's messages come from for one group: the global ids of the blocks it reads (in order), the
+    position of the group's own block among them (-1: not read) and the router's note (``Route.info``)."""
+
+    ids: list[np.ndarray]
+    own: int = -1
+    info: Any = None
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    """``ParticipantGroup.mix``'s arguments, by name. The ObjectRefs travel beside it as top-level arguments (Ray
+    resolves only those), in the order ``counts`` names: the other groups' half-steps, then each sending hook's
+    messages from the other groups it reads.
+
+    ``weights`` = (key, [W_b] or None): this group's rows of W^t over the mixing source blocks (sent once per
+    key; None: the ones received with that key); ``mixing_ids``: those blocks' global ids; ``own``: the position
+    of this group's own block among them (-1: not read). ``inboxes``: the hooks that send this round.
+    """
+
+    weights: tuple[Any, list[sp.csr_array] | None]
+    mixing_ids: list[np.ndarray]
+    own: int
+    evaluate: bool
+    snapshot: bool
+    epoch: int
+    inboxes: dict[str, HookInbox] = field(default_factory=dict)
+    counts: tuple[tuple[str, int], ...] = ()
+
+    def unpack(self, refs: tuple) -> dict[str, list[Any]]:
+        """The resolved ``refs`` by name: "halves" and each sending hook's name."""
+        out, at = {}, 0
+        for name, count in self.counts:
+            out[name] = list(refs[at: at + count])
+            at += count
+        if at != len(refs):
+            raise RuntimeError(f"mix received {len(refs)} objects, its spec names {at}")
+        return out
+
+
+@dataclass(frozen=True)
+class HalfStep:
+    """The ObjectRefs of one group's ``half_step``: its states (None unless published), training losses, and each
+    hook's message by name."""
+
+    state: Any
+    loss: Any
+    messages: dict[str, Any]
 
 
 @ray.remote
 class ParticipantGroup:
-    """A Ray actor hosting one ``ParticipantBlock``; torch uses the CPUs (and GPU) Ray assigned.
+    """A Ray actor hosting one ``ParticipantBlock`` and its round hooks; torch uses the CPUs (and GPU) Ray
+    assigned.
 
     Round tasks carry the engine's *epoch*; ``restore`` starts a new one. After a failure, tasks of the
     abandoned rounds may still be queued here (they were submitted by the coordinator, the restore by
     the driver, and Ray orders tasks per caller only): they see an old epoch and do nothing.
     """
 
-    def __init__(self, config: Any, input_shape: tuple[int, ...], num_classes: int, threads: int):
+    def __init__(self, config: Any, input_shape: tuple[int, ...], num_classes: int, threads: int,
+                 hooks: list[type[RoundHook]] | None = None):
         import torch
 
         tune_allocator()
         torch.set_num_threads(threads)
+        load_imports(config)  # the user's registered models, data sets, losses
         self.config, self.input_shape, self.num_classes = config, input_shape, num_classes
+        self.hook_classes = list(hooks or [])
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        self.block: Any = None  # built by the first ``restore``
-        self.examiner: Any = None
-        self.ledger: Any = None
-        self.cascades: Any = None
+        self.hooked: HookedBlock | None = None  # built by the first ``restore``
         self.epoch = -1
         self._weights: tuple[Any, list[sp.csr_array]] | None = None  # (key, rows of W), sent once per key
 
+    @property
+    def block(self) -> Any:
+        return self.hooked.block
+
     def restore(self, arrays: dict[str, np.ndarray] | None, epoch: int, data: list[Any]) -> int:
-        """Enter ``epoch`` with this block's state set to ``arrays`` (a ``ParticipantBlock.snapshot``; None: the
-        initial state); return the epoch. ``data`` holds ObjectRefs of (participant ids, x_train, y_train,
-        training index lists, validation index lists, held-out batch z′, misbehaving ids): the first call
-        (after creation or a restart) builds the block from them. The references travel with each call,
-        not with the constructor, so Ray can restart this actor without keeping constructor arguments."""
-        if self.block is None:
-            from dice_ray.participants import ParticipantBlock
+        """Enter ``epoch`` with this block's state (and its hooks') set to ``arrays`` (a ``HookedBlock.snapshot``;
+        None: the initial state); return the epoch. ``data`` holds ObjectRefs of (participant ids, x_train,
+        y_train, training index lists, validation index lists, held-out batch z′, misbehaving ids): the first call
+        (after creation or a restart) builds the block from them. The references travel with each call, not with
+        the constructor, so Ray can restart this actor without keeping constructor arguments."""
+        if self.hooked is None:
+            from dice_ray.core.participants import ParticipantBlock
 
             nodes, x_train, y_train, train, val, heldout, misbehaving = ray.get(data)
-            self.block = ParticipantBlock(self.config, nodes, x_train, y_train, train, val, heldout,
-                                          self.input_shape, self.num_classes, device=self.device,
-                                          misbehaving=misbehaving)
-            self.examiner = ProximalExaminer(self.block, self.config.proximal.zprime)
-            self.ledger = LedgerExaminer(self.block, self.config)
-            self.cascades = OnlineCascades(self.block, self.config)
-            if arrays is not None:
-                self.block.restore(arrays)
+            block = ParticipantBlock(self.config, nodes, x_train, y_train, train, val, heldout, self.input_shape,
+                                     self.num_classes, device=self.device, misbehaving=misbehaving)
+            self.hooked = HookedBlock(block, self.hook_classes, self.config)
+            self.hooked.restore(arrays, block_too=arrays is not None)
         else:
-            self.block.restore(arrays)
-        self.ledger.restore(arrays)
-        self.cascades.restore(arrays)
+            self.hooked.restore(arrays)
         self.epoch = epoch
         self._weights = None  # a new coordinator comes with a new epoch and sends its weights again
         return epoch
 
     @ray.method(num_returns=2)
-    def step_and_mix(self, t: int, score: bool, epoch: int, mix_args: tuple) -> tuple[Any, Any]:
+    def step_and_mix(self, t: int, spec: MixSpec) -> tuple[Any, Any]:
         """``half_step`` then ``mix`` in one task, for a group whose rows of W read no other group and whose
         half-step no other group reads (one group hosting everyone: the default on one machine). Returns
-        (train losses [P], ``mix``'s result); ``mix_args`` are ``mix``'s arguments after ``t``."""
-        if epoch != self.epoch:
+        (train losses [P], ``mix``'s result)."""
+        if spec.epoch != self.epoch:
             return None, None
-        _, loss, _, _, _ = self._half_step(t, False, score, False)
-        return loss, self.mix(t, *mix_args)
+        _, loss = self.hooked.local_step(t)
+        return loss, self.mix(t, spec)
 
-    @ray.method(num_returns=5)
-    def half_step(self, t: int, publish: bool, score: bool, share_gradient: bool,
-                  epoch: int) -> tuple[Any, Any, Any, Any, Any]:
-        """Local step of round t: (half-step states [P, D] if other groups read them, else None; train
-        losses [P]; on scoring rounds the updates Δ [P, D_params] if other groups read them, else None; the
-        ledger's gradients g [P, D_params] at θ^t if ``share_gradient``, else None; the in-loop DICE-E
-        perturbations J δ of this round (``OnlineCascades.outgoing``) if other groups read them, else None).
-        The group's own half-step never leaves the process: ``mix`` reads it in place."""
+    def half_step(self, t: int, publish: bool, messages: list[str], epoch: int) -> tuple:
+        """Local step of round t (call with ``num_returns`` = 2 + the number of hooks): (half-step states [P, D]
+        if ``publish``, else None; train losses [P]; then one message per hook, in hook order: the message of the
+        hooks named in ``messages``, None for the others). The group's own half-step never leaves the process:
+        ``mix`` reads it in place."""
+        names = [h.name for h in self.hook_classes]
         if epoch != self.epoch:
-            return None, None, None, None, None
-        return self._half_step(t, publish, score, share_gradient)
+            return (None, None, *[None] * len(names))
+        half, loss = self.hooked.local_step(t)
+        sent = [self.hooked.message(name, t, local=False) if name in messages else None for name in names]
+        return ((half if publish else None), loss, *sent)
 
-    def _half_step(self, t: int, publish: bool, score: bool,
-                   share_gradient: bool) -> tuple[Any, Any, Any, Any, Any]:
-        if score:
-            self.examiner.keep_before()
-        gradient = self.ledger.start(t)
-        self.cascades.start(t)
-        half, loss = self.block.half_step(t)
-        delta = self.examiner.take_delta() if score else None
-        self.ledger.take_delta(t)
-        self.cascades.take_updates(t)
-        return ((half if publish else None), loss, (delta.cpu().numpy() if publish and score else None),
-                (gradient.cpu().numpy() if share_gradient and gradient is not None else None),
-                (self.cascades.outgoing() if publish and self.cascades.enabled else None))
-
-    def mix(self, t: int, weights: tuple[Any, list[sp.csr_array] | None], own: int, evaluate: bool, snapshot: bool,
-            epoch: int, score_ids: list[np.ndarray] | None, ledger: dict[str, Any] | None,
-            cascade_ids: list[np.ndarray] | None, *sources: Any) -> dict[str, Any] | None:
-        """Gossip (round t) with ``weights`` = (key, [W_b] or None) over the source blocks: ``W_b`` is this
-        group's rows of W^t over source block b; the coordinator sends them once per key (None: the ones
-        received with that key, which saves serializing W every round). ``sources`` come from other groups,
-        with this group's own half-step inserted at position ``own`` (-1: not read). Return ``{"metrics": evaluate() or
-        None, "snapshot": snapshot() or None, "proximal": edge scores or None, "ledger": ledger terms or None}``,
-        or None for a task of an abandoned epoch. On scoring rounds ``score_ids`` holds each source block's
-        global ids and the other groups' updates Δ follow the half-steps (same order). On ledger rounds
-        ``ledger`` = ``Coordinator._ledger_terms`` (the paths of this group's sources; the groups whose gradient
-        blocks they read, this one among them, and those blocks' global ids) and ``sources`` ends with the
-        other needed groups' gradient blocks, in group order. On rounds that gossip in-loop DICE-E perturbations
-        ``cascade_ids`` holds each source block's global ids and the other groups' perturbations come last, in
-        route order."""
-        if epoch != self.epoch:
+    def mix(self, t: int, spec: MixSpec, *refs: Any) -> dict[str, Any] | None:
+        """Gossip (round t) over the source blocks, then every hook's ``after_gossip`` (see ``MixSpec``). Return
+        ``{"metrics": evaluate() or None, "snapshot": the block's and hooks' snapshot or None, "records": hook name
+        -> record}``, or None for a task of an abandoned epoch."""
+        if spec.epoch != self.epoch:
             return None
-        if weights[1] is not None:
-            self._weights = weights  # the coordinator sends each key's rows once, before rounds that reuse them
-        if self._weights is None or self._weights[0] != weights[0]:
-            raise RuntimeError(f"round {t}: no rows of W received for {weights[0]}")
+        if spec.weights[1] is not None:
+            self._weights = spec.weights  # the coordinator sends each key's rows once, before rounds that reuse them
+        if self._weights is None or self._weights[0] != spec.weights[0]:
+            raise RuntimeError(f"round {t}: no rows of W received for {spec.weights[0]}")
         weights = self._weights[1]
-        tangents: list[Any] = []
-        if cascade_ids is not None:
-            received = len(cascade_ids) - (1 if own >= 0 else 0)
-            tangents = list(sources[len(sources) - received:]) if received else []
-            sources = sources[: len(sources) - received]
-            if own >= 0:
-                tangents.insert(own, self.cascades)
-        if ledger is not None:
-            received = len(ledger["needed"]) - 1
-            gradients = list(sources[len(sources) - received:]) if received else []
-            sources = sources[: len(sources) - received]
-            gradients.insert(ledger["needed"].index(ledger["group"]), self.ledger.gradient)
-        half = len(sources) if score_ids is None else len(sources) // 2
-        blocks, deltas = list(sources[:half]), list(sources[half:])
-        if own >= 0:
-            blocks.insert(own, self.block.population.state.cpu().numpy())
-            deltas.insert(own, self.examiner.delta)
+        received = spec.unpack(refs)
+        blocks = received["halves"]
+        if spec.own >= 0:
+            blocks.insert(spec.own, self.block.population.state.cpu().numpy())
         self.block.mix(weights, blocks)
-        if cascade_ids is not None:
-            self.cascades.mix(weights, cascade_ids, tangents)
-        terms = self.ledger.terms(t, ledger["paths"], gradients, ledger["ids"]) if ledger is not None else None
-        kept = self.ledger.snapshot(t) if snapshot and self.config.ledger.enabled else {}
-        kept.update(self.cascades.snapshot(t) if snapshot else {})
-        return {"metrics": self.block.evaluate() if evaluate else None,
-                "snapshot": {**self.block.snapshot(), **kept} if snapshot else None,
-                "proximal": self.examiner.score(weights, deltas, score_ids) if score_ids is not None else None,
-                "ledger": terms, "cascade": self.cascades.terms()}
+        inboxes = {}
+        for name in self.hooked.hooks:
+            inbox = Inbox(weights, spec.mixing_ids)
+            if name in spec.inboxes:
+                where = spec.inboxes[name]
+                messages = received[name]
+                if where.own >= 0:
+                    messages.insert(where.own, self.hooked.message(name, t, local=True))
+                inbox.ids, inbox.messages, inbox.info = where.ids, messages, where.info
+            inboxes[name] = inbox
+        records = self.hooked.after_gossip(t, inboxes)
+        return {"metrics": self.block.evaluate() if spec.evaluate else None,
+                "snapshot": self.hooked.snapshot(t) if spec.snapshot else None, "records": records}
 
     def info(self) -> dict[str, Any]:
         """Return placement facts: torch threads, device, node IP, placement group (None outside one), peak
@@ -187,36 +203,30 @@ class ParticipantGroup:
         return self.block.population.state.cpu().numpy()
 
 
-def ledger_terms(paths: PathWeights, config: Any, t: int, blocks: list[np.ndarray], owner: np.ndarray,
-                 g: int) -> dict[str, Any]:
-    """``ParticipantGroup.mix``'s ``ledger`` argument for group g at round t: the path weights of its sources'
-    terms (``paths``), and the groups (``needed``, ascending, g among them) hosting the targets those terms
-    reach, whose gradient blocks g reads, with those blocks' global ids (``ids``, in that order).
-    ``owner[l]``: the group hosting participant l."""
-    terms = paths.terms(config, t, blocks[g])
-    targets = np.unique(np.concatenate([f.tocoo().row for _, _, f in terms] or [np.zeros(0, np.int64)]))
-    needed = sorted(set(owner[targets].tolist()) | {g})
-    return {"paths": terms, "group": g, "needed": needed, "ids": np.concatenate([blocks[s] for s in needed])}
-
-
 @ray.remote(num_cpus=0)
 class Coordinator:
     """Advances synchronous rounds over the participant groups (see the module docstring)."""
 
-    def __init__(self, topology: Topology, blocks: list[np.ndarray], groups: list[Any], config: Any = None):
+    def __init__(self, topology: Topology, blocks: list[np.ndarray], groups: list[Any], config: Any,
+                 hooks: list[type[RoundHook]] | None = None):
         self.topology = topology
-        self.config = config  # the run config: the contribution ledger's rounds and hops
-        self.paths = PathWeights(topology.mixing_matrix, topology.n, not topology.time_varying)
-        self.probes = online_probes(config) if config is not None else []  # in-loop DICE-E
+        self.config = config
         self.blocks = blocks
         self.groups = groups
+        self.hook_names = [h.name for h in hooks or []]
+        self.sends = {h.name: h.sends(config) for h in hooks or []}
+        self.routers = {h.name: h.router(config, topology, blocks, self._mixing_at) for h in hooks or []
+                        if h.router is not None}
         self.owner = np.empty(topology.n, np.int64)  # owner[l]: the group hosting participant l
         for g, block in enumerate(blocks):
             self.owner[block] = g
-        self._routes: dict[int, list[list[tuple[int, sp.csr_array]]]] = {}
+        self._routes: dict[Any, list[list[tuple[int, sp.csr_array]]]] = {}
         self._mixing: sp.csr_array | None = None  # set by collaborator selection: replaces W from then on
         self._version = 0  # bumped when W is replaced: part of the weights' cache key
         self._sent: list[Any] = [None] * len(groups)  # the weights key each group holds
+
+    def _mixing_at(self, t: int) -> Any:
+        return self.topology.mixing_matrix(t) if self._mixing is None else self._mixing
 
     def set_mixing_matrix(self, w: sp.csr_array) -> None:
         """Use ``w`` [N, N] as W^t for every later round (collaborator selection rewires the graph)."""
@@ -228,7 +238,7 @@ class Coordinator:
         return self._version, (t if self.topology.time_varying and self._mixing is None else 0)
 
     def _weights(self, g: int, t: int, route: list[tuple[int, sp.csr_array]]) -> tuple[Any, Any]:
-        """``mix``'s ``weights`` argument for group g: the weights the first time a key is used, then the key."""
+        """``MixSpec.weights`` for group g: the weights the first time a key is used, then the key."""
         key = self._route_key(t)
         if self._sent[g] == key:
             return key, None
@@ -240,7 +250,7 @@ class Coordinator:
         W^t for those rows and that block's columns. Cached for static topologies."""
         key = self._route_key(t)
         if key not in self._routes:
-            w = self.topology.mixing_matrix(t) if self._mixing is None else self._mixing
+            w = self._mixing_at(t)
             routes = []
             for block in self.blocks:
                 rows = sp.csr_array(w[block])
@@ -251,53 +261,60 @@ class Coordinator:
             self._routes[key] = routes
         return self._routes[key]
 
-    def _ledger_terms(self, t: int, g: int) -> dict[str, Any]:
-        return ledger_terms(self.paths, self.config, t, self.blocks, self.owner, g)
+    def _reads(self, t: int, sending: list[str],
+               routes: list[list[tuple[int, sp.csr_array]]]) -> dict[str, list[tuple[list[int], Any]]]:
+        """Per sending hook, per group: (the groups whose messages it reads, the router's note)."""
+        out = {}
+        for name in sending:
+            if name in self.routers:
+                out[name] = [(r.sources, r.info) for r in self.routers[name].routes(t)]
+            else:
+                out[name] = [([s for s, _ in route], None) for route in routes]
+        return out
 
-    def submit_rounds(self, rounds: list[tuple[int, bool, bool, bool, bool]],
-                      epoch: int) -> list[tuple[list[Any], list[Any]]]:
-        """``submit_round`` for each (t, evaluate, snapshot, score, ledger) of ``rounds``, in order (one call
-        for several rounds keeps the coordinator's and driver's CPU time per round small)."""
-        return [self.submit_round(t, evaluate, snapshot, score, epoch, ledger)
-                for t, evaluate, snapshot, score, ledger in rounds]
+    def submit_rounds(self, rounds: list[tuple[int, bool, bool]], epoch: int) -> list[tuple[list[Any], list[Any]]]:
+        """``submit_round`` for each (t, evaluate, snapshot) of ``rounds``, in order (one call for several rounds
+        keeps the coordinator's and driver's CPU time per round small)."""
+        return [self.submit_round(t, evaluate, snapshot, epoch) for t, evaluate, snapshot in rounds]
 
-    def submit_round(self, t: int, evaluate: bool, snapshot: bool = False, score: bool = False,
-                     epoch: int = 0, ledger: bool = False) -> tuple[list[Any], list[Any]]:
+    def submit_round(self, t: int, evaluate: bool, snapshot: bool = False,
+                     epoch: int = 0) -> tuple[list[Any], list[Any]]:
         """Queue round t of ``epoch`` on every group without waiting; return the ObjectRefs of (per-group
         train losses, per-group mix results). Groups run their tasks in submission order, so rounds queued
-        back to back keep every group busy while the driver collects earlier rounds' metrics.
-        ``score``: a proximal-influence scoring round (updates Δ travel beside the half-steps); ``ledger``: a
-        round the contribution ledger measures (gradient blocks travel to the groups whose terms read them)."""
+        back to back keep every group busy while the driver collects earlier rounds' metrics. Hooks' messages
+        travel on the rounds they send, to the groups that read them."""
         routes = self._route(t)
-        published = {s for g, route in enumerate(routes) for s, _ in route if s != g}
-        share = ledger and len(self.groups) > 1
-        cascade = bool(self.probes) and cascade_mixing(self.config, self.probes, t)
-        if len(self.groups) == 1 and routes[0] and routes[0][0][0] == 0:  # one task per round, nothing to pass
-            terms = self._ledger_terms(t, 0) if ledger else None
-            mix_args = (self._weights(0, t, routes[0]), 0, evaluate, snapshot, epoch,
-                        [self.blocks[0]] if score else None, terms, [self.blocks[0]] if cascade else None)
-            loss, mixed = self.groups[0].step_and_mix.remote(t, score, epoch, mix_args)
-            return [loss], [mixed]
-        ledger_terms = [self._ledger_terms(t, g) for g in range(len(self.groups))] if ledger else []
-        shared = {s for terms in ledger_terms for s in terms["needed"] if s != terms["group"]}
-        halves = [group.half_step.remote(t, g in published, score, share and g in shared, epoch)
-                  for g, group in enumerate(self.groups)]
-        mixed = []
-        for g, (group, route) in enumerate(zip(self.groups, routes, strict=True)):
+        sending = [name for name in self.hook_names if self.sends[name](t)]
+        reads = self._reads(t, sending, routes)
+
+        def spec(g: int, halves: list[HalfStep] | None) -> tuple[MixSpec, list[Any]]:
+            route = routes[g]
             own = next((i for i, (s, _) in enumerate(route) if s == g), -1)
-            others = [halves[s][0] for s, _ in route if s != g]
-            ids = None
-            if score:  # the other groups' updates Δ follow their half-steps
-                ids = [self.blocks[s] for s, _ in route]
-                others += [halves[s][2] for s, _ in route if s != g]
-            terms = None
-            if ledger:  # the gradients of the other groups hosting this group's targets follow
-                terms = ledger_terms[g]
-                others += [halves[s][3] for s in terms["needed"] if s != g]
-            cascade_ids = None
-            if cascade:  # the other groups' DICE-E perturbations come last
-                cascade_ids = [self.blocks[s] for s, _ in route]
-                others += [halves[s][4] for s, _ in route if s != g]
-            mixed.append(group.mix.remote(t, self._weights(g, t, route), own, evaluate, snapshot, epoch, ids, terms,
-                                          cascade_ids, *others))
-        return [h[1] for h in halves], mixed
+            refs = [halves[s].state for s, _ in route if s != g] if halves else []
+            counts, inboxes = [("halves", len(refs))], {}
+            for name in sending:
+                sources, info = reads[name][g]
+                theirs = [halves[s].messages[name] for s in sources if s != g] if halves else []
+                inboxes[name] = HookInbox([self.blocks[s] for s in sources],
+                                          sources.index(g) if g in sources else -1, info)
+                counts.append((name, len(theirs)))
+                refs += theirs
+            return MixSpec(self._weights(g, t, route), [self.blocks[s] for s, _ in route], own, evaluate, snapshot,
+                           epoch, inboxes, tuple(counts)), refs
+
+        if len(self.groups) == 1 and routes[0] and routes[0][0][0] == 0:  # one task per round, nothing to pass
+            loss, mixed = self.groups[0].step_and_mix.remote(t, spec(0, None)[0])
+            return [loss], [mixed]
+        published = {s for g, route in enumerate(routes) for s, _ in route if s != g}
+        sent = {name: {s for g, (sources, _) in enumerate(reads[name]) for s in sources if s != g}
+                for name in sending}
+        halves = []
+        for g, group in enumerate(self.groups):
+            refs = group.half_step.options(num_returns=2 + len(self.hook_names)).remote(
+                t, g in published, [name for name in sending if g in sent[name]], epoch)
+            halves.append(HalfStep(refs[0], refs[1], dict(zip(self.hook_names, refs[2:], strict=True))))
+        mixed = []
+        for g, group in enumerate(self.groups):
+            mix_spec, refs = spec(g, halves)
+            mixed.append(group.mix.remote(t, mix_spec, *refs))
+        return [h.loss for h in halves], mixed

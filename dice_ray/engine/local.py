@@ -1,70 +1,68 @@
 """``LocalEngine``: every participant in one ``ParticipantBlock`` in this process, no Ray.
 
-The same block methods as the Ray actors, in the same order, so the numbers are the same; useful for
-debugging, for tests of the math, and as the no-Ray baseline of ``bench/``.
+The same block and hook calls as the Ray actors, in the same order, so the numbers are the same; useful for
+debugging, for tests of the math, for notebooks, and as the no-Ray baseline of ``bench/``.
 """
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
-from dice_ray.contributions import LedgerExaminer, PathWeights
+from dice_ray.core.participants import ParticipantBlock
+from dice_ray.engine.block import HookedBlock
 from dice_ray.engine.metrics import RoundMetrics, RoundPlan, combine_evaluations
 from dice_ray.engine.runtime import tune_allocator
 from dice_ray.experiment import Experiment
-from dice_ray.influence.online import OnlineCascades
-from dice_ray.participants import ParticipantBlock
-from dice_ray.proximal import ProximalExaminer, scoring_round
+from dice_ray.hooks import Inbox, RoundHook
 
 
 class LocalEngine:
-    """Runs an ``Experiment`` in this process (``device`` 'cpu' or 'cuda')."""
+    """Runs an ``Experiment`` in this process (``device`` 'cpu' or 'cuda'), calling ``hooks`` every round."""
 
-    def __init__(self, experiment: Experiment, device: str = "cpu"):
+    def __init__(self, experiment: Experiment, hooks: list[type[RoundHook]] | tuple = (), device: str = "cpu"):
         tune_allocator()
         self.topology = experiment.topology
         self.config = experiment.config
-        self.block = ParticipantBlock.for_experiment(experiment, device=device)
-        self.examiner = ProximalExaminer(self.block, experiment.config.proximal.zprime)
+        self.blocks = [np.arange(experiment.nodes)]
+        self.hooked = HookedBlock(ParticipantBlock.for_experiment(experiment, device=device), list(hooks),
+                                  experiment.config)
+        self.block = self.hooked.block
         self.mixing: Any = None  # set by collaborator selection: replaces W from then on
-        self.ledger = LedgerExaminer(self.block, experiment.config)
-        self.paths = PathWeights(self.topology.mixing_matrix, self.topology.n, not self.topology.time_varying)
-        self.cascades = OnlineCascades(self.block, experiment.config)
+        self._sends = {h.name: h.sends(self.config) for h in hooks}
+        self._routers = {h.name: h.router(self.config, self.topology, self.blocks, self._mixing_at)
+                         for h in hooks if h.router is not None}
+
+    def _mixing_at(self, t: int) -> Any:
+        return self.topology.mixing_matrix(t) if self.mixing is None else self.mixing
 
     def run_round(self, t: int, evaluate: bool, snapshot: bool = False) -> RoundMetrics:
-        """Run round t; return its metrics (with the state after it if ``snapshot``, and the proximal scores
-        on scoring rounds)."""
-        score = scoring_round(self.config, t)
-        if score:
-            self.examiner.keep_before()
-        gradient = self.ledger.start(t)
-        self.cascades.start(t)
-        half, train_loss = self.block.half_step(t)
-        if score:
-            self.examiner.take_delta()
-        self.ledger.take_delta(t)
-        self.cascades.take_updates(t)
-        w = self.topology.mixing_matrix(t) if self.mixing is None else self.mixing
+        """Run round t; return its metrics (with the state after it if ``snapshot``, and the hooks' records)."""
+        half, train_loss = self.hooked.local_step(t)
+        sending = [name for name, sends in self._sends.items() if sends(t)]
+        messages = {name: self.hooked.message(name, t, local=True) for name in sending}
+        w = self._mixing_at(t)
         self.block.mix([w], [half])
-        self.cascades.mix([w], [self.block.nodes], [self.cascades])
+        inboxes = {}
+        for name in self.hooked.hooks:
+            inbox = Inbox([w], [self.block.nodes])
+            if name in sending:
+                route = self._routers[name].routes(t)[0] if name in self._routers else None
+                inbox.ids, inbox.messages = [self.block.nodes], [messages[name]]
+                inbox.info = route.info if route is not None else None
+            inboxes[name] = inbox
+        records = self.hooked.after_gossip(t, inboxes)
         if evaluate:
             metrics = combine_evaluations(t, train_loss, [self.block.evaluate()], self.topology.n)
         else:
             metrics = RoundMetrics(t, train_loss)
-        if gradient is not None:
-            metrics.ledger = self.ledger.terms(t, self.paths.terms(self.config, t), [gradient])
-        metrics.cascade = self.cascades.terms()
+        metrics.records = {name: [record] for name, record in records.items()}
         if snapshot:
-            metrics.snapshot = {**self.block.snapshot(), **self._ledger_snapshot(t), **self.cascades.snapshot(t)}
-        if score:
-            metrics.proximal = self.examiner.score([w], [self.examiner.delta], [self.block.nodes])
+            metrics.snapshot = self.hooked.snapshot(t)
         return metrics
-
-    def _ledger_snapshot(self, t: int) -> dict[str, np.ndarray]:
-        return self.ledger.snapshot(t) if self.config.ledger.enabled else {}
 
     def set_mixing_matrix(self, w: Any) -> None:
         """Use ``w`` [N, N] as W^t for every later round (collaborator selection rewires the graph)."""
@@ -77,14 +75,19 @@ class LocalEngine:
             yield self.run_round(*plan)
 
     def restore(self, snapshot: dict[str, np.ndarray] | None, timeout_s: float = 0.0) -> None:
-        """Bring the block to ``snapshot`` (None: the initial state)."""
-        self.block.restore(snapshot)
-        self.ledger.restore(snapshot)
-        self.cascades.restore(snapshot)
+        """Bring the block and its hooks to ``snapshot`` (None: the initial state)."""
+        self.hooked.restore(snapshot)
 
     def states(self) -> np.ndarray:
         """Return all participants' current states θ [N, D]."""
         return self.block.population.state.cpu().numpy()
+
+    def info(self) -> list[dict[str, Any]]:
+        """Placement facts of this process (one block): torch threads, device, peak RSS (MiB)."""
+        import torch
+
+        return [{"threads": torch.get_num_threads(), "device": str(self.block.device), "node_ip": "local",
+                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}]
 
     def close(self) -> None:
         """Nothing to release."""

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -34,9 +34,8 @@ class RoundMetrics:
     heldout_acc: np.ndarray | None = None
     consensus_distance: float | None = None
     snapshot: dict[str, np.ndarray] | None = None  # the state after round t, global order (checkpoint rounds)
-    proximal: dict[str, np.ndarray] | None = None
-    ledger: dict[str, np.ndarray] | None = None  # contribution-ledger terms measured in round t (contributions.py)
-    cascade: dict[str, np.ndarray] | None = None  # in-loop DICE-E terms recorded in round t (influence/online.py)
+    # per round hook (by name): what each block's ``after_gossip`` reported, in block order (``hooks.py``)
+    records: dict[str, list[Any]] = field(default_factory=dict)
 
 
 def combine_snapshots(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -13,13 +13,11 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from dice_ray.contributions import combine_terms, ledger_active
 from dice_ray.engine.actors import Coordinator, ParticipantGroup
 from dice_ray.engine.metrics import RoundMetrics, RoundPlan, combine_evaluations, combine_snapshots
 from dice_ray.engine.runtime import ActorPlan, plan_actors
 from dice_ray.experiment import Experiment
-from dice_ray.influence.online import combine_cascade_terms
-from dice_ray.proximal import combine_scores, scoring_round
+from dice_ray.hooks import RoundHook
 
 # What a lost actor or machine looks like to the driver: the round in flight fails with one of these.
 ACTOR_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError,
@@ -37,7 +35,9 @@ class RayEngine:
     references travel with ``restore``.
     """
 
-    def __init__(self, experiment: Experiment, plan: ActorPlan | None = None):
+    def __init__(self, experiment: Experiment, plan: ActorPlan | None = None,
+                 hooks: list[type[RoundHook]] | tuple = ()):
+        self.hooks = list(hooks)
         resources = ray.cluster_resources()
         machines = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
         self.plan = plan or plan_actors(experiment.config.engine, experiment.nodes, resources.get("CPU", 0.0),
@@ -55,7 +55,7 @@ class RayEngine:
         self.groups = [
             ParticipantGroup.options(num_cpus=self.plan.cpus_per_actor, num_gpus=self.plan.gpus_per_actor,
                                      scheduling_strategy=strategy, max_restarts=-1)
-            .remote(experiment.config, ds.input_shape, ds.num_classes, self.plan.threads_per_actor)
+            .remote(experiment.config, ds.input_shape, ds.num_classes, self.plan.threads_per_actor, self.hooks)
             for strategy in (in_group or strategies)[: len(self.plan.blocks)]
         ]
         # The data goes to the object store once (each group's index lists separately); the engine keeps the
@@ -65,9 +65,11 @@ class RayEngine:
         self._data = [[ray.put(block), *shared, ray.put([part.train[k] for k in block]),
                        ray.put([part.val[k] for k in block]), heldout, misbehaving] for block in self.plan.blocks]
         self._topology = experiment.topology
-        self.coordinator = Coordinator.remote(self._topology, self.plan.blocks, self.groups, experiment.config)
+        self.coordinator = Coordinator.remote(self._topology, self.plan.blocks, self.groups, experiment.config,
+                                              self.hooks)
         self.n = experiment.nodes
         self.config = experiment.config
+        self.blocks = self.plan.blocks
         self._mixing: Any = None  # W set by collaborator selection, if any
         self.epoch = 0
         self.restore(None)
@@ -91,8 +93,7 @@ class RayEngine:
         def submit() -> None:
             batch = list(itertools.islice(rounds, chunk))
             if batch:
-                plans = [(*plan[:3], scoring_round(self.config, plan.t), ledger_active(self.config, plan.t))
-                         for plan in batch]
+                plans = [tuple(plan[:3]) for plan in batch]
                 inflight.append((batch, self.coordinator.submit_rounds.remote(plans, self.epoch)))
 
         submit()
@@ -135,11 +136,7 @@ class RayEngine:
             metrics = RoundMetrics(plan.t, train_loss)
         if plan.snapshot:
             metrics.snapshot = combine_snapshots([p["snapshot"] for p in parts])
-        if scoring_round(self.config, plan.t):
-            metrics.proximal = combine_scores([p["proximal"] for p in parts])
-        if ledger_active(self.config, plan.t):
-            metrics.ledger = combine_terms([p["ledger"] for p in parts])
-        metrics.cascade = combine_cascade_terms([p["cascade"] for p in parts])
+        metrics.records = {h.name: [p["records"][h.name] for p in parts] for h in self.hooks}
         return metrics
 
     def set_mixing_matrix(self, w: Any) -> None:
@@ -154,7 +151,8 @@ class RayEngine:
         holds no state, is replaced by a fresh one (it may have been on a lost machine)."""
         if self.epoch > 0:
             ray.kill(self.coordinator)
-            self.coordinator = Coordinator.remote(self._topology, self.plan.blocks, self.groups, self.config)
+            self.coordinator = Coordinator.remote(self._topology, self.plan.blocks, self.groups, self.config,
+                                                  self.hooks)
             if self._mixing is not None:
                 self.coordinator.set_mixing_matrix.remote(self._mixing)
         self.epoch += 1

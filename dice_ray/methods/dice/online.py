@@ -22,6 +22,7 @@ part of a group's checkpoint snapshot (``snapshot``/``restore``). Pure torch and
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,11 +30,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from dice_ray.influence.estimator import jvp_local_step, sample_update
-from dice_ray.influence.probes import Probe, select_probes
-from dice_ray.misbehavior import UPDATE_KINDS, update_factor
-from dice_ray.participants import _tensor
-from dice_ray.proximal import ProximalExaminer
+from dice_ray.core.misbehavior import UPDATE_KINDS, update_factor
+from dice_ray.core.tensors import as_tensor
+from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook
+from dice_ray.methods.dice.estimator import Cascade, jvp_local_step, sample_update
+from dice_ray.methods.dice.measure import COLUMNS, probe_rows
+from dice_ray.methods.dice.probes import Probe, select_probes
+from dice_ray.methods.proximal import ProximalExaminer
+from dice_ray.results import DICE, INFLUENCE
 
 FIELDS = ("probe_id", "step", "target", "first-order", "curvature")  # one recorded term per row
 JVP_ELEMENTS = 1 << 23  # parameters (rows x D) per forward-mode pass of the curvature variant: ~32 MB a copy
@@ -148,7 +152,7 @@ class OnlineCascades:
             k = int(pos[i])
             factor = 1.0 if self.factors is None else float(self.factors[k])
             out[p.probe_id] = sample_update(pop.model, pop.optimizer, pop.state[k], {
-                n: v[k] for n, v in pop.opt_state.items()}, x[k], y[k], p.sample_index, factor)
+                n: v[k] for n, v in pop.opt_state.items()}, x[k], y[k], p.sample_index, factor, pop.loss)
         return out
 
     def _step(self, u: int, cascades: list[tuple[int, _Cascade]]) -> None:
@@ -172,7 +176,8 @@ class OnlineCascades:
                 opt_tangent = {n: torch.cat([d.opt[n] for _, d in chunk]) for n in chunk[0][1].opt}
                 factors = None if self.factors is None else self.factors[pos.cpu().numpy()]
                 stepped, opt_stepped = jvp_local_step(pop.model, pop.optimizer, pop.state[pos], {
-                    n: v[pos] for n, v in pop.opt_state.items()}, x[pos], y[pos], tangent, opt_tangent, factors)
+                    n: v[pos] for n, v in pop.opt_state.items()}, x[pos], y[pos], tangent, opt_tangent, factors,
+                    pop.loss)
                 a = 0
                 for done, d in chunk:
                     b = a + len(d.rows)
@@ -207,30 +212,31 @@ class OnlineCascades:
                                              if "curvature" in self.variants else {})
         self._before, self._samples = None, {}
 
-    def outgoing(self) -> dict[int, tuple[np.ndarray, dict[str, np.ndarray]]]:
+    def outgoing(self, local: bool = False) -> dict[int, tuple[np.ndarray, dict[str, Any]]]:
         """This round's stepped perturbations, for the groups whose rows of W read this block: probe id ->
-        (rows, variant -> [m, D_params])."""
-        return {pid: (c.rows, {v: d.cpu().numpy() for v, d in c.delta.items()}) for pid, c in self._out.items()}
+        (rows, variant -> [m, D_params]), numpy arrays (``local``: this block's own tensors)."""
+        return {pid: (c.rows, dict(c.delta) if local else {v: d.cpu().numpy() for v, d in c.delta.items()})
+                for pid, c in self._out.items()}
 
     def mix(self, weights: list[sp.csr_array], ids: list[np.ndarray], blocks: list[Any]) -> None:
         """Gossip the perturbations (round u): ``weights[b]`` [P, M_b] are this block's rows of W^u over source
         block b, whose global ids are ``ids[b]`` and whose ``outgoing()`` is ``blocks[b]`` (None or {}: nothing
-        from it; this block's own entry may be ``self``)."""
+        from it; this block's own entry is ``outgoing(local=True)``)."""
         device = self.block.device
-        probes = sorted({pid for blk in blocks if blk is not self for pid in (blk or {})} | set(self._out))
+        probes = sorted({pid for blk in blocks for pid in (blk or {})} | set(self._out))
         for pid in probes:
             reached = np.zeros(self.block.size, bool)
             total: dict[str, torch.Tensor] = {}
             for w, block_ids, blk in zip(weights, ids, blocks, strict=True):
-                entry = self._out.get(pid) if blk is self else (blk or {}).get(pid)
+                entry = (blk or {}).get(pid)
                 if entry is None:
                     continue
-                rows, delta = (entry.rows, entry.delta) if blk is self else entry
+                rows, delta = entry
                 part = sp.csr_array(sp.csr_array(w)[:, np.searchsorted(block_ids, rows)])
                 reached |= np.asarray((part != 0).sum(axis=1)).ravel() > 0
                 dense = torch.as_tensor(part.toarray(), device=device)
                 for v in self.variants:
-                    value = _tensor(delta[v], device) if isinstance(delta[v], np.ndarray) else delta[v]
+                    value = as_tensor(delta[v], device) if isinstance(delta[v], np.ndarray) else delta[v]
                     product = dense.to(value.dtype) @ value
                     total[v] = product if v not in total else total[v] + product
             own = self._out.pop(pid, None)  # read for the last time: freed as soon as the probe is mixed
@@ -324,6 +330,14 @@ class CascadeRecorder:
     def __init__(self) -> None:
         self.parts: list[dict[str, np.ndarray]] = []
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Every term so far as arrays (``FIELDS``, concatenated)."""
+        return {f: np.concatenate([p[f] for p in self.parts]) for f in FIELDS} if self.parts else {}
+
+    def load_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Set the terms from ``state()`` (empty: none)."""
+        self.parts = [{f: np.asarray(arrays[f]) for f in FIELDS}] if arrays and len(arrays[FIELDS[0]]) else []
+
     def add(self, terms: dict[str, np.ndarray] | None) -> None:
         """Keep one round's terms (``OnlineCascades.terms``, combined over groups)."""
         if terms is not None and len(terms["probe_id"]):
@@ -332,9 +346,6 @@ class CascadeRecorder:
     def tables(self, experiment: Any) -> tuple[list[dict], list[dict]]:
         """Return (influence rows, dice rows) of every in-loop probe, as ``measure.measure_probes`` writes them,
         with DICE-GT left empty."""
-        from dice_ray.influence.estimator import Cascade
-        from dice_ray.influence.measure import COLUMNS, probe_rows
-
         config = experiment.config
         hops, variants = config.influence.hops, list(config.influence.variants)
         terms = {f: np.concatenate([p[f] for p in self.parts]) if self.parts else np.zeros(0) for f in FIELDS}
@@ -373,3 +384,75 @@ def fill_estimates(measured: list[dict], estimated: list[dict], keys: tuple[str,
             raise RuntimeError(f"no in-loop estimate for {dict(zip(keys, (row[k] for k in keys), strict=True))}")
         out.append({k: (other[k] if v is None and k in other else v) for k, v in row.items()})
     return out
+
+
+# -- the method: its round hook (in every participant block) and its driver -------------------------------
+
+
+class CascadeHook(RoundHook):
+    """In-loop DICE-E in one block: ``OnlineCascades`` at the fixed points of every round; the perturbations
+    in flight travel with the half-steps on rounds that gossip them."""
+
+    name = "online_dice"
+
+    def __init__(self, block: Any, config: Any):
+        super().__init__(block, config)
+        self.cascades = OnlineCascades(block, config)
+
+    @classmethod
+    def sends(cls, config: Any) -> Callable[[int], bool]:
+        probes = online_probes(config)
+        return lambda t: bool(probes) and cascade_mixing(config, probes, t)
+
+    def before_local_step(self, t: int) -> None:
+        self.cascades.start(t)
+
+    def after_local_step(self, t: int) -> None:
+        self.cascades.take_updates(t)
+
+    def message(self, t: int, local: bool) -> Any:
+        return self.cascades.outgoing(local)
+
+    def after_gossip(self, t: int, inbox: Inbox) -> dict[str, np.ndarray] | None:
+        if inbox.messages:
+            self.cascades.mix(inbox.weights, inbox.ids, inbox.messages)
+        return self.cascades.terms()
+
+    def snapshot(self, t: int) -> dict[str, np.ndarray]:
+        return self.cascades.snapshot(t)
+
+    def restore(self, arrays: Mapping[str, np.ndarray] | None) -> None:
+        self.cascades.restore(arrays)
+
+
+class CascadeDriver(DriverHook):
+    """Keeps every round's in-loop terms; after training, the ``influence`` and ``dice`` tables (DICE-GT, if
+    asked for, is replayed and filled in afterwards by the front end)."""
+
+    name = "online_dice"
+
+    def __init__(self, experiment: Any):
+        super().__init__(experiment)
+        self.recorder = CascadeRecorder()
+
+    combine = staticmethod(combine_cascade_terms)
+
+    def on_round(self, t: int, record: Any) -> dict[str, Any]:
+        self.recorder.add(record)
+        return {}
+
+    def finish(self) -> dict[str, Any]:
+        influence, dice = self.recorder.tables(self.experiment)
+        return {"influence": influence, "dice": dice}
+
+    def finish_schemas(self) -> dict[str, Any]:
+        return {"influence": INFLUENCE, "dice": DICE}
+
+    def state(self) -> dict[str, np.ndarray]:
+        return self.recorder.state()
+
+    def load_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.recorder.load_state(arrays)
+
+
+ONLINE_DICE_METHOD = Method("online_dice", lambda config: bool(online_probes(config)), CascadeHook, CascadeDriver)

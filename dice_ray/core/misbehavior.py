@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dice_ray.topology import Topology
+from dice_ray.core.topology import Topology
 
 DATA_KINDS = ("label-flip", "feature-noise")
 UPDATE_KINDS = ("sign-flip", "scale", "free-ride")

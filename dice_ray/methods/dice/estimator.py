@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from torch.func import jvp
 
-from dice_ray.influence.trajectory import Trajectory, first_reached, reach
-from dice_ray.population import OptimizerSpec, Population, model_state_layouts, optimizer_update_
+from dice_ray.core.losses import CROSS_ENTROPY, Loss
+from dice_ray.core.population import OptimizerSpec, Population, model_state_layouts, optimizer_update_
+from dice_ray.methods.dice.trajectory import Trajectory, first_reached, reach
 
 VARIANTS = ("first-order", "curvature")
 
@@ -72,8 +73,9 @@ class Window:
     def __init__(self, trajectory: Trajectory, model: nn.Module, optimizer: OptimizerSpec, batches,
                  heldout: tuple[torch.Tensor, torch.Tensor],
                  validation: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                 update_factors: np.ndarray | None = None):
+                 update_factors: np.ndarray | None = None, loss: Loss = CROSS_ENTROPY):
         self.trajectory = trajectory
+        self.loss = loss
         self.model = model
         self.optimizer = optimizer
         self.batches = batches
@@ -99,7 +101,7 @@ class Window:
     def population(self, s: int, rows: np.ndarray, states: torch.Tensor | None = None) -> Population:
         """Participants ``rows`` at round t0+s (their states, or the given ``states`` [len(rows), D])."""
         base = self.trajectory.states[s][rows] if states is None else states
-        return Population(self.model, base.clone(), self.optimizer)
+        return Population(self.model, base.clone(), self.optimizer, loss=self.loss)
 
     def test_gradients(self, s: int, rows: np.ndarray) -> torch.Tensor:
         """∇L(θ_k^{t0+s}; z′) for k in ``rows``: [len(rows), D_params] (eval mode).
@@ -132,7 +134,7 @@ class Window:
         return jvp_local_step(self.model, self.optimizer, self.trajectory.states[s][index],
                               {name: value[index] for name, value in self.trajectory.opt_states[s].items()},
                               x[index], y[index], tangent, opt_tangent,
-                              None if self.update_factors is None else self.update_factors[rows])
+                              None if self.update_factors is None else self.update_factors[rows], self.loss)
 
     def corrupt_updates_(self, rows: np.ndarray, before: torch.Tensor, pop: Population) -> None:
         """Turn the local steps just taken by ``rows`` (parameters ``before`` [P, D_params] -> ``pop.params``)
@@ -144,11 +146,12 @@ class Window:
 
 def jvp_local_step(model: nn.Module, optimizer: OptimizerSpec, states: torch.Tensor, opt_state: dict[str, torch.Tensor],
                    x: torch.Tensor, y: torch.Tensor, tangent: torch.Tensor, opt_tangent: dict[str, torch.Tensor],
-                   factors: np.ndarray | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   factors: np.ndarray | None = None,
+                   loss: Loss = CROSS_ENTROPY) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """J δ: the forward-mode derivative of the local steps of P participants (rows of ``states`` [P, D], their
     optimizer states, minibatches x [P, B, ...], y [P, B]) along (``tangent`` [P, D_params], ``opt_tangent``;
     missing optimizer entries: 0). ``factors`` c [P] of participants that send θ + c(O(θ) − θ) (None: all 1)."""
-    pop = Population(model, states.clone(), optimizer)
+    pop = Population(model, states.clone(), optimizer, loss=loss)
     opt = {name: value.clone() for name, value in opt_state.items()}
     tangents = {name: opt_tangent.get(name, torch.zeros_like(value)) for name, value in opt.items()}
     _, (d_params, d_opt) = jvp(lambda p, o: pop.functional_step(p, o, x, y), (pop.params, opt), (tangent, tangents))
@@ -178,12 +181,12 @@ def sample_update_difference(window: Window, source: int,
     factor = 1.0 if window.update_factors is None else float(window.update_factors[source])
     return sample_update(window.model, window.optimizer, traj.states[0][source],
                          {name: value[source] for name, value in traj.opt_states[0].items()}, x[source], y[source],
-                         position, factor)
+                         position, factor, window.loss)
 
 
 def sample_update(model: nn.Module, optimizer: OptimizerSpec, state: torch.Tensor, opt_state: dict[str, torch.Tensor],
                   xb: torch.Tensor, yb: torch.Tensor, position: int,
-                  factor: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  factor: float = 1.0, loss: Loss = CROSS_ENTROPY) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Δ of removing sample ``position`` of the minibatch (``xb`` [B, ...], ``yb`` [B]) from one participant's
     local step at ``state`` [D] with optimizer state ``opt_state`` (SPEC §4, single-sample probes).
 
@@ -192,7 +195,7 @@ def sample_update(model: nn.Module, optimizer: OptimizerSpec, state: torch.Tenso
     optimizer state for the others). ``factor`` c: the participant sends θ + cΔ (misbehaviour; 1 if honest).
     """
     batch = len(yb)
-    per_sample = Population(model, state[None].expand(batch, -1).clone(), optimizer)  # one copy per sample
+    per_sample = Population(model, state[None].expand(batch, -1).clone(), optimizer, loss=loss)  # one copy per sample
     grads = per_sample.loss_and_grad(xb[:, None], yb[:, None])[1]
     mean = grads.mean(dim=0)
     direction = (grads[position] - mean) / (batch - 1)

@@ -9,35 +9,17 @@ the same numbers.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from dice_ray.config import RunConfig
+from dice_ray.core.losses import build_loss
+from dice_ray.core.misbehavior import DATA_KINDS, UPDATE_KINDS, corrupt_data, update_factor
+from dice_ray.core.models import build_model
+from dice_ray.core.population import Population, initial_state
+from dice_ray.core.tensors import as_tensor, csr_tensor
 from dice_ray.data import minibatch_indices
-from dice_ray.misbehavior import DATA_KINDS, UPDATE_KINDS, corrupt_data, update_factor
-from dice_ray.models import build_model
-from dice_ray.population import Population, initial_state
-
-
-def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Return ``a`` as a tensor without copying when possible (object-store arrays are read-only and
-    are never written through these tensors)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        return torch.as_tensor(a, device=device)
-
-
-def _csr(w: sp.csr_array, device: torch.device) -> torch.Tensor:
-    """Return scipy CSR ``w`` as a float32 torch sparse CSR tensor."""
-    w = w.astype(np.float32)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
-        return torch.sparse_csr_tensor(torch.from_numpy(w.indptr.astype(np.int64)),
-                                       torch.from_numpy(w.indices.astype(np.int64)),
-                                       torch.from_numpy(w.data), size=w.shape, device=device)
 
 
 def _padded(groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +56,7 @@ class ParticipantBlock:
         model = build_model(config.model.name, input_shape, num_classes).to(self.device)
         vectorize = "vmap" if config.model.vectorize == "auto" else config.model.vectorize
         state = initial_state(model, self.nodes, config.seed, config.model.init).to(self.device)
-        self.population = Population(model, state, config.optim.spec(), vectorize)
+        self.population = Population(model, state, config.optim.spec(), vectorize, build_loss(config.model.loss))
         self._model = model
 
         # Local training sets, concatenated; participant i's samples are rows offsets[i]:offsets[i]+counts[i].
@@ -106,8 +88,8 @@ class ParticipantBlock:
         self.x_val = torch.from_numpy(np.ascontiguousarray(x_train[val_idx])).to(self.device)
         self.y_val = torch.from_numpy(np.ascontiguousarray(y_train[val_idx])).to(self.device)
         self.val_mask = torch.from_numpy(val_mask).to(self.device)
-        self.x_heldout = _tensor(heldout[0], self.device)
-        self.y_heldout = _tensor(heldout[1], self.device)
+        self.x_heldout = as_tensor(heldout[0], self.device)
+        self.y_heldout = as_tensor(heldout[1], self.device)
 
     @classmethod
     def for_experiment(cls, experiment, device: str = "cpu") -> ParticipantBlock:
@@ -164,7 +146,8 @@ class ParticipantBlock:
         participants whose half-step states ``sources[b]`` [M_b, D] holds (one pair per source block).
         """
         weights = weights if isinstance(weights, list) else [weights]
-        self.population.mix_([_csr(w, self.device) for w in weights], [_tensor(s, self.device) for s in sources])
+        self.population.mix_([csr_tensor(w, self.device) for w in weights],
+                             [as_tensor(s, self.device) for s in sources])
 
     def snapshot(self) -> dict[str, np.ndarray]:
         """Return copies of everything a later round reads: ``state`` [P, D] and the optimizer state

@@ -14,8 +14,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from dice_ray.core.participants import ParticipantBlock
 from dice_ray.experiment import Experiment
-from dice_ray.participants import ParticipantBlock
 
 
 @dataclass

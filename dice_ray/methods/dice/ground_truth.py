@@ -15,9 +15,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from dice_ray.influence.estimator import Cascade, Window
-from dice_ray.influence.trajectory import reach
-from dice_ray.population import Population
+from dice_ray.core.population import Population
+from dice_ray.methods.dice.estimator import Cascade, Window
+from dice_ray.methods.dice.trajectory import reach
 
 
 def _heldout_losses(window: Window, states: torch.Tensor, rows: np.ndarray) -> np.ndarray:
@@ -28,7 +28,7 @@ def _heldout_losses(window: Window, states: torch.Tensor, rows: np.ndarray) -> n
     in each (measured: 5e-7 differences between thread counts), float64 keeps it below 1e-12.
     """
     model64 = window.double_model()
-    pop = Population(model64, states.double(), window.optimizer)
+    pop = Population(model64, states.double(), window.optimizer, loss=window.loss)
     if window.validation is None:
         x, y = window.heldout
         return pop.evaluate(x.double(), y, shared_input=True)[0].numpy()

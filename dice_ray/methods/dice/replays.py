@@ -14,8 +14,9 @@ from typing import Any
 
 import ray
 
+from dice_ray.engine.tasks import TASK_FAILURES, TASK_RETRIES
 from dice_ray.experiment import Experiment
-from dice_ray.influence.probes import Probe, probe_rounds, select_probes
+from dice_ray.methods.dice.probes import Probe, probe_rounds, select_probes
 
 
 @ray.remote(num_cpus=1)
@@ -24,19 +25,12 @@ def record_windows_task(experiment: Experiment, starts: list[int], hops: int) ->
     import torch
 
     from dice_ray.engine.runtime import tune_allocator
-    from dice_ray.influence.trajectory import record_windows
+    from dice_ray.methods.dice.trajectory import record_windows
 
     tune_allocator()
     torch.set_num_threads(1)
     windows = record_windows(experiment, starts, hops)
     return windows[0] if len(windows) == 1 else tuple(windows)
-
-
-# A task lost with its worker or machine is resubmitted this many times (and reported); errors raised by
-# the measurement itself are not retried.
-TASK_RETRIES = 3
-TASK_FAILURES = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
-                 ray.exceptions.OwnerDiedError)
 
 
 @ray.remote(num_cpus=1, max_retries=0)
@@ -45,7 +39,7 @@ def measure_task(experiment: Experiment, trajectory: Any, probes: list[Probe]) -
     import torch
 
     from dice_ray.engine.runtime import tune_allocator
-    from dice_ray.influence.measure import measure_round
+    from dice_ray.methods.dice.measure import measure_round
 
     tune_allocator()
     torch.set_num_threads(1)

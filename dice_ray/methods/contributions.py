@@ -14,7 +14,7 @@ Adjoint view, online: at the start of every round u the participant groups take 
 g_k = ∇L(θ_k^u; z′) of every hosted k. That one pass serves the self term of round u's update (θ^u is where
 round u starts) and hop s = u − t of every ledger round t in u−R..u−1, whatever the number of sources: only
 dot products P^{(s)}_{kj} g_kᵀ Δ_j^t remain, for the pairs (k, j) of N^{(s)}(j) (sampled products, as in
-``proximal._edge_dots``). Each group keeps the updates Δ of its own sources of the last R ledger rounds (they
+``core.tensors.edge_dots``). Each group keeps the updates Δ of its own sources of the last R ledger rounds (they
 are part of its checkpoint snapshot) and reads the other groups' gradients: with the ledger on, every group's
 gradient block goes to every group on the rounds that need it. Hop terms need θ^{t+s} for t + s ≤ T − 1
 (gradients are taken at round starts): probes of the last R rounds are truncated at hop T − 1 − t, as far as
@@ -29,13 +29,17 @@ Pure torch and numpy: no Ray here.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from dice_ray.proximal import ProximalExaminer, _accumulate, _edge_dots
+from dice_ray.core.tensors import edge_dots, sum_by_key
+from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook, Route, Router
+from dice_ray.methods.proximal import ProximalExaminer
+from dice_ray.results import CONTRIBUTIONS, SHARES
 
 FIELDS = ("step", "probe_round", "source", "target", "value")
 
@@ -150,7 +154,7 @@ class LedgerExaminer:
                 if not coo.nnz:
                     continue
                 rows, cols = coo.row.astype(np.int64), coo.col.astype(np.int64)
-                [dots] = _edge_dots([(g, self.deltas[t])], row_of[rows], cols)
+                [dots] = edge_dots([(g, self.deltas[t])], row_of[rows], cols)
                 add(s, t, nodes[cols], rows, torch.as_tensor(coo.data, dtype=torch.float64, device=device) * dots)
         for t in [t for t in self.deltas if t <= u - self.config.ledger.hops]:
             del self.deltas[t]  # no later round reads it
@@ -210,10 +214,19 @@ class ContributionLedger:
         source, target = terms["source"], terms["target"]
         influence = self.q[target] * terms["value"]
         keys = source * self.n + target
-        self._keys, self._sums = _accumulate([self._keys, keys], [self._sums, influence])
+        self._keys, self._sums = sum_by_key([self._keys, keys], [self._sums, influence])
         return {"round": np.full(len(keys), u, np.int32), "probe_round": terms["probe_round"], "step": terms["step"],
                 "source": source, "target": target, "influence": influence,
                 "cumulative": self._sums[np.searchsorted(self._keys, keys)]}
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The sums as arrays (a checkpoint's part)."""
+        return {"keys": self._keys, "sums": self._sums}
+
+    def load_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Set the sums from ``state()`` (empty: none)."""
+        self._keys = np.asarray(arrays.get("keys", np.zeros(0, np.int64)), np.int64)
+        self._sums = np.asarray(arrays.get("sums", np.zeros(0)), np.float64)
 
     def matrix(self) -> np.ndarray:
         """Return L [N, N] with L[j, k] = L[j→k] (0 for pairs never within R hops)."""
@@ -238,69 +251,89 @@ def shares(totals: np.ndarray) -> dict[str, np.ndarray]:
             "harmful": totals > 0, "rank": rank}
 
 
-# -- ground truth by retraining: leave one participant out, Monte-Carlo Shapley --------------------------------
+# -- the method: its round hook (in every participant block), its router and its driver ---------------------
 
 
-def without_data(experiment: Any, excluded: list[int]) -> Any:
-    """Return ``experiment`` with the training data of participants ``excluded`` removed (they take no local
-    step but still gossip; weights q, W and everything else unchanged), the ledger, proximal scoring and
-    influence off (a retraining run only needs its final losses)."""
-    import dataclasses
+class LedgerRouter(Router):
+    """Routes the gradient blocks g of round u: block g reads those of the blocks hosting the targets its sources
+    reach within R hops (itself among them), and gets the path weights of its sources' terms as ``info``."""
 
-    from dice_ray.data import Partition
+    def __init__(self, config: Any, topology: Any, blocks: list[np.ndarray], mixing: Any):
+        super().__init__(config, topology, blocks, mixing)
+        self.paths = PathWeights(topology.mixing_matrix, topology.n, not topology.time_varying)
 
-    config = experiment.config
-    off = {name: getattr(config, name).model_copy(update={"enabled": False})
-           for name in ("ledger", "proximal", "influence")}
-    gone = set(excluded)
-    train = [np.zeros(0, np.int64) if k in gone else part for k, part in enumerate(experiment.partition.train)]
-    return dataclasses.replace(experiment, config=config.model_copy(update=off),
-                               partition=Partition(train, list(experiment.partition.val)))
-
-
-def final_losses(experiment: Any, excluded: list[int]) -> np.ndarray:
-    """Train ``without_data(experiment, excluded)`` in this process; return L(θ_k^T; z′) [N] float64 (the
-    ledger's z′: the held-out batch, or each k's validation split)."""
-    from dice_ray.engine.local import LocalEngine
-
-    run = without_data(experiment, excluded)
-    engine = LocalEngine(run)
-    last = run.config.rounds - 1
-    for t in range(last):
-        engine.run_round(t, False)
-    metrics = engine.run_round(last, True)
-    loss = metrics.heldout_loss if experiment.config.ledger.zprime == "heldout" else metrics.val_loss
-    return np.asarray(loss, np.float64)
+    def routes(self, t: int) -> list[Route]:
+        out = []
+        for g, block in enumerate(self.blocks):
+            terms = self.paths.terms(self.config, t, block)
+            targets = np.unique(np.concatenate([f.tocoo().row for _, _, f in terms] or [np.zeros(0, np.int64)]))
+            out.append(Route(sorted(set(self.owner[targets].tolist()) | {g}), terms))
+        return out
 
 
-def loo_rows(q: np.ndarray, full: np.ndarray, without: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
-    """Rows of ``loo.parquet`` from the full run's final losses ``full`` [N] and, per left-out j, ``without[j]``."""
-    n = len(full)
-    parts = [(-1, full, np.zeros(n))] + [(j, loss, q * (full - loss)) for j, loss in sorted(without.items())]
-    return {"participant": np.repeat([p for p, *_ in parts], n).astype(np.int32),
-            "target": np.tile(np.arange(n, dtype=np.int32), len(parts)),
-            "final_loss": np.concatenate([loss for _, loss, _ in parts]),
-            "effect": np.concatenate([effect for *_, effect in parts])}
+class LedgerHook(RoundHook):
+    """The ledger in one block: g = ∇L(θ^u; z′) at the start of rounds that need it (sent to the blocks whose
+    sources reach these participants), Δ^t kept on ledger rounds, the hosted sources' terms after gossip."""
+
+    name = "ledger"
+    router = LedgerRouter
+
+    def __init__(self, block: Any, config: Any):
+        super().__init__(block, config)
+        self.examiner = LedgerExaminer(block, config)
+
+    @classmethod
+    def sends(cls, config: Any) -> Callable[[int], bool]:
+        return lambda t: ledger_active(config, t)
+
+    def before_local_step(self, t: int) -> None:
+        self.examiner.start(t)
+
+    def after_local_step(self, t: int) -> None:
+        self.examiner.take_delta(t)
+
+    def message(self, t: int, local: bool) -> Any:
+        gradient = self.examiner.gradient
+        return gradient if local or gradient is None else gradient.cpu().numpy()
+
+    def after_gossip(self, t: int, inbox: Inbox) -> dict[str, np.ndarray] | None:
+        if not inbox.messages:
+            return None
+        return self.examiner.terms(t, inbox.info, inbox.messages, np.concatenate(inbox.ids))
+
+    def snapshot(self, t: int) -> dict[str, np.ndarray]:
+        return self.examiner.snapshot(t)
+
+    def restore(self, arrays: Mapping[str, np.ndarray] | None) -> None:
+        self.examiner.restore(arrays)
 
 
-def shapley_coalitions(n: int, permutations: int, seed: int) -> list[np.ndarray]:
-    """Return the ``permutations`` random orders of participants 0..n−1 Monte-Carlo Shapley walks (seeded)."""
-    rng = np.random.default_rng([seed, 4])
-    return [rng.permutation(n) for _ in range(permutations)]
+class LedgerDriver(DriverHook):
+    """The driver's pairwise ledger L[j→k]: the ``contributions`` table every round, ``shares`` at the end."""
+
+    name = "ledger"
+    tables = {"contributions": CONTRIBUTIONS}
+
+    def __init__(self, experiment: Any):
+        super().__init__(experiment)
+        self.ledger = ContributionLedger(experiment.config.nodes, experiment.q)
+
+    combine = staticmethod(combine_terms)
+
+    def on_round(self, t: int, record: Any) -> dict[str, Any]:
+        return {} if record is None else {"contributions": self.ledger.rows(t, record)}
+
+    def finish(self) -> dict[str, Any]:
+        return {"shares": shares(self.ledger.totals())}
+
+    def finish_schemas(self) -> dict[str, Any]:
+        return {"shares": SHARES}
+
+    def state(self) -> dict[str, np.ndarray]:
+        return self.ledger.state()
+
+    def load_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.ledger.load_state(arrays)
 
 
-def shapley_values(orders: list[np.ndarray], value: dict[frozenset, float]) -> dict[str, np.ndarray]:
-    """Rows of ``shapley.parquet``: per participant the mean (and standard error) over ``orders`` of its
-    marginal value(S ∪ {j}) − value(S), S the participants before j; ``value`` maps every prefix coalition
-    (frozenset of ids) to Σ_k q_k L(θ_k^T; z′) trained with only its data."""
-    n = len(orders[0])
-    marginals = np.zeros((len(orders), n))
-    for i, order in enumerate(orders):
-        before = frozenset()
-        for j in order.tolist():
-            after = before | {j}
-            marginals[i, j] = value[after] - value[before]
-            before = after
-    stderr = marginals.std(axis=0, ddof=1) / np.sqrt(len(orders)) if len(orders) > 1 else np.full(n, np.nan)
-    return {"participant": np.arange(n, dtype=np.int32), "shapley": marginals.mean(axis=0), "stderr": stderr,
-            "permutations": np.full(n, len(orders), np.int32)}
+LEDGER_METHOD = Method("ledger", lambda config: bool(config.ledger.enabled), LedgerHook, LedgerDriver)

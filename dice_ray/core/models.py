@@ -2,7 +2,7 @@
 
 A user adds a model with the decorator::
 
-    from dice_ray.models import register_model
+    from dice_ray.core.models import register_model
 
     @register_model("my-net")
     def my_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dice_ray.influence.estimator import Cascade, Window
-from dice_ray.influence.trajectory import reach
+from dice_ray.methods.dice.estimator import Cascade, Window
+from dice_ray.methods.dice.trajectory import reach
 
 
 def path_cascade(window: Window, source: int, delta: torch.Tensor, hops: int,

@@ -25,13 +25,16 @@ everyone, so honest participants still reach consensus. If a choice is not roote
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse import csgraph
 
-from dice_ray.topology import metropolis_weights
+from dice_ray.core.topology import metropolis_weights
+from dice_ray.hooks import DriverHook, Method
+from dice_ray.results import REWIRING
 
 
 def in_neighbor_sets(w: Any) -> list[np.ndarray]:
@@ -168,3 +171,65 @@ class Rewirer:
                                  for nb, s in zip(ids.tolist(), score.tolist(), strict=True)]
         self.w = w
         return w
+
+
+# -- the method: driver side only (it changes W between rounds; no block does anything) ----------------------
+
+
+class RewiringDriver(DriverHook):
+    """Collaborator selection during a run: a new W before every K-th round from the proximal ledger's
+    cumulative scores (when proximal influence runs); its history is ``rewiring.parquet``."""
+
+    name = "rewiring"
+
+    def __init__(self, experiment: Any):
+        super().__init__(experiment)
+        self.rewirer = Rewirer(experiment.config, experiment.topology.mixing_matrix(0))
+
+    def setup(self, drivers: Mapping[str, DriverHook]) -> None:
+        proximal = drivers.get("proximal")
+        self.rewirer.ledger = getattr(proximal, "ledger", None)
+
+    def due(self, t: int) -> bool:
+        return self.rewirer.due(t)
+
+    def before_round(self, t: int) -> sp.csr_array:
+        return self.rewirer.rewire(t)
+
+    def mixing(self) -> sp.csr_array:
+        return self.rewirer.w
+
+    def finish(self) -> dict[str, Any]:
+        return {"rewiring": self.rewirer.history}
+
+    def finish_schemas(self) -> dict[str, Any]:
+        return {"rewiring": REWIRING}
+
+    def summary(self) -> dict[str, Any]:
+        return {"rewiring_fallbacks": self.rewirer.fallbacks}
+
+    def state(self) -> dict[str, np.ndarray]:
+        w, h = sp.csr_array(self.rewirer.w), self.rewirer.history
+        scores = [np.nan if r["cumulative_score"] is None else r["cumulative_score"] for r in h]
+        return {"w.data": w.data, "w.indices": w.indices, "w.indptr": w.indptr, "w.shape": np.array(w.shape),
+                "fallbacks": np.array(self.rewirer.fallbacks, np.int64),
+                **{f"history.{key}": np.array([r[key] for r in h], dtype) for key, dtype in _HISTORY.items()},
+                "history.cumulative_score": np.array(scores, np.float64)}
+
+    def load_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        if not arrays:
+            self.rewirer.w = sp.csr_array(self.experiment.topology.mixing_matrix(0))
+            self.rewirer.history, self.rewirer.fallbacks = [], []
+            return
+        self.rewirer.w = sp.csr_array((arrays["w.data"], arrays["w.indices"], arrays["w.indptr"]),
+                                      shape=tuple(arrays["w.shape"].tolist()))
+        self.rewirer.fallbacks = arrays["fallbacks"].tolist()
+        columns = {key: arrays[f"history.{key}"].tolist() for key in [*_HISTORY, "cumulative_score"]}
+        self.rewirer.history = [
+            {key: (None if key == "cumulative_score" and np.isnan(values[i]) else values[i])
+             for key, values in columns.items()} for i in range(len(columns["round"]))]
+
+
+_HISTORY = {"round": np.int64, "participant": np.int64, "neighbor": np.int64, "action": np.str_}
+
+REWIRING_METHOD = Method("rewiring", lambda config: config.rewiring.mode != "none", None, RewiringDriver)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from dice_ray.core.losses import CROSS_ENTROPY, Loss
 from dice_ray.errors import InputError
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -137,10 +138,11 @@ class Population:
     """
 
     def __init__(self, model: nn.Module, state: torch.Tensor, optimizer: OptimizerSpec,
-                 vectorize: str = "vmap"):
+                 vectorize: str = "vmap", loss: Loss = CROSS_ENTROPY):
         if vectorize not in ("vmap", "loop"):
             raise InputError(f"vectorize {vectorize!r} is unknown; choose 'vmap' or 'loop'")
         self.model = model
+        self.loss = loss  # the per-sample loss (``losses.py``): local steps and every z′ measurement
         self.param_layout, self.buffer_layout = model_state_layouts(model)
         self.state = state
         self.params = state[:, : self.param_layout.width]
@@ -180,9 +182,8 @@ class Population:
                    sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         buffers = self.buffer_layout.views(self.buffers) if buffers is None else buffers
         logits = self._logits(params, buffers, x, shared_input)
-        targets = y.expand(logits.shape[0], -1) if shared_input else y
-        per_sample = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none") \
-            .view(logits.shape[0], -1)
+        targets = y.expand(logits.shape[0], *y.shape) if shared_input else y
+        per_sample = self.loss.per_sample(logits.flatten(0, 1), targets.flatten(0, 1)).view(logits.shape[0], -1)
         if sample_weights is None:
             return per_sample.mean(dim=1)
         w = sample_weights.to(per_sample.dtype)
@@ -190,7 +191,8 @@ class Population:
 
     def losses(self, x: torch.Tensor, y: torch.Tensor, params: torch.Tensor | None = None,
                shared_input: bool = False) -> torch.Tensor:
-        """Return the mean cross-entropy L(θ_k; z_k) of each participant, shape [P] (differentiable).
+        """Return the mean loss L(θ_k; z_k) (``self.loss``: cross-entropy by default) of each participant, [P]
+        (differentiable).
 
         x: [P, B, ...] and y: [P, B] (each participant its own batch), or with ``shared_input`` x: [B, ...],
         y: [B] (one batch such as z′ for all). ``params`` [P, D_params] defaults to the current parameters.
@@ -249,9 +251,10 @@ class Population:
                 xs, ys = (x, y) if shared_input else (x[a:b], y[a:b])
                 logits = self._logits(self.param_layout.views(self.params[a:b]),
                                       self.buffer_layout.views(self.buffers[a:b]), xs, shared_input)
-                targets = ys.expand(b - a, -1) if shared_input else ys
-                loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-                correct = (logits.argmax(-1) == targets).to(loss.dtype)
+                targets = ys.expand(b - a, *ys.shape) if shared_input else ys
+                loss = self.loss.per_sample(logits.flatten(0, 1), targets.flatten(0, 1))
+                correct = self.loss.correct(logits.flatten(0, 1), targets.flatten(0, 1))
+                correct = (torch.full_like(loss, float("nan")) if correct is None else correct).view(b - a, -1)
                 w = torch.ones_like(correct) if sample_weights is None else sample_weights[a:b].to(loss.dtype)
                 total = w.sum(dim=1)
                 out_loss.append((loss.view(b - a, -1) * w).sum(dim=1) / total)

@@ -8,17 +8,14 @@ initial state before the first one), the rows after it are dropped, and the roun
 the run finishes with the numbers an undisturbed run computes. Non-finite losses or parameters stop the
 run (``FloatingPointError``) with the round and the participants named.
 
-``OnlineState`` is what the driver accumulates over rounds beside the tables: the proximal-influence ledger
-(``proximal.py``), the contribution ledger L[j→k] (``contributions.py``) and collaborator selection's current
-graph and history (``rewiring.py``). It is saved with
-each checkpoint and restored with it. Rounds run in segments that end before each rewiring, so the ledger
-holds every score up to the round a new W^t is chosen for.
+``Drivers`` holds the driver halves of the run's methods (``hooks.DriverHook``): every round's records go to
+them, the rows they return to the tables, and their accumulated state into every checkpoint. Rounds run in
+segments that end before each round a method changes W (collaborator selection), so its driver holds every
+record up to the round a new W^t is chosen for.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import datetime as dt
 import sys
 from collections.abc import Callable, Iterator
@@ -29,11 +26,9 @@ import numpy as np
 
 from dice_ray.checkpoint import CheckpointStore, RoundTables
 from dice_ray.config import RunConfig
-from dice_ray.contributions import ContributionLedger
 from dice_ray.engine.metrics import RoundMetrics, RoundPlan
-from dice_ray.influence.online import CascadeRecorder, online_probes
-from dice_ray.proximal import ProximalLedger
-from dice_ray.rewiring import Rewirer
+from dice_ray.engine.ray_engine import ACTOR_FAILURES
+from dice_ray.hooks import DriverHook, Method
 
 FLUSH_ROWS = 1 << 20  # rows buffered in memory before they go to a part file between checkpoints
 
@@ -47,47 +42,49 @@ class TrainingReport:
     checkpoints: int = 0
 
 
-@dataclass
-class OnlineState:
-    """Driver-side state that evolves with the rounds (None where the run does not use it)."""
+class Drivers:
+    """The driver halves of a run's methods (``hooks.DriverHook``), by name, in method order: what the driver
+    accumulates over rounds beside the tables. Saved with each checkpoint (``state``) and restored with it."""
 
-    ledger: ProximalLedger | None = None
-    rewirer: Rewirer | None = None
-    contributions: ContributionLedger | None = None
-    cascades: CascadeRecorder | None = None  # in-loop DICE-E terms (influence.online)
+    def __init__(self, experiment: Any, methods: list[Method]):
+        self.by_name: dict[str, DriverHook] = {m.name: m.driver(experiment) for m in methods if m.driver is not None}
+        for driver in self.by_name.values():
+            driver.setup(self.by_name)
 
-    @classmethod
-    def for_experiment(cls, experiment: Any) -> OnlineState:
-        """Return the initial state of ``experiment`` (an ``experiment.Experiment``)."""
-        config = experiment.config
-        ledger = (ProximalLedger(config.nodes, experiment.q, experiment.misbehaving, config.proximal.window)
-                  if config.proximal.enabled else None)
-        rewirer = (Rewirer(config, experiment.topology.mixing_matrix(0), ledger)
-                   if config.rewiring.mode != "none" else None)
-        contributions = ContributionLedger(config.nodes, experiment.q) if config.ledger.enabled else None
-        cascades = CascadeRecorder() if online_probes(config) else None
-        return cls(ledger, rewirer, contributions, cascades)
+    def tables(self) -> dict[str, Any]:
+        """The per-round tables of every method (name -> schema)."""
+        return {name: schema for d in self.by_name.values() for name, schema in d.tables.items()}
 
     def record(self, metrics: RoundMetrics, tables: RoundTables) -> None:
-        """Add a round's proximal scores to the ledger and its rows to the ``proximal`` table, and its
-        contribution-ledger terms to L[j→k] and the ``contributions`` table."""
-        if metrics.proximal is not None and self.ledger is not None:
-            tables.append("proximal", self.ledger.rows(metrics.round, metrics.proximal))
-        if metrics.ledger is not None and self.contributions is not None:
-            tables.append("contributions", self.contributions.rows(metrics.round, metrics.ledger))
-        if self.cascades is not None:
-            self.cascades.add(metrics.cascade)
+        """Hand every method its round's records (combined over blocks); append the rows it returns."""
+        for name, driver in self.by_name.items():
+            rows = driver.on_round(metrics.round, driver.combine(metrics.records.get(name, [])))
+            for table, columns in rows.items():
+                tables.append(table, columns)
 
-    def restore(self, saved: OnlineState) -> None:
-        """Take every field of ``saved`` (a checkpoint's driver state)."""
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, getattr(saved, f.name, None))
+    def state(self) -> dict[str, np.ndarray]:
+        """Every driver's ``state()``, keys prefixed by the method name (``proximal.sums``, …)."""
+        return {f"{name}.{key}": value for name, d in self.by_name.items() for key, value in d.state().items()}
+
+    def load_state(self, arrays: dict[str, np.ndarray] | None) -> None:
+        """Set every driver from ``state()``'s arrays (None: the initial state)."""
+        arrays = arrays or {}
+        for name, driver in self.by_name.items():
+            prefix = f"{name}."
+            driver.load_state({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+
+    def impose_mixing(self, engine: Any) -> None:
+        """After a restore: hand the engine the W any method imposes now."""
+        for driver in self.by_name.values():
+            w = driver.mixing()
+            if w is not None:
+                engine.set_mixing_matrix(w)
 
     def segments(self, plans: Iterator[RoundPlan]) -> Iterator[list[RoundPlan]]:
-        """Split ``plans`` before every round collaborator selection rewires (one segment without it)."""
+        """Split ``plans`` before every round a method changes W (one segment without such a method)."""
         segment: list[RoundPlan] = []
         for plan in plans:
-            if self.rewirer is not None and self.rewirer.due(plan.t) and segment:
+            if segment and any(d.due(plan.t) for d in self.by_name.values()):
                 yield segment
                 segment = []
             segment.append(plan)
@@ -95,9 +92,25 @@ class OnlineState:
             yield segment
 
     def before(self, t: int, engine: Any) -> None:
-        """Rewire before round t if it is due (every earlier round's scores are in the ledger by now)."""
-        if self.rewirer is not None and self.rewirer.due(t):
-            engine.set_mixing_matrix(self.rewirer.rewire(t))
+        """Before round t (a segment's first): the methods due then choose W (every earlier round's records are
+        in by now)."""
+        for driver in self.by_name.values():
+            if driver.due(t):
+                w = driver.before_round(t)
+                if w is not None:
+                    engine.set_mixing_matrix(w)
+
+    def finish(self) -> list[tuple[str, Any, Any]]:
+        """(table name, rows, schema) of every table the methods write once, after the last round."""
+        out = []
+        for driver in self.by_name.values():
+            schemas = driver.finish_schemas()
+            out += [(name, rows, schemas[name]) for name, rows in driver.finish().items()]
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Every method's facts for the manifest."""
+        return {key: value for d in self.by_name.values() for key, value in d.summary().items()}
 
 
 def schedule(config: RunConfig, start: int) -> Iterator[RoundPlan]:
@@ -131,18 +144,16 @@ def check_finite(metrics: RoundMetrics) -> None:
                                  f"{metrics.consensus_distance})")
 
 
-def train(engine: Any, config: RunConfig, tables: RoundTables, store: CheckpointStore, online: OnlineState,
+def train(engine: Any, config: RunConfig, tables: RoundTables, store: CheckpointStore, online: Drivers,
           start: int = 0, on_round: Callable[[RoundMetrics, Any], None] | None = None, bar: Any = None,
           report: TrainingReport | None = None) -> TrainingReport:
     """Run rounds ``start``..T−1 on ``engine`` (its state, and ``online``, are those after round ``start``−1);
     see the module docstring. ``on_round(metrics, engine)`` is called after each round's rows are recorded;
     ``bar`` is a tqdm bar; ``report`` (returned) collects the recoveries, also when an exception ends the run.
     """
-    from dice_ray.engine.ray_engine import ACTOR_FAILURES
-
     n = config.nodes
     report = report if report is not None else TrainingReport()
-    initial = copy.deepcopy(online) if start == 0 else None  # restored after a failure before any checkpoint
+    initial = online.state() if start == 0 else None  # restored after a failure before any checkpoint
     while start < config.rounds:
         seen = start - 1
         try:
@@ -152,7 +163,7 @@ def train(engine: Any, config: RunConfig, tables: RoundTables, store: Checkpoint
                 online.record(m, tables)
                 if m.snapshot is not None:
                     tables.commit(m.round)
-                    store.save(m.round, m.snapshot, online)
+                    store.save(m.round, m.snapshot, online.state())
                     report.checkpoints += 1
                 elif tables.buffered_rows() >= FLUSH_ROWS:
                     tables.commit(m.round)
@@ -173,10 +184,8 @@ def train(engine: Any, config: RunConfig, tables: RoundTables, store: Checkpoint
             latest = store.latest()
             restored = latest.round if latest is not None else -1
             engine.restore(latest.load() if latest is not None else None, config.engine.restart_timeout)
-            saved = latest.load_driver_state() if latest is not None else copy.deepcopy(initial)
-            online.restore(saved)
-            if online.rewirer is not None:
-                engine.set_mixing_matrix(online.rewirer.w)
+            online.load_state(latest.load_driver_state() if latest is not None else initial)
+            online.impose_mixing(engine)
             tables.rollback(restored)
             recovery = {"failed_in_round": seen + 1, "error": _one_line(err), "restored_from_round": restored,
                         "replayed_rounds": [restored + 1, seen + 1],
@@ -191,7 +200,7 @@ def train(engine: Any, config: RunConfig, tables: RoundTables, store: Checkpoint
     return report
 
 
-def _rounds(engine: Any, online: OnlineState, plans: Iterator[RoundPlan]) -> Iterator[RoundMetrics]:
+def _rounds(engine: Any, online: Drivers, plans: Iterator[RoundPlan]) -> Iterator[RoundMetrics]:
     """The engine's rounds, segment by segment (rewiring W^t between segments)."""
     for segment in online.segments(plans):
         online.before(segment[0].t, engine)

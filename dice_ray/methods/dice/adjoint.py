@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.func import vjp
 
-from dice_ray.influence.estimator import VARIANTS, Window
+from dice_ray.methods.dice.estimator import VARIANTS, Window
 
 
 def _transpose_mix(w, a: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,7 @@ def adjoint_horizon(window: Window, q: np.ndarray, hops: int, variant: str = "cu
     """Return the DICE-E horizon total Σ_k q_k e_k^{(hops)} of the whole-batch probe (j, t0) for every
     participant j: float64 [N]. ``deltas`` maps j to (Δ_j, optimizer-state Δ_j); default: each j's actual
     update at t0 (``update_difference``)."""
-    from dice_ray.influence.estimator import update_difference
+    from dice_ray.methods.dice.estimator import update_difference
 
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} is unknown; choose one of {', '.join(VARIANTS)}")

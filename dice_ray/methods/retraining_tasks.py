@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import ray
 
-from dice_ray.contributions import final_losses, loo_rows, shapley_coalitions, shapley_values
-from dice_ray.engine.influence import TASK_FAILURES, TASK_RETRIES
+from dice_ray.engine.tasks import TASK_FAILURES, TASK_RETRIES
+from dice_ray.methods.retraining import final_losses, loo_rows, shapley_coalitions, shapley_values
 
 
 @ray.remote(num_cpus=1, max_retries=0)

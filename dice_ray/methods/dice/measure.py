@@ -10,17 +10,19 @@ from typing import Any
 
 import numpy as np
 
-from dice_ray.influence.estimator import (
+from dice_ray.core.misbehavior import UPDATE_KINDS, update_factor
+from dice_ray.core.models import build_model
+from dice_ray.core.participants import ParticipantBlock
+from dice_ray.methods.dice.estimator import (
     Cascade,
     Window,
     estimate_cascade,
     sample_update_difference,
     update_difference,
 )
-from dice_ray.influence.ground_truth import ground_truth_cascade
-from dice_ray.influence.probes import Probe, probe_rounds, select_probes
-from dice_ray.influence.trajectory import Trajectory, record_windows
-from dice_ray.misbehavior import UPDATE_KINDS, update_factor
+from dice_ray.methods.dice.ground_truth import ground_truth_cascade
+from dice_ray.methods.dice.probes import Probe, probe_rounds, select_probes
+from dice_ray.methods.dice.trajectory import Trajectory, record_windows
 
 COLUMNS = {"first-order": "est_first_order", "curvature": "est_curvature"}
 
@@ -78,8 +80,6 @@ def window_for(experiment: Any, trajectory: Trajectory) -> Window:
     """Return the ``Window`` of ``trajectory`` for ``experiment`` (its model, optimizer, minibatches and z′)."""
     import torch
 
-    from dice_ray.models import build_model
-    from dice_ray.participants import ParticipantBlock
 
     ds = experiment.dataset
     block = ParticipantBlock.for_experiment(experiment)
@@ -92,7 +92,8 @@ def window_for(experiment: Any, trajectory: Trajectory) -> Window:
     if bad.kind in UPDATE_KINDS and len(experiment.misbehaving):
         factors = np.ones(experiment.nodes)
         factors[experiment.misbehaving] = update_factor(bad.kind, bad.factor)
-    return Window(trajectory, model, experiment.config.optim.spec(), block.minibatch, heldout, validation, factors)
+    return Window(trajectory, model, experiment.config.optim.spec(), block.minibatch, heldout, validation, factors,
+                  block.population.loss)
 
 
 def measure_round(experiment: Any, trajectory: Trajectory, probes: list[Probe]) -> tuple[list[dict], list[dict]]:

@@ -1,0 +1,93 @@
+"""Loss registry: what a participant minimizes, and what every influence measurement differentiates.
+
+A ``Loss`` says, for a batch of model outputs and targets, the per-sample loss (the local step's objective
+L(θ; z_k^t) and the z′ loss of DICE, proximal influence and the ledger are its means) and, optionally, whether
+each prediction is correct (the ``*_acc`` columns; NaN where a loss has no notion of it). Built in:
+``cross-entropy`` (classification, the default) and ``mse`` (regression: targets float [B] or [B, C]).
+
+A user adds one like a model::
+
+    import dice_ray
+
+    @dice_ray.register_loss("huber")
+    class Huber(dice_ray.Loss):
+        def per_sample(self, outputs, targets):
+            return torch.nn.functional.huber_loss(outputs.squeeze(-1), targets, reduction="none")
+
+and selects it with ``model.loss: huber`` (the module defining it listed in the run config's ``imports``).
+Every function of a ``Loss`` must be differentiable twice (DICE-E takes Hessian-vector products through it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dice_ray.errors import InputError
+
+
+class Loss:
+    """The per-sample loss of model outputs [N, C] against targets [N] (or [N, C]), and optional correctness."""
+
+    name = "loss"
+
+    def per_sample(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Return the loss of each of the N samples, [N] (differentiable in ``outputs``)."""
+        raise NotImplementedError
+
+    def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """Return 1.0 where a prediction is right, else 0.0, [N]; None if the task has no accuracy."""
+        return None
+
+
+class CrossEntropy(Loss):
+    """Softmax cross-entropy of logits [N, C] against class labels [N] (int64); accuracy of the arg-max."""
+
+    name = "cross-entropy"
+
+    def per_sample(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+    def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (outputs.argmax(-1) == targets).to(outputs.dtype)
+
+
+class MeanSquaredError(Loss):
+    """Squared error of outputs [N, C] against float targets [N] (C = 1) or [N, C], averaged over C."""
+
+    name = "mse"
+
+    def per_sample(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        targets = targets.to(outputs.dtype).reshape(outputs.shape[0], -1)
+        return (outputs - targets).pow(2).mean(dim=-1)
+
+
+_REGISTRY: dict[str, Callable[[], Loss]] = {"cross-entropy": CrossEntropy, "mse": MeanSquaredError}
+
+
+def register_loss(name: str) -> Callable[[type[Loss]], type[Loss]]:
+    """Return a class decorator registering a ``Loss`` subclass (constructed without arguments) as ``name``."""
+
+    def decorator(cls: type[Loss]) -> type[Loss]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def loss_names() -> tuple[str, ...]:
+    """The registered loss names."""
+    return tuple(_REGISTRY)
+
+
+def build_loss(name: str) -> Loss:
+    """Return the ``Loss`` registered as ``name``; raise ``InputError`` for an unknown one."""
+    if name not in _REGISTRY:
+        raise InputError(f"loss {name!r} is unknown; choose one of {', '.join(loss_names())}")
+    return _REGISTRY[name]()
+
+
+CROSS_ENTROPY = CrossEntropy()

@@ -1,0 +1,52 @@
+"""Small tensor utilities shared by the population, the participant block and the methods (torch, numpy, scipy)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+
+def as_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Return ``a`` as a tensor without copying when possible (object-store arrays are read-only and
+    are never written through these tensors)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.as_tensor(a, device=device)
+
+
+def csr_tensor(w: sp.csr_array, device: torch.device) -> torch.Tensor:
+    """Return scipy CSR ``w`` as a float32 torch sparse CSR tensor."""
+    w = w.astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+        return torch.sparse_csr_tensor(torch.from_numpy(w.indptr.astype(np.int64)),
+                                       torch.from_numpy(w.indices.astype(np.int64)),
+                                       torch.from_numpy(w.data), size=w.shape, device=device)
+
+
+def edge_dots(pairs: list[tuple[torch.Tensor, torch.Tensor]], ra: np.ndarray, rb: np.ndarray) -> list[torch.Tensor]:
+    """Return, for each (a [P, D], b [M, D]) of ``pairs``, [E]: a[ra[e]] · b[rb[e]] for every edge e.
+
+    Sampled dense-dense products (only the E entries of a bᵀ are computed): 7x faster here than gathering
+    rows per edge; in float64 when the inputs are, exact to rounding.
+    """
+    a0, b0 = pairs[0]
+    order = np.lexsort((rb, ra))
+    crow = np.concatenate([[0], np.cumsum(np.bincount(ra, minlength=a0.shape[0]))])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+        pattern = torch.sparse_csr_tensor(torch.as_tensor(crow, dtype=torch.int64),
+                                          torch.as_tensor(rb[order], dtype=torch.int64),
+                                          torch.zeros(len(ra), dtype=a0.dtype), size=(a0.shape[0], b0.shape[0]),
+                                          device=a0.device)
+    back = torch.as_tensor(np.argsort(order), device=a0.device)
+    return [torch.sparse.sampled_addmm(pattern, a, b.T, beta=0.0).values()[back] for a, b in pairs]
+
+
+def sum_by_key(keys: list[np.ndarray] | tuple, values: list[np.ndarray] | tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Return (sorted unique keys, per-key sums of values)."""
+    unique, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+    return unique, np.bincount(inverse, np.concatenate(values), minlength=len(unique))

@@ -1,0 +1,155 @@
+"""The data-set registry: name -> loader, the built-in sets, and ``register_dataset`` for a user's own data.
+
+A user's data set is a factory that returns its train and test splits::
+
+    import dice_ray
+
+    @dice_ray.register_dataset("my-regression", input_shape=(4,), num_classes=1)
+    def my_regression(seed: int):
+        ...
+        return x_train, y_train, x_test, y_test        # numpy arrays (or two torch Datasets)
+
+and is selected by name (``data.dataset: my-regression``, ``--dataset my-regression``); the module defining it
+is imported first through the run config's ``imports`` (also inside every Ray worker). Integer labels are
+class labels (``num_classes`` defaults to their maximum + 1); float targets (regression, with a loss such
+as ``mse``) keep their dtype, and ``num_classes`` is the model's output width (default: 1 for [n] targets,
+m for [n, m]). User data is used as given: no normalization.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dice_ray.data.datasets import Dataset, load_digits, load_mnist5k, load_synthetic
+from dice_ray.data.readers import load_cifar, load_mnist_like, load_tiny_imagenet
+from dice_ray.errors import InputError
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """What a loader may read from the run config (``data`` section): the data folder, whether to download,
+    the run seed and the synthetic generator's size."""
+
+    data_dir: str | None = None
+    download: bool = False
+    seed: int = 0
+    synthetic_samples: int = 10_000
+    synthetic_classes: int = 10
+    synthetic_shape: tuple[int, ...] = (1, 8, 8)
+
+
+Loader = Callable[[DataOptions], Dataset]
+_REGISTRY: dict[str, Loader] = {}
+_ON_DISK = ("mnist", "fashion-mnist", "cifar10", "cifar100", "tiny-imagenet")
+
+
+def _on_disk(name: str) -> Loader:
+    def load(options: DataOptions) -> Dataset:
+        if options.data_dir is None:
+            raise InputError(f"--data-dir is required for {name}")
+        data_dir = os.path.abspath(os.path.expanduser(str(options.data_dir)))
+        if name in ("mnist", "fashion-mnist"):
+            return load_mnist_like(name, data_dir, options.download)
+        if name in ("cifar10", "cifar100"):
+            return load_cifar(name, data_dir, options.download)
+        return load_tiny_imagenet(data_dir, options.download)
+
+    return load
+
+
+_REGISTRY.update({
+    "digits": lambda o: load_digits(),
+    "mnist5k": lambda o: load_mnist5k(),
+    "synthetic": lambda o: load_synthetic(o.seed, o.synthetic_samples, o.synthetic_classes,
+                                          tuple(o.synthetic_shape)),
+    **{name: _on_disk(name) for name in _ON_DISK},
+})
+BUILT_IN = tuple(_REGISTRY)
+
+
+def dataset_names() -> tuple[str, ...]:
+    """The registered data-set names: the built-in ones first, then the user's in registration order."""
+    return tuple(_REGISTRY)
+
+
+def _arrays(split: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) arrays of a torch ``Dataset`` of (input, target) pairs."""
+    items = [split[i] for i in range(len(split))]
+    return (np.stack([np.asarray(x, np.float32) for x, _ in items]),
+            np.stack([np.asarray(y) for _, y in items]))
+
+
+def as_dataset(name: str, value: Any, input_shape: tuple[int, ...] | None = None,
+               num_classes: int | None = None) -> Dataset:
+    """Return a factory's ``value`` — a ``Dataset``, (x_train, y_train, x_test, y_test) arrays, or (train, test)
+    torch Datasets — as a ``Dataset`` (float32 inputs; int64 class labels or float32 targets)."""
+    if isinstance(value, Dataset):
+        return value
+    if isinstance(value, tuple) and len(value) == 2:
+        (x_train, y_train), (x_test, y_test) = _arrays(value[0]), _arrays(value[1])
+    elif isinstance(value, tuple) and len(value) == 4:
+        x_train, y_train, x_test, y_test = (np.asarray(v) for v in value)
+    else:
+        raise InputError(f"data set {name!r}: its factory must return (x_train, y_train, x_test, y_test) arrays, "
+                         f"(train, test) torch Datasets or a Dataset, got {type(value).__name__}")
+    if len(x_train) != len(y_train) or len(x_test) != len(y_test) or not len(x_train) or not len(x_test):
+        raise InputError(f"data set {name!r}: {len(x_train)} training inputs for {len(y_train)} targets and "
+                         f"{len(x_test)} test inputs for {len(y_test)} targets (need equal, non-zero counts)")
+    classification = np.issubdtype(y_train.dtype, np.integer)
+    kind = np.int64 if classification else np.float32
+    y_train, y_test = (np.ascontiguousarray(y, dtype=kind) for y in (y_train, y_test))
+    if num_classes is None:
+        num_classes = int(max(y_train.max(), y_test.max()) + 1) if classification else (
+            1 if y_train.ndim == 1 else int(y_train.shape[1]))
+    shape = tuple(int(d) for d in (input_shape or x_train.shape[1:]))
+    if tuple(x_train.shape[1:]) != shape or tuple(x_test.shape[1:]) != shape:
+        raise InputError(f"data set {name!r}: inputs of shape {tuple(x_train.shape[1:])} (train) and "
+                         f"{tuple(x_test.shape[1:])} (test), declared {shape}")
+    if classification and (y_train.min() < 0 or max(y_train.max(), y_test.max()) >= num_classes):
+        raise InputError(f"data set {name!r}: class labels must lie in 0..{num_classes - 1}")
+    return Dataset(name, np.ascontiguousarray(x_train, dtype=np.float32), y_train,
+                   np.ascontiguousarray(x_test, dtype=np.float32), y_test, int(num_classes), shape)
+
+
+def register_dataset(name: str, factory: Callable[..., Any] | None = None, *,
+                     input_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> Any:
+    """Register ``factory`` as data set ``name``; usable as ``@register_dataset(name, ...)`` or called directly.
+
+    ``factory(seed)`` (or ``factory()``) returns (x_train, y_train, x_test, y_test) numpy arrays, (train, test)
+    torch ``Dataset``s of (input, target) pairs, or a ``Dataset``. ``input_shape`` and ``num_classes`` (for
+    regression: the output width) default to what the arrays show. Returns the factory.
+    """
+    if name in BUILT_IN:
+        raise ValueError(f"data set {name!r} is built in; choose another name")
+
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        takes_seed = bool(inspect.signature(fn).parameters)
+
+        def load(options: DataOptions) -> Dataset:
+            return as_dataset(name, fn(options.seed) if takes_seed else fn(), input_shape, num_classes)
+
+        _REGISTRY[name] = load
+        return fn
+
+    return decorator(factory) if factory is not None else decorator
+
+
+def load_dataset(name: str, *, data_dir: str | None = None, download: bool = False, seed: int = 0,
+                 synthetic_samples: int = 10_000, synthetic_classes: int = 10,
+                 synthetic_shape: tuple[int, ...] = (1, 8, 8)) -> Dataset:
+    """Load data set ``name`` (one of ``dataset_names()``) as a channels-first ``Dataset``.
+
+    ``seed`` only affects ``synthetic`` and user factories that take it (the other splits are fixed);
+    ``data_dir`` and ``download`` only the on-disk sets. Raises ``InputError`` for an unknown name, a missing or
+    corrupt data folder.
+    """
+    if name not in _REGISTRY:
+        raise InputError(f"unknown data set {name!r}; choose one of {', '.join(dataset_names())}")
+    options = DataOptions(data_dir, download, seed, synthetic_samples, synthetic_classes, tuple(synthetic_shape))
+    return _REGISTRY[name](options)

@@ -1,0 +1,35 @@
+"""The methods: each one a round hook (``dice_ray.hooks``) with its driver state and its tables.
+
+- ``proximal``       proximal influence p_{k←l}: every examiner scores its in-neighbours online (SPEC §5)
+- ``contributions``  the contribution ledger L[j→k]: first-order DICE-E of every update, online
+- ``dice/``          DICE: probes, ground truth by replay, the estimator (replayed or ``online.py`` in the loop)
+- ``rewiring``       collaborator selection: a new W every K rounds from the proximal ledger
+- ``retraining``     leave-one-participant-out and Shapley ground truth for contributions (``retraining_tasks``
+                     fans the runs out as Ray tasks)
+
+A new method is a module beside these with a ``Method``; pass it to ``dice_ray.run(..., methods=[...])`` or add it
+to ``METHODS``. Methods run in list order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dice_ray.errors import InputError
+from dice_ray.hooks import Method
+from dice_ray.methods.contributions import LEDGER_METHOD
+from dice_ray.methods.dice.online import ONLINE_DICE_METHOD
+from dice_ray.methods.proximal import PROXIMAL_METHOD
+from dice_ray.methods.rewiring import REWIRING_METHOD
+
+METHODS: list[Method] = [PROXIMAL_METHOD, LEDGER_METHOD, ONLINE_DICE_METHOD, REWIRING_METHOD]
+
+
+def methods_for(config: Any, extra: list[Method] | tuple[Method, ...] = ()) -> list[Method]:
+    """The methods a run with ``config`` uses: the built-in ones it enables, then ``extra`` (a user's) that it
+    enables, in order; names must be unique."""
+    chosen = [m for m in [*METHODS, *extra] if m.enabled(config)]
+    names = [m.name for m in chosen]
+    if len(set(names)) != len(names):
+        raise InputError(f"methods: the names {sorted({n for n in names if names.count(n) > 1})} are used twice")
+    return chosen

@@ -1,0 +1,76 @@
+"""Ground truth for contribution accounting: whole runs retrained without some participants' data.
+
+Leave-one-participant-out needs N + 1 runs (the full run and one without each participant's data); Monte-Carlo
+Shapley with K permutations needs the distinct prefix coalitions of K random orders. Each run is a local-engine
+run of the whole schedule (``final_losses``); ``retraining_tasks.py`` fans them out as Ray tasks. Pure torch and
+numpy here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from dice_ray.data import Partition
+from dice_ray.engine.local import LocalEngine
+
+
+def without_data(experiment: Any, excluded: list[int]) -> Any:
+    """Return ``experiment`` with the training data of participants ``excluded`` removed (they take no local
+    step but still gossip; weights q, W and everything else unchanged), the ledger, proximal scoring and
+    influence off (a retraining run only needs its final losses)."""
+    config = experiment.config
+    off = {name: getattr(config, name).model_copy(update={"enabled": False})
+           for name in ("ledger", "proximal", "influence")}
+    gone = set(excluded)
+    train = [np.zeros(0, np.int64) if k in gone else part for k, part in enumerate(experiment.partition.train)]
+    return dataclasses.replace(experiment, config=config.model_copy(update=off),
+                               partition=Partition(train, list(experiment.partition.val)))
+
+
+def final_losses(experiment: Any, excluded: list[int]) -> np.ndarray:
+    """Train ``without_data(experiment, excluded)`` in this process; return L(θ_k^T; z′) [N] float64 (the
+    ledger's z′: the held-out batch, or each k's validation split)."""
+    run = without_data(experiment, excluded)
+    engine = LocalEngine(run)
+    last = run.config.rounds - 1
+    for t in range(last):
+        engine.run_round(t, False)
+    metrics = engine.run_round(last, True)
+    loss = metrics.heldout_loss if experiment.config.ledger.zprime == "heldout" else metrics.val_loss
+    return np.asarray(loss, np.float64)
+
+
+def loo_rows(q: np.ndarray, full: np.ndarray, without: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows of ``loo.parquet`` from the full run's final losses ``full`` [N] and, per left-out j, ``without[j]``."""
+    n = len(full)
+    parts = [(-1, full, np.zeros(n))] + [(j, loss, q * (full - loss)) for j, loss in sorted(without.items())]
+    return {"participant": np.repeat([p for p, *_ in parts], n).astype(np.int32),
+            "target": np.tile(np.arange(n, dtype=np.int32), len(parts)),
+            "final_loss": np.concatenate([loss for _, loss, _ in parts]),
+            "effect": np.concatenate([effect for *_, effect in parts])}
+
+
+def shapley_coalitions(n: int, permutations: int, seed: int) -> list[np.ndarray]:
+    """Return the ``permutations`` random orders of participants 0..n−1 Monte-Carlo Shapley walks (seeded)."""
+    rng = np.random.default_rng([seed, 4])
+    return [rng.permutation(n) for _ in range(permutations)]
+
+
+def shapley_values(orders: list[np.ndarray], value: dict[frozenset, float]) -> dict[str, np.ndarray]:
+    """Rows of ``shapley.parquet``: per participant the mean (and standard error) over ``orders`` of its
+    marginal value(S ∪ {j}) − value(S), S the participants before j; ``value`` maps every prefix coalition
+    (frozenset of ids) to Σ_k q_k L(θ_k^T; z′) trained with only its data."""
+    n = len(orders[0])
+    marginals = np.zeros((len(orders), n))
+    for i, order in enumerate(orders):
+        before = frozenset()
+        for j in order.tolist():
+            after = before | {j}
+            marginals[i, j] = value[after] - value[before]
+            before = after
+    stderr = marginals.std(axis=0, ddof=1) / np.sqrt(len(orders)) if len(orders) > 1 else np.full(n, np.nan)
+    return {"participant": np.arange(n, dtype=np.int32), "shapley": marginals.mean(axis=0), "stderr": stderr,
+            "permutations": np.full(n, len(orders), np.int32)}
