@@ -143,8 +143,8 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
     if engine not in ENGINES:
         raise InputError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
     config = as_config(config, **fields)
-    experiment = prepare(config)
     run_directory(config)
+    experiment = prepare(config)
     return Run(simulate(config, engine, save_states, experiment, on_round=on_round, methods=methods))
 
 

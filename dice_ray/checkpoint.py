@@ -75,8 +75,8 @@ class Checkpoint:
         return self._arrays("driver.npz") if (self.path / "driver.npz").exists() else None
 
     def verify(self) -> str | None:
-        """Return why this checkpoint cannot be trusted (a file missing, or its SHA-256 not the one recorded in
-        ``meta.json``, which is written last), or None if every file is intact."""
+        """Return why this checkpoint cannot be trusted (a file missing, its SHA-256 not the one recorded in
+        ``meta.json``, which is written last, or not plain arrays), or None if every file is intact."""
         try:
             meta = json.loads((self.path / "meta.json").read_text())
             digests = meta["sha256"]
@@ -88,6 +88,10 @@ class Checkpoint:
                 return f"{name} is missing"
             if _sha256(path) != digest:
                 return f"{name} does not match its recorded SHA-256"
+            try:
+                self._arrays(name)
+            except (ValueError, OSError, EOFError) as err:  # e.g. pickled objects: refused, never unpickled
+                return f"{name} is not a file of plain arrays ({str(err).splitlines()[0][:120]})"
         return None
 
 

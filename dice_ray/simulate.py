@@ -53,6 +53,8 @@ from dice_ray.results import (
     write_json_atomic,
     write_table_atomic,
 )
+from dice_ray.rundir import LOCK, DirectoryLock
+from dice_ray.tracking import open_tracker
 
 # (flag, dotted config field, type). Help texts come from the config fields' descriptions.
 OPTIONS: list[tuple[str, str, Any]] = [
@@ -85,6 +87,7 @@ OPTIONS: list[tuple[str, str, Any]] = [
     ("--ledger-every", "ledger.every", int), ("--ledger-hops", "ledger.hops", int),
     ("--ledger-zprime", "ledger.zprime", str), ("--shapley", "ledger.shapley_permutations", int),
     ("--shrink-ids", "data.shrink.ids", "int-list"), ("--shrink-fraction", "data.shrink.fraction", float),
+    ("--log", "output.log", str),
 ]
 SWITCHES: list[tuple[str, str, bool]] = [
     ("--download", "data.download", True), ("--overwrite", "output.overwrite", True),
@@ -163,6 +166,7 @@ def resume_config(run: Path, changes: dict[str, Any] | None = None) -> tuple[Run
     path = run / "manifest.json"
     if not path.is_file():
         raise InputError(f"--resume {run}: no manifest.json there; not a dice-ray run directory")
+    DirectoryLock(run).check()
     try:
         manifest = json.loads(path.read_text())
         data = manifest["config"]
@@ -179,7 +183,10 @@ def resume_config(run: Path, changes: dict[str, Any] | None = None) -> tuple[Run
     config = build_config(data)
     if not (run / "rounds.parquet").exists():
         store = CheckpointStore(run, config_digest(config))
-        latest = store.latest()
+        latest = store.latest()  # the newest that verifies; newer ones that do not are skipped with a warning
+        if latest is None and store.checkpoints():
+            raise InputError(f"--resume {run}: none of its {len(store.checkpoints())} checkpoints verifies (changed "
+                             "or truncated files); nothing was changed")
         try:
             if latest is not None:
                 store.check(latest)
@@ -206,7 +213,9 @@ def run_directory(config: RunConfig) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise InputError(f"--out {out!r} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not config.output.overwrite:
+    if path.is_dir():
+        DirectoryLock(path).check()  # a live run's directory is never reused, not even with --overwrite
+    if path.is_dir() and any(p.name != LOCK for p in path.iterdir()) and not config.output.overwrite:
         raise InputError(f"run directory {out!r} already exists and is not empty; pass --overwrite or "
                          "choose another --out")
     return path
@@ -295,6 +304,13 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     experiment = experiment or prepare(config)
     config = experiment.config
     out = Path(config.output.out) if resume else run_directory(config)
+    with DirectoryLock(out):  # one writer per run directory, for as long as this process writes it
+        return _simulate(experiment, out, engine_kind, save_states, resume, on_round, methods)
+
+
+def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: bool, resume: bool,
+              on_round: Callable[[Any, Any], None] | None, methods: list[Method] | tuple) -> Path:
+    config = experiment.config
     started = time.time()
     store = CheckpointStore(out, config_digest(config))
     # rounds.parquet last: its presence marks a finished training run
@@ -332,6 +348,8 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
         }
     manifest["config"]["output"]["out"] = str(out)
     write_json_atomic(out / "manifest.json", manifest)
+    tracker = open_tracker(config, out)  # output.log: TensorBoard / MLflow views of the tables
+    on_round = tracker.chain(on_round)
 
     engine: Any = None
     actor_info: list[dict[str, Any]] = []
@@ -343,8 +361,7 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
             blocks = engine.blocks
             manifest["actors"] = len(blocks)
             write_table_atomic(out / "nodes.parquet", _nodes_table(experiment, blocks), NODES)
-            if start > 0:
-                latest = store.latest()
+            if start > 0:  # ``latest``: the checkpoint that verified above
                 store.check(latest)
                 engine.restore(latest.load(), config.engine.restart_timeout)
                 online.load_state(latest.load_driver_state())
@@ -380,6 +397,7 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
                         last_checkpoint_round=latest.round if latest else None)
         _record_failures(manifest, report, retries)
         write_json_atomic(out / "manifest.json", manifest)
+        tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         if engine is not None:
             engine.close()
         raise
@@ -399,6 +417,7 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     )
     _record_failures(manifest, report, retries)
     write_json_atomic(out / "manifest.json", manifest)
+    tracker.finish()
     actors = f", actors {sum(actor_peaks):.0f} MiB in total (largest {max(actor_peaks):.0f} MiB)" if actor_peaks else ""
     print(f"done: rounds {start}..{config.rounds - 1} x {config.nodes} participants in {wall:.1f} s "
           f"({(config.rounds - start) / wall:.2f} rounds/s); final held-out accuracy "
@@ -469,9 +488,8 @@ def main(argv: list[str] | None = None) -> int:
             save_states = bool(manifest.get("save_states", False))
         else:
             config = resolve_config(args)
+            run_directory(config)  # before the data is loaded: a live or occupied directory is refused at once
         experiment = prepare(config)
-        if not args.resume:
-            run_directory(config)
     except InputError as err:
         return report(err)
     try:

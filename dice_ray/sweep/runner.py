@@ -24,6 +24,7 @@ from typing import Any
 
 from dice_ray.errors import InputError
 from dice_ray.results import write_json_atomic
+from dice_ray.rundir import LOCK, DirectoryLock
 from dice_ray.sweep.metrics import compute_metrics
 from dice_ray.sweep.plot import plot_trials
 from dice_ray.sweep.records import finished_trials, trial_dir, write_result, write_trials_table
@@ -86,7 +87,8 @@ def run_trial(tune_config: dict[str, Any], sweep: Sweep, out: str) -> None:
     if sweep.spec.metric is not None:
         value = row["metrics"].get(sweep.spec.metric)
         report[sweep.spec.metric] = math.nan if value is None else value
-    tune.report(report)
+    report.update({k: v for k, v in row["metrics"].items() if isinstance(v, int | float) and k not in report})
+    tune.report(report)  # the numbers also reach Tune's logger callbacks (output.log, see _trackers)
 
 
 def _trial_line(row: dict[str, Any], done: int, total: int, show: list[str]) -> str:
@@ -134,12 +136,33 @@ def _recorder(sweep: Sweep, out: Path, total: int, done: dict[str, dict[str, Any
     return Recorder()
 
 
-def _claim(sweep: Sweep, out: Path, resume: bool) -> None:
-    """Refuse to mix two sweeps in one directory: a non-empty one is reused only with ``resume`` and the
-    same sweep (``Sweep.fingerprint``)."""
+def _trackers(sweep: Sweep, out: Path) -> list[Any]:
+    """Ray Tune's own logger callbacks for the base config's ``output.log``: each trial's reported metrics go
+    to TensorBoard files under tune/ and to MLflow (``output.tracking_uri``, else MLFLOW_TRACKING_URI, else
+    sqlite:///<sweep directory>/mlflow.db), experiment = the sweep directory's name."""
+    from dice_ray.config import OutputConfig
+    from dice_ray.tracking import tracking_uri
+
+    output = OutputConfig(**{k: v for k, v in (sweep.base.get("output") or {}).items() if k in ("log", "tracking_uri")})
+    callbacks: list[Any] = []
+    if "tensorboard" in output.log:
+        from ray.tune.logger import TBXLoggerCallback
+
+        callbacks.append(TBXLoggerCallback())
+    if "mlflow" in output.log:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        callbacks.append(MLflowLoggerCallback(tracking_uri(output.tracking_uri, out), experiment_name=out.name))
+    return callbacks
+
+
+def _claim(sweep: Sweep, out: Path, resume: bool, lock: DirectoryLock) -> None:
+    """Refuse a directory another process writes (``lock``), and to mix two sweeps in one directory: a non-empty
+    one is reused only with ``resume`` and the same sweep (``Sweep.fingerprint``)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"sweep out {str(out)!r} exists and is not a directory")
-    if not (out.is_dir() and any(out.iterdir())):
+    lock.check()
+    if not (out.is_dir() and any(p.name != LOCK for p in out.iterdir())):
         return
     if not resume:
         raise InputError(f"sweep directory {str(out)!r} already exists; pass --resume to finish it or choose "
@@ -193,12 +216,11 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
 
     Without ``resume`` the sweep directory must be new or empty. Prints one line per finished trial and a
     summary; writes the summary plot when the sweep file asks for one."""
-    from ray import tune
-
     from dice_ray.engine import start_ray
 
     out = sweep.out.resolve()
-    _claim(sweep, out, resume)
+    lock = DirectoryLock(out, "sweep directory")  # one writer per sweep directory
+    _claim(sweep, out, resume, lock)
     done = finished_trials(out) if out.is_dir() else {}
     # Keep trials in this working directory (Tune would move each into a folder of its own), so relative paths
     # in the config (data_dir, topology.file) mean what they mean to simulate; Tune's older output mode prints
@@ -207,7 +229,13 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     start_ray(address)
     _check_fits(sweep)
-    out.mkdir(parents=True, exist_ok=True)
+    with lock:
+        return _run_trials(sweep, out, done)
+
+
+def _run_trials(sweep: Sweep, out: Path, done: dict[str, dict[str, Any]]) -> Path:
+    from ray import tune
+
     write_json_atomic(out / "sweep.json", sweep.fingerprint())
 
     spec = sweep.spec
@@ -234,7 +262,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
             tune_config = tune.TuneConfig(search_alg=_searcher(sweep, done), num_samples=count,
                                           max_concurrent_trials=spec.max_concurrent)
         run_config = tune.RunConfig(name=f"tune-{dt.datetime.now():%Y%m%d-%H%M%S}", storage_path=str(out / "tune"),
-                                    verbose=0, callbacks=[_recorder(sweep, out, total, done)],
+                                    verbose=0, callbacks=[_recorder(sweep, out, total, done), *_trackers(sweep, out)],
                                     failure_config=tune.FailureConfig(max_failures=0))
         tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config).fit()
     return _summarize(sweep, out, time.time() - started)
