@@ -185,6 +185,15 @@ class OutputConfig(_Section):
                                                         "--resume and failure recovery continue from the last one")
     keep_checkpoints: bool = Field(False, description="keep the run's checkpoints/ after it completes")
     progress: bool = Field(True, description="show a progress bar")
+    log: list[Literal["tensorboard", "mlflow"]] = Field([], description="experiment trackers that also get the "
+                                                        "per-round metrics (comma-separated; docs: how-to/tracking)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
+                                                       "sqlite:///<run directory>/mlflow.db)")
+
+    @field_validator("log", mode="before")
+    @classmethod
+    def _split_log(cls, value: Any) -> Any:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
 
 class InfluenceConfig(_Section):

@@ -1,0 +1,189 @@
+"""Experiment tracking: send a run's per-round metrics and summaries to TensorBoard and MLflow.
+
+``output.log`` (``--log tensorboard,mlflow``) names the trackers. They are views: the Parquet tables stay
+the source of truth, and every number a tracker gets is one the tables hold too —
+
+- every round: ``train_loss`` (mean over participants) and ``rounds_per_second`` (since the previous round);
+- on evaluation rounds also ``val_loss``, ``val_acc``, ``heldout_loss``, ``heldout_acc`` (means over
+  participants) and ``consensus_distance``;
+- after the run, where computed: ``dice/mean_abs_<column>`` (mean |DICE| over probes, step = hops r) from
+  ``dice.parquet``, and ``detection/proximal_auc`` (ROC AUC of the cumulative proximal influence over all
+  (examiner, in-neighbour) pairs, step = scoring round) from ``proximal.parquet`` when some participants
+  misbehave.
+
+TensorBoard event files go to ``<run>/tensorboard/`` (``tensorboard --logdir runs/``); MLflow runs go to
+``output.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite store ``sqlite:///<run>/mlflow.db``
+(``mlflow ui --backend-store-uri sqlite:///runs/<run>/mlflow.db``), experiment ``dice-ray``, one MLflow run
+per dice-ray run, with the flattened config as parameters. Sweeps log each trial through Ray Tune's own
+logger callbacks instead (``dice_ray.sweep.runner``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EXPERIMENT = "dice-ray"
+ROUND_METRICS = ("train_loss", "val_loss", "val_acc", "heldout_loss", "heldout_acc")
+DICE_COLUMNS = ("gt", "est_first_order", "est_curvature")
+
+
+def tracking_uri(config_uri: str | None, directory: Path) -> str:
+    """The MLflow tracking URI: the config's, else ``MLFLOW_TRACKING_URI``, else SQLite in ``directory``."""
+    return config_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(directory).resolve()}/mlflow.db"
+
+
+def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a nested config dict to dotted names with string values (MLflow parameters)."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_params(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:500]
+    return flat
+
+
+def round_values(metrics: Any) -> dict[str, float]:
+    """The tracked values of one round's ``RoundMetrics``: means over participants where measured."""
+    values = {}
+    for name in ROUND_METRICS:
+        array = getattr(metrics, name, None)
+        if array is not None:
+            values[name] = float(np.mean(array))
+    if getattr(metrics, "consensus_distance", None) is not None:
+        values["consensus_distance"] = float(metrics.consensus_distance)
+    return values
+
+
+def summaries(out: Path) -> list[tuple[str, float, int]]:
+    """(name, value, step) of the influence and detection summaries of the run in ``out``, where computed."""
+    import pyarrow.parquet as pq
+
+    rows: list[tuple[str, float, int]] = []
+    if (out / "dice.parquet").exists():
+        dice = pq.read_table(out / "dice.parquet").to_pandas()
+        for column in DICE_COLUMNS:
+            if column in dice and dice[column].notna().any():
+                for hops, value in dice.groupby("hops")[column].apply(lambda v: v.abs().mean()).items():
+                    if np.isfinite(value):
+                        rows.append((f"dice/mean_abs_{column}", float(value), int(hops)))
+    if (out / "proximal.parquet").exists():
+        from sklearn.metrics import roc_auc_score
+
+        proximal = pq.read_table(out / "proximal.parquet",
+                                 columns=["round", "cumulative_score", "neighbor_is_anomalous"]).to_pandas()
+        for t, part in proximal.groupby("round"):
+            labels = part["neighbor_is_anomalous"].to_numpy()
+            if 0 < labels.sum() < len(labels):
+                rows.append(("detection/proximal_auc", float(roc_auc_score(labels, part["cumulative_score"])), int(t)))
+    return rows
+
+
+class Tracker:
+    """The trackers of one run; ``on_round`` is a ``simulate`` callback, ``finish`` logs summaries and closes.
+
+    With no tracker configured every method does nothing, so ``simulate`` calls them unconditionally."""
+
+    def __init__(self, logs: list[str], out: Path, config: dict[str, Any] | None = None,
+                 uri: str | None = None):
+        self.out = Path(out)
+        self.writer: Any = None
+        self.client: Any = None
+        self.run_id: str | None = None
+        self._pending: list[Any] = []
+        self._last = time.time()
+        if "tensorboard" in logs:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        if "mlflow" in logs:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri(uri, self.out))
+            experiment = self.client.get_experiment_by_name(EXPERIMENT)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
+            self.run_id = self.client.create_run(experiment_id, run_name=self.out.name,
+                                                 tags={"run_dir": str(self.out.resolve())}).info.run_id
+            if config:
+                self._log_params(flat_params(config))
+
+    @property
+    def active(self) -> bool:
+        return self.writer is not None or self.client is not None
+
+    def _log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 parameters per batch
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log(self, name: str, value: float, step: int) -> None:
+        """Send one scalar to every tracker (MLflow's are batched until ``flush``)."""
+        if self.writer is not None:
+            self.writer.add_scalar(name, value, step)
+        if self.client is not None:
+            from mlflow.entities import Metric
+
+            self._pending.append(Metric(name, value, int(time.time() * 1000), step))
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+        if self.client is not None:
+            for i in range(0, len(self._pending), 1000):
+                self.client.log_batch(self.run_id, metrics=self._pending[i:i + 1000])
+            self._pending = []
+
+    def on_round(self, metrics: Any, engine: Any = None) -> None:
+        """Log round t's values (see the module docstring)."""
+        if not self.active:
+            return
+        now = time.time()
+        values = round_values(metrics)
+        values["rounds_per_second"] = 1.0 / max(now - self._last, 1e-9)
+        self._last = now
+        for name, value in values.items():
+            self.log(name, value, metrics.round)
+        if metrics.heldout_acc is not None:  # evaluation rounds: visible in the trackers as the run goes
+            self.flush()
+
+    def chain(self, callback: Callable[[Any, Any], None] | None) -> Callable[[Any, Any], None] | None:
+        """Return one ``on_round`` callback calling this tracker, then the user's ``callback``."""
+        if not self.active:
+            return callback
+
+        def both(metrics: Any, engine: Any) -> None:
+            self.on_round(metrics, engine)
+            if callback is not None:
+                callback(metrics, engine)
+
+        return both
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Log the run's summaries (on success) and close every tracker with ``status``."""
+        if not self.active:
+            return
+        if status == "FINISHED":
+            for name, value, step in summaries(self.out):
+                self.log(name, value, step)
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.client is not None:
+            self.client.set_terminated(self.run_id, status=status)
+            self.client = None
+
+
+def open_tracker(config: Any, out: Path) -> Tracker:
+    """The ``Tracker`` of a ``RunConfig`` (``output.log``, ``output.tracking_uri``) for run directory ``out``."""
+    return Tracker(list(config.output.log), out, config.model_dump(mode="json") if config.output.log else None,
+                   config.output.tracking_uri)
