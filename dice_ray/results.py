@@ -265,8 +265,12 @@ def write_json_atomic(path: str | Path, data: Mapping[str, Any]) -> None:
     """Write ``data`` as indented JSON to ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
     tmp = _atomic_path(path)
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    _publish(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+        _publish(tmp, path)
+    except BaseException:  # a full disk or an interrupt: no partial file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _json_default(value: Any) -> Any:
@@ -286,8 +290,12 @@ def write_table_atomic(path: str | Path, columns: Mapping[str, Any] | list[Mappi
         columns = {f.name: [row.get(f.name) for row in columns] for f in schema}
     table = pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
     tmp = _atomic_path(path)
-    pq.write_table(table, tmp)
-    _publish(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        _publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class TableWriter:

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import os
 import platform
 import resource
 import shutil
@@ -213,6 +214,9 @@ def run_directory(config: RunConfig) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise InputError(f"--out {out!r} exists and is not a directory")
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):  # a read-only file system too (for root as well)
+        raise InputError(f"--out {out!r}: {str(existing)!r} is not writable")
     if path.is_dir():
         DirectoryLock(path).check()  # a live run's directory is never reused, not even with --overwrite
     if path.is_dir() and any(p.name != LOCK for p in path.iterdir()) and not config.output.overwrite:
@@ -396,7 +400,10 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
                         error=f"{type(err).__name__}: {err}", end_time=dt.datetime.now(dt.timezone.utc).isoformat(),
                         last_checkpoint_round=latest.round if latest else None)
         _record_failures(manifest, report, retries)
-        write_json_atomic(out / "manifest.json", manifest)
+        try:
+            write_json_atomic(out / "manifest.json", manifest)
+        except OSError:  # the disk is full or gone read-only: the manifest keeps saying "running"
+            pass
         tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         if engine is not None:
             engine.close()
@@ -496,6 +503,11 @@ def main(argv: list[str] | None = None) -> int:
         simulate(config, engine, save_states, experiment, resume=bool(args.resume))
     except FloatingPointError as err:  # diverged: the manifest says so, no table reads as complete
         print(f"error: training diverged: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk, a folder gone read-only: no table reads as complete
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: cannot write the run directory {config.output.out}: {err.strerror or err}{where}; fix that, "
+              f"then continue with --resume {config.output.out}", file=sys.stderr)
         return 1
     return 0
 
