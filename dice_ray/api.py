@@ -137,6 +137,7 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
     hooks), run after the built-in ones the config enables; each writes its tables beside the others. Bad input
     raises ``InputError`` before any work.
     """
+    from dice_ray.engine import start_ray
     from dice_ray.experiment import prepare
     from dice_ray.simulate import run_directory, simulate
 
@@ -145,6 +146,8 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
     config = as_config(config, **fields)
     run_directory(config)
     experiment = prepare(config)
+    if engine == "ray":
+        start_ray(config.engine.address)  # an unreachable --address is bad input, before anything is written
     return Run(simulate(config, engine, save_states, experiment, on_round=on_round, methods=methods))
 
 

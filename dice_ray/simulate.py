@@ -497,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
             config = resolve_config(args)
             run_directory(config)  # before the data is loaded: a live or occupied directory is refused at once
         experiment = prepare(config)
+        if engine != "local":
+            start_ray(config.engine.address)  # an unreachable or refusing --address is bad input: exit 2 now
     except InputError as err:
         return report(err)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        _join(address)
         return
     # Ray binds a local node to the machine's external address unless it thinks it runs on a laptop
     # OS: this switch (read from the environment by Ray's processes, and by the driver at import time,
@@ -37,6 +38,30 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # alone joins the newest local Ray it finds, and dies with it).
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
              configure_logging=False, log_to_driver=True)
+
+
+def _join(address: str) -> None:
+    """Join the Ray cluster at ``address``; raise ``InputError`` with one line saying what to check when it cannot
+    be reached or does not accept this process's token (Ray itself retries for minutes, then prints a traceback)."""
+    import ray
+
+    if address != "auto" and "://" not in address:
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+        except (OSError, ValueError) as err:
+            reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+            raise InputError(f"--address {address}: no Ray head answers there ({reason}); check the host and port "
+                             "(`ray status` on the head prints them) and that the head is running") from None
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as err:
+        ray.shutdown()
+        auth = "auth" in str(err).lower() or isinstance(err, ray.exceptions.AuthenticationError)
+        hint = ("the cluster uses token authentication: set RAY_AUTH_MODE=token and the cluster's token "
+                "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token from the head) in this environment" if auth else
+                "check that this machine can reach every Ray port of the head, and that its Ray version matches")
+        raise InputError(f"--address {address}: could not join the Ray cluster; {hint}") from None
 
 
 def tune_allocator() -> None:

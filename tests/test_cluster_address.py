@@ -1,0 +1,21 @@
+"""Joining a cluster: an ``--address`` where no Ray head answers is bad input — one line saying what to check,
+exit status 2, before anything is written (Ray itself retries for minutes and ends in a traceback)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def test_an_unreachable_address_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "dice_ray.simulate", "--dataset", "digits", "--nodes", "4",
+                          "--rounds", "2", "--address", "127.0.0.1:1", "--out", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("error: --address 127.0.0.1:1: no Ray head answers there") and "ray status" in lines[0]
+    assert not (tmp_path / "run").exists()
+    assert time.monotonic() - started < 60
