@@ -44,6 +44,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 from scipy import stats
 
@@ -60,7 +61,7 @@ from dice_ray.results import (
     write_table_atomic,
 )
 
-VARIANTS = {"first-order": "est_first_order", "curvature": "est_curvature"}
+VARIANTS = {"first-order": "est_first_order", "curvature": "est_curvature", "second-order": "est_second_order"}
 QUANTITIES = {"hop": "_hop", "cumulative": ""}
 
 
@@ -90,19 +91,25 @@ def alignment_rows(dice: dict[str, np.ndarray], influence: dict[str, np.ndarray]
     table, ``terms`` (every per-participant term d_k^{(r)} against e_k^{(r)}, k in S_r).
     """
     rows = []
+    variants = _measured_variants(dice)
     for r in sorted(set(dice["hops"].tolist())):
         at = dice["hops"] == r
         for quantity, suffix in QUANTITIES.items():
-            for variant, column in VARIANTS.items():
+            for variant, column in variants.items():
                 rows.append({"hops": r, "quantity": quantity, "variant": variant,
                              **_compare(dice[f"gt{suffix}"][at].astype(float),
                                         dice[f"{column}{suffix}"][at].astype(float))})
         if influence is not None:
             at = influence["step"] == r
-            for variant, column in VARIANTS.items():
+            for variant, column in variants.items():
                 rows.append({"hops": r, "quantity": "terms", "variant": variant,
                              **_compare(influence["gt"][at].astype(float), influence[column][at].astype(float))})
     return rows
+
+
+def _measured_variants(dice: dict[str, np.ndarray]) -> dict[str, str]:
+    """The DICE-E variants the run computed (a column that is absent or all null was not)."""
+    return {v: c for v, c in VARIANTS.items() if c in dice and bool(pd.notna(pd.Series(dice[c])).any())}
 
 
 def _scatter(run: Path, dice: dict[str, np.ndarray], r: int) -> Path:
@@ -115,7 +122,7 @@ def _scatter(run: Path, dice: dict[str, np.ndarray], r: int) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), constrained_layout=True)
     for ax, (quantity, suffix) in zip(axes, QUANTITIES.items(), strict=True):
         gt = dice[f"gt{suffix}"][at].astype(float)
-        for (variant, column), marker in zip(VARIANTS.items(), ("o", "x"), strict=True):
+        for (variant, column), marker in zip(_measured_variants(dice).items(), "ox+", strict=False):
             ax.scatter(gt, dice[f"{column}{suffix}"][at].astype(float), s=12, marker=marker, label=variant, alpha=0.7)
         lo, hi = np.nanmin(gt), np.nanmax(gt)
         ax.plot([lo, hi], [lo, hi], color="grey", linewidth=1, label="E = GT")
@@ -684,8 +691,8 @@ def _signed_heatmap(matrix: np.ndarray, title: str, path: Path) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2 for bad input)."""
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser."""
     parser = argparse.ArgumentParser(prog="python -m dice_ray.analyze", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("report", choices=("alignment", "cascade", "anomaly", "collaborators", "contributions"),
@@ -700,7 +707,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapley", type=int, metavar="K", help="contributions: Monte-Carlo Shapley with K "
                                                                  "permutations now (K (N−1) + 2 retraining runs)")
     parser.add_argument("--local", action="store_true", help="contributions: retrain in this process, not on Ray")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2 for bad input)."""
+    args = build_parser().parse_args(argv)
     try:
         for run in args.run:
             if not run.is_dir():

@@ -144,7 +144,8 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
     if engine not in ENGINES:
         raise InputError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
     config = as_config(config, **fields)
-    run_directory(config)
+    path = run_directory(config)  # fixed now: a default name from the clock is taken once
+    config = config.model_copy(update={"output": config.output.model_copy(update={"out": str(path)})})
     experiment = prepare(config)
     if engine == "ray":
         start_ray(config.engine.address)  # an unreachable --address is bad input, before anything is written
@@ -156,6 +157,7 @@ def resume(path: str | Path, *, engine: str | None = None, on_round: Callable[[A
     """Continue the interrupted run in ``path`` from its last checkpoint, with its own config; ``placement``
     may change only where it runs (dotted names of ``RESUME_FIELDS`` with '__' for '.', e.g. ``engine__actors=2``);
     ``methods``: the same user methods the run was started with."""
+    from dice_ray.engine import start_ray
     from dice_ray.experiment import prepare
     from dice_ray.simulate import resume_config, simulate
 
@@ -165,5 +167,7 @@ def resume(path: str | Path, *, engine: str | None = None, on_round: Callable[[A
     if engine not in ENGINES:
         raise InputError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
     experiment = prepare(config)
+    if engine == "ray":
+        start_ray(config.engine.address)
     return Run(simulate(config, engine, bool(manifest.get("save_states", False)), experiment, resume=True,
                         on_round=on_round, methods=methods))

@@ -211,8 +211,9 @@ class InfluenceConfig(_Section):
                                                     "K single samples of it, one probe each")
     zprime: Literal["heldout", "validation"] = Field("heldout", description="z′: the shared held-out batch, or "
                                                                            "each target's own validation split")
-    variants: list[Literal["first-order", "curvature"]] = Field(["first-order", "curvature"],
-                                                                description="DICE-E variants to compute")
+    variants: list[Literal["first-order", "curvature", "second-order"]] = Field(
+        ["first-order", "curvature"], description="DICE-E variants to compute (second-order: exact to second order "
+                                                  "in Δ, about twice the curvature variant's cost)")
     ground_truth: bool = Field(True, description="also measure DICE-GT by counterfactual replay")
     sources_per_task: int = Field(4, ge=1, description="probes of one round batched into one Ray task")
     online: bool = Field(False, description="compute DICE-E inside the round loop, in the participant groups, "

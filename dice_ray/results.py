@@ -64,6 +64,8 @@ INFLUENCE = _schema(
                          "(s = 0: d_j^{(½)}); negative: z lowered k's loss"),
     ("est_first_order", pa.float64(), "DICE-E term e_k^{(s)}, communication only (J = I)"),
     ("est_curvature", pa.float64(), "DICE-E term e_k^{(s)} with the local steps' Jacobians (Hessian-vector products)"),
+    ("est_second_order", pa.float64(), "DICE-E term exact to second order in Δ: ∇Lᵀ(a + b) − ½ aᵀH′a (b: the O(Δ²) "
+                                       "perturbation, H′: Hessian of the z′ loss); null unless that variant is on"),
 )
 
 DICE = _schema(
@@ -72,20 +74,23 @@ DICE = _schema(
     ("gt", pa.float64(), "DICE-GT^{(r)} = q_j d_j^{(½)} + Σ_{s≤r} Σ_{k∈N^{(s)}(j)} q_k d_k^{(s)}"),
     ("est_first_order", pa.float64(), "DICE-E^{(r)}, first-order variant"),
     ("est_curvature", pa.float64(), "DICE-E^{(r)}, curvature variant"),
+    ("est_second_order", pa.float64(), "DICE-E^{(r)}, second-order variant (null unless that variant is on)"),
     ("gt_hop", pa.float64(), "hop r alone: Σ_{k∈N^{(r)}(j)} q_k d_k^{(r)} (DICE-GT^{(r)} − DICE-GT^{(r−1)})"),
     ("est_first_order_hop", pa.float64(), "hop r alone, DICE-E first-order"),
     ("est_curvature_hop", pa.float64(), "hop r alone, DICE-E curvature"),
+    ("est_second_order_hop", pa.float64(), "hop r alone, DICE-E second-order"),
     ("gt_horizon", pa.float64(), "horizon total Σ_k q_k d_k^{(r)}: z's effect on the network's weighted loss r "
                                  "rounds later"),
     ("est_first_order_horizon", pa.float64(), "Σ_k q_k e_k^{(r)}, first-order variant"),
     ("est_curvature_horizon", pa.float64(), "Σ_k q_k e_k^{(r)}, curvature variant"),
+    ("est_second_order_horizon", pa.float64(), "Σ_k q_k e_k^{(r)}, second-order variant"),
 )
 
 ALIGNMENT = _schema(
     ("hops", pa.int32(), "r"),
     ("quantity", pa.string(), "'hop': the hop-r term alone; 'cumulative': DICE^{(r)}; 'terms': every d_k^{(r)}, "
                               "k in S_r, against e_k^{(r)}"),
-    ("variant", pa.string(), "DICE-E variant: first-order or curvature"),
+    ("variant", pa.string(), "DICE-E variant: first-order, curvature or second-order"),
     ("probes", pa.int32(), "number of values compared (probes; for 'terms', probe × participant pairs)"),
     ("pearson", pa.float64(), "Pearson correlation of DICE-E with DICE-GT over the probes"),
     ("spearman", pa.float64(), "Spearman rank correlation"),

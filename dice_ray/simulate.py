@@ -485,31 +485,30 @@ def _final_metrics(rounds_path: Path, last: int) -> dict[str, float | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2 for bad input)."""
+    """Command-line entry point, a thin layer over ``dice_ray.run`` / ``dice_ray.resume``; returns the exit status
+    (2 for bad input, found before any work starts; 1 for a run that failed)."""
+    from dice_ray import api
+
     args = build_parser().parse_args(argv)
-    engine, save_states = args.engine or "ray", args.save_states
+    out = args.resume
     try:
         if args.resume:
-            config, manifest = resume_config(Path(args.resume), resume_args(args))
-            engine = args.engine or manifest.get("engine", "ray")
-            save_states = bool(manifest.get("save_states", False))
+            placement = {dotted.replace(".", "__"): value for dotted, value in resume_args(args).items()}
+            api.resume(args.resume, engine=args.engine, **placement)
         else:
             config = resolve_config(args)
-            run_directory(config)  # before the data is loaded: a live or occupied directory is refused at once
-        experiment = prepare(config)
-        if engine != "local":
-            start_ray(config.engine.address)  # an unreachable or refusing --address is bad input: exit 2 now
+            out = str(run_directory(config))
+            config = config.model_copy(update={"output": config.output.model_copy(update={"out": out})})
+            api.run(config, engine=args.engine or "ray", save_states=args.save_states)
     except InputError as err:
         return report(err)
-    try:
-        simulate(config, engine, save_states, experiment, resume=bool(args.resume))
     except FloatingPointError as err:  # diverged: the manifest says so, no table reads as complete
         print(f"error: training diverged: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # a full disk, a folder gone read-only: no table reads as complete
         where = f" ({err.filename})" if err.filename else ""
-        print(f"error: cannot write the run directory {config.output.out}: {err.strerror or err}{where}; fix that, "
-              f"then continue with --resume {config.output.out}", file=sys.stderr)
+        print(f"error: cannot write the run directory {out}: {err.strerror or err}{where}; fix that, then continue "
+              f"with --resume {out}", file=sys.stderr)
         return 1
     return 0
 

@@ -18,7 +18,7 @@ import ray
 
 import dice_ray
 
-pytestmark = pytest.mark.chaos
+pytestmark = [pytest.mark.chaos, pytest.mark.slow]  # about 2-4 minutes each: python -m pytest -q -m slow
 
 BASE = {"nodes": 9, "seed": 7, "data": {"dataset": "digits", "heldout_size": 64}, "optim": {"batch_size": 8},
         "proximal": {"enabled": True, "zprime": "heldout"},

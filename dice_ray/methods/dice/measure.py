@@ -1,4 +1,4 @@
-"""Measure probes: DICE-GT and DICE-E (both variants) of each probe, as rows of the influence tables.
+"""Measure probes: DICE-GT and DICE-E (every variant asked for) of each probe, as rows of the influence tables.
 
 ``measure_probes`` is the unit of work one Ray task runs (the probes of one round); it knows nothing of
 Ray. Row layouts are those of ``results.INFLUENCE`` and ``results.DICE``.
@@ -17,6 +17,7 @@ from dice_ray.methods.dice.estimator import (
     Cascade,
     Window,
     estimate_cascade,
+    sample_second_order_difference,
     sample_update_difference,
     update_difference,
 )
@@ -24,7 +25,7 @@ from dice_ray.methods.dice.ground_truth import ground_truth_cascade
 from dice_ray.methods.dice.probes import Probe, probe_rounds, select_probes
 from dice_ray.methods.dice.trajectory import Trajectory, record_windows
 
-COLUMNS = {"first-order": "est_first_order", "curvature": "est_curvature"}
+COLUMNS = {"first-order": "est_first_order", "curvature": "est_curvature", "second-order": "est_second_order"}
 
 
 def measure_probes(window: Window, probes: list[Probe], q: np.ndarray, hops: int, variants: list[str],
@@ -43,9 +44,13 @@ def measure_probes(window: Window, probes: list[Probe], q: np.ndarray, hops: int
         else:
             delta, opt_delta = sample_update_difference(window, j, probe.sample_index)
             removed = np.array([probe.sample_index])
+        # b₀, the second-order part of a single sample's Δ (zero for a whole batch)
+        second = sample_second_order_difference(window, j, probe.sample_index) \
+            if probe.sample_index is not None and "second-order" in variants else None
         cascades: dict[str, Cascade | None] = {
             "gt": ground_truth_cascade(window, j, hops, removed) if ground_truth else None,
-            **{COLUMNS[v]: estimate_cascade(window, j, delta, opt_delta, hops, v) for v in variants},
+            **{COLUMNS[v]: estimate_cascade(window, j, delta, opt_delta, hops, v,
+                                            **({"second": second} if v == "second-order" else {})) for v in variants},
         }
         rows_influence, rows_dice = probe_rows(probe, cascades, hops, q, distances[j])
         influence += rows_influence

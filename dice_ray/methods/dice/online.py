@@ -18,12 +18,19 @@ whatever the number of groups; a test compares them. No window is recorded and n
 cost per round is one test-gradient pass over the hosted participants while a probe is in flight, plus one
 Jacobian-vector product per (probe, participant reached) for ``curvature``. The perturbations in flight are
 part of a group's checkpoint snapshot (``snapshot``/``restore``). Pure torch and numpy: no Ray here.
+
+``second-order`` carries, beside the curvature perturbation a (and its optimizer part), the O(Δ²) perturbation b
+(and its optimizer part): step 1 takes (J a, J b − ½ D²O[a, a]) in one nested forward-mode pass
+(``estimator.second_order_local_step``), gossip mixes b like a, and step 1 records
+e₂ = ∇L(θ_k; z′)ᵀ(a + b) − ½ aᵀH′a (one more second-order pass of the z′ loss per probe and round). The source
+starts it with b₀ (zero for a whole batch, ``estimator.sample_second_order`` for a single sample) and records
+e₂_j^{(½)} at θ_j^t (``estimator``'s module docstring).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,15 +38,23 @@ import scipy.sparse as sp
 import torch
 
 from dice_ray.core.misbehavior import UPDATE_KINDS, update_factor
+from dice_ray.core.population import Population
 from dice_ray.core.tensors import as_tensor
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook
-from dice_ray.methods.dice.estimator import Cascade, jvp_local_step, sample_update
+from dice_ray.methods.dice.estimator import (
+    Cascade,
+    jvp_local_step,
+    sample_second_order,
+    sample_update,
+    second_order_local_step,
+    zprime_hessian_forms,
+)
 from dice_ray.methods.dice.measure import COLUMNS, probe_rows
 from dice_ray.methods.dice.probes import Probe, select_probes
 from dice_ray.methods.proximal import ProximalExaminer
 from dice_ray.results import DICE, INFLUENCE
 
-FIELDS = ("probe_id", "step", "target", "first-order", "curvature")  # one recorded term per row
+FIELDS = ("probe_id", "step", "target", "first-order", "curvature", "second-order")  # one recorded term per row
 JVP_ELEMENTS = 1 << 23  # parameters (rows x D) per forward-mode pass of the curvature variant: ~32 MB a copy
 
 
@@ -69,11 +84,14 @@ def in_flight(probes: list[Probe], hops: int, u: int) -> list[int]:
 @dataclass
 class _Cascade:
     """One probe's perturbation on this block's participants: ``rows`` (global ids, ascending) of S_s here,
-    ``delta[variant]`` [m, D_params] and the optimizer-state perturbation ``opt[name]`` [m, ...] (curvature)."""
+    ``delta[key]`` [m, D_params] and the optimizer-state perturbation ``opt[name]`` [m, ...] (of a: curvature and
+    second-order). Keys: the variants, where ``curvature`` is a and ``second-order`` is b (with ``opt_b[name]``
+    its optimizer part); a is carried for second-order even when curvature is not recorded."""
 
     rows: np.ndarray
     delta: dict[str, torch.Tensor]
     opt: dict[str, torch.Tensor]
+    opt_b: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class OnlineCascades:
@@ -85,6 +103,9 @@ class OnlineCascades:
         self.block, self.config = block, config
         inf = config.influence
         self.hops, self.variants = inf.hops, list(inf.variants)
+        self.second = "second-order" in self.variants
+        self.curved = self.second or "curvature" in self.variants  # a (and its optimizer part) is propagated
+        self.keys = list(self.variants) + (["curvature"] if self.second and "curvature" not in self.variants else [])
         self.probes = online_probes(config)
         self.by_id = {p.probe_id: p for p in self.probes}
         self.by_round: dict[int, list[Probe]] = {}
@@ -104,6 +125,8 @@ class OnlineCascades:
         self._new: list[Probe] = []
         self._before: tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor] | None = None
         self._samples: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+        self._samples_b: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}  # b₀ of single samples
+        self._before_state: torch.Tensor | None = None  # θ_j^t of the new probes' sources (second-order)
         self._terms: list[tuple[int, int, np.ndarray, dict[str, np.ndarray]]] = []
 
     @property
@@ -114,6 +137,16 @@ class OnlineCascades:
     def _positions(self, rows: np.ndarray) -> torch.Tensor:
         return torch.as_tensor([self.local[int(k)] for k in rows.tolist()], dtype=torch.int64,
                                device=self.block.device)
+
+    def _hessian_forms(self, pos: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                       states: torch.Tensor | None = None) -> torch.Tensor:
+        """uᵀ H′(θ_k; z′_k) v [m] for the hosted rows ``pos`` (at their current states, or ``states`` [m, D])."""
+        block, pop = self.block, self.block.population
+        sub = Population(pop.model, (pop.state[pos] if states is None else states).clone(), pop.optimizer,
+                         loss=pop.loss)
+        if self._grads.zprime == "heldout":
+            return zprime_hessian_forms(sub, u, v, block.x_heldout, block.y_heldout, shared_input=True)
+        return zprime_hessian_forms(sub, u, v, block.x_val[pos], block.y_val[pos], sample_weights=block.val_mask[pos])
 
     def _record(self, probe_id: int, step: int, rows: np.ndarray, values: dict[str, torch.Tensor]) -> None:
         self._terms.append((probe_id, step, rows, {v: values[v].cpu().numpy() for v in self.variants}))
@@ -129,8 +162,14 @@ class OnlineCascades:
         stepping = []
         for pid, c in sorted(self.active.items()):
             s = u - self.by_id[pid].round
-            at = g[self._positions(c.rows)]
-            self._record(pid, s, c.rows, {v: (at * c.delta[v]).sum(dim=1) for v in self.variants})
+            pos = self._positions(c.rows)
+            at = g[pos]
+            values = {v: (at * c.delta[v]).sum(dim=1) for v in self.variants if v != "second-order"}
+            if self.second:  # e₂ = ∇ᵀ(a + b) − ½ aᵀH′a
+                a = c.delta["curvature"]
+                values["second-order"] = (at * (a + c.delta["second-order"])).sum(dim=1) \
+                    - 0.5 * self._hessian_forms(pos, a, a)
+            self._record(pid, s, c.rows, values)
             if s < self.hops:
                 stepping.append(pid)
         cascades, self.active = [(pid, self.active[pid]) for pid in stepping], {}
@@ -139,9 +178,14 @@ class OnlineCascades:
             pos = self._positions(np.array([p.source for p in self._new]))
             self._before = (pop.params[pos].clone(), {n: v[pos].clone() for n, v in pop.opt_state.items()}, g[pos])
             self._samples = self._sample_updates(u, pos)
+            if self.second:
+                self._before_state = pop.state[pos].clone()
+                self._samples_b = self._sample_updates(u, pos, sample_second_order)
 
-    def _sample_updates(self, u: int, pos: torch.Tensor) -> dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        """Δ (and optimizer-state Δ) of the single-sample probes of round u, at θ^u (``estimator.sample_update``)."""
+    def _sample_updates(self, u: int, pos: torch.Tensor,
+                        update: Callable = sample_update) -> dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Δ (and optimizer-state Δ) of the single-sample probes of round u, at θ^u (``estimator.sample_update``;
+        ``update`` ``estimator.sample_second_order``: b₀)."""
         out = {}
         pop, x, y = self.block.population, None, None
         for i, p in enumerate(self._new):
@@ -151,7 +195,7 @@ class OnlineCascades:
                 x, y = self.block.minibatch(u)
             k = int(pos[i])
             factor = 1.0 if self.factors is None else float(self.factors[k])
-            out[p.probe_id] = sample_update(pop.model, pop.optimizer, pop.state[k], {
+            out[p.probe_id] = update(pop.model, pop.optimizer, pop.state[k], {
                 n: v[k] for n, v in pop.opt_state.items()}, x[k], y[k], p.sample_index, factor, pop.loss)
         return out
 
@@ -159,14 +203,14 @@ class OnlineCascades:
         """J δ of every stepped cascade into ``self._out`` (one batched forward-mode pass for ``curvature``)."""
         if not cascades:
             return
-        if "curvature" not in self.variants:
+        if not self.curved:
             self._out.update({pid: _Cascade(c.rows, dict(c.delta), {}) for pid, c in cascades})
             return
         pop = self.block.population
         x, y = self.block.minibatch(u)
         # Several probes' rows at once, up to JVP_ELEMENTS parameters per forward-mode pass: the pass holds
         # several copies of its rows' parameters (primal, tangent, gradient and its tangent, the new state).
-        limit = max(1, JVP_ELEMENTS // pop.params.shape[1])
+        limit = max(1, JVP_ELEMENTS // (pop.params.shape[1] * (2 if self.second else 1)))  # nested: more copies
         chunk: list[tuple[int, _Cascade]] = []
         for i, (pid, c) in enumerate(cascades):
             chunk.append((pid, c))
@@ -175,17 +219,29 @@ class OnlineCascades:
                 tangent = torch.cat([d.delta["curvature"] for _, d in chunk])
                 opt_tangent = {n: torch.cat([d.opt[n] for _, d in chunk]) for n in chunk[0][1].opt}
                 factors = None if self.factors is None else self.factors[pos.cpu().numpy()]
-                stepped, opt_stepped = jvp_local_step(pop.model, pop.optimizer, pop.state[pos], {
-                    n: v[pos] for n, v in pop.opt_state.items()}, x[pos], y[pos], tangent, opt_tangent, factors,
-                    pop.loss)
+                opt_now = {n: v[pos] for n, v in pop.opt_state.items()}
+                if self.second:  # (J a, J b − ½ D²O[a, a]) in one nested pass
+                    tangent_b = torch.cat([d.delta["second-order"] for _, d in chunk])
+                    opt_tangent_b = {n: torch.cat([d.opt_b[n] for _, d in chunk]) for n in chunk[0][1].opt_b}
+                    (stepped, opt_stepped), (stepped_b, opt_stepped_b) = second_order_local_step(
+                        pop.model, pop.optimizer, pop.state[pos], opt_now, x[pos], y[pos], tangent, opt_tangent,
+                        tangent_b, opt_tangent_b, factors, pop.loss)
+                else:
+                    stepped, opt_stepped = jvp_local_step(pop.model, pop.optimizer, pop.state[pos], opt_now, x[pos],
+                                                          y[pos], tangent, opt_tangent, factors, pop.loss)
+                    stepped_b, opt_stepped_b = None, {}
                 a = 0
                 for done, d in chunk:
                     b = a + len(d.rows)
-                    delta = {v: (stepped[a:b].clone() if v == "curvature" else d.delta[v]) for v in self.variants}
+                    new = {"curvature": stepped[a:b], "second-order": None if stepped_b is None else stepped_b[a:b]}
+                    delta = {v: (new[v].clone() if v in new else d.delta[v]) for v in self.keys}
                     self._out[done] = _Cascade(d.rows, delta, {n: t[a:b].clone() for n, t in opt_stepped.items()
-                                                               if n != "step"})
-                    d.delta.pop("curvature")  # δ itself is no longer needed: free it before the next chunk
+                                                               if n != "step"},
+                                               {n: t[a:b].clone() for n, t in opt_stepped_b.items()})
+                    for key in ("curvature", "second-order"):  # δ itself is no longer needed: free it
+                        d.delta.pop(key, None)
                     d.opt.clear()
+                    d.opt_b.clear()
                     a = b
                 chunk = []
 
@@ -204,13 +260,27 @@ class OnlineCascades:
                 for n, d in opt_delta.items():
                     d[i] = changes[n]
         half = (g * delta).sum(dim=1)
+        b0, opt_b0, half2 = None, {}, None
+        if self.second:  # b₀ and e₂_j^{(½)} = ∇ᵀ(a₀ + b₀) + a₀ᵀH′(θ_j^t)(u − ½ a₀), u the factual update
+            b0 = torch.zeros_like(delta)
+            opt_b0 = {n: torch.zeros_like(d) for n, d in opt_delta.items()}
+            for i, p in enumerate(self._new):
+                if p.sample_index is not None:
+                    b0[i], changes = self._samples_b[p.probe_id]
+                    for n, d in opt_b0.items():
+                        d[i] = changes[n]
+            update = pop.params[pos] - params
+            half2 = (g * (delta + b0)).sum(dim=1) + self._hessian_forms(pos, delta, update - 0.5 * delta,
+                                                                        self._before_state)
         for i, p in enumerate(self._new):
             rows = np.array([p.source])
-            self._record(p.probe_id, 0, rows, {v: half[i: i + 1] for v in self.variants})
-            self._out[p.probe_id] = _Cascade(rows, {v: delta[i: i + 1] for v in self.variants},
-                                             {n: d[i: i + 1] for n, d in opt_delta.items()}
-                                             if "curvature" in self.variants else {})
-        self._before, self._samples = None, {}
+            self._record(p.probe_id, 0, rows, {v: (half2 if v == "second-order" else half)[i: i + 1]
+                                               for v in self.variants})
+            self._out[p.probe_id] = _Cascade(rows, {v: (b0 if v == "second-order" else delta)[i: i + 1]
+                                                    for v in self.keys},
+                                             {n: d[i: i + 1] for n, d in opt_delta.items()} if self.curved else {},
+                                             {n: d[i: i + 1] for n, d in opt_b0.items()})
+        self._before, self._samples, self._samples_b, self._before_state = None, {}, {}, None
 
     def outgoing(self, local: bool = False) -> dict[int, tuple[np.ndarray, dict[str, Any]]]:
         """This round's stepped perturbations, for the groups whose rows of W read this block: probe id ->
@@ -235,7 +305,7 @@ class OnlineCascades:
                 part = sp.csr_array(sp.csr_array(w)[:, np.searchsorted(block_ids, rows)])
                 reached |= np.asarray((part != 0).sum(axis=1)).ravel() > 0
                 dense = torch.as_tensor(part.toarray(), device=device)
-                for v in self.variants:
+                for v in self.keys:
                     value = as_tensor(delta[v], device) if isinstance(delta[v], np.ndarray) else delta[v]
                     product = dense.to(value.dtype) @ value
                     total[v] = product if v not in total else total[v] + product
@@ -248,7 +318,7 @@ class OnlineCascades:
             rows, here_t = self.block.nodes[here], torch.as_tensor(here, device=device)
             delta = {v: (total[v][here_t] if v in total else
                          torch.zeros(len(rows), self.block.population.params.shape[1], device=device))
-                     for v in self.variants}
+                     for v in self.keys}
             opt = {}
             if own is not None and own.opt:
                 keep = torch.as_tensor(np.searchsorted(rows, own.rows), device=device)
@@ -256,10 +326,16 @@ class OnlineCascades:
                     moved = torch.zeros(len(rows), *value.shape[1:], dtype=value.dtype, device=device)
                     moved[keep] = value
                     opt[n] = moved
-            elif "curvature" in self.variants:
+            elif self.curved:
                 opt = {n: torch.zeros(len(rows), *v.shape[1:], dtype=v.dtype, device=device)
                        for n, v in self.block.population.opt_state.items() if n != "step"}
-            self.active[pid] = _Cascade(rows, delta, opt)
+            opt_b = {}
+            if self.second:  # b's optimizer part stays with its owner too
+                opt_b = {n: torch.zeros_like(v) for n, v in opt.items()}
+                if own is not None and own.opt_b:
+                    for n, value in own.opt_b.items():
+                        opt_b[n][keep] = value
+            self.active[pid] = _Cascade(rows, delta, opt, opt_b)
         self._out = {}
 
     def terms(self) -> dict[str, np.ndarray] | None:
@@ -272,7 +348,7 @@ class OnlineCascades:
             parts["probe_id"].append(np.full(len(rows), pid, np.int64))
             parts["step"].append(np.full(len(rows), step, np.int64))
             parts["target"].append(np.asarray(rows, np.int64))
-            for v in ("first-order", "curvature"):
+            for v in FIELDS[3:]:
                 parts[v].append(np.asarray(values[v], np.float64) if v in values else np.full(len(rows), np.nan))
         return {f: np.concatenate(v) for f, v in parts.items()}
 
@@ -281,44 +357,54 @@ class OnlineCascades:
     def snapshot(self, u: int) -> dict[str, np.ndarray]:
         """The perturbations in flight after round u, one row per hosted participant: ``cascade.ids`` [P, A]
         (the A probes globally in flight, ``in_flight``), ``cascade.mask`` [P, A] (the participant is in the
-        probe's support), ``cascade.<variant>`` [P, A, D_params] and ``cascade.opt.<name>`` [P, A, ...]."""
+        probe's support), ``cascade.<key>`` [P, A, D_params] (``_Cascade``'s keys), ``cascade.opt.<name>`` and, for
+        second-order, ``cascade.opt_b.<name>`` [P, A, ...]."""
         if not self.enabled:
             return {}
         flying = in_flight(self.probes, self.hops, u)
         pop, p, a = self.block.population, self.block.size, len(flying)
         out = {"cascade.ids": np.tile(np.asarray(flying, np.int64), (p, 1)), "cascade.mask": np.zeros((p, a), bool)}
-        for v in self.variants:
+        for v in self.keys:
             out[f"cascade.{v}"] = np.zeros((p, a, pop.params.shape[1]), np.float32)
-        opt_names = [n for n in pop.opt_state if n != "step"] if "curvature" in self.variants else []
+        opt_names = [n for n in pop.opt_state if n != "step"] if self.curved else []
+        opt_b_names = opt_names if self.second else []
         for n in opt_names:
             out[f"cascade.opt.{n}"] = np.zeros((p, a, *pop.opt_state[n].shape[1:]), np.float32)
+        for n in opt_b_names:
+            out[f"cascade.opt_b.{n}"] = np.zeros((p, a, *pop.opt_state[n].shape[1:]), np.float32)
         for i, pid in enumerate(flying):
             c = self.active.get(pid)
             if c is None:
                 continue
             pos = self._positions(c.rows).cpu().numpy()
             out["cascade.mask"][pos, i] = True
-            for v in self.variants:
+            for v in self.keys:
                 out[f"cascade.{v}"][pos, i] = c.delta[v].cpu().numpy()
             for n in opt_names:
                 out[f"cascade.opt.{n}"][pos, i] = c.opt[n].cpu().numpy()
+            for n in opt_b_names:
+                out[f"cascade.opt_b.{n}"][pos, i] = c.opt_b[n].cpu().numpy()
         return out
 
     def restore(self, arrays: dict[str, np.ndarray] | None) -> None:
         """Set the perturbations in flight from a ``snapshot`` (None or none saved: none)."""
         self.active, self._out, self._new, self._before, self._samples = {}, {}, [], None, {}
+        self._samples_b, self._before_state = {}, None
         if not self.enabled or arrays is None or "cascade.ids" not in arrays or not len(arrays["cascade.ids"]):
             return
         device = self.block.device
         opt_names = [k[len("cascade.opt."):] for k in arrays if k.startswith("cascade.opt.")]
+        opt_b_names = [k[len("cascade.opt_b."):] for k in arrays if k.startswith("cascade.opt_b.")]
         for i, pid in enumerate(arrays["cascade.ids"][0].tolist()):
             here = np.flatnonzero(arrays["cascade.mask"][:, i])
             if not len(here):
                 continue
             slot = {key: torch.as_tensor(np.array(arrays[key][here, i]), device=device)
-                    for key in [f"cascade.{v}" for v in self.variants] + [f"cascade.opt.{n}" for n in opt_names]}
-            self.active[int(pid)] = _Cascade(self.block.nodes[here], {v: slot[f"cascade.{v}"] for v in self.variants},
-                                             {n: slot[f"cascade.opt.{n}"] for n in opt_names})
+                    for key in [f"cascade.{v}" for v in self.keys] + [f"cascade.opt.{n}" for n in opt_names]
+                    + [f"cascade.opt_b.{n}" for n in opt_b_names]}
+            self.active[int(pid)] = _Cascade(self.block.nodes[here], {v: slot[f"cascade.{v}"] for v in self.keys},
+                                             {n: slot[f"cascade.opt.{n}"] for n in opt_names},
+                                             {n: slot[f"cascade.opt_b.{n}"] for n in opt_b_names})
 
 
 # -- the driver's side: terms of every round -> influence.parquet and dice.parquet rows -----------------------
@@ -336,7 +422,8 @@ class CascadeRecorder:
 
     def load_state(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Set the terms from ``state()`` (empty: none)."""
-        self.parts = [{f: np.asarray(arrays[f]) for f in FIELDS}] if arrays and len(arrays[FIELDS[0]]) else []
+        self.parts = [{f: np.asarray(arrays[f]) if f in arrays else np.full(len(arrays[FIELDS[0]]), np.nan)
+                       for f in FIELDS}] if arrays and len(arrays[FIELDS[0]]) else []  # saved before second-order
 
     def add(self, terms: dict[str, np.ndarray] | None) -> None:
         """Keep one round's terms (``OnlineCascades.terms``, combined over groups)."""

@@ -1,0 +1,128 @@
+"""Experiment tracking (``output.log``): real TensorBoard event files and a real MLflow SQLite store, read
+back with their own readers and compared with the run's tables (the source of truth)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import dice_ray
+from dice_ray.config import RunConfig
+from dice_ray.simulate import build_parser, main
+
+pytest.importorskip("mlflow")
+pytest.importorskip("tensorboard")
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tracking") / "run"
+    seen = []
+    config = RunConfig(nodes=8, rounds=6, seed=0, data={"dataset": "digits", "val_fraction": 0.3},
+                       optim={"lr": 0.05, "batch_size": 8},
+                       output={"out": str(out), "eval_every": 2, "progress": False, "log": ["tensorboard", "mlflow"]},
+                       misbehavior={"kind": "label-flip", "count": 2},
+                       proximal={"enabled": True},
+                       influence={"enabled": True, "hops": 1, "rounds": [3, 4], "variants": ["first-order"]})
+    run = dice_ray.run(config, engine="local", on_round=lambda m, e: seen.append(m.round))
+    return run, seen
+
+
+def _means(run, column):
+    return run.rounds.dropna(subset=[column]).groupby("round")[column].mean()
+
+
+def test_tensorboard_events_match_rounds_table(tracked_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, seen = tracked_run
+    assert seen == list(range(6))  # the user's callback still runs beside the tracker
+    events = EventAccumulator(str(run.path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train_loss", "heldout_acc", "heldout_loss", "val_loss", "val_acc", "consensus_distance",
+            "rounds_per_second", "dice/mean_abs_gt", "dice/mean_abs_est_first_order",
+            "detection/proximal_auc"} <= tags
+    for column in ("train_loss", "heldout_acc", "val_loss"):
+        logged = pd.Series({e.step: e.value for e in events.Scalars(column)})
+        expected = _means(run, column)
+        assert list(logged.index) == list(expected.index)
+        np.testing.assert_allclose(logged.to_numpy(), expected.to_numpy(), rtol=1e-5)
+    consensus = run.rounds.dropna(subset=["consensus_distance"]).groupby("round").consensus_distance.first()
+    logged = {e.step: e.value for e in events.Scalars("consensus_distance")}
+    np.testing.assert_allclose([logged[t] for t in consensus.index], consensus.to_numpy(), rtol=1e-5)
+    dice = run.dice.groupby("hops").gt.apply(lambda v: v.abs().mean())
+    logged = {e.step: e.value for e in events.Scalars("dice/mean_abs_gt")}
+    np.testing.assert_allclose([logged[h] for h in dice.index], dice.to_numpy(), rtol=1e-5)
+    aucs = [e.value for e in events.Scalars("detection/proximal_auc")]
+    assert all(0 <= a <= 1 for a in aucs) and len(aucs) == run.proximal["round"].nunique()
+
+
+def test_mlflow_run_matches_rounds_table(tracked_run):
+    from mlflow.tracking import MlflowClient
+
+    run, _ = tracked_run
+    client = MlflowClient(f"sqlite:///{run.path.resolve()}/mlflow.db")
+    experiment = client.get_experiment_by_name("dice-ray")
+    (found,) = client.search_runs([experiment.experiment_id])
+    assert found.info.status == "FINISHED"
+    assert found.data.params["optim.lr"] == "0.05" and found.data.params["nodes"] == "8"
+    history = client.get_metric_history(found.info.run_id, "heldout_acc")
+    logged = pd.Series({m.step: m.value for m in history}).sort_index()
+    expected = _means(run, "heldout_acc")
+    assert list(logged.index) == list(expected.index)
+    np.testing.assert_allclose(logged.to_numpy(), expected.to_numpy(), rtol=1e-5)
+    train = pd.Series({m.step: m.value for m in client.get_metric_history(found.info.run_id, "train_loss")})
+    np.testing.assert_allclose(train.sort_index().to_numpy(), _means(run, "train_loss").to_numpy(), rtol=1e-5)
+    assert "detection/proximal_auc" in found.data.metrics
+
+
+def test_log_option_is_comma_separated_and_validated(tmp_path, capsys):
+    args = build_parser().parse_args(["--log", "tensorboard,mlflow"])
+    assert getattr(args, "output.log") == "tensorboard,mlflow"
+    assert RunConfig(output={"log": "tensorboard, mlflow"}).output.log == ["tensorboard", "mlflow"]
+    assert main(["--log", "wandb", "--out", str(tmp_path / "x"), "--engine", "local"]) == 2
+    assert "output.log" in capsys.readouterr().err
+
+
+def test_tracking_uri_from_config_and_environment(tmp_path, monkeypatch):
+    from dice_ray.tracking import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/m.db")
+    assert tracking_uri(None, tmp_path) == "sqlite:////elsewhere/m.db"
+    assert tracking_uri("file:///x", tmp_path) == "file:///x"
+
+
+def test_sweep_logs_each_trial_through_tune_callbacks(tmp_path):
+    """A two-trial sweep with ``output.log``: Tune's TBX and MLflow logger callbacks record each trial's
+    reported metrics, equal to trials.parquet."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    root = Path(__file__).resolve().parents[1]
+    base = {"nodes": 6, "rounds": 4, "topology": {"name": "ring"}, "data": {"dataset": "digits", "heldout_size": 64},
+            "optim": {"batch_size": 8}, "output": {"eval_every": 2, "log": ["tensorboard", "mlflow"]}}
+    spec = {"base": base, "space": {"optim.lr": {"grid": [0.02, 0.05]}}, "max_concurrent": 2,
+            "out": str(tmp_path / "sweep")}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run([sys.executable, "-m", "dice_ray.sweep", str(tmp_path / "s.yaml")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "sweep"
+    trials = pd.read_parquet(out / "trials.parquet")
+    client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    assert len(runs) == len(trials) == 2
+    logged = sorted(r.data.metrics["final_heldout_acc"] for r in runs)
+    np.testing.assert_allclose(logged, sorted(trials["final_heldout_acc"]), rtol=1e-6)
+    assert list(out.glob("tune/**/events.out.tfevents.*"))
