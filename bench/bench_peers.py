@@ -237,19 +237,30 @@ def measure(side: str, model: str, nodes: int, args: argparse.Namespace, plan: d
     if "run_s" not in first:
         return {"side": side, "status": "timed out" if first.get("timed_out") else "failed", "runs": [first]}
     rate = in_run_rate(first, side) or first["run_s"] / r1
-    if plan:
-        r2 = plan["r2"]
-    else:
+
+    def rounds_for(rate: float) -> int:
         extra = math.ceil(args.target_s / max(rate, 1e-4))
-        lo, hi = (2, 50) if side == "flower" else (3, 5000)
+        lo, hi = (2, 50) if side == "flower" else (3, 20_000)
         extra = min(max(extra, lo), hi)
         if side == "flower":  # the longer run must fit in the timeout: its start-up plus the extra rounds
             extra = max(1, min(extra, int((0.8 * args.timeout - first["run_s"]) / rate)))
-        r2 = r1 + extra
+        return r1 + extra
+
+    r2 = plan["r2"] if plan else rounds_for(rate)
     second = one_run(side, model, nodes, r2, args)
     if "run_s" not in second:
         return {"side": side, "status": "timed out" if second.get("timed_out") else "failed", "r1": r1, "r2": r2,
                 "runs": [first, second], "pilot_s_per_round": rate}
+    # A short pilot can misjudge the rate (its few rounds include warm-up): if the extra rounds took less than
+    # half the target, once more with the rate of the longer run.
+    better = in_run_rate(second, side)
+    if not plan and better and (r2 - r1) * better < 0.5 * args.target_s and rounds_for(better) > 1.5 * r2:
+        r2 = rounds_for(better)
+        third = one_run(side, model, nodes, r2, args)
+        if "run_s" not in third:
+            return {"side": side, "status": "timed out" if third.get("timed_out") else "failed", "r1": r1,
+                    "r2": r2, "runs": [first, second, third], "pilot_s_per_round": rate}
+        second = third
     diff = (second["run_s"] - first["run_s"]) / (r2 - r1)
     return {"side": side, "status": "ok", "r1": r1, "r2": r2, "s_per_round": diff,
             "in_run_s_per_round": in_run_rate(second, side), "startup_s": first["run_s"] - r1 * diff,
