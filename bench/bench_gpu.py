@@ -408,7 +408,7 @@ def fused(cases: list[tuple[str, int]], timed: list[dict[str, Any]]) -> list[dic
         rows.append({"model": model, "nodes": nodes, **res})
         same = counts.get(model) in (None, res["parameters"])
         print(f"(c) fused {model} on {nodes}x{BATCH} samples: {res['s_per_step'] * 1e3:.2f} ms/step, "
-              f"max allocated {res['max_allocated_mib']:.0f} MiB"
+              f"max allocated {res['max_allocated_mib'] or float('nan'):.0f} MiB"
               + ("" if same else f"; WARNING: {res['parameters']:,} parameters, dice-ray's {counts[model]:,}"),
               flush=True)
     return rows
@@ -444,7 +444,7 @@ def report(results: dict[str, Any]) -> None:
                          "—" if f is None else f"{f['s_per_step']:.4f}",
                          "—" if f is None or rate is None else f"{rate / f['s_per_step']:.1f}",
                          "—" if not r["gpu_mib_per_participant"] else f"{r['gpu_mib_per_participant']:.2f}",
-                         "—" if f is None else f"{f['max_allocated_mib']:.0f}"])
+                         "—" if f is None or f["max_allocated_mib"] is None else f"{f['max_allocated_mib']:.0f}"])
         print_markdown(["model", "input", "N", "gpus/actor", "actors", "dice-ray s/round", "fused s/step",
                         "dice-ray / fused", "GPU MiB per participant (peak / N)", "fused max allocated MiB"], rows)
         print()

@@ -5,7 +5,7 @@ Workload, on both sides, per participant (Flower: client) and round: ONE SGD ste
     cnn  the project's registered "cnn" on 1x28x28 inputs (two 3x3 conv-ReLU-maxpool blocks of 16 and 32
          channels, a 64-unit hidden layer, 10 classes; 105,866 parameters), rebuilt in plain torch for Flower.
 dice-ray (``dice_ray.run(RunConfig(...), engine="ray")``, the project venv): N participants on an exponential
-graph (uniform weights), gossip after every step, its default actor plan (one participant-group actor per CPU),
+graph (uniform weights), gossip after every step, its default actor plan (on 2 cores: one actor, 2 threads),
 data ``synthetic`` (1x8x8; for the CNN ``data.synthetic_shape`` [1, 28, 28] where the config takes that field,
 else the real ``mnist5k`` images where they give every participant a batch, else the registered
 ``bench-random-1x28x28`` set of ``bench/_bench_data.py``; the table says which). No evaluation but after the
@@ -17,16 +17,19 @@ shapes, the current ``run_simulation`` API (``--flower-api start_simulation`` fo
 Round time, both sides: every run is a fresh process, timed whole (dice-ray: the manifest's ``wall_seconds``;
 Flower: the ``run_simulation`` call); s/round = (length of an R2-round run − length of an R1-round run) / (R2 − R1),
 so start-up (Ray, actors, data) and the last evaluation cancel. R1 is small; R2 is chosen from R1's in-run round
-times so that the R2 − R1 extra rounds take about ``--target-s`` seconds. The in-run rate (time between rounds'
-ends inside the longer run) is printed beside it as a check. For each (N, model) both sides run back to back,
-alternating which goes first; ``--repeats`` runs it all again (the lowest s/round counts). Flower runs have a
-per-run timeout (``--timeout``) and are reported "timed out" past it. Targets at N = 256: Flower / dice-ray
+times so that the R2 − R1 extra rounds take about ``--target-s`` seconds (and once more from the R2 run's, if
+they took less than half of it). The in-run rate (time between rounds' ends inside the longer run) is printed
+beside it as a check; "*" marks a cell where the two disagree by > 30%. Before each run the script waits (up to
+``--settle-s``) for the CPUs to be < 25% busy. For each (N, model) both sides run back to back, alternating which
+goes first; ``--repeats`` runs it all again (the lowest s/round counts). Flower runs have a per-run timeout
+(``--timeout``) and are reported "timed out" past it. Also printed: where the time goes (a Flower client's own
+work against its CPU time per client-round: the per-message overhead). Targets at N = 256: Flower / dice-ray
 ≥ 100 for the MLP, ≥ 10 for the CNN.
 
 Run::
 
-    python bench/bench_peers.py                        # N = 64 256 1024, mlp and cnn (~25 min on 2 cores)
-    python bench/bench_peers.py --nodes 64 256         # the targets' N only (~12 min)
+    python bench/bench_peers.py                        # N = 64 256 1024, mlp and cnn (~30 min on 2 cores)
+    python bench/bench_peers.py --nodes 64 256         # the targets' N only (~14 min)
     python bench/bench_peers.py --quick                # smoke run: N = 64, short runs
     python bench/bench_peers.py --models mlp --nodes 256 --repeats 2 --json peers.json
 """
@@ -370,7 +373,7 @@ def report(cells: dict[tuple[int, str], dict[str, Any]], args: argparse.Namespac
     print()
     if footnote:
         print(footnote + "\n")
-    print("Targets at N=256: " + ", ".join(
+    print("Targets at N=256: " + ("not measured in this run" if not checks else "") + ", ".join(
         f"{m} {c['ratio']:.1f}× (≥ {c['target']:g}×: {'met' if c['met'] else 'not met'})" if "ratio" in c
         else f"{m}: {'met (Flower timed out)' if c['met'] else 'no ratio'}" for m, c in checks.items()))
     return checks
