@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,24 +48,71 @@ def _join(address: str) -> None:
     """Join the Ray cluster at ``address``; raise ``InputError`` with one line saying what to check when it cannot
     be reached or does not accept this process's token (Ray itself retries for minutes, then prints a traceback)."""
     import ray
+    from ray._private import ray_constants
 
+    loopback = False
     if address != "auto" and "://" not in address:
         host, _, port = address.rpartition(":")
+        loopback = host.strip("[]") in ("", "127.0.0.1", "localhost", "::1")
         try:
             socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
         except (OSError, ValueError) as err:
             reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
             raise InputError(f"--address {address}: no Ray head answers there ({reason}); check the host and port "
                              "(`ray status` on the head prints them) and that the head is running") from None
+    # Ray rewrites a loopback address into this machine's external one (it assumes the head listens there). A head
+    # that answered on loopback above listens there (a cluster kept on 127.0.0.1): keep the address as given. The
+    # driver's own address still comes from the node it joins.
+    cluster = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = cluster and not loopback
     try:
-        ray.init(address=address, log_to_driver=True)
-    except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as err:
-        ray.shutdown()
-        auth = "auth" in str(err).lower() or isinstance(err, ray.exceptions.AuthenticationError)
-        hint = ("the cluster uses token authentication: set RAY_AUTH_MODE=token and the cluster's token "
-                "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token from the head) in this environment" if auth else
-                "check that this machine can reach every Ray port of the head, and that its Ray version matches")
-        raise InputError(f"--address {address}: could not join the Ray cluster; {hint}") from None
+        with _held_stderr():
+            try:
+                ray.init(address=address, log_to_driver=True)
+            except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as err:
+                ray.shutdown()
+                raise _join_error(address, err) from None
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
+
+
+def _join_error(address: str, err: BaseException) -> InputError:
+    """The one line for a failed join: token authentication if anything in the error's chain says so (Ray wraps
+    its AuthenticationError in a RuntimeError and a ConnectionError), else what to check."""
+    import ray
+
+    causes: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and len(causes) < 10:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    auth = any(isinstance(e, ray.exceptions.AuthenticationError) or "auth" in str(e).lower() for e in causes)
+    hint = ("the cluster uses token authentication: set RAY_AUTH_MODE=token and the cluster's token "
+            "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token from the head) in this environment" if auth else
+            "check that this machine can reach every Ray port of the head, and that its Ray version matches")
+    return InputError(f"--address {address}: could not join the Ray cluster; {hint}")
+
+
+@contextlib.contextmanager
+def _held_stderr() -> Iterator[None]:
+    """Hold what is written to file descriptor 2 meanwhile (Ray's C++ core prints a warning there on every retry of
+    a join it will give up) and write it out if the block succeeds; drop it if the block raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if ok:
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
+                sys.stderr.flush()
 
 
 def tune_allocator() -> None:
