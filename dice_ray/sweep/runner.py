@@ -8,8 +8,10 @@ the influence tasks the trial starts stay in them. Trial seeds come from the con
 
 The driver records every trial as it ends (``records.write_result``, then ``trials.parquet`` again), so a
 killed sweep loses only the trials that were running. A trial that raises (bad input, diverged training)
-reports ``status: failed`` with its error and the sweep goes on; a trial whose process dies is recorded
-failed from Tune's error.
+reports ``status: failed`` with its error and the sweep goes on. A trial whose process dies (its machine lost,
+say) is started again by Tune, up to ``TRIAL_RETRIES`` times, wherever its placement group fits then (on a node
+an autoscaler adds), and continues from its run directory's last checkpoint (``simulate_or_resume``); after
+that it is recorded failed from Tune's error.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from dice_ray.sweep.metrics import compute_metrics
 from dice_ray.sweep.plot import plot_trials
 from dice_ray.sweep.records import finished_trials, trial_dir, write_result, write_trials_table
 from dice_ray.sweep.spec import Sweep, bundles
+
+TRIAL_RETRIES = 3  # restarts of a trial whose process died (not of one that raised: that is a result)
 
 
 def _now() -> str:
@@ -175,8 +179,10 @@ def _claim(sweep: Sweep, out: Path, resume: bool, lock: DirectoryLock) -> None:
                          "differ); choose another out")
 
 
-def _check_fits(sweep: Sweep) -> None:
-    """Refuse trials that need more CPUs or GPUs than the whole Ray cluster has (Tune would wait forever)."""
+def _check_fits(sweep: Sweep, joined: bool) -> None:
+    """Refuse trials that need more CPUs or GPUs than the local Ray has (Tune would wait forever). A cluster the
+    sweep joined (``joined``) may grow: its autoscaler adds the nodes the pending trials ask for (cluster.yaml's
+    GPU workers start at 0), so there it is one line saying the trials wait for nodes."""
     import ray
 
     have = ray.cluster_resources()
@@ -185,8 +191,12 @@ def _check_fits(sweep: Sweep) -> None:
         for kind in ("CPU", "GPU"):
             total = sum(b.get(kind, 0.0) for b in need)
             if total > have.get(kind, 0.0) + 1e-9:
-                raise InputError(f"sweep: a trial with {params} needs {total:g} {kind}s (engine.actors x "
-                                 f"cpus/gpus per actor) but the Ray cluster has {have.get(kind, 0.0):g}")
+                message = (f"a trial with {params} needs {total:g} {kind}s (engine.actors x cpus/gpus per actor) "
+                           f"but the Ray cluster has {have.get(kind, 0.0):g}")
+                if not joined:
+                    raise InputError(f"sweep: {message}")
+                print(f"sweep: {message} now; its trials wait for the cluster's autoscaler to add nodes", flush=True)
+                return
 
 
 def _searcher(sweep: Sweep, done: dict[str, dict[str, Any]]) -> Any:
@@ -227,8 +237,9 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
     # nothing per trial at verbose 0, leaving one line per trial to the recorder.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    joined = bool(address or os.environ.get("RAY_ADDRESS"))
     start_ray(address)
-    _check_fits(sweep)
+    _check_fits(sweep, joined)
     with lock:
         return _run_trials(sweep, out, done)
 
@@ -263,7 +274,7 @@ def _run_trials(sweep: Sweep, out: Path, done: dict[str, dict[str, Any]]) -> Pat
                                           max_concurrent_trials=spec.max_concurrent)
         run_config = tune.RunConfig(name=f"tune-{dt.datetime.now():%Y%m%d-%H%M%S}", storage_path=str(out / "tune"),
                                     verbose=0, callbacks=[_recorder(sweep, out, total, done), *_trackers(sweep, out)],
-                                    failure_config=tune.FailureConfig(max_failures=0))
+                                    failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES))
         tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config).fit()
     return _summarize(sweep, out, time.time() - started)
 
