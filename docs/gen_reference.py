@@ -181,6 +181,13 @@ OTHER_OPTIONS = {"--index-url", "--working-dir", "--logdir", "--backend-store-ur
                  "--strict", "--headless"}
 
 
+def _ray_options() -> set[str]:
+    """The options of the Ray commands the pages show (``ray start``, ``ray stop``), from Ray's own parser."""
+    from ray.scripts.scripts import start, stop
+
+    return {o for command in (start, stop) for p in command.params for o in p.opts if o.startswith("--")}
+
+
 def unknown_options(docs: Path = ROOT / "docs", readme: Path = ROOT / "README.md") -> list[str]:
     """'page: option' for every ``--option`` a page names that no parser has: in a ``python -m dice_ray.X`` command
     (checked against X's parser) or in inline code (checked against all of them)."""
@@ -188,7 +195,7 @@ def unknown_options(docs: Path = ROOT / "docs", readme: Path = ROOT / "README.md
 
     known = {command.split()[-1]: {o for a in parser._actions for o in a.option_strings}
              for command, parser in parsers()}
-    every = set().union(*known.values()) | OTHER_OPTIONS
+    every = set().union(*known.values()) | OTHER_OPTIONS | _ray_options()
     problems = []
     for path in [readme, *sorted(docs.rglob("*.md"))]:
         text = path.read_text().replace("\\\n", " ")  # shell line continuations
