@@ -13,11 +13,18 @@ from dice_ray.experiment import prepare
 
 @pytest.fixture(scope="module")
 def two_machines():
+    import os
+
     import ray
+    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()
+    # Without this switch Ray gives every node the machine's external address (as start_ray explains); set by
+    # an earlier start_ray in the same process, not when this module runs alone.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
     cluster = Cluster(initialize_head=True, connect=True,
                       head_node_args={"num_cpus": 1, "resources": {"machine_a": 1}, "include_dashboard": False})
     cluster.add_node(num_cpus=1, resources={"machine_b": 1})
@@ -39,6 +46,7 @@ def test_one_actor_per_machine_and_the_same_numbers(two_machines) -> None:
         placed = {info["node_id"] for info in engine.info()}
         machines = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert placed == machines and len(machines) == 2
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
         distributed = list(engine.run_rounds((t, True) for t in range(4)))
         states = engine.states()
     finally:
