@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _tables import print_markdown
 from torch import nn
 
 BENCH = Path(__file__).resolve().parent
@@ -417,11 +418,6 @@ def fused(cases: list[tuple[str, int]], timed: list[dict[str, Any]]) -> list[dic
 # -- report ----------------------------------------------------------------------------------------------------
 
 
-def print_markdown(header: list[str], rows: list[list[str]]) -> None:
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---:" for _ in header) + "|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
 
 
 def report(results: dict[str, Any]) -> None:

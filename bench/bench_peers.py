@@ -48,6 +48,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _tables import print_markdown, print_plain
+
 BENCH = Path(__file__).resolve().parent
 FLOWER_SIDE = BENCH / "_flower_side.py"
 DEFAULT_VENV = Path.home() / ".cache" / "dice-ray" / "bench-flower-venv"
@@ -311,18 +313,8 @@ def table(cells: dict[tuple[int, str], dict[str, Any]]) -> tuple[list[str], list
     return header, rows
 
 
-def print_plain(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for r in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
 
 
-def print_markdown(header: list[str], rows: list[list[str]]) -> None:
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---:" for _ in header) + "|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
 
 
 def report(cells: dict[tuple[int, str], dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _tables import print_markdown, print_plain
 from torch import nn
 
 VARIANTS = ("local", "fused", "loop_edges", "loop_dense", "ray")  # the order they run in, per N
@@ -384,20 +385,8 @@ def memory_table(results: dict[int, dict[str, dict[str, Any]]]) -> tuple[list[st
     return header, rows
 
 
-def print_plain(header: list[str], rows: list[list[str]]) -> None:
-    """Print a fixed-width text table."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for r in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
 
 
-def print_markdown(header: list[str], rows: list[list[str]]) -> None:
-    """Print a Markdown table."""
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---:" for _ in header) + "|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
 
 
 def report(results: dict[int, dict[str, dict[str, Any]]], breakdown: dict[str, Any] | None) -> dict[str, Any]:
