@@ -43,8 +43,20 @@ def contributions(run: Path) -> pd.DataFrame:
     return pd.read_parquet(run / "contributions.parquet")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These runs are tiny: one torch thread keeps them fast on a shared machine (measured on 2 busy cores: the
+    module's fixture took 44 s with two threads, 6 s with one). Restored after the module."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def local(tmp_path_factory) -> Path:
+def local(tmp_path_factory, one_thread) -> Path:
     """The ledger with all three variants, and the replayed DICE-E of the same run's probes of rounds 0 and 2."""
     run = config(tmp_path_factory.mktemp("local"), influence__enabled=True, influence__hops=2,
                  influence__rounds=[0, 2], influence__variants=ALL, influence__ground_truth=False)
