@@ -58,6 +58,7 @@ from dice_ray.results import (
     LOO,
     PAIRWISE,
     SHAPLEY,
+    VARIANT_SUFFIX,
     write_table_atomic,
 )
 
@@ -597,13 +598,18 @@ def contributions(run: Path, loo: bool = False, shapley: int | None = None, loca
     if (loo and not (run / "loo.parquet").is_file()) or (shapley and not (run / "shapley.parquet").is_file()):
         _retrain_now(run, loo or (run / "loo.parquet").is_file(), shapley, local)
     n = len(nodes)
-    matrix = np.zeros((n, n))
-    last = ledger.groupby(["source", "target"])["cumulative"].last()
-    matrix[last.index.get_level_values(0), last.index.get_level_values(1)] = last.to_numpy()
     experiment = _run_experiment(run)
+    ranking = experiment.config.ledger.ranking
+    matrix = np.zeros((n, n))
+    column = "cumulative" + VARIANT_SUFFIX[ranking]
+    last = ledger.groupby(["source", "target"])[column].last() if column in ledger else ledger.iloc[:0]["step"]
+    matrix[last.index.get_level_values(0), last.index.get_level_values(1)] = last.to_numpy()
     graph = experiment.topology.to_networkx(0)
     betweenness = nx.betweenness_centrality(graph)
     rows = shares.sort_values("participant").reset_index(drop=True)
+    for v in list(VARIANT_SUFFIX)[1:]:  # tables of runs before the curvature ledger have no such column
+        if f"total{VARIANT_SUFFIX[v]}" not in rows:
+            rows[f"total{VARIANT_SUFFIX[v]}"] = np.nan
     rows["loo_effect"] = np.nan
     rows["shapley"] = np.nan
     if (run / "loo.parquet").is_file():
@@ -619,26 +625,34 @@ def contributions(run: Path, loo: bool = False, shapley: int | None = None, loca
     rows["betweenness"] = np.round([betweenness[j] for j in range(n)], 12)  # equal ones compare equal
     write_table_atomic(run / "contributions_report.parquet", {c: rows[c].to_numpy() for c in rows.columns},
                        CONTRIBUTION_REPORT)
-    total = rows["total"].to_numpy()
-    summary = {"rows": rows,
-               "loo": _rank_agreement(total, rows["loo_effect"].to_numpy()),
-               "shapley": _rank_agreement(total, rows["shapley"].to_numpy()),
-               "loo_honest": _rank_agreement(total[~rows["misbehaving"].to_numpy()],
-                                             rows["loo_effect"].to_numpy()[~rows["misbehaving"].to_numpy()]),
+    honest = ~rows["misbehaving"].to_numpy()
+
+    def agreement(total: np.ndarray) -> dict[str, dict[str, float | None]]:
+        return {"loo": _rank_agreement(total, rows["loo_effect"].to_numpy()),
+                "shapley": _rank_agreement(total, rows["shapley"].to_numpy()),
+                "loo_honest": _rank_agreement(total[honest], rows["loo_effect"].to_numpy()[honest])}
+
+    variants = {v: agreement(rows[f"total{VARIANT_SUFFIX[v]}"].to_numpy()) for v in VARIANT_SUFFIX
+                if rows[f"total{VARIANT_SUFFIX[v]}"].notna().any()}
+    total = rows["total" + VARIANT_SUFFIX[ranking]].to_numpy()
+    summary = {"rows": rows, "ranking": ranking, **agreement(total), "variants": variants,
                "position": {name: _spearman(total, rows[name].to_numpy(float))
                             for name in ("n_train", "in_degree", "betweenness")},
                "misbehaving_flagged": bool(rows.loc[rows["misbehaving"], "harmful"].all())
                if rows["misbehaving"].any() else None}
     _contribution_plots(run, rows, matrix)
 
-    print(rows.sort_values("rank").to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    for name in ("loo", "shapley"):
-        if summary[name]["spearman"] is not None:
-            print(f"ledger total vs {name}: Spearman {summary[name]['spearman']:.3f}, Kendall "
-                  f"{summary[name]['kendall']:.3f} over {n} participants")
-    if summary["loo_honest"]["spearman"] is not None and rows["misbehaving"].any():
-        print(f"  among the {int((~rows['misbehaving']).sum())} well-behaved participants only: Spearman "
-              f"{summary['loo_honest']['spearman']:.3f}, Kendall {summary['loo_honest']['kendall']:.3f}")
+    shown = rows.drop(columns=[f"total{VARIANT_SUFFIX[v]}" for v in VARIANT_SUFFIX if v not in variants])
+    print(shown.sort_values("rank").to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for v, agree in sorted(variants.items(), key=lambda item: item[0] != ranking):  # the ranking variant first
+        label = "ledger total" if v == ranking else f"  {v} ledger total"
+        for name in ("loo", "shapley"):
+            if agree[name]["spearman"] is not None:
+                print(f"{label} vs {name}: Spearman {agree[name]['spearman']:.3f}, Kendall "
+                      f"{agree[name]['kendall']:.3f} over {n} participants")
+        if agree["loo_honest"]["spearman"] is not None and rows["misbehaving"].any():
+            print(f"  among the {int(honest.sum())} well-behaved participants only: Spearman "
+                  f"{agree['loo_honest']['spearman']:.3f}, Kendall {agree['loo_honest']['kendall']:.3f}")
     print("ledger total vs position and data (Spearman): " + "  ".join(
         f"{k}: {'-' if v is None else f'{v:.3f}'}" for k, v in summary["position"].items()))
     if summary["misbehaving_flagged"] is not None:

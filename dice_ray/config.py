@@ -258,9 +258,12 @@ class ProximalConfig(_Section):
     window: int = Field(10, ge=1, description="scoring rounds summed in the windowed score")
 
 
+Variant = Literal["first-order", "curvature", "second-order"]
+
+
 class LedgerConfig(_Section):
-    """Online contribution ledger (issue 7, ``contributions.py``): first-order DICE-E of every participant's
-    update on every participant within R hops. Off unless ``enabled``."""
+    """Online contribution ledger (issue 7, ``contributions.py``): DICE-E of every participant's update on every
+    participant within R hops (first-order by default). Off unless ``enabled``."""
 
     enabled: bool = Field(False, description="keep the ledger L[j→k] during training (contributions.parquet, "
                                              "shares.parquet)")
@@ -272,6 +275,31 @@ class LedgerConfig(_Section):
                                          "(Ray tasks; loo.parquet)")
     shapley_permutations: int = Field(0, ge=0, le=10_000, description="Monte-Carlo Shapley over participants "
                                                                       "with this many permutations (0: off)")
+    variants: list[Variant] = Field(["first-order"], description="DICE-E variants the ledger sums (comma-separated): "
+                                    "first-order (J = I, one z′ gradient per round), curvature (the local steps' "
+                                    "Jacobians: a forward-mode pass per source and participant reached), "
+                                    "second-order (also b and the z′ Hessian term: about 2-3x curvature)")
+    rank_by: Variant | None = Field(None, description="the variant whose totals give shares, harmful flags and "
+                                                      "ranks (default: the first of variants)")
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _split_variants(cls, value: Any) -> Any:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @field_validator("variants")
+    @classmethod
+    def _distinct_variants(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one variant (first-order, curvature, second-order)")
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a variant twice: {value}")
+        return value
+
+    @property
+    def ranking(self) -> str:
+        """The variant whose totals rank the participants: ``rank_by``, else the first of ``variants``."""
+        return self.rank_by or self.variants[0]
 
 
 class RewiringConfig(_Section):
@@ -382,6 +410,9 @@ class RunConfig(_Section):
             if not 0 <= k < self.nodes:
                 raise ValueError(f"data.shrink participant {k} is not a participant (0..{self.nodes - 1})")
         led = self.ledger
+        if led.rank_by is not None and led.rank_by not in led.variants:
+            raise ValueError(f"ledger.rank_by {led.rank_by!r} is not one of ledger.variants "
+                             f"({', '.join(led.variants)})")
         if not (led.enabled or led.loo or led.shapley_permutations):
             return
         if led.zprime == "validation" and self.data.val_fraction == 0:

@@ -169,6 +169,9 @@ COLLABORATORS = _schema(
     ("anomalous_in_edges", pa.float64(), "share of honest participants' in-edges from misbehaving ones, at the end"),
 )
 
+# The contribution ledger's column suffix of each DICE-E variant (``influence_curvature``, ``total_second_order``, …).
+VARIANT_SUFFIX = {"first-order": "", "curvature": "_curvature", "second-order": "_second_order"}
+
 CONTRIBUTIONS = _schema(
     ("round", pa.int32(), "round u in which the term was measured (gradient at θ_k^u, the start of round u)"),
     ("probe_round", pa.int32(), "ledger round t whose update Δ_j^t the term is about (t = u − step)"),
@@ -177,16 +180,27 @@ CONTRIBUTIONS = _schema(
     ("source", pa.int32(), "participant j whose update is accounted"),
     ("target", pa.int32(), "participant k whose loss on z′ it changed (j itself for step 0)"),
     ("influence", pa.float64(), "first-order DICE-E term q_k (W^{t+s−1}⋯W^t)_{kj} ∇L(θ_k^{t+s}; z′)ᵀ Δ_j^t; "
-                                "negative: j's update lowered k's loss"),
+                                "negative: j's update lowered k's loss (null unless ledger.variants has first-order)"),
     ("cumulative", pa.float64(), "L[j→k]: Σ of influence over this pair's terms measured in rounds ≤ u"),
+    ("influence_curvature", pa.float64(), "curvature DICE-E term q_k ∇L(θ_k^{t+s}; z′)ᵀ δ_k^{(s)}, δ propagated "
+                                          "through the local steps' Jacobians (null unless ledger.variants has "
+                                          "curvature)"),
+    ("cumulative_curvature", pa.float64(), "L[j→k] of the curvature terms, rounds ≤ u"),
+    ("influence_second_order", pa.float64(), "second-order DICE-E term q_k (∇Lᵀ(a + b) − ½ aᵀH′a; the self term "
+                                             "∇ᵀΔ + ½ ΔᵀH′Δ) (null unless ledger.variants has second-order)"),
+    ("cumulative_second_order", pa.float64(), "L[j→k] of the second-order terms, rounds ≤ u"),
 )
 
 SHARES = _schema(
     ("participant", pa.int32(), "participant j"),
-    ("total", pa.float64(), "T_j = Σ_k L[j→k] at the end of the run; negative: j lowered the weighted loss"),
-    ("share", pa.float64(), "max(−T_j, 0) / Σ_l max(−T_l, 0): j's part of the budget of helpful participants"),
-    ("harmful", pa.bool_(), "T_j > 0: j's updates raised the network's weighted loss"),
-    ("rank", pa.int32(), "1 = most helpful (most negative T_j)"),
+    ("total", pa.float64(), "T_j = Σ_k L[j→k] (first-order) at the end of the run; negative: j lowered the "
+                            "weighted loss (null unless ledger.variants has first-order)"),
+    ("share", pa.float64(), "max(−T_j, 0) / Σ_l max(−T_l, 0): j's part of the budget of helpful participants, "
+                            "T_j of the ranking variant (ledger.rank_by, default the first of ledger.variants)"),
+    ("harmful", pa.bool_(), "T_j > 0 (ranking variant): j's updates raised the network's weighted loss"),
+    ("rank", pa.int32(), "1 = most helpful (most negative T_j of the ranking variant)"),
+    ("total_curvature", pa.float64(), "T_j of the curvature ledger (null unless computed)"),
+    ("total_second_order", pa.float64(), "T_j of the second-order ledger (null unless computed)"),
 )
 
 LOO = _schema(
@@ -207,7 +221,7 @@ SHAPLEY = _schema(
 
 CONTRIBUTION_REPORT = _schema(
     ("participant", pa.int32(), "participant j"),
-    ("total", pa.float64(), "ledger total T_j"),
+    ("total", pa.float64(), "ledger total T_j, first-order (null unless computed)"),
     ("share", pa.float64(), "share of the helpful budget"),
     ("harmful", pa.bool_(), "flagged harmful (T_j > 0)"),
     ("rank", pa.int32(), "ledger rank, 1 = most helpful"),
@@ -218,6 +232,8 @@ CONTRIBUTION_REPORT = _schema(
     ("misbehaving", pa.bool_(), "j misbehaves (e.g. flips labels)"),
     ("in_degree", pa.int32(), "in-neighbours of j in W^0"),
     ("betweenness", pa.float64(), "betweenness centrality of j in the communication graph (networkx)"),
+    ("total_curvature", pa.float64(), "ledger total T_j, curvature variant (null unless computed)"),
+    ("total_second_order", pa.float64(), "ledger total T_j, second-order variant (null unless computed)"),
 )
 
 # The fixed columns of a sweep's trials.parquet; the swept config fields and the trial metrics follow them

@@ -87,6 +87,7 @@ OPTIONS: list[tuple[str, str, Any]] = [
     ("--rewire-seed", "rewiring.seed", int),
     ("--ledger-every", "ledger.every", int), ("--ledger-hops", "ledger.hops", int),
     ("--ledger-zprime", "ledger.zprime", str), ("--shapley", "ledger.shapley_permutations", int),
+    ("--ledger-variants", "ledger.variants", str),
     ("--shrink-ids", "data.shrink.ids", "int-list"), ("--shrink-fraction", "data.shrink.fraction", float),
     ("--log", "output.log", str),
 ]

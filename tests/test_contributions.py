@@ -158,6 +158,10 @@ def test_shapley_values_add_up_to_the_grand_coalition(tmp_path: Path) -> None:
     (["--shrink-ids", "99"], "data.shrink"),
     (["--shrink-fraction", "2"], "data.shrink.fraction"),
     (["--ledger", "--ledger-zprime", "test"], "ledger.zprime"),
+    (["--ledger", "--ledger-variants", "hessian"], "ledger.variants"),
+    (["--ledger", "--ledger-variants", "curvature,curvature"], "ledger.variants"),
+    (["--ledger", "--ledger-variants", ","], "ledger.variants"),
+    (["--ledger", "--ledger-variants", "curvature", "--set", "ledger.rank_by=first-order"], "ledger.rank_by"),
 ])
 def test_bad_ledger_config_exits_2(tmp_path: Path, capsys, flags: list[str], message: str) -> None:
     assert simulate([*BASE, "--out", str(tmp_path / "x"), *flags]) == 2

@@ -1,4 +1,4 @@
-"""Contribution accounting (issue 7): an online ledger of every participant's first-order DICE-E on every other.
+"""Contribution accounting (issue 7): an online ledger of every participant's DICE-E on every other.
 
 For a ledger round t (``ledger.every``) and every source j, the whole-batch probe (j, t) has the first-order
 DICE-E of SPEC §4 (J = I):
@@ -24,12 +24,24 @@ Sign (SPEC §2): influence = L(with) − L(without); negative: j's updates lower
 Shares: helpful participants (T_j < 0) split a positive budget, share_j = max(−T_j, 0) / Σ_l max(−T_l, 0);
 a participant with T_j > 0 raised the network's weighted loss and is flagged harmful (share 0).
 
+Curvature and second order (``ledger.variants``). The same terms with the curvature DICE-E (δ propagated through
+the local steps' Jacobians, δ_k^{(s+1)} = Σ_l W_kl J_l δ_l^{(s)}) or the second-order one (a + b, and
+e₂ = ∇ᵀ(a + b) − ½ aᵀH′a) have no shared adjoint: each source's perturbation must travel on its own. They are
+the in-loop DICE-E of ``dice/online.py`` (``OnlineCascades``, the same functions) with one whole-batch probe per
+source and ledger round (``LedgerProbes``), recorded only where the ledger counts a term (k ∈ N^{(s)}(j) and
+the self term): the perturbations travel with the half-steps to the groups whose rows of W read them, and each
+group records the terms of its hosted targets. The first-order column keeps its own exact float64 path; the
+driver joins the variants' terms on (probe round, source, target) — the same keys, or it raises. Cost per
+ledger round: one forward-mode pass through the local step for every (source, participant reached before hop
+R) pair, and for second-order a nested pass and one z′ Hessian-vector product per term.
+
 Pure torch and numpy: no Ray here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,10 +50,15 @@ import torch
 
 from dice_ray.core.tensors import edge_dots, sum_by_key
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook, Route, Router
+from dice_ray.methods.dice.estimator import VARIANTS
+from dice_ray.methods.dice.online import OnlineCascades, ProbeSchedule
+from dice_ray.methods.dice.probes import Probe
 from dice_ray.methods.proximal import ProximalExaminer
-from dice_ray.results import CONTRIBUTIONS, SHARES
+from dice_ray.results import CONTRIBUTIONS, SHARES, VARIANT_SUFFIX
 
 FIELDS = ("step", "probe_round", "source", "target", "value")
+KEYS = FIELDS[:4]
+SUFFIX = VARIANT_SUFFIX  # column suffix of each variant in contributions.parquet and shares.parquet
 
 
 def ledger_round(config: Any, t: int) -> bool:
@@ -52,6 +69,32 @@ def ledger_round(config: Any, t: int) -> bool:
 def ledger_active(config: Any, t: int) -> bool:
     """True iff round t needs the ledger's gradient at θ^t: some round t−s, s = 0..R, is a ledger round."""
     return any(ledger_round(config, t - s) for s in range(config.ledger.hops + 1))
+
+
+class LedgerProbes(ProbeSchedule):
+    """The ledger's probes for ``OnlineCascades``: every source's whole-batch probe (j, t) of every ledger round t,
+    probe id t·N + j, computed when asked (a long run has N probes per ledger round)."""
+
+    def __init__(self, config: Any):
+        self.config, self.n = config, config.nodes
+
+    def __bool__(self) -> bool:
+        return bool(self.config.ledger.enabled)
+
+    def starting(self, u: int) -> list[Probe]:
+        return [Probe(u * self.n + j, u, j) for j in range(self.n)] if ledger_round(self.config, u) else []
+
+    def round_of(self, probe_id: int) -> int:
+        return probe_id // self.n
+
+    def in_flight(self, hops: int, u: int) -> list[int]:
+        return [t * self.n + j for t in range(max(0, u - hops + 1), u + 1) if ledger_round(self.config, t)
+                for j in range(self.n)]
+
+
+def cascade_variants(config: Any) -> list[str]:
+    """The ledger's variants that propagate a perturbation per source (curvature, second-order), in order."""
+    return [v for v in config.ledger.variants if v != "first-order"]
 
 
 class PathWeights:
@@ -198,133 +241,258 @@ def combine_terms(parts: list[dict[str, np.ndarray] | None]) -> dict[str, np.nda
     return sort_terms({f: np.concatenate([p[f] for p in parts]) for f in FIELDS}) if parts else None
 
 
-class ContributionLedger:
-    """The driver's pairwise ledger L[j→k] (cumulative q_k-weighted first-order DICE-E terms).
+def join_variants(first: dict[str, np.ndarray] | None, cascade: dict[str, np.ndarray] | None,
+                  variants: list[str]) -> dict[str, np.ndarray] | None:
+    """One round's terms of every variant on the same rows: ``KEYS`` -> [E] and one value column per variant of
+    ``VARIANTS`` (NaN where not computed), sorted by (probe_round, source, target).
 
-    Args: n: N participants; q: participant weights q_k [N].
+    ``first``: the first-order terms (``LedgerExaminer.terms``, combined) or None; ``cascade``: the curvature and
+    second-order ones (``LedgerHook``'s cascade records, combined) or None. Both count the same terms — the self
+    term and every k ∈ N^{(s)}(j) — so their keys must agree; a mismatch is a bug and raises."""
+    cascaded = [v for v in variants if v != "first-order"]
+    if first is None and (cascade is None or not cascaded):
+        return None
+    if cascade is not None and cascaded:
+        order = np.lexsort((cascade["target"], cascade["source"], cascade["probe_round"]))
+        cascade = {f: np.asarray(cascade[f]).astype(np.int64)[order] for f in KEYS} | {
+            v: np.asarray(cascade[v], np.float64)[order] for v in cascaded}
+    base = first if first is not None else cascade
+    out = {f: base[f] for f in KEYS}
+    n = len(out["step"])
+    for v in VARIANTS:
+        out[v] = np.full(n, np.nan)
+    if first is not None and "first-order" in variants:
+        out["first-order"] = first["value"]
+    if cascade is not None and cascaded:
+        if first is not None and not all(np.array_equal(first[f], cascade[f]) for f in KEYS):
+            raise RuntimeError("the ledger's first-order and cascade terms count different (probe round, source, "
+                               f"target, step) rows: {n} against {len(cascade['step'])}")
+        for v in cascaded:
+            out[v] = cascade[v]
+    return out
+
+
+class ContributionLedger:
+    """The driver's pairwise ledger L[j→k] (cumulative q_k-weighted DICE-E terms), one per variant.
+
+    Args: n: N participants; q: participant weights q_k [N]; variants: the variants summed (``VARIANTS``).
     """
 
-    def __init__(self, n: int, q: np.ndarray):
-        self.n, self.q = n, np.asarray(q, np.float64)
+    def __init__(self, n: int, q: np.ndarray, variants: list[str] | tuple[str, ...] = ("first-order",)):
+        self.n, self.q, self.variants = n, np.asarray(q, np.float64), list(variants)
         self._keys = np.zeros(0, np.int64)  # source * n + target, sorted
-        self._sums = np.zeros(0, np.float64)
+        self._sums = {v: np.zeros(0, np.float64) for v in self.variants}
 
     def rows(self, u: int, terms: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Add the terms measured at round u; return their rows of ``contributions.parquet``."""
+        """Add the terms measured at round u (``join_variants``; or ``FIELDS`` with ``value`` the first-order
+        term); return their rows of ``contributions.parquet``."""
+        if "value" in terms and "first-order" not in terms:
+            terms = {**terms, "first-order": terms["value"]}
         source, target = terms["source"], terms["target"]
-        influence = self.q[target] * terms["value"]
         keys = source * self.n + target
-        self._keys, self._sums = sum_by_key([self._keys, keys], [self._sums, influence])
-        return {"round": np.full(len(keys), u, np.int32), "probe_round": terms["probe_round"], "step": terms["step"],
-                "source": source, "target": target, "influence": influence,
-                "cumulative": self._sums[np.searchsorted(self._keys, keys)]}
+        out = {"round": np.full(len(keys), u, np.int32), "probe_round": terms["probe_round"], "step": terms["step"],
+               "source": source, "target": target}
+        merged = self._keys
+        for v in VARIANTS:
+            influence = self.q[target] * terms[v] if v in self.variants else np.full(len(keys), np.nan)
+            out[f"influence{SUFFIX[v]}"] = influence
+            if v in self.variants:
+                merged, self._sums[v] = sum_by_key([self._keys, keys], [self._sums[v], influence])
+        self._keys = merged
+        at = np.searchsorted(self._keys, keys)
+        for v in VARIANTS:
+            out[f"cumulative{SUFFIX[v]}"] = self._sums[v][at] if v in self.variants else np.full(len(keys), np.nan)
+        return out
 
     def state(self) -> dict[str, np.ndarray]:
-        """The sums as arrays (a checkpoint's part)."""
-        return {"keys": self._keys, "sums": self._sums}
+        """The sums as arrays (a checkpoint's part): ``keys``, and ``sums`` (first-order), ``sums_curvature``,
+        ``sums_second_order`` for the variants kept."""
+        return {"keys": self._keys} | {f"sums{SUFFIX[v]}": self._sums[v] for v in self.variants}
 
     def load_state(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Set the sums from ``state()`` (empty: none)."""
         self._keys = np.asarray(arrays.get("keys", np.zeros(0, np.int64)), np.int64)
-        self._sums = np.asarray(arrays.get("sums", np.zeros(0)), np.float64)
+        self._sums = {v: np.asarray(arrays.get(f"sums{SUFFIX[v]}", np.zeros(len(self._keys))), np.float64)
+                      for v in self.variants}
 
-    def matrix(self) -> np.ndarray:
-        """Return L [N, N] with L[j, k] = L[j→k] (0 for pairs never within R hops)."""
+    def matrix(self, variant: str = "first-order") -> np.ndarray:
+        """Return L [N, N] of ``variant`` with L[j, k] = L[j→k] (0 for pairs never within R hops)."""
         out = np.zeros(self.n * self.n)
-        out[self._keys] = self._sums
+        out[self._keys] = self._sums[variant]
         return out.reshape(self.n, self.n)
 
-    def totals(self) -> np.ndarray:
-        """Return T_j = Σ_k L[j→k] [N]."""
-        return self.matrix().sum(axis=1)
+    def totals(self, variant: str = "first-order") -> np.ndarray:
+        """Return T_j = Σ_k L[j→k] [N] of ``variant``."""
+        return self.matrix(variant).sum(axis=1)
 
 
-def shares(totals: np.ndarray) -> dict[str, np.ndarray]:
-    """Return the rows of ``shares.parquet`` for totals T [N] (see the module docstring for the rule)."""
+def shares(totals: np.ndarray, by_variant: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Return the rows of ``shares.parquet``: share, harmful flag and rank from the ranking totals T [N] (see the
+    module docstring for the rule); ``by_variant``: every variant's totals for the ``total`` (first-order),
+    ``total_curvature`` and ``total_second_order`` columns (default: ``totals`` are the first-order ones; a
+    variant not given is NaN)."""
     totals = np.asarray(totals, np.float64)
+    by_variant = {"first-order": totals} if by_variant is None else by_variant
     helpful = np.maximum(-totals, 0.0)
     budget = helpful.sum()
     share = helpful / budget if budget > 0 else np.zeros_like(totals)
     rank = np.empty(len(totals), np.int32)
     rank[np.argsort(totals, kind="stable")] = np.arange(1, len(totals) + 1)
-    return {"participant": np.arange(len(totals), dtype=np.int32), "total": totals, "share": share,
-            "harmful": totals > 0, "rank": rank}
+    out = {"participant": np.arange(len(totals), dtype=np.int32)}
+    out["total"] = np.asarray(by_variant.get("first-order", np.full(len(totals), np.nan)), np.float64)
+    out |= {"share": share, "harmful": totals > 0, "rank": rank}
+    for v in VARIANTS[1:]:
+        out[f"total{SUFFIX[v]}"] = np.asarray(by_variant.get(v, np.full(len(totals), np.nan)), np.float64)
+    return out
 
 
 # -- the method: its round hook (in every participant block), its router and its driver ---------------------
 
 
+@dataclass
+class LedgerMessage:
+    """What a block sends on a ledger round: its g = ∇L(θ^u; z′) [P, D_params] (None: first-order off) and its
+    stepped perturbations (``OnlineCascades.outgoing``; None: curvature and second-order off)."""
+
+    gradient: Any = None
+    cascades: Any = None
+
+
 class LedgerRouter(Router):
-    """Routes the gradient blocks g of round u: block g reads those of the blocks hosting the targets its sources
-    reach within R hops (itself among them), and gets the path weights of its sources' terms as ``info``."""
+    """Routes the messages of round u: block g reads those of the blocks hosting the targets its sources reach
+    within R hops (itself among them; for the first-order g) and, with curvature or second-order on, those whose
+    participants its rows of W^u read (for the perturbations); it gets the path weights of its sources' terms as
+    ``info``."""
 
     def __init__(self, config: Any, topology: Any, blocks: list[np.ndarray], mixing: Any):
         super().__init__(config, topology, blocks, mixing)
         self.paths = PathWeights(topology.mixing_matrix, topology.n, not topology.time_varying)
+        self.first = "first-order" in config.ledger.variants
+        self.cascades = bool(cascade_variants(config))
 
     def routes(self, t: int) -> list[Route]:
         out = []
+        w = sp.csr_array(self.mixing(t)) if self.cascades else None
         for g, block in enumerate(self.blocks):
-            terms = self.paths.terms(self.config, t, block)
-            targets = np.unique(np.concatenate([f.tocoo().row for _, _, f in terms] or [np.zeros(0, np.int64)]))
-            out.append(Route(sorted(set(self.owner[targets].tolist()) | {g}), terms))
+            reads = {g}
+            terms = self.paths.terms(self.config, t, block) if self.first else []
+            if terms:
+                targets = np.unique(np.concatenate([f.tocoo().row for _, _, f in terms]))
+                reads |= set(self.owner[targets].tolist())
+            if w is not None:
+                reads |= set(self.owner[sp.csr_array(w[block]).indices].tolist())
+            out.append(Route(sorted(reads), terms))
         return out
 
 
 class LedgerHook(RoundHook):
     """The ledger in one block: g = ∇L(θ^u; z′) at the start of rounds that need it (sent to the blocks whose
-    sources reach these participants), Δ^t kept on ledger rounds, the hosted sources' terms after gossip."""
+    sources reach these participants), Δ^t kept on ledger rounds, the hosted sources' first-order terms after
+    gossip; with curvature or second-order, every hosted source's perturbation started on ledger rounds, stepped
+    and gossiped like the in-loop DICE-E, and the hosted targets' terms recorded."""
 
     name = "ledger"
     router = LedgerRouter
 
     def __init__(self, block: Any, config: Any):
         super().__init__(block, config)
+        self.first = "first-order" in config.ledger.variants
         self.examiner = LedgerExaminer(block, config)
+        variants = cascade_variants(config)
+        self.cascades = OnlineCascades(block, config, LedgerProbes(config), config.ledger.hops, variants,
+                                       config.ledger.zprime, first_reached_only=True) if variants else None
 
     @classmethod
     def sends(cls, config: Any) -> Callable[[int], bool]:
         return lambda t: ledger_active(config, t)
 
     def before_local_step(self, t: int) -> None:
-        self.examiner.start(t)
+        gradient = self.examiner.start(t)
+        if self.cascades is not None:
+            self.cascades.start(t, gradient)  # the same pass: z′ gradients at θ^t of the hosted rows
 
     def after_local_step(self, t: int) -> None:
-        self.examiner.take_delta(t)
+        if self.first:
+            self.examiner.take_delta(t)
+        if self.cascades is not None:
+            self.cascades.take_updates(t)
 
     def message(self, t: int, local: bool) -> Any:
-        gradient = self.examiner.gradient
-        return gradient if local or gradient is None else gradient.cpu().numpy()
+        gradient = self.examiner.gradient if self.first else None
+        return LedgerMessage(gradient if local or gradient is None else gradient.cpu().numpy(),
+                             None if self.cascades is None else self.cascades.outgoing(local))
 
-    def after_gossip(self, t: int, inbox: Inbox) -> dict[str, np.ndarray] | None:
+    def after_gossip(self, t: int, inbox: Inbox) -> dict[str, Any] | None:
         if not inbox.messages:
             return None
-        return self.examiner.terms(t, inbox.info, inbox.messages, np.concatenate(inbox.ids))
+        first = cascade = None
+        if self.first:
+            first = self.examiner.terms(t, inbox.info, [m.gradient for m in inbox.messages],
+                                        np.concatenate(inbox.ids))
+        if self.cascades is not None:
+            by_block = {int(ids[0]): m.cascades for ids, m in zip(inbox.ids, inbox.messages, strict=True)
+                        if len(ids)}
+            self.cascades.mix(inbox.weights, inbox.mixing_ids,
+                              [by_block.get(int(ids[0])) if len(ids) else None for ids in inbox.mixing_ids])
+            cascade = self._cascade_terms()
+        return None if first is None and cascade is None else {"first": first, "cascade": cascade}
+
+    def _cascade_terms(self) -> dict[str, np.ndarray] | None:
+        """This round's curvature / second-order terms of the hosted targets: ``KEYS`` and one column per cascade
+        variant (without q_k)."""
+        terms = self.cascades.terms()
+        if terms is None:
+            return None
+        n = self.config.nodes
+        return {"step": terms["step"], "probe_round": terms["probe_id"] // n, "source": terms["probe_id"] % n,
+                "target": terms["target"]} | {v: terms[v] for v in self.cascades.variants}
 
     def snapshot(self, t: int) -> dict[str, np.ndarray]:
-        return self.examiner.snapshot(t)
+        out = self.examiner.snapshot(t) if self.first else {}
+        if self.cascades is not None:  # prefixed: the in-loop DICE-E's own perturbations are cascade.*
+            out |= {f"ledger.{k}": v for k, v in self.cascades.snapshot(t).items()}
+        return out
 
     def restore(self, arrays: Mapping[str, np.ndarray] | None) -> None:
         self.examiner.restore(arrays)
+        if self.cascades is not None:
+            self.cascades.restore(None if arrays is None else
+                                  {k[len("ledger."):]: v for k, v in arrays.items() if k.startswith("ledger.cascade.")})
+
+
+def combine_records(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Merge the blocks' records of one round: first-order terms (``combine_terms``) and cascade terms."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    cascades = [p["cascade"] for p in parts if p["cascade"] is not None]
+    return {"first": combine_terms([p["first"] for p in parts]),
+            "cascade": {f: np.concatenate([c[f] for c in cascades]) for f in cascades[0]} if cascades else None}
 
 
 class LedgerDriver(DriverHook):
-    """The driver's pairwise ledger L[j→k]: the ``contributions`` table every round, ``shares`` at the end."""
+    """The driver's pairwise ledger L[j→k] of each variant: the ``contributions`` table every round, ``shares`` at
+    the end (ranked by ``ledger.rank_by``)."""
 
     name = "ledger"
     tables = {"contributions": CONTRIBUTIONS}
 
     def __init__(self, experiment: Any):
         super().__init__(experiment)
-        self.ledger = ContributionLedger(experiment.config.nodes, experiment.q)
+        self.variants = list(experiment.config.ledger.variants)
+        self.ledger = ContributionLedger(experiment.config.nodes, experiment.q, self.variants)
 
-    combine = staticmethod(combine_terms)
+    combine = staticmethod(combine_records)
 
     def on_round(self, t: int, record: Any) -> dict[str, Any]:
-        return {} if record is None else {"contributions": self.ledger.rows(t, record)}
+        if record is None:
+            return {}
+        terms = join_variants(record["first"], record["cascade"], self.variants)
+        return {} if terms is None else {"contributions": self.ledger.rows(t, terms)}
 
     def finish(self) -> dict[str, Any]:
-        return {"shares": shares(self.ledger.totals())}
+        ranking = self.experiment.config.ledger.ranking
+        return {"shares": shares(self.ledger.totals(ranking), {v: self.ledger.totals(v) for v in self.variants})}
 
     def finish_schemas(self) -> dict[str, Any]:
         return {"shares": SHARES}

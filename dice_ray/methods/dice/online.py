@@ -81,6 +81,33 @@ def in_flight(probes: list[Probe], hops: int, u: int) -> list[int]:
     return [p.probe_id for p in probes if p.round <= u < p.round + hops]
 
 
+class ProbeSchedule:
+    """The probes an ``OnlineCascades`` follows, looked up by round and by id: here a list (``influence``'s
+    probes); the contribution ledger's subclass computes every source's probe of every ledger round instead."""
+
+    def __init__(self, probes: list[Probe]):
+        self.probes = probes
+        self._by_id = {p.probe_id: p for p in probes}
+        self._by_round: dict[int, list[Probe]] = {}
+        for p in probes:
+            self._by_round.setdefault(p.round, []).append(p)
+
+    def __bool__(self) -> bool:
+        return bool(self.probes)
+
+    def starting(self, u: int) -> list[Probe]:
+        """The probes of round u (their perturbation starts with round u's update)."""
+        return self._by_round.get(u, [])
+
+    def round_of(self, probe_id: int) -> int:
+        """The probe round t of probe ``probe_id``."""
+        return self._by_id[probe_id].round
+
+    def in_flight(self, hops: int, u: int) -> list[int]:
+        """``in_flight`` of these probes."""
+        return in_flight(self.probes, hops, u)
+
+
 @dataclass
 class _Cascade:
     """One probe's perturbation on this block's participants: ``rows`` (global ids, ascending) of S_s here,
@@ -92,6 +119,7 @@ class _Cascade:
     delta: dict[str, torch.Tensor]
     opt: dict[str, torch.Tensor]
     opt_b: dict[str, torch.Tensor] = field(default_factory=dict)
+    new: np.ndarray | None = None  # [m] bool: row first reached at this step, k ∈ N^{(s)}(j) (None: unknown)
 
 
 class OnlineCascades:
@@ -99,22 +127,24 @@ class OnlineCascades:
     before the local step, ``take_updates(u)`` after it, ``outgoing()`` (published for other groups) and
     ``mix(u, weights, ids, blocks)`` after gossip; ``terms()`` returns what the round recorded."""
 
-    def __init__(self, block: Any, config: Any):
+    def __init__(self, block: Any, config: Any, probes: ProbeSchedule | None = None, hops: int | None = None,
+                 variants: list[str] | None = None, zprime: str | None = None, first_reached_only: bool = False):
+        """``probes``, ``hops``, ``variants``, ``zprime``: default ``influence``'s (its in-loop probes);
+        ``first_reached_only``: record e_k^{(s)} only for k ∈ N^{(s)}(j) (and the direct term), as the contribution
+        ledger counts them, instead of every k of S_s."""
         self.block, self.config = block, config
         inf = config.influence
-        self.hops, self.variants = inf.hops, list(inf.variants)
+        self.hops = inf.hops if hops is None else hops
+        self.variants = list(inf.variants if variants is None else variants)
+        self.first_reached_only = first_reached_only
         self.second = "second-order" in self.variants
         self.curved = self.second or "curvature" in self.variants  # a (and its optimizer part) is propagated
         self.keys = list(self.variants) + (["curvature"] if self.second and "curvature" not in self.variants else [])
-        self.probes = online_probes(config)
-        self.by_id = {p.probe_id: p for p in self.probes}
-        self.by_round: dict[int, list[Probe]] = {}
-        for p in self.probes:
-            self.by_round.setdefault(p.round, []).append(p)
+        self.probes = ProbeSchedule(online_probes(config)) if probes is None else probes
         # Blocks hold ascending global ids (``ActorPlan``: contiguous ranges), so rows kept in block order are
         # ascending too, and a source block's column of a global id is found by binary search.
         self.local = {int(k): i for i, k in enumerate(block.nodes.tolist())}
-        self._grads = ProximalExaminer(block, inf.zprime)
+        self._grads = ProximalExaminer(block, inf.zprime if zprime is None else zprime)
         bad = config.misbehavior
         self.factors = None
         if bad.kind in UPDATE_KINDS and len(block.misbehaving):
@@ -148,30 +178,58 @@ class OnlineCascades:
             return zprime_hessian_forms(sub, u, v, block.x_heldout, block.y_heldout, shared_input=True)
         return zprime_hessian_forms(sub, u, v, block.x_val[pos], block.y_val[pos], sample_weights=block.val_mask[pos])
 
+    def _batched_forms(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """aᵀH′a [m] for each (hosted rows ``pos`` [m], a [m, D_params]) of ``parts``, several probes' rows per
+        pass (up to JVP_ELEMENTS parameters): one call per probe would pay the pass's fixed cost each time."""
+        limit = max(1, JVP_ELEMENTS // self.block.population.params.shape[1])
+        out: list[torch.Tensor] = []
+        start = 0
+        while start < len(parts):
+            stop, rows = start, 0
+            while stop < len(parts) and (stop == start or rows + len(parts[stop][0]) <= limit):
+                rows += len(parts[stop][0])
+                stop += 1
+            pos = torch.cat([p for p, _ in parts[start:stop]])
+            a = torch.cat([a for _, a in parts[start:stop]])
+            forms = self._hessian_forms(pos, a, a)
+            out += list(torch.split(forms, [len(p) for p, _ in parts[start:stop]]))
+            start = stop
+        return out
+
     def _record(self, probe_id: int, step: int, rows: np.ndarray, values: dict[str, torch.Tensor]) -> None:
         self._terms.append((probe_id, step, rows, {v: values[v].cpu().numpy() for v in self.variants}))
 
-    def start(self, u: int) -> None:
-        """Round u begins (θ = θ^u): record e^{(s)} of the probes in flight and step their perturbations."""
+    def start(self, u: int, gradients: torch.Tensor | None = None) -> None:
+        """Round u begins (θ = θ^u): record e^{(s)} of the probes in flight and step their perturbations.
+        ``gradients``: ∇L(θ_k^u; z′) [P, D_params] of the hosted rows if the caller has them (else taken here)."""
         self._terms, self._out = [], {}
-        self._new = [p for p in self.by_round.get(u, []) if int(p.source) in self.local]
+        self._new = [p for p in self.probes.starting(u) if int(p.source) in self.local]
         if not self.active and not self._new:
             return
         pop = self.block.population
-        g = self._grads.gradients()
-        stepping = []
+        g = self._grads.gradients() if gradients is None else gradients
+        stepping, recorded, curved = [], [], []
         for pid, c in sorted(self.active.items()):
-            s = u - self.by_id[pid].round
-            pos = self._positions(c.rows)
-            at = g[pos]
-            values = {v: (at * c.delta[v]).sum(dim=1) for v in self.variants if v != "second-order"}
-            if self.second:  # e₂ = ∇ᵀ(a + b) − ½ aᵀH′a
-                a = c.delta["curvature"]
-                values["second-order"] = (at * (a + c.delta["second-order"])).sum(dim=1) \
-                    - 0.5 * self._hessian_forms(pos, a, a)
-            self._record(pid, s, c.rows, values)
+            s = u - self.probes.round_of(pid)
+            keep = c.new if self.first_reached_only and c.new is not None else None
+            rows, pos = (c.rows, self._positions(c.rows)) if keep is None else \
+                (c.rows[keep], self._positions(c.rows[keep]))
+            if len(rows):
+                at = g[pos]
+                delta = c.delta if keep is None else {v: d[torch.as_tensor(keep, device=d.device)]
+                                                       for v, d in c.delta.items()}
+                values = {v: (at * delta[v]).sum(dim=1) for v in self.variants if v != "second-order"}
+                if self.second:  # e₂ = ∇ᵀ(a + b) − ½ aᵀH′a; the H′ terms of every probe below, batched
+                    values["second-order"] = (at * (delta["curvature"] + delta["second-order"])).sum(dim=1)
+                    curved.append((len(recorded), pos, delta["curvature"]))
+                recorded.append((pid, s, rows, values))
             if s < self.hops:
                 stepping.append(pid)
+        for i, form in zip([i for i, _, _ in curved], self._batched_forms([(pos, a) for _, pos, a in curved]),
+                           strict=True):
+            recorded[i][3]["second-order"] = recorded[i][3]["second-order"] - 0.5 * form
+        for pid, s, rows, values in recorded:
+            self._record(pid, s, rows, values)
         cascades, self.active = [(pid, self.active[pid]) for pid in stepping], {}
         self._step(u, cascades)
         if self._new:
@@ -335,7 +393,8 @@ class OnlineCascades:
                 if own is not None and own.opt_b:
                     for n, value in own.opt_b.items():
                         opt_b[n][keep] = value
-            self.active[pid] = _Cascade(rows, delta, opt, opt_b)
+            new = ~np.isin(rows, own.rows) if own is not None else np.ones(len(rows), bool)  # N^{(s+1)}(j) here
+            self.active[pid] = _Cascade(rows, delta, opt, opt_b, new)
         self._out = {}
 
     def terms(self) -> dict[str, np.ndarray] | None:
@@ -358,12 +417,15 @@ class OnlineCascades:
         """The perturbations in flight after round u, one row per hosted participant: ``cascade.ids`` [P, A]
         (the A probes globally in flight, ``in_flight``), ``cascade.mask`` [P, A] (the participant is in the
         probe's support), ``cascade.<key>`` [P, A, D_params] (``_Cascade``'s keys), ``cascade.opt.<name>`` and, for
-        second-order, ``cascade.opt_b.<name>`` [P, A, ...]."""
+        second-order, ``cascade.opt_b.<name>`` [P, A, ...]; with ``first_reached_only`` also ``cascade.new`` [P, A]
+        (first reached at the current step)."""
         if not self.enabled:
             return {}
-        flying = in_flight(self.probes, self.hops, u)
+        flying = self.probes.in_flight(self.hops, u)
         pop, p, a = self.block.population, self.block.size, len(flying)
         out = {"cascade.ids": np.tile(np.asarray(flying, np.int64), (p, 1)), "cascade.mask": np.zeros((p, a), bool)}
+        if self.first_reached_only:
+            out["cascade.new"] = np.zeros((p, a), bool)
         for v in self.keys:
             out[f"cascade.{v}"] = np.zeros((p, a, pop.params.shape[1]), np.float32)
         opt_names = [n for n in pop.opt_state if n != "step"] if self.curved else []
@@ -378,6 +440,8 @@ class OnlineCascades:
                 continue
             pos = self._positions(c.rows).cpu().numpy()
             out["cascade.mask"][pos, i] = True
+            if self.first_reached_only:
+                out["cascade.new"][pos, i] = True if c.new is None else c.new
             for v in self.keys:
                 out[f"cascade.{v}"][pos, i] = c.delta[v].cpu().numpy()
             for n in opt_names:
@@ -404,7 +468,9 @@ class OnlineCascades:
                     + [f"cascade.opt_b.{n}" for n in opt_b_names]}
             self.active[int(pid)] = _Cascade(self.block.nodes[here], {v: slot[f"cascade.{v}"] for v in self.keys},
                                              {n: slot[f"cascade.opt.{n}"] for n in opt_names},
-                                             {n: slot[f"cascade.opt_b.{n}"] for n in opt_b_names})
+                                             {n: slot[f"cascade.opt_b.{n}"] for n in opt_b_names},
+                                             np.array(arrays["cascade.new"][here, i]) if "cascade.new" in arrays
+                                             else None)
 
 
 # -- the driver's side: terms of every round -> influence.parquet and dice.parquet rows -----------------------
