@@ -106,3 +106,16 @@ def test_dice_flags_label_flippers_as_harmful(tmp_path) -> None:
         mean = dice.groupby("source")[column].mean()
         assert sorted(mean.nlargest(2).index) == sorted(flippers)
         assert (mean[flippers] > 0).all() and (mean.drop(flippers) < 0).all()
+
+
+def test_an_honest_block_reads_the_training_split_in_place_and_a_corrupting_one_never_writes_it() -> None:
+    """Memory: without data corruption a block indexes the training split it was given (on a Ray node, the object
+    store's array) instead of copying its rows; with corruption it corrupts a copy, leaving the split as it was."""
+    experiment, block = setup("label-flip")
+    y_before = experiment.dataset.y_train.copy()
+    honest = block(np.array([], np.int64))
+    assert np.shares_memory(honest.x_data.numpy(), experiment.dataset.x_train)
+    bad = block()
+    assert not np.shares_memory(bad.x_data.numpy(), experiment.dataset.x_train)
+    assert np.array_equal(experiment.dataset.y_train, y_before)
+    assert not torch.equal(bad.y_local, honest.y_local)  # the flipped labels live in the copy

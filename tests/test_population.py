@@ -399,3 +399,26 @@ def test_adam_step_has_a_finite_forward_derivative_where_every_gradient_was_zero
     assert torch.allclose(tangent[:, :2], torch.full((2, 2), -spec.lr / spec.eps), rtol=1e-4)
     assert tangent[:, 2:].abs().max() < 1e-3
 
+
+
+@pytest.mark.parametrize("model", ["mlp", "bn"])
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
+def test_half_step_in_chunks_of_rows_equals_one_pass(model: str, opt: str) -> None:
+    """A large block steps in chunks of participant rows (to bound its memory); every row's state, optimizer state
+    and loss are bit for bit those of one pass over all rows (BatchNorm's running statistics included)."""
+    spec = OptimizerSpec(opt, lr=0.05, momentum=0.9, weight_decay=1e-3)
+    p = 11
+    one, chunked = make_population(model, spec, p=p), make_population(model, spec, p=p)
+    one.step_budget = 1 << 40  # one pass
+    chunked.step_budget = 1  # the most passes: 5, of 2 or 3 rows (never 1: a one-row pass takes other kernels)
+    assert len(one.step_chunks()) == 1
+    assert [s.stop - s.start for s in chunked.step_chunks()] == [2, 2, 3, 2, 2]
+    chunked.step_budget = 4 * chunked.param_layout.width * chunked.state.element_size()
+    assert [s.stop - s.start for s in chunked.step_chunks()] == [4, 3, 4]  # near-equal slices of <= 4 rows
+    torch.manual_seed(0)
+    for _ in range(3):
+        x, y = random_batch(p)
+        assert torch.equal(one.half_step(x, y), chunked.half_step(x, y))
+        assert torch.equal(one.state, chunked.state)
+        for name in one.opt_state:
+            assert torch.equal(one.opt_state[name], chunked.opt_state[name]), name

@@ -59,29 +59,38 @@ class ParticipantBlock:
         self.population = Population(model, state, config.optim.spec(), vectorize, build_loss(config.model.loss))
         self._model = model
 
-        # Local training sets, concatenated; participant i's samples are rows offsets[i]:offsets[i]+counts[i].
+        # Local training sets, concatenated: participant i's samples are rows offsets[i]:offsets[i]+counts[i] of
+        # ``sample_rows``, which index ``x_data``/``y_data``. Those are the whole training split itself (no copy: on a
+        # Ray node it is the object store's) unless this block corrupts data or lives on a GPU: then a copy of its
+        # own rows.
         self.counts = np.array([len(t) for t in train], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
-        rows = np.concatenate(train) if len(train) else np.zeros(0, np.int64)
-        x_local, y_local = np.ascontiguousarray(x_train[rows]), np.ascontiguousarray(y_train[rows])
+        rows = np.concatenate(train).astype(np.int64) if len(train) else np.zeros(0, np.int64)
 
         # Misbehaving participants hosted here (positions in this block): corrupt data now, updates per step.
         bad = config.misbehavior
         hosted = np.isin(self.nodes, np.asarray(misbehaving if misbehaving is not None else [], np.int64))
         self.misbehaving = np.flatnonzero(hosted)
-        if bad.kind in DATA_KINDS:
-            for i in self.misbehaving.tolist():
-                span = slice(self.offsets[i], self.offsets[i] + self.counts[i])
-                x_local[span], y_local[span] = corrupt_data(bad.kind, x_local[span], y_local[span], num_classes,
-                                                            config.seed, int(self.nodes[i]), bad.flip_fraction,
-                                                            bad.sigma)
+        corrupts = bad.kind in DATA_KINDS and len(self.misbehaving) > 0
         # Participants without training data (data.shrink fraction 1) take no local step: ``half_step`` puts
         # their state back. They still draw a (discarded) minibatch, from a placeholder row if need be.
         self.idle = np.flatnonzero(self.counts == 0)
-        if not len(x_local):
-            x_local, y_local = np.zeros((1, *input_shape), np.float32), np.zeros(1, y_local.dtype)
-        self.x_local = torch.from_numpy(x_local).to(self.device)
-        self.y_local = torch.from_numpy(y_local).to(self.device)
+        if not len(rows):
+            x_data, y_data = np.zeros((1, *input_shape), np.float32), np.zeros(1, y_train.dtype)
+            rows = np.zeros(1, np.int64)
+        elif self.device.type != "cpu" or corrupts:
+            x_data, y_data = np.ascontiguousarray(x_train[rows]), np.ascontiguousarray(y_train[rows])
+            rows = np.arange(len(rows))
+        else:
+            x_data, y_data = x_train, y_train
+        if corrupts:
+            for i in self.misbehaving.tolist():
+                span = slice(self.offsets[i], self.offsets[i] + self.counts[i])
+                x_data[span], y_data[span] = corrupt_data(bad.kind, x_data[span], y_data[span], num_classes,
+                                                          config.seed, int(self.nodes[i]), bad.flip_fraction,
+                                                          bad.sigma)
+        self.x_data, self.y_data = as_tensor(x_data, self.device), as_tensor(y_data, self.device)
+        self.sample_rows = torch.from_numpy(rows).to(self.device)
 
         # Validation splits padded to one [P, m] batch with a mask (sizes differ across participants).
         val_idx, val_mask = _padded([np.asarray(v, np.int64) for v in val])
@@ -104,13 +113,28 @@ class ParticipantBlock:
         """P, the number of participants in this block."""
         return len(self.nodes)
 
-    def minibatch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return z_k^t for every hosted k: x [P, B, ...], y [P, B] (a pure function of seed, k, t)."""
+    def minibatch_rows(self, t: int) -> torch.Tensor:
+        """Return the rows of ``x_data``/``y_data`` that make z_k^t for every hosted k, [P, B] (a pure function of
+        seed, k, t)."""
         batch = self.config.optim.batch_size
         pos = minibatch_indices(self.config.seed, self.nodes, t, np.where(self.counts > 0, self.counts, batch), batch)
-        rows = np.minimum(self.offsets[:, None] + pos, len(self.y_local) - 1)  # idle rows: any, discarded
-        rows = torch.from_numpy(rows).to(self.device)
-        return self.x_local[rows], self.y_local[rows]
+        local = np.minimum(self.offsets[:, None] + pos, len(self.sample_rows) - 1)  # idle rows: any, discarded
+        return self.sample_rows[torch.from_numpy(local).to(self.device)]
+
+    def minibatch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return z_k^t for every hosted k: x [P, B, ...], y [P, B] (a pure function of seed, k, t)."""
+        rows = self.minibatch_rows(t)
+        return self.x_data[rows], self.y_data[rows]
+
+    @property
+    def x_local(self) -> torch.Tensor:
+        """The hosted participants' training inputs, concatenated (participant i's: rows offsets[i]:+counts[i])."""
+        return self.x_data[self.sample_rows]
+
+    @property
+    def y_local(self) -> torch.Tensor:
+        """The hosted participants' training targets, concatenated like ``x_local``."""
+        return self.y_data[self.sample_rows]
 
     def half_step(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """Run the local step of round t; return (half-step states θ^{t+½} [P, D] float32, losses [P]).
@@ -118,7 +142,7 @@ class ParticipantBlock:
         The states array shares memory with the block (a Ray actor's return value is copied into the
         object store; ``mix`` reads its sources before it overwrites the state).
         """
-        x, y = self.minibatch(t)
+        drawn = self.minibatch_rows(t)  # each chunk of participants gathers its own batches (``Population.half_step``)
         corrupt = self.config.misbehavior.kind in UPDATE_KINDS and len(self.misbehaving) > 0
         if corrupt:
             rows = torch.as_tensor(self.misbehaving, device=self.device)
@@ -127,7 +151,7 @@ class ParticipantBlock:
             idle = torch.as_tensor(self.idle, device=self.device)
             pop = self.population
             kept = pop.state[idle].clone(), {n: v[idle].clone() for n, v in pop.opt_state.items()}
-        loss = self.population.half_step(x, y)
+        loss = self.population.half_step(lambda rows: (self.x_data[drawn[rows]], self.y_data[drawn[rows]]))
         if len(self.idle):  # no data, no local step: θ^{t+½} = θ^t, optimizer state unchanged
             self.population.state[idle] = kept[0]
             for name, value in kept[1].items():
@@ -149,13 +173,23 @@ class ParticipantBlock:
         self.population.mix_([csr_tensor(w, self.device) for w in weights],
                              [as_tensor(s, self.device) for s in sources])
 
-    def snapshot(self) -> dict[str, np.ndarray]:
-        """Return copies of everything a later round reads: ``state`` [P, D] and the optimizer state
-        (``opt.<name>``). Minibatches, W^t and misbehaviour are pure functions of (seed, participant,
-        round), so these arrays and the round counter are the whole simulation state."""
+    def snapshot(self, copy: bool = True) -> dict[str, np.ndarray]:
+        """Return everything a later round reads: ``state`` [P, D] and the optimizer state (``opt.<name>``).
+        Minibatches, W^t and misbehaviour are pure functions of (seed, participant, round), so these arrays and
+        the round counter are the whole simulation state.
+
+        Copies, unless ``copy`` is False: then on CPU the arrays share the block's memory and change with its next
+        round (a Ray actor returns them that way: Ray copies them into the object store as the task ends, so the
+        actor never holds a second copy of the state).
+        """
         pop = self.population
-        arrays = {"state": pop.state.cpu().numpy().copy()}
-        arrays.update({f"opt.{name}": value.cpu().numpy().copy() for name, value in pop.opt_state.items()})
+
+        def out(value: torch.Tensor) -> np.ndarray:
+            array = value.cpu().numpy()
+            return array.copy() if copy else array
+
+        arrays = {"state": out(pop.state)}
+        arrays.update({f"opt.{name}": out(value) for name, value in pop.opt_state.items()})
         return arrays
 
     @torch.no_grad()
@@ -182,10 +216,17 @@ class ParticipantBlock:
         else:
             loss = acc = torch.full((self.size,), float("nan"))
         h_loss, h_acc = pop.evaluate(self.x_heldout, self.y_heldout, shared_input=True)
-        params = pop.params.double()
+        # In float64, a chunk of rows at a time: a float64 copy of all of them would be twice the state.
+        param_sum = torch.zeros(pop.param_layout.width, dtype=torch.float64, device=self.device)
+        param_sqnorm = torch.zeros((), dtype=torch.float64, device=self.device)
+        for rows in pop.step_chunks(budget=32 << 20, itemsize=8, passes=None):
+            chunk = pop.params[rows].double()
+            param_sum += chunk.sum(0)
+            param_sqnorm += chunk.square_().sum()
+            del chunk
         return {
             "val_loss": loss.cpu().numpy(), "val_acc": acc.cpu().numpy(),
             "heldout_loss": h_loss.cpu().numpy(), "heldout_acc": h_acc.cpu().numpy(),
-            "param_sum": params.sum(0).cpu().numpy(),
-            "param_sqnorm": np.float64(params.pow(2).sum().item()),
+            "param_sum": param_sum.cpu().numpy(),
+            "param_sqnorm": np.float64(param_sqnorm.item()),
         }

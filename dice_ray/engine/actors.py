@@ -186,7 +186,7 @@ class ParticipantGroup:
             inboxes[name] = inbox
         records = self.hooked.after_gossip(t, inboxes)
         return {"metrics": self.block.evaluate() if spec.evaluate else None,
-                "snapshot": self.hooked.snapshot(t) if spec.snapshot else None, "records": records}
+                "snapshot": self.hooked.snapshot(t, copy=False) if spec.snapshot else None, "records": records}
 
     def info(self) -> dict[str, Any]:
         """Return placement facts: torch threads, device, node IP, placement group (None outside one), peak

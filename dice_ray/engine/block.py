@@ -40,9 +40,10 @@ class HookedBlock:
         """Every hook's ``after_gossip`` with its inbox; return their records by name."""
         return {name: hook.after_gossip(t, inboxes[name]) for name, hook in self.hooks.items()}
 
-    def snapshot(self, t: int) -> dict[str, np.ndarray]:
-        """The block's state and every hook's snapshot after round t (one row per hosted participant)."""
-        arrays = self.block.snapshot()
+    def snapshot(self, t: int, copy: bool = True) -> dict[str, np.ndarray]:
+        """The block's state and every hook's snapshot after round t (one row per hosted participant); the block's
+        arrays share its memory unless ``copy`` (see ``ParticipantBlock.snapshot``)."""
+        arrays = self.block.snapshot(copy)
         for hook in self.hooks.values():
             arrays.update(hook.snapshot(t))
         return arrays

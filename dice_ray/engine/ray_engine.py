@@ -85,13 +85,21 @@ class RayEngine:
 
         Rounds are handed to the coordinator ``chunk`` at a time, and the next chunk is queued before the
         current one is collected, so the groups never wait for the driver (synchrony is kept by the data
-        flow: round t+1 starts on the mixed states of round t).
+        flow: round t+1 starts on the mixed states of round t). A chunk ends at a snapshot round, and nothing
+        after it is queued until the caller has taken that round's metrics: one snapshot of the state (a copy
+        in the object store) at a time.
         """
         rounds = (RoundPlan(*plan) for plan in schedule)
         inflight: deque[tuple[list[RoundPlan], Any]] = deque()
 
         def submit() -> None:
-            batch = list(itertools.islice(rounds, chunk))
+            if inflight and inflight[-1][0][-1].snapshot:
+                return
+            batch = []
+            for plan in itertools.islice(rounds, chunk):
+                batch.append(plan)
+                if plan.snapshot:
+                    break
             if batch:
                 plans = [tuple(plan[:3]) for plan in batch]
                 inflight.append((batch, self.coordinator.submit_rounds.remote(plans, self.epoch)))
@@ -102,10 +110,15 @@ class RayEngine:
         try:
             while inflight:
                 batch, submitted = inflight.popleft()
-                submit()
+                if not batch[-1].snapshot:
+                    submit()
                 current = ray.get(submitted)
                 for plan, refs in zip(batch, current, strict=True):
                     yield self._collect(plan, *refs)
+                if batch[-1].snapshot:  # drop the references that keep the snapshot in the object store
+                    current, submitted, refs = [], None, None
+                    submit()
+                    submit()
         except ACTOR_FAILURES:
             self._drain([submitted for _, submitted in inflight], current)
             raise
