@@ -1,6 +1,7 @@
 """How much of DICE-E's error is the linearization of the test loss, and how much the propagation?
 
-DICE-E (SPEC §4) approximates d_k^{(s)} = L(θ_k^{t+s}) − L(θ_{k∖z}^{t+s}) by e_k^{(s)} = ∇L(θ_k^{t+s}; z′)ᵀ δ_k^{(s)},
+DICE-E (concepts §4) approximates
+d_k^{(s)} = L(θ_k^{t+s}) − L(θ_{k∖z}^{t+s}) by e_k^{(s)} = ∇L(θ_k^{t+s}; z′)ᵀ δ_k^{(s)},
 with δ propagated by the recursion (``first-order``: J = I; ``curvature``: J = I − ηH). Two errors add up:
 δ ≠ θ_k − θ_{k∖z} (propagation, what curvature corrects) and L not linear along δ (the test loss; no
 variant of the recursion can remove it). This script measures the second alone: the *floor*

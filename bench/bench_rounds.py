@@ -1,4 +1,4 @@
-"""Seconds per D-SGD round (SPEC §1: local SGD step, then gossip θ_k ← Σ_l W_kl θ_l), five ways.
+"""Seconds per D-SGD round (concepts §1: local SGD step, then gossip θ_k ← Σ_l W_kl θ_l), five ways.
 
 Workload: N participants (default N = 16, 64, 256), each the paper's MLP (64 -> 128 -> 64 -> 10, ReLU,
 17,226 parameters) on digits-shaped synthetic data (1x8x8, 10 classes, at least 40 samples per

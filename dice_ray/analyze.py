@@ -266,7 +266,7 @@ def _cascade_plots(run: Path, decay: list[dict], pairwise: np.ndarray, column: s
     _signed_heatmap(pairwise, "I(j → k): red raises k's loss, blue lowers it", run / "pairwise_heatmap.png")
 
 
-# -- anomaly detection (SPEC §5): proximal influence against two baselines ---------------------------------
+# -- anomaly detection (concepts §5): proximal influence against two baselines ---------------------------------
 
 METHODS = ("proximal", "proximal-window", "train-loss", "cosine")
 

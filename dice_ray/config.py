@@ -66,7 +66,7 @@ class _Section(BaseModel):
 
 
 class TopologyConfig(_Section):
-    """Communication graph and mixing matrix W^t (SPEC §1)."""
+    """Communication graph and mixing matrix W^t (concepts §1)."""
 
     name: Annotated[str, _one_of("topology", TOPOLOGIES)] = Field(
         "exponential", description=f"graph: {', '.join(TOPOLOGIES)}")
@@ -197,7 +197,7 @@ class OutputConfig(_Section):
 
 
 class InfluenceConfig(_Section):
-    """Which probes (source j, round t, z) to measure, and how (SPEC §2–§4). Off unless ``enabled``."""
+    """Which probes (source j, round t, z) to measure, and how (concepts §2–§4). Off unless ``enabled``."""
 
     enabled: bool = Field(False, description="measure DICE-GT and DICE-E for the probes below")
     hops: int = Field(3, ge=1, le=64, description="R: steps of the cascade measured after each probe round")
@@ -222,7 +222,7 @@ class InfluenceConfig(_Section):
 
 
 class MisbehaviorConfig(_Section):
-    """Participants that misbehave, and how (SPEC §5). Off with kind ``none``."""
+    """Participants that misbehave, and how (concepts §5). Off with kind ``none``."""
 
     kind: Literal["none", "label-flip", "feature-noise", "sign-flip", "scale", "free-ride"] = Field(
         "none", description="how misbehaving participants corrupt their data or updates")
@@ -247,7 +247,7 @@ class MisbehaviorConfig(_Section):
 
 
 class ProximalConfig(_Section):
-    """Online proximal influence (SPEC §5): every examiner k scores each in-neighbour l. Off unless ``enabled``."""
+    """Online proximal influence (concepts §5): every examiner k scores each in-neighbour l. Off unless ``enabled``."""
 
     enabled: bool = Field(False, description="score every in-neighbour by proximal influence "
                                              "p_{k←l} = q_k W_kl ∇L(θ_k^{t+1}; z′_k)ᵀ Δ_l (proximal.parquet)")
@@ -303,7 +303,7 @@ class LedgerConfig(_Section):
 
 
 class RewiringConfig(_Section):
-    """Collaborator selection (SPEC §5): every K rounds each participant keeps m in-neighbours. Off with none."""
+    """Collaborator selection (concepts §5): every K rounds each participant keeps m in-neighbours. Off with none."""
 
     mode: Literal["none", "influence", "outlier", "random"] = Field(
         "none", description="none: static W; influence: keep the m candidates with the lowest (most helpful) "

@@ -39,7 +39,7 @@ class Experiment:
     q: np.ndarray  # participant weights q_k, float64 [N]
     topology: Topology
     param_count: int
-    misbehaving: np.ndarray  # sorted ids of misbehaving participants (SPEC §5)
+    misbehaving: np.ndarray  # sorted ids of misbehaving participants (concepts §5)
 
     @property
     def nodes(self) -> int:

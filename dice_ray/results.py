@@ -45,7 +45,7 @@ NODES = _schema(
     ("in_degree", pa.int32(), "number of in-neighbours in W^0 (excluding k itself)"),
     ("self_weight", pa.float64(), "W^0_kk"),
     ("actor", pa.int32(), "index of the participant-group actor that hosted k"),
-    ("misbehaving", pa.bool_(), "ground truth: k misbehaves as configured in misbehavior (SPEC §5)"),
+    ("misbehaving", pa.bool_(), "ground truth: k misbehaves as configured in misbehavior (concepts §5)"),
 )
 
 _PROBE = (

@@ -1,4 +1,4 @@
-"""``python -m dice_ray.simulate``: run synchronous adapt-then-communicate D-SGD (SPEC §1) on Ray.
+"""``python -m dice_ray.simulate``: run synchronous adapt-then-communicate D-SGD (concepts §1) on Ray.
 
 Examples::
 

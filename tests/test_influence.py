@@ -1,4 +1,4 @@
-"""DICE-E against its exact checks (SPEC §4): path enumeration, forward-mode replay, O(η²) agreement."""
+"""DICE-E against its exact checks (concepts §4): path enumeration, forward-mode replay, O(η²) agreement."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_ground_truth_minus_estimate_shrinks_like_lr_squared() -> None:
 
 
 def test_one_hop_ground_truth_needs_no_replay() -> None:
-    """θ_{k∖z}^{t+1} = θ_k^{t+1} − W^t_kj (θ_j^{t+½} − θ_{j∖z}^{t+½}) (SPEC §3): the replay agrees."""
+    """θ_{k∖z}^{t+1} = θ_k^{t+1} − W^t_kj (θ_j^{t+½} − θ_{j∖z}^{t+½}) (concepts §3): the replay agrees."""
     window, _ = make_window("exponential", nodes=8)
     traj, j = window.trajectory, 2
     half_cf, _ = counterfactual_half_step(window, j)
@@ -127,7 +127,7 @@ def test_one_hop_ground_truth_needs_no_replay() -> None:
 
 
 def test_replay_hands_back_its_counterfactual_states() -> None:
-    """The states the replay compares with are θ_{k∖z}^{t+s}: at s = 1 the closed form of SPEC §3, and at
+    """The states the replay compares with are θ_{k∖z}^{t+s}: at s = 1 the closed form of concepts §3, and at
     every step their first-order loss change e* = ∇L(θ_k)ᵀ(θ_k − θ_{k∖z}) tracks d_k^{(s)} at least as
     closely as the curvature estimate does (bench/alignment_floor.py's floor)."""
     window, _ = make_window("ring", nodes=6, lr=0.2)
@@ -209,7 +209,7 @@ def test_first_order_for_all_sources_equals_per_source_recursion() -> None:
 
 
 def test_validation_zprime_uses_each_targets_own_split() -> None:
-    """With z′_k = k's validation split, test gradients and GT losses are k's own (SPEC §2)."""
+    """With z′_k = k's validation split, test gradients and GT losses are k's own (concepts §2)."""
     window, experiment = make_window("ring", nodes=6)
     ds, part = experiment.dataset, experiment.partition
     k = 3

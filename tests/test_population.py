@@ -1,4 +1,4 @@
-"""Tests of dice_ray.core.population: the stacked, vectorized local step and gossip of SPEC §1.
+"""Tests of dice_ray.core.population: the stacked, vectorized local step and gossip of concepts §1.
 
 The oracle throughout is the obvious per-participant code: one ``nn.Module`` per participant k, loaded
 from row k of the stacked state, stepped by ``torch.optim``.

@@ -1,4 +1,4 @@
-"""Proximal influence (SPEC §5): the online scores equal a brute-force computation, do not depend on
+"""Proximal influence (concepts §5): the online scores equal a brute-force computation, do not depend on
 placement, and rank label flippers above honest neighbours."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests of dice_ray.core.topology: graphs, weight rules, validation, files and time-varying W^t (SPEC §1)."""
+"""Tests of dice_ray.core.topology: graphs, weight rules, validation, files and time-varying W^t (concepts §1)."""
 
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def test_hop_distances_static():
 
 @pytest.mark.parametrize("name", ["one-peer-exponential", "random-matching"])
 def test_hop_distances_match_the_support_of_products_of_mixing_matrices(name):
-    """SPEC §3: k is first reached at step s iff (W^{t+s-1} ... W^t)[k, j] > 0 for the first time."""
+    """concepts §3: k is first reached at step s iff (W^{t+s-1} ... W^t)[k, j] > 0 for the first time."""
     topology, n, t, j = make_topology(name, 12, seed=7), 12, 3, 5
     expected = np.full(n, -1)
     expected[j] = 0

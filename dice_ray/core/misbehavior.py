@@ -1,4 +1,4 @@
-"""Misbehaving participants (SPEC §5): who misbehaves, and how their data or updates are corrupted.
+"""Misbehaving participants (concepts §5): who misbehaves, and how their data or updates are corrupted.
 
 Kinds: ``label-flip`` (a share of k's training labels y → C−1−y), ``feature-noise`` (Gaussian noise of
 std σ added to k's training inputs), ``sign-flip`` (k sends θ − Δ instead of θ + Δ), ``scale`` (θ + cΔ),

@@ -75,7 +75,7 @@ def mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
 @register_model("mlp-tanh")
 def mlp_tanh(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """The paper's MLP with tanh: a smooth loss surface, for exactness checks of DICE-E (SPEC §4)."""
+    """The paper's MLP with tanh: a smooth loss surface, for exactness checks of DICE-E (concepts §4)."""
     return MLP(math.prod(input_shape), (128, 64), num_classes, "tanh")
 
 

@@ -4,7 +4,7 @@ Every participant k of a block has the same architecture, so its whole local sta
 BatchNorm-style buffers — is one row of a flat tensor ``state`` of shape [P, D] (D = parameters +
 buffers). ``params`` and ``buffers`` are column views of it. This buys three things:
 
-- the local step of SPEC §1 (θ_k^{t+½} = O_k(θ_k^t, z_k^t)) for all P participants is one vectorized
+- the local step of concepts §1 (θ_k^{t+½} = O_k(θ_k^t, z_k^t)) for all P participants is one vectorized
   forward/backward (``torch.func``: functional_call inside vmap) and one in-place optimizer update on
   [P, D] tensors;
 - gossip (θ_k^{t+1} = Σ_l W^t_kl θ_l^{t+½}) is one sparse-dense matrix product on rows of ``state``;
@@ -335,7 +335,7 @@ class Population:
         ``opt_state``, leaving ``self`` untouched (buffers are read, not updated).
 
         The same optimizer update as ``half_step``, as a pure function: ``torch.func.jvp`` differentiates
-        through it (the Jacobian J of SPEC §4, for any optimizer).
+        through it (the Jacobian J of concepts §4, for any optimizer).
         """
         g = grad(lambda p: self.losses(x, y, p).sum())(params)
         new_params = params.clone()

@@ -1,4 +1,4 @@
-"""Communication graphs and mixing matrices W^t (SPEC.md §1).
+"""Communication graphs and mixing matrices W^t (concepts §1).
 
 Gossip step: theta_k^{t+1} = sum_l W^t[k, l] theta_l^{t+1/2}. Row k of W holds the weights participant k gives
 to its in-neighbours l (edge l -> k) and to itself, so W is row-stochastic. Adjacency matrices use the same
@@ -383,7 +383,7 @@ class Topology:
 
     def hop_distances(self, source: int, t: int = 0, max_hops: int | None = None) -> np.ndarray:
         """Return int array [N]: the step s at which source's round-t update first reaches each k, i.e. the
-        least s with (W^{t+s-1} ... W^t)[k, source] > 0 (SPEC §3's N^(s)); 0 at source, -1 if unreached
+        least s with (W^{t+s-1} ... W^t)[k, source] > 0 (concepts §3's N^(s)); 0 at source, -1 if unreached
         within ``max_hops`` (default: unbounded for static W, N * period rounds for time-varying)."""
         source = self._check_node(source, "source")
         if max_hops is not None:

@@ -1,7 +1,7 @@
 """Minibatch draws z_k^t and the held-out batch z'.
 
 ``minibatch_indices`` draws z_k^t as a pure function of (seed, k, t), so the same participant sees the same
-batch at round t however participants are grouped into actors, and a counterfactual replay (SPEC §2) sees
+batch at round t however participants are grouped into actors, and a counterfactual replay (concepts §2) sees
 exactly the batches of the real run.
 """
 
@@ -14,7 +14,7 @@ from dice_ray.errors import InputError
 
 
 def heldout_batch(dataset: Dataset, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The shared held-out batch z' (SPEC §2): ``size`` test samples drawn without replacement,
+    """The shared held-out batch z' (concepts §2): ``size`` test samples drawn without replacement,
     deterministic from ``seed`` (the whole test split, in order, if size >= n_test).
 
     Returns (x float32 [m, *input_shape] C-contiguous, y int64 [m]) with m = min(size, n_test).

@@ -1,7 +1,7 @@
 """Partitions of the training split over participants (IID, Dirichlet, shards), participant weights q_k.
 
 A ``Partition`` says which training indices form each participant's local set D_k (and its local validation
-split, the z'_k of SPEC §5). Everything here is numpy.
+split, the z'_k of concepts §5). Everything here is numpy.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def check_partition(partition: Partition, batch_size: int) -> None:
 
 
 def participant_weights(partition: Partition, rule: str = "uniform") -> np.ndarray:
-    """The participant weights q_k (SPEC §1): float64 [N], summing to 1. ``uniform``: 1/N;
+    """The participant weights q_k (concepts §1): float64 [N], summing to 1. ``uniform``: 1/N;
     ``data-size``: proportional to |D_k| = len(partition.train[k])."""
     n_nodes = len(partition.train)
     if n_nodes == 0:

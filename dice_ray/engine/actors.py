@@ -1,6 +1,6 @@
 """The Ray actors: participant groups (each hosting a block of participants) and the coordinator.
 
-Round t (SPEC §1, Algorithm 1), as the coordinator drives it:
+Round t (concepts §1, Algorithm 1), as the coordinator drives it:
 
 1. every group runs the local step of its participants and publishes the half-step states
    θ^{t+½} of its block to the object store (``half_step``, two returns: states and losses);

@@ -1,6 +1,6 @@
 """The methods: each one a round hook (``dice_ray.hooks``) with its driver state and its tables.
 
-- ``proximal``       proximal influence p_{k←l}: every examiner scores its in-neighbours online (SPEC §5)
+- ``proximal``       proximal influence p_{k←l}: every examiner scores its in-neighbours online (concepts §5)
 - ``contributions``  the contribution ledger L[j→k]: DICE-E of every update (first-order, curvature, second-order)
 - ``dice/``          DICE: probes, ground truth by replay, the estimator (replayed or ``online.py`` in the loop)
 - ``rewiring``       collaborator selection: a new W every K rounds from the proximal ledger

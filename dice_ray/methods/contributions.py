@@ -1,7 +1,7 @@
 """Contribution accounting (issue 7): an online ledger of every participant's DICE-E on every other.
 
 For a ledger round t (``ledger.every``) and every source j, the whole-batch probe (j, t) has the first-order
-DICE-E of SPEC §4 (J = I):
+DICE-E of concepts §4 (J = I):
 
     DICE-E^{(R)}(j, t) = q_j ∇L(θ_j^t; z′)ᵀ Δ_j^t
                        + Σ_{s=1..R} Σ_{k ∈ N^{(s)}(j)} q_k P^{(s)}_{kj} ∇L(θ_k^{t+s}; z′)ᵀ Δ_j^t,
@@ -20,7 +20,7 @@ gradient block goes to every group on the rounds that need it. Hop terms need θ
 (gradients are taken at round starts): probes of the last R rounds are truncated at hop T − 1 − t, as far as
 the run goes; the influence tables, which need the whole window, probe rounds up to T − 1 − R only.
 
-Sign (SPEC §2): influence = L(with) − L(without); negative: j's updates lowered the loss (helpful).
+Sign (concepts §2): influence = L(with) − L(without); negative: j's updates lowered the loss (helpful).
 Shares: helpful participants (T_j < 0) split a positive budget, share_j = max(−T_j, 0) / Σ_l max(−T_l, 0);
 a participant with T_j > 0 raised the network's weighted loss and is flagged harmful (share 0).
 
@@ -98,7 +98,7 @@ def cascade_variants(config: Any) -> list[str]:
 
 
 class PathWeights:
-    """First-reached path weights: F^{(s)}_{kj} = (W^{t+s−1} ⋯ W^t)_{kj} for k ∈ N^{(s)}(j), else 0 (SPEC §3).
+    """First-reached path weights: F^{(s)}_{kj} = (W^{t+s−1} ⋯ W^t)_{kj} for k ∈ N^{(s)}(j), else 0 (concepts §3).
 
     ``mixing(t)`` returns W^t (scipy, N x N). Cached per s for a static W (``static``).
     """

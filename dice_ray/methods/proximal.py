@@ -1,4 +1,4 @@
-"""Proximal influence (SPEC §5): every examiner k scores each of its in-neighbours l, online, every round.
+"""Proximal influence (concepts §5): every examiner k scores each of its in-neighbours l, online, every round.
 
     p_{k←l}^t = q_k W^t_kl ∇L(θ_k^{t+1}; z′_k)ᵀ Δ_l^t,     Δ_l^t = θ_l^{t+½} − θ_l^t,
 

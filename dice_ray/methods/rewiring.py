@@ -1,4 +1,4 @@
-"""Collaborator selection (SPEC §5): every K rounds each participant re-chooses whom it listens to.
+"""Collaborator selection (concepts §5): every K rounds each participant re-chooses whom it listens to.
 
 Before rounds K, 2K, … every participant k takes a candidate pool — its current in-neighbours plus
 ``rewiring.candidates`` random other participants — and keeps m of them as its in-neighbours:

@@ -1,4 +1,4 @@
-"""Data influence in decentralized learning (SPEC §2–§5): ground truth, estimator, and their uses."""
+"""Data influence in decentralized learning (concepts §2–§5): ground truth, estimator, and their uses."""
 
 import warnings
 

@@ -1,4 +1,4 @@
-"""DICE-E of every source at once on one target quantity: the adjoint form (SPEC §4).
+"""DICE-E of every source at once on one target quantity: the adjoint form (concepts §4).
 
 For the horizon total Σ_k q_k e_k^{(R)} of a probe at round t, the forward recursion needs one
 propagation per source. Propagating the target's gradient backwards instead — through Wᵀ (gossip) and

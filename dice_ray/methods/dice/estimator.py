@@ -1,4 +1,4 @@
-"""DICE-E (SPEC §4): the influence cascade of one probe, by propagating its perturbation through the window.
+"""DICE-E (concepts §4): the influence cascade of one probe, by propagating its perturbation through the window.
 
 For a probe (j, t, z) with update difference Δ (parameters and optimizer state), the perturbation of
 participant k's local state r rounds later is
@@ -66,7 +66,7 @@ class Cascade:
     values: list[np.ndarray]
 
     def dice(self, q: np.ndarray, hops: int) -> float:
-        """DICE^{(r)} = q_j half + Σ_{s=1..r} Σ_{k ∈ N^{(s)}(j)} q_k value_k^{(s)} (SPEC §3–4), r = ``hops``."""
+        """DICE^{(r)} = q_j half + Σ_{s=1..r} Σ_{k ∈ N^{(s)}(j)} q_k value_k^{(s)} (concepts §3–4), r = ``hops``."""
         return sum(self.hop_term(q, s) for s in range(hops + 1))
 
     def hop_term(self, q: np.ndarray, step: int) -> float:
@@ -87,7 +87,7 @@ class Window:
 
     model: the architecture; optimizer: O_k; batches(t) -> (x [N, B, ...], y [N, B]) the minibatches of
     round t; heldout: z′ = (x [m, ...], y [m]) shared by all participants, or with ``validation`` =
-    (x [N, m, ...], y [N, m], mask [N, m]) each participant's own validation split as its z′_k (SPEC §2).
+    (x [N, m, ...], y [N, m], mask [N, m]) each participant's own validation split as its z′_k (concepts §2).
     """
 
     def __init__(self, trajectory: Trajectory, model: nn.Module, optimizer: OptimizerSpec, batches,
@@ -295,7 +295,7 @@ def update_difference(window: Window, source: int) -> tuple[torch.Tensor, dict[s
 
 def sample_update_difference(window: Window, source: int,
                              position: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Δ of the single-sample probe (j, t0, z = sample ``position`` of j's minibatch), for DICE-E (SPEC §4):
+    """Δ of the single-sample probe (j, t0, z = sample ``position`` of j's minibatch), for DICE-E (concepts §4):
     ``sample_update`` at j's recorded state and minibatch of round t0."""
     traj = window.trajectory
     x, y = window.batches(traj.t0)
@@ -309,7 +309,7 @@ def sample_update(model: nn.Module, optimizer: OptimizerSpec, state: torch.Tenso
                   xb: torch.Tensor, yb: torch.Tensor, position: int,
                   factor: float = 1.0, loss: Loss = CROSS_ENTROPY) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Δ of removing sample ``position`` of the minibatch (``xb`` [B, ...], ``yb`` [B]) from one participant's
-    local step at ``state`` [D] with optimizer state ``opt_state`` (SPEC §4, single-sample probes).
+    local step at ``state`` [D] with optimizer state ``opt_state`` (concepts §4, single-sample probes).
 
     From per-sample gradients g_x: removing z changes the gradient by (g_z − ḡ)/(|B| − 1); Δ is the forward-mode
     derivative of the optimizer step in that direction (exactly −η (g_z − ḡ)/(|B| − 1) for SGD; parameters and

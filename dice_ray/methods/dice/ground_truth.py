@@ -1,4 +1,4 @@
-"""DICE-GT (SPEC §3): the influence of a probe measured by counterfactual replay.
+"""DICE-GT (concepts §3): the influence of a probe measured by counterfactual replay.
 
 The counterfactual run differs from the factual one only in the probe's local step: at round t0,
 participant j steps on z_j^t minus z (for the whole batch: no step, optimizer state unchanged). Rounds

@@ -1,6 +1,6 @@
 """DICE-E inside the round loop (``influence.online``): each probe's perturbation travels with the training run.
 
-The recursion of ``estimator.py`` (SPEC §4), run forward by the participant groups as the rounds happen instead
+The recursion of ``estimator.py`` (concepts §4), run forward by the participant groups as the rounds happen instead
 of on a replayed window afterwards. For a whole-batch probe (j, t) and round u = t + s:
 
 1. at the start of round u (θ = θ^u) every group hosting a participant k of the probe's support S_s records

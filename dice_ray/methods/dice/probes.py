@@ -1,4 +1,4 @@
-"""Probes (SPEC §2): which (source j, round t, z) to measure, chosen from the run config."""
+"""Probes (concepts §2): which (source j, round t, z) to measure, chosen from the run config."""
 
 from __future__ import annotations
 

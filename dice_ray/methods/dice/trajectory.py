@@ -83,7 +83,7 @@ def reach(mixing: list[sp.csr_array], source: int) -> list[np.ndarray]:
     """Return S_0 = {j} ⊆ S_1 ⊆ … ⊆ S_R (sorted ids): S_s holds every k with (W^{t+s'-1} ⋯ W^t)_{k j} > 0
     for some s' ≤ s — every participant whose local state the probe can have changed by round t+s.
 
-    The perturbation δ^{(s)} of SPEC §4 is zero outside S_s; see ``first_reached`` for N^{(s)}(j).
+    The perturbation δ^{(s)} of concepts §4 is zero outside S_s; see ``first_reached`` for N^{(s)}(j).
     """
     sets = [np.array([source])]
     current = sets[0]
@@ -95,7 +95,7 @@ def reach(mixing: list[sp.csr_array], source: int) -> list[np.ndarray]:
 
 
 def first_reached(supports: list[np.ndarray]) -> list[np.ndarray]:
-    """Return N^{(s)}(j) for s = 0..R (SPEC §3): participants k ≠ j first reached at step s, i.e. in S_s
+    """Return N^{(s)}(j) for s = 0..R (concepts §3): participants k ≠ j first reached at step s, i.e. in S_s
     but not in S_{s-1} (N^{(0)} is empty)."""
     seen = set(supports[0].tolist())
     out = [np.array([], np.int64)]
