@@ -60,6 +60,7 @@ def test_one_actor_per_machine_and_the_same_numbers(two_machines) -> None:
     np.testing.assert_allclose(states, local.states(), atol=1e-5)
 
 
+@pytest.mark.slow  # CI's default run stays under 20 minutes; python -m pytest -q -m slow runs it
 def test_losing_a_machine_mid_run_ends_with_the_same_numbers(two_machines, tmp_path) -> None:
     """A machine is lost at round 7 and a replacement joins (as an autoscaler would add one): the group that
     lived there is restarted on the new machine, restored from the newest checkpoint, and the run replays

@@ -75,6 +75,7 @@ def test_in_loop_without_ground_truth_leaves_it_empty(replayed, tmp_path: Path) 
     assert_same_estimates(got, replayed)
 
 
+@pytest.mark.slow  # CI's default run stays under 20 minutes; python -m pytest -q -m slow runs it
 def test_perturbations_in_flight_survive_a_lost_group(ray_local, tmp_path: Path) -> None:
     """A group killed at round 5 is restored from the checkpoint after round 4, when the probes of rounds 2
     and 4 are in flight: their perturbations come back with it and the tables equal an undisturbed run's."""

@@ -99,6 +99,7 @@ def run_cli(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # CI's default run stays under 20 minutes; python -m pytest -q -m slow runs it
 def test_process_killed_at_a_random_round_resumes_to_the_same_tables(tmp_path: Path) -> None:
     reference, victim = tmp_path / "reference", tmp_path / "victim"
     done = run_cli([*CLI, "--out", str(reference)])
@@ -162,7 +163,7 @@ def kill_group_at(round_: int, group: int):
     return on_round
 
 
-@pytest.mark.parametrize("checkpoint_every", [5, 0])
+@pytest.mark.parametrize("checkpoint_every", [5, pytest.param(0, marks=pytest.mark.slow)])  # 0: slow-marked, for CI
 def test_killed_group_actor_is_restarted_and_the_run_ends_with_the_same_numbers(
         ray_local, tmp_path: Path, checkpoint_every: int) -> None:
     common = {"rounds": 30, "engine__actors": 2, "output__checkpoint_every": checkpoint_every}

@@ -44,6 +44,7 @@ def test_run_writes_documented_tables_and_manifest(ray_local, tmp_path: Path) ->
     assert pq.read_schema(out / "rounds.parquet").field("consensus_distance").metadata[b"description"]
 
 
+@pytest.mark.slow  # CI's default run stays under 20 minutes; python -m pytest -q -m slow runs it
 def test_rounds_table_identical_for_1_3_and_n_actors(ray_local, tmp_path: Path) -> None:
     tables, states = [], []
     for actors in ("1", "3", "6"):

@@ -101,6 +101,7 @@ def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"out": out, "before": before, "resumed": resumed}
 
 
+@pytest.mark.slow  # CI's default run stays under 20 minutes; python -m pytest -q -m slow runs it
 def test_killed_sweep_resumes_without_redoing_finished_trials(killed_and_resumed: dict) -> None:
     out, before, resumed = killed_and_resumed["out"], killed_and_resumed["before"], killed_and_resumed["resumed"]
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -120,6 +121,7 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(killed_and_resumed
     assert "8 trials, 6 ok, 2 failed" in resumed.stdout
 
 
+@pytest.mark.slow  # CI's default run stays under 20 minutes; python -m pytest -q -m slow runs it
 def test_diverged_trials_are_recorded_failed_and_the_others_finish(killed_and_resumed: dict) -> None:
     out = killed_and_resumed["out"]
     trials = pd.read_parquet(out / "trials.parquet")
@@ -138,6 +140,7 @@ def test_diverged_trials_are_recorded_failed_and_the_others_finish(killed_and_re
     assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # CI's default run stays under 20 minutes; python -m pytest -q -m slow runs it
 def test_each_trial_runs_its_actors_in_its_own_placement_group(killed_and_resumed: dict) -> None:
     out = killed_and_resumed["out"]
     ok = pd.read_parquet(out / "trials.parquet").query("status == 'ok'")
@@ -149,6 +152,7 @@ def test_each_trial_runs_its_actors_in_its_own_placement_group(killed_and_resume
     assert all(groups) and len(set(groups)) == len(groups)
 
 
+@pytest.mark.slow  # CI's default run stays under 20 minutes; python -m pytest -q -m slow runs it
 def test_a_trial_computes_what_a_plain_run_of_its_config_computes(killed_and_resumed: dict, tmp_path: Path) -> None:
     from dice_ray.simulate import simulate
 
