@@ -38,6 +38,11 @@ def _one_of(what: str, choices: tuple[str, ...] | Callable[[], tuple[str, ...]])
     return AfterValidator(check)
 
 
+def comma_list(value: Any) -> Any:
+    """A comma-separated string from the command line as a list of its non-empty items; anything else as it is."""
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
 class _Section(BaseModel):
     """A config section: unknown keys are refused, and a bad value raises ``InputError`` with one line that
     names the field (also when built in Python: ``RunConfig(nodes=1)``)."""
@@ -193,7 +198,7 @@ class OutputConfig(_Section):
     @field_validator("log", mode="before")
     @classmethod
     def _split_log(cls, value: Any) -> Any:
-        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        return comma_list(value)
 
 
 class InfluenceConfig(_Section):
@@ -285,7 +290,7 @@ class LedgerConfig(_Section):
     @field_validator("variants", mode="before")
     @classmethod
     def _split_variants(cls, value: Any) -> Any:
-        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        return comma_list(value)
 
     @field_validator("variants")
     @classmethod
