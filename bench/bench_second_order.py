@@ -1,16 +1,22 @@
-"""Second-order DICE-E against the curvature variant: cost, and alignment with DICE-GT per hop.
+"""Second-order DICE-E against the curvature variant: alignment with DICE-GT per hop, and cost.
 
-For every (model, rounds) setting — 16 participants, exponential graph, digits split Dirichlet(α = 0.5), SGD
+For every (model, rounds, seed) setting — 16 participants, exponential graph, digits split Dirichlet(α = 0.5), SGD
 η = 0.05, batch 16, whole-batch probes of every source over the last ``--last`` rounds that leave room for R = 3
 hops — one run is trained in this process (no Ray) and every probe is measured with DICE-GT and four estimates:
 first-order, curvature, second-order, and second-order without b (b ≡ 0: e = ∇ᵀa − ½ aᵀH′a, the z′ Hessian term
-alone). Per hop r it prints, over the probes, the relative error Σ|GT − E| / Σ|GT| and the Spearman correlation
-of the hop-r term Σ_{k ∈ N^{(r)}(j)} q_k e_k^{(r)} (the alignment report's ``hop`` quantity), and the estimator
-seconds of second-order against curvature (test gradients are computed once per window and shared: they are
-excluded from both; DICE-GT replays are unchanged by the variant).
+alone). Per (model, rounds) and hop r it prints, over the probes of all seeds, the relative error Σ|GT − E| / Σ|GT|
+and the Spearman correlation of the hop-r term Σ_{k ∈ N^{(r)}(j)} q_k e_k^{(r)} (the alignment report's ``hop``
+quantity), with the spread of the error ratios over the seeds.
 
-    python bench/bench_second_order.py                          # mlp and mlp-tanh, 30 and 100 rounds
-    python bench/bench_second_order.py --models mlp --rounds 30 --last 1
+Cost: the estimator seconds of each variant in the same process, every variant warmed up once before timing and the
+variants run in a rotating order per probe (and curvature with second-order in one pass, ``estimate_cascades``,
+the cost of asking for both); test gradients are computed once per window and shared by every
+variant (excluded from all), and DICE-GT replays are unchanged by the variant. The ratio second-order / curvature
+is printed for every z′ size in ``--heldout-sizes`` (the z′ Hessian form's cost grows with z′, a local step's
+does not).
+
+    python bench/bench_second_order.py                                   # mlp and mlp-tanh, 30 and 100 rounds
+    python bench/bench_second_order.py --models mlp --rounds 30 --seeds 0 --last 1
 
 Targets: estimator time ≤ 2.5x curvature; ReLU ("mlp") hop-1 error ≤ 0.25x first-order's with Spearman ≥ 0.99,
 hops 2–3 no worse than curvature; tanh every hop ≤ 0.25x curvature's error.
@@ -23,71 +29,135 @@ import time
 import warnings
 
 import numpy as np
+import torch
+from _tables import print_plain
 from scipy import stats
 
 from dice_ray.config import build_config
 from dice_ray.experiment import prepare
-from dice_ray.methods.dice.estimator import estimate_cascade, update_difference
+from dice_ray.methods.dice.estimator import estimate_cascade, estimate_cascades, update_difference
 from dice_ray.methods.dice.ground_truth import ground_truth_cascade
 from dice_ray.methods.dice.measure import window_for
 from dice_ray.methods.dice.probes import probe_rounds, select_probes
 from dice_ray.methods.dice.trajectory import record_windows
 
 ESTIMATES = ("first-order", "curvature", "second-order", "second-order, b = 0")
+BOTH = "curvature + second-order"  # one pass (estimate_cascades): curvature read off second-order's a
+TIMED = (*ESTIMATES, BOTH)
 HOPS = 3
+NODES = 16
 
 
-def measure(model: str, rounds: int, last: int, lr: float) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Return (hop terms: name -> [probes, HOPS] for gt and every estimate, seconds per estimate kind)."""
-    config = build_config({"seed": 0, "nodes": 16, "rounds": rounds, "topology": {"name": "exponential"},
-                           "data": {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5},
-                           "model": {"name": model}, "optim": {"lr": lr, "batch_size": 16},
-                           "influence": {"enabled": True, "hops": HOPS, "last": last}, "output": {"progress": False}})
+def _config(model: str, rounds: int, seed: int, last: int, lr: float, heldout: int | None):
+    data = {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5}
+    if heldout is not None:
+        data["heldout_size"] = heldout
+    return build_config({"seed": seed, "nodes": NODES, "rounds": rounds, "topology": {"name": "exponential"},
+                         "data": data, "model": {"name": model}, "optim": {"lr": lr, "batch_size": 16},
+                         "influence": {"enabled": True, "hops": HOPS, "last": last}, "output": {"progress": False}})
+
+
+def _estimate(window, j: int, name: str):
+    delta, opt_delta = update_difference(window, j)
+    if name == BOTH:
+        return estimate_cascades(window, j, delta, opt_delta, HOPS, ["curvature", "second-order"])["second-order"]
+    variant, with_b = (name, True) if name != "second-order, b = 0" else ("second-order", False)
+    return estimate_cascade(window, j, delta, opt_delta, HOPS, variant, with_b=with_b)
+
+
+def measure(model: str, rounds: int, seed: int, last: int, lr: float, ground_truth: bool = True,
+            heldout: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, float], int]:
+    """Return (hop terms: name -> [probes, HOPS] for gt (if measured) and every estimate, estimator seconds per
+    estimate, z′ size)."""
+    config = _config(model, rounds, seed, last, lr, heldout)
     experiment = prepare(config)
     q = experiment.q
     starts, probes = probe_rounds(config), select_probes(config)
-    terms: dict[str, list[list[float]]] = {name: [] for name in ("gt", *ESTIMATES)}
-    seconds = dict.fromkeys(ESTIMATES, 0.0)
+    terms: dict[str, list[list[float]]] = {name: [] for name in (("gt",) if ground_truth else ()) + ESTIMATES}
+    seconds = dict.fromkeys(TIMED, 0.0)
+    size = 0
     for t, trajectory in zip(starts, record_windows(experiment, starts, HOPS), strict=True):
         window = window_for(experiment, trajectory)
+        size = len(window.heldout[1])
         for s in range(HOPS + 1):  # the shared test gradients, outside the timings
-            window.test_gradients(s, np.arange(16))
-        for probe in (p for p in probes if p.round == t and p.sample_index is None):
-            j = probe.source
-            delta, opt_delta = update_difference(window, j)
-            cascades = {"gt": ground_truth_cascade(window, j, HOPS)}
-            for name in ESTIMATES:
-                variant, with_b = (name, True) if name != "second-order, b = 0" else ("second-order", False)
+            window.test_gradients(s, np.arange(NODES))
+        here = [p for p in probes if p.round == t and p.sample_index is None]
+        for name in TIMED:  # warm-up: first calls of vmapped and nested forward-mode passes are slower
+            _estimate(window, here[0].source, name)
+        for i, probe in enumerate(here):
+            cascades = {"gt": ground_truth_cascade(window, probe.source, HOPS)} if ground_truth else {}
+            for name in TIMED[i % len(TIMED):] + TIMED[: i % len(TIMED)]:
                 start = time.perf_counter()
-                cascades[name] = estimate_cascade(window, j, delta, opt_delta, HOPS, variant, with_b=with_b)
+                cascades[name] = _estimate(window, probe.source, name)
                 seconds[name] += time.perf_counter() - start
+            del cascades[BOTH]
             for name, cascade in cascades.items():
                 terms[name].append([cascade.hop_term(q, r) for r in range(1, HOPS + 1)])
-    return {name: np.array(v) for name, v in terms.items()}, seconds
+    return {name: np.array(v) for name, v in terms.items()}, seconds, size
+
+
+def _errors(terms: dict[str, np.ndarray], r: int) -> dict[str, float]:
+    gt = terms["gt"][:, r]
+    return {k: float(np.abs(gt - terms[k][:, r]).sum() / np.abs(gt).sum()) for k in ESTIMATES}
+
+
+def alignment_table(model: str, rounds: int, seeds: list[int], last: int, lr: float) -> None:
+    runs = []
+    for seed in seeds:
+        terms, _, _ = measure(model, rounds, seed, last, lr)
+        runs.append(terms)
+    pooled = {k: np.concatenate([run[k] for run in runs]) for k in runs[0]}
+    print(f"\n{model}, {rounds} rounds, seeds {' '.join(map(str, seeds))}: {len(pooled['gt'])} probes "
+          f"(relative error and Spearman over all of them; ratios: pooled [lowest, highest over the seeds])")
+    header = ["hop", "variant", "rel.err", "spearman", "err/first", "err/curv"]
+    rows = []
+    for r in range(HOPS):
+        errors = _errors(pooled, r)
+        per_seed = [_errors(run, r) for run in runs]
+        for k in ESTIMATES:
+            rho = stats.spearmanr(pooled["gt"][:, r], pooled[k][:, r]).statistic
+            ratios = []
+            for base in ("first-order", "curvature"):
+                spread = [e[k] / e[base] for e in per_seed]
+                ratios.append(f"{errors[k] / errors[base]:.3f} [{min(spread):.3f}, {max(spread):.3f}]")
+            rows.append([str(r + 1), k, f"{errors[k]:.4f}", f"{rho:.4f}", *ratios])
+    print_plain(header, rows)
+
+
+def cost_table(model: str, rounds: int, seed: int, last: int, lr: float, sizes: list[int], repeats: int) -> None:
+    print(f"\nestimator seconds, {model}, {rounds} rounds, seed {seed}, {NODES * last} probes "
+          f"(lowest of {repeats}; test gradients and DICE-GT replays excluded)")
+    header = ["|z'|", *TIMED, "second-order / curvature", "b = 0 / curvature", "both / curvature"]
+    rows = []
+    for size in sizes:
+        best = None
+        for _ in range(repeats):
+            _, seconds, actual = measure(model, rounds, seed, last, lr, ground_truth=False, heldout=size)
+            best = seconds if best is None else {k: min(best[k], seconds[k]) for k in TIMED}
+        rows.append([str(actual), *(f"{best[k]:.3f}" for k in TIMED),
+                     *(f"{best[k] / best['curvature']:.2f}x" for k in ("second-order", "second-order, b = 0", BOTH))])
+    print_plain(header, rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "mlp-tanh"])
     parser.add_argument("--rounds", nargs="+", type=int, default=[30, 100], help="early and late")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--last", type=int, default=3, help="probe rounds per run (16 sources each)")
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--heldout-sizes", nargs="+", type=int, default=[16, 64, 360],
+                        help="z′ sizes of the cost table (digits' held-out split has 360 images)")
+    parser.add_argument("--repeats", type=int, default=2, help="cost runs per z′ size (the lowest is kept)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: ratios free of thread scheduling)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.set_num_threads(args.threads)
     for model in args.models:
         for rounds in args.rounds:
-            terms, seconds = measure(model, rounds, args.last, args.lr)
-            gt = terms["gt"]
-            print(f"\n{model}, {rounds} rounds, {len(gt)} probes; estimator seconds: "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items())
-                  + f"; second-order / curvature = {seconds['second-order'] / seconds['curvature']:.2f}x")
-            print(f"{'hop':>3} {'variant':>20} {'rel.err':>8} {'spearman':>8} {'err/first':>9} {'err/curv':>8}")
-            for r in range(HOPS):
-                errors = {k: np.abs(gt[:, r] - terms[k][:, r]).sum() / np.abs(gt[:, r]).sum() for k in ESTIMATES}
-                for k in ESTIMATES:
-                    rho = stats.spearmanr(gt[:, r], terms[k][:, r]).statistic
-                    print(f"{r + 1:>3} {k:>20} {errors[k]:8.4f} {rho:8.4f} {errors[k] / errors['first-order']:9.3f} "
-                          f"{errors[k] / errors['curvature']:8.3f}")
+            alignment_table(model, rounds, args.seeds, args.last, args.lr)
+    for model in args.models:
+        cost_table(model, args.rounds[0], args.seeds[0], args.last, args.lr, args.heldout_sizes, args.repeats)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from dice_ray.methods.dice.estimator import (
     Window,
     _sample_step,
     estimate_cascade,
+    estimate_cascades,
     sample_second_order_difference,
     sample_update_difference,
     twice_differentiable_sqrt,
@@ -146,6 +147,23 @@ def test_single_sample_second_order_cascade_tracks_ground_truth() -> None:
         error = np.abs(gt.values[s] - est.values[s]).sum()
         assert error < np.abs(gt.values[s] - cur.values[s]).sum()
         assert error < np.abs(gt.values[s] - without.values[s]).sum()
+
+
+def test_variants_in_one_pass_equal_each_variant_alone() -> None:
+    """``estimate_cascades`` reads the curvature cascade off second-order's a: the same numbers as the curvature
+    recursion run alone (to rounding: the nested pass's kernels differ), every variant in the order asked."""
+    window, _ = make_window("exponential", nodes=8, optimizer="momentum", lr=0.1, dtype=torch.float64)
+    delta, opt_delta = update_difference(window, 3)
+    together = estimate_cascades(window, 3, delta, opt_delta, 3, ["second-order", "first-order", "curvature"])
+    assert list(together) == ["second-order", "first-order", "curvature"]
+    for variant, cascade in together.items():
+        alone = estimate_cascade(window, 3, delta, opt_delta, 3, variant)
+        assert cascade.half == pytest.approx(alone.half, rel=1e-12)
+        for s in (1, 2, 3):
+            np.testing.assert_allclose(cascade.values[s], alone.values[s], rtol=1e-10, atol=1e-15)
+    assert np.abs(together["curvature"].values[3] - together["second-order"].values[3]).max() > 0
+    with pytest.raises(ValueError, match="'second'"):
+        estimate_cascades(window, 3, delta, opt_delta, 3, ["second"])
 
 
 def test_second_order_is_not_an_adjoint_variant() -> None:

@@ -16,7 +16,7 @@ from dice_ray.core.participants import ParticipantBlock
 from dice_ray.methods.dice.estimator import (
     Cascade,
     Window,
-    estimate_cascade,
+    estimate_cascades,
     sample_second_order_difference,
     sample_update_difference,
     update_difference,
@@ -49,8 +49,8 @@ def measure_probes(window: Window, probes: list[Probe], q: np.ndarray, hops: int
             if probe.sample_index is not None and "second-order" in variants else None
         cascades: dict[str, Cascade | None] = {
             "gt": ground_truth_cascade(window, j, hops, removed) if ground_truth else None,
-            **{COLUMNS[v]: estimate_cascade(window, j, delta, opt_delta, hops, v,
-                                            **({"second": second} if v == "second-order" else {})) for v in variants},
+            **{COLUMNS[v]: cascade
+               for v, cascade in estimate_cascades(window, j, delta, opt_delta, hops, variants, second).items()},
         }
         rows_influence, rows_dice = probe_rows(probe, cascades, hops, q, distances[j])
         influence += rows_influence
