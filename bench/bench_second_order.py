@@ -124,6 +124,64 @@ def alignment_table(model: str, rounds: int, seeds: list[int], last: int, lr: fl
     print_plain(header, rows)
 
 
+def kink_table(rounds: list[int], seeds: list[int], last: int, lr: float) -> None:
+    """What is left at hop 1 on the ReLU MLP: split each hop-1 term's residual GT − E₂ (δ = W_kj Δ is exact there)
+    over the z′ samples, by whether any ReLU of the sample changes sign between θ_k and θ_k − δ (float64)."""
+    from torch import nn
+    from torch.func import functional_call, jvp
+
+    from dice_ray.core.population import model_state_layouts
+
+    print("\nhop-1 residual of second-order on the ReLU MLP, by z' samples whose ReLU pattern flips between the runs")
+    header = ["rounds", "terms", "samples flipping", "|residual|, all", "flipping only", "others only"]
+    rows = []
+    for r in rounds:
+        flipping, totals = [], np.zeros(3)
+        terms = 0
+        for seed in seeds:
+            config = _config("mlp", r, seed, last, lr, None)
+            experiment = prepare(config)
+            starts, probes = probe_rounds(config), select_probes(config)
+            for t, trajectory in zip(starts, record_windows(experiment, starts, HOPS), strict=True):
+                window = window_for(experiment, trajectory)
+                model = window.double_model().eval()
+                layout = model_state_layouts(model)[0]
+                x, y = (v.double() if v.is_floating_point() else v for v in window.heldout)
+                signs: list[torch.Tensor] = []
+                hooks = [m.register_forward_hook(lambda _m, i, _o: signs.append(i[0] > 0))
+                         for m in model.modules() if isinstance(m, nn.ReLU)]
+
+                def losses(flat, model=model, layout=layout, x=x, y=y):
+                    logits = functional_call(model, layout.views(flat), (x,))
+                    return nn.functional.cross_entropy(logits, y, reduction="none")
+
+                for probe in (p for p in probes if p.round == t and p.sample_index is None):
+                    delta = update_difference(window, probe.source)[0].double()
+                    column = trajectory.mixing[0][:, [probe.source]].toarray().ravel()
+                    for k in np.flatnonzero(column):
+                        theta = trajectory.states[1][k, :layout.width].double()
+                        d = float(column[k]) * delta
+                        signs.clear()
+                        with torch.no_grad():
+                            exact = losses(theta) - losses(theta - d)  # per sample, both runs' ReLU patterns
+                        flips = torch.zeros(len(y), dtype=torch.bool)
+                        for before, after in zip(signs[: len(signs) // 2], signs[len(signs) // 2:], strict=True):
+                            flips |= (before != after).flatten(1).any(dim=1)
+                        signs.clear()
+                        first, second = jvp(lambda p, d=d: jvp(losses, (p,), (d,))[1], (theta,), (d,))
+                        signs.clear()
+                        residual = (exact - (first - 0.5 * second)).detach() / len(y)
+                        flipping.append(float(flips.double().mean()))
+                        totals += [abs(float(residual.sum())), abs(float(residual[flips].sum())),
+                                   abs(float(residual[~flips].sum()))]
+                        terms += 1
+                for hook in hooks:
+                    hook.remove()
+        rows.append([str(r), str(terms), f"{np.mean(flipping):.1%}",
+                     *(f"{v / terms:.3g}" for v in totals)])
+    print_plain(header, rows)
+
+
 def cost_table(model: str, rounds: int, seed: int, last: int, lr: float, sizes: list[int], repeats: int) -> None:
     print(f"\nestimator seconds, {model}, {rounds} rounds, seed {seed}, {NODES * last} probes "
           f"(lowest of {repeats}; test gradients and DICE-GT replays excluded)")
@@ -139,6 +197,38 @@ def cost_table(model: str, rounds: int, seed: int, last: int, lr: float, sizes: 
     print_plain(header, rows)
 
 
+def online_cost_table(model: str, rounds: int, seed: int, sizes: list[int], repeats: int) -> None:
+    """In the round loop (``--online-dice``, local engine, this process): probes of the last 10 rounds that leave room
+    for R hops, DICE-E only; a variant's estimator time is its run's wall time minus the same run's without
+    influence (lowest of ``repeats`` each)."""
+    import tempfile
+
+    import dice_ray
+
+    print(f"\nin the round loop: {model}, {rounds} rounds, seed {seed}, {NODES * 10} probes, seconds of whole runs "
+          f"(lowest of {repeats}) and the estimator's part (minus the run without influence)")
+    kinds = {"no influence": None, "curvature": ["curvature"], "second-order": ["second-order"],
+             BOTH: ["curvature", "second-order"]}
+    header = ["|z'|", *kinds, "second-order / curvature", "both / curvature"]
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for size in sizes:
+            best = dict.fromkeys(kinds, float("inf"))
+            for _ in range(repeats):
+                for name, variants in kinds.items():
+                    config = _config(model, rounds, seed, 10, 0.05, size).model_dump()
+                    config["influence"].update(enabled=variants is not None, online=variants is not None,
+                                               ground_truth=False, variants=variants or ["curvature"])
+                    config["output"].update(out=f"{folder}/run", overwrite=True, checkpoint_every=0)
+                    start = time.perf_counter()
+                    dice_ray.run(dice_ray.RunConfig.model_validate(config), engine="local")
+                    best[name] = min(best[name], time.perf_counter() - start)
+            extra = {name: best[name] - best["no influence"] for name in kinds}
+            rows.append([str(size), *(f"{best[k]:.2f}" for k in kinds),
+                         *(f"{extra[k] / extra['curvature']:.2f}x" for k in ("second-order", BOTH))])
+    print_plain(header, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "mlp-tanh"])
@@ -150,14 +240,20 @@ def main() -> None:
                         help="z′ sizes of the cost table (digits' held-out split has 360 images)")
     parser.add_argument("--repeats", type=int, default=2, help="cost runs per z′ size (the lowest is kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: ratios free of thread scheduling)")
+    parser.add_argument("--kinks", action="store_true", help="only the ReLU MLP's hop-1 residual split by z′ samples "
+                                                             "whose activation pattern flips")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(args.threads)
+    if args.kinks:
+        kink_table(args.rounds, args.seeds, args.last, args.lr)
+        return
     for model in args.models:
         for rounds in args.rounds:
             alignment_table(model, rounds, args.seeds, args.last, args.lr)
     for model in args.models:
         cost_table(model, args.rounds[0], args.seeds[0], args.last, args.lr, args.heldout_sizes, args.repeats)
+    online_cost_table(args.models[0], args.rounds[0], args.seeds[0], args.heldout_sizes, args.repeats)
 
 
 if __name__ == "__main__":

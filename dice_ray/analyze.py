@@ -157,8 +157,10 @@ def alignment(run: Path) -> list[dict]:
 
 
 def _value_column(influence: dict[str, np.ndarray]) -> str:
-    """The best influence measured: ground truth, else the curvature estimate, else first-order."""
-    for column in ("gt", "est_curvature", "est_first_order"):
+    """The best influence measured: ground truth, else the second-order estimate, else curvature, else first-order."""
+    for column in ("gt", "est_second_order", "est_curvature", "est_first_order"):
+        if column not in influence:  # tables written before the variant existed
+            continue
         values = influence[column]
         if values.dtype != object or any(v is not None for v in values):
             return column

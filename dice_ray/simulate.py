@@ -77,6 +77,7 @@ OPTIONS: list[tuple[str, str, Any]] = [
     ("--hops", "influence.hops", int), ("--probe-rounds", "influence.rounds", "int-list"),
     ("--probe-every", "influence.every", int), ("--probe-sources", "influence.sources", "int-list"),
     ("--probe-samples", "influence.probe_samples", int), ("--zprime", "influence.zprime", str),
+    ("--variants", "influence.variants", str),
     ("--misbehavior", "misbehavior.kind", str), ("--misbehaving", "misbehavior.count", int),
     ("--misbehaving-fraction", "misbehavior.fraction", float),
     ("--misbehaving-selection", "misbehavior.selection", str), ("--misbehaving-ids", "misbehavior.ids", "int-list"),

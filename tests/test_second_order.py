@@ -188,3 +188,22 @@ def test_alignment_report_shows_the_variants_that_were_measured() -> None:
     assert errors["second-order"] < errors["curvature"] < errors["first-order"]
     dice["est_second_order"] = dice["est_second_order_hop"] = np.array([None] * 20, dtype=object)  # variant off
     assert {r["variant"] for r in alignment_rows(dice)} == {"first-order", "curvature"}
+
+
+@pytest.mark.parametrize("bad", ["hessian", "curvature,curvature", ","])
+def test_bad_variants_option_exits_2(tmp_path, capsys, bad: str) -> None:
+    from dice_ray.simulate import main as simulate
+
+    out = tmp_path / "x"
+    assert simulate(["--dataset", "digits", "--nodes", "4", "--rounds", "4", "--influence", "--hops", "1",
+                     "--variants", bad, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "influence.variants" in err, err
+    assert not out.exists()
+
+
+def test_variants_option_takes_a_comma_separated_list() -> None:
+    from dice_ray.config import build_config
+
+    config = build_config({"influence": {"variants": "second-order, first-order"}})
+    assert config.influence.variants == ["second-order", "first-order"]
