@@ -227,8 +227,12 @@ class InfluenceConfig(_Section):
                                                                            "each target's own validation split")
     variants: list[Literal["first-order", "curvature", "second-order"]] = Field(
         ["first-order", "curvature"], description="DICE-E variants to compute, comma-separated (second-order: exact "
-                                                  "to second order in Δ, 3-6x the curvature variant's estimator "
-                                                  "time, more with a larger z′)")
+                                                  "to second order in Δ; about 3x the curvature variant's estimator "
+                                                  "time at a 16-image z′, 6-11x at 360 images)")
+    second_order_b: bool = Field(True, description="second-order: also carry b, the perturbation's O(Δ²) part, through the local steps (one nested "
+                                                 "forward-mode pass per step). False keeps the z′ Hessian term alone: about "
+                                                 "half the cost at a small z′, exact to second order only in the direct term "
+                                                 "and at hop 1")
     ground_truth: bool = Field(True, description="also measure DICE-GT by counterfactual replay")
     sources_per_task: int = Field(4, ge=1, description="probes of one round batched into one Ray task")
     online: bool = Field(False, description="compute DICE-E inside the round loop, in the participant groups, "
@@ -303,7 +307,11 @@ class LedgerConfig(_Section):
     variants: list[Variant] = Field(["first-order"], description="DICE-E variants the ledger sums (comma-separated): "
                                     "first-order (J = I, one z′ gradient per round), curvature (the local steps' "
                                     "Jacobians: a forward-mode pass per source and participant reached), "
-                                    "second-order (also b and the z′ Hessian term: about 2-3x curvature)")
+                                    "second-order (also b and the z′ Hessian term: about 3x curvature)")
+    second_order_b: bool = Field(True, description="second-order: also carry b, the perturbation's O(Δ²) part, through the local steps (one nested "
+                                                 "forward-mode pass per step). False keeps the z′ Hessian term alone: about "
+                                                 "half the cost at a small z′, exact to second order only in the direct term "
+                                                 "and at hop 1")
     rank_by: Variant | None = Field(None, description="the variant whose totals give shares, harmful flags and "
                                                       "ranks (default: the first of variants)")
 

@@ -142,3 +142,21 @@ def test_report_shows_every_variant(local: Path, capsys) -> None:
     shares = pd.read_parquet(local / "shares.parquet")
     for column in ("total", "total_curvature", "total_second_order"):
         np.testing.assert_array_equal(report[column], shares[column])
+
+
+def test_second_order_without_b_equals_the_replayed_estimate_without_b(local: Path, tmp_path: Path) -> None:
+    """``ledger.second_order_b`` false: the ledger's second-order terms equal the replayed estimate without b
+    (``influence.second_order_b`` false), and differ from the ones with b at step 2, where b enters."""
+    run = simulate(config(tmp_path / "without", influence__enabled=True, influence__hops=2, influence__rounds=[0, 2],
+                          influence__variants=ALL, influence__ground_truth=False, influence__second_order_b=False,
+                          ledger__second_order_b=False), engine_kind="local")
+    ledger = contributions(run)
+    q = pd.read_parquet(run / "nodes.parquet")["q"].to_numpy()
+    replayed = pd.read_parquet(run / "influence.parquet").rename(columns={"round": "probe_round"})
+    mine = ledger[ledger["probe_round"] <= 2].merge(replayed, on=["probe_round", "source", "step", "target"])
+    want = q[mine["target"]] * mine["est_second_order"].to_numpy()
+    assert np.abs(mine["influence_second_order"].to_numpy() - want).max() <= 1e-5 * np.abs(want).max()
+    full = contributions(local).set_index(KEYS)["influence_second_order"]
+    at_two = ledger.set_index(KEYS)["influence_second_order"].loc[full.index][
+        full.index.get_level_values("step") == 2]
+    assert np.abs(at_two.to_numpy() - full[full.index.get_level_values("step") == 2].to_numpy()).max() > 0

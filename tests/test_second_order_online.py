@@ -74,3 +74,20 @@ def test_default_variants_leave_the_second_order_columns_empty(tmp_path: Path) -
                           engine_kind="local"))
     assert got["influence"]["est_second_order"].isna().all()
     assert got["dice"][["est_second_order", "est_second_order_hop", "est_second_order_horizon"]].isna().all().all()
+
+
+def test_second_order_without_b_in_the_loop_and_replayed(replayed, tmp_path: Path) -> None:
+    """``influence.second_order_b`` false: in the loop and on replayed windows the same numbers; against b carried,
+    the same up to step 1 (b^{(1)} = W b₀ = 0 here: whole batches, and single samples under momentum, whose step is
+    linear in the gradient) and different from step 2 on, where b enters; the other variants untouched."""
+    changes = {"influence__variants": ALL, "influence__second_order_b": False, **SMALL}
+    without = tables(simulate(config(tmp_path / "replay", **changes), engine_kind="local"))
+    assert_same(tables(simulate(config(tmp_path / "online", influence__online=True, **changes),
+                                engine_kind="local")), without)
+    mine, full = without["influence"], replayed["influence"]
+    for column in ("est_first_order", "est_curvature"):
+        np.testing.assert_array_equal(mine[column].to_numpy(), full[column].to_numpy())
+    early = (mine["step"] <= 1).to_numpy()
+    np.testing.assert_allclose(mine["est_second_order"][early], full["est_second_order"][early], rtol=1e-6, atol=0)
+    late = np.abs(mine["est_second_order"][~early].to_numpy() - full["est_second_order"][~early].to_numpy())
+    assert late.max() > 1e-5 * np.abs(full["est_second_order"][~early]).max()  # measured 1.5e-4: b is small here

@@ -400,7 +400,8 @@ class LedgerHook(RoundHook):
         self.examiner = LedgerExaminer(block, config)
         variants = cascade_variants(config)
         self.cascades = OnlineCascades(block, config, LedgerProbes(config), config.ledger.hops, variants,
-                                       config.ledger.zprime, first_reached_only=True) if variants else None
+                                       config.ledger.zprime, first_reached_only=True,
+                                       with_b=config.ledger.second_order_b) if variants else None
 
     @classmethod
     def sends(cls, config: Any) -> Callable[[int], bool]:

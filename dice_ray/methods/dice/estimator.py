@@ -432,15 +432,17 @@ def estimate_cascade(window: Window, source: int, delta: torch.Tensor, opt_delta
 
 def estimate_cascades(window: Window, source: int, delta: torch.Tensor, opt_delta: dict[str, torch.Tensor],
                       hops: int, variants: list[str],
-                      second: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None) -> dict[str, Cascade]:
+                      second: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None,
+                      with_b: bool = True) -> dict[str, Cascade]:
     """``estimate_cascade`` of every variant in ``variants`` (variant -> ``Cascade``), the probe's a propagated once:
-    with ``second-order``, ``curvature``'s cascade is read off its first-order part a (∇ᵀa at every step)."""
+    with ``second-order``, ``curvature``'s cascade is read off its first-order part a (∇ᵀa at every step).
+    ``with_b`` False: second-order without b (``influence.second_order_b``)."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"variant {unknown[0]!r} is unknown; choose one of {', '.join(VARIANTS)}")
     out: dict[str, Cascade] = {}
     if "second-order" in variants:
-        out["second-order"], curvature = _second_order_cascade(window, source, delta, opt_delta, hops, second, True)
+        out["second-order"], curvature = _second_order_cascade(window, source, delta, opt_delta, hops, second, with_b)
         if "curvature" in variants:
             out["curvature"] = curvature
     for v in variants:

@@ -29,10 +29,12 @@ COLUMNS = {"first-order": "est_first_order", "curvature": "est_curvature", "seco
 
 
 def measure_probes(window: Window, probes: list[Probe], q: np.ndarray, hops: int, variants: list[str],
-                   ground_truth: bool, distances: dict[int, np.ndarray]) -> tuple[list[dict], list[dict]]:
+                   ground_truth: bool, distances: dict[int, np.ndarray],
+                   with_b: bool = True) -> tuple[list[dict], list[dict]]:
     """Return (influence rows, dice rows) for ``probes`` (all of round ``window.trajectory.t0``).
 
-    ``distances[j]``: hop distances from source j (``Topology.hop_distances``) for the ``distance`` column.
+    ``distances[j]``: hop distances from source j (``Topology.hop_distances``) for the ``distance`` column;
+    ``with_b``: ``influence.second_order_b``.
     """
     influence: list[dict[str, Any]] = []
     dice: list[dict[str, Any]] = []
@@ -46,11 +48,12 @@ def measure_probes(window: Window, probes: list[Probe], q: np.ndarray, hops: int
             removed = np.array([probe.sample_index])
         # b₀, the second-order part of a single sample's Δ (zero for a whole batch)
         second = sample_second_order_difference(window, j, probe.sample_index) \
-            if probe.sample_index is not None and "second-order" in variants else None
+            if probe.sample_index is not None and "second-order" in variants and with_b else None
         cascades: dict[str, Cascade | None] = {
             "gt": ground_truth_cascade(window, j, hops, removed) if ground_truth else None,
             **{COLUMNS[v]: cascade
-               for v, cascade in estimate_cascades(window, j, delta, opt_delta, hops, variants, second).items()},
+               for v, cascade in estimate_cascades(window, j, delta, opt_delta, hops, variants, second,
+                                                   with_b).items()},
         }
         rows_influence, rows_dice = probe_rows(probe, cascades, hops, q, distances[j])
         influence += rows_influence
@@ -106,7 +109,7 @@ def measure_round(experiment: Any, trajectory: Trajectory, probes: list[Probe]) 
     inf = experiment.config.influence
     distances = {j: experiment.topology.hop_distances(j, probes[0].round) for j in {p.source for p in probes}}
     return measure_probes(window_for(experiment, trajectory), probes, experiment.q, inf.hops, list(inf.variants),
-                          inf.ground_truth, distances)
+                          inf.ground_truth, distances, inf.second_order_b)
 
 
 def measure_influence_here(experiment: Any) -> tuple[list[dict], list[dict]]:

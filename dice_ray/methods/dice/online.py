@@ -128,8 +128,10 @@ class OnlineCascades:
     ``mix(u, weights, ids, blocks)`` after gossip; ``terms()`` returns what the round recorded."""
 
     def __init__(self, block: Any, config: Any, probes: ProbeSchedule | None = None, hops: int | None = None,
-                 variants: list[str] | None = None, zprime: str | None = None, first_reached_only: bool = False):
-        """``probes``, ``hops``, ``variants``, ``zprime``: default ``influence``'s (its in-loop probes);
+                 variants: list[str] | None = None, zprime: str | None = None, first_reached_only: bool = False,
+                 with_b: bool | None = None):
+        """``probes``, ``hops``, ``variants``, ``zprime``, ``with_b`` (second-order's b carried: ``second_order_b``):
+        default ``influence``'s (its in-loop probes);
         ``first_reached_only``: record e_k^{(s)} only for k ∈ N^{(s)}(j) (and the direct term), as the contribution
         ledger counts them, instead of every k of S_s."""
         self.block, self.config = block, config
@@ -138,6 +140,8 @@ class OnlineCascades:
         self.variants = list(inf.variants if variants is None else variants)
         self.first_reached_only = first_reached_only
         self.second = "second-order" in self.variants
+        # b carried through the local steps (else it stays zero: second-order without b, ``second_order_b``)
+        self.with_b = self.second and (inf.second_order_b if with_b is None else with_b)
         self.curved = self.second or "curvature" in self.variants  # a (and its optimizer part) is propagated
         self.keys = list(self.variants) + (["curvature"] if self.second and "curvature" not in self.variants else [])
         self.probes = ProbeSchedule(online_probes(config)) if probes is None else probes
@@ -238,6 +242,7 @@ class OnlineCascades:
             self._samples = self._sample_updates(u, pos)
             if self.second:
                 self._before_state = pop.state[pos].clone()
+            if self.with_b:
                 self._samples_b = self._sample_updates(u, pos, sample_second_order)
 
     def _sample_updates(self, u: int, pos: torch.Tensor,
@@ -278,7 +283,7 @@ class OnlineCascades:
                 opt_tangent = {n: torch.cat([d.opt[n] for _, d in chunk]) for n in chunk[0][1].opt}
                 factors = None if self.factors is None else self.factors[pos.cpu().numpy()]
                 opt_now = {n: v[pos] for n, v in pop.opt_state.items()}
-                if self.second:  # (J a, J b − ½ D²O[a, a]) in one nested pass
+                if self.with_b:  # (J a, J b − ½ D²O[a, a]) in one nested pass
                     tangent_b = torch.cat([d.delta["second-order"] for _, d in chunk])
                     opt_tangent_b = {n: torch.cat([d.opt_b[n] for _, d in chunk]) for n in chunk[0][1].opt_b}
                     (stepped, opt_stepped), (stepped_b, opt_stepped_b) = second_order_local_step(
@@ -288,6 +293,9 @@ class OnlineCascades:
                     stepped, opt_stepped = jvp_local_step(pop.model, pop.optimizer, pop.state[pos], opt_now, x[pos],
                                                           y[pos], tangent, opt_tangent, factors, pop.loss)
                     stepped_b, opt_stepped_b = None, {}
+                    if self.second:  # without b: it stays zero
+                        stepped_b = torch.zeros_like(stepped)
+                        opt_stepped_b = {n: torch.zeros_like(v) for n, v in opt_stepped.items() if n != "step"}
                 a = 0
                 for done, d in chunk:
                     b = a + len(d.rows)
@@ -323,7 +331,7 @@ class OnlineCascades:
             b0 = torch.zeros_like(delta)
             opt_b0 = {n: torch.zeros_like(d) for n, d in opt_delta.items()}
             for i, p in enumerate(self._new):
-                if p.sample_index is not None:
+                if p.sample_index is not None and self.with_b:
                     b0[i], changes = self._samples_b[p.probe_id]
                     for n, d in opt_b0.items():
                         d[i] = changes[n]
