@@ -4,16 +4,17 @@ For every (model, rounds, seed) setting — 16 participants, exponential graph, 
 η = 0.05, batch 16, whole-batch probes of every source over the last ``--last`` rounds that leave room for R = 3
 hops — one run is trained in this process (no Ray) and every probe is measured with DICE-GT and four estimates:
 first-order, curvature, second-order, and second-order without b (b ≡ 0: e = ∇ᵀa − ½ aᵀH′a, the z′ Hessian term
-alone). Per (model, rounds) and hop r it prints, over the probes of all seeds, the relative error Σ|GT − E| / Σ|GT|
-and the Spearman correlation of the hop-r term Σ_{k ∈ N^{(r)}(j)} q_k e_k^{(r)} (the alignment report's ``hop``
-quantity), with the spread of the error ratios over the seeds.
+alone, ``influence.second_order_b`` false). Per (model, rounds) and hop r it prints, over the probes of all seeds,
+the relative error Σ|GT − E| / Σ|GT| and the Spearman correlation of the hop-r term Σ_{k ∈ N^{(r)}(j)} q_k e_k^{(r)}
+(the alignment report's ``hop`` quantity), with the spread of the error ratios over the seeds. ``--kinks``: what
+is left at hop 1 on the ReLU MLP, split by z′ samples whose activation pattern flips between the two runs.
 
 Cost: the estimator seconds of each variant in the same process, every variant warmed up once before timing and the
 variants run in a rotating order per probe (and curvature with second-order in one pass, ``estimate_cascades``,
 the cost of asking for both); test gradients are computed once per window and shared by every
 variant (excluded from all), and DICE-GT replays are unchanged by the variant. The ratio second-order / curvature
 is printed for every z′ size in ``--heldout-sizes`` (the z′ Hessian form's cost grows with z′, a local step's
-does not).
+does not), on replayed windows and in the round loop (``--online-dice``, whole local runs).
 
     python bench/bench_second_order.py                                   # mlp and mlp-tanh, 30 and 100 rounds
     python bench/bench_second_order.py --models mlp --rounds 30 --seeds 0 --last 1
@@ -120,7 +121,7 @@ def alignment_table(model: str, rounds: int, seeds: list[int], last: int, lr: fl
             for base in ("first-order", "curvature"):
                 spread = [e[k] / e[base] for e in per_seed]
                 ratios.append(f"{errors[k] / errors[base]:.3f} [{min(spread):.3f}, {max(spread):.3f}]")
-            rows.append([str(r + 1), k, f"{errors[k]:.4f}", f"{rho:.4f}", *ratios])
+            rows.append([str(r + 1), k, f"{errors[k]:.3g}", f"{rho:.4f}", *ratios])
     print_plain(header, rows)
 
 
@@ -208,8 +209,8 @@ def online_cost_table(model: str, rounds: int, seed: int, sizes: list[int], repe
     print(f"\nin the round loop: {model}, {rounds} rounds, seed {seed}, {NODES * 10} probes, seconds of whole runs "
           f"(lowest of {repeats}) and the estimator's part (minus the run without influence)")
     kinds = {"no influence": None, "curvature": ["curvature"], "second-order": ["second-order"],
-             BOTH: ["curvature", "second-order"]}
-    header = ["|z'|", *kinds, "second-order / curvature", "both / curvature"]
+             "second-order, b = 0": ["second-order"], BOTH: ["curvature", "second-order"]}
+    header = ["|z'|", *kinds, "second-order / curvature", "b = 0 / curvature", "both / curvature"]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for size in sizes:
@@ -218,14 +219,16 @@ def online_cost_table(model: str, rounds: int, seed: int, sizes: list[int], repe
                 for name, variants in kinds.items():
                     config = _config(model, rounds, seed, 10, 0.05, size).model_dump()
                     config["influence"].update(enabled=variants is not None, online=variants is not None,
-                                               ground_truth=False, variants=variants or ["curvature"])
+                                               ground_truth=False, variants=variants or ["curvature"],
+                                               second_order_b=name != "second-order, b = 0")
                     config["output"].update(out=f"{folder}/run", overwrite=True, checkpoint_every=0)
                     start = time.perf_counter()
                     dice_ray.run(dice_ray.RunConfig.model_validate(config), engine="local")
                     best[name] = min(best[name], time.perf_counter() - start)
             extra = {name: best[name] - best["no influence"] for name in kinds}
             rows.append([str(size), *(f"{best[k]:.2f}" for k in kinds),
-                         *(f"{extra[k] / extra['curvature']:.2f}x" for k in ("second-order", BOTH))])
+                         *(f"{extra[k] / extra['curvature']:.2f}x" for k in ("second-order", "second-order, b = 0",
+                                                                               BOTH))])
     print_plain(header, rows)
 
 

@@ -10,6 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 60-150 s here (two CNN runs on Ray actors): a bench's smoke test, in `-m slow`
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the bench runs its GPU parts (minutes)")
 def test_bench_gpu_quick_without_cuda(tmp_path):
     out = tmp_path / "gpu.json"

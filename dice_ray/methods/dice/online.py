@@ -24,7 +24,8 @@ part of a group's checkpoint snapshot (``snapshot``/``restore``). Pure torch and
 (``estimator.second_order_local_step``), gossip mixes b like a, and step 1 records
 e₂ = ∇L(θ_k; z′)ᵀ(a + b) − ½ aᵀH′a (one more second-order pass of the z′ loss per probe and round). The source
 starts it with b₀ (zero for a whole batch, ``estimator.sample_second_order`` for a single sample) and records
-e₂_j^{(½)} at θ_j^t (``estimator``'s module docstring).
+e₂_j^{(½)} at θ_j^t (``estimator``'s module docstring). Without b (``second_order_b`` false) a is stepped by the
+curvature pass and b stays zero.
 """
 
 from __future__ import annotations
