@@ -228,7 +228,7 @@ class InfluenceConfig(_Section):
     variants: list[Literal["first-order", "curvature", "second-order"]] = Field(
         ["first-order", "curvature"], description="DICE-E variants to compute, comma-separated (second-order: exact "
                                                   "to second order in Δ; about 3x the curvature variant's estimator "
-                                                  "time at a 16-image z′, 6-11x at 360 images)")
+                                                  "time at a 16-image z′, 6-9x at 360 images)")
     second_order_b: bool = Field(True, description="second-order: also carry b, the perturbation's O(Δ²) part, through the local steps (one nested "
                                                  "forward-mode pass per step). False keeps the z′ Hessian term alone: about "
                                                  "half the cost at a small z′, exact to second order only in the direct term "
