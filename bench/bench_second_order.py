@@ -149,7 +149,7 @@ def kink_table(rounds: list[int], seeds: list[int], last: int, lr: float) -> Non
                 layout = model_state_layouts(model)[0]
                 x, y = (v.double() if v.is_floating_point() else v for v in window.heldout)
                 signs: list[torch.Tensor] = []
-                hooks = [m.register_forward_hook(lambda _m, i, _o: signs.append(i[0] > 0))
+                hooks = [m.register_forward_hook(lambda _m, i, _o, signs=signs: signs.append(i[0] > 0))
                          for m in model.modules() if isinstance(m, nn.ReLU)]
 
                 def losses(flat, model=model, layout=layout, x=x, y=y):

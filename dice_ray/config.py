@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dice_ray.core.losses import loss_names
 from dice_ray.core.population import OPTIMIZERS, OptimizerSpec
@@ -50,6 +59,14 @@ def distinct_variants(value: list[str]) -> list[str]:
     if len(set(value)) != len(value):
         raise ValueError(f"lists a variant twice: {value}")
     return value
+
+
+Variant = Literal["first-order", "curvature", "second-order"]
+SECOND_ORDER_B = ("second-order: also carry b, the perturbation's O(Δ²) part, through the local steps (one nested "
+                  "forward-mode pass per step). False keeps the z′ Hessian term alone: about half the cost at a small "
+                  "z′, exact to second order only in the direct term and at hop 1")
+# A list of DICE-E variants: comma-separated on the command line, each named once.
+VariantList = Annotated[list[Variant], BeforeValidator(comma_list), AfterValidator(distinct_variants)]
 
 
 class _Section(BaseModel):
@@ -225,29 +242,16 @@ class InfluenceConfig(_Section):
                                                     "K single samples of it, one probe each")
     zprime: Literal["heldout", "validation"] = Field("heldout", description="z′: the shared held-out batch, or "
                                                                            "each target's own validation split")
-    variants: list[Literal["first-order", "curvature", "second-order"]] = Field(
+    variants: VariantList = Field(
         ["first-order", "curvature"], description="DICE-E variants to compute, comma-separated (second-order: exact "
                                                   "to second order in Δ; about 3x the curvature variant's estimator "
                                                   "time at a 16-image z′, 6-9x at 360 images)")
-    second_order_b: bool = Field(True, description="second-order: also carry b, the perturbation's O(Δ²) part, through the local steps (one nested "
-                                                 "forward-mode pass per step). False keeps the z′ Hessian term alone: about "
-                                                 "half the cost at a small z′, exact to second order only in the direct term "
-                                                 "and at hop 1")
+    second_order_b: bool = Field(True, description=SECOND_ORDER_B)
     ground_truth: bool = Field(True, description="also measure DICE-GT by counterfactual replay")
     sources_per_task: int = Field(4, ge=1, description="probes of one round batched into one Ray task")
     online: bool = Field(False, description="compute DICE-E inside the round loop, in the participant groups, "
                                             "instead of on windows replayed after training (DICE-GT is still "
                                             "replayed when ground_truth is on)")
-
-    @field_validator("variants", mode="before")
-    @classmethod
-    def _split_variants(cls, value: Any) -> Any:
-        return comma_list(value)
-
-    @field_validator("variants")
-    @classmethod
-    def _distinct_variants(cls, value: list[str]) -> list[str]:
-        return distinct_variants(value)
 
 
 class MisbehaviorConfig(_Section):
@@ -287,9 +291,6 @@ class ProximalConfig(_Section):
     window: int = Field(10, ge=1, description="scoring rounds summed in the windowed score")
 
 
-Variant = Literal["first-order", "curvature", "second-order"]
-
-
 class LedgerConfig(_Section):
     """Online contribution ledger (issue 7, ``contributions.py``): DICE-E of every participant's update on every
     participant within R hops (first-order by default). Off unless ``enabled``."""
@@ -304,26 +305,13 @@ class LedgerConfig(_Section):
                                          "(Ray tasks; loo.parquet)")
     shapley_permutations: int = Field(0, ge=0, le=10_000, description="Monte-Carlo Shapley over participants "
                                                                       "with this many permutations (0: off)")
-    variants: list[Variant] = Field(["first-order"], description="DICE-E variants the ledger sums (comma-separated): "
+    variants: VariantList = Field(["first-order"], description="DICE-E variants the ledger sums (comma-separated): "
                                     "first-order (J = I, one z′ gradient per round), curvature (the local steps' "
                                     "Jacobians: a forward-mode pass per source and participant reached), "
                                     "second-order (also b and the z′ Hessian term: about 3x curvature)")
-    second_order_b: bool = Field(True, description="second-order: also carry b, the perturbation's O(Δ²) part, through the local steps (one nested "
-                                                 "forward-mode pass per step). False keeps the z′ Hessian term alone: about "
-                                                 "half the cost at a small z′, exact to second order only in the direct term "
-                                                 "and at hop 1")
+    second_order_b: bool = Field(True, description=SECOND_ORDER_B)
     rank_by: Variant | None = Field(None, description="the variant whose totals give shares, harmful flags and "
                                                       "ranks (default: the first of variants)")
-
-    @field_validator("variants", mode="before")
-    @classmethod
-    def _split_variants(cls, value: Any) -> Any:
-        return comma_list(value)
-
-    @field_validator("variants")
-    @classmethod
-    def _distinct_variants(cls, value: list[str]) -> list[str]:
-        return distinct_variants(value)
 
     @property
     def ranking(self) -> str:
