@@ -245,7 +245,7 @@ class InfluenceConfig(_Section):
     variants: VariantList = Field(
         ["first-order", "curvature"], description="DICE-E variants to compute, comma-separated (second-order: exact "
                                                   "to second order in Δ; about 3x the curvature variant's estimator "
-                                                  "time at a 16-image z′, 6-9x at 360 images)")
+                                                  "time at a 16-image z′, 6-7x at 360 images)")
     second_order_b: bool = Field(True, description=SECOND_ORDER_B)
     ground_truth: bool = Field(True, description="also measure DICE-GT by counterfactual replay")
     sources_per_task: int = Field(4, ge=1, description="probes of one round batched into one Ray task")

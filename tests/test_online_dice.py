@@ -42,13 +42,14 @@ def replayed(tmp_path_factory) -> dict[str, pd.DataFrame]:
     return tables(simulate(config(tmp_path_factory.mktemp("replayed")), engine_kind="local"))
 
 
-def assert_same_estimates(got: dict[str, pd.DataFrame], want: dict[str, pd.DataFrame]) -> None:
+def assert_same_estimates(got: dict[str, pd.DataFrame], want: dict[str, pd.DataFrame],
+                          estimates: tuple[str, ...] = ESTIMATES) -> None:
     for name, table in want.items():
         mine = got[name]
         assert list(mine.columns) == list(table.columns) and len(mine) == len(table)
-        keys = [c for c in table.columns if c not in ("gt", *ESTIMATES) and not c.endswith(("_hop", "_horizon"))]
+        keys = [c for c in table.columns if c not in ("gt", *estimates) and not c.endswith(("_hop", "_horizon"))]
         pd.testing.assert_frame_equal(mine[keys], table[keys])  # the same probes, targets, steps, supports
-        for column in [c for c in table.columns if c.startswith(ESTIMATES)]:
+        for column in [c for c in table.columns if c.startswith(estimates)]:
             scale = np.abs(table[column].to_numpy()).max()
             assert np.abs(mine[column].to_numpy() - table[column].to_numpy()).max() <= 1e-5 * scale, column
 
@@ -123,10 +124,13 @@ def test_online_dice_without_influence_is_refused(tmp_path: Path, capsys: pytest
 
 def test_in_loop_with_time_varying_graph_adam_scaled_updates_and_validation_zprime(ray_local, tmp_path: Path) -> None:
     """Random matching (W changes every round), Adam (two optimizer-state perturbations), two participants
-    sending 10x their update, z′ = each target's validation split; 2 actors against the replay."""
+    sending 10x their update, z′ = each target's validation split; 2 actors against the replay; all three variants
+    (second-order: b₀ of single samples under Adam, and its z′ Hessian forms on each target's own split)."""
     changes = {"topology__name": "random-matching", "optim__name": "adam", "optim__lr": 0.01,
                "misbehavior__kind": "scale", "misbehavior__count": 2, "data__val_fraction": 0.2,
-               "influence__zprime": "validation", "influence__ground_truth": False}
+               "influence__zprime": "validation", "influence__ground_truth": False,
+               "influence__variants": ["first-order", "curvature", "second-order"]}
     replayed = tables(simulate(config(tmp_path / "replay", **changes), engine_kind="local"))
     online = tables(simulate(config(tmp_path / "online", influence__online=True, engine__actors=2, **changes)))
-    assert_same_estimates(online, replayed)
+    assert_same_estimates(online, replayed, (*ESTIMATES, "est_second_order"))
+    assert online["influence"]["est_second_order"].notna().all()

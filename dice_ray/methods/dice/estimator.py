@@ -43,7 +43,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
-from torch.func import grad, jvp
+from torch.func import grad, jvp, vmap
 
 from dice_ray.core.losses import CROSS_ENTROPY, Loss
 from dice_ray.core.population import OptimizerSpec, Population, model_state_layouts, optimizer_update_
@@ -294,6 +294,34 @@ def zprime_hessian_forms(pop: Population, u: torch.Tensor, v: torch.Tensor, x: t
     try:
         hessian_u = jvp(grad(lambda p: losses(p).sum()), (pop.params,), (u,))[1]
         return (hessian_u * v).sum(dim=1).detach()
+    finally:
+        pop.model.train(was_training)
+
+
+def shared_primal_hessian_forms(pop: Population, tangents: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                                shared_input: bool = False,
+                                sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """aᵀ H′ a for V tangents a per row of ``pop`` (``tangents`` [P, V, D_params]): [P, V], as
+    ``zprime_hessian_forms`` computes them, with each row's primal pass (its z′ forward and backward) taken once
+    for all its tangents instead of once per tangent. x, y (and ``sample_weights``): z′ as ``zprime_hessian_forms``
+    takes them, per row [P, ...] unless ``shared_input``. Zero tangents give zero forms (padding)."""
+    layout, buffer_layout = pop.param_layout, pop.buffer_layout
+
+    def forms(params: torch.Tensor, buffers: torch.Tensor, row_tangents: torch.Tensor, xr, yr, wr) -> torch.Tensor:
+        def loss(p: torch.Tensor) -> torch.Tensor:
+            return pop._losses_of(layout.views(p[None]), xr if shared_input else xr[None],
+                                  yr if shared_input else yr[None], shared_input, buffer_layout.views(buffers[None]),
+                                  None if wr is None else wr[None]).sum()
+
+        gradient = grad(loss)
+        return vmap(lambda t: (jvp(gradient, (params,), (t,))[1] * t).sum())(row_tangents)
+
+    row = None if shared_input else 0
+    was_training = pop.model.training
+    pop.model.eval()
+    try:
+        return vmap(forms, in_dims=(0, 0, 0, row, row, None if sample_weights is None else 0))(
+            pop.params, pop.buffers, tangents, x, y, sample_weights).detach()
     finally:
         pop.model.train(was_training)
 

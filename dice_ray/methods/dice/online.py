@@ -48,6 +48,7 @@ from dice_ray.methods.dice.estimator import (
     sample_second_order,
     sample_update,
     second_order_local_step,
+    shared_primal_hessian_forms,
     zprime_hessian_forms,
 )
 from dice_ray.methods.dice.measure import COLUMNS, probe_rows
@@ -184,22 +185,45 @@ class OnlineCascades:
         return zprime_hessian_forms(sub, u, v, block.x_val[pos], block.y_val[pos], sample_weights=block.val_mask[pos])
 
     def _batched_forms(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """aᵀH′a [m] for each (hosted rows ``pos`` [m], a [m, D_params]) of ``parts``, several probes' rows per
-        pass (up to JVP_ELEMENTS parameters): one call per probe would pay the pass's fixed cost each time."""
-        limit = max(1, JVP_ELEMENTS // self.block.population.params.shape[1])
-        out: list[torch.Tensor] = []
+        """aᵀH′a [m] for each (hosted rows ``pos`` [m], a [m, D_params]) of ``parts`` (every probe in flight).
+
+        The rows of one participant (one per probe that has reached it) share its primal z′ pass
+        (``shared_primal_hessian_forms``; measured 1.3x faster forms at 10 probes per participant, 1.9x at 30):
+        participants go in passes of up to JVP_ELEMENTS tangent parameters, by decreasing number of rows, each
+        pass padded with zero tangents to its largest participant's rows.
+        """
+        if not parts:
+            return []
+        pos = torch.cat([p for p, _ in parts])
+        a = torch.cat([a for _, a in parts])
+        unique, inverse, counts = torch.unique(pos, return_inverse=True, return_counts=True)
+        order = torch.argsort(inverse, stable=True)  # a row's slot among its participant's rows
+        slot = torch.empty_like(inverse)
+        slot[order] = torch.arange(len(pos), device=pos.device) - (torch.cumsum(counts, 0) - counts)[inverse[order]]
+        out = torch.empty(len(pos), dtype=a.dtype, device=a.device)
+        by_count = torch.argsort(counts, descending=True, stable=True)
         start = 0
-        while start < len(parts):
-            stop, rows = start, 0
-            while stop < len(parts) and (stop == start or rows + len(parts[stop][0]) <= limit):
-                rows += len(parts[stop][0])
-                stop += 1
-            pos = torch.cat([p for p, _ in parts[start:stop]])
-            a = torch.cat([a for _, a in parts[start:stop]])
-            forms = self._hessian_forms(pos, a, a)
-            out += list(torch.split(forms, [len(p) for p, _ in parts[start:stop]]))
-            start = stop
-        return out
+        while start < len(by_count):
+            width = int(counts[by_count[start]])
+            group = by_count[start: start + max(1, JVP_ELEMENTS // (width * a.shape[1]))]
+            member = torch.full((len(unique),), -1, dtype=torch.int64, device=pos.device)
+            member[group] = torch.arange(len(group), device=pos.device)
+            rows = torch.nonzero(member[inverse] >= 0).flatten()
+            where = (member[inverse[rows]], slot[rows])
+            tangents = torch.zeros(len(group), width, a.shape[1], dtype=a.dtype, device=a.device)
+            tangents[where] = a[rows]
+            out[rows] = self._shared_primal_forms(unique[group], tangents)[where]
+            start += len(group)
+        return list(torch.split(out, [len(p) for p, _ in parts]))
+
+    def _shared_primal_forms(self, pos: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
+        """aᵀH′(θ_k; z′_k)a [G, V] for the hosted participants ``pos`` [G] (distinct) and ``tangents`` [G, V, D]."""
+        block, pop = self.block, self.block.population
+        sub = Population(pop.model, pop.state[pos].clone(), pop.optimizer, loss=pop.loss)
+        if self._grads.zprime == "heldout":
+            return shared_primal_hessian_forms(sub, tangents, block.x_heldout, block.y_heldout, shared_input=True)
+        return shared_primal_hessian_forms(sub, tangents, block.x_val[pos], block.y_val[pos],
+                                           sample_weights=block.val_mask[pos])
 
     def _record(self, probe_id: int, step: int, rows: np.ndarray, values: dict[str, torch.Tensor]) -> None:
         self._terms.append((probe_id, step, rows, {v: values[v].cpu().numpy() for v in self.variants}))
