@@ -7,7 +7,8 @@ first-order, curvature, second-order, and second-order without b (b ≡ 0: e = �
 alone, ``influence.second_order_b`` false). Per (model, rounds) and hop r it prints, over the probes of all seeds,
 the relative error Σ|GT − E| / Σ|GT| and the Spearman correlation of the hop-r term Σ_{k ∈ N^{(r)}(j)} q_k e_k^{(r)}
 (the alignment report's ``hop`` quantity), with the spread of the error ratios over the seeds. ``--kinks``: what
-is left at hop 1 on the ReLU MLP, split by z′ samples whose activation pattern flips between the two runs.
+is left at hop 1 on the ReLU MLP, split by z′ samples whose activation pattern flips between the two runs;
+``--adjoint``: what the missing second-order adjoint form would save.
 
 Cost: the estimator seconds of each variant in the same process, every variant warmed up once before timing and the
 variants run in a rotating order per probe (and curvature with second-order in one pass, ``estimate_cascades``,
@@ -183,6 +184,40 @@ def kink_table(rounds: list[int], seeds: list[int], last: int, lr: float) -> Non
     print_plain(header, rows)
 
 
+def adjoint_table(model: str, rounds: int, seed: int, lr: float) -> None:
+    """The horizon total of every source of one probe round: the curvature adjoint (one backward pass for all
+    sources) against the forward recursions, curvature and second-order (one per source; second-order has no
+    adjoint form, concepts §4). Seconds, the lowest of 3, test gradients shared and excluded."""
+    from dice_ray.methods.dice.adjoint import adjoint_horizon
+
+    config = _config(model, rounds, seed, 1, lr, None)
+    experiment = prepare(config)
+    trajectory = next(iter(record_windows(experiment, probe_rounds(config), HOPS)))
+    window = window_for(experiment, trajectory)
+    for s in range(HOPS + 1):
+        window.test_gradients(s, np.arange(NODES))
+
+    def forward(variant: str) -> list[float]:
+        return [_estimate(window, j, variant).horizon_total(experiment.q, HOPS) for j in range(NODES)]
+
+    runs = {"curvature adjoint, all sources": lambda: adjoint_horizon(window, experiment.q, HOPS, "curvature"),
+            "curvature, per source": lambda: forward("curvature"),
+            "second-order, per source": lambda: forward("second-order")}
+    seconds = {}
+    for name, run in runs.items():
+        run()
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - start)
+        seconds[name] = best
+    base = seconds["curvature adjoint, all sources"]
+    print(f"\nhorizon totals of all {NODES} sources, {model}, {rounds} rounds, R = {HOPS} (seconds, lowest of 3)")
+    print_plain(["estimate", "seconds", "/ curvature adjoint"],
+                [[name, f"{v:.3f}", f"{v / base:.1f}x"] for name, v in seconds.items()])
+
+
 def cost_table(model: str, rounds: int, seed: int, last: int, lr: float, sizes: list[int], repeats: int) -> None:
     print(f"\nestimator seconds, {model}, {rounds} rounds, seed {seed}, {NODES * last} probes "
           f"(lowest of {repeats}; test gradients and DICE-GT replays excluded)")
@@ -243,6 +278,8 @@ def main() -> None:
                         help="z′ sizes of the cost table (digits' held-out split has 360 images)")
     parser.add_argument("--repeats", type=int, default=2, help="cost runs per z′ size (the lowest is kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: ratios free of thread scheduling)")
+    parser.add_argument("--adjoint", action="store_true", help="only the horizon totals' cost: the curvature "
+                                                               "adjoint against the per-source recursions")
     parser.add_argument("--kinks", action="store_true", help="only the ReLU MLP's hop-1 residual split by z′ samples "
                                                              "whose activation pattern flips")
     args = parser.parse_args()
@@ -250,6 +287,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.kinks:
         kink_table(args.rounds, args.seeds, args.last, args.lr)
+        return
+    if args.adjoint:
+        adjoint_table(args.models[0], args.rounds[0], args.seeds[0], args.lr)
         return
     for model in args.models:
         for rounds in args.rounds:
