@@ -17,7 +17,7 @@ from dice_ray.config import RunConfig
 from dice_ray.core.losses import build_loss
 from dice_ray.core.misbehavior import DATA_KINDS, UPDATE_KINDS, corrupt_data, update_factor
 from dice_ray.core.models import build_model
-from dice_ray.core.population import Population, initial_state
+from dice_ray.core.population import STEP_CHUNK_BYTES, Population, initial_state
 from dice_ray.core.tensors import as_tensor, csr_tensor
 from dice_ray.data import minibatch_indices
 
@@ -219,7 +219,7 @@ class ParticipantBlock:
         # In float64, a chunk of rows at a time: a float64 copy of all of them would be twice the state.
         param_sum = torch.zeros(pop.param_layout.width, dtype=torch.float64, device=self.device)
         param_sqnorm = torch.zeros((), dtype=torch.float64, device=self.device)
-        for rows in pop.step_chunks(budget=32 << 20, itemsize=8, passes=None):
+        for rows in pop.step_chunks(budget=STEP_CHUNK_BYTES, itemsize=8, passes=None):
             chunk = pop.params[rows].double()
             param_sum += chunk.sum(0)
             param_sqnorm += chunk.square_().sum()

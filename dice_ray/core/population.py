@@ -308,13 +308,8 @@ class Population:
         copy of the whole state, and each row's numbers are the same as in one pass.
         """
         batch = x if callable(x) else (lambda rows: (x[rows], y[rows]))
-        chunks = self.step_chunks()
-        if len(chunks) == 1:
-            loss, grads = self._loss_and_grads(*batch(slice(None)))
-            optimizer_update_(self.optimizer, self._param_views, grads, self._opt_views)
-            return loss
         losses = torch.empty(self.size, dtype=self.state.dtype, device=self.state.device)  # in place: see evaluate
-        for rows in chunks:
+        for rows in self.step_chunks():
             loss, grads = self._loss_and_grads(*batch(rows), rows=rows)
             optimizer_update_(self.optimizer, [v[rows] for v in self._param_views], grads,
                               {name: value[rows] if name == "step" else [v[rows] for v in value]

@@ -25,7 +25,7 @@ part of a group's checkpoint snapshot (``snapshot``/``restore``). Pure torch and
 e₂ = ∇L(θ_k; z′)ᵀ(a + b) − ½ aᵀH′a (one more second-order pass of the z′ loss per probe and round). The source
 starts it with b₀ (zero for a whole batch, ``estimator.sample_second_order`` for a single sample) and records
 e₂_j^{(½)} at θ_j^t (``estimator``'s module docstring). Without b (``second_order_b`` false) a is stepped by the
-curvature pass and b stays zero.
+curvature pass and b is not carried (nor gossiped, nor checkpointed).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class _Cascade:
     """One probe's perturbation on this block's participants: ``rows`` (global ids, ascending) of S_s here,
     ``delta[key]`` [m, D_params] and the optimizer-state perturbation ``opt[name]`` [m, ...] (of a: curvature and
     second-order). Keys: the variants, where ``curvature`` is a and ``second-order`` is b (with ``opt_b[name]``
-    its optimizer part); a is carried for second-order even when curvature is not recorded."""
+    its optimizer part; only when b is carried); a is carried for second-order even when curvature is not recorded."""
 
     rows: np.ndarray
     delta: dict[str, torch.Tensor]
@@ -142,10 +142,12 @@ class OnlineCascades:
         self.variants = list(inf.variants if variants is None else variants)
         self.first_reached_only = first_reached_only
         self.second = "second-order" in self.variants
-        # b carried through the local steps (else it stays zero: second-order without b, ``second_order_b``)
+        # b carried through the local steps (else it is not carried at all: second-order without b, ``second_order_b``)
         self.with_b = self.second and (inf.second_order_b if with_b is None else with_b)
         self.curved = self.second or "curvature" in self.variants  # a (and its optimizer part) is propagated
-        self.keys = list(self.variants) + (["curvature"] if self.second and "curvature" not in self.variants else [])
+        # The perturbations carried (``_Cascade``'s keys): a under "curvature", b under "second-order" (with b only).
+        self.keys = [v for v in self.variants if v != "second-order" or self.with_b] + \
+            (["curvature"] if self.second and "curvature" not in self.variants else [])
         self.probes = ProbeSchedule(online_probes(config)) if probes is None else probes
         # Blocks hold ascending global ids (``ActorPlan``: contiguous ranges), so rows kept in block order are
         # ascending too, and a source block's column of a global id is found by binary search.
@@ -174,15 +176,21 @@ class OnlineCascades:
         return torch.as_tensor([self.local[int(k)] for k in rows.tolist()], dtype=torch.int64,
                                device=self.block.device)
 
-    def _hessian_forms(self, pos: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                       states: torch.Tensor | None = None) -> torch.Tensor:
-        """uᵀ H′(θ_k; z′_k) v [m] for the hosted rows ``pos`` (at their current states, or ``states`` [m, D])."""
+    def _zprime(self, pos: torch.Tensor, states: torch.Tensor | None = None) -> tuple[Population, dict[str, Any]]:
+        """The hosted rows ``pos`` as a population (at their current states, or ``states`` [m, D]) and their z′ as
+        ``zprime_hessian_forms`` and ``shared_primal_hessian_forms`` take it (keyword arguments)."""
         block, pop = self.block, self.block.population
         sub = Population(pop.model, (pop.state[pos] if states is None else states).clone(), pop.optimizer,
                          loss=pop.loss)
         if self._grads.zprime == "heldout":
-            return zprime_hessian_forms(sub, u, v, block.x_heldout, block.y_heldout, shared_input=True)
-        return zprime_hessian_forms(sub, u, v, block.x_val[pos], block.y_val[pos], sample_weights=block.val_mask[pos])
+            return sub, {"x": block.x_heldout, "y": block.y_heldout, "shared_input": True}
+        return sub, {"x": block.x_val[pos], "y": block.y_val[pos], "sample_weights": block.val_mask[pos]}
+
+    def _hessian_forms(self, pos: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                       states: torch.Tensor | None = None) -> torch.Tensor:
+        """uᵀ H′(θ_k; z′_k) v [m] for the hosted rows ``pos`` (at their current states, or ``states`` [m, D])."""
+        sub, zprime = self._zprime(pos, states)
+        return zprime_hessian_forms(sub, u, v, **zprime)
 
     def _batched_forms(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """aᵀH′a [m] for each (hosted rows ``pos`` [m], a [m, D_params]) of ``parts`` (every probe in flight).
@@ -218,12 +226,8 @@ class OnlineCascades:
 
     def _shared_primal_forms(self, pos: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
         """aᵀH′(θ_k; z′_k)a [G, V] for the hosted participants ``pos`` [G] (distinct) and ``tangents`` [G, V, D]."""
-        block, pop = self.block, self.block.population
-        sub = Population(pop.model, pop.state[pos].clone(), pop.optimizer, loss=pop.loss)
-        if self._grads.zprime == "heldout":
-            return shared_primal_hessian_forms(sub, tangents, block.x_heldout, block.y_heldout, shared_input=True)
-        return shared_primal_hessian_forms(sub, tangents, block.x_val[pos], block.y_val[pos],
-                                           sample_weights=block.val_mask[pos])
+        sub, zprime = self._zprime(pos)
+        return shared_primal_hessian_forms(sub, tangents, **zprime)
 
     def _record(self, probe_id: int, step: int, rows: np.ndarray, values: dict[str, torch.Tensor]) -> None:
         self._terms.append((probe_id, step, rows, {v: values[v].cpu().numpy() for v in self.variants}))
@@ -249,7 +253,8 @@ class OnlineCascades:
                                                        for v, d in c.delta.items()}
                 values = {v: (at * delta[v]).sum(dim=1) for v in self.variants if v != "second-order"}
                 if self.second:  # e₂ = ∇ᵀ(a + b) − ½ aᵀH′a; the H′ terms of every probe below, batched
-                    values["second-order"] = (at * (delta["curvature"] + delta["second-order"])).sum(dim=1)
+                    a_b = delta["curvature"] + delta["second-order"] if self.with_b else delta["curvature"]
+                    values["second-order"] = (at * a_b).sum(dim=1)
                     curved.append((len(recorded), pos, delta["curvature"]))
                 recorded.append((pid, s, rows, values))
             if s < self.hops:
@@ -318,9 +323,6 @@ class OnlineCascades:
                     stepped, opt_stepped = jvp_local_step(pop.model, pop.optimizer, pop.state[pos], opt_now, x[pos],
                                                           y[pos], tangent, opt_tangent, factors, pop.loss)
                     stepped_b, opt_stepped_b = None, {}
-                    if self.second:  # without b: it stays zero
-                        stepped_b = torch.zeros_like(stepped)
-                        opt_stepped_b = {n: torch.zeros_like(v) for n, v in opt_stepped.items() if n != "step"}
                 a = 0
                 for done, d in chunk:
                     b = a + len(d.rows)
@@ -354,7 +356,7 @@ class OnlineCascades:
         b0, opt_b0, half2 = None, {}, None
         if self.second:  # b₀ and e₂_j^{(½)} = ∇ᵀ(a₀ + b₀) + a₀ᵀH′(θ_j^t)(u − ½ a₀), u the factual update
             b0 = torch.zeros_like(delta)
-            opt_b0 = {n: torch.zeros_like(d) for n, d in opt_delta.items()}
+            opt_b0 = {n: torch.zeros_like(d) for n, d in opt_delta.items()} if self.with_b else {}
             for i, p in enumerate(self._new):
                 if p.sample_index is not None and self.with_b:
                     b0[i], changes = self._samples_b[p.probe_id]
@@ -421,7 +423,7 @@ class OnlineCascades:
                 opt = {n: torch.zeros(len(rows), *v.shape[1:], dtype=v.dtype, device=device)
                        for n, v in self.block.population.opt_state.items() if n != "step"}
             opt_b = {}
-            if self.second:  # b's optimizer part stays with its owner too
+            if self.with_b:  # b's optimizer part stays with its owner too
                 opt_b = {n: torch.zeros_like(v) for n, v in opt.items()}
                 if own is not None and own.opt_b:
                     for n, value in own.opt_b.items():
@@ -462,7 +464,7 @@ class OnlineCascades:
         for v in self.keys:
             out[f"cascade.{v}"] = np.zeros((p, a, pop.params.shape[1]), np.float32)
         opt_names = [n for n in pop.opt_state if n != "step"] if self.curved else []
-        opt_b_names = opt_names if self.second else []
+        opt_b_names = opt_names if self.with_b else []
         for n in opt_names:
             out[f"cascade.opt.{n}"] = np.zeros((p, a, *pop.opt_state[n].shape[1:]), np.float32)
         for n in opt_b_names:
