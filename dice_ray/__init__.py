@@ -7,7 +7,8 @@ The Python API (``api.py``)::
     run.rounds.head()
 
 ``run`` / ``resume`` / ``open_run`` return a ``Run`` (tables as pandas DataFrames, the manifest, the reports);
-``RunConfig`` is the validated run configuration (one-line ``InputError`` on bad input). The seams for your own
+``RunConfig`` is the validated run configuration (one-line ``InputError`` on bad input); ``bundled_config(name)`` the
+path of a config of ``configs/`` from any working directory. The seams for your own
 work: ``register_model``, ``register_dataset``, ``register_loss`` / ``Loss``, and methods as round hooks
 (``RoundHook``, ``DriverHook``, ``Method``; see ``dice_ray.hooks``).
 """
@@ -15,7 +16,7 @@ work: ``register_model``, ``register_dataset``, ``register_loss`` / ``Loss``, an
 __version__ = "0.1.0"
 
 from dice_ray.api import Run, as_config, open_run, resume, run  # noqa: E402
-from dice_ray.config import RunConfig  # noqa: E402
+from dice_ray.config import RunConfig, bundled_config  # noqa: E402
 from dice_ray.core.losses import Loss, register_loss  # noqa: E402
 from dice_ray.core.models import register_model  # noqa: E402
 from dice_ray.data import register_dataset  # noqa: E402
@@ -23,5 +24,5 @@ from dice_ray.errors import InputError  # noqa: E402
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook, Route, Router, RowsDriver  # noqa: E402
 
 __all__ = ["DriverHook", "Inbox", "InputError", "Loss", "Method", "Route", "RoundHook", "Router", "RowsDriver", "Run",
-           "RunConfig", "__version__", "as_config", "open_run", "register_dataset", "register_loss", "register_model",
+           "RunConfig", "__version__", "as_config", "bundled_config", "open_run", "register_dataset", "register_loss", "register_model",
            "resume", "run"]

@@ -500,6 +500,20 @@ def read_yaml(path: str | Path, kind: str = "config file") -> Any:
         raise InputError(f"{kind} {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
 
 
+def bundled_config(name: str) -> Path:
+    """Return the path of the bundled run config ``name`` (``"anomaly-proximal"`` or ``"anomaly-proximal.yaml"``),
+    whatever the working directory: the repository's ``configs/`` beside the installed package (a checkout or an
+    editable install), so a notebook opened in ``docs/`` finds it as one run from the repository root does.
+    Raise ``InputError`` naming the bundled configs if there is no such file."""
+    stem = Path(name).name.removesuffix(".yaml")
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    path = folder / f"{stem}.yaml"
+    if not path.is_file():
+        have = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or f"none: no {folder}"
+        raise InputError(f"no bundled config {name!r} (bundled: {have})")
+    return path
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """Return the nested dict of a YAML config file (not yet validated); raise ``InputError``."""
     data = read_yaml(path)

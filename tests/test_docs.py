@@ -105,3 +105,68 @@ def test_pages_name_only_existing_options(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("`--lr 0.1` and `--frobnicate`\n")
     assert gen.unknown_options(tmp_path, readme) == ["README.md: --frobnicate", "page.md: --no-such-option"]
+
+
+def _slug(heading: str) -> str:
+    """The anchor Python-Markdown's ``toc`` extension gives a heading (its default slugify), formatting removed."""
+    import re
+    import unicodedata
+
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # [text](link) -> text
+    text = re.sub(r"[`*_]", "", text)
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^\w\s-]", "", text).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def _anchors(page: Path) -> set[str]:
+    import re
+
+    found, seen = set(), {}
+    fenced = False
+    for line in page.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        if fenced or not line.startswith("#"):
+            continue
+        explicit = re.search(r"\{\s*#([\w-]+)[^}]*\}\s*$", line)
+        if explicit:
+            found.add(explicit.group(1))
+            continue
+        slug = _slug(line.lstrip("#").strip())
+        count = seen.get(slug, 0)  # toc numbers repeated headings: slug, slug_1, ...
+        seen[slug] = count + 1
+        found.add(slug if count == 0 else f"{slug}_{count}")
+    return found
+
+
+def test_every_anchor_a_page_links_to_exists():
+    """Each ``[text](page.md#anchor)`` or ``(#anchor)`` in README and docs names a heading that exists, checked here
+    with the toc extension's slug rule, so the docs build does not depend on which mkdocs release validates
+    anchors (issue: '#contribution-accounting' passed one release's ``--strict`` and failed another's)."""
+    import re
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    broken = []
+    for page in pages:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*\.md|)#([^)\s]+)\)", page.read_text()):
+            linked = (page.parent / target).resolve() if target else page
+            if linked.is_file() and anchor not in _anchors(linked):
+                broken.append(f"{page.relative_to(ROOT)} -> {target or '(same page)'}#{anchor}")
+    assert not broken, broken
+
+
+def test_tools_are_pinned_and_every_install_command_uses_the_pins():
+    """constraints.txt pins each tool exactly (and none of the simulator's numeric dependencies); CI, README and
+    Getting started install the test and docs extras with it."""
+    import re
+
+    pins = [line.split("#")[0].strip() for line in (ROOT / "constraints.txt").read_text().splitlines()]
+    pins = [p for p in pins if p]
+    assert pins and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[\w.]+", p) for p in pins), pins
+    names = {p.split("==")[0].lower() for p in pins}
+    assert {"mkdocs", "mkdocs-material", "mkdocstrings", "mkdocs-jupyter", "pytest", "hypothesis"} <= names
+    assert not names & {"torch", "numpy", "scipy", "ray", "pandas", "pyarrow"}
+    for page in (ROOT / ".ci" / "run", ROOT / "README.md", ROOT / "docs" / "getting-started.md"):
+        for command in re.findall(r"pip install [^\n`&]*\.\[(?:test|docs)[^\n`&]*", page.read_text()):
+            assert "-c constraints.txt" in command, (page.name, command)

@@ -14,11 +14,12 @@ NOTEBOOK = ROOT / "docs" / "tutorial.ipynb"
 
 
 def test_tutorial_notebook_executes():
+    """Run where Jupyter runs it: with the notebook's folder (docs/) as the working directory."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
-                                     resources={"metadata": {"path": str(ROOT)}})
+                                     resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     client.execute()  # raises CellExecutionError naming the failing cell
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
