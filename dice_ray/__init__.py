@@ -23,6 +23,6 @@ from dice_ray.data import register_dataset  # noqa: E402
 from dice_ray.errors import InputError  # noqa: E402
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook, Route, Router, RowsDriver  # noqa: E402
 
-__all__ = ["DriverHook", "Inbox", "InputError", "Loss", "Method", "Route", "RoundHook", "Router", "RowsDriver", "Run",
-           "RunConfig", "__version__", "as_config", "bundled_config", "open_run", "register_dataset", "register_loss", "register_model",
-           "resume", "run"]
+__all__ = ["DriverHook", "Inbox", "InputError", "Loss", "Method", "RoundHook", "Route", "Router", "RowsDriver", "Run",
+           "RunConfig", "__version__", "as_config", "bundled_config", "open_run", "register_dataset", "register_loss",
+           "register_model", "resume", "run"]
