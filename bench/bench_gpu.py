@@ -1,30 +1,38 @@
-"""GPU check: CUDA participant-group actors against CPU actors (same numbers) and against the fused step (speed).
+"""GPU check: CUDA participant-group actors against CPU actors (same numbers), against the fused step (speed), and
+against the device's limits.
 
-Everything goes through the public API: ``dice_ray.run(dice_ray.RunConfig(...), engine="ray")`` and the ``Run``
-handle's tables and manifest, on a local Ray started once in this process. Parts:
+Everything dice-ray runs goes through the public API: ``dice_ray.run(dice_ray.RunConfig(...), engine="ray")`` and
+the ``Run`` handle's tables and manifest, on a local Ray started once in this process. Parts:
 
-    (a) equivalence: the same config on CPU actors (``engine.gpus_per_actor`` 0) and on CUDA actors with
-        ``gpus_per_actor`` 1 and 0.5 (two actors per GPU); rounds.parquet compared column by column (train,
-        validation and held-out losses, consensus distance; evaluation every round). The MLP on 1x8x8 inputs
-        and the CNN on 3x32x32 inputs, N = 64 (``--quick``: 16), 5 rounds. Target: within 1e-4. Float32 reductions
-        (matmul, convolution, the gossip sums) run in another order on the GPU (cuBLAS / cuDNN kernels, other
-        blocking) than on the CPU, so bitwise equality is not expected; the differences start at float32
-        rounding (~1e-7 relative) and SGD carries them along a few rounds. cuDNN may also use TF32 for float32
-        convolutions (PyTorch's default ``torch.backends.cudnn.allow_tf32 = True``): 10-bit mantissas, ~1e-3
-        relative — so the CNN is also run with TF32 off in the actors (``bench/_bench_fp32.py`` in the run's
-        ``imports``), to tell the two apart. The printed "holds to" is the tightest of 1e-7 … 1e-2 that bounds
-        every difference.
-    (b) round time: seconds per round inside one run (between the ends of rounds 3 and R−2: no start-up, no
-        last evaluation; ``on_round`` timestamps), at N = 256 and 4,096, for the MLP (1x8x8) and the CNN on
-        3x32x32 (``--resnet18`` adds ResNet-18 at N = 256), with ``gpus_per_actor`` 1 and 0.5; exponential graph,
-        batch 16, SGD lr 0.05, no evaluation but after the last round.
+    (a) equivalence, ``engine.precision`` fp32 (the default: TF32 off): the same config on CPU actors
+        (``engine.gpus_per_actor`` 0) and on CUDA actors with ``gpus_per_actor`` 1 and 0.5 (two actors per GPU);
+        rounds.parquet compared column by column (train, validation and held-out losses, consensus distance;
+        evaluation every round). The MLP on 1x8x8 inputs, the CNN on 3x32x32 (N = 64; ``--quick``: 16) and
+        ResNet-18 on 3x32x32 (N = 8), 5 rounds. Target: within 1e-5. Float32 reductions run in another order on the
+        GPU (cuBLAS / cuDNN kernels) than on the CPU, so bitwise equality is not expected; the differences start at
+        float32 rounding (~1e-7 relative) and SGD carries them along a few rounds.
+    (a') DICE: in-loop DICE-E (first-order, curvature, second-order) and DICE-GT of a 16-node ring on digits, CPU
+        actor against one CUDA actor; the dice table's columns compared relative to each column's scale.
+    (a'') precision modes: ``tf32`` and ``bf16`` against the CPU run of (a) (MLP and CNN): their measured
+        difference.
+    (b) round time: seconds per round inside one run (between the ends of rounds 3 and R-2: no start-up, no
+        last evaluation; ``on_round`` timestamps), at N = 256 and 4,096 for the MLP (1x8x8) and the CNN on 3x32x32
+        and at N = 256 for ResNet-18 (``--no-resnet18`` leaves it out), with ``gpus_per_actor`` 1 and 0.5, and with
+        the faster precision modes at ``gpus_per_actor`` 1; exponential graph, batch 16, SGD lr 0.05, no
+        evaluation but after the last round.
     (c) the fused step: ONE copy of the same model taking one SGD step on the concatenated batch of all N
         participants (N·16 samples) on the same GPU — the same FLOPs without per-participant state or gossip;
         median seconds per step (``torch.cuda.synchronize``), ``torch.cuda.max_memory_allocated``. (b) / (c) is
         the price of N separate models.
     (d) GPU memory per participant: the peak of the actors' GPU memory (``nvidia-smi``, sampled every 0.2 s
-        during each run of (b); the PyTorch cache included, as the device sees it), divided by N, and the
-        slope between N = 256 and 4,096 (fixed costs such as CUDA contexts cancel).
+        during each run of (b); the PyTorch cache included, as the device sees it), divided by N, the slope
+        between N = 256 and 4,096 (fixed costs such as CUDA contexts cancel), and the largest N that fits the
+        device by that slope.
+    (e) the floor: FLOPs of one round (``torch.utils.flop_counter`` on the fused step: the same arithmetic) and
+        bytes it must move (the state read and written by the step, the sources read by gossip), against this
+        device's measured fp32 matmul rate and copy bandwidth; printed as the fraction of a round they explain.
+    (f) profile: one block in this process (``LocalEngine`` on CUDA, no Ray), a ``torch.profiler`` table of
+        three rounds, and the round split into local step and gossip (MLP N = 4,096 and CNN N = 256).
     (s) CPU sanity, always (the only part on a machine without CUDA): the CNN on 3x32x32 data (the data path
         the GPU parts use), N = 16, 3 rounds, CPU actors, run twice: identical tables; the fused step's rebuilt
         CNN has the registered one's parameter count (the timed models are checked the same way in (c)).
@@ -35,12 +43,13 @@ field, else the ``bench-random-3x32x32`` set registered by ``bench/_bench_data.p
 
 Without a CUDA device every CUDA part prints "skipped: no CUDA device", the sanity part runs (< 60 s on 2
 cores), and the script exits 0. One call on a GPU machine measures everything; it prints an estimate first
-(default ~7 min on one H200, ``--quick`` ~3 min: guesses until measured; a run of (b) stops its timed rounds
-at twice ``--target-s``).
+(default ~8 min on one H200, ``--quick`` ~3 min: guesses until measured; a run of (b) stops its timed rounds
+at twice ``--target-s``). Each part prints as it goes, and ``--json`` is rewritten after every part, so a run cut
+short keeps what it measured.
 
     python bench/bench_gpu.py                         # everything (GPU), or the CPU sanity part alone
     python bench/bench_gpu.py --quick                 # N = 256 only, shorter runs
-    python bench/bench_gpu.py --json gpu.json --resnet18
+    python bench/bench_gpu.py --json gpu.json
 """
 
 from __future__ import annotations
@@ -66,12 +75,19 @@ from torch import nn
 BENCH = Path(__file__).resolve().parent
 BATCH, LR, CLASSES = 16, 0.05, 10
 SHAPES = {"mlp": (1, 8, 8), "cnn": (3, 32, 32), "resnet18": (3, 32, 32)}
-TOLERANCE = 1e-4
+TOLERANCE = 1e-5
 COMPARED = ("train_loss", "val_loss", "heldout_loss", "consensus_distance")
 # Guessed seconds per round on one H200 (gpus_per_actor 1), only to size runs and print the estimate.
 GUESS_S = {("mlp", 256): 0.01, ("mlp", 4096): 0.05, ("cnn", 256): 0.03, ("cnn", 4096): 0.4,
            ("resnet18", 256): 0.6}
 STARTUP_GUESS_S = 20.0  # per run: actors, CUDA contexts, data (more at N = 4,096 on 3x32x32)
+DEVICE = "cuda"  # where (c), (e) and (f) run: "cpu" in a --dry-run rehearsal without CUDA
+
+
+def sync() -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 class StopRun(Exception):
@@ -103,7 +119,7 @@ def data_section(model: str, nodes: int, shape_ok: bool) -> tuple[dict[str, Any]
 
 
 def run_config(model: str, nodes: int, rounds: int, gpus: float, out: str, shape_ok: bool, eval_every: int,
-               fp32: bool = False) -> tuple[dict[str, Any], int | None]:
+               precision: str = "fp32") -> tuple[dict[str, Any], int | None]:
     data, imports, samples = data_section(model, nodes, shape_ok)
     data["heldout_size"] = 64 if eval_every == 1 else BATCH
     if eval_every == 1 and data.get("val_fraction") == 0.0:
@@ -111,11 +127,11 @@ def run_config(model: str, nodes: int, rounds: int, gpus: float, out: str, shape
         samples = samples and int(samples * 1.3)
         if "synthetic_samples" in data:
             data["synthetic_samples"] = int(data["synthetic_samples"] * 1.3)
-    config = {"imports": imports + (["_bench_fp32"] if fp32 else []), "nodes": nodes, "rounds": rounds, "seed": 0,
+    config = {"imports": imports, "nodes": nodes, "rounds": rounds, "seed": 0,
               "topology": {"name": "exponential", "weights": "uniform"}, "data": data,
               "model": {"name": model, "init": "same"},
               "optim": {"name": "sgd", "lr": LR, "batch_size": BATCH},
-              "engine": {"gpus_per_actor": gpus},
+              "engine": {"gpus_per_actor": gpus, "precision": precision},
               "output": {"out": out, "progress": False, "eval_every": eval_every, "checkpoint_every": 0,
                          "overwrite": True}}
     return config, samples
@@ -178,7 +194,7 @@ class GpuMemory:
 
 
 def dice_run(model: str, nodes: int, rounds: int, gpus: float, shape_ok: bool, *, eval_every: int = 10_000_000,
-             budget_s: float | None = None, fp32: bool = False) -> dict[str, Any]:
+             budget_s: float | None = None, precision: str = "fp32") -> dict[str, Any]:
     """Run the config; return its rounds table, round-end timestamps, placement, and (GPU) memory peaks. With
     ``budget_s``, stop after that many seconds of rounds past the third (the run then ends 'failed' on purpose,
     its timestamps kept)."""
@@ -192,7 +208,8 @@ def dice_run(model: str, nodes: int, rounds: int, gpus: float, shape_ok: bool, *
             raise StopRun
 
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
-        config, samples = run_config(model, nodes, rounds, gpus, str(Path(tmp) / "run"), shape_ok, eval_every, fp32)
+        config, samples = run_config(model, nodes, rounds, gpus, str(Path(tmp) / "run"), shape_ok, eval_every,
+                                     precision)
         if samples is not None:
             os.environ["DICE_BENCH_SAMPLES"] = str(samples)
         stopped = False
@@ -227,10 +244,22 @@ class _NoMemory:
 
 
 def in_run_s_per_round(ends: list[float], stopped: bool) -> tuple[float | None, int]:
-    """(seconds per round between the ends of round 3 and of the last round before the final evaluation, the
-    number of rounds in between)."""
+    """(seconds per round between two chunk ends inside the run, the number of rounds in between).
+
+    The Ray engine hands short rounds to the actor in chunks (``RayEngine.run_rounds``: ~0.1 s of rounds per
+    call), so the driver sees a chunk's rounds end together: a burst of timestamps. The rate is measured between
+    the ends of the first and the last burst after round 3 (and before the final evaluation): a burst ends where
+    the gap to the next timestamp is over 0.3 of the largest gap."""
     hi = len(ends) - 1 if stopped else len(ends) - 2
-    return ((ends[hi] - ends[3]) / (hi - 3), hi - 3) if hi > 3 else (None, 0)
+    if hi <= 4:
+        return None, 0
+    gaps = np.diff(ends[3: hi + 1])
+    threshold = 0.3 * float(gaps.max())
+    bursts = [3 + i for i, gap in enumerate(gaps) if gap > threshold]  # index of the last mark of each burst
+    if len(bursts) < 2:  # too few chunks to tell: the whole window (off by up to a chunk at either end)
+        bursts = [3, hi]
+    lo, top = bursts[0], bursts[-1]
+    return ((ends[top] - ends[lo]) / (top - lo), top - lo) if top > lo else (None, 0)
 
 
 # -- the fused step ---------------------------------------------------------------------------------------------
@@ -353,51 +382,212 @@ def sanity(shape_ok: bool) -> dict[str, Any]:
     return out
 
 
-def equivalence(models: list[str], nodes: int, shape_ok: bool) -> list[dict[str, Any]]:
-    """(a): CPU vs gpus_per_actor 1 vs 0.5 (and, for convolutions, 1 with TF32 off)."""
-    rows = []
-    for model in models:
+def equivalence(models: list[tuple[str, int]], shape_ok: bool, fractions: list[float]) -> tuple[list[dict], dict]:
+    """(a): CPU vs each of ``fractions`` (gpus_per_actor), fp32 mode. Returns (rows, the CPU tables by model)."""
+    rows, cpu_tables = [], {}
+    for model, nodes in models:
         cpu = dice_run(model, nodes, 5, 0.0, shape_ok, eval_every=1)
-        variants = [("gpus_per_actor=1", 1.0, False), ("gpus_per_actor=0.5", 0.5, False)]
-        if model != "mlp":
-            variants.append(("gpus_per_actor=1, TF32 off", 1.0, True))
-        for label, gpus, fp32 in variants:
-            gpu = dice_run(model, nodes, 5, gpus, shape_ok, eval_every=1, fp32=fp32)
-            diff = compare(cpu["rounds_table"], gpu["rounds_table"])
-            row = {"model": model, "nodes": nodes, "variant": label, "actors": gpu["actors"],
-                   "devices": gpu["devices"], **diff, "holds_to": holds_to(diff["max"]),
-                   "within_tolerance": diff["max"] <= TOLERANCE}
-            rows.append(row)
-            print(f"(a) {model} N={nodes}: CPU ({cpu['actors']} actors) vs {label} ({gpu['actors']} actors on "
-                  f"{gpu['devices']}): largest |difference| {diff['max']:.2e} -> holds to {row['holds_to']} "
-                  f"({'within' if row['within_tolerance'] else 'NOT within'} {TOLERANCE:g}); "
-                  + ", ".join(f"{c} {diff[c]:.1e}" for c in COMPARED if diff.get(c) is not None), flush=True)
-    return rows
-
-
-def timing(cases: list[tuple[str, int]], fractions: list[float], shape_ok: bool, target_s: float
-           ) -> list[dict[str, Any]]:
-    """(b) and (d): in-run seconds per round and GPU memory of each (model, N, gpus_per_actor)."""
-    rows = []
-    for model, nodes in cases:
+        cpu_tables[model] = (nodes, cpu["rounds_table"])
         for gpus in fractions:
-            guess = GUESS_S.get((model, nodes), 0.1) * (1.5 if gpus < 1 else 1.0)
-            rounds = min(max(math.ceil(target_s / guess), 10), 400) + 5
-            res = dice_run(model, nodes, rounds, gpus, shape_ok, budget_s=2.0 * target_s)
-            rate, timed = in_run_s_per_round(res["ends"], res["stopped_early"])
-            mem = res["memory"]
-            peak = mem["procs_mib"] or mem["device_mib"]
-            row = {"model": model, "nodes": nodes, "gpus_per_actor": gpus, "actors": res["actors"],
-                   "devices": res["devices"], "s_per_round": rate, "rounds_timed": timed,
-                   "stopped_early": res["stopped_early"], "run_wall_s": res["wall_s"], "gpu_mib": mem,
-                   "gpu_mib_per_participant": peak / nodes if peak else None, "data": res["data"],
-                   "parameters": res["parameters"]}
-            rows.append(row)
-            print(f"(b) {model} N={nodes} gpus_per_actor={gpus:g}: {res['actors']} actor(s) on {res['devices']}, "
-                  + (f"{rate:.4f} s/round" if rate else "no rate") + f" over {row['rounds_timed']} rounds"
-                  + (" (stopped at its time budget)" if res["stopped_early"] else "")
-                  + f"; GPU peak {peak or float('nan'):.0f} MiB (run {res['wall_s']:.0f} s)", flush=True)
+            label = f"gpus_per_actor={gpus:g}"
+            gpu = dice_run(model, nodes, 5, gpus, shape_ok, eval_every=1)
+            rows.append(_equivalence_row(model, nodes, label, cpu, gpu))
+    return rows, cpu_tables
+
+
+def _equivalence_row(model: str, nodes: int, label: str, cpu: dict[str, Any], gpu: dict[str, Any],
+                     tolerance: float = TOLERANCE) -> dict[str, Any]:
+    diff = compare(cpu["rounds_table"], gpu["rounds_table"])
+    row = {"model": model, "nodes": nodes, "variant": label, "actors": gpu["actors"], "devices": gpu["devices"],
+           **diff, "holds_to": holds_to(diff["max"]), "within_tolerance": diff["max"] <= tolerance}
+    print(f"(a) {model} N={nodes}: CPU ({cpu['actors']} actors) vs {label} ({gpu['actors']} actors on "
+          f"{gpu['devices']}): largest |difference| {diff['max']:.2e} -> holds to {row['holds_to']} "
+          f"({'within' if row['within_tolerance'] else 'NOT within'} {tolerance:g}); "
+          + ", ".join(f"{c} {diff[c]:.1e}" for c in COMPARED if diff.get(c) is not None), flush=True)
+    return row
+
+
+def precision_modes(cpu_tables: dict[str, Any], shape_ok: bool, modes: list[str]) -> list[dict[str, Any]]:
+    """(a''): each faster precision mode on one CUDA actor against (a)'s CPU run (MLP and CNN)."""
+    rows = []
+    for model, (nodes, table) in cpu_tables.items():
+        if model == "resnet18":
+            continue
+        for mode in modes:
+            gpu = dice_run(model, nodes, 5, 1.0, shape_ok, eval_every=1, precision=mode)
+            row = _equivalence_row(model, nodes, f"precision={mode}", {"rounds_table": table, "actors": 1}, gpu,
+                                   tolerance=math.inf)
+            rows.append({**row, "precision": mode})
     return rows
+
+
+def dice_equivalence() -> dict[str, Any]:
+    """(a'): in-loop DICE-E (three variants) and DICE-GT on a CPU actor and on one CUDA actor: relative differences
+    of the dice table's columns (on each column's scale)."""
+    import dice_ray
+
+    tables = {}
+    for gpus in (0.0, 1.0):
+        with tempfile.TemporaryDirectory(prefix="bench-gpu-dice-") as tmp:
+            config = dice_ray.RunConfig(
+                nodes=16, rounds=16, seed=0, topology={"name": "ring"}, data={"dataset": "digits"},
+                optim={"lr": 0.05, "batch_size": 16}, engine={"gpus_per_actor": gpus, "actors": 1},
+                influence={"enabled": True, "online": True, "hops": 3, "rounds": [10, 12],
+                           "variants": "first-order,curvature,second-order"},
+                output={"out": str(Path(tmp) / "run"), "progress": False, "checkpoint_every": 0})
+            run = dice_ray.run(config, engine="ray")
+            tables[gpus] = run.dice.sort_values(["probe_id", "hops"]).reset_index(drop=True)
+    a, b = tables[0.0], tables[1.0]
+    out = {}
+    for column in a.columns:
+        if column in b and np.issubdtype(a[column].dtype, np.floating) and column.startswith(("gt", "est")):
+            x, y = a[column].to_numpy(np.float64), b[column].to_numpy(np.float64)
+            scale = float(np.nanmax(np.abs(x))) or 1.0
+            out[column] = float(np.nanmax(np.abs(x - y))) / scale
+    worst = max(out.values()) if out else math.inf
+    print(f"(a') DICE, 16-node ring, digits, {len(a)} rows: CPU actor vs CUDA actor, largest relative difference "
+          f"{worst:.1e} ({'within' if worst <= TOLERANCE else 'NOT within'} {TOLERANCE:g}); "
+          + ", ".join(f"{k} {v:.1e}" for k, v in out.items()), flush=True)
+    return {"relative": out, "max": worst, "within_tolerance": worst <= TOLERANCE, "rows": len(a)}
+
+
+def timing(cases: list[tuple[str, int, float, str]], shape_ok: bool, target_s: float) -> list[dict[str, Any]]:
+    """(b) and (d): in-run seconds per round and GPU memory of each (model, N, gpus_per_actor, precision)."""
+    rows = []
+    for model, nodes, gpus, precision in cases:
+        guess = GUESS_S.get((model, nodes), 0.1) * (1.5 if gpus < 1 else 1.0)
+        rounds = min(max(math.ceil(target_s / guess), 12), 800) + 5
+        rounds = max(rounds, 110) if guess < 0.05 else rounds  # short rounds come in chunks of up to 32: see above
+        try:
+            res = dice_run(model, nodes, rounds, gpus, shape_ok, budget_s=2.0 * target_s, precision=precision)
+        except Exception as err:  # noqa: BLE001 - one failed case (out of memory, say) must not lose the others
+            print(f"(b) {model} N={nodes} gpus_per_actor={gpus:g} {precision}: FAILED: "
+                  f"{type(err).__name__}: {str(err).splitlines()[0][:300]}", flush=True)
+            rows.append({"model": model, "nodes": nodes, "gpus_per_actor": gpus, "precision": precision,
+                         "error": f"{type(err).__name__}: {str(err)[:500]}", "s_per_round": None,
+                         "gpu_mib": {"procs_mib": None, "device_mib": None}, "gpu_mib_per_participant": None,
+                         "actors": None})
+            continue
+        rate, timed = in_run_s_per_round(res["ends"], res["stopped_early"])
+        mem = res["memory"]
+        peak = mem["procs_mib"] or mem["device_mib"]
+        row = {"model": model, "nodes": nodes, "gpus_per_actor": gpus, "precision": precision,
+               "actors": res["actors"], "devices": res["devices"], "s_per_round": rate, "rounds_timed": timed,
+               "stopped_early": res["stopped_early"], "run_wall_s": res["wall_s"], "gpu_mib": mem,
+               "gpu_mib_per_participant": peak / nodes if peak else None, "data": res["data"],
+               "parameters": res["parameters"]}
+        rows.append(row)
+        print(f"(b) {model} N={nodes} gpus_per_actor={gpus:g} {precision}: {res['actors']} actor(s) on "
+              f"{res['devices']}, " + (f"{rate:.4f} s/round" if rate else "no rate")
+              + f" over {row['rounds_timed']} rounds"
+              + (" (stopped at its time budget)" if res["stopped_early"] else "")
+              + f"; GPU peak {peak or float('nan'):.0f} MiB (run {res['wall_s']:.0f} s)", flush=True)
+    return rows
+
+
+# -- (e) the floor, (f) the profile ------------------------------------------------------------------------------
+
+
+def device_limits() -> dict[str, float]:
+    """This device's measured fp32 matmul rate (TF32 off, FLOP/s) and device-to-device copy bandwidth (bytes/s,
+    read + write)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    size = 8192 if DEVICE == "cuda" else 512
+    a = torch.randn(size, size, device=DEVICE)
+    b = torch.randn(size, size, device=DEVICE)
+    src = torch.empty(1 << (30 if DEVICE == "cuda" else 24), dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+
+    def best(fn: Any, repeats: int = 5) -> float:
+        fn()
+        sync()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    flops = 2 * size**3 / best(lambda: a @ b)
+    bandwidth = 2 * src.numel() / best(lambda: dst.copy_(src))
+    print(f"(e) this device: fp32 matmul {flops / 1e12:.1f} TFLOP/s (TF32 off), copy {bandwidth / 1e12:.2f} TB/s",
+          flush=True)
+    return {"fp32_flops": flops, "bandwidth": bandwidth}
+
+
+def round_floor(model_name: str, nodes: int, limits: dict[str, float], degree: int) -> dict[str, Any]:
+    """FLOPs of one round (the fused step's: forward + backward of N·16 samples) and bytes a round must move at
+    least: the step reads the state, writes the gradients, reads them and writes the state (4 × state), gossip
+    reads ``degree`` + 1 source rows per participant and writes its own (degree + 2 × state)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = build_model(model_name).to(DEVICE)
+    x = torch.randn(nodes * BATCH, *SHAPES[model_name], device=DEVICE)
+    y = torch.randint(0, CLASSES, (nodes * BATCH,), device=DEVICE)
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(model(x), y).backward()
+    flops = counter.get_total_flops()
+    state_bytes = 4 * nodes * sum(p.numel() + 0 for p in model.parameters())
+    moved = state_bytes * (4 + degree + 2)
+    del model, x, y
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return {"flops": flops, "bytes": moved, "state_bytes": state_bytes,
+            "floor_s": max(flops / limits["fp32_flops"], moved / limits["bandwidth"]),
+            "compute_s": flops / limits["fp32_flops"], "memory_s": moved / limits["bandwidth"]}
+
+
+def profile_round(model: str, nodes: int, shape_ok: bool, rounds: int = 3) -> dict[str, Any]:
+    """(f): one block of N participants in this process on CUDA (``LocalEngine``), a torch.profiler table of
+    ``rounds`` rounds after a warm-up, and the median local step and gossip (``torch.cuda.synchronize`` around
+    each)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import dice_ray
+    from dice_ray.engine.local import LocalEngine
+    from dice_ray.experiment import prepare
+
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-prof-") as tmp:
+        config, samples = run_config(model, nodes, 10, 1.0, str(Path(tmp) / "run"), shape_ok, 10_000_000)
+        if samples is not None:
+            os.environ["DICE_BENCH_SAMPLES"] = str(samples)
+        experiment = prepare(dice_ray.RunConfig(**config))
+        engine = LocalEngine(experiment, device=DEVICE)
+        for t in range(5):
+            engine.run_round(t, evaluate=False)
+        sync()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for t in range(5, 5 + rounds):
+                engine.run_round(t, evaluate=False)
+            sync()
+        table = prof.key_averages().table(sort_by=f"{'cuda' if DEVICE == 'cuda' else 'cpu'}_time_total", row_limit=14,
+                                          max_name_column_width=48)
+        block, hooked = engine.block, engine.hooked
+        split: dict[str, list[float]] = {"round": [], "local_step": [], "gossip": []}
+        w = block.mixing_rows(experiment.topology.mixing_matrix(0))
+        for t in range(8, 18):
+            sync()
+            t0 = time.perf_counter()
+            hooked.local_step(t)
+            sync()
+            t1 = time.perf_counter()
+            block.mix(w, [block.population.state])
+            sync()
+            t2 = time.perf_counter()
+            split["local_step"].append(t1 - t0)
+            split["gossip"].append(t2 - t1)
+            split["round"].append(t2 - t0)
+        medians = {k: float(np.median(v)) for k, v in split.items()}
+        del engine, block, hooked
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    print(f"(f) profile, {model} N={nodes}, one block on CUDA without Ray, {rounds} rounds: local step "
+          f"{medians['local_step'] * 1e3:.2f} ms, gossip {medians['gossip'] * 1e3:.2f} ms per round\n{table}",
+          flush=True)
+    return {"model": model, "nodes": nodes, **{f"{k}_s": v for k, v in medians.items()}, "table": table}
 
 
 def fused(cases: list[tuple[str, int]], timed: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -405,7 +595,7 @@ def fused(cases: list[tuple[str, int]], timed: list[dict[str, Any]]) -> list[dic
     counts = {r["model"]: r["parameters"] for r in timed}
     rows = []
     for model, nodes in cases:
-        res = fused_step(model, nodes, "cuda")
+        res = fused_step(model, nodes, DEVICE)
         rows.append({"model": model, "nodes": nodes, **res})
         same = counts.get(model) in (None, res["parameters"])
         print(f"(c) fused {model} on {nodes}x{BATCH} samples: {res['s_per_step'] * 1e3:.2f} ms/step, "
@@ -418,73 +608,93 @@ def fused(cases: list[tuple[str, int]], timed: list[dict[str, Any]]) -> list[dic
 # -- report ----------------------------------------------------------------------------------------------------
 
 
-
-
 def report(results: dict[str, Any]) -> None:
     print("\n== Markdown ==\n")
-    if results.get("equivalence"):
+    equivalence_rows = results.get("equivalence", []) + results.get("precision_modes", [])
+    if equivalence_rows:
         print_markdown(["model", "N", "CPU vs", "actors", *(f"max abs Δ {c}" for c in COMPARED), "holds to",
                         f"≤ {TOLERANCE:g}"],
                        [[r["model"], str(r["nodes"]), r["variant"], str(r["actors"]),
                          *("—" if r.get(c) is None else f"{r[c]:.1e}" for c in COMPARED), r["holds_to"],
-                         "yes" if r["within_tolerance"] else "no"] for r in results["equivalence"]])
+                         "yes" if r["max"] <= TOLERANCE else "no"] for r in equivalence_rows])
         print()
     if results.get("timing"):
         fused_by = {(f["model"], f["nodes"]): f for f in results.get("fused", [])}
+        floors = {(f["model"], f["nodes"]): f for f in results.get("floors", [])}
         rows = []
         for r in results["timing"]:
-            f = fused_by.get((r["model"], r["nodes"]))
+            f, fl = fused_by.get((r["model"], r["nodes"])), floors.get((r["model"], r["nodes"]))
             rate = r["s_per_round"]
             rows.append([r["model"], "x".join(map(str, SHAPES[r["model"]])), str(r["nodes"]),
-                         f"{r['gpus_per_actor']:g}", str(r["actors"]), "—" if rate is None else f"{rate:.4f}",
+                         f"{r['gpus_per_actor']:g}", r["precision"], str(r["actors"]),
+                         "failed" if r.get("error") else "—" if rate is None else f"{rate:.4f}",
                          "—" if f is None else f"{f['s_per_step']:.4f}",
                          "—" if f is None or rate is None else f"{rate / f['s_per_step']:.1f}",
-                         "—" if not r["gpu_mib_per_participant"] else f"{r['gpu_mib_per_participant']:.2f}",
-                         "—" if f is None or f["max_allocated_mib"] is None else f"{f['max_allocated_mib']:.0f}"])
-        print_markdown(["model", "input", "N", "gpus/actor", "actors", "dice-ray s/round", "fused s/step",
-                        "dice-ray / fused", "GPU MiB per participant (peak / N)", "fused max allocated MiB"], rows)
+                         "—" if fl is None or rate is None else f"{fl['floor_s'] / rate:.2f}",
+                         "—" if not r["gpu_mib_per_participant"] else f"{r['gpu_mib_per_participant']:.2f}"])
+        print_markdown(["model", "input", "N", "gpus/actor", "precision", "actors", "dice-ray s/round",
+                        "fused fp32 s/step", "dice-ray / fused", "floor / round", "GPU MiB per participant"], rows)
         print()
+        total = results.get("device_mib")
         for model in sorted({r["model"] for r in results["timing"]}):
-            for gpus in sorted({r["gpus_per_actor"] for r in results["timing"]}):
-                pts = {r["nodes"]: (r["gpu_mib"]["procs_mib"] or r["gpu_mib"]["device_mib"])
-                       for r in results["timing"] if r["model"] == model and r["gpus_per_actor"] == gpus}
-                if len(pts) >= 2 and all(pts.values()):
-                    lo, hi = min(pts), max(pts)
-                    slope = (pts[hi] - pts[lo]) / (hi - lo)
-                    print(f"GPU memory per participant, {model}, gpus_per_actor={gpus:g}: {slope:.3f} MiB "
-                          f"(slope between N={lo} and N={hi})")
+            pts = {r["nodes"]: (r["gpu_mib"]["procs_mib"] or r["gpu_mib"]["device_mib"])
+                   for r in results["timing"] if r["model"] == model and r["gpus_per_actor"] == 1.0
+                   and r["precision"] == "fp32" and not r.get("error")}
+            if len(pts) >= 2 and all(pts.values()):
+                lo, hi = min(pts), max(pts)
+                slope = (pts[hi] - pts[lo]) / (hi - lo)
+                fixed = pts[lo] - slope * lo
+                largest = int((total - fixed) / slope) if total and slope > 0 else None
+                print(f"GPU memory per participant, {model}: {slope:.3f} MiB (slope between N={lo} and N={hi}); "
+                      f"largest N on this device by that slope: {largest if largest else '?':,}")
+            elif pts:
+                n, peak = next(iter(pts.items()))
+                if peak and total:
+                    print(f"GPU memory, {model}: {peak / n:.1f} MiB per participant at N={n} (peak / N); largest N "
+                          f"on this device at that rate: ~{int(total / (peak / n)):,}")
 
 
-def estimate(args: argparse.Namespace, cases: list[tuple[str, int]]) -> float:
+def estimate(args: argparse.Namespace, cases: list[tuple[str, int, float, str]]) -> float:
     """Guessed seconds of the whole GPU part on one H200."""
-    eq_runs = len(args.eq_models) * 3 + sum(m != "mlp" for m in args.eq_models)
-    total = eq_runs * (STARTUP_GUESS_S * 0.75)
-    for model, nodes in cases:
-        for gpus in args.fractions:
-            guess = GUESS_S.get((model, nodes), 0.1) * (1.5 if gpus < 1 else 1.0)
-            rounds = min(max(math.ceil(args.target_s / guess), 10), 400) + 5
-            total += STARTUP_GUESS_S * (2 if nodes >= 4096 else 1) + min(rounds * guess, 2.0 * args.target_s + 5)
-        total += 5  # fused step
-    return total + 30  # Ray start, imports
+    total = (len(args.eq_models) * (1 + len(args.fractions)) + 2 * len(args.modes) + 2) * STARTUP_GUESS_S * 0.75
+    for model, nodes, gpus, _ in cases:
+        guess = GUESS_S.get((model, nodes), 0.1) * (1.5 if gpus < 1 else 1.0)
+        rounds = min(max(math.ceil(args.target_s / guess), 10), 400) + 5
+        total += STARTUP_GUESS_S * (2 if nodes >= 4096 else 1) + min(rounds * guess, 2.0 * args.target_s + 5)
+    return total + 60  # Ray start, imports, fused steps, profiles
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="N = 16 for (a); N = 256 only, shorter runs for (b)")
-    parser.add_argument("--json", type=Path, default=None, help="write all results to this JSON file")
+    parser.add_argument("--json", type=Path, default=None, help="write all results to this JSON file (after each part)")
     parser.add_argument("--nodes", type=int, nargs="+", default=None, help="N of (b)-(d) (default 256 4096)")
     parser.add_argument("--fractions", type=float, nargs="+", default=None,
-                        help="gpus_per_actor values of (b) (default 1 0.5; --quick 1)")
-    parser.add_argument("--resnet18", action="store_true", help="also time ResNet-18 on 3x32x32 at N = 256")
+                        help="gpus_per_actor values of (a) and (b) (default 1 0.5; --quick 1)")
+    parser.add_argument("--modes", nargs="*", default=None, help="faster precision modes (default tf32 bf16)")
+    parser.add_argument("--no-resnet18", action="store_true", help="leave ResNet-18 out of (a) and (b)")
+    parser.add_argument("--parts", default="a,dice,modes,b,c,e,f", help="which GPU parts to run (comma-separated)")
     parser.add_argument("--target-s", type=float, default=None,
-                        help="seconds of timed rounds per run of (b) (default 6; --quick 3)")
+                        help="seconds of timed rounds per run of (b) (default 4; --quick 2)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="without CUDA: rehearse every GPU part on the CPU with tiny sizes and a fake GPU "
+                             "resource (Ray places gpus_per_actor actors on the CPU); checks the script, not numbers")
     args = parser.parse_args()
+    global DEVICE
+    if args.dry_run:
+        if torch.cuda.is_available():
+            raise SystemExit("--dry-run is the rehearsal for a machine without CUDA")
+        DEVICE = "cpu"
+        args.nodes, args.target_s, args.quick = args.nodes or [16, 32], args.target_s or 0.5, True
     args.nodes = args.nodes or ([256] if args.quick else [256, 4096])
     args.fractions = args.fractions or ([1.0] if args.quick else [1.0, 0.5])
-    args.target_s = args.target_s or (3.0 if args.quick else 6.0)
-    args.eq_models = ["mlp", "cnn"]
+    args.modes = ["tf32", "bf16"] if args.modes is None else args.modes
+    args.target_s = args.target_s or (2.0 if args.quick else 4.0)
     eq_nodes = 16 if args.quick else 64
+    args.eq_models = [("mlp", eq_nodes), ("cnn", eq_nodes)] + ([] if args.no_resnet18 else
+                                                               [("resnet18", 2 if args.dry_run else 8)])
+    parts = set(args.parts.split(","))
 
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH), os.environ.get("PYTHONPATH", "")) if p)
     sys.path.insert(0, str(BENCH))  # Ray's workers (started later) get it from PYTHONPATH; this process here
@@ -492,49 +702,100 @@ def main() -> None:
     import dice_ray
 
     shape_ok = synthetic_shape_configurable()
-    cuda = torch.cuda.is_available()
-    cases = [(m, n) for m in ("mlp", "cnn") for n in args.nodes]
-    if args.resnet18:
-        cases.append(("resnet18", 256))
-    gpu_name = torch.cuda.get_device_name(0) if cuda else None
+    cuda = torch.cuda.is_available() or args.dry_run
+    if args.dry_run:
+        from dice_ray.engine.runtime import start_ray
+
+        start_ray(num_gpus=1)
+    sizes = [(m, n) for m in ("mlp", "cnn") for n in args.nodes] + ([] if args.no_resnet18 else
+                                                                     [("resnet18", 4 if args.dry_run else 256)])
+    cases = [(m, n, g, "fp32") for m, n in sizes for g in args.fractions]
+    cases += [(m, max(args.nodes), 1.0, mode) for m in ("mlp", "cnn") for mode in args.modes]
+    gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "dry run on the CPU" if cuda else None
     print(f"dice-ray {dice_ray.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"CUDA: {gpu_name or 'none'} ({torch.cuda.device_count()} device(s)); 3x32x32 data: "
           + ("synthetic with data.synthetic_shape" if shape_ok else
              "bench-random-3x32x32 (bench/_bench_data.py; the config has no data.synthetic_shape)"), flush=True)
     results: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                "cuda": gpu_name, "synthetic_shape_configurable": shape_ok, "skipped": []}
-    if cuda:
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=str))
+
+    if torch.cuda.is_available():
+        results["device_mib"] = torch.cuda.get_device_properties(0).total_memory / 2**20
         print(f"estimated time of the GPU parts: ~{estimate(args, cases) / 60:.0f} min on one H200 "
               "(guessed round times; (b) stops a run's timed rounds at twice --target-s)", flush=True)
 
     results["sanity"] = sanity(shape_ok)
-
-    parts = ([f"(a) equivalence {m} N={eq_nodes}: CPU vs gpus_per_actor={g}" for m in args.eq_models
-              for g in ("1", "0.5")]
-             + [f"(b) round time {m} N={n} gpus_per_actor={g:g}" for m, n in cases for g in args.fractions]
-             + [f"(c) fused step {m} N={n}" for m, n in cases]
-             + ["(d) GPU memory per participant"])
+    save()
     if not cuda:
-        for part in parts:
+        for part in ([f"(a) equivalence {m} N={n}: CPU vs gpus_per_actor={g:g}" for m, n in args.eq_models
+                      for g in args.fractions] + ["(a') DICE equivalence", "(a'') precision modes"]
+                     + [f"(b) round time {m} N={n} gpus_per_actor={g:g} {p}" for m, n, g, p in cases]
+                     + [f"(c) fused step {m} N={n}" for m, n in sizes] + ["(d) GPU memory per participant",
+                                                                           "(e) floor", "(f) profile"]):
             print(f"{part}: skipped: no CUDA device", flush=True)
-        results["skipped"] = parts
+            results["skipped"].append(part)
     else:
-        results["equivalence"] = equivalence(args.eq_models, eq_nodes, shape_ok)
-        results["timing"] = timing(cases, args.fractions, shape_ok, args.target_s)
         import ray
 
-        ray.shutdown()  # the actors are gone already; the fused steps get the GPU alone
-        results["fused"] = fused(cases, results["timing"])
+        def guarded(name: str, fn: Any) -> Any:
+            try:
+                return fn()
+            except Exception as err:  # noqa: BLE001 - report, keep the other parts
+                print(f"{name}: FAILED: {type(err).__name__}: {str(err)[:1500]}", flush=True)
+                results.setdefault("failed", []).append(f"{name}: {type(err).__name__}: {str(err)[:500]}")
+                return None
+
+        if "a" in parts:
+            got = guarded("(a)", lambda: equivalence(args.eq_models, shape_ok, args.fractions))
+            if got:
+                results["equivalence"], cpu_tables = got
+                if "modes" in parts and args.modes:
+                    results["precision_modes"] = guarded("(a'')", lambda: precision_modes(cpu_tables, shape_ok,
+                                                                                          args.modes)) or []
+            save()
+        if "dice" in parts:
+            results["dice"] = guarded("(a')", dice_equivalence)
+            save()
+        if "b" in parts:
+            results["timing"] = guarded("(b)", lambda: timing(cases, shape_ok, args.target_s)) or []
+            save()
+        if not args.dry_run:
+            ray.shutdown()  # the actors are gone already; what follows gets the GPU alone
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        if "c" in parts:
+            results["fused"] = guarded("(c)", lambda: fused(sizes, results.get("timing", []))) or []
+            save()
+        if "e" in parts:
+            limits = guarded("(e)", device_limits)
+            if limits:
+                results["limits"] = limits
+                results["floors"] = [{"model": m, "nodes": n, **round_floor(m, n, limits, int(math.log2(n)))}
+                                     for m, n in sizes]
+                for f in results["floors"]:
+                    print(f"(e) floor {f['model']} N={f['nodes']}: {f['flops'] / 1e9:.1f} GFLOP, "
+                          f"{f['bytes'] / 1e9:.2f} GB moved -> {f['floor_s'] * 1e3:.3f} ms per round "
+                          f"(compute {f['compute_s'] * 1e3:.3f} ms, memory {f['memory_s'] * 1e3:.3f} ms)", flush=True)
+            save()
+        if "f" in parts:
+            results["profiles"] = [p for p in (guarded(f"(f) {m} N={n}", lambda m=m, n=n: profile_round(m, n, shape_ok))
+                                               for m, n in (("mlp", max(args.nodes)), ("cnn", 256))) if p]
+            save()
         report(results)
     results["wall_s"] = time.perf_counter() - start
-    ok = results["sanity"]["ok"] and all(r["within_tolerance"] for r in results.get("equivalence", []))
+    equivalent = [r["within_tolerance"] for r in results.get("equivalence", [])]
+    if results.get("dice"):
+        equivalent.append(results["dice"]["within_tolerance"])
+    ok = results["sanity"]["ok"] and all(equivalent)
     results["ok"] = ok
     print(f"\nsanity {'OK' if results['sanity']['ok'] else 'FAILED'}"
-          + ("" if not cuda else f"; equivalence within {TOLERANCE:g}: "
-             + ("all" if ok else "NOT all (see (a))"))
+          + ("" if not cuda else f"; equivalence within {TOLERANCE:g}: " + ("all" if ok else "NOT all (see (a))"))
           + f"; wall time {results['wall_s']:.0f} s", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=str))
+    save()
     sys.exit(0 if results["sanity"]["ok"] else 1)
 
 

@@ -180,11 +180,13 @@ def bench_local(experiment: Any, args: argparse.Namespace, label: str) -> dict[s
 
 def bench_breakdown(experiment: Any, args: argparse.Namespace, label: str) -> dict[str, Any]:
     """(a') split: seconds per round in ``block.half_step(t)`` (of which drawing the minibatch) and in
-    ``block.mix(W, [half])``; medians over ``args.rounds`` rounds after ``args.warmup``."""
+    ``block.mix(W, [state])`` (W converted to a device tensor once, as the engines do); medians over
+    ``args.rounds`` rounds after ``args.warmup``."""
     from dice_ray.engine import LocalEngine
 
     engine = LocalEngine(experiment)
-    block, w = engine.block, experiment.topology.mixing_matrix(0)
+    block = engine.block
+    w = block.mixing_rows(experiment.topology.mixing_matrix(0))
     parts: dict[str, list[float]] = {"minibatch": [], "half_step": [], "mix": []}
     for t in range(args.warmup + args.rounds):
         if t == args.warmup:
@@ -192,9 +194,9 @@ def bench_breakdown(experiment: Any, args: argparse.Namespace, label: str) -> di
         t0 = time.perf_counter()
         block.minibatch(t)  # an extra draw, timed alone: half_step draws the same batch again
         t1 = time.perf_counter()
-        half, _ = block.half_step(t)
+        block.half_step(t)
         t2 = time.perf_counter()
-        block.mix(w, [half])
+        block.mix(w, [block.population.state])
         t3 = time.perf_counter()
         if t >= args.warmup:
             for key, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2), strict=True):

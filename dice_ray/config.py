@@ -200,6 +200,10 @@ class EngineConfig(_Section):
     cpus_per_actor: float | None = Field(None, gt=0, description="CPUs reserved per actor (default: the "
                                                                  "cluster's CPUs / actors)")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU")
+    precision: Literal["fp32", "tf32", "bf16"] = Field(
+        "fp32", description="float32 mode of the local step: fp32 (IEEE, TF32 off: a GPU run equals the CPU run to "
+                            "float32 rounding), tf32 (CUDA TF32 matmuls and convolutions), bf16 (autocast forward "
+                            "and backward; not with DICE, the ledger or proximal influence)")
     address: str | None = Field(None, description="Ray cluster address (default: a local Ray on 127.0.0.1)")
     max_recoveries: int = Field(3, ge=0, le=1000, description="actor or machine failures a run recovers from "
                                                              "(restore the last checkpoint, replay) before it gives up")
@@ -420,6 +424,12 @@ class RunConfig(_Section):
                                  f"{self.optim.batch_size}")
         self._check_proximal()
         self._check_ledger()
+        if self.engine.precision == "bf16":
+            using = [name for name, on in (("influence", inf.enabled), ("ledger", self.ledger.enabled or self.ledger.loo
+                     or self.ledger.shapley_permutations), ("proximal", self.proximal.enabled)) if on]
+            if using:
+                raise ValueError(f"engine.precision 'bf16' cannot measure {', '.join(using)}: their values are ~1e-3 "
+                                 "of the losses, below bfloat16's resolution (2^-8); use fp32 or tf32")
         return self
 
     def _check_ledger(self) -> None:

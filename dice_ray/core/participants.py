@@ -5,6 +5,11 @@ validation splits and the shared held-out batch z′, and exposes the three step
 ``half_step`` (local step on z_k^t), ``mix`` (gossip with rows of W^t) and ``evaluate``. It knows
 nothing of Ray: the Ray actor and the single-process engine call the same methods, so they compute
 the same numbers.
+
+Everything the block holds lives on its device (``device``: the state, optimizer state, training data, validation
+splits, z′, minibatch rows), and a round keeps it there: ``half_step`` updates the state in place and returns the
+losses, ``mix`` takes torch tensors on the device. Numpy appears only where data leaves the block on purpose:
+``snapshot``, ``evaluate``'s summaries, and what an engine publishes for other blocks.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dice_ray.core.losses import build_loss
 from dice_ray.core.misbehavior import DATA_KINDS, UPDATE_KINDS, corrupt_data, update_factor
 from dice_ray.core.models import build_model
 from dice_ray.core.population import STEP_CHUNK_BYTES, Population, initial_state
+from dice_ray.core.precision import set_precision
 from dice_ray.core.tensors import as_tensor, csr_tensor
 from dice_ray.data import minibatch_indices
 
@@ -53,10 +59,15 @@ class ParticipantBlock:
         self.config = config
         self.device = torch.device(device)
         self.nodes = np.asarray(nodes, np.int64)
-        model = build_model(config.model.name, input_shape, num_classes).to(self.device)
+        # The initial weights are drawn on the CPU model (the CPU's generator: a GPU run starts where a CPU run does),
+        # then the model moves to the device.
+        model = build_model(config.model.name, input_shape, num_classes)
+        state = initial_state(model, self.nodes, config.seed, config.model.init, device=self.device)
+        model.to(self.device)
         vectorize = "vmap" if config.model.vectorize == "auto" else config.model.vectorize
-        state = initial_state(model, self.nodes, config.seed, config.model.init).to(self.device)
-        self.population = Population(model, state, config.optim.spec(), vectorize, build_loss(config.model.loss))
+        autocast = set_precision(config.engine.precision)
+        self.population = Population(model, state, config.optim.spec(), vectorize, build_loss(config.model.loss),
+                                     autocast=autocast)
         self._model = model
 
         # Local training sets, concatenated: participant i's samples are rows offsets[i]:offsets[i]+counts[i] of
@@ -91,6 +102,9 @@ class ParticipantBlock:
                                                           bad.sigma)
         self.x_data, self.y_data = as_tensor(x_data, self.device), as_tensor(y_data, self.device)
         self.sample_rows = torch.from_numpy(rows).to(self.device)
+        self._offsets = torch.from_numpy(self.offsets).to(self.device)
+        self._idle = torch.as_tensor(self.idle, device=self.device)
+        self._misbehaving = torch.as_tensor(self.misbehaving, device=self.device)
 
         # Validation splits padded to one [P, m] batch with a mask (sizes differ across participants).
         val_idx, val_mask = _padded([np.asarray(v, np.int64) for v in val])
@@ -118,8 +132,13 @@ class ParticipantBlock:
         seed, k, t)."""
         batch = self.config.optim.batch_size
         pos = minibatch_indices(self.config.seed, self.nodes, t, np.where(self.counts > 0, self.counts, batch), batch)
-        local = np.minimum(self.offsets[:, None] + pos, len(self.sample_rows) - 1)  # idle rows: any, discarded
-        return self.sample_rows[torch.from_numpy(local).to(self.device)]
+        # The draw is a host function of (seed, k, t); only its [P, B] positions travel to the device, from pinned
+        # memory without waiting (a plain copy would make the host wait for the device's queued rounds).
+        pos = torch.from_numpy(pos)
+        if self.device.type == "cuda":
+            pos = pos.pin_memory().to(self.device, non_blocking=True)
+        local = (self._offsets[:, None] + pos.to(self.device)).clamp_(max=len(self.sample_rows) - 1)
+        return self.sample_rows[local]  # idle participants' rows: any, discarded
 
     def minibatch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return z_k^t for every hosted k: x [P, B, ...], y [P, B] (a pure function of seed, k, t)."""
@@ -136,19 +155,17 @@ class ParticipantBlock:
         """The hosted participants' training targets, concatenated like ``x_local``."""
         return self.y_data[self.sample_rows]
 
-    def half_step(self, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """Run the local step of round t; return (half-step states θ^{t+½} [P, D] float32, losses [P]).
-
-        The states array shares memory with the block (a Ray actor's return value is copied into the
-        object store; ``mix`` reads its sources before it overwrites the state).
+    def half_step(self, t: int) -> torch.Tensor:
+        """Run the local step of round t in place: afterwards ``population.state`` holds the half-step states
+        θ^{t+½} [P, D]. Return the training losses [P] (a tensor on the block's device).
         """
         drawn = self.minibatch_rows(t)  # each chunk of participants gathers its own batches (``Population.half_step``)
         corrupt = self.config.misbehavior.kind in UPDATE_KINDS and len(self.misbehaving) > 0
         if corrupt:
-            rows = torch.as_tensor(self.misbehaving, device=self.device)
+            rows = self._misbehaving
             before = self.population.params[rows].clone()
         if len(self.idle):
-            idle = torch.as_tensor(self.idle, device=self.device)
+            idle = self._idle
             pop = self.population
             kept = pop.state[idle].clone(), {n: v[idle].clone() for n, v in pop.opt_state.items()}
         loss = self.population.half_step(lambda rows: (self.x_data[drawn[rows]], self.y_data[drawn[rows]]))
@@ -161,17 +178,21 @@ class ParticipantBlock:
             c = update_factor(self.config.misbehavior.kind, self.config.misbehavior.factor)
             after = self.population.params[rows]
             self.population.params[rows] = before + c * (after - before)
-        return self.population.state.cpu().numpy(), loss.cpu().numpy()
+        return loss
 
-    def mix(self, weights: list[sp.csr_array] | sp.csr_array, sources: list[np.ndarray]) -> None:
-        """Gossip: θ_k^{t+1} = Σ_l W^t_kl θ_l^{t+½} for hosted k.
+    def mixing_rows(self, weights: list[sp.csr_array] | sp.csr_array) -> list[torch.Tensor]:
+        """Return rows of W^t (scipy CSR, [P, M_b] each) as sparse CSR tensors on the block's device, for ``mix``:
+        engines convert them once per topology (or per round of a time-varying one), not every round."""
+        return [csr_tensor(w, self.device) for w in (weights if isinstance(weights, list) else [weights])]
 
-        ``weights[b]`` [P, M_b]: the rows of W^t for the hosted participants, restricted to the
-        participants whose half-step states ``sources[b]`` [M_b, D] holds (one pair per source block).
+    def mix(self, weights: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+        """Gossip: θ_k^{t+1} = Σ_l W^t_kl θ_l^{t+½} for hosted k, in place.
+
+        ``weights[b]`` [P, M_b] (from ``mixing_rows``): the rows of W^t for the hosted participants, restricted to
+        the participants whose half-step states ``sources[b]`` [M_b, D] holds (one pair per source block; a tensor
+        on the block's device, ``population.state`` itself for the block's own half-steps).
         """
-        weights = weights if isinstance(weights, list) else [weights]
-        self.population.mix_([csr_tensor(w, self.device) for w in weights],
-                             [as_tensor(s, self.device) for s in sources])
+        self.population.mix_(weights, sources)
 
     def snapshot(self, copy: bool = True) -> dict[str, np.ndarray]:
         """Return everything a later round reads: ``state`` [P, D] and the optimizer state (``opt.<name>``).
@@ -198,12 +219,13 @@ class ParticipantBlock:
         the initial state when ``arrays`` is None."""
         pop = self.population
         if arrays is None:
-            pop.state.copy_(initial_state(self._model, self.nodes, self.config.seed, self.config.model.init))
+            pop.state.copy_(initial_state(self._model, self.nodes, self.config.seed, self.config.model.init,
+                                          device=self.device))
             for value in pop.opt_state.values():
                 value.zero_()
             return
-        pop.state.copy_(torch.from_numpy(arrays["state"]))
-        pop.load_optimizer_state({name: torch.from_numpy(arrays[f"opt.{name}"]) for name in pop.opt_state})
+        pop.state.copy_(as_tensor(arrays["state"], self.device))
+        pop.load_optimizer_state({name: as_tensor(arrays[f"opt.{name}"], self.device) for name in pop.opt_state})
 
     def evaluate(self) -> dict[str, np.ndarray]:
         """Return metrics of the current θ_k: val_loss/val_acc on each participant's validation split,
@@ -214,7 +236,7 @@ class ParticipantBlock:
         if self.x_val.shape[1] and self.val_mask.any():
             loss, acc = pop.evaluate(self.x_val, self.y_val, sample_weights=self.val_mask)
         else:
-            loss = acc = torch.full((self.size,), float("nan"))
+            loss = acc = torch.full((self.size,), float("nan"), device=self.device)
         h_loss, h_acc = pop.evaluate(self.x_heldout, self.y_heldout, shared_input=True)
         # In float64, a chunk of rows at a time: a float64 copy of all of them would be twice the state.
         param_sum = torch.zeros(pop.param_layout.width, dtype=torch.float64, device=self.device)

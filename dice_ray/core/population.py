@@ -15,6 +15,8 @@ Everything the influence code needs — Δ_k^t, losses and gradients on any data
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +38,18 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 # 0.74 s, 64 passes 0.85 s (a chunk's gradients stay in cache).
 STEP_CHUNK_BYTES = 32 << 20
 STEP_PASSES = 32
+# On a GPU the chunks that keep CPU caches warm only multiply kernel launches (9 kernel sequences per step at N = 4,096
+# on an H200): there a step takes one pass unless its gradients would outgrow this fraction of the free memory.
+GPU_STEP_MEMORY_FRACTION = 1 / 8
+
+
+def default_step_budget(device: torch.device | str) -> int:
+    """Bytes of gradients one pass of ``Population.half_step`` may hold on ``device``: ``STEP_CHUNK_BYTES`` on the CPU
+    (cache-sized chunks are faster there), ``GPU_STEP_MEMORY_FRACTION`` of the free memory on a CUDA device."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * GPU_STEP_MEMORY_FRACTION)
+    return STEP_CHUNK_BYTES
 
 
 @dataclass(frozen=True)
@@ -88,13 +102,14 @@ class Layout:
             out[name] = view.transpose(-1, -2) if t else view
         return out
 
-    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Return the [width] (or [P, width]) concatenation of ``tensors`` in layout order."""
+    def flatten(self, tensors: dict[str, torch.Tensor], device: torch.device | str | None = None) -> torch.Tensor:
+        """Return the [width] (or [P, width]) concatenation of ``tensors`` in layout order; an empty layout gives an
+        empty [0] tensor on ``device`` (there is no tensor to take the device from: pass the one the caller uses)."""
         first = tensors[self.names[0]] if self.names else None
         lead = () if first is None else first.shape[: first.dim() - len(self.shapes[0])]
         parts = [(tensors[n].transpose(-1, -2) if t else tensors[n]).reshape(*lead, -1)
                  for n, t in zip(self.names, self.transposed, strict=True)]
-        return torch.cat(parts, dim=-1) if parts else torch.zeros(*lead, 0)
+        return torch.cat(parts, dim=-1) if parts else torch.zeros(*lead, 0, device=device)
 
 
 def model_state_layouts(model: nn.Module) -> tuple[Layout, Layout]:
@@ -109,13 +124,18 @@ def model_state_layouts(model: nn.Module) -> tuple[Layout, Layout]:
     return Layout(params, linear), Layout(buffers)
 
 
-def initial_state(model: nn.Module, nodes: np.ndarray, seed: int, init: str = "same") -> torch.Tensor:
-    """Return the initial flat states [len(nodes), D] of participants ``nodes``.
+def initial_state(model: nn.Module, nodes: np.ndarray, seed: int, init: str = "same",
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """Return the initial flat states [len(nodes), D] of participants ``nodes``, on ``device`` (default: the CPU).
 
     ``init="same"``: every participant starts from one model drawn from ``seed`` (consensus start, the
     usual D-SGD setting). ``"independent"``: participant k draws its own from (seed, k). Either way a
-    participant's start depends only on (seed, k), never on how participants are grouped.
+    participant's start depends only on (seed, k), never on how participants are grouped, nor on the device: the
+    weights are always drawn by the CPU's generator on a CPU copy of ``model`` (a CUDA model would draw from
+    CUDA's generator, and a GPU run would start from other weights than a CPU run).
     """
+    if any(t.device.type != "cpu" for t in [*model.parameters(), *model.buffers()]):
+        model = copy.deepcopy(model).cpu()
     p_layout, b_layout = model_state_layouts(model)
 
     def draw(s: int) -> torch.Tensor:
@@ -129,10 +149,10 @@ def initial_state(model: nn.Module, nodes: np.ndarray, seed: int, init: str = "s
         return torch.cat([p_layout.flatten(params), b_layout.flatten(buffers)]).detach().clone()
 
     if init == "same":
-        return draw(seed).expand(len(nodes), -1).clone()
+        return draw(seed).expand(len(nodes), -1).clone().to(device or "cpu")
     if init == "independent":
         seeds = [int(np.random.SeedSequence([seed, int(k)]).generate_state(1)[0]) for k in nodes]
-        return torch.stack([draw(s) for s in seeds])
+        return torch.stack([draw(s) for s in seeds]).to(device or "cpu")
     raise InputError(f"init {init!r} is unknown; choose 'same' or 'independent'")
 
 
@@ -146,9 +166,13 @@ class Population:
     """
 
     def __init__(self, model: nn.Module, state: torch.Tensor, optimizer: OptimizerSpec,
-                 vectorize: str = "vmap", loss: Loss = CROSS_ENTROPY, step_budget: int = STEP_CHUNK_BYTES):
+                 vectorize: str = "vmap", loss: Loss = CROSS_ENTROPY, step_budget: int | None = None,
+                 autocast: torch.dtype | None = None):
         if vectorize not in ("vmap", "loop"):
             raise InputError(f"vectorize {vectorize!r} is unknown; choose 'vmap' or 'loop'")
+        # The local step's forward and backward pass under torch.autocast to this dtype (bfloat16 mode); None: in the
+        # state's dtype. Evaluation and every derivative the methods take stay in the state's dtype.
+        self.autocast = autocast
         self.model = model
         self.loss = loss  # the per-sample loss (``losses.py``): local steps and every z′ measurement
         self.param_layout, self.buffer_layout = model_state_layouts(model)
@@ -157,7 +181,8 @@ class Population:
         self.buffers = state[:, self.param_layout.width:]
         self.optimizer = optimizer
         self.vectorize = vectorize
-        self.step_budget = step_budget  # bytes of gradients one pass of ``half_step`` may hold (``step_chunks``)
+        # Bytes of gradients one pass of ``half_step`` may hold (``step_chunks``); by default by the state's device.
+        self.step_budget = default_step_budget(state.device) if step_budget is None else step_budget
         self.opt_state = init_optimizer_state(optimizer, self.params)
         # Per-tensor views of the parameters and optimizer buffers, for the optimizer's foreach update.
         self._param_views = list(self.param_layout.views(self.params).values())
@@ -310,7 +335,10 @@ class Population:
         batch = x if callable(x) else (lambda rows: (x[rows], y[rows]))
         losses = torch.empty(self.size, dtype=self.state.dtype, device=self.state.device)  # in place: see evaluate
         for rows in self.step_chunks():
-            loss, grads = self._loss_and_grads(*batch(rows), rows=rows)
+            with (torch.autocast(self.state.device.type, dtype=self.autocast) if self.autocast is not None
+                  else contextlib.nullcontext()):
+                loss, grads = self._loss_and_grads(*batch(rows), rows=rows)
+            loss, grads = loss.to(self.state.dtype), [g.to(self.state.dtype) for g in grads]
             optimizer_update_(self.optimizer, [v[rows] for v in self._param_views], grads,
                               {name: value[rows] if name == "step" else [v[rows] for v in value]
                                for name, value in self._opt_views.items()})

@@ -32,19 +32,9 @@ import scipy.sparse as sp
 
 from dice_ray.config import load_imports
 from dice_ray.core.topology import Topology
-from dice_ray.engine.block import HookedBlock
+from dice_ray.engine.block import HookedBlock, HookInbox
 from dice_ray.engine.runtime import tune_allocator
-from dice_ray.hooks import Inbox, RoundHook
-
-
-@dataclass(frozen=True)
-class HookInbox:
-    """Where a hook's messages come from for one group: the global ids of the blocks it reads (in order), the
-    position of the group's own block among them (-1: not read) and the router's note (``Route.info``)."""
-
-    ids: list[np.ndarray]
-    own: int = -1
-    info: Any = None
+from dice_ray.hooks import RoundHook
 
 
 @dataclass(frozen=True)
@@ -110,7 +100,6 @@ class ParticipantGroup:
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.hooked: HookedBlock | None = None  # built by the first ``restore``
         self.epoch = -1
-        self._weights: tuple[Any, list[sp.csr_array]] | None = None  # (key, rows of W), sent once per key
 
     @property
     def block(self) -> Any:
@@ -133,18 +122,25 @@ class ParticipantGroup:
         else:
             self.hooked.restore(arrays)
         self.epoch = epoch
-        self._weights = None  # a new coordinator comes with a new epoch and sends its weights again
+        self.hooked.forget_weights()  # a new coordinator comes with a new epoch and sends its weights again
         return epoch
 
-    @ray.method(num_returns=2)
-    def step_and_mix(self, t: int, spec: MixSpec) -> tuple[Any, Any]:
-        """``half_step`` then ``mix`` in one task, for a group whose rows of W read no other group and whose
-        half-step no other group reads (one group hosting everyone: the default on one machine). Returns
-        (train losses [P], ``mix``'s result)."""
-        if spec.epoch != self.epoch:
-            return None, None
-        _, loss = self.hooked.local_step(t)
-        return loss, self.mix(t, spec)
+    def run_rounds(self, rounds: list[tuple[int, MixSpec]]) -> tuple:
+        """``half_step`` then ``mix`` for each (t, spec) of ``rounds``, in order, in one task (call with
+        ``num_returns`` = 2 × len(rounds)), for a group whose rows of W read no other group and whose half-step no
+        other group reads (one group hosting everyone: the default on one machine). Several rounds per task keep
+        Ray's per-task cost (~1 ms) off each round. Returns (train losses [P], ``mix``'s result) per round,
+        flattened."""
+        out: list[Any] = []
+        for i, (t, spec) in enumerate(rounds):
+            if spec.epoch != self.epoch:
+                out += [None, None]
+                continue
+            loss = self.hooked.local_step(t)
+            # A snapshot shares the block's memory until Ray copies the task's returns: only the last round's may.
+            out += [loss, self.mix(t, spec, copy=i < len(rounds) - 1)]
+        # The losses come to the host after every round is queued: on a GPU the host does not wait for each round.
+        return tuple(v.cpu().numpy() if i % 2 == 0 and v is not None else v for i, v in enumerate(out))
 
     def half_step(self, t: int, publish: bool, messages: list[str], epoch: int) -> tuple:
         """Local step of round t (call with ``num_returns`` = 2 + the number of hooks): (half-step states [P, D]
@@ -154,39 +150,25 @@ class ParticipantGroup:
         names = [h.name for h in self.hook_classes]
         if epoch != self.epoch:
             return (None, None, *[None] * len(names))
-        half, loss = self.hooked.local_step(t)
+        loss = self.hooked.local_step(t)
         sent = [self.hooked.message(name, t, local=False) if name in messages else None for name in names]
-        return ((half if publish else None), loss, *sent)
+        # Published only when another group reads it: on CPU a view of the state (Ray copies it into the object
+        # store as the task ends; the next ``mix`` runs after that), from a GPU a host copy.
+        half = self.block.population.state.cpu().numpy() if publish else None
+        return half, loss.cpu().numpy(), *sent
 
-    def mix(self, t: int, spec: MixSpec, *refs: Any) -> dict[str, Any] | None:
+    def mix(self, t: int, spec: MixSpec, *refs: Any, copy: bool = False) -> dict[str, Any] | None:
         """Gossip (round t) over the source blocks, then every hook's ``after_gossip`` (see ``MixSpec``). Return
         ``{"metrics": evaluate() or None, "snapshot": the block's and hooks' snapshot or None, "records": hook name
         -> record}``, or None for a task of an abandoned epoch."""
         if spec.epoch != self.epoch:
             return None
-        if spec.weights[1] is not None:
-            self._weights = spec.weights  # the coordinator sends each key's rows once, before rounds that reuse them
-        if self._weights is None or self._weights[0] != spec.weights[0]:
-            raise RuntimeError(f"round {t}: no rows of W received for {spec.weights[0]}")
-        weights = self._weights[1]
+        # The coordinator sends each key's rows once, before the rounds that reuse them.
+        self.hooked.set_weights(*spec.weights)
         received = spec.unpack(refs)
-        blocks = received["halves"]
-        if spec.own >= 0:
-            blocks.insert(spec.own, self.block.population.state.cpu().numpy())
-        self.block.mix(weights, blocks)
-        inboxes = {}
-        for name in self.hooked.hooks:
-            inbox = Inbox(weights, spec.mixing_ids)
-            if name in spec.inboxes:
-                where = spec.inboxes[name]
-                messages = received[name]
-                if where.own >= 0:
-                    messages.insert(where.own, self.hooked.message(name, t, local=True))
-                inbox.ids, inbox.messages, inbox.info = where.ids, messages, where.info
-            inboxes[name] = inbox
-        records = self.hooked.after_gossip(t, inboxes)
+        records = self.hooked.gossip(t, spec.mixing_ids, spec.own, received.pop("halves"), spec.inboxes, received)
         return {"metrics": self.block.evaluate() if spec.evaluate else None,
-                "snapshot": self.hooked.snapshot(t, copy=False) if spec.snapshot else None, "records": records}
+                "snapshot": self.hooked.snapshot(t, copy=copy) if spec.snapshot else None, "records": records}
 
     def info(self) -> dict[str, Any]:
         """Return placement facts: torch threads, device, node IP, placement group (None outside one), peak
@@ -224,6 +206,7 @@ class Coordinator:
         self._mixing: sp.csr_array | None = None  # set by collaborator selection: replaces W from then on
         self._version = 0  # bumped when W is replaced: part of the weights' cache key
         self._sent: list[Any] = [None] * len(groups)  # the weights key each group holds
+        self._round_reads: tuple[Any, list[str], dict[str, Any]] = (None, [], {})  # (t, epoch), senders, their reads
 
     def _mixing_at(self, t: int) -> Any:
         return self.topology.mixing_matrix(t) if self._mixing is None else self._mixing
@@ -272,10 +255,43 @@ class Coordinator:
                 out[name] = [([s for s, _ in route], None) for route in routes]
         return out
 
+    def alone(self, routes: list[list[tuple[int, sp.csr_array]]]) -> bool:
+        """Whether one group hosts everyone (it reads only itself): its rounds need nothing passed between tasks."""
+        return len(self.groups) == 1 and bool(routes[0]) and routes[0][0][0] == 0
+
     def submit_rounds(self, rounds: list[tuple[int, bool, bool]], epoch: int) -> list[tuple[list[Any], list[Any]]]:
-        """``submit_round`` for each (t, evaluate, snapshot) of ``rounds``, in order (one call for several rounds
-        keeps the coordinator's and driver's CPU time per round small)."""
+        """Queue each (t, evaluate, snapshot) of ``rounds`` of ``epoch`` on the groups, in order, without waiting;
+        return per round the ObjectRefs of (per-group train losses, per-group mix results). One call for several
+        rounds keeps the coordinator's and driver's CPU time per round small; when one group hosts everyone, the
+        rounds go to it as ONE task (``ParticipantGroup.run_rounds``: they need nothing from the driver, whose
+        round loop ends a call at every round a driver hook acts on)."""
+        if rounds and self.alone(self._route(rounds[0][0])):
+            specs = [(t, self._mix_spec(0, t, evaluate, snapshot, epoch)[0]) for t, evaluate, snapshot in rounds]
+            refs = self.groups[0].run_rounds.options(num_returns=2 * len(specs)).remote(specs)
+            return [([refs[2 * i]], [refs[2 * i + 1]]) for i in range(len(specs))]
         return [self.submit_round(t, evaluate, snapshot, epoch) for t, evaluate, snapshot in rounds]
+
+    def _mix_spec(self, g: int, t: int, evaluate: bool, snapshot: bool, epoch: int,
+                  halves: list[HalfStep] | None = None) -> tuple[MixSpec, list[Any]]:
+        """Group g's ``MixSpec`` of round t and the ObjectRefs that travel beside it (the other groups' half-steps
+        and messages it reads, from ``halves``; none when it reads only itself)."""
+        routes = self._route(t)
+        if self._round_reads[0] != (t, epoch):  # once per round, not per group
+            sending = [name for name in self.hook_names if self.sends[name](t)]
+            self._round_reads = (t, epoch), sending, self._reads(t, sending, routes)
+        _, sending, reads = self._round_reads
+        route = routes[g]
+        own = next((i for i, (s, _) in enumerate(route) if s == g), -1)
+        refs = [halves[s].state for s, _ in route if s != g] if halves else []
+        counts, inboxes = [("halves", len(refs))], {}
+        for name in sending:
+            sources, info = reads[name][g]
+            theirs = [halves[s].messages[name] for s in sources if s != g] if halves else []
+            inboxes[name] = HookInbox([self.blocks[s] for s in sources], sources.index(g) if g in sources else -1, info)
+            counts.append((name, len(theirs)))
+            refs += theirs
+        return MixSpec(self._weights(g, t, route), [self.blocks[s] for s, _ in route], own, evaluate, snapshot,
+                       epoch, inboxes, tuple(counts)), refs
 
     def submit_round(self, t: int, evaluate: bool, snapshot: bool = False,
                      epoch: int = 0) -> tuple[list[Any], list[Any]]:
@@ -284,27 +300,10 @@ class Coordinator:
         back to back keep every group busy while the driver collects earlier rounds' metrics. Hooks' messages
         travel on the rounds they send, to the groups that read them."""
         routes = self._route(t)
+        if self.alone(routes):
+            return self.submit_rounds([(t, evaluate, snapshot)], epoch)[0]
         sending = [name for name in self.hook_names if self.sends[name](t)]
         reads = self._reads(t, sending, routes)
-
-        def spec(g: int, halves: list[HalfStep] | None) -> tuple[MixSpec, list[Any]]:
-            route = routes[g]
-            own = next((i for i, (s, _) in enumerate(route) if s == g), -1)
-            refs = [halves[s].state for s, _ in route if s != g] if halves else []
-            counts, inboxes = [("halves", len(refs))], {}
-            for name in sending:
-                sources, info = reads[name][g]
-                theirs = [halves[s].messages[name] for s in sources if s != g] if halves else []
-                inboxes[name] = HookInbox([self.blocks[s] for s in sources],
-                                          sources.index(g) if g in sources else -1, info)
-                counts.append((name, len(theirs)))
-                refs += theirs
-            return MixSpec(self._weights(g, t, route), [self.blocks[s] for s, _ in route], own, evaluate, snapshot,
-                           epoch, inboxes, tuple(counts)), refs
-
-        if len(self.groups) == 1 and routes[0] and routes[0][0][0] == 0:  # one task per round, nothing to pass
-            loss, mixed = self.groups[0].step_and_mix.remote(t, spec(0, None)[0])
-            return [loss], [mixed]
         published = {s for g, route in enumerate(routes) for s, _ in route if s != g}
         sent = {name: {s for g, (sources, _) in enumerate(reads[name]) for s in sources if s != g}
                 for name in sending}
@@ -315,6 +314,6 @@ class Coordinator:
             halves.append(HalfStep(refs[0], refs[1], dict(zip(self.hook_names, refs[2:], strict=True))))
         mixed = []
         for g, group in enumerate(self.groups):
-            mix_spec, refs = spec(g, halves)
+            mix_spec, refs = self._mix_spec(g, t, evaluate, snapshot, epoch, halves)
             mixed.append(group.mix.remote(t, mix_spec, *refs))
         return [h.loss for h in halves], mixed

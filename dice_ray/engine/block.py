@@ -1,18 +1,36 @@
 """A participant block with its round hooks: the part of a round every engine runs where the block lives.
 
 ``HookedBlock`` calls the hooks (``dice_ray.hooks``) around the block's local step and gossip, in the order they
-were given; ``LocalEngine`` and the Ray participant groups use it alike, so the numbers are the same.
+were given. Its two calls are the whole round body of one block, for the local engine and the Ray participant
+groups alike (so the numbers are the same): ``local_step(t)``, then ``gossip(t, ...)`` with the half-steps and
+messages of the blocks this one reads. The block's own half-step and messages never leave it; the rows of W^t are
+converted to device tensors once per key (per topology, or per round of a time-varying one), so a round moves no
+[P, D] tensor off the block's device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
+import torch
 
 from dice_ray.core.participants import ParticipantBlock
+from dice_ray.core.tensors import as_tensor
 from dice_ray.hooks import Inbox, RoundHook
+
+
+@dataclass(frozen=True)
+class HookInbox:
+    """Where a hook's messages come from for one block: the global ids of the blocks it reads (in order), the
+    position of the block's own among them (-1: not read) and the router's note (``Route.info``)."""
+
+    ids: list[np.ndarray]
+    own: int = -1
+    info: Any = None
 
 
 class HookedBlock:
@@ -21,20 +39,61 @@ class HookedBlock:
     def __init__(self, block: ParticipantBlock, hooks: list[type[RoundHook]], config: Any):
         self.block = block
         self.hooks = {h.name: h(block, config) for h in hooks}
+        self._weights: tuple[Any, list[sp.csr_array], list[torch.Tensor]] | None = None  # (key, rows, on device)
 
-    def local_step(self, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """Hooks' ``before_local_step``, the local step, hooks' ``after_local_step``; return the block's
-        (half-step states θ^{t+½} [P, D], training losses [P])."""
+    def local_step(self, t: int) -> torch.Tensor:
+        """Hooks' ``before_local_step``, the local step, hooks' ``after_local_step``; return the training losses [P]
+        (on the block's device). The half-step states θ^{t+½} are ``block.population.state``, in place."""
         for hook in self.hooks.values():
             hook.before_local_step(t)
-        half, loss = self.block.half_step(t)
+        loss = self.block.half_step(t)
         for hook in self.hooks.values():
             hook.after_local_step(t)
-        return half, loss
+        return loss
 
     def message(self, name: str, t: int, local: bool) -> Any:
         """Hook ``name``'s message of round t (``local``: for this block itself)."""
         return self.hooks[name].message(t, local)
+
+    def set_weights(self, key: Any, rows: list[sp.csr_array] | None) -> None:
+        """Hold ``rows`` (this block's rows of W^t over its mixing source blocks, scipy CSR) under ``key``, converted
+        to the device once; ``rows`` None: keep the ones held, which must be ``key``'s."""
+        if rows is not None:
+            self._weights = key, list(rows), self.block.mixing_rows(list(rows))
+        elif self._weights is None or self._weights[0] != key:
+            raise RuntimeError(f"no rows of W received for {key}")
+
+    def forget_weights(self) -> None:
+        """Drop the held rows of W (a new coordinator sends them again)."""
+        self._weights = None
+
+    def gossip(self, t: int, mixing_ids: list[np.ndarray], own: int, halves: list[Any],
+               inboxes: Mapping[str, HookInbox], received: Mapping[str, list[Any]]) -> dict[str, Any]:
+        """Gossip of round t with the rows held by ``set_weights``, then every hook's ``after_gossip``; return their
+        records by name.
+
+        ``mixing_ids[b]``: global ids of the mixing source blocks; ``halves``: the half-step states [M_b, D] of those
+        blocks other than this one (numpy from the object store, or tensors), ``own`` the position of this block's
+        among them (-1: not read). ``inboxes``: the hooks that send this round, with ``received[name]`` the
+        messages of the other blocks they read (this block's own is added at ``inboxes[name].own``).
+        """
+        _, rows, weights = self._weights
+        device = self.block.device
+        mine = {name: self.message(name, t, local=True) for name, where in inboxes.items() if where.own >= 0}
+        sources = [as_tensor(h, device) if isinstance(h, np.ndarray) else h for h in halves]
+        if own >= 0:
+            sources.insert(own, self.block.population.state)  # read in place: mix_ reads sources before writing
+        self.block.mix(weights, sources)
+        boxes = {}
+        for name in self.hooks:
+            inbox = Inbox(rows, mixing_ids)
+            if name in inboxes:
+                where, messages = inboxes[name], list(received.get(name, []))
+                if where.own >= 0:
+                    messages.insert(where.own, mine[name])
+                inbox.ids, inbox.messages, inbox.info = where.ids, messages, where.info
+            boxes[name] = inbox
+        return self.after_gossip(t, boxes)
 
     def after_gossip(self, t: int, inboxes: Mapping[str, Inbox]) -> dict[str, Any]:
         """Every hook's ``after_gossip`` with its inbox; return their records by name."""

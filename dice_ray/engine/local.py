@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 
 from dice_ray.core.participants import ParticipantBlock
-from dice_ray.engine.block import HookedBlock
+from dice_ray.engine.block import HookedBlock, HookInbox
 from dice_ray.engine.metrics import RoundMetrics, RoundPlan, combine_evaluations
 from dice_ray.engine.runtime import tune_allocator
 from dice_ray.experiment import Experiment
-from dice_ray.hooks import Inbox, RoundHook
+from dice_ray.hooks import RoundHook
 
 
 class LocalEngine:
@@ -32,6 +32,8 @@ class LocalEngine:
                                   experiment.config)
         self.block = self.hooked.block
         self.mixing: Any = None  # set by collaborator selection: replaces W from then on
+        self._version = 0  # bumped when W is replaced: part of the weights' key
+        self._held: Any = None  # the key of the rows of W the block holds
         self._sends = {h.name: h.sends(self.config) for h in hooks}
         self._routers = {h.name: h.router(self.config, self.topology, self.blocks, self._mixing_at)
                          for h in hooks if h.router is not None}
@@ -39,22 +41,21 @@ class LocalEngine:
     def _mixing_at(self, t: int) -> Any:
         return self.topology.mixing_matrix(t) if self.mixing is None else self.mixing
 
+    def _weights_key(self, t: int) -> tuple[int, int]:
+        """W^t's cache key: it changes when W is replaced, and every round of a time-varying topology."""
+        return self._version, (t if self.topology.time_varying and self.mixing is None else 0)
+
     def run_round(self, t: int, evaluate: bool, snapshot: bool = False) -> RoundMetrics:
         """Run round t; return its metrics (with the state after it if ``snapshot``, and the hooks' records)."""
-        half, train_loss = self.hooked.local_step(t)
-        sending = [name for name, sends in self._sends.items() if sends(t)]
-        messages = {name: self.hooked.message(name, t, local=True) for name in sending}
-        w = self._mixing_at(t)
-        self.block.mix([w], [half])
-        inboxes = {}
-        for name in self.hooked.hooks:
-            inbox = Inbox([w], [self.block.nodes])
-            if name in sending:
-                route = self._routers[name].routes(t)[0] if name in self._routers else None
-                inbox.ids, inbox.messages = [self.block.nodes], [messages[name]]
-                inbox.info = route.info if route is not None else None
-            inboxes[name] = inbox
-        records = self.hooked.after_gossip(t, inboxes)
+        train_loss = self.hooked.local_step(t)
+        key = self._weights_key(t)
+        self.hooked.set_weights(key, None if key == self._held else [self._mixing_at(t)])
+        self._held = key
+        nodes = [self.block.nodes]
+        inboxes = {name: HookInbox(nodes, 0, self._routers[name].routes(t)[0].info if name in self._routers else None)
+                   for name, sends in self._sends.items() if sends(t)}
+        records = self.hooked.gossip(t, nodes, 0, [], inboxes, {})
+        train_loss = train_loss.cpu().numpy()
         if evaluate:
             metrics = combine_evaluations(t, train_loss, [self.block.evaluate()], self.topology.n)
         else:
@@ -67,6 +68,7 @@ class LocalEngine:
     def set_mixing_matrix(self, w: Any) -> None:
         """Use ``w`` [N, N] as W^t for every later round (collaborator selection rewires the graph)."""
         self.mixing = w
+        self._version += 1
 
     def run_rounds(self, schedule: Iterable[tuple[int, bool] | RoundPlan]) -> Iterator[RoundMetrics]:
         """Run the rounds of ``schedule`` (``RoundPlan``s or (t, evaluate) pairs, in order); yield each

@@ -19,6 +19,12 @@ from dice_ray.engine.runtime import ActorPlan, plan_actors
 from dice_ray.experiment import Experiment
 from dice_ray.hooks import RoundHook
 
+# Rounds per coordinator call (and per task, when one group hosts everyone): as many as take about CALL_SECONDS, at
+# most MAX_ROUNDS_PER_CALL (see ``RayEngine.run_rounds``). At the MLP's ~1 ms rounds on a GPU, Ray's ~1 ms per task
+# would otherwise double a round; at 0.1 s the driver still sees every round within a fraction of a second.
+CALL_SECONDS = 0.1
+MAX_ROUNDS_PER_CALL = 32
+
 # What a lost actor or machine looks like to the driver: the round in flight fails with one of these.
 ACTOR_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError,
                   ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError)
@@ -79,16 +85,23 @@ class RayEngine:
         return next(self.run_rounds([(t, evaluate)]))
 
     def run_rounds(self, schedule: Iterable[tuple[int, bool] | RoundPlan],
-                   chunk: int = 4) -> Iterator[RoundMetrics]:
+                   chunk: int | None = None) -> Iterator[RoundMetrics]:
         """Run the rounds of ``schedule`` (``RoundPlan``s or (t, evaluate) pairs, in order); yield each
         round's metrics.
 
-        Rounds are handed to the coordinator ``chunk`` at a time, and the next chunk is queued before the
+        Rounds are handed to the coordinator a chunk at a time, and the next chunk is queued before the
         current one is collected, so the groups never wait for the driver (synchrony is kept by the data
         flow: round t+1 starts on the mixed states of round t). A chunk ends at a snapshot round, and nothing
         after it is queued until the caller has taken that round's metrics: one snapshot of the state (a copy
         in the object store) at a time.
+
+        A chunk is ``chunk`` rounds if given; else as many as take about ``CALL_SECONDS`` (measured on the
+        chunks collected so far; ``MAX_ROUNDS_PER_CALL`` at most): when one group hosts everyone a chunk is one
+        task (``Coordinator.submit_rounds``), so short rounds do not pay Ray's per-task cost each, and long ones
+        still report every round as it ends.
         """
+        size = chunk or 4
+        last = time.perf_counter()
         rounds = (RoundPlan(*plan) for plan in schedule)
         inflight: deque[tuple[list[RoundPlan], Any]] = deque()
 
@@ -96,7 +109,7 @@ class RayEngine:
             if inflight and inflight[-1][0][-1].snapshot:
                 return
             batch = []
-            for plan in itertools.islice(rounds, chunk):
+            for plan in itertools.islice(rounds, size):
                 batch.append(plan)
                 if plan.snapshot:
                     break
@@ -115,6 +128,11 @@ class RayEngine:
                 current = ray.get(submitted)
                 for plan, refs in zip(batch, current, strict=True):
                     yield self._collect(plan, *refs)
+                now = time.perf_counter()
+                if chunk is None:
+                    per_round = (now - last) / len(batch)
+                    size = int(min(max(CALL_SECONDS / max(per_round, 1e-6), 1), MAX_ROUNDS_PER_CALL))
+                last = now
                 if batch[-1].snapshot:  # drop the references that keep the snapshot in the object store
                     current, submitted, refs = [], None, None
                     submit()

@@ -17,8 +17,9 @@ from dice_ray.config import EngineConfig
 from dice_ray.errors import InputError
 
 
-def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to the Ray cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray.
+def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Connect to the Ray cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray (with ``num_gpus``
+    GPU resources if given: without CUDA, actors that ask for GPUs then run on the CPU, as in a rehearsal).
 
     A local Ray listens on 127.0.0.1 only and starts no dashboard. Does nothing if Ray is running.
     """
@@ -40,8 +41,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
     # address="local": always a new Ray of this process's own, never another job's running one (ray.init()
     # alone joins the newest local Ray it finds, and dies with it).
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             configure_logging=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+             _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=True)
 
 
 def _join(address: str) -> None:

@@ -68,11 +68,11 @@ def record_windows(experiment: Experiment, starts: list[int], horizon: int) -> l
             opt_states[t] = {name: value.clone() for name, value in pop.opt_state.items()}
         if t == max(starts) + horizon:
             break
-        half, _ = block.half_step(t)
+        block.half_step(t)
         w = experiment.topology.mixing_matrix(t)
         if t in needed:
             halves[t], mixing[t] = pop.state.clone(), w
-        block.mix([w], [half])
+        block.mix(block.mixing_rows(w), [pop.state])
     return [Trajectory(t0, [states[t0 + s] for s in range(horizon + 1)],
                        [halves[t0 + s] for s in range(horizon)],
                        [opt_states[t0 + s] for s in range(horizon + 1)],

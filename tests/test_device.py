@@ -1,0 +1,119 @@
+"""Device residency, checked on the CPU: what a block creates follows its device, and a round keeps the state there.
+
+The GPU path's start-up crash (a buffer-less model's empty flat buffers drawn on the CPU, concatenated with CUDA
+parameters) is caught here without a GPU: a block is built, and takes a local step, on PyTorch's ``meta`` device
+(shapes without data; any tensor created on the CPU by mistake would meet a meta tensor and fail). And a round of
+the engines' round body copies no state-sized tensor between host and device: counted by a ``TorchFunctionMode``
+that sees every ``.cpu()``, ``.numpy()``, ``.to()``, ``.tolist()`` and ``torch.as_tensor``. The CUDA runs
+themselves are ``bench/bench_gpu.py``'s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import dice_ray
+from dice_ray.core.models import build_model
+from dice_ray.core.participants import ParticipantBlock
+from dice_ray.core.population import initial_state
+from dice_ray.engine.local import LocalEngine
+from dice_ray.experiment import prepare
+from dice_ray.hooks import round_hooks
+from dice_ray.methods import methods_for
+
+WORLD = {"nodes": 8, "rounds": 6, "seed": 3, "data": {"dataset": "digits", "heldout_size": 32},
+         "optim": {"name": "adam", "batch_size": 8}, "output": {"progress": False}}
+
+
+def _tensors(obj: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for name, value in vars(obj).items():
+        items = value.items() if isinstance(value, dict) else [("", value)]
+        for key, item in items:
+            if isinstance(item, torch.Tensor):
+                out.append((f"{prefix}{name}{'.' + key if key else ''}", item))
+    return out
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_a_block_creates_everything_on_its_device_and_steps_there(model: str) -> None:
+    config = dice_ray.RunConfig(**{**WORLD, "model": {"name": model}, "misbehavior": {"kind": "sign-flip", "count": 1}})
+    block = ParticipantBlock.for_experiment(prepare(config), device="meta")
+    pop = block.population
+    held = _tensors(block) + _tensors(pop, "population.") + [
+        (f"model.{n}", t) for n, t in [*pop.model.named_parameters(), *pop.model.named_buffers()]]
+    assert held and not [(n, t.device) for n, t in held if t.device.type != "meta"]
+    loss = block.half_step(0)  # the local step, misbehaving update included, on the device
+    assert loss.device.type == "meta" and loss.shape == (config.nodes,)
+    assert all(w.device.type == "meta" for w in block.mixing_rows(prepare(config).topology.mixing_matrix(0)))
+
+
+def test_the_initial_state_does_not_depend_on_the_device_or_the_global_generator() -> None:
+    """Drawn by the CPU generator on a CPU copy: a model moved elsewhere first, or a reseeded global generator,
+    give the same weights (a CUDA model would otherwise draw from CUDA's generator)."""
+    model = build_model("mlp", (1, 8, 8), 10)
+    want = initial_state(model, np.arange(3), seed=11)
+    torch.manual_seed(999)
+    assert torch.equal(initial_state(model, np.arange(3), seed=11), want)
+    on_meta = initial_state(build_model("mlp", (1, 8, 8), 10), np.arange(3), seed=11, device="meta")
+    assert on_meta.device.type == "meta" and on_meta.shape == want.shape
+
+
+class HostCopies(TorchFunctionMode):
+    """Counts host <-> device conversions of tensors (or arrays) with at least ``numel`` elements: every ``.cpu()``,
+    ``.numpy()``, ``.tolist()`` and ``torch.as_tensor``, and ``.to`` another device than the tensor's (a dtype
+    conversion, or ``.to(block.device)`` of a tensor already there, stays where it is; the code asks for the host
+    with ``.cpu()``)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.seen = numel, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        first = args[0] if args else None
+        size = first.numel() if isinstance(first, torch.Tensor) else getattr(first, "size", 0)
+        moves = name != "to" or any(torch.device(a) != first.device
+                                    for a in [*args[1:], *kwargs.values()] if isinstance(a, (str, torch.device)))
+        if name in ("cpu", "numpy", "tolist", "to", "as_tensor") and moves and size >= self.numel:
+            self.seen.append((name, tuple(getattr(first, "shape", ()))))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("methods", [{}, {"proximal": {"enabled": True, "zprime": "heldout"},
+                                          "influence": {"enabled": True, "online": True, "hops": 2, "rounds": [1]},
+                                          "ledger": {"enabled": True, "hops": 2}}],
+                         ids=["training", "with-in-loop-methods"])
+def test_a_round_moves_no_state_sized_tensor_between_host_and_device(methods: dict) -> None:
+    """Rounds that neither evaluate nor snapshot: the block's state, its rows of W (converted once) and every
+    hook's tensors stay where the block lives. Without this a GPU round pays PCIe transfers of the whole state."""
+    config = dice_ray.RunConfig(**{**WORLD, **methods})
+    experiment = prepare(config)
+    engine = LocalEngine(experiment, round_hooks(methods_for(config)))
+    pop = engine.block.population
+    engine.run_round(0, evaluate=False)  # round 0 converts W once
+    with HostCopies(numel=pop.state.shape[0] * pop.param_layout.width // 2) as counter:
+        for t in range(1, 4):
+            engine.run_round(t, evaluate=False)
+    assert counter.seen == []
+    with HostCopies(numel=pop.state.shape[0] * pop.param_layout.width // 2) as counter:
+        engine.run_round(4, evaluate=False, snapshot=True)
+    assert counter.seen, "a snapshot copies the state to the host: the counter must see it"
+
+
+def test_bf16_precision_trains_close_to_fp32_and_is_refused_for_derivatives(tmp_path) -> None:
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        output = {"progress": False, "eval_every": 1, "out": str(tmp_path / precision)}
+        config = dice_ray.RunConfig(**{**WORLD, "engine": {"precision": precision}, "output": output})
+        runs[precision] = dice_ray.run(config, engine="local").rounds.groupby("round").heldout_loss.mean().to_numpy()
+    difference = np.abs(runs["bf16"] - runs["fp32"]) / np.abs(runs["fp32"])
+    assert 0 < difference.max() < 0.05  # bfloat16 rounding (2^-8) in the step, not another computation
+    with pytest.raises(dice_ray.InputError, match="bf16.*influence.*bfloat16"):
+        dice_ray.RunConfig(**{**WORLD, "engine": {"precision": "bf16"}, "influence": {"enabled": True}})
