@@ -677,6 +677,8 @@ def main() -> None:
     parser.add_argument("--parts", default="a,dice,modes,b,c,e,f", help="which GPU parts to run (comma-separated)")
     parser.add_argument("--target-s", type=float, default=None,
                         help="seconds of timed rounds per run of (b) (default 4; --quick 2)")
+    parser.add_argument("--deadline-s", type=float, default=math.inf,
+                        help="skip the parts that would start after this many seconds (each part saved as it ends)")
     parser.add_argument("--dry-run", action="store_true",
                         help="without CUDA: rehearse every GPU part on the CPU with tiny sizes and a fake GPU "
                              "resource (Ray places gpus_per_actor actors on the CPU); checks the script, not numbers")
@@ -709,7 +711,7 @@ def main() -> None:
         start_ray(num_gpus=1)
     sizes = [(m, n) for m in ("mlp", "cnn") for n in args.nodes] + ([] if args.no_resnet18 else
                                                                      [("resnet18", 4 if args.dry_run else 256)])
-    cases = [(m, n, g, "fp32") for m, n in sizes for g in args.fractions]
+    cases = [(m, n, g, "fp32") for m, n in sizes for g in (args.fractions if m != "resnet18" else [1.0])]
     cases += [(m, max(args.nodes), 1.0, mode) for m in ("mlp", "cnn") for mode in args.modes]
     gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "dry run on the CPU" if cuda else None
     print(f"dice-ray {dice_ray.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
@@ -739,9 +741,13 @@ def main() -> None:
             print(f"{part}: skipped: no CUDA device", flush=True)
             results["skipped"].append(part)
     else:
-        import ray
+        deadline = start + args.deadline_s
 
         def guarded(name: str, fn: Any) -> Any:
+            if time.perf_counter() > deadline:
+                print(f"{name}: skipped: past --deadline-s {args.deadline_s:g}", flush=True)
+                results["skipped"].append(name)
+                return None
             try:
                 return fn()
             except Exception as err:  # noqa: BLE001 - report, keep the other parts
@@ -749,27 +755,38 @@ def main() -> None:
                 results.setdefault("failed", []).append(f"{name}: {type(err).__name__}: {str(err)[:500]}")
                 return None
 
+        def timed(name: str, chosen: list[tuple[str, int, float, str]]) -> None:
+            for case in chosen:
+                rows = guarded(f"(b) {name} {case}", lambda case=case: timing([case], shape_ok, args.target_s))
+                results.setdefault("timing", []).extend(rows or [])
+                save()
+
+        # Most important first (a run cut short keeps what it measured): fp32 equivalence, fp32 round times on one
+        # actor per GPU and the fused step, then two actors per GPU, DICE, the precision modes, floor and profile.
+        cpu_tables: dict[str, Any] = {}
         if "a" in parts:
             got = guarded("(a)", lambda: equivalence(args.eq_models, shape_ok, args.fractions))
             if got:
                 results["equivalence"], cpu_tables = got
-                if "modes" in parts and args.modes:
-                    results["precision_modes"] = guarded("(a'')", lambda: precision_modes(cpu_tables, shape_ok,
-                                                                                          args.modes)) or []
             save()
+        if "b" in parts:
+            timed("fp32", [c for c in cases if c[2] == 1.0 and c[3] == "fp32"])
+        if "c" in parts:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            results["fused"] = guarded("(c)", lambda: fused(sizes, results.get("timing", []))) or []
+            save()
+        if "b" in parts:
+            timed("shared GPU", [c for c in cases if c[2] != 1.0])
         if "dice" in parts:
             results["dice"] = guarded("(a')", dice_equivalence)
             save()
+        if "modes" in parts and args.modes and cpu_tables:
+            results["precision_modes"] = guarded("(a'')", lambda: precision_modes(cpu_tables, shape_ok,
+                                                                                  args.modes)) or []
+            save()
         if "b" in parts:
-            results["timing"] = guarded("(b)", lambda: timing(cases, shape_ok, args.target_s)) or []
-            save()
-        if not args.dry_run:
-            ray.shutdown()  # the actors are gone already; what follows gets the GPU alone
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        if "c" in parts:
-            results["fused"] = guarded("(c)", lambda: fused(sizes, results.get("timing", []))) or []
-            save()
+            timed("modes", [c for c in cases if c[3] != "fp32"])
         if "e" in parts:
             limits = guarded("(e)", device_limits)
             if limits:
