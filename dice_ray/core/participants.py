@@ -19,6 +19,7 @@ import scipy.sparse as sp
 import torch
 
 from dice_ray.config import RunConfig
+from dice_ray.core.convolution import use_conv_mode
 from dice_ray.core.losses import build_loss
 from dice_ray.core.misbehavior import DATA_KINDS, UPDATE_KINDS, corrupt_data, update_factor
 from dice_ray.core.models import build_model
@@ -64,6 +65,7 @@ class ParticipantBlock:
         model = build_model(config.model.name, input_shape, num_classes)
         state = initial_state(model, self.nodes, config.seed, config.model.init, device=self.device)
         model.to(self.device)
+        use_conv_mode(model, config.model.conv, self.device)
         vectorize = "vmap" if config.model.vectorize == "auto" else config.model.vectorize
         autocast = set_precision(config.engine.precision)
         self.population = Population(model, state, config.optim.spec(), vectorize, build_loss(config.model.loss),
