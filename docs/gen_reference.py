@@ -188,6 +188,14 @@ def _ray_options() -> set[str]:
     return {o for command in (start, stop) for p in command.params for o in p.opts if o.startswith("--")}
 
 
+def _bench_options() -> set[str]:
+    """The options the scripts in ``bench/`` declare (``add_argument("--x", ...)``), read from their source."""
+    import re
+
+    return {o for path in (ROOT / "bench").glob("*.py")
+            for o in re.findall(r"add_argument\(\s*\"(--[a-z][a-z0-9-]*)\"", path.read_text())}
+
+
 def unknown_options(docs: Path = ROOT / "docs", readme: Path = ROOT / "README.md") -> list[str]:
     """'page: option' for every ``--option`` a page names that no parser has: in a ``python -m dice_ray.X`` command
     (checked against X's parser) or in inline code (checked against all of them)."""
@@ -195,7 +203,7 @@ def unknown_options(docs: Path = ROOT / "docs", readme: Path = ROOT / "README.md
 
     known = {command.split()[-1]: {o for a in parser._actions for o in a.option_strings}
              for command, parser in parsers()}
-    every = set().union(*known.values()) | OTHER_OPTIONS | _ray_options()
+    every = set().union(*known.values()) | OTHER_OPTIONS | _ray_options() | _bench_options()
     problems = []
     for path in [readme, *sorted(docs.rglob("*.md"))]:
         text = path.read_text().replace("\\\n", " ")  # shell line continuations
