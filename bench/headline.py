@@ -9,9 +9,10 @@ Rows (``--rows``, comma-separated; all by default):
                 (each repeat alternates which side goes first; Flower lives in its own venv, see bench_peers).
     memory      ``bench/bench_memory.py --nodes 16384 --optimizers sgd``: the actor's peak / the stacked state.
     alignment   README's 16-node ring command (``--influence --hops 3``): the lowest Spearman, over hops and
-                variants, of DICE-E against DICE-GT. Deterministic: same config and seed, same numbers.
-    detection   ``configs/anomaly-proximal.yaml``, label flippers, seed 0: proximal influence's ROC AUC after 2
-                and 20 rounds and the training-loss baseline's after 2. Deterministic.
+                variants, of each hop's DICE-E against DICE-GT, and curvature's error against first-order's at hop 3.
+                Deterministic: same config and seed, same numbers.
+    detection   ``configs/anomaly-proximal.yaml``, label flippers, seeds 0-2: proximal influence's ROC AUC after 2
+                and 20 rounds and the training-loss baseline's after 2, mean (min) over seeds. Deterministic.
     collaborators  docs/results/collaborators.md's 64 participants with 10% label flippers, seeds 0-2, static
                 against influence-based rewiring: mean final honest accuracy, and on how many seeds it rose.
     contributions  ``configs/contributions.yaml --loo``, seeds 0-4: Spearman of the ledger's totals against
@@ -98,10 +99,10 @@ def row_default(repeats: int, tmp: Path) -> dict[str, Any]:
                     f"{cell(summary(peaks), '.2f')} GiB"}
 
 
-def row_flower(repeats: int, tmp: Path, target_s: float) -> dict[str, Any]:
+def row_flower(repeats: int, tmp: Path, target_s: float, settle_s: float) -> dict[str, Any]:
     out = tmp / "peers.json"
     python("bench/bench_peers.py", "--models", "mlp", "cnn", "--nodes", "256", "--repeats", str(repeats),
-           "--target-s", str(target_s), "--json", str(out))
+           "--target-s", str(target_s), "--settle-s", str(settle_s), "--json", str(out))
     cells = json.loads(out.read_text())["cells"]
     result, texts = {}, []
     for c in cells:
@@ -127,35 +128,45 @@ def row_memory(repeats: int, tmp: Path) -> dict[str, Any]:
 
 
 def row_alignment(repeats: int, tmp: Path) -> dict[str, Any]:
+    """The lowest Spearman of the hop-r terms over hops and variants, and the relative error of the per-participant
+    terms at hop 3 for first-order and curvature (README: "curvature halves the first-order error at hop 3")."""
     import dice_ray
 
-    lows = []
+    lows, ratios = [], []
     for i in range(repeats):
         out = tmp / f"alignment-{i}"
         python("-m", "dice_ray.simulate", "--dataset", "digits", "--nodes", "16", "--topology", "ring", "--lr", "0.05",
                "--batch-size", "16", "--rounds", "30", "--influence", "--hops", "3", "--no-progress", "--out", str(out))
         table = dice_ray.open_run(out).alignment()
-        cumulative = table[table.quantity == "cumulative"].dropna(subset=["spearman"])  # every variant, every hop
-        lows.append(float(cumulative.spearman.min()))
-    return {"spearman_min": summary(lows), "text": f"Spearman ≥ {cell(summary(lows), '.3f')} at every hop"}
+        lows.append(float(table[table.quantity == "hop"].spearman.min()))
+        terms = table[(table.quantity == "terms") & (table.hops == 3)].set_index("variant")["relative_error"]
+        ratios.append(float(terms["curvature"] / terms["first-order"]))
+    return {"spearman_min": summary(lows), "curvature_over_first_order_hop3": summary(ratios),
+            "text": f"Spearman ≥ {cell(summary(lows), '.4f')} at every hop; curvature's relative error of the "
+                    f"hop-3 terms {cell(summary(ratios), '.2f')}× first-order's"}
 
 
 def row_detection(repeats: int, tmp: Path) -> dict[str, Any]:
+    """Seeds 0-2, as docs/results/detection.md: the mean over seeds (and its minimum) of each AUC."""
     import dice_ray
 
     at2, at20, loss2 = [], [], []
-    for i in range(repeats):
-        out = tmp / f"detection-{i}"
+    for seed in (0, 1, 2):
+        out = tmp / f"detection-{seed}"
         python("-m", "dice_ray.simulate", "--config", "configs/anomaly-proximal.yaml", "--misbehavior", "label-flip",
-               "--seed", "0", "--no-progress", "--out", str(out))
+               "--seed", str(seed), "--no-progress", "--out", str(out))
         report = dice_ray.open_run(out).anomaly([2, 20])
         auc = report.set_index(["method", "horizon"]).auc
         at2.append(float(auc[("proximal", 2)]))
         at20.append(float(auc[("proximal", 20)]))
         loss2.append(float(auc[("train-loss", 2)]))
-    return {"auc_2": summary(at2), "auc_20": summary(at20), "loss_2": summary(loss2),
-            "text": f"ROC AUC {cell(summary(at2), '.3f')} after 2 rounds, {cell(summary(at20), '.3f')} at round 20 "
-                    f"(training-loss baseline {cell(summary(loss2), '.3f')} at round 2)"}
+
+    def mean_min(values: list[float]) -> str:
+        return f"{np.mean(values):.3f} (min {np.min(values):.3f})"
+
+    return {"auc_2": at2, "auc_20": at20, "loss_2": loss2,
+            "text": f"ROC AUC {mean_min(at2)} after 2 rounds, {mean_min(at20)} at round 20 (training-loss "
+                    f"baseline {mean_min(loss2)} at round 2); mean over seeds 0-2"}
 
 
 def row_collaborators(repeats: int, tmp: Path) -> dict[str, Any]:
@@ -201,6 +212,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the timing rows (default 3)")
     parser.add_argument("--deterministic-repeats", type=int, default=1, help="repeats of the deterministic rows")
     parser.add_argument("--flower-target-s", type=float, default=20.0, help="bench_peers' --target-s")
+    parser.add_argument("--flower-settle-s", type=float, default=30.0, help="bench_peers' --settle-s")
     parser.add_argument("--json", type=Path, default=None, help="write every value here")
     args = parser.parse_args()
     rows = [r for r in args.rows.split(",") if r]
@@ -215,7 +227,7 @@ def main() -> None:
         for row in rows:
             print(f"{row}: {load()} ...", flush=True)
             if row == "flower":
-                got = row_flower(args.repeats, Path(tmp), args.flower_target_s)
+                got = row_flower(args.repeats, Path(tmp), args.flower_target_s, args.flower_settle_s)
             elif row in DETERMINISTIC:
                 got = globals()[f"row_{row}"](args.deterministic_repeats, Path(tmp))
             else:
