@@ -69,6 +69,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _rates import burst_rate
 from _tables import print_markdown
 from torch import nn
 
@@ -248,22 +249,14 @@ class _NoMemory:
 
 
 def in_run_s_per_round(ends: list[float], stopped: bool) -> tuple[float | None, int]:
-    """(seconds per round between two chunk ends inside the run, the number of rounds in between).
-
-    The Ray engine hands short rounds to the actor in chunks (``RayEngine.run_rounds``: ~0.1 s of rounds per
-    call), so the driver sees a chunk's rounds end together: a burst of timestamps. The rate is measured between
-    the ends of the first and the last burst after round 3 (and before the final evaluation): a burst ends where
-    the gap to the next timestamp is over 0.3 of the largest gap."""
+    """(seconds per round inside the run, the number of rounds it spans): between the ends of the first and the
+    last chunk of rounds after round 3 and before the final evaluation (``_rates.burst_rate``), else over that whole
+    window (off by up to a chunk at either end)."""
     hi = len(ends) - 1 if stopped else len(ends) - 2
     if hi <= 4:
         return None, 0
-    gaps = np.diff(ends[3: hi + 1])
-    threshold = 0.3 * float(gaps.max())
-    bursts = [3 + i for i, gap in enumerate(gaps) if gap > threshold]  # index of the last mark of each burst
-    if len(bursts) < 2:  # too few chunks to tell: the whole window (off by up to a chunk at either end)
-        bursts = [3, hi]
-    lo, top = bursts[0], bursts[-1]
-    return ((ends[top] - ends[lo]) / (top - lo), top - lo) if top > lo else (None, 0)
+    rate, rounds = burst_rate(ends, 3, hi)
+    return (rate, rounds) if rate is not None else ((ends[hi] - ends[3]) / (hi - 3), hi - 3)
 
 
 # -- the fused step ---------------------------------------------------------------------------------------------

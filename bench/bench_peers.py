@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _rates import burst_rate
 from _tables import print_markdown, print_plain
 
 BENCH = Path(__file__).resolve().parent
@@ -227,10 +228,14 @@ def one_run(side: str, model: str, nodes: int, rounds: int, args: argparse.Names
 
 def in_run_rate(res: dict[str, Any], side: str) -> float | None:
     """Seconds per round inside one run, from its round ends: Flower from the second round on; dice-ray from
-    the fourth round on and without the last (it evaluates)."""
+    the fourth round on and without the last (it evaluates), between the ends of chunks of rounds (``_rates``:
+    short rounds reach the driver in bursts). A dice-ray run too short for two chunks: from its first round's end to
+    its last's (too fast by at most the first chunk's length: a pilot then plans more rounds, not fewer)."""
     ends = res.get("round_ends") or []
-    lo, hi = (0, len(ends) - 1) if side == "flower" else (min(3, max(len(ends) - 3, 0)), len(ends) - 2)
-    return (ends[hi] - ends[lo]) / (hi - lo) if hi > lo else None
+    whole = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else None
+    if side == "flower":
+        return whole
+    return burst_rate(ends, min(3, max(len(ends) - 3, 0)), len(ends) - 2)[0] or whole
 
 
 def measure(side: str, model: str, nodes: int, args: argparse.Namespace, plan: dict[str, int] | None
