@@ -137,9 +137,8 @@ class ParticipantBlock:
         # The draw is a host function of (seed, k, t); only its [P, B] positions travel to the device, from pinned
         # memory without waiting (a plain copy would make the host wait for the device's queued rounds).
         pos = torch.from_numpy(pos)
-        if self.device.type == "cuda":
-            pos = pos.pin_memory().to(self.device, non_blocking=True)
-        local = (self._offsets[:, None] + pos.to(self.device)).clamp_(max=len(self.sample_rows) - 1)
+        pos = pos.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else pos.to(self.device)
+        local = (self._offsets[:, None] + pos).clamp_(max=len(self.sample_rows) - 1)
         return self.sample_rows[local]  # idle participants' rows: any, discarded
 
     def minibatch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ import scipy.sparse as sp
 
 from dice_ray.config import load_imports
 from dice_ray.core.topology import Topology
-from dice_ray.engine.block import HookedBlock, HookInbox
+from dice_ray.engine.block import HookedBlock, HookInbox, mixing_key
 from dice_ray.engine.runtime import tune_allocator
 from dice_ray.hooks import RoundHook
 
@@ -218,7 +218,7 @@ class Coordinator:
         self._version += 1
 
     def _route_key(self, t: int) -> tuple[int, int]:
-        return self._version, (t if self.topology.time_varying and self._mixing is None else 0)
+        return mixing_key(self._version, t, self.topology.time_varying)
 
     def _weights(self, g: int, t: int, route: list[tuple[int, sp.csr_array]]) -> tuple[Any, Any]:
         """``MixSpec.weights`` for group g: the weights the first time a key is used, then the key."""
@@ -271,15 +271,21 @@ class Coordinator:
             return [([refs[2 * i]], [refs[2 * i + 1]]) for i in range(len(specs))]
         return [self.submit_round(t, evaluate, snapshot, epoch) for t, evaluate, snapshot in rounds]
 
+    def _senders(self, t: int, epoch: int, routes: list[list[tuple[int, sp.csr_array]]]
+                 ) -> tuple[list[str], dict[str, list[tuple[list[int], Any]]]]:
+        """The hooks that send in round t and, per sending hook and group, what it reads (``_reads``): once per
+        round, for every group's ``MixSpec``."""
+        if self._round_reads[0] != (t, epoch):
+            sending = [name for name in self.hook_names if self.sends[name](t)]
+            self._round_reads = (t, epoch), sending, self._reads(t, sending, routes)
+        return self._round_reads[1], self._round_reads[2]
+
     def _mix_spec(self, g: int, t: int, evaluate: bool, snapshot: bool, epoch: int,
                   halves: list[HalfStep] | None = None) -> tuple[MixSpec, list[Any]]:
         """Group g's ``MixSpec`` of round t and the ObjectRefs that travel beside it (the other groups' half-steps
         and messages it reads, from ``halves``; none when it reads only itself)."""
         routes = self._route(t)
-        if self._round_reads[0] != (t, epoch):  # once per round, not per group
-            sending = [name for name in self.hook_names if self.sends[name](t)]
-            self._round_reads = (t, epoch), sending, self._reads(t, sending, routes)
-        _, sending, reads = self._round_reads
+        sending, reads = self._senders(t, epoch, routes)
         route = routes[g]
         own = next((i for i, (s, _) in enumerate(route) if s == g), -1)
         refs = [halves[s].state for s, _ in route if s != g] if halves else []
@@ -302,8 +308,7 @@ class Coordinator:
         routes = self._route(t)
         if self.alone(routes):
             return self.submit_rounds([(t, evaluate, snapshot)], epoch)[0]
-        sending = [name for name in self.hook_names if self.sends[name](t)]
-        reads = self._reads(t, sending, routes)
+        sending, reads = self._senders(t, epoch, routes)
         published = {s for g, route in enumerate(routes) for s, _ in route if s != g}
         sent = {name: {s for g, (sources, _) in enumerate(reads[name]) for s in sources if s != g}
                 for name in sending}

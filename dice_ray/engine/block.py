@@ -33,6 +33,13 @@ class HookInbox:
     info: Any = None
 
 
+def mixing_key(version: int, t: int, time_varying: bool) -> tuple[int, int]:
+    """The key under which a block holds its rows of W^t (``HookedBlock.set_weights``): ``version`` counts the
+    replacements of W (collaborator selection); a time-varying topology has new rows every round t, a static one
+    (or a replaced W) the same ones."""
+    return version, (t if time_varying and version == 0 else 0)
+
+
 class HookedBlock:
     """``block`` with one instance of each of ``hooks`` (classes), built for ``config``."""
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from dice_ray.core.participants import ParticipantBlock
-from dice_ray.engine.block import HookedBlock, HookInbox
+from dice_ray.engine.block import HookedBlock, HookInbox, mixing_key
 from dice_ray.engine.metrics import RoundMetrics, RoundPlan, combine_evaluations
 from dice_ray.engine.runtime import tune_allocator
 from dice_ray.experiment import Experiment
@@ -41,14 +41,10 @@ class LocalEngine:
     def _mixing_at(self, t: int) -> Any:
         return self.topology.mixing_matrix(t) if self.mixing is None else self.mixing
 
-    def _weights_key(self, t: int) -> tuple[int, int]:
-        """W^t's cache key: it changes when W is replaced, and every round of a time-varying topology."""
-        return self._version, (t if self.topology.time_varying and self.mixing is None else 0)
-
     def run_round(self, t: int, evaluate: bool, snapshot: bool = False) -> RoundMetrics:
         """Run round t; return its metrics (with the state after it if ``snapshot``, and the hooks' records)."""
         train_loss = self.hooked.local_step(t)
-        key = self._weights_key(t)
+        key = mixing_key(self._version, t, self.topology.time_varying)
         self.hooked.set_weights(key, None if key == self._held else [self._mixing_at(t)])
         self._held = key
         nodes = [self.block.nodes]
