@@ -218,39 +218,47 @@ def adjoint_table(model: str, rounds: int, seed: int, lr: float) -> None:
                 [[name, f"{v:.3f}", f"{v / base:.1f}x"] for name, v in seconds.items()])
 
 
+def _spread(values: list[float]) -> str:
+    """The median of repeated ratios with their range, as README's rows print them."""
+    return f"{np.median(values):.2f}x [{min(values):.2f}, {max(values):.2f}]"
+
+
 def cost_table(model: str, rounds: int, seed: int, last: int, lr: float, sizes: list[int], repeats: int) -> None:
     print(f"\nestimator seconds, {model}, {rounds} rounds, seed {seed}, {NODES * last} probes "
-          f"(lowest of {repeats}; test gradients and DICE-GT replays excluded)")
+          f"(median of {repeats}, ratios as median [range] over the repeats; test gradients and DICE-GT "
+          f"replays excluded)")
     header = ["|z'|", *TIMED, "second-order / curvature", "b = 0 / curvature", "both / curvature"]
     rows = []
     for size in sizes:
-        best = None
+        runs = []
         for _ in range(repeats):
             _, seconds, actual = measure(model, rounds, seed, last, lr, ground_truth=False, heldout=size)
-            best = seconds if best is None else {k: min(best[k], seconds[k]) for k in TIMED}
-        rows.append([str(actual), *(f"{best[k]:.3f}" for k in TIMED),
-                     *(f"{best[k] / best['curvature']:.2f}x" for k in ("second-order", "second-order, b = 0", BOTH))])
+            runs.append(seconds)
+        rows.append([str(actual), *(f"{np.median([run[k] for run in runs]):.3f}" for k in TIMED),
+                     *(_spread([run[k] / run["curvature"] for run in runs])
+                       for k in ("second-order", "second-order, b = 0", BOTH))])
     print_plain(header, rows)
 
 
 def online_cost_table(model: str, rounds: int, seed: int, sizes: list[int], repeats: int) -> None:
     """In the round loop (``--online-dice``, local engine, this process): probes of the last 10 rounds that leave room
     for R hops, DICE-E only; a variant's estimator time is its run's wall time minus the same run's without
-    influence (lowest of ``repeats`` each)."""
+    influence in the same repeat (median and range over ``repeats``)."""
     import tempfile
 
     import dice_ray
 
     print(f"\nin the round loop: {model}, {rounds} rounds, seed {seed}, {NODES * 10} probes, seconds of whole runs "
-          f"(lowest of {repeats}) and the estimator's part (minus the run without influence)")
+          f"(median of {repeats}) and the estimator's part (minus the same repeat's run without influence)")
     kinds = {"no influence": None, "curvature": ["curvature"], "second-order": ["second-order"],
              "second-order, b = 0": ["second-order"], BOTH: ["curvature", "second-order"]}
     header = ["|z'|", *kinds, "second-order / curvature", "b = 0 / curvature", "both / curvature"]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for size in sizes:
-            best = dict.fromkeys(kinds, float("inf"))
+            runs = []
             for _ in range(repeats):
+                seconds = {}
                 for name, variants in kinds.items():
                     config = _config(model, rounds, seed, 10, 0.05, size).model_dump()
                     config["influence"].update(enabled=variants is not None, online=variants is not None,
@@ -259,11 +267,12 @@ def online_cost_table(model: str, rounds: int, seed: int, sizes: list[int], repe
                     config["output"].update(out=f"{folder}/run", overwrite=True, checkpoint_every=0)
                     start = time.perf_counter()
                     dice_ray.run(dice_ray.RunConfig.model_validate(config), engine="local")
-                    best[name] = min(best[name], time.perf_counter() - start)
-            extra = {name: best[name] - best["no influence"] for name in kinds}
-            rows.append([str(size), *(f"{best[k]:.2f}" for k in kinds),
-                         *(f"{extra[k] / extra['curvature']:.2f}x" for k in ("second-order", "second-order, b = 0",
-                                                                               BOTH))])
+                    seconds[name] = time.perf_counter() - start
+                runs.append(seconds)
+            extras = [{name: run[name] - run["no influence"] for name in kinds} for run in runs]
+            rows.append([str(size), *(f"{np.median([run[k] for run in runs]):.2f}" for k in kinds),
+                         *(_spread([extra[k] / extra["curvature"] for extra in extras])
+                           for k in ("second-order", "second-order, b = 0", BOTH))])
     print_plain(header, rows)
 
 
@@ -276,7 +285,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--heldout-sizes", nargs="+", type=int, default=[16, 64, 360],
                         help="z′ sizes of the cost table (digits' held-out split has 360 images)")
-    parser.add_argument("--repeats", type=int, default=2, help="cost runs per z′ size (the lowest is kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="cost runs per z′ size (median and range printed)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: ratios free of thread scheduling)")
     parser.add_argument("--adjoint", action="store_true", help="only the horizon totals' cost: the curvature "
                                                                "adjoint against the per-source recursions")
