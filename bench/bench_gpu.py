@@ -19,7 +19,8 @@ the ``Run`` handle's tables and manifest, on a local Ray started once in this pr
         last evaluation; ``on_round`` timestamps), at N = 256 and 4,096 for the MLP (1x8x8) and the CNN on 3x32x32
         and at N = 256 for ResNet-18 (``--no-resnet18`` leaves it out), with ``gpus_per_actor`` 1 and 0.5, and with
         the faster precision modes at ``gpus_per_actor`` 1; exponential graph, batch 16, SGD lr 0.05, no
-        evaluation but after the last round.
+        evaluation but after the last round; and in fp32 with ``engine.cuda_graphs`` false ("fp32-eager"): the
+        local step's kernels launched one by one instead of replayed from a CUDA graph.
     (c) the fused step: ONE copy of the same model taking one SGD step on the concatenated batch of all N
         participants (N·16 samples) on the same GPU — the same FLOPs without per-participant state or gossip;
         median seconds per step (``torch.cuda.synchronize``), ``torch.cuda.max_memory_allocated``. (b) / (c) is
@@ -32,7 +33,8 @@ the ``Run`` handle's tables and manifest, on a local Ray started once in this pr
         bytes it must move (the state read and written by the step, the sources read by gossip), against this
         device's measured fp32 matmul rate and copy bandwidth; printed as the fraction of a round they explain.
     (f) profile: one block in this process (``LocalEngine`` on CUDA, no Ray), a ``torch.profiler`` table of
-        three rounds, and the round split into local step and gossip (MLP N = 4,096 and CNN N = 256).
+        three rounds, and the round split into local step and gossip (MLP N = 4,096 and CNN N = 256), with the
+        CUDA graph and without ("fp32-eager").
     (s) CPU sanity, always (the only part on a machine without CUDA): the CNN on 3x32x32 data (the data path
         the GPU parts use), N = 16, 3 rounds, CPU actors, run twice: identical tables; the fused step's rebuilt
         CNN has the registered one's parameter count (the timed models are checked the same way in (c)).
@@ -87,6 +89,7 @@ GUESS_S = {("mlp", 256): 0.01, ("mlp", 4096): 0.05, ("cnn", 256): 0.03, ("cnn", 
            ("resnet18", 256): 0.6}
 STARTUP_GUESS_S = 20.0  # per run: actors, CUDA contexts, data (more at N = 4,096 on 3x32x32)
 DEVICE = "cuda"  # where (c), (e) and (f) run: "cpu" in a --dry-run rehearsal without CUDA
+EAGER = "-eager"  # a precision label's suffix: that mode with engine.cuda_graphs false (kernels launched one by one)
 
 
 def sync() -> None:
@@ -136,7 +139,8 @@ def run_config(model: str, nodes: int, rounds: int, gpus: float, out: str, shape
               "topology": {"name": "exponential", "weights": "uniform"}, "data": data,
               "model": {"name": model, "init": "same"},
               "optim": {"name": "sgd", "lr": lr, "batch_size": BATCH},
-              "engine": {"gpus_per_actor": gpus, "precision": precision},
+              "engine": {"gpus_per_actor": gpus, "precision": precision.removesuffix(EAGER),
+                         "cuda_graphs": not precision.endswith(EAGER)},
               "output": {"out": out, "progress": False, "eval_every": eval_every, "checkpoint_every": 0,
                          "overwrite": True}}
     return config, samples
@@ -542,10 +546,10 @@ def round_floor(model_name: str, nodes: int, limits: dict[str, float], degree: i
             "compute_s": flops / limits["fp32_flops"], "memory_s": moved / limits["bandwidth"]}
 
 
-def profile_round(model: str, nodes: int, shape_ok: bool, rounds: int = 3) -> dict[str, Any]:
+def profile_round(model: str, nodes: int, shape_ok: bool, rounds: int = 3, precision: str = "fp32") -> dict[str, Any]:
     """(f): one block of N participants in this process on CUDA (``LocalEngine``), a torch.profiler table of
     ``rounds`` rounds after a warm-up, and the median local step and gossip (``torch.cuda.synchronize`` around
-    each)."""
+    each); ``precision`` "fp32-eager": without the CUDA graph."""
     from torch.profiler import ProfilerActivity, profile
 
     import dice_ray
@@ -553,7 +557,7 @@ def profile_round(model: str, nodes: int, shape_ok: bool, rounds: int = 3) -> di
     from dice_ray.experiment import prepare
 
     with tempfile.TemporaryDirectory(prefix="bench-gpu-prof-") as tmp:
-        config, samples = run_config(model, nodes, 10, 1.0, str(Path(tmp) / "run"), shape_ok, 10_000_000)
+        config, samples = run_config(model, nodes, 10, 1.0, str(Path(tmp) / "run"), shape_ok, 10_000_000, precision)
         if samples is not None:
             os.environ["DICE_BENCH_SAMPLES"] = str(samples)
         experiment = prepare(dice_ray.RunConfig(**config))
@@ -587,10 +591,11 @@ def profile_round(model: str, nodes: int, shape_ok: bool, rounds: int = 3) -> di
         del engine, block, hooked
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-    print(f"(f) profile, {model} N={nodes}, one block on CUDA without Ray, {rounds} rounds: local step "
+    print(f"(f) profile, {model} N={nodes} {precision}, one block on CUDA without Ray, {rounds} rounds: local step "
           f"{medians['local_step'] * 1e3:.2f} ms, gossip {medians['gossip'] * 1e3:.2f} ms per round\n{table}",
           flush=True)
-    return {"model": model, "nodes": nodes, **{f"{k}_s": v for k, v in medians.items()}, "table": table}
+    return {"model": model, "nodes": nodes, "precision": precision, **{f"{k}_s": v for k, v in medians.items()},
+            "table": table}
 
 
 def fused(cases: list[tuple[str, int]], timed: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -716,6 +721,7 @@ def main() -> None:
                                                                      [("resnet18", 4 if args.dry_run else 256)])
     cases = [(m, n, g, "fp32") for m, n in sizes for g in (args.fractions if m != "resnet18" else [1.0])]
     cases += [(m, max(args.nodes), 1.0, mode) for m in ("mlp", "cnn") for mode in args.modes]
+    cases += [(m, n, 1.0, "fp32" + EAGER) for m, n in sizes if m != "resnet18"]  # the CUDA graph's effect
     gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "dry run on the CPU" if cuda else None
     print(f"dice-ray {dice_ray.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"CUDA: {gpu_name or 'none'} ({torch.cuda.device_count()} device(s)); 3x32x32 data: "
@@ -791,9 +797,14 @@ def main() -> None:
                           f"(compute {f['compute_s'] * 1e3:.3f} ms, memory {f['memory_s'] * 1e3:.3f} ms)", flush=True)
             save()
         if "f" in parts:
-            results["profiles"] = [p for p in (guarded(f"(f) {m} N={n}", lambda m=m, n=n: profile_round(m, n, shape_ok))
-                                               for m, n in (("mlp", max(args.nodes)), ("cnn", 256))) if p]
+            profiled = [(m, n, p) for m, n in (("mlp", max(args.nodes)), ("cnn", 256))
+                        for p in ("fp32", "fp32" + EAGER)]
+            results["profiles"] = [p for p in (guarded(f"(f) {m} N={n} {p}",
+                                                       lambda m=m, n=n, p=p: profile_round(m, n, shape_ok, precision=p))
+                                               for m, n, p in profiled) if p]
             save()
+        if "b" in parts:
+            timed("fp32 without CUDA graphs", [c for c in cases if c[3].endswith(EAGER)])
         if "b" in parts:
             timed("shared GPU", [c for c in cases if c[2] != 1.0])
         if "dice" in parts:
@@ -804,7 +815,7 @@ def main() -> None:
                                                                                   args.modes)) or []
             save()
         if "b" in parts:
-            timed("modes", [c for c in cases if c[3] != "fp32"])
+            timed("modes", [c for c in cases if c[3] not in ("fp32", "fp32" + EAGER)])
         report(results)
     results["wall_s"] = time.perf_counter() - start
     equivalent = [r["within_tolerance"] for r in results.get("equivalence", [])]

@@ -208,6 +208,8 @@ class EngineConfig(_Section):
         "fp32", description="float32 mode of the local step: fp32 (IEEE, TF32 off: a GPU run equals the CPU run to "
                             "float32 rounding), tf32 (CUDA TF32 matmuls and convolutions), bf16 (autocast forward "
                             "and backward; not with DICE, the ledger or proximal influence)")
+    cuda_graphs: bool = Field(True, description="on a GPU, replay each local step from one CUDA graph (one launch "
+                                                "per round instead of one per kernel; the same numbers)")
     address: str | None = Field(None, description="Ray cluster address (default: a local Ray on 127.0.0.1)")
     max_recoveries: int = Field(3, ge=0, le=1000, description="actor or machine failures a run recovers from "
                                                              "(restore the last checkpoint, replay) before it gives up")

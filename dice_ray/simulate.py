@@ -100,6 +100,7 @@ SWITCHES: list[tuple[str, str, bool]] = [
     ("--online-dice", "influence.online", True),
     ("--keep-checkpoints", "output.keep_checkpoints", True), ("--proximal", "proximal.enabled", True),
     ("--ledger", "ledger.enabled", True), ("--loo", "ledger.loo", True),
+    ("--no-cuda-graphs", "engine.cuda_graphs", False),
 ]
 
 

@@ -17,6 +17,7 @@ from dice_ray.data import (
     heldout_batch,
     load_dataset,
     minibatch_indices,
+    minibatch_positions,
     participant_weights,
     partition_data,
 )
@@ -514,6 +515,26 @@ def test_minibatch_indices_do_not_depend_on_grouping() -> None:
     np.testing.assert_array_equal(whole, halves)
     shuffled = np.array([7, 2, 9, 0])
     np.testing.assert_array_equal(minibatch_indices(3, shuffled, 11, n_local[shuffled], 16), whole[shuffled])
+
+
+@pytest.mark.parametrize("batch", [1, 16, 128])
+def test_minibatch_positions_on_torch_equal_the_host_draw_bit_for_bit(batch: int) -> None:
+    """The draw a GPU block makes on its device (torch int64 holding the uint64 bits) is the host's, for seeds and
+    rounds past 2^63 (where int64 and uint64 differ) and with the round given as a device tensor, as a CUDA graph
+    replays it."""
+    import torch
+
+    rng = np.random.default_rng(batch)
+    nodes = rng.permutation(10**6)[:300]
+    n_local = rng.integers(batch, 5000, len(nodes))
+    n_local[:3] = batch  # a participant's whole local set
+    for seed in (0, 7, 2**63 + 5, 2**64 - 1):
+        for round_ in (0, 3, 2**63 + 1):
+            host = minibatch_indices(seed, nodes, round_, n_local, batch)
+            drawn = minibatch_positions(seed, torch.from_numpy(nodes), round_, torch.from_numpy(n_local), batch)
+            np.testing.assert_array_equal(drawn.numpy(), host)
+    as_tensor = minibatch_positions(3, torch.from_numpy(nodes), torch.tensor(11), torch.from_numpy(n_local), batch)
+    np.testing.assert_array_equal(as_tensor.numpy(), minibatch_indices(3, nodes, 11, n_local, batch))
 
 
 def test_minibatch_indices_vary_with_round_seed_and_node() -> None:

@@ -157,3 +157,24 @@ def test_in_loop_dice_differentiates_through_matrix_product_convolutions(tmp_pat
     for column in ("est_first_order", "est_curvature", "est_second_order"):
         a, b = tables["native"][column].to_numpy(), tables["unfold"][column].to_numpy()
         assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max(), column
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_the_cuda_graph_step_equals_the_eager_one_bit_for_bit(model: str) -> None:
+    """The replayed local step runs the eager step's kernels on the same addresses: the same states, round after
+    round, with a misbehaving participant's update and Adam's per-participant step counter inside the graph."""
+    config = dice_ray.RunConfig(**{**WORLD, "model": {"name": model}, "misbehavior": {"kind": "sign-flip", "count": 1}})
+    experiment = prepare(config)
+    graphed = ParticipantBlock.for_experiment(experiment, device="cuda")
+    eager = ParticipantBlock.for_experiment(
+        prepare(config.model_copy(update={"engine": config.engine.model_copy(update={"cuda_graphs": False})})),
+        device="cuda")
+    w = graphed.mixing_rows(experiment.topology.mixing_matrix(0))
+    for t in range(4):
+        losses = graphed.half_step(t), eager.half_step(t)
+        assert torch.equal(*losses)
+        graphed.mix(w, [graphed.population.state])
+        eager.mix(w, [eager.population.state])
+        assert torch.equal(graphed.population.state, eager.population.state)
+    assert graphed._step_graph.graph is not None and eager._step_graph is None

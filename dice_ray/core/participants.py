@@ -20,13 +20,14 @@ import torch
 
 from dice_ray.config import RunConfig
 from dice_ray.core.convolution import use_conv_mode
+from dice_ray.core.cuda_graph import StepGraph
 from dice_ray.core.losses import build_loss
 from dice_ray.core.misbehavior import DATA_KINDS, UPDATE_KINDS, corrupt_data, update_factor
 from dice_ray.core.models import build_model
 from dice_ray.core.population import STEP_CHUNK_BYTES, Population, initial_state
 from dice_ray.core.precision import set_precision
 from dice_ray.core.tensors import as_tensor, csr_tensor
-from dice_ray.data import minibatch_indices
+from dice_ray.data import minibatch_indices, minibatch_positions
 
 
 def _padded(groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -107,6 +108,17 @@ class ParticipantBlock:
         self._offsets = torch.from_numpy(self.offsets).to(self.device)
         self._idle = torch.as_tensor(self.idle, device=self.device)
         self._misbehaving = torch.as_tensor(self.misbehaving, device=self.device)
+        # The minibatch draw's inputs: on a GPU it runs there (``minibatch_positions``, the same numbers); checked
+        # here once, as the host draw checks them every round.
+        self._draw_counts = np.where(self.counts > 0, self.counts, config.optim.batch_size)
+        minibatch_indices(config.seed, self.nodes, 0, self._draw_counts, config.optim.batch_size)
+        self._draw_on_device = self.device.type != "cpu"
+        if self._draw_on_device:
+            self._draw_nodes = torch.from_numpy(self.nodes).to(self.device)
+            self._draw_counts_t = torch.from_numpy(self._draw_counts).to(self.device)
+        # On a GPU the local step is replayed from a CUDA graph (``StepGraph``): one launch per round.
+        self._step_graph = (StepGraph(self._half_step, self.device)
+                            if self.device.type == "cuda" and config.engine.cuda_graphs else None)
 
         # Validation splits padded to one [P, m] batch with a mask (sizes differ across participants).
         val_idx, val_mask = _padded([np.asarray(v, np.int64) for v in val])
@@ -129,15 +141,15 @@ class ParticipantBlock:
         """P, the number of participants in this block."""
         return len(self.nodes)
 
-    def minibatch_rows(self, t: int) -> torch.Tensor:
+    def minibatch_rows(self, t: int | torch.Tensor) -> torch.Tensor:
         """Return the rows of ``x_data``/``y_data`` that make z_k^t for every hosted k, [P, B] (a pure function of
-        seed, k, t)."""
+        seed, k, t; ``t`` an int, or on a GPU also a 0-d device tensor)."""
         batch = self.config.optim.batch_size
-        pos = minibatch_indices(self.config.seed, self.nodes, t, np.where(self.counts > 0, self.counts, batch), batch)
-        # The draw is a host function of (seed, k, t); only its [P, B] positions travel to the device, from pinned
-        # memory without waiting (a plain copy would make the host wait for the device's queued rounds).
-        pos = torch.from_numpy(pos)
-        pos = pos.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else pos.to(self.device)
+        if self._draw_on_device:
+            pos = minibatch_positions(self.config.seed, self._draw_nodes, t, self._draw_counts_t, batch)
+        else:
+            pos = torch.from_numpy(minibatch_indices(self.config.seed, self.nodes, int(t), self._draw_counts, batch))
+            pos = pos.to(self.device)
         local = (self._offsets[:, None] + pos).clamp_(max=len(self.sample_rows) - 1)
         return self.sample_rows[local]  # idle participants' rows: any, discarded
 
@@ -160,6 +172,9 @@ class ParticipantBlock:
         """Run the local step of round t in place: afterwards ``population.state`` holds the half-step states
         θ^{t+½} [P, D]. Return the training losses [P] (a tensor on the block's device).
         """
+        return self._half_step(t) if self._step_graph is None else self._step_graph(t)
+
+    def _half_step(self, t: int | torch.Tensor) -> torch.Tensor:
         drawn = self.minibatch_rows(t)  # each chunk of participants gathers its own batches (``Population.half_step``)
         corrupt = self.config.misbehavior.kind in UPDATE_KINDS and len(self.misbehaving) > 0
         if corrupt:

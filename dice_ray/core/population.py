@@ -39,13 +39,16 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 STEP_CHUNK_BYTES = 32 << 20
 STEP_PASSES = 32
 # On a GPU the chunks that keep CPU caches warm only multiply kernel launches (9 kernel sequences per step at N = 4,096
-# on an H200): there a step takes one pass unless its gradients would outgrow this fraction of the free memory.
+# on an H200): there a step takes one pass unless what it holds at once (gradients and activations, measured) would
+# outgrow this fraction of the free memory. Then a participant costs the device its state and optimizer state, plus
+# its share of that fixed amount: ResNet-18 would otherwise hold ~6x its parameters per participant in one pass.
 GPU_STEP_MEMORY_FRACTION = 1 / 8
 
 
 def default_step_budget(device: torch.device | str) -> int:
-    """Bytes of gradients one pass of ``Population.half_step`` may hold on ``device``: ``STEP_CHUNK_BYTES`` on the CPU
-    (cache-sized chunks are faster there), ``GPU_STEP_MEMORY_FRACTION`` of the free memory on a CUDA device."""
+    """Bytes one pass of ``Population.half_step`` may hold on ``device``: ``STEP_CHUNK_BYTES`` of gradients on the CPU
+    (cache-sized chunks are faster there), ``GPU_STEP_MEMORY_FRACTION`` of the free memory on a CUDA device (gradients
+    and activations: ``Population.step_row_bytes``)."""
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0] * GPU_STEP_MEMORY_FRACTION)
@@ -184,6 +187,7 @@ class Population:
         # Bytes of gradients one pass of ``half_step`` may hold (``step_chunks``); by default by the state's device.
         self.step_budget = default_step_budget(state.device) if step_budget is None else step_budget
         self.opt_state = init_optimizer_state(optimizer, self.params)
+        self.step_row_bytes: int | None = None  # on a GPU, what one participant's step holds (measured by half_step)
         # Per-tensor views of the parameters and optimizer buffers, for the optimizer's foreach update.
         self._param_views = list(self.param_layout.views(self.params).values())
         self._opt_views = {name: value if name == "step" else list(self.param_layout.views(value).values())
@@ -313,6 +317,8 @@ class Population:
         state is large."""
         budget = self.step_budget if budget is None else budget
         row_bytes = max(self.param_layout.width * (itemsize or self.state.element_size()), 1)
+        if itemsize is None and self.step_row_bytes is not None:
+            row_bytes = max(row_bytes, self.step_row_bytes)
         size = max(1, budget // row_bytes, -(-self.size // passes) if passes else 1)
         # Near-equal slices of at least 2 rows: a vmapped pass over one row takes other kernels (its numbers differ
         # from the same row's in a larger pass, by rounding); passes of 2 or more rows agree bit for bit.
@@ -333,10 +339,11 @@ class Population:
         copy of the whole state, and each row's numbers are the same as in one pass.
         """
         batch = x if callable(x) else (lambda rows: (x[rows], y[rows]))
+        if self.state.is_cuda and self.step_row_bytes is None and self.size > 2:
+            self.step_row_bytes = self._measure_step_row_bytes(batch)
         losses = torch.empty(self.size, dtype=self.state.dtype, device=self.state.device)  # in place: see evaluate
         for rows in self.step_chunks():
-            with (torch.autocast(self.state.device.type, dtype=self.autocast) if self.autocast is not None
-                  else contextlib.nullcontext()):
+            with self._autocast():
                 loss, grads = self._loss_and_grads(*batch(rows), rows=rows)
             loss, grads = loss.to(self.state.dtype), [g.to(self.state.dtype) for g in grads]
             optimizer_update_(self.optimizer, [v[rows] for v in self._param_views], grads,
@@ -345,6 +352,25 @@ class Population:
             losses[rows] = loss
             del loss, grads
         return losses
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return (torch.autocast(self.state.device.type, dtype=self.autocast) if self.autocast is not None
+                else contextlib.nullcontext())
+
+    def _measure_step_row_bytes(self, batch: Callable[[slice], tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Bytes of device memory one participant's step holds at its peak (gradients, activations kept for the
+        backward pass, temporaries): the allocator's peak over a forward and backward pass of two participants, whose
+        state is left as it was (BatchNorm's running statistics put back)."""
+        device, rows = self.state.device, slice(0, 2)
+        kept = self.buffers[rows].clone()
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with self._autocast():
+            loss, grads = self._loss_and_grads(*batch(rows), rows=rows)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del loss, grads
+        self.buffers[rows] = kept
+        return max(int(peak) // 2, 1)
 
     @torch.no_grad()
     def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:

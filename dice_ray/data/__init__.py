@@ -8,7 +8,7 @@
 """
 
 from dice_ray.data.datasets import Dataset
-from dice_ray.data.minibatch import heldout_batch, minibatch_indices
+from dice_ray.data.minibatch import heldout_batch, minibatch_indices, minibatch_positions
 from dice_ray.data.partitions import (
     SCHEMES,
     WEIGHT_RULES,
@@ -21,5 +21,5 @@ from dice_ray.data.partitions import (
 from dice_ray.data.registry import dataset_names, load_dataset, register_dataset
 
 __all__ = ["SCHEMES", "WEIGHT_RULES", "Dataset", "Partition", "check_partition", "dataset_names", "heldout_batch",
-           "load_dataset", "minibatch_indices", "participant_weights", "partition_data", "register_dataset",
-           "shrink_partition"]
+           "load_dataset", "minibatch_indices", "minibatch_positions", "participant_weights", "partition_data",
+           "register_dataset", "shrink_partition"]

@@ -8,6 +8,7 @@ exactly the batches of the real run.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from dice_ray.data.datasets import Dataset, check_seed
 from dice_ray.errors import InputError
@@ -105,3 +106,47 @@ def minibatch_indices(
         chosen[:, step] = np.where(taken, j[:, step], t[:, step])
     # Floyd's order is not uniform (late positions favour large j): shuffle each row by random keys.
     return np.take_along_axis(chosen, np.argsort(draws[:, b:], axis=1, kind="stable"), axis=1)
+
+
+# The same generator on torch int64 tensors (the bits of the uint64 values above; products wrap alike), for a
+# block on a GPU: the draw stays on the device, and a CUDA graph replays it with the round as a device tensor.
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GAMMA_I, _M1_I, _M2_I = (_signed(int(v)) for v in (_GAMMA, _M1, _M2))
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of uint64 bits held in int64 (``>>`` on int64 is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64_t(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ _shr(z, 30)) * _M1_I
+    z = (z ^ _shr(z, 27)) * _M2_I
+    return z ^ _shr(z, 31)
+
+
+def minibatch_positions(seed: int, nodes: torch.Tensor, round_: int | torch.Tensor, n_local: torch.Tensor,
+                        batch_size: int) -> torch.Tensor:
+    """``minibatch_indices`` computed on the tensors' device, equal to it bit for bit: int64 [len(nodes), batch_size].
+
+    ``nodes`` and ``n_local`` are int64 tensors on one device (checked as ``minibatch_indices`` checks them by the
+    caller, once); ``round_`` an int or a 0-d int64 tensor on that device.
+    """
+    device, b = nodes.device, int(batch_size)
+    key = _mix64_t(torch.full_like(nodes, _signed(int(seed) % 2**64)) + _GAMMA_I)
+    key = _mix64_t(key ^ nodes)
+    key = _mix64_t(key ^ (round_ if isinstance(round_, torch.Tensor) else _signed(int(round_) % 2**64)))
+    draws = _mix64_t(key[:, None] + torch.arange(1, 2 * b + 1, device=device, dtype=torch.int64) * _GAMMA_I)
+    j = n_local[:, None] - b + torch.arange(b, device=device)
+    u = _shr(draws[:, :b], 11).to(torch.float64) * 2.0**-53
+    t = torch.minimum((u * (j + 1)).to(torch.int64), j)
+    chosen = torch.empty_like(t)
+    for step in range(b):
+        taken = (chosen[:, :step] == t[:, step, None]).any(dim=1)
+        chosen[:, step] = torch.where(taken, j[:, step], t[:, step])
+    # Flipping the sign bit orders int64 as the uint64 values are ordered.
+    order = torch.sort(draws[:, b:] ^ (-(1 << 63)), dim=1, stable=True).indices
+    return torch.gather(chosen, 1, order)
