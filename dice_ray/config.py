@@ -196,6 +196,13 @@ class OptimConfig(_Section):
                              self.weight_decay)
 
 
+# Default GPU share of a DICE-GT replay or retraining task when the run's actors use GPUs: four tasks per GPU. A
+# replay steps the few participants a probe's cascade has reached, so one task alone leaves most of a GPU idle while
+# its host code (scipy rows of W, the per-hop loop) runs; four overlap that, and each keeps a quarter of the GPU's
+# memory for its window and CUDA context. A share is at most 1 (Ray's rule for fractions; a task uses one device).
+TASK_GPU_SHARE = 0.25
+
+
 class EngineConfig(_Section):
     """Placement on Ray: how many participant-group actors, and their CPUs/GPUs."""
 
@@ -204,6 +211,9 @@ class EngineConfig(_Section):
     cpus_per_actor: float | None = Field(None, gt=0, description="CPUs reserved per actor (default: the "
                                                                  "cluster's CPUs / actors)")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU")
+    gpus_per_task: float | None = Field(
+        None, ge=0, le=1, description=f"GPU share of each DICE-GT replay and retraining task, on CUDA when > 0 "
+                                      f"(default: {TASK_GPU_SHARE} when gpus_per_actor > 0, else 0: on the CPU)")
     precision: Literal["fp32", "tf32", "bf16"] = Field(
         "fp32", description="float32 mode of the local step: fp32 (IEEE, TF32 off: a GPU run equals the CPU run to "
                             "float32 rounding), tf32 (CUDA TF32 matmuls and convolutions), bf16 (autocast forward "
@@ -214,6 +224,13 @@ class EngineConfig(_Section):
     max_recoveries: int = Field(3, ge=0, le=1000, description="actor or machine failures a run recovers from "
                                                              "(restore the last checkpoint, replay) before it gives up")
     restart_timeout: float = Field(600.0, gt=0, description="seconds to wait for restarted actors after a failure")
+
+    def task_gpus(self) -> float:
+        """GPUs each DICE-GT replay and retraining task asks Ray for: ``gpus_per_task``, by default
+        ``TASK_GPU_SHARE`` when the run's actors use GPUs and 0 (CPU tasks) when they do not."""
+        if self.gpus_per_task is not None:
+            return self.gpus_per_task
+        return TASK_GPU_SHARE if self.gpus_per_actor > 0 else 0.0
 
 
 class OutputConfig(_Section):

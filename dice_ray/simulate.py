@@ -73,6 +73,7 @@ OPTIONS: list[tuple[str, str, Any]] = [
     ("--momentum", "optim.momentum", float), ("--weight-decay", "optim.weight_decay", float),
     ("--actors", "engine.actors", int), ("--cpus-per-actor", "engine.cpus_per_actor", float),
     ("--gpus-per-actor", "engine.gpus_per_actor", float), ("--precision", "engine.precision", str),
+    ("--gpus-per-task", "engine.gpus_per_task", float),
     ("--address", "engine.address", str),
     ("--out", "output.out", str), ("--eval-every", "output.eval_every", int),
     ("--checkpoint-every", "output.checkpoint_every", int),

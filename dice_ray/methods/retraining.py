@@ -30,11 +30,12 @@ def without_data(experiment: Any, excluded: list[int]) -> Any:
                                partition=Partition(train, list(experiment.partition.val)))
 
 
-def final_losses(experiment: Any, excluded: list[int]) -> np.ndarray:
-    """Train ``without_data(experiment, excluded)`` in this process; return L(θ_k^T; z′) [N] float64 (the
-    ledger's z′: the held-out batch, or each k's validation split)."""
+def final_losses(experiment: Any, excluded: list[int], device: str = "cpu") -> np.ndarray:
+    """Train ``without_data(experiment, excluded)`` in this process, on ``device``; return L(θ_k^T; z′) [N] float64
+    (the ledger's z′: the held-out batch, or each k's validation split). Any device starts from the same weights and
+    draws the same minibatches (the local engine's block), so only float32 rounding differs."""
     run = without_data(experiment, excluded)
-    engine = LocalEngine(run)
+    engine = LocalEngine(run, device=device)
     last = run.config.rounds - 1
     for t in range(last):
         engine.run_round(t, False)

@@ -1,10 +1,10 @@
 """Ground truth for contribution accounting, on Ray: whole runs retrained without some participants' data.
 
-Each retraining run (a ``LocalEngine`` run of the whole schedule in one task, one CPU) returns every
-participant's final loss on z′. Leave-one-participant-out needs N + 1 runs (the full run and one without each
-participant's data); Monte-Carlo Shapley with K permutations needs the distinct prefix coalitions of K random
-orders (at most K (N − 1) + 2 runs). Tasks lost with their worker or machine are resubmitted, as influence
-tasks are (``engine/influence.py``).
+Each retraining run (a ``LocalEngine`` run of the whole schedule in one task, one CPU, and ``engine.gpus_per_task``
+GPUs: on CUDA when it has some, ``task_device.py``) returns every participant's final loss on z′.
+Leave-one-participant-out needs N + 1 runs (the full run and one without each participant's data); Monte-Carlo
+Shapley with K permutations needs the distinct prefix coalitions of K random orders (at most K (N − 1) + 2 runs).
+Tasks lost with their worker or machine are resubmitted, as influence tasks are (``methods/dice/replays.py``).
 """
 
 from __future__ import annotations
@@ -17,18 +17,13 @@ import ray
 
 from dice_ray.engine.tasks import TASK_FAILURES, TASK_RETRIES
 from dice_ray.methods.retraining import final_losses, loo_rows, shapley_coalitions, shapley_values
+from dice_ray.methods.task_device import start_task, task_options
 
 
 @ray.remote(num_cpus=1, max_retries=0)
 def retrain_task(experiment: Any, excluded: list[int]) -> np.ndarray:
     """Return the final losses [N] of ``experiment`` trained without the data of ``excluded``."""
-    import torch
-
-    from dice_ray.engine.runtime import tune_allocator
-
-    tune_allocator()
-    torch.set_num_threads(1)
-    return final_losses(experiment, excluded)
+    return final_losses(experiment, excluded, start_task())
 
 
 def _run_all(experiment: Any, jobs: list[list[int]], local: bool, retries: list[dict] | None,
@@ -46,8 +41,9 @@ def _run_all(experiment: Any, jobs: list[list[int]], local: bool, retries: list[
                 out[key] = final_losses(experiment, job)
                 bar.update()
             return out
+        retrain = retrain_task.options(**task_options(experiment.config.engine))
         ref = ray.put(experiment)
-        work = {retrain_task.remote(ref, job): (key, job, 0) for key, job in unique.items()}
+        work = {retrain.remote(ref, job): (key, job, 0) for key, job in unique.items()}
         while work:
             [done], _ = ray.wait(list(work), num_returns=1)
             key, job, attempts = work.pop(done)
@@ -59,7 +55,7 @@ def _run_all(experiment: Any, jobs: list[list[int]], local: bool, retries: list[
                 if retries is not None:
                     retries.append({"retraining_without": job,
                                     "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"})
-                work[retrain_task.remote(ref, job)] = (key, job, attempts + 1)
+                work[retrain.remote(ref, job)] = (key, job, attempts + 1)
                 continue
             bar.update()
         return out

@@ -89,6 +89,8 @@ class Window:
     model: the architecture; optimizer: O_k; batches(t) -> (x [N, B, ...], y [N, B]) the minibatches of
     round t; heldout: z′ = (x [m, ...], y [m]) shared by all participants, or with ``validation`` =
     (x [N, m, ...], y [N, m], mask [N, m]) each participant's own validation split as its z′_k (concepts §2).
+    The model, the trajectory and these tensors live on one device, and so does everything computed from them:
+    cascades come back to the host only as numpy (``Cascade``).
     """
 
     def __init__(self, trajectory: Trajectory, model: nn.Module, optimizer: OptimizerSpec, batches,
@@ -119,6 +121,10 @@ class Window:
             self._model64 = copy.deepcopy(self.model).double()
         return self._model64
 
+    def index(self, rows: np.ndarray) -> torch.Tensor:
+        """``rows`` (participant ids) as an index tensor on the window's device."""
+        return torch.as_tensor(rows, device=self.trajectory.device)
+
     def population(self, s: int, rows: np.ndarray, states: torch.Tensor | None = None) -> Population:
         """Participants ``rows`` at round t0+s (their states, or the given ``states`` [len(rows), D])."""
         base = self.trajectory.states[s][rows] if states is None else states
@@ -132,7 +138,7 @@ class Window:
         """
         if s not in self._test_gradients:
             self._test_gradients[s] = self.compute_test_gradients(s, np.arange(self.trajectory.states[s].shape[0]))
-        return self._test_gradients[s][torch.as_tensor(rows)]
+        return self._test_gradients[s][self.index(rows)]
 
     def compute_test_gradients(self, s: int, rows: np.ndarray) -> torch.Tensor:
         """``test_gradients`` without the cache."""
@@ -141,7 +147,7 @@ class Window:
         try:
             if self.validation is None:
                 return pop.loss_and_grad(*self.heldout, shared_input=True)[1]
-            x, y, mask = (v[torch.as_tensor(rows)] for v in self.validation)
+            x, y, mask = (v[self.index(rows)] for v in self.validation)
             return pop.loss_and_grad(x, y, sample_weights=mask)[1]
         finally:
             self.model.train()
@@ -155,7 +161,7 @@ class Window:
         pop = self.population(s, rows, states)
         if self.validation is None:
             return zprime_hessian_forms(pop, u, v, *self.heldout, shared_input=True)
-        x, y, mask = (value[torch.as_tensor(rows)] for value in self.validation)
+        x, y, mask = (value[self.index(rows)] for value in self.validation)
         return zprime_hessian_forms(pop, u, v, x, y, sample_weights=mask)
 
     def stacked_hessian_forms(self, terms: list[tuple[int, np.ndarray, torch.Tensor, torch.Tensor]],
@@ -166,7 +172,7 @@ class Window:
         rows whatever their round (measured: one pass per probe instead of one per step, 1.3x faster at 16
         participants on a 16-image z′, where each pass's fixed cost dominates).
         """
-        states = torch.cat([self.trajectory.states[s][torch.as_tensor(rows)] for s, rows, _, _ in terms])
+        states = torch.cat([self.trajectory.states[s][self.index(rows)] for s, rows, _, _ in terms])
         rows = np.concatenate([rows for _, rows, _, _ in terms])
         u, v = torch.cat([t[2] for t in terms]), torch.cat([t[3] for t in terms])
         out = torch.cat([self.hessian_forms(0, rows[i: i + chunk], u[i: i + chunk], v[i: i + chunk],
@@ -177,7 +183,7 @@ class Window:
                           b: torch.Tensor, opt_b: dict[str, torch.Tensor]):
         """(J a, J b − ½ D²O[a, a]) for participants ``rows`` at round t0+s (``second_order_local_step``)."""
         x, y = self.batches(self.trajectory.t0 + s)
-        index = torch.as_tensor(rows)
+        index = self.index(rows)
         return second_order_local_step(self.model, self.optimizer, self.trajectory.states[s][index],
                                        {name: value[index] for name, value in self.trajectory.opt_states[s].items()},
                                        x[index], y[index], a, opt_a, b, opt_b,
@@ -188,7 +194,7 @@ class Window:
         """J δ for participants ``rows`` at round t0+s: the forward-mode derivative of their local step
         (parameters and optimizer state) in direction (``tangent`` [P, D_params], ``opt_tangent``)."""
         x, y = self.batches(self.trajectory.t0 + s)
-        index = torch.as_tensor(rows)
+        index = self.index(rows)
         return jvp_local_step(self.model, self.optimizer, self.trajectory.states[s][index],
                               {name: value[index] for name, value in self.trajectory.opt_states[s].items()},
                               x[index], y[index], tangent, opt_tangent,
@@ -198,7 +204,7 @@ class Window:
         """Turn the local steps just taken by ``rows`` (parameters ``before`` [P, D_params] -> ``pop.params``)
         into the updates their owners send: θ + c(θ' − θ)."""
         if self.update_factors is not None:
-            c = torch.as_tensor(self.update_factors[rows], dtype=before.dtype)[:, None]
+            c = torch.as_tensor(self.update_factors[rows], dtype=before.dtype, device=before.device)[:, None]
             pop.params.copy_(before + c * (pop.params - before))
 
 
@@ -244,7 +250,7 @@ def second_order_local_step(model: nn.Module, optimizer: OptimizerSpec, states: 
             new_params = params + c * (new_params - params)
         return new_params, {name: value for name, value in new_state.items() if name != "step"}
 
-    zero, one = torch.zeros((), dtype=a.dtype), torch.ones((), dtype=a.dtype)
+    zero, one = torch.zeros((), dtype=a.dtype, device=a.device), torch.ones((), dtype=a.dtype, device=a.device)
     with twice_differentiable_sqrt():
         first, second = jvp(lambda eps: jvp(along, (eps,), (one,))[1], (zero,), (one,))
     return first, (-0.5 * second[0], {name: -0.5 * value for name, value in second[1].items()})
@@ -432,15 +438,15 @@ def estimate_cascade(window: Window, source: int, delta: torch.Tensor, opt_delta
     values = [np.zeros(1)]
     w0 = traj.mixing[0]
     column = np.asarray(w0[supports[1]][:, [source]].todense()).ravel()
-    perturbation = torch.as_tensor(column, dtype=delta.dtype)[:, None] * delta  # δ^{(1)} on S_1
-    at_source = supports[1] == source
-    opt_perturbation = {name: torch.zeros(len(supports[1]), *value.shape, dtype=value.dtype)
+    perturbation = torch.as_tensor(column, dtype=delta.dtype, device=delta.device)[:, None] * delta  # δ^{(1)} on S_1
+    at_source = torch.as_tensor(supports[1] == source, device=delta.device)
+    opt_perturbation = {name: torch.zeros(len(supports[1]), *value.shape, dtype=value.dtype, device=value.device)
                         for name, value in opt_delta.items()}
     for name, value in opt_delta.items():
         opt_perturbation[name][at_source] = value
     for s in range(1, hops + 1):
         rows = supports[s]
-        values.append((window.test_gradients(s, rows) * perturbation).sum(dim=1).numpy())
+        values.append((window.test_gradients(s, rows) * perturbation).sum(dim=1).cpu().numpy())
         if s == hops:
             break
         if variant == "curvature":
@@ -448,13 +454,10 @@ def estimate_cascade(window: Window, source: int, delta: torch.Tensor, opt_delta
         else:
             stepped, opt_stepped = perturbation, {}
         w = sp.csr_array(traj.mixing[s][supports[s + 1]][:, rows])
-        perturbation = torch.as_tensor(w.toarray(), dtype=stepped.dtype) @ stepped
-        keep = np.searchsorted(supports[s + 1], rows)  # S_s ⊆ S_{s+1}; optimizer state stays with its owner
-        opt_perturbation = {}
-        for name, value in opt_stepped.items():
-            moved = torch.zeros(len(supports[s + 1]), *value.shape[1:], dtype=value.dtype)
-            moved[torch.as_tensor(keep)] = value
-            opt_perturbation[name] = moved
+        perturbation = torch.as_tensor(w.toarray(), dtype=stepped.dtype, device=stepped.device) @ stepped
+        # S_s ⊆ S_{s+1}; optimizer state stays with its owner
+        keep = torch.as_tensor(np.searchsorted(supports[s + 1], rows), device=stepped.device)
+        opt_perturbation = _moved(opt_stepped, keep, len(supports[s + 1]))
     return Cascade(source, half, supports, values)
 
 
@@ -496,12 +499,13 @@ def _second_order_cascade(window: Window, source: int, delta: torch.Tensor, opt_
     gradient = window.test_gradients(0, j)[0]
     linear, curvature = [gradient @ (delta + b0)], [gradient @ delta]
     column = torch.as_tensor(np.asarray(traj.mixing[0][supports[1]][:, [source]].todense()).ravel(),
-                             dtype=delta.dtype)[:, None]
+                             dtype=delta.dtype, device=delta.device)[:, None]
     a, b = column * delta, column * b0  # a^{(1)}, b^{(1)} on S_1
-    at_source = torch.as_tensor(supports[1] == source)
+    at_source = torch.as_tensor(supports[1] == source, device=delta.device)
     opt_a = {name: torch.where(at_source[:, None], value, torch.zeros_like(value)) for name, value in opt_delta.items()}
     opt_b = {name: torch.where(at_source[:, None], opt_b0[name], torch.zeros_like(value)) if name in opt_b0 else
-             torch.zeros(len(supports[1]), *value.shape, dtype=value.dtype) for name, value in opt_delta.items()}
+             torch.zeros(len(supports[1]), *value.shape, dtype=value.dtype, device=value.device)
+             for name, value in opt_delta.items()}
     values = [np.zeros(1)]
     for s in range(1, hops + 1):
         rows = supports[s]
@@ -515,21 +519,24 @@ def _second_order_cascade(window: Window, source: int, delta: torch.Tensor, opt_
             (a, opt_a), (b, opt_b) = window.second_order_step(s, rows, a, opt_a, b, opt_b)
         else:
             a, opt_a = window.jvp_step(s, rows, a, opt_a)
-        w = torch.as_tensor(sp.csr_array(traj.mixing[s][supports[s + 1]][:, rows]).toarray(), dtype=a.dtype)
-        keep = torch.as_tensor(np.searchsorted(supports[s + 1], rows))  # optimizer state stays with its owner
+        w = torch.as_tensor(sp.csr_array(traj.mixing[s][supports[s + 1]][:, rows]).toarray(), dtype=a.dtype,
+                            device=a.device)
+        # optimizer state stays with its owner
+        keep = torch.as_tensor(np.searchsorted(supports[s + 1], rows), device=a.device)
         a, b = w @ a, w @ b
         opt_a, opt_b = (_moved(opt, keep, len(supports[s + 1])) for opt in (opt_a, opt_b))
     quadratic = window.stacked_hessian_forms(forms)
-    values += [(value + form).numpy() for value, form in zip(linear[1:], quadratic[1:], strict=True)]
+    values += [(value + form).cpu().numpy() for value, form in zip(linear[1:], quadratic[1:], strict=True)]
     return (Cascade(source, float(linear[0] + quadratic[0][0]), supports, values),
-            Cascade(source, float(curvature[0]), supports, [np.zeros(1)] + [value.numpy() for value in curvature[1:]]))
+            Cascade(source, float(curvature[0]), supports,
+                    [np.zeros(1)] + [value.cpu().numpy() for value in curvature[1:]]))
 
 
 def _moved(opt: dict[str, torch.Tensor], keep: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
-    """Optimizer-state rows placed at positions ``keep`` of ``size`` rows (zero elsewhere)."""
+    """Optimizer-state rows placed at positions ``keep`` of ``size`` rows (zero elsewhere), on their device."""
     out = {}
     for name, value in opt.items():
-        out[name] = torch.zeros(size, *value.shape[1:], dtype=value.dtype)
+        out[name] = torch.zeros(size, *value.shape[1:], dtype=value.dtype, device=value.device)
         out[name][keep] = value
     return out
 
@@ -545,11 +552,11 @@ def first_order_all_sources(window: Window, deltas: torch.Tensor, hops: int) -> 
     traj = window.trajectory
     n = deltas.shape[0]
     everyone = np.arange(n)
-    half = (window.test_gradients(0, everyone) * deltas).sum(dim=1).numpy()
+    half = (window.test_gradients(0, everyone) * deltas).sum(dim=1).cpu().numpy()
     product = np.eye(n)
     values = []
     for s in range(1, hops + 1):
         product = traj.mixing[s - 1] @ product
-        inner = (window.test_gradients(s, everyone) @ deltas.T).numpy()
+        inner = (window.test_gradients(s, everyone) @ deltas.T).cpu().numpy()
         values.append(np.asarray(product) * inner)
     return half, values

@@ -7,6 +7,9 @@ has reached (S_s of ``trajectory.reach``): everyone else is exactly factual, so 
 are mixed in.
 
     d_k^{(s)} = L(θ_k^{t0+s}; z′) − L(θ_{k∖z}^{t0+s}; z′),   d_j^{(½)} = L(θ_j^{t0+½}; z′) − L(θ_{j∖z}^{t0+½}; z′).
+
+The replay runs on the window's device (a CUDA window: the task that replays has a GPU); only the loss terms come
+back to the host, as numpy.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ def _heldout_losses(window: Window, states: torch.Tensor, rows: np.ndarray) -> n
     pop = Population(model64, states.double(), window.optimizer, loss=window.loss)
     if window.validation is None:
         x, y = window.heldout
-        return pop.evaluate(x.double(), y, shared_input=True)[0].numpy()
-    x, y, mask = (v[torch.as_tensor(rows)] for v in window.validation)
-    return pop.evaluate(x.double(), y, sample_weights=mask)[0].numpy()
+        return pop.evaluate(x.double(), y, shared_input=True)[0].cpu().numpy()
+    x, y, mask = (v[window.index(rows)] for v in window.validation)
+    return pop.evaluate(x.double(), y, sample_weights=mask)[0].cpu().numpy()
 
 
 def counterfactual_half_step(window: Window, source: int,
@@ -76,24 +79,25 @@ def ground_truth_cascade(window: Window, source: int, hops: int, removed: np.nda
         rows = supports[s]
         w = sp.csr_array(traj.mixing[s - 1][rows])
         with torch.no_grad():
-            states = torch.as_tensor(w.toarray(), dtype=halves.dtype) @ halves  # θ_{·∖z}^{t0+s} on S_s
+            states = torch.as_tensor(w.toarray(), dtype=halves.dtype, device=halves.device) @ halves  # θ_{·∖z} on S_s
         values.append(_heldout_losses(window, traj.states[s][rows], rows) - _heldout_losses(window, states, rows))
         if counterfactual is not None:
             counterfactual.append(states.clone())
         if s == hops:
             break
         # Counterfactual local step of round t0+s for S_s; everyone else's half-step is factual.
-        opt = {name: value[rows].clone() for name, value in traj.opt_states[s].items()}
-        at = np.searchsorted(rows, cf_rows)
+        index = window.index(rows)
+        opt = {name: value[index].clone() for name, value in traj.opt_states[s].items()}
+        at = torch.as_tensor(np.searchsorted(rows, cf_rows), device=halves.device)
         for name, value in cf_opt.items():
-            opt[name][torch.as_tensor(at)] = value
+            opt[name][at] = value
         pop = window.population(s, rows, states=states)
         pop.load_optimizer_state(opt)
         x, y = window.batches(traj.t0 + s)
         before = pop.params.clone()
-        pop.half_step(x[torch.as_tensor(rows)], y[torch.as_tensor(rows)])
+        pop.half_step(x[index], y[index])
         window.corrupt_updates_(rows, before, pop)
         halves = traj.halves[s].clone()
-        halves[torch.as_tensor(rows)] = pop.state
+        halves[index] = pop.state
         cf_rows, cf_opt = rows, {name: value.clone() for name, value in pop.opt_state.items()}
     return Cascade(source, float(half_losses[0] - half_losses[1]), supports, values)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from dice_ray.core.convolution import use_conv_mode
 from dice_ray.core.misbehavior import UPDATE_KINDS, update_factor
 from dice_ray.core.models import build_model
 from dice_ray.core.participants import ParticipantBlock
@@ -85,14 +86,17 @@ def probe_rows(probe: Probe, cascades: dict[str, Cascade | None], hops: int, q: 
 
 
 def window_for(experiment: Any, trajectory: Trajectory) -> Window:
-    """Return the ``Window`` of ``trajectory`` for ``experiment`` (its model, optimizer, minibatches and z′)."""
+    """Return the ``Window`` of ``trajectory`` for ``experiment`` (its model, optimizer, minibatches and z′), on the
+    trajectory's device: every tensor a replay or estimate creates from it follows it there."""
     import torch
 
-
+    device = trajectory.device
     ds = experiment.dataset
-    block = ParticipantBlock.for_experiment(experiment)
-    model = build_model(experiment.config.model.name, ds.input_shape, ds.num_classes)
-    heldout = (torch.as_tensor(np.array(experiment.heldout[0])), torch.as_tensor(np.array(experiment.heldout[1])))
+    block = ParticipantBlock.for_experiment(experiment, device=str(device))  # also sets the precision's CUDA modes
+    model = build_model(experiment.config.model.name, ds.input_shape, ds.num_classes).to(device)
+    use_conv_mode(model, experiment.config.model.conv, device)  # the convolutions the recording's block ran
+    heldout = (torch.as_tensor(np.array(experiment.heldout[0]), device=device),
+               torch.as_tensor(np.array(experiment.heldout[1]), device=device))
     validation = (block.x_val, block.y_val, block.val_mask) if experiment.config.influence.zprime == "validation" \
         else None
     bad = experiment.config.misbehavior

@@ -3,7 +3,8 @@
 ``Trajectory`` holds, for every participant, the local state θ^{t+s} before round t+s's local step, its
 half-step θ^{t+s+½}, the optimizer state, and W^{t+s}; minibatches are recomputed from
 (seed, participant, round), never stored. ``record_trajectory`` produces one with the same
-``ParticipantBlock`` code the engines run, so the window is exactly the run's.
+``ParticipantBlock`` code the engines run, so the window is exactly the run's. Its tensors live on one device: the
+recording's, the CPU in Ray's object store (``to`` moves them), a replay's where its window is.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dice_ray.experiment import Experiment
 
 @dataclass
 class Trajectory:
-    """Rounds ``t0 .. t0 + horizon`` of a run, for all N participants (tensors on CPU).
+    """Rounds ``t0 .. t0 + horizon`` of a run, for all N participants (tensors on one device, ``device``).
 
     states[s]      [N, D]  θ^{t0+s} (parameters then buffers), s = 0..horizon
     halves[s]      [N, D]  θ^{t0+s+½}, s = 0..horizon-1
@@ -33,6 +34,19 @@ class Trajectory:
     halves: list[torch.Tensor]
     opt_states: list[dict[str, torch.Tensor]]
     mixing: list[sp.csr_array]
+
+    @property
+    def device(self) -> torch.device:
+        """The device every tensor of this window lives on."""
+        return self.states[0].device
+
+    def to(self, device: torch.device | str) -> Trajectory:
+        """Return this window with every tensor on ``device`` (itself if they are there already)."""
+        if self.device == torch.device(device):
+            return self
+        return Trajectory(self.t0, [s.to(device) for s in self.states], [h.to(device) for h in self.halves],
+                          [{name: value.to(device) for name, value in opt.items()} for opt in self.opt_states],
+                          self.mixing)
 
     @property
     def horizon(self) -> int:
@@ -48,17 +62,20 @@ class Trajectory:
                           self.opt_states[a: a + hops + 1], self.mixing[a: a + hops])
 
 
-def record_trajectory(experiment: Experiment, t0: int, horizon: int) -> Trajectory:
-    """Train ``experiment`` from round 0 in this process and return the window t0..t0+horizon."""
-    return record_windows(experiment, [t0], horizon)[0]
+def record_trajectory(experiment: Experiment, t0: int, horizon: int,
+                      device: torch.device | str = "cpu") -> Trajectory:
+    """Train ``experiment`` from round 0 in this process (on ``device``) and return the window t0..t0+horizon."""
+    return record_windows(experiment, [t0], horizon, device)[0]
 
 
-def record_windows(experiment: Experiment, starts: list[int], horizon: int) -> list[Trajectory]:
-    """Train ``experiment`` from round 0 in this process and return the windows t..t+horizon for every t in
-    ``starts``. The rounds are the run's own (the same ``ParticipantBlock`` code as the engines), so the
-    windows match a run of the same config and seed; only rounds inside some window are kept.
+def record_windows(experiment: Experiment, starts: list[int], horizon: int,
+                   device: torch.device | str = "cpu") -> list[Trajectory]:
+    """Train ``experiment`` from round 0 in this process, on ``device``, and return the windows t..t+horizon for
+    every t in ``starts`` (tensors on ``device``). The rounds are the run's own (the same ``ParticipantBlock`` code
+    as the engines, the same initial weights and minibatches on any device), so the windows match a run of the same
+    config and seed; only rounds inside some window are kept.
     """
-    block = ParticipantBlock.for_experiment(experiment)
+    block = ParticipantBlock.for_experiment(experiment, device=str(device))
     pop = block.population
     needed = {t + s for t in starts for s in range(horizon + 1)}
     states, halves, opt_states, mixing = {}, {}, {}, {}

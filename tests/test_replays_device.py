@@ -1,0 +1,185 @@
+"""DICE-GT replays and retraining runs on a device, checked on the CPU.
+
+A device mismatch (a tensor a replay creates on the CPU while its window lives on a GPU) is caught without a GPU: the
+windows are recorded, measured and retrained on PyTorch's ``meta`` device (shapes without data), where any CPU tensor
+meeting a device tensor in an operation fails the test; reading a result back (``.cpu()``, ``float``) gives zeros. The
+scheduling is real local Ray with a logical GPU and no CUDA: tasks ask Ray for their GPU share (``gpus_per_task``)
+and, CUDA being absent, compute on the CPU and return what CPU tasks return. The CUDA runs themselves are
+``bench/bench_replays_gpu.py``'s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from dice_ray.config import TASK_GPU_SHARE, EngineConfig, build_config
+from dice_ray.errors import InputError
+from dice_ray.experiment import prepare
+from dice_ray.methods.dice.measure import measure_influence_here, measure_round
+from dice_ray.methods.dice.probes import probe_rounds, select_probes
+from dice_ray.methods.dice.trajectory import record_windows
+from dice_ray.methods.retraining import final_losses
+from dice_ray.simulate import build_parser, resolve_config
+
+WORLD = {"nodes": 5, "rounds": 5, "seed": 2, "topology": {"name": "ring"},
+         "data": {"dataset": "digits", "heldout_size": 16}, "optim": {"batch_size": 8},
+         "output": {"progress": False}}
+# Every branch of the replay and the estimators: single-sample probes, second order (with b), Adam's optimizer state,
+# each target's own validation split as z′, a misbehaving participant's scaled updates.
+INFLUENCE = {"enabled": True, "hops": 2, "rounds": [2], "probe_samples": 1,
+             "variants": "first-order,curvature,second-order"}
+SETTINGS = {
+    "heldout-adam": {"optim": {"name": "adam", "batch_size": 8}, "influence": INFLUENCE},
+    "validation-scaled": {"influence": {**INFLUENCE, "zprime": "validation"},
+                          "misbehavior": {"kind": "scale", "count": 1, "factor": 3.0}},
+}
+
+
+def _experiment(**changes: Any) -> Any:
+    return prepare(build_config({**WORLD, **changes}))
+
+
+# Operations that move a tensor between devices on purpose (a module's ``.to``, a copy into a device tensor).
+TRANSFERS = {"to", "copy_", "as_tensor", "_has_compatible_shallow_copy_type", "__set__", "set_"}
+
+
+class OnOneDevice(TorchFunctionMode):
+    """Fails any operation that mixes a tensor on ``device`` with a CPU tensor that is not a 0-d scalar (indices
+    included: on a GPU each would be a host-to-device copy, or an error); reading a ``device`` tensor back to the host
+    (``.cpu()``, ``.item()``, ``float``) gives zeros of its shape (``bool``: true), since the meta device holds no values, and a sparse
+    product (gossip, which meta has no kernel for) an empty result of its shape."""
+
+    def __init__(self, device: str = "meta"):
+        super().__init__()
+        self.device, self.reads = torch.device(device), 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        first = args[0] if args else None
+        if isinstance(first, torch.Tensor) and first.device == self.device:
+            if name == "cpu":
+                self.reads += 1
+                return torch.zeros(first.shape, dtype=first.dtype)
+            if name in ("item", "__float__", "__bool__"):
+                self.reads += 1
+                return name == "__bool__" or 0.0
+            assert name not in ("numpy", "tolist"), f"{name}() of a {self.device} tensor: read it with .cpu() first"
+        if name in TRANSFERS:
+            return func(*args, **kwargs)
+        if name == "_sparse_mm" and first.device == self.device:  # gossip: meta has no sparse kernels
+            assert args[1].device == self.device, "_sparse_mm: the sources are not on the device"
+            return torch.empty(first.shape[0], args[1].shape[1], dtype=args[1].dtype, device=self.device)
+        on_device = any(t.device == self.device for t in tensors)
+        stray = [tuple(t.shape) for t in tensors if t.device.type == "cpu" and t.dim() > 0]
+        assert not (on_device and stray), f"{name}: CPU tensors {stray} meet {self.device} tensors"
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_a_replay_creates_every_tensor_on_its_windows_device(setting: str) -> None:
+    """Windows recorded on the device, then DICE-GT and every DICE-E variant of every probe measured on them: no
+    CPU tensor meets a device tensor, and the results come back as rows of host numbers (zeros on meta)."""
+    experiment = _experiment(**SETTINGS[setting])
+    config = experiment.config
+    rounds, probes = probe_rounds(config), select_probes(config)
+    want_influence, want_dice = measure_influence_here(experiment)  # on the CPU, outside the mode
+    with OnOneDevice() as mode:
+        windows = record_windows(experiment, rounds, config.influence.hops, device="meta")
+        assert {t.device.type for w in windows for t in [*w.states, *w.halves, *tree_leaves(w.opt_states)]} == {"meta"}
+        influence, dice = [], []
+        for t, window in zip(rounds, windows, strict=True):
+            rows_influence, rows_dice = measure_round(experiment, window, [p for p in probes if p.round == t])
+            influence += rows_influence
+            dice += rows_dice
+    assert mode.reads > 0
+    key = ("probe_id", "step", "target")
+    assert [tuple(r[k] for k in key) for r in influence] == [tuple(r[k] for k in key) for r in want_influence]
+    assert len(dice) == len(want_dice)
+    assert all(isinstance(r["gt"], float) and isinstance(r["est_second_order"], float) for r in influence)
+
+
+def test_a_retraining_run_creates_every_tensor_on_its_device() -> None:
+    experiment = _experiment(ledger={"enabled": True, "zprime": "validation"})
+    with OnOneDevice():
+        losses = final_losses(experiment, [1], device="meta")
+    assert losses.shape == (experiment.nodes,) and losses.dtype == np.float64
+
+
+def test_the_gpu_share_of_a_task_follows_the_run_and_is_validated() -> None:
+    assert EngineConfig().task_gpus() == 0.0  # a CPU run replays on CPUs
+    assert EngineConfig(gpus_per_actor=1).task_gpus() == TASK_GPU_SHARE and 0 < TASK_GPU_SHARE <= 1
+    assert EngineConfig(gpus_per_actor=0.5, gpus_per_task=0).task_gpus() == 0.0
+    assert EngineConfig(gpus_per_task=1).task_gpus() == 1.0
+    for bad in (-0.25, 1.5, float("nan"), "a quarter"):
+        with pytest.raises(InputError) as err:
+            EngineConfig(gpus_per_task=bad)
+        assert "gpus_per_task" in str(err.value) and "\n" not in str(err.value)
+    args = build_parser().parse_args(["--gpus-per-task", "0.5"])
+    assert resolve_config(args).engine.task_gpus() == 0.5
+
+
+def test_a_task_asks_only_for_gpus_the_cluster_has() -> None:
+    from dice_ray.methods.task_device import task_gpus
+
+    assert task_gpus(EngineConfig(gpus_per_actor=1), cluster_gpus=2) == TASK_GPU_SHARE
+    assert task_gpus(EngineConfig(gpus_per_actor=1), cluster_gpus=0) == 0.0  # a GPU run's replays on a CPU cluster
+    assert task_gpus(EngineConfig(), cluster_gpus=8) == 0.0
+    with pytest.raises(InputError, match=r"--gpus-per-task 0.5 but the Ray cluster has 0 GPUs"):
+        task_gpus(EngineConfig(gpus_per_task=0.5), cluster_gpus=0)
+
+
+@pytest.fixture(scope="module")
+def ray_with_a_logical_gpu():
+    """A real local Ray with 2 CPUs and 1 GPU resource (no CUDA here: GPU tasks compute on the CPU)."""
+    import ray
+
+    from dice_ray.engine import start_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    start_ray(num_cpus=2, num_gpus=1)
+    yield ray
+    ray.shutdown()
+
+
+def _rows(rows: list[dict], column: str) -> np.ndarray:
+    return np.array([np.nan if r[column] is None else r[column] for r in rows], np.float64)
+
+
+def test_tasks_ask_for_their_gpu_share_and_return_what_cpu_tasks_return(ray_with_a_logical_gpu) -> None:
+    ray = ray_with_a_logical_gpu
+    from dice_ray.methods.dice.replays import measure_influence
+    from dice_ray.methods.retraining_tasks import retrain_runs
+    from dice_ray.methods.task_device import start_task, task_options
+
+    @ray.remote(num_cpus=1, num_gpus=TASK_GPU_SHARE)
+    def placed() -> tuple[list, str]:
+        return ray.get_gpu_ids(), start_task()
+
+    gpu_ids, device = ray.get(placed.remote())
+    assert gpu_ids and device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+    runs = {}
+    for share in (0.0, 0.5):
+        engine = {"gpus_per_actor": 0.5, "gpus_per_task": share}
+        experiment = _experiment(engine=engine, influence={**INFLUENCE, "probe_samples": 0, "sources": [0, 2]},
+                                 ledger={"loo": True})
+        assert task_options(experiment.config.engine) == {"num_gpus": share}
+        runs[share] = measure_influence(experiment), retrain_runs(experiment)[0]
+    assert task_options(EngineConfig(gpus_per_actor=1)) == {"num_gpus": TASK_GPU_SHARE}
+    (cpu_influence, cpu_dice), cpu_loo = runs[0.0]
+    (gpu_influence, gpu_dice), gpu_loo = runs[0.5]
+    for rows_cpu, rows_gpu, columns in ((cpu_influence, gpu_influence, ("gt", "est_curvature", "est_second_order")),
+                                        (cpu_dice, gpu_dice, ("gt", "est_first_order"))):
+        assert len(rows_cpu) == len(rows_gpu)
+        for column in columns:
+            np.testing.assert_allclose(_rows(rows_gpu, column), _rows(rows_cpu, column), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(gpu_loo["final_loss"], cpu_loo["final_loss"], rtol=0, atol=1e-9)
