@@ -29,7 +29,7 @@ from dice_ray.results import TABLES
 ENGINES = ("ray", "local")
 # Fields a resumed run may change: where and how it runs, never what it computes.
 RESUME_FIELDS = ("engine.address", "engine.actors", "engine.cpus_per_actor", "engine.gpus_per_actor",
-                 "output.progress", "output.keep_checkpoints", "output.checkpoint_every")
+                 "engine.transport", "output.progress", "output.keep_checkpoints", "output.checkpoint_every")
 
 
 class Run:

@@ -74,6 +74,7 @@ OPTIONS: list[tuple[str, str, Any]] = [
     ("--actors", "engine.actors", int), ("--cpus-per-actor", "engine.cpus_per_actor", float),
     ("--gpus-per-actor", "engine.gpus_per_actor", float), ("--precision", "engine.precision", str),
     ("--gpus-per-task", "engine.gpus_per_task", float),
+    ("--transport", "engine.transport", str),
     ("--address", "engine.address", str),
     ("--out", "output.out", str), ("--eval-every", "output.eval_every", int),
     ("--checkpoint-every", "output.checkpoint_every", int),
@@ -149,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Options a resumed run may set: where and how it runs, never what it computes.
-RESUME_FLAGS = ("--address", "--actors", "--cpus-per-actor", "--gpus-per-actor", "--no-progress", "--engine",
-                "--keep-checkpoints", "--checkpoint-every")
+RESUME_FLAGS = ("--address", "--actors", "--cpus-per-actor", "--gpus-per-actor", "--transport", "--no-progress",
+                "--engine", "--keep-checkpoints", "--checkpoint-every")
 
 
 def resume_args(args: argparse.Namespace) -> dict[str, Any]:
