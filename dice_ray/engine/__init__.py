@@ -4,6 +4,7 @@
 - ``block.py``      a participant block with its round hooks (the part of a round run where the block lives)
 - ``local.py``      ``LocalEngine``: every participant in this process
 - ``actors.py``, ``ray_engine.py``  ``RayEngine``: blocks in participant-group actors, a coordinator actor
+- ``transport.py``  how half-steps travel between actors: the object store, or CUDA IPC between actors sharing a GPU
 - ``loop.py``       the round loop: tables, checkpoints, the methods' drivers, recovery from lost actors
 - ``runtime.py``    starting Ray, sizing the actor pool; ``tasks.py``: what Ray task fan-outs share
 

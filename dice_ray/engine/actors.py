@@ -3,10 +3,12 @@
 Round t (concepts §1, Algorithm 1), as the coordinator drives it:
 
 1. every group runs the local step of its participants and publishes the half-step states
-   θ^{t+½} of its block to the object store (``half_step``, two returns: states and losses);
+   θ^{t+½} of its block to the object store (``half_step``, two returns: states and losses), and, for groups
+   that read it through CUDA IPC (``dice_ray.engine.transport``), a device copy (``publish``);
 2. the coordinator hands each group the rows of W^t for its participants and the ObjectRefs of the
-   blocks those rows read; Ray resolves them (zero-copy numpy on the same node) and the group mixes
-   (``mix``), evaluating afterwards on evaluation rounds and snapshotting its block on checkpoint rounds.
+   blocks those rows read; Ray resolves them (zero-copy numpy on the same node, or the sender's device copy
+   mapped through CUDA IPC) and the group mixes (``mix``), evaluating afterwards on evaluation rounds and
+   snapshotting its block on checkpoint rounds.
 
 Each group runs the round hooks it was given (``dice_ray.hooks``) around its local step and gossip. On rounds a
 hook sends messages, each group publishes its message beside its half-step (one object per hook, so a group
@@ -16,7 +18,7 @@ mixing sources, or the hook's ``Router``), and ``mix`` returns every hook's reco
 Ray restarts a group that dies (it comes back empty); the driver then restores every group from the last
 checkpoint (``restore``), replaces the coordinator (it holds no state) and replays the rounds since.
 
-Parameters move only between groups, through the object store; the coordinator and the driver see
+Parameters move only between groups, through the object store or CUDA IPC; the coordinator and the driver see
 losses and metrics.
 """
 
@@ -34,6 +36,7 @@ from dice_ray.config import load_imports
 from dice_ray.core.topology import Topology
 from dice_ray.engine.block import HookedBlock, HookInbox, mixing_key
 from dice_ray.engine.runtime import tune_allocator
+from dice_ray.engine.transport import CUDA_IPC, OBJECT_STORE, Placement
 from dice_ray.hooks import RoundHook
 
 
@@ -46,6 +49,7 @@ class MixSpec:
     ``weights`` = (key, [W_b] or None): this group's rows of W^t over the mixing source blocks (sent once per
     key; None: the ones received with that key); ``mixing_ids``: those blocks' global ids; ``own``: the position
     of this group's own block among them (-1: not read). ``inboxes``: the hooks that send this round.
+    ``synchronize``: some half-steps arrive through CUDA IPC (the senders' memory: read before the task returns).
     """
 
     weights: tuple[Any, list[sp.csr_array] | None]
@@ -56,6 +60,7 @@ class MixSpec:
     epoch: int
     inboxes: dict[str, HookInbox] = field(default_factory=dict)
     counts: tuple[tuple[str, int], ...] = ()
+    synchronize: bool = False
 
     def unpack(self, refs: tuple) -> dict[str, list[Any]]:
         """The resolved ``refs`` by name: "halves" and each sending hook's name."""
@@ -70,10 +75,11 @@ class MixSpec:
 
 @dataclass(frozen=True)
 class HalfStep:
-    """The ObjectRefs of one group's ``half_step``: its states (None unless published), training losses, and each
-    hook's message by name."""
+    """The ObjectRefs of one group's round-t local step: its states by transport (``OBJECT_STORE``: numpy, None
+    unless published; ``CUDA_IPC``: ``publish``'s device copy, present when a group reads it that way), training
+    losses, and each hook's message by name."""
 
-    state: Any
+    states: dict[str, Any]
     loss: Any
     messages: dict[str, Any]
 
@@ -157,6 +163,14 @@ class ParticipantGroup:
         half = self.block.population.state.cpu().numpy() if publish else None
         return half, loss.cpu().numpy(), *sent
 
+    def publish(self, epoch: int) -> Any:
+        """The half-step states θ^{t+½} [P, D] as a device copy, for Ray's CUDA IPC transport (call after
+        ``half_step``, with ``tensor_transport``); None for a task of an abandoned epoch. A copy, because this group
+        mixes its own state in place next while the readers may still be reading what it published."""
+        if epoch != self.epoch:
+            return None
+        return self.block.population.state.detach().clone()
+
     def mix(self, t: int, spec: MixSpec, *refs: Any, copy: bool = False) -> dict[str, Any] | None:
         """Gossip (round t) over the source blocks, then every hook's ``after_gossip`` (see ``MixSpec``). Return
         ``{"metrics": evaluate() or None, "snapshot": the block's and hooks' snapshot or None, "records": hook name
@@ -167,6 +181,12 @@ class ParticipantGroup:
         self.hooked.set_weights(*spec.weights)
         received = spec.unpack(refs)
         records = self.hooked.gossip(t, spec.mixing_ids, spec.own, received.pop("halves"), spec.inboxes, received)
+        if spec.synchronize:
+            import torch
+
+            # Half-steps mapped through CUDA IPC are the senders' memory, which they free or reuse once this task
+            # is done: the mixing kernels queued on this stream must have read them before it returns.
+            torch.cuda.current_stream(self.block.device).synchronize()
         return {"metrics": self.block.evaluate() if spec.evaluate else None,
                 "snapshot": self.hooked.snapshot(t, copy=copy) if spec.snapshot else None, "records": records}
 
@@ -184,6 +204,27 @@ class ParticipantGroup:
         """Return this block's current states θ^t [P, D] (only when a user asks to save them)."""
         return self.block.population.state.cpu().numpy()
 
+    def placement(self) -> Placement:
+        """Where this group computes (its device, node and GPU): what the choice of transports reads."""
+        gpus = ray.get_gpu_ids()
+        gpu = str(gpus[0]) if self.device == "cuda" and gpus else None
+        return Placement(self.device, ray.get_runtime_context().get_node_id(), gpu)
+
+    def probe(self) -> Any:
+        """A small tensor [4] = (0, 1, 2, 3) on this group's device: sent through a transport to check it at start."""
+        import torch
+
+        return torch.arange(4, dtype=torch.float32, device=self.device)
+
+    def read_probe(self, probe: Any) -> tuple[str, list[float]]:
+        """The device type and values of a ``probe`` received from another group."""
+        return probe.device.type, probe.tolist()
+
+
+# Ray enables its tensor transport per actor class, not per actor (it then runs the actor's tasks on a thread of their
+# own and moves tensors on others): the same group class, for runs whose groups may exchange through CUDA IPC.
+ParticipantGroupWithTransport = ray.remote(enable_tensor_transport=True)(ParticipantGroup.__ray_actor_class__)
+
 
 @ray.remote(num_cpus=0)
 class Coordinator:
@@ -195,6 +236,8 @@ class Coordinator:
         self.config = config
         self.blocks = blocks
         self.groups = groups
+        # transports[s][g]: how group s's half-step travels to group g (``set_transports``)
+        self.transports = [[OBJECT_STORE] * len(groups) for _ in groups]
         self.hook_names = [h.name for h in hooks or []]
         self.sends = {h.name: h.sends(config) for h in hooks or []}
         self.routers = {h.name: h.router(config, topology, blocks, self._mixing_at) for h in hooks or []
@@ -210,6 +253,11 @@ class Coordinator:
 
     def _mixing_at(self, t: int) -> Any:
         return self.topology.mixing_matrix(t) if self._mixing is None else self._mixing
+
+    def set_transports(self, transports: list[list[str]]) -> None:
+        """Send group s's half-steps to group g by ``transports[s][g]`` (``OBJECT_STORE`` or ``CUDA_IPC``; see
+        ``dice_ray.engine.transport.choose_transports``) from the next submitted round on."""
+        self.transports = transports
 
     def set_mixing_matrix(self, w: sp.csr_array) -> None:
         """Use ``w`` [N, N] as W^t for every later round (collaborator selection rewires the graph)."""
@@ -288,7 +336,9 @@ class Coordinator:
         sending, reads = self._senders(t, epoch, routes)
         route = routes[g]
         own = next((i for i, (s, _) in enumerate(route) if s == g), -1)
-        refs = [halves[s].state for s, _ in route if s != g] if halves else []
+        others = [s for s, _ in route if s != g] if halves else []
+        ways = [self.transports[s][g] for s in others]
+        refs = [halves[s].states[way] for s, way in zip(others, ways, strict=True)]
         counts, inboxes = [("halves", len(refs))], {}
         for name in sending:
             sources, info = reads[name][g]
@@ -297,7 +347,7 @@ class Coordinator:
             counts.append((name, len(theirs)))
             refs += theirs
         return MixSpec(self._weights(g, t, route), [self.blocks[s] for s, _ in route], own, evaluate, snapshot,
-                       epoch, inboxes, tuple(counts)), refs
+                       epoch, inboxes, tuple(counts), CUDA_IPC in ways), refs
 
     def submit_round(self, t: int, evaluate: bool, snapshot: bool = False,
                      epoch: int = 0) -> tuple[list[Any], list[Any]]:
@@ -309,14 +359,18 @@ class Coordinator:
         if self.alone(routes):
             return self.submit_rounds([(t, evaluate, snapshot)], epoch)[0]
         sending, reads = self._senders(t, epoch, routes)
-        published = {s for g, route in enumerate(routes) for s, _ in route if s != g}
+        # (s, transport): group s's half-step is read by another group through that transport
+        published = {(s, self.transports[s][g]) for g, route in enumerate(routes) for s, _ in route if s != g}
         sent = {name: {s for g, (sources, _) in enumerate(reads[name]) for s in sources if s != g}
                 for name in sending}
         halves = []
         for g, group in enumerate(self.groups):
             refs = group.half_step.options(num_returns=2 + len(self.hook_names)).remote(
-                t, g in published, [name for name in sending if g in sent[name]], epoch)
-            halves.append(HalfStep(refs[0], refs[1], dict(zip(self.hook_names, refs[2:], strict=True))))
+                t, (g, OBJECT_STORE) in published, [name for name in sending if g in sent[name]], epoch)
+            states = {OBJECT_STORE: refs[0]}
+            if (g, CUDA_IPC) in published:
+                states[CUDA_IPC] = group.publish.options(tensor_transport=CUDA_IPC).remote(epoch)
+            halves.append(HalfStep(states, refs[1], dict(zip(self.hook_names, refs[2:], strict=True))))
         mixed = []
         for g, group in enumerate(self.groups):
             mix_spec, refs = self._mix_spec(g, t, evaluate, snapshot, epoch, halves)

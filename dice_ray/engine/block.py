@@ -80,9 +80,10 @@ class HookedBlock:
         records by name.
 
         ``mixing_ids[b]``: global ids of the mixing source blocks; ``halves``: the half-step states [M_b, D] of those
-        blocks other than this one (numpy from the object store, or tensors), ``own`` the position of this block's
-        among them (-1: not read). ``inboxes``: the hooks that send this round, with ``received[name]`` the
-        messages of the other blocks they read (this block's own is added at ``inboxes[name].own``).
+        blocks other than this one (numpy from the object store, moved to the device here; or tensors already on
+        it, e.g. mapped through CUDA IPC), ``own`` the position of this block's among them (-1: not read).
+        ``inboxes``: the hooks that send this round, with ``received[name]`` the messages of the other blocks they
+        read (this block's own is added at ``inboxes[name].own``).
         """
         _, rows, weights = self._weights
         device = self.block.device

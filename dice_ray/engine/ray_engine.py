@@ -13,9 +13,11 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from dice_ray.engine.actors import Coordinator, ParticipantGroup
+from dice_ray.engine.actors import Coordinator, ParticipantGroup, ParticipantGroupWithTransport
 from dice_ray.engine.metrics import RoundMetrics, RoundPlan, combine_evaluations, combine_snapshots
 from dice_ray.engine.runtime import ActorPlan, plan_actors
+from dice_ray.engine.transport import CUDA_IPC, Placement, choose_transports, may_use_device_transport
+from dice_ray.errors import InputError
 from dice_ray.experiment import Experiment
 from dice_ray.hooks import RoundHook
 
@@ -29,6 +31,9 @@ MAX_ROUNDS_PER_CALL = 32
 ACTOR_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError,
                   ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError)
 
+# Seconds a small tensor may take through CUDA IPC between two groups when they start (``RayEngine._check_transports``).
+PROBE_TIMEOUT_S = 120.0
+
 
 class RayEngine:
     """Runs an ``Experiment`` on the Ray cluster this process is connected to (``start_ray`` first).
@@ -39,6 +44,9 @@ class RayEngine:
     group back to a snapshot so the caller can replay the rounds since. Actors take no object references
     in their constructors (Ray cannot restart an actor whose constructor arguments are gone): the data
     references travel with ``restore``.
+
+    Half-steps travel between groups as ``engine.transport`` and the groups' placements choose
+    (``dice_ray.engine.transport``): ``transports[s][g]`` says how group s's reaches group g.
     """
 
     def __init__(self, experiment: Experiment, plan: ActorPlan | None = None,
@@ -58,9 +66,12 @@ class RayEngine:
         # elsewhere); any other plan is spread over the machines.
         strategies = ([NodeAffinitySchedulingStrategy(n["NodeID"], soft=True) for n in machines]
                       if self.plan.per_machine else ["SPREAD"] * len(self.plan.blocks))
+        self.transport = experiment.config.engine.transport
+        actor = (ParticipantGroupWithTransport if may_use_device_transport(
+            self.transport, self.plan.gpus_per_actor, len(self.plan.blocks)) else ParticipantGroup)
         self.groups = [
-            ParticipantGroup.options(num_cpus=self.plan.cpus_per_actor, num_gpus=self.plan.gpus_per_actor,
-                                     scheduling_strategy=strategy, max_restarts=-1)
+            actor.options(num_cpus=self.plan.cpus_per_actor, num_gpus=self.plan.gpus_per_actor,
+                          scheduling_strategy=strategy, max_restarts=-1)
             .remote(experiment.config, ds.input_shape, ds.num_classes, self.plan.threads_per_actor, self.hooks)
             for strategy in (in_group or strategies)[: len(self.plan.blocks)]
         ]
@@ -78,7 +89,11 @@ class RayEngine:
         self.blocks = self.plan.blocks
         self._mixing: Any = None  # W set by collaborator selection, if any
         self.epoch = 0
-        self.restore(None)
+        try:
+            self.restore(None)
+        except BaseException:  # groups or a transport that cannot start: leave no actors behind
+            self.close()
+            raise
 
     def run_round(self, t: int, evaluate: bool) -> RoundMetrics:
         """Run round t; return its metrics."""
@@ -208,6 +223,33 @@ class RayEngine:
                     raise
                 time.sleep(0.2)
                 pending[g] = submit(g)
+        self._choose_transports()
+
+    def _choose_transports(self) -> None:
+        """Choose how half-steps travel between the groups where they now are (restarted groups may have moved),
+        check every CUDA IPC pair, and tell the coordinator. Raises ``InputError`` (one line) if ``engine.transport``
+        cannot be had there or CUDA IPC cannot be set up."""
+        placements = ray.get([g.placement.remote() for g in self.groups])
+        self.transports = choose_transports(placements, self.transport)
+        self._check_transports(self.transports, placements)
+        if any(CUDA_IPC in row for row in self.transports):  # a coordinator starts with the object store everywhere
+            self.coordinator.set_transports.remote(self.transports)
+
+    def _check_transports(self, transports: list[list[str]], placements: list[Placement]) -> None:
+        """Send a small tensor through every CUDA IPC pair of ``transports`` and check what arrives: a transport
+        that cannot be set up stops the run here, in one line, instead of failing (or killing actors) mid-round."""
+        pairs = [(s, g) for s, row in enumerate(transports) for g, way in enumerate(row) if way == CUDA_IPC]
+        for s, g in pairs:
+            try:
+                sent = self.groups[s].probe.options(tensor_transport=CUDA_IPC).remote()
+                received = ray.get(self.groups[g].read_probe.remote(sent), timeout=PROBE_TIMEOUT_S)
+                problem = None if received == ("cuda", [0.0, 1.0, 2.0, 3.0]) else f"received {received}"
+            except Exception as err:  # any failure means the transport is not there
+                problem = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+            if problem is not None:
+                raise InputError(f"engine.transport {self.transport!r}: CUDA IPC from participant group {s} to group "
+                                 f"{g} (both on the {placements[s]}) could not be set up ({problem}; Ray's log "
+                                 "above may say more); use --transport object_store")
 
     def info(self) -> list[dict[str, Any]]:
         """Return each group's placement facts (threads, device, node IP, peak RSS)."""
