@@ -237,6 +237,7 @@ def dice_run(model: str, nodes: int, rounds: int, gpus: float, shape_ok: bool, *
         placement = manifest.get("placement") or []
         return {"rounds_table": rounds_table, "ends": [m - start for m in marks], "stopped_early": stopped,
                 "actors": manifest.get("actors"), "devices": sorted({str(p.get("device")) for p in placement}) or ["?"],
+                "cuda_graph": sorted({str(p.get("cuda_graph")) for p in placement}) or ["?"],
                 "wall_s": time.perf_counter() - start, "memory": memory.result(), "data": manifest["data"]["dataset"],
                 "parameters": manifest["model"]["parameters"]}
 
@@ -405,9 +406,11 @@ def _equivalence_row(model: str, nodes: int, label: str, cpu: dict[str, Any], gp
                      tolerance: float = TOLERANCE) -> dict[str, Any]:
     diff = compare(cpu["rounds_table"], gpu["rounds_table"])
     row = {"model": model, "nodes": nodes, "variant": label, "actors": gpu["actors"], "devices": gpu["devices"],
+           "cuda_graph": gpu.get("cuda_graph"),
            **diff, "holds_to": holds_to(diff["max"]), "within_tolerance": diff["max"] <= tolerance}
     print(f"(a) {model} N={nodes}: CPU ({cpu['actors']} actors) vs {label} ({gpu['actors']} actors on "
-          f"{gpu['devices']}): largest |difference| {diff['max']:.2e} -> holds to {row['holds_to']} "
+          f"{gpu['devices']}, local step's CUDA graph {gpu.get('cuda_graph')}): largest |difference| "
+          f"{diff['max']:.2e} -> holds to {row['holds_to']} "
           f"({'within' if row['within_tolerance'] else 'NOT within'} {tolerance:g}); "
           + ", ".join(f"{c} {diff[c]:.1e}" for c in COMPARED if diff.get(c) is not None)
           + "; train loss by round " + " ".join(f"{v:.0e}" for v in diff.get("by_round", [])), flush=True)
@@ -588,13 +591,16 @@ def profile_round(model: str, nodes: int, shape_ok: bool, rounds: int = 3, preci
             split["gossip"].append(t2 - t1)
             split["round"].append(t2 - t0)
         medians = {k: float(np.median(v)) for k, v in split.items()}
+        graph = block.cuda_graph
         del engine, block, hooked
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-    print(f"(f) profile, {model} N={nodes} {precision}, one block on CUDA without Ray, {rounds} rounds: local step "
+    print(f"(f) profile, {model} N={nodes} {precision} (CUDA graph: {graph}), one block on CUDA without Ray, {rounds} "
+          "rounds: local step "
           f"{medians['local_step'] * 1e3:.2f} ms, gossip {medians['gossip'] * 1e3:.2f} ms per round\n{table}",
           flush=True)
-    return {"model": model, "nodes": nodes, "precision": precision, **{f"{k}_s": v for k, v in medians.items()},
+    return {"model": model, "nodes": nodes, "precision": precision, "cuda_graph": graph,
+            **{f"{k}_s": v for k, v in medians.items()},
             "table": table}
 
 
@@ -771,7 +777,8 @@ def main() -> None:
                 save()
 
         # Most important first (a run cut short keeps what it measured): fp32 equivalence, fp32 round times on one
-        # actor per GPU and the fused step, the floor and the profile, then two actors per GPU, DICE, the modes.
+        # actor per GPU and the fused step, the floor and the profile, DICE, then two actors per GPU, fp32 without the
+        # CUDA graph, the modes.
         cpu_tables: dict[str, Any] = {}
         if "a" in parts:
             got = guarded("(a)", lambda: equivalence(args.eq_models, shape_ok, args.fractions))
@@ -803,13 +810,12 @@ def main() -> None:
                                                        lambda m=m, n=n, p=p: profile_round(m, n, shape_ok, precision=p))
                                                for m, n, p in profiled) if p]
             save()
-        if "b" in parts:
-            timed("fp32 without CUDA graphs", [c for c in cases if c[3].endswith(EAGER)])
-        if "b" in parts:
-            timed("shared GPU", [c for c in cases if c[2] != 1.0])
         if "dice" in parts:
             results["dice"] = guarded("(a')", dice_equivalence)
             save()
+        if "b" in parts:
+            timed("shared GPU", [c for c in cases if c[2] != 1.0])
+            timed("fp32 without CUDA graphs", [c for c in cases if c[3].endswith(EAGER)])
         if "modes" in parts and args.modes and cpu_tables:
             results["precision_modes"] = guarded("(a'')", lambda: precision_modes(cpu_tables, shape_ok,
                                                                                   args.modes)) or []

@@ -29,6 +29,11 @@ class StepGraph:
         self.loss: torch.Tensor | None = None  # the graph's output, overwritten by each replay
         self.failed: str | None = None
 
+    @property
+    def status(self) -> str:
+        """"replayed" once captured, "failed: <why>" where the capture failed (eager steps), "not captured yet"."""
+        return "replayed" if self.graph is not None else f"failed: {self.failed}" if self.failed else "not captured yet"
+
     def __call__(self, t: int) -> torch.Tensor:
         """Run the step of round t in place; return its losses [P] (a tensor of its own)."""
         if self.failed is not None:

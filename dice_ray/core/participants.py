@@ -168,6 +168,11 @@ class ParticipantBlock:
         """The hosted participants' training targets, concatenated like ``x_local``."""
         return self.y_data[self.sample_rows]
 
+    @property
+    def cuda_graph(self) -> str | None:
+        """How the local step runs on a GPU (``StepGraph.status``); None: launched kernel by kernel."""
+        return None if self._step_graph is None else self._step_graph.status
+
     def half_step(self, t: int) -> torch.Tensor:
         """Run the local step of round t in place: afterwards ``population.state`` holds the half-step states
         θ^{t+½} [P, D]. Return the training losses [P] (a tensor on the block's device).

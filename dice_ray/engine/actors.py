@@ -192,10 +192,11 @@ class ParticipantGroup:
 
     def info(self) -> dict[str, Any]:
         """Return placement facts: torch threads, device, node IP, placement group (None outside one), peak
-        RSS (MiB) of this process."""
+        RSS (MiB) of this process, and on a GPU how the local step ran (``ParticipantBlock.cuda_graph``)."""
         import torch
 
         return {"threads": torch.get_num_threads(), "device": str(self.block.device),
+                "cuda_graph": self.block.cuda_graph,
                 "node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
                 "placement_group": ray.get_runtime_context().get_placement_group_id(),
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

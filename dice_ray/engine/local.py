@@ -81,10 +81,12 @@ class LocalEngine:
         return self.block.population.state.cpu().numpy()
 
     def info(self) -> list[dict[str, Any]]:
-        """Placement facts of this process (one block): torch threads, device, peak RSS (MiB)."""
+        """Placement facts of this process (one block): torch threads, device, how the local step ran on a GPU
+        (``ParticipantBlock.cuda_graph``), peak RSS (MiB)."""
         import torch
 
-        return [{"threads": torch.get_num_threads(), "device": str(self.block.device), "node_ip": "local",
+        return [{"threads": torch.get_num_threads(), "device": str(self.block.device),
+                 "cuda_graph": self.block.cuda_graph, "node_ip": "local",
                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}]
 
     def close(self) -> None:
