@@ -176,12 +176,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def cascade(run: Path) -> dict:
     """Compute, print and write the cascade report of ``run``; return its summary."""
-    import json
-
     import networkx as nx
-
-    from dice_ray.config import RunConfig
-    from dice_ray.core.topology import make_topology
 
     inf = _read(run, "influence")
     column = _value_column(inf)
@@ -199,7 +194,7 @@ def cascade(run: Path) -> dict:
                           "terms": int(at.sum())})
     write_table_atomic(run / "cascade.parquet", decay, CASCADE)
 
-    config = RunConfig.model_validate(json.loads((run / "manifest.json").read_text())["config"])
+    config, topology = _recorded_topology(run)
     n = config.nodes
     final = whole & (step == last)
     total, count = np.zeros((n, n)), np.zeros((n, n))
@@ -210,9 +205,6 @@ def cascade(run: Path) -> dict:
                        [{"source": j, "target": k, "value": column, "influence": float(pairwise[j, k])}
                         for j, k in zip(*np.nonzero(count), strict=True)], PAIRWISE)
 
-    topology = make_topology(config.topology.name, n, weights=config.topology.weights, seed=config.seed,
-                             p=config.topology.p, rows=config.topology.rows, path=config.topology.file,
-                             directed=config.topology.directed)
     graph = topology.to_networkx(0)
     strength = np.nansum(np.abs(pairwise), axis=1)
     probed = count.sum(axis=1) > 0
@@ -499,12 +491,12 @@ def collaborator_row(run: Path) -> dict:
     """Return ``run``'s row of ``collaborators.parquet`` (final accuracy of its honest participants)."""
     import json
 
-    from dice_ray.config import RunConfig
+    from dice_ray.config import read_recorded
 
     manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else None
     if manifest is None or manifest.get("status") != "complete":
         raise InputError(f"{run} is not a complete run (manifest.json status)")
-    config = RunConfig.model_validate(manifest["config"])
+    config = read_recorded(manifest["config"], f"run {str(run)!r}")
     rounds, nodes = _frame(run, "rounds", "incomplete run"), _frame(run, "nodes", "incomplete run")
     last = rounds[rounds["round"] == rounds["round"].max()].sort_values("node")
     honest = ~nodes.sort_values("node")["misbehaving"].to_numpy()
@@ -561,23 +553,36 @@ def _rank_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float | None]:
             "kendall": float(stats.kendalltau(a[ok], b[ok]).statistic)}
 
 
-def _run_experiment(run: Path, changes: dict | None = None):
+def _recorded_topology(run: Path):
+    """(the run's recorded config, its topology), read without importing anything the config names."""
     import json
 
-    from dice_ray.config import build_config
+    from dice_ray.config import read_recorded
+    from dice_ray.core.topology import make_topology
+
+    config = read_recorded(json.loads((run / "manifest.json").read_text())["config"], f"run {str(run)!r}")
+    topo = config.topology
+    return config, make_topology(topo.name, config.nodes, weights=topo.weights, seed=config.seed, p=topo.p,
+                                 rows=topo.rows, path=topo.file, directed=topo.directed)
+
+
+def _run_experiment(run: Path, changes: dict | None = None, allow_imports: bool = False):
+    import json
+
+    from dice_ray.config import rerun_config
     from dice_ray.experiment import prepare
 
     data = json.loads((run / "manifest.json").read_text())["config"]
     for section, values in (changes or {}).items():
         data.setdefault(section, {}).update(values)
-    return prepare(build_config(data))
+    return prepare(rerun_config(data, f"retraining run {str(run)!r}", allow_imports))
 
 
-def _retrain_now(run: Path, loo: bool, shapley: int | None, local: bool) -> None:
+def _retrain_now(run: Path, loo: bool, shapley: int | None, local: bool, allow_imports: bool = False) -> None:
     """Compute ``loo.parquet`` (and ``shapley.parquet``) for ``run`` now (Ray tasks, or here if ``local``)."""
     from dice_ray.methods.retraining_tasks import retrain_runs
 
-    experiment = _run_experiment(run, {"ledger": {"loo": loo, "shapley_permutations": shapley or 0}})
+    experiment = _run_experiment(run, {"ledger": {"loo": loo, "shapley_permutations": shapley or 0}}, allow_imports)
     if not local:
         from dice_ray.engine import start_ray
 
@@ -589,24 +594,26 @@ def _retrain_now(run: Path, loo: bool, shapley: int | None, local: bool) -> None
         write_table_atomic(run / "shapley.parquet", rows_shapley, SHAPLEY)
 
 
-def contributions(run: Path, loo: bool = False, shapley: int | None = None, local: bool = False) -> dict:
+def contributions(run: Path, loo: bool = False, shapley: int | None = None, local: bool = False,
+                  allow_imports: bool = False) -> dict:
     """Compute, print and write the contributions report of ``run``; return its summary (``rows``, and the
-    rank agreement of the ledger totals with leave-one-out and Shapley where computed)."""
+    rank agreement of the ledger totals with leave-one-out and Shapley where computed). Retraining now imports the
+    modules the run's config names only with ``allow_imports`` (``config.rerun_config``)."""
     import networkx as nx
 
     shares = _frame(run, "shares", "run the simulation with --ledger first")
     ledger = _frame(run, "contributions", "run the simulation with --ledger first")
     nodes = _frame(run, "nodes", "not a finished run")
     if (loo and not (run / "loo.parquet").is_file()) or (shapley and not (run / "shapley.parquet").is_file()):
-        _retrain_now(run, loo or (run / "loo.parquet").is_file(), shapley, local)
+        _retrain_now(run, loo or (run / "loo.parquet").is_file(), shapley, local, allow_imports)
     n = len(nodes)
-    experiment = _run_experiment(run)
-    ranking = experiment.config.ledger.ranking
+    config, topology = _recorded_topology(run)
+    ranking = config.ledger.ranking
     matrix = np.zeros((n, n))
     column = "cumulative" + VARIANT_SUFFIX[ranking]
     last = ledger.groupby(["source", "target"])[column].last() if column in ledger else ledger.iloc[:0]["step"]
     matrix[last.index.get_level_values(0), last.index.get_level_values(1)] = last.to_numpy()
-    graph = experiment.topology.to_networkx(0)
+    graph = topology.to_networkx(0)
     betweenness = nx.betweenness_centrality(graph)
     rows = shares.sort_values("participant").reset_index(drop=True)
     for v in list(VARIANT_SUFFIX)[1:]:  # tables of runs before the curvature ledger have no such column
@@ -723,6 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shapley", type=int, metavar="K", help="contributions: Monte-Carlo Shapley with K "
                                                                  "permutations now (K (N−1) + 2 retraining runs)")
     parser.add_argument("--local", action="store_true", help="contributions: retrain in this process, not on Ray")
+    parser.add_argument("--allow-imports", action="store_true",
+                        help="contributions --loo/--shapley: import the modules the run's config names to retrain "
+                        "it (refused without this flag; reading a run never imports them)")
     return parser
 
 
@@ -742,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.report == "contributions":
             if args.shapley is not None and args.shapley < 1:
                 raise InputError(f"--shapley {args.shapley}: needs at least 1 permutation")
-            contributions(args.run[0], args.loo, args.shapley, args.local)
+            contributions(args.run[0], args.loo, args.shapley, args.local, args.allow_imports)
         else:
             {"alignment": alignment, "cascade": cascade}[args.report](args.run[0])
     except InputError as err:

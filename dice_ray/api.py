@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from dice_ray.config import RunConfig, build_config, load_config
+from dice_ray.config import RunConfig, build_config, load_config, read_recorded
 from dice_ray.errors import InputError
 from dice_ray.hooks import Method
 from dice_ray.results import TABLES
@@ -56,8 +56,9 @@ class Run:
 
     @property
     def config(self) -> RunConfig:
-        """The resolved ``RunConfig`` the run was started with."""
-        return build_config(self.manifest["config"])
+        """The resolved ``RunConfig`` the run was started with, read without importing the modules it names (see
+        ``config.read_recorded``)."""
+        return read_recorded(self.manifest["config"], f"run {str(self.path)!r}")
 
     def tables(self) -> list[str]:
         """Names of the tables this run has written (``rounds``, ``nodes``, ``dice``, …)."""
@@ -98,11 +99,14 @@ class Run:
 
         return pd.DataFrame(anomaly(self.path, horizons))
 
-    def contributions(self, loo: bool = False, shapley: int | None = None, local: bool = False) -> dict[str, Any]:
-        """The contribution ledger's ranking, with leave-one-out / Shapley agreement where available."""
+    def contributions(self, loo: bool = False, shapley: int | None = None, local: bool = False,
+                      allow_imports: bool = False) -> dict[str, Any]:
+        """The contribution ledger's ranking, with leave-one-out / Shapley agreement where available (retraining
+        them now, with ``loo`` / ``shapley``, imports the modules the run's config names only with
+        ``allow_imports``)."""
         from dice_ray.analyze import contributions
 
-        return contributions(self.path, loo, shapley, local)
+        return contributions(self.path, loo, shapley, local, allow_imports)
 
 
 def open_run(path: str | Path) -> Run:
@@ -153,16 +157,18 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
 
 
 def resume(path: str | Path, *, engine: str | None = None, on_round: Callable[[Any, Any], None] | None = None,
-           methods: list[Method] | tuple = (), **placement: Any) -> Run:
+           methods: list[Method] | tuple = (), allow_imports: bool = False, **placement: Any) -> Run:
     """Continue the interrupted run in ``path`` from its last checkpoint, with its own config; ``placement``
     may change only where it runs (dotted names of ``RESUME_FIELDS`` with '__' for '.', e.g. ``engine__actors=2``);
-    ``methods``: the same user methods the run was started with."""
+    ``methods``: the same user methods the run was started with. A run whose config names modules to import
+    (``imports``, ``model.import_module``) is refused, naming them, unless ``allow_imports``: resume only a run
+    you trust."""
     from dice_ray.engine import start_ray
     from dice_ray.experiment import prepare
     from dice_ray.simulate import resume_config, simulate
 
     changes = {key.replace("__", "."): value for key, value in placement.items()}
-    config, manifest = resume_config(Path(path), changes)
+    config, manifest = resume_config(Path(path), changes, allow_imports)
     engine = engine or manifest.get("engine", "ray")
     if engine not in ENGINES:
         raise InputError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")

@@ -9,6 +9,7 @@ sets, models, optimizers) happens here, before any work starts; problems become 
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 from collections.abc import Callable
 from pathlib import Path
@@ -39,12 +40,19 @@ def _one_of(what: str, choices: tuple[str, ...] | Callable[[], tuple[str, ...]])
     ``what`` and lists them."""
 
     def check(value: str) -> str:
+        if callable(choices) and _RECORDED.get():
+            return value  # a name the recorded config's modules would register: not imported, so not checked
         names = choices() if callable(choices) else choices
         if value not in names:
             raise ValueError(f"{what} {value!r} is unknown; choose one of {', '.join(names)}")
         return value
 
     return AfterValidator(check)
+
+
+# True while a config read from a run directory, a checkpoint or a sweep directory is validated (``read_recorded``).
+# A context variable, not pydantic's validation context: sections with their own ``__init__`` do not pass that on.
+_RECORDED: contextvars.ContextVar[bool] = contextvars.ContextVar("recorded", default=False)
 
 
 def comma_list(value: Any) -> Any:
@@ -382,7 +390,7 @@ def import_modules(names: list[str]) -> None:
 def load_imports(config: RunConfig) -> None:
     """Import the modules a run config names (``imports``, ``model.import_module``): in the driver before the run,
     and in every Ray worker that builds participants or replays them."""
-    import_modules([*config.imports, *([config.model.import_module] if config.model.import_module else [])])
+    import_modules(modules_named(config))
 
 
 class RunConfig(_Section):
@@ -408,8 +416,9 @@ class RunConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _import_first(cls, data: Any) -> Any:
-        """Import ``imports`` (and ``model.import_module``) before the fields are checked: they register names."""
-        if isinstance(data, dict):
+        """Import ``imports`` (and ``model.import_module``) before the fields are checked: they register names. Not
+        for a recorded config (``read_recorded``): reading a run imports nothing it names."""
+        if isinstance(data, dict) and not _RECORDED.get():
             names = data.get("imports") or []
             model = data.get("model")
             module = model.get("import_module") if isinstance(model, dict) else getattr(model, "import_module", None)
@@ -513,6 +522,39 @@ def _one_line(err: ValidationError) -> _FieldError:
     got = first.get("input")
     suffix = "" if isinstance(got, dict) or got is None or repr(got) in msg else f" (got {got!r})"
     return _FieldError(tuple(first["loc"]), f"{msg}{suffix}")
+
+
+def read_recorded(data: Any, where: str) -> RunConfig:
+    """Return the ``RunConfig`` recorded in a run directory, checkpoint or sweep directory (``where`` names it),
+    validated without importing anything it names: a directory received from someone else can be read, analyzed and
+    reported on without running its code. Names that its modules would register (data sets, losses) are taken as
+    recorded. Only ``run`` and ``resume`` import them (``modules_named``)."""
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: the recorded config is not a mapping of sections")
+    token = _RECORDED.set(True)
+    try:
+        return RunConfig.model_validate(data)
+    except InputError as err:
+        raise InputError(f"{where}: {err}") from None
+    finally:
+        _RECORDED.reset(token)
+
+
+def modules_named(config: RunConfig) -> list[str]:
+    """The modules running ``config`` imports (``imports``, then ``model.import_module``): code that runs in this
+    process and in every Ray worker."""
+    return [*config.imports, *([config.model.import_module] if config.model.import_module else [])]
+
+
+def rerun_config(data: Any, where: str, allow_imports: bool) -> RunConfig:
+    """Return the recorded config of a run directory that is about to compute again (a resume, a retraining), built
+    as ``build_config`` builds a new one, importing its modules, but only with ``allow_imports``: otherwise one
+    ``InputError`` naming the modules, before anything is imported."""
+    named = modules_named(read_recorded(data, where))
+    if named and not allow_imports:
+        raise InputError(f"{where}: its config imports {', '.join(named)}, code that would run in this process and in "
+                         "every Ray worker; continue only a run you trust, with --allow-imports (allow_imports=True)")
+    return build_config(data)
 
 
 def build_config(data: dict[str, Any] | None = None) -> RunConfig:

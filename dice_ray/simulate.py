@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from dice_ray import __version__
 from dice_ray.checkpoint import CHECKPOINTS, CheckpointStore, RoundTables, config_digest
-from dice_ray.config import RunConfig, apply_sets, build_config, load_config, set_dotted
+from dice_ray.config import RunConfig, apply_sets, build_config, load_config, rerun_config, set_dotted
 from dice_ray.engine import Engine, LocalEngine, RayEngine, start_ray
 from dice_ray.engine.loop import Drivers, TrainingReport, train
 from dice_ray.errors import InputError, OneLineParser, report
@@ -145,7 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also save the final states of all participants to states.npy")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue an interrupted run from its last checkpoint, with its own config (only "
-                        f"{', '.join(RESUME_FLAGS)} may be given too)")
+                        f"{', '.join(RESUME_FLAGS)} and --allow-imports may be given too)")
+    parser.add_argument("--allow-imports", action="store_true",
+                        help="with --resume: import the modules the run's config names (imports, "
+                        "model.import_module); without it such a run is refused, naming them")
     return parser
 
 
@@ -166,9 +169,11 @@ def resume_args(args: argparse.Namespace) -> dict[str, Any]:
     return {dotted: getattr(args, dotted) for dotted in flags if getattr(args, dotted) is not None}
 
 
-def resume_config(run: Path, changes: dict[str, Any] | None = None) -> tuple[RunConfig, dict[str, Any]]:
+def resume_config(run: Path, changes: dict[str, Any] | None = None,
+                  allow_imports: bool = False) -> tuple[RunConfig, dict[str, Any]]:
     """Return (config, manifest) of the run in ``run``, with the placement ``changes`` (dotted field -> value,
-    only ``api.RESUME_FIELDS``) applied; raise ``InputError`` if it cannot be resumed."""
+    only ``api.RESUME_FIELDS``) applied; raise ``InputError`` if it cannot be resumed, or if its config names
+    modules to import and ``allow_imports`` is False (``config.rerun_config``)."""
     from dice_ray.api import RESUME_FIELDS
 
     path = run / "manifest.json"
@@ -188,7 +193,7 @@ def resume_config(run: Path, changes: dict[str, Any] | None = None) -> tuple[Run
                              f"(only {', '.join(RESUME_FIELDS)})")
         set_dotted(data, dotted, value)
     set_dotted(data, "output.out", str(run))
-    config = build_config(data)
+    config = rerun_config(data, f"--resume {run}", allow_imports)
     if not (run / "rounds.parquet").exists():
         store = CheckpointStore(run, config_digest(config))
         latest = store.latest()  # the newest that verifies; newer ones that do not are skipped with a warning
@@ -501,8 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resume:
             placement = {dotted.replace(".", "__"): value for dotted, value in resume_args(args).items()}
-            api.resume(args.resume, engine=args.engine, **placement)
+            api.resume(args.resume, engine=args.engine, allow_imports=args.allow_imports, **placement)
         else:
+            if args.allow_imports:
+                raise InputError("--allow-imports applies to --resume only (a new run imports what its own config "
+                                 "names)")
             config = resolve_config(args)
             out = str(run_directory(config))
             config = config.model_copy(update={"output": config.output.model_copy(update={"out": out})})
