@@ -86,7 +86,7 @@ EQUIVALENCE_LR = {"resnet18": 0.002}
 COMPARED = ("train_loss", "val_loss", "heldout_loss", "consensus_distance")
 # Guessed seconds per round on one H200 (gpus_per_actor 1), only to size runs and print the estimate.
 GUESS_S = {("mlp", 256): 0.01, ("mlp", 4096): 0.05, ("cnn", 256): 0.03, ("cnn", 4096): 0.4,
-           ("resnet18", 256): 0.6}
+           ("resnet18", 256): 1.5}
 STARTUP_GUESS_S = 20.0  # per run: actors, CUDA contexts, data (more at N = 4,096 on 3x32x32)
 DEVICE = "cuda"  # where (c), (e) and (f) run: "cpu" in a --dry-run rehearsal without CUDA
 EAGER = "-eager"  # a precision label's suffix: that mode with engine.cuda_graphs false (kernels launched one by one)
@@ -213,7 +213,7 @@ def dice_run(model: str, nodes: int, rounds: int, gpus: float, shape_ok: bool, *
 
     def on_round(metrics: Any, engine: Any) -> None:
         marks.append(time.perf_counter())
-        if budget_s is not None and len(marks) > 8 and marks[-1] - marks[3] > budget_s:
+        if budget_s is not None and len(marks) > 6 and marks[-1] - marks[3] > budget_s:
             raise StopRun
 
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
