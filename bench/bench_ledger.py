@@ -76,7 +76,7 @@ def _whole_runs(args: argparse.Namespace) -> None:
 
     from dice_ray.config import apply_sets, load_config
     from dice_ray.engine import start_ray
-    from dice_ray.simulate import simulate
+    from dice_ray.runner import simulate
 
     start_ray()
     base = apply_sets(load_config(args.whole_run), args.set)

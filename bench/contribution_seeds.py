@@ -65,7 +65,7 @@ def _config(seed: int, out: Path, rounds: int | None, **ledger):
 
 def _ledger_totals(experiment, out: Path) -> pd.DataFrame:
     """Run the experiment with its ledger on the local engine; return shares.parquet (totals per variant)."""
-    from dice_ray.simulate import simulate
+    from dice_ray.runner import simulate
 
     return pd.read_parquet(simulate(experiment.config, engine_kind="local", experiment=experiment) / "shares.parquet")
 

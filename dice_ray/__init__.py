@@ -13,8 +13,7 @@ work: ``register_model``, ``register_dataset``, ``register_loss`` / ``Loss``, an
 (``RoundHook``, ``DriverHook``, ``Method``; see ``dice_ray.hooks``).
 """
 
-__version__ = "0.1.0"
-
+from dice_ray.version import __version__  # noqa: E402, I001 (first: the modules below may read it)
 from dice_ray.api import Run, as_config, open_run, resume, run  # noqa: E402
 from dice_ray.config import RunConfig, bundled_config  # noqa: E402
 from dice_ray.core.losses import Loss, register_loss  # noqa: E402

@@ -27,9 +27,6 @@ from dice_ray.hooks import Method
 from dice_ray.results import TABLES
 
 ENGINES = ("ray", "local")
-# Fields a resumed run may change: where and how it runs, never what it computes.
-RESUME_FIELDS = ("engine.address", "engine.actors", "engine.cpus_per_actor", "engine.gpus_per_actor",
-                 "engine.transport", "output.progress", "output.keep_checkpoints", "output.checkpoint_every")
 
 
 class Run:
@@ -143,7 +140,7 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
     """
     from dice_ray.engine import start_ray
     from dice_ray.experiment import prepare
-    from dice_ray.simulate import run_directory, simulate
+    from dice_ray.runner import run_directory, simulate
 
     if engine not in ENGINES:
         raise InputError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
@@ -159,13 +156,13 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
 def resume(path: str | Path, *, engine: str | None = None, on_round: Callable[[Any, Any], None] | None = None,
            methods: list[Method] | tuple = (), allow_imports: bool = False, **placement: Any) -> Run:
     """Continue the interrupted run in ``path`` from its last checkpoint, with its own config; ``placement``
-    may change only where it runs (dotted names of ``RESUME_FIELDS`` with '__' for '.', e.g. ``engine__actors=2``);
-    ``methods``: the same user methods the run was started with. A run whose config names modules to import
-    (``imports``, ``model.import_module``) is refused, naming them, unless ``allow_imports``: resume only a run
-    you trust."""
+    may change only where it runs (dotted names of ``config.RESUME_FIELDS`` with '__' for '.', e.g.
+    ``engine__actors=2``); ``methods``: the same user methods the run was started with. A run whose config names
+    modules to import (``imports``, ``model.import_module``) is refused, naming them, unless ``allow_imports``:
+    resume only a run you trust."""
     from dice_ray.engine import start_ray
     from dice_ray.experiment import prepare
-    from dice_ray.simulate import resume_config, simulate
+    from dice_ray.runner import resume_config, simulate
 
     changes = {key.replace("__", "."): value for key, value in placement.items()}
     config, manifest = resume_config(Path(path), changes, allow_imports)

@@ -378,6 +378,11 @@ class RewiringConfig(_Section):
                                                             "standard deviations (1.4826 MAD)")
 
 
+# Fields a resumed run may change: where and how it runs, never what it computes.
+RESUME_FIELDS = ("engine.address", "engine.actors", "engine.cpus_per_actor", "engine.gpus_per_actor",
+                 "engine.transport", "output.progress", "output.keep_checkpoints", "output.checkpoint_every")
+
+
 def import_modules(names: list[str]) -> None:
     """Import ``names`` (modules that register models, data sets, losses or methods); raise ``InputError``."""
     for name in names:

@@ -19,43 +19,11 @@ retraining, Ray tasks) and with ``--shapley K`` ``shapley.parquet``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime as dt
-import json
-import os
-import platform
-import resource
-import shutil
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow.parquet as pq
-
-from dice_ray import __version__
-from dice_ray.checkpoint import CHECKPOINTS, CheckpointStore, RoundTables, config_digest
-from dice_ray.config import RunConfig, apply_sets, build_config, load_config, rerun_config, set_dotted
-from dice_ray.engine import Engine, LocalEngine, RayEngine, start_ray
-from dice_ray.engine.loop import Drivers, TrainingReport, train
+from dice_ray.config import RESUME_FIELDS, RunConfig, apply_sets, build_config, load_config, set_dotted
 from dice_ray.errors import InputError, OneLineParser, report
-from dice_ray.experiment import Experiment, prepare
-from dice_ray.hooks import Method, RoundHook, round_hooks
-from dice_ray.methods import methods_for
-from dice_ray.results import (
-    DICE,
-    INFLUENCE,
-    LOO,
-    NODES,
-    ROUNDS,
-    SHAPLEY,
-    write_json_atomic,
-    write_table_atomic,
-)
-from dice_ray.rundir import LOCK, DirectoryLock
-from dice_ray.tracking import open_tracker
 
 # (flag, dotted config field, type). Help texts come from the config fields' descriptions.
 OPTIONS: list[tuple[str, str, Any]] = [
@@ -152,9 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Options a resumed run may set: where and how it runs, never what it computes.
-RESUME_FLAGS = ("--address", "--actors", "--cpus-per-actor", "--gpus-per-actor", "--transport", "--no-progress",
-                "--engine", "--keep-checkpoints", "--checkpoint-every")
+# Options a resumed run may set (``RESUME_FIELDS``): where and how it runs, never what it computes.
+RESUME_FLAGS = (*(flag for flag, dotted, *_ in [*OPTIONS, *SWITCHES] if dotted in RESUME_FIELDS), "--engine")
 
 
 def resume_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,45 +136,6 @@ def resume_args(args: argparse.Namespace) -> dict[str, Any]:
     return {dotted: getattr(args, dotted) for dotted in flags if getattr(args, dotted) is not None}
 
 
-def resume_config(run: Path, changes: dict[str, Any] | None = None,
-                  allow_imports: bool = False) -> tuple[RunConfig, dict[str, Any]]:
-    """Return (config, manifest) of the run in ``run``, with the placement ``changes`` (dotted field -> value,
-    only ``api.RESUME_FIELDS``) applied; raise ``InputError`` if it cannot be resumed, or if its config names
-    modules to import and ``allow_imports`` is False (``config.rerun_config``)."""
-    from dice_ray.api import RESUME_FIELDS
-
-    path = run / "manifest.json"
-    if not path.is_file():
-        raise InputError(f"--resume {run}: no manifest.json there; not a dice-ray run directory")
-    DirectoryLock(run).check()
-    try:
-        manifest = json.loads(path.read_text())
-        data = manifest["config"]
-    except (ValueError, KeyError, TypeError):
-        raise InputError(f"--resume {run}: manifest.json is not a run manifest") from None
-    if manifest.get("status") == "complete":
-        raise InputError(f"--resume {run}: the run is already complete")
-    for dotted, value in (changes or {}).items():
-        if dotted not in RESUME_FIELDS:
-            raise InputError(f"--resume continues the run with its own config; {dotted} cannot change it "
-                             f"(only {', '.join(RESUME_FIELDS)})")
-        set_dotted(data, dotted, value)
-    set_dotted(data, "output.out", str(run))
-    config = rerun_config(data, f"--resume {run}", allow_imports)
-    if not (run / "rounds.parquet").exists():
-        store = CheckpointStore(run, config_digest(config))
-        latest = store.latest()  # the newest that verifies; newer ones that do not are skipped with a warning
-        if latest is None and store.checkpoints():
-            raise InputError(f"--resume {run}: none of its {len(store.checkpoints())} checkpoints verifies (changed "
-                             "or truncated files); nothing was changed")
-        try:
-            if latest is not None:
-                store.check(latest)
-        except ValueError as err:
-            raise InputError(f"--resume {run}: {err}") from None
-    return config, manifest
-
-
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     """Return the validated config: ``--config`` file, then options, then ``--set`` overrides."""
     data = load_config(args.config) if args.config else {}
@@ -218,288 +146,11 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     return build_config(apply_sets(data, args.set))
 
 
-def run_directory(config: RunConfig) -> Path:
-    """Return the run directory to create; refuse to reuse a non-empty one without ``overwrite``."""
-    out = config.output.out or (
-        f"runs/{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{config.topology.name}-n{config.nodes}"
-    )
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"--out {out!r} exists and is not a directory")
-    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):  # a read-only file system too (for root as well)
-        raise InputError(f"--out {out!r}: {str(existing)!r} is not writable")
-    if path.is_dir():
-        DirectoryLock(path).check()  # a live run's directory is never reused, not even with --overwrite
-    if path.is_dir() and any(p.name != LOCK for p in path.iterdir()) and not config.output.overwrite:
-        raise InputError(f"run directory {out!r} already exists and is not empty; pass --overwrite or "
-                         "choose another --out")
-    return path
-
-
-def _versions() -> dict[str, str]:
-    import pyarrow
-    import ray
-    import torch
-
-    return {"dice_ray": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "ray": ray.__version__, "numpy": np.__version__, "pyarrow": pyarrow.__version__}
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _nodes_table(experiment: Experiment, blocks: list[np.ndarray]) -> dict[str, Any]:
-    w = experiment.topology.mixing_matrix(0)
-    actor = np.zeros(experiment.nodes, np.int32)
-    for i, block in enumerate(blocks):
-        actor[block] = i
-    return {
-        "node": np.arange(experiment.nodes, dtype=np.int32),
-        "n_train": [len(t) for t in experiment.partition.train],
-        "n_val": [len(v) for v in experiment.partition.val],
-        "q": experiment.q,
-        "in_degree": np.asarray(experiment.topology.adjacency(0).sum(axis=1)).ravel(),
-        "self_weight": w.diagonal(),
-        "actor": actor,
-        "misbehaving": np.isin(np.arange(experiment.nodes), experiment.misbehaving),
-    }
-
-
-def _measure_influence(experiment: Experiment, engine_kind: str,
-                       retries: list[dict]) -> tuple[list[dict], list[dict]]:
-    """DICE-GT and DICE-E of every probe: Ray tasks in parallel (lost tasks resubmitted and appended to
-    ``retries``), or in this process for ``--engine local``."""
-    from tqdm import tqdm
-
-    config = experiment.config
-    if engine_kind == "local":
-        from dice_ray.methods.dice.measure import measure_influence_here
-
-        return measure_influence_here(experiment)
-    from dice_ray.methods.dice.replays import measure_influence
-
-    bar = tqdm(unit="task", desc="influence", disable=not config.output.progress, dynamic_ncols=True,
-               file=sys.stderr)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-
-    try:
-        return measure_influence(experiment, progress, retries)
-    finally:
-        bar.close()
-
-
-def _replay_ground_truth(experiment: Experiment, engine_kind: str, retries: list[dict], out: Path) -> None:
-    """With in-loop DICE-E: measure DICE-GT by replays (no estimate) and fill it into the tables the run wrote."""
-    from dice_ray.methods.dice.online import fill_estimates
-
-    inf = experiment.config.influence
-    replay = dataclasses.replace(experiment, config=experiment.config.model_copy(
-        update={"influence": inf.model_copy(update={"variants": []})}))
-    influence_rows, dice_rows = _measure_influence(replay, engine_kind, retries)
-    estimated = {name: pq.read_table(out / f"{name}.parquet").to_pylist() for name in ("influence", "dice")}
-    write_table_atomic(out / "influence.parquet",
-                       fill_estimates(influence_rows, estimated["influence"], ("probe_id", "step", "target")),
-                       INFLUENCE)
-    write_table_atomic(out / "dice.parquet", fill_estimates(dice_rows, estimated["dice"], ("probe_id", "hops")), DICE)
-
-
-def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = False,
-             experiment: Experiment | None = None, resume: bool = False,
-             on_round: Callable[[Any, Any], None] | None = None, methods: list[Method] | tuple = ()) -> Path:
-    """Run the simulation of ``config``; return its run directory (see the module docstring).
-
-    ``resume``: continue the run in ``config.output.out`` from its last checkpoint (``--resume``).
-    ``on_round(metrics, engine)`` is called after every round (``RoundMetrics``, and the engine running it),
-    e.g. to watch a run. ``methods``: a user's own ``hooks.Method``s, run after the built-in ones the config enables.
-    """
-    experiment = experiment or prepare(config)
-    config = experiment.config
-    out = Path(config.output.out) if resume else run_directory(config)
-    with DirectoryLock(out):  # one writer per run directory, for as long as this process writes it
-        return _simulate(experiment, out, engine_kind, save_states, resume, on_round, methods)
-
-
-def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: bool, resume: bool,
-              on_round: Callable[[Any, Any], None] | None, methods: list[Method] | tuple) -> Path:
-    config = experiment.config
-    started = time.time()
-    store = CheckpointStore(out, config_digest(config))
-    # rounds.parquet last: its presence marks a finished training run
-    chosen = methods_for(config, list(methods))
-    online = Drivers(experiment, chosen)
-    tables = RoundTables(out, {**online.tables(), "rounds": ROUNDS})
-    if resume:
-        manifest = json.loads((out / "manifest.json").read_text())
-        training_done = (out / "rounds.parquet").exists()
-        latest = store.latest()
-        start = config.rounds if training_done else (latest.round + 1 if latest else 0)
-        manifest.setdefault("resumes", []).append({"time": dt.datetime.now(dt.timezone.utc).isoformat(),
-                                                   "from_round": start})
-        manifest.update(status="running", argv_resume=sys.argv)
-        manifest.pop("error", None)
-    else:
-        start = 0
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in ("rounds.parquet", "nodes.parquet", "states.npy", "influence.parquet", "dice.parquet",
-                      "proximal.parquet", "rewiring.parquet", "contributions.parquet", "shares.parquet",
-                      "loo.parquet", "shapley.parquet"):
-            (out / stale).unlink(missing_ok=True)
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-        manifest = {
-            "status": "running", "config": config.model_dump(mode="json"), "seed": config.seed,
-            "versions": _versions(), "host": platform.node(), "argv": sys.argv,
-            "start_time": dt.datetime.now(dt.timezone.utc).isoformat(), "engine": engine_kind,
-            "save_states": save_states, "topology": experiment.topology.describe(),
-            "data": {"dataset": config.data.dataset, "n_train": int(len(experiment.dataset.y_train)),
-                     "n_test": int(len(experiment.dataset.y_test)), "heldout": int(len(experiment.heldout[1])),
-                     "input_shape": list(experiment.dataset.input_shape),
-                     "num_classes": experiment.dataset.num_classes},
-            "model": {"name": config.model.name, "parameters": experiment.param_count},
-            "misbehaving": experiment.misbehaving.tolist(),
-        }
-    manifest["config"]["output"]["out"] = str(out)
-    write_json_atomic(out / "manifest.json", manifest)
-    tracker = open_tracker(config, out)  # output.log: TensorBoard / MLflow views of the tables
-    on_round = tracker.chain(on_round)
-
-    engine: Any = None
-    actor_info: list[dict[str, Any]] = []
-    report = TrainingReport()
-    retries: list[dict] = []  # influence tasks lost and resubmitted
-    try:
-        if start < config.rounds:
-            engine = _start_engine(experiment, engine_kind, round_hooks(chosen))
-            blocks = engine.blocks
-            manifest["actors"] = len(blocks)
-            write_table_atomic(out / "nodes.parquet", _nodes_table(experiment, blocks), NODES)
-            if start > 0:  # ``latest``: the checkpoint that verified above
-                store.check(latest)
-                engine.restore(latest.load(), config.engine.restart_timeout)
-                online.load_state(latest.load_driver_state())
-                online.impose_mixing(engine)
-                tables.rollback(latest.round)
-                store.remove_after(latest.round)
-            else:
-                tables.rollback(-1)
-            _run_rounds(engine, config, tables, store, online, start, on_round, report)
-            for name, rows, schema in online.finish():  # before rounds.parquet, which marks the end of training
-                write_table_atomic(out / f"{name}.parquet", rows, schema)
-            manifest.update(online.summary())
-            tables.finish(config.rounds - 1)
-            if save_states:
-                np.save(out / "states.npy", engine.states())
-            actor_info = engine.info()
-            engine.close()  # frees the actors' CPUs for the influence tasks
-            engine = None
-            manifest["placement"] = actor_info  # now: a resume after training still knows where it ran
-            write_json_atomic(out / "manifest.json", manifest)
-        if config.influence.enabled and not config.influence.online:
-            influence_rows, dice_rows = _measure_influence(experiment, engine_kind, retries)
-            write_table_atomic(out / "influence.parquet", influence_rows, INFLUENCE)
-            write_table_atomic(out / "dice.parquet", dice_rows, DICE)
-        elif config.influence.enabled and config.influence.ground_truth:
-            _replay_ground_truth(experiment, engine_kind, retries, out)
-        if config.ledger.loo or config.ledger.shapley_permutations:
-            _retrain(experiment, engine_kind, out, retries)
-    except BaseException as err:
-        latest = store.latest()
-        manifest.update(status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
-                        error=f"{type(err).__name__}: {err}", end_time=dt.datetime.now(dt.timezone.utc).isoformat(),
-                        last_checkpoint_round=latest.round if latest else None)
-        _record_failures(manifest, report, retries)
-        try:
-            write_json_atomic(out / "manifest.json", manifest)
-        except OSError:  # the disk is full or gone read-only: the manifest keeps saying "running"
-            pass
-        tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        if engine is not None:
-            engine.close()
-        raise
-
-    if not config.output.keep_checkpoints:
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    wall = time.time() - started
-    final = _final_metrics(out / "rounds.parquet", config.rounds - 1)
-    if not actor_info:  # resumed after training: the actors that trained are those the manifest names
-        actor_info = manifest.get("placement", [])
-    actor_peaks = [a["peak_rss_mib"] for a in actor_info] if engine_kind != "local" else []  # local: the driver
-    manifest.update(
-        status="complete", end_time=dt.datetime.now(dt.timezone.utc).isoformat(), wall_seconds=wall,
-        rounds_per_second=(config.rounds - start) / wall,
-        peak_rss_mib={"driver": _peak_rss_mib(), "actors": actor_peaks},
-        placement=actor_info, final=final,
-    )
-    _record_failures(manifest, report, retries)
-    write_json_atomic(out / "manifest.json", manifest)
-    tracker.finish()
-    actors = f", actors {sum(actor_peaks):.0f} MiB in total (largest {max(actor_peaks):.0f} MiB)" if actor_peaks else ""
-    print(f"done: rounds {start}..{config.rounds - 1} x {config.nodes} participants in {wall:.1f} s "
-          f"({(config.rounds - start) / wall:.2f} rounds/s); final held-out accuracy "
-          f"{final['heldout_acc_mean']:.3f}; peak memory: driver {_peak_rss_mib():.0f} MiB{actors}; results in {out}/",
-          file=sys.stderr)
-    return out
-
-
-def _retrain(experiment: Experiment, engine_kind: str, out: Path, retries: list[dict]) -> None:
-    """Leave-one-participant-out (and Monte-Carlo Shapley) retraining: ``loo.parquet`` (``shapley.parquet``)."""
-    from dice_ray.methods.retraining_tasks import retrain_runs
-
-    if engine_kind != "local":
-        start_ray(experiment.config.engine.address)
-    loo, shapley = retrain_runs(experiment, local=engine_kind == "local", retries=retries,
-                                progress=experiment.config.output.progress)
-    if loo is not None:
-        write_table_atomic(out / "loo.parquet", loo, LOO)
-    if shapley is not None:
-        write_table_atomic(out / "shapley.parquet", shapley, SHAPLEY)
-
-
-def _start_engine(experiment: Experiment, engine_kind: str, hooks: list[type[RoundHook]]) -> Engine:
-    """Return the engine of ``engine_kind`` ('local' or 'ray', starting or joining Ray) running ``hooks``."""
-    if engine_kind == "local":
-        return LocalEngine(experiment, hooks)
-    start_ray(experiment.config.engine.address)
-    return RayEngine(experiment, hooks=hooks)
-
-
-def _run_rounds(engine: Any, config: RunConfig, tables: RoundTables, store: CheckpointStore, online: Drivers,
-                start: int, on_round: Callable[[Any, Any], None] | None, report: TrainingReport) -> None:
-    """``training.train`` with a progress bar (rounds, mean training loss, held-out accuracy, rounds/s)."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=config.rounds, initial=start, unit="round", disable=not config.output.progress,
-               dynamic_ncols=True, file=sys.stderr)
-    try:
-        train(engine, config, tables, store, online, start, on_round, bar, report)
-    finally:
-        bar.close()
-
-
-def _record_failures(manifest: dict[str, Any], report: TrainingReport, retries: list[dict]) -> None:
-    """Add this session's recoveries, checkpoint count and resubmitted influence tasks to ``manifest``."""
-    manifest["recoveries"] = manifest.get("recoveries", []) + report.recoveries
-    manifest["checkpoints_written"] = manifest.get("checkpoints_written", 0) + report.checkpoints
-    manifest["influence_task_retries"] = manifest.get("influence_task_retries", []) + retries
-
-
-def _final_metrics(rounds_path: Path, last: int) -> dict[str, float | None]:
-    """Return the mean held-out accuracy and loss and the consensus distance after the last round."""
-    table = pq.read_table(rounds_path, filters=[("round", "=", last)],
-                          columns=["heldout_acc", "heldout_loss", "consensus_distance"]).to_pydict()
-    return {"heldout_acc_mean": float(np.mean(table["heldout_acc"])),
-            "heldout_loss_mean": float(np.mean(table["heldout_loss"])),
-            "consensus_distance": table["consensus_distance"][0]}
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point, a thin layer over ``dice_ray.run`` / ``dice_ray.resume``; returns the exit status
     (2 for bad input, found before any work starts; 1 for a run that failed)."""
     from dice_ray import api
+    from dice_ray.runner import run_directory
 
     args = build_parser().parse_args(argv)
     out = args.resume

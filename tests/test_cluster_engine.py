@@ -69,7 +69,7 @@ def test_losing_a_machine_mid_run_ends_with_the_same_numbers(two_machines, tmp_p
 
     import pandas as pd
 
-    from dice_ray.simulate import simulate
+    from dice_ray.runner import simulate
 
     def config(out):
         return build_config({"nodes": 8, "rounds": 16, "data": {"dataset": "digits", "heldout_size": 64},

@@ -174,7 +174,7 @@ def test_recovery_restores_the_ledger_and_its_kept_updates(ray_local, tmp_path: 
     """A group killed at round 12 is restored from the checkpoint after round 9: the driver's L[j→k] and the
     groups' kept updates Δ of the ledger rounds 8 and 9 (still owed hop terms) come back with it."""
     from dice_ray.config import build_config
-    from dice_ray.simulate import simulate as run
+    from dice_ray.runner import simulate as run
 
     def config(out: Path):
         return build_config({"nodes": 8, "rounds": 20, "seed": 5, "topology": {"name": "exponential"},

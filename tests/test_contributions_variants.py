@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from dice_ray.config import build_config
-from dice_ray.simulate import simulate
+from dice_ray.runner import simulate
 
 ALL = ["first-order", "curvature", "second-order"]
 COLUMNS = {"first-order": ("influence", "est_first_order"), "curvature": ("influence_curvature", "est_curvature"),

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from dice_ray.config import build_config
-from dice_ray.simulate import simulate
+from dice_ray.runner import simulate
 
 # 8-node ring, momentum (so the optimizer state is perturbed too), probes in rounds 1, 2 and 4 over 3 hops,
 # whole batches and one single sample each: rounds 2..7 carry perturbations of several probes at once.

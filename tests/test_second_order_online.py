@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from test_online_dice import config, tables
 
-from dice_ray.simulate import simulate
+from dice_ray.runner import simulate
 
 ALL = ["first-order", "curvature", "second-order"]
 SMALL = {"influence__rounds": [1, 2], "influence__sources": [0, 3]}  # 8 probes, two rounds in flight at once

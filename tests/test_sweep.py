@@ -154,7 +154,7 @@ def test_each_trial_runs_its_actors_in_its_own_placement_group(killed_and_resume
 
 @pytest.mark.slow  # CI's default run stays under 20 minutes; python -m pytest -q -m slow runs it
 def test_a_trial_computes_what_a_plain_run_of_its_config_computes(killed_and_resumed: dict, tmp_path: Path) -> None:
-    from dice_ray.simulate import simulate
+    from dice_ray.runner import simulate
 
     out = killed_and_resumed["out"]
     trial = pd.read_parquet(out / "trials.parquet").query("status == 'ok'").iloc[0]
@@ -227,7 +227,7 @@ def test_trial_resources_follow_node_count_and_actors(tmp_path: Path) -> None:
 
 def test_proximal_detection_metric_is_the_anomaly_reports_whole_run_row(tmp_path: Path) -> None:
     from dice_ray.analyze import anomaly
-    from dice_ray.simulate import simulate
+    from dice_ray.runner import simulate
     from dice_ray.sweep.metrics import metric_columns, proximal_detection
 
     config = build_config({**BASE, "influence": {}, "proximal": {"enabled": True, "window": 3},

@@ -51,7 +51,7 @@ def simulate_or_resume(config: Any) -> Path:
     """Run a trial's simulation; if its run directory holds an interrupted run of the same config (a sweep
     killed mid-trial), continue it from its last checkpoint instead of starting over (``simulate --resume``)."""
     from dice_ray.checkpoint import CheckpointStore, config_digest
-    from dice_ray.simulate import simulate
+    from dice_ray.runner import simulate
 
     run = Path(config.output.out)
     try:
