@@ -20,7 +20,9 @@ the ``Run`` handle's tables and manifest, on a local Ray started once in this pr
         and at N = 256 for ResNet-18 (``--no-resnet18`` leaves it out), with ``gpus_per_actor`` 1 and 0.5, and with
         the faster precision modes at ``gpus_per_actor`` 1; exponential graph, batch 16, SGD lr 0.05, no
         evaluation but after the last round; and in fp32 with ``engine.cuda_graphs`` false ("fp32-eager"): the
-        local step's kernels launched one by one instead of replayed from a CUDA graph.
+        local step's kernels launched one by one instead of replayed from a CUDA graph; two actors sharing the GPU
+        with ``engine.transport`` object_store ("fp32-object-store": half-steps through the host) beside the
+        default (CUDA IPC).
     (c) the fused step: ONE copy of the same model taking one SGD step on the concatenated batch of all N
         participants (N·16 samples) on the same GPU — the same FLOPs without per-participant state or gossip;
         median seconds per step (``torch.cuda.synchronize``), ``torch.cuda.max_memory_allocated``. (b) / (c) is
@@ -90,6 +92,7 @@ GUESS_S = {("mlp", 256): 0.01, ("mlp", 4096): 0.05, ("cnn", 256): 0.03, ("cnn", 
 STARTUP_GUESS_S = 20.0  # per run: actors, CUDA contexts, data (more at N = 4,096 on 3x32x32)
 DEVICE = "cuda"  # where (c), (e) and (f) run: "cpu" in a --dry-run rehearsal without CUDA
 EAGER = "-eager"  # a precision label's suffix: that mode with engine.cuda_graphs false (kernels launched one by one)
+HOST = "-object-store"  # ... with engine.transport object_store: actors sharing a GPU exchange through the host
 
 
 def sync() -> None:
@@ -139,8 +142,9 @@ def run_config(model: str, nodes: int, rounds: int, gpus: float, out: str, shape
               "topology": {"name": "exponential", "weights": "uniform"}, "data": data,
               "model": {"name": model, "init": "same"},
               "optim": {"name": "sgd", "lr": lr, "batch_size": BATCH},
-              "engine": {"gpus_per_actor": gpus, "precision": precision.removesuffix(EAGER),
-                         "cuda_graphs": not precision.endswith(EAGER)},
+              "engine": {"gpus_per_actor": gpus, "precision": precision.removesuffix(EAGER).removesuffix(HOST),
+                         "cuda_graphs": not precision.endswith(EAGER),
+                         "transport": "object_store" if precision.endswith(HOST) else "auto"},
               "output": {"out": out, "progress": False, "eval_every": eval_every, "checkpoint_every": 0,
                          "overwrite": True}}
     return config, samples
@@ -728,6 +732,7 @@ def main() -> None:
     cases = [(m, n, g, "fp32") for m, n in sizes for g in (args.fractions if m != "resnet18" else [1.0])]
     cases += [(m, max(args.nodes), 1.0, mode) for m in ("mlp", "cnn") for mode in args.modes]
     cases += [(m, n, 1.0, "fp32" + EAGER) for m, n in sizes if m != "resnet18"]  # the CUDA graph's effect
+    cases += [(m, n, g, "fp32" + HOST) for m, n in sizes for g in args.fractions if g < 1 and m != "resnet18"]
     gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "dry run on the CPU" if cuda else None
     print(f"dice-ray {dice_ray.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"CUDA: {gpu_name or 'none'} ({torch.cuda.device_count()} device(s)); 3x32x32 data: "
@@ -814,14 +819,15 @@ def main() -> None:
             results["dice"] = guarded("(a')", dice_equivalence)
             save()
         if "b" in parts:
-            timed("shared GPU", [c for c in cases if c[2] != 1.0])
+            timed("shared GPU", [c for c in cases if c[2] != 1.0 and c[3] == "fp32"])
+            timed("shared GPU through the host", [c for c in cases if c[3].endswith(HOST)])
             timed("fp32 without CUDA graphs", [c for c in cases if c[3].endswith(EAGER)])
         if "modes" in parts and args.modes and cpu_tables:
             results["precision_modes"] = guarded("(a'')", lambda: precision_modes(cpu_tables, shape_ok,
                                                                                   args.modes)) or []
             save()
         if "b" in parts:
-            timed("modes", [c for c in cases if c[3] not in ("fp32", "fp32" + EAGER)])
+            timed("modes", [c for c in cases if c[3] in args.modes])
         report(results)
     results["wall_s"] = time.perf_counter() - start
     equivalent = [r["within_tolerance"] for r in results.get("equivalence", [])]

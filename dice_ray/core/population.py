@@ -43,6 +43,7 @@ STEP_PASSES = 32
 # outgrow this fraction of the free memory. Then a participant costs the device its state and optimizer state, plus
 # its share of that fixed amount: ResNet-18 would otherwise hold ~6x its parameters per participant in one pass.
 GPU_STEP_MEMORY_FRACTION = 1 / 8
+STEP_MEMORY_MULTIPLE = 32  # a bound on a step's transient memory over its state, below which it is not measured
 
 
 def default_step_budget(device: torch.device | str) -> int:
@@ -317,7 +318,7 @@ class Population:
         state is large."""
         budget = self.step_budget if budget is None else budget
         row_bytes = max(self.param_layout.width * (itemsize or self.state.element_size()), 1)
-        if itemsize is None and self.step_row_bytes is not None:
+        if itemsize is None and self.step_row_bytes:
             row_bytes = max(row_bytes, self.step_row_bytes)
         size = max(1, budget // row_bytes, -(-self.size // passes) if passes else 1)
         # Near-equal slices of at least 2 rows: a vmapped pass over one row takes other kernels (its numbers differ
@@ -340,7 +341,10 @@ class Population:
         """
         batch = x if callable(x) else (lambda rows: (x[rows], y[rows]))
         if self.state.is_cuda and self.step_row_bytes is None and self.size > 2:
-            self.step_row_bytes = self._measure_step_row_bytes(batch)
+            # Measured only where chunks may be needed: a step's transient memory is a small multiple of its state
+            # (activations ~10x the parameters for a CNN at batch 16), so a small block (a replay's) steps in one pass.
+            small = self.state.numel() * self.state.element_size() * STEP_MEMORY_MULTIPLE < self.step_budget
+            self.step_row_bytes = 0 if small else self._measure_step_row_bytes(batch)
         losses = torch.empty(self.size, dtype=self.state.dtype, device=self.state.device)  # in place: see evaluate
         for rows in self.step_chunks():
             with self._autocast():
