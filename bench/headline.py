@@ -170,7 +170,7 @@ def row_detection(repeats: int, tmp: Path) -> dict[str, Any]:
 
 
 def row_collaborators(repeats: int, tmp: Path) -> dict[str, Any]:
-    from dice_ray.analyze import collaborator_row
+    from dice_ray.reports.collaborators import collaborator_row
 
     static, rewired = [], []
     for seed in (0, 1, 2):
@@ -195,9 +195,9 @@ def row_contributions(repeats: int, tmp: Path) -> dict[str, Any]:
         out = tmp / f"contrib-{seed}"
         python("-m", "dice_ray.simulate", "--config", "configs/contributions.yaml", "--seed", str(seed), "--loo",
                "--no-progress", "--out", str(out))
-        summary = dice_ray.open_run(out).contributions(loo=True)
-        rows = summary["rows"]
-        spearman.append(summary["loo"]["spearman"])
+        report = dice_ray.open_run(out).contributions(loo=True)
+        rows = report.table
+        spearman.append(report.agreement["loo"]["spearman"])
         clean &= bool(rows.loc[rows["misbehaving"], "harmful"].all()) and not rows.loc[~rows["misbehaving"],
                                                                                        "harmful"].any()
     return {"spearman": spearman, "every_flipper_flagged_no_one_else": clean,

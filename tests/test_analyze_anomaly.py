@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dice_ray.analyze import _rounds_to, detection_metrics, running_scores
 from dice_ray.analyze import main as analyze
+from dice_ray.reports.detection import detection_metrics, running_scores
+from dice_ray.reports.detection import rounds_to as _rounds_to
 from dice_ray.simulate import main as simulate
 
 

@@ -175,7 +175,7 @@ def test_second_order_is_not_an_adjoint_variant() -> None:
 
 
 def test_alignment_report_shows_the_variants_that_were_measured() -> None:
-    from dice_ray.analyze import alignment_rows
+    from dice_ray.reports.alignment import alignment_rows
 
     rng = np.random.default_rng(0)
     gt, noise = rng.normal(size=20), rng.normal(size=20)

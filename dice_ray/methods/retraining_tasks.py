@@ -10,6 +10,7 @@ Tasks lost with their worker or machine are resubmitted, as influence tasks are 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,3 +85,32 @@ def retrain_runs(experiment: Any, local: bool = False, retries: list[dict] | Non
         value = {frozenset(everyone) - key: float(q @ loss) for key, loss in losses.items()}
         shapley = shapley_values(orders, value)
     return loo, shapley
+
+
+def retrain_run_directory(run: Path, loo: bool, shapley: int | None, local: bool = False,
+                          allow_imports: bool = False, progress: bool = True) -> None:
+    """Write ``loo.parquet`` (with ``loo``) and ``shapley.parquet`` (with ``shapley`` permutations) of the finished
+    run directory ``run`` where it has none, retraining now: as Ray tasks, or in this process if ``local``. The run's
+    config is rebuilt from its manifest; one that names modules to import is refused unless ``allow_imports``
+    (``config.rerun_config``)."""
+    import json
+
+    from dice_ray.config import rerun_config
+    from dice_ray.experiment import prepare
+    from dice_ray.results import LOO, SHAPLEY, write_table_atomic
+
+    if not ((loo and not (run / "loo.parquet").is_file()) or (shapley and not (run / "shapley.parquet").is_file())):
+        return
+    data = json.loads((run / "manifest.json").read_text())["config"]
+    data.setdefault("ledger", {}).update({"loo": loo or (run / "loo.parquet").is_file(),
+                                          "shapley_permutations": shapley or 0})
+    experiment = prepare(rerun_config(data, f"retraining run {str(run)!r}", allow_imports))
+    if not local:
+        from dice_ray.engine import start_ray
+
+        start_ray(experiment.config.engine.address)
+    rows_loo, rows_shapley = retrain_runs(experiment, local=local, progress=progress)
+    if rows_loo is not None:
+        write_table_atomic(run / "loo.parquet", rows_loo, LOO)
+    if rows_shapley is not None:
+        write_table_atomic(run / "shapley.parquet", rows_shapley, SHAPLEY)

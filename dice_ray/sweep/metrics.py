@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from dice_ray.analyze import alignment_rows
 from dice_ray.config import RunConfig
+from dice_ray.reports.alignment import alignment_rows
 
 Values = dict[str, float | None]
 
@@ -92,7 +92,7 @@ def _alignment_columns(config: RunConfig) -> list[str]:
 @register_metric("alignment", _alignment_columns)
 def alignment(run: Path, config: RunConfig) -> Values:
     """DICE-E against DICE-GT over the run's probes, per hop r and variant: Pearson, Spearman and Kendall
-    correlation and relative error Σ|GT − E| / Σ|GT| of the cumulative DICE^{(r)} (analyze's alignment)."""
+    correlation and relative error Σ|GT − E| / Σ|GT| of the cumulative DICE^{(r)} (the alignment report)."""
     values: Values = {}
     for row in alignment_rows(_table(run, "dice")):
         variant = row["variant"].replace("-", "_")
@@ -142,13 +142,13 @@ def _proximal_columns(config: RunConfig) -> list[str]:
 
 @register_metric("proximal_detection", _proximal_columns)
 def proximal_detection(run: Path, config: RunConfig) -> Values:
-    """Issue 4's detection report (``python -m dice_ray.analyze anomaly``) over the whole run, for the cumulative
-    proximal score: ROC AUC over all (examiner, in-neighbour) pairs, its mean over examiners, precision at a_k
-    (the examiner's number of anomalous in-neighbours), the AUC averaged over every scoring round, and the
-    scoring rounds until it reaches 0.95 for good (NaN: never)."""
+    """The detection report (``dice_ray.reports.detection``) over the whole run, for the cumulative proximal score:
+    ROC AUC over all (examiner, in-neighbour) pairs, its mean over examiners, precision at a_k (the examiner's
+    number of anomalous in-neighbours), the AUC averaged over every scoring round, and the scoring rounds until it
+    reaches 0.95 for good (NaN: never)."""
     import pandas as pd
 
-    from dice_ray.analyze import detection_metrics, running_scores
+    from dice_ray.reports.detection import detection_metrics, running_scores
 
     scores = running_scores(pd.read_parquet(run / "proximal.parquet"), pd.read_parquet(run / "rounds.parquet"),
                             config.proximal.window)

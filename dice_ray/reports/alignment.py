@@ -1,0 +1,91 @@
+"""The alignment report: DICE-E against DICE-GT, per hop r and DICE-E variant (see docs/concepts.md).
+
+For every hop r and variant it gives Pearson, Spearman and Kendall correlation with DICE-GT and the relative
+error Σ|GT − E| / Σ|GT|, for three quantities: the hop-r term alone (Σ over participants first reached at hop r),
+the cumulative DICE^{(r)}, and every per-participant term d_k^{(r)} (k in S_r).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from dice_ray.errors import InputError
+from dice_ray.reports import plots
+from dice_ray.reports.correlation import compare
+from dice_ray.reports.inputs import read_columns
+from dice_ray.results import ALIGNMENT
+
+VARIANTS = {"first-order": "est_first_order", "curvature": "est_curvature", "second-order": "est_second_order"}
+QUANTITIES = {"hop": "_hop", "cumulative": ""}
+
+
+def measured_variants(dice: dict[str, np.ndarray] | pd.DataFrame) -> dict[str, str]:
+    """The DICE-E variants the run computed, variant -> column (a column that is absent or all null was not)."""
+    return {v: c for v, c in VARIANTS.items() if c in dice and bool(pd.notna(pd.Series(dice[c])).any())}
+
+
+def alignment_rows(dice: dict[str, np.ndarray], influence: dict[str, np.ndarray] | None = None) -> list[dict]:
+    """Return one row per (hop, quantity, variant): correlations and relative error of E against GT.
+
+    Quantities: ``hop`` (the hop-r term of DICE^{(r)}), ``cumulative`` (DICE^{(r)}), and, from the influence
+    table, ``terms`` (every per-participant term d_k^{(r)} against e_k^{(r)}, k in S_r).
+    """
+    rows = []
+    variants = measured_variants(dice)
+    for r in sorted(set(dice["hops"].tolist())):
+        at = dice["hops"] == r
+        for quantity, suffix in QUANTITIES.items():
+            for variant, column in variants.items():
+                rows.append({"hops": r, "quantity": quantity, "variant": variant,
+                             **compare(dice[f"gt{suffix}"][at].astype(float),
+                                       dice[f"{column}{suffix}"][at].astype(float))})
+        if influence is not None:
+            at = influence["step"] == r
+            for variant, column in variants.items():
+                rows.append({"hops": r, "quantity": "terms", "variant": variant,
+                             **compare(influence["gt"][at].astype(float), influence[column][at].astype(float))})
+    return rows
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """The alignment report of one run.
+
+    ``table``: one row per (hops, quantity, variant) with ``probes``, ``pearson``, ``spearman``, ``kendall`` and
+    ``relative_error`` (the ``alignment`` table; NaN where undefined). ``dice``: the run's ``dice`` table, whose
+    GT and E values per probe the scatter plots show.
+    """
+
+    table: pd.DataFrame
+    dice: pd.DataFrame
+
+    @property
+    def hops(self) -> list[int]:
+        """The hops r the run measured, ascending."""
+        return sorted(set(self.dice["hops"].tolist()))
+
+    def tables(self) -> dict[str, tuple[pd.DataFrame, pa.Schema]]:
+        """Table name -> (rows, schema) to write: ``alignment``."""
+        return {"alignment": (self.table, ALIGNMENT)}
+
+    def figures(self) -> dict[str, Callable[[Path], None]]:
+        """PNG file name -> a function drawing it to a path: a GT-vs-E scatter per hop, ``alignment_hop{r}.png``."""
+        variants = measured_variants(self.dice)
+        return {f"alignment_hop{r}.png": (lambda path, r=r: plots.alignment_scatter(self.dice, variants, r, path))
+                for r in self.hops}
+
+
+def alignment_report(run: Path) -> Alignment:
+    """Return the alignment report of the run directory ``run`` (reads ``dice`` and ``influence``; writes nothing).
+    A run without influence, or without ground truth, is an ``InputError``."""
+    dice = read_columns(run, "dice")
+    if dice["gt"].dtype == object and all(v is None for v in dice["gt"]):
+        raise InputError(f"{run / 'dice.parquet'} has no ground truth (influence.ground_truth was off)")
+    rows = alignment_rows(dice, read_columns(run, "influence"))
+    return Alignment(pd.DataFrame(rows, columns=ALIGNMENT.names), pd.DataFrame(dice))

@@ -1,0 +1,119 @@
+"""The collaborators report: final accuracy of the honest participants, static against rewired topologies.
+
+It reads several runs that differ in ``rewiring.mode`` (none, influence, outlier, random), misbehaviour and seed,
+and compares the final mean held-out accuracy of the honest participants, and each rewiring's gain over the static
+topology seed by seed (see docs/concepts.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from dice_ray.errors import InputError
+from dice_ray.reports.inputs import read_frame
+from dice_ray.results import COLLABORATORS
+
+REWIRINGS = ("none", "influence", "outlier", "random")
+
+
+def _final_in_edges(run: Path, config, nodes: pd.DataFrame) -> list[np.ndarray]:
+    """In-neighbour sets at the end of ``run``: the last rewiring's, else W^0's."""
+    from dice_ray.core.topology import make_topology
+    from dice_ray.methods.rewiring import in_neighbor_sets
+
+    path = run / "rewiring.parquet"
+    if config.rewiring.mode != "none" and path.is_file():
+        history = pd.read_parquet(path)
+        if len(history):
+            final = history[(history["round"] == history["round"].max()) & (history["action"] != "dropped")]
+            return [np.sort(final.loc[final["participant"] == k, "neighbor"].to_numpy()) for k in range(len(nodes))]
+    topology = make_topology(config.topology.name, config.nodes, weights=config.topology.weights, seed=config.seed,
+                             p=config.topology.p, rows=config.topology.rows, path=config.topology.file,
+                             directed=config.topology.directed)
+    return in_neighbor_sets(topology.mixing_matrix(0))
+
+
+def collaborator_row(run: Path) -> dict:
+    """Return ``run``'s row of ``collaborators.parquet`` (final accuracy of its honest participants)."""
+    from dice_ray.config import read_recorded
+
+    manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else None
+    if manifest is None or manifest.get("status") != "complete":
+        raise InputError(f"{run} is not a complete run (manifest.json status)")
+    config = read_recorded(manifest["config"], f"run {str(run)!r}")
+    rounds, nodes = read_frame(run, "rounds", "incomplete run"), read_frame(run, "nodes", "incomplete run")
+    last = rounds[rounds["round"] == rounds["round"].max()].sort_values("node")
+    honest = ~nodes.sort_values("node")["misbehaving"].to_numpy()
+    bad = set(np.flatnonzero(~honest).tolist())
+    edges = _final_in_edges(run, config, nodes)
+    from_bad = [np.isin(e, list(bad)).sum() for k, e in enumerate(edges) if honest[k]]
+    total = sum(len(e) for k, e in enumerate(edges) if honest[k])
+    return {"run": str(run), "rewiring": config.rewiring.mode, "misbehavior": config.misbehavior.kind,
+            "misbehaving": int((~honest).sum()), "seed": config.seed,
+            "honest_acc": float(last["heldout_acc"].to_numpy()[honest].mean()),
+            "honest_loss": float(last["heldout_loss"].to_numpy()[honest].mean()),
+            "anomalous_in_edges": float(sum(from_bad) / total) if total else 0.0}
+
+
+def common_parent(runs: list[Path]) -> Path:
+    """The deepest folder holding every run directory of ``runs``: where ``collaborators.parquet`` goes by default."""
+    return Path(os.path.commonpath([str(r.resolve().parent) for r in runs]))
+
+
+def _summary(rows: list[dict]) -> list[dict]:
+    """One row per (misbehaviour, misbehaving count, rewiring) over seeds; gain and wins only for a rewiring with
+    static runs of the same seeds."""
+    out = []
+    for kind, count in sorted({(r["misbehavior"], r["misbehaving"]) for r in rows}):
+        setting = [r for r in rows if (r["misbehavior"], r["misbehaving"]) == (kind, count)]
+        static = {r["seed"]: r["honest_acc"] for r in setting if r["rewiring"] == "none"}
+        for mode in REWIRINGS:
+            these = [r for r in setting if r["rewiring"] == mode]
+            if not these:
+                continue
+            acc = np.array([r["honest_acc"] for r in these])
+            gains = [r["honest_acc"] - static[r["seed"]] for r in these if r["seed"] in static]
+            paired = bool(gains) and mode != "none"
+            out.append({"misbehavior": kind, "misbehaving": count, "rewiring": mode, "seeds": len(these),
+                        "honest_acc": float(acc.mean()), "honest_acc_std": float(acc.std(ddof=1)) if len(acc) > 1
+                        else 0.0, "anomalous_in_edges": float(np.mean([r["anomalous_in_edges"] for r in these])),
+                        "gain": float(np.mean(gains)) if paired else None,
+                        "wins": sum(g > 0 for g in gains) if paired else None, "paired": len(gains)})
+    return out
+
+
+@dataclass(frozen=True)
+class Collaborators:
+    """The collaborators report over several runs.
+
+    ``table``: one row per run (the ``collaborators`` table). ``summary``: one row per (misbehavior, misbehaving,
+    rewiring) with ``seeds``, the mean and standard deviation of ``honest_acc`` over them, the mean
+    ``anomalous_in_edges``, and for a rewiring the mean ``gain`` in honest accuracy over the static topology and
+    its ``wins`` over the ``paired`` seeds that have a static run (None for the static topology itself).
+    """
+
+    table: pd.DataFrame
+    summary: pd.DataFrame
+
+    def tables(self) -> dict[str, tuple[pd.DataFrame, pa.Schema]]:
+        """Table name -> (rows, schema) to write: ``collaborators``."""
+        return {"collaborators": (self.table, COLLABORATORS)}
+
+    def figures(self) -> dict[str, Callable[[Path], None]]:
+        """PNG file name -> drawing function: none for this report."""
+        return {}
+
+
+def collaborators_report(runs: list[Path]) -> Collaborators:
+    """Return the collaborators report comparing the finished run directories ``runs`` (writes nothing)."""
+    rows = [collaborator_row(run) for run in runs]
+    return Collaborators(table=pd.DataFrame(rows, columns=COLLABORATORS.names),
+                         summary=pd.DataFrame(_summary(rows)))

@@ -1,0 +1,196 @@
+"""The detection report: misbehaving in-neighbours found by proximal influence and two baselines (see
+docs/concepts.md).
+
+From a run with proximal influence and misbehaving participants, every examiner's in-neighbours are ranked by
+cumulative proximal influence, by its windowed sum, and by two baselines from the same run: the neighbour's own
+training loss and the cosine distance of its update from the examiner's. The report gives ROC AUC overall and per
+examiner, precision at the true number of anomalous neighbours and the detection delay.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from dice_ray.errors import InputError
+from dice_ray.reports import plots
+from dice_ray.reports.inputs import read_frame
+from dice_ray.results import ANOMALY
+
+METHODS = ("proximal", "proximal-window", "train-loss", "cosine")
+
+
+def running_scores(proximal: pd.DataFrame, rounds: pd.DataFrame, window: int) -> pd.DataFrame:
+    """Return a frame (method, round, examiner, neighbor, anomalous, value): each detector's running score of
+    every pair (k, l) after each scoring round; higher = more anomalous.
+
+    proximal: Σ_{s≤t} p_{k←l}^s; proximal-window: the sum over the pair's last ``window`` scoring rounds;
+    train-loss: the mean over scoring rounds ≤ t of l's own training loss L(θ_l^s; z_l^s); cosine: the mean of
+    1 − cos(Δ_k^s, Δ_l^s).
+    """
+    df = proximal.sort_values(["round", "examiner", "neighbor"], kind="stable").reset_index(drop=True)
+    pair = df.groupby(["examiner", "neighbor"], sort=False)
+    seen = pair.cumcount() + 1
+    loss = rounds.set_index(["round", "node"])["train_loss"]
+    neighbor_loss = loss.reindex(pd.MultiIndex.from_arrays([df["round"], df["neighbor"]])).to_numpy(np.float64)
+    values = {
+        "proximal": pair["score"].cumsum(),
+        "proximal-window": pair["score"].transform(lambda s: s.rolling(window, min_periods=1).sum()),
+        "train-loss": pd.Series(neighbor_loss).groupby([df["examiner"], df["neighbor"]], sort=False).cumsum() / seen,
+        "cosine": (1 - df["update_cosine"]).groupby([df["examiner"], df["neighbor"]], sort=False).cumsum() / seen,
+    }
+    base = df[["round", "examiner", "neighbor"]].assign(anomalous=df["neighbor_is_anomalous"].astype(bool))
+    return pd.concat([base.assign(method=m, value=np.asarray(v, np.float64)) for m, v in values.items()],
+                     ignore_index=True)
+
+
+def at_horizon(scores: pd.DataFrame, horizon: int) -> pd.DataFrame:
+    """Each (method, pair)'s running score at its last scoring round before ``horizon``."""
+    before = scores[scores["round"] < horizon]
+    return before.groupby(["method", "examiner", "neighbor"], sort=False).tail(1)
+
+
+def _separated(frame: pd.DataFrame) -> pd.Series:
+    """Per (method, round, examiner) with an anomalous in-neighbour: True iff every anomalous one scores above
+    every honest one (each ranks among the worst a_k)."""
+    worst_honest = frame[~frame["anomalous"]].groupby(["method", "round", "examiner"])["value"].max()
+    best_anomalous = frame[frame["anomalous"]].groupby(["method", "round", "examiner"])["value"].min()
+    honest = worst_honest.reindex(best_anomalous.index).fillna(-np.inf)
+    return best_anomalous > honest
+
+
+AUC_TARGET = 0.95  # the detection level ``rounds_to_auc`` waits for
+
+
+def auc_curve(scores: pd.DataFrame, method: str, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (t + 1 for each scoring round t < ``horizon``, overall ROC AUC of ``method``'s running scores
+    after round t; NaN where only one class is scored)."""
+    from sklearn.metrics import roc_auc_score
+
+    mine = scores[(scores["method"] == method) & (scores["round"] < horizon)]
+    rounds = np.asarray(sorted(set(mine["round"].tolist())), np.int64)
+    curve = []
+    for t in rounds:
+        now = at_horizon(mine, int(t) + 1)
+        ok = 0 < now["anomalous"].sum() < len(now)
+        curve.append(roc_auc_score(now["anomalous"], now["value"]) if ok else np.nan)
+    return rounds + 1, np.asarray(curve, np.float64)
+
+
+def rounds_to(level: float, curve: np.ndarray) -> int | None:
+    """Scoring rounds until ``curve`` (one value per scoring round) reaches ``level`` and stays at or above it
+    to the end (None: never)."""
+    below = np.flatnonzero(~(curve >= level))
+    if len(curve) == 0 or (len(below) and below[-1] == len(curve) - 1):
+        return None
+    return int(below[-1]) + 2 if len(below) else 1
+
+
+def auc_curves(scores: pd.DataFrame, horizon: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``auc_curve`` of every method up to ``horizon``; a shorter horizon's curve is a prefix of it."""
+    return {method: auc_curve(scores, method, horizon) for method in METHODS}
+
+
+def detection_metrics(scores: pd.DataFrame, horizon: int,
+                      curves: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[dict]:
+    """Return one row per method of ``anomaly.parquet`` for the scoring rounds before ``horizon``. ``curves``:
+    ``auc_curves`` up to this horizon or a later one (computed here if None)."""
+    from sklearn.metrics import roc_auc_score
+
+    final = at_horizon(scores, horizon)
+    before = scores[scores["round"] < horizon]
+    separated = _separated(before).rename("separated").reset_index()
+    rows = []
+    for method in METHODS:
+        at = final[final["method"] == method]
+        labels, values = at["anomalous"].to_numpy(), at["value"].to_numpy()
+        both = 0 < labels.sum() < len(labels)
+        per_examiner, precision = [], []
+        for _, group in at.groupby("examiner"):
+            a = int(group["anomalous"].sum())
+            if a == 0:
+                continue
+            top = group.sort_values("value", ascending=False, kind="stable").head(a)
+            precision.append(float(top["anomalous"].mean()))
+            if a < len(group):
+                per_examiner.append(roc_auc_score(group["anomalous"], group["value"]))
+        delays = []
+        sep = separated[separated["method"] == method]
+        examiners = sep["examiner"].nunique()
+        for _, group in sep.groupby("examiner"):
+            flags, times = group["separated"].to_numpy(), group["round"].to_numpy()
+            if not flags[-1]:
+                continue
+            failing = np.flatnonzero(~flags)
+            start = times[failing[-1] + 1] if len(failing) else times[0]
+            delays.append(int(np.searchsorted(times, start)) + 1)  # scoring rounds until detected for good
+        seen, curve = (curves or {}).get(method) or auc_curve(scores, method, horizon)
+        curve = curve[seen <= horizon]
+        defined = curve[~np.isnan(curve)]
+        rows.append({
+            "method": method, "horizon": horizon,
+            "auc": float(roc_auc_score(labels, values)) if both else None,
+            "auc_mean": float(defined.mean()) if len(defined) else None,
+            "rounds_to_auc": rounds_to(AUC_TARGET, curve) if len(defined) else None,
+            "auc_examiner_mean": float(np.mean(per_examiner)) if per_examiner else None,
+            "auc_examiner_min": float(np.min(per_examiner)) if per_examiner else None,
+            "examiners": len(per_examiner),
+            "precision": float(np.mean(precision)) if precision else None,
+            "detected": len(delays) / examiners if examiners else None,
+            "delay_median": float(np.median(delays)) if delays else None,
+            "delay_max": float(np.max(delays)) if delays else None,
+        })
+    return rows
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The detection report of one run.
+
+    ``table``: one row per (horizon, method) (the ``anomaly`` table; NaN where undefined). ``scores``: every
+    detector's running score per (round, examiner, neighbor) (``running_scores``); ``curves``: method -> (rounds
+    scored, overall ROC AUC after each) up to the last horizon; ``horizon``: the last horizon, which the ROC plot
+    uses. ``misbehaving`` of ``participants`` misbehave.
+    """
+
+    table: pd.DataFrame
+    scores: pd.DataFrame
+    curves: dict[str, tuple[np.ndarray, np.ndarray]]
+    horizon: int
+    misbehaving: int
+    participants: int
+
+    def tables(self) -> dict[str, tuple[pd.DataFrame, pa.Schema]]:
+        """Table name -> (rows, schema) to write: ``anomaly``."""
+        return {"anomaly": (self.table, ANOMALY)}
+
+    def figures(self) -> dict[str, Callable[[Path], None]]:
+        """PNG file name -> a function drawing it to a path: the ROC curves and AUC over time."""
+        return {"anomaly_roc.png": lambda path: plots.detection_roc(at_horizon(self.scores, self.horizon), self.curves,
+                                                                       self.horizon, path)}
+
+
+def detection_report(run: Path, horizons: list[int] | None = None) -> Detection:
+    """Return the detection report of the run directory ``run`` (a run with proximal influence and misbehaving
+    participants; writes nothing). ``horizons``: rounds before which scores count (default 5, 10, 20 and the whole
+    run); the ROC curve uses the last."""
+    proximal = read_frame(run, "proximal", "run the simulation with --proximal first")
+    rounds, nodes = read_frame(run, "rounds", "incomplete run"), read_frame(run, "nodes", "incomplete run")
+    if not nodes["misbehaving"].any():
+        raise InputError(f"{run} has no misbehaving participants: nothing to detect (--misbehavior)")
+    window = json.loads((run / "manifest.json").read_text())["config"]["proximal"]["window"]
+    last = int(rounds["round"].max()) + 1
+    horizons = sorted({h for h in (horizons or [5, 10, 20]) if 0 < h <= last} | ({last} if not horizons else set()))
+    if not horizons:
+        raise InputError(f"no horizon within the run's {last} rounds")
+    scores = running_scores(proximal, rounds, window)
+    curves = auc_curves(scores, horizons[-1])  # once: each horizon reads a prefix
+    rows = [row for h in horizons for row in detection_metrics(scores, h, curves)]
+    return Detection(table=pd.DataFrame(rows, columns=ANOMALY.names), scores=scores, curves=curves,
+                     horizon=horizons[-1], misbehaving=int(nodes["misbehaving"].sum()), participants=len(nodes))

@@ -1,0 +1,47 @@
+"""What the reports read from a run directory: its tables and its recorded config, never importing what it names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from dice_ray.errors import InputError
+
+
+def read_columns(run: Path, name: str) -> dict[str, np.ndarray]:
+    """Return table ``name`` of ``run`` as column name -> numpy array (nulls of float columns as NaN)."""
+    path = run / f"{name}.parquet"
+    if not path.is_file():
+        raise InputError(f"{path} does not exist: run the simulation with --influence first")
+    table = pq.read_table(path)
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
+def read_frame(run: Path, name: str, hint: str) -> pd.DataFrame:
+    """Return table ``name`` of ``run`` as a DataFrame; a missing table is an ``InputError`` ending in ``hint``."""
+    path = run / f"{name}.parquet"
+    if not path.is_file():
+        raise InputError(f"{path} does not exist: {hint}")
+    return pd.read_parquet(path)
+
+
+def recorded_config(run: Path) -> Any:
+    """The ``RunConfig`` recorded in ``run``'s manifest, read without importing anything it names."""
+    from dice_ray.config import read_recorded
+
+    return read_recorded(json.loads((run / "manifest.json").read_text())["config"], f"run {str(run)!r}")
+
+
+def recorded_topology(run: Path) -> tuple[Any, Any]:
+    """(the run's recorded config, its topology), read without importing anything the config names."""
+    from dice_ray.core.topology import make_topology
+
+    config = recorded_config(run)
+    topo = config.topology
+    return config, make_topology(topo.name, config.nodes, weights=topo.weights, seed=config.seed, p=topo.p,
+                                 rows=topo.rows, path=topo.file, directed=topo.directed)

@@ -1,0 +1,116 @@
+"""The reports' figures: each a function of a computed report (or its data) and the PNG path it writes.
+
+Figures are drawn with matplotlib's object API (``matplotlib.figure.Figure``), not pyplot: drawing one changes no
+global state, so a notebook's backend stays as it was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DPI = 120
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), constrained_layout=True)
+
+
+def alignment_scatter(dice: pd.DataFrame, variants: dict[str, str], hop: int, path: Path) -> None:
+    """DICE-E against DICE-GT at hop ``hop``, one marker per variant: the hop-r term (left) and the cumulative
+    DICE^{(r)} (right), with the line E = GT. ``dice``: the run's ``dice`` table; ``variants``: variant -> its
+    estimate column."""
+    dice = dice[dice["hops"] == hop]
+    fig = _figure(9, 4.2)
+    for ax, (quantity, suffix) in zip(fig.subplots(1, 2), (("hop", "_hop"), ("cumulative", "")), strict=True):
+        gt = dice[f"gt{suffix}"].to_numpy(float)
+        for (variant, column), marker in zip(variants.items(), "ox+", strict=False):
+            ax.scatter(gt, dice[f"{column}{suffix}"].to_numpy(float), s=12, marker=marker, label=variant, alpha=0.7)
+        lo, hi = np.nanmin(gt), np.nanmax(gt)
+        ax.plot([lo, hi], [lo, hi], color="grey", linewidth=1, label="E = GT")
+        ax.set_xlabel("DICE-GT")
+        ax.set_ylabel("DICE-E")
+        ax.set_title(f"hop {hop}: " + ("hop-r term" if quantity == "hop" else f"cumulative DICE$^{{({hop})}}$"))
+        ax.legend(fontsize=8)
+        ax.tick_params(axis="x", labelrotation=30)
+    fig.savefig(path, dpi=DPI)
+
+
+def cascade_decay(decay: pd.DataFrame, value: str, path: Path) -> None:
+    """Mean |influence| against hop distance from the source, one line per step after the probe (log scale).
+    ``decay``: the cascade report's ``cascade`` table; ``value``: the influence column it averages."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(5, 3.6)
+    ax = fig.subplots()
+    for s, rows in decay.groupby("step"):
+        ax.plot(rows["distance"], rows["mean_abs"], marker="o", label=f"after {s} rounds")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("hop distance from the source")
+    ax.set_ylabel(f"mean |influence| ({value})")
+    ax.set_title("influence cascade: ripples decay with distance")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=DPI)
+
+
+def detection_roc(final: pd.DataFrame, curves: dict[str, tuple[np.ndarray, np.ndarray]], horizon: int,
+                  path: Path) -> None:
+    """ROC curves of every detector at ``horizon`` (left) and its overall ROC AUC as rounds accumulate (right).
+    ``final``: each (method, pair)'s running score at its last scoring round before ``horizon``; ``curves``: method
+    -> (rounds scored, AUC after each)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig = _figure(10, 4.2)
+    left, right = fig.subplots(1, 2)
+    for method in curves:
+        at = final[final["method"] == method]
+        if 0 < at["anomalous"].sum() < len(at):
+            fpr, tpr, _ = roc_curve(at["anomalous"], at["value"])
+            left.plot(fpr, tpr, label=f"{method} (AUC {roc_auc_score(at['anomalous'], at['value']):.3f})")
+        right.plot(*curves[method], label=method)
+    left.plot([0, 1], [0, 1], color="grey", linewidth=1)
+    left.set_xlabel("false positive rate (honest neighbours flagged)")
+    left.set_ylabel("true positive rate (anomalous neighbours flagged)")
+    left.set_title(f"ROC over (examiner, in-neighbour) pairs, rounds < {horizon}")
+    left.legend(fontsize=8, loc="lower right")
+    right.set_xlabel("rounds scored")
+    right.set_ylabel("ROC AUC")
+    right.set_title("detection AUC as rounds accumulate")
+    right.legend(fontsize=8)
+    fig.savefig(path, dpi=DPI)
+
+
+def contribution_shares(table: pd.DataFrame, path: Path) -> None:
+    """Each participant's share of the helpful budget, by rank (red: flagged harmful; orange: misbehaving, not
+    flagged); ``table``: the contributions report's table."""
+    order = table.sort_values("rank")
+    fig = _figure(max(5, 0.35 * len(table)), 3.6)
+    ax = fig.subplots()
+    colors = ["tab:red" if h else ("tab:orange" if b else "tab:blue")
+              for h, b in zip(order["harmful"], order["misbehaving"], strict=True)]
+    ax.bar([str(j) for j in order["participant"]], order["share"], color=colors)
+    for i, h in enumerate(order["harmful"]):
+        if h:
+            ax.annotate("harmful", (i, 0), rotation=90, ha="center", va="bottom", fontsize=7, color="tab:red")
+    ax.set_xlabel("participant (by rank)")
+    ax.set_ylabel("share of the helpful budget")
+    ax.set_title("contribution shares\n(red: flagged harmful; orange bar: misbehaving, not flagged)", fontsize=9)
+    fig.savefig(path, dpi=DPI)
+
+
+def signed_heatmap(matrix: np.ndarray, title: str, path: Path) -> None:
+    """A source × target heat-map of ``matrix`` [j, k] with a colour scale symmetric about 0."""
+    fig = _figure(5, 4.2)
+    ax = fig.subplots()
+    limit = float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else 0.0
+    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-(limit or 1.0), vmax=limit or 1.0)
+    ax.set_xlabel("target k")
+    ax.set_ylabel("source j")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    fig.savefig(path, dpi=DPI)
