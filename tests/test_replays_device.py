@@ -52,8 +52,8 @@ TRANSFERS = {"to", "copy_", "as_tensor", "_has_compatible_shallow_copy_type", "_
 class OnOneDevice(TorchFunctionMode):
     """Fails any operation that mixes a tensor on ``device`` with a CPU tensor that is not a 0-d scalar (indices
     included: on a GPU each would be a host-to-device copy, or an error); reading a ``device`` tensor back to the host
-    (``.cpu()``, ``.item()``, ``float``) gives zeros of its shape (``bool``: true), since the meta device holds no values, and a sparse
-    product (gossip, which meta has no kernel for) an empty result of its shape."""
+    (``.cpu()``, ``.item()``, ``float``) gives zeros of its shape (``bool``: true), since the meta device holds no
+    values, and a sparse product (gossip, which meta has no kernel for) an empty result of its shape."""
 
     def __init__(self, device: str = "meta"):
         super().__init__()
