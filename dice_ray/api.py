@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -25,6 +25,9 @@ from dice_ray.config import RunConfig, build_config, load_config, read_recorded
 from dice_ray.errors import InputError
 from dice_ray.hooks import Method
 from dice_ray.results import TABLES
+
+if TYPE_CHECKING:
+    from dice_ray.reports import Cascade, Contributions
 
 ENGINES = ("ray", "local")
 
@@ -76,34 +79,63 @@ class Run:
             return self.table(name)  # a built-in table, or one a user's method wrote
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    # -- the analyze reports (``python -m dice_ray.analyze``), as DataFrames --------------------------------
+    # -- the reports (``dice_ray.reports``; ``python -m dice_ray.analyze`` prints them), as data ----------------
+    # Each computes from the run's tables and writes nothing unless ``write``: then its tables and PNGs go into the
+    # run directory, the files ``python -m dice_ray.analyze`` writes.
 
-    def alignment(self) -> pd.DataFrame:
-        """DICE-E against DICE-GT per hop and variant (writes ``alignment.parquet`` and plots)."""
-        from dice_ray.analyze import alignment
+    def alignment(self, write: bool = False) -> pd.DataFrame:
+        """Return DICE-E against DICE-GT: one row per (``hops``, ``quantity``, ``variant``) with ``probes``,
+        ``pearson``, ``spearman``, ``kendall`` and ``relative_error`` (NaN where undefined); with ``write``, also
+        write ``alignment.parquet`` and ``alignment_hop{r}.png``."""
+        from dice_ray.reports import alignment_report, write_report
 
-        return pd.DataFrame(alignment(self.path))
+        report = alignment_report(self.path)
+        if write:
+            write_report(report, self.path)
+        return report.table
 
-    def cascade(self) -> dict[str, Any]:
-        """Influence against hop distance and position, pairwise reciprocity (writes tables and plots)."""
-        from dice_ray.analyze import cascade
+    def cascade(self, write: bool = False) -> Cascade:
+        """Return the cascade report (``dice_ray.reports.Cascade``): mean |influence| by hop distance (``decay``),
+        the pairwise influence I_{j→k} (``pairwise``, ``matrix``), its relation to position and its reciprocity;
+        with ``write``, also write ``cascade.parquet``, ``pairwise.parquet`` and their PNGs."""
+        from dice_ray.reports import cascade_report, write_report
 
-        return cascade(self.path)
+        report = cascade_report(self.path)
+        if write:
+            write_report(report, self.path)
+        return report
 
-    def anomaly(self, horizons: list[int] | None = None) -> pd.DataFrame:
-        """Detection of misbehaving neighbours by proximal influence and the baselines."""
-        from dice_ray.analyze import anomaly
+    def anomaly(self, horizons: list[int] | None = None, write: bool = False) -> pd.DataFrame:
+        """Return the detection of misbehaving neighbours by proximal influence and the baselines: one row per
+        (``horizon``, ``method``) with ROC AUC, precision and detection delay (``dice_ray.reports.detection``);
+        ``horizons``: rounds before which scores count (default 5, 10, 20 and the whole run). With ``write``, also
+        write ``anomaly.parquet`` and ``anomaly_roc.png``."""
+        from dice_ray.reports import detection_report, write_report
 
-        return pd.DataFrame(anomaly(self.path, horizons))
+        report = detection_report(self.path, horizons)
+        if write:
+            write_report(report, self.path)
+        return report.table
 
     def contributions(self, loo: bool = False, shapley: int | None = None, local: bool = False,
-                      allow_imports: bool = False) -> dict[str, Any]:
-        """The contribution ledger's ranking, with leave-one-out / Shapley agreement where available (retraining
-        them now, with ``loo`` / ``shapley``, imports the modules the run's config names only with
-        ``allow_imports``)."""
-        from dice_ray.analyze import contributions
+                      allow_imports: bool = False, write: bool = False) -> Contributions:
+        """Return the contributions report (``dice_ray.reports.Contributions``): the ledger's ranking per
+        participant (``table``) with its agreement with leave-one-out and Shapley where computed. With ``loo`` /
+        ``shapley`` (permutations), the run's missing ``loo.parquet`` / ``shapley.parquet`` are retrained first
+        (Ray tasks, or here if ``local``), importing the modules the run's config names only with
+        ``allow_imports``. With ``write``, also write ``contributions_report.parquet`` and its PNGs."""
+        from dice_ray.reports import contributions_report, write_report
+        from dice_ray.reports.contributions import ledger_tables
 
-        return contributions(self.path, loo, shapley, local, allow_imports)
+        if loo or shapley:
+            from dice_ray.methods.retraining_tasks import retrain_run_directory
+
+            ledger_tables(self.path)  # a run without the ledger is refused before any retraining
+            retrain_run_directory(self.path, loo, shapley, local, allow_imports)
+        report = contributions_report(self.path)
+        if write:
+            write_report(report, self.path)
+        return report
 
 
 def open_run(path: str | Path) -> Run:

@@ -48,6 +48,8 @@ def test_python_api_end_to_end(tmp_path: Path) -> None:
     assert run.rounds is run.table("rounds")  # read once, then cached
     alignment = run.alignment()
     assert set(alignment["variant"]) == {"first-order", "curvature"}
+    assert not (run.path / "alignment.parquet").exists()  # a report is data: files only when asked
+    pd.testing.assert_frame_equal(run.alignment(write=True), alignment)
     assert (run.path / "alignment.parquet").is_file() and list(run.path.glob("alignment_hop*.png"))
     again = dice_ray.open_run(run.path)
     pd.testing.assert_frame_equal(again.dice, run.dice)
