@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from dice_ray.errors import InputError
-from dice_ray.reports.inputs import read_frame
+from dice_ray.reports.inputs import read_frame, topology_of
 from dice_ray.results import COLLABORATORS
 
 REWIRINGS = ("none", "influence", "outlier", "random")
@@ -26,7 +26,6 @@ REWIRINGS = ("none", "influence", "outlier", "random")
 
 def _final_in_edges(run: Path, config, nodes: pd.DataFrame) -> list[np.ndarray]:
     """In-neighbour sets at the end of ``run``: the last rewiring's, else W^0's."""
-    from dice_ray.core.topology import make_topology
     from dice_ray.methods.rewiring import in_neighbor_sets
 
     path = run / "rewiring.parquet"
@@ -35,10 +34,7 @@ def _final_in_edges(run: Path, config, nodes: pd.DataFrame) -> list[np.ndarray]:
         if len(history):
             final = history[(history["round"] == history["round"].max()) & (history["action"] != "dropped")]
             return [np.sort(final.loc[final["participant"] == k, "neighbor"].to_numpy()) for k in range(len(nodes))]
-    topology = make_topology(config.topology.name, config.nodes, weights=config.topology.weights, seed=config.seed,
-                             p=config.topology.p, rows=config.topology.rows, path=config.topology.file,
-                             directed=config.topology.directed)
-    return in_neighbor_sets(topology.mixing_matrix(0))
+    return in_neighbor_sets(topology_of(config).mixing_matrix(0))
 
 
 def collaborator_row(run: Path) -> dict:

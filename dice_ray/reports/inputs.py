@@ -37,11 +37,16 @@ def recorded_config(run: Path) -> Any:
     return read_recorded(json.loads((run / "manifest.json").read_text())["config"], f"run {str(run)!r}")
 
 
-def recorded_topology(run: Path) -> tuple[Any, Any]:
-    """(the run's recorded config, its topology), read without importing anything the config names."""
+def topology_of(config: Any) -> Any:
+    """The ``Topology`` a run of ``config`` trained on (rebuilt from its ``topology`` section and seed)."""
     from dice_ray.core.topology import make_topology
 
-    config = recorded_config(run)
     topo = config.topology
-    return config, make_topology(topo.name, config.nodes, weights=topo.weights, seed=config.seed, p=topo.p,
-                                 rows=topo.rows, path=topo.file, directed=topo.directed)
+    return make_topology(topo.name, config.nodes, weights=topo.weights, seed=config.seed, p=topo.p, rows=topo.rows,
+                         path=topo.file, directed=topo.directed)
+
+
+def recorded_topology(run: Path) -> tuple[Any, Any]:
+    """(the run's recorded config, its topology), read without importing anything the config names."""
+    config = recorded_config(run)
+    return config, topology_of(config)
