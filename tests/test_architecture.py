@@ -1,0 +1,84 @@
+"""The package's shape, read from its source: imports at any level (inside functions too) form no cycle, no library
+module imports a command-line front end, and the simulation core and the methods' math import no Ray."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "dice_ray"
+# The command-line front ends: they parse arguments, call the library and print. Only front ends import them (the
+# ``dice-ray`` console command dispatches to the others).
+FRONT_ENDS = {"dice_ray.simulate", "dice_ray.analyze", "dice_ray.cli", "dice_ray.sweep.cli", "dice_ray.sweep.__main__"}
+# Modules of ``methods`` that submit Ray tasks (replays, retraining) rather than compute: the rest of ``methods``,
+# like ``core``, runs without Ray.
+RAY_TASKS = {"dice_ray.methods.dice.replays", "dice_ray.methods.retraining_tasks", "dice_ray.methods.task_device"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        out[name.removesuffix(".__init__")] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    """(the package's modules ``path`` imports, at any level; the top-level names of every module it imports)."""
+    inner, outer = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            outer.add(node.module.split(".")[0])
+            if node.module.startswith("dice_ray"):
+                inner |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module
+                          for a in node.names}
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                outer.add(alias.name.split(".")[0])
+                if alias.name.startswith("dice_ray"):
+                    inner.add(alias.name)
+    return {m for m in inner if m in MODULES}, outer
+
+
+GRAPH = {name: _imports(path)[0] - {name} for name, path in MODULES.items()}
+
+
+def test_imports_at_any_level_form_no_cycle() -> None:
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(GRAPH[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*trail[trail.index(nxt):], nxt]))
+            if nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = 2
+
+    for node in sorted(GRAPH):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_no_library_module_imports_a_front_end() -> None:
+    assert FRONT_ENDS <= set(MODULES), FRONT_ENDS - set(MODULES)
+    offenders = {name: sorted(targets & FRONT_ENDS) for name, targets in GRAPH.items()
+                 if name not in FRONT_ENDS and targets & FRONT_ENDS}
+    assert not offenders, offenders
+
+
+def test_the_core_and_the_methods_math_import_no_ray() -> None:
+    offenders = [name for name, path in MODULES.items()
+                 if name.startswith(("dice_ray.core", "dice_ray.methods", "dice_ray.data")) and name not in RAY_TASKS
+                 and "ray" in _imports(path)[1]]
+    assert not offenders, offenders
+
+
+def test_a_planted_cycle_inside_a_function_is_found(tmp_path: Path) -> None:
+    """The reader sees imports inside functions (the old check read module-level ones only)."""
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from dice_ray.api import run\n    import dice_ray.runner\n")
+    assert _imports(source)[0] == {"dice_ray.api", "dice_ray.runner"}
