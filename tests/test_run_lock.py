@@ -87,12 +87,15 @@ def test_a_live_sweep_directory_is_refused(tmp_path: Path) -> None:
 
 def test_resume_after_the_writer_was_killed_completes(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    live = _simulate("--rounds", "60", "--out", str(run), background=True)
-    _wait_for(lambda: len(list((run / "checkpoints").glob("round-*"))) >= 1)
+    # Long enough that the first checkpoint is seen before the run ends (a finished run removes its checkpoints):
+    # with 60 rounds a fast machine finished between two looks and the wait timed out.
+    live = _simulate("--rounds", "400", "--out", str(run), background=True)
+    _wait_for(lambda: len(list((run / "checkpoints").glob("round-*"))) >= 1 or live.poll() is not None)
+    assert live.poll() is None, f"the writer ended before it was killed: {live.stderr.read()}"
     live.send_signal(signal.SIGKILL)
     live.wait(timeout=60)
     out = _simulate("--resume", str(run))
     assert out.returncode == 0, out.stderr
     rounds = pd.read_parquet(run / "rounds.parquet")
-    assert sorted(rounds["round"].unique()) == list(range(60))
+    assert sorted(rounds["round"].unique()) == list(range(400))
     assert os.path.exists(run / ".lock")  # the file stays, as a record of the last writer
