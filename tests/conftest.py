@@ -1,13 +1,14 @@
 """Shared fixtures: one real local Ray per test module (a start costs ~5 s), and the ``ray`` marker.
 
-Tests that start Ray are marked ``ray`` (those using ``ray_local``, and the modules in ``STARTS_RAY``), so the math
-runs in seconds without it: ``python -m pytest -q -m "not ray"``. In such a run a test that starts Ray anyway fails,
-which keeps the marks true.
+Tests that start Ray are marked ``ray`` (those using ``ray_local`` or ``ray_with_a_logical_gpu``, and the modules
+in ``STARTS_RAY``), so the math runs without it: ``python -m pytest -q -m "not ray"``. In such a run a test that
+starts Ray anyway fails, which keeps the marks true.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -23,7 +24,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if "ray_local" in getattr(item, "fixturenames", ()) or item.module.__name__.split(".")[-1] in STARTS_RAY:
+        uses = set(getattr(item, "fixturenames", ()))
+        if uses & {"ray_local", "ray_with_a_logical_gpu"} or item.module.__name__.split(".")[-1] in STARTS_RAY:
             item.add_marker(pytest.mark.ray)
 
 
@@ -35,15 +37,27 @@ def _no_ray_unless_marked(request: pytest.FixtureRequest):
         assert not sys.modules["ray"].is_initialized(), f"{request.node.nodeid} starts Ray: mark it (conftest)"
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A real local Ray (2 CPUs, 127.0.0.1, no dashboard) for the whole module; shut down after it."""
+def _local_ray(**resources: int) -> Iterator:
+    """A real local Ray (127.0.0.1, no dashboard) with ``resources`` (start_ray's), shut down afterwards."""
     import ray
 
     from dice_ray.engine import start_ray
 
     if ray.is_initialized():
         ray.shutdown()
-    start_ray(num_cpus=2)
+    start_ray(**resources)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray with 2 CPUs for the whole module."""
+    yield from _local_ray(num_cpus=2)
+
+
+@pytest.fixture(scope="module")
+def ray_with_a_logical_gpu():
+    """A real local Ray with 2 CPUs and 1 GPU resource for the whole module (no CUDA here: what asks for a GPU
+    computes on the CPU)."""
+    yield from _local_ray(num_cpus=2, num_gpus=1)

@@ -136,20 +136,6 @@ def test_a_task_asks_only_for_gpus_the_cluster_has() -> None:
         task_gpus(EngineConfig(gpus_per_task=0.5), cluster_gpus=0)
 
 
-@pytest.fixture(scope="module")
-def ray_with_a_logical_gpu():
-    """A real local Ray with 2 CPUs and 1 GPU resource (no CUDA here: GPU tasks compute on the CPU)."""
-    import ray
-
-    from dice_ray.engine import start_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    start_ray(num_cpus=2, num_gpus=1)
-    yield ray
-    ray.shutdown()
-
-
 def _rows(rows: list[dict], column: str) -> np.ndarray:
     return np.array([np.nan if r[column] is None else r[column] for r in rows], np.float64)
 

@@ -79,20 +79,6 @@ def test_the_option_is_validated_and_set_from_the_command_line() -> None:
     assert len(str(err.value).splitlines()) == 1
 
 
-@pytest.fixture(scope="module")
-def ray_with_a_logical_gpu():
-    """A real local Ray with 2 CPUs and 1 GPU resource (no CUDA here: actors asking for GPUs compute on the CPU)."""
-    import ray
-
-    from dice_ray.engine import start_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    start_ray(num_cpus=2, num_gpus=1)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("gpus_per_actor", [0.0, 0.5])
 def test_groups_without_cuda_exchange_through_the_object_store_with_the_same_numbers(
         ray_with_a_logical_gpu, gpus_per_actor: float) -> None:

@@ -35,7 +35,7 @@ import scipy.sparse as sp
 from dice_ray.config import load_imports
 from dice_ray.core.topology import Topology
 from dice_ray.engine.block import HookedBlock, HookInbox, mixing_key
-from dice_ray.engine.runtime import tune_allocator
+from dice_ray.engine.runtime import tune_allocator, worker_device
 from dice_ray.engine.transport import CUDA_IPC, OBJECT_STORE, Placement
 from dice_ray.hooks import RoundHook
 
@@ -103,7 +103,7 @@ class ParticipantGroup:
         load_imports(config)  # the user's registered models, data sets, losses
         self.config, self.input_shape, self.num_classes = config, input_shape, num_classes
         self.hook_classes = list(hooks or [])
-        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.device = worker_device()
         self.hooked: HookedBlock | None = None  # built by the first ``restore``
         self.epoch = -1
 

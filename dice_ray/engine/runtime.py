@@ -116,6 +116,15 @@ def _held_stderr() -> Iterator[None]:
                 sys.stderr.flush()
 
 
+def worker_device() -> str:
+    """The torch device of this Ray worker: "cuda" when Ray assigned it a GPU and CUDA is there, else "cpu" (a
+    logical GPU without CUDA, as in a rehearsal, computes on the CPU). Participant groups and replay tasks alike."""
+    import ray
+    import torch
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
 def tune_allocator() -> None:
     """Keep large freed blocks in this process's heap instead of returning them to the OS.
 

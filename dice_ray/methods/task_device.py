@@ -42,8 +42,8 @@ def start_task() -> str:
     Ray assigned it a GPU and CUDA is available, else ``"cpu"`` (one torch thread: tasks run one per CPU)."""
     import torch
 
-    from dice_ray.engine.runtime import tune_allocator
+    from dice_ray.engine.runtime import tune_allocator, worker_device
 
     tune_allocator()
     torch.set_num_threads(1)
-    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    return worker_device()
