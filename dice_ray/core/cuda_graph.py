@@ -17,9 +17,9 @@ import torch
 
 
 class StepGraph:
-    """``step(t)`` (a function of the round as a 0-d int64 tensor on ``device``, returning the losses [P]) replayed
-    from one CUDA graph. If the capture fails (an operation the graph cannot hold), it says so once and steps
-    eagerly from then on: same numbers, slower."""
+    """``step(t)`` (a function of the round, an int or a 0-d int64 tensor on ``device``, returning the losses [P])
+    replayed from one CUDA graph. If the capture fails (an operation the graph cannot hold), it says so once and
+    steps eagerly from then on: same numbers, slower."""
 
     def __init__(self, step: Callable[[torch.Tensor], torch.Tensor], device: torch.device):
         self.step = step
@@ -37,7 +37,7 @@ class StepGraph:
     def __call__(self, t: int) -> torch.Tensor:
         """Run the step of round t in place; return its losses [P] (a tensor of its own)."""
         if self.failed is not None:
-            return self.step(torch.tensor(t, dtype=torch.int64, device=self.device))
+            return self.step(t)
         self.t.fill_(t)
         if self.graph is not None:
             self.graph.replay()
