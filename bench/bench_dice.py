@@ -124,20 +124,23 @@ def main() -> None:
     import ray
 
     from dice_ray.engine import start_ray
+    from dice_ray.engine.tasks import RayTasks
     from dice_ray.methods.dice.probes import select_probes
     from dice_ray.methods.dice.replays import measure_task, record_windows_task
 
     probes = select_probes(experiment.config)
     rates = {}
+    label = lambda job: {}  # noqa: E731 (no retries are recorded here)
     for cpus in (1, os.cpu_count() or 2):
         start_ray(num_cpus=cpus)
-        exp_ref = ray.put(experiment)
-        window_ref = record_windows_task.remote(exp_ref, [t0], max_hops)
+        tasks = RayTasks(experiment.config.engine)
+        exp_ref = tasks.share(experiment)
+        [window_ref] = tasks.call(record_windows_task, exp_ref, [t0], max_hops)
         ray.wait([window_ref])
         # start and warm every worker first (a worker's first task imports torch: seconds)
-        ray.get([measure_task.remote(exp_ref, window_ref, probes[:1]) for _ in range(2 * cpus)])
+        tasks.map(measure_task, [(exp_ref, window_ref, probes[:1])] * (2 * cpus), "warm-up", label)
         start = time.perf_counter()
-        ray.get([measure_task.remote(exp_ref, window_ref, [p]) for p in probes])
+        tasks.map(measure_task, [(exp_ref, window_ref, [p]) for p in probes], "replays", label)
         rates[cpus] = len(probes) / (time.perf_counter() - start)
         ray.shutdown()
         print(f"  {cpus} worker(s): {rates[cpus]:6.2f} replays/s ({len(probes)} replays of {max_hops} rounds)")

@@ -56,12 +56,13 @@ def study(quick: bool, gt_only: bool, gpus_per_task: float) -> Any:
 
 def timed(experiment: Any, repeats: int) -> tuple[list[float], dict[str, list[dict]]]:
     """Seconds of each of ``repeats`` measurements of every probe on the connected Ray, and the last one's rows."""
+    from dice_ray.engine.tasks import RayTasks
     from dice_ray.methods.dice.replays import measure_influence
 
     seconds, rows = [], {}
     for _ in range(repeats):
         start = time.perf_counter()
-        influence, dice = measure_influence(experiment)
+        influence, dice = measure_influence(experiment, RayTasks(experiment.config.engine))
         seconds.append(time.perf_counter() - start)
         rows = {"influence": influence, "dice": dice}
     return seconds, rows
@@ -71,7 +72,7 @@ def task_device(share: float) -> str:
     """The device a task with ``share`` of a GPU computes on (the replay tasks' own rule)."""
     import ray
 
-    from dice_ray.methods.task_device import start_task
+    from dice_ray.engine.tasks import start_task
 
     return ray.get(ray.remote(num_cpus=1, num_gpus=share)(start_task).remote())
 

@@ -60,7 +60,6 @@ from dice_ray.reports import (
     write_report,
 )
 from dice_ray.reports.collaborators import common_parent
-from dice_ray.reports.contributions import ledger_tables
 from dice_ray.results import VARIANT_SUFFIX
 
 
@@ -151,11 +150,9 @@ def retrain(run: Path, loo: bool, shapley: int | None, local: bool = False, allo
     """Compute the leave-one-out (``loo``) and Shapley (``shapley`` permutations) tables ``run`` lacks, now (Ray
     tasks, or here if ``local``); a run without the ledger is refused first. The run's config imports the modules
     it names only with ``allow_imports`` (``config.rerun_config``)."""
-    ledger_tables(run)
-    if loo or shapley:
-        from dice_ray.methods.retraining_tasks import retrain_run_directory
+    from dice_ray.api import Run
 
-        retrain_run_directory(run, loo, shapley, local, allow_imports)
+    Run(run).retrain(loo, shapley, local, allow_imports)
 
 
 def contributions(run: Path, loo: bool = False, shapley: int | None = None, local: bool = False,

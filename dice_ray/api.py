@@ -117,6 +117,20 @@ class Run:
             write_report(report, self.path)
         return report.table
 
+    def retrain(self, loo: bool = False, shapley: int | None = None, local: bool = False,
+                allow_imports: bool = False) -> None:
+        """Write the leave-one-out (``loo``) and Shapley (``shapley`` permutations) tables this run lacks, retraining
+        now (the ``retraining`` method's stage: Ray tasks, or here if ``local``); a run without the ledger is refused
+        first. The run's config imports the modules it names only with ``allow_imports``."""
+        from dice_ray.methods.retraining import Retraining, retraining_changes
+        from dice_ray.reports.contributions import ledger_tables
+        from dice_ray.runner import run_stage
+
+        ledger_tables(self.path)  # a run without the ledger is refused before any retraining
+        changes = retraining_changes(self.path, loo, shapley)
+        if changes:
+            run_stage(self.path, Retraining, changes, local, allow_imports)
+
     def contributions(self, loo: bool = False, shapley: int | None = None, local: bool = False,
                       allow_imports: bool = False, write: bool = False) -> Contributions:
         """Return the contributions report (``dice_ray.reports.Contributions``): the ledger's ranking per
@@ -125,13 +139,8 @@ class Run:
         (Ray tasks, or here if ``local``), importing the modules the run's config names only with
         ``allow_imports``. With ``write``, also write ``contributions_report.parquet`` and its PNGs."""
         from dice_ray.reports import contributions_report, write_report
-        from dice_ray.reports.contributions import ledger_tables
 
-        if loo or shapley:
-            from dice_ray.methods.retraining_tasks import retrain_run_directory
-
-            ledger_tables(self.path)  # a run without the ledger is refused before any retraining
-            retrain_run_directory(self.path, loo, shapley, local, allow_imports)
+        self.retrain(loo, shapley, local, allow_imports)
         report = contributions_report(self.path)
         if write:
             write_report(report, self.path)

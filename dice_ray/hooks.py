@@ -24,8 +24,13 @@ A method has up to two halves, bound together by a ``Method``:
   only: a checkpoint never holds code). ``due(t)``/``before_round(t)``/``mixing()`` let a method change W^t
   between rounds (collaborator selection).
 
-The engines know no method by name: they loop over the hooks they are given. The numbers of a hook do not
-depend on how participants are split over blocks: the engines' test checks it with 1 and 3 actors.
+- ``Stage``s, the work a method does after training (DICE-GT replays, retraining runs without some participants):
+  the runner runs them in method order once the engine is closed, through one task backend
+  (``engine.tasks``: this process or Ray tasks, with one retry loop and progress); ``run`` returns the tables it
+  writes (name -> columns), written atomically by the runner.
+
+The engines and the runner know no method by name: they loop over the hooks and stages they are given. The numbers
+of a hook do not depend on how participants are split over blocks: the engines' test checks it with 1 and 3 actors.
 
 A new method is one module with its two classes and a ``Method``; see ``dice_ray/methods/`` and the docs'
 "Add a method" guide.
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -204,9 +210,27 @@ class RowsDriver(DriverHook):
         return {table: record}
 
 
+class Stage:
+    """Work a method does after training (see the module docstring), for the run ``experiment`` whose directory is
+    ``out`` (a stage may read the tables training wrote there). ``tables``: the tables ``run`` returns (name ->
+    schema)."""
+
+    name: ClassVar[str] = "stage"
+    tables: ClassVar[dict[str, pa.Schema]] = {}
+
+    def __init__(self, experiment: Any, out: Path):
+        self.experiment, self.out = experiment, out
+
+    def run(self, tasks: Any) -> dict[str, Any]:
+        """Do the work through ``tasks`` (an ``engine.tasks.Tasks``: ``map`` a module-level function over jobs);
+        return the rows of each table of ``tables`` (name -> columns or row dicts)."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class Method:
-    """A method: its name, when a run uses it, and its two halves (either may be None).
+    """A method: its name, when a run uses it, its two round halves (either may be None) and its stages after
+    training.
 
     ``enabled(config)`` says whether a run with ``config`` uses the method. Methods run in the order of the
     list an engine is given (the built-in ones: ``dice_ray.methods.METHODS``).
@@ -216,6 +240,7 @@ class Method:
     enabled: Callable[[Any], bool]
     hook: type[RoundHook] | None = None
     driver: type[DriverHook] | None = None
+    stages: tuple[type[Stage], ...] = ()
 
 
 def round_hooks(methods: list[Method]) -> list[type[RoundHook]]:

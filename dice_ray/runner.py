@@ -9,7 +9,6 @@ and ``nodes.parquet``, and the tables of the methods the config enables (``dice_
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import os
@@ -29,17 +28,14 @@ from dice_ray.checkpoint import CHECKPOINTS, CheckpointStore, RoundTables, confi
 from dice_ray.config import RESUME_FIELDS, RunConfig, rerun_config, set_dotted
 from dice_ray.engine import Engine, LocalEngine, RayEngine, start_ray
 from dice_ray.engine.loop import Drivers, TrainingReport, train
+from dice_ray.engine.tasks import Tasks, task_backend
 from dice_ray.errors import InputError
 from dice_ray.experiment import Experiment, prepare
-from dice_ray.hooks import Method, RoundHook, round_hooks
+from dice_ray.hooks import Method, RoundHook, Stage, round_hooks
 from dice_ray.methods import methods_for
 from dice_ray.results import (
-    DICE,
-    INFLUENCE,
-    LOO,
     NODES,
     ROUNDS,
-    SHAPLEY,
     write_json_atomic,
     write_table_atomic,
 )
@@ -134,47 +130,6 @@ def _nodes_table(experiment: Experiment, blocks: list[np.ndarray]) -> dict[str, 
     }
 
 
-def _measure_influence(experiment: Experiment, engine_kind: str,
-                       retries: list[dict]) -> tuple[list[dict], list[dict]]:
-    """DICE-GT and DICE-E of every probe: Ray tasks in parallel (lost tasks resubmitted and appended to
-    ``retries``), or in this process for ``--engine local``."""
-    from tqdm import tqdm
-
-    config = experiment.config
-    if engine_kind == "local":
-        from dice_ray.methods.dice.measure import measure_influence_here
-
-        return measure_influence_here(experiment)
-    from dice_ray.methods.dice.replays import measure_influence
-
-    bar = tqdm(unit="task", desc="influence", disable=not config.output.progress, dynamic_ncols=True,
-               file=sys.stderr)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-
-    try:
-        return measure_influence(experiment, progress, retries)
-    finally:
-        bar.close()
-
-
-def _replay_ground_truth(experiment: Experiment, engine_kind: str, retries: list[dict], out: Path) -> None:
-    """With in-loop DICE-E: measure DICE-GT by replays (no estimate) and fill it into the tables the run wrote."""
-    from dice_ray.methods.dice.online import fill_estimates
-
-    inf = experiment.config.influence
-    replay = dataclasses.replace(experiment, config=experiment.config.model_copy(
-        update={"influence": inf.model_copy(update={"variants": []})}))
-    influence_rows, dice_rows = _measure_influence(replay, engine_kind, retries)
-    estimated = {name: pq.read_table(out / f"{name}.parquet").to_pylist() for name in ("influence", "dice")}
-    write_table_atomic(out / "influence.parquet",
-                       fill_estimates(influence_rows, estimated["influence"], ("probe_id", "step", "target")),
-                       INFLUENCE)
-    write_table_atomic(out / "dice.parquet", fill_estimates(dice_rows, estimated["dice"], ("probe_id", "hops")), DICE)
-
-
 class Manifest:
     """A run's record, ``manifest.json`` in its run directory: the config, where and how it ran, and how it ended
     (``status`` running, complete, failed or interrupted). ``write`` replaces the file atomically."""
@@ -219,10 +174,10 @@ class Manifest:
         write_json_atomic(self.out / "manifest.json", self.fields)
 
     def add_failures(self, report: TrainingReport, retries: list[dict]) -> None:
-        """Add this session's recoveries, checkpoint count and resubmitted tasks to the record."""
+        """Add this session's recoveries, checkpoint count and resubmitted tasks (``engine.tasks``) to the record."""
         self.fields["recoveries"] = self.fields.get("recoveries", []) + report.recoveries
         self.fields["checkpoints_written"] = self.fields.get("checkpoints_written", 0) + report.checkpoints
-        self.fields["influence_task_retries"] = self.fields.get("influence_task_retries", []) + retries
+        self.fields["task_retries"] = self.fields.get("task_retries", []) + retries
 
     def end(self, err: BaseException, store: CheckpointStore, report: TrainingReport, retries: list[dict]) -> None:
         """Record a run stopped by ``err`` (interrupted by the user, or failed) and write it if the disk lets us (a
@@ -275,10 +230,8 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
     else:
         start = 0
         out.mkdir(parents=True, exist_ok=True)
-        for stale in ("rounds.parquet", "nodes.parquet", "states.npy", "influence.parquet", "dice.parquet",
-                      "proximal.parquet", "rewiring.parquet", "contributions.parquet", "shares.parquet",
-                      "loo.parquet", "shapley.parquet"):
-            (out / stale).unlink(missing_ok=True)
+        for stale in [*out.glob("*.parquet"), *out.glob("*.png"), out / "states.npy"]:  # an overwritten run's
+            stale.unlink(missing_ok=True)                                                 # tables, reports, plots
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         manifest = Manifest.begin(experiment, out, engine_kind, save_states)
     manifest.write()
@@ -288,7 +241,7 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
     engine: Any = None
     actor_info: list[dict[str, Any]] = []
     report = TrainingReport()
-    retries: list[dict] = []  # influence tasks lost and resubmitted
+    tasks = task_backend(engine_kind, config.engine, config.output.progress)  # the stages' work after training
     try:
         if start < config.rounds:
             engine = _start_engine(experiment, engine_kind, round_hooks(chosen))
@@ -316,16 +269,11 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
             engine = None
             manifest.update(placement=actor_info)  # now: a resume after training still knows where it ran
             manifest.write()
-        if config.influence.enabled and not config.influence.online:
-            influence_rows, dice_rows = _measure_influence(experiment, engine_kind, retries)
-            write_table_atomic(out / "influence.parquet", influence_rows, INFLUENCE)
-            write_table_atomic(out / "dice.parquet", dice_rows, DICE)
-        elif config.influence.enabled and config.influence.ground_truth:
-            _replay_ground_truth(experiment, engine_kind, retries, out)
-        if config.ledger.loo or config.ledger.shapley_permutations:
-            _retrain(experiment, engine_kind, out, retries)
+        for method in chosen:  # the work after training, in method order (the engine's CPUs are free now)
+            for stage in method.stages:
+                _run_stage(stage(experiment, out), tasks)
     except BaseException as err:
-        manifest.end(err, store, report, retries)
+        manifest.end(err, store, report, tasks.retries)
         tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         if engine is not None:
             engine.close()
@@ -342,7 +290,7 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
                     rounds_per_second=(config.rounds - start) / wall,
                     peak_rss_mib={"driver": _peak_rss_mib(), "actors": actor_peaks}, placement=actor_info,
                     final=final)
-    manifest.add_failures(report, retries)
+    manifest.add_failures(report, tasks.retries)
     manifest.write()
     tracker.finish()
     actors = f", actors {sum(actor_peaks):.0f} MiB in total (largest {max(actor_peaks):.0f} MiB)" if actor_peaks else ""
@@ -353,18 +301,23 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
     return out
 
 
-def _retrain(experiment: Experiment, engine_kind: str, out: Path, retries: list[dict]) -> None:
-    """Leave-one-participant-out (and Monte-Carlo Shapley) retraining: ``loo.parquet`` (``shapley.parquet``)."""
-    from dice_ray.methods.retraining_tasks import retrain_runs
+def _run_stage(stage: Stage, tasks: Tasks) -> None:
+    """Run ``stage`` through ``tasks``; write the tables it returns atomically."""
+    for name, rows in stage.run(tasks).items():
+        write_table_atomic(stage.out / f"{name}.parquet", rows, stage.tables[name])
 
-    if engine_kind != "local":
-        start_ray(experiment.config.engine.address)
-    loo, shapley = retrain_runs(experiment, local=engine_kind == "local", retries=retries,
-                                progress=experiment.config.output.progress)
-    if loo is not None:
-        write_table_atomic(out / "loo.parquet", loo, LOO)
-    if shapley is not None:
-        write_table_atomic(out / "shapley.parquet", shapley, SHAPLEY)
+
+def run_stage(run: Path, stage: type[Stage], changes: dict[str, Any], local: bool = False,
+              allow_imports: bool = False, progress: bool = True) -> None:
+    """Run one method's ``stage`` on the finished run directory ``run`` now (e.g. retraining asked for after the run:
+    ``analyze contributions --loo``), with its recorded config and the dotted fields ``changes``: as Ray tasks, or
+    in this process if ``local``. A config that names modules to import is refused unless ``allow_imports``
+    (``config.rerun_config``)."""
+    data = json.loads((run / "manifest.json").read_text())["config"]
+    for dotted, value in changes.items():
+        set_dotted(data, dotted, value)
+    experiment = prepare(rerun_config(data, f"{stage.name} of run {str(run)!r}", allow_imports))
+    _run_stage(stage(experiment, run), task_backend("local" if local else "ray", experiment.config.engine, progress))
 
 
 def _start_engine(experiment: Experiment, engine_kind: str, hooks: list[type[RoundHook]]) -> Engine:

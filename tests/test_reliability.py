@@ -260,12 +260,13 @@ def test_lost_influence_task_is_resubmitted_and_reported(ray_local, tmp_path: Pa
         for name in ("influence", "dice"):
             pd.testing.assert_frame_equal(pd.read_parquet(disturbed / f"{name}.parquet"),
                                           pd.read_parquet(undisturbed / f"{name}.parquet"))
-        retries = json.loads((disturbed / "manifest.json").read_text())["influence_task_retries"]
+        retries = json.loads((disturbed / "manifest.json").read_text())["task_retries"]
         if killed and retries:
             break
     assert killed, "no measurement task was seen running"
     [retry] = retries
-    assert retry["round"] in (3, 6) and len(retry["probe_ids"]) == 8 and "Error" in retry["error"]
+    assert retry["stage"] == "influence" and retry["round"] in (3, 6)
+    assert len(retry["probe_ids"]) == 8 and "Error" in retry["error"]
 
 
 def test_interrupted_sweep_trial_continues_from_its_checkpoint(ray_local, tmp_path: Path) -> None:

@@ -127,7 +127,7 @@ def test_the_gpu_share_of_a_task_follows_the_run_and_is_validated() -> None:
 
 
 def test_a_task_asks_only_for_gpus_the_cluster_has() -> None:
-    from dice_ray.methods.task_device import task_gpus
+    from dice_ray.engine.tasks import task_gpus
 
     assert task_gpus(EngineConfig(gpus_per_actor=1), cluster_gpus=2) == TASK_GPU_SHARE
     assert task_gpus(EngineConfig(gpus_per_actor=1), cluster_gpus=0) == 0.0  # a GPU run's replays on a CPU cluster
@@ -140,11 +140,11 @@ def _rows(rows: list[dict], column: str) -> np.ndarray:
     return np.array([np.nan if r[column] is None else r[column] for r in rows], np.float64)
 
 
-def test_tasks_ask_for_their_gpu_share_and_return_what_cpu_tasks_return(ray_with_a_logical_gpu) -> None:
+def test_tasks_ask_for_their_gpu_share_and_return_what_cpu_tasks_return(ray_with_a_logical_gpu, tmp_path) -> None:
     ray = ray_with_a_logical_gpu
+    from dice_ray.engine.tasks import RayTasks, start_task, task_options
     from dice_ray.methods.dice.replays import measure_influence
-    from dice_ray.methods.retraining_tasks import retrain_runs
-    from dice_ray.methods.task_device import start_task, task_options
+    from dice_ray.methods.retraining import Retraining
 
     @ray.remote(num_cpus=1, num_gpus=TASK_GPU_SHARE)
     def placed() -> tuple[list, str]:
@@ -159,7 +159,8 @@ def test_tasks_ask_for_their_gpu_share_and_return_what_cpu_tasks_return(ray_with
         experiment = _experiment(engine=engine, influence={**INFLUENCE, "probe_samples": 0, "sources": [0, 2]},
                                  ledger={"loo": True})
         assert task_options(experiment.config.engine) == {"num_gpus": share}
-        runs[share] = measure_influence(experiment), retrain_runs(experiment)[0]
+        tasks = RayTasks(experiment.config.engine)
+        runs[share] = measure_influence(experiment, tasks), Retraining(experiment, tmp_path).run(tasks)["loo"]
     assert task_options(EngineConfig(gpus_per_actor=1)) == {"num_gpus": TASK_GPU_SHARE}
     (cpu_influence, cpu_dice), cpu_loo = runs[0.0]
     (gpu_influence, gpu_dice), gpu_loo = runs[0.5]

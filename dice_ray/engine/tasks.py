@@ -1,11 +1,187 @@
-"""What Ray task fan-outs (DICE-GT replays, retraining runs) share: which failures resubmit a task."""
+"""The task backend: the one place that maps the work after training (DICE-GT replays, retraining runs) onto
+this process or onto Ray tasks.
+
+A method's ``hooks.Stage`` hands the backend a task function and its jobs; the backend runs every job, shows
+progress, resubmits a job whose task was lost with its worker or machine (up to ``TASK_RETRIES`` times) and keeps
+a record of those retries (``retries``, written to the run's manifest). A task function is a plain module-level
+function whose last argument is the torch device it computes on: ``"cpu"`` here; on Ray ``"cuda"`` when the task
+was given a GPU (``engine.gpus_per_task``) and CUDA is there, else ``"cpu"``.
+
+- ``LocalTasks``  every job in this process, one after another (``--engine local``: debugging, no Ray)
+- ``RayTasks``    every job as a Ray task, in parallel on every free CPU (or GPU share) of the cluster; large
+                  arguments shared once through the object store (``share``)
+
+Both give the same numbers: a task starts from the same weights and draws the same minibatches wherever it runs.
+"""
 
 from __future__ import annotations
 
-import ray
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
-# A task lost with its worker or machine is resubmitted this many times (and reported); errors raised by
-# the measurement itself are not retried.
+from dice_ray.config import EngineConfig
+from dice_ray.errors import InputError
+
+# A task lost with its worker or machine is resubmitted this many times (and recorded); errors raised by the task's
+# own computation are not retried.
 TASK_RETRIES = 3
-TASK_FAILURES = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
-                 ray.exceptions.OwnerDiedError)
+
+Job = tuple  # a task function's arguments before the device
+
+
+class Tasks:
+    """Where a stage's tasks run (see the module docstring). ``retries``: one record per resubmitted task (the
+    stage, what the job's ``label`` says of it, the error)."""
+
+    def __init__(self, progress: bool = False):
+        self.progress = progress
+        self.retries: list[dict[str, Any]] = []
+
+    def share(self, value: Any) -> Any:
+        """A handle on ``value`` that jobs take as an argument (one copy per machine, not one per task)."""
+        return value
+
+    def call(self, fn: Callable[..., Sequence[Any]], *args: Any, returns: int = 1) -> list[Any]:
+        """Run ``fn(*args, device)``, which returns ``returns`` values; return a handle on each (jobs take them as
+        arguments), without waiting for them."""
+        raise NotImplementedError
+
+    def map(self, fn: Callable[..., Any], jobs: list[Job], stage: str, label: Callable[[Job], dict[str, Any]],
+            unit: str = "task") -> list[Any]:
+        """Return ``[fn(*job, device) for job in jobs]``, in job order; ``stage`` names the progress bar and the
+        retry records, ``label(job)`` says what a retry record names (JSON values)."""
+        raise NotImplementedError
+
+    def _bar(self, stage: str, total: int, unit: str) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit=unit, desc=stage, disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
+
+
+class LocalTasks(Tasks):
+    """Every job in this process, on the CPU, one after another."""
+
+    def call(self, fn: Callable[..., Sequence[Any]], *args: Any, returns: int = 1) -> list[Any]:
+        return list(fn(*args, "cpu"))
+
+    def map(self, fn: Callable[..., Any], jobs: list[Job], stage: str, label: Callable[[Job], dict[str, Any]],
+            unit: str = "task") -> list[Any]:
+        bar = self._bar(stage, len(jobs), unit)
+        try:
+            results = []
+            for job in jobs:
+                results.append(fn(*job, "cpu"))
+                bar.update()
+            return results
+        finally:
+            bar.close()
+
+
+class RayTasks(Tasks):
+    """Every job as a Ray task (one CPU, ``engine.task_gpus()`` GPUs), on the cluster at ``engine.address``, which is
+    joined (or a local one started) on first use."""
+
+    def __init__(self, engine: EngineConfig, progress: bool = False):
+        super().__init__(progress)
+        self.engine = engine
+        self._options: dict[str, Any] | None = None
+
+    def _remote(self, **extra: Any) -> Any:
+        """The Ray task running ``_in_worker`` with this run's options (joining the cluster first); ``name``: the task
+        function's, as Ray's dashboard and the worker's process title (``ray::measure_task``) show it."""
+        import ray
+
+        from dice_ray.engine.runtime import start_ray
+
+        if self._options is None:
+            start_ray(self.engine.address)
+            self._options = task_options(self.engine)
+        return ray.remote(num_cpus=1)(_in_worker).options(**self._options, **extra)
+
+    def share(self, value: Any) -> Any:
+        import ray
+
+        self._remote()  # joins the cluster
+        return ray.put(value)
+
+    def call(self, fn: Callable[..., Sequence[Any]], *args: Any, returns: int = 1) -> list[Any]:
+        refs = self._remote(name=fn.__name__, num_returns=returns, max_retries=TASK_RETRIES).remote(fn, returns, *args)
+        return [refs] if returns == 1 else list(refs)
+
+    def map(self, fn: Callable[..., Any], jobs: list[Job], stage: str, label: Callable[[Job], dict[str, Any]],
+            unit: str = "task") -> list[Any]:
+        import ray
+
+        failures = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
+                    ray.exceptions.OwnerDiedError)
+        remote = self._remote(name=fn.__name__, max_retries=0)  # lost tasks are resubmitted here, and recorded
+        work = {remote.remote(fn, None, *job): (i, 0) for i, job in enumerate(jobs)}  # ref -> (job index, attempts)
+        results: list[Any] = [None] * len(jobs)
+        bar = self._bar(stage, len(jobs), unit)
+        try:
+            while work:
+                [done], _ = ray.wait(list(work), num_returns=1)
+                i, attempts = work.pop(done)
+                try:
+                    results[i] = ray.get(done)
+                except failures as err:
+                    if attempts >= TASK_RETRIES:
+                        raise
+                    self.retries.append({"stage": stage, **label(jobs[i]),
+                                         "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"})
+                    work[remote.remote(fn, None, *jobs[i])] = (i, attempts + 1)
+                    continue
+                bar.update()
+            return results
+        finally:
+            bar.close()
+
+
+def _in_worker(fn: Callable[..., Any], returns: int | None, *args: Any) -> Any:
+    """A Ray task's body: prepare the worker (``start_task``), run ``fn(*args, device)``; with ``returns``, hand Ray
+    its values as that many objects."""
+    result = fn(*args, start_task())
+    if returns is None:
+        return result
+    return result[0] if returns == 1 else tuple(result)
+
+
+def task_backend(engine_kind: str, engine: EngineConfig, progress: bool = False) -> Tasks:
+    """The backend of a run on ``engine_kind``: ``LocalTasks`` for 'local', ``RayTasks`` for 'ray'."""
+    return LocalTasks(progress) if engine_kind == "local" else RayTasks(engine, progress)
+
+
+def task_gpus(engine: EngineConfig, cluster_gpus: float) -> float:
+    """GPUs each task asks for on a cluster with ``cluster_gpus`` GPUs: ``engine.task_gpus()``, or 0 when that is the
+    default share and the cluster has no GPU for it (a GPU run's replays or retraining done later on CPUs:
+    ``analyze contributions --loo``). Raises ``InputError`` for a ``gpus_per_task`` set above the cluster's GPUs (the
+    tasks would wait for a GPU forever)."""
+    gpus = engine.task_gpus()
+    if gpus > cluster_gpus:
+        if engine.gpus_per_task is None:
+            return 0.0
+        raise InputError(f"--gpus-per-task {gpus:g} but the Ray cluster has {cluster_gpus:g} GPUs; "
+                         "--gpus-per-task 0 replays and retrains on CPUs")
+    return gpus
+
+
+def task_options(engine: EngineConfig) -> dict[str, Any]:
+    """Ray options of a task on the connected cluster: ``{"num_gpus": task_gpus(...)}``."""
+    import ray
+
+    return {"num_gpus": task_gpus(engine, ray.cluster_resources().get("GPU", 0.0))}
+
+
+def start_task() -> str:
+    """Prepare this Ray worker for one task; return the device it computes on: ``"cuda"`` when Ray assigned it a GPU
+    and CUDA is available, else ``"cpu"`` (one torch thread: tasks run one per CPU). The rule the participant-group
+    actors follow, so a rehearsal with logical GPUs and no CUDA runs on the CPU; whatever the device, results come
+    back as numpy and equal a CPU task's to float32 rounding (``fp32`` precision turns TF32 off)."""
+    import torch
+
+    from dice_ray.engine.runtime import tune_allocator, worker_device
+
+    tune_allocator()
+    torch.set_num_threads(1)
+    return worker_device()

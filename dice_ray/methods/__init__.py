@@ -4,11 +4,12 @@
 - ``contributions``  the contribution ledger L[j→k]: DICE-E of every update (first-order, curvature, second-order)
 - ``dice/``          DICE: probes, ground truth by replay, the estimator (replayed or ``online.py`` in the loop)
 - ``rewiring``       collaborator selection: a new W every K rounds from the proximal ledger
-- ``retraining``     leave-one-participant-out and Shapley ground truth for contributions (``retraining_tasks``
-                     fans the runs out as Ray tasks)
+- ``retraining``     leave-one-participant-out and Shapley ground truth for contributions: a stage after training
 
-A new method is a module beside these with a ``Method``; pass it to ``dice_ray.run(..., methods=[...])`` or add it
-to ``METHODS``. Methods run in list order.
+Round hooks and stages after training (``dice/replays.py``: DICE-GT by replay; ``retraining``) run through the
+engines and the task backend (``dice_ray.engine``), which know no method by name. A new method is a module beside
+these with a ``Method``; pass it to ``dice_ray.run(..., methods=[...])`` or add it to ``METHODS``. Methods run in
+list order.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from dice_ray.errors import InputError
 from dice_ray.hooks import Method
 from dice_ray.methods.contributions import LEDGER_METHOD
 from dice_ray.methods.dice.online import ONLINE_DICE_METHOD
+from dice_ray.methods.dice.replays import REPLAYS_METHOD
 from dice_ray.methods.proximal import PROXIMAL_METHOD
+from dice_ray.methods.retraining import RETRAINING_METHOD
 from dice_ray.methods.rewiring import REWIRING_METHOD
 
-METHODS: list[Method] = [PROXIMAL_METHOD, LEDGER_METHOD, ONLINE_DICE_METHOD, REWIRING_METHOD]
+METHODS: list[Method] = [PROXIMAL_METHOD, LEDGER_METHOD, ONLINE_DICE_METHOD, REWIRING_METHOD, REPLAYS_METHOD,
+                         RETRAINING_METHOD]
 
 
 def methods_for(config: Any, extra: list[Method] | tuple[Method, ...] = ()) -> list[Method]:

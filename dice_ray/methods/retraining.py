@@ -1,20 +1,24 @@
 """Ground truth for contribution accounting: whole runs retrained without some participants' data.
 
 Leave-one-participant-out needs N + 1 runs (the full run and one without each participant's data); Monte-Carlo
-Shapley with K permutations needs the distinct prefix coalitions of K random orders. Each run is a local-engine
-run of the whole schedule (``final_losses``); ``retraining_tasks.py`` fans them out as Ray tasks. Pure torch and
-numpy here.
+Shapley with K permutations needs the distinct prefix coalitions of K random orders (at most K (N − 1) + 2 runs).
+Each run is a local-engine run of the whole schedule in one task (``final_losses``), fanned out by the task backend
+(``engine.tasks``: this process, or Ray tasks on every free CPU or GPU share). ``RETRAINING_METHOD`` is the stage of
+a run with ``ledger.loo`` or ``ledger.shapley_permutations``: it writes ``loo.parquet`` and ``shapley.parquet``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dice_ray.data import Partition
 from dice_ray.engine.local import LocalEngine
+from dice_ray.hooks import Method, Stage
+from dice_ray.results import LOO, SHAPLEY
 
 
 def without_data(experiment: Any, excluded: list[int]) -> Any:
@@ -75,3 +79,48 @@ def shapley_values(orders: list[np.ndarray], value: dict[frozenset, float]) -> d
     stderr = marginals.std(axis=0, ddof=1) / np.sqrt(len(orders)) if len(orders) > 1 else np.full(n, np.nan)
     return {"participant": np.arange(n, dtype=np.int32), "shapley": marginals.mean(axis=0), "stderr": stderr,
             "permutations": np.full(n, len(orders), np.int32)}
+
+
+class Retraining(Stage):
+    """Leave-one-participant-out (``ledger.loo``) and Monte-Carlo Shapley (``ledger.shapley_permutations``): the runs
+    without some participants' data, each coalition trained once."""
+
+    name = "retraining"
+    tables = {"loo": LOO, "shapley": SHAPLEY}
+
+    def run(self, tasks: Any) -> dict[str, Any]:
+        experiment = self.experiment
+        led, n, q = experiment.config.ledger, experiment.nodes, np.asarray(experiment.q, np.float64)
+        everyone = list(range(n))
+        jobs: list[list[int]] = [[]]
+        if led.loo:
+            jobs += [[j] for j in everyone]
+        orders = shapley_coalitions(n, led.shapley_permutations, experiment.config.seed) \
+            if led.shapley_permutations else []
+        for order in orders:  # the coalition of the first i participants of the order keeps their data only
+            jobs += [[k for k in everyone if k not in set(order[:i].tolist())] for i in range(n + 1)]
+        unique = {frozenset(job): sorted(job) for job in jobs}
+        shared = tasks.share(experiment)
+        losses = dict(zip(unique, tasks.map(final_losses, [(shared, job) for job in unique.values()], "retraining",
+                                            lambda job: {"retraining_without": job[1]}, unit="run"), strict=True))
+        full = losses[frozenset()]
+        tables = {}
+        if led.loo:
+            tables["loo"] = loo_rows(q, full, {j: losses[frozenset([j])] for j in everyone})
+        if orders:
+            tables["shapley"] = shapley_values(orders, {frozenset(everyone) - key: float(q @ loss)
+                                                        for key, loss in losses.items()})
+        return tables
+
+
+def retraining_changes(run: Path, loo: bool, shapley: int | None) -> dict[str, Any]:
+    """The config changes (dotted field -> value) that make ``Retraining`` write the tables the finished run ``run``
+    lacks (``loo.parquet`` with ``loo``, ``shapley.parquet`` with ``shapley`` permutations); empty if none."""
+    has_loo = (run / "loo.parquet").is_file()
+    if not ((loo and not has_loo) or (shapley and not (run / "shapley.parquet").is_file())):
+        return {}
+    return {"ledger.loo": bool(loo or has_loo), "ledger.shapley_permutations": shapley or 0}
+
+
+RETRAINING_METHOD = Method("retraining", enabled=lambda c: bool(c.ledger.loo or c.ledger.shapley_permutations),
+                           stages=(Retraining,))
