@@ -23,7 +23,7 @@ import pandas as pd
 
 from dice_ray.config import RunConfig, build_config, load_config, read_recorded
 from dice_ray.errors import InputError
-from dice_ray.hooks import Method
+from dice_ray.hooks import Method, registered_methods
 from dice_ray.results import TABLES
 
 if TYPE_CHECKING:
@@ -185,6 +185,10 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
 
     if engine not in ENGINES:
         raise InputError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
+    unregistered = [m.name for m in methods if m.options is not None and m not in registered_methods()]
+    if unregistered:
+        raise InputError(f"method {unregistered[0]!r} has options: register it with dice_ray.register_method before "
+                         "its config is built (its section is part of the run config)")
     config = as_config(config, **fields)
     path = run_directory(config)  # fixed now: a default name from the clock is taken once
     config = config.model_copy(update={"output": config.output.model_copy(update={"out": str(path)})})

@@ -18,7 +18,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -33,6 +32,8 @@ from dice_ray.core.topology import TOPOLOGIES
 from dice_ray.core.topology import WEIGHT_RULES as MIXING_RULES
 from dice_ray.data import SCHEMES, WEIGHT_RULES, dataset_names
 from dice_ray.errors import InputError
+from dice_ray.hooks import registered_methods
+from dice_ray.sections import FieldError, Section, comma_list, one_line, refuse_bf16
 
 
 def _one_of(what: str, choices: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> AfterValidator:
@@ -55,11 +56,6 @@ def _one_of(what: str, choices: tuple[str, ...] | Callable[[], tuple[str, ...]])
 _RECORDED: contextvars.ContextVar[bool] = contextvars.ContextVar("recorded", default=False)
 
 
-def comma_list(value: Any) -> Any:
-    """A comma-separated string from the command line as a list of its non-empty items; anything else as it is."""
-    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-
-
 def distinct_variants(value: list[str]) -> list[str]:
     """A list of DICE-E variants as given, refused if empty or if it names one twice."""
     if not value:
@@ -77,34 +73,7 @@ SECOND_ORDER_B = ("second-order: also carry b, the perturbation's O(Δ²) part, 
 VariantList = Annotated[list[Variant], BeforeValidator(comma_list), AfterValidator(distinct_variants)]
 
 
-class _Section(BaseModel):
-    """A config section: unknown keys are refused, and a bad value raises ``InputError`` with one line that
-    names the field (also when built in Python: ``RunConfig(nodes=1)``)."""
-
-    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
-
-    def __init__(self, /, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as err:
-            raise _one_line(err) from None
-
-    @classmethod
-    def model_validate(cls, obj: Any, **kwargs: Any) -> Any:
-        """Validate ``obj`` (a nested dict); raise ``InputError`` with one line on bad input."""
-        try:
-            return super().model_validate(obj, **kwargs)
-        except ValidationError as err:
-            raise _one_line(err) from None
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        try:
-            super().__setattr__(name, value)
-        except ValidationError as err:
-            raise _one_line(err) from None
-
-
-class TopologyConfig(_Section):
+class TopologyConfig(Section):
     """Communication graph and mixing matrix W^t (concepts §1)."""
 
     name: Annotated[str, _one_of("topology", TOPOLOGIES)] = Field(
@@ -118,7 +87,7 @@ class TopologyConfig(_Section):
     directed: bool = Field(False, description="edges of an edge-list file are directed (src -> dst)")
 
 
-class ShrinkConfig(_Section):
+class ShrinkConfig(Section):
     """Participants holding less data: a seeded ``fraction`` of each listed participant's training samples is
     dropped (unused by anyone). Fraction 1 leaves none: such a participant takes no local step (Δ = 0) but
     still gossips."""
@@ -127,7 +96,7 @@ class ShrinkConfig(_Section):
     fraction: float = Field(0.5, ge=0, le=1, description="share of their training samples dropped")
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """Data set, partition over participants, and the held-out batch z′."""
 
     dataset: Annotated[str, _one_of("data set", dataset_names)] = Field(
@@ -151,7 +120,7 @@ class DataConfig(_Section):
     synthetic_classes: int = Field(10, ge=2, le=10_000, description="classes of 'synthetic'")
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """Model architecture and how participants' models are initialized and vectorized."""
 
     name: str = Field("mlp", description="model from the registry (mlp, mlp-tanh, logreg, cnn, resnet18, …)")
@@ -171,7 +140,7 @@ class ModelConfig(_Section):
                                      "on: cross-entropy, mse, or one added with register_loss")
 
 
-class OptimConfig(_Section):
+class OptimConfig(Section):
     """Local optimizer O_k and minibatch size (shared by all participants)."""
 
     name: Annotated[str, _one_of("optimizer", OPTIMIZERS)] = Field(
@@ -211,7 +180,7 @@ class OptimConfig(_Section):
 TASK_GPU_SHARE = 0.25
 
 
-class EngineConfig(_Section):
+class EngineConfig(Section):
     """Placement on Ray: how many participant-group actors, and their CPUs/GPUs."""
 
     actors: int | None = Field(None, ge=1, description="participant-group actors (default: one per CPU, "
@@ -245,7 +214,7 @@ class EngineConfig(_Section):
         return TASK_GPU_SHARE if self.gpus_per_actor > 0 else 0.0
 
 
-class OutputConfig(_Section):
+class OutputConfig(Section):
     """Where results go and how often participants are evaluated."""
 
     out: str | None = Field(None, description="run directory (default runs/<time>-<topology>-n<N>)")
@@ -266,7 +235,7 @@ class OutputConfig(_Section):
         return comma_list(value)
 
 
-class InfluenceConfig(_Section):
+class InfluenceConfig(Section):
     """Which probes (source j, round t, z) to measure, and how (concepts §2–§4). Off unless ``enabled``."""
 
     enabled: bool = Field(False, description="measure DICE-GT and DICE-E for the probes below")
@@ -292,8 +261,30 @@ class InfluenceConfig(_Section):
                                             "instead of on windows replayed after training (DICE-GT is still "
                                             "replayed when ground_truth is on)")
 
+    def check(self, config: Any) -> None:
+        if self.online and not self.enabled:
+            raise ValueError("influence.online computes DICE-E of the influence probes: turn them on too "
+                             "(--influence, influence.enabled)")
+        if not self.enabled:
+            return
+        for t in self.rounds or []:
+            if not 0 <= t <= config.rounds - 1 - self.hops:
+                raise ValueError(f"influence probe round {t} needs rounds {t}..{t + self.hops} but the run has "
+                                 f"rounds 0..{config.rounds - 1}")
+        if config.rounds <= self.hops:
+            raise ValueError(f"influence hops {self.hops} need more than {self.hops} rounds, got {config.rounds}")
+        for j in self.sources or []:
+            if not 0 <= j < config.nodes:
+                raise ValueError(f"influence source {j} is not a participant (0..{config.nodes - 1})")
+        if self.zprime == "validation" and config.data.val_fraction == 0:
+            raise ValueError("influence.zprime 'validation' needs validation splits (data.val_fraction > 0)")
+        if self.probe_samples > config.optim.batch_size - 1:
+            raise ValueError(f"probe_samples {self.probe_samples} must be below the batch size "
+                             f"{config.optim.batch_size}")
+        refuse_bf16(config, "influence")
 
-class MisbehaviorConfig(_Section):
+
+class MisbehaviorConfig(Section):
     """Participants that misbehave, and how (concepts §5). Off with kind ``none``."""
 
     kind: Literal["none", "label-flip", "feature-noise", "sign-flip", "scale", "free-ride"] = Field(
@@ -318,7 +309,7 @@ class MisbehaviorConfig(_Section):
         return self.count or 0
 
 
-class ProximalConfig(_Section):
+class ProximalConfig(Section):
     """Online proximal influence (concepts §5): every examiner k scores each in-neighbour l. Off unless ``enabled``."""
 
     enabled: bool = Field(False, description="score every in-neighbour by proximal influence "
@@ -329,8 +320,15 @@ class ProximalConfig(_Section):
                                                                               "shared held-out batch")
     window: int = Field(10, ge=1, description="scoring rounds summed in the windowed score")
 
+    def check(self, config: Any) -> None:
+        if not self.enabled:
+            return
+        if self.zprime == "validation" and config.data.val_fraction == 0:
+            raise ValueError("proximal.zprime 'validation' needs validation splits (data.val_fraction > 0)")
+        refuse_bf16(config, "proximal")
 
-class LedgerConfig(_Section):
+
+class LedgerConfig(Section):
     """Online contribution ledger (issue 7, ``contributions.py``): DICE-E of every participant's update on every
     participant within R hops (first-order by default). Off unless ``enabled``."""
 
@@ -357,8 +355,21 @@ class LedgerConfig(_Section):
         """The variant whose totals rank the participants: ``rank_by``, else the first of ``variants``."""
         return self.rank_by or self.variants[0]
 
+    def check(self, config: Any) -> None:
+        if self.rank_by is not None and self.rank_by not in self.variants:
+            raise ValueError(f"ledger.rank_by {self.rank_by!r} is not one of ledger.variants "
+                             f"({', '.join(self.variants)})")
+        if not (self.enabled or self.loo or self.shapley_permutations):
+            return
+        if self.zprime == "validation" and config.data.val_fraction == 0:
+            raise ValueError("ledger.zprime 'validation' needs validation splits (data.val_fraction > 0)")
+        if config.rewiring.mode != "none":
+            raise ValueError("rewiring changes W during the run; the contribution ledger needs the static "
+                             "topology's path weights: use one or the other")
+        refuse_bf16(config, "ledger")
 
-class RewiringConfig(_Section):
+
+class RewiringConfig(Section):
     """Collaborator selection (concepts §5): every K rounds each participant keeps m in-neighbours. Off with none."""
 
     mode: Literal["none", "influence", "outlier", "random"] = Field(
@@ -377,6 +388,22 @@ class RewiringConfig(_Section):
                                                             "median of one's in-neighbours by this many robust "
                                                             "standard deviations (1.4826 MAD)")
 
+    def check(self, config: Any) -> None:
+        if self.mode == "none":
+            return
+        if self.mode in ("influence", "outlier") and not config.proximal.enabled:
+            raise ValueError(f"rewiring.mode {self.mode!r} needs proximal influence (proximal.enabled, --proximal)")
+        if self.keep > config.nodes - 1:
+            raise ValueError(f"rewiring.keep {self.keep} exceeds the {config.nodes - 1} other participants")
+        if config.topology.name in ("one-peer-exponential", "random-matching"):
+            raise ValueError(f"rewiring needs a static topology, got time-varying {config.topology.name!r}")
+        if config.influence.enabled:
+            raise ValueError("rewiring changes W during the run; DICE influence (--influence) replays the "
+                             "static topology: use one or the other")
+
+
+# The built-in methods' sections of the run config (a registered user method's section is named by the method).
+METHOD_SECTIONS = ("influence", "proximal", "rewiring", "ledger")
 
 # Fields a resumed run may change: where and how it runs, never what it computes.
 RESUME_FIELDS = ("engine.address", "engine.actors", "engine.cpus_per_actor", "engine.gpus_per_actor",
@@ -389,7 +416,17 @@ def import_modules(names: list[str]) -> None:
         try:
             importlib.import_module(name)
         except ImportError as err:
-            raise _FieldError(("imports",), f"module {name!r} cannot be imported: {err}") from None
+            raise FieldError(("imports",), f"module {name!r} cannot be imported: {err}") from None
+
+
+def modules_in(data: dict[str, Any]) -> list[str]:
+    """The modules a config not yet validated (a nested dict) names: ``imports``, then ``model.import_module`` (values
+    of the wrong type are left for validation to report)."""
+    names = data.get("imports") or []
+    model = data.get("model")
+    module = model.get("import_module") if isinstance(model, dict) else getattr(model, "import_module", None)
+    names = names if isinstance(names, list) and all(isinstance(n, str) for n in names) else []
+    return [*names, *([module] if isinstance(module, str) and module else [])]
 
 
 def load_imports(config: RunConfig) -> None:
@@ -398,8 +435,13 @@ def load_imports(config: RunConfig) -> None:
     import_modules(modules_named(config))
 
 
-class RunConfig(_Section):
-    """A whole simulation: one of these fully determines a run's numbers (with its seed)."""
+class RunConfig(Section):
+    """A whole simulation: one of these fully determines a run's numbers (with its seed). The simulated world (the
+    participants, their data, model, optimizer, topology, misbehaviour), where it runs (engine, output) and the
+    methods' sections: the built-in ones below (``METHOD_SECTIONS``) and one per registered user method with options
+    (``hooks.register_method``), named by the method."""
+
+    model_config = ConfigDict(extra="allow", strict=False, validate_assignment=True)
 
     imports: list[str] = Field([], description="modules imported before the config is checked, and in every Ray "
                                                "worker: they register custom models, data sets, losses and methods")
@@ -421,15 +463,12 @@ class RunConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _import_first(cls, data: Any) -> Any:
-        """Import ``imports`` (and ``model.import_module``) before the fields are checked: they register names. Not
+        """Import ``imports`` (and ``model.import_module``) before the fields are checked: they register names
+        (and methods, whose sections are then validated: ``_user_sections``). Not
         for a recorded config (``read_recorded``): reading a run imports nothing it names."""
         if isinstance(data, dict) and not _RECORDED.get():
-            names = data.get("imports") or []
-            model = data.get("model")
-            module = model.get("import_module") if isinstance(model, dict) else getattr(model, "import_module", None)
-            if isinstance(names, list) and all(isinstance(n, str) for n in names):
-                import_modules([*names, *([module] if isinstance(module, str) and module else [])])
-        return data
+            import_modules(modules_in(data))
+        return cls._user_sections(data)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -444,89 +483,44 @@ class RunConfig(_Section):
                     raise ValueError(f"misbehaving participant {k} is not a participant (0..{self.nodes - 1})")
             if bad.number(self.nodes) > self.nodes:
                 raise ValueError(f"misbehavior.count {bad.count} exceeds the {self.nodes} participants")
-        inf = self.influence
-        if inf.online and not inf.enabled:
-            raise ValueError("influence.online computes DICE-E of the influence probes: turn them on too "
-                             "(--influence, influence.enabled)")
-        if inf.enabled:
-            for t in inf.rounds or []:
-                if not 0 <= t <= self.rounds - 1 - inf.hops:
-                    raise ValueError(f"influence probe round {t} needs rounds {t}..{t + inf.hops} but the run has "
-                                     f"rounds 0..{self.rounds - 1}")
-            if self.rounds <= inf.hops:
-                raise ValueError(f"influence hops {inf.hops} need more than {inf.hops} rounds, got {self.rounds}")
-            for j in inf.sources or []:
-                if not 0 <= j < self.nodes:
-                    raise ValueError(f"influence source {j} is not a participant (0..{self.nodes - 1})")
-            if inf.zprime == "validation" and self.data.val_fraction == 0:
-                raise ValueError("influence.zprime 'validation' needs validation splits (data.val_fraction > 0)")
-            if inf.probe_samples > self.optim.batch_size - 1:
-                raise ValueError(f"probe_samples {inf.probe_samples} must be below the batch size "
-                                 f"{self.optim.batch_size}")
-        self._check_proximal()
-        self._check_ledger()
-        if self.engine.precision == "bf16":
-            using = [name for name, on in (("influence", inf.enabled), ("ledger", self.ledger.enabled or self.ledger.loo
-                     or self.ledger.shapley_permutations), ("proximal", self.proximal.enabled)) if on]
-            if using:
-                raise ValueError(f"engine.precision 'bf16' cannot measure {', '.join(using)}: their values are ~1e-3 "
-                                 "of the losses, below bfloat16's resolution (2^-8); use fp32 or tf32")
-        return self
-
-    def _check_ledger(self) -> None:
         for k in self.data.shrink.ids:
             if not 0 <= k < self.nodes:
                 raise ValueError(f"data.shrink participant {k} is not a participant (0..{self.nodes - 1})")
-        led = self.ledger
-        if led.rank_by is not None and led.rank_by not in led.variants:
-            raise ValueError(f"ledger.rank_by {led.rank_by!r} is not one of ledger.variants "
-                             f"({', '.join(led.variants)})")
-        if not (led.enabled or led.loo or led.shapley_permutations):
-            return
-        if led.zprime == "validation" and self.data.val_fraction == 0:
-            raise ValueError("ledger.zprime 'validation' needs validation splits (data.val_fraction > 0)")
-        if self.rewiring.mode != "none":
-            raise ValueError("rewiring changes W during the run; the contribution ledger needs the static "
-                             "topology's path weights: use one or the other")
+        for _, section in self.method_sections():
+            section.check(self)
+        return self
 
-    def _check_proximal(self) -> None:
-        prox, rew = self.proximal, self.rewiring
-        if prox.enabled and prox.zprime == "validation" and self.data.val_fraction == 0:
-            raise ValueError("proximal.zprime 'validation' needs validation splits (data.val_fraction > 0)")
-        if rew.mode == "none":
-            return
-        if rew.mode in ("influence", "outlier") and not prox.enabled:
-            raise ValueError(f"rewiring.mode {rew.mode!r} needs proximal influence (proximal.enabled, --proximal)")
-        if rew.keep > self.nodes - 1:
-            raise ValueError(f"rewiring.keep {rew.keep} exceeds the {self.nodes - 1} other participants")
-        if self.topology.name in ("one-peer-exponential", "random-matching"):
-            raise ValueError(f"rewiring needs a static topology, got time-varying {self.topology.name!r}")
-        if self.influence.enabled:
-            raise ValueError("rewiring changes W during the run; DICE influence (--influence) replays the "
-                             "static topology: use one or the other")
+    def method_sections(self) -> list[tuple[str, Section]]:
+        """(name, options) of every method's section: the built-in ones, then those of registered user methods
+        (``hooks.register_method``), in order. A received run's section of a method not registered here is a plain
+        dict (``read_recorded``) and is not listed."""
+        built_in = [(name, getattr(self, name)) for name in METHOD_SECTIONS]
+        extra = [(name, value) for name, value in (self.__pydantic_extra__ or {}).items() if isinstance(value, Section)]
+        return built_in + extra
 
-
-class _FieldError(InputError):
-    """A section's one-line error, with where it happened (so an enclosing section can prefix its own field)."""
-
-    def __init__(self, loc: tuple, message: str, extra: bool = False):
-        self.loc, self.message, self.extra = loc, message, extra
-        where = ".".join(str(p) for p in loc) or "config"
-        super().__init__(f"config: unknown key {where!r}" if extra else f"config: {where}: {message}")
-
-
-def _one_line(err: ValidationError) -> _FieldError:
-    """Return the first problem of a pydantic error as 'config: field.path: message (got value)'."""
-    first = err.errors()[0]
-    inner = first.get("ctx", {}).get("error")
-    if isinstance(inner, _FieldError):  # a nested section built by its own __init__ reported it
-        return _FieldError(tuple(first["loc"]) + inner.loc, inner.message, inner.extra)
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        return _FieldError(tuple(first["loc"]), msg, extra=True)
-    got = first.get("input")
-    suffix = "" if isinstance(got, dict) or got is None or repr(got) in msg else f" (got {got!r})"
-    return _FieldError(tuple(first["loc"]), f"{msg}{suffix}")
+    @classmethod
+    def _user_sections(cls, data: Any) -> Any:
+        """Validate the sections of registered user methods (``Method.options``), after ``imports`` registered them;
+        any other unknown key is refused (a recorded config keeps a section whose method is not registered here, as
+        recorded: reading a run imports nothing)."""
+        if not isinstance(data, dict):
+            return data
+        options = {m.name: m.options for m in registered_methods() if m.options is not None}
+        data = dict(data)
+        for key in [k for k in data if k not in cls.model_fields]:
+            if key in options:
+                value = data[key]
+                if isinstance(value, Section):
+                    value = value.model_dump()
+                try:
+                    data[key] = options[key].model_validate(value or {})
+                except FieldError as err:
+                    raise FieldError((key, *err.loc), err.message, err.extra) from None
+            elif not (_RECORDED.get() and isinstance(data[key], dict)):
+                raise FieldError((key,), "unknown key", extra=True)
+        for key, option in options.items():  # a registered method's section with its defaults, when not given
+            data.setdefault(key, option())
+        return data
 
 
 def read_recorded(data: Any, where: str) -> RunConfig:
@@ -569,7 +563,7 @@ def build_config(data: dict[str, Any] | None = None) -> RunConfig:
     try:
         return RunConfig.model_validate(data or {})
     except ValidationError as err:
-        raise _one_line(err) from None
+        raise one_line(err) from None
 
 
 def read_yaml(path: str | Path, kind: str = "config file") -> Any:

@@ -233,7 +233,8 @@ class Method:
     training.
 
     ``enabled(config)`` says whether a run with ``config`` uses the method. Methods run in the order of the
-    list an engine is given (the built-in ones: ``dice_ray.methods.METHODS``).
+    list an engine is given (the built-in ones: ``dice_ray.methods.METHODS``). ``options``: a user's method's own
+    section of the run config (``register_method``), which its code reads as ``config.<name>``.
     """
 
     name: str
@@ -241,6 +242,24 @@ class Method:
     hook: type[RoundHook] | None = None
     driver: type[DriverHook] | None = None
     stages: tuple[type[Stage], ...] = ()
+    options: type[Any] | None = None  # a ``sections.Section``: the run config's section ``name`` (a user's method)
+
+
+_REGISTERED: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Register a user's ``method``: every run whose config enables it uses it (after the built-in ones), and its
+    ``options`` (a ``sections.Section`` subclass) become the run config's section named ``method.name``, set from
+    YAML, ``--set`` or the flags ``--<name>-<field>`` that ``python -m dice_ray.simulate`` generates from its fields.
+    Call it in a module the config names under ``imports`` (then Ray workers import it too). Returns ``method``."""
+    _REGISTERED[method.name] = method
+    return method
+
+
+def registered_methods() -> list[Method]:
+    """The methods registered with ``register_method``, in registration order."""
+    return list(_REGISTERED.values())
 
 
 def round_hooks(methods: list[Method]) -> list[type[RoundHook]]:

@@ -7,7 +7,9 @@ Examples::
     python -m dice_ray.simulate --config configs/default.yaml --lr 0.1 --out runs/lr0.1
 
 Every option overrides the matching field of the config file (``--config``); ``--set a.b=value``
-overrides any field. Bad input prints one line and exits with status 2 before any work starts.
+overrides any field. A method registered by a module the command line imports (``--imports mymod``, or the config's
+``imports``) gets a flag per option, ``--<method>-<field>``. Bad input prints one line and exits with status 2
+before any work starts.
 Results: a run directory with ``manifest.json``, ``rounds.parquet`` and ``nodes.parquet``; with
 ``--influence`` also ``influence.parquet`` and ``dice.parquet`` (DICE-GT and DICE-E of every probe); with
 ``--proximal`` ``proximal.parquet`` (every examiner's score of every in-neighbour); with ``--rewire``
@@ -22,8 +24,21 @@ import argparse
 import sys
 from typing import Any
 
-from dice_ray.config import RESUME_FIELDS, RunConfig, apply_sets, build_config, load_config, set_dotted
+import yaml
+
+from dice_ray.config import (
+    RESUME_FIELDS,
+    RunConfig,
+    apply_sets,
+    build_config,
+    import_modules,
+    load_config,
+    modules_in,
+    set_dotted,
+)
 from dice_ray.errors import InputError, OneLineParser, report
+from dice_ray.hooks import registered_methods
+from dice_ray.sections import comma_list
 
 # (flag, dotted config field, type). Help texts come from the config fields' descriptions.
 OPTIONS: list[tuple[str, str, Any]] = [
@@ -62,7 +77,7 @@ OPTIONS: list[tuple[str, str, Any]] = [
     ("--ledger-zprime", "ledger.zprime", str), ("--shapley", "ledger.shapley_permutations", int),
     ("--ledger-variants", "ledger.variants", str),
     ("--shrink-ids", "data.shrink.ids", "int-list"), ("--shrink-fraction", "data.shrink.fraction", float),
-    ("--log", "output.log", str),
+    ("--log", "output.log", str), ("--imports", "imports", "list"),
 ]
 SWITCHES: list[tuple[str, str, bool]] = [
     ("--download", "data.download", True), ("--overwrite", "output.overwrite", True),
@@ -75,13 +90,44 @@ SWITCHES: list[tuple[str, str, bool]] = [
 
 
 def _field_help(dotted: str) -> str:
-    model: Any = RunConfig
     *parents, leaf = dotted.split(".")
-    for p in parents:
+    sections = {m.name: m.options for m in registered_methods() if m.options is not None}
+    model: Any = sections[parents[0]] if parents and parents[0] in sections else RunConfig
+    for p in parents[1 if model is not RunConfig else 0:]:
         model = model.model_fields[p].annotation
     field = model.model_fields[leaf]
     default = field.default_factory() if field.default_factory else field.default
     return f"{field.description} [config {dotted}, default {default}]".replace("%", "%%")  # argparse formats help
+
+
+def method_options() -> list[tuple[str, str, Any]]:
+    """The flags of registered user methods' options (``hooks.register_method``), generated from their fields:
+    ``--<method>-<field>`` (underscores as dashes) sets ``<method>.<field>``; the value is read as YAML (``2``,
+    ``true``, ``[1, 2]``, ``name``)."""
+    return [(f"--{m.name}-{name}".replace("_", "-"), f"{m.name}.{name}", "yaml")
+            for m in registered_methods() if m.options is not None for name in m.options.model_fields]
+
+
+def import_named(argv: list[str] | None) -> None:
+    """Import the modules a command line names (``--imports``, ``--config``'s ``imports`` and ``model.import_module``,
+    ``--set imports=…``) before its parser is built, so that the methods they register have their flags; raise
+    ``InputError`` for a module that cannot be imported or a config file that cannot be read."""
+    pre = argparse.ArgumentParser(add_help=False)
+    for flag in ("--config", "--imports", "--resume"):
+        pre.add_argument(flag)
+    pre.add_argument("--set", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
+    if known.resume:
+        return  # a resumed run's modules are imported only with --allow-imports, by resume itself
+    data = load_config(known.config) if known.config else {}
+    if known.imports:
+        data["imports"] = comma_list(known.imports)
+    apply_sets(data, [item for item in known.set if item.split("=")[0].strip() in ("imports", "model.import_module")])
+    import_modules(modules_in(data))
+
+
+def _yaml_value(text: str) -> Any:
+    return yaml.safe_load(text)
 
 
 def _int_list(text: str) -> list[int]:
@@ -97,11 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Run synchronous adapt-then-communicate decentralized SGD over a topology, on Ray, "
                      "and write the run's tables to a run directory.", epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--config", metavar="FILE", help="YAML run config (see configs/)")
-    for flag, dotted, kind in OPTIONS:
-        names = {int: "INT", float: "FLOAT", "int-list": "INT,INT,..."}
+    for flag, dotted, kind in [*OPTIONS, *method_options()]:
+        names = {int: "INT", float: "FLOAT", "int-list": "INT,INT,...", "list": "NAME,NAME,...", "yaml": "VALUE"}
         metavar = names.get(kind, "DIR" if flag == "--out" else "NAME")
-        parser.add_argument(flag, dest=dotted, type=_int_list if kind == "int-list" else kind, default=None,
-                            help=_field_help(dotted), metavar=metavar)
+        kinds = {"int-list": _int_list, "list": comma_list, "yaml": _yaml_value}
+        parser.add_argument(flag, dest=dotted, type=kinds.get(kind, kind), default=None, help=_field_help(dotted),
+                            metavar=metavar)
     for flag, dotted, value in SWITCHES:
         text = _field_help(dotted) if value else f"do not: {_field_help(dotted)}"
         parser.add_argument(flag, dest=dotted, action="store_const", const=value, default=None, help=text)
@@ -127,7 +174,7 @@ RESUME_FLAGS = (*(flag for flag, dotted, *_ in [*OPTIONS, *SWITCHES] if dotted i
 def resume_args(args: argparse.Namespace) -> dict[str, Any]:
     """Return the placement options of ``args`` for ``resume_config`` (dotted field -> value); raise ``InputError``
     if ``args`` set anything that would change what the resumed run computes."""
-    flags = {dotted: flag for flag, dotted, *_ in [*OPTIONS, *SWITCHES]}
+    flags = {dotted: flag for flag, dotted, *_ in [*OPTIONS, *SWITCHES, *method_options()]}
     refused = [flags[d] for d in flags if getattr(args, d) is not None and flags[d] not in RESUME_FLAGS]
     refused += ["--config"] * bool(args.config) + ["--set"] * bool(args.set) + ["--save-states"] * args.save_states
     if refused:
@@ -139,7 +186,7 @@ def resume_args(args: argparse.Namespace) -> dict[str, Any]:
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     """Return the validated config: ``--config`` file, then options, then ``--set`` overrides."""
     data = load_config(args.config) if args.config else {}
-    for _, dotted, *_ in [*OPTIONS, *SWITCHES]:
+    for _, dotted, *_ in [*OPTIONS, *SWITCHES, *method_options()]:
         value = getattr(args, dotted)
         if value is not None:
             set_dotted(data, dotted, value)
@@ -152,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     from dice_ray import api
     from dice_ray.runner import run_directory
 
+    try:
+        import_named(argv)
+    except InputError as err:
+        return report(err)
     args = build_parser().parse_args(argv)
     out = args.resume
     try:

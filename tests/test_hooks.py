@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,51 @@ def test_checkpoints_hold_arrays_only(tmp_path: Path) -> None:
         assert {"proximal.sums", "ledger.sums"} <= set(arrays.files)
     with np.load(checkpoint / "state.npz", allow_pickle=False) as arrays:
         assert {"state", "ledger.delta"} <= set(arrays.files)
+
+
+def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}  # toy_method is importable, as a user's module is
+    return subprocess.run([sys.executable, "-m", "dice_ray.simulate", *args], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=tmp_path)
+
+
+def test_a_method_takes_its_options_from_yaml_and_from_its_generated_flag(tmp_path: Path) -> None:
+    """One file (tests/toy_method.py) adds a method with options: YAML sets them, a flag generated from the field
+    overrides them, its cross-method check refuses bad input with one line, and its stage runs after training."""
+    config = {**CONFIG, "imports": ["toy_method"], "scaled_norm": {"enabled": True, "scale": 2.0}}
+    (tmp_path / "toy.yaml").write_text(json.dumps(config))  # JSON is YAML
+    help_text = _cli(["--imports", "toy_method", "--help"], tmp_path).stdout
+    assert "--scaled-norm-scale VALUE" in help_text and "the factor applied to every norm" in help_text
+    for out, extra in (("yaml", []), ("flag", ["--scaled-norm-scale", "6"])):
+        done = _cli(["--config", "toy.yaml", "--engine", "local", "--out", out, *extra], tmp_path)
+        assert done.returncode == 0, done.stderr
+    yaml_run, flag_run = dice_ray.open_run(tmp_path / "yaml"), dice_ray.open_run(tmp_path / "flag")
+    assert yaml_run.config.model_dump()["scaled_norm"] == {"enabled": True, "scale": 2.0}
+    np.testing.assert_allclose(flag_run.scaled_norm["norm"], 3 * yaml_run.scaled_norm["norm"], rtol=1e-12)
+    totals = yaml_run.scaled_norm.groupby("node")["norm"].sum().to_numpy()
+    np.testing.assert_allclose(yaml_run.norm_totals["total"], totals, rtol=1e-12)
+    bad = _cli(["--config", "toy.yaml", "--engine", "local", "--rounds", "1", "--out", "bad"], tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: config: scaled_norm needs at least 2 rounds"
+    bad = _cli(["--config", "toy.yaml", "--scaled-norm-scale", "-1", "--out", "bad"], tmp_path)
+    assert bad.returncode == 2 and "config: scaled_norm.scale: Input should be greater than 0" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_methods_stage_gives_the_same_tables_on_the_local_and_the_ray_backend(ray_local, tmp_path: Path) -> None:
+    import ray.cloudpickle
+    import toy_method
+
+    from dice_ray import hooks
+
+    ray.cloudpickle.register_pickle_by_value(toy_method)  # Ray workers need not import it (a notebook's method)
+    try:
+        runs = [dice_ray.run(dice_ray.as_config(CONFIG, scaled_norm={"enabled": True, "scale": 0.5},
+                                                engine={"actors": 2}, output={"out": str(tmp_path / engine)}),
+                             engine=engine) for engine in ("local", "ray")]
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(toy_method)
+        hooks._REGISTERED.pop("scaled_norm")  # later tests' configs have no scaled_norm section
+    for name in ("scaled_norm", "norm_totals"):
+        pd.testing.assert_frame_equal(runs[1].table(name), runs[0].table(name), check_exact=False, rtol=1e-6)
+    assert len(runs[0].norm_totals) == CONFIG["nodes"] and (runs[0].norm_totals["total"] > 0).all()

@@ -6,9 +6,10 @@
 - ``actors.py``, ``ray_engine.py``  ``RayEngine``: blocks in participant-group actors, a coordinator actor
 - ``transport.py``  how half-steps travel between actors: the object store, or CUDA IPC between actors sharing a GPU
 - ``loop.py``       the round loop: tables, checkpoints, the methods' drivers, recovery from lost actors
-- ``runtime.py``    starting Ray, sizing the actor pool; ``tasks.py``: what Ray task fan-outs share
+- ``runtime.py``    starting Ray, sizing the actor pool
+- ``tasks.py``      the task backend of the methods' stages after training: this process, or Ray tasks (one retry loop)
 
-Both engines return the same ``RoundMetrics`` with the same numbers. They know no method by name.
+Both engines (and both task backends) return the same numbers. They know no method by name.
 """
 
 from dice_ray.engine.base import Engine

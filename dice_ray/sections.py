@@ -1,0 +1,85 @@
+"""Config sections: the typed, validated pieces a run config is made of, and what a method's options are.
+
+A ``Section`` refuses unknown keys and turns every validation problem into one ``InputError`` line that names the
+field (``config: ledger.hops: …``), also when it is built in Python. The run config's sections
+(``dice_ray.config``) and a method's own options (``hooks.Method.options``) subclass it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from dice_ray.errors import InputError
+
+
+def comma_list(value: Any) -> Any:
+    """A comma-separated string from the command line as a list of its non-empty items; anything else as it is."""
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are refused, and a bad value raises ``InputError`` with one line that
+    names the field (also when built in Python: ``RunConfig(nodes=1)``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise one_line(err) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Any:
+        """Validate ``obj`` (a nested dict); raise ``InputError`` with one line on bad input."""
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as err:
+            raise one_line(err) from None
+
+    def check(self, config: Any) -> None:
+        """The rules between this section and the rest of the run ``config`` (another method's section, the number
+        of participants, …), checked once every section is valid: raise ``ValueError`` with one line. A method's
+        options override it to check their own cross-method rules; the default checks nothing."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as err:
+            raise one_line(err) from None
+
+
+class FieldError(InputError):
+    """A section's one-line error, with where it happened (so an enclosing section can prefix its own field)."""
+
+    def __init__(self, loc: tuple, message: str, extra: bool = False):
+        self.loc, self.message, self.extra = loc, message, extra
+        where = ".".join(str(p) for p in loc)
+        if extra:
+            super().__init__(f"config: unknown key {where!r}")
+        else:  # a rule between fields names them itself
+            super().__init__(f"config: {where}: {message}" if where else f"config: {message}")
+
+
+def one_line(err: ValidationError) -> FieldError:
+    """Return the first problem of a pydantic error as 'config: field.path: message (got value)'."""
+    first = err.errors()[0]
+    inner = first.get("ctx", {}).get("error")
+    if isinstance(inner, FieldError):  # a nested section built by its own __init__ reported it
+        return FieldError(tuple(first["loc"]) + inner.loc, inner.message, inner.extra)
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return FieldError(tuple(first["loc"]), msg, extra=True)
+    got = first.get("input")
+    suffix = "" if isinstance(got, dict) or got is None or repr(got) in msg else f" (got {got!r})"
+    return FieldError(tuple(first["loc"]), f"{msg}{suffix}")
+
+
+def refuse_bf16(config: Any, what: str) -> None:
+    """Raise ``ValueError`` if ``config`` trains in bfloat16 while it measures ``what`` (influence, the ledger,
+    proximal influence): their values are ~1e-3 of the losses, below bfloat16's resolution."""
+    if config.engine.precision == "bf16":
+        raise ValueError(f"engine.precision 'bf16' cannot measure {what}: their values are ~1e-3 of the losses, below "
+                         "bfloat16's resolution (2^-8); use fp32 or tf32")
