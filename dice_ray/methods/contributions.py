@@ -53,7 +53,7 @@ from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook, Route, Router
 from dice_ray.methods.dice.estimator import VARIANTS
 from dice_ray.methods.dice.online import OnlineCascades, ProbeSchedule
 from dice_ray.methods.dice.probes import Probe
-from dice_ray.methods.proximal import ProximalExaminer
+from dice_ray.methods.round_quantities import round_quantities
 from dice_ray.results import CONTRIBUTIONS, SHARES, VARIANT_SUFFIX
 
 FIELDS = ("step", "probe_round", "source", "target", "value")
@@ -143,22 +143,22 @@ class LedgerExaminer:
 
     def __init__(self, block: Any, config: Any):
         self.block, self.config = block, config
-        self._grads = ProximalExaminer(block, config.ledger.zprime)  # its ``gradients`` on the ledger's z′
+        self.shared = round_quantities(block)  # Δ^t and ∇L(θ^u; z′), shared with the block's other hooks
         self.gradient: torch.Tensor | None = None
         self.deltas: dict[int, torch.Tensor] = {}  # probe round t -> Δ^t [P, D_params] (float64) of the hosted sources
 
     def start(self, u: int) -> torch.Tensor | None:
         """Take g = ∇L(θ^u; z′) [P, D_params] of the hosted participants if round u needs it (returned), and
         keep θ^u on ledger rounds."""
-        self.gradient = self._grads.gradients() if ledger_active(self.config, u) else None
+        self.gradient = self.shared.gradients(u, self.config.ledger.zprime) if ledger_active(self.config, u) else None
         if ledger_round(self.config, u):
-            self._grads.keep_before()
+            self.shared.keep_before(u)
         return self.gradient
 
     def take_delta(self, u: int) -> None:
         """After round u's local step: keep Δ^u = θ^{u+½} − θ^u on ledger rounds."""
         if ledger_round(self.config, u):
-            self.deltas[u] = self._grads.take_delta().double()  # exact; converted once, read by R + 1 rounds
+            self.deltas[u] = self.shared.update(u)[0].double()  # exact; converted once, read by R + 1 rounds
 
     def terms(self, u: int, paths: list[tuple[int, int, sp.csr_array]], gradients: list[torch.Tensor | np.ndarray],
               ids: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
@@ -218,6 +218,7 @@ class LedgerExaminer:
     def restore(self, arrays: dict[str, np.ndarray] | None) -> None:
         """Set the kept updates from a ``snapshot`` (None or no ledger arrays: none)."""
         self.deltas, self.gradient = {}, None
+        self.shared.forget()
         if arrays is None or "ledger.rounds" not in arrays:
             return
         for i in range(arrays["ledger.rounds"].shape[1]):
@@ -408,9 +409,9 @@ class LedgerHook(RoundHook):
         return lambda t: ledger_active(config, t)
 
     def before_local_step(self, t: int) -> None:
-        gradient = self.examiner.start(t)
+        self.examiner.start(t)
         if self.cascades is not None:
-            self.cascades.start(t, gradient)  # the same pass: z′ gradients at θ^t of the hosted rows
+            self.cascades.start(t)  # the same z′ gradients at θ^t of the hosted rows (``round_quantities``)
 
     def after_local_step(self, t: int) -> None:
         if self.first:

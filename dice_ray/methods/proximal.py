@@ -7,9 +7,10 @@ sign-flip, scale and free-ride participants the corrupted one. Positive: l's upd
 (harmful); negative: it lowers it (helpful). The self term l = k is not scored (the table is about
 in-neighbours).
 
-``ProximalExaminer`` does the block's part inside a participant group (Ray actor or local engine): it keeps
-θ^t of the hosted participants before the local step (a copy, on scoring rounds only), takes Δ after it,
-and after gossip computes one vectorized gradient per examiner at θ^{t+1} and a dot product per edge. It
+``ProximalExaminer`` does the block's part inside a participant group (Ray actor or local engine): on scoring
+rounds it reads Δ^t of the hosted participants and, after gossip, one vectorized gradient per examiner at θ^{t+1}
+(both from the block's ``round_quantities``, computed once for every method that reads them), then takes a dot
+product per edge. It
 also measures the cosine of the two updates, cos(Δ_k, Δ_l), the baseline the detection report compares
 with. Scores leave the block without q_k; the driver's ``ProximalLedger`` multiplies by q_k, keeps the
 cumulative and windowed sums and writes ``proximal.parquet``. Pure torch and numpy: no Ray here.
@@ -27,6 +28,7 @@ import torch
 
 from dice_ray.core.tensors import as_tensor, edge_dots, sum_by_key
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook
+from dice_ray.methods.round_quantities import round_quantities
 from dice_ray.results import PROXIMAL
 
 FIELDS = ("examiner", "neighbor", "weight", "dot", "cosine")
@@ -40,40 +42,28 @@ def scoring_round(config: Any, t: int) -> bool:
 class ProximalExaminer:
     """The proximal-influence part of one ``ParticipantBlock`` (the examiners k are its hosted participants).
 
-    Per scoring round: ``keep_before()`` before the block's ``half_step``, ``take_delta()`` right after it
-    (Δ [P, D_params], kept as ``delta``), ``score(...)`` after ``mix``.
+    Per scoring round t: ``keep_before(t)`` before the block's ``half_step``, ``take_delta(t)`` right after it
+    (Δ [P, D_params], kept as ``delta``), ``score(t, ...)`` after ``mix``. Δ^t and the z′ gradients come from the
+    block's ``round_quantities``, shared with the ledger and in-loop DICE-E.
     """
 
     def __init__(self, block: Any, zprime: str = "validation"):
         self.block = block
         self.zprime = zprime
+        self.shared = round_quantities(block)
         self.delta: torch.Tensor | None = None
-        self._before: torch.Tensor | None = None
 
-    def keep_before(self) -> None:
-        """Copy θ^t of the hosted participants (before their local step)."""
-        self._before = self.block.population.params.clone()
+    def keep_before(self, t: int) -> None:
+        """Keep θ^t of the hosted participants (before their local step)."""
+        self.shared.keep_before(t)
 
-    def take_delta(self) -> torch.Tensor:
+    def take_delta(self, t: int) -> torch.Tensor:
         """Return and keep Δ^t = θ^{t+½} − θ^t [P, D_params] (the update each hosted participant sends)."""
-        self.delta = self.block.population.params - self._before
-        self._before = None
+        self.delta = self.shared.update(t)[0]
         return self.delta
 
-    def gradients(self) -> torch.Tensor:
-        """Return ∇L(θ_k; z′_k) [P, D_params] of every hosted k at its current θ (eval mode)."""
-        block, pop = self.block, self.block.population
-        was_training = pop.model.training
-        pop.model.eval()
-        try:
-            if self.zprime == "heldout":
-                return pop.loss_and_grad(block.x_heldout, block.y_heldout, shared_input=True)[1]
-            return pop.loss_and_grad(block.x_val, block.y_val, sample_weights=block.val_mask)[1]
-        finally:
-            pop.model.train(was_training)
-
-    def score(self, weights: list[sp.csr_array], deltas: list[Any], source_ids: list[np.ndarray]) -> dict:
-        """Score every in-neighbour of every hosted examiner; call after ``mix`` (θ = θ^{t+1}).
+    def score(self, t: int, weights: list[sp.csr_array], deltas: list[Any], source_ids: list[np.ndarray]) -> dict:
+        """Score every in-neighbour of every hosted examiner in round t; call after ``mix`` (θ = θ^{t+1}).
 
         ``weights[b]`` [P, M_b]: the rows of W^t for the hosted participants over source block b, whose
         updates are ``deltas[b]`` [M_b, D_params] and whose global ids are ``source_ids[b]`` [M_b].
@@ -82,7 +72,7 @@ class ProximalExaminer:
         z′_k)ᵀ Δ_l (p_{k←l} without q_k) and ``cosine`` cos(Δ_k, Δ_l) (0 where either update is zero).
         """
         device = self.block.device
-        g, own = self.gradients().double(), self.delta.double()
+        g, own = self.shared.gradients(t + 1, self.zprime).double(), self.delta.double()
         own_norm = own.norm(dim=1)
         parts: dict[str, list] = {f: [] for f in FIELDS}
         for w, d, ids in zip(weights, deltas, source_ids, strict=True):
@@ -188,11 +178,11 @@ class ProximalHook(RoundHook):
 
     def before_local_step(self, t: int) -> None:
         if scoring_round(self.config, t):
-            self.examiner.keep_before()
+            self.examiner.keep_before(t)
 
     def after_local_step(self, t: int) -> None:
         if scoring_round(self.config, t):
-            self.examiner.take_delta()
+            self.examiner.take_delta(t)
 
     def message(self, t: int, local: bool) -> Any:
         return self.examiner.delta if local else self.examiner.delta.cpu().numpy()
@@ -200,7 +190,10 @@ class ProximalHook(RoundHook):
     def after_gossip(self, t: int, inbox: Inbox) -> dict[str, np.ndarray] | None:
         if not scoring_round(self.config, t):
             return None
-        return self.examiner.score(inbox.weights, inbox.messages, inbox.ids)
+        return self.examiner.score(t, inbox.weights, inbox.messages, inbox.ids)
+
+    def restore(self, arrays: Mapping[str, np.ndarray] | None) -> None:
+        self.examiner.shared.forget()
 
 
 class ProximalDriver(DriverHook):

@@ -1,52 +1,42 @@
-"""DICE-E (concepts §4): the influence cascade of one probe, by propagating its perturbation through the window.
+"""DICE-E (concepts §4) over a recorded window: the influence cascade of one probe, replayed.
 
-For a probe (j, t, z) with update difference Δ (parameters and optimizer state), the perturbation of
-participant k's local state r rounds later is
+For a probe (j, t0, z) with update difference Δ (parameters and optimizer state), ``estimate_cascades`` drives the
+recursion of ``recursion.py`` over the window's recorded states, minibatches and mixing matrices:
 
     δ_k^{(1)} = W^t_kj Δ,            δ_k^{(s+1)} = Σ_l W^{t+s}_kl J_l^{t+s} δ_l^{(s)},
 
-where J_l^{t+s} is the Jacobian of l's local step at θ_l^{t+s} on its minibatch z_l^{t+s}: computed as a
-forward-mode derivative (``torch.func.jvp``) through the optimizer step — for SGD that is δ − η H δ, one
-Hessian-vector product, never a Hessian. The optimizer state (momentum, Adam moments) is part of the
-perturbed local state but is not gossiped. ``first-order`` takes J = I (communication only).
+J_l^{t+s} the Jacobian of l's local step at θ_l^{t+s} on its minibatch z_l^{t+s} (``first-order``: J = I), and
+reads e_k^{(s)} = ∇L(θ_k^{t+s}; z′)ᵀ δ_k^{(s)} and e_j^{(½)} = ∇L(θ_j^t; z′)ᵀ Δ (``second-order``: δ = a + b and
+e₂ = ∇ᵀ(a + b) − ½ aᵀH′a, concepts §4). The recursion costs one batched Jacobian-vector product per round over
+the participants the cascade has reached, O(r · edges) vector operations instead of Theorem 2's O(degree^r)
+paths. ``first_order_all_sources`` is its J = I case for every source at once.
 
-The estimate is e_k^{(s)} = ∇L(θ_k^{t+s}; z′)ᵀ δ_k^{(s)} and e_j^{(½)} = ∇L(θ_j^t; z′)ᵀ Δ. The recursion costs
-one batched Jacobian-vector product per round over the participants the cascade has reached, i.e.
-O(r · edges) vector operations instead of Theorem 2's O(degree^r) paths.
-
-``second-order`` is exact to second order in Δ. It propagates δ = a + b, a the curvature perturbation above and
-b its O(Δ²) part (parameters and optimizer state alike):
-
-    b^{(1)} = W^t_kj b₀,   b^{(s+1)} = Σ_l W^{t+s}_kl (J_l b_l^{(s)} − ½ D²O_l[a_l^{(s)}, a_l^{(s)}]),
-
-with D²O_l[a, a] the second directional derivative of l's whole local update along a (forward-over-forward
-``torch.func.jvp``; −η ∇³L[a, a] for SGD). The minus sign: δ = θ − θ_{∖z} with J and D²O taken at the factual
-θ, and O(θ) − O(θ − δ) = J δ − ½ D²O[δ, δ] + O(δ³). b₀ = 0 for a whole-batch probe; for a single sample b₀ is the
-second-order part of Δ (``sample_second_order``). Since L(θ) − L(θ − δ) = ∇Lᵀδ − ½ δᵀH′δ + O(δ³), with H′ the
-Hessian of the z′ loss at the factual θ_k,
-
-    e₂_k^{(s)} = ∇L(θ_k^{t+s}; z′)ᵀ(a + b) − ½ aᵀ H′(θ_k^{t+s}) a,
-    e₂_j^{(½)} = ∇L(θ_j^t; z′)ᵀ(a₀ + b₀) + a₀ᵀ H′(θ_j^t)(u − ½ a₀),
-
-u = θ_j^{t+½} − θ_j^t the source's factual update (the direct term expands around θ_j^t: for a whole batch
-u = Δ = a₀ and it is ∇ᵀΔ + ½ ΔᵀH′Δ). Per step and participant reached that is one nested forward-mode pass
-through the local step (it also gives J a and J b) and one second-order forward pass of the z′ loss.
+Also here: the window (``Window``: test gradients, local steps and z′ Hessian forms on recorded states), the
+update differences Δ of whole-batch and single-sample probes, and b₀, the second-order part of a single
+sample's Δ (``sample_second_order``): without z the step sees the gradient ḡ − d, so b₀ = −½ D²step[d, d].
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import nn
 from torch.func import grad, jvp, vmap
 
 from dice_ray.core.losses import CROSS_ENTROPY, Loss
 from dice_ray.core.population import OptimizerSpec, Population, model_state_layouts, optimizer_update_
+from dice_ray.methods.dice.recursion import (
+    READOUTS,
+    LocalSteps,
+    Perturbation,
+    gossip,
+    identity_step,
+    local_step,
+    start,
+    twice_differentiable_sqrt,
+)
 from dice_ray.methods.dice.trajectory import Trajectory, first_reached, reach
 
 VARIANTS = ("first-order", "curvature", "second-order")
@@ -179,26 +169,25 @@ class Window:
                                             states[i: i + chunk]) for i in range(0, len(rows), chunk)])
         return list(out.split([len(rows) for _, rows, _, _ in terms]))
 
-    def second_order_step(self, s: int, rows: np.ndarray, a: torch.Tensor, opt_a: dict[str, torch.Tensor],
-                          b: torch.Tensor, opt_b: dict[str, torch.Tensor]):
-        """(J a, J b − ½ D²O[a, a]) for participants ``rows`` at round t0+s (``second_order_local_step``)."""
+    def local_steps(self, s: int, rows: np.ndarray) -> LocalSteps:
+        """The local steps O_l of participants ``rows`` at round t0+s (their recorded states and minibatches)."""
         x, y = self.batches(self.trajectory.t0 + s)
         index = self.index(rows)
-        return second_order_local_step(self.model, self.optimizer, self.trajectory.states[s][index],
-                                       {name: value[index] for name, value in self.trajectory.opt_states[s].items()},
-                                       x[index], y[index], a, opt_a, b, opt_b,
-                                       None if self.update_factors is None else self.update_factors[rows], self.loss)
+        return LocalSteps(self.model, self.optimizer, self.trajectory.states[s][index],
+                          {name: value[index] for name, value in self.trajectory.opt_states[s].items()}, x[index],
+                          y[index], None if self.update_factors is None else self.update_factors[rows], self.loss)
 
     def jvp_step(self, s: int, rows: np.ndarray, tangent: torch.Tensor,
                  opt_tangent: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """J δ for participants ``rows`` at round t0+s: the forward-mode derivative of their local step
         (parameters and optimizer state) in direction (``tangent`` [P, D_params], ``opt_tangent``)."""
-        x, y = self.batches(self.trajectory.t0 + s)
-        index = self.index(rows)
-        return jvp_local_step(self.model, self.optimizer, self.trajectory.states[s][index],
-                              {name: value[index] for name, value in self.trajectory.opt_states[s].items()},
-                              x[index], y[index], tangent, opt_tangent,
-                              None if self.update_factors is None else self.update_factors[rows], self.loss)
+        stepped = local_step(self.local_steps(s, rows), Perturbation(tangent, opt_tangent))
+        return stepped.a, stepped.opt_a
+
+    def mixing_rows(self, s: int, targets: np.ndarray, rows: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+        """W^{t0+s} restricted to ``targets`` x ``rows`` (participant ids), dense, as ``like``'s dtype and device."""
+        w = self.trajectory.mixing[s][targets][:, rows]
+        return torch.as_tensor(np.asarray(w.todense()), dtype=like.dtype, device=like.device)
 
     def corrupt_updates_(self, rows: np.ndarray, before: torch.Tensor, pop: Population) -> None:
         """Turn the local steps just taken by ``rows`` (parameters ``before`` [P, D_params] -> ``pop.params``)
@@ -206,82 +195,6 @@ class Window:
         if self.update_factors is not None:
             c = torch.as_tensor(self.update_factors[rows], dtype=before.dtype, device=before.device)[:, None]
             pop.params.copy_(before + c * (pop.params - before))
-
-
-def jvp_local_step(model: nn.Module, optimizer: OptimizerSpec, states: torch.Tensor, opt_state: dict[str, torch.Tensor],
-                   x: torch.Tensor, y: torch.Tensor, tangent: torch.Tensor, opt_tangent: dict[str, torch.Tensor],
-                   factors: np.ndarray | None = None,
-                   loss: Loss = CROSS_ENTROPY) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """J δ: the forward-mode derivative of the local steps of P participants (rows of ``states`` [P, D], their
-    optimizer states, minibatches x [P, B, ...], y [P, B]) along (``tangent`` [P, D_params], ``opt_tangent``;
-    missing optimizer entries: 0). ``factors`` c [P] of participants that send θ + c(O(θ) − θ) (None: all 1)."""
-    pop = Population(model, states.clone(), optimizer, loss=loss)
-    opt = {name: value.clone() for name, value in opt_state.items()}
-    tangents = {name: opt_tangent.get(name, torch.zeros_like(value)) for name, value in opt.items()}
-    _, (d_params, d_opt) = jvp(lambda p, o: pop.functional_step(p, o, x, y), (pop.params, opt), (tangent, tangents))
-    if factors is not None:  # θ + c(O(θ) − θ) has Jacobian I + c(J − I)
-        c = torch.as_tensor(factors, dtype=d_params.dtype, device=d_params.device)[:, None]
-        d_params = tangent + c * (d_params - tangent)
-    return d_params, d_opt
-
-
-def second_order_local_step(model: nn.Module, optimizer: OptimizerSpec, states: torch.Tensor,
-                            opt_state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, a: torch.Tensor,
-                            opt_a: dict[str, torch.Tensor], b: torch.Tensor, opt_b: dict[str, torch.Tensor],
-                            factors: np.ndarray | None = None, loss: Loss = CROSS_ENTROPY):
-    """One second-order step of P participants' perturbations (rows of ``states`` [P, D], minibatches x [P, B, ...],
-    y [P, B]): returns ((J a [P, D_params], its optimizer part), (J b − ½ D²O[a, a] [P, D_params], its optimizer
-    part)), O the whole local update (parameters and optimizer state; missing tangent entries: 0).
-
-    One forward-over-forward pass along the path θ(ε) = θ + ε a − ε² b: d/dε O(θ(ε)) = J a and
-    d²/dε² O(θ(ε)) = D²O[a, a] − 2 J b at ε = 0, so −½ of the second derivative is J b − ½ D²O[a, a].
-    ``factors`` c [P]: participants that send θ + c(O(θ) − θ) (None: all 1).
-    """
-    pop = Population(model, states.clone(), optimizer, loss=loss)
-    opt = {name: value.clone() for name, value in opt_state.items()}
-    c = None if factors is None else torch.as_tensor(factors, dtype=a.dtype, device=a.device)[:, None]
-
-    def along(eps: torch.Tensor):
-        params = pop.params + eps * a - eps ** 2 * b
-        state = {name: value + eps * opt_a[name] - eps ** 2 * opt_b[name] if name in opt_a else value
-                 for name, value in opt.items()}
-        new_params, new_state = pop.functional_step(params, state, x, y)
-        if c is not None:
-            new_params = params + c * (new_params - params)
-        return new_params, {name: value for name, value in new_state.items() if name != "step"}
-
-    zero, one = torch.zeros((), dtype=a.dtype, device=a.device), torch.ones((), dtype=a.dtype, device=a.device)
-    with twice_differentiable_sqrt():
-        first, second = jvp(lambda eps: jvp(along, (eps,), (one,))[1], (zero,), (one,))
-    return first, (-0.5 * second[0], {name: -0.5 * value for name, value in second[1].items()})
-
-
-class _MaskedSqrt:
-    """√x with derivative 0 at x = 0 (as the optimizer's own square root) that nested forward mode differentiates
-    correctly: √(where(x > 0, x, 1)) · [x > 0], the same values, built from plain torch operations."""
-
-    @staticmethod
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        positive = x > 0
-        return torch.where(positive, x, torch.ones_like(x)).sqrt() * positive
-
-
-@contextmanager
-def twice_differentiable_sqrt() -> Iterator[None]:
-    """Within the block, Adam's √v̂ (``population._Sqrt``) is ``_MaskedSqrt``.
-
-    The optimizer's square root is an autograd.Function whose custom jvp reads its saved output as a constant, so
-    a jvp of that jvp misses d²√v (measured: 2.6x off a finite difference of Adam's step). The values are the
-    same; only the second-order forward passes of this module run inside this block (one thread per process).
-    """
-    from dice_ray.core import population
-
-    saved = population._Sqrt
-    population._Sqrt = _MaskedSqrt
-    try:
-        yield
-    finally:
-        population._Sqrt = saved
 
 
 def zprime_hessian_forms(pop: Population, u: torch.Tensor, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
@@ -428,135 +341,90 @@ def estimate_cascade(window: Window, source: int, delta: torch.Tensor, opt_delta
     ``second-order`` only: ``second`` = b₀ (Δ's second-order part [D_params], its optimizer-state part; None:
     zero, as for a whole-batch probe); ``with_b`` False drops b everywhere (diagnostics: e = ∇ᵀa − ½ aᵀH′a).
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant {variant!r} is unknown; choose one of {', '.join(VARIANTS)}")
-    if variant == "second-order":
-        return _second_order_cascade(window, source, delta, opt_delta, hops, second, with_b)[0]
-    traj = window.trajectory
-    supports = reach(traj.mixing[:hops], source)
-    half = float(window.test_gradients(0, np.array([source]))[0] @ delta)
-    values = [np.zeros(1)]
-    w0 = traj.mixing[0]
-    column = np.asarray(w0[supports[1]][:, [source]].todense()).ravel()
-    perturbation = torch.as_tensor(column, dtype=delta.dtype, device=delta.device)[:, None] * delta  # δ^{(1)} on S_1
-    at_source = torch.as_tensor(supports[1] == source, device=delta.device)
-    opt_perturbation = {name: torch.zeros(len(supports[1]), *value.shape, dtype=value.dtype, device=value.device)
-                        for name, value in opt_delta.items()}
-    for name, value in opt_delta.items():
-        opt_perturbation[name][at_source] = value
-    for s in range(1, hops + 1):
-        rows = supports[s]
-        values.append((window.test_gradients(s, rows) * perturbation).sum(dim=1).cpu().numpy())
-        if s == hops:
-            break
-        if variant == "curvature":
-            stepped, opt_stepped = window.jvp_step(s, rows, perturbation, opt_perturbation)
-        else:
-            stepped, opt_stepped = perturbation, {}
-        w = sp.csr_array(traj.mixing[s][supports[s + 1]][:, rows])
-        perturbation = torch.as_tensor(w.toarray(), dtype=stepped.dtype, device=stepped.device) @ stepped
-        # S_s ⊆ S_{s+1}; optimizer state stays with its owner
-        keep = torch.as_tensor(np.searchsorted(supports[s + 1], rows), device=stepped.device)
-        opt_perturbation = _moved(opt_stepped, keep, len(supports[s + 1]))
-    return Cascade(source, half, supports, values)
+    return estimate_cascades(window, source, delta, opt_delta, hops, [variant], second, with_b)[variant]
 
 
 def estimate_cascades(window: Window, source: int, delta: torch.Tensor, opt_delta: dict[str, torch.Tensor],
                       hops: int, variants: list[str],
                       second: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None,
                       with_b: bool = True) -> dict[str, Cascade]:
-    """``estimate_cascade`` of every variant in ``variants`` (variant -> ``Cascade``), the probe's a propagated once:
-    with ``second-order``, ``curvature``'s cascade is read off its first-order part a (∇ᵀa at every step).
-    ``with_b`` False: second-order without b (``influence.second_order_b``)."""
+    """``estimate_cascade`` of every variant in ``variants`` (variant -> ``Cascade``): ``first-order`` propagated with
+    J = I, the others with one propagation through the local steps — with ``second-order``, ``curvature``'s cascade
+    is read off its first-order part a. ``with_b`` False: second-order without b (``influence.second_order_b``)."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"variant {unknown[0]!r} is unknown; choose one of {', '.join(VARIANTS)}")
     out: dict[str, Cascade] = {}
-    if "second-order" in variants:
-        out["second-order"], curvature = _second_order_cascade(window, source, delta, opt_delta, hops, second, with_b)
-        if "curvature" in variants:
-            out["curvature"] = curvature
-    for v in variants:
-        if v not in out:
-            out[v] = estimate_cascade(window, source, delta, opt_delta, hops, v)
+    if "first-order" in variants:
+        out |= replay_recursion(window, source, start(delta[None], {}), hops, ["first-order"], through_j=False)
+    curved = [v for v in variants if v != "first-order"]
+    if curved:
+        opt = {name: value[None] for name, value in opt_delta.items()}
+        b0 = None
+        if "second-order" in curved and with_b:
+            b0, opt_b0 = second if second is not None else (torch.zeros_like(delta), {})
+            b0, opt_b0 = b0[None], {name: value[None] for name, value in opt_b0.items()}
+        out |= replay_recursion(window, source, start(delta[None], opt, b0, None if b0 is None else opt_b0), hops,
+                                curved, through_j=True)
     return {v: out[v] for v in variants}
 
 
-def _second_order_cascade(window: Window, source: int, delta: torch.Tensor, opt_delta: dict[str, torch.Tensor],
-                          hops: int, second: tuple[torch.Tensor, dict[str, torch.Tensor]] | None,
-                          with_b: bool) -> tuple[Cascade, Cascade]:
-    """``estimate_cascade`` for ``second-order`` (module docstring): a, b [|S_s|, D_params] and their optimizer
-    parts on S_s; e₂ = ∇ᵀ(a + b) − ½ aᵀH′a per row. Returns (that cascade, the curvature cascade ∇ᵀa of the same a)."""
+def replay_recursion(window: Window, source: int, delta: Perturbation, hops: int, variants: list[str],
+                     through_j: bool) -> dict[str, Cascade]:
+    """The recursion (``recursion``) over the window for the probe (``source``, t0) started with ``delta`` (on row
+    j): e_j^{(½)} and e_k^{(s)}, s = 1..hops, read by each variant's readout (variant -> ``Cascade``). ``through_j``:
+    step through the local steps' J (else J = I). The readouts' z′ Hessian forms of every step are taken together
+    at the end (rows at different rounds, one pass; the direct term's first)."""
     traj = window.trajectory
     supports = reach(traj.mixing[:hops], source)
-    j = np.array([source])
-    b0, opt_b0 = second if second is not None and with_b else (torch.zeros_like(delta), {})
-    width = delta.shape[0]
+    readouts = {v: READOUTS[v] for v in variants}
+    width = delta.a.shape[1]
     update = (traj.halves[0][source, :width] - traj.states[0][source, :width])[None]  # u, the factual update
-    # The z′ Hessian forms of every step are taken together at the end (rows at different rounds, one pass):
-    # (round, rows, u, v) per step, the direct term's a₀ᵀH′(u − ½ a₀) first.
-    forms: list[tuple[int, np.ndarray, torch.Tensor, torch.Tensor]] = [(0, j, delta[None], update - 0.5 * delta[None])]
-    gradient = window.test_gradients(0, j)[0]
-    linear, curvature = [gradient @ (delta + b0)], [gradient @ delta]
-    column = torch.as_tensor(np.asarray(traj.mixing[0][supports[1]][:, [source]].todense()).ravel(),
-                             dtype=delta.dtype, device=delta.device)[:, None]
-    a, b = column * delta, column * b0  # a^{(1)}, b^{(1)} on S_1
-    at_source = torch.as_tensor(supports[1] == source, device=delta.device)
-    opt_a = {name: torch.where(at_source[:, None], value, torch.zeros_like(value)) for name, value in opt_delta.items()}
-    opt_b = {name: torch.where(at_source[:, None], opt_b0[name], torch.zeros_like(value)) if name in opt_b0 else
-             torch.zeros(len(supports[1]), *value.shape, dtype=value.dtype, device=value.device)
-             for name, value in opt_delta.items()}
-    values = [np.zeros(1)]
-    for s in range(1, hops + 1):
-        rows = supports[s]
+    linear: dict[str, list[torch.Tensor]] = {v: [] for v in variants}
+    forms: list[tuple[str, int, float, tuple[int, np.ndarray, torch.Tensor, torch.Tensor]]] = []
+
+    def read(s: int, rows: np.ndarray, delta: Perturbation, update: torch.Tensor | None = None) -> None:
         gradients = window.test_gradients(s, rows)
-        linear.append((gradients * (a + b)).sum(dim=1))
-        curvature.append((gradients * a).sum(dim=1))
-        forms.append((s, rows, a, -0.5 * a))
-        if s == hops:
-            break
-        if with_b:
-            (a, opt_a), (b, opt_b) = window.second_order_step(s, rows, a, opt_a, b, opt_b)
-        else:
-            a, opt_a = window.jvp_step(s, rows, a, opt_a)
-        w = torch.as_tensor(sp.csr_array(traj.mixing[s][supports[s + 1]][:, rows]).toarray(), dtype=a.dtype,
-                            device=a.device)
-        # optimizer state stays with its owner
-        keep = torch.as_tensor(np.searchsorted(supports[s + 1], rows), device=a.device)
-        a, b = w @ a, w @ b
-        opt_a, opt_b = (_moved(opt, keep, len(supports[s + 1])) for opt in (opt_a, opt_b))
-    quadratic = window.stacked_hessian_forms(forms)
-    values += [(value + form).cpu().numpy() for value, form in zip(linear[1:], quadratic[1:], strict=True)]
-    return (Cascade(source, float(linear[0] + quadratic[0][0]), supports, values),
-            Cascade(source, float(curvature[0]), supports,
-                    [np.zeros(1)] + [value.cpu().numpy() for value in curvature[1:]]))
+        for v, readout in readouts.items():
+            linear[v].append(readout.linear(gradients, delta))
+            form = readout.form(delta, update)
+            if form is not None:
+                forms.append((v, s, form[2], (s, rows, form[0], form[1])))
 
-
-def _moved(opt: dict[str, torch.Tensor], keep: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
-    """Optimizer-state rows placed at positions ``keep`` of ``size`` rows (zero elsewhere), on their device."""
-    out = {}
-    for name, value in opt.items():
-        out[name] = torch.zeros(size, *value.shape[1:], dtype=value.dtype, device=value.device)
-        out[name][keep] = value
-    return out
+    rows = np.array([source])
+    read(0, rows, delta, update)
+    for s in range(1, hops + 1):
+        keep = torch.as_tensor(np.searchsorted(supports[s], rows), device=delta.a.device)  # S_{s-1} ⊆ S_s
+        delta = gossip([(window.mixing_rows(s - 1, supports[s], rows, delta.a), delta)], delta, keep,
+                       len(supports[s]))
+        rows = supports[s]
+        read(s, rows, delta)
+        if s < hops:
+            delta = local_step(window.local_steps(s, rows), delta) if through_j else identity_step(delta)
+    values = window.stacked_hessian_forms([f[3] for f in forms]) if forms else []
+    for (v, s, coefficient, _), value in zip(forms, values, strict=True):
+        linear[v][s] = linear[v][s] + coefficient * value
+    return {v: Cascade(source, float(values[0][0]), supports, [np.zeros(1)] + [x.cpu().numpy() for x in values[1:]])
+            for v, values in linear.items()}
 
 
 def first_order_all_sources(window: Window, deltas: torch.Tensor, hops: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """First-order DICE-E of the whole-batch probes of every source at round t0, for every target and step.
 
     deltas: [N, D_params], row j = Δ_j. Returns (half [N]: e_j^{(½)}, values: for s = 1..hops an [N, N] array
-    with values[s-1][k, j] = (W^{t+s-1} ⋯ W^t)_{kj} ∇L(θ_k^{t+s}; z′)ᵀ Δ_j). With J = I the perturbation of
-    every source is a column of the product of mixing matrices, so all sources share the same N test
-    gradients per step: the cost is the N·R test gradients plus R [N, D] x [D, N] products.
+    with values[s-1][k, j] = (W^{t+s-1} ⋯ W^t)_{kj} ∇L(θ_k^{t+s}; z′)ᵀ Δ_j). This is the recursion with J = I
+    (``recursion.identity_step``) for all sources at once: gossip then only scales Δ_j, so δ_j^{(s)} is the column
+    j of the product of mixing matrices times Δ_j, and the first-order readout ∇Lᵀδ is that product times the
+    shared test gradients' dot products: N·R test gradients plus R [N, D] x [D, N] products.
     """
     traj = window.trajectory
     n = deltas.shape[0]
     everyone = np.arange(n)
-    half = (window.test_gradients(0, everyone) * deltas).sum(dim=1).cpu().numpy()
+    half = READOUTS["first-order"].linear(window.test_gradients(0, everyone), start(deltas, {})).cpu().numpy()
     product = np.eye(n)
     values = []
     for s in range(1, hops + 1):
-        product = traj.mixing[s - 1] @ product
-        inner = (window.test_gradients(s, everyone) @ deltas.T).cpu().numpy()
+        product = traj.mixing[s - 1] @ product  # gossip with J = I
+        inner = (window.test_gradients(s, everyone) @ deltas.T).cpu().numpy()  # ∇L(θ_k; z′)ᵀ Δ_j
         values.append(np.asarray(product) * inner)
     return half, values

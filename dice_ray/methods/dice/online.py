@@ -1,7 +1,8 @@
 """DICE-E inside the round loop (``influence.online``): each probe's perturbation travels with the training run.
 
-The recursion of ``estimator.py`` (concepts §4), run forward by the participant groups as the rounds happen instead
-of on a replayed window afterwards. For a whole-batch probe (j, t) and round u = t + s:
+The recursion of ``recursion.py`` (concepts §4: start, step through J, gossip, readout), run forward by the
+participant groups as the rounds happen instead of on a replayed window afterwards. For a whole-batch probe
+(j, t) and round u = t + s:
 
 1. at the start of round u (θ = θ^u) every group hosting a participant k of the probe's support S_s records
    e_k^{(s)} = ∇L(θ_k^u; z′)ᵀ δ_k^{(s)}; for s < R it then takes the step's Jacobian along δ — for
@@ -13,25 +14,26 @@ of on a replayed window afterwards. For a whole-batch probe (j, t) and round u =
    of other groups routed to the groups whose rows of W read them; S_{s+1} = S_s ∪ {k : W^u_kl ≠ 0, l ∈ S_s}.
    Optimizer-state perturbations stay with their owners (they are not gossiped).
 
-The numbers are those of the replayed recursion (the same functions: ``jvp_local_step``, ``test_gradients``),
-whatever the number of groups; a test compares them. No window is recorded and no run is replayed: the
+The numbers are those of the replayed recursion (the same functions of ``recursion.py``), whatever the number
+of groups; a test compares them. Δ_j and ∇L(θ^u; z′) come from the block's ``round_quantities``, shared with the
+block's other hooks. No window is recorded and no run is replayed: the
 cost per round is one test-gradient pass over the hosted participants while a probe is in flight, plus one
 Jacobian-vector product per (probe, participant reached) for ``curvature``. The perturbations in flight are
 part of a group's checkpoint snapshot (``snapshot``/``restore``). Pure torch and numpy: no Ray here.
 
 ``second-order`` carries, beside the curvature perturbation a (and its optimizer part), the O(Δ²) perturbation b
 (and its optimizer part): step 1 takes (J a, J b − ½ D²O[a, a]) in one nested forward-mode pass
-(``estimator.second_order_local_step``), gossip mixes b like a, and step 1 records
+(``recursion.second_order_local_step``), gossip mixes b like a, and step 1 records
 e₂ = ∇L(θ_k; z′)ᵀ(a + b) − ½ aᵀH′a (one more second-order pass of the z′ loss per probe and round). The source
 starts it with b₀ (zero for a whole batch, ``estimator.sample_second_order`` for a single sample) and records
-e₂_j^{(½)} at θ_j^t (``estimator``'s module docstring). Without b (``second_order_b`` false) a is stepped by the
+e₂_j^{(½)} at θ_j^t (``recursion.SecondOrderReadout``). Without b (``second_order_b`` false) a is stepped by the
 curvature pass and b is not carried (nor gossiped, nor checkpointed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,18 +44,18 @@ from dice_ray.core.misbehavior import UPDATE_KINDS, update_factor
 from dice_ray.core.population import Population
 from dice_ray.core.tensors import as_tensor
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook
+from dice_ray.methods.dice import recursion
 from dice_ray.methods.dice.estimator import (
     Cascade,
-    jvp_local_step,
     sample_second_order,
     sample_update,
-    second_order_local_step,
     shared_primal_hessian_forms,
     zprime_hessian_forms,
 )
 from dice_ray.methods.dice.measure import COLUMNS, probe_rows
 from dice_ray.methods.dice.probes import Probe, select_probes
-from dice_ray.methods.proximal import ProximalExaminer
+from dice_ray.methods.dice.recursion import READOUTS, Perturbation
+from dice_ray.methods.round_quantities import round_quantities
 from dice_ray.results import DICE, INFLUENCE
 
 FIELDS = ("probe_id", "step", "target", "first-order", "curvature", "second-order")  # one recorded term per row
@@ -112,16 +114,28 @@ class ProbeSchedule:
 
 @dataclass
 class _Cascade:
-    """One probe's perturbation on this block's participants: ``rows`` (global ids, ascending) of S_s here,
-    ``delta[key]`` [m, D_params] and the optimizer-state perturbation ``opt[name]`` [m, ...] (of a: curvature and
-    second-order). Keys: the variants, where ``curvature`` is a and ``second-order`` is b (with ``opt_b[name]``
-    its optimizer part; only when b is carried); a is carried for second-order even when curvature is not recorded."""
+    """One probe's perturbation on this block's participants ``rows`` (global ids, ascending) of S_s here:
+    ``first``, the first-order variant's δ (J = I; None when first-order is not recorded), and ``curved``, δ stepped
+    through J — a with its optimizer part, and b for second-order (None when neither curvature nor second-order is
+    recorded; a is carried for second-order even when curvature is not recorded)."""
 
     rows: np.ndarray
-    delta: dict[str, torch.Tensor]
-    opt: dict[str, torch.Tensor]
-    opt_b: dict[str, torch.Tensor] = field(default_factory=dict)
+    first: Perturbation | None
+    curved: Perturbation | None
     new: np.ndarray | None = None  # [m] bool: row first reached at this step, k ∈ N^{(s)}(j) (None: unknown)
+
+    def perturbation(self, variant: str) -> Perturbation:
+        """The δ that ``variant``'s readout reads."""
+        return self.first if variant == "first-order" else self.curved
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """What gossip mixes, by key: ``first-order`` (first's δ), ``curvature`` (a), ``second-order`` (b)."""
+        out = {} if self.first is None else {"first-order": self.first.a}
+        if self.curved is not None:
+            out["curvature"] = self.curved.a
+            if self.curved.b is not None:
+                out["second-order"] = self.curved.b
+        return out
 
 
 class OnlineCascades:
@@ -145,14 +159,15 @@ class OnlineCascades:
         # b carried through the local steps (else it is not carried at all: second-order without b, ``second_order_b``)
         self.with_b = self.second and (inf.second_order_b if with_b is None else with_b)
         self.curved = self.second or "curvature" in self.variants  # a (and its optimizer part) is propagated
-        # The perturbations carried (``_Cascade``'s keys): a under "curvature", b under "second-order" (with b only).
-        self.keys = [v for v in self.variants if v != "second-order" or self.with_b] + \
-            (["curvature"] if self.second and "curvature" not in self.variants else [])
+        # The perturbations carried (``_Cascade.arrays``' keys): a under "curvature", b under "second-order".
+        self.keys = (["first-order"] if "first-order" in self.variants else []) + \
+            (["curvature"] if self.curved else []) + (["second-order"] if self.with_b else [])
         self.probes = ProbeSchedule(online_probes(config)) if probes is None else probes
         # Blocks hold ascending global ids (``ActorPlan``: contiguous ranges), so rows kept in block order are
         # ascending too, and a source block's column of a global id is found by binary search.
         self.local = {int(k): i for i, k in enumerate(block.nodes.tolist())}
-        self._grads = ProximalExaminer(block, inf.zprime if zprime is None else zprime)
+        self.zprime = inf.zprime if zprime is None else zprime
+        self.shared = round_quantities(block)
         bad = config.misbehavior
         self.factors = None
         if bad.kind in UPDATE_KINDS and len(block.misbehaving):
@@ -161,7 +176,7 @@ class OnlineCascades:
         self.active: dict[int, _Cascade] = {}
         self._out: dict[int, _Cascade] = {}  # stepped perturbations J δ of this round, before gossip
         self._new: list[Probe] = []
-        self._before: tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor] | None = None
+        self._gradients: torch.Tensor | None = None  # ∇L(θ_j^t; z′) of the new probes' sources
         self._samples: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
         self._samples_b: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}  # b₀ of single samples
         self._before_state: torch.Tensor | None = None  # θ_j^t of the new probes' sources (second-order)
@@ -182,15 +197,9 @@ class OnlineCascades:
         block, pop = self.block, self.block.population
         sub = Population(pop.model, (pop.state[pos] if states is None else states).clone(), pop.optimizer,
                          loss=pop.loss)
-        if self._grads.zprime == "heldout":
+        if self.zprime == "heldout":
             return sub, {"x": block.x_heldout, "y": block.y_heldout, "shared_input": True}
         return sub, {"x": block.x_val[pos], "y": block.y_val[pos], "sample_weights": block.val_mask[pos]}
-
-    def _hessian_forms(self, pos: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                       states: torch.Tensor | None = None) -> torch.Tensor:
-        """uᵀ H′(θ_k; z′_k) v [m] for the hosted rows ``pos`` (at their current states, or ``states`` [m, D])."""
-        sub, zprime = self._zprime(pos, states)
-        return zprime_hessian_forms(sub, u, v, **zprime)
 
     def _batched_forms(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """aᵀH′a [m] for each (hosted rows ``pos`` [m], a [m, D_params]) of ``parts`` (every probe in flight).
@@ -210,65 +219,63 @@ class OnlineCascades:
         slot[order] = torch.arange(len(pos), device=pos.device) - (torch.cumsum(counts, 0) - counts)[inverse[order]]
         out = torch.empty(len(pos), dtype=a.dtype, device=a.device)
         by_count = torch.argsort(counts, descending=True, stable=True)
-        start = 0
-        while start < len(by_count):
-            width = int(counts[by_count[start]])
-            group = by_count[start: start + max(1, JVP_ELEMENTS // (width * a.shape[1]))]
+        start_at = 0
+        while start_at < len(by_count):
+            width = int(counts[by_count[start_at]])
+            group = by_count[start_at: start_at + max(1, JVP_ELEMENTS // (width * a.shape[1]))]
             member = torch.full((len(unique),), -1, dtype=torch.int64, device=pos.device)
             member[group] = torch.arange(len(group), device=pos.device)
             rows = torch.nonzero(member[inverse] >= 0).flatten()
             where = (member[inverse[rows]], slot[rows])
             tangents = torch.zeros(len(group), width, a.shape[1], dtype=a.dtype, device=a.device)
             tangents[where] = a[rows]
-            out[rows] = self._shared_primal_forms(unique[group], tangents)[where]
-            start += len(group)
+            sub, zprime = self._zprime(unique[group])
+            out[rows] = shared_primal_hessian_forms(sub, tangents, **zprime)[where]
+            start_at += len(group)
         return list(torch.split(out, [len(p) for p, _ in parts]))
-
-    def _shared_primal_forms(self, pos: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
-        """aᵀH′(θ_k; z′_k)a [G, V] for the hosted participants ``pos`` [G] (distinct) and ``tangents`` [G, V, D]."""
-        sub, zprime = self._zprime(pos)
-        return shared_primal_hessian_forms(sub, tangents, **zprime)
 
     def _record(self, probe_id: int, step: int, rows: np.ndarray, values: dict[str, torch.Tensor]) -> None:
         self._terms.append((probe_id, step, rows, {v: values[v].cpu().numpy() for v in self.variants}))
 
-    def start(self, u: int, gradients: torch.Tensor | None = None) -> None:
-        """Round u begins (θ = θ^u): record e^{(s)} of the probes in flight and step their perturbations.
-        ``gradients``: ∇L(θ_k^u; z′) [P, D_params] of the hosted rows if the caller has them (else taken here)."""
+    def start(self, u: int) -> None:
+        """Round u begins (θ = θ^u): record e^{(s)} of the probes in flight (each variant's readout, ``READOUTS``)
+        and step their perturbations through J."""
         self._terms, self._out = [], {}
         self._new = [p for p in self.probes.starting(u) if int(p.source) in self.local]
         if not self.active and not self._new:
             return
         pop = self.block.population
-        g = self._grads.gradients() if gradients is None else gradients
-        stepping, recorded, curved = [], [], []
+        g = self.shared.gradients(u, self.zprime)
+        stepping, recorded, asks = [], [], []
         for pid, c in sorted(self.active.items()):
             s = u - self.probes.round_of(pid)
             keep = c.new if self.first_reached_only and c.new is not None else None
-            rows, pos = (c.rows, self._positions(c.rows)) if keep is None else \
-                (c.rows[keep], self._positions(c.rows[keep]))
+            rows = c.rows if keep is None else c.rows[keep]
             if len(rows):
+                pos = self._positions(rows)
                 at = g[pos]
-                delta = c.delta if keep is None else {v: d[torch.as_tensor(keep, device=d.device)]
-                                                       for v, d in c.delta.items()}
-                values = {v: (at * delta[v]).sum(dim=1) for v in self.variants if v != "second-order"}
-                if self.second:  # e₂ = ∇ᵀ(a + b) − ½ aᵀH′a; the H′ terms of every probe below, batched
-                    a_b = delta["curvature"] + delta["second-order"] if self.with_b else delta["curvature"]
-                    values["second-order"] = (at * a_b).sum(dim=1)
-                    curved.append((len(recorded), pos, delta["curvature"]))
+                values = {}
+                for v in self.variants:
+                    delta = c.perturbation(v)
+                    delta = delta if keep is None else delta.take(torch.as_tensor(keep, device=delta.a.device))
+                    values[v] = READOUTS[v].linear(at, delta)
+                    form = READOUTS[v].form(delta)
+                    if form is not None:  # the H′ terms of every probe below, batched (aᵀH′a: u = v = a)
+                        asks.append((len(recorded), v, form[2], pos, form[0]))
                 recorded.append((pid, s, rows, values))
             if s < self.hops:
                 stepping.append(pid)
-        for i, form in zip([i for i, _, _ in curved], self._batched_forms([(pos, a) for _, pos, a in curved]),
-                           strict=True):
-            recorded[i][3]["second-order"] = recorded[i][3]["second-order"] - 0.5 * form
+        for (i, v, coefficient, _, _), form in zip(asks, self._batched_forms([(p, a) for *_, p, a in asks]),
+                                                    strict=True):
+            recorded[i][3][v] = recorded[i][3][v] + coefficient * form
         for pid, s, rows, values in recorded:
             self._record(pid, s, rows, values)
         cascades, self.active = [(pid, self.active[pid]) for pid in stepping], {}
         self._step(u, cascades)
         if self._new:
             pos = self._positions(np.array([p.source for p in self._new]))
-            self._before = (pop.params[pos].clone(), {n: v[pos].clone() for n, v in pop.opt_state.items()}, g[pos])
+            self.shared.keep_before(u, optimizer_state=self.curved)
+            self._gradients = g[pos]
             self._samples = self._sample_updates(u, pos)
             if self.second:
                 self._before_state = pop.state[pos].clone()
@@ -293,11 +300,11 @@ class OnlineCascades:
         return out
 
     def _step(self, u: int, cascades: list[tuple[int, _Cascade]]) -> None:
-        """J δ of every stepped cascade into ``self._out`` (one batched forward-mode pass for ``curvature``)."""
-        if not cascades:
-            return
-        if not self.curved:
-            self._out.update({pid: _Cascade(c.rows, dict(c.delta), {}) for pid, c in cascades})
+        """J δ of every stepped cascade into ``self._out`` (``recursion.local_step``: one batched forward-mode pass
+        over several probes' rows; J = I for first order)."""
+        for pid, c in cascades:
+            self._out[pid] = _Cascade(c.rows, None if c.first is None else recursion.identity_step(c.first), None)
+        if not self.curved or not cascades:
             return
         pop = self.block.population
         x, y = self.block.minibatch(u)
@@ -309,127 +316,107 @@ class OnlineCascades:
             chunk.append((pid, c))
             if i + 1 == len(cascades) or sum(len(d.rows) for _, d in chunk) + len(cascades[i + 1][1].rows) > limit:
                 pos = self._positions(np.concatenate([d.rows for _, d in chunk]))
-                tangent = torch.cat([d.delta["curvature"] for _, d in chunk])
-                opt_tangent = {n: torch.cat([d.opt[n] for _, d in chunk]) for n in chunk[0][1].opt}
-                factors = None if self.factors is None else self.factors[pos.cpu().numpy()]
-                opt_now = {n: v[pos] for n, v in pop.opt_state.items()}
-                if self.with_b:  # (J a, J b − ½ D²O[a, a]) in one nested pass
-                    tangent_b = torch.cat([d.delta["second-order"] for _, d in chunk])
-                    opt_tangent_b = {n: torch.cat([d.opt_b[n] for _, d in chunk]) for n in chunk[0][1].opt_b}
-                    (stepped, opt_stepped), (stepped_b, opt_stepped_b) = second_order_local_step(
-                        pop.model, pop.optimizer, pop.state[pos], opt_now, x[pos], y[pos], tangent, opt_tangent,
-                        tangent_b, opt_tangent_b, factors, pop.loss)
-                else:
-                    stepped, opt_stepped = jvp_local_step(pop.model, pop.optimizer, pop.state[pos], opt_now, x[pos],
-                                                          y[pos], tangent, opt_tangent, factors, pop.loss)
-                    stepped_b, opt_stepped_b = None, {}
+                steps = recursion.LocalSteps(pop.model, pop.optimizer, pop.state[pos],
+                                   {n: v[pos] for n, v in pop.opt_state.items()}, x[pos], y[pos],
+                                   None if self.factors is None else self.factors[pos.cpu().numpy()], pop.loss)
+                stepped = recursion.local_step(steps, Perturbation.cat([d.curved for _, d in chunk]))
                 a = 0
                 for done, d in chunk:
                     b = a + len(d.rows)
-                    new = {"curvature": stepped[a:b], "second-order": None if stepped_b is None else stepped_b[a:b]}
-                    delta = {v: (new[v].clone() if v in new else d.delta[v]) for v in self.keys}
-                    self._out[done] = _Cascade(d.rows, delta, {n: t[a:b].clone() for n, t in opt_stepped.items()
-                                                               if n != "step"},
-                                               {n: t[a:b].clone() for n, t in opt_stepped_b.items()})
-                    for key in ("curvature", "second-order"):  # δ itself is no longer needed: free it
-                        d.delta.pop(key, None)
-                    d.opt.clear()
-                    d.opt_b.clear()
+                    self._out[done].curved = stepped.take(slice(a, b)).clone()
+                    d.curved = None  # δ itself is no longer needed: free it
                     a = b
                 chunk = []
 
     def take_updates(self, u: int) -> None:
-        """After round u's local step: start the probes of round u whose source is hosted here (J δ := Δ_j)."""
+        """After round u's local step: start the probes of round u whose source is hosted here (J δ := Δ_j), and
+        record their direct terms e_j^{(½)} (each variant's readout at θ_j^u, ``update`` u the factual update)."""
         if not self._new:
             return
-        pop = self.block.population
-        params, opt, g = self._before
         pos = self._positions(np.array([p.source for p in self._new]))
-        delta = pop.params[pos] - params
-        opt_delta = {n: pop.opt_state[n][pos] - v for n, v in opt.items() if n != "step"}
+        update, opt_update = self.shared.update(u)
+        delta, update = update[pos], update[pos]
+        opt_delta = {n: d[pos] for n, d in opt_update.items()} if self.curved else {}
         for i, p in enumerate(self._new):  # a single-sample probe's Δ is that of removing its sample
             if p.sample_index is not None:
                 delta[i], changes = self._samples[p.probe_id]
                 for n, d in opt_delta.items():
                     d[i] = changes[n]
-        half = (g * delta).sum(dim=1)
-        b0, opt_b0, half2 = None, {}, None
-        if self.second:  # b₀ and e₂_j^{(½)} = ∇ᵀ(a₀ + b₀) + a₀ᵀH′(θ_j^t)(u − ½ a₀), u the factual update
-            b0 = torch.zeros_like(delta)
-            opt_b0 = {n: torch.zeros_like(d) for n, d in opt_delta.items()} if self.with_b else {}
+        b0, opt_b0 = None, None
+        if self.with_b:  # b₀: zero for a whole batch, the second-order part of Δ for a single sample
+            b0, opt_b0 = torch.zeros_like(delta), {n: torch.zeros_like(d) for n, d in opt_delta.items()}
             for i, p in enumerate(self._new):
-                if p.sample_index is not None and self.with_b:
+                if p.sample_index is not None:
                     b0[i], changes = self._samples_b[p.probe_id]
                     for n, d in opt_b0.items():
                         d[i] = changes[n]
-            update = pop.params[pos] - params
-            half2 = (g * (delta + b0)).sum(dim=1) + self._hessian_forms(pos, delta, update - 0.5 * delta,
-                                                                        self._before_state)
+        started = recursion.start(delta, opt_delta, b0, opt_b0)
+        values = {}
+        for v in self.variants:
+            values[v] = READOUTS[v].linear(self._gradients, started)
+            form = READOUTS[v].form(started, update)
+            if form is not None:  # at θ_j^u (before the local step)
+                sub, zprime = self._zprime(pos, self._before_state)
+                values[v] = values[v] + form[2] * zprime_hessian_forms(sub, form[0], form[1], **zprime)
         for i, p in enumerate(self._new):
             rows = np.array([p.source])
-            self._record(p.probe_id, 0, rows, {v: (half2 if v == "second-order" else half)[i: i + 1]
-                                               for v in self.variants})
-            self._out[p.probe_id] = _Cascade(rows, {v: (b0 if v == "second-order" else delta)[i: i + 1]
-                                                    for v in self.keys},
-                                             {n: d[i: i + 1] for n, d in opt_delta.items()} if self.curved else {},
-                                             {n: d[i: i + 1] for n, d in opt_b0.items()})
-        self._before, self._samples, self._samples_b, self._before_state = None, {}, {}, None
+            self._record(p.probe_id, 0, rows, {v: values[v][i: i + 1] for v in self.variants})
+            one = started.take(slice(i, i + 1))
+            self._out[p.probe_id] = _Cascade(rows, Perturbation(one.a) if "first-order" in self.variants else None,
+                                             one if self.curved else None)
+        self._gradients, self._samples, self._samples_b, self._before_state = None, {}, {}, None
 
     def outgoing(self, local: bool = False) -> dict[int, tuple[np.ndarray, dict[str, Any]]]:
         """This round's stepped perturbations, for the groups whose rows of W read this block: probe id ->
-        (rows, variant -> [m, D_params]), numpy arrays (``local``: this block's own tensors)."""
-        return {pid: (c.rows, dict(c.delta) if local else {v: d.cpu().numpy() for v, d in c.delta.items()})
+        (rows, key -> [m, D_params] as ``_Cascade.arrays``), numpy arrays (``local``: this block's own tensors)."""
+        return {pid: (c.rows, c.arrays() if local else {k: d.cpu().numpy() for k, d in c.arrays().items()})
                 for pid, c in self._out.items()}
 
+    def _empty(self) -> _Cascade:
+        """A cascade with no rows here (the carried parts, zero rows): what this block adds to a probe it does not
+        host yet."""
+        pop = self.block.population
+        none = torch.zeros(0, pop.params.shape[1], dtype=pop.params.dtype, device=self.block.device)
+        opt = {n: v[:0] for n, v in pop.opt_state.items() if n != "step"} if self.curved else {}
+        return _Cascade(np.zeros(0, np.int64), Perturbation(none) if "first-order" in self.variants else None,
+                        Perturbation(none, opt, none if self.with_b else None, opt if self.with_b else {})
+                        if self.curved else None)
+
     def mix(self, weights: list[sp.csr_array], ids: list[np.ndarray], blocks: list[Any]) -> None:
-        """Gossip the perturbations (round u): ``weights[b]`` [P, M_b] are this block's rows of W^u over source
-        block b, whose global ids are ``ids[b]`` and whose ``outgoing()`` is ``blocks[b]`` (None or {}: nothing
-        from it; this block's own entry is ``outgoing(local=True)``)."""
+        """Gossip the perturbations (round u, ``recursion.gossip``): ``weights[b]`` [P, M_b] are this block's rows
+        of W^u over source block b, whose global ids are ``ids[b]`` and whose ``outgoing()`` is ``blocks[b]`` (None
+        or {}: nothing from it; this block's own entry is ``outgoing(local=True)``)."""
         device = self.block.device
         probes = sorted({pid for blk in blocks for pid in (blk or {})} | set(self._out))
         for pid in probes:
             reached = np.zeros(self.block.size, bool)
-            total: dict[str, torch.Tensor] = {}
+            parts = []
             for w, block_ids, blk in zip(weights, ids, blocks, strict=True):
                 entry = (blk or {}).get(pid)
                 if entry is None:
                     continue
-                rows, delta = entry
+                rows, arrays = entry
                 part = sp.csr_array(sp.csr_array(w)[:, np.searchsorted(block_ids, rows)])
                 reached |= np.asarray((part != 0).sum(axis=1)).ravel() > 0
-                dense = torch.as_tensor(part.toarray(), device=device)
-                for v in self.keys:
-                    value = as_tensor(delta[v], device) if isinstance(delta[v], np.ndarray) else delta[v]
-                    product = dense.to(value.dtype) @ value
-                    total[v] = product if v not in total else total[v] + product
+                parts.append((part, {k: as_tensor(d, device) if isinstance(d, np.ndarray) else d
+                                     for k, d in arrays.items()}))
             own = self._out.pop(pid, None)  # read for the last time: freed as soon as the probe is mixed
             if own is not None:  # S_s ⊆ S_{s+1}: a row stays in the support
                 reached[self._positions(own.rows).cpu().numpy()] = True
             here = np.flatnonzero(reached)
             if not len(here):
                 continue
-            rows, here_t = self.block.nodes[here], torch.as_tensor(here, device=device)
-            delta = {v: (total[v][here_t] if v in total else
-                         torch.zeros(len(rows), self.block.population.params.shape[1], device=device))
-                     for v in self.keys}
-            opt = {}
-            if own is not None and own.opt:
-                keep = torch.as_tensor(np.searchsorted(rows, own.rows), device=device)
-                for n, value in own.opt.items():
-                    moved = torch.zeros(len(rows), *value.shape[1:], dtype=value.dtype, device=device)
-                    moved[keep] = value
-                    opt[n] = moved
-            elif self.curved:
-                opt = {n: torch.zeros(len(rows), *v.shape[1:], dtype=v.dtype, device=device)
-                       for n, v in self.block.population.opt_state.items() if n != "step"}
-            opt_b = {}
-            if self.with_b:  # b's optimizer part stays with its owner too
-                opt_b = {n: torch.zeros_like(v) for n, v in opt.items()}
-                if own is not None and own.opt_b:
-                    for n, value in own.opt_b.items():
-                        opt_b[n][keep] = value
-            new = ~np.isin(rows, own.rows) if own is not None else np.ones(len(rows), bool)  # N^{(s+1)}(j) here
-            self.active[pid] = _Cascade(rows, delta, opt, opt_b, new)
+            rows = self.block.nodes[here]
+            own = self._empty() if own is None else own
+            keep = torch.as_tensor(np.searchsorted(rows, own.rows), device=device)
+            dense = [(torch.as_tensor(part[here].toarray(), device=device), arrays) for part, arrays in parts]
+            first = None if own.first is None else recursion.gossip(
+                [(w, Perturbation(d["first-order"])) for w, d in dense], own.first, keep, len(rows))
+            curved = None if own.curved is None else recursion.gossip(
+                [(w, Perturbation(d["curvature"], b=d.get("second-order"))) for w, d in dense], own.curved, keep,
+                len(rows))
+            new = ~np.isin(rows, own.rows)  # N^{(s+1)}(j) here
+            self.active[pid] = _Cascade(rows, first, curved, new)
         self._out = {}
 
     def terms(self) -> dict[str, np.ndarray] | None:
@@ -477,18 +464,19 @@ class OnlineCascades:
             out["cascade.mask"][pos, i] = True
             if self.first_reached_only:
                 out["cascade.new"][pos, i] = True if c.new is None else c.new
-            for v in self.keys:
-                out[f"cascade.{v}"][pos, i] = c.delta[v].cpu().numpy()
+            for v, d in c.arrays().items():
+                out[f"cascade.{v}"][pos, i] = d.cpu().numpy()
             for n in opt_names:
-                out[f"cascade.opt.{n}"][pos, i] = c.opt[n].cpu().numpy()
+                out[f"cascade.opt.{n}"][pos, i] = c.curved.opt_a[n].cpu().numpy()
             for n in opt_b_names:
-                out[f"cascade.opt_b.{n}"][pos, i] = c.opt_b[n].cpu().numpy()
+                out[f"cascade.opt_b.{n}"][pos, i] = c.curved.opt_b[n].cpu().numpy()
         return out
 
     def restore(self, arrays: dict[str, np.ndarray] | None) -> None:
         """Set the perturbations in flight from a ``snapshot`` (None or none saved: none)."""
-        self.active, self._out, self._new, self._before, self._samples = {}, {}, [], None, {}
+        self.active, self._out, self._new, self._gradients, self._samples = {}, {}, [], None, {}
         self._samples_b, self._before_state = {}, None
+        self.shared.forget()
         if not self.enabled or arrays is None or "cascade.ids" not in arrays or not len(arrays["cascade.ids"]):
             return
         device = self.block.device
@@ -501,9 +489,11 @@ class OnlineCascades:
             slot = {key: torch.as_tensor(np.array(arrays[key][here, i]), device=device)
                     for key in [f"cascade.{v}" for v in self.keys] + [f"cascade.opt.{n}" for n in opt_names]
                     + [f"cascade.opt_b.{n}" for n in opt_b_names]}
-            self.active[int(pid)] = _Cascade(self.block.nodes[here], {v: slot[f"cascade.{v}"] for v in self.keys},
-                                             {n: slot[f"cascade.opt.{n}"] for n in opt_names},
-                                             {n: slot[f"cascade.opt_b.{n}"] for n in opt_b_names},
+            first = Perturbation(slot["cascade.first-order"]) if "first-order" in self.keys else None
+            curved = Perturbation(slot["cascade.curvature"], {n: slot[f"cascade.opt.{n}"] for n in opt_names},
+                                  slot.get("cascade.second-order"),
+                                  {n: slot[f"cascade.opt_b.{n}"] for n in opt_b_names}) if self.curved else None
+            self.active[int(pid)] = _Cascade(self.block.nodes[here], first, curved,
                                              np.array(arrays["cascade.new"][here, i]) if "cascade.new" in arrays
                                              else None)
 

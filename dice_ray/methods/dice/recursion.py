@@ -1,0 +1,232 @@
+"""The DICE-E recursion (concepts §4), written once: start, step through J, gossip, readout.
+
+For a probe (j, t) with update difference Δ (parameters and optimizer state) the perturbation δ travels
+
+    start:    δ^{(1)}_k = W^t_kj Δ                          (Δ on row j, then ``gossip``)
+    step:     (J δ)_l = J_l^{t+s} δ_l^{(s)}                  (``local_step``; J = I for first order: ``identity_step``)
+    gossip:   δ^{(s+1)}_k = Σ_l W^{t+s}_kl (J δ)_l           (``gossip``; optimizer state stays with its owner)
+    readout:  e_k^{(s)} = ∇L(θ_k^{t+s}; z′)ᵀ δ_k^{(s)}       (``Readout``; ``SecondOrderReadout`` adds −½ aᵀH′a)
+
+J_l is the Jacobian of l's local step O_l (parameters and optimizer state) at the factual θ_l: a forward-mode
+derivative through the optimizer (``jvp_local_step``; for SGD δ − η H δ, one Hessian-vector product). For
+second order δ = a + b, b the O(Δ²) part: one nested forward-mode pass gives (J a, J b − ½ D²O[a, a])
+(``second_order_local_step``), gossip mixes b like a, and the readout is e₂ = ∇ᵀ(a + b) − ½ aᵀH′a.
+
+Two drivers run these pieces: ``estimator.estimate_cascades`` over a recorded window (replayed estimates) and
+``online.OnlineCascades`` over the live participant block (in-loop DICE-E and the contribution ledger's
+curvature and second-order variants). A readout is a small class beside the others: ``linear`` reads δ off the
+z′ gradient, ``form`` names the z′ Hessian form the driver adds (batched over steps or probes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import jvp
+
+from dice_ray.core.losses import CROSS_ENTROPY, Loss
+from dice_ray.core.population import OptimizerSpec, Population
+
+Form = tuple[torch.Tensor, torch.Tensor, float]  # (u, v, c): the readout adds c · uᵀH′(θ_k; z′)v
+
+
+@dataclass
+class Perturbation:
+    """δ on m rows: ``a`` [m, D_params] and its optimizer part ``opt_a`` (name -> [m, ...]; not gossiped); for second
+    order also ``b`` [m, D_params], the O(Δ²) part, and ``opt_b`` (None and {} when b is not carried)."""
+
+    a: torch.Tensor
+    opt_a: dict[str, torch.Tensor] = field(default_factory=dict)
+    b: torch.Tensor | None = None
+    opt_b: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def take(self, index: torch.Tensor | slice) -> Perturbation:
+        """The rows ``index`` of δ."""
+        return Perturbation(self.a[index], {n: v[index] for n, v in self.opt_a.items()},
+                            None if self.b is None else self.b[index], {n: v[index] for n, v in self.opt_b.items()})
+
+    def clone(self) -> Perturbation:
+        """A copy of δ that owns its memory."""
+        return Perturbation(self.a.clone(), {n: v.clone() for n, v in self.opt_a.items()},
+                            None if self.b is None else self.b.clone(), {n: v.clone() for n, v in self.opt_b.items()})
+
+    @staticmethod
+    def cat(parts: list[Perturbation]) -> Perturbation:
+        """The rows of ``parts`` one after the other (all carry the same parts)."""
+        first = parts[0]
+        return Perturbation(torch.cat([p.a for p in parts]), {n: torch.cat([p.opt_a[n] for p in parts])
+                                                              for n in first.opt_a},
+                            None if first.b is None else torch.cat([p.b for p in parts]),
+                            {n: torch.cat([p.opt_b[n] for p in parts]) for n in first.opt_b})
+
+
+def start(delta: torch.Tensor, opt_delta: dict[str, torch.Tensor], b0: torch.Tensor | None = None,
+          opt_b0: dict[str, torch.Tensor] | None = None) -> Perturbation:
+    """δ on the source rows, before the first gossip: a = Δ [m, D_params] with its optimizer part, and b = b₀
+    (None: not carried; its optimizer part defaults to 0). ``gossip`` turns it into δ^{(1)} = W^t_{·j} Δ."""
+    if b0 is None:
+        return Perturbation(delta, dict(opt_delta))
+    opt_b0 = {} if opt_b0 is None else opt_b0
+    return Perturbation(delta, dict(opt_delta), b0,
+                        {n: opt_b0[n] if n in opt_b0 else torch.zeros_like(v) for n, v in opt_delta.items()})
+
+
+@dataclass
+class LocalSteps:
+    """The local steps O_l of P participants at one round: states [P, D] and optimizer states (name -> [P, ...]) of
+    ``model`` under ``optimizer``, minibatches x [P, B, ...], y [P, B]; ``factors`` c [P] of participants that send
+    θ + c(O(θ) − θ) (None: all 1)."""
+
+    model: nn.Module
+    optimizer: OptimizerSpec
+    states: torch.Tensor
+    opt_state: dict[str, torch.Tensor]
+    x: torch.Tensor
+    y: torch.Tensor
+    factors: np.ndarray | None = None
+    loss: Loss = CROSS_ENTROPY
+
+
+def identity_step(delta: Perturbation) -> Perturbation:
+    """J = I (first order): only communication carries δ; no optimizer part travels."""
+    return Perturbation(delta.a)
+
+
+def local_step(steps: LocalSteps, delta: Perturbation) -> Perturbation:
+    """J δ through ``steps``: J a (curvature), or with b (J a, J b − ½ D²O[a, a]) in one nested pass."""
+    if delta.b is None:
+        a, opt_a = jvp_local_step(steps, delta.a, delta.opt_a)
+        return Perturbation(a, {n: v for n, v in opt_a.items() if n != "step"})
+    (a, opt_a), (b, opt_b) = second_order_local_step(steps, delta.a, delta.opt_a, delta.b, delta.opt_b)
+    return Perturbation(a, opt_a, b, opt_b)
+
+
+def gossip(parts: list[tuple[torch.Tensor, Perturbation]], own: Perturbation, keep: torch.Tensor,
+           size: int) -> Perturbation:
+    """δ^{(s+1)}_k = Σ_l W_kl (J δ)_l on ``size`` rows: a (and b) mixed over ``parts`` (w [size, m_b] rows of W, the
+    stepped δ of those m_b rows), summed in order. Optimizer state is not gossiped: ``own`` (the stepped δ of the
+    rows that live here) keeps its optimizer parts, at rows ``keep`` of the new support (zero elsewhere)."""
+    def mixed(part: str) -> torch.Tensor:
+        total = torch.zeros(size, own.a.shape[1], dtype=own.a.dtype, device=own.a.device) if not parts else None
+        for w, delta in parts:
+            value = getattr(delta, part)
+            product = w.to(value.dtype) @ value
+            total = product if total is None else total + product
+        return total
+
+    return Perturbation(mixed("a"), stay_with_owner(own.opt_a, keep, size),
+                        None if own.b is None else mixed("b"), stay_with_owner(own.opt_b, keep, size))
+
+
+def stay_with_owner(opt: dict[str, torch.Tensor], keep: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
+    """Optimizer-state rows placed at positions ``keep`` of ``size`` rows (zero elsewhere), on their device: the
+    optimizer state stays with its owner, which is not gossiped."""
+    out = {}
+    for name, value in opt.items():
+        out[name] = torch.zeros(size, *value.shape[1:], dtype=value.dtype, device=value.device)
+        out[name][keep] = value
+    return out
+
+
+class Readout:
+    """First order (and the curvature variant's): e_k = ∇L(θ_k; z′)ᵀ δ_k, the same for the direct term e_j^{(½)}."""
+
+    def linear(self, gradients: torch.Tensor, delta: Perturbation) -> torch.Tensor:
+        """The part of e read off ∇L(θ_k; z′) [m, D_params]: [m]."""
+        return (gradients * delta.a).sum(dim=1)
+
+    def form(self, delta: Perturbation, update: torch.Tensor | None = None) -> Form | None:
+        """The z′ Hessian form the driver adds to ``linear`` (None: none); ``update`` u [m, D_params] is given for
+        the direct term (at θ_j^t, u the source's factual update)."""
+        return None
+
+
+class SecondOrderReadout(Readout):
+    """e₂_k = ∇ᵀ(a + b) − ½ aᵀH′a; direct term e₂_j^{(½)} = ∇ᵀ(a₀ + b₀) + a₀ᵀH′(u − ½ a₀) (H′ at the factual θ)."""
+
+    def linear(self, gradients: torch.Tensor, delta: Perturbation) -> torch.Tensor:
+        return (gradients * (delta.a if delta.b is None else delta.a + delta.b)).sum(dim=1)
+
+    def form(self, delta: Perturbation, update: torch.Tensor | None = None) -> Form | None:
+        if update is None:
+            return delta.a, delta.a, -0.5
+        return delta.a, update - 0.5 * delta.a, 1.0
+
+
+READOUTS: dict[str, Readout] = {"first-order": Readout(), "curvature": Readout(), "second-order": SecondOrderReadout()}
+
+
+def jvp_local_step(steps: LocalSteps, tangent: torch.Tensor,
+                   opt_tangent: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """J δ: the forward-mode derivative of the local steps ``steps`` along (``tangent`` [P, D_params],
+    ``opt_tangent``; missing optimizer entries: 0); returns (J δ [P, D_params], its optimizer part)."""
+    pop = Population(steps.model, steps.states.clone(), steps.optimizer, loss=steps.loss)
+    opt = {name: value.clone() for name, value in steps.opt_state.items()}
+    tangents = {name: opt_tangent.get(name, torch.zeros_like(value)) for name, value in opt.items()}
+    _, (d_params, d_opt) = jvp(lambda p, o: pop.functional_step(p, o, steps.x, steps.y), (pop.params, opt),
+                               (tangent, tangents))
+    if steps.factors is not None:  # θ + c(O(θ) − θ) has Jacobian I + c(J − I)
+        c = torch.as_tensor(steps.factors, dtype=d_params.dtype, device=d_params.device)[:, None]
+        d_params = tangent + c * (d_params - tangent)
+    return d_params, d_opt
+
+
+def second_order_local_step(steps: LocalSteps, a: torch.Tensor, opt_a: dict[str, torch.Tensor], b: torch.Tensor,
+                            opt_b: dict[str, torch.Tensor]):
+    """One second-order step of P participants' perturbations: returns ((J a [P, D_params], its optimizer part),
+    (J b − ½ D²O[a, a] [P, D_params], its optimizer part)), O the whole local update (parameters and optimizer
+    state; missing tangent entries: 0).
+
+    One forward-over-forward pass along the path θ(ε) = θ + ε a − ε² b: d/dε O(θ(ε)) = J a and
+    d²/dε² O(θ(ε)) = D²O[a, a] − 2 J b at ε = 0, so −½ of the second derivative is J b − ½ D²O[a, a].
+    """
+    pop = Population(steps.model, steps.states.clone(), steps.optimizer, loss=steps.loss)
+    opt = {name: value.clone() for name, value in steps.opt_state.items()}
+    c = None if steps.factors is None else torch.as_tensor(steps.factors, dtype=a.dtype, device=a.device)[:, None]
+
+    def along(eps: torch.Tensor):
+        params = pop.params + eps * a - eps ** 2 * b
+        state = {name: value + eps * opt_a[name] - eps ** 2 * opt_b[name] if name in opt_a else value
+                 for name, value in opt.items()}
+        new_params, new_state = pop.functional_step(params, state, steps.x, steps.y)
+        if c is not None:
+            new_params = params + c * (new_params - params)
+        return new_params, {name: value for name, value in new_state.items() if name != "step"}
+
+    zero, one = torch.zeros((), dtype=a.dtype, device=a.device), torch.ones((), dtype=a.dtype, device=a.device)
+    with twice_differentiable_sqrt():
+        first, second = jvp(lambda eps: jvp(along, (eps,), (one,))[1], (zero,), (one,))
+    return first, (-0.5 * second[0], {name: -0.5 * value for name, value in second[1].items()})
+
+
+class _MaskedSqrt:
+    """√x with derivative 0 at x = 0 (as the optimizer's own square root) that nested forward mode differentiates
+    correctly: √(where(x > 0, x, 1)) · [x > 0], the same values, built from plain torch operations."""
+
+    @staticmethod
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        positive = x > 0
+        return torch.where(positive, x, torch.ones_like(x)).sqrt() * positive
+
+
+@contextmanager
+def twice_differentiable_sqrt() -> Iterator[None]:
+    """Within the block, Adam's √v̂ (``population._Sqrt``) is ``_MaskedSqrt``.
+
+    The optimizer's square root is an autograd.Function whose custom jvp reads its saved output as a constant, so
+    a jvp of that jvp misses d²√v (measured: 2.6x off a finite difference of Adam's step). The values are the
+    same; only the second-order forward passes of this module run inside this block (one thread per process).
+    """
+    from dice_ray.core import population
+
+    saved = population._Sqrt
+    population._Sqrt = _MaskedSqrt
+    try:
+        yield
+    finally:
+        population._Sqrt = saved
