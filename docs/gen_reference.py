@@ -39,9 +39,9 @@ def _cell(text: Any) -> str:
 
 def parsers() -> list[tuple[str, argparse.ArgumentParser]]:
     """(command, parser) of every command-line front end."""
-    from dice_ray.analyze import build_parser as analyze_parser
-    from dice_ray.simulate import build_parser as simulate_parser
-    from dice_ray.sweep.cli import build_parser as sweep_parser
+    from dice_ray.cli.analyze import build_parser as analyze_parser
+    from dice_ray.cli.simulate import build_parser as simulate_parser
+    from dice_ray.cli.sweep import build_parser as sweep_parser
 
     return [("python -m dice_ray.simulate", simulate_parser()), ("python -m dice_ray.analyze", analyze_parser()),
             ("python -m dice_ray.sweep", sweep_parser())]
@@ -102,7 +102,7 @@ def config_fields(model: type[BaseModel] = None, prefix: str = "") -> list[tuple
 
 
 def _flags() -> dict[str, list[str]]:
-    from dice_ray.simulate import OPTIONS, SWITCHES
+    from dice_ray.cli.simulate import OPTIONS, SWITCHES
 
     flags: dict[str, list[str]] = {}
     for flag, dotted, _ in [*OPTIONS, *SWITCHES]:
@@ -196,6 +196,22 @@ def _bench_options() -> set[str]:
             for o in re.findall(r"add_argument\(\s*\"(--[a-z][a-z0-9-]*)\"", path.read_text())}
 
 
+def _method_flags(line: str) -> set[str]:
+    """The flags ``python -m dice_ray.simulate`` generates for the methods a command line imports (``--imports
+    toy_method``: the example method of ``tests/``)."""
+    import re
+
+    from dice_ray.cli.simulate import method_options
+    from dice_ray.config import import_modules
+
+    named = re.search(r"--imports\s+([\w.,]+)", line)
+    if not named:
+        return set()
+    sys.path.insert(0, str(ROOT / "tests"))
+    import_modules(named.group(1).split(","))
+    return {flag for flag, *_ in method_options()}
+
+
 def unknown_options(docs: Path = ROOT / "docs", readme: Path = ROOT / "README.md") -> list[str]:
     """'page: option' for every ``--option`` a page names that no parser has: in a ``python -m dice_ray.X`` command
     (checked against X's parser) or in inline code (checked against all of them)."""
@@ -211,7 +227,7 @@ def unknown_options(docs: Path = ROOT / "docs", readme: Path = ROOT / "README.md
             command = re.search(r"python -m (dice_ray\.(?:simulate|analyze|sweep))\b(.*)", line)
             if command:
                 flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", command.group(2).split("#")[0].split("`")[0]))
-                problems += [f"{path.name}: {f}" for f in flags - known[command.group(1)]]
+                problems += [f"{path.name}: {f}" for f in flags - known[command.group(1)] - _method_flags(line)]
             for code in re.findall(r"`([^`]*)`", line):
                 flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", code))
                 problems += [f"{path.name}: {f}" for f in flags - every]

@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dice_ray.analyze import main as analyze
+from dice_ray.cli.analyze import main as analyze
 from dice_ray.reports.detection import detection_metrics, running_scores
 from dice_ray.reports.detection import rounds_to as _rounds_to
-from dice_ray.simulate import main as simulate
+from dice_ray.cli.simulate import main as simulate
 
 
 def _toy() -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -7,9 +7,6 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dice_ray"
-# The command-line front ends: they parse arguments, call the library and print. Only front ends import them (the
-# ``dice-ray`` console command dispatches to the others).
-FRONT_ENDS = {"dice_ray.simulate", "dice_ray.analyze", "dice_ray.cli", "dice_ray.sweep.cli", "dice_ray.sweep.__main__"}
 
 
 def _modules() -> dict[str, Path]:
@@ -21,6 +18,10 @@ def _modules() -> dict[str, Path]:
 
 
 MODULES = _modules()
+# The command-line front ends, ``dice_ray/cli/``: they parse arguments, call the library and print. Only front ends
+# import them (the ``dice-ray`` console command dispatches to the others).
+FRONT_ENDS = {name for name in MODULES if name.startswith("dice_ray.cli")} | {
+    "dice_ray.simulate", "dice_ray.analyze", "dice_ray.sweep.__main__"}  # these three: the ``python -m`` names
 
 
 def _imports(path: Path) -> tuple[set[str], set[str]]:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 import dice_ray
-from dice_ray.simulate import main
+from dice_ray.cli.simulate import main
 
 CONFIG = {"nodes": 8, "rounds": 10, "seed": 4, "data": {"dataset": "digits", "heldout_size": 64},
           "proximal": {"enabled": True, "zprime": "heldout"},

@@ -15,8 +15,8 @@ from dice_ray.experiment import prepare
 from dice_ray.methods.contributions import PathWeights, shares
 from dice_ray.methods.dice.trajectory import first_reached, reach
 from dice_ray.methods.retraining import final_losses, shapley_coalitions, shapley_values
-from dice_ray.simulate import build_parser, resolve_config
-from dice_ray.simulate import main as simulate
+from dice_ray.cli.simulate import build_parser, resolve_config
+from dice_ray.cli.simulate import main as simulate
 
 BASE = ["--no-progress", "--dataset", "digits", "--nodes", "8", "--batch-size", "8", "--seed", "5",
         "--heldout-size", "64"]
@@ -200,7 +200,7 @@ def test_recovery_restores_the_ledger_and_its_kept_updates(ray_local, tmp_path: 
 
 
 def test_contributions_report(tmp_path: Path, capsys) -> None:
-    from dice_ray.analyze import main as analyze
+    from dice_ray.cli.analyze import main as analyze
 
     out = _run(tmp_path / "rep", "--engine", "local", "--rounds", "6", "--topology", "exponential", "--misbehavior",
                "label-flip", "--misbehaving-selection", "ids", "--misbehaving-ids", "1", "--ledger",

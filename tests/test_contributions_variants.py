@@ -132,7 +132,7 @@ def test_two_actors_and_second_order_alone_resumed(local: Path, ray_local, tmp_p
 
 
 def test_report_shows_every_variant(local: Path, capsys) -> None:
-    from dice_ray.analyze import main as analyze
+    from dice_ray.cli.analyze import main as analyze
 
     assert analyze(["contributions", str(local), "--loo", "--local"]) == 0
     printed = capsys.readouterr().out

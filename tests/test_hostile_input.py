@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from dice_ray.simulate import main
+from dice_ray.cli.simulate import main
 
 FAST = ["--engine", "local", "--no-progress", "--dataset", "digits"]
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),

@@ -12,7 +12,7 @@ import torch
 from dice_ray.config import build_config
 from dice_ray.core.participants import ParticipantBlock
 from dice_ray.experiment import prepare
-from dice_ray.simulate import main as simulate
+from dice_ray.cli.simulate import main as simulate
 
 
 def setup(kind: str, **extra):

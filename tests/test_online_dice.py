@@ -113,7 +113,7 @@ def test_interrupted_run_resumes_with_its_perturbations(tmp_path: Path) -> None:
 
 
 def test_online_dice_without_influence_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from dice_ray.simulate import main
+    from dice_ray.cli.simulate import main
 
     code = main(["--engine", "local", "--dataset", "digits", "--nodes", "8", "--rounds", "8", "--online-dice",
                  "--out", str(tmp_path / "x")])

@@ -15,7 +15,7 @@ from dice_ray.core.participants import ParticipantBlock
 from dice_ray.engine import LocalEngine
 from dice_ray.experiment import prepare
 from dice_ray.methods.proximal import ProximalHook, ProximalLedger
-from dice_ray.simulate import main as simulate
+from dice_ray.cli.simulate import main as simulate
 
 
 def config(kind: str = "sign-flip", **extra) -> dict:

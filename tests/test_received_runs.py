@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import dice_ray
-from dice_ray.analyze import main as analyze
+from dice_ray.cli.analyze import main as analyze
 from dice_ray.config import rerun_config
-from dice_ray.simulate import main as simulate
+from dice_ray.cli.simulate import main as simulate
 
 PLANTED = "dice_ray_planted_module"
 

@@ -25,7 +25,7 @@ from dice_ray.methods.dice.measure import measure_influence_here, measure_round
 from dice_ray.methods.dice.probes import probe_rounds, select_probes
 from dice_ray.methods.dice.trajectory import record_windows
 from dice_ray.methods.retraining import final_losses
-from dice_ray.simulate import build_parser, resolve_config
+from dice_ray.cli.simulate import build_parser, resolve_config
 
 WORLD = {"nodes": 5, "rounds": 5, "seed": 2, "topology": {"name": "ring"},
          "data": {"dataset": "digits", "heldout_size": 16}, "optim": {"batch_size": 8},

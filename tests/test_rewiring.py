@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 from dice_ray.methods.rewiring import in_neighbor_sets, is_rooted, metropolis_mixing, select_collaborators
-from dice_ray.simulate import main as simulate
+from dice_ray.cli.simulate import main as simulate
 
 
 def test_influence_keeps_the_m_most_helpful_candidates() -> None:

@@ -192,7 +192,7 @@ def test_alignment_report_shows_the_variants_that_were_measured() -> None:
 
 @pytest.mark.parametrize("bad", ["hessian", "curvature,curvature", ","])
 def test_bad_variants_option_exits_2(tmp_path, capsys, bad: str) -> None:
-    from dice_ray.simulate import main as simulate
+    from dice_ray.cli.simulate import main as simulate
 
     out = tmp_path / "x"
     assert simulate(["--dataset", "digits", "--nodes", "4", "--rounds", "4", "--influence", "--hops", "1",

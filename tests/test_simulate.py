@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dice_ray.results import ROUNDS
-from dice_ray.simulate import OPTIONS, SWITCHES, build_parser, main
+from dice_ray.cli.simulate import OPTIONS, SWITCHES, build_parser, main
 
 SMALL = ["--nodes", "6", "--rounds", "6", "--dataset", "digits", "--batch-size", "8", "--heldout-size", "64",
          "--no-progress"]

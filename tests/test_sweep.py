@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from dice_ray.cli.sweep import main
 from dice_ray.config import build_config
 from dice_ray.errors import InputError
 from dice_ray.results import DICE, NODES, TRIALS, write_table_atomic
-from dice_ray.sweep.cli import main
 from dice_ray.sweep.metrics import detection
 from dice_ray.sweep.spec import bundles, load_sweep
 
@@ -226,7 +226,7 @@ def test_trial_resources_follow_node_count_and_actors(tmp_path: Path) -> None:
 
 
 def test_proximal_detection_metric_is_the_anomaly_reports_whole_run_row(tmp_path: Path) -> None:
-    from dice_ray.analyze import anomaly
+    from dice_ray.cli.analyze import anomaly
     from dice_ray.runner import simulate
     from dice_ray.sweep.metrics import metric_columns, proximal_detection
 

@@ -9,7 +9,7 @@ import pytest
 
 import dice_ray
 from dice_ray.config import RunConfig
-from dice_ray.simulate import build_parser, main
+from dice_ray.cli.simulate import build_parser, main
 
 pytest.importorskip("mlflow")
 pytest.importorskip("tensorboard")

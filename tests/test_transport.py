@@ -70,7 +70,7 @@ def test_actors_get_rays_tensor_transport_only_when_they_may_share_a_gpu() -> No
 
 
 def test_the_option_is_validated_and_set_from_the_command_line() -> None:
-    from dice_ray.simulate import build_parser, resolve_config
+    from dice_ray.cli.simulate import build_parser, resolve_config
 
     assert build_config({}).engine.transport == "auto"
     assert resolve_config(build_parser().parse_args(["--transport", "object_store"])).engine.transport == OBJECT_STORE

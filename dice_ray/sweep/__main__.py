@@ -1,7 +1,7 @@
-"""``python -m dice_ray.sweep``: see ``dice_ray.sweep.cli``."""
+"""``python -m dice_ray.sweep``: the front end ``dice_ray.cli.sweep``."""
 
 import sys
 
-from dice_ray.sweep.cli import main
+from dice_ray.cli.sweep import main
 
 sys.exit(main())

@@ -23,11 +23,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "simulate":
-        from dice_ray.simulate import main as run
+        from dice_ray.cli.simulate import main as run
     elif command == "analyze":
-        from dice_ray.analyze import main as run
+        from dice_ray.cli.analyze import main as run
     elif command == "sweep":
-        from dice_ray.sweep.cli import main as run
+        from dice_ray.cli.sweep import main as run
     else:
         print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)} (see --help)", file=sys.stderr)
         return 2

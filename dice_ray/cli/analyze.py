@@ -1,0 +1,233 @@
+"""``python -m dice_ray.analyze REPORT RUN_DIR``: reports computed from a run's tables.
+
+    python -m dice_ray.analyze alignment runs/my-run     # DICE-E against DICE-GT, per hop and variant
+    python -m dice_ray.analyze cascade runs/my-run       # ripples: influence against hop distance, position
+    python -m dice_ray.analyze anomaly runs/my-run       # detection of misbehaving neighbours (--proximal)
+    python -m dice_ray.analyze collaborators runs/a runs/b ...  # final accuracy: static vs rewired topologies
+    python -m dice_ray.analyze contributions runs/my-run [--loo] [--shapley K]  # contribution ledger (--ledger)
+
+Each report is computed by ``dice_ray.reports`` (as DataFrames, the same data ``dice_ray.Run``'s report methods
+return); this front end prints it and writes its tables and PNGs into the run directory.
+
+``alignment`` reads ``dice.parquet`` and ``influence.parquet`` and prints, for every hop r and DICE-E
+variant, Pearson, Spearman and Kendall correlation with DICE-GT and the relative error Σ|GT − E| / Σ|GT|,
+for three quantities: the hop-r term alone (Σ over participants first reached at hop r), the cumulative
+DICE^{(r)}, and every per-participant term d_k^{(r)} (k in S_r). It writes them to ``alignment.parquet``
+and a GT-vs-E scatter per hop to ``alignment_hop{r}.png`` in the run directory.
+
+``cascade`` reads ``influence.parquet`` (whole-batch probes; DICE-GT where measured, else the curvature or
+first-order estimate) and reports how influence decays with hop distance (``cascade.parquet``,
+``cascade_decay.png``), how a source's total influence relates to its degree and centrality (networkx),
+the pairwise matrix I_{j→k} after R rounds (``pairwise.parquet``, ``pairwise_heatmap.png``) and its
+reciprocity: the correlation of I_{j→k} with I_{k→j}.
+
+``anomaly`` reads ``proximal.parquet`` (a run with ``--proximal`` and misbehaving participants) and ranks every
+examiner's in-neighbours by cumulative proximal influence, by its windowed sum, and by two baselines from the
+same run: the neighbour's own training loss and the cosine distance of its update from the examiner's. It
+reports ROC AUC overall and per examiner, precision at the true number of anomalous neighbours and the
+detection delay (``anomaly.parquet``, ``anomaly_roc.png``).
+
+``collaborators`` reads several runs that differ in ``rewiring.mode`` (none, influence, outlier, random), misbehaviour
+and seed, and compares the final mean held-out accuracy of the honest participants
+(``collaborators.parquet``).
+
+``contributions`` reads ``shares.parquet`` and ``contributions.parquet`` (a run with ``--ledger``) and ranks the
+participants by their ledger total T_j, with their share of the helpful budget and the harmful flag, beside
+their data size, misbehaviour and position (in-degree, betweenness). Where leave-one-participant-out retraining
+(``loo.parquet``; ``--loo`` computes it now, as Ray tasks, if the run did not) and Monte-Carlo Shapley
+(``shapley.parquet``; ``--shapley K``) exist, it reports Spearman and Kendall correlation of T_j with them. It
+writes ``contributions_report.parquet``, a bar chart of the shares (``contributions_shares.png``) and the
+heat-map of L[j→k] (``contributions_heatmap.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from dice_ray.errors import InputError, report
+from dice_ray.reports import (
+    Cascade,
+    Contributions,
+    alignment_report,
+    cascade_report,
+    collaborators_report,
+    contributions_report,
+    detection_report,
+    write_report,
+)
+from dice_ray.reports.collaborators import common_parent
+from dice_ray.results import VARIANT_SUFFIX
+
+
+def _records(frame: pd.DataFrame) -> list[dict]:
+    """The rows of ``frame`` as dicts, None where a value is missing."""
+    return frame.astype(object).where(frame.notna(), None).to_dict("records")
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def alignment(run: Path) -> list[dict]:
+    """Compute, write and print the alignment report of ``run``; return its rows."""
+    computed = alignment_report(run)
+    pngs = write_report(computed, run)[1:]
+    rows = _records(computed.table)
+    print(f"{'hops':>4} {'quantity':>10} {'variant':>12} {'probes':>6} {'pearson':>8} {'spearman':>8} "
+          f"{'kendall':>8} {'rel.err':>8}")
+    for row in rows:
+        cells = [f"{row[k]:8.4f}" if row[k] is not None else f"{'-':>8}"
+                 for k in ("pearson", "spearman", "kendall", "relative_error")]
+        print(f"{row['hops']:>4} {row['quantity']:>10} {row['variant']:>12} {row['probes']:>6} " + " ".join(cells))
+    print(f"wrote {run / 'alignment.parquet'} and {', '.join(p.name for p in pngs)}")
+    return rows
+
+
+def cascade(run: Path) -> Cascade:
+    """Compute, write and print the cascade report of ``run``; return it."""
+    computed = cascade_report(run)
+    write_report(computed, run)
+    last, reciprocity = computed.last_step, computed.reciprocity
+    print(f"influence measure: {computed.value}; whole-batch probes; step R = {last}")
+    print("mean |influence| by hop distance (step R):  " + "  ".join(
+        f"d={row['distance']}: {row['mean_abs']:.3g}" for row in _records(computed.decay) if row["step"] == last))
+    print("source strength vs position (Spearman):      " + "  ".join(
+        f"{k}: {_number(v, '.3f')}" for k, v in computed.position.items()))
+    print(f"reciprocity over {reciprocity['pairs']} pairs: Pearson {_number(reciprocity['pearson'], '.3f')}, "
+          f"asymmetry {_number(reciprocity['asymmetry'], '.3f')}")
+    print(f"wrote {run / 'cascade.parquet'}, {run / 'pairwise.parquet'}, cascade_decay.png, pairwise_heatmap.png")
+    return computed
+
+
+def anomaly(run: Path, horizons: list[int] | None = None) -> list[dict]:
+    """Compute, write and print the detection report of ``run`` (a run with ``--proximal`` and misbehaving
+    participants); return its rows. ``horizons``: rounds before which scores count (default 5, 10, 20 and
+    the whole run); the ROC curve uses the last."""
+    computed = detection_report(run, horizons)
+    png = write_report(computed, run)[-1]
+    rows = _records(computed.table)
+
+    def cell(v: float | int | None, spec: str = "8.4f") -> str:
+        return f"{'-':>8}" if v is None else format(v, spec)
+
+    print(f"{computed.misbehaving} misbehaving of {computed.participants}; scores higher = more anomalous")
+    print(f"{'horizon':>7} {'method':>15} {'AUC':>8} {'mean AUC':>8} {'to 0.95':>8} {'AUC/exam':>8} {'min':>8} "
+          f"{'exams':>5} {'prec@a':>8} {'detected':>8} {'delay':>8} {'max':>8}")
+    for r in rows:
+        to_auc = None if r["rounds_to_auc"] is None else int(r["rounds_to_auc"])
+        print(f"{r['horizon']:>7} {r['method']:>15} {cell(r['auc'])} {cell(r['auc_mean'])} "
+              f"{cell(to_auc, '8d')} {cell(r['auc_examiner_mean'])} "
+              f"{cell(r['auc_examiner_min'])} {r['examiners']:>5} {cell(r['precision'])} {cell(r['detected'])} "
+              f"{cell(r['delay_median'], '8.1f')} {cell(r['delay_max'], '8.0f')}")
+    print(f"wrote {run / 'anomaly.parquet'} and {png.name}")
+    return rows
+
+
+def collaborators(runs: list[Path], out: Path | None = None) -> list[dict]:
+    """Compare runs that differ in collaborator selection (and misbehaviour, seed): print mean final honest
+    accuracy per setting over seeds and each rewiring's gain over the static topology seed by seed; write
+    ``collaborators.parquet`` to ``out`` (default: the runs' common parent folder); return its rows."""
+    computed = collaborators_report(runs)
+    out = out or common_parent(runs)
+    write_report(computed, out)
+    print(f"{'misbehaviour':>16} {'rewiring':>9} {'seeds':>5} {'honest acc':>16} {'bad in-edges':>12} "
+          f"{'gain vs static':>15} {'wins':>5}")
+    for row in _records(computed.summary):
+        gain = f"{'-':>15}" if row["gain"] is None else f"{row['gain']:+15.4f}"
+        wins = "-" if row["wins"] is None else f"{int(row['wins'])}/{row['paired']}"
+        label = "none" if row["misbehavior"] == "none" else f"{row['misbehavior']} x{row['misbehaving']}"
+        print(f"{label:>16} {row['rewiring']:>9} {row['seeds']:>5} {row['honest_acc']:9.4f} ± "
+              f"{row['honest_acc_std']:.4f} {row['anomalous_in_edges']:12.3f} {gain} {wins:>5}")
+    print(f"wrote {out / 'collaborators.parquet'}")
+    return _records(computed.table)
+
+
+def retrain(run: Path, loo: bool, shapley: int | None, local: bool = False, allow_imports: bool = False) -> None:
+    """Compute the leave-one-out (``loo``) and Shapley (``shapley`` permutations) tables ``run`` lacks, now (Ray
+    tasks, or here if ``local``); a run without the ledger is refused first. The run's config imports the modules
+    it names only with ``allow_imports`` (``config.rerun_config``)."""
+    from dice_ray.api import Run
+
+    Run(run).retrain(loo, shapley, local, allow_imports)
+
+
+def contributions(run: Path, loo: bool = False, shapley: int | None = None, local: bool = False,
+                  allow_imports: bool = False) -> Contributions:
+    """Compute, write and print the contributions report of ``run``, retraining first with ``loo`` / ``shapley``
+    (see ``retrain``); return it."""
+    retrain(run, loo, shapley, local, allow_imports)
+    computed = contributions_report(run)
+    write_report(computed, run)
+    rows, ranking, variants = computed.table, computed.ranking, computed.variants
+    honest = ~rows["misbehaving"].to_numpy()
+    shown = rows.drop(columns=[f"total{VARIANT_SUFFIX[v]}" for v in VARIANT_SUFFIX if v not in variants])
+    print(shown.sort_values("rank").to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for v, agree in sorted(variants.items(), key=lambda item: item[0] != ranking):  # the ranking variant first
+        label = "ledger total" if v == ranking else f"  {v} ledger total"
+        for name in ("loo", "shapley"):
+            if agree[name]["spearman"] is not None:
+                print(f"{label} vs {name}: Spearman {agree[name]['spearman']:.3f}, Kendall "
+                      f"{agree[name]['kendall']:.3f} over {len(rows)} participants")
+        if agree["loo_honest"]["spearman"] is not None and rows["misbehaving"].any():
+            print(f"  among the {int(honest.sum())} well-behaved participants only: Spearman "
+                  f"{agree['loo_honest']['spearman']:.3f}, Kendall {agree['loo_honest']['kendall']:.3f}")
+    print("ledger total vs position and data (Spearman): " + "  ".join(
+        f"{k}: {_number(v, '.3f')}" for k, v in computed.position.items()))
+    if computed.misbehaving_flagged is not None:
+        flagged = int(rows.loc[rows["misbehaving"], "harmful"].sum())
+        print(f"misbehaving participants flagged harmful: {flagged} of {int(rows['misbehaving'].sum())}; honest "
+              f"ones flagged: {int(rows.loc[~rows['misbehaving'], 'harmful'].sum())}")
+    print(f"wrote {run / 'contributions_report.parquet'}, contributions_shares.png, contributions_heatmap.png")
+    return computed
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser."""
+    parser = argparse.ArgumentParser(prog="python -m dice_ray.analyze", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("report", choices=("alignment", "cascade", "anomaly", "collaborators", "contributions"),
+                        help="which report")
+    parser.add_argument("run", type=Path, nargs="+", help="run directory (collaborators: several)")
+    parser.add_argument("--horizon", type=int, action="append", metavar="ROUNDS",
+                        help="anomaly: count scores of rounds before ROUNDS (repeatable; default 5, 10, 20 and all)")
+    parser.add_argument("--out", type=Path, help="collaborators: folder for collaborators.parquet (default: the "
+                                                 "runs' common parent)")
+    parser.add_argument("--loo", action="store_true", help="contributions: retrain without each participant's "
+                                                           "data now (Ray tasks) if the run has no loo.parquet")
+    parser.add_argument("--shapley", type=int, metavar="K", help="contributions: Monte-Carlo Shapley with K "
+                                                                 "permutations now (K (N−1) + 2 retraining runs)")
+    parser.add_argument("--local", action="store_true", help="contributions: retrain in this process, not on Ray")
+    parser.add_argument("--allow-imports", action="store_true",
+                        help="contributions --loo/--shapley: import the modules the run's config names to retrain "
+                        "it (refused without this flag; reading a run never imports them)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2 for bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        for run in args.run:
+            if not run.is_dir():
+                raise InputError(f"run directory {str(run)!r} does not exist")
+        if args.report == "collaborators":
+            collaborators(args.run, args.out)
+        elif len(args.run) != 1:
+            raise InputError(f"the {args.report} report reads one run directory, got {len(args.run)}")
+        elif args.report == "anomaly":
+            anomaly(args.run[0], args.horizon)
+        elif args.report == "contributions":
+            if args.shapley is not None and args.shapley < 1:
+                raise InputError(f"--shapley {args.shapley}: needs at least 1 permutation")
+            contributions(args.run[0], args.loo, args.shapley, args.local, args.allow_imports)
+        else:
+            {"alignment": alignment, "cascade": cascade}[args.report](args.run[0])
+    except InputError as err:
+        return report(err)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

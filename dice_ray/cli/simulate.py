@@ -1,0 +1,234 @@
+"""``python -m dice_ray.simulate``: run synchronous adapt-then-communicate D-SGD (concepts §1) on Ray.
+
+Examples::
+
+    python -m dice_ray.simulate                                  # 16 participants, embedded MNIST subset
+    python -m dice_ray.simulate --nodes 256 --topology exponential
+    python -m dice_ray.simulate --config configs/default.yaml --lr 0.1 --out runs/lr0.1
+
+Every option overrides the matching field of the config file (``--config``); ``--set a.b=value``
+overrides any field. A method registered by a module the command line imports (``--imports mymod``, or the config's
+``imports``) gets a flag per option, ``--<method>-<field>``. Bad input prints one line and exits with status 2
+before any work starts.
+Results: a run directory with ``manifest.json``, ``rounds.parquet`` and ``nodes.parquet``; with
+``--influence`` also ``influence.parquet`` and ``dice.parquet`` (DICE-GT and DICE-E of every probe); with
+``--proximal`` ``proximal.parquet`` (every examiner's score of every in-neighbour); with ``--rewire``
+``rewiring.parquet`` (collaborator selection's history); with ``--ledger`` ``contributions.parquet`` (the online
+contribution ledger L[j→k]) and ``shares.parquet``; with ``--loo`` also ``loo.parquet`` (leave-one-participant-out
+retraining, Ray tasks) and with ``--shapley K`` ``shapley.parquet``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import yaml
+
+from dice_ray.config import (
+    RESUME_FIELDS,
+    RunConfig,
+    apply_sets,
+    build_config,
+    import_modules,
+    load_config,
+    modules_in,
+    set_dotted,
+)
+from dice_ray.errors import InputError, OneLineParser, report
+from dice_ray.hooks import registered_methods
+from dice_ray.sections import comma_list
+
+# (flag, dotted config field, type). Help texts come from the config fields' descriptions.
+OPTIONS: list[tuple[str, str, Any]] = [
+    ("--nodes", "nodes", int), ("--rounds", "rounds", int), ("--seed", "seed", int),
+    ("--topology", "topology.name", str), ("--weights", "topology.weights", str),
+    ("--edge-probability", "topology.p", float), ("--grid-rows", "topology.rows", int),
+    ("--topology-file", "topology.file", str),
+    ("--dataset", "data.dataset", str), ("--data-dir", "data.data_dir", str),
+    ("--partition", "data.partition", str), ("--alpha", "data.alpha", float),
+    ("--shards-per-node", "data.shards_per_node", int), ("--val-fraction", "data.val_fraction", float),
+    ("--heldout-size", "data.heldout_size", int), ("--participant-weights", "data.participant_weights", str),
+    ("--model", "model.name", str), ("--init", "model.init", str), ("--vectorize", "model.vectorize", str),
+    ("--conv", "model.conv", str),
+    ("--optimizer", "optim.name", str), ("--lr", "optim.lr", float), ("--batch-size", "optim.batch_size", int),
+    ("--momentum", "optim.momentum", float), ("--weight-decay", "optim.weight_decay", float),
+    ("--actors", "engine.actors", int), ("--cpus-per-actor", "engine.cpus_per_actor", float),
+    ("--gpus-per-actor", "engine.gpus_per_actor", float), ("--precision", "engine.precision", str),
+    ("--gpus-per-task", "engine.gpus_per_task", float),
+    ("--transport", "engine.transport", str),
+    ("--address", "engine.address", str),
+    ("--out", "output.out", str), ("--eval-every", "output.eval_every", int),
+    ("--checkpoint-every", "output.checkpoint_every", int),
+    ("--hops", "influence.hops", int), ("--probe-rounds", "influence.rounds", "int-list"),
+    ("--probe-every", "influence.every", int), ("--probe-sources", "influence.sources", "int-list"),
+    ("--probe-samples", "influence.probe_samples", int), ("--zprime", "influence.zprime", str),
+    ("--variants", "influence.variants", str),
+    ("--misbehavior", "misbehavior.kind", str), ("--misbehaving", "misbehavior.count", int),
+    ("--misbehaving-fraction", "misbehavior.fraction", float),
+    ("--misbehaving-selection", "misbehavior.selection", str), ("--misbehaving-ids", "misbehavior.ids", "int-list"),
+    ("--proximal-every", "proximal.every", int), ("--proximal-zprime", "proximal.zprime", str),
+    ("--proximal-window", "proximal.window", int),
+    ("--rewire", "rewiring.mode", str), ("--rewire-every", "rewiring.every", int),
+    ("--rewire-keep", "rewiring.keep", int), ("--rewire-candidates", "rewiring.candidates", int),
+    ("--rewire-seed", "rewiring.seed", int),
+    ("--ledger-every", "ledger.every", int), ("--ledger-hops", "ledger.hops", int),
+    ("--ledger-zprime", "ledger.zprime", str), ("--shapley", "ledger.shapley_permutations", int),
+    ("--ledger-variants", "ledger.variants", str),
+    ("--shrink-ids", "data.shrink.ids", "int-list"), ("--shrink-fraction", "data.shrink.fraction", float),
+    ("--log", "output.log", str), ("--imports", "imports", "list"),
+]
+SWITCHES: list[tuple[str, str, bool]] = [
+    ("--download", "data.download", True), ("--overwrite", "output.overwrite", True),
+    ("--no-progress", "output.progress", False), ("--influence", "influence.enabled", True),
+    ("--online-dice", "influence.online", True),
+    ("--keep-checkpoints", "output.keep_checkpoints", True), ("--proximal", "proximal.enabled", True),
+    ("--ledger", "ledger.enabled", True), ("--loo", "ledger.loo", True),
+    ("--no-cuda-graphs", "engine.cuda_graphs", False),
+]
+
+
+def _field_help(dotted: str) -> str:
+    *parents, leaf = dotted.split(".")
+    sections = {m.name: m.options for m in registered_methods() if m.options is not None}
+    model: Any = sections[parents[0]] if parents and parents[0] in sections else RunConfig
+    for p in parents[1 if model is not RunConfig else 0:]:
+        model = model.model_fields[p].annotation
+    field = model.model_fields[leaf]
+    default = field.default_factory() if field.default_factory else field.default
+    return f"{field.description} [config {dotted}, default {default}]".replace("%", "%%")  # argparse formats help
+
+
+def method_options() -> list[tuple[str, str, Any]]:
+    """The flags of registered user methods' options (``hooks.register_method``), generated from their fields:
+    ``--<method>-<field>`` (underscores as dashes) sets ``<method>.<field>``; the value is read as YAML (``2``,
+    ``true``, ``[1, 2]``, ``name``)."""
+    return [(f"--{m.name}-{name}".replace("_", "-"), f"{m.name}.{name}", "yaml")
+            for m in registered_methods() if m.options is not None for name in m.options.model_fields]
+
+
+def import_named(argv: list[str] | None) -> None:
+    """Import the modules a command line names (``--imports``, ``--config``'s ``imports`` and ``model.import_module``,
+    ``--set imports=…``) before its parser is built, so that the methods they register have their flags; raise
+    ``InputError`` for a module that cannot be imported or a config file that cannot be read."""
+    pre = argparse.ArgumentParser(add_help=False)
+    for flag in ("--config", "--imports", "--resume"):
+        pre.add_argument(flag)
+    pre.add_argument("--set", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
+    if known.resume:
+        return  # a resumed run's modules are imported only with --allow-imports, by resume itself
+    data = load_config(known.config) if known.config else {}
+    if known.imports:
+        data["imports"] = comma_list(known.imports)
+    apply_sets(data, [item for item in known.set if item.split("=")[0].strip() in ("imports", "model.import_module")])
+    import_modules(modules_in(data))
+
+
+def _yaml_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser; every option documents the config field it sets."""
+    parser = OneLineParser(prog="python -m dice_ray.simulate", formatter_class=argparse.RawDescriptionHelpFormatter,
+                     description="Run synchronous adapt-then-communicate decentralized SGD over a topology, on Ray, "
+                     "and write the run's tables to a run directory.", epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--config", metavar="FILE", help="YAML run config (see configs/)")
+    for flag, dotted, kind in [*OPTIONS, *method_options()]:
+        names = {int: "INT", float: "FLOAT", "int-list": "INT,INT,...", "list": "NAME,NAME,...", "yaml": "VALUE"}
+        metavar = names.get(kind, "DIR" if flag == "--out" else "NAME")
+        kinds = {"int-list": _int_list, "list": comma_list, "yaml": _yaml_value}
+        parser.add_argument(flag, dest=dotted, type=kinds.get(kind, kind), default=None, help=_field_help(dotted),
+                            metavar=metavar)
+    for flag, dotted, value in SWITCHES:
+        text = _field_help(dotted) if value else f"do not: {_field_help(dotted)}"
+        parser.add_argument(flag, dest=dotted, action="store_const", const=value, default=None, help=text)
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                        help="override any config field, e.g. --set optim.betas=[0.9,0.99]")
+    parser.add_argument("--engine", choices=("ray", "local"), default=None,
+                        help="ray: participant-group actors; local: one process, no Ray (debugging)")
+    parser.add_argument("--save-states", action="store_true",
+                        help="also save the final states of all participants to states.npy")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue an interrupted run from its last checkpoint, with its own config (only "
+                        f"{', '.join(RESUME_FLAGS)} and --allow-imports may be given too)")
+    parser.add_argument("--allow-imports", action="store_true",
+                        help="with --resume: import the modules the run's config names (imports, "
+                        "model.import_module); without it such a run is refused, naming them")
+    return parser
+
+
+# Options a resumed run may set (``RESUME_FIELDS``): where and how it runs, never what it computes.
+RESUME_FLAGS = (*(flag for flag, dotted, *_ in [*OPTIONS, *SWITCHES] if dotted in RESUME_FIELDS), "--engine")
+
+
+def resume_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the placement options of ``args`` for ``resume_config`` (dotted field -> value); raise ``InputError``
+    if ``args`` set anything that would change what the resumed run computes."""
+    flags = {dotted: flag for flag, dotted, *_ in [*OPTIONS, *SWITCHES, *method_options()]}
+    refused = [flags[d] for d in flags if getattr(args, d) is not None and flags[d] not in RESUME_FLAGS]
+    refused += ["--config"] * bool(args.config) + ["--set"] * bool(args.set) + ["--save-states"] * args.save_states
+    if refused:
+        raise InputError(f"--resume continues the run with its own config; {', '.join(refused)} cannot change it "
+                         f"(only {', '.join(RESUME_FLAGS)})")
+    return {dotted: getattr(args, dotted) for dotted in flags if getattr(args, dotted) is not None}
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """Return the validated config: ``--config`` file, then options, then ``--set`` overrides."""
+    data = load_config(args.config) if args.config else {}
+    for _, dotted, *_ in [*OPTIONS, *SWITCHES, *method_options()]:
+        value = getattr(args, dotted)
+        if value is not None:
+            set_dotted(data, dotted, value)
+    return build_config(apply_sets(data, args.set))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point, a thin layer over ``dice_ray.run`` / ``dice_ray.resume``; returns the exit status
+    (2 for bad input, found before any work starts; 1 for a run that failed)."""
+    from dice_ray import api
+    from dice_ray.runner import run_directory
+
+    try:
+        import_named(argv)
+    except InputError as err:
+        return report(err)
+    args = build_parser().parse_args(argv)
+    out = args.resume
+    try:
+        if args.resume:
+            placement = {dotted.replace(".", "__"): value for dotted, value in resume_args(args).items()}
+            api.resume(args.resume, engine=args.engine, allow_imports=args.allow_imports, **placement)
+        else:
+            if args.allow_imports:
+                raise InputError("--allow-imports applies to --resume only (a new run imports what its own config "
+                                 "names)")
+            config = resolve_config(args)
+            out = str(run_directory(config))
+            config = config.model_copy(update={"output": config.output.model_copy(update={"out": out})})
+            api.run(config, engine=args.engine or "ray", save_states=args.save_states)
+    except InputError as err:
+        return report(err)
+    except FloatingPointError as err:  # diverged: the manifest says so, no table reads as complete
+        print(f"error: training diverged: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk, a folder gone read-only: no table reads as complete
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: cannot write the run directory {out}: {err.strerror or err}{where}; fix that, then continue "
+              f"with --resume {out}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
