@@ -20,7 +20,7 @@ a ninth of the budget at ten rounds; the planted changes below (one learning-rat
 term) move the tables by orders of magnitude more than the budget, and fail.
 
 Bit-identity is a property of the design only on one machine (any number of actors, a resumed run): those
-tests are ``tests/test_engine.py::test_same_numbers_for_1_3_and_n_actors`` and the checkpoint tests, not here.
+tests are ``tests/engine/test_engine.py::test_same_numbers_for_1_3_and_n_actors`` and the checkpoint tests, not here.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ import pytest
 
 import dice_ray
 from dice_ray.cli.analyze import main as analyze
-from dice_ray.config import rerun_config
 from dice_ray.cli.simulate import main as simulate
+from dice_ray.config import rerun_config
 
 PLANTED = "dice_ray_planted_module"
 

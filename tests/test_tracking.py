@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 import dice_ray
-from dice_ray.config import RunConfig
 from dice_ray.cli.simulate import build_parser, main
+from dice_ray.config import RunConfig
 
 pytest.importorskip("mlflow")
 pytest.importorskip("tensorboard")

@@ -9,7 +9,7 @@ import jsonschema
 import ray.autoscaler
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_cluster_yaml_matches_the_autoscaler_schema() -> None:

@@ -11,8 +11,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from dice_ray.results import ROUNDS
 from dice_ray.cli.simulate import OPTIONS, SWITCHES, build_parser, main
+from dice_ray.results import ROUNDS
 
 SMALL = ["--nodes", "6", "--rounds", "6", "--dataset", "digits", "--batch-size", "8", "--heldout-size", "64",
          "--no-progress"]

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from dice_ray.methods.rewiring import in_neighbor_sets, is_rooted, metropolis_mixing, select_collaborators
 from dice_ray.cli.simulate import main as simulate
+from dice_ray.methods.rewiring import in_neighbor_sets, is_rooted, metropolis_mixing, select_collaborators
 
 
 def test_influence_keeps_the_m_most_helpful_candidates() -> None:

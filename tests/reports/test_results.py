@@ -9,7 +9,7 @@ import pytest
 
 from dice_ray.results import NODES, ROUNDS, TableWriter, describe_tables, write_json_atomic, write_table_atomic
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_docs_reference_documents_every_table_column() -> None:

@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 
 from dice_ray.checkpoint import CheckpointStore, RoundTables
+from dice_ray.cli.simulate import main
 from dice_ray.config import build_config
 from dice_ray.results import ROUNDS
 from dice_ray.runner import simulate
-from dice_ray.cli.simulate import main
 
 SMALL = {"nodes": 8, "data": {"dataset": "digits", "heldout_size": 64}, "optim": {"batch_size": 8},
          "model": {"init": "independent"}, "output": {"progress": False, "eval_every": 3}}

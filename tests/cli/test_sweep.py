@@ -26,7 +26,7 @@ from dice_ray.results import DICE, NODES, TRIALS, write_table_atomic
 from dice_ray.sweep.metrics import detection
 from dice_ray.sweep.spec import bundles, load_sweep
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASE = {"nodes": 6, "rounds": 8, "topology": {"name": "ring"}, "data": {"dataset": "digits", "heldout_size": 64},
         "optim": {"batch_size": 8}, "output": {"eval_every": 4},
         "misbehavior": {"kind": "label-flip", "selection": "ids", "ids": [2]},

@@ -18,6 +18,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from dice_ray.cli.simulate import build_parser, resolve_config
 from dice_ray.config import TASK_GPU_SHARE, EngineConfig, build_config
 from dice_ray.errors import InputError
 from dice_ray.experiment import prepare
@@ -25,7 +26,6 @@ from dice_ray.methods.dice.measure import measure_influence_here, measure_round
 from dice_ray.methods.dice.probes import probe_rounds, select_probes
 from dice_ray.methods.dice.trajectory import record_windows
 from dice_ray.methods.retraining import final_losses
-from dice_ray.cli.simulate import build_parser, resolve_config
 
 WORLD = {"nodes": 5, "rounds": 5, "seed": 2, "topology": {"name": "ring"},
          "data": {"dataset": "digits", "heldout_size": 16}, "optim": {"batch_size": 8},

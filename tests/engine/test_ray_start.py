@@ -25,7 +25,8 @@ import pytest
 import yaml
 from ray_processes import ROOT, RayStart, assert_loopback_only, cluster_nodes, free_port, loopback_env
 
-pytestmark = pytest.mark.slow  # 270-325 s here (2 shared cores): python -m pytest -q -m slow tests/test_ray_start.py
+# 270-325 s here (2 shared cores): python -m pytest -q -m slow tests/engine/test_ray_start.py
+pytestmark = pytest.mark.slow
 
 RUN = ["--dataset", "digits", "--nodes", "8", "--rounds", "6", "--topology", "exponential", "--batch-size", "8",
        "--heldout-size", "32", "--eval-every", "2", "--init", "independent", "--no-progress"]

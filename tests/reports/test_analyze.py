@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from dice_ray.cli.analyze import main as analyze
-from dice_ray.results import ALIGNMENT, DICE, INFLUENCE
 from dice_ray.cli.simulate import main as simulate
+from dice_ray.results import ALIGNMENT, DICE, INFLUENCE
 
 RUN = ["--dataset", "digits", "--nodes", "6", "--topology", "ring", "--batch-size", "8", "--rounds", "6",
        "--heldout-size", "64", "--influence", "--hops", "2", "--probe-rounds", "1,3", "--probe-samples", "1",

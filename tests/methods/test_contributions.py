@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dice_ray.cli.simulate import build_parser, resolve_config
+from dice_ray.cli.simulate import main as simulate
 from dice_ray.core.topology import make_topology
 from dice_ray.experiment import prepare
 from dice_ray.methods.contributions import PathWeights, shares
 from dice_ray.methods.dice.trajectory import first_reached, reach
 from dice_ray.methods.retraining import final_losses, shapley_coalitions, shapley_values
-from dice_ray.cli.simulate import build_parser, resolve_config
-from dice_ray.cli.simulate import main as simulate
 
 BASE = ["--no-progress", "--dataset", "digits", "--nodes", "8", "--batch-size", "8", "--seed", "5",
         "--heldout-size", "64"]

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
+from dice_ray.cli.simulate import main as simulate
 from dice_ray.config import build_config
 from dice_ray.core.participants import ParticipantBlock
 from dice_ray.experiment import prepare
-from dice_ray.cli.simulate import main as simulate
 
 
 def setup(kind: str, **extra):
@@ -95,7 +95,7 @@ def test_dice_flags_label_flippers_as_harmful(tmp_path) -> None:
     """configs/anomaly.yaml's setting (shorter): label flippers' minibatches raise their neighbours' loss, so
     their mean DICE is positive and ranks first, by ground truth and by the estimator alike."""
     out = tmp_path / "run"
-    config = Path(__file__).resolve().parents[1] / "configs" / "anomaly.yaml"
+    config = Path(__file__).resolve().parents[2] / "configs" / "anomaly.yaml"
     assert simulate(["--config", str(config), "--engine", "local", "--no-progress", "--rounds", "20",
                      "--set", "influence.last=5", "--set", "influence.variants=[first-order]",
                      "--out", str(out)]) == 0

@@ -10,12 +10,12 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch.func import functional_call, grad
 
+from dice_ray.cli.simulate import main as simulate
 from dice_ray.config import build_config
 from dice_ray.core.participants import ParticipantBlock
 from dice_ray.engine import LocalEngine
 from dice_ray.experiment import prepare
 from dice_ray.methods.proximal import ProximalHook, ProximalLedger
-from dice_ray.cli.simulate import main as simulate
 
 
 def config(kind: str = "sign-flip", **extra) -> dict:

@@ -1,6 +1,6 @@
 """The contribution ledger's curvature and second-order variants (``ledger.variants``): every term equals the
 replayed DICE-E recursion's (``estimator.estimate_cascade``, itself exact against forward-mode differentiation
-of the replay: tests/test_second_order.py), on the local engine and on 2 Ray actors, through a checkpoint; the
+of the replay: tests/methods/test_second_order.py), on the local engine and on 2 Ray actors, through a checkpoint; the
 first-order column is untouched."""
 
 from __future__ import annotations

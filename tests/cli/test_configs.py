@@ -10,7 +10,7 @@ from dice_ray.config import build_config, load_config
 from dice_ray.experiment import prepare
 from dice_ray.methods.dice.probes import select_probes
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -30,7 +30,9 @@ from ray_processes import ROOT, RayStart, assert_loopback_only, cluster_nodes, f
 
 from dice_ray.sweep.spec import load_sweep
 
-pytestmark = pytest.mark.slow  # 195-275 s here (2 shared cores): python -m pytest -q -m slow tests/test_autoscaling.py
+# 195-275 s here (2 shared cores): python -m pytest -q -m slow tests/engine/test_autoscaling.py
+pytestmark = pytest.mark.slow
+
 
 OBJECT_STORE = 100 * 1024**2
 SWEEP = {"base": {"nodes": 4, "rounds": 40, "topology": {"name": "ring"},

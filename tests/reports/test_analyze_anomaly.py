@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from dice_ray.cli.analyze import main as analyze
+from dice_ray.cli.simulate import main as simulate
 from dice_ray.reports.detection import detection_metrics, running_scores
 from dice_ray.reports.detection import rounds_to as _rounds_to
-from dice_ray.cli.simulate import main as simulate
 
 
 def _toy() -> tuple[pd.DataFrame, pd.DataFrame]:
