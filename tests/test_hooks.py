@@ -189,7 +189,8 @@ def test_a_methods_stage_gives_the_same_tables_on_the_local_and_the_ray_backend(
                              engine=engine) for engine in ("local", "ray")]
     finally:
         ray.cloudpickle.unregister_pickle_by_value(toy_method)
-        hooks._REGISTERED.pop("scaled_norm")  # later tests' configs have no scaled_norm section
+        hooks._REGISTERED.pop("scaled_norm")  # later tests' configs have no scaled_norm section, and a later
+        del sys.modules["toy_method"]          # import of toy_method (--imports) registers it again
     for name in ("scaled_norm", "norm_totals"):
         pd.testing.assert_frame_equal(runs[1].table(name), runs[0].table(name), check_exact=False, rtol=1e-6)
     assert len(runs[0].norm_totals) == CONFIG["nodes"] and (runs[0].norm_totals["total"] > 0).all()
