@@ -325,6 +325,10 @@ class ProximalConfig(Section):
                                                                               "validation split, or the "
                                                                               "shared held-out batch")
     window: int = Field(10, ge=1, description="scoring rounds summed in the windowed score")
+    readout: Literal["first-order", "exact"] = Field(
+        "first-order", description="first-order: p_{k←l} = q_k W_kl ∇L(θ_k^{t+1}; z′_k)ᵀ Δ_l; exact: the loss itself, "
+                                   "q_k [L(θ_k^{t+1}; z′_k) − L(θ_k^{t+1} − W_kl Δ_l; z′_k)], the counterfactual "
+                                   "effect of l's update (one forward pass over z′_k per edge)")
 
     def check(self, config: Any) -> None:
         if not self.enabled:

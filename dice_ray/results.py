@@ -125,7 +125,8 @@ PROXIMAL = _schema(
     ("examiner", pa.int32(), "examiner k, scoring on its own z′_k"),
     ("neighbor", pa.int32(), "in-neighbour l of k in W^t (l ≠ k)"),
     ("weight", pa.float64(), "W^t_kl"),
-    ("score", pa.float64(), "proximal influence p_{k←l}^t = q_k W^t_kl ∇L(θ_k^{t+1}; z′_k)ᵀ Δ_l^t; positive: l's "
+    ("score", pa.float64(), "proximal influence p_{k←l}^t = q_k W^t_kl ∇L(θ_k^{t+1}; z′_k)ᵀ Δ_l^t (proximal.readout "
+                            "exact: q_k [L(θ_k^{t+1}; z′_k) − L(θ_k^{t+1} − W^t_kl Δ_l^t; z′_k)]); positive: l's "
                             "update raised k's loss (harmful)"),
     ("cumulative_score", pa.float64(), "Σ of score over the scoring rounds ≤ t in which l was k's in-neighbour"),
     ("window_score", pa.float64(), "Σ of score over the last proximal.window scoring rounds (≤ t)"),
