@@ -1,27 +1,30 @@
-"""Second-order DICE-E against the curvature variant: alignment with DICE-GT per hop, and cost.
+"""Second-order and exact-readout DICE-E against the curvature variant: alignment with DICE-GT per hop, and cost.
 
-For every (model, rounds, seed) setting — 16 participants, exponential graph, digits split Dirichlet(α = 0.5), SGD
-η = 0.05, batch 16, whole-batch probes of every source over the last ``--last`` rounds that leave room for R = 3
-hops — one run is trained in this process (no Ray) and every probe is measured with DICE-GT and four estimates:
-first-order, curvature, second-order, and second-order without b (b ≡ 0: e = ∇ᵀa − ½ aᵀH′a, the z′ Hessian term
-alone, ``influence.second_order_b`` false). Per (model, rounds) and hop r it prints, over the probes of all seeds,
-the relative error Σ|GT − E| / Σ|GT| and the Spearman correlation of the hop-r term Σ_{k ∈ N^{(r)}(j)} q_k e_k^{(r)}
-(the alignment report's ``hop`` quantity), with the spread of the error ratios over the seeds. ``--kinks``: what
-is left at hop 1 on the ReLU MLP, split by z′ samples whose activation pattern flips between the two runs;
-``--adjoint``: what the missing second-order adjoint form would save.
+For every (model, rounds, seed) setting — 16 participants, exponential graph, digits split Dirichlet(α = 0.5), SGD η =
+0.05, batch 16, whole-batch probes of every source over the last ``--last`` rounds that leave room for R = 3 hops — one
+run is trained in this process (no Ray) and every probe is measured with DICE-GT and five estimates: first-order,
+curvature, second-order, second-order without b (b ≡ 0: e = ∇ᵀa − ½ aᵀH′a, the z′ Hessian term alone,
+``influence.second_order_b`` false), and exact-readout (the z′ loss difference L(θ_k) − L(θ_k − a) along the curvature
+perturbation a, ``influence.exact_readout_b`` false, its default). Per (model, rounds) and hop r it prints, over the
+probes of all seeds, the relative error Σ|GT − E| / Σ|GT| and the Spearman correlation of the hop-r term Σ_{k ∈
+N^{(r)}(j)} q_k e_k^{(r)} (the alignment report's ``hop`` quantity), with the spread of the error ratios over the seeds.
+``--kinks``: what is left at hop 1 on the ReLU MLP, split by z′ samples whose activation pattern flips between the two
+runs; ``--adjoint``: what the missing second-order adjoint form would save.
 
 Cost: the estimator seconds of each variant in the same process, every variant warmed up once before timing and the
 variants run in a rotating order per probe (and curvature with second-order in one pass, ``estimate_cascades``,
-the cost of asking for both); test gradients are computed once per window and shared by every
-variant (excluded from all), and DICE-GT replays are unchanged by the variant. The ratio second-order / curvature
-is printed for every z′ size in ``--heldout-sizes`` (the z′ Hessian form's cost grows with z′, a local step's
-does not), on replayed windows and in the round loop (``--online-dice``, whole local runs).
+the cost of asking for both); test gradients and the exact readout's shared L(θ_k; z′) are computed once per window
+and shared by every probe (excluded from all), and DICE-GT replays are unchanged by the variant. The ratios to
+curvature (and exact-readout / second-order) are printed for every z′ size in ``--heldout-sizes`` (the z′ Hessian
+form's and loss's cost grows with z′, a local step's does not), on replayed windows and in the round loop
+(``--online-dice``, whole local runs).
 
     python bench/bench_second_order.py                                   # mlp and mlp-tanh, 30 and 100 rounds
     python bench/bench_second_order.py --models mlp --rounds 30 --seeds 0 --last 1
 
 Targets: estimator time ≤ 2.5x curvature; ReLU ("mlp") hop-1 error ≤ 0.25x first-order's with Spearman ≥ 0.99,
-hops 2–3 no worse than curvature; tanh every hop ≤ 0.25x curvature's error.
+hops 2–3 no worse than curvature; tanh every hop ≤ 0.25x curvature's error. Exact readout: cost ≤ ½ second-order's
+at every z′ size; hops 2–3 error within 5% of second-order's or better.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from dice_ray.methods.dice.measure import window_for
 from dice_ray.methods.dice.probes import probe_rounds, select_probes
 from dice_ray.methods.dice.trajectory import record_windows
 
-ESTIMATES = ("first-order", "curvature", "second-order", "second-order, b = 0")
+ESTIMATES = ("first-order", "curvature", "second-order", "second-order, b = 0", "exact-readout")
 BOTH = "curvature + second-order"  # one pass (estimate_cascades): curvature read off second-order's a
 TIMED = (*ESTIMATES, BOTH)
 HOPS = 3
@@ -81,8 +84,9 @@ def measure(model: str, rounds: int, seed: int, last: int, lr: float, ground_tru
     for t, trajectory in zip(starts, record_windows(experiment, starts, HOPS), strict=True):
         window = window_for(experiment, trajectory)
         size = len(window.heldout[1])
-        for s in range(HOPS + 1):  # the shared test gradients, outside the timings
+        for s in range(HOPS + 1):  # the shared test gradients and losses, outside the timings
             window.test_gradients(s, np.arange(NODES))
+            window.test_losses(s, np.arange(NODES))
         here = [p for p in probes if p.round == t and p.sample_index is None]
         for name in TIMED:  # warm-up: first calls of vmapped and nested forward-mode passes are slower
             _estimate(window, here[0].source, name)
@@ -111,7 +115,7 @@ def alignment_table(model: str, rounds: int, seeds: list[int], last: int, lr: fl
     pooled = {k: np.concatenate([run[k] for run in runs]) for k in runs[0]}
     print(f"\n{model}, {rounds} rounds, seeds {' '.join(map(str, seeds))}: {len(pooled['gt'])} probes "
           f"(relative error and Spearman over all of them; ratios: pooled [lowest, highest over the seeds])")
-    header = ["hop", "variant", "rel.err", "spearman", "err/first", "err/curv"]
+    header = ["hop", "variant", "rel.err", "spearman", "err/first", "err/curv", "err/second"]
     rows = []
     for r in range(HOPS):
         errors = _errors(pooled, r)
@@ -119,7 +123,7 @@ def alignment_table(model: str, rounds: int, seeds: list[int], last: int, lr: fl
         for k in ESTIMATES:
             rho = stats.spearmanr(pooled["gt"][:, r], pooled[k][:, r]).statistic
             ratios = []
-            for base in ("first-order", "curvature"):
+            for base in ("first-order", "curvature", "second-order"):
                 spread = [e[k] / e[base] for e in per_seed]
                 ratios.append(f"{errors[k] / errors[base]:.3f} [{min(spread):.3f}, {max(spread):.3f}]")
             rows.append([str(r + 1), k, f"{errors[k]:.3g}", f"{rho:.4f}", *ratios])
@@ -227,7 +231,8 @@ def cost_table(model: str, rounds: int, seed: int, last: int, lr: float, sizes: 
     print(f"\nestimator seconds, {model}, {rounds} rounds, seed {seed}, {NODES * last} probes "
           f"(median of {repeats}, ratios as median [range] over the repeats; test gradients and DICE-GT "
           f"replays excluded)")
-    header = ["|z'|", *TIMED, "second-order / curvature", "b = 0 / curvature", "both / curvature"]
+    header = ["|z'|", *TIMED, "second-order / curvature", "b = 0 / curvature", "both / curvature",
+              "exact / curvature", "exact / second-order"]
     rows = []
     for size in sizes:
         runs = []
@@ -236,7 +241,8 @@ def cost_table(model: str, rounds: int, seed: int, last: int, lr: float, sizes: 
             runs.append(seconds)
         rows.append([str(actual), *(f"{np.median([run[k] for run in runs]):.3f}" for k in TIMED),
                      *(_spread([run[k] / run["curvature"] for run in runs])
-                       for k in ("second-order", "second-order, b = 0", BOTH))])
+                       for k in ("second-order", "second-order, b = 0", BOTH, "exact-readout")),
+                     _spread([run["exact-readout"] / run["second-order"] for run in runs])])
     print_plain(header, rows)
 
 
@@ -251,8 +257,10 @@ def online_cost_table(model: str, rounds: int, seed: int, sizes: list[int], repe
     print(f"\nin the round loop: {model}, {rounds} rounds, seed {seed}, {NODES * 10} probes, seconds of whole runs "
           f"(median of {repeats}) and the estimator's part (minus the same repeat's run without influence)")
     kinds = {"no influence": None, "curvature": ["curvature"], "second-order": ["second-order"],
-             "second-order, b = 0": ["second-order"], BOTH: ["curvature", "second-order"]}
-    header = ["|z'|", *kinds, "second-order / curvature", "b = 0 / curvature", "both / curvature"]
+             "second-order, b = 0": ["second-order"], BOTH: ["curvature", "second-order"],
+             "exact-readout": ["exact-readout"]}
+    header = ["|z'|", *kinds, "second-order / curvature", "b = 0 / curvature", "both / curvature",
+              "exact / curvature", "exact / second-order"]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for size in sizes:
@@ -272,7 +280,8 @@ def online_cost_table(model: str, rounds: int, seed: int, sizes: list[int], repe
             extras = [{name: run[name] - run["no influence"] for name in kinds} for run in runs]
             rows.append([str(size), *(f"{np.median([run[k] for run in runs]):.2f}" for k in kinds),
                          *(_spread([extra[k] / extra["curvature"] for extra in extras])
-                           for k in ("second-order", "second-order, b = 0", BOTH))])
+                           for k in ("second-order", "second-order, b = 0", BOTH, "exact-readout")),
+                         _spread([extra["exact-readout"] / extra["second-order"] for extra in extras])])
     print_plain(header, rows)
 
 

@@ -59,16 +59,19 @@ _RECORDED: contextvars.ContextVar[bool] = contextvars.ContextVar("recorded", def
 def distinct_variants(value: list[str]) -> list[str]:
     """A list of DICE-E variants as given, refused if empty or if it names one twice."""
     if not value:
-        raise ValueError("needs at least one variant (first-order, curvature, second-order)")
+        raise ValueError("needs at least one variant (first-order, curvature, second-order, exact-readout)")
     if len(set(value)) != len(value):
         raise ValueError(f"lists a variant twice: {value}")
     return value
 
 
-Variant = Literal["first-order", "curvature", "second-order"]
+Variant = Literal["first-order", "curvature", "second-order", "exact-readout"]
 SECOND_ORDER_B = ("second-order: also carry b, the perturbation's O(Δ²) part, through the local steps (one nested "
                   "forward-mode pass per step). False keeps the z′ Hessian term alone: about half the cost at a small "
                   "z′, exact to second order only in the direct term and at hop 1")
+EXACT_READOUT_B = ("exact-readout: read δ = a + b (b carried as for second-order: one nested forward-mode pass per "
+                   "step) instead of the curvature perturbation a alone (the default: a forward pass over z′ per "
+                   "term on top of curvature's cost)")
 # A list of DICE-E variants: comma-separated on the command line, each named once.
 VariantList = Annotated[list[Variant], BeforeValidator(comma_list), AfterValidator(distinct_variants)]
 
@@ -253,8 +256,11 @@ class InfluenceConfig(Section):
     variants: VariantList = Field(
         ["first-order", "curvature"], description="DICE-E variants to compute, comma-separated (second-order: exact "
                                                   "to second order in Δ; about 3x the curvature variant's estimator "
-                                                  "time at a 16-image z′, 6-7x at 360 images)")
+                                                  "time at a 16-image z′, 6-7x at 360 images; exact-readout: "
+                                                  "the z′ loss itself read along the curvature perturbation, "
+                                                  "exact at hop 1)")
     second_order_b: bool = Field(True, description=SECOND_ORDER_B)
+    exact_readout_b: bool = Field(False, description=EXACT_READOUT_B)
     ground_truth: bool = Field(True, description="also measure DICE-GT by counterfactual replay")
     sources_per_task: int = Field(4, ge=1, description="probes of one round batched into one Ray task")
     online: bool = Field(False, description="compute DICE-E inside the round loop, in the participant groups, "
@@ -319,6 +325,10 @@ class ProximalConfig(Section):
                                                                               "validation split, or the "
                                                                               "shared held-out batch")
     window: int = Field(10, ge=1, description="scoring rounds summed in the windowed score")
+    readout: Literal["first-order", "exact"] = Field(
+        "first-order", description="first-order: p_{k←l} = q_k W_kl ∇L(θ_k^{t+1}; z′_k)ᵀ Δ_l; exact: the loss itself, "
+                                   "q_k [L(θ_k^{t+1}; z′_k) − L(θ_k^{t+1} − W_kl Δ_l; z′_k)], the counterfactual "
+                                   "effect of l's update (one forward pass over z′_k per edge)")
 
     def check(self, config: Any) -> None:
         if not self.enabled:
@@ -345,8 +355,10 @@ class LedgerConfig(Section):
     variants: VariantList = Field(["first-order"], description="DICE-E variants the ledger sums (comma-separated): "
                                     "first-order (J = I, one z′ gradient per round), curvature (the local steps' "
                                     "Jacobians: a forward-mode pass per source and participant reached), "
-                                    "second-order (also b and the z′ Hessian term: about 3x curvature)")
+                                    "second-order (also b and the z′ Hessian term: about 3x curvature), "
+                                    "exact-readout (the z′ loss difference along the curvature perturbation)")
     second_order_b: bool = Field(True, description=SECOND_ORDER_B)
+    exact_readout_b: bool = Field(False, description=EXACT_READOUT_B)
     rank_by: Variant | None = Field(None, description="the variant whose totals give shares, harmful flags and "
                                                       "ranks (default: the first of variants)")
 

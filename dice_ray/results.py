@@ -66,6 +66,9 @@ INFLUENCE = _schema(
     ("est_curvature", pa.float64(), "DICE-E term e_k^{(s)} with the local steps' Jacobians (Hessian-vector products)"),
     ("est_second_order", pa.float64(), "DICE-E term exact to second order in Δ: ∇Lᵀ(a + b) − ½ aᵀH′a (b: the O(Δ²) "
                                        "perturbation, H′: Hessian of the z′ loss); null unless that variant is on"),
+    ("est_exact_readout", pa.float64(), "DICE-E term read by the z′ loss itself: L(θ_k; z′) − L(θ_k − δ_k; z′), δ the "
+                                        "curvature perturbation (a + b with exact_readout_b); equals gt at s = 1; "
+                                        "null unless that variant is on"),
 )
 
 DICE = _schema(
@@ -75,22 +78,25 @@ DICE = _schema(
     ("est_first_order", pa.float64(), "DICE-E^{(r)}, first-order variant"),
     ("est_curvature", pa.float64(), "DICE-E^{(r)}, curvature variant"),
     ("est_second_order", pa.float64(), "DICE-E^{(r)}, second-order variant (null unless that variant is on)"),
+    ("est_exact_readout", pa.float64(), "DICE-E^{(r)}, exact-readout variant (null unless that variant is on)"),
     ("gt_hop", pa.float64(), "hop r alone: Σ_{k∈N^{(r)}(j)} q_k d_k^{(r)} (DICE-GT^{(r)} − DICE-GT^{(r−1)})"),
     ("est_first_order_hop", pa.float64(), "hop r alone, DICE-E first-order"),
     ("est_curvature_hop", pa.float64(), "hop r alone, DICE-E curvature"),
     ("est_second_order_hop", pa.float64(), "hop r alone, DICE-E second-order"),
+    ("est_exact_readout_hop", pa.float64(), "hop r alone, DICE-E exact-readout"),
     ("gt_horizon", pa.float64(), "horizon total Σ_k q_k d_k^{(r)}: z's effect on the network's weighted loss r "
                                  "rounds later"),
     ("est_first_order_horizon", pa.float64(), "Σ_k q_k e_k^{(r)}, first-order variant"),
     ("est_curvature_horizon", pa.float64(), "Σ_k q_k e_k^{(r)}, curvature variant"),
     ("est_second_order_horizon", pa.float64(), "Σ_k q_k e_k^{(r)}, second-order variant"),
+    ("est_exact_readout_horizon", pa.float64(), "Σ_k q_k e_k^{(r)}, exact-readout variant"),
 )
 
 ALIGNMENT = _schema(
     ("hops", pa.int32(), "r"),
     ("quantity", pa.string(), "'hop': the hop-r term alone; 'cumulative': DICE^{(r)}; 'terms': every d_k^{(r)}, "
                               "k in S_r, against e_k^{(r)}"),
-    ("variant", pa.string(), "DICE-E variant: first-order, curvature or second-order"),
+    ("variant", pa.string(), "DICE-E variant: first-order, curvature, second-order or exact-readout"),
     ("probes", pa.int32(), "number of values compared (probes; for 'terms', probe × participant pairs)"),
     ("pearson", pa.float64(), "Pearson correlation of DICE-E with DICE-GT over the probes"),
     ("spearman", pa.float64(), "Spearman rank correlation"),
@@ -119,7 +125,8 @@ PROXIMAL = _schema(
     ("examiner", pa.int32(), "examiner k, scoring on its own z′_k"),
     ("neighbor", pa.int32(), "in-neighbour l of k in W^t (l ≠ k)"),
     ("weight", pa.float64(), "W^t_kl"),
-    ("score", pa.float64(), "proximal influence p_{k←l}^t = q_k W^t_kl ∇L(θ_k^{t+1}; z′_k)ᵀ Δ_l^t; positive: l's "
+    ("score", pa.float64(), "proximal influence p_{k←l}^t = q_k W^t_kl ∇L(θ_k^{t+1}; z′_k)ᵀ Δ_l^t (proximal.readout "
+                            "exact: q_k [L(θ_k^{t+1}; z′_k) − L(θ_k^{t+1} − W^t_kl Δ_l^t; z′_k)]); positive: l's "
                             "update raised k's loss (harmful)"),
     ("cumulative_score", pa.float64(), "Σ of score over the scoring rounds ≤ t in which l was k's in-neighbour"),
     ("window_score", pa.float64(), "Σ of score over the last proximal.window scoring rounds (≤ t)"),
@@ -170,7 +177,8 @@ COLLABORATORS = _schema(
 )
 
 # The contribution ledger's column suffix of each DICE-E variant (``influence_curvature``, ``total_second_order``, …).
-VARIANT_SUFFIX = {"first-order": "", "curvature": "_curvature", "second-order": "_second_order"}
+VARIANT_SUFFIX = {"first-order": "", "curvature": "_curvature", "second-order": "_second_order",
+                  "exact-readout": "_exact_readout"}
 
 CONTRIBUTIONS = _schema(
     ("round", pa.int32(), "round u in which the term was measured (gradient at θ_k^u, the start of round u)"),
@@ -189,6 +197,10 @@ CONTRIBUTIONS = _schema(
     ("influence_second_order", pa.float64(), "second-order DICE-E term q_k (∇Lᵀ(a + b) − ½ aᵀH′a; the self term "
                                              "∇ᵀΔ + ½ ΔᵀH′Δ) (null unless ledger.variants has second-order)"),
     ("cumulative_second_order", pa.float64(), "L[j→k] of the second-order terms, rounds ≤ u"),
+    ("influence_exact_readout", pa.float64(), "exact-readout DICE-E term q_k (L(θ_k; z′) − L(θ_k − δ_k; z′); the self "
+                                              "term L(θ_j^t + Δ; z′) − L(θ_j^t; z′)) (null unless ledger.variants "
+                                              "has exact-readout)"),
+    ("cumulative_exact_readout", pa.float64(), "L[j→k] of the exact-readout terms, rounds ≤ u"),
 )
 
 SHARES = _schema(
@@ -201,6 +213,7 @@ SHARES = _schema(
     ("rank", pa.int32(), "1 = most helpful (most negative T_j of the ranking variant)"),
     ("total_curvature", pa.float64(), "T_j of the curvature ledger (null unless computed)"),
     ("total_second_order", pa.float64(), "T_j of the second-order ledger (null unless computed)"),
+    ("total_exact_readout", pa.float64(), "T_j of the exact-readout ledger (null unless computed)"),
 )
 
 LOO = _schema(
@@ -234,6 +247,7 @@ CONTRIBUTION_REPORT = _schema(
     ("betweenness", pa.float64(), "betweenness centrality of j in the communication graph (networkx)"),
     ("total_curvature", pa.float64(), "ledger total T_j, curvature variant (null unless computed)"),
     ("total_second_order", pa.float64(), "ledger total T_j, second-order variant (null unless computed)"),
+    ("total_exact_readout", pa.float64(), "ledger total T_j, exact-readout variant (null unless computed)"),
 )
 
 # The fixed columns of a sweep's trials.parquet; the swept config fields and the trial metrics follow them

@@ -1,7 +1,7 @@
 """The methods: each one a round hook (``dice_ray.hooks``) with its driver state and its tables.
 
 - ``proximal``       proximal influence p_{k←l}: every examiner scores its in-neighbours online (concepts §5)
-- ``contributions``  the contribution ledger L[j→k]: DICE-E of every update (first-order, curvature, second-order)
+- ``contributions``  the contribution ledger L[j→k]: DICE-E of every update (every variant)
 - ``dice/``          DICE: probes, ground truth by replay, the estimator (replayed or ``online.py`` in the loop)
 - ``rewiring``       collaborator selection: a new W every K rounds from the proximal ledger
 - ``retraining``     leave-one-participant-out and Shapley ground truth for contributions: a stage after training

@@ -24,16 +24,17 @@ Sign (concepts §2): influence = L(with) − L(without); negative: j's updates l
 Shares: helpful participants (T_j < 0) split a positive budget, share_j = max(−T_j, 0) / Σ_l max(−T_l, 0);
 a participant with T_j > 0 raised the network's weighted loss and is flagged harmful (share 0).
 
-Curvature and second order (``ledger.variants``). The same terms with the curvature DICE-E (δ propagated through
-the local steps' Jacobians, δ_k^{(s+1)} = Σ_l W_kl J_l δ_l^{(s)}) or the second-order one (a + b, and
-e₂ = ∇ᵀ(a + b) − ½ aᵀH′a) have no shared adjoint: each source's perturbation must travel on its own. They are
-the in-loop DICE-E of ``dice/online.py`` (``OnlineCascades``, the same functions) with one whole-batch probe per
-source and ledger round (``LedgerProbes``), recorded only where the ledger counts a term (k ∈ N^{(s)}(j) and
-the self term): the perturbations travel with the half-steps to the groups whose rows of W read them, and each
-group records the terms of its hosted targets. The first-order column keeps its own exact float64 path; the
-driver joins the variants' terms on (probe round, source, target) — the same keys, or it raises. Cost per
-ledger round: one forward-mode pass through the local step for every (source, participant reached before hop
-R) pair, and for second-order a nested pass and one z′ Hessian-vector product per term.
+Curvature, second order and the exact readout (``ledger.variants``). The same terms with the curvature DICE-E (δ
+propagated through the local steps' Jacobians, δ_k^{(s+1)} = Σ_l W_kl J_l δ_l^{(s)}), the second-order one (a + b, and
+e₂ = ∇ᵀ(a + b) − ½ aᵀH′a) or the exact readout (L(θ_k; z′) − L(θ_k − δ; z′)) have no shared adjoint: each source's
+perturbation must travel on its own. They are the in-loop DICE-E of ``dice/online.py`` (``OnlineCascades``, the same
+functions) with one whole-batch probe per source and ledger round (``LedgerProbes``), recorded only where the ledger
+counts a term (k ∈ N^{(s)}(j) and the self term): the perturbations travel with the half-steps to the groups whose rows
+of W read them, and each group records the terms of its hosted targets. The first-order column keeps its own exact
+float64 path; the driver joins the variants' terms on (probe round, source, target) — the same keys, or it raises. Cost
+per ledger round: one forward-mode pass through the local step for every (source, participant reached before hop R)
+pair, and for second-order a nested pass and one z′ Hessian-vector product per term; exact-readout (the z′ loss
+difference L(θ_k; z′) − L(θ_k − δ; z′) along the curvature perturbation) one forward pass over z′ per term.
 
 Pure torch and numpy: no Ray here.
 """
@@ -93,7 +94,8 @@ class LedgerProbes(ProbeSchedule):
 
 
 def cascade_variants(config: Any) -> list[str]:
-    """The ledger's variants that propagate a perturbation per source (curvature, second-order), in order."""
+    """The ledger's variants that propagate a perturbation per source (curvature, second-order, exact-readout), in
+    order."""
     return [v for v in config.ledger.variants if v != "first-order"]
 
 
@@ -402,7 +404,8 @@ class LedgerHook(RoundHook):
         variants = cascade_variants(config)
         self.cascades = OnlineCascades(block, config, LedgerProbes(config), config.ledger.hops, variants,
                                        config.ledger.zprime, first_reached_only=True,
-                                       with_b=config.ledger.second_order_b) if variants else None
+                                       with_b=config.ledger.second_order_b,
+                                       exact_b=config.ledger.exact_readout_b) if variants else None
 
     @classmethod
     def sends(cls, config: Any) -> Callable[[int], bool]:

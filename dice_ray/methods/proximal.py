@@ -7,6 +7,14 @@ sign-flip, scale and free-ride participants the corrupted one. Positive: l's upd
 (harmful); negative: it lowers it (helpful). The self term l = k is not scored (the table is about
 in-neighbours).
 
+With ``proximal.readout`` ``exact`` the same pair is read with the loss itself (concepts §4, exact readout), at the
+same state:
+
+    p_{k←l}^t = q_k [L(θ_k^{t+1}; z′_k) − L(θ_k^{t+1} − W^t_kl Δ_l^t; z′_k)],
+
+the counterfactual effect on k's loss of l's update of round t one gossip later (θ_k^{t+1} − W^t_kl Δ_l^t is k's
+state had l not stepped): one forward pass over z′_k per edge, L(θ_k^{t+1}; z′_k) once per examiner.
+
 ``ProximalExaminer`` does the block's part inside a participant group (Ray actor or local engine): on scoring
 rounds it reads Δ^t of the hosted participants and, after gossip, one vectorized gradient per examiner at θ^{t+1}
 (both from the block's ``round_quantities``, computed once for every method that reads them), then takes a dot
@@ -28,7 +36,7 @@ import torch
 
 from dice_ray.core.tensors import as_tensor, edge_dots, sum_by_key
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook
-from dice_ray.methods.round_quantities import round_quantities
+from dice_ray.methods.round_quantities import round_quantities, zprime_losses_at
 from dice_ray.results import PROXIMAL
 
 FIELDS = ("examiner", "neighbor", "weight", "dot", "cosine")
@@ -47,9 +55,10 @@ class ProximalExaminer:
     block's ``round_quantities``, shared with the ledger and in-loop DICE-E.
     """
 
-    def __init__(self, block: Any, zprime: str = "validation"):
+    def __init__(self, block: Any, zprime: str = "validation", readout: str = "first-order"):
         self.block = block
         self.zprime = zprime
+        self.readout = readout
         self.shared = round_quantities(block)
         self.delta: torch.Tensor | None = None
 
@@ -69,7 +78,8 @@ class ProximalExaminer:
         updates are ``deltas[b]`` [M_b, D_params] and whose global ids are ``source_ids[b]`` [M_b].
         Returns numpy arrays [E], one entry per edge l → k with W^t_kl > 0, l ≠ k, sorted by (examiner,
         neighbor): ``examiner``, ``neighbor`` (global ids), ``weight`` W^t_kl, ``dot`` W^t_kl ∇L(θ_k^{t+1};
-        z′_k)ᵀ Δ_l (p_{k←l} without q_k) and ``cosine`` cos(Δ_k, Δ_l) (0 where either update is zero).
+        z′_k)ᵀ Δ_l (p_{k←l} without q_k; ``readout`` exact: L(θ_k^{t+1}; z′_k) − L(θ_k^{t+1} − W^t_kl Δ_l; z′_k)) and
+        ``cosine`` cos(Δ_k, Δ_l) (0 where either update is zero).
         """
         device = self.block.device
         g, own = self.shared.gradients(t + 1, self.zprime).double(), self.delta.double()
@@ -85,9 +95,21 @@ class ProximalExaminer:
             weight = torch.as_tensor(coo.data[keep], dtype=torch.float64, device=device)
             norms = own_norm[torch.as_tensor(rows, device=device)] * d.norm(dim=1)[torch.as_tensor(cols, device=device)]
             cosine = torch.where(norms > 0, update_dot / norms.clamp_min(1e-300), 0.0)
-            for f, v in zip(FIELDS, (examiner[keep], neighbor[keep], weight, weight * grad_dot, cosine), strict=True):
+            score = weight * grad_dot if self.readout == "first-order" else self.exact_scores(t, rows, weight, d[cols])
+            for f, v in zip(FIELDS, (examiner[keep], neighbor[keep], weight, score, cosine), strict=True):
                 parts[f].append(v.cpu().numpy() if isinstance(v, torch.Tensor) else v)
         return sort_scores({f: np.concatenate(v) if v else np.zeros(0) for f, v in parts.items()})
+
+
+    def exact_scores(self, t: int, rows: np.ndarray, weight: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+        """L(θ_k^{t+1}; z′_k) − L(θ_k^{t+1} − W^t_kl Δ_l; z′_k) [E] float64, per edge: examiner rows ``rows`` [E]
+        (positions in the block), ``weight`` W^t_kl [E], ``updates`` Δ_l [E, D_params]; call after ``mix``."""
+        pop = self.block.population
+        pos = torch.as_tensor(rows, device=self.block.device)
+        states = pop.state[pos].clone()
+        states[:, : updates.shape[1]] -= (weight[:, None] * updates).to(states.dtype)  # k's state had l not stepped
+        at = self.shared.losses(t + 1, self.zprime)[pos]
+        return (at - zprime_losses_at(self.block, pos, states, self.zprime)).double()
 
 
 def sort_scores(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -170,7 +192,7 @@ class ProximalHook(RoundHook):
 
     def __init__(self, block: Any, config: Any):
         super().__init__(block, config)
-        self.examiner = ProximalExaminer(block, config.proximal.zprime)
+        self.examiner = ProximalExaminer(block, config.proximal.zprime, config.proximal.readout)
 
     @classmethod
     def sends(cls, config: Any) -> Callable[[int], bool]:

@@ -16,6 +16,8 @@ from weakref import WeakKeyDictionary
 
 import torch
 
+from dice_ray.core.population import Population
+
 _SHARED: WeakKeyDictionary[Any, RoundQuantities] = WeakKeyDictionary()
 
 
@@ -38,10 +40,11 @@ class RoundQuantities:
         self._before: tuple[int, torch.Tensor, dict[str, torch.Tensor] | None] | None = None  # (t, θ^t, opt^t)
         self._update: tuple[int, torch.Tensor, dict[str, torch.Tensor]] | None = None  # (t, Δ^t, opt Δ^t)
         self._gradients: tuple[int, dict[str, torch.Tensor]] | None = None  # (u, zprime -> ∇L(θ^u; z′))
+        self._losses: tuple[int, dict[str, torch.Tensor]] | None = None  # (u, zprime -> L(θ^u; z′))
 
     def forget(self) -> None:
         """Drop everything kept (the block's state was restored)."""
-        self._before = self._update = self._gradients = None
+        self._before = self._update = self._gradients = self._losses = None
 
     def keep_before(self, t: int, optimizer_state: bool = False) -> None:
         """Copy θ^t of the hosted participants before their local step of round t (once per round; with their
@@ -74,6 +77,28 @@ class RoundQuantities:
         if zprime not in kept:
             kept[zprime] = zprime_gradients(self.block, zprime)
         return kept[zprime]
+
+    def losses(self, u: int, zprime: str) -> torch.Tensor:
+        """L(θ_k^u; z′_k) [P] of every hosted k (eval mode), θ = θ^u now or when first asked (``gradients``' z′):
+        the term every exact readout at k shares."""
+        if self._losses is None or self._losses[0] != u:
+            self._losses = (u, {})
+        kept = self._losses[1]
+        if zprime not in kept:
+            everyone = torch.arange(self.block.size, device=self.block.device)
+            kept[zprime] = zprime_losses_at(self.block, everyone, self.block.population.state, zprime)
+        return kept[zprime]
+
+
+def zprime_losses_at(block: Any, pos: torch.Tensor, states: torch.Tensor, zprime: str) -> torch.Tensor:
+    """L(θ; z′_k) [m] at ``states`` [m, D] for the hosted rows ``pos`` [m] of ``block`` (z′_k as ``gradients``
+    reads it: k's validation split, or the shared held-out batch), eval mode, no graph."""
+    pop = block.population
+    rows = Population(pop.model, states.clone(), pop.optimizer, loss=pop.loss)
+    with torch.no_grad():
+        if zprime == "heldout":
+            return rows.evaluate(block.x_heldout, block.y_heldout, shared_input=True)[0]
+        return rows.evaluate(block.x_val[pos], block.y_val[pos], sample_weights=block.val_mask[pos])[0]
 
 
 def zprime_gradients(block: Any, zprime: str) -> torch.Tensor:

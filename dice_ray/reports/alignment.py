@@ -21,7 +21,8 @@ from dice_ray.reports.correlation import compare
 from dice_ray.reports.inputs import read_columns
 from dice_ray.results import ALIGNMENT
 
-VARIANTS = {"first-order": "est_first_order", "curvature": "est_curvature", "second-order": "est_second_order"}
+VARIANTS = {"first-order": "est_first_order", "curvature": "est_curvature", "second-order": "est_second_order",
+            "exact-readout": "est_exact_readout"}
 QUANTITIES = {"hop": "_hop", "cumulative": ""}
 
 

@@ -110,6 +110,9 @@ def test_two_actors_and_second_order_alone_resumed(local: Path, ray_local, tmp_p
     two = contributions(simulate(config(tmp_path / "two", engine__actors=2), engine_kind="ray"))
     pd.testing.assert_frame_equal(two[KEYS], want[KEYS])
     for column in [c for c in want if c.startswith(("influence", "cumulative"))]:
+        if want[column].isna().all():  # a variant this run does not compute (exact-readout)
+            assert two[column].isna().all(), column
+            continue
         scale = np.abs(want[column].to_numpy()).max()
         assert np.abs(two[column].to_numpy() - want[column].to_numpy()).max() <= 1e-5 * scale, column
 

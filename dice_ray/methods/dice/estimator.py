@@ -7,12 +7,13 @@ recursion of ``recursion.py`` over the window's recorded states, minibatches and
 
 J_l^{t+s} the Jacobian of l's local step at θ_l^{t+s} on its minibatch z_l^{t+s} (``first-order``: J = I), and
 reads e_k^{(s)} = ∇L(θ_k^{t+s}; z′)ᵀ δ_k^{(s)} and e_j^{(½)} = ∇L(θ_j^t; z′)ᵀ Δ (``second-order``: δ = a + b and
-e₂ = ∇ᵀ(a + b) − ½ aᵀH′a, concepts §4). The recursion costs one batched Jacobian-vector product per round over
-the participants the cascade has reached, O(r · edges) vector operations instead of Theorem 2's O(degree^r)
-paths. ``first_order_all_sources`` is its J = I case for every source at once.
+e₂ = ∇ᵀ(a + b) − ½ aᵀH′a; ``exact-readout``: e_x = L(θ_k; z′) − L(θ_k − δ; z′), concepts §4). The recursion costs
+one batched Jacobian-vector product per round over the participants the cascade has reached, O(r · edges) vector
+operations instead of Theorem 2's O(degree^r) paths. ``first_order_all_sources`` is its J = I case for every source
+at once.
 
-Also here: the window (``Window``: test gradients, local steps and z′ Hessian forms on recorded states), the
-update differences Δ of whole-batch and single-sample probes, and b₀, the second-order part of a single
+Also here: the window (``Window``: test gradients, local steps, z′ Hessian forms and z′ loss differences on recorded
+states), the update differences Δ of whole-batch and single-sample probes, and b₀, the second-order part of a single
 sample's Δ (``sample_second_order``): without z the step sees the gradient ḡ − d, so b₀ = −½ D²step[d, d].
 """
 
@@ -29,17 +30,21 @@ from dice_ray.core.losses import CROSS_ENTROPY, Loss
 from dice_ray.core.population import OptimizerSpec, Population, model_state_layouts, optimizer_update_
 from dice_ray.methods.dice.recursion import (
     READOUTS,
+    READS_B,
+    HessianForm,
     LocalSteps,
+    LossDifference,
     Perturbation,
     gossip,
     identity_step,
     local_step,
+    read_by,
     start,
     twice_differentiable_sqrt,
 )
 from dice_ray.methods.dice.trajectory import Trajectory, first_reached, reach
 
-VARIANTS = ("first-order", "curvature", "second-order")
+VARIANTS = ("first-order", "curvature", "second-order", "exact-readout")
 FORM_ROWS = 64  # participants per vmapped pass of the z′ Hessian forms (activations of 64 copies on z′)
 
 
@@ -98,10 +103,12 @@ class Window:
         self.update_factors = update_factors
         self._model64: nn.Module | None = None
         self._test_gradients: dict[int, torch.Tensor] = {}
+        self._test_losses: dict[int, torch.Tensor] = {}
 
     def clear_cache(self) -> None:
-        """Forget cached test gradients (for timing)."""
+        """Forget cached test gradients and losses (for timing)."""
         self._test_gradients.clear()
+        self._test_losses.clear()
 
     def double_model(self) -> nn.Module:
         """A float64 copy of the architecture (for loss differences that need the precision)."""
@@ -141,6 +148,40 @@ class Window:
             return pop.loss_and_grad(x, y, sample_weights=mask)[1]
         finally:
             self.model.train()
+
+    def test_losses(self, s: int, rows: np.ndarray) -> torch.Tensor:
+        """L(θ_k^{t0+s}; z′) for k in ``rows``: [len(rows)] (eval mode), computed once per step for all N and cached:
+        the exact readout's shared term, L(θ_k; z′) of every probe read at k and step s."""
+        if s not in self._test_losses:
+            everyone = np.arange(self.trajectory.states[s].shape[0])
+            self._test_losses[s] = self.zprime_losses(everyone, self.trajectory.states[s])
+        return self._test_losses[s][self.index(rows)]
+
+    def zprime_losses(self, rows: np.ndarray, states: torch.Tensor) -> torch.Tensor:
+        """L(θ; z′_k) [P] at ``states`` [P, D] of participants ``rows`` (z′_k: k's validation split when the window has
+        one, else the held-out batch), eval mode, in the states' dtype."""
+        pop = Population(self.model, states, self.optimizer, loss=self.loss)
+        if self.validation is None:
+            return zprime_losses(pop, *self.heldout, shared_input=True)
+        x, y, mask = (value[self.index(rows)] for value in self.validation)
+        return zprime_losses(pop, x, y, sample_weights=mask)
+
+    def stacked_loss_differences(self, terms: list[tuple[int, np.ndarray, LossDifference]]) -> list[torch.Tensor]:
+        """L(θ_k + shift; z′) − L(θ_k + shift − δ; z′) of several (s, rows, request) at θ_k = θ_k^{t0+s}: one list
+        entry [len(rows)] per term. L(θ_k; z′) (no shift) is ``test_losses``; the shifted states of every term go
+        through one batched forward pass (``Population.evaluate``'s chunks), whatever their round."""
+        states = torch.cat([self.trajectory.states[s][self.index(rows)] for s, rows, _ in terms])
+        rows = np.concatenate([rows for _, rows, _ in terms])
+        shift = torch.cat([r.shift if r.shift is not None else torch.zeros_like(r.delta) for *_, r in terms])
+        delta = torch.cat([r.delta for *_, r in terms])
+        shifted = [i for i, (*_, r) in enumerate(terms) if r.shift is not None]
+        bounds = np.cumsum([0] + [len(rows) for _, rows, _ in terms])
+        at = torch.cat([self.test_losses(s, rows) for s, rows, _ in terms])
+        if shifted:
+            index = torch.cat([torch.arange(int(bounds[i]), int(bounds[i + 1])) for i in shifted]).to(delta.device)
+            at[index] = self.zprime_losses(rows[index.cpu().numpy()], moved(states[index], shift[index]))
+        out = at - self.zprime_losses(rows, moved(states, shift - delta))
+        return list(out.split([len(rows) for _, rows, _ in terms]))
 
     def hessian_forms(self, s: int, rows: np.ndarray, u: torch.Tensor, v: torch.Tensor,
                       states: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,6 +236,20 @@ class Window:
         if self.update_factors is not None:
             c = torch.as_tensor(self.update_factors[rows], dtype=before.dtype, device=before.device)[:, None]
             pop.params.copy_(before + c * (pop.params - before))
+
+
+def moved(states: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    """``states`` [P, D] with ``change`` [P, D_params] added to their parameters (buffers unchanged): a new tensor."""
+    out = states.clone()
+    out[:, : change.shape[1]] += change
+    return out
+
+
+def zprime_losses(pop: Population, x: torch.Tensor, y: torch.Tensor, shared_input: bool = False,
+                  sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """L(θ; z′) [P] of every row of ``pop`` (z′ = x, y, as ``Population.evaluate`` takes them), eval mode, no graph."""
+    with torch.no_grad():
+        return pop.evaluate(x, y, shared_input, sample_weights)[0]
 
 
 def zprime_hessian_forms(pop: Population, u: torch.Tensor, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
@@ -334,23 +389,24 @@ def sample_second_order_difference(window: Window, source: int,
 def estimate_cascade(window: Window, source: int, delta: torch.Tensor, opt_delta: dict[str, torch.Tensor],
                      hops: int, variant: str = "curvature",
                      second: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None,
-                     with_b: bool = True) -> Cascade:
+                     with_b: bool = True, exact_b: bool = False) -> Cascade:
     """Return DICE-E's cascade of a probe of participant ``source`` at round t0 with update difference
     ``delta`` [D_params] (and optimizer-state difference ``opt_delta``), for steps s = 1..hops.
 
-    ``second-order`` only: ``second`` = b₀ (Δ's second-order part [D_params], its optimizer-state part; None:
-    zero, as for a whole-batch probe); ``with_b`` False drops b everywhere (diagnostics: e = ∇ᵀa − ½ aᵀH′a).
+    ``second-order`` and ``exact-readout`` with b only: ``second`` = b₀ (Δ's second-order part [D_params], its
+    optimizer-state part; None: zero, as for a whole-batch probe). ``with_b`` False: second-order reads a alone
+    (e = ∇ᵀa − ½ aᵀH′a, ``second_order_b``); ``exact_b`` True: exact-readout reads a + b (``exact_readout_b``).
     """
-    return estimate_cascades(window, source, delta, opt_delta, hops, [variant], second, with_b)[variant]
+    return estimate_cascades(window, source, delta, opt_delta, hops, [variant], second, with_b, exact_b)[variant]
 
 
 def estimate_cascades(window: Window, source: int, delta: torch.Tensor, opt_delta: dict[str, torch.Tensor],
                       hops: int, variants: list[str],
                       second: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None,
-                      with_b: bool = True) -> dict[str, Cascade]:
+                      with_b: bool = True, exact_b: bool = False) -> dict[str, Cascade]:
     """``estimate_cascade`` of every variant in ``variants`` (variant -> ``Cascade``): ``first-order`` propagated with
-    J = I, the others with one propagation through the local steps — with ``second-order``, ``curvature``'s cascade
-    is read off its first-order part a. ``with_b`` False: second-order without b (``influence.second_order_b``)."""
+    J = I, the others with one propagation through the local steps — ``curvature``'s cascade is read off a, and b is
+    carried when a variant that reads it asks for it (``with_b``: second-order's, ``exact_b``: exact-readout's)."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"variant {unknown[0]!r} is unknown; choose one of {', '.join(VARIANTS)}")
@@ -360,36 +416,50 @@ def estimate_cascades(window: Window, source: int, delta: torch.Tensor, opt_delt
     curved = [v for v in variants if v != "first-order"]
     if curved:
         opt = {name: value[None] for name, value in opt_delta.items()}
+        reads_b = reading_b(curved, with_b, exact_b)
         b0 = None
-        if "second-order" in curved and with_b:
+        if any(reads_b.values()):
             b0, opt_b0 = second if second is not None else (torch.zeros_like(delta), {})
             b0, opt_b0 = b0[None], {name: value[None] for name, value in opt_b0.items()}
         out |= replay_recursion(window, source, start(delta[None], opt, b0, None if b0 is None else opt_b0), hops,
-                                curved, through_j=True)
+                                curved, through_j=True, reads_b=reads_b)
     return {v: out[v] for v in variants}
 
 
+def reading_b(variants: list[str], with_b: bool, exact_b: bool) -> dict[str, bool]:
+    """Variant -> whether its readout reads b (δ = a + b): second-order's ``with_b`` (``second_order_b``),
+    exact-readout's ``exact_b`` (``exact_readout_b``); False for the others and for variants not in ``variants``."""
+    flags = {"second-order": with_b, "exact-readout": exact_b}
+    return {v: v in READS_B and flags[v] for v in variants}
+
+
 def replay_recursion(window: Window, source: int, delta: Perturbation, hops: int, variants: list[str],
-                     through_j: bool) -> dict[str, Cascade]:
+                     through_j: bool, reads_b: dict[str, bool] | None = None) -> dict[str, Cascade]:
     """The recursion (``recursion``) over the window for the probe (``source``, t0) started with ``delta`` (on row
-    j): e_j^{(½)} and e_k^{(s)}, s = 1..hops, read by each variant's readout (variant -> ``Cascade``). ``through_j``:
-    step through the local steps' J (else J = I). The readouts' z′ Hessian forms of every step are taken together
-    at the end (rows at different rounds, one pass; the direct term's first)."""
+    j): e_j^{(½)} and e_k^{(s)}, s = 1..hops, read by each variant's readout (variant -> ``Cascade``; ``reads_b``:
+    the variants that read b, ``reading_b``; default all). ``through_j``: step through the local steps' J (else
+    J = I). The readouts' requests of every step are evaluated together at the end (rows at different rounds in
+    one batched pass: the z′ Hessian forms, then the z′ loss differences)."""
     traj = window.trajectory
     supports = reach(traj.mixing[:hops], source)
     readouts = {v: READOUTS[v] for v in variants}
     width = delta.a.shape[1]
     update = (traj.halves[0][source, :width] - traj.states[0][source, :width])[None]  # u, the factual update
+    reads_b = dict.fromkeys(variants, True) if reads_b is None else reads_b
     linear: dict[str, list[torch.Tensor]] = {v: [] for v in variants}
-    forms: list[tuple[str, int, float, tuple[int, np.ndarray, torch.Tensor, torch.Tensor]]] = []
+    hessians: list[tuple[str, int, float, tuple[int, np.ndarray, torch.Tensor, torch.Tensor]]] = []
+    losses: list[tuple[str, int, tuple[int, np.ndarray, LossDifference]]] = []
 
     def read(s: int, rows: np.ndarray, delta: Perturbation, update: torch.Tensor | None = None) -> None:
         gradients = window.test_gradients(s, rows)
         for v, readout in readouts.items():
-            linear[v].append(readout.linear(gradients, delta))
-            form = readout.form(delta, update)
-            if form is not None:
-                forms.append((v, s, form[2], (s, rows, form[0], form[1])))
+            seen = read_by(delta, reads_b[v])
+            linear[v].append(readout.linear(gradients, seen))
+            form = readout.form(seen, update)
+            if isinstance(form, HessianForm):
+                hessians.append((v, s, form.c, (s, rows, form.u, form.v)))
+            elif isinstance(form, LossDifference):
+                losses.append((v, s, (s, rows, form)))
 
     rows = np.array([source])
     read(0, rows, delta, update)
@@ -401,9 +471,12 @@ def replay_recursion(window: Window, source: int, delta: Perturbation, hops: int
         read(s, rows, delta)
         if s < hops:
             delta = local_step(window.local_steps(s, rows), delta) if through_j else identity_step(delta)
-    values = window.stacked_hessian_forms([f[3] for f in forms]) if forms else []
-    for (v, s, coefficient, _), value in zip(forms, values, strict=True):
+    values = window.stacked_hessian_forms([f[3] for f in hessians]) if hessians else []
+    for (v, s, coefficient, _), value in zip(hessians, values, strict=True):
         linear[v][s] = linear[v][s] + coefficient * value
+    values = window.stacked_loss_differences([f[2] for f in losses]) if losses else []
+    for (v, s, _), value in zip(losses, values, strict=True):
+        linear[v][s] = linear[v][s] + value
     return {v: Cascade(source, float(values[0][0]), supports, [np.zeros(1)] + [x.cpu().numpy() for x in values[1:]])
             for v, values in linear.items()}
 

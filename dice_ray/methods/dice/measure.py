@@ -18,6 +18,7 @@ from dice_ray.methods.dice.estimator import (
     Cascade,
     Window,
     estimate_cascades,
+    reading_b,
     sample_second_order_difference,
     sample_update_difference,
     update_difference,
@@ -26,16 +27,17 @@ from dice_ray.methods.dice.ground_truth import ground_truth_cascade
 from dice_ray.methods.dice.probes import Probe, probe_rounds, select_probes
 from dice_ray.methods.dice.trajectory import Trajectory, record_windows
 
-COLUMNS = {"first-order": "est_first_order", "curvature": "est_curvature", "second-order": "est_second_order"}
+COLUMNS = {"first-order": "est_first_order", "curvature": "est_curvature", "second-order": "est_second_order",
+           "exact-readout": "est_exact_readout"}
 
 
 def measure_probes(window: Window, probes: list[Probe], q: np.ndarray, hops: int, variants: list[str],
                    ground_truth: bool, distances: dict[int, np.ndarray],
-                   with_b: bool = True) -> tuple[list[dict], list[dict]]:
+                   with_b: bool = True, exact_b: bool = False) -> tuple[list[dict], list[dict]]:
     """Return (influence rows, dice rows) for ``probes`` (all of round ``window.trajectory.t0``).
 
     ``distances[j]``: hop distances from source j (``Topology.hop_distances``) for the ``distance`` column;
-    ``with_b``: ``influence.second_order_b``.
+    ``with_b``: ``influence.second_order_b``; ``exact_b``: ``influence.exact_readout_b``.
     """
     influence: list[dict[str, Any]] = []
     dice: list[dict[str, Any]] = []
@@ -47,14 +49,14 @@ def measure_probes(window: Window, probes: list[Probe], q: np.ndarray, hops: int
         else:
             delta, opt_delta = sample_update_difference(window, j, probe.sample_index)
             removed = np.array([probe.sample_index])
-        # b₀, the second-order part of a single sample's Δ (zero for a whole batch)
+        # b₀, the second-order part of a single sample's Δ (zero for a whole batch), for the variants that read b
         second = sample_second_order_difference(window, j, probe.sample_index) \
-            if probe.sample_index is not None and "second-order" in variants and with_b else None
+            if probe.sample_index is not None and any(reading_b(variants, with_b, exact_b).values()) else None
         cascades: dict[str, Cascade | None] = {
             "gt": ground_truth_cascade(window, j, hops, removed) if ground_truth else None,
             **{COLUMNS[v]: cascade
                for v, cascade in estimate_cascades(window, j, delta, opt_delta, hops, variants, second,
-                                                   with_b).items()},
+                                                   with_b, exact_b).items()},
         }
         rows_influence, rows_dice = probe_rows(probe, cascades, hops, q, distances[j])
         influence += rows_influence
@@ -113,7 +115,7 @@ def measure_round(experiment: Any, trajectory: Trajectory, probes: list[Probe]) 
     inf = experiment.config.influence
     distances = {j: experiment.topology.hop_distances(j, probes[0].round) for j in {p.source for p in probes}}
     return measure_probes(window_for(experiment, trajectory), probes, experiment.q, inf.hops, list(inf.variants),
-                          inf.ground_truth, distances, inf.second_order_b)
+                          inf.ground_truth, distances, inf.second_order_b, inf.exact_readout_b)
 
 
 def measure_influence_here(experiment: Any) -> tuple[list[dict], list[dict]]:

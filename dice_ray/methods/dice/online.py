@@ -28,6 +28,11 @@ e₂ = ∇L(θ_k; z′)ᵀ(a + b) − ½ aᵀH′a (one more second-order pass o
 starts it with b₀ (zero for a whole batch, ``estimator.sample_second_order`` for a single sample) and records
 e₂_j^{(½)} at θ_j^t (``recursion.SecondOrderReadout``). Without b (``second_order_b`` false) a is stepped by the
 curvature pass and b is not carried (nor gossiped, nor checkpointed).
+
+``exact-readout`` reads the same perturbation (a, or a + b with ``exact_readout_b``) with the z′ loss itself:
+e_x = L(θ_k; z′) − L(θ_k − δ; z′), L(θ_k; z′) evaluated once per hosted target and round and shared by every probe
+in flight there, L(θ_k − δ; z′) one batched forward pass over every (probe, target) row (``_loss_differences``).
+Its direct term is read at θ_j^t: L(θ_j^t + u; z′) − L(θ_j^t + u − δ; z′) (``recursion.ExactReadout``).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook
 from dice_ray.methods.dice import recursion
 from dice_ray.methods.dice.estimator import (
     Cascade,
+    moved,
+    reading_b,
     sample_second_order,
     sample_update,
     shared_primal_hessian_forms,
@@ -54,11 +61,12 @@ from dice_ray.methods.dice.estimator import (
 )
 from dice_ray.methods.dice.measure import COLUMNS, probe_rows
 from dice_ray.methods.dice.probes import Probe, select_probes
-from dice_ray.methods.dice.recursion import READOUTS, Perturbation
-from dice_ray.methods.round_quantities import round_quantities
+from dice_ray.methods.dice.recursion import READOUTS, HessianForm, LossDifference, Perturbation, read_by
+from dice_ray.methods.round_quantities import round_quantities, zprime_losses_at
 from dice_ray.results import DICE, INFLUENCE
 
-FIELDS = ("probe_id", "step", "target", "first-order", "curvature", "second-order")  # one recorded term per row
+FIELDS = ("probe_id", "step", "target", "first-order", "curvature", "second-order",
+          "exact-readout")  # one recorded term per row
 JVP_ELEMENTS = 1 << 23  # parameters (rows x D) per forward-mode pass of the curvature variant: ~32 MB a copy
 
 
@@ -145,9 +153,9 @@ class OnlineCascades:
 
     def __init__(self, block: Any, config: Any, probes: ProbeSchedule | None = None, hops: int | None = None,
                  variants: list[str] | None = None, zprime: str | None = None, first_reached_only: bool = False,
-                 with_b: bool | None = None):
-        """``probes``, ``hops``, ``variants``, ``zprime``, ``with_b`` (second-order's b carried: ``second_order_b``):
-        default ``influence``'s (its in-loop probes);
+                 with_b: bool | None = None, exact_b: bool | None = None):
+        """``probes``, ``hops``, ``variants``, ``zprime``, ``with_b`` (second-order reads b: ``second_order_b``),
+        ``exact_b`` (exact-readout reads b: ``exact_readout_b``): default ``influence``'s (its in-loop probes);
         ``first_reached_only``: record e_k^{(s)} only for k ∈ N^{(s)}(j) (and the direct term), as the contribution
         ledger counts them, instead of every k of S_s."""
         self.block, self.config = block, config
@@ -156,9 +164,12 @@ class OnlineCascades:
         self.variants = list(inf.variants if variants is None else variants)
         self.first_reached_only = first_reached_only
         self.second = "second-order" in self.variants
-        # b carried through the local steps (else it is not carried at all: second-order without b, ``second_order_b``)
-        self.with_b = self.second and (inf.second_order_b if with_b is None else with_b)
-        self.curved = self.second or "curvature" in self.variants  # a (and its optimizer part) is propagated
+        # The variants that read b; b is carried through the local steps iff one does (else not at all)
+        self.reads_b = reading_b(self.variants, inf.second_order_b if with_b is None else with_b,
+                                 inf.exact_readout_b if exact_b is None else exact_b)
+        self.with_b = any(self.reads_b.values())
+        self.before = self.second or "exact-readout" in self.variants  # a direct term read at θ_j^t
+        self.curved = self.before or "curvature" in self.variants  # a (and its optimizer part) is propagated
         # The perturbations carried (``_Cascade.arrays``' keys): a under "curvature", b under "second-order".
         self.keys = (["first-order"] if "first-order" in self.variants else []) + \
             (["curvature"] if self.curved else []) + (["second-order"] if self.with_b else [])
@@ -234,6 +245,26 @@ class OnlineCascades:
             start_at += len(group)
         return list(torch.split(out, [len(p) for p, _ in parts]))
 
+    def _loss_differences(self, parts: list[tuple[torch.Tensor, LossDifference]], u: int | None = None,
+                          states: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """L(θ_k + shift; z′) − L(θ_k + shift − δ; z′) [m] for each (hosted rows ``pos`` [m], request) of ``parts``,
+        θ_k the rows' current states θ^u (or ``states``, aligned with the concatenated rows). Without shifts,
+        L(θ_k^u; z′) is the block's ``round_quantities`` (once per participant and round, shared by every probe
+        reading there); the moved states of every part go through one batched forward pass."""
+        if not parts:
+            return []
+        pop = self.block.population
+        pos = torch.cat([p for p, _ in parts])
+        delta = torch.cat([r.delta for _, r in parts])
+        base = pop.state[pos] if states is None else states
+        if states is None and all(r.shift is None for _, r in parts):
+            at, change = self.shared.losses(u, self.zprime)[pos], -delta
+        else:
+            shift = torch.cat([torch.zeros_like(r.delta) if r.shift is None else r.shift for _, r in parts])
+            at, change = zprime_losses_at(self.block, pos, moved(base, shift), self.zprime), shift - delta
+        out = at - zprime_losses_at(self.block, pos, moved(base, change), self.zprime)
+        return list(torch.split(out, [len(p) for p, _ in parts]))
+
     def _record(self, probe_id: int, step: int, rows: np.ndarray, values: dict[str, torch.Tensor]) -> None:
         self._terms.append((probe_id, step, rows, {v: values[v].cpu().numpy() for v in self.variants}))
 
@@ -246,7 +277,7 @@ class OnlineCascades:
             return
         pop = self.block.population
         g = self.shared.gradients(u, self.zprime)
-        stepping, recorded, asks = [], [], []
+        stepping, recorded, asks, differences = [], [], [], []
         for pid, c in sorted(self.active.items()):
             s = u - self.probes.round_of(pid)
             keep = c.new if self.first_reached_only and c.new is not None else None
@@ -256,18 +287,23 @@ class OnlineCascades:
                 at = g[pos]
                 values = {}
                 for v in self.variants:
-                    delta = c.perturbation(v)
+                    delta = read_by(c.perturbation(v), self.reads_b[v])
                     delta = delta if keep is None else delta.take(torch.as_tensor(keep, device=delta.a.device))
                     values[v] = READOUTS[v].linear(at, delta)
                     form = READOUTS[v].form(delta)
-                    if form is not None:  # the H′ terms of every probe below, batched (aᵀH′a: u = v = a)
-                        asks.append((len(recorded), v, form[2], pos, form[0]))
+                    if isinstance(form, HessianForm):  # the H′ terms of every probe below, batched (aᵀH′a: u = v = a)
+                        asks.append((len(recorded), v, form.c, pos, form.u))
+                    elif isinstance(form, LossDifference):  # the loss differences of every probe below, batched
+                        differences.append((len(recorded), v, pos, form))
                 recorded.append((pid, s, rows, values))
             if s < self.hops:
                 stepping.append(pid)
         for (i, v, coefficient, _, _), form in zip(asks, self._batched_forms([(p, a) for *_, p, a in asks]),
                                                     strict=True):
             recorded[i][3][v] = recorded[i][3][v] + coefficient * form
+        for (i, v, _, _), value in zip(differences, self._loss_differences([(p, r) for *_, p, r in differences], u),
+                                       strict=True):
+            recorded[i][3][v] = recorded[i][3][v] + value
         for pid, s, rows, values in recorded:
             self._record(pid, s, rows, values)
         cascades, self.active = [(pid, self.active[pid]) for pid in stepping], {}
@@ -277,7 +313,7 @@ class OnlineCascades:
             self.shared.keep_before(u, optimizer_state=self.curved)
             self._gradients = g[pos]
             self._samples = self._sample_updates(u, pos)
-            if self.second:
+            if self.before:
                 self._before_state = pop.state[pos].clone()
             if self.with_b:
                 self._samples_b = self._sample_updates(u, pos, sample_second_order)
@@ -310,7 +346,7 @@ class OnlineCascades:
         x, y = self.block.minibatch(u)
         # Several probes' rows at once, up to JVP_ELEMENTS parameters per forward-mode pass: the pass holds
         # several copies of its rows' parameters (primal, tangent, gradient and its tangent, the new state).
-        limit = max(1, JVP_ELEMENTS // (pop.params.shape[1] * (2 if self.second else 1)))  # nested: more copies
+        limit = max(1, JVP_ELEMENTS // (pop.params.shape[1] * (2 if self.second or self.with_b else 1)))  # nested
         chunk: list[tuple[int, _Cascade]] = []
         for i, (pid, c) in enumerate(cascades):
             chunk.append((pid, c))
@@ -353,11 +389,14 @@ class OnlineCascades:
         started = recursion.start(delta, opt_delta, b0, opt_b0)
         values = {}
         for v in self.variants:
-            values[v] = READOUTS[v].linear(self._gradients, started)
-            form = READOUTS[v].form(started, update)
-            if form is not None:  # at θ_j^u (before the local step)
+            seen = read_by(started, self.reads_b[v])
+            values[v] = READOUTS[v].linear(self._gradients, seen)
+            form = READOUTS[v].form(seen, update)
+            if isinstance(form, HessianForm):  # at θ_j^u (before the local step)
                 sub, zprime = self._zprime(pos, self._before_state)
-                values[v] = values[v] + form[2] * zprime_hessian_forms(sub, form[0], form[1], **zprime)
+                values[v] = values[v] + form.c * zprime_hessian_forms(sub, form.u, form.v, **zprime)
+            elif isinstance(form, LossDifference):
+                values[v] = values[v] + self._loss_differences([(pos, form)], states=self._before_state)[0]
         for i, p in enumerate(self._new):
             rows = np.array([p.source])
             self._record(p.probe_id, 0, rows, {v: values[v][i: i + 1] for v in self.variants})

@@ -5,7 +5,8 @@ For a probe (j, t) with update difference Δ (parameters and optimizer state) th
     start:    δ^{(1)}_k = W^t_kj Δ                          (Δ on row j, then ``gossip``)
     step:     (J δ)_l = J_l^{t+s} δ_l^{(s)}                  (``local_step``; J = I for first order: ``identity_step``)
     gossip:   δ^{(s+1)}_k = Σ_l W^{t+s}_kl (J δ)_l           (``gossip``; optimizer state stays with its owner)
-    readout:  e_k^{(s)} = ∇L(θ_k^{t+s}; z′)ᵀ δ_k^{(s)}       (``Readout``; ``SecondOrderReadout`` adds −½ aᵀH′a)
+    readout:  e_k^{(s)} = ∇L(θ_k^{t+s}; z′)ᵀ δ_k^{(s)}       (``Readout``; ``SecondOrderReadout`` adds −½ aᵀH′a;
+                                                             ``ExactReadout``: L(θ_k; z′) − L(θ_k − δ_k; z′))
 
 J_l is the Jacobian of l's local step O_l (parameters and optimizer state) at the factual θ_l: a forward-mode
 derivative through the optimizer (``jvp_local_step``; for SGD δ − η H δ, one Hessian-vector product). For
@@ -14,8 +15,9 @@ second order δ = a + b, b the O(Δ²) part: one nested forward-mode pass gives 
 
 Two drivers run these pieces: ``estimator.estimate_cascades`` over a recorded window (replayed estimates) and
 ``online.OnlineCascades`` over the live participant block (in-loop DICE-E and the contribution ledger's
-curvature and second-order variants). A readout is a small class beside the others: ``linear`` reads δ off the
-z′ gradient, ``form`` names the z′ Hessian form the driver adds (batched over steps or probes).
+curvature, second-order and exact-readout variants). A readout is a small class beside the others: ``linear`` reads
+δ off the z′ gradient, ``form`` names what else of the z′ loss the driver adds — a Hessian form (``HessianForm``) or a
+loss difference (``LossDifference``), each driver evaluating every probe's request of a round in batched passes.
 """
 
 from __future__ import annotations
@@ -32,7 +34,26 @@ from torch.func import jvp
 from dice_ray.core.losses import CROSS_ENTROPY, Loss
 from dice_ray.core.population import OptimizerSpec, Population
 
-Form = tuple[torch.Tensor, torch.Tensor, float]  # (u, v, c): the readout adds c · uᵀH′(θ_k; z′)v
+
+@dataclass
+class HessianForm:
+    """A readout's request: add c · uᵀH′(θ_k; z′)v per row (u, v [m, D_params]; H′ the Hessian of the z′ loss)."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+    c: float
+
+
+@dataclass
+class LossDifference:
+    """A readout's request: add L(θ_k + shift; z′) − L(θ_k + shift − δ; z′) per row (δ, shift [m, D_params]; shift
+    None: 0, and L(θ_k; z′) is evaluated once per target and step, shared by every probe that reads there)."""
+
+    delta: torch.Tensor
+    shift: torch.Tensor | None = None
+
+
+Form = HessianForm | LossDifference
 
 
 @dataclass
@@ -141,8 +162,8 @@ class Readout:
         return (gradients * delta.a).sum(dim=1)
 
     def form(self, delta: Perturbation, update: torch.Tensor | None = None) -> Form | None:
-        """The z′ Hessian form the driver adds to ``linear`` (None: none); ``update`` u [m, D_params] is given for
-        the direct term (at θ_j^t, u the source's factual update)."""
+        """What of the z′ loss the driver adds to ``linear`` (None: nothing); ``update`` u [m, D_params] is given for
+        the direct term (read at θ_j^t, u the source's factual update)."""
         return None
 
 
@@ -154,11 +175,32 @@ class SecondOrderReadout(Readout):
 
     def form(self, delta: Perturbation, update: torch.Tensor | None = None) -> Form | None:
         if update is None:
-            return delta.a, delta.a, -0.5
-        return delta.a, update - 0.5 * delta.a, 1.0
+            return HessianForm(delta.a, delta.a, -0.5)
+        return HessianForm(delta.a, update - 0.5 * delta.a, 1.0)
 
 
-READOUTS: dict[str, Readout] = {"first-order": Readout(), "curvature": Readout(), "second-order": SecondOrderReadout()}
+class ExactReadout(Readout):
+    """e_x = L(θ_k; z′) − L(θ_k − δ; z′), δ = a (+ b when carried): the loss itself instead of a Taylor polynomial,
+    one forward pass over z′ per row. Direct term at θ_j^t: e_x^{(½)} = L(θ_j^t + u; z′) − L(θ_j^t + u − δ; z′),
+    around the state without z as second order's is (u = δ = Δ for a whole batch: DICE-GT's d_j^{(½)} itself)."""
+
+    def linear(self, gradients: torch.Tensor, delta: Perturbation) -> torch.Tensor:
+        return torch.zeros(delta.a.shape[0], dtype=delta.a.dtype, device=delta.a.device)
+
+    def form(self, delta: Perturbation, update: torch.Tensor | None = None) -> Form | None:
+        return LossDifference(delta.a if delta.b is None else delta.a + delta.b, update)
+
+
+READOUTS: dict[str, Readout] = {"first-order": Readout(), "curvature": Readout(), "second-order": SecondOrderReadout(),
+                                "exact-readout": ExactReadout()}
+# The variants whose readout reads b (δ = a + b) when the run carries it: ``second_order_b``, ``exact_readout_b``.
+READS_B = ("second-order", "exact-readout")
+
+
+def read_by(delta: Perturbation, with_b: bool) -> Perturbation:
+    """δ as a readout sees it: itself, or without b (``with_b`` False: a variant whose b is off, though another
+    variant of the run carries it)."""
+    return delta if with_b or delta.b is None else Perturbation(delta.a, delta.opt_a)
 
 
 def jvp_local_step(steps: LocalSteps, tangent: torch.Tensor,

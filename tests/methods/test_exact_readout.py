@@ -1,0 +1,224 @@
+"""Exact-readout DICE-E (``exact-readout``): the perturbation read with the z′ loss itself, so hop 1 is DICE-GT.
+
+At hop 1 the propagated perturbation is W^t_kj Δ exactly (θ_{k∖z}^{t+1} = θ_k^{t+1} − W^t_kj Δ), so the readout
+L(θ_k; z′) − L(θ_k − δ; z′) is the counterfactual difference itself; the direct term L(θ_j^t + u) − L(θ_j^t + u − Δ)
+is d_j^{(½)} for a whole batch (Δ = u). What is left is float32 rounding of two nearby losses: each is within a few
+units of roundoff u = 2⁻²⁴ of its value L ≈ 2.3 (mean cross entropy over z′), so |e − d| ≲ 10 u L ≈ 1.4e-6 against
+hop-1 terms of 1e-4 to 1e-2 here: a relative error ≤ 1e-3 (the bar) holds with a 10x margin where the terms are
+smallest. DICE-GT is evaluated in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_online_dice import BASE, tables
+
+from dice_ray.config import build_config
+from dice_ray.experiment import prepare
+from dice_ray.methods.dice.estimator import (
+    estimate_cascade,
+    estimate_cascades,
+    sample_second_order_difference,
+    sample_update_difference,
+    update_difference,
+)
+from dice_ray.methods.dice.ground_truth import counterfactual_half_step, ground_truth_cascade
+from dice_ray.methods.dice.measure import window_for
+from dice_ray.methods.dice.trajectory import record_trajectory
+from dice_ray.runner import simulate
+
+BAR = 1e-3  # the issue's bar for hop 1 against DICE-GT (float32 cancellation)
+UNIT_ROUNDOFF = 2.0**-24
+FLOOR = 4 * UNIT_ROUNDOFF * 3.0  # float32 rounding of a difference of two z′ losses (L ≤ 3 here), per term
+_WINDOWS: dict[tuple[str, str], object] = {}
+
+
+@pytest.fixture(autouse=True)
+def quiet_jvp():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.func.jvp's deprecation notices
+        yield
+
+
+def window(model: str, optimizer: str):
+    """An 8-participant exponential graph, digits, batch 4 (a single sample moves the step by a third of the
+    batch's gradient spread: terms well above float32 rounding), recorded at round 2 over 2 hops (one per setting)."""
+    if (model, optimizer) not in _WINDOWS:
+        cfg = build_config({"nodes": 8, "seed": 1, "topology": {"name": "exponential"},
+                            "data": {"dataset": "digits", "heldout_size": 64}, "model": {"name": model},
+                            "optim": {"name": optimizer, "lr": 0.01 if optimizer == "adam" else 0.1,
+                                      "batch_size": 4}})
+        experiment = prepare(cfg)
+        _WINDOWS[model, optimizer] = window_for(experiment, record_trajectory(experiment, 2, 2))
+    return _WINDOWS[model, optimizer]
+
+
+def relative_error(estimate: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.abs(estimate - truth).sum() / np.abs(truth).sum())
+
+
+@pytest.mark.parametrize("model", ["mlp", "mlp-tanh"])
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("probe", ["batch", "sample"])
+def test_hop_one_and_direct_term_equal_ground_truth(model: str, optimizer: str, probe: str) -> None:
+    w = window(model, optimizer)
+    for source in (0, 5):
+        if probe == "batch":
+            delta, opt_delta = update_difference(w, source)
+            removed, second = None, None
+        else:
+            delta, opt_delta = sample_update_difference(w, source, 3)
+            removed, second = np.array([3]), sample_second_order_difference(w, source, 3)
+            if optimizer == "adam":  # Adam's step is far from linear in one sample's gradient: start from the
+                delta, opt_delta = exact_update_difference(w, source, removed)  # exact Δ (see below)
+                second = None
+        truth = ground_truth_cascade(w, source, 1, removed)
+        for exact_b in (False, True):  # b^{(1)} = W b₀: a + b is as exact as a at hop 1 (b₀ = 0 but for Adam)
+            got = estimate_cascade(w, source, delta, opt_delta, 1, "exact-readout", second, exact_b=exact_b)
+            # every term within the bar or the float32 floor (single-sample terms are ~1e-4: the floor is 1e-3 of them)
+            assert np.all(np.abs(got.values[1] - truth.values[1]) <= BAR * np.abs(truth.values[1]) + FLOOR)
+            assert abs(got.half - truth.half) <= BAR * abs(truth.half) + FLOOR
+            if probe == "batch":
+                assert relative_error(got.values[1], truth.values[1]) <= BAR
+            if probe == "batch":  # Δ = u: the direct term is DICE-GT's (to float32 rounding of two losses)
+                assert abs(got.half - truth.half) <= 16 * UNIT_ROUNDOFF * 3.0
+
+
+def exact_update_difference(w, source: int, removed: np.ndarray):
+    """θ_j^{t+½} − θ_{j∖z}^{t+½} and the optimizer-state difference, by the local step without z (DICE-GT's)."""
+    traj = w.trajectory
+    width = delta_width(w)
+    half_cf, opt_cf = counterfactual_half_step(w, source, removed)
+    opt = {name: traj.opt_states[1][name][source] - value for name, value in opt_cf.items() if name != "step"}
+    return traj.halves[0][source, :width] - half_cf[:width], opt
+
+
+def delta_width(w) -> int:
+    return update_difference(w, 0)[0].shape[0]
+
+
+def test_adam_single_sample_start_is_what_hop_one_misses() -> None:
+    """For Adam the single-sample Δ of ``sample_update`` is the step's linearisation in the removed sample's
+    gradient: hop 1 is then exact for that Δ — the readout equals the loss difference along W_kj Δ — and what
+    separates it from DICE-GT is Δ alone (the exact start above closes it)."""
+    w = window("mlp-tanh", "adam")
+    delta, opt_delta = sample_update_difference(w, 0, 3)
+    got = estimate_cascade(w, 0, delta, opt_delta, 1, "exact-readout")
+    column = w.trajectory.mixing[0][:, [0]].toarray().ravel()
+    rows = got.supports[1]
+    states = w.trajectory.states[1][rows]
+    moved = states.clone()
+    moved[:, : delta.shape[0]] -= torch.as_tensor(column[rows], dtype=delta.dtype)[:, None] * delta
+    want = (w.zprime_losses(rows, states) - w.zprime_losses(rows, moved)).numpy()
+    np.testing.assert_allclose(got.values[1], want, rtol=0, atol=16 * UNIT_ROUNDOFF * 3.0)
+
+
+def test_later_hops_read_the_curvature_perturbation() -> None:
+    """The readout is exact, the propagation is curvature's: at hop 2 the exact readout is within second order of
+    the curvature estimate and closer to DICE-GT than it on the smooth model, and it carries no adjoint form."""
+    from dice_ray.methods.dice.adjoint import adjoint_horizon
+
+    w = window("mlp-tanh", "sgd")
+    delta, opt_delta = update_difference(w, 2)
+    got = estimate_cascades(w, 2, delta, opt_delta, 2, ["curvature", "exact-readout"])
+    truth = ground_truth_cascade(w, 2, 2)
+    exact, curvature = got["exact-readout"].values[2], got["curvature"].values[2]
+    assert relative_error(exact, truth.values[2]) < relative_error(curvature, truth.values[2])
+    with pytest.raises(ValueError, match="no adjoint form"):
+        adjoint_horizon(w, np.full(8, 1 / 8), 2, "exact-readout")
+
+
+def config(out: Path, rounds: int | None = None, **changes) -> object:
+    """test_online_dice's run (8-node ring, momentum, probes with single samples) with ``changes`` (section__field)
+    and ``rounds``."""
+    data = json.loads(json.dumps(BASE))
+    if rounds is not None:
+        data["rounds"] = rounds
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        data.setdefault(section, {})[field] = value
+    data["output"]["out"] = str(out)
+    return build_config(data)
+
+
+SMALL = {"influence__rounds": [1, 2], "influence__sources": [0, 3]}  # momentum, whole batches and single samples
+VARIANTS = ["curvature", "exact-readout"]
+
+
+def assert_same_exact(got, want) -> None:
+    """In-loop and replayed exact terms agree to float32 rounding of a loss difference: a few u of the losses
+    (≈ 2.3), far below the terms themselves."""
+    for name, table in want.items():
+        mine = got[name]
+        assert len(mine) == len(table)
+        for column in [c for c in table.columns if c.startswith("est_exact_readout")]:
+            assert np.abs(mine[column].to_numpy() - table[column].to_numpy()).max() <= 64 * UNIT_ROUNDOFF * 3.0
+
+
+@pytest.mark.parametrize("exact_b", [False, True])
+def test_in_loop_exact_readout_equals_the_replayed_one(tmp_path, exact_b: bool) -> None:
+    changes = {"influence__variants": VARIANTS, "influence__exact_readout_b": exact_b, **SMALL}
+    replayed = tables(simulate(config(tmp_path / "replay", **changes), engine_kind="local"))
+    online = tables(simulate(config(tmp_path / "online", influence__online=True, **changes), engine_kind="local"))
+    assert_same_exact(online, replayed)
+    influence = replayed["influence"]
+    hop1 = influence[influence["step"] == 1]
+    assert relative_error(hop1["est_exact_readout"].to_numpy(), hop1["gt"].to_numpy()) <= BAR
+    whole = influence[(influence["step"] == 0) & influence["sample_index"].isna()]
+    np.testing.assert_allclose(whole["est_exact_readout"], whole["gt"], rtol=0, atol=16 * UNIT_ROUNDOFF * 3.0)
+    assert (influence["est_exact_readout"] != influence["est_curvature"]).all()
+
+
+def test_ledger_exact_readout_terms_are_the_replayed_ones(tmp_path) -> None:
+    """The ledger's exact-readout column (``ledger.variants``): q_k times the replayed exact term of the same probe,
+    its cumulative sums and totals consistent."""
+    import pandas as pd
+
+    run = simulate(config(tmp_path / "ledger", ledger__enabled=True, ledger__hops=2, ledger__every=2,
+                          ledger__variants=["first-order", "exact-readout"], influence__hops=2,
+                          influence__rounds=[0, 2], influence__variants=["exact-readout"], influence__probe_samples=0,
+                          influence__ground_truth=False, rounds=6), engine_kind="local")
+    ledger = pd.read_parquet(run / "contributions.parquet")
+    q = pd.read_parquet(run / "nodes.parquet")["q"].to_numpy()
+    replayed = pd.read_parquet(run / "influence.parquet").rename(columns={"round": "probe_round"})
+    mine = ledger[ledger["probe_round"] <= 2].merge(replayed, on=["probe_round", "source", "step", "target"])
+    assert len(mine) == (ledger["probe_round"] <= 2).sum() > 2 * 8
+    want = q[mine["target"]] * mine["est_exact_readout"].to_numpy()
+    assert np.abs(mine["influence_exact_readout"].to_numpy() - want).max() <= 64 * UNIT_ROUNDOFF * 3.0
+    shares = pd.read_parquet(run / "shares.parquet")
+    np.testing.assert_allclose(shares["total_exact_readout"], ledger.groupby("source")["influence_exact_readout"].sum(),
+                               rtol=1e-12)
+
+
+def test_proximal_exact_score_is_the_one_hop_counterfactual(tmp_path) -> None:
+    """``proximal.readout`` exact: p_{k←l}^t = q_k d_k^{(1)} of the whole-batch probe (l, t) — DICE-GT's hop-1
+    term, replayed — for every scored edge; the first-order readout stays its first-order approximation."""
+    import pandas as pd
+
+    base = {"proximal__enabled": True, "proximal__zprime": "heldout", "proximal__every": 2, "rounds": 5,
+            "influence__enabled": False}
+    exact_run = simulate(config(tmp_path / "exact", proximal__readout="exact", **base), engine_kind="local")
+    first_run = simulate(config(tmp_path / "first", **base), engine_kind="local")
+    exact = pd.read_parquet(exact_run / "proximal.parquet")
+    first = pd.read_parquet(first_run / "proximal.parquet")
+    assert list(exact.columns) == list(first.columns)
+    experiment = prepare(config(tmp_path / "replay", **base))
+    q = experiment.q
+    for t in (0, 2):
+        w = window_for(experiment, record_trajectory(experiment, t, 1))
+        rows = exact[exact["round"] == t]
+        for source in sorted(set(rows["neighbor"].tolist())):
+            truth = ground_truth_cascade(w, source, 1)
+            mine = rows[rows["neighbor"] == source]
+            want = q[mine["examiner"]] * truth.values[1][np.searchsorted(truth.supports[1], mine["examiner"])]
+            np.testing.assert_allclose(mine["score"], want, rtol=0, atol=16 * UNIT_ROUNDOFF * 3.0)
+            assert relative_error(mine["score"].to_numpy(), want) <= BAR
+    merged = exact.merge(first, on=["round", "examiner", "neighbor"], suffixes=("", "_first"))
+    assert (merged["score"] != merged["score_first"]).all()
+    np.testing.assert_allclose(merged["update_cosine"], merged["update_cosine_first"])
