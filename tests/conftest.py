@@ -37,6 +37,20 @@ def _no_ray_unless_marked(request: pytest.FixtureRequest):
         assert not sys.modules["ray"].is_initialized(), f"{request.node.nodeid} starts Ray: mark it (conftest)"
 
 
+@pytest.fixture(autouse=True)
+def _methods_a_test_registers_are_forgotten():
+    """A method registered during a test (``register_method``, e.g. by importing ``toy_method``) is unregistered
+    after it, so later tests' configs have no section of it (their Ray workers could not import it)."""
+    from dice_ray import hooks
+
+    before = dict(hooks._REGISTERED)
+    yield
+    if hooks._REGISTERED != before:
+        hooks._REGISTERED.clear()
+        hooks._REGISTERED.update(before)
+        sys.modules.pop("toy_method", None)  # a later import registers it again
+
+
 def _local_ray(**resources: int) -> Iterator:
     """A real local Ray (127.0.0.1, no dashboard) with ``resources`` (start_ray's), shut down afterwards."""
     import ray

@@ -102,7 +102,7 @@ def test_unknown_loss_and_bad_custom_data_are_one_line_errors(tmp_path: Path) ->
 
 
 def test_curvature_estimate_on_mse_equals_forward_mode_derivative_of_the_replay() -> None:
-    from test_influence import explicit_replay  # the exactness check of the built-in loss, on this one
+    from oracles import explicit_replay  # the exactness check of the built-in loss, on this one
 
     experiment = prepare(dice_ray.as_config(REGRESSION, optim={"name": "momentum", "lr": 0.1}))
     window = window_for(experiment, record_trajectory(experiment, 2, 3))

@@ -180,17 +180,24 @@ def test_a_methods_stage_gives_the_same_tables_on_the_local_and_the_ray_backend(
     import ray.cloudpickle
     import toy_method
 
-    from dice_ray import hooks
-
     ray.cloudpickle.register_pickle_by_value(toy_method)  # Ray workers need not import it (a notebook's method)
     try:
         runs = [dice_ray.run(dice_ray.as_config(CONFIG, scaled_norm={"enabled": True, "scale": 0.5},
                                                 engine={"actors": 2}, output={"out": str(tmp_path / engine)}),
                              engine=engine) for engine in ("local", "ray")]
     finally:
-        ray.cloudpickle.unregister_pickle_by_value(toy_method)
-        hooks._REGISTERED.pop("scaled_norm")  # later tests' configs have no scaled_norm section, and a later
-        del sys.modules["toy_method"]          # import of toy_method (--imports) registers it again
+        ray.cloudpickle.unregister_pickle_by_value(toy_method)  # (conftest unregisters the method)
     for name in ("scaled_norm", "norm_totals"):
         pd.testing.assert_frame_equal(runs[1].table(name), runs[0].table(name), check_exact=False, rtol=1e-6)
     assert len(runs[0].norm_totals) == CONFIG["nodes"] and (runs[0].norm_totals["total"] > 0).all()
+
+
+def test_a_method_the_ray_workers_cannot_import_stops_the_run_at_once(ray_local, tmp_path: Path) -> None:
+    """Registered here but importable nowhere else (not on the workers' path, not pickled by value): the actors cannot
+    be created, and the run says why instead of waiting out engine.restart_timeout."""
+    import toy_method  # noqa: F401 (registers scaled_norm in this process only)
+
+    config = dice_ray.as_config(CONFIG, scaled_norm={"enabled": True}, engine={"actors": 1},
+                                output={"out": str(tmp_path / "r")})
+    with pytest.raises(RuntimeError, match=r"actor 0 cannot start: ModuleNotFoundError: No module named 'toy_method'"):
+        dice_ray.run(config, engine="ray")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from oracles import explicit_replay, make_window
 from torch.func import jvp
 
 from dice_ray.config import build_config
@@ -21,25 +22,7 @@ from dice_ray.methods.dice.estimator import (
 from dice_ray.methods.dice.ground_truth import counterfactual_half_step, ground_truth_cascade
 from dice_ray.methods.dice.measure import window_for
 from dice_ray.methods.dice.paths import path_cascade
-from dice_ray.methods.dice.trajectory import first_reached, reach, record_trajectory
-
-
-def make_window(topology: str = "ring", nodes: int = 6, lr: float = 0.1, optimizer: str = "sgd",
-                t0: int = 2, hops: int = 3, batch: int = 8, dtype: torch.dtype = torch.float32):
-    cfg = build_config({"nodes": nodes, "topology": {"name": topology},
-                        "data": {"dataset": "digits", "heldout_size": 64}, "model": {"name": "mlp-tanh"},
-                        "optim": {"name": optimizer, "lr": lr, "batch_size": batch}})
-    experiment = prepare(cfg)
-    window = window_for(experiment, record_trajectory(experiment, t0, hops))
-    if dtype == torch.float64:  # the same window, every tensor in double precision
-        traj, minibatch = window.trajectory, window.batches
-        traj.states = [s.double() for s in traj.states]
-        traj.halves = [s.double() for s in traj.halves]
-        traj.opt_states = [{k: v.double() for k, v in o.items()} for o in traj.opt_states]
-        window.model = window.model.double()
-        window.heldout = (window.heldout[0].double(), window.heldout[1])
-        window.batches = lambda t: (minibatch(t)[0].double(), minibatch(t)[1])
-    return window, experiment
+from dice_ray.methods.dice.trajectory import first_reached, reach
 
 
 @pytest.mark.parametrize("topology", ["ring", "exponential", "random-matching"])
@@ -53,36 +36,6 @@ def test_recursion_equals_path_enumeration(topology: str, variant: str) -> None:
         np.testing.assert_array_equal(fast.supports[s], slow.supports[s])
         np.testing.assert_allclose(fast.values[s], slow.values[s], rtol=1e-5, atol=1e-8)
     assert fast.half == pytest.approx(slow.half)
-
-
-def explicit_replay(window: Window, source: int, hops: int):
-    """The run from θ_j^{t0+½} on, as a differentiable function of j's half-step parameters: returns the
-    held-out losses of every participant after each of the next ``hops`` rounds (plain tensors ops)."""
-    traj = window.trajectory
-    n = traj.states[0].shape[0]
-    width = model_state_layouts(window.model)[0].width
-
-    def run(half_source: torch.Tensor, opt_source: dict[str, torch.Tensor]):
-        halves = traj.halves[0].clone()
-        halves = torch.cat([halves[:source], torch.cat([half_source, halves[source, width:]])[None],
-                            halves[source + 1:]])
-        opt = {k: torch.cat([v[:source], opt_source[k][None], v[source + 1:]]) if k in opt_source else v.clone()
-               for k, v in traj.opt_states[1].items()}
-        out = []
-        for s in range(1, hops + 1):
-            states = torch.as_tensor(traj.mixing[s - 1].toarray(), dtype=halves.dtype) @ halves
-            pop = window.population(s, np.arange(n), states=states.detach())
-            window.model.eval()
-            out.append(pop.losses(*window.heldout, params=states[:, :width], shared_input=True))
-            window.model.train()
-            if s == hops:
-                break
-            x, y = window.batches(traj.t0 + s)
-            params, opt = pop.functional_step(states[:, :width], opt, x, y)
-            halves = torch.cat([params, states[:, width:]], dim=1)
-        return tuple(out)
-
-    return run, width
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
@@ -241,7 +194,6 @@ def test_validation_zprime_uses_each_targets_own_split() -> None:
 @pytest.mark.parametrize("kind", ["scale", "free-ride"])
 def test_influence_replays_and_estimates_follow_corrupted_updates(kind: str) -> None:
     """Participants sending θ + cΔ are replayed (GT) and differentiated (E) as they behave."""
-    from dice_ray.methods.dice.measure import window_for
     from dice_ray.methods.dice.trajectory import record_windows
 
     cfg = build_config({"nodes": 6, "topology": {"name": "ring"}, "data": {"dataset": "digits", "heldout_size": 64},

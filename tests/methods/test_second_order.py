@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from test_influence import explicit_replay, make_window
+from oracles import explicit_replay, make_window
 from torch.func import jvp
 
 from dice_ray.core.population import Population

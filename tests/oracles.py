@@ -1,0 +1,62 @@
+"""Test oracles shared by tests in several folders: a small recorded window and the literal replay that DICE-E's
+exactness checks differentiate (concepts §4). Importable from any test (the root conftest's folder is on the path)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dice_ray.config import build_config
+from dice_ray.core.population import model_state_layouts
+from dice_ray.experiment import prepare
+from dice_ray.methods.dice.estimator import Window
+from dice_ray.methods.dice.measure import window_for
+from dice_ray.methods.dice.trajectory import record_trajectory
+
+
+def make_window(topology: str = "ring", nodes: int = 6, lr: float = 0.1, optimizer: str = "sgd",
+                t0: int = 2, hops: int = 3, batch: int = 8, dtype: torch.dtype = torch.float32):
+    cfg = build_config({"nodes": nodes, "topology": {"name": topology},
+                        "data": {"dataset": "digits", "heldout_size": 64}, "model": {"name": "mlp-tanh"},
+                        "optim": {"name": optimizer, "lr": lr, "batch_size": batch}})
+    experiment = prepare(cfg)
+    window = window_for(experiment, record_trajectory(experiment, t0, hops))
+    if dtype == torch.float64:  # the same window, every tensor in double precision
+        traj, minibatch = window.trajectory, window.batches
+        traj.states = [s.double() for s in traj.states]
+        traj.halves = [s.double() for s in traj.halves]
+        traj.opt_states = [{k: v.double() for k, v in o.items()} for o in traj.opt_states]
+        window.model = window.model.double()
+        window.heldout = (window.heldout[0].double(), window.heldout[1])
+        window.batches = lambda t: (minibatch(t)[0].double(), minibatch(t)[1])
+    return window, experiment
+
+
+def explicit_replay(window: Window, source: int, hops: int):
+    """The run from θ_j^{t0+½} on, as a differentiable function of j's half-step parameters: returns the
+    held-out losses of every participant after each of the next ``hops`` rounds (plain tensors ops)."""
+    traj = window.trajectory
+    n = traj.states[0].shape[0]
+    width = model_state_layouts(window.model)[0].width
+
+    def run(half_source: torch.Tensor, opt_source: dict[str, torch.Tensor]):
+        halves = traj.halves[0].clone()
+        halves = torch.cat([halves[:source], torch.cat([half_source, halves[source, width:]])[None],
+                            halves[source + 1:]])
+        opt = {k: torch.cat([v[:source], opt_source[k][None], v[source + 1:]]) if k in opt_source else v.clone()
+               for k, v in traj.opt_states[1].items()}
+        out = []
+        for s in range(1, hops + 1):
+            states = torch.as_tensor(traj.mixing[s - 1].toarray(), dtype=halves.dtype) @ halves
+            pop = window.population(s, np.arange(n), states=states.detach())
+            window.model.eval()
+            out.append(pop.losses(*window.heldout, params=states[:, :width], shared_input=True))
+            window.model.train()
+            if s == hops:
+                break
+            x, y = window.batches(traj.t0 + s)
+            params, opt = pop.functional_step(states[:, :width], opt, x, y)
+            halves = torch.cat([params, states[:, width:]], dim=1)
+        return tuple(out)
+
+    return run, width
