@@ -5,7 +5,8 @@ For every (model, rounds, seed) setting — 16 participants, exponential graph, 
 run is trained in this process (no Ray) and every probe is measured with DICE-GT and five estimates: first-order,
 curvature, second-order, second-order without b (b ≡ 0: e = ∇ᵀa − ½ aᵀH′a, the z′ Hessian term alone,
 ``influence.second_order_b`` false), and exact-readout (the z′ loss difference L(θ_k) − L(θ_k − a) along the curvature
-perturbation a, ``influence.exact_readout_b`` false, its default). Per (model, rounds) and hop r it prints, over the
+perturbation a, ``influence.exact_readout_b`` false, its default; and with b: δ = a + b read exactly, second order's
+propagation). Per (model, rounds) and hop r it prints, over the
 probes of all seeds, the relative error Σ|GT − E| / Σ|GT| and the Spearman correlation of the hop-r term Σ_{k ∈
 N^{(r)}(j)} q_k e_k^{(r)} (the alignment report's ``hop`` quantity), with the spread of the error ratios over the seeds.
 ``--kinks``: what is left at hop 1 on the ReLU MLP, split by z′ samples whose activation pattern flips between the two
@@ -46,7 +47,8 @@ from dice_ray.methods.dice.measure import window_for
 from dice_ray.methods.dice.probes import probe_rounds, select_probes
 from dice_ray.methods.dice.trajectory import record_windows
 
-ESTIMATES = ("first-order", "curvature", "second-order", "second-order, b = 0", "exact-readout")
+EXACT_B = "exact-readout, with b"  # δ = a + b read exactly: second order's propagation (influence.exact_readout_b)
+ESTIMATES = ("first-order", "curvature", "second-order", "second-order, b = 0", "exact-readout", EXACT_B)
 BOTH = "curvature + second-order"  # one pass (estimate_cascades): curvature read off second-order's a
 TIMED = (*ESTIMATES, BOTH)
 HOPS = 3
@@ -66,6 +68,8 @@ def _estimate(window, j: int, name: str):
     delta, opt_delta = update_difference(window, j)
     if name == BOTH:
         return estimate_cascades(window, j, delta, opt_delta, HOPS, ["curvature", "second-order"])["second-order"]
+    if name == EXACT_B:
+        return estimate_cascade(window, j, delta, opt_delta, HOPS, "exact-readout", exact_b=True)
     variant, with_b = (name, True) if name != "second-order, b = 0" else ("second-order", False)
     return estimate_cascade(window, j, delta, opt_delta, HOPS, variant, with_b=with_b)
 
@@ -232,7 +236,7 @@ def cost_table(model: str, rounds: int, seed: int, last: int, lr: float, sizes: 
           f"(median of {repeats}, ratios as median [range] over the repeats; test gradients and DICE-GT "
           f"replays excluded)")
     header = ["|z'|", *TIMED, "second-order / curvature", "b = 0 / curvature", "both / curvature",
-              "exact / curvature", "exact / second-order"]
+              "exact / curvature", "exact (b) / curvature", "exact / second-order"]
     rows = []
     for size in sizes:
         runs = []
@@ -241,7 +245,7 @@ def cost_table(model: str, rounds: int, seed: int, last: int, lr: float, sizes: 
             runs.append(seconds)
         rows.append([str(actual), *(f"{np.median([run[k] for run in runs]):.3f}" for k in TIMED),
                      *(_spread([run[k] / run["curvature"] for run in runs])
-                       for k in ("second-order", "second-order, b = 0", BOTH, "exact-readout")),
+                       for k in ("second-order", "second-order, b = 0", BOTH, "exact-readout", EXACT_B)),
                      _spread([run["exact-readout"] / run["second-order"] for run in runs])])
     print_plain(header, rows)
 
@@ -300,6 +304,7 @@ def main() -> None:
                                                                "adjoint against the per-source recursions")
     parser.add_argument("--kinks", action="store_true", help="only the ReLU MLP's hop-1 residual split by z′ samples "
                                                              "whose activation pattern flips")
+    parser.add_argument("--no-cost", action="store_true", help="only the alignment tables")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(args.threads)
@@ -312,6 +317,8 @@ def main() -> None:
     for model in args.models:
         for rounds in args.rounds:
             alignment_table(model, rounds, args.seeds, args.last, args.lr)
+    if args.no_cost:
+        return
     for model in args.models:
         cost_table(model, args.rounds[0], args.seeds[0], args.last, args.lr, args.heldout_sizes, args.repeats)
     online_cost_table(args.models[0], args.rounds[0], args.seeds[0], args.heldout_sizes, args.repeats)
