@@ -1,12 +1,17 @@
-"""Test oracles shared by tests in several folders: a small recorded window and the literal replay that DICE-E's
-exactness checks differentiate (concepts §4). Importable from any test (the root conftest's folder is on the path)."""
+"""What tests in several modules share: a small recorded window and the literal replay that DICE-E's exactness checks
+differentiate (concepts §4), and a run config from a base with changes. Importable from any test (the root conftest's
+folder is on the path)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from dice_ray.config import build_config
+from dice_ray.config import RunConfig, build_config
 from dice_ray.core.population import model_state_layouts
 from dice_ray.experiment import prepare
 from dice_ray.methods.dice.estimator import Window
@@ -60,3 +65,13 @@ def explicit_replay(window: Window, source: int, hops: int):
         return tuple(out)
 
     return run, width
+
+
+def config_from(base: dict[str, Any], out: Path, **changes: Any) -> RunConfig:
+    """``base`` with ``changes`` (``section__field=value``) and the run directory ``out``, validated."""
+    data = json.loads(json.dumps(base))
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        data.setdefault(section, {})[field] = value
+    data["output"]["out"] = str(out)
+    return build_config(data)

@@ -5,14 +5,13 @@ first-order column is untouched."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from oracles import config_from
 
-from dice_ray.config import build_config
 from dice_ray.runner import simulate
 
 ALL = ["first-order", "curvature", "second-order"]
@@ -31,12 +30,7 @@ KEYS = ["round", "probe_round", "step", "source", "target"]
 
 
 def config(out: Path, **changes) -> object:
-    data = json.loads(json.dumps(BASE))
-    for key, value in changes.items():
-        section, _, field = key.partition("__")
-        data.setdefault(section, {})[field] = value
-    data["output"]["out"] = str(out)
-    return build_config(data)
+    return config_from(BASE, out, **changes)
 
 
 def contributions(run: Path) -> pd.DataFrame:

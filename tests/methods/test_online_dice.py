@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from oracles import config_from
 
-from dice_ray.config import build_config
 from dice_ray.runner import simulate
 
 # 8-node ring, momentum (so the optimizer state is perturbed too), probes in rounds 1, 2 and 4 over 3 hops,
@@ -24,12 +24,7 @@ ESTIMATES = ("est_first_order", "est_curvature")
 
 
 def config(out: Path, **changes) -> object:
-    data = json.loads(json.dumps(BASE))
-    for key, value in changes.items():
-        section, _, field = key.partition("__")
-        data.setdefault(section, {})[field] = value
-    data["output"]["out"] = str(out)
-    return build_config(data)
+    return config_from(BASE, out, **changes)
 
 
 def tables(run: Path) -> dict[str, pd.DataFrame]:
