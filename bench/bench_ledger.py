@@ -36,7 +36,7 @@ import numpy as np
 from dice_ray.config import build_config
 from dice_ray.experiment import prepare
 from dice_ray.hooks import round_hooks
-from dice_ray.methods import methods_for
+from dice_ray.methods.catalog import methods_for
 
 
 def _config(n: int, args: argparse.Namespace, ledger: bool):

@@ -1,10 +1,12 @@
-"""The run configuration: typed sections with defaults, validated in one place.
+"""The run configuration: typed sections with defaults, validated before any work starts.
 
 A config is data: ``configs/*.yaml`` files hold it, ``--key value`` options override it, and the
 resolved config is written to each run's ``manifest.json``. Every field has a default, so an empty
-config runs on the embedded data. Validation (types, ranges, unknown keys, names of topologies, data
-sets, models, optimizers) happens here, before any work starts; problems become one-line
-``InputError`` messages that name the field.
+config runs on the embedded data. This module holds the simulated world's sections (topology, data, model,
+optimizer, misbehaviour) and where it runs (engine, output); each method declares its own section beside its code
+(``methods/dice/options.py``: influence; ``methods/proximal.py``, ``rewiring.py``, ``contributions.py``: the ledger)
+and checks its own rules between sections (``Section.check``). Problems (types, ranges, unknown keys, names of
+topologies, data sets, models, optimizers) become one-line ``InputError`` messages that name the field.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -33,7 +34,11 @@ from dice_ray.core.topology import WEIGHT_RULES as MIXING_RULES
 from dice_ray.data import SCHEMES, WEIGHT_RULES, dataset_names
 from dice_ray.errors import InputError
 from dice_ray.hooks import registered_methods
-from dice_ray.sections import FieldError, Section, comma_list, one_line, refuse_bf16
+from dice_ray.methods.contributions import LedgerConfig
+from dice_ray.methods.dice.options import InfluenceConfig
+from dice_ray.methods.proximal import ProximalConfig
+from dice_ray.methods.rewiring import RewiringConfig
+from dice_ray.sections import FieldError, Section, comma_list, one_line
 
 
 def _one_of(what: str, choices: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> AfterValidator:
@@ -54,26 +59,6 @@ def _one_of(what: str, choices: tuple[str, ...] | Callable[[], tuple[str, ...]])
 # True while a config read from a run directory, a checkpoint or a sweep directory is validated (``read_recorded``).
 # A context variable, not pydantic's validation context: sections with their own ``__init__`` do not pass that on.
 _RECORDED: contextvars.ContextVar[bool] = contextvars.ContextVar("recorded", default=False)
-
-
-def distinct_variants(value: list[str]) -> list[str]:
-    """A list of DICE-E variants as given, refused if empty or if it names one twice."""
-    if not value:
-        raise ValueError("needs at least one variant (first-order, curvature, second-order, exact-readout)")
-    if len(set(value)) != len(value):
-        raise ValueError(f"lists a variant twice: {value}")
-    return value
-
-
-Variant = Literal["first-order", "curvature", "second-order", "exact-readout"]
-SECOND_ORDER_B = ("second-order: also carry b, the perturbation's O(Δ²) part, through the local steps (one nested "
-                  "forward-mode pass per step). False keeps the z′ Hessian term alone: about half the cost at a small "
-                  "z′, exact to second order only in the direct term and at hop 1")
-EXACT_READOUT_B = ("exact-readout: read δ = a + b (b carried as for second-order: one nested forward-mode pass per "
-                   "step) instead of the curvature perturbation a alone (the default: a forward pass over z′ per "
-                   "term on top of curvature's cost)")
-# A list of DICE-E variants: comma-separated on the command line, each named once.
-VariantList = Annotated[list[Variant], BeforeValidator(comma_list), AfterValidator(distinct_variants)]
 
 
 class TopologyConfig(Section):
@@ -238,58 +223,6 @@ class OutputConfig(Section):
         return comma_list(value)
 
 
-class InfluenceConfig(Section):
-    """Which probes (source j, round t, z) to measure, and how (concepts §2–§4). Off unless ``enabled``."""
-
-    enabled: bool = Field(False, description="measure DICE-GT and DICE-E for the probes below")
-    hops: int = Field(3, ge=1, le=64, description="R: steps of the cascade measured after each probe round")
-    rounds: list[int] | None = Field(None, description="probe rounds t (default: the last `last` rounds that "
-                                                       "leave room for R hops)")
-    every: int | None = Field(None, ge=1, description="probe every k-th round instead of a list")
-    last: int = Field(10, ge=1, description="number of probe rounds when neither rounds nor every is given")
-    sources: list[int] | None = Field(None, description="probed participants j (default: all)")
-    sample_sources: int | None = Field(None, ge=1, description="probe this many random participants per round")
-    probe_samples: int = Field(0, ge=0, description="0: z is the whole minibatch (the paper's default); K: also "
-                                                    "K single samples of it, one probe each")
-    zprime: Literal["heldout", "validation"] = Field("heldout", description="z′: the shared held-out batch, or "
-                                                                           "each target's own validation split")
-    variants: VariantList = Field(
-        ["first-order", "curvature"], description="DICE-E variants to compute, comma-separated (second-order: exact "
-                                                  "to second order in Δ; about 3x the curvature variant's estimator "
-                                                  "time at a 16-image z′, 6-7x at 360 images; exact-readout: "
-                                                  "the z′ loss itself read along the curvature perturbation, "
-                                                  "exact at hop 1)")
-    second_order_b: bool = Field(True, description=SECOND_ORDER_B)
-    exact_readout_b: bool = Field(False, description=EXACT_READOUT_B)
-    ground_truth: bool = Field(True, description="also measure DICE-GT by counterfactual replay")
-    sources_per_task: int = Field(4, ge=1, description="probes of one round batched into one Ray task")
-    online: bool = Field(False, description="compute DICE-E inside the round loop, in the participant groups, "
-                                            "instead of on windows replayed after training (DICE-GT is still "
-                                            "replayed when ground_truth is on)")
-
-    def check(self, config: Any) -> None:
-        if self.online and not self.enabled:
-            raise ValueError("influence.online computes DICE-E of the influence probes: turn them on too "
-                             "(--influence, influence.enabled)")
-        if not self.enabled:
-            return
-        for t in self.rounds or []:
-            if not 0 <= t <= config.rounds - 1 - self.hops:
-                raise ValueError(f"influence probe round {t} needs rounds {t}..{t + self.hops} but the run has "
-                                 f"rounds 0..{config.rounds - 1}")
-        if config.rounds <= self.hops:
-            raise ValueError(f"influence hops {self.hops} need more than {self.hops} rounds, got {config.rounds}")
-        for j in self.sources or []:
-            if not 0 <= j < config.nodes:
-                raise ValueError(f"influence source {j} is not a participant (0..{config.nodes - 1})")
-        if self.zprime == "validation" and config.data.val_fraction == 0:
-            raise ValueError("influence.zprime 'validation' needs validation splits (data.val_fraction > 0)")
-        if self.probe_samples > config.optim.batch_size - 1:
-            raise ValueError(f"probe_samples {self.probe_samples} must be below the batch size "
-                             f"{config.optim.batch_size}")
-        refuse_bf16(config, "influence")
-
-
 class MisbehaviorConfig(Section):
     """Participants that misbehave, and how (concepts §5). Off with kind ``none``."""
 
@@ -315,106 +248,8 @@ class MisbehaviorConfig(Section):
         return self.count or 0
 
 
-class ProximalConfig(Section):
-    """Online proximal influence (concepts §5): every examiner k scores each in-neighbour l. Off unless ``enabled``."""
-
-    enabled: bool = Field(False, description="score every in-neighbour by proximal influence "
-                                             "p_{k←l} = q_k W_kl ∇L(θ_k^{t+1}; z′_k)ᵀ Δ_l (proximal.parquet)")
-    every: int = Field(1, ge=1, description="score on every k-th round (rounds t with t % every == 0)")
-    zprime: Literal["validation", "heldout"] = Field("validation", description="z′_k: the examiner's own "
-                                                                              "validation split, or the "
-                                                                              "shared held-out batch")
-    window: int = Field(10, ge=1, description="scoring rounds summed in the windowed score")
-    readout: Literal["first-order", "exact"] = Field(
-        "first-order", description="first-order: p_{k←l} = q_k W_kl ∇L(θ_k^{t+1}; z′_k)ᵀ Δ_l; exact: the loss itself, "
-                                   "q_k [L(θ_k^{t+1}; z′_k) − L(θ_k^{t+1} − W_kl Δ_l; z′_k)], the counterfactual "
-                                   "effect of l's update (one forward pass over z′_k per edge)")
-
-    def check(self, config: Any) -> None:
-        if not self.enabled:
-            return
-        if self.zprime == "validation" and config.data.val_fraction == 0:
-            raise ValueError("proximal.zprime 'validation' needs validation splits (data.val_fraction > 0)")
-        refuse_bf16(config, "proximal")
-
-
-class LedgerConfig(Section):
-    """Online contribution ledger (issue 7, ``contributions.py``): DICE-E of every participant's update on every
-    participant within R hops (first-order by default). Off unless ``enabled``."""
-
-    enabled: bool = Field(False, description="keep the ledger L[j→k] during training (contributions.parquet, "
-                                             "shares.parquet)")
-    every: int = Field(1, ge=1, description="probe the updates of every k-th round (t % every == 0)")
-    hops: int = Field(3, ge=1, le=64, description="R: hops of each update's cascade counted")
-    zprime: Literal["heldout", "validation"] = Field("heldout", description="z′: the shared held-out batch, or "
-                                                                           "each target's own validation split")
-    loo: bool = Field(False, description="after training, retrain once without each participant's data "
-                                         "(Ray tasks; loo.parquet)")
-    shapley_permutations: int = Field(0, ge=0, le=10_000, description="Monte-Carlo Shapley over participants "
-                                                                      "with this many permutations (0: off)")
-    variants: VariantList = Field(["first-order"], description="DICE-E variants the ledger sums (comma-separated): "
-                                    "first-order (J = I, one z′ gradient per round), curvature (the local steps' "
-                                    "Jacobians: a forward-mode pass per source and participant reached), "
-                                    "second-order (also b and the z′ Hessian term: about 3x curvature), "
-                                    "exact-readout (the z′ loss difference along the curvature perturbation)")
-    second_order_b: bool = Field(True, description=SECOND_ORDER_B)
-    exact_readout_b: bool = Field(False, description=EXACT_READOUT_B)
-    rank_by: Variant | None = Field(None, description="the variant whose totals give shares, harmful flags and "
-                                                      "ranks (default: the first of variants)")
-
-    @property
-    def ranking(self) -> str:
-        """The variant whose totals rank the participants: ``rank_by``, else the first of ``variants``."""
-        return self.rank_by or self.variants[0]
-
-    def check(self, config: Any) -> None:
-        if self.rank_by is not None and self.rank_by not in self.variants:
-            raise ValueError(f"ledger.rank_by {self.rank_by!r} is not one of ledger.variants "
-                             f"({', '.join(self.variants)})")
-        if not (self.enabled or self.loo or self.shapley_permutations):
-            return
-        if self.zprime == "validation" and config.data.val_fraction == 0:
-            raise ValueError("ledger.zprime 'validation' needs validation splits (data.val_fraction > 0)")
-        if config.rewiring.mode != "none":
-            raise ValueError("rewiring changes W during the run; the contribution ledger needs the static "
-                             "topology's path weights: use one or the other")
-        refuse_bf16(config, "ledger")
-
-
-class RewiringConfig(Section):
-    """Collaborator selection (concepts §5): every K rounds each participant keeps m in-neighbours. Off with none."""
-
-    mode: Literal["none", "influence", "outlier", "random"] = Field(
-        "none", description="none: static W; influence: keep the m candidates with the lowest (most helpful) "
-                            "cumulative proximal influence; outlier: drop only in-neighbours whose cumulative "
-                            "influence is a harmful outlier among one's in-neighbours and fill their places from "
-                            "the candidates; random: keep m random candidates")
-    every: int = Field(10, ge=1, description="K: rewire before rounds K, 2K, ...")
-    keep: int = Field(4, ge=1, description="m: in-neighbours each participant keeps")
-    candidates: int = Field(4, ge=0, description="random non-neighbours added to each participant's "
-                                                 "candidate pool (besides its current in-neighbours)")
-    seed: int | None = Field(None, ge=0, lt=2**32, description="seed of the random candidates and of random "
-                                                               "rewiring (default: the run's seed)")
-    outlier_z: float = Field(3.0, gt=0, le=100, description="outlier mode: an in-neighbour is dropped when its "
-                                                            "cumulative influence is positive and exceeds the "
-                                                            "median of one's in-neighbours by this many robust "
-                                                            "standard deviations (1.4826 MAD)")
-
-    def check(self, config: Any) -> None:
-        if self.mode == "none":
-            return
-        if self.mode in ("influence", "outlier") and not config.proximal.enabled:
-            raise ValueError(f"rewiring.mode {self.mode!r} needs proximal influence (proximal.enabled, --proximal)")
-        if self.keep > config.nodes - 1:
-            raise ValueError(f"rewiring.keep {self.keep} exceeds the {config.nodes - 1} other participants")
-        if config.topology.name in ("one-peer-exponential", "random-matching"):
-            raise ValueError(f"rewiring needs a static topology, got time-varying {config.topology.name!r}")
-        if config.influence.enabled:
-            raise ValueError("rewiring changes W during the run; DICE influence (--influence) replays the "
-                             "static topology: use one or the other")
-
-
-# The built-in methods' sections of the run config (a registered user method's section is named by the method).
+# The built-in methods' sections of the run config, each declared beside its method's code (a registered user method's
+# section is named by the method).
 METHOD_SECTIONS = ("influence", "proximal", "rewiring", "ledger")
 
 # Fields a resumed run may change: where and how it runs, never what it computes.

@@ -233,8 +233,8 @@ class Method:
     training.
 
     ``enabled(config)`` says whether a run with ``config`` uses the method. Methods run in the order of the
-    list an engine is given (the built-in ones: ``dice_ray.methods.METHODS``). ``options``: a user's method's own
-    section of the run config (``register_method``), which its code reads as ``config.<name>``.
+    list an engine is given (the built-in ones: ``dice_ray.methods.catalog.METHODS``). ``options``: a user's
+    method's own section of the run config (``register_method``), which its code reads as ``config.<name>``.
     """
 
     name: str

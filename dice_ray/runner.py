@@ -32,7 +32,7 @@ from dice_ray.engine.tasks import Tasks, task_backend
 from dice_ray.errors import InputError
 from dice_ray.experiment import Experiment, prepare
 from dice_ray.hooks import Method, RoundHook, Stage, round_hooks
-from dice_ray.methods import methods_for
+from dice_ray.methods.catalog import methods_for
 from dice_ray.results import (
     NODES,
     ROUNDS,

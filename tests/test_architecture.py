@@ -24,10 +24,20 @@ FRONT_ENDS = {name for name in MODULES if name.startswith("dice_ray.cli")} | {
     "dice_ray.simulate", "dice_ray.analyze", "dice_ray.sweep.__main__"}  # these three: the ``python -m`` names
 
 
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of ``tree`` except those under ``if TYPE_CHECKING:`` (imports for annotations only, which never
+    run)."""
+    skipped = {id(inner) for node in ast.walk(tree)
+               if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+               for child in node.body for inner in ast.walk(child)}
+    return [node for node in ast.walk(tree) if id(node) not in skipped]
+
+
 def _imports(path: Path) -> tuple[set[str], set[str]]:
-    """(the package's modules ``path`` imports, at any level; the top-level names of every module it imports)."""
+    """(the package's modules ``path`` imports when it runs, at any level; the top-level names of every module it
+    imports)."""
     inner, outer = set(), set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             outer.add(node.module.split(".")[0])
             if node.module.startswith("dice_ray"):

@@ -14,11 +14,12 @@ losses, ``mix`` takes torch tensors on the device. Numpy appears only where data
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from dice_ray.config import RunConfig
 from dice_ray.core.convolution import use_conv_mode
 from dice_ray.core.cuda_graph import StepGraph
 from dice_ray.core.losses import build_loss
@@ -28,6 +29,9 @@ from dice_ray.core.population import STEP_CHUNK_BYTES, Population, initial_state
 from dice_ray.core.precision import set_precision
 from dice_ray.core.tensors import as_tensor, csr_tensor
 from dice_ray.data import minibatch_indices, minibatch_positions
+
+if TYPE_CHECKING:
+    from dice_ray.config import RunConfig
 
 
 def _padded(groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -43,23 +43,70 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+from pydantic import Field
 
 from dice_ray.core.tensors import edge_dots, sum_by_key
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook, Route, Router
 from dice_ray.methods.dice.estimator import VARIANTS
 from dice_ray.methods.dice.online import OnlineCascades, ProbeSchedule
+from dice_ray.methods.dice.options import EXACT_READOUT_B, SECOND_ORDER_B, Variant, VariantList
 from dice_ray.methods.dice.probes import Probe
 from dice_ray.methods.round_quantities import round_quantities
 from dice_ray.results import CONTRIBUTIONS, SHARES, VARIANT_SUFFIX
+from dice_ray.sections import Section, refuse_bf16
 
 FIELDS = ("step", "probe_round", "source", "target", "value")
 KEYS = FIELDS[:4]
 SUFFIX = VARIANT_SUFFIX  # column suffix of each variant in contributions.parquet and shares.parquet
+
+
+
+class LedgerConfig(Section):
+    """Online contribution ledger (issue 7, ``contributions.py``): DICE-E of every participant's update on every
+    participant within R hops (first-order by default). Off unless ``enabled``."""
+
+    enabled: bool = Field(False, description="keep the ledger L[j→k] during training (contributions.parquet, "
+                                             "shares.parquet)")
+    every: int = Field(1, ge=1, description="probe the updates of every k-th round (t % every == 0)")
+    hops: int = Field(3, ge=1, le=64, description="R: hops of each update's cascade counted")
+    zprime: Literal["heldout", "validation"] = Field("heldout", description="z′: the shared held-out batch, or "
+                                                                           "each target's own validation split")
+    loo: bool = Field(False, description="after training, retrain once without each participant's data "
+                                         "(Ray tasks; loo.parquet)")
+    shapley_permutations: int = Field(0, ge=0, le=10_000, description="Monte-Carlo Shapley over participants "
+                                                                      "with this many permutations (0: off)")
+    variants: VariantList = Field(["first-order"], description="DICE-E variants the ledger sums (comma-separated): "
+                                    "first-order (J = I, one z′ gradient per round), curvature (the local steps' "
+                                    "Jacobians: a forward-mode pass per source and participant reached), "
+                                    "second-order (also b and the z′ Hessian term: about 3x curvature), "
+                                    "exact-readout (the z′ loss difference along the curvature perturbation)")
+    second_order_b: bool = Field(True, description=SECOND_ORDER_B)
+    exact_readout_b: bool = Field(False, description=EXACT_READOUT_B)
+    rank_by: Variant | None = Field(None, description="the variant whose totals give shares, harmful flags and "
+                                                      "ranks (default: the first of variants)")
+
+    @property
+    def ranking(self) -> str:
+        """The variant whose totals rank the participants: ``rank_by``, else the first of ``variants``."""
+        return self.rank_by or self.variants[0]
+
+    def check(self, config: Any) -> None:
+        if self.rank_by is not None and self.rank_by not in self.variants:
+            raise ValueError(f"ledger.rank_by {self.rank_by!r} is not one of ledger.variants "
+                             f"({', '.join(self.variants)})")
+        if not (self.enabled or self.loo or self.shapley_permutations):
+            return
+        if self.zprime == "validation" and config.data.val_fraction == 0:
+            raise ValueError("ledger.zprime 'validation' needs validation splits (data.val_fraction > 0)")
+        if config.rewiring.mode != "none":
+            raise ValueError("rewiring changes W during the run; the contribution ledger needs the static "
+                             "topology's path weights: use one or the other")
+        refuse_bf16(config, "ledger")
 
 
 def ledger_round(config: Any, t: int) -> bool:

@@ -28,18 +28,44 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+from pydantic import Field
 
 from dice_ray.core.tensors import as_tensor, edge_dots, sum_by_key
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook
 from dice_ray.methods.round_quantities import round_quantities, zprime_losses_at
 from dice_ray.results import PROXIMAL
+from dice_ray.sections import Section, refuse_bf16
 
 FIELDS = ("examiner", "neighbor", "weight", "dot", "cosine")
+
+
+
+class ProximalConfig(Section):
+    """Online proximal influence (concepts §5): every examiner k scores each in-neighbour l. Off unless ``enabled``."""
+
+    enabled: bool = Field(False, description="score every in-neighbour by proximal influence "
+                                             "p_{k←l} = q_k W_kl ∇L(θ_k^{t+1}; z′_k)ᵀ Δ_l (proximal.parquet)")
+    every: int = Field(1, ge=1, description="score on every k-th round (rounds t with t % every == 0)")
+    zprime: Literal["validation", "heldout"] = Field("validation", description="z′_k: the examiner's own "
+                                                                              "validation split, or the "
+                                                                              "shared held-out batch")
+    window: int = Field(10, ge=1, description="scoring rounds summed in the windowed score")
+    readout: Literal["first-order", "exact"] = Field(
+        "first-order", description="first-order: p_{k←l} = q_k W_kl ∇L(θ_k^{t+1}; z′_k)ᵀ Δ_l; exact: the loss itself, "
+                                   "q_k [L(θ_k^{t+1}; z′_k) − L(θ_k^{t+1} − W_kl Δ_l; z′_k)], the counterfactual "
+                                   "effect of l's update (one forward pass over z′_k per edge)")
+
+    def check(self, config: Any) -> None:
+        if not self.enabled:
+            return
+        if self.zprime == "validation" and config.data.val_fraction == 0:
+            raise ValueError("proximal.zprime 'validation' needs validation splits (data.val_fraction > 0)")
+        refuse_bf16(config, "proximal")
 
 
 def scoring_round(config: Any, t: int) -> bool:

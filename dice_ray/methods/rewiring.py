@@ -26,15 +26,50 @@ everyone, so honest participants still reach consensus. If a choice is not roote
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
+from pydantic import Field
 from scipy.sparse import csgraph
 
 from dice_ray.core.topology import metropolis_weights
 from dice_ray.hooks import DriverHook, Method
 from dice_ray.results import REWIRING
+from dice_ray.sections import Section
+
+
+class RewiringConfig(Section):
+    """Collaborator selection (concepts §5): every K rounds each participant keeps m in-neighbours. Off with none."""
+
+    mode: Literal["none", "influence", "outlier", "random"] = Field(
+        "none", description="none: static W; influence: keep the m candidates with the lowest (most helpful) "
+                            "cumulative proximal influence; outlier: drop only in-neighbours whose cumulative "
+                            "influence is a harmful outlier among one's in-neighbours and fill their places from "
+                            "the candidates; random: keep m random candidates")
+    every: int = Field(10, ge=1, description="K: rewire before rounds K, 2K, ...")
+    keep: int = Field(4, ge=1, description="m: in-neighbours each participant keeps")
+    candidates: int = Field(4, ge=0, description="random non-neighbours added to each participant's "
+                                                 "candidate pool (besides its current in-neighbours)")
+    seed: int | None = Field(None, ge=0, lt=2**32, description="seed of the random candidates and of random "
+                                                               "rewiring (default: the run's seed)")
+    outlier_z: float = Field(3.0, gt=0, le=100, description="outlier mode: an in-neighbour is dropped when its "
+                                                            "cumulative influence is positive and exceeds the "
+                                                            "median of one's in-neighbours by this many robust "
+                                                            "standard deviations (1.4826 MAD)")
+
+    def check(self, config: Any) -> None:
+        if self.mode == "none":
+            return
+        if self.mode in ("influence", "outlier") and not config.proximal.enabled:
+            raise ValueError(f"rewiring.mode {self.mode!r} needs proximal influence (proximal.enabled, --proximal)")
+        if self.keep > config.nodes - 1:
+            raise ValueError(f"rewiring.keep {self.keep} exceeds the {config.nodes - 1} other participants")
+        if config.topology.name in ("one-peer-exponential", "random-matching"):
+            raise ValueError(f"rewiring needs a static topology, got time-varying {config.topology.name!r}")
+        if config.influence.enabled:
+            raise ValueError("rewiring changes W during the run; DICE influence (--influence) replays the "
+                             "static topology: use one or the other")
 
 
 def in_neighbor_sets(w: Any) -> list[np.ndarray]:

@@ -24,7 +24,7 @@ from dice_ray.core.population import initial_state
 from dice_ray.engine.local import LocalEngine
 from dice_ray.experiment import prepare
 from dice_ray.hooks import round_hooks
-from dice_ray.methods import methods_for
+from dice_ray.methods.catalog import methods_for
 
 WORLD = {"nodes": 8, "rounds": 6, "seed": 3, "data": {"dataset": "digits", "heldout_size": 32},
          "optim": {"name": "adam", "batch_size": 8}, "output": {"progress": False}}

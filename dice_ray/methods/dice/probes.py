@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dice_ray.config import RunConfig
+if TYPE_CHECKING:
+    from dice_ray.config import RunConfig
+
 
 
 @dataclass(frozen=True)

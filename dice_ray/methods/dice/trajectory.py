@@ -10,13 +10,16 @@ recording's, the CPU in Ray's object store (``to`` moves them), a replay's where
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from dice_ray.core.participants import ParticipantBlock
-from dice_ray.experiment import Experiment
+
+if TYPE_CHECKING:
+    from dice_ray.experiment import Experiment
 
 
 @dataclass
