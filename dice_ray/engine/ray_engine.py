@@ -219,7 +219,7 @@ class RayEngine:
                 raise RuntimeError(f"participant-group actor {g} did not come back within {timeout_s:g} s after "
                                    "a failure (is there a machine with room for it?)") from None
             except ray.exceptions.RayActorError as err:  # still restarting: ask again
-                if "error raised in its creation task" in str(err):  # it will fail the same way every time
+                if err.actor_init_failed:  # its creation task raised: it will fail the same way every time
                     cause = [line for line in str(err).strip().splitlines() if line.strip()][-1].strip()
                     raise RuntimeError(f"participant-group actor {g} cannot start: {cause} (what the run's config or "
                                        "methods name must be importable on every Ray worker: list such modules "

@@ -85,19 +85,20 @@ class RayTasks(Tasks):
     def __init__(self, engine: EngineConfig, progress: bool = False):
         super().__init__(progress)
         self.engine = engine
-        self._options: dict[str, Any] | None = None
+        self._task: Any = None  # the Ray remote function of ``_in_worker``, made once the cluster is joined
+        self._options: dict[str, Any] = {}  # its GPU share on that cluster (``task_options``)
 
     def _remote(self, **extra: Any) -> Any:
-        """The Ray task running ``_in_worker`` with this run's options (joining the cluster first); ``name``: the task
-        function's, as Ray's dashboard and the worker's process title (``ray::measure_task``) show it."""
-        import ray
+        """The Ray task running ``_in_worker`` with this run's options (joining the cluster on first use); ``name``:
+        the task function's, as Ray's dashboard and the worker's process title (``ray::measure_task``) show it."""
+        if self._task is None:
+            import ray
 
-        from dice_ray.engine.runtime import start_ray
+            from dice_ray.engine.runtime import start_ray
 
-        if self._options is None:
             start_ray(self.engine.address)
-            self._options = task_options(self.engine)
-        return ray.remote(num_cpus=1)(_in_worker).options(**self._options, **extra)
+            self._task, self._options = ray.remote(num_cpus=1)(_in_worker), task_options(self.engine)
+        return self._task.options(**self._options, **extra)
 
     def share(self, value: Any) -> Any:
         import ray

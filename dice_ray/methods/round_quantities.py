@@ -39,12 +39,14 @@ class RoundQuantities:
         self.block = block
         self._before: tuple[int, torch.Tensor, dict[str, torch.Tensor] | None] | None = None  # (t, θ^t, opt^t)
         self._update: tuple[int, torch.Tensor, dict[str, torch.Tensor]] | None = None  # (t, Δ^t, opt Δ^t)
-        self._gradients: tuple[int, dict[str, torch.Tensor]] | None = None  # (u, zprime -> ∇L(θ^u; z′))
-        self._losses: tuple[int, dict[str, torch.Tensor]] | None = None  # (u, zprime -> L(θ^u; z′))
+        self._gradients: dict[str, Any] = {}  # "u": u, zprime -> ∇L(θ^u; z′)
+        self._losses: dict[str, Any] = {}  # "u": u, zprime -> L(θ^u; z′)
 
     def forget(self) -> None:
         """Drop everything kept (the block's state was restored)."""
-        self._before = self._update = self._gradients = self._losses = None
+        self._before = self._update = None
+        self._gradients.clear()
+        self._losses.clear()
 
     def keep_before(self, t: int, optimizer_state: bool = False) -> None:
         """Copy θ^t of the hosted participants before their local step of round t (once per round; with their
@@ -71,22 +73,23 @@ class RoundQuantities:
     def gradients(self, u: int, zprime: str) -> torch.Tensor:
         """∇L(θ_k^u; z′_k) [P, D_params] of every hosted k (eval mode), θ = θ^u now or when first asked; ``zprime``
         "validation" (each participant's own validation split) or "heldout" (the shared held-out batch)."""
-        if self._gradients is None or self._gradients[0] != u:
-            self._gradients = (u, {})
-        kept = self._gradients[1]
-        if zprime not in kept:
-            kept[zprime] = zprime_gradients(self.block, zprime)
-        return kept[zprime]
+        return self._at(self._gradients, u, zprime, lambda: zprime_gradients(self.block, zprime))
 
     def losses(self, u: int, zprime: str) -> torch.Tensor:
         """L(θ_k^u; z′_k) [P] of every hosted k (eval mode), θ = θ^u now or when first asked (``gradients``' z′):
         the term every exact readout at k shares."""
-        if self._losses is None or self._losses[0] != u:
-            self._losses = (u, {})
-        kept = self._losses[1]
+        block = self.block
+        return self._at(self._losses, u, zprime, lambda: zprime_losses_at(
+            block, torch.arange(block.size, device=block.device), block.population.state, zprime))
+
+    @staticmethod
+    def _at(kept: dict[str, Any], u: int, zprime: str, compute: Any) -> torch.Tensor:
+        """``kept``'s value for ``zprime`` at round start u, computed now if not kept yet (a new u drops the old)."""
+        if kept.get("u") != u:
+            kept.clear()
+            kept["u"] = u
         if zprime not in kept:
-            everyone = torch.arange(self.block.size, device=self.block.device)
-            kept[zprime] = zprime_losses_at(self.block, everyone, self.block.population.state, zprime)
+            kept[zprime] = compute()
         return kept[zprime]
 
 
