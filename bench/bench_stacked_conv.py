@@ -17,6 +17,11 @@ participant's parameter gradients, nothing else (no optimizer update) — by the
     channels_last    the vmap path with the inputs and the conv weights in channels_last memory format (their
                      conversion from the flat state's layout is timed too: a step starts from that layout);
     cudnn.benchmark  (CUDA only) the project's code with ``torch.backends.cudnn.benchmark = True``;
+    gather           the project's code with ``model.pool`` gather (``dice_ray.core.pooling``: each window's maximum
+                     found by PyTorch's channels-last kernel, participants folded into channels, then gathered);
+    cl.gather        the same, with ``model.conv`` channels-last as well (the stacked minibatch laid out
+                     [B, H, W, P, C], so the grouped convolutions and what follows run channels-last): what
+                     ``auto`` picks on CPUs;
     loop             ``Population(vectorize="loop")._loss_and_grads``: a Python loop over participants, each a
                      plain ``functional_call``; one ``autograd.grad`` for all;
     compile          ``torch.compile`` of ``torch.func.grad_and_value`` of the vmapped summed loss (falls back to a
@@ -82,13 +87,14 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from dice_ray.core.losses import CROSS_ENTROPY
-from dice_ray.core.models import build_model
+from dice_ray.core.models import build_model, use_layer_modes
 from dice_ray.core.population import OptimizerSpec, Population, initial_state
 
 MODEL, CLASSES, BATCH, SEED, NOISE = "cnn", 10, 16, 0, 0.01
 SHAPES: tuple[tuple[int, int, int], ...] = ((1, 28, 28), (3, 32, 32))
 PARTICIPANTS = {"cpu": (64, 256), "cuda": (256, 4096)}
-STRATEGIES = ("vmap", "unfold", "unfold.bcast", "channels_last", "cudnn.benchmark", "loop", "compile")
+STRATEGIES = ("vmap", "unfold", "unfold.bcast", "channels_last", "gather", "cl.gather", "cudnn.benchmark", "loop",
+              "compile")
 TOLERANCE = 1e-4
 TIE_GAP = 1e-6  # max-pool windows whose top two values are closer than this (relative) count as near ties
 MAX_CHECKED = 32  # participants above TOLERANCE recomputed in float64 per strategy (the rest count as differences)
@@ -263,6 +269,15 @@ def cudnn_benchmark() -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def modes_step(case: Case, conv: str, pool: str) -> StepFn:
+    """The project's own ``_loss_and_grads`` on a copy of the model whose layers compute as ``model.conv`` ``conv``
+    and ``model.pool`` ``pool`` say (the same stacked parameters)."""
+    model = copy.deepcopy(case.model)
+    use_layer_modes(model, conv, pool, case.device)
+    pop = Population(model, case.population.state, case.population.optimizer)
+    return lambda: pop._loss_and_grads(case.x, case.y)
 
 
 def population_step(case: Case, vectorize: str) -> StepFn:
@@ -505,6 +520,8 @@ def run_case(case: Case, args: argparse.Namespace, compile_state: dict[str, str]
                 step = unfold_step(case, unfold_conv_bcast)
             elif strategy == "channels_last":
                 step = channels_last_step(case)
+            elif strategy in ("gather", "cl.gather"):
+                step = modes_step(case, "channels-last" if strategy == "cl.gather" else "native", "gather")
             elif strategy == "cudnn.benchmark":
                 step, context, warmup = population_step(case, "vmap"), cudnn_benchmark(), max(warmup, 2)
             elif strategy == "loop":

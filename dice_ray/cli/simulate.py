@@ -51,7 +51,7 @@ OPTIONS: list[tuple[str, str, Any]] = [
     ("--shards-per-node", "data.shards_per_node", int), ("--val-fraction", "data.val_fraction", float),
     ("--heldout-size", "data.heldout_size", int), ("--participant-weights", "data.participant_weights", str),
     ("--model", "model.name", str), ("--init", "model.init", str), ("--vectorize", "model.vectorize", str),
-    ("--conv", "model.conv", str),
+    ("--conv", "model.conv", str), ("--pool", "model.pool", str),
     ("--optimizer", "optim.name", str), ("--lr", "optim.lr", float), ("--batch-size", "optim.batch_size", int),
     ("--momentum", "optim.momentum", float), ("--weight-decay", "optim.weight_decay", float),
     ("--actors", "engine.actors", int), ("--cpus-per-actor", "engine.cpus_per_actor", float),

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from dice_ray.core.convolution import use_conv_mode
+from dice_ray.core.pooling import use_pool_mode
 from dice_ray.errors import InputError
 
 ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
@@ -47,6 +49,13 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     if name not in _REGISTRY:
         raise InputError(f"model {name!r} is unknown; choose one of {', '.join(model_names())}")
     return _REGISTRY[name](tuple(input_shape), int(num_classes))
+
+
+def use_layer_modes(model: nn.Module, conv: str, pool: str, device: torch.device | str) -> None:
+    """Make ``model``'s stacked convolutions and max poolings compute as ``model.conv`` and ``model.pool`` say on
+    ``device`` (another kernel or layout for the same layers: the numbers stay the same, to float32 rounding)."""
+    use_conv_mode(model, conv, torch.device(device))
+    use_pool_mode(model, pool, device)
 
 
 class MLP(nn.Module):

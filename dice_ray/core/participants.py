@@ -20,11 +20,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from dice_ray.core.convolution import use_conv_mode
 from dice_ray.core.cuda_graph import StepGraph
 from dice_ray.core.losses import build_loss
 from dice_ray.core.misbehavior import DATA_KINDS, UPDATE_KINDS, corrupt_data, update_factor
-from dice_ray.core.models import build_model
+from dice_ray.core.models import build_model, use_layer_modes
 from dice_ray.core.population import STEP_CHUNK_BYTES, Population, initial_state
 from dice_ray.core.precision import set_precision
 from dice_ray.core.tensors import as_tensor, csr_tensor
@@ -70,7 +69,7 @@ class ParticipantBlock:
         model = build_model(config.model.name, input_shape, num_classes)
         state = initial_state(model, self.nodes, config.seed, config.model.init, device=self.device)
         model.to(self.device)
-        use_conv_mode(model, config.model.conv, self.device)
+        use_layer_modes(model, config.model.conv, config.model.pool, self.device)
         vectorize = "vmap" if config.model.vectorize == "auto" else config.model.vectorize
         autocast = set_precision(config.engine.precision)
         self.population = Population(model, state, config.optim.spec(), vectorize, build_loss(config.model.loss),

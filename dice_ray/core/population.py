@@ -27,15 +27,18 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from dice_ray.core.convolution import stacked_input
 from dice_ray.core.losses import CROSS_ENTROPY, Loss
 from dice_ray.errors import InputError
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
-# A local step holds at most this many bytes of gradients at once, in at most STEP_PASSES passes: large blocks step
-# in chunks of rows, so the step does not hold another [P, D] copy of the state (its temporaries stay near
-# max(32 MiB, 1/32 of the state)). 32 MiB is ~490 participants of the 17k-parameter MLP: smaller blocks step in one
-# pass, as before. Measured at N = 16,384 (MLP, SGD, 2 threads): one pass 1.28 s, 16 passes 0.88 s, 32 passes
-# 0.74 s, 64 passes 0.85 s (a chunk's gradients stay in cache).
+# A local step holds at most this many bytes on the CPU at once (gradients, and the activations kept for the backward
+# pass), in at most STEP_PASSES passes: large blocks step in chunks of rows, so the step does not hold another
+# [P, D] copy of the state (its temporaries stay near max(32 MiB, 1/32 of the state)). 32 MiB is ~330 participants
+# of the 17k-parameter MLP: smaller blocks step in one pass. Measured at N = 16,384 (MLP, SGD, 2 threads): one pass
+# 1.28 s, 16 passes 0.88 s, 32 passes 0.74 s, 64 passes 0.85 s (a chunk's gradients stay in cache). The CNN's
+# activations are ~15x its gradients (28x28 inputs, batch 16: ~6 MB a participant): 256 of them stepped in passes of
+# 64 rows (gradients alone counted) took 1.3-1.6x the time of passes of 8-16 rows (2 cores, ``bench_stacked_conv``).
 STEP_CHUNK_BYTES = 32 << 20
 STEP_PASSES = 32
 # On a GPU the chunks that keep CPU caches warm only multiply kernel launches (9 kernel sequences per step at N = 4,096
@@ -47,9 +50,9 @@ STEP_MEMORY_MULTIPLE = 32  # a bound on a step's transient memory over its state
 
 
 def default_step_budget(device: torch.device | str) -> int:
-    """Bytes one pass of ``Population.half_step`` may hold on ``device``: ``STEP_CHUNK_BYTES`` of gradients on the CPU
-    (cache-sized chunks are faster there), ``GPU_STEP_MEMORY_FRACTION`` of the free memory on a CUDA device (gradients
-    and activations: ``Population.step_row_bytes``)."""
+    """Bytes one pass of ``Population.half_step`` may hold on ``device`` (gradients and activations:
+    ``Population.step_row_bytes``): ``STEP_CHUNK_BYTES`` on the CPU (cache-sized chunks are faster there),
+    ``GPU_STEP_MEMORY_FRACTION`` of the free memory on a CUDA device."""
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0] * GPU_STEP_MEMORY_FRACTION)
@@ -185,10 +188,10 @@ class Population:
         self.buffers = state[:, self.param_layout.width:]
         self.optimizer = optimizer
         self.vectorize = vectorize
-        # Bytes of gradients one pass of ``half_step`` may hold (``step_chunks``); by default by the state's device.
+        # Bytes one pass of ``half_step`` may hold (``step_chunks``); by default by the state's device.
         self.step_budget = default_step_budget(state.device) if step_budget is None else step_budget
         self.opt_state = init_optimizer_state(optimizer, self.params)
-        self.step_row_bytes: int | None = None  # on a GPU, what one participant's step holds (measured by half_step)
+        self.step_row_bytes: int | None = None  # what one participant's step holds (measured by half_step)
         # Per-tensor views of the parameters and optimizer buffers, for the optimizer's foreach update.
         self._param_views = list(self.param_layout.views(self.params).values())
         self._opt_views = {name: value if name == "step" else list(self.param_layout.views(value).values())
@@ -209,6 +212,7 @@ class Population:
             return functional_call(self.model, {**p, **b}, (xb,))
 
         if self.vectorize == "vmap":
+            x = x if shared_input else stacked_input(self.model, x)
             return vmap(one, in_dims=(0, 0, None if shared_input else 0))(params, buffers, x)
         return torch.stack([
             one({n: v[k] for n, v in params.items()}, {n: v[k] for n, v in buffers.items()},
@@ -340,9 +344,9 @@ class Population:
         copy of the whole state, and each row's numbers are the same as in one pass.
         """
         batch = x if callable(x) else (lambda rows: (x[rows], y[rows]))
-        if self.state.is_cuda and self.step_row_bytes is None and self.size > 2:
+        if self.step_row_bytes is None and self.size > 2 and self.state.device.type in ("cpu", "cuda"):
             # Measured only where chunks may be needed: a step's transient memory is a small multiple of its state
-            # (activations ~10x the parameters for a CNN at batch 16), so a small block (a replay's) steps in one pass.
+            # (activations ~15x the parameters for a CNN at batch 16), so a small block (a replay's) steps in one pass.
             small = self.state.numel() * self.state.element_size() * STEP_MEMORY_MULTIPLE < self.step_budget
             self.step_row_bytes = 0 if small else self._measure_step_row_bytes(batch)
         losses = torch.empty(self.size, dtype=self.state.dtype, device=self.state.device)  # in place: see evaluate
@@ -362,16 +366,28 @@ class Population:
                 else contextlib.nullcontext())
 
     def _measure_step_row_bytes(self, batch: Callable[[slice], tuple[torch.Tensor, torch.Tensor]]) -> int:
-        """Bytes of device memory one participant's step holds at its peak (gradients, activations kept for the
-        backward pass, temporaries): the allocator's peak over a forward and backward pass of two participants, whose
-        state is left as it was (BatchNorm's running statistics put back)."""
+        """Bytes one participant's step holds at once, from a forward and backward pass of two participants, whose
+        state is left as it was (BatchNorm's running statistics put back). On a CUDA device: the allocator's peak
+        (gradients, activations kept for the backward pass, temporaries). On the CPU: the activations autograd keeps
+        for the backward pass (each tensor once, the parameters' own views left out), plus the gradients."""
         device, rows = self.state.device, slice(0, 2)
         kept = self.buffers[rows].clone()
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        with self._autocast():
+        saved: dict[tuple[int, int], int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.untyped_storage().data_ptr() != self.state.untyped_storage().data_ptr():
+                saved[tensor.data_ptr(), tensor.numel()] = tensor.numel() * tensor.element_size()
+            return tensor
+
+        if device.type == "cuda":
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        with self._autocast(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             loss, grads = self._loss_and_grads(*batch(rows), rows=rows)
-        peak = torch.cuda.max_memory_allocated(device) - before
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) - before
+        else:
+            peak = sum(saved.values()) + sum(g.numel() * g.element_size() for g in grads)
         del loss, grads
         self.buffers[rows] = kept
         return max(int(peak) // 2, 1)

@@ -10,9 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from dice_ray.core.convolution import use_conv_mode
 from dice_ray.core.misbehavior import UPDATE_KINDS, update_factor
-from dice_ray.core.models import build_model
+from dice_ray.core.models import build_model, use_layer_modes
 from dice_ray.core.participants import ParticipantBlock
 from dice_ray.methods.dice.estimator import (
     Cascade,
@@ -96,7 +95,8 @@ def window_for(experiment: Any, trajectory: Trajectory) -> Window:
     ds = experiment.dataset
     block = ParticipantBlock.for_experiment(experiment, device=str(device))  # also sets the precision's CUDA modes
     model = build_model(experiment.config.model.name, ds.input_shape, ds.num_classes).to(device)
-    use_conv_mode(model, experiment.config.model.conv, device)  # the convolutions the recording's block ran
+    # the convolutions and poolings the recording's block ran
+    use_layer_modes(model, experiment.config.model.conv, experiment.config.model.pool, device)
     heldout = (torch.as_tensor(np.array(experiment.heldout[0]), device=device),
                torch.as_tensor(np.array(experiment.heldout[1]), device=device))
     validation = (block.x_val, block.y_val, block.val_mask) if experiment.config.influence.zprime == "validation" \

@@ -1,0 +1,141 @@
+"""Seconds per CNN round on the CPU: the layer modes ``auto`` picks there against PyTorch's own, in one process.
+
+Workload: ``bench_peers.py``'s dice-ray side (the registered "cnn" on 1x28x28 inputs — mnist5k where every
+participant gets a batch, else ``synthetic`` — batch 16, SGD lr 0.05, exponential graph, uniform weights, no
+evaluation inside timed rounds), as ``LocalEngine`` rounds (the local step, then gossip) in this one process, torch
+threads = all cores, one engine per variant:
+
+    baseline        ``model.conv`` native, ``model.pool`` native, step chunks sized by the gradients alone (what
+                    every CPU run did before 2026-12-05);
+    chunks          step chunks sized by gradients and the activations kept for the backward pass;
+    gather          the gather max pooling (``model.pool`` gather: PyTorch's numbers, bit for bit), gradient chunks;
+    auto            what ``auto`` runs on a CPU today: native convolutions, gather pooling, activation chunks (the
+                    baseline's numbers, bit for bit);
+    channels-last   + ``model.conv`` channels-last (the minibatch laid out [B, H, W, P, C]: numbers to float32
+                    rounding, and dependent on the passes' sizes, so a choice, not the default);
+    channels-last.gradient-chunks   the same, chunks by the gradients alone.
+
+Machines like this one are noisy (the same run's round moved by 0.5-0.7 s between processes minutes apart), so the
+variants are timed round-robin in one process, the order reversed every round, and each variant's round is
+compared with the baseline's round of the same turn: the ratios' median and range are the result. Also printed:
+the fused step (one model's forward and backward on all N·16 images of a round, no per-participant state, no
+gossip), the floor a stacked round can approach, and whether each variant's state equals the baseline's (bit for
+bit but for channels-last, whose float32 rounding differences grow over rounds as training amplifies them).
+
+Run::
+
+    python bench/bench_cnn_modes.py                  # N = 256, 12 timed rounds per variant (~2 min on 2 cores)
+    python bench/bench_cnn_modes.py --nodes 64 256 1024 --rounds 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_peers import dice_config
+from torch.nn import functional as F  # noqa: N812
+
+import dice_ray
+from dice_ray.core.models import build_model
+from dice_ray.engine.local import LocalEngine
+from dice_ray.experiment import prepare
+from dice_ray.hooks import round_hooks
+from dice_ray.methods.catalog import methods_for
+
+# variant -> (model.conv, model.pool, step chunks counting activations)
+VARIANTS = {"baseline": ("native", "native", False), "chunks": ("native", "native", True),
+            "gather": ("native", "gather", False), "auto": ("auto", "auto", True),
+            "channels-last": ("channels-last", "gather", True),
+            "channels-last.gradient-chunks": ("channels-last", "gather", False)}
+
+
+def engine_for(nodes: int, conv: str, pool: str, activations: bool) -> LocalEngine:
+    config, _, _ = dice_config("cnn", nodes, 10_000, "/nonexistent/bench-cnn-modes")
+    config["model"] = {**config["model"], "conv": conv, "pool": pool}
+    run_config = dice_ray.RunConfig(**config)
+    engine = LocalEngine(prepare(run_config), round_hooks(methods_for(run_config)))
+    if not activations:
+        engine.block.population.step_row_bytes = 0  # chunks by the gradients alone: the rule before 2026-12-05
+    return engine
+
+
+def fused_step_s(nodes: int, repeats: int) -> float:
+    """Median seconds of one CNN's forward and backward on N·16 random 1x28x28 images (cross-entropy)."""
+    model = build_model("cnn", (1, 28, 28), 10)
+    x, y = torch.randn(nodes * 16, 1, 28, 28), torch.randint(0, 10, (nodes * 16,))
+    params = list(model.parameters())
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(nodes: int, rounds: int, warmup: int, variants: list[str]) -> dict[str, Any]:
+    engines = {name: engine_for(nodes, *VARIANTS[name]) for name in dict.fromkeys(["baseline", *variants])}
+    for t in range(warmup):  # the first round measures the step's memory, converts W, warms the allocator
+        for engine in engines.values():
+            engine.run_round(t, evaluate=False)
+    chunks = {name: len(e.block.population.step_chunks()) for name, e in engines.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in engines}
+    order = list(engines)
+    for t in range(warmup, warmup + rounds):
+        for name in order if t % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            engines[name].run_round(t, evaluate=False)
+            seconds[name].append(time.perf_counter() - start)
+    base = engines["baseline"].block.population.state
+    fused = fused_step_s(nodes, max(3, rounds // 2))
+    result: dict[str, Any] = {"nodes": nodes, "fused_step_s": fused, "variants": {}}
+    for name, times in seconds.items():
+        ratios = [a / b for a, b in zip(times, seconds["baseline"], strict=True)]
+        state = engines[name].block.population.state
+        result["variants"][name] = {
+            "passes": chunks[name], "round_s": statistics.median(times), "round_s_range": [min(times), max(times)],
+            "vs_baseline": statistics.median(ratios), "vs_baseline_range": [min(ratios), max(ratios)],
+            "vs_fused": statistics.median(times) / fused, "same_state_bitwise": bool(torch.equal(state, base)),
+            "max_rel_state_diff": float((state - base).abs().max() / base.abs().max())}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[256])
+    parser.add_argument("--rounds", type=int, default=12, help="timed rounds per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds per variant first")
+    parser.add_argument("--variants", nargs="+", choices=[v for v in VARIANTS if v != "baseline"],
+                        default=[v for v in VARIANTS if v != "baseline"], help="timed against the baseline")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d')}")
+    results = []
+    for nodes in args.nodes:
+        result = measure(nodes, args.rounds, args.warmup, args.variants)
+        results.append(result)
+        print(f"\nN = {nodes}: fused step {result['fused_step_s']:.3f} s (one CNN on {nodes * 16} images)")
+        print("| variant | passes | s/round (median, range) | × baseline (median, range) | × fused "
+              "| state vs baseline |")
+        print("|---|---:|---|---|---:|---|")
+        for name, v in result["variants"].items():
+            same = "bit for bit" if v["same_state_bitwise"] else f"max rel diff {v['max_rel_state_diff']:.1e}"
+            print(f"| {name} | {v['passes']} | {v['round_s']:.3f} [{v['round_s_range'][0]:.3f}, "
+                  f"{v['round_s_range'][1]:.3f}] | {v['vs_baseline']:.3f} [{v['vs_baseline_range'][0]:.3f}, "
+                  f"{v['vs_baseline_range'][1]:.3f}] | {v['vs_fused']:.2f} | {same} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
