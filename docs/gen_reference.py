@@ -13,6 +13,7 @@ Run it alone (``python docs/gen_reference.py OUT_DIR``) to write the pages to a 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import typing
@@ -49,6 +50,7 @@ def parsers() -> list[tuple[str, argparse.ArgumentParser]]:
 
 def parser_markdown(command: str, parser: argparse.ArgumentParser) -> str:
     """One section per command: usage, then a table of its arguments."""
+    parser.formatter_class = functools.partial(argparse.HelpFormatter, width=80)  # not the terminal's width
     lines = [f"## `{command}`", "", parser.description or "", "", "```text", parser.format_usage().strip(), "```",
              "", "| option | value | meaning |", "|---|---|---|"]
     for action in parser._actions:
@@ -120,7 +122,7 @@ def config_markdown() -> str:
     for row in config_fields():
         sections.setdefault(row[0].rsplit(".", 1)[0] if "." in row[0] else "", []).append(row)
     for parent, rows in sections.items():
-        doc = (rows[0][4].__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        doc = " ".join((rows[0][4].__doc__ or "").strip().split("\n\n")[0].split())
         lines += ["", f"## `{parent or 'top level'}`", "", doc, "",
                   "| field | type | default | CLI | meaning |", "|---|---|---|---|---|"]
         for dotted, annotation, default, description, _model in rows:

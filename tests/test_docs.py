@@ -65,6 +65,14 @@ def test_every_table_is_in_the_reference():
         assert f"`{name}.parquet`" in page
 
 
+def test_the_committed_reference_pages_are_the_generated_ones():
+    """The site generates them at build time; the copies in docs/reference are what GitHub shows: kept the same
+    (``python docs/gen_reference.py OUT_DIR`` writes them)."""
+    gen = _generator()
+    for name, make in gen.PAGES.items():
+        assert (ROOT / "docs" / name).read_text() == make(), f"docs/{name} is stale: regenerate it"
+
+
 def test_readme_is_short_and_points_to_the_docs():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= README_BUDGET
