@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,8 @@ STEP_PASSES = 32
 # its share of that fixed amount: ResNet-18 would otherwise hold ~6x its parameters per participant in one pass.
 GPU_STEP_MEMORY_FRACTION = 1 / 8
 STEP_MEMORY_MULTIPLE = 32  # a bound on a step's transient memory over its state, below which it is not measured
+# What one participant's step holds (``Population._measure_step_row_bytes``), per model and minibatch shape.
+_STEP_ROW_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
 
 def default_step_budget(device: torch.device | str) -> int:
@@ -371,6 +374,13 @@ class Population:
         (gradients, activations kept for the backward pass, temporaries). On the CPU: the activations autograd keeps
         for the backward pass (each tensor once, the parameters' own views left out), plus the gradients."""
         device, rows = self.state.device, slice(0, 2)
+        x, y = batch(rows)
+        # The same for every population of this model on minibatches of this shape: measured once (DICE-GT's replays
+        # step a fresh population per hop, a few rows each, on the run's model).
+        key = (device.type, tuple(x.shape[1:]), x.dtype, self.state.dtype, self.autocast)
+        known = _STEP_ROW_BYTES.setdefault(self.model, {})
+        if key in known:
+            return known[key]
         kept = self.buffers[rows].clone()
         saved: dict[tuple[int, int], int] = {}
 
@@ -383,14 +393,15 @@ class Population:
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
         with self._autocast(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss, grads = self._loss_and_grads(*batch(rows), rows=rows)
+            loss, grads = self._loss_and_grads(x, y, rows=rows)
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) - before
         else:
             peak = sum(saved.values()) + sum(g.numel() * g.element_size() for g in grads)
         del loss, grads
         self.buffers[rows] = kept
-        return max(int(peak) // 2, 1)
+        known[key] = max(int(peak) // 2, 1)
+        return known[key]
 
     @torch.no_grad()
     def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:

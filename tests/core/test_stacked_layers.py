@@ -130,6 +130,13 @@ def test_a_cnn_steps_in_chunks_sized_by_its_activations_with_the_same_numbers() 
     assert chunked.step_row_bytes > 3 * row  # measured: activations counted
     assert max(s.stop - s.start for s in chunked.step_chunks()) < 4 and len(one.step_chunks()) == 1
 
+    # measured once per model and minibatch shape: a later population of the model (a replay's) only steps
+    passes = []
+    model.register_forward_hook(lambda *_: passes.append(1))
+    later = Population(model, state[:6].clone(), spec, step_budget=chunked.step_budget)
+    later.half_step(x[:6], y[:6])
+    assert later.step_row_bytes == chunked.step_row_bytes and len(passes) == len(later.step_chunks())  # no extra pass
+
 
 def test_a_cnn_run_is_the_same_with_every_pool_and_conv_mode(tmp_path) -> None:
     """Whole runs on the CNN: the gather pooling changes no number; the channels-last layout changes them by float32
