@@ -82,8 +82,9 @@ def _pool_forward(self: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def convertible(module: nn.Module) -> bool:
-    """Whether ``module`` is a 2-D max pooling the gather form computes (one that does not return its indices)."""
-    return isinstance(module, nn.MaxPool2d) and not module.return_indices
+    """Whether ``module`` is a 2-D max pooling the gather form computes: PyTorch's own ``nn.MaxPool2d`` (a subclass
+    may compute otherwise), not returning its indices."""
+    return type(module) is nn.MaxPool2d and not module.return_indices
 
 
 def use_pool_mode(model: nn.Module, mode: str, device: torch.device | str) -> int:

@@ -94,8 +94,11 @@ def test_pool_and_conv_modes_say_what_they_change() -> None:
     assert use_pool_mode(model, "auto", "meta") == 0  # auto: the gather form on CPUs only
     assert use_pool_mode(model, "auto", "cpu") == 2
     assert all("forward" in vars(m) for m in model.modules() if isinstance(m, nn.MaxPool2d))
-    keeps = nn.MaxPool2d(2, return_indices=True)  # a pooling returning its indices is left as it is
-    assert use_pool_mode(nn.Sequential(keeps), "gather", "cpu") == 0 and "forward" not in vars(keeps)
+    class Mine(nn.MaxPool2d):  # a user's subclass may compute otherwise: left as it is
+        pass
+
+    keeps = nn.MaxPool2d(2, return_indices=True), Mine(2)  # and so is a pooling returning its indices
+    assert use_pool_mode(nn.Sequential(*keeps), "gather", "cpu") == 0 and not any("forward" in vars(m) for m in keeps)
     with pytest.raises(ValueError, match="pool mode 'fast' is unknown"):
         use_pool_mode(model, "fast", "cpu")
 
