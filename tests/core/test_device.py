@@ -178,3 +178,19 @@ def test_the_cuda_graph_step_equals_the_eager_one_bit_for_bit(model: str) -> Non
         eager.mix(w, [eager.population.state])
         assert torch.equal(graphed.population.state, eager.population.state)
     assert graphed._step_graph.graph is not None and eager._step_graph is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gather_pooling_on_cuda_is_pytorchs_pooling_and_the_cuda_graph_step_takes_it() -> None:
+    """``model.pool`` gather (the CPU default; a choice on CUDA) computes PyTorch's pooling on CUDA too, and a CUDA
+    run with it steps as the native pooling's run does, CUDA graph included."""
+    runs = {}
+    for pool in ("native", "gather"):
+        config = dice_ray.RunConfig(**{**WORLD, "model": {"name": "cnn", "pool": pool}})
+        block = ParticipantBlock.for_experiment(prepare(config), device="cuda")
+        w = block.mixing_rows(prepare(config).topology.mixing_matrix(0))
+        for t in range(3):
+            block.half_step(t)
+            block.mix(w, [block.population.state])
+        runs[pool] = block.population.state
+    assert torch.equal(runs["gather"], runs["native"])
