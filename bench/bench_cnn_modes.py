@@ -18,9 +18,9 @@ threads = all cores, one engine per variant:
 Machines like this one are noisy (the same run's round moved by 0.5-0.7 s between processes minutes apart), so the
 variants are timed round-robin in one process, the order reversed every round, and each variant's round is
 compared with the baseline's round of the same turn: the ratios' median and range are the result. Also printed:
-the fused step (one model's forward and backward on all N·16 images of a round, no per-participant state, no
-gossip), the floor a stacked round can approach, and whether each variant's state equals the baseline's (bit for
-bit but for channels-last, whose float32 rounding differences grow over rounds as training amplifies them).
+the fused step (``bench_gpu.fused_step``: one model's SGD step on all N·16 images of a round, no per-participant
+state, no gossip), the floor a stacked round can approach, and whether each variant's state equals the baseline's
+(bit for bit but for channels-last, whose float32 rounding differences grow over rounds as training amplifies them).
 
 Run::
 
@@ -40,11 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_gpu import fused_step
 from bench_peers import dice_config
-from torch.nn import functional as F  # noqa: N812
 
 import dice_ray
-from dice_ray.core.models import build_model
 from dice_ray.engine.local import LocalEngine
 from dice_ray.experiment import prepare
 from dice_ray.hooks import round_hooks
@@ -67,20 +66,6 @@ def engine_for(nodes: int, conv: str, pool: str, activations: bool) -> LocalEngi
     return engine
 
 
-def fused_step_s(nodes: int, repeats: int) -> float:
-    """Median seconds of one CNN's forward and backward on N·16 random 1x28x28 images (cross-entropy)."""
-    model = build_model("cnn", (1, 28, 28), 10)
-    x, y = torch.randn(nodes * 16, 1, 28, 28), torch.randint(0, 10, (nodes * 16,))
-    params = list(model.parameters())
-    times = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        torch.autograd.grad(F.cross_entropy(model(x), y), params)
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(nodes: int, rounds: int, warmup: int, variants: list[str]) -> dict[str, Any]:
     engines = {name: engine_for(nodes, *VARIANTS[name]) for name in dict.fromkeys(["baseline", *variants])}
     for t in range(warmup):  # the first round measures the step's memory, converts W, warms the allocator
@@ -95,7 +80,7 @@ def measure(nodes: int, rounds: int, warmup: int, variants: list[str]) -> dict[s
             engines[name].run_round(t, evaluate=False)
             seconds[name].append(time.perf_counter() - start)
     base = engines["baseline"].block.population.state
-    fused = fused_step_s(nodes, max(3, rounds // 2))
+    fused = fused_step("cnn", nodes, "cpu", steps=max(3, rounds // 2), warmup=1, shape=(1, 28, 28))["s_per_step"]
     result: dict[str, Any] = {"nodes": nodes, "fused_step_s": fused, "variants": {}}
     for name, times in seconds.items():
         ratios = [a / b for a, b in zip(times, seconds["baseline"], strict=True)]

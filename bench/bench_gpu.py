@@ -283,9 +283,10 @@ class _Block(nn.Module):
         return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.skip(x))
 
 
-def build_model(name: str) -> nn.Module:
-    """The same architectures as dice-ray's registered "mlp", "cnn" and "resnet18" on ``SHAPES[name]``."""
-    channels, height, width = SHAPES[name]
+def build_model(name: str, shape: tuple[int, int, int] | None = None) -> nn.Module:
+    """The same architectures as dice-ray's registered "mlp", "cnn" and "resnet18" on ``shape`` (default
+    ``SHAPES[name]``)."""
+    channels, height, width = shape or SHAPES[name]
     if name == "mlp":
         return nn.Sequential(nn.Flatten(), nn.Linear(channels * height * width, 128), nn.ReLU(),
                              nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, CLASSES))
@@ -301,12 +302,15 @@ def build_model(name: str) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, CLASSES))
 
 
-def fused_step(model_name: str, nodes: int, device: str, steps: int = 20, warmup: int = 5) -> dict[str, Any]:
-    """Median seconds of one SGD step of one model on N·16 samples on ``device``; peak allocated memory."""
+def fused_step(model_name: str, nodes: int, device: str, steps: int = 20, warmup: int = 5,
+               shape: tuple[int, int, int] | None = None) -> dict[str, Any]:
+    """Median seconds of one SGD step of one model on N·16 samples of ``shape`` (default ``SHAPES[model_name]``) on
+    ``device``; peak allocated memory."""
     torch.manual_seed(0)
-    model = build_model(model_name).to(device)
+    shape = shape or SHAPES[model_name]
+    model = build_model(model_name, shape).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    x = torch.randn(nodes * BATCH, *SHAPES[model_name], device=device)
+    x = torch.randn(nodes * BATCH, *shape, device=device)
     y = torch.randint(0, CLASSES, (nodes * BATCH,), device=device)
     cuda = device.startswith("cuda")
     if cuda:

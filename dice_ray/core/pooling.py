@@ -51,10 +51,7 @@ def _(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
 
 def _stacked_indices(info: object, in_dims: tuple, x: torch.Tensor, *args: object) -> tuple[torch.Tensor, int | None]:
     """``vmap`` rule: the participants (x's batched dimension) folded into the channels, [N, P·C, H, W], one call."""
-    (dim, *_) = in_dims
-    if dim is None:
-        return max_pool2d_indices(x, *args), None
-    x = x.movedim(dim, -4)  # [..., P, C, H, W]
+    x = x.movedim(in_dims[0], -4)  # [..., P, C, H, W]: x is the operator's one tensor, so it is the batched one
     lead, (participants, channels) = x.shape[:-4], x.shape[-4:-2]
     indices = max_pool2d_indices(x.reshape(-1, participants * channels, *x.shape[-2:]), *args)
     return indices.reshape(*lead, participants, channels, *indices.shape[-2:]), len(lead)

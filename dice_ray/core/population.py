@@ -382,23 +382,23 @@ class Population:
         if key in known:
             return known[key]
         kept = self.buffers[rows].clone()
-        saved: dict[tuple[int, int], int] = {}
-
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            if tensor.untyped_storage().data_ptr() != self.state.untyped_storage().data_ptr():
-                saved[tensor.data_ptr(), tensor.numel()] = tensor.numel() * tensor.element_size()
-            return tensor
-
         if device.type == "cuda":
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-        with self._autocast(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss, grads = self._loss_and_grads(x, y, rows=rows)
-        if device.type == "cuda":
+            with self._autocast():
+                self._loss_and_grads(x, y, rows=rows)
             peak = torch.cuda.max_memory_allocated(device) - before
         else:
+            saved: dict[tuple[int, int], int] = {}  # (address, elements) -> bytes: a tensor saved twice counts once
+
+            def pack(tensor: torch.Tensor) -> torch.Tensor:
+                if tensor.untyped_storage().data_ptr() != self.state.untyped_storage().data_ptr():
+                    saved[tensor.data_ptr(), tensor.numel()] = tensor.numel() * tensor.element_size()
+                return tensor
+
+            with self._autocast(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                _, grads = self._loss_and_grads(x, y, rows=rows)
             peak = sum(saved.values()) + sum(g.numel() * g.element_size() for g in grads)
-        del loss, grads
         self.buffers[rows] = kept
         known[key] = max(int(peak) // 2, 1)
         return known[key]
