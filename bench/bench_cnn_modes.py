@@ -5,12 +5,14 @@ participant gets a batch, else ``synthetic`` — batch 16, SGD lr 0.05, exponent
 evaluation inside timed rounds), as ``LocalEngine`` rounds (the local step, then gossip) in this one process, torch
 threads = all cores, one engine per variant:
 
-    baseline        ``model.conv`` native, ``model.pool`` native, step chunks sized by the gradients alone (what
-                    every CPU run did before 2026-12-05);
+    baseline        ``model.conv`` native, ``model.pool`` native, step chunks sized by the gradients alone, passes
+                    one after another on all threads (what every CPU run did before 2026-12-05);
     chunks          step chunks sized by gradients and the activations kept for the backward pass;
     gather          the gather max pooling (``model.pool`` gather: PyTorch's numbers, bit for bit), gradient chunks;
-    auto            what ``auto`` runs on a CPU today: native convolutions, gather pooling, activation chunks (the
-                    baseline's numbers, bit for bit);
+    auto.in-turn    native convolutions, gather pooling, activation chunks, passes one after another (what ``auto``
+                    ran on a CPU from 2026-12-05 until passes ran side by side);
+    auto            what ``auto`` runs on a CPU today: the same, with the passes side by side, one per thread, each
+                    on one thread (``Population.step_threads``; the baseline's numbers, bit for bit);
     channels-last   + ``model.conv`` channels-last (the minibatch laid out [B, H, W, P, C]: numbers to float32
                     rounding, and dependent on the passes' sizes, so a choice, not the default);
     channels-last.gradient-chunks   the same, chunks by the gradients alone.
@@ -49,20 +51,22 @@ from dice_ray.experiment import prepare
 from dice_ray.hooks import round_hooks
 from dice_ray.methods.catalog import methods_for
 
-# variant -> (model.conv, model.pool, step chunks counting activations)
-VARIANTS = {"baseline": ("native", "native", False), "chunks": ("native", "native", True),
-            "gather": ("native", "gather", False), "auto": ("auto", "auto", True),
-            "channels-last": ("channels-last", "gather", True),
-            "channels-last.gradient-chunks": ("channels-last", "gather", False)}
+# variant -> (model.conv, model.pool, step chunks counting activations, passes side by side)
+VARIANTS = {"baseline": ("native", "native", False, False), "chunks": ("native", "native", True, False),
+            "gather": ("native", "gather", False, False), "auto.in-turn": ("auto", "auto", True, False),
+            "auto": ("auto", "auto", True, True), "channels-last": ("channels-last", "gather", True, True),
+            "channels-last.gradient-chunks": ("channels-last", "gather", False, True)}
 
 
-def engine_for(nodes: int, conv: str, pool: str, activations: bool) -> LocalEngine:
+def engine_for(nodes: int, conv: str, pool: str, activations: bool, side_by_side: bool = True) -> LocalEngine:
     config, _, _ = dice_config("cnn", nodes, 10_000, "/nonexistent/bench-cnn-modes")
     config["model"] = {**config["model"], "conv": conv, "pool": pool}
     run_config = dice_ray.RunConfig(**config)
     engine = LocalEngine(prepare(run_config), round_hooks(methods_for(run_config)))
     if not activations:
         engine.block.population.step_row_bytes = 0  # chunks by the gradients alone: the rule before 2026-12-05
+    if not side_by_side:
+        engine.block.population.step_threads = 1  # passes one after another, each on all threads
     return engine
 
 

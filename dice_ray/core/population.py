@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +52,35 @@ GPU_STEP_MEMORY_FRACTION = 1 / 8
 STEP_MEMORY_MULTIPLE = 32  # a bound on a step's transient memory over its state, below which it is not measured
 # What one participant's step holds (``Population._measure_step_row_bytes``), per model and minibatch shape.
 _STEP_ROW_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+
+
+# On the CPU the passes of one local step run side by side, as many at once as torch has threads, each on one thread
+# (``Population._passes_side_by_side``), instead of one after another, each pass on all threads: small per-participant
+# convolutions keep few threads busy (the CNN at N = 256 on 2 cores: one pass on 1 thread took 1.47x its time on 2).
+# Measured with ``bench/bench_cnn_modes.py``; a pass computes on one thread with the kernels a one-thread process
+# uses, which give the numbers the same kernels give on more threads (the tests check it).
+@functools.cache
+def _step_executor(workers: int) -> ThreadPoolExecutor:
+    """``workers`` threads that run passes of local steps side by side, shared by every population."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="dice-ray-step")
+
+
+def _replica(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for ``functional_call`` on another thread, without copies of the tensors a population
+    passes in (its parameters and floating-point buffers are meta tensors there, never read)."""
+    memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+                            for p in model.parameters()}
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers() if b.is_floating_point()})
+    return copy.deepcopy(model, memo)
+
+
+def _own_version(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s memory, shape and strides as a new tensor with a version counter of its own (a ``detach``
+    shares the original's: an in-place write to other rows of the same storage would count as a write to it)."""
+    if tensor.numel() == 0:
+        return tensor.detach()
+    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+        tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())
 
 
 def default_step_budget(device: torch.device | str) -> int:
@@ -195,6 +226,9 @@ class Population:
         self.step_budget = default_step_budget(state.device) if step_budget is None else step_budget
         self.opt_state = init_optimizer_state(optimizer, self.params)
         self.step_row_bytes: int | None = None  # what one participant's step holds (measured by half_step)
+        # CPU threads whose passes of ``half_step`` run side by side (None: torch's thread count; 1: one after another)
+        self.step_threads: int | None = None
+        self._replicas: list[nn.Module] = []  # the model, one copy per side-by-side pass (``_passes_side_by_side``)
         # Per-tensor views of the parameters and optimizer buffers, for the optimizer's foreach update.
         self._param_views = list(self.param_layout.views(self.params).values())
         self._opt_views = {name: value if name == "step" else list(self.param_layout.views(value).values())
@@ -208,14 +242,18 @@ class Population:
     # -- losses and gradients -------------------------------------------------------------------
 
     def _logits(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor,
-                shared_input: bool = False) -> torch.Tensor:
+                shared_input: bool = False, model: nn.Module | None = None) -> torch.Tensor:
         """Return logits [P, B, C]: stacked parameters and buffers (name -> [P, ...]) applied to each
-        participant's own inputs x [P, B, ...] (or to one shared x [B, ...])."""
+        participant's own inputs x [P, B, ...] (or to one shared x [B, ...]), by ``model`` (default ``self.model``;
+        another thread computes with a replica of its own: ``functional_call`` swaps a module's tensors while it
+        runs)."""
+        model = self.model if model is None else model
+
         def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
-            return functional_call(self.model, {**p, **b}, (xb,))
+            return functional_call(model, {**p, **b}, (xb,))
 
         if self.vectorize == "vmap":
-            x = x if shared_input else stacked_input(self.model, x)
+            x = x if shared_input else stacked_input(model, x)
             return vmap(one, in_dims=(0, 0, None if shared_input else 0))(params, buffers, x)
         return torch.stack([
             one({n: v[k] for n, v in params.items()}, {n: v[k] for n, v in buffers.items()},
@@ -225,9 +263,9 @@ class Population:
 
     def _losses_of(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                    shared_input: bool, buffers: dict[str, torch.Tensor] | None = None,
-                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+                   sample_weights: torch.Tensor | None = None, model: nn.Module | None = None) -> torch.Tensor:
         buffers = self.buffer_layout.views(self.buffers) if buffers is None else buffers
-        logits = self._logits(params, buffers, x, shared_input)
+        logits = self._logits(params, buffers, x, shared_input, model)
         targets = y.expand(logits.shape[0], *y.shape) if shared_input else y
         per_sample = self.loss.per_sample(logits.flatten(0, 1), targets.flatten(0, 1)).view(logits.shape[0], -1)
         if sample_weights is None:
@@ -263,19 +301,23 @@ class Population:
 
     def _loss_and_grads(self, x: torch.Tensor, y: torch.Tensor, shared_input: bool = False,
                         sample_weights: torch.Tensor | None = None,
-                        rows: slice = slice(None)) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                        rows: slice = slice(None), model: nn.Module | None = None,
+                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``loss_and_grad`` with the gradient as a list of [P, *shape] tensors in layout order (of the
-        participants ``rows`` only, with x and y theirs, if given)."""
-        leaves = {n: v.detach().requires_grad_() for n, v in self.param_layout.views(self.params[rows]).items()}
+        participants ``rows`` only, with x and y theirs, if given), computed by ``model`` (see ``_logits``)."""
+        # The leaves and buffers are ``state``'s memory under a version counter of their own: while this pass runs,
+        # another thread's pass may update other rows of ``state`` in place (``half_step``), which autograd would
+        # otherwise take for a change of the tensors this backward pass saved.
+        leaves = {n: v.requires_grad_() for n, v in self.param_layout.views(_own_version(self.params[rows])).items()}
         # In train mode BatchNorm updates its running statistics in place. Under vmap that update is
         # silently lost on strided buffers (columns of ``state``), so the forward pass gets contiguous
-        # copies, written back after the backward pass (writing earlier would bump the version counter
-        # that the parameter leaves share with ``state``).
+        # copies, written back after the backward pass.
         views = self.buffer_layout.views(self.buffers[rows])
-        updates_buffers = self.model.training and self.buffer_layout.width > 0
-        buffers = {n: v.clone() for n, v in views.items()} if updates_buffers else views
+        updates_buffers = (model or self.model).training and self.buffer_layout.width > 0
+        buffers = ({n: v.clone() for n, v in views.items()} if updates_buffers
+                   else self.buffer_layout.views(_own_version(self.buffers[rows])))
         with torch.enable_grad():
-            per = self._losses_of(leaves, x, y, shared_input, buffers, sample_weights)
+            per = self._losses_of(leaves, x, y, shared_input, buffers, sample_weights, model)
             grads = torch.autograd.grad(per.sum(), list(leaves.values()))
         if updates_buffers:
             for name, view in views.items():
@@ -353,16 +395,45 @@ class Population:
             small = self.state.numel() * self.state.element_size() * STEP_MEMORY_MULTIPLE < self.step_budget
             self.step_row_bytes = 0 if small else self._measure_step_row_bytes(batch)
         losses = torch.empty(self.size, dtype=self.state.dtype, device=self.state.device)  # in place: see evaluate
-        for rows in self.step_chunks():
-            with self._autocast():
-                loss, grads = self._loss_and_grads(*batch(rows), rows=rows)
-            loss, grads = loss.to(self.state.dtype), [g.to(self.state.dtype) for g in grads]
-            optimizer_update_(self.optimizer, [v[rows] for v in self._param_views], grads,
-                              {name: value[rows] if name == "step" else [v[rows] for v in value]
-                               for name, value in self._opt_views.items()})
-            losses[rows] = loss
-            del loss, grads
+        chunks = self.step_chunks()
+        workers = min(self.step_threads or torch.get_num_threads(), len(chunks)) if self.state.is_cpu else 1
+        if workers > 1:
+            self._passes_side_by_side(chunks, workers, batch, losses)
+        else:
+            for rows in chunks:
+                self._step_pass(rows, batch, losses)
         return losses
+
+    def _step_pass(self, rows: slice, batch: Callable[[slice], tuple[torch.Tensor, torch.Tensor]],
+                   losses: torch.Tensor, model: nn.Module | None = None) -> None:
+        """One pass of ``half_step``: the local step of participants ``rows`` in place, their losses into ``losses``."""
+        with self._autocast():
+            loss, grads = self._loss_and_grads(*batch(rows), rows=rows, model=model)
+        loss, grads = loss.to(self.state.dtype), [g.to(self.state.dtype) for g in grads]
+        optimizer_update_(self.optimizer, [v[rows] for v in self._param_views], grads,
+                          {name: value[rows] if name == "step" else [v[rows] for v in value]
+                           for name, value in self._opt_views.items()})
+        losses[rows] = loss
+
+    def _passes_side_by_side(self, chunks: list[slice], workers: int,
+                             batch: Callable[[slice], tuple[torch.Tensor, torch.Tensor]], losses: torch.Tensor) -> None:
+        """Run the passes ``chunks`` of ``half_step`` on ``workers`` threads at once, each computing on one CPU thread
+        with a replica of the model (``_logits``); the torch thread count is as it was afterwards."""
+        if len(self._replicas) < workers:
+            self._replicas += [_replica(self.model) for _ in range(workers - len(self._replicas))]
+        threads = torch.get_num_threads()
+
+        @torch.no_grad()
+        def work(w: int) -> None:
+            torch.set_num_threads(1)  # this thread's own: OpenMP's and MKL's thread counts are per thread
+            replica = self._replicas[w].train(self.model.training)
+            for rows in chunks[w::workers]:
+                self._step_pass(rows, batch, losses, replica)
+
+        try:
+            list(_step_executor(workers).map(work, range(workers)))
+        finally:
+            torch.set_num_threads(threads)  # the count new threads start from, set to 1 by the workers
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return (torch.autocast(self.state.device.type, dtype=self.autocast) if self.autocast is not None

@@ -415,10 +415,39 @@ def test_half_step_in_chunks_of_rows_equals_one_pass(model: str, opt: str) -> No
     assert [s.stop - s.start for s in chunked.step_chunks()] == [2, 2, 3, 2, 2]
     chunked.step_budget = 4 * chunked.param_layout.width * chunked.state.element_size()
     assert [s.stop - s.start for s in chunked.step_chunks()] == [4, 3, 4]  # near-equal slices of <= 4 rows
+    assert_same_steps(one, chunked, p)
+
+
+def assert_same_steps(a: Population, b: Population, p: int, steps: int = 3) -> None:
+    """Step ``a`` and ``b`` on the same random batches: losses, states and optimizer states equal bit for bit."""
     torch.manual_seed(0)
-    for _ in range(3):
+    for _ in range(steps):
         x, y = random_batch(p)
-        assert torch.equal(one.half_step(x, y), chunked.half_step(x, y))
-        assert torch.equal(one.state, chunked.state)
-        for name in one.opt_state:
-            assert torch.equal(one.opt_state[name], chunked.opt_state[name]), name
+        assert torch.equal(a.half_step(x, y), b.half_step(x, y))
+        assert torch.equal(a.state, b.state)
+        for name in a.opt_state:
+            assert torch.equal(a.opt_state[name], b.opt_state[name]), name
+
+
+@pytest.mark.parametrize("model", ["mlp", "bn"])
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_passes_side_by_side_equal_passes_one_after_another(model: str, opt: str) -> None:
+    """On the CPU the passes of a local step run side by side on threads, each pass on one thread, with model
+    replicas that hold no tensors of their own: every row's state, optimizer state and loss are bit for bit those
+    of the same passes one after another on all of torch's threads, and torch's thread count is left as it was."""
+    spec = OptimizerSpec(opt, lr=0.05, weight_decay=1e-3)
+    p = 11
+    in_turn, side_by_side = make_population(model, spec, p=p), make_population(model, spec, p=p)
+    for pop in (in_turn, side_by_side):
+        pop.step_budget = 1  # 5 passes
+    in_turn.step_threads, side_by_side.step_threads = 1, 3
+    threads = torch.get_num_threads()
+    assert_same_steps(in_turn, side_by_side, p)
+    assert torch.get_num_threads() == threads
+    assert len(side_by_side._replicas) == 3 and not in_turn._replicas
+    assert all(t.is_meta for r in side_by_side._replicas for t in [*r.parameters(), *r.buffers()]
+               if t.is_floating_point())
+    x, y = random_batch(p)
+    with pytest.raises(RuntimeError):  # a pass's error reaches the caller, and the thread count is put back
+        side_by_side.half_step(x[:, :, :-1], y)
+    assert torch.get_num_threads() == threads

@@ -123,6 +123,7 @@ def test_a_cnn_steps_in_chunks_sized_by_its_activations_with_the_same_numbers() 
     state = initial_state(model, np.arange(12), 0, "independent")
     one, chunked = Population(model, state.clone(), spec), Population(model, state.clone(), spec)
     one.step_budget = 1 << 40
+    chunked.step_threads = 2  # its passes side by side, on one thread each
     row = chunked.param_layout.width * chunked.state.element_size()
     chunked.step_budget = 4 * row  # 3 passes of 4 rows by the gradients alone
     gen = torch.Generator().manual_seed(3)
