@@ -122,8 +122,9 @@ class ModelConfig(Section):
         "auto", description="how stacked participants' 2-D convolutions compute: native (one grouped convolution "
                             "under vmap), unfold (im2col and one batched matrix product: 1.4-2x faster on an H200, "
                             "slower on CPUs), channels-last (the grouped convolution on minibatches laid out "
-                            "channels-last: 0.88x a CNN round's time on CPUs, but its numbers move by float32 "
-                            "rounding with the actor count), auto (unfold on CUDA devices, else native)")
+                            "channels-last: 0.88x a CNN round's time on CPUs with a step's passes in turn, no gain "
+                            "with them side by side, and its numbers move by float32 rounding with the actor "
+                            "count), auto (unfold on CUDA devices, else native)")
     pool: Literal["auto", "native", "gather"] = Field(
         "auto", description="how stacked participants' 2-D max poolings compute: native (PyTorch's pooling under "
                             "vmap), gather (each window's maximum found by the channels-last kernel, then gathered: "

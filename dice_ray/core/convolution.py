@@ -11,10 +11,11 @@ convolution with P groups (participants folded into the channels: [B, P·C, H, W
   folded into the channels it is channels-last, so the CPU's convolution kernels run channels-last, their outputs
   stay so, and so does what follows (ReLU, ``model.pool``'s gather pooling, the next convolution) without a copy.
   Measured with ``bench/bench_cnn_modes.py`` (the CNN at N = 256, 28x28, 2 CPU cores, 30 rounds in one process):
-  0.88x [0.85, 0.93] the round time of the native form with PyTorch's pooling. Not the default: on a CPU the
-  kernels oneDNN picks for it depend on whether a pass holds an odd or even number of participants, so its numbers
-  (not the native form's) move by float32 rounding with the way a block is cut into passes, which depends on the
-  number of actors; a run's numbers must not.
+  0.88x [0.85, 0.93] the round time of the native form with PyTorch's pooling, its passes in turn; with the
+  passes side by side (``Population.step_workers``) it gains nothing over the native form. Not the default: on a
+  CPU the kernels oneDNN picks for it depend on whether a pass holds an odd or even number of participants, so its
+  numbers (not the native form's) move by float32 rounding with the way a block is cut into passes, which depends
+  on the number of actors; a run's numbers must not.
 
 ``auto`` is ``unfold`` on CUDA devices and ``native`` elsewhere. Each form's numbers are the grouped convolution's
 to float32 rounding (another summation order).

@@ -54,11 +54,16 @@ STEP_MEMORY_MULTIPLE = 32  # a bound on a step's transient memory over its state
 _STEP_ROW_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
 
-# On the CPU the passes of one local step run side by side, as many at once as torch has threads, each on one thread
-# (``Population._passes_side_by_side``), instead of one after another, each pass on all threads: small per-participant
-# convolutions keep few threads busy (the CNN at N = 256 on 2 cores: one pass on 1 thread took 1.47x its time on 2).
-# Measured with ``bench/bench_cnn_modes.py``; a pass computes on one thread with the kernels a one-thread process
-# uses, which give the numbers the same kernels give on more threads (the tests check it).
+# On the CPU the passes of one local step can run side by side, as many at once as torch has threads, each on one
+# thread (``Population._passes_side_by_side``), instead of one after another, each pass on all threads. That pays where
+# a pass is mostly small per-participant kernels on activations: the CNN (a participant's pass holds 6.2x its
+# gradients) at N = 256 on 2 cores took 0.86x [0.72, 1.01] the round time of its passes in turn (one such pass on
+# 1 thread took 1.47x its time on 2). An MLP's pass is matrix products over all its rows, which threads share well
+# (it holds 1.1-1.25x its gradients): 0.98x and 1.00x at N = 4,096 and 16,384, for 5% more peak memory at 16,384
+# (each thread's allocations stay in its own heap arena), so its passes stay in turn. Measured with
+# ``bench/bench_cnn_modes.py --against auto.in-turn``. A pass computes on one thread with the kernels a one-thread
+# process uses, which give the numbers they give on more threads (the tests check it).
+SIDE_BY_SIDE_HOLDS = 2.0
 @functools.cache
 def _step_executor(workers: int) -> ThreadPoolExecutor:
     """``workers`` threads that run passes of local steps side by side, shared by every population."""
@@ -226,7 +231,7 @@ class Population:
         self.step_budget = default_step_budget(state.device) if step_budget is None else step_budget
         self.opt_state = init_optimizer_state(optimizer, self.params)
         self.step_row_bytes: int | None = None  # what one participant's step holds (measured by half_step)
-        # CPU threads whose passes of ``half_step`` run side by side (None: torch's thread count; 1: one after another)
+        # CPU threads whose passes of ``half_step`` run side by side (None: ``step_workers`` decides; 1: in turn)
         self.step_threads: int | None = None
         self._replicas: list[nn.Module] = []  # the model, one copy per side-by-side pass (``_passes_side_by_side``)
         # Per-tensor views of the parameters and optimizer buffers, for the optimizer's foreach update.
@@ -359,13 +364,26 @@ class Population:
 
     # -- Algorithm 1 --------------------------------------------------------------------------------
 
+    def step_workers(self) -> int:
+        """How many passes of ``half_step`` run at once, each on one thread: on the CPU ``step_threads`` if set, else
+        torch's thread count where a participant's pass holds at least ``SIDE_BY_SIDE_HOLDS`` times its gradients
+        (``step_row_bytes``: activations dominate, as in convolutional networks); otherwise 1."""
+        if not self.state.is_cpu:
+            return 1
+        if self.step_threads is not None:
+            return max(1, self.step_threads)
+        gradient_bytes = self.param_layout.width * self.state.element_size()
+        return torch.get_num_threads() if (self.step_row_bytes or 0) >= SIDE_BY_SIDE_HOLDS * gradient_bytes else 1
+
     def step_chunks(self, budget: int | None = None, itemsize: int | None = None,
                     passes: int | None = STEP_PASSES) -> list[slice]:
         """Slices of participant rows in order, each as many as keep one [rows, D_params] tensor of ``itemsize``-byte
-        elements (default: the state's) within ``budget`` bytes (default ``step_budget``), but at most ``passes``
-        slices (None: no limit). With the defaults, the passes of ``half_step``: one slice, all of them, unless the
-        state is large."""
-        budget = self.step_budget if budget is None else budget
+        elements (default: the state's) within ``budget`` bytes, but at most ``passes`` slices (None: no limit).
+        With the defaults, the passes of ``half_step``: one slice, all of them, unless the state is large; the
+        ``step_workers()`` passes that run at once share ``step_budget`` (and may be that many times as many)."""
+        if budget is None:
+            workers = self.step_workers()
+            budget, passes = self.step_budget // workers, passes * workers if passes else None
         row_bytes = max(self.param_layout.width * (itemsize or self.state.element_size()), 1)
         if itemsize is None and self.step_row_bytes:
             row_bytes = max(row_bytes, self.step_row_bytes)
@@ -396,7 +414,7 @@ class Population:
             self.step_row_bytes = 0 if small else self._measure_step_row_bytes(batch)
         losses = torch.empty(self.size, dtype=self.state.dtype, device=self.state.device)  # in place: see evaluate
         chunks = self.step_chunks()
-        workers = min(self.step_threads or torch.get_num_threads(), len(chunks)) if self.state.is_cpu else 1
+        workers = min(self.step_workers(), len(chunks))
         if workers > 1:
             self._passes_side_by_side(chunks, workers, batch, losses)
         else:

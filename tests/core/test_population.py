@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from dice_ray.core.models import build_model
-from dice_ray.core.population import Layout, OptimizerSpec, Population, initial_state, model_state_layouts
+from dice_ray.core.population import (
+    SIDE_BY_SIDE_HOLDS,
+    Layout,
+    OptimizerSpec,
+    Population,
+    initial_state,
+    model_state_layouts,
+)
 from dice_ray.errors import InputError
 
 SHAPE = (1, 8, 8)  # channels-first; 8x8 so the CNN's two 2x2 poolings divide it
@@ -416,6 +423,11 @@ def test_half_step_in_chunks_of_rows_equals_one_pass(model: str, opt: str) -> No
     chunked.step_budget = 4 * chunked.param_layout.width * chunked.state.element_size()
     assert [s.stop - s.start for s in chunked.step_chunks()] == [4, 3, 4]  # near-equal slices of <= 4 rows
     assert_same_steps(one, chunked, p)
+    # measured by the first step: what the MLP's pass holds is mostly gradients, so its passes run in turn; the
+    # BatchNorm net's mostly activations, so its later passes ran side by side, one per torch thread
+    activations_dominate = chunked.step_row_bytes >= SIDE_BY_SIDE_HOLDS * chunked.param_layout.width * 4
+    assert activations_dominate == (model == "bn")
+    assert chunked.step_workers() == (torch.get_num_threads() if model == "bn" else 1)
 
 
 def assert_same_steps(a: Population, b: Population, p: int, steps: int = 3) -> None:

@@ -16,7 +16,7 @@ import dice_ray
 from dice_ray.core.convolution import stacked_input, use_conv_mode
 from dice_ray.core.models import build_model, use_layer_modes
 from dice_ray.core.pooling import max_pool2d_by_gather, max_pool2d_indices, use_pool_mode
-from dice_ray.core.population import OptimizerSpec, Population, initial_state
+from dice_ray.core.population import SIDE_BY_SIDE_HOLDS, OptimizerSpec, Population, initial_state
 
 # (kernel, stride, padding, dilation, ceil_mode): the CNN's 2x2 windows, and overlapping, padded, dilated ones
 POOLINGS = [((2, 2), (2, 2), (0, 0), (1, 1), False), ((3, 3), (2, 2), (1, 1), (1, 1), True),
@@ -140,6 +140,8 @@ def test_a_cnn_steps_in_chunks_sized_by_its_activations_with_the_same_numbers() 
     later = Population(model, state[:6].clone(), spec, step_budget=chunked.step_budget)
     later.half_step(x[:6], y[:6])
     assert later.step_row_bytes == chunked.step_row_bytes and len(passes) == len(later.step_chunks())  # no extra pass
+    # its activations dominate what a pass holds: by default its passes run side by side, one per torch thread
+    assert later.step_row_bytes >= SIDE_BY_SIDE_HOLDS * row and later.step_workers() == torch.get_num_threads()
 
 
 def test_a_cnn_run_is_the_same_with_every_pool_and_conv_mode(tmp_path) -> None:
