@@ -19,6 +19,7 @@ import contextlib
 import copy
 import functools
 import math
+import os
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +69,9 @@ SIDE_BY_SIDE_HOLDS = 2.0
 def _step_executor(workers: int) -> ThreadPoolExecutor:
     """``workers`` threads that run passes of local steps side by side, shared by every population."""
     return ThreadPoolExecutor(workers, thread_name_prefix="dice-ray-step")
+
+
+os.register_at_fork(after_in_child=_step_executor.cache_clear)  # a forked child has none of its parent's threads
 
 
 def _replica(model: nn.Module) -> nn.Module:

@@ -7,6 +7,8 @@ from row k of the stacked state, stepped by ``torch.optim``.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 
 import numpy as np
 import pytest
@@ -428,6 +430,30 @@ def test_half_step_in_chunks_of_rows_equals_one_pass(model: str, opt: str) -> No
     activations_dominate = chunked.step_row_bytes >= SIDE_BY_SIDE_HOLDS * chunked.param_layout.width * 4
     assert activations_dominate == (model == "bn")
     assert chunked.step_workers() == (torch.get_num_threads() if model == "bn" else 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_steps_side_by_side_on_threads_of_its_own() -> None:
+    """A child forked after its parent stepped side by side has none of the parent's threads: it makes its own
+    (sharing the parent's dead ones would hang it) and computes the parent's numbers."""
+    spec = OptimizerSpec("sgd", lr=0.05)
+    pop = make_population("bn", spec, p=8)
+    pop.step_budget, pop.step_threads = 1, 2
+    x, y = random_batch(8)
+    pop.half_step(x, y)
+    before = pop.state.clone()
+    expected = pop.half_step(x, y)
+    pop.state.copy_(before)
+    child = multiprocessing.get_context("fork").Process(target=_step_and_check, args=(pop, x, y, expected))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0
+
+
+def _step_and_check(pop: Population, x: torch.Tensor, y: torch.Tensor, expected: torch.Tensor) -> None:
+    os._exit(0 if torch.equal(pop.half_step(x, y), expected) else 1)
 
 
 def assert_same_steps(a: Population, b: Population, p: int, steps: int = 3) -> None:
