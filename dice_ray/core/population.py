@@ -65,6 +65,10 @@ _STEP_ROW_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakre
 # ``bench/bench_cnn_modes.py --against auto.in-turn``. A pass computes on one thread with the kernels a one-thread
 # process uses, which give the numbers they give on more threads (the tests check it).
 SIDE_BY_SIDE_HOLDS = 2.0
+# A vmapped pass over fewer rows takes other kernels, whose numbers differ from the same rows' in a larger pass by
+# rounding: one row always, two rows for 3-channel convolutions (the CNN on 3x32x32; on 1x28x28 two rows agree).
+# Passes of at least this many rows agree bit for bit, so a run's numbers do not depend on how blocks are cut.
+MIN_PASS_ROWS = 3
 @functools.cache
 def _step_executor(workers: int) -> ThreadPoolExecutor:
     """``workers`` threads that run passes of local steps side by side, shared by every population."""
@@ -314,24 +318,34 @@ class Population:
                         ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``loss_and_grad`` with the gradient as a list of [P, *shape] tensors in layout order (of the
         participants ``rows`` only, with x and y theirs, if given), computed by ``model`` (see ``_logits``)."""
+        params, buffer_rows = self.params[rows], self.buffers[rows]
+        count = params.shape[0]
+        extra = MIN_PASS_ROWS - count if self.vectorize == "vmap" and 0 < count < MIN_PASS_ROWS else 0
+        if extra:  # copies of the last row make up a pass of MIN_PASS_ROWS, whose kernels larger passes share
+
+            def padded(t: torch.Tensor) -> torch.Tensor:
+                return torch.cat([t, t[-1:].expand(extra, *t.shape[1:])])
+
+            params, buffer_rows = padded(params), padded(buffer_rows)
+            x, y = (x, y) if shared_input else (padded(x), padded(y))
+            sample_weights = None if sample_weights is None else padded(sample_weights)
         # The leaves and buffers are ``state``'s memory under a version counter of their own: while this pass runs,
         # another thread's pass may update other rows of ``state`` in place (``half_step``), which autograd would
         # otherwise take for a change of the tensors this backward pass saved.
-        leaves = {n: v.requires_grad_() for n, v in self.param_layout.views(_own_version(self.params[rows])).items()}
+        leaves = {n: v.requires_grad_() for n, v in self.param_layout.views(_own_version(params)).items()}
         # In train mode BatchNorm updates its running statistics in place. Under vmap that update is
         # silently lost on strided buffers (columns of ``state``), so the forward pass gets contiguous
         # copies, written back after the backward pass.
-        views = self.buffer_layout.views(self.buffers[rows])
         updates_buffers = (model or self.model).training and self.buffer_layout.width > 0
-        buffers = ({n: v.clone() for n, v in views.items()} if updates_buffers
-                   else self.buffer_layout.views(_own_version(self.buffers[rows])))
+        buffers = ({n: v.clone() for n, v in self.buffer_layout.views(buffer_rows).items()} if updates_buffers
+                   else self.buffer_layout.views(_own_version(buffer_rows)))
         with torch.enable_grad():
             per = self._losses_of(leaves, x, y, shared_input, buffers, sample_weights, model)
             grads = torch.autograd.grad(per.sum(), list(leaves.values()))
         if updates_buffers:
-            for name, view in views.items():
-                view.copy_(buffers[name])
-        return per.detach(), list(grads)
+            for name, view in self.buffer_layout.views(self.buffers[rows]).items():
+                view.copy_(buffers[name][:count])
+        return per.detach()[:count], [g[:count] for g in grads]
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, shared_input: bool = False,
@@ -392,9 +406,8 @@ class Population:
         if itemsize is None and self.step_row_bytes:
             row_bytes = max(row_bytes, self.step_row_bytes)
         size = max(1, budget // row_bytes, -(-self.size // passes) if passes else 1)
-        # Near-equal slices of at least 2 rows: a vmapped pass over one row takes other kernels (its numbers differ
-        # from the same row's in a larger pass, by rounding); passes of 2 or more rows agree bit for bit.
-        count = max(1, min(-(-self.size // size), self.size // 2))
+        # Near-equal slices of at least MIN_PASS_ROWS rows (a smaller block is one pass, padded: ``_loss_and_grads``).
+        count = max(1, min(-(-self.size // size), self.size // MIN_PASS_ROWS))
         cuts = np.linspace(0, self.size, count + 1).round().astype(int).tolist()
         return [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
@@ -411,7 +424,7 @@ class Population:
         copy of the whole state, and each row's numbers are the same as in one pass.
         """
         batch = x if callable(x) else (lambda rows: (x[rows], y[rows]))
-        if self.step_row_bytes is None and self.size > 2 and self.state.device.type in ("cpu", "cuda"):
+        if self.step_row_bytes is None and self.size >= MIN_PASS_ROWS and self.state.device.type in ("cpu", "cuda"):
             # Measured only where chunks may be needed: a step's transient memory is a small multiple of its state
             # (activations ~15x the parameters for a CNN at batch 16), so a small block (a replay's) steps in one pass.
             small = self.state.numel() * self.state.element_size() * STEP_MEMORY_MULTIPLE < self.step_budget
@@ -462,11 +475,11 @@ class Population:
                 else contextlib.nullcontext())
 
     def _measure_step_row_bytes(self, batch: Callable[[slice], tuple[torch.Tensor, torch.Tensor]]) -> int:
-        """Bytes one participant's step holds at once, from a forward and backward pass of two participants, whose
+        """Bytes one participant's step holds at once, from a forward and backward pass of MIN_PASS_ROWS, whose
         state is left as it was (BatchNorm's running statistics put back). On a CUDA device: the allocator's peak
         (gradients, activations kept for the backward pass, temporaries). On the CPU: the activations autograd keeps
         for the backward pass (each tensor once, the parameters' own views left out), plus the gradients."""
-        device, rows = self.state.device, slice(0, 2)
+        device, rows = self.state.device, slice(0, MIN_PASS_ROWS)
         x, y = batch(rows)
         # The same for every population of this model on minibatches of this shape: measured once (DICE-GT's replays
         # step a fresh population per hop, a few rows each, on the run's model).
@@ -493,7 +506,7 @@ class Population:
                 _, grads = self._loss_and_grads(x, y, rows=rows)
             peak = sum(saved.values()) + sum(g.numel() * g.element_size() for g in grads)
         self.buffers[rows] = kept
-        known[key] = max(int(peak) // 2, 1)
+        known[key] = max(int(peak) // MIN_PASS_ROWS, 1)
         return known[key]
 
     @torch.no_grad()

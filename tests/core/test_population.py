@@ -419,11 +419,11 @@ def test_half_step_in_chunks_of_rows_equals_one_pass(model: str, opt: str) -> No
     p = 11
     one, chunked = make_population(model, spec, p=p), make_population(model, spec, p=p)
     one.step_budget = 1 << 40  # one pass
-    chunked.step_budget = 1  # the most passes: 5, of 2 or 3 rows (never 1: a one-row pass takes other kernels)
+    chunked.step_budget = 1  # the most passes: 3, of 3 or 4 rows (never fewer than MIN_PASS_ROWS)
     assert len(one.step_chunks()) == 1
-    assert [s.stop - s.start for s in chunked.step_chunks()] == [2, 2, 3, 2, 2]
-    chunked.step_budget = 4 * chunked.param_layout.width * chunked.state.element_size()
-    assert [s.stop - s.start for s in chunked.step_chunks()] == [4, 3, 4]  # near-equal slices of <= 4 rows
+    assert [s.stop - s.start for s in chunked.step_chunks()] == [4, 3, 4]
+    chunked.step_budget = 6 * chunked.param_layout.width * chunked.state.element_size()
+    assert [s.stop - s.start for s in chunked.step_chunks()] == [6, 5]  # near-equal slices of <= 6 rows
     assert_same_steps(one, chunked, p)
     # measured by the first step: what the MLP's pass holds is mostly gradients, so its passes run in turn; the
     # BatchNorm net's mostly activations, so its later passes ran side by side, one per torch thread
@@ -454,6 +454,24 @@ def test_a_forked_child_steps_side_by_side_on_threads_of_its_own() -> None:
 
 def _step_and_check(pop: Population, x: torch.Tensor, y: torch.Tensor, expected: torch.Tensor) -> None:
     os._exit(0 if torch.equal(pop.half_step(x, y), expected) else 1)
+
+
+def test_blocks_of_one_and_two_rows_step_as_rows_of_a_larger_pass() -> None:
+    """A vmapped pass of fewer than MIN_PASS_ROWS rows would take other kernels (one row always; two rows for
+    3-channel convolutions), so a block that small steps padded with copies of its last row: each participant's
+    numbers are those it gets in a block of 12, however the participants are split into blocks (actors)."""
+    model = build_model("cnn", (3, 12, 12), CLASSES)
+    state = initial_state(model, np.arange(12), 0, "independent")
+    spec = OptimizerSpec("momentum", lr=0.05, momentum=0.9)
+    whole = Population(model, state.clone(), spec)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 8, 3, 12, 12, generator=gen), torch.randint(0, CLASSES, (12, 8), generator=gen)
+    losses = whole.half_step(x, y)
+    for rows in (slice(0, 1), slice(1, 3), slice(3, 6)):
+        block = Population(model, state[rows].clone(), spec)
+        assert torch.equal(block.half_step(x[rows], y[rows]), losses[rows])
+        assert torch.equal(block.state, whole.state[rows])
+        assert torch.equal(block.opt_state["momentum_buffer"], whole.opt_state["momentum_buffer"][rows])
 
 
 def assert_same_steps(a: Population, b: Population, p: int, steps: int = 3) -> None:
