@@ -398,7 +398,7 @@ def main() -> None:
                         help="before each run, wait up to this long for the CPUs to be < 25%% busy (default 30)")
     parser.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
     parser.add_argument("--dice-conv", default="auto", choices=("auto", "native", "unfold", "channels-last"),
-                        help="dice-ray's model.conv (default auto; channels-last: faster CNN rounds on CPUs)")
+                        help="dice-ray's model.conv (default auto; see bench_cnn_modes.py for the CPU variants)")
     parser.add_argument("--worker-dice", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker_dice:

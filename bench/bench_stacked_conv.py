@@ -18,10 +18,10 @@ participant's parameter gradients, nothing else (no optimizer update) — by the
                      conversion from the flat state's layout is timed too: a step starts from that layout);
     cudnn.benchmark  (CUDA only) the project's code with ``torch.backends.cudnn.benchmark = True``;
     gather           the project's code with ``model.pool`` gather (``dice_ray.core.pooling``: each window's maximum
-                     found by PyTorch's channels-last kernel, participants folded into channels, then gathered);
-    cl.gather        the same, with ``model.conv`` channels-last as well (the stacked minibatch laid out
-                     [B, H, W, P, C], so the grouped convolutions and what follows run channels-last): what
+                     found by PyTorch's channels-last kernel, participants folded into channels, then gathered): what
                      ``auto`` picks on CPUs;
+    cl.gather        the same, with ``model.conv`` channels-last as well (the stacked minibatch laid out
+                     [B, H, W, P, C], so the grouped convolutions and what follows run channels-last);
     loop             ``Population(vectorize="loop")._loss_and_grads``: a Python loop over participants, each a
                      plain ``functional_call``; one ``autograd.grad`` for all;
     compile          ``torch.compile`` of ``torch.func.grad_and_value`` of the vmapped summed loss (falls back to a

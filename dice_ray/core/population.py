@@ -69,6 +69,8 @@ SIDE_BY_SIDE_HOLDS = 2.0
 # rounding: one row always, two rows for 3-channel convolutions (the CNN on 3x32x32; on 1x28x28 two rows agree).
 # Passes of at least this many rows agree bit for bit, so a run's numbers do not depend on how blocks are cut.
 MIN_PASS_ROWS = 3
+
+
 @functools.cache
 def _step_executor(workers: int) -> ThreadPoolExecutor:
     """``workers`` threads that run passes of local steps side by side, shared by every population."""
@@ -336,7 +338,7 @@ class Population:
         # In train mode BatchNorm updates its running statistics in place. Under vmap that update is
         # silently lost on strided buffers (columns of ``state``), so the forward pass gets contiguous
         # copies, written back after the backward pass.
-        updates_buffers = (model or self.model).training and self.buffer_layout.width > 0
+        updates_buffers = self.model.training and self.buffer_layout.width > 0  # a replica trains as the model
         buffers = ({n: v.clone() for n, v in self.buffer_layout.views(buffer_rows).items()} if updates_buffers
                    else self.buffer_layout.views(_own_version(buffer_rows)))
         with torch.enable_grad():
