@@ -66,8 +66,10 @@ VARIANTS = {"baseline": ("native", "native", False, False), "chunks": ("native",
 
 
 def engine_for(nodes: int, conv: str, pool: str, activations: bool, side_by_side: bool | None = None,
-               model: str = "cnn") -> LocalEngine:
+               model: str = "cnn", heldout: int | None = None) -> LocalEngine:
     config, _, _ = dice_config(model, nodes, 10_000, "/nonexistent/bench-cnn-modes")
+    if heldout is not None:  # bench_peers keeps z′ at one batch: its one evaluation is not timed
+        config["data"]["heldout_size"] = heldout
     config["model"] = {**config["model"], "conv": conv, "pool": pool}
     run_config = dice_ray.RunConfig(**config)
     engine = LocalEngine(prepare(run_config), round_hooks(methods_for(run_config)))

@@ -45,14 +45,21 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 # 64 rows (gradients alone counted) took 1.3-1.6x the time of passes of 8-16 rows (2 cores, ``bench_stacked_conv``).
 STEP_CHUNK_BYTES = 32 << 20
 STEP_PASSES = 32
+# A forward pass of ``Population.evaluate`` on the CPU takes as many participants as keep its largest layer output
+# within this many bytes (all their samples at once). Evaluation on the shared z′ (500 images) is a far larger forward
+# pass than a training round: the CNN's took 32-60x a round at N = 256 in groups of 64 participants (a 1.6 GB
+# activation), and 0.36-0.39x that time in groups of 1 participant side by side, the same numbers bit for bit
+# (``bench/bench_evaluation.py``; on one thread 1 participant on 128 images took 43 ms, 16 on 500 160 ms).
+EVAL_PASS_BYTES = 4 << 20
 # On a GPU the chunks that keep CPU caches warm only multiply kernel launches (9 kernel sequences per step at N = 4,096
 # on an H200): there a step takes one pass unless what it holds at once (gradients and activations, measured) would
 # outgrow this fraction of the free memory. Then a participant costs the device its state and optimizer state, plus
 # its share of that fixed amount: ResNet-18 would otherwise hold ~6x its parameters per participant in one pass.
 GPU_STEP_MEMORY_FRACTION = 1 / 8
 STEP_MEMORY_MULTIPLE = 32  # a bound on a step's transient memory over its state, below which it is not measured
-# What one participant's step holds (``Population._measure_step_row_bytes``), per model and minibatch shape.
-_STEP_ROW_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+# What one participant's step holds (``Population._measure_step_row_bytes``), per model and minibatch shape, and its
+# largest layer output on one sample (``Population._sample_bytes``), per model and sample shape.
+_MEASURED_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
 
 # On the CPU the passes of one local step can run side by side, as many at once as torch has threads, each on one
@@ -96,6 +103,17 @@ def _own_version(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach()
     return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
         tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())
+
+
+def _near_equal(n: int, parts: int) -> list[slice]:
+    """``parts`` consecutive slices of range(n), their lengths differing by at most one."""
+    cuts = np.linspace(0, n, parts + 1).round().astype(int).tolist()
+    return [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+def _padded(t: torch.Tensor, extra: int) -> torch.Tensor:
+    """``t`` with ``extra`` copies of its last row appended (rows that make up a pass of MIN_PASS_ROWS)."""
+    return torch.cat([t, t[-1:].expand(extra, *t.shape[1:])]) if extra else t
 
 
 def default_step_budget(device: torch.device | str) -> int:
@@ -314,6 +332,11 @@ class Population:
             torch.zeros_like(self.params)
         return per, flat
 
+    def _padding(self, rows: int) -> int:
+        """How many copies of its last row a vmapped pass of ``rows`` participants takes, to compute with the kernels
+        a pass of MIN_PASS_ROWS or more takes (see MIN_PASS_ROWS)."""
+        return MIN_PASS_ROWS - rows if self.vectorize == "vmap" and 0 < rows < MIN_PASS_ROWS else 0
+
     def _loss_and_grads(self, x: torch.Tensor, y: torch.Tensor, shared_input: bool = False,
                         sample_weights: torch.Tensor | None = None,
                         rows: slice = slice(None), model: nn.Module | None = None,
@@ -322,15 +345,11 @@ class Population:
         participants ``rows`` only, with x and y theirs, if given), computed by ``model`` (see ``_logits``)."""
         params, buffer_rows = self.params[rows], self.buffers[rows]
         count = params.shape[0]
-        extra = MIN_PASS_ROWS - count if self.vectorize == "vmap" and 0 < count < MIN_PASS_ROWS else 0
+        extra = self._padding(count)
         if extra:  # copies of the last row make up a pass of MIN_PASS_ROWS, whose kernels larger passes share
-
-            def padded(t: torch.Tensor) -> torch.Tensor:
-                return torch.cat([t, t[-1:].expand(extra, *t.shape[1:])])
-
-            params, buffer_rows = padded(params), padded(buffer_rows)
-            x, y = (x, y) if shared_input else (padded(x), padded(y))
-            sample_weights = None if sample_weights is None else padded(sample_weights)
+            params, buffer_rows = _padded(params, extra), _padded(buffer_rows, extra)
+            x, y = (x, y) if shared_input else (_padded(x, extra), _padded(y, extra))
+            sample_weights = None if sample_weights is None else _padded(sample_weights, extra)
         # The leaves and buffers are ``state``'s memory under a version counter of their own: while this pass runs,
         # another thread's pass may update other rows of ``state`` in place (``half_step``), which autograd would
         # otherwise take for a change of the tensors this backward pass saved.
@@ -351,36 +370,94 @@ class Population:
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, shared_input: bool = False,
-                 sample_weights: torch.Tensor | None = None, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (loss [P], accuracy [P]) in eval mode, in chunks of ``chunk`` participants.
+                 sample_weights: torch.Tensor | None = None,
+                 chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (loss [P], accuracy [P]) in eval mode.
 
         x: [P, B, ...], y: [P, B]; or with ``shared_input`` one batch x: [B, ...], y: [B] for all.
         ``sample_weights`` [P, B] (e.g. a padding mask) weights each sample; a row of zeros gives NaN.
+        The forward passes take groups of participants, each group all its samples at once
+        (``evaluation_passes``; ``chunk``: groups of that many); every participant's numbers are the same whichever
+        group computes them.
         """
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            # Outputs written in place: small tensors kept between chunks' large temporaries fragment the heap
-            # (measured: +2.9x the state's size retained at P = 16,384 when each chunk's result was kept).
-            out_loss = torch.empty(self.size, dtype=self.state.dtype, device=self.state.device)
-            out_acc = torch.empty_like(out_loss)
-            for a in range(0, self.size, chunk):
-                b = min(a + chunk, self.size)
-                xs, ys = (x, y) if shared_input else (x[a:b], y[a:b])
-                logits = self._logits(self.param_layout.views(self.params[a:b]),
-                                      self.buffer_layout.views(self.buffers[a:b]), xs, shared_input)
-                targets = ys.expand(b - a, *ys.shape) if shared_input else ys
-                loss = self.loss.per_sample(logits.flatten(0, 1), targets.flatten(0, 1))
-                correct = self.loss.correct(logits.flatten(0, 1), targets.flatten(0, 1))
-                correct = (torch.full_like(loss, float("nan")) if correct is None else correct).view(b - a, -1)
-                w = torch.ones_like(correct) if sample_weights is None else sample_weights[a:b].to(loss.dtype)
-                total = w.sum(dim=1)
-                out_loss[a:b] = (loss.view(b - a, -1) * w).sum(dim=1) / total
-                out_acc[a:b] = (correct * w).sum(dim=1) / total
-                del logits, loss, correct, w
-            return out_loss, out_acc
-        finally:
-            self.model.train(was_training)
+        samples = x.shape[0] if shared_input else x.shape[1]
+        # Outputs written in place: small tensors kept between chunks' large temporaries fragment the heap
+        # (measured: +2.9x the state's size retained at P = 16,384 when each chunk's result was kept).
+        out_loss = torch.empty(self.size, dtype=self.state.dtype, device=self.state.device)
+        out_acc = torch.empty_like(out_loss)
+
+        def evaluate_rows(rows: slice, model: nn.Module) -> None:
+            count = rows.stop - rows.start
+            # On participants' own samples a group of 1-2 takes the kernels of larger ones padded, as a local step does;
+            # on one shared batch it needs none (its first layer is one ungrouped product for any number).
+            extra = 0 if shared_input else self._padding(count)
+            xs, ys = (x, y) if shared_input else (_padded(x[rows], extra), y[rows])
+            logits = self._logits(self.param_layout.views(_padded(self.params[rows], extra)),
+                                  self.buffer_layout.views(_padded(self.buffers[rows], extra)), xs, shared_input,
+                                  model)[:count]
+            targets = ys.expand(count, *ys.shape) if shared_input else ys
+            loss = self.loss.per_sample(logits.flatten(0, 1), targets.flatten(0, 1))
+            correct = self.loss.correct(logits.flatten(0, 1), targets.flatten(0, 1))
+            correct = (torch.full_like(loss, float("nan")) if correct is None else correct).view(count, -1)
+            w = torch.ones_like(correct) if sample_weights is None else sample_weights[rows].to(loss.dtype)
+            total = w.sum(dim=1)
+            out_loss[rows] = (loss.view(count, -1) * w).sum(dim=1) / total
+            out_acc[rows] = (correct * w).sum(dim=1) / total
+
+        groups = self.evaluation_passes(x[:1] if shared_input else x[:1, 0], samples, chunk,
+                                        least=1 if shared_input else MIN_PASS_ROWS)
+        self._in_passes(groups, evaluate_rows, self.evaluation_workers(), training=False)
+        return out_loss, out_acc
+
+    def evaluation_passes(self, one: torch.Tensor, samples: int, chunk: int | None = None,
+                          least: int = 1) -> list[slice]:
+        """The groups of participant rows whose forward passes ``evaluate`` takes, given ``one`` sample [1, ...] of the
+        ``samples`` each participant is evaluated on: near-equal groups of ``chunk`` participants at most, by default
+        of as many as keep a pass's largest activation (the largest layer output of one participant on one sample,
+        measured, times participants and samples) within ``evaluation_budget``, but at least ``least``.
+
+        A pass takes all of a participant's samples: a matrix product's rows can round differently with their place in
+        the product's tiles, so a slice of the samples would change the numbers by float32 rounding."""
+        if not self.size:
+            return []
+        if chunk is None:
+            chunk = max(least, self.evaluation_budget() // max(self._sample_bytes(one) * samples, 1)) if samples else 64
+        return _near_equal(self.size, max(1, min(-(-self.size // max(chunk, 1)), self.size // least)))
+
+    def evaluation_workers(self) -> int:
+        """How many passes of ``evaluate`` run at once, each on one thread: as many as ``step_workers`` (a model whose
+        step is mostly activations evaluates side by side too)."""
+        return self.step_workers()
+
+    def evaluation_budget(self) -> int:
+        """Bytes the largest activation of one forward pass of ``evaluate`` may hold: ``EVAL_PASS_BYTES`` on the CPU
+        (outputs that stay in cache), a quarter of ``step_budget`` on a CUDA device."""
+        return self.step_budget // 4 if self.state.is_cuda else EVAL_PASS_BYTES
+
+    def _sample_bytes(self, one: torch.Tensor) -> int:
+        """Bytes of the largest layer output of one participant's forward pass on the sample ``one`` [1, ...]:
+        measured once per model and sample shape (forward hooks on every module)."""
+        key = ("sample", self.state.device.type, tuple(one.shape[1:]), one.dtype, self.state.dtype)
+        known = _MEASURED_BYTES.setdefault(self.model, {})
+        if key not in known:
+            sizes = [1]
+
+            def record(module: nn.Module, inputs: Any, output: Any) -> None:
+                if isinstance(output, torch.Tensor):
+                    sizes.append(output.numel() * output.element_size())
+
+            hooks = [m.register_forward_hook(record) for m in self.model.modules()]
+            was_training = self.model.training
+            try:
+                self.model.eval()
+                self._logits(self.param_layout.views(self.params[:1]), self.buffer_layout.views(self.buffers[:1]),
+                             one, shared_input=True)
+            finally:
+                self.model.train(was_training)
+                for hook in hooks:
+                    hook.remove()
+            known[key] = max(sizes)
+        return known[key]
 
     # -- Algorithm 1 --------------------------------------------------------------------------------
 
@@ -409,9 +486,7 @@ class Population:
             row_bytes = max(row_bytes, self.step_row_bytes)
         size = max(1, budget // row_bytes, -(-self.size // passes) if passes else 1)
         # Near-equal slices of at least MIN_PASS_ROWS rows (a smaller block is one pass, padded: ``_loss_and_grads``).
-        count = max(1, min(-(-self.size // size), self.size // MIN_PASS_ROWS))
-        cuts = np.linspace(0, self.size, count + 1).round().astype(int).tolist()
-        return [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        return _near_equal(self.size, max(1, min(-(-self.size // size), self.size // MIN_PASS_ROWS)))
 
     @torch.no_grad()
     def half_step(self, x: torch.Tensor | Callable[[slice], tuple[torch.Tensor, torch.Tensor]],
@@ -433,12 +508,8 @@ class Population:
             self.step_row_bytes = 0 if small else self._measure_step_row_bytes(batch)
         losses = torch.empty(self.size, dtype=self.state.dtype, device=self.state.device)  # in place: see evaluate
         chunks = self.step_chunks()
-        workers = min(self.step_workers(), len(chunks))
-        if workers > 1:
-            self._passes_side_by_side(chunks, workers, batch, losses)
-        else:
-            for rows in chunks:
-                self._step_pass(rows, batch, losses)
+        self._in_passes(chunks, lambda rows, model: self._step_pass(rows, batch, losses, model),
+                        self.step_workers(), self.model.training)
         return losses
 
     def _step_pass(self, rows: slice, batch: Callable[[slice], tuple[torch.Tensor, torch.Tensor]],
@@ -452,23 +523,35 @@ class Population:
                            for name, value in self._opt_views.items()})
         losses[rows] = loss
 
-    def _passes_side_by_side(self, chunks: list[slice], workers: int,
-                             batch: Callable[[slice], tuple[torch.Tensor, torch.Tensor]], losses: torch.Tensor) -> None:
-        """Run the passes ``chunks`` of ``half_step`` on ``workers`` threads at once, each computing on one CPU thread
-        with a replica of the model (``_logits``); the torch thread count is as it was afterwards."""
+    def _in_passes(self, chunks: list[slice], work: Callable[[slice, nn.Module], None], workers: int,
+                   training: bool) -> None:
+        """Call ``work(rows, model)`` for every slice of ``chunks``, ``model`` in train mode or not (``training``): one
+        after another on all threads with ``self.model``, or, with ``workers`` > 1, side by side on that many threads,
+        each computing on one CPU thread with a replica of the model (``_logits``). The torch thread count and the
+        model's mode are as they were afterwards."""
+        workers = min(workers, len(chunks))
+        if workers <= 1:
+            was_training = self.model.training
+            self.model.train(training)
+            try:
+                for rows in chunks:
+                    work(rows, self.model)
+            finally:
+                self.model.train(was_training)
+            return
         if len(self._replicas) < workers:
             self._replicas += [_replica(self.model) for _ in range(workers - len(self._replicas))]
         threads = torch.get_num_threads()
 
         @torch.no_grad()
-        def work(w: int) -> None:
+        def run(w: int) -> None:
             torch.set_num_threads(1)  # this thread's own: OpenMP's and MKL's thread counts are per thread
-            replica = self._replicas[w].train(self.model.training)
+            replica = self._replicas[w].train(training)
             for rows in chunks[w::workers]:
-                self._step_pass(rows, batch, losses, replica)
+                work(rows, replica)
 
         try:
-            list(_step_executor(workers).map(work, range(workers)))
+            list(_step_executor(workers).map(run, range(workers)))
         finally:
             torch.set_num_threads(threads)  # the count new threads start from, set to 1 by the workers
 
@@ -486,7 +569,7 @@ class Population:
         # The same for every population of this model on minibatches of this shape: measured once (DICE-GT's replays
         # step a fresh population per hop, a few rows each, on the run's model).
         key = (device.type, tuple(x.shape[1:]), x.dtype, self.state.dtype, self.autocast)
-        known = _STEP_ROW_BYTES.setdefault(self.model, {})
+        known = _MEASURED_BYTES.setdefault(self.model, {})
         if key in known:
             return known[key]
         kept = self.buffers[rows].clone()

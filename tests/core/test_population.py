@@ -17,6 +17,8 @@ from torch import nn
 
 from dice_ray.core.models import build_model
 from dice_ray.core.population import (
+    EVAL_PASS_BYTES,
+    MIN_PASS_ROWS,
     SIDE_BY_SIDE_HOLDS,
     Layout,
     OptimizerSpec,
@@ -220,6 +222,64 @@ def test_evaluate_with_a_padding_mask_equals_evaluating_the_kept_samples(shared_
         xk, yk = (x, y) if shared_input else (x[k], y[k])
         kept = pop.evaluate(xk[mask[k]], yk[mask[k]], shared_input=True)
         assert abs(loss[k] - kept[0][k]) < TOL and abs(acc[k] - kept[1][k]) < TOL
+
+
+def test_evaluation_passes_hold_one_participant_of_a_cnn_on_z_prime_and_many_of_an_mlp() -> None:
+    """A pass of ``evaluate`` takes as many participants as keep its largest layer output within the budget, all
+    their samples at once: on the shared 500-image z′ one CNN participant's first convolution alone outgrows it
+    (16 x 28 x 28 floats an image), an MLP's widest layer (128 floats) lets 16 share a pass."""
+    spec = OptimizerSpec()
+    cnn = build_model("cnn", (1, 28, 28), 10)
+    pop = Population(cnn, initial_state(cnn, np.arange(5), 0, "independent"), spec)
+    image = torch.zeros(1, 1, 28, 28)
+    assert pop.evaluation_budget() == EVAL_PASS_BYTES
+    assert pop.evaluation_passes(image, 500) == [slice(k, k + 1) for k in range(5)]
+    assert pop.evaluation_passes(image, 2) == [slice(0, 5)]  # a validation split: the whole block
+    assert pop.evaluation_passes(image, 500, chunk=2) == [slice(0, 2), slice(2, 3), slice(3, 5)]
+    mlp = make_population("mlp", spec, p=40)
+    per_sample = 128 * 4  # bytes of the widest layer's output
+    most = EVAL_PASS_BYTES // (per_sample * 500)
+    assert most == 16 and [s.stop - s.start for s in mlp.evaluation_passes(torch.zeros(1, *SHAPE), 500)] == [13, 14, 13]
+    assert Population(mlp.model, mlp.state[:0], spec).evaluation_passes(torch.zeros(1, *SHAPE), 500) == []
+    # on participants' own samples, groups of at least MIN_PASS_ROWS (a smaller one would be padded to it)
+    assert pop.evaluation_passes(image, 500, least=MIN_PASS_ROWS) == [slice(0, 5)]
+    assert make_population("mlp", spec, p=7).evaluation_passes(torch.zeros(1, *SHAPE), 1, chunk=2,
+                                                               least=MIN_PASS_ROWS) == [slice(0, 4), slice(4, 7)]
+
+
+@pytest.mark.parametrize("model", ["cnn3", "bn"])
+def test_evaluate_gives_a_participant_the_same_numbers_whichever_pass_computes_it(model: str) -> None:
+    """However a block's participants are grouped into the passes of ``evaluate`` (groups of one or two, a block of
+    twelve, passes side by side on threads), and however participants are cut into blocks (actors), every
+    participant's loss and accuracy are the same bit for bit, on a shared z′ and on its own samples with a mask.
+    3-channel convolutions are the case whose local step needed padding to MIN_PASS_ROWS rows; a forward pass needs
+    none."""
+    p = 12
+    net = build_model("cnn", (3, 12, 12), CLASSES) if model == "cnn3" else tiny_bn_net((3, 12, 12))
+    state = initial_state(net, np.arange(p), 0, "independent")
+    whole = Population(net, state.clone(), OptimizerSpec())
+    if whole.buffers.shape[1]:
+        whole.buffers.copy_(torch.rand_like(whole.buffers) + 0.5)
+    gen = torch.Generator().manual_seed(4)
+    shared = torch.randn(40, 3, 12, 12, generator=gen), torch.randint(0, CLASSES, (40,), generator=gen)
+    own = torch.randn(p, 5, 3, 12, 12, generator=gen), torch.randint(0, CLASSES, (p, 5), generator=gen)
+    mask = torch.rand(p, 5, generator=gen) < 0.7
+    mask[:, 0] = True
+    threads = torch.get_num_threads()
+
+    def both(pop: Population, rows: slice = slice(None), **kw) -> list[torch.Tensor]:
+        return [*pop.evaluate(*shared, shared_input=True, **kw),
+                *pop.evaluate(own[0][rows], own[1][rows], sample_weights=mask[rows], **kw)]
+
+    want = both(whole, chunk=p)
+    whole.step_threads = 2
+    whole.model.train()
+    for got in (both(whole), both(whole, chunk=1), both(whole, chunk=5)):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert whole.model.training and torch.get_num_threads() == threads
+    for rows in (slice(0, 1), slice(1, 3), slice(3, 7)):
+        block = Population(net, whole.state[rows].clone(), OptimizerSpec())
+        assert all(torch.equal(a, b[rows]) for a, b in zip(both(block, rows), want, strict=True))
 
 
 # ----------------------------------------------------------------------------------------------- gossip

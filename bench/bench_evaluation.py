@@ -1,0 +1,107 @@
+"""Seconds per evaluation of every participant on the CPU: ``Population.evaluate``'s passes against the earlier ones.
+
+Workload: ``bench_peers.py``'s dice-ray side (the registered "cnn" on 1x28x28 inputs, or with ``--model mlp`` its MLP
+on 1x8x8 digits; batch 16, SGD, exponential graph), two rounds trained, then what a run's evaluation computes
+(``ParticipantBlock.evaluate``): each participant's loss and accuracy on its validation split and on the shared
+held-out batch z′ (``--heldout`` images: 500, a run's default). Two variants, timed round-robin in one process (the
+order reversed every repeat), each repeat's time divided by the earlier variant's time of the same repeat:
+
+    chunks-of-64   what every run did before 2026-12-05: groups of 64 participants, all samples in one forward pass,
+                   one group after another on all threads;
+    auto           ``evaluate`` today: groups of as many participants as keep a pass's largest layer output within
+                   ``EVAL_PASS_BYTES`` (``Population.evaluation_passes``; at least one, all its samples at once), side
+                   by side on threads, one thread each, where the model's step runs so (``evaluation_workers``).
+
+Also printed: whether both give every participant the same numbers, bit for bit (they must), and a training round's
+time for scale.
+
+Run::
+
+    python bench/bench_evaluation.py                          # the CNN at N = 256, 5 repeats (~2 min on 2 cores)
+    python bench/bench_evaluation.py --model mlp --nodes 1024 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_cnn_modes import engine_for
+from bench_peers import SHAPES
+
+
+def evaluate(block: Any, earlier: bool) -> list[torch.Tensor]:
+    """``ParticipantBlock.evaluate``'s two measurements, by the earlier passes or by today's."""
+    pop = block.population
+    threads, pop.step_threads = pop.step_threads, (1 if earlier else pop.step_threads)
+    chunk = 64 if earlier else None
+    try:
+        val = pop.evaluate(block.x_val, block.y_val, sample_weights=block.val_mask, chunk=chunk)
+        heldout = pop.evaluate(block.x_heldout, block.y_heldout, shared_input=True, chunk=chunk)
+    finally:
+        pop.step_threads = threads
+    return [*val, *heldout]
+
+
+def measure(model: str, nodes: int, repeats: int, heldout: int) -> dict[str, Any]:
+    engine = engine_for(nodes, "auto", "auto", True, model=model, heldout=heldout)
+    for t in range(2):
+        engine.run_round(t, evaluate=False)
+    start = time.perf_counter()
+    engine.run_round(2, evaluate=False)
+    round_s = time.perf_counter() - start
+    block = engine.block
+    groups = block.population.evaluation_passes(block.x_heldout[:1], block.x_heldout.shape[0])
+    seconds: dict[str, list[float]] = {"chunks-of-64": [], "auto": []}
+    results = {}
+    for r in range(repeats + 1):  # the first repeat warms up (and measures the model's largest layer output)
+        for name in seconds if r % 2 == 0 else list(seconds)[::-1]:
+            start = time.perf_counter()
+            results[name] = evaluate(block, earlier=name == "chunks-of-64")
+            if r:
+                seconds[name].append(time.perf_counter() - start)
+    same = all(torch.equal(a.nan_to_num(-1.0), b.nan_to_num(-1.0))
+               for a, b in zip(results["auto"], results["chunks-of-64"], strict=True))
+    ratios = [a / b for a, b in zip(seconds["auto"], seconds["chunks-of-64"], strict=True)]
+    return {"model": model, "nodes": nodes, "heldout": int(block.x_heldout.shape[0]), "round_s": round_s,
+            "heldout_passes": len(groups), "workers": block.population.evaluation_workers(),
+            "seconds": {name: [statistics.median(s), min(s), max(s)] for name, s in seconds.items()},
+            "vs": [statistics.median(ratios), min(ratios), max(ratios)], "same_numbers_bitwise": same}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=tuple(SHAPES), default="cnn")
+    parser.add_argument("--nodes", type=int, nargs="+", default=[256])
+    parser.add_argument("--repeats", type=int, default=5, help="timed evaluations per variant")
+    parser.add_argument("--heldout", type=int, default=500, help="z′ images (data.heldout_size; a run's default)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d')}")
+    print("| model | N | training round s | held-out passes, threads | chunks-of-64 s | auto s "
+          "| auto × chunks-of-64 (median, range) | same numbers |")
+    print("|---|---:|---:|---|---|---|---|---|")
+    results = []
+    for nodes in args.nodes:
+        res = measure(args.model, nodes, args.repeats, args.heldout)
+        results.append(res)
+        old, new, vs = res["seconds"]["chunks-of-64"], res["seconds"]["auto"], res["vs"]
+        print(f"| {args.model} | {nodes} | {res['round_s']:.3f} | {res['heldout_passes']}, {res['workers']} | "
+              f"{old[0]:.3f} [{old[1]:.3f}, {old[2]:.3f}] | "
+              f"{new[0]:.3f} [{new[1]:.3f}, {new[2]:.3f}] | {vs[0]:.3f} [{vs[1]:.3f}, {vs[2]:.3f}] | "
+              f"{'bit for bit' if res['same_numbers_bitwise'] else 'DIFFERENT'} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
