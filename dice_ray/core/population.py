@@ -51,6 +51,10 @@ STEP_PASSES = 32
 # activation), and 0.36-0.39x that time in groups of 1 participant side by side, the same numbers bit for bit
 # (``bench/bench_evaluation.py``; on one thread 1 participant on 128 images took 43 ms, 16 on 500 160 ms).
 EVAL_PASS_BYTES = 4 << 20
+# ... and at most this many participants: a vmapped matrix product of thousands of participants on their own samples
+# rounded some rows differently from the same rows in groups of 64 (the MLP's validation split at N = 16,384, groups of
+# 2,341), so a row's numbers would depend on how many participants its block holds.
+EVAL_GROUP_ROWS = 64
 # On a GPU the chunks that keep CPU caches warm only multiply kernel launches (9 kernel sequences per step at N = 4,096
 # on an H200): there a step takes one pass unless what it holds at once (gradients and activations, measured) would
 # outgrow this fraction of the free memory. Then a participant costs the device its state and optimizer state, plus
@@ -414,14 +418,16 @@ class Population:
         """The groups of participant rows whose forward passes ``evaluate`` takes, given ``one`` sample [1, ...] of the
         ``samples`` each participant is evaluated on: near-equal groups of ``chunk`` participants at most, by default
         of as many as keep a pass's largest activation (the largest layer output of one participant on one sample,
-        measured, times participants and samples) within ``evaluation_budget``, but at least ``least``.
+        measured, times participants and samples) within ``evaluation_budget``, at most EVAL_GROUP_ROWS, but at least
+        ``least``.
 
         A pass takes all of a participant's samples: a matrix product's rows can round differently with their place in
         the product's tiles, so a slice of the samples would change the numbers by float32 rounding."""
         if not self.size:
             return []
         if chunk is None:
-            chunk = max(least, self.evaluation_budget() // max(self._sample_bytes(one) * samples, 1)) if samples else 64
+            fit = self.evaluation_budget() // max(self._sample_bytes(one) * samples, 1) if samples else EVAL_GROUP_ROWS
+            chunk = max(least, min(fit, EVAL_GROUP_ROWS))
         return _near_equal(self.size, max(1, min(-(-self.size // max(chunk, 1)), self.size // least)))
 
     def evaluation_workers(self) -> int:

@@ -17,6 +17,7 @@ from torch import nn
 
 from dice_ray.core.models import build_model
 from dice_ray.core.population import (
+    EVAL_GROUP_ROWS,
     EVAL_PASS_BYTES,
     MIN_PASS_ROWS,
     SIDE_BY_SIDE_HOLDS,
@@ -241,6 +242,9 @@ def test_evaluation_passes_hold_one_participant_of_a_cnn_on_z_prime_and_many_of_
     most = EVAL_PASS_BYTES // (per_sample * 500)
     assert most == 16 and [s.stop - s.start for s in mlp.evaluation_passes(torch.zeros(1, *SHAPE), 500)] == [13, 14, 13]
     assert Population(mlp.model, mlp.state[:0], spec).evaluation_passes(torch.zeros(1, *SHAPE), 500) == []
+    # a few samples each: at most EVAL_GROUP_ROWS participants a pass, however many would fit
+    many = make_population("mlp", spec, p=200).evaluation_passes(torch.zeros(1, *SHAPE), 3)
+    assert EVAL_GROUP_ROWS == 64 and [s.stop - s.start for s in many] == [50] * 4
     # on participants' own samples, groups of at least MIN_PASS_ROWS (a smaller one would be padded to it)
     assert pop.evaluation_passes(image, 500, least=MIN_PASS_ROWS) == [slice(0, 5)]
     assert make_population("mlp", spec, p=7).evaluation_passes(torch.zeros(1, *SHAPE), 1, chunk=2,
