@@ -47,9 +47,9 @@ STEP_CHUNK_BYTES = 32 << 20
 STEP_PASSES = 32
 # A forward pass of ``Population.evaluate`` on the CPU takes as many participants as keep its largest layer output
 # within this many bytes (all their samples at once). Evaluation on the shared z′ (500 images) is a far larger forward
-# pass than a training round: the CNN's took 32-60x a round at N = 256 in groups of 64 participants (a 1.6 GB
-# activation), and 0.36-0.39x that time in groups of 1 participant side by side, the same numbers bit for bit
-# (``bench/bench_evaluation.py``; on one thread 1 participant on 128 images took 43 ms, 16 on 500 160 ms).
+# pass than a training round: the CNN's took 30-60x a round at N = 256 (2 cores) in groups of 64 participants (a
+# 1.6 GB activation), and 0.36x [0.33, 0.42] that time in groups of 1 participant side by side, the same numbers bit
+# for bit; the MLP's 0.94x in groups of 16 (``bench/bench_evaluation.py``).
 EVAL_PASS_BYTES = 4 << 20
 # ... and at most this many participants: a vmapped matrix product of thousands of participants on their own samples
 # rounded some rows differently from the same rows in groups of 64 (the MLP's validation split at N = 16,384, groups of
