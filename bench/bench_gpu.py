@@ -36,7 +36,7 @@ the ``Run`` handle's tables and manifest, on a local Ray started once in this pr
         device's measured fp32 matmul rate and copy bandwidth; printed as the fraction of a round they explain.
     (f) profile: one block in this process (``LocalEngine`` on CUDA, no Ray), a ``torch.profiler`` table of
         three rounds, and the round split into local step and gossip (MLP N = 4,096 and CNN N = 256), with the
-        CUDA graph and without ("fp32-eager").
+        CUDA graph and without ("fp32-eager"); and one evaluation of every participant (``block.evaluate()``).
     (s) CPU sanity, always (the only part on a machine without CUDA): the CNN on 3x32x32 data (the data path
         the GPU parts use), N = 16, 3 rounds, CPU actors, run twice: identical tables; the fused step's rebuilt
         CNN has the registered one's parameter count (the timed models are checked the same way in (c)).
@@ -599,13 +599,22 @@ def profile_round(model: str, nodes: int, shape_ok: bool, rounds: int = 3, preci
             split["gossip"].append(t2 - t1)
             split["round"].append(t2 - t0)
         medians = {k: float(np.median(v)) for k, v in split.items()}
+        evaluations = []
+        for _ in range(2):  # the first measures the model's largest layer output (``Population.evaluation_passes``)
+            sync()
+            t0 = time.perf_counter()
+            block.evaluate()
+            sync()
+            evaluations.append(time.perf_counter() - t0)
+        medians["evaluation"], heldout = evaluations[-1], int(block.x_heldout.shape[0])
         graph = block.cuda_graph
         del engine, block, hooked
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
     print(f"(f) profile, {model} N={nodes} {precision} (CUDA graph: {graph}), one block on CUDA without Ray, {rounds} "
           "rounds: local step "
-          f"{medians['local_step'] * 1e3:.2f} ms, gossip {medians['gossip'] * 1e3:.2f} ms per round\n{table}",
+          f"{medians['local_step'] * 1e3:.2f} ms, gossip {medians['gossip'] * 1e3:.2f} ms per round; evaluating every "
+          f"participant (validation split, {heldout} held-out samples) {medians['evaluation'] * 1e3:.1f} ms\n{table}",
           flush=True)
     return {"model": model, "nodes": nodes, "precision": precision, "cuda_graph": graph,
             **{f"{k}_s": v for k, v in medians.items()},
