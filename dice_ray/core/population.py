@@ -67,7 +67,7 @@ _MEASURED_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakre
 
 
 # On the CPU the passes of one local step can run side by side, as many at once as torch has threads, each on one
-# thread (``Population._passes_side_by_side``), instead of one after another, each pass on all threads. That pays where
+# thread (``Population._in_passes``), instead of one after another, each pass on all threads. That pays where
 # a pass is mostly small per-participant kernels on activations: the CNN (a participant's pass holds 6.2x its
 # gradients) at N = 256 on 2 cores took 0.86x [0.72, 1.01] the round time of its passes in turn (one such pass on
 # 1 thread took 1.47x its time on 2). An MLP's pass is matrix products over all its rows, which threads share well
@@ -78,7 +78,9 @@ _MEASURED_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakre
 SIDE_BY_SIDE_HOLDS = 2.0
 # A vmapped pass over fewer rows takes other kernels, whose numbers differ from the same rows' in a larger pass by
 # rounding: one row always, two rows for 3-channel convolutions (the CNN on 3x32x32; on 1x28x28 two rows agree).
-# Passes of at least this many rows agree bit for bit, so a run's numbers do not depend on how blocks are cut.
+# Passes of at least this many rows agree bit for bit, so a run's numbers do not depend on how blocks are cut. That
+# holds for the local step's passes and for evaluation's on participants' own samples (padded alike); evaluation on
+# one shared batch agrees at any number of rows.
 MIN_PASS_ROWS = 3
 
 
@@ -265,7 +267,7 @@ class Population:
         self.step_row_bytes: int | None = None  # what one participant's step holds (measured by half_step)
         # CPU threads whose passes of ``half_step`` run side by side (None: ``step_workers`` decides; 1: in turn)
         self.step_threads: int | None = None
-        self._replicas: list[nn.Module] = []  # the model, one copy per side-by-side pass (``_passes_side_by_side``)
+        self._replicas: list[nn.Module] = []  # the model, one copy per side-by-side pass (``_in_passes``)
         # Per-tensor views of the parameters and optimizer buffers, for the optimizer's foreach update.
         self._param_views = list(self.param_layout.views(self.params).values())
         self._opt_views = {name: value if name == "step" else list(self.param_layout.views(value).values())
@@ -382,7 +384,7 @@ class Population:
         ``sample_weights`` [P, B] (e.g. a padding mask) weights each sample; a row of zeros gives NaN.
         The forward passes take groups of participants, each group all its samples at once
         (``evaluation_passes``; ``chunk``: groups of that many); every participant's numbers are the same whichever
-        group computes them.
+        group of 64 or fewer computes them.
         """
         samples = x.shape[0] if shared_input else x.shape[1]
         # Outputs written in place: small tensors kept between chunks' large temporaries fragment the heap
