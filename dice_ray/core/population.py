@@ -117,7 +117,7 @@ def _near_equal(n: int, parts: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
 
-def _padded(t: torch.Tensor, extra: int) -> torch.Tensor:
+def pad_rows(t: torch.Tensor, extra: int) -> torch.Tensor:
     """``t`` with ``extra`` copies of its last row appended (rows that make up a pass of MIN_PASS_ROWS)."""
     return torch.cat([t, t[-1:].expand(extra, *t.shape[1:])]) if extra else t
 
@@ -338,7 +338,7 @@ class Population:
             torch.zeros_like(self.params)
         return per, flat
 
-    def _padding(self, rows: int) -> int:
+    def pass_padding(self, rows: int) -> int:
         """How many copies of its last row a vmapped pass of ``rows`` participants takes, to compute with the kernels
         a pass of MIN_PASS_ROWS or more takes (see MIN_PASS_ROWS)."""
         return MIN_PASS_ROWS - rows if self.vectorize == "vmap" and 0 < rows < MIN_PASS_ROWS else 0
@@ -351,11 +351,11 @@ class Population:
         participants ``rows`` only, with x and y theirs, if given), computed by ``model`` (see ``_logits``)."""
         params, buffer_rows = self.params[rows], self.buffers[rows]
         count = params.shape[0]
-        extra = self._padding(count)
+        extra = self.pass_padding(count)
         if extra:  # copies of the last row make up a pass of MIN_PASS_ROWS, whose kernels larger passes share
-            params, buffer_rows = _padded(params, extra), _padded(buffer_rows, extra)
-            x, y = (x, y) if shared_input else (_padded(x, extra), _padded(y, extra))
-            sample_weights = None if sample_weights is None else _padded(sample_weights, extra)
+            params, buffer_rows = pad_rows(params, extra), pad_rows(buffer_rows, extra)
+            x, y = (x, y) if shared_input else (pad_rows(x, extra), pad_rows(y, extra))
+            sample_weights = None if sample_weights is None else pad_rows(sample_weights, extra)
         # The leaves and buffers are ``state``'s memory under a version counter of their own: while this pass runs,
         # another thread's pass may update other rows of ``state`` in place (``half_step``), which autograd would
         # otherwise take for a change of the tensors this backward pass saved.
@@ -396,10 +396,10 @@ class Population:
             count = rows.stop - rows.start
             # On participants' own samples a group of 1-2 takes the kernels of larger ones padded, as a local step does;
             # on one shared batch it needs none (its first layer is one ungrouped product for any number).
-            extra = 0 if shared_input else self._padding(count)
-            xs, ys = (x, y) if shared_input else (_padded(x[rows], extra), y[rows])
-            logits = self._logits(self.param_layout.views(_padded(self.params[rows], extra)),
-                                  self.buffer_layout.views(_padded(self.buffers[rows], extra)), xs, shared_input,
+            extra = 0 if shared_input else self.pass_padding(count)
+            xs, ys = (x, y) if shared_input else (pad_rows(x[rows], extra), y[rows])
+            logits = self._logits(self.param_layout.views(pad_rows(self.params[rows], extra)),
+                                  self.buffer_layout.views(pad_rows(self.buffers[rows], extra)), xs, shared_input,
                                   model)[:count]
             targets = ys.expand(count, *ys.shape) if shared_input else ys
             loss = self.loss.per_sample(logits.flatten(0, 1), targets.flatten(0, 1))
@@ -616,11 +616,15 @@ class Population:
         The same optimizer update as ``half_step``, as a pure function: ``torch.func.jvp`` differentiates
         through it (the Jacobian J of concepts §4, for any optimizer).
         """
-        g = grad(lambda p: self.losses(x, y, p).sum())(params)
+        count = params.shape[0]
+        extra = self.pass_padding(count)  # 1-2 rows step with the kernels of larger passes, as in ``half_step``
+        params, x, y = pad_rows(params, extra), pad_rows(x, extra), pad_rows(y, extra)
+        buffers = self.buffer_layout.views(pad_rows(self.buffers, extra))
+        g = grad(lambda p: self._losses_of(self.param_layout.views(p), x, y, False, buffers).sum())(params)
         new_params = params.clone()
-        new_state = {name: value.clone() for name, value in opt_state.items()}
+        new_state = {name: pad_rows(value, extra) if extra else value.clone() for name, value in opt_state.items()}
         optimizer_update_(self.optimizer, new_params, g, new_state)
-        return new_params, new_state
+        return new_params[:count], {name: value[:count] for name, value in new_state.items()}
 
     @torch.no_grad()
     def mix_(self, weights: torch.Tensor | list[torch.Tensor], sources: torch.Tensor | list[torch.Tensor]) -> None:
