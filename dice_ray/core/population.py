@@ -79,8 +79,9 @@ SIDE_BY_SIDE_HOLDS = 2.0
 # A vmapped pass over fewer rows takes other kernels, whose numbers differ from the same rows' in a larger pass by
 # rounding: one row always, two rows for 3-channel convolutions (the CNN on 3x32x32; on 1x28x28 two rows agree).
 # Passes of at least this many rows agree bit for bit, so a run's numbers do not depend on how blocks are cut. That
-# holds for the local step's passes and for evaluation's on participants' own samples (padded alike); evaluation on
-# one shared batch agrees at any number of rows.
+# holds for the local step's passes, evaluation's on participants' own samples and DICE-E's derivatives of a set of
+# rows (``functional_step``, the z′ Hessian forms), padded alike; evaluation on one shared batch agrees at any number
+# of rows.
 MIN_PASS_ROWS = 3
 
 
