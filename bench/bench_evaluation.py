@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _tables import print_markdown
 from bench_cnn_modes import engine_for
 from bench_peers import SHAPES
 
@@ -87,18 +88,17 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d')}")
-    print("| model | N | training round s | held-out passes, threads | chunks-of-64 s | auto s "
-          "| auto × chunks-of-64 (median, range) | same numbers |")
-    print("|---|---:|---:|---|---|---|---|---|")
-    results = []
+    results, rows = [], []
     for nodes in args.nodes:
         res = measure(args.model, nodes, args.repeats, args.heldout)
         results.append(res)
-        old, new, vs = res["seconds"]["chunks-of-64"], res["seconds"]["auto"], res["vs"]
-        print(f"| {args.model} | {nodes} | {res['round_s']:.3f} | {res['heldout_passes']}, {res['workers']} | "
-              f"{old[0]:.3f} [{old[1]:.3f}, {old[2]:.3f}] | "
-              f"{new[0]:.3f} [{new[1]:.3f}, {new[2]:.3f}] | {vs[0]:.3f} [{vs[1]:.3f}, {vs[2]:.3f}] | "
-              f"{'bit for bit' if res['same_numbers_bitwise'] else 'DIFFERENT'} |", flush=True)
+        spans = [res["seconds"]["chunks-of-64"], res["seconds"]["auto"], res["vs"]]
+        rows.append([args.model, str(nodes), f"{res['round_s']:.3f}", f"{res['heldout_passes']}, {res['workers']}",
+                     *(f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in spans),
+                     "bit for bit" if res["same_numbers_bitwise"] else "DIFFERENT"])
+        print(f"N = {nodes} measured", flush=True)
+    print_markdown(["model", "N", "training round s", "held-out passes, threads", "chunks-of-64 s", "auto s",
+                    "auto × chunks-of-64 (median, range)", "same numbers"], rows)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -112,15 +112,26 @@ def _own_version(tensor: torch.Tensor) -> torch.Tensor:
         tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())
 
 
-def _near_equal(n: int, parts: int) -> list[slice]:
-    """``parts`` consecutive slices of range(n), their lengths differing by at most one."""
+def _near_equal(n: int, most: int, least: int = 1) -> list[slice]:
+    """Consecutive slices of range(n), their lengths differing by at most one: of at most ``most`` rows as far as
+    slices of at least ``least`` rows allow (one slice if n < 2 ``least``)."""
+    parts = max(1, min(-(-n // max(most, 1)), n // least))
     cuts = np.linspace(0, n, parts + 1).round().astype(int).tolist()
     return [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
 
-def pad_rows(t: torch.Tensor, extra: int) -> torch.Tensor:
-    """``t`` with ``extra`` copies of its last row appended (rows that make up a pass of MIN_PASS_ROWS)."""
-    return torch.cat([t, t[-1:].expand(extra, *t.shape[1:])]) if extra else t
+def pad_rows(t: torch.Tensor | None, extra: int) -> torch.Tensor | None:
+    """``t`` with ``extra`` copies of its last row appended (rows that make up a pass of MIN_PASS_ROWS); None stays."""
+    return torch.cat([t, t[-1:].expand(extra, *t.shape[1:])]) if extra and t is not None else t
+
+
+def pad_batch(extra: int, x: torch.Tensor, y: torch.Tensor, sample_weights: torch.Tensor | None = None,
+              shared_input: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A batch (x, y, ``sample_weights``) for a pass padded with ``extra`` rows (``pad_rows``): per-row tensors
+    padded alike, one shared batch as it is."""
+    if shared_input:
+        return x, y, sample_weights
+    return pad_rows(x, extra), pad_rows(y, extra), pad_rows(sample_weights, extra)
 
 
 def default_step_budget(device: torch.device | str) -> int:
@@ -352,11 +363,9 @@ class Population:
         participants ``rows`` only, with x and y theirs, if given), computed by ``model`` (see ``_logits``)."""
         params, buffer_rows = self.params[rows], self.buffers[rows]
         count = params.shape[0]
-        extra = self.pass_padding(count)
-        if extra:  # copies of the last row make up a pass of MIN_PASS_ROWS, whose kernels larger passes share
-            params, buffer_rows = pad_rows(params, extra), pad_rows(buffer_rows, extra)
-            x, y = (x, y) if shared_input else (pad_rows(x, extra), pad_rows(y, extra))
-            sample_weights = None if sample_weights is None else pad_rows(sample_weights, extra)
+        extra = self.pass_padding(count)  # copies of the last row make up a pass of MIN_PASS_ROWS
+        params, buffer_rows = pad_rows(params, extra), pad_rows(buffer_rows, extra)
+        x, y, sample_weights = pad_batch(extra, x, y, sample_weights, shared_input)
         # The leaves and buffers are ``state``'s memory under a version counter of their own: while this pass runs,
         # another thread's pass may update other rows of ``state`` in place (``half_step``), which autograd would
         # otherwise take for a change of the tensors this backward pass saved.
@@ -431,7 +440,7 @@ class Population:
         if chunk is None:
             fit = self.evaluation_budget() // max(self._sample_bytes(one) * samples, 1) if samples else EVAL_GROUP_ROWS
             chunk = max(least, min(fit, EVAL_GROUP_ROWS))
-        return _near_equal(self.size, max(1, min(-(-self.size // max(chunk, 1)), self.size // least)))
+        return _near_equal(self.size, chunk, least)
 
     def evaluation_workers(self) -> int:
         """How many passes of ``evaluate`` run at once, each on one thread: as many as ``step_workers`` (a model whose
@@ -495,7 +504,7 @@ class Population:
             row_bytes = max(row_bytes, self.step_row_bytes)
         size = max(1, budget // row_bytes, -(-self.size // passes) if passes else 1)
         # Near-equal slices of at least MIN_PASS_ROWS rows (a smaller block is one pass, padded: ``_loss_and_grads``).
-        return _near_equal(self.size, max(1, min(-(-self.size // size), self.size // MIN_PASS_ROWS)))
+        return _near_equal(self.size, size, MIN_PASS_ROWS)
 
     @torch.no_grad()
     def half_step(self, x: torch.Tensor | Callable[[slice], tuple[torch.Tensor, torch.Tensor]],
@@ -619,7 +628,7 @@ class Population:
         """
         count = params.shape[0]
         extra = self.pass_padding(count)  # 1-2 rows step with the kernels of larger passes, as in ``half_step``
-        params, x, y = pad_rows(params, extra), pad_rows(x, extra), pad_rows(y, extra)
+        params, (x, y, _) = pad_rows(params, extra), pad_batch(extra, x, y)
         buffers = self.buffer_layout.views(pad_rows(self.buffers, extra))
         g = grad(lambda p: self._losses_of(self.param_layout.views(p), x, y, False, buffers).sum())(params)
         new_params = params.clone()

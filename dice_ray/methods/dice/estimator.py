@@ -27,7 +27,14 @@ from torch import nn
 from torch.func import grad, jvp, vmap
 
 from dice_ray.core.losses import CROSS_ENTROPY, Loss
-from dice_ray.core.population import OptimizerSpec, Population, model_state_layouts, optimizer_update_, pad_rows
+from dice_ray.core.population import (
+    OptimizerSpec,
+    Population,
+    model_state_layouts,
+    optimizer_update_,
+    pad_batch,
+    pad_rows,
+)
 from dice_ray.methods.dice.recursion import (
     READOUTS,
     READS_B,
@@ -262,9 +269,7 @@ def zprime_hessian_forms(pop: Population, u: torch.Tensor, v: torch.Tensor, x: t
     extra = pop.pass_padding(count)  # 1-2 rows compute with the kernels of larger passes
     params, u, v = pad_rows(pop.params, extra), pad_rows(u, extra), pad_rows(v, extra)
     buffers = pop.buffer_layout.views(pad_rows(pop.buffers, extra))
-    if not shared_input:
-        x, y = pad_rows(x, extra), pad_rows(y, extra)
-        sample_weights = None if sample_weights is None else pad_rows(sample_weights, extra)
+    x, y, sample_weights = pad_batch(extra, x, y, sample_weights, shared_input)
 
     def losses(params: torch.Tensor) -> torch.Tensor:
         return pop._losses_of(layout.views(params), x, y, shared_input, buffers, sample_weights)
@@ -300,9 +305,7 @@ differently with the number of rows (checked: rows 3-5 of 6 against the same 3 a
 
     row, count = None if shared_input else 0, pop.size
     extra = pop.pass_padding(count)  # 1-2 rows compute with the kernels of larger passes
-    if not shared_input:
-        x, y = pad_rows(x, extra), pad_rows(y, extra)
-        sample_weights = None if sample_weights is None else pad_rows(sample_weights, extra)
+    x, y, sample_weights = pad_batch(extra, x, y, sample_weights, shared_input)
     was_training = pop.model.training
     pop.model.eval()
     try:
