@@ -52,4 +52,6 @@ def combine_evaluations(t: int, train_loss: np.ndarray, parts: list[dict[str, np
     sq = sum(float(p["param_sqnorm"]) for p in parts) / n
     cat = {key: np.concatenate([p[key] for p in parts]) for key in ("val_loss", "val_acc", "heldout_loss",
                                                                     "heldout_acc")}
-    return RoundMetrics(t, train_loss, consensus_distance=max(sq - float(mean @ mean), 0.0), **cat)
+    # ||θ̄||² as a plain sum, not a BLAS dot: a dot this long wakes OpenBLAS's threads, which then spin for ~0.1 s on
+    # the cores the actors (or, with the local engine, torch) compute on.
+    return RoundMetrics(t, train_loss, consensus_distance=max(sq - float(np.square(mean).sum()), 0.0), **cat)

