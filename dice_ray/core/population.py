@@ -280,6 +280,7 @@ class Population:
         # CPU threads whose passes of ``half_step`` run side by side (None: ``step_workers`` decides; 1: in turn)
         self.step_threads: int | None = None
         self._replicas: list[nn.Module] = []  # the model, one copy per side-by-side pass (``_in_passes``)
+        self._mix_chunk: torch.Tensor | None = None  # ``mix_``'s output columns on a CPU, reused every round
         # Per-tensor views of the parameters and optimizer buffers, for the optimizer's foreach update.
         self._param_views = list(self.param_layout.views(self.params).values())
         self._opt_views = {name: value if name == "step" else list(self.param_layout.views(value).values())
@@ -657,8 +658,13 @@ class Population:
         # chunk reads only its own columns, so a source may be ``state`` itself.
         rows = sum(src.shape[0] for _, src in pairs)
         width = max(256, (1 << 20) // max(rows, 1))
-        for a in range(0, self.state.shape[1], width):
-            chunk = product(pairs[0][0], pairs[0][1][:, a:a + width])
+        columns, (first_w, first_src) = self.state.shape[1], pairs[0]
+        if self._mix_chunk is None or self._mix_chunk.shape[1] != width:
+            self._mix_chunk = self.state.new_empty(self.size, width)
+        for a in range(0, columns, width):
+            # The first product goes into one reused buffer: a fresh chunk per product is zero-filled first.
+            chunk = self._mix_chunk if a + width <= columns else self.state.new_empty(self.size, columns - a)
+            torch.addmm(chunk, first_w, first_src[:, a:a + width], beta=0, out=chunk)
             for w, src in pairs[1:]:
                 chunk += product(w, src[:, a:a + width])
             self.state[:, a:a + width] = chunk
