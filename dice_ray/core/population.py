@@ -650,7 +650,7 @@ class Population:
         def product(w: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
             return torch.sparse.mm(w, src) if w.is_sparse_csr else w @ src
 
-        if pairs[0][1].is_cuda:
+        if self.state.device.type != "cpu":  # a GPU's (or another device's) one product per source block
             self.state.copy_(sum(product(w, src) for w, src in pairs))
             return
         # On CPU, mix in column chunks whose sources fit in cache (~4 MB): 3-4x faster than one product at
