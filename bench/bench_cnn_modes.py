@@ -80,13 +80,20 @@ def engine_for(nodes: int, conv: str, pool: str, activations: bool, side_by_side
     return engine
 
 
-def measure(nodes: int, rounds: int, warmup: int, variants: list[str], model: str = "cnn",
-            against: str = "baseline") -> dict[str, Any]:
-    engines = {name: engine_for(nodes, *VARIANTS[name], model=model) for name in dict.fromkeys(["baseline", *variants])}
-    for t in range(warmup):  # the first round measures the step's memory, converts W, warms the allocator
+def cpu_banner() -> None:
+    """Use every core for torch's threads; print the machine, torch, the load and the date (a bench's first line)."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d')}")
+
+
+def interleaved_rounds(engines: dict[str, LocalEngine], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of each engine's ``rounds`` timed rounds (no evaluation), after ``warmup`` untimed ones (the first
+    measures the step's memory, converts W, warms the allocator): the engines take turns every round, the order
+    reversed every round, so that the machine's drift falls on all of them alike."""
+    for t in range(warmup):
         for engine in engines.values():
             engine.run_round(t, evaluate=False)
-    chunks = {name: len(e.block.population.step_chunks()) for name, e in engines.items()}
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     order = list(engines)
     for t in range(warmup, warmup + rounds):
@@ -94,6 +101,14 @@ def measure(nodes: int, rounds: int, warmup: int, variants: list[str], model: st
             start = time.perf_counter()
             engines[name].run_round(t, evaluate=False)
             seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def measure(nodes: int, rounds: int, warmup: int, variants: list[str], model: str = "cnn",
+            against: str = "baseline") -> dict[str, Any]:
+    engines = {name: engine_for(nodes, *VARIANTS[name], model=model) for name in dict.fromkeys(["baseline", *variants])}
+    seconds = interleaved_rounds(engines, rounds, warmup)
+    chunks = {name: len(e.block.population.step_chunks()) for name, e in engines.items()}
     base = engines["baseline"].block.population.state
     fused = fused_step(model, nodes, "cpu", steps=max(3, rounds // 2), warmup=1, shape=SHAPES[model])["s_per_step"]
     result: dict[str, Any] = {"model": model, "nodes": nodes, "fused_step_s": fused, "variants": {}}
@@ -123,9 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.against not in ("baseline", *args.variants):
         parser.error(f"--against {args.against!r} is not timed; choose baseline or one of {', '.join(args.variants)}")
-    torch.set_num_threads(os.cpu_count() or 1)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d')}")
+    cpu_banner()
     results = []
     for nodes in args.nodes:
         result = measure(nodes, args.rounds, args.warmup, args.variants, args.model, args.against)

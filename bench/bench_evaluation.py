@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ from typing import Any
 
 import torch
 from _tables import print_markdown
-from bench_cnn_modes import engine_for
+from bench_cnn_modes import cpu_banner, engine_for
 from bench_peers import SHAPES
 
 
@@ -85,9 +83,7 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=500, help="z′ images (data.heldout_size; a run's default)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d')}")
+    cpu_banner()
     results, rows = [], []
     for nodes in args.nodes:
         res = measure(args.model, nodes, args.repeats, args.heldout)

@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import time
 import types
 from pathlib import Path
 from typing import Any
@@ -40,7 +37,7 @@ from typing import Any
 import torch
 import yaml
 from _tables import print_markdown
-from bench_cnn_modes import engine_for
+from bench_cnn_modes import cpu_banner, engine_for, interleaved_rounds
 
 import dice_ray
 from dice_ray.engine.local import LocalEngine
@@ -80,16 +77,7 @@ def measure(workload: str, nodes: int, rounds: int, warmup: int) -> dict[str, An
     engines = {"fresh-chunks": engine(workload, nodes), "auto": engine(workload, nodes)}
     baseline = engines["fresh-chunks"].block.population
     baseline.mix_ = types.MethodType(fresh_chunks_mix_, baseline)
-    for t in range(warmup):
-        for e in engines.values():
-            e.run_round(t, evaluate=False)
-    seconds: dict[str, list[float]] = {name: [] for name in engines}
-    order = list(engines)
-    for t in range(warmup, warmup + rounds):
-        for name in order if t % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            engines[name].run_round(t, evaluate=False)
-            seconds[name].append(time.perf_counter() - start)
+    seconds = interleaved_rounds(engines, rounds, warmup)
     ratios = [a / b for a, b in zip(seconds["auto"], seconds["fresh-chunks"], strict=True)]
     return {"workload": workload, "nodes": nodes, "rounds": rounds,
             "fresh_chunks_s": statistics.median(seconds["fresh-chunks"]), "auto_s": statistics.median(seconds["auto"]),
@@ -106,9 +94,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds per engine first")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d')}")
+    cpu_banner()
     default_rounds = {"mlp": 60, "mnist": 30, "cnn": 14}
     results = []
     for workload in args.workloads:
@@ -119,7 +105,8 @@ def main() -> None:
                   f"{result['fresh_chunks_s']:.4f}, auto / fresh-chunks {result['vs']:.3f}", flush=True)
     print_markdown(["workload", "N", "rounds", "fresh-chunks s/round", "auto s/round",
                     "auto / fresh-chunks (median, range)", "states"],
-                   [[r["workload"], str(r["nodes"]), str(r["rounds"]), f"{r['fresh_chunks_s']:.4f}", f"{r['auto_s']:.4f}",
+                   [[r["workload"], str(r["nodes"]), str(r["rounds"]), f"{r['fresh_chunks_s']:.4f}",
+                     f"{r['auto_s']:.4f}",
                      f"{r['vs']:.3f} [{r['vs_range'][0]:.3f}, {r['vs_range'][1]:.3f}]",
                      "bit for bit" if r["bitwise_equal"] else "DIFFER"] for r in results])
     if args.json:
