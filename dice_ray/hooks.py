@@ -47,7 +47,7 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-Record = Any  # what a hook reports for a round (typically name -> [E] numpy arrays); None: nothing
+Record = Any  # what a hook reports for a round (typically name -> [E] arrays or tensors); None: nothing
 
 
 @dataclass
@@ -120,17 +120,19 @@ class RoundHook:
         """The local step of round t is done: θ = θ^{t+½} (misbehaving participants' updates included)."""
 
     def message(self, t: int, local: bool) -> Any:
-        """What this block sends with its half-step of round t: for the block itself (``local``; may be live
-        tensors) or for other blocks (numpy arrays: they travel through Ray's object store)."""
+        """What this block sends with its half-step of round t: for the block itself (``local``: received as
+        returned, live tensors included) or for other blocks (received with its tensors as numpy arrays, which
+        travel through Ray's object store: a tensor, or a mapping's tensor values, on any device)."""
         return None
 
     def after_gossip(self, t: int, inbox: Inbox) -> Record:
-        """Gossip of round t is done (θ = θ^{t+1}); return what the hook reports for round t (None: nothing)."""
+        """Gossip of round t is done (θ = θ^{t+1}); return what the hook reports for round t (None: nothing). The
+        driver receives tensors in it (a mapping's values) as numpy arrays, copied off the block's device."""
         return None
 
     def snapshot(self, t: int) -> dict[str, np.ndarray]:
         """Arrays with one row per hosted participant (keys ``<name>.…``) that a later round reads; part of the
-        checkpoint after round t."""
+        checkpoint after round t (tensors are saved as numpy arrays)."""
         return {}
 
     def restore(self, arrays: Mapping[str, np.ndarray] | None) -> None:

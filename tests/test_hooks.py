@@ -42,13 +42,13 @@ class UpdateNorm(RoundHook):
         self.delta = (self.block.population.params - self.before).double()
 
     def message(self, t: int, local: bool):
-        return self.delta if local else self.delta.numpy()
+        return self.delta  # other blocks receive it as a numpy array
 
     def after_gossip(self, t: int, inbox: Inbox):
         mixed = sum(torch.as_tensor(w.toarray()) @ torch.as_tensor(m)
                     for w, m in zip(inbox.weights, inbox.messages, strict=True))
         return {"round": np.full(self.block.size, t, np.int32), "node": self.block.nodes.astype(np.int32),
-                "norm": self.delta.norm(dim=1).numpy(), "mixed_norm": mixed.norm(dim=1).numpy()}
+                "norm": self.delta.norm(dim=1), "mixed_norm": mixed.norm(dim=1)}  # tensors: the driver gets numpy
 
 
 class UpdateNormTable(RowsDriver):
@@ -145,6 +145,56 @@ def test_checkpoints_hold_arrays_only(tmp_path: Path) -> None:
         assert {"proximal.sums", "ledger.sums"} <= set(arrays.files)
     with np.load(checkpoint / "state.npz", allow_pickle=False) as arrays:
         assert {"state", "ledger.delta"} <= set(arrays.files)
+
+
+class GradNorm(RoundHook):
+    """A hook that works in autograd: its record, its message and its snapshot are tensors that require grad."""
+
+    name = "grad_norm"
+
+    @classmethod
+    def sends(cls, config):
+        return lambda t: True
+
+    def after_local_step(self, t: int) -> None:
+        params = self.block.population.params.detach().requires_grad_()
+        (params.square().sum(dim=1) / 2).sum().backward()
+        self.norm = params.grad.norm(dim=1, keepdim=True) * params[:, :1].detach().requires_grad_()  # in a graph
+
+    def message(self, t: int, local: bool):
+        return self.norm
+
+    def after_gossip(self, t: int, inbox: Inbox):
+        assert all(isinstance(m, np.ndarray) for m, ids in zip(inbox.messages, inbox.ids, strict=True)
+                   if not np.array_equal(ids, self.block.nodes)), "another block's message arrives as numpy"
+        return {"round": np.full(self.block.size, t, np.int32), "node": self.block.nodes.astype(np.int32),
+                "norm": self.norm[:, 0]}
+
+    def snapshot(self, t: int):
+        return {"grad_norm.last": self.norm}
+
+
+class GradNormTable(RowsDriver):
+    name = "grad_norm"
+    tables = {"grad_norm": pa.schema([("round", pa.int32()), ("node", pa.int32()), ("norm", pa.float32())])}
+
+
+def test_a_hooks_tensors_reach_the_driver_the_others_and_the_checkpoint_as_arrays(ray_local, by_value,
+                                                                                   tmp_path: Path) -> None:
+    """Tensors a hook returns (here attached to an autograd graph: numpy() refuses them as they are) reach the
+    driver's table, the other actors' inboxes and the checkpoint as numpy arrays."""
+    method = Method("grad_norm", lambda config: True, GradNorm, GradNormTable)
+    config = dice_ray.as_config(CONFIG, engine={"actors": 2},
+                                output={"out": str(tmp_path / "g"), "keep_checkpoints": True})
+    run = dice_ray.run(config, engine="ray", methods=[method])
+    table = run.grad_norm
+    assert len(table) == 9 * 6 and (table["norm"] != 0).all()
+    [checkpoint] = sorted((run.path / "checkpoints").glob("round-*"))[-1:]
+    with np.load(checkpoint / "state.npz", allow_pickle=False) as arrays:
+        last = arrays["grad_norm.last"]
+    saved = json.loads((checkpoint / "meta.json").read_text())["round"]
+    assert last.shape == (9, 1) and last.dtype == np.float32
+    np.testing.assert_array_equal(last[:, 0], table[table["round"] == saved].sort_values("node")["norm"].to_numpy())
 
 
 def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:

@@ -33,10 +33,10 @@ class ScaledNorm(dice_ray.RoundHook):
     def before_local_step(self, t: int) -> None:
         self.before = self.block.population.params.clone()
 
-    def after_gossip(self, t: int, inbox: dice_ray.Inbox) -> dict[str, np.ndarray]:
+    def after_gossip(self, t: int, inbox: dice_ray.Inbox) -> dict[str, Any]:
         delta = (self.block.population.params - self.before).double()  # what gossip and the step moved
         return {"round": np.full(self.block.size, t, np.int32), "node": self.block.nodes.astype(np.int32),
-                "norm": self.config.scaled_norm.scale * delta.norm(dim=1).numpy()}
+                "norm": self.config.scaled_norm.scale * delta.norm(dim=1)}  # a tensor: the driver gets numpy
 
 
 class ScaledNormTable(dice_ray.RowsDriver):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -15,6 +17,16 @@ def as_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not writable.*")
         return torch.as_tensor(a, device=device)
+
+
+def on_host(value: Any) -> Any:
+    """``value`` with every tensor in it as a numpy array on the host (detached, copied off its device): a tensor,
+    or a mapping's values (one level), as hooks return them; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, Mapping):
+        return {key: on_host(v) if isinstance(v, torch.Tensor) else v for key, v in value.items()}
+    return value
 
 
 def csr_tensor(w: sp.csr_array, device: torch.device) -> torch.Tensor:

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import torch
 
 from dice_ray.core.participants import ParticipantBlock
-from dice_ray.core.tensors import as_tensor
+from dice_ray.core.tensors import as_tensor, on_host
 from dice_ray.hooks import Inbox, RoundHook
 
 
@@ -59,8 +59,10 @@ class HookedBlock:
         return loss
 
     def message(self, name: str, t: int, local: bool) -> Any:
-        """Hook ``name``'s message of round t (``local``: for this block itself)."""
-        return self.hooks[name].message(t, local)
+        """Hook ``name``'s message of round t (``local``: for this block itself, as the hook returned it; else with
+        its tensors as numpy arrays, which travel through Ray's object store)."""
+        message = self.hooks[name].message(t, local)
+        return message if local else on_host(message)
 
     def set_weights(self, key: Any, rows: list[sp.csr_array] | None) -> None:
         """Hold ``rows`` (this block's rows of W^t over its mixing source blocks, scipy CSR) under ``key``, converted
@@ -104,15 +106,16 @@ class HookedBlock:
         return self.after_gossip(t, boxes)
 
     def after_gossip(self, t: int, inboxes: Mapping[str, Inbox]) -> dict[str, Any]:
-        """Every hook's ``after_gossip`` with its inbox; return their records by name."""
-        return {name: hook.after_gossip(t, inboxes[name]) for name, hook in self.hooks.items()}
+        """Every hook's ``after_gossip`` with its inbox; return their records by name (tensors in them as numpy
+        arrays: records go to the driver)."""
+        return {name: on_host(hook.after_gossip(t, inboxes[name])) for name, hook in self.hooks.items()}
 
     def snapshot(self, t: int, copy: bool = True) -> dict[str, np.ndarray]:
         """The block's state and every hook's snapshot after round t (one row per hosted participant); the block's
         arrays share its memory unless ``copy`` (see ``ParticipantBlock.snapshot``)."""
         arrays = self.block.snapshot(copy)
         for hook in self.hooks.values():
-            arrays.update(hook.snapshot(t))
+            arrays.update(on_host(hook.snapshot(t)))
         return arrays
 
     def restore(self, arrays: Mapping[str, np.ndarray] | None, block_too: bool = True) -> None:
