@@ -239,6 +239,7 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
     on_round = tracker.chain(on_round)
 
     engine: Any = None
+    training_s = 0.0  # the round loop's seconds (not the engine's start, nor the work after training)
     actor_info: list[dict[str, Any]] = []
     report = TrainingReport()
     tasks = task_backend(engine_kind, config.engine, config.output.progress)  # the stages' work after training
@@ -257,7 +258,9 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
                 store.remove_after(latest.round)
             else:
                 tables.rollback(-1)
+            training = time.time()
             _run_rounds(engine, config, tables, store, online, start, on_round, report)
+            training_s = time.time() - training
             for name, rows, schema in online.finish():  # before rounds.parquet, which marks the end of training
                 write_table_atomic(out / f"{name}.parquet", rows, schema)
             manifest.update(**online.summary())
@@ -286,16 +289,19 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
     if not actor_info:  # resumed after training: the actors that trained are those the manifest names
         actor_info = manifest.get("placement", [])
     actor_peaks = [a["peak_rss_mib"] for a in actor_info] if engine_kind != "local" else []  # local: the driver
-    manifest.update(status="complete", end_time=_now(), wall_seconds=wall,
-                    rounds_per_second=(config.rounds - start) / wall,
+    rate = (config.rounds - start) / training_s if training_s > 0 else None
+    manifest.update(status="complete", end_time=_now(), wall_seconds=wall, training_seconds=training_s,
+                    rounds_per_second=rate,
                     peak_rss_mib={"driver": _peak_rss_mib(), "actors": actor_peaks}, placement=actor_info,
                     final=final)
     manifest.add_failures(report, tasks.retries)
     manifest.write()
     tracker.finish()
     actors = f", actors {sum(actor_peaks):.0f} MiB in total (largest {max(actor_peaks):.0f} MiB)" if actor_peaks else ""
-    print(f"done: rounds {start}..{config.rounds - 1} x {config.nodes} participants in {wall:.1f} s "
-          f"({(config.rounds - start) / wall:.2f} rounds/s); final held-out accuracy "
+    trained = (f"rounds {start}..{config.rounds - 1} x {config.nodes} participants in {training_s:.1f} s "
+               f"({rate:.2f} rounds/s), {wall:.1f} s in all" if rate else
+               f"{config.nodes} participants trained before, {wall:.1f} s now")
+    print(f"done: {trained}; final held-out accuracy "
           f"{final['heldout_acc_mean']:.3f}; peak memory: driver {_peak_rss_mib():.0f} MiB{actors}; results in {out}/",
           file=sys.stderr)
     return out

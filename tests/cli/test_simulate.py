@@ -18,9 +18,10 @@ SMALL = ["--nodes", "6", "--rounds", "6", "--dataset", "digits", "--batch-size",
          "--no-progress"]
 
 
-def test_run_writes_documented_tables_and_manifest(ray_local, tmp_path: Path) -> None:
+def test_run_writes_documented_tables_and_manifest(ray_local, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert main([*SMALL, "--eval-every", "2", "--out", str(out), "--topology", "ring"]) == 0
+    done = capsys.readouterr().err.strip().splitlines()[-1]
     rounds = pd.read_parquet(out / "rounds.parquet")
     assert list(rounds.columns) == ROUNDS.names
     assert len(rounds) == 6 * 6 and sorted(rounds["node"].unique()) == list(range(6))
@@ -38,6 +39,10 @@ def test_run_writes_documented_tables_and_manifest(ray_local, tmp_path: Path) ->
     assert manifest["config"]["nodes"] == 6 and manifest["config"]["topology"]["name"] == "ring"
     assert {"torch", "ray", "dice_ray"} <= set(manifest["versions"])
     assert manifest["seed"] == 0 and manifest["end_time"] >= manifest["start_time"]
+    # the rate is the round loop's (the actors' start is not training): its seconds, within the whole run's
+    assert 0 < manifest["training_seconds"] < manifest["wall_seconds"]
+    assert manifest["rounds_per_second"] == pytest.approx(6 / manifest["training_seconds"])
+    assert done.startswith("done: rounds 0..5 x 6 participants in ") and " s in all; " in done
     nodes = pd.read_parquet(out / "nodes.parquet")
     assert nodes["q"].sum() == pytest.approx(1.0) and (nodes["in_degree"] == 2).all()
     # documented schema travels with the file
