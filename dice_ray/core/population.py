@@ -83,6 +83,11 @@ SIDE_BY_SIDE_HOLDS = 2.0
 # rows (``functional_step``, the z′ Hessian forms), padded alike; evaluation on one shared batch agrees at any number
 # of rows.
 MIN_PASS_ROWS = 3
+# CPU gossip goes in column chunks (``Population.mix_``). A sparse product of fewer columns takes another kernel on
+# some CPUs: on an Intel Xeon (AVX-512, torch 2.14.1) a product of 4, 8, ..., 24 columns rounded its columns
+# differently from the same columns in a wider product (wider ones, and other narrow widths, agreed bit for bit); on
+# AMD EPYC (AVX2) all agreed. So no chunk is narrower than this unless the state is: a remainder joins the chunk before.
+MIN_MIX_COLUMNS = 64
 
 
 @functools.cache
@@ -661,13 +666,16 @@ class Population:
         columns, (first_w, first_src) = self.state.shape[1], pairs[0]
         if self._mix_chunk is None or self._mix_chunk.shape[1] != width:
             self._mix_chunk = self.state.new_empty(self.size, width)
-        for a in range(0, columns, width):
+        starts = list(range(0, columns, width))
+        if len(starts) > 1 and columns - starts[-1] < MIN_MIX_COLUMNS:
+            starts.pop()  # the narrow remainder joins the last full chunk
+        for a, b in zip(starts, [*starts[1:], columns], strict=True):
             # The first product goes into one reused buffer: a fresh chunk per product is zero-filled first.
-            chunk = self._mix_chunk if a + width <= columns else self.state.new_empty(self.size, columns - a)
-            torch.addmm(chunk, first_w, first_src[:, a:a + width], beta=0, out=chunk)
+            chunk = self._mix_chunk if b - a == width else self.state.new_empty(self.size, b - a)
+            torch.addmm(chunk, first_w, first_src[:, a:b], beta=0, out=chunk)
             for w, src in pairs[1:]:
-                chunk += product(w, src[:, a:a + width])
-            self.state[:, a:a + width] = chunk
+                chunk += product(w, src[:, a:b])
+            self.state[:, a:b] = chunk
 
 
 # -- optimizers on stacked parameters (one implementation: in place; clone first for a functional use) --
