@@ -127,7 +127,8 @@ class ModelConfig(Section):
                             "count), auto (unfold on CUDA devices, else native)")
     pool: Literal["auto", "native", "gather"] = Field(
         "auto", description="how stacked participants' 2-D max poolings compute: native (PyTorch's pooling under "
-                            "vmap), gather (each window's maximum found by the channels-last kernel, then gathered: "
+                            "vmap), gather (each window's maximum found by the channels-last kernel, then gathered; in "
+                            "evaluation, which no derivative goes through, the maximum of the windows' strided views: "
                             "the same numbers, bit for bit, faster on CPUs), auto (gather on CPUs)")
     import_module: str | None = Field(None, description="module to import first (registers custom models)")
     loss: Annotated[str, _one_of("loss", loss_names)] = Field(

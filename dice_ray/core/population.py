@@ -33,6 +33,7 @@ from torch.func import functional_call, grad, vmap
 
 from dice_ray.core.convolution import stacked_input
 from dice_ray.core.losses import CROSS_ENTROPY, Loss
+from dice_ray.core.pooling import values_only
 from dice_ray.errors import InputError
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -86,7 +87,8 @@ MIN_PASS_ROWS = 3
 # CPU gossip goes in column chunks (``Population.mix_``). A sparse product of fewer columns takes another kernel on
 # some CPUs: on an Intel Xeon (AVX-512, torch 2.14.1) a product of 4, 8, ..., 24 columns rounded its columns
 # differently from the same columns in a wider product (wider ones, and other narrow widths, agreed bit for bit); on
-# AMD EPYC (AVX2) all agreed. So no chunk is narrower than this unless the state is: a remainder joins the chunk before.
+# AMD EPYC (AVX2) a chunk of 4 agreed. So no chunk is narrower than this unless the state is: a remainder joins the
+# chunk before.
 MIN_MIX_COLUMNS = 64
 
 
@@ -414,9 +416,10 @@ class Population:
             # on one shared batch it needs none (its first layer is one ungrouped product for any number).
             extra = 0 if shared_input else self.pass_padding(count)
             xs, ys = (x, y) if shared_input else (pad_rows(x[rows], extra), y[rows])
-            logits = self._logits(self.param_layout.views(pad_rows(self.params[rows], extra)),
-                                  self.buffer_layout.views(pad_rows(self.buffers[rows], extra)), xs, shared_input,
-                                  model)[:count]
+            with values_only():  # no derivative goes through these passes: poolings need no indices
+                logits = self._logits(self.param_layout.views(pad_rows(self.params[rows], extra)),
+                                      self.buffer_layout.views(pad_rows(self.buffers[rows], extra)), xs, shared_input,
+                                      model)[:count]
             targets = ys.expand(count, *ys.shape) if shared_input else ys
             loss = self.loss.per_sample(logits.flatten(0, 1), targets.flatten(0, 1))
             correct = self.loss.correct(logits.flatten(0, 1), targets.flatten(0, 1))
@@ -474,8 +477,9 @@ class Population:
             was_training = self.model.training
             try:
                 self.model.eval()
-                self._logits(self.param_layout.views(self.params[:1]), self.buffer_layout.views(self.buffers[:1]),
-                             one, shared_input=True)
+                with torch.no_grad(), values_only():
+                    self._logits(self.param_layout.views(self.params[:1]), self.buffer_layout.views(self.buffers[:1]),
+                                 one, shared_input=True)
             finally:
                 self.model.train(was_training)
                 for hook in hooks:

@@ -5,17 +5,26 @@ numbers to float32 rounding, the chunking every row's numbers bit for bit."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.func import grad, jvp, vmap
 from torch.nn import functional as F  # noqa: N812
+from torch.profiler import profile
 
 import dice_ray
 from dice_ray.core.convolution import stacked_input, use_conv_mode
 from dice_ray.core.models import build_model, use_layer_modes
-from dice_ray.core.pooling import max_pool2d_by_gather, max_pool2d_indices, use_pool_mode
+from dice_ray.core.pooling import (
+    max_pool2d_by_gather,
+    max_pool2d_by_views,
+    max_pool2d_indices,
+    use_pool_mode,
+    values_only,
+)
 from dice_ray.core.population import SIDE_BY_SIDE_HOLDS, OptimizerSpec, Population, initial_state
 
 # (kernel, stride, padding, dilation, ceil_mode): the CNN's 2x2 windows, and overlapping, padded, dilated ones
@@ -86,6 +95,67 @@ def test_gather_pooling_keeps_nans_and_takes_any_input_rank_and_device() -> None
     assert torch.equal(max_pool2d_by_gather(x[1], *args), F.max_pool2d(x[1], *args))  # [C, H, W]
     meta = max_pool2d_by_gather(torch.empty(2, 3, 8, 8, device="meta"), *args)
     assert meta.device.type == "meta" and meta.shape == (2, 3, 4, 4)
+
+
+@pytest.mark.parametrize("args", [*POOLINGS[:1], ((3, 3), (2, 2), (0, 0), (1, 1), False),
+                                  ((2, 3), (1, 2), (0, 0), (2, 1), False), ((1, 1), (1, 1), (0, 0), (1, 1), False)],
+                         ids=["2x2", "3x3-overlapping", "dilated", "1x1"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
+def test_pooling_values_from_strided_views_are_pytorchs(args: tuple, layout: str) -> None:
+    """Without padding or ceil_mode a pooling's values are the elementwise maximum of its windows' strided views,
+    bit for bit (ties, a NaN), stacked or not."""
+    x = stacked_activations()
+    x[0, 1, 2, 5, 5] = float("nan")
+    if layout == "channels-last":
+        x = x.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2)
+    kernel, stride, _, dilation, _ = args
+    want = vmap(lambda t: F.max_pool2d(t, *args))(x)
+    got = vmap(lambda t: max_pool2d_by_views(t, kernel, stride, dilation))(x)
+    assert got.isnan().any()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(max_pool2d_by_views(x[1], kernel, stride, dilation), F.max_pool2d(x[1], *args),
+                               rtol=0, atol=0, equal_nan=True)
+
+
+def test_evaluation_pools_values_alone_with_pytorchs_numbers_and_steps_keep_the_indices() -> None:
+    """``Population.evaluate`` (no derivative goes through it) computes a converted pooling's values alone: no index of
+    a window's maximum, every participant's loss and accuracy those of PyTorch's pooling bit for bit, passes in turn
+    or side by side. A local step still takes the indices, and so does a gradient taken within ``values_only``
+    (the views' maximum would share a tie's gradient among its elements)."""
+    native = build_model("cnn", (1, 12, 12), 10)
+    converted = copy.deepcopy(native)
+    assert use_pool_mode(converted, "gather", "cpu") == 2
+    state = initial_state(native, np.arange(5), 0, "independent")
+    gen = torch.Generator().manual_seed(5)
+    shared = torch.randn(40, 1, 12, 12, generator=gen), torch.randint(0, 10, (40,), generator=gen)
+    own = torch.randn(5, 6, 1, 12, 12, generator=gen), torch.randint(0, 10, (5, 6), generator=gen)
+
+    def evaluations(pop: Population) -> list[torch.Tensor]:
+        return [*pop.evaluate(*shared, shared_input=True), *pop.evaluate(*own)]
+
+    def indices_computed(prof: profile) -> bool:
+        return any(event.key == "dice_ray::max_pool2d_indices" for event in prof.key_averages())
+
+    want = evaluations(Population(native, state.clone(), OptimizerSpec()))
+    pop = Population(converted, state.clone(), OptimizerSpec())
+    pop.step_threads = 1  # passes in turn, on this thread, where the profiler sees their operators
+    with profile() as prof:
+        got = evaluations(pop)
+    assert not indices_computed(prof)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    pop.step_threads = 2  # side by side, each pass within values_only on its own thread
+    assert all(torch.equal(a, b) for a, b in zip(evaluations(pop), want, strict=True))
+    pop.step_threads = 1
+    with profile() as prof:
+        pop.half_step(*own)
+    assert indices_computed(prof)
+
+    pooling = next(m for m in converted.modules() if isinstance(m, nn.MaxPool2d))
+    leaf = stacked_activations()[0].requires_grad_()
+    with values_only():
+        got_grad = torch.autograd.grad(pooling(leaf).sum(), leaf)[0]
+    want_grad = torch.autograd.grad(F.max_pool2d(leaf, 2, 2).sum(), leaf)[0]
+    assert torch.equal(got_grad, want_grad)
 
 
 def test_pool_and_conv_modes_say_what_they_change() -> None:
