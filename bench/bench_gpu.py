@@ -10,9 +10,10 @@ the ``Run`` handle's tables and manifest, on a local Ray started once in this pr
         evaluation every round). The MLP on 1x8x8 inputs, the CNN on 3x32x32 (N = 64; ``--quick``: 16) and
         ResNet-18 on 3x32x32 (N = 8), 5 rounds. Target: within 1e-5. Float32 reductions run in another order on the
         GPU (cuBLAS / cuDNN kernels) than on the CPU, so bitwise equality is not expected; the differences start at
-        float32 rounding (~1e-7 relative) and SGD carries them along a few rounds. A conv model's CUDA actors compute convolutions
-        as matrix products (``model.conv`` auto: unfold), the CPU's natively; where a row misses the target, one more
-        CUDA run with ``model.conv`` native (one actor per GPU) tells the device's part from the form's.
+        float32 rounding (~1e-7 relative) and SGD carries them along a few rounds. A conv model's CUDA actors
+        compute convolutions as matrix products (``model.conv`` auto: unfold), the CPU's natively; where a row misses
+        the target, one more CUDA run with ``model.conv`` native (one actor per GPU) tells the device's part from the
+        form's.
     (a') DICE: in-loop DICE-E (first-order, curvature, second-order) and DICE-GT of a 16-node ring on digits, CPU
         actor against one CUDA actor; the dice table's columns compared relative to each column's scale.
     (a'') precision modes: ``tf32`` and ``bf16`` against the CPU run of (a) (MLP and CNN): their measured
@@ -413,7 +414,7 @@ def equivalence(models: list[tuple[str, int]], shape_ok: bool, fractions: list[f
             if not rows[-1]["within_tolerance"] and model != "mlp" and gpus == fractions[0]:
                 # A conv model's CUDA run uses model.conv unfold (auto), the CPU run native convolutions: another
                 # summation order, which a BatchNorm over nearly equal values amplifies (an unfold step moved by 6%
-                # of its size on an AVX-512 CPU where the native one matched float64). The same forms on both sides
+                # of its size on an Intel Xeon where the native one matched float64). The same forms on both sides
                 # tell the device's part from the form's.
                 native = dice_run(model, nodes, 5, gpus, shape_ok, eval_every=1, lr=lr, conv="native")
                 rows.append(_equivalence_row(model, nodes, label + ", model.conv native", cpu, native))

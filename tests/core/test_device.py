@@ -128,7 +128,7 @@ def test_convolutions_as_matrix_products_equal_native_ones(model: str) -> None:
 
     ResNet-18's float32 steps are compared with its BatchNorm in eval mode: in train mode, over a batch of 4 random
     1x8x8 samples, its last stage normalizes 4 nearly equal values per channel (1x1 maps), so a float32 step is only
-    as close as the rounding of those values cancels; an unfold step moved by 6% of its size on an AVX-512 CPU where
+    as close as the rounding of those values cancels; an unfold step moved by 6% of its size on an Intel Xeon where
     the native one matched float64 to 6e-5 and both matched each other in float64 to 2e-14."""
     steps, exact = {}, {}
     for conv in ("native", "unfold"):

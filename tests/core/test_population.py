@@ -317,7 +317,8 @@ def test_mix_in_column_chunks_round_after_round_is_the_product(model: str) -> No
     """Many source rows make CPU gossip go in column chunks (full ones through one output buffer kept between rounds,
     and a partial last one): each round's state is exactly the product, nothing of the round before left in it, and
     no column rounded otherwise than in one product over all columns (a narrow remainder, 4 of the logistic
-    regression's 260 columns past a chunk of 256, joins the chunk before: alone it took another kernel on AVX-512)."""
+    regression's 260 columns past a chunk of 256, joins the chunk before: alone it took another kernel on an Intel
+    Xeon)."""
     torch.manual_seed(3)
     pop = make_population(model, OptimizerSpec(), p=4)
     m = 8192  # -> chunks of 256 columns; the MLP's 16,836 leave a partial chunk of 196
