@@ -87,8 +87,8 @@ MIN_PASS_ROWS = 3
 # CPU gossip goes in column chunks (``Population.mix_``). A sparse product of fewer columns takes another kernel on
 # some CPUs: on an Intel Xeon (AVX-512, torch 2.14.1 with MKL) a product of 4, 8, ..., 24 columns rounded its columns
 # differently from the same columns in a wider product (wider ones, and other narrow widths, agreed bit for bit); on
-# an AMD EPYC (AVX-512 too; MKL takes other code paths there) a chunk of 4 agreed. So no chunk is narrower than this
-# unless the state is: a remainder joins the chunk before.
+# an AMD EPYC (AVX-512 kernels too) a chunk of 4 agreed, so the kernel choice depends on more than the instruction
+# set. No chunk is narrower than this unless the state is: a remainder joins the chunk before.
 MIN_MIX_COLUMNS = 64
 
 
