@@ -42,7 +42,11 @@ from torch.nn import functional as F  # noqa: N812
 
 POOL_MODES = ("auto", "native", "gather")
 
-_VALUES = threading.local()  # .on: this thread is within ``values_only``
+class _ValuesOnly(threading.local):
+    on = False  # this thread is within ``values_only``
+
+
+_VALUES = _ValuesOnly()
 
 
 @torch.library.custom_op("dice_ray::max_pool2d_indices", mutates_args=())
@@ -95,8 +99,7 @@ def max_pool2d_by_views(x: torch.Tensor, kernel_size: Sequence[int], stride: Seq
 def values_only() -> Iterator[None]:
     """Within it, on this thread and with gradients off, converted poolings compute their values alone
     (``max_pool2d_by_views``): for forward passes that no derivative goes through (``Population.evaluate``)."""
-    before = getattr(_VALUES, "on", False)
-    _VALUES.on = True
+    before, _VALUES.on = _VALUES.on, True
     try:
         yield
     finally:
@@ -110,8 +113,7 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
 def _pool_forward(self: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
     """``nn.MaxPool2d.forward`` as ``max_pool2d_by_gather``."""
     stride = self.stride if self.stride is not None else self.kernel_size
-    if (getattr(_VALUES, "on", False) and not torch.is_grad_enabled() and _pair(self.padding) == (0, 0)
-            and not self.ceil_mode):
+    if _VALUES.on and not torch.is_grad_enabled() and _pair(self.padding) == (0, 0) and not self.ceil_mode:
         return max_pool2d_by_views(x, _pair(self.kernel_size), _pair(stride), _pair(self.dilation))
     return max_pool2d_by_gather(x, _pair(self.kernel_size), _pair(stride), _pair(self.padding), _pair(self.dilation),
                                 self.ceil_mode)

@@ -22,11 +22,13 @@ def as_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
 def on_host(value: Any) -> Any:
     """``value`` with every tensor in it as a numpy array on the host (detached, copied off its device): a tensor,
     or a mapping's values (one level), as hooks return them; anything else as it is."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
     if isinstance(value, Mapping):
-        return {key: on_host(v) if isinstance(v, torch.Tensor) else v for key, v in value.items()}
-    return value
+        return {key: _host_array(v) for key, v in value.items()}
+    return _host_array(value)
+
+
+def _host_array(value: Any) -> Any:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
 
 
 def csr_tensor(w: sp.csr_array, device: torch.device) -> torch.Tensor:
