@@ -3,7 +3,8 @@
 Runs in Flower's own venv (``flwr[simulation]`` pins its own Ray; ``bench_peers.py`` makes that venv), never
 in the project's. It imports nothing of dice-ray: the models are rebuilt here in plain torch, with the same
 architectures as the project's registered "mlp" (64 -> 128 -> 64 -> 10, ReLU) and "cnn" (two 3x3
-conv-ReLU-maxpool blocks of 16 and 32 channels, a 64-unit hidden layer).
+conv-maxpool-ReLU blocks of 16 and 32 channels, a 64-unit hidden layer; pooling before ReLU is the usual
+conv-ReLU-maxpool function, bit for bit, with less work, as the project's model does it).
 
 Workload, per client and round: load the global model sent by the server, ONE SGD step (lr 0.05) on a
 batch of 16 from the client's own synthetic data (random tensors of the model's input shape, 64 samples per
@@ -48,8 +49,8 @@ def build_model(name: str) -> nn.Module:
         return nn.Sequential(nn.Flatten(), nn.Linear(channels * height * width, 128), nn.ReLU(),
                              nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, CLASSES))
     return nn.Sequential(
-        nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(channels, 16, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(),
         nn.Flatten(),
         nn.Linear(32 * (height // 4) * (width // 4), 64), nn.ReLU(),
         nn.Linear(64, CLASSES),

@@ -15,6 +15,8 @@ then gossip) in this one process, torch threads = all cores, one engine per vari
                     on one thread, where a participant's pass holds mostly activations (``Population.step_workers``:
                     the CNN's do, the MLP's do not; the baseline's numbers, bit for bit);
     auto.side-by-side   the same, the passes side by side whatever they hold (what the rule keeps from the MLP);
+    auto.relu-first the same as ``auto`` with the CNN's ReLU before its pooling in each block (the registered
+                    model's order until 2026-12-05; now it pools first: the same numbers, bit for bit);
     channels-last   + ``model.conv`` channels-last (the minibatch laid out [B, H, W, P, C]: numbers to float32
                     rounding, and dependent on the passes' sizes, so a choice, not the default);
     channels-last.gradient-chunks   the same, chunks by the gradients alone.
@@ -61,6 +63,7 @@ from dice_ray.methods.catalog import methods_for
 VARIANTS = {"baseline": ("native", "native", False, False), "chunks": ("native", "native", True, False),
             "gather": ("native", "gather", False, False), "auto.in-turn": ("auto", "auto", True, False),
             "auto": ("auto", "auto", True, None), "auto.side-by-side": ("auto", "auto", True, True),
+            "auto.relu-first": ("auto", "auto", True, None),
             "channels-last": ("channels-last", "gather", True, None),
             "channels-last.gradient-chunks": ("channels-last", "gather", False, None)}
 
@@ -76,13 +79,22 @@ def engine_for(nodes: int, conv: str, pool: str, activations: bool, side_by_side
     if not activations:
         engine.block.population.step_row_bytes = 0  # chunks by the gradients alone: the rule before 2026-12-05
     if side_by_side is not None:  # 1: passes one after another, each on all threads
-        engine.block.population.step_threads = (os.cpu_count() or 1) if side_by_side else 1
+        engine.block.population.step_threads = torch.get_num_threads() if side_by_side else 1
     return engine
 
 
-def cpu_banner() -> None:
-    """Use every core for torch's threads; print the machine, torch, the load and the date (a bench's first line)."""
-    torch.set_num_threads(os.cpu_count() or 1)
+def relu_before_pooling(engine: LocalEngine) -> None:
+    """Put the CNN's ReLU back before its pooling in each conv block, in place (the same function, bit for bit)."""
+    layers = engine.block.population.model
+    for i in range(len(layers) - 1):
+        if isinstance(layers[i], torch.nn.MaxPool2d) and isinstance(layers[i + 1], torch.nn.ReLU):
+            layers[i], layers[i + 1] = layers[i + 1], layers[i]
+
+
+def cpu_banner(threads: int | None = None) -> None:
+    """Use ``threads`` (default: every core) for torch's threads; print the machine, torch, the load and the date
+    (a bench's first line)."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d')}")
 
@@ -107,6 +119,8 @@ def interleaved_rounds(engines: dict[str, LocalEngine], rounds: int, warmup: int
 def measure(nodes: int, rounds: int, warmup: int, variants: list[str], model: str = "cnn",
             against: str = "baseline") -> dict[str, Any]:
     engines = {name: engine_for(nodes, *VARIANTS[name], model=model) for name in dict.fromkeys(["baseline", *variants])}
+    if "auto.relu-first" in engines:
+        relu_before_pooling(engines["auto.relu-first"])
     seconds = interleaved_rounds(engines, rounds, warmup)
     chunks = {name: len(e.block.population.step_chunks()) for name, e in engines.items()}
     base = engines["baseline"].block.population.state
@@ -134,11 +148,13 @@ def main() -> None:
                         default=[v for v in VARIANTS if v != "baseline"], help="timed beside the baseline")
     parser.add_argument("--against", default="baseline", help="the variant whose round of the same turn each round "
                         "is divided by (default: the baseline)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core; 1: what an "
+                        "actor of one CPU runs, its passes one after another)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.against not in ("baseline", *args.variants):
         parser.error(f"--against {args.against!r} is not timed; choose baseline or one of {', '.join(args.variants)}")
-    cpu_banner()
+    cpu_banner(args.threads)
     results = []
     for nodes in args.nodes:
         result = measure(nodes, args.rounds, args.warmup, args.variants, args.model, args.against)

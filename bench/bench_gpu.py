@@ -41,8 +41,9 @@ the ``Run`` handle's tables and manifest, on a local Ray started once in this pr
         three rounds, and the round split into local step and gossip (MLP N = 4,096 and CNN N = 256), with the
         CUDA graph and without ("fp32-eager"); and one evaluation of every participant (``block.evaluate()``).
     (s) CPU sanity, always (the only part on a machine without CUDA): the CNN on 3x32x32 data (the data path
-        the GPU parts use), N = 16, 3 rounds, CPU actors, run twice: identical tables; the fused step's rebuilt
-        CNN has the registered one's parameter count (the timed models are checked the same way in (c)).
+        the GPU parts use), N = 16, 3 rounds, CPU actors, run twice: identical tables; the fused step's model
+        (the registered CNN built on this script's shape) has the run's parameter count (the timed models are
+        checked the same way in (c)).
 
 3x32x32 data: ``data.synthetic_shape`` [3, 32, 32] of the ``synthetic`` set where the run config takes that
 field, else the ``bench-random-3x32x32`` set registered by ``bench/_bench_data.py`` (named in the run's
@@ -275,35 +276,12 @@ def in_run_s_per_round(ends: list[float], stopped: bool) -> tuple[float | None, 
 # -- the fused step ---------------------------------------------------------------------------------------------
 
 
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-        self.skip = (nn.Sequential() if stride == 1 and cin == cout else
-                     nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.skip(x))
-
-
 def build_model(name: str, shape: tuple[int, int, int] | None = None) -> nn.Module:
-    """The same architectures as dice-ray's registered "mlp", "cnn" and "resnet18" on ``shape`` (default
-    ``SHAPES[name]``)."""
-    channels, height, width = shape or SHAPES[name]
-    if name == "mlp":
-        return nn.Sequential(nn.Flatten(), nn.Linear(channels * height * width, 128), nn.ReLU(),
-                             nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, CLASSES))
-    if name == "cnn":
-        return nn.Sequential(nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                             nn.Linear(32 * (height // 4) * (width // 4), 64), nn.ReLU(), nn.Linear(64, CLASSES))
-    layers: list[nn.Module] = [nn.Conv2d(channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
-    cin = 64
-    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        layers += [_Block(cin, cout, stride), _Block(cout, cout, 1)]
-        cin = cout
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, CLASSES))
+    """dice-ray's registered "mlp", "cnn" or "resnet18" on ``shape`` (default ``SHAPES[name]``), as one plain
+    module: the fused step's model."""
+    from dice_ray.core.models import build_model as registered
+
+    return registered(name, shape or SHAPES[name], CLASSES)
 
 
 def fused_step(model_name: str, nodes: int, device: str, steps: int = 20, warmup: int = 5,
@@ -376,7 +354,7 @@ def holds_to(diff: float) -> str:
 
 def sanity(shape_ok: bool) -> dict[str, Any]:
     """(s): CPU actors, N = 16: the CNN on 3x32x32 data (the GPU parts' data path) twice, 3 rounds, evaluated
-    every round: identical tables; its parameter count against this script's rebuilt CNN; a fused step."""
+    every round: identical tables; its parameter count against the fused step's model; a fused step."""
     out: dict[str, Any] = {}
     start = time.perf_counter()
     first = dice_run("cnn", 16, 3, 0.0, shape_ok, eval_every=1)
@@ -633,7 +611,8 @@ def profile_round(model: str, nodes: int, shape_ok: bool, rounds: int = 3, preci
 
 
 def fused(cases: list[tuple[str, int]], timed: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """(c), for each (model, N); warns where the rebuilt model's parameter count is not dice-ray's."""
+    """(c), for each (model, N); warns where the fused step's model's parameter count is not the run's
+    (another input shape)."""
     counts = {r["model"]: r["parameters"] for r in timed}
     rows = []
     for model, nodes in cases:

@@ -2,7 +2,7 @@
 
 Workload, on both sides, per participant (Flower: client) and round: ONE SGD step, batch 16, lr 0.05, on
     mlp  the project's registered "mlp" on 1x8x8 inputs (64 -> 128 -> 64 -> 10, ReLU; 17,226 parameters);
-    cnn  the project's registered "cnn" on 1x28x28 inputs (two 3x3 conv-ReLU-maxpool blocks of 16 and 32
+    cnn  the project's registered "cnn" on 1x28x28 inputs (two 3x3 conv-maxpool-ReLU blocks of 16 and 32
          channels, a 64-unit hidden layer, 10 classes; 105,866 parameters), rebuilt in plain torch for Flower.
 dice-ray (``dice_ray.run(RunConfig(...), engine="ray")``, the project venv): N participants on an exponential
 graph (uniform weights), gossip after every step, its default actor plan (on 2 cores: one actor, 2 threads),

@@ -28,7 +28,7 @@ participant's parameter gradients, nothing else (no optimizer update) — by the
                      compiled forward with eager ``autograd.grad`` if dynamo rejects that); skipped, with the
                      reason printed, if compiling fails or takes over ``--compile-timeout`` s (default 120).
 
-Workload: ``build_model("cnn", shape, 10)`` (two 3x3 conv-ReLU-maxpool blocks of 16 and 32 channels, a 64-unit
+Workload: ``build_model("cnn", shape, 10)`` (two 3x3 conv-maxpool-ReLU blocks of 16 and 32 channels, a 64-unit
 hidden layer) on 1x28x28 and 3x32x32 inputs, batch 16 per participant, cross-entropy (the project's
 ``CROSS_ENTROPY.per_sample``, mean per participant), float32. Participants start from one drawn model
 (``initial_state``) plus independent noise (std 0.01), so every row differs; inputs are N(0, 1), labels uniform.

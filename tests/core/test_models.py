@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import dice_ray
 from dice_ray.core.models import build_model, model_names, register_model
 from dice_ray.core.population import OptimizerSpec, Population, initial_state
 from dice_ray.errors import InputError
@@ -44,3 +45,34 @@ def test_users_register_their_own_model() -> None:
     assert build_model("test-linear", (1, 4, 4), 3)(torch.randn(5, 1, 4, 4)).shape == (5, 3)
     with pytest.raises(InputError, match="model 'nope' is unknown"):
         build_model("nope", (1, 4, 4), 3)
+
+
+@pytest.mark.parametrize("pool", ["native", "gather"])
+def test_the_cnn_pools_before_its_relu_with_the_numbers_of_relu_then_pool(tmp_path, pool: str) -> None:
+    """The registered CNN pools, then applies ReLU (a quarter of the elements): whole runs, in-loop DICE-E of every
+    order and DICE-GT included, equal bit for bit those of the usual conv-ReLU-maxpool order."""
+
+    @register_model("test-cnn-relu-first")
+    def relu_first(input_shape, num_classes):
+        model = build_model("cnn", input_shape, num_classes)
+        order = [type(layer) for layer in model]
+        assert order[1:3] == [nn.MaxPool2d, nn.ReLU] and order[4:6] == [nn.MaxPool2d, nn.ReLU]
+        layers = list(model)
+        layers[1:3], layers[4:6] = layers[2:0:-1], layers[5:3:-1]
+        return nn.Sequential(*layers)  # the same parameters, in the same order (ReLU and pooling hold none)
+
+    runs = {}
+    for name in ("cnn", "test-cnn-relu-first"):
+        config = dice_ray.RunConfig(
+            nodes=4, rounds=4, seed=3, model={"name": name, "pool": pool},
+            data={"dataset": "digits", "heldout_size": 8}, optim={"name": "sgd", "batch_size": 4},
+            influence={"enabled": True, "online": True, "hops": 2, "rounds": [1], "sources": [0],
+                       "variants": "first-order,curvature,second-order"},
+            output={"progress": False, "eval_every": 1, "out": str(tmp_path / name)})
+        runs[name] = dice_ray.run(config, engine="local")
+    pooled_first, relu_first_run = runs["cnn"], runs["test-cnn-relu-first"]
+    assert isinstance(build_model("test-cnn-relu-first", (1, 8, 8), 10)[1], nn.ReLU)
+    columns = ["train_loss", "val_loss", "heldout_loss", "heldout_acc", "consensus_distance"]
+    columns = [c for c in columns if c in pooled_first.rounds]
+    assert len(columns) >= 4 and pooled_first.rounds[columns].equals(relu_first_run.rounds[columns])
+    assert len(pooled_first.influence) > 0 and pooled_first.influence.equals(relu_first_run.influence)
