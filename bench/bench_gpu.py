@@ -244,7 +244,11 @@ def dice_run(model: str, nodes: int, rounds: int, gpus: float, shape_ok: bool, *
             raise SystemExit(f"dice-ray ran {model} on inputs {shape}, not {SHAPES[model]}")
         rounds_table = None if stopped else run.rounds.sort_values(["round", "node"]).reset_index(drop=True)
         placement = manifest.get("placement") or []
-        return {"rounds_table": rounds_table, "ends": [m - start for m in marks], "stopped_early": stopped,
+        # how half-steps travelled between the actors (auto falls back to the object store where CUDA IPC fails)
+        ways = sorted({way for s, p in enumerate(placement) for g, way in enumerate(p.get("transports") or [])
+                       if g != s})
+        return {"rounds_table": rounds_table, "transports": ways or ["one actor"], "ends": [m - start for m in marks],
+                "stopped_early": stopped,
                 "actors": manifest.get("actors"), "devices": sorted({str(p.get("device")) for p in placement}) or ["?"],
                 "cuda_graph": sorted({str(p.get("cuda_graph")) for p in placement}) or ["?"],
                 "wall_s": time.perf_counter() - start, "memory": memory.result(), "data": manifest["data"]["dataset"],
@@ -482,10 +486,11 @@ def timing(cases: list[tuple[str, int, float, str]], shape_ok: bool, target_s: f
                "actors": res["actors"], "devices": res["devices"], "s_per_round": rate, "rounds_timed": timed,
                "stopped_early": res["stopped_early"], "run_wall_s": res["wall_s"], "gpu_mib": mem,
                "gpu_mib_per_participant": peak / nodes if peak else None, "data": res["data"],
-               "parameters": res["parameters"]}
+               "parameters": res["parameters"], "transports": res["transports"]}
         rows.append(row)
         print(f"(b) {model} N={nodes} gpus_per_actor={gpus:g} {precision}: {res['actors']} actor(s) on "
-              f"{res['devices']}, " + (f"{rate:.4f} s/round" if rate else "no rate")
+              f"{res['devices']} (exchange: {', '.join(res['transports'])}), "
+              + (f"{rate:.4f} s/round" if rate else "no rate")
               + f" over {row['rounds_timed']} rounds"
               + (" (stopped at its time budget)" if res["stopped_early"] else "")
               + f"; GPU peak {peak or float('nan'):.0f} MiB (run {res['wall_s']:.0f} s)", flush=True)

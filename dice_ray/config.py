@@ -195,8 +195,9 @@ class EngineConfig(Section):
                                                 "per round instead of one per kernel; the same numbers)")
     transport: Literal["auto", "object_store", "cuda_ipc"] = Field(
         "auto", description="how half-steps travel between participant-group actors: auto (CUDA IPC between actors "
-                            "sharing a GPU, the object store otherwise), object_store (always; from a GPU a host round "
-                            "trip per round), cuda_ipc (every pair of actors must share a GPU, else an error at start)")
+                            "sharing a GPU where a probe at start gets through, the object store otherwise), "
+                            "object_store (always; from a GPU a host round trip per round), cuda_ipc (every pair of "
+                            "actors must share a GPU, else an error at start)")
     address: str | None = Field(None, description="Ray cluster address (default: a local Ray on 127.0.0.1)")
     max_recoveries: int = Field(3, ge=0, le=1000, description="actor or machine failures a run recovers from "
                                                              "(restore the last checkpoint, replay) before it gives up")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -16,7 +17,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from dice_ray.engine.actors import Coordinator, ParticipantGroup, ParticipantGroupWithTransport
 from dice_ray.engine.metrics import RoundMetrics, RoundPlan, combine_evaluations, combine_snapshots
 from dice_ray.engine.runtime import ActorPlan, plan_actors
-from dice_ray.engine.transport import CUDA_IPC, Placement, choose_transports, may_use_device_transport
+from dice_ray.engine.transport import CUDA_IPC, OBJECT_STORE, Placement, choose_transports, may_use_device_transport
 from dice_ray.errors import InputError
 from dice_ray.experiment import Experiment
 from dice_ray.hooks import RoundHook
@@ -233,16 +234,17 @@ class RayEngine:
     def _choose_transports(self) -> None:
         """Choose how half-steps travel between the groups where they now are (restarted groups may have moved),
         check every CUDA IPC pair, and tell the coordinator. Raises ``InputError`` (one line) if ``engine.transport``
-        cannot be had there or CUDA IPC cannot be set up."""
+        cannot be had there; under ``auto`` a pair whose CUDA IPC cannot be set up goes through the object store."""
         placements = ray.get([g.placement.remote() for g in self.groups])
-        self.transports = choose_transports(placements, self.transport)
-        self._check_transports(self.transports, placements)
-        if any(CUDA_IPC in row for row in self.transports):  # a coordinator starts with the object store everywhere
-            self.coordinator.set_transports.remote(self.transports)
+        self.transports = self._check_transports(choose_transports(placements, self.transport), placements)
+        self.coordinator.set_transports.remote(self.transports)  # after a restore, too: the groups may have moved
 
-    def _check_transports(self, transports: list[list[str]], placements: list[Placement]) -> None:
-        """Send a small tensor through every CUDA IPC pair of ``transports`` and check what arrives: a transport
-        that cannot be set up stops the run here, in one line, instead of failing (or killing actors) mid-round."""
+    def _check_transports(self, transports: list[list[str]], placements: list[Placement]) -> list[list[str]]:
+        """Send a small tensor through every CUDA IPC pair of ``transports`` and check what arrives, so that a
+        transport that cannot be set up is known before the first round instead of failing (or killing actors)
+        mid-round. Return ``transports`` with each such pair on the object store (a warning says which), or, where
+        ``engine.transport`` is ``cuda_ipc``, raise ``InputError`` (one line)."""
+        checked = [list(row) for row in transports]
         pairs = [(s, g) for s, row in enumerate(transports) for g, way in enumerate(row) if way == CUDA_IPC]
         for s, g in pairs:
             try:
@@ -250,15 +252,24 @@ class RayEngine:
                 received = ray.get(self.groups[g].read_probe.remote(sent), timeout=PROBE_TIMEOUT_S)
                 problem = None if received == ("cuda", [0.0, 1.0, 2.0, 3.0]) else f"received {received}"
             except Exception as err:  # any failure means the transport is not there
-                problem = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-            if problem is not None:
-                raise InputError(f"engine.transport {self.transport!r}: CUDA IPC from participant group {s} to group "
-                                 f"{g} (both on the {placements[s]}) could not be set up ({problem}; Ray's log "
-                                 "above may say more); use --transport object_store")
+                cause = getattr(err, "cause", None) or err  # a task's own exception, not Ray's wrapper of it
+                problem = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+            if problem is None:
+                continue
+            failed = (f"CUDA IPC from participant group {s} to group {g} (both on the {placements[s]}) could not be "
+                      f"set up ({problem}; Ray's log above may say more)")
+            if self.transport == CUDA_IPC:
+                raise InputError(f"engine.transport 'cuda_ipc': {failed}; use --transport auto or object_store")
+            warnings.warn(f"{failed}: its half-steps go through Ray's object store instead (engine.transport "
+                          "object_store says so without trying)", RuntimeWarning, stacklevel=2)
+            checked[s][g] = OBJECT_STORE
+        return checked
 
     def info(self) -> list[dict[str, Any]]:
-        """Return each group's placement facts (threads, device, node IP, peak RSS)."""
-        return ray.get([g.info.remote() for g in self.groups])
+        """Return each group's placement facts (threads, device, node IP, peak RSS) and how its half-steps reach
+        each group (``transports``: ``object_store`` or ``cuda_ipc``; its own entry never travels)."""
+        facts = ray.get([g.info.remote() for g in self.groups])
+        return [{**fact, "transports": row} for fact, row in zip(facts, self.transports, strict=True)]
 
     def states(self) -> np.ndarray:
         """Return all participants' current states θ [N, D] in global order (large: on request only)."""

@@ -8,7 +8,8 @@ Two ways, chosen per (sender, receiver) pair of groups from where they compute (
   transport; the receiver maps the same GPU memory and mixes from it. Only between groups on the same GPU of
   the same node (two actors sharing a GPU, ``engine.gpus_per_actor`` < 1).
 
-``engine.transport``: ``auto`` uses CUDA IPC wherever a pair can, the object store elsewhere (on CPUs always);
+``engine.transport``: ``auto`` uses CUDA IPC wherever a pair can (a probe tensor, sent when the groups start, gets
+through: ``RayEngine._check_transports``), the object store elsewhere (on CPUs always);
 ``object_store`` never leaves the object store; ``cuda_ipc`` demands CUDA IPC for every pair and refuses to start
 otherwise. Groups on different GPUs go through the object store: Ray's GPU-to-GPU transport between GPUs (NCCL)
 needs CuPy and a collective group created by the process that submits the rounds, and cannot hold two actors

@@ -4,6 +4,9 @@ exchange through the object store computes what the single-process engine comput
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 from test_engine import assert_same, run, small
 
@@ -106,3 +109,32 @@ def test_cuda_ipc_demanded_without_cuda_stops_with_one_line_and_no_actors_left(r
     while ray.available_resources().get("GPU", 0) < 1 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert ray.available_resources().get("GPU", 0) == pytest.approx(1.0)
+
+
+def test_cuda_ipc_that_cannot_be_set_up_falls_back_under_auto_and_stops_under_cuda_ipc(ray_with_a_logical_gpu) -> None:
+    """Two groups sharing a (logical) GPU, made to try CUDA IPC: the probe really goes through Ray's CUDA IPC
+    transport, which fails here (the groups compute on the CPU). Under ``auto`` each such pair goes through the
+    object store, with a warning naming it, and the run's placement facts say so; under ``cuda_ipc`` the run stops
+    with one line."""
+    config = build_config({**small(), "engine": {"actors": 2, "gpus_per_actor": 0.5}})
+    engine = RayEngine(prepare(config), plan_actors(config.engine, 6, cluster_cpus=2, cluster_gpus=1))
+    try:
+        shared = [Placement("cuda", "node-a", "0")] * 2  # what two groups sharing GPU 0 would report
+        tried = [[OBJECT_STORE, CUDA_IPC], [CUDA_IPC, OBJECT_STORE]]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert engine._check_transports(tried, shared) == [[OBJECT_STORE, OBJECT_STORE]] * 2
+        said = sorted(str(w.message) for w in caught if w.category is RuntimeWarning)
+        assert len(said) == 2, said
+        for line, (s, g) in zip(said, [(0, 1), (1, 0)], strict=True):
+            assert re.fullmatch(rf"CUDA IPC from participant group {s} to group {g} \(both on the GPU 0 of node "
+                                r"node-a\) could not be set up \(\w+: [^\x1b\n]+; Ray's log above may say more\): its "
+                                r"half-steps go through Ray's object store instead \(.*\)", line), line
+        assert [fact["transports"] for fact in engine.info()] == [[OBJECT_STORE, OBJECT_STORE]] * 2
+        engine.transport = CUDA_IPC
+        with pytest.raises(InputError, match=r"engine.transport 'cuda_ipc': CUDA IPC from participant group 0 to "
+                           r"group 1 \(both on the GPU 0 of node node-a\) could not be set up") as err:
+            engine._check_transports(tried, shared)
+        assert len(str(err.value).splitlines()) == 1
+    finally:
+        engine.close()
