@@ -56,7 +56,9 @@ class StepGraph:
         torch.cuda.empty_cache()  # the eager step's cached blocks go back, for the graph's own memory pool
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: the capture rejects what this thread does, not what others do meanwhile (Ray's tensor
+            # transport receives another actor's half-step on a thread of its own, which a global capture would fail)
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.loss = self.step(self.t)
         except Exception as err:  # noqa: BLE001 - any operation the capture rejects: step eagerly instead
             self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

@@ -197,7 +197,7 @@ class ParticipantBlock:
             self.population.state[idle] = kept[0]
             for name, value in kept[1].items():
                 self.population.opt_state[name][idle] = value
-            loss[idle] = 0.0
+            loss.index_fill_(0, idle, 0.0)  # a scalar assignment would copy the 0 from the host: not in a CUDA graph
         if corrupt:  # they send θ + cΔ instead of θ + Δ
             c = update_factor(self.config.misbehavior.kind, self.config.misbehavior.factor)
             after = self.population.params[rows]

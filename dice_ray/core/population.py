@@ -602,6 +602,11 @@ class Population:
             return known[key]
         kept = self.buffers[rows].clone()
         if device.type == "cuda":
+            # one pass first, unmeasured: the first matrix product on a stream allocates cuBLAS's workspace (~32 MiB),
+            # which a later pass does not, and which would count 3 rows as if each held a third of it
+            with self._autocast():
+                self._loss_and_grads(x, y, rows=rows)
+            self.buffers[rows] = kept
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
             with self._autocast():

@@ -178,8 +178,10 @@ def test_in_loop_dice_differentiates_through_matrix_product_convolutions(tmp_pat
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_the_cuda_graph_step_equals_the_eager_one_bit_for_bit(model: str) -> None:
     """The replayed local step runs the eager step's kernels on the same addresses: the same states, round after
-    round, with a misbehaving participant's update and Adam's per-participant step counter inside the graph."""
-    config = dice_ray.RunConfig(**{**WORLD, "model": {"name": model}, "misbehavior": {"kind": "sign-flip", "count": 1}})
+    round, with a misbehaving participant's update, an idle participant (no data: no step, loss 0) and Adam's
+    per-participant step counter inside the graph."""
+    config = dice_ray.RunConfig(**{**WORLD, "model": {"name": model}, "misbehavior": {"kind": "sign-flip", "count": 1},
+                                   "data": {**WORLD["data"], "shrink": {"ids": [5], "fraction": 1.0}}})
     experiment = prepare(config)
     graphed = ParticipantBlock.for_experiment(experiment, device="cuda")
     eager = ParticipantBlock.for_experiment(
@@ -193,6 +195,7 @@ def test_the_cuda_graph_step_equals_the_eager_one_bit_for_bit(model: str) -> Non
         eager.mix(w, [eager.population.state])
         assert torch.equal(graphed.population.state, eager.population.state)
     assert graphed._step_graph.graph is not None and eager._step_graph is None
+    assert losses[0][5] == 0 and (losses[0] != 0).sum() == len(losses[0]) - 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

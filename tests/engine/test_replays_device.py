@@ -106,6 +106,20 @@ def test_a_replay_creates_every_tensor_on_its_windows_device(setting: str) -> No
     assert all(isinstance(r["gt"], float) and isinstance(r["est_second_order"], float) for r in influence)
 
 
+@pytest.mark.parametrize("variant", ["first-order", "curvature"])
+def test_the_adjoint_horizon_creates_every_tensor_on_its_windows_device(variant: str) -> None:
+    """DICE-E's adjoint form (every source's horizon total from one backward sweep) on a window recorded on the
+    device: W's transpose and the weights q meet the device's tensors on the device."""
+    from dice_ray.methods.dice.adjoint import adjoint_horizon
+    from dice_ray.methods.dice.measure import window_for
+
+    experiment = _experiment(optim={"name": "adam", "batch_size": 8}, influence={**INFLUENCE, "rounds": [1]})
+    with OnOneDevice() as mode:
+        [window] = record_windows(experiment, [1], 2, device="meta")
+        totals = adjoint_horizon(window_for(experiment, window), experiment.q, 2, variant)
+    assert mode.reads == experiment.nodes and totals.shape == (experiment.nodes,) and totals.dtype == np.float64
+
+
 def test_a_retraining_run_creates_every_tensor_on_its_device() -> None:
     experiment = _experiment(ledger={"enabled": True, "zprime": "validation"})
     with OnOneDevice():

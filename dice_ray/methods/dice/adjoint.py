@@ -23,8 +23,8 @@ from dice_ray.methods.dice.estimator import VARIANTS, Window
 
 
 def _transpose_mix(w, a: torch.Tensor) -> torch.Tensor:
-    """(Wᵀ a) for a scipy CSR W [N, N] and a [N, D]."""
-    return torch.as_tensor(w.T.toarray(), dtype=a.dtype) @ a
+    """(Wᵀ a) for a scipy CSR W [N, N] and a [N, D] (on a's device)."""
+    return torch.as_tensor(w.T.toarray(), dtype=a.dtype, device=a.device) @ a
 
 
 def adjoint_horizon(window: Window, q: np.ndarray, hops: int, variant: str = "curvature",
@@ -39,7 +39,8 @@ def adjoint_horizon(window: Window, q: np.ndarray, hops: int, variant: str = "cu
     traj = window.trajectory
     n = traj.states[0].shape[0]
     everyone = np.arange(n)
-    adjoint = torch.as_tensor(q, dtype=traj.states[0].dtype)[:, None] * window.test_gradients(hops, everyone)
+    weights = torch.as_tensor(q, dtype=traj.states[0].dtype, device=traj.states[0].device)
+    adjoint = weights[:, None] * window.test_gradients(hops, everyone)
     adjoint_opt: dict[str, torch.Tensor] = {}
     for s in range(hops - 1, 0, -1):
         mixed = _transpose_mix(traj.mixing[s], adjoint)
