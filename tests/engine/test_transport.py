@@ -8,6 +8,7 @@ import re
 import warnings
 
 import pytest
+import torch
 from test_engine import assert_same, run, small
 
 from dice_ray.config import build_config
@@ -22,6 +23,10 @@ from dice_ray.engine.transport import (
 )
 from dice_ray.errors import InputError
 from dice_ray.experiment import prepare
+
+# What these tests check without CUDA (groups on a logical GPU compute on the CPU) is not what a CUDA machine does:
+# there two groups sharing the GPU compute on it and CUDA IPC gets through (checked by the last test, on CUDA only).
+WITHOUT_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the groups compute on its GPU")
 
 GPU0_A = Placement("cuda", "node-a", "0")
 GPU1_A = Placement("cuda", "node-a", "1")
@@ -82,7 +87,7 @@ def test_the_option_is_validated_and_set_from_the_command_line() -> None:
     assert len(str(err.value).splitlines()) == 1
 
 
-@pytest.mark.parametrize("gpus_per_actor", [0.0, 0.5])
+@pytest.mark.parametrize("gpus_per_actor", [0.0, pytest.param(0.5, marks=WITHOUT_CUDA)])
 def test_groups_without_cuda_exchange_through_the_object_store_with_the_same_numbers(
         ray_with_a_logical_gpu, gpus_per_actor: float) -> None:
     """Two groups on CPUs, and two sharing a (logical) GPU without CUDA, which get Ray's tensor transport but
@@ -97,6 +102,7 @@ def test_groups_without_cuda_exchange_through_the_object_store_with_the_same_num
     assert_same(run(engine, 4), reference)
 
 
+@WITHOUT_CUDA
 def test_cuda_ipc_demanded_without_cuda_stops_with_one_line_and_no_actors_left(ray_with_a_logical_gpu) -> None:
     import time
 
@@ -111,6 +117,7 @@ def test_cuda_ipc_demanded_without_cuda_stops_with_one_line_and_no_actors_left(r
     assert ray.available_resources().get("GPU", 0) == pytest.approx(1.0)
 
 
+@WITHOUT_CUDA
 def test_cuda_ipc_that_cannot_be_set_up_falls_back_under_auto_and_stops_under_cuda_ipc(ray_with_a_logical_gpu) -> None:
     """Two groups sharing a (logical) GPU, made to try CUDA IPC: the probe really goes through Ray's CUDA IPC
     transport, which fails here (the groups compute on the CPU). Under ``auto`` each such pair goes through the
@@ -138,3 +145,19 @@ def test_cuda_ipc_that_cannot_be_set_up_falls_back_under_auto_and_stops_under_cu
         assert len(str(err.value).splitlines()) == 1
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_two_groups_sharing_a_gpu_exchange_through_cuda_ipc_with_the_cpus_numbers(ray_with_a_logical_gpu) -> None:
+    """On a CUDA machine, two groups on its one GPU (``gpus_per_actor`` 0.5): both compute there, their half-steps
+    go through CUDA IPC both ways (the probe at start got through, so no warning), and 4 rounds equal the CPU's
+    single-process run to float32 rounding."""
+    config = build_config({**small(), "engine": {"actors": 2, "gpus_per_actor": 0.5}})
+    experiment = prepare(config)
+    reference = run(LocalEngine(experiment), 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        engine = RayEngine(experiment, plan_actors(config.engine, 6, cluster_cpus=2, cluster_gpus=1))
+    assert engine.transports == [[OBJECT_STORE, CUDA_IPC], [CUDA_IPC, OBJECT_STORE]]
+    assert [fact["device"] for fact in engine.info()] == ["cuda", "cuda"]
+    assert_same(run(engine, 4), reference)
