@@ -28,6 +28,7 @@ from dice_ray.checkpoint import CHECKPOINTS, CheckpointStore, RoundTables, confi
 from dice_ray.config import RESUME_FIELDS, RunConfig, rerun_config, set_dotted
 from dice_ray.engine import Engine, LocalEngine, RayEngine, start_ray
 from dice_ray.engine.loop import Drivers, TrainingReport, train
+from dice_ray.engine.ray_engine import cluster_plan
 from dice_ray.engine.tasks import Tasks, task_backend
 from dice_ray.errors import InputError
 from dice_ray.experiment import Experiment, prepare
@@ -209,6 +210,9 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     experiment = experiment or prepare(config)
     config = experiment.config
     out = Path(config.output.out) if resume else run_directory(config)
+    if engine_kind == "ray":  # a cluster that cannot hold the run's actors or tasks: one line, the directory untouched
+        start_ray(config.engine.address)
+        cluster_plan(config.engine, experiment.nodes)
     with DirectoryLock(out):  # one writer per run directory, for as long as this process writes it
         return _simulate(experiment, out, engine_kind, save_states, resume, on_round, methods)
 

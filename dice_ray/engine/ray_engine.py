@@ -14,9 +14,11 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from dice_ray.config import EngineConfig
 from dice_ray.engine.actors import Coordinator, ParticipantGroup, ParticipantGroupWithTransport
 from dice_ray.engine.metrics import RoundMetrics, RoundPlan, combine_evaluations, combine_snapshots
 from dice_ray.engine.runtime import ActorPlan, plan_actors
+from dice_ray.engine.tasks import task_gpus
 from dice_ray.engine.transport import CUDA_IPC, OBJECT_STORE, Placement, choose_transports, may_use_device_transport
 from dice_ray.errors import InputError
 from dice_ray.experiment import Experiment
@@ -36,6 +38,23 @@ ACTOR_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, 
 PROBE_TIMEOUT_S = 120.0
 
 
+def _machines() -> list[dict[str, Any]]:
+    """The Ray cluster's live nodes with CPUs (``ray.nodes()`` entries)."""
+    return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+
+
+def cluster_plan(engine: EngineConfig, nodes: int) -> ActorPlan:
+    """The actor plan of ``engine`` for ``nodes`` participants on the Ray cluster this process is connected to
+    (``plan_actors`` with its CPUs, GPUs and machines). Raises ``InputError`` (one line) where the cluster cannot
+    hold the run's actors, or its tasks' GPU share (``engine.gpus_per_task``): ``check_cluster`` runs it before a run
+    touches its directory."""
+    resources = ray.cluster_resources()
+    plan = plan_actors(engine, nodes, resources.get("CPU", 0.0), resources.get("GPU", 0.0),
+                       [n["Resources"]["CPU"] for n in _machines()])
+    task_gpus(engine, resources.get("GPU", 0.0))
+    return plan
+
+
 class RayEngine:
     """Runs an ``Experiment`` on the Ray cluster this process is connected to (``start_ray`` first).
 
@@ -53,10 +72,8 @@ class RayEngine:
     def __init__(self, experiment: Experiment, plan: ActorPlan | None = None,
                  hooks: list[type[RoundHook]] | tuple = ()):
         self.hooks = list(hooks)
-        resources = ray.cluster_resources()
-        machines = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
-        self.plan = plan or plan_actors(experiment.config.engine, experiment.nodes, resources.get("CPU", 0.0),
-                                        resources.get("GPU", 0.0), [n["Resources"]["CPU"] for n in machines])
+        machines = _machines()
+        self.plan = plan or cluster_plan(experiment.config.engine, experiment.nodes)
         # Inside a placement group (a sweep trial's, reserved by Ray Tune) the actors take its bundles and what
         # they start stays in it: node-affinity or SPREAD strategies would escape the trial's reservation.
         group = get_current_placement_group()

@@ -139,3 +139,24 @@ def test_help_documents_every_option(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     for flag, dotted, *_ in [*OPTIONS, *SWITCHES]:
         assert flag in text and f"config {dotted}" in text
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--gpus-per-actor", "1"], "--gpus-per-actor 1.0 but the Ray cluster has 0 GPUs"),
+    (["--gpus-per-task", "0.5"], "--gpus-per-task 0.5 but the Ray cluster has 0 GPUs"),
+    (["--actors", "2", "--cpus-per-actor", "2"], "2 actors x --cpus-per-actor 2 exceed the cluster's 2 CPUs"),
+])
+def test_a_cluster_that_cannot_hold_the_run_exits_2_before_touching_its_directory(
+        ray_local, argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What the Ray cluster lacks (GPUs, CPUs) is known once Ray is reached, and checked then: before the run
+    directory is made, or an earlier run's tables in it are removed (``--overwrite``)."""
+    out = tmp_path / "run"
+    assert main([*SMALL, *argv, "--out", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+    assert not out.exists()
+    out.mkdir()
+    (out / "rounds.parquet").write_bytes(b"an earlier run's")
+    assert main([*SMALL, *argv, "--out", str(out), "--overwrite"]) == 2
+    assert [p.name for p in out.iterdir()] == ["rounds.parquet"]
+    assert (out / "rounds.parquet").read_bytes() == b"an earlier run's"
