@@ -59,17 +59,18 @@ from dice_ray.experiment import prepare
 from dice_ray.hooks import round_hooks
 from dice_ray.methods.catalog import methods_for
 
-# variant -> (model.conv, model.pool, step chunks counting activations, passes side by side: None = as auto decides)
+# variant -> (model.conv, model.pool, step chunks counting activations, passes side by side: None = as auto decides
+#             [, the CNN's ReLU before its pooling])
 VARIANTS = {"baseline": ("native", "native", False, False), "chunks": ("native", "native", True, False),
             "gather": ("native", "gather", False, False), "auto.in-turn": ("auto", "auto", True, False),
             "auto": ("auto", "auto", True, None), "auto.side-by-side": ("auto", "auto", True, True),
-            "auto.relu-first": ("auto", "auto", True, None),
+            "auto.relu-first": ("auto", "auto", True, None, True),
             "channels-last": ("channels-last", "gather", True, None),
             "channels-last.gradient-chunks": ("channels-last", "gather", False, None)}
 
 
 def engine_for(nodes: int, conv: str, pool: str, activations: bool, side_by_side: bool | None = None,
-               model: str = "cnn", heldout: int | None = None) -> LocalEngine:
+               relu_first: bool = False, model: str = "cnn", heldout: int | None = None) -> LocalEngine:
     config, _, _ = dice_config(model, nodes, 10_000, "/nonexistent/bench-cnn-modes")
     if heldout is not None:  # bench_peers keeps z′ at one batch: its one evaluation is not timed
         config["data"]["heldout_size"] = heldout
@@ -80,6 +81,8 @@ def engine_for(nodes: int, conv: str, pool: str, activations: bool, side_by_side
         engine.block.population.step_row_bytes = 0  # chunks by the gradients alone: the rule before 2026-12-05
     if side_by_side is not None:  # 1: passes one after another, each on all threads
         engine.block.population.step_threads = torch.get_num_threads() if side_by_side else 1
+    if relu_first:
+        relu_before_pooling(engine)
     return engine
 
 
@@ -119,8 +122,6 @@ def interleaved_rounds(engines: dict[str, LocalEngine], rounds: int, warmup: int
 def measure(nodes: int, rounds: int, warmup: int, variants: list[str], model: str = "cnn",
             against: str = "baseline") -> dict[str, Any]:
     engines = {name: engine_for(nodes, *VARIANTS[name], model=model) for name in dict.fromkeys(["baseline", *variants])}
-    if "auto.relu-first" in engines:
-        relu_before_pooling(engines["auto.relu-first"])
     seconds = interleaved_rounds(engines, rounds, warmup)
     chunks = {name: len(e.block.population.step_chunks()) for name, e in engines.items()}
     base = engines["baseline"].block.population.state

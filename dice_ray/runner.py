@@ -26,9 +26,8 @@ import pyarrow.parquet as pq
 
 from dice_ray.checkpoint import CHECKPOINTS, CheckpointStore, RoundTables, config_digest
 from dice_ray.config import RESUME_FIELDS, RunConfig, rerun_config, set_dotted
-from dice_ray.engine import Engine, LocalEngine, RayEngine, start_ray
+from dice_ray.engine import Engine, LocalEngine, RayEngine, cluster_plan, start_ray
 from dice_ray.engine.loop import Drivers, TrainingReport, train
-from dice_ray.engine.ray_engine import cluster_plan
 from dice_ray.engine.tasks import Tasks, task_backend
 from dice_ray.errors import InputError
 from dice_ray.experiment import Experiment, prepare

@@ -15,7 +15,7 @@ Both engines (and both task backends) return the same numbers. They know no meth
 from dice_ray.engine.base import Engine
 from dice_ray.engine.local import LocalEngine
 from dice_ray.engine.metrics import RoundMetrics
-from dice_ray.engine.ray_engine import RayEngine
+from dice_ray.engine.ray_engine import RayEngine, cluster_plan
 from dice_ray.engine.runtime import plan_actors, start_ray
 
-__all__ = ["Engine", "LocalEngine", "RayEngine", "RoundMetrics", "plan_actors", "start_ray"]
+__all__ = ["Engine", "LocalEngine", "RayEngine", "RoundMetrics", "cluster_plan", "plan_actors", "start_ray"]

@@ -43,14 +43,14 @@ def _machines() -> list[dict[str, Any]]:
     return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
 
 
-def cluster_plan(engine: EngineConfig, nodes: int) -> ActorPlan:
+def cluster_plan(engine: EngineConfig, nodes: int, machines: list[dict[str, Any]] | None = None) -> ActorPlan:
     """The actor plan of ``engine`` for ``nodes`` participants on the Ray cluster this process is connected to
-    (``plan_actors`` with its CPUs, GPUs and machines). Raises ``InputError`` (one line) where the cluster cannot
-    hold the run's actors, or its tasks' GPU share (``engine.gpus_per_task``): ``check_cluster`` runs it before a run
-    touches its directory."""
+    (``plan_actors`` with its CPUs, GPUs and ``machines``, default ``_machines()``). Raises ``InputError`` (one line)
+    where the cluster cannot hold the run's actors, or its tasks' GPU share (``engine.gpus_per_task``): ``simulate``
+    calls it before a run touches its directory."""
     resources = ray.cluster_resources()
     plan = plan_actors(engine, nodes, resources.get("CPU", 0.0), resources.get("GPU", 0.0),
-                       [n["Resources"]["CPU"] for n in _machines()])
+                       [n["Resources"]["CPU"] for n in (_machines() if machines is None else machines)])
     task_gpus(engine, resources.get("GPU", 0.0))
     return plan
 
@@ -73,7 +73,7 @@ class RayEngine:
                  hooks: list[type[RoundHook]] | tuple = ()):
         self.hooks = list(hooks)
         machines = _machines()
-        self.plan = plan or cluster_plan(experiment.config.engine, experiment.nodes)
+        self.plan = plan or cluster_plan(experiment.config.engine, experiment.nodes, machines)
         # Inside a placement group (a sweep trial's, reserved by Ray Tune) the actors take its bundles and what
         # they start stays in it: node-affinity or SPREAD strategies would escape the trial's reservation.
         group = get_current_placement_group()
