@@ -194,8 +194,9 @@ class EngineConfig(Section):
     cuda_graphs: bool = Field(True, description="on a GPU, replay each local step from one CUDA graph (one launch "
                                                 "per round instead of one per kernel; the same numbers)")
     transport: Literal["auto", "object_store", "cuda_ipc"] = Field(
-        "auto", description="how half-steps travel between participant-group actors: auto (CUDA IPC between actors "
-                            "sharing a GPU where a probe at start gets through, the object store otherwise), "
+        "auto", description="how half-steps (and hooks' messages) travel between participant-group actors: auto "
+                            "(CUDA IPC between actors sharing a GPU where a probe at start gets through, the object "
+                            "store otherwise), "
                             "object_store (always; from a GPU a host round trip per round), cuda_ipc (every pair of "
                             "actors must share a GPU, else an error at start)")
     address: str | None = Field(None, description="Ray cluster address (default: a local Ray on 127.0.0.1)")

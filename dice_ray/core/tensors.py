@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +30,24 @@ def on_host(value: Any) -> Any:
 
 def _host_array(value: Any) -> Any:
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+
+
+def tensor_copies(value: Any) -> Any:
+    """``value`` with every tensor in it detached and copied on its own device, through mappings, lists, tuples
+    (named ones too) and dataclasses at any depth; anything else as it is (shared). What a block publishes for a
+    device transport, whose readers may map the copy while the block goes on with its live tensors."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, Mapping):
+        return {key: tensor_copies(v) for key, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(tensor_copies(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(tensor_copies(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: tensor_copies(getattr(value, f.name))
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
 
 
 def csr_tensor(w: sp.csr_array, device: torch.device) -> torch.Tensor:

@@ -12,8 +12,9 @@ Round t (concepts §1, Algorithm 1), as the coordinator drives it:
 
 Each group runs the round hooks it was given (``dice_ray.hooks``) around its local step and gossip. On rounds a
 hook sends messages, each group publishes its message beside its half-step (one object per hook, so a group
-reads only the messages it needs); the coordinator routes them by hook name to the groups that read them (the
-mixing sources, or the hook's ``Router``), and ``mix`` returns every hook's record of the round.
+reads only the messages it needs), by the same transport as its half-step to each reader (the object store, or a
+device copy through CUDA IPC: ``publish_message``); the coordinator routes them by hook name to the groups that
+read them (the mixing sources, or the hook's ``Router``), and ``mix`` returns every hook's record of the round.
 
 Ray restarts a group that dies (it comes back empty); the driver then restores every group from the last
 checkpoint (``restore``), replaces the coordinator (it holds no state) and replays the rounds since.
@@ -49,7 +50,8 @@ class MixSpec:
     ``weights`` = (key, [W_b] or None): this group's rows of W^t over the mixing source blocks (sent once per
     key; None: the ones received with that key); ``mixing_ids``: those blocks' global ids; ``own``: the position
     of this group's own block among them (-1: not read). ``inboxes``: the hooks that send this round.
-    ``synchronize``: some half-steps arrive through CUDA IPC (the senders' memory: read before the task returns).
+    ``synchronize``: some half-steps or messages arrive through CUDA IPC (the senders' memory: read before the task
+    returns).
     """
 
     weights: tuple[Any, list[sp.csr_array] | None]
@@ -76,12 +78,13 @@ class MixSpec:
 @dataclass(frozen=True)
 class HalfStep:
     """The ObjectRefs of one group's round-t local step: its states by transport (``OBJECT_STORE``: numpy, None
-    unless published; ``CUDA_IPC``: ``publish``'s device copy, present when a group reads it that way), training
-    losses, and each hook's message by name."""
+    unless published; a device transport such as ``CUDA_IPC``: ``publish``'s device copy, present when a group
+    reads it that way), training losses, and each hook's message by name, then by transport (likewise:
+    ``half_step``'s host copy, ``publish_message``'s device copy)."""
 
     states: dict[str, Any]
     loss: Any
-    messages: dict[str, Any]
+    messages: dict[str, dict[str, Any]]
 
 
 @ray.remote
@@ -170,6 +173,13 @@ class ParticipantGroup:
         if epoch != self.epoch:
             return None
         return self.block.population.state.detach().clone()
+
+    def publish_message(self, name: str, t: int, epoch: int) -> Any:
+        """Hook ``name``'s message of round t with its tensors copied on the device, for Ray's CUDA IPC transport
+        (call after ``half_step``, with ``tensor_transport``); None for a task of an abandoned epoch."""
+        if epoch != self.epoch:
+            return None
+        return self.hooked.device_message(name, t)
 
     def mix(self, t: int, spec: MixSpec, *refs: Any, copy: bool = False) -> dict[str, Any] | None:
         """Gossip (round t) over the source blocks, then every hook's ``after_gossip`` (see ``MixSpec``). Return
@@ -343,10 +353,11 @@ class Coordinator:
         counts, inboxes = [("halves", len(refs))], {}
         for name in sending:
             sources, info = reads[name][g]
-            theirs = [halves[s].messages[name] for s in sources if s != g] if halves else []
+            senders = [s for s in sources if s != g] if halves else []
+            ways += [self.transports[s][g] for s in senders]
             inboxes[name] = HookInbox([self.blocks[s] for s in sources], sources.index(g) if g in sources else -1, info)
-            counts.append((name, len(theirs)))
-            refs += theirs
+            counts.append((name, len(senders)))
+            refs += [halves[s].messages[name][self.transports[s][g]] for s in senders]
         return MixSpec(self._weights(g, t, route), [self.blocks[s] for s, _ in route], own, evaluate, snapshot,
                        epoch, inboxes, tuple(counts), CUDA_IPC in ways), refs
 
@@ -362,16 +373,22 @@ class Coordinator:
         sending, reads = self._senders(t, epoch, routes)
         # (s, transport): group s's half-step is read by another group through that transport
         published = {(s, self.transports[s][g]) for g, route in enumerate(routes) for s, _ in route if s != g}
-        sent = {name: {s for g, (sources, _) in enumerate(reads[name]) for s in sources if s != g}
-                for name in sending}
+        # (name, s, transport): hook name's message from group s is read by another group through that transport
+        sent = {(name, s, self.transports[s][g]) for name in sending for g, (sources, _) in enumerate(reads[name])
+                for s in sources if s != g}
         halves = []
         for g, group in enumerate(self.groups):
             refs = group.half_step.options(num_returns=2 + len(self.hook_names)).remote(
-                t, (g, OBJECT_STORE) in published, [name for name in sending if g in sent[name]], epoch)
+                t, (g, OBJECT_STORE) in published, [name for name in sending if (name, g, OBJECT_STORE) in sent], epoch)
             states = {OBJECT_STORE: refs[0]}
-            if (g, CUDA_IPC) in published:
-                states[CUDA_IPC] = group.publish.options(tensor_transport=CUDA_IPC).remote(epoch)
-            halves.append(HalfStep(states, refs[1], dict(zip(self.hook_names, refs[2:], strict=True))))
+            messages = {name: {OBJECT_STORE: ref} for name, ref in zip(self.hook_names, refs[2:], strict=True)}
+            # Device copies, for the groups that read this one through a device transport (CUDA IPC)
+            for way in sorted({way for s, way in published if s == g and way != OBJECT_STORE}):
+                states[way] = group.publish.options(tensor_transport=way).remote(epoch)
+            for name, s, way in sorted(sent):
+                if s == g and way != OBJECT_STORE:
+                    messages[name][way] = group.publish_message.options(tensor_transport=way).remote(name, t, epoch)
+            halves.append(HalfStep(states, refs[1], messages))
         mixed = []
         for g, group in enumerate(self.groups):
             mix_spec, refs = self._mix_spec(g, t, evaluate, snapshot, epoch, halves)

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import torch
 
 from dice_ray.core.participants import ParticipantBlock
-from dice_ray.core.tensors import as_tensor, on_host
+from dice_ray.core.tensors import as_tensor, on_host, tensor_copies
 from dice_ray.hooks import Inbox, RoundHook
 
 
@@ -63,6 +63,12 @@ class HookedBlock:
         its tensors as numpy arrays, which travel through Ray's object store)."""
         message = self.hooks[name].message(t, local)
         return message if local else on_host(message)
+
+    def device_message(self, name: str, t: int) -> Any:
+        """Hook ``name``'s message of round t for blocks that read it through a device transport (CUDA IPC): as the
+        hook returns it for this block, its tensors copied on the device (the readers may still map the copy while
+        this block steps on)."""
+        return tensor_copies(self.hooks[name].message(t, True))
 
     def set_weights(self, key: Any, rows: list[sp.csr_array] | None) -> None:
         """Hold ``rows`` (this block's rows of W^t over its mixing source blocks, scipy CSR) under ``key``, converted

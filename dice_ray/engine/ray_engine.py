@@ -257,28 +257,29 @@ class RayEngine:
         self.coordinator.set_transports.remote(self.transports)  # after a restore, too: the groups may have moved
 
     def _check_transports(self, transports: list[list[str]], placements: list[Placement]) -> list[list[str]]:
-        """Send a small tensor through every CUDA IPC pair of ``transports`` and check what arrives, so that a
-        transport that cannot be set up is known before the first round instead of failing (or killing actors)
-        mid-round. Return ``transports`` with each such pair on the object store (a warning says which), or, where
-        ``engine.transport`` is ``cuda_ipc``, raise ``InputError`` (one line)."""
+        """Send a small tensor through every pair of ``transports`` on a device transport (CUDA IPC) and check what
+        arrives, so that a transport that cannot be set up is known before the first round instead of failing (or
+        killing actors) mid-round. Return ``transports`` with each such pair on the object store (a warning says
+        which), or, where ``engine.transport`` is ``cuda_ipc``, raise ``InputError`` (one line)."""
         checked = [list(row) for row in transports]
-        pairs = [(s, g) for s, row in enumerate(transports) for g, way in enumerate(row) if way == CUDA_IPC]
-        for s, g in pairs:
+        pairs = [(s, g, way) for s, row in enumerate(transports) for g, way in enumerate(row) if way != OBJECT_STORE]
+        for s, g, way in pairs:
             try:
-                sent = self.groups[s].probe.options(tensor_transport=CUDA_IPC).remote()
+                sent = self.groups[s].probe.options(tensor_transport=way).remote()
                 received = ray.get(self.groups[g].read_probe.remote(sent), timeout=PROBE_TIMEOUT_S)
-                problem = None if received == ("cuda", [0.0, 1.0, 2.0, 3.0]) else f"received {received}"
+                expected = (placements[s].device, [0.0, 1.0, 2.0, 3.0])  # on the sender's kind of device
+                problem = None if received == expected else f"received {received}"
             except Exception as err:  # any failure means the transport is not there
                 cause = getattr(err, "cause", None) or err  # a task's own exception, not Ray's wrapper of it
                 problem = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
             if problem is None:
                 continue
-            failed = (f"CUDA IPC from participant group {s} to group {g} (both on the {placements[s]}) could not be "
-                      f"set up ({problem}; Ray's log above may say more)")
+            failed = (f"{'CUDA IPC' if way == CUDA_IPC else way} from participant group {s} to group {g} (both on the "
+                      f"{placements[s]}) could not be set up ({problem}; Ray's log above may say more)")
             if self.transport == CUDA_IPC:
                 raise InputError(f"engine.transport 'cuda_ipc': {failed}; use --transport auto or object_store")
-            warnings.warn(f"{failed}: its half-steps go through Ray's object store instead (engine.transport "
-                          "object_store says so without trying)", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{failed}: its half-steps and messages go through Ray's object store instead "
+                          "(engine.transport object_store says so without trying)", RuntimeWarning, stacklevel=2)
             checked[s][g] = OBJECT_STORE
         return checked
 

@@ -1,12 +1,14 @@
-"""How a half-step θ^{t+½} travels from one participant-group actor to another (``engine.transport``).
+"""How a half-step θ^{t+½} travels from one participant-group actor to another (``engine.transport``), and with it
+the round hooks' messages (proximal influence's updates, the ledger's gradients, in-loop DICE-E's perturbations).
 
 Two ways, chosen per (sender, receiver) pair of groups from where they compute (``Placement``):
 
-- ``object_store``: the sender publishes its block as numpy into Ray's object store; the receiver reads it
-  (zero-copy on the same node) and moves it to its device. From a GPU that is a host round trip per round.
-- ``cuda_ipc``: the sender publishes a device copy of its block through Ray Direct Transport's CUDA IPC
-  transport; the receiver maps the same GPU memory and mixes from it. Only between groups on the same GPU of
-  the same node (two actors sharing a GPU, ``engine.gpus_per_actor`` < 1).
+- ``object_store``: the sender publishes its block (and its messages) as numpy into Ray's object store; the
+  receiver reads it (zero-copy on the same node) and moves it to its device. From a GPU that is a host round
+  trip per round.
+- ``cuda_ipc``: the sender publishes a device copy of its block (and of each message) through Ray Direct
+  Transport's CUDA IPC transport; the receiver maps the same GPU memory and mixes from it. Only between groups on
+  the same GPU of the same node (two actors sharing a GPU, ``engine.gpus_per_actor`` < 1).
 
 ``engine.transport``: ``auto`` uses CUDA IPC wherever a pair can (a probe tensor, sent when the groups start, gets
 through: ``RayEngine._check_transports``), the object store elsewhere (on CPUs always);

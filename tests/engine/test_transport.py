@@ -136,7 +136,7 @@ def test_cuda_ipc_that_cannot_be_set_up_falls_back_under_auto_and_stops_under_cu
         for line, (s, g) in zip(said, [(0, 1), (1, 0)], strict=True):
             assert re.fullmatch(rf"CUDA IPC from participant group {s} to group {g} \(both on the GPU 0 of node "
                                 r"node-a\) could not be set up \(\w+: [^\x1b\n]+; Ray's log above may say more\): its "
-                                r"half-steps go through Ray's object store instead \(.*\)", line), line
+                                r"half-steps and messages go through Ray's object store instead \(.*\)", line), line
         assert [fact["transports"] for fact in engine.info()] == [[OBJECT_STORE, OBJECT_STORE]] * 2
         engine.transport = CUDA_IPC
         with pytest.raises(InputError, match=r"engine.transport 'cuda_ipc': CUDA IPC from participant group 0 to "
