@@ -32,20 +32,21 @@ def _host_array(value: Any) -> Any:
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
 
 
-def tensor_copies(value: Any) -> Any:
-    """``value`` with every tensor in it detached and copied on its own device, through mappings, lists, tuples
-    (named ones too) and dataclasses at any depth; anything else as it is (shared). What a block publishes for a
-    device transport, whose readers may map the copy while the block goes on with its live tensors."""
+def tensor_copies(value: Any, device: torch.device | None = None) -> Any:
+    """``value`` with every tensor in it detached and copied (onto ``device``; None: each on its own), through
+    mappings, lists, tuples (named ones too) and dataclasses at any depth; anything else as it is (shared). What a
+    block publishes for a device transport, whose readers may map the copy while the block goes on with its live
+    tensors, and which carries tensors of one device."""
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        return value.detach().to(device or value.device, copy=True)
     if isinstance(value, Mapping):
-        return {key: tensor_copies(v) for key, v in value.items()}
+        return {key: tensor_copies(v, device) for key, v in value.items()}
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(tensor_copies(v) for v in value))
+        return type(value)(*(tensor_copies(v, device) for v in value))
     if isinstance(value, (list, tuple)):
-        return type(value)(tensor_copies(v) for v in value)
+        return type(value)(tensor_copies(v, device) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: tensor_copies(getattr(value, f.name))
+        return dataclasses.replace(value, **{f.name: tensor_copies(getattr(value, f.name), device)
                                              for f in dataclasses.fields(value) if f.init})
     return value
 

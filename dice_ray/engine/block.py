@@ -66,9 +66,9 @@ class HookedBlock:
 
     def device_message(self, name: str, t: int) -> Any:
         """Hook ``name``'s message of round t for blocks that read it through a device transport (CUDA IPC): as the
-        hook returns it for this block, its tensors copied on the device (the readers may still map the copy while
-        this block steps on)."""
-        return tensor_copies(self.hooks[name].message(t, True))
+        hook returns it for this block, its tensors copied onto the block's device (the readers may still map the
+        copy while this block steps on; the transport carries tensors of one device)."""
+        return tensor_copies(self.hooks[name].message(t, True), self.block.device)
 
     def set_weights(self, key: Any, rows: list[sp.csr_array] | None) -> None:
         """Hold ``rows`` (this block's rows of W^t over its mixing source blocks, scipy CSR) under ``key``, converted

@@ -39,3 +39,10 @@ def test_tensor_copies_copy_every_tensor_at_any_depth_and_share_the_rest() -> No
     with torch.no_grad():
         state.zero_()  # the block steps on: the copies keep what was published
     assert tensors[1].tolist() == [[3.0, 4.0, 5.0], [6.0, 7.0, 8.0]]
+
+
+def test_tensor_copies_onto_one_device() -> None:
+    message = {"a": torch.ones(2, dtype=torch.float64), "b": (torch.zeros(3), np.zeros(1))}
+    copied = tensor_copies(message, torch.device("meta"))  # a device other than the tensors' own
+    assert copied["a"].device.type == copied["b"][0].device.type == "meta"
+    assert copied["a"].dtype == torch.float64 and copied["b"][1] is message["b"][1]

@@ -108,7 +108,7 @@ class Mixed(RoundHook):
 
     def after_gossip(self, t: int, inbox: Inbox) -> Any:
         assert all(isinstance(m["half"], torch.Tensor) for m in inbox.messages)
-        mixed = sum(torch.as_tensor(w.toarray(), dtype=torch.float32) @ m["half"]
+        mixed = sum(torch.as_tensor(w.toarray(), dtype=torch.float32, device=m["half"].device) @ m["half"]
                     for w, m in zip(inbox.weights, inbox.messages, strict=True))
         return {"round": np.full(self.block.size, t, np.int32), "node": self.block.nodes.astype(np.int32),
                 "norm": mixed.norm(dim=1).double()}
