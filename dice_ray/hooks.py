@@ -57,8 +57,10 @@ class Inbox:
     ``weights[b]`` [P, M_b]: this block's rows of W^t over mixing source block b, whose global ids are
     ``mixing_ids[b]``. ``messages[i]``: the message of the block with global ids ``ids[i]`` for this hook
     (the blocks the hook reads: the mixing sources, or those its ``router`` named); this block's own message
-    is among them, as ``message(t, local=True)`` returned it. ``info``: the router's note for this block
-    (None without a router). Empty ``messages`` on rounds the hook sends nothing.
+    is among them, as ``message(t, local=True)`` returned it (and so are those of blocks on the same GPU that arrive
+    through CUDA IPC, their tensors copied; the others' as ``message(t, local=False)``, tensors as numpy arrays).
+    ``info``: the router's note for this block (None without a router). Empty ``messages`` on rounds the hook sends
+    nothing.
     """
 
     weights: list[sp.csr_array]
@@ -122,7 +124,9 @@ class RoundHook:
     def message(self, t: int, local: bool) -> Any:
         """What this block sends with its half-step of round t: for the block itself (``local``: received as
         returned, live tensors included) or for other blocks (received with its tensors as numpy arrays, which
-        travel through Ray's object store: a tensor, or a mapping's tensor values, on any device)."""
+        travel through Ray's object store: a tensor, or a mapping's tensor values, on any device). Other blocks on
+        the same GPU, reached through CUDA IPC (``engine.transport``), receive the ``local`` form instead, every
+        tensor in it copied onto this block's device: so ``after_gossip`` must take tensors and arrays alike."""
         return None
 
     def after_gossip(self, t: int, inbox: Inbox) -> Record:
