@@ -22,3 +22,21 @@ def test_bench_gpu_quick_without_cuda(tmp_path):
     assert any(line.startswith("(b) round time") for line in skipped), done.stdout
     assert "run twice: tables identical" in done.stdout, done.stdout
     assert out.is_file() and '"ok": true' in out.read_text()
+
+
+@pytest.mark.slow  # ~35-60 s here: the rehearsal of (a), in `-m slow`
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--dry-run is the rehearsal for a machine without CUDA")
+def test_bench_gpu_dry_run_of_the_equivalence_part_measures_the_cpus_own_spread(tmp_path):
+    """The rehearsal walks (a) on the CPU, the CPU's own spread included: a subprocess with ATen's portable kernels,
+    whose difference from the vectorized ones is float32 rounding (well under 1e-5) on the MLP."""
+    import json
+
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--dry-run", "--no-resnet18",
+                           "--nodes", "16", "--parts", "a", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    mlp = next(r for r in json.loads(out.read_text())["equivalence"] if r["model"] == "mlp")
+    assert mlp["within_tolerance"] and mlp["within_cpu_spread"]
+    assert 0 <= mlp["cpu_spread"] < 1e-5, mlp
+    assert "CPU spread (vectorized vs portable ATen kernels" in done.stdout
