@@ -126,7 +126,9 @@ class RoundHook:
         returned, live tensors included) or for other blocks (received with its tensors as numpy arrays, which
         travel through Ray's object store: a tensor, or a mapping's tensor values, on any device). Other blocks on
         the same GPU, reached through CUDA IPC (``engine.transport``), receive the ``local`` form instead, every
-        tensor in it copied onto this block's device: so ``after_gossip`` must take tensors and arrays alike."""
+        tensor in it copied onto this block's device (through mappings, sequences, sets, dataclasses and objects'
+        attributes): so ``after_gossip`` must take tensors and arrays alike, the ``local`` form must pickle, and
+        received messages are read-only (the blocks on one GPU that read a message share one copy)."""
         return None
 
     def after_gossip(self, t: int, inbox: Inbox) -> Record:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -34,20 +34,28 @@ def _host_array(value: Any) -> Any:
 
 def tensor_copies(value: Any, device: torch.device | None = None) -> Any:
     """``value`` with every tensor in it detached and copied (onto ``device``; None: each on its own), through
-    mappings, lists, tuples (named ones too) and dataclasses at any depth; anything else as it is (shared). What a
-    block publishes for a device transport, whose readers may map the copy while the block goes on with its live
-    tensors, and which carries tensors of one device."""
+    mappings, lists, tuples (named ones too), sets, dataclasses and other objects' attributes (``vars``), at any depth;
+    anything else as it is (shared). What a block publishes for a device transport, whose readers may map the copy
+    while the block goes on with its live tensors, and which carries tensors of one device. Objects are copied
+    shallowly (``copy.copy``) and their attributes replaced; an object with ``__slots__`` and no ``__dict__`` is
+    shared as it is."""
     if isinstance(value, torch.Tensor):
         return value.detach().to(device or value.device, copy=True)
-    if isinstance(value, Mapping):
-        return {key: tensor_copies(v, device) for key, v in value.items()}
+    if value is None or isinstance(value, (np.ndarray, np.generic, str, bytes, int, float, complex, type)):
+        return value
     if isinstance(value, tuple) and hasattr(value, "_fields"):
         return type(value)(*(tensor_copies(v, device) for v in value))
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, set, frozenset)):
         return type(value)(tensor_copies(v, device) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: tensor_copies(getattr(value, f.name), device)
-                                             for f in dataclasses.fields(value) if f.init})
+    if isinstance(value, Mapping):
+        out = copy.copy(value) if isinstance(value, MutableMapping) else {}
+        for key, v in value.items():
+            out[key] = tensor_copies(v, device)
+        return out
+    if hasattr(value, "__dict__"):  # dataclasses (init=False fields too) and plain objects
+        out = copy.copy(value)
+        vars(out).update({name: tensor_copies(v, device) for name, v in vars(value).items()})
+        return out
     return value
 
 

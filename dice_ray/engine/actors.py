@@ -190,13 +190,15 @@ class ParticipantGroup:
         # The coordinator sends each key's rows once, before the rounds that reuse them.
         self.hooked.set_weights(*spec.weights)
         received = spec.unpack(refs)
-        records = self.hooked.gossip(t, spec.mixing_ids, spec.own, received.pop("halves"), spec.inboxes, received)
-        if spec.synchronize:
-            import torch
+        try:
+            records = self.hooked.gossip(t, spec.mixing_ids, spec.own, received.pop("halves"), spec.inboxes, received)
+        finally:
+            if spec.synchronize:
+                import torch
 
-            # Half-steps mapped through CUDA IPC are the senders' memory, which they free or reuse once this task
-            # is done: the mixing kernels queued on this stream must have read them before it returns.
-            torch.cuda.current_stream(self.block.device).synchronize()
+                # Half-steps and messages mapped through CUDA IPC are the senders' memory, which they free or reuse
+                # once this task is done (or failed): the kernels queued on this stream must have read them first.
+                torch.cuda.current_stream(self.block.device).synchronize()
         return {"metrics": self.block.evaluate() if spec.evaluate else None,
                 "snapshot": self.hooked.snapshot(t, copy=copy) if spec.snapshot else None, "records": records}
 
@@ -266,8 +268,9 @@ class Coordinator:
         return self.topology.mixing_matrix(t) if self._mixing is None else self._mixing
 
     def set_transports(self, transports: list[list[str]]) -> None:
-        """Send group s's half-steps to group g by ``transports[s][g]`` (``OBJECT_STORE`` or ``CUDA_IPC``; see
-        ``dice_ray.engine.transport.choose_transports``) from the next submitted round on."""
+        """Send group s's half-steps and messages to group g by ``transports[s][g]`` (``OBJECT_STORE`` or a device
+        transport such as ``CUDA_IPC``; see ``dice_ray.engine.transport.choose_transports``) from the next submitted
+        round on."""
         self.transports = transports
 
     def set_mixing_matrix(self, w: sp.csr_array) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -46,3 +48,23 @@ def test_tensor_copies_onto_one_device() -> None:
     copied = tensor_copies(message, torch.device("meta"))  # a device other than the tensors' own
     assert copied["a"].device.type == copied["b"][0].device.type == "meta"
     assert copied["a"].dtype == torch.float64 and copied["b"][1] is message["b"][1]
+
+
+@dataclass(frozen=True)
+class Frozen:
+    a: Any
+    b: Any = field(init=False, default=None)
+
+
+def test_tensor_copies_reach_plain_objects_sets_mapping_subclasses_and_fields_set_after_init() -> None:
+    live = torch.ones(3)
+    frozen = Frozen(live)
+    object.__setattr__(frozen, "b", live)  # a field outside __init__, set afterwards
+    counts = defaultdict(list, {1: [live]})
+    message = [SimpleNamespace(x=live, rows=np.arange(2)), {live + 1}, counts, frozen]
+    space, in_set, mapping, copied = tensor_copies(message)
+    found = [space.x, next(iter(in_set)), mapping[1][0], copied.a, copied.b]
+    assert all(isinstance(t, torch.Tensor) for t in found)
+    assert not any(t.untyped_storage().data_ptr() == live.untyped_storage().data_ptr() for t in found)
+    assert isinstance(mapping, defaultdict) and mapping.default_factory is list and mapping[2] == []
+    assert space.rows is message[0].rows and isinstance(copied, Frozen)
