@@ -43,7 +43,10 @@ the ``Run`` handle's tables and manifest, on a local Ray started once in this pr
         device's measured fp32 matmul rate and copy bandwidth; printed as the fraction of a round they explain.
     (f) profile: one block in this process (``LocalEngine`` on CUDA, no Ray), a ``torch.profiler`` table of
         three rounds, and the round split into local step and gossip (MLP N = 4,096 and CNN N = 256), with the
-        CUDA graph and without ("fp32-eager"); and one evaluation of every participant (``block.evaluate()``).
+        CUDA graph, without it ("fp32-eager"), and (the MLP) as a round ran before this device-resident path
+        ("fp32-before": eager, the CPU's cache-sized step chunks, minibatches drawn on the host, the state to the
+        host and back and W^t's rows converted every round; the issue's profile before); and one evaluation of
+        every participant (``block.evaluate()``).
     (s) CPU sanity, always (the only part on a machine without CUDA): the CNN on 3x32x32 data (the data path
         the GPU parts use), N = 16, 3 rounds, CPU actors, run twice: identical tables; the fused step's model
         (the registered CNN built on this script's shape) has the run's parameter count (the timed models are
@@ -108,6 +111,7 @@ STARTUP_GUESS_S = 20.0  # per run: actors, CUDA contexts, data (more at N = 4,09
 DEVICE = "cuda"  # where (c), (e) and (f) run: "cpu" in a --dry-run rehearsal without CUDA
 EAGER = "-eager"  # a precision label's suffix: that mode with engine.cuda_graphs false (kernels launched one by one)
 HOST = "-object-store"  # ... with engine.transport object_store: actors sharing a GPU exchange through the host
+BEFORE = "-before"  # (f) only: a round moving data as before the device-resident rounds (``before_round``)
 
 
 def sync() -> None:
@@ -640,29 +644,54 @@ def round_floor(model_name: str, nodes: int, limits: dict[str, float], degree: i
             "compute_s": flops / limits["fp32_flops"], "memory_s": moved / limits["bandwidth"]}
 
 
+def before_round(block: Any, w: Any) -> None:
+    """Gossip as dice-ray ran it before the device-resident rounds (issue 22's first H200 measurement): the half-step
+    states copied to the host (the half-step returned them as numpy), the rows of W^t converted to the device every
+    round, and the states copied back to the device to be mixed. The same numbers; the old data movement."""
+    from dice_ray.core.tensors import as_tensor
+
+    host = block.population.state.cpu().numpy()
+    block.mix(block.mixing_rows(w), [as_tensor(host, block.device)])
+
+
 def profile_round(model: str, nodes: int, shape_ok: bool, rounds: int = 3, precision: str = "fp32") -> dict[str, Any]:
     """(f): one block of N participants in this process on CUDA (``LocalEngine``), a torch.profiler table of
     ``rounds`` rounds after a warm-up, and the median local step and gossip (``torch.cuda.synchronize`` around
-    each); ``precision`` "fp32-eager": without the CUDA graph."""
+    each); ``precision`` "fp32-eager": without the CUDA graph; BEFORE ("fp32-before"): a round moving data as
+    dice-ray did before the device-resident rounds (``before_round``)."""
     from torch.profiler import ProfilerActivity, profile
 
     import dice_ray
+    from dice_ray.core.population import STEP_CHUNK_BYTES
     from dice_ray.engine.local import LocalEngine
     from dice_ray.experiment import prepare
 
+    before = precision.endswith(BEFORE)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-prof-") as tmp:
-        config, samples = run_config(model, nodes, 10, 1.0, str(Path(tmp) / "run"), shape_ok, 10_000_000, precision)
+        config, samples = run_config(model, nodes, 10, 1.0, str(Path(tmp) / "run"), shape_ok, 10_000_000,
+                                     precision.replace(BEFORE, EAGER))
         if samples is not None:
             os.environ["DICE_BENCH_SAMPLES"] = str(samples)
         experiment = prepare(dice_ray.RunConfig(**config))
         engine = LocalEngine(experiment, device=DEVICE)
+        if before:  # the CPU's cache-sized step chunks, and minibatches drawn on the host
+            engine.block.population.step_budget = STEP_CHUNK_BYTES
+            engine.block._draw_on_device = False
+
+        def one_round(engine: Any, t: int) -> None:
+            if before:
+                engine.hooked.local_step(t)
+                before_round(engine.block, experiment.topology.mixing_matrix(t))
+            else:
+                engine.run_round(t, evaluate=False)
+
         for t in range(5):
-            engine.run_round(t, evaluate=False)
+            one_round(engine, t)
         sync()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
         with profile(activities=activities) as prof:
             for t in range(5, 5 + rounds):
-                engine.run_round(t, evaluate=False)
+                one_round(engine, t)
             sync()
         table = prof.key_averages().table(sort_by=f"{'cuda' if DEVICE == 'cuda' else 'cpu'}_time_total", row_limit=14,
                                           max_name_column_width=48)
@@ -675,7 +704,10 @@ def profile_round(model: str, nodes: int, shape_ok: bool, rounds: int = 3, preci
             hooked.local_step(t)
             sync()
             t1 = time.perf_counter()
-            block.mix(w, [block.population.state])
+            if before:
+                before_round(block, experiment.topology.mixing_matrix(t))
+            else:
+                block.mix(w, [block.population.state])
             sync()
             t2 = time.perf_counter()
             split["local_step"].append(t1 - t0)
@@ -923,8 +955,9 @@ def main() -> None:
                           f"(compute {f['compute_s'] * 1e3:.3f} ms, memory {f['memory_s'] * 1e3:.3f} ms)", flush=True)
             save()
         if "f" in parts:
+            # the round before the device-resident path for the MLP only (the issue's profile before was the MLP's)
             profiled = [(m, n, p) for m, n in (("mlp", max(args.nodes)), ("cnn", 256))
-                        for p in ("fp32", "fp32" + EAGER)]
+                        for p in ("fp32", "fp32" + EAGER, *(["fp32" + BEFORE] if m == "mlp" else []))]
             results["profiles"] = [p for p in (guarded(f"(f) {m} N={n} {p}",
                                                        lambda m=m, n=n, p=p: profile_round(m, n, shape_ok, precision=p))
                                                for m, n, p in profiled) if p]
