@@ -149,7 +149,9 @@ def data_section(model: str, nodes: int, shape_ok: bool) -> tuple[dict[str, Any]
 
 
 def run_config(model: str, nodes: int, rounds: int, gpus: float, out: str, shape_ok: bool, eval_every: int,
-               precision: str = "fp32", lr: float = LR, conv: str = "auto") -> tuple[dict[str, Any], int | None]:
+               precision: str = "fp32", lr: float = LR, conv: str = "auto") -> dict[str, Any]:
+    """The run config of ``model`` at N = ``nodes``; where its data is ``_bench_data``'s, the sample count that data
+    set reads is set in this process's environment (``DICE_BENCH_SAMPLES``), which Ray's workers inherit."""
     data, imports, samples = data_section(model, nodes, shape_ok)
     data["heldout_size"] = 64 if eval_every == 1 else BATCH
     if eval_every == 1 and data.get("val_fraction") == 0.0:
@@ -166,7 +168,9 @@ def run_config(model: str, nodes: int, rounds: int, gpus: float, out: str, shape
                          "transport": "object_store" if precision.endswith(HOST) else "auto"},
               "output": {"out": out, "progress": False, "eval_every": eval_every, "checkpoint_every": 0,
                          "overwrite": True}}
-    return config, samples
+    if samples is not None:
+        os.environ["DICE_BENCH_SAMPLES"] = str(samples)
+    return config
 
 
 # -- GPU memory, as the device sees it -------------------------------------------------------------------------
@@ -241,10 +245,8 @@ def dice_run(model: str, nodes: int, rounds: int, gpus: float, shape_ok: bool, *
             raise StopRun
 
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
-        config, samples = run_config(model, nodes, rounds, gpus, str(Path(tmp) / "run"), shape_ok, eval_every,
-                                     precision, lr, conv)
-        if samples is not None:
-            os.environ["DICE_BENCH_SAMPLES"] = str(samples)
+        config = run_config(model, nodes, rounds, gpus, str(Path(tmp) / "run"), shape_ok, eval_every, precision,
+                            lr, conv)
         stopped = False
         start = time.perf_counter()
         with GpuMemory() if gpus > 0 else _NoMemory() as memory:
@@ -419,13 +421,13 @@ def equivalence(models: list[tuple[str, int]], shape_ok: bool, fractions: list[f
             for row in tried:
                 rehearse = DEVICE == "cpu" and not rows and spread is None  # a dry run walks this path once
                 if (not row["within_tolerance"] and math.isfinite(row["max"])) or rehearse:
-                    spread = spread or cpu_spread(model, nodes, shape_ok, lr, cpu["rounds_table"])
+                    spread = spread or cpu_spread(model, nodes, lr, cpu["rounds_table"])
                     judge_by_spread(row, spread)
             rows += tried
     return rows, cpu_tables
 
 
-def cpu_spread(model: str, nodes: int, shape_ok: bool, lr: float, cpu_table: Any) -> dict[str, Any]:
+def cpu_spread(model: str, nodes: int, lr: float, cpu_table: Any) -> dict[str, Any]:
     """What float32 rounding alone moves (a)'s config by: the same run on the CPU with ATen's portable kernels
     (``ATEN_CPU_CAPABILITY=default``: another summation order than the vectorized ones the CPU run used), in a
     subprocess (the variable is read when torch loads) on the local engine, compared with (a)'s CPU run."""
@@ -465,8 +467,7 @@ def cpu_spreads(model: str, nodes: int, lr: float) -> None:
     """``--cpu-spread``: on the CPU alone, how far float32 rounding moves (a)'s config: the vectorized kernels
     against the portable ones, and native convolutions against matrix products (``model.conv`` unfold)."""
     base = cpu_rounds(model, nodes, lr)
-    print(f"{model} N={nodes} lr {lr:g}, vectorized vs portable ATen kernels: "
-          + spread_line(compare(base, cpu_rounds(model, nodes, lr, portable=True))), flush=True)
+    cpu_spread(model, nodes, lr, base)
     if model != "mlp":
         print(f"{model} N={nodes} lr {lr:g}, native convolutions vs unfold: "
               + spread_line(compare(base, cpu_rounds(model, nodes, lr, conv="unfold"))), flush=True)
@@ -477,10 +478,8 @@ def spread_run(model: str, nodes: int, lr: float, conv: str, out: Path) -> None:
     import dice_ray
 
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
-        config, samples = run_config(model, nodes, 5, 0.0, str(Path(tmp) / "run"), synthetic_shape_configurable(),
-                                     1, lr=lr, conv=conv)
-        if samples is not None:
-            os.environ["DICE_BENCH_SAMPLES"] = str(samples)
+        config = run_config(model, nodes, 5, 0.0, str(Path(tmp) / "run"), synthetic_shape_configurable(), 1, lr=lr,
+                            conv=conv)
         run = dice_ray.run(dice_ray.RunConfig(**config), engine="local")
         run.rounds.sort_values(["round", "node"]).reset_index(drop=True).to_parquet(out)
 
@@ -668,10 +667,8 @@ def profile_round(model: str, nodes: int, shape_ok: bool, rounds: int = 3, preci
 
     before = precision.endswith(BEFORE)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-prof-") as tmp:
-        config, samples = run_config(model, nodes, 10, 1.0, str(Path(tmp) / "run"), shape_ok, 10_000_000,
-                                     precision.replace(BEFORE, EAGER))
-        if samples is not None:
-            os.environ["DICE_BENCH_SAMPLES"] = str(samples)
+        config = run_config(model, nodes, 10, 1.0, str(Path(tmp) / "run"), shape_ok, 10_000_000,
+                            precision.replace(BEFORE, EAGER))
         experiment = prepare(dice_ray.RunConfig(**config))
         engine = LocalEngine(experiment, device=DEVICE)
         if before:  # the CPU's cache-sized step chunks, and minibatches drawn on the host

@@ -1,6 +1,6 @@
 """What tests in several modules share: a small recorded window and the literal replay that DICE-E's exactness checks
-differentiate (concepts §4), and a run config from a base with changes. Importable from any test (the root conftest's
-folder is on the path)."""
+differentiate (concepts §4), a run config from a base with changes, and tables compared to float32 rounding.
+Importable from any test (the root conftest's folder is on the path)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from dice_ray.config import RunConfig, build_config
@@ -75,3 +76,20 @@ def config_from(base: dict[str, Any], out: Path, **changes: Any) -> RunConfig:
         data.setdefault(section, {})[field] = value
     data["output"]["out"] = str(out)
     return build_config(data)
+
+
+def assert_same_tables(got: dict[str, pd.DataFrame], want: dict[str, pd.DataFrame], rel: float = 1e-6) -> None:
+    """The same tables, columns and rows; float columns equal within ``rel`` of each column's largest magnitude
+    (NaN where the other is NaN), the others exactly."""
+    assert got.keys() == want.keys()
+    for name, table in want.items():
+        mine = got[name]
+        assert list(mine.columns) == list(table.columns) and len(mine) == len(table), name
+        for column in table.columns:
+            if pd.api.types.is_float_dtype(table[column].dtype):
+                a, b = mine[column].to_numpy(np.float64), table[column].to_numpy(np.float64)
+                scale = max(float(np.nanmax(np.abs(b))) if np.isfinite(b).any() else 0.0, 1e-12)
+                assert np.array_equal(np.isnan(a), np.isnan(b)), f"{name}.{column}"
+                assert np.nanmax(np.abs(a - b), initial=0.0) <= rel * scale, f"{name}.{column}"
+            else:
+                pd.testing.assert_series_equal(mine[column], table[column], obj=f"{name}.{column}")

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray
+from oracles import assert_same_tables
 
 import dice_ray
 
@@ -40,21 +41,6 @@ def _schedule(seed: int, rounds: int, every: int, targets: int) -> dict[int, int
 
 def _tables(run: dice_ray.Run) -> dict[str, pd.DataFrame]:
     return {name: run.table(name) for name in run.tables() if name != "nodes"}
-
-
-def _assert_same(got: dict[str, pd.DataFrame], want: dict[str, pd.DataFrame]) -> None:
-    assert got.keys() == want.keys()
-    for name, table in want.items():
-        mine = got[name]
-        assert list(mine.columns) == list(table.columns) and len(mine) == len(table), name
-        for column in table.columns:
-            if pd.api.types.is_float_dtype(table[column].dtype):
-                a, b = mine[column].to_numpy(np.float64), table[column].to_numpy(np.float64)
-                scale = max(float(np.nanmax(np.abs(b))) if np.isfinite(b).any() else 0.0, 1e-12)
-                assert np.array_equal(np.isnan(a), np.isnan(b)), f"{name}.{column}"
-                assert np.nanmax(np.abs(a - b), initial=0.0) <= 1e-6 * scale, f"{name}.{column}"
-            else:
-                pd.testing.assert_series_equal(mine[column], table[column], obj=f"{name}.{column}")
 
 
 def _chaos(config: dice_ray.RunConfig, schedule: dict[int, int], coordinator: bool) -> tuple[dice_ray.Run, float]:
@@ -83,6 +69,6 @@ def test_every_table_survives_repeated_failures(ray_local, tmp_path: Path, name:
     recoveries = run.manifest["recoveries"]
     assert len(recoveries) == len(schedule) >= 6
     assert all(r["restored_from_round"] >= r["failed_in_round"] - 9 for r in recoveries)  # at most 8 rounds lost
-    _assert_same(_tables(run), _tables(reference))
+    assert_same_tables(_tables(run), _tables(reference))
     print(f"\n{name}: {len(schedule)} {'coordinator' if coordinator else 'group'} kills over {config.rounds} "
           f"rounds, {seconds:.0f} s (undisturbed {reference.manifest['wall_seconds']:.0f} s)")
