@@ -6,7 +6,7 @@ participant), batch size 16, plain SGD with lr 0.05, exponential topology with u
 variant trains on the same minibatches z_k^t (``ParticipantBlock.minibatch``) from the same initial model;
 no evaluation inside timed rounds.
 
-    (a)  this engine on Ray: ``RayEngine`` with the default actor plan (one actor per CPU);
+    (a)  this engine on Ray: ``RayEngine`` with the default actor plan (one actor per machine, using its CPUs);
     (a') the same population math in this process, no Ray: ``LocalEngine`` (torch threads = 2);
     (b)  the paper code's way: one ``nn.Module`` + ``torch.optim.SGD`` per participant stepped in a
          Python loop, then gossip parameter by parameter over all N² pairs of a dense W (zeros included);

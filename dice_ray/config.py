@@ -179,7 +179,7 @@ TASK_GPU_SHARE = 0.25
 class EngineConfig(Section):
     """Placement on Ray: how many participant-group actors, and their CPUs/GPUs."""
 
-    actors: int | None = Field(None, ge=1, description="participant-group actors (default: one per CPU, "
+    actors: int | None = Field(None, ge=1, description="participant-group actors (default: one per machine, "
                                                        "or per GPU share); capped at the node count")
     cpus_per_actor: float | None = Field(None, gt=0, description="CPUs reserved per actor (default: the "
                                                                  "cluster's CPUs / actors)")
