@@ -1,6 +1,6 @@
 """Benchmark of the DICE machinery, each part as a ratio to its floor measured in the same run.
 
-At N = 64 participants on an exponential graph (digits, the paper's MLP, SGD, batch 16):
+At N = 64 participants on an exponential graph (synthetic 1x8x8 data, the paper's MLP, SGD, batch 16):
 
 (a) first-order DICE-E for all sources and all targets, R = 1..4 (``first_order_all_sources``), against
     its floor: the N·R test-gradient evaluations it cannot avoid (R batched passes over N participants).
@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _studies import replays_alone
 
 warnings.filterwarnings("ignore")
 
@@ -40,7 +41,7 @@ def experiment_for(nodes: int, rounds: int, hops: int) -> Any:
         "nodes": nodes, "rounds": rounds, "topology": {"name": "exponential"},
         "data": {"dataset": "synthetic", "synthetic_samples": 40 * nodes, "heldout_size": 256},
         "model": {"name": "mlp"}, "optim": {"lr": 0.05, "batch_size": 16},
-        "influence": {"enabled": True, "hops": hops, "rounds": [rounds - 1 - hops], "variants": [],
+        "influence": {"enabled": True, "hops": hops, "rounds": [rounds - 1 - hops],
                       "sources_per_task": 1},
     }))
 
@@ -128,6 +129,7 @@ def main() -> None:
     from dice_ray.methods.dice.probes import select_probes
     from dice_ray.methods.dice.replays import measure_task, record_windows_task
 
+    experiment = replays_alone(experiment)
     probes = select_probes(experiment.config)
     rates = {}
     label = lambda job: {}  # noqa: E731 (no retries are recorded here)

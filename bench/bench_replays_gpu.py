@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _studies import replays_alone
 
 warnings.filterwarnings("ignore")
 
@@ -46,12 +47,11 @@ def study(quick: bool, gt_only: bool, gpus_per_task: float) -> Any:
 
     size = {"nodes": 8, "rounds": 12} if quick else {"nodes": 16, "rounds": 30}
     influence = {"enabled": True, "hops": 2 if quick else 3, "last": 3 if quick else 10}
-    if gt_only:
-        influence["variants"] = []
-    return prepare(build_config({
+    experiment = prepare(build_config({
         **size, "topology": {"name": "ring"}, "data": {"dataset": "digits"},
         "optim": {"lr": 0.05, "batch_size": 16}, "influence": influence,
         "engine": {"gpus_per_task": gpus_per_task, "precision": "fp32"}, "output": {"progress": False}}))
+    return replays_alone(experiment) if gt_only else experiment
 
 
 def timed(experiment: Any, repeats: int) -> tuple[list[float], dict[str, list[dict]]]:
