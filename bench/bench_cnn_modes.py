@@ -1,8 +1,8 @@
 """Seconds per CNN round on the CPU: the layer modes ``auto`` picks there against PyTorch's own, in one process.
 
-Workload: ``bench_peers.py``'s dice-ray side (the registered "cnn" on 1x28x28 inputs — mnist5k where every
-participant gets a batch, else ``synthetic``; with ``--model mlp`` its MLP on 1x8x8 digits — batch 16, SGD lr 0.05,
-exponential graph, uniform weights, no evaluation inside timed rounds), as ``LocalEngine`` rounds (the local step,
+Workload: ``bench_peers.py``'s dice-ray side (the registered "cnn" on 1x28x28 inputs — mnist5k where every participant
+gets a batch, else ``bench-random-1x28x28``; with ``--model mlp`` its MLP on synthetic 1x8x8 data — batch 16, SGD lr
+0.05, exponential graph, uniform weights, no evaluation inside timed rounds), as ``LocalEngine`` rounds (the local step,
 then gossip) in this one process, torch threads = all cores, one engine per variant:
 
     baseline        ``model.conv`` native, ``model.pool`` native, step chunks sized by the gradients alone, passes

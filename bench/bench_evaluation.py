@@ -1,10 +1,11 @@
 """Seconds per evaluation of every participant on the CPU: ``Population.evaluate``'s passes against the earlier ones.
 
-Workload: ``bench_peers.py``'s dice-ray side (the registered "cnn" on 1x28x28 inputs, or with ``--model mlp`` its MLP
-on 1x8x8 digits; batch 16, SGD, exponential graph), two rounds trained, then what a run's evaluation computes
-(``ParticipantBlock.evaluate``): each participant's loss and accuracy on its validation split and on the shared
-held-out batch z′ (``--heldout`` images: 500, a run's default). Three variants, timed round-robin in one process (the
-order reversed every repeat), each repeat's time divided by the other variants' times of the same repeat:
+Workload: ``bench_peers.py``'s dice-ray side (the registered "cnn" on 1x28x28 inputs, or with ``--model mlp`` its MLP on
+synthetic 1x8x8 data; batch 16, SGD, exponential graph), two rounds trained, then what a run's evaluation computes
+(``ParticipantBlock.evaluate``): each participant's loss and accuracy on its validation split (none in the CNN's mnist5k
+config) and on the shared held-out batch z′ (``--heldout`` images: 500, a run's default). Three variants, timed
+round-robin in one process (the order reversed every repeat), each repeat's time divided by the other variants' times of
+the same repeat:
 
     chunks-of-64   what every run did before 2026-12-05: groups of 64 participants, all samples in one forward pass,
                    one group after another on all threads;

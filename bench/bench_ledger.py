@@ -1,13 +1,12 @@
 """Cost of the online contribution ledger: a training run with it against the same run without it.
 
-Workload: ``configs/contributions.yaml``'s setting (the embedded MNIST subset, the MLP, SGD batch 8, exponential
-graph) with N participants. Both runs train the same rounds from the same state in this process, alternating
-(off, on, off, on, ...) ``--repeats`` times; a variant's time is the mean over rounds (after the first, no
-evaluation inside timed rounds) of each round's lowest time over the repeats — robust to bursts of other load,
-and fair to ``--ledger-every`` k > 1, whose ledger rounds are a minority. The ratio
-(ledger on) / (ledger off) is measured in this one run, in wall-clock time and (local engine) in this
-process's CPU time, which other work on a shared machine disturbs less. ``--engine ray`` times ``RayEngine``
-(default actor plan) instead of ``LocalEngine``.
+Workload: like ``configs/contributions.yaml``'s (the embedded MNIST subset, the MLP, SGD batch 8, exponential graph; lr
+0.05, no misbehaviour, no ``data.shrink``) with N participants. Both runs train the same rounds from the same state in
+this process, alternating (off, on, off, on, ...) ``--repeats`` times; a variant's time is the mean over rounds (after
+the first, no evaluation inside timed rounds) of each round's lowest time over the repeats — robust to bursts of other
+load, and fair to ``--ledger-every`` k > 1, whose ledger rounds are a minority. The ratio (ledger on) / (ledger off) is
+measured in this one run, in wall-clock time and (local engine) in this process's CPU time, which other work on a shared
+machine disturbs less. ``--engine ray`` times ``RayEngine`` (default actor plan) instead of ``LocalEngine``.
 
 The ledger's extra work per round is one batched gradient of every participant on z′ (``--heldout-size``
 samples; the local step uses ``--batch-size``), taken on the rounds t, t+1, ..., t+R of every ledger round t,

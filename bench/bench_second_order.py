@@ -2,7 +2,7 @@
 
 For every (model, rounds, seed) setting — 16 participants, exponential graph, digits split Dirichlet(α = 0.5), SGD η =
 0.05, batch 16, whole-batch probes of every source over the last ``--last`` rounds that leave room for R = 3 hops — one
-run is trained in this process (no Ray) and every probe is measured with DICE-GT and five estimates: first-order,
+run is trained in this process (no Ray) and every probe is measured with DICE-GT and six estimates: first-order,
 curvature, second-order, second-order without b (b ≡ 0: e = ∇ᵀa − ½ aᵀH′a, the z′ Hessian term alone,
 ``influence.second_order_b`` false), and exact-readout (the z′ loss difference L(θ_k) − L(θ_k − a) along the curvature
 perturbation a, ``influence.exact_readout_b`` false, its default; and with b: δ = a + b read exactly, second order's

@@ -1,4 +1,4 @@
-"""Seconds per stacked local-step gradient of the registered CNN, seven ways (conv under vmap is a grouped conv).
+"""Seconds per stacked local-step gradient of the registered CNN, nine ways (conv under vmap is a grouped conv).
 
 ``Population._loss_and_grads`` computes every participant's loss and gradient as ``vmap(functional_call(model,
 params, x))`` over stacked parameters [P, ...] and per-participant inputs [P, B, C, H, W], then one

@@ -15,8 +15,9 @@ g_k = ∇L(θ_k^u; z′) of every hosted k. That one pass serves the self term o
 round u starts) and hop s = u − t of every ledger round t in u−R..u−1, whatever the number of sources: only
 dot products P^{(s)}_{kj} g_kᵀ Δ_j^t remain, for the pairs (k, j) of N^{(s)}(j) (sampled products, as in
 ``core.tensors.edge_dots``). Each group keeps the updates Δ of its own sources of the last R ledger rounds (they
-are part of its checkpoint snapshot) and reads the other groups' gradients: with the ledger on, every group's
-gradient block goes to every group on the rounds that need it. Hop terms need θ^{t+s} for t + s ≤ T − 1
+are part of its checkpoint snapshot) and reads the other groups' gradients: with the ledger on, a group's
+gradient block goes, on the rounds that need it, to the groups whose sources reach its participants within R hops
+(``LedgerRouter``). Hop terms need θ^{t+s} for t + s ≤ T − 1
 (gradients are taken at round starts): probes of the last R rounds are truncated at hop T − 1 − t, as far as
 the run goes; the influence tables, which need the whole window, probe rounds up to T − 1 − R only.
 
