@@ -4,7 +4,7 @@ A run directory holds, while a run is in progress::
 
     checkpoints/
       round-000049/                    the state after round 49: state.npz, driver.npz, meta.json (SHA-256s)
-      rounds-000000000-000000049.parquet    rows of rounds.parquet for rounds 0..49 (one part per interval)
+      rounds-000000000-000000049.parquet    rounds.parquet's rows, rounds 0..49 (a part per interval; more if it fills)
 
 The state is everything a later round reads: the participants' stacked states and optimizer states,
 in global participant order (so a resume may use a different number of actors), the round counter, and
@@ -38,7 +38,8 @@ from dice_ray.results import TableWriter, write_json_atomic, write_table_atomic
 
 CHECKPOINTS = "checkpoints"
 
-# Fields a resumed run may change: where and how it runs, never what it computes.
+# Fields left out of the config digest: placement and output, not the simulated numbers (what a resumed run may change
+# is ``config.RESUME_FIELDS``).
 _PLACEMENT_FIELDS = {"engine": None,
                      "output": {"out", "progress", "overwrite", "checkpoint_every", "keep_checkpoints"}}
 

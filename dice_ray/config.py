@@ -182,7 +182,8 @@ class EngineConfig(Section):
     actors: int | None = Field(None, ge=1, description="participant-group actors (default: one per machine, "
                                                        "or per GPU share); capped at the node count")
     cpus_per_actor: float | None = Field(None, gt=0, description="CPUs reserved per actor (default: the "
-                                                                 "cluster's CPUs / actors)")
+                                                                 "smallest machine's CPUs with one actor per machine, "
+                                                                 "else the cluster's CPUs / actors)")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU")
     gpus_per_task: float | None = Field(
         None, ge=0, le=1, description=f"GPU share of each DICE-GT replay and retraining task, on CUDA when > 0 "

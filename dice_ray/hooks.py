@@ -112,7 +112,8 @@ class RoundHook:
     @classmethod
     def sends(cls, config: Any) -> Callable[[int], bool]:
         """Return a predicate of round t: True iff the hook exchanges messages in round t (the engine then calls
-        ``message`` and routes it). Built once per run, on the coordinator and the driver."""
+        ``message`` and routes it). Built by the engine: once per coordinator (again after a recovery), or once by the
+        local engine."""
         return lambda t: False
 
     def before_local_step(self, t: int) -> None:

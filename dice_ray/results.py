@@ -167,7 +167,7 @@ ANOMALY = _schema(
 
 COLLABORATORS = _schema(
     ("run", pa.string(), "run directory"),
-    ("rewiring", pa.string(), "collaborator selection: none (static topology), influence or random"),
+    ("rewiring", pa.string(), "collaborator selection: none (static topology), influence, outlier or random"),
     ("misbehavior", pa.string(), "misbehaviour kind"),
     ("misbehaving", pa.int32(), "number of misbehaving participants"),
     ("seed", pa.int64(), "the run's seed"),
@@ -334,7 +334,7 @@ def write_table_atomic(path: str | Path, columns: Mapping[str, Any] | list[Mappi
 
 
 class TableWriter:
-    """Streams row groups of one table into ``<name>.partial``; ``close()`` renames it into place.
+    """Streams row groups of one table into a hidden ``.<name>.*.partial`` beside it; ``close()`` renames it into place.
 
     Until ``close()`` the final path does not exist, and the partial file lacks Parquet's footer, so a
     killed run never leaves a table that reads as complete. Use as a context manager: on an exception

@@ -339,7 +339,7 @@ def _start_engine(experiment: Experiment, engine_kind: str, hooks: list[type[Rou
 
 def _run_rounds(engine: Any, config: RunConfig, tables: RoundTables, store: CheckpointStore, online: Drivers,
                 start: int, on_round: Callable[[Any, Any], None] | None, report: TrainingReport) -> None:
-    """``training.train`` with a progress bar (rounds, mean training loss, held-out accuracy, rounds/s)."""
+    """``engine.loop.train`` with a progress bar (rounds, mean training loss, held-out accuracy, rounds/s)."""
     from tqdm import tqdm
 
     bar = tqdm(total=config.rounds, initial=start, unit="round", disable=not config.output.progress,

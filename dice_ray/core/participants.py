@@ -50,7 +50,8 @@ class ParticipantBlock:
     Args:
         config: the run config (model, optimizer, batch size, seed).
         nodes: int64 [P] global participant ids hosted here.
-        x_train, y_train: the whole training split (only the rows of these participants are copied).
+        x_train, y_train: the whole training split (read in place; only the rows of these participants are copied, on
+            a GPU or where they corrupt their data).
         train, val: per hosted participant, indices into x_train of its D_k and validation split.
         heldout: the shared held-out batch z′ (x [m, ...], y [m]).
         input_shape, num_classes: from the data set.

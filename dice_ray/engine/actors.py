@@ -3,7 +3,8 @@
 Round t (concepts §1, Algorithm 1), as the coordinator drives it:
 
 1. every group runs the local step of its participants and publishes the half-step states
-   θ^{t+½} of its block to the object store (``half_step``, two returns: states and losses), and, for groups
+   θ^{t+½} of its block to the object store (``half_step``: the states, when another group reads them there, the
+   losses, then one message per hook), and, for groups
    that read it through CUDA IPC (``dice_ray.engine.transport``), a device copy (``publish``);
 2. the coordinator hands each group the rows of W^t for its participants and the ObjectRefs of the
    blocks those rows read; Ray resolves them (zero-copy numpy on the same node, or the sender's device copy

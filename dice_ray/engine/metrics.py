@@ -39,7 +39,8 @@ class RoundMetrics:
 
 
 def combine_snapshots(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Concatenate per-block ``ParticipantBlock.snapshot`` arrays (blocks in global participant order)."""
+    """Concatenate per-block ``HookedBlock.snapshot`` arrays (the block's state and its hooks' arrays; blocks in global
+    participant order)."""
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 

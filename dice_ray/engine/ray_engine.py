@@ -58,7 +58,8 @@ def cluster_plan(engine: EngineConfig, nodes: int, machines: list[dict[str, Any]
 class RayEngine:
     """Runs an ``Experiment`` on the Ray cluster this process is connected to (``start_ray`` first).
 
-    The training data goes to the object store once; each group copies its participants' rows. The
+    The training data goes to the object store once; each group reads it there in place, and copies its
+    participants' rows only on a GPU or where they corrupt their data. The
     driver holds no parameters (``states()`` fetches them only on request). Actors are restarted by Ray
     when they die (``ACTOR_FAILURES`` reach the caller of ``run_rounds``); ``restore`` then brings every
     group back to a snapshot so the caller can replay the rounds since. Actors take no object references

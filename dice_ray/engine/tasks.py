@@ -1,11 +1,11 @@
 """The task backend: the one place that maps the work after training (DICE-GT replays, retraining runs) onto
 this process or onto Ray tasks.
 
-A method's ``hooks.Stage`` hands the backend a task function and its jobs; the backend runs every job, shows
-progress, resubmits a job whose task was lost with its worker or machine (up to ``TASK_RETRIES`` times) and keeps
-a record of those retries (``retries``, written to the run's manifest). A task function is a plain module-level
-function whose last argument is the torch device it computes on: ``"cpu"`` here; on Ray ``"cuda"`` when the task
-was given a GPU (``engine.gpus_per_task``) and CUDA is there, else ``"cpu"``.
+A method's ``hooks.Stage`` hands the backend a task function and its jobs; the backend runs every job, shows progress,
+resubmits a job whose task was lost with its worker or machine (up to ``TASK_RETRIES`` times) and, for the jobs of
+``map``, keeps a record of those retries (``retries``, written to the run's manifest; ``call`` leaves its retries to
+Ray). A task function is a plain module-level function whose last argument is the torch device it computes on: ``"cpu"``
+here; on Ray ``"cuda"`` when the task was given a GPU (``engine.gpus_per_task``) and CUDA is there, else ``"cpu"``.
 
 - ``LocalTasks``  every job in this process, one after another (``--engine local``: debugging, no Ray)
 - ``RayTasks``    every job as a Ray task, in parallel on every free CPU (or GPU share) of the cluster; large
@@ -79,8 +79,9 @@ class LocalTasks(Tasks):
 
 
 class RayTasks(Tasks):
-    """Every job as a Ray task (one CPU, ``engine.task_gpus()`` GPUs), on the cluster at ``engine.address``, which is
-    joined (or a local one started) on first use."""
+    """Every job as a Ray task (one CPU and ``task_gpus``'s GPU share: ``engine.task_gpus()``, or 0 where the default
+    share finds no GPU in the cluster), on the cluster at ``engine.address``, which is joined (or a local one started)
+    on first use."""
 
     def __init__(self, engine: EngineConfig, progress: bool = False):
         super().__init__(progress)

@@ -9,6 +9,6 @@
 Round hooks and stages after training (``dice/replays.py``: DICE-GT by replay; ``retraining``) run through the
 engines and the task backend (``dice_ray.engine``), which know no method by name. A new method is a module beside
 these with a ``Method`` and its options (a ``Section``); pass it to ``dice_ray.run(..., methods=[...])`` or add it to
-``METHODS`` (``catalog.py``, which also lists the built-in sections' order). Methods run in list order. This package's
-``__init__`` imports nothing: the run config imports the methods' options from their modules.
+``METHODS`` (``catalog.py``; the built-in sections' order is ``config.METHOD_SECTIONS``). Methods run in list order.
+This package's ``__init__`` imports nothing: the run config imports the methods' options from their modules.
 """

@@ -10,16 +10,15 @@ with Δ_j^t = θ_j^{t+½} − θ_j^t the update j sent, P^{(s)} = W^{t+s−1} �
 first reached at step s — exactly the ``est_first_order`` column of ``dice.parquet`` at hops R. The ledger adds
 the term of target k to L[j→k] (the self term to L[j→j]); T_j = Σ_k L[j→k] is j's total contribution.
 
-Adjoint view, online: at the start of every round u the participant groups take one batched gradient
-g_k = ∇L(θ_k^u; z′) of every hosted k. That one pass serves the self term of round u's update (θ^u is where
-round u starts) and hop s = u − t of every ledger round t in u−R..u−1, whatever the number of sources: only
-dot products P^{(s)}_{kj} g_kᵀ Δ_j^t remain, for the pairs (k, j) of N^{(s)}(j) (sampled products, as in
-``core.tensors.edge_dots``). Each group keeps the updates Δ of its own sources of the last R ledger rounds (they
-are part of its checkpoint snapshot) and reads the other groups' gradients: with the ledger on, a group's
-gradient block goes, on the rounds that need it, to the groups whose sources reach its participants within R hops
-(``LedgerRouter``). Hop terms need θ^{t+s} for t + s ≤ T − 1
-(gradients are taken at round starts): probes of the last R rounds are truncated at hop T − 1 − t, as far as
-the run goes; the influence tables, which need the whole window, probe rounds up to T − 1 − R only.
+Adjoint view, online: at the start of every round u the participant groups take one batched gradient g_k = ∇L(θ_k^u; z′)
+of every hosted k. That one pass serves the self term of round u's update (θ^u is where round u starts) and hop
+s = u − t of every ledger round t in u−R..u−1, whatever the number of sources: only dot products P^{(s)}_{kj} g_kᵀ Δ_j^t
+remain, for the pairs (k, j) of N^{(s)}(j) (sampled products, as in ``core.tensors.edge_dots``). Each group keeps the
+updates Δ of its own sources of the ledger rounds among the last R rounds (they are part of its checkpoint snapshot) and
+reads the other groups' gradients: with the ledger on, a group's gradient block goes, on the rounds that need it, to the
+groups whose sources reach its participants within R hops (``LedgerRouter``). Hop terms need θ^{t+s} for t + s ≤ T − 1
+(gradients are taken at round starts): probes of the last R rounds are truncated at hop T − 1 − t, as far as the run
+goes; the influence tables, which need the whole window, probe rounds up to T − 1 − R only.
 
 Sign (concepts §2): influence = L(with) − L(without); negative: j's updates lowered the loss (helpful).
 Shares: helpful participants (T_j < 0) split a positive budget, share_j = max(−T_j, 0) / Σ_l max(−T_l, 0);
@@ -297,9 +296,9 @@ def join_variants(first: dict[str, np.ndarray] | None, cascade: dict[str, np.nda
     """One round's terms of every variant on the same rows: ``KEYS`` -> [E] and one value column per variant of
     ``VARIANTS`` (NaN where not computed), sorted by (probe_round, source, target).
 
-    ``first``: the first-order terms (``LedgerExaminer.terms``, combined) or None; ``cascade``: the curvature and
-    second-order ones (``LedgerHook``'s cascade records, combined) or None. Both count the same terms — the self
-    term and every k ∈ N^{(s)}(j) — so their keys must agree; a mismatch is a bug and raises."""
+    ``first``: the first-order terms (``LedgerExaminer.terms``, combined) or None; ``cascade``: the cascade variants'
+    (curvature, second-order, exact-readout: ``LedgerHook``'s cascade records, combined) or None. Both count the same
+    terms — the self term and every k ∈ N^{(s)}(j) — so their keys must agree; a mismatch is a bug and raises."""
     cascaded = [v for v in variants if v != "first-order"]
     if first is None and (cascade is None or not cascaded):
         return None
@@ -357,7 +356,7 @@ class ContributionLedger:
 
     def state(self) -> dict[str, np.ndarray]:
         """The sums as arrays (a checkpoint's part): ``keys``, and ``sums`` (first-order), ``sums_curvature``,
-        ``sums_second_order`` for the variants kept."""
+        ``sums_second_order``, ``sums_exact_readout`` for the variants kept."""
         return {"keys": self._keys} | {f"sums{SUFFIX[v]}": self._sums[v] for v in self.variants}
 
     def load_state(self, arrays: Mapping[str, np.ndarray]) -> None:
@@ -380,8 +379,8 @@ class ContributionLedger:
 def shares(totals: np.ndarray, by_variant: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Return the rows of ``shares.parquet``: share, harmful flag and rank from the ranking totals T [N] (see the
     module docstring for the rule); ``by_variant``: every variant's totals for the ``total`` (first-order),
-    ``total_curvature`` and ``total_second_order`` columns (default: ``totals`` are the first-order ones; a
-    variant not given is NaN)."""
+    ``total_curvature``, ``total_second_order`` and ``total_exact_readout`` columns (default: ``totals`` are the
+    first-order ones; a variant not given is NaN)."""
     totals = np.asarray(totals, np.float64)
     by_variant = {"first-order": totals} if by_variant is None else by_variant
     helpful = np.maximum(-totals, 0.0)
@@ -403,7 +402,7 @@ def shares(totals: np.ndarray, by_variant: Mapping[str, np.ndarray] | None = Non
 @dataclass
 class LedgerMessage:
     """What a block sends on a ledger round: its g = ∇L(θ^u; z′) [P, D_params] (None: first-order off) and its
-    stepped perturbations (``OnlineCascades.outgoing``; None: curvature and second-order off)."""
+    stepped perturbations (``OnlineCascades.outgoing``; None: no cascade variant on)."""
 
     gradient: Any = None
     cascades: Any = None
@@ -411,7 +410,7 @@ class LedgerMessage:
 
 class LedgerRouter(Router):
     """Routes the messages of round u: block g reads those of the blocks hosting the targets its sources reach
-    within R hops (itself among them; for the first-order g) and, with curvature or second-order on, those whose
+    within R hops (itself among them; for the first-order g) and, with a cascade variant on, those whose
     participants its rows of W^u read (for the perturbations); it gets the path weights of its sources' terms as
     ``info``."""
 
@@ -438,9 +437,9 @@ class LedgerRouter(Router):
 
 class LedgerHook(RoundHook):
     """The ledger in one block: g = ∇L(θ^u; z′) at the start of rounds that need it (sent to the blocks whose
-    sources reach these participants), Δ^t kept on ledger rounds, the hosted sources' first-order terms after
-    gossip; with curvature or second-order, every hosted source's perturbation started on ledger rounds, stepped
-    and gossiped like the in-loop DICE-E, and the hosted targets' terms recorded."""
+    sources reach these participants), Δ^t kept on ledger rounds, the hosted sources' first-order terms after gossip;
+    with a cascade variant (curvature, second-order, exact-readout), every hosted source's perturbation started on
+    ledger rounds, stepped and gossiped like the in-loop DICE-E, and the hosted targets' terms recorded."""
 
     name = "ledger"
     router = LedgerRouter
@@ -491,7 +490,7 @@ class LedgerHook(RoundHook):
         return None if first is None and cascade is None else {"first": first, "cascade": cascade}
 
     def _cascade_terms(self) -> dict[str, np.ndarray] | None:
-        """This round's curvature / second-order terms of the hosted targets: ``KEYS`` and one column per cascade
+        """This round's cascade variants' terms of the hosted targets: ``KEYS`` and one column per cascade
         variant (without q_k)."""
         terms = self.cascades.terms()
         if terms is None:

@@ -122,10 +122,10 @@ class ProbeSchedule:
 
 @dataclass
 class _Cascade:
-    """One probe's perturbation on this block's participants ``rows`` (global ids, ascending) of S_s here:
-    ``first``, the first-order variant's δ (J = I; None when first-order is not recorded), and ``curved``, δ stepped
-    through J — a with its optimizer part, and b for second-order (None when neither curvature nor second-order is
-    recorded; a is carried for second-order even when curvature is not recorded)."""
+    """One probe's perturbation on this block's participants ``rows`` (global ids, ascending) of S_s here: ``first``,
+    the first-order variant's δ (J = I; None when first-order is not recorded), and ``curved``, δ stepped through J — a
+    with its optimizer part, and b where a variant reads it (None when no cascade variant, curvature, second-order or
+    exact-readout, is recorded; a is carried for those even when curvature is not recorded)."""
 
     rows: np.ndarray
     first: Perturbation | None
@@ -149,7 +149,7 @@ class _Cascade:
 class OnlineCascades:
     """The in-loop DICE-E of one ``ParticipantBlock`` (see the module docstring). Per round u: ``start(u)``
     before the local step, ``take_updates(u)`` after it, ``outgoing()`` (published for other groups) and
-    ``mix(u, weights, ids, blocks)`` after gossip; ``terms()`` returns what the round recorded."""
+    ``mix(weights, ids, blocks)`` after gossip; ``terms()`` returns what the round recorded."""
 
     def __init__(self, block: Any, config: Any, probes: ProbeSchedule | None = None, hops: int | None = None,
                  variants: list[str] | None = None, zprime: str | None = None, first_reached_only: bool = False,
@@ -477,8 +477,8 @@ class OnlineCascades:
     def snapshot(self, u: int) -> dict[str, np.ndarray]:
         """The perturbations in flight after round u, one row per hosted participant: ``cascade.ids`` [P, A]
         (the A probes globally in flight, ``in_flight``), ``cascade.mask`` [P, A] (the participant is in the
-        probe's support), ``cascade.<key>`` [P, A, D_params] (``_Cascade``'s keys), ``cascade.opt.<name>`` and, for
-        second-order, ``cascade.opt_b.<name>`` [P, A, ...]; with ``first_reached_only`` also ``cascade.new`` [P, A]
+        probe's support), ``cascade.<key>`` [P, A, D_params] (``_Cascade``'s keys), ``cascade.opt.<name>`` and, where b
+        is carried, ``cascade.opt_b.<name>`` [P, A, ...]; with ``first_reached_only`` also ``cascade.new`` [P, A]
         (first reached at the current step)."""
         if not self.enabled:
             return {}
@@ -644,7 +644,8 @@ class CascadeHook(RoundHook):
 
 class CascadeDriver(DriverHook):
     """Keeps every round's in-loop terms; after training, the ``influence`` and ``dice`` tables (DICE-GT, if
-    asked for, is replayed and filled in afterwards by the front end)."""
+    asked for, is replayed and filled in after training by the ``influence-replays`` stage:
+    ``replays.InfluenceReplays``)."""
 
     name = "online_dice"
 

@@ -262,7 +262,8 @@ def twice_differentiable_sqrt() -> Iterator[None]:
 
     The optimizer's square root is an autograd.Function whose custom jvp reads its saved output as a constant, so
     a jvp of that jvp misses d²√v (measured: 2.6x off a finite difference of Adam's step). The values are the
-    same; only the second-order forward passes of this module run inside this block (one thread per process).
+    same; only the second-order forward passes (this module's and ``estimator.sample_second_order``) run inside this
+    block (one thread per process).
     """
     from dice_ray.core import population
 
