@@ -18,7 +18,7 @@ import pyarrow as pa
 from dice_ray.errors import InputError
 from dice_ray.reports import plots
 from dice_ray.reports.correlation import compare
-from dice_ray.reports.inputs import read_columns
+from dice_ray.reports.inputs import measured, read_columns
 from dice_ray.results import ALIGNMENT
 
 VARIANTS = {"first-order": "est_first_order", "curvature": "est_curvature", "second-order": "est_second_order",
@@ -86,7 +86,7 @@ def alignment_report(run: Path) -> Alignment:
     """Return the alignment report of the run directory ``run`` (reads ``dice`` and ``influence``; writes nothing).
     A run without influence, or without ground truth, is an ``InputError``."""
     dice = read_columns(run, "dice")
-    if dice["gt"].dtype == object and all(v is None for v in dice["gt"]):
+    if not measured(dice["gt"]):
         raise InputError(f"{run / 'dice.parquet'} has no ground truth (influence.ground_truth was off)")
     rows = alignment_rows(dice, read_columns(run, "influence"))
     return Alignment(pd.DataFrame(rows, columns=ALIGNMENT.names), pd.DataFrame(dice))

@@ -20,17 +20,17 @@ from scipy import stats
 from dice_ray.errors import InputError
 from dice_ray.reports import plots
 from dice_ray.reports.correlation import spearman
-from dice_ray.reports.inputs import read_columns, recorded_topology
+from dice_ray.reports.inputs import measured, read_columns, recorded_topology
 from dice_ray.results import CASCADE, PAIRWISE
 
 
 def value_column(influence: dict[str, np.ndarray]) -> str:
-    """The best influence measured: ground truth, else the second-order estimate, else curvature, else first-order."""
+    """The best influence measured: ground truth, else the second-order estimate, else curvature, else first-order
+    (the first of these columns that the table has and that holds values)."""
     for column in ("gt", "est_second_order", "est_curvature", "est_first_order"):
         if column not in influence:  # tables written before the variant existed
             continue
-        values = influence[column]
-        if values.dtype != object or any(v is not None for v in values):
+        if measured(influence[column]):
             return column
     raise InputError("influence.parquet holds no influence values")
 

@@ -4,7 +4,7 @@ From a run with the ledger (``shares`` and ``contributions``) it ranks the parti
 with their share of the helpful budget and the harmful flag, beside their data size, misbehaviour and position
 (in-degree, betweenness). Where leave-one-participant-out retraining (``loo``) and Monte-Carlo Shapley
 (``shapley``) exist, it gives Spearman and Kendall correlation of T_j with them. Computing those is retraining,
-not reporting: ``dice_ray.runner.retrain_run``.
+not reporting: ``dice_ray.Run.retrain`` (``python -m dice_ray.analyze contributions --loo``/``--shapley``).
 """
 
 from __future__ import annotations

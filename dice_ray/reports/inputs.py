@@ -22,6 +22,14 @@ def read_columns(run: Path, name: str) -> dict[str, np.ndarray]:
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
 
 
+def measured(values: np.ndarray) -> bool:
+    """Whether a column read by ``read_columns`` holds any value: not all null (float nulls read as NaN, others as
+    None). A run with ``influence.ground_truth`` off writes its ``gt`` columns all null."""
+    if values.dtype.kind == "f":
+        return bool(len(values)) and not bool(np.isnan(values).all())
+    return any(v is not None for v in values)
+
+
 def read_frame(run: Path, name: str, hint: str) -> pd.DataFrame:
     """Return table ``name`` of ``run`` as a DataFrame; a missing table is an ``InputError`` ending in ``hint``."""
     path = run / f"{name}.parquet"

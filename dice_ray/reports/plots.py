@@ -7,11 +7,16 @@ global state, so a notebook's backend stays as it was.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 DPI = 120
+
+
+# One scatter marker per DICE-E variant (first-order, curvature, second-order, exact-readout), and spares
+MARKERS = "ox+^sDv"
 
 
 def _figure(width: float, height: float):
@@ -20,15 +25,15 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), constrained_layout=True)
 
 
-def alignment_scatter(dice: pd.DataFrame, variants: dict[str, str], hop: int, path: Path) -> None:
+def alignment_scatter(dice: pd.DataFrame, variants: dict[str, str], hop: int, path: Path) -> Any:
     """DICE-E against DICE-GT at hop ``hop``, one marker per variant: the hop-r term (left) and the cumulative
     DICE^{(r)} (right), with the line E = GT. ``dice``: the run's ``dice`` table; ``variants``: variant -> its
-    estimate column."""
+    estimate column. Returns the figure (saved to ``path``)."""
     dice = dice[dice["hops"] == hop]
     fig = _figure(9, 4.2)
     for ax, (quantity, suffix) in zip(fig.subplots(1, 2), (("hop", "_hop"), ("cumulative", "")), strict=True):
         gt = dice[f"gt{suffix}"].to_numpy(float)
-        for (variant, column), marker in zip(variants.items(), "ox+", strict=False):
+        for (variant, column), marker in zip(variants.items(), MARKERS, strict=False):
             ax.scatter(gt, dice[f"{column}{suffix}"].to_numpy(float), s=12, marker=marker, label=variant, alpha=0.7)
         lo, hi = np.nanmin(gt), np.nanmax(gt)
         ax.plot([lo, hi], [lo, hi], color="grey", linewidth=1, label="E = GT")
@@ -38,6 +43,7 @@ def alignment_scatter(dice: pd.DataFrame, variants: dict[str, str], hop: int, pa
         ax.legend(fontsize=8)
         ax.tick_params(axis="x", labelrotation=30)
     fig.savefig(path, dpi=DPI)
+    return fig
 
 
 def cascade_decay(decay: pd.DataFrame, value: str, path: Path) -> None:

@@ -94,3 +94,42 @@ def test_cascade_report_relates_influence_to_position(tmp_path: Path, capsys) ->
     strength = pairwise.assign(size=pairwise["influence"].abs()).groupby("source")["size"].sum()
     assert strength.idxmax() == 0  # the hub's data reaches everyone first
     assert "out_degree: 0." in capsys.readouterr().out  # a positive rank correlation with degree
+
+
+@pytest.fixture(scope="module")
+def run_without_ground_truth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "no-gt"
+    assert simulate(["--engine", "local", "--dataset", "digits", "--nodes", "8", "--topology", "ring", "--batch-size",
+                     "16", "--rounds", "8", "--influence", "--hops", "2", "--set", "influence.last=2", "--set",
+                     "influence.ground_truth=false", "--variants", "first-order,curvature,second-order",
+                     "--no-progress", "--out", str(out)]) == 0
+    return out
+
+
+def test_alignment_of_a_run_without_ground_truth_is_an_error(run_without_ground_truth: Path, capsys) -> None:
+    assert analyze(["alignment", str(run_without_ground_truth)]) == 2
+    assert "no ground truth" in capsys.readouterr().err
+    assert not (run_without_ground_truth / "alignment.parquet").exists()
+
+
+def test_cascade_of_a_run_without_ground_truth_reads_the_best_estimate(run_without_ground_truth: Path) -> None:
+    assert analyze(["cascade", str(run_without_ground_truth)]) == 0
+    decay = pd.read_parquet(run_without_ground_truth / "cascade.parquet")
+    assert set(decay["value"]) == {"est_second_order"}
+    assert np.isfinite(decay["mean_abs"]).all() and (decay["mean_abs"] > 0).all()
+
+
+def test_alignment_scatter_draws_every_variant(tmp_path: Path) -> None:
+    from dice_ray.methods.dice.estimator import VARIANTS
+    from dice_ray.reports import plots
+    from dice_ray.reports.alignment import VARIANTS as COLUMNS
+
+    rng = np.random.default_rng(0)
+    dice = pd.DataFrame({"hops": np.ones(20, int), "gt": rng.normal(size=20), "gt_hop": rng.normal(size=20)})
+    for column in COLUMNS.values():
+        dice[column], dice[f"{column}_hop"] = rng.normal(size=20), rng.normal(size=20)
+    assert list(COLUMNS) == list(VARIANTS)
+    figure = plots.alignment_scatter(dice, dict(COLUMNS), 1, tmp_path / "scatter.png")
+    for axes in figure.axes:
+        assert len(axes.collections) == len(VARIANTS)  # one scatter per variant
+        assert len({tuple(c.get_paths()[0].vertices.round(3).ravel()) for c in axes.collections}) == len(VARIANTS)
