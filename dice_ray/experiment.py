@@ -35,7 +35,7 @@ class Experiment:
     config: RunConfig
     dataset: Dataset
     partition: Partition
-    heldout: tuple[np.ndarray, np.ndarray]  # z′: x [m, *input_shape] float32, y [m] int64
+    heldout: tuple[np.ndarray, np.ndarray]  # z′: x [m, *input_shape] float32, y [m] int64 (float32: regression)
     q: np.ndarray  # participant weights q_k, float64 [N]
     topology: Topology
     param_count: int

@@ -107,7 +107,7 @@ ALIGNMENT = _schema(
 CASCADE = _schema(
     ("step", pa.int32(), "s: rounds after the probe"),
     ("distance", pa.int32(), "hop distance from the probed participant j to the target k"),
-    ("value", pa.string(), "which influence: gt, est_curvature or est_first_order"),
+    ("value", pa.string(), "which influence: gt, est_second_order, est_curvature or est_first_order"),
     ("mean_abs", pa.float64(), "mean |influence term| over whole-batch probes and targets at this distance"),
     ("terms", pa.int32(), "number of terms averaged"),
 )
@@ -115,7 +115,7 @@ CASCADE = _schema(
 PAIRWISE = _schema(
     ("source", pa.int32(), "j"),
     ("target", pa.int32(), "k"),
-    ("value", pa.string(), "which influence: gt, est_curvature or est_first_order"),
+    ("value", pa.string(), "which influence: gt, est_second_order, est_curvature or est_first_order"),
     ("influence", pa.float64(), "I_{j→k}: mean over whole-batch probes of j of the term d_k^{(R)} (or e_k^{(R)}) "
                                 "R = the run's hops; negative: j's data lowered k's loss"),
 )
@@ -158,8 +158,8 @@ ANOMALY = _schema(
     ("examiners", pa.int32(), "examiners with anomalous and honest in-neighbours"),
     ("precision", pa.float64(), "mean over examiners with an anomalous in-neighbour of precision at a_k (a_k = its "
                                 "number of anomalous in-neighbours)"),
-    ("detected", pa.float64(), "share of those examiners whose anomalous in-neighbours all rank worst at the run's "
-                               "last scoring round and from some round on"),
+    ("detected", pa.float64(), "share of those examiners whose anomalous in-neighbours all rank worst at the last "
+                               "scoring round before the horizon and from some round on"),
     ("delay_median", pa.float64(), "median detection delay over detected examiners: scoring rounds until every "
                                    "anomalous in-neighbour ranks among the worst a_k and stays there"),
     ("delay_max", pa.float64(), "largest detection delay over detected examiners"),
@@ -235,9 +235,9 @@ SHAPLEY = _schema(
 CONTRIBUTION_REPORT = _schema(
     ("participant", pa.int32(), "participant j"),
     ("total", pa.float64(), "ledger total T_j, first-order (null unless computed)"),
-    ("share", pa.float64(), "share of the helpful budget"),
-    ("harmful", pa.bool_(), "flagged harmful (T_j > 0)"),
-    ("rank", pa.int32(), "ledger rank, 1 = most helpful"),
+    ("share", pa.float64(), "share of the helpful budget, by the ranking variant's totals (ledger.rank_by)"),
+    ("harmful", pa.bool_(), "flagged harmful (the ranking variant's T_j > 0)"),
+    ("rank", pa.int32(), "ledger rank by the ranking variant's totals, 1 = most helpful"),
     ("loo_effect", pa.float64(), "leave-one-participant-out effect Σ_k q_k (L_k(full) − L_k(without j)) (null: "
                                  "not computed)"),
     ("shapley", pa.float64(), "Monte-Carlo Shapley value (null: not computed)"),
@@ -258,8 +258,10 @@ TRIALS = _schema(
     ("status", pa.string(), "ok, or failed: the trial raised (bad input, diverged training, a lost actor)"),
     ("error", pa.string(), "why a failed trial failed (exception type and message); null when ok"),
     ("run_dir", pa.string(), "the trial's run directory (simulate's tables), relative to the sweep directory"),
-    ("start_time", pa.string(), "when the trial started (UTC, ISO 8601)"),
-    ("wall_seconds", pa.float64(), "trial wall time: simulation, influence measurement and metrics"),
+    ("start_time", pa.string(), "when the trial started (UTC, ISO 8601; for a trial whose process died, when "
+                                "its failure was recorded)"),
+    ("wall_seconds", pa.float64(), "trial wall time: simulation, influence measurement and metrics (null when "
+                                  "the trial's process died)"),
 )
 
 TABLES: dict[str, pa.Schema] = {"rounds": ROUNDS, "nodes": NODES, "influence": INFLUENCE, "dice": DICE,

@@ -1,7 +1,8 @@
 """Experiment tracking: send a run's per-round metrics and summaries to TensorBoard and MLflow.
 
 ``output.log`` (``--log tensorboard,mlflow``) names the trackers. They are views: the Parquet tables stay
-the source of truth, and every number a tracker gets is one the tables hold too —
+the source of truth, and every number a tracker gets is one the tables hold too, but for the per-round
+``rounds_per_second`` —
 
 - every round: ``train_loss`` (mean over participants) and ``rounds_per_second`` (since the previous round);
 - on evaluation rounds also ``val_loss``, ``val_acc``, ``heldout_loss``, ``heldout_acc`` (means over

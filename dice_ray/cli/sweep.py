@@ -7,9 +7,9 @@ Examples::
     python -m dice_ray.sweep my.yaml --out runs/sweeps/try2 --max-concurrent 4 --address auto
 
 The sweep file names a base run config, a space over its fields and the search (see dice_ray/sweep/spec.py
-and README "Sweeps"). Every trial is a whole simulation; the sweep directory gets trials/<id>/ (the
-trial's run directory and result.json), trials.parquet (one row per finished trial) and summary.png.
-Bad input prints one line and exits with status 2 before anything is written; failed trials are
+and docs/how-to/sweeps.md). Every trial is a whole simulation; the sweep directory gets trials/<id>/ (the
+trial's run directory and result.json), trials.parquet (one row per finished trial) and, with a plot: section,
+summary.png. Bad input prints one line and exits with status 2 before anything is written; failed trials are
 recorded (status failed, with the error) and do not stop the sweep.
 """
 

@@ -1,4 +1,5 @@
-"""Data sets: the registry of names, the bundled sets that work offline, and ``register_dataset``.
+"""Data sets: the ``Dataset`` arrays and the bundled sets that work offline (the registry of names and
+``register_dataset`` are in ``registry.py``).
 
 Data sets come back whole as arrays (``Dataset``). Built in:
 
@@ -158,17 +159,17 @@ def load_synthetic(seed: int, samples: int, classes: int, shape: tuple[int, ...]
 
     check_seed(seed)
     if not shape or any(int(d) < 1 for d in shape):
-        raise InputError(f"--synthetic-shape {shape} must be positive dimensions, e.g. (1, 8, 8)")
+        raise InputError(f"synthetic_shape {shape} must be positive dimensions, e.g. (1, 8, 8)")
     if classes < 2:
-        raise InputError(f"--synthetic-classes {classes} must be at least 2")
+        raise InputError(f"data.synthetic_classes {classes} must be at least 2")
     if samples < 10 * classes:
         raise InputError(
-            f"--synthetic-samples {samples} is too few for {classes} classes (need >= {10 * classes})"
+            f"data.synthetic_samples {samples} is too few for {classes} classes (need >= {10 * classes})"
         )
     d = int(np.prod(shape))
     need = int(np.ceil(np.log2(classes)))  # make_classification places classes on hypercube vertices
     if need > d:
-        raise InputError(f"--synthetic-shape {shape} has {d} features, too few for {classes} classes")
+        raise InputError(f"synthetic_shape {shape} has {d} features, too few for {classes} classes")
     x, y = make_classification(
         n_samples=samples,
         n_features=d,

@@ -18,7 +18,8 @@ def heldout_batch(dataset: Dataset, size: int, seed: int = 0) -> tuple[np.ndarra
     """The shared held-out batch z' (concepts §2): ``size`` test samples drawn without replacement,
     deterministic from ``seed`` (the whole test split, in order, if size >= n_test).
 
-    Returns (x float32 [m, *input_shape] C-contiguous, y int64 [m]) with m = min(size, n_test).
+    Returns (x float32 [m, *input_shape] C-contiguous, y int64 [m], float32 targets for a regression set) with
+    m = min(size, n_test).
     """
     if int(size) != size or size < 1:
         raise InputError(f"held-out batch size {size} must be a positive integer")

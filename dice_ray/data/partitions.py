@@ -24,7 +24,8 @@ class Partition:
 
     ``train[k]`` int64 [n_k]: indices into ``Dataset.x_train`` forming k's local training set D_k.
     ``val[k]`` int64 [v_k]: k's local validation split (z'_k), disjoint from every ``train`` part.
-    Over all participants the parts are disjoint and cover the training indices exactly once.
+    Over all participants the parts are disjoint and cover the training indices exactly once (unless
+    ``shrink_partition`` dropped some: those go to nobody).
     """
 
     train: list[np.ndarray]
@@ -32,7 +33,7 @@ class Partition:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data sets
+# Partitions
 # ----------------------------------------------------------------------------------------------------
 
 

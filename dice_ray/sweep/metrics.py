@@ -4,8 +4,8 @@ A metric group is a function ``(run_dir, config) -> {column: value}`` registered
 ``register_metric(name, columns)``, where ``columns(config)`` lists the columns it returns for a run of that
 config (none where it does not apply, e.g. alignment without influence). A sweep computes every group, or
 those its ``metrics:`` list names; each column becomes a column of ``trials.parquet`` and can be the
-``metric`` an Optuna search optimizes. Groups read only the run's tables and manifest, so a new one (say,
-issue 4's proximal-influence AUC) is one decorated function here.
+``metric`` an Optuna search optimizes. Groups read only the run's tables and manifest, so a new one is one
+decorated function here (as ``proximal_detection`` below).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def proximal_detection(run: Path, config: RunConfig) -> Values:
     """The detection report (``dice_ray.reports.detection``) over the whole run, for the cumulative proximal score:
     ROC AUC over all (examiner, in-neighbour) pairs, its mean over examiners, precision at a_k (the examiner's
     number of anomalous in-neighbours), the AUC averaged over every scoring round, and the scoring rounds until it
-    reaches 0.95 for good (NaN: never)."""
+    reaches 0.95 for good (null: never)."""
     import pandas as pd
 
     from dice_ray.reports.detection import detection_metrics, running_scores

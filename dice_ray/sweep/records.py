@@ -4,7 +4,7 @@
 SWEEP_DIR/
   sweep.json            the validated sweep (a resumed sweep must match it)
   trials.parquet        one row per finished trial; rebuilt atomically after every trial
-  <plot>.png            the summary plot (sweep file's `plot:`)
+  summary.png           the summary plot (when the sweep file has `plot:` and a trial finished)
   trials/<trial_id>/    the trial's run directory (manifest.json, rounds.parquet, ...) and result.json
   tune/                 Ray Tune's own experiment state
 ```

@@ -5,11 +5,12 @@ base: {config: configs/alignment.yaml, rounds: 20}   # a run config dict; `confi
 space:                                               # dotted run-config field -> one distribution
   optim.lr: {grid: [0.01, 0.05, 0.1]}                #   grid / choice: these values
   optim.batch_size: {choice: [8, 16]}
-  data.alpha: {loguniform: [0.1, 10]}                #   uniform / loguniform: [low, high] (search optuna)
-  nodes: {int: [8, 64]}                              #   int: integers in [low, high] (search optuna)
 search: grid                                         # grid: every combination; optuna: num_samples draws
 out: runs/sweeps/lr-batch
 ```
+
+With ``search: optuna`` (``num_samples`` draws, a ``metric`` to optimize) a space may also hold
+``{loguniform: [low, high]}``, ``{uniform: [low, high]}`` and ``{int: [low, high]}``.
 
 Everything is validated before any trial starts: every candidate value is applied to the base config and
 the result must be a valid ``RunConfig`` (an unknown field or a value out of range is one ``InputError``
