@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"base: N={BASE_N} actor peak {base['actor_peak_mib']:.0f} MiB (fixed cost)", flush=True)
         for n in args.nodes:
             for opt in args.optimizers:
-                r = run(n, opt, args.rounds, not args.no_checkpoint, Path(tmp))
+                # N = BASE_N with SGD is the base run itself (its run directory exists): reuse it
+                r = dict(base) if (n, opt) == (BASE_N, "sgd") else run(n, opt, args.rounds, not args.no_checkpoint,
+                                                                          Path(tmp))
                 r["peak_over_state"] = r["actor_peak_mib"] / r["state_mib"]
                 r["growth_over_state"] = (r["actor_peak_mib"] - base["actor_peak_mib"]) / r["state_mib"]
                 results.append(r)
