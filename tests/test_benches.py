@@ -60,3 +60,32 @@ def test_bench_quick_modes_run(command, tmp_path):
     done = subprocess.run([sys.executable, *command], cwd=BENCH, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "replays/s" in done.stdout or "cpu tasks" in done.stdout, done.stdout
+
+
+def _declared_options(script: Path) -> set[str]:
+    import re
+
+    return set(re.findall(r"add_argument\(\s*[\"'](--[a-z][a-z0-9-]*)[\"']", script.read_text()))
+
+
+def test_every_bench_command_in_the_docs_uses_options_its_script_declares():
+    """A command line ``python bench/X.py --opt`` anywhere in the docs, bench/README.md or a bench's own docstring names
+    only options X declares (the docs pages' check pools every script's options; this one is per script)."""
+    import re
+
+    texts = [ROOT / "README.md", BENCH / "README.md", *sorted((ROOT / "docs").rglob("*.md")),
+             *sorted(BENCH.glob("*.py"))]
+    declared = {path.name: _declared_options(path) for path in BENCH.glob("*.py")}
+    problems, seen = [], 0
+    for path in texts:
+        text = path.read_text().replace("\\\n", " ")  # shell line continuations
+        for line in text.splitlines():
+            for script, rest in re.findall(r"python (?:\S*/)?bench/([a-z_]+\.py)([^`#\n]*)", line):
+                seen += 1
+                if script not in declared:
+                    problems.append(f"{path.relative_to(ROOT)}: {script} does not exist")
+                    continue
+                flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest))
+                problems += [f"{path.relative_to(ROOT)}: {script} {f}" for f in sorted(flags - declared[script])]
+    assert seen > 50  # the pattern still finds the commands
+    assert problems == []
