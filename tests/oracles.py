@@ -21,9 +21,12 @@ from dice_ray.methods.dice.trajectory import record_trajectory
 
 
 def make_window(topology: str = "ring", nodes: int = 6, lr: float = 0.1, optimizer: str = "sgd",
-                t0: int = 2, hops: int = 3, batch: int = 8, dtype: torch.dtype = torch.float32):
+                t0: int = 2, hops: int = 3, batch: int = 8, dtype: torch.dtype = torch.float32,
+                idle: list[int] = ()):
+    """A recorded window (``idle``: participants left with no data, ``data.shrink`` fraction 1)."""
     cfg = build_config({"nodes": nodes, "topology": {"name": topology},
-                        "data": {"dataset": "digits", "heldout_size": 64}, "model": {"name": "mlp-tanh"},
+                        "data": {"dataset": "digits", "heldout_size": 64, "shrink": {"ids": list(idle), "fraction": 1}},
+                        "model": {"name": "mlp-tanh"},
                         "optim": {"name": optimizer, "lr": lr, "batch_size": batch}})
     experiment = prepare(cfg)
     window = window_for(experiment, record_trajectory(experiment, t0, hops))
@@ -40,10 +43,12 @@ def make_window(topology: str = "ring", nodes: int = 6, lr: float = 0.1, optimiz
 
 def explicit_replay(window: Window, source: int, hops: int):
     """The run from θ_j^{t0+½} on, as a differentiable function of j's half-step parameters: returns the
-    held-out losses of every participant after each of the next ``hops`` rounds (plain tensors ops)."""
+    held-out losses of every participant after each of the next ``hops`` rounds (plain tensors ops). Participants
+    with no data (``window.idle``) do not step."""
     traj = window.trajectory
     n = traj.states[0].shape[0]
     width = model_state_layouts(window.model)[0].width
+    idle = torch.as_tensor(np.isin(np.arange(n), window.idle))
 
     def run(half_source: torch.Tensor, opt_source: dict[str, torch.Tensor]):
         halves = traj.halves[0].clone()
@@ -61,7 +66,10 @@ def explicit_replay(window: Window, source: int, hops: int):
             if s == hops:
                 break
             x, y = window.batches(traj.t0 + s)
-            params, opt = pop.functional_step(states[:, :width], opt, x, y)
+            params, stepped = pop.functional_step(states[:, :width], opt, x, y)
+            params = torch.where(idle[:, None], states[:, :width], params)
+            opt = {k: torch.where(idle.reshape(-1, *[1] * (v.dim() - 1)), opt[k], v) if k in opt else v
+                   for k, v in stepped.items()}
             halves = torch.cat([params, states[:, width:]], dim=1)
         return tuple(out)
 

@@ -211,3 +211,54 @@ def test_influence_replays_and_estimates_follow_corrupted_updates(kind: str) -> 
     for s in (1, 2, 3):
         np.testing.assert_allclose(est.values[s], truth.values[s], rtol=0.15, atol=2e-5)
     assert np.abs(gt.values[1]).sum() > 0 and delta.abs().sum() > 0
+
+
+# Participants 4 and 6 of an 8-node exponential graph hold no data: source 3's cascade reaches both (3 → 4 at hop 1).
+IDLE = [4, 6]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
+def test_participants_with_no_data_do_not_step_in_replays_or_estimates(optimizer: str) -> None:
+    """They take no local step in training (θ^{t+½} = θ^t): DICE-GT's replay and DICE-E's J must not step them either.
+    Both are checked against the explicit run in which they do not step: DICE-GT is its loss difference without j's
+    update, the curvature estimate its forward-mode derivative along that update."""
+    window, _ = make_window("exponential", nodes=8, optimizer=optimizer, dtype=torch.float64, idle=IDLE)
+    traj, source, hops = window.trajectory, 3, 3
+    torch.testing.assert_close(traj.halves[0][IDLE], traj.states[0][IDLE])  # training did not step them
+    run, width = explicit_replay(window, source, hops)
+    factual = {k: traj.opt_states[1][k][source] for k in traj.opt_states[1] if k != "step"}
+    before = {k: traj.opt_states[0][k][source] for k in factual}
+    with_update = run(traj.halves[0][source, :width], factual)
+    without = run(traj.states[0][source, :width], before)
+    gt = ground_truth_cascade(window, source, hops)
+    delta, opt_delta = update_difference(window, source)
+    cascade = estimate_cascade(window, source, delta, opt_delta, hops, "curvature")
+    _, derivatives = jvp(run, (traj.halves[0][source, :width], factual), (delta, opt_delta))
+    for s in range(1, hops + 1):
+        rows = gt.supports[s]
+        assert set(IDLE) <= set(rows.tolist()) or s == 1
+        exact = (with_update[s - 1] - without[s - 1]).detach().numpy()[rows]
+        # the recorded trajectory is float32 (the explicit run recomputes it in float64): ~1e-7 relative rounding
+        np.testing.assert_allclose(gt.values[s], exact, rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(cascade.values[s], derivatives[s - 1].detach().numpy()[rows], rtol=1e-5,
+                                   atol=1e-12)
+
+
+def test_a_participant_with_no_data_influences_no_one() -> None:
+    """Its probes (whole batch or one sample of the stand-in batch it never steps on) are 0 by ground truth and by
+    every estimate."""
+    from dice_ray.methods.dice.estimator import estimate_cascades, sample_second_order_difference
+
+    window, _ = make_window("exponential", nodes=8, optimizer="adam", idle=IDLE)
+    variants = ["first-order", "curvature", "second-order", "exact-readout"]
+    for removed in (None, np.array([2])):
+        gt = ground_truth_cascade(window, 4, 3, removed)
+        if removed is None:
+            delta, opt_delta = update_difference(window, 4)
+            second = None
+        else:
+            delta, opt_delta = sample_update_difference(window, 4, 2)
+            second = sample_second_order_difference(window, 4, 2)
+        estimates = estimate_cascades(window, 4, delta, opt_delta, 3, variants, second, True, True)
+        for cascade in [gt, *estimates.values()]:
+            assert cascade.half == 0.0 and all(np.all(v == 0) for v in cascade.values)

@@ -129,3 +129,18 @@ def test_in_loop_with_time_varying_graph_adam_scaled_updates_and_validation_zpri
     online = tables(simulate(config(tmp_path / "online", influence__online=True, engine__actors=2, **changes)))
     assert_same_estimates(online, replayed, (*ESTIMATES, "est_second_order"))
     assert online["influence"]["est_second_order"].notna().all()
+
+
+def test_in_loop_estimates_with_participants_that_hold_no_data(tmp_path: Path) -> None:
+    """Participants 2 and 5 hold no data: in the round loop as on replayed windows they do not step (J = I), and
+    their own probes are 0 by every estimate and by DICE-GT."""
+    changes = {"data__shrink": {"ids": [2, 5], "fraction": 1.0}, "optim__name": "adam", "optim__lr": 0.01,
+               "influence__variants": ["first-order", "curvature", "second-order", "exact-readout"]}
+    estimates = (*ESTIMATES, "est_second_order", "est_exact_readout")
+    replayed = tables(simulate(config(tmp_path / "replay", **changes), engine_kind="local"))
+    online = tables(simulate(config(tmp_path / "online", influence__online=True, **changes), engine_kind="local"))
+    assert_same_estimates(online, replayed, estimates)
+    for table in (replayed["dice"], online["dice"]):
+        idle = table[table["source"].isin([2, 5])]
+        assert len(idle) and (idle[["gt", *estimates]].to_numpy() == 0).all()
+        assert (table[~table["source"].isin([2, 5])]["gt"] != 0).all()

@@ -90,7 +90,9 @@ class Window:
 
     model: the architecture; optimizer: O_k; batches(t) -> (x [N, B, ...], y [N, B]) the minibatches of
     round t; heldout: z′ = (x [m, ...], y [m]) shared by all participants, or with ``validation`` =
-    (x [N, m, ...], y [N, m], mask [N, m]) each participant's own validation split as its z′_k (concepts §2).
+    (x [N, m, ...], y [N, m], mask [N, m]) each participant's own validation split as its z′_k (concepts §2);
+    update_factors: c_k of misbehaving participants that send θ + cΔ; idle: the participants with no data, which
+    do not step.
     The model, the trajectory and these tensors live on one device, and so does everything computed from them:
     cascades come back to the host only as numpy (``Cascade``).
     """
@@ -98,7 +100,8 @@ class Window:
     def __init__(self, trajectory: Trajectory, model: nn.Module, optimizer: OptimizerSpec, batches,
                  heldout: tuple[torch.Tensor, torch.Tensor],
                  validation: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                 update_factors: np.ndarray | None = None, loss: Loss = CROSS_ENTROPY):
+                 update_factors: np.ndarray | None = None, loss: Loss = CROSS_ENTROPY,
+                 idle: np.ndarray | None = None):
         self.trajectory = trajectory
         self.loss = loss
         self.model = model
@@ -108,6 +111,8 @@ class Window:
         self.validation = validation
         # c_k of participants that send θ + cΔ instead of their local step's θ + Δ (1 for honest ones).
         self.update_factors = update_factors
+        # Participants with no data (ids): they do not step (θ^{t+½} = θ^t), so their local step is the identity.
+        self.idle = np.zeros(0, np.int64) if idle is None else np.asarray(idle, np.int64)
         self._model64: nn.Module | None = None
         self._test_gradients: dict[int, torch.Tensor] = {}
         self._test_losses: dict[int, torch.Tensor] = {}
@@ -124,6 +129,10 @@ class Window:
 
             self._model64 = copy.deepcopy(self.model).double()
         return self._model64
+
+    def idle_rows(self, rows: np.ndarray) -> np.ndarray | None:
+        """Which of participants ``rows`` have no data (bool [len(rows)]), or None where none has."""
+        return np.isin(rows, self.idle) if len(self.idle) else None
 
     def index(self, rows: np.ndarray) -> torch.Tensor:
         """``rows`` (participant ids) as an index tensor on the window's device."""
@@ -223,7 +232,8 @@ class Window:
         index = self.index(rows)
         return LocalSteps(self.model, self.optimizer, self.trajectory.states[s][index],
                           {name: value[index] for name, value in self.trajectory.opt_states[s].items()}, x[index],
-                          y[index], None if self.update_factors is None else self.update_factors[rows], self.loss)
+                          y[index], None if self.update_factors is None else self.update_factors[rows], self.loss,
+                          self.idle_rows(rows))
 
     def jvp_step(self, s: int, rows: np.ndarray, tangent: torch.Tensor,
                  opt_tangent: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -334,9 +344,19 @@ def sample_update_difference(window: Window, source: int,
     traj = window.trajectory
     x, y = window.batches(traj.t0)
     factor = 1.0 if window.update_factors is None else float(window.update_factors[source])
-    return sample_update(window.model, window.optimizer, traj.states[0][source],
-                         {name: value[source] for name, value in traj.opt_states[0].items()}, x[source], y[source],
-                         position, factor, window.loss)
+    return no_step_if_idle(source in window.idle, sample_update(
+        window.model, window.optimizer, traj.states[0][source], {name: value[source] for name, value in
+                                                                 traj.opt_states[0].items()},
+        x[source], y[source], position, factor, window.loss))
+
+
+def no_step_if_idle(idle: bool, update: tuple[torch.Tensor, dict[str, torch.Tensor]]
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``update`` (a sample's Δ or b₀, with its optimizer part), or zeros of the same shapes for a participant with no
+    data (``idle``): it does not step, so removing a sample of its stand-in minibatch changes nothing."""
+    if not idle:
+        return update
+    return torch.zeros_like(update[0]), {name: torch.zeros_like(value) for name, value in update[1].items()}
 
 
 def sample_update(model: nn.Module, optimizer: OptimizerSpec, state: torch.Tensor, opt_state: dict[str, torch.Tensor],
@@ -397,9 +417,10 @@ def sample_second_order_difference(window: Window, source: int,
     traj = window.trajectory
     x, y = window.batches(traj.t0)
     factor = 1.0 if window.update_factors is None else float(window.update_factors[source])
-    return sample_second_order(window.model, window.optimizer, traj.states[0][source],
-                               {name: value[source] for name, value in traj.opt_states[0].items()}, x[source],
-                               y[source], position, factor, window.loss)
+    return no_step_if_idle(source in window.idle, sample_second_order(
+        window.model, window.optimizer, traj.states[0][source], {name: value[source] for name, value in
+                                                                 traj.opt_states[0].items()},
+        x[source], y[source], position, factor, window.loss))
 
 
 def estimate_cascade(window: Window, source: int, delta: torch.Tensor, opt_delta: dict[str, torch.Tensor],

@@ -42,10 +42,11 @@ def _heldout_losses(window: Window, states: torch.Tensor, rows: np.ndarray) -> n
 def counterfactual_half_step(window: Window, source: int,
                              removed: np.ndarray | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Return (θ_{j∖z}^{t0+½} [D], j's optimizer state after that step): the whole batch removed (no step)
-    when ``removed`` is None, else the step on j's minibatch without positions ``removed``."""
+    when ``removed`` is None, else the step on j's minibatch without positions ``removed``. A participant with no
+    data does not step: its counterfactual is the factual θ_j^{t0+½} = θ_j^{t0}."""
     traj = window.trajectory
     opt = {name: value[[source]].clone() for name, value in traj.opt_states[0].items()}
-    if removed is None:
+    if removed is None or source in window.idle:
         return traj.states[0][source].clone(), {name: value[0] for name, value in opt.items()}
     x, y = window.batches(traj.t0)
     keep = np.setdiff1d(np.arange(x.shape[1]), removed)
@@ -95,7 +96,15 @@ def ground_truth_cascade(window: Window, source: int, hops: int, removed: np.nda
         pop.load_optimizer_state(opt)
         x, y = window.batches(traj.t0 + s)
         before = pop.params.clone()
+        idle = window.idle_rows(rows)
+        if idle is not None:  # participants with no data do not step: state and optimizer state stay
+            idle = torch.as_tensor(np.flatnonzero(idle), device=halves.device)
+            kept = pop.state[idle].clone(), {name: value[idle].clone() for name, value in pop.opt_state.items()}
         pop.half_step(x[index], y[index])
+        if idle is not None:
+            pop.state[idle] = kept[0]
+            for name, value in kept[1].items():
+                pop.opt_state[name][idle] = value
         window.corrupt_updates_(rows, before, pop)
         halves = traj.halves[s].clone()
         halves[index] = pop.state

@@ -107,7 +107,7 @@ def window_for(experiment: Any, trajectory: Trajectory) -> Window:
         factors = np.ones(experiment.nodes)
         factors[experiment.misbehaving] = update_factor(bad.kind, bad.factor)
     return Window(trajectory, model, experiment.config.optim.spec(), block.minibatch, heldout, validation, factors,
-                  block.population.loss)
+                  block.population.loss, idle=block.nodes[block.idle])
 
 
 def measure_round(experiment: Any, trajectory: Trajectory, probes: list[Probe]) -> tuple[list[dict], list[dict]]:

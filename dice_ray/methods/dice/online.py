@@ -53,6 +53,7 @@ from dice_ray.methods.dice import recursion
 from dice_ray.methods.dice.estimator import (
     Cascade,
     moved,
+    no_step_if_idle,
     reading_b,
     sample_second_order,
     sample_update,
@@ -331,8 +332,9 @@ class OnlineCascades:
                 x, y = self.block.minibatch(u)
             k = int(pos[i])
             factor = 1.0 if self.factors is None else float(self.factors[k])
-            out[p.probe_id] = update(pop.model, pop.optimizer, pop.state[k], {
-                n: v[k] for n, v in pop.opt_state.items()}, x[k], y[k], p.sample_index, factor, pop.loss)
+            out[p.probe_id] = no_step_if_idle(k in self.block.idle, update(
+                pop.model, pop.optimizer, pop.state[k], {n: v[k] for n, v in pop.opt_state.items()}, x[k], y[k],
+                p.sample_index, factor, pop.loss))
         return out
 
     def _step(self, u: int, cascades: list[tuple[int, _Cascade]]) -> None:
@@ -354,7 +356,8 @@ class OnlineCascades:
                 pos = self._positions(np.concatenate([d.rows for _, d in chunk]))
                 steps = recursion.LocalSteps(pop.model, pop.optimizer, pop.state[pos],
                                    {n: v[pos] for n, v in pop.opt_state.items()}, x[pos], y[pos],
-                                   None if self.factors is None else self.factors[pos.cpu().numpy()], pop.loss)
+                                   None if self.factors is None else self.factors[pos.cpu().numpy()], pop.loss,
+                                   np.isin(pos.cpu().numpy(), self.block.idle) if len(self.block.idle) else None)
                 stepped = recursion.local_step(steps, Perturbation.cat([d.curved for _, d in chunk]))
                 a = 0
                 for done, d in chunk:

@@ -101,7 +101,8 @@ def start(delta: torch.Tensor, opt_delta: dict[str, torch.Tensor], b0: torch.Ten
 class LocalSteps:
     """The local steps O_l of P participants at one round: states [P, D] and optimizer states (name -> [P, ...]) of
     ``model`` under ``optimizer``, minibatches x [P, B, ...], y [P, B]; ``factors`` c [P] of participants that send
-    θ + c(O(θ) − θ) (None: all 1)."""
+    θ + c(O(θ) − θ) (None: all 1); ``idle`` bool [P]: participants with no data, whose local step is the identity
+    (they do not step: θ^{t+½} = θ^t, optimizer state unchanged; None: none)."""
 
     model: nn.Module
     optimizer: OptimizerSpec
@@ -111,6 +112,7 @@ class LocalSteps:
     y: torch.Tensor
     factors: np.ndarray | None = None
     loss: Loss = CROSS_ENTROPY
+    idle: np.ndarray | None = None
 
 
 def identity_step(delta: Perturbation) -> Perturbation:
@@ -119,12 +121,25 @@ def identity_step(delta: Perturbation) -> Perturbation:
 
 
 def local_step(steps: LocalSteps, delta: Perturbation) -> Perturbation:
-    """J δ through ``steps``: J a (curvature), or with b (J a, J b − ½ D²O[a, a]) in one nested pass."""
+    """J δ through ``steps``: J a (curvature), or with b (J a, J b − ½ D²O[a, a]) in one nested pass. Rows of idle
+    participants (``steps.idle``) keep δ as it is: their local step is the identity."""
     if delta.b is None:
         a, opt_a = jvp_local_step(steps, delta.a, delta.opt_a)
-        return Perturbation(a, {n: v for n, v in opt_a.items() if n != "step"})
-    (a, opt_a), (b, opt_b) = second_order_local_step(steps, delta.a, delta.opt_a, delta.b, delta.opt_b)
-    return Perturbation(a, opt_a, b, opt_b)
+        stepped = Perturbation(a, {n: v for n, v in opt_a.items() if n != "step"})
+    else:
+        (a, opt_a), (b, opt_b) = second_order_local_step(steps, delta.a, delta.opt_a, delta.b, delta.opt_b)
+        stepped = Perturbation(a, opt_a, b, opt_b)
+    if steps.idle is None or not steps.idle.any():
+        return stepped
+    idle = torch.as_tensor(steps.idle, device=stepped.a.device)
+
+    def kept(new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
+        old = torch.zeros_like(new) if old is None else old
+        return torch.where(idle.reshape(-1, *[1] * (new.dim() - 1)), old.to(new.dtype), new)
+
+    return Perturbation(kept(stepped.a, delta.a), {n: kept(v, delta.opt_a.get(n)) for n, v in stepped.opt_a.items()},
+                        None if stepped.b is None else kept(stepped.b, delta.b),
+                        {n: kept(v, delta.opt_b.get(n)) for n, v in stepped.opt_b.items()})
 
 
 def gossip(parts: list[tuple[torch.Tensor, Perturbation]], own: Perturbation, keep: torch.Tensor,
