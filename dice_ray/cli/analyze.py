@@ -133,6 +133,7 @@ def collaborators(runs: list[Path], out: Path | None = None) -> list[dict]:
     ``collaborators.parquet`` to ``out`` (default: the runs' common parent folder); return its rows."""
     computed = collaborators_report(runs)
     out = out or common_parent(runs)
+    out.mkdir(parents=True, exist_ok=True)
     write_report(computed, out)
     print(f"{'misbehaviour':>16} {'rewiring':>9} {'seeds':>5} {'honest acc':>16} {'bad in-edges':>12} "
           f"{'gain vs static':>15} {'wins':>5}")
@@ -209,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for bad input)."""
     args = build_parser().parse_args(argv)
     try:
+        misplaced = [(option, owner) for option, owner, value in (
+            ("--horizon", "anomaly", args.horizon), ("--out", "collaborators", args.out),
+            ("--loo", "contributions", args.loo), ("--shapley", "contributions", args.shapley),
+            ("--local", "contributions", args.local), ("--allow-imports", "contributions", args.allow_imports))
+            if value not in (None, False) and owner != args.report]
+        if misplaced:
+            option, owner = misplaced[0]
+            raise InputError(f"{option} is an option of the {owner} report, not of {args.report}")
         for run in args.run:
             if not run.is_dir():
                 raise InputError(f"run directory {str(run)!r} does not exist")

@@ -56,13 +56,18 @@ def at_horizon(scores: pd.DataFrame, horizon: int) -> pd.DataFrame:
     return before.groupby(["method", "examiner", "neighbor"], sort=False).tail(1)
 
 
-def _separated(frame: pd.DataFrame) -> pd.Series:
-    """Per (method, round, examiner) with an anomalous in-neighbour: True iff every anomalous one scores above
-    every honest one (each ranks among the worst a_k)."""
-    worst_honest = frame[~frame["anomalous"]].groupby(["method", "round", "examiner"])["value"].max()
-    best_anomalous = frame[frame["anomalous"]].groupby(["method", "round", "examiner"])["value"].min()
-    honest = worst_honest.reindex(best_anomalous.index).fillna(-np.inf)
-    return best_anomalous > honest
+def separation(frame: pd.DataFrame) -> pd.Series:
+    """Per (method, round, examiner) that has scored an anomalous and an honest in-neighbour by then: True iff every
+    anomalous one's latest running score is above every honest one's (each ranks among the worst a_k). The latest
+    score, not only this round's: on a time-varying graph an examiner scores a few of its in-neighbours a round."""
+    wide = frame.pivot_table(index=["method", "examiner", "round"], columns="neighbor", values="value",
+                             aggfunc="last", sort=True)
+    wide = wide.groupby(level=["method", "examiner"]).ffill()  # each in-neighbour's latest running score
+    anomalous = frame.groupby("neighbor")["anomalous"].first().reindex(wide.columns).to_numpy(bool)
+    best_anomalous = wide.loc[:, anomalous].min(axis=1)
+    worst_honest = wide.loc[:, ~anomalous].max(axis=1)
+    both = best_anomalous.notna() & worst_honest.notna()
+    return (best_anomalous > worst_honest)[both].reorder_levels(["method", "round", "examiner"]).sort_index()
 
 
 AUC_TARGET = 0.95  # the detection level ``rounds_to_auc`` waits for
@@ -105,7 +110,7 @@ def detection_metrics(scores: pd.DataFrame, horizon: int,
 
     final = at_horizon(scores, horizon)
     before = scores[scores["round"] < horizon]
-    separated = _separated(before).rename("separated").reset_index()
+    separated = separation(before).rename("separated").reset_index()
     rows = []
     for method in METHODS:
         at = final[final["method"] == method]
@@ -114,7 +119,7 @@ def detection_metrics(scores: pd.DataFrame, horizon: int,
         per_examiner, precision = [], []
         for _, group in at.groupby("examiner"):
             a = int(group["anomalous"].sum())
-            if a == 0:
+            if a == 0 or a == len(group):  # nothing to rank: no anomalous, or no honest in-neighbour
                 continue
             top = group.sort_values("value", ascending=False, kind="stable").head(a)
             precision.append(float(top["anomalous"].mean()))
@@ -186,9 +191,10 @@ def detection_report(run: Path, horizons: list[int] | None = None) -> Detection:
         raise InputError(f"{run} has no misbehaving participants: nothing to detect (--misbehavior)")
     window = json.loads((run / "manifest.json").read_text())["config"]["proximal"]["window"]
     last = int(rounds["round"].max()) + 1
+    outside = sorted(h for h in horizons or [] if not 0 < h <= last)
+    if outside:
+        raise InputError(f"--horizon {outside[0]}: a horizon counts the rounds before it, 1..{last} for this run")
     horizons = sorted({h for h in (horizons or [5, 10, 20]) if 0 < h <= last} | ({last} if not horizons else set()))
-    if not horizons:
-        raise InputError(f"no horizon within the run's {last} rounds")
     scores = running_scores(proximal, rounds, window)
     curves = auc_curves(scores, horizons[-1])  # once: each horizon reads a prefix
     rows = [row for h in horizons for row in detection_metrics(scores, h, curves)]

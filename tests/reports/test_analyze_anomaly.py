@@ -76,6 +76,10 @@ def test_anomaly_report_writes_table_and_png(tmp_path, capsys) -> None:
     assert ((table["auc"] >= 0) & (table["auc"] <= 1)).all()
     assert (run / "anomaly_roc.png").stat().st_size > 10_000
     assert "proximal" in capsys.readouterr().out
+    assert analyze(["anomaly", str(run), "--horizon", "4", "--horizon", "100"]) == 2  # beyond the run's 8 rounds
+    assert "--horizon 100" in capsys.readouterr().err
+    assert analyze(["anomaly", str(run), "--shapley", "2"]) == 2  # another report's option is not ignored
+    assert "--shapley is an option of the contributions report" in capsys.readouterr().err
     plain = tmp_path / "plain"
     assert simulate(["--engine", "local", "--no-progress", "--dataset", "digits", "--nodes", "6", "--rounds", "2",
                      "--out", str(plain)]) == 0
@@ -94,7 +98,22 @@ def test_collaborators_report_compares_runs(tmp_path, mode: str) -> None:
                              "4", "--misbehavior", "label-flip", "--misbehaving", "1", "--proximal", "--out", str(out),
                              *flags]) == 0
         runs.append(str(out))
-    assert analyze(["collaborators", *runs]) == 0
-    table = pd.read_parquet(tmp_path / "collaborators.parquet")
+    assert analyze(["collaborators", *runs, "--out", str(tmp_path / "new" / "folder")]) == 0  # made if missing
+    table = pd.read_parquet(tmp_path / "new" / "folder" / "collaborators.parquet")
     assert table["honest_acc"].between(0, 1).all() and table["misbehaving"].tolist() == [1, 1]
     assert analyze(["anomaly", *runs]) == 2
+
+
+def test_detection_compares_every_in_neighbour_scored_so_far() -> None:
+    """On a time-varying graph an examiner scores one in-neighbour a round: the anomalous one alone in round 0 (no
+    comparison yet), the honest one alone in round 1, ranked above the anomalous one's latest score: not detected.
+    The same examiner counted each round alone was 'detected' in round 0 and from then on."""
+    from dice_ray.reports.detection import separation
+
+    frame = pd.DataFrame({"method": ["proximal"] * 3, "round": [0, 1, 2], "examiner": [0, 0, 0],
+                          "neighbor": [2, 1, 2], "value": [1.0, 5.0, 6.0], "anomalous": [True, False, True]})
+    separated = separation(frame)
+    assert separated.index.tolist() == [("proximal", 1, 0), ("proximal", 2, 0)]
+    assert separated.tolist() == [False, True]  # round 2: the anomalous one's 6 beats the honest one's latest 5
+    everyone = frame.assign(anomalous=True)  # no honest in-neighbour: nothing to separate from
+    assert separation(everyone).empty
