@@ -107,7 +107,8 @@ ALIGNMENT = _schema(
 CASCADE = _schema(
     ("step", pa.int32(), "s: rounds after the probe"),
     ("distance", pa.int32(), "hop distance from the probed participant j to the target k"),
-    ("value", pa.string(), "which influence: gt, est_second_order, est_curvature or est_first_order"),
+    ("value", pa.string(), "which influence: gt, est_second_order, est_exact_readout, est_curvature or "
+                           "est_first_order"),
     ("mean_abs", pa.float64(), "mean |influence term| over whole-batch probes and targets at this distance"),
     ("terms", pa.int32(), "number of terms averaged"),
 )
@@ -115,7 +116,8 @@ CASCADE = _schema(
 PAIRWISE = _schema(
     ("source", pa.int32(), "j"),
     ("target", pa.int32(), "k"),
-    ("value", pa.string(), "which influence: gt, est_second_order, est_curvature or est_first_order"),
+    ("value", pa.string(), "which influence: gt, est_second_order, est_exact_readout, est_curvature or "
+                           "est_first_order"),
     ("influence", pa.float64(), "I_{j→k}: mean over whole-batch probes of j of the term d_k^{(R)} (or e_k^{(R)}) "
                                 "R = the run's hops; negative: j's data lowered k's loss"),
 )

@@ -16,9 +16,9 @@ DICE^{(r)}, and every per-participant term d_k^{(r)} (k in S_r). It writes them 
 and a GT-vs-E scatter per hop to ``alignment_hop{r}.png`` in the run directory.
 
 ``cascade`` reads ``influence.parquet`` (whole-batch probes; DICE-GT where measured, else the second-order,
-curvature or first-order estimate) and reports how influence decays with hop distance (``cascade.parquet``,
-``cascade_decay.png``), how a source's total influence relates to its degree and centrality (networkx),
-the pairwise matrix I_{j→k} after R rounds (``pairwise.parquet``, ``pairwise_heatmap.png``) and its
+exact-readout, curvature or first-order estimate) and reports how influence decays with hop distance
+(``cascade.parquet``, ``cascade_decay.png``), how a source's total influence relates to its degree and centrality
+(networkx), the pairwise matrix I_{j→k} after R rounds (``pairwise.parquet``, ``pairwise_heatmap.png``) and its
 reciprocity: the correlation of I_{j→k} with I_{k→j}.
 
 ``anomaly`` reads ``proximal.parquet`` (a run with ``--proximal`` and misbehaving participants) and ranks every

@@ -1,6 +1,6 @@
 """The cascade report: how influence ripples out from a participant's data (see docs/concepts.md).
 
-From whole-batch probes (DICE-GT where measured, else the second-order, curvature or first-order estimate): mean
+From whole-batch probes (DICE-GT where measured, else the best estimate measured: ``value_column``): mean
 |influence| against hop distance, a source's total influence against its position (out-degree, betweenness,
 closeness; networkx), the pairwise matrix I_{j→k} after R rounds and its reciprocity, the correlation of I_{j→k}
 with I_{k→j}.
@@ -25,9 +25,9 @@ from dice_ray.results import CASCADE, PAIRWISE
 
 
 def value_column(influence: dict[str, np.ndarray]) -> str:
-    """The best influence measured: ground truth, else the second-order estimate, else curvature, else first-order
-    (the first of these columns that the table has and that holds values)."""
-    for column in ("gt", "est_second_order", "est_curvature", "est_first_order"):
+    """The best influence measured: ground truth, else the second-order estimate, else exact-readout, else curvature,
+    else first-order (the first of these columns that the table has and that holds values)."""
+    for column in ("gt", "est_second_order", "est_exact_readout", "est_curvature", "est_first_order"):
         if column not in influence:  # tables written before the variant existed
             continue
         if measured(influence[column]):
@@ -39,7 +39,8 @@ def value_column(influence: dict[str, np.ndarray]) -> str:
 class Cascade:
     """The cascade report of one run.
 
-    ``value``: the influence column used (``gt``, ``est_second_order``, ``est_curvature`` or ``est_first_order``);
+    ``value``: the influence column used (``gt``, ``est_second_order``, ``est_exact_readout``, ``est_curvature`` or
+    ``est_first_order``);
     ``last_step``: R, the last step after a probe. ``decay``: mean |influence| per (step, distance) (the
     ``cascade`` table). ``pairwise``: I_{j→k} per measured (source, target) at step R (the ``pairwise`` table);
     ``matrix``: the same as an N × N array [j, k], NaN where unmeasured. ``position``: Spearman correlation of a

@@ -133,3 +133,12 @@ def test_alignment_scatter_draws_every_variant(tmp_path: Path) -> None:
     for axes in figure.axes:
         assert len(axes.collections) == len(VARIANTS)  # one scatter per variant
         assert len({tuple(c.get_paths()[0].vertices.round(3).ravel()) for c in axes.collections}) == len(VARIANTS)
+
+
+def test_cascade_of_a_run_with_exact_readout_alone(tmp_path: Path) -> None:
+    out = tmp_path / "exact"
+    assert simulate(["--engine", "local", "--dataset", "digits", "--nodes", "6", "--topology", "ring", "--rounds", "6",
+                     "--influence", "--hops", "2", "--set", "influence.last=2", "--set", "influence.ground_truth=false",
+                     "--variants", "exact-readout", "--no-progress", "--out", str(out)]) == 0
+    assert analyze(["cascade", str(out)]) == 0
+    assert set(pd.read_parquet(out / "cascade.parquet")["value"]) == {"est_exact_readout"}
