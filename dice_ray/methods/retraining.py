@@ -115,11 +115,23 @@ class Retraining(Stage):
 
 def retraining_changes(run: Path, loo: bool, shapley: int | None) -> dict[str, Any]:
     """The config changes (dotted field -> value) that make ``Retraining`` write the tables the finished run ``run``
-    lacks (``loo.parquet`` with ``loo``, ``shapley.parquet`` with ``shapley`` permutations); empty if none."""
+    lacks (``loo.parquet`` with ``loo``, ``shapley.parquet`` with ``shapley`` permutations: a table of another
+    number of permutations is computed again); empty if none."""
     has_loo = (run / "loo.parquet").is_file()
-    if not ((loo and not has_loo) or (shapley and not (run / "shapley.parquet").is_file())):
+    if not ((loo and not has_loo) or (shapley and _shapley_permutations(run) != shapley)):
         return {}
     return {"ledger.loo": bool(loo or has_loo), "ledger.shapley_permutations": shapley or 0}
+
+
+def _shapley_permutations(run: Path) -> int | None:
+    """The permutations of the run's ``shapley.parquet`` (None: it has none)."""
+    import pyarrow.parquet as pq
+
+    path = run / "shapley.parquet"
+    if not path.is_file():
+        return None
+    column = pq.read_table(path, columns=["permutations"]).column("permutations")
+    return int(column[0].as_py()) if len(column) else None
 
 
 RETRAINING_METHOD = Method("retraining", enabled=lambda c: bool(c.ledger.loo or c.ledger.shapley_permutations),

@@ -148,6 +148,10 @@ def test_shapley_values_add_up_to_the_grand_coalition(tmp_path: Path) -> None:
     assert len(shapley) == 4 and (shapley["permutations"] == 2).all()
     np.testing.assert_allclose(shapley["shapley"].sum(), everyone - nobody, rtol=1e-9)
     assert everyone < nobody  # training on everyone's data lowers the loss
+    from dice_ray.methods.retraining import retraining_changes
+
+    assert retraining_changes(out, True, 2) == {}  # both tables there, with 2 permutations
+    assert retraining_changes(out, False, 3) == {"ledger.loo": True, "ledger.shapley_permutations": 3}  # computed again
 
 
 @pytest.mark.parametrize(("flags", "message"), [
