@@ -56,7 +56,9 @@ def collaborator_row(run: Path) -> dict:
             "misbehaving": int((~honest).sum()), "seed": config.seed,
             "honest_acc": float(last["heldout_acc"].to_numpy()[honest].mean()),
             "honest_loss": float(last["heldout_loss"].to_numpy()[honest].mean()),
-            "anomalous_in_edges": float(sum(from_bad) / total) if total else 0.0}
+            "anomalous_in_edges": float(sum(from_bad) / total) if total else 0.0,
+            "study": {"nodes": config.nodes, "rounds": config.rounds, "dataset": config.data.dataset,
+                      "topology": config.topology.name}}  # what the compared runs must share (not a column)
 
 
 def common_parent(runs: list[Path]) -> Path:
@@ -108,8 +110,28 @@ class Collaborators:
         return {}
 
 
+def _check_comparable(rows: list[dict]) -> None:
+    """Raise ``InputError`` unless the runs are one study's: the same participants, rounds, data set and graph, and
+    one run per (misbehaviour, rewiring, seed), since the summary averages over seeds and pairs them."""
+    first = rows[0]
+    for row in rows[1:]:
+        for field, value in row["study"].items():
+            if value != first["study"][field]:
+                raise InputError(f"runs {first['run']} and {row['run']} differ in {field} ({first['study'][field]} "
+                                 f"and {value}): compare runs of one study")
+    seen: dict[tuple, str] = {}
+    for row in rows:
+        key = (row["misbehavior"], row["misbehaving"], row["rewiring"], row["seed"])
+        if key in seen:
+            raise InputError(f"runs {seen[key]} and {row['run']} are both rewiring {row['rewiring']}, seed "
+                             f"{row['seed']} ({row['misbehavior']} x{row['misbehaving']}): the report averages over "
+                             "seeds, so pass one run per seed")
+        seen[key] = row["run"]
+
+
 def collaborators_report(runs: list[Path]) -> Collaborators:
     """Return the collaborators report comparing the finished run directories ``runs`` (writes nothing)."""
     rows = [collaborator_row(run) for run in runs]
+    _check_comparable(rows)
     return Collaborators(table=pd.DataFrame(rows, columns=COLLABORATORS.names),
                          summary=pd.DataFrame(_summary(rows)))

@@ -90,7 +90,7 @@ def test_anomaly_report_writes_table_and_png(tmp_path, capsys) -> None:
 @pytest.mark.parametrize("mode", ["none", "influence"])
 def test_collaborators_report_compares_runs(tmp_path, mode: str) -> None:
     runs = []
-    for rewire in ("none", mode):
+    for rewire in dict.fromkeys(("none", mode)):  # mode none: the static run alone
         out = tmp_path / f"rewire-{rewire}"
         if not out.exists():
             flags = [] if rewire == "none" else ["--rewire", rewire, "--rewire-every", "2", "--rewire-keep", "2"]
@@ -100,8 +100,9 @@ def test_collaborators_report_compares_runs(tmp_path, mode: str) -> None:
         runs.append(str(out))
     assert analyze(["collaborators", *runs, "--out", str(tmp_path / "new" / "folder")]) == 0  # made if missing
     table = pd.read_parquet(tmp_path / "new" / "folder" / "collaborators.parquet")
-    assert table["honest_acc"].between(0, 1).all() and table["misbehaving"].tolist() == [1, 1]
-    assert analyze(["anomaly", *runs]) == 2
+    assert table["honest_acc"].between(0, 1).all() and table["misbehaving"].tolist() == [1] * len(runs)
+    assert analyze(["collaborators", *runs, runs[0]]) == 2  # the same run twice is not two seeds
+    assert analyze(["anomaly", runs[0], runs[-1]]) == 2  # one run directory only
 
 
 def test_detection_compares_every_in_neighbour_scored_so_far() -> None:
