@@ -17,9 +17,22 @@ def read_columns(run: Path, name: str) -> dict[str, np.ndarray]:
     """Return table ``name`` of ``run`` as column name -> numpy array (nulls of float columns as NaN)."""
     path = run / f"{name}.parquet"
     if not path.is_file():
-        raise InputError(f"{path} does not exist: run the simulation with --influence first")
+        raise missing_table(path, "run the simulation with --influence first")
     table = pq.read_table(path)
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
+def missing_table(path: Path, hint: str) -> InputError:
+    """The error for a run's table ``path`` that does not exist: the run did not finish (its manifest says so: its
+    tables are written at the end), else ``hint`` (the run was made without the method that writes the table)."""
+    try:
+        status = json.loads((path.parent / "manifest.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None
+    if status not in (None, "complete"):
+        return InputError(f"{path.parent} is not a complete run (status {status!r}, so {path.name} is not written "
+                          f"yet): finish it with python -m dice_ray.simulate --resume {path.parent}")
+    return InputError(f"{path} does not exist: {hint}")
 
 
 def measured(values: np.ndarray) -> bool:
@@ -34,7 +47,7 @@ def read_frame(run: Path, name: str, hint: str) -> pd.DataFrame:
     """Return table ``name`` of ``run`` as a DataFrame; a missing table is an ``InputError`` ending in ``hint``."""
     path = run / f"{name}.parquet"
     if not path.is_file():
-        raise InputError(f"{path} does not exist: {hint}")
+        raise missing_table(path, hint)
     return pd.read_parquet(path)
 
 

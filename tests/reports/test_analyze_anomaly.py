@@ -85,6 +85,16 @@ def test_anomaly_report_writes_table_and_png(tmp_path, capsys) -> None:
                      "--out", str(plain)]) == 0
     assert analyze(["anomaly", str(plain)]) == 2
     assert "--proximal" in capsys.readouterr().err
+    import json
+    import shutil
+
+    stopped = tmp_path / "stopped"  # a run killed before its end: its tables are not written yet
+    shutil.copytree(run, stopped)
+    (stopped / "proximal.parquet").unlink()
+    manifest = json.loads((stopped / "manifest.json").read_text())
+    (stopped / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    assert analyze(["anomaly", str(stopped)]) == 2
+    assert "is not a complete run" in (err := capsys.readouterr().err) and "--resume" in err
 
 
 @pytest.mark.parametrize("mode", ["none", "influence"])
