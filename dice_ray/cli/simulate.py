@@ -222,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as err:  # diverged: the manifest says so, no table reads as complete
         print(f"error: training diverged: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the manifest says "interrupted"; the last checkpoint is there to resume from
+        print("interrupted" + (f"; continue with python -m dice_ray.simulate --resume {out}" if out else ""),
+              file=sys.stderr)
+        return 130
     except OSError as err:  # a full disk, a folder gone read-only: no table reads as complete
         where = f" ({err.filename})" if err.filename else ""
         print(f"error: cannot write the run directory {out}: {err.strerror or err}{where}; fix that, then continue "

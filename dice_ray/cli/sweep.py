@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         run_sweep(sweep, resume=args.resume, address=args.address)
     except InputError as err:
         return report(err)
+    except KeyboardInterrupt as err:
+        print(f"interrupted{f' ({err})' if str(err) else ''}; continue with python -m dice_ray.sweep {args.sweep} "
+              f"--resume{f' --out {args.out}' if args.out else ''}", file=sys.stderr)
+        return 130
     return 0
 
 

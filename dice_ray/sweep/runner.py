@@ -200,7 +200,9 @@ def _check_fits(sweep: Sweep, joined: bool) -> None:
 
 
 def _searcher(sweep: Sweep, done: dict[str, dict[str, Any]]) -> Any:
-    """OptunaSearch over the space, told the results of the trials already finished (resume)."""
+    """OptunaSearch over the space, told the results of the trials already finished (resume). A resumed search draws
+    with a seed moved on by the trials done: told points do not advance a seeded sampler, which would otherwise draw
+    the first trials' parameters again."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -213,7 +215,7 @@ def _searcher(sweep: Sweep, done: dict[str, dict[str, Any]]) -> Any:
 
     spec = sweep.spec
     space = {field: distribution(*next(iter(dist.items()))) for field, dist in spec.space.items()}
-    searcher = OptunaSearch(space=space, metric=spec.metric, mode=spec.mode, seed=spec.seed)
+    searcher = OptunaSearch(space=space, metric=spec.metric, mode=spec.mode, seed=spec.seed + len(done))
     for row in done.values():
         value = row["metrics"].get(spec.metric)
         failed = row["status"] != "ok" or value is None
@@ -276,7 +278,16 @@ def _run_trials(sweep: Sweep, out: Path, done: dict[str, dict[str, Any]]) -> Pat
                                     verbose=0, callbacks=[_recorder(sweep, out, total, done), *_trackers(sweep, out)],
                                     failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES))
         tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config).fit()
-    return _summarize(sweep, out, time.time() - started)
+    path = _summarize(sweep, out, time.time() - started)
+    recorded = len(finished_trials(out))
+    if recorded < total:  # Tune returns normally when interrupted (Ctrl-C): the sweep did not finish
+        raise KeyboardInterrupt(f"{recorded} of {total} trials recorded")
+    return path
+
+
+def _total(sweep: Sweep, rows: list[dict[str, Any]]) -> int:
+    """The number of trials the sweep runs (a grid's size; an optuna search's samples, or more where more ran)."""
+    return len(sweep.grid) if sweep.spec.search == "grid" else max(sweep.spec.num_samples or 0, len(rows))
 
 
 def _summarize(sweep: Sweep, out: Path, wall: float) -> Path:
@@ -285,8 +296,8 @@ def _summarize(sweep: Sweep, out: Path, wall: float) -> Path:
     rows = list(finished_trials(out).values())
     path = write_trials_table(out, rows, list(spec.space))
     ok = [r for r in rows if r["status"] == "ok"]
-    lines = [f"sweep done in {wall:.0f} s: {len(rows)} trials, {len(ok)} ok, {len(rows) - len(ok)} failed; "
-             f"table {path}"]
+    lines = [f"sweep {'done' if len(rows) >= _total(sweep, rows) else 'stopped'} in {wall:.0f} s: {len(rows)} trials, "
+             f"{len(ok)} ok, {len(rows) - len(ok)} failed; table {path}"]
     if spec.plot is not None and ok:
         lines.append(f"plot {plot_trials(rows, spec.plot, out / 'summary.png')}")
     scored = [r for r in ok if r["metrics"].get(spec.metric or "") is not None]

@@ -184,6 +184,7 @@ def test_optuna_sweep_resumes_with_its_finished_trials(tmp_path: Path) -> None:
     trials = pd.read_parquet(out / "trials.parquet")
     assert len(trials) == 3 and (trials["status"] == "ok").all()
     assert trials["optim.lr"].between(0.01, 0.3).all() and set(trials["optim.batch_size"]) <= {4, 8}
+    assert trials["optim.lr"].nunique() == 3  # the resumed search draws a new point, not its first one again
 
 
 def test_detection_auc_ranks_sources_by_mean_dice(tmp_path: Path) -> None:
