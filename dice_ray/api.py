@@ -33,7 +33,10 @@ ENGINES = ("ray", "local")
 
 
 class Run:
-    """A run directory: its manifest, its result tables (pandas, read on first use) and its reports."""
+    """A run directory: its manifest, its result tables (pandas, read on first use) and its reports.
+
+    Every table is an attribute (``run.rounds``, ``run.dice``) except those named like a report method
+    (``alignment``, ``cascade``, ``anomaly``, ``contributions``), which ``run.table(name)`` reads."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
