@@ -28,7 +28,7 @@ QUANTITIES = {"hop": "_hop", "cumulative": ""}
 
 def measured_variants(dice: dict[str, np.ndarray] | pd.DataFrame) -> dict[str, str]:
     """The DICE-E variants the run computed, variant -> column (a column that is absent or all null was not)."""
-    return {v: c for v, c in VARIANTS.items() if c in dice and bool(pd.notna(pd.Series(dice[c])).any())}
+    return {v: c for v, c in VARIANTS.items() if c in dice and measured(np.asarray(dice[c]))}
 
 
 def alignment_rows(dice: dict[str, np.ndarray], influence: dict[str, np.ndarray] | None = None) -> list[dict]:

@@ -252,12 +252,9 @@ def _run_trials(sweep: Sweep, out: Path, done: dict[str, dict[str, Any]]) -> Pat
     write_json_atomic(out / "sweep.json", sweep.fingerprint())
 
     spec = sweep.spec
-    if spec.search == "grid":
-        todo = [t.trial_id for t in sweep.grid if t.trial_id not in done]
-        total, count = len(sweep.grid), len(todo)
-    else:
-        total = max(spec.num_samples or 0, len(done))
-        count = total - len(done)
+    total = _total(sweep, len(done))
+    todo = [t.trial_id for t in sweep.grid if t.trial_id not in done] if spec.search == "grid" else []
+    count = len(todo) if spec.search == "grid" else total - len(done)
     print(f"sweep {out}: {total} trials ({spec.search}); {len(done)} finished before, running {count}, "
           f"up to {spec.max_concurrent} at a time", flush=True)
     started = time.time()
@@ -278,26 +275,28 @@ def _run_trials(sweep: Sweep, out: Path, done: dict[str, dict[str, Any]]) -> Pat
                                     verbose=0, callbacks=[_recorder(sweep, out, total, done), *_trackers(sweep, out)],
                                     failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES))
         tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config).fit()
-    path = _summarize(sweep, out, time.time() - started)
-    recorded = len(finished_trials(out))
+    path, recorded = _summarize(sweep, out, time.time() - started)
     if recorded < total:  # Tune returns normally when interrupted (Ctrl-C): the sweep did not finish
         raise KeyboardInterrupt(f"{recorded} of {total} trials recorded")
     return path
 
 
-def _total(sweep: Sweep, rows: list[dict[str, Any]]) -> int:
-    """The number of trials the sweep runs (a grid's size; an optuna search's samples, or more where more ran)."""
-    return len(sweep.grid) if sweep.spec.search == "grid" else max(sweep.spec.num_samples or 0, len(rows))
+def _total(sweep: Sweep, recorded: int) -> int:
+    """The number of trials the sweep runs, ``recorded`` of them recorded (a grid's size; an optuna search's samples,
+    or more where more ran)."""
+    return len(sweep.grid) if sweep.spec.search == "grid" else max(sweep.spec.num_samples or 0, recorded)
 
 
-def _summarize(sweep: Sweep, out: Path, wall: float) -> Path:
-    """Rebuild trials.parquet and the plot from every recorded trial; print the summary line."""
+def _summarize(sweep: Sweep, out: Path, wall: float) -> tuple[Path, int]:
+    """Rebuild trials.parquet and the plot from every recorded trial; print the summary line. Returns the table's path
+    and the number of trials recorded."""
     spec = sweep.spec
     rows = list(finished_trials(out).values())
     path = write_trials_table(out, rows, list(spec.space))
     ok = [r for r in rows if r["status"] == "ok"]
-    lines = [f"sweep {'done' if len(rows) >= _total(sweep, rows) else 'stopped'} in {wall:.0f} s: {len(rows)} trials, "
-             f"{len(ok)} ok, {len(rows) - len(ok)} failed; table {path}"]
+    state = "done" if len(rows) >= _total(sweep, len(rows)) else "stopped"
+    lines = [f"sweep {state} in {wall:.0f} s: {len(rows)} trials, {len(ok)} ok, {len(rows) - len(ok)} failed; "
+             f"table {path}"]
     if spec.plot is not None and ok:
         lines.append(f"plot {plot_trials(rows, spec.plot, out / 'summary.png')}")
     scored = [r for r in ok if r["metrics"].get(spec.metric or "") is not None]
@@ -306,4 +305,4 @@ def _summarize(sweep: Sweep, out: Path, wall: float) -> Path:
         lines.append(f"best {spec.metric} = {best['metrics'][spec.metric]:.4g} at {best['params']} "
                      f"({best['trial_id']})")
     print("\n".join(lines), flush=True)
-    return path
+    return path, len(rows)
