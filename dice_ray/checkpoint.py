@@ -46,7 +46,7 @@ _PLACEMENT_FIELDS = {"engine": None,
 
 def config_digest(config: Any) -> str:
     """Return a digest of everything in ``config`` (a ``RunConfig``) that determines the numbers."""
-    data = config.model_dump(mode="json")
+    data = config.recorded()
     for section, fields in _PLACEMENT_FIELDS.items():
         if fields is None:
             data.pop(section, None)

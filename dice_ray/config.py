@@ -348,6 +348,17 @@ class RunConfig(Section):
             section.check(self)
         return self
 
+    def recorded(self) -> dict[str, Any]:
+        """This config as a run records it (its manifest, its checkpoints' digest, its trackers' parameters): without
+        the sections of registered user methods it leaves off. Those are added to every config a process builds once
+        it has registered the method, but do not change a run that does not use it, so a run started from a script
+        that registered one can be resumed, reported on and compared where it is not registered."""
+        data = self.model_dump(mode="json")
+        for method in registered_methods():
+            if method.options is not None and method.name in data and not method.enabled(self):
+                del data[method.name]
+        return data
+
     def method_sections(self) -> list[tuple[str, Section]]:
         """(name, options) of every method's section: the built-in ones, then those of registered user methods
         (``hooks.register_method``), in order. A received run's section of a method not registered here is a plain
@@ -411,6 +422,13 @@ def rerun_config(data: Any, where: str, allow_imports: bool) -> RunConfig:
     if named and not allow_imports:
         raise InputError(f"{where}: its config imports {', '.join(named)}, code that would run in this process and in "
                          "every Ray worker; continue only a run you trust, with --allow-imports (allow_imports=True)")
+    import_modules(named)
+    known = {*RunConfig.model_fields, *(m.name for m in registered_methods() if m.options is not None)}
+    unknown = [key for key in data if key not in known]  # a recorded config keeps only the user methods it used
+    if unknown:
+        raise InputError(f"{where}: it used the method {unknown[0]!r}, which neither this process nor a module its "
+                         "config imports registers; continue it from Python after importing the module that registers "
+                         "it (dice_ray.resume)")
     return build_config(data)
 
 

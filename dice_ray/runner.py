@@ -142,7 +142,7 @@ class Manifest:
         """The record of a new run of ``experiment`` in ``out``."""
         config = experiment.config
         return cls(out, {
-            "status": "running", "config": config.model_dump(mode="json"), "seed": config.seed,
+            "status": "running", "config": config.recorded(), "seed": config.seed,
             "versions": _versions(), "host": platform.node(), "argv": sys.argv,
             "start_time": _now(), "engine": engine_kind, "save_states": save_states,
             "topology": experiment.topology.describe(),
@@ -226,6 +226,7 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
     online = Drivers(experiment, chosen)
     tables = RoundTables(out, {**online.tables(), "rounds": ROUNDS})
     if resume:
+        _check_same_methods(out, chosen)
         training_done = (out / "rounds.parquet").exists()
         latest = store.latest()
         start = config.rounds if training_done else (latest.round + 1 if latest else 0)
@@ -237,6 +238,7 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
             stale.unlink(missing_ok=True)                                                 # tables, reports, plots
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         manifest = Manifest.begin(experiment, out, engine_kind, save_states)
+        manifest.update(methods=[m.name for m in chosen])
     manifest.write()
     tracker = open_tracker(config, out)  # output.log: TensorBoard / MLflow views of the tables
     on_round = tracker.chain(on_round)
@@ -308,6 +310,16 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
           f"{final['heldout_acc_mean']:.3f}; peak memory: driver {_peak_rss_mib():.0f} MiB{actors}; results in {out}/",
           file=sys.stderr)
     return out
+
+
+def _check_same_methods(out: Path, chosen: list[Method]) -> None:
+    """Refuse to resume the run in ``out`` without a method it used (a user's, passed to the run as ``methods=``),
+    before anything changes: it would finish without that method's tables."""
+    recorded = json.loads((out / "manifest.json").read_text()).get("methods", [])
+    missing = [name for name in recorded if name not in {m.name for m in chosen}]
+    if missing:
+        raise InputError(f"--resume {out}: it used the method {missing[0]!r}; pass it again "
+                         f"(dice_ray.resume(path, methods=[...])) to continue the run")
 
 
 def _run_stage(stage: Stage, tasks: Tasks) -> None:

@@ -186,5 +186,5 @@ class Tracker:
 
 def open_tracker(config: Any, out: Path) -> Tracker:
     """The ``Tracker`` of a ``RunConfig`` (``output.log``, ``output.tracking_uri``) for run directory ``out``."""
-    return Tracker(list(config.output.log), out, config.model_dump(mode="json") if config.output.log else None,
+    return Tracker(list(config.output.log), out, config.recorded() if config.output.log else None,
                    config.output.tracking_uri)

@@ -251,3 +251,54 @@ def test_a_method_the_ray_workers_cannot_import_stops_the_run_at_once(ray_local,
                                 output={"out": str(tmp_path / "r")})
     with pytest.raises(RuntimeError, match=r"actor 0 cannot start: ModuleNotFoundError: No module named 'toy_method'"):
         dice_ray.run(config, engine="ray")
+
+
+def _interrupted(config: dict, out: Path, methods: tuple = ()) -> Path:
+    """A local run of ``config`` in ``out`` stopped after round 4 (its checkpoint: round 3), as Ctrl-C stops it."""
+    def stop(metrics, engine) -> None:
+        if metrics.round == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dice_ray.run(dice_ray.as_config(config, output={**config["output"], "out": str(out)}), engine="local",
+                     on_round=stop, methods=methods)
+    return out
+
+
+def test_a_script_run_that_registered_a_method_it_left_off_resumes_from_the_command_line(tmp_path: Path) -> None:
+    """Registering a method with options adds its section to every config this process builds; a run that does not
+    use it does not record it, so the command line (which never imported the method) can continue the run."""
+    import toy_method  # noqa: F401 (registers scaled_norm, off by default)
+
+    run = _interrupted(CONFIG, tmp_path / "run")
+    assert "scaled_norm" not in json.loads((run / "manifest.json").read_text())["config"]
+    done = subprocess.run([sys.executable, "-m", "dice_ray.simulate", "--resume", str(run), "--engine", "local"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)  # toy_method not importable
+    assert done.returncode == 0, done.stderr
+    reference = dice_ray.run(dice_ray.as_config(CONFIG, output={**CONFIG["output"], "out": str(tmp_path / "ref")}),
+                             engine="local")
+    pd.testing.assert_frame_equal(dice_ray.open_run(run).rounds, reference.rounds)
+
+
+def test_a_run_that_used_a_method_resumes_only_with_it_and_says_how(tmp_path: Path) -> None:
+    """A registered method the run used: the command line, which cannot import it, refuses in one line (exit 2)
+    and says how to continue; Python continues it once the method is registered. A method passed as ``methods=``
+    and left out on resume is refused before anything changes, instead of a 'complete' run without its table."""
+    import toy_method  # noqa: F401
+
+    config = {**CONFIG, "scaled_norm": {"enabled": True, "scale": 2.0}}
+    run = _interrupted(config, tmp_path / "run", methods=(UPDATE_NORM_METHOD,))
+    before = (run / "manifest.json").read_bytes()
+    done = subprocess.run([sys.executable, "-m", "dice_ray.simulate", "--resume", str(run)], capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"error: --resume {run}: it used the method 'scaled_norm', which neither this process nor a module its config "
+        "imports registers; continue it from Python after importing the module that registers it (dice_ray.resume)")
+    with pytest.raises(dice_ray.InputError, match=r"it used the method 'update_norm'; pass it again"):
+        dice_ray.resume(run, engine="local")
+    assert (run / "manifest.json").read_bytes() == before
+    resumed = dice_ray.resume(run, engine="local", methods=(UPDATE_NORM_METHOD,))
+    reference = dice_ray.run(dice_ray.as_config(config, output={**CONFIG["output"], "out": str(tmp_path / "ref")}),
+                             engine="local", methods=(UPDATE_NORM_METHOD,))
+    for name in ("rounds", "scaled_norm", "update_norm"):
+        pd.testing.assert_frame_equal(resumed.table(name), reference.table(name))
