@@ -97,8 +97,8 @@ def test_tracking_uri_from_config_and_environment(tmp_path, monkeypatch):
 
 
 def test_sweep_logs_each_trial_through_tune_callbacks(tmp_path):
-    """A two-trial sweep with ``output.log``: Tune's TBX and MLflow logger callbacks record each trial's
-    reported metrics, equal to trials.parquet."""
+    """A two-trial grid sweep with ``output.log``: Tune's TBX and MLflow logger callbacks record each trial's
+    parameters and reported metrics, equal to trials.parquet; a trial that diverged ends as a FAILED MLflow run."""
     import os
     import subprocess
     import sys
@@ -110,7 +110,7 @@ def test_sweep_logs_each_trial_through_tune_callbacks(tmp_path):
     root = Path(__file__).resolve().parents[1]
     base = {"nodes": 6, "rounds": 4, "topology": {"name": "ring"}, "data": {"dataset": "digits", "heldout_size": 64},
             "optim": {"batch_size": 8}, "output": {"eval_every": 2, "log": ["tensorboard", "mlflow"]}}
-    spec = {"base": base, "space": {"optim.lr": {"grid": [0.02, 0.05]}}, "max_concurrent": 2,
+    spec = {"base": base, "space": {"optim.lr": {"grid": [0.05, 1000]}}, "max_concurrent": 2,
             "out": str(tmp_path / "sweep")}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
     env = {**os.environ, "PYTHONPATH": str(root)}
@@ -123,6 +123,11 @@ def test_sweep_logs_each_trial_through_tune_callbacks(tmp_path):
     client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
     assert len(runs) == len(trials) == 2
-    logged = sorted(r.data.metrics["final_heldout_acc"] for r in runs)
-    np.testing.assert_allclose(logged, sorted(trials["final_heldout_acc"]), rtol=1e-6)
+    by_lr = {float(r.data.params["optim.lr"]): r for r in runs}  # the trial's parameters, not only its id
+    assert sorted(by_lr) == [0.05, 1000] and {r.data.params["trial_id"] for r in runs} == set(trials["trial_id"])
+    for lr, status in zip(trials["optim.lr"], trials["status"], strict=True):
+        assert by_lr[lr].info.status == ("FAILED" if status == "failed" else "FINISHED")
+    assert sorted(trials["status"]) == ["failed", "ok"]  # lr 1000 diverges
+    ok = trials[trials["status"] == "ok"]
+    np.testing.assert_allclose(by_lr[0.05].data.metrics["final_heldout_acc"], ok["final_heldout_acc"], rtol=1e-6)
     assert list(out.glob("tune/**/events.out.tfevents.*"))

@@ -156,7 +156,15 @@ def _trackers(sweep: Sweep, out: Path) -> list[Any]:
     if "mlflow" in output.log:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        callbacks.append(MLflowLoggerCallback(tracking_uri(output.tracking_uri, out), experiment_name=out.name))
+        class MLflowTrials(MLflowLoggerCallback):
+            """Tune's MLflow callback, ending a trial that diverged or whose run failed (reported, not raised: Tune
+            saw it complete) as FAILED, as ``trials.parquet`` records it."""
+
+            def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+                row = json.loads((trial.last_result or {}).get("row", "{}"))
+                super().log_trial_end(trial, failed or row.get("status") == "failed")
+
+        callbacks.append(MLflowTrials(tracking_uri(output.tracking_uri, out), experiment_name=out.name))
     return callbacks
 
 
@@ -265,7 +273,7 @@ def _run_trials(sweep: Sweep, out: Path, done: dict[str, dict[str, Any]]) -> Pat
 
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, out=str(out)), resources)
         if spec.search == "grid":
-            param_space: dict[str, Any] = {"trial_id": tune.grid_search(todo)}
+            param_space = _grid_space(sweep, todo)
             tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.max_concurrent)
         else:
             param_space = {}
@@ -279,6 +287,19 @@ def _run_trials(sweep: Sweep, out: Path, done: dict[str, dict[str, Any]]) -> Pat
     if recorded < total:  # Tune returns normally when interrupted (Ctrl-C): the sweep did not finish
         raise KeyboardInterrupt(f"{recorded} of {total} trials recorded")
     return path
+
+
+def _grid_space(sweep: Sweep, todo: list[str]) -> dict[str, Any]:
+    """Tune's param space of the grid trials ``todo``: one grid over their ids (a grid of the sweep is not always the
+    product Tune's grid_search would make, and finished trials are left out), and each field of the space resolved
+    from the id, so every trial's config, which Tune's logger callbacks record, holds its parameters."""
+    from ray import tune
+
+    params = {t.trial_id: t.params for t in sweep.grid}
+    space: dict[str, Any] = {"trial_id": tune.grid_search(todo)}
+    for field in sweep.spec.space:
+        space[field] = tune.sample_from(lambda spec, field=field: params[spec.config["trial_id"]][field])
+    return space
 
 
 def _total(sweep: Sweep, recorded: int) -> int:
