@@ -336,6 +336,12 @@ class RunConfig(Section):
         if bad.kind != "none":
             if bad.selection == "ids" and not bad.ids:
                 raise ValueError("misbehavior.selection 'ids' needs misbehavior.ids")
+            if bad.selection != "ids" and bad.ids:
+                raise ValueError(f"misbehavior.ids are used with selection 'ids', not {bad.selection!r}")
+            if bad.selection != "ids" and bad.count is None and bad.fraction is None:
+                raise ValueError(f"misbehavior.kind {bad.kind!r} needs how many misbehave: misbehavior.count "
+                                 "(--misbehaving N), misbehavior.fraction (--misbehaving-fraction F) or "
+                                 "misbehavior.ids (--misbehaving-ids)")
             for k in bad.ids or []:
                 if not 0 <= k < self.nodes:
                     raise ValueError(f"misbehaving participant {k} is not a participant (0..{self.nodes - 1})")

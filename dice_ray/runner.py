@@ -306,9 +306,10 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
     trained = (f"rounds {start}..{config.rounds - 1} x {config.nodes} participants in {training_s:.1f} s "
                f"({rate:.2f} rounds/s), {wall:.1f} s in all" if rate else
                f"{config.nodes} participants trained before, {wall:.1f} s now")
-    print(f"done: {trained}; final held-out accuracy "
-          f"{final['heldout_acc_mean']:.3f}; peak memory: driver {_peak_rss_mib():.0f} MiB{actors}; results in {out}/",
-          file=sys.stderr)
+    held_out = (f"accuracy {final['heldout_acc_mean']:.3f}" if final["heldout_acc_mean"] is not None else
+                f"loss {final['heldout_loss_mean']:.4g}")  # a loss without accuracy (MSE): its loss
+    print(f"done: {trained}; final held-out {held_out}; peak memory: driver {_peak_rss_mib():.0f} MiB{actors}; "
+          f"results in {out}/", file=sys.stderr)
     return out
 
 
@@ -363,9 +364,14 @@ def _run_rounds(engine: Any, config: RunConfig, tables: RoundTables, store: Chec
 
 
 def _final_metrics(rounds_path: Path, last: int) -> dict[str, float | None]:
-    """Return the mean held-out accuracy and loss and the consensus distance after the last round."""
+    """Return the mean held-out accuracy and loss and the consensus distance after the last round; None where there
+    is none (a loss without accuracy, such as MSE), which JSON writes as null."""
     table = pq.read_table(rounds_path, filters=[("round", "=", last)],
-                          columns=["heldout_acc", "heldout_loss", "consensus_distance"]).to_pydict()
-    return {"heldout_acc_mean": float(np.mean(table["heldout_acc"])),
-            "heldout_loss_mean": float(np.mean(table["heldout_loss"])),
-            "consensus_distance": table["consensus_distance"][0]}
+                          columns=["heldout_acc", "heldout_loss", "consensus_distance"]).to_pandas()
+
+    def mean(column: str) -> float | None:
+        value = table[column].mean()
+        return float(value) if np.isfinite(value) else None
+
+    return {"heldout_acc_mean": mean("heldout_acc"), "heldout_loss_mean": mean("heldout_loss"),
+            "consensus_distance": mean("consensus_distance")}

@@ -81,6 +81,9 @@ def test_regression_with_mse_runs_end_to_end_with_influence(tmp_path: Path) -> N
     first, last = (rounds[rounds["round"] == t]["heldout_loss"].mean() for t in (3, 7))
     assert last < first  # it learns
     assert rounds["heldout_acc"].isna().all()  # MSE has no accuracy
+    final = json.loads((run.path / "manifest.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert final["final"]["heldout_acc_mean"] is None and final["final"]["heldout_loss_mean"] == pytest.approx(
+        rounds[rounds["round"] == 7]["heldout_loss"].mean())  # strict JSON: null, not NaN
     dice = run.dice
     assert dice["gt"].notna().all() and dice["est_curvature"].notna().all()
     # the estimate tracks the ground truth on this smooth model

@@ -190,7 +190,14 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, dotted)
         if value is not None:
             set_dotted(data, dotted, value)
-    return build_config(apply_sets(data, args.set))
+    if getattr(args, "misbehavior.ids") is not None and getattr(args, "misbehavior.selection") is None:
+        set_dotted(data, "misbehavior.selection", "ids")  # --misbehaving-ids names who: selection ids
+    config = build_config(apply_sets(data, args.set))
+    who = [flag for flag, dotted, *_ in OPTIONS if dotted.startswith("misbehavior.") and dotted != "misbehavior.kind"
+           and getattr(args, dotted) is not None]
+    if who and config.misbehavior.kind == "none":  # (a config file or sweep may keep them with kind none)
+        raise InputError(f"{who[0]} needs --misbehavior KIND (how they misbehave); misbehavior.kind is 'none'")
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:

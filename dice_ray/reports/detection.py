@@ -191,6 +191,8 @@ def detection_report(run: Path, horizons: list[int] | None = None) -> Detection:
         raise InputError(f"{run} has no misbehaving participants: nothing to detect (--misbehavior)")
     window = json.loads((run / "manifest.json").read_text())["config"]["proximal"]["window"]
     last = int(rounds["round"].max()) + 1
+    if horizons is not None and not list(horizons):
+        raise InputError("horizons: give at least one, or None for the default (5, 10, 20 and the whole run)")
     outside = sorted(h for h in horizons or [] if not 0 < h <= last)
     if outside:
         raise InputError(f"--horizon {outside[0]}: a horizon counts the rounds before it, 1..{last} for this run")

@@ -98,8 +98,9 @@ def run_trial(tune_config: dict[str, Any], sweep: Sweep, out: str) -> None:
 def _trial_line(row: dict[str, Any], done: int, total: int, show: list[str]) -> str:
     params = " ".join(f"{k}={v}" for k, v in row["params"].items())
     if row["status"] == "ok":
-        values = [f"{k}={row['metrics'][k]:.4g}" for k in show if row["metrics"].get(k) is not None]
-        detail = " ".join(values)
+        numbers = {k: v for k, v in row["metrics"].items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        shown = [k for k in show if k in numbers] or list(numbers)[:3]  # none of those measured: the first ones
+        detail = " ".join(f"{k}={numbers[k]:.4g}" for k in shown)
     else:
         detail = row["error"]
     wall = "" if row.get("wall_seconds") is None else f" ({row['wall_seconds']:.1f} s)"

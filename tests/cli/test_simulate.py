@@ -97,7 +97,19 @@ BAD_INPUTS = [
     (["--topology", "file"], "topology.file"),
     (["--gpus-per-actor", "-1"], "gpus_per_actor"),
     (["--alpha", "0", "--partition", "dirichlet"], "alpha"),
+    (["--misbehaving", "2"], "--misbehaving needs --misbehavior KIND"),  # used to be ignored: no one misbehaved
+    (["--misbehavior", "label-flip"], "misbehavior.kind 'label-flip' needs how many misbehave"),
+    (["--misbehavior", "scale", "--misbehaving-ids", "1", "--misbehaving-selection", "degree"],
+     "misbehavior.ids are used with selection 'ids', not 'degree'"),
 ]
+
+
+def test_misbehaving_ids_name_who_misbehaves(tmp_path: Path) -> None:
+    """--misbehaving-ids alone selects those participants (it used to be ignored under the default selection)."""
+    out = tmp_path / "run"
+    assert main([*SMALL, "--engine", "local", "--rounds", "1", "--misbehavior", "sign-flip", "--misbehaving-ids",
+                 "1,4", "--out", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["misbehaving"] == [1, 4]
 
 
 @pytest.mark.parametrize(("argv", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])

@@ -241,3 +241,15 @@ def test_proximal_detection_metric_is_the_anomaly_reports_whole_run_row(tmp_path
                       "precision_proximal": report["precision"], "auc_proximal_mean": report["auc_mean"],
                       "rounds_to_auc_proximal": report["rounds_to_auc"]}
     assert 0 <= values["auc_proximal"] <= 1
+
+
+def test_a_trial_line_shows_what_was_measured() -> None:
+    """The line printed as each trial ends shows the sweep's metric and plotted columns, or, where none of those
+    was measured (metrics without accuracy, a regression's missing accuracy), the first ones measured."""
+    from dice_ray.sweep.runner import _trial_line
+
+    row = {"trial_id": "t0", "status": "ok", "params": {"optim.lr": 0.1}, "wall_seconds": 2.0,
+           "metrics": {"auc_dice_e": 0.75, "auc_dice_gt": 0.5, "detected": True, "final_heldout_acc": None}}
+    line = _trial_line(row, 1, 2, ["final_heldout_acc"])
+    assert line == "[1/2] t0 ok: optim.lr=0.1 | auc_dice_e=0.75 auc_dice_gt=0.5 (2.0 s)"
+    assert _trial_line(row, 1, 2, ["auc_dice_gt"]).endswith("| auc_dice_gt=0.5 (2.0 s)")

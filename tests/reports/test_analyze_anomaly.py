@@ -78,6 +78,10 @@ def test_anomaly_report_writes_table_and_png(tmp_path, capsys) -> None:
     assert "proximal" in capsys.readouterr().out
     assert analyze(["anomaly", str(run), "--horizon", "4", "--horizon", "100"]) == 2  # beyond the run's 8 rounds
     assert "--horizon 100" in capsys.readouterr().err
+    import dice_ray
+
+    with pytest.raises(dice_ray.InputError, match="horizons: give at least one"):  # not the defaults in silence
+        dice_ray.open_run(run).anomaly([])
     assert analyze(["anomaly", str(run), "--shapley", "2"]) == 2  # another report's option is not ignored
     assert "--shapley is an option of the contributions report" in capsys.readouterr().err
     plain = tmp_path / "plain"
