@@ -189,16 +189,8 @@ class ParticipantBlock:
         if corrupt:
             rows = self._misbehaving
             before = self.population.params[rows].clone()
-        if len(self.idle):
-            idle = self._idle
-            pop = self.population
-            kept = pop.state[idle].clone(), {n: v[idle].clone() for n, v in pop.opt_state.items()}
-        loss = self.population.half_step(lambda rows: (self.x_data[drawn[rows]], self.y_data[drawn[rows]]))
-        if len(self.idle):  # no data, no local step: θ^{t+½} = θ^t, optimizer state unchanged
-            self.population.state[idle] = kept[0]
-            for name, value in kept[1].items():
-                self.population.opt_state[name][idle] = value
-            loss.index_fill_(0, idle, 0.0)  # a scalar assignment would copy the 0 from the host: not in a CUDA graph
+        loss = self.population.half_step(lambda rows: (self.x_data[drawn[rows]], self.y_data[drawn[rows]]),
+                                         idle=self._idle if len(self.idle) else None)
         if corrupt:  # they send θ + cΔ instead of θ + Δ
             c = update_factor(self.config.misbehavior.kind, self.config.misbehavior.factor)
             after = self.population.params[rows]

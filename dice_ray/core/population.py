@@ -518,11 +518,13 @@ class Population:
 
     @torch.no_grad()
     def half_step(self, x: torch.Tensor | Callable[[slice], tuple[torch.Tensor, torch.Tensor]],
-                  y: torch.Tensor | None = None) -> torch.Tensor:
+                  y: torch.Tensor | None = None, idle: torch.Tensor | None = None) -> torch.Tensor:
         """Local step θ_k^{t+½} = O_k(θ_k^t, z_k^t) for every k, in place; return the batch losses [P].
 
         x: [P, B, ...], y: [P, B]; or ``x`` a function of a slice of rows returning those rows' (x, y), and no ``y``.
         The loss is L(θ_k^t; z_k^t), measured before the step. Δ_k^t is ``state_after - state_before``.
+        ``idle``: rows (an index tensor on the state's device) of participants with no data, which do not step: their
+        state and optimizer state stay as they were and their loss is 0 (their batches are stand-ins, discarded).
 
         Participants' steps are independent, so large blocks step in chunks of rows (``step_chunks``): the
         gradients, activations (and, given a function, minibatches) alive at once are one chunk's, not another
@@ -535,9 +537,16 @@ class Population:
             small = self.state.numel() * self.state.element_size() * STEP_MEMORY_MULTIPLE < self.step_budget
             self.step_row_bytes = 0 if small else self._measure_step_row_bytes(batch)
         losses = torch.empty(self.size, dtype=self.state.dtype, device=self.state.device)  # in place: see evaluate
+        if idle is not None:
+            kept = self.state[idle].clone(), {name: value[idle].clone() for name, value in self.opt_state.items()}
         chunks = self.step_chunks()
         self._in_passes(chunks, lambda rows, model: self._step_pass(rows, batch, losses, model),
                         self.step_workers(), self.model.training)
+        if idle is not None:  # no data, no local step: θ^{t+½} = θ^t, optimizer state unchanged
+            self.state[idle] = kept[0]
+            for name, value in kept[1].items():
+                self.opt_state[name][idle] = value
+            losses.index_fill_(0, idle, 0.0)  # a scalar assignment would copy the 0 from the host: not in a CUDA graph
         return losses
 
     def _step_pass(self, rows: slice, batch: Callable[[slice], tuple[torch.Tensor, torch.Tensor]],

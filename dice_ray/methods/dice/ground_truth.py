@@ -96,15 +96,9 @@ def ground_truth_cascade(window: Window, source: int, hops: int, removed: np.nda
         pop.load_optimizer_state(opt)
         x, y = window.batches(traj.t0 + s)
         before = pop.params.clone()
-        idle = window.idle_rows(rows)
-        if idle is not None:  # participants with no data do not step: state and optimizer state stay
-            idle = torch.as_tensor(np.flatnonzero(idle), device=halves.device)
-            kept = pop.state[idle].clone(), {name: value[idle].clone() for name, value in pop.opt_state.items()}
-        pop.half_step(x[index], y[index])
-        if idle is not None:
-            pop.state[idle] = kept[0]
-            for name, value in kept[1].items():
-                pop.opt_state[name][idle] = value
+        idle = window.idle_rows(rows)  # participants with no data do not step
+        pop.half_step(x[index], y[index],
+                      idle=None if idle is None else torch.as_tensor(np.flatnonzero(idle), device=halves.device))
         window.corrupt_updates_(rows, before, pop)
         halves = traj.halves[s].clone()
         halves[index] = pop.state
