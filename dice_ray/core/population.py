@@ -211,6 +211,23 @@ class Layout:
         return torch.cat(parts, dim=-1) if parts else torch.zeros(*lead, 0, device=device)
 
 
+@contextlib.contextmanager
+def running_statistics_frozen(model: nn.Module):
+    """Within: normalization layers that track running statistics (BatchNorm) normalize a training batch by its own
+    statistics, as in training, without updating the running ones or their counter. The gradient is training's;
+    nothing is written, as a pure function must not (torch.func's transforms refuse in-place updates of tensors
+    they did not create)."""
+    tracking = [m for m in model.modules()
+                if getattr(m, "track_running_stats", False) and getattr(m, "num_batches_tracked", None) is not None]
+    for module in tracking:
+        module.track_running_stats = False
+    try:
+        yield
+    finally:
+        for module in tracking:
+            module.track_running_stats = True
+
+
 def model_state_layouts(model: nn.Module) -> tuple[Layout, Layout]:
     """Return the (parameter, buffer) layouts of ``model``; buffers are only floating-point ones.
 
@@ -654,7 +671,8 @@ class Population:
         extra = self.pass_padding(count)  # 1-2 rows step with the kernels of larger passes, as in ``half_step``
         params, (x, y, _) = pad_rows(params, extra), pad_batch(extra, x, y)
         buffers = self.buffer_layout.views(pad_rows(self.buffers, extra))
-        g = grad(lambda p: self._losses_of(self.param_layout.views(p), x, y, False, buffers).sum())(params)
+        with running_statistics_frozen(self.model):
+            g = grad(lambda p: self._losses_of(self.param_layout.views(p), x, y, False, buffers).sum())(params)
         new_params = params.clone()
         new_state = {name: pad_rows(value, extra) if extra else value.clone() for name, value in opt_state.items()}
         optimizer_update_(self.optimizer, new_params, g, new_state)

@@ -76,3 +76,36 @@ def test_the_cnn_pools_before_its_relu_with_the_numbers_of_relu_then_pool(tmp_pa
     columns = [c for c in columns if c in pooled_first.rounds]
     assert len(columns) >= 4 and pooled_first.rounds[columns].equals(relu_first_run.rounds[columns])
     assert len(pooled_first.influence) > 0 and pooled_first.influence.equals(relu_first_run.influence)
+
+
+def test_a_model_with_batchnorm_steps_as_a_pure_function_and_dice_e_runs_through_it(tmp_path) -> None:
+    """DICE-E differentiates the local step as a pure function (``Population.functional_step`` under torch.func):
+    with BatchNorm it normalizes by the batch's statistics, as training does, and updates nothing (it used to update
+    the layer's counter in place, which torch.func refuses: DICE-E beyond one hop stopped with an error). Offline
+    and in the loop, every variant runs to finite numbers."""
+
+    @register_model("test-mlp-batchnorm")
+    def mlp_batchnorm(input_shape, num_classes):
+        return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), 16), nn.BatchNorm1d(16), nn.Tanh(),
+                             nn.Linear(16, num_classes))
+
+    torch.manual_seed(0)
+    model = build_model("test-mlp-batchnorm", (1, 8, 8), 10)
+    pop = Population(model, initial_state(model, np.arange(3), 0, "independent"), OptimizerSpec("momentum", 0.1))
+    x, y = torch.randn(3, 4, 1, 8, 8), torch.randint(0, 10, (3, 4))
+    params, opt, buffers = pop.params.clone(), {n: v.clone() for n, v in pop.opt_state.items()}, pop.buffers.clone()
+    counter = model[2].num_batches_tracked.clone()
+    new_params, _ = torch.func.jvp(lambda p: pop.functional_step(p, opt, x, y), (params,), (torch.ones_like(params),))[0]
+    assert torch.equal(pop.buffers, buffers) and torch.equal(model[2].num_batches_tracked, counter)
+    pop.half_step(x, y)  # training's step: the same parameters, and it updates the running statistics
+    torch.testing.assert_close(new_params, pop.params, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(pop.buffers, buffers) and model[2].track_running_stats
+    for online in (False, True):
+        config = dice_ray.RunConfig(
+            nodes=4, rounds=4, seed=1, model={"name": "test-mlp-batchnorm"},
+            data={"dataset": "digits", "heldout_size": 8}, optim={"name": "sgd", "batch_size": 4},
+            influence={"enabled": True, "online": online, "hops": 2, "rounds": [1], "sources": [0],
+                       "variants": "first-order,curvature,second-order,exact-readout"},
+            output={"progress": False, "out": str(tmp_path / f"online-{online}")})
+        estimates = dice_ray.run(config, engine="local").influence.filter(like="est_")
+        assert len(estimates) > 0 and np.isfinite(estimates.to_numpy()).all()
