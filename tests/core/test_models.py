@@ -95,7 +95,8 @@ def test_a_model_with_batchnorm_steps_as_a_pure_function_and_dice_e_runs_through
     x, y = torch.randn(3, 4, 1, 8, 8), torch.randint(0, 10, (3, 4))
     params, opt, buffers = pop.params.clone(), {n: v.clone() for n, v in pop.opt_state.items()}, pop.buffers.clone()
     counter = model[2].num_batches_tracked.clone()
-    new_params, _ = torch.func.jvp(lambda p: pop.functional_step(p, opt, x, y), (params,), (torch.ones_like(params),))[0]
+    step = torch.func.jvp(lambda p: pop.functional_step(p, opt, x, y), (params,), (torch.ones_like(params),))
+    new_params = step[0][0]
     assert torch.equal(pop.buffers, buffers) and torch.equal(model[2].num_batches_tracked, counter)
     pop.half_step(x, y)  # training's step: the same parameters, and it updates the running statistics
     torch.testing.assert_close(new_params, pop.params, rtol=1e-6, atol=1e-7)
