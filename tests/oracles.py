@@ -41,21 +41,39 @@ def make_window(topology: str = "ring", nodes: int = 6, lr: float = 0.1, optimiz
     return window, experiment
 
 
-def explicit_replay(window: Window, source: int, hops: int):
+def explicit_replay(window: Window, source: int, hops: int, lag: float = 0.0):
     """The run from θ_j^{t0+½} on, as a differentiable function of j's half-step parameters: returns the
     held-out losses of every participant after each of the next ``hops`` rounds (plain tensors ops). Participants
-    with no data (``window.idle``) do not step."""
+    with no data (``window.idle``) do not step.
+
+    ``lag`` (Adam, a whole-batch probe: 1): j's step counter runs ``lag`` behind the factual one, and ``run``'s third
+    argument ε moves each later step of j by (1 + ε) times the counter's own difference at the factual state,
+    O_j(θ_j, n) − O_j(θ_j, n − lag) (a constant). Then K(ε) = run(θ_j^{t0+½} + εΔ, s_j + εΔ_s, ε) is the factual run
+    at ε = 0 and the counterfactual one at ε = −1: DICE-GT is K(0) − K(−1), the curvature estimate K′(0) and the
+    second-order one K′(0) − ½K″(0) (concepts §4)."""
     traj = window.trajectory
     n = traj.states[0].shape[0]
     width = model_state_layouts(window.model)[0].width
     idle = torch.as_tensor(np.isin(np.arange(n), window.idle))
+    jumps = {}  # s -> O_j(θ_j, n) − O_j(θ_j, n − lag) at the factual state of round t0 + s (parameters, optimizer)
+    for s in range(1, hops if lag else 0):
+        pop = window.population(s, np.array([source]))
+        factual = {k: v[[source]] for k, v in traj.opt_states[s].items()}
+        behind = {**factual, "step": factual["step"] - lag}
+        x, y = (v[[source]] for v in window.batches(traj.t0 + s))
+        (p1, o1), (p0, o0) = (pop.functional_step(pop.params, o, x, y) for o in (factual, behind))
+        jumps[s] = (p1 - p0).detach(), {k: (o1[k] - o0[k]).detach() for k in o1 if k != "step"}
+    row = torch.as_tensor(np.arange(n) == source)[:, None]
 
-    def run(half_source: torch.Tensor, opt_source: dict[str, torch.Tensor]):
+    def run(half_source: torch.Tensor, opt_source: dict[str, torch.Tensor], eps: torch.Tensor | None = None):
         halves = traj.halves[0].clone()
         halves = torch.cat([halves[:source], torch.cat([half_source, halves[source, width:]])[None],
                             halves[source + 1:]])
         opt = {k: torch.cat([v[:source], opt_source[k][None], v[source + 1:]]) if k in opt_source else v.clone()
                for k, v in traj.opt_states[1].items()}
+        if lag:
+            opt["step"] = opt["step"] - lag * row[:, 0].to(opt["step"].dtype)
+        scale = 1 + (0 if eps is None else eps)
         out = []
         for s in range(1, hops + 1):
             states = torch.as_tensor(traj.mixing[s - 1].toarray(), dtype=halves.dtype) @ halves
@@ -67,6 +85,10 @@ def explicit_replay(window: Window, source: int, hops: int):
                 break
             x, y = window.batches(traj.t0 + s)
             params, stepped = pop.functional_step(states[:, :width], opt, x, y)
+            if lag:
+                params = params + row * scale * jumps[s][0]
+                stepped = {k: v + row.reshape(-1, *[1] * (v.dim() - 1)) * scale * jumps[s][1][k]
+                           if k in jumps[s][1] else v for k, v in stepped.items()}
             params = torch.where(idle[:, None], states[:, :width], params)
             opt = {k: torch.where(idle.reshape(-1, *[1] * (v.dim() - 1)), opt[k], v) if k in opt else v
                    for k, v in stepped.items()}

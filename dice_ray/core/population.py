@@ -167,6 +167,12 @@ class OptimizerSpec:
     eps: float = 1e-8
     weight_decay: float = 0.0
 
+    @property
+    def counts_steps(self) -> bool:
+        """Whether the update reads the step counter (Adam's bias correction): then a skipped step changes every
+        later one of its participant."""
+        return self.name == "adam"
+
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
             raise InputError(f"optimizer {self.name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")

@@ -17,6 +17,7 @@ from weakref import WeakKeyDictionary
 import torch
 
 from dice_ray.core.population import Population
+from dice_ray.methods.dice.recursion import carried_state
 
 _SHARED: WeakKeyDictionary[Any, RoundQuantities] = WeakKeyDictionary()
 
@@ -55,7 +56,8 @@ class RoundQuantities:
         if self._before is None or self._before[0] != t:
             self._before, self._update = (t, pop.params.clone(), None), None
         if optimizer_state and self._before[2] is None:
-            self._before = (t, self._before[1], {n: v.clone() for n, v in pop.opt_state.items() if n != "step"})
+            kept = carried_state(pop.optimizer, pop.opt_state)  # Adam's counter too: a skipped step's lag, 1
+            self._before = (t, self._before[1], {n: pop.opt_state[n].clone() for n in kept})
 
     def update(self, t: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Δ^t = θ^{t+½} − θ^t [P, D_params] of the hosted participants (the update each sends) and the change of

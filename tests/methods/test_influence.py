@@ -38,15 +38,21 @@ def test_recursion_equals_path_enumeration(topology: str, variant: str) -> None:
     assert fast.half == pytest.approx(slow.half)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
 def test_curvature_estimate_equals_forward_mode_derivative_of_the_replay(optimizer: str) -> None:
-    window, _ = make_window("exponential", nodes=8, optimizer=optimizer, dtype=torch.float64)
+    """K′(0), K the path from the factual run (0) to the counterfactual one (−1) of ``oracles.explicit_replay``: for
+    Adam with j's step counter one behind, which moves j's later steps by the counter's own difference."""
+    window, _ = make_window("exponential", nodes=8, optimizer=optimizer, lr=0.01 if optimizer == "adam" else 0.1,
+                            dtype=torch.float64)
     source, hops = 3, 3
-    delta, opt_delta = update_difference(window, source)  # parameters and, for momentum, the buffer
+    delta, opt_delta = update_difference(window, source)  # parameters and, for momentum and Adam, their state
     cascade = estimate_cascade(window, source, delta, opt_delta, hops, "curvature")
-    run, width = explicit_replay(window, source, hops)
+    lag = opt_delta.pop("step", None)
+    run, width = explicit_replay(window, source, hops, lag=0.0 if lag is None else float(lag))
     opt_source = {k: window.trajectory.opt_states[1][k][source] for k in opt_delta}
-    _, derivatives = jvp(run, (window.trajectory.halves[0][source, :width], opt_source), (delta, opt_delta))
+    zero, one = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
+    _, derivatives = jvp(run, (window.trajectory.halves[0][source, :width], opt_source, zero),
+                         (delta, opt_delta, one))
     for s in range(1, hops + 1):
         exact = derivatives[s - 1].detach().numpy()[cascade.supports[s]]
         np.testing.assert_allclose(cascade.values[s], exact, rtol=1e-5, atol=1e-12)

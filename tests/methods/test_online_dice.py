@@ -91,8 +91,10 @@ def test_perturbations_in_flight_survive_a_lost_group(ray_local, tmp_path: Path)
         pd.testing.assert_frame_equal(tables(disturbed)[name], table)
 
 
-def test_interrupted_run_resumes_with_its_perturbations(tmp_path: Path) -> None:
-    cfg = config(tmp_path / "run", influence__online=True, output__checkpoint_every=3)
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])  # Adam: the perturbations carry j's lagging step counter
+def test_interrupted_run_resumes_with_its_perturbations(optimizer: str, tmp_path: Path) -> None:
+    optim = {"optim__name": optimizer, "optim__lr": 0.01 if optimizer == "adam" else BASE["optim"]["lr"]}
+    cfg = config(tmp_path / "run", influence__online=True, output__checkpoint_every=3, **optim)
 
     def interrupt(metrics, engine) -> None:
         if metrics.round == 4:  # the checkpoint after round 2 holds the probes of rounds 1 and 2 in flight
@@ -102,7 +104,7 @@ def test_interrupted_run_resumes_with_its_perturbations(tmp_path: Path) -> None:
         simulate(cfg, engine_kind="local", on_round=interrupt)
     assert not (tmp_path / "run" / "influence.parquet").exists()
     simulate(cfg, engine_kind="local", resume=True)
-    reference = simulate(config(tmp_path / "ref", influence__online=True), engine_kind="local")
+    reference = simulate(config(tmp_path / "ref", influence__online=True, **optim), engine_kind="local")
     for name, table in tables(reference).items():
         pd.testing.assert_frame_equal(tables(tmp_path / "run")[name], table)
 

@@ -42,6 +42,7 @@ from dice_ray.methods.dice.recursion import (
     LocalSteps,
     LossDifference,
     Perturbation,
+    carried_state,
     gossip,
     identity_step,
     local_step,
@@ -333,7 +334,7 @@ def update_difference(window: Window, source: int) -> tuple[torch.Tensor, dict[s
     width = model_state_layouts(window.model)[0].width
     delta = (traj.halves[0][source, :width] - traj.states[0][source, :width]).clone()
     opt = {name: (traj.opt_states[1][name][source] - traj.opt_states[0][name][source]).clone()
-           for name in traj.opt_states[0] if name != "step"}
+           for name in carried_state(window.optimizer, traj.opt_states[0])}  # Adam: the counter's lag, 1 (or 0: idle)
     return delta, opt
 
 
@@ -406,7 +407,9 @@ def _sample_step(model: nn.Module, optimizer: OptimizerSpec, state: torch.Tensor
     def step(g: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         new_params, new_opt = params.clone()[None], {name: value.clone()[None] for name, value in opt.items()}
         optimizer_update_(optimizer, new_params, g[None], new_opt)
-        return new_params[0], {name: value[0] for name, value in new_opt.items() if name != "step"}
+        return new_params[0], {name: value[0] for name, value in new_opt.items() if name in carried}
+
+    carried = carried_state(optimizer, opt)  # Adam's counter: its lag is 0, as the step is taken either way
 
     return step, mean, direction
 

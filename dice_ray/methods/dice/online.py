@@ -419,7 +419,8 @@ class OnlineCascades:
         host yet."""
         pop = self.block.population
         none = torch.zeros(0, pop.params.shape[1], dtype=pop.params.dtype, device=self.block.device)
-        opt = {n: v[:0] for n, v in pop.opt_state.items() if n != "step"} if self.curved else {}
+        opt = {n: pop.opt_state[n][:0] for n in recursion.carried_state(pop.optimizer, pop.opt_state)} \
+            if self.curved else {}
         return _Cascade(np.zeros(0, np.int64), Perturbation(none) if "first-order" in self.variants else None,
                         Perturbation(none, opt, none if self.with_b else None, opt if self.with_b else {})
                         if self.curved else None)
@@ -492,7 +493,7 @@ class OnlineCascades:
             out["cascade.new"] = np.zeros((p, a), bool)
         for v in self.keys:
             out[f"cascade.{v}"] = np.zeros((p, a, pop.params.shape[1]), np.float32)
-        opt_names = [n for n in pop.opt_state if n != "step"] if self.curved else []
+        opt_names = recursion.carried_state(pop.optimizer, pop.opt_state) if self.curved else []
         opt_b_names = opt_names if self.with_b else []
         for n in opt_names:
             out[f"cascade.opt.{n}"] = np.zeros((p, a, *pop.opt_state[n].shape[1:]), np.float32)

@@ -9,7 +9,10 @@ For a probe (j, t) with update difference Δ (parameters and optimizer state) th
                                                              ``ExactReadout``: L(θ_k; z′) − L(θ_k − δ_k; z′))
 
 J_l is the Jacobian of l's local step O_l (parameters and optimizer state) at the factual θ_l: a forward-mode
-derivative through the optimizer (``jvp_local_step``; for SGD δ − η H δ, one Hessian-vector product). For
+derivative through the optimizer (``jvp_local_step``; for SGD δ − η H δ, one Hessian-vector product). Where the
+update reads the step counter (Adam), a whole-batch probe's counterfactual skipped a step, so j's counter stays one
+behind: δ carries that lag (``COUNTER`` in its optimizer part, with its owner), J_j is taken at the lagging counter,
+and every later step of j adds the exact difference O_j(θ_j, n) − O_j(θ_j, n − 1) (``counter_difference``). For
 second order δ = a + b, b the O(Δ²) part: one nested forward-mode pass gives (J a, J b − ½ D²O[a, a])
 (``second_order_local_step``), gossip mixes b like a, and the readout is e₂ = ∇ᵀ(a + b) − ½ aᵀH′a.
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -97,6 +100,18 @@ def start(delta: torch.Tensor, opt_delta: dict[str, torch.Tensor], b0: torch.Ten
                         {n: opt_b0[n] if n in opt_b0 else torch.zeros_like(v) for n, v in opt_delta.items()})
 
 
+# The step counter's entry of an optimizer state. A perturbation carries it only where the update reads it
+# (``OptimizerSpec.counts_steps``): the factual counter minus the counterfactual one, 1 on a row whose counterfactual
+# skipped a step (a whole-batch probe's source), 0 elsewhere.
+COUNTER = "step"
+
+
+def carried_state(optimizer: OptimizerSpec, names) -> list[str]:
+    """The optimizer-state entries ``names`` a perturbation carries: all but the step counter, unless the update reads
+    it (Adam), when its lag is carried too."""
+    return [n for n in names if n != COUNTER or optimizer.counts_steps]
+
+
 @dataclass
 class LocalSteps:
     """The local steps O_l of P participants at one round: states [P, D] and optimizer states (name -> [P, ...]) of
@@ -122,13 +137,34 @@ def identity_step(delta: Perturbation) -> Perturbation:
 
 def local_step(steps: LocalSteps, delta: Perturbation) -> Perturbation:
     """J δ through ``steps``: J a (curvature), or with b (J a, J b − ½ D²O[a, a]) in one nested pass. Rows of idle
-    participants (``steps.idle``) keep δ as it is: their local step is the identity."""
+    participants (``steps.idle``) keep δ as it is: their local step is the identity. Rows whose counterfactual step
+    counter lags (δ's ``COUNTER``, Adam) step at the lagging counter, and a gains the counter's own difference
+    (``counter_difference``): O(θ, n) − O(θ − δ, n − 1) = [O(θ, n) − O(θ, n − 1)] + J_{n−1} δ − ½ D²O_{n−1}[δ, δ] + …"""
+    lag = delta.opt_a.get(COUNTER)
+    if lag is not None:
+        delta = Perturbation(delta.a, {n: v for n, v in delta.opt_a.items() if n != COUNTER}, delta.b,
+                             {n: v for n, v in delta.opt_b.items() if n != COUNTER})
+        lagging = steps.opt_state[COUNTER] - lag.to(steps.opt_state[COUNTER].dtype)
+        steps = replace(steps, opt_state={**steps.opt_state, COUNTER: lagging})
     if delta.b is None:
         a, opt_a = jvp_local_step(steps, delta.a, delta.opt_a)
-        stepped = Perturbation(a, {n: v for n, v in opt_a.items() if n != "step"})
+        stepped = Perturbation(a, {n: v for n, v in opt_a.items() if n != COUNTER})
     else:
         (a, opt_a), (b, opt_b) = second_order_local_step(steps, delta.a, delta.opt_a, delta.b, delta.opt_b)
         stepped = Perturbation(a, opt_a, b, opt_b)
+    if lag is not None:
+        rows = torch.nonzero(lag).flatten()
+        if len(rows):
+            d_params, d_opt = counter_difference(steps, rows, lag[rows])
+            stepped.a = stepped.a.index_add(0, rows, d_params.to(stepped.a.dtype))
+            stepped.opt_a = {n: v.index_add(0, rows, d_opt[n].to(v.dtype)) if n in d_opt else v
+                             for n, v in stepped.opt_a.items()}
+        stepped.opt_a[COUNTER] = lag  # both runs step from here on: the lag stays
+        if stepped.b is not None:
+            stepped.opt_b[COUNTER] = torch.zeros_like(lag)
+        delta.opt_a[COUNTER] = lag  # for idle rows, which keep δ as it was
+        if delta.b is not None:
+            delta.opt_b[COUNTER] = torch.zeros_like(lag)
     if steps.idle is None or not steps.idle.any():
         return stepped
     idle = torch.as_tensor(steps.idle, device=stepped.a.device)
@@ -140,6 +176,24 @@ def local_step(steps: LocalSteps, delta: Perturbation) -> Perturbation:
     return Perturbation(kept(stepped.a, delta.a), {n: kept(v, delta.opt_a.get(n)) for n, v in stepped.opt_a.items()},
                         None if stepped.b is None else kept(stepped.b, delta.b),
                         {n: kept(v, delta.opt_b.get(n)) for n, v in stepped.opt_b.items()})
+
+
+def counter_difference(steps: LocalSteps, rows: torch.Tensor,
+                       lag: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """O_l(θ_l, n_l + lag_l) − O_l(θ_l, n_l) for ``rows`` of ``steps`` (whose counters n are the lagging ones): the
+    change of the update itself (parameters [m, D_params], and the optimizer state but the counter) that a counter
+    ``lag`` steps ahead makes at the factual state, exact, not expanded; θ + c(O(θ) − θ) scales it by c."""
+    pop = Population(steps.model, steps.states[rows].clone(), steps.optimizer, loss=steps.loss)
+    behind = {name: value[rows] for name, value in steps.opt_state.items()}
+    ahead = {**behind, COUNTER: behind[COUNTER] + lag.to(behind[COUNTER].dtype)}
+    x, y = steps.x[rows], steps.y[rows]
+    params_ahead, opt_ahead = pop.functional_step(pop.params, ahead, x, y)
+    params_behind, opt_behind = pop.functional_step(pop.params, behind, x, y)
+    d_params = params_ahead - params_behind
+    if steps.factors is not None:
+        c = torch.as_tensor(steps.factors, dtype=d_params.dtype, device=d_params.device)[rows][:, None]
+        d_params = c * d_params
+    return d_params, {n: opt_ahead[n] - opt_behind[n] for n in opt_ahead if n != COUNTER}
 
 
 def gossip(parts: list[tuple[torch.Tensor, Perturbation]], own: Perturbation, keep: torch.Tensor,
@@ -253,7 +307,7 @@ def second_order_local_step(steps: LocalSteps, a: torch.Tensor, opt_a: dict[str,
         new_params, new_state = pop.functional_step(params, state, steps.x, steps.y)
         if c is not None:
             new_params = params + c * (new_params - params)
-        return new_params, {name: value for name, value in new_state.items() if name != "step"}
+        return new_params, {name: value for name, value in new_state.items() if name != COUNTER}
 
     zero, one = torch.zeros((), dtype=a.dtype, device=a.device), torch.ones((), dtype=a.dtype, device=a.device)
     with twice_differentiable_sqrt():
