@@ -129,6 +129,8 @@ class Run:
         from dice_ray.reports.contributions import ledger_tables
         from dice_ray.runner import run_stage
 
+        if shapley is not None and shapley < 1:
+            raise InputError(f"--shapley {shapley}: needs at least 1 permutation")
         ledger_tables(self.path)  # a run without the ledger is refused before any retraining
         changes = retraining_changes(self.path, loo, shapley)
         if changes:

@@ -338,6 +338,11 @@ class RunConfig(Section):
                 raise ValueError("misbehavior.selection 'ids' needs misbehavior.ids")
             if bad.selection != "ids" and bad.ids:
                 raise ValueError(f"misbehavior.ids are used with selection 'ids', not {bad.selection!r}")
+            given = [f"misbehavior.{name}" for name in ("count", "fraction") if getattr(bad, name) is not None]
+            if bad.selection == "ids" and given:
+                raise ValueError(f"misbehavior.ids name who misbehaves; {given[0]} would be ignored: give one")
+            if len(given) == 2:
+                raise ValueError("misbehavior.count and misbehavior.fraction both say how many misbehave: give one")
             if bad.selection != "ids" and bad.count is None and bad.fraction is None:
                 raise ValueError(f"misbehavior.kind {bad.kind!r} needs how many misbehave: misbehavior.count "
                                  "(--misbehaving N), misbehavior.fraction (--misbehaving-fraction F) or "

@@ -231,12 +231,15 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
         latest = store.latest()
         start = config.rounds if training_done else (latest.round + 1 if latest else 0)
         manifest = Manifest.resumed(out, start)
+        manifest.update(engine=engine_kind)  # where it runs now: a later resume without --engine continues so
     else:
         start = 0
         out.mkdir(parents=True, exist_ok=True)
         for stale in [*out.glob("*.parquet"), *out.glob("*.png"), out / "states.npy"]:  # an overwritten run's
             stale.unlink(missing_ok=True)                                                 # tables, reports, plots
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)  # an overwritten run's tracker records
+        (out / "mlflow.db").unlink(missing_ok=True)
         manifest = Manifest.begin(experiment, out, engine_kind, save_states)
         manifest.update(methods=[m.name for m in chosen])
     manifest.write()

@@ -131,3 +131,16 @@ def test_sweep_logs_each_trial_through_tune_callbacks(tmp_path):
     ok = trials[trials["status"] == "ok"]
     np.testing.assert_allclose(by_lr[0.05].data.metrics["final_heldout_acc"], ok["final_heldout_acc"], rtol=1e-6)
     assert list(out.glob("tune/**/events.out.tfevents.*"))
+
+
+def test_overwrite_removes_the_earlier_runs_tracker_records(tmp_path):
+    """--overwrite replaces a run directory: an earlier run's TensorBoard events and MLflow store went on beside the
+    new run's (two event files, curves of both runs in one folder)."""
+    out = tmp_path / "run"
+    base = {"nodes": 4, "rounds": 2, "data": {"dataset": "digits", "heldout_size": 16}}
+    tracked = {"out": str(out), "progress": False, "log": ["tensorboard", "mlflow"]}
+    dice_ray.run(dice_ray.as_config(base, output=tracked), engine="local")
+    assert (out / "mlflow.db").is_file() and len(list((out / "tensorboard").iterdir())) == 1
+    dice_ray.run(dice_ray.as_config(base, output={"out": str(out), "progress": False, "overwrite": True}),
+                 engine="local")
+    assert not (out / "tensorboard").exists() and not (out / "mlflow.db").exists()

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dice_ray.errors import InputError, report
+from dice_ray.errors import InputError, OneLineParser, report
 from dice_ray.reports import (
     Cascade,
     Contributions,
@@ -133,7 +133,10 @@ def collaborators(runs: list[Path], out: Path | None = None) -> list[dict]:
     ``collaborators.parquet`` to ``out`` (default: the runs' common parent folder); return its rows."""
     computed = collaborators_report(runs)
     out = out or common_parent(runs)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--out {out}: cannot make the folder: {err.strerror or err}") from None
     write_report(computed, out)
     print(f"{'misbehaviour':>16} {'rewiring':>9} {'seeds':>5} {'honest acc':>16} {'bad in-edges':>12} "
           f"{'gain vs static':>15} {'wins':>5}")
@@ -186,8 +189,8 @@ def contributions(run: Path, loo: bool = False, shapley: int | None = None, loca
     return computed
 def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser."""
-    parser = argparse.ArgumentParser(prog="python -m dice_ray.analyze", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m dice_ray.analyze", description=__doc__.split("\n\n")[1],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("report", choices=("alignment", "cascade", "anomaly", "collaborators", "contributions"),
                         help="which report")
     parser.add_argument("run", type=Path, nargs="+", help="run directory (collaborators: several)")
@@ -228,8 +231,6 @@ def main(argv: list[str] | None = None) -> int:
         elif args.report == "anomaly":
             anomaly(args.run[0], args.horizon)
         elif args.report == "contributions":
-            if args.shapley is not None and args.shapley < 1:
-                raise InputError(f"--shapley {args.shapley}: needs at least 1 permutation")
             contributions(args.run[0], args.loo, args.shapley, args.local, args.allow_imports)
         else:
             {"alignment": alignment, "cascade": cascade}[args.report](args.run[0])

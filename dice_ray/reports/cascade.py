@@ -101,9 +101,10 @@ def cascade_report(run: Path) -> Cascade:
     graph = topology.to_networkx(0)
     strength = np.nansum(np.abs(matrix), axis=1)
     probed = count.sum(axis=1) > 0
+    betweenness, closeness = nx.betweenness_centrality(graph), nx.closeness_centrality(graph.reverse())  # once each
     position = {"out_degree": np.array([graph.out_degree(j) for j in range(n)], float),
-                "betweenness": np.array([nx.betweenness_centrality(graph)[j] for j in range(n)]),
-                "closeness": np.array([nx.closeness_centrality(graph.reverse())[j] for j in range(n)])}
+                "betweenness": np.array([betweenness[j] for j in range(n)]),
+                "closeness": np.array([closeness[j] for j in range(n)])}
     upper = np.triu_indices(n, 1)
     forward, backward = matrix[upper], matrix.T[upper]
     both = np.isfinite(forward) & np.isfinite(backward)

@@ -257,8 +257,12 @@ def _check_names(sweep: Sweep) -> None:
     for name in spec.metrics or []:
         if name not in METRICS:
             raise InputError(f"sweep: metrics: {name!r} is unknown; choose from {', '.join(METRICS)}")
-    columns = {c for params in sweep.examples
-               for c in metric_columns(sweep.trial_config(params, Path("check")), spec.metrics)}
+    configs = [sweep.trial_config(params, Path("check")) for params in sweep.examples]
+    for name in spec.metrics or []:
+        if not any(metric_columns(config, [name]) for config in configs):
+            raise InputError(f"sweep: metrics: {name!r} measures nothing in these trials (what it reads is off in "
+                             "every trial's config)")
+    columns = {c for config in configs for c in metric_columns(config, spec.metrics)}
     if spec.metric is not None and spec.metric not in columns:
         raise InputError(f"sweep: metric {spec.metric!r} is not reported by these trials; they report "
                          f"{', '.join(sorted(columns)) or 'no metrics'}")

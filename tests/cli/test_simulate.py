@@ -101,6 +101,16 @@ BAD_INPUTS = [
     (["--misbehavior", "label-flip"], "misbehavior.kind 'label-flip' needs how many misbehave"),
     (["--misbehavior", "scale", "--misbehaving-ids", "1", "--misbehaving-selection", "degree"],
      "misbehavior.ids are used with selection 'ids', not 'degree'"),
+    (["--misbehavior", "scale", "--misbehaving", "1", "--misbehaving-fraction", "0.5"],  # the fraction used to win
+     "misbehavior.count and misbehavior.fraction both say how many"),
+    (["--misbehavior", "scale", "--misbehaving", "3", "--misbehaving-ids", "0,1"],
+     "misbehavior.count would be ignored"),
+    # a probe set that is empty used to pass, and the run failed after training
+    (["--influence", "--hops", "2", "--probe-every", "20"], "influence.every 20 probes no round"),
+    (["--influence", "--probe-rounds", ","], "influence.rounds is empty"),
+    (["--influence", "--probe-sources", ","], "influence.sources is empty"),
+    (["--influence", "--hops", "1", "--probe-rounds", "0", "--probe-every", "3"],  # every used to be ignored
+     "influence.rounds and influence.every both choose the probe rounds"),
 ]
 
 

@@ -60,6 +60,8 @@ def _sweep(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     ({"plot": {"x": "nodes", "y": ["final_heldout_acc"]}}, "plot: 'nodes' is not a field"),
     ({"base": {**BASE, "optim": {"bogus": 1}}}, "base: config: unknown key 'optim.bogus'"),
     ({"metrics": ["accuracy", "auroc"]}, "metrics: 'auroc' is unknown"),
+    ({"metrics": ["proximal_detection"], "plot": None}, "'proximal_detection' measures nothing in these trials"),
+    ({"space": {"influence.every": {"grid": [1, 20]}}}, "influence.every 20 probes no round"),
 ])
 def test_bad_sweep_file_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                               change: dict, message: str) -> None:

@@ -34,7 +34,7 @@ def test_selection_random_ids_and_degree() -> None:
     assert len(experiment.misbehaving) == 2
     assert np.array_equal(experiment.misbehaving, setup("label-flip")[0].misbehaving)  # seeded
     assert setup("label-flip", selection="degree", count=1)[0].misbehaving.tolist() == [0]  # the star's hub
-    assert setup("scale", selection="ids", ids=[4, 1])[0].misbehaving.tolist() == [1, 4]
+    assert setup("scale", selection="ids", ids=[4, 1], count=None)[0].misbehaving.tolist() == [1, 4]
     assert setup("label-flip", count=None, fraction=0.5)[0].misbehaving.size == 3
 
 

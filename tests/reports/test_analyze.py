@@ -62,6 +62,14 @@ def test_alignment_report(influence_run: Path, capsys: pytest.CaptureFixture[str
     assert "spearman" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv", [["foo", "run"], ["anomaly", "run", "--horizon", "x"], []])
+def test_a_usage_error_is_one_line_and_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        analyze(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+
+
 def test_alignment_of_a_run_without_influence_is_an_error(tmp_path: Path, capsys) -> None:
     tmp_path.joinpath("run").mkdir()
     assert analyze(["alignment", str(tmp_path / "run")]) == 2

@@ -117,6 +117,8 @@ def test_collaborators_report_compares_runs(tmp_path, mode: str) -> None:
     assert table["honest_acc"].between(0, 1).all() and table["misbehaving"].tolist() == [1] * len(runs)
     assert analyze(["collaborators", *runs, runs[0]]) == 2  # the same run twice is not two seeds
     assert analyze(["anomaly", runs[0], runs[-1]]) == 2  # one run directory only
+    (tmp_path / "a-file").write_text("")
+    assert analyze(["collaborators", *runs, "--out", str(tmp_path / "a-file")]) == 2  # was a traceback
 
 
 def test_detection_compares_every_in_neighbour_scored_so_far() -> None:

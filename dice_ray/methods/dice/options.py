@@ -51,7 +51,7 @@ class InfluenceConfig(Section):
                                                   "to second order in Δ; about 3x the curvature variant's estimator "
                                                   "time at a 16-image z′, 6-7x at 360 images; exact-readout: "
                                                   "the z′ loss itself read along the curvature perturbation, "
-                                                  "exact at hop 1)")
+                                                  "exact at hop 1 for whole-batch probes)")
     second_order_b: bool = Field(True, description=SECOND_ORDER_B)
     exact_readout_b: bool = Field(False, description=EXACT_READOUT_B)
     ground_truth: bool = Field(True, description="also measure DICE-GT by counterfactual replay")
@@ -66,6 +66,18 @@ class InfluenceConfig(Section):
                              "(--influence, influence.enabled)")
         if not self.enabled:
             return
+        if self.rounds is not None and self.every is not None:
+            raise ValueError("influence.rounds and influence.every both choose the probe rounds: give one "
+                             "(--probe-rounds or --probe-every)")
+        if self.sources is not None and self.sample_sources is not None:
+            raise ValueError("influence.sources and influence.sample_sources both choose the probed participants: "
+                             "give one")
+        if self.rounds == [] or self.sources == []:
+            raise ValueError(f"influence.{'rounds' if self.rounds == [] else 'sources'} is empty: nothing to probe")
+        latest = config.rounds - 1 - self.hops  # the last round whose R hops the run holds
+        if self.every is not None and self.every - 1 > latest:
+            raise ValueError(f"influence.every {self.every} probes no round: the first, {self.every - 1}, needs "
+                             f"rounds up to {self.every - 1 + self.hops} but the run has rounds 0..{config.rounds - 1}")
         for t in self.rounds or []:
             if not 0 <= t <= config.rounds - 1 - self.hops:
                 raise ValueError(f"influence probe round {t} needs rounds {t}..{t + self.hops} but the run has "
