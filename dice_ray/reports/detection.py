@@ -189,6 +189,8 @@ def detection_report(run: Path, horizons: list[int] | None = None) -> Detection:
     rounds, nodes = read_frame(run, "rounds", "incomplete run"), read_frame(run, "nodes", "incomplete run")
     if not nodes["misbehaving"].any():
         raise InputError(f"{run} has no misbehaving participants: nothing to detect (--misbehavior)")
+    if nodes["misbehaving"].all():
+        raise InputError(f"{run}: every participant misbehaves, so no examiner has an honest neighbour to tell apart")
     window = json.loads((run / "manifest.json").read_text())["config"]["proximal"]["window"]
     last = int(rounds["round"].max()) + 1
     if horizons is not None and not list(horizons):

@@ -134,3 +134,15 @@ def test_detection_compares_every_in_neighbour_scored_so_far() -> None:
     assert separated.tolist() == [False, True]  # round 2: the anomalous one's 6 beats the honest one's latest 5
     everyone = frame.assign(anomalous=True)  # no honest in-neighbour: nothing to separate from
     assert separation(everyone).empty
+
+
+def test_anomaly_of_a_run_where_everyone_misbehaves_is_one_line(tmp_path, capsys) -> None:
+    """No examiner has an honest neighbour: a report of dashes and exit 0 before; now one line, exit 2, as a run
+    where no one misbehaves."""
+    run = tmp_path / "all-bad"
+    assert simulate(["--engine", "local", "--no-progress", "--dataset", "digits", "--nodes", "4", "--rounds", "3",
+                     "--misbehavior", "sign-flip", "--misbehaving", "4", "--proximal", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert analyze(["anomaly", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "every participant misbehaves" in err
