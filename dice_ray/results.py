@@ -27,7 +27,8 @@ def _schema(*columns: tuple[str, pa.DataType, str]) -> pa.Schema:
 ROUNDS = _schema(
     ("round", pa.int32(), "round t (0-based); metrics after round t's gossip, i.e. of θ_k^{t+1}"),
     ("node", pa.int32(), "participant k (0..N-1)"),
-    ("train_loss", pa.float32(), "L(θ_k^t; z_k^t): mean loss on k's minibatch of round t, before its local step"),
+    ("train_loss", pa.float32(), "L(θ_k^t; z_k^t): mean loss on k's minibatch of round t, before its local step "
+                                 "(0 for a participant with no data, which takes no step)"),
     ("val_loss", pa.float32(), "mean loss of θ_k^{t+1} on k's own validation split (null between evaluations)"),
     ("val_acc", pa.float32(), "accuracy of θ_k^{t+1} on k's own validation split (null between evaluations)"),
     ("heldout_loss", pa.float32(), "mean loss of θ_k^{t+1} on the shared held-out batch z′ (null between "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -86,6 +87,18 @@ SWITCHES: list[tuple[str, str, bool]] = [
     ("--keep-checkpoints", "output.keep_checkpoints", True), ("--proximal", "proximal.enabled", True),
     ("--ledger", "ledger.enabled", True), ("--loo", "ledger.loo", True),
     ("--no-cuda-graphs", "engine.cuda_graphs", False),
+]
+
+
+# Options that do nothing while their method (or data change) is off: (prefix of their fields, the fields that turn
+# it on, how to turn it on, whether a config has it on). Given with it off, they are refused (they would be ignored).
+SWITCHED: list[tuple[str, tuple[str, ...], str, Callable[[RunConfig], bool]]] = [
+    ("influence.", ("influence.enabled",), "--influence", lambda c: c.influence.enabled),
+    ("proximal.", ("proximal.enabled",), "--proximal", lambda c: c.proximal.enabled),
+    ("rewiring.", ("rewiring.mode",), "--rewire MODE", lambda c: c.rewiring.mode != "none"),
+    ("ledger.", ("ledger.enabled", "ledger.loo", "ledger.shapley_permutations"), "--ledger",
+     lambda c: c.ledger.enabled or c.ledger.loo or c.ledger.shapley_permutations > 0),
+    ("data.shrink.", ("data.shrink.ids",), "--shrink-ids", lambda c: bool(c.data.shrink.ids)),
 ]
 
 
@@ -197,6 +210,11 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
            and getattr(args, dotted) is not None]
     if who and config.misbehavior.kind == "none":  # (a config file or sweep may keep them with kind none)
         raise InputError(f"{who[0]} needs --misbehavior KIND (how they misbehave); misbehavior.kind is 'none'")
+    for prefix, switches, how, on in SWITCHED:  # (a config file may keep a method's settings with it off)
+        given = [flag for flag, dotted, *_ in [*OPTIONS, *SWITCHES] if dotted.startswith(prefix)
+                 and dotted not in switches and getattr(args, dotted) is not None]
+        if given and not on(config):
+            raise InputError(f"{given[0]} applies to {prefix.rstrip('.')}, which this run leaves off ({how})")
     return config
 
 

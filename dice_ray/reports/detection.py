@@ -30,9 +30,11 @@ def running_scores(proximal: pd.DataFrame, rounds: pd.DataFrame, window: int) ->
     """Return a frame (method, round, examiner, neighbor, anomalous, value): each detector's running score of
     every pair (k, l) after each scoring round; higher = more anomalous.
 
-    proximal: Σ_{s≤t} p_{k←l}^s; proximal-window: the sum over the pair's last ``window`` scoring rounds;
-    train-loss: the mean over scoring rounds ≤ t of l's own training loss L(θ_l^s; z_l^s); cosine: the mean of
-    1 − cos(Δ_k^s, Δ_l^s).
+    proximal: Σ_{s≤t} p_{k←l}^s; proximal-window: the table's ``window_score``, the sum over the run's last
+    ``window`` scoring rounds (on a time-varying graph a pair is not scored in each: its own last ``window`` scorings
+    reached further back; a table without the column falls back to those); train-loss: the mean, over the rounds
+    ≤ t in which k scored l, of l's own training loss L(θ_l^s; z_l^s); cosine: the mean of 1 − cos(Δ_k^s, Δ_l^s)
+    over the same rounds.
     """
     df = proximal.sort_values(["round", "examiner", "neighbor"], kind="stable").reset_index(drop=True)
     pair = df.groupby(["examiner", "neighbor"], sort=False)
@@ -41,7 +43,8 @@ def running_scores(proximal: pd.DataFrame, rounds: pd.DataFrame, window: int) ->
     neighbor_loss = loss.reindex(pd.MultiIndex.from_arrays([df["round"], df["neighbor"]])).to_numpy(np.float64)
     values = {
         "proximal": pair["score"].cumsum(),
-        "proximal-window": pair["score"].transform(lambda s: s.rolling(window, min_periods=1).sum()),
+        "proximal-window": df["window_score"] if "window_score" in df else
+        pair["score"].transform(lambda s: s.rolling(window, min_periods=1).sum()),
         "train-loss": pd.Series(neighbor_loss).groupby([df["examiner"], df["neighbor"]], sort=False).cumsum() / seen,
         "cosine": (1 - df["update_cosine"]).groupby([df["examiner"], df["neighbor"]], sort=False).cumsum() / seen,
     }

@@ -111,6 +111,12 @@ BAD_INPUTS = [
     (["--influence", "--probe-sources", ","], "influence.sources is empty"),
     (["--influence", "--hops", "1", "--probe-rounds", "0", "--probe-every", "3"],  # every used to be ignored
      "influence.rounds and influence.every both choose the probe rounds"),
+    # a method's option with the method off did nothing
+    (["--hops", "2"], "--hops applies to influence, which this run leaves off (--influence)"),
+    (["--proximal-window", "3"], "--proximal-window applies to proximal"),
+    (["--rewire", "none", "--rewire-every", "3"], "--rewire-every applies to rewiring"),
+    (["--ledger-every", "2"], "--ledger-every applies to ledger"),
+    (["--shrink-fraction", "0.5"], "--shrink-fraction applies to data.shrink"),
 ]
 
 

@@ -146,3 +146,22 @@ def test_anomaly_of_a_run_where_everyone_misbehaves_is_one_line(tmp_path, capsys
     assert analyze(["anomaly", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "every participant misbehaves" in err
+
+
+def test_the_windowed_detector_is_the_tables_window_score() -> None:
+    """proximal.window sums the run's last ``window`` scoring rounds (the table's ``window_score``). On a time-varying
+    graph a pair is not scored each round: examiner 0 scores neighbour 1 in rounds 0 and 3 only, so with a window
+    of 2 rounds its windowed score after round 3 is round 3's alone, not rounds 0 and 3 added (which the report
+    used to compute, the pair's own last 2 scorings)."""
+    rows = [{"round": t, "examiner": 0, "neighbor": nb, "weight": 0.5, "score": s, "update_cosine": 0.5,
+             "neighbor_is_anomalous": nb == 2}
+            for t, nb, s in [(0, 1, 5.0), (0, 2, 1.0), (1, 2, 1.0), (2, 2, 1.0), (3, 1, 1.0), (3, 2, 1.0)]]
+    proximal = pd.DataFrame(rows)
+    window = {(0, 1): 5.0, (0, 2): 1.0, (1, 2): 2.0, (2, 2): 2.0, (3, 1): 1.0, (3, 2): 2.0}  # the run's last 2 rounds
+    proximal["window_score"] = [window[(r["round"], r["neighbor"])] for r in rows]
+    rounds = pd.DataFrame({"round": np.repeat(range(4), 3), "node": np.tile(range(3), 4),
+                           "train_loss": np.ones(12, np.float32)})
+    scores = running_scores(proximal, rounds, window=2)
+    mine = scores[scores["method"] == "proximal-window"]
+    last = mine[mine["round"] == 3].set_index("neighbor")["value"]
+    assert last[1] == 1.0 and last[2] == 2.0
