@@ -82,9 +82,10 @@ class Alignment:
                 for r in self.hops}
 
 
-def alignment_report(run: Path) -> Alignment:
+def alignment_report(run: str | Path) -> Alignment:
     """Return the alignment report of the run directory ``run`` (reads ``dice`` and ``influence``; writes nothing).
     A run without influence, or without ground truth, is an ``InputError``."""
+    run = Path(run)
     dice = read_columns(run, "dice")
     if not measured(dice["gt"]):
         raise InputError(f"{run / 'dice.parquet'} has no ground truth (influence.ground_truth was off)")

@@ -68,9 +68,10 @@ class Cascade:
                     self.matrix, "I(j → k): red raises k's loss, blue lowers it", path)}
 
 
-def cascade_report(run: Path) -> Cascade:
+def cascade_report(run: str | Path) -> Cascade:
     """Return the cascade report of the run directory ``run`` (reads ``influence`` and the recorded topology;
     writes nothing)."""
+    run = Path(run)
     import networkx as nx
 
     inf = read_columns(run, "influence")

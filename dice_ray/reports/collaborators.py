@@ -129,8 +129,9 @@ def _check_comparable(rows: list[dict]) -> None:
         seen[key] = row["run"]
 
 
-def collaborators_report(runs: list[Path]) -> Collaborators:
+def collaborators_report(runs: list[str | Path]) -> Collaborators:
     """Return the collaborators report comparing the finished run directories ``runs`` (writes nothing)."""
+    runs = [Path(r) for r in runs]
     rows = [collaborator_row(run) for run in runs]
     _check_comparable(rows)
     return Collaborators(table=pd.DataFrame(rows, columns=COLLABORATORS.names),

@@ -65,9 +65,10 @@ class Contributions:
                     self.matrix, "ledger L[j → k]: red raised k's loss, blue lowered it", path)}
 
 
-def contributions_report(run: Path) -> Contributions:
+def contributions_report(run: str | Path) -> Contributions:
     """Return the contributions report of the run directory ``run`` (a run with the ledger; reads ``loo`` and
     ``shapley`` where they exist, retrains nothing and writes nothing)."""
+    run = Path(run)
     import networkx as nx
 
     shares, ledger, nodes = ledger_tables(run)

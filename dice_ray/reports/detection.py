@@ -184,10 +184,11 @@ class Detection:
                                                                        self.horizon, path)}
 
 
-def detection_report(run: Path, horizons: list[int] | None = None) -> Detection:
+def detection_report(run: str | Path, horizons: list[int] | None = None) -> Detection:
     """Return the detection report of the run directory ``run`` (a run with proximal influence and misbehaving
     participants; writes nothing). ``horizons``: rounds before which scores count (default 5, 10, 20 and the whole
     run); the ROC curve uses the last."""
+    run = Path(run)
     proximal = read_frame(run, "proximal", "run the simulation with --proximal first")
     rounds, nodes = read_frame(run, "rounds", "incomplete run"), read_frame(run, "nodes", "incomplete run")
     if not nodes["misbehaving"].any():

@@ -49,15 +49,24 @@ def _identify(sweep: Sweep, tune_config: dict[str, Any], tune_trial_id: str) -> 
 
 def simulate_or_resume(config: Any) -> Path:
     """Run a trial's simulation; if its run directory holds an interrupted run of the same config (a sweep
-    killed mid-trial), continue it from its last checkpoint instead of starting over (``simulate --resume``)."""
+    killed mid-trial), continue it from its last checkpoint instead of starting over (``simulate --resume``); if it
+    holds the finished run of the same config (a trial that ended after the sweep was stopped, unrecorded), use it."""
     from dice_ray.checkpoint import CheckpointStore, config_digest
+    from dice_ray.config import read_recorded
     from dice_ray.runner import simulate
 
     run = Path(config.output.out)
     try:
-        status = json.loads((run / "manifest.json").read_text()).get("status")
-    except (OSError, ValueError):
-        status = None
+        manifest = json.loads((run / "manifest.json").read_text())
+        status = manifest.get("status")
+    except (OSError, ValueError, AttributeError):
+        manifest, status = {}, None
+    if status == "complete" and (run / "rounds.parquet").exists():
+        try:
+            if config_digest(read_recorded(manifest.get("config"), str(run))) == config_digest(config):
+                return run
+        except InputError:
+            pass  # another program's directory: the trial runs anew
     store = CheckpointStore(run, config_digest(config))
     latest = store.latest()
     try:

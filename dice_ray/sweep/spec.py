@@ -216,20 +216,26 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         spec = SweepSpec.model_validate(data)
     except ValidationError as err:
         raise InputError(_spec_error(err)) from None
+    def candidates(dist: dict[str, Any]) -> list[Any]:
+        kind, values = next(iter(dist.items()))
+        return values if kind in ("grid", "choice") else [int(v) if kind == "int" else float(v) for v in values]
+
+    first = {field: candidates(dist)[0] for field, dist in spec.space.items()}  # each field's first value
     try:
         base = _base_config(spec.base)
         build_config(base)
     except InputError as err:
-        raise InputError(f"sweep: base: {err}") from None
+        try:  # a base may leave to the space what it needs (misbehavior.fraction of a fraction sweep)
+            build_config(_with(base, first))
+        except InputError:
+            raise InputError(f"sweep: base: {err}") from None
     examples = []
     for field, dist in spec.space.items():
         if field.startswith(("output.", "engine.address")):
             raise InputError(f"sweep: space.{field}: the sweep sets {field} itself")
-        kind, values = next(iter(dist.items()))
-        candidates = values if kind in ("grid", "choice") else [int(v) if kind == "int" else float(v) for v in values]
-        for value in candidates:
-            try:
-                build_config(_with(base, {field: value}))
+        for value in candidates(dist):
+            try:  # with the other fields' first values: what one field needs may come from another
+                build_config(_with(base, {**first, field: value}))
             except InputError as err:
                 raise InputError(f"sweep: space.{field} = {value!r}: {err}") from None
             examples.append({field: value})

@@ -255,3 +255,26 @@ def test_a_trial_line_shows_what_was_measured() -> None:
     line = _trial_line(row, 1, 2, ["final_heldout_acc"])
     assert line == "[1/2] t0 ok: optim.lr=0.1 | auc_dice_e=0.75 auc_dice_gt=0.5 (2.0 s)"
     assert _trial_line(row, 1, 2, ["auc_dice_gt"]).endswith("| auc_dice_gt=0.5 (2.0 s)")
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("sweeps/*.yaml")), ids=lambda p: p.name)
+def test_every_bundled_sweep_is_valid(path: Path) -> None:
+    """The sweeps the docs run validate, every trial included (a rule added to the run config once made
+    anomaly_fraction.yaml's base, which leaves misbehavior.fraction to its space, refused)."""
+    sweep = load_sweep(path)
+    assert len(sweep.grid) >= 2 and all(set(t.params) == set(sweep.spec.space) for t in sweep.grid)
+
+
+def test_a_trial_that_finished_unrecorded_is_not_run_again(tmp_path: Path) -> None:
+    """Ctrl-C stops the sweep while a trial's run goes on to its end, unrecorded; the resumed sweep takes that
+    finished run as it is (it used to train it again from round 0): the same config's, by its digest."""
+    from dice_ray.runner import simulate
+    from dice_ray.sweep.records import trial_dir
+    from dice_ray.sweep.runner import simulate_or_resume
+
+    sweep = load_sweep(_write(tmp_path, "s.yaml", {**GRID, "out": str(tmp_path / "sweep")}))
+    trial = sweep.grid[0]
+    config = sweep.trial_config(trial.params, trial_dir(tmp_path / "sweep", trial.trial_id))
+    run = simulate(config, engine_kind="local")
+    stamp = (run / "rounds.parquet").stat().st_mtime_ns
+    assert simulate_or_resume(config) == run and (run / "rounds.parquet").stat().st_mtime_ns == stamp

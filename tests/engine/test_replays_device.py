@@ -53,7 +53,8 @@ class OnOneDevice(TorchFunctionMode):
     """Fails any operation that mixes a tensor on ``device`` with a CPU tensor that is not a 0-d scalar (indices
     included: on a GPU each would be a host-to-device copy, or an error); reading a ``device`` tensor back to the host
     (``.cpu()``, ``.item()``, ``float``) gives zeros of its shape (``bool``: true), since the meta device holds no
-    values, and a sparse product (gossip, which meta has no kernel for) an empty result of its shape."""
+    values, a sparse product (gossip, which meta has no kernel for) an empty result of its shape, and the nonzero
+    entries of a vector (Adam's lagging step counters) all its indices."""
 
     def __init__(self, device: str = "meta"):
         super().__init__()
@@ -77,6 +78,9 @@ class OnOneDevice(TorchFunctionMode):
         if name == "_sparse_mm" and first.device == self.device:  # gossip: meta has no sparse kernels
             assert args[1].device == self.device, "_sparse_mm: the sources are not on the device"
             return torch.empty(first.shape[0], args[1].shape[1], dtype=args[1].dtype, device=self.device)
+        if name == "nonzero" and first.device == self.device:  # data-dependent, no meta kernel: every index of a
+            assert first.dim() == 1, "nonzero: only vectors here"  # vector (a superset, so what follows runs too)
+            return torch.arange(first.shape[0], device=self.device)[:, None]
         on_device = any(t.device == self.device for t in tensors)
         stray = [tuple(t.shape) for t in tensors if t.device.type == "cpu" and t.dim() > 0]
         assert not (on_device and stray), f"{name}: CPU tensors {stray} meet {self.device} tensors"

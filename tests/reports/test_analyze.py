@@ -60,6 +60,11 @@ def test_alignment_report(influence_run: Path, capsys: pytest.CaptureFixture[str
     assert table["spearman"].between(-1, 1).all() and (table["relative_error"] >= 0).all()
     assert (influence_run / "alignment_hop1.png").stat().st_size > 1000
     assert "spearman" in capsys.readouterr().out
+    from dice_ray.reports import alignment_report, cascade_report
+
+    # a path as a string, as open_run takes it (was a TypeError)
+    pd.testing.assert_frame_equal(alignment_report(str(influence_run)).table, alignment_report(influence_run).table)
+    pd.testing.assert_frame_equal(cascade_report(str(influence_run)).decay, cascade_report(influence_run).decay)
 
 
 @pytest.mark.parametrize("argv", [["foo", "run"], ["anomaly", "run", "--horizon", "x"], []])

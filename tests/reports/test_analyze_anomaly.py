@@ -115,6 +115,9 @@ def test_collaborators_report_compares_runs(tmp_path, mode: str) -> None:
     assert analyze(["collaborators", *runs, "--out", str(tmp_path / "new" / "folder")]) == 0  # made if missing
     table = pd.read_parquet(tmp_path / "new" / "folder" / "collaborators.parquet")
     assert table["honest_acc"].between(0, 1).all() and table["misbehaving"].tolist() == [1] * len(runs)
+    from dice_ray.reports import collaborators_report
+
+    assert len(collaborators_report(runs).table) == len(runs)  # paths as strings
     assert analyze(["collaborators", *runs, runs[0]]) == 2  # the same run twice is not two seeds
     assert analyze(["anomaly", runs[0], runs[-1]]) == 2  # one run directory only
     (tmp_path / "a-file").write_text("")

@@ -38,7 +38,8 @@ class InfluenceConfig(Section):
     hops: int = Field(3, ge=1, le=64, description="R: steps of the cascade measured after each probe round")
     rounds: list[int] | None = Field(None, description="probe rounds t (default: the last `last` rounds that "
                                                        "leave room for R hops)")
-    every: int | None = Field(None, ge=1, description="probe every k-th round instead of a list")
+    every: int | None = Field(None, ge=1, description="probe every k-th round (rounds k-1, 2k-1, ...) instead of a "
+                                                      "list")
     last: int = Field(10, ge=1, description="number of probe rounds when neither rounds nor every is given")
     sources: list[int] | None = Field(None, description="probed participants j (default: all)")
     sample_sources: int | None = Field(None, ge=1, description="probe this many random participants per round")
