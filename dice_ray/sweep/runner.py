@@ -308,7 +308,7 @@ def _grid_space(sweep: Sweep, todo: list[str]) -> dict[str, Any]:
     params = {t.trial_id: t.params for t in sweep.grid}
     space: dict[str, Any] = {"trial_id": tune.grid_search(todo)}
     for field in sweep.spec.space:
-        space[field] = tune.sample_from(lambda spec, field=field: params[spec.config["trial_id"]][field])
+        space[field] = tune.sample_from(lambda config, field=field: params[config["trial_id"]][field])
     return space
 
 
