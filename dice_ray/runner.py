@@ -226,11 +226,11 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
     online = Drivers(experiment, chosen)
     tables = RoundTables(out, {**online.tables(), "rounds": ROUNDS})
     if resume:
-        _check_same_methods(out, chosen)
         training_done = (out / "rounds.parquet").exists()
         latest = store.latest()
         start = config.rounds if training_done else (latest.round + 1 if latest else 0)
-        manifest = Manifest.resumed(out, start)
+        manifest = Manifest.resumed(out, start)  # read, not written yet
+        _check_same_methods(out, manifest.get("methods", []), chosen)
         manifest.update(engine=engine_kind)  # where it runs now: a later resume without --engine continues so
     else:
         start = 0
@@ -316,10 +316,9 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
     return out
 
 
-def _check_same_methods(out: Path, chosen: list[Method]) -> None:
-    """Refuse to resume the run in ``out`` without a method it used (a user's, passed to the run as ``methods=``),
-    before anything changes: it would finish without that method's tables."""
-    recorded = json.loads((out / "manifest.json").read_text()).get("methods", [])
+def _check_same_methods(out: Path, recorded: list[str], chosen: list[Method]) -> None:
+    """Refuse to resume the run in ``out`` without a method it used (``recorded``: a user's, passed to the run as
+    ``methods=``), before anything changes: it would finish without that method's tables."""
     missing = [name for name in recorded if name not in {m.name for m in chosen}]
     if missing:
         raise InputError(f"--resume {out}: it used the method {missing[0]!r}; pass it again "

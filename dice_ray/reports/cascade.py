@@ -71,8 +71,9 @@ class Cascade:
 def cascade_report(run: str | Path) -> Cascade:
     """Return the cascade report of the run directory ``run`` (reads ``influence`` and the recorded topology;
     writes nothing)."""
-    run = Path(run)
     import networkx as nx
+
+    run = Path(run)
 
     inf = read_columns(run, "influence")
     column = value_column(inf)

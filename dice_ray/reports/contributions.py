@@ -68,8 +68,9 @@ class Contributions:
 def contributions_report(run: str | Path) -> Contributions:
     """Return the contributions report of the run directory ``run`` (a run with the ledger; reads ``loo`` and
     ``shapley`` where they exist, retrains nothing and writes nothing)."""
-    run = Path(run)
     import networkx as nx
+
+    run = Path(run)
 
     shares, ledger, nodes = ledger_tables(run)
     n = len(nodes)

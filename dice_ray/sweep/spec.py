@@ -115,7 +115,8 @@ class Trial:
 @dataclass(frozen=True)
 class Sweep:
     """A validated sweep: the spec, the resolved base config dict, for a grid every trial, and the swept
-    values checked up front (``examples``: every grid point, or each candidate value of each field alone)."""
+    values checked up front (``examples``: every grid point, or each candidate value of each field, the others at
+    their first)."""
 
     spec: SweepSpec
     base: dict[str, Any]
@@ -204,6 +205,12 @@ def _with(base: dict[str, Any], params: dict[str, Scalar]) -> dict[str, Any]:
     return data
 
 
+def _candidates(dist: dict[str, Any]) -> list[Any]:
+    """The values a space field's distribution checks up front: a grid's or choice's values, a range's bounds."""
+    kind, values = next(iter(dist.items()))
+    return values if kind in ("grid", "choice") else [int(v) if kind == "int" else float(v) for v in values]
+
+
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Sweep:
     """Return the validated ``Sweep`` of a sweep file (``overrides``: top-level keys replacing the file's, as
     the command line gives them); raise ``InputError`` naming the first problem."""
@@ -216,11 +223,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         spec = SweepSpec.model_validate(data)
     except ValidationError as err:
         raise InputError(_spec_error(err)) from None
-    def candidates(dist: dict[str, Any]) -> list[Any]:
-        kind, values = next(iter(dist.items()))
-        return values if kind in ("grid", "choice") else [int(v) if kind == "int" else float(v) for v in values]
-
-    first = {field: candidates(dist)[0] for field, dist in spec.space.items()}  # each field's first value
+    first = {field: _candidates(dist)[0] for field, dist in spec.space.items()}  # each field's first value
     try:
         base = _base_config(spec.base)
         build_config(base)
@@ -233,12 +236,13 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     for field, dist in spec.space.items():
         if field.startswith(("output.", "engine.address")):
             raise InputError(f"sweep: space.{field}: the sweep sets {field} itself")
-        for value in candidates(dist):
-            try:  # with the other fields' first values: what one field needs may come from another
-                build_config(_with(base, {**first, field: value}))
+        for value in _candidates(dist):
+            example = {**first, field: value}  # the other fields at their first values: one may need another
+            try:
+                build_config(_with(base, example))
             except InputError as err:
                 raise InputError(f"sweep: space.{field} = {value!r}: {err}") from None
-            examples.append({field: value})
+            examples.append(example)
     grid = []
     if spec.search == "grid":
         fields = list(spec.space)

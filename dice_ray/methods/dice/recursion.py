@@ -141,16 +141,17 @@ def local_step(steps: LocalSteps, delta: Perturbation) -> Perturbation:
     counter lags (δ's ``COUNTER``, Adam) step at the lagging counter, and a gains the counter's own difference
     (``counter_difference``): O(θ, n) − O(θ − δ, n − 1) = [O(θ, n) − O(θ, n − 1)] + J_{n−1} δ − ½ D²O_{n−1}[δ, δ] + …"""
     lag = delta.opt_a.get(COUNTER)
+    moving = delta  # what J steps: δ without the counter's lag, which is no direction to differentiate along
     if lag is not None:
-        delta = Perturbation(delta.a, {n: v for n, v in delta.opt_a.items() if n != COUNTER}, delta.b,
-                             {n: v for n, v in delta.opt_b.items() if n != COUNTER})
+        moving = Perturbation(delta.a, {n: v for n, v in delta.opt_a.items() if n != COUNTER}, delta.b,
+                              {n: v for n, v in delta.opt_b.items() if n != COUNTER})
         lagging = steps.opt_state[COUNTER] - lag.to(steps.opt_state[COUNTER].dtype)
         steps = replace(steps, opt_state={**steps.opt_state, COUNTER: lagging})
-    if delta.b is None:
-        a, opt_a = jvp_local_step(steps, delta.a, delta.opt_a)
+    if moving.b is None:
+        a, opt_a = jvp_local_step(steps, moving.a, moving.opt_a)
         stepped = Perturbation(a, {n: v for n, v in opt_a.items() if n != COUNTER})
     else:
-        (a, opt_a), (b, opt_b) = second_order_local_step(steps, delta.a, delta.opt_a, delta.b, delta.opt_b)
+        (a, opt_a), (b, opt_b) = second_order_local_step(steps, moving.a, moving.opt_a, moving.b, moving.opt_b)
         stepped = Perturbation(a, opt_a, b, opt_b)
     if lag is not None:
         rows = torch.nonzero(lag).flatten()
@@ -162,9 +163,6 @@ def local_step(steps: LocalSteps, delta: Perturbation) -> Perturbation:
         stepped.opt_a[COUNTER] = lag  # both runs step from here on: the lag stays
         if stepped.b is not None:
             stepped.opt_b[COUNTER] = torch.zeros_like(lag)
-        delta.opt_a[COUNTER] = lag  # for idle rows, which keep δ as it was
-        if delta.b is not None:
-            delta.opt_b[COUNTER] = torch.zeros_like(lag)
     if steps.idle is None or not steps.idle.any():
         return stepped
     idle = torch.as_tensor(steps.idle, device=stepped.a.device)
