@@ -7,7 +7,8 @@ here, not through torchvision's dataset classes: those verify CIFAR files by md5
 official archives (a subset, a test fixture) with a vague "not found or corrupted". torchvision is used only to
 fetch the files when ``download=True``. ``tiny-imagenet`` is the extracted ``tiny-imagenet-200/`` folder, decoded
 with PIL; ``val`` is the test split. These files come from the data set's publisher (the CIFAR ones are Python
-pickles, as published), never from another run.
+pickles, as published, read by an unpickler that builds arrays and plain containers only: a received run directory
+names the data folder, and what it holds is read without running any code it names).
 """
 
 from __future__ import annotations
@@ -126,12 +127,41 @@ def load_mnist_like(name: str, data_dir: str, download: bool) -> Dataset:
     )
 
 
+# What a CIFAR python-format batch may name: numpy's array reconstruction (old and new module paths) and the text
+# codec a Python 3 pickle of protocol 2 turns bytes into (a data transform), nothing else.
+_ARRAY_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                  ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
+                  ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds numpy arrays, lists, dicts, strings and numbers only: any other global a file names
+    (a function to call, a class to build) is refused before it is looked up, so reading a batch runs no code of the
+    file's choosing. A run directory from someone else may name the data folder: its files are read this way."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ARRAY_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a data batch has no use for")
+        if name == "ndarray":
+            return np.ndarray
+        if name == "dtype":
+            return np.dtype
+        if name == "encode":
+            import codecs
+
+            return codecs.encode
+        from numpy._core import multiarray, numeric
+
+        return multiarray._reconstruct if name == "_reconstruct" else numeric._frombuffer
+
+
 def _read_cifar_pickle(path: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR python-format batch: returns (uint8 [n, 3, 32, 32], int64 [n])."""
     try:
         with open(path, "rb") as f:
-            # The official python-format files are pickles (torchvision reads them the same way).
-            entry = pickle.load(f, encoding="latin1")
+            # The official python-format files are pickles (torchvision reads them with pickle.load); here only
+            # numpy arrays and plain containers may come out of them (``_ArraysOnly``).
+            entry = _ArraysOnly(f, encoding="latin1").load()
         data = np.asarray(entry["data"], np.uint8)
         labels = np.asarray(entry[label_key], np.int64)
     except (

@@ -299,6 +299,39 @@ def test_corrupt_cifar(tmp_path, damage: str) -> None:
     assert "\n" not in str(e.value)
 
 
+class _Payload:
+    """A pickle that runs code when loaded (what a received run directory could put in the data folder it names)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("where", ["entry", "labels"])
+def test_a_cifar_batch_that_names_code_is_refused_without_running_it(tmp_path, where: str) -> None:
+    _fake_cifar(str(tmp_path))
+    marker = tmp_path / "ran"
+    entry = {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]}
+    payload = _Payload(str(marker))
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_2", "wb") as f:
+        pickle.dump(payload if where == "entry" else {**entry, "labels": [0, payload]}, f)
+    with pytest.raises(InputError, match=r"data_batch_2 is corrupt.*names posix\.mkdir") as e:
+        load_dataset("cifar10", data_dir=str(tmp_path))
+    assert "\n" not in str(e.value) and not marker.exists()
+
+
+def test_cifar_batches_pickled_by_numpy_1_still_read(tmp_path) -> None:
+    """The published files name numpy.core.multiarray._reconstruct (numpy 1's path), as a protocol-2 pickle."""
+    _fake_cifar(str(tmp_path))
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        f.write(pickle.dumps({"data": data, "labels": [3, 4]}, protocol=2).replace(b"numpy._core", b"numpy.core"))
+    d = load_dataset("cifar10", data_dir=str(tmp_path))
+    np.testing.assert_array_equal(d.y_test, [3, 4])
+
+
 def _fake_tiny_imagenet(root: str) -> dict[str, np.ndarray]:
     from PIL import Image
 
