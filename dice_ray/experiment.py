@@ -8,6 +8,7 @@ written, so bad input fails fast with one ``InputError`` line.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +48,36 @@ class Experiment:
         return self.config.nodes
 
 
+def check_normalization(config: RunConfig, model: Any) -> None:
+    """Refuse what DICE-E cannot estimate through a model that normalizes by batch statistics (BatchNorm): a single
+    sample's probe (its removal changes the batch statistics every other sample's gradient reads, so its effect is no
+    longer its own gradient), and running statistics without a momentum (their cumulative average needs a counter per
+    participant, which the stacked state does not keep)."""
+    from torch import nn
+
+    from dice_ray.core.population import tracked_normalization
+
+    name = config.model.name
+    measures = config.influence.enabled or config.ledger.enabled or config.proximal.enabled
+    other = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+             and not isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if measures and other:
+        raise InputError(f"model {name!r}: layer {other[0]!r} tracks running statistics, which DICE-E differentiates "
+                         "for BatchNorm only: use track_running_stats=False there")
+    layers = tracked_normalization(model)
+    if not layers:
+        return
+    if config.influence.enabled and config.influence.probe_samples:
+        raise InputError(f"--probe-samples {config.influence.probe_samples}: model {name!r} normalizes by batch "
+                         "statistics (BatchNorm), so removing one sample changes every sample's gradient; probe "
+                         "whole minibatches (--probe-samples 0)")
+    cumulative = [n for n, m in layers if m.momentum is None]
+    if cumulative:
+        raise InputError(f"model {name!r}: BatchNorm layer {cumulative[0]!r} has momentum=None (a cumulative average, "
+                         "which needs a counter per participant that the stacked state does not keep): give it a "
+                         "momentum")
+
+
 def prepare(config: RunConfig) -> Experiment:
     """Return the ``Experiment`` of ``config``; raise ``InputError`` on anything that would fail later."""
     load_imports(config)
@@ -74,6 +105,7 @@ def prepare(config: RunConfig) -> Experiment:
     except RuntimeError as err:
         raise InputError(f"model {config.model.name!r} does not fit {d.dataset} inputs of shape "
                          f"{dataset.input_shape}: {str(err).splitlines()[0]}") from None
+    check_normalization(config, model)
     return Experiment(
         config=config,
         dataset=dataset,

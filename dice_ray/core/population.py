@@ -234,6 +234,39 @@ def running_statistics_frozen(model: nn.Module):
             module.track_running_stats = True
 
 
+def tracked_normalization(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers of ``model`` whose running statistics a training step updates: BatchNorm (``running_mean``,
+    ``running_var``), by name. Any other floating-point buffer is a constant of the local step."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def _by_running_statistics(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm in eval mode in plain tensor operations: (x − r_mean) / √(r_var + ε) · weight + bias."""
+    if module.training:
+        return type(module).forward(module, x)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    out = (x - module.running_mean.view(shape)) / torch.sqrt(module.running_var.view(shape) + module.eps)
+    if module.weight is not None:
+        out = out * module.weight.view(shape) + module.bias.view(shape)
+    return out
+
+
+@contextlib.contextmanager
+def differentiable_running_statistics(model: nn.Module):
+    """Within: BatchNorm layers in eval mode normalize by their running statistics in plain tensor operations, which
+    autograd and forward mode differentiate with respect to those statistics (torch's kernel refuses to): a z′ loss's
+    derivatives over the whole state. The same values, to float rounding; outside, torch's kernel as always."""
+    layers = [m for _, m in tracked_normalization(model)]
+    for module in layers:
+        module.forward = functools.partial(_by_running_statistics, module)
+    try:
+        yield
+    finally:
+        for module in layers:
+            del module.forward
+
+
 def model_state_layouts(model: nn.Module) -> tuple[Layout, Layout]:
     """Return the (parameter, buffer) layouts of ``model``; buffers are only floating-point ones.
 
@@ -367,18 +400,28 @@ class Population:
         return self._losses_of(self.param_layout.views(params), x, y, shared_input)
 
     def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor, shared_input: bool = False,
-                      sample_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      sample_weights: torch.Tensor | None = None,
+                      of_state: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (L(θ_k; z_k) [P], ∇_θ L(θ_k; z_k) [P, D_params]) for every participant k.
 
+        ``of_state`` (eval mode): the gradient over the whole state [P, D], the buffers' part too (an eval-mode
+        loss reads BatchNorm's running statistics).
         ``sample_weights`` [P, B] (e.g. a padding mask) turns each mean into a weighted mean.
         Participants' losses are independent, so the gradient of their sum w.r.t. the stacked parameters
         is every participant's own gradient, row by row: one backward pass for all of them. The leaves
         are the per-tensor views (not the flat tensor), so backward writes each gradient once instead of
         scattering every slice into a zero [P, D] tensor (measured 3x faster than grad of the flat tensor).
         """
-        per, grads = self._loss_and_grads(x, y, shared_input, sample_weights)
-        flat = self.param_layout.flatten(dict(zip(self.param_layout.names, grads, strict=True))) if grads else \
+        with_buffers = of_state and self.buffer_layout.width > 0
+        if with_buffers and self.model.training:
+            raise ValueError("the gradient of the buffers is taken in eval mode (training's forward pass writes them)")
+        per, grads = self._loss_and_grads(x, y, shared_input, sample_weights, with_buffers=with_buffers)
+        names = self.param_layout.names
+        flat = self.param_layout.flatten(dict(zip(names, grads[:len(names)], strict=True))) if names else \
             torch.zeros_like(self.params)
+        if with_buffers:
+            buffer_grads = dict(zip(self.buffer_layout.names, grads[len(names):], strict=True))
+            flat = torch.cat([flat, self.buffer_layout.flatten(buffer_grads)], dim=1)
         return per, flat
 
     def pass_padding(self, rows: int) -> int:
@@ -388,10 +431,11 @@ class Population:
 
     def _loss_and_grads(self, x: torch.Tensor, y: torch.Tensor, shared_input: bool = False,
                         sample_weights: torch.Tensor | None = None,
-                        rows: slice = slice(None), model: nn.Module | None = None,
+                        rows: slice = slice(None), model: nn.Module | None = None, with_buffers: bool = False,
                         ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``loss_and_grad`` with the gradient as a list of [P, *shape] tensors in layout order (of the
-        participants ``rows`` only, with x and y theirs, if given), computed by ``model`` (see ``_logits``)."""
+        participants ``rows`` only, with x and y theirs, if given), computed by ``model`` (see ``_logits``);
+        ``with_buffers`` (eval mode): the buffers' gradients follow, in their layout's order."""
         params, buffer_rows = self.params[rows], self.buffers[rows]
         count = params.shape[0]
         extra = self.pass_padding(count)  # copies of the last row make up a pass of MIN_PASS_ROWS
@@ -407,9 +451,13 @@ class Population:
         updates_buffers = self.model.training and self.buffer_layout.width > 0  # a replica trains as the model
         buffers = ({n: v.clone() for n, v in self.buffer_layout.views(buffer_rows).items()} if updates_buffers
                    else self.buffer_layout.views(_own_version(buffer_rows)))
-        with torch.enable_grad():
+        if with_buffers:
+            buffers = {n: v.requires_grad_() for n, v in buffers.items()}
+        by_statistics = differentiable_running_statistics(model or self.model) if with_buffers else \
+            contextlib.nullcontext()
+        with torch.enable_grad(), by_statistics:
             per = self._losses_of(leaves, x, y, shared_input, buffers, sample_weights, model)
-            grads = torch.autograd.grad(per.sum(), list(leaves.values()))
+            grads = torch.autograd.grad(per.sum(), [*leaves.values(), *(buffers.values() if with_buffers else ())])
         if updates_buffers:
             for name, view in self.buffer_layout.views(self.buffers[rows]).items():
                 view.copy_(buffers[name][:count])
@@ -683,6 +731,60 @@ class Population:
         new_state = {name: pad_rows(value, extra) if extra else value.clone() for name, value in opt_state.items()}
         optimizer_update_(self.optimizer, new_params, g, new_state)
         return new_params[:count], {name: value[:count] for name, value in new_state.items()}
+
+    def functional_state_step(self, state: torch.Tensor, opt_state: dict[str, torch.Tensor], x: torch.Tensor,
+                              y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``functional_step`` over the whole state [P, D]: the parameters stepped, and the running statistics updated
+        as training's forward pass updates them (``stepped_buffers``); the parameters' step does not read them."""
+        width = self.param_layout.width
+        params, opt = self.functional_step(state[:, :width], opt_state, x, y)
+        if not self.buffer_layout.width:
+            return params, opt
+        return torch.cat([params, self.stepped_buffers(state[:, :width], state[:, width:], x)], dim=1), opt
+
+    def stepped_buffers(self, params: torch.Tensor, buffers: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The buffers [P, D_buffers] after a training step's forward pass on x [P, B, ...] at ``params`` and
+        ``buffers``, as a pure function that forward mode differentiates: BatchNorm's running statistics move
+        toward the batch's, r ← (1 − m) r + m s(θ; x) (mean, and variance with Bessel's correction, over every
+        dimension but the channels; torch's own update is not differentiated). Other buffers stay as they are."""
+        layers = tracked_normalization(self.model)
+        if not layers:
+            return buffers
+        if any(m.momentum is None for _, m in layers):
+            raise InputError("a BatchNorm layer with momentum=None (a cumulative average over the batches seen) has "
+                             "no per-participant counter here: give it a momentum")
+        count = params.shape[0]
+        extra = self.pass_padding(count)
+        params, buffers, x = pad_rows(params, extra), pad_rows(buffers, extra), pad_rows(x, extra)
+        inputs: dict[str, torch.Tensor] = {}
+
+        def remember(name: str, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            inputs[name] = args[0]
+
+        def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+            inputs.clear()
+            functional_call(self.model, {**p, **b}, (xb,))
+            new = dict(b)
+            for name, module in layers:
+                seen = inputs[name]
+                dims = [d for d in range(seen.dim()) if d != 1]
+                m = module.momentum
+                new[f"{name}.running_mean"] = (1 - m) * b[f"{name}.running_mean"] + m * seen.mean(dim=dims)
+                new[f"{name}.running_var"] = (1 - m) * b[f"{name}.running_var"] + m * seen.var(dim=dims, correction=1)
+            return self.buffer_layout.flatten(new)
+
+        hooks = [module.register_forward_pre_hook(functools.partial(remember, name)) for name, module in layers]
+        was_training = self.model.training
+        self.model.train()
+        try:
+            with running_statistics_frozen(self.model):
+                out = vmap(one)(self.param_layout.views(params), self.buffer_layout.views(buffers),
+                                stacked_input(self.model, x))
+        finally:
+            self.model.train(was_training)
+            for hook in hooks:
+                hook.remove()
+        return out[:count]
 
     @torch.no_grad()
     def mix_(self, weights: torch.Tensor | list[torch.Tensor], sources: torch.Tensor | list[torch.Tensor]) -> None:

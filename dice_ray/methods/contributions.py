@@ -194,10 +194,10 @@ class LedgerExaminer:
         self.block, self.config = block, config
         self.shared = round_quantities(block)  # Δ^t and ∇L(θ^u; z′), shared with the block's other hooks
         self.gradient: torch.Tensor | None = None
-        self.deltas: dict[int, torch.Tensor] = {}  # probe round t -> Δ^t [P, D_params] (float64) of the hosted sources
+        self.deltas: dict[int, torch.Tensor] = {}  # probe round t -> Δ^t [P, D] (float64) of the hosted sources
 
     def start(self, u: int) -> torch.Tensor | None:
-        """Take g = ∇L(θ^u; z′) [P, D_params] of the hosted participants if round u needs it (returned), and
+        """Take g = ∇L(θ^u; z′) [P, D] of the hosted participants if round u needs it (returned), and
         keep θ^u on ledger rounds."""
         self.gradient = self.shared.gradients(u, self.config.ledger.zprime) if ledger_active(self.config, u) else None
         if ledger_round(self.config, u):
@@ -214,7 +214,7 @@ class LedgerExaminer:
         """Return the ledger terms measured at round u (None if u needs none).
 
         ``gradients``: g blocks whose concatenation holds the rows of the participants ``ids`` (default: every
-        group's blocks in global participant order, [N, D_params]); they must cover every target of ``paths``;
+        group's blocks in global participant order, [N, D]); they must cover every target of ``paths``;
         ``paths``: ``PathWeights.terms`` of round u for the hosted sources. Returns arrays [E] sorted by
         (probe_round, source, target): ``step`` s (0: the self term q_j's e_j^{(½)}), ``probe_round`` t = u − s,
         ``source`` j, ``target`` k (global ids) and ``value`` P^{(s)}_{kj} g_kᵀ Δ_j^t (without q_k).
@@ -253,10 +253,10 @@ class LedgerExaminer:
         return sort_terms({f: np.concatenate(v) if v else np.zeros(0) for f, v in parts.items()})
 
     def snapshot(self, u: int) -> dict[str, np.ndarray]:
-        """The kept updates after round u, per hosted row: ``ledger.delta`` [P, R, D_params] (Δ^{u−i} in slot i,
+        """The kept updates after round u, per hosted row: ``ledger.delta`` [P, R, D] (Δ^{u−i} in slot i,
         zeros where none) and ``ledger.rounds`` [P, R] (the probe round, −1 where none)."""
         hops, pop = self.config.ledger.hops, self.block.population
-        delta = np.zeros((self.block.size, hops, pop.params.shape[1]), np.float32)
+        delta = np.zeros((self.block.size, hops, pop.state.shape[1]), np.float32)
         rounds = np.full((self.block.size, hops), -1, np.int64)
         for i in range(hops):
             if u - i in self.deltas:
@@ -401,7 +401,7 @@ def shares(totals: np.ndarray, by_variant: Mapping[str, np.ndarray] | None = Non
 
 @dataclass
 class LedgerMessage:
-    """What a block sends on a ledger round: its g = ∇L(θ^u; z′) [P, D_params] (None: first-order off) and its
+    """What a block sends on a ledger round: its g = ∇L(θ^u; z′) [P, D] (None: first-order off) and its
     stepped perturbations (``OnlineCascades.outgoing``; None: no cascade variant on)."""
 
     gradient: Any = None

@@ -77,7 +77,7 @@ class ProximalExaminer:
     """The proximal-influence part of one ``ParticipantBlock`` (the examiners k are its hosted participants).
 
     Per scoring round t: ``keep_before(t)`` before the block's ``half_step``, ``take_delta(t)`` right after it
-    (Δ [P, D_params], kept as ``delta``), ``score(t, ...)`` after ``mix``. Δ^t and the z′ gradients come from the
+    (Δ [P, D], kept as ``delta``), ``score(t, ...)`` after ``mix``. Δ^t and the z′ gradients come from the
     block's ``round_quantities``, shared with the ledger and in-loop DICE-E.
     """
 
@@ -93,7 +93,7 @@ class ProximalExaminer:
         self.shared.keep_before(t)
 
     def take_delta(self, t: int) -> torch.Tensor:
-        """Return and keep Δ^t = θ^{t+½} − θ^t [P, D_params] (the update each hosted participant sends)."""
+        """Return and keep Δ^t = θ^{t+½} − θ^t [P, D] (the update each hosted participant sends)."""
         self.delta = self.shared.update(t)[0]
         return self.delta
 
@@ -101,7 +101,7 @@ class ProximalExaminer:
         """Score every in-neighbour of every hosted examiner in round t; call after ``mix`` (θ = θ^{t+1}).
 
         ``weights[b]`` [P, M_b]: the rows of W^t for the hosted participants over source block b, whose
-        updates are ``deltas[b]`` [M_b, D_params] and whose global ids are ``source_ids[b]`` [M_b].
+        updates are ``deltas[b]`` [M_b, D] and whose global ids are ``source_ids[b]`` [M_b].
         Returns numpy arrays [E], one entry per edge l → k with W^t_kl > 0, l ≠ k, sorted by (examiner,
         neighbor): ``examiner``, ``neighbor`` (global ids), ``weight`` W^t_kl, ``dot`` W^t_kl ∇L(θ_k^{t+1};
         z′_k)ᵀ Δ_l (p_{k←l} without q_k; ``readout`` exact: L(θ_k^{t+1}; z′_k) − L(θ_k^{t+1} − W^t_kl Δ_l; z′_k)) and
@@ -129,7 +129,7 @@ class ProximalExaminer:
 
     def exact_scores(self, t: int, rows: np.ndarray, weight: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
         """L(θ_k^{t+1}; z′_k) − L(θ_k^{t+1} − W^t_kl Δ_l; z′_k) [E] float64, per edge: examiner rows ``rows`` [E]
-        (positions in the block), ``weight`` W^t_kl [E], ``updates`` Δ_l [E, D_params]; call after ``mix``."""
+        (positions in the block), ``weight`` W^t_kl [E], ``updates`` Δ_l [E, D]; call after ``mix``."""
         pop = self.block.population
         pos = torch.as_tensor(rows, device=self.block.device)
         states = pop.state[pos].clone()

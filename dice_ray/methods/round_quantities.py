@@ -54,27 +54,28 @@ class RoundQuantities:
         optimizer state too if ``optimizer_state``)."""
         pop = self.block.population
         if self._before is None or self._before[0] != t:
-            self._before, self._update = (t, pop.params.clone(), None), None
+            self._before, self._update = (t, pop.state.clone(), None), None
         if optimizer_state and self._before[2] is None:
             kept = carried_state(pop.optimizer, pop.opt_state)  # Adam's counter too: a skipped step's lag, 1
             self._before = (t, self._before[1], {n: pop.opt_state[n].clone() for n in kept})
 
     def update(self, t: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Δ^t = θ^{t+½} − θ^t [P, D_params] of the hosted participants (the update each sends) and the change of
+        """Δ^t = θ^{t+½} − θ^t [P, D] of the hosted participants (the update each sends: parameters and running
+        statistics) and the change of
         their optimizer state ({} unless kept); call after the local step of round t, once ``keep_before(t)`` ran."""
         if self._update is None or self._update[0] != t:
             if self._before is None or self._before[0] != t:
                 raise RuntimeError(f"Δ of round {t} asked for, but θ^{t} was not kept before the local step")
             pop = self.block.population
-            _, params, opt = self._before
-            self._update = (t, pop.params - params,
+            _, state, opt = self._before
+            self._update = (t, pop.state - state,
                             {} if opt is None else {n: pop.opt_state[n] - v for n, v in opt.items()})
             self._before = None  # θ^t is no longer needed
         return self._update[1], self._update[2]
 
     def gradients(self, u: int, zprime: str) -> torch.Tensor:
-        """∇L(θ_k^u; z′_k) [P, D_params] of every hosted k (eval mode), θ = θ^u now or when first asked; ``zprime``
-        "validation" (each participant's own validation split) or "heldout" (the shared held-out batch)."""
+        """∇L(θ_k^u; z′_k) [P, D] over the state of every hosted k (eval mode), θ = θ^u now or when first asked;
+        ``zprime`` "validation" (each participant's own validation split) or "heldout" (the shared held-out batch)."""
         return self._at(self._gradients, u, zprime, lambda: zprime_gradients(self.block, zprime))
 
     def losses(self, u: int, zprime: str) -> torch.Tensor:
@@ -107,13 +108,14 @@ def zprime_losses_at(block: Any, pos: torch.Tensor, states: torch.Tensor, zprime
 
 
 def zprime_gradients(block: Any, zprime: str) -> torch.Tensor:
-    """∇L(θ_k; z′_k) [P, D_params] of every participant k hosted by ``block`` at its current θ (eval mode)."""
+    """∇L(θ_k; z′_k) [P, D] (over the state: the running statistics an eval-mode loss reads too) of every
+    participant k hosted by ``block`` at its current θ (eval mode)."""
     pop = block.population
     was_training = pop.model.training
     pop.model.eval()
     try:
         if zprime == "heldout":
-            return pop.loss_and_grad(block.x_heldout, block.y_heldout, shared_input=True)[1]
-        return pop.loss_and_grad(block.x_val, block.y_val, sample_weights=block.val_mask)[1]
+            return pop.loss_and_grad(block.x_heldout, block.y_heldout, shared_input=True, of_state=True)[1]
+        return pop.loss_and_grad(block.x_val, block.y_val, sample_weights=block.val_mask, of_state=True)[1]
     finally:
         pop.model.train(was_training)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from oracles import BATCHNORM_MLP
 from torch import nn
 
 import dice_ray
@@ -110,3 +111,33 @@ def test_a_model_with_batchnorm_steps_as_a_pure_function_and_dice_e_runs_through
             output={"progress": False, "out": str(tmp_path / f"online-{online}")})
         estimates = dice_ray.run(config, engine="local").influence.filter(like="est_")
         assert len(estimates) > 0 and np.isfinite(estimates.to_numpy()).all()
+
+
+def test_what_dice_e_cannot_estimate_through_batchnorm_is_refused_before_the_run(tmp_path) -> None:
+    """A single sample's probe (its removal moves the batch statistics every other sample's gradient reads), a
+    BatchNorm without a momentum (a cumulative average: a counter per participant) and, for the influence methods,
+    another layer that tracks running statistics are refused by ``prepare``."""
+    from dice_ray.config import build_config
+    from dice_ray.experiment import prepare
+
+    @register_model("test-mlp-cumulative-batchnorm")
+    def cumulative(input_shape, num_classes):
+        return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), 8), nn.BatchNorm1d(8, momentum=None),
+                             nn.Linear(8, num_classes))
+
+    base = {"nodes": 4, "data": {"dataset": "digits"}, "model": {"name": BATCHNORM_MLP}}
+    prepare(build_config({**base, "influence": {"enabled": True}}))  # whole minibatches: fine
+    with pytest.raises(InputError, match=r"^--probe-samples 1: model 'test-mlp-tanh-batchnorm' normalizes by batch"):
+        prepare(build_config({**base, "influence": {"enabled": True, "probe_samples": 1}}))
+    with pytest.raises(InputError, match="BatchNorm layer '2' has momentum=None"):
+        prepare(build_config({**base, "model": {"name": "test-mlp-cumulative-batchnorm"}}))
+
+    @register_model("test-conv-instance-norm")
+    def instance_norm(input_shape, num_classes):
+        return nn.Sequential(nn.Conv2d(input_shape[0], 4, 3), nn.InstanceNorm2d(4, track_running_stats=True),
+                             nn.Flatten(), nn.LazyLinear(num_classes))
+
+    other = {**base, "model": {"name": "test-conv-instance-norm"}}
+    prepare(build_config(other))  # training alone is fine; DICE-E differentiates BatchNorm's statistics only
+    with pytest.raises(InputError, match="layer '1' tracks running statistics, which DICE-E differentiates"):
+        prepare(build_config({**other, "proximal": {"enabled": True}}))

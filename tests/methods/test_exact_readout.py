@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from oracles import BATCHNORM_MLP
 from test_online_dice import BASE, tables
 
 from dice_ray.config import build_config
@@ -63,10 +64,12 @@ def relative_error(estimate: np.ndarray, truth: np.ndarray) -> float:
     return float(np.abs(estimate - truth).sum() / np.abs(truth).sum())
 
 
-@pytest.mark.parametrize("model", ["mlp", "mlp-tanh"])
+@pytest.mark.parametrize(("model", "probe"), [("mlp", "batch"), ("mlp", "sample"), ("mlp-tanh", "batch"),
+                                              ("mlp-tanh", "sample"), (BATCHNORM_MLP, "batch")])
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
-@pytest.mark.parametrize("probe", ["batch", "sample"])
 def test_hop_one_and_direct_term_equal_ground_truth(model: str, optimizer: str, probe: str) -> None:
+    """With BatchNorm, Δ and the state the readout moves carry the running statistics (a skipped step skips their
+    update too); a single sample's probe is refused there (``experiment.check_normalization``)."""
     w = window(model, optimizer)
     for source in (0, 5):
         if probe == "batch":
@@ -175,12 +178,13 @@ def test_in_loop_exact_readout_equals_the_replayed_one(tmp_path, exact_b: bool) 
     assert (influence["est_exact_readout"] != influence["est_curvature"]).all()
 
 
-def test_ledger_exact_readout_terms_are_the_replayed_ones(tmp_path) -> None:
+@pytest.mark.parametrize("model", ["mlp", BATCHNORM_MLP])
+def test_ledger_exact_readout_terms_are_the_replayed_ones(tmp_path, model: str) -> None:
     """The ledger's exact-readout column (``ledger.variants``): q_k times the replayed exact term of the same probe,
-    its cumulative sums and totals consistent."""
+    its cumulative sums and totals consistent (with BatchNorm: Δ and δ carry its running statistics)."""
     import pandas as pd
 
-    run = simulate(config(tmp_path / "ledger", ledger__enabled=True, ledger__hops=2, ledger__every=2,
+    run = simulate(config(tmp_path / "ledger", model__name=model, ledger__enabled=True, ledger__hops=2, ledger__every=2,
                           ledger__variants=["first-order", "exact-readout"], influence__hops=2,
                           influence__rounds=[0, 2], influence__variants=["exact-readout"], influence__probe_samples=0,
                           influence__ground_truth=False, rounds=6), engine_kind="local")
@@ -196,13 +200,15 @@ def test_ledger_exact_readout_terms_are_the_replayed_ones(tmp_path) -> None:
                                rtol=1e-12)
 
 
-def test_proximal_exact_score_is_the_one_hop_counterfactual(tmp_path) -> None:
+@pytest.mark.parametrize("model", ["mlp", BATCHNORM_MLP])
+def test_proximal_exact_score_is_the_one_hop_counterfactual(tmp_path, model: str) -> None:
     """``proximal.readout`` exact: p_{k←l}^t = q_k d_k^{(1)} of the whole-batch probe (l, t) — DICE-GT's hop-1
-    term, replayed — for every scored edge; the first-order readout stays its first-order approximation."""
+    term, replayed — for every scored edge (with BatchNorm: the update l sends moves its running statistics too);
+    the first-order readout stays its first-order approximation."""
     import pandas as pd
 
     base = {"proximal__enabled": True, "proximal__zprime": "heldout", "proximal__every": 2, "rounds": 5,
-            "influence__enabled": False}
+            "influence__enabled": False, "model__name": model}
     exact_run = simulate(config(tmp_path / "exact", proximal__readout="exact", **base), engine_kind="local")
     first_run = simulate(config(tmp_path / "first", **base), engine_kind="local")
     exact = pd.read_parquet(exact_run / "proximal.parquet")

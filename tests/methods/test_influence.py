@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from oracles import explicit_replay, make_window
+from oracles import BATCHNORM_MLP, explicit_replay, make_window
 from torch.func import jvp
 
 from dice_ray.config import build_config
@@ -38,12 +38,14 @@ def test_recursion_equals_path_enumeration(topology: str, variant: str) -> None:
     assert fast.half == pytest.approx(slow.half)
 
 
+@pytest.mark.parametrize("model", ["mlp-tanh", BATCHNORM_MLP])
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
-def test_curvature_estimate_equals_forward_mode_derivative_of_the_replay(optimizer: str) -> None:
+def test_curvature_estimate_equals_forward_mode_derivative_of_the_replay(optimizer: str, model: str) -> None:
     """K′(0), K the path from the factual run (0) to the counterfactual one (−1) of ``oracles.explicit_replay``: for
-    Adam with j's step counter one behind, which moves j's later steps by the counter's own difference."""
+    Adam with j's step counter one behind, which moves j's later steps by the counter's own difference; with
+    BatchNorm, δ carries the running statistics too (its later steps move them toward the batch's)."""
     window, _ = make_window("exponential", nodes=8, optimizer=optimizer, lr=0.01 if optimizer == "adam" else 0.1,
-                            dtype=torch.float64)
+                            dtype=torch.float64, model=model)
     source, hops = 3, 3
     delta, opt_delta = update_difference(window, source)  # parameters and, for momentum and Adam, their state
     cascade = estimate_cascade(window, source, delta, opt_delta, hops, "curvature")

@@ -13,10 +13,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from oracles import explicit_replay, make_window
+from oracles import BATCHNORM_MLP, explicit_replay, make_window
 from torch.func import jvp
 
-from dice_ray.core.population import Population
+from dice_ray.core.population import Population, differentiable_running_statistics
 from dice_ray.methods.dice.estimator import (
     Window,
     _sample_step,
@@ -24,6 +24,7 @@ from dice_ray.methods.dice.estimator import (
     estimate_cascades,
     sample_second_order_difference,
     sample_update_difference,
+    state_losses,
     twice_differentiable_sqrt,
     update_difference,
 )
@@ -31,10 +32,13 @@ from dice_ray.methods.dice.ground_truth import ground_truth_cascade
 from dice_ray.methods.dice.trajectory import Trajectory
 
 
+@pytest.mark.parametrize("model", ["mlp-tanh", BATCHNORM_MLP])
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
-def test_second_order_estimate_equals_second_forward_mode_derivative_of_the_replay(optimizer: str) -> None:
+def test_second_order_estimate_equals_second_forward_mode_derivative_of_the_replay(optimizer: str, model: str) -> None:
+    """K′(0) − ½K″(0) (``oracles.explicit_replay``); with BatchNorm through its running statistics too (the second
+    derivative of their move toward the batch's, and of the z′ loss that reads them)."""
     window, _ = make_window("exponential", nodes=8, optimizer=optimizer, lr=0.01 if optimizer == "adam" else 0.1,
-                            dtype=torch.float64)
+                            dtype=torch.float64, model=model)
     source, hops = 3, 3
     traj = window.trajectory
     delta, opt_delta = update_difference(window, source)
@@ -68,9 +72,10 @@ def test_second_order_estimate_equals_second_forward_mode_derivative_of_the_repl
     window.model.eval()
 
     def h0(p):
-        return pop.losses(*window.heldout, params=p, shared_input=True)
+        return state_losses(pop, p, *window.heldout, shared_input=True)
 
-    d1, d2 = jvp(lambda p: jvp(h0, (p,), (delta[None],))[1], (state[:, :width],), (delta[None],))
+    with differentiable_running_statistics(window.model):
+        d1, d2 = jvp(lambda p: jvp(h0, (p,), (delta[None],))[1], (state[:, :width],), (delta[None],))
     window.model.train()
     assert cascade.half == pytest.approx(float(d1[0] + 0.5 * d2[0]), rel=1e-7)
 

@@ -56,8 +56,8 @@ def adjoint_horizon(window: Window, q: np.ndarray, hops: int, variant: str = "cu
         x, y = window.batches(traj.t0 + s)
         if counted:  # a source's counter lags by 1 after its skipped step: its later steps move by D (recursion)
             lagged += (mixed * _counter_difference(window, s, everyone)).sum(dim=1)
-        step = functools.partial(pop.functional_step, x=x, y=y)
-        _, pullback = vjp(step, pop.params, opt)
+        step = functools.partial(pop.functional_state_step, x=x, y=y)
+        _, pullback = vjp(step, pop.state, opt)
         cotangent_opt = {name: adjoint_opt.get(name, torch.zeros_like(value)) for name, value in opt.items()}
         adjoint, adjoint_opt = pullback((mixed, cotangent_opt))
         adjoint_opt = {name: value for name, value in adjoint_opt.items() if name != COUNTER}
@@ -76,7 +76,7 @@ def adjoint_horizon(window: Window, q: np.ndarray, hops: int, variant: str = "cu
 
 
 def _counter_difference(window: Window, s: int, everyone: np.ndarray) -> torch.Tensor:
-    """O_l(θ_l, n_l) − O_l(θ_l, n_l − 1) [N, D_params] of every participant at round t0+s of the window (times c_l
+    """O_l(θ_l, n_l) − O_l(θ_l, n_l − 1) [N, D] of every participant at round t0+s of the window (times c_l
     where l sends θ + cΔ): what a counter one behind changes in l's step (``recursion.counter_difference``). The
     adjoint is shared by every source, so it keeps J at the factual counter where the forward recursion takes the
     source's own at the lagging one: under Adam the two differ by that change of J along δ (2-3% of the horizon

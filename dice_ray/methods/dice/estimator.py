@@ -30,7 +30,7 @@ from dice_ray.core.losses import CROSS_ENTROPY, Loss
 from dice_ray.core.population import (
     OptimizerSpec,
     Population,
-    model_state_layouts,
+    differentiable_running_statistics,
     optimizer_update_,
     pad_batch,
     pad_rows,
@@ -145,7 +145,8 @@ class Window:
         return Population(self.model, base.clone(), self.optimizer, loss=self.loss)
 
     def test_gradients(self, s: int, rows: np.ndarray) -> torch.Tensor:
-        """∇L(θ_k^{t0+s}; z′) for k in ``rows``: [len(rows), D_params] (eval mode).
+        """∇L(θ_k^{t0+s}; z′) for k in ``rows``: [len(rows), D] over the state (eval mode, which reads the running
+        statistics).
 
         Computed once per step for all N participants and cached: the probes of one round (every source,
         both variants) share them, as they share the trajectory.
@@ -160,9 +161,9 @@ class Window:
         self.model.eval()
         try:
             if self.validation is None:
-                return pop.loss_and_grad(*self.heldout, shared_input=True)[1]
+                return pop.loss_and_grad(*self.heldout, shared_input=True, of_state=True)[1]
             x, y, mask = (v[self.index(rows)] for v in self.validation)
-            return pop.loss_and_grad(x, y, sample_weights=mask)[1]
+            return pop.loss_and_grad(x, y, sample_weights=mask, of_state=True)[1]
         finally:
             self.model.train()
 
@@ -204,7 +205,8 @@ class Window:
                       states: torch.Tensor | None = None) -> torch.Tensor:
         """uᵀ H′(θ_k^{t0+s}; z′) v for k in ``rows`` (or at the given ``states`` [P, D]): [P] (eval mode).
 
-        u, v: [P, D_params]; H′ is the Hessian of k's z′ loss (k's validation split when the window has one).
+        u, v: [P, D]; H′ is the Hessian of k's z′ loss over the state (k's validation split when the window has
+        one).
         """
         pop = self.population(s, rows, states)
         if self.validation is None:
@@ -239,7 +241,7 @@ class Window:
     def jvp_step(self, s: int, rows: np.ndarray, tangent: torch.Tensor,
                  opt_tangent: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """J δ for participants ``rows`` at round t0+s: the forward-mode derivative of their local step
-        (parameters and optimizer state) in direction (``tangent`` [P, D_params], ``opt_tangent``)."""
+        (parameters and optimizer state) in direction (``tangent`` [P, D], ``opt_tangent``)."""
         stepped = local_step(self.local_steps(s, rows), Perturbation(tangent, opt_tangent))
         return stepped.a, stepped.opt_a
 
@@ -257,10 +259,8 @@ class Window:
 
 
 def moved(states: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
-    """``states`` [P, D] with ``change`` [P, D_params] added to their parameters (buffers unchanged): a new tensor."""
-    out = states.clone()
-    out[:, : change.shape[1]] += change
-    return out
+    """``states`` [P, D] with ``change`` [P, D] added: a new tensor."""
+    return states + change
 
 
 def zprime_losses(pop: Population, x: torch.Tensor, y: torch.Tensor, shared_input: bool = False,
@@ -270,25 +270,34 @@ def zprime_losses(pop: Population, x: torch.Tensor, y: torch.Tensor, shared_inpu
         return pop.evaluate(x, y, shared_input, sample_weights)[0]
 
 
+def state_losses(pop: Population, state: torch.Tensor, x: torch.Tensor, y: torch.Tensor, shared_input: bool = False,
+                 sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """L(state_k; z_k) [P] of ``pop``'s architecture at ``state`` [P, D] (parameters and buffers, a function of both:
+    forward mode differentiates it along a state's direction)."""
+    width = pop.param_layout.width
+    return pop._losses_of(pop.param_layout.views(state[:, :width]), x, y, shared_input,
+                          pop.buffer_layout.views(state[:, width:]), sample_weights)
+
+
 def zprime_hessian_forms(pop: Population, u: torch.Tensor, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                          shared_input: bool = False, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """uᵀ H′ v for every row of ``pop`` [P] (u, v: [P, D_params]): the mixed second derivative of the z′ loss
-    (x, y, as ``Population.loss_and_grad`` takes them) at ``pop``'s parameters, in eval mode: the forward-mode
-    derivative of the z′ gradient along u (H′u, rows independent) dotted with v. Measured 2x faster than a jvp
-    of a jvp of the loss (digits MLP, 360-image z′)."""
-    layout, count = pop.param_layout, pop.size
+    """uᵀ H′ v for every row of ``pop`` [P] (u, v: [P, D]): the mixed second derivative of the z′ loss (x, y, as
+    ``Population.loss_and_grad`` takes them) at ``pop``'s state, in eval mode: the forward-mode derivative of the z′
+    gradient along u (H′u, rows independent) dotted with v. Measured 2x faster than a jvp of a jvp of the loss
+    (digits MLP, 360-image z′)."""
+    count = pop.size
     extra = pop.pass_padding(count)  # 1-2 rows compute with the kernels of larger passes
-    params, u, v = pad_rows(pop.params, extra), pad_rows(u, extra), pad_rows(v, extra)
-    buffers = pop.buffer_layout.views(pad_rows(pop.buffers, extra))
+    state, u, v = pad_rows(pop.state, extra), pad_rows(u, extra), pad_rows(v, extra)
     x, y, sample_weights = pad_batch(extra, x, y, sample_weights, shared_input)
 
-    def losses(params: torch.Tensor) -> torch.Tensor:
-        return pop._losses_of(layout.views(params), x, y, shared_input, buffers, sample_weights)
+    def losses(state: torch.Tensor) -> torch.Tensor:
+        return state_losses(pop, state, x, y, shared_input, sample_weights)
 
     was_training = pop.model.training
     pop.model.eval()
     try:
-        hessian_u = jvp(grad(lambda p: losses(p).sum()), (params,), (u,))[1]
+        with differentiable_running_statistics(pop.model):
+            hessian_u = jvp(grad(lambda p: losses(p).sum()), (state,), (u,))[1]
         return (hessian_u * v).sum(dim=1).detach()[:count]
     finally:
         pop.model.train(was_training)
@@ -297,22 +306,19 @@ def zprime_hessian_forms(pop: Population, u: torch.Tensor, v: torch.Tensor, x: t
 def shared_primal_hessian_forms(pop: Population, tangents: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                                 shared_input: bool = False,
                                 sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """aᵀ H′ a for V tangents a per row of ``pop`` (``tangents`` [P, V, D_params]): [P, V], as
+    """aᵀ H′ a for V tangents a per row of ``pop`` (``tangents`` [P, V, D]): [P, V], as
     ``zprime_hessian_forms`` computes them, with each row's primal pass (its z′ forward and backward) taken once
     for all its tangents instead of once per tangent. x, y (and ``sample_weights``): z′ as ``zprime_hessian_forms``
     takes them, per row [P, ...] unless ``shared_input``. Zero tangents give zero forms (padding). A set of 1-2 rows
 computes padded with copies of its last row (the kernels of larger sets); on a shared z′ the forms still round
 differently with the number of rows (checked: rows 3-5 of 6 against the same 3 alone, float32 rounding)."""
-    layout, buffer_layout = pop.param_layout, pop.buffer_layout
-
-    def forms(params: torch.Tensor, buffers: torch.Tensor, row_tangents: torch.Tensor, xr, yr, wr) -> torch.Tensor:
-        def loss(p: torch.Tensor) -> torch.Tensor:
-            return pop._losses_of(layout.views(p[None]), xr if shared_input else xr[None],
-                                  yr if shared_input else yr[None], shared_input, buffer_layout.views(buffers[None]),
-                                  None if wr is None else wr[None]).sum()
+    def forms(state: torch.Tensor, row_tangents: torch.Tensor, xr, yr, wr) -> torch.Tensor:
+        def loss(s: torch.Tensor) -> torch.Tensor:
+            return state_losses(pop, s[None], xr if shared_input else xr[None], yr if shared_input else yr[None],
+                                shared_input, None if wr is None else wr[None]).sum()
 
         gradient = grad(loss)
-        return vmap(lambda t: (jvp(gradient, (params,), (t,))[1] * t).sum())(row_tangents)
+        return vmap(lambda t: (jvp(gradient, (state,), (t,))[1] * t).sum())(row_tangents)
 
     row, count = None if shared_input else 0, pop.size
     extra = pop.pass_padding(count)  # 1-2 rows compute with the kernels of larger passes
@@ -320,19 +326,19 @@ differently with the number of rows (checked: rows 3-5 of 6 against the same 3 a
     was_training = pop.model.training
     pop.model.eval()
     try:
-        return vmap(forms, in_dims=(0, 0, 0, row, row, None if sample_weights is None else 0))(
-            pad_rows(pop.params, extra), pad_rows(pop.buffers, extra), pad_rows(tangents, extra), x, y,
-            sample_weights).detach()[:count]
+        with differentiable_running_statistics(pop.model):
+            forms_of = vmap(forms, in_dims=(0, 0, row, row, None if sample_weights is None else 0))(
+                pad_rows(pop.state, extra), pad_rows(tangents, extra), x, y, sample_weights)
+        return forms_of.detach()[:count]
     finally:
         pop.model.train(was_training)
 
 
 def update_difference(window: Window, source: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Δ for the whole-batch probe (j, t0): the actual update θ_j^{t+½} − θ_j^t (parameters) and the
-    change of j's optimizer state in that step (the counterfactual skips the step)."""
+    """Δ for the whole-batch probe (j, t0): the actual update θ_j^{t+½} − θ_j^t (the state: parameters and running
+    statistics) and the change of j's optimizer state in that step (the counterfactual skips the step)."""
     traj = window.trajectory
-    width = model_state_layouts(window.model)[0].width
-    delta = (traj.halves[0][source, :width] - traj.states[0][source, :width]).clone()
+    delta = traj.halves[0][source] - traj.states[0][source]
     opt = {name: (traj.opt_states[1][name][source] - traj.opt_states[0][name][source]).clone()
            for name in carried_state(window.optimizer, traj.opt_states[0])}  # Adam: the counter's lag, 1 (or 0: idle)
     return delta, opt
@@ -368,20 +374,27 @@ def sample_update(model: nn.Module, optimizer: OptimizerSpec, state: torch.Tenso
 
     From per-sample gradients g_x: removing z changes the gradient by (g_z − ḡ)/(|B| − 1); Δ is the forward-mode
     derivative of the optimizer step in that direction (exactly −η (g_z − ḡ)/(|B| − 1) for SGD; parameters and
-    optimizer state for the others). ``factor`` c: the participant sends θ + cΔ (misbehaviour; 1 if honest).
+    optimizer state for the others). ``factor`` c: the participant sends θ + cΔ (misbehaviour; 1 if honest). Δ is
+    over the state [D]: its buffers are constants of the step (``experiment.check_normalization`` refuses a sample's
+    probe on a model that normalizes by batch statistics), 0 there.
     """
     step, mean, direction = _sample_step(model, optimizer, state, opt_state, xb, yb, position, loss)
     _, (delta, opt_delta) = jvp(step, (mean,), (direction,))
     if factor != 1.0:  # a misbehaving source sends θ + cΔ
         delta = delta * factor
-    return delta, opt_delta
+    return on_state(delta, state), opt_delta
+
+
+def on_state(params: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """A change of the parameters [D_params] as a change of the state [D] (``state``'s width): 0 on its buffers."""
+    return torch.cat([params, params.new_zeros(state.shape[-1] - params.shape[-1])])
 
 
 def sample_second_order(model: nn.Module, optimizer: OptimizerSpec, state: torch.Tensor,
                         opt_state: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, position: int,
                         factor: float = 1.0,
                         loss: Loss = CROSS_ENTROPY) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """b₀: the second-order part of ``sample_update``'s Δ (same arguments), parameters [D_params] and optimizer state.
+    """b₀: the second-order part of ``sample_update``'s Δ (same arguments), state [D] and optimizer state.
 
     Without z the step sees the gradient ḡ − d, d = (g_z − ḡ)/(|B| − 1), so Δ = step(ḡ) − step(ḡ − d)
     = D step[d] − ½ D²step[d, d] + O(d³): b₀ = −½ D²step[d, d] (forward-over-forward jvp). Zero for SGD and
@@ -390,7 +403,7 @@ def sample_second_order(model: nn.Module, optimizer: OptimizerSpec, state: torch
     step, mean, direction = _sample_step(model, optimizer, state, opt_state, xb, yb, position, loss)
     with twice_differentiable_sqrt():
         _, (second, opt_second) = jvp(lambda g: jvp(step, (g,), (direction,))[1], (mean,), (direction,))
-    return -0.5 * factor * second, {name: -0.5 * value for name, value in opt_second.items()}
+    return on_state(-0.5 * factor * second, state), {name: -0.5 * value for name, value in opt_second.items()}
 
 
 def _sample_step(model: nn.Module, optimizer: OptimizerSpec, state: torch.Tensor, opt_state: dict[str, torch.Tensor],
@@ -431,9 +444,9 @@ def estimate_cascade(window: Window, source: int, delta: torch.Tensor, opt_delta
                      second: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None,
                      with_b: bool = True, exact_b: bool = False) -> Cascade:
     """Return DICE-E's cascade of a probe of participant ``source`` at round t0 with update difference
-    ``delta`` [D_params] (and optimizer-state difference ``opt_delta``), for steps s = 1..hops.
+    ``delta`` [D] (the state) (and optimizer-state difference ``opt_delta``), for steps s = 1..hops.
 
-    ``second-order`` and ``exact-readout`` with b only: ``second`` = b₀ (Δ's second-order part [D_params], its
+    ``second-order`` and ``exact-readout`` with b only: ``second`` = b₀ (Δ's second-order part [D], its
     optimizer-state part; None: zero, as for a whole-batch probe). ``with_b`` False: second-order reads a alone
     (e = ∇ᵀa − ½ aᵀH′a, ``second_order_b``); ``exact_b`` True: exact-readout reads a + b (``exact_readout_b``).
     """
@@ -483,8 +496,7 @@ def replay_recursion(window: Window, source: int, delta: Perturbation, hops: int
     traj = window.trajectory
     supports = reach(traj.mixing[:hops], source)
     readouts = {v: READOUTS[v] for v in variants}
-    width = delta.a.shape[1]
-    update = (traj.halves[0][source, :width] - traj.states[0][source, :width])[None]  # u, the factual update
+    update = (traj.halves[0][source] - traj.states[0][source])[None]  # u, the factual update
     reads_b = dict.fromkeys(variants, True) if reads_b is None else reads_b
     linear: dict[str, list[torch.Tensor]] = {v: [] for v in variants}
     hessians: list[tuple[str, int, float, tuple[int, np.ndarray, torch.Tensor, torch.Tensor]]] = []
@@ -524,7 +536,7 @@ def replay_recursion(window: Window, source: int, delta: Perturbation, hops: int
 def first_order_all_sources(window: Window, deltas: torch.Tensor, hops: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """First-order DICE-E of the whole-batch probes of every source at round t0, for every target and step.
 
-    deltas: [N, D_params], row j = Δ_j. Returns (half [N]: e_j^{(½)}, values: for s = 1..hops an [N, N] array
+    deltas: [N, D], row j = Δ_j. Returns (half [N]: e_j^{(½)}, values: for s = 1..hops an [N, N] array
     with values[s-1][k, j] = (W^{t+s-1} ⋯ W^t)_{kj} ∇L(θ_k^{t+s}; z′)ᵀ Δ_j). This is the recursion with J = I
     (``recursion.identity_step``) for all sources at once: gossip then only scales Δ_j, so δ_j^{(s)} is the column
     j of the product of mixing matrices times Δ_j, and the first-order readout ∇Lᵀδ is that product times the

@@ -214,7 +214,7 @@ class OnlineCascades:
         return sub, {"x": block.x_val[pos], "y": block.y_val[pos], "sample_weights": block.val_mask[pos]}
 
     def _batched_forms(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """aᵀH′a [m] for each (hosted rows ``pos`` [m], a [m, D_params]) of ``parts`` (every probe in flight).
+        """aᵀH′a [m] for each (hosted rows ``pos`` [m], a [m, D]) of ``parts`` (every probe in flight).
 
         The rows of one participant (one per probe that has reached it) share its primal z′ pass
         (``shared_primal_hessian_forms``; measured 1.3x faster forms at 10 probes per participant, 1.9x at 30):
@@ -348,7 +348,7 @@ class OnlineCascades:
         x, y = self.block.minibatch(u)
         # Several probes' rows at once, up to JVP_ELEMENTS parameters per forward-mode pass: the pass holds
         # several copies of its rows' parameters (primal, tangent, gradient and its tangent, the new state).
-        limit = max(1, JVP_ELEMENTS // (pop.params.shape[1] * (2 if self.second or self.with_b else 1)))  # nested
+        limit = max(1, JVP_ELEMENTS // (pop.state.shape[1] * (2 if self.second or self.with_b else 1)))  # nested
         chunk: list[tuple[int, _Cascade]] = []
         for i, (pid, c) in enumerate(cascades):
             chunk.append((pid, c))
@@ -410,7 +410,7 @@ class OnlineCascades:
 
     def outgoing(self, local: bool = False) -> dict[int, tuple[np.ndarray, dict[str, Any]]]:
         """This round's stepped perturbations, for the groups whose rows of W read this block: probe id ->
-        (rows, key -> [m, D_params] as ``_Cascade.arrays``), numpy arrays (``local``: this block's own tensors)."""
+        (rows, key -> [m, D] as ``_Cascade.arrays``), numpy arrays (``local``: this block's own tensors)."""
         return {pid: (c.rows, c.arrays() if local else {k: d.cpu().numpy() for k, d in c.arrays().items()})
                 for pid, c in self._out.items()}
 
@@ -418,7 +418,7 @@ class OnlineCascades:
         """A cascade with no rows here (the carried parts, zero rows): what this block adds to a probe it does not
         host yet."""
         pop = self.block.population
-        none = torch.zeros(0, pop.params.shape[1], dtype=pop.params.dtype, device=self.block.device)
+        none = torch.zeros(0, pop.state.shape[1], dtype=pop.state.dtype, device=self.block.device)
         opt = {n: pop.opt_state[n][:0] for n in recursion.carried_state(pop.optimizer, pop.opt_state)} \
             if self.curved else {}
         return _Cascade(np.zeros(0, np.int64), Perturbation(none) if "first-order" in self.variants else None,
@@ -481,7 +481,7 @@ class OnlineCascades:
     def snapshot(self, u: int) -> dict[str, np.ndarray]:
         """The perturbations in flight after round u, one row per hosted participant: ``cascade.ids`` [P, A]
         (the A probes globally in flight, ``in_flight``), ``cascade.mask`` [P, A] (the participant is in the
-        probe's support), ``cascade.<key>`` [P, A, D_params] (``_Cascade``'s keys), ``cascade.opt.<name>`` and, where b
+        probe's support), ``cascade.<key>`` [P, A, D] (``_Cascade``'s keys), ``cascade.opt.<name>`` and, where b
         is carried, ``cascade.opt_b.<name>`` [P, A, ...]; with ``first_reached_only`` also ``cascade.new`` [P, A]
         (first reached at the current step)."""
         if not self.enabled:
@@ -492,7 +492,7 @@ class OnlineCascades:
         if self.first_reached_only:
             out["cascade.new"] = np.zeros((p, a), bool)
         for v in self.keys:
-            out[f"cascade.{v}"] = np.zeros((p, a, pop.params.shape[1]), np.float32)
+            out[f"cascade.{v}"] = np.zeros((p, a, pop.state.shape[1]), np.float32)
         opt_names = recursion.carried_state(pop.optimizer, pop.opt_state) if self.curved else []
         opt_b_names = opt_names if self.with_b else []
         for n in opt_names:

@@ -44,7 +44,7 @@ class InfluenceConfig(Section):
     sources: list[int] | None = Field(None, description="probed participants j (default: all)")
     sample_sources: int | None = Field(None, ge=1, description="probe this many random participants per round")
     probe_samples: int = Field(0, ge=0, description="0: z is the whole minibatch (the paper's default); K: also "
-                                                    "K single samples of it, one probe each")
+                                                    "K single samples of it, one probe each (not with BatchNorm)")
     zprime: Literal["heldout", "validation"] = Field("heldout", description="z′: the shared held-out batch, or "
                                                                            "each target's own validation split")
     variants: VariantList = Field(

@@ -1,6 +1,7 @@
 """The DICE-E recursion (concepts §4), written once: start, step through J, gossip, readout.
 
-For a probe (j, t) with update difference Δ (parameters and optimizer state) the perturbation δ travels
+For a probe (j, t) with update difference Δ (the state — parameters, and BatchNorm's running statistics where the
+model has them, D columns — and the optimizer state) the perturbation δ travels
 
     start:    δ^{(1)}_k = W^t_kj Δ                          (Δ on row j, then ``gossip``)
     step:     (J δ)_l = J_l^{t+s} δ_l^{(s)}                  (``local_step``; J = I for first order: ``identity_step``)
@@ -8,13 +9,15 @@ For a probe (j, t) with update difference Δ (parameters and optimizer state) th
     readout:  e_k^{(s)} = ∇L(θ_k^{t+s}; z′)ᵀ δ_k^{(s)}       (``Readout``; ``SecondOrderReadout`` adds −½ aᵀH′a;
                                                              ``ExactReadout``: L(θ_k; z′) − L(θ_k − δ_k; z′))
 
-J_l is the Jacobian of l's local step O_l (parameters and optimizer state) at the factual θ_l: a forward-mode
-derivative through the optimizer (``jvp_local_step``; for SGD δ − η H δ, one Hessian-vector product). Where the
-update reads the step counter (Adam), a whole-batch probe's counterfactual skipped a step, so j's counter stays one
-behind: δ carries that lag (``COUNTER`` in its optimizer part, with its owner), J_j is taken at the lagging counter,
-and every later step of j adds the exact difference O_j(θ_j, n) − O_j(θ_j, n − 1) (``counter_difference``). For
-second order δ = a + b, b the O(Δ²) part: one nested forward-mode pass gives (J a, J b − ½ D²O[a, a])
-(``second_order_local_step``), gossip mixes b like a, and the readout is e₂ = ∇ᵀ(a + b) − ½ aᵀH′a.
+J_l is the Jacobian of l's local step O_l (state and optimizer state) at the factual θ_l: a forward-mode derivative
+through the optimizer (``jvp_local_step``; for SGD δ − η H δ, one Hessian-vector product), and through the running
+statistics' move toward the batch's (``Population.functional_state_step``; the parameters' step reads the batch
+statistics, not the running ones). Where the update reads the step counter (Adam), a whole-batch probe's
+counterfactual skipped a step, so j's counter stays one behind: δ carries that lag (``COUNTER`` in its optimizer
+part, with its owner), J_j is taken at the lagging counter, and every later step of j adds the exact difference
+O_j(θ_j, n) − O_j(θ_j, n − 1) (``counter_difference``). For second order δ = a + b, b the O(Δ²) part: one nested
+forward-mode pass gives (J a, J b − ½ D²O[a, a]) (``second_order_local_step``), gossip mixes b like a, and the
+readout is e₂ = ∇ᵀ(a + b) − ½ aᵀH′a.
 
 Two drivers run these pieces: ``estimator.estimate_cascades`` over a recorded window (replayed estimates) and
 ``online.OnlineCascades`` over the live participant block (in-loop DICE-E and the contribution ledger's
@@ -40,7 +43,7 @@ from dice_ray.core.population import OptimizerSpec, Population
 
 @dataclass
 class HessianForm:
-    """A readout's request: add c · uᵀH′(θ_k; z′)v per row (u, v [m, D_params]; H′ the Hessian of the z′ loss)."""
+    """A readout's request: add c · uᵀH′(θ_k; z′)v per row (u, v [m, D]; H′ the Hessian of the z′ loss)."""
 
     u: torch.Tensor
     v: torch.Tensor
@@ -49,7 +52,7 @@ class HessianForm:
 
 @dataclass
 class LossDifference:
-    """A readout's request: add L(θ_k + shift; z′) − L(θ_k + shift − δ; z′) per row (δ, shift [m, D_params]; shift
+    """A readout's request: add L(θ_k + shift; z′) − L(θ_k + shift − δ; z′) per row (δ, shift [m, D]; shift
     None: 0, and L(θ_k; z′) is evaluated once per target and step, shared by every probe that reads there)."""
 
     delta: torch.Tensor
@@ -61,8 +64,8 @@ Form = HessianForm | LossDifference
 
 @dataclass
 class Perturbation:
-    """δ on m rows: ``a`` [m, D_params] and its optimizer part ``opt_a`` (name -> [m, ...]; not gossiped); for second
-    order also ``b`` [m, D_params], the O(Δ²) part, and ``opt_b`` (None and {} when b is not carried)."""
+    """δ on m rows: ``a`` [m, D] and its optimizer part ``opt_a`` (name -> [m, ...]; not gossiped); for second
+    order also ``b`` [m, D], the O(Δ²) part, and ``opt_b`` (None and {} when b is not carried)."""
 
     a: torch.Tensor
     opt_a: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -91,7 +94,7 @@ class Perturbation:
 
 def start(delta: torch.Tensor, opt_delta: dict[str, torch.Tensor], b0: torch.Tensor | None = None,
           opt_b0: dict[str, torch.Tensor] | None = None) -> Perturbation:
-    """δ on the source rows, before the first gossip: a = Δ [m, D_params] with its optimizer part, and b = b₀
+    """δ on the source rows, before the first gossip: a = Δ [m, D] with its optimizer part, and b = b₀
     (None: not carried; its optimizer part defaults to 0). ``gossip`` turns it into δ^{(1)} = W^t_{·j} Δ."""
     if b0 is None:
         return Perturbation(delta, dict(opt_delta))
@@ -179,19 +182,20 @@ def local_step(steps: LocalSteps, delta: Perturbation) -> Perturbation:
 def counter_difference(steps: LocalSteps, rows: torch.Tensor,
                        lag: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """O_l(θ_l, n_l + lag_l) − O_l(θ_l, n_l) for ``rows`` of ``steps`` (whose counters n are the lagging ones): the
-    change of the update itself (parameters [m, D_params], and the optimizer state but the counter) that a counter
+    change of the update itself (parameters [m, D], and the optimizer state but the counter) that a counter
     ``lag`` steps ahead makes at the factual state, exact, not expanded; θ + c(O(θ) − θ) scales it by c."""
     pop = Population(steps.model, steps.states[rows].clone(), steps.optimizer, loss=steps.loss)
     behind = {name: value[rows] for name, value in steps.opt_state.items()}
     ahead = {**behind, COUNTER: behind[COUNTER] + lag.to(behind[COUNTER].dtype)}
     x, y = steps.x[rows], steps.y[rows]
-    params_ahead, opt_ahead = pop.functional_step(pop.params, ahead, x, y)
-    params_behind, opt_behind = pop.functional_step(pop.params, behind, x, y)
-    d_params = params_ahead - params_behind
+    state_ahead, opt_ahead = pop.functional_state_step(pop.state, ahead, x, y)
+    state_behind, opt_behind = pop.functional_state_step(pop.state, behind, x, y)
+    d_state = state_ahead - state_behind  # the running statistics do not read the counter: 0 there
     if steps.factors is not None:
-        c = torch.as_tensor(steps.factors, dtype=d_params.dtype, device=d_params.device)[rows][:, None]
-        d_params = c * d_params
-    return d_params, {n: opt_ahead[n] - opt_behind[n] for n in opt_ahead if n != COUNTER}
+        width = pop.param_layout.width
+        c = torch.as_tensor(steps.factors, dtype=d_state.dtype, device=d_state.device)[rows][:, None]
+        d_state = torch.cat([c * d_state[:, :width], d_state[:, width:]], dim=1)
+    return d_state, {n: opt_ahead[n] - opt_behind[n] for n in opt_ahead if n != COUNTER}
 
 
 def gossip(parts: list[tuple[torch.Tensor, Perturbation]], own: Perturbation, keep: torch.Tensor,
@@ -225,11 +229,11 @@ class Readout:
     """First order (and the curvature variant's): e_k = ∇L(θ_k; z′)ᵀ δ_k, the same for the direct term e_j^{(½)}."""
 
     def linear(self, gradients: torch.Tensor, delta: Perturbation) -> torch.Tensor:
-        """The part of e read off ∇L(θ_k; z′) [m, D_params]: [m]."""
+        """The part of e read off ∇L(θ_k; z′) [m, D]: [m]."""
         return (gradients * delta.a).sum(dim=1)
 
     def form(self, delta: Perturbation, update: torch.Tensor | None = None) -> Form | None:
-        """What of the z′ loss the driver adds to ``linear`` (None: nothing); ``update`` u [m, D_params] is given for
+        """What of the z′ loss the driver adds to ``linear`` (None: nothing); ``update`` u [m, D] is given for
         the direct term (read at θ_j^t, u the source's factual update)."""
         return None
 
@@ -272,23 +276,31 @@ def read_by(delta: Perturbation, with_b: bool) -> Perturbation:
 
 def jvp_local_step(steps: LocalSteps, tangent: torch.Tensor,
                    opt_tangent: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """J δ: the forward-mode derivative of the local steps ``steps`` along (``tangent`` [P, D_params],
-    ``opt_tangent``; missing optimizer entries: 0); returns (J δ [P, D_params], its optimizer part)."""
+    """J δ: the forward-mode derivative of the local steps ``steps`` along (``tangent`` [P, D],
+    ``opt_tangent``; missing optimizer entries: 0); returns (J δ [P, D], its optimizer part)."""
     pop = Population(steps.model, steps.states.clone(), steps.optimizer, loss=steps.loss)
     opt = {name: value.clone() for name, value in steps.opt_state.items()}
     tangents = {name: opt_tangent.get(name, torch.zeros_like(value)) for name, value in opt.items()}
-    _, (d_params, d_opt) = jvp(lambda p, o: pop.functional_step(p, o, steps.x, steps.y), (pop.params, opt),
-                               (tangent, tangents))
-    if steps.factors is not None:  # θ + c(O(θ) − θ) has Jacobian I + c(J − I)
-        c = torch.as_tensor(steps.factors, dtype=d_params.dtype, device=d_params.device)[:, None]
-        d_params = tangent + c * (d_params - tangent)
-    return d_params, d_opt
+    _, (d_state, d_opt) = jvp(lambda p, o: pop.functional_state_step(p, o, steps.x, steps.y), (pop.state, opt),
+                              (tangent, tangents))
+    return sent(steps, tangent, d_state, pop.param_layout.width), d_opt
+
+
+def sent(steps: LocalSteps, before: torch.Tensor, after: torch.Tensor, width: int) -> torch.Tensor:
+    """What participants send after stepping ``before`` to ``after`` ([P, D], or tangents of them): θ + c(O(θ) − θ)
+    on the parameter columns (the first ``width``) of participants with a factor c (``steps.factors``; Jacobian
+    I + c(J − I)); the running statistics as stepped."""
+    if steps.factors is None:
+        return after
+    c = torch.as_tensor(steps.factors, dtype=after.dtype, device=after.device)[:, None]
+    params = before[:, :width] + c * (after[:, :width] - before[:, :width])
+    return torch.cat([params, after[:, width:]], dim=1)
 
 
 def second_order_local_step(steps: LocalSteps, a: torch.Tensor, opt_a: dict[str, torch.Tensor], b: torch.Tensor,
                             opt_b: dict[str, torch.Tensor]):
-    """One second-order step of P participants' perturbations: returns ((J a [P, D_params], its optimizer part),
-    (J b − ½ D²O[a, a] [P, D_params], its optimizer part)), O the whole local update (parameters and optimizer
+    """One second-order step of P participants' perturbations: returns ((J a [P, D], its optimizer part),
+    (J b − ½ D²O[a, a] [P, D], its optimizer part)), O the whole local update (parameters and optimizer
     state; missing tangent entries: 0).
 
     One forward-over-forward pass along the path θ(ε) = θ + ε a − ε² b: d/dε O(θ(ε)) = J a and
@@ -296,16 +308,14 @@ def second_order_local_step(steps: LocalSteps, a: torch.Tensor, opt_a: dict[str,
     """
     pop = Population(steps.model, steps.states.clone(), steps.optimizer, loss=steps.loss)
     opt = {name: value.clone() for name, value in steps.opt_state.items()}
-    c = None if steps.factors is None else torch.as_tensor(steps.factors, dtype=a.dtype, device=a.device)[:, None]
 
     def along(eps: torch.Tensor):
-        params = pop.params + eps * a - eps ** 2 * b
-        state = {name: value + eps * opt_a[name] - eps ** 2 * opt_b[name] if name in opt_a else value
-                 for name, value in opt.items()}
-        new_params, new_state = pop.functional_step(params, state, steps.x, steps.y)
-        if c is not None:
-            new_params = params + c * (new_params - params)
-        return new_params, {name: value for name, value in new_state.items() if name != COUNTER}
+        state = pop.state + eps * a - eps ** 2 * b
+        opt_state = {name: value + eps * opt_a[name] - eps ** 2 * opt_b[name] if name in opt_a else value
+                     for name, value in opt.items()}
+        new_state, new_opt = pop.functional_state_step(state, opt_state, steps.x, steps.y)
+        return (sent(steps, state, new_state, pop.param_layout.width),
+                {name: value for name, value in new_opt.items() if name != COUNTER})
 
     zero, one = torch.zeros((), dtype=a.dtype, device=a.device), torch.ones((), dtype=a.dtype, device=a.device)
     with twice_differentiable_sqrt():
