@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -39,20 +40,28 @@ from dice_ray.results import TableWriter, write_json_atomic, write_table_atomic
 CHECKPOINTS = "checkpoints"
 
 # Fields left out of the config digest: placement and output, not the simulated numbers (what a resumed run may change
-# is ``config.RESUME_FIELDS``).
+# is ``config.RESUME_FIELDS``). Of the engine section only ``precision`` changes the numbers: it enters the digest
+# unless it is the default fp32 (so the digests of runs recorded before it counted, all fp32, stay what they were).
 _PLACEMENT_FIELDS = {"engine": None,
                      "output": {"out", "progress", "overwrite", "checkpoint_every", "keep_checkpoints"}}
+_NUMBERS_FIELDS = {"engine": {"precision": "fp32"}}  # section -> field -> the value left out of the digest
 
 
 def config_digest(config: Any) -> str:
     """Return a digest of everything in ``config`` (a ``RunConfig``) that determines the numbers."""
     data = config.recorded()
+    kept = {section: {name: data.get(section, {}).get(name, default) for name, default in fields.items()}
+            for section, fields in _NUMBERS_FIELDS.items()}
     for section, fields in _PLACEMENT_FIELDS.items():
         if fields is None:
             data.pop(section, None)
         else:
             for name in fields:
                 data.get(section, {}).pop(name, None)
+    for section, fields in kept.items():
+        changed = {name: value for name, value in fields.items() if value != _NUMBERS_FIELDS[section][name]}
+        if changed:
+            data.setdefault(section, {}).update(changed)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -93,6 +102,15 @@ class Checkpoint:
                 self._arrays(name)
             except (ValueError, OSError, EOFError) as err:  # e.g. pickled objects: refused, never unpickled
                 return f"{name} is not a file of plain arrays ({str(err).splitlines()[0][:120]})"
+        parts = meta.get("parts", {})  # the table rows up to this round (``RoundTables``' parts beside it)
+        if not isinstance(parts, dict):
+            return "meta.json records its table parts wrongly"
+        for name, digest in parts.items():
+            path = self.path.parent / str(name)
+            if not path.is_file():
+                return f"the table part {name} (rows up to this round) is missing"
+            if _sha256(path) != digest:
+                return f"the table part {name} (rows up to this round) does not match its recorded SHA-256"
         return None
 
 
@@ -125,7 +143,7 @@ class CheckpointStore:
         if not self.root.is_dir():
             return []
         found = [Checkpoint(int(p.name.split("-")[1]), p) for p in self.root.glob("round-*")
-                 if p.is_dir() and (p / "meta.json").exists()]
+                 if re.fullmatch(r"round-\d+", p.name) and p.is_dir() and (p / "meta.json").exists()]
         return sorted(found, key=lambda c: c.round)
 
     def latest(self) -> Checkpoint | None:
@@ -146,10 +164,13 @@ class CheckpointStore:
                              f"{meta.get('config_digest')}, this run {self.digest})")
 
     def save(self, round_: int, snapshot: Mapping[str, np.ndarray],
-             driver_state: Mapping[str, np.ndarray] | None = None) -> Checkpoint:
+             driver_state: Mapping[str, np.ndarray] | None = None, parts: Mapping[str, str] | None = None
+             ) -> Checkpoint:
         """Write the state after round ``round_`` atomically, with ``driver_state`` (arrays: what the methods'
         drivers accumulate over rounds); drop checkpoints beyond the newest ``keep``. Every file is fsynced, and
-        ``meta.json`` with their SHA-256 digests is written last, before the directory is renamed into place."""
+        ``meta.json`` with their SHA-256 digests is written last, before the directory is renamed into place, with
+        the digests of the table ``parts`` committed up to this round (``RoundTables.part_digests``): a resume
+        from it needs them intact."""
         bad = np.flatnonzero(~np.isfinite(snapshot["state"]).all(axis=1))
         if len(bad):  # never replace a good checkpoint with a poisoned one
             raise FloatingPointError(f"round {round_}: non-finite parameters at participants {bad[:5].tolist()}")
@@ -168,7 +189,8 @@ class CheckpointStore:
                 os.fsync(f.fileno())
         write_json_atomic(tmp / "meta.json", {"round": round_, "config_digest": self.digest, "time": time.time(),
                                               "shapes": {k: list(v.shape) for k, v in snapshot.items()},
-                                              "sha256": {name: _sha256(tmp / name) for name in files}})
+                                              "sha256": {name: _sha256(tmp / name) for name in files},
+                                              "parts": dict(parts or {})})
         _fsync(tmp / "meta.json")
         _fsync(tmp)
         shutil.rmtree(final, ignore_errors=True)
@@ -198,13 +220,30 @@ class RoundTables:
         self.root = self.run_dir / CHECKPOINTS
         self.schemas = dict(schemas)
         self.pending: dict[str, dict[str, list]] = {name: {} for name in self.schemas}
+        self._digests: dict[tuple[str, int, int], str] = {}  # (part name, size, mtime) -> SHA-256: each hashed once
 
     def _parts(self, name: str) -> list[tuple[int, int, Path]]:
+        """The committed parts of table ``name``: (first round, last round, path), in round order (files named
+        otherwise are not this store's and are left alone)."""
         parts = []
         for p in self.root.glob(f"{name}-*-*.parquet"):
-            first, last = (int(v) for v in p.stem.rsplit("-", 2)[1:])
-            parts.append((first, last, p))
+            rounds = re.fullmatch(rf"{re.escape(name)}-(\d{{9}})-(\d{{9}})", p.stem)
+            if rounds:
+                parts.append((int(rounds[1]), int(rounds[2]), p))
         return sorted(parts)
+
+    def part_digests(self) -> dict[str, str]:
+        """The SHA-256 of every committed part (file name -> digest), for the checkpoint saved with them. A part is
+        never rewritten under its name (a rollback writes a new one), so each is hashed once."""
+        out = {}
+        for name in self.schemas:
+            for *_, path in self._parts(name):
+                stat = path.stat()
+                key = (path.name, stat.st_size, stat.st_mtime_ns)
+                if key not in self._digests:
+                    self._digests[key] = _sha256(path)
+                out[path.name] = self._digests[key]
+        return out
 
     def append(self, name: str, columns: Mapping[str, Any]) -> None:
         """Buffer rows of table ``name`` (column name -> values, every schema column)."""

@@ -97,3 +97,41 @@ def test_a_checkpoint_without_digests_is_not_trusted(tmp_path: Path, capsys: pyt
     assert "records no digests" in capsys.readouterr().err
     for name, table in _reference(tmp_path).items():
         pd.testing.assert_frame_equal(resumed.table(name), table)
+
+
+def test_the_table_rows_a_checkpoint_needs_are_verified_with_it(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The rows of rounds up to a checkpoint live in parts beside it (checkpoints/<table>-<first>-<last>.parquet);
+    its meta.json records their digests. A part gone: that checkpoint is skipped and the tables still equal an
+    undisturbed run's (it used to resume with those rounds' rows silently missing). A part damaged that every
+    checkpoint needs: exit 2, nothing changed (it used to train on and crash when writing the tables)."""
+    run = _interrupted(tmp_path, "parts")
+    (run / "checkpoints" / "rounds-000000006-000000008.parquet").unlink()  # only the newest checkpoint's
+    capsys.readouterr()
+    resumed = dice_ray.resume(run, engine="local")
+    assert "rounds-000000006-000000008.parquet (rows up to this round) is missing" in capsys.readouterr().err
+    assert resumed.manifest["resumes"][-1]["from_round"] == 6
+    for name, table in _reference(tmp_path).items():
+        pd.testing.assert_frame_equal(resumed.table(name), table)
+
+    run = _interrupted(tmp_path, "damaged")
+    part = run / "checkpoints" / "proximal-000000003-000000005.parquet"  # both checkpoints' rows
+    part.write_bytes(part.read_bytes()[:100])
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    code = main(["--resume", str(run), "--engine", "local"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "none of its 2 checkpoints verifies" in err[-1], err
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+
+
+def test_the_config_digest_counts_the_precision_and_not_the_placement() -> None:
+    """A checkpoint belongs to the numbers' config: the local step's precision changes them (a resume of an fp32 run
+    under bf16 used to be taken: its manifest's engine section was left out whole); where it runs does not."""
+    from dice_ray.checkpoint import config_digest
+
+    plain = {**CONFIG, "proximal": {"enabled": False}}  # (bf16 is refused with proximal influence)
+    digest = config_digest(dice_ray.as_config(plain))
+    for placement in ({"actors": 3}, {"transport": "object_store"}, {"max_recoveries": 0}, {"precision": "fp32"}):
+        assert config_digest(dice_ray.as_config(plain, engine=placement)) == digest
+    for precision in ("tf32", "bf16"):
+        assert config_digest(dice_ray.as_config(plain, engine={"precision": precision})) != digest

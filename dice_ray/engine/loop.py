@@ -163,7 +163,7 @@ def train(engine: Any, config: RunConfig, tables: RoundTables, store: Checkpoint
                 online.record(m, tables)
                 if m.snapshot is not None:
                     tables.commit(m.round)
-                    store.save(m.round, m.snapshot, online.state())
+                    store.save(m.round, m.snapshot, online.state(), tables.part_digests())
                     m.snapshot = None  # on disk now: let its memory (object-store pages, for Ray) go before the next
                     report.checkpoints += 1
                 elif tables.buffered_rows() >= FLUSH_ROWS:
