@@ -94,7 +94,7 @@ class DataConfig(Section):
     download: bool = Field(False, description="download the data set into data_dir if missing")
     partition: Annotated[str, _one_of("partition", SCHEMES)] = Field(
         "iid", description=f"partition scheme: {', '.join(SCHEMES)}")
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition=dirichlet)")
+    alpha: float = Field(0.5, gt=0, allow_inf_nan=False, description="Dirichlet concentration (partition=dirichlet)")
     shards_per_node: int = Field(2, ge=1, description="shards per participant (partition=shards)")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of each participant's data held "
                                                              "out as its validation split")
@@ -181,10 +181,10 @@ class EngineConfig(Section):
 
     actors: int | None = Field(None, ge=1, description="participant-group actors (default: one per machine, "
                                                        "or per GPU share); capped at the node count")
-    cpus_per_actor: float | None = Field(None, gt=0, description="CPUs reserved per actor (default: the "
-                                                                 "smallest machine's CPUs with one actor per machine, "
-                                                                 "else the cluster's CPUs / actors)")
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU")
+    cpus_per_actor: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                         description="CPUs reserved per actor (default: the smallest machine's CPUs "
+                                                     "with one actor per machine, else the cluster's CPUs / actors)")
+    gpus_per_actor: float = Field(0.0, ge=0, allow_inf_nan=False, description="GPUs per actor; fractions share a GPU")
     gpus_per_task: float | None = Field(
         None, ge=0, le=1, description=f"GPU share of each DICE-GT replay and retraining task, on CUDA when > 0 "
                                       f"(default: {TASK_GPU_SHARE} when gpus_per_actor > 0, else 0: on the CPU)")
@@ -203,7 +203,8 @@ class EngineConfig(Section):
     address: str | None = Field(None, description="Ray cluster address (default: a local Ray on 127.0.0.1)")
     max_recoveries: int = Field(3, ge=0, le=1000, description="actor or machine failures a run recovers from "
                                                              "(restore the last checkpoint, replay) before it gives up")
-    restart_timeout: float = Field(600.0, gt=0, description="seconds to wait for restarted actors after a failure")
+    restart_timeout: float = Field(600.0, gt=0, allow_inf_nan=False,
+                                   description="seconds to wait for restarted actors after a failure")
 
     def task_gpus(self) -> float:
         """GPUs each DICE-GT replay and retraining task asks Ray for: ``gpus_per_task``, by default
@@ -495,13 +496,19 @@ def apply_sets(data: dict[str, Any], items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise InputError(f"--set expects KEY=VALUE, got {item!r}")
-        set_dotted(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise InputError(f"--set {item}: the value is not YAML ({str(err).splitlines()[0]})") from None
+        set_dotted(data, key.strip(), value)
     return data
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``data['a']['b'] = value`` for ``dotted='a.b'``, creating sections as needed."""
     *parents, leaf = dotted.split(".")
+    if not isinstance(data, dict):
+        raise InputError(f"config: expected a mapping of sections, got {type(data).__name__}")
     node = data
     for key in parents:
         child = node.setdefault(key, {})

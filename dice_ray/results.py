@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -301,16 +301,22 @@ def _publish(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_json_atomic(path: str | Path, data: Mapping[str, Any]) -> None:
-    """Write ``data`` as indented JSON to ``path`` atomically (temporary file, fsync, rename)."""
+def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """Have ``write(tmp)`` write a whole file, published as ``path`` atomically (a temporary file beside it, fsync,
+    rename): a reader never sees half of it, and a crash leaves the previous file or none."""
     path = Path(path)
     tmp = _atomic_path(path)
     try:
-        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+        write(tmp)
         _publish(tmp, path)
     except BaseException:  # a full disk or an interrupt: no partial file stays behind
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` as indented JSON to ``path`` atomically (temporary file, fsync, rename)."""
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n"))
 
 
 def _json_default(value: Any) -> Any:

@@ -36,6 +36,7 @@ from dice_ray.methods.catalog import methods_for
 from dice_ray.results import (
     NODES,
     ROUNDS,
+    write_atomic,
     write_json_atomic,
     write_table_atomic,
 )
@@ -272,9 +273,15 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
             for name, rows, schema in online.finish():  # before rounds.parquet, which marks the end of training
                 write_table_atomic(out / f"{name}.parquet", rows, schema)
             manifest.update(**online.summary())
+            if save_states:  # before rounds.parquet: a resume takes a run with it as trained
+                states = engine.states()
+
+                def save(tmp: Path) -> None:
+                    with open(tmp, "wb") as f:
+                        np.save(f, states)
+
+                write_atomic(out / "states.npy", save)
             tables.finish(config.rounds - 1)
-            if save_states:
-                np.save(out / "states.npy", engine.states())
             actor_info = engine.info()
             engine.close()  # frees the actors' CPUs for the influence tasks
             engine = None

@@ -64,13 +64,19 @@ def test_python_api_end_to_end(tmp_path: Path) -> None:
         dice_ray.run(config, engine="local")
 
 
-def test_the_console_script_is_the_same_command_line(tmp_path: Path) -> None:
+def test_the_console_script_is_the_same_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``dice-ray simulate …`` is ``python -m dice_ray.simulate …``; bad input: one line, exit status 2."""
     out = subprocess.run([sys.executable, "-m", "dice_ray.cli", "simulate", "--nodes", "1"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     out = subprocess.run([sys.executable, "-m", "dice_ray.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and all(word in out.stdout for word in ("simulate", "analyze", "sweep"))
+    from dice_ray.cli.main import main
+
+    for command in ("simulate", "analyze", "sweep"):  # each subcommand's usage names the command typed
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert capsys.readouterr().out.startswith(f"usage: dice-ray {command} ")
 
 
 def test_regression_with_mse_runs_end_to_end_with_influence(tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -127,6 +128,16 @@ def anomaly(run: Path, horizons: list[int] | None = None) -> list[dict]:
     return rows
 
 
+def writable(folder: Path, what: str, hint: str) -> None:
+    """Refuse, before any work, a ``folder`` the report cannot write into (read-only, full, not ours)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise InputError(f"{what} {folder} is not writable ({err.strerror or err}): the report writes there; "
+                         f"{hint}") from None
+
+
 def collaborators(runs: list[Path], out: Path | None = None) -> list[dict]:
     """Compare runs that differ in collaborator selection (and misbehaviour, seed): print mean final honest
     accuracy per setting over seeds and each rewiring's gain over the static topology seed by seed; write
@@ -137,6 +148,7 @@ def collaborators(runs: list[Path], out: Path | None = None) -> list[dict]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"--out {out}: cannot make the folder: {err.strerror or err}") from None
+    writable(out, "--out", "pass another --out")
     write_report(computed, out)
     print(f"{'misbehaviour':>16} {'rewiring':>9} {'seeds':>5} {'honest acc':>16} {'bad in-edges':>12} "
           f"{'gain vs static':>15} {'wins':>5}")
@@ -187,9 +199,9 @@ def contributions(run: Path, loo: bool = False, shapley: int | None = None, loca
               f"ones flagged: {int(rows.loc[~rows['misbehaving'], 'harmful'].sum())}")
     print(f"wrote {run / 'contributions_report.parquet'}, contributions_shares.png, contributions_heatmap.png")
     return computed
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m dice_ray.analyze") -> argparse.ArgumentParser:
     """Return the command-line parser."""
-    parser = OneLineParser(prog="python -m dice_ray.analyze", description=__doc__.split("\n\n")[1],
+    parser = OneLineParser(prog=prog, description=__doc__.split("\n\n")[1],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("report", choices=("alignment", "cascade", "anomaly", "collaborators", "contributions"),
                         help="which report")
@@ -209,9 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.analyze") -> int:
     """Command-line entry point; returns the exit status (2 for bad input)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         misplaced = [(option, owner) for option, owner, value in (
             ("--horizon", "anomaly", args.horizon), ("--out", "collaborators", args.out),
@@ -224,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         for run in args.run:
             if not run.is_dir():
                 raise InputError(f"run directory {str(run)!r} does not exist")
+        if args.report != "collaborators":  # the report's tables and figures go into the run directory
+            writable(args.run[0], "run directory", "copy the run somewhere writable")
         if args.report == "collaborators":
             collaborators(args.run, args.out)
         elif len(args.run) != 1:

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)} (see --help)", file=sys.stderr)
         return 2
-    return run(rest)
+    return run(rest, prog=f"dice-ray {command}")  # its usage and errors name this command
 
 
 if __name__ == "__main__":

@@ -101,6 +101,9 @@ SWITCHED: list[tuple[str, tuple[str, ...], str, Callable[[RunConfig], bool]]] = 
     ("data.shrink.", ("data.shrink.ids",), "--shrink-ids", lambda c: bool(c.data.shrink.ids)),
 ]
 
+# Options of one partition scheme: given on the command line with another scheme, they would do nothing.
+PARTITION_OPTIONS = [("--alpha", "data.alpha", "dirichlet"), ("--shards-per-node", "data.shards_per_node", "shards")]
+
 
 def _field_help(dotted: str) -> str:
     *parents, leaf = dotted.split(".")
@@ -150,9 +153,9 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m dice_ray.simulate") -> argparse.ArgumentParser:
     """Return the command-line parser; every option documents the config field it sets."""
-    parser = OneLineParser(prog="python -m dice_ray.simulate", formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = OneLineParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
                      description="Run synchronous adapt-then-communicate decentralized SGD over a topology, on Ray, "
                      "and write the run's tables to a run directory.", epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--config", metavar="FILE", help="YAML run config (see configs/)")
@@ -215,10 +218,13 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
                  and dotted not in switches and getattr(args, dotted) is not None]
         if given and not on(config):
             raise InputError(f"{given[0]} applies to {prefix.rstrip('.')}, which this run leaves off ({how})")
+    for flag, dotted, scheme in PARTITION_OPTIONS:
+        if getattr(args, dotted) is not None and config.data.partition != scheme:
+            raise InputError(f"{flag} applies to --partition {scheme}; this run partitions {config.data.partition}")
     return config
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.simulate") -> int:
     """Command-line entry point, a thin layer over ``dice_ray.run`` / ``dice_ray.resume``; returns the exit status
     (2 for bad input, found before any work starts; 1 for a run that failed)."""
     from dice_ray import api
@@ -228,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         import_named(argv)
     except InputError as err:
         return report(err)
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     out = args.resume
     try:
         if args.resume:

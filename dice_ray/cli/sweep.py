@@ -23,9 +23,9 @@ from dice_ray.sweep.runner import run_sweep
 from dice_ray.sweep.spec import load_sweep
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m dice_ray.sweep") -> argparse.ArgumentParser:
     """Return the command-line parser."""
-    parser = OneLineParser(prog="python -m dice_ray.sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = OneLineParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
                      description="Run a sweep of simulations over a space of run-config fields on Ray Tune.",
                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("sweep", help="sweep file (YAML; see sweeps/)")
@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.sweep") -> int:
     """Command-line entry point; returns the exit status (2 for bad input)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         sweep = load_sweep(args.sweep, {"out": args.out, "max_concurrent": args.max_concurrent,
                                         "num_samples": args.num_samples})

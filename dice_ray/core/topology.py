@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -295,7 +296,7 @@ def load_mixing_matrix(path: str | Path) -> csr_array:
             w = sparse.load_npz(path).astype(np.float64)
         else:
             w = np.loadtxt(path, delimiter="," if "," in path.read_text() else None, ndmin=2)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, zipfile.BadZipFile, KeyError) as error:  # .npz: a zip of scipy's arrays
         raise InputError(f"mixing matrix file '{path}' could not be read: {_one_line(error)}") from None
     return _validated(w, atol=1e-6, name=f"W in '{path}'")
 

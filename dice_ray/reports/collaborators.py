@@ -7,7 +7,6 @@ topology seed by seed (see docs/concepts.md).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 
 from dice_ray.errors import InputError
-from dice_ray.reports.inputs import read_frame, topology_of
+from dice_ray.reports.inputs import read_frame, read_manifest, read_table, topology_of
 from dice_ray.results import COLLABORATORS
 
 REWIRINGS = ("none", "influence", "outlier", "random")
@@ -30,7 +29,7 @@ def _final_in_edges(run: Path, config, nodes: pd.DataFrame) -> list[np.ndarray]:
 
     path = run / "rewiring.parquet"
     if config.rewiring.mode != "none" and path.is_file():
-        history = pd.read_parquet(path)
+        history = read_table(path).to_pandas()
         if len(history):
             final = history[(history["round"] == history["round"].max()) & (history["action"] != "dropped")]
             return [np.sort(final.loc[final["participant"] == k, "neighbor"].to_numpy()) for k in range(len(nodes))]
@@ -41,7 +40,7 @@ def collaborator_row(run: Path) -> dict:
     """Return ``run``'s row of ``collaborators.parquet`` (final accuracy of its honest participants)."""
     from dice_ray.config import read_recorded
 
-    manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else None
+    manifest = read_manifest(run) if (run / "manifest.json").is_file() else None
     if manifest is None or manifest.get("status") != "complete":
         raise InputError(f"{run} is not a complete run (manifest.json status)")
     config = read_recorded(manifest["config"], f"run {str(run)!r}")

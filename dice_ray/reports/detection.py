@@ -9,7 +9,6 @@ examiner, precision at the true number of anomalous neighbours and the detection
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import pyarrow as pa
 
 from dice_ray.errors import InputError
 from dice_ray.reports import plots
-from dice_ray.reports.inputs import read_frame
+from dice_ray.reports.inputs import read_frame, recorded_config
 from dice_ray.results import ANOMALY
 
 METHODS = ("proximal", "proximal-window", "train-loss", "cosine")
@@ -195,7 +194,7 @@ def detection_report(run: str | Path, horizons: list[int] | None = None) -> Dete
         raise InputError(f"{run} has no misbehaving participants: nothing to detect (--misbehavior)")
     if nodes["misbehaving"].all():
         raise InputError(f"{run}: every participant misbehaves, so no examiner has an honest neighbour to tell apart")
-    window = json.loads((run / "manifest.json").read_text())["config"]["proximal"]["window"]
+    window = recorded_config(run).proximal.window
     last = int(rounds["round"].max()) + 1
     if horizons is not None and not list(horizons):
         raise InputError("horizons: give at least one, or None for the default (5, 10, 20 and the whole run)")

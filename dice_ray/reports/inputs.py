@@ -8,9 +8,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dice_ray.errors import InputError
+from dice_ray.results import TABLES
 
 
 def read_columns(run: Path, name: str) -> dict[str, np.ndarray]:
@@ -18,8 +20,38 @@ def read_columns(run: Path, name: str) -> dict[str, np.ndarray]:
     path = run / f"{name}.parquet"
     if not path.is_file():
         raise missing_table(path, "run the simulation with --influence first")
-    table = pq.read_table(path)
+    table = read_table(path)
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
+def read_table(path: Path) -> pa.Table:
+    """The Parquet table at ``path`` (a run's table, named as in ``results.TABLES``), with every column its schema
+    documents; a file cut short, not Parquet, or without those columns is an ``InputError`` naming it."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise InputError(f"{path} is not a readable Parquet table ({reason}): it was cut short or replaced") from None
+    schema = TABLES.get(path.stem)
+    missing = [] if schema is None else [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise InputError(f"{path} lacks column {missing[0]!r} of the {path.stem} table: it is not a dice-ray "
+                         f"{path.stem} table of this version")
+    return table
+
+
+def read_manifest(run: Path) -> dict[str, Any]:
+    """``run``'s manifest.json as a dict with its ``config`` a dict; missing or malformed: an ``InputError``."""
+    path = run / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist: {run} is not a run directory") from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path} is not readable JSON ({type(err).__name__}): it was cut short or replaced") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        raise InputError(f"{path} is not a dice-ray manifest (no config section)")
+    return manifest
 
 
 def missing_table(path: Path, hint: str) -> InputError:
@@ -48,14 +80,14 @@ def read_frame(run: Path, name: str, hint: str) -> pd.DataFrame:
     path = run / f"{name}.parquet"
     if not path.is_file():
         raise missing_table(path, hint)
-    return pd.read_parquet(path)
+    return read_table(path).to_pandas()
 
 
 def recorded_config(run: Path) -> Any:
     """The ``RunConfig`` recorded in ``run``'s manifest, read without importing anything it names."""
     from dice_ray.config import read_recorded
 
-    return read_recorded(json.loads((run / "manifest.json").read_text())["config"], f"run {str(run)!r}")
+    return read_recorded(read_manifest(run)["config"], f"run {str(run)!r}")
 
 
 def topology_of(config: Any) -> Any:

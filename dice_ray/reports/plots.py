@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dice_ray.results import write_atomic
+
 DPI = 120
 
 
@@ -42,7 +44,7 @@ def alignment_scatter(dice: pd.DataFrame, variants: dict[str, str], hop: int, pa
         ax.set_title(f"hop {hop}: " + ("hop-r term" if quantity == "hop" else f"cumulative DICE$^{{({hop})}}$"))
         ax.legend(fontsize=8)
         ax.tick_params(axis="x", labelrotation=30)
-    fig.savefig(path, dpi=DPI)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
     return fig
 
 
@@ -61,7 +63,7 @@ def cascade_decay(decay: pd.DataFrame, value: str, path: Path) -> None:
     ax.set_ylabel(f"mean |influence| ({value})")
     ax.set_title("influence cascade: ripples decay with distance")
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=DPI)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
 
 
 def detection_roc(final: pd.DataFrame, curves: dict[str, tuple[np.ndarray, np.ndarray]], horizon: int,
@@ -88,7 +90,7 @@ def detection_roc(final: pd.DataFrame, curves: dict[str, tuple[np.ndarray, np.nd
     right.set_ylabel("ROC AUC")
     right.set_title("detection AUC as rounds accumulate")
     right.legend(fontsize=8)
-    fig.savefig(path, dpi=DPI)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
 
 
 def contribution_shares(table: pd.DataFrame, path: Path) -> None:
@@ -106,7 +108,7 @@ def contribution_shares(table: pd.DataFrame, path: Path) -> None:
     ax.set_xlabel("participant (by rank)")
     ax.set_ylabel("share of the helpful budget")
     ax.set_title("contribution shares\n(red: flagged harmful; orange bar: misbehaving, not flagged)", fontsize=9)
-    fig.savefig(path, dpi=DPI)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
 
 
 def signed_heatmap(matrix: np.ndarray, title: str, path: Path) -> None:
@@ -119,4 +121,4 @@ def signed_heatmap(matrix: np.ndarray, title: str, path: Path) -> None:
     ax.set_ylabel("source j")
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
-    fig.savefig(path, dpi=DPI)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))

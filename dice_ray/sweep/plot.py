@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from dice_ray.results import write_atomic
 from dice_ray.sweep.spec import PlotSpec
 
 
@@ -46,6 +47,6 @@ def plot_trials(rows: list[dict[str, Any]], plot: PlotSpec, path: Path) -> Path:
         ax.grid(alpha=0.3)
         if plot.by:
             ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return path

@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from dice_ray.errors import InputError
 from dice_ray.results import TRIALS, write_json_atomic, write_table_atomic
 
 RESULT = "result.json"
@@ -40,8 +41,15 @@ def write_result(out: Path, row: dict[str, Any]) -> None:
 
 def finished_trials(out: Path) -> dict[str, dict[str, Any]]:
     """Return the recorded rows of the finished trials under ``out``, by trial id."""
-    rows = [json.loads(p.read_text()) for p in sorted((out / "trials").glob(f"*/{RESULT}"))]
-    return {row["trial_id"]: row for row in rows}
+    rows = {}
+    for path in sorted((out / "trials").glob(f"*/{RESULT}")):
+        try:
+            row = json.loads(path.read_text())
+            rows[row["trial_id"]] = row
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise InputError(f"{path} is not a trial's result ({type(err).__name__}): the sweep directory was "
+                             "damaged; delete that trial's folder to run it again") from None
+    return rows
 
 
 def _column(values: list[Any]) -> pa.Array:

@@ -183,6 +183,10 @@ def _claim(sweep: Sweep, out: Path, resume: bool, lock: DirectoryLock) -> None:
     one is reused only with ``resume`` and the same sweep (``Sweep.fingerprint``)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"sweep out {str(out)!r} exists and is not a directory")
+    existing = next(p for p in (out, *out.parents) if p.exists())  # what the sweep would be made in
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"sweep out {str(out)!r} cannot be made: {str(existing)!r} is "
+                         f"{'not a directory' if not existing.is_dir() else 'not writable'}")
     lock.check()
     if not (out.is_dir() and any(p.name != LOCK for p in out.iterdir())):
         return
@@ -192,7 +196,12 @@ def _claim(sweep: Sweep, out: Path, resume: bool, lock: DirectoryLock) -> None:
     recorded = out / "sweep.json"
     if not recorded.is_file():
         raise InputError(f"{str(out)!r} is not a sweep directory (no sweep.json); choose another out")
-    if json.loads(recorded.read_text()) != json.loads(json.dumps(sweep.fingerprint())):
+    try:
+        fingerprint = json.loads(recorded.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{str(recorded)!r} is not readable JSON ({type(err).__name__}): the sweep directory was "
+                         "damaged; choose another out") from None
+    if fingerprint != json.loads(json.dumps(sweep.fingerprint())):
         raise InputError(f"sweep directory {str(out)!r} holds another sweep (base, space, search or metrics "
                          "differ); choose another out")
 

@@ -63,8 +63,9 @@ class SweepSpec(BaseModel):
     max_concurrent: int = Field(2, ge=1, description="trials running at once")
     out: str = Field(description="sweep directory")
     metrics: list[str] | None = Field(None, description="trial metric groups to compute (default: all)")
-    cpus_per_actor: float = Field(1.0, ge=1, description="CPUs per participant-group actor of a trial, unless "
-                                                         "the trial's config sets engine.cpus_per_actor")
+    cpus_per_actor: float = Field(1.0, ge=1, allow_inf_nan=False,
+                                  description="CPUs per participant-group actor of a trial, unless the trial's config "
+                                              "sets engine.cpus_per_actor")
     nodes_per_actor: int = Field(256, ge=1, description="participants per actor when the trial's config sets no "
                                                         "engine.actors")
     plot: PlotSpec | None = None
@@ -226,6 +227,9 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     first = {field: _candidates(dist)[0] for field, dist in spec.space.items()}  # each field's first value
     try:
         base = _base_config(spec.base)
+    except InputError as err:
+        raise InputError(f"sweep: base: {err}") from None
+    try:
         build_config(base)
     except InputError as err:
         try:  # a base may leave to the space what it needs (misbehavior.fraction of a fraction sweep)

@@ -90,3 +90,57 @@ def test_random_yaml_text(text: str, capsys: pytest.CaptureFixture[str]) -> None
         path = Path(tmp) / "config.yaml"
         path.write_text(text)
         run_and_check(["--config", str(path)], Path(tmp) / "run", capsys)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--set", "optim.lr=[0.1"],  # not YAML: its parser's error was a traceback
+    ["--topology", "file", "--topology-file", "{tmp}/w.npz"],  # a .npz that is no zip: BadZipFile was a traceback
+    ["--gpus-per-actor", "inf"],  # was refused only after Ray had started
+    ["--partition", "dirichlet", "--alpha", "inf"],  # was a numpy warning and a misleading line
+])
+def test_malformed_values_found_by_an_audit(argv: list[str], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "w.npz").write_bytes(b"PK\x03\x04 not a zip")
+    out = tmp_path / "run"
+    code = main([*FAST, *[a.replace("{tmp}", str(tmp_path)) for a in argv], "--out", str(out), "--rounds", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and not out.exists(), err
+
+
+def test_a_received_runs_malformed_pieces_are_one_line_each(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Reports on a run directory whose manifest or tables were replaced or cut short, or that cannot be written
+    to, end in one line and exit 2 (they were tracebacks); stray files in checkpoints/ are not the store's."""
+    import json
+    import shutil
+
+    from dice_ray.checkpoint import CheckpointStore, RoundTables
+    from dice_ray.cli.analyze import main as analyze
+    from dice_ray.results import ROUNDS
+
+    good = tmp_path / "good"
+    assert main([*FAST, "--nodes", "4", "--rounds", "2", "--influence", "--hops", "1", "--probe-rounds", "0",
+                 "--out", str(good)]) == 0
+    capsys.readouterr()
+
+    def one_line(run: Path, report: str, needle: str) -> None:
+        assert analyze([report, str(run)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, err
+
+    cases = {"manifest-list": ("manifest.json", "[1]", "is not a dice-ray manifest"),
+             "manifest-cut": ("manifest.json", '{"config": {', "is not readable JSON"),
+             "table-cut": ("influence.parquet", "PAR1", "is not a readable Parquet table"),
+             "table-other": ("dice.parquet", None, "lacks column")}
+    for name, (file, text, needle) in cases.items():
+        run = tmp_path / name
+        shutil.copytree(good, run)
+        if text is None:  # a Parquet table of another kind under this name
+            shutil.copy(run / "nodes.parquet", run / file)
+        else:
+            (run / file).write_text(text)
+        one_line(run, "cascade" if file == "manifest.json" else "alignment", needle)
+    (good / "checkpoints" / "round-abc").mkdir(parents=True)
+    (good / "checkpoints" / "round-abc" / "meta.json").write_text(json.dumps({}))
+    (good / "checkpoints" / "rounds-abc-def.parquet").write_bytes(b"")
+    assert all(c.path.name != "round-abc" for c in CheckpointStore(good, "digest").checkpoints())
+    assert RoundTables(good, {"rounds": ROUNDS}).read("rounds").num_rows == 0

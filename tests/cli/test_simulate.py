@@ -117,6 +117,8 @@ BAD_INPUTS = [
     (["--rewire", "none", "--rewire-every", "3"], "--rewire-every applies to rewiring"),
     (["--ledger-every", "2"], "--ledger-every applies to ledger"),
     (["--shrink-fraction", "0.5"], "--shrink-fraction applies to data.shrink"),
+    (["--alpha", "0.3"], "--alpha applies to --partition dirichlet; this run partitions iid"),
+    (["--partition", "dirichlet", "--shards-per-node", "3"], "--shards-per-node applies to --partition shards"),
 ]
 
 

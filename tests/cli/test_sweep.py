@@ -278,3 +278,25 @@ def test_a_trial_that_finished_unrecorded_is_not_run_again(tmp_path: Path) -> No
     run = simulate(config, engine_kind="local")
     stamp = (run / "rounds.parquet").stat().st_mtime_ns
     assert simulate_or_resume(config) == run and (run / "rounds.parquet").stat().st_mtime_ns == stamp
+
+
+def test_a_sweep_out_that_cannot_be_made_or_a_damaged_sweep_directory_is_one_line_before_ray(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by an audit: these were tracebacks (the first after Ray had started)."""
+    spec = {**GRID, "plot": None}
+    (tmp_path / "file").write_text("")
+    damaged = tmp_path / "damaged"
+    (damaged / "trials" / "t1").mkdir(parents=True)
+    cases = [(tmp_path / "file" / "sweep", "is not a directory"), (damaged, "sweep.json' is not readable JSON"),
+             (damaged, "result.json is not a trial's result")]
+    for i, (out, needle) in enumerate(cases):
+        if i == 1:
+            (damaged / "sweep.json").write_text('{"base": ')
+        if i == 2:
+            path = _write(tmp_path, "fingerprint.yaml", {**spec, "out": str(damaged)})
+            (damaged / "sweep.json").write_text(json.dumps(load_sweep(path).fingerprint()))
+            (damaged / "trials" / "t1" / "result.json").write_text("[1, 2")
+        code = main([str(_write(tmp_path, f"s{i}.yaml", {**spec, "out": str(out)})), "--resume"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "file").is_dir()

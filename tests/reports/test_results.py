@@ -54,3 +54,28 @@ def test_atomic_writers_replace_whole_files(tmp_path: Path) -> None:
     write_table_atomic(tmp_path / "nodes.parquet", cols, NODES)
     assert pq.read_table(tmp_path / "nodes.parquet").to_pydict() == cols
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "nodes.parquet"]
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_file(tmp_path: Path) -> None:
+    """``write_atomic`` (states.npy, the report and sweep PNGs): half a file is never published."""
+    import numpy as np
+    import pytest
+
+    from dice_ray.results import write_atomic
+
+    def npy(values):
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, values)
+        return write
+
+    write_atomic(tmp_path / "states.npy", npy(np.arange(4.0)))
+
+    def broken(tmp: Path) -> None:
+        tmp.write_bytes(b"\x93NUMPY half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(tmp_path / "states.npy", broken)
+    np.testing.assert_array_equal(np.load(tmp_path / "states.npy", allow_pickle=False), np.arange(4.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["states.npy"]
