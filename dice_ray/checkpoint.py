@@ -146,14 +146,15 @@ class CheckpointStore:
                  if re.fullmatch(r"round-\d+", p.name) and p.is_dir() and (p / "meta.json").exists()]
         return sorted(found, key=lambda c: c.round)
 
-    def latest(self) -> Checkpoint | None:
+    def latest(self, warn: bool = True) -> Checkpoint | None:
         """Return the newest checkpoint whose files verify (``Checkpoint.verify``), or None; each newer one that
-        does not is skipped with a one-line warning."""
+        does not is skipped with a one-line warning (``warn``: a second look says nothing new)."""
         for checkpoint in reversed(self.checkpoints()):
             problem = checkpoint.verify()
             if problem is None:
                 return checkpoint
-            print(f"warning: skipping checkpoint {checkpoint.path}: {problem}", file=sys.stderr)
+            if warn:
+                print(f"warning: skipping checkpoint {checkpoint.path}: {problem}", file=sys.stderr)
         return None
 
     def check(self, checkpoint: Checkpoint) -> None:

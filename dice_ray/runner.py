@@ -228,7 +228,7 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
     tables = RoundTables(out, {**online.tables(), "rounds": ROUNDS})
     if resume:
         training_done = (out / "rounds.parquet").exists()
-        latest = store.latest()
+        latest = store.latest(warn=False)  # resume_config looked first, and warned
         start = config.rounds if training_done else (latest.round + 1 if latest else 0)
         manifest = Manifest.resumed(out, start)  # read, not written yet
         _check_same_methods(out, manifest.get("methods", []), chosen)

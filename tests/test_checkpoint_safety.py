@@ -61,6 +61,7 @@ def test_a_changed_byte_skips_that_checkpoint(tmp_path: Path, capsys: pytest.Cap
     resumed = dice_ray.resume(run, engine="local")
     err = capsys.readouterr().err
     assert f"skipping checkpoint {newest}: state.npz does not match its recorded SHA-256" in err
+    assert err.count("skipping checkpoint") == 1  # said once (it was twice: two looks at the checkpoints)
     assert resumed.manifest["resumes"][-1]["from_round"] == 6  # the previous checkpoint (after round 5)
     for name, table in _reference(tmp_path).items():
         pd.testing.assert_frame_equal(resumed.table(name), table)
