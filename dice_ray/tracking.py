@@ -22,6 +22,7 @@ logger callbacks instead (``dice_ray.sweep.runner``).
 from __future__ import annotations
 
 import os
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,8 +111,13 @@ class Tracker:
             self.client = MlflowClient(tracking_uri(uri, self.out))
             experiment = self.client.get_experiment_by_name(EXPERIMENT)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
-            self.run_id = self.client.create_run(experiment_id, run_name=self.out.name,
-                                                 tags={"run_dir": str(self.out.resolve())}).info.run_id
+            tags = {"run_dir": str(self.out.resolve()), "host": platform.node()}
+            # An earlier session of this run directory that is still RUNNING was killed (SIGKILL, power): this
+            # process holds the directory's lock, so no other writes it. Said so, instead of RUNNING for ever.
+            for stale in self.client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'"):
+                if all(stale.data.tags.get(k) == v for k, v in tags.items()):
+                    self.client.set_terminated(stale.info.run_id, status="KILLED")
+            self.run_id = self.client.create_run(experiment_id, run_name=self.out.name, tags=tags).info.run_id
             if config:
                 self._log_params(flat_params(config))
 

@@ -144,3 +144,29 @@ def test_overwrite_removes_the_earlier_runs_tracker_records(tmp_path):
     dice_ray.run(dice_ray.as_config(base, output={"out": str(out), "progress": False, "overwrite": True}),
                  engine="local")
     assert not (out / "tensorboard").exists() and not (out / "mlflow.db").exists()
+
+
+def test_a_killed_sessions_mlflow_run_is_marked_killed_when_the_run_resumes(tmp_path):
+    """A SIGKILL leaves no chance to close the MLflow run: it stayed RUNNING for ever. The resume, which holds the
+    run directory's lock, marks the earlier session of this directory (and host) KILLED and logs its own."""
+    import json
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    config = {"nodes": 4, "rounds": 4, "data": {"dataset": "digits", "heldout_size": 16},
+              "output": {"out": str(out), "progress": False, "log": ["mlflow"], "checkpoint_every": 1}}
+    killed = subprocess.run([sys.executable, "-c", (
+        "import json, os, sys, dice_ray\n"
+        "def stop(m, e):\n    if m.round == 2: os._exit(9)\n"
+        "dice_ray.run(json.loads(sys.argv[1]), engine='local', on_round=stop)\n"), json.dumps(config)],
+        capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 9, killed.stderr
+    client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    experiment = client.get_experiment_by_name("dice-ray")
+    assert [r.info.status for r in client.search_runs([experiment.experiment_id])] == ["RUNNING"]
+    dice_ray.resume(out, engine="local")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
