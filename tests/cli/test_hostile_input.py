@@ -144,3 +144,15 @@ def test_a_received_runs_malformed_pieces_are_one_line_each(tmp_path: Path, caps
     (good / "checkpoints" / "rounds-abc-def.parquet").write_bytes(b"")
     assert all(c.path.name != "round-abc" for c in CheckpointStore(good, "digest").checkpoints())
     assert RoundTables(good, {"rounds": ROUNDS}).read("rounds").num_rows == 0
+
+
+@pytest.mark.parametrize("where, needle", [("{tmp}/file/run", "is not a directory"),
+                                           ("/proc/dice-ray-run", "cannot make a folder in '/proc'")])
+def test_an_out_that_cannot_be_made_is_refused_before_any_work(where: str, needle: str, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Under a regular file, or on a pseudo file system that access() calls writable (/proc: it exited 1 after the
+    run had started, with advice to --resume a directory that never existed)."""
+    (tmp_path / "file").write_text("")
+    code = main([*FAST, "--rounds", "1", "--out", where.replace("{tmp}", str(tmp_path))])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
