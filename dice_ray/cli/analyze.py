@@ -199,6 +199,8 @@ def contributions(run: Path, loo: bool = False, shapley: int | None = None, loca
               f"ones flagged: {int(rows.loc[~rows['misbehaving'], 'harmful'].sum())}")
     print(f"wrote {run / 'contributions_report.parquet'}, contributions_shares.png, contributions_heatmap.png")
     return computed
+
+
 def build_parser(prog: str = "python -m dice_ray.analyze") -> argparse.ArgumentParser:
     """Return the command-line parser."""
     parser = OneLineParser(prog=prog, description=__doc__.split("\n\n")[1],
