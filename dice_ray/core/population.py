@@ -457,7 +457,10 @@ class Population:
             contextlib.nullcontext()
         with torch.enable_grad(), by_statistics:
             per = self._losses_of(leaves, x, y, shared_input, buffers, sample_weights, model)
-            grads = torch.autograd.grad(per.sum(), [*leaves.values(), *(buffers.values() if with_buffers else ())])
+            wrt = [*leaves.values(), *(buffers.values() if with_buffers else ())]
+            # a buffer the forward pass never reads has gradient 0 (autograd says None)
+            grads = torch.autograd.grad(per.sum(), wrt, allow_unused=with_buffers)
+            grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, wrt, strict=True)]
         if updates_buffers:
             for name, view in self.buffer_layout.views(self.buffers[rows]).items():
                 view.copy_(buffers[name][:count])
@@ -541,16 +544,18 @@ class Population:
             sizes = [1]
 
             def record(module: nn.Module, inputs: Any, output: Any) -> None:
-                if isinstance(output, torch.Tensor):
-                    sizes.append(output.numel() * output.element_size())
+                if isinstance(output, torch.Tensor):  # of two samples: one's half
+                    sizes.append(output.numel() * output.element_size() // 2)
 
             hooks = [m.register_forward_hook(record) for m in self.model.modules()]
             was_training = self.model.training
             try:
                 self.model.eval()
                 with torch.no_grad(), values_only():
+                    # two copies of the sample: a layer that normalizes by the batch's own statistics (BatchNorm
+                    # without running statistics) needs more than one value per channel
                     self._logits(self.param_layout.views(self.params[:1]), self.buffer_layout.views(self.buffers[:1]),
-                                 one, shared_input=True)
+                                 one.expand(2, *one.shape[1:]), shared_input=True)
             finally:
                 self.model.train(was_training)
                 for hook in hooks:

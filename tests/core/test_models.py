@@ -141,3 +141,36 @@ def test_what_dice_e_cannot_estimate_through_batchnorm_is_refused_before_the_run
     prepare(build_config(other))  # training alone is fine; DICE-E differentiates BatchNorm's statistics only
     with pytest.raises(InputError, match="layer '1' tracks running statistics, which DICE-E differentiates"):
         prepare(build_config({**other, "proximal": {"enabled": True}}))
+
+
+def test_models_with_a_buffer_no_forward_reads_or_batchnorm_without_running_statistics(tmp_path) -> None:
+    """Found by an audit: a floating-point buffer the forward pass never reads stopped every z′ gradient over the
+    state (autograd's unused input); BatchNorm without running statistics stopped the first evaluation (its size
+    was measured on one sample). Both run, with every DICE-E variant, in the loop and replayed alike."""
+
+    class Scaled(nn.Module):
+        def __init__(self, inputs: int, classes: int):
+            super().__init__()
+            self.register_buffer("input_scale", torch.ones(1))  # kept, never read
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(inputs, 16), nn.Tanh(), nn.BatchNorm1d(16),
+                                     nn.Linear(16, classes))
+
+        def forward(self, x):
+            return self.net(x)
+
+    register_model("test-unused-buffer")(lambda shape, classes: Scaled(int(np.prod(shape)), classes))
+    register_model("test-batch-statistics-only")(lambda shape, classes: nn.Sequential(
+        nn.Flatten(), nn.Linear(int(np.prod(shape)), 16), nn.BatchNorm1d(16, track_running_stats=False), nn.Tanh(),
+        nn.Linear(16, classes)))
+    for name in ("test-unused-buffer", "test-batch-statistics-only"):
+        tables = {}
+        for online in (False, True):
+            config = dice_ray.RunConfig(
+                nodes=4, rounds=4, seed=1, model={"name": name}, data={"dataset": "digits", "heldout_size": 8},
+                optim={"name": "sgd", "batch_size": 4},
+                influence={"enabled": True, "online": online, "hops": 2, "rounds": [1], "sources": [0],
+                           "variants": "first-order,curvature,second-order,exact-readout"},
+                output={"progress": False, "out": str(tmp_path / f"{name}-{online}")})
+            tables[online] = dice_ray.run(config, engine="local").influence.filter(like="est_")
+        assert len(tables[True]) and np.isfinite(tables[True].to_numpy()).all()
+        np.testing.assert_allclose(tables[True].to_numpy(), tables[False].to_numpy(), rtol=1e-5, atol=1e-9)
