@@ -228,3 +228,17 @@ def test_proximal_exact_score_is_the_one_hop_counterfactual(tmp_path, model: str
     merged = exact.merge(first, on=["round", "examiner", "neighbor"], suffixes=("", "_first"))
     assert (merged["score"] != merged["score_first"]).all()
     np.testing.assert_allclose(merged["update_cosine"], merged["update_cosine_first"])
+
+
+def test_an_exact_readout_of_no_models_state_is_said_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """Where θ_k − δ_k moved a BatchNorm running variance below 0 (ResNet-18 on batches of 4, hop 2), L(θ_k − δ_k)
+    is NaN: the run says so in one line instead of leaving NaN unexplained in the table; a variant not computed
+    (all null) is not a warning."""
+    from dice_ray.methods.dice.measure import warn_unreadable
+
+    warn_unreadable([{"est_exact_readout": 0.1}, {"est_exact_readout": float("nan")}, {"est_exact_readout": 0.2}])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: the exact readout is NaN for 1 of 3 terms")
+    warn_unreadable([{"est_exact_readout": None}, {"est_exact_readout": None}])
+    warn_unreadable([{"est_curvature": 0.1}])
+    assert capsys.readouterr().err == ""

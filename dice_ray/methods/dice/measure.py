@@ -63,6 +63,20 @@ def measure_probes(window: Window, probes: list[Probe], q: np.ndarray, hops: int
     return influence, dice
 
 
+def warn_unreadable(influence: list[dict[str, Any]]) -> None:
+    """One warning line if the exact readout read NaN anywhere: there θ_k − δ_k is no model's state (a BatchNorm
+    running variance moved below 0), so L(θ_k − δ_k; z′) is not a number (concepts §4, models with BatchNorm)."""
+    column = COLUMNS["exact-readout"]
+    values = np.array([row.get(column) for row in influence], dtype=float)
+    bad = int(np.isnan(values).sum()) if len(values) and not np.isnan(values).all() else 0
+    if bad:
+        import sys
+
+        print(f"warning: the exact readout is NaN for {bad} of {len(values)} terms: θ_k − δ_k is no model's state "
+              "there (a BatchNorm running variance moved below 0; see concepts, models with BatchNorm)",
+              file=sys.stderr)
+
+
 def probe_rows(probe: Probe, cascades: dict[str, Cascade | None], hops: int, q: np.ndarray,
                distances: np.ndarray) -> tuple[list[dict], list[dict]]:
     """Return (influence rows, dice rows) of one probe from its cascades (column name -> ``Cascade`` or None

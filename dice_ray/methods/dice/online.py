@@ -60,7 +60,7 @@ from dice_ray.methods.dice.estimator import (
     shared_primal_hessian_forms,
     zprime_hessian_forms,
 )
-from dice_ray.methods.dice.measure import COLUMNS, probe_rows
+from dice_ray.methods.dice.measure import COLUMNS, probe_rows, warn_unreadable
 from dice_ray.methods.dice.probes import Probe, select_probes
 from dice_ray.methods.dice.recursion import READOUTS, HessianForm, LossDifference, Perturbation, read_by
 from dice_ray.methods.round_quantities import round_quantities, zprime_losses_at
@@ -665,6 +665,7 @@ class CascadeDriver(DriverHook):
 
     def finish(self) -> dict[str, Any]:
         influence, dice = self.recorder.tables(self.experiment)
+        warn_unreadable(influence)
         return {"influence": influence, "dice": dice}
 
     def finish_schemas(self) -> dict[str, Any]:

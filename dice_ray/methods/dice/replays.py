@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from dice_ray.experiment import Experiment
 from dice_ray.hooks import Method, Stage
+from dice_ray.methods.dice.measure import warn_unreadable
 from dice_ray.methods.dice.online import fill_estimates
 from dice_ray.methods.dice.probes import Probe, probe_rounds, select_probes
 from dice_ray.results import DICE, INFLUENCE
@@ -74,6 +75,7 @@ class InfluenceReplays(Stage):
         experiment, inf = self.experiment, self.experiment.config.influence
         if not inf.online:
             influence, dice = measure_influence(experiment, tasks)
+            warn_unreadable(influence)
             return {"influence": influence, "dice": dice}
         replay = dataclasses.replace(experiment, config=experiment.config.model_copy(
             update={"influence": inf.model_copy(update={"variants": []})}))
