@@ -335,13 +335,7 @@ def write_table_atomic(path: str | Path, columns: Mapping[str, Any] | list[Mappi
     if isinstance(columns, list):
         columns = {f.name: [row.get(f.name) for row in columns] for f in schema}
     table = pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
-    tmp = _atomic_path(path)
-    try:
-        pq.write_table(table, tmp)
-        _publish(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 class TableWriter:

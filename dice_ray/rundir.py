@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 from pathlib import Path
 
 from dice_ray.errors import InputError
@@ -28,6 +29,27 @@ def _describe(text: str) -> str:
         return f"pid {holder['pid']} on {holder['host']} (since {holder['since']})"
     except (ValueError, KeyError, TypeError):
         return "another process"
+
+
+def check_can_make(path: Path, what: str, hint: str = "") -> None:
+    """Refuse, before any work, a folder ``path`` that cannot be made or written: its nearest existing ancestor (or
+    itself) is not a directory, is not writable (a read-only file system too, for root as well), or refuses a folder
+    made and removed in it (what access() cannot tell: a pseudo file system such as /proc). ``what`` names it in the
+    error (e.g. "--out 'runs/x'"); ``hint`` follows it."""
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    problem = None
+    if not existing.is_dir():
+        problem = f"{str(existing)!r} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{str(existing)!r} is not writable"
+    else:
+        try:
+            with tempfile.TemporaryDirectory(dir=existing):
+                pass
+        except OSError as err:
+            problem = f"cannot make a folder in {str(existing)!r} ({err.strerror or err})"
+    if problem:
+        raise InputError(f"{what}: {problem}{f'; {hint}' if hint else ''}")
 
 
 class DirectoryLock:

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import platform
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +39,7 @@ from dice_ray.results import (
     write_json_atomic,
     write_table_atomic,
 )
-from dice_ray.rundir import LOCK, DirectoryLock
+from dice_ray.rundir import LOCK, DirectoryLock, check_can_make
 from dice_ray.tracking import open_tracker
 from dice_ray.version import __version__
 
@@ -91,16 +89,7 @@ def run_directory(config: RunConfig) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise InputError(f"--out {out!r} exists and is not a directory")
-    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
-    if not existing.is_dir():
-        raise InputError(f"--out {out!r}: {str(existing)!r} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):  # a read-only file system too (for root as well)
-        raise InputError(f"--out {out!r}: {str(existing)!r} is not writable")
-    try:  # what access() cannot tell (a pseudo file system such as /proc): make and remove a folder there
-        with tempfile.TemporaryDirectory(dir=existing):
-            pass
-    except OSError as err:
-        raise InputError(f"--out {out!r}: cannot make a folder in {str(existing)!r} ({err.strerror or err})") from None
+    check_can_make(path, f"--out {out!r}")
     if path.is_dir():
         DirectoryLock(path).check()  # a live run's directory is never reused, not even with --overwrite
     if path.is_dir() and any(p.name != LOCK for p in path.iterdir()) and not config.output.overwrite:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -62,6 +61,7 @@ from dice_ray.reports import (
 )
 from dice_ray.reports.collaborators import common_parent
 from dice_ray.results import VARIANT_SUFFIX
+from dice_ray.rundir import check_can_make
 
 
 def _records(frame: pd.DataFrame) -> list[dict]:
@@ -128,16 +128,6 @@ def anomaly(run: Path, horizons: list[int] | None = None) -> list[dict]:
     return rows
 
 
-def writable(folder: Path, what: str, hint: str) -> None:
-    """Refuse, before any work, a ``folder`` the report cannot write into (read-only, full, not ours)."""
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise InputError(f"{what} {folder} is not writable ({err.strerror or err}): the report writes there; "
-                         f"{hint}") from None
-
-
 def collaborators(runs: list[Path], out: Path | None = None) -> list[dict]:
     """Compare runs that differ in collaborator selection (and misbehaviour, seed): print mean final honest
     accuracy per setting over seeds and each rewiring's gain over the static topology seed by seed; write
@@ -148,7 +138,7 @@ def collaborators(runs: list[Path], out: Path | None = None) -> list[dict]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"--out {out}: cannot make the folder: {err.strerror or err}") from None
-    writable(out, "--out", "pass another --out")
+    check_can_make(out, f"--out {out}", "pass another --out")
     write_report(computed, out)
     print(f"{'misbehaviour':>16} {'rewiring':>9} {'seeds':>5} {'honest acc':>16} {'bad in-edges':>12} "
           f"{'gain vs static':>15} {'wins':>5}")
@@ -239,7 +229,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.analyze"
             if not run.is_dir():
                 raise InputError(f"run directory {str(run)!r} does not exist")
         if args.report != "collaborators":  # the report's tables and figures go into the run directory
-            writable(args.run[0], "run directory", "copy the run somewhere writable")
+            check_can_make(args.run[0], f"run directory {args.run[0]}",
+                           "the report writes there: copy the run somewhere writable")
         if args.report == "collaborators":
             collaborators(args.run, args.out)
         elif len(args.run) != 1:

@@ -26,7 +26,7 @@ from typing import Any
 
 from dice_ray.errors import InputError
 from dice_ray.results import write_json_atomic
-from dice_ray.rundir import LOCK, DirectoryLock
+from dice_ray.rundir import LOCK, DirectoryLock, check_can_make
 from dice_ray.sweep.metrics import compute_metrics
 from dice_ray.sweep.plot import plot_trials
 from dice_ray.sweep.records import finished_trials, trial_dir, write_result, write_trials_table
@@ -183,10 +183,7 @@ def _claim(sweep: Sweep, out: Path, resume: bool, lock: DirectoryLock) -> None:
     one is reused only with ``resume`` and the same sweep (``Sweep.fingerprint``)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"sweep out {str(out)!r} exists and is not a directory")
-    existing = next(p for p in (out, *out.parents) if p.exists())  # what the sweep would be made in
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"sweep out {str(out)!r} cannot be made: {str(existing)!r} is "
-                         f"{'not a directory' if not existing.is_dir() else 'not writable'}")
+    check_can_make(out, f"sweep out {str(out)!r}")
     lock.check()
     if not (out.is_dir() and any(p.name != LOCK for p in out.iterdir())):
         return

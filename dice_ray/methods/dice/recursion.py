@@ -191,10 +191,9 @@ def counter_difference(steps: LocalSteps, rows: torch.Tensor,
     state_ahead, opt_ahead = pop.functional_state_step(pop.state, ahead, x, y)
     state_behind, opt_behind = pop.functional_state_step(pop.state, behind, x, y)
     d_state = state_ahead - state_behind  # the running statistics do not read the counter: 0 there
-    if steps.factors is not None:
-        width = pop.param_layout.width
-        c = torch.as_tensor(steps.factors, dtype=d_state.dtype, device=d_state.device)[rows][:, None]
-        d_state = torch.cat([c * d_state[:, :width], d_state[:, width:]], dim=1)
+    if steps.factors is not None:  # what c scales: the parameters' change, as ``sent`` does
+        d_state = sent(replace(steps, factors=steps.factors[rows.cpu().numpy()]), torch.zeros_like(d_state), d_state,
+                       pop.param_layout.width)
     return d_state, {n: opt_ahead[n] - opt_behind[n] for n in opt_ahead if n != COUNTER}
 
 
