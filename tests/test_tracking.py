@@ -96,6 +96,7 @@ def test_tracking_uri_from_config_and_environment(tmp_path, monkeypatch):
     assert tracking_uri("file:///x", tmp_path) == "file:///x"
 
 
+@pytest.mark.slow  # ~30 s here (a sweep with its own Ray); the default run keeps CI under 20 minutes
 def test_sweep_logs_each_trial_through_tune_callbacks(tmp_path):
     """A two-trial grid sweep with ``output.log``: Tune's TBX and MLflow logger callbacks record each trial's
     parameters and reported metrics, equal to trials.parquet; a trial that diverged ends as a FAILED MLflow run."""

@@ -168,6 +168,7 @@ def test_a_trial_computes_what_a_plain_run_of_its_config_computes(killed_and_res
                                   pd.read_parquet(plain / "rounds.parquet"), check_exact=False, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # ~45 s here (two sweeps, each its own Ray); the default run keeps CI under 20 minutes
 def test_optuna_sweep_resumes_with_its_finished_trials(tmp_path: Path) -> None:
     out = tmp_path / "optuna"
     base = {**BASE, "misbehavior": {}, "influence": {}}
