@@ -207,9 +207,10 @@ def resume(path: str | Path, *, engine: str | None = None, on_round: Callable[[A
            methods: list[Method] | tuple = (), allow_imports: bool = False, **placement: Any) -> Run:
     """Continue the interrupted run in ``path`` from its last checkpoint, with its own config; ``placement``
     may change only where it runs (dotted names of ``config.RESUME_FIELDS`` with '__' for '.', e.g.
-    ``engine__actors=2``); ``methods``: the same user methods the run was started with. A run whose config names
-    modules to import (``imports``, ``model.import_module``) is refused, naming them, unless ``allow_imports``:
-    resume only a run you trust."""
+    ``engine__actors=2``); it joins the Ray cluster ``engine__address`` names (else ``RAY_ADDRESS``, else a local
+    Ray), never the one the run recorded. ``methods``: the same user methods the run was started with. A run whose
+    config names modules to import (``imports``, ``model.import_module``) is refused, naming them, unless
+    ``allow_imports``: resume only a run you trust."""
     from dice_ray.engine import start_ray
     from dice_ray.experiment import prepare
     from dice_ray.runner import resume_config, simulate

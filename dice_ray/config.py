@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -424,6 +426,21 @@ def modules_named(config: RunConfig) -> list[str]:
     """The modules running ``config`` imports (``imports``, then ``model.import_module``): code that runs in this
     process and in every Ray worker."""
     return [*config.imports, *([config.model.import_module] if config.model.import_module else [])]
+
+
+def forget_address(data: Any, where: str, given: str | None = None, warn: bool = True) -> None:
+    """Drop the Ray address a run directory's recorded config ``data`` names (``engine.address``): the session that
+    computes the run again says where it runs (``given``: its ``--address``; else ``RAY_ADDRESS``; else a local Ray).
+    A run directory may come from someone else, and joining the cluster it names would run that cluster's code here
+    (Ray unpickles what a cluster sends back). One warning line (``warn``) when the recorded address is not where it
+    runs."""
+    engine = data.get("engine") if isinstance(data, dict) else None
+    recorded = engine.pop("address", None) if isinstance(engine, dict) else None
+    here = given or os.environ.get("RAY_ADDRESS")
+    if warn and recorded is not None and recorded != here:
+        print(f"warning: {where}: the run was placed on the Ray cluster at {recorded!r}; a run directory does not "
+              f"choose the cluster a session joins, so this one runs on {repr(here) if here else 'a local Ray'} "
+              f"(--address or RAY_ADDRESS {recorded!r} continues there)", file=sys.stderr)
 
 
 def rerun_config(data: Any, where: str, allow_imports: bool) -> RunConfig:

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dice_ray.checkpoint import CHECKPOINTS, CheckpointStore, RoundTables, config_digest
-from dice_ray.config import RESUME_FIELDS, RunConfig, rerun_config, set_dotted
+from dice_ray.config import RESUME_FIELDS, RunConfig, forget_address, rerun_config, set_dotted
 from dice_ray.engine import Engine, LocalEngine, RayEngine, cluster_plan, start_ray
 from dice_ray.engine.loop import Drivers, TrainingReport, train
 from dice_ray.engine.tasks import Tasks, task_backend
@@ -60,6 +60,7 @@ def resume_config(run: Path, changes: dict[str, Any] | None = None,
         raise InputError(f"--resume {run}: manifest.json is not a run manifest") from None
     if manifest.get("status") == "complete":
         raise InputError(f"--resume {run}: the run is already complete")
+    forget_address(data, f"--resume {run}", (changes or {}).get("engine.address"))
     for dotted, value in (changes or {}).items():
         if dotted not in RESUME_FIELDS:
             raise InputError(f"--resume continues the run with its own config; {dotted} cannot change it "
@@ -342,6 +343,7 @@ def run_stage(run: Path, stage: type[Stage], changes: dict[str, Any], local: boo
     in this process if ``local``. A config that names modules to import is refused unless ``allow_imports``
     (``config.rerun_config``)."""
     data = json.loads((run / "manifest.json").read_text())["config"]
+    forget_address(data, f"{stage.name} of run {str(run)!r}", warn=not local)
     for dotted, value in changes.items():
         set_dotted(data, dotted, value)
     experiment = prepare(rerun_config(data, f"{stage.name} of run {str(run)!r}", allow_imports))

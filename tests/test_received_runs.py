@@ -1,12 +1,16 @@
 """A run directory received from someone else is data: opening it, reading its config and tables, and analyzing it
-import nothing its config names; resuming or retraining it refuses, naming the modules, unless allowed."""
+import nothing its config names; resuming or retraining it refuses, naming the modules, unless allowed, and joins
+no Ray cluster the directory names."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import dice_ray
@@ -83,3 +87,38 @@ def test_allowed_imports_are_imported(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_allow_imports_without_resume_is_refused(capsys) -> None:
     assert simulate(["--allow-imports", "--engine", "local", "--rounds", "1"]) == 2
     assert "--allow-imports applies to --resume only" in capsys.readouterr().err
+
+
+def test_a_received_run_does_not_choose_the_cluster_its_resume_or_retraining_joins(tmp_path: Path) -> None:
+    """A run directory may come from someone else: the Ray address its config records is not joined (Ray unpickles
+    what a cluster sends back). Here it names a port where nothing listens: joining it would stop the resume and the
+    retraining with "no Ray head"; they run on a local Ray instead, each saying so in one warning line."""
+    run = tmp_path / "run"
+
+    def stop(metrics, engine) -> None:
+        if metrics.round == 3:
+            raise RuntimeError("interrupted")
+
+    config = dice_ray.RunConfig(nodes=4, rounds=5, seed=0, data={"dataset": "digits", "heldout_size": 16},
+                                optim={"batch_size": 8}, ledger={"enabled": True, "hops": 1},
+                                output={"out": str(run), "progress": False, "checkpoint_every": 2})
+    with pytest.raises(RuntimeError, match="interrupted"):
+        dice_ray.run(config, engine="local", on_round=stop)
+
+    def record_address() -> None:
+        manifest = json.loads((run / "manifest.json").read_text())
+        manifest["config"]["engine"]["address"], manifest["engine"] = "127.0.0.1:1", "ray"
+        (run / "manifest.json").write_text(json.dumps(manifest))
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = str(root)
+    for argv in (["-m", "dice_ray.simulate", "--resume", str(run)],
+                 ["-m", "dice_ray.analyze", "contributions", str(run), "--loo"]):
+        record_address()
+        done = subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "the run was placed on the Ray cluster at '127.0.0.1:1'" in done.stderr, done.stderr[-2000:]
+        assert "this one runs on a local Ray" in done.stderr
+    assert len(pd.read_parquet(run / "rounds.parquet")) == 4 * 5 and (run / "loo.parquet").is_file()
