@@ -37,3 +37,12 @@ from dice_ray.sections import Section  # noqa: E402
 __all__ = ["DriverHook", "Inbox", "InputError", "Loss", "Method", "RoundHook", "Route", "Router", "RowsDriver", "Run",
            "RunConfig", "Section", "Stage", "__version__", "as_config", "bundled_config", "open_run",
            "register_dataset", "register_loss", "register_method", "register_model", "resume", "run"]
+
+
+def __getattr__(name: str):
+    """``dice_ray.reports`` after ``import dice_ray`` alone, imported when first read (it brings matplotlib)."""
+    if name == "reports":
+        import importlib
+
+        return importlib.import_module("dice_ray.reports")
+    raise AttributeError(f"module 'dice_ray' has no attribute {name!r}")

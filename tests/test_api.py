@@ -79,6 +79,17 @@ def test_the_console_script_is_the_same_command_line(tmp_path: Path, capsys: pyt
         assert capsys.readouterr().out.startswith(f"usage: dice-ray {command} ")
 
 
+def test_the_reports_are_reached_from_the_package_alone() -> None:
+    """``import dice_ray`` then ``dice_ray.reports.alignment_report``, as the how-to pages write it: the reports are
+    imported when first read (a fresh interpreter; matplotlib is not imported before)."""
+    code = ("import sys, dice_ray\nassert 'dice_ray.reports' not in sys.modules and 'matplotlib' not in sys.modules\n"
+            "print(dice_ray.reports.alignment_report.__name__, dice_ray.reports.Cascade.__name__)\n"
+            "try:\n    dice_ray.no_such_name\nexcept AttributeError as err:\n    print(err)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["alignment_report Cascade", "module 'dice_ray' has no attribute 'no_such_name'"]
+
+
 def test_regression_with_mse_runs_end_to_end_with_influence(tmp_path: Path) -> None:
     config = dice_ray.as_config(REGRESSION, influence={"enabled": True, "hops": 2, "rounds": [2, 4]},
                                 output={**REGRESSION["output"], "out": str(tmp_path / "reg")})

@@ -73,6 +73,14 @@ def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _correlations(values: dict[str, float | None]) -> str:
+    """Named rank correlations on one line; "-" where there is none, said once (a side with one value for every
+    participant, as every position measure on a ring, or fewer than 3 participants)."""
+    line = "  ".join(f"{k}: {_number(v, '.3f')}" for k, v in values.items())
+    said = "  (-: the same value for every participant, which ranks nothing)"
+    return line + (said if None in values.values() else "")
+
+
 def alignment(run: Path) -> list[dict]:
     """Compute, write and print the alignment report of ``run``; return its rows."""
     computed = alignment_report(run)
@@ -96,8 +104,7 @@ def cascade(run: Path) -> Cascade:
     print(f"influence measure: {computed.value}; whole-batch probes; step R = {last}")
     print("mean |influence| by hop distance (step R):  " + "  ".join(
         f"d={row['distance']}: {row['mean_abs']:.3g}" for row in _records(computed.decay) if row["step"] == last))
-    print("source strength vs position (Spearman):      " + "  ".join(
-        f"{k}: {_number(v, '.3f')}" for k, v in computed.position.items()))
+    print("source strength vs position (Spearman):      " + _correlations(computed.position))
     print(f"reciprocity over {reciprocity['pairs']} pairs: Pearson {_number(reciprocity['pearson'], '.3f')}, "
           f"asymmetry {_number(reciprocity['asymmetry'], '.3f')}")
     print(f"wrote {run / 'cascade.parquet'}, {run / 'pairwise.parquet'}, cascade_decay.png, pairwise_heatmap.png")
@@ -181,8 +188,7 @@ def contributions(run: Path, loo: bool = False, shapley: int | None = None, loca
         if agree["loo_honest"]["spearman"] is not None and rows["misbehaving"].any():
             print(f"  among the {int(honest.sum())} well-behaved participants only: Spearman "
                   f"{agree['loo_honest']['spearman']:.3f}, Kendall {agree['loo_honest']['kendall']:.3f}")
-    print("ledger total vs position and data (Spearman): " + "  ".join(
-        f"{k}: {_number(v, '.3f')}" for k, v in computed.position.items()))
+    print("ledger total vs position and data (Spearman): " + _correlations(computed.position))
     if computed.misbehaving_flagged is not None:
         flagged = int(rows.loc[rows["misbehaving"], "harmful"].sum())
         print(f"misbehaving participants flagged harmful: {flagged} of {int(rows['misbehaving'].sum())}; honest "

@@ -1,4 +1,4 @@
-"""Contribution accounting (issue 7): an online ledger of every participant's DICE-E on every other.
+"""Contribution accounting: an online ledger of every participant's DICE-E on every other.
 
 For a ledger round t (``ledger.every``) and every source j, the whole-batch probe (j, t) has the first-order
 DICE-E of concepts §4 (J = I):
@@ -67,7 +67,7 @@ SUFFIX = VARIANT_SUFFIX  # column suffix of each variant in contributions.parque
 
 
 class LedgerConfig(Section):
-    """Online contribution ledger (issue 7, ``contributions.py``): DICE-E of every participant's update on every
+    """Online contribution ledger (``contributions.py``): DICE-E of every participant's update on every
     participant within R hops (first-order by default). Off unless ``enabled``."""
 
     enabled: bool = Field(False, description="keep the ledger L[j→k] during training (contributions.parquet, "

@@ -88,6 +88,7 @@ def alignment_report(run: str | Path) -> Alignment:
     run = Path(run)
     dice = read_columns(run, "dice")
     if not measured(dice["gt"]):
-        raise InputError(f"{run / 'dice.parquet'} has no ground truth (influence.ground_truth was off)")
+        raise InputError(f"{run / 'dice.parquet'} has no ground truth (influence.ground_truth was off) to align the "
+                         "estimates with; `analyze cascade` reads the estimates alone")
     rows = alignment_rows(dice, read_columns(run, "influence"))
     return Alignment(pd.DataFrame(rows, columns=ALIGNMENT.names), pd.DataFrame(dice))

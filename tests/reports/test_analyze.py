@@ -89,9 +89,11 @@ def cascade_run(tmp_path: Path, topology: str) -> Path:
     return out
 
 
-def test_cascade_report_shows_ripples_decaying_with_distance(tmp_path: Path) -> None:
+def test_cascade_report_shows_ripples_decaying_with_distance(tmp_path: Path, capsys) -> None:
     run = cascade_run(tmp_path, "ring")
     assert analyze(["cascade", str(run)]) == 0
+    printed = capsys.readouterr().out  # every participant of a ring has the same degree: no rank to correlate
+    assert "out_degree: -" in printed and "(-: the same value for every participant, which ranks nothing)" in printed
     decay = pd.read_parquet(run / "cascade.parquet").query("step == 3").sort_values("distance")
     assert decay["distance"].tolist() == [0, 1, 2, 3]
     assert (np.diff(decay["mean_abs"]) < 0).all()  # every hop further, a smaller influence
