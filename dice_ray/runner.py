@@ -249,7 +249,7 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
     training_s = 0.0  # the round loop's seconds (not the engine's start, nor the work after training)
     actor_info: list[dict[str, Any]] = []
     report = TrainingReport()
-    tasks = task_backend(engine_kind, config.engine, config.output.progress)  # the stages' work after training
+    tasks = task_backend(engine_kind, config, config.output.progress)  # the stages' work after training
     try:
         if start < config.rounds:
             engine = _start_engine(experiment, engine_kind, round_hooks(chosen))
@@ -347,7 +347,7 @@ def run_stage(run: Path, stage: type[Stage], changes: dict[str, Any], local: boo
     for dotted, value in changes.items():
         set_dotted(data, dotted, value)
     experiment = prepare(rerun_config(data, f"{stage.name} of run {str(run)!r}", allow_imports))
-    _run_stage(stage(experiment, run), task_backend("local" if local else "ray", experiment.config.engine, progress))
+    _run_stage(stage(experiment, run), task_backend("local" if local else "ray", experiment.config, progress))
 
 
 def _start_engine(experiment: Experiment, engine_kind: str, hooks: list[type[RoundHook]]) -> Engine:

@@ -147,13 +147,21 @@ def test_curvature_estimate_on_mse_equals_forward_mode_derivative_of_the_replay(
 
 
 def test_registered_names_load_in_ray_workers(ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A data set registered in a module listed in ``imports`` is found by the participant-group actors too."""
+    """A data set, model and loss registered in a module listed in ``imports`` are found by the participant-group
+    actors and by the Ray tasks after training (DICE-GT replays, leave-one-out retraining) too."""
     module = tmp_path / "my_data.py"
-    module.write_text("import numpy as np\nimport dice_ray\n\n"
+    module.write_text("import numpy as np\nimport torch\nimport dice_ray\n\n"
                       "@dice_ray.register_dataset('worker-data')\n"
                       "def load(seed):\n    rng = np.random.default_rng(seed)\n"
                       "    x = rng.normal(size=(300, 4)).astype(np.float32)\n    y = (x[:, 0] > 0).astype(np.int64)\n"
-                      "    return x[:250], y[:250], x[250:], y[250:]\n")
+                      "    return x[:250], y[:250], x[250:], y[250:]\n\n"
+                      "@dice_ray.register_model('worker-model')\n"
+                      "def model(input_shape, num_classes):\n"
+                      "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, num_classes))\n\n"
+                      "@dice_ray.register_loss('worker-loss')\n"
+                      "class Loss(dice_ray.Loss):\n"
+                      "    def per_sample(self, outputs, targets):\n"
+                      "        return 2 * torch.nn.functional.cross_entropy(outputs, targets, reduction='none')\n")
     sys.path.insert(0, str(tmp_path))
     import ray
 
@@ -162,12 +170,15 @@ def test_registered_names_load_in_ray_workers(ray_local, tmp_path: Path, monkeyp
     start_ray(num_cpus=2)
     try:
         config = dice_ray.RunConfig(imports=["my_data"], nodes=4, rounds=3, data={"dataset": "worker-data"},
-                                    model={"name": "logreg"}, engine={"actors": 2},
+                                    model={"name": "worker-model", "loss": "worker-loss"}, engine={"actors": 2},
+                                    influence={"enabled": True, "hops": 1, "rounds": [1]},
+                                    ledger={"enabled": True, "hops": 1, "loo": True},
                                     output={"out": str(tmp_path / "w"), "progress": False})
         run = dice_ray.run(config)
         assert json.loads((run.path / "manifest.json").read_text())["status"] == "complete"
         assert len(run.manifest["placement"]) == 2
         assert np.isfinite(run.rounds["train_loss"].to_numpy()).all()
+        assert np.isfinite(run.dice["gt"].to_numpy()).all() and len(run.table("loo")) > 0
     finally:
         sys.path.remove(str(tmp_path))
         ray.shutdown()

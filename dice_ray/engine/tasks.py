@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dice_ray.config import EngineConfig
+from dice_ray.config import EngineConfig, RunConfig, import_modules, modules_named
 from dice_ray.errors import InputError
 
 # A task lost with its worker or machine is resubmitted this many times (and recorded); errors raised by the task's
@@ -81,11 +81,13 @@ class LocalTasks(Tasks):
 class RayTasks(Tasks):
     """Every job as a Ray task (one CPU and ``task_gpus``'s GPU share: ``engine.task_gpus()``, or 0 where the default
     share finds no GPU in the cluster), on the cluster at ``engine.address``, which is joined (or a local one started)
-    on first use."""
+    on first use. Each task imports ``modules`` first (the run's ``imports``: the user's registered models, data
+    sets and losses, which a task looks up by name), as the participant-group actors do."""
 
-    def __init__(self, engine: EngineConfig, progress: bool = False):
+    def __init__(self, engine: EngineConfig, progress: bool = False, modules: Sequence[str] = ()):
         super().__init__(progress)
         self.engine = engine
+        self.modules = list(modules)
         self._task: Any = None  # the Ray remote function of ``_in_worker``, made once the cluster is joined
         self._options: dict[str, Any] = {}  # its GPU share on that cluster (``task_options``)
 
@@ -108,7 +110,8 @@ class RayTasks(Tasks):
         return ray.put(value)
 
     def call(self, fn: Callable[..., Sequence[Any]], *args: Any, returns: int = 1) -> list[Any]:
-        refs = self._remote(name=fn.__name__, num_returns=returns, max_retries=TASK_RETRIES).remote(fn, returns, *args)
+        task = self._remote(name=fn.__name__, num_returns=returns, max_retries=TASK_RETRIES)
+        refs = task.remote(fn, returns, self.modules, *args)
         return [refs] if returns == 1 else list(refs)
 
     def map(self, fn: Callable[..., Any], jobs: list[Job], stage: str, label: Callable[[Job], dict[str, Any]],
@@ -118,7 +121,8 @@ class RayTasks(Tasks):
         failures = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
                     ray.exceptions.OwnerDiedError)
         remote = self._remote(name=fn.__name__, max_retries=0)  # lost tasks are resubmitted here, and recorded
-        work = {remote.remote(fn, None, *job): (i, 0) for i, job in enumerate(jobs)}  # ref -> (job index, attempts)
+        # ref -> (job index, attempts)
+        work = {remote.remote(fn, None, self.modules, *job): (i, 0) for i, job in enumerate(jobs)}
         results: list[Any] = [None] * len(jobs)
         bar = self._bar(stage, len(jobs), unit)
         try:
@@ -132,7 +136,7 @@ class RayTasks(Tasks):
                         raise
                     self.retries.append({"stage": stage, **label(jobs[i]),
                                          "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"})
-                    work[remote.remote(fn, None, *jobs[i])] = (i, attempts + 1)
+                    work[remote.remote(fn, None, self.modules, *jobs[i])] = (i, attempts + 1)
                     continue
                 bar.update()
             return results
@@ -140,18 +144,22 @@ class RayTasks(Tasks):
             bar.close()
 
 
-def _in_worker(fn: Callable[..., Any], returns: int | None, *args: Any) -> Any:
-    """A Ray task's body: prepare the worker (``start_task``), run ``fn(*args, device)``; with ``returns``, hand Ray
-    its values as that many objects."""
+def _in_worker(fn: Callable[..., Any], returns: int | None, modules: list[str], *args: Any) -> Any:
+    """A Ray task's body: import ``modules``, prepare the worker (``start_task``), run ``fn(*args, device)``; with
+    ``returns``, hand Ray its values as that many objects."""
+    import_modules(modules)
     result = fn(*args, start_task())
     if returns is None:
         return result
     return result[0] if returns == 1 else tuple(result)
 
 
-def task_backend(engine_kind: str, engine: EngineConfig, progress: bool = False) -> Tasks:
-    """The backend of a run on ``engine_kind``: ``LocalTasks`` for 'local', ``RayTasks`` for 'ray'."""
-    return LocalTasks(progress) if engine_kind == "local" else RayTasks(engine, progress)
+def task_backend(engine_kind: str, config: RunConfig, progress: bool = False) -> Tasks:
+    """The backend of a run of ``config`` on ``engine_kind``: ``LocalTasks`` for 'local', ``RayTasks`` for 'ray'
+    (its tasks importing the modules the config names)."""
+    if engine_kind == "local":
+        return LocalTasks(progress)
+    return RayTasks(config.engine, progress, modules_named(config))
 
 
 def task_gpus(engine: EngineConfig, cluster_gpus: float) -> float:
