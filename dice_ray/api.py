@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from dice_ray.config import RunConfig, build_config, load_config, read_recorded
+from dice_ray.config import RunConfig, build_config, check_workers_register, load_config, read_recorded
 from dice_ray.errors import InputError
 from dice_ray.hooks import Method, registered_methods
 from dice_ray.results import TABLES
@@ -199,6 +199,7 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
     config = config.model_copy(update={"output": config.output.model_copy(update={"out": str(path)})})
     experiment = prepare(config)
     if engine == "ray":
+        check_workers_register(config)
         start_ray(config.engine.address)  # an unreachable --address is bad input, before anything is written
     return Run(simulate(config, engine, save_states, experiment, on_round=on_round, methods=methods))
 
@@ -222,6 +223,7 @@ def resume(path: str | Path, *, engine: str | None = None, on_round: Callable[[A
         raise InputError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
     experiment = prepare(config)
     if engine == "ray":
+        check_workers_register(config)
         start_ray(config.engine.address)
     return Run(simulate(config, engine, bool(manifest.get("save_states", False)), experiment, resume=True,
                         on_round=on_round, methods=methods))

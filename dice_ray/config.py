@@ -29,11 +29,12 @@ from pydantic import (
     model_validator,
 )
 
-from dice_ray.core.losses import loss_names
+from dice_ray.core.losses import loss_module, loss_names
+from dice_ray.core.models import model_module
 from dice_ray.core.population import OPTIMIZERS, OptimizerSpec
 from dice_ray.core.topology import TOPOLOGIES
 from dice_ray.core.topology import WEIGHT_RULES as MIXING_RULES
-from dice_ray.data import SCHEMES, WEIGHT_RULES, dataset_names
+from dice_ray.data import SCHEMES, WEIGHT_RULES, dataset_module, dataset_names
 from dice_ray.errors import InputError
 from dice_ray.hooks import registered_methods
 from dice_ray.methods.contributions import LedgerConfig
@@ -288,6 +289,26 @@ def modules_in(data: dict[str, Any]) -> list[str]:
     module = model.get("import_module") if isinstance(model, dict) else getattr(model, "import_module", None)
     names = names if isinstance(names, list) and all(isinstance(n, str) for n in names) else []
     return [*names, *([module] if isinstance(module, str) and module else [])]
+
+
+def check_workers_register(config: RunConfig) -> None:
+    """Raise ``InputError`` if a model, data set or loss ``config`` names was registered where Ray workers do not
+    register it: they look it up by name after importing the config's ``imports`` (``load_imports``), so a name
+    registered in the script itself, or by a module the imports do not cover, is unknown there (the run would fail
+    after its directory was made)."""
+    listed = modules_named(config)
+    for kind, name, module in (("model", config.model.name, model_module(config.model.name)),
+                               ("data set", config.data.dataset, dataset_module(config.data.dataset)),
+                               ("loss", config.model.loss, loss_module(config.model.loss))):
+        if module is None or module == "dice_ray" or module.startswith("dice_ray."):
+            continue
+        if module == "__main__":
+            raise InputError(f"{kind} {name!r} is registered by the script itself, which Ray workers do not run: "
+                             "move it into a module and list that in imports, or run with the local engine")
+        if not any(module == m or module.startswith(f"{m}.") or m.startswith(f"{module}.") for m in listed):
+            raise InputError(f"{kind} {name!r} is registered by the module {module}, which the config's imports do "
+                             f"not list, so Ray workers would not know it: add it (imports: [{module}], --imports "
+                             f"{module})")
 
 
 def load_imports(config: RunConfig) -> None:

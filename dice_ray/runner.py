@@ -24,7 +24,14 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dice_ray.checkpoint import CHECKPOINTS, CheckpointStore, RoundTables, config_digest
-from dice_ray.config import RESUME_FIELDS, RunConfig, forget_address, rerun_config, set_dotted
+from dice_ray.config import (
+    RESUME_FIELDS,
+    RunConfig,
+    check_workers_register,
+    forget_address,
+    rerun_config,
+    set_dotted,
+)
 from dice_ray.engine import Engine, LocalEngine, RayEngine, cluster_plan, start_ray
 from dice_ray.engine.loop import Drivers, TrainingReport, train
 from dice_ray.engine.tasks import Tasks, task_backend
@@ -209,6 +216,7 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     config = experiment.config
     out = Path(config.output.out) if resume else run_directory(config)
     if engine_kind == "ray":  # a cluster that cannot hold the run's actors or tasks: one line, the directory untouched
+        check_workers_register(config)
         start_ray(config.engine.address)
         cluster_plan(config.engine, experiment.nodes)
     with DirectoryLock(out):  # one writer per run directory, for as long as this process writes it
@@ -347,6 +355,8 @@ def run_stage(run: Path, stage: type[Stage], changes: dict[str, Any], local: boo
     for dotted, value in changes.items():
         set_dotted(data, dotted, value)
     experiment = prepare(rerun_config(data, f"{stage.name} of run {str(run)!r}", allow_imports))
+    if not local:
+        check_workers_register(experiment.config)
     _run_stage(stage(experiment, run), task_backend("local" if local else "ray", experiment.config, progress))
 
 

@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from torch.func import jvp
 
 import dice_ray
 from dice_ray.engine import start_ray
+from dice_ray.errors import InputError
 from dice_ray.experiment import prepare
 from dice_ray.methods.dice.estimator import estimate_cascade, update_difference
 from dice_ray.methods.dice.measure import window_for
@@ -144,6 +146,30 @@ def test_curvature_estimate_on_mse_equals_forward_mode_derivative_of_the_replay(
         exact = derivatives[s - 1].detach().numpy()[cascade.supports[s]]
         assert np.abs(exact).max() > 0
         np.testing.assert_allclose(cascade.values[s], exact, rtol=1e-5, atol=1e-12)
+
+
+def test_a_name_the_ray_workers_would_not_register_is_refused_before_any_work(tmp_path: Path) -> None:
+    """A model registered by a module the config's imports do not list, or by the script itself, would be unknown in
+    every Ray worker: one line naming it and the fix, before Ray starts or a directory is made; locally it runs."""
+    dice_ray.register_model("test-api-unlisted")(lambda shape, classes: torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(int(np.prod(shape)), classes)))
+    config = dice_ray.RunConfig(nodes=4, rounds=2, data={"dataset": "digits"}, model={"name": "test-api-unlisted"},
+                                output={"out": str(tmp_path / "r"), "progress": False})
+    with pytest.raises(InputError, match=rf"model 'test-api-unlisted' is registered by the module {__name__}, which "
+                                         rf"the config's imports do not list, .* --imports {__name__}\)"):
+        dice_ray.run(config)
+    assert not (tmp_path / "r").exists()
+    assert dice_ray.run(config, engine="local").rounds["train_loss"].notna().all()
+    script = tmp_path / "script.py"
+    script.write_text("import torch, dice_ray\n"
+                      "dice_ray.register_loss('test-api-script-loss')(type('L', (dice_ray.Loss,), {'per_sample': "
+                      "lambda self, o, t: torch.nn.functional.cross_entropy(o, t, reduction='none')}))\n"
+                      f"dice_ray.run(dice_ray.RunConfig(nodes=4, rounds=2, data={{'dataset': 'digits'}}, "
+                      f"model={{'loss': 'test-api-script-loss'}}, output={{'out': {str(tmp_path / 's')!r}}}))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "InputError: loss 'test-api-script-loss' is registered by the script itself" in (
+        done.stderr.strip().splitlines()[-1])
+    assert not (tmp_path / "s").exists() and "Started a local Ray" not in done.stderr
 
 
 def test_registered_names_load_in_ray_workers(ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

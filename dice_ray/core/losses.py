@@ -78,6 +78,11 @@ def register_loss(name: str) -> Callable[[type[Loss]], type[Loss]]:
     return decorator
 
 
+def loss_module(name: str) -> str | None:
+    """The module that registered loss ``name`` (None: no such loss)."""
+    return _REGISTRY[name].__module__ if name in _REGISTRY else None
+
+
 def loss_names() -> tuple[str, ...]:
     """The registered loss names."""
     return tuple(_REGISTRY)

@@ -39,6 +39,11 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     return decorator
 
 
+def model_module(name: str) -> str | None:
+    """The module that registered model ``name`` (None: no such model)."""
+    return _REGISTRY[name].__module__ if name in _REGISTRY else None
+
+
 def model_names() -> tuple[str, ...]:
     """Return the registered model names, sorted."""
     return tuple(sorted(_REGISTRY))

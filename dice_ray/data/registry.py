@@ -73,6 +73,11 @@ _REGISTRY.update({
 BUILT_IN = tuple(_REGISTRY)
 
 
+def dataset_module(name: str) -> str | None:
+    """The module that registered data set ``name`` (None: no such data set)."""
+    return _REGISTRY[name].__module__ if name in _REGISTRY else None
+
+
 def dataset_names() -> tuple[str, ...]:
     """The registered data-set names: the built-in ones first, then the user's in registration order."""
     return tuple(_REGISTRY)
@@ -134,6 +139,7 @@ def register_dataset(name: str, factory: Callable[..., Any] | None = None, *,
         def load(options: DataOptions) -> Dataset:
             return as_dataset(name, fn(options.seed) if takes_seed else fn(), input_shape, num_classes)
 
+        load.__module__ = fn.__module__  # where it was registered (``dataset_module``)
         _REGISTRY[name] = load
         return fn
 
