@@ -209,6 +209,13 @@ class EngineConfig(Section):
     restart_timeout: float = Field(600.0, gt=0, allow_inf_nan=False,
                                    description="seconds to wait for restarted actors after a failure")
 
+    @model_validator(mode="after")
+    def _cuda_ipc_needs_gpus(self) -> EngineConfig:
+        if self.transport == "cuda_ipc" and self.gpus_per_actor == 0:
+            raise ValueError("transport 'cuda_ipc' moves half-steps between actors sharing a GPU, but gpus_per_actor "
+                             "is 0 (the actors compute on CPUs): use auto or object_store, or give the actors GPUs")
+        return self
+
     def task_gpus(self) -> float:
         """GPUs each DICE-GT replay and retraining task asks Ray for: ``gpus_per_task``, by default
         ``TASK_GPU_SHARE`` when the run's actors use GPUs and 0 (CPU tasks) when they do not."""

@@ -27,9 +27,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        _join(address)
+    if address or os.environ.get("RAY_ADDRESS"):
+        _join(address or os.environ["RAY_ADDRESS"], "--address" if address else "RAY_ADDRESS")
         return
     # Ray binds a local node to the machine's external address unless it thinks it runs on a laptop
     # OS: this switch (read from the environment by Ray's processes, and by the driver at import time,
@@ -45,9 +44,10 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
              _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=True)
 
 
-def _join(address: str) -> None:
-    """Join the Ray cluster at ``address``; raise ``InputError`` with one line saying what to check when it cannot
-    be reached or does not accept this process's token (Ray itself retries for minutes, then prints a traceback)."""
+def _join(address: str, given_by: str = "--address") -> None:
+    """Join the Ray cluster at ``address`` (``given_by``: the option or variable that named it); raise ``InputError``
+    with one line saying what to check when it cannot be reached or does not accept this process's token (Ray itself
+    retries for minutes, then prints a traceback)."""
     import ray
     from ray._private import ray_constants
 
@@ -59,7 +59,7 @@ def _join(address: str) -> None:
             socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
         except (OSError, ValueError) as err:
             reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
-            raise InputError(f"--address {address}: no Ray head answers there ({reason}); check the host and port "
+            raise InputError(f"{given_by} {address}: no Ray head answers there ({reason}); check the host and port "
                              "(`ray status` on the head prints them) and that the head is running") from None
     # Ray rewrites a loopback address into this machine's external one (it assumes the head listens there). A head
     # that answered on loopback above listens there (a cluster kept on 127.0.0.1): keep the address as given. The
@@ -72,14 +72,15 @@ def _join(address: str) -> None:
                 ray.init(address=address, log_to_driver=True)
             except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as err:
                 ray.shutdown()
-                raise _join_error(address, err) from None
+                raise _join_error(f"{given_by} {address}", err) from None
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster
 
 
-def _join_error(address: str, err: BaseException) -> InputError:
-    """The one line for a failed join: token authentication if anything in the error's chain says so (Ray wraps
-    its AuthenticationError in a RuntimeError and a ConnectionError), else what to check."""
+def _join_error(where: str, err: BaseException) -> InputError:
+    """The one line for a failed join to ``where`` (the option and address): token authentication if anything in the
+    error's chain says so (Ray wraps its AuthenticationError in a RuntimeError and a ConnectionError), else what to
+    check."""
     import ray
 
     causes: list[BaseException] = []
@@ -91,7 +92,7 @@ def _join_error(address: str, err: BaseException) -> InputError:
     hint = ("the cluster uses token authentication: set RAY_AUTH_MODE=token and the cluster's token "
             "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token from the head) in this environment" if auth else
             "check that this machine can reach every Ray port of the head, and that its Ray version matches")
-    return InputError(f"--address {address}: could not join the Ray cluster; {hint}")
+    return InputError(f"{where}: could not join the Ray cluster; {hint}")
 
 
 @contextlib.contextmanager

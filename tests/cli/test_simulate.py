@@ -80,6 +80,8 @@ BAD_INPUTS = [
     (["--nodes", "1"], "nodes"),
     (["--weights", "fancy"], "weight rule"),
     (["--dataset", "imagenet"], "data set 'imagenet' is unknown"),
+    (["--actors", "2", "--transport", "cuda_ipc"], "transport 'cuda_ipc' moves half-steps between actors sharing a "
+                                                    "GPU, but gpus_per_actor is 0"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/folder"], "--download"),
     (["--dataset", "mnist"], "--data-dir"),
     (["--model", "transformer"], "model 'transformer' is unknown"),

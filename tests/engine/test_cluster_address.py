@@ -3,6 +3,7 @@ exit status 2, before anything is written (Ray itself retries for minutes and en
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -19,3 +20,14 @@ def test_an_unreachable_address_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert lines[0].startswith("error: --address 127.0.0.1:1: no Ray head answers there") and "ray status" in lines[0]
     assert not (tmp_path / "run").exists()
     assert time.monotonic() - started < 60
+
+
+def test_an_unreachable_ray_address_variable_is_named_as_such(tmp_path: Path) -> None:
+    """The address came from RAY_ADDRESS, not from an option the user did not give: the line says so."""
+    out = subprocess.run([sys.executable, "-m", "dice_ray.simulate", "--dataset", "digits", "--nodes", "4",
+                          "--rounds", "2", "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("error: RAY_ADDRESS 127.0.0.1:1: no Ray head answers there")
+    assert not (tmp_path / "run").exists()
