@@ -48,6 +48,37 @@ class Experiment:
         return self.config.nodes
 
 
+def check_outputs(config: RunConfig, model: Any, dataset: Dataset) -> None:
+    """Refuse, before any work, a model that does not fit the data set's inputs, whose outputs for N samples are not
+    [N, num_classes] (the data set's classes, or a regression's output width), or whose outputs the loss cannot
+    read (its per-sample losses not [N]): a run would otherwise fail inside its first step, or train silently on
+    outputs no class reads."""
+    import torch
+
+    from dice_ray.core.losses import build_loss
+
+    name, width = config.model.name, dataset.num_classes
+    with torch.no_grad():
+        try:
+            outputs = model.eval()(torch.from_numpy(dataset.x_test[:2]))
+        except RuntimeError as err:
+            raise InputError(f"model {name!r} does not fit {config.data.dataset} inputs of shape "
+                             f"{dataset.input_shape}: {str(err).splitlines()[0]}") from None
+        shape = tuple(getattr(outputs, "shape", ()))
+        if shape != (2, width):
+            raise InputError(f"model {name!r} returns outputs of shape {list(shape)} for 2 samples of "
+                             f"{config.data.dataset}; a run needs [2, {width}] (one output per class, or per "
+                             "regression target)")
+        try:
+            losses = build_loss(config.model.loss).per_sample(outputs, torch.from_numpy(dataset.y_test[:2]))
+        except (RuntimeError, ValueError, IndexError, TypeError) as err:
+            raise InputError(f"loss {config.model.loss!r} cannot read model {name!r}'s outputs on "
+                             f"{config.data.dataset}: {str(err).splitlines()[0]}") from None
+        if tuple(getattr(losses, "shape", ())) != (2,):
+            raise InputError(f"loss {config.model.loss!r} returns {list(getattr(losses, 'shape', []))} for 2 samples; "
+                             "per_sample must return one loss per sample, [2]")
+
+
 def check_normalization(config: RunConfig, model: Any) -> None:
     """Refuse what DICE-E cannot estimate through a model that normalizes by batch statistics (BatchNorm): a single
     sample's probe (its removal changes the batch statistics every other sample's gradient reads, so its effect is no
@@ -97,14 +128,7 @@ def prepare(config: RunConfig) -> Experiment:
         partition = shrink_partition(partition, d.shrink.ids, d.shrink.fraction, seed=config.seed)
     check_partition(partition, config.optim.batch_size)
     model = build_model(config.model.name, dataset.input_shape, dataset.num_classes)
-    try:
-        import torch
-
-        with torch.no_grad():
-            model.eval()(torch.from_numpy(dataset.x_test[:2]))
-    except RuntimeError as err:
-        raise InputError(f"model {config.model.name!r} does not fit {d.dataset} inputs of shape "
-                         f"{dataset.input_shape}: {str(err).splitlines()[0]}") from None
+    check_outputs(config, model, dataset)
     check_normalization(config, model)
     return Experiment(
         config=config,

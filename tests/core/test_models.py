@@ -174,3 +174,37 @@ def test_models_with_a_buffer_no_forward_reads_or_batchnorm_without_running_stat
             tables[online] = dice_ray.run(config, engine="local").influence.filter(like="est_")
         assert len(tables[True]) and np.isfinite(tables[True].to_numpy()).all()
         np.testing.assert_allclose(tables[True].to_numpy(), tables[False].to_numpy(), rtol=1e-5, atol=1e-9)
+
+
+def test_a_model_or_loss_whose_outputs_do_not_fit_is_refused_before_the_run() -> None:
+    """Outputs that are not [N, classes] (one too many per sample, or one number per sample), and a loss that cannot
+    read them, are one line from ``prepare``: before, the first trained silently and the second failed in the first
+    step with PyTorch's traceback."""
+    from dice_ray.config import build_config
+    from dice_ray.experiment import prepare
+
+    register_model("test-three-extra-outputs")(lambda shape, classes: nn.Sequential(
+        nn.Flatten(), nn.Linear(int(np.prod(shape)), classes + 3)))
+    register_model("test-one-output-per-sample")(lambda shape, classes: nn.Sequential(
+        nn.Flatten(), nn.Linear(int(np.prod(shape)), 1), nn.Flatten(0)))
+
+    def config(name: str) -> dice_ray.RunConfig:
+        return build_config({"nodes": 4, "rounds": 2, "data": {"dataset": "digits"}, "model": {"name": name}})
+
+    with pytest.raises(InputError, match=r"model 'test-three-extra-outputs' returns outputs of shape \[2, 13\] for 2 "
+                                         r"samples of digits; a run needs \[2, 10\]"):
+        prepare(config("test-three-extra-outputs"))
+    with pytest.raises(InputError, match=r"returns outputs of shape \[2\] for 2 samples of digits; a run needs \[2, "
+                                         r"10\]"):
+        prepare(config("test-one-output-per-sample"))
+    prepare(config("mlp"))  # the registered models fit
+
+    @dice_ray.register_loss("test-batch-mean")
+    class BatchMean(dice_ray.Loss):  # one number for the batch, not one per sample
+        def per_sample(self, outputs, targets):
+            return nn.functional.cross_entropy(outputs, targets)
+
+    with pytest.raises(InputError, match=r"loss 'test-batch-mean' returns \[\] for 2 samples; per_sample must return "
+                                         r"one loss per sample, \[2\]"):
+        prepare(build_config({"nodes": 4, "rounds": 2, "data": {"dataset": "digits"},
+                              "model": {"loss": "test-batch-mean"}}))
