@@ -62,6 +62,33 @@ CONFIG = {"nodes": 9, "rounds": 6, "seed": 2, "data": {"dataset": "digits", "hel
           "output": {"progress": False, "eval_every": 3, "checkpoint_every": 4}}
 
 
+class ShortColumn(UpdateNorm):  # one column with a value per block, not per participant
+    def after_gossip(self, t: int, inbox: Inbox):
+        return {**super().after_gossip(t, inbox), "mixed_norm": [0.0]}
+
+
+class MisnamedColumn(UpdateNorm):  # "mixed" where the schema says "mixed_norm"
+    def after_gossip(self, t: int, inbox: Inbox):
+        record = super().after_gossip(t, inbox)
+        return {**{k: v for k, v in record.items() if k != "mixed_norm"}, "mixed": record["mixed_norm"]}
+
+
+@pytest.mark.parametrize(("hook", "message"), [
+    (ShortColumn, r"method 'update_norm', round 0, table 'update_norm': columns of different lengths \(round 9, "
+                  r"node 9, norm 9, mixed_norm 1\)"),
+    (MisnamedColumn, r"method 'update_norm', round 0, table 'update_norm': the rows' columns are not the schema's "
+                     r"\(missing: mixed_norm; not in the schema: mixed\)"),
+])
+def test_a_methods_rows_that_do_not_fit_its_table_name_the_method_and_the_table(hook, message, tmp_path) -> None:
+    """Rows a method's driver returns are checked against the table's schema, so a mistake in a new method reads as
+    one message naming the method, the round and the table (it was Arrow's "Column 2 named ... expected length", or
+    a bare KeyError)."""
+    method = Method("update_norm", lambda config: True, hook, UpdateNormTable)
+    with pytest.raises(ValueError, match=message):
+        dice_ray.run(dice_ray.as_config(CONFIG, output={"out": str(tmp_path / "r")}),
+                     engine="local", methods=[method])
+
+
 @pytest.fixture(scope="module")
 def by_value(ray_local):
     """Ray workers unpickle this test module's classes by value (a user's notebook gets that for free)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,10 +56,17 @@ class Drivers:
         return {name: schema for d in self.by_name.values() for name, schema in d.tables.items()}
 
     def record(self, metrics: RoundMetrics, tables: RoundTables) -> None:
-        """Hand every method its round's records (combined over blocks); append the rows it returns."""
+        """Hand every method its round's records (combined over blocks); append the rows it returns, each table's
+        checked against its schema first (``check_rows``)."""
         for name, driver in self.by_name.items():
-            rows = driver.on_round(metrics.round, driver.combine(metrics.records.get(name, [])))
+            try:
+                combined = driver.combine(metrics.records.get(name, []))
+            except (KeyError, ValueError) as err:
+                raise ValueError(f"method {name!r}, round {metrics.round}: its blocks' records do not combine "
+                                 f"({type(err).__name__}: {err}); every block's record needs the same keys") from err
+            rows = driver.on_round(metrics.round, combined)
             for table, columns in rows.items():
+                check_rows(name, metrics.round, table, columns, driver.tables)
                 tables.append(table, columns)
 
     def state(self) -> dict[str, np.ndarray]:
@@ -111,6 +118,26 @@ class Drivers:
     def summary(self) -> dict[str, Any]:
         """Every method's facts for the manifest."""
         return {key: value for d in self.by_name.values() for key, value in d.summary().items()}
+
+
+def check_rows(method: str, t: int, table: str, columns: Any, schemas: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the method, round and table if the rows a driver returned for ``table`` are not
+    what its schema declares: a table it does not declare, a schema column missing or one it does not have, or
+    columns of different lengths (instead of Arrow's or a KeyError's message, which name none of them)."""
+    where = f"method {method!r}, round {t}, table {table!r}"
+    if table not in schemas:
+        raise ValueError(f"{where}: not one of the tables the method declares ({', '.join(schemas) or 'none'})")
+    if not isinstance(columns, Mapping):
+        raise ValueError(f"{where}: rows must be a mapping of column name -> values, got {type(columns).__name__}")
+    names = schemas[table].names
+    missing, extra = [c for c in names if c not in columns], [c for c in columns if c not in names]
+    if missing or extra:
+        raise ValueError(f"{where}: the rows' columns are not the schema's (missing: {', '.join(missing) or '-'}; "
+                         f"not in the schema: {', '.join(map(str, extra)) or '-'})")
+    lengths = {c: len(columns[c]) for c in names}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{where}: columns of different lengths ("
+                         + ", ".join(f"{c} {n}" for c, n in lengths.items()) + ")")
 
 
 def schedule(config: RunConfig, start: int) -> Iterator[RoundPlan]:
