@@ -218,6 +218,14 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
                  and dotted not in switches and getattr(args, dotted) is not None]
         if given and not on(config):
             raise InputError(f"{given[0]} applies to {prefix.rstrip('.')}, which this run leaves off ({how})")
+    for method in registered_methods():  # a user's method that turns on with its ``enabled`` option, likewise
+        if method.options is None or "enabled" not in method.options.model_fields or method.enabled(config):
+            continue
+        given = [flag for flag, dotted, _ in method_options() if dotted.startswith(f"{method.name}.")
+                 and dotted != f"{method.name}.enabled" and getattr(args, dotted) is not None]
+        if given:
+            switch = f"--{method.name}-enabled".replace("_", "-")
+            raise InputError(f"{given[0]} applies to {method.name}, which this run leaves off ({switch} true)")
     for flag, dotted, scheme in PARTITION_OPTIONS:
         if getattr(args, dotted) is not None and config.data.partition != scheme:
             raise InputError(f"{flag} applies to --partition {scheme}; this run partitions {config.data.partition}")
