@@ -57,26 +57,27 @@ def check_outputs(config: RunConfig, model: Any, dataset: Dataset) -> None:
 
     from dice_ray.core.losses import build_loss
 
-    name, width = config.model.name, dataset.num_classes
+    name, width, n = config.model.name, dataset.num_classes, min(2, len(dataset.x_test))
     with torch.no_grad():
         try:
-            outputs = model.eval()(torch.from_numpy(dataset.x_test[:2]))
+            outputs = model.eval()(torch.from_numpy(dataset.x_test[:n]))
         except RuntimeError as err:
             raise InputError(f"model {name!r} does not fit {config.data.dataset} inputs of shape "
                              f"{dataset.input_shape}: {str(err).splitlines()[0]}") from None
         shape = tuple(getattr(outputs, "shape", ()))
-        if shape != (2, width):
-            raise InputError(f"model {name!r} returns outputs of shape {list(shape)} for 2 samples of "
-                             f"{config.data.dataset}; a run needs [2, {width}] (one output per class, or per "
+        if shape != (n, width):
+            raise InputError(f"model {name!r} returns outputs of shape {list(shape)} for {n} samples of "
+                             f"{config.data.dataset}; a run needs [{n}, {width}] (one output per class, or per "
                              "regression target)")
         try:
-            losses = build_loss(config.model.loss).per_sample(outputs, torch.from_numpy(dataset.y_test[:2]))
+            losses = build_loss(config.model.loss).per_sample(outputs, torch.from_numpy(dataset.y_test[:n]))
         except (RuntimeError, ValueError, IndexError, TypeError) as err:
             raise InputError(f"loss {config.model.loss!r} cannot read model {name!r}'s outputs on "
                              f"{config.data.dataset}: {str(err).splitlines()[0]}") from None
-        if tuple(getattr(losses, "shape", ())) != (2,):
-            raise InputError(f"loss {config.model.loss!r} returns {list(getattr(losses, 'shape', []))} for 2 samples; "
-                             "per_sample must return one loss per sample, [2]")
+        if tuple(getattr(losses, "shape", ())) != (n,):
+            got = list(getattr(losses, "shape", []))
+            raise InputError(f"loss {config.model.loss!r} returns {got} for {n} samples; per_sample must return one "
+                             f"loss per sample, [{n}]")
 
 
 def check_normalization(config: RunConfig, model: Any) -> None:

@@ -198,6 +198,9 @@ def test_a_model_or_loss_whose_outputs_do_not_fit_is_refused_before_the_run() ->
                                          r"10\]"):
         prepare(config("test-one-output-per-sample"))
     prepare(config("mlp"))  # the registered models fit
+    dice_ray.register_dataset("test-one-test-sample")(lambda: (np.zeros((40, 3), np.float32), np.arange(40) % 2,
+                                                               np.zeros((1, 3), np.float32), np.zeros(1, np.int64)))
+    prepare(build_config({"nodes": 4, "rounds": 2, "data": {"dataset": "test-one-test-sample"}}))  # checked on 1
 
     @dice_ray.register_loss("test-batch-mean")
     class BatchMean(dice_ray.Loss):  # one number for the batch, not one per sample
