@@ -299,23 +299,23 @@ def modules_in(data: dict[str, Any]) -> list[str]:
 
 
 def check_workers_register(config: RunConfig) -> None:
-    """Raise ``InputError`` if a model, data set or loss ``config`` names was registered where Ray workers do not
-    register it: they look it up by name after importing the config's ``imports`` (``load_imports``), so a name
-    registered in the script itself, or by a module the imports do not cover, is unknown there (the run would fail
-    after its directory was made)."""
+    """Check that Ray workers will know the model, data set and loss ``config`` names: they look each up by name after
+    importing the config's ``imports`` (``load_imports``). One registered by the script itself (``__main__``, which
+    the workers do not import) raises ``InputError``, before any work (the run would fail inside its actors); one
+    defined in a module the imports do not cover gets a warning line (another listed module may still register it)."""
     listed = modules_named(config)
     for kind, name, module in (("model", config.model.name, model_module(config.model.name)),
                                ("data set", config.data.dataset, dataset_module(config.data.dataset)),
                                ("loss", config.model.loss, loss_module(config.model.loss))):
         if module is None or module == "dice_ray" or module.startswith("dice_ray."):
             continue
-        if module == "__main__":
+        if module == "__main__":  # (a script the imports list registers its names again, as its module, on import)
             raise InputError(f"{kind} {name!r} is registered by the script itself, which Ray workers do not run: "
                              "move it into a module and list that in imports, or run with the local engine")
-        if not any(module == m or module.startswith(f"{m}.") or m.startswith(f"{module}.") for m in listed):
-            raise InputError(f"{kind} {name!r} is registered by the module {module}, which the config's imports do "
-                             f"not list, so Ray workers would not know it: add it (imports: [{module}], --imports "
-                             f"{module})")
+        elif not any(module == m or module.startswith(f"{m}.") or m.startswith(f"{module}.") for m in listed):
+            print(f"warning: {kind} {name!r} is defined in the module {module}, which the config's imports do not "
+                  f"list: unless a listed module registers it, Ray workers will not know it (imports: [{module}], "
+                  f"--imports {module})", file=sys.stderr)
 
 
 def load_imports(config: RunConfig) -> None:

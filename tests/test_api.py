@@ -4,6 +4,7 @@ forward-mode derivative of the replay."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -12,12 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from torch.func import jvp
 
 import dice_ray
 from dice_ray.engine import start_ray
-from dice_ray.errors import InputError
 from dice_ray.experiment import prepare
 from dice_ray.methods.dice.estimator import estimate_cascade, update_difference
 from dice_ray.methods.dice.measure import window_for
@@ -148,28 +147,55 @@ def test_curvature_estimate_on_mse_equals_forward_mode_derivative_of_the_replay(
         np.testing.assert_allclose(cascade.values[s], exact, rtol=1e-5, atol=1e-12)
 
 
-def test_a_name_the_ray_workers_would_not_register_is_refused_before_any_work(tmp_path: Path) -> None:
-    """A model registered by a module the config's imports do not list, or by the script itself, would be unknown in
-    every Ray worker: one line naming it and the fix, before Ray starts or a directory is made; locally it runs."""
-    dice_ray.register_model("test-api-unlisted")(lambda shape, classes: torch.nn.Sequential(
-        torch.nn.Flatten(), torch.nn.Linear(int(np.prod(shape)), classes)))
-    config = dice_ray.RunConfig(nodes=4, rounds=2, data={"dataset": "digits"}, model={"name": "test-api-unlisted"},
-                                output={"out": str(tmp_path / "r"), "progress": False})
-    with pytest.raises(InputError, match=rf"model 'test-api-unlisted' is registered by the module {__name__}, which "
-                                         rf"the config's imports do not list, .* --imports {__name__}\)"):
-        dice_ray.run(config)
-    assert not (tmp_path / "r").exists()
-    assert dice_ray.run(config, engine="local").rounds["train_loss"].notna().all()
-    script = tmp_path / "script.py"
-    script.write_text("import torch, dice_ray\n"
-                      "dice_ray.register_loss('test-api-script-loss')(type('L', (dice_ray.Loss,), {'per_sample': "
-                      "lambda self, o, t: torch.nn.functional.cross_entropy(o, t, reduction='none')}))\n"
-                      f"dice_ray.run(dice_ray.RunConfig(nodes=4, rounds=2, data={{'dataset': 'digits'}}, "
-                      f"model={{'loss': 'test-api-script-loss'}}, output={{'out': {str(tmp_path / 's')!r}}}))\n")
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and "InputError: loss 'test-api-script-loss' is registered by the script itself" in (
-        done.stderr.strip().splitlines()[-1])
-    assert not (tmp_path / "s").exists() and "Started a local Ray" not in done.stderr
+def _digits(seed: int) -> tuple[np.ndarray, ...]:  # a data set factory, registered below through a partial
+    x = np.random.default_rng(seed).normal(size=(60, 4)).astype(np.float32)
+    return x[:50], (x[:50, 0] > 0).astype(np.int64), x[50:], (x[50:, 0] > 0).astype(np.int64)
+
+
+def test_a_name_the_ray_workers_would_not_know_is_said_before_any_work(tmp_path: Path, capsys) -> None:
+    """Ray workers look names up after importing the config's imports. A loss registered by a script run as a file
+    would be unknown in every worker: refused in one line, before Ray starts or a directory is made. A name defined
+    in a module the imports do not list (a partial's function counts, not functools) gets a warning line. A script
+    the imports name (run as a file or with ``python -m``) is imported as that module, registers its names again
+    there, and passes."""
+    from dice_ray.config import check_workers_register
+
+    dice_ray.register_dataset("test-api-partial", functools.partial(_digits))
+    config = dice_ray.RunConfig(nodes=4, rounds=2, data={"dataset": "test-api-partial"})
+    check_workers_register(config)
+    assert capsys.readouterr().err.strip() == (
+        f"warning: data set 'test-api-partial' is defined in the module {__name__}, which the config's imports do not "
+        f"list: unless a listed module registers it, Ray workers will not know it (imports: [{__name__}], --imports "
+        f"{__name__})")
+    check_workers_register(dice_ray.as_config(config, imports=[__name__]))
+    assert capsys.readouterr().err == ""
+    code = ("import torch, dice_ray\n"
+            "dice_ray.register_loss('test-api-script-loss')(type('L', (dice_ray.Loss,), {'per_sample': "
+            "lambda self, o, t: torch.nn.functional.cross_entropy(o, t, reduction='none')}))\n"
+            "if __name__ == '__main__':\n"
+            f"    dice_ray.run(dice_ray.RunConfig(nodes=4, rounds=2, data={{'dataset': 'digits'}}, "
+            f"model={{'loss': 'test-api-script-loss'}}, output={{'out': {str(tmp_path / 's')!r}}}), engine=ENGINE)\n")
+    for engine in ("'ray'", "'local'"):
+        (tmp_path / "script.py").write_text(code.replace("ENGINE", engine))
+        done = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+        if engine == "'ray'":
+            assert done.returncode == 1, done.stderr[-2000:]
+            assert "InputError: loss 'test-api-script-loss' is registered by the script itself" in (
+                done.stderr.strip().splitlines()[-1])
+            assert not (tmp_path / "s").exists() and "Started a local Ray" not in done.stderr
+        else:
+            assert done.returncode == 0 and (tmp_path / "s" / "rounds.parquet").exists(), done.stderr[-2000:]
+    check = ("import sys, torch, dice_ray\nfrom dice_ray.config import check_workers_register\n"
+             "dice_ray.register_model('test-api-m')(lambda s, c: torch.nn.Sequential(torch.nn.Flatten(), "
+             "torch.nn.Linear(64, c)))\n"
+             "if __name__ == '__main__':  # the config imports as_module too: its names register again\n"
+             "    check_workers_register(dice_ray.RunConfig(model={'name': 'test-api-m'}, imports=['as_module']))\n"
+             "    print('known')\n")
+    (tmp_path / "as_module.py").write_text(check)
+    for argv in (["-m", "as_module"], ["as_module.py"]):
+        done = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.strip() == "known" and not done.stderr.strip(), done.stderr[-2000:]
 
 
 def test_registered_names_load_in_ray_workers(ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from dice_ray.core.models import defining_module
 from dice_ray.errors import InputError
 
 
@@ -80,7 +81,7 @@ def register_loss(name: str) -> Callable[[type[Loss]], type[Loss]]:
 
 def loss_module(name: str) -> str | None:
     """The module that registered loss ``name`` (None: no such loss)."""
-    return _REGISTRY[name].__module__ if name in _REGISTRY else None
+    return defining_module(_REGISTRY[name]) if name in _REGISTRY else None
 
 
 def loss_names() -> tuple[str, ...]:

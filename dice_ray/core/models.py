@@ -15,8 +15,10 @@ the data set, so one model definition serves every data set it fits.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,9 +41,16 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     return decorator
 
 
+def defining_module(obj: Any) -> str:
+    """The module that defines a registered callable (a ``functools.partial``'s function)."""
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    return getattr(obj, "__module__", None) or type(obj).__module__
+
+
 def model_module(name: str) -> str | None:
     """The module that registered model ``name`` (None: no such model)."""
-    return _REGISTRY[name].__module__ if name in _REGISTRY else None
+    return defining_module(_REGISTRY[name]) if name in _REGISTRY else None
 
 
 def model_names() -> tuple[str, ...]:

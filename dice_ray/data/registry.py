@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from dice_ray.core.models import defining_module
 from dice_ray.data.datasets import Dataset, load_digits, load_mnist5k, load_synthetic
 from dice_ray.data.readers import load_cifar, load_mnist_like, load_tiny_imagenet
 from dice_ray.errors import InputError
@@ -139,7 +140,7 @@ def register_dataset(name: str, factory: Callable[..., Any] | None = None, *,
         def load(options: DataOptions) -> Dataset:
             return as_dataset(name, fn(options.seed) if takes_seed else fn(), input_shape, num_classes)
 
-        load.__module__ = fn.__module__  # where it was registered (``dataset_module``)
+        load.__module__ = defining_module(fn)  # where it was defined (``dataset_module``)
         _REGISTRY[name] = load
         return fn
 
