@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from dice_ray.config import RunConfig, build_config, check_workers_register, load_config, read_recorded
+from dice_ray.config import RunConfig, build_config, load_config, read_recorded
 from dice_ray.errors import InputError
 from dice_ray.hooks import Method, registered_methods
 from dice_ray.results import TABLES
@@ -184,7 +184,6 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
     hooks), run after the built-in ones the config enables; each writes its tables beside the others. Bad input
     raises ``InputError`` before any work.
     """
-    from dice_ray.engine import start_ray
     from dice_ray.experiment import prepare
     from dice_ray.runner import run_directory, simulate
 
@@ -197,10 +196,7 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
     config = as_config(config, **fields)
     path = run_directory(config)  # fixed now: a default name from the clock is taken once
     config = config.model_copy(update={"output": config.output.model_copy(update={"out": str(path)})})
-    experiment = prepare(config)
-    if engine == "ray":
-        check_workers_register(config)
-        start_ray(config.engine.address)  # an unreachable --address is bad input, before anything is written
+    experiment = prepare(config)  # simulate joins Ray (and checks what it needs) before anything is written
     return Run(simulate(config, engine, save_states, experiment, on_round=on_round, methods=methods))
 
 
@@ -212,7 +208,6 @@ def resume(path: str | Path, *, engine: str | None = None, on_round: Callable[[A
     Ray), never the one the run recorded. ``methods``: the same user methods the run was started with. A run whose
     config names modules to import (``imports``, ``model.import_module``) is refused, naming them, unless
     ``allow_imports``: resume only a run you trust."""
-    from dice_ray.engine import start_ray
     from dice_ray.experiment import prepare
     from dice_ray.runner import resume_config, simulate
 
@@ -222,8 +217,5 @@ def resume(path: str | Path, *, engine: str | None = None, on_round: Callable[[A
     if engine not in ENGINES:
         raise InputError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
     experiment = prepare(config)
-    if engine == "ray":
-        check_workers_register(config)
-        start_ray(config.engine.address)
     return Run(simulate(config, engine, bool(manifest.get("save_states", False)), experiment, resume=True,
                         on_round=on_round, methods=methods))

@@ -213,19 +213,16 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
            and getattr(args, dotted) is not None]
     if who and config.misbehavior.kind == "none":  # (a config file or sweep may keep them with kind none)
         raise InputError(f"{who[0]} needs --misbehavior KIND (how they misbehave); misbehavior.kind is 'none'")
-    for prefix, switches, how, on in SWITCHED:  # (a config file may keep a method's settings with it off)
-        given = [flag for flag, dotted, *_ in [*OPTIONS, *SWITCHES] if dotted.startswith(prefix)
+    # (a config file may keep a method's settings with it off); a user's method that turns on with its ``enabled``
+    # option likewise
+    switched = SWITCHED + [(f"{m.name}.", (f"{m.name}.enabled",), f"--{m.name}-enabled true".replace("_", "-"),
+                            m.enabled) for m in registered_methods()
+                           if m.options is not None and "enabled" in m.options.model_fields]
+    for prefix, switches, how, on in switched:
+        given = [flag for flag, dotted, *_ in [*OPTIONS, *SWITCHES, *method_options()] if dotted.startswith(prefix)
                  and dotted not in switches and getattr(args, dotted) is not None]
         if given and not on(config):
             raise InputError(f"{given[0]} applies to {prefix.rstrip('.')}, which this run leaves off ({how})")
-    for method in registered_methods():  # a user's method that turns on with its ``enabled`` option, likewise
-        if method.options is None or "enabled" not in method.options.model_fields or method.enabled(config):
-            continue
-        given = [flag for flag, dotted, _ in method_options() if dotted.startswith(f"{method.name}.")
-                 and dotted != f"{method.name}.enabled" and getattr(args, dotted) is not None]
-        if given:
-            switch = f"--{method.name}-enabled".replace("_", "-")
-            raise InputError(f"{given[0]} applies to {method.name}, which this run leaves off ({switch} true)")
     for flag, dotted, scheme in PARTITION_OPTIONS:
         if getattr(args, dotted) is not None and config.data.partition != scheme:
             raise InputError(f"{flag} applies to --partition {scheme}; this run partitions {config.data.partition}")
