@@ -123,15 +123,15 @@ class Run:
     def retrain(self, loo: bool = False, shapley: int | None = None, local: bool = False,
                 allow_imports: bool = False) -> None:
         """Write the leave-one-out (``loo``) and Shapley (``shapley`` permutations) tables this run lacks, retraining
-        now (the ``retraining`` method's stage: Ray tasks, or here if ``local``); a run without the ledger is refused
-        first. The run's config imports the modules it names only with ``allow_imports``."""
+        now (the ``retraining`` method's stage: Ray tasks, or here if ``local``); a run that did not finish training
+        is refused first. The run's config imports the modules it names only with ``allow_imports``."""
         from dice_ray.methods.retraining import Retraining, retraining_changes
-        from dice_ray.reports.contributions import ledger_tables
+        from dice_ray.reports.inputs import read_frame
         from dice_ray.runner import run_stage
 
         if shapley is not None and shapley < 1:
             raise InputError(f"--shapley {shapley}: needs at least 1 permutation")
-        ledger_tables(self.path)  # a run without the ledger is refused before any retraining
+        read_frame(self.path, "nodes", "not a finished run")  # refused before any retraining
         changes = retraining_changes(self.path, loo, shapley)
         if changes:
             run_stage(self.path, Retraining, changes, local, allow_imports)
@@ -139,7 +139,8 @@ class Run:
     def contributions(self, loo: bool = False, shapley: int | None = None, local: bool = False,
                       allow_imports: bool = False, write: bool = False) -> Contributions:
         """Return the contributions report (``dice_ray.reports.Contributions``): the ledger's ranking per
-        participant (``table``) with its agreement with leave-one-out and Shapley where computed. With ``loo`` /
+        participant (``table``) with its agreement with leave-one-out and Shapley where computed (a run without the
+        ledger: the ranking by leave-one-out, else Shapley, and their agreement). With ``loo`` /
         ``shapley`` (permutations), the run's missing ``loo.parquet`` / ``shapley.parquet`` are retrained first
         (Ray tasks, or here if ``local``), importing the modules the run's config names only with
         ``allow_imports``. With ``write``, also write ``contributions_report.parquet`` and its PNGs."""

@@ -238,9 +238,10 @@ SHAPLEY = _schema(
 CONTRIBUTION_REPORT = _schema(
     ("participant", pa.int32(), "participant j"),
     ("total", pa.float64(), "ledger total T_j, first-order (null unless computed)"),
-    ("share", pa.float64(), "share of the helpful budget, by the ranking variant's totals (ledger.rank_by)"),
-    ("harmful", pa.bool_(), "flagged harmful (the ranking variant's T_j > 0)"),
-    ("rank", pa.int32(), "ledger rank by the ranking variant's totals, 1 = most helpful"),
+    ("share", pa.float64(), "share of the helpful budget, by the ranking variant's totals (ledger.rank_by; a run "
+                            "without the ledger: by its leave-one-out effects, else its Shapley values)"),
+    ("harmful", pa.bool_(), "flagged harmful (the ranking measure > 0: it raised the weighted loss)"),
+    ("rank", pa.int32(), "rank by the ranking measure, 1 = most helpful"),
     ("loo_effect", pa.float64(), "leave-one-participant-out effect Σ_k q_k (L_k(full) − L_k(without j)) (null: "
                                  "not computed)"),
     ("shapley", pa.float64(), "Monte-Carlo Shapley value (null: not computed)"),

@@ -35,9 +35,10 @@ and seed, and compares the final mean held-out accuracy of the honest participan
 participants by their ledger total T_j, with their share of the helpful budget and the harmful flag, beside
 their data size, misbehaviour and position (in-degree, betweenness). Where leave-one-participant-out retraining
 (``loo.parquet``; ``--loo`` computes it now, as Ray tasks, if the run did not) and Monte-Carlo Shapley
-(``shapley.parquet``; ``--shapley K``) exist, it reports Spearman and Kendall correlation of T_j with them. It
-writes ``contributions_report.parquet``, a bar chart of the shares (``contributions_shares.png``) and the
-heat-map of L[j→k] (``contributions_heatmap.png``).
+(``shapley.parquet``; ``--shapley K``) exist, it reports Spearman and Kendall correlation of T_j with them. A run
+without the ledger is ranked by the same rule on its leave-one-out effects (else its Shapley values). It writes
+``contributions_report.parquet``, a bar chart of the shares (``contributions_shares.png``) and the heat-map of
+L[j→k] (``contributions_heatmap.png``; without the ledger, of the leave-one-out effects).
 """
 
 from __future__ import annotations
@@ -161,11 +162,14 @@ def collaborators(runs: list[Path], out: Path | None = None) -> list[dict]:
 
 def retrain(run: Path, loo: bool, shapley: int | None, local: bool = False, allow_imports: bool = False) -> None:
     """Compute the leave-one-out (``loo``) and Shapley (``shapley`` permutations) tables ``run`` lacks, now (Ray
-    tasks, or here if ``local``); a run without the ledger is refused first. The run's config imports the modules
-    it names only with ``allow_imports`` (``config.rerun_config``)."""
+    tasks, or here if ``local``); a run that did not finish training is refused first. The run's config imports the
+    modules it names only with ``allow_imports`` (``config.rerun_config``)."""
     from dice_ray.api import Run
 
     Run(run).retrain(loo, shapley, local, allow_imports)
+
+
+RANKED_BY = {"loo": "leave-one-out effect", "shapley": "Shapley value"}  # a run without the ledger, ranked by
 
 
 def contributions(run: Path, loo: bool = False, shapley: int | None = None, local: bool = False,
@@ -178,9 +182,13 @@ def contributions(run: Path, loo: bool = False, shapley: int | None = None, loca
     rows, ranking, variants = computed.table, computed.ranking, computed.variants
     honest = ~rows["misbehaving"].to_numpy()
     shown = rows.drop(columns=[f"total{VARIANT_SUFFIX[v]}" for v in VARIANT_SUFFIX if v not in variants])
+    if not computed.ledger:
+        print(f"no ledger in this run: ranked by {RANKED_BY[ranking]}")
     print(shown.sort_values("rank").to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    for v, agree in sorted(variants.items(), key=lambda item: item[0] != ranking):  # the ranking variant first
-        label = "ledger total" if v == ranking else f"  {v} ledger total"
+    measures = variants if computed.ledger else {ranking: computed.agreement}
+    for v, agree in sorted(measures.items(), key=lambda item: item[0] != ranking):  # the ranking variant first
+        label = (RANKED_BY[v] if not computed.ledger else "ledger total" if v == ranking else
+                 f"  {v} ledger total")
         for name in ("loo", "shapley"):
             if agree[name]["spearman"] is not None:
                 print(f"{label} vs {name}: Spearman {agree[name]['spearman']:.3f}, Kendall "
@@ -188,12 +196,13 @@ def contributions(run: Path, loo: bool = False, shapley: int | None = None, loca
         if agree["loo_honest"]["spearman"] is not None and rows["misbehaving"].any():
             print(f"  among the {int(honest.sum())} well-behaved participants only: Spearman "
                   f"{agree['loo_honest']['spearman']:.3f}, Kendall {agree['loo_honest']['kendall']:.3f}")
-    print("ledger total vs position and data (Spearman): " + _correlations(computed.position))
+    label = "ledger total" if computed.ledger else RANKED_BY[ranking]
+    print(f"{label} vs position and data (Spearman): " + _correlations(computed.position))
     if computed.misbehaving_flagged is not None:
         flagged = int(rows.loc[rows["misbehaving"], "harmful"].sum())
         print(f"misbehaving participants flagged harmful: {flagged} of {int(rows['misbehaving'].sum())}; honest "
               f"ones flagged: {int(rows.loc[~rows['misbehaving'], 'harmful'].sum())}")
-    print(f"wrote {run / 'contributions_report.parquet'}, contributions_shares.png, contributions_heatmap.png")
+    print(f"wrote {run / 'contributions_report.parquet'}, " + ", ".join(computed.figures()))
     return computed
 
 

@@ -3,8 +3,10 @@
 From a run with the ledger (``shares`` and ``contributions``) it ranks the participants by their ledger total T_j,
 with their share of the helpful budget and the harmful flag, beside their data size, misbehaviour and position
 (in-degree, betweenness). Where leave-one-participant-out retraining (``loo``) and Monte-Carlo Shapley
-(``shapley``) exist, it gives Spearman and Kendall correlation of T_j with them. Computing those is retraining,
-not reporting: ``dice_ray.Run.retrain`` (``python -m dice_ray.analyze contributions --loo``/``--shapley``).
+(``shapley``) exist, it gives Spearman and Kendall correlation of T_j with them. A run without the ledger but
+with retraining is ranked by the same rule on its leave-one-out effects (else its Shapley values), agreed with
+the other. Computing those is retraining, not reporting: ``dice_ray.Run.retrain`` (``python -m dice_ray.analyze
+contributions --loo``/``--shapley``).
 """
 
 from __future__ import annotations
@@ -23,13 +25,37 @@ from dice_ray.reports.correlation import rank_agreement, spearman
 from dice_ray.reports.inputs import read_frame, recorded_topology
 from dice_ray.results import CONTRIBUTION_REPORT, VARIANT_SUFFIX
 
-LEDGER_HINT = "run the simulation with --ledger first"
+REPORT_HINT = ("run the simulation with --ledger (or --loo / --shapley K) first, or retrain this run now with "
+               "analyze contributions --loo / --shapley K")
+RETRAINED = ("loo", "shapley")  # the retraining measures a run without the ledger is ranked by, in this order
 
 
 def ledger_tables(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Return ``run``'s (shares, contributions, nodes) tables; a run without the ledger is an ``InputError``."""
-    return (read_frame(run, "shares", LEDGER_HINT), read_frame(run, "contributions", LEDGER_HINT),
+    return (read_frame(run, "shares", REPORT_HINT), read_frame(run, "contributions", REPORT_HINT),
             read_frame(run, "nodes", "not a finished run"))
+
+
+def retrained_measures(run: Path) -> dict[str, pd.Series]:
+    """Return each retraining measure ``run`` has, by participant: ``loo`` (j's leave-one-out effect Σ_k q_k
+    (L_k(full) − L_k(without j))) and ``shapley`` (its Monte-Carlo Shapley value); both > 0 where j raised the
+    loss, as the ledger's T_j."""
+    found = {}
+    if (run / "loo.parquet").is_file():
+        table = read_frame(run, "loo", "")
+        found["loo"] = table[table["participant"] >= 0].groupby("participant")["effect"].sum()
+    if (run / "shapley.parquet").is_file():
+        found["shapley"] = read_frame(run, "shapley", "").set_index("participant")["shapley"]
+    return found
+
+
+def loo_matrix(run: Path, n: int) -> np.ndarray:
+    """The leave-one-out effects q_k (L_k(full) − L_k(without j)) as an N × N array [j, k]."""
+    table = read_frame(run, "loo", "")
+    table = table[table["participant"] >= 0]
+    matrix = np.full((n, n), np.nan)
+    matrix[table["participant"].to_numpy(), table["target"].to_numpy()] = table["effect"].to_numpy()
+    return matrix
 
 
 @dataclass(frozen=True)
@@ -38,74 +64,100 @@ class Contributions:
 
     ``table``: one row per participant (the ``contributions_report`` table: ledger totals per variant, share,
     harmful flag, rank, ``loo_effect`` and ``shapley`` (NaN: not computed), data size, misbehaviour, in-degree,
-    betweenness). ``ranking``: the variant the run ranks by. ``matrix``: the final ledger L[j → k] of the ranking
-    variant as an N × N array. ``agreement``: rank agreement (``spearman``, ``kendall``; None: not computed) of
-    the ranking variant's totals with ``loo``, ``shapley`` and, over well-behaved participants only,
-    ``loo_honest``; ``variants``: the same per measured variant. ``position``: Spearman correlation of the
-    totals with ``n_train``, ``in_degree`` and ``betweenness``. ``misbehaving_flagged``: whether every
-    misbehaving participant is flagged harmful (None: none misbehaves).
+    betweenness). ``ranking``: what ranks the participants and gives shares and harmful flags: the run's ledger
+    variant, or in a run without the ledger ``loo`` (else ``shapley``). ``matrix``: the final ledger L[j → k] of
+    the ranking variant as an N × N array (without the ledger: the leave-one-out effects q_k (L_k(full) −
+    L_k(without j)); None with Shapley values alone). ``agreement``: rank agreement (``spearman``, ``kendall``;
+    None: not computed, or the ranking measure itself) of the ranking measure with ``loo``, ``shapley`` and, over
+    well-behaved participants only, ``loo_honest``; ``variants``: the same per measured ledger variant (empty
+    without the ledger). ``position``: Spearman correlation of the ranking measure with ``n_train``, ``in_degree``
+    and ``betweenness``. ``misbehaving_flagged``: whether every misbehaving participant is flagged harmful (None:
+    none misbehaves).
     """
 
     table: pd.DataFrame
     ranking: str
-    matrix: np.ndarray
+    matrix: np.ndarray | None
     agreement: dict[str, dict[str, float | None]]
     variants: dict[str, dict[str, dict[str, float | None]]]
     position: dict[str, float | None]
     misbehaving_flagged: bool | None
+
+    @property
+    def ledger(self) -> bool:
+        """Whether the run kept the ledger (else it is ranked by retraining)."""
+        return self.ranking not in RETRAINED
 
     def tables(self) -> dict[str, tuple[pd.DataFrame, pa.Schema]]:
         """Table name -> (rows, schema) to write: ``contributions_report``."""
         return {"contributions_report": (self.table, CONTRIBUTION_REPORT)}
 
     def figures(self) -> dict[str, Callable[[Path], None]]:
-        """PNG file name -> a function drawing it to a path: the shares bar chart and the ledger heat-map."""
-        return {"contributions_shares.png": lambda path: plots.contribution_shares(self.table, path),
-                "contributions_heatmap.png": lambda path: plots.signed_heatmap(
-                    self.matrix, "ledger L[j → k]: red raised k's loss, blue lowered it", path)}
+        """PNG file name -> a function drawing it to a path: the shares bar chart and the heat-map of ``matrix``
+        (none without one)."""
+        figures = {"contributions_shares.png": lambda path: plots.contribution_shares(self.table, path)}
+        if self.matrix is not None:
+            title = ("ledger L[j → k]: red raised k's loss, blue lowered it" if self.ledger else
+                     "leave-one-out q_k (L_k(full) − L_k(without j)):\nred: j raised k's loss, blue: lowered it")
+            matrix = self.matrix
+            figures["contributions_heatmap.png"] = lambda path: plots.signed_heatmap(matrix, title, path)
+        return figures
 
 
 def contributions_report(run: str | Path) -> Contributions:
-    """Return the contributions report of the run directory ``run`` (a run with the ledger; reads ``loo`` and
-    ``shapley`` where they exist, retrains nothing and writes nothing)."""
+    """Return the contributions report of the run directory ``run`` (a run with the ledger, or with leave-one-out
+    or Shapley retraining; reads ``loo`` and ``shapley`` where they exist, retrains nothing and writes nothing)."""
     import networkx as nx
 
-    run = Path(run)
+    from dice_ray.methods.contributions import shares as share_rows
 
-    shares, ledger, nodes = ledger_tables(run)
-    n = len(nodes)
-    config, topology = recorded_topology(run)
-    ranking = config.ledger.ranking
-    matrix = np.zeros((n, n))
-    column = "cumulative" + VARIANT_SUFFIX[ranking]
-    last = ledger.groupby(["source", "target"])[column].last() if column in ledger else ledger.iloc[:0]["step"]
-    matrix[last.index.get_level_values(0), last.index.get_level_values(1)] = last.to_numpy()
+    run = Path(run)
+    retrained = retrained_measures(run)
+    if retrained and not (run / "shares.parquet").is_file():  # ranked by retraining: the ledger's rule on it
+        nodes = read_frame(run, "nodes", "not a finished run")
+        n = len(nodes)
+        ranking = next(name for name in RETRAINED if name in retrained)
+        totals = np.full(n, np.nan)
+        totals[retrained[ranking].index.to_numpy()] = retrained[ranking].to_numpy()
+        rows = pd.DataFrame(share_rows(totals, {}))
+        matrix = loo_matrix(run, n) if ranking == "loo" else None
+        config, topology = recorded_topology(run)
+    else:
+        shares, ledger, nodes = ledger_tables(run)
+        n = len(nodes)
+        config, topology = recorded_topology(run)
+        ranking = config.ledger.ranking
+        matrix = np.zeros((n, n))
+        column = "cumulative" + VARIANT_SUFFIX[ranking]
+        last = ledger.groupby(["source", "target"])[column].last() if column in ledger else ledger.iloc[:0]["step"]
+        matrix[last.index.get_level_values(0), last.index.get_level_values(1)] = last.to_numpy()
+        rows = shares.sort_values("participant").reset_index(drop=True)
+        for v in list(VARIANT_SUFFIX)[1:]:  # tables of runs before the curvature ledger have no such column
+            if f"total{VARIANT_SUFFIX[v]}" not in rows:
+                rows[f"total{VARIANT_SUFFIX[v]}"] = np.nan
     betweenness = nx.betweenness_centrality(topology.to_networkx(0))
-    rows = shares.sort_values("participant").reset_index(drop=True)
-    for v in list(VARIANT_SUFFIX)[1:]:  # tables of runs before the curvature ledger have no such column
-        if f"total{VARIANT_SUFFIX[v]}" not in rows:
-            rows[f"total{VARIANT_SUFFIX[v]}"] = np.nan
     rows["loo_effect"] = np.nan
     rows["shapley"] = np.nan
-    if (run / "loo.parquet").is_file():
-        table = read_frame(run, "loo", "")
-        effect = table[table["participant"] >= 0].groupby("participant")["effect"].sum()
-        rows.loc[effect.index, "loo_effect"] = effect.to_numpy()
-    if (run / "shapley.parquet").is_file():
-        table = read_frame(run, "shapley", "").set_index("participant")["shapley"]
-        rows.loc[table.index, "shapley"] = table.to_numpy()
+    for name, column in (("loo", "loo_effect"), ("shapley", "shapley")):
+        if name in retrained:
+            rows.loc[retrained[name].index, column] = retrained[name].to_numpy()
     rows["n_train"] = nodes["n_train"].to_numpy()
     rows["misbehaving"] = nodes["misbehaving"].to_numpy()
     rows["in_degree"] = nodes["in_degree"].to_numpy()
     rows["betweenness"] = np.round([betweenness[j] for j in range(n)], 12)  # equal ones compare equal
     honest = ~rows["misbehaving"].to_numpy()
+    none = {"spearman": None, "kendall": None}
 
     def agreement(total: np.ndarray) -> dict[str, dict[str, Any]]:
-        return {"loo": rank_agreement(total, rows["loo_effect"].to_numpy()),
-                "shapley": rank_agreement(total, rows["shapley"].to_numpy()),
-                "loo_honest": rank_agreement(total[honest], rows["loo_effect"].to_numpy()[honest])}
+        found = {"loo": rank_agreement(total, rows["loo_effect"].to_numpy()),
+                 "shapley": rank_agreement(total, rows["shapley"].to_numpy()),
+                 "loo_honest": rank_agreement(total[honest], rows["loo_effect"].to_numpy()[honest])}
+        if ranking in RETRAINED:  # a measure's agreement with itself says nothing
+            found |= {ranking: none} | ({"loo_honest": none} if ranking == "loo" else {})
+        return found
 
-    total = rows["total" + VARIANT_SUFFIX[ranking]].to_numpy()
+    total = (rows["loo_effect"] if ranking == "loo" else rows["shapley"] if ranking == "shapley" else
+             rows["total" + VARIANT_SUFFIX[ranking]]).to_numpy()
     position = ("n_train", "in_degree", "betweenness")
     return Contributions(
         table=rows, ranking=ranking, matrix=matrix, agreement=agreement(total),

@@ -219,7 +219,42 @@ def test_contributions_report(tmp_path: Path, capsys) -> None:
     assert (out / "contributions_shares.png").stat().st_size > 0 and (out / "contributions_heatmap.png").is_file()
     plain = _run(tmp_path / "plain", "--engine", "local", "--rounds", "2")
     assert analyze(["contributions", str(plain)]) == 2
-    assert "--ledger" in capsys.readouterr().err
+    assert "--ledger (or --loo / --shapley K)" in capsys.readouterr().err
+
+
+def test_a_run_without_the_ledger_is_ranked_by_its_retraining(tmp_path: Path, capsys) -> None:
+    """--loo alone: the report ranks by the leave-one-out effects with the ledger's rule (shares, harmful flags,
+    ranks) and draws their matrix; Shapley added later is agreed with; Shapley alone ranks by itself."""
+    from dice_ray.api import open_run
+    from dice_ray.cli.analyze import main as analyze
+
+    out = _run(tmp_path / "loo", "--engine", "local", "--rounds", "4", "--misbehavior", "label-flip",
+               "--misbehaving-selection", "ids", "--misbehaving-ids", "1", "--loo")
+    assert not (out / "shares.parquet").exists()
+    assert analyze(["contributions", str(out)]) == 0
+    assert "no ledger in this run: ranked by leave-one-out effect" in capsys.readouterr().out
+    loo = pd.read_parquet(out / "loo.parquet")
+    effect = loo[loo["participant"] >= 0].groupby("participant")["effect"].sum().to_numpy()
+    report = pd.read_parquet(out / "contributions_report.parquet")
+    expected = shares(effect, {})
+    np.testing.assert_array_equal(report["loo_effect"], effect)
+    for column in ("share", "harmful", "rank"):
+        np.testing.assert_array_equal(report[column], expected[column])
+    assert report["total"].isna().all() and report["shapley"].isna().all()
+    assert report.loc[report["rank"] == 1, "loo_effect"].item() == effect.min()
+    assert (out / "contributions_heatmap.png").is_file()
+
+    assert analyze(["contributions", str(out), "--shapley", "2", "--local"]) == 0
+    assert "leave-one-out effect vs shapley: Spearman" in capsys.readouterr().out
+    both = open_run(out).contributions()
+    assert both.ranking == "loo" and not both.ledger and both.variants == {}
+    assert both.agreement["loo"]["spearman"] is None and both.agreement["shapley"]["spearman"] is not None
+    np.testing.assert_allclose(both.matrix.sum(axis=1), effect, rtol=1e-12)  # row j: j's effect on each k
+
+    plain = _run(tmp_path / "plain", "--engine", "local", "--rounds", "2")
+    alone = open_run(plain).contributions(shapley=2, local=True)  # retrains a run made without any of them
+    assert alone.ranking == "shapley" and alone.matrix is None and list(alone.figures()) == ["contributions_shares.png"]
+    np.testing.assert_array_equal(alone.table["rank"], shares(alone.table["shapley"].to_numpy(), {})["rank"])
 
 
 def test_time_varying_topology_ledger_equals_first_order_dice(tmp_path: Path) -> None:
