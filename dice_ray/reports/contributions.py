@@ -112,6 +112,7 @@ def contributions_report(run: str | Path) -> Contributions:
     from dice_ray.methods.contributions import shares as share_rows
 
     run = Path(run)
+    config, topology = recorded_topology(run)
     retrained = retrained_measures(run)
     if retrained and not (run / "shares.parquet").is_file():  # ranked by retraining: the ledger's rule on it
         nodes = read_frame(run, "nodes", "not a finished run")
@@ -121,11 +122,9 @@ def contributions_report(run: str | Path) -> Contributions:
         totals[retrained[ranking].index.to_numpy()] = retrained[ranking].to_numpy()
         rows = pd.DataFrame(share_rows(totals, {}))
         matrix = loo_matrix(run, n) if ranking == "loo" else None
-        config, topology = recorded_topology(run)
     else:
         shares, ledger, nodes = ledger_tables(run)
         n = len(nodes)
-        config, topology = recorded_topology(run)
         ranking = config.ledger.ranking
         matrix = np.zeros((n, n))
         column = "cumulative" + VARIANT_SUFFIX[ranking]
