@@ -45,11 +45,20 @@ CHECKPOINTS = "checkpoints"
 _PLACEMENT_FIELDS = {"engine": None,
                      "output": {"out", "progress", "overwrite", "checkpoint_every", "keep_checkpoints"}}
 _NUMBERS_FIELDS = {"engine": {"precision": "fp32"}}  # section -> field -> the value left out of the digest
+# Fields hashed as their default whatever their value: where the records go, not the numbers. They counted once (a
+# resume does not take a received run's MLflow URI, ``config.forget_tracking_uri``), so the digests of runs that
+# kept the default stay what they were, and ``CheckpointStore.check`` takes checkpoints hashed with them counted.
+_UNCOUNTED_FIELDS = {"output": {"tracking_uri": None}}
 
 
 def config_digest(config: Any) -> str:
     """Return a digest of everything in ``config`` (a ``RunConfig``) that determines the numbers."""
-    data = config.recorded()
+    return _digest(config.recorded())
+
+
+def _digest(data: dict[str, Any], counted: bool = False) -> str:
+    """The digest of a recorded config ``data`` (as ``RunConfig.recorded`` writes it; changed in place), with the
+    fields of ``_UNCOUNTED_FIELDS`` counted as earlier versions counted them (``counted``) or not."""
     kept = {section: {name: data.get(section, {}).get(name, default) for name, default in fields.items()}
             for section, fields in _NUMBERS_FIELDS.items()}
     for section, fields in _PLACEMENT_FIELDS.items():
@@ -62,6 +71,9 @@ def config_digest(config: Any) -> str:
         changed = {name: value for name, value in fields.items() if value != _NUMBERS_FIELDS[section][name]}
         if changed:
             data.setdefault(section, {}).update(changed)
+    for section, fields in ({} if counted else _UNCOUNTED_FIELDS).items():
+        if isinstance(data.get(section), dict):
+            data[section].update({name: value for name, value in fields.items() if name in data[section]})
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -158,11 +170,22 @@ class CheckpointStore:
         return None
 
     def check(self, checkpoint: Checkpoint) -> None:
-        """Raise ``ValueError`` if ``checkpoint`` was written by a run with a different config."""
+        """Raise ``ValueError`` if ``checkpoint`` was written by a run with a different config. A checkpoint an
+        earlier version wrote, whose digest counted ``_UNCOUNTED_FIELDS``, is taken if it matches the run's recorded
+        config counted so (its manifest: the config this run resumes)."""
         meta = json.loads((checkpoint.path / "meta.json").read_text())
-        if meta.get("config_digest") != self.digest:
+        found = meta.get("config_digest")
+        if found != self.digest and found != self._counted_digest():
             raise ValueError(f"checkpoint {checkpoint.path} belongs to a different config (digest "
                              f"{meta.get('config_digest')}, this run {self.digest})")
+
+    def _counted_digest(self) -> str | None:
+        """The digest of the run's recorded config with ``_UNCOUNTED_FIELDS`` counted (None: no manifest)."""
+        try:
+            data = json.loads((self.root.parent / "manifest.json").read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return _digest(data, counted=True) if isinstance(data, dict) else None
 
     def save(self, round_: int, snapshot: Mapping[str, np.ndarray],
              driver_state: Mapping[str, np.ndarray] | None = None, parts: Mapping[str, str] | None = None

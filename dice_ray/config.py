@@ -237,7 +237,8 @@ class OutputConfig(Section):
     log: list[Literal["tensorboard", "mlflow"]] = Field([], description="experiment trackers that also get the "
                                                         "per-round metrics (comma-separated; docs: how-to/tracking)")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
-                                                       "sqlite:///<run directory>/mlflow.db)")
+                                                       "sqlite:///<run directory>/mlflow.db; a resume does not "
+                                                       "take the one a run recorded)")
 
     @field_validator("log", mode="before")
     @classmethod
@@ -469,6 +470,26 @@ def forget_address(data: Any, where: str, given: str | None = None, warn: bool =
         print(f"warning: {where}: the run was placed on the Ray cluster at {recorded!r}; a run directory does not "
               f"choose the cluster a session joins, so this one runs on {repr(here) if here else 'a local Ray'} "
               f"(--address or RAY_ADDRESS {recorded!r} continues there)", file=sys.stderr)
+
+
+def forget_tracking_uri(data: Any, where: str) -> None:
+    """Drop the MLflow tracking URI a run directory's recorded config ``data`` names (``output.tracking_uri``): the
+    session that continues the run says where its records go (``MLFLOW_TRACKING_URI``, else the run directory's
+    SQLite store). A run directory may come from someone else, and MLflow sends this machine's host name, and the
+    credentials it is given (``MLFLOW_TRACKING_TOKEN``, ...), with the records to that URI. One warning line when
+    the run logs to MLflow and the recorded URI is not where the records go now."""
+    output = data.get("output") if isinstance(data, dict) else None
+    recorded = output.get("tracking_uri") if isinstance(output, dict) else None
+    if recorded is None:
+        return
+    output["tracking_uri"] = None
+    here = os.environ.get("MLFLOW_TRACKING_URI")
+    logs = comma_list(output.get("log") or [])
+    if isinstance(logs, list) and "mlflow" in logs and recorded != here:
+        print(f"warning: {where}: the run sent its MLflow records to {recorded!r}; a run directory does not choose "
+              f"where a session sends records (and the credentials MLflow sends with them), so this one sends them "
+              f"to {repr(here) if here else 'the run directory (mlflow.db)'} (MLFLOW_TRACKING_URI={recorded} "
+              "continues there)", file=sys.stderr)
 
 
 def rerun_config(data: Any, where: str, allow_imports: bool) -> RunConfig:

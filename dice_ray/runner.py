@@ -29,6 +29,7 @@ from dice_ray.config import (
     RunConfig,
     check_workers_register,
     forget_address,
+    forget_tracking_uri,
     rerun_config,
     set_dotted,
 )
@@ -68,6 +69,7 @@ def resume_config(run: Path, changes: dict[str, Any] | None = None,
     if manifest.get("status") == "complete":
         raise InputError(f"--resume {run}: the run is already complete")
     forget_address(data, f"--resume {run}", (changes or {}).get("engine.address"))
+    forget_tracking_uri(data, f"--resume {run}")
     for dotted, value in (changes or {}).items():
         if dotted not in RESUME_FIELDS:
             raise InputError(f"--resume continues the run with its own config; {dotted} cannot change it "

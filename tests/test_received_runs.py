@@ -122,3 +122,60 @@ def test_a_received_run_does_not_choose_the_cluster_its_resume_or_retraining_joi
         assert "the run was placed on the Ray cluster at '127.0.0.1:1'" in done.stderr, done.stderr[-2000:]
         assert "this one runs on a local Ray" in done.stderr
     assert len(pd.read_parquet(run / "rounds.parquet")) == 4 * 5 and (run / "loo.parquet").is_file()
+
+
+def test_a_received_run_does_not_choose_where_its_resume_sends_mlflow_records(tmp_path: Path, monkeypatch,
+                                                                               capsys) -> None:
+    """The MLflow tracking URI a run recorded is not used by its resume: MLflow sends this machine's host name, and
+    the credentials it is given (MLFLOW_TRACKING_TOKEN, ...), with the records. They go where the session says
+    (MLFLOW_TRACKING_URI, else the run directory's store), with one warning line when that is elsewhere. The
+    checkpoints' digest does not count the URI; a checkpoint an earlier version wrote, whose digest counted it, is
+    still taken."""
+    from mlflow.tracking import MlflowClient
+
+    from dice_ray.checkpoint import _digest, config_digest
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sender = f"sqlite:///{tmp_path / 'sender.db'}"
+
+    def interrupted(name: str) -> Path:
+        def stop(metrics, engine) -> None:
+            if metrics.round == 3:
+                raise RuntimeError("interrupted")
+
+        config = dice_ray.RunConfig(nodes=4, rounds=5, seed=0, data={"dataset": "digits", "heldout_size": 16},
+                                    optim={"batch_size": 8},
+                                    output={"out": str(tmp_path / name), "progress": False, "checkpoint_every": 2,
+                                            "log": ["mlflow"], "tracking_uri": sender})
+        with pytest.raises(RuntimeError, match="interrupted"):
+            dice_ray.run(config, engine="local", on_round=stop)
+        return tmp_path / name
+
+    def runs(uri: str) -> list[str]:
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("dice-ray")
+        return [r.info.status for r in client.search_runs([experiment.experiment_id])] if experiment else []
+
+    run = interrupted("run")
+    assert runs(sender) == ["FAILED"]
+    capsys.readouterr()
+    resumed = dice_ray.resume(run, engine="local")
+    err = capsys.readouterr().err
+    assert f"the run sent its MLflow records to {sender!r}" in err and "the run directory (mlflow.db)" in err
+    assert err.count("MLflow records") == 1 and resumed.status == "complete"
+    assert runs(sender) == ["FAILED"] and runs(f"sqlite:///{run.resolve()}/mlflow.db") == ["FINISHED"]
+    assert resumed.config.output.tracking_uri == sender  # the manifest still records what the run was given
+
+    earlier = interrupted("earlier")  # as an earlier version wrote it: the URI counted in its checkpoints' digest
+    recorded = json.loads((earlier / "manifest.json").read_text())["config"]
+    counted = _digest(json.loads(json.dumps(recorded)), counted=True)
+    assert counted != config_digest(dice_ray.as_config(recorded))
+    for meta in (earlier / "checkpoints").glob("round-*/meta.json"):
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "config_digest": counted}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sender)  # the session says where: there, without a warning
+    capsys.readouterr()
+    resumed = dice_ray.resume(earlier, engine="local")
+    assert "MLflow records" not in capsys.readouterr().err
+    assert resumed.manifest["resumes"][-1]["from_round"] == 4 and resumed.status == "complete"
+    assert sorted(runs(sender)) == ["FAILED", "FAILED", "FINISHED"]
+    pd.testing.assert_frame_equal(resumed.rounds, pd.read_parquet(run / "rounds.parquet"))
