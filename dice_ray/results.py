@@ -60,7 +60,9 @@ INFLUENCE = _schema(
     *_PROBE,
     ("target", pa.int32(), "participant k whose loss on z′ is measured"),
     ("step", pa.int32(), "s: rounds after the probe (k's state θ_k^{t+s}); 0 is the direct term at θ_j^{t+½}"),
-    ("distance", pa.int32(), "hop distance from j to k in W^t (0 for j itself)"),
+    ("distance", pa.int32(), "the step s at which j's round-t update first reaches k, k ∈ N^(s) (0 for j itself; "
+                             "the hop distance from j to k in a static graph, not in W^t alone in a time-varying "
+                             "one)"),
     ("gt", pa.float64(), "DICE-GT term d_k^{(s)} = L(θ_k^{t+s}; z′) − L(θ_{k∖z}^{t+s}; z′) by counterfactual replay "
                          "(s = 0: d_j^{(½)}); negative: z lowered k's loss"),
     ("est_first_order", pa.float64(), "DICE-E term e_k^{(s)}, communication only (J = I)"),
@@ -107,7 +109,8 @@ ALIGNMENT = _schema(
 
 CASCADE = _schema(
     ("step", pa.int32(), "s: rounds after the probe"),
-    ("distance", pa.int32(), "hop distance from the probed participant j to the target k"),
+    ("distance", pa.int32(), "the step at which the probed participant j's update first reaches the target k "
+                             "(the hop distance in a static graph; influence.parquet's distance)"),
     ("value", pa.string(), "which influence: gt, est_second_order, est_exact_readout, est_curvature or "
                            "est_first_order"),
     ("mean_abs", pa.float64(), "mean |influence term| over whole-batch probes and targets at this distance"),
