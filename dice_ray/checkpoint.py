@@ -104,6 +104,8 @@ class Checkpoint:
             digests = meta["sha256"]
         except (OSError, ValueError, KeyError, TypeError):
             return "meta.json is unreadable or records no digests"
+        if meta.get("round") != self.round:  # a renamed folder would make a resume skip or redo rounds
+            return f"its folder names round {self.round}, its meta.json round {meta.get('round')!r}"
         for name, digest in digests.items():
             path = self.path / name
             if not path.is_file():

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dice_ray.checkpoint import CHECKPOINTS, CheckpointStore, RoundTables, config_digest
@@ -88,7 +89,21 @@ def resume_config(run: Path, changes: dict[str, Any] | None = None,
                 store.check(latest)
         except ValueError as err:
             raise InputError(f"--resume {run}: {err}") from None
+        if latest is not None and latest.round >= config.rounds - 1:  # the last round's state is the final one
+            raise InputError(f"--resume {run}: its checkpoint {latest.path.name} is of round {latest.round}, but the "
+                             f"run has rounds 0..{config.rounds - 1} and no rounds.parquet; nothing was changed")
+    elif (problem := unreadable(run / "rounds.parquet")) is not None:
+        raise InputError(f"--resume {run}: {problem}; nothing was changed")
     return config, manifest
+
+
+def unreadable(path: Path) -> str | None:
+    """Why the Parquet table at ``path`` cannot be read (cut short, replaced), or None."""
+    try:
+        pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as err:
+        return f"{path.name} is not a readable Parquet table ({(str(err).splitlines() or ['?'])[0][:120]})"
+    return None
 
 
 def run_directory(config: RunConfig) -> Path:

@@ -136,3 +136,48 @@ def test_the_config_digest_counts_the_precision_and_not_the_placement() -> None:
         assert config_digest(dice_ray.as_config(plain, engine=placement)) == digest
     for precision in ("tf32", "bf16"):
         assert config_digest(dice_ray.as_config(plain, engine={"precision": precision})) != digest
+
+
+def test_a_checkpoint_whose_folder_names_another_round_is_not_trusted(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A resume takes the round from the folder's name: renamed to a later round, it used to skip to the end,
+    delete the checkpoints with the table parts and fail. The folder must agree with its meta.json; a checkpoint of
+    the run's last round or beyond (never written: the tables are final then) is refused with nothing changed."""
+    run = _interrupted(tmp_path, "renamed")
+    newest = _newest(run)
+    newest.rename(newest.parent / "round-009999")
+    capsys.readouterr()
+    resumed = dice_ray.resume(run, engine="local")
+    assert "its folder names round 9999, its meta.json round 8" in capsys.readouterr().err
+    assert resumed.manifest["resumes"][-1]["from_round"] == 6
+    for name, table in _reference(tmp_path).items():
+        pd.testing.assert_frame_equal(resumed.table(name), table)
+
+    run = _interrupted(tmp_path, "beyond")
+    newest = _newest(run)
+    meta = json.loads((newest / "meta.json").read_text())
+    (newest / "meta.json").write_text(json.dumps({**meta, "round": 9999}))
+    newest.rename(newest.parent / "round-009999")
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    capsys.readouterr()
+    assert main(["--resume", str(run), "--engine", "local"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "round-009999 is of round 9999, but the run has rounds 0..9" in err and len(err.splitlines()) == 1
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+
+
+def test_a_resume_after_training_refuses_a_damaged_rounds_table(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A run stopped after training (rounds.parquet written) whose rounds.parquet was replaced: one line, exit 2,
+    nothing changed (it used to mark the run running and fail with Arrow's traceback)."""
+    run = tmp_path / "after"
+    dice_ray.run(dice_ray.as_config(CONFIG, rounds=4, output={"out": str(run)}), engine="local")
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+    (run / "rounds.parquet").write_bytes(b"not parquet")
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    capsys.readouterr()
+    assert main(["--resume", str(run), "--engine", "local"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "rounds.parquet is not a readable Parquet table" in err and len(err.splitlines()) == 1
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
