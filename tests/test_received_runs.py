@@ -179,3 +179,33 @@ def test_a_received_run_does_not_choose_where_its_resume_sends_mlflow_records(tm
     assert resumed.manifest["resumes"][-1]["from_round"] == 4 and resumed.status == "complete"
     assert sorted(runs(sender)) == ["FAILED", "FAILED", "FINISHED"]
     pd.testing.assert_frame_equal(resumed.rounds, pd.read_parquet(run / "rounds.parquet"))
+
+
+def test_a_report_refuses_a_graph_or_size_that_is_not_the_one_the_run_recorded(tmp_path: Path, monkeypatch,
+                                                                               capsys) -> None:
+    """Reports rebuild the communication graph from the recorded config. A relative topology file read from
+    another folder used to give another graph silently (wrong hop distances and positions), and a manifest whose
+    participant count was changed, IndexErrors or a 7 TiB allocation. Both are checked against nodes.parquet."""
+    sender, receiver = tmp_path / "sender", tmp_path / "receiver"
+    for folder, edges in ((sender, "0 1\n1 2\n2 3\n3 0\n"), (receiver, "0 1\n0 2\n0 3\n1 2\n")):
+        (folder / "topo").mkdir(parents=True)
+        (folder / "topo" / "graph.txt").write_text(edges)
+    monkeypatch.chdir(sender)
+    config = dice_ray.RunConfig(nodes=4, rounds=4, seed=0, data={"dataset": "digits", "heldout_size": 16},
+                                topology={"name": "file", "file": "topo/graph.txt"}, optim={"batch_size": 8},
+                                influence={"enabled": True, "hops": 1, "rounds": [1]},
+                                output={"out": str(tmp_path / "run"), "progress": False})
+    dice_ray.run(config, engine="local")
+    assert analyze(["cascade", str(tmp_path / "run")]) == 0  # where the run was made: its own graph
+    monkeypatch.chdir(receiver)
+    capsys.readouterr()
+    assert analyze(["cascade", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "(read from 'topo/graph.txt') is not the one the run trained on" in err and len(err.splitlines()) == 1
+
+    monkeypatch.chdir(sender)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    manifest["config"]["nodes"] = 1_000_000
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest))
+    assert analyze(["cascade", str(tmp_path / "run")]) == 2
+    assert "manifest.json records 1000000 participants, nodes.parquet 4" in capsys.readouterr().err

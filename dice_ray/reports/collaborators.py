@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 
 from dice_ray.errors import InputError
-from dice_ray.reports.inputs import read_frame, read_manifest, read_table, topology_of
+from dice_ray.reports.inputs import read_frame, read_manifest, read_table, recorded_topology
 from dice_ray.results import COLLABORATORS
 
 REWIRINGS = ("none", "influence", "outlier", "random")
@@ -33,7 +33,7 @@ def _final_in_edges(run: Path, config, nodes: pd.DataFrame) -> list[np.ndarray]:
         if len(history):
             final = history[(history["round"] == history["round"].max()) & (history["action"] != "dropped")]
             return [np.sort(final.loc[final["participant"] == k, "neighbor"].to_numpy()) for k in range(len(nodes))]
-    return in_neighbor_sets(topology_of(config).mixing_matrix(0))
+    return in_neighbor_sets(recorded_topology(run)[1].mixing_matrix(0))
 
 
 def collaborator_row(run: Path) -> dict:

@@ -100,6 +100,22 @@ def topology_of(config: Any) -> Any:
 
 
 def recorded_topology(run: Path) -> tuple[Any, Any]:
-    """(the run's recorded config, its topology), read without importing anything the config names."""
+    """(the run's recorded config, its topology), read without importing anything the config names. The topology
+    is rebuilt from the config (a topology file is read again, a relative path from this folder), so it is checked
+    against what the run recorded in ``nodes.parquet``: as many participants, the same in-degrees in W^0; else an
+    ``InputError`` (a manifest or topology file changed since, or another file of that name here)."""
     config = recorded_config(run)
-    return config, topology_of(config)
+    path = run / "nodes.parquet"
+    if not path.is_file():
+        return config, topology_of(config)
+    recorded = read_table(path).column("in_degree").to_numpy(zero_copy_only=False)
+    if len(recorded) != config.nodes:
+        raise InputError(f"{run}: manifest.json records {config.nodes} participants, nodes.parquet {len(recorded)}: "
+                         "the run directory was changed")
+    topology = topology_of(config)
+    if not np.array_equal(np.asarray(topology.adjacency(0).sum(axis=1)).ravel(), recorded):
+        named = f" (read from {config.topology.file!r})" if config.topology.file else ""
+        raise InputError(f"{run}: the communication graph rebuilt from its config{named} is not the one the run "
+                         "trained on (nodes.parquet's in-degrees differ): its manifest or topology file changed, or "
+                         "a relative path names another file from this folder")
+    return config, topology
