@@ -37,6 +37,15 @@ def read_table(path: Path) -> pa.Table:
     if missing:
         raise InputError(f"{path} lacks column {missing[0]!r} of the {path.stem} table: it is not a dice-ray "
                          f"{path.stem} table of this version")
+    for field in [] if schema is None else schema:  # the types the reports compute with, or one line
+        column = table.column(field.name)
+        if column.type != field.type:
+            try:
+                column = column.cast(field.type)
+            except pa.ArrowException:
+                raise InputError(f"{path}: column {field.name!r} holds {column.type}, not {field.type}: it is not a "
+                                 f"dice-ray {path.stem} table") from None
+            table = table.set_column(table.schema.get_field_index(field.name), field.name, column)
     return table
 
 

@@ -139,6 +139,15 @@ def test_a_received_runs_malformed_pieces_are_one_line_each(tmp_path: Path, caps
         else:
             (run / file).write_text(text)
         one_line(run, "cascade" if file == "manifest.json" else "alignment", needle)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = tmp_path / "table-strings"  # the right columns, holding text (it was a traceback from float())
+    shutil.copytree(good, run)
+    table = pq.read_table(run / "dice.parquet")
+    at = table.schema.get_field_index("gt")
+    pq.write_table(table.set_column(at, "gt", pa.array(["n/a"] * len(table))), run / "dice.parquet")
+    one_line(run, "alignment", "column 'gt' holds string, not double")
     (good / "checkpoints" / "round-abc").mkdir(parents=True)
     (good / "checkpoints" / "round-abc" / "meta.json").write_text(json.dumps({}))
     (good / "checkpoints" / "rounds-abc-def.parquet").write_bytes(b"")
