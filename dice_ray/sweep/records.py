@@ -40,16 +40,45 @@ def write_result(out: Path, row: dict[str, Any]) -> None:
 
 
 def finished_trials(out: Path) -> dict[str, dict[str, Any]]:
-    """Return the recorded rows of the finished trials under ``out``, by trial id."""
+    """Return the recorded rows of the finished trials under ``out``, by trial id; a ``result.json`` that is not
+    one (``check_result``) is an ``InputError`` naming it."""
     rows = {}
     for path in sorted((out / "trials").glob(f"*/{RESULT}")):
         try:
             row = json.loads(path.read_text())
-            rows[row["trial_id"]] = row
-        except (OSError, ValueError, TypeError, KeyError) as err:
-            raise InputError(f"{path} is not a trial's result ({type(err).__name__}): the sweep directory was "
-                             "damaged; delete that trial's folder to run it again") from None
+            problem = check_result(row, path.parent.name)
+        except (OSError, ValueError) as err:
+            problem = type(err).__name__
+        if problem is not None:
+            raise InputError(f"{path} is not a trial's result ({problem}): the sweep directory was damaged; delete "
+                             "that trial's folder to run it again")
+        rows[row["trial_id"]] = row
     return rows
+
+
+def check_result(row: Any, folder: str) -> str | None:
+    """What makes ``row`` (a ``result.json`` read from the trial folder ``folder``) not one ``write_result`` writes,
+    or None: the TRIALS fields of their types, ``params`` a mapping, ``metrics`` a mapping of numbers or nulls."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    kinds = {"trial_id": str, "status": str, "error": (str, type(None)), "run_dir": str, "start_time": str,
+             "wall_seconds": (int, float, type(None))}
+    for name, kind in kinds.items():
+        if name not in row:
+            return f"no {name}"
+        if not isinstance(row[name], kind) or isinstance(row[name], bool):
+            return f"{name} {row[name]!r}"
+    if row["trial_id"] != folder:
+        return f"trial_id {row['trial_id']!r} in the folder {folder!r}"
+    if row["status"] not in ("ok", "failed"):
+        return f"status {row['status']!r}"
+    if not isinstance(row.get("params"), dict):
+        return f"params {row.get('params')!r}"
+    metrics = row.get("metrics")
+    if not isinstance(metrics, dict) or not all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in metrics.values()):
+        return f"metrics {metrics!r}"[:120]
+    return None
 
 
 def _column(values: list[Any]) -> pa.Array:

@@ -301,3 +301,13 @@ def test_a_sweep_out_that_cannot_be_made_or_a_damaged_sweep_directory_is_one_lin
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "file").is_dir()
+    row = {"trial_id": "t1", "status": "ok", "error": None, "run_dir": "trials/t1", "start_time": "2026-12-06",
+           "wall_seconds": 1.0, "params": {}, "metrics": {"final_heldout_acc": 0.5}}
+    edits = [({"trial_id": "t1"}, "no status"), ({**row, "metrics": "abc"}, "metrics 'abc'"),
+             ({**row, "params": None}, "params None"), ({**row, "status": 5}, "status 5"),
+             ({**row, "metrics": {"final_heldout_acc": "high"}}, "metrics {"), ({**row, "trial_id": "t9"}, "'t9'")]
+    for edited, needle in edits:  # a result.json edited by hand: tracebacks after Ray had started
+        (damaged / "trials" / "t1" / "result.json").write_text(json.dumps(edited))
+        code = main([str(_write(tmp_path, "s2.yaml", {**spec, "out": str(damaged)})), "--resume"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "is not a trial's result (" in err and needle in err, err
