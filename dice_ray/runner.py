@@ -97,6 +97,22 @@ def resume_config(run: Path, changes: dict[str, Any] | None = None,
     return config, manifest
 
 
+def fitting_snapshot(checkpoint: Any, nodes: int) -> dict[str, np.ndarray]:
+    """The arrays of ``checkpoint``, if they can be the state of ``nodes`` participants: numbers only, ``state``
+    [nodes, D] and finite (a checkpoint is never written otherwise; its digests can be recomputed by whoever edits
+    it); else an ``InputError``."""
+    snapshot = checkpoint.load()
+    odd = [name for name, value in snapshot.items() if value.dtype.kind not in "fiub"]
+    state = snapshot.get("state")
+    problem = (f"{odd[0]} holds {snapshot[odd[0]].dtype}, not numbers" if odd else "it has no state" if state is None
+               else f"its state is {list(state.shape)}, not [{nodes}, D]" if state.ndim != 2 or len(state) != nodes
+               else "its state is not finite" if not np.isfinite(state).all() else None)
+    if problem is not None:
+        raise InputError(f"--resume {checkpoint.path.parent.parent}: checkpoint {checkpoint.path.name} cannot be this "
+                         f"run's: {problem}")
+    return snapshot
+
+
 def unreadable(path: Path) -> str | None:
     """Why the Parquet table at ``path`` cannot be read (cut short, replaced), or None."""
     try:
@@ -283,8 +299,13 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
             write_table_atomic(out / "nodes.parquet", _nodes_table(experiment, blocks), NODES)
             if start > 0:  # ``latest``: the checkpoint that verified above
                 store.check(latest)
-                engine.restore(latest.load(), config.engine.restart_timeout)
-                online.load_state(latest.load_driver_state())
+                snapshot = fitting_snapshot(latest, experiment.nodes)
+                try:
+                    engine.restore(snapshot, config.engine.restart_timeout)
+                    online.load_state(latest.load_driver_state())
+                except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as err:  # arrays of another run
+                    raise InputError(f"--resume {out}: checkpoint {latest.path.name} does not fit this run "
+                                     f"({type(err).__name__}: {(str(err).splitlines() or ['?'])[0][:160]})") from None
                 online.impose_mixing(engine)
                 tables.rollback(latest.round)
                 store.remove_after(latest.round)

@@ -181,3 +181,31 @@ def test_a_resume_after_training_refuses_a_damaged_rounds_table(tmp_path: Path,
     err = capsys.readouterr().err.strip()
     assert "rounds.parquet is not a readable Parquet table" in err and len(err.splitlines()) == 1
     assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda s: s[:5], "its state is [5, "),
+    (lambda s: s.astype(str), "state holds <U"),
+    (lambda s: s * float("nan"), "its state is not finite"),
+    (lambda s: s[:, :7], "does not fit this run (RuntimeError"),
+])
+def test_a_checkpoint_edited_with_its_digests_rewritten_is_one_line(tmp_path: Path, capsys, edit, needle) -> None:
+    """Digests catch damage, not edits: whoever edits a checkpoint can rewrite them. Arrays that cannot be this
+    run's state end in one line, exit 2 (they were tracebacks from torch, or 'training diverged' hundreds of rounds
+    later)."""
+    import numpy as np
+
+    run = _interrupted(tmp_path, "edited")
+    for checkpoint in sorted((run / "checkpoints").glob("round-*")):
+        with np.load(checkpoint / "state.npz") as arrays:
+            saved = {key: arrays[key] for key in arrays.files}
+        saved["state"] = edit(saved["state"])
+        with open(checkpoint / "state.npz", "wb") as f:
+            np.savez(f, **saved)
+        meta = json.loads((checkpoint / "meta.json").read_text())
+        meta["sha256"]["state.npz"] = hashlib.sha256((checkpoint / "state.npz").read_bytes()).hexdigest()
+        (checkpoint / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["--resume", str(run), "--engine", "local"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and err.startswith("error: --resume"), err
