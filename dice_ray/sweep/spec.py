@@ -260,7 +260,21 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         examples = [t.params for t in grid]
     sweep = Sweep(spec, base, grid, examples)
     _check_names(sweep)
+    _check_prepares(sweep)
     return sweep
+
+
+def _check_prepares(sweep: Sweep) -> None:
+    """The first trial's run must prepare (its data, partition, topology file, model outputs), as ``simulate``
+    checks before it starts: what the base config gets wrong is then one line before Ray starts, not a sweep of
+    failed trials that exits 0. (A value only some trials take that cannot run fails those trials, recorded.)"""
+    from dice_ray.experiment import prepare
+
+    params = sweep.examples[0] if sweep.examples else {}
+    try:
+        prepare(sweep.trial_config(params, Path("check")))
+    except InputError as err:
+        raise InputError(f"sweep: trial {params}: {err}") from None
 
 
 def _check_names(sweep: Sweep) -> None:

@@ -62,6 +62,7 @@ def _sweep(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     ({"metrics": ["accuracy", "auroc"]}, "metrics: 'auroc' is unknown"),
     ({"metrics": ["proximal_detection"], "plot": None}, "'proximal_detection' measures nothing in these trials"),
     ({"space": {"influence.every": {"grid": [1, 20]}}}, "influence.every 20 probes no round"),
+    ({"base": {**BASE, "optim": {"batch_size": 100000}}}, "sweep: trial {'optim.lr': 0.02, 'seed': 0}: "),
 ])
 def test_bad_sweep_file_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                               change: dict, message: str) -> None:
