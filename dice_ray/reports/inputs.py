@@ -66,6 +66,9 @@ def read_manifest(run: Path) -> dict[str, Any]:
 def missing_table(path: Path, hint: str) -> InputError:
     """The error for a run's table ``path`` that does not exist: the run did not finish (its manifest says so: its
     tables are written at the end), else ``hint`` (the run was made without the method that writes the table)."""
+    if not (path.parent / "manifest.json").exists():
+        return InputError(f"{path.parent} is not a dice-ray run directory (no manifest.json): give the folder a "
+                          "simulation wrote (--out)")
     try:
         status = json.loads((path.parent / "manifest.json").read_text()).get("status")
     except (OSError, ValueError, AttributeError):

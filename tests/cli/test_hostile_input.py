@@ -148,6 +148,8 @@ def test_a_received_runs_malformed_pieces_are_one_line_each(tmp_path: Path, caps
     at = table.schema.get_field_index("gt")
     pq.write_table(table.set_column(at, "gt", pa.array(["n/a"] * len(table))), run / "dice.parquet")
     one_line(run, "alignment", "column 'gt' holds string, not double")
+    (tmp_path / "empty").mkdir()  # it said "run the simulation with --influence first"
+    one_line(tmp_path / "empty", "alignment", "is not a dice-ray run directory (no manifest.json)")
     (good / "checkpoints" / "round-abc").mkdir(parents=True)
     (good / "checkpoints" / "round-abc" / "meta.json").write_text(json.dumps({}))
     (good / "checkpoints" / "rounds-abc-def.parquet").write_bytes(b"")
