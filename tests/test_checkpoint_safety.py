@@ -47,6 +47,17 @@ def _reference(tmp_path: Path) -> dict[str, pd.DataFrame]:
     return {name: run.table(name) for name in ("rounds", "proximal")}
 
 
+def _assert_undisturbed(resumed: dice_ray.Run, tmp_path: Path) -> None:
+    """The resumed run's tables equal an undisturbed run's."""
+    for name, table in _reference(tmp_path).items():
+        pd.testing.assert_frame_equal(resumed.table(name), table)
+
+
+def _stamps(run: Path) -> list[tuple[Path, int]]:
+    """Every file and folder of ``run`` with its modification time: unchanged means untouched."""
+    return sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+
+
 def _newest(run: Path) -> Path:
     return sorted((run / "checkpoints").glob("round-*"))[-1]
 
@@ -63,8 +74,7 @@ def test_a_changed_byte_skips_that_checkpoint(tmp_path: Path, capsys: pytest.Cap
     assert f"skipping checkpoint {newest}: state.npz does not match its recorded SHA-256" in err
     assert err.count("skipping checkpoint") == 1  # said once (it was twice: two looks at the checkpoints)
     assert resumed.manifest["resumes"][-1]["from_round"] == 6  # the previous checkpoint (after round 5)
-    for name, table in _reference(tmp_path).items():
-        pd.testing.assert_frame_equal(resumed.table(name), table)
+    _assert_undisturbed(resumed, tmp_path)
 
 
 def test_a_planted_pickle_is_never_unpickled(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -76,14 +86,14 @@ def test_a_planted_pickle_is_never_unpickled(tmp_path: Path, capsys: pytest.Capt
         meta = json.loads((checkpoint / "meta.json").read_text())
         meta["sha256"]["driver.npz"] = hashlib.sha256((checkpoint / "driver.npz").read_bytes()).hexdigest()
         (checkpoint / "meta.json").write_text(json.dumps(meta))
-    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    before = _stamps(run)
     capsys.readouterr()
     code = main(["--resume", str(run), "--engine", "local"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: --resume") and "none of its 2 checkpoints verifies" in err[-1]
     assert all("driver.npz is not a file of plain arrays" in line for line in err[:-1]) and len(err) == 3
     assert not marker.exists()
-    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before  # untouched
+    assert _stamps(run) == before  # untouched
 
 
 def test_a_checkpoint_without_digests_is_not_trusted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -96,8 +106,7 @@ def test_a_checkpoint_without_digests_is_not_trusted(tmp_path: Path, capsys: pyt
     capsys.readouterr()
     resumed = dice_ray.resume(run, engine="local")
     assert "records no digests" in capsys.readouterr().err
-    for name, table in _reference(tmp_path).items():
-        pd.testing.assert_frame_equal(resumed.table(name), table)
+    _assert_undisturbed(resumed, tmp_path)
 
 
 def test_the_table_rows_a_checkpoint_needs_are_verified_with_it(tmp_path: Path,
@@ -112,17 +121,16 @@ def test_the_table_rows_a_checkpoint_needs_are_verified_with_it(tmp_path: Path,
     resumed = dice_ray.resume(run, engine="local")
     assert "rounds-000000006-000000008.parquet (rows up to this round) is missing" in capsys.readouterr().err
     assert resumed.manifest["resumes"][-1]["from_round"] == 6
-    for name, table in _reference(tmp_path).items():
-        pd.testing.assert_frame_equal(resumed.table(name), table)
+    _assert_undisturbed(resumed, tmp_path)
 
     run = _interrupted(tmp_path, "damaged")
     part = run / "checkpoints" / "proximal-000000003-000000005.parquet"  # both checkpoints' rows
     part.write_bytes(part.read_bytes()[:100])
-    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    before = _stamps(run)
     code = main(["--resume", str(run), "--engine", "local"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "none of its 2 checkpoints verifies" in err[-1], err
-    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+    assert _stamps(run) == before
 
 
 def test_the_config_digest_counts_the_precision_and_not_the_placement() -> None:
@@ -150,20 +158,19 @@ def test_a_checkpoint_whose_folder_names_another_round_is_not_trusted(tmp_path: 
     resumed = dice_ray.resume(run, engine="local")
     assert "its folder names round 9999, its meta.json round 8" in capsys.readouterr().err
     assert resumed.manifest["resumes"][-1]["from_round"] == 6
-    for name, table in _reference(tmp_path).items():
-        pd.testing.assert_frame_equal(resumed.table(name), table)
+    _assert_undisturbed(resumed, tmp_path)
 
     run = _interrupted(tmp_path, "beyond")
     newest = _newest(run)
     meta = json.loads((newest / "meta.json").read_text())
     (newest / "meta.json").write_text(json.dumps({**meta, "round": 9999}))
     newest.rename(newest.parent / "round-009999")
-    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    before = _stamps(run)
     capsys.readouterr()
     assert main(["--resume", str(run), "--engine", "local"]) == 2
     err = capsys.readouterr().err.strip()
     assert "round-009999 is of round 9999, but the run has rounds 0..9" in err and len(err.splitlines()) == 1
-    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+    assert _stamps(run) == before
 
 
 def test_a_resume_after_training_refuses_a_damaged_rounds_table(tmp_path: Path,
@@ -175,12 +182,12 @@ def test_a_resume_after_training_refuses_a_damaged_rounds_table(tmp_path: Path,
     manifest = json.loads((run / "manifest.json").read_text())
     (run / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
     (run / "rounds.parquet").write_bytes(b"not parquet")
-    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    before = _stamps(run)
     capsys.readouterr()
     assert main(["--resume", str(run), "--engine", "local"]) == 2
     err = capsys.readouterr().err.strip()
     assert "rounds.parquet is not a readable Parquet table" in err and len(err.splitlines()) == 1
-    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+    assert _stamps(run) == before
 
 
 @pytest.mark.parametrize("edit, needle", [

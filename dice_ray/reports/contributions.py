@@ -36,25 +36,25 @@ def ledger_tables(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
             read_frame(run, "nodes", "not a finished run"))
 
 
-def retrained_measures(run: Path) -> dict[str, pd.Series]:
+def retrained_measures(run: Path) -> tuple[dict[str, pd.Series], pd.DataFrame | None]:
     """Return each retraining measure ``run`` has, by participant: ``loo`` (j's leave-one-out effect Σ_k q_k
-    (L_k(full) − L_k(without j))) and ``shapley`` (its Monte-Carlo Shapley value); both > 0 where j raised the
-    loss, as the ledger's T_j."""
-    found = {}
+    (L_k(full) − L_k(without j))) and ``shapley`` (its Monte-Carlo Shapley value), both > 0 where j raised the
+    loss, as the ledger's T_j; and the rows of ``loo.parquet`` of the left-out participants (None: no table)."""
+    found, left_out = {}, None
     if (run / "loo.parquet").is_file():
         table = read_frame(run, "loo", "")
-        found["loo"] = table[table["participant"] >= 0].groupby("participant")["effect"].sum()
+        left_out = table[table["participant"] >= 0]
+        found["loo"] = left_out.groupby("participant")["effect"].sum()
     if (run / "shapley.parquet").is_file():
         found["shapley"] = read_frame(run, "shapley", "").set_index("participant")["shapley"]
-    return found
+    return found, left_out
 
 
-def loo_matrix(run: Path, n: int) -> np.ndarray:
-    """The leave-one-out effects q_k (L_k(full) − L_k(without j)) as an N × N array [j, k]."""
-    table = read_frame(run, "loo", "")
-    table = table[table["participant"] >= 0]
+def loo_matrix(left_out: pd.DataFrame, n: int) -> np.ndarray:
+    """The leave-one-out effects q_k (L_k(full) − L_k(without j)) of ``left_out`` (``retrained_measures``) as an
+    N × N array [j, k]."""
     matrix = np.full((n, n), np.nan)
-    matrix[table["participant"].to_numpy(), table["target"].to_numpy()] = table["effect"].to_numpy()
+    matrix[left_out["participant"].to_numpy(), left_out["target"].to_numpy()] = left_out["effect"].to_numpy()
     return matrix
 
 
@@ -113,7 +113,7 @@ def contributions_report(run: str | Path) -> Contributions:
 
     run = Path(run)
     config, topology = recorded_topology(run)
-    retrained = retrained_measures(run)
+    retrained, left_out = retrained_measures(run)
     if retrained and not (run / "shares.parquet").is_file():  # ranked by retraining: the ledger's rule on it
         nodes = read_frame(run, "nodes", "not a finished run")
         n = len(nodes)
@@ -121,7 +121,7 @@ def contributions_report(run: str | Path) -> Contributions:
         totals = np.full(n, np.nan)
         totals[retrained[ranking].index.to_numpy()] = retrained[ranking].to_numpy()
         rows = pd.DataFrame(share_rows(totals, {}))
-        matrix = loo_matrix(run, n) if ranking == "loo" else None
+        matrix = loo_matrix(left_out, n) if ranking == "loo" else None
     else:
         shares, ledger, nodes = ledger_tables(run)
         n = len(nodes)
