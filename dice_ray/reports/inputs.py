@@ -14,6 +14,10 @@ import pyarrow.parquet as pq
 from dice_ray.errors import InputError
 from dice_ray.results import TABLES
 
+NONEMPTY = ("rounds", "nodes")  # a finished run writes a row per participant (and round) into these
+FINITE = {"rounds": ("train_loss",), "proximal": ("score", "window_score", "update_cosine")}  # a run that wrote a
+# NaN or infinity here would have stopped as diverged: such a value was written by someone else
+
 
 def read_columns(run: Path, name: str) -> dict[str, np.ndarray]:
     """Return table ``name`` of ``run`` as column name -> numpy array (nulls of float columns as NaN)."""
@@ -26,7 +30,8 @@ def read_columns(run: Path, name: str) -> dict[str, np.ndarray]:
 
 def read_table(path: Path) -> pa.Table:
     """The Parquet table at ``path`` (a run's table, named as in ``results.TABLES``), with every column its schema
-    documents; a file cut short, not Parquet, or without those columns is an ``InputError`` naming it."""
+    documents; a file cut short, not Parquet, without those columns, with text where numbers belong, without rows
+    (``NONEMPTY``) or with a NaN where a run writes numbers (``FINITE``) is an ``InputError`` naming it."""
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as err:
@@ -46,6 +51,15 @@ def read_table(path: Path) -> pa.Table:
                 raise InputError(f"{path}: column {field.name!r} holds {column.type}, not {field.type}: it is not a "
                                  f"dice-ray {path.stem} table") from None
             table = table.set_column(table.schema.get_field_index(field.name), field.name, column)
+    if path.stem in NONEMPTY and table.num_rows == 0:
+        raise InputError(f"{path} holds no rows: a finished run writes one per participant"
+                         f"{' and round' if path.stem == 'rounds' else ''}; the table was replaced")
+    for name in FINITE.get(path.stem, ()):
+        values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            raise InputError(f"{path}: column {name!r} holds {values[bad[0]]} in {len(bad)} of {len(values)} rows "
+                             f"(first: row {bad[0]}); a run writes finite numbers there: the table was changed")
     return table
 
 
