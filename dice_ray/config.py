@@ -35,13 +35,13 @@ from dice_ray.core.population import OPTIMIZERS, OptimizerSpec
 from dice_ray.core.topology import TOPOLOGIES
 from dice_ray.core.topology import WEIGHT_RULES as MIXING_RULES
 from dice_ray.data import SCHEMES, WEIGHT_RULES, dataset_module, dataset_names
-from dice_ray.errors import InputError
+from dice_ray.errors import InputError, absent
 from dice_ray.hooks import registered_methods
 from dice_ray.methods.contributions import LedgerConfig
 from dice_ray.methods.dice.options import InfluenceConfig
 from dice_ray.methods.proximal import ProximalConfig
 from dice_ray.methods.rewiring import RewiringConfig
-from dice_ray.sections import FieldError, Section, comma_list, one_line
+from dice_ray.sections import FieldError, IdList, Section, comma_list, one_line
 
 
 def _one_of(what: str, choices: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> AfterValidator:
@@ -83,7 +83,7 @@ class ShrinkConfig(Section):
     dropped (unused by anyone). Fraction 1 leaves none: such a participant takes no local step (Δ = 0) but
     still gossips."""
 
-    ids: list[int] = Field([], description="participants whose training data shrinks")
+    ids: IdList = Field([], description="participants whose training data shrinks")
     fraction: float = Field(0.5, ge=0, le=1, description="share of their training samples dropped")
 
 
@@ -255,7 +255,7 @@ class MisbehaviorConfig(Section):
     fraction: float | None = Field(None, ge=0, le=1, description="or which share of them (rounded)")
     selection: Literal["random", "ids", "degree"] = Field("random", description="random, the given ids, or "
                                                                                  "the highest in-degree first")
-    ids: list[int] | None = Field(None, description="participants that misbehave (selection ids)")
+    ids: IdList | None = Field(None, description="participants that misbehave (selection ids)")
     flip_fraction: float = Field(1.0, ge=0, le=1, description="label-flip: share of local labels flipped")
     sigma: float = Field(1.0, ge=0, le=1e3, description="feature-noise: std of the noise added to inputs")
     factor: float = Field(10.0, ge=-1e3, le=1e3, description="scale: the factor c of the sent update θ + cΔ")
@@ -265,7 +265,7 @@ class MisbehaviorConfig(Section):
         if self.kind == "none":
             return 0
         if self.selection == "ids":
-            return len(set(self.ids or []))
+            return len(self.ids or [])
         if self.fraction is not None:
             return int(round(self.fraction * nodes))
         return self.count or 0
@@ -525,7 +525,7 @@ def read_yaml(path: str | Path, kind: str = "config file") -> Any:
     ``kind`` if it is missing or not YAML."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{kind} {str(path)!r} does not exist")
+        raise InputError(f"{kind} {str(path)!r} {absent(path, 'file')}")
     try:
         return yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:

@@ -8,12 +8,23 @@ before any work starts.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import NoReturn
+from typing import Literal, NoReturn
 
 
 class InputError(ValueError):
     """Invalid user input: the message is one line that names the bad option and its value."""
+
+
+def absent(path: str | os.PathLike, want: Literal["file", "folder"]) -> str:
+    """How ``path``, which is not the ``want`` it should be, falls short: "does not exist", or what is there instead
+    (a folder given for a file, a file for a folder), for the one line that names it."""
+    if want == "file" and os.path.isdir(path):
+        return "is a folder, not a file"
+    if want == "folder" and os.path.exists(path):
+        return "is a file, not a folder"
+    return "does not exist"
 
 
 def report(err: InputError) -> int:

@@ -37,7 +37,7 @@ from dice_ray.config import (
 from dice_ray.engine import Engine, LocalEngine, RayEngine, cluster_plan, start_ray
 from dice_ray.engine.loop import Drivers, TrainingReport, train
 from dice_ray.engine.tasks import Tasks, task_backend
-from dice_ray.errors import InputError
+from dice_ray.errors import InputError, absent
 from dice_ray.experiment import Experiment, prepare
 from dice_ray.hooks import Method, RoundHook, Stage, round_hooks
 from dice_ray.methods.catalog import methods_for
@@ -59,6 +59,8 @@ def resume_config(run: Path, changes: dict[str, Any] | None = None,
     only ``config.RESUME_FIELDS``) applied; raise ``InputError`` if it cannot be resumed, or if its config names
     modules to import and ``allow_imports`` is False (``config.rerun_config``)."""
     path = run / "manifest.json"
+    if not run.is_dir():
+        raise InputError(f"--resume {run}: the run directory {absent(run, 'folder')}")
     if not path.is_file():
         raise InputError(f"--resume {run}: no manifest.json there; not a dice-ray run directory")
     DirectoryLock(run).check()

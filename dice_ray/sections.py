@@ -7,9 +7,10 @@ field (``config: ledger.hops: …``), also when it is built in Python. The run c
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from dice_ray.errors import InputError
 
@@ -17,6 +18,19 @@ from dice_ray.errors import InputError
 def comma_list(value: Any) -> Any:
     """A comma-separated string from the command line as a list of its non-empty items; anything else as it is."""
     return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
+def distinct(value: list[Any] | None) -> list[Any] | None:
+    """A list as given, refused if it names an item twice (a participant or round listed twice is a slip: it
+    would count once)."""
+    twice = [item for item, times in Counter(value or []).items() if times > 1]
+    if twice:
+        raise ValueError(f"lists {twice[0]!r} twice: {value}")
+    return value
+
+
+# Participant ids or round numbers: each once.
+IdList = Annotated[list[int], AfterValidator(distinct)]
 
 
 class Section(BaseModel):

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dice_ray.errors import InputError, OneLineParser, report
+from dice_ray.errors import InputError, OneLineParser, absent, report
 from dice_ray.reports import (
     Cascade,
     Contributions,
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.analyze"
             raise InputError(f"{option} is an option of the {owner} report, not of {args.report}")
         for run in args.run:
             if not run.is_dir():
-                raise InputError(f"run directory {str(run)!r} does not exist")
+                raise InputError(f"run directory {str(run)!r} {absent(run, 'folder')}")
         if args.report != "collaborators":  # the report's tables and figures go into the run directory
             check_can_make(args.run[0], f"run directory {args.run[0]}",
                            "the report writes there: copy the run somewhere writable")

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph, csr_array
 
-from dice_ray.errors import InputError
+from dice_ray.errors import InputError, absent
 
 if TYPE_CHECKING:
     import networkx
@@ -252,7 +252,7 @@ def load_edge_list(path: str | Path, n: int | None = None, *, directed: bool = F
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"edge list file '{path}' does not exist")
+        raise InputError(f"edge list file '{path}' {absent(path, 'file')}")
     src, dst = [], []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         fields = line.split("#", 1)[0].replace(",", " ").split()
@@ -285,7 +285,7 @@ def load_mixing_matrix(path: str | Path) -> csr_array:
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"mixing matrix file '{path}' does not exist")
+        raise InputError(f"mixing matrix file '{path}' {absent(path, 'file')}")
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".npz", ".csv", ".txt"):
         raise InputError(f"mixing matrix file '{path}' has suffix {suffix!r}; use .npy, .npz, .csv or .txt")

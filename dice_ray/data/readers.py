@@ -21,13 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from dice_ray.data.datasets import CHANNEL_STATS, Dataset, normalized_dataset
-from dice_ray.errors import InputError
+from dice_ray.errors import InputError, absent
 
 _TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
 def _missing(name: str, data_dir: str, expected: str, can_download: bool = True) -> InputError:
-    what = "does not exist" if not os.path.isdir(data_dir) else f"does not contain {name}"
+    what = absent(data_dir, "folder") if not os.path.isdir(data_dir) else f"does not contain {name}"
     hint = "pass --download to fetch it" if can_download else f"extract {_TINY_IMAGENET_URL} there"
     return InputError(f"data folder {data_dir} {what} (expected {expected}); {hint}")
 

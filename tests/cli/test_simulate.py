@@ -96,6 +96,10 @@ BAD_INPUTS = [
     (["--set", "optim.lr=fast"], "lr"),
     (["--set", "optim.colour=red"], "unknown key 'optim.colour'"),
     (["--config", "/nonexistent.yaml"], "does not exist"),
+    # a folder given for a file, or a file for a folder, said "does not exist"
+    (["--config", "/"], "config file '/' is a folder, not a file"),
+    (["--topology", "file", "--topology-file", "/"], "is a folder, not a file"),
+    (["--dataset", "cifar10", "--data-dir", __file__], "is a file, not a folder"),
     (["--topology", "file"], "topology.file"),
     (["--gpus-per-actor", "-1"], "gpus_per_actor"),
     (["--alpha", "0", "--partition", "dirichlet"], "alpha"),
@@ -111,6 +115,11 @@ BAD_INPUTS = [
     (["--influence", "--hops", "2", "--probe-every", "20"], "influence.every 20 probes no round"),
     (["--influence", "--probe-rounds", ","], "influence.rounds is empty"),
     (["--influence", "--probe-sources", ","], "influence.sources is empty"),
+    # an id or round listed twice was accepted, and counted once
+    (["--misbehavior", "sign-flip", "--misbehaving-ids", "0,0"], "misbehavior.ids: lists 0 twice"),
+    (["--influence", "--hops", "1", "--probe-rounds", "1,1"], "influence.rounds: lists 1 twice"),
+    (["--influence", "--hops", "1", "--probe-sources", "2,3,2"], "influence.sources: lists 2 twice"),
+    (["--shrink-ids", "1,1"], "data.shrink.ids: lists 1 twice"),
     (["--influence", "--hops", "1", "--probe-rounds", "0", "--probe-every", "3"],  # every used to be ignored
      "influence.rounds and influence.every both choose the probe rounds"),
     # a method's option with the method off did nothing

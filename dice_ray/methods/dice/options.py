@@ -8,16 +8,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
-from dice_ray.sections import Section, comma_list, refuse_bf16
+from dice_ray.sections import IdList, Section, comma_list, distinct, refuse_bf16
 
 
 def distinct_variants(value: list[str]) -> list[str]:
     """A list of DICE-E variants as given, refused if empty or if it names one twice."""
     if not value:
         raise ValueError("needs at least one variant (first-order, curvature, second-order, exact-readout)")
-    if len(set(value)) != len(value):
-        raise ValueError(f"lists a variant twice: {value}")
-    return value
+    return distinct(value)
 
 
 Variant = Literal["first-order", "curvature", "second-order", "exact-readout"]
@@ -36,12 +34,12 @@ class InfluenceConfig(Section):
 
     enabled: bool = Field(False, description="measure DICE-GT and DICE-E for the probes below")
     hops: int = Field(3, ge=1, le=64, description="R: steps of the cascade measured after each probe round")
-    rounds: list[int] | None = Field(None, description="probe rounds t (default: the last `last` rounds that "
+    rounds: IdList | None = Field(None, description="probe rounds t (default: the last `last` rounds that "
                                                        "leave room for R hops)")
     every: int | None = Field(None, ge=1, description="probe every k-th round (rounds k-1, 2k-1, ...) instead of a "
                                                       "list")
     last: int = Field(10, ge=1, description="number of probe rounds when neither rounds nor every is given")
-    sources: list[int] | None = Field(None, description="probed participants j (default: all)")
+    sources: IdList | None = Field(None, description="probed participants j (default: all)")
     sample_sources: int | None = Field(None, ge=1, description="probe this many random participants per round")
     probe_samples: int = Field(0, ge=0, description="0: z is the whole minibatch (the paper's default); K: also "
                                                     "K single samples of it, one probe each (not with BatchNorm)")
