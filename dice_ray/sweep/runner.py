@@ -43,7 +43,7 @@ def _identify(sweep: Sweep, tune_config: dict[str, Any], tune_trial_id: str) -> 
     """(trial id, swept values) of a Tune trial: a grid trial carries its id, an Optuna trial its values."""
     if "trial_id" in tune_config:
         trial_id = tune_config["trial_id"]
-        return trial_id, next(t.params for t in sweep.grid if t.trial_id == trial_id)
+        return trial_id, sweep.params[trial_id]
     return tune_trial_id, {field: tune_config[field] for field in sweep.spec.space}
 
 
@@ -210,8 +210,7 @@ def _check_fits(sweep: Sweep, joined: bool) -> None:
     import ray
 
     have = ray.cluster_resources()
-    for params in sweep.examples:
-        need = bundles(sweep.trial_config(params, Path("check")))
+    for params, need in sweep.needs:
         for kind in ("CPU", "GPU"):
             total = sum(b.get(kind, 0.0) for b in need)
             if total > have.get(kind, 0.0) + 1e-9:
@@ -311,7 +310,7 @@ def _grid_space(sweep: Sweep, todo: list[str]) -> dict[str, Any]:
     from the id, so every trial's config, which Tune's logger callbacks record, holds its parameters."""
     from ray import tune
 
-    params = {t.trial_id: t.params for t in sweep.grid}
+    params = sweep.params
     space: dict[str, Any] = {"trial_id": tune.grid_search(todo)}
     for field in sweep.spec.space:
         space[field] = tune.sample_from(lambda config, field=field: params[config["trial_id"]][field])

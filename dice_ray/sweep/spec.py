@@ -21,11 +21,14 @@ which of them have finished.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,6 +94,9 @@ def _check_distribution(field: str, dist: dict[str, list[Scalar]], search: str) 
     if kind in ("grid", "choice"):
         if not values:
             raise ValueError(f"space.{field}: {kind} needs at least one value")
+        twice = [v for v, times in Counter(json.dumps(v) for v in values).items() if times > 1]
+        if twice:  # a grid would run those trials twice; a choice would draw the value twice as often
+            raise ValueError(f"space.{field}: {kind} lists {twice[0]} twice")
         return
     if search == "grid":
         raise ValueError(f"space.{field}: {kind} needs search optuna; a grid takes grid or choice values")
@@ -117,17 +123,24 @@ class Trial:
 class Sweep:
     """A validated sweep: the spec, the resolved base config dict, for a grid every trial, and the swept
     values checked up front (``examples``: every grid point, or each candidate value of each field, the others at
-    their first)."""
+    their first); ``needs``: each distinct set of placement-group bundles the examples reserve, with the values of
+    one example that reserves it."""
 
     spec: SweepSpec
     base: dict[str, Any]
     grid: list[Trial]
     examples: list[dict[str, Scalar]]
+    needs: list[tuple[dict[str, Scalar], list[dict[str, float]]]] = dataclasses.field(default_factory=list)
 
     @property
     def out(self) -> Path:
         """The sweep directory."""
         return Path(self.spec.out)
+
+    @cached_property
+    def params(self) -> dict[str, dict[str, Scalar]]:
+        """A grid trial's values by its id."""
+        return {t.trial_id: t.params for t in self.grid}
 
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed sweep must share with the one it resumes (its trials' numbers depend on these)."""
@@ -252,16 +265,44 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         fields = list(spec.space)
         for index, values in enumerate(itertools.product(*(next(iter(spec.space[f].values())) for f in fields))):
             params = dict(zip(fields, values, strict=True))
-            try:
-                build_config(_with(base, params))
-            except InputError as err:
-                raise InputError(f"sweep: trial {params}: {err}") from None
             grid.append(Trial(trial_id(index, params), params))
         examples = [t.params for t in grid]
-    sweep = Sweep(spec, base, grid, examples)
-    _check_names(sweep)
+    columns, measured, needs = _survey(spec, Sweep(spec, base, grid, examples))
+    sweep = Sweep(spec, base, grid, examples, needs)
+    _check_names(spec, columns, measured)
     _check_prepares(sweep)
     return sweep
+
+
+SURVEY_BAR = 2000  # checking more examples than this shows a progress bar (about 1 s per thousand)
+
+
+def _survey(spec: SweepSpec, sweep: Sweep) -> tuple[set[str], set[str], list[tuple[dict[str, Scalar], Any]]]:
+    """Build the run config of every example once (of a grid: every trial), refusing one that cannot be built
+    with one line naming its values; return what the later checks need: the metric columns the trials report, the
+    metric groups that measure something in some trial, and each distinct placement the trials reserve."""
+    from tqdm import tqdm
+
+    from dice_ray.sweep.metrics import METRICS, metric_columns
+
+    for name in spec.metrics or []:
+        if name not in METRICS:
+            raise InputError(f"sweep: metrics: {name!r} is unknown; choose from {', '.join(METRICS)}")
+    columns: set[str] = set()
+    measured: set[str] = set()
+    needs: dict[str, tuple[dict[str, Scalar], Any]] = {}
+    for params in tqdm(sweep.examples, desc="checking trials", unit="trial", leave=False,
+                       disable=len(sweep.examples) <= SURVEY_BAR):
+        try:
+            config = sweep.trial_config(params, Path("check"))
+        except InputError as err:
+            message = str(err)
+            raise InputError(message if message.startswith("sweep:") else f"sweep: trial {params}: {message}") from None
+        columns.update(metric_columns(config, spec.metrics))
+        measured.update(name for name in spec.metrics or [] if metric_columns(config, [name]))
+        need = bundles(config)
+        needs.setdefault(json.dumps(need), (params, need))
+    return columns, measured, list(needs.values())
 
 
 def _check_prepares(sweep: Sweep) -> None:
@@ -277,20 +318,13 @@ def _check_prepares(sweep: Sweep) -> None:
         raise InputError(f"sweep: trial {params}: {err}") from None
 
 
-def _check_names(sweep: Sweep) -> None:
-    """Metric groups, the optimized metric and the plot's fields must exist (``metric_columns``)."""
-    from dice_ray.sweep.metrics import METRICS, metric_columns
-
-    spec = sweep.spec
+def _check_names(spec: SweepSpec, columns: set[str], measured: set[str]) -> None:
+    """Metric groups, the optimized metric and the plot's fields must exist: ``columns``, the metric columns the
+    trials report; ``measured``, the groups of ``spec.metrics`` that measure something in some trial."""
     for name in spec.metrics or []:
-        if name not in METRICS:
-            raise InputError(f"sweep: metrics: {name!r} is unknown; choose from {', '.join(METRICS)}")
-    configs = [sweep.trial_config(params, Path("check")) for params in sweep.examples]
-    for name in spec.metrics or []:
-        if not any(metric_columns(config, [name]) for config in configs):
+        if name not in measured:
             raise InputError(f"sweep: metrics: {name!r} measures nothing in these trials (what it reads is off in "
                              "every trial's config)")
-    columns = {c for config in configs for c in metric_columns(config, spec.metrics)}
     if spec.metric is not None and spec.metric not in columns:
         raise InputError(f"sweep: metric {spec.metric!r} is not reported by these trials; they report "
                          f"{', '.join(sorted(columns)) or 'no metrics'}")
