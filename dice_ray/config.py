@@ -41,7 +41,7 @@ from dice_ray.methods.contributions import LedgerConfig
 from dice_ray.methods.dice.options import InfluenceConfig
 from dice_ray.methods.proximal import ProximalConfig
 from dice_ray.methods.rewiring import RewiringConfig
-from dice_ray.sections import FieldError, IdList, Section, comma_list, one_line
+from dice_ray.sections import FieldError, IdList, Ids, Section, comma_list, one_line
 
 
 def _one_of(what: str, choices: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> AfterValidator:
@@ -255,7 +255,7 @@ class MisbehaviorConfig(Section):
     fraction: float | None = Field(None, ge=0, le=1, description="or which share of them (rounded)")
     selection: Literal["random", "ids", "degree"] = Field("random", description="random, the given ids, or "
                                                                                  "the highest in-degree first")
-    ids: IdList | None = Field(None, description="participants that misbehave (selection ids)")
+    ids: Ids = Field(None, description="participants that misbehave (selection ids)")
     flip_fraction: float = Field(1.0, ge=0, le=1, description="label-flip: share of local labels flipped")
     sigma: float = Field(1.0, ge=0, le=1e3, description="feature-noise: std of the noise added to inputs")
     factor: float = Field(10.0, ge=-1e3, le=1e3, description="scale: the factor c of the sent update θ + cΔ")

@@ -29,8 +29,10 @@ def distinct(value: list[Any] | None) -> list[Any] | None:
     return value
 
 
-# Participant ids or round numbers: each once.
+# Participant ids or round numbers, each once (or None: ``Ids``). The validator is on the whole field, so the field's
+# type reads as it is (list[int] | None) in the reference.
 IdList = Annotated[list[int], AfterValidator(distinct)]
+Ids = Annotated[list[int] | None, AfterValidator(distinct)]
 
 
 class Section(BaseModel):

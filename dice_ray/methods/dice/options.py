@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
-from dice_ray.sections import IdList, Section, comma_list, distinct, refuse_bf16
+from dice_ray.sections import Ids, Section, comma_list, distinct, refuse_bf16
 
 
 def distinct_variants(value: list[str]) -> list[str]:
@@ -34,12 +34,12 @@ class InfluenceConfig(Section):
 
     enabled: bool = Field(False, description="measure DICE-GT and DICE-E for the probes below")
     hops: int = Field(3, ge=1, le=64, description="R: steps of the cascade measured after each probe round")
-    rounds: IdList | None = Field(None, description="probe rounds t (default: the last `last` rounds that "
+    rounds: Ids = Field(None, description="probe rounds t (default: the last `last` rounds that "
                                                        "leave room for R hops)")
     every: int | None = Field(None, ge=1, description="probe every k-th round (rounds k-1, 2k-1, ...) instead of a "
                                                       "list")
     last: int = Field(10, ge=1, description="number of probe rounds when neither rounds nor every is given")
-    sources: IdList | None = Field(None, description="probed participants j (default: all)")
+    sources: Ids = Field(None, description="probed participants j (default: all)")
     sample_sources: int | None = Field(None, ge=1, description="probe this many random participants per round")
     probe_samples: int = Field(0, ge=0, description="0: z is the whole minibatch (the paper's default); K: also "
                                                     "K single samples of it, one probe each (not with BatchNorm)")
