@@ -37,7 +37,7 @@ from pydantic import Field
 
 from dice_ray.core.tensors import as_tensor, edge_dots, sum_by_key
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook
-from dice_ray.methods.round_quantities import round_quantities, zprime_losses_at
+from dice_ray.methods.round_quantities import round_quantities
 from dice_ray.results import PROXIMAL
 from dice_ray.sections import Section, refuse_bf16
 
@@ -132,10 +132,9 @@ class ProximalExaminer:
         (positions in the block), ``weight`` W^t_kl [E], ``updates`` Δ_l [E, D]; call after ``mix``."""
         pop = self.block.population
         pos = torch.as_tensor(rows, device=self.block.device)
-        states = pop.state[pos].clone()
-        states[:, : updates.shape[1]] -= (weight[:, None] * updates).to(states.dtype)  # k's state had l not stepped
-        at = self.shared.losses(t + 1, self.zprime)[pos]
-        return (at - zprime_losses_at(self.block, pos, states, self.zprime)).double()
+        states = pop.state[pos].double()  # in float64, as the losses are read (``RoundQuantities.losses_at``)
+        states[:, : updates.shape[1]] -= weight[:, None] * updates.double()  # k's state had l not stepped
+        return self.shared.losses(t + 1, self.zprime)[pos] - self.shared.losses_at(pos, states, self.zprime)
 
 
 def sort_scores(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

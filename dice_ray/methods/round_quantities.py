@@ -11,12 +11,13 @@ method asked first. A hook that restores from a checkpoint calls ``forget``. Pur
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 from weakref import WeakKeyDictionary
 
 import torch
 
-from dice_ray.core.population import Population
+from dice_ray.methods.dice.estimator import float64_losses
 from dice_ray.methods.dice.recursion import carried_state
 
 _SHARED: WeakKeyDictionary[Any, RoundQuantities] = WeakKeyDictionary()
@@ -42,6 +43,7 @@ class RoundQuantities:
         self._update: tuple[int, torch.Tensor, dict[str, torch.Tensor]] | None = None  # (t, Δ^t, opt Δ^t)
         self._gradients: dict[str, Any] = {}  # "u": u, zprime -> ∇L(θ^u; z′)
         self._losses: dict[str, Any] = {}  # "u": u, zprime -> L(θ^u; z′)
+        self._model64: torch.nn.Module | None = None
 
     def forget(self) -> None:
         """Drop everything kept (the block's state was restored)."""
@@ -79,11 +81,24 @@ class RoundQuantities:
         return self._at(self._gradients, u, zprime, lambda: zprime_gradients(self.block, zprime))
 
     def losses(self, u: int, zprime: str) -> torch.Tensor:
-        """L(θ_k^u; z′_k) [P] of every hosted k (eval mode), θ = θ^u now or when first asked (``gradients``' z′):
-        the term every exact readout at k shares."""
+        """L(θ_k^u; z′_k) [P] float64 of every hosted k (eval mode), θ = θ^u now or when first asked (``gradients``'
+        z′): the term every exact readout at k shares."""
         block = self.block
-        return self._at(self._losses, u, zprime, lambda: zprime_losses_at(
-            block, torch.arange(block.size, device=block.device), block.population.state, zprime))
+        return self._at(self._losses, u, zprime, lambda: self.losses_at(
+            torch.arange(block.size, device=block.device), block.population.state, zprime))
+
+    def losses_at(self, pos: torch.Tensor, states: torch.Tensor, zprime: str) -> torch.Tensor:
+        """L(θ; z′_k) [m] float64 at ``states`` [m, D] for the hosted rows ``pos`` [m] (z′_k as ``gradients`` reads
+        it: k's validation split, or the shared held-out batch), eval mode, no graph, evaluated in float64: what exact
+        readouts subtract (``estimator.float64_losses``)."""
+        block, pop = self.block, self.block.population
+        if self._model64 is None:
+            self._model64 = copy.deepcopy(pop.model).double()
+        if zprime == "heldout":
+            return float64_losses(self._model64, pop.optimizer, pop.loss, states, block.x_heldout, block.y_heldout,
+                                  shared_input=True)
+        return float64_losses(self._model64, pop.optimizer, pop.loss, states, block.x_val[pos], block.y_val[pos],
+                              sample_weights=block.val_mask[pos])
 
     @staticmethod
     def _at(kept: dict[str, Any], u: int, zprime: str, compute: Any) -> torch.Tensor:
@@ -94,17 +109,6 @@ class RoundQuantities:
         if zprime not in kept:
             kept[zprime] = compute()
         return kept[zprime]
-
-
-def zprime_losses_at(block: Any, pos: torch.Tensor, states: torch.Tensor, zprime: str) -> torch.Tensor:
-    """L(θ; z′_k) [m] at ``states`` [m, D] for the hosted rows ``pos`` [m] of ``block`` (z′_k as ``gradients``
-    reads it: k's validation split, or the shared held-out batch), eval mode, no graph."""
-    pop = block.population
-    rows = Population(pop.model, states.clone(), pop.optimizer, loss=pop.loss)
-    with torch.no_grad():
-        if zprime == "heldout":
-            return rows.evaluate(block.x_heldout, block.y_heldout, shared_input=True)[0]
-        return rows.evaluate(block.x_val[pos], block.y_val[pos], sample_weights=block.val_mask[pos])[0]
 
 
 def zprime_gradients(block: Any, zprime: str) -> torch.Tensor:

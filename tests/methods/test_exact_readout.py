@@ -122,6 +122,38 @@ def test_adam_single_sample_start_is_what_hop_one_misses() -> None:
     np.testing.assert_allclose(got.values[1], want, rtol=0, atol=16 * UNIT_ROUNDOFF * 3.0)
 
 
+@pytest.mark.parametrize("model", ["mlp", BATCHNORM_MLP])
+def test_the_readout_is_taken_in_float64(model: str) -> None:
+    """L(θ_k; z′) − L(θ_k − W_kj Δ; z′) is a difference of nearby losses: read in float32 it carried ~1e-7 of rounding
+    (1e-2 of a single sample's term); it is read in float64, equal to the same difference taken here in float64
+    with the model's own forward pass (functional_call), to float64 rounding of two losses (L ≤ 3)."""
+    import copy
+
+    from torch.func import functional_call
+
+    from dice_ray.core.population import model_state_layouts
+
+    w = window(model, "sgd")
+    delta, opt_delta = update_difference(w, 2)
+    got = estimate_cascade(w, 2, delta, opt_delta, 1, "exact-readout")
+    rows = got.supports[1]
+    column = torch.as_tensor(w.trajectory.mixing[0][:, [2]].toarray().ravel()[rows], dtype=torch.float64)
+    states = w.trajectory.states[1][rows].double()
+    moved = states.clone()
+    moved[:, : delta.shape[0]] -= column[:, None] * delta.double()
+    model64 = copy.deepcopy(w.model).double().eval()
+    params, buffers = model_state_layouts(model64)  # a state is [parameters | floating-point buffers]
+    x, y = w.heldout
+
+    def loss(state: torch.Tensor) -> float:
+        views = {**params.views(state[: params.offsets[-1]]), **buffers.views(state[params.offsets[-1]:])}
+        logits = functional_call(model64, views, (x.double(),))
+        return float(torch.nn.functional.cross_entropy(logits, y))
+
+    want = np.array([loss(a) - loss(b) for a, b in zip(states, moved, strict=True)])
+    np.testing.assert_allclose(got.values[1], want, rtol=0, atol=64 * 2.0**-53 * 3.0)
+
+
 def test_later_hops_read_the_curvature_perturbation() -> None:
     """The readout is exact, the propagation is curvature's: at hop 2 the exact readout is within second order of
     the curvature estimate and closer to DICE-GT than it on the smooth model, and it carries no adjoint form."""

@@ -168,21 +168,21 @@ class Window:
             self.model.train()
 
     def test_losses(self, s: int, rows: np.ndarray) -> torch.Tensor:
-        """L(θ_k^{t0+s}; z′) for k in ``rows``: [len(rows)] (eval mode), computed once per step for all N and cached:
-        the exact readout's shared term, L(θ_k; z′) of every probe read at k and step s."""
+        """L(θ_k^{t0+s}; z′) for k in ``rows``: [len(rows)] float64 (eval mode), computed once per step for all N and
+        cached: the exact readout's shared term, L(θ_k; z′) of every probe read at k and step s."""
         if s not in self._test_losses:
             everyone = np.arange(self.trajectory.states[s].shape[0])
             self._test_losses[s] = self.zprime_losses(everyone, self.trajectory.states[s])
         return self._test_losses[s][self.index(rows)]
 
     def zprime_losses(self, rows: np.ndarray, states: torch.Tensor) -> torch.Tensor:
-        """L(θ; z′_k) [P] at ``states`` [P, D] of participants ``rows`` (z′_k: k's validation split when the window has
-        one, else the held-out batch), eval mode, in the states' dtype."""
-        pop = Population(self.model, states, self.optimizer, loss=self.loss)
+        """L(θ; z′_k) [P] float64 at ``states`` [P, D] of participants ``rows`` (z′_k: k's validation split when the
+        window has one, else the held-out batch), eval mode, evaluated in float64 (``float64_losses``)."""
+        model, optimizer, loss = self.double_model(), self.optimizer, self.loss
         if self.validation is None:
-            return zprime_losses(pop, *self.heldout, shared_input=True)
+            return float64_losses(model, optimizer, loss, states, *self.heldout, shared_input=True)
         x, y, mask = (value[self.index(rows)] for value in self.validation)
-        return zprime_losses(pop, x, y, sample_weights=mask)
+        return float64_losses(model, optimizer, loss, states, x, y, sample_weights=mask)
 
     def stacked_loss_differences(self, terms: list[tuple[int, np.ndarray, LossDifference]]) -> list[torch.Tensor]:
         """L(θ_k + shift; z′) − L(θ_k + shift − δ; z′) of several (s, rows, request) at θ_k = θ_k^{t0+s}: one list
@@ -198,7 +198,7 @@ class Window:
         if shifted:
             index = torch.cat([torch.arange(int(bounds[i]), int(bounds[i + 1])) for i in shifted]).to(delta.device)
             at[index] = self.zprime_losses(rows[index.cpu().numpy()], moved(states[index], shift[index]))
-        out = at - self.zprime_losses(rows, moved(states, shift - delta))
+        out = at - self.zprime_losses(rows, moved(states, shift, -delta))
         return list(out.split([len(rows) for _, rows, _ in terms]))
 
     def hessian_forms(self, s: int, rows: np.ndarray, u: torch.Tensor, v: torch.Tensor,
@@ -258,16 +258,25 @@ class Window:
             pop.params.copy_(before + c * (pop.params - before))
 
 
-def moved(states: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
-    """``states`` [P, D] with ``change`` [P, D] added: a new tensor."""
-    return states + change
+def moved(states: torch.Tensor, *changes: torch.Tensor) -> torch.Tensor:
+    """``states`` [P, D] with each of ``changes`` [P, D] added, in float64 (where the loss differences read them):
+    a new tensor."""
+    out = states.double()
+    for change in changes:
+        out = out + change.double()
+    return out
 
 
-def zprime_losses(pop: Population, x: torch.Tensor, y: torch.Tensor, shared_input: bool = False,
-                  sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """L(θ; z′) [P] of every row of ``pop`` (z′ = x, y, as ``Population.evaluate`` takes them), eval mode, no graph."""
+def float64_losses(model64: nn.Module, optimizer: OptimizerSpec, loss: Loss, states: torch.Tensor, x: torch.Tensor,
+                   y: torch.Tensor, shared_input: bool = False,
+                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """L(θ; z′) [P] float64 at ``states`` [P, D] (z′ = x, y, as ``Population.evaluate`` takes them), eval mode, no
+    graph, evaluated in float64 by ``model64`` (the architecture's float64 copy). Exact readouts and DICE-GT are
+    differences of nearby losses: in float32 each would carry ~1e-7 of rounding (5e-7 measured between thread
+    counts), a relative error of 1e-2 or more on a single sample's influence; in float64 ~1e-16."""
+    pop = Population(model64, states.double(), optimizer, loss=loss)
     with torch.no_grad():
-        return pop.evaluate(x, y, shared_input, sample_weights)[0]
+        return pop.evaluate(x.double() if x.is_floating_point() else x, y, shared_input, sample_weights)[0]
 
 
 def state_losses(pop: Population, state: torch.Tensor, x: torch.Tensor, y: torch.Tensor, shared_input: bool = False,

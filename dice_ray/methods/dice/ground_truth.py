@@ -18,25 +18,15 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from dice_ray.core.population import Population
 from dice_ray.methods.dice.estimator import Cascade, Window
 from dice_ray.methods.dice.trajectory import reach
 
 
 def _heldout_losses(window: Window, states: torch.Tensor, rows: np.ndarray) -> np.ndarray:
-    """L(θ_k; z′) in eval mode for the states [P, D] of participants ``rows`` (z′_k their own validation
-    split when the window has one), evaluated in float64: [P] float64.
-
-    GT terms are differences of nearly equal losses; float32 evaluation would leave ~1e-7 of rounding noise
-    in each (measured: 5e-7 differences between thread counts), float64 keeps it below 1e-12.
-    """
-    model64 = window.double_model()
-    pop = Population(model64, states.double(), window.optimizer, loss=window.loss)
-    if window.validation is None:
-        x, y = window.heldout
-        return pop.evaluate(x.double(), y, shared_input=True)[0].cpu().numpy()
-    x, y, mask = (v[window.index(rows)] for v in window.validation)
-    return pop.evaluate(x.double(), y, sample_weights=mask)[0].cpu().numpy()
+    """L(θ_k; z′) [P] float64 in eval mode for the states [P, D] of participants ``rows`` (z′_k their own validation
+    split when the window has one): GT terms are differences of nearly equal losses, so evaluated in float64
+    (``Window.zprime_losses``)."""
+    return window.zprime_losses(rows, states).cpu().numpy()
 
 
 def counterfactual_half_step(window: Window, source: int,

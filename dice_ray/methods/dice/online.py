@@ -63,7 +63,7 @@ from dice_ray.methods.dice.estimator import (
 from dice_ray.methods.dice.measure import COLUMNS, probe_rows, warn_unreadable
 from dice_ray.methods.dice.probes import Probe, select_probes
 from dice_ray.methods.dice.recursion import READOUTS, HessianForm, LossDifference, Perturbation, read_by
-from dice_ray.methods.round_quantities import round_quantities, zprime_losses_at
+from dice_ray.methods.round_quantities import round_quantities
 from dice_ray.results import DICE, INFLUENCE
 
 FIELDS = ("probe_id", "step", "target", "first-order", "curvature", "second-order",
@@ -259,11 +259,11 @@ class OnlineCascades:
         delta = torch.cat([r.delta for _, r in parts])
         base = pop.state[pos] if states is None else states
         if states is None and all(r.shift is None for _, r in parts):
-            at, change = self.shared.losses(u, self.zprime)[pos], -delta
+            at, change = self.shared.losses(u, self.zprime)[pos], (-delta,)
         else:
             shift = torch.cat([torch.zeros_like(r.delta) if r.shift is None else r.shift for _, r in parts])
-            at, change = zprime_losses_at(self.block, pos, moved(base, shift), self.zprime), shift - delta
-        out = at - zprime_losses_at(self.block, pos, moved(base, change), self.zprime)
+            at, change = self.shared.losses_at(pos, moved(base, shift), self.zprime), (shift, -delta)
+        out = at - self.shared.losses_at(pos, moved(base, *change), self.zprime)
         return list(torch.split(out, [len(p) for p, _ in parts]))
 
     def _record(self, probe_id: int, step: int, rows: np.ndarray, values: dict[str, torch.Tensor]) -> None:
