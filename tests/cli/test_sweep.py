@@ -192,6 +192,25 @@ def test_optuna_sweep_resumes_with_its_finished_trials(tmp_path: Path) -> None:
     assert trials["optim.lr"].nunique() == 3  # the resumed search draws a new point, not its first one again
 
 
+def test_a_grid_runs_in_chunks_of_tune_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A grid runs GRID_CHUNK trials per Tune run (Tune held 90,000 at once for minutes before the first trial and
+    after Ctrl-C): every trial is run once and recorded, one Tune run per chunk."""
+    from dice_ray.sweep import runner
+
+    monkeypatch.setattr(runner, "GRID_CHUNK", 2)
+    out = tmp_path / "chunks"
+    base = {**BASE, "rounds": 2, "misbehavior": {}, "influence": {}}
+    path = _write(tmp_path, "chunks.yaml", {"base": base, "space": {"seed": {"grid": [0, 1, 2]}}, "max_concurrent": 2,
+                                            "out": str(out)})
+    assert main([str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "[3/3]" in printed and "sweep done" in printed
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert sorted(trials["seed"]) == [0, 1, 2] and (trials["status"] == "ok").all()
+    assert len([p for p in (out / "tune").iterdir() if p.is_dir()]) == 2
+
+
 def test_detection_auc_ranks_sources_by_mean_dice(tmp_path: Path) -> None:
     config = build_config({"nodes": 4, "rounds": 5, "misbehavior": {"kind": "label-flip", "selection": "ids",
                                                                      "ids": [1, 3]},
