@@ -39,6 +39,7 @@ from dice_ray.errors import InputError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "int")
 Scalar = bool | int | float | str | None
+Placement = list[dict[str, float]]  # a trial's placement-group bundles (``bundles``)
 
 
 class PlotSpec(BaseModel):
@@ -130,7 +131,7 @@ class Sweep:
     base: dict[str, Any]
     grid: list[Trial]
     examples: list[dict[str, Scalar]]
-    needs: list[tuple[dict[str, Scalar], list[dict[str, float]]]] = dataclasses.field(default_factory=list)
+    needs: list[tuple[dict[str, Scalar], Placement]] = dataclasses.field(default_factory=list)
 
     @property
     def out(self) -> Path:
@@ -267,17 +268,17 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
             params = dict(zip(fields, values, strict=True))
             grid.append(Trial(trial_id(index, params), params))
         examples = [t.params for t in grid]
-    columns, measured, needs = _survey(spec, Sweep(spec, base, grid, examples))
+    columns, measured, needs = _survey(Sweep(spec, base, grid, examples))
     sweep = Sweep(spec, base, grid, examples, needs)
     _check_names(spec, columns, measured)
     _check_prepares(sweep)
     return sweep
 
 
-SURVEY_BAR = 2000  # checking more examples than this shows a progress bar (about 1 s per thousand)
+SURVEY_BAR = 2000  # checking more examples than this shows a progress bar (about 1 s per 10,000 here)
 
 
-def _survey(spec: SweepSpec, sweep: Sweep) -> tuple[set[str], set[str], list[tuple[dict[str, Scalar], Any]]]:
+def _survey(sweep: Sweep) -> tuple[set[str], set[str], list[tuple[dict[str, Scalar], Placement]]]:
     """Build the run config of every example once (of a grid: every trial), refusing one that cannot be built
     with one line naming its values; return what the later checks need: the metric columns the trials report, the
     metric groups that measure something in some trial, and each distinct placement the trials reserve."""
@@ -285,12 +286,13 @@ def _survey(spec: SweepSpec, sweep: Sweep) -> tuple[set[str], set[str], list[tup
 
     from dice_ray.sweep.metrics import METRICS, metric_columns
 
+    spec = sweep.spec
     for name in spec.metrics or []:
         if name not in METRICS:
             raise InputError(f"sweep: metrics: {name!r} is unknown; choose from {', '.join(METRICS)}")
     columns: set[str] = set()
     measured: set[str] = set()
-    needs: dict[str, tuple[dict[str, Scalar], Any]] = {}
+    needs: dict[str, tuple[dict[str, Scalar], Placement]] = {}
     for params in tqdm(sweep.examples, desc="checking trials", unit="trial", leave=False,
                        disable=len(sweep.examples) <= SURVEY_BAR):
         try:
