@@ -138,7 +138,9 @@ def test_process_killed_at_a_random_round_resumes_to_the_same_tables(tmp_path: P
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--resume", "{tmp}/nowhere"], "no manifest.json"),
+    (["--resume", "{tmp}/nowhere"], "the run directory does not exist"),
+    (["--resume", "{tmp}"], "no manifest.json there"),
+    (["--resume", "{run}/manifest.json"], "the run directory is a file, not a folder"),
     (["--resume", "{run}", "--lr", "0.5"], "--lr cannot change it"),
     (["--resume", "{run}", "--set", "seed=3"], "--set cannot change it"),
 ])
