@@ -9,6 +9,7 @@ examiner, precision at the true number of anomalous neighbours and the detection
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,12 +184,30 @@ class Detection:
                                                                        self.horizon, path)}
 
 
+def _scored(proximal: pd.DataFrame) -> pd.DataFrame:
+    """The pairs (examiner, neighbour) of ``proximal`` whose every score is a number, with one warning line if
+    others are left out: an examiner whose validation split is empty has no z′ (its scores are NaN), and an exact
+    score at a state whose BatchNorm variance went negative is not a number either."""
+    unscored = ~np.isfinite(proximal["score"].to_numpy(np.float64))
+    if not unscored.any():
+        return proximal
+    pairs = pd.MultiIndex.from_frame(proximal[["examiner", "neighbor"]])
+    left_out = pairs.isin(pairs[unscored])
+    if left_out.all():
+        raise InputError("no proximal score is a number (an examiner with an empty validation split has no z′: use "
+                         "proximal.zprime heldout, or give participants more data)")
+    print(f"warning: {int(unscored.sum())} of {len(proximal)} proximal scores are not numbers (an examiner with an "
+          f"empty validation split has no z′); the {len(pairs[unscored].unique())} pairs they score are left out",
+          file=sys.stderr)
+    return proximal[~left_out].reset_index(drop=True)
+
+
 def detection_report(run: str | Path, horizons: list[int] | None = None) -> Detection:
     """Return the detection report of the run directory ``run`` (a run with proximal influence and misbehaving
     participants; writes nothing). ``horizons``: rounds before which scores count (default 5, 10, 20 and the whole
     run); the ROC curve uses the last."""
     run = Path(run)
-    proximal = read_frame(run, "proximal", "run the simulation with --proximal first")
+    proximal = _scored(read_frame(run, "proximal", "run the simulation with --proximal first"))
     rounds, nodes = read_frame(run, "rounds", "incomplete run"), read_frame(run, "nodes", "incomplete run")
     if not nodes["misbehaving"].any():
         raise InputError(f"{run} has no misbehaving participants: nothing to detect (--misbehavior)")

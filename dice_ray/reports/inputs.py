@@ -15,8 +15,8 @@ from dice_ray.errors import InputError
 from dice_ray.results import TABLES
 
 NONEMPTY = ("rounds", "nodes")  # a finished run writes a row per participant (and round) into these
-FINITE = {"rounds": ("train_loss",), "proximal": ("score", "window_score", "update_cosine")}  # a run that wrote a
-# NaN or infinity here would have stopped as diverged: such a value was written by someone else
+FINITE = {"rounds": ("train_loss",)}  # a run whose training loss is not finite stops as diverged: such a value was
+# written by someone else (other float columns may hold NaN: a proximal score where an examiner has no z′, say)
 
 
 def read_columns(run: Path, name: str) -> dict[str, np.ndarray]:

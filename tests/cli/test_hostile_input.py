@@ -148,14 +148,14 @@ def test_a_received_runs_malformed_pieces_are_one_line_each(tmp_path: Path, caps
     at = table.schema.get_field_index("gt")
     pq.write_table(table.set_column(at, "gt", pa.array(["n/a"] * len(table))), run / "dice.parquet")
     one_line(run, "alignment", "column 'gt' holds string, not double")
-    from dice_ray.results import PROXIMAL, write_table_atomic
-
-    run = tmp_path / "table-nan"  # a NaN score reached scikit-learn's "Input contains NaN"
+    run = tmp_path / "table-nan"  # a training loss a run would have stopped on (diverged)
     shutil.copytree(good, run)
-    row = {"round": 0, "examiner": 0, "neighbor": 1, "weight": 0.5, "score": float("nan"), "cumulative_score": 0.0,
-           "window_score": 0.0, "update_cosine": 0.0, "neighbor_is_anomalous": True}
-    write_table_atomic(run / "proximal.parquet", [row], PROXIMAL)
-    one_line(run, "anomaly", "column 'score' holds nan in 1 of 1 rows")
+    table = pq.read_table(run / "rounds.parquet")
+    losses = table.column("train_loss").to_numpy().copy()
+    losses[3] = np.nan
+    pq.write_table(table.set_column(table.schema.get_field_index("train_loss"), "train_loss",
+                                    pa.array(losses, pa.float32())), run / "rounds.parquet")
+    one_line(run, "collaborators", f"column 'train_loss' holds nan in 1 of {len(losses)} rows")
     run = tmp_path / "table-empty"  # an empty rounds table: "cannot convert float NaN to integer"
     shutil.copytree(good, run)
     pq.write_table(pq.read_table(run / "rounds.parquet").slice(0, 0), run / "rounds.parquet")

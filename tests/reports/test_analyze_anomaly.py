@@ -151,6 +151,26 @@ def test_anomaly_of_a_run_where_everyone_misbehaves_is_one_line(tmp_path, capsys
     assert len(err.splitlines()) == 1 and "every participant misbehaves" in err
 
 
+def test_pairs_an_examiner_without_z_prime_scores_are_left_out_with_a_warning(tmp_path, capsys) -> None:
+    """Participants with one sample get no validation split, so as examiners on their own z′ they score NaN: a
+    finished run, whose anomaly report leaves those pairs out, saying so (it was scikit-learn's "Input contains NaN",
+    and then a line blaming the table)."""
+    out = tmp_path / "run"
+    assert simulate(["--engine", "local", "--dataset", "synthetic", "--set", "data.synthetic_samples=40", "--set",
+                     "data.synthetic_classes=2", "--nodes", "24", "--topology", "ring", "--rounds", "3", "--proximal",
+                     "--batch-size", "1", "--misbehavior", "label-flip", "--misbehaving", "4", "--no-progress",
+                     "--out", str(out)]) == 0
+    scores = pd.read_parquet(out / "proximal.parquet")["score"]
+    assert scores.isna().any() and scores.notna().any()
+    capsys.readouterr()
+    assert analyze(["anomaly", str(out)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    said = f"{scores.isna().sum()} of {len(scores)} proximal scores are not numbers"
+    assert len(warnings) == 1 and said in warnings[0]
+    table = pd.read_parquet(out / "anomaly.parquet")
+    assert table["auc"].notna().all()
+
+
 def test_the_windowed_detector_is_the_tables_window_score() -> None:
     """proximal.window sums the run's last ``window`` scoring rounds (the table's ``window_score``). On a time-varying
     graph a pair is not scored each round: examiner 0 scores neighbour 1 in rounds 0 and 3 only, so with a window
