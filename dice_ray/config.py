@@ -11,7 +11,6 @@ topologies, data sets, models, optimizers) become one-line ``InputError`` messag
 
 from __future__ import annotations
 
-import contextvars
 import importlib
 import os
 import sys
@@ -41,7 +40,7 @@ from dice_ray.methods.contributions import LedgerConfig
 from dice_ray.methods.dice.options import InfluenceConfig
 from dice_ray.methods.proximal import ProximalConfig
 from dice_ray.methods.rewiring import RewiringConfig
-from dice_ray.sections import FieldError, IdList, Ids, Section, comma_list, one_line
+from dice_ray.sections import RECORDED, FieldError, IdList, Ids, Section, comma_list, one_line
 
 
 def _one_of(what: str, choices: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> AfterValidator:
@@ -49,7 +48,7 @@ def _one_of(what: str, choices: tuple[str, ...] | Callable[[], tuple[str, ...]])
     ``what`` and lists them."""
 
     def check(value: str) -> str:
-        if callable(choices) and _RECORDED.get():
+        if callable(choices) and RECORDED.get():
             return value  # a name the recorded config's modules would register: not imported, so not checked
         names = choices() if callable(choices) else choices
         if value not in names:
@@ -57,11 +56,6 @@ def _one_of(what: str, choices: tuple[str, ...] | Callable[[], tuple[str, ...]])
         return value
 
     return AfterValidator(check)
-
-
-# True while a config read from a run directory, a checkpoint or a sweep directory is validated (``read_recorded``).
-# A context variable, not pydantic's validation context: sections with their own ``__init__`` do not pass that on.
-_RECORDED: contextvars.ContextVar[bool] = contextvars.ContextVar("recorded", default=False)
 
 
 class TopologyConfig(Section):
@@ -265,7 +259,7 @@ class MisbehaviorConfig(Section):
         if self.kind == "none":
             return 0
         if self.selection == "ids":
-            return len(self.ids or [])
+            return len(set(self.ids or []))  # a recorded config of an earlier version may repeat one
         if self.fraction is not None:
             return int(round(self.fraction * nodes))
         return self.count or 0
@@ -356,7 +350,7 @@ class RunConfig(Section):
         """Import ``imports`` (and ``model.import_module``) before the fields are checked: they register names
         (and methods, whose sections are then validated: ``_user_sections``). Not
         for a recorded config (``read_recorded``): reading a run imports nothing it names."""
-        if isinstance(data, dict) and not _RECORDED.get():
+        if isinstance(data, dict) and not RECORDED.get():
             import_modules(modules_in(data))
         return cls._user_sections(data)
 
@@ -428,7 +422,7 @@ class RunConfig(Section):
                     data[key] = options[key].model_validate(value or {})
                 except FieldError as err:
                     raise FieldError((key, *err.loc), err.message, err.extra) from None
-            elif not (_RECORDED.get() and isinstance(data[key], dict)):
+            elif not (RECORDED.get() and isinstance(data[key], dict)):
                 raise FieldError((key,), "unknown key", extra=True)
         for key, option in options.items():  # a registered method's section with its defaults, when not given
             data.setdefault(key, option())
@@ -442,13 +436,13 @@ def read_recorded(data: Any, where: str) -> RunConfig:
     recorded. Only ``run`` and ``resume`` import them (``modules_named``)."""
     if not isinstance(data, dict):
         raise InputError(f"{where}: the recorded config is not a mapping of sections")
-    token = _RECORDED.set(True)
+    token = RECORDED.set(True)
     try:
         return RunConfig.model_validate(data)
     except InputError as err:
         raise InputError(f"{where}: {err}") from None
     finally:
-        _RECORDED.reset(token)
+        RECORDED.reset(token)
 
 
 def modules_named(config: RunConfig) -> list[str]:

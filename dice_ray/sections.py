@@ -7,6 +7,7 @@ field (``config: ledger.hops: …``), also when it is built in Python. The run c
 
 from __future__ import annotations
 
+import contextvars
 from collections import Counter
 from typing import Annotated, Any
 
@@ -20,11 +21,17 @@ def comma_list(value: Any) -> Any:
     return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
 
+# True while a config recorded in a run, checkpoint or sweep directory is read (``config.read_recorded``): what it
+# records is taken as recorded, also what earlier versions accepted and this one refuses. A context variable, not
+# pydantic's validation context: sections with their own ``__init__`` do not pass that on.
+RECORDED: contextvars.ContextVar[bool] = contextvars.ContextVar("recorded", default=False)
+
+
 def distinct(value: list[Any] | None) -> list[Any] | None:
     """A list as given, refused if it names an item twice (a participant or round listed twice is a slip: it
-    would count once)."""
+    would count once); a recorded config's list is taken as recorded (earlier versions accepted repeats)."""
     twice = [item for item, times in Counter(value or []).items() if times > 1]
-    if twice:
+    if twice and not RECORDED.get():
         raise ValueError(f"lists {twice[0]!r} twice: {value}")
     return value
 

@@ -209,3 +209,17 @@ def test_a_report_refuses_a_graph_or_size_that_is_not_the_one_the_run_recorded(t
     (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest))
     assert analyze(["cascade", str(tmp_path / "run")]) == 2
     assert "manifest.json records 1000000 participants, nodes.parquet 4" in capsys.readouterr().err
+
+
+def test_a_config_recorded_by_an_earlier_version_with_a_repeated_id_is_read_as_recorded() -> None:
+    """Earlier versions accepted an id or round listed twice (counted once); a new config refuses it, but a run,
+    checkpoint or sweep directory that records one still opens, reports and resumes as it ran."""
+    from dice_ray.config import build_config, read_recorded
+    from dice_ray.errors import InputError
+
+    recorded = {"nodes": 8, "influence": {"enabled": True, "hops": 1, "sources": [1, 1]},
+                "misbehavior": {"kind": "sign-flip", "selection": "ids", "ids": [2, 2]}}
+    config = read_recorded(recorded, "run 'old'")
+    assert config.influence.sources == [1, 1] and config.misbehavior.number(8) == 1
+    with pytest.raises(InputError, match="lists 1 twice"):
+        build_config(recorded)
