@@ -44,11 +44,9 @@ def _now() -> str:
 
 
 def _identify(sweep: Sweep, tune_config: dict[str, Any], tune_trial_id: str) -> tuple[str, dict[str, Any]]:
-    """(trial id, swept values) of a Tune trial: a grid trial carries its id, an Optuna trial its values."""
-    if "trial_id" in tune_config:
-        trial_id = tune_config["trial_id"]
-        return trial_id, sweep.params[trial_id]
-    return tune_trial_id, {field: tune_config[field] for field in sweep.spec.space}
+    """(trial id, swept values) of a Tune trial: a grid trial carries its id, an Optuna trial takes Tune's; both carry
+    their values (a grid trial's resolved from its id, ``_grid_space``)."""
+    return tune_config.get("trial_id", tune_trial_id), {field: tune_config[field] for field in sweep.spec.space}
 
 
 def simulate_or_resume(config: Any) -> Path:
@@ -286,14 +284,14 @@ def _run_trials(sweep: Sweep, out: Path, done: dict[str, dict[str, Any]]) -> Pat
           f"up to {spec.max_concurrent} at a time", flush=True)
     started = time.time()
     if count > 0:
-        light = dataclasses.replace(sweep, grid=[], examples=[], needs=[])  # what a trial's config needs: shipped
-        # with the trainable to every trial's actor (a grid of 90,000 made it 11 MiB)
+        light = dataclasses.replace(sweep, grid=[], examples=[], needs=[])  # what a trial needs: shipped with the
+        # trainable to every trial's actor (a grid of 90,000 made it 11 MiB)
 
         def resources(tune_config: dict[str, Any]) -> tune.PlacementGroupFactory:
-            params = {field: tune_config[field] for field in spec.space}  # a grid trial's too (``_grid_space``)
+            _, params = _identify(light, tune_config, "")
             return tune.PlacementGroupFactory(bundles(light.trial_config(params, Path("check"))))
 
-        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, out=str(out)), resources)
+        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=light, out=str(out)), resources)
         recorder = _recorder(sweep, out, total, done)
         # A grid runs in chunks of GRID_CHUNK trials, one Tune run each; an optuna search in one run.
         chunks = [todo[i:i + GRID_CHUNK] for i in range(0, len(todo), GRID_CHUNK)] if spec.search == "grid" else [[]]
@@ -325,7 +323,7 @@ def _grid_space(sweep: Sweep, todo: list[str]) -> dict[str, Any]:
     from the id, so every trial's config, which Tune's logger callbacks record, holds its parameters."""
     from ray import tune
 
-    params = sweep.params
+    params = {trial_id: sweep.params[trial_id] for trial_id in todo}
     space: dict[str, Any] = {"trial_id": tune.grid_search(todo)}
     for field in sweep.spec.space:
         space[field] = tune.sample_from(lambda config, field=field: params[config["trial_id"]][field])

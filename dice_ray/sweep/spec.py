@@ -95,9 +95,9 @@ def _check_distribution(field: str, dist: dict[str, list[Scalar]], search: str) 
     if kind in ("grid", "choice"):
         if not values:
             raise ValueError(f"space.{field}: {kind} needs at least one value")
-        twice = [v for v, times in Counter(json.dumps(v) for v in values).items() if times > 1]
+        twice = [v for v, times in Counter(values).items() if times > 1]  # by value: 8 and 8.0 are one
         if twice:  # a grid would run those trials twice; a choice would draw the value twice as often
-            raise ValueError(f"space.{field}: {kind} lists {twice[0]} twice")
+            raise ValueError(f"space.{field}: {kind} lists {twice[0]!r} twice")
         return
     if search == "grid":
         raise ValueError(f"space.{field}: {kind} needs search optuna; a grid takes grid or choice values")

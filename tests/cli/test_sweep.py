@@ -53,6 +53,7 @@ def _sweep(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     ({"space": {"optim.lr": {"grid": [0.1, -1]}}}, "space.optim.lr = -1"),
     ({"space": {"optim.lr": {"between": [0.1, 1]}}}, "space.optim.lr: expected one of"),
     ({"space": {"optim.lr": {"grid": [0.1, 0.05, 0.1]}}}, "space.optim.lr: grid lists 0.1 twice"),  # ran it twice
+    ({"space": {"optim.batch_size": {"grid": [8, 8.0]}}}, "space.optim.batch_size: grid lists 8 twice"),
     ({"space": {"optim.lr": {"uniform": [0.1, 1]}}}, "needs search optuna"),
     ({"space": {"optim.lr": {"loguniform": [0, 1]}}, "search": "optuna", "num_samples": 2,
       "metric": "final_heldout_acc"}, "loguniform needs low > 0"),
