@@ -95,9 +95,8 @@ class RoundQuantities:
         if self._model64 is None:
             self._model64 = copy.deepcopy(pop.model).double()
         if zprime == "heldout":
-            return float64_losses(self._model64, pop.optimizer, pop.loss, states, block.x_heldout, block.y_heldout,
-                                  shared_input=True)
-        return float64_losses(self._model64, pop.optimizer, pop.loss, states, block.x_val[pos], block.y_val[pos],
+            return float64_losses(self._model64, pop.loss, states, block.x_heldout, block.y_heldout, shared_input=True)
+        return float64_losses(self._model64, pop.loss, states, block.x_val[pos], block.y_val[pos],
                               sample_weights=block.val_mask[pos])
 
     @staticmethod

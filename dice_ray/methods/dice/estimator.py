@@ -178,11 +178,11 @@ class Window:
     def zprime_losses(self, rows: np.ndarray, states: torch.Tensor) -> torch.Tensor:
         """L(θ; z′_k) [P] float64 at ``states`` [P, D] of participants ``rows`` (z′_k: k's validation split when the
         window has one, else the held-out batch), eval mode, evaluated in float64 (``float64_losses``)."""
-        model, optimizer, loss = self.double_model(), self.optimizer, self.loss
+        model = self.double_model()
         if self.validation is None:
-            return float64_losses(model, optimizer, loss, states, *self.heldout, shared_input=True)
+            return float64_losses(model, self.loss, states, *self.heldout, shared_input=True)
         x, y, mask = (value[self.index(rows)] for value in self.validation)
-        return float64_losses(model, optimizer, loss, states, x, y, sample_weights=mask)
+        return float64_losses(model, self.loss, states, x, y, sample_weights=mask)
 
     def stacked_loss_differences(self, terms: list[tuple[int, np.ndarray, LossDifference]]) -> list[torch.Tensor]:
         """L(θ_k + shift; z′) − L(θ_k + shift − δ; z′) of several (s, rows, request) at θ_k = θ_k^{t0+s}: one list
@@ -267,14 +267,14 @@ def moved(states: torch.Tensor, *changes: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def float64_losses(model64: nn.Module, optimizer: OptimizerSpec, loss: Loss, states: torch.Tensor, x: torch.Tensor,
-                   y: torch.Tensor, shared_input: bool = False,
-                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+def float64_losses(model64: nn.Module, loss: Loss, states: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                   shared_input: bool = False, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
     """L(θ; z′) [P] float64 at ``states`` [P, D] (z′ = x, y, as ``Population.evaluate`` takes them), eval mode, no
     graph, evaluated in float64 by ``model64`` (the architecture's float64 copy). Exact readouts and DICE-GT are
     differences of nearby losses: in float32 each would carry ~1e-7 of rounding (5e-7 measured between thread
-    counts), a relative error of 1e-2 or more on a single sample's influence; in float64 ~1e-16."""
-    pop = Population(model64, states.double(), optimizer, loss=loss)
+    counts), a relative error of 1e-2 or more on a single sample's influence; in float64 ~1e-16. (Plain SGD: no
+    optimizer state is allocated for an evaluation, which reads none.)"""
+    pop = Population(model64, states.double(), OptimizerSpec(), loss=loss)
     with torch.no_grad():
         return pop.evaluate(x.double() if x.is_floating_point() else x, y, shared_input, sample_weights)[0]
 
