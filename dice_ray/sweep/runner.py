@@ -21,6 +21,8 @@ import datetime as dt
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -308,13 +310,31 @@ def _run_trials(sweep: Sweep, out: Path, done: dict[str, dict[str, Any]]) -> Pat
                                         storage_path=str(out / "tune"), verbose=0,
                                         callbacks=[recorder, *_trackers(sweep, out)],
                                         failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES))
-            tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config).fit()
-            if any(t not in recorder.rows for t in chunk):
+            stopped = _fit(tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
+                                      run_config=run_config))
+            if stopped or any(t not in recorder.rows for t in chunk):
                 break  # Tune returns normally when interrupted (Ctrl-C): no further chunk
     path, recorded = _summarize(sweep, out, time.time() - started)
     if recorded < total:  # Tune returns normally when interrupted (Ctrl-C): the sweep did not finish
         raise KeyboardInterrupt(f"{recorded} of {total} trials recorded")
     return path
+
+
+def _fit(tuner: Any) -> bool:
+    """Run ``tuner``; return whether Ctrl-C (SIGINT) stopped it. A Tune run catches SIGINT with its own handler and
+    puts back the one it found only when a SIGINT comes: after a run without one, its handler stayed installed and
+    a Ctrl-C between two chunks went to it, unseen. The handler found is put back here, and finding it back after
+    the run (in the main thread, where Tune installs one) means Tune took a SIGINT."""
+    before = signal.getsignal(signal.SIGINT)
+    catches = threading.current_thread() is threading.main_thread() and not int(
+        os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+    try:
+        tuner.fit()
+    finally:
+        after = signal.getsignal(signal.SIGINT)
+        if catches:
+            signal.signal(signal.SIGINT, before)
+    return catches and after is before
 
 
 def _grid_space(sweep: Sweep, todo: list[str]) -> dict[str, Any]:

@@ -204,12 +204,40 @@ def test_a_grid_runs_in_chunks_of_tune_runs(tmp_path: Path, monkeypatch: pytest.
     base = {**BASE, "rounds": 2, "misbehavior": {}, "influence": {}}
     path = _write(tmp_path, "chunks.yaml", {"base": base, "space": {"seed": {"grid": [0, 1, 2]}}, "max_concurrent": 2,
                                             "out": str(out)})
+    handler = signal.getsignal(signal.SIGINT)
     assert main([str(path)]) == 0
+    assert signal.getsignal(signal.SIGINT) is handler  # Tune left its own, and a Ctrl-C between chunks went unseen
     printed = capsys.readouterr().out
     assert "[3/3]" in printed and "sweep done" in printed
     trials = pd.read_parquet(out / "trials.parquet")
     assert sorted(trials["seed"]) == [0, 1, 2] and (trials["status"] == "ok").all()
     assert len([p for p in (out / "tune").iterdir() if p.is_dir()]) == 2
+
+
+@pytest.mark.slow  # ~65 s: two sweeps, each its own Ray; the default run keeps CI under 20 minutes
+def test_ctrl_c_stops_a_sweep_with_one_line_and_it_resumes(tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) once a trial is recorded: the sweep stops, says how to continue, exit 130; --resume runs only
+    the trials left."""
+    out = tmp_path / "stopped"
+    base = {**BASE, "rounds": 2, "misbehavior": {}, "influence": {}}
+    path = _write(tmp_path, "stop.yaml", {"base": base, "space": {"seed": {"grid": [0, 1, 2, 3, 4, 5]}},
+                                          "max_concurrent": 1, "out": str(out)})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    sweep = subprocess.Popen([sys.executable, "-m", "dice_ray.sweep", str(path)], cwd=ROOT, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not list(out.glob("trials/*/result.json")) and sweep.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    sweep.send_signal(signal.SIGINT)
+    _, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, err[-2000:]
+    assert f"continue with python -m dice_ray.sweep {path} --resume" in err
+    recorded = len(list(out.glob("trials/*/result.json")))
+    assert 1 <= recorded < 6
+    resumed = _sweep(str(path), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{recorded} finished before, running {6 - recorded}" in resumed.stdout
+    assert len(pd.read_parquet(out / "trials.parquet")) == 6
 
 
 def test_detection_auc_ranks_sources_by_mean_dice(tmp_path: Path) -> None:
