@@ -27,6 +27,12 @@ def absent(path: str | os.PathLike, want: Literal["file", "folder"]) -> str:
     return "does not exist"
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (its type's name if it has none): what a one-line error quotes of it."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def report(err: InputError) -> int:
     """Print ``err`` as the one ``error:`` line of a command-line entry point; return its exit status, 2."""
     print(f"error: {err}", file=sys.stderr)

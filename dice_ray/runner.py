@@ -37,7 +37,7 @@ from dice_ray.config import (
 from dice_ray.engine import Engine, LocalEngine, RayEngine, cluster_plan, start_ray
 from dice_ray.engine.loop import Drivers, TrainingReport, train
 from dice_ray.engine.tasks import Tasks, task_backend
-from dice_ray.errors import InputError, absent
+from dice_ray.errors import InputError, absent, first_line
 from dice_ray.experiment import Experiment, prepare
 from dice_ray.hooks import Method, RoundHook, Stage, round_hooks
 from dice_ray.methods.catalog import methods_for
@@ -120,7 +120,7 @@ def unreadable(path: Path) -> str | None:
     try:
         pq.read_metadata(path)
     except (OSError, pa.ArrowException) as err:
-        return f"{path.name} is not a readable Parquet table ({(str(err).splitlines() or ['?'])[0][:120]})"
+        return f"{path.name} is not a readable Parquet table ({first_line(err)[:120]})"
     return None
 
 
@@ -307,7 +307,7 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
                     online.load_state(latest.load_driver_state())
                 except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as err:  # arrays of another run
                     raise InputError(f"--resume {out}: checkpoint {latest.path.name} does not fit this run "
-                                     f"({type(err).__name__}: {(str(err).splitlines() or ['?'])[0][:160]})") from None
+                                     f"({type(err).__name__}: {first_line(err)[:160]})") from None
                 online.impose_mixing(engine)
                 tables.rollback(latest.round)
                 store.remove_after(latest.round)

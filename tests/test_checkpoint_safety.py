@@ -62,19 +62,26 @@ def _newest(run: Path) -> Path:
     return sorted((run / "checkpoints").glob("round-*"))[-1]
 
 
+def _resumes_from_the_older(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """Resume ``run``, whose newest checkpoint is to be skipped: it resumes from the previous one (after round 5)
+    and ends with an undisturbed run's tables. Returns what it printed to stderr."""
+    capsys.readouterr()
+    resumed = dice_ray.resume(run, engine="local")
+    err = capsys.readouterr().err
+    assert resumed.manifest["resumes"][-1]["from_round"] == 6
+    _assert_undisturbed(resumed, tmp_path)
+    return err
+
+
 def test_a_changed_byte_skips_that_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = _interrupted(tmp_path, "flipped")
     newest = _newest(run)
     data = bytearray((newest / "state.npz").read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit in the middle of the parameters
     (newest / "state.npz").write_bytes(bytes(data))
-    capsys.readouterr()
-    resumed = dice_ray.resume(run, engine="local")
-    err = capsys.readouterr().err
+    err = _resumes_from_the_older(run, tmp_path, capsys)
     assert f"skipping checkpoint {newest}: state.npz does not match its recorded SHA-256" in err
     assert err.count("skipping checkpoint") == 1  # said once (it was twice: two looks at the checkpoints)
-    assert resumed.manifest["resumes"][-1]["from_round"] == 6  # the previous checkpoint (after round 5)
-    _assert_undisturbed(resumed, tmp_path)
 
 
 def test_a_planted_pickle_is_never_unpickled(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -117,11 +124,8 @@ def test_the_table_rows_a_checkpoint_needs_are_verified_with_it(tmp_path: Path,
     checkpoint needs: exit 2, nothing changed (it used to train on and crash when writing the tables)."""
     run = _interrupted(tmp_path, "parts")
     (run / "checkpoints" / "rounds-000000006-000000008.parquet").unlink()  # only the newest checkpoint's
-    capsys.readouterr()
-    resumed = dice_ray.resume(run, engine="local")
-    assert "rounds-000000006-000000008.parquet (rows up to this round) is missing" in capsys.readouterr().err
-    assert resumed.manifest["resumes"][-1]["from_round"] == 6
-    _assert_undisturbed(resumed, tmp_path)
+    err = _resumes_from_the_older(run, tmp_path, capsys)
+    assert "rounds-000000006-000000008.parquet (rows up to this round) is missing" in err
 
     run = _interrupted(tmp_path, "damaged")
     part = run / "checkpoints" / "proximal-000000003-000000005.parquet"  # both checkpoints' rows
@@ -154,11 +158,8 @@ def test_a_checkpoint_whose_folder_names_another_round_is_not_trusted(tmp_path: 
     run = _interrupted(tmp_path, "renamed")
     newest = _newest(run)
     newest.rename(newest.parent / "round-009999")
-    capsys.readouterr()
-    resumed = dice_ray.resume(run, engine="local")
-    assert "its folder names round 9999, its meta.json round 8" in capsys.readouterr().err
-    assert resumed.manifest["resumes"][-1]["from_round"] == 6
-    _assert_undisturbed(resumed, tmp_path)
+    err = _resumes_from_the_older(run, tmp_path, capsys)
+    assert "its folder names round 9999, its meta.json round 8" in err
 
     run = _interrupted(tmp_path, "beyond")
     newest = _newest(run)

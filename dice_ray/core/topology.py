@@ -21,7 +21,7 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph, csr_array
 
-from dice_ray.errors import InputError, absent
+from dice_ray.errors import InputError, absent, first_line
 
 if TYPE_CHECKING:
     import networkx
@@ -39,11 +39,6 @@ def _check_int(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise InputError(f"{name}={value!r} is invalid; it must be an integer >= {minimum}")
     return int(value)
-
-
-def _one_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _adjacency_from_edges(n: int, src: np.ndarray, dst: np.ndarray, *, undirected: bool) -> csr_array:
@@ -297,7 +292,7 @@ def load_mixing_matrix(path: str | Path) -> csr_array:
         else:
             w = np.loadtxt(path, delimiter="," if "," in path.read_text() else None, ndmin=2)
     except (OSError, ValueError, zipfile.BadZipFile, KeyError) as error:  # .npz: a zip of scipy's arrays
-        raise InputError(f"mixing matrix file '{path}' could not be read: {_one_line(error)}") from None
+        raise InputError(f"mixing matrix file '{path}' could not be read: {first_line(error)}") from None
     return _validated(w, atol=1e-6, name=f"W in '{path}'")
 
 

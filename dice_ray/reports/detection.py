@@ -192,12 +192,13 @@ def _scored(proximal: pd.DataFrame) -> pd.DataFrame:
     if not unscored.any():
         return proximal
     pairs = pd.MultiIndex.from_frame(proximal[["examiner", "neighbor"]])
-    left_out = pairs.isin(pairs[unscored])
+    dropped = pairs[unscored].unique()
+    left_out = pairs.isin(dropped)
     if left_out.all():
         raise InputError("no proximal score is a number (an examiner with an empty validation split has no z′: use "
                          "proximal.zprime heldout, or give participants more data)")
     print(f"warning: {int(unscored.sum())} of {len(proximal)} proximal scores are not numbers (an examiner with an "
-          f"empty validation split has no z′); the {len(pairs[unscored].unique())} pairs they score are left out",
+          f"empty validation split has no z′); the {len(dropped)} pairs they score are left out",
           file=sys.stderr)
     return proximal[~left_out].reset_index(drop=True)
 

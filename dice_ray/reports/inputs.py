@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dice_ray.errors import InputError
+from dice_ray.errors import InputError, first_line
 from dice_ray.results import TABLES
 
 NONEMPTY = ("rounds", "nodes")  # a finished run writes a row per participant (and round) into these
@@ -35,8 +35,8 @@ def read_table(path: Path) -> pa.Table:
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as err:
-        reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise InputError(f"{path} is not a readable Parquet table ({reason}): it was cut short or replaced") from None
+        raise InputError(f"{path} is not a readable Parquet table ({first_line(err)}): it was cut short or "
+                         "replaced") from None
     schema = TABLES.get(path.stem)
     missing = [] if schema is None else [f.name for f in schema if f.name not in table.column_names]
     if missing:
