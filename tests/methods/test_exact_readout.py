@@ -10,6 +10,7 @@ smallest. DICE-GT is evaluated in float64.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -19,12 +20,16 @@ import pytest
 import torch
 from oracles import BATCHNORM_MLP
 from test_online_dice import BASE, tables
+from torch.func import functional_call
 
 from dice_ray.config import build_config
+from dice_ray.core.losses import Loss
+from dice_ray.core.population import model_state_layouts
 from dice_ray.experiment import prepare
 from dice_ray.methods.dice.estimator import (
     estimate_cascade,
     estimate_cascades,
+    float64_losses,
     sample_second_order_difference,
     sample_update_difference,
     update_difference,
@@ -127,12 +132,6 @@ def test_the_readout_is_taken_in_float64(model: str) -> None:
     """L(θ_k; z′) − L(θ_k − W_kj Δ; z′) is a difference of nearby losses: read in float32 it carried ~1e-7 of rounding
     (1e-2 of a single sample's term); it is read in float64, equal to the same difference taken here in float64
     with the model's own forward pass (functional_call), to float64 rounding of two losses (L ≤ 3)."""
-    import copy
-
-    from torch.func import functional_call
-
-    from dice_ray.core.population import model_state_layouts
-
     w = window(model, "sgd")
     delta, opt_delta = update_difference(w, 2)
     got = estimate_cascade(w, 2, delta, opt_delta, 1, "exact-readout")
@@ -152,6 +151,28 @@ def test_the_readout_is_taken_in_float64(model: str) -> None:
 
     want = np.array([loss(a) - loss(b) for a, b in zip(states, moved, strict=True)])
     np.testing.assert_allclose(got.values[1], want, rtol=0, atol=64 * 2.0**-53 * 3.0)
+
+
+class _LogisticLoss(Loss):
+    """Binary cross-entropy of logits [N, 1] against float targets [N]: torch computes it in its target's dtype."""
+
+    def per_sample(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.binary_cross_entropy_with_logits(outputs[:, 0], targets, reduction="none")
+
+
+def test_float_targets_are_read_in_float64() -> None:
+    """A loss that computes in its target's dtype reads float32 targets in float32: the float64 losses cast float
+    targets too, so they equal the same losses taken here in float64, to float64 rounding (in float32 ~1e-8 off)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    params, _ = model_state_layouts(model)
+    states = torch.randn(4, params.width) * 0.5
+    x, y = torch.randn(32, 5), torch.randint(0, 2, (32,)).float()
+    got = float64_losses(copy.deepcopy(model).double(), _LogisticLoss(), states, x, y, shared_input=True)
+    assert got.dtype == torch.float64
+    want = torch.stack([_LogisticLoss().per_sample(functional_call(model.double(), params.views(s), (x.double(),)),
+                                                   y.double()).mean() for s in states.double()])
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=64 * 2.0**-53 * float(want.max()))
 
 
 def test_later_hops_read_the_curvature_perturbation() -> None:

@@ -273,10 +273,15 @@ def float64_losses(model64: nn.Module, loss: Loss, states: torch.Tensor, x: torc
     graph, evaluated in float64 by ``model64`` (the architecture's float64 copy). Exact readouts and DICE-GT are
     differences of nearby losses: in float32 each would carry ~1e-7 of rounding (5e-7 measured between thread
     counts), a relative error of 1e-2 or more on a single sample's influence; in float64 ~1e-16. (Plain SGD: no
-    optimizer state is allocated for an evaluation, which reads none.)"""
+    optimizer state is allocated for an evaluation, which reads none. Floating-point targets are read in float64
+    too: a loss such as ``binary_cross_entropy_with_logits`` computes in its target's dtype.)"""
     pop = Population(model64, states.double(), OptimizerSpec(), loss=loss)
+
+    def wide(t: torch.Tensor) -> torch.Tensor:
+        return t.double() if t.is_floating_point() else t
+
     with torch.no_grad():
-        return pop.evaluate(x.double() if x.is_floating_point() else x, y, shared_input, sample_weights)[0]
+        return pop.evaluate(wide(x), wide(y), shared_input, sample_weights)[0]
 
 
 def state_losses(pop: Population, state: torch.Tensor, x: torch.Tensor, y: torch.Tensor, shared_input: bool = False,
