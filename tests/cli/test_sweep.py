@@ -196,10 +196,13 @@ def test_optuna_sweep_resumes_with_its_finished_trials(tmp_path: Path) -> None:
 def test_a_grid_runs_in_chunks_of_tune_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """A grid runs GRID_CHUNK trials per Tune run (Tune held 90,000 at once for minutes before the first trial and
-    after Ctrl-C): every trial is run once and recorded, one Tune run per chunk."""
+    after Ctrl-C), or CHUNK_WAVES waves of max_concurrent trials if that is more (each chunk's tail idles up to a
+    wave): every trial is run once and recorded, one Tune run per chunk."""
     from dice_ray.sweep import runner
 
+    assert runner.grid_chunk(2) == runner.GRID_CHUNK and runner.grid_chunk(64) == 64 * runner.CHUNK_WAVES
     monkeypatch.setattr(runner, "GRID_CHUNK", 2)
+    monkeypatch.setattr(runner, "CHUNK_WAVES", 1)
     out = tmp_path / "chunks"
     base = {**BASE, "rounds": 2, "misbehavior": {}, "influence": {}}
     path = _write(tmp_path, "chunks.yaml", {"base": base, "space": {"seed": {"grid": [0, 1, 2]}}, "max_concurrent": 2,
