@@ -193,6 +193,12 @@ def contributions(run: Path, loo: bool = False, shapley: int | None = None, loca
             if agree[name]["spearman"] is not None:
                 print(f"{label} vs {name}: Spearman {agree[name]['spearman']:.3f}, Kendall "
                       f"{agree[name]['kendall']:.3f} over {len(rows)} participants")
+        scale = computed.scale.get("loo") if v == ranking else None
+        if scale is not None:
+            print(f"  ledger total / leave-one-out effect: median {scale['median']:.3g} over participants "
+                  f"({scale['low']:.3g} to {scale['high']:.3g}): other units, compare ranks (the ledger counts a "
+                  "probed update at its source and where it first reaches each participant, leave-one-out every "
+                  "update once in the final loss)")
         if agree["loo_honest"]["spearman"] is not None and rows["misbehaving"].any():
             print(f"  among the {int(honest.sum())} well-behaved participants only: Spearman "
                   f"{agree['loo_honest']['spearman']:.3f}, Kendall {agree['loo_honest']['kendall']:.3f}")

@@ -27,6 +27,16 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(stats.spearmanr(a[ok], b[ok]).statistic)
 
 
+def ratios(a: np.ndarray, b: np.ndarray) -> dict[str, float] | None:
+    """The ratio a/b over the pairs where both are finite and b is not 0: its ``median``, ``low`` (smallest) and
+    ``high`` (largest); None without such a pair."""
+    ok = np.isfinite(a) & np.isfinite(b) & (b != 0)
+    if not ok.any():
+        return None
+    r = a[ok] / b[ok]
+    return {"median": float(np.median(r)), "low": float(r.min()), "high": float(r.max())}
+
+
 def rank_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float | None]:
     """Spearman and Kendall rank correlation of ``a`` and ``b`` over their finite pairs (None as ``spearman``)."""
     ok = np.isfinite(a) & np.isfinite(b)

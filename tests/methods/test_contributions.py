@@ -204,6 +204,7 @@ def test_recovery_restores_the_ledger_and_its_kept_updates(ray_local, tmp_path: 
 
 
 def test_contributions_report(tmp_path: Path, capsys) -> None:
+    from dice_ray.api import open_run
     from dice_ray.cli.analyze import main as analyze
 
     out = _run(tmp_path / "rep", "--engine", "local", "--rounds", "6", "--topology", "exponential", "--misbehavior",
@@ -214,6 +215,12 @@ def test_contributions_report(tmp_path: Path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "ledger total vs loo: Spearman" in printed
     report = pd.read_parquet(out / "contributions_report.parquet")
+    # The ledger counts an update at its source and at each participant it first reaches (here with path weights
+    # 1 + 0.75 + 0.375), leave-one-out once in the final loss: other units (measured 1.95x), said
+    scale = open_run(out).contributions().scale["loo"]
+    ratio = (report["total"] / report["loo_effect"]).to_numpy()
+    assert scale == {"median": np.median(ratio), "low": ratio.min(), "high": ratio.max()} and scale["median"] > 1.5
+    assert f"ledger total / leave-one-out effect: median {scale['median']:.3g} over participants" in printed
     assert len(report) == 8 and report["loo_effect"].notna().all() and report["shapley"].isna().all()
     assert report.loc[1, "misbehaving"] and sorted(report["rank"]) == list(range(1, 9))
     assert (out / "contributions_shares.png").stat().st_size > 0 and (out / "contributions_heatmap.png").is_file()
