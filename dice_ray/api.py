@@ -24,7 +24,7 @@ import pandas as pd
 from dice_ray.config import RunConfig, build_config, load_config, read_recorded
 from dice_ray.errors import InputError
 from dice_ray.hooks import Method, registered_methods
-from dice_ray.results import TABLES
+from dice_ray.results import TABLES, kept_topology_file
 
 if TYPE_CHECKING:
     from dice_ray.reports import Cascade, Contributions
@@ -217,6 +217,6 @@ def resume(path: str | Path, *, engine: str | None = None, on_round: Callable[[A
     engine = engine or manifest.get("engine", "ray")
     if engine not in ENGINES:
         raise InputError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
-    experiment = prepare(config)
+    experiment = prepare(config, kept_topology_file(Path(path), manifest))
     return Run(simulate(config, engine, bool(manifest.get("save_states", False)), experiment, resume=True,
                         on_round=on_round, methods=methods))

@@ -8,6 +8,7 @@ written, so bad input fails fast with one ``InputError`` line.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -110,13 +111,21 @@ def check_normalization(config: RunConfig, model: Any) -> None:
                          "momentum")
 
 
-def prepare(config: RunConfig) -> Experiment:
-    """Return the ``Experiment`` of ``config``; raise ``InputError`` on anything that would fail later."""
+def config_topology(config: RunConfig, file: str | Path | None = None) -> Topology:
+    """The ``Topology`` of ``config`` (its ``topology`` section and seed); ``file``: the topology file to read instead
+    of the one the config names (a run directory's copy, ``results.kept_topology_file``)."""
+    topo = config.topology
+    return make_topology(topo.name, config.nodes, weights=topo.weights, seed=config.seed, p=topo.p, rows=topo.rows,
+                         path=file or topo.file, directed=topo.directed)
+
+
+def prepare(config: RunConfig, topology_file: str | Path | None = None) -> Experiment:
+    """Return the ``Experiment`` of ``config``; raise ``InputError`` on anything that would fail later.
+    ``topology_file``: the run directory's copy of its topology file, read instead of the path the config names
+    (a resume, a retraining)."""
     load_imports(config)
     d = config.data
-    topology = make_topology(config.topology.name, config.nodes, weights=config.topology.weights,
-                             seed=config.seed, p=config.topology.p, rows=config.topology.rows,
-                             path=config.topology.file, directed=config.topology.directed)
+    topology = config_topology(config, topology_file)
     dataset = load_dataset(d.dataset, data_dir=d.data_dir, download=d.download, seed=config.seed,
                            synthetic_samples=d.synthetic_samples, synthetic_classes=d.synthetic_classes)
     if config.nodes > len(dataset.y_train):

@@ -8,6 +8,7 @@ whole table: an interrupted run leaves no complete-looking ``rounds.parquet``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -18,6 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from dice_ray.errors import InputError
 
 
 def _schema(*columns: tuple[str, pa.DataType, str]) -> pa.Schema:
@@ -379,3 +382,38 @@ class TableWriter:
             self.close()
         else:
             self.abort()
+
+
+TOPOLOGY_FILE = "topology_file"  # a run's copy of its topology file (topology "file"): this name, the file's suffix
+
+
+def keep_topology_file(config: Any, out: Path) -> dict[str, str] | None:
+    """Copy the file of a "file" topology into the run directory ``out`` (atomically): a resume, a retraining and
+    the reports read the graph the run trained on from the run itself, from any folder and on any machine the
+    directory is copied to. Return the manifest's record of it, ``topology_file`` (name and SHA-256); None: no
+    file."""
+    if config.topology.name != "file":
+        return None
+    source = Path(config.topology.file)
+    name = TOPOLOGY_FILE + source.suffix.lower()  # the suffix says the format (a W matrix or an edge list)
+    data = source.read_bytes()
+    write_atomic(out / name, lambda tmp: tmp.write_bytes(data))
+    return {"name": name, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def kept_topology_file(run: Path, manifest: Mapping[str, Any]) -> Path | None:
+    """The run's copy of its topology file (``keep_topology_file``) as its manifest records it; None: the run kept
+    none (not a "file" topology, or a run of an earlier version, which reads the path its config names). A copy
+    removed or changed since the run, or a record naming another file, is an ``InputError``."""
+    kept = manifest.get("topology_file")
+    if kept is None:
+        return None
+    name = kept.get("name") if isinstance(kept, dict) else None
+    if not isinstance(name, str) or Path(name).name != name or not name.startswith(TOPOLOGY_FILE):
+        raise InputError(f"{run}: manifest.json's topology_file names no copy in the run directory")
+    path = run / name
+    if not path.is_file():
+        raise InputError(f"{run}: the run's copy of its topology file, {name}, is missing")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != kept.get("sha256"):
+        raise InputError(f"{run}: the run's copy of its topology file, {name}, was changed since the run")
+    return path

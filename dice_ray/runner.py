@@ -44,6 +44,9 @@ from dice_ray.methods.catalog import methods_for
 from dice_ray.results import (
     NODES,
     ROUNDS,
+    TOPOLOGY_FILE,
+    keep_topology_file,
+    kept_topology_file,
     write_atomic,
     write_json_atomic,
     write_table_atomic,
@@ -277,13 +280,17 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
     else:
         start = 0
         out.mkdir(parents=True, exist_ok=True)
-        for stale in [*out.glob("*.parquet"), *out.glob("*.png"), out / "states.npy"]:  # an overwritten run's
-            stale.unlink(missing_ok=True)                                                 # tables, reports, plots
+        for stale in [*out.glob("*.parquet"), *out.glob("*.png"), out / "states.npy",  # an overwritten run's
+                      *out.glob(f"{TOPOLOGY_FILE}*")]:                             # tables, reports, plots, graph
+            stale.unlink(missing_ok=True)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         shutil.rmtree(out / "tensorboard", ignore_errors=True)  # an overwritten run's tracker records
         (out / "mlflow.db").unlink(missing_ok=True)
         manifest = Manifest.begin(experiment, out, engine_kind, save_states)
         manifest.update(methods=[m.name for m in chosen])
+        kept = keep_topology_file(config, out)
+        if kept is not None:
+            manifest.update(topology_file=kept)
     manifest.write()
     tracker = open_tracker(config, out)  # output.log: TensorBoard / MLflow views of the tables
     on_round = tracker.chain(on_round)
@@ -390,11 +397,13 @@ def run_stage(run: Path, stage: type[Stage], changes: dict[str, Any], local: boo
     ``analyze contributions --loo``), with its recorded config and the dotted fields ``changes``: as Ray tasks, or
     in this process if ``local``. A config that names modules to import is refused unless ``allow_imports``
     (``config.rerun_config``)."""
-    data = json.loads((run / "manifest.json").read_text())["config"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    data = manifest["config"]
     forget_address(data, f"{stage.name} of run {str(run)!r}", warn=not local)
     for dotted, value in changes.items():
         set_dotted(data, dotted, value)
-    experiment = prepare(rerun_config(data, f"{stage.name} of run {str(run)!r}", allow_imports))
+    experiment = prepare(rerun_config(data, f"{stage.name} of run {str(run)!r}", allow_imports),
+                         kept_topology_file(run, manifest))
     if not local:
         check_workers_register(experiment.config)
     _run_stage(stage(experiment, run), task_backend("local" if local else "ray", experiment.config, progress))

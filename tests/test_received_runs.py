@@ -181,11 +181,9 @@ def test_a_received_run_does_not_choose_where_its_resume_sends_mlflow_records(tm
     pd.testing.assert_frame_equal(resumed.rounds, pd.read_parquet(run / "rounds.parquet"))
 
 
-def test_a_report_refuses_a_graph_or_size_that_is_not_the_one_the_run_recorded(tmp_path: Path, monkeypatch,
-                                                                               capsys) -> None:
-    """Reports rebuild the communication graph from the recorded config. A relative topology file read from
-    another folder used to give another graph silently (wrong hop distances and positions), and a manifest whose
-    participant count was changed, IndexErrors or a 7 TiB allocation. Both are checked against nodes.parquet."""
+def _file_topology_run(tmp_path: Path, monkeypatch, on_round=None) -> tuple[Path, Path, Path]:
+    """(sender, receiver, run): a run made in ``sender`` on the ring in its relative topo/graph.txt; ``receiver``'s
+    topo/graph.txt is another graph (a star with a chord)."""
     sender, receiver = tmp_path / "sender", tmp_path / "receiver"
     for folder, edges in ((sender, "0 1\n1 2\n2 3\n3 0\n"), (receiver, "0 1\n0 2\n0 3\n1 2\n")):
         (folder / "topo").mkdir(parents=True)
@@ -194,20 +192,62 @@ def test_a_report_refuses_a_graph_or_size_that_is_not_the_one_the_run_recorded(t
     config = dice_ray.RunConfig(nodes=4, rounds=4, seed=0, data={"dataset": "digits", "heldout_size": 16},
                                 topology={"name": "file", "file": "topo/graph.txt"}, optim={"batch_size": 8},
                                 influence={"enabled": True, "hops": 1, "rounds": [1]},
-                                output={"out": str(tmp_path / "run"), "progress": False})
-    dice_ray.run(config, engine="local")
-    assert analyze(["cascade", str(tmp_path / "run")]) == 0  # where the run was made: its own graph
+                                output={"out": str(tmp_path / "run"), "progress": False, "checkpoint_every": 1})
+    dice_ray.run(config, engine="local", on_round=on_round)
+    return sender, receiver, tmp_path / "run"
+
+
+def test_a_run_keeps_its_topology_file_and_reads_it_from_anywhere(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A run copies its topology file into its directory (topology_file.txt, with its SHA-256 in the manifest): a
+    report and a resume from another folder read the graph the run trained on. (A relative path was read again
+    from the current folder: another graph, or 'does not exist'.) A copy changed since is one line, exit 2."""
+    def stop(metrics, engine) -> None:
+        if metrics.round == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _file_topology_run(tmp_path / "stopped", monkeypatch, stop)
+    sender, receiver, run = _file_topology_run(tmp_path, monkeypatch)
+    kept = run / "topology_file.txt"
+    assert kept.read_text() == (sender / "topo" / "graph.txt").read_text()
+    assert json.loads((run / "manifest.json").read_text())["topology_file"]["name"] == kept.name
+    assert analyze(["cascade", str(run)]) == 0
+    here = pd.read_parquet(run / "cascade.parquet")
+    monkeypatch.chdir(receiver)  # its topo/graph.txt is another graph
+    assert analyze(["cascade", str(run)]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "cascade.parquet"), here)
+    resumed = dice_ray.resume(tmp_path / "stopped" / "run", engine="local")
+    pd.testing.assert_frame_equal(resumed.rounds, pd.read_parquet(run / "rounds.parquet"))
+
+    kept.write_text("0 1\n0 2\n0 3\n1 2\n")
+    capsys.readouterr()
+    assert analyze(["cascade", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the run's copy of its topology file, topology_file.txt, was changed since the run" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_a_report_refuses_a_graph_or_size_that_is_not_the_one_the_run_recorded(tmp_path: Path, monkeypatch,
+                                                                               capsys) -> None:
+    """A run of an earlier version kept no copy of its topology file: reports rebuild the graph from the path its
+    config names. A relative one read from another folder used to give another graph silently (wrong hop distances
+    and positions), and a manifest whose participant count was changed, IndexErrors or a 7 TiB allocation. Both are
+    checked against nodes.parquet."""
+    sender, receiver, run = _file_topology_run(tmp_path, monkeypatch)
+    manifest = json.loads((run / "manifest.json").read_text())
+    del manifest["topology_file"]  # as an earlier version recorded it
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert analyze(["cascade", str(run)]) == 0  # where the run was made: its own graph
     monkeypatch.chdir(receiver)
     capsys.readouterr()
-    assert analyze(["cascade", str(tmp_path / "run")]) == 2
+    assert analyze(["cascade", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert "(read from 'topo/graph.txt') is not the one the run trained on" in err and len(err.splitlines()) == 1
 
     monkeypatch.chdir(sender)
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     manifest["config"]["nodes"] = 1_000_000
-    (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest))
-    assert analyze(["cascade", str(tmp_path / "run")]) == 2
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert analyze(["cascade", str(run)]) == 2
     assert "manifest.json records 1000000 participants, nodes.parquet 4" in capsys.readouterr().err
 
 

@@ -242,15 +242,17 @@ def validate_mixing_matrix(w: Any, *, atol: float = 1e-6, name: str = "W") -> No
 def load_edge_list(path: str | Path, n: int | None = None, *, directed: bool = False) -> csr_array:
     """Return the adjacency [n, n] of an edge-list file: one edge "src dst" or "src,dst" per line.
 
-    '#' starts a comment; blank lines and self-loops are skipped. Nodes are 0..n-1, and n defaults to the
-    largest id + 1. Undirected unless ``directed`` (then "src dst" is the edge src -> dst).
+    '#' starts a comment; blank lines and self-loops are skipped; a first line of names ("src,dst", a CSV header)
+    is skipped, and so is an edge's attribute dictionary ("0 1 {}", as ``networkx.write_edgelist`` writes it: W
+    comes from the weight rule). Nodes are 0..n-1, and n defaults to the largest id + 1. Undirected unless
+    ``directed`` (then "src dst" is the edge src -> dst).
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"edge list file '{path}' {absent(path, 'file')}")
     src, dst = [], []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
-        fields = line.split("#", 1)[0].replace(",", " ").split()
+        fields = line.split("#", 1)[0].split("{", 1)[0].replace(",", " ").split()
         if not fields:
             continue
         if len(fields) != 2:
@@ -258,6 +260,8 @@ def load_edge_list(path: str | Path, n: int | None = None, *, directed: bool = F
         try:
             s, d = int(fields[0]), int(fields[1])
         except ValueError:
+            if not src and not any(f.lstrip("-").isdigit() for f in fields):  # a header line, before any edge
+                continue
             raise InputError(f"edge list '{path}' line {number}: node ids must be integers, got "
                              f"{line.strip()!r}") from None
         if min(s, d) < 0 or (n is not None and max(s, d) >= n):
@@ -462,6 +466,10 @@ def make_topology(name: str, n: int, *, weights: str = "uniform", seed: int = 0,
                 raise InputError(f"n={n} does not match the mixing matrix in '{path}' of shape {w.shape}")
             return Topology(name, n, w)
         graph = load_edge_list(path, n, directed=directed)
+        named = np.flatnonzero(np.asarray(graph.sum(axis=0)).ravel() + np.asarray(graph.sum(axis=1)).ravel())
+        if named.max() < n - 1:  # said before "not strongly connected", which does not name the cause
+            raise InputError(f"edge list '{path}' names participants 0..{named.max()}, but the run has {n} "
+                             f"(--nodes): participants {named.max() + 1}..{n - 1} would have no edge")
     elif name == "erdos-renyi":
         graph = erdos_renyi_graph(n, min(1.0, 2 * math.log(n) / n) if p is None else p, seed)
     elif name in ("grid", "torus"):

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dice_ray.errors import InputError, first_line
-from dice_ray.results import TABLES
+from dice_ray.results import TABLES, kept_topology_file
 
 NONEMPTY = ("rounds", "nodes")  # a finished run writes a row per participant (and round) into these
 FINITE = {"rounds": ("train_loss",)}  # a run whose training loss is not finite stops as diverged: such a value was
@@ -116,31 +116,28 @@ def recorded_config(run: Path) -> Any:
     return read_recorded(read_manifest(run)["config"], f"run {str(run)!r}")
 
 
-def topology_of(config: Any) -> Any:
-    """The ``Topology`` a run of ``config`` trained on (rebuilt from its ``topology`` section and seed)."""
-    from dice_ray.core.topology import make_topology
-
-    topo = config.topology
-    return make_topology(topo.name, config.nodes, weights=topo.weights, seed=config.seed, p=topo.p, rows=topo.rows,
-                         path=topo.file, directed=topo.directed)
-
-
 def recorded_topology(run: Path) -> tuple[Any, Any]:
     """(the run's recorded config, its topology), read without importing anything the config names. The topology
-    is rebuilt from the config (a topology file is read again, a relative path from this folder), so it is checked
-    against what the run recorded in ``nodes.parquet``: as many participants, the same in-degrees in W^0; else an
-    ``InputError`` (a manifest or topology file changed since, or another file of that name here)."""
-    config = recorded_config(run)
+    is rebuilt from the config and the run's copy of its topology file (a run of an earlier version kept none: the
+    file its config names is read again, a relative path from this folder), so it is checked against what the run
+    recorded in ``nodes.parquet``: as many participants, the same in-degrees in W^0; else an ``InputError`` (a
+    manifest or topology file changed since, or another file of that name here)."""
+    from dice_ray.config import read_recorded
+    from dice_ray.experiment import config_topology
+
+    manifest = read_manifest(run)
+    config = read_recorded(manifest["config"], f"run {str(run)!r}")
+    kept = kept_topology_file(run, manifest)
     path = run / "nodes.parquet"
     if not path.is_file():
-        return config, topology_of(config)
+        return config, config_topology(config, kept)
     recorded = read_table(path).column("in_degree").to_numpy(zero_copy_only=False)
     if len(recorded) != config.nodes:
         raise InputError(f"{run}: manifest.json records {config.nodes} participants, nodes.parquet {len(recorded)}: "
                          "the run directory was changed")
-    topology = topology_of(config)
+    topology = config_topology(config, kept)
     if not np.array_equal(np.asarray(topology.adjacency(0).sum(axis=1)).ravel(), recorded):
-        named = f" (read from {config.topology.file!r})" if config.topology.file else ""
+        named = f" (read from {str(kept or config.topology.file)!r})" if config.topology.file else ""
         raise InputError(f"{run}: the communication graph rebuilt from its config{named} is not the one the run "
                          "trained on (nodes.parquet's in-degrees differ): its manifest or topology file changed, or "
                          "a relative path names another file from this folder")
