@@ -19,7 +19,7 @@ from scipy import stats
 
 from dice_ray.errors import InputError
 from dice_ray.reports import plots
-from dice_ray.reports.correlation import spearman
+from dice_ray.reports.correlation import by_participant, spearman
 from dice_ray.reports.inputs import measured, read_columns, recorded_topology
 from dice_ray.results import CASCADE, PAIRWISE
 
@@ -105,8 +105,7 @@ def cascade_report(run: str | Path) -> Cascade:
     probed = count.sum(axis=1) > 0
     betweenness, closeness = nx.betweenness_centrality(graph), nx.closeness_centrality(graph.reverse())  # once each
     position = {"out_degree": np.array([graph.out_degree(j) for j in range(n)], float),
-                "betweenness": np.array([betweenness[j] for j in range(n)]),
-                "closeness": np.array([closeness[j] for j in range(n)])}
+                "betweenness": by_participant(betweenness, n), "closeness": by_participant(closeness, n)}
     upper = np.triu_indices(n, 1)
     forward, backward = matrix[upper], matrix.T[upper]
     both = np.isfinite(forward) & np.isfinite(backward)

@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from dice_ray.reports import plots
-from dice_ray.reports.correlation import rank_agreement, ratios, spearman
+from dice_ray.reports.correlation import by_participant, rank_agreement, ratios, spearman
 from dice_ray.reports.inputs import read_frame, recorded_topology
 from dice_ray.results import CONTRIBUTION_REPORT, VARIANT_SUFFIX
 
@@ -148,7 +148,7 @@ def contributions_report(run: str | Path) -> Contributions:
     rows["n_train"] = nodes["n_train"].to_numpy()
     rows["misbehaving"] = nodes["misbehaving"].to_numpy()
     rows["in_degree"] = nodes["in_degree"].to_numpy()
-    rows["betweenness"] = np.round([betweenness[j] for j in range(n)], 12)  # equal ones compare equal
+    rows["betweenness"] = by_participant(betweenness, n)
     honest = ~rows["misbehaving"].to_numpy()
     none = {"spearman": None, "kendall": None}
 

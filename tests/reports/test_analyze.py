@@ -103,6 +103,13 @@ def test_cascade_report_shows_ripples_decaying_with_distance(tmp_path: Path, cap
     assert (run / "pairwise_heatmap.png").stat().st_size > 1000 and (run / "cascade_decay.png").exists()
 
 
+def test_cascade_report_ranks_no_rounding_noise(tmp_path: Path, capsys) -> None:
+    """Every participant of an exponential graph has the same betweenness, which networkx computes 1.4e-17 apart
+    (12 participants): the report said 'betweenness: -0.1' (a correlation with rounding), now '-' as for degree."""
+    assert analyze(["cascade", str(cascade_run(tmp_path, "exponential"))]) == 0
+    assert "out_degree: -  betweenness: -  closeness: -" in capsys.readouterr().out
+
+
 def test_cascade_report_relates_influence_to_position(tmp_path: Path, capsys) -> None:
     run = cascade_run(tmp_path, "star")
     assert analyze(["cascade", str(run)]) == 0
