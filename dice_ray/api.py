@@ -68,12 +68,22 @@ class Run:
         return sorted(p.stem for p in self.path.glob("*.parquet"))
 
     def table(self, name: str) -> pd.DataFrame:
-        """Return table ``name`` (see ``dice_ray.results``) as a DataFrame; read once, then cached."""
+        """Return table ``name`` (see ``dice_ray.results``) as a DataFrame; read once, then cached. Of a run that has
+        not finished (running, interrupted or failed), a table written round by round (``rounds``, ``proximal``,
+        ``contributions``, ...) holds the rows committed with its last checkpoint, read anew on every call."""
         if name not in self._tables:
             path = self.path / f"{name}.parquet"
             if not path.is_file():
+                from dice_ray.checkpoint import RoundTables
+
+                committed = None if self.status == "complete" else RoundTables(
+                    self.path, {name: TABLES[name]} if name in TABLES else {}).committed(name)
+                if committed is not None:
+                    return committed.to_pandas()  # not kept: a running run commits more
+                unfinished = "" if self.status == "complete" else (
+                    f"; the run is {self.status} and no checkpoint has committed its rows yet")
                 raise InputError(f"run {str(self.path)!r} has no {name} table (it has: "
-                                 f"{', '.join(self.tables()) or 'none'})")
+                                 f"{', '.join(self.tables()) or 'none'}{unfinished})")
             self._tables[name] = pd.read_parquet(path)
         return self._tables[name]
 

@@ -311,8 +311,13 @@ class RoundTables:
 
     def read(self, name: str) -> pa.Table:
         """Return the committed rows of ``name`` (parts in round order)."""
-        parts = [pq.read_table(p, schema=self.schemas[name]) for *_, p in self._parts(name)]
-        return pa.concat_tables(parts) if parts else self.schemas[name].empty_table()
+        return self.committed(name) or self.schemas[name].empty_table()
+
+    def committed(self, name: str) -> pa.Table | None:
+        """The committed rows of ``name`` (parts in round order; read with its schema if ``schemas`` has one), None
+        without a part."""
+        parts = [pq.read_table(p, schema=self.schemas.get(name)) for *_, p in self._parts(name)]
+        return pa.concat_tables(parts) if parts else None
 
     def finish(self, last_round: int) -> None:
         """Commit what is buffered and write each table, from its parts, to ``<run_dir>/<name>.parquet``, in

@@ -73,6 +73,20 @@ def _resumes_from_the_older(run: Path, tmp_path: Path, capsys: pytest.CaptureFix
     return err
 
 
+def test_an_unfinished_run_opens_with_the_rows_its_checkpoints_committed(tmp_path: Path) -> None:
+    """open_run of an interrupted run: its round-by-round tables hold the rows committed with its last checkpoint
+    (round 8), equal to a finished run's; it used to say 'no rounds table'. A table nothing committed says why."""
+    run = dice_ray.open_run(_interrupted(tmp_path, "stopped"))
+    assert run.status == "interrupted"
+    reference = _reference(tmp_path)
+    for name in ("rounds", "proximal"):
+        rows = run.table(name)
+        assert rows["round"].max() == 8
+        pd.testing.assert_frame_equal(rows, reference[name].query("round <= 8").reset_index(drop=True))
+    with pytest.raises(dice_ray.InputError, match="the run is interrupted and no checkpoint has committed its rows"):
+        run.table("dice")
+
+
 def test_a_changed_byte_skips_that_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = _interrupted(tmp_path, "flipped")
     newest = _newest(run)
