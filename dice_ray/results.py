@@ -174,6 +174,15 @@ ANOMALY = _schema(
     ("delay_max", pa.float64(), "largest detection delay over detected examiners"),
 )
 
+SUSPECTS = _schema(
+    ("participant", pa.int32(), "participant l, scored by at least one examiner (an in-neighbour of someone)"),
+    ("score", pa.float64(), "mean over the examiners k that score l of l's cumulative proximal influence Σ_t "
+                            "p_{k←l}^t over the whole run: how much l's updates raised its neighbours' losses"),
+    ("examiners", pa.int32(), "examiners that scored l"),
+    ("rank", pa.int32(), "1 = the highest score, the most suspect"),
+    ("misbehaving", pa.bool_(), "whether l misbehaved (the run's ground truth, for checking the ranking)"),
+)
+
 COLLABORATORS = _schema(
     ("run", pa.string(), "run directory"),
     ("rewiring", pa.string(), "collaborator selection: none (static topology), influence, outlier or random"),
@@ -276,7 +285,7 @@ TRIALS = _schema(
 
 TABLES: dict[str, pa.Schema] = {"rounds": ROUNDS, "nodes": NODES, "influence": INFLUENCE, "dice": DICE,
                                 "alignment": ALIGNMENT, "cascade": CASCADE, "pairwise": PAIRWISE,
-                                "proximal": PROXIMAL, "rewiring": REWIRING, "anomaly": ANOMALY,
+                                "proximal": PROXIMAL, "rewiring": REWIRING, "anomaly": ANOMALY, "suspects": SUSPECTS,
                                 "collaborators": COLLABORATORS, "contributions": CONTRIBUTIONS, "shares": SHARES,
                                 "loo": LOO, "shapley": SHAPLEY, "contributions_report": CONTRIBUTION_REPORT,
                                 "trials": TRIALS}

@@ -132,7 +132,12 @@ def anomaly(run: Path, horizons: list[int] | None = None) -> list[dict]:
               f"{cell(to_auc, '8d')} {cell(r['auc_examiner_mean'])} "
               f"{cell(r['auc_examiner_min'])} {r['examiners']:>5} {cell(r['precision'])} {cell(r['detected'])} "
               f"{cell(r['delay_median'], '8.1f')} {cell(r['delay_max'], '8.0f')}")
-    print(f"wrote {run / 'anomaly.parquet'} and {png.name}")
+    ranked = computed.suspects
+    top = ranked.head(max(computed.misbehaving, 5))
+    print("suspects, by mean cumulative proximal influence over the examiners that score them: " + ", ".join(
+        f"{r.participant} ({r.score:.3g}{', misbehaving' if r.misbehaving else ''})" for r in top.itertuples())
+        + (f"; ROC AUC of this ranking {computed.suspects_auc:.3f}" if computed.suspects_auc is not None else ""))
+    print(f"wrote {run / 'anomaly.parquet'}, {run / 'suspects.parquet'} and {png.name}")
     return rows
 
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 from dice_ray.errors import InputError
 from dice_ray.reports import plots
 from dice_ray.reports.inputs import read_frame, recorded_config
-from dice_ray.results import ANOMALY
+from dice_ray.results import ANOMALY, SUSPECTS
 
 METHODS = ("proximal", "proximal-window", "train-loss", "cosine")
 
@@ -157,6 +157,18 @@ def detection_metrics(scores: pd.DataFrame, horizon: int,
     return rows
 
 
+def suspects(scores: pd.DataFrame, horizon: int) -> pd.DataFrame:
+    """The ``suspects`` table: every scored participant ranked by the mean, over the examiners that score it, of
+    its cumulative proximal influence at ``horizon`` (each examiner's latest running score): the answer to "who
+    misbehaves?" that needs no labels, beside the pair-level metrics that check it against them."""
+    at = at_horizon(scores, horizon)
+    by = at[at["method"] == "proximal"].groupby("neighbor")
+    rows = pd.DataFrame({"participant": by.size().index.to_numpy(), "score": by["value"].mean().to_numpy(),
+                         "examiners": by.size().to_numpy(), "misbehaving": by["anomalous"].first().to_numpy(bool)})
+    rows["rank"] = rows["score"].rank(ascending=False, method="first").astype(int)
+    return rows.sort_values("rank").reset_index(drop=True)[SUSPECTS.names]
+
+
 @dataclass(frozen=True)
 class Detection:
     """The detection report of one run.
@@ -164,7 +176,9 @@ class Detection:
     ``table``: one row per (horizon, method) (the ``anomaly`` table; NaN where undefined). ``scores``: every
     detector's running score per (round, examiner, neighbor) (``running_scores``); ``curves``: method -> (rounds
     scored, overall ROC AUC after each) up to the last horizon; ``horizon``: the last horizon, which the ROC plot
-    uses. ``misbehaving`` of ``participants`` misbehave.
+    uses. ``misbehaving`` of ``participants`` misbehave. ``suspects``: every scored participant ranked by its mean
+    cumulative proximal influence over the whole run (``suspects``); ``suspects_auc``: the ROC AUC of that ranking
+    against who misbehaves (None: one class only).
     """
 
     table: pd.DataFrame
@@ -173,10 +187,12 @@ class Detection:
     horizon: int
     misbehaving: int
     participants: int
+    suspects: pd.DataFrame
+    suspects_auc: float | None
 
     def tables(self) -> dict[str, tuple[pd.DataFrame, pa.Schema]]:
-        """Table name -> (rows, schema) to write: ``anomaly``."""
-        return {"anomaly": (self.table, ANOMALY)}
+        """Table name -> (rows, schema) to write: ``anomaly`` and ``suspects``."""
+        return {"anomaly": (self.table, ANOMALY), "suspects": (self.suspects, SUSPECTS)}
 
     def figures(self) -> dict[str, Callable[[Path], None]]:
         """PNG file name -> a function drawing it to a path: the ROC curves and AUC over time."""
@@ -207,6 +223,8 @@ def detection_report(run: str | Path, horizons: list[int] | None = None) -> Dete
     """Return the detection report of the run directory ``run`` (a run with proximal influence and misbehaving
     participants; writes nothing). ``horizons``: rounds before which scores count (default 5, 10, 20 and the whole
     run); the ROC curve uses the last."""
+    from sklearn.metrics import roc_auc_score
+
     run = Path(run)
     proximal = _scored(read_frame(run, "proximal", "run the simulation with --proximal first"))
     rounds, nodes = read_frame(run, "rounds", "incomplete run"), read_frame(run, "nodes", "incomplete run")
@@ -225,5 +243,9 @@ def detection_report(run: str | Path, horizons: list[int] | None = None) -> Dete
     scores = running_scores(proximal, rounds, window)
     curves = auc_curves(scores, horizons[-1])  # once: each horizon reads a prefix
     rows = [row for h in horizons for row in detection_metrics(scores, h, curves)]
+    ranked = suspects(scores, last + 1)
+    labels = ranked["misbehaving"].to_numpy()
     return Detection(table=pd.DataFrame(rows, columns=ANOMALY.names), scores=scores, curves=curves,
-                     horizon=horizons[-1], misbehaving=int(nodes["misbehaving"].sum()), participants=len(nodes))
+                     horizon=horizons[-1], misbehaving=int(nodes["misbehaving"].sum()), participants=len(nodes),
+                     suspects=ranked, suspects_auc=float(roc_auc_score(labels, ranked["score"]))
+                     if 0 < labels.sum() < len(labels) else None)

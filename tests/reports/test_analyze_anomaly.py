@@ -9,7 +9,7 @@ import pytest
 
 from dice_ray.cli.analyze import main as analyze
 from dice_ray.cli.simulate import main as simulate
-from dice_ray.reports.detection import detection_metrics, running_scores
+from dice_ray.reports.detection import detection_metrics, running_scores, suspects
 from dice_ray.reports.detection import rounds_to as _rounds_to
 
 
@@ -49,6 +49,15 @@ def test_detection_metrics_by_hand() -> None:
     assert early["proximal"]["auc"] == 0.125
 
 
+def test_suspects_by_hand() -> None:
+    """Each participant's mean cumulative proximal score over its examiners, highest first: 2 is scored 1 by examiner
+    0 and 3 by examiner 1 (mean 2), 0 is scored -2, 1 is scored -3."""
+    ranked = suspects(running_scores(*_toy(), window=2), horizon=4)
+    assert ranked["participant"].tolist() == [2, 0, 1] and ranked["rank"].tolist() == [1, 2, 3]
+    assert ranked["score"].tolist() == [2.0, -2.0, -3.0] and ranked["examiners"].tolist() == [2, 1, 1]
+    assert ranked["misbehaving"].tolist() == [True, False, False]
+
+
 def test_auc_over_time_by_hand() -> None:
     scores = running_scores(*_toy(), window=2)
     by = {r["method"]: r for r in detection_metrics(scores, horizon=4)}
@@ -75,7 +84,13 @@ def test_anomaly_report_writes_table_and_png(tmp_path, capsys) -> None:
     assert set(table["method"]) == {"proximal", "proximal-window", "train-loss", "cosine"}
     assert ((table["auc"] >= 0) & (table["auc"] <= 1)).all()
     assert (run / "anomaly_roc.png").stat().st_size > 10_000
-    assert "proximal" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    ranked = pd.read_parquet(run / "suspects.parquet")  # who misbehaves, named: every participant, most suspect first
+    assert sorted(ranked["participant"]) == list(range(12)) and ranked["score"].is_monotonic_decreasing
+    assert ranked["misbehaving"].sum() == 3
+    top = ", ".join(f"{r.participant} ({r.score:.3g}" for r in ranked.head(5).itertuples())
+    assert "suspects, by mean cumulative proximal influence over the examiners that score them: " in printed
+    assert all(f"{r.participant} ({r.score:.3g}" in printed for r in ranked.head(5).itertuples()), top
     assert analyze(["anomaly", str(run), "--horizon", "4", "--horizon", "100"]) == 2  # beyond the run's 8 rounds
     assert "--horizon 100" in capsys.readouterr().err
     import dice_ray
