@@ -2,6 +2,7 @@
 
     python -m dice_ray.analyze alignment runs/my-run     # DICE-E against DICE-GT, per hop and variant
     python -m dice_ray.analyze cascade runs/my-run       # ripples: influence against hop distance, position
+    python -m dice_ray.analyze cascade runs/ring runs/exp       # ... of each, and their decay in one figure
     python -m dice_ray.analyze anomaly runs/my-run       # detection of misbehaving neighbours (--proximal)
     python -m dice_ray.analyze collaborators runs/a runs/b ...  # final accuracy: static vs rewired topologies
     python -m dice_ray.analyze contributions runs/my-run [--loo] [--shapley K]  # contribution ledger (--ledger)
@@ -19,7 +20,8 @@ and a GT-vs-E scatter per hop to ``alignment_hop{r}.png`` in the run directory.
 exact-readout, curvature or first-order estimate) and reports how influence decays with hop distance
 (``cascade.parquet``, ``cascade_decay.png``), how a source's total influence relates to its degree and centrality
 (networkx), the pairwise matrix I_{j→k} after R rounds (``pairwise.parquet``, ``pairwise_heatmap.png``) and its
-reciprocity: the correlation of I_{j→k} with I_{k→j}.
+reciprocity: the correlation of I_{j→k} with I_{k→j}. Given several runs (or ``--out``), it reports each and draws
+their decay at step R in one figure, ``cascade_comparison.png`` in ``--out`` (default: the runs' common parent).
 
 ``anomaly`` reads ``proximal.parquet`` (a run with ``--proximal`` and misbehaving participants) and ranks every
 examiner's in-neighbours by cumulative proximal influence, by its windowed sum, and by two baselines from the
@@ -58,9 +60,11 @@ from dice_ray.reports import (
     collaborators_report,
     contributions_report,
     detection_report,
+    plots,
     write_report,
 )
 from dice_ray.reports.collaborators import common_parent
+from dice_ray.reports.inputs import recorded_config
 from dice_ray.results import VARIANT_SUFFIX
 from dice_ray.rundir import check_can_make
 
@@ -95,6 +99,34 @@ def alignment(run: Path) -> list[dict]:
         print(f"{row['hops']:>4} {row['quantity']:>10} {row['variant']:>12} {row['probes']:>6} " + " ".join(cells))
     print(f"wrote {run / 'alignment.parquet'} and {', '.join(p.name for p in pngs)}")
     return rows
+
+
+def cascades(runs: list[Path], out: Path | None = None) -> list[Cascade]:
+    """The cascade report of each of ``runs`` (``cascade``); of several, also their decay curves in one figure,
+    ``cascade_comparison.png`` in ``out`` (default: the runs' common parent folder)."""
+    if len(runs) == 1 and out is None:
+        return [cascade(runs[0])]
+    out = _out_folder(out or common_parent(runs))
+    computed = []
+    for run in runs:
+        print(f"== {run}")
+        computed.append(cascade(run))
+    labels = [f"{run.name} ({recorded_config(run).topology.name}, {c.value}, R = {c.last_step})"
+              for run, c in zip(runs, computed, strict=True)]
+    plots.cascade_comparison({label: c.decay[c.decay["step"] == c.last_step] for label, c in
+                              zip(labels, computed, strict=True)}, out / "cascade_comparison.png")
+    print(f"wrote {out / 'cascade_comparison.png'}: mean |influence| by hop distance, one line per run")
+    return computed
+
+
+def _out_folder(out: Path) -> Path:
+    """``out``, made if it does not exist and checked writable (``--out``)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--out {out}: cannot make the folder: {err.strerror or err}") from None
+    check_can_make(out, f"--out {out}", "pass another --out")
+    return out
 
 
 def cascade(run: Path) -> Cascade:
@@ -146,12 +178,7 @@ def collaborators(runs: list[Path], out: Path | None = None) -> list[dict]:
     accuracy per setting over seeds and each rewiring's gain over the static topology seed by seed; write
     ``collaborators.parquet`` to ``out`` (default: the runs' common parent folder); return its rows."""
     computed = collaborators_report(runs)
-    out = out or common_parent(runs)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"--out {out}: cannot make the folder: {err.strerror or err}") from None
-    check_can_make(out, f"--out {out}", "pass another --out")
+    out = _out_folder(out or common_parent(runs))
     write_report(computed, out)
     print(f"{'misbehaviour':>16} {'rewiring':>9} {'seeds':>5} {'honest acc':>16} {'bad in-edges':>12} "
           f"{'gain vs static':>15} {'wins':>5}")
@@ -223,11 +250,11 @@ def build_parser(prog: str = "python -m dice_ray.analyze") -> argparse.ArgumentP
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("report", choices=("alignment", "cascade", "anomaly", "collaborators", "contributions"),
                         help="which report")
-    parser.add_argument("run", type=Path, nargs="+", help="run directory (collaborators: several)")
+    parser.add_argument("run", type=Path, nargs="+", help="run directory (collaborators and cascade: several)")
     parser.add_argument("--horizon", type=int, action="append", metavar="ROUNDS",
                         help="anomaly: count scores of rounds before ROUNDS (repeatable; default 5, 10, 20 and all)")
-    parser.add_argument("--out", type=Path, help="collaborators: folder for collaborators.parquet (default: the "
-                                                 "runs' common parent)")
+    parser.add_argument("--out", type=Path, help="collaborators: folder for collaborators.parquet; cascade of several "
+                                                 "runs: for cascade_comparison.png (default: the runs' common parent)")
     parser.add_argument("--loo", action="store_true", help="contributions: retrain without each participant's "
                                                            "data now (Ray tasks) if the run has no loo.parquet")
     parser.add_argument("--shapley", type=int, metavar="K", help="contributions: Monte-Carlo Shapley with K "
@@ -244,10 +271,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.analyze"
     args = build_parser(prog).parse_args(argv)
     try:
         misplaced = [(option, owner) for option, owner, value in (
-            ("--horizon", "anomaly", args.horizon), ("--out", "collaborators", args.out),
+            ("--horizon", "anomaly", args.horizon), ("--out", "collaborators or cascade", args.out),
             ("--loo", "contributions", args.loo), ("--shapley", "contributions", args.shapley),
             ("--local", "contributions", args.local), ("--allow-imports", "contributions", args.allow_imports))
-            if value not in (None, False) and owner != args.report]
+            if value not in (None, False) and args.report not in owner.split(" or ")]
         if misplaced:
             option, owner = misplaced[0]
             raise InputError(f"{option} is an option of the {owner} report, not of {args.report}")
@@ -255,10 +282,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.analyze"
             if not run.is_dir():
                 raise InputError(f"run directory {str(run)!r} {absent(run, 'folder')}")
         if args.report != "collaborators":  # the report's tables and figures go into the run directory
-            check_can_make(args.run[0], f"run directory {args.run[0]}",
-                           "the report writes there: copy the run somewhere writable")
+            for run in args.run:
+                check_can_make(run, f"run directory {run}", "the report writes there: copy the run somewhere writable")
         if args.report == "collaborators":
             collaborators(args.run, args.out)
+        elif args.report == "cascade":
+            cascades(args.run, args.out)
         elif len(args.run) != 1:
             raise InputError(f"the {args.report} report reads one run directory, got {len(args.run)}")
         elif args.report == "anomaly":
@@ -266,7 +295,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.analyze"
         elif args.report == "contributions":
             contributions(args.run[0], args.loo, args.shapley, args.local, args.allow_imports)
         else:
-            {"alignment": alignment, "cascade": cascade}[args.report](args.run[0])
+            alignment(args.run[0])
     except InputError as err:
         return report(err)
     return 0

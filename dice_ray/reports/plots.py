@@ -66,6 +66,24 @@ def cascade_decay(decay: pd.DataFrame, value: str, path: Path) -> None:
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
 
 
+def cascade_comparison(decays: dict[str, pd.DataFrame], path: Path) -> None:
+    """Mean |influence| against hop distance at each run's last step R, one line per run (log scale): how fast the
+    cascade decays on one graph against another. ``decays``: label -> that run's ``cascade`` rows at step R."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(5.5, 3.8)
+    ax = fig.subplots()
+    for (label, rows), marker in zip(decays.items(), MARKERS * len(decays), strict=False):
+        ax.plot(rows["distance"], rows["mean_abs"], marker=marker, label=label)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("hop distance from the source")
+    ax.set_ylabel("mean |influence| after R rounds")
+    ax.set_title("influence cascade by run")
+    ax.legend(fontsize=8)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
+
+
 def detection_roc(final: pd.DataFrame, curves: dict[str, tuple[np.ndarray, np.ndarray]], horizon: int,
                   path: Path) -> None:
     """ROC curves of every detector at ``horizon`` (left) and its overall ROC AUC as rounds accumulate (right).
