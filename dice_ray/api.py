@@ -15,12 +15,14 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from dice_ray.checkpoint import CHECKPOINTS
 from dice_ray.config import RunConfig, build_config, load_config, read_recorded
 from dice_ray.errors import InputError
 from dice_ray.hooks import Method, registered_methods
@@ -64,8 +66,12 @@ class Run:
         return read_recorded(self.manifest["config"], f"run {str(self.path)!r}")
 
     def tables(self) -> list[str]:
-        """Names of the tables this run has written (``rounds``, ``nodes``, ``dice``, …)."""
-        return sorted(p.stem for p in self.path.glob("*.parquet"))
+        """Names of the tables this run has written (``rounds``, ``nodes``, ``dice``, …); of a run that has not
+        finished, also those its checkpoints committed rows of (see ``table``)."""
+        names = {p.stem for p in self.path.glob("*.parquet")}
+        if self.status != "complete":
+            names |= {re.sub(r"-\d{9}-\d{9}$", "", p.stem) for p in (self.path / CHECKPOINTS).glob("*-*-*.parquet")}
+        return sorted(names)
 
     def table(self, name: str) -> pd.DataFrame:
         """Return table ``name`` (see ``dice_ray.results``) as a DataFrame; read once, then cached. Of a run that has
@@ -88,7 +94,7 @@ class Run:
         return self._tables[name]
 
     def __getattr__(self, name: str) -> pd.DataFrame:
-        if name in TABLES or (not name.startswith("_") and (self.path / f"{name}.parquet").is_file()):
+        if name in TABLES or (not name.startswith("_") and name in self.tables()):
             return self.table(name)  # a built-in table, or one a user's method wrote
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 

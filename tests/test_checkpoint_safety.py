@@ -77,7 +77,7 @@ def test_an_unfinished_run_opens_with_the_rows_its_checkpoints_committed(tmp_pat
     """open_run of an interrupted run: its round-by-round tables hold the rows committed with its last checkpoint
     (round 8), equal to a finished run's; it used to say 'no rounds table'. A table nothing committed says why."""
     run = dice_ray.open_run(_interrupted(tmp_path, "stopped"))
-    assert run.status == "interrupted"
+    assert run.status == "interrupted" and run.tables() == ["nodes", "proximal", "rounds"]
     reference = _reference(tmp_path)
     for name in ("rounds", "proximal"):
         rows = run.table(name)

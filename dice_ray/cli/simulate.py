@@ -35,6 +35,7 @@ from dice_ray.config import (
     import_modules,
     load_config,
     modules_in,
+    modules_named,
     set_dotted,
 )
 from dice_ray.errors import InputError, OneLineParser, report
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.simulate
         return report(err)
     args = build_parser(prog).parse_args(argv)
     out = args.resume
+    allow = " --allow-imports" if args.allow_imports else ""  # the resume of a run whose config imports modules
     try:
         if args.resume:
             placement = {dotted.replace(".", "__"): value for dotted, value in resume_args(args).items()}
@@ -250,6 +252,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.simulate
                 raise InputError("--allow-imports applies to --resume only (a new run imports what its own config "
                                  "names)")
             config = resolve_config(args)
+            allow = " --allow-imports" if modules_named(config) else ""
             out = str(run_directory(config))
             config = config.model_copy(update={"output": config.output.model_copy(update={"out": out})})
             api.run(config, engine=args.engine or "ray", save_states=args.save_states)
@@ -259,13 +262,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.simulate
         print(f"error: training diverged: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: the manifest says "interrupted"; the last checkpoint is there to resume from
-        print("interrupted" + (f"; continue with python -m dice_ray.simulate --resume {out}" if out else ""),
+        print("interrupted" + (f"; continue with python -m dice_ray.simulate --resume {out}{allow}" if out else ""),
               file=sys.stderr)
         return 130
     except OSError as err:  # a full disk, a folder gone read-only: no table reads as complete
         where = f" ({err.filename})" if err.filename else ""
         print(f"error: cannot write the run directory {out}: {err.strerror or err}{where}; fix that, then continue "
-              f"with --resume {out}", file=sys.stderr)
+              f"with --resume {out}{allow}", file=sys.stderr)
         return 1
     return 0
 

@@ -203,9 +203,10 @@ def test_a_cluster_that_cannot_hold_the_run_exits_2_before_touching_its_director
     assert (out / "rounds.parquet").read_bytes() == b"an earlier run's"
 
 
-def test_ctrl_c_is_one_line_exit_130_with_how_to_resume(tmp_path: Path) -> None:
+@pytest.mark.parametrize("imports", [[], ["--imports", "json"]])
+def test_ctrl_c_is_one_line_exit_130_with_how_to_resume(tmp_path: Path, imports: list[str]) -> None:
     """SIGINT to a running simulate (as Ctrl-C sends): one line that says how to continue, exit 130, the manifest
-    marked interrupted."""
+    marked interrupted. A run whose config imports modules continues only with --allow-imports: the line says so."""
     import json
     import signal
     import subprocess
@@ -215,7 +216,7 @@ def test_ctrl_c_is_one_line_exit_130_with_how_to_resume(tmp_path: Path) -> None:
     out = tmp_path / "stopped"
     process = subprocess.Popen([sys.executable, "-m", "dice_ray.simulate", "--engine", "local", "--dataset", "digits",
                                 "--nodes", "4", "--rounds", "1000000", "--checkpoint-every", "0", "--no-progress",
-                                "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "--out", str(out), *imports], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out / "manifest.json").is_file() and time.monotonic() < deadline:  # training has started
         time.sleep(0.2)
@@ -223,6 +224,7 @@ def test_ctrl_c_is_one_line_exit_130_with_how_to_resume(tmp_path: Path) -> None:
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1] == f"interrupted; continue with python -m dice_ray.simulate --resume {out}"
+    assert err.strip().splitlines()[-1] == (f"interrupted; continue with python -m dice_ray.simulate --resume {out}"
+                                            + (" --allow-imports" if imports else ""))
     assert "Traceback" not in err
     assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
