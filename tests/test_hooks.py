@@ -237,7 +237,7 @@ def test_a_method_takes_its_options_from_yaml_and_from_its_generated_flag(tmp_pa
     config = {**CONFIG, "imports": ["toy_method"], "scaled_norm": {"enabled": True, "scale": 2.0}}
     (tmp_path / "toy.yaml").write_text(json.dumps(config))  # JSON is YAML
     help_text = _cli(["--imports", "toy_method", "--help"], tmp_path).stdout
-    assert "--scaled-norm-scale VALUE" in help_text and "the factor applied to every norm" in help_text
+    assert "--scaled-norm-scale FLOAT" in help_text and "the factor applied to every norm" in help_text
     for out, extra in (("yaml", []), ("flag", ["--scaled-norm-scale", "6"])):
         done = _cli(["--config", "toy.yaml", "--engine", "local", "--out", out, *extra], tmp_path)
         assert done.returncode == 0, done.stderr

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -119,10 +121,26 @@ def _field_help(dotted: str) -> str:
 
 def method_options() -> list[tuple[str, str, Any]]:
     """The flags of registered user methods' options (``hooks.register_method``), generated from their fields:
-    ``--<method>-<field>`` (underscores as dashes) sets ``<method>.<field>``; the value is read as YAML (``2``,
-    ``true``, ``[1, 2]``, ``name``)."""
-    return [(f"--{m.name}-{name}".replace("_", "-"), f"{m.name}.{name}", "yaml")
-            for m in registered_methods() if m.options is not None for name in m.options.model_fields]
+    ``--<method>-<field>`` (underscores as dashes) sets ``<method>.<field>``, read as the built-in flags of that type
+    read theirs (``_flag_kind``: ``INT``, ``FLOAT``, ``INT,INT,...``, ``NAME,NAME,...``), anything else as YAML
+    (``true``, ``{a: 1}``)."""
+    return [(f"--{m.name}-{name}".replace("_", "-"), f"{m.name}.{name}", _flag_kind(field.annotation))
+            for m in registered_methods() if m.options is not None for name, field in m.options.model_fields.items()]
+
+
+def _flag_kind(annotation: Any) -> Any:
+    """How a flag reads a field of type ``annotation`` (``X | None`` as ``X``): int, float, "int-list", "list" (of
+    names), "bool" (true or false) or "yaml"."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _flag_kind(args[0])
+    if annotation in (int, float):
+        return annotation
+    if annotation is bool:
+        return "bool"
+    if typing.get_origin(annotation) is list and args in ([int], [str]):
+        return "int-list" if args == [int] else "list"
+    return "yaml"
 
 
 def import_named(argv: list[str] | None) -> None:
@@ -161,9 +179,10 @@ def build_parser(prog: str = "python -m dice_ray.simulate") -> argparse.Argument
                      "and write the run's tables to a run directory.", epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--config", metavar="FILE", help="YAML run config (see configs/)")
     for flag, dotted, kind in [*OPTIONS, *method_options()]:
-        names = {int: "INT", float: "FLOAT", "int-list": "INT,INT,...", "list": "NAME,NAME,...", "yaml": "VALUE"}
+        names = {int: "INT", float: "FLOAT", "int-list": "INT,INT,...", "list": "NAME,NAME,...", "yaml": "VALUE",
+                 "bool": "true|false"}
         metavar = names.get(kind, "DIR" if flag == "--out" else "NAME")
-        kinds = {"int-list": _int_list, "list": comma_list, "yaml": _yaml_value}
+        kinds = {"int-list": _int_list, "list": comma_list, "yaml": _yaml_value, "bool": _yaml_value}
         parser.add_argument(flag, dest=dotted, type=kinds.get(kind, kind), default=None, help=_field_help(dotted),
                             metavar=metavar)
     for flag, dotted, value in SWITCHES:
