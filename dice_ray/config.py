@@ -302,15 +302,24 @@ def check_workers_register(config: RunConfig) -> None:
     for kind, name, module in (("model", config.model.name, model_module(config.model.name)),
                                ("data set", config.data.dataset, dataset_module(config.data.dataset)),
                                ("loss", config.model.loss, loss_module(config.model.loss))):
-        if module is None or module == "dice_ray" or module.startswith("dice_ray."):
-            continue
-        if module == "__main__":  # (a script the imports list registers its names again, as its module, on import)
-            raise InputError(f"{kind} {name!r} is registered by the script itself, which Ray workers do not run: "
-                             "move it into a module and list that in imports, or run with the local engine")
-        elif not any(module == m or module.startswith(f"{m}.") or m.startswith(f"{module}.") for m in listed):
-            print(f"warning: {kind} {name!r} is defined in the module {module}, which the config's imports do not "
-                  f"list: unless a listed module registers it, Ray workers will not know it (imports: [{module}], "
-                  f"--imports {module})", file=sys.stderr)
+        check_worker_module(kind, name, module, listed)
+
+
+def check_worker_module(kind: str, name: str, module: str | None, listed: list[str], field: str = "imports") -> None:
+    """Whether Ray workers, which import the modules ``listed`` (the config field ``field``), will know the ``kind``
+    ``name`` that ``module`` registered: one registered by the script itself (``__main__``) raises ``InputError``;
+    one from a module the list does not cover gets a warning line."""
+    if module is None or module == "dice_ray" or module.startswith("dice_ray."):
+        return
+    if module == "__main__":  # (a script the imports list registers its names again, as its module, on import)
+        local = ", or run with the local engine" if field == "imports" else ""
+        raise InputError(f"{kind} {name!r} is registered by the script itself, which Ray workers do not run: "
+                         f"move it into a module and list that in {field}{local}")
+    if not any(module == m or module.startswith(f"{m}.") or m.startswith(f"{module}.") for m in listed):
+        flag = f", --imports {module}" if field == "imports" else ""
+        print(f"warning: {kind} {name!r} is defined in the module {module}, which the config's {field} do not "
+              f"list: unless a listed module registers it, Ray workers will not know it ({field}: [{module}]{flag})",
+              file=sys.stderr)
 
 
 def load_imports(config: RunConfig) -> None:

@@ -5,7 +5,9 @@ A metric group is a function ``(run_dir, config) -> {column: value}`` registered
 config (none where it does not apply, e.g. alignment without influence). A sweep computes every group, or
 those its ``metrics:`` list names; each column becomes a column of ``trials.parquet`` and can be the
 ``metric`` an Optuna search optimizes. Groups read only the run's tables and manifest, so a new one is one
-decorated function here (as ``proximal_detection`` below).
+decorated function (as ``proximal_detection`` below), in a module the sweep's ``base.imports`` lists: a trial
+computes its metrics in a Ray worker, which imports those modules, not the script (``load_sweep`` refuses a group
+the script registers).
 """
 
 from __future__ import annotations

@@ -271,6 +271,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     columns, measured, needs = _survey(Sweep(spec, base, grid, examples))
     sweep = Sweep(spec, base, grid, examples, needs)
     _check_names(spec, columns, measured)
+    _check_metrics_reach_trials(sweep)
     _check_prepares(sweep)
     return sweep
 
@@ -318,6 +319,22 @@ def _check_prepares(sweep: Sweep) -> None:
         prepare(sweep.trial_config(params, Path("check")))
     except InputError as err:
         raise InputError(f"sweep: trial {params}: {err}") from None
+
+
+def _check_metrics_reach_trials(sweep: Sweep) -> None:
+    """Trials compute their metric groups in Ray workers, which import the base config's ``imports``, not the script:
+    a group the script registers (``__main__``) is refused, one from a module the imports do not list gets a warning
+    line (every trial would end in KeyError after its whole simulation otherwise)."""
+    from dice_ray.config import check_worker_module, modules_named
+    from dice_ray.core.models import defining_module
+    from dice_ray.sweep.metrics import METRICS
+
+    listed = modules_named(sweep.trial_config(sweep.examples[0] if sweep.examples else {}, Path("check")))
+    for name in sweep.spec.metrics or METRICS:
+        try:
+            check_worker_module("sweep metric", name, defining_module(METRICS[name].compute), listed, "base.imports")
+        except InputError as err:
+            raise InputError(f"sweep: {err}") from None
 
 
 def _check_names(spec: SweepSpec, columns: set[str], measured: set[str]) -> None:

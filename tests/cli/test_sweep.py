@@ -193,6 +193,26 @@ def test_optuna_sweep_resumes_with_its_finished_trials(tmp_path: Path) -> None:
     assert trials["optim.lr"].nunique() == 3  # the resumed search draws a new point, not its first one again
 
 
+def test_a_metric_the_script_registers_is_refused_before_any_trial(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trials compute their metrics in Ray workers, which import base.imports, not the script: a metric group the
+    script registered passed the checks and every trial failed with KeyError after its whole simulation."""
+    from dice_ray.sweep.metrics import METRICS, TrialMetric
+    from dice_ray.sweep.spec import load_sweep
+
+    def in_the_script(run: Path, config: object) -> dict[str, float]:
+        return {"x": 0.0}
+
+    in_the_script.__module__ = "__main__"
+    monkeypatch.setitem(METRICS, "script-metric", TrialMetric(in_the_script, lambda config: ["x"]))
+    path = _write(tmp_path, "m.yaml", {"base": {**BASE, "rounds": 2}, "space": {"seed": {"grid": [0, 1]}},
+                                       "out": str(tmp_path / "out")})
+    with pytest.raises(InputError, match=r"sweep: sweep metric 'script-metric' is registered by the script itself, "
+                                         r"which Ray workers do not run: move it into a module and list that in "
+                                         r"base.imports$"):
+        load_sweep(path)
+
+
 def test_a_grid_runs_in_chunks_of_tune_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """A grid runs GRID_CHUNK trials per Tune run (Tune held 90,000 at once for minutes before the first trial and
