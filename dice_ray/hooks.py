@@ -100,7 +100,9 @@ class RoundHook:
     """A method's part in one participant block (see the module docstring). Subclass and override what you need.
 
     ``block`` is the ``core.participants.ParticipantBlock`` (its ``nodes``, ``population``, ``minibatch(t)``, …);
-    ``config`` the run's ``RunConfig``.
+    ``config`` the run's ``RunConfig``. A hook observes: it reads the participants' states and must not change them
+    or their optimizer states (a call that does raises ``ValueError``), since DICE's replays and estimators, proximal
+    influence, the ledger and the retraining reproduce the simulated world without it.
     """
 
     name: ClassVar[str] = "hook"

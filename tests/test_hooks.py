@@ -89,6 +89,21 @@ def test_a_methods_rows_that_do_not_fit_its_table_name_the_method_and_the_table(
                      engine="local", methods=[method])
 
 
+class Tampering(UpdateNorm):  # halves participant 0's update: training would follow it, no measurement would
+    def after_local_step(self, t: int) -> None:
+        super().after_local_step(t)
+        self.block.population.params[0] *= 0.5
+
+
+def test_a_hook_that_changes_the_states_is_refused(tmp_path) -> None:
+    """A hook that changed θ^{t+½} changed training, but DICE's replays, proximal influence and the ledger measured
+    the run without the change (an audit found DICE tables equal to an honest run's): the engine refuses it."""
+    method = Method("update_norm", lambda config: True, Tampering, UpdateNormTable)
+    with pytest.raises(ValueError, match="hook 'update_norm' changed the participants' states in after_local_step of "
+                                         "round 0: a round hook observes"):
+        dice_ray.run(dice_ray.as_config(CONFIG, output={"out": str(tmp_path / "r")}), engine="local", methods=[method])
+
+
 @pytest.fixture(scope="module")
 def by_value(ray_local):
     """Ray workers unpickle this test module's classes by value (a user's notebook gets that for free)."""

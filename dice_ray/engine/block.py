@@ -10,7 +10,8 @@ converted to device tensors once per key (per topology, or per round of a time-v
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,12 +52,33 @@ class HookedBlock:
     def local_step(self, t: int) -> torch.Tensor:
         """Hooks' ``before_local_step``, the local step, hooks' ``after_local_step``; return the training losses [P]
         (on the block's device). The half-step states θ^{t+½} are ``block.population.state``, in place."""
-        for hook in self.hooks.values():
-            hook.before_local_step(t)
+        for name, hook in self.hooks.items():
+            with self._observing(name, "before_local_step", t):
+                hook.before_local_step(t)
         loss = self.block.half_step(t)
-        for hook in self.hooks.values():
-            hook.after_local_step(t)
+        for name, hook in self.hooks.items():
+            with self._observing(name, "after_local_step", t):
+                hook.after_local_step(t)
         return loss
+
+    @contextlib.contextmanager
+    def _observing(self, name: str, call: str, t: int) -> Iterator[None]:
+        """Refuse a hook call that changes the participants' states or optimizer states (in place, or by replacing
+        them): training would follow it, but DICE's replays and estimators, proximal influence, the ledger and the
+        retraining reproduce the simulated world without it, and would measure another run. Free: torch counts a
+        tensor's in-place changes (``_version``)."""
+        pop = self.block.population
+
+        def seen() -> tuple:
+            return ((id(pop.state), pop.state._version),
+                    tuple((n, id(v), v._version) for n, v in sorted(pop.opt_state.items())))
+
+        before = seen()
+        yield
+        if seen() != before:
+            raise ValueError(f"hook {name!r} changed the participants' states in {call} of round {t}: a round hook "
+                             "observes; what changes training is the simulated world (misbehavior), which the replays "
+                             "and estimators reproduce")
 
     def message(self, name: str, t: int, local: bool) -> Any:
         """Hook ``name``'s message of round t (``local``: for this block itself, as the hook returned it; else with
@@ -114,7 +136,11 @@ class HookedBlock:
     def after_gossip(self, t: int, inboxes: Mapping[str, Inbox]) -> dict[str, Any]:
         """Every hook's ``after_gossip`` with its inbox; return their records by name (tensors in them as numpy
         arrays: records go to the driver)."""
-        return {name: on_host(hook.after_gossip(t, inboxes[name])) for name, hook in self.hooks.items()}
+        records = {}
+        for name, hook in self.hooks.items():
+            with self._observing(name, "after_gossip", t):
+                records[name] = on_host(hook.after_gossip(t, inboxes[name]))
+        return records
 
     def snapshot(self, t: int, copy: bool = True) -> dict[str, np.ndarray]:
         """The block's state and every hook's snapshot after round t (one row per hosted participant); the block's
