@@ -185,9 +185,11 @@ def row_collaborators(repeats: int, tmp: Path) -> dict[str, Any]:
     for seed in (0, 1, 2):
         for mode, into in (("none", static), ("influence", rewired)):
             out = tmp / f"collab-{mode}-{seed}"
+            rewiring = [] if mode == "none" else ["--rewire-every", "10", "--rewire-keep", "6", "--rewire-candidates",
+                                                  "4"]  # a rewiring option with --rewire none is refused
             python("-m", "dice_ray.simulate", "--nodes", "64", "--rounds", "50", "--lr", "0.1", "--batch-size", "16",
-                   "--val-fraction", "0.2", "--eval-every", "10", "--rewire", mode, "--rewire-every", "10",
-                   "--rewire-keep", "6", "--rewire-candidates", "4", "--proximal", "--seed", str(seed),
+                   "--val-fraction", "0.2", "--eval-every", "10", "--rewire", mode, *rewiring, "--proximal", "--seed",
+                   str(seed),
                    "--misbehavior", "label-flip", "--misbehaving-fraction", "0.1", "--engine", "local",
                    "--no-progress", "--out", str(out))
             into.append(collaborator_row(out)["honest_acc"])
