@@ -15,14 +15,13 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from dice_ray.checkpoint import CHECKPOINTS
+from dice_ray.checkpoint import RoundTables
 from dice_ray.config import RunConfig, build_config, load_config, read_recorded
 from dice_ray.errors import InputError
 from dice_ray.hooks import Method, registered_methods
@@ -70,18 +69,17 @@ class Run:
         finished, also those its checkpoints committed rows of (see ``table``)."""
         names = {p.stem for p in self.path.glob("*.parquet")}
         if self.status != "complete":
-            names |= {re.sub(r"-\d{9}-\d{9}$", "", p.stem) for p in (self.path / CHECKPOINTS).glob("*-*-*.parquet")}
+            names |= RoundTables(self.path, {}).written()
         return sorted(names)
 
     def table(self, name: str) -> pd.DataFrame:
         """Return table ``name`` (see ``dice_ray.results``) as a DataFrame; read once, then cached. Of a run that has
         not finished (running, interrupted or failed), a table written round by round (``rounds``, ``proximal``,
-        ``contributions``, ...) holds the rows committed with its last checkpoint, read anew on every call."""
+        ``contributions``, ...) holds the rows written so far, read anew on every call: those of every checkpoint,
+        and those flushed after it, which a resume rolls back to the checkpoint it continues from."""
         if name not in self._tables:
             path = self.path / f"{name}.parquet"
             if not path.is_file():
-                from dice_ray.checkpoint import RoundTables
-
                 committed = None if self.status == "complete" else RoundTables(
                     self.path, {name: TABLES[name]} if name in TABLES else {}).committed(name)
                 if committed is not None:

@@ -233,6 +233,9 @@ class CheckpointStore:
                 shutil.rmtree(c.path, ignore_errors=True)
 
 
+PART = r"-(\d{9})-(\d{9})"  # a part's name: <table>-<first round>-<last round>.parquet
+
+
 class RoundTables:
     """Tables with a ``round`` column, written as parts under ``checkpoints/`` until the run ends.
 
@@ -253,10 +256,14 @@ class RoundTables:
         otherwise are not this store's and are left alone)."""
         parts = []
         for p in self.root.glob(f"{name}-*-*.parquet"):
-            rounds = re.fullmatch(rf"{re.escape(name)}-(\d{{9}})-(\d{{9}})", p.stem)
+            rounds = re.fullmatch(rf"{re.escape(name)}{PART}", p.stem)
             if rounds:
                 parts.append((int(rounds[1]), int(rounds[2]), p))
         return sorted(parts)
+
+    def written(self) -> set[str]:
+        """The tables that have parts (any name, the schemas' or not)."""
+        return {m[1] for p in self.root.glob("*-*-*.parquet") if (m := re.fullmatch(rf"(.+){PART}", p.stem))}
 
     def part_digests(self) -> dict[str, str]:
         """The SHA-256 of every committed part (file name -> digest), for the checkpoint saved with them. A part is

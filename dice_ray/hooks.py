@@ -101,8 +101,9 @@ class RoundHook:
 
     ``block`` is the ``core.participants.ParticipantBlock`` (its ``nodes``, ``population``, ``minibatch(t)``, …);
     ``config`` the run's ``RunConfig``. A hook observes: it reads the participants' states and must not change them
-    or their optimizer states (a call that does raises ``ValueError``), since DICE's replays and estimators, proximal
-    influence, the ledger and the retraining reproduce the simulated world without it.
+    or their optimizer states (a call that changes them in place or replaces them raises ``ValueError``; a write
+    through ``.data`` or a NumPy view is not seen), since DICE's replays and estimators, proximal influence, the
+    ledger and the retraining reproduce the simulated world without it.
     """
 
     name: ClassVar[str] = "hook"

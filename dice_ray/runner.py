@@ -280,15 +280,16 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
     else:
         start = 0
         out.mkdir(parents=True, exist_ok=True)
+        kept = keep_topology_file(config, out)  # first: the file may be this directory's own copy, overwritten
         for stale in [*out.glob("*.parquet"), *out.glob("*.png"), out / "states.npy",  # an overwritten run's
                       *out.glob(f"{TOPOLOGY_FILE}*")]:                             # tables, reports, plots, graph
-            stale.unlink(missing_ok=True)
+            if kept is None or stale.name != kept["name"]:
+                stale.unlink(missing_ok=True)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         shutil.rmtree(out / "tensorboard", ignore_errors=True)  # an overwritten run's tracker records
         (out / "mlflow.db").unlink(missing_ok=True)
         manifest = Manifest.begin(experiment, out, engine_kind, save_states)
         manifest.update(methods=[m.name for m in chosen])
-        kept = keep_topology_file(config, out)
         if kept is not None:
             manifest.update(topology_file=kept)
     manifest.write()

@@ -95,11 +95,18 @@ class Tampering(UpdateNorm):  # halves participant 0's update: training would fo
         self.block.population.params[0] *= 0.5
 
 
-def test_a_hook_that_changes_the_states_is_refused(tmp_path) -> None:
+class TamperingSender(UpdateNorm):  # the same, while composing its message
+    def message(self, t: int, local: bool):
+        self.block.population.params[0] *= 0.5
+        return super().message(t, local)
+
+
+@pytest.mark.parametrize(("hook", "call"), [(Tampering, "after_local_step"), (TamperingSender, "message")])
+def test_a_hook_that_changes_the_states_is_refused(hook, call: str, tmp_path) -> None:
     """A hook that changed θ^{t+½} changed training, but DICE's replays, proximal influence and the ledger measured
     the run without the change (an audit found DICE tables equal to an honest run's): the engine refuses it."""
-    method = Method("update_norm", lambda config: True, Tampering, UpdateNormTable)
-    with pytest.raises(ValueError, match="hook 'update_norm' changed the participants' states in after_local_step of "
+    method = Method("update_norm", lambda config: True, hook, UpdateNormTable)
+    with pytest.raises(ValueError, match=f"hook 'update_norm' changed the participants' states in {call} of "
                                          "round 0: a round hook observes"):
         dice_ray.run(dice_ray.as_config(CONFIG, output={"out": str(tmp_path / "r")}), engine="local", methods=[method])
 

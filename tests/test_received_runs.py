@@ -219,6 +219,10 @@ def test_a_run_keeps_its_topology_file_and_reads_it_from_anywhere(tmp_path: Path
     resumed = dice_ray.resume(tmp_path / "stopped" / "run", engine="local")
     pd.testing.assert_frame_equal(resumed.rounds, pd.read_parquet(run / "rounds.parquet"))
 
+    again = json.loads((run / "manifest.json").read_text())["config"]  # run again in place, from its own copy
+    again["topology"]["file"], again["output"]["overwrite"] = str(kept), True
+    dice_ray.run(dice_ray.RunConfig(**again), engine="local")  # the copy was deleted before it was read
+    assert kept.read_text() == (sender / "topo" / "graph.txt").read_text()
     kept.write_text("0 1\n0 2\n0 3\n1 2\n")
     capsys.readouterr()
     assert analyze(["cascade", str(run)]) == 2

@@ -111,11 +111,12 @@ def cascades(runs: list[Path], out: Path | None = None) -> list[Cascade]:
     for run in runs:
         print(f"== {run}")
         computed.append(cascade(run))
-    labels = [f"{run.name} ({recorded_config(run).topology.name}, {c.value}, R = {c.last_step})"
-              for run, c in zip(runs, computed, strict=True)]
+    parent = common_parent(runs)  # runs of one name in different folders stay apart
+    labels = [f"{run.resolve().relative_to(parent)} ({recorded_config(run).topology.name}, {c.value}, "
+              f"R = {c.last_step})" for run, c in zip(runs, computed, strict=True)]
     plots.cascade_comparison({label: c.decay[c.decay["step"] == c.last_step] for label, c in
                               zip(labels, computed, strict=True)}, out / "cascade_comparison.png")
-    print(f"wrote {out / 'cascade_comparison.png'}: mean |influence| by hop distance, one line per run")
+    print(f"wrote {out / 'cascade_comparison.png'}: mean |influence| by hop distance of " + "; ".join(labels))
     return computed
 
 
@@ -228,9 +229,9 @@ def contributions(run: Path, loo: bool = False, shapley: int | None = None, loca
         scale = computed.scale.get("loo") if v == ranking else None
         if scale is not None:
             print(f"  ledger total / leave-one-out effect: median {scale['median']:.3g} over participants "
-                  f"({scale['low']:.3g} to {scale['high']:.3g}): other units, compare ranks (the ledger counts a "
-                  "probed update at its source and where it first reaches each participant, leave-one-out every "
-                  "update once in the final loss)")
+                  f"(quartiles {scale['low']:.3g} to {scale['high']:.3g}): other units, compare ranks (the ledger "
+                  "counts a probed update at its source and where it first reaches each participant, leave-one-out "
+                  "every update once in the final loss)")
         if agree["loo_honest"]["spearman"] is not None and rows["misbehaving"].any():
             print(f"  among the {int(honest.sum())} well-behaved participants only: Spearman "
                   f"{agree['loo_honest']['spearman']:.3f}, Kendall {agree['loo_honest']['kendall']:.3f}")

@@ -21,6 +21,7 @@ retraining, Ray tasks) and with ``--shapley K`` ``shapley.parquet``.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import types
 import typing
@@ -123,23 +124,24 @@ def method_options() -> list[tuple[str, str, Any]]:
     """The flags of registered user methods' options (``hooks.register_method``), generated from their fields:
     ``--<method>-<field>`` (underscores as dashes) sets ``<method>.<field>``, read as the built-in flags of that type
     read theirs (``_flag_kind``: ``INT``, ``FLOAT``, ``INT,INT,...``, ``NAME,NAME,...``), anything else as YAML
-    (``true``, ``{a: 1}``)."""
+    (``{a: 1}``, and an optional field's ``null``)."""
     return [(f"--{m.name}-{name}".replace("_", "-"), f"{m.name}.{name}", _flag_kind(field.annotation))
             for m in registered_methods() if m.options is not None for name, field in m.options.model_fields.items()]
 
 
 def _flag_kind(annotation: Any) -> Any:
-    """How a flag reads a field of type ``annotation`` (``X | None`` as ``X``): int, float, "int-list", "list" (of
-    names), "bool" (true or false) or "yaml"."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
-        return _flag_kind(args[0])
+    """How a flag reads a field of type ``annotation``: int, float, "int-list", "float-list", "list" (of names),
+    "bool" (true or false) or "yaml" (anything else); ``X | None``: ("null", X's kind), which also reads ``null``."""
+    args = list(typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args and len(args) == 2:
+        inner = _flag_kind(next(a for a in args if a is not type(None)))
+        return "yaml" if inner == "yaml" else ("null", inner)
     if annotation in (int, float):
         return annotation
     if annotation is bool:
         return "bool"
-    if typing.get_origin(annotation) is list and args in ([int], [str]):
-        return "int-list" if args == [int] else "list"
+    if typing.get_origin(annotation) is list and args in ([int], [float], [str]):
+        return {int: "int-list", float: "float-list", str: "list"}[args[0]]
     return "yaml"
 
 
@@ -172,19 +174,35 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _or_null(read: Callable[[str], Any], text: str) -> Any:
+    """``read(text)``, or None for ``null`` (an optional field of a method)."""
+    return None if text.strip().lower() in ("null", "none", "~") else read(text)
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def build_parser(prog: str = "python -m dice_ray.simulate") -> argparse.ArgumentParser:
     """Return the command-line parser; every option documents the config field it sets."""
     parser = OneLineParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
                      description="Run synchronous adapt-then-communicate decentralized SGD over a topology, on Ray, "
                      "and write the run's tables to a run directory.", epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--config", metavar="FILE", help="YAML run config (see configs/)")
+    names = {int: "INT", float: "FLOAT", "int-list": "INT,INT,...", "float-list": "FLOAT,FLOAT,...",
+             "list": "NAME,NAME,...", "yaml": "VALUE", "bool": "true|false"}
+    kinds = {"int-list": _int_list, "float-list": _float_list, "list": comma_list, "yaml": _yaml_value,
+             "bool": _yaml_value}
     for flag, dotted, kind in [*OPTIONS, *method_options()]:
-        names = {int: "INT", float: "FLOAT", "int-list": "INT,INT,...", "list": "NAME,NAME,...", "yaml": "VALUE",
-                 "bool": "true|false"}
-        metavar = names.get(kind, "DIR" if flag == "--out" else "NAME")
-        kinds = {"int-list": _int_list, "list": comma_list, "yaml": _yaml_value, "bool": _yaml_value}
-        parser.add_argument(flag, dest=dotted, type=kinds.get(kind, kind), default=None, help=_field_help(dotted),
-                            metavar=metavar)
+        nullable = isinstance(kind, tuple)
+        kind = kind[1] if nullable else kind
+        metavar = names.get(kind, "DIR" if flag == "--out" else "NAME") + ("|null" if nullable else "")
+        read = kinds.get(kind, kind)
+        parser.add_argument(flag, dest=dotted, type=functools.partial(_or_null, read) if nullable else read,
+                            default=None, help=_field_help(dotted), metavar=metavar)
     for flag, dotted, value in SWITCHES:
         text = _field_help(dotted) if value else f"do not: {_field_help(dotted)}"
         parser.add_argument(flag, dest=dotted, action="store_const", const=value, default=None, help=text)

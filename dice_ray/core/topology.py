@@ -251,16 +251,18 @@ def load_edge_list(path: str | Path, n: int | None = None, *, directed: bool = F
     if not path.is_file():
         raise InputError(f"edge list file '{path}' {absent(path, 'file')}")
     src, dst = [], []
+    first = True  # the first line with content, which may be a header
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         fields = line.split("#", 1)[0].split("{", 1)[0].replace(",", " ").split()
         if not fields:
             continue
+        header, first = first, False
         if len(fields) != 2:
             raise InputError(f"edge list '{path}' line {number}: expected 'src dst', got {line.strip()!r}")
         try:
             s, d = int(fields[0]), int(fields[1])
         except ValueError:
-            if not src and not any(f.lstrip("-").isdigit() for f in fields):  # a header line, before any edge
+            if header and not any(f.lstrip("-").replace(".", "", 1).isdigit() for f in fields):  # "src,dst"
                 continue
             raise InputError(f"edge list '{path}' line {number}: node ids must be integers, got "
                              f"{line.strip()!r}") from None
@@ -467,7 +469,7 @@ def make_topology(name: str, n: int, *, weights: str = "uniform", seed: int = 0,
             return Topology(name, n, w)
         graph = load_edge_list(path, n, directed=directed)
         named = np.flatnonzero(np.asarray(graph.sum(axis=0)).ravel() + np.asarray(graph.sum(axis=1)).ravel())
-        if named.max() < n - 1:  # said before "not strongly connected", which does not name the cause
+        if len(named) and named.max() < n - 1:  # "not strongly connected" would not name the cause
             raise InputError(f"edge list '{path}' names participants 0..{named.max()}, but the run has {n} "
                              f"(--nodes): participants {named.max() + 1}..{n - 1} would have no edge")
     elif name == "erdos-renyi":

@@ -66,7 +66,7 @@ class HookedBlock:
         """Refuse a hook call that changes the participants' states or optimizer states (in place, or by replacing
         them): training would follow it, but DICE's replays and estimators, proximal influence, the ledger and the
         retraining reproduce the simulated world without it, and would measure another run. Free: torch counts a
-        tensor's in-place changes (``_version``)."""
+        tensor's in-place changes (``_version``); a write through ``.data`` or a NumPy view escapes that count."""
         pop = self.block.population
 
         def seen() -> tuple:
@@ -83,7 +83,8 @@ class HookedBlock:
     def message(self, name: str, t: int, local: bool) -> Any:
         """Hook ``name``'s message of round t (``local``: for this block itself, as the hook returned it; else with
         its tensors as numpy arrays, which travel through Ray's object store)."""
-        message = self.hooks[name].message(t, local)
+        with self._observing(name, "message", t):
+            message = self.hooks[name].message(t, local)
         return message if local else on_host(message)
 
     def device_message(self, name: str, t: int) -> Any:

@@ -73,10 +73,10 @@ class Contributions:
     without the ledger). ``position``: Spearman correlation of the ranking measure with ``n_train``, ``in_degree``
     and ``betweenness``. ``misbehaving_flagged``: whether every misbehaving participant is flagged harmful (None:
     none misbehaves). ``scale``: the ledger total of the ranking variant over ``loo`` and ``shapley``, per
-    participant (``correlation.ratios``: median, low, high; None: not computed, or ranked by retraining). The two
-    are in other units: the ledger sums DICE's cascade of each probed update (counted at its source and at each
-    participant it first reaches, with the gradient of that step), leave-one-out counts every update once in the
-    final loss (measured: 1.6 and 2.2 with R = 1 and 3, every round probed; 0.8-0.9 with every 2nd).
+    participant (``correlation.ratios``: median and quartiles; None: not computed; empty when ranked by
+    retraining). The two are in other units: the ledger sums DICE's cascade of each probed update (counted at its
+    source and at each participant it first reaches, with the gradient of that step), leave-one-out counts every
+    update once in the final loss (measured: 1.6 and 2.2 with R = 1 and 3, every round probed; 0.8-0.9 with every 2nd).
     """
 
     table: pd.DataFrame

@@ -35,13 +35,13 @@ def by_participant(values: dict[int, float], n: int) -> np.ndarray:
 
 
 def ratios(a: np.ndarray, b: np.ndarray) -> dict[str, float] | None:
-    """The ratio a/b over the pairs where both are finite and b is not 0: its ``median``, ``low`` (smallest) and
-    ``high`` (largest); None without such a pair."""
+    """The ratio a/b over the pairs where both are finite and b is not 0: its ``median`` and quartiles ``low`` and
+    ``high`` (a near-zero b makes one ratio huge, which quartiles do not report); None without such a pair."""
     ok = np.isfinite(a) & np.isfinite(b) & (b != 0)
     if not ok.any():
         return None
-    r = a[ok] / b[ok]
-    return {"median": float(np.median(r)), "low": float(r.min()), "high": float(r.max())}
+    low, median, high = np.percentile(a[ok] / b[ok], [25, 50, 75])
+    return {"median": float(median), "low": float(low), "high": float(high)}
 
 
 def rank_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float | None]:

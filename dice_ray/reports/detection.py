@@ -176,9 +176,9 @@ class Detection:
     ``table``: one row per (horizon, method) (the ``anomaly`` table; NaN where undefined). ``scores``: every
     detector's running score per (round, examiner, neighbor) (``running_scores``); ``curves``: method -> (rounds
     scored, overall ROC AUC after each) up to the last horizon; ``horizon``: the last horizon, which the ROC plot
-    uses. ``misbehaving`` of ``participants`` misbehave. ``suspects``: every scored participant ranked by its mean
-    cumulative proximal influence over the whole run (``suspects``); ``suspects_auc``: the ROC AUC of that ranking
-    against who misbehaves (None: one class only).
+    uses. ``misbehaving`` of ``participants`` misbehave. ``suspects``: every participant an examiner scores, ranked
+    by its mean cumulative proximal influence over the whole run (``suspects``); ``suspects_auc``: the ROC AUC of
+    that ranking against who misbehaves (None: one class only).
     """
 
     table: pd.DataFrame

@@ -233,12 +233,15 @@ def test_ctrl_c_is_one_line_exit_130_with_how_to_resume(tmp_path: Path, imports:
 def test_a_methods_flags_read_values_as_the_built_in_flags_of_their_type() -> None:
     """A registered method's generated flags read an int, a float, integers (2,3) and names (a,b) as the built-in
     flags do; --half-scale-ids 2,3 was read as YAML, the string '2,3', and refused as no list."""
-    from dice_ray.cli.simulate import _flag_kind, build_parser
+    from dice_ray.cli.simulate import _flag_kind, _or_null, build_parser
 
-    assert _flag_kind(int) is int and _flag_kind(float | None) is float and _flag_kind(bool) == "bool"
-    assert _flag_kind(list[int]) == "int-list" and _flag_kind(list[int] | None) == "int-list"
+    assert _flag_kind(int) is int and _flag_kind(float) is float and _flag_kind(bool) == "bool"
+    assert _flag_kind(list[int]) == "int-list" and _flag_kind(list[float]) == "float-list"
     assert _flag_kind(list[str]) == "list" and _flag_kind(dict[str, int]) == "yaml"
+    assert _flag_kind(int | None) == ("null", int) and _flag_kind(list[int] | None) == ("null", "int-list")
+    assert _flag_kind(dict[str, int] | None) == "yaml" and _or_null(int, "null") is None and _or_null(int, "3") == 3
     import toy_method  # noqa: F401 (registers scaled_norm: enabled bool, scale float)
 
     args = build_parser().parse_args(["--scaled-norm-enabled", "true", "--scaled-norm-scale", "2"])
     assert vars(args)["scaled_norm.enabled"] is True and vars(args)["scaled_norm.scale"] == 2.0
+    assert isinstance(vars(args)["scaled_norm.scale"], float)  # read as FLOAT, not as YAML's int 2

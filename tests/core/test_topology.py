@@ -259,6 +259,14 @@ def test_file_topologies(tmp_path):
     networkx_edges.write_text("".join(f"{k} {(k + 1) % 6} {{}}\n" for k in range(6)))
     for path in (exported, networkx_edges):
         np.testing.assert_array_equal(dense(load_edge_list(path)), dense(ring_graph(6)))
+    loops = tmp_path / "loops.txt"  # self-loops only: one line (it was numpy's zero-size error)
+    loops.write_text("0 0\n1 1\n")
+    with pytest.raises(InputError):
+        make_topology("file", 2, path=str(loops))
+    two_headers = tmp_path / "two.csv"  # only the first line with content may be a header
+    two_headers.write_text("src,dst\nfrom,to\n0,1\n")
+    with pytest.raises(InputError, match="line 2: node ids must be integers"):
+        load_edge_list(two_headers)
 
     w = dense(make_topology("exponential", 8).mixing_matrix(0))
     np.save(tmp_path / "w.npy", w)

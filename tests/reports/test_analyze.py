@@ -112,10 +112,11 @@ def test_cascade_report_ranks_no_rounding_noise(tmp_path: Path, capsys) -> None:
 
 def test_cascade_reports_of_several_runs_share_one_figure(tmp_path: Path, capsys) -> None:
     """Several runs (or --out): each one's report, and their decay after R rounds in cascade_comparison.png."""
-    runs = [cascade_run(tmp_path, "ring"), cascade_run(tmp_path, "star")]
+    runs = [cascade_run(tmp_path / "a", "ring"), cascade_run(tmp_path / "b", "ring")]  # one name, two folders
     assert analyze(["cascade", *map(str, runs), "--out", str(tmp_path / "compare")]) == 0
     printed = capsys.readouterr().out
     assert all(f"== {run}" in printed for run in runs) and all((run / "cascade.parquet").is_file() for run in runs)
+    assert "by hop distance of a/ring (ring, gt, R = 3); b/ring (ring, gt, R = 3)" in printed  # two lines, not one
     assert (tmp_path / "compare" / "cascade_comparison.png").stat().st_size > 10_000
     assert analyze(["alignment", str(runs[0]), "--out", str(tmp_path / "x")]) == 2
     assert "--out is an option of the collaborators or cascade report, not of alignment" in capsys.readouterr().err
