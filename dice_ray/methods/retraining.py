@@ -116,11 +116,12 @@ class Retraining(Stage):
 def retraining_changes(run: Path, loo: bool, shapley: int | None) -> dict[str, Any]:
     """The config changes (dotted field -> value) that make ``Retraining`` write the tables the finished run ``run``
     lacks (``loo.parquet`` with ``loo``, ``shapley.parquet`` with ``shapley`` permutations: a table of another
-    number of permutations is computed again); empty if none."""
+    number of permutations is computed again); empty if none. A table the run has is not computed again (Shapley
+    asked of a run with ``loo.parquet`` retrained the leave-one-out runs the coalitions do not share: 3 of 155)."""
     has_loo = (run / "loo.parquet").is_file()
     if not ((loo and not has_loo) or (shapley and _shapley_permutations(run) != shapley)):
         return {}
-    return {"ledger.loo": bool(loo or has_loo), "ledger.shapley_permutations": shapley or 0}
+    return {"ledger.loo": bool(loo and not has_loo), "ledger.shapley_permutations": shapley or 0}
 
 
 def _shapley_permutations(run: Path) -> int | None:

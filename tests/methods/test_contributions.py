@@ -151,7 +151,8 @@ def test_shapley_values_add_up_to_the_grand_coalition(tmp_path: Path) -> None:
     from dice_ray.methods.retraining import retraining_changes
 
     assert retraining_changes(out, True, 2) == {}  # both tables there, with 2 permutations
-    assert retraining_changes(out, False, 3) == {"ledger.loo": True, "ledger.shapley_permutations": 3}  # computed again
+    assert retraining_changes(out, False, 3) == {"ledger.loo": False, "ledger.shapley_permutations": 3}  # only Shapley
+    assert retraining_changes(out, True, 3) == {"ledger.loo": False, "ledger.shapley_permutations": 3}  # loo is there
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -252,8 +253,10 @@ def test_a_run_without_the_ledger_is_ranked_by_its_retraining(tmp_path: Path, ca
     assert report.loc[report["rank"] == 1, "loo_effect"].item() == effect.min()
     assert (out / "contributions_heatmap.png").is_file()
 
+    stamp = (out / "loo.parquet").stat().st_mtime_ns
     assert analyze(["contributions", str(out), "--shapley", "2", "--local"]) == 0
     assert "leave-one-out effect vs shapley: Spearman" in capsys.readouterr().out
+    assert (out / "loo.parquet").stat().st_mtime_ns == stamp  # Shapley alone: leave-one-out is not retrained
     both = open_run(out).contributions()
     assert both.ranking == "loo" and not both.ledger and both.variants == {}
     assert both.agreement["loo"]["spearman"] is None and both.agreement["shapley"]["spearman"] is not None
