@@ -80,12 +80,13 @@ class Run:
         if name not in self._tables:
             path = self.path / f"{name}.parquet"
             if not path.is_file():
-                committed = None if self.status == "complete" else RoundTables(
+                status = self.status  # the manifest, read once
+                committed = None if status == "complete" else RoundTables(
                     self.path, {name: TABLES[name]} if name in TABLES else {}).committed(name)
                 if committed is not None:
                     return committed.to_pandas()  # not kept: a running run commits more
-                unfinished = "" if self.status == "complete" else (
-                    f"; the run is {self.status} and no checkpoint has committed its rows yet")
+                unfinished = "" if status == "complete" else (
+                    f"; the run is {status} and no checkpoint has committed its rows yet")
                 raise InputError(f"run {str(self.path)!r} has no {name} table (it has: "
                                  f"{', '.join(self.tables()) or 'none'}{unfinished})")
             self._tables[name] = pd.read_parquet(path)

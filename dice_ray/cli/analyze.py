@@ -106,12 +106,12 @@ def cascades(runs: list[Path], out: Path | None = None) -> list[Cascade]:
     ``cascade_comparison.png`` in ``out`` (default: the runs' common parent folder)."""
     if len(runs) == 1 and out is None:
         return [cascade(runs[0])]
-    out = _out_folder(out or common_parent(runs))
+    parent = common_parent(runs)  # the default folder; labels are the runs' paths from it (one name stays apart)
+    out = _out_folder(out or parent)
     computed = []
     for run in runs:
         print(f"== {run}")
         computed.append(cascade(run))
-    parent = common_parent(runs)  # runs of one name in different folders stay apart
     labels = [f"{run.resolve().relative_to(parent)} ({recorded_config(run).topology.name}, {c.value}, "
               f"R = {c.last_step})" for run, c in zip(runs, computed, strict=True)]
     plots.cascade_comparison({label: c.decay[c.decay["step"] == c.last_step] for label, c in

@@ -51,17 +51,24 @@ def alignment_scatter(dice: pd.DataFrame, variants: dict[str, str], hop: int, pa
 def cascade_decay(decay: pd.DataFrame, value: str, path: Path) -> None:
     """Mean |influence| against hop distance from the source, one line per step after the probe (log scale).
     ``decay``: the cascade report's ``cascade`` table; ``value``: the influence column it averages."""
+    _decay_lines({f"after {s} rounds": rows for s, rows in decay.groupby("step")}, f"mean |influence| ({value})",
+                 "influence cascade: ripples decay with distance", (5, 3.6), path)
+
+
+def _decay_lines(lines: dict[str, pd.DataFrame], ylabel: str, title: str, size: tuple[float, float],
+                 path: Path) -> None:
+    """One line per label of ``lines`` (``cascade`` rows: mean |influence| against hop distance), log scale."""
     from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(5, 3.6)
+    fig = _figure(*size)
     ax = fig.subplots()
-    for s, rows in decay.groupby("step"):
-        ax.plot(rows["distance"], rows["mean_abs"], marker="o", label=f"after {s} rounds")
+    for (label, rows), marker in zip(lines.items(), MARKERS * len(lines), strict=False):
+        ax.plot(rows["distance"], rows["mean_abs"], marker=marker, label=label)
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("hop distance from the source")
-    ax.set_ylabel(f"mean |influence| ({value})")
-    ax.set_title("influence cascade: ripples decay with distance")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
 
@@ -69,19 +76,7 @@ def cascade_decay(decay: pd.DataFrame, value: str, path: Path) -> None:
 def cascade_comparison(decays: dict[str, pd.DataFrame], path: Path) -> None:
     """Mean |influence| against hop distance at each run's last step R, one line per run (log scale): how fast the
     cascade decays on one graph against another. ``decays``: label -> that run's ``cascade`` rows at step R."""
-    from matplotlib.ticker import MaxNLocator
-
-    fig = _figure(5.5, 3.8)
-    ax = fig.subplots()
-    for (label, rows), marker in zip(decays.items(), MARKERS * len(decays), strict=False):
-        ax.plot(rows["distance"], rows["mean_abs"], marker=marker, label=label)
-    ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("hop distance from the source")
-    ax.set_ylabel("mean |influence| after R rounds")
-    ax.set_title("influence cascade by run")
-    ax.legend(fontsize=8)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
+    _decay_lines(decays, "mean |influence| after R rounds", "influence cascade by run", (5.5, 3.8), path)
 
 
 def detection_roc(final: pd.DataFrame, curves: dict[str, tuple[np.ndarray, np.ndarray]], horizon: int,

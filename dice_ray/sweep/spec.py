@@ -271,8 +271,10 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     columns, measured, needs = _survey(Sweep(spec, base, grid, examples))
     sweep = Sweep(spec, base, grid, examples, needs)
     _check_names(spec, columns, measured)
-    _check_metrics_reach_trials(sweep)
-    _check_prepares(sweep)
+    params = sweep.examples[0] if sweep.examples else {}
+    first = sweep.trial_config(params, Path("check"))  # the first trial's config, built once for both checks
+    _check_metrics_reach_trials(sweep, first)
+    _check_prepares(first, params)
     return sweep
 
 
@@ -308,28 +310,29 @@ def _survey(sweep: Sweep) -> tuple[set[str], set[str], list[tuple[dict[str, Scal
     return columns, measured, list(needs.values())
 
 
-def _check_prepares(sweep: Sweep) -> None:
-    """The first trial's run must prepare (its data, partition, topology file, model outputs), as ``simulate``
-    checks before it starts: what the base config gets wrong is then one line before Ray starts, not a sweep of
-    failed trials that exits 0. (A value only some trials take that cannot run fails those trials, recorded.)"""
+def _check_prepares(first: RunConfig, params: dict[str, Scalar]) -> None:
+    """The first trial's run (``first``, of the swept values ``params``) must prepare (its data, partition, topology
+    file, model outputs), as ``simulate`` checks before it starts: what the base config gets wrong is then one line
+    before Ray starts, not a sweep of failed trials that exits 0. (A value only some trials take that cannot run
+    fails those trials, recorded.)"""
     from dice_ray.experiment import prepare
 
-    params = sweep.examples[0] if sweep.examples else {}
     try:
-        prepare(sweep.trial_config(params, Path("check")))
+        prepare(first)
     except InputError as err:
         raise InputError(f"sweep: trial {params}: {err}") from None
 
 
-def _check_metrics_reach_trials(sweep: Sweep) -> None:
-    """Trials compute their metric groups in Ray workers, which import the base config's ``imports``, not the script:
-    a group the script registers (``__main__``) is refused, one from a module the imports do not list gets a warning
-    line (every trial would end in KeyError after its whole simulation otherwise)."""
+def _check_metrics_reach_trials(sweep: Sweep, first: RunConfig) -> None:
+    """Trials compute their metric groups in Ray workers, which import the modules a trial's config names (``first``:
+    the first trial's; the base's ``imports``), not the script: a group the script registers (``__main__``) is
+    refused, one from a module the imports do not list gets a warning line (every trial would end in KeyError after
+    its whole simulation otherwise)."""
     from dice_ray.config import check_worker_module, modules_named
     from dice_ray.core.models import defining_module
     from dice_ray.sweep.metrics import METRICS
 
-    listed = modules_named(sweep.trial_config(sweep.examples[0] if sweep.examples else {}, Path("check")))
+    listed = modules_named(first)
     for name in sweep.spec.metrics or METRICS:
         try:
             check_worker_module("sweep metric", name, defining_module(METRICS[name].compute), listed, "base.imports")
