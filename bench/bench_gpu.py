@@ -343,13 +343,17 @@ def fused_step(model_name: str, nodes: int, device: str, steps: int = 20, warmup
 
 
 def compare(a: Any, b: Any) -> dict[str, Any]:
-    """Largest absolute difference of each compared column of two rounds tables (NaN where both are NaN)."""
+    """Largest absolute difference of each compared column of two rounds tables (None where both are NaN; inf where
+    one side alone is NaN)."""
     out: dict[str, Any] = {}
     if list(a[["round", "node"]].itertuples(index=False)) != list(b[["round", "node"]].itertuples(index=False)):
         return {"rows_differ": True, "max": math.inf}
     for col in COMPARED:
         x, y = a[col].to_numpy(np.float64), b[col].to_numpy(np.float64)
-        both = ~(np.isnan(x) & np.isnan(y))
+        if not np.array_equal(np.isnan(x), np.isnan(y)):  # NaN on one side only: a difference
+            out[col] = math.inf
+            continue
+        both = ~np.isnan(x)
         out[col] = float(np.max(np.abs(x[both] - y[both]))) if both.any() else None
     finite = [v for v in out.values() if v is not None]
     out["max"] = max(finite) if finite else 0.0

@@ -84,7 +84,8 @@ def column(rows: list[dict], table: str, name: str) -> np.ndarray:
 
 
 def max_difference(a: dict[str, list[dict]], b: dict[str, list[dict]], columns: dict[str, tuple]) -> float:
-    """The largest |a − b| over ``columns`` of both tables (NaN where a column is absent)."""
+    """The largest |a − b| over ``columns`` of both tables (NaN where a column is absent; inf where one table alone
+    has a NaN)."""
     worst = 0.0
     for table, names in columns.items():
         for name in names:
@@ -92,6 +93,8 @@ def max_difference(a: dict[str, list[dict]], b: dict[str, list[dict]], columns: 
                 continue
             x, y = column(a[table], table, name), column(b[table], table, name)
             if x.shape != y.shape:
+                return float("inf")
+            if not np.array_equal(np.isnan(x), np.isnan(y)):  # NaN on one side only: a difference
                 return float("inf")
             worst = max(worst, float(np.nanmax(np.abs(x - y), initial=0.0)))
     return worst
