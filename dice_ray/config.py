@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from dice_ray.core.losses import loss_module, loss_names
+from dice_ray.core.misbehavior import built_in_kinds, misbehavior, misbehavior_module, misbehavior_names
 from dice_ray.core.models import model_module
 from dice_ray.core.population import OPTIMIZERS, OptimizerSpec
 from dice_ray.core.topology import TOPOLOGIES
@@ -243,8 +244,9 @@ class OutputConfig(Section):
 class MisbehaviorConfig(Section):
     """Participants that misbehave, and how (concepts §5). Off with kind ``none``."""
 
-    kind: Literal["none", "label-flip", "feature-noise", "sign-flip", "scale", "free-ride"] = Field(
-        "none", description="how misbehaving participants corrupt their data or updates")
+    kind: Annotated[str, _one_of("misbehaviour", misbehavior_names)] = Field(
+        "none", description="how misbehaving participants corrupt their data or updates: none, label-flip, "
+                            "feature-noise, sign-flip, scale, free-ride, or one added with register_misbehavior")
     count: int | None = Field(None, ge=0, description="how many participants misbehave")
     fraction: float | None = Field(None, ge=0, le=1, description="or which share of them (rounded)")
     selection: Literal["random", "ids", "degree"] = Field("random", description="random, the given ids, or "
@@ -253,6 +255,8 @@ class MisbehaviorConfig(Section):
     flip_fraction: float = Field(1.0, ge=0, le=1, description="label-flip: share of local labels flipped")
     sigma: float = Field(1.0, ge=0, le=1e3, description="feature-noise: std of the noise added to inputs")
     factor: float = Field(10.0, ge=-1e3, le=1e3, description="scale: the factor c of the sent update θ + cΔ")
+    options: dict[str, Any] = Field({}, description="a kind added with register_misbehavior: its class's keyword "
+                                                    "arguments (--set misbehavior.options.NAME=VALUE)")
 
     def number(self, nodes: int) -> int:
         """How many of ``nodes`` participants misbehave."""
@@ -275,7 +279,8 @@ RESUME_FIELDS = ("engine.address", "engine.actors", "engine.cpus_per_actor", "en
 
 
 def import_modules(names: list[str]) -> None:
-    """Import ``names`` (modules that register models, data sets, losses or methods); raise ``InputError``."""
+    """Import ``names`` (modules that register models, data sets, losses, misbehaviours or methods); raise
+    ``InputError``."""
     for name in names:
         try:
             importlib.import_module(name)
@@ -294,14 +299,16 @@ def modules_in(data: dict[str, Any]) -> list[str]:
 
 
 def check_workers_register(config: RunConfig) -> None:
-    """Check that Ray workers will know the model, data set and loss ``config`` names: they look each up by name after
-    importing the config's ``imports`` (``load_imports``). One registered by the script itself (``__main__``, which
-    the workers do not import) raises ``InputError``, before any work (the run would fail inside its actors); one
-    defined in a module the imports do not cover gets a warning line (another listed module may still register it)."""
+    """Check that Ray workers will know the model, data set, loss and misbehaviour ``config`` names: they look each
+    up by name after importing the config's ``imports`` (``load_imports``). One registered by the script itself
+    (``__main__``, which the workers do not import) raises ``InputError``, before any work (the run would fail
+    inside its actors); one defined in a module the imports do not cover gets a warning line (another listed module
+    may still register it)."""
     listed = modules_named(config)
     for kind, name, module in (("model", config.model.name, model_module(config.model.name)),
                                ("data set", config.data.dataset, dataset_module(config.data.dataset)),
-                               ("loss", config.model.loss, loss_module(config.model.loss))):
+                               ("loss", config.model.loss, loss_module(config.model.loss)),
+                               ("misbehaviour", config.misbehavior.kind, misbehavior_module(config.misbehavior.kind))):
         check_worker_module(kind, name, module, listed)
 
 
@@ -387,6 +394,16 @@ class RunConfig(Section):
                     raise ValueError(f"misbehaving participant {k} is not a participant (0..{self.nodes - 1})")
             if bad.number(self.nodes) > self.nodes:
                 raise ValueError(f"misbehavior.count {bad.count} exceeds the {self.nodes} participants")
+            if bad.options and bad.kind in built_in_kinds():
+                raise ValueError(f"misbehavior.options are a registered kind's; {bad.kind!r} takes its own fields "
+                                 "(flip_fraction, sigma, factor)")
+            if not RECORDED.get():  # built now, so a bad option is refused before any work
+                try:
+                    misbehavior(bad)
+                except InputError as err:
+                    raise ValueError(str(err)) from None
+        elif bad.options:
+            raise ValueError("misbehavior.options need a misbehavior.kind")
         for k in self.data.shrink.ids:
             if not 0 <= k < self.nodes:
                 raise ValueError(f"data.shrink participant {k} is not a participant (0..{self.nodes - 1})")

@@ -229,7 +229,9 @@ def unknown_options(docs: Path = ROOT / "docs", readme: Path = ROOT / "README.md
             command = re.search(r"python -m (dice_ray\.(?:simulate|analyze|sweep))\b(.*)", line)
             if command:
                 flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", command.group(2).split("#")[0].split("`")[0]))
-                problems += [f"{path.name}: {f}" for f in flags - known[command.group(1)] - _method_flags(line)]
+                unknown = flags - known[command.group(1)]
+                unknown -= _method_flags(line) if unknown else set()  # (imported only when some flag needs it)
+                problems += [f"{path.name}: {f}" for f in unknown]
             for code in re.findall(r"`([^`]*)`", line):
                 flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", code))
                 problems += [f"{path.name}: {f}" for f in flags - every]

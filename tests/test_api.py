@@ -213,7 +213,12 @@ def test_registered_names_load_in_ray_workers(ray_local, tmp_path: Path, monkeyp
                       "@dice_ray.register_loss('worker-loss')\n"
                       "class Loss(dice_ray.Loss):\n"
                       "    def per_sample(self, outputs, targets):\n"
-                      "        return 2 * torch.nn.functional.cross_entropy(outputs, targets, reduction='none')\n")
+                      "        return 2 * torch.nn.functional.cross_entropy(outputs, targets, reduction='none')\n\n"
+                      "@dice_ray.register_misbehavior('worker-misbehavior')\n"
+                      "class Bad(dice_ray.Misbehavior):\n"
+                      "    def __init__(self, c=1.0):\n        self.c = c\n\n"
+                      "    def corrupt(self, x, y, num_classes, rng):\n        return x, 1 - y\n\n"
+                      "    def factor(self, participant):\n        return self.c\n")
     sys.path.insert(0, str(tmp_path))
     import ray
 
@@ -223,6 +228,7 @@ def test_registered_names_load_in_ray_workers(ray_local, tmp_path: Path, monkeyp
     try:
         config = dice_ray.RunConfig(imports=["my_data"], nodes=4, rounds=3, data={"dataset": "worker-data"},
                                     model={"name": "worker-model", "loss": "worker-loss"}, engine={"actors": 2},
+                                    misbehavior={"kind": "worker-misbehavior", "count": 1, "options": {"c": -2.0}},
                                     influence={"enabled": True, "hops": 1, "rounds": [1]},
                                     ledger={"enabled": True, "hops": 1, "loo": True},
                                     output={"out": str(tmp_path / "w"), "progress": False})
@@ -231,6 +237,7 @@ def test_registered_names_load_in_ray_workers(ray_local, tmp_path: Path, monkeyp
         assert len(run.manifest["placement"]) == 2
         assert np.isfinite(run.rounds["train_loss"].to_numpy()).all()
         assert np.isfinite(run.dice["gt"].to_numpy()).all() and len(run.table("loo")) > 0
+        assert run.table("nodes")["misbehaving"].sum() == 1
     finally:
         sys.path.remove(str(tmp_path))
         ray.shutdown()

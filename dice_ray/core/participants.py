@@ -22,7 +22,7 @@ import torch
 
 from dice_ray.core.cuda_graph import StepGraph
 from dice_ray.core.losses import build_loss
-from dice_ray.core.misbehavior import DATA_KINDS, UPDATE_KINDS, corrupt_data, update_factor
+from dice_ray.core.misbehavior import corrupt_data, misbehavior, update_factors
 from dice_ray.core.models import build_model, use_layer_modes
 from dice_ray.core.population import STEP_CHUNK_BYTES, Population, initial_state
 from dice_ray.core.precision import set_precision
@@ -86,10 +86,10 @@ class ParticipantBlock:
         rows = np.concatenate(train).astype(np.int64) if len(train) else np.zeros(0, np.int64)
 
         # Misbehaving participants hosted here (positions in this block): corrupt data now, updates per step.
-        bad = config.misbehavior
+        kind = misbehavior(config.misbehavior)
         hosted = np.isin(self.nodes, np.asarray(misbehaving if misbehaving is not None else [], np.int64))
         self.misbehaving = np.flatnonzero(hosted)
-        corrupts = bad.kind in DATA_KINDS and len(self.misbehaving) > 0
+        corrupts = kind is not None and kind.corrupts_data and len(self.misbehaving) > 0
         # Participants without training data (data.shrink fraction 1) take no local step: ``half_step`` puts
         # their state back. They still draw a (discarded) minibatch, from a placeholder row if need be.
         self.idle = np.flatnonzero(self.counts == 0)
@@ -104,14 +104,17 @@ class ParticipantBlock:
         if corrupts:
             for i in self.misbehaving.tolist():
                 span = slice(self.offsets[i], self.offsets[i] + self.counts[i])
-                x_data[span], y_data[span] = corrupt_data(bad.kind, x_data[span], y_data[span], num_classes,
-                                                          config.seed, int(self.nodes[i]), bad.flip_fraction,
-                                                          bad.sigma)
+                x_data[span], y_data[span] = corrupt_data(kind, x_data[span], y_data[span], num_classes,
+                                                          config.seed, int(self.nodes[i]))
         self.x_data, self.y_data = as_tensor(x_data, self.device), as_tensor(y_data, self.device)
         self.sample_rows = torch.from_numpy(rows).to(self.device)
         self._offsets = torch.from_numpy(self.offsets).to(self.device)
         self._idle = torch.as_tensor(self.idle, device=self.device)
         self._misbehaving = torch.as_tensor(self.misbehaving, device=self.device)
+        # c [m, 1] of the hosted misbehaving participants' sent updates θ + cΔ (None: their updates are honest)
+        factors = update_factors(kind, self.nodes[self.misbehaving])
+        self._factors = None if factors is None else torch.as_tensor(factors[:, None], dtype=torch.float32,
+                                                                      device=self.device)
         # The minibatch draw's inputs: on a GPU it runs there (``minibatch_positions``, the same numbers); checked
         # here once, as the host draw checks them every round.
         self._draw_counts = np.where(self.counts > 0, self.counts, config.optim.batch_size)
@@ -185,16 +188,14 @@ class ParticipantBlock:
 
     def _half_step(self, t: int | torch.Tensor) -> torch.Tensor:
         drawn = self.minibatch_rows(t)  # each chunk of participants gathers its own batches (``Population.half_step``)
-        corrupt = self.config.misbehavior.kind in UPDATE_KINDS and len(self.misbehaving) > 0
-        if corrupt:
+        if self._factors is not None:
             rows = self._misbehaving
             before = self.population.params[rows].clone()
         loss = self.population.half_step(lambda rows: (self.x_data[drawn[rows]], self.y_data[drawn[rows]]),
                                          idle=self._idle if len(self.idle) else None)
-        if corrupt:  # they send θ + cΔ instead of θ + Δ
-            c = update_factor(self.config.misbehavior.kind, self.config.misbehavior.factor)
+        if self._factors is not None:  # they send θ + cΔ instead of θ + Δ
             after = self.population.params[rows]
-            self.population.params[rows] = before + c * (after - before)
+            self.population.params[rows] = before + self._factors.to(after.dtype) * (after - before)
         return loss
 
     def mixing_rows(self, weights: list[sp.csr_array] | sp.csr_array) -> list[torch.Tensor]:

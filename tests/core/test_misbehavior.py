@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,9 @@ import torch
 
 from dice_ray.cli.simulate import main as simulate
 from dice_ray.config import build_config
+from dice_ray.core.misbehavior import Misbehavior, register_misbehavior
 from dice_ray.core.participants import ParticipantBlock
+from dice_ray.errors import InputError
 from dice_ray.experiment import prepare
 
 
@@ -119,3 +122,123 @@ def test_an_honest_block_reads_the_training_split_in_place_and_a_corrupting_one_
     assert not np.shares_memory(bad.x_data.numpy(), experiment.dataset.x_train)
     assert np.array_equal(experiment.dataset.y_train, y_before)
     assert not torch.equal(bad.y_local, honest.y_local)  # the flipped labels live in the copy
+
+
+# -- kinds added with register_misbehavior ---------------------------------------------------------------------------
+
+@register_misbehavior("test-target-label")
+class TargetLabel(Misbehavior):
+    """Every local label becomes ``target`` (a data kind with an option)."""
+
+    def __init__(self, target: int = 0) -> None:
+        if not 0 <= target <= 9:
+            raise ValueError(f"target {target} is not a digit")
+        self.target = target
+
+    def corrupt(self, x, y, num_classes, rng):
+        y[:] = self.target
+        return x, y
+
+
+@register_misbehavior("test-by-participant")
+class ByParticipant(Misbehavior):
+    """Participant k sends θ + (k + 1)·scale·Δ (an update kind whose c differs by participant)."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+
+    def factor(self, participant):
+        return (participant + 1) * self.scale
+
+
+@register_misbehavior("test-scale-copy")
+class ScaleCopy(Misbehavior):
+    """The built-in ``scale`` with c = 10, written as a user would."""
+
+    def factor(self, participant):
+        return 10.0
+
+
+@register_misbehavior("test-wrong-shape")
+class WrongShape(Misbehavior):
+    def corrupt(self, x, y, num_classes, rng):
+        return x[:1], y[:1]
+
+
+def test_a_registered_data_kind_corrupts_the_chosen_participants_with_its_options() -> None:
+    experiment, block = setup("test-target-label", options={"target": 3})
+    bad, honest = block(), block(np.array([], np.int64))
+    for i in range(6):
+        span = slice(bad.offsets[i], bad.offsets[i] + bad.counts[i])
+        if i in experiment.misbehaving:
+            assert (bad.y_local[span] == 3).all()
+        else:
+            assert torch.equal(bad.y_local[span], honest.y_local[span])
+    assert torch.equal(bad.x_local, honest.x_local)
+
+
+def test_a_registered_update_kind_sends_its_own_factor_per_participant() -> None:
+    experiment, block = setup("test-by-participant", options={"scale": 0.5})
+    bad, honest = block(), block(np.array([], np.int64))
+    start = bad.population.params.clone()
+    bad.half_step(0)
+    honest.half_step(0)
+    for k in range(6):
+        c = (k + 1) * 0.5 if k in experiment.misbehaving else 1.0
+        torch.testing.assert_close(bad.population.params[k] - start[k], c * (honest.population.params[k] - start[k]),
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_every_method_measures_a_registered_kind_as_the_built_in_one(tmp_path: Path) -> None:
+    """A user's copy of ``scale`` (c = 10) gives the built-in's tables bit for bit: training, DICE-GT's replays,
+    in-loop DICE-E, proximal influence and the ledger all follow the kind, not its name."""
+    import dice_ray
+
+    def tables(kind: str) -> dict[str, pd.DataFrame]:
+        config = dice_ray.RunConfig(nodes=8, rounds=6, seed=1, topology={"name": "ring"},
+                                    data={"dataset": "digits", "heldout_size": 64}, optim={"batch_size": 8},
+                                    misbehavior={"kind": kind, "selection": "ids", "ids": [2, 5]},
+                                    influence={"enabled": True, "hops": 2, "rounds": [2, 3], "online": True},
+                                    proximal={"enabled": True}, ledger={"enabled": True, "hops": 1},
+                                    output={"out": str(tmp_path / kind), "progress": False})
+        run = dice_ray.run(config, engine="local")
+        return {name: run.table(name) for name in ("rounds", "dice", "influence", "proximal", "contributions")}
+
+    built_in, user = tables("scale"), tables("test-scale-copy")
+    for name, table in built_in.items():
+        pd.testing.assert_frame_equal(user[name], table, check_exact=True, obj=name)
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"kind": "test-target-label", "options": {"target": 12}}, "target 12 is not a digit"),
+    ({"kind": "test-target-label", "options": {"colour": 1}}, "unexpected keyword argument 'colour'"),
+    ({"kind": "label-flip", "options": {"fraction": 0.5}}, "'label-flip' takes its own fields"),
+    ({"kind": "none", "options": {"target": 1}}, "misbehavior.options need a misbehavior.kind"),
+    ({"kind": "no-such-kind"}, "misbehaviour 'no-such-kind' is unknown; choose one of none, label-flip"),
+])
+def test_bad_kinds_and_options_are_refused_in_one_line(section: dict, message: str) -> None:
+    with pytest.raises(InputError, match=re.escape(message)) as err:
+        build_config({"nodes": 6, "misbehavior": {"count": 1, **section}})
+    assert "\n" not in str(err.value)
+
+
+def test_a_kind_that_changes_the_data_shape_is_refused() -> None:
+    with pytest.raises(InputError, match=r"'test-wrong-shape' returned data of shapes \(1, 1, 8, 8\)"):
+        setup("test-wrong-shape")[1]()
+
+
+def test_register_misbehavior_takes_a_misbehavior_subclass_and_not_none() -> None:
+    with pytest.raises(ValueError, match="'none' means nobody misbehaves"):
+        register_misbehavior("none")
+    with pytest.raises(TypeError, match="takes a Misbehavior subclass"):
+        register_misbehavior("test-function")(lambda x, y: (x, y))
+
+
+def test_a_registered_kind_from_the_command_line(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert simulate(["--engine", "local", "--no-progress", "--dataset", "digits", "--nodes", "6", "--rounds", "2",
+                     "--misbehavior", "test-target-label", "--misbehaving", "2",
+                     "--set", "misbehavior.options.target=7", "--out", str(out)]) == 0
+    manifest = (out / "manifest.json").read_text()
+    assert '"kind": "test-target-label"' in manifest and '"target": 7' in manifest
+    assert pd.read_parquet(out / "nodes.parquet")["misbehaving"].sum() == 2

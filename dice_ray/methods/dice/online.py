@@ -45,7 +45,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from dice_ray.core.misbehavior import UPDATE_KINDS, update_factor
+from dice_ray.core.misbehavior import misbehavior, update_factors
 from dice_ray.core.population import Population
 from dice_ray.core.tensors import as_tensor
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook
@@ -180,11 +180,11 @@ class OnlineCascades:
         self.local = {int(k): i for i, k in enumerate(block.nodes.tolist())}
         self.zprime = inf.zprime if zprime is None else zprime
         self.shared = round_quantities(block)
-        bad = config.misbehavior
+        factors = update_factors(misbehavior(config.misbehavior), block.nodes[block.misbehaving])
         self.factors = None
-        if bad.kind in UPDATE_KINDS and len(block.misbehaving):
+        if factors is not None:
             self.factors = np.ones(block.size)
-            self.factors[block.misbehaving] = update_factor(bad.kind, bad.factor)
+            self.factors[block.misbehaving] = factors
         self.active: dict[int, _Cascade] = {}
         self._out: dict[int, _Cascade] = {}  # stepped perturbations J δ of this round, before gossip
         self._new: list[Probe] = []
