@@ -21,9 +21,9 @@ import numpy as np
 from _tables import print_plain
 
 import dice_ray
+from dice_ray.core.misbehavior import BUILT_IN_FIELDS
 
 HORIZONS = [1, 2, 3, 5, 10, 20]
-KINDS = ["label-flip", "feature-noise", "sign-flip", "scale", "free-ride"]
 
 
 def auc_by_horizon(kind: str, seed: int, readout: str, out: Path) -> dict[int, float]:
@@ -39,7 +39,7 @@ def auc_by_horizon(kind: str, seed: int, readout: str, out: Path) -> dict[int, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kinds", nargs="+", default=KINDS)
+    parser.add_argument("--kinds", nargs="+", default=list(BUILT_IN_FIELDS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     args = parser.parse_args()
     rows = []

@@ -23,13 +23,14 @@ from pydantic import (
     AfterValidator,
     ConfigDict,
     Field,
+    JsonValue,
     ValidationError,
     field_validator,
     model_validator,
 )
 
 from dice_ray.core.losses import loss_module, loss_names
-from dice_ray.core.misbehavior import built_in_kinds, misbehavior, misbehavior_module, misbehavior_names
+from dice_ray.core.misbehavior import BUILT_IN_FIELDS, misbehavior, misbehavior_module, misbehavior_names
 from dice_ray.core.models import model_module
 from dice_ray.core.population import OPTIMIZERS, OptimizerSpec
 from dice_ray.core.topology import TOPOLOGIES
@@ -245,8 +246,8 @@ class MisbehaviorConfig(Section):
     """Participants that misbehave, and how (concepts §5). Off with kind ``none``."""
 
     kind: Annotated[str, _one_of("misbehaviour", misbehavior_names)] = Field(
-        "none", description="how misbehaving participants corrupt their data or updates: none, label-flip, "
-                            "feature-noise, sign-flip, scale, free-ride, or one added with register_misbehavior")
+        "none", description=f"how misbehaving participants corrupt their data or updates: none, "
+                            f"{', '.join(BUILT_IN_FIELDS)}, or one added with register_misbehavior")
     count: int | None = Field(None, ge=0, description="how many participants misbehave")
     fraction: float | None = Field(None, ge=0, le=1, description="or which share of them (rounded)")
     selection: Literal["random", "ids", "degree"] = Field("random", description="random, the given ids, or "
@@ -255,8 +256,8 @@ class MisbehaviorConfig(Section):
     flip_fraction: float = Field(1.0, ge=0, le=1, description="label-flip: share of local labels flipped")
     sigma: float = Field(1.0, ge=0, le=1e3, description="feature-noise: std of the noise added to inputs")
     factor: float = Field(10.0, ge=-1e3, le=1e3, description="scale: the factor c of the sent update θ + cΔ")
-    options: dict[str, Any] = Field({}, description="a kind added with register_misbehavior: its class's keyword "
-                                                    "arguments (--set misbehavior.options.NAME=VALUE)")
+    options: dict[str, JsonValue] = Field({}, description="a kind added with register_misbehavior: its class's "
+                                                          "keyword arguments (--set misbehavior.options.NAME=VALUE)")
 
     def number(self, nodes: int) -> int:
         """How many of ``nodes`` participants misbehave."""
@@ -394,9 +395,17 @@ class RunConfig(Section):
                     raise ValueError(f"misbehaving participant {k} is not a participant (0..{self.nodes - 1})")
             if bad.number(self.nodes) > self.nodes:
                 raise ValueError(f"misbehavior.count {bad.count} exceeds the {self.nodes} participants")
-            if bad.options and bad.kind in built_in_kinds():
-                raise ValueError(f"misbehavior.options are a registered kind's; {bad.kind!r} takes its own fields "
-                                 "(flip_fraction, sigma, factor)")
+            fields = BUILT_IN_FIELDS.get(bad.kind)
+            if bad.options and fields is not None:
+                own = ", ".join(f"misbehavior.{f}" for f in fields.values()) or "no options"
+                raise ValueError(f"misbehavior.options are for kinds added with register_misbehavior; built-in "
+                                 f"{bad.kind!r} takes {own}")
+            if fields is None:  # a user's kind reads its options, never the built-ins' fields
+                changed = [f for f in ("flip_fraction", "sigma", "factor")
+                           if getattr(bad, f) != MisbehaviorConfig.model_fields[f].default]
+                if changed:
+                    raise ValueError(f"misbehavior.{changed[0]} is a built-in kind's option; {bad.kind!r} takes "
+                                     "misbehavior.options")
             if not RECORDED.get():  # built now, so a bad option is refused before any work
                 try:
                     misbehavior(bad)

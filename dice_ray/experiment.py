@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from dice_ray.config import RunConfig, load_imports
-from dice_ray.core.misbehavior import misbehaving_participants
+from dice_ray.core.misbehavior import misbehaving_participants, misbehavior, update_factors
 from dice_ray.core.models import build_model
 from dice_ray.core.topology import Topology, make_topology
 from dice_ray.data import (
@@ -140,6 +140,10 @@ def prepare(config: RunConfig, topology_file: str | Path | None = None) -> Exper
     model = build_model(config.model.name, dataset.input_shape, dataset.num_classes)
     check_outputs(config, model, dataset)
     check_normalization(config, model)
+    bad = config.misbehavior
+    misbehaving = misbehaving_participants(bad.kind, config.nodes, bad.number(config.nodes), bad.selection, topology,
+                                           config.seed, bad.ids)
+    update_factors(misbehavior(bad), misbehaving)  # each c a finite number, checked before any work
     return Experiment(
         config=config,
         dataset=dataset,
@@ -148,7 +152,5 @@ def prepare(config: RunConfig, topology_file: str | Path | None = None) -> Exper
         q=participant_weights(partition, d.participant_weights),
         topology=topology,
         param_count=sum(p.numel() for p in model.parameters()),
-        misbehaving=misbehaving_participants(config.misbehavior.kind, config.nodes,
-                                             config.misbehavior.number(config.nodes), config.misbehavior.selection,
-                                             topology, config.seed, config.misbehavior.ids),
+        misbehaving=misbehaving,
     )

@@ -3,29 +3,17 @@
 A kind of misbehaviour is a ``Misbehavior``: it corrupts a participant's local data (``corrupt``), makes it send
 θ + cΔ instead of θ + Δ (``factor``), or both. Built in: ``label-flip`` (a share of k's training labels
 y → C−1−y), ``feature-noise`` (Gaussian noise of std σ added to k's training inputs), ``sign-flip`` (θ − Δ),
-``scale`` (θ + cΔ), ``free-ride`` (k sends the model it received, without training: Δ = 0). A user adds one with
-the decorator::
-
-    from dice_ray import Misbehavior, register_misbehavior
-
-    @register_misbehavior("backdoor")
-    class Backdoor(Misbehavior):
-        def __init__(self, target: int = 0, share: float = 0.5):  # options: misbehavior.options
-            self.target, self.share = target, share
-
-        def corrupt(self, x, y, num_classes, rng):
-            hit = rng.random(len(y)) < self.share
-            x[hit, ..., :2, :2] = x.max()  # a bright corner patch
-            y[hit] = self.target
-            return x, y
-
-and selects it with ``--misbehavior backdoor --set misbehavior.options.target=3`` (the module defining it listed
-in the config's ``imports``, ``--imports``). Every choice is a pure function of (seed, participant), so the same
-participants misbehave the same way however they are placed.
+``scale`` (θ + cΔ), ``free-ride`` (k sends the model it received, without training: Δ = 0); their options are the
+config section's own fields. A user's kind is a subclass registered with ``register_misbehavior(name)``, its
+options the constructor's keyword arguments, from ``misbehavior.options`` (the docs' how-to "extend" has an
+example). Every choice is a pure function of (seed, participant), so the same participants misbehave the same way
+however they are placed.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -41,7 +29,8 @@ if TYPE_CHECKING:
 
 class Misbehavior:
     """How a misbehaving participant trains. Override ``corrupt`` (its local data), ``factor`` (the update it
-    sends), or both; the constructor's keyword arguments are the run config's ``misbehavior.options``.
+    sends), or both; a registered subclass's options are its constructor's keyword arguments, from the run config's
+    ``misbehavior.options``.
 
     A corrupted update is θ + cΔ, with Δ = O(θ) − θ the honest local step: the form DICE's replays and its
     derivatives follow, so every method measures a user's kind as it measures the built-in ones.
@@ -51,19 +40,15 @@ class Misbehavior:
 
     def corrupt(self, x: np.ndarray, y: np.ndarray, num_classes: int,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Return a participant's training inputs x [n, ...] and targets y [n] as it trains on them. x and y are
-        its own copies (change them in place or return new arrays of the same shapes and dtypes); ``rng`` is drawn
-        from (seed, participant). Default: unchanged."""
+        """Return a participant's training inputs x [n, ...] and targets y [n] as it trains on them (n ≥ 1). x and y
+        are its own copies (change them in place or return new arrays of the same shapes and dtypes); ``rng`` is
+        drawn from (seed, participant). Default: unchanged."""
         return x, y
 
     def factor(self, participant: int) -> float:
-        """The factor c of the update θ + cΔ that ``participant`` sends (default 1: the honest update)."""
+        """The factor c (a finite real number) of the update θ + cΔ that ``participant`` sends (default 1: the
+        honest update)."""
         return 1.0
-
-    @classmethod
-    def from_config(cls, section: MisbehaviorConfig) -> Misbehavior:
-        """The kind as the run config's ``misbehavior`` section configures it: ``options`` as keyword arguments."""
-        return cls(**section.options)
 
     @property
     def corrupts_data(self) -> bool:
@@ -82,9 +67,12 @@ K = TypeVar("K", bound=type[Misbehavior])
 
 def register_misbehavior(name: str) -> Callable[[K], K]:
     """Return a class decorator registering a ``Misbehavior`` subclass as kind ``name``."""
-    if name == "none":
-        raise ValueError("misbehaviour 'none' means nobody misbehaves; choose another name")
+    if name == "none" or name in BUILT_IN_FIELDS:
+        raise ValueError(f"misbehaviour {name!r} is built in; choose another name")
+    return _registered(name)
 
+
+def _registered(name: str) -> Callable[[K], K]:
     def decorator(cls: K) -> K:
         if not (isinstance(cls, type) and issubclass(cls, Misbehavior)):
             raise TypeError(f"register_misbehavior({name!r}) takes a Misbehavior subclass, not {cls!r}")
@@ -106,24 +94,43 @@ def misbehavior_module(name: str) -> str | None:
 
 
 def misbehavior(section: MisbehaviorConfig) -> Misbehavior | None:
-    """The kind the run config's ``misbehavior`` section names, built with its options (None: kind ``none``).
-    Raises ``InputError`` for an unknown kind or options its constructor refuses."""
+    """The kind the run config's ``misbehavior`` section names, built with its options (a built-in kind: the
+    section's own fields; None: kind ``none``). Raises ``InputError`` for an unknown kind or options its constructor
+    refuses."""
     if section.kind == "none":
         return None
     if section.kind not in _REGISTRY:
         raise InputError(f"misbehaviour {section.kind!r} is unknown; choose one of {', '.join(misbehavior_names())}")
-    cls = _REGISTRY[section.kind]
+    fields = BUILT_IN_FIELDS.get(section.kind)
+    options = dict(section.options) if fields is None else {arg: getattr(section, f) for arg, f in fields.items()}
     try:
-        return cls.from_config(section)
+        return _REGISTRY[section.kind](**options)
     except (TypeError, ValueError) as err:
-        raise InputError(f"misbehavior.options {dict(section.options)} for {section.kind!r}: {err}") from None
+        raise InputError(f"misbehavior.options {options} for {section.kind!r}: {err}") from None
 
 
 def update_factors(kind: Misbehavior | None, ids: np.ndarray) -> np.ndarray | None:
-    """c [len(ids)] of the updates the participants ``ids`` send (None: every one honest, c = 1)."""
+    """c [len(ids)] of the updates the participants ``ids`` send (None: every one honest, c = 1). Raises
+    ``InputError`` for a c that is not a finite real number."""
     if kind is None or not kind.corrupts_updates or not len(ids):
         return None
-    return np.array([kind.factor(int(k)) for k in ids], np.float64)
+    factors = []
+    for k in ids.tolist():
+        c = kind.factor(int(k))
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c):
+            raise InputError(f"misbehaviour {kind.name!r}: factor({k}) returned {c!r}, not a finite number")
+        factors.append(float(c))
+    return np.array(factors, np.float64)
+
+
+def sent_factors(kind: Misbehavior | None, ids: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray | None:
+    """c [size] of every row's sent update: 1 but at ``rows``, the misbehaving participants ``ids`` (None: all 1)."""
+    factors = update_factors(kind, ids)
+    if factors is None:
+        return None
+    out = np.ones(size)
+    out[rows] = factors
+    return out
 
 
 def corrupt_data(kind: Misbehavior, x: np.ndarray, y: np.ndarray, num_classes: int, seed: int,
@@ -159,18 +166,19 @@ def misbehaving_participants(kind: str, nodes: int, count: int, selection: str, 
     return np.sort(rng.choice(nodes, count, replace=False)).astype(np.int64)
 
 
-# -- the built-in kinds; their options are fields of the config's section (flip_fraction, sigma, factor) -------------
+# -- the built-in kinds; their options are fields of the config's section: constructor argument -> field ----------
 
-@register_misbehavior("label-flip")
+BUILT_IN_FIELDS: dict[str, dict[str, str]] = {"label-flip": {"fraction": "flip_fraction"},
+                                              "feature-noise": {"sigma": "sigma"}, "sign-flip": {},
+                                              "scale": {"factor": "factor"}, "free-ride": {}}
+
+
+@_registered("label-flip")
 class LabelFlip(Misbehavior):
     """A share ``fraction`` of the participant's training labels y → C−1−y."""
 
     def __init__(self, fraction: float = 1.0) -> None:
         self.fraction = fraction
-
-    @classmethod
-    def from_config(cls, section: MisbehaviorConfig) -> Misbehavior:
-        return cls(section.flip_fraction)
 
     def corrupt(self, x: np.ndarray, y: np.ndarray, num_classes: int,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -179,16 +187,12 @@ class LabelFlip(Misbehavior):
         return x, y
 
 
-@register_misbehavior("feature-noise")
+@_registered("feature-noise")
 class FeatureNoise(Misbehavior):
     """Gaussian noise of std ``sigma`` added to the participant's training inputs."""
 
     def __init__(self, sigma: float = 1.0) -> None:
         self.sigma = sigma
-
-    @classmethod
-    def from_config(cls, section: MisbehaviorConfig) -> Misbehavior:
-        return cls(section.sigma)
 
     def corrupt(self, x: np.ndarray, y: np.ndarray, num_classes: int,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -196,50 +200,28 @@ class FeatureNoise(Misbehavior):
         return x, y
 
 
-class _Factor(Misbehavior):
-    """The participant sends θ + cΔ with one c for all."""
-
-    c = 1.0
-
-    def factor(self, participant: int) -> float:
-        return self.c
-
-
-@register_misbehavior("sign-flip")
-class SignFlip(_Factor):
-    """θ − Δ instead of θ + Δ."""
-
-    c = -1.0
-
-    @classmethod
-    def from_config(cls, section: MisbehaviorConfig) -> Misbehavior:
-        return cls()
-
-
-@register_misbehavior("scale")
-class Scale(_Factor):
+@_registered("scale")
+class Scale(Misbehavior):
     """θ + cΔ, c = ``factor``."""
 
     def __init__(self, factor: float = 10.0) -> None:
         self.c = factor
 
-    @classmethod
-    def from_config(cls, section: MisbehaviorConfig) -> Misbehavior:
-        return cls(section.factor)
+    def factor(self, participant: int) -> float:
+        return self.c
 
 
-@register_misbehavior("free-ride")
-class FreeRide(_Factor):
+@_registered("sign-flip")
+class SignFlip(Scale):
+    """θ − Δ instead of θ + Δ."""
+
+    def __init__(self) -> None:
+        super().__init__(-1.0)
+
+
+@_registered("free-ride")
+class FreeRide(Scale):
     """θ: the model it received, without training (Δ = 0)."""
 
-    c = 0.0
-
-    @classmethod
-    def from_config(cls, section: MisbehaviorConfig) -> Misbehavior:
-        return cls()
-
-
-def built_in_kinds() -> tuple[str, ...]:
-    """The kinds registered by dice-ray itself (their options are the section's own fields, not ``options``)."""
-    return tuple(name for name, cls in _REGISTRY.items() if cls.__module__ == __name__)
-
+    def __init__(self) -> None:
+        super().__init__(0.0)

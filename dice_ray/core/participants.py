@@ -102,7 +102,7 @@ class ParticipantBlock:
         else:
             x_data, y_data = x_train, y_train
         if corrupts:
-            for i in self.misbehaving.tolist():
+            for i in self.misbehaving[self.counts[self.misbehaving] > 0].tolist():  # (no data: nothing to corrupt)
                 span = slice(self.offsets[i], self.offsets[i] + self.counts[i])
                 x_data[span], y_data[span] = corrupt_data(kind, x_data[span], y_data[span], num_classes,
                                                           config.seed, int(self.nodes[i]))

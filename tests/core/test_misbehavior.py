@@ -12,7 +12,7 @@ import torch
 
 from dice_ray.cli.simulate import main as simulate
 from dice_ray.config import build_config
-from dice_ray.core.misbehavior import Misbehavior, register_misbehavior
+from dice_ray.core.misbehavior import Misbehavior, Scale, register_misbehavior
 from dice_ray.core.participants import ParticipantBlock
 from dice_ray.errors import InputError
 from dice_ray.experiment import prepare
@@ -30,6 +30,15 @@ def setup(kind: str, **extra):
                                 experiment.heldout, ds.input_shape, ds.num_classes, misbehaving=misbehaving)
 
     return experiment, block
+
+
+def sent_updates(block) -> tuple[torch.Tensor, torch.Tensor]:
+    """The updates every participant sends at round 0 [6, D] with ``block``'s misbehaviour, and honestly."""
+    bad, honest = block(), block(np.array([], np.int64))
+    start = bad.population.params.clone()
+    bad.half_step(0)
+    honest.half_step(0)
+    return bad.population.params - start, honest.population.params - start
 
 
 def test_selection_random_ids_and_degree() -> None:
@@ -71,12 +80,7 @@ def test_feature_noise_has_the_configured_scale() -> None:
 @pytest.mark.parametrize(("kind", "factor"), [("free-ride", 0.0), ("sign-flip", -1.0), ("scale", 3.0)])
 def test_corrupted_updates_are_c_times_the_honest_update(kind: str, factor: float) -> None:
     experiment, block = setup(kind, factor=3.0)
-    bad, honest = block(), block(np.array([], np.int64))
-    start = bad.population.params.clone()
-    bad.half_step(0)
-    honest.half_step(0)
-    sent = bad.population.params - start
-    honest_update = honest.population.params - start
+    sent, honest_update = sent_updates(block)
     for k in range(6):
         expected = honest_update[k] * (factor if k in experiment.misbehaving else 1.0)
         torch.testing.assert_close(sent[k], expected, rtol=1e-5, atol=1e-7)
@@ -136,6 +140,7 @@ class TargetLabel(Misbehavior):
         self.target = target
 
     def corrupt(self, x, y, num_classes, rng):
+        assert len(y) > 0, "corrupt was given a participant without data"
         y[:] = self.target
         return x, y
 
@@ -159,6 +164,22 @@ class ScaleCopy(Misbehavior):
         return 10.0
 
 
+@register_misbehavior("test-scale-subclass")
+class ScaleSubclass(Scale):
+    """A subclass of a built-in kind: its options are its own (``misbehavior.options``), not the section's fields."""
+
+    def __init__(self, factor: float = 10.0) -> None:
+        if not isinstance(factor, (int, float)):
+            raise TypeError(f"factor {factor!r} is not a number")
+        super().__init__(factor)
+
+
+@register_misbehavior("test-no-factor")
+class NoFactor(Misbehavior):
+    def factor(self, participant):
+        return None
+
+
 @register_misbehavior("test-wrong-shape")
 class WrongShape(Misbehavior):
     def corrupt(self, x, y, num_classes, rng):
@@ -179,14 +200,10 @@ def test_a_registered_data_kind_corrupts_the_chosen_participants_with_its_option
 
 def test_a_registered_update_kind_sends_its_own_factor_per_participant() -> None:
     experiment, block = setup("test-by-participant", options={"scale": 0.5})
-    bad, honest = block(), block(np.array([], np.int64))
-    start = bad.population.params.clone()
-    bad.half_step(0)
-    honest.half_step(0)
+    sent, honest = sent_updates(block)
     for k in range(6):
         c = (k + 1) * 0.5 if k in experiment.misbehaving else 1.0
-        torch.testing.assert_close(bad.population.params[k] - start[k], c * (honest.population.params[k] - start[k]),
-                                   rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(sent[k], c * honest[k], rtol=1e-5, atol=1e-7)
 
 
 def test_every_method_measures_a_registered_kind_as_the_built_in_one(tmp_path: Path) -> None:
@@ -212,7 +229,10 @@ def test_every_method_measures_a_registered_kind_as_the_built_in_one(tmp_path: P
 @pytest.mark.parametrize(("section", "message"), [
     ({"kind": "test-target-label", "options": {"target": 12}}, "target 12 is not a digit"),
     ({"kind": "test-target-label", "options": {"colour": 1}}, "unexpected keyword argument 'colour'"),
-    ({"kind": "label-flip", "options": {"fraction": 0.5}}, "'label-flip' takes its own fields"),
+    ({"kind": "label-flip", "options": {"fraction": 0.5}}, "built-in 'label-flip' takes misbehavior.flip_fraction"),
+    ({"kind": "free-ride", "options": {"c": 0.5}}, "built-in 'free-ride' takes no options"),
+    ({"kind": "test-by-participant", "factor": 3.0}, "misbehavior.factor is a built-in kind's option"),
+    ({"kind": "test-scale-subclass", "options": {"factor": "high"}}, "misbehavior.options {'factor': 'high'}"),
     ({"kind": "none", "options": {"target": 1}}, "misbehavior.options need a misbehavior.kind"),
     ({"kind": "no-such-kind"}, "misbehaviour 'no-such-kind' is unknown; choose one of none, label-flip"),
 ])
@@ -227,9 +247,10 @@ def test_a_kind_that_changes_the_data_shape_is_refused() -> None:
         setup("test-wrong-shape")[1]()
 
 
-def test_register_misbehavior_takes_a_misbehavior_subclass_and_not_none() -> None:
-    with pytest.raises(ValueError, match="'none' means nobody misbehaves"):
-        register_misbehavior("none")
+def test_register_misbehavior_takes_a_misbehavior_subclass_and_no_built_in_name() -> None:
+    for name in ("none", "scale"):
+        with pytest.raises(ValueError, match=f"misbehaviour '{name}' is built in"):
+            register_misbehavior(name)
     with pytest.raises(TypeError, match="takes a Misbehavior subclass"):
         register_misbehavior("test-function")(lambda x, y: (x, y))
 
@@ -242,3 +263,34 @@ def test_a_registered_kind_from_the_command_line(tmp_path: Path) -> None:
     manifest = (out / "manifest.json").read_text()
     assert '"kind": "test-target-label"' in manifest and '"target": 7' in manifest
     assert pd.read_parquet(out / "nodes.parquet")["misbehaving"].sum() == 2
+
+
+def test_a_subclass_of_a_built_in_kind_takes_its_options() -> None:
+    experiment, block = setup("test-scale-subclass", options={"factor": 2.0})
+    sent, honest = sent_updates(block)
+    k = int(experiment.misbehaving[0])
+    torch.testing.assert_close(sent[k], 2.0 * honest[k], rtol=1e-5, atol=1e-7)
+
+
+def test_a_factor_that_is_no_number_is_refused_before_any_work() -> None:
+    with pytest.raises(InputError, match=r"'test-no-factor': factor\(\d+\) returned None, not a finite number"):
+        setup("test-no-factor")
+
+
+def test_options_must_be_json_values() -> None:
+    with pytest.raises(InputError, match="misbehavior.options"):
+        build_config({"nodes": 6, "misbehavior": {"kind": "test-by-participant", "count": 1,
+                                                  "options": {"scale": np.float32(2)}}})
+
+
+def test_a_participant_without_data_is_not_given_to_corrupt() -> None:
+    """The kind sees n ≥ 1 samples (the docs' backdoor takes x.max(), which an empty array has not)."""
+    config = build_config({"nodes": 6, "data": {"dataset": "digits", "heldout_size": 32,
+                                                "shrink": {"ids": [2], "fraction": 1.0}},
+                           "misbehavior": {"kind": "test-target-label", "selection": "ids", "ids": [2, 3]}})
+    experiment = prepare(config)
+    ds, part = experiment.dataset, experiment.partition
+    block = ParticipantBlock(config, np.arange(6), ds.x_train, ds.y_train, part.train, part.val, experiment.heldout,
+                             ds.input_shape, ds.num_classes, misbehaving=experiment.misbehaving)
+    assert block.counts[2] == 0
+    assert (block.y_local[block.offsets[3]: block.offsets[3] + block.counts[3]] == 0).all()

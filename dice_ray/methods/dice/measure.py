@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from dice_ray.core.misbehavior import misbehavior, update_factors
+from dice_ray.core.misbehavior import misbehavior, sent_factors
 from dice_ray.core.models import build_model, use_layer_modes
 from dice_ray.core.participants import ParticipantBlock
 from dice_ray.methods.dice.estimator import (
@@ -115,11 +115,8 @@ def window_for(experiment: Any, trajectory: Trajectory) -> Window:
                torch.as_tensor(np.array(experiment.heldout[1]), device=device))
     validation = (block.x_val, block.y_val, block.val_mask) if experiment.config.influence.zprime == "validation" \
         else None
-    sent = update_factors(misbehavior(experiment.config.misbehavior), experiment.misbehaving)
-    factors = None
-    if sent is not None:
-        factors = np.ones(experiment.nodes)
-        factors[experiment.misbehaving] = sent
+    factors = sent_factors(misbehavior(experiment.config.misbehavior), experiment.misbehaving, experiment.misbehaving,
+                           experiment.nodes)
     return Window(trajectory, model, experiment.config.optim.spec(), block.minibatch, heldout, validation, factors,
                   block.population.loss, idle=block.nodes[block.idle])
 

@@ -45,7 +45,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from dice_ray.core.misbehavior import misbehavior, update_factors
+from dice_ray.core.misbehavior import misbehavior, sent_factors
 from dice_ray.core.population import Population
 from dice_ray.core.tensors import as_tensor
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook
@@ -180,11 +180,8 @@ class OnlineCascades:
         self.local = {int(k): i for i, k in enumerate(block.nodes.tolist())}
         self.zprime = inf.zprime if zprime is None else zprime
         self.shared = round_quantities(block)
-        factors = update_factors(misbehavior(config.misbehavior), block.nodes[block.misbehaving])
-        self.factors = None
-        if factors is not None:
-            self.factors = np.ones(block.size)
-            self.factors[block.misbehaving] = factors
+        self.factors = sent_factors(misbehavior(config.misbehavior), block.nodes[block.misbehaving], block.misbehaving,
+                                    block.size)
         self.active: dict[int, _Cascade] = {}
         self._out: dict[int, _Cascade] = {}  # stepped perturbations J δ of this round, before gossip
         self._new: list[Probe] = []
