@@ -4,6 +4,7 @@ Examples::
 
     python -m dice_ray.sweep sweeps/lr_batch.yaml                 # the learning-rate x batch-size study
     python -m dice_ray.sweep sweeps/lr_batch.yaml --resume        # after an interruption: only missing trials
+    python -m dice_ray.sweep sweeps/lr_batch.yaml --resume --retry-failed     # and the failed ones again
     python -m dice_ray.sweep my.yaml --out runs/sweeps/try2 --max-concurrent 4 --address auto
 
 The sweep file names a base run config, a space over its fields and the search (see dice_ray/sweep/spec.py
@@ -31,6 +32,8 @@ def build_parser(prog: str = "python -m dice_ray.sweep") -> argparse.ArgumentPar
     parser.add_argument("sweep", help="sweep file (YAML; see sweeps/)")
     parser.add_argument("--resume", action="store_true",
                         help="finish the sweep in its directory: skip trials with a recorded result")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="with --resume: run a grid's failed trials again too")
     parser.add_argument("--out", metavar="DIR", help="sweep directory (default: the sweep file's out)")
     parser.add_argument("--max-concurrent", type=int, metavar="N", help="trials running at once")
     parser.add_argument("--num-samples", type=int, metavar="N", help="trials of an optuna search")
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.sweep") 
     try:
         sweep = load_sweep(args.sweep, {"out": args.out, "max_concurrent": args.max_concurrent,
                                         "num_samples": args.num_samples})
-        run_sweep(sweep, resume=args.resume, address=args.address)
+        run_sweep(sweep, resume=args.resume, address=args.address, retry_failed=args.retry_failed)
     except InputError as err:
         return report(err)
     except KeyboardInterrupt as err:

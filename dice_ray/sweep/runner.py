@@ -258,17 +258,25 @@ def _searcher(sweep: Sweep, done: dict[str, dict[str, Any]]) -> Any:
     return searcher
 
 
-def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) -> Path:
+def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None, retry_failed: bool = False) -> Path:
     """Run the trials of ``sweep`` not yet finished in its directory; return the path of trials.parquet.
 
-    Without ``resume`` the sweep directory must be new or empty. Prints one line per finished trial and a
+    Without ``resume`` the sweep directory must be new or empty; with ``retry_failed`` too, a grid's failed trials
+    run again (from their last checkpoint, where they have one). Prints one line per finished trial and a
     summary; writes the summary plot when the sweep file asks for one."""
     from dice_ray.engine import start_ray
 
+    if retry_failed and not resume:
+        raise InputError("sweep: --retry-failed goes with --resume (it reruns the failed trials of a sweep directory)")
+    if retry_failed and sweep.spec.search != "grid":
+        raise InputError("sweep: --retry-failed reruns a grid's failed trials; an optuna search replaces them when "
+                         "--num-samples is raised")
     out = sweep.out.resolve()
     lock = DirectoryLock(out, "sweep directory")  # one writer per sweep directory
     _claim(sweep, out, resume, lock)
     done = finished_trials(out) if out.is_dir() else {}
+    if retry_failed:
+        done = {trial: row for trial, row in done.items() if row["status"] == "ok"}
     # Keep trials in this working directory (Tune would move each into a folder of its own), so relative paths
     # in the config (data_dir, topology.file) mean what they mean to simulate; Tune's older output mode prints
     # nothing per trial at verbose 0, leaving one line per trial to the recorder.

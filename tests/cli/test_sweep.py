@@ -86,6 +86,18 @@ def test_existing_sweep_directory_needs_resume(tmp_path: Path, capsys: pytest.Ca
     assert "not a sweep directory" in capsys.readouterr().err
 
 
+def test_retry_failed_needs_resume_and_a_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, "s.yaml", {**GRID, "out": str(tmp_path / "sweep")})
+    assert main([str(path), "--retry-failed"]) == 2
+    assert "--retry-failed goes with --resume" in capsys.readouterr().err
+    optuna = _write(tmp_path, "o.yaml", {**GRID, "out": str(tmp_path / "sweep"), "search": "optuna",
+                                         "num_samples": 2, "metric": "final_heldout_acc", "plot": None,
+                                         "space": {"optim.lr": {"loguniform": [0.01, 0.1]}}})
+    assert main([str(optuna), "--resume", "--retry-failed"]) == 2
+    assert "an optuna search replaces them when --num-samples is raised" in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
+
+
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The 8-trial grid sweep, SIGKILLed once 3 trials are recorded, then finished with --resume."""
@@ -143,6 +155,20 @@ def test_diverged_trials_are_recorded_failed_and_the_others_finish(killed_and_re
         assert manifest["status"] == "complete" and manifest["seed"] == seed  # seeds come from the config
         assert (out / run_dir / "dice.parquet").is_file()
     assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow  # CI's default run stays under 20 minutes; python -m pytest -q -m slow runs it
+def test_retry_failed_reruns_the_failed_trials_only(killed_and_resumed: dict) -> None:
+    """After the resumed sweep: --retry-failed runs the two diverging trials again (they fail again, from their
+    checkpoints), and no finished one."""
+    out = killed_and_resumed["out"]
+    ok = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/result.json")
+          if json.loads(p.read_text())["status"] == "ok"}
+    retried = _sweep(str(out.parent / "grid.yaml"), "--resume", "--retry-failed")
+    assert retried.returncode == 0, retried.stderr[-2000:]
+    assert "6 finished before, running 2" in retried.stdout and "8 trials, 6 ok, 2 failed" in retried.stdout
+    assert retried.stdout.count(" failed: optim.lr=1000") == 2
+    assert {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/result.json") if p.parent.name in ok} == ok
 
 
 @pytest.mark.slow  # CI's default run stays under 20 minutes; python -m pytest -q -m slow runs it
