@@ -528,39 +528,52 @@ def precision_modes(cpu_tables: dict[str, Any], shape_ok: bool, modes: list[str]
     return rows
 
 
-def dice_equivalence() -> dict[str, Any]:
+def dice_equivalence(modes: list[str]) -> dict[str, Any]:
     """(a'): in-loop DICE-E (every variant) and DICE-GT on a CPU actor and on one CUDA actor: relative differences
-    of the dice table's columns (on each column's scale; a NaN on one side only counts as an infinite difference)."""
+    of the dice table's columns (on each column's scale; a NaN on one side only counts as an infinite difference).
+    With ``tf32`` in ``modes``, the CUDA actor's run in that mode too, against the same CPU run (``modes``: what the
+    methods' numbers carry from TF32; bf16 refuses them)."""
     import dice_ray
 
-    tables = {}
-    for gpus in (0.0, 1.0):
+    def dice_table(gpus: float, precision: str) -> Any:
         with tempfile.TemporaryDirectory(prefix="bench-gpu-dice-") as tmp:
             config = dice_ray.RunConfig(
                 nodes=16, rounds=16, seed=0, topology={"name": "ring"}, data={"dataset": "digits"},
-                optim={"lr": 0.05, "batch_size": 16}, engine={"gpus_per_actor": gpus, "actors": 1},
+                optim={"lr": 0.05, "batch_size": 16},
+                engine={"gpus_per_actor": gpus, "actors": 1, "precision": precision},
                 influence={"enabled": True, "online": True, "hops": 3, "rounds": [10, 12],
                            "variants": "first-order,curvature,second-order,exact-readout"},
                 output={"out": str(Path(tmp) / "run"), "progress": False, "checkpoint_every": 0})
-            run = dice_ray.run(config, engine="ray")
-            tables[gpus] = run.dice.sort_values(["probe_id", "hops"]).reset_index(drop=True)
-    a, b = tables[0.0], tables[1.0]
-    out = {}
-    for column in a.columns:
-        if column in b and np.issubdtype(a[column].dtype, np.floating) and column.startswith(("gt", "est")):
-            x, y = a[column].to_numpy(np.float64), b[column].to_numpy(np.float64)
-            if np.isnan(x).all() and np.isnan(y).all():
-                continue  # a quantity this run does not compute
-            if not np.array_equal(np.isnan(x), np.isnan(y)):  # a NaN on one side only is a difference, not a gap
-                out[column] = math.inf
-                continue
-            scale = float(np.nanmax(np.abs(x))) or 1.0
-            out[column] = float(np.nanmax(np.abs(x - y))) / scale
+            return dice_ray.run(config, engine="ray").dice.sort_values(["probe_id", "hops"]).reset_index(drop=True)
+
+    def relative(a: Any, b: Any) -> dict[str, float]:
+        out = {}
+        for column in a.columns:
+            if column in b and np.issubdtype(a[column].dtype, np.floating) and column.startswith(("gt", "est")):
+                x, y = a[column].to_numpy(np.float64), b[column].to_numpy(np.float64)
+                if np.isnan(x).all() and np.isnan(y).all():
+                    continue  # a quantity this run does not compute
+                if not np.array_equal(np.isnan(x), np.isnan(y)):  # a NaN on one side only is a difference
+                    out[column] = math.inf
+                    continue
+                scale = float(np.nanmax(np.abs(x))) or 1.0
+                out[column] = float(np.nanmax(np.abs(x - y))) / scale
+        return out
+
+    cpu = dice_table(0.0, "fp32")
+    out = relative(cpu, dice_table(1.0, "fp32"))
     worst = max(out.values(), default=math.inf)
-    print(f"(a') DICE, 16-node ring, digits, {len(a)} rows: CPU actor vs CUDA actor, largest relative difference "
+    print(f"(a') DICE, 16-node ring, digits, {len(cpu)} rows: CPU actor vs CUDA actor, largest relative difference "
           f"{worst:.1e} ({'within' if worst <= TOLERANCE else 'NOT within'} {TOLERANCE:g}); "
           + ", ".join(f"{k} {v:.1e}" for k, v in out.items()), flush=True)
-    return {"relative": out, "max": worst, "within_tolerance": worst <= TOLERANCE, "rows": len(a)}
+    result = {"relative": out, "max": worst, "within_tolerance": worst <= TOLERANCE, "rows": len(cpu), "modes": {}}
+    for mode in [m for m in modes if m == "tf32"]:
+        moved = relative(cpu, dice_table(1.0, mode))
+        result["modes"][mode] = moved
+        print(f"(a') DICE in {mode} on the CUDA actor vs the CPU (fp32): largest relative difference "
+              f"{max(moved.values(), default=math.inf):.1e}; " + ", ".join(f"{k} {v:.1e}" for k, v in moved.items()),
+              flush=True)
+    return result
 
 
 def timing(cases: list[tuple[str, int, float, str]], shape_ok: bool, target_s: float) -> list[dict[str, Any]]:
@@ -827,7 +840,8 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, nargs="+", default=None, help="N of (b)-(d) (default 256 4096)")
     parser.add_argument("--fractions", type=float, nargs="+", default=None,
                         help="gpus_per_actor values of (a) and (b) (default 1 0.5; --quick 1)")
-    parser.add_argument("--modes", nargs="*", default=None, help="faster precision modes (default tf32 bf16)")
+    parser.add_argument("--modes", nargs="*", default=None,
+                        help="faster precision modes (default, and --modes alone: tf32 bf16; --modes none: no mode)")
     parser.add_argument("--no-resnet18", action="store_true", help="leave ResNet-18 out of (a) and (b)")
     parser.add_argument("--parts", default="a,dice,modes,b,c,e,f", help="which GPU parts to run (comma-separated)")
     parser.add_argument("--target-s", type=float, default=None,
@@ -861,7 +875,7 @@ def main() -> None:
         args.nodes, args.target_s, args.quick = args.nodes or [16, 32], args.target_s or 0.5, True
     args.nodes = args.nodes or ([256] if args.quick else [256, 4096])
     args.fractions = args.fractions or ([1.0] if args.quick else [1.0, 0.5])
-    args.modes = ["tf32", "bf16"] if args.modes is None else args.modes
+    args.modes = ["tf32", "bf16"] if not args.modes else [] if args.modes == ["none"] else args.modes
     args.target_s = args.target_s or (2.0 if args.quick else 4.0)
     eq_nodes = 16 if args.quick else 64
     args.eq_models = [("mlp", eq_nodes), ("cnn", eq_nodes)] + ([] if args.no_resnet18 else
@@ -969,7 +983,7 @@ def main() -> None:
                                                for m, n, p in profiled) if p]
             save()
         if "dice" in parts:
-            results["dice"] = guarded("(a')", dice_equivalence)
+            results["dice"] = guarded("(a')", lambda: dice_equivalence(args.modes))
             save()
         if "b" in parts:
             timed("shared GPU", [c for c in cases if c[2] != 1.0 and c[3] == "fp32"])

@@ -105,4 +105,4 @@ def refuse_bf16(config: Any, what: str) -> None:
     proximal influence): their values are ~1e-3 of the losses, below bfloat16's resolution."""
     if config.engine.precision == "bf16":
         raise ValueError(f"engine.precision 'bf16' cannot measure {what}: their values are ~1e-3 of the losses, below "
-                         "bfloat16's resolution (2^-8); use fp32 or tf32")
+                         "bfloat16's resolution (2^-8); use fp32")

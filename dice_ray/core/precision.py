@@ -4,7 +4,9 @@
   (PyTorch lets cuDNN use TF32 in convolutions by default: ~1e-3 relative differences from the CPU run). A GPU run
   then equals the CPU run to float32 rounding.
 - ``tf32``: CUDA matrix products and convolutions may use TF32 tensor cores (10-bit mantissas); the state,
-  optimizer and gossip stay float32. On a CPU this is ``fp32``.
+  optimizer and gossip stay float32. On a CPU this is ``fp32``. The methods' numbers (DICE, the ledger, proximal
+  influence) are computed with TF32 too; their difference from ``fp32`` is what ``bench/bench_gpu.py``'s (a'')
+  measures on a GPU (not yet measured: prefer ``fp32`` for them until it is).
 - ``bf16``: the local step's forward and backward pass run under ``torch.autocast`` to bfloat16 (8-bit mantissas);
   the state, optimizer update, gossip, evaluation and every derivative the methods take stay float32. Refused
   with the methods whose numbers are derivatives or differences of nearby runs (DICE, the ledger, proximal
@@ -23,7 +25,7 @@ def set_precision(precision: str) -> torch.dtype | None:
     step autocasts to (bfloat16 for ``bf16``, else None)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
-    tf32 = precision != "fp32"
+    tf32 = precision == "tf32"  # (bf16 autocasts the local step only: the rest stays IEEE float32)
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     return torch.bfloat16 if precision == "bf16" else None

@@ -148,7 +148,14 @@ def _in_worker(fn: Callable[..., Any], returns: int | None, modules: list[str], 
     """A Ray task's body: import ``modules``, prepare the worker (``start_task``), run ``fn(*args, device)``; with
     ``returns``, hand Ray its values as that many objects."""
     import_modules(modules)
-    result = fn(*args, start_task())
+    device = start_task()
+    try:
+        result = fn(*args, device)
+    finally:
+        if device != "cpu":  # Ray keeps a GPU task's worker for later tasks: it keeps no cached blocks between them
+            import torch
+
+            torch.cuda.empty_cache()
     if returns is None:
         return result
     return result[0] if returns == 1 else tuple(result)

@@ -120,6 +120,19 @@ def test_bf16_precision_trains_close_to_fp32_and_is_refused_for_derivatives(tmp_
         dice_ray.RunConfig(**{**WORLD, "engine": {"precision": "bf16"}, "influence": {"enabled": True}})
 
 
+def test_only_tf32_lets_cuda_use_tf32() -> None:
+    """bf16 autocasts the local step only: evaluation and the rest stay IEEE float32 (it used to switch TF32 on for
+    the whole process). The flags are CUDA's, settable without a GPU."""
+    from dice_ray.core.precision import PRECISIONS, set_precision
+
+    try:
+        for precision in PRECISIONS:
+            set_precision(precision)
+            assert torch.backends.cuda.matmul.allow_tf32 is torch.backends.cudnn.allow_tf32 is (precision == "tf32")
+    finally:
+        set_precision("fp32")
+
+
 @pytest.mark.parametrize("model", ["cnn", "resnet18"])
 def test_convolutions_as_matrix_products_equal_native_ones(model: str) -> None:
     """``model.conv`` unfold (the GPU default) computes the local step native convolutions compute: in float64 the
