@@ -824,7 +824,8 @@ def report(results: dict[str, Any]) -> None:
 
 def estimate(args: argparse.Namespace, cases: list[tuple[str, int, float, str]]) -> float:
     """Guessed seconds of the whole GPU part on one H200."""
-    total = (len(args.eq_models) * (1 + len(args.fractions)) + 2 * len(args.modes) + 2) * STARTUP_GUESS_S * 0.75
+    dice_runs = 2 + ("tf32" in args.modes)  # (a'): CPU and CUDA actor, and the CUDA actor in tf32
+    total = (len(args.eq_models) * (1 + len(args.fractions)) + 2 * len(args.modes) + dice_runs) * STARTUP_GUESS_S * 0.75
     for model, nodes, gpus, _ in cases:
         guess = GUESS_S.get((model, nodes), 0.1) * (1.5 if gpus < 1 else 1.0)
         rounds = min(max(math.ceil(args.target_s / guess), 10), 400) + 5
@@ -876,6 +877,8 @@ def main() -> None:
     args.nodes = args.nodes or ([256] if args.quick else [256, 4096])
     args.fractions = args.fractions or ([1.0] if args.quick else [1.0, 0.5])
     args.modes = ["tf32", "bf16"] if not args.modes else [] if args.modes == ["none"] else args.modes
+    if not set(args.modes) <= {"tf32", "bf16"}:
+        parser.error(f"--modes takes tf32 and bf16 (or none alone), not {' '.join(args.modes)}")
     args.target_s = args.target_s or (2.0 if args.quick else 4.0)
     eq_nodes = 16 if args.quick else 64
     args.eq_models = [("mlp", eq_nodes), ("cnn", eq_nodes)] + ([] if args.no_resnet18 else

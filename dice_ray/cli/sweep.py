@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.sweep") 
         return report(err)
     except KeyboardInterrupt as err:
         print(f"interrupted{f' ({err})' if str(err) else ''}; continue with python -m dice_ray.sweep {args.sweep} "
-              f"--resume{f' --out {args.out}' if args.out else ''}", file=sys.stderr)
+              f"--resume{' --retry-failed' if args.retry_failed else ''}{f' --out {args.out}' if args.out else ''}",
+              file=sys.stderr)
         return 130
     return 0
 

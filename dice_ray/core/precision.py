@@ -5,7 +5,7 @@
   then equals the CPU run to float32 rounding.
 - ``tf32``: CUDA matrix products and convolutions may use TF32 tensor cores (10-bit mantissas); the state,
   optimizer and gossip stay float32. On a CPU this is ``fp32``. The methods' numbers (DICE, the ledger, proximal
-  influence) are computed with TF32 too; their difference from ``fp32`` is what ``bench/bench_gpu.py``'s (a'')
+  influence) are computed with TF32 too; their difference from ``fp32`` is what ``bench/bench_gpu.py``'s (a')
   measures on a GPU (not yet measured: prefer ``fp32`` for them until it is).
 - ``bf16``: the local step's forward and backward pass run under ``torch.autocast`` to bfloat16 (8-bit mantissas);
   the state, optimizer update, gossip, evaluation and every derivative the methods take stay float32. Refused

@@ -155,7 +155,10 @@ def _in_worker(fn: Callable[..., Any], returns: int | None, modules: list[str], 
         if device != "cpu":  # Ray keeps a GPU task's worker for later tasks: it keeps no cached blocks between them
             import torch
 
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.empty_cache()
+            except RuntimeError:  # a CUDA error of the task itself: the one to report
+                pass
     if returns is None:
         return result
     return result[0] if returns == 1 else tuple(result)

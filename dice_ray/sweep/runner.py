@@ -134,19 +134,22 @@ def _shown(sweep: Sweep) -> list[str]:
                                "final_heldout_acc"]))
 
 
-def _recorder(sweep: Sweep, out: Path, total: int, done: dict[str, dict[str, Any]]) -> Any:
-    """A Tune callback (in the driver) that records each trial the moment it ends and prints one line;
-    ``done``: the rows recorded before, to which it adds."""
+def _recorder(sweep: Sweep, out: Path, total: int, done: int, recorded: dict[str, dict[str, Any]]) -> Any:
+    """A Tune callback (in the driver) that records each trial the moment it ends and prints one line; ``done``:
+    how many trials finished before (the count its lines go on from), ``recorded``: the rows recorded before, to
+    which it adds (a failed trial being retried keeps its row in the table until it ends again)."""
     from ray import tune
 
     class Recorder(tune.Callback):
-        rows = dict(done)  # every trial recorded, by id
+        rows = dict(recorded)  # every trial recorded, by id
+        ran: set[str] = set()  # the trials this run recorded
 
         def _record(self, row: dict[str, Any]) -> None:
             write_result(out, row)
             self.rows[row["trial_id"]] = row
+            self.ran.add(row["trial_id"])
             write_trials_table(out, list(self.rows.values()), list(sweep.spec.space))
-            print(_trial_line(row, len(self.rows), total, _shown(sweep)), flush=True)
+            print(_trial_line(row, done + len(self.ran), total, _shown(sweep)), flush=True)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self._record(json.loads(trial.last_result["row"]))
@@ -274,9 +277,8 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None, re
     out = sweep.out.resolve()
     lock = DirectoryLock(out, "sweep directory")  # one writer per sweep directory
     _claim(sweep, out, resume, lock)
-    done = finished_trials(out) if out.is_dir() else {}
-    if retry_failed:
-        done = {trial: row for trial, row in done.items() if row["status"] == "ok"}
+    recorded = finished_trials(out) if out.is_dir() else {}
+    done = {trial: row for trial, row in recorded.items() if row["status"] == "ok" or not retry_failed}
     # Keep trials in this working directory (Tune would move each into a folder of its own), so relative paths
     # in the config (data_dir, topology.file) mean what they mean to simulate; Tune's older output mode prints
     # nothing per trial at verbose 0, leaving one line per trial to the recorder.
@@ -286,10 +288,11 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None, re
     start_ray(address)
     _check_fits(sweep, joined)
     with lock:
-        return _run_trials(sweep, out, done)
+        return _run_trials(sweep, out, done, recorded)
 
 
-def _run_trials(sweep: Sweep, out: Path, done: dict[str, dict[str, Any]]) -> Path:
+def _run_trials(sweep: Sweep, out: Path, done: dict[str, dict[str, Any]],
+                recorded: dict[str, dict[str, Any]]) -> Path:
     from ray import tune
 
     write_json_atomic(out / "sweep.json", sweep.fingerprint())
@@ -300,7 +303,7 @@ def _run_trials(sweep: Sweep, out: Path, done: dict[str, dict[str, Any]]) -> Pat
     count = len(todo) if spec.search == "grid" else total - len(done)
     print(f"sweep {out}: {total} trials ({spec.search}); {len(done)} finished before, running {count}, "
           f"up to {spec.max_concurrent} at a time", flush=True)
-    started = time.time()
+    started, interrupted = time.time(), False
     if count > 0:
         light = dataclasses.replace(sweep, grid=[], examples=[], needs=[])  # what a trial needs: shipped with the
         # trainable to every trial's actor (a grid of 90,000 made it 11 MiB)
@@ -310,7 +313,7 @@ def _run_trials(sweep: Sweep, out: Path, done: dict[str, dict[str, Any]]) -> Pat
             return tune.PlacementGroupFactory(bundles(light.trial_config(params, Path("check"))))
 
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=light, out=str(out)), resources)
-        recorder = _recorder(sweep, out, total, done)
+        recorder = _recorder(sweep, out, total, len(done), recorded)
         # A grid runs in chunks (grid_chunk), one Tune run each; an optuna search in one run.
         size = grid_chunk(spec.max_concurrent)
         chunks = [todo[i:i + size] for i in range(0, len(todo), size)] if spec.search == "grid" else [[]]
@@ -329,11 +332,12 @@ def _run_trials(sweep: Sweep, out: Path, done: dict[str, dict[str, Any]]) -> Pat
                                         failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES))
             stopped = _fit(tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                                       run_config=run_config))
-            if stopped or any(t not in recorder.rows for t in chunk):
+            if stopped or any(t not in recorder.ran for t in chunk):
+                interrupted = True
                 break  # Tune returns normally when interrupted (Ctrl-C): no further chunk
-    path, recorded = _summarize(sweep, out, time.time() - started)
-    if recorded < total:  # Tune returns normally when interrupted (Ctrl-C): the sweep did not finish
-        raise KeyboardInterrupt(f"{recorded} of {total} trials recorded")
+    path, rows = _summarize(sweep, out, time.time() - started, interrupted)
+    if interrupted or rows < total:  # the sweep did not finish (a retried trial's old row does not count)
+        raise KeyboardInterrupt(f"{rows} of {total} trials recorded")
     return path
 
 
@@ -373,14 +377,14 @@ def _total(sweep: Sweep, recorded: int) -> int:
     return len(sweep.grid) if sweep.spec.search == "grid" else max(sweep.spec.num_samples or 0, recorded)
 
 
-def _summarize(sweep: Sweep, out: Path, wall: float) -> tuple[Path, int]:
-    """Rebuild trials.parquet and the plot from every recorded trial; print the summary line. Returns the table's path
-    and the number of trials recorded."""
+def _summarize(sweep: Sweep, out: Path, wall: float, interrupted: bool = False) -> tuple[Path, int]:
+    """Rebuild trials.parquet and the plot from every recorded trial; print the summary line (``interrupted``: the
+    sweep stopped before its trials ended). Returns the table's path and the number of trials recorded."""
     spec = sweep.spec
     rows = list(finished_trials(out).values())
     path = write_trials_table(out, rows, list(spec.space))
     ok = [r for r in rows if r["status"] == "ok"]
-    state = "done" if len(rows) >= _total(sweep, len(rows)) else "stopped"
+    state = "done" if len(rows) >= _total(sweep, len(rows)) and not interrupted else "stopped"
     lines = [f"sweep {state} in {wall:.0f} s: {len(rows)} trials, {len(ok)} ok, {len(rows) - len(ok)} failed; "
              f"table {path}"]
     if spec.plot is not None and ok:
