@@ -401,7 +401,7 @@ class RunConfig(Section):
                 raise ValueError(f"misbehavior.options are for kinds added with register_misbehavior; built-in "
                                  f"{bad.kind!r} takes {own}")
             if fields is None:  # a user's kind reads its options, never the built-ins' fields
-                changed = [f for f in ("flip_fraction", "sigma", "factor")
+                changed = [f for own in BUILT_IN_FIELDS.values() for f in own.values()
                            if getattr(bad, f) != MisbehaviorConfig.model_fields[f].default]
                 if changed:
                     raise ValueError(f"misbehavior.{changed[0]} is a built-in kind's option; {bad.kind!r} takes "

@@ -113,8 +113,8 @@ class ParticipantBlock:
         self._misbehaving = torch.as_tensor(self.misbehaving, device=self.device)
         # c [m, 1] of the hosted misbehaving participants' sent updates θ + cΔ (None: their updates are honest)
         factors = update_factors(kind, self.nodes[self.misbehaving])
-        self._factors = None if factors is None else torch.as_tensor(factors[:, None], dtype=torch.float32,
-                                                                      device=self.device)
+        self._factors = None if factors is None else torch.as_tensor(
+            factors[:, None], dtype=self.population.state.dtype, device=self.device)
         # The minibatch draw's inputs: on a GPU it runs there (``minibatch_positions``, the same numbers); checked
         # here once, as the host draw checks them every round.
         self._draw_counts = np.where(self.counts > 0, self.counts, config.optim.batch_size)
@@ -195,7 +195,7 @@ class ParticipantBlock:
                                          idle=self._idle if len(self.idle) else None)
         if self._factors is not None:  # they send θ + cΔ instead of θ + Δ
             after = self.population.params[rows]
-            self.population.params[rows] = before + self._factors.to(after.dtype) * (after - before)
+            self.population.params[rows] = before + self._factors * (after - before)
         return loss
 
     def mixing_rows(self, weights: list[sp.csr_array] | sp.csr_array) -> list[torch.Tensor]:
