@@ -46,6 +46,7 @@ L[j→k] (``contributions_heatmap.png``; without the ledger, of the leave-one-ou
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -174,6 +175,11 @@ def anomaly(run: Path, horizons: list[int] | None = None) -> list[dict]:
     return rows
 
 
+def _options_label(options: str) -> str:
+    """``{"factor": 5.0}`` -> ``(factor=5.0)``."""
+    return "(" + ", ".join(f"{k}={json.dumps(v)}" for k, v in json.loads(options).items()) + ")"
+
+
 def collaborators(runs: list[Path], out: Path | None = None) -> list[dict]:
     """Compare runs that differ in collaborator selection (and misbehaviour, seed): print mean final honest
     accuracy per setting over seeds and each rewiring's gain over the static topology seed by seed; write
@@ -181,13 +187,19 @@ def collaborators(runs: list[Path], out: Path | None = None) -> list[dict]:
     computed = collaborators_report(runs)
     out = _out_folder(out or common_parent(runs))
     write_report(computed, out)
-    print(f"{'misbehaviour':>16} {'rewiring':>9} {'seeds':>5} {'honest acc':>16} {'bad in-edges':>12} "
+    rows = _records(computed.summary)
+    varied = {k for k in {r["misbehavior"] for r in rows}  # kinds run with several options: say which
+              if len({r["misbehavior_options"] for r in rows if r["misbehavior"] == k}) > 1}
+    labels = ["none" if r["misbehavior"] == "none" else
+              r["misbehavior"] + (_options_label(r["misbehavior_options"]) if r["misbehavior"] in varied else "")
+              + f" x{r['misbehaving']}" for r in rows]
+    width = max(16, *map(len, labels))
+    print(f"{'misbehaviour':>{width}} {'rewiring':>9} {'seeds':>5} {'honest acc':>16} {'bad in-edges':>12} "
           f"{'gain vs static':>15} {'wins':>5}")
-    for row in _records(computed.summary):
+    for label, row in zip(labels, rows, strict=True):
         gain = f"{'-':>15}" if row["gain"] is None else f"{row['gain']:+15.4f}"
         wins = "-" if row["wins"] is None else f"{int(row['wins'])}/{row['paired']}"
-        label = "none" if row["misbehavior"] == "none" else f"{row['misbehavior']} x{row['misbehaving']}"
-        print(f"{label:>16} {row['rewiring']:>9} {row['seeds']:>5} {row['honest_acc']:9.4f} ± "
+        print(f"{label:>{width}} {row['rewiring']:>9} {row['seeds']:>5} {row['honest_acc']:9.4f} ± "
               f"{row['honest_acc_std']:.4f} {row['anomalous_in_edges']:12.3f} {gain} {wins:>5}")
     print(f"wrote {out / 'collaborators.parquet'}")
     return _records(computed.table)

@@ -101,12 +101,19 @@ def misbehavior(section: MisbehaviorConfig) -> Misbehavior | None:
         return None
     if section.kind not in _REGISTRY:
         raise InputError(f"misbehaviour {section.kind!r} is unknown; choose one of {', '.join(misbehavior_names())}")
-    fields = BUILT_IN_FIELDS.get(section.kind)
-    options = dict(section.options) if fields is None else {arg: getattr(section, f) for arg, f in fields.items()}
+    options = kind_options(section)
     try:
         return _REGISTRY[section.kind](**options)
     except (TypeError, ValueError) as err:
         raise InputError(f"misbehavior.options {options} for {section.kind!r}: {err}") from None
+
+
+def kind_options(section: MisbehaviorConfig) -> dict:
+    """The keyword arguments kind ``section.kind`` is built with: a built-in kind's from the section's own fields
+    (sign-flip, free-ride and ``none``: none), a user's ``section.options``. Reads no registry: a recorded run's
+    config gives them without importing the kind."""
+    fields = BUILT_IN_FIELDS.get(section.kind, {} if section.kind == "none" else None)
+    return dict(section.options) if fields is None else {arg: getattr(section, f) for arg, f in fields.items()}
 
 
 def update_factors(kind: Misbehavior | None, ids: np.ndarray) -> np.ndarray | None:

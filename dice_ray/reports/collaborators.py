@@ -7,6 +7,7 @@ topology seed by seed (see docs/concepts.md).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from dice_ray.core.misbehavior import kind_options
 from dice_ray.errors import InputError
 from dice_ray.reports.inputs import read_frame, read_manifest, read_table, recorded_topology
 from dice_ray.results import COLLABORATORS
@@ -52,6 +54,7 @@ def collaborator_row(run: Path) -> dict:
     from_bad = [np.isin(e, list(bad)).sum() for k, e in enumerate(edges) if honest[k]]
     total = sum(len(e) for k, e in enumerate(edges) if honest[k])
     return {"run": str(run), "rewiring": config.rewiring.mode, "misbehavior": config.misbehavior.kind,
+            "misbehavior_options": json.dumps(kind_options(config.misbehavior), sort_keys=True),
             "misbehaving": int((~honest).sum()), "seed": config.seed,
             "honest_acc": float(last["heldout_acc"].to_numpy()[honest].mean()),
             "honest_loss": float(last["heldout_loss"].to_numpy()[honest].mean()),
@@ -65,12 +68,17 @@ def common_parent(runs: list[Path]) -> Path:
     return Path(os.path.commonpath([str(r.resolve().parent) for r in runs]))
 
 
+def _setting(row: dict) -> tuple[str, str, int]:
+    """What a study varies besides rewiring and seed: the misbehaviour (kind and options) and how many misbehave."""
+    return row["misbehavior"], row["misbehavior_options"], row["misbehaving"]
+
+
 def _summary(rows: list[dict]) -> list[dict]:
-    """One row per (misbehaviour, misbehaving count, rewiring) over seeds; gain and wins only for a rewiring with
-    static runs of the same seeds."""
+    """One row per (misbehaviour, its options, misbehaving count, rewiring) over seeds; gain and wins only for a
+    rewiring with static runs of the same seeds."""
     out = []
-    for kind, count in sorted({(r["misbehavior"], r["misbehaving"]) for r in rows}):
-        setting = [r for r in rows if (r["misbehavior"], r["misbehaving"]) == (kind, count)]
+    for kind, options, count in sorted({_setting(r) for r in rows}):
+        setting = [r for r in rows if _setting(r) == (kind, options, count)]
         static = {r["seed"]: r["honest_acc"] for r in setting if r["rewiring"] == "none"}
         for mode in REWIRINGS:
             these = [r for r in setting if r["rewiring"] == mode]
@@ -79,7 +87,8 @@ def _summary(rows: list[dict]) -> list[dict]:
             acc = np.array([r["honest_acc"] for r in these])
             gains = [r["honest_acc"] - static[r["seed"]] for r in these if r["seed"] in static]
             paired = bool(gains) and mode != "none"
-            out.append({"misbehavior": kind, "misbehaving": count, "rewiring": mode, "seeds": len(these),
+            out.append({"misbehavior": kind, "misbehavior_options": options, "misbehaving": count,
+                        "rewiring": mode, "seeds": len(these),
                         "honest_acc": float(acc.mean()), "honest_acc_std": float(acc.std(ddof=1)) if len(acc) > 1
                         else 0.0, "anomalous_in_edges": float(np.mean([r["anomalous_in_edges"] for r in these])),
                         "gain": float(np.mean(gains)) if paired else None,
@@ -91,10 +100,11 @@ def _summary(rows: list[dict]) -> list[dict]:
 class Collaborators:
     """The collaborators report over several runs.
 
-    ``table``: one row per run (the ``collaborators`` table). ``summary``: one row per (misbehavior, misbehaving,
-    rewiring) with ``seeds``, the mean and standard deviation of ``honest_acc`` over them, the mean
-    ``anomalous_in_edges``, and for a rewiring the mean ``gain`` in honest accuracy over the static topology and
-    its ``wins`` over the ``paired`` seeds that have a static run (None for the static topology itself).
+    ``table``: one row per run (the ``collaborators`` table). ``summary``: one row per (misbehavior,
+    misbehavior_options, misbehaving, rewiring) with ``seeds``, the mean and standard deviation of ``honest_acc``
+    over them, the mean ``anomalous_in_edges``, and for a rewiring the mean ``gain`` in honest accuracy over the
+    static topology and its ``wins`` over the ``paired`` seeds that have a static run (None for the static topology
+    itself).
     """
 
     table: pd.DataFrame
@@ -111,7 +121,8 @@ class Collaborators:
 
 def _check_comparable(rows: list[dict]) -> None:
     """Raise ``InputError`` unless the runs are one study's: the same participants, rounds, data set and graph, and
-    one run per (misbehaviour, rewiring, seed), since the summary averages over seeds and pairs them."""
+    one run per (misbehaviour and its options, rewiring, seed), since the summary averages over seeds and pairs
+    them."""
     first = rows[0]
     for row in rows[1:]:
         for field, value in row["study"].items():
@@ -120,11 +131,11 @@ def _check_comparable(rows: list[dict]) -> None:
                                  f"and {value}): compare runs of one study")
     seen: dict[tuple, str] = {}
     for row in rows:
-        key = (row["misbehavior"], row["misbehaving"], row["rewiring"], row["seed"])
+        key = (*_setting(row), row["rewiring"], row["seed"])
         if key in seen:
             raise InputError(f"runs {seen[key]} and {row['run']} are both rewiring {row['rewiring']}, seed "
-                             f"{row['seed']} ({row['misbehavior']} x{row['misbehaving']}): the report averages over "
-                             "seeds, so pass one run per seed")
+                             f"{row['seed']} ({row['misbehavior']} {row['misbehavior_options']} x{row['misbehaving']})"
+                             ": the report averages over seeds, so pass one run per seed")
         seen[key] = row["run"]
 
 

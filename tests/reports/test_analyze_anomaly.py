@@ -139,6 +139,28 @@ def test_collaborators_report_compares_runs(tmp_path, mode: str) -> None:
     assert analyze(["collaborators", *runs, "--out", str(tmp_path / "a-file")]) == 2  # was a traceback
 
 
+def test_collaborators_report_tells_a_kinds_options_apart(tmp_path, capsys) -> None:
+    """Two static runs of one seed, label-flip of all labels and of half: two settings, not one setting's duplicate
+    seed (the report keyed runs by the kind's name alone and refused the pair)."""
+    runs = []
+    for share in ("1.0", "0.5"):
+        runs.append(str(tmp_path / f"flip-{share}"))
+        assert simulate(["--engine", "local", "--no-progress", "--dataset", "digits", "--nodes", "6", "--rounds", "2",
+                         "--misbehavior", "label-flip", "--misbehaving", "1", "--set",
+                         f"misbehavior.flip_fraction={share}", "--out", runs[-1]]) == 0
+    capsys.readouterr()
+    assert analyze(["collaborators", *runs]) == 0
+    printed = capsys.readouterr().out
+    assert "label-flip(fraction=0.5) x1" in printed and "label-flip(fraction=1.0) x1" in printed
+    table = pd.read_parquet(tmp_path / "collaborators.parquet")
+    assert sorted(table["misbehavior_options"]) == ['{"fraction": 0.5}', '{"fraction": 1.0}']
+    from dice_ray.reports import collaborators_report
+
+    assert len(collaborators_report(runs).summary) == 2
+    assert analyze(["collaborators", runs[0], runs[0]]) == 2  # the same options twice are still one seed twice
+    assert '{"fraction": 1.0}' in capsys.readouterr().err
+
+
 def test_detection_compares_every_in_neighbour_scored_so_far() -> None:
     """On a time-varying graph an examiner scores one in-neighbour a round: the anomalous one alone in round 0 (no
     comparison yet), the honest one alone in round 1, ranked above the anomalous one's latest score: not detected.
