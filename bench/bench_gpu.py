@@ -528,19 +528,18 @@ def precision_modes(cpu_tables: dict[str, Any], shape_ok: bool, modes: list[str]
     return rows
 
 
-def dice_equivalence(modes: list[str]) -> dict[str, Any]:
+def dice_equivalence() -> dict[str, Any]:
     """(a'): in-loop DICE-E (every variant) and DICE-GT on a CPU actor and on one CUDA actor: relative differences
     of the dice table's columns (on each column's scale; a NaN on one side only counts as an infinite difference).
-    With ``tf32`` in ``modes``, the CUDA actor's run in that mode too, against the same CPU run (``modes``: what the
-    methods' numbers carry from TF32; bf16 refuses them)."""
+    In fp32 only: tf32 and bf16 are refused with influence (what TF32 would do to DICE: ``bench/tf32_on_cpu.py``)."""
     import dice_ray
 
-    def dice_table(gpus: float, precision: str) -> Any:
+    def dice_table(gpus: float) -> Any:
         with tempfile.TemporaryDirectory(prefix="bench-gpu-dice-") as tmp:
             config = dice_ray.RunConfig(
                 nodes=16, rounds=16, seed=0, topology={"name": "ring"}, data={"dataset": "digits"},
                 optim={"lr": 0.05, "batch_size": 16},
-                engine={"gpus_per_actor": gpus, "actors": 1, "precision": precision},
+                engine={"gpus_per_actor": gpus, "actors": 1},
                 influence={"enabled": True, "online": True, "hops": 3, "rounds": [10, 12],
                            "variants": "first-order,curvature,second-order,exact-readout"},
                 output={"out": str(Path(tmp) / "run"), "progress": False, "checkpoint_every": 0})
@@ -560,20 +559,13 @@ def dice_equivalence(modes: list[str]) -> dict[str, Any]:
                 out[column] = float(np.nanmax(np.abs(x - y))) / scale
         return out
 
-    cpu = dice_table(0.0, "fp32")
-    out = relative(cpu, dice_table(1.0, "fp32"))
+    cpu = dice_table(0.0)
+    out = relative(cpu, dice_table(1.0))
     worst = max(out.values(), default=math.inf)
     print(f"(a') DICE, 16-node ring, digits, {len(cpu)} rows: CPU actor vs CUDA actor, largest relative difference "
           f"{worst:.1e} ({'within' if worst <= TOLERANCE else 'NOT within'} {TOLERANCE:g}); "
           + ", ".join(f"{k} {v:.1e}" for k, v in out.items()), flush=True)
-    result = {"relative": out, "max": worst, "within_tolerance": worst <= TOLERANCE, "rows": len(cpu), "modes": {}}
-    for mode in [m for m in modes if m == "tf32"]:
-        moved = relative(cpu, dice_table(1.0, mode))
-        result["modes"][mode] = moved
-        print(f"(a') DICE in {mode} on the CUDA actor vs the CPU (fp32): largest relative difference "
-              f"{max(moved.values(), default=math.inf):.1e}; " + ", ".join(f"{k} {v:.1e}" for k, v in moved.items()),
-              flush=True)
-    return result
+    return {"relative": out, "max": worst, "within_tolerance": worst <= TOLERANCE, "rows": len(cpu)}
 
 
 def timing(cases: list[tuple[str, int, float, str]], shape_ok: bool, target_s: float) -> list[dict[str, Any]]:
@@ -824,7 +816,7 @@ def report(results: dict[str, Any]) -> None:
 
 def estimate(args: argparse.Namespace, cases: list[tuple[str, int, float, str]]) -> float:
     """Guessed seconds of the whole GPU part on one H200."""
-    dice_runs = 2 + ("tf32" in args.modes)  # (a'): CPU and CUDA actor, and the CUDA actor in tf32
+    dice_runs = 2  # (a'): CPU and CUDA actor
     total = (len(args.eq_models) * (1 + len(args.fractions)) + 2 * len(args.modes) + dice_runs) * STARTUP_GUESS_S * 0.75
     for model, nodes, gpus, _ in cases:
         guess = GUESS_S.get((model, nodes), 0.1) * (1.5 if gpus < 1 else 1.0)
@@ -986,7 +978,7 @@ def main() -> None:
                                                for m, n, p in profiled) if p]
             save()
         if "dice" in parts:
-            results["dice"] = guarded("(a')", lambda: dice_equivalence(args.modes))
+            results["dice"] = guarded("(a')", dice_equivalence)
             save()
         if "b" in parts:
             timed("shared GPU", [c for c in cases if c[2] != 1.0 and c[3] == "fp32"])

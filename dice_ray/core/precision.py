@@ -4,9 +4,11 @@
   (PyTorch lets cuDNN use TF32 in convolutions by default: ~1e-3 relative differences from the CPU run). A GPU run
   then equals the CPU run to float32 rounding.
 - ``tf32``: CUDA matrix products and convolutions may use TF32 tensor cores (10-bit mantissas); the state,
-  optimizer and gossip stay float32. On a CPU this is ``fp32``. The methods' numbers (DICE, the ledger, proximal
-  influence) are computed with TF32 too; their difference from ``fp32`` is what ``bench/bench_gpu.py``'s (a')
-  measures on a GPU (not yet measured: prefer ``fp32`` for them until it is).
+  optimizer and gossip stay float32. On a CPU this is ``fp32``. Refused with DICE (influence): DICE-GT is the
+  difference of two nearby runs' losses, which TF32's rounding moves by about DICE-E's own error. Proximal influence
+  and the ledger are computed with TF32 too; it moves them by ~1% of their scale, their rankings unchanged.
+  Measured by emulating TF32 on the CPU (``bench/tf32_on_cpu.py``; docs/results/scaling.md, "TF32 and the
+  methods").
 - ``bf16``: the local step's forward and backward pass run under ``torch.autocast`` to bfloat16 (8-bit mantissas);
   the state, optimizer update, gossip, evaluation and every derivative the methods take stay float32. Refused
   with the methods whose numbers are derivatives or differences of nearby runs (DICE, the ledger, proximal

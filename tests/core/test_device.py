@@ -120,6 +120,16 @@ def test_bf16_precision_trains_close_to_fp32_and_is_refused_for_derivatives(tmp_
         dice_ray.RunConfig(**{**WORLD, "engine": {"precision": "bf16"}, "influence": {"enabled": True}})
 
 
+def test_tf32_is_refused_for_influence_only() -> None:
+    """Emulated on the CPU (bench/tf32_on_cpu.py), TF32 moves DICE-GT by about DICE-E's own error, and proximal
+    influence and the ledger by ~1% of their scale with their rankings unchanged: the first is refused, the others
+    taken."""
+    with pytest.raises(dice_ray.InputError, match="tf32.*influence.*DICE-GT"):
+        dice_ray.RunConfig(**{**WORLD, "engine": {"precision": "tf32"}, "influence": {"enabled": True}})
+    for section in ({"proximal": {"enabled": True}}, {"ledger": {"enabled": True}}):
+        assert dice_ray.RunConfig(**{**WORLD, "engine": {"precision": "tf32"}, **section}).engine.precision == "tf32"
+
+
 def test_only_tf32_lets_cuda_use_tf32() -> None:
     """bf16 autocasts the local step only: evaluation and the rest stay IEEE float32 (it used to switch TF32 on for
     the whole process). The flags are CUDA's, settable without a GPU."""

@@ -92,3 +92,7 @@ class InfluenceConfig(Section):
             raise ValueError(f"probe_samples {self.probe_samples} must be below the batch size "
                              f"{config.optim.batch_size}")
         refuse_bf16(config, "influence")
+        if config.engine.precision == "tf32":  # measured with bench/tf32_on_cpu.py (docs/results/scaling.md)
+            raise ValueError("engine.precision 'tf32' cannot measure influence: DICE-GT is the difference of two "
+                             "nearby runs' losses, which TF32's rounding (2^-11) moves by about DICE-E's own error; "
+                             "use fp32")
