@@ -189,8 +189,9 @@ class EngineConfig(Section):
                                       f"(default: {TASK_GPU_SHARE} when gpus_per_actor > 0, else 0: on the CPU)")
     precision: Literal["fp32", "tf32", "bf16"] = Field(
         "fp32", description="float32 mode of the local step: fp32 (IEEE, TF32 off: a GPU run equals the CPU run to "
-                            "float32 rounding), tf32 (CUDA TF32 matmuls and convolutions; not with DICE), bf16 "
-                            "(autocast forward and backward; not with DICE, the ledger or proximal influence)")
+                            "float32 rounding), tf32 (the local step's CUDA matmuls and convolutions in TF32), bf16 "
+                            "(the local step autocast to bfloat16); evaluation, replays and the methods' "
+                            "derivatives stay IEEE float32")
     cuda_graphs: bool = Field(True, description="on a GPU, replay each local step from one CUDA graph (one launch "
                                                 "per round instead of one per kernel; the same numbers)")
     transport: Literal["auto", "object_store", "cuda_ipc"] = Field(

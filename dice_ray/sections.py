@@ -98,11 +98,3 @@ def one_line(err: ValidationError) -> FieldError:
     got = first.get("input")
     suffix = "" if isinstance(got, dict) or got is None or repr(got) in msg else f" (got {got!r})"
     return FieldError(tuple(first["loc"]), f"{msg}{suffix}")
-
-
-def refuse_bf16(config: Any, what: str) -> None:
-    """Raise ``ValueError`` if ``config`` trains in bfloat16 while it measures ``what`` (influence, the ledger,
-    proximal influence): their values are ~1e-3 of the losses, below bfloat16's resolution."""
-    if config.engine.precision == "bf16":
-        raise ValueError(f"engine.precision 'bf16' cannot measure {what}: their values are ~1e-3 of the losses, below "
-                         "bfloat16's resolution (2^-8); use fp32")

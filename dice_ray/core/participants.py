@@ -72,9 +72,9 @@ class ParticipantBlock:
         model.to(self.device)
         use_layer_modes(model, config.model.conv, config.model.pool, self.device)
         vectorize = "vmap" if config.model.vectorize == "auto" else config.model.vectorize
-        autocast = set_precision(config.engine.precision)
+        set_precision(config.engine.precision)
         self.population = Population(model, state, config.optim.spec(), vectorize, build_loss(config.model.loss),
-                                     autocast=autocast)
+                                     precision=config.engine.precision)
         self._model = model
 
         # Local training sets, concatenated: participant i's samples are rows offsets[i]:offsets[i]+counts[i] of

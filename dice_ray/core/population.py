@@ -34,6 +34,7 @@ from torch.func import functional_call, grad, vmap
 from dice_ray.core.convolution import stacked_input
 from dice_ray.core.losses import CROSS_ENTROPY, Loss
 from dice_ray.core.pooling import values_only
+from dice_ray.core.precision import step_precision
 from dice_ray.errors import InputError
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -322,12 +323,13 @@ class Population:
 
     def __init__(self, model: nn.Module, state: torch.Tensor, optimizer: OptimizerSpec,
                  vectorize: str = "vmap", loss: Loss = CROSS_ENTROPY, step_budget: int | None = None,
-                 autocast: torch.dtype | None = None):
+                 precision: str = "fp32"):
         if vectorize not in ("vmap", "loop"):
             raise InputError(f"vectorize {vectorize!r} is unknown; choose 'vmap' or 'loop'")
-        # The local step's forward and backward pass under torch.autocast to this dtype (bfloat16 mode); None: in the
-        # state's dtype. Evaluation and every derivative the methods take stay in the state's dtype.
-        self.autocast = autocast
+        # The training run's ``engine.precision``: its local step's forward and backward pass run under that mode
+        # (``step_precision``: bf16 autocasts, tf32 lets CUDA use TF32); evaluation and every derivative the methods
+        # take stay in the state's dtype, IEEE. The methods' own populations keep the default, fp32.
+        self.precision = precision
         self.model = model
         self.loss = loss  # the per-sample loss (``losses.py``): local steps and every z′ measurement
         self.param_layout, self.buffer_layout = model_state_layouts(model)
@@ -628,7 +630,7 @@ class Population:
     def _step_pass(self, rows: slice, batch: Callable[[slice], tuple[torch.Tensor, torch.Tensor]],
                    losses: torch.Tensor, model: nn.Module | None = None) -> None:
         """One pass of ``half_step``: the local step of participants ``rows`` in place, their losses into ``losses``."""
-        with self._autocast():
+        with self._step_precision():
             loss, grads = self._loss_and_grads(*batch(rows), rows=rows, model=model)
         loss, grads = loss.to(self.state.dtype), [g.to(self.state.dtype) for g in grads]
         optimizer_update_(self.optimizer, [v[rows] for v in self._param_views], grads,
@@ -668,9 +670,8 @@ class Population:
         finally:
             torch.set_num_threads(threads)  # the count new threads start from, set to 1 by the workers
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        return (torch.autocast(self.state.device.type, dtype=self.autocast) if self.autocast is not None
-                else contextlib.nullcontext())
+    def _step_precision(self) -> contextlib.AbstractContextManager:
+        return step_precision(self.precision, self.state.device.type)
 
     def _measure_step_row_bytes(self, batch: Callable[[slice], tuple[torch.Tensor, torch.Tensor]]) -> int:
         """Bytes one participant's step holds at once, from a forward and backward pass of MIN_PASS_ROWS, whose
@@ -681,7 +682,7 @@ class Population:
         x, y = batch(rows)
         # The same for every population of this model on minibatches of this shape: measured once (DICE-GT's replays
         # step a fresh population per hop, a few rows each, on the run's model).
-        key = (device.type, tuple(x.shape[1:]), x.dtype, self.state.dtype, self.autocast)
+        key = (device.type, tuple(x.shape[1:]), x.dtype, self.state.dtype, self.precision)
         known = _MEASURED_BYTES.setdefault(self.model, {})
         if key in known:
             return known[key]
@@ -689,12 +690,12 @@ class Population:
         if device.type == "cuda":
             # one pass first, unmeasured: the first matrix product on a stream allocates cuBLAS's workspace (~32 MiB),
             # which a later pass does not, and which would count 3 rows as if each held a third of it
-            with self._autocast():
+            with self._step_precision():
                 self._loss_and_grads(x, y, rows=rows)
             self.buffers[rows] = kept
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-            with self._autocast():
+            with self._step_precision():
                 self._loss_and_grads(x, y, rows=rows)
             peak = torch.cuda.max_memory_allocated(device) - before
         else:
@@ -705,7 +706,7 @@ class Population:
                     saved[tensor.data_ptr(), tensor.numel()] = tensor.numel() * tensor.element_size()
                 return tensor
 
-            with self._autocast(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            with self._step_precision(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
                 _, grads = self._loss_and_grads(x, y, rows=rows)
             peak = sum(saved.values()) + sum(g.numel() * g.element_size() for g in grads)
         self.buffers[rows] = kept

@@ -1,33 +1,57 @@
 """Float32 arithmetic modes of the local step: ``engine.precision`` (pure torch, no Ray).
 
-- ``fp32`` (default): IEEE float32 everywhere; TF32 is turned off for CUDA matrix products and cuDNN convolutions
-  (PyTorch lets cuDNN use TF32 in convolutions by default: ~1e-3 relative differences from the CPU run). A GPU run
-  then equals the CPU run to float32 rounding.
-- ``tf32``: CUDA matrix products and convolutions may use TF32 tensor cores (10-bit mantissas); the state,
-  optimizer and gossip stay float32. On a CPU this is ``fp32``. Refused with DICE (influence): DICE-GT is the
-  difference of two nearby runs' losses, which TF32's rounding moves by about DICE-E's own error. Proximal influence
-  and the ledger are computed with TF32 too; it moves them by ~1% of their scale, their rankings unchanged.
-  Measured by emulating TF32 on the CPU (``bench/tf32_on_cpu.py``; docs/results/scaling.md, "TF32 and the
-  methods").
-- ``bf16``: the local step's forward and backward pass run under ``torch.autocast`` to bfloat16 (8-bit mantissas);
-  the state, optimizer update, gossip, evaluation and every derivative the methods take stay float32. Refused
-  with the methods whose numbers are derivatives or differences of nearby runs (DICE, the ledger, proximal
-  influence): their values are ~1e-3 of the losses, below bfloat16's resolution of 2^-8 = 0.4%.
+Each mode changes the arithmetic of the training run's local step (its forward and backward pass) and nothing else:
+the state, the optimizer update, gossip, evaluation, DICE-GT's replays and every derivative the methods take stay
+IEEE float32 (``set_precision`` turns TF32 off for the process; ``step_precision`` scopes the mode to a step).
+
+- ``fp32`` (default): IEEE float32 everywhere; TF32 off for CUDA matrix products and cuDNN convolutions (PyTorch
+  lets cuDNN use TF32 in convolutions by default: ~1e-3 relative differences from the CPU run). A GPU run then equals
+  the CPU run to float32 rounding.
+- ``tf32``: the local step's CUDA matrix products and convolutions may use TF32 tensor cores (10-bit mantissas). On
+  a CPU this is ``fp32``.
+- ``bf16``: the local step under ``torch.autocast`` to bfloat16 (8-bit mantissas).
+
+Every method takes every mode. Measured on the CPU (TF32 emulated), DICE-E agrees with DICE-GT inside a tf32 or
+bf16 run about as in fp32 (the exact readout 1.1-4.4x its fp32 error), and proximal influence and the ledger move by
+~1% of their scale, rankings unchanged; TF32 in the replays too would multiply DICE-E's hop-by-hop error by 5-126:
+hence the scope.
+Measured with ``bench/precision_on_cpu.py`` (docs/results/scaling.md, "Precision modes and the methods").
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
-def set_precision(precision: str) -> torch.dtype | None:
-    """Set this process's CUDA float32 modes for ``precision`` (one of ``PRECISIONS``); return the dtype the local
-    step autocasts to (bfloat16 for ``bf16``, else None)."""
+def set_precision(precision: str) -> None:
+    """Check ``precision`` (one of ``PRECISIONS``) and set this process's CUDA float32 modes to IEEE float32 (TF32
+    off in matrix products and cuDNN convolutions): what every computation but a mode's local step uses."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
-    tf32 = precision == "tf32"  # (bf16 autocasts the local step only: the rest stays IEEE float32)
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    return torch.bfloat16 if precision == "bf16" else None
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+@contextlib.contextmanager
+def step_precision(precision: str, device_type: str) -> Iterator[None]:
+    """The arithmetic of one local step on a ``device_type`` device under ``precision``: bf16 autocasts to bfloat16;
+    tf32 lets CUDA use TF32 until the step ends (a CUDA graph captured inside keeps TF32 kernels); fp32, and tf32
+    off CUDA, change nothing. (TF32's switches are the process's: CPU steps, which may run on several threads at
+    once, never touch them.)"""
+    if precision == "bf16":
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            yield
+    elif precision == "tf32" and device_type == "cuda":
+        before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    else:
+        yield

@@ -58,7 +58,7 @@ from dice_ray.methods.dice.options import EXACT_READOUT_B, SECOND_ORDER_B, Varia
 from dice_ray.methods.dice.probes import Probe
 from dice_ray.methods.round_quantities import round_quantities
 from dice_ray.results import CONTRIBUTIONS, SHARES, VARIANT_SUFFIX
-from dice_ray.sections import Section, refuse_bf16
+from dice_ray.sections import Section
 
 FIELDS = ("step", "probe_round", "source", "target", "value")
 KEYS = FIELDS[:4]
@@ -106,7 +106,6 @@ class LedgerConfig(Section):
         if config.rewiring.mode != "none":
             raise ValueError("rewiring changes W during the run; the contribution ledger needs the static "
                              "topology's path weights: use one or the other")
-        refuse_bf16(config, "ledger")
 
 
 def ledger_round(config: Any, t: int) -> bool:

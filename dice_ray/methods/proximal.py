@@ -39,7 +39,7 @@ from dice_ray.core.tensors import as_tensor, edge_dots, sum_by_key
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook
 from dice_ray.methods.round_quantities import round_quantities
 from dice_ray.results import PROXIMAL
-from dice_ray.sections import Section, refuse_bf16
+from dice_ray.sections import Section
 
 FIELDS = ("examiner", "neighbor", "weight", "dot", "cosine")
 
@@ -65,7 +65,6 @@ class ProximalConfig(Section):
             return
         if self.zprime == "validation" and config.data.val_fraction == 0:
             raise ValueError("proximal.zprime 'validation' needs validation splits (data.val_fraction > 0)")
-        refuse_bf16(config, "proximal")
 
 
 def scoring_round(config: Any, t: int) -> bool:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
-from dice_ray.sections import Ids, Section, comma_list, distinct, refuse_bf16
+from dice_ray.sections import Ids, Section, comma_list, distinct
 
 
 def distinct_variants(value: list[str]) -> list[str]:
@@ -91,8 +91,3 @@ class InfluenceConfig(Section):
         if self.probe_samples > config.optim.batch_size - 1:
             raise ValueError(f"probe_samples {self.probe_samples} must be below the batch size "
                              f"{config.optim.batch_size}")
-        refuse_bf16(config, "influence")
-        if config.engine.precision == "tf32":  # measured with bench/tf32_on_cpu.py (docs/results/scaling.md)
-            raise ValueError("engine.precision 'tf32' cannot measure influence: DICE-GT is the difference of two "
-                             "nearby runs' losses, which TF32's rounding (2^-11) moves by about DICE-E's own error; "
-                             "use fp32")
