@@ -154,6 +154,23 @@ def test_a_mode_holds_in_the_local_step_only() -> None:
         set_precision("fp32")
 
 
+def test_bf16_holds_in_the_local_step_and_not_in_evaluation_or_replays() -> None:
+    """A bf16 block's local step autocasts (on the CPU too); its evaluation, and a population the methods build on
+    its model (a DICE-GT replay's), compute in float32."""
+    config = dice_ray.RunConfig(**{**WORLD, "engine": {"precision": "bf16"}})
+    block = ParticipantBlock.for_experiment(prepare(config))
+    model = block.population.model
+    seen: list[bool] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(torch.is_autocast_enabled("cpu")))
+    block.half_step(0)
+    in_step = len(seen)
+    block.evaluate()
+    replay = Population(model, block.population.state[:3].clone(), block.population.optimizer)
+    drawn = block.minibatch_rows(1)[:3]
+    replay.half_step(block.x_data[drawn], block.y_data[drawn])
+    assert in_step and all(seen[:in_step]) and len(seen) > in_step and not any(seen[in_step:])
+
+
 @pytest.mark.parametrize("model", ["cnn", "resnet18"])
 def test_convolutions_as_matrix_products_equal_native_ones(model: str) -> None:
     """``model.conv`` unfold (the GPU default) computes the local step native convolutions compute: in float64 the
