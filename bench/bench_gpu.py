@@ -531,19 +531,21 @@ def precision_modes(cpu_tables: dict[str, Any], shape_ok: bool, modes: list[str]
 def dice_equivalence(modes: list[str]) -> dict[str, Any]:
     """(a'): in-loop DICE-E (every variant) and DICE-GT on a CPU actor and on one CUDA actor: relative differences
     of the dice table's columns (on each column's scale; a NaN on one side only counts as an infinite difference).
-    With ``tf32`` in ``modes``, the CUDA actor's run in that mode too, against the same CPU run, and how DICE-E's own
-    error grows in it (``modes``: what the methods' numbers carry from TF32 in the local step; bf16 is refused with
-    influence)."""
+    With ``tf32`` in ``modes``, the CUDA actor's run in that mode with single-sample probes (where a mode's effect on
+    DICE shows), against the CPU's fp32 run of the same probes: the columns' shift, and how DICE-E's own error grows
+    inside the tf32 run (bench/precision_on_cpu.py measured it with TF32 emulated; bf16 is measured there with the
+    CPU's own bfloat16 arithmetic)."""
     import dice_ray
 
-    def dice_table(gpus: float, precision: str) -> Any:
+    def dice_table(gpus: float, precision: str, probe_samples: int = 0) -> Any:
         with tempfile.TemporaryDirectory(prefix="bench-gpu-dice-") as tmp:
             config = dice_ray.RunConfig(
                 nodes=16, rounds=16, seed=0, topology={"name": "ring"}, data={"dataset": "digits"},
                 optim={"lr": 0.05, "batch_size": 16},
                 engine={"gpus_per_actor": gpus, "actors": 1, "precision": precision},
                 influence={"enabled": True, "online": True, "hops": 3, "rounds": [10, 12],
-                           "variants": "first-order,curvature,second-order,exact-readout"},
+                           "variants": "first-order,curvature,second-order,exact-readout",
+                           "probe_samples": probe_samples},
                 output={"out": str(Path(tmp) / "run"), "progress": False, "checkpoint_every": 0})
             return dice_ray.run(config, engine="ray").dice.sort_values(["probe_id", "hops"]).reset_index(drop=True)
 
@@ -569,19 +571,21 @@ def dice_equivalence(modes: list[str]) -> dict[str, Any]:
           + ", ".join(f"{k} {v:.1e}" for k, v in out.items()), flush=True)
     result = {"relative": out, "max": worst, "within_tolerance": worst <= TOLERANCE, "rows": len(cpu), "modes": {}}
     for mode in [m for m in modes if m == "tf32"]:
-        table = dice_table(1.0, mode)
-        moved = relative(cpu, table)
+        single = dice_table(0.0, "fp32", probe_samples=1)
+        table = dice_table(1.0, mode, probe_samples=1)
+        moved = relative(single, table)
         # How DICE-E's own error |GT - E| (median over probe-hops) grows inside the tf32 run: what
         # bench/precision_on_cpu.py measured with TF32 emulated in the local step (docs/results/scaling.md).
         growth = {}
-        for column in [c for c in cpu.columns if c.startswith("est_") and not c.endswith("_horizon")]:
+        for column in [c for c in single.columns if c.startswith("est_") and not c.endswith("_horizon")]:
             gt = "gt_hop" if column.endswith("_hop") else "gt"
-            before = np.nanmedian(np.abs(cpu[gt].to_numpy(np.float64) - cpu[column].to_numpy(np.float64)))
+            before = np.nanmedian(np.abs(single[gt].to_numpy(np.float64) - single[column].to_numpy(np.float64)))
             if np.isfinite(before) and before > 0:
                 growth[column] = float(np.nanmedian(np.abs(table[gt].to_numpy(np.float64)
                                                            - table[column].to_numpy(np.float64))) / before)
         result["modes"][mode] = {"relative": moved, "own_error_growth": growth}
-        print(f"(a') DICE in {mode} on the CUDA actor vs the CPU (fp32): largest relative difference "
+        print(f"(a') DICE, single-sample probes, in {mode} on the CUDA actor vs the CPU (fp32): largest relative "
+              f"difference "
               f"{max(moved.values(), default=math.inf):.1e}; " + ", ".join(f"{k} {v:.1e}" for k, v in moved.items())
               + "; median |GT - E| in the tf32 run / in the CPU's: "
               + ", ".join(f"{k} {v:.2f}x" for k, v in growth.items()), flush=True)
@@ -836,7 +840,7 @@ def report(results: dict[str, Any]) -> None:
 
 def estimate(args: argparse.Namespace, cases: list[tuple[str, int, float, str]]) -> float:
     """Guessed seconds of the whole GPU part on one H200."""
-    dice_runs = 2 + ("tf32" in args.modes)  # (a'): CPU and CUDA actor, and the CUDA actor in tf32
+    dice_runs = 2 + 2 * ("tf32" in args.modes)  # (a'): CPU and CUDA actor; with single-sample probes CPU and tf32
     total = (len(args.eq_models) * (1 + len(args.fractions)) + 2 * len(args.modes) + dice_runs) * STARTUP_GUESS_S * 0.75
     for model, nodes, gpus, _ in cases:
         guess = GUESS_S.get((model, nodes), 0.1) * (1.5 if gpus < 1 else 1.0)

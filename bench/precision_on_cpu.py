@@ -7,8 +7,8 @@ dense float32 operands of every matrix product and convolution — forward, back
 switched on around each step) or in every computation of the run (``tf32-everywhere``: what a process-wide TF32
 switch does, replays and derivatives included). NVIDIA does not document how each cuBLAS / cuDNN kernel rounds to
 TF32, so two roundings bound it: to nearest (ties to even) and truncation. Sparse products (gossip) are left alone:
-cuSPARSE has no TF32 mode. ``bf16``: the training run's local steps under the CPU's own ``torch.autocast`` to
-bfloat16, as dice-ray's mode runs them (set on the population directly, as the TF32 emulation is).
+cuSPARSE has no TF32 mode. ``bf16``: dice-ray's own mode, the training run's local steps under the CPU's
+``torch.autocast`` to bfloat16.
 
 Each config runs on the local engine in fp32 and in each mode, and the tables are compared:
     (a) training, calibration: bench_gpu.py's (a'') configs (the MLP on 1x8x8 and the CNN on 3x32x32, N = 64,
@@ -142,14 +142,12 @@ def run_tables(config: dict[str, Any], mode: Mode | None, tables: tuple[str, ...
         config = {**config, "output": {**config.get("output", {}), "out": str(Path(tmp) / "run"), "progress": False,
                                        "checkpoint_every": 0}}
         tf32 = Tf32(mode[1]) if mode and mode[0].startswith("tf32") else None
-        if mode is None:
-            context: Any = contextlib.nullcontext()
-        elif mode[0] == "tf32-everywhere":
+        context: Any = contextlib.nullcontext()
+        if mode is not None and mode[0] == "tf32-everywhere":  # as tf32 was before its scope: fp32's config
             context = tf32
-        elif mode[0] == "tf32":
-            context = steps_under(lambda: tf32)
-        else:
-            context = steps_under(lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        elif mode is not None:  # the run's own mode (DICE-GT then replays its factual side), its steps emulated
+            config["engine"] = {**config.get("engine", {}), "precision": mode[0]}
+            context = steps_under(lambda: tf32) if mode[0] == "tf32" else contextlib.nullcontext()
         start = time.perf_counter()
         with context:
             run = dice_ray.run(dice_ray.RunConfig(**config), engine="local")

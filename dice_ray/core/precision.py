@@ -33,8 +33,14 @@ def set_precision(precision: str) -> None:
     off in matrix products and cuDNN convolutions): what every computation but a mode's local step uses."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    if hasattr(torch.backends, "fp32_precision"):
+        # PyTorch >= 2.9 sets TF32 per backend and operator (``fp32_precision``: "ieee", "tf32", or "none": inherit
+        # from the parent), and its older switches map onto that. Code that used the new settings (a user's module)
+        # may have left TF32 on a parent, which the older switch's "off" ("none") would inherit: the parents first.
+        torch.backends.fp32_precision = "ieee"
+        torch.backends.cudnn.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    _set_tf32((False, False))
 
 
 @contextlib.contextmanager
@@ -47,11 +53,19 @@ def step_precision(precision: str, device_type: str) -> Iterator[None]:
         with torch.autocast(device_type, dtype=torch.bfloat16):
             yield
     elif precision == "tf32" and device_type == "cuda":
-        before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        except RuntimeError:  # PyTorch's settings mixed by other code since set_precision: back to IEEE after
+            before = (False, False)
+        _set_tf32((True, True))
         try:
             yield
         finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+            _set_tf32(before)
     else:
         yield
+
+
+def _set_tf32(on: tuple[bool, bool]) -> None:
+    """TF32 in CUDA matrix products and in cuDNN (convolutions and RNNs)."""
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = on

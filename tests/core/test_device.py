@@ -138,6 +138,12 @@ def test_a_mode_holds_in_the_local_step_only() -> None:
     from dice_ray.core.precision import PRECISIONS, set_precision, step_precision
 
     try:
+        if hasattr(torch.backends, "fp32_precision"):  # PyTorch >= 2.9's settings, used by other code before
+            torch.backends.cudnn.fp32_precision = "tf32"  # a parent that the older switch's "off" would inherit
+            torch.backends.cudnn.rnn.fp32_precision = "ieee"  # and a mix the older switch cannot read
+            set_precision("fp32")
+            assert torch.backends.cudnn.conv.fp32_precision == torch.backends.cudnn.rnn.fp32_precision == "ieee"
+            assert torch.backends.cuda.matmul.fp32_precision == "ieee"
         for precision in PRECISIONS:
             set_precision(precision)
             assert torch.backends.cuda.matmul.allow_tf32 is torch.backends.cudnn.allow_tf32 is False
@@ -249,20 +255,30 @@ def test_the_cuda_graph_step_equals_the_eager_one_bit_for_bit(model: str) -> Non
     assert losses[0][5] == 0 and (losses[0] != 0).sum() == len(losses[0]) - 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("cuda_graphs", [True, False])
-def test_tf32_holds_in_the_cuda_local_step_and_not_in_evaluation(cuda_graphs: bool) -> None:
-    """A tf32 block's local step runs with TF32 on (captured so in its CUDA graph), its evaluation with TF32 off."""
-    config = dice_ray.RunConfig(**{**WORLD, "engine": {"precision": "tf32", "cuda_graphs": cuda_graphs}})
-    block = ParticipantBlock.for_experiment(prepare(config), device="cuda")
-    seen: list[bool] = []
-    block.population.model.register_forward_pre_hook(
-        lambda module, args: seen.append(torch.backends.cuda.matmul.allow_tf32))
-    block.half_step(0)
-    in_step = list(seen)
-    block.evaluate()
-    assert in_step and all(in_step) and not any(seen[len(in_step):]) and len(seen) > len(in_step)
-    assert not torch.backends.cuda.matmul.allow_tf32
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="needs a CUDA device with TF32 (compute capability 8.0 or later)")
+def test_tf32_holds_in_the_cuda_local_step_and_its_graph_and_not_in_evaluation() -> None:
+    """A tf32 block's local steps compute in TF32 — replayed from its CUDA graph as when launched one by one, and not
+    as fp32's — and its evaluation in IEEE float32: on one state, a tf32 block evaluates as an fp32 block does."""
+    states, blocks = {}, {}
+    for name, engine in {"fp32": {}, "tf32": {"precision": "tf32"},
+                         "tf32-eager": {"precision": "tf32", "cuda_graphs": False}}.items():
+        config = dice_ray.RunConfig(**{**WORLD, "model": {"name": "cnn"}, "engine": engine})
+        experiment = prepare(config)
+        block = blocks[name] = ParticipantBlock.for_experiment(experiment, device="cuda")
+        w = block.mixing_rows(experiment.topology.mixing_matrix(0))
+        for t in range(3):
+            block.half_step(t)
+            block.mix(w, [block.population.state])
+        states[name] = block.population.state.clone()
+    assert torch.equal(states["tf32"], states["tf32-eager"])
+    assert not torch.equal(states["tf32"], states["fp32"])
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    blocks["tf32"].population.state.copy_(states["fp32"])
+    blocks["fp32"].population.state.copy_(states["fp32"])
+    evaluated = blocks["tf32"].evaluate()
+    for split, values in blocks["fp32"].evaluate().items():
+        np.testing.assert_array_equal(evaluated[split], values, err_msg=split)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -93,7 +93,7 @@ class Window:
     round t; heldout: z′ = (x [m, ...], y [m]) shared by all participants, or with ``validation`` =
     (x [N, m, ...], y [N, m], mask [N, m]) each participant's own validation split as its z′_k (concepts §2);
     update_factors: c_k of misbehaving participants that send θ + cΔ; idle: the participants with no data, which
-    do not step.
+    do not step; replay_factual: the run's local steps were not IEEE float32, so DICE-GT replays both sides.
     The model, the trajectory and these tensors live on one device, and so does everything computed from them:
     cascades come back to the host only as numpy (``Cascade``).
     """
@@ -102,8 +102,11 @@ class Window:
                  heldout: tuple[torch.Tensor, torch.Tensor],
                  validation: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                  update_factors: np.ndarray | None = None, loss: Loss = CROSS_ENTROPY,
-                 idle: np.ndarray | None = None):
+                 idle: np.ndarray | None = None, replay_factual: bool = False):
         self.trajectory = trajectory
+        # The recorded run stepped in another arithmetic than a replay's IEEE float32 (engine.precision tf32 or
+        # bf16): DICE-GT replays the factual side too (``ground_truth_cascade``).
+        self.replay_factual = replay_factual
         self.loss = loss
         self.model = model
         self.optimizer = optimizer

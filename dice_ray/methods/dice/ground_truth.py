@@ -55,28 +55,49 @@ def ground_truth_cascade(window: Window, source: int, hops: int, removed: np.nda
     """Return DICE-GT's cascade d_k^{(s)}, s = 1..hops, of the probe (``source``, t0, z) where z is j's whole
     minibatch (``removed`` None) or the positions ``removed`` of it. If ``counterfactual`` is a list, the
     counterfactual states θ_{k∖z}^{t0+s} [|S_s|, D] (rows: the cascade's supports[s]) are appended to it for
-    s = 1..hops (diagnostics: ``bench/alignment_floor.py``)."""
+    s = 1..hops (diagnostics: ``bench/alignment_floor.py``).
+
+    The counterfactual steps are IEEE float32. Where the run's own steps were not (``window.replay_factual``: a tf32
+    or bf16 run), the factual side is replayed the same way from the same recorded states — the step on j's whole
+    minibatch, then the reached participants' steps — so that a term compares like with like: against the recorded
+    states it would also carry each replayed step's difference between the two arithmetics."""
     traj = window.trajectory
     supports = reach(traj.mixing[:hops], source)
     half_cf, opt_cf_source = counterfactual_half_step(window, source, removed)
-    half_losses = _heldout_losses(window, torch.stack([traj.halves[0][source], half_cf]), np.array([source] * 2))
-    values = [np.zeros(1)]
+    cf_states = _replay(window, supports, source, half_cf, opt_cf_source, hops)
+    if counterfactual is not None:
+        counterfactual.extend(state.clone() for state in cf_states)
+    if window.replay_factual:
+        half, opt_source = counterfactual_half_step(window, source, np.zeros(0, np.int64))
+        states = _replay(window, supports, source, half, opt_source, hops)
+    else:
+        half, states = traj.halves[0][source], [traj.states[s][supports[s]] for s in range(1, hops + 1)]
+    half_losses = _heldout_losses(window, torch.stack([half, half_cf]), np.array([source] * 2))
+    values = [np.zeros(1)] + [_heldout_losses(window, states[s - 1], supports[s])
+                              - _heldout_losses(window, cf_states[s - 1], supports[s]) for s in range(1, hops + 1)]
+    return Cascade(source, float(half_losses[0] - half_losses[1]), supports, values)
 
+
+def _replay(window: Window, supports: list[np.ndarray], source: int, half: torch.Tensor,
+            opt_source: dict[str, torch.Tensor], hops: int) -> list[torch.Tensor]:
+    """The states [|S_s|, D] of the participants S_s (``supports``) at rounds t0+s, s = 1..hops, when j's half-step
+    of round t0 is ``half`` (its optimizer state then ``opt_source``) and everything else is the recorded run but
+    the local steps of the participants reached so far, which are replayed."""
+    traj = window.trajectory
     halves = traj.halves[0].clone()
-    halves[source] = half_cf
-    cf_rows = supports[0]  # rows whose counterfactual optimizer state differs from the factual one
-    cf_opt = {name: value[None] for name, value in opt_cf_source.items()}
+    halves[source] = half
+    cf_rows = supports[0]  # rows whose optimizer state differs from the recorded one
+    cf_opt = {name: value[None] for name, value in opt_source.items()}
+    out = []
     for s in range(1, hops + 1):
         rows = supports[s]
         w = sp.csr_array(traj.mixing[s - 1][rows])
         with torch.no_grad():
-            states = torch.as_tensor(w.toarray(), dtype=halves.dtype, device=halves.device) @ halves  # θ_{·∖z} on S_s
-        values.append(_heldout_losses(window, traj.states[s][rows], rows) - _heldout_losses(window, states, rows))
-        if counterfactual is not None:
-            counterfactual.append(states.clone())
+            states = torch.as_tensor(w.toarray(), dtype=halves.dtype, device=halves.device) @ halves  # S_s's states
+        out.append(states)
         if s == hops:
             break
-        # Counterfactual local step of round t0+s for S_s; everyone else's half-step is factual.
+        # The local step of round t0+s for S_s; everyone else's half-step is the recorded one.
         index = window.index(rows)
         opt = {name: value[index].clone() for name, value in traj.opt_states[s].items()}
         at = torch.as_tensor(np.searchsorted(rows, cf_rows), device=halves.device)
@@ -93,4 +114,4 @@ def ground_truth_cascade(window: Window, source: int, hops: int, removed: np.nda
         halves = traj.halves[s].clone()
         halves[index] = pop.state
         cf_rows, cf_opt = rows, {name: value.clone() for name, value in pop.opt_state.items()}
-    return Cascade(source, float(half_losses[0] - half_losses[1]), supports, values)
+    return out

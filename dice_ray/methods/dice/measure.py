@@ -118,7 +118,8 @@ def window_for(experiment: Any, trajectory: Trajectory) -> Window:
     factors = sent_factors(misbehavior(experiment.config.misbehavior), experiment.misbehaving, experiment.misbehaving,
                            experiment.nodes)
     return Window(trajectory, model, experiment.config.optim.spec(), block.minibatch, heldout, validation, factors,
-                  block.population.loss, idle=block.nodes[block.idle])
+                  block.population.loss, idle=block.nodes[block.idle],
+                  replay_factual=experiment.config.engine.precision != "fp32")
 
 
 def measure_round(experiment: Any, trajectory: Trajectory, probes: list[Probe]) -> tuple[list[dict], list[dict]]:
