@@ -11,11 +11,11 @@ IEEE float32 (``set_precision`` turns TF32 off for the process; ``step_precision
   a CPU this is ``fp32``.
 - ``bf16``: the local step under ``torch.autocast`` to bfloat16 (8-bit mantissas).
 
-Every method takes every mode. Measured on the CPU (TF32 emulated), DICE-E agrees with DICE-GT inside a tf32 or
-bf16 run about as in fp32 (the exact readout 1.1-4.4x its fp32 error), and proximal influence and the ledger move by
-~1% of their scale, rankings unchanged; TF32 in the replays too would multiply DICE-E's hop-by-hop error by 5-126:
-hence the scope.
-Measured with ``bench/precision_on_cpu.py`` (docs/results/scaling.md, "Precision modes and the methods").
+Every method takes every mode (DICE-GT then replays the factual side in float32 too: ``ground_truth_cascade``).
+Measured on the CPU (TF32 emulated), DICE-E agrees with DICE-GT inside a tf32 or bf16 run as in fp32 (the exact
+readout 1.2-3.2x its fp32 error), and proximal influence and the ledger move by ~1% of their scale, rankings
+unchanged; TF32 in the replays too would multiply DICE-E's hop-by-hop error by 5-126: hence the scope. Measured with
+``bench/precision_on_cpu.py`` (docs/results/scaling.md, "Precision modes and the methods").
 """
 
 from __future__ import annotations
