@@ -84,6 +84,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _compare import error_growth, on_scale
 from _rates import burst_rate
 from _tables import print_markdown
 from torch import nn
@@ -553,14 +554,9 @@ def dice_equivalence(modes: list[str]) -> dict[str, Any]:
         out = {}
         for column in a.columns:
             if column in b and np.issubdtype(a[column].dtype, np.floating) and column.startswith(("gt", "est")):
-                x, y = a[column].to_numpy(np.float64), b[column].to_numpy(np.float64)
-                if np.isnan(x).all() and np.isnan(y).all():
-                    continue  # a quantity this run does not compute
-                if not np.array_equal(np.isnan(x), np.isnan(y)):  # a NaN on one side only is a difference
-                    out[column] = math.inf
-                    continue
-                scale = float(np.nanmax(np.abs(x))) or 1.0
-                out[column] = float(np.nanmax(np.abs(x - y))) / scale
+                value = on_scale(a[column].to_numpy(np.float64), b[column].to_numpy(np.float64))
+                if not math.isnan(value):  # NaN: a quantity neither run computes
+                    out[column] = value
         return out
 
     cpu = dice_table(0.0, "fp32")
@@ -576,13 +572,9 @@ def dice_equivalence(modes: list[str]) -> dict[str, Any]:
         moved = relative(single, table)
         # How DICE-E's own error |GT - E| (median over probe-hops) grows inside the tf32 run: what
         # bench/precision_on_cpu.py measured with TF32 emulated in the local step (docs/results/scaling.md).
-        growth = {}
-        for column in [c for c in single.columns if c.startswith("est_") and not c.endswith("_horizon")]:
-            gt = "gt_hop" if column.endswith("_hop") else "gt"
-            before = np.nanmedian(np.abs(single[gt].to_numpy(np.float64) - single[column].to_numpy(np.float64)))
-            if np.isfinite(before) and before > 0:
-                growth[column] = float(np.nanmedian(np.abs(table[gt].to_numpy(np.float64)
-                                                           - table[column].to_numpy(np.float64))) / before)
+        growth = {column: error_growth(single, table, column, "gt_hop" if column.endswith("_hop") else "gt")
+                  for column in single.columns if column.startswith("est_") and not column.endswith("_horizon")}
+        growth = {column: value for column, value in growth.items() if not math.isnan(value)}
         result["modes"][mode] = {"relative": moved, "own_error_growth": growth}
         print(f"(a') DICE, single-sample probes, in {mode} on the CUDA actor vs the CPU (fp32): largest relative "
               f"difference "

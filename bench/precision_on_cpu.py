@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _compare import error_growth, on_scale
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
@@ -160,16 +161,6 @@ def run_tables(config: dict[str, Any], mode: Mode | None, tables: tuple[str, ...
         return out
 
 
-def on_scale(x: np.ndarray, y: np.ndarray) -> float:
-    """max |x − y| / max |x| (inf where NaN is on one side only; NaN where both are all NaN)."""
-    if not np.array_equal(np.isnan(x), np.isnan(y)):
-        return math.inf
-    both = ~np.isnan(x)
-    if not both.any():
-        return math.nan
-    return float(np.max(np.abs(x[both] - y[both])) / (np.max(np.abs(x[both])) or 1.0))
-
-
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
@@ -230,11 +221,9 @@ def dice(modes: list[Mode]) -> list[dict[str, Any]]:
                 row["gt_on_scale"][f"gt{suffix}"] = on_scale(base[f"gt{suffix}"].to_numpy(np.float64),
                                                              moved[f"gt{suffix}"].to_numpy(np.float64))
                 for variant in VARIANTS:  # how DICE-E's own error grows inside the mode's run
-                    est, gt = f"est_{variant}{suffix}", f"gt{suffix}"
-                    error = np.abs(base[gt].to_numpy(np.float64) - base[est].to_numpy(np.float64))
-                    error_now = np.abs(moved[gt].to_numpy(np.float64) - moved[est].to_numpy(np.float64))
-                    if not np.isnan(error).all():
-                        row["own_error_ratio"][est] = float(np.nanmedian(error_now) / np.nanmedian(error))
+                    growth = error_growth(base, moved, f"est_{variant}{suffix}", f"gt{suffix}")
+                    if not math.isnan(growth):
+                        row["own_error_ratio"][f"est_{variant}{suffix}"] = growth
             joined = fp32["alignment"].merge(moved_run["alignment"], on=["hops", "quantity", "variant"],
                                              suffixes=("", "_mode"))
             change = (joined["spearman"] - joined["spearman_mode"]).abs()

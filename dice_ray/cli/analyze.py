@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -188,8 +189,8 @@ def collaborators(runs: list[Path], out: Path | None = None) -> list[dict]:
     out = _out_folder(out or common_parent(runs))
     write_report(computed, out)
     rows = _records(computed.summary)
-    varied = {k for k in {r["misbehavior"] for r in rows}  # kinds run with several options: say which
-              if len({r["misbehavior_options"] for r in rows if r["misbehavior"] == k}) > 1}
+    kinds = Counter(kind for kind, _ in {(r["misbehavior"], r["misbehavior_options"]) for r in rows})
+    varied = {kind for kind, settings in kinds.items() if settings > 1}  # run with several options: say which
     labels = ["none" if r["misbehavior"] == "none" else
               r["misbehavior"] + (_options_label(r["misbehavior_options"]) if r["misbehavior"] in varied else "")
               + f" x{r['misbehaving']}" for r in rows]
