@@ -460,8 +460,9 @@ class Population:
         with torch.enable_grad(), by_statistics:
             per = self._losses_of(leaves, x, y, shared_input, buffers, sample_weights, model)
             wrt = [*leaves.values(), *(buffers.values() if with_buffers else ())]
-            # a buffer the forward pass never reads has gradient 0 (autograd says None)
-            grads = torch.autograd.grad(per.sum(), wrt, allow_unused=with_buffers)
+            # a parameter or buffer the forward pass never reads has gradient 0 (autograd says None; torch.optim
+            # would skip the parameter, which differs only by weight decay on it, which no loss reads)
+            grads = torch.autograd.grad(per.sum(), wrt, allow_unused=True)
             grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, wrt, strict=True)]
         if updates_buffers:
             for name, view in self.buffer_layout.views(self.buffers[rows]).items():

@@ -113,6 +113,46 @@ def test_a_model_with_batchnorm_steps_as_a_pure_function_and_dice_e_runs_through
         assert len(estimates) > 0 and np.isfinite(estimates.to_numpy()).all()
 
 
+class _SpareHead(nn.Module):
+    """A model with a layer its forward pass never calls (a spare head, say): parameters no loss reads."""
+
+    def __init__(self, inputs: int, num_classes: int) -> None:
+        super().__init__()
+        self.body, self.spare = nn.Linear(inputs, num_classes), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.flatten(1))
+
+
+def test_parameters_the_forward_pass_does_not_read_stay_put_and_every_method_runs(tmp_path) -> None:
+    """A parameter no forward pass reads has gradient 0, as torch.optim leaves it (training stopped with autograd's
+    'appears to not have been used in the graph'); the others train, and DICE-E in every variant, proximal influence
+    and the ledger run through the model."""
+    torch.manual_seed(0)
+    model = _SpareHead(64, 10)
+    pop = Population(model, initial_state(model, np.arange(3), 0, "independent"), OptimizerSpec("adam", 0.01))
+    before = {n: v.clone() for n, v in pop.param_layout.views(pop.params).items()}
+    pop.half_step(torch.randn(3, 4, 1, 8, 8), torch.randint(0, 10, (3, 4)))
+    after = pop.param_layout.views(pop.params)
+    assert all(torch.equal(after[n], before[n]) for n in ("spare.weight", "spare.bias"))
+    assert not torch.equal(after["body.weight"], before["body.weight"])
+
+    register_model("test-spare-head")(lambda shape, classes: _SpareHead(int(np.prod(shape)), classes))
+    config = dice_ray.RunConfig(
+        nodes=4, rounds=4, seed=1, model={"name": "test-spare-head"}, data={"dataset": "digits", "heldout_size": 8},
+        optim={"name": "adam", "lr": 0.01, "batch_size": 4}, proximal={"enabled": True},
+        ledger={"enabled": True, "hops": 2},
+        influence={"enabled": True, "online": True, "hops": 2, "rounds": [1], "sources": [0],
+                   "variants": "first-order,curvature,second-order,exact-readout"},
+        output={"progress": False, "out": str(tmp_path / "run")})
+    run = dice_ray.run(config, engine="local")
+    estimates = run.influence.filter(like="est_")
+    assert len(estimates) > 0 and np.isfinite(estimates.to_numpy()).all()
+    for table, columns in (("proximal", ["score", "update_cosine"]), ("shares", ["total", "share"])):
+        values = run.table(table)[columns].to_numpy()
+        assert len(values) > 0 and np.isfinite(values).all()
+
+
 def test_what_dice_e_cannot_estimate_through_batchnorm_is_refused_before_the_run(tmp_path) -> None:
     """A single sample's probe (its removal moves the batch statistics every other sample's gradient reads), a
     BatchNorm without a momentum (a cumulative average: a counter per participant) and, for the influence methods,
