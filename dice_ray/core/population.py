@@ -235,6 +235,12 @@ def running_statistics_frozen(model: nn.Module):
             module.track_running_stats = True
 
 
+def _remember_input(seen: dict[str, list[torch.Tensor]], name: str, module: nn.Module,
+                    args: tuple[torch.Tensor, ...]) -> None:
+    """A forward pre-hook that keeps each input of layer ``name``, in order, in ``seen``."""
+    seen.setdefault(name, []).append(args[0])
+
+
 def tracked_normalization(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers of ``model`` whose running statistics a training step updates: BatchNorm (``running_mean``,
     ``running_var``), by name. Any other floating-point buffer is a constant of the local step."""
@@ -359,36 +365,72 @@ class Population:
     # -- losses and gradients -------------------------------------------------------------------
 
     def _logits(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor,
-                shared_input: bool = False, model: nn.Module | None = None) -> torch.Tensor:
+                shared_input: bool = False, model: nn.Module | None = None,
+                moving: list[tuple[str, nn.Module]] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Return logits [P, B, C]: stacked parameters and buffers (name -> [P, ...]) applied to each
         participant's own inputs x [P, B, ...] (or to one shared x [B, ...]), by ``model`` (default ``self.model``;
         another thread computes with a replica of its own: ``functional_call`` swaps a module's tensors while it
-        runs)."""
+        runs). With ``moving``, ``model``'s normalization layers that track running statistics (a training-mode pass on
+        the participants' own batches): (logits, the buffers [P, D_buffers] as this pass moves them,
+        ``_moved_statistics``), from the one forward pass."""
         model = self.model if model is None else model
+        moved = moving is not None
+        layers = moving or []
+        seen: dict[str, list[torch.Tensor]] = {}
 
-        def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
-            return functional_call(model, {**p, **b}, (xb,))
+        def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xb: torch.Tensor):
+            seen.clear()
+            logits = functional_call(model, {**p, **b}, (xb,))
+            return (logits, self._moved_statistics(layers, seen, b)) if moved else logits
 
-        if self.vectorize == "vmap":
-            x = x if shared_input else stacked_input(model, x)
-            return vmap(one, in_dims=(0, 0, None if shared_input else 0))(params, buffers, x)
-        return torch.stack([
-            one({n: v[k] for n, v in params.items()}, {n: v[k] for n, v in buffers.items()},
-                x if shared_input else x[k])
-            for k in range(next(iter(params.values())).shape[0])
-        ])
+        hooks = [m.register_forward_pre_hook(functools.partial(_remember_input, seen, name)) for name, m in layers]
+        try:
+            if self.vectorize == "vmap":
+                x = x if shared_input else stacked_input(model, x)
+                return vmap(one, in_dims=(0, 0, None if shared_input else 0))(params, buffers, x)
+            outs = [one({n: v[k] for n, v in params.items()}, {n: v[k] for n, v in buffers.items()},
+                        x if shared_input else x[k])
+                    for k in range(next(iter(params.values())).shape[0])]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return tuple(torch.stack(parts) for parts in zip(*outs, strict=True)) if moved else torch.stack(outs)
+
+    def _moved_statistics(self, layers: list[tuple[str, nn.Module]], seen: dict[str, list[torch.Tensor]],
+                          buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One participant's buffers [D_buffers] after a training forward pass whose normalization ``layers`` saw
+        the inputs ``seen`` (name -> its inputs, in order): BatchNorm's running statistics move toward each batch's,
+        r ← (1 − m) r + m s(θ; x) (mean, and variance with Bessel's correction, over every dimension but the
+        channels), once per call as torch's training pass moves them, as a pure function that forward mode
+        differentiates (torch's own update is not differentiated). Other buffers stay as they are."""
+        new = dict(buffers)
+        for name, module in layers:
+            m = module.momentum
+            for inputs in seen.get(name, []):
+                dims = [d for d in range(inputs.dim()) if d != 1]
+                new[f"{name}.running_mean"] = (1 - m) * new[f"{name}.running_mean"] + m * inputs.mean(dim=dims)
+                new[f"{name}.running_var"] = ((1 - m) * new[f"{name}.running_var"]
+                                              + m * inputs.var(dim=dims, correction=1))
+        return self.buffer_layout.flatten(new)
 
     def _losses_of(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                    shared_input: bool, buffers: dict[str, torch.Tensor] | None = None,
-                   sample_weights: torch.Tensor | None = None, model: nn.Module | None = None) -> torch.Tensor:
+                   sample_weights: torch.Tensor | None = None, model: nn.Module | None = None,
+                   moving: list[tuple[str, nn.Module]] | None = None):
+        """Per-participant losses [P] (``losses``); with ``moving``, (losses, the buffers the pass moved)."""
         buffers = self.buffer_layout.views(self.buffers) if buffers is None else buffers
-        logits = self._logits(params, buffers, x, shared_input, model)
+        logits = self._logits(params, buffers, x, shared_input, model, moving)
+        moved = moving is not None
+        if moved:
+            logits, moved_buffers = logits
         targets = y.expand(logits.shape[0], *y.shape) if shared_input else y
         per_sample = self.loss.per_sample(logits.flatten(0, 1), targets.flatten(0, 1)).view(logits.shape[0], -1)
         if sample_weights is None:
-            return per_sample.mean(dim=1)
-        w = sample_weights.to(per_sample.dtype)
-        return (per_sample * w).sum(dim=1) / w.sum(dim=1)
+            losses = per_sample.mean(dim=1)
+        else:
+            w = sample_weights.to(per_sample.dtype)
+            losses = (per_sample * w).sum(dim=1) / w.sum(dim=1)
+        return (losses, moved_buffers) if moved else losses
 
     def losses(self, x: torch.Tensor, y: torch.Tensor, params: torch.Tensor | None = None,
                shared_input: bool = False) -> torch.Tensor:
@@ -728,70 +770,52 @@ class Population:
         The same optimizer update as ``half_step``, as a pure function: ``torch.func.jvp`` differentiates
         through it (the Jacobian J of concepts §4, for any optimizer).
         """
-        count = params.shape[0]
-        extra = self.pass_padding(count)  # 1-2 rows step with the kernels of larger passes, as in ``half_step``
-        params, (x, y, _) = pad_rows(params, extra), pad_batch(extra, x, y)
-        buffers = self.buffer_layout.views(pad_rows(self.buffers, extra))
-        with running_statistics_frozen(self.model):
-            g = grad(lambda p: self._losses_of(self.param_layout.views(p), x, y, False, buffers).sum())(params)
-        new_params = params.clone()
-        new_state = {name: pad_rows(value, extra) if extra else value.clone() for name, value in opt_state.items()}
-        optimizer_update_(self.optimizer, new_params, g, new_state)
-        return new_params[:count], {name: value[:count] for name, value in new_state.items()}
+        new_params, new_opt, _ = self._functional_step(params, opt_state, x, y)
+        return new_params, new_opt
 
     def functional_state_step(self, state: torch.Tensor, opt_state: dict[str, torch.Tensor], x: torch.Tensor,
                               y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``functional_step`` over the whole state [P, D]: the parameters stepped, and the running statistics updated
-        as training's forward pass updates them (``stepped_buffers``); the parameters' step does not read them."""
+        as training's forward pass updates them (``_moved_statistics``), from that same forward pass (the parameters'
+        step does not read them: it normalizes by the batch's statistics). Other buffers are constants of the step."""
         width = self.param_layout.width
-        params, opt = self.functional_step(state[:, :width], opt_state, x, y)
-        if not self.buffer_layout.width:
-            return params, opt
-        return torch.cat([params, self.stepped_buffers(state[:, :width], state[:, width:], x)], dim=1), opt
-
-    def stepped_buffers(self, params: torch.Tensor, buffers: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The buffers [P, D_buffers] after a training step's forward pass on x [P, B, ...] at ``params`` and
-        ``buffers``, as a pure function that forward mode differentiates: BatchNorm's running statistics move
-        toward the batch's, r ← (1 − m) r + m s(θ; x) (mean, and variance with Bessel's correction, over every
-        dimension but the channels; torch's own update is not differentiated). Other buffers stay as they are."""
         layers = tracked_normalization(self.model)
         if not layers:
-            return buffers
+            params, opt = self.functional_step(state[:, :width], opt_state, x, y)
+            return (torch.cat([params, state[:, width:]], dim=1) if self.buffer_layout.width else params), opt
         if any(m.momentum is None for _, m in layers):
             raise InputError("a BatchNorm layer with momentum=None (a cumulative average over the batches seen) has "
                              "no per-participant counter here: give it a momentum")
-        count = params.shape[0]
-        extra = self.pass_padding(count)
-        params, buffers, x = pad_rows(params, extra), pad_rows(buffers, extra), pad_rows(x, extra)
-        inputs: dict[str, torch.Tensor] = {}
-
-        def remember(name: str, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            inputs[name] = args[0]
-
-        def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
-            inputs.clear()
-            functional_call(self.model, {**p, **b}, (xb,))
-            new = dict(b)
-            for name, module in layers:
-                seen = inputs[name]
-                dims = [d for d in range(seen.dim()) if d != 1]
-                m = module.momentum
-                new[f"{name}.running_mean"] = (1 - m) * b[f"{name}.running_mean"] + m * seen.mean(dim=dims)
-                new[f"{name}.running_var"] = (1 - m) * b[f"{name}.running_var"] + m * seen.var(dim=dims, correction=1)
-            return self.buffer_layout.flatten(new)
-
-        hooks = [module.register_forward_pre_hook(functools.partial(remember, name)) for name, module in layers]
         was_training = self.model.training
         self.model.train()
         try:
-            with running_statistics_frozen(self.model):
-                out = vmap(one)(self.param_layout.views(params), self.buffer_layout.views(buffers),
-                                stacked_input(self.model, x))
+            params, opt, buffers = self._functional_step(state[:, :width], opt_state, x, y, (state[:, width:], layers))
         finally:
             self.model.train(was_training)
-            for hook in hooks:
-                hook.remove()
-        return out[:count]
+        return torch.cat([params, buffers], dim=1), opt
+
+    def _functional_step(self, params: torch.Tensor, opt_state: dict[str, torch.Tensor], x: torch.Tensor,
+                         y: torch.Tensor, moving: tuple[torch.Tensor, list[tuple[str, nn.Module]]] | None = None):
+        """(θ', s', the buffers [P, D_buffers] its forward pass moved) for ``functional_step``; ``moving``: (the
+        buffers [P, D_buffers] to move, the normalization layers that move them; None: read ``self.buffers``, and the
+        third item is None)."""
+        count = params.shape[0]
+        extra = self.pass_padding(count)  # 1-2 rows step with the kernels of larger passes, as in ``half_step``
+        params, (x, y, _) = pad_rows(params, extra), pad_batch(extra, x, y)
+        buffers, layers = (self.buffers, None) if moving is None else moving
+        buffers = self.buffer_layout.views(pad_rows(buffers, extra))
+
+        def loss(p: torch.Tensor):
+            losses = self._losses_of(self.param_layout.views(p), x, y, False, buffers, moving=layers)
+            return (losses[0].sum(), losses[1]) if layers is not None else (losses.sum(), ())
+
+        with running_statistics_frozen(self.model):
+            g, moved_buffers = grad(loss, has_aux=True)(params)
+        new_params = params.clone()
+        new_state = {name: pad_rows(value, extra) if extra else value.clone() for name, value in opt_state.items()}
+        optimizer_update_(self.optimizer, new_params, g, new_state)
+        return (new_params[:count], {name: value[:count] for name, value in new_state.items()},
+                None if layers is None else moved_buffers[:count])
 
     @torch.no_grad()
     def mix_(self, weights: torch.Tensor | list[torch.Tensor], sources: torch.Tensor | list[torch.Tensor]) -> None:
