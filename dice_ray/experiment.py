@@ -53,32 +53,139 @@ def check_outputs(config: RunConfig, model: Any, dataset: Dataset) -> None:
     """Refuse, before any work, a model that does not fit the data set's inputs, whose outputs for N samples are not
     [N, num_classes] (the data set's classes, or a regression's output width), or whose outputs the loss cannot
     read (its per-sample losses not [N]): a run would otherwise fail inside its first step, or train silently on
-    outputs no class reads."""
+    outputs no class reads. Then what the methods ask of the loss (``check_loss``)."""
     import torch
 
     from dice_ray.core.losses import build_loss
 
     name, width, n = config.model.name, dataset.num_classes, min(2, len(dataset.x_test))
-    with torch.no_grad():
+    x, y = torch.from_numpy(dataset.x_test[:n]), torch.from_numpy(dataset.y_test[:n])
+    try:
+        outputs = model.eval()(x)
+    except (RuntimeError, ValueError, IndexError, TypeError) as err:
+        raise InputError(f"model {name!r} does not fit {config.data.dataset} inputs of shape "
+                         f"{dataset.input_shape}: {str(err).splitlines()[0]}") from None
+    if not isinstance(outputs, torch.Tensor):
+        raise InputError(f"model {name!r} returns a {type(outputs).__name__}, not a tensor: a run needs its outputs "
+                         f"as one tensor [N, {width}] (one output per class, or per regression target)")
+    if tuple(outputs.shape) != (n, width):
+        raise InputError(f"model {name!r} returns outputs of shape {list(outputs.shape)} for {n} samples of "
+                         f"{config.data.dataset}; a run needs [{n}, {width}] (one output per class, or per "
+                         "regression target)")
+    loss = build_loss(config.model.loss)
+    try:
+        losses = loss.per_sample(outputs, y)
+    except (RuntimeError, ValueError, IndexError, TypeError) as err:
+        hint = ""
+        if y.is_floating_point():
+            hint = (" (its targets are floating-point, which dice-ray reads as regression targets: give integer "
+                    "class labels for classification, or a regression loss such as mse)")
+        elif config.model.loss == "mse":
+            hint = (" (its targets are integers, which dice-ray reads as class labels, one output each: give "
+                    "floating-point targets for regression)")
+        raise InputError(f"loss {config.model.loss!r} cannot read model {name!r}'s outputs on "
+                         f"{config.data.dataset}: {str(err).splitlines()[0]}{hint}") from None
+    if tuple(getattr(losses, "shape", ())) != (n,):
+        got = list(getattr(losses, "shape", []))
+        raise InputError(f"loss {config.model.loss!r} returns {got} for {n} samples; per_sample must return one "
+                         f"loss per sample, [{n}]")
+    check_loss(config, loss, outputs.detach(), y)
+
+
+def check_loss(config: RunConfig, loss: Any, outputs: Any, y: Any) -> None:
+    """Refuse, before any work, a loss that the run's methods cannot compute with: one without a gradient in the
+    model's outputs (every local step takes it); one that fails in float64 (DICE-GT and the exact readout evaluate
+    losses in float64); one that forward mode cannot differentiate (curvature DICE-E takes forward-over-reverse
+    derivatives through it, second order and the exact readout one more)."""
+    import torch
+    from torch.func import grad, jvp
+
+    name = config.model.loss
+    grown = outputs.clone().requires_grad_()
+    if not loss.per_sample(grown, y).requires_grad:
+        raise InputError(f"loss {name!r} has no gradient in the model's outputs (computed outside torch, or "
+                         "detached): write it from differentiable torch operations")
+    influence, ledger = config.influence, config.ledger
+    variants = {*(influence.variants if influence.enabled else ()), *(ledger.variants if ledger.enabled else ())}
+    if influence.enabled or "exact-readout" in variants:
         try:
-            outputs = model.eval()(torch.from_numpy(dataset.x_test[:n]))
-        except RuntimeError as err:
-            raise InputError(f"model {name!r} does not fit {config.data.dataset} inputs of shape "
-                             f"{dataset.input_shape}: {str(err).splitlines()[0]}") from None
-        shape = tuple(getattr(outputs, "shape", ()))
-        if shape != (n, width):
-            raise InputError(f"model {name!r} returns outputs of shape {list(shape)} for {n} samples of "
-                             f"{config.data.dataset}; a run needs [{n}, {width}] (one output per class, or per "
-                             "regression target)")
-        try:
-            losses = build_loss(config.model.loss).per_sample(outputs, torch.from_numpy(dataset.y_test[:n]))
+            loss.per_sample(outputs.double(), y.double() if y.is_floating_point() else y)
         except (RuntimeError, ValueError, IndexError, TypeError) as err:
-            raise InputError(f"loss {config.model.loss!r} cannot read model {name!r}'s outputs on "
-                             f"{config.data.dataset}: {str(err).splitlines()[0]}") from None
-        if tuple(getattr(losses, "shape", ())) != (n,):
-            got = list(getattr(losses, "shape", []))
-            raise InputError(f"loss {config.model.loss!r} returns {got} for {n} samples; per_sample must return one "
-                             f"loss per sample, [{n}]")
+            raise InputError(f"loss {name!r} fails on float64 outputs, in which DICE-GT and the exact readout "
+                             f"evaluate losses (build its constants in the outputs' dtype): "
+                             f"{str(err).splitlines()[0]}") from None
+    orders = 2 if variants & {"second-order", "exact-readout"} else 1 if "curvature" in variants else 0
+    if not orders:
+        return
+
+    def gradient(o: torch.Tensor) -> torch.Tensor:
+        return grad(lambda v: loss.per_sample(v, y).sum())(o)
+
+    def along(o: torch.Tensor) -> torch.Tensor:
+        return jvp(gradient, (o,), (torch.ones_like(o),))[1]
+
+    try:
+        jvp(along, (outputs,), (torch.ones_like(outputs),)) if orders == 2 else along(outputs)
+    except (RuntimeError, NotImplementedError) as err:
+        needs = "second-order and exact-readout variants need" if orders == 2 else "curvature variant needs"
+        raise InputError(f"loss {name!r}: forward mode cannot differentiate it, which DICE-E's {needs} (write it "
+                         f"from operations torch.func.jvp supports): {str(err).splitlines()[0]}") from None
+
+
+def check_model(config: RunConfig, model: Any, dataset: Dataset) -> None:
+    """Refuse, before any work, a model whose local step is not a function of a participant's state and minibatch,
+    as every run and DICE-GT's replays need: parameters or buffers other than float32 (participants' states are
+    stacked in one float32 tensor), random operations such as dropout (a replay would draw others), and buffers its
+    forward pass writes other than BatchNorm's running statistics (an integer buffer is in no participant's state: all
+    participants stacked in one module would share it, and a checkpoint would lose it; a floating-point one is, but
+    DICE differentiates and replays the step as a pure function, which must not write it)."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from dice_ray.core.population import tracked_normalization
+
+    name = config.model.name
+    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        wide = [(n, t.dtype) for n, t in tensors if t.is_floating_point() and t.dtype != torch.float32]
+        if wide:
+            raise InputError(f"model {name!r}: {kind} {wide[0][0]!r} is {wide[0][1]}, and participants' states are "
+                             "stacked in float32: build the model in float32 (engine.precision chooses faster "
+                             "arithmetic)")
+    random = [n for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+    if random:
+        raise InputError(f"model {name!r}: layer {random[0]!r} is dropout, random in every training step; a local step "
+                         "must be a function of the participant's state and minibatch alone (DICE-GT replays it): "
+                         "remove it or set p=0")
+    tracked = {f"{n}.{b}" for n, _ in tracked_normalization(model)
+               for b in ("running_mean", "running_var", "num_batches_tracked")}
+    x = torch.from_numpy(dataset.x_train[:4])
+    base = copy.deepcopy(model).train()
+    outputs = []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        try:
+            base(x)  # lazy modules take their shapes
+        except Exception:  # noqa: BLE001 - e.g. BatchNorm over too few values: the run's first step will say
+            return
+        for seed in (0, 1):  # a training forward pass, from two random states
+            trial = copy.deepcopy(base)
+            before = {n: b.clone() for n, b in trial.named_buffers()}
+            torch.manual_seed(seed)
+            outputs.append(trial(x))
+            written = [n for n, b in trial.named_buffers() if n not in tracked and not torch.equal(b, before[n])]
+            if written and not trial.get_buffer(written[0]).is_floating_point():
+                raise InputError(f"model {name!r}: its forward pass writes buffer {written[0]!r}, which is not a "
+                                 "floating-point tensor and so in no participant's state (all participants stacked "
+                                 "in one module would share it, and a checkpoint would lose it)")
+            if written and config.influence.enabled:
+                raise InputError(f"model {name!r}: its forward pass writes buffer {written[0]!r} (not BatchNorm's "
+                                 "running statistics), and DICE differentiates and replays the local step as a pure "
+                                 "function")
+    if all(isinstance(o, torch.Tensor) for o in outputs) and not torch.equal(*outputs):  # else: check_outputs says
+        raise InputError(f"model {name!r}: its training forward pass is random (two random states gave other "
+                         "outputs); a local step must be a function of the participant's state and minibatch alone "
+                         "(DICE-GT replays it)")
 
 
 def check_normalization(config: RunConfig, model: Any) -> None:
@@ -138,8 +245,12 @@ def prepare(config: RunConfig, topology_file: str | Path | None = None) -> Exper
         partition = shrink_partition(partition, d.shrink.ids, d.shrink.fraction, seed=config.seed)
     check_partition(partition, config.optim.batch_size)
     model = build_model(config.model.name, dataset.input_shape, dataset.num_classes)
+    check_model(config, model, dataset)
     check_outputs(config, model, dataset)
     check_normalization(config, model)
+    if config.misbehavior.kind == "label-flip" and not np.issubdtype(dataset.y_train.dtype, np.integer):
+        raise InputError(f"misbehavior label-flip turns class labels y into C-1-y, and {d.dataset} has regression "
+                         "targets: choose another kind, e.g. feature-noise")
     bad = config.misbehavior
     misbehaving = misbehaving_participants(bad.kind, config.nodes, bad.number(config.nodes), bad.selection, topology,
                                            config.seed, bad.ids)

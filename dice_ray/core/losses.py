@@ -62,6 +62,8 @@ class MeanSquaredError(Loss):
 
     def per_sample(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         targets = targets.to(outputs.dtype).reshape(outputs.shape[0], -1)
+        if targets.shape[1] != outputs.shape[1]:  # they would broadcast: every output fitted to one target
+            raise ValueError(f"targets of width {targets.shape[1]} for outputs of width {outputs.shape[1]}")
         return (outputs - targets).pow(2).mean(dim=-1)
 
 

@@ -10,10 +10,11 @@ A user's data set is a factory that returns its train and test splits::
         return x_train, y_train, x_test, y_test        # numpy arrays (or two torch Datasets)
 
 and is selected by name (``data.dataset: my-regression``, ``--dataset my-regression``); the module defining it
-is imported first through the run config's ``imports`` (also inside every Ray worker). Integer labels are
-class labels (``num_classes`` defaults to their maximum + 1); float targets (regression, with a loss such
+is imported first through the run config's ``imports`` (also inside every Ray worker). Integer (and boolean) labels
+are class labels (``num_classes`` defaults to their maximum + 1); float targets (regression, with a loss such
 as ``mse``) keep their dtype, and ``num_classes`` is the model's output width (default: 1 for [n] targets,
-m for [n, m]). User data is used as given: no normalization.
+m for [n, m]). User data is used as given: no normalization; what a run cannot read (labels outside 0..C−1,
+targets that are not numbers, NaN or infinite values, ...) is refused in one ``InputError`` line.
 """
 
 from __future__ import annotations
@@ -84,11 +85,49 @@ def dataset_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def _arrays(split: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) arrays of a torch ``Dataset`` of (input, target) pairs."""
+def _arrays(name: str, which: str, split: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) arrays of a torch ``Dataset`` of (input, target) pairs (its ``which`` split, of data set ``name``)."""
     items = [split[i] for i in range(len(split))]
-    return (np.stack([np.asarray(x, np.float32) for x, _ in items]),
-            np.stack([np.asarray(y) for _, y in items]))
+    if not items:
+        raise InputError(f"data set {name!r}: its {which} Dataset is empty")
+    if any(not isinstance(item, (tuple, list)) or len(item) != 2 for item in items):
+        bad = next(item for item in items if not isinstance(item, (tuple, list)) or len(item) != 2)
+        raise InputError(f"data set {name!r}: a {which} Dataset's items must be (input, target) pairs, got "
+                         f"{type(bad).__name__}" + (f" of {len(bad)}" if isinstance(bad, (tuple, list)) else ""))
+
+    def array(value: Any) -> np.ndarray:
+        return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+
+    return np.stack([array(x) for x, _ in items]), np.stack([array(y) for _, y in items])
+
+
+def _check_targets(name: str, y_train: np.ndarray, y_test: np.ndarray) -> bool:
+    """Refuse targets dice-ray cannot read; return whether they are class labels (integers, or booleans)."""
+    for which, y in (("training", y_train), ("test", y_test)):
+        if y.dtype.kind not in "biuf":
+            raise InputError(f"data set {name!r}: {which} targets of dtype {y.dtype} are not numbers; give integer "
+                             "class labels or floating-point regression targets")
+    classification = y_train.dtype.kind in "biu"
+    if classification:
+        if y_test.dtype.kind == "f" and not np.all(np.isfinite(y_test) & (y_test == np.round(y_test))):
+            raise InputError(f"data set {name!r}: its training labels are integers (classes), but some test labels "
+                             "are not whole numbers")
+        return True
+    if y_train.ndim > 2 or y_train.shape[1:] != y_test.shape[1:]:
+        raise InputError(f"data set {name!r}: regression targets of shape {list(y_train.shape[1:])} per training "
+                         f"sample and {list(y_test.shape[1:])} per test sample (need [] or [m], the same in both)")
+    return False
+
+
+def _check_finite(name: str, x_train: np.ndarray, x_test: np.ndarray, y_train: np.ndarray,
+                  y_test: np.ndarray) -> None:
+    """Refuse inputs or targets that are NaN or infinite: every loss they reach would be."""
+    for which, values in (("training inputs", x_train), ("test inputs", x_test), ("training targets", y_train),
+                          ("test targets", y_test)):
+        finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        if not finite.all():
+            raise InputError(f"data set {name!r}: {int((~finite).sum())} of its {which} hold NaN or infinite values "
+                             f"(the first at index {int(np.argmin(finite))})")
 
 
 def as_dataset(name: str, value: Any, input_shape: tuple[int, ...] | None = None,
@@ -98,7 +137,7 @@ def as_dataset(name: str, value: Any, input_shape: tuple[int, ...] | None = None
     if isinstance(value, Dataset):
         return value
     if isinstance(value, tuple) and len(value) == 2:
-        (x_train, y_train), (x_test, y_test) = _arrays(value[0]), _arrays(value[1])
+        (x_train, y_train), (x_test, y_test) = _arrays(name, "training", value[0]), _arrays(name, "test", value[1])
     elif isinstance(value, tuple) and len(value) == 4:
         x_train, y_train, x_test, y_test = (np.asarray(v) for v in value)
     else:
@@ -107,18 +146,29 @@ def as_dataset(name: str, value: Any, input_shape: tuple[int, ...] | None = None
     if len(x_train) != len(y_train) or len(x_test) != len(y_test) or not len(x_train) or not len(x_test):
         raise InputError(f"data set {name!r}: {len(x_train)} training inputs for {len(y_train)} targets and "
                          f"{len(x_test)} test inputs for {len(y_test)} targets (need equal, non-zero counts)")
-    classification = np.issubdtype(y_train.dtype, np.integer)
+    if x_train.ndim < 2 or x_test.ndim < 2:
+        raise InputError(f"data set {name!r}: inputs of shape {list(x_train.shape)} (train) and {list(x_test.shape)} "
+                         "(test); a sample needs a shape of its own, [n, features, ...] ([n, 1] for one feature)")
+    for which, x in (("training", x_train), ("test", x_test)):
+        if x.dtype.kind not in "biuf":
+            raise InputError(f"data set {name!r}: {which} inputs of dtype {x.dtype} are not numbers")
+    classification = _check_targets(name, y_train, y_test)
+    _check_finite(name, x_train, x_test, y_train, y_test)
     kind = np.int64 if classification else np.float32
     y_train, y_test = (np.ascontiguousarray(y, dtype=kind) for y in (y_train, y_test))
+    width = 1 if y_train.ndim == 1 else int(y_train.shape[1])
     if num_classes is None:
-        num_classes = int(max(y_train.max(), y_test.max()) + 1) if classification else (
-            1 if y_train.ndim == 1 else int(y_train.shape[1]))
+        num_classes = int(max(y_train.max(), y_test.max()) + 1) if classification else width
+    elif not classification and num_classes != width:
+        raise InputError(f"data set {name!r}: num_classes={num_classes} declared for regression targets of width "
+                         f"{width} (a regression's num_classes is its output width)")
     shape = tuple(int(d) for d in (input_shape or x_train.shape[1:]))
     if tuple(x_train.shape[1:]) != shape or tuple(x_test.shape[1:]) != shape:
         raise InputError(f"data set {name!r}: inputs of shape {tuple(x_train.shape[1:])} (train) and "
                          f"{tuple(x_test.shape[1:])} (test), declared {shape}")
-    if classification and (y_train.min() < 0 or max(y_train.max(), y_test.max()) >= num_classes):
-        raise InputError(f"data set {name!r}: class labels must lie in 0..{num_classes - 1}")
+    if classification and (min(y_train.min(), y_test.min()) < 0 or max(y_train.max(), y_test.max()) >= num_classes):
+        raise InputError(f"data set {name!r}: class labels must lie in 0..{num_classes - 1} (training and test "
+                         f"labels lie in {min(y_train.min(), y_test.min())}..{max(y_train.max(), y_test.max())})")
     return Dataset(name, np.ascontiguousarray(x_train, dtype=np.float32), y_train,
                    np.ascontiguousarray(x_test, dtype=np.float32), y_test, int(num_classes), shape)
 

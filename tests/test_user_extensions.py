@@ -1,0 +1,231 @@
+"""What a researcher registers — a data set, a loss, a model — is either run as PyTorch would run it or refused in one
+line before any work (``data.registry.as_dataset``, ``experiment.check_model``, ``check_outputs``, ``check_loss``).
+Each case here once ran to a wrong number, or stopped mid-run with a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dice_ray
+from dice_ray.config import build_config
+from dice_ray.core.losses import register_loss
+from dice_ray.core.models import register_model
+from dice_ray.data import load_dataset
+from dice_ray.errors import InputError
+from dice_ray.experiment import prepare
+
+
+def _features(n: int = 240, d: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    x = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
+    return x, (np.abs(x[:, 0] * 3).astype(np.int64) % 3)
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_y: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    return x[:200], y[:200], x[200:], y[200:] if test_y is None else test_y
+
+
+def _with_nan(where: str) -> tuple[np.ndarray, ...]:
+    x, y = _features()
+    x = x.copy()
+    x[200 + 6 if where == "test" else 3, 2] = np.nan if where == "test" else np.inf
+    return _split(x, y)
+
+
+class _Pairs(torch.utils.data.Dataset):
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def _torch_sets(kind: str) -> tuple:
+    x, y = _features(40)
+    if kind == "dicts":
+        items = [{"x": torch.from_numpy(x[i]), "y": int(y[i])} for i in range(40)]
+    else:
+        items = [(torch.from_numpy(x[i]), int(y[i])) for i in range(40)]
+    return _Pairs(items[:30]), _Pairs([] if kind == "empty" else items[30:])
+
+
+REFUSED_DATA = {
+    "string labels": (lambda: _split(_features()[0], np.array(["cat", "dog", "emu"])[_features()[1]]),
+                      r"training targets of dtype <U3 are not numbers"),
+    # cross-entropy ignores label -100: the held-out loss was the mean over the other samples, 8x too small
+    "an ignored test label": (lambda: _split(*_features(), np.where(np.arange(40) % 8, -100, 1)),
+                              r"class labels must lie in 0\.\.2 \(training and test labels lie in -100\.\.2\)"),
+    "a fractional test label": (lambda: _split(*_features(), np.full(40, 1.6)),
+                                r"its training labels are integers \(classes\), but some test labels are not whole"),
+    "NaN in a test input": (lambda: _with_nan("test"), r"1 of its test inputs hold NaN or infinite values \(the "
+                                                        r"first at index 6\)"),
+    "inf in a training input": (lambda: _with_nan("train"), r"1 of its training inputs hold NaN or infinite"),
+    "NaN in a regression target": (lambda: _split(_features()[0], np.where(np.arange(240) == 5, np.nan,
+                                                                           1.0).astype(np.float32)),
+                                   r"1 of its training targets hold NaN"),
+    "flat inputs": (lambda: _split(_features()[0][:, 0].copy(), _features()[1]),
+                    r"inputs of shape \[200\] \(train\) and \[40\] \(test\); a sample needs a shape of its own, "
+                    r"\[n, features, \.\.\.\] \(\[n, 1\] for one feature\)"),
+    "regression targets of two widths": (lambda: _split(_features()[0], np.ones((240, 3), np.float32),
+                                                        np.ones(40, np.float32)),
+                                         r"regression targets of shape \[3\] per training sample and \[\] per test"),
+    "dict items": (lambda: _torch_sets("dicts"), r"a training Dataset's items must be \(input, target\) pairs, got "
+                                                 "dict"),
+    "an empty test Dataset": (lambda: _torch_sets("empty"), r"its test Dataset is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_DATA))
+def test_data_a_run_cannot_read_is_refused_in_one_line_before_any_work(case: str, tmp_path: Path) -> None:
+    factory, message = REFUSED_DATA[case]
+    name = f"test-refused-{case.replace(' ', '-')}"
+    dice_ray.register_dataset(name, factory)
+    with pytest.raises(InputError, match=rf"^data set '{name}': {message}"):
+        dice_ray.run(dice_ray.RunConfig(nodes=4, data={"dataset": name}, output={"out": str(tmp_path / "run")}),
+                     engine="local")
+    assert not (tmp_path / "run").exists()
+
+
+def test_boolean_labels_are_classes_and_a_regressions_declared_width_is_its_targets() -> None:
+    x, y = _features()
+    dice_ray.register_dataset("test-boolean-labels", lambda: _split(x, y == 1))
+    data = load_dataset("test-boolean-labels")
+    assert data.y_train.dtype == np.int64 and data.num_classes == 2 and set(np.unique(data.y_train)) == {0, 1}
+    dice_ray.register_dataset("test-declared-width", lambda: _split(x, np.ones((240, 3), np.float32)), num_classes=1)
+    with pytest.raises(InputError, match=r"num_classes=1 declared for regression targets of width 3"):
+        load_dataset("test-declared-width")
+    grads = [(torch.from_numpy(x[i]).requires_grad_(), int(y[i])) for i in range(40)]  # tensors autograd tracks
+    dice_ray.register_dataset("test-tracked-items", lambda: (_Pairs(grads[:30]), _Pairs(grads[30:])))
+    np.testing.assert_array_equal(load_dataset("test-tracked-items").x_train, x[:30])
+
+
+def _config(dataset: str, **sections) -> dice_ray.RunConfig:
+    return build_config({"nodes": 4, "data": {"dataset": dataset, "heldout_size": 8}, **sections})
+
+
+@register_loss("test-outside-torch")
+class _OutsideTorch(dice_ray.Loss):
+    def per_sample(self, outputs, targets):
+        return torch.from_numpy((outputs.detach().numpy() ** 2).mean(axis=1))
+
+
+@register_loss("test-float32-weights")
+class _Float32Weights(dice_ray.Loss):
+    def per_sample(self, outputs, targets):
+        return F.cross_entropy(outputs, targets, weight=torch.linspace(0.5, 1.5, outputs.shape[1]), reduction="none")
+
+
+@register_loss("test-huber")
+class _Huber(dice_ray.Loss):
+    def per_sample(self, outputs, targets):
+        return F.huber_loss(outputs, F.one_hot(targets, outputs.shape[1]).to(outputs.dtype), reduction="none").mean(1)
+
+
+def test_losses_a_runs_methods_cannot_compute_with_are_refused_before_any_work() -> None:
+    """Integer targets with mse (read as classes: every output was fitted to the one target), float targets with
+    cross-entropy, a loss with no gradient (stopped at the first step), one that fails in float64 (stopped after
+    training, at DICE-GT) and one forward mode cannot differentiate (stopped at DICE-E) — the last two only where a
+    method needs it."""
+    x, y = _features()
+    dice_ray.register_dataset("test-counts", lambda: _split(x, y))
+    dice_ray.register_dataset("test-float-labels", lambda: _split(x, y.astype(np.float32)))
+    with pytest.raises(InputError, match=r"targets of width 1 for outputs of width 3 \(its targets are integers, "
+                                         r"which dice-ray reads as class labels"):
+        prepare(_config("test-counts", model={"name": "mlp", "loss": "mse"}))
+    with pytest.raises(InputError, match=r"^loss 'cross-entropy' cannot read .* \(its targets are floating-point, "
+                                         r"which dice-ray reads as regression targets"):
+        prepare(_config("test-float-labels"))
+    with pytest.raises(InputError, match=r"^loss 'test-outside-torch' has no gradient in the model's outputs"):
+        prepare(_config("digits", model={"loss": "test-outside-torch"}))
+    prepare(_config("digits", model={"loss": "test-float32-weights"}, ledger={"enabled": True}))
+    with pytest.raises(InputError, match=r"^loss 'test-float32-weights' fails on float64 outputs, in which DICE-GT"):
+        prepare(_config("digits", model={"loss": "test-float32-weights"}, influence={"enabled": True}))
+    prepare(_config("digits", model={"loss": "test-huber"}, influence={"enabled": True, "variants": "first-order"}))
+    with pytest.raises(InputError, match=r"^loss 'test-huber': forward mode cannot differentiate it, which DICE-E's "
+                                         r"curvature variant needs"):
+        prepare(_config("digits", model={"loss": "test-huber"}, influence={"enabled": True}))
+    with pytest.raises(InputError, match=r"second-order and exact-readout variants need"):
+        prepare(_config("digits", model={"loss": "test-huber"},
+                        ledger={"enabled": True, "variants": "first-order,exact-readout"}))
+
+
+class _Noisy(nn.Module):
+    def __init__(self, inputs: int, classes: int) -> None:
+        super().__init__()
+        self.body = nn.Linear(inputs, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.flatten(1)
+        return self.body(h + 0.1 * torch.randn_like(h) if self.training else h)
+
+
+class _Writes(nn.Module):
+    """A forward pass that writes a buffer of its own: an integer call counter, or a float running mean."""
+
+    def __init__(self, inputs: int, classes: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.body = nn.Linear(inputs, classes)
+        self.register_buffer("seen", torch.zeros((), dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.seen.add_(1 if not self.seen.is_floating_point() else x.mean().detach())
+        return self.body(x.flatten(1))
+
+
+class _Tuple(nn.Module):
+    def __init__(self, inputs: int, classes: int) -> None:
+        super().__init__()
+        self.body = nn.Linear(inputs, classes)
+
+    def forward(self, x: torch.Tensor):
+        return self.body(x.flatten(1)), x
+
+
+REFUSED_MODELS = {
+    "dropout": (lambda n, c: nn.Sequential(nn.Flatten(), nn.Linear(n, 16), nn.Dropout(0.5), nn.Linear(16, c)), {},
+                r"layer '2' is dropout, random in every training step"),
+    "noise": (lambda n, c: _Noisy(n, c), {}, r"its training forward pass is random"),
+    "an integer buffer it writes": (lambda n, c: _Writes(n, c, torch.int64), {},
+                                    r"its forward pass writes buffer 'seen', which is not a floating-point tensor"),
+    "a float buffer it writes, with DICE": (lambda n, c: _Writes(n, c, torch.float32), {"influence": {"enabled": True}},
+                                            r"its forward pass writes buffer 'seen' \(not BatchNorm's running "
+                                            r"statistics\), and DICE"),
+    "a float64 parameter": (lambda n, c: nn.Sequential(nn.Flatten(), nn.Linear(n, c).double()), {},
+                            r"parameter '1.weight' is torch.float64, and participants' states are stacked in float32"),
+    "tuple outputs": (lambda n, c: _Tuple(n, c), {}, r"returns a tuple, not a tensor"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_MODELS))
+def test_models_whose_step_is_no_function_of_the_state_are_refused_before_any_work(case: str) -> None:
+    """Dropout stopped the first vmapped step (and made looped runs irreproducible); an integer buffer the forward pass
+    writes was shared by all participants and lost by checkpoints; a float one stopped DICE mid-run; a float64
+    parameter promoted the whole state and stopped at gossip."""
+    factory, sections, message = REFUSED_MODELS[case]
+    name = f"test-model-{case.replace(' ', '-')}"
+    register_model(name)(lambda shape, classes: factory(int(np.prod(shape)), classes))
+    with pytest.raises(InputError, match=rf"^model '{name}': {message}|^model '{name}' {message}"):
+        prepare(_config("digits", model={"name": name}, **sections))
+
+
+def test_a_float_buffer_the_forward_pass_writes_trains_without_dice() -> None:
+    register_model("test-model-float-buffer")(lambda shape, classes: _Writes(int(np.prod(shape)), classes,
+                                                                             torch.float32))
+    prepare(_config("digits", model={"name": "test-model-float-buffer"}, proximal={"enabled": True}))
+
+
+def test_label_flip_is_refused_on_regression_targets() -> None:
+    dice_ray.register_dataset("test-flip-regression", lambda: _split(_features()[0], np.ones(240, np.float32)))
+    with pytest.raises(InputError, match=r"^misbehavior label-flip turns class labels y into C-1-y, and "
+                                         r"test-flip-regression has regression targets"):
+        prepare(_config("test-flip-regression", model={"name": "mlp", "loss": "mse"},
+                        misbehavior={"kind": "label-flip", "count": 1}))
