@@ -274,16 +274,28 @@ def differentiable_running_statistics(model: nn.Module):
             del module.forward
 
 
+def state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``model``'s tensors in a participant's state, by name: (the parameters the local step trains, the constants of
+    the step). The constants are the floating-point buffers (BatchNorm's running statistics move with each training
+    forward pass, ``Population.functional_state_step``) and the frozen parameters (``requires_grad`` False), which
+    torch.optim would not step either; gossip mixes both like the parameters."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    constants = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    constants.update((n, b) for n, b in model.named_buffers() if b.is_floating_point())
+    return params, constants
+
+
 def model_state_layouts(model: nn.Module) -> tuple[Layout, Layout]:
-    """Return the (parameter, buffer) layouts of ``model``; buffers are only floating-point ones.
+    """Return the (parameter, buffer) layouts of ``model`` (``state_tensors``: the "buffers" are the step's constants,
+    floating-point buffers and frozen parameters).
 
     Linear layers' weights are stored transposed (see ``Layout``).
     """
     linear = {f"{name}.weight" if name else "weight" for name, module in model.named_modules()
               if isinstance(module, nn.Linear)}
-    params = [(n, p.shape) for n, p in model.named_parameters()]
-    buffers = [(n, b.shape) for n, b in model.named_buffers() if b.is_floating_point()]
-    return Layout(params, linear), Layout(buffers)
+    params, constants = state_tensors(model)
+    return (Layout([(n, p.shape) for n, p in params.items()], linear),
+            Layout([(n, b.shape) for n, b in constants.items()]))
 
 
 def initial_state(model: nn.Module, nodes: np.ndarray, seed: int, init: str = "same",
@@ -306,9 +318,8 @@ def initial_state(model: nn.Module, nodes: np.ndarray, seed: int, init: str = "s
             for module in model.modules():
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
-        params = dict(model.named_parameters())
-        buffers = {n: b for n, b in model.named_buffers() if b.is_floating_point()}
-        return torch.cat([p_layout.flatten(params), b_layout.flatten(buffers)]).detach().clone()
+        params, constants = state_tensors(model)
+        return torch.cat([p_layout.flatten(params), b_layout.flatten(constants)]).detach().clone()
 
     if init == "same":
         return draw(seed).expand(len(nodes), -1).clone().to(device or "cpu")
