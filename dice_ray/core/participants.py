@@ -262,7 +262,10 @@ class ParticipantBlock:
         for rows in pop.step_chunks(budget=STEP_CHUNK_BYTES, itemsize=8, passes=None):
             chunk = pop.params[rows].double()
             param_sum += chunk.sum(0)
-            param_sqnorm += chunk.square_().sum()
+            if chunk.device.type == "cpu":  # numpy's sum: one order on any number of threads (torch's splits by them)
+                param_sqnorm += float(np.square(chunk.numpy()).sum())
+            else:
+                param_sqnorm += chunk.square_().sum()
             del chunk
         return {
             "val_loss": loss.cpu().numpy(), "val_acc": acc.cpu().numpy(),

@@ -52,6 +52,28 @@ def test_same_numbers_for_1_3_and_n_actors(ray_local, topology: str, actor_count
         assert_same(run(RayEngine(experiment, plan), 4), reference)
 
 
+def test_the_consensus_distance_does_not_depend_on_the_thread_count() -> None:
+    """A block's float64 sums for the consensus distance are the same on 1 thread (a Ray actor's) as on 2 (the local
+    engine's here): the squared norm is summed by numpy, in one order (torch's reduction split it by threads, 9e-13
+    apart at N = 64, so one actor and the local engine differed in that column's last bits)."""
+    import torch
+
+    from dice_ray.core.participants import ParticipantBlock
+
+    block = ParticipantBlock.for_experiment(prepare(build_config({"nodes": 64, "data": {"dataset": "digits"},
+                                                                  "model": {"init": "independent"}})))
+    threads = torch.get_num_threads()
+    sums = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            sums.append(block.evaluate())
+    finally:
+        torch.set_num_threads(threads)
+    assert sums[0]["param_sqnorm"] == sums[1]["param_sqnorm"] > 0
+    assert np.array_equal(sums[0]["param_sum"], sums[1]["param_sum"])
+
+
 def test_complete_graph_averaging_reaches_exact_consensus(ray_local) -> None:
     """W = 11ᵀ/N averages all half-steps: every participant ends the round with the same θ, so the
     consensus distance is ~0 and all held-out losses are equal; a ring leaves them apart."""
