@@ -7,6 +7,7 @@ written, so bad input fails fast with one ``InputError`` line.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,9 @@ def check_outputs(config: RunConfig, model: Any, dataset: Dataset) -> None:
 
 def check_loss(config: RunConfig, loss: Any, outputs: Any, y: Any) -> None:
     """Refuse, before any work, a loss that the run's methods cannot compute with: one without a gradient in the
-    model's outputs (every local step takes it); one that fails in float64 (DICE-GT and the exact readout evaluate
-    losses in float64); one that forward mode cannot differentiate (curvature DICE-E takes forward-over-reverse
-    derivatives through it, second order and the exact readout one more)."""
+    model's outputs (every local step takes it); one that fails in float64 (DICE-GT and the exact readouts, DICE-E's
+    and proximal influence's, evaluate losses in float64); one that forward mode cannot differentiate (curvature
+    DICE-E takes forward-over-reverse derivatives through it, second order and the exact readout one more)."""
     import torch
     from torch.func import grad, jvp
 
@@ -107,11 +108,12 @@ def check_loss(config: RunConfig, loss: Any, outputs: Any, y: Any) -> None:
                          "detached): write it from differentiable torch operations")
     influence, ledger = config.influence, config.ledger
     variants = {*(influence.variants if influence.enabled else ()), *(ledger.variants if ledger.enabled else ())}
-    if influence.enabled or "exact-readout" in variants:
+    if influence.enabled or "exact-readout" in variants or (config.proximal.enabled and
+                                                             config.proximal.readout == "exact"):
         try:
             loss.per_sample(outputs.double(), y.double() if y.is_floating_point() else y)
         except (RuntimeError, ValueError, IndexError, TypeError) as err:
-            raise InputError(f"loss {name!r} fails on float64 outputs, in which DICE-GT and the exact readout "
+            raise InputError(f"loss {name!r} fails on float64 outputs, in which DICE-GT and the exact readouts "
                              f"evaluate losses (build its constants in the outputs' dtype): "
                              f"{str(err).splitlines()[0]}") from None
     orders = 2 if variants & {"second-order", "exact-readout"} else 1 if "curvature" in variants else 0
@@ -132,13 +134,31 @@ def check_loss(config: RunConfig, loss: Any, outputs: Any, y: Any) -> None:
                          f"from operations torch.func.jvp supports): {str(err).splitlines()[0]}") from None
 
 
+def differentiates_the_step(config: RunConfig) -> bool:
+    """Whether the run's methods differentiate or replay the local step: DICE (its replays, and DICE-E's variants but
+    the first order) and the ledger's variants but the first order (``Population.functional_state_step``)."""
+    ledger = config.ledger
+    return config.influence.enabled or (ledger.enabled and any(v != "first-order" for v in ledger.variants))
+
+
+def _called(called: set[str], name: str, *_: Any) -> None:
+    """A forward pre-hook that notes layer ``name`` was called."""
+    called.add(name)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two tensors hold the same values, NaN equal to NaN."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan()) if a.is_floating_point() else a == b).all())
+
+
 def check_model(config: RunConfig, model: Any, dataset: Dataset) -> None:
     """Refuse, before any work, a model whose local step is not a function of a participant's state and minibatch,
-    as every run and DICE-GT's replays need: parameters or buffers other than float32 (participants' states are
+    as every run and DICE-GT's replays need: parameters or buffers wider than float32 (participants' states are
     stacked in one float32 tensor), random operations such as dropout (a replay would draw others), and buffers its
     forward pass writes other than BatchNorm's running statistics (an integer buffer is in no participant's state: all
     participants stacked in one module would share it, and a checkpoint would lose it; a floating-point one is, but
-    DICE differentiates and replays the step as a pure function, which must not write it)."""
+    DICE differentiates and replays the step as a pure function, which must not write it, and moves BatchNorm's
+    statistics where the layer is called)."""
     import copy
 
     import torch
@@ -148,7 +168,7 @@ def check_model(config: RunConfig, model: Any, dataset: Dataset) -> None:
 
     name = config.model.name
     for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        wide = [(n, t.dtype) for n, t in tensors if t.is_floating_point() and t.dtype != torch.float32]
+        wide = [(n, t.dtype) for n, t in tensors if t.is_floating_point() and torch.finfo(t.dtype).bits > 32]
         if wide:
             raise InputError(f"model {name!r}: {kind} {wide[0][0]!r} is {wide[0][1]}, and participants' states are "
                              "stacked in float32: build the model in float32 (engine.precision chooses faster "
@@ -158,8 +178,9 @@ def check_model(config: RunConfig, model: Any, dataset: Dataset) -> None:
         raise InputError(f"model {name!r}: layer {random[0]!r} is dropout, random in every training step; a local step "
                          "must be a function of the participant's state and minibatch alone (DICE-GT replays it): "
                          "remove it or set p=0")
-    tracked = {f"{n}.{b}" for n, _ in tracked_normalization(model)
-               for b in ("running_mean", "running_var", "num_batches_tracked")}
+    layers = [n for n, _ in tracked_normalization(model)]
+    tracked = {f"{n}.{b}" for n in layers for b in ("running_mean", "running_var", "num_batches_tracked")}
+    pure = differentiates_the_step(config)
     x = torch.from_numpy(dataset.x_train[:4])
     base = copy.deepcopy(model).train()
     outputs = []
@@ -171,19 +192,29 @@ def check_model(config: RunConfig, model: Any, dataset: Dataset) -> None:
         for seed in (0, 1):  # a training forward pass, from two random states
             trial = copy.deepcopy(base)
             before = {n: b.clone() for n, b in trial.named_buffers()}
+            called: set[str] = set()
+            hooks = [trial.get_submodule(n).register_forward_pre_hook(functools.partial(_called, called, n))
+                     for n in layers]
             torch.manual_seed(seed)
             outputs.append(trial(x))
-            written = [n for n, b in trial.named_buffers() if n not in tracked and not torch.equal(b, before[n])]
+            for hook in hooks:
+                hook.remove()
+            moved = [n for n, b in trial.named_buffers() if not _same(b, before[n])]
+            written = [n for n in moved if n not in tracked]
             if written and not trial.get_buffer(written[0]).is_floating_point():
                 raise InputError(f"model {name!r}: its forward pass writes buffer {written[0]!r}, which is not a "
                                  "floating-point tensor and so in no participant's state (all participants stacked "
                                  "in one module would share it, and a checkpoint would lose it)")
-            if written and config.influence.enabled:
+            if written and pure:
                 raise InputError(f"model {name!r}: its forward pass writes buffer {written[0]!r} (not BatchNorm's "
-                                 "running statistics), and DICE differentiates and replays the local step as a pure "
-                                 "function")
-    if all(isinstance(o, torch.Tensor) for o in outputs) and not (  # else: check_outputs says
-            (outputs[0] == outputs[1]) | (outputs[0].isnan() & outputs[1].isnan())).all():
+                                 "running statistics), and DICE-E differentiates and DICE-GT replays the local step "
+                                 "as a pure function")
+            uncalled = [n for n in layers if n not in called and any(m.startswith(f"{n}.") for m in moved)]
+            if uncalled and pure:
+                raise InputError(f"model {name!r}: its forward pass moves BatchNorm layer {uncalled[0]!r}'s running "
+                                 "statistics without calling the layer (F.batch_norm on its buffers, say), and DICE-E "
+                                 "moves them as the layer's calls do: call the layer")
+    if all(isinstance(o, torch.Tensor) for o in outputs) and not _same(*outputs):  # else: check_outputs says
         raise InputError(f"model {name!r}: its training forward pass is random (two random states gave other "
                          "outputs); a local step must be a function of the participant's state and minibatch alone "
                          "(DICE-GT replays it)")

@@ -37,8 +37,9 @@ ROUNDS = _schema(
     ("heldout_loss", pa.float32(), "mean loss of θ_k^{t+1} on the shared held-out batch z′ (null between "
                                    "evaluations)"),
     ("heldout_acc", pa.float32(), "accuracy of θ_k^{t+1} on z′ (null between evaluations)"),
-    ("consensus_distance", pa.float64(), "network-level (1/N) Σ_k ||θ_k^{t+1} − θ̄^{t+1}||² over parameters, "
-                                         "the same on every row of a round (null between evaluations)"),
+    ("consensus_distance", pa.float64(), "network-level (1/N) Σ_k ||θ_k^{t+1} − θ̄^{t+1}||² over the trained "
+                                         "parameters (not buffers or frozen ones), the same on every row of a round "
+                                         "(null between evaluations)"),
 )
 
 NODES = _schema(

@@ -147,7 +147,11 @@ def test_losses_a_runs_methods_cannot_compute_with_are_refused_before_any_work()
         prepare(_config("test-float-labels"))
     with pytest.raises(InputError, match=r"^loss 'test-outside-torch' has no gradient in the model's outputs"):
         prepare(_config("digits", model={"loss": "test-outside-torch"}))
-    prepare(_config("digits", model={"loss": "test-float32-weights"}, ledger={"enabled": True}))
+    prepare(_config("digits", model={"loss": "test-float32-weights"}, ledger={"enabled": True},
+                    proximal={"enabled": True}))
+    with pytest.raises(InputError, match=r"^loss 'test-float32-weights' fails on float64 outputs"):
+        prepare(_config("digits", model={"loss": "test-float32-weights"},
+                        proximal={"enabled": True, "readout": "exact"}))
     with pytest.raises(InputError, match=r"^loss 'test-float32-weights' fails on float64 outputs, in which DICE-GT"):
         prepare(_config("digits", model={"loss": "test-float32-weights"}, influence={"enabled": True}))
     prepare(_config("digits", model={"loss": "test-huber"}, influence={"enabled": True, "variants": "first-order"}))
@@ -277,3 +281,92 @@ def test_label_flip_is_refused_on_regression_targets() -> None:
                                          r"test-flip-regression has regression targets"):
         prepare(_config("test-flip-regression", model={"name": "mlp", "loss": "mse"},
                         misbehavior={"kind": "label-flip", "count": 1}))
+
+
+class _CallsBatchNormByHand(nn.Module):
+    """Moves a BatchNorm layer's running statistics through ``F.batch_norm`` without calling the layer."""
+
+    def __init__(self, inputs: int, classes: int) -> None:
+        super().__init__()
+        self.body, self.norm, self.head = nn.Linear(inputs, 16), nn.BatchNorm1d(16), nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.batch_norm(self.body(x.flatten(1)), self.norm.running_mean, self.norm.running_var, self.norm.weight,
+                         self.norm.bias, self.training)
+        return self.head(torch.tanh(h))
+
+
+class _Constants(nn.Module):
+    """A float16 buffer and a NaN-holding one, never written; a float32 scale the forward pass reads."""
+
+    def __init__(self, inputs: int, classes: int) -> None:
+        super().__init__()
+        self.body = nn.Linear(inputs, classes)
+        self.register_buffer("halved", torch.ones(3, dtype=torch.float16))
+        self.register_buffer("missing", torch.full((2,), float("nan")))
+        self.register_buffer("scale", torch.full((inputs,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.flatten(1) * self.scale)
+
+
+def test_the_model_checks_follow_what_the_methods_do_with_the_step() -> None:
+    """A float buffer the forward pass writes trains, and runs with the ledger's first order, but not with a ledger
+    variant that differentiates the step (it stopped mid-run); BatchNorm moved without calling the layer is refused
+    where DICE-E moves the statistics by the layer's calls (it read 0 where training moved 0.1); a float16 buffer and
+    a NaN buffer that nothing writes are accepted."""
+    register_model("test-model-writes-float")(lambda shape, classes: _Writes(int(np.prod(shape)), classes,
+                                                                             torch.float32))
+    prepare(_config("digits", model={"name": "test-model-writes-float"}, ledger={"enabled": True}))
+    with pytest.raises(InputError, match=r"writes buffer 'seen' \(not BatchNorm's running statistics\), and DICE-E"):
+        prepare(_config("digits", model={"name": "test-model-writes-float"},
+                        ledger={"enabled": True, "variants": "first-order,curvature"}))
+    register_model("test-model-batchnorm-by-hand")(lambda shape, classes: _CallsBatchNormByHand(int(np.prod(shape)),
+                                                                                                 classes))
+    prepare(_config("digits", model={"name": "test-model-batchnorm-by-hand"}))
+    with pytest.raises(InputError, match=r"moves BatchNorm layer 'norm''s running statistics without calling"):
+        prepare(_config("digits", model={"name": "test-model-batchnorm-by-hand"}, influence={"enabled": True}))
+    register_model("test-model-constants")(lambda shape, classes: _Constants(int(np.prod(shape)), classes))
+    prepare(_config("digits", model={"name": "test-model-constants"}, influence={"enabled": True}))
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_the_pure_step_is_a_function_of_the_whole_state_with_or_without_batchnorm(norm: bool) -> None:
+    """Along a constant's direction (a buffer the forward pass reads) the pure local step's derivative is the finite
+    difference of the step, with and without BatchNorm (the step without BatchNorm read the constants elsewhere and
+    had derivative 0 there)."""
+    torch.manual_seed(0)
+    model = _Constants(64, 10).double()
+    del model.halved, model.missing
+    if norm:
+        model = nn.Sequential(model, nn.BatchNorm1d(10)).double()
+    pop = Population(model, initial_state(model, np.arange(3), 0, "independent").double(),
+                     OptimizerSpec("momentum", 0.1))
+    x, y = torch.randn(3, 4, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (3, 4))
+    opt = {n: v.double() for n, v in pop.opt_state.items()}
+    tangent = torch.zeros_like(pop.state)
+    column = pop.param_layout.width + pop.buffer_layout.offsets[pop.buffer_layout.names.index(
+        "0.scale" if norm else "scale")]
+    tangent[:, column] = 1.0
+    _, derivative = torch.func.jvp(lambda s: pop.functional_state_step(s, opt, x, y)[0], (pop.state,),
+                                   (tangent,))
+    h = 1e-6
+    ahead, behind = (pop.functional_state_step(pop.state + sign * h * tangent, opt, x, y)[0] for sign in (1, -1))
+    width = pop.param_layout.width
+    assert derivative[:, :width].abs().max() > 1e-3
+    torch.testing.assert_close(derivative, (ahead - behind) / (2 * h), rtol=1e-6, atol=1e-8)
+
+
+def test_the_data_checks_read_what_runs_read() -> None:
+    """Regression targets [n, 1] beside [n] are one width; numbers in object arrays are numbers; a float64 input beyond
+    float32's range is refused as the infinity it would become."""
+    x, y = _features()
+    dice_ray.register_dataset("test-widths", lambda: _split(x, np.ones((240, 1), np.float32), np.ones(40, np.float32)))
+    assert load_dataset("test-widths").num_classes == 1
+    dice_ray.register_dataset("test-object-labels", lambda: _split(x, np.array(list(y), dtype=object)))
+    assert load_dataset("test-object-labels").y_train.dtype == np.int64
+    wide = x.astype(np.float64)
+    wide[210, 0] = 1e39
+    dice_ray.register_dataset("test-beyond-float32", lambda: _split(wide, y))
+    with pytest.raises(InputError, match=r"1 of its test inputs hold NaN or infinite values \(the first at index 10\)"):
+        load_dataset("test-beyond-float32")

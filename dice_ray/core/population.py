@@ -350,6 +350,8 @@ class Population:
         self.model = model
         self.loss = loss  # the per-sample loss (``losses.py``): local steps and every z′ measurement
         self.param_layout, self.buffer_layout = model_state_layouts(model)
+        # The constants a training forward pass may write (buffers; frozen parameters it only reads)
+        self._written_buffers = set(self.buffer_layout.names) & {n for n, _ in model.named_buffers()}
         self.state = state
         self.params = state[:, : self.param_layout.width]
         self.buffers = state[:, self.param_layout.width:]
@@ -503,9 +505,9 @@ class Population:
         # In train mode BatchNorm updates its running statistics in place. Under vmap that update is
         # silently lost on strided buffers (columns of ``state``), so the forward pass gets contiguous
         # copies, written back after the backward pass.
-        updates_buffers = self.model.training and self.buffer_layout.width > 0  # a replica trains as the model
-        buffers = ({n: v.clone() for n, v in self.buffer_layout.views(buffer_rows).items()} if updates_buffers
-                   else self.buffer_layout.views(_own_version(buffer_rows)))
+        updates_buffers = self.model.training and bool(self._written_buffers)  # a replica trains as the model
+        buffers = {n: v.clone() if updates_buffers and n in self._written_buffers else v
+                   for n, v in self.buffer_layout.views(_own_version(buffer_rows)).items()}
         if with_buffers:
             buffers = {n: v.requires_grad_() for n, v in buffers.items()}
         by_statistics = differentiable_running_statistics(model or self.model) if with_buffers else \
@@ -519,7 +521,8 @@ class Population:
             grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, wrt, strict=True)]
         if updates_buffers:
             for name, view in self.buffer_layout.views(self.buffers[rows]).items():
-                view.copy_(buffers[name][:count])
+                if name in self._written_buffers:
+                    view.copy_(buffers[name][:count])
         return per.detach()[:count], [g[:count] for g in grads]
 
     @torch.no_grad()
@@ -788,11 +791,12 @@ class Population:
                               y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``functional_step`` over the whole state [P, D]: the parameters stepped, and the running statistics updated
         as training's forward pass updates them (``_moved_statistics``), from that same forward pass (the parameters'
-        step does not read them: it normalizes by the batch's statistics). Other buffers are constants of the step."""
+        step does not read them: it normalizes by the batch's statistics). The step's other constants (buffers, frozen
+        parameters) are read from ``state`` too: a function of the whole state, along every direction of it."""
         width = self.param_layout.width
         layers = tracked_normalization(self.model)
         if not layers:
-            params, opt = self.functional_step(state[:, :width], opt_state, x, y)
+            params, opt, _ = self._functional_step(state[:, :width], opt_state, x, y, state[:, width:])
             return (torch.cat([params, state[:, width:]], dim=1) if self.buffer_layout.width else params), opt
         if any(m.momentum is None for _, m in layers):
             raise InputError("a BatchNorm layer with momentum=None (a cumulative average over the batches seen) has "
@@ -800,21 +804,21 @@ class Population:
         was_training = self.model.training
         self.model.train()
         try:
-            params, opt, buffers = self._functional_step(state[:, :width], opt_state, x, y, (state[:, width:], layers))
+            params, opt, buffers = self._functional_step(state[:, :width], opt_state, x, y, state[:, width:], layers)
         finally:
             self.model.train(was_training)
         return torch.cat([params, buffers], dim=1), opt
 
     def _functional_step(self, params: torch.Tensor, opt_state: dict[str, torch.Tensor], x: torch.Tensor,
-                         y: torch.Tensor, moving: tuple[torch.Tensor, list[tuple[str, nn.Module]]] | None = None):
-        """(θ', s', the buffers [P, D_buffers] its forward pass moved) for ``functional_step``; ``moving``: (the
-        buffers [P, D_buffers] to move, the normalization layers that move them; None: read ``self.buffers``, and the
-        third item is None)."""
+                         y: torch.Tensor, buffers: torch.Tensor | None = None,
+                         layers: list[tuple[str, nn.Module]] | None = None):
+        """(θ', s', the buffers [P, D_buffers] its forward pass moved) for ``functional_step``, the forward pass
+        reading the step's constants ``buffers`` [P, D_buffers] (None: ``self.buffers``); ``layers``: the
+        normalization layers whose running statistics it moves (None: the third item is None)."""
         count = params.shape[0]
         extra = self.pass_padding(count)  # 1-2 rows step with the kernels of larger passes, as in ``half_step``
         params, (x, y, _) = pad_rows(params, extra), pad_batch(extra, x, y)
-        buffers, layers = (self.buffers, None) if moving is None else moving
-        buffers = self.buffer_layout.views(pad_rows(buffers, extra))
+        buffers = self.buffer_layout.views(pad_rows(self.buffers if buffers is None else buffers, extra))
 
         def loss(p: torch.Tensor):
             losses = self._losses_of(self.param_layout.views(p), x, y, False, buffers, moving=layers)

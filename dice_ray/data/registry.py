@@ -113,10 +113,15 @@ def _check_targets(name: str, y_train: np.ndarray, y_test: np.ndarray) -> bool:
             raise InputError(f"data set {name!r}: its training labels are integers (classes), but some test labels "
                              "are not whole numbers")
         return True
-    if y_train.ndim > 2 or y_train.shape[1:] != y_test.shape[1:]:
+    if y_train.ndim > 2 or y_test.ndim > 2 or _width(y_train) != _width(y_test):
         raise InputError(f"data set {name!r}: regression targets of shape {list(y_train.shape[1:])} per training "
-                         f"sample and {list(y_test.shape[1:])} per test sample (need [] or [m], the same in both)")
+                         f"sample and {list(y_test.shape[1:])} per test sample (need [] or [m], of one width in both)")
     return False
+
+
+def _width(y: np.ndarray) -> int:
+    """The width of targets [n] (1) or [n, m] (m)."""
+    return 1 if y.ndim == 1 else int(y.shape[1])
 
 
 def _check_finite(name: str, x_train: np.ndarray, x_test: np.ndarray, y_train: np.ndarray,
@@ -152,11 +157,14 @@ def as_dataset(name: str, value: Any, input_shape: tuple[int, ...] | None = None
     for which, x in (("training", x_train), ("test", x_test)):
         if x.dtype.kind not in "biuf":
             raise InputError(f"data set {name!r}: {which} inputs of dtype {x.dtype} are not numbers")
+    y_train, y_test = (np.array(y.tolist()) if y.dtype.kind == "O" else y for y in (y_train, y_test))  # numbers?
     classification = _check_targets(name, y_train, y_test)
-    _check_finite(name, x_train, x_test, y_train, y_test)
     kind = np.int64 if classification else np.float32
-    y_train, y_test = (np.ascontiguousarray(y, dtype=kind) for y in (y_train, y_test))
-    width = 1 if y_train.ndim == 1 else int(y_train.shape[1])
+    with np.errstate(over="ignore"):  # a value beyond float32's range becomes inf, refused below
+        x_train, x_test = (np.ascontiguousarray(x, dtype=np.float32) for x in (x_train, x_test))
+        y_train, y_test = (np.ascontiguousarray(y, dtype=kind) for y in (y_train, y_test))
+    _check_finite(name, x_train, x_test, y_train, y_test)
+    width = _width(y_train)
     if num_classes is None:
         num_classes = int(max(y_train.max(), y_test.max()) + 1) if classification else width
     elif not classification and num_classes != width:
@@ -169,8 +177,7 @@ def as_dataset(name: str, value: Any, input_shape: tuple[int, ...] | None = None
     if classification and (min(y_train.min(), y_test.min()) < 0 or max(y_train.max(), y_test.max()) >= num_classes):
         raise InputError(f"data set {name!r}: class labels must lie in 0..{num_classes - 1} (training and test "
                          f"labels lie in {min(y_train.min(), y_test.min())}..{max(y_train.max(), y_test.max())})")
-    return Dataset(name, np.ascontiguousarray(x_train, dtype=np.float32), y_train,
-                   np.ascontiguousarray(x_test, dtype=np.float32), y_test, int(num_classes), shape)
+    return Dataset(name, x_train, y_train, x_test, y_test, int(num_classes), shape)
 
 
 def register_dataset(name: str, factory: Callable[..., Any] | None = None, *,
