@@ -42,6 +42,9 @@ class Experiment:
     q: np.ndarray  # participant weights q_k, float64 [N]
     topology: Topology
     param_count: int
+    # Names of the model's tensors in a participant's state row, in order: the trained parameters, then the step's
+    # constants, frozen parameters and buffers (``population.state_tensors``); a resume must find the same layout.
+    state_layout: dict[str, list[str]]
     misbehaving: np.ndarray  # sorted ids of misbehaving participants (concepts §5)
 
     @property
@@ -250,6 +253,16 @@ def check_normalization(config: RunConfig, model: Any) -> None:
                          "momentum")
 
 
+def state_layout(model: Any) -> dict[str, list[str]]:
+    """The names of ``model``'s tensors in a participant's state row, in order (``population.state_tensors``)."""
+    from dice_ray.core.population import state_tensors
+
+    trained, constants = state_tensors(model)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {"trained": list(trained), "frozen": [n for n in constants if n in frozen],
+            "buffers": [n for n in constants if n not in frozen]}
+
+
 def config_topology(config: RunConfig, file: str | Path | None = None) -> Topology:
     """The ``Topology`` of ``config`` (its ``topology`` section and seed); ``file``: the topology file to read instead
     of the one the config names (a run directory's copy, ``results.kept_topology_file``)."""
@@ -295,5 +308,6 @@ def prepare(config: RunConfig, topology_file: str | Path | None = None) -> Exper
         q=participant_weights(partition, d.participant_weights),
         topology=topology,
         param_count=sum(p.numel() for p in model.parameters()),
+        state_layout=state_layout(model),
         misbehaving=misbehaving,
     )

@@ -194,7 +194,8 @@ class Manifest:
                      "n_test": int(len(experiment.dataset.y_test)), "heldout": int(len(experiment.heldout[1])),
                      "input_shape": list(experiment.dataset.input_shape),
                      "num_classes": experiment.dataset.num_classes},
-            "model": {"name": config.model.name, "parameters": experiment.param_count},
+            "model": {"name": config.model.name, "parameters": experiment.param_count,
+                      "state_layout": experiment.state_layout},
             "misbehaving": experiment.misbehaving.tolist(),
         })
 
@@ -276,6 +277,7 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
         start = config.rounds if training_done else (latest.round + 1 if latest else 0)
         manifest = Manifest.resumed(out, start)  # read, not written yet
         _check_same_methods(out, manifest.get("methods", []), chosen)
+        _check_same_layout(out, manifest.get("model", {}), experiment)
         manifest.update(engine=engine_kind)  # where it runs now: a later resume without --engine continues so
     else:
         start = 0
@@ -384,6 +386,18 @@ def _check_same_methods(out: Path, recorded: list[str], chosen: list[Method]) ->
     if missing:
         raise InputError(f"--resume {out}: it used the method {missing[0]!r}; pass it again "
                          f"(dice_ray.resume(path, methods=[...])) to continue the run")
+
+
+def _check_same_layout(out: Path, recorded: dict[str, Any], experiment: Experiment) -> None:
+    """Refuse to resume a run whose checkpoints lay the model's tensors out in another order than this dice-ray does
+    (a run written before frozen parameters became constants of the step, 2026-12-06, recorded no layout: then every
+    parameter was trained)."""
+    layout = experiment.state_layout
+    before = recorded.get("state_layout", layout if not layout["frozen"] else "every parameter trained")
+    if before != layout:
+        raise InputError(f"run {str(out)!r} holds participants' states laid out as {before} (written by another "
+                         f"dice-ray), and this one lays them out as {layout}: resume it with the dice-ray that "
+                         "started it")
 
 
 def _run_stage(stage: Stage, tasks: Tasks) -> None:

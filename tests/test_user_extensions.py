@@ -370,3 +370,41 @@ def test_the_data_checks_read_what_runs_read() -> None:
     dice_ray.register_dataset("test-beyond-float32", lambda: _split(wide, y))
     with pytest.raises(InputError, match=r"1 of its test inputs hold NaN or infinite values \(the first at index 10\)"):
         load_dataset("test-beyond-float32")
+
+
+def test_a_resume_finds_the_state_layout_it_was_written_with(tmp_path: Path) -> None:
+    """A run records the order of its model's tensors in a state row; a run of a model with frozen parameters written
+    before they became constants of the step (no record: every parameter trained) is not resumed with columns read
+    in another order, nor one whose record differs."""
+    import json
+
+    register_model("test-frozen-resume")(lambda shape, classes: _frozen_head(int(np.prod(shape)), classes))
+    out = tmp_path / "run"
+    config = build_config({"nodes": 4, "rounds": 4, "model": {"name": "test-frozen-resume"},
+                           "data": {"dataset": "digits", "heldout_size": 8},
+                           "output": {"progress": False, "out": str(out), "checkpoint_every": 2}})
+    dice_ray.run(config, engine="local")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["state_layout"] == {"trained": ["3.weight", "3.bias"], "frozen": ["1.weight", "1.bias"],
+                                                 "buffers": []}
+    def stopped(layout: dict | None) -> None:  # the run as if stopped after its last checkpoint
+        (out / "rounds.parquet").unlink(missing_ok=True)
+        if layout is None:
+            manifest["model"].pop("state_layout")
+        else:
+            manifest["model"]["state_layout"] = layout
+        (out / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+
+    stopped(manifest["model"]["state_layout"])
+    dice_ray.resume(out, engine="local")
+    for recorded in (None, {"trained": ["1.weight", "1.bias", "3.weight", "3.bias"], "frozen": [], "buffers": []}):
+        stopped(recorded)
+        with pytest.raises(InputError, match=r"holds participants' states laid out as .* \(written by another "
+                                             r"dice-ray\)"):
+            dice_ray.resume(out, engine="local")
+
+
+def _frozen_head(inputs: int, classes: int) -> nn.Module:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(inputs, 16), nn.Tanh(), nn.Linear(16, classes))
+    model[1].requires_grad_(False)
+    return model
