@@ -162,7 +162,6 @@ def check_model(config: RunConfig, model: Any, dataset: Dataset) -> None:
     participants stacked in one module would share it, and a checkpoint would lose it; a floating-point one is, but
     DICE differentiates and replays the step as a pure function, which must not write it, and moves BatchNorm's
     statistics where the layer is called)."""
-    import copy
 
     import torch
     from torch import nn
@@ -185,16 +184,18 @@ def check_model(config: RunConfig, model: Any, dataset: Dataset) -> None:
     tracked = {f"{n}.{b}" for n in layers for b in ("running_mean", "running_var", "num_batches_tracked")}
     pure = differentiates_the_step(config)
     x = torch.from_numpy(dataset.x_train[:4])
-    base = copy.deepcopy(model).train()
+    trial = model.train()  # the model ``prepare`` built for its checks: its tensors are put back after each pass
     outputs = []
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         try:
-            base(x)  # lazy modules take their shapes
-        except Exception:  # noqa: BLE001 - e.g. BatchNorm over too few values: the run's first step will say
+            trial(x)  # lazy modules take their shapes
+        except Exception:  # noqa: BLE001 - e.g. BatchNorm over too few values: the checked step will say
             return
+        tensors = [*trial.named_parameters(), *trial.named_buffers()]
+        saved = {n: t.clone() for n, t in tensors}
         for seed in (0, 1):  # a training forward pass, from two random states
-            trial = copy.deepcopy(base)
-            before = {n: b.clone() for n, b in trial.named_buffers()}
+            for n, t in tensors:
+                t.copy_(saved[n])
             called: set[str] = set()
             hooks = [trial.get_submodule(n).register_forward_pre_hook(functools.partial(_called, called, n))
                      for n in layers]
@@ -202,7 +203,7 @@ def check_model(config: RunConfig, model: Any, dataset: Dataset) -> None:
             outputs.append(trial(x))
             for hook in hooks:
                 hook.remove()
-            moved = [n for n, b in trial.named_buffers() if not _same(b, before[n])]
+            moved = [n for n, b in trial.named_buffers() if not _same(b, saved[n])]
             written = [n for n in moved if n not in tracked]
             if written and not trial.get_buffer(written[0]).is_floating_point():
                 raise InputError(f"model {name!r}: its forward pass writes buffer {written[0]!r}, which is not a "
@@ -217,10 +218,34 @@ def check_model(config: RunConfig, model: Any, dataset: Dataset) -> None:
                 raise InputError(f"model {name!r}: its forward pass moves BatchNorm layer {uncalled[0]!r}'s running "
                                  "statistics without calling the layer (F.batch_norm on its buffers, say), and DICE-E "
                                  "moves them as the layer's calls do: call the layer")
+        for n, t in tensors:
+            t.copy_(saved[n])
     if all(isinstance(o, torch.Tensor) for o in outputs) and not _same(*outputs):  # else: check_outputs says
         raise InputError(f"model {name!r}: its training forward pass is random (two random states gave other "
                          "outputs); a local step must be a function of the participant's state and minibatch alone "
                          "(DICE-GT replays it)")
+
+
+def check_step(config: RunConfig, model: Any, dataset: Dataset) -> None:
+    """Refuse, before any work, a model that cannot take dice-ray's local step with participants stacked (two
+    participants with two training samples each, on the model ``prepare`` built for its checks): an operation vmap
+    has no rule for (spectral norm's, say) stopped the first round with a traceback."""
+    import torch
+
+    from dice_ray.core.losses import build_loss
+    from dice_ray.core.population import OptimizerSpec, Population, initial_state
+
+    x = torch.from_numpy(dataset.x_train[:4]).reshape(2, 2, *dataset.x_train.shape[1:])
+    y = torch.from_numpy(dataset.y_train[:4]).reshape(2, 2, *dataset.y_train.shape[1:])
+    vectorize = "vmap" if config.model.vectorize == "auto" else config.model.vectorize  # as the blocks choose
+    try:
+        with torch.random.fork_rng(devices=[]):
+            pop = Population(model.train(), initial_state(model, np.arange(2), config.seed), OptimizerSpec(),
+                             vectorize=vectorize, loss=build_loss(config.model.loss))
+            pop.half_step(x, y)
+    except (RuntimeError, NotImplementedError, ValueError) as err:
+        raise InputError(f"model {config.model.name!r} cannot take the local step with participants stacked "
+                         f"(vectorized by {vectorize}): {str(err).splitlines()[0]}") from None
 
 
 def check_normalization(config: RunConfig, model: Any) -> None:
@@ -289,9 +314,10 @@ def prepare(config: RunConfig, topology_file: str | Path | None = None) -> Exper
     if d.shrink.ids:
         partition = shrink_partition(partition, d.shrink.ids, d.shrink.fraction, seed=config.seed)
     check_partition(partition, config.optim.batch_size)
-    model = build_model(config.model.name, dataset.input_shape, dataset.num_classes)
+    model = build_model(config.model.name, dataset.input_shape, dataset.num_classes, config.seed)
     check_model(config, model, dataset)
     check_outputs(config, model, dataset)
+    check_step(config, model, dataset)
     check_normalization(config, model)
     if config.misbehavior.kind == "label-flip" and not np.issubdtype(dataset.y_train.dtype, np.integer):
         raise InputError(f"misbehavior label-flip turns class labels y into C-1-y, and {d.dataset} has regression "

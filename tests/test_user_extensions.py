@@ -208,6 +208,10 @@ REFUSED_MODELS = {
     "a float64 parameter": (lambda n, c: nn.Sequential(nn.Flatten(), nn.Linear(n, c).double()), {},
                             r"parameter '1.weight' is torch.float64, and participants' states are stacked in float32"),
     "tuple outputs": (lambda n, c: _Tuple(n, c), {}, r"returns a tuple, not a tensor"),
+    "spectral norm": (lambda n, c: nn.Sequential(nn.Flatten(),
+                                                 nn.utils.parametrizations.spectral_norm(nn.Linear(n, c))), {},
+                      r"cannot take the local step with participants stacked \(vectorized by vmap\): Batching rule "
+                      r"not implemented"),
 }
 
 
@@ -215,7 +219,8 @@ REFUSED_MODELS = {
 def test_models_whose_step_is_no_function_of_the_state_are_refused_before_any_work(case: str) -> None:
     """Dropout stopped the first vmapped step (and made looped runs irreproducible); an integer buffer the forward pass
     writes was shared by all participants and lost by checkpoints; a float one stopped DICE mid-run; a float64
-    parameter promoted the whole state and stopped at gossip."""
+    parameter promoted the whole state and stopped at gossip; spectral norm, which vmap cannot batch, stopped the first
+    round (``check_step`` takes one local step of two participants first)."""
     factory, sections, message = REFUSED_MODELS[case]
     name = f"test-model-{case.replace(' ', '-')}"
     register_model(name)(lambda shape, classes: factory(int(np.prod(shape)), classes))
@@ -408,3 +413,32 @@ def _frozen_head(inputs: int, classes: int) -> nn.Module:
     model = nn.Sequential(nn.Flatten(), nn.Linear(inputs, 16), nn.Tanh(), nn.Linear(16, classes))
     model[1].requires_grad_(False)
     return model
+
+
+class _OwnDraws(nn.Module):
+    """Draws tensors in its own ``__init__``: a parameter of its own, and weight norm's parametrization originals,
+    which no ``reset_parameters`` redraws."""
+
+    def __init__(self, inputs: int, classes: int) -> None:
+        super().__init__()
+        self.body = nn.utils.parametrizations.weight_norm(nn.Linear(inputs, classes))
+        self.temperature = nn.Parameter(torch.rand(classes) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.flatten(1)) * self.temperature
+
+
+def test_what_a_model_draws_in_its_own_init_is_a_function_of_the_seed(tmp_path: Path) -> None:
+    """The same config and seed give the same numbers for a model that draws tensors in ``__init__`` (they came from
+    whatever state torch's global generator was in: every run, and every actor, started elsewhere)."""
+    import pandas as pd
+
+    register_model("test-own-draws")(lambda shape, classes: _OwnDraws(int(np.prod(shape)), classes))
+    tables = []
+    for stray in (1, 2):
+        torch.manual_seed(stray)  # the global generator in another state before each run
+        config = build_config({"nodes": 4, "rounds": 2, "model": {"name": "test-own-draws"},
+                               "data": {"dataset": "digits", "heldout_size": 8},
+                               "output": {"progress": False, "out": str(tmp_path / f"run{stray}")}})
+        tables.append(dice_ray.run(config, engine="local").rounds)
+    pd.testing.assert_frame_equal(tables[0], tables[1])

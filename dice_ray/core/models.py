@@ -58,11 +58,19 @@ def model_names() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Return a freshly initialized model ``name`` for ``input_shape`` inputs and ``num_classes`` outputs."""
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0) -> nn.Module:
+    """Return a freshly initialized model ``name`` for ``input_shape`` inputs and ``num_classes`` outputs, built with
+    torch's generator seeded by ``seed`` (and the global generator left as it was).
+
+    A participant's initial state (``population.initial_state``) redraws every module that has ``reset_parameters``
+    from the run's seed; a tensor a model draws in its own ``__init__`` (a parameter of its own, a parametrization's
+    originals) keeps the value drawn here, so it too is a function of the seed, the same in every process and actor
+    (it was drawn from whatever state the global generator had: another value in every run)."""
     if name not in _REGISTRY:
         raise InputError(f"model {name!r} is unknown; choose one of {', '.join(model_names())}")
-    return _REGISTRY[name](tuple(input_shape), int(num_classes))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _REGISTRY[name](tuple(input_shape), int(num_classes))
 
 
 def use_layer_modes(model: nn.Module, conv: str, pool: str, device: torch.device | str) -> None:

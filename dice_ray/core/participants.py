@@ -67,7 +67,7 @@ class ParticipantBlock:
         self.nodes = np.asarray(nodes, np.int64)
         # The initial weights are drawn on the CPU model (the CPU's generator: a GPU run starts where a CPU run does),
         # then the model moves to the device.
-        model = build_model(config.model.name, input_shape, num_classes)
+        model = build_model(config.model.name, input_shape, num_classes, config.seed)
         state = initial_state(model, self.nodes, config.seed, config.model.init, device=self.device)
         model.to(self.device)
         use_layer_modes(model, config.model.conv, config.model.pool, self.device)

@@ -108,7 +108,7 @@ def window_for(experiment: Any, trajectory: Trajectory) -> Window:
     device = trajectory.device
     ds = experiment.dataset
     block = ParticipantBlock.for_experiment(experiment, device=str(device))  # also sets the precision's CUDA modes
-    model = build_model(experiment.config.model.name, ds.input_shape, ds.num_classes).to(device)
+    model = build_model(experiment.config.model.name, ds.input_shape, ds.num_classes, experiment.config.seed).to(device)
     # the convolutions and poolings the recording's block ran
     use_layer_modes(model, experiment.config.model.conv, experiment.config.model.pool, device)
     heldout = (torch.as_tensor(np.array(experiment.heldout[0]), device=device),
