@@ -442,3 +442,15 @@ def test_what_a_model_draws_in_its_own_init_is_a_function_of_the_seed(tmp_path: 
                                "output": {"progress": False, "out": str(tmp_path / f"run{stray}")}})
         tables.append(dice_ray.run(config, engine="local").rounds)
     pd.testing.assert_frame_equal(tables[0], tables[1])
+
+
+def test_lazy_modules_take_their_shapes_before_the_run(tmp_path: Path) -> None:
+    """A model of lazy modules trains and runs DICE (it stopped at the first state drawn: 'Can't access the shape of an
+    uninitialized parameter')."""
+    register_model("test-lazy")(lambda shape, classes: nn.Sequential(nn.Flatten(), nn.LazyLinear(16), nn.Tanh(),
+                                                                     nn.LazyLinear(classes)))
+    run = dice_ray.run(build_config({"nodes": 4, "rounds": 2, "model": {"name": "test-lazy"},
+                                     "data": {"dataset": "digits", "heldout_size": 8},
+                                     "influence": {"enabled": True, "hops": 1, "rounds": [0]},
+                                     "output": {"progress": False, "out": str(tmp_path / "run")}}), engine="local")
+    assert np.isfinite(run.rounds["train_loss"]).all() and np.isfinite(run.influence["est_curvature"]).all()

@@ -65,12 +65,20 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
     A participant's initial state (``population.initial_state``) redraws every module that has ``reset_parameters``
     from the run's seed; a tensor a model draws in its own ``__init__`` (a parameter of its own, a parametrization's
     originals) keeps the value drawn here, so it too is a function of the seed, the same in every process and actor
-    (it was drawn from whatever state the global generator had: another value in every run)."""
+    (it was drawn from whatever state the global generator had: another value in every run). Lazy modules
+    (``nn.LazyLinear``, ...) take their shapes from one pass over zeros here, before anything reads their sizes."""
     if name not in _REGISTRY:
         raise InputError(f"model {name!r} is unknown; choose one of {', '.join(model_names())}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _REGISTRY[name](tuple(input_shape), int(num_classes))
+        model = _REGISTRY[name](tuple(input_shape), int(num_classes))
+        if any(isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+               for m in model.modules()):  # lazy modules take their shapes from one pass over zeros (eval mode)
+            training = model.training
+            with torch.no_grad():
+                model.eval()(torch.zeros(2, *input_shape))
+            model.train(training)
+        return model
 
 
 def use_layer_modes(model: nn.Module, conv: str, pool: str, device: torch.device | str) -> None:
