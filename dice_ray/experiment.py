@@ -186,13 +186,9 @@ def check_model(config: RunConfig, model: Any, dataset: Dataset) -> None:
     x = torch.from_numpy(dataset.x_train[:4])
     trial = model.train()  # the model ``prepare`` built for its checks: its tensors are put back after each pass
     outputs = []
+    tensors = [*trial.named_parameters(), *trial.named_buffers()]
+    saved = {n: t.detach().clone() for n, t in tensors}
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        try:
-            trial(x)  # lazy modules take their shapes
-        except Exception:  # noqa: BLE001 - e.g. BatchNorm over too few values: the checked step will say
-            return
-        tensors = [*trial.named_parameters(), *trial.named_buffers()]
-        saved = {n: t.clone() for n, t in tensors}
         for seed in (0, 1):  # a training forward pass, from two random states
             for n, t in tensors:
                 t.copy_(saved[n])
@@ -200,9 +196,13 @@ def check_model(config: RunConfig, model: Any, dataset: Dataset) -> None:
             hooks = [trial.get_submodule(n).register_forward_pre_hook(functools.partial(_called, called, n))
                      for n in layers]
             torch.manual_seed(seed)
-            outputs.append(trial(x))
-            for hook in hooks:
-                hook.remove()
+            try:
+                outputs.append(trial(x))
+            except Exception:  # noqa: BLE001 - e.g. BatchNorm over too few values: check_step will say
+                return
+            finally:
+                for hook in hooks:
+                    hook.remove()
             moved = [n for n, b in trial.named_buffers() if not _same(b, saved[n])]
             written = [n for n in moved if n not in tracked]
             if written and not trial.get_buffer(written[0]).is_floating_point():
@@ -237,15 +237,14 @@ def check_step(config: RunConfig, model: Any, dataset: Dataset) -> None:
 
     x = torch.from_numpy(dataset.x_train[:4]).reshape(2, 2, *dataset.x_train.shape[1:])
     y = torch.from_numpy(dataset.y_train[:4]).reshape(2, 2, *dataset.y_train.shape[1:])
-    vectorize = "vmap" if config.model.vectorize == "auto" else config.model.vectorize  # as the blocks choose
+    pop = Population(model.train(), initial_state(model, np.arange(2), config.seed), OptimizerSpec(),
+                     vectorize=config.model.vectorize, loss=build_loss(config.model.loss))
     try:
         with torch.random.fork_rng(devices=[]):
-            pop = Population(model.train(), initial_state(model, np.arange(2), config.seed), OptimizerSpec(),
-                             vectorize=vectorize, loss=build_loss(config.model.loss))
             pop.half_step(x, y)
     except (RuntimeError, NotImplementedError, ValueError) as err:
         raise InputError(f"model {config.model.name!r} cannot take the local step with participants stacked "
-                         f"(vectorized by {vectorize}): {str(err).splitlines()[0]}") from None
+                         f"(vectorized by {pop.vectorize}): {str(err).splitlines()[0]}") from None
 
 
 def check_normalization(config: RunConfig, model: Any) -> None:
@@ -319,13 +318,14 @@ def prepare(config: RunConfig, topology_file: str | Path | None = None) -> Exper
     check_outputs(config, model, dataset)
     check_step(config, model, dataset)
     check_normalization(config, model)
-    if config.misbehavior.kind == "label-flip" and not np.issubdtype(dataset.y_train.dtype, np.integer):
-        raise InputError(f"misbehavior label-flip turns class labels y into C-1-y, and {d.dataset} has regression "
-                         "targets: choose another kind, e.g. feature-noise")
     bad = config.misbehavior
+    kind = misbehavior(bad)
+    if kind is not None and kind.class_labels_use and not np.issubdtype(dataset.y_train.dtype, np.integer):
+        raise InputError(f"misbehavior {bad.kind} {kind.class_labels_use}, and {d.dataset} has regression targets: "
+                         "choose another kind, e.g. feature-noise")
     misbehaving = misbehaving_participants(bad.kind, config.nodes, bad.number(config.nodes), bad.selection, topology,
                                            config.seed, bad.ids)
-    update_factors(misbehavior(bad), misbehaving)  # each c a finite number, checked before any work
+    update_factors(kind, misbehaving)  # each c a finite number, checked before any work
     return Experiment(
         config=config,
         dataset=dataset,

@@ -37,6 +37,9 @@ class Misbehavior:
     """
 
     name = ""  # set by ``register_misbehavior``
+    # What ``corrupt`` does with class labels, if it reads the targets as such ("": it does not); such a kind is
+    # refused on regression targets, in one line saying this
+    class_labels_use = ""
 
     def corrupt(self, x: np.ndarray, y: np.ndarray, num_classes: int,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -183,6 +186,8 @@ BUILT_IN_FIELDS: dict[str, dict[str, str]] = {"label-flip": {"fraction": "flip_f
 @_registered("label-flip")
 class LabelFlip(Misbehavior):
     """A share ``fraction`` of the participant's training labels y → C−1−y."""
+
+    class_labels_use = "turns class labels y into C-1-y"
 
     def __init__(self, fraction: float = 1.0) -> None:
         self.fraction = fraction

@@ -71,9 +71,9 @@ class ParticipantBlock:
         state = initial_state(model, self.nodes, config.seed, config.model.init, device=self.device)
         model.to(self.device)
         use_layer_modes(model, config.model.conv, config.model.pool, self.device)
-        vectorize = "vmap" if config.model.vectorize == "auto" else config.model.vectorize
         set_precision(config.engine.precision)
-        self.population = Population(model, state, config.optim.spec(), vectorize, build_loss(config.model.loss),
+        self.population = Population(model, state, config.optim.spec(), config.model.vectorize,
+                                     build_loss(config.model.loss),
                                      precision=config.engine.precision)
         self._model = model
 

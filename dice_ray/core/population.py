@@ -341,8 +341,8 @@ class Population:
     def __init__(self, model: nn.Module, state: torch.Tensor, optimizer: OptimizerSpec,
                  vectorize: str = "vmap", loss: Loss = CROSS_ENTROPY, step_budget: int | None = None,
                  precision: str = "fp32"):
-        if vectorize not in ("vmap", "loop"):
-            raise InputError(f"vectorize {vectorize!r} is unknown; choose 'vmap' or 'loop'")
+        if vectorize not in ("auto", "vmap", "loop"):
+            raise InputError(f"vectorize {vectorize!r} is unknown; choose 'auto', 'vmap' or 'loop'")
         # The training run's ``engine.precision``: its local step's forward and backward pass run under that mode
         # (``step_precision``: bf16 autocasts, tf32 lets CUDA use TF32); evaluation and every derivative the methods
         # take stay in the state's dtype, IEEE. The methods' own populations keep the default, fp32.
@@ -356,7 +356,7 @@ class Population:
         self.params = state[:, : self.param_layout.width]
         self.buffers = state[:, self.param_layout.width:]
         self.optimizer = optimizer
-        self.vectorize = vectorize
+        self.vectorize = "vmap" if vectorize == "auto" else vectorize  # auto: vmap, the one form every device takes
         # Bytes one pass of ``half_step`` may hold (``step_chunks``); by default by the state's device.
         self.step_budget = default_step_budget(state.device) if step_budget is None else step_budget
         self.opt_state = init_optimizer_state(optimizer, self.params)
