@@ -109,17 +109,16 @@ def check_loss(config: RunConfig, loss: Any, outputs: Any, y: Any) -> None:
     if not loss.per_sample(grown, y).requires_grad:
         raise InputError(f"loss {name!r} has no gradient in the model's outputs (computed outside torch, or "
                          "detached): write it from differentiable torch operations")
-    influence, ledger = config.influence, config.ledger
-    variants = {*(influence.variants if influence.enabled else ()), *(ledger.variants if ledger.enabled else ())}
-    if influence.enabled or "exact-readout" in variants or (config.proximal.enabled and
-                                                             config.proximal.readout == "exact"):
+    variants = _estimate_variants(config)
+    if config.influence.enabled or "exact-readout" in variants or (config.proximal.enabled and
+                                                                    config.proximal.readout == "exact"):
         try:
             loss.per_sample(outputs.double(), y.double() if y.is_floating_point() else y)
         except (RuntimeError, ValueError, IndexError, TypeError) as err:
             raise InputError(f"loss {name!r} fails on float64 outputs, in which DICE-GT and the exact readouts "
                              f"evaluate losses (build its constants in the outputs' dtype): "
                              f"{str(err).splitlines()[0]}") from None
-    orders = 2 if variants & {"second-order", "exact-readout"} else 1 if "curvature" in variants else 0
+    orders = _forward_orders(config)
     if not orders:
         return
 
@@ -135,6 +134,19 @@ def check_loss(config: RunConfig, loss: Any, outputs: Any, y: Any) -> None:
         needs = "second-order and exact-readout variants need" if orders == 2 else "curvature variant needs"
         raise InputError(f"loss {name!r}: forward mode cannot differentiate it, which DICE-E's {needs} (write it "
                          f"from operations torch.func.jvp supports): {str(err).splitlines()[0]}") from None
+
+
+def _estimate_variants(config: RunConfig) -> set[str]:
+    """The DICE-E variants the run computes: in-loop or after training (``influence``), and the ledger's."""
+    influence, ledger = config.influence, config.ledger
+    return {*(influence.variants if influence.enabled else ()), *(ledger.variants if ledger.enabled else ())}
+
+
+def _forward_orders(config: RunConfig) -> int:
+    """How many orders of forward-mode derivative the run's DICE-E variants take through the local step and the loss:
+    2 (second order, the exact readout), 1 (curvature) or 0 (first order, or no DICE-E)."""
+    variants = _estimate_variants(config)
+    return 2 if variants & {"second-order", "exact-readout"} else 1 if "curvature" in variants else 0
 
 
 def differentiates_the_step(config: RunConfig) -> bool:
@@ -229,15 +241,19 @@ def check_model(config: RunConfig, model: Any, dataset: Dataset) -> None:
 def check_step(config: RunConfig, model: Any, dataset: Dataset) -> None:
     """Refuse, before any work, a model that cannot take dice-ray's local step with participants stacked (two
     participants with two training samples each, on the model ``prepare`` built for its checks): an operation vmap
-    has no rule for (spectral norm's, say) stopped the first round with a traceback."""
+    has no rule for (spectral norm's, say) stopped the first round with a traceback. Where the run's DICE-E variants
+    differentiate the step in forward mode (curvature once, second order and the exact readout twice), one such
+    derivative of that step too: an operation forward mode has no rule for (the old ``torch.nn.utils.weight_norm``'s)
+    stopped after training."""
     import torch
 
     from dice_ray.core.losses import build_loss
-    from dice_ray.core.population import OptimizerSpec, Population, initial_state
+    from dice_ray.core.population import Population, initial_state
+    from dice_ray.methods.dice.recursion import LocalSteps, Perturbation, local_step
 
     x = torch.from_numpy(dataset.x_train[:4]).reshape(2, 2, *dataset.x_train.shape[1:])
     y = torch.from_numpy(dataset.y_train[:4]).reshape(2, 2, *dataset.y_train.shape[1:])
-    pop = Population(model.train(), initial_state(model, np.arange(2), config.seed), OptimizerSpec(),
+    pop = Population(model.train(), initial_state(model, np.arange(2), config.seed), config.optim.spec(),
                      vectorize=config.model.vectorize, loss=build_loss(config.model.loss))
     try:
         with torch.random.fork_rng(devices=[]):
@@ -245,6 +261,18 @@ def check_step(config: RunConfig, model: Any, dataset: Dataset) -> None:
     except (RuntimeError, NotImplementedError, ValueError) as err:
         raise InputError(f"model {config.model.name!r} cannot take the local step with participants stacked "
                          f"(vectorized by {pop.vectorize}): {str(err).splitlines()[0]}") from None
+    orders = _forward_orders(config)
+    if not orders:
+        return
+    steps = LocalSteps(pop.model, pop.optimizer, pop.state, pop.opt_state, x, y, loss=pop.loss)
+    tangent = torch.full_like(pop.state, 1e-3)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            local_step(steps, Perturbation(tangent, b=tangent if orders == 2 else None))
+    except (RuntimeError, NotImplementedError) as err:
+        needs = "second-order and exact-readout variants need" if orders == 2 else "curvature variant needs"
+        raise InputError(f"model {config.model.name!r}: forward mode cannot differentiate its local step, which "
+                         f"DICE-E's {needs} (torch.func.jvp): {str(err).splitlines()[0]}") from None
 
 
 def check_normalization(config: RunConfig, model: Any) -> None:

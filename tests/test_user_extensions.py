@@ -5,6 +5,7 @@ Each case here once ran to a wrong number, or stopped mid-run with a traceback."
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -454,3 +455,64 @@ def test_lazy_modules_take_their_shapes_before_the_run(tmp_path: Path) -> None:
                                      "influence": {"enabled": True, "hops": 1, "rounds": [0]},
                                      "output": {"progress": False, "out": str(tmp_path / "run")}}), engine="local")
     assert np.isfinite(run.rounds["train_loss"]).all() and np.isfinite(run.influence["est_curvature"]).all()
+
+
+def _weight_norm_mlp(norm) -> Callable:
+    return lambda shape, classes: nn.Sequential(nn.Flatten(), norm(nn.Linear(int(np.prod(shape)), 16)), nn.Tanh(),
+                                                nn.Linear(16, classes))
+
+
+def test_the_old_weight_norm_runs_dice_as_its_parametrization_does(tmp_path: Path) -> None:
+    """The deprecated ``torch.nn.utils.weight_norm`` keeps its weight as a computed tensor, which ``copy.deepcopy``
+    refuses: DICE's float64 model copy stopped after training with PyTorch's RuntimeError. Its tables now equal those of
+    the parametrization form (the same function, the same initial draws)."""
+    import warnings
+
+    tables = {}
+    for form, norm in (("old", nn.utils.weight_norm), ("new", nn.utils.parametrizations.weight_norm)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch deprecates the old form
+            register_model(f"test-weight-norm-{form}")(_weight_norm_mlp(norm))
+            tables[form] = dice_ray.run(build_config({
+                "nodes": 4, "rounds": 3, "model": {"name": f"test-weight-norm-{form}"},
+                "data": {"dataset": "digits", "heldout_size": 8},
+                "influence": {"enabled": True, "hops": 2, "rounds": [0], "variants": ["first-order"]},
+                "output": {"progress": False, "out": str(tmp_path / form)}}), engine="local").influence
+    assert np.isfinite(tables["old"]["est_first_order"]).all() and (tables["old"]["gt"] != 0).any()
+    np.testing.assert_allclose(tables["old"]["gt"], tables["new"]["gt"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(tables["old"]["est_first_order"], tables["new"]["est_first_order"], rtol=1e-6,
+                               atol=1e-9)
+
+
+@pytest.mark.parametrize("variants", [["curvature"], ["second-order"]])
+def test_a_model_forward_mode_cannot_differentiate_is_refused_where_dice_e_needs_it(variants: list[str]) -> None:
+    """The old weight norm has no forward-mode rule: curvature and second-order DICE-E stopped after training."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        register_model("test-weight-norm-old")(_weight_norm_mlp(nn.utils.weight_norm))
+        with pytest.raises(InputError, match="forward mode cannot differentiate its local step"):
+            prepare(_config("digits", model={"name": "test-weight-norm-old"},
+                            influence={"enabled": True, "variants": variants}))
+        prepare(_config("digits", model={"name": "test-weight-norm-old"},
+                        influence={"enabled": True, "variants": ["first-order"]}))
+
+
+def test_a_model_is_copied_and_redrawn_after_vmapped_steps() -> None:
+    """After a vmapped step the old weight norm's computed weight is a tensor without storage: redrawing the initial
+    state (a block's restart with no checkpoint) stopped with an internal assert, and a float64 copy could not be
+    made. Both work, and give what they give before any step."""
+    import warnings
+
+    from dice_ray.core.population import copy_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = _weight_norm_mlp(nn.utils.weight_norm)((3,), 2)
+    before = initial_state(model, np.arange(2), 0)
+    pop = Population(model, before.clone(), OptimizerSpec(), vectorize="vmap")
+    pop.half_step(torch.randn(2, 4, 3), torch.tensor([[0, 1, 0, 1]] * 2))
+    torch.testing.assert_close(initial_state(model, np.arange(2), 0), before, rtol=0, atol=0)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    assert copy_model(model).double()(x).dtype == torch.float64

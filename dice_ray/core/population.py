@@ -102,13 +102,38 @@ def _step_executor(workers: int) -> ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_step_executor.cache_clear)  # a forked child has none of its parent's threads
 
 
+def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """``copy.deepcopy(model, memo)``, except for a tensor a module keeps as a plain attribute that its forward pass
+    computes, which ``deepcopy`` refuses: one that is no graph leaf is copied detached, and for one a vmapped pass left
+    behind (it has no storage) zeros of its shape stand in. The copy's forward pass computes its own. The old
+    ``torch.nn.utils.weight_norm`` keeps such a ``weight``, recomputed from ``weight_g`` and ``weight_v``."""
+    memo = {} if memo is None else memo
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and id(value) not in memo:
+                if not value.is_leaf:
+                    memo[id(value)] = value.detach().clone()
+                elif not _has_storage(value):
+                    memo[id(value)] = torch.zeros(value.shape, dtype=value.dtype, device=value.device)
+    return copy.deepcopy(model, memo)
+
+
+def _has_storage(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` has memory of its own (one a vmapped pass left behind has none)."""
+    try:
+        tensor.untyped_storage()
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
 def _replica(model: nn.Module) -> nn.Module:
     """A copy of ``model`` for ``functional_call`` on another thread, without copies of the tensors a population
     passes in (its parameters and floating-point buffers are meta tensors there, never read)."""
     memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
                             for p in model.parameters()}
     memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers() if b.is_floating_point()})
-    return copy.deepcopy(model, memo)
+    return copy_model(model, memo)
 
 
 def _own_version(tensor: torch.Tensor) -> torch.Tensor:
@@ -306,10 +331,9 @@ def initial_state(model: nn.Module, nodes: np.ndarray, seed: int, init: str = "s
     usual D-SGD setting). ``"independent"``: participant k draws its own from (seed, k). Either way a
     participant's start depends only on (seed, k), never on how participants are grouped, nor on the device: the
     weights are always drawn by the CPU's generator on a CPU copy of ``model`` (a CUDA model would draw from
-    CUDA's generator, and a GPU run would start from other weights than a CPU run).
+    CUDA's generator, and a GPU run would start from other weights than a CPU run; and ``model`` is left as it was).
     """
-    if any(t.device.type != "cpu" for t in [*model.parameters(), *model.buffers()]):
-        model = copy.deepcopy(model).cpu()
+    model = copy_model(model).cpu()
     p_layout, b_layout = model_state_layouts(model)
 
     def draw(s: int) -> torch.Tensor:

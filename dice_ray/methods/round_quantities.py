@@ -11,12 +11,12 @@ method asked first. A hook that restores from a checkpoint calls ``forget``. Pur
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 from weakref import WeakKeyDictionary
 
 import torch
 
+from dice_ray.core.population import copy_model
 from dice_ray.methods.dice.estimator import float64_losses
 from dice_ray.methods.dice.recursion import carried_state
 
@@ -93,7 +93,7 @@ class RoundQuantities:
         readouts subtract (``estimator.float64_losses``)."""
         block, pop = self.block, self.block.population
         if self._model64 is None:
-            self._model64 = copy.deepcopy(pop.model).double()
+            self._model64 = copy_model(pop.model).double()
         if zprime == "heldout":
             return float64_losses(self._model64, pop.loss, states, block.x_heldout, block.y_heldout, shared_input=True)
         return float64_losses(self._model64, pop.loss, states, block.x_val[pos], block.y_val[pos],

@@ -30,6 +30,7 @@ from dice_ray.core.losses import CROSS_ENTROPY, Loss
 from dice_ray.core.population import (
     OptimizerSpec,
     Population,
+    copy_model,
     differentiable_running_statistics,
     optimizer_update_,
     pad_batch,
@@ -129,9 +130,7 @@ class Window:
     def double_model(self) -> nn.Module:
         """A float64 copy of the architecture (for loss differences that need the precision)."""
         if self._model64 is None:
-            import copy
-
-            self._model64 = copy.deepcopy(self.model).double()
+            self._model64 = copy_model(self.model).double()
         return self._model64
 
     def idle_rows(self, rows: np.ndarray) -> np.ndarray | None:
