@@ -45,6 +45,7 @@ class Experiment:
     # Names of the model's tensors in a participant's state row, in order: the trained parameters, then the step's
     # constants, frozen parameters and buffers (``population.state_tensors``); a resume must find the same layout.
     state_layout: dict[str, list[str]]
+    state_width: int  # D, the numbers in a participant's state row
     misbehaving: np.ndarray  # sorted ids of misbehaving participants (concepts §5)
 
     @property
@@ -315,6 +316,13 @@ def state_layout(model: Any) -> dict[str, list[str]]:
             "buffers": [n for n in constants if n not in frozen]}
 
 
+def state_width(model: Any) -> int:
+    """D: how many numbers a participant's state row holds (``population.model_state_layouts``)."""
+    from dice_ray.core.population import model_state_layouts
+
+    return sum(layout.width for layout in model_state_layouts(model))
+
+
 def config_topology(config: RunConfig, file: str | Path | None = None) -> Topology:
     """The ``Topology`` of ``config`` (its ``topology`` section and seed); ``file``: the topology file to read instead
     of the one the config names (a run directory's copy, ``results.kept_topology_file``)."""
@@ -363,5 +371,6 @@ def prepare(config: RunConfig, topology_file: str | Path | None = None) -> Exper
         topology=topology,
         param_count=sum(p.numel() for p in model.parameters()),
         state_layout=state_layout(model),
+        state_width=state_width(model),
         misbehaving=misbehaving,
     )

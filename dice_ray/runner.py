@@ -102,15 +102,15 @@ def resume_config(run: Path, changes: dict[str, Any] | None = None,
     return config, manifest
 
 
-def fitting_snapshot(checkpoint: Any, nodes: int) -> dict[str, np.ndarray]:
-    """The arrays of ``checkpoint``, if they can be the state of ``nodes`` participants: numbers only, ``state``
-    [nodes, D] and finite (a checkpoint is never written otherwise; its digests can be recomputed by whoever edits
-    it); else an ``InputError``."""
+def fitting_snapshot(checkpoint: Any, nodes: int, width: int) -> dict[str, np.ndarray]:
+    """The arrays of ``checkpoint``, if they can be the state of ``nodes`` participants of states ``width`` wide:
+    numbers only, ``state`` [nodes, width] and finite (a checkpoint is never written otherwise; its digests can be
+    recomputed by whoever edits it); else an ``InputError``."""
     snapshot = checkpoint.load()
     odd = [name for name, value in snapshot.items() if value.dtype.kind not in "fiub"]
     state = snapshot.get("state")
     problem = (f"{odd[0]} holds {snapshot[odd[0]].dtype}, not numbers" if odd else "it has no state" if state is None
-               else f"its state is {list(state.shape)}, not [{nodes}, D]" if state.ndim != 2 or len(state) != nodes
+               else f"its state is {list(state.shape)}, not [{nodes}, {width}]" if state.shape != (nodes, width)
                else "its state is not finite" if not np.isfinite(state).all() else None)
     if problem is not None:
         raise InputError(f"--resume {checkpoint.path.parent.parent}: checkpoint {checkpoint.path.name} cannot be this "
@@ -311,7 +311,7 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
             write_table_atomic(out / "nodes.parquet", _nodes_table(experiment, blocks), NODES)
             if start > 0:  # ``latest``: the checkpoint that verified above
                 store.check(latest)
-                snapshot = fitting_snapshot(latest, experiment.nodes)
+                snapshot = fitting_snapshot(latest, experiment.nodes, experiment.state_width)
                 try:
                     engine.restore(snapshot, config.engine.restart_timeout)
                     online.load_state(latest.load_driver_state())

@@ -29,9 +29,10 @@ class Planted:
         return (Path.touch, (self.marker,))
 
 
-def _interrupted(tmp_path: Path, name: str) -> Path:
-    """A run killed after round 8: the checkpoints after rounds 5 and 8 are kept (the newest two)."""
-    config = dice_ray.as_config(CONFIG, output={"out": str(tmp_path / name)})
+def _interrupted(tmp_path: Path, name: str, **changes) -> Path:
+    """A run (of CONFIG with ``changes``) killed after round 8: the checkpoints after rounds 5 and 8 are kept (the
+    newest two)."""
+    config = dice_ray.as_config(CONFIG, output={"out": str(tmp_path / name)}, **changes)
 
     def stop(metrics, engine) -> None:
         if metrics.round == 8:
@@ -204,23 +205,26 @@ def test_a_resume_after_training_refuses_a_damaged_rounds_table(tmp_path: Path,
     assert _stamps(run) == before
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda s: s[:5], "its state is [5, "),
-    (lambda s: s.astype(str), "state holds <U"),
-    (lambda s: s * float("nan"), "its state is not finite"),
-    (lambda s: s[:, :7], "does not fit this run (RuntimeError"),
+@pytest.mark.parametrize("key, edit, needle", [
+    ("state", lambda s: s[:5], "its state is [5, "),
+    ("state", lambda s: s.astype(str), "state holds <U"),
+    ("state", lambda s: s * float("nan"), "its state is not finite"),
+    ("state", lambda s: s[:, :7], "its state is [8, 7], not [8, 17226]"),
+    ("state", lambda s: s[:, :1], "its state is [8, 1], not [8, 17226]"),  # was broadcast: trained from there
+    ("opt.momentum_buffer", lambda s: s[:, :1], "opt.momentum_buffer is [8, 1], not [8, 17226]"),  # broadcast too
 ])
-def test_a_checkpoint_edited_with_its_digests_rewritten_is_one_line(tmp_path: Path, capsys, edit, needle) -> None:
+def test_a_checkpoint_edited_with_its_digests_rewritten_is_one_line(tmp_path: Path, capsys, key, edit,
+                                                                   needle) -> None:
     """Digests catch damage, not edits: whoever edits a checkpoint can rewrite them. Arrays that cannot be this
-    run's state end in one line, exit 2 (they were tracebacks from torch, or 'training diverged' hundreds of rounds
-    later)."""
+    run's state end in one line, exit 2 (they were tracebacks from torch, 'training diverged' hundreds of rounds
+    later, or, one column wide, broadcast into every column and trained from)."""
     import numpy as np
 
-    run = _interrupted(tmp_path, "edited")
+    run = _interrupted(tmp_path, "edited", optim={"name": "momentum"})
     for checkpoint in sorted((run / "checkpoints").glob("round-*")):
         with np.load(checkpoint / "state.npz") as arrays:
             saved = {key: arrays[key] for key in arrays.files}
-        saved["state"] = edit(saved["state"])
+        saved[key] = edit(saved[key])
         with open(checkpoint / "state.npz", "wb") as f:
             np.savez(f, **saved)
         meta = json.loads((checkpoint / "meta.json").read_text())
