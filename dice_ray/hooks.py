@@ -100,8 +100,9 @@ class RoundHook:
     """A method's part in one participant block (see the module docstring). Subclass and override what you need.
 
     ``block`` is the ``core.participants.ParticipantBlock`` (its ``nodes``, ``population``, ``minibatch(t)``, …);
-    ``config`` the run's ``RunConfig``. A hook observes: it reads the participants' states and must not change them
-    or their optimizer states (a call that changes them in place or replaces them raises ``ValueError``; a write
+    ``config`` the run's ``RunConfig``. A hook observes: it reads the participants' states and must not change what
+    they train with, their states, optimizer states, optimizer settings, loss or data (a call, construction and
+    ``snapshot``/``restore`` included, that changes one in place or replaces it raises ``ValueError``; a write
     through ``.data`` or a NumPy view is not seen), since DICE's replays and estimators, proximal influence, the
     ledger and the retraining reproduce the simulated world without it.
     """
@@ -142,7 +143,8 @@ class RoundHook:
 
     def snapshot(self, t: int) -> dict[str, np.ndarray]:
         """Arrays with one row per hosted participant (keys ``<name>.…``) that a later round reads; part of the
-        checkpoint after round t (tensors are saved as numpy arrays)."""
+        checkpoint after round t (tensors are saved as numpy arrays). Every hook's ``restore`` reads the whole
+        checkpoint: a key the participants' state (``state``, ``opt.…``) or another hook saves is refused."""
         return {}
 
     def restore(self, arrays: Mapping[str, np.ndarray] | None) -> None:

@@ -162,8 +162,8 @@ FROM 'runs/my-run/rounds.parquet' WHERE heldout_acc IS NOT NULL GROUP BY round O
 Who writes what: `simulate` writes `rounds`, `nodes` and, with the methods on, `influence` and `dice`
 (`--influence`), `proximal` (`--proximal`), `rewiring` (`--rewire`), `contributions` and `shares` (`--ledger`),
 `loo` and `shapley` (`--loo`, `--shapley K`); `python -m dice_ray.analyze` writes `alignment`, `cascade`,
-`pairwise`, `anomaly`, `collaborators` and `contributions_report`; `python -m dice_ray.sweep` writes `trials`,
-with one column per swept field and one per trial metric after the columns below.
+`pairwise`, `anomaly`, `suspects`, `collaborators` and `contributions_report`; `python -m dice_ray.sweep` writes
+`trials`, with one column per swept field and one per trial metric after the columns below.
 
 Tables are written atomically (a temporary file, fsync, rename). The per-round tables (`rounds`, `proximal`,
 `contributions`) grow as part files under `checkpoints/` and become whole tables only when training completes;

@@ -61,8 +61,10 @@ def test_every_table_is_in_the_reference():
     gen = _generator()
     page = gen.tables_markdown()
     assert gen.clean(describe_tables()) in page
+    who_writes = page[page.index("Who writes what"):].split("\n\n")[0]
     for name in TABLES:
         assert f"`{name}.parquet`" in page
+        assert f"`{name}`" in who_writes, name  # the paragraph that says which command writes it
 
 
 def test_the_committed_reference_pages_are_the_generated_ones():

@@ -101,14 +101,72 @@ class TamperingSender(UpdateNorm):  # the same, while composing its message
         return super().message(t, local)
 
 
-@pytest.mark.parametrize(("hook", "call"), [(Tampering, "after_local_step"), (TamperingSender, "message")])
-def test_a_hook_that_changes_the_states_is_refused(hook, call: str, tmp_path) -> None:
+class TamperingAtBirth(UpdateNorm):  # the same, once, when the hook is built
+    def __init__(self, block, config) -> None:
+        super().__init__(block, config)
+        block.population.params[0] *= 0.5
+
+
+class TamperingSaver(UpdateNorm):  # the same, while saving its part of a checkpoint
+    def snapshot(self, t: int):
+        self.block.population.params[0] *= 0.5
+        return {}
+
+
+class DataTampering(UpdateNorm):  # flips participants' labels in place: training follows, no measurement would
+    def before_local_step(self, t: int) -> None:
+        super().before_local_step(t)
+        self.block.y_data[:] = 9 - self.block.y_data
+
+
+class OptimizerTampering(UpdateNorm):  # steps with a learning rate of its own
+    def before_local_step(self, t: int) -> None:
+        import dataclasses
+
+        super().before_local_step(t)
+        pop = self.block.population
+        pop.optimizer = dataclasses.replace(pop.optimizer, lr=pop.optimizer.lr * 100)
+
+
+@pytest.mark.parametrize(("hook", "changed", "call"), [
+    (Tampering, "the participants' states", "after_local_step of round 0"),
+    (TamperingSender, "the participants' states", "message of round 0"),
+    (TamperingAtBirth, "the participants' states", "__init__"),
+    (TamperingSaver, "the participants' states", "snapshot of round 3"),
+    (DataTampering, "their data", "before_local_step of round 0"),
+    (OptimizerTampering, "the optimizer's settings", "before_local_step of round 0"),
+])
+def test_a_hook_that_changes_training_is_refused(hook, changed: str, call: str, tmp_path) -> None:
     """A hook that changed θ^{t+½} changed training, but DICE's replays, proximal influence and the ledger measured
-    the run without the change (an audit found DICE tables equal to an honest run's): the engine refuses it."""
+    the run without the change (an audit found DICE tables equal to an honest run's): the engine refuses it, in
+    every call it makes to a hook (an audit changed training from ``__init__`` and ``snapshot`` unseen), and for the
+    optimizer's settings and the data too."""
     method = Method("update_norm", lambda config: True, hook, UpdateNormTable)
-    with pytest.raises(ValueError, match=f"hook 'update_norm' changed the participants' states in {call} of "
-                                         "round 0: a round hook observes"):
+    with pytest.raises(ValueError, match=f"hook 'update_norm' changed {changed} in {call}: a round hook observes"):
         dice_ray.run(dice_ray.as_config(CONFIG, output={"out": str(tmp_path / "r")}), engine="local", methods=[method])
+
+
+class Counter(UpdateNorm):  # saves a key without its name: another method's, or the state's
+    key = "count"
+
+    def snapshot(self, t: int):
+        return {self.key: np.full(self.block.size, t)}
+
+
+class StateSaver(Counter):
+    key = "state"
+
+
+@pytest.mark.parametrize(("hooks", "key"), [((Counter, Counter), "count"), ((StateSaver,), "state")])
+def test_a_snapshot_key_two_owners_save_is_refused(hooks, key: str, tmp_path) -> None:
+    """Every hook's restore reads the whole checkpoint: two methods saving 'count' resumed one from the other's, and a
+    hook saving 'state' overwrote the participants' (the resumed run trained from [N, 1]); both were silent."""
+    methods = [Method(f"m{i}", lambda config: True, type(f"H{i}", (h,), {"name": f"m{i}"}),
+                      type(f"D{i}", (UpdateNormTable,), {"name": f"m{i}", "tables": {f"m{i}": UPDATE_NORM}}))
+               for i, h in enumerate(hooks)]
+    with pytest.raises(ValueError, match=f"hook 'm{len(hooks) - 1}' saves '{key}' in its snapshot, a key the "
+                                         "participants' state or another hook saves already"):
+        dice_ray.run(dice_ray.as_config(CONFIG, output={"out": str(tmp_path / "r")}), engine="local", methods=methods)
 
 
 @pytest.fixture(scope="module")

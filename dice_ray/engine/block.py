@@ -46,7 +46,10 @@ class HookedBlock:
 
     def __init__(self, block: ParticipantBlock, hooks: list[type[RoundHook]], config: Any):
         self.block = block
-        self.hooks = {h.name: h(block, config) for h in hooks}
+        self.hooks: dict[str, RoundHook] = {}
+        for hook in hooks:
+            with self._observing(hook.name, "__init__"):
+                self.hooks[hook.name] = hook(block, config)
         self._weights: tuple[Any, list[sp.csr_array], list[torch.Tensor]] | None = None  # (key, rows, on device)
 
     def local_step(self, t: int) -> torch.Tensor:
@@ -62,23 +65,37 @@ class HookedBlock:
         return loss
 
     @contextlib.contextmanager
-    def _observing(self, name: str, call: str, t: int) -> Iterator[None]:
-        """Refuse a hook call that changes the participants' states or optimizer states (in place, or by replacing
-        them): training would follow it, but DICE's replays and estimators, proximal influence, the ledger and the
-        retraining reproduce the simulated world without it, and would measure another run. Free: torch counts a
-        tensor's in-place changes (``_version``); a write through ``.data`` or a NumPy view escapes that count."""
-        pop = self.block.population
-
-        def seen() -> tuple:
-            return ((id(pop.state), pop.state._version),
-                    tuple((n, id(v), v._version) for n, v in sorted(pop.opt_state.items())))
-
-        before = seen()
+    def _observing(self, name: str, call: str, t: int | None = None) -> Iterator[None]:
+        """Refuse a hook call (of round ``t``) that changes what the participants train with: their states or
+        optimizer states (in place, or by replacing them), the optimizer's settings, the loss, or their data (training
+        splits, validation splits, z′, misbehaving participants' factors). Training would follow it, but DICE's
+        replays and estimators, proximal influence, the ledger and the retraining reproduce the simulated world
+        without it, and would measure another run. Free: torch counts a tensor's in-place changes (``_version``); a
+        write through ``.data`` or a NumPy view escapes that count."""
+        before = self._training_inputs()
         yield
-        if seen() != before:
-            raise ValueError(f"hook {name!r} changed the participants' states in {call} of round {t}: a round hook "
-                             "observes; what changes training is the simulated world (misbehavior), which the replays "
-                             "and estimators reproduce")
+        after = self._training_inputs()
+        changed = next((what for what in before if after[what] != before[what]), None)
+        if changed is not None:
+            when = "" if t is None else f" of round {t}"
+            raise ValueError(f"hook {name!r} changed {changed} in {call}{when}: a round hook observes; what changes "
+                             "training is the simulated world (misbehavior), which the replays and estimators "
+                             "reproduce")
+
+    def _training_inputs(self) -> dict[str, Any]:
+        """What ``_observing`` compares, by what a message calls it: identities and in-place change counts of the
+        tensors, identities and values of the settings."""
+        block, pop = self.block, self.block.population
+
+        def marks(*tensors: torch.Tensor | None) -> tuple:
+            return tuple(None if v is None else (id(v), v._version) for v in tensors)
+
+        return {"the participants' states": marks(pop.state),
+                "their optimizer states": tuple((n, *marks(v)) for n, v in sorted(pop.opt_state.items())),
+                "the optimizer's settings": (id(pop.optimizer), pop.optimizer),
+                "the loss": id(pop.loss),
+                "their data": marks(block.x_data, block.y_data, block.sample_rows, block.x_val, block.y_val,
+                                    block.val_mask, block.x_heldout, block.y_heldout, block._factors)}
 
     def message(self, name: str, t: int, local: bool) -> Any:
         """Hook ``name``'s message of round t (``local``: for this block itself, as the hook returned it; else with
@@ -91,7 +108,9 @@ class HookedBlock:
         """Hook ``name``'s message of round t for blocks that read it through a device transport (CUDA IPC): as the
         hook returns it for this block, its tensors copied onto the block's device (the readers may still map the
         copy while this block steps on; the transport carries tensors of one device)."""
-        return tensor_copies(self.hooks[name].message(t, True), self.block.device)
+        with self._observing(name, "message", t):
+            message = self.hooks[name].message(t, True)
+        return tensor_copies(message, self.block.device)
 
     def set_weights(self, key: Any, rows: list[sp.csr_array] | None) -> None:
         """Hold ``rows`` (this block's rows of W^t over its mixing source blocks, scipy CSR) under ``key``, converted
@@ -147,13 +166,20 @@ class HookedBlock:
         """The block's state and every hook's snapshot after round t (one row per hosted participant); the block's
         arrays share its memory unless ``copy`` (see ``ParticipantBlock.snapshot``)."""
         arrays = self.block.snapshot(copy)
-        for hook in self.hooks.values():
-            arrays.update(on_host(hook.snapshot(t)))
+        for name, hook in self.hooks.items():
+            with self._observing(name, "snapshot", t):
+                saved = on_host(hook.snapshot(t))
+            taken = sorted(arrays.keys() & saved.keys())
+            if taken:  # restore hands every hook the whole checkpoint: a shared key would be read by the wrong one
+                raise ValueError(f"hook {name!r} saves {taken[0]!r} in its snapshot, a key the participants' state "
+                                 f"or another hook saves already: name its keys '{name}.…'")
+            arrays.update(saved)
         return arrays
 
     def restore(self, arrays: Mapping[str, np.ndarray] | None, block_too: bool = True) -> None:
         """Bring the block (unless ``block_too`` is False) and every hook to ``arrays`` (None: the initial state)."""
         if block_too:
             self.block.restore(arrays)
-        for hook in self.hooks.values():
-            hook.restore(arrays)
+        for name, hook in self.hooks.items():
+            with self._observing(name, "restore"):
+                hook.restore(arrays)
