@@ -332,7 +332,7 @@ def test_a_method_takes_its_options_from_yaml_and_from_its_generated_flag(tmp_pa
     assert bad.returncode == 2 and "config: scaled_norm.scale: Input should be greater than 0" in bad.stderr
     off = _cli(["--imports", "toy_method", "--scaled-norm-scale", "2", "--engine", "local", "--out", "bad"], tmp_path)
     assert off.returncode == 2 and off.stderr.strip() == ("error: --scaled-norm-scale applies to scaled_norm, which "
-                                                          "this run leaves off (--scaled-norm-enabled true)")
+                                                          "this run leaves off (--scaled-norm-enabled)")
     assert not (tmp_path / "bad").exists()
 
 

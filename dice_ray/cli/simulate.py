@@ -201,8 +201,9 @@ def build_parser(prog: str = "python -m dice_ray.simulate") -> argparse.Argument
         kind = kind[1] if nullable else kind
         metavar = names.get(kind, "DIR" if flag == "--out" else "NAME") + ("|null" if nullable else "")
         read = kinds.get(kind, kind)
+        alone = {"nargs": "?", "const": True} if kind == "bool" and not nullable else {}  # a bare switch means true
         parser.add_argument(flag, dest=dotted, type=functools.partial(_or_null, read) if nullable else read,
-                            default=None, help=_field_help(dotted), metavar=metavar)
+                            default=None, help=_field_help(dotted), metavar=metavar, **alone)
     for flag, dotted, value in SWITCHES:
         text = _field_help(dotted) if value else f"do not: {_field_help(dotted)}"
         parser.add_argument(flag, dest=dotted, action="store_const", const=value, default=None, help=text)
@@ -253,7 +254,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         raise InputError(f"{who[0]} needs --misbehavior KIND (how they misbehave); misbehavior.kind is 'none'")
     # (a config file may keep a method's settings with it off); a user's method that turns on with its ``enabled``
     # option likewise
-    switched = SWITCHED + [(f"{m.name}.", (f"{m.name}.enabled",), f"--{m.name}-enabled true".replace("_", "-"),
+    switched = SWITCHED + [(f"{m.name}.", (f"{m.name}.enabled",), f"--{m.name}-enabled".replace("_", "-"),
                             m.enabled) for m in registered_methods()
                            if m.options is not None and "enabled" in m.options.model_fields]
     for prefix, switches, how, on in switched:

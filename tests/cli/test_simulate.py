@@ -245,3 +245,5 @@ def test_a_methods_flags_read_values_as_the_built_in_flags_of_their_type() -> No
     args = build_parser().parse_args(["--scaled-norm-enabled", "true", "--scaled-norm-scale", "2"])
     assert vars(args)["scaled_norm.enabled"] is True and vars(args)["scaled_norm.scale"] == 2.0
     assert isinstance(vars(args)["scaled_norm.scale"], float)  # read as FLOAT, not as YAML's int 2
+    assert vars(build_parser().parse_args(["--scaled-norm-enabled"]))["scaled_norm.enabled"] is True  # as --proximal
+    assert vars(build_parser().parse_args(["--scaled-norm-enabled", "false"]))["scaled_norm.enabled"] is False
