@@ -33,6 +33,16 @@ def mlp_tanh_batchnorm(input_shape, num_classes):
                          nn.Linear(16, num_classes))
 
 
+# The same with LayerNorm after the activation (no running statistics: its state is the parameters alone).
+LAYERNORM_MLP = "test-mlp-tanh-layernorm"
+
+
+@register_model(LAYERNORM_MLP)
+def mlp_tanh_layernorm(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), 16), nn.Tanh(), nn.LayerNorm(16),
+                         nn.Linear(16, num_classes))
+
+
 def make_window(topology: str = "ring", nodes: int = 6, lr: float = 0.1, optimizer: str = "sgd",
                 t0: int = 2, hops: int = 3, batch: int = 8, dtype: torch.dtype = torch.float32,
                 idle: list[int] = (), model: str = "mlp-tanh"):

@@ -49,7 +49,7 @@ from dice_ray.methods.dice.recursion import (
     local_step,
     read_by,
     start,
-    twice_differentiable_sqrt,
+    twice_forward_differentiable,
 )
 from dice_ray.methods.dice.trajectory import Trajectory, first_reached, reach
 
@@ -417,7 +417,7 @@ def sample_second_order(model: nn.Module, optimizer: OptimizerSpec, state: torch
     momentum (their step is linear in the gradient), nonzero for Adam.
     """
     step, mean, direction = _sample_step(model, optimizer, state, opt_state, xb, yb, position, loss)
-    with twice_differentiable_sqrt():
+    with twice_forward_differentiable():
         _, (second, opt_second) = jvp(lambda g: jvp(step, (g,), (direction,))[1], (mean,), (direction,))
     return on_state(-0.5 * factor * second, state), {name: -0.5 * value for name, value in opt_second.items()}
 

@@ -317,7 +317,7 @@ def second_order_local_step(steps: LocalSteps, a: torch.Tensor, opt_a: dict[str,
                 {name: value for name, value in new_opt.items() if name != COUNTER})
 
     zero, one = torch.zeros((), dtype=a.dtype, device=a.device), torch.ones((), dtype=a.dtype, device=a.device)
-    with twice_differentiable_sqrt():
+    with twice_forward_differentiable():
         first, second = jvp(lambda eps: jvp(along, (eps,), (one,))[1], (zero,), (one,))
     return first, (-0.5 * second[0], {name: -0.5 * value for name, value in second[1].items()})
 
@@ -332,20 +332,106 @@ class _MaskedSqrt:
         return torch.where(positive, x, torch.ones_like(x)).sqrt() * positive
 
 
+def _layer_norm(input: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """``F.layer_norm`` in plain tensor operations."""
+    return _affine(_normalized(input, tuple(range(-len(normalized_shape), 0)), eps), weight, bias, None)
+
+
+def _batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
+                momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor | None:
+    """``F.batch_norm`` in plain tensor operations, where it writes no running statistics (None where it would)."""
+    channels = [1, -1] + [1] * (input.dim() - 2)
+    if training or running_mean is None:
+        if running_mean is not None:
+            return None
+        out = _normalized(input, (0, *range(2, input.dim())), eps)
+    else:
+        out = (input - running_mean.view(channels)) / torch.sqrt(running_var.view(channels) + eps)
+    return _affine(out, weight, bias, channels)
+
+
+def _instance_norm(input: torch.Tensor, running_mean: torch.Tensor | None = None,
+                   running_var: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, use_input_stats: bool = True, momentum: float = 0.1,
+                   eps: float = 1e-5) -> torch.Tensor | None:
+    """``F.instance_norm`` in plain tensor operations, where it reads and writes no running statistics (None where
+    it would)."""
+    if running_mean is not None or not use_input_stats:
+        return None
+    channels = [1, -1] + [1] * (input.dim() - 2)
+    return _affine(_normalized(input, tuple(range(2, input.dim())), eps), weight, bias, channels)
+
+
+def _normalized(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
+    """(x − mean) / √(var + ε) over ``dims`` (the biased variance, as the kernels normalize)."""
+    centered = x - x.mean(dims, keepdim=True)
+    return centered / torch.sqrt((centered * centered).mean(dims, keepdim=True) + eps)
+
+
+def _affine(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+            shape: list[int] | None) -> torch.Tensor:
+    """x · weight + bias, the per-channel vectors viewed as ``shape`` (None: as they are)."""
+    if weight is not None:
+        x = x * (weight if shape is None else weight.view(shape))
+    if bias is not None:
+        x = x + (bias if shape is None else bias.view(shape))
+    return x
+
+
+def _torch_order(plain, names: tuple[str, ...]):
+    """``plain`` (an ``F.*`` signature) for the ``torch.*`` form of the same function, whose arguments come in the
+    order ``names`` (its last, cudnn's switch, ignored)."""
+    def call(*args, **kwargs):
+        bound = dict(zip(names, args, strict=False)) | kwargs
+        bound.pop("cudnn_enabled", None), bound.pop("cudnn_enable", None)
+        return plain(**bound)
+    return call
+
+
+_PLAIN = {
+    torch.nn.functional.layer_norm: _layer_norm,
+    torch.layer_norm: _torch_order(_layer_norm, ("input", "normalized_shape", "weight", "bias", "eps")),
+    torch.nn.functional.batch_norm: _batch_norm,
+    torch.batch_norm: _torch_order(_batch_norm, ("input", "weight", "bias", "running_mean", "running_var",
+                                                 "training", "momentum", "eps")),
+    torch.nn.functional.instance_norm: _instance_norm,
+    torch.instance_norm: _torch_order(_instance_norm, ("input", "weight", "bias", "running_mean", "running_var",
+                                                       "use_input_stats", "momentum", "eps")),
+}
+
+
+class _PlainNormalization(torch.overrides.TorchFunctionMode):
+    """Layer, batch and instance normalization computed from plain tensor operations (the same values, to float
+    rounding): torch's kernels have nested forward-mode derivatives that are wrong (measured in float64 against
+    forward-over-reverse and finite differences: 7.18 for 6.69, −8.03 for −8.30; pytorch/pytorch#196700, #196699).
+    A call these forms do not cover (one that reads or writes running statistics in training) runs torch's own."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        plain = _PLAIN.get(func)
+        out = None if plain is None else plain(*args, **kwargs)
+        return func(*args, **kwargs) if out is None else out
+
+
 @contextmanager
-def twice_differentiable_sqrt() -> Iterator[None]:
-    """Within the block, Adam's √v̂ (``population._Sqrt``) is ``_MaskedSqrt``.
+def twice_forward_differentiable() -> Iterator[None]:
+    """Within the block, what torch's nested forward mode gets wrong is computed from plain operations that it
+    differentiates correctly: Adam's √v̂ (``population._Sqrt``) is ``_MaskedSqrt``, and layer, batch and instance
+    normalization are ``_PlainNormalization``'s. The values are the same.
 
     The optimizer's square root is an autograd.Function whose custom jvp reads its saved output as a constant, so
-    a jvp of that jvp misses d²√v (measured: 2.6x off a finite difference of Adam's step). The values are the
-    same; only the second-order forward passes (this module's and ``estimator.sample_second_order``) run inside this
-    block (one thread per process).
+    a jvp of that jvp misses d²√v (measured: 2.6x off a finite difference of Adam's step). Only the second-order
+    forward passes (this module's and ``estimator.sample_second_order``) run inside this block (one thread per
+    process: the square root is swapped for the process; the function mode holds for this thread).
     """
     from dice_ray.core import population
 
     saved = population._Sqrt
     population._Sqrt = _MaskedSqrt
     try:
-        yield
+        with _PlainNormalization():
+            yield
     finally:
         population._Sqrt = saved
