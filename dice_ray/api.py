@@ -76,7 +76,8 @@ class Run:
         """Return table ``name`` (see ``dice_ray.results``) as a DataFrame; read once, then cached. Of a run that has
         not finished (running, interrupted or failed), a table written round by round (``rounds``, ``proximal``,
         ``contributions``, ...) holds the rows written so far, read anew on every call: those of every checkpoint,
-        and those flushed after it, which a resume rolls back to the checkpoint it continues from."""
+        and those written after it (at least every 10 s, and when the run stops), which a resume rolls back to the
+        checkpoint it continues from."""
         if name not in self._tables:
             path = self.path / f"{name}.parquet"
             if not path.is_file():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -86,6 +87,33 @@ def test_an_unfinished_run_opens_with_the_rows_its_checkpoints_committed(tmp_pat
         pd.testing.assert_frame_equal(rows, reference[name].query("round <= 8").reset_index(drop=True))
     with pytest.raises(dice_ray.InputError, match="the run is interrupted and no checkpoint has committed its rows"):
         run.table("dice")
+
+
+def test_a_running_run_shows_its_rows_between_checkpoints(tmp_path: Path, monkeypatch) -> None:
+    """open_run follows a running run: rows reach part files every few seconds (``loop.FLUSH_SECONDS``; 0 here, so
+    every round), not only with each checkpoint (a run before its first checkpoint showed none). Interrupted or
+    diverged, a run keeps the rows of the rounds it finished (a diverged run's curve was lost)."""
+    from dice_ray.engine import loop
+
+    monkeypatch.setattr(loop, "FLUSH_SECONDS", 0.0)
+    out, seen = tmp_path / "live", []
+
+    def follow(metrics, engine) -> None:
+        seen.append(int(dice_ray.open_run(out).rounds["round"].max()))
+        if metrics.round == 3:
+            raise KeyboardInterrupt
+
+    config = dice_ray.as_config(CONFIG, output={"out": str(out), "checkpoint_every": 50})
+    with pytest.raises(KeyboardInterrupt):
+        dice_ray.run(config, engine="local", on_round=follow)
+    assert seen == [0, 1, 2, 3]
+    monkeypatch.setattr(loop, "FLUSH_SECONDS", 1e9)  # rows reach the disk when the run stops
+    config = dice_ray.as_config(CONFIG, optim={"lr": 1e3}, output={"out": str(tmp_path / "diverged")})
+    with pytest.raises(FloatingPointError, match=r"round (\d+)") as stopped:
+        dice_ray.run(config, engine="local")
+    failed = int(re.search(r"round (\d+)", str(stopped.value))[1])
+    rounds = dice_ray.open_run(tmp_path / "diverged").rounds
+    assert failed > 0 and sorted(set(rounds["round"])) == list(range(failed))
 
 
 def test_a_changed_byte_skips_that_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

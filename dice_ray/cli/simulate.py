@@ -105,8 +105,20 @@ SWITCHED: list[tuple[str, tuple[str, ...], str, Callable[[RunConfig], bool]]] = 
     ("data.shrink.", ("data.shrink.ids",), "--shrink-ids", lambda c: bool(c.data.shrink.ids)),
 ]
 
-# Options of one partition scheme: given on the command line with another scheme, they would do nothing.
-PARTITION_OPTIONS = [("--alpha", "data.alpha", "dirichlet"), ("--shards-per-node", "data.shards_per_node", "shards")]
+# Options of some values of another (flag, field, the other's flag and field, its values): given on the command line
+# (a flag, or --set) with another value, they would do nothing.
+CHOICE_OPTIONS = [
+    ("--alpha", "data.alpha", "--partition", "data.partition", ("dirichlet",)),
+    ("--shards-per-node", "data.shards_per_node", "--partition", "data.partition", ("shards",)),
+    ("--edge-probability", "topology.p", "--topology", "topology.name", ("erdos-renyi",)),
+    ("--grid-rows", "topology.rows", "--topology", "topology.name", ("grid", "torus")),
+    ("--topology-file", "topology.file", "--topology", "topology.name", ("file",)),
+    ("--set topology.directed", "topology.directed", "--topology", "topology.name", ("file",)),
+    ("--momentum", "optim.momentum", "--optimizer", "optim.name", ("momentum",)),
+    ("--set optim.nesterov", "optim.nesterov", "--optimizer", "optim.name", ("momentum",)),
+    ("--set optim.betas", "optim.betas", "--optimizer", "optim.name", ("adam",)),
+    ("--set optim.eps", "optim.eps", "--optimizer", "optim.name", ("adam",)),
+]
 
 
 def _field_help(dotted: str) -> str:
@@ -247,9 +259,15 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
             set_dotted(data, dotted, value)
     if getattr(args, "misbehavior.ids") is not None and getattr(args, "misbehavior.selection") is None:
         set_dotted(data, "misbehavior.selection", "ids")  # --misbehaving-ids names who: selection ids
+    set_keys = {item.partition("=")[0].strip(): item for item in args.set}
+    both = [(flag, dotted) for flag, dotted, *_ in [*OPTIONS, *SWITCHES, *method_options()]
+            if getattr(args, dotted) is not None and dotted in set_keys]
+    if both:
+        raise InputError(f"{both[0][0]} and --set {set_keys[both[0][1]]} both set {both[0][1]}: give one")
     config = build_config(apply_sets(data, args.set))
     who = [flag for flag, dotted, *_ in OPTIONS if dotted.startswith("misbehavior.") and dotted != "misbehavior.kind"
            and getattr(args, dotted) is not None]
+    who += [f"--set {key}" for key in set_keys if key.startswith("misbehavior.") and key != "misbehavior.kind"]
     if who and config.misbehavior.kind == "none":  # (a config file or sweep may keep them with kind none)
         raise InputError(f"{who[0]} needs --misbehavior KIND (how they misbehave); misbehavior.kind is 'none'")
     # (a config file may keep a method's settings with it off); a user's method that turns on with its ``enabled``
@@ -260,11 +278,16 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     for prefix, switches, how, on in switched:
         given = [flag for flag, dotted, *_ in [*OPTIONS, *SWITCHES, *method_options()] if dotted.startswith(prefix)
                  and dotted not in switches and getattr(args, dotted) is not None]
+        given += [f"--set {key}" for key in set_keys if key.startswith(prefix) and key not in switches]
         if given and not on(config):
             raise InputError(f"{given[0]} applies to {prefix.rstrip('.')}, which this run leaves off ({how})")
-    for flag, dotted, scheme in PARTITION_OPTIONS:
-        if getattr(args, dotted) is not None and config.data.partition != scheme:
-            raise InputError(f"{flag} applies to --partition {scheme}; this run partitions {config.data.partition}")
+    for flag, dotted, chooser, chosen, values in CHOICE_OPTIONS:
+        given = flag if getattr(args, dotted, None) is not None else f"--set {dotted}" if dotted in set_keys else None
+        current = config
+        for part in chosen.split("."):
+            current = getattr(current, part)
+        if given is not None and current not in values:
+            raise InputError(f"{given} applies to {chooser} {' or '.join(values)}; this run has {chooser} {current}")
     return config
 
 

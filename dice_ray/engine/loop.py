@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from dice_ray.engine.ray_engine import ACTOR_FAILURES
 from dice_ray.hooks import DriverHook, Method
 
 FLUSH_ROWS = 1 << 20  # rows buffered in memory before they go to a part file between checkpoints
+FLUSH_SECONDS = 10.0  # and seconds: a reader following a running run (``open_run``) sees rows at least this often
 
 
 @dataclass
@@ -181,6 +183,7 @@ def train(engine: Any, config: RunConfig, tables: RoundTables, store: Checkpoint
     n = config.nodes
     report = report if report is not None else TrainingReport()
     initial = online.state() if start == 0 else None  # restored after a failure before any checkpoint
+    flushed = time.monotonic()
     while start < config.rounds:
         seen = start - 1
         try:
@@ -193,8 +196,10 @@ def train(engine: Any, config: RunConfig, tables: RoundTables, store: Checkpoint
                     store.save(m.round, m.snapshot, online.state(), tables.part_digests())
                     m.snapshot = None  # on disk now: let its memory (object-store pages, for Ray) go before the next
                     report.checkpoints += 1
-                elif tables.buffered_rows() >= FLUSH_ROWS:
+                    flushed = time.monotonic()
+                elif tables.buffered_rows() >= FLUSH_ROWS or time.monotonic() - flushed >= FLUSH_SECONDS:
                     tables.commit(m.round)
+                    flushed = time.monotonic()
                 report.last, seen = m, m.round
                 if bar is not None:
                     post = {"loss": f"{m.train_loss.mean():.4f}"}
@@ -205,6 +210,10 @@ def train(engine: Any, config: RunConfig, tables: RoundTables, store: Checkpoint
                 if on_round is not None:
                     on_round(m, engine)
             start = config.rounds
+        except (FloatingPointError, KeyboardInterrupt):  # the rounds done: a diverged run's curve, kept
+            tables.rollback(seen)  # (an interrupted round's rows, some recorded) ...
+            tables.commit(seen)  # ... and a resume rolls back to its checkpoint
+            raise
         except ACTOR_FAILURES as err:
             if len(report.recoveries) >= config.engine.max_recoveries:
                 raise RuntimeError(f"round {seen + 1}: {_one_line(err)}; gave up after "

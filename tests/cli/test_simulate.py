@@ -128,8 +128,19 @@ BAD_INPUTS = [
     (["--rewire", "none", "--rewire-every", "3"], "--rewire-every applies to rewiring"),
     (["--ledger-every", "2"], "--ledger-every applies to ledger"),
     (["--shrink-fraction", "0.5"], "--shrink-fraction applies to data.shrink"),
-    (["--alpha", "0.3"], "--alpha applies to --partition dirichlet; this run partitions iid"),
+    (["--alpha", "0.3"], "--alpha applies to --partition dirichlet; this run has --partition iid"),
     (["--partition", "dirichlet", "--shards-per-node", "3"], "--shards-per-node applies to --partition shards"),
+    # an option of another choice was recorded in the manifest and did nothing (an audit: --momentum 0.5 with SGD)
+    (["--momentum", "0.5"], "--momentum applies to --optimizer momentum; this run has --optimizer sgd"),
+    (["--optimizer", "adam", "--momentum", "0.5"], "--momentum applies to --optimizer momentum"),
+    (["--set", "optim.betas=[0.8,0.9]"], "--set optim.betas applies to --optimizer adam"),
+    (["--topology", "ring", "--edge-probability", "0.3"], "--edge-probability applies to --topology erdos-renyi"),
+    (["--grid-rows", "4"], "--grid-rows applies to --topology grid or torus; this run has --topology exponential"),
+    (["--topology", "ring", "--topology-file", "ring.csv"], "--topology-file applies to --topology file"),
+    (["--set", "data.alpha=0.3"], "--set data.alpha applies to --partition dirichlet"),
+    (["--set", "influence.hops=3"], "--set influence.hops applies to influence, which this run leaves off"),
+    (["--set", "rounds=10", "--rounds", "20"], "--rounds and --set rounds=10 both set rounds: give one"),
+    (["--set", "misbehavior.count=2"], "--set misbehavior.count needs --misbehavior KIND"),
 ]
 
 
