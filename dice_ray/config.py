@@ -11,6 +11,7 @@ topologies, data sets, models, optimizers) become one-line ``InputError`` messag
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
@@ -54,7 +55,11 @@ def _one_of(what: str, choices: tuple[str, ...] | Callable[[], tuple[str, ...]])
             return value  # a name the recorded config's modules would register: not imported, so not checked
         names = choices() if callable(choices) else choices
         if value not in names:
-            raise ValueError(f"{what} {value!r} is unknown; choose one of {', '.join(names)}")
+            close = difflib.get_close_matches(value, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else (
+                " (one you register is known once its module is imported: imports, --imports MODULE)"
+                if callable(choices) else "")
+            raise ValueError(f"{what} {value!r} is unknown; choose one of {', '.join(names)}{hint}")
         return value
 
     return AfterValidator(check)

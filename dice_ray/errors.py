@@ -8,6 +8,7 @@ before any work starts.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from typing import Literal, NoReturn
@@ -43,5 +44,17 @@ class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one ``error:`` line and exit status 2, like ``InputError``."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see --help)", file=sys.stderr)
+        print(f"error: {message}{self._hint(message)} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+    def _hint(self, message: str) -> str:
+        """For an unrecognized option: the known one it is closest to, or where a registered method's flags come
+        from."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        unknown = next((word.split("=")[0] for word in message.split()[2:] if word.startswith("--")), None)
+        if unknown is None:
+            return ""
+        close = difflib.get_close_matches(unknown, list(self._option_string_actions), n=1)
+        return (f"; did you mean {close[0]}?" if close else
+                "; a registered method's options are flags once its module is imported (--imports MODULE)")
