@@ -102,8 +102,9 @@ class DataConfig(Section):
     shards_per_node: int = Field(2, ge=1, description="shards per participant (partition=shards)")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of each participant's data held "
                                                              "out as its validation split")
-    heldout_size: int = Field(500, ge=1, description="size of the shared held-out batch z′ "
-                                                     "(from the test split)")
+    heldout_size: int = Field(500, ge=1, description="size of the shared held-out batch z′, drawn from the "
+                                                     "test split (all of it where that is smaller: digits has "
+                                                     "360; the manifest's data.heldout is the size used)")
     participant_weights: Annotated[str, _one_of("participant weights", WEIGHT_RULES)] = Field(
         "uniform", description="q_k: uniform or data-size")
     shrink: ShrinkConfig = Field(default_factory=ShrinkConfig,

@@ -470,8 +470,10 @@ def make_topology(name: str, n: int, *, weights: str = "uniform", seed: int = 0,
         graph = load_edge_list(path, n, directed=directed)
         named = np.flatnonzero(np.asarray(graph.sum(axis=0)).ravel() + np.asarray(graph.sum(axis=1)).ravel())
         if len(named) and named.max() < n - 1:  # "not strongly connected" would not name the cause
+            left = (f"participant {n - 1}" if named.max() + 1 == n - 1 else
+                    f"participants {named.max() + 1}..{n - 1}")
             raise InputError(f"edge list '{path}' names participants 0..{named.max()}, but the run has {n} "
-                             f"(--nodes): participants {named.max() + 1}..{n - 1} would have no edge")
+                             f"(--nodes): {left} would have no edge")
     elif name == "erdos-renyi":
         graph = erdos_renyi_graph(n, min(1.0, 2 * math.log(n) / n) if p is None else p, seed)
     elif name in ("grid", "torus"):

@@ -253,6 +253,8 @@ def test_file_topologies(tmp_path):
     with pytest.raises(InputError, match=r"names participants 0\.\.5, but the run has 8 \(--nodes\): participants "
                                          r"6\.\.7 would have no edge"):
         make_topology("file", 8, path=str(edges))  # it said "not strongly connected: 3 components"
+    with pytest.raises(InputError, match=r"but the run has 7 \(--nodes\): participant 6 would have no edge"):
+        make_topology("file", 7, path=str(edges))  # (it said "participants 6..6")
     exported = tmp_path / "exported.csv"  # pandas' to_csv with its header; networkx's write_edgelist with {}
     exported.write_text("src,dst\n" + "\n".join(f"{k},{(k + 1) % 6}" for k in range(6)) + "\n")
     networkx_edges = tmp_path / "networkx.txt"
