@@ -15,7 +15,7 @@ import difflib
 import importlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -590,6 +590,57 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
     return data
+
+
+# Settings that do nothing while their method (or data change) is off: (prefix of their fields, the fields that turn
+# it on, how to turn it on, whether a config has it on).
+SWITCHED: list[tuple[str, tuple[str, ...], str, Callable[[RunConfig], bool]]] = [
+    ("influence.", ("influence.enabled",), "--influence", lambda c: c.influence.enabled),
+    ("proximal.", ("proximal.enabled",), "--proximal", lambda c: c.proximal.enabled),
+    ("rewiring.", ("rewiring.mode",), "--rewire MODE", lambda c: c.rewiring.mode != "none"),
+    ("ledger.", ("ledger.enabled", "ledger.loo", "ledger.shapley_permutations"), "--ledger",
+     lambda c: c.ledger.enabled or c.ledger.loo or c.ledger.shapley_permutations > 0),
+    ("data.shrink.", ("data.shrink.ids",), "--shrink-ids", lambda c: bool(c.data.shrink.ids)),
+]
+
+# Settings of some values of another: (field, the other's flag and field, the values it applies to).
+CHOSEN_BY = [
+    ("data.alpha", "--partition", "data.partition", ("dirichlet",)),
+    ("data.shards_per_node", "--partition", "data.partition", ("shards",)),
+    ("topology.p", "--topology", "topology.name", ("erdos-renyi",)),
+    ("topology.rows", "--topology", "topology.name", ("grid", "torus")),
+    ("topology.file", "--topology", "topology.name", ("file",)),
+    ("topology.directed", "--topology", "topology.name", ("file",)),
+    ("optim.momentum", "--optimizer", "optim.name", ("momentum",)),
+    ("optim.nesterov", "--optimizer", "optim.name", ("momentum",)),
+    ("optim.betas", "--optimizer", "optim.name", ("adam",)),
+    ("optim.eps", "--optimizer", "optim.name", ("adam",)),
+]
+
+
+def idle_setting(config: RunConfig, fields: Iterable[str]) -> tuple[str, str] | None:
+    """The first of ``fields`` (dotted names someone set on purpose: on the command line, in a sweep's space) that
+    does nothing in ``config``, with why ("applies to influence, which this run leaves off (--influence)"), or None:
+    a misbehaviour setting without a kind, a method's setting with the method off (a user method's too, with its
+    ``enabled`` off), a setting of another choice (``CHOSEN_BY``). A config file may keep such settings."""
+    fields = list(fields)
+    for name in fields:
+        if name.startswith("misbehavior.") and name != "misbehavior.kind" and config.misbehavior.kind == "none":
+            return name, "needs --misbehavior KIND (how they misbehave); misbehavior.kind is 'none'"
+    switched = SWITCHED + [(f"{m.name}.", (f"{m.name}.enabled",), f"--{m.name}-enabled".replace("_", "-"),
+                            m.enabled) for m in registered_methods()
+                           if m.options is not None and "enabled" in m.options.model_fields]
+    for prefix, switches, how, on in switched:
+        for name in fields:
+            if name.startswith(prefix) and name not in switches and not on(config):
+                return name, f"applies to {prefix.rstrip('.')}, which this run leaves off ({how})"
+    for name, chooser, chosen, values in CHOSEN_BY:
+        current: Any = config
+        for part in chosen.split("."):
+            current = getattr(current, part)
+        if name in fields and current not in values:
+            return name, f"applies to {chooser} {' or '.join(values)}; this run has {chooser} {current}"
+    return None
 
 
 def apply_sets(data: dict[str, Any], items: list[str]) -> dict[str, Any]:

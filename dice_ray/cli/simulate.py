@@ -35,6 +35,7 @@ from dice_ray.config import (
     RunConfig,
     apply_sets,
     build_config,
+    idle_setting,
     import_modules,
     load_config,
     modules_in,
@@ -94,31 +95,6 @@ SWITCHES: list[tuple[str, str, bool]] = [
 ]
 
 
-# Options that do nothing while their method (or data change) is off: (prefix of their fields, the fields that turn
-# it on, how to turn it on, whether a config has it on). Given with it off, they are refused (they would be ignored).
-SWITCHED: list[tuple[str, tuple[str, ...], str, Callable[[RunConfig], bool]]] = [
-    ("influence.", ("influence.enabled",), "--influence", lambda c: c.influence.enabled),
-    ("proximal.", ("proximal.enabled",), "--proximal", lambda c: c.proximal.enabled),
-    ("rewiring.", ("rewiring.mode",), "--rewire MODE", lambda c: c.rewiring.mode != "none"),
-    ("ledger.", ("ledger.enabled", "ledger.loo", "ledger.shapley_permutations"), "--ledger",
-     lambda c: c.ledger.enabled or c.ledger.loo or c.ledger.shapley_permutations > 0),
-    ("data.shrink.", ("data.shrink.ids",), "--shrink-ids", lambda c: bool(c.data.shrink.ids)),
-]
-
-# Options of some values of another (flag, field, the other's flag and field, its values): given on the command line
-# (a flag, or --set) with another value, they would do nothing.
-CHOICE_OPTIONS = [
-    ("--alpha", "data.alpha", "--partition", "data.partition", ("dirichlet",)),
-    ("--shards-per-node", "data.shards_per_node", "--partition", "data.partition", ("shards",)),
-    ("--edge-probability", "topology.p", "--topology", "topology.name", ("erdos-renyi",)),
-    ("--grid-rows", "topology.rows", "--topology", "topology.name", ("grid", "torus")),
-    ("--topology-file", "topology.file", "--topology", "topology.name", ("file",)),
-    ("--set topology.directed", "topology.directed", "--topology", "topology.name", ("file",)),
-    ("--momentum", "optim.momentum", "--optimizer", "optim.name", ("momentum",)),
-    ("--set optim.nesterov", "optim.nesterov", "--optimizer", "optim.name", ("momentum",)),
-    ("--set optim.betas", "optim.betas", "--optimizer", "optim.name", ("adam",)),
-    ("--set optim.eps", "optim.eps", "--optimizer", "optim.name", ("adam",)),
-]
 
 
 def _field_help(dotted: str) -> str:
@@ -265,29 +241,11 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     if both:
         raise InputError(f"{both[0][0]} and --set {set_keys[both[0][1]]} both set {both[0][1]}: give one")
     config = build_config(apply_sets(data, args.set))
-    who = [flag for flag, dotted, *_ in OPTIONS if dotted.startswith("misbehavior.") and dotted != "misbehavior.kind"
-           and getattr(args, dotted) is not None]
-    who += [f"--set {key}" for key in set_keys if key.startswith("misbehavior.") and key != "misbehavior.kind"]
-    if who and config.misbehavior.kind == "none":  # (a config file or sweep may keep them with kind none)
-        raise InputError(f"{who[0]} needs --misbehavior KIND (how they misbehave); misbehavior.kind is 'none'")
-    # (a config file may keep a method's settings with it off); a user's method that turns on with its ``enabled``
-    # option likewise
-    switched = SWITCHED + [(f"{m.name}.", (f"{m.name}.enabled",), f"--{m.name}-enabled".replace("_", "-"),
-                            m.enabled) for m in registered_methods()
-                           if m.options is not None and "enabled" in m.options.model_fields]
-    for prefix, switches, how, on in switched:
-        given = [flag for flag, dotted, *_ in [*OPTIONS, *SWITCHES, *method_options()] if dotted.startswith(prefix)
-                 and dotted not in switches and getattr(args, dotted) is not None]
-        given += [f"--set {key}" for key in set_keys if key.startswith(prefix) and key not in switches]
-        if given and not on(config):
-            raise InputError(f"{given[0]} applies to {prefix.rstrip('.')}, which this run leaves off ({how})")
-    for flag, dotted, chooser, chosen, values in CHOICE_OPTIONS:
-        given = flag if getattr(args, dotted, None) is not None else f"--set {dotted}" if dotted in set_keys else None
-        current = config
-        for part in chosen.split("."):
-            current = getattr(current, part)
-        if given is not None and current not in values:
-            raise InputError(f"{given} applies to {chooser} {' or '.join(values)}; this run has {chooser} {current}")
+    given = {dotted: flag for flag, dotted, *_ in [*OPTIONS, *SWITCHES, *method_options()]
+             if getattr(args, dotted) is not None} | {key: f"--set {key}" for key in set_keys}
+    idle = idle_setting(config, given)  # (a config file may keep settings that do nothing in this run)
+    if idle is not None:
+        raise InputError(f"{given[idle[0]]} {idle[1]}")
     return config
 
 

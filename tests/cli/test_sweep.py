@@ -65,6 +65,11 @@ def _sweep(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     ({"metrics": ["proximal_detection"], "plot": None}, "'proximal_detection' measures nothing in these trials"),
     ({"space": {"influence.every": {"grid": [1, 20]}}}, "influence.every 20 probes no round"),
     ({"base": {**BASE, "optim": {"batch_size": 100000}}}, "sweep: trial {'optim.lr': 0.02, 'seed': 0}: "),
+    # a swept field that does nothing: every trial the same run (the docs' own example swept alpha on iid)
+    ({"space": {"data.alpha": {"grid": [0.5, 1.0]}}}, "sweep: space.data.alpha does nothing in any trial: it "
+                                                     "applies to --partition dirichlet; this run has --partition iid"),
+    ({"space": {"proximal.every": {"grid": [1, 2]}}}, "space.proximal.every does nothing in any trial: it applies "
+                                                      "to proximal, which this run leaves off"),
 ])
 def test_bad_sweep_file_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                               change: dict, message: str) -> None:
