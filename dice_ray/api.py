@@ -41,6 +41,8 @@ class Run:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"run directory {str(self.path)!r} does not exist")
         if not (self.path / "manifest.json").is_file():
             raise InputError(f"{str(self.path)!r} is not a dice-ray run directory (no manifest.json)")
         self._tables: dict[str, pd.DataFrame] = {}

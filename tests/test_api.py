@@ -65,6 +65,13 @@ def test_python_api_end_to_end(tmp_path: Path) -> None:
         dice_ray.run(config, engine="local")
 
 
+def test_open_run_says_what_is_wrong_with_the_path(tmp_path: Path) -> None:
+    with pytest.raises(dice_ray.InputError, match="run directory '.*missing' does not exist"):
+        dice_ray.open_run(tmp_path / "missing")  # (it said "not a dice-ray run directory (no manifest.json)")
+    with pytest.raises(dice_ray.InputError, match="is not a dice-ray run directory"):
+        dice_ray.open_run(tmp_path)
+
+
 def test_the_console_script_is_the_same_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``dice-ray simulate …`` is ``python -m dice_ray.simulate …``; bad input: one line, exit status 2."""
     out = subprocess.run([sys.executable, "-m", "dice_ray.cli", "simulate", "--nodes", "1"], capture_output=True,
