@@ -16,8 +16,10 @@ that it is recorded failed from Tune's error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import io
 import json
 import math
 import os
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dice_ray.errors import InputError
-from dice_ray.results import write_json_atomic
+from dice_ray.results import write_atomic, write_json_atomic
 from dice_ray.rundir import LOCK, DirectoryLock, check_can_make
 from dice_ray.sweep.metrics import compute_metrics
 from dice_ray.sweep.plot import plot_trials
@@ -101,12 +103,16 @@ def run_trial(tune_config: dict[str, Any], sweep: Sweep, out: str) -> None:
     row: dict[str, Any] = {"trial_id": trial_id, "status": "ok", "error": None,
                            "run_dir": str(trial_dir(Path("."), trial_id)), "start_time": _now(),
                            "params": params, "metrics": {}}
+    console = io.StringIO()  # what the trial prints (its summary line, warnings): its console.log, not the sweep's
     try:
-        config = sweep.trial_config(params, trial_dir(Path(out), trial_id))
-        run = simulate_or_resume(config)
-        row["metrics"] = compute_metrics(run, config, sweep.spec.metrics)
+        with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+            config = sweep.trial_config(params, trial_dir(Path(out), trial_id))
+            run = simulate_or_resume(config)
+            row["metrics"] = compute_metrics(run, config, sweep.spec.metrics)
     except Exception as err:  # a failed trial is a result: recorded with its error while the sweep goes on
         row.update(status="failed", error=f"{type(err).__name__}: {err}".splitlines()[0])
+    if trial_dir(Path(out), trial_id).is_dir() and console.getvalue():
+        write_atomic(trial_dir(Path(out), trial_id) / "console.log", lambda p: p.write_text(console.getvalue()))
     row["wall_seconds"] = time.time() - started
     report = {"row": json.dumps(row)}
     if sweep.spec.metric is not None:
