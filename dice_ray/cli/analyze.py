@@ -71,6 +71,11 @@ from dice_ray.results import VARIANT_SUFFIX
 from dice_ray.rundir import check_can_make
 
 
+def _cells(column: pd.Series) -> pd.Series:
+    """A column as printed: floats to 4 decimals, a missing value as '-'."""
+    return column.map(lambda v: "-" if v is None or pd.isna(v) else f"{v:.4f}" if isinstance(v, float) else v)
+
+
 def _records(frame: pd.DataFrame) -> list[dict]:
     """The rows of ``frame`` as dicts, None where a value is missing."""
     return frame.astype(object).where(frame.notna(), None).to_dict("records")
@@ -154,19 +159,9 @@ def anomaly(run: Path, horizons: list[int] | None = None) -> list[dict]:
     computed = detection_report(run, horizons)
     png = write_report(computed, run)[-1]
     rows = _records(computed.table)
-
-    def cell(v: float | int | None, spec: str = "8.4f") -> str:
-        return f"{'-':>8}" if v is None else format(v, spec)
-
-    print(f"{computed.misbehaving} misbehaving of {computed.participants}; scores higher = more anomalous")
-    print(f"{'horizon':>7} {'method':>15} {'AUC':>8} {'mean AUC':>8} {'to 0.95':>8} {'AUC/exam':>8} {'min':>8} "
-          f"{'exams':>5} {'prec@a':>8} {'detected':>8} {'delay':>8} {'max':>8}")
-    for r in rows:
-        to_auc = None if r["rounds_to_auc"] is None else int(r["rounds_to_auc"])
-        print(f"{r['horizon']:>7} {r['method']:>15} {cell(r['auc'])} {cell(r['auc_mean'])} "
-              f"{cell(to_auc, '8d')} {cell(r['auc_examiner_mean'])} "
-              f"{cell(r['auc_examiner_min'])} {r['examiners']:>5} {cell(r['precision'])} {cell(r['detected'])} "
-              f"{cell(r['delay_median'], '8.1f')} {cell(r['delay_max'], '8.0f')}")
+    print(f"{computed.misbehaving} misbehaving of {computed.participants}; scores higher = more anomalous; the "
+          "anomaly table's columns (their meanings: the docs' Reference, or pyarrow.parquet.read_schema):")
+    print(computed.table.apply(_cells).to_string(index=False))
     ranked = computed.suspects
     top = ranked.head(max(computed.misbehaving, 5))
     print("suspects, by mean cumulative proximal influence over the examiners that score them: " + ", ".join(

@@ -85,6 +85,8 @@ def test_anomaly_report_writes_table_and_png(tmp_path, capsys) -> None:
     assert ((table["auc"] >= 0) & (table["auc"] <= 1)).all()
     assert (run / "anomaly_roc.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if "rounds_to_auc" in line)  # the table's own column names
+    assert header.split() == list(table.columns)  # (it printed "AUC mean AUC to 0.95 AUC/exam min exams ...")
     ranked = pd.read_parquet(run / "suspects.parquet")  # who misbehaves, named: every participant, most suspect first
     assert sorted(ranked["participant"]) == list(range(12)) and ranked["score"].is_monotonic_decreasing
     assert ranked["misbehaving"].sum() == 3
