@@ -398,8 +398,8 @@ def test_a_run_that_used_a_method_resumes_only_with_it_and_says_how(tmp_path: Pa
 
     config = {**CONFIG, "scaled_norm": {"enabled": True, "scale": 2.0}}
     run = _interrupted(config, tmp_path / "run", methods=(UPDATE_NORM_METHOD,))
-    opened = dice_ray.open_run(run)  # a method's rows committed with the checkpoint read as the built-in ones do
-    assert {"rounds", "update_norm"} <= set(opened.tables()) and opened.update_norm["round"].max() == 3
+    opened = dice_ray.open_run(run)  # a method's rows, committed when the run stopped, read as the built-in ones do
+    assert {"rounds", "update_norm"} <= set(opened.tables()) and opened.update_norm["round"].max() == 4
     before = (run / "manifest.json").read_bytes()
     done = subprocess.run([sys.executable, "-m", "dice_ray.simulate", "--resume", str(run)], capture_output=True,
                           text=True, timeout=600, cwd=tmp_path)
