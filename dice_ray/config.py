@@ -11,7 +11,6 @@ topologies, data sets, models, optimizers) become one-line ``InputError`` messag
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import os
 import sys
@@ -37,7 +36,7 @@ from dice_ray.core.population import OPTIMIZERS, OptimizerSpec
 from dice_ray.core.topology import TOPOLOGIES
 from dice_ray.core.topology import WEIGHT_RULES as MIXING_RULES
 from dice_ray.data import SCHEMES, WEIGHT_RULES, dataset_module, dataset_names
-from dice_ray.errors import InputError, absent
+from dice_ray.errors import InputError, absent, unknown_name
 from dice_ray.hooks import registered_methods
 from dice_ray.methods.contributions import LedgerConfig
 from dice_ray.methods.dice.options import InfluenceConfig
@@ -55,11 +54,7 @@ def _one_of(what: str, choices: tuple[str, ...] | Callable[[], tuple[str, ...]])
             return value  # a name the recorded config's modules would register: not imported, so not checked
         names = choices() if callable(choices) else choices
         if value not in names:
-            close = difflib.get_close_matches(value, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else (
-                " (one you register is known once its module is imported: imports, --imports MODULE)"
-                if callable(choices) else "")
-            raise ValueError(f"{what} {value!r} is unknown; choose one of {', '.join(names)}{hint}")
+            raise ValueError(unknown_name(what, value, names, registry=callable(choices)))
         return value
 
     return AfterValidator(check)
@@ -618,29 +613,29 @@ CHOSEN_BY = [
 ]
 
 
-def idle_setting(config: RunConfig, fields: Iterable[str]) -> tuple[str, str] | None:
-    """The first of ``fields`` (dotted names someone set on purpose: on the command line, in a sweep's space) that
-    does nothing in ``config``, with why ("applies to influence, which this run leaves off (--influence)"), or None:
-    a misbehaviour setting without a kind, a method's setting with the method off (a user method's too, with its
-    ``enabled`` off), a setting of another choice (``CHOSEN_BY``). A config file may keep such settings."""
+def idle_settings(config: RunConfig, fields: Iterable[str]) -> dict[str, str]:
+    """Those of ``fields`` (dotted names someone set on purpose: on the command line, in a sweep's space) that do
+    nothing in ``config``, each with why ("applies to influence, which this run leaves off (--influence)"), the most
+    telling first: a misbehaviour setting without a kind, a method's setting with the method off (a user method's
+    too, with its ``enabled`` off), a setting of another choice (``CHOSEN_BY``). A config file may keep them."""
     fields = list(fields)
+    idle: dict[str, str] = {}
     for name in fields:
         if name.startswith("misbehavior.") and name != "misbehavior.kind" and config.misbehavior.kind == "none":
-            return name, "needs --misbehavior KIND (how they misbehave); misbehavior.kind is 'none'"
+            idle.setdefault(name, "needs --misbehavior KIND (how they misbehave); misbehavior.kind is 'none'")
     switched = SWITCHED + [(f"{m.name}.", (f"{m.name}.enabled",), f"--{m.name}-enabled".replace("_", "-"),
                             m.enabled) for m in registered_methods()
                            if m.options is not None and "enabled" in m.options.model_fields]
     for prefix, switches, how, on in switched:
         for name in fields:
             if name.startswith(prefix) and name not in switches and not on(config):
-                return name, f"applies to {prefix.rstrip('.')}, which this run leaves off ({how})"
+                idle.setdefault(name, f"applies to {prefix.rstrip('.')}, which this run leaves off ({how})")
     for name, chooser, chosen, values in CHOSEN_BY:
-        current: Any = config
-        for part in chosen.split("."):
-            current = getattr(current, part)
+        section, field = chosen.split(".")
+        current = getattr(getattr(config, section), field)
         if name in fields and current not in values:
-            return name, f"applies to {chooser} {' or '.join(values)}; this run has {chooser} {current}"
-    return None
+            idle.setdefault(name, f"applies to {chooser} {' or '.join(values)}; this run has {chooser} {current}")
+    return idle
 
 
 def apply_sets(data: dict[str, Any], items: list[str]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import argparse
 import difflib
 import os
 import sys
+from collections.abc import Sequence
 from typing import Literal, NoReturn
 
 
@@ -38,6 +39,15 @@ def report(err: InputError) -> int:
     """Print ``err`` as the one ``error:`` line of a command-line entry point; return its exit status, 2."""
     print(f"error: {err}", file=sys.stderr)
     return 2
+
+
+def unknown_name(what: str, value: str, names: Sequence[str], registry: bool) -> str:
+    """The one line for a name that is not one of ``names``: the closest of them, or (``registry``: names a user may
+    register) where a name of one's own comes from."""
+    close = difflib.get_close_matches(value, names, n=1)
+    hint = (f" (did you mean {close[0]!r}?)" if close else
+            " (one you register is known once its module is imported: imports, --imports MODULE)" if registry else "")
+    return f"{what} {value!r} is unknown; choose one of {', '.join(names)}{hint}"
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -132,9 +132,8 @@ def check_loss(config: RunConfig, loss: Any, outputs: Any, y: Any) -> None:
     try:
         jvp(along, (outputs,), (torch.ones_like(outputs),)) if orders == 2 else along(outputs)
     except (RuntimeError, NotImplementedError) as err:
-        needs = "second-order and exact-readout variants need" if orders == 2 else "curvature variant needs"
-        raise InputError(f"loss {name!r}: forward mode cannot differentiate it, which DICE-E's {needs} (write it "
-                         f"from operations torch.func.jvp supports): {str(err).splitlines()[0]}") from None
+        raise InputError(f"loss {name!r}: forward mode cannot differentiate it, which DICE-E's {_needing(orders)} "
+                         f"(write it from operations torch.func.jvp supports): {str(err).splitlines()[0]}") from None
 
 
 def _estimate_variants(config: RunConfig) -> set[str]:
@@ -148,6 +147,11 @@ def _forward_orders(config: RunConfig) -> int:
     2 (second order, the exact readout), 1 (curvature) or 0 (first order, or no DICE-E)."""
     variants = _estimate_variants(config)
     return 2 if variants & {"second-order", "exact-readout"} else 1 if "curvature" in variants else 0
+
+
+def _needing(orders: int) -> str:
+    """Which DICE-E variants need ``orders`` orders of forward-mode derivative, as a message says it."""
+    return "second-order and exact-readout variants need" if orders == 2 else "curvature variant needs"
 
 
 def differentiates_the_step(config: RunConfig) -> bool:
@@ -271,9 +275,8 @@ def check_step(config: RunConfig, model: Any, dataset: Dataset) -> None:
         with torch.random.fork_rng(devices=[]):
             local_step(steps, Perturbation(tangent, b=tangent if orders == 2 else None))
     except (RuntimeError, NotImplementedError) as err:
-        needs = "second-order and exact-readout variants need" if orders == 2 else "curvature variant needs"
         raise InputError(f"model {config.model.name!r}: forward mode cannot differentiate its local step, which "
-                         f"DICE-E's {needs} (torch.func.jvp): {str(err).splitlines()[0]}") from None
+                         f"DICE-E's {_needing(orders)} (torch.func.jvp): {str(err).splitlines()[0]}") from None
 
 
 def check_normalization(config: RunConfig, model: Any) -> None:

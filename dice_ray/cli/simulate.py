@@ -35,7 +35,7 @@ from dice_ray.config import (
     RunConfig,
     apply_sets,
     build_config,
-    idle_setting,
+    idle_settings,
     import_modules,
     load_config,
     modules_in,
@@ -235,17 +235,18 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
             set_dotted(data, dotted, value)
     if getattr(args, "misbehavior.ids") is not None and getattr(args, "misbehavior.selection") is None:
         set_dotted(data, "misbehavior.selection", "ids")  # --misbehaving-ids names who: selection ids
+    flags = {dotted: flag for flag, dotted, *_ in [*OPTIONS, *SWITCHES, *method_options()]
+             if getattr(args, dotted) is not None}
     set_keys = {item.partition("=")[0].strip(): item for item in args.set}
-    both = [(flag, dotted) for flag, dotted, *_ in [*OPTIONS, *SWITCHES, *method_options()]
-            if getattr(args, dotted) is not None and dotted in set_keys]
+    both = [dotted for dotted in flags if dotted in set_keys]
     if both:
-        raise InputError(f"{both[0][0]} and --set {set_keys[both[0][1]]} both set {both[0][1]}: give one")
+        raise InputError(f"{flags[both[0]]} and --set {set_keys[both[0]]} both set {both[0]}: give one")
     config = build_config(apply_sets(data, args.set))
-    given = {dotted: flag for flag, dotted, *_ in [*OPTIONS, *SWITCHES, *method_options()]
-             if getattr(args, dotted) is not None} | {key: f"--set {key}" for key in set_keys}
-    idle = idle_setting(config, given)  # (a config file may keep settings that do nothing in this run)
-    if idle is not None:
-        raise InputError(f"{given[idle[0]]} {idle[1]}")
+    given = flags | {key: f"--set {key}" for key in set_keys}
+    idle = idle_settings(config, given)  # (a config file may keep settings that do nothing in this run)
+    if idle:
+        name, why = next(iter(idle.items()))
+        raise InputError(f"{given[name]} {why}")
     return config
 
 

@@ -15,7 +15,6 @@ the data set, so one model definition serves every data set it fits.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import math
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from torch import nn
 
 from dice_ray.core.convolution import use_conv_mode
 from dice_ray.core.pooling import use_pool_mode
-from dice_ray.errors import InputError
+from dice_ray.errors import InputError, unknown_name
 
 ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
 _REGISTRY: dict[str, ModelFactory] = {}
@@ -69,10 +68,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
     (it was drawn from whatever state the global generator had: another value in every run). Lazy modules
     (``nn.LazyLinear``, ...) take their shapes from one pass over zeros here, before anything reads their sizes."""
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, model_names(), n=1)
-        hint = (f" (did you mean {close[0]!r}?)" if close else
-                " (one you register is known once its module is imported: imports, --imports MODULE)")
-        raise InputError(f"model {name!r} is unknown; choose one of {', '.join(model_names())}{hint}")
+        raise InputError(unknown_name("model", name, model_names(), registry=True))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _REGISTRY[name](tuple(input_shape), int(num_classes))

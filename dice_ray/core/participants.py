@@ -242,12 +242,12 @@ class ParticipantBlock:
             for value in pop.opt_state.values():
                 value.zero_()
             return
-        saved = {"state": arrays["state"], **{f"opt.{name}": arrays[f"opt.{name}"] for name in pop.opt_state}}
-        for key, like in (("state", pop.state), *((f"opt.{n}", v) for n, v in pop.opt_state.items())):
-            if tuple(saved[key].shape) != tuple(like.shape):  # copy_ would broadcast a narrower one
-                raise ValueError(f"{key} is {list(saved[key].shape)}, not {list(like.shape)}")
-        pop.state.copy_(as_tensor(saved["state"], self.device))
-        pop.load_optimizer_state({name: as_tensor(saved[f"opt.{name}"], self.device) for name in pop.opt_state})
+        targets = {"state": pop.state, **{f"opt.{name}": value for name, value in pop.opt_state.items()}}
+        for key, like in targets.items():
+            if tuple(arrays[key].shape) != tuple(like.shape):  # copy_ would broadcast a narrower one
+                raise ValueError(f"{key} is {list(arrays[key].shape)}, not {list(like.shape)}")
+        pop.state.copy_(as_tensor(arrays["state"], self.device))
+        pop.load_optimizer_state({name: as_tensor(arrays[f"opt.{name}"], self.device) for name in pop.opt_state})
 
     def evaluate(self) -> dict[str, np.ndarray]:
         """Return metrics of the current θ_k: val_loss/val_acc on each participant's validation split,

@@ -27,7 +27,6 @@ import itertools
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dice_ray.config import RunConfig, build_config, idle_setting, load_config, read_yaml, set_dotted
+from dice_ray.config import RunConfig, build_config, idle_settings, load_config, read_yaml, set_dotted
 from dice_ray.errors import InputError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "int")
@@ -309,21 +308,12 @@ def _survey(sweep: Sweep) -> tuple[set[str], set[str], list[tuple[dict[str, Scal
         measured.update(name for name in spec.metrics or [] if metric_columns(config, [name]))
         need = bundles(config)
         needs.setdefault(json.dumps(need), (params, need))
-        here = _idle_fields(config, spec.space)
+        here = idle_settings(config, spec.space)
         idle = here if idle is None else {name: why for name, why in idle.items() if name in here}
     if idle:
         name, why = next(iter(idle.items()))
         raise InputError(f"sweep: space.{name} does nothing in any trial: it {why}")
     return columns, measured, list(needs.values())
-
-
-def _idle_fields(config: RunConfig, fields: Iterable[str]) -> dict[str, str]:
-    """The swept ``fields`` that do nothing in ``config``, with why (``config.idle_setting``)."""
-    idle, rest = {}, list(fields)
-    while (found := idle_setting(config, rest)) is not None:
-        idle[found[0]] = found[1]
-        rest.remove(found[0])
-    return idle
 
 
 def _check_prepares(first: RunConfig, params: dict[str, Scalar]) -> None:
