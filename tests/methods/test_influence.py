@@ -307,3 +307,10 @@ def test_dice_gt_of_a_probe_that_removes_nothing_is_zero_in_every_mode(precision
     assert nothing.half == 0 and all(not v.any() for v in nothing.values[1:])
     one = ground_truth_cascade(window, 0, 2, np.array([0]))
     assert one.half != 0 and all(v.any() for v in one.values[1:])
+    # The factual replay is kept for the source's next probe; another source, or a cleared cache, replays afresh.
+    other = ground_truth_cascade(window, 1, 2, np.array([0]))
+    window.clear_cache()
+    for cascade, source in ((one, 0), (other, 1)):
+        again = ground_truth_cascade(window, source, 2, np.array([0]))
+        assert again.half == cascade.half
+        assert all(np.array_equal(a, b) for a, b in zip(again.values, cascade.values, strict=True))

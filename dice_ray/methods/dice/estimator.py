@@ -121,11 +121,14 @@ class Window:
         self._model64: nn.Module | None = None
         self._test_gradients: dict[int, torch.Tensor] = {}
         self._test_losses: dict[int, torch.Tensor] = {}
+        # DICE-GT's factual side of the last (source, hops) replayed (``ground_truth.factual_side``).
+        self.factual_replay: tuple[tuple[int, int], tuple[torch.Tensor, list[torch.Tensor]]] | None = None
 
     def clear_cache(self) -> None:
-        """Forget cached test gradients and losses (for timing)."""
+        """Forget cached test gradients, losses and factual replays (for timing)."""
         self._test_gradients.clear()
         self._test_losses.clear()
+        self.factual_replay = None
 
     def double_model(self) -> nn.Module:
         """A float64 copy of the architecture (for loss differences that need the precision)."""

@@ -67,15 +67,26 @@ def ground_truth_cascade(window: Window, source: int, hops: int, removed: np.nda
     cf_states = _replay(window, supports, source, half_cf, opt_cf_source, hops)
     if counterfactual is not None:
         counterfactual.extend(state.clone() for state in cf_states)
-    if window.replay_factual:
-        half, opt_source = counterfactual_half_step(window, source, np.zeros(0, np.int64))
-        states = _replay(window, supports, source, half, opt_source, hops)
-    else:
-        half, states = traj.halves[0][source], [traj.states[s][supports[s]] for s in range(1, hops + 1)]
+    half, states = factual_side(window, source, supports, hops)
     half_losses = _heldout_losses(window, torch.stack([half, half_cf]), np.array([source] * 2))
     values = [np.zeros(1)] + [_heldout_losses(window, states[s - 1], supports[s])
                               - _heldout_losses(window, cf_states[s - 1], supports[s]) for s in range(1, hops + 1)]
     return Cascade(source, float(half_losses[0] - half_losses[1]), supports, values)
+
+
+def factual_side(window: Window, source: int, supports: list[np.ndarray],
+                 hops: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The factual θ_j^{t0+½} [D] and θ_k^{t0+s} [|S_s|, D] (rows: ``supports[s]``), s = 1..hops, that DICE-GT's
+    terms compare with: the recorded states, or where the run stepped in another arithmetic
+    (``window.replay_factual``) the replay with nothing removed, kept on the window for the next probe: a source's
+    probes (its whole batch, then its single samples) are consecutive and share it."""
+    traj = window.trajectory
+    if not window.replay_factual:
+        return traj.halves[0][source], [traj.states[s][supports[s]] for s in range(1, hops + 1)]
+    if window.factual_replay is None or window.factual_replay[0] != (source, hops):
+        half, opt_source = counterfactual_half_step(window, source, np.zeros(0, np.int64))
+        window.factual_replay = (source, hops), (half, _replay(window, supports, source, half, opt_source, hops))
+    return window.factual_replay[1]
 
 
 def _replay(window: Window, supports: list[np.ndarray], source: int, half: torch.Tensor,
