@@ -35,7 +35,8 @@ class Loss:
     name = "loss"
 
     def per_sample(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Return the loss of each of the N samples, [N] (differentiable in ``outputs``)."""
+        """Return the loss of each of the N samples, [N] (differentiable in ``outputs``). Under ``engine.precision``
+        bf16 the outputs are bfloat16: compare them with the targets in at least float32."""
         raise NotImplementedError
 
     def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
@@ -61,7 +62,10 @@ class MeanSquaredError(Loss):
     name = "mse"
 
     def per_sample(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        targets = targets.to(outputs.dtype).reshape(outputs.shape[0], -1)
+        # At least float32: under bf16 autocast the outputs are bfloat16, and rounding the targets to them would
+        # move what is fitted, not only the arithmetic.
+        dtype = torch.promote_types(outputs.dtype, torch.float32)
+        outputs, targets = outputs.to(dtype), targets.to(dtype).reshape(outputs.shape[0], -1)
         if targets.shape[1] != outputs.shape[1]:  # they would broadcast: every output fitted to one target
             raise ValueError(f"targets of width {targets.shape[1]} for outputs of width {outputs.shape[1]}")
         return (outputs - targets).pow(2).mean(dim=-1)

@@ -295,3 +295,16 @@ def test_gather_pooling_on_cuda_is_pytorchs_pooling_and_the_cuda_graph_step_take
             block.mix(w, [block.population.state])
         runs[pool] = block.population.state
     assert torch.equal(runs["gather"], runs["native"])
+
+
+def test_a_regression_loss_under_bf16_autocast_fits_the_targets_as_given() -> None:
+    """bf16 outputs are compared with the float32 targets in float32: rounding the targets to bfloat16 (8 bits of
+    mantissa) would change what the model is fitted to, not only the step's arithmetic."""
+    from dice_ray.core.losses import MeanSquaredError
+
+    outputs = torch.tensor([[1.0], [2.0]], dtype=torch.bfloat16)
+    targets = torch.tensor([1.001, 2.003])  # not bfloat16 numbers: they would round to 1.0 and 2.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = MeanSquaredError().per_sample(outputs, targets)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, (outputs.float()[:, 0] - targets) ** 2, rtol=1e-6, atol=0)
