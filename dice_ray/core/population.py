@@ -59,8 +59,10 @@ EVAL_PASS_BYTES = 4 << 20
 EVAL_GROUP_ROWS = 64
 # On a GPU the chunks that keep CPU caches warm only multiply kernel launches (9 kernel sequences per step at N = 4,096
 # on an H200): there a step takes one pass unless what it holds at once (gradients and activations, measured) would
-# outgrow this fraction of the free memory. Then a participant costs the device its state and optimizer state, plus
-# its share of that fixed amount: ResNet-18 would otherwise hold ~6x its parameters per participant in one pass.
+# outgrow this fraction of the device's memory. Then a participant costs the device its state and optimizer state, plus
+# its share of that fixed amount: ResNet-18 would otherwise hold ~6x its parameters per participant in one pass. Of
+# the whole memory, not the free: what else holds memory at start-up (another actor sharing the GPU, a replay task)
+# would otherwise change how a block is cut into passes, and a pass's kernels with it.
 GPU_STEP_MEMORY_FRACTION = 1 / 8
 STEP_MEMORY_MULTIPLE = 32  # a bound on a step's transient memory over its state, below which it is not measured
 # What one participant's step holds (``Population._measure_step_row_bytes``), per model and minibatch shape, and its
@@ -170,10 +172,10 @@ def pad_batch(extra: int, x: torch.Tensor, y: torch.Tensor, sample_weights: torc
 def default_step_budget(device: torch.device | str) -> int:
     """Bytes one pass of ``Population.half_step`` may hold on ``device`` (gradients and activations:
     ``Population.step_row_bytes``): ``STEP_CHUNK_BYTES`` on the CPU (cache-sized chunks are faster there),
-    ``GPU_STEP_MEMORY_FRACTION`` of the free memory on a CUDA device."""
+    ``GPU_STEP_MEMORY_FRACTION`` of a CUDA device's memory."""
     device = torch.device(device)
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0] * GPU_STEP_MEMORY_FRACTION)
+        return int(torch.cuda.get_device_properties(device).total_memory * GPU_STEP_MEMORY_FRACTION)
     return STEP_CHUNK_BYTES
 
 
