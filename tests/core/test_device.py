@@ -308,3 +308,28 @@ def test_a_regression_loss_under_bf16_autocast_fits_the_targets_as_given() -> No
         loss = MeanSquaredError().per_sample(outputs, targets)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, (outputs.float()[:, 0] - targets) ** 2, rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dice_gt_on_cuda_reads_nothing_for_a_probe_that_removes_nothing_and_the_cpus_numbers_otherwise() -> None:
+    """fp32 on CUDA: a replay's few rows take other kernels than the recording's whole block, so the factual side is
+    replayed too (``Window.replay_factual``): a probe that removes nothing is exactly 0, and a single sample's probe
+    equals the CPU's within float32 rounding of the losses it subtracts."""
+    from dice_ray.methods.dice.ground_truth import ground_truth_cascade
+    from dice_ray.methods.dice.measure import window_for
+    from dice_ray.methods.dice.trajectory import record_windows
+
+    config = dice_ray.RunConfig(**{**WORLD, "optim": {"name": "momentum", "batch_size": 8, "lr": 0.1}})
+    experiment = prepare(config)
+    cascades = {}
+    for device in ("cpu", "cuda"):
+        window = window_for(experiment, record_windows(experiment, [2], 2, device)[0])
+        assert window.replay_factual is (device == "cuda")
+        nothing = ground_truth_cascade(window, 0, 2, np.zeros(0, np.int64))
+        assert nothing.half == 0 and all(not v.any() for v in nothing.values[1:]), device
+        cascades[device] = ground_truth_cascade(window, 0, 2, np.array([1]))
+    cpu, cuda = cascades["cpu"], cascades["cuda"]
+    scale = max(abs(cpu.half), *(np.abs(v).max() for v in cpu.values[1:]))
+    np.testing.assert_allclose(cuda.half, cpu.half, rtol=0, atol=1e-3 * scale)
+    for a, b in zip(cuda.values[1:], cpu.values[1:], strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * scale)

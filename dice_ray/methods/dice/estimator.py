@@ -94,7 +94,8 @@ class Window:
     round t; heldout: z′ = (x [m, ...], y [m]) shared by all participants, or with ``validation`` =
     (x [N, m, ...], y [N, m], mask [N, m]) each participant's own validation split as its z′_k (concepts §2);
     update_factors: c_k of misbehaving participants that send θ + cΔ; idle: the participants with no data, which
-    do not step; replay_factual: the run's local steps were not IEEE float32, so DICE-GT replays both sides.
+    do not step; replay_factual: DICE-GT replays both sides (the run's local steps were not IEEE float32, or the
+    replay runs on a GPU).
     The model, the trajectory and these tensors live on one device, and so does everything computed from them:
     cascades come back to the host only as numpy (``Cascade``).
     """
@@ -106,7 +107,9 @@ class Window:
                  idle: np.ndarray | None = None, replay_factual: bool = False):
         self.trajectory = trajectory
         # The recorded run stepped in another arithmetic than a replay's IEEE float32 (engine.precision tf32 or
-        # bf16): DICE-GT replays the factual side too (``ground_truth_cascade``).
+        # bf16), or the replay runs on a GPU, whose kernels for a replay's few rows (a dense product of W's rows, a
+        # step of one participant) need not round as the recording's did for all of them (a sparse product, a step of
+        # the whole block): DICE-GT replays the factual side too (``ground_truth_cascade``).
         self.replay_factual = replay_factual
         self.loss = loss
         self.model = model

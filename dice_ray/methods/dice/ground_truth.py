@@ -58,7 +58,8 @@ def ground_truth_cascade(window: Window, source: int, hops: int, removed: np.nda
     s = 1..hops (diagnostics: ``bench/alignment_floor.py``).
 
     The counterfactual steps are IEEE float32. Where the run's own steps were not (``window.replay_factual``: a tf32
-    or bf16 run), the factual side is replayed the same way from the same recorded states — the step on j's whole
+    or bf16 run; or on a GPU, whose kernels for a replay's few rows need not round as the recording's for all),
+    the factual side is replayed the same way from the same recorded states — the step on j's whole
     minibatch, then the reached participants' steps — so that a term compares like with like: against the recorded
     states it would also carry each replayed step's difference between the two arithmetics."""
     traj = window.trajectory

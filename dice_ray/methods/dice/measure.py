@@ -119,7 +119,7 @@ def window_for(experiment: Any, trajectory: Trajectory) -> Window:
                            experiment.nodes)
     return Window(trajectory, model, experiment.config.optim.spec(), block.minibatch, heldout, validation, factors,
                   block.population.loss, idle=block.nodes[block.idle],
-                  replay_factual=experiment.config.engine.precision != "fp32")
+                  replay_factual=experiment.config.engine.precision != "fp32" or device.type != "cpu")
 
 
 def measure_round(experiment: Any, trajectory: Trajectory, probes: list[Probe]) -> tuple[list[dict], list[dict]]:
