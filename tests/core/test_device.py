@@ -333,3 +333,37 @@ def test_dice_gt_on_cuda_reads_nothing_for_a_probe_that_removes_nothing_and_the_
     np.testing.assert_allclose(cuda.half, cpu.half, rtol=0, atol=1e-3 * scale)
     for a, b in zip(cuda.values[1:], cpu.values[1:], strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * scale)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the calls that make the host wait for the device: copies to the host (``.cpu()``, ``.tolist()``,
+    ``.item()``, a tensor read as a Python number) and data-dependent shapes (``nonzero``, ``unique``)."""
+
+    NAMES = ("cpu", "tolist", "item", "__int__", "__float__", "__bool__", "__index__", "nonzero", "unique",
+             "_unique2", "argwhere", "masked_select")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.NAMES
+        return func(*args, **(kwargs or {}))
+
+
+def test_in_loop_dice_reads_back_from_the_device_as_often_with_one_probe_as_with_many() -> None:
+    """A round of in-loop DICE-E (every variant, Adam) waits for the device a fixed number of times: the terms of
+    every probe in flight come back in one copy, and the index work is done on the host. Reading them per probe and
+    variant cost a GPU round thousands of waits with the ledger's every-source probes."""
+    reads = {}
+    for sources in ([0], list(range(8))):
+        config = dice_ray.RunConfig(**{**WORLD, "influence": {
+            "enabled": True, "online": True, "hops": 2, "rounds": [1], "sources": sources,
+            "variants": ["first-order", "curvature", "second-order", "exact-readout"]}})
+        engine = LocalEngine(prepare(config), round_hooks(methods_for(config)))
+        engine.run_round(0, evaluate=False)
+        with HostReads() as counter:
+            for t in range(1, 4):
+                engine.run_round(t, evaluate=False)
+        reads[len(sources)] = counter.count
+    assert reads[1] == reads[8] <= 3 * 3, reads

@@ -189,16 +189,22 @@ class OnlineCascades:
         self._samples: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
         self._samples_b: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}  # b₀ of single samples
         self._before_state: torch.Tensor | None = None  # θ_j^t of the new probes' sources (second-order)
-        self._terms: list[tuple[int, int, np.ndarray, dict[str, np.ndarray]]] = []
+        # The terms recorded this round, on the block's device until ``terms()`` copies them to the host at once.
+        self._terms: list[tuple[int, int, np.ndarray, dict[str, torch.Tensor]]] = []
 
     @property
     def enabled(self) -> bool:
         """True iff the run measures any probe in the loop."""
         return bool(self.probes)
 
+    def _host_positions(self, rows: np.ndarray) -> np.ndarray:
+        """The block's row positions of global ids ``rows``, on the host: computed there, never read back from the
+        device (a read back waits for the device's queue)."""
+        return np.fromiter((self.local[int(k)] for k in rows.tolist()), np.int64, len(rows))
+
     def _positions(self, rows: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor([self.local[int(k)] for k in rows.tolist()], dtype=torch.int64,
-                               device=self.block.device)
+        """``_host_positions`` as an index tensor on the block's device."""
+        return torch.as_tensor(self._host_positions(rows), device=self.block.device)
 
     def _zprime(self, pos: torch.Tensor, states: torch.Tensor | None = None) -> tuple[Population, dict[str, Any]]:
         """The hosted rows ``pos`` as a population (at their current states, or ``states`` [m, D]) and their z′ as
@@ -210,8 +216,9 @@ class OnlineCascades:
             return sub, {"x": block.x_heldout, "y": block.y_heldout, "shared_input": True}
         return sub, {"x": block.x_val[pos], "y": block.y_val[pos], "sample_weights": block.val_mask[pos]}
 
-    def _batched_forms(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """aᵀH′a [m] for each (hosted rows ``pos`` [m], a [m, D]) of ``parts`` (every probe in flight).
+    def _batched_forms(self, parts: list[tuple[np.ndarray, torch.Tensor]]) -> list[torch.Tensor]:
+        """aᵀH′a [m] for each (hosted rows ``pos`` [m], on the host; a [m, D]) of ``parts`` (every probe in
+        flight).
 
         The rows of one participant (one per probe that has reached it) share its primal z′ pass
         (``shared_primal_hessian_forms``; measured 1.3x faster forms at 10 probes per participant, 1.9x at 30):
@@ -220,25 +227,28 @@ class OnlineCascades:
         """
         if not parts:
             return []
-        pos = torch.cat([p for p, _ in parts])
+        # Which rows share a participant, and in which passes, is index work on the host (no read back).
+        pos = np.concatenate([p for p, _ in parts])
         a = torch.cat([a for _, a in parts])
-        unique, inverse, counts = torch.unique(pos, return_inverse=True, return_counts=True)
-        order = torch.argsort(inverse, stable=True)  # a row's slot among its participant's rows
-        slot = torch.empty_like(inverse)
-        slot[order] = torch.arange(len(pos), device=pos.device) - (torch.cumsum(counts, 0) - counts)[inverse[order]]
+        unique, inverse, counts = np.unique(pos, return_inverse=True, return_counts=True)
+        order = np.argsort(inverse, kind="stable")  # a row's slot among its participant's rows
+        slot = np.empty_like(inverse)
+        slot[order] = np.arange(len(pos)) - (np.cumsum(counts) - counts)[inverse[order]]
         out = torch.empty(len(pos), dtype=a.dtype, device=a.device)
-        by_count = torch.argsort(counts, descending=True, stable=True)
+        by_count = np.argsort(-counts, kind="stable")
+        device = self.block.device
         start_at = 0
         while start_at < len(by_count):
             width = int(counts[by_count[start_at]])
             group = by_count[start_at: start_at + max(1, JVP_ELEMENTS // (width * a.shape[1]))]
-            member = torch.full((len(unique),), -1, dtype=torch.int64, device=pos.device)
-            member[group] = torch.arange(len(group), device=pos.device)
-            rows = torch.nonzero(member[inverse] >= 0).flatten()
-            where = (member[inverse[rows]], slot[rows])
+            member = np.full(len(unique), -1, np.int64)
+            member[group] = np.arange(len(group))
+            rows = np.flatnonzero(member[inverse] >= 0)
+            where = (torch.as_tensor(member[inverse[rows]], device=device), torch.as_tensor(slot[rows], device=device))
+            rows = torch.as_tensor(rows, device=device)
             tangents = torch.zeros(len(group), width, a.shape[1], dtype=a.dtype, device=a.device)
             tangents[where] = a[rows]
-            sub, zprime = self._zprime(unique[group])
+            sub, zprime = self._zprime(torch.as_tensor(unique[group], device=device))
             out[rows] = shared_primal_hessian_forms(sub, tangents, **zprime)[where]
             start_at += len(group)
         return list(torch.split(out, [len(p) for p, _ in parts]))
@@ -264,7 +274,7 @@ class OnlineCascades:
         return list(torch.split(out, [len(p) for p, _ in parts]))
 
     def _record(self, probe_id: int, step: int, rows: np.ndarray, values: dict[str, torch.Tensor]) -> None:
-        self._terms.append((probe_id, step, rows, {v: values[v].cpu().numpy() for v in self.variants}))
+        self._terms.append((probe_id, step, rows, {v: values[v] for v in self.variants}))
 
     def start(self, u: int) -> None:
         """Round u begins (θ = θ^u): record e^{(s)} of the probes in flight (each variant's readout, ``READOUTS``)
@@ -281,7 +291,8 @@ class OnlineCascades:
             keep = c.new if self.first_reached_only and c.new is not None else None
             rows = c.rows if keep is None else c.rows[keep]
             if len(rows):
-                pos = self._positions(rows)
+                host = self._host_positions(rows)
+                pos = torch.as_tensor(host, device=self.block.device)
                 at = g[pos]
                 values = {}
                 for v in self.variants:
@@ -290,7 +301,7 @@ class OnlineCascades:
                     values[v] = READOUTS[v].linear(at, delta)
                     form = READOUTS[v].form(delta)
                     if isinstance(form, HessianForm):  # the H′ terms of every probe below, batched (aᵀH′a: u = v = a)
-                        asks.append((len(recorded), v, form.c, pos, form.u))
+                        asks.append((len(recorded), v, form.c, host, form.u))
                     elif isinstance(form, LossDifference):  # the loss differences of every probe below, batched
                         differences.append((len(recorded), v, pos, form))
                 recorded.append((pid, s, rows, values))
@@ -307,16 +318,17 @@ class OnlineCascades:
         cascades, self.active = [(pid, self.active[pid]) for pid in stepping], {}
         self._step(u, cascades)
         if self._new:
-            pos = self._positions(np.array([p.source for p in self._new]))
+            host = self._host_positions(np.array([p.source for p in self._new]))
+            pos = torch.as_tensor(host, device=self.block.device)
             self.shared.keep_before(u, optimizer_state=self.curved)
             self._gradients = g[pos]
-            self._samples = self._sample_updates(u, pos)
+            self._samples = self._sample_updates(u, host)
             if self.before:
                 self._before_state = pop.state[pos].clone()
             if self.with_b:
-                self._samples_b = self._sample_updates(u, pos, sample_second_order)
+                self._samples_b = self._sample_updates(u, host, sample_second_order)
 
-    def _sample_updates(self, u: int, pos: torch.Tensor,
+    def _sample_updates(self, u: int, pos: np.ndarray,
                         update: Callable = sample_update) -> dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """Δ (and optimizer-state Δ) of the single-sample probes of round u, at θ^u (``estimator.sample_update``;
         ``update`` ``estimator.sample_second_order``: b₀)."""
@@ -350,11 +362,12 @@ class OnlineCascades:
         for i, (pid, c) in enumerate(cascades):
             chunk.append((pid, c))
             if i + 1 == len(cascades) or sum(len(d.rows) for _, d in chunk) + len(cascades[i + 1][1].rows) > limit:
-                pos = self._positions(np.concatenate([d.rows for _, d in chunk]))
+                host = self._host_positions(np.concatenate([d.rows for _, d in chunk]))
+                pos = torch.as_tensor(host, device=self.block.device)
                 steps = recursion.LocalSteps(pop.model, pop.optimizer, pop.state[pos],
                                    {n: v[pos] for n, v in pop.opt_state.items()}, x[pos], y[pos],
-                                   None if self.factors is None else self.factors[pos.cpu().numpy()], pop.loss,
-                                   np.isin(pos.cpu().numpy(), self.block.idle) if len(self.block.idle) else None)
+                                   None if self.factors is None else self.factors[host], pop.loss,
+                                   np.isin(host, self.block.idle) if len(self.block.idle) else None)
                 stepped = recursion.local_step(steps, Perturbation.cat([d.curved for _, d in chunk]))
                 a = 0
                 for done, d in chunk:
@@ -442,7 +455,7 @@ class OnlineCascades:
                                      for k, d in arrays.items()}))
             own = self._out.pop(pid, None)  # read for the last time: freed as soon as the probe is mixed
             if own is not None:  # S_s ⊆ S_{s+1}: a row stays in the support
-                reached[self._positions(own.rows).cpu().numpy()] = True
+                reached[self._host_positions(own.rows)] = True
             here = np.flatnonzero(reached)
             if not len(here):
                 continue
@@ -464,14 +477,15 @@ class OnlineCascades:
         value column per variant; a variant not computed is NaN)."""
         if not self._terms:
             return None
-        parts: dict[str, list[np.ndarray]] = {f: [] for f in FIELDS}
-        for pid, step, rows, values in self._terms:
-            parts["probe_id"].append(np.full(len(rows), pid, np.int64))
-            parts["step"].append(np.full(len(rows), step, np.int64))
-            parts["target"].append(np.asarray(rows, np.int64))
-            for v in FIELDS[3:]:
-                parts[v].append(np.asarray(values[v], np.float64) if v in values else np.full(len(rows), np.nan))
-        return {f: np.concatenate(v) for f, v in parts.items()}
+        out = {"probe_id": np.concatenate([np.full(len(rows), pid, np.int64) for pid, _, rows, _ in self._terms]),
+               "step": np.concatenate([np.full(len(rows), step, np.int64) for _, step, rows, _ in self._terms]),
+               "target": np.concatenate([np.asarray(rows, np.int64) for *_, rows, _ in self._terms])}
+        # One copy to the host per round: every variant's values, in float64 on the device (exact from float32).
+        host = torch.stack([torch.cat([values[v] for *_, values in self._terms]).to(torch.float64)
+                            for v in self.variants]).cpu().numpy()
+        for v in FIELDS[3:]:
+            out[v] = host[self.variants.index(v)] if v in self.variants else np.full(len(out["target"]), np.nan)
+        return out
 
     # -- checkpoints: the perturbations in flight after round u, as per-row arrays ---------------------------
 
@@ -500,7 +514,7 @@ class OnlineCascades:
             c = self.active.get(pid)
             if c is None:
                 continue
-            pos = self._positions(c.rows).cpu().numpy()
+            pos = self._host_positions(c.rows)
             out["cascade.mask"][pos, i] = True
             if self.first_reached_only:
                 out["cascade.new"][pos, i] = True if c.new is None else c.new
