@@ -21,11 +21,17 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
     """Connect to the Ray cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray (with ``num_gpus``
     GPU resources if given: without CUDA, actors that ask for GPUs then run on the CPU, as in a rehearsal).
 
-    A local Ray listens on 127.0.0.1 only and starts no dashboard. Does nothing if Ray is running.
+    A local Ray listens on 127.0.0.1 only and starts no dashboard. Does nothing if Ray is running, unless
+    ``address`` names another cluster than the one this process is connected to: then ``InputError`` (a run would
+    otherwise go, silently, to the Ray already running).
     """
     import ray
 
     if ray.is_initialized():
+        current = ray.get_runtime_context().gcs_address
+        if address and address != "auto" and not _same_address(address, current):
+            raise InputError(f"engine.address {address}: this process is already connected to the Ray at {current}; "
+                             "call ray.shutdown() first to run on another cluster")
         return
     if address or os.environ.get("RAY_ADDRESS"):
         _join(address or os.environ["RAY_ADDRESS"], "--address" if address else "RAY_ADDRESS")
@@ -42,6 +48,22 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
     # alone joins the newest local Ray it finds, and dies with it).
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
              _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=True)
+
+
+def _same_address(address: str, current: str) -> bool:
+    """Whether ``address`` (host:port, or a ``ray://`` client address, which cannot be compared and counts as the
+    same) names the cluster whose GCS is at ``current`` (host:port)."""
+    if "://" in address:
+        return True
+
+    def resolved(where: str) -> tuple[str, str]:
+        host, _, port = where.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        with contextlib.suppress(OSError):
+            host = socket.gethostbyname(host)
+        return ("127.0.0.1" if host.startswith("127.") or host == "::1" else host), port
+
+    return resolved(address) == resolved(current)
 
 
 def _join(address: str, given_by: str = "--address") -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import dice_ray
 from dice_ray.config import EngineConfig, build_config
 from dice_ray.engine import LocalEngine, RayEngine, plan_actors
 from dice_ray.errors import InputError
@@ -39,6 +40,22 @@ def test_local_ray_listens_on_loopback_only(ray_local) -> None:
     nodes = ray_local.nodes()
     assert [n["NodeManagerAddress"] for n in nodes] == ["127.0.0.1"]
     assert ray_local.util.get_node_ip_address() == "127.0.0.1"
+
+
+def test_a_run_for_another_cluster_is_refused_while_this_process_is_connected_to_one(ray_local, tmp_path) -> None:
+    """In one Python process (a notebook) Ray stays connected between runs: a run whose engine.address names
+    another cluster must not go, silently, to the one already joined. The same cluster, named any way, is fine."""
+    from dice_ray.engine import start_ray
+
+    current = ray_local.get_runtime_context().gcs_address
+    port = current.rpartition(":")[2]
+    for same in (current, f"localhost:{port}", "auto", None):
+        start_ray(same)
+    config = dice_ray.RunConfig(nodes=4, rounds=1, engine={"address": "10.255.255.1:6379"},
+                                output={"out": str(tmp_path / "run"), "progress": False})
+    with pytest.raises(InputError, match="already connected to the Ray at"):
+        dice_ray.run(config)
+    assert not (tmp_path / "run").exists() and ray_local.is_initialized()
 
 
 @pytest.mark.parametrize(("topology", "actor_counts"), [("exponential", (1, 3, 6)), ("random-matching", (4,))])
