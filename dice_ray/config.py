@@ -31,7 +31,7 @@ from pydantic import (
 
 from dice_ray.core.losses import loss_module, loss_names
 from dice_ray.core.misbehavior import BUILT_IN_FIELDS, misbehavior, misbehavior_module, misbehavior_names
-from dice_ray.core.models import model_module
+from dice_ray.core.models import model_module, model_names
 from dice_ray.core.population import OPTIMIZERS, OptimizerSpec
 from dice_ray.core.topology import TOPOLOGIES
 from dice_ray.core.topology import WEIGHT_RULES as MIXING_RULES
@@ -42,7 +42,7 @@ from dice_ray.methods.contributions import LedgerConfig
 from dice_ray.methods.dice.options import InfluenceConfig
 from dice_ray.methods.proximal import ProximalConfig
 from dice_ray.methods.rewiring import RewiringConfig
-from dice_ray.sections import RECORDED, FieldError, IdList, Ids, Section, comma_list, one_line
+from dice_ray.sections import RECORDED, FieldError, IdList, Ids, Section, comma_list, did_you_mean, one_line
 
 
 def _one_of(what: str, choices: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> AfterValidator:
@@ -111,7 +111,8 @@ class DataConfig(Section):
 class ModelConfig(Section):
     """Model architecture and how participants' models are initialized and vectorized."""
 
-    name: str = Field("mlp", description="model from the registry (mlp, mlp-tanh, logreg, cnn, resnet18, …)")
+    name: Annotated[str, _one_of("model", model_names)] = Field(
+        "mlp", description="model from the registry (mlp, mlp-tanh, logreg, cnn, resnet18, …)")
     init: Literal["same", "independent"] = Field("same", description="same initial model for all, or one "
                                                                      "per participant")
     vectorize: Literal["auto", "vmap", "loop"] = Field(
@@ -460,7 +461,7 @@ class RunConfig(Section):
                 except FieldError as err:
                     raise FieldError((key, *err.loc), err.message, err.extra) from None
             elif not (RECORDED.get() and isinstance(data[key], dict)):
-                raise FieldError((key,), "unknown key", extra=True)
+                raise FieldError((key,), did_you_mean(key, [*cls.model_fields, *options]), extra=True)
         for key, option in options.items():  # a registered method's section with its defaults, when not given
             data.setdefault(key, option())
         return data

@@ -8,8 +8,9 @@ field (``config: ledger.hops: …``), also when it is built in Python. The run c
 from __future__ import annotations
 
 import contextvars
+import difflib
 from collections import Counter
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
@@ -52,7 +53,7 @@ class Section(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as err:
-            raise one_line(err) from None
+            raise one_line(err, type(self)) from None
 
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> Any:
@@ -60,7 +61,7 @@ class Section(BaseModel):
         try:
             return super().model_validate(obj, **kwargs)
         except ValidationError as err:
-            raise one_line(err) from None
+            raise one_line(err, cls) from None
 
     def check(self, config: Any) -> None:
         """The rules between this section and the rest of the run ``config`` (another method's section, the number
@@ -75,26 +76,46 @@ class Section(BaseModel):
 
 
 class FieldError(InputError):
-    """A section's one-line error, with where it happened (so an enclosing section can prefix its own field)."""
+    """A section's one-line error, with where it happened (so an enclosing section can prefix its own field).
+    For an unknown key (``extra``) the message is what follows the key: a suggestion (``did_you_mean``), or empty."""
 
     def __init__(self, loc: tuple, message: str, extra: bool = False):
         self.loc, self.message, self.extra = loc, message, extra
         where = ".".join(str(p) for p in loc)
         if extra:
-            super().__init__(f"config: unknown key {where!r}")
+            super().__init__(f"config: unknown key {where!r}{message}")
         else:  # a rule between fields names them itself
             super().__init__(f"config: {where}: {message}" if where else f"config: {message}")
 
 
-def one_line(err: ValidationError) -> FieldError:
-    """Return the first problem of a pydantic error as 'config: field.path: message (got value)'."""
+def did_you_mean(key: str, known: Any) -> str:
+    """' (did you mean 'k'?)' for the closest of ``known`` keys to an unknown ``key``, or ''."""
+    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _fields_at(section: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """The field names of the section that ``loc`` (a path of field names) leads to from ``section``."""
+    for part in loc:
+        field = getattr(section, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        kinds = (field.annotation, *get_args(field.annotation))
+        section = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+    return list(getattr(section, "model_fields", {}))
+
+
+def one_line(err: ValidationError, section: type[BaseModel] | None = None) -> FieldError:
+    """Return the first problem of a pydantic error as 'config: field.path: message (got value)' (an unknown key
+    of ``section``, or of a section in it, with the closest known key)."""
     first = err.errors()[0]
     inner = first.get("ctx", {}).get("error")
     if isinstance(inner, FieldError):  # a nested section built by its own __init__ reported it
         return FieldError(tuple(first["loc"]) + inner.loc, inner.message, inner.extra)
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        return FieldError(tuple(first["loc"]), msg, extra=True)
+        loc = tuple(first["loc"])
+        return FieldError(loc, did_you_mean(loc[-1], _fields_at(section, loc[:-1])), extra=True)
     got = first.get("input")
     suffix = "" if isinstance(got, dict) or got is None or repr(got) in msg else f" (got {got!r})"
     return FieldError(tuple(first["loc"]), f"{msg}{suffix}")

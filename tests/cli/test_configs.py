@@ -32,3 +32,22 @@ def test_bundled_config_is_found_from_any_working_directory(tmp_path, monkeypatc
     assert dice_ray.RunConfig.model_validate(__import__("yaml").safe_load(path.read_text())).proximal.enabled
     with pytest.raises(dice_ray.InputError, match=r"no bundled config 'nope'.*anomaly-proximal"):
         dice_ray.bundled_config("nope")
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"nodez": 3}, "config: unknown key 'nodez' (did you mean 'nodes'?)"),
+    ({"optim": {"lrr": 0.1}}, "config: unknown key 'optim.lrr' (did you mean 'lr'?)"),
+    ({"data": {"shrink": {"fractin": 0.1}}}, "config: unknown key 'data.shrink.fractin' (did you mean 'fraction'?)"),
+    ({"optim": {"colour": "red"}}, "config: unknown key 'optim.colour'"),
+    ({"model": {"name": "resnet19"}}, "config: model.name: model 'resnet19' is unknown; choose one of "),
+])
+def test_a_config_built_in_python_names_what_is_wrong_and_what_was_meant(fields: dict, message: str) -> None:
+    """As the command line does: an unknown key with the closest known one, and an unknown model when the config is
+    built (it used to pass until the run built the model)."""
+    from dice_ray.errors import InputError
+
+    with pytest.raises(InputError) as err:
+        build_config(fields)
+    assert str(err.value).startswith(message) and str(err.value).count("(did you mean") <= 1
+    if "colour" in message:
+        assert "did you mean" not in str(err.value)
