@@ -8,6 +8,6 @@ directory (one result per finished trial, ``trials.parquet``) and ``plot.py`` dr
 
 from dice_ray.sweep.metrics import METRICS, register_metric
 from dice_ray.sweep.runner import run_sweep
-from dice_ray.sweep.spec import Sweep, load_sweep
+from dice_ray.sweep.spec import Sweep, bundled_sweep, load_sweep
 
-__all__ = ["METRICS", "Sweep", "load_sweep", "register_metric", "run_sweep"]
+__all__ = ["METRICS", "Sweep", "bundled_sweep", "load_sweep", "register_metric", "run_sweep"]

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dice_ray.config import RunConfig, build_config, idle_settings, load_config, read_yaml, set_dotted
+from dice_ray.config import RunConfig, build_config, bundled_config, idle_settings, load_config, read_yaml, set_dotted
 from dice_ray.errors import InputError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "int")
@@ -192,12 +192,43 @@ def _spec_error(err: ValidationError) -> str:
     return f"sweep: {where + ': ' if where else ''}{msg}"
 
 
-def _base_config(base: dict[str, Any]) -> dict[str, Any]:
+def bundled_sweep(name: str) -> Path:
+    """Return the path of the bundled sweep ``name`` (``"lr_batch"`` or ``"lr_batch.yaml"``), whatever the working
+    directory: the repository's ``sweeps/`` beside the installed package, as ``dice_ray.bundled_config`` finds a run
+    config. Raise ``InputError`` naming the bundled sweeps if there is no such file."""
+    stem = Path(name).name.removesuffix(".yaml")
+    folder = Path(__file__).resolve().parents[2] / "sweeps"
+    path = folder / f"{stem}.yaml"
+    if not path.is_file():
+        have = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or f"none: no {folder}"
+        raise InputError(f"no bundled sweep {name!r} (bundled: {have})")
+    return path
+
+
+def base_config_path(given: str, sweep_folder: Path) -> Path:
+    """The file ``base.config`` names: as given (relative to the working directory), else relative to the sweep
+    file's folder, else the bundled run config of that name where it is named as the repository's sweeps name theirs
+    (``configs/alignment.yaml``): a sweep then reads the same base from any working directory. Else as given (and
+    ``load_config`` says it does not exist)."""
+    path = Path(given)
+    if path.is_absolute() or path.exists():
+        return path
+    if (sweep_folder / path).exists():
+        return sweep_folder / path
+    if path.parent.name in ("", "configs"):
+        try:
+            return bundled_config(path.name)
+        except InputError:
+            pass
+    return path
+
+
+def _base_config(base: dict[str, Any], sweep_folder: Path) -> dict[str, Any]:
     base = copy.deepcopy(base)
     path = base.pop("config", None)
     if path is None:
         return base
-    data = load_config(path)
+    data = load_config(base_config_path(path, sweep_folder))
     for key, value in _dotted_items(base):
         set_dotted(data, key, value)
     return data
@@ -240,7 +271,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         raise InputError(_spec_error(err)) from None
     first = {field: _candidates(dist)[0] for field, dist in spec.space.items()}  # each field's first value
     try:
-        base = _base_config(spec.base)
+        base = _base_config(spec.base, path.parent)
     except InputError as err:
         raise InputError(f"sweep: base: {err}") from None
     try:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from dice_ray.config import build_config, load_config
+from dice_ray.errors import InputError
 from dice_ray.experiment import prepare
 from dice_ray.methods.dice.probes import select_probes
 
@@ -34,6 +35,24 @@ def test_bundled_config_is_found_from_any_working_directory(tmp_path, monkeypatc
         dice_ray.bundled_config("nope")
 
 
+def test_a_bundled_sweep_reads_the_same_base_from_any_working_directory(tmp_path, monkeypatch):
+    """Its base.config (configs/alignment.yaml, as the repository's sweeps name theirs) used to be read relative to
+    the working directory only: from a notebook in docs/ the sweep did not load. A base config beside the sweep file
+    is found too."""
+    from dice_ray.sweep import bundled_sweep, load_sweep
+
+    root = load_sweep(bundled_sweep("lr_batch"))
+    monkeypatch.chdir(tmp_path)
+    assert load_sweep(bundled_sweep("lr_batch.yaml")).base == root.base
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "mine.yaml").write_text("nodes: 6\nrounds: 3\n")
+    sweep = tmp_path / "elsewhere" / "sweep.yaml"
+    sweep.write_text("out: s\nbase: {config: mine.yaml}\nspace: {optim.lr: {grid: [0.1, 0.2]}}\n")
+    assert load_sweep(sweep).base["nodes"] == 6
+    with pytest.raises(InputError, match=r"no bundled sweep 'nope'.*lr_batch"):
+        bundled_sweep("nope")
+
+
 @pytest.mark.parametrize(("fields", "message"), [
     ({"nodez": 3}, "config: unknown key 'nodez' (did you mean 'nodes'?)"),
     ({"optim": {"lrr": 0.1}}, "config: unknown key 'optim.lrr' (did you mean 'lr'?)"),
@@ -44,8 +63,6 @@ def test_bundled_config_is_found_from_any_working_directory(tmp_path, monkeypatc
 def test_a_config_built_in_python_names_what_is_wrong_and_what_was_meant(fields: dict, message: str) -> None:
     """As the command line does: an unknown key with the closest known one, and an unknown model when the config is
     built (it used to pass until the run built the model)."""
-    from dice_ray.errors import InputError
-
     with pytest.raises(InputError) as err:
         build_config(fields)
     assert str(err.value).startswith(message) and str(err.value).count("(did you mean") <= 1
