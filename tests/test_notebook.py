@@ -24,6 +24,8 @@ def test_tutorial_notebook_executes():
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert len(images) >= 4  # the plots are inline
+    printed = "".join(str(o) for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "IProgress" not in printed and "Missing packages" not in printed  # the notebook extra's ipywidgets
 
 
 def test_committed_notebook_has_its_plots():
