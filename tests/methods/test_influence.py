@@ -60,18 +60,26 @@ def test_curvature_estimate_equals_forward_mode_derivative_of_the_replay(optimiz
         np.testing.assert_allclose(cascade.values[s], exact, rtol=1e-5, atol=1e-12)
 
 
-def test_ground_truth_minus_estimate_shrinks_like_lr_squared() -> None:
-    """|GT − E| / |GT| halves when η halves (GT ~ η, GT − E ~ η²), at every hop, for the curvature variant."""
-    errors = {}
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
+def test_ground_truth_minus_estimate_shrinks_like_lr_squared(optimizer: str) -> None:
+    """|GT − E| / |GT| halves when η halves (GT ~ η, GT − E ~ η²), at every hop, for the curvature variant: also
+    under momentum, whose step is linear in the buffer part of Δ (which does not shrink with η). First order drops
+    that part (J = I): under momentum its error from hop 2 on stays a fixed fraction of GT (concepts, optimizer
+    state)."""
+    errors: dict[str, dict[float, list[float]]] = {"curvature": {}, "first-order": {}}
     for lr in (0.1, 0.05, 0.025):
-        window, _ = make_window("ring", nodes=8, lr=lr, t0=5, batch=16)
+        window, _ = make_window("ring", nodes=8, optimizer=optimizer, lr=lr, t0=5, batch=16)
         delta, opt_delta = update_difference(window, 0)
         gt = ground_truth_cascade(window, 0, 3)
-        est = estimate_cascade(window, 0, delta, opt_delta, 3, "curvature")
-        errors[lr] = [np.abs(gt.values[s] - est.values[s]).sum() / np.abs(gt.values[s]).sum() for s in (1, 2, 3)]
+        for variant, by_lr in errors.items():
+            est = estimate_cascade(window, 0, delta, opt_delta, 3, variant)
+            by_lr[lr] = [np.abs(gt.values[s] - est.values[s]).sum() / np.abs(gt.values[s]).sum() for s in (1, 2, 3)]
     for big, small in ((0.1, 0.05), (0.05, 0.025)):
-        ratios = np.array(errors[small]) / np.array(errors[big])
+        ratios = np.array(errors["curvature"][small]) / np.array(errors["curvature"][big])
         assert ((ratios > 0.3) & (ratios < 0.7)).all(), (big, small, errors)
+        ratios = np.array(errors["first-order"][small]) / np.array(errors["first-order"][big])
+        shrinking = ratios < 0.7
+        assert shrinking.all() if optimizer == "sgd" else (shrinking[0] and not shrinking[1:].any()), (big, errors)
 
 
 def test_one_hop_ground_truth_needs_no_replay() -> None:
