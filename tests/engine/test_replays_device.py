@@ -53,7 +53,8 @@ class OnOneDevice(TorchFunctionMode):
     """Fails any operation that mixes a tensor on ``device`` with a CPU tensor that is not a 0-d scalar (indices
     included: on a GPU each would be a host-to-device copy, or an error); reading a ``device`` tensor back to the host
     (``.cpu()``, ``.item()``, ``float``) gives zeros of its shape (``bool``: true), since the meta device holds no
-    values, a sparse product (gossip, which meta has no kernel for) an empty result of its shape, and the nonzero
+    values, a sparse product (gossip, which meta has no kernel for) an empty result of its shape (a sampled one, the
+    edge dots of proximal influence and the ledger: its pattern), and the nonzero
     entries of a vector (Adam's lagging step counters) all its indices."""
 
     def __init__(self, device: str = "meta"):
@@ -78,6 +79,9 @@ class OnOneDevice(TorchFunctionMode):
         if name == "_sparse_mm" and first.device == self.device:  # gossip: meta has no sparse kernels
             assert args[1].device == self.device, "_sparse_mm: the sources are not on the device"
             return torch.empty(first.shape[0], args[1].shape[1], dtype=args[1].dtype, device=self.device)
+        if name == "sparse_sampled_addmm" and first.device == self.device:  # edge dots: no meta kernel either
+            assert all(t.device == self.device for t in args[1:3]), "edge dots: factors off the device"
+            return first
         if name == "nonzero" and first.device == self.device:  # data-dependent, no meta kernel: every index of a
             assert first.dim() == 1, "nonzero: only vectors here"  # vector (a superset, so what follows runs too)
             return torch.arange(first.shape[0], device=self.device)[:, None]
@@ -188,3 +192,30 @@ def test_tasks_ask_for_their_gpu_share_and_return_what_cpu_tasks_return(ray_with
         for column in columns:
             np.testing.assert_allclose(_rows(rows_gpu, column), _rows(rows_cpu, column), rtol=0, atol=1e-9)
     np.testing.assert_allclose(gpu_loo["final_loss"], cpu_loo["final_loss"], rtol=0, atol=1e-9)
+
+
+HOOKED = {
+    "dice-ledger": {"proximal": {"enabled": True, "zprime": "heldout"},
+                    "ledger": {"enabled": True, "hops": 2, "variants": ["first-order", "curvature", "exact-readout"]},
+                    "influence": {"enabled": True, "online": True, "hops": 2, "rounds": [1], "probe_samples": 1,
+                                  "variants": ["first-order", "curvature", "second-order", "exact-readout"]}},
+    "rewiring": {"proximal": {"enabled": True, "zprime": "heldout"},
+                 "rewiring": {"mode": "outlier", "every": 2, "keep": 2}},
+}
+
+
+@pytest.mark.parametrize("methods", list(HOOKED))
+def test_the_round_hooks_create_every_tensor_on_the_blocks_device(methods: str) -> None:
+    """In-loop DICE-E (every variant, single samples too), proximal influence, the ledger's cascades and collaborator
+    selection on a block on the device: no CPU tensor meets a device tensor in their rounds, snapshots included. (A
+    boolean mask made on the host and indexing on the device, read back for every probe and variant, was found so.)"""
+    from dice_ray.engine.local import LocalEngine
+    from dice_ray.hooks import round_hooks
+    from dice_ray.methods.catalog import methods_for
+
+    config = build_config({**WORLD, "rounds": 6, **HOOKED[methods]})
+    with OnOneDevice() as mode:
+        engine = LocalEngine(prepare(config), round_hooks(methods_for(config)), device="meta")
+        for t in range(5):
+            metrics = engine.run_round(t, evaluate=False, snapshot=t == 3)
+    assert mode.reads > 0 and metrics.train_loss.shape == (config.nodes,)

@@ -294,10 +294,12 @@ class OnlineCascades:
                 host = self._host_positions(rows)
                 pos = torch.as_tensor(host, device=self.block.device)
                 at = g[pos]
+                # the kept rows as indices made on the host (a boolean mask on the device would be read back)
+                kept = None if keep is None else torch.as_tensor(np.flatnonzero(keep), device=self.block.device)
                 values = {}
                 for v in self.variants:
                     delta = read_by(c.perturbation(v), self.reads_b[v])
-                    delta = delta if keep is None else delta.take(torch.as_tensor(keep, device=delta.a.device))
+                    delta = delta if kept is None else delta.take(kept)
                     values[v] = READOUTS[v].linear(at, delta)
                     form = READOUTS[v].form(delta)
                     if isinstance(form, HessianForm):  # the H′ terms of every probe below, batched (aᵀH′a: u = v = a)
