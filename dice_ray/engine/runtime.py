@@ -28,7 +28,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
-        _join(address or os.environ["RAY_ADDRESS"], "--address" if address else "RAY_ADDRESS")
+        _join(address or os.environ["RAY_ADDRESS"], "engine.address (--address)" if address else "RAY_ADDRESS")
         return
     # Ray binds a local node to the machine's external address unless it thinks it runs on a laptop
     # OS: this switch (read from the environment by Ray's processes, and by the driver at import time,
@@ -44,7 +44,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
              _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=True)
 
 
-def _join(address: str, given_by: str = "--address") -> None:
+def _join(address: str, given_by: str = "engine.address (--address)") -> None:
     """Join the Ray cluster at ``address`` (``given_by``: the option or variable that named it); raise ``InputError``
     with one line saying what to check when it cannot be reached or does not accept this process's token (Ray itself
     retries for minutes, then prints a traceback)."""
@@ -168,7 +168,8 @@ def plan_actors(engine: EngineConfig, nodes: int, cluster_cpus: float, cluster_g
     machines = len(machine_cpus) if machine_cpus else 1
     gpus = engine.gpus_per_actor
     if gpus > 0 and cluster_gpus < gpus:
-        raise InputError(f"--gpus-per-actor {gpus} but the Ray cluster has {cluster_gpus:g} GPUs")
+        raise InputError(f"engine.gpus_per_actor (--gpus-per-actor) {gpus} but the Ray cluster has "
+                         f"{cluster_gpus:g} GPUs")
     if engine.actors is not None:
         actors = engine.actors
     elif gpus > 0:
@@ -178,7 +179,8 @@ def plan_actors(engine: EngineConfig, nodes: int, cluster_cpus: float, cluster_g
     per_machine = engine.actors is None and gpus == 0 and machines > 1 and actors <= nodes
     actors = min(actors, nodes)
     if gpus > 0 and actors * gpus > cluster_gpus + 1e-9:
-        raise InputError(f"{actors} actors x --gpus-per-actor {gpus} exceed the cluster's {cluster_gpus:g} GPUs")
+        raise InputError(f"{actors} actors x engine.gpus_per_actor (--gpus-per-actor) {gpus} exceed the cluster's "
+                         f"{cluster_gpus:g} GPUs")
     if engine.cpus_per_actor is not None:
         cpus = engine.cpus_per_actor
     elif per_machine:
@@ -186,7 +188,7 @@ def plan_actors(engine: EngineConfig, nodes: int, cluster_cpus: float, cluster_g
     else:
         cpus = max(cluster_cpus, 1) / actors
     if actors * cpus > cluster_cpus + 1e-9:
-        raise InputError(f"{actors} actors x --cpus-per-actor {cpus:g} exceed the cluster's "
+        raise InputError(f"{actors} actors x engine.cpus_per_actor (--cpus-per-actor) {cpus:g} exceed the cluster's "
                          f"{cluster_cpus:g} CPUs")
     return ActorPlan(blocks=[b.astype(np.int64) for b in np.array_split(np.arange(nodes), actors)],
                      cpus_per_actor=cpus, gpus_per_actor=gpus, threads_per_actor=max(1, math.floor(cpus)),
