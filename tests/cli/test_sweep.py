@@ -101,7 +101,7 @@ def test_retry_failed_needs_resume_and_a_grid(tmp_path: Path, capsys: pytest.Cap
                                          "num_samples": 2, "metric": "final_heldout_acc", "plot": None,
                                          "space": {"optim.lr": {"loguniform": [0.01, 0.1]}}})
     assert main([str(optuna), "--resume", "--retry-failed"]) == 2
-    assert "an optuna search replaces them when --num-samples is raised" in capsys.readouterr().err
+    assert "an optuna search replaces them when num_samples (--num-samples) is raised" in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists()
 
 
