@@ -33,6 +33,14 @@ if TYPE_CHECKING:
 ENGINES = ("ray", "local")
 
 
+def _check_engine(engine: Any, section: str) -> None:
+    """Refuse an ``engine=`` argument other than 'ray' or 'local'; one that is not a string was likely meant as the
+    config's engine section, which ``section`` says how to set."""
+    if engine not in ENGINES:
+        hint = f"; {section}" if not isinstance(engine, str) else ""
+        raise InputError(f"engine {engine!r} is unknown: the engine= argument picks {' or '.join(ENGINES)}{hint}")
+
+
 class Run:
     """A run directory: its manifest, its result tables (pandas, read on first use) and its reports.
 
@@ -148,7 +156,7 @@ class Run:
         from dice_ray.runner import run_stage
 
         if shapley is not None and shapley < 1:
-            raise InputError(f"--shapley {shapley}: needs at least 1 permutation")
+            raise InputError(f"shapley (--shapley) {shapley}: needs at least 1 permutation")
         read_frame(self.path, "nodes", "not a finished run")  # refused before any retraining
         changes = retraining_changes(self.path, loo, shapley)
         if changes:
@@ -206,8 +214,8 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
     from dice_ray.experiment import prepare
     from dice_ray.runner import run_directory, simulate
 
-    if engine not in ENGINES:
-        raise InputError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
+    _check_engine(engine, "the config's engine section is set with RunConfig(engine={...}) or "
+                          "as_config(..., engine={...})")
     unregistered = [m.name for m in methods if m.options is not None and m not in registered_methods()]
     if unregistered:
         raise InputError(f"method {unregistered[0]!r} has options: register it with dice_ray.register_method before "
@@ -233,8 +241,7 @@ def resume(path: str | Path, *, engine: str | None = None, on_round: Callable[[A
     changes = {key.replace("__", "."): value for key, value in placement.items()}
     config, manifest = resume_config(Path(path), changes, allow_imports)
     engine = engine or manifest.get("engine", "ray")
-    if engine not in ENGINES:
-        raise InputError(f"engine {engine!r} is unknown; choose one of {', '.join(ENGINES)}")
+    _check_engine(engine, "a resume changes only where it runs, with keywords such as engine__actors=2")
     experiment = prepare(config, kept_topology_file(Path(path), manifest))
     return Run(simulate(config, engine, bool(manifest.get("save_states", False)), experiment, resume=True,
                         on_round=on_round, methods=methods))

@@ -501,7 +501,7 @@ def forget_address(data: Any, where: str, given: str | None = None, warn: bool =
     if warn and recorded is not None and recorded != here:
         print(f"warning: {where}: the run was placed on the Ray cluster at {recorded!r}; a run directory does not "
               f"choose the cluster a session joins, so this one runs on {repr(here) if here else 'a local Ray'} "
-              f"(--address or RAY_ADDRESS {recorded!r} continues there)", file=sys.stderr)
+              f"(engine.address (--address) or RAY_ADDRESS {recorded!r} continues there)", file=sys.stderr)
 
 
 def forget_tracking_uri(data: Any, where: str) -> None:
@@ -531,7 +531,7 @@ def rerun_config(data: Any, where: str, allow_imports: bool) -> RunConfig:
     named = modules_named(read_recorded(data, where))
     if named and not allow_imports:
         raise InputError(f"{where}: its config imports {', '.join(named)}, code that would run in this process and in "
-                         "every Ray worker; continue only a run you trust, with --allow-imports (allow_imports=True)")
+                         "every Ray worker; continue only a run you trust, with allow_imports=True (--allow-imports)")
     import_modules(named)
     known = {*RunConfig.model_fields, *(m.name for m in registered_methods() if m.options is not None)}
     unknown = [key for key in data if key not in known]  # a recorded config keeps only the user methods it used
@@ -616,26 +616,29 @@ CHOSEN_BY = [
 
 def idle_settings(config: RunConfig, fields: Iterable[str]) -> dict[str, str]:
     """Those of ``fields`` (dotted names someone set on purpose: on the command line, in a sweep's space) that do
-    nothing in ``config``, each with why ("applies to influence, which this run leaves off (--influence)"), the most
-    telling first: a misbehaviour setting without a kind, a method's setting with the method off (a user method's
-    too, with its ``enabled`` off), a setting of another choice (``CHOSEN_BY``). A config file may keep them."""
+    nothing in ``config``, each with why ("applies to influence, which this run leaves off (influence.enabled,
+    --influence)"), the most telling first: a misbehaviour setting without a kind, a method's setting with the method
+    off (a user method's too, with its ``enabled`` off), a setting of another choice (``CHOSEN_BY``). A config file
+    may keep them."""
     fields = list(fields)
     idle: dict[str, str] = {}
     for name in fields:
         if name.startswith("misbehavior.") and name != "misbehavior.kind" and config.misbehavior.kind == "none":
-            idle.setdefault(name, "needs --misbehavior KIND (how they misbehave); misbehavior.kind is 'none'")
+            idle.setdefault(name, "needs misbehavior.kind (--misbehavior KIND), how they misbehave; it is 'none'")
     switched = SWITCHED + [(f"{m.name}.", (f"{m.name}.enabled",), f"--{m.name}-enabled".replace("_", "-"),
                             m.enabled) for m in registered_methods()
                            if m.options is not None and "enabled" in m.options.model_fields]
     for prefix, switches, how, on in switched:
         for name in fields:
             if name.startswith(prefix) and name not in switches and not on(config):
-                idle.setdefault(name, f"applies to {prefix.rstrip('.')}, which this run leaves off ({how})")
+                idle.setdefault(name, f"applies to {prefix.rstrip('.')}, which this run leaves off "
+                                      f"({switches[0]}, {how})")
     for name, chooser, chosen, values in CHOSEN_BY:
         section, field = chosen.split(".")
         current = getattr(getattr(config, section), field)
         if name in fields and current not in values:
-            idle.setdefault(name, f"applies to {chooser} {' or '.join(values)}; this run has {chooser} {current}")
+            idle.setdefault(name, f"applies to {chosen} ({chooser}) {' or '.join(values)}; "
+                                  f"this run has {chosen} {current}")
     return idle
 
 

@@ -299,9 +299,9 @@ def check_normalization(config: RunConfig, model: Any) -> None:
     if not layers:
         return
     if config.influence.enabled and config.influence.probe_samples:
-        raise InputError(f"--probe-samples {config.influence.probe_samples}: model {name!r} normalizes by batch "
-                         "statistics (BatchNorm), so removing one sample changes every sample's gradient; probe "
-                         "whole minibatches (--probe-samples 0)")
+        raise InputError(f"influence.probe_samples (--probe-samples) {config.influence.probe_samples}: model "
+                         f"{name!r} normalizes by batch statistics (BatchNorm), so removing one sample changes every "
+                         "sample's gradient; probe whole minibatches (influence.probe_samples 0)")
     cumulative = [n for n, m in layers if m.momentum is None]
     if cumulative:
         raise InputError(f"model {name!r}: BatchNorm layer {cumulative[0]!r} has momentum=None (a cumulative average, "
@@ -344,7 +344,7 @@ def prepare(config: RunConfig, topology_file: str | Path | None = None) -> Exper
     dataset = load_dataset(d.dataset, data_dir=d.data_dir, download=d.download, seed=config.seed,
                            synthetic_samples=d.synthetic_samples, synthetic_classes=d.synthetic_classes)
     if config.nodes > len(dataset.y_train):
-        raise InputError(f"--nodes {config.nodes} exceeds the {len(dataset.y_train)} training samples "
+        raise InputError(f"nodes (--nodes) {config.nodes} exceeds the {len(dataset.y_train)} training samples "
                          f"of {d.dataset}")
     partition = partition_data(dataset.y_train, config.nodes, scheme=d.partition, alpha=d.alpha,
                                shards_per_node=d.shards_per_node, val_fraction=d.val_fraction,

@@ -62,43 +62,44 @@ def resume_config(run: Path, changes: dict[str, Any] | None = None,
     only ``config.RESUME_FIELDS``) applied; raise ``InputError`` if it cannot be resumed, or if its config names
     modules to import and ``allow_imports`` is False (``config.rerun_config``)."""
     path = run / "manifest.json"
+    refused = f"cannot resume {str(run)!r}"
     if not run.is_dir():
-        raise InputError(f"--resume {run}: the run directory {absent(run, 'folder')}")
+        raise InputError(f"{refused}: the run directory {absent(run, 'folder')}")
     if not path.is_file():
-        raise InputError(f"--resume {run}: no manifest.json there; not a dice-ray run directory")
+        raise InputError(f"{refused}: no manifest.json there; not a dice-ray run directory")
     DirectoryLock(run).check()
     try:
         manifest = json.loads(path.read_text())
         data = manifest["config"]
     except (ValueError, KeyError, TypeError):
-        raise InputError(f"--resume {run}: manifest.json is not a run manifest") from None
+        raise InputError(f"{refused}: manifest.json is not a run manifest") from None
     if manifest.get("status") == "complete":
-        raise InputError(f"--resume {run}: the run is already complete")
-    forget_address(data, f"--resume {run}", (changes or {}).get("engine.address"))
-    forget_tracking_uri(data, f"--resume {run}")
+        raise InputError(f"{refused}: the run is already complete")
+    forget_address(data, f"resuming {str(run)!r}", (changes or {}).get("engine.address"))
+    forget_tracking_uri(data, f"resuming {str(run)!r}")
     for dotted, value in (changes or {}).items():
         if dotted not in RESUME_FIELDS:
-            raise InputError(f"--resume continues the run with its own config; {dotted} cannot change it "
-                             f"(only {', '.join(RESUME_FIELDS)})")
+            raise InputError(f"a resume continues the run with its own config; {dotted} cannot change "
+                             f"(only {', '.join(RESUME_FIELDS)} can)")
         set_dotted(data, dotted, value)
     set_dotted(data, "output.out", str(run))
-    config = rerun_config(data, f"--resume {run}", allow_imports)
+    config = rerun_config(data, refused, allow_imports)
     if not (run / "rounds.parquet").exists():
         store = CheckpointStore(run, config_digest(config))
         latest = store.latest()  # the newest that verifies; newer ones that do not are skipped with a warning
         if latest is None and store.checkpoints():
-            raise InputError(f"--resume {run}: none of its {len(store.checkpoints())} checkpoints verifies (changed "
+            raise InputError(f"{refused}: none of its {len(store.checkpoints())} checkpoints verifies (changed "
                              "or truncated files); nothing was changed")
         try:
             if latest is not None:
                 store.check(latest)
         except ValueError as err:
-            raise InputError(f"--resume {run}: {err}") from None
+            raise InputError(f"{refused}: {err}") from None
         if latest is not None and latest.round >= config.rounds - 1:  # the last round's state is the final one
-            raise InputError(f"--resume {run}: its checkpoint {latest.path.name} is of round {latest.round}, but the "
+            raise InputError(f"{refused}: its checkpoint {latest.path.name} is of round {latest.round}, but the "
                              f"run has rounds 0..{config.rounds - 1} and no rounds.parquet; nothing was changed")
     elif (problem := unreadable(run / "rounds.parquet")) is not None:
-        raise InputError(f"--resume {run}: {problem}; nothing was changed")
+        raise InputError(f"{refused}: {problem}; nothing was changed")
     return config, manifest
 
 
@@ -113,8 +114,8 @@ def fitting_snapshot(checkpoint: Any, nodes: int, width: int) -> dict[str, np.nd
                else f"its state is {list(state.shape)}, not [{nodes}, {width}]" if state.shape != (nodes, width)
                else "its state is not finite" if not np.isfinite(state).all() else None)
     if problem is not None:
-        raise InputError(f"--resume {checkpoint.path.parent.parent}: checkpoint {checkpoint.path.name} cannot be this "
-                         f"run's: {problem}")
+        raise InputError(f"cannot resume {str(checkpoint.path.parent.parent)!r}: checkpoint {checkpoint.path.name} "
+                         f"cannot be this run's: {problem}")
     return snapshot
 
 
@@ -134,13 +135,13 @@ def run_directory(config: RunConfig) -> Path:
     )
     path = Path(out)
     if path.exists() and not path.is_dir():
-        raise InputError(f"--out {out!r} exists and is not a directory")
-    check_can_make(path, f"--out {out!r}")
+        raise InputError(f"output.out (--out) {out!r} exists and is not a directory")
+    check_can_make(path, f"output.out (--out) {out!r}")
     if path.is_dir():
         DirectoryLock(path).check()  # a live run's directory is never reused, not even with --overwrite
     if path.is_dir() and any(p.name != LOCK for p in path.iterdir()) and not config.output.overwrite:
-        raise InputError(f"run directory {out!r} already exists and is not empty; pass --overwrite or "
-                         "choose another --out")
+        raise InputError(f"run directory {out!r} already exists and is not empty; set output.overwrite "
+                         "(--overwrite) or choose another output.out (--out)")
     return path
 
 
@@ -316,7 +317,7 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
                     engine.restore(snapshot, config.engine.restart_timeout)
                     online.load_state(latest.load_driver_state())
                 except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as err:  # arrays of another run
-                    raise InputError(f"--resume {out}: checkpoint {latest.path.name} does not fit this run "
+                    raise InputError(f"cannot resume {str(out)!r}: checkpoint {latest.path.name} does not fit this run "
                                      f"({type(err).__name__}: {first_line(err)[:160]})") from None
                 online.impose_mixing(engine)
                 tables.rollback(latest.round)
@@ -384,7 +385,7 @@ def _check_same_methods(out: Path, recorded: list[str], chosen: list[Method]) ->
     ``methods=``), before anything changes: it would finish without that method's tables."""
     missing = [name for name in recorded if name not in {m.name for m in chosen}]
     if missing:
-        raise InputError(f"--resume {out}: it used the method {missing[0]!r}; pass it again "
+        raise InputError(f"cannot resume {str(out)!r}: it used the method {missing[0]!r}; pass it again "
                          f"(dice_ray.resume(path, methods=[...])) to continue the run")
 
 

@@ -72,6 +72,30 @@ def test_open_run_says_what_is_wrong_with_the_path(tmp_path: Path) -> None:
         dice_ray.open_run(tmp_path)
 
 
+def test_api_errors_name_the_config_field_before_the_flag(tmp_path: Path) -> None:
+    """The errors a Python caller gets name what they set (a config field, an argument), the flag only beside it."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    with pytest.raises(dice_ray.InputError, match=r"set output.overwrite \(--overwrite\) or choose another "
+                                                  r"output.out \(--out\)"):
+        dice_ray.run(nodes=4, engine="local", output={"out": str(taken)})
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(dice_ray.InputError, match=r"^output.out \(--out\) '.*a-file' exists and is not a directory"):
+        dice_ray.run(nodes=4, engine="local", output={"out": str(tmp_path / "a-file")})
+    with pytest.raises(dice_ray.InputError, match=r"engine=.*picks ray or local; .*RunConfig\(engine=\{\.\.\.\}\)"):
+        dice_ray.run(nodes=4, engine={"cpus_per_actor": 64})
+    with pytest.raises(dice_ray.InputError, match=r"^cannot resume '.*missing': the run directory"):
+        dice_ray.resume(tmp_path / "missing")
+    for status, message in (("complete", r"^cannot resume '.*old': the run is already complete$"),
+                            ("interrupted", r"^a resume continues the run with its own config; rounds cannot change "
+                                            r"\(only engine.address, engine.actors, ")):
+        (tmp_path / "old").mkdir(exist_ok=True)
+        (tmp_path / "old" / "manifest.json").write_text(json.dumps({"status": status, "config": {"nodes": 4}}))
+        with pytest.raises(dice_ray.InputError, match=message):
+            dice_ray.resume(tmp_path / "old", rounds=30)
+
+
 def test_the_console_script_is_the_same_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``dice-ray simulate …`` is ``python -m dice_ray.simulate …``; bad input: one line, exit status 2."""
     out = subprocess.run([sys.executable, "-m", "dice_ray.cli", "simulate", "--nodes", "1"], capture_output=True,

@@ -140,7 +140,7 @@ def test_a_planted_pickle_is_never_unpickled(tmp_path: Path, capsys: pytest.Capt
     capsys.readouterr()
     code = main(["--resume", str(run), "--engine", "local"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("error: --resume") and "none of its 2 checkpoints verifies" in err[-1]
+    assert code == 2 and err[-1].startswith(f"error: cannot resume {str(run)!r}: none of its 2 checkpoints verifies")
     assert all("driver.npz is not a file of plain arrays" in line for line in err[:-1]) and len(err) == 3
     assert not marker.exists()
     assert _stamps(run) == before  # untouched
@@ -261,4 +261,4 @@ def test_a_checkpoint_edited_with_its_digests_rewritten_is_one_line(tmp_path: Pa
     capsys.readouterr()
     assert main(["--resume", str(run), "--engine", "local"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and needle in err and err.startswith("error: --resume"), err
+    assert len(err.splitlines()) == 1 and needle in err and err.startswith(f"error: cannot resume {str(run)!r}: "), err

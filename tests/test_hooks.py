@@ -332,7 +332,8 @@ def test_a_method_takes_its_options_from_yaml_and_from_its_generated_flag(tmp_pa
     assert bad.returncode == 2 and "config: scaled_norm.scale: Input should be greater than 0" in bad.stderr
     off = _cli(["--imports", "toy_method", "--scaled-norm-scale", "2", "--engine", "local", "--out", "bad"], tmp_path)
     assert off.returncode == 2 and off.stderr.strip() == ("error: --scaled-norm-scale applies to scaled_norm, which "
-                                                          "this run leaves off (--scaled-norm-enabled)")
+                                                          "this run leaves off (scaled_norm.enabled, "
+                                                          "--scaled-norm-enabled)")
     assert not (tmp_path / "bad").exists()
 
 
@@ -404,8 +405,9 @@ def test_a_run_that_used_a_method_resumes_only_with_it_and_says_how(tmp_path: Pa
     done = subprocess.run([sys.executable, "-m", "dice_ray.simulate", "--resume", str(run)], capture_output=True,
                           text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.strip() == (
-        f"error: --resume {run}: it used the method 'scaled_norm', which neither this process nor a module its config "
-        "imports registers; continue it from Python after importing the module that registers it (dice_ray.resume)")
+        f"error: cannot resume {str(run)!r}: it used the method 'scaled_norm', which neither this process nor a module "
+        "its config imports registers; continue it from Python after importing the module that registers it "
+        "(dice_ray.resume)")
     with pytest.raises(dice_ray.InputError, match=r"it used the method 'update_norm'; pass it again"):
         dice_ray.resume(run, engine="local")
     assert (run / "manifest.json").read_bytes() == before

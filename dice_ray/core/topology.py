@@ -473,7 +473,7 @@ def make_topology(name: str, n: int, *, weights: str = "uniform", seed: int = 0,
             left = (f"participant {n - 1}" if named.max() + 1 == n - 1 else
                     f"participants {named.max() + 1}..{n - 1}")
             raise InputError(f"edge list '{path}' names participants 0..{named.max()}, but the run has {n} "
-                             f"(--nodes): {left} would have no edge")
+                             f"(nodes, --nodes): {left} would have no edge")
     elif name == "erdos-renyi":
         graph = erdos_renyi_graph(n, min(1.0, 2 * math.log(n) / n) if p is None else p, seed)
     elif name in ("grid", "torus"):

@@ -62,7 +62,7 @@ class Dataset:
 
 def check_seed(seed: int) -> None:
     if int(seed) != seed or seed < 0:
-        raise InputError(f"--seed {seed} must be a non-negative integer")
+        raise InputError(f"seed (--seed) {seed} must be a non-negative integer")
 
 
 def normalized_dataset(

@@ -77,7 +77,7 @@ def minibatch_indices(
     if int(round_) != round_ or round_ < 0:
         raise InputError(f"round {round_} must be a non-negative integer")
     if int(batch_size) != batch_size or batch_size < 1:
-        raise InputError(f"--batch-size {batch_size} must be a positive integer")
+        raise InputError(f"optim.batch_size (--batch-size) {batch_size} must be a positive integer")
     if len(n_local) != len(nodes):
         raise InputError(f"n_local has {len(n_local)} entries for {len(nodes)} nodes")
     if len(nodes) and nodes.min() < 0:
@@ -86,7 +86,8 @@ def minibatch_indices(
     if len(nodes) and n_local.min() < b:
         i = int(np.argmin(n_local))
         raise InputError(
-            f"participant {int(nodes[i])} has {int(n_local[i])} training samples, fewer than --batch-size {b}"
+            f"participant {int(nodes[i])} has {int(n_local[i])} training samples, fewer than optim.batch_size "
+            f"(--batch-size) {b}"
         )
     if len(nodes) == 0:
         return np.empty((0, b), np.int64)

@@ -65,12 +65,12 @@ def partition_data(
                          f"shape {labels.shape}" + ("; regression targets partition iid" if scheme != "iid" else ""))
     n = len(labels)
     if int(n_nodes) != n_nodes or n_nodes < 1:
-        raise InputError(f"--nodes {n_nodes} must be a positive integer")
+        raise InputError(f"nodes (--nodes) {n_nodes} must be a positive integer")
     n_nodes = int(n_nodes)
     if n_nodes > n:
-        raise InputError(f"--nodes {n_nodes} is more than the {n} training samples; use fewer nodes")
+        raise InputError(f"nodes (--nodes) {n_nodes} is more than the {n} training samples; use fewer nodes")
     if not 0.0 <= val_fraction < 1.0:
-        raise InputError(f"--val-fraction {val_fraction} must be in [0, 1)")
+        raise InputError(f"data.val_fraction (--val-fraction) {val_fraction} must be in [0, 1)")
     check_seed(seed)
     rng = np.random.default_rng(seed)
 
@@ -78,16 +78,16 @@ def partition_data(
         parts = np.array_split(rng.permutation(n), n_nodes)
     elif scheme == "dirichlet":
         if not alpha > 0:
-            raise InputError(f"--alpha {alpha} must be positive")
+            raise InputError(f"data.alpha (--alpha) {alpha} must be positive")
         parts = _dirichlet_parts(labels, n_nodes, alpha, rng)
     else:
         if int(shards_per_node) != shards_per_node or shards_per_node < 1:
-            raise InputError(f"--shards-per-node {shards_per_node} must be a positive integer")
+            raise InputError(f"data.shards_per_node (--shards-per-node) {shards_per_node} must be a positive integer")
         n_shards = n_nodes * int(shards_per_node)
         if n_shards > n:
             raise InputError(
-                f"{n_nodes} nodes x --shards-per-node {shards_per_node} = {n_shards} shards, more than the "
-                f"{n} training samples; use fewer nodes or shards"
+                f"{n_nodes} nodes x data.shards_per_node (--shards-per-node) {shards_per_node} = {n_shards} shards, "
+                f"more than the {n} training samples; use fewer nodes or shards"
             )
         # Shuffle first so ties (same label) are broken at random, then a stable sort by label.
         order = rng.permutation(n)
@@ -128,8 +128,8 @@ def _dirichlet_parts(
         if min(len(p) for p in parts) > 0:
             return parts
     raise InputError(
-        f"dirichlet partition with --alpha {alpha} left a participant without samples in {_DIRICHLET_TRIES} "
-        f"draws ({len(labels)} samples over {n_nodes} nodes); use a larger --alpha or fewer nodes"
+        f"dirichlet partition with data.alpha (--alpha) {alpha} left a participant without samples in "
+        f"{_DIRICHLET_TRIES} draws ({len(labels)} samples over {n_nodes} nodes); use a larger data.alpha or fewer nodes"
     )
 
 
@@ -149,14 +149,14 @@ def check_partition(partition: Partition, batch_size: int) -> None:
     (minibatches are drawn without replacement); returns None otherwise. A participant without training data
     (``shrink_partition`` with fraction 1) passes: it takes no local step."""
     if int(batch_size) != batch_size or batch_size < 1:
-        raise InputError(f"--batch-size {batch_size} must be a positive integer")
+        raise InputError(f"optim.batch_size (--batch-size) {batch_size} must be a positive integer")
     sizes = np.array([len(t) for t in partition.train], np.int64)
     short = np.flatnonzero((sizes < batch_size) & (sizes > 0))
     if len(short):
         k = int(short[0])
         total = int(sizes.sum() + sum(len(v) for v in partition.val))
         raise InputError(
-            f"participant {k} has {sizes[k]} training samples, fewer than --batch-size {batch_size} "
+            f"participant {k} has {sizes[k]} training samples, fewer than optim.batch_size (--batch-size) {batch_size} "
             f"(smallest partition {sizes.min()} of {total} training samples over {len(sizes)} participants); "
             "use a smaller batch size, fewer nodes or a larger data set"
         )

@@ -28,13 +28,13 @@ _TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 def _missing(name: str, data_dir: str, expected: str, can_download: bool = True) -> InputError:
     what = absent(data_dir, "folder") if not os.path.isdir(data_dir) else f"does not contain {name}"
-    hint = "pass --download to fetch it" if can_download else f"extract {_TINY_IMAGENET_URL} there"
+    hint = "set data.download (--download) to fetch it" if can_download else f"extract {_TINY_IMAGENET_URL} there"
     return InputError(f"data folder {data_dir} {what} (expected {expected}); {hint}")
 
 
 def _corrupt(path: str, reason: str, can_download: bool = True) -> InputError:
     reason = " ".join(str(reason).split())[:200]
-    hint = "delete it and pass --download to fetch it again" if can_download else "extract it again"
+    hint = "delete it and set data.download (--download) to fetch it again" if can_download else "extract it again"
     return InputError(f"{path} is corrupt: {reason}; {hint}")
 
 

@@ -54,7 +54,7 @@ _ON_DISK = ("mnist", "fashion-mnist", "cifar10", "cifar100", "tiny-imagenet")
 def _on_disk(name: str) -> Loader:
     def load(options: DataOptions) -> Dataset:
         if options.data_dir is None:
-            raise InputError(f"--data-dir is required for {name}")
+            raise InputError(f"data.data_dir (--data-dir) is required for {name}")
         data_dir = os.path.abspath(os.path.expanduser(str(options.data_dir)))
         if name in ("mnist", "fashion-mnist"):
             return load_mnist_like(name, data_dir, options.download)

@@ -278,7 +278,7 @@ class RayEngine:
             failed = (f"{'CUDA IPC' if way == CUDA_IPC else way} from participant group {s} to group {g} (both on the "
                       f"{placements[s]}) could not be set up ({problem}; Ray's log above may say more)")
             if self.transport == CUDA_IPC:
-                raise InputError(f"engine.transport 'cuda_ipc': {failed}; use --transport auto or object_store")
+                raise InputError(f"engine.transport 'cuda_ipc': {failed}; use auto or object_store (--transport)")
             warnings.warn(f"{failed}: its half-steps and messages go through Ray's object store instead "
                           "(engine.transport object_store says so without trying)", RuntimeWarning, stacklevel=2)
             checked[s][g] = OBJECT_STORE

@@ -30,11 +30,11 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
     if ray.is_initialized():
         current = ray.get_runtime_context().gcs_address
         if address and address != "auto" and not _same_address(address, current):
-            raise InputError(f"engine.address {address}: this process is already connected to the Ray at {current}; "
-                             "call ray.shutdown() first to run on another cluster")
+            raise InputError(f"engine.address (--address) {address}: this process is already connected to the Ray "
+                             f"at {current}; call ray.shutdown() first to run on another cluster")
         return
     if address or os.environ.get("RAY_ADDRESS"):
-        _join(address or os.environ["RAY_ADDRESS"], "--address" if address else "RAY_ADDRESS")
+        _join(address or os.environ["RAY_ADDRESS"], "engine.address (--address)" if address else "RAY_ADDRESS")
         return
     # Ray binds a local node to the machine's external address unless it thinks it runs on a laptop
     # OS: this switch (read from the environment by Ray's processes, and by the driver at import time,
@@ -66,7 +66,7 @@ def _same_address(address: str, current: str) -> bool:
     return resolved(address) == resolved(current)
 
 
-def _join(address: str, given_by: str = "--address") -> None:
+def _join(address: str, given_by: str = "engine.address (--address)") -> None:
     """Join the Ray cluster at ``address`` (``given_by``: the option or variable that named it); raise ``InputError``
     with one line saying what to check when it cannot be reached or does not accept this process's token (Ray itself
     retries for minutes, then prints a traceback)."""
@@ -190,7 +190,8 @@ def plan_actors(engine: EngineConfig, nodes: int, cluster_cpus: float, cluster_g
     machines = len(machine_cpus) if machine_cpus else 1
     gpus = engine.gpus_per_actor
     if gpus > 0 and cluster_gpus < gpus:
-        raise InputError(f"--gpus-per-actor {gpus} but the Ray cluster has {cluster_gpus:g} GPUs")
+        raise InputError(f"engine.gpus_per_actor (--gpus-per-actor) {gpus} but the Ray cluster has "
+                         f"{cluster_gpus:g} GPUs")
     if engine.actors is not None:
         actors = engine.actors
     elif gpus > 0:
@@ -200,7 +201,8 @@ def plan_actors(engine: EngineConfig, nodes: int, cluster_cpus: float, cluster_g
     per_machine = engine.actors is None and gpus == 0 and machines > 1 and actors <= nodes
     actors = min(actors, nodes)
     if gpus > 0 and actors * gpus > cluster_gpus + 1e-9:
-        raise InputError(f"{actors} actors x --gpus-per-actor {gpus} exceed the cluster's {cluster_gpus:g} GPUs")
+        raise InputError(f"{actors} actors x engine.gpus_per_actor (--gpus-per-actor) {gpus} exceed the cluster's "
+                         f"{cluster_gpus:g} GPUs")
     if engine.cpus_per_actor is not None:
         cpus = engine.cpus_per_actor
     elif per_machine:
@@ -208,7 +210,7 @@ def plan_actors(engine: EngineConfig, nodes: int, cluster_cpus: float, cluster_g
     else:
         cpus = max(cluster_cpus, 1) / actors
     if actors * cpus > cluster_cpus + 1e-9:
-        raise InputError(f"{actors} actors x --cpus-per-actor {cpus:g} exceed the cluster's "
+        raise InputError(f"{actors} actors x engine.cpus_per_actor (--cpus-per-actor) {cpus:g} exceed the cluster's "
                          f"{cluster_cpus:g} CPUs")
     return ActorPlan(blocks=[b.astype(np.int64) for b in np.array_split(np.arange(nodes), actors)],
                      cpus_per_actor=cpus, gpus_per_actor=gpus, threads_per_actor=max(1, math.floor(cpus)),

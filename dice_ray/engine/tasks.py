@@ -181,8 +181,8 @@ def task_gpus(engine: EngineConfig, cluster_gpus: float) -> float:
     if gpus > cluster_gpus:
         if engine.gpus_per_task is None:
             return 0.0
-        raise InputError(f"--gpus-per-task {gpus:g} but the Ray cluster has {cluster_gpus:g} GPUs; "
-                         "--gpus-per-task 0 replays and retrains on CPUs")
+        raise InputError(f"engine.gpus_per_task (--gpus-per-task) {gpus:g} but the Ray cluster has {cluster_gpus:g} "
+                         "GPUs; engine.gpus_per_task 0 replays and retrains on CPUs")
     return gpus
 
 

@@ -68,8 +68,8 @@ class RewiringConfig(Section):
         if config.topology.name in ("one-peer-exponential", "random-matching"):
             raise ValueError(f"rewiring needs a static topology, got time-varying {config.topology.name!r}")
         if config.influence.enabled:
-            raise ValueError("rewiring changes W during the run; DICE influence (--influence) replays the "
-                             "static topology: use one or the other")
+            raise ValueError("rewiring changes W during the run; DICE influence (influence.enabled, --influence) "
+                             "replays the static topology: use one or the other")
 
 
 def in_neighbor_sets(w: Any) -> list[np.ndarray]:

@@ -226,10 +226,10 @@ def detection_report(run: str | Path, horizons: list[int] | None = None) -> Dete
     from sklearn.metrics import roc_auc_score
 
     run = Path(run)
-    proximal = _scored(read_frame(run, "proximal", "run the simulation with --proximal first"))
+    proximal = _scored(read_frame(run, "proximal", "run the simulation with proximal.enabled (--proximal) first"))
     rounds, nodes = read_frame(run, "rounds", "incomplete run"), read_frame(run, "nodes", "incomplete run")
     if not nodes["misbehaving"].any():
-        raise InputError(f"{run} has no misbehaving participants: nothing to detect (--misbehavior)")
+        raise InputError(f"{run} has no misbehaving participants: nothing to detect (misbehavior.kind, --misbehavior)")
     if nodes["misbehaving"].all():
         raise InputError(f"{run}: every participant misbehaves, so no examiner has an honest neighbour to tell apart")
     window = recorded_config(run).proximal.window
@@ -238,7 +238,8 @@ def detection_report(run: str | Path, horizons: list[int] | None = None) -> Dete
         raise InputError("horizons: give at least one, or None for the default (5, 10, 20 and the whole run)")
     outside = sorted(h for h in horizons or [] if not 0 < h <= last)
     if outside:
-        raise InputError(f"--horizon {outside[0]}: a horizon counts the rounds before it, 1..{last} for this run")
+        raise InputError(f"horizons (--horizon) {outside[0]}: a horizon counts the rounds before it, 1..{last} "
+                         "for this run")
     horizons = sorted({h for h in (horizons or [5, 10, 20]) if 0 < h <= last} | ({last} if not horizons else set()))
     scores = running_scores(proximal, rounds, window)
     curves = auc_curves(scores, horizons[-1])  # once: each horizon reads a prefix

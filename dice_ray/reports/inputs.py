@@ -23,7 +23,7 @@ def read_columns(run: Path, name: str) -> dict[str, np.ndarray]:
     """Return table ``name`` of ``run`` as column name -> numpy array (nulls of float columns as NaN)."""
     path = run / f"{name}.parquet"
     if not path.is_file():
-        raise missing_table(path, "run the simulation with --influence first")
+        raise missing_table(path, "run the simulation with influence.enabled (--influence) first")
     table = read_table(path)
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
 
@@ -82,14 +82,15 @@ def missing_table(path: Path, hint: str) -> InputError:
     tables are written at the end), else ``hint`` (the run was made without the method that writes the table)."""
     if not (path.parent / "manifest.json").exists():
         return InputError(f"{path.parent} is not a dice-ray run directory (no manifest.json): give the folder a "
-                          "simulation wrote (--out)")
+                          "simulation wrote (its output.out, --out)")
     try:
         status = json.loads((path.parent / "manifest.json").read_text()).get("status")
     except (OSError, ValueError, AttributeError):
         status = None
     if status not in (None, "complete"):
         return InputError(f"{path.parent} is not a complete run (status {status!r}, so {path.name} is not written "
-                          f"yet): finish it with python -m dice_ray.simulate --resume {path.parent}")
+                          f"yet): finish it with dice_ray.resume({str(path.parent)!r}) (python -m "
+                          f"dice_ray.simulate --resume {path.parent})")
     return InputError(f"{path} does not exist: {hint}")
 
 

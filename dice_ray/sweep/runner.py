@@ -209,8 +209,8 @@ def _claim(sweep: Sweep, out: Path, resume: bool, lock: DirectoryLock) -> None:
     if not (out.is_dir() and any(p.name != LOCK for p in out.iterdir())):
         return
     if not resume:
-        raise InputError(f"sweep directory {str(out)!r} already exists; pass --resume to finish it or choose "
-                         "another out")
+        raise InputError(f"sweep directory {str(out)!r} already exists; set resume (--resume) to finish it or "
+                         "choose another out")
     recorded = out / "sweep.json"
     if not recorded.is_file():
         raise InputError(f"{str(out)!r} is not a sweep directory (no sweep.json); choose another out")
@@ -276,10 +276,11 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None, re
     from dice_ray.engine import start_ray
 
     if retry_failed and not resume:
-        raise InputError("sweep: --retry-failed goes with --resume (it reruns the failed trials of a sweep directory)")
+        raise InputError("sweep: retry_failed (--retry-failed) goes with resume (--resume): it reruns the failed "
+                         "trials of a sweep directory")
     if retry_failed and sweep.spec.search != "grid":
-        raise InputError("sweep: --retry-failed reruns a grid's failed trials; an optuna search replaces them when "
-                         "--num-samples is raised")
+        raise InputError("sweep: retry_failed (--retry-failed) reruns a grid's failed trials; an optuna search "
+                         "replaces them when num_samples (--num-samples) is raised")
     out = sweep.out.resolve()
     lock = DirectoryLock(out, "sweep directory")  # one writer per sweep directory
     _claim(sweep, out, resume, lock)

@@ -82,12 +82,12 @@ BAD_INPUTS = [
     (["--dataset", "imagenet"], "data set 'imagenet' is unknown"),
     (["--actors", "2", "--transport", "cuda_ipc"], "transport 'cuda_ipc' moves half-steps between actors sharing a "
                                                     "GPU, but gpus_per_actor is 0"),
-    (["--dataset", "cifar10", "--data-dir", "/nonexistent/folder"], "--download"),
-    (["--dataset", "mnist"], "--data-dir"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/folder"], "data.download (--download)"),
+    (["--dataset", "mnist"], "data.data_dir (--data-dir)"),
     (["--model", "transformer"], "model 'transformer' is unknown"),
     (["--optimizer", "lamb"], "optimizer 'lamb' is unknown"),
-    (["--batch-size", "500"], "fewer than --batch-size 500"),
-    (["--nodes", "2000", "--dataset", "digits"], "exceeds"),
+    (["--batch-size", "500"], "fewer than optim.batch_size (--batch-size) 500"),
+    (["--nodes", "2000", "--dataset", "digits"], "nodes (--nodes) 2000 exceeds"),
     (["--partition", "random"], "partition 'random' is unknown"),
     (["--rounds", "0"], "rounds"),
     (["--eval-every", "0"], "eval_every"),
@@ -108,7 +108,8 @@ BAD_INPUTS = [
     (["--topology", "file"], "topology.file"),
     (["--gpus-per-actor", "-1"], "gpus_per_actor"),
     (["--alpha", "0", "--partition", "dirichlet"], "alpha"),
-    (["--misbehaving", "2"], "--misbehaving needs --misbehavior KIND"),  # used to be ignored: no one misbehaved
+    # used to be ignored: no one misbehaved
+    (["--misbehaving", "2"], "--misbehaving needs misbehavior.kind (--misbehavior KIND)"),
     (["--misbehavior", "label-flip"], "misbehavior.kind 'label-flip' needs how many misbehave"),
     (["--misbehavior", "scale", "--misbehaving-ids", "1", "--misbehaving-selection", "degree"],
      "misbehavior.ids are used with selection 'ids', not 'degree'"),
@@ -128,24 +129,28 @@ BAD_INPUTS = [
     (["--influence", "--hops", "1", "--probe-rounds", "0", "--probe-every", "3"],  # every used to be ignored
      "influence.rounds and influence.every both choose the probe rounds"),
     # a method's option with the method off did nothing
-    (["--hops", "2"], "--hops applies to influence, which this run leaves off (--influence)"),
+    (["--hops", "2"], "--hops applies to influence, which this run leaves off (influence.enabled, --influence)"),
     (["--proximal-window", "3"], "--proximal-window applies to proximal"),
     (["--rewire", "none", "--rewire-every", "3"], "--rewire-every applies to rewiring"),
     (["--ledger-every", "2"], "--ledger-every applies to ledger"),
     (["--shrink-fraction", "0.5"], "--shrink-fraction applies to data.shrink"),
-    (["--alpha", "0.3"], "--alpha applies to --partition dirichlet; this run has --partition iid"),
-    (["--partition", "dirichlet", "--shards-per-node", "3"], "--shards-per-node applies to --partition shards"),
+    (["--alpha", "0.3"], "--alpha applies to data.partition (--partition) dirichlet; this run has data.partition iid"),
+    (["--partition", "dirichlet", "--shards-per-node", "3"],
+     "--shards-per-node applies to data.partition (--partition) shards"),
     # an option of another choice was recorded in the manifest and did nothing (an audit: --momentum 0.5 with SGD)
-    (["--momentum", "0.5"], "--momentum applies to --optimizer momentum; this run has --optimizer sgd"),
-    (["--optimizer", "adam", "--momentum", "0.5"], "--momentum applies to --optimizer momentum"),
-    (["--set", "optim.betas=[0.8,0.9]"], "--set optim.betas applies to --optimizer adam"),
-    (["--topology", "ring", "--edge-probability", "0.3"], "--edge-probability applies to --topology erdos-renyi"),
-    (["--grid-rows", "4"], "--grid-rows applies to --topology grid or torus; this run has --topology exponential"),
-    (["--topology", "ring", "--topology-file", "ring.csv"], "--topology-file applies to --topology file"),
-    (["--set", "data.alpha=0.3"], "--set data.alpha applies to --partition dirichlet"),
+    (["--momentum", "0.5"], "--momentum applies to optim.name (--optimizer) momentum; this run has optim.name sgd"),
+    (["--optimizer", "adam", "--momentum", "0.5"], "--momentum applies to optim.name (--optimizer) momentum"),
+    (["--set", "optim.betas=[0.8,0.9]"], "--set optim.betas applies to optim.name (--optimizer) adam"),
+    (["--topology", "ring", "--edge-probability", "0.3"],
+     "--edge-probability applies to topology.name (--topology) erdos-renyi"),
+    (["--grid-rows", "4"],
+     "--grid-rows applies to topology.name (--topology) grid or torus; this run has topology.name exponential"),
+    (["--topology", "ring", "--topology-file", "ring.csv"],
+     "--topology-file applies to topology.name (--topology) file"),
+    (["--set", "data.alpha=0.3"], "--set data.alpha applies to data.partition (--partition) dirichlet"),
     (["--set", "influence.hops=3"], "--set influence.hops applies to influence, which this run leaves off"),
     (["--set", "rounds=10", "--rounds", "20"], "--rounds and --set rounds=10 both set rounds: give one"),
-    (["--set", "misbehavior.count=2"], "--set misbehavior.count needs --misbehavior KIND"),
+    (["--set", "misbehavior.count=2"], "--set misbehavior.count needs misbehavior.kind (--misbehavior KIND)"),
 ]
 
 
@@ -186,7 +191,8 @@ def test_existing_run_directory_is_not_overwritten(tmp_path: Path, capsys) -> No
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert main([*SMALL, "--engine", "local", "--out", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already exists" in err and "output.overwrite (--overwrite)" in err and "output.out (--out)" in err
     assert (out / "keep.txt").read_text() == "mine"
 
 
@@ -199,9 +205,10 @@ def test_help_documents_every_option(capsys) -> None:
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--gpus-per-actor", "1"], "--gpus-per-actor 1.0 but the Ray cluster has 0 GPUs"),
-    (["--gpus-per-task", "0.5"], "--gpus-per-task 0.5 but the Ray cluster has 0 GPUs"),
-    (["--actors", "2", "--cpus-per-actor", "2"], "2 actors x --cpus-per-actor 2 exceed the cluster's 2 CPUs"),
+    (["--gpus-per-actor", "1"], "engine.gpus_per_actor (--gpus-per-actor) 1.0 but the Ray cluster has 0 GPUs"),
+    (["--gpus-per-task", "0.5"], "engine.gpus_per_task (--gpus-per-task) 0.5 but the Ray cluster has 0 GPUs"),
+    (["--actors", "2", "--cpus-per-actor", "2"], "2 actors x engine.cpus_per_actor (--cpus-per-actor) 2 exceed "
+     "the cluster's 2 CPUs"),
 ])
 def test_a_cluster_that_cannot_hold_the_run_exits_2_before_touching_its_directory(
         ray_local, argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -67,9 +67,11 @@ def _sweep(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     ({"base": {**BASE, "optim": {"batch_size": 100000}}}, "sweep: trial {'optim.lr': 0.02, 'seed': 0}: "),
     # a swept field that does nothing: every trial the same run (the docs' own example swept alpha on iid)
     ({"space": {"data.alpha": {"grid": [0.5, 1.0]}}}, "sweep: space.data.alpha does nothing in any trial: it "
-                                                     "applies to --partition dirichlet; this run has --partition iid"),
+                                                     "applies to data.partition (--partition) dirichlet; this run has "
+                                                     "data.partition iid"),
     ({"space": {"proximal.every": {"grid": [1, 2]}}}, "space.proximal.every does nothing in any trial: it applies "
-                                                      "to proximal, which this run leaves off"),
+                                                      "to proximal, which this run leaves off (proximal.enabled, "
+                                                      "--proximal)"),
 ])
 def test_bad_sweep_file_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                               change: dict, message: str) -> None:
@@ -86,7 +88,7 @@ def test_existing_sweep_directory_needs_resume(tmp_path: Path, capsys: pytest.Ca
     out.mkdir()
     (out / "notes.txt").write_text("someone else's")
     assert main([str(_write(tmp_path, "s.yaml", {**GRID, "out": str(out)}))]) == 2
-    assert "pass --resume" in capsys.readouterr().err
+    assert "set resume (--resume) to finish it" in capsys.readouterr().err
     assert main([str(_write(tmp_path, "s.yaml", {**GRID, "out": str(out)})), "--resume"]) == 2
     assert "not a sweep directory" in capsys.readouterr().err
 
@@ -94,12 +96,12 @@ def test_existing_sweep_directory_needs_resume(tmp_path: Path, capsys: pytest.Ca
 def test_retry_failed_needs_resume_and_a_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _write(tmp_path, "s.yaml", {**GRID, "out": str(tmp_path / "sweep")})
     assert main([str(path), "--retry-failed"]) == 2
-    assert "--retry-failed goes with --resume" in capsys.readouterr().err
+    assert "retry_failed (--retry-failed) goes with resume (--resume)" in capsys.readouterr().err
     optuna = _write(tmp_path, "o.yaml", {**GRID, "out": str(tmp_path / "sweep"), "search": "optuna",
                                          "num_samples": 2, "metric": "final_heldout_acc", "plot": None,
                                          "space": {"optim.lr": {"loguniform": [0.01, 0.1]}}})
     assert main([str(optuna), "--resume", "--retry-failed"]) == 2
-    assert "an optuna search replaces them when --num-samples is raised" in capsys.readouterr().err
+    assert "an optuna search replaces them when num_samples (--num-samples) is raised" in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists()
 
 

@@ -207,7 +207,8 @@ def test_what_dice_e_cannot_estimate_through_batchnorm_is_refused_before_the_run
 
     base = {"nodes": 4, "data": {"dataset": "digits"}, "model": {"name": BATCHNORM_MLP}}
     prepare(build_config({**base, "influence": {"enabled": True}}))  # whole minibatches: fine
-    with pytest.raises(InputError, match=r"^--probe-samples 1: model 'test-mlp-tanh-batchnorm' normalizes by batch"):
+    with pytest.raises(InputError, match=r"^influence.probe_samples \(--probe-samples\) 1: model "
+                                         r"'test-mlp-tanh-batchnorm' normalizes by batch"):
         prepare(build_config({**base, "influence": {"enabled": True, "probe_samples": 1}}))
     with pytest.raises(InputError, match="BatchNorm layer '2' has momentum=None"):
         prepare(build_config({**base, "model": {"name": "test-mlp-cumulative-batchnorm"}}))

@@ -250,10 +250,10 @@ def test_file_topologies(tmp_path):
     directed = load_edge_list(edges, directed=True)
     assert directed[1, 0] == 1 and directed[0, 1] == 0  # "0 1" is the edge 0 -> 1: A[1, 0] = 1
     assert load_edge_list(edges, n=8).shape == (8, 8)
-    with pytest.raises(InputError, match=r"names participants 0\.\.5, but the run has 8 \(--nodes\): participants "
-                                         r"6\.\.7 would have no edge"):
+    with pytest.raises(InputError, match=r"names participants 0\.\.5, but the run has 8 \(nodes, --nodes\): "
+                                         r"participants 6\.\.7 would have no edge"):
         make_topology("file", 8, path=str(edges))  # it said "not strongly connected: 3 components"
-    with pytest.raises(InputError, match=r"but the run has 7 \(--nodes\): participant 6 would have no edge"):
+    with pytest.raises(InputError, match=r"but the run has 7 \(nodes, --nodes\): participant 6 would have no edge"):
         make_topology("file", 7, path=str(edges))  # (it said "participants 6..6")
     exported = tmp_path / "exported.csv"  # pandas' to_csv with its header; networkx's write_edgelist with {}
     exported.write_text("src,dst\n" + "\n".join(f"{k},{(k + 1) % 6}" for k in range(6)) + "\n")

@@ -143,7 +143,7 @@ def test_unknown_dataset_lists_choices() -> None:
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "cifar10", "cifar100", "tiny-imagenet"])
 def test_on_disk_sets_need_data_dir(name: str) -> None:
     assert name in dataset_names()
-    with pytest.raises(InputError, match=f"--data-dir is required for {name}"):
+    with pytest.raises(InputError, match=fr"data.data_dir \(--data-dir\) is required for {name}"):
         load_dataset(name)
 
 
@@ -205,10 +205,10 @@ def test_fashion_mnist_uses_its_own_folder(tmp_path) -> None:
 
 def test_missing_folder_suggests_download(tmp_path) -> None:
     missing = str(tmp_path / "nowhere")
-    with pytest.raises(InputError, match="--download") as e:
+    with pytest.raises(InputError, match=r"set data.download \(--download\) to fetch it") as e:
         load_dataset("mnist", data_dir=missing)
     assert "nowhere/MNIST/raw/train-images-idx3-ubyte" in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(InputError, match="--download.*") as e:
+    with pytest.raises(InputError, match=r"data.download \(--download\)") as e:
         load_dataset("cifar10", data_dir=str(tmp_path))
     assert "cifar-10-batches-py/data_batch_1" in str(e.value)
 
@@ -453,7 +453,7 @@ def test_dirichlet_small_alpha_is_skewed() -> None:
 
 
 def test_dirichlet_gives_up_with_a_hint() -> None:
-    with pytest.raises(InputError, match="larger --alpha or fewer nodes"):
+    with pytest.raises(InputError, match=r"data.alpha \(--alpha\) 0.01 left .* use a larger data.alpha or fewer nodes"):
         partition_data(_balanced_labels(classes=2, per_class=20), 40, scheme="dirichlet", alpha=0.01)
 
 
@@ -497,7 +497,7 @@ def test_check_partition_names_the_participant() -> None:
     with pytest.raises(InputError) as e:
         check_partition(p, 8)
     msg = str(e.value)
-    assert msg.startswith("participant 3 has 5 training samples, fewer than --batch-size 8")
+    assert msg.startswith("participant 3 has 5 training samples, fewer than optim.batch_size (--batch-size) 8")
     assert "smallest partition 3 of 43 training samples over 5 participants" in msg
 
 

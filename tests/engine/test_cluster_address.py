@@ -17,7 +17,8 @@ def test_an_unreachable_address_is_one_line_and_exit_2(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1, out.stderr
-    assert lines[0].startswith("error: --address 127.0.0.1:1: no Ray head answers there") and "ray status" in lines[0]
+    assert lines[0].startswith("error: engine.address (--address) 127.0.0.1:1: no Ray head answers there")
+    assert "ray status" in lines[0]
     assert not (tmp_path / "run").exists()
     assert time.monotonic() - started < 60
 

@@ -154,7 +154,7 @@ def test_a_task_asks_only_for_gpus_the_cluster_has() -> None:
     assert task_gpus(EngineConfig(gpus_per_actor=1), cluster_gpus=2) == TASK_GPU_SHARE
     assert task_gpus(EngineConfig(gpus_per_actor=1), cluster_gpus=0) == 0.0  # a GPU run's replays on a CPU cluster
     assert task_gpus(EngineConfig(), cluster_gpus=8) == 0.0
-    with pytest.raises(InputError, match=r"--gpus-per-task 0.5 but the Ray cluster has 0 GPUs"):
+    with pytest.raises(InputError, match=r"engine.gpus_per_task \(--gpus-per-task\) 0.5 but the Ray cluster has 0 "):
         task_gpus(EngineConfig(gpus_per_task=0.5), cluster_gpus=0)
 
 

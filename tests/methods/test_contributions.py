@@ -228,7 +228,9 @@ def test_contributions_report(tmp_path: Path, capsys) -> None:
     assert (out / "contributions_shares.png").stat().st_size > 0 and (out / "contributions_heatmap.png").is_file()
     plain = _run(tmp_path / "plain", "--engine", "local", "--rounds", "2")
     assert analyze(["contributions", str(plain)]) == 2
-    assert "--ledger (or --loo / --shapley K)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ledger.enabled (--ledger)" in err and "contributions(loo=True)" in err
+    assert "analyze contributions --loo / --shapley K" in err
 
 
 def test_a_run_without_the_ledger_is_ranked_by_its_retraining(tmp_path: Path, capsys) -> None:

@@ -94,7 +94,7 @@ def test_anomaly_report_writes_table_and_png(tmp_path, capsys) -> None:
     assert "suspects, by mean cumulative proximal influence over the examiners that score them: " in printed
     assert all(f"{r.participant} ({r.score:.3g}" in printed for r in ranked.head(5).itertuples()), top
     assert analyze(["anomaly", str(run), "--horizon", "4", "--horizon", "100"]) == 2  # beyond the run's 8 rounds
-    assert "--horizon 100" in capsys.readouterr().err
+    assert "horizons (--horizon) 100" in capsys.readouterr().err
     import dice_ray
 
     with pytest.raises(dice_ray.InputError, match="horizons: give at least one"):  # not the defaults in silence
@@ -105,7 +105,7 @@ def test_anomaly_report_writes_table_and_png(tmp_path, capsys) -> None:
     assert simulate(["--engine", "local", "--no-progress", "--dataset", "digits", "--nodes", "6", "--rounds", "2",
                      "--out", str(plain)]) == 0
     assert analyze(["anomaly", str(plain)]) == 2
-    assert "--proximal" in capsys.readouterr().err
+    assert "proximal.enabled (--proximal)" in capsys.readouterr().err
     import json
     import shutil
 
