@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from dice_ray.checkpoint import RoundTables
-from dice_ray.config import RunConfig, build_config, load_config, read_recorded
+from dice_ray.config import RunConfig, build_config, idle_settings, load_config, read_recorded
 from dice_ray.errors import InputError
 from dice_ray.hooks import Method, registered_methods
 from dice_ray.results import TABLES, kept_topology_file
@@ -48,7 +48,7 @@ class Run:
     (``alignment``, ``cascade``, ``anomaly``, ``contributions``), which ``run.table(name)`` reads."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = Path(path).resolve()  # absolute: the handle outlives a change of working directory
         if not self.path.exists():
             raise InputError(f"run directory {str(self.path)!r} does not exist")
         if not (self.path / "manifest.json").is_file():
@@ -191,8 +191,11 @@ def as_config(config: RunConfig | Mapping[str, Any] | str | Path | None = None, 
         data = config.model_dump(mode="json")
     elif isinstance(config, (str, Path)):
         data = load_config(config)
-    else:
+    elif config is None or isinstance(config, Mapping):
         data = json.loads(json.dumps(dict(config or {})))
+    else:
+        raise InputError(f"a config is a RunConfig, a dict or a YAML file's path, not {type(config).__name__} "
+                         f"{config!r}")
     for key, value in fields.items():
         if isinstance(value, Mapping) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}
@@ -207,24 +210,44 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
     """Run the simulation of ``config`` (see ``as_config``) and return its ``Run``.
 
     ``engine``: 'ray' (participant-group actors on the connected or a local Ray) or 'local' (this process).
-    ``on_round(metrics, engine)`` is called after every round. ``methods``: your own ``dice_ray.Method``s (round
-    hooks), run after the built-in ones the config enables; each writes its tables beside the others. Bad input
-    raises ``InputError`` before any work.
+    ``save_states``: also write every participant's final state (``states.npz``). ``on_round(metrics, engine)`` is
+    called after every round with its ``dice_ray.engine.RoundMetrics`` (losses and accuracies per participant) and
+    the engine; what it raises stops the run, which is marked interrupted (``KeyboardInterrupt``) or failed and can
+    be resumed. ``methods``: your own ``dice_ray.Method``s (round hooks), run after the built-in ones the config
+    enables; each writes its tables beside the others.
+
+    Bad input raises ``InputError`` before any work, settings among ``fields`` that would do nothing in this run
+    included (as the command line refuses such flags; a config file or dict may keep them). A run that diverges
+    raises ``FloatingPointError`` naming the round and participants, its last good checkpoint kept.
     """
     from dice_ray.experiment import prepare
     from dice_ray.runner import run_directory, simulate
 
     _check_engine(engine, "the config's engine section is set with RunConfig(engine={...}) or "
                           "as_config(..., engine={...})")
+    if not all(isinstance(m, Method) for m in methods):
+        raise InputError(f"methods are dice_ray.Method objects, not {methods!r}")
     unregistered = [m.name for m in methods if m.options is not None and m not in registered_methods()]
     if unregistered:
         raise InputError(f"method {unregistered[0]!r} has options: register it with dice_ray.register_method before "
                          "its config is built (its section is part of the run config)")
     config = as_config(config, **fields)
+    idle = idle_settings(config, _dotted(fields))
+    if idle:
+        name, why = next(iter(idle.items()))
+        raise InputError(f"{name} {why}")
     path = run_directory(config)  # fixed now: a default name from the clock is taken once
     config = config.model_copy(update={"output": config.output.model_copy(update={"out": str(path)})})
     experiment = prepare(config)  # simulate joins Ray (and checks what it needs) before anything is written
     return Run(simulate(config, engine, save_states, experiment, on_round=on_round, methods=methods))
+
+
+def _dotted(fields: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted names of the settings ``fields`` give (``optim={"lr": 0.1}``: ``optim.lr``)."""
+    names = []
+    for key, value in fields.items():
+        names += _dotted(value, f"{prefix}{key}.") if isinstance(value, Mapping) and value else [f"{prefix}{key}"]
+    return names
 
 
 def resume(path: str | Path, *, engine: str | None = None, on_round: Callable[[Any, Any], None] | None = None,

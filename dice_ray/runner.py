@@ -129,10 +129,15 @@ def unreadable(path: Path) -> str | None:
 
 
 def run_directory(config: RunConfig) -> Path:
-    """Return the run directory to create; refuse to reuse a non-empty one without ``overwrite``."""
-    out = config.output.out or (
-        f"runs/{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{config.topology.name}-n{config.nodes}"
-    )
+    """Return the run directory to create; refuse to reuse a non-empty one without ``overwrite``. Without
+    ``output.out``: runs/DATE-TIME-TOPOLOGY-nN, with -2, -3, ... where a run of the same second has it (a loop of
+    runs in one process)."""
+    out = config.output.out
+    if out is None:
+        stem = f"runs/{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{config.topology.name}-n{config.nodes}"
+        out, n = stem, 2
+        while Path(out).exists():
+            out, n = f"{stem}-{n}", n + 1
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise InputError(f"output.out (--out) {out!r} exists and is not a directory")

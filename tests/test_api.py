@@ -96,6 +96,40 @@ def test_api_errors_name_the_config_field_before_the_flag(tmp_path: Path) -> Non
             dice_ray.resume(tmp_path / "old", rounds=30)
 
 
+def test_the_api_refuses_what_it_cannot_use_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    """A config of the wrong type and a method that is not a Method raise InputError, not a TypeError from inside;
+    keyword settings that do nothing in the run are refused as the command line refuses such flags (a dict or file
+    config may keep them); nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    for config in (5, [1, 2]):
+        with pytest.raises(dice_ray.InputError, match="a config is a RunConfig, a dict or a YAML file's path"):
+            dice_ray.run(config, engine="local")
+    with pytest.raises(dice_ray.InputError, match="methods are dice_ray.Method objects"):
+        dice_ray.run(nodes=4, engine="local", methods=["foo"])
+    for fields, message in (({"misbehavior": {"count": 3}}, r"^misbehavior.count needs misbehavior.kind"),
+                            ({"optim": {"momentum": 0.9}}, r"^optim.momentum applies to optim.name"),
+                            ({"influence": {"hops": 2}}, r"^influence.hops applies to influence, which this run")):
+        with pytest.raises(dice_ray.InputError, match=message):
+            dice_ray.run(nodes=4, engine="local", **fields)
+    assert not (tmp_path / "runs").exists()
+    kept = dice_ray.run({"nodes": 4, "rounds": 1, "influence": {"hops": 2}, "output": {"progress": False}},
+                        engine="local")  # a config may keep a setting that does nothing here
+    assert kept.path.is_absolute() and kept.path.parent == tmp_path / "runs"
+
+
+def test_default_run_directories_of_the_same_second_do_not_collide(tmp_path: Path, monkeypatch) -> None:
+    """A loop of runs without output.out in one process: each gets its own directory (a -2 suffix within a second)."""
+    from dice_ray.runner import run_directory
+
+    monkeypatch.chdir(tmp_path)
+    config = dice_ray.RunConfig(nodes=4)
+    first = run_directory(config)
+    first.mkdir(parents=True)
+    (first / "manifest.json").write_text("{}")
+    second = run_directory(config)
+    assert second != first and second.parent == first.parent and not second.exists()
+
+
 def test_the_console_script_is_the_same_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``dice-ray simulate …`` is ``python -m dice_ray.simulate …``; bad input: one line, exit status 2."""
     out = subprocess.run([sys.executable, "-m", "dice_ray.cli", "simulate", "--nodes", "1"], capture_output=True,
