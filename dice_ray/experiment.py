@@ -279,6 +279,23 @@ def check_step(config: RunConfig, model: Any, dataset: Dataset) -> None:
                          f"DICE-E's {_needing(orders)} (torch.func.jvp): {str(err).splitlines()[0]}") from None
 
 
+def check_validation_splits(config: RunConfig, partition: Any) -> None:
+    """Refuse, naming the first, a participant whose validation split is empty in a run whose methods read each
+    participant's own z′ from it (its z′ loss would be a mean over no samples: NaN terms, and, in the ledger, NaN
+    totals that zeroed every share). A participant with a single sample has none (it keeps it for training)."""
+    readers = [name for name, reads in (
+        ("influence.zprime", config.influence.enabled and config.influence.zprime == "validation"),
+        ("proximal.zprime", config.proximal.enabled and config.proximal.zprime == "validation"),
+        ("ledger.zprime", (config.ledger.enabled or config.ledger.loo or bool(config.ledger.shapley_permutations))
+         and config.ledger.zprime == "validation")) if reads]
+    empty = [k for k, val in enumerate(partition.val) if len(val) == 0]
+    if readers and empty:
+        k = empty[0]
+        raise InputError(f"participant {k} has no validation samples ({len(partition.train[k])} in all), and "
+                         f"{readers[0]} 'validation' reads each participant's own: use {readers[0]} heldout, or give "
+                         "every participant at least 2 samples (a larger data.alpha (--alpha), fewer nodes)")
+
+
 def check_normalization(config: RunConfig, model: Any) -> None:
     """Refuse what DICE-E cannot estimate through a model that normalizes by batch statistics (BatchNorm): a single
     sample's probe (its removal changes the batch statistics every other sample's gradient reads, so its effect is no
@@ -352,6 +369,7 @@ def prepare(config: RunConfig, topology_file: str | Path | None = None) -> Exper
     if d.shrink.ids:
         partition = shrink_partition(partition, d.shrink.ids, d.shrink.fraction, seed=config.seed)
     check_partition(partition, config.optim.batch_size)
+    check_validation_splits(config, partition)
     model = build_model(config.model.name, dataset.input_shape, dataset.num_classes, config.seed)
     check_model(config, model, dataset)
     check_outputs(config, model, dataset)

@@ -228,7 +228,8 @@ SHARES = _schema(
     ("total", pa.float64(), "T_j = Σ_k L[j→k] (first-order) at the end of the run; negative: j lowered the "
                             "weighted loss (null unless ledger.variants has first-order)"),
     ("share", pa.float64(), "max(−T_j, 0) / Σ_l max(−T_l, 0): j's part of the budget of helpful participants, "
-                            "T_j of the ranking variant (ledger.rank_by, default the first of ledger.variants)"),
+                            "T_j of the ranking variant (ledger.rank_by, default the first of ledger.variants); "
+                            "NaN where T_j is, which then ranks last"),
     ("harmful", pa.bool_(), "T_j > 0 (ranking variant): j's updates raised the network's weighted loss"),
     ("rank", pa.int32(), "1 = most helpful (most negative T_j of the ranking variant)"),
     ("total_curvature", pa.float64(), "T_j of the curvature ledger (null unless computed)"),

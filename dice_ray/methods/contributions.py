@@ -382,11 +382,13 @@ def shares(totals: np.ndarray, by_variant: Mapping[str, np.ndarray] | None = Non
     first-order ones; a variant not given is NaN)."""
     totals = np.asarray(totals, np.float64)
     by_variant = {"first-order": totals} if by_variant is None else by_variant
+    # A total that is not a number (a term read where no loss is defined) has no share and ranks last; the others
+    # share the budget as if it were not there.
     helpful = np.maximum(-totals, 0.0)
-    budget = helpful.sum()
-    share = helpful / budget if budget > 0 else np.zeros_like(totals)
+    budget = np.nansum(helpful)
+    share = helpful / budget if budget > 0 else np.where(np.isnan(totals), np.nan, 0.0)
     rank = np.empty(len(totals), np.int32)
-    rank[np.argsort(totals, kind="stable")] = np.arange(1, len(totals) + 1)
+    rank[np.argsort(totals, kind="stable")] = np.arange(1, len(totals) + 1)  # NaN sorts last
     out = {"participant": np.arange(len(totals), dtype=np.int32)}
     out["total"] = np.asarray(by_variant.get("first-order", np.full(len(totals), np.nan)), np.float64)
     out |= {"share": share, "harmful": totals > 0, "rank": rank}

@@ -45,6 +45,10 @@ def test_share_rule() -> None:
     np.testing.assert_allclose(rows["share"], [0.75, 0.0, 0.25, 0.0])
     assert rows["harmful"].tolist() == [False, True, False, False]
     assert rows["rank"].tolist() == [1, 4, 2, 3]
+    # a total that is not a number has no share and ranks last; it used to zero every share
+    rows = shares(np.array([-3.0, 1.0, -1.0, np.nan]))
+    np.testing.assert_allclose(rows["share"], [0.75, 0.0, 0.25, np.nan])
+    assert rows["rank"].tolist() == [1, 3, 2, 4] and rows["harmful"].tolist() == [False, True, False, False]
 
 
 def test_ledger_equals_sum_of_per_probe_first_order_dice(tmp_path: Path) -> None:
