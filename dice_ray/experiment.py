@@ -280,12 +280,12 @@ def check_step(config: RunConfig, model: Any, dataset: Dataset) -> None:
 
 
 def check_validation_splits(config: RunConfig, partition: Any) -> None:
-    """Refuse, naming the first, a participant whose validation split is empty in a run whose methods read each
-    participant's own z′ from it (its z′ loss would be a mean over no samples: NaN terms, and, in the ledger, NaN
-    totals that zeroed every share). A participant with a single sample has none (it keeps it for training)."""
+    """Refuse, naming the first, a participant whose validation split is empty in a run whose DICE or ledger reads
+    each participant's own z′ from it (its z′ loss would be a mean over no samples: NaN terms, and NaN totals for it
+    and its in-neighbours, which zeroed every share). A participant with a single sample has none (it keeps it for
+    training). Proximal influence may run: its detection report leaves such an examiner's pairs out, saying so."""
     readers = [name for name, reads in (
         ("influence.zprime", config.influence.enabled and config.influence.zprime == "validation"),
-        ("proximal.zprime", config.proximal.enabled and config.proximal.zprime == "validation"),
         ("ledger.zprime", (config.ledger.enabled or config.ledger.loo or bool(config.ledger.shapley_permutations))
          and config.ledger.zprime == "validation")) if reads]
     empty = [k for k, val in enumerate(partition.val) if len(val) == 0]

@@ -167,7 +167,8 @@ ANOMALY = _schema(
     ("auc_examiner_min", pa.float64(), "smallest per-examiner ROC AUC"),
     ("examiners", pa.int32(), "examiners with anomalous and honest in-neighbours"),
     ("precision", pa.float64(), "mean over examiners with anomalous and honest in-neighbours of precision at a_k "
-                                "(a_k = its number of anomalous in-neighbours)"),
+                                "(a_k = its number of anomalous in-neighbours; scores tied at the a_k-th place count "
+                                "as in a random order of them, in expectation)"),
     ("detected", pa.float64(), "share of those examiners whose anomalous in-neighbours all rank worst at the last "
                                "scoring round before the horizon and from some round on"),
     ("delay_median", pa.float64(), "median detection delay over detected examiners: scoring rounds until every "

@@ -105,6 +105,14 @@ def auc_curves(scores: pd.DataFrame, horizon: int) -> dict[str, tuple[np.ndarray
     return {method: auc_curve(scores, method, horizon) for method in METHODS}
 
 
+def precision_at(values: np.ndarray, anomalous: np.ndarray, a: int) -> float:
+    """The share of anomalous among the ``a`` highest ``values``, where scores tie at the a-th place the expected
+    share under a random order of the tied (it used to follow the table's row order)."""
+    cut = np.sort(values)[::-1][a - 1]
+    above, tied = values > cut, values == cut
+    return float((anomalous[above].sum() + (a - above.sum()) * anomalous[tied].mean()) / a)
+
+
 def detection_metrics(scores: pd.DataFrame, horizon: int,
                       curves: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[dict]:
     """Return one row per method of ``anomaly.parquet`` for the scoring rounds before ``horizon``. ``curves``:
@@ -124,8 +132,7 @@ def detection_metrics(scores: pd.DataFrame, horizon: int,
             a = int(group["anomalous"].sum())
             if a == 0 or a == len(group):  # nothing to rank: no anomalous, or no honest in-neighbour
                 continue
-            top = group.sort_values("value", ascending=False, kind="stable").head(a)
-            precision.append(float(top["anomalous"].mean()))
+            precision.append(precision_at(group["value"].to_numpy(), group["anomalous"].to_numpy(bool), a))
             if a < len(group):
                 per_examiner.append(roc_auc_score(group["anomalous"], group["value"]))
         delays = []

@@ -103,7 +103,8 @@ BAD_INPUTS = [
     (["--config", "/nonexistent.yaml"], "does not exist"),
     # a participant with one sample has no validation split: its z′ loss was NaN, and the ledger's shares all 0
     (["--nodes", "16", "--partition", "dirichlet", "--alpha", "0.05", "--val-fraction", "0.2", "--batch-size", "1",
-      "--seed", "0", "--proximal"], "participant 2 has no validation samples (1 in all), and proximal.zprime"),
+      "--seed", "0", "--ledger", "--ledger-zprime", "validation"],
+     "participant 2 has no validation samples (1 in all), and ledger.zprime"),
     # a folder given for a file, or a file for a folder, said "does not exist"
     (["--config", "/"], "config file '/' is a folder, not a file"),
     (["--topology", "file", "--topology-file", "/"], "is a folder, not a file"),

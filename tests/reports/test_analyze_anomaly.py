@@ -227,3 +227,15 @@ def test_the_windowed_detector_is_the_tables_window_score() -> None:
     mine = scores[scores["method"] == "proximal-window"]
     last = mine[mine["round"] == 3].set_index("neighbor")["value"]
     assert last[1] == 1.0 and last[2] == 2.0
+
+
+def test_precision_at_the_anomalous_count_counts_ties_in_expectation() -> None:
+    """A free rider's examiner sees equal scores for all its in-neighbours: precision followed the table's row order
+    (1.0 or 0.0 for the same scores); now the expected value under a random order of the tied."""
+    from dice_ray.reports.detection import precision_at
+
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        anomalous = np.array([False, False, True])[order]
+        assert precision_at(np.ones(3), anomalous, 1) == pytest.approx(1 / 3)
+    assert precision_at(np.array([3.0, 1.0, 1.0]), np.array([False, True, False]), 2) == pytest.approx(0.25)
+    assert precision_at(np.array([3.0, 2.0, 1.0]), np.array([True, False, False]), 1) == 1.0
