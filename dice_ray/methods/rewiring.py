@@ -1,7 +1,8 @@
 """Collaborator selection (concepts §5): every K rounds each participant re-chooses whom it listens to.
 
 Before rounds K, 2K, … every participant k takes a candidate pool — its current in-neighbours plus
-``rewiring.candidates`` random other participants — and keeps m of them as its in-neighbours:
+``rewiring.candidates`` random other participants (more where fewer would leave the pool short of m) — and keeps m
+of them as its in-neighbours:
 
 - ``influence``: the m with the lowest cumulative proximal influence Σ_t p_{k←l}^t (most helpful: negative
   lowers k's loss). A candidate k never heard scores 0 (neutral), so it replaces a harmful neighbour but
@@ -50,7 +51,8 @@ class RewiringConfig(Section):
     every: int = Field(10, ge=1, description="K: rewire before rounds K, 2K, ...")
     keep: int = Field(4, ge=1, description="m: in-neighbours each participant keeps")
     candidates: int = Field(4, ge=0, description="random non-neighbours added to each participant's "
-                                                 "candidate pool (besides its current in-neighbours)")
+                                                 "candidate pool (besides its current in-neighbours; more where "
+                                                 "the pool would hold fewer than keep)")
     seed: int | None = Field(None, ge=0, lt=2**32, description="seed of the random candidates and of random "
                                                                "rewiring (default: the run's seed)")
     outlier_z: float = Field(3.0, gt=0, le=100, description="outlier mode: an in-neighbour is dropped when its "
@@ -136,7 +138,8 @@ def select_collaborators(mode: str, current: list[np.ndarray], keep: int, extra:
                          scores: Any = None, outlier_z: float = 3.0) -> list[np.ndarray]:
     """Return the new in-neighbour set of every participant (sorted int64 arrays of size ``keep``).
 
-    ``current[k]``: k's in-neighbours now; the pool adds ``extra`` random others (not k, not current).
+    ``current[k]``: k's in-neighbours now; the pool adds ``extra`` random others (not k, not current), or as many as
+    the pool needs to hold ``keep``.
     ``scores(k, pool)`` -> cumulative proximal influence [len(pool)] (NaN: never scored; read as 0 by
     ``influence``, as the neighbourhood's median by ``outlier``); needed for both. ``random`` keeps ``keep``
     of the pool at random. ``outlier_z``: the ``outlier`` rule's threshold.
@@ -145,7 +148,8 @@ def select_collaborators(mode: str, current: list[np.ndarray], keep: int, extra:
     chosen = []
     for k in range(n):
         others = np.setdiff1d(np.arange(n), np.append(current[k], k))
-        pool = np.concatenate([current[k], rng.choice(others, min(extra, len(others)), replace=False)])
+        draw = min(max(extra, keep - len(current[k])), len(others))
+        pool = np.concatenate([current[k], rng.choice(others, draw, replace=False)])
         if mode == "outlier":
             extras = rng.permutation(pool[len(current[k]):])  # random tie-break among candidates
             s = np.asarray(scores(k, np.concatenate([current[k], extras])), np.float64)

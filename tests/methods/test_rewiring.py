@@ -30,6 +30,16 @@ def test_influence_keeps_the_m_most_helpful_candidates() -> None:
     assert all(len(c) == 2 and k not in c for k, c in enumerate(rand))
 
 
+@pytest.mark.parametrize("mode", ["influence", "outlier", "random"])
+def test_every_participant_keeps_m_even_when_its_pool_would_hold_fewer(mode: str) -> None:
+    """A ring's in-degree 2 with no extra candidates and m = 3: the pool takes the candidates it needs (it kept 2,
+    and W's weights were 1/3, not the documented 1/(m + 1))."""
+    ring = [np.array([(k - 1) % 8, (k + 1) % 8]) for k in range(8)]
+    chosen = select_collaborators(mode, ring, 3, 0, np.random.default_rng(0),
+                                  lambda k, pool: np.full(len(pool), np.nan))
+    assert all(len(c) == 3 and k not in c and set(ring[k]) <= set(c.tolist()) | {k} for k, c in enumerate(chosen))
+
+
 def test_outlier_rule_drops_only_harmful_outliers_of_the_neighbourhood() -> None:
     current = [np.array([1, 2, 3, 4, 5, 6])] + [np.array([0])] * 8
     base = {1: 0.010, 2: 0.012, 3: 0.011, 4: 0.009, 5: 0.013, 6: 0.080}  # all positive; 6 stands out
