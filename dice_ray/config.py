@@ -569,12 +569,18 @@ def bundled_config(name: str) -> Path:
     whatever the working directory: the repository's ``configs/`` beside the installed package (a checkout or an
     editable install), so a notebook opened in ``docs/`` finds it as one run from the repository root does.
     Raise ``InputError`` naming the bundled configs if there is no such file."""
+    return bundled_file("configs", "config", name)
+
+
+def bundled_file(folder: str, kind: str, name: str) -> Path:
+    """The YAML file ``name`` (with or without ``.yaml``) of the repository's ``folder`` beside the installed package;
+    ``InputError`` naming the bundled ``kind``s if there is no such file."""
     stem = Path(name).name.removesuffix(".yaml")
-    folder = Path(__file__).resolve().parents[1] / "configs"
-    path = folder / f"{stem}.yaml"
+    where = Path(__file__).resolve().parents[1] / folder
+    path = where / f"{stem}.yaml"
     if not path.is_file():
-        have = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or f"none: no {folder}"
-        raise InputError(f"no bundled config {name!r} (bundled: {have})")
+        have = ", ".join(sorted(p.stem for p in where.glob("*.yaml"))) or f"none: no {where}"
+        raise InputError(f"no bundled {kind} {name!r} (bundled: {have})")
     return path
 
 

@@ -34,7 +34,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dice_ray.config import RunConfig, build_config, bundled_config, idle_settings, load_config, read_yaml, set_dotted
+from dice_ray.config import (
+    RunConfig,
+    build_config,
+    bundled_config,
+    bundled_file,
+    idle_settings,
+    load_config,
+    read_yaml,
+    set_dotted,
+)
 from dice_ray.errors import InputError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "int")
@@ -196,13 +205,7 @@ def bundled_sweep(name: str) -> Path:
     """Return the path of the bundled sweep ``name`` (``"lr_batch"`` or ``"lr_batch.yaml"``), whatever the working
     directory: the repository's ``sweeps/`` beside the installed package, as ``dice_ray.bundled_config`` finds a run
     config. Raise ``InputError`` naming the bundled sweeps if there is no such file."""
-    stem = Path(name).name.removesuffix(".yaml")
-    folder = Path(__file__).resolve().parents[2] / "sweeps"
-    path = folder / f"{stem}.yaml"
-    if not path.is_file():
-        have = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or f"none: no {folder}"
-        raise InputError(f"no bundled sweep {name!r} (bundled: {have})")
-    return path
+    return bundled_file("sweeps", "sweep", name)
 
 
 def base_config_path(given: str, sweep_folder: Path) -> Path:
