@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from dice_ray.checkpoint import RoundTables
-from dice_ray.config import RunConfig, build_config, idle_settings, load_config, read_recorded
+from dice_ray.config import RunConfig, build_config, load_config, read_recorded, refuse_idle_settings
 from dice_ray.errors import InputError
 from dice_ray.hooks import Method, registered_methods
 from dice_ray.results import TABLES, kept_topology_file
@@ -232,10 +232,7 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
         raise InputError(f"method {unregistered[0]!r} has options: register it with dice_ray.register_method before "
                          "its config is built (its section is part of the run config)")
     config = as_config(config, **fields)
-    idle = idle_settings(config, _dotted(fields))
-    if idle:
-        name, why = next(iter(idle.items()))
-        raise InputError(f"{name} {why}")
+    refuse_idle_settings(config, {name: name for name in _dotted(fields)})
     path = run_directory(config)  # fixed now: a default name from the clock is taken once
     config = config.model_copy(update={"output": config.output.model_copy(update={"out": str(path)})})
     experiment = prepare(config)  # simulate joins Ray (and checks what it needs) before anything is written

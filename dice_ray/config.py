@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -601,7 +601,7 @@ SWITCHED: list[tuple[str, tuple[str, ...], str, Callable[[RunConfig], bool]]] = 
     ("proximal.", ("proximal.enabled",), "--proximal", lambda c: c.proximal.enabled),
     ("rewiring.", ("rewiring.mode",), "--rewire MODE", lambda c: c.rewiring.mode != "none"),
     ("ledger.", ("ledger.enabled", "ledger.loo", "ledger.shapley_permutations"), "--ledger",
-     lambda c: c.ledger.enabled or c.ledger.loo or c.ledger.shapley_permutations > 0),
+     lambda c: c.ledger.active),
     ("data.shrink.", ("data.shrink.ids",), "--shrink-ids", lambda c: bool(c.data.shrink.ids)),
 ]
 
@@ -618,6 +618,15 @@ CHOSEN_BY = [
     ("optim.betas", "--optimizer", "optim.name", ("adam",)),
     ("optim.eps", "--optimizer", "optim.name", ("adam",)),
 ]
+
+
+def refuse_idle_settings(config: RunConfig, given: Mapping[str, str]) -> None:
+    """Raise ``InputError`` for the first of the settings ``given`` (dotted name -> how it was given: a flag,
+    ``--set KEY``, a keyword) that does nothing in ``config`` (``idle_settings``)."""
+    idle = idle_settings(config, given)
+    if idle:
+        name, why = next(iter(idle.items()))
+        raise InputError(f"{given[name]} {why}")
 
 
 def idle_settings(config: RunConfig, fields: Iterable[str]) -> dict[str, str]:

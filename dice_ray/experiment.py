@@ -286,8 +286,7 @@ def check_validation_splits(config: RunConfig, partition: Any) -> None:
     training). Proximal influence may run: its detection report leaves such an examiner's pairs out, saying so."""
     readers = [name for name, reads in (
         ("influence.zprime", config.influence.enabled and config.influence.zprime == "validation"),
-        ("ledger.zprime", (config.ledger.enabled or config.ledger.loo or bool(config.ledger.shapley_permutations))
-         and config.ledger.zprime == "validation")) if reads]
+        ("ledger.zprime", config.ledger.active and config.ledger.zprime == "validation")) if reads]
     empty = [k for k, val in enumerate(partition.val) if len(val) == 0]
     if readers and empty:
         k = empty[0]

@@ -35,11 +35,11 @@ from dice_ray.config import (
     RunConfig,
     apply_sets,
     build_config,
-    idle_settings,
     import_modules,
     load_config,
     modules_in,
     modules_named,
+    refuse_idle_settings,
     set_dotted,
 )
 from dice_ray.errors import InputError, OneLineParser, report
@@ -242,11 +242,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     if both:
         raise InputError(f"{flags[both[0]]} and --set {set_keys[both[0]]} both set {both[0]}: give one")
     config = build_config(apply_sets(data, args.set))
-    given = flags | {key: f"--set {key}" for key in set_keys}
-    idle = idle_settings(config, given)  # (a config file may keep settings that do nothing in this run)
-    if idle:
-        name, why = next(iter(idle.items()))
-        raise InputError(f"{given[name]} {why}")
+    # (a config file may keep settings that do nothing in this run)
+    refuse_idle_settings(config, flags | {key: f"--set {key}" for key in set_keys})
     return config
 
 

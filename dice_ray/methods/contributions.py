@@ -95,11 +95,16 @@ class LedgerConfig(Section):
         """The variant whose totals rank the participants: ``rank_by``, else the first of ``variants``."""
         return self.rank_by or self.variants[0]
 
+    @property
+    def active(self) -> bool:
+        """Whether the run accounts contributions at all: the ledger, leave-one-out or Shapley retraining."""
+        return self.enabled or self.loo or self.shapley_permutations > 0
+
     def check(self, config: Any) -> None:
         if self.rank_by is not None and self.rank_by not in self.variants:
             raise ValueError(f"ledger.rank_by {self.rank_by!r} is not one of ledger.variants "
                              f"({', '.join(self.variants)})")
-        if not (self.enabled or self.loo or self.shapley_permutations):
+        if not self.active:
             return
         if self.zprime == "validation" and config.data.val_fraction == 0:
             raise ValueError("ledger.zprime 'validation' needs validation splits (data.val_fraction > 0)")

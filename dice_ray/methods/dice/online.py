@@ -202,9 +202,10 @@ class OnlineCascades:
         device (a read back waits for the device's queue)."""
         return np.fromiter((self.local[int(k)] for k in rows.tolist()), np.int64, len(rows))
 
-    def _positions(self, rows: np.ndarray) -> torch.Tensor:
-        """``_host_positions`` as an index tensor on the block's device."""
-        return torch.as_tensor(self._host_positions(rows), device=self.block.device)
+    def _positions(self, rows: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """``_host_positions``, and the same as an index tensor on the block's device."""
+        host = self._host_positions(rows)
+        return host, torch.as_tensor(host, device=self.block.device)
 
     def _zprime(self, pos: torch.Tensor, states: torch.Tensor | None = None) -> tuple[Population, dict[str, Any]]:
         """The hosted rows ``pos`` as a population (at their current states, or ``states`` [m, D]) and their z′ as
@@ -291,8 +292,7 @@ class OnlineCascades:
             keep = c.new if self.first_reached_only and c.new is not None else None
             rows = c.rows if keep is None else c.rows[keep]
             if len(rows):
-                host = self._host_positions(rows)
-                pos = torch.as_tensor(host, device=self.block.device)
+                host, pos = self._positions(rows)
                 at = g[pos]
                 # the kept rows as indices made on the host (a boolean mask on the device would be read back)
                 kept = None if keep is None else torch.as_tensor(np.flatnonzero(keep), device=self.block.device)
@@ -320,8 +320,7 @@ class OnlineCascades:
         cascades, self.active = [(pid, self.active[pid]) for pid in stepping], {}
         self._step(u, cascades)
         if self._new:
-            host = self._host_positions(np.array([p.source for p in self._new]))
-            pos = torch.as_tensor(host, device=self.block.device)
+            host, pos = self._positions(np.array([p.source for p in self._new]))
             self.shared.keep_before(u, optimizer_state=self.curved)
             self._gradients = g[pos]
             self._samples = self._sample_updates(u, host)
@@ -364,8 +363,7 @@ class OnlineCascades:
         for i, (pid, c) in enumerate(cascades):
             chunk.append((pid, c))
             if i + 1 == len(cascades) or sum(len(d.rows) for _, d in chunk) + len(cascades[i + 1][1].rows) > limit:
-                host = self._host_positions(np.concatenate([d.rows for _, d in chunk]))
-                pos = torch.as_tensor(host, device=self.block.device)
+                host, pos = self._positions(np.concatenate([d.rows for _, d in chunk]))
                 steps = recursion.LocalSteps(pop.model, pop.optimizer, pop.state[pos],
                                    {n: v[pos] for n, v in pop.opt_state.items()}, x[pos], y[pos],
                                    None if self.factors is None else self.factors[host], pop.loss,
@@ -384,7 +382,7 @@ class OnlineCascades:
         record their direct terms e_j^{(½)} (each variant's readout at θ_j^u, ``update`` u the factual update)."""
         if not self._new:
             return
-        pos = self._positions(np.array([p.source for p in self._new]))
+        _, pos = self._positions(np.array([p.source for p in self._new]))
         update, opt_update = self.shared.update(u)
         delta, update = update[pos], update[pos]
         opt_delta = {n: d[pos] for n, d in opt_update.items()} if self.curved else {}
