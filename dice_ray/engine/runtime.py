@@ -46,8 +46,27 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
     ray_constants.ENABLE_RAY_CLUSTER = False
     # address="local": always a new Ray of this process's own, never another job's running one (ray.init()
     # alone joins the newest local Ray it finds, and dies with it).
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-             _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=True)
+    with _quiet_token_notice():
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=True)
+
+
+@contextlib.contextmanager
+def _quiet_token_notice() -> Iterator[None]:
+    """Drop Ray's notice that a new local cluster uses token authentication (Ray's default, kept: it would print on
+    every run, for a cluster this process starts, owns and stops). Anything else that logger says still prints."""
+    import logging
+
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _same_address(address: str, current: str) -> bool:

@@ -42,6 +42,23 @@ def test_local_ray_listens_on_loopback_only(ray_local) -> None:
     assert ray_local.util.get_node_ip_address() == "127.0.0.1"
 
 
+def test_a_local_ray_keeps_token_authentication_without_printing_rays_notice_each_run() -> None:
+    """Ray 2.60 turns token authentication on for a new local cluster and says so on every start; dice-ray keeps
+    the authentication and drops the line (a user saw it on every run)."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("from dice_ray.engine import start_ray; start_ray(num_cpus=1); "
+             "from ray._raylet import AuthenticationMode, get_authentication_mode; "
+             "print(get_authentication_mode() == AuthenticationMode.TOKEN)")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True"]
+    assert "Token authentication is enabled" not in done.stderr + done.stdout
+
+
 def test_a_run_for_another_cluster_is_refused_while_this_process_is_connected_to_one(ray_local, tmp_path) -> None:
     """In one Python process (a notebook) Ray stays connected between runs: a run whose engine.address names
     another cluster must not go, silently, to the one already joined. The same cluster, named any way, is fine."""
