@@ -11,10 +11,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
+import torch
 
 from dice_ray.core.participants import ParticipantBlock
 from dice_ray.engine.block import HookedBlock, HookInbox, mixing_key
-from dice_ray.engine.metrics import RoundMetrics, RoundPlan, combine_evaluations
+from dice_ray.engine.metrics import MAX_ROUNDS_PER_CALL, RoundMetrics, RoundPlan, combine_evaluations
 from dice_ray.engine.runtime import tune_allocator
 from dice_ray.experiment import Experiment
 from dice_ray.hooks import RoundHook
@@ -23,8 +24,13 @@ from dice_ray.hooks import RoundHook
 class LocalEngine:
     """Runs an ``Experiment`` in this process (``device`` 'cpu' or 'cuda'), calling ``hooks`` every round."""
 
-    def __init__(self, experiment: Experiment, hooks: list[type[RoundHook]] | tuple = (), device: str = "cpu"):
+    def __init__(self, experiment: Experiment, hooks: list[type[RoundHook]] | tuple = (), device: str = "cpu",
+                 queue: int | None = None):
+        """``queue``: ``run_rounds`` reads the training losses back after this many rounds (sooner at an evaluation
+        or snapshot round); default 1 on the CPU, where reading them costs nothing, and ``MAX_ROUNDS_PER_CALL``
+        elsewhere, so that a GPU's host does not wait for every round (as the Ray actors' ``run_rounds``)."""
         tune_allocator()
+        self.queue = queue or (1 if torch.device(device).type == "cpu" else MAX_ROUNDS_PER_CALL)
         self.topology = experiment.topology
         self.config = experiment.config
         self.blocks = [np.arange(experiment.nodes)]
@@ -43,6 +49,11 @@ class LocalEngine:
 
     def run_round(self, t: int, evaluate: bool, snapshot: bool = False) -> RoundMetrics:
         """Run round t; return its metrics (with the state after it if ``snapshot``, and the hooks' records)."""
+        [metrics] = _on_host([self._round(t, evaluate, snapshot)])
+        return metrics
+
+    def _round(self, t: int, evaluate: bool, snapshot: bool = False) -> RoundMetrics:
+        """``run_round`` with the training losses left where the block computes (a tensor [P])."""
         train_loss = self.hooked.local_step(t)
         key = mixing_key(self._version, t, self.topology.time_varying)
         self.hooked.set_weights(key, None if key == self._held else [self._mixing_at(t)])
@@ -51,7 +62,6 @@ class LocalEngine:
         inboxes = {name: HookInbox(nodes, 0, self._routers[name].routes(t)[0].info if name in self._routers else None)
                    for name, sends in self._sends.items() if sends(t)}
         records = self.hooked.gossip(t, nodes, 0, [], inboxes, {})
-        train_loss = train_loss.cpu().numpy()
         if evaluate:
             metrics = combine_evaluations(t, train_loss, [self.block.evaluate()], self.topology.n)
         else:
@@ -68,9 +78,15 @@ class LocalEngine:
 
     def run_rounds(self, schedule: Iterable[tuple[int, bool] | RoundPlan]) -> Iterator[RoundMetrics]:
         """Run the rounds of ``schedule`` (``RoundPlan``s or (t, evaluate) pairs, in order); yield each
-        round's metrics."""
-        for plan in schedule:
-            yield self.run_round(*plan)
+        round's metrics. Up to ``queue`` rounds run before their metrics are yielded, their losses read back in
+        one copy (an evaluation or a snapshot round yields at once)."""
+        queued: list[RoundMetrics] = []
+        for plan in (RoundPlan(*plan) for plan in schedule):
+            queued.append(self._round(*plan))
+            if len(queued) >= self.queue or plan.evaluate or plan.snapshot:
+                yield from _on_host(queued)
+                queued = []
+        yield from _on_host(queued)
 
     def restore(self, snapshot: dict[str, np.ndarray] | None, timeout_s: float = 0.0) -> None:
         """Bring the block and its hooks to ``snapshot`` (None: the initial state)."""
@@ -91,3 +107,12 @@ class LocalEngine:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _on_host(rounds: list[RoundMetrics]) -> list[RoundMetrics]:
+    """``rounds`` with their training losses (tensors on the block's device) read back to the host in one copy."""
+    if rounds:
+        losses = torch.stack([m.train_loss for m in rounds]).cpu().numpy()
+        for metrics, loss in zip(rounds, losses, strict=True):
+            metrics.train_loss = loss
+    return rounds

@@ -7,6 +7,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+# The most rounds an engine runs before their metrics reach the driver (Ray: per coordinator call; on a GPU, the
+# local engine too): the host then waits for the device once per so many rounds, not every round.
+MAX_ROUNDS_PER_CALL = 32
+
 
 class RoundPlan(NamedTuple):
     """What to do in round t: evaluate afterwards, and snapshot the state for a checkpoint afterwards.

@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from dice_ray.config import EngineConfig
 from dice_ray.engine.actors import Coordinator, ParticipantGroup, ParticipantGroupWithTransport
-from dice_ray.engine.metrics import RoundMetrics, RoundPlan, combine_evaluations, combine_snapshots
+from dice_ray.engine.metrics import MAX_ROUNDS_PER_CALL, RoundMetrics, RoundPlan, combine_evaluations, combine_snapshots
 from dice_ray.engine.runtime import ActorPlan, plan_actors
 from dice_ray.engine.tasks import task_gpus
 from dice_ray.engine.transport import CUDA_IPC, OBJECT_STORE, Placement, choose_transports, may_use_device_transport
@@ -28,7 +28,6 @@ from dice_ray.hooks import RoundHook
 # most MAX_ROUNDS_PER_CALL (see ``RayEngine.run_rounds``). At the MLP's ~1 ms rounds on a GPU, Ray's ~1 ms per task
 # would otherwise double a round; at 0.1 s the driver still sees every round within a fraction of a second.
 CALL_SECONDS = 0.1
-MAX_ROUNDS_PER_CALL = 32
 
 # What a lost actor or machine looks like to the driver: the round in flight fails with one of these.
 ACTOR_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError,

@@ -41,9 +41,7 @@ def final_losses(experiment: Any, excluded: list[int], device: str = "cpu") -> n
     run = without_data(experiment, excluded)
     engine = LocalEngine(run, device=device)
     last = run.config.rounds - 1
-    for t in range(last):
-        engine.run_round(t, False)
-    metrics = engine.run_round(last, True)
+    *_, metrics = engine.run_rounds((t, t == last) for t in range(last + 1))
     loss = metrics.heldout_loss if experiment.config.ledger.zprime == "heldout" else metrics.val_loss
     return np.asarray(loss, np.float64)
 

@@ -367,3 +367,24 @@ def test_in_loop_dice_reads_back_from_the_device_as_often_with_one_probe_as_with
                 engine.run_round(t, evaluate=False)
         reads[len(sources)] = counter.count
     assert reads[1] == reads[8] <= 3 * 3, reads
+
+
+def test_the_local_engine_on_a_gpu_reads_the_losses_back_once_per_queue_of_rounds_with_the_same_numbers() -> None:
+    """The local engine off the CPU (retraining's tasks on a GPU, a notebook) runs up to ``MAX_ROUNDS_PER_CALL``
+    rounds before reading their training losses back, in one copy, as the Ray actors do: the host does not wait for
+    the device every round. An evaluation round is yielded at once; the numbers are the same."""
+    from dice_ray.engine.metrics import MAX_ROUNDS_PER_CALL
+
+    config = dice_ray.RunConfig(**WORLD)
+    assert LocalEngine(prepare(config), device="meta").queue == MAX_ROUNDS_PER_CALL
+    assert LocalEngine(prepare(config)).queue == 1
+    plans = [(t, t == 9) for t in range(10)]
+    reads, losses = {}, {}
+    for queue in (1, 8):
+        engine = LocalEngine(prepare(config), queue=queue)
+        with HostReads() as counter:
+            metrics = list(engine.run_rounds(plans))
+        assert [m.round for m in metrics] == list(range(10)) and metrics[-1].heldout_acc is not None
+        reads[queue], losses[queue] = counter.count, np.stack([m.train_loss for m in metrics])
+    np.testing.assert_array_equal(losses[1], losses[8])
+    assert reads[1] - reads[8] == 10 - 2, reads  # rounds 0-7 in one read, 8-9 in one
