@@ -59,6 +59,18 @@ def tensor_copies(value: Any, device: torch.device | None = None) -> Any:
     return value
 
 
+def to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """``arrays`` (of one dtype) as tensors on ``device``, in their shapes, through ONE host-to-device copy (views of
+    it). On a GPU each copy of a small array from the host's pageable memory waits for the device's queue: many small
+    index arrays uploaded one by one (one per probe and round) cost a round as many waits."""
+    if not arrays:
+        return []
+    if len({a.dtype for a in arrays}) > 1:
+        raise ValueError(f"to_device takes arrays of one dtype, got {sorted({str(a.dtype) for a in arrays})}")
+    flat = torch.as_tensor(np.concatenate([np.ravel(a) for a in arrays]), device=device)
+    return [part.view(a.shape) for part, a in zip(torch.split(flat, [a.size for a in arrays]), arrays, strict=True)]
+
+
 def csr_tensor(w: sp.csr_array, device: torch.device) -> torch.Tensor:
     """Return scipy CSR ``w`` as a float32 torch sparse CSR tensor."""
     w = w.astype(np.float32)

@@ -55,11 +55,12 @@ class OnOneDevice(TorchFunctionMode):
     (``.cpu()``, ``.item()``, ``float``) gives zeros of its shape (``bool``: true), since the meta device holds no
     values, a sparse product (gossip, which meta has no kernel for) an empty result of its shape (a sampled one, the
     edge dots of proximal influence and the ledger: its pattern), and the nonzero
-    entries of a vector (Adam's lagging step counters) all its indices."""
+    entries of a vector (Adam's lagging step counters) all its indices. Counts the reads back (``reads``) and the
+    copies of host data to the device (``uploads``)."""
 
     def __init__(self, device: str = "meta"):
         super().__init__()
-        self.device, self.reads = torch.device(device), 0
+        self.device, self.reads, self.uploads = torch.device(device), 0, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -75,6 +76,9 @@ class OnOneDevice(TorchFunctionMode):
                 return name == "__bool__" or 0.0
             assert name not in ("numpy", "tolist"), f"{name}() of a {self.device} tensor: read it with .cpu() first"
         if name in TRANSFERS:
+            targets = [a for a in [*args[1:], kwargs.get("device")] if isinstance(a, (str, torch.device))]
+            self.uploads += (name in ("as_tensor", "to") and any(torch.device(a) == self.device for a in targets)
+                             and not (isinstance(first, torch.Tensor) and first.device == self.device))
             return func(*args, **kwargs)
         if name == "_sparse_mm" and first.device == self.device:  # gossip: meta has no sparse kernels
             assert args[1].device == self.device, "_sparse_mm: the sources are not on the device"
@@ -219,3 +223,31 @@ def test_the_round_hooks_create_every_tensor_on_the_blocks_device(methods: str) 
         for t in range(5):
             metrics = engine.run_round(t, evaluate=False, snapshot=t == 3)
     assert mode.reads > 0 and metrics.train_loss.shape == (config.nodes,)
+
+
+def test_in_loop_dice_and_the_ledger_upload_to_the_device_as_often_with_one_probe_as_with_many() -> None:
+    """A round copies host data (row positions, rows of W) to the device a fixed number of times, however many
+    probes are in flight: one copy per probe and round (every source is a probe of the ledger's cascades) cost a GPU
+    as many waits, ~8 N per round with the ledger."""
+    from dice_ray.engine.local import LocalEngine
+    from dice_ray.hooks import round_hooks
+    from dice_ray.methods.catalog import methods_for
+
+    def uploads(nodes: int, methods: dict) -> float:
+        config = build_config({**WORLD, "nodes": nodes, "rounds": 6, "optim": {"name": "adam", "batch_size": 8},
+                               **methods})
+        with OnOneDevice() as mode:
+            engine = LocalEngine(prepare(config), round_hooks(methods_for(config)), device="meta")
+            engine.run_round(0, evaluate=False)
+            mode.uploads = 0
+            for t in range(1, 4):
+                engine.run_round(t, evaluate=False)
+        return mode.uploads / 3
+
+    def dice(sources: list[int]) -> dict:
+        return {"influence": {"enabled": True, "online": True, "hops": 2, "rounds": [1], "sources": sources,
+                              "variants": ["first-order", "curvature", "second-order", "exact-readout"]}}
+
+    ledger = {"ledger": {"enabled": True, "hops": 2, "variants": ["first-order", "curvature", "exact-readout"]}}
+    assert uploads(5, dice([0])) == uploads(5, dice(list(range(5)))) <= 6
+    assert uploads(5, ledger) == uploads(10, ledger) <= 11

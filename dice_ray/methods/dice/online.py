@@ -47,7 +47,7 @@ import torch
 
 from dice_ray.core.misbehavior import misbehavior, sent_factors
 from dice_ray.core.population import Population
-from dice_ray.core.tensors import as_tensor
+from dice_ray.core.tensors import as_tensor, to_device
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook
 from dice_ray.methods.dice import recursion
 from dice_ray.methods.dice.estimator import (
@@ -287,15 +287,20 @@ class OnlineCascades:
         pop = self.block.population
         g = self.shared.gradients(u, self.zprime)
         stepping, recorded, asks, differences = [], [], [], []
+        flights = []  # (probe id, cascade, hop, kept rows or None, rows read)
         for pid, c in sorted(self.active.items()):
-            s = u - self.probes.round_of(pid)
             keep = c.new if self.first_reached_only and c.new is not None else None
-            rows = c.rows if keep is None else c.rows[keep]
+            flights.append((pid, c, u - self.probes.round_of(pid), keep, c.rows if keep is None else c.rows[keep]))
+        # Every probe's row positions, and its kept rows as indices made on the host (a boolean mask on the device
+        # would be read back), go to the device in one copy, not one per probe.
+        hosts = [self._host_positions(rows) for *_, rows in flights]
+        kept_rows = [np.flatnonzero(keep) if keep is not None else np.zeros(0, np.int64) for *_, keep, _ in flights]
+        uploaded = to_device([*hosts, *kept_rows], self.block.device)
+        for (pid, c, s, keep, rows), host, pos, kept in zip(flights, hosts, uploaded[:len(flights)],
+                                                            uploaded[len(flights):], strict=True):
             if len(rows):
-                host, pos = self._positions(rows)
                 at = g[pos]
-                # the kept rows as indices made on the host (a boolean mask on the device would be read back)
-                kept = None if keep is None else torch.as_tensor(np.flatnonzero(keep), device=self.block.device)
+                kept = None if keep is None else kept
                 values = {}
                 for v in self.variants:
                     delta = read_by(c.perturbation(v), self.reads_b[v])
@@ -441,6 +446,7 @@ class OnlineCascades:
         or {}: nothing from it; this block's own entry is ``outgoing(local=True)``)."""
         device = self.block.device
         probes = sorted({pid for blk in blocks for pid in (blk or {})} | set(self._out))
+        mixing = []  # (probe id, its rows here, its own cascade, its parts: (rows of W here, the sources' arrays))
         for pid in probes:
             reached = np.zeros(self.block.size, bool)
             parts = []
@@ -453,16 +459,21 @@ class OnlineCascades:
                 reached |= np.asarray((part != 0).sum(axis=1)).ravel() > 0
                 parts.append((part, {k: as_tensor(d, device) if isinstance(d, np.ndarray) else d
                                      for k, d in arrays.items()}))
-            own = self._out.pop(pid, None)  # read for the last time: freed as soon as the probe is mixed
+            own = self._out.pop(pid, None)
             if own is not None:  # S_s ⊆ S_{s+1}: a row stays in the support
                 reached[self._host_positions(own.rows)] = True
             here = np.flatnonzero(reached)
-            if not len(here):
-                continue
-            rows = self.block.nodes[here]
-            own = self._empty() if own is None else own
-            keep = torch.as_tensor(np.searchsorted(rows, own.rows), device=device)
-            dense = [(torch.as_tensor(part[here].toarray(), device=device), arrays) for part, arrays in parts]
+            if len(here):
+                rows = self.block.nodes[here]
+                own = self._empty() if own is None else own
+                mixing.append((pid, rows, own, [(part[here].toarray(), arrays) for part, arrays in parts]))
+        # Every probe's rows of W, and where its own rows sit in its new support, go to the device in one copy each
+        keeps = iter(to_device([np.searchsorted(rows, own.rows) for _, rows, own, _ in mixing], device))
+        weights_here = iter(to_device([w for *_, parts in mixing for w, _ in parts], device))
+        for i, (pid, rows, own, parts) in enumerate(mixing):
+            mixing[i] = None  # its δ (own and received) is freed as soon as the probe is mixed
+            keep = next(keeps)
+            dense = [(next(weights_here), arrays) for _, arrays in parts]
             first = None if own.first is None else recursion.gossip(
                 [(w, Perturbation(d["first-order"])) for w, d in dense], own.first, keep, len(rows))
             curved = None if own.curved is None else recursion.gossip(
