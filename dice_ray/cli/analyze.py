@@ -114,11 +114,12 @@ def cascades(runs: list[Path], out: Path | None = None) -> list[Cascade]:
     if len(runs) == 1 and out is None:
         return [cascade(runs[0])]
     parent = common_parent(runs)  # the default folder; labels are the runs' paths from it (one name stays apart)
+    reports = [cascade_report(run) for run in runs]  # every run read and checked before anything is written
     out = _out_folder(out or parent)
     computed = []
-    for run in runs:
+    for run, checked in zip(runs, reports, strict=True):
         print(f"== {run}")
-        computed.append(cascade(run))
+        computed.append(cascade(run, checked))
     labels = [f"{run.resolve().relative_to(parent)} ({recorded_config(run).topology.name}, {c.value}, "
               f"R = {c.last_step})" for run, c in zip(runs, computed, strict=True)]
     plots.cascade_comparison({label: c.decay[c.decay["step"] == c.last_step] for label, c in
@@ -137,9 +138,9 @@ def _out_folder(out: Path) -> Path:
     return out
 
 
-def cascade(run: Path) -> Cascade:
-    """Compute, write and print the cascade report of ``run``; return it."""
-    computed = cascade_report(run)
+def cascade(run: Path, computed: Cascade | None = None) -> Cascade:
+    """Compute (unless ``computed`` is given), write and print the cascade report of ``run``; return it."""
+    computed = computed or cascade_report(run)
     write_report(computed, run)
     last, reciprocity = computed.last_step, computed.reciprocity
     print(f"influence measure: {computed.value}; whole-batch probes; step R = {last}")

@@ -123,13 +123,14 @@ def retraining_changes(run: Path, loo: bool, shapley: int | None) -> dict[str, A
 
 
 def _shapley_permutations(run: Path) -> int | None:
-    """The permutations of the run's ``shapley.parquet`` (None: it has none)."""
-    import pyarrow.parquet as pq
+    """The permutations of the run's ``shapley.parquet`` (None: it has none; a table cut short or not a shapley
+    table: an ``InputError``, as the reports say it)."""
+    from dice_ray.reports.inputs import read_table
 
     path = run / "shapley.parquet"
     if not path.is_file():
         return None
-    column = pq.read_table(path, columns=["permutations"]).column("permutations")
+    column = read_table(path).column("permutations")
     return int(column[0].as_py()) if len(column) else None
 
 

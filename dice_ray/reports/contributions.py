@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from dice_ray.reports import plots
 from dice_ray.reports.correlation import by_participant, rank_agreement, ratios, spearman
-from dice_ray.reports.inputs import read_frame, recorded_topology
+from dice_ray.reports.inputs import check_participants, read_frame, recorded_topology
 from dice_ray.results import CONTRIBUTION_REPORT, VARIANT_SUFFIX
 
 REPORT_HINT = ("run the simulation with ledger.enabled (--ledger) first, or retrain this run now with "
@@ -119,17 +119,24 @@ def contributions_report(run: str | Path) -> Contributions:
     run = Path(run)
     config, topology = recorded_topology(run)
     retrained, left_out = retrained_measures(run)
+    nodes = read_frame(run, "nodes", "not a finished run")
+    n = len(nodes)
+    if left_out is not None:
+        for column in ("participant", "target"):
+            check_participants(run / "loo.parquet", column, left_out[column], n)
+    if "shapley" in retrained:
+        check_participants(run / "shapley.parquet", "participant", retrained["shapley"].index, n, every=True)
     if retrained and not (run / "shares.parquet").is_file():  # ranked by retraining: the ledger's rule on it
-        nodes = read_frame(run, "nodes", "not a finished run")
-        n = len(nodes)
         ranking = next(name for name in RETRAINED if name in retrained)
         totals = np.full(n, np.nan)
         totals[retrained[ranking].index.to_numpy()] = retrained[ranking].to_numpy()
         rows = pd.DataFrame(share_rows(totals, {}))
         matrix = loo_matrix(left_out, n) if ranking == "loo" else None
     else:
-        shares, ledger, nodes = ledger_tables(run)
-        n = len(nodes)
+        shares, ledger, _ = ledger_tables(run)
+        check_participants(run / "shares.parquet", "participant", shares["participant"], n, every=True)
+        for column in ("source", "target"):
+            check_participants(run / "contributions.parquet", column, ledger[column], n)
         ranking = config.ledger.ranking
         matrix = np.zeros((n, n))
         column = "cumulative" + VARIANT_SUFFIX[ranking]

@@ -63,6 +63,20 @@ def read_table(path: Path) -> pa.Table:
     return table
 
 
+def check_participants(path: Path, column: str, ids: Any, n: int, every: bool = False) -> None:
+    """Raise an ``InputError`` naming ``path`` if a participant id of ``column`` (``ids``) is not one of the run's
+    ``n`` (0 .. n − 1), or, with ``every``, if the column does not list each of them once (a table of one row per
+    participant): such a table was cut or changed, and would otherwise fail as a KeyError or be misread."""
+    ids = np.asarray(ids)
+    bad = ids[(ids < 0) | (ids >= n)]
+    if len(bad):
+        raise InputError(f"{path}: {column} {bad[0]} is not one of the run's {n} participants (nodes.parquet): the "
+                         "table was changed")
+    if every and (len(ids) != n or len(np.unique(ids)) != n):
+        raise InputError(f"{path}: column {column!r} lists {len(np.unique(ids))} of the run's {n} participants in "
+                         f"{len(ids)} rows, not each once: the table was cut short or changed")
+
+
 def read_manifest(run: Path) -> dict[str, Any]:
     """``run``'s manifest.json as a dict with its ``config`` a dict; missing or malformed: an ``InputError``."""
     path = run / "manifest.json"

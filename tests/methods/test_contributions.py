@@ -4,10 +4,14 @@ can be."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from dice_ray.cli.simulate import build_parser, resolve_config
@@ -230,6 +234,34 @@ def test_contributions_report(tmp_path: Path, capsys) -> None:
     assert len(report) == 8 and report["loo_effect"].notna().all() and report["shapley"].isna().all()
     assert report.loc[1, "misbehaving"] and sorted(report["rank"]) == list(range(1, 9))
     assert (out / "contributions_shares.png").stat().st_size > 0 and (out / "contributions_heatmap.png").is_file()
+    capsys.readouterr()
+
+    def refused(name: str, change: Callable[[Path], None], needle: str, *options: str) -> None:
+        """A copy of the run with ``change`` made: the report says ``needle`` in one line, exit 2 (they were
+        KeyError and ArrowInvalid tracebacks)."""
+        run = tmp_path / name
+        shutil.copytree(out, run)
+        change(run)
+        assert analyze(["contributions", str(run), *options]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, err
+
+    def rewrite(table: str, edit: Callable[[pd.DataFrame], pd.DataFrame]) -> Callable[[Path], None]:
+        def change(run: Path) -> None:
+            path = run / f"{table}.parquet"
+            schema = pq.read_schema(path)
+            pq.write_table(pa.Table.from_pandas(edit(pd.read_parquet(path)), schema=schema, preserve_index=False),
+                           path)
+        return change
+
+    refused("shares-cut", rewrite("shares", lambda t: t.head(6)), "lists 6 of the run's 8 participants in 6 rows")
+    refused("shares-empty", rewrite("shares", lambda t: t.head(0)), "lists 0 of the run's 8 participants")
+    refused("loo-foreign", rewrite("loo", lambda t: t.replace({"participant": {3: 12}})),
+            "loo.parquet: participant 12 is not one of the run's 8 participants")
+    refused("ledger-foreign", rewrite("contributions", lambda t: t.assign(target=t["target"] + 5)),
+            "is not one of the run's 8 participants (nodes.parquet)")
+    refused("shapley-cut", lambda run: (run / "shapley.parquet").write_text("PAR1"),
+            "shapley.parquet is not a readable Parquet table", "--shapley", "3", "--local")
     plain = _run(tmp_path / "plain", "--engine", "local", "--rounds", "2")
     assert analyze(["contributions", str(plain)]) == 2
     err = capsys.readouterr().err

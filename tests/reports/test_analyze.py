@@ -120,6 +120,14 @@ def test_cascade_reports_of_several_runs_share_one_figure(tmp_path: Path, capsys
     assert (tmp_path / "compare" / "cascade_comparison.png").stat().st_size > 10_000
     assert analyze(["alignment", str(runs[0]), "--out", str(tmp_path / "x")]) == 2
     assert "--out is an option of the collaborators or cascade report, not of alignment" in capsys.readouterr().err
+    fresh = cascade_run(tmp_path / "c", "ring")
+    plain = tmp_path / "plain"  # a run without influence after a good one: refused before anything is written
+    assert simulate(["--dataset", "digits", "--nodes", "4", "--rounds", "1", "--engine", "local", "--no-progress",
+                     "--out", str(plain)]) == 0
+    capsys.readouterr()
+    assert analyze(["cascade", str(fresh), str(plain), "--out", str(tmp_path / "never")]) == 2
+    assert "influence.parquet does not exist" in capsys.readouterr().err
+    assert not (fresh / "cascade.parquet").exists() and not (tmp_path / "never").exists()
 
 
 def test_cascade_report_relates_influence_to_position(tmp_path: Path, capsys) -> None:
