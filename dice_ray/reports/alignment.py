@@ -18,7 +18,7 @@ import pyarrow as pa
 from dice_ray.errors import InputError
 from dice_ray.reports import plots
 from dice_ray.reports.correlation import compare
-from dice_ray.reports.inputs import measured, read_columns
+from dice_ray.reports.inputs import PROBED, measured, read_columns, recorded_topology
 from dice_ray.results import ALIGNMENT
 
 VARIANTS = {"first-order": "est_first_order", "curvature": "est_curvature", "second-order": "est_second_order",
@@ -86,9 +86,10 @@ def alignment_report(run: str | Path) -> Alignment:
     """Return the alignment report of the run directory ``run`` (reads ``dice`` and ``influence``; writes nothing).
     A run without influence, or without ground truth, is an ``InputError``."""
     run = Path(run)
-    dice = read_columns(run, "dice")
+    recorded_topology(run)  # a run directory: its manifest, and as many participants as it recorded
+    dice = read_columns(run, "dice", PROBED)
     if not measured(dice["gt"]):
         raise InputError(f"{run / 'dice.parquet'} has no ground truth (influence.ground_truth was off) to align the "
                          "estimates with; `analyze cascade` reads the estimates alone")
-    rows = alignment_rows(dice, read_columns(run, "influence"))
+    rows = alignment_rows(dice, read_columns(run, "influence", PROBED))
     return Alignment(pd.DataFrame(rows, columns=ALIGNMENT.names), pd.DataFrame(dice))

@@ -20,7 +20,7 @@ from scipy import stats
 from dice_ray.errors import InputError
 from dice_ray.reports import plots
 from dice_ray.reports.correlation import by_participant, spearman
-from dice_ray.reports.inputs import measured, read_columns, recorded_topology
+from dice_ray.reports.inputs import PROBED, measured, read_columns, recorded_topology
 from dice_ray.results import CASCADE, PAIRWISE
 
 
@@ -75,7 +75,7 @@ def cascade_report(run: str | Path) -> Cascade:
 
     run = Path(run)
 
-    inf = read_columns(run, "influence")
+    inf = read_columns(run, "influence", PROBED)
     column = value_column(inf)
     whole = np.array([v is None or (isinstance(v, float) and np.isnan(v)) for v in inf["sample_index"]])
     value = inf[column].astype(float)

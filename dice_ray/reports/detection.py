@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from dice_ray.errors import InputError
 from dice_ray.reports import plots
-from dice_ray.reports.inputs import read_frame, recorded_config
+from dice_ray.reports.inputs import read_frame, recorded_topology
 from dice_ray.results import ANOMALY, SUSPECTS
 
 METHODS = ("proximal", "proximal-window", "train-loss", "cosine")
@@ -233,13 +233,16 @@ def detection_report(run: str | Path, horizons: list[int] | None = None) -> Dete
     from sklearn.metrics import roc_auc_score
 
     run = Path(run)
-    proximal = _scored(read_frame(run, "proximal", "run the simulation with proximal.enabled (--proximal) first"))
+    config, _ = recorded_topology(run)  # a run directory: its manifest, and as many participants as it recorded
+    proximal = _scored(read_frame(run, "proximal", "run the simulation with proximal.enabled (--proximal) first",
+                                  empty="a run with proximal influence scores every in-neighbour from round 0: the "
+                                        "table was replaced, or the graph has no edge to score"))
     rounds, nodes = read_frame(run, "rounds", "incomplete run"), read_frame(run, "nodes", "incomplete run")
     if not nodes["misbehaving"].any():
         raise InputError(f"{run} has no misbehaving participants: nothing to detect (misbehavior.kind, --misbehavior)")
     if nodes["misbehaving"].all():
         raise InputError(f"{run}: every participant misbehaves, so no examiner has an honest neighbour to tell apart")
-    window = recorded_config(run).proximal.window
+    window = config.proximal.window
     last = int(rounds["round"].max()) + 1
     if horizons is not None and not list(horizons):
         raise InputError("horizons: give at least one, or None for the default (5, 10, 20 and the whole run)")

@@ -17,15 +17,23 @@ from dice_ray.results import TABLES, kept_topology_file
 NONEMPTY = ("rounds", "nodes")  # a finished run writes a row per participant (and round) into these
 FINITE = {"rounds": ("train_loss",)}  # a run whose training loss is not finite stops as diverged: such a value was
 # written by someone else (other float columns may hold NaN: a proximal score where an examiner has no z′, say)
+PROBED = "a run with influence writes rows for every probe: the table was replaced"
 
 
-def read_columns(run: Path, name: str) -> dict[str, np.ndarray]:
-    """Return table ``name`` of ``run`` as column name -> numpy array (nulls of float columns as NaN)."""
+def read_columns(run: Path, name: str, empty: str | None = None) -> dict[str, np.ndarray]:
+    """Return table ``name`` of ``run`` as column name -> numpy array (nulls of float columns as NaN); a table
+    without rows is an ``InputError`` ending in ``empty`` where given (what the run writes there)."""
     path = run / f"{name}.parquet"
     if not path.is_file():
         raise missing_table(path, "run the simulation with influence.enabled (--influence) first")
-    table = read_table(path)
+    table = _with_rows(read_table(path), path, empty)
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
+def _with_rows(table: pa.Table, path: Path, empty: str | None) -> pa.Table:
+    if empty is not None and table.num_rows == 0:
+        raise InputError(f"{path} holds no rows: {empty}")
+    return table
 
 
 def read_table(path: Path) -> pa.Table:
@@ -83,7 +91,7 @@ def read_manifest(run: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise InputError(f"{path} does not exist: {run} is not a run directory") from None
+        raise not_a_run(run) from None
     except (OSError, ValueError) as err:
         raise InputError(f"{path} is not readable JSON ({type(err).__name__}): it was cut short or replaced") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
@@ -91,12 +99,17 @@ def read_manifest(run: Path) -> dict[str, Any]:
     return manifest
 
 
+def not_a_run(folder: Path) -> InputError:
+    """The error for a folder without a manifest."""
+    return InputError(f"{folder} is not a dice-ray run directory (no manifest.json): give the folder a simulation "
+                      "wrote (its output.out, --out)")
+
+
 def missing_table(path: Path, hint: str) -> InputError:
     """The error for a run's table ``path`` that does not exist: the run did not finish (its manifest says so: its
     tables are written at the end), else ``hint`` (the run was made without the method that writes the table)."""
     if not (path.parent / "manifest.json").exists():
-        return InputError(f"{path.parent} is not a dice-ray run directory (no manifest.json): give the folder a "
-                          "simulation wrote (its output.out, --out)")
+        return not_a_run(path.parent)
     try:
         status = json.loads((path.parent / "manifest.json").read_text()).get("status")
     except (OSError, ValueError, AttributeError):
@@ -116,12 +129,13 @@ def measured(values: np.ndarray) -> bool:
     return any(v is not None for v in values)
 
 
-def read_frame(run: Path, name: str, hint: str) -> pd.DataFrame:
-    """Return table ``name`` of ``run`` as a DataFrame; a missing table is an ``InputError`` ending in ``hint``."""
+def read_frame(run: Path, name: str, hint: str, empty: str | None = None) -> pd.DataFrame:
+    """Return table ``name`` of ``run`` as a DataFrame; a missing table is an ``InputError`` ending in ``hint``, one
+    without rows too where ``empty`` says what the run writes there."""
     path = run / f"{name}.parquet"
     if not path.is_file():
         raise missing_table(path, hint)
-    return read_table(path).to_pandas()
+    return _with_rows(read_table(path), path, empty).to_pandas()
 
 
 def recorded_config(run: Path) -> Any:

@@ -160,6 +160,15 @@ def test_a_received_runs_malformed_pieces_are_one_line_each(tmp_path: Path, caps
     shutil.copytree(good, run)
     pq.write_table(pq.read_table(run / "rounds.parquet").slice(0, 0), run / "rounds.parquet")
     one_line(run, "collaborators", "rounds.parquet holds no rows")
+    run = tmp_path / "alignment-no-manifest"  # alignment read no manifest: any folder with its two tables passed
+    shutil.copytree(good, run)
+    (run / "manifest.json").unlink()
+    one_line(run, "alignment", "is not a dice-ray run directory (no manifest.json)")
+    run = tmp_path / "influence-empty"  # alignment reported 0 probes, exit 0
+    shutil.copytree(good, run)
+    pq.write_table(pq.read_table(run / "influence.parquet").slice(0, 0), run / "influence.parquet")
+    one_line(run, "alignment", "influence.parquet holds no rows")
+    one_line(run, "cascade", "influence.parquet holds no rows")
     (tmp_path / "empty").mkdir()  # it said "run the simulation with --influence first"
     one_line(tmp_path / "empty", "alignment", "is not a dice-ray run directory (no manifest.json)")
     (good / "checkpoints" / "round-abc").mkdir(parents=True)

@@ -76,8 +76,9 @@ def test_a_usage_error_is_one_line_and_exit_2(argv: list[str], capsys: pytest.Ca
 
 
 def test_alignment_of_a_run_without_influence_is_an_error(tmp_path: Path, capsys) -> None:
-    tmp_path.joinpath("run").mkdir()
-    tmp_path.joinpath("run", "manifest.json").write_text('{"status": "complete"}')  # a finished run, no dice table
+    assert simulate(["--dataset", "digits", "--nodes", "4", "--rounds", "1", "--engine", "local", "--no-progress",
+                     "--out", str(tmp_path / "run")]) == 0  # a finished run, no dice table
+    capsys.readouterr()
     assert analyze(["alignment", str(tmp_path / "run")]) == 2
     assert "--influence" in capsys.readouterr().err
 

@@ -116,6 +116,18 @@ def test_anomaly_report_writes_table_and_png(tmp_path, capsys) -> None:
     (stopped / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
     assert analyze(["anomaly", str(stopped)]) == 2
     assert "is not a complete run" in (err := capsys.readouterr().err) and "--resume" in err
+    import pyarrow.parquet as pq
+
+    empty = tmp_path / "empty"  # an empty proximal table: it drew an empty ROC and wrote "-" everywhere, exit 0
+    shutil.copytree(run, empty)
+    pq.write_table(pq.read_table(empty / "proximal.parquet").slice(0, 0), empty / "proximal.parquet")
+    assert analyze(["anomaly", str(empty)]) == 2
+    assert "proximal.parquet holds no rows" in capsys.readouterr().err
+    short = tmp_path / "short"  # nodes.parquet cut: it said "1 misbehaving of 10", exit 0
+    shutil.copytree(run, short)
+    pq.write_table(pq.read_table(short / "nodes.parquet").slice(0, 10), short / "nodes.parquet")
+    assert analyze(["anomaly", str(short)]) == 2
+    assert "manifest.json records 12 participants, nodes.parquet 10" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["none", "influence"])
