@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from dice_ray.results import TableWriter, write_json_atomic, write_table_atomic
 
 CHECKPOINTS = "checkpoints"
+PART = r"-(\d{9})-(\d{9})"  # a part's name: <table>-<first round>-<last round>.parquet
 
 # Fields left out of the config digest: placement and output, not the simulated numbers (what a resumed run may change
 # is ``config.RESUME_FIELDS``). Of the engine section only ``precision`` changes the numbers: it enters the digest
@@ -106,6 +107,12 @@ class Checkpoint:
             return "meta.json is unreadable or records no digests"
         if meta.get("round") != self.round:  # a renamed folder would make a resume skip or redo rounds
             return f"its folder names round {self.round}, its meta.json round {meta.get('round')!r}"
+        if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+            return "meta.json records its digests wrongly"
+        unlisted = [name for name in ("state.npz", "driver.npz") if name not in digests
+                    and (name == "state.npz" or (self.path / name).exists())]
+        if unlisted:  # loaded on resume: never unchecked
+            return f"meta.json records no digest of {unlisted[0]}"
         for name, digest in digests.items():
             path = self.path / name
             if not path.is_file():
@@ -125,6 +132,11 @@ class Checkpoint:
                 return f"the table part {name} (rows up to this round) is missing"
             if _sha256(path) != digest:
                 return f"the table part {name} (rows up to this round) does not match its recorded SHA-256"
+        if "parts" in meta:  # (a checkpoint of an earlier version listed none) every part of rows up to this round is
+            for path in sorted(self.path.parent.glob("*-*-*.parquet")):  # one it lists: another would add its rows
+                rounds = re.fullmatch(rf"(.+){PART}", path.stem)
+                if rounds and int(rounds[2]) <= self.round and path.name not in parts:
+                    return f"the table part {path.name} (rows up to this round) is not one it recorded"
         return None
 
 
@@ -231,9 +243,6 @@ class CheckpointStore:
         for c in self.checkpoints():
             if c.round > round_:
                 shutil.rmtree(c.path, ignore_errors=True)
-
-
-PART = r"-(\d{9})-(\d{9})"  # a part's name: <table>-<first round>-<last round>.parquet
 
 
 class RoundTables:

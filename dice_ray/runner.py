@@ -110,12 +110,32 @@ def fitting_snapshot(checkpoint: Any, nodes: int, width: int) -> dict[str, np.nd
     snapshot = checkpoint.load()
     odd = [name for name, value in snapshot.items() if value.dtype.kind not in "fiub"]
     state = snapshot.get("state")
+    # the participants' and optimizers' state: a run never saves them otherwise (a NaN there read as divergence)
+    infinite = [name for name, value in snapshot.items() if (name == "state" or name.startswith("opt."))
+                and value.dtype.kind == "f" and not np.isfinite(value).all()]
     problem = (f"{odd[0]} holds {snapshot[odd[0]].dtype}, not numbers" if odd else "it has no state" if state is None
                else f"its state is {list(state.shape)}, not [{nodes}, {width}]" if state.shape != (nodes, width)
-               else "its state is not finite" if not np.isfinite(state).all() else None)
+               else f"its {infinite[0]} is not finite" if infinite else None)
     if problem is not None:
         raise InputError(f"cannot resume {str(checkpoint.path.parent.parent)!r}: checkpoint {checkpoint.path.name} "
                          f"cannot be this run's: {problem}")
+    return snapshot
+
+
+def _fitting_checkpoint(out: Path, experiment: Experiment, methods: list[Method], online: Drivers,
+                        store: CheckpointStore, checkpoint: Any) -> dict[str, np.ndarray]:
+    """The arrays of ``checkpoint``, the one a resume of ``out`` continues from, checked before anything is written
+    or started: this run's config wrote it, its arrays can be this run's (``fitting_snapshot``), and they restore a
+    block and the methods' drivers (a block on PyTorch's ``meta`` device: shapes without data, ~2 s at N = 100,000);
+    else an ``InputError``."""
+    store.check(checkpoint)
+    snapshot = fitting_snapshot(checkpoint, experiment.nodes, experiment.state_width)
+    try:
+        LocalEngine(experiment, round_hooks(methods), device="meta").restore(snapshot)
+        online.load_state(checkpoint.load_driver_state())
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as err:  # arrays of another run
+        raise InputError(f"cannot resume {str(out)!r}: checkpoint {checkpoint.path.name} does not fit this run "
+                         f"({type(err).__name__}: {first_line(err)[:160]})") from None
     return snapshot
 
 
@@ -284,6 +304,8 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
         manifest = Manifest.resumed(out, start)  # read, not written yet
         _check_same_methods(out, manifest.get("methods", []), chosen)
         _check_same_layout(out, manifest.get("model", {}), experiment)
+        snapshot = _fitting_checkpoint(out, experiment, chosen, online, store, latest) if 0 < start < config.rounds \
+            else None
         manifest.update(engine=engine_kind)  # where it runs now: a later resume without --engine continues so
     else:
         start = 0
@@ -315,15 +337,9 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
             blocks = engine.blocks
             manifest.update(actors=len(blocks))
             write_table_atomic(out / "nodes.parquet", _nodes_table(experiment, blocks), NODES)
-            if start > 0:  # ``latest``: the checkpoint that verified above
-                store.check(latest)
-                snapshot = fitting_snapshot(latest, experiment.nodes, experiment.state_width)
-                try:
-                    engine.restore(snapshot, config.engine.restart_timeout)
-                    online.load_state(latest.load_driver_state())
-                except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as err:  # arrays of another run
-                    raise InputError(f"cannot resume {str(out)!r}: checkpoint {latest.path.name} does not fit this run "
-                                     f"({type(err).__name__}: {first_line(err)[:160]})") from None
+            if start > 0:  # ``latest``: the checkpoint that verified and fitted above
+                engine.restore(snapshot, config.engine.restart_timeout)
+                online.load_state(latest.load_driver_state())
                 online.impose_mixing(engine)
                 tables.rollback(latest.round)
                 store.remove_after(latest.round)

@@ -157,6 +157,15 @@ def test_a_checkpoint_without_digests_is_not_trusted(tmp_path: Path, capsys: pyt
     resumed = dice_ray.resume(run, engine="local")
     assert "records no digests" in capsys.readouterr().err
     _assert_undisturbed(resumed, tmp_path)
+    # digests that are not a mapping (a traceback), or that leave state.npz out (loaded unchecked): skipped too
+    for name, digests, needle in (("listed", ["x"], "records its digests wrongly"),
+                                  ("none-listed", {}, "records no digest of state.npz")):
+        run = _interrupted(tmp_path, name)
+        newest = _newest(run)
+        meta = json.loads((newest / "meta.json").read_text())
+        (newest / "meta.json").write_text(json.dumps({**meta, "sha256": digests}))
+        (newest / "state.npz").write_bytes(b"cut")
+        assert needle in _resumes_from_the_older(run, tmp_path / f"reference-{name}", capsys)
 
 
 def test_the_table_rows_a_checkpoint_needs_are_verified_with_it(tmp_path: Path,
@@ -169,6 +178,13 @@ def test_the_table_rows_a_checkpoint_needs_are_verified_with_it(tmp_path: Path,
     (run / "checkpoints" / "rounds-000000006-000000008.parquet").unlink()  # only the newest checkpoint's
     err = _resumes_from_the_older(run, tmp_path, capsys)
     assert "rounds-000000006-000000008.parquet (rows up to this round) is missing" in err
+
+    run = _interrupted(tmp_path, "extra")  # a part the checkpoint does not list: its rows were added twice
+    parts = run / "checkpoints"
+    copied = (parts / "rounds-000000006-000000008.parquet").read_bytes()
+    (parts / "rounds-000000006-000000007.parquet").write_bytes(copied)
+    err = _resumes_from_the_older(run, tmp_path / "reference-extra", capsys)
+    assert "rounds-000000006-000000007.parquet (rows up to this round) is not one it recorded" in err
 
     run = _interrupted(tmp_path, "damaged")
     part = run / "checkpoints" / "proximal-000000003-000000005.parquet"  # both checkpoints' rows
@@ -240,12 +256,15 @@ def test_a_resume_after_training_refuses_a_damaged_rounds_table(tmp_path: Path,
     ("state", lambda s: s[:, :7], "its state is [8, 7], not [8, 17226]"),
     ("state", lambda s: s[:, :1], "its state is [8, 1], not [8, 17226]"),  # was broadcast: trained from there
     ("opt.momentum_buffer", lambda s: s[:, :1], "opt.momentum_buffer is [8, 1], not [8, 17226]"),  # broadcast too
+    ("opt.momentum_buffer", lambda s: s * float("nan"), "its opt.momentum_buffer is not finite"),  # "diverged"
+    ("opt.momentum_buffer", lambda s: None, "does not fit this run (KeyError: 'opt.momentum_buffer')"),
 ])
 def test_a_checkpoint_edited_with_its_digests_rewritten_is_one_line(tmp_path: Path, capsys, key, edit,
                                                                    needle) -> None:
     """Digests catch damage, not edits: whoever edits a checkpoint can rewrite them. Arrays that cannot be this
-    run's state end in one line, exit 2 (they were tracebacks from torch, 'training diverged' hundreds of rounds
-    later, or, one column wide, broadcast into every column and trained from)."""
+    run's state end in one line, exit 2, with the run directory as it was (they were tracebacks from torch,
+    'training diverged' hundreds of rounds later, or, one column wide, broadcast into every column and trained
+    from)."""
     import numpy as np
 
     run = _interrupted(tmp_path, "edited", optim={"name": "momentum"})
@@ -253,12 +272,17 @@ def test_a_checkpoint_edited_with_its_digests_rewritten_is_one_line(tmp_path: Pa
         with np.load(checkpoint / "state.npz") as arrays:
             saved = {key: arrays[key] for key in arrays.files}
         saved[key] = edit(saved[key])
+        if saved[key] is None:
+            del saved[key]
         with open(checkpoint / "state.npz", "wb") as f:
             np.savez(f, **saved)
         meta = json.loads((checkpoint / "meta.json").read_text())
         meta["sha256"]["state.npz"] = hashlib.sha256((checkpoint / "state.npz").read_bytes()).hexdigest()
         (checkpoint / "meta.json").write_text(json.dumps(meta))
+    before = [stamp for stamp in _stamps(run) if stamp[0].name != ".lock"]
     capsys.readouterr()
     assert main(["--resume", str(run), "--engine", "local"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and err.startswith(f"error: cannot resume {str(run)!r}: "), err
+    # refused before anything is written (the manifest said 'failed' with a resume that never ran)
+    assert [stamp for stamp in _stamps(run) if stamp[0].name != ".lock"] == before
