@@ -284,7 +284,8 @@ TRIALS = _schema(
     ("start_time", pa.string(), "when the trial started (UTC, ISO 8601; for a trial whose process died, when "
                                 "its failure was recorded)"),
     ("wall_seconds", pa.float64(), "trial wall time: simulation, influence measurement and metrics (null when "
-                                  "the trial's process died)"),
+                                  "the trial's process died; a trial that finished unrecorded before a resume: its "
+                                  "run's recorded wall time; one continued from a checkpoint: from the resume on)"),
 )
 
 TABLES: dict[str, pa.Schema] = {"rounds": ROUNDS, "nodes": NODES, "influence": INFLUENCE, "dice": DICE,

@@ -46,21 +46,24 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
     ray_constants.ENABLE_RAY_CLUSTER = False
     # address="local": always a new Ray of this process's own, never another job's running one (ray.init()
     # alone joins the newest local Ray it finds, and dies with it).
-    with _quiet_token_notice():
+    # Ray's notice that a new local cluster uses token authentication (its default, kept) would print on every run,
+    # for a cluster this process starts, owns and stops
+    with dropped_log_lines("ray._private.authentication.authentication_token_setup",
+                           "Token authentication is enabled for this Ray cluster"):
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                  _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=True)
 
 
 @contextlib.contextmanager
-def _quiet_token_notice() -> Iterator[None]:
-    """Drop Ray's notice that a new local cluster uses token authentication (Ray's default, kept: it would print on
-    every run, for a cluster this process starts, owns and stops). Anything else that logger says still prints."""
+def dropped_log_lines(name: str, *starts: str) -> Iterator[None]:
+    """Drop the records of logger ``name`` that begin with one of ``starts`` while the block runs (a library's line
+    that says nothing to a dice-ray user, or says the wrong thing); anything else it logs still prints."""
     import logging
 
-    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    logger = logging.getLogger(name)
 
     def keep(record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+        return not record.getMessage().startswith(starts)
 
     logger.addFilter(keep)
     try:

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dice_ray.engine.runtime import dropped_log_lines
 from dice_ray.errors import InputError
 from dice_ray.results import write_atomic, write_json_atomic
 from dice_ray.rundir import LOCK, DirectoryLock, check_can_make
@@ -61,10 +62,12 @@ def _identify(sweep: Sweep, tune_config: dict[str, Any], tune_trial_id: str) -> 
     return tune_config.get("trial_id", tune_trial_id), {field: tune_config[field] for field in sweep.spec.space}
 
 
-def simulate_or_resume(config: Any) -> Path:
+def simulate_or_resume(config: Any) -> tuple[Path, float]:
     """Run a trial's simulation; if its run directory holds an interrupted run of the same config (a sweep
     killed mid-trial), continue it from its last checkpoint instead of starting over (``simulate --resume``); if it
-    holds the finished run of the same config (a trial that ended after the sweep was stopped, unrecorded), use it."""
+    holds the finished run of the same config (a trial that ended after the sweep was stopped, unrecorded), use it.
+    Returns the run directory and the seconds its simulation took before (a used run's recorded wall time; else
+    0)."""
     from dice_ray.checkpoint import CheckpointStore, config_digest
     from dice_ray.config import read_recorded
     from dice_ray.runner import simulate
@@ -78,7 +81,8 @@ def simulate_or_resume(config: Any) -> Path:
     if status == "complete" and (run / "rounds.parquet").exists():
         try:
             if config_digest(read_recorded(manifest.get("config"), str(run))) == config_digest(config):
-                return run
+                earlier = manifest.get("wall_seconds")
+                return run, float(earlier) if isinstance(earlier, int | float) and earlier >= 0 else 0.0
         except InputError:
             pass  # another program's directory: the trial runs anew
     store = CheckpointStore(run, config_digest(config))
@@ -90,7 +94,7 @@ def simulate_or_resume(config: Any) -> Path:
         latest = None
     resumable = status in ("running", "interrupted", "failed") and (
         latest is not None or (run / "rounds.parquet").exists())
-    return simulate(config, resume=resumable)
+    return simulate(config, resume=resumable), 0.0
 
 
 def run_trial(tune_config: dict[str, Any], sweep: Sweep, out: str) -> None:
@@ -107,7 +111,8 @@ def run_trial(tune_config: dict[str, Any], sweep: Sweep, out: str) -> None:
     try:
         with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
             config = sweep.trial_config(params, trial_dir(Path(out), trial_id))
-            run = simulate_or_resume(config)
+            run, earlier = simulate_or_resume(config)
+            started -= earlier
             row["metrics"] = compute_metrics(run, config, sweep.spec.metrics)
     except Exception as err:  # a failed trial is a result: recorded with its error while the sweep goes on
         row.update(status="failed", error=f"{type(err).__name__}: {err}".splitlines()[0])
@@ -257,6 +262,7 @@ def _searcher(sweep: Sweep, done: dict[str, dict[str, Any]]) -> Any:
             return optuna.distributions.IntDistribution(values[0], values[1])
         return optuna.distributions.FloatDistribution(values[0], values[1], log=kind == "loguniform")
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" on every sweep
     spec = sweep.spec
     space = {field: distribution(*next(iter(dist.items()))) for field, dist in spec.space.items()}
     searcher = OptunaSearch(space=space, metric=spec.metric, mode=spec.mode, seed=spec.seed + len(done))
@@ -317,7 +323,11 @@ def _run_trials(sweep: Sweep, out: Path, done: dict[str, dict[str, Any]],
 
         def resources(tune_config: dict[str, Any]) -> tune.PlacementGroupFactory:
             _, params = _identify(light, tune_config, "")
-            return tune.PlacementGroupFactory(bundles(light.trial_config(params, Path("check"))))
+            try:
+                config = light.trial_config(params, Path("check"))
+            except (InputError, ValueError):  # a drawn combination the config refuses (misbehavior.count above
+                return tune.PlacementGroupFactory([{"CPU": 1}])  # the nodes drawn): run_trial records it failed
+            return tune.PlacementGroupFactory(bundles(config))
 
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=light, out=str(out)), resources)
         recorder = _recorder(sweep, out, total, len(done), recorded)
@@ -357,7 +367,11 @@ def _fit(tuner: Any) -> bool:
     catches = threading.current_thread() is threading.main_thread() and not int(
         os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
     try:
-        tuner.fit()
+        # Lines that say the wrong thing here: Tune's way to resume (this sweep's is --resume, printed after), and
+        # Optuna's note that a failed trial's NaN makes it a failed trial (the trial's own line says why it failed)
+        with dropped_log_lines("ray.tune.tune", "Experiment has been interrupted"), \
+                dropped_log_lines("ray.tune.search.optuna.optuna_search", "The value nan is not acceptable"):
+            tuner.fit()
     finally:
         after = signal.getsignal(signal.SIGINT)
         if catches:

@@ -255,9 +255,16 @@ def _with(base: dict[str, Any], params: dict[str, Scalar]) -> dict[str, Any]:
 
 
 def _candidates(dist: dict[str, Any]) -> list[Any]:
-    """The values a space field's distribution checks up front: a grid's or choice's values, a range's bounds."""
+    """The values a space field's distribution checks up front: a grid's or choice's values, a range's bounds, and
+    a real range's point a third of the way in (no integer there: an integer field refuses it now, not at a draw)."""
     kind, values = next(iter(dist.items()))
-    return values if kind in ("grid", "choice") else [int(v) if kind == "int" else float(v) for v in values]
+    if kind in ("grid", "choice"):
+        return values
+    if kind == "int":
+        return [int(v) for v in values]
+    low, high = map(float, values)
+    inside = low * (high / low) ** (1 / 3) if kind == "loguniform" else low + (high - low) / 3
+    return [low, inside if inside != round(inside) else math.nextafter(inside, high), high]
 
 
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Sweep:

@@ -58,6 +58,9 @@ def _sweep(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     ({"space": {"optim.lr": {"loguniform": [0, 1]}}, "search": "optuna", "num_samples": 2,
       "metric": "final_heldout_acc"}, "loguniform needs low > 0"),
     ({"search": "optuna", "num_samples": 2}, "needs num_samples and metric"),
+    # a real range over an integer field: it passed with its bounds (4.0, 8.0) and stopped the sweep at the first draw
+    ({"space": {"nodes": {"uniform": [4, 8]}}, "search": "optuna", "num_samples": 2, "metric": "final_heldout_acc"},
+     "space.nodes = 5.33"),
     ({"search": "optuna", "num_samples": 2, "metric": "auc"}, "metric 'auc' is not reported"),
     ({"plot": {"x": "nodes", "y": ["final_heldout_acc"]}}, "plot: 'nodes' is not a field"),
     ({"base": {**BASE, "optim": {"bogus": 1}}}, "base: config: unknown key 'optim.bogus'"),
@@ -230,6 +233,25 @@ def test_optuna_sweep_resumes_with_its_finished_trials(tmp_path: Path) -> None:
     assert trials["optim.lr"].nunique() == 3  # the resumed search draws a new point, not its first one again
 
 
+def test_an_optuna_draw_the_config_refuses_is_a_failed_trial_and_the_search_goes_on(tmp_path: Path) -> None:
+    """Each field's values are valid alone, some drawn together are not (4 participants, 5 or more misbehaving): such
+    a trial is recorded failed with the config's line and the others run. It stopped the whole sweep with exit 2,
+    and --resume drew the same point again. Optuna's and Tune's own lines about it are not printed."""
+    out = tmp_path / "optuna"
+    path = _write(tmp_path, "optuna.yaml", {
+        "base": {**BASE, "rounds": 2, "misbehavior": {"kind": "label-flip"}, "influence": {}},
+        "space": {"nodes": {"choice": [12, 4]}, "misbehavior.count": {"int": [1, 8]}}, "search": "optuna",
+        "num_samples": 4, "metric": "final_heldout_acc", "mode": "max", "max_concurrent": 2, "out": str(out)})
+    done = _sweep(str(path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = pd.read_parquet(out / "trials.parquet")
+    failed = trials[trials["status"] == "failed"]
+    assert len(trials) == 4 and len(failed) and (failed["nodes"] == 4).all() and (trials["nodes"] == 12).any()
+    assert failed["error"].str.contains("exceeds the 4 participants").all()
+    assert (trials.loc[trials["nodes"] == 12, "status"] == "ok").all()
+    assert "not acceptable" not in done.stdout + done.stderr and "A new study created" not in done.stdout + done.stderr
+
+
 def test_a_metric_the_script_registers_is_refused_before_any_trial(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Trials compute their metrics in Ray workers, which import base.imports, not the script: a metric group the
@@ -388,7 +410,8 @@ def test_a_trial_that_finished_unrecorded_is_not_run_again(tmp_path: Path) -> No
     config = sweep.trial_config(trial.params, trial_dir(tmp_path / "sweep", trial.trial_id))
     run = simulate(config, engine_kind="local")
     stamp = (run / "rounds.parquet").stat().st_mtime_ns
-    assert simulate_or_resume(config) == run and (run / "rounds.parquet").stat().st_mtime_ns == stamp
+    assert simulate_or_resume(config) == (run, json.loads((run / "manifest.json").read_text())["wall_seconds"])
+    assert (run / "rounds.parquet").stat().st_mtime_ns == stamp  # and its row counts the run's own wall time
 
 
 def test_a_sweep_out_that_cannot_be_made_or_a_damaged_sweep_directory_is_one_line_before_ray(

@@ -286,8 +286,9 @@ def test_interrupted_sweep_trial_continues_from_its_checkpoint(ray_local, tmp_pa
 
     with pytest.raises(RuntimeError, match="killed"):
         simulate(small_config(tmp_path / "b", **common), on_round=stop)
-    run = simulate_or_resume(small_config(tmp_path / "b", **common))
+    run, earlier = simulate_or_resume(small_config(tmp_path / "b", **common))
+    assert earlier == 0.0  # continued from its checkpoint: its row counts from the resume on
     pd.testing.assert_frame_equal(rounds_table(run), rounds_table(reference))
     assert json.loads((run / "manifest.json").read_text())["resumes"][0]["from_round"] == 10
-    fresh = simulate_or_resume(small_config(tmp_path / "c", **common))  # nothing to resume: a plain run
+    fresh, _ = simulate_or_resume(small_config(tmp_path / "c", **common))  # nothing to resume: a plain run
     assert "resumes" not in json.loads((fresh / "manifest.json").read_text())
