@@ -210,7 +210,7 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
     """Run the simulation of ``config`` (see ``as_config``) and return its ``Run``.
 
     ``engine``: 'ray' (participant-group actors on the connected or a local Ray) or 'local' (this process).
-    ``save_states``: also write every participant's final state (``states.npz``). ``on_round(metrics, engine)`` is
+    ``save_states``: also write every participant's final state (``states.npy``). ``on_round(metrics, engine)`` is
     called after every round with its ``dice_ray.engine.RoundMetrics`` (losses and accuracies per participant) and
     the engine; what it raises stops the run, which is marked interrupted (``KeyboardInterrupt``) or failed and can
     be resumed. ``methods``: your own ``dice_ray.Method``s (round hooks), run after the built-in ones the config

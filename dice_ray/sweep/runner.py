@@ -273,6 +273,26 @@ def _searcher(sweep: Sweep, done: dict[str, dict[str, Any]]) -> Any:
     return searcher
 
 
+def _check_told(sweep: Sweep, out: Path, done: dict[str, dict[str, Any]]) -> None:
+    """Refuse (``InputError``) a finished trial of an Optuna search whose params are not a point of the space: the
+    search is told them, and Optuna fails on them with a traceback."""
+    for trial, row in done.items():
+        if set(row["params"]) != set(sweep.spec.space) or not all(
+                _in_space(dist, row["params"][field]) for field, dist in sweep.spec.space.items()):
+            raise InputError(f"{trial_dir(out, trial) / 'result.json'}: its params {row['params']} are not a point of "
+                             "this sweep's space: the sweep directory was damaged; delete that trial's folder to run "
+                             "it again")
+
+
+def _in_space(dist: dict[str, list[Any]], value: Any) -> bool:
+    """Whether ``value`` is a point of a space field's distribution (``{kind: values}``)."""
+    kind, values = next(iter(dist.items()))
+    if kind in ("grid", "choice"):
+        return value in values
+    number = isinstance(value, int if kind == "int" else int | float) and not isinstance(value, bool)
+    return number and values[0] <= value <= values[1]
+
+
 def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None, retry_failed: bool = False) -> Path:
     """Run the trials of ``sweep`` not yet finished in its directory; return the path of trials.parquet.
 
@@ -292,6 +312,8 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None, re
     _claim(sweep, out, resume, lock)
     recorded = finished_trials(out) if out.is_dir() else {}
     done = {trial: row for trial, row in recorded.items() if row["status"] == "ok" or not retry_failed}
+    if sweep.spec.search == "optuna":
+        _check_told(sweep, out, done)
     # Keep trials in this working directory (Tune would move each into a folder of its own), so relative paths
     # in the config (data_dir, topology.file) mean what they mean to simulate; Tune's older output mode prints
     # nothing per trial at verbose 0, leaving one line per trial to the recorder.

@@ -198,6 +198,10 @@ def _spec_error(err: ValidationError) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         return f"sweep: unknown key {where!r}"
+    loc = first["loc"]
+    if loc[:1] == ("space",) and len(loc) == 5:  # a value none of a space value's types takes (a list, a mapping)
+        return (f"sweep: space.{loc[1]}: {loc[2]} value {first['input']!r} is not a number, text, true/false or null "
+                "(a field that takes a list cannot be swept)")
     return f"sweep: {where + ': ' if where else ''}{msg}"
 
 

@@ -58,6 +58,8 @@ def _sweep(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     ({"space": {"optim.lr": {"loguniform": [0, 1]}}, "search": "optuna", "num_samples": 2,
       "metric": "final_heldout_acc"}, "loguniform needs low > 0"),
     ({"search": "optuna", "num_samples": 2}, "needs num_samples and metric"),
+    ({"space": {"influence.rounds": {"grid": [[1, 2]]}}},  # it said "space.influence.rounds.grid.0.bool: ..."
+     "space.influence.rounds: grid value [1, 2] is not a number, text, true/false or null"),
     # a real range over an integer field: it passed with its bounds (4.0, 8.0) and stopped the sweep at the first draw
     ({"space": {"nodes": {"uniform": [4, 8]}}, "search": "optuna", "num_samples": 2, "metric": "final_heldout_acc"},
      "space.nodes = 5.33"),
@@ -231,6 +233,14 @@ def test_optuna_sweep_resumes_with_its_finished_trials(tmp_path: Path) -> None:
     assert len(trials) == 3 and (trials["status"] == "ok").all()
     assert trials["optim.lr"].between(0.01, 0.3).all() and set(trials["optim.batch_size"]) <= {4, 8}
     assert trials["optim.lr"].nunique() == 3  # the resumed search draws a new point, not its first one again
+    result = sorted(out.glob("trials/*/result.json"))[0]  # a result whose params are not a point of the space:
+    row = json.loads(result.read_text())  # the search is told them, and Optuna failed on them with a traceback
+    params = {**row["params"], "optim.lr": 5.0}
+    result.write_text(json.dumps({**row, "params": params}))
+    damaged = _sweep(str(path), "--resume", "--num-samples", "4")
+    assert damaged.returncode == 2 and damaged.stderr.strip().splitlines() == [
+        f"error: {result}: its params {params} are not a point of this sweep's space: the sweep directory was "
+        "damaged; delete that trial's folder to run it again"], damaged.stderr[-2000:]
 
 
 def test_an_optuna_draw_the_config_refuses_is_a_failed_trial_and_the_search_goes_on(tmp_path: Path) -> None:
