@@ -189,7 +189,9 @@ COLLABORATORS = _schema(
     ("run", pa.string(), "run directory"),
     ("rewiring", pa.string(), "collaborator selection: none (static topology), influence, outlier or random"),
     ("misbehavior", pa.string(), "misbehaviour kind"),
-    ("misbehavior_options", pa.string(), "the kind's options as JSON (a built-in kind's from its section's fields)"),
+    ("misbehavior_options", pa.string(), "the kind's options as JSON, by their config names (a built-in kind's "
+                                        "fields of its section, such as flip_fraction; a kind of your own's "
+                                        "misbehavior.options)"),
     ("misbehaving", pa.int32(), "number of misbehaving participants"),
     ("seed", pa.int64(), "the run's seed"),
     ("honest_acc", pa.float64(), "final mean held-out accuracy of the honest participants"),

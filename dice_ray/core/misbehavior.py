@@ -119,6 +119,13 @@ def kind_options(section: MisbehaviorConfig) -> dict:
     return dict(section.options) if fields is None else {arg: getattr(section, f) for arg, f in fields.items()}
 
 
+def option_fields(section: MisbehaviorConfig) -> dict:
+    """The kind's options as the config names them: a built-in kind's fields of the section (label-flip's
+    ``flip_fraction``, not its constructor's ``fraction``), a user's ``section.options``."""
+    fields = BUILT_IN_FIELDS.get(section.kind, {} if section.kind == "none" else None)
+    return dict(section.options) if fields is None else {f: getattr(section, f) for f in fields.values()}
+
+
 def update_factors(kind: Misbehavior | None, ids: np.ndarray) -> np.ndarray | None:
     """c [len(ids)] of the updates the participants ``ids`` send (None: every one honest, c = 1). Raises
     ``InputError`` for a c that is not a finite real number."""

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from dice_ray.core.misbehavior import kind_options
+from dice_ray.core.misbehavior import option_fields
 from dice_ray.errors import InputError
 from dice_ray.reports.inputs import read_frame, read_manifest, read_table, recorded_topology
 from dice_ray.results import COLLABORATORS
@@ -54,13 +54,28 @@ def collaborator_row(run: Path) -> dict:
     from_bad = [np.isin(e, list(bad)).sum() for k, e in enumerate(edges) if honest[k]]
     total = sum(len(e) for k, e in enumerate(edges) if honest[k])
     return {"run": str(run), "rewiring": config.rewiring.mode, "misbehavior": config.misbehavior.kind,
-            "misbehavior_options": json.dumps(kind_options(config.misbehavior), sort_keys=True),
+            "misbehavior_options": json.dumps(option_fields(config.misbehavior), sort_keys=True),
             "misbehaving": int((~honest).sum()), "seed": config.seed,
             "honest_acc": float(last["heldout_acc"].to_numpy()[honest].mean()),
             "honest_loss": float(last["heldout_loss"].to_numpy()[honest].mean()),
             "anomalous_in_edges": float(sum(from_bad) / total) if total else 0.0,
-            "study": {"nodes": config.nodes, "rounds": config.rounds, "dataset": config.data.dataset,
-                      "topology": config.topology.name}}  # what the compared runs must share (not a column)
+            "study": study(config)}  # what the compared runs must share (not a column)
+
+
+# Fields of the shared sections that choose how a run computes or where it reads, not what: runs differing there are
+# one study's
+NOT_THE_STUDY = ("model.vectorize", "model.conv", "model.pool", "data.data_dir", "data.download")
+
+
+def study(config) -> dict[str, object]:
+    """What runs of one collaborators study share: every field but the seed, the rewiring, the misbehaviour, the
+    methods' and engine's and output's settings: the participants, rounds, model, optimizer, data and graph."""
+    shared = {"nodes": config.nodes, "rounds": config.rounds}
+    for section in ("model", "optim", "data", "topology"):
+        for key, value in getattr(config, section).model_dump(mode="json").items():
+            if f"{section}.{key}" not in NOT_THE_STUDY:
+                shared[f"{section}.{key}"] = value
+    return shared
 
 
 def common_parent(runs: list[Path]) -> Path:
@@ -120,9 +135,9 @@ class Collaborators:
 
 
 def _check_comparable(rows: list[dict]) -> None:
-    """Raise ``InputError`` unless the runs are one study's: the same participants, rounds, data set and graph, and
-    one run per (misbehaviour and its options, rewiring, seed), since the summary averages over seeds and pairs
-    them."""
+    """Raise ``InputError`` unless the runs are one study's: the same config but the seed, rewiring and misbehaviour
+    (``study``: participants, rounds, model, optimizer, data and graph), and one run per (misbehaviour and its
+    options, rewiring, seed), since the summary averages over seeds and pairs them."""
     first = rows[0]
     for row in rows[1:]:
         for field, value in row["study"].items():

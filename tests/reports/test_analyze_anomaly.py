@@ -165,14 +165,21 @@ def test_collaborators_report_tells_a_kinds_options_apart(tmp_path, capsys) -> N
     capsys.readouterr()
     assert analyze(["collaborators", *runs]) == 0
     printed = capsys.readouterr().out
-    assert "label-flip(fraction=0.5) x1" in printed and "label-flip(fraction=1.0) x1" in printed
+    assert "label-flip(flip_fraction=0.5) x1" in printed and "label-flip(flip_fraction=1.0) x1" in printed
     table = pd.read_parquet(tmp_path / "collaborators.parquet")
-    assert sorted(table["misbehavior_options"]) == ['{"fraction": 0.5}', '{"fraction": 1.0}']
+    assert sorted(table["misbehavior_options"]) == ['{"flip_fraction": 0.5}', '{"flip_fraction": 1.0}']  # the field
     from dice_ray.reports import collaborators_report
 
     assert len(collaborators_report(runs).summary) == 2
     assert analyze(["collaborators", runs[0], runs[0]]) == 2  # the same options twice are still one seed twice
-    assert '{"fraction": 1.0}' in capsys.readouterr().err
+    assert '{"flip_fraction": 1.0}' in capsys.readouterr().err
+    other = str(tmp_path / "other-lr")  # another learning rate is another study (it was averaged as a seed)
+    assert simulate(["--engine", "local", "--no-progress", "--dataset", "digits", "--nodes", "6", "--rounds", "2",
+                     "--lr", "0.5", "--seed", "1", "--out", other]) == 0
+    capsys.readouterr()
+    assert analyze(["collaborators", runs[0], other]) == 2
+    assert f"runs {runs[0]} and {other} differ in optim.lr (0.05 and 0.5): compare runs of one study" in (
+        capsys.readouterr().err)
 
 
 def test_detection_compares_every_in_neighbour_scored_so_far() -> None:
