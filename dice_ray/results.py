@@ -102,7 +102,7 @@ DICE = _schema(
 ALIGNMENT = _schema(
     ("hops", pa.int32(), "r"),
     ("quantity", pa.string(), "'hop': the hop-r term alone; 'cumulative': DICE^{(r)}; 'terms': every d_k^{(r)}, "
-                              "k in S_r, against e_k^{(r)}"),
+                              "k within r hops of the source (itself included), against e_k^{(r)}"),
     ("variant", pa.string(), "DICE-E variant: first-order, curvature, second-order or exact-readout"),
     ("probes", pa.int32(), "number of values compared (probes; for 'terms', probe × participant pairs)"),
     ("pearson", pa.float64(), "Pearson correlation of DICE-E with DICE-GT over the probes"),

@@ -13,8 +13,8 @@ return); this front end prints it and writes its tables and PNGs into the run di
 ``alignment`` reads ``dice.parquet`` and ``influence.parquet`` and prints, for every hop r and DICE-E
 variant, Pearson, Spearman and Kendall correlation with DICE-GT and the relative error Σ|GT − E| / Σ|GT|,
 for three quantities: the hop-r term alone (Σ over participants first reached at hop r), the cumulative
-DICE^{(r)}, and every per-participant term d_k^{(r)} (k in S_r). It writes them to ``alignment.parquet``
-and a GT-vs-E scatter per hop to ``alignment_hop{r}.png`` in the run directory.
+DICE^{(r)}, and every per-participant term d_k^{(r)} (k within r hops of the source, itself included). It writes
+them to ``alignment.parquet`` and a GT-vs-E scatter per hop to ``alignment_hop{r}.png`` in the run directory.
 
 ``cascade`` reads ``influence.parquet`` (whole-batch probes; DICE-GT where measured, else the second-order,
 exact-readout, curvature or first-order estimate) and reports how influence decays with hop distance

@@ -2,7 +2,7 @@
 
 For every hop r and variant it gives Pearson, Spearman and Kendall correlation with DICE-GT and the relative
 error Σ|GT − E| / Σ|GT|, for three quantities: the hop-r term alone (Σ over participants first reached at hop r),
-the cumulative DICE^{(r)}, and every per-participant term d_k^{(r)} (k in S_r).
+the cumulative DICE^{(r)}, and every per-participant term d_k^{(r)} (k within r hops of the source, itself included).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def alignment_rows(dice: dict[str, np.ndarray], influence: dict[str, np.ndarray]
     """Return one row per (hop, quantity, variant): correlations and relative error of E against GT.
 
     Quantities: ``hop`` (the hop-r term of DICE^{(r)}), ``cumulative`` (DICE^{(r)}), and, from the influence
-    table, ``terms`` (every per-participant term d_k^{(r)} against e_k^{(r)}, k in S_r).
+    table, ``terms`` (every per-participant term d_k^{(r)} against e_k^{(r)}, k within r hops of the source, itself
+    included).
     """
     rows = []
     variants = measured_variants(dice)

@@ -65,7 +65,8 @@ class Cascade:
         """PNG file name -> a function drawing it to a path: the decay curves and the pairwise heat-map."""
         return {"cascade_decay.png": lambda path: plots.cascade_decay(self.decay, self.value, path),
                 "pairwise_heatmap.png": lambda path: plots.signed_heatmap(
-                    self.matrix, "I(j → k): red raises k's loss, blue lowers it", path)}
+                    self.matrix, f"I(j → k), {self.value} after R = {self.last_step} rounds:\nred raises k's loss, "
+                    "blue lowers it", path)}
 
 
 def cascade_report(run: str | Path) -> Cascade:

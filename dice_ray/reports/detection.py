@@ -256,7 +256,12 @@ def detection_report(run: str | Path, horizons: list[int] | None = None) -> Dete
     rows = [row for h in horizons for row in detection_metrics(scores, h, curves)]
     ranked = suspects(scores, last + 1)
     labels = ranked["misbehaving"].to_numpy()
-    return Detection(table=pd.DataFrame(rows, columns=ANOMALY.names), scores=scores, curves=curves,
+    # numbers (NaN where undefined) in every column: a column of a horizon the AUC never reached was None objects
+    table = pd.DataFrame(rows, columns=ANOMALY.names)
+    for column in table.columns.drop("method"):
+        if table[column].dtype.kind == "O":
+            table[column] = table[column].astype(float)
+    return Detection(table=table, scores=scores, curves=curves,
                      horizon=horizons[-1], misbehaving=int(nodes["misbehaving"].sum()), participants=len(nodes),
                      suspects=ranked, suspects_auc=float(roc_auc_score(labels, ranked["score"]))
                      if 0 < labels.sum() < len(labels) else None)

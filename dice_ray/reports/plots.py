@@ -19,6 +19,7 @@ DPI = 120
 
 # One scatter marker per DICE-E variant (first-order, curvature, second-order, exact-readout), and spares
 MARKERS = "ox+^sDv"
+LINE_STYLES = ["-", "--", ":", "-."]  # one per detector: lines that coincide stay told apart
 
 
 def _figure(width: float, height: float):
@@ -41,7 +42,7 @@ def alignment_scatter(dice: pd.DataFrame, variants: dict[str, str], hop: int, pa
         ax.plot([lo, hi], [lo, hi], color="grey", linewidth=1, label="E = GT")
         ax.set_xlabel("DICE-GT")
         ax.set_ylabel("DICE-E")
-        ax.set_title(f"hop {hop}: " + ("hop-r term" if quantity == "hop" else f"cumulative DICE$^{{({hop})}}$"))
+        ax.set_title(f"hop {hop}: " + (f"hop-{hop} term" if quantity == "hop" else f"cumulative DICE$^{{({hop})}}$"))
         ax.legend(fontsize=8)
         ax.tick_params(axis="x", labelrotation=30)
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
@@ -51,7 +52,8 @@ def alignment_scatter(dice: pd.DataFrame, variants: dict[str, str], hop: int, pa
 def cascade_decay(decay: pd.DataFrame, value: str, path: Path) -> None:
     """Mean |influence| against hop distance from the source, one line per step after the probe (log scale).
     ``decay``: the cascade report's ``cascade`` table; ``value``: the influence column it averages."""
-    _decay_lines({f"after {s} rounds": rows for s, rows in decay.groupby("step")}, f"mean |influence| ({value})",
+    _decay_lines({f"after {s} round{'s' if s != 1 else ''}": rows for s, rows in decay.groupby("step")},
+                 f"mean |influence| ({value})",
                  "influence cascade: ripples decay with distance", (5, 3.6), path)
 
 
@@ -83,23 +85,28 @@ def detection_roc(final: pd.DataFrame, curves: dict[str, tuple[np.ndarray, np.nd
                   path: Path) -> None:
     """ROC curves of every detector at ``horizon`` (left) and its overall ROC AUC as rounds accumulate (right).
     ``final``: each (method, pair)'s running score at its last scoring round before ``horizon``; ``curves``: method
-    -> (rounds scored, AUC after each)."""
+    -> (t + 1 for each scoring round t, AUC after it). Each method has a line style of its own: two detectors that
+    score alike (the windowed one over a window as long as the run) draw one over the other, and both stay seen."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     fig = _figure(10, 4.2)
     left, right = fig.subplots(1, 2)
-    for method in curves:
+    from matplotlib.ticker import MaxNLocator
+
+    for method, style in zip(curves, LINE_STYLES * len(curves), strict=False):
         at = final[final["method"] == method]
         if 0 < at["anomalous"].sum() < len(at):
             fpr, tpr, _ = roc_curve(at["anomalous"], at["value"])
-            left.plot(fpr, tpr, label=f"{method} (AUC {roc_auc_score(at['anomalous'], at['value']):.3f})")
-        right.plot(*curves[method], label=method)
+            auc = roc_auc_score(at["anomalous"], at["value"])
+            left.plot(fpr, tpr, linestyle=style, label=f"{method} (AUC {auc:.3f})")
+        right.plot(*curves[method], linestyle=style, marker=".", label=method)
     left.plot([0, 1], [0, 1], color="grey", linewidth=1)
     left.set_xlabel("false positive rate (honest neighbours flagged)")
     left.set_ylabel("true positive rate (anomalous neighbours flagged)")
     left.set_title(f"ROC over (examiner, in-neighbour) pairs, rounds < {horizon}")
     left.legend(fontsize=8, loc="lower right")
-    right.set_xlabel("rounds scored")
+    right.set_xlabel("rounds trained (scores of the rounds before)")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_ylabel("ROC AUC")
     right.set_title("detection AUC as rounds accumulate")
     right.legend(fontsize=8)
@@ -125,11 +132,17 @@ def contribution_shares(table: pd.DataFrame, path: Path) -> None:
 
 
 def signed_heatmap(matrix: np.ndarray, title: str, path: Path) -> None:
-    """A source × target heat-map of ``matrix`` [j, k] with a colour scale symmetric about 0."""
+    """A source × target heat-map of ``matrix`` [j, k] with a colour scale symmetric about 0; NaN (not measured) in
+    grey, apart from 0's white (the title says so where there are such cells)."""
+    import matplotlib
+
     fig = _figure(5, 4.2)
     ax = fig.subplots()
     limit = float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else 0.0
-    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-(limit or 1.0), vmax=limit or 1.0)
+    colors = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.75")
+    image = ax.imshow(matrix, cmap=colors, vmin=-(limit or 1.0), vmax=limit or 1.0)
+    if np.isnan(matrix).any():
+        title += "\ngrey: not measured"
     ax.set_xlabel("target k")
     ax.set_ylabel("source j")
     ax.set_title(title)
