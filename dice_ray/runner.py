@@ -52,7 +52,7 @@ from dice_ray.results import (
     write_table_atomic,
 )
 from dice_ray.rundir import LOCK, DirectoryLock, check_can_make
-from dice_ray.tracking import open_tracker
+from dice_ray.tracking import check_tracking, open_tracker
 from dice_ray.version import __version__
 
 
@@ -279,6 +279,7 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     """
     experiment = experiment or prepare(config)
     config = experiment.config
+    check_tracking(config.output.log, config.output.tracking_uri)  # before anything is made or written
     out = Path(config.output.out) if resume else run_directory(config)
     if engine_kind == "ray":  # a cluster that cannot hold the run's actors or tasks: one line, the directory untouched
         check_workers_register(config)
@@ -323,7 +324,7 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
         if kept is not None:
             manifest.update(topology_file=kept)
     manifest.write()
-    tracker = open_tracker(config, out)  # output.log: TensorBoard / MLflow views of the tables
+    tracker = open_tracker(config, out, start)  # output.log: TensorBoard / MLflow views of the tables
     on_round = tracker.chain(on_round)
 
     engine: Any = None

@@ -4,7 +4,8 @@
 the source of truth, and every number a tracker gets is one the tables hold too, but for the per-round
 ``rounds_per_second`` —
 
-- every round: ``train_loss`` (mean over participants) and ``rounds_per_second`` (since the previous round);
+- every round: ``train_loss`` (mean over participants) and ``rounds_per_second`` (since the previous round; not
+  for a session's first);
 - on evaluation rounds also ``val_loss``, ``val_acc``, ``heldout_loss``, ``heldout_acc`` (means over
   participants) and ``consensus_distance``;
 - after the run, where computed: ``dice/mean_abs_<column>`` (mean |DICE| over probes, step = hops r) from
@@ -23,12 +24,16 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dice_ray.errors import InputError, first_line
 
 EXPERIMENT = "dice-ray"
 ROUND_METRICS = ("train_loss", "val_loss", "val_acc", "heldout_loss", "heldout_acc")
@@ -38,6 +43,49 @@ DICE_COLUMNS = ("gt", "est_first_order", "est_curvature")
 def tracking_uri(config_uri: str | None, directory: Path) -> str:
     """The MLflow tracking URI: the config's, else ``MLFLOW_TRACKING_URI``, else SQLite in ``directory``."""
     return config_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(directory).resolve()}/mlflow.db"
+
+
+def check_tracking(logs: list[str] | tuple, config_uri: str | None, field: str = "output.tracking_uri") -> None:
+    """Refuse, in one line (``InputError``), an MLflow tracking URI this process cannot use, before a run or sweep
+    writes anything. Only a URI given (``field``, else ``MLFLOW_TRACKING_URI``) is tried: the default is the run
+    directory's own SQLite store. A server gets one try of 10 s (MLflow itself retries for minutes, then prints a
+    traceback mid-run); a SQLite file is created where it does not exist yet, as the run would."""
+    uri = config_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if "mlflow" not in logs or not uri:
+        return
+    given = f"{field} {uri!r}" if config_uri else f"MLFLOW_TRACKING_URI {uri!r}"
+    where = urllib.parse.urlsplit(uri)
+    if where.scheme in ("http", "https"):
+        try:
+            port = where.port or (443 if where.scheme == "https" else 80)
+            socket.create_connection((where.hostname or "localhost", port), timeout=10).close()
+        except OSError as err:
+            raise InputError(f"{given}: no MLflow server answers there ({err.strerror or err})") from None
+    tries = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    before = {name: os.environ.get(name) for name in tries}
+    os.environ.update(tries)
+    try:
+        from mlflow.tracking import MlflowClient
+
+        with quiet_mlflow():
+            MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 (MLflow's own exceptions, OSError, SQLAlchemy's, requests'...)
+        raise InputError(f"{given}: MLflow cannot record there ({type(err).__name__}: "
+                         f"{first_line(err)[:200]})") from None
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def quiet_mlflow() -> Any:
+    """MLflow's note, on a new SQLite store, that it creates and upgrades its tables: said on every run and trial."""
+    from dice_ray.engine.runtime import dropped_log_lines
+
+    return dropped_log_lines("mlflow.store.db.utils", "Creating initial MLflow database tables",
+                             "Updating database tables")
 
 
 def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -88,28 +136,61 @@ def summaries(out: Path) -> list[tuple[str, float, int]]:
     return rows
 
 
+class EventFile:
+    """A TensorBoard event file in ``logdir``, written as events come: tensorboardX's ``SummaryWriter`` hands them
+    to a thread, and its ``flush`` does not wait for that thread, so a SIGKILL lost the rounds flushed last.
+    ``purge_step``: TensorBoard hides the earlier files' events of this step and later (a resume logs the rounds
+    after its checkpoint again)."""
+
+    def __init__(self, logdir: Path, purge_step: int | None = None):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.events = EventsWriter(str(logdir / "events"), f".{os.getpid()}.{time.monotonic_ns()}")
+        if purge_step is not None:
+            self.events.write_event(Event(step=purge_step, wall_time=time.time(),
+                                          session_log=SessionLog(status=SessionLog.START)))
+
+    def add_scalar(self, name: str, value: float, step: int) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        self.events.write_event(Event(summary=scalar(name, value), step=step, wall_time=time.time()))
+
+    def flush(self) -> None:
+        self.events.flush()
+
+    def close(self) -> None:
+        self.events.close()
+
+
 class Tracker:
     """The trackers of one run; ``on_round`` is a ``simulate`` callback, ``finish`` logs summaries and closes.
 
-    With no tracker configured every method does nothing, so ``simulate`` calls them unconditionally."""
+    With no tracker configured every method does nothing, so ``simulate`` calls them unconditionally. ``start``: the
+    first round this session runs (a resume's: TensorBoard drops what an earlier session logged from there on).
+    ``checkpoint_every``: MLflow's batched values are sent at each checkpoint round too (and at evaluation rounds),
+    so a resume, which starts after its checkpoint, finds every round before it recorded."""
 
     def __init__(self, logs: list[str], out: Path, config: dict[str, Any] | None = None,
-                 uri: str | None = None):
+                 uri: str | None = None, start: int = 0, checkpoint_every: int = 0):
         self.out = Path(out)
         self.writer: Any = None
         self.client: Any = None
         self.run_id: str | None = None
         self._pending: list[Any] = []
-        self._last = time.time()
+        self._last: float | None = None  # the previous round's end (the first round's rate would count start-up)
+        self._logged = start - 1  # the last round sent: a round replayed after a recovery is not sent again
+        self.checkpoint_every = checkpoint_every
         if "tensorboard" in logs:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+            self.writer = EventFile(self.out / "tensorboard", start if start > 0 else None)
         if "mlflow" in logs:
             from mlflow.tracking import MlflowClient
 
-            self.client = MlflowClient(tracking_uri(uri, self.out))
-            experiment = self.client.get_experiment_by_name(EXPERIMENT)
+            with quiet_mlflow():
+                self.client = MlflowClient(tracking_uri(uri, self.out))
+                experiment = self.client.get_experiment_by_name(EXPERIMENT)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
             tags = {"run_dir": str(self.out.resolve()), "host": platform.node()}
             # An earlier session of this run directory that is still RUNNING was killed (SIGKILL, power): this
@@ -150,17 +231,24 @@ class Tracker:
             self._pending = []
 
     def on_round(self, metrics: Any, engine: Any = None) -> None:
-        """Log round t's values (see the module docstring)."""
-        if not self.active:
-            return
+        """Log round t's values (see the module docstring), once: a round replayed after a lost actor was sent
+        before, with the same numbers. TensorBoard's are on disk at once; MLflow's are sent at evaluation rounds
+        (visible as the run goes) and checkpoint rounds."""
         now = time.time()
+        if not self.active or metrics.round <= self._logged:
+            self._last = now
+            return
         values = round_values(metrics)
-        values["rounds_per_second"] = 1.0 / max(now - self._last, 1e-9)
-        self._last = now
+        if self._last is not None:
+            values["rounds_per_second"] = 1.0 / max(now - self._last, 1e-9)
+        self._last, self._logged = now, metrics.round
         for name, value in values.items():
             self.log(name, value, metrics.round)
-        if metrics.heldout_acc is not None:  # evaluation rounds: visible in the trackers as the run goes
+        every = self.checkpoint_every
+        if metrics.heldout_acc is not None or (every > 0 and (metrics.round + 1) % every == 0):
             self.flush()
+        elif self.writer is not None:
+            self.writer.flush()
 
     def chain(self, callback: Callable[[Any, Any], None] | None) -> Callable[[Any, Any], None] | None:
         """Return one ``on_round`` callback calling this tracker, then the user's ``callback``."""
@@ -190,7 +278,8 @@ class Tracker:
             self.client = None
 
 
-def open_tracker(config: Any, out: Path) -> Tracker:
-    """The ``Tracker`` of a ``RunConfig`` (``output.log``, ``output.tracking_uri``) for run directory ``out``."""
+def open_tracker(config: Any, out: Path, start: int = 0) -> Tracker:
+    """The ``Tracker`` of a ``RunConfig`` (``output.log``, ``output.tracking_uri``) for run directory ``out``, whose
+    session runs from round ``start``."""
     return Tracker(list(config.output.log), out, config.recorded() if config.output.log else None,
-                   config.output.tracking_uri)
+                   config.output.tracking_uri, start, config.output.checkpoint_every)

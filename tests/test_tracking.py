@@ -171,3 +171,75 @@ def test_a_killed_sessions_mlflow_run_is_marked_killed_when_the_run_resumes(tmp_
     dice_ray.resume(out, engine="local")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
+
+
+def _steps(folder, tag):
+    """The steps of ``tag`` as TensorBoard shows them (its reader purges what a resumed session logs again)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return sorted(e.step for e in events.Scalars(tag))
+
+
+def test_every_round_reaches_tensorboard_once_through_kills_interrupts_and_replays(tmp_path):
+    """An audit found, per round: the last rounds before a SIGKILL lost (tensorboardX's flush did not wait for its
+    writer thread, so the resume, which starts after its checkpoint, never logged them again), the rounds between a
+    checkpoint and a Ctrl-C logged twice after the resume, and the rounds replayed after a lost actor logged twice."""
+    import json
+    import subprocess
+    import sys
+
+    from dice_ray.engine.metrics import RoundMetrics
+    from dice_ray.tracking import Tracker
+
+    base = {"nodes": 4, "rounds": 6, "data": {"dataset": "digits", "heldout_size": 16}}
+    killed = tmp_path / "killed"
+    config = {**base, "output": {"out": str(killed), "progress": False, "log": ["tensorboard"],
+                                 "checkpoint_every": 2, "eval_every": 6}}
+    done = subprocess.run([sys.executable, "-c", (
+        "import json, os, sys, dice_ray\n"
+        "def stop(m, e):\n    if m.round == 4: os._exit(9)\n"
+        "dice_ray.run(json.loads(sys.argv[1]), engine='local', on_round=stop)\n"), json.dumps(config)],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 9, done.stderr
+    dice_ray.resume(killed, engine="local")  # from the checkpoint after round 3
+    assert _steps(killed / "tensorboard", "train_loss") == list(range(6))
+
+    stopped = tmp_path / "stopped"
+
+    def interrupt(metrics, engine) -> None:
+        if metrics.round == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dice_ray.run(dice_ray.as_config(config, output={"out": str(stopped)}), engine="local", on_round=interrupt)
+    dice_ray.resume(stopped, engine="local")  # round 4 again, from the checkpoint after round 3
+    assert _steps(stopped / "tensorboard", "train_loss") == list(range(6))
+
+    tracker = Tracker(["tensorboard"], tmp_path / "replayed")  # a lost actor: rounds 1 and 2 run again
+    for t in (0, 1, 2, 1, 2, 3):
+        tracker.on_round(RoundMetrics(t, np.full(4, float(t))))
+    tracker.finish()
+    assert _steps(tmp_path / "replayed" / "tensorboard", "train_loss") == [0, 1, 2, 3]
+    assert _steps(tmp_path / "replayed" / "tensorboard", "rounds_per_second") == [1, 2, 3]  # none for start-up
+
+
+def test_a_tracking_uri_mlflow_cannot_use_is_one_line_before_anything_is_written(tmp_path, capsys):
+    """A SQLite file under a file, an unknown scheme, a server nobody answers at: one line, exit 2, no run directory
+    (they failed mid-run: a manifest left 'running', tracebacks, or four minutes of MLflow's retries first)."""
+    import socket
+
+    (tmp_path / "afile").write_text("")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    for uri, needle in ((f"sqlite:///{tmp_path}/afile/x.db", "FileExistsError"), ("foo://bar", "unsupported URI"),
+                        (f"http://127.0.0.1:{port}", "no MLflow server answers there (Connection refused)")):
+        out = tmp_path / "run"
+        assert main(["--engine", "local", "--dataset", "digits", "--nodes", "4", "--rounds", "1", "--no-progress",
+                     "--log", "mlflow", "--set", f"output.tracking_uri={uri}", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"error: output.tracking_uri {uri!r}: ") and (
+            needle in err), err
+        assert not out.exists()

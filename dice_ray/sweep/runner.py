@@ -37,6 +37,7 @@ from dice_ray.sweep.metrics import compute_metrics
 from dice_ray.sweep.plot import plot_trials
 from dice_ray.sweep.records import finished_trials, trial_dir, write_result, write_trials_table
 from dice_ray.sweep.spec import Sweep, bundles
+from dice_ray.tracking import check_tracking
 
 TRIAL_RETRIES = 3  # restarts of a trial whose process died (not of one that raised: that is a result)
 # Grid trials per Tune run. Tune's start and its stop on Ctrl-C grow faster than the trials it holds: 9,000 at once
@@ -176,14 +177,20 @@ def _recorder(sweep: Sweep, out: Path, total: int, done: int, recorded: dict[str
     return Recorder()
 
 
+def _tracked(sweep: Sweep) -> Any:
+    """The base config's ``output.log`` and ``output.tracking_uri`` (an ``OutputConfig``)."""
+    from dice_ray.config import OutputConfig
+
+    return OutputConfig(**{k: v for k, v in (sweep.base.get("output") or {}).items() if k in ("log", "tracking_uri")})
+
+
 def _trackers(sweep: Sweep, out: Path) -> list[Any]:
     """Ray Tune's own logger callbacks for the base config's ``output.log``: each trial's reported metrics go
     to TensorBoard files under tune/ and to MLflow (``output.tracking_uri``, else MLFLOW_TRACKING_URI, else
     sqlite:///<sweep directory>/mlflow.db), experiment = the sweep directory's name."""
-    from dice_ray.config import OutputConfig
     from dice_ray.tracking import tracking_uri
 
-    output = OutputConfig(**{k: v for k, v in (sweep.base.get("output") or {}).items() if k in ("log", "tracking_uri")})
+    output = _tracked(sweep)
     callbacks: list[Any] = []
     if "tensorboard" in output.log:
         from ray.tune.logger import TBXLoggerCallback
@@ -308,6 +315,8 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None, re
         raise InputError("sweep: retry_failed (--retry-failed) reruns a grid's failed trials; an optuna search "
                          "replaces them when num_samples (--num-samples) is raised")
     out = sweep.out.resolve()
+    output = _tracked(sweep)
+    check_tracking(output.log, output.tracking_uri, "base.output.tracking_uri")
     lock = DirectoryLock(out, "sweep directory")  # one writer per sweep directory
     _claim(sweep, out, resume, lock)
     recorded = finished_trials(out) if out.is_dir() else {}
