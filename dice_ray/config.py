@@ -584,6 +584,19 @@ def bundled_file(folder: str, kind: str, name: str) -> Path:
     return path
 
 
+def given_or_bundled(given: str | Path, folder: str, kind: str) -> Path:
+    """The file ``given`` names: as given (relative to the working directory), else, when it is named as the
+    repository names its own (``configs/alignment.yaml``, ``alignment``), the bundled one of that name, so the docs'
+    commands run from any directory. Else as given (and reading it says it does not exist)."""
+    path = Path(given)
+    if path.is_absolute() or path.exists() or path.parent.name not in ("", folder):
+        return path
+    try:
+        return bundled_file(folder, kind, path.name)
+    except InputError:
+        return path
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """Return the nested dict of a YAML config file (not yet validated); raise ``InputError``."""
     data = read_yaml(path)

@@ -35,6 +35,7 @@ from dice_ray.config import (
     RunConfig,
     apply_sets,
     build_config,
+    given_or_bundled,
     import_modules,
     load_config,
     modules_in,
@@ -144,7 +145,7 @@ def import_named(argv: list[str] | None) -> None:
     known, _ = pre.parse_known_args(argv)
     if known.resume:
         return  # a resumed run's modules are imported only with --allow-imports, by resume itself
-    data = load_config(known.config) if known.config else {}
+    data = load_config(given_or_bundled(known.config, "configs", "config")) if known.config else {}
     if known.imports:
         data["imports"] = comma_list(known.imports)
     apply_sets(data, [item for item in known.set if item.split("=")[0].strip() in ("imports", "model.import_module")])
@@ -179,7 +180,8 @@ def build_parser(prog: str = "python -m dice_ray.simulate") -> argparse.Argument
     parser = OneLineParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
                      description="Run synchronous adapt-then-communicate decentralized SGD over a topology, on Ray, "
                      "and write the run's tables to a run directory.", epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--config", metavar="FILE", help="YAML run config (see configs/)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML run config; configs/NAME.yaml or NAME: a bundled one, from any folder")
     names = {int: "INT", float: "FLOAT", "int-list": "INT,INT,...", "float-list": "FLOAT,FLOAT,...",
              "list": "NAME,NAME,...", "yaml": "VALUE", "bool": "true|false"}
     kinds = {"int-list": _int_list, "float-list": _float_list, "list": comma_list, "yaml": _yaml_value,
@@ -228,7 +230,7 @@ def resume_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     """Return the validated config: ``--config`` file, then options, then ``--set`` overrides."""
-    data = load_config(args.config) if args.config else {}
+    data = load_config(given_or_bundled(args.config, "configs", "config")) if args.config else {}
     for _, dotted, *_ in [*OPTIONS, *SWITCHES, *method_options()]:
         value = getattr(args, dotted)
         if value is not None:

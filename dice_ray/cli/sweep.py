@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dice_ray.config import given_or_bundled
 from dice_ray.errors import InputError, OneLineParser, report
 from dice_ray.sweep.runner import run_sweep
 from dice_ray.sweep.spec import load_sweep
@@ -29,7 +30,7 @@ def build_parser(prog: str = "python -m dice_ray.sweep") -> argparse.ArgumentPar
     parser = OneLineParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
                      description="Run a sweep of simulations over a space of run-config fields on Ray Tune.",
                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("sweep", help="sweep file (YAML; see sweeps/)")
+    parser.add_argument("sweep", help="sweep file (YAML); sweeps/NAME.yaml or NAME: a bundled one, from any folder")
     parser.add_argument("--resume", action="store_true",
                         help="finish the sweep in its directory: skip trials with a recorded result")
     parser.add_argument("--retry-failed", action="store_true",
@@ -46,8 +47,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.sweep") 
     """Command-line entry point; returns the exit status (2 for bad input)."""
     args = build_parser(prog).parse_args(argv)
     try:
-        sweep = load_sweep(args.sweep, {"out": args.out, "max_concurrent": args.max_concurrent,
-                                        "num_samples": args.num_samples})
+        overrides = {"out": args.out, "max_concurrent": args.max_concurrent, "num_samples": args.num_samples}
+        sweep = load_sweep(given_or_bundled(args.sweep, "sweeps", "sweep"), overrides)
         run_sweep(sweep, resume=args.resume, address=args.address, retry_failed=args.retry_failed)
     except InputError as err:
         return report(err)

@@ -37,8 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from dice_ray.config import (
     RunConfig,
     build_config,
-    bundled_config,
     bundled_file,
+    given_or_bundled,
     idle_settings,
     load_config,
     read_yaml,
@@ -218,16 +218,9 @@ def base_config_path(given: str, sweep_folder: Path) -> Path:
     (``configs/alignment.yaml``): a sweep then reads the same base from any working directory. Else as given (and
     ``load_config`` says it does not exist)."""
     path = Path(given)
-    if path.is_absolute() or path.exists():
-        return path
-    if (sweep_folder / path).exists():
+    if not path.is_absolute() and not path.exists() and (sweep_folder / path).exists():
         return sweep_folder / path
-    if path.parent.name in ("", "configs"):
-        try:
-            return bundled_config(path.name)
-        except InputError:
-            pass
-    return path
+    return given_or_bundled(path, "configs", "config")
 
 
 def _base_config(base: dict[str, Any], sweep_folder: Path) -> dict[str, Any]:

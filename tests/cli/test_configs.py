@@ -35,6 +35,25 @@ def test_bundled_config_is_found_from_any_working_directory(tmp_path, monkeypatc
         dice_ray.bundled_config("nope")
 
 
+def test_the_docs_config_and_sweep_paths_work_from_any_working_directory(tmp_path, monkeypatch, capsys):
+    """The docs' commands name configs/NAME.yaml and sweeps/NAME.yaml: from another folder they said 'does not
+    exist'. Such a path (or the bare name) is the bundled file where no such file is here; a file here wins."""
+    from dice_ray.cli.simulate import build_parser, resolve_config
+    from dice_ray.cli.sweep import main as sweep
+
+    monkeypatch.chdir(tmp_path)
+    for given in ("configs/anomaly-proximal.yaml", "anomaly-proximal"):
+        assert resolve_config(build_parser().parse_args(["--config", given])).nodes == 64
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "anomaly-proximal.yaml").write_text("nodes: 5\n")  # the user's own, here
+    assert resolve_config(build_parser().parse_args(["--config", "configs/anomaly-proximal.yaml"])).nodes == 5
+    with pytest.raises(InputError, match="config file 'other/default.yaml' does not exist"):
+        resolve_config(build_parser().parse_args(["--config", "other/default.yaml"]))  # not named as the repo's
+    (tmp_path / "file").write_text("")
+    assert sweep(["sweeps/lr_batch.yaml", "--out", str(tmp_path / "file" / "x")]) == 2  # found: then refused for
+    assert "sweep out" in capsys.readouterr().err  # its out (a file in the way), not for a missing sweep file
+
+
 def test_a_bundled_sweep_reads_the_same_base_from_any_working_directory(tmp_path, monkeypatch):
     """Its base.config (configs/alignment.yaml, as the repository's sweeps name theirs) used to be read relative to
     the working directory only: from a notebook in docs/ the sweep did not load. A base config beside the sweep file
