@@ -200,12 +200,17 @@ def _nodes_table(experiment: Experiment, blocks: list[np.ndarray]) -> dict[str, 
     }
 
 
+SESSION_COUNTS: dict[str, Any] = {"recoveries": [], "checkpoints_written": 0, "task_retries": []}
+
+
 class Manifest:
     """A run's record, ``manifest.json`` in its run directory: the config, where and how it ran, and how it ended
     (``status`` running, complete, failed or interrupted). ``write`` replaces the file atomically."""
 
     def __init__(self, out: Path, fields: dict[str, Any]):
         self.out, self.fields = out, fields
+        # what the earlier sessions recorded: this session's counts are added to them (``add_failures``)
+        self._earlier = {name: fields.get(name, default) for name, default in SESSION_COUNTS.items()}
 
     @classmethod
     def begin(cls, experiment: Experiment, out: Path, engine_kind: str, save_states: bool) -> Manifest:
@@ -245,10 +250,11 @@ class Manifest:
         write_json_atomic(self.out / "manifest.json", self.fields)
 
     def add_failures(self, report: TrainingReport, retries: list[dict]) -> None:
-        """Add this session's recoveries, checkpoint count and resubmitted tasks (``engine.tasks``) to the record."""
-        self.fields["recoveries"] = self.fields.get("recoveries", []) + report.recoveries
-        self.fields["checkpoints_written"] = self.fields.get("checkpoints_written", 0) + report.checkpoints
-        self.fields["task_retries"] = self.fields.get("task_retries", []) + retries
+        """Record the earlier sessions' recoveries, checkpoint count and resubmitted tasks (``engine.tasks``) with this
+        session's so far (called again as they grow: each call replaces the last one's)."""
+        self.fields["recoveries"] = self._earlier["recoveries"] + report.recoveries
+        self.fields["checkpoints_written"] = self._earlier["checkpoints_written"] + report.checkpoints
+        self.fields["task_retries"] = self._earlier["task_retries"] + retries
 
     def end(self, err: BaseException, store: CheckpointStore, report: TrainingReport, retries: list[dict]) -> None:
         """Record a run stopped by ``err`` (interrupted by the user, or failed) and write it if the disk lets us (a
@@ -326,12 +332,23 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
     manifest.write()
     tracker = open_tracker(config, out, start)  # output.log: TensorBoard / MLflow views of the tables
     on_round = tracker.chain(on_round)
-
     engine: Any = None
     training_s = 0.0  # the round loop's seconds (not the engine's start, nor the work after training)
     actor_info: list[dict[str, Any]] = []
     report = TrainingReport()
     tasks = task_backend(engine_kind, config, config.output.progress)  # the stages' work after training
+    written = [0]  # checkpoints this session, as the manifest last recorded them
+
+    def recorded(metrics: Any, engine: Any) -> None:
+        """After a round that wrote a checkpoint: the manifest records the session's counts (a SIGKILL later kept
+        none of them: a resumed run said 2 checkpoints written of 7)."""
+        if report.checkpoints != written[0]:
+            written[0] = report.checkpoints
+            manifest.add_failures(report, tasks.retries)
+            manifest.write()
+        if on_round is not None:
+            on_round(metrics, engine)
+
     try:
         if start < config.rounds:
             engine = _start_engine(experiment, engine_kind, round_hooks(chosen))
@@ -347,7 +364,7 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
             else:
                 tables.rollback(-1)
             training = time.time()
-            _run_rounds(engine, config, tables, store, online, start, on_round, report)
+            _run_rounds(engine, config, tables, store, online, start, recorded, report)
             training_s = time.time() - training
             for name, rows, schema in online.finish():  # before rounds.parquet, which marks the end of training
                 write_table_atomic(out / f"{name}.parquet", rows, schema)

@@ -171,6 +171,8 @@ def test_a_killed_sessions_mlflow_run_is_marked_killed_when_the_run_resumes(tmp_
     dice_ray.resume(out, engine="local")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
+    # the killed session's checkpoints (after rounds 0, 1, 2) count: the manifest is written at each (it said 0)
+    assert json.loads((out / "manifest.json").read_text())["checkpoints_written"] == 3
 
 
 def _steps(folder, tag):
