@@ -26,6 +26,7 @@ from dice_ray.config import RunConfig, build_config, load_config, read_recorded,
 from dice_ray.errors import InputError
 from dice_ray.hooks import Method, registered_methods
 from dice_ray.results import TABLES, kept_topology_file
+from dice_ray.rundir import read_json
 
 if TYPE_CHECKING:
     from dice_ray.reports import Cascade, Contributions
@@ -61,7 +62,7 @@ class Run:
     @property
     def manifest(self) -> dict[str, Any]:
         """The run's ``manifest.json`` (read anew each time: a running run updates it)."""
-        return json.loads((self.path / "manifest.json").read_text())
+        return read_json(self.path / "manifest.json")
 
     @property
     def status(self) -> str:
@@ -88,6 +89,8 @@ class Run:
         ``contributions``, ...) holds the rows written so far, read anew on every call: those of every checkpoint,
         and those written after it (at least every 10 s, and when the run stops), which a resume rolls back to the
         checkpoint it continues from."""
+        from dice_ray.reports.inputs import plain, read_table  # (the reports package imports scipy: not at start)
+
         if name not in self._tables:
             path = self.path / f"{name}.parquet"
             if not path.is_file():
@@ -95,12 +98,12 @@ class Run:
                 committed = None if status == "complete" else RoundTables(
                     self.path, {name: TABLES[name]} if name in TABLES else {}).committed(name)
                 if committed is not None:
-                    return committed.to_pandas()  # not kept: a running run commits more
+                    return plain(committed).to_pandas()  # not kept: a running run commits more
                 unfinished = "" if status == "complete" else (
                     f"; the run is {status} and no checkpoint has committed its rows yet")
                 raise InputError(f"run {str(self.path)!r} has no {name} table (it has: "
                                  f"{', '.join(self.tables()) or 'none'}{unfinished})")
-            self._tables[name] = pd.read_parquet(path)
+            self._tables[name] = read_table(path).to_pandas()
         return self._tables[name]
 
     def __getattr__(self, name: str) -> pd.DataFrame:

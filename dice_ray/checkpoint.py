@@ -25,6 +25,7 @@ import re
 import shutil
 import sys
 import time
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dice_ray.results import TableWriter, write_json_atomic, write_table_atomic
+from dice_ray.rundir import read_json
 
 CHECKPOINTS = "checkpoints"
 PART = r"-(\d{9})-(\d{9})"  # a part's name: <table>-<first round>-<last round>.parquet
@@ -86,8 +88,17 @@ class Checkpoint:
     path: Path
 
     def _arrays(self, name: str) -> dict[str, np.ndarray]:
-        with np.load(self.path / name, allow_pickle=False) as arrays:  # arrays only: a checkpoint never runs code
-            return {key: arrays[key] for key in arrays.files}
+        """The arrays of ``name``: plain arrays (never a pickle: a checkpoint never runs code), stored uncompressed as
+        ``np.savez`` stores them (a compressed member could inflate without bound); an array whose header asks for
+        more memory than there is is a ``ValueError`` too."""
+        with zipfile.ZipFile(self.path / name) as archive:
+            if any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist()):
+                raise ValueError("it has compressed members; dice-ray stores its arrays uncompressed")
+        try:
+            with np.load(self.path / name, allow_pickle=False) as arrays:
+                return {key: arrays[key] for key in arrays.files}
+        except MemoryError as err:
+            raise ValueError(f"an array's header asks for more memory than there is ({str(err)[:80]})") from None
 
     def load(self) -> dict[str, np.ndarray]:
         """Return the state arrays (``state`` [N, D], ``opt.<name>`` and the hooks' arrays, global order)."""
@@ -101,7 +112,7 @@ class Checkpoint:
         """Return why this checkpoint cannot be trusted (a file missing, its SHA-256 not the one recorded in
         ``meta.json``, which is written last, or not plain arrays), or None if every file is intact."""
         try:
-            meta = json.loads((self.path / "meta.json").read_text())
+            meta = read_json(self.path / "meta.json")
             digests = meta["sha256"]
         except (OSError, ValueError, KeyError, TypeError):
             return "meta.json is unreadable or records no digests"
@@ -121,7 +132,7 @@ class Checkpoint:
                 return f"{name} does not match its recorded SHA-256"
             try:
                 self._arrays(name)
-            except (ValueError, OSError, EOFError) as err:  # e.g. pickled objects: refused, never unpickled
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # pickles: refused, never unpickled
                 return f"{name} is not a file of plain arrays ({str(err).splitlines()[0][:120]})"
         parts = meta.get("parts", {})  # the table rows up to this round (``RoundTables``' parts beside it)
         if not isinstance(parts, dict):
@@ -187,7 +198,7 @@ class CheckpointStore:
         """Raise ``ValueError`` if ``checkpoint`` was written by a run with a different config. A checkpoint an
         earlier version wrote, whose digest counted ``_UNCOUNTED_FIELDS``, is taken if it matches the run's recorded
         config counted so (its manifest: the config this run resumes)."""
-        meta = json.loads((checkpoint.path / "meta.json").read_text())
+        meta = read_json(checkpoint.path / "meta.json")
         found = meta.get("config_digest")
         if found != self.digest and found != self._counted_digest():
             raise ValueError(f"checkpoint {checkpoint.path} belongs to a different config (digest "
@@ -196,7 +207,7 @@ class CheckpointStore:
     def _counted_digest(self) -> str | None:
         """The digest of the run's recorded config with ``_UNCOUNTED_FIELDS`` counted (None: no manifest)."""
         try:
-            data = json.loads((self.root.parent / "manifest.json").read_text())["config"]
+            data = read_json(self.root.parent / "manifest.json")["config"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return _digest(data, counted=True) if isinstance(data, dict) else None

@@ -524,6 +524,18 @@ def forget_tracking_uri(data: Any, where: str) -> None:
               "continues there)", file=sys.stderr)
 
 
+def forget_download(data: Any, where: str) -> None:
+    """Drop ``data.download`` from a run directory's recorded config ``data``: a resume or retraining reads the data
+    set from ``data_dir``, and does not fetch it from the network into a folder a received run names. One warning
+    line when the run had it on (download the data set first, then resume)."""
+    section = data.get("data") if isinstance(data, dict) else None
+    if isinstance(section, dict) and section.get("download"):
+        section["download"] = False
+        print(f"warning: {where}: the run downloaded its data set; a run directory does not choose what is fetched "
+              "from the network, or where it is written, so this session reads it from data.data_dir as it is",
+              file=sys.stderr)
+
+
 def rerun_config(data: Any, where: str, allow_imports: bool) -> RunConfig:
     """Return the recorded config of a run directory that is about to compute again (a resume, a retraining), built
     as ``build_config`` builds a new one, importing its modules, but only with ``allow_imports``: otherwise one

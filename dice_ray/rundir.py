@@ -14,9 +14,11 @@ import fcntl
 import json
 import os
 import platform
+import stat
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from dice_ray.errors import InputError
 
@@ -52,6 +54,39 @@ def check_can_make(path: Path, what: str, hint: str = "") -> None:
         raise InputError(f"{what}: {problem}{f'; {hint}' if hint else ''}")
 
 
+JSON_LIMIT = 64 * 2**20  # bytes: a manifest, a checkpoint's meta.json or a trial's result.json is far smaller
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document at ``path``, in a directory that may come from someone else: a regular file (a FIFO would
+    block, /dev/zero never end) of at most ``JSON_LIMIT`` bytes, nested shallowly enough to parse (deep nesting is a
+    RecursionError); else ``ValueError`` naming the problem (``OSError`` where it cannot be read)."""
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path.name} is not a regular file")
+    if info.st_size > JSON_LIMIT:
+        raise ValueError(f"{path.name} holds {info.st_size} bytes, more than any dice-ray writes")
+    try:
+        return json.loads(path.read_text())
+    except RecursionError:
+        raise ValueError(f"{path.name} is nested too deeply to be one dice-ray writes") from None
+
+
+def refuse_links(directory: Path, what: str = "run directory") -> None:
+    """Refuse (``InputError``) a ``directory`` holding, at any depth, a symbolic link or a special file (a FIFO, a
+    device): dice-ray writes neither, and through one a directory received from someone else would make a resume
+    write (or delete, or read, or wait) outside it. The directory itself may be a link (a user's own ``--out``)."""
+    for root, folders, files in os.walk(directory):  # never descends into a linked folder
+        for name in [*folders, *files]:
+            path = Path(root) / name
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file or folder"
+                raise InputError(f"{what} {str(directory)!r}: {path} is {kind}; dice-ray writes none, and a directory "
+                                 "received from someone else could make it write elsewhere through one: replace it "
+                                 "with a copy of what it points to, or remove it")
+
+
 class DirectoryLock:
     """The write lock of ``directory`` (``what`` names it in the error: "run directory", "sweep directory")."""
 
@@ -85,9 +120,11 @@ class DirectoryLock:
 
     def acquire(self) -> DirectoryLock:
         """Take the lock (creating the directory if needed) or raise ``InputError`` naming the holder."""
+        if self.directory.is_dir():
+            refuse_links(self.directory, self.what)
         self.check()
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

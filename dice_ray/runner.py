@@ -10,7 +10,6 @@ and ``nodes.parquet``, and the tables of the methods the config enables (``dice_
 from __future__ import annotations
 
 import datetime as dt
-import json
 import platform
 import resource
 import shutil
@@ -30,6 +29,7 @@ from dice_ray.config import (
     RunConfig,
     check_workers_register,
     forget_address,
+    forget_download,
     forget_tracking_uri,
     rerun_config,
     set_dotted,
@@ -51,9 +51,13 @@ from dice_ray.results import (
     write_json_atomic,
     write_table_atomic,
 )
-from dice_ray.rundir import LOCK, DirectoryLock, check_can_make
+from dice_ray.rundir import LOCK, DirectoryLock, check_can_make, read_json, refuse_links
 from dice_ray.tracking import check_tracking, open_tracker
 from dice_ray.version import __version__
+
+# The manifest's records a resume reads or extends, and their types
+RECORD_TYPES: dict[str, type] = {"resumes": list, "recoveries": list, "task_retries": list, "checkpoints_written": int,
+                                 "methods": list, "model": dict, "placement": list, "config": dict}
 
 
 def resume_config(run: Path, changes: dict[str, Any] | None = None,
@@ -68,15 +72,20 @@ def resume_config(run: Path, changes: dict[str, Any] | None = None,
     if not path.is_file():
         raise InputError(f"{refused}: no manifest.json there; not a dice-ray run directory")
     DirectoryLock(run).check()
+    refuse_links(run)
     try:
-        manifest = json.loads(path.read_text())
+        manifest = read_json(path)
         data = manifest["config"]
     except (ValueError, KeyError, TypeError):
         raise InputError(f"{refused}: manifest.json is not a run manifest") from None
+    for name, kind in RECORD_TYPES.items():  # what a resume reads and extends: a changed one failed after training
+        if name in manifest and not isinstance(manifest[name], kind):
+            raise InputError(f"{refused}: manifest.json's {name!r} is not a {kind.__name__}: the manifest was changed")
     if manifest.get("status") == "complete":
         raise InputError(f"{refused}: the run is already complete")
     forget_address(data, f"resuming {str(run)!r}", (changes or {}).get("engine.address"))
     forget_tracking_uri(data, f"resuming {str(run)!r}")
+    forget_download(data, f"resuming {str(run)!r}")
     for dotted, value in (changes or {}).items():
         if dotted not in RESUME_FIELDS:
             raise InputError(f"a resume continues the run with its own config; {dotted} cannot change "
@@ -233,7 +242,7 @@ class Manifest:
     @classmethod
     def resumed(cls, out: Path, start: int) -> Manifest:
         """The record in ``out``, continued from round ``start`` (listed under ``resumes``)."""
-        fields = json.loads((out / "manifest.json").read_text())
+        fields = read_json(out / "manifest.json")
         fields.setdefault("resumes", []).append({"time": _now(), "from_round": start})
         fields.update(status="running", argv_resume=sys.argv)
         fields.pop("error", None)
@@ -452,9 +461,12 @@ def run_stage(run: Path, stage: type[Stage], changes: dict[str, Any], local: boo
     ``analyze contributions --loo``), with its recorded config and the dotted fields ``changes``: as Ray tasks, or
     in this process if ``local``. A config that names modules to import is refused unless ``allow_imports``
     (``config.rerun_config``)."""
-    manifest = json.loads((run / "manifest.json").read_text())
+    from dice_ray.reports.inputs import read_manifest
+
+    manifest = read_manifest(run)  # a dict with a config section, or one line
     data = manifest["config"]
     forget_address(data, f"{stage.name} of run {str(run)!r}", warn=not local)
+    forget_download(data, f"{stage.name} of run {str(run)!r}")
     for dotted, value in changes.items():
         set_dotted(data, dotted, value)
     experiment = prepare(rerun_config(data, f"{stage.name} of run {str(run)!r}", allow_imports),

@@ -147,7 +147,9 @@ class EventFile:
         from tensorboardX.proto.event_pb2 import Event, SessionLog
 
         logdir.mkdir(parents=True, exist_ok=True)
-        self.events = EventsWriter(str(logdir / "events"), f".{os.getpid()}.{time.monotonic_ns()}")
+        # TensorBoard reads a folder's event files in name order, and a later file's purge applies to the earlier ones
+        # only: a name led by the time in ns sorts in the order written (and after tensorboardX's, led by seconds)
+        self.events = EventsWriter(str(logdir / f"events.out.tfevents.{time.time_ns()}"), f".{os.getpid()}")
         if purge_step is not None:
             self.events.write_event(Event(step=purge_step, wall_time=time.time(),
                                           session_log=SessionLog(status=SessionLog.START)))

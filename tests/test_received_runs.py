@@ -267,3 +267,144 @@ def test_a_config_recorded_by_an_earlier_version_with_a_repeated_id_is_read_as_r
     assert config.influence.sources == [1, 1] and config.misbehavior.number(8) == 1
     with pytest.raises(InputError, match="lists 1 twice"):
         build_config(recorded)
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run stopped after round 3 with checkpoints after rounds 1 and 3, TensorBoard on: one to receive."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    config = dice_ray.as_config({"nodes": 4, "rounds": 6, "data": {"dataset": "digits", "heldout_size": 16}},
+                                output={"out": str(out), "progress": False, "checkpoint_every": 2,
+                                        "log": ["tensorboard"]})
+
+    def stop(metrics, engine) -> None:
+        if metrics.round == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dice_ray.run(config, engine="local", on_round=stop)
+    return out
+
+
+def _copy(run: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, to)
+    return to
+
+
+def _one_line(code: int, capsys: pytest.CaptureFixture[str], needle: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, err
+
+
+def test_a_received_run_writes_nothing_outside_itself_through_links(interrupted: Path, tmp_path: Path,
+                                                                     capsys) -> None:
+    """Found by an audit: a .lock linked to a user's file had it overwritten with the lock's JSON; a linked
+    checkpoints/, tensorboard/ or mlflow.db took the resume's checkpoints, parts and events outside (a rollback also
+    deleted a file there). A symbolic link or a special file anywhere in a run directory is refused, nothing written."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("precious")
+    for name, target in ((".lock", outside / "precious.txt"), ("checkpoints", outside), ("tensorboard", outside)):
+        run = _copy(interrupted, tmp_path / f"link-{name.strip('.')}")
+        path = run / name
+        if path.is_dir():
+            import shutil
+
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        path.symlink_to(target)
+        capsys.readouterr()
+        _one_line(simulate(["--resume", str(run), "--engine", "local"]), capsys, f"{path} is a symbolic link")
+    assert [p.name for p in outside.iterdir()] == ["precious.txt"] and (outside / "precious.txt").read_text() == (
+        "precious")
+    run = _copy(interrupted, tmp_path / "fifo")
+    os.mkfifo(run / "checkpoints" / "pipe")
+    _one_line(simulate(["--resume", str(run), "--engine", "local"]), capsys, "is not a regular file or folder")
+
+
+def test_a_received_runs_crafted_files_are_one_line_each(interrupted: Path, tmp_path: Path, capsys) -> None:
+    """Found by an audit, each a traceback (or a hang, or unbounded memory) before: a manifest that is a FIFO or
+    nested too deeply; manifest records of the wrong type (one failed after training); a checkpoint whose array header
+    asks for 1.5 TiB, or whose members are compressed (a zip bomb's way); pandas metadata naming another dtype."""
+    import hashlib
+    import zipfile
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    run = _copy(interrupted, tmp_path / "fifo-manifest")
+    (run / "manifest.json").unlink()
+    os.mkfifo(run / "manifest.json")
+    _one_line(analyze(["alignment", str(run)]), capsys, "manifest.json is not a regular file")
+    run = _copy(interrupted, tmp_path / "deep")
+    (run / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    _one_line(analyze(["anomaly", str(run)]), capsys, "nested too deeply")
+    _one_line(simulate(["--resume", str(run), "--engine", "local"]), capsys, "manifest.json is not a run manifest")
+    run = _copy(interrupted, tmp_path / "records")
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "recoveries": "x"}))
+    _one_line(simulate(["--resume", str(run), "--engine", "local"]), capsys, "'recoveries' is not a list")
+
+    def rewrite_state(run: Path, write) -> None:
+        for checkpoint in sorted((run / "checkpoints").glob("round-*")):
+            write(checkpoint / "state.npz")
+            meta = json.loads((checkpoint / "meta.json").read_text())
+            meta["sha256"]["state.npz"] = hashlib.sha256((checkpoint / "state.npz").read_bytes()).hexdigest()
+            (checkpoint / "meta.json").write_text(json.dumps(meta))
+
+    def huge(path: Path) -> None:  # a header claiming 4e11 float32 over a few bytes
+        with zipfile.ZipFile(path, "w") as archive:
+            header = np.lib.format.header_data_from_array_1_0(np.zeros(1, np.float32))
+            header["shape"] = (4 * 10**11,)
+            with archive.open("state.npy", "w") as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                f.write(b"\0" * 16)
+
+    def compressed(path: Path) -> None:
+        with np.load(path) as arrays:
+            saved = {key: arrays[key] for key in arrays.files}
+        with open(path, "wb") as f:
+            np.savez_compressed(f, **saved)
+
+    for name, write, needle in (("huge", huge, "asks for more memory than there is"),
+                                ("compressed", compressed, "has compressed members")):
+        run = _copy(interrupted, tmp_path / name)
+        rewrite_state(run, write)
+        capsys.readouterr()
+        code = simulate(["--resume", str(run), "--engine", "local"])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and "none of its 2 checkpoints verifies" in err, err
+    run = tmp_path / "pandas-metadata"
+    dice_ray.run(dice_ray.as_config({"nodes": 4, "rounds": 2, "data": {"dataset": "digits", "heldout_size": 16}},
+                                    output={"out": str(run), "progress": False}), engine="local")
+    for name in ("rounds", "nodes"):
+        table = pq.read_table(run / f"{name}.parquet")
+        crafted = {"index_columns": [], "column_indexes": [], "columns": [
+            {"name": c, "field_name": c, "pandas_type": "int32", "numpy_type": "period[D]", "metadata": None}
+            for c in table.column_names]}
+        pq.write_table(table.replace_schema_metadata({b"pandas": json.dumps(crafted).encode()}),
+                       run / f"{name}.parquet")
+    opened = dice_ray.open_run(run)
+    assert len(opened.rounds) == 8 and len(opened.nodes) == 4  # an IndexError or ValueError before
+
+
+def test_a_received_run_does_not_download_into_the_folder_it_names(tmp_path: Path, capsys) -> None:
+    """A received run's data.download made a resume fetch a data set from the network into the folder its config
+    names (it made the folder before failing offline): dropped, with one warning line, as its address is."""
+    from dice_ray.runner import resume_config
+
+    out = tmp_path / "run"
+    dice_ray.run(dice_ray.as_config({"nodes": 4, "rounds": 2, "data": {"dataset": "digits", "heldout_size": 16}},
+                                    output={"out": str(out), "progress": False}), engine="local")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["status"] = "interrupted"
+    manifest["config"]["data"].update(download=True, data_dir=str(tmp_path / "elsewhere"))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "rounds.parquet").unlink()
+    capsys.readouterr()
+    config, _ = resume_config(out)
+    assert config.data.download is False and "a run directory does not choose what is fetched" in (
+        capsys.readouterr().err)

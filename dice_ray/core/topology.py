@@ -297,7 +297,7 @@ def load_mixing_matrix(path: str | Path) -> csr_array:
             w = sparse.load_npz(path).astype(np.float64)
         else:
             w = np.loadtxt(path, delimiter="," if "," in path.read_text() else None, ndmin=2)
-    except (OSError, ValueError, zipfile.BadZipFile, KeyError) as error:  # .npz: a zip of scipy's arrays
+    except (OSError, ValueError, zipfile.BadZipFile, KeyError, MemoryError) as error:  # .npz: a zip of scipy's arrays
         raise InputError(f"mixing matrix file '{path}' could not be read: {first_line(error)}") from None
     return _validated(w, atol=1e-6, name=f"W in '{path}'")
 

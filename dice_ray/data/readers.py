@@ -174,6 +174,7 @@ def _read_cifar_pickle(path: str, label_key: str) -> tuple[np.ndarray, np.ndarra
         ImportError,
         IndexError,
         OSError,
+        MemoryError,  # an ndarray of the allowed kind asking for more memory than there is
     ) as e:
         raise _corrupt(path, f"{type(e).__name__}: {e}") from e
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):

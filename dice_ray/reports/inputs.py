@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import pyarrow.parquet as pq
 
 from dice_ray.errors import InputError, first_line
 from dice_ray.results import TABLES, kept_topology_file
+from dice_ray.rundir import read_json
 
 NONEMPTY = ("rounds", "nodes")  # a finished run writes a row per participant (and round) into these
 FINITE = {"rounds": ("train_loss",)}  # a run whose training loss is not finite stops as diverged: such a value was
@@ -41,7 +41,7 @@ def read_table(path: Path) -> pa.Table:
     documents; a file cut short, not Parquet, without those columns, with text where numbers belong, without rows
     (``NONEMPTY``) or with a NaN where a run writes numbers (``FINITE``) is an ``InputError`` naming it."""
     try:
-        table = pq.read_table(path)
+        table = plain(pq.read_table(path))
     except (OSError, pa.ArrowException) as err:
         raise InputError(f"{path} is not a readable Parquet table ({first_line(err)}): it was cut short or "
                          "replaced") from None
@@ -71,6 +71,13 @@ def read_table(path: Path) -> pa.Table:
     return table
 
 
+def plain(table: pa.Table) -> pa.Table:
+    """``table`` without the pandas metadata a file may carry (dice-ray writes none): ``to_pandas`` follows it, and
+    a crafted one (a dtype, an index) made the reports fail with IndexError or ValueError tracebacks."""
+    kept = {k: v for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
+    return table.replace_schema_metadata(kept or None)
+
+
 def check_participants(path: Path, column: str, ids: Any, n: int, every: bool = False) -> None:
     """Raise an ``InputError`` naming ``path`` if a participant id of ``column`` (``ids``) is not one of the run's
     ``n`` (0 .. n − 1), or, with ``every``, if the column does not list each of them once (a table of one row per
@@ -89,11 +96,12 @@ def read_manifest(run: Path) -> dict[str, Any]:
     """``run``'s manifest.json as a dict with its ``config`` a dict; missing or malformed: an ``InputError``."""
     path = run / "manifest.json"
     try:
-        manifest = json.loads(path.read_text())
+        manifest = read_json(path)
     except FileNotFoundError:
         raise not_a_run(run) from None
     except (OSError, ValueError) as err:
-        raise InputError(f"{path} is not readable JSON ({type(err).__name__}): it was cut short or replaced") from None
+        raise InputError(f"{path} is not readable JSON ({type(err).__name__}: {first_line(err)[:120]}): it was cut "
+                         "short or replaced") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
         raise InputError(f"{path} is not a dice-ray manifest (no config section)")
     return manifest
@@ -111,7 +119,7 @@ def missing_table(path: Path, hint: str) -> InputError:
     if not (path.parent / "manifest.json").exists():
         return not_a_run(path.parent)
     try:
-        status = json.loads((path.parent / "manifest.json").read_text()).get("status")
+        status = read_json(path.parent / "manifest.json").get("status")
     except (OSError, ValueError, AttributeError):
         status = None
     if status not in (None, "complete"):

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from dice_ray.errors import InputError
 from dice_ray.results import TRIALS, write_json_atomic, write_table_atomic
+from dice_ray.rundir import read_json
 
 RESULT = "result.json"
 
@@ -45,7 +46,7 @@ def finished_trials(out: Path) -> dict[str, dict[str, Any]]:
     rows = {}
     for path in sorted((out / "trials").glob(f"*/{RESULT}")):
         try:
-            row = json.loads(path.read_text())
+            row = read_json(path)
             problem = check_result(row, path.parent.name)
         except (OSError, ValueError) as err:
             problem = type(err).__name__

@@ -32,7 +32,7 @@ from typing import Any
 from dice_ray.engine.runtime import dropped_log_lines
 from dice_ray.errors import InputError
 from dice_ray.results import write_atomic, write_json_atomic
-from dice_ray.rundir import LOCK, DirectoryLock, check_can_make
+from dice_ray.rundir import LOCK, DirectoryLock, check_can_make, read_json, refuse_links
 from dice_ray.sweep.metrics import compute_metrics
 from dice_ray.sweep.plot import plot_trials
 from dice_ray.sweep.records import finished_trials, trial_dir, write_result, write_trials_table
@@ -75,7 +75,7 @@ def simulate_or_resume(config: Any) -> tuple[Path, float]:
 
     run = Path(config.output.out)
     try:
-        manifest = json.loads((run / "manifest.json").read_text())
+        manifest = read_json(run / "manifest.json")
         status = manifest.get("status")
     except (OSError, ValueError, AttributeError):
         manifest, status = {}, None
@@ -218,6 +218,8 @@ def _claim(sweep: Sweep, out: Path, resume: bool, lock: DirectoryLock) -> None:
         raise InputError(f"sweep out {str(out)!r} exists and is not a directory")
     check_can_make(out, f"sweep out {str(out)!r}")
     lock.check()
+    if out.is_dir():
+        refuse_links(out, "sweep directory")
     if not (out.is_dir() and any(p.name != LOCK for p in out.iterdir())):
         return
     if not resume:
@@ -227,7 +229,7 @@ def _claim(sweep: Sweep, out: Path, resume: bool, lock: DirectoryLock) -> None:
     if not recorded.is_file():
         raise InputError(f"{str(out)!r} is not a sweep directory (no sweep.json); choose another out")
     try:
-        fingerprint = json.loads(recorded.read_text())
+        fingerprint = read_json(recorded)
     except (OSError, ValueError) as err:
         raise InputError(f"{str(recorded)!r} is not readable JSON ({type(err).__name__}): the sweep directory was "
                          "damaged; choose another out") from None
