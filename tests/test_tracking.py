@@ -147,24 +147,31 @@ def test_overwrite_removes_the_earlier_runs_tracker_records(tmp_path):
     assert not (out / "tensorboard").exists() and not (out / "mlflow.db").exists()
 
 
+def _killed_at(round_: int, config: dict) -> None:
+    """Run ``config`` in a subprocess that kills itself outright (as SIGKILL would) after round ``round_``."""
+    import json
+    import subprocess
+    import sys
+
+    killed = subprocess.run([sys.executable, "-c", (
+        "import json, os, sys, dice_ray\n"
+        f"def stop(m, e):\n    if m.round == {round_}: os._exit(9)\n"
+        "dice_ray.run(json.loads(sys.argv[1]), engine='local', on_round=stop)\n"), json.dumps(config)],
+        capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 9, killed.stderr
+
+
 def test_a_killed_sessions_mlflow_run_is_marked_killed_when_the_run_resumes(tmp_path):
     """A SIGKILL leaves no chance to close the MLflow run: it stayed RUNNING for ever. The resume, which holds the
     run directory's lock, marks the earlier session of this directory (and host) KILLED and logs its own."""
     import json
-    import subprocess
-    import sys
 
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "run"
     config = {"nodes": 4, "rounds": 4, "data": {"dataset": "digits", "heldout_size": 16},
               "output": {"out": str(out), "progress": False, "log": ["mlflow"], "checkpoint_every": 1}}
-    killed = subprocess.run([sys.executable, "-c", (
-        "import json, os, sys, dice_ray\n"
-        "def stop(m, e):\n    if m.round == 2: os._exit(9)\n"
-        "dice_ray.run(json.loads(sys.argv[1]), engine='local', on_round=stop)\n"), json.dumps(config)],
-        capture_output=True, text=True, timeout=300)
-    assert killed.returncode == 9, killed.stderr
+    _killed_at(2, config)
     client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
     experiment = client.get_experiment_by_name("dice-ray")
     assert [r.info.status for r in client.search_runs([experiment.experiment_id])] == ["RUNNING"]
@@ -188,9 +195,6 @@ def test_every_round_reaches_tensorboard_once_through_kills_interrupts_and_repla
     """An audit found, per round: the last rounds before a SIGKILL lost (tensorboardX's flush did not wait for its
     writer thread, so the resume, which starts after its checkpoint, never logged them again), the rounds between a
     checkpoint and a Ctrl-C logged twice after the resume, and the rounds replayed after a lost actor logged twice."""
-    import json
-    import subprocess
-    import sys
 
     from dice_ray.engine.metrics import RoundMetrics
     from dice_ray.tracking import Tracker
@@ -199,12 +203,7 @@ def test_every_round_reaches_tensorboard_once_through_kills_interrupts_and_repla
     killed = tmp_path / "killed"
     config = {**base, "output": {"out": str(killed), "progress": False, "log": ["tensorboard"],
                                  "checkpoint_every": 2, "eval_every": 6}}
-    done = subprocess.run([sys.executable, "-c", (
-        "import json, os, sys, dice_ray\n"
-        "def stop(m, e):\n    if m.round == 4: os._exit(9)\n"
-        "dice_ray.run(json.loads(sys.argv[1]), engine='local', on_round=stop)\n"), json.dumps(config)],
-        capture_output=True, text=True, timeout=300)
-    assert done.returncode == 9, done.stderr
+    _killed_at(4, config)
     dice_ray.resume(killed, engine="local")  # from the checkpoint after round 3
     assert _steps(killed / "tensorboard", "train_loss") == list(range(6))
 
