@@ -120,9 +120,9 @@ class Checkpoint:
             return f"its folder names round {self.round}, its meta.json round {meta.get('round')!r}"
         if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
             return "meta.json records its digests wrongly"
-        unlisted = [name for name in ("state.npz", "driver.npz") if name not in digests
-                    and (name == "state.npz" or (self.path / name).exists())]
-        if unlisted:  # loaded on resume: never unchecked
+        loaded = ["state.npz", *(["driver.npz"] if (self.path / "driver.npz").exists() else [])]
+        unlisted = [name for name in loaded if name not in digests]
+        if unlisted:  # what a resume loads is never unchecked
             return f"meta.json records no digest of {unlisted[0]}"
         for name, digest in digests.items():
             path = self.path / name

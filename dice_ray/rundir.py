@@ -79,7 +79,10 @@ def refuse_links(directory: Path, what: str = "run directory") -> None:
     for root, folders, files in os.walk(directory):  # never descends into a linked folder
         for name in [*folders, *files]:
             path = Path(root) / name
-            mode = path.lstat().st_mode
+            try:
+                mode = path.lstat().st_mode
+            except FileNotFoundError:  # removed since it was listed (a live run's checkpoint rotation)
+                continue
             if stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                 kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file or folder"
                 raise InputError(f"{what} {str(directory)!r}: {path} is {kind}; dice-ray writes none, and a directory "
@@ -112,7 +115,10 @@ class DirectoryLock:
         return None
 
     def check(self) -> None:
-        """Raise ``InputError`` if another process writes the directory."""
+        """Raise ``InputError`` if another process writes the directory, or if it holds a link or a special file
+        (``refuse_links``): the check every writer makes before it starts, and again as it takes the lock."""
+        if self.directory.is_dir():
+            refuse_links(self.directory, self.what)
         holder = self.holder()
         if holder is not None:
             raise InputError(f"{self.what} {str(self.directory)!r} is being written by {holder}; wait for it to "
@@ -120,8 +126,6 @@ class DirectoryLock:
 
     def acquire(self) -> DirectoryLock:
         """Take the lock (creating the directory if needed) or raise ``InputError`` naming the holder."""
-        if self.directory.is_dir():
-            refuse_links(self.directory, self.what)
         self.check()
         self.directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)

@@ -51,7 +51,7 @@ from dice_ray.results import (
     write_json_atomic,
     write_table_atomic,
 )
-from dice_ray.rundir import LOCK, DirectoryLock, check_can_make, read_json, refuse_links
+from dice_ray.rundir import LOCK, DirectoryLock, check_can_make, read_json
 from dice_ray.tracking import check_tracking, open_tracker
 from dice_ray.version import __version__
 
@@ -72,7 +72,6 @@ def resume_config(run: Path, changes: dict[str, Any] | None = None,
     if not path.is_file():
         raise InputError(f"{refused}: no manifest.json there; not a dice-ray run directory")
     DirectoryLock(run).check()
-    refuse_links(run)
     try:
         manifest = read_json(path)
         data = manifest["config"]
@@ -135,8 +134,8 @@ def _fitting_checkpoint(out: Path, experiment: Experiment, methods: list[Method]
                         store: CheckpointStore, checkpoint: Any) -> dict[str, np.ndarray]:
     """The arrays of ``checkpoint``, the one a resume of ``out`` continues from, checked before anything is written
     or started: this run's config wrote it, its arrays can be this run's (``fitting_snapshot``), and they restore a
-    block and the methods' drivers (a block on PyTorch's ``meta`` device: shapes without data, ~2 s at N = 100,000);
-    else an ``InputError``."""
+    block (on PyTorch's ``meta`` device: shapes without data, ~2 s at N = 100,000) and the methods' drivers, which
+    keep it; else an ``InputError``."""
     store.check(checkpoint)
     snapshot = fitting_snapshot(checkpoint, experiment.nodes, experiment.state_width)
     try:
@@ -364,9 +363,8 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
             blocks = engine.blocks
             manifest.update(actors=len(blocks))
             write_table_atomic(out / "nodes.parquet", _nodes_table(experiment, blocks), NODES)
-            if start > 0:  # ``latest``: the checkpoint that verified and fitted above
+            if start > 0:  # ``latest``: the checkpoint that verified and fitted above (the drivers hold its state)
                 engine.restore(snapshot, config.engine.restart_timeout)
-                online.load_state(latest.load_driver_state())
                 online.impose_mixing(engine)
                 tables.rollback(latest.round)
                 store.remove_after(latest.round)

@@ -36,7 +36,9 @@ def _wait_for(condition, timeout: float = 120.0) -> None:
 
 
 def _listing(run: Path) -> set[str]:
-    return {p.name for p in run.iterdir()}  # the live run itself replaces checkpoints/ entries
+    # the live run itself replaces checkpoints/ entries, and writes its manifest (through a transient .partial file)
+    # at each checkpoint
+    return {p.name for p in run.iterdir() if not p.name.endswith(".partial")}
 
 
 def _record(run: Path) -> dict:

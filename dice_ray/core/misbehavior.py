@@ -111,19 +111,15 @@ def misbehavior(section: MisbehaviorConfig) -> Misbehavior | None:
         raise InputError(f"misbehavior.options {options} for {section.kind!r}: {err}") from None
 
 
-def kind_options(section: MisbehaviorConfig) -> dict:
+def kind_options(section: MisbehaviorConfig, by_field: bool = False) -> dict:
     """The keyword arguments kind ``section.kind`` is built with: a built-in kind's from the section's own fields
     (sign-flip, free-ride and ``none``: none), a user's ``section.options``. Reads no registry: a recorded run's
-    config gives them without importing the kind."""
+    config gives them without importing the kind. ``by_field``: a built-in kind's keyed by their config fields
+    (label-flip's ``flip_fraction``, not its constructor's ``fraction``), as a report names them."""
     fields = BUILT_IN_FIELDS.get(section.kind, {} if section.kind == "none" else None)
-    return dict(section.options) if fields is None else {arg: getattr(section, f) for arg, f in fields.items()}
-
-
-def option_fields(section: MisbehaviorConfig) -> dict:
-    """The kind's options as the config names them: a built-in kind's fields of the section (label-flip's
-    ``flip_fraction``, not its constructor's ``fraction``), a user's ``section.options``."""
-    fields = BUILT_IN_FIELDS.get(section.kind, {} if section.kind == "none" else None)
-    return dict(section.options) if fields is None else {f: getattr(section, f) for f in fields.values()}
+    if fields is None:
+        return dict(section.options)
+    return {f if by_field else arg: getattr(section, f) for arg, f in fields.items()}
 
 
 def update_factors(kind: Misbehavior | None, ids: np.ndarray) -> np.ndarray | None:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from dice_ray.core.misbehavior import option_fields
+from dice_ray.core.misbehavior import kind_options
 from dice_ray.errors import InputError
 from dice_ray.reports.inputs import read_frame, read_manifest, read_table, recorded_topology
 from dice_ray.results import COLLABORATORS
@@ -54,7 +54,7 @@ def collaborator_row(run: Path) -> dict:
     from_bad = [np.isin(e, list(bad)).sum() for k, e in enumerate(edges) if honest[k]]
     total = sum(len(e) for k, e in enumerate(edges) if honest[k])
     return {"run": str(run), "rewiring": config.rewiring.mode, "misbehavior": config.misbehavior.kind,
-            "misbehavior_options": json.dumps(option_fields(config.misbehavior), sort_keys=True),
+            "misbehavior_options": json.dumps(kind_options(config.misbehavior, by_field=True), sort_keys=True),
             "misbehaving": int((~honest).sum()), "seed": config.seed,
             "honest_acc": float(last["heldout_acc"].to_numpy()[honest].mean()),
             "honest_loss": float(last["heldout_loss"].to_numpy()[honest].mean()),

@@ -32,7 +32,7 @@ from typing import Any
 from dice_ray.engine.runtime import dropped_log_lines
 from dice_ray.errors import InputError
 from dice_ray.results import write_atomic, write_json_atomic
-from dice_ray.rundir import LOCK, DirectoryLock, check_can_make, read_json, refuse_links
+from dice_ray.rundir import LOCK, DirectoryLock, check_can_make, read_json
 from dice_ray.sweep.metrics import compute_metrics
 from dice_ray.sweep.plot import plot_trials
 from dice_ray.sweep.records import finished_trials, trial_dir, write_result, write_trials_table
@@ -218,8 +218,6 @@ def _claim(sweep: Sweep, out: Path, resume: bool, lock: DirectoryLock) -> None:
         raise InputError(f"sweep out {str(out)!r} exists and is not a directory")
     check_can_make(out, f"sweep out {str(out)!r}")
     lock.check()
-    if out.is_dir():
-        refuse_links(out, "sweep directory")
     if not (out.is_dir() and any(p.name != LOCK for p in out.iterdir())):
         return
     if not resume:
