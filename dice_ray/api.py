@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import json
+import numbers
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +28,7 @@ from dice_ray.config import RunConfig, build_config, load_config, read_recorded,
 from dice_ray.errors import InputError
 from dice_ray.hooks import Method, registered_methods
 from dice_ray.results import TABLES, kept_topology_file
-from dice_ray.rundir import read_json
+from dice_ray.rundir import MANIFEST, not_a_run, plain, read_manifest, read_table
 
 if TYPE_CHECKING:
     from dice_ray.reports import Cascade, Contributions
@@ -52,8 +54,8 @@ class Run:
         self.path = Path(path).resolve()  # absolute: the handle outlives a change of working directory
         if not self.path.exists():
             raise InputError(f"run directory {str(self.path)!r} does not exist")
-        if not (self.path / "manifest.json").is_file():
-            raise InputError(f"{str(self.path)!r} is not a dice-ray run directory (no manifest.json)")
+        if not (self.path / MANIFEST).is_file():
+            raise not_a_run(self.path)
         self._tables: dict[str, pd.DataFrame] = {}
 
     def __repr__(self) -> str:
@@ -61,8 +63,9 @@ class Run:
 
     @property
     def manifest(self) -> dict[str, Any]:
-        """The run's ``manifest.json`` (read anew each time: a running run updates it)."""
-        return read_json(self.path / "manifest.json")
+        """The run's ``manifest.json`` (read anew each time: a running run updates it); one that is not a run's
+        manifest: an ``InputError``."""
+        return read_manifest(self.path)
 
     @property
     def status(self) -> str:
@@ -89,8 +92,6 @@ class Run:
         ``contributions``, ...) holds the rows written so far, read anew on every call: those of every checkpoint,
         and those written after it (at least every 10 s, and when the run stops), which a resume rolls back to the
         checkpoint it continues from."""
-        from dice_ray.reports.inputs import plain, read_table  # (the reports package imports scipy: not at start)
-
         if name not in self._tables:
             path = self.path / f"{name}.parquet"
             if not path.is_file():
@@ -158,6 +159,8 @@ class Run:
         from dice_ray.reports.inputs import read_frame
         from dice_ray.runner import run_stage
 
+        if shapley is not None and (not isinstance(shapley, numbers.Integral) or isinstance(shapley, bool)):
+            raise InputError(f"shapley (--shapley) {shapley!r}: a number of permutations, an integer")
         if shapley is not None and shapley < 1:
             raise InputError(f"shapley (--shapley) {shapley}: needs at least 1 permutation")
         read_frame(self.path, "nodes", "not a finished run")  # refused before any retraining
@@ -184,7 +187,21 @@ class Run:
 
 def open_run(path: str | Path) -> Run:
     """Return the ``Run`` of an existing run directory (finished or not)."""
+    _check_path(path)
     return Run(path)
+
+
+def _check_path(path: Any) -> None:
+    """Refuse a run directory argument that is not a path (a str or ``os.PathLike``)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"a run directory is a path (str or pathlib.Path), not {type(path).__name__} {path!r}")
+
+
+def _check_callbacks(on_round: Any) -> None:
+    """Refuse an ``on_round`` that cannot be called (found after the run directory was written, at round 0)."""
+    if on_round is not None and not callable(on_round):
+        raise InputError(f"on_round is called after every round with (metrics, engine): {on_round!r} cannot be "
+                         "called")
 
 
 def as_config(config: RunConfig | Mapping[str, Any] | str | Path | None = None, **fields: Any) -> RunConfig:
@@ -228,6 +245,9 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
 
     _check_engine(engine, "the config's engine section is set with RunConfig(engine={...}) or "
                           "as_config(..., engine={...})")
+    _check_callbacks(on_round)
+    if not isinstance(save_states, bool):
+        raise InputError(f"save_states is True or False, not {save_states!r}")
     if not all(isinstance(m, Method) for m in methods):
         raise InputError(f"methods are dice_ray.Method objects, not {methods!r}")
     unregistered = [m.name for m in methods if m.options is not None and m not in registered_methods()]
@@ -261,6 +281,8 @@ def resume(path: str | Path, *, engine: str | None = None, on_round: Callable[[A
     from dice_ray.experiment import prepare
     from dice_ray.runner import resume_config, simulate
 
+    _check_path(path)
+    _check_callbacks(on_round)
     changes = {key.replace("__", "."): value for key, value in placement.items()}
     config, manifest = resume_config(Path(path), changes, allow_imports)
     engine = engine or manifest.get("engine", "ray")

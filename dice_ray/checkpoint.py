@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dice_ray.errors import first_line
 from dice_ray.results import TableWriter, write_json_atomic, write_table_atomic
 from dice_ray.rundir import read_json
 
@@ -133,7 +134,7 @@ class Checkpoint:
             try:
                 self._arrays(name)
             except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # pickles: refused, never unpickled
-                return f"{name} is not a file of plain arrays ({str(err).splitlines()[0][:120]})"
+                return f"{name} is not a file of plain arrays ({first_line(err)[:120]})"
         parts = meta.get("parts", {})  # the table rows up to this round (``RoundTables``' parts beside it)
         if not isinstance(parts, dict):
             return "meta.json records its table parts wrongly"

@@ -29,14 +29,14 @@ from pydantic import (
     model_validator,
 )
 
-from dice_ray.core.losses import loss_module, loss_names
-from dice_ray.core.misbehavior import BUILT_IN_FIELDS, misbehavior, misbehavior_module, misbehavior_names
-from dice_ray.core.models import model_module, model_names
+from dice_ray.core.losses import LOSSES
+from dice_ray.core.misbehavior import BUILT_IN_FIELDS, KINDS, misbehavior, misbehavior_names
+from dice_ray.core.models import MODELS, model_names
 from dice_ray.core.population import OPTIMIZERS, OptimizerSpec
 from dice_ray.core.topology import TOPOLOGIES
 from dice_ray.core.topology import WEIGHT_RULES as MIXING_RULES
-from dice_ray.data import SCHEMES, WEIGHT_RULES, dataset_module, dataset_names
-from dice_ray.errors import InputError, absent, unknown_name
+from dice_ray.data import DATASETS, SCHEMES, WEIGHT_RULES, dataset_names
+from dice_ray.errors import InputError, absent, first_line, unknown_name
 from dice_ray.hooks import registered_methods
 from dice_ray.methods.contributions import LedgerConfig
 from dice_ray.methods.dice.options import InfluenceConfig
@@ -132,7 +132,7 @@ class ModelConfig(Section):
                             "evaluation, which no derivative goes through, the maximum of the windows' strided views: "
                             "the same numbers, bit for bit, faster on CPUs), auto (gather on CPUs)")
     import_module: str | None = Field(None, description="module to import first (registers custom models)")
-    loss: Annotated[str, _one_of("loss", loss_names)] = Field(
+    loss: Annotated[str, _one_of("loss", LOSSES.names)] = Field(
         "cross-entropy", description="the per-sample loss every participant minimizes and influence is measured "
                                      "on: cross-entropy, mse, or one added with register_loss")
 
@@ -226,9 +226,10 @@ class EngineConfig(Section):
 class OutputConfig(Section):
     """Where results go and how often participants are evaluated."""
 
-    out: str | None = Field(None, description="run directory (default runs/<time>-<topology>-n<N>)")
+    out: str | None = Field(None, min_length=1, description="run directory (default runs/<time>-<topology>-n<N>)")
     eval_every: int = Field(5, ge=1, description="evaluate every k rounds (and after the last)")
-    overwrite: bool = Field(False, description="replace an existing run directory")
+    overwrite: bool = Field(False, description="replace an existing run directory (one with a manifest.json: "
+                                                "never another folder's files)")
     checkpoint_every: int = Field(50, ge=0, description="save the simulation state every k rounds (0: never); "
                                                         "--resume and failure recovery continue from the last one")
     keep_checkpoints: bool = Field(False, description="keep the run's checkpoints/ after it completes")
@@ -290,6 +291,9 @@ def import_modules(names: list[str]) -> None:
             importlib.import_module(name)
         except ImportError as err:
             raise FieldError(("imports",), f"module {name!r} cannot be imported: {err}") from None
+        except Exception as err:  # the module's own code failed (a SyntaxError, an error it raises): its one line
+            raise FieldError(("imports",), f"module {name!r} failed as it was imported: "
+                                           f"{first_line(err, named=True)}") from None
 
 
 def modules_in(data: dict[str, Any]) -> list[str]:
@@ -309,10 +313,10 @@ def check_workers_register(config: RunConfig) -> None:
     inside its actors); one defined in a module the imports do not cover gets a warning line (another listed module
     may still register it)."""
     listed = modules_named(config)
-    for kind, name, module in (("model", config.model.name, model_module(config.model.name)),
-                               ("data set", config.data.dataset, dataset_module(config.data.dataset)),
-                               ("loss", config.model.loss, loss_module(config.model.loss)),
-                               ("misbehaviour", config.misbehavior.kind, misbehavior_module(config.misbehavior.kind))):
+    for kind, name, module in (("model", config.model.name, MODELS.module(config.model.name)),
+                               ("data set", config.data.dataset, DATASETS.module(config.data.dataset)),
+                               ("loss", config.model.loss, LOSSES.module(config.model.loss)),
+                               ("misbehaviour", config.misbehavior.kind, KINDS.module(config.misbehavior.kind))):
         check_worker_module(kind, name, module, listed)
 
 
@@ -378,6 +382,10 @@ class RunConfig(Section):
     def _consistent(self) -> RunConfig:
         if self.topology.name == "file" and not self.topology.file:
             raise ValueError("topology 'file' needs topology.file (--topology-file PATH)")
+        rows = self.topology.rows
+        if self.topology.name in ("grid", "torus") and rows is not None and self.nodes % rows:
+            raise ValueError(f"topology.rows (--grid-rows) {rows} does not divide nodes (--nodes) {self.nodes}: a "
+                             f"{self.topology.name} needs rows x columns = nodes")
         bad = self.misbehavior
         if bad.kind != "none":
             if bad.selection == "ids" and not bad.ids:
@@ -398,6 +406,9 @@ class RunConfig(Section):
                     raise ValueError(f"misbehaving participant {k} is not a participant (0..{self.nodes - 1})")
             if bad.number(self.nodes) > self.nodes:
                 raise ValueError(f"misbehavior.count {bad.count} exceeds the {self.nodes} participants")
+            if bad.fraction and not bad.number(self.nodes) and not RECORDED.get():
+                raise ValueError(f"misbehavior.fraction {bad.fraction} of {self.nodes} participants rounds to none "
+                                 "misbehaving: give a larger fraction, or misbehavior.count (--misbehaving N)")
             fields = BUILT_IN_FIELDS.get(bad.kind)
             if bad.options and fields is not None:
                 own = ", ".join(f"misbehavior.{f}" for f in fields.values()) or "no options"
@@ -564,6 +575,56 @@ def build_config(data: dict[str, Any] | None = None) -> RunConfig:
         raise one_line(err) from None
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a mapping naming a key twice (which it reads as the last one: a slip, like
+    a field given twice), merge keys (``<<``) apart."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                twice = key in seen
+            except TypeError:  # an unhashable key: the base constructor says so
+                break
+            if twice:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"found key {key!r} twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+YAML_LIMIT = 1_000_000  # values a config may hold once aliases are expanded; a run config holds hundreds
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` parsed as YAML with ``_ConfigLoader``; raise ``yaml.YAMLError`` (with where it failed) if it is not,
+    or if its aliases expand to more than ``YAML_LIMIT`` values (a kilobyte of nested aliases expands to billions,
+    which validation would walk for minutes)."""
+    value = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a safe loader)
+    budget, todo = YAML_LIMIT, [value]
+    while todo:  # aliases are shared objects: count every visit, as validation walks them
+        item = todo.pop()
+        budget -= 1
+        if budget < 0:
+            raise yaml.YAMLError(f"its aliases expand to more than {YAML_LIMIT:,} values")
+        if isinstance(item, dict):
+            todo += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            todo += item
+    return value
+
+
+def yaml_error(err: yaml.YAMLError) -> str:
+    """The one line of a YAML error: what is wrong and where (PyYAML's first line says only what it was doing)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        mark = err.problem_mark
+        return f"{err.problem}" + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else "")
+    return first_line(err)
+
+
 def read_yaml(path: str | Path, kind: str = "config file") -> Any:
     """Return the parsed contents of the YAML file ``path`` (None if empty); raise ``InputError`` naming it as
     ``kind`` if it is missing or not YAML."""
@@ -571,9 +632,11 @@ def read_yaml(path: str | Path, kind: str = "config file") -> Any:
     if not path.is_file():
         raise InputError(f"{kind} {str(path)!r} {absent(path, 'file')}")
     try:
-        return yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise InputError(f"{kind} {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        return load_yaml(path.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(f"{kind} {str(path)!r} is not valid YAML: {yaml_error(err)}") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{kind} {str(path)!r} is not valid YAML: {first_line(err)}") from None
 
 
 def bundled_config(name: str) -> Path:
@@ -683,15 +746,20 @@ def idle_settings(config: RunConfig, fields: Iterable[str]) -> dict[str, str]:
 
 
 def apply_sets(data: dict[str, Any], items: list[str]) -> dict[str, Any]:
-    """Apply ``--set`` overrides ``KEY=VALUE`` (dotted key, YAML value) to ``data`` in place; return it."""
+    """Apply ``--set`` overrides ``KEY=VALUE`` (dotted key, YAML value) to ``data`` in place; return it. A key set
+    twice is refused (the last would win: a slip, as a flag given with its ``--set`` is)."""
+    seen = set()
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise InputError(f"--set expects KEY=VALUE, got {item!r}")
+        if key.strip() in seen:
+            raise InputError(f"--set {key.strip()} is given twice; give each field once")
+        seen.add(key.strip())
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw)
         except yaml.YAMLError as err:
-            raise InputError(f"--set {item}: the value is not YAML ({str(err).splitlines()[0]})") from None
+            raise InputError(f"--set {item}: the value is not YAML ({yaml_error(err)})") from None
         set_dotted(data, key.strip(), value)
     return data
 

@@ -24,15 +24,20 @@ def absent(path: str | os.PathLike, want: Literal["file", "folder"]) -> str:
     (a folder given for a file, a file for a folder), for the one line that names it."""
     if want == "file" and os.path.isdir(path):
         return "is a folder, not a file"
-    if want == "folder" and os.path.exists(path):
+    if want == "folder" and os.path.isfile(path):
         return "is a file, not a folder"
+    if os.path.exists(path):  # a device, a FIFO, a socket (/dev/null said "does not exist")
+        return "is not a regular file" if want == "file" else "is not a folder"
     return "does not exist"
 
 
-def first_line(err: BaseException) -> str:
-    """The first line of ``err``'s message (its type's name if it has none): what a one-line error quotes of it."""
+def first_line(err: BaseException, named: bool = False) -> str:
+    """The first line of ``err``'s message (its type's name if it has none): what a one-line error quotes of it;
+    ``named``: led by its type's name ("ValueError: ...")."""
     lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+    if not lines:
+        return type(err).__name__
+    return f"{type(err).__name__}: {lines[0]}" if named else lines[0]
 
 
 def report(err: InputError) -> int:

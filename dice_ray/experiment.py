@@ -8,6 +8,7 @@ written, so bad input fails fast with one ``InputError`` line.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from dice_ray.data import (
     partition_data,
     shrink_partition,
 )
-from dice_ray.errors import InputError
+from dice_ray.errors import InputError, first_line
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def check_outputs(config: RunConfig, model: Any, dataset: Dataset) -> None:
         outputs = model.eval()(x)
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
         raise InputError(f"model {name!r} does not fit {config.data.dataset} inputs of shape "
-                         f"{dataset.input_shape}: {str(err).splitlines()[0]}") from None
+                         f"{dataset.input_shape}: {first_line(err)}") from None
     if not isinstance(outputs, torch.Tensor):
         raise InputError(f"model {name!r} returns a {type(outputs).__name__}, not a tensor: a run needs its outputs "
                          f"as one tensor [N, {width}] (one output per class, or per regression target)")
@@ -89,7 +90,7 @@ def check_outputs(config: RunConfig, model: Any, dataset: Dataset) -> None:
             hint = (" (its targets are integers, which dice-ray reads as class labels, one output each: give "
                     "floating-point targets for regression)")
         raise InputError(f"loss {config.model.loss!r} cannot read model {name!r}'s outputs on "
-                         f"{config.data.dataset}: {str(err).splitlines()[0]}{hint}") from None
+                         f"{config.data.dataset}: {first_line(err)}{hint}") from None
     if tuple(getattr(losses, "shape", ())) != (n,):
         got = list(getattr(losses, "shape", []))
         raise InputError(f"loss {config.model.loss!r} returns {got} for {n} samples; per_sample must return one "
@@ -118,7 +119,7 @@ def check_loss(config: RunConfig, loss: Any, outputs: Any, y: Any) -> None:
         except (RuntimeError, ValueError, IndexError, TypeError) as err:
             raise InputError(f"loss {name!r} fails on float64 outputs, in which DICE-GT and the exact readouts "
                              f"evaluate losses (build its constants in the outputs' dtype): "
-                             f"{str(err).splitlines()[0]}") from None
+                             f"{first_line(err)}") from None
     orders = _forward_orders(config)
     if not orders:
         return
@@ -133,7 +134,7 @@ def check_loss(config: RunConfig, loss: Any, outputs: Any, y: Any) -> None:
         jvp(along, (outputs,), (torch.ones_like(outputs),)) if orders == 2 else along(outputs)
     except (RuntimeError, NotImplementedError) as err:
         raise InputError(f"loss {name!r}: forward mode cannot differentiate it, which DICE-E's {_needing(orders)} "
-                         f"(write it from operations torch.func.jvp supports): {str(err).splitlines()[0]}") from None
+                         f"(write it from operations torch.func.jvp supports): {first_line(err)}") from None
 
 
 def _estimate_variants(config: RunConfig) -> set[str]:
@@ -245,7 +246,8 @@ def check_model(config: RunConfig, model: Any, dataset: Dataset) -> None:
 
 def check_step(config: RunConfig, model: Any, dataset: Dataset) -> None:
     """Refuse, before any work, a model that cannot take dice-ray's local step with participants stacked (two
-    participants with two training samples each, on the model ``prepare`` built for its checks): an operation vmap
+    participants with two training samples each, one with a batch of one, on the model ``prepare`` built for its
+    checks; a batch of one failed in BatchNorm's training mode in round 0): an operation vmap
     has no rule for (spectral norm's, say) stopped the first round with a traceback. Where the run's DICE-E variants
     differentiate the step in forward mode (curvature once, second order and the exact readout twice), one such
     derivative of that step too: an operation forward mode has no rule for (the old ``torch.nn.utils.weight_norm``'s)
@@ -256,16 +258,18 @@ def check_step(config: RunConfig, model: Any, dataset: Dataset) -> None:
     from dice_ray.core.population import Population, initial_state
     from dice_ray.methods.dice.recursion import LocalSteps, Perturbation, local_step
 
-    x = torch.from_numpy(dataset.x_train[:4]).reshape(2, 2, *dataset.x_train.shape[1:])
-    y = torch.from_numpy(dataset.y_train[:4]).reshape(2, 2, *dataset.y_train.shape[1:])
+    b = min(config.optim.batch_size, 2)
+    x = torch.from_numpy(dataset.x_train[:2 * b]).reshape(2, b, *dataset.x_train.shape[1:])
+    y = torch.from_numpy(dataset.y_train[:2 * b]).reshape(2, b, *dataset.y_train.shape[1:])
     pop = Population(model.train(), initial_state(model, np.arange(2), config.seed), config.optim.spec(),
                      vectorize=config.model.vectorize, loss=build_loss(config.model.loss))
     try:
         with torch.random.fork_rng(devices=[]):
             pop.half_step(x, y)
     except (RuntimeError, NotImplementedError, ValueError) as err:
+        single = " on batches of one sample (optim.batch_size, --batch-size)" if b == 1 else ""
         raise InputError(f"model {config.model.name!r} cannot take the local step with participants stacked "
-                         f"(vectorized by {pop.vectorize}): {str(err).splitlines()[0]}") from None
+                         f"(vectorized by {pop.vectorize}){single}: {first_line(err)}") from None
     orders = _forward_orders(config)
     if not orders:
         return
@@ -276,7 +280,7 @@ def check_step(config: RunConfig, model: Any, dataset: Dataset) -> None:
             local_step(steps, Perturbation(tangent, b=tangent if orders == 2 else None))
     except (RuntimeError, NotImplementedError) as err:
         raise InputError(f"model {config.model.name!r}: forward mode cannot differentiate its local step, which "
-                         f"DICE-E's {_needing(orders)} (torch.func.jvp): {str(err).splitlines()[0]}") from None
+                         f"DICE-E's {_needing(orders)} (torch.func.jvp): {first_line(err)}") from None
 
 
 def check_validation_splits(config: RunConfig, partition: Any) -> None:
@@ -342,6 +346,37 @@ def state_width(model: Any) -> int:
     return sum(layout.width for layout in model_state_layouts(model))
 
 
+def machine_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(config: RunConfig, width: int | None = None) -> None:
+    """Refuse, before any work, a run whose mixing matrix (``width`` None) or stacked states (``width``: D, numbers
+    per participant) alone exceed this machine's physical memory: it failed with a MemoryError traceback (W of a
+    complete graph of 10^6 participants: 7 TiB) or was killed, after the run directory was written. The states are
+    checked only where they all live on this machine: no Ray cluster to join (engine.address, RAY_ADDRESS). A run
+    needs about 3 times its states at its peak (docs: results/scaling), so passing this is no promise."""
+    memory = machine_memory()
+    if memory is None:
+        return
+    n = config.nodes
+    if width is None:
+        name = config.topology.name
+        stored = n * n if name == "complete" else (config.topology.p or 0) * n * n if name == "erdos-renyi" else 0
+        need, what = 40 * stored, f"the {config.topology.name} graph's mixing matrix W ({stored:,.0f} entries)"
+    elif config.engine.address is None and not os.environ.get("RAY_ADDRESS"):
+        need, what = 4 * n * width, f"the {n:,} participants' stacked states ({width:,} numbers each, float32)"
+    else:
+        return
+    if need > memory:
+        raise InputError(f"{what} need {need / 2**30:,.1f} GiB, more than this machine's {memory / 2**30:,.1f} GiB: "
+                         "fewer participants (nodes, --nodes), a smaller model or a sparser graph")
+
+
 def config_topology(config: RunConfig, file: str | Path | None = None) -> Topology:
     """The ``Topology`` of ``config`` (its ``topology`` section and seed); ``file``: the topology file to read instead
     of the one the config names (a run directory's copy, ``results.kept_topology_file``)."""
@@ -356,9 +391,12 @@ def prepare(config: RunConfig, topology_file: str | Path | None = None) -> Exper
     (a resume, a retraining)."""
     load_imports(config)
     d = config.data
+    check_fits_in_memory(config)
     topology = config_topology(config, topology_file)
     dataset = load_dataset(d.dataset, data_dir=d.data_dir, download=d.download, seed=config.seed,
                            synthetic_samples=d.synthetic_samples, synthetic_classes=d.synthetic_classes)
+    model = build_model(config.model.name, dataset.input_shape, dataset.num_classes, config.seed)
+    check_fits_in_memory(config, state_width(model))
     if config.nodes > len(dataset.y_train):
         raise InputError(f"nodes (--nodes) {config.nodes} exceeds the {len(dataset.y_train)} training samples "
                          f"of {d.dataset}")
@@ -369,7 +407,6 @@ def prepare(config: RunConfig, topology_file: str | Path | None = None) -> Exper
         partition = shrink_partition(partition, d.shrink.ids, d.shrink.fraction, seed=config.seed)
     check_partition(partition, config.optim.batch_size)
     check_validation_splits(config, partition)
-    model = build_model(config.model.name, dataset.input_shape, dataset.num_classes, config.seed)
     check_model(config, model, dataset)
     check_outputs(config, model, dataset)
     check_step(config, model, dataset)

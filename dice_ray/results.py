@@ -49,7 +49,8 @@ NODES = _schema(
     ("q", pa.float64(), "participant weight q_k (Σ q_k = 1)"),
     ("in_degree", pa.int32(), "number of in-neighbours in W^0 (excluding k itself)"),
     ("self_weight", pa.float64(), "W^0_kk"),
-    ("actor", pa.int32(), "index of the participant-group actor that hosted k"),
+    ("actor", pa.int32(), "index of the participant-group actor that hosted k (a resumed run's: in its last "
+                          "session)"),
     ("misbehaving", pa.bool_(), "ground truth: k misbehaves as configured in misbehavior (concepts §5)"),
 )
 

@@ -5,6 +5,10 @@ into that file. A second ``simulate --out``/``--resume`` or ``sweep --resume`` o
 at once with one line naming the holder, before it touches anything. The kernel releases the lock when its
 process ends, however it ends (a SIGKILL too), so a lock left by a killed process never blocks a resume; the
 file stays, as a record of the last writer.
+
+A run directory may come from someone else: what dice-ray reads of one it reads here, as plain data (``read_json``,
+``read_manifest``, ``read_table``), never unpickling or importing anything it names, and a link or special file in
+one is refused (``refuse_links``).
 """
 
 from __future__ import annotations
@@ -20,9 +24,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dice_ray.errors import InputError
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dice_ray.errors import InputError, first_line
+from dice_ray.results import TABLES
 
 LOCK = ".lock"
+MANIFEST = "manifest.json"  # a run's record (``runner.Manifest``): what makes a folder a run directory
+NONEMPTY = ("rounds", "nodes")  # a finished run writes a row per participant (and round) into these
+FINITE = {"rounds": ("train_loss",)}  # a run whose training loss is not finite stops as diverged: such a value was
+# written by someone else (other float columns may hold NaN: a proximal score where an examiner has no z′, say)
 
 
 def _describe(text: str) -> str:
@@ -154,3 +167,66 @@ class DirectoryLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def read_table(path: Path) -> pa.Table:
+    """The Parquet table at ``path`` (a run's table, named as in ``results.TABLES``), with every column its schema
+    documents; a file cut short, not Parquet, without those columns, with text where numbers belong, without rows
+    (``NONEMPTY``) or with a NaN where a run writes numbers (``FINITE``) is an ``InputError`` naming it."""
+    try:
+        table = plain(pq.read_table(path))
+    except (OSError, pa.ArrowException) as err:
+        raise InputError(f"{path} is not a readable Parquet table ({first_line(err)}): it was cut short or "
+                         "replaced") from None
+    schema = TABLES.get(path.stem)
+    missing = [] if schema is None else [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise InputError(f"{path} lacks column {missing[0]!r} of the {path.stem} table: it is not a dice-ray "
+                         f"{path.stem} table of this version")
+    for field in [] if schema is None else schema:  # the types the reports compute with, or one line
+        column = table.column(field.name)
+        if column.type != field.type:
+            try:
+                column = column.cast(field.type)
+            except pa.ArrowException:
+                raise InputError(f"{path}: column {field.name!r} holds {column.type}, not {field.type}: it is not a "
+                                 f"dice-ray {path.stem} table") from None
+            table = table.set_column(table.schema.get_field_index(field.name), field.name, column)
+    if path.stem in NONEMPTY and table.num_rows == 0:
+        raise InputError(f"{path} holds no rows: a finished run writes one per participant"
+                         f"{' and round' if path.stem == 'rounds' else ''}; the table was replaced")
+    for name in FINITE.get(path.stem, ()):
+        values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            raise InputError(f"{path}: column {name!r} holds {values[bad[0]]} in {len(bad)} of {len(values)} rows "
+                             f"(first: row {bad[0]}); a run writes finite numbers there: the table was changed")
+    return table
+
+
+def plain(table: pa.Table) -> pa.Table:
+    """``table`` without the pandas metadata a file may carry (dice-ray writes none): ``to_pandas`` follows it, and
+    a crafted one (a dtype, an index) made the reports fail with IndexError or ValueError tracebacks."""
+    kept = {k: v for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
+    return table.replace_schema_metadata(kept or None)
+
+
+def read_manifest(run: Path) -> dict[str, Any]:
+    """``run``'s manifest.json as a dict with its ``config`` a dict; missing or malformed: an ``InputError``."""
+    path = run / MANIFEST
+    try:
+        manifest = read_json(path)
+    except FileNotFoundError:
+        raise not_a_run(run) from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path} is not readable JSON ({type(err).__name__}: {first_line(err)[:120]}): it was cut "
+                         "short or replaced") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        raise InputError(f"{path} is not a dice-ray manifest (no config section)")
+    return manifest
+
+
+def not_a_run(folder: Path) -> InputError:
+    """The error for a folder without a manifest."""
+    return InputError(f"{folder} is not a dice-ray run directory (no manifest.json): give the folder a simulation "
+                      "wrote (its output.out, --out)")

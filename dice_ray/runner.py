@@ -34,7 +34,7 @@ from dice_ray.config import (
     rerun_config,
     set_dotted,
 )
-from dice_ray.engine import Engine, LocalEngine, RayEngine, cluster_plan, start_ray
+from dice_ray.engine import Engine, LocalEngine, RayEngine, check_local_cpus, cluster_plan, start_ray
 from dice_ray.engine.loop import Drivers, TrainingReport, train
 from dice_ray.engine.tasks import Tasks, task_backend
 from dice_ray.errors import InputError, absent, first_line
@@ -51,7 +51,7 @@ from dice_ray.results import (
     write_json_atomic,
     write_table_atomic,
 )
-from dice_ray.rundir import LOCK, DirectoryLock, check_can_make, read_json
+from dice_ray.rundir import LOCK, MANIFEST, DirectoryLock, check_can_make, read_json, read_manifest
 from dice_ray.tracking import check_tracking, open_tracker
 from dice_ray.version import __version__
 
@@ -65,18 +65,17 @@ def resume_config(run: Path, changes: dict[str, Any] | None = None,
     """Return (config, manifest) of the run in ``run``, with the placement ``changes`` (dotted field -> value,
     only ``config.RESUME_FIELDS``) applied; raise ``InputError`` if it cannot be resumed, or if its config names
     modules to import and ``allow_imports`` is False (``config.rerun_config``)."""
-    path = run / "manifest.json"
     refused = f"cannot resume {str(run)!r}"
     if not run.is_dir():
         raise InputError(f"{refused}: the run directory {absent(run, 'folder')}")
-    if not path.is_file():
+    if not (run / MANIFEST).is_file():
         raise InputError(f"{refused}: no manifest.json there; not a dice-ray run directory")
     DirectoryLock(run).check()
     try:
-        manifest = read_json(path)
-        data = manifest["config"]
-    except (ValueError, KeyError, TypeError):
-        raise InputError(f"{refused}: manifest.json is not a run manifest") from None
+        manifest = read_manifest(run)
+    except InputError as err:
+        raise InputError(f"{refused}: {err}") from None
+    data = manifest["config"]
     for name, kind in RECORD_TYPES.items():  # what a resume reads and extends: a changed one failed after training
         if name in manifest and not isinstance(manifest[name], kind):
             raise InputError(f"{refused}: manifest.json's {name!r} is not a {kind.__name__}: the manifest was changed")
@@ -130,7 +129,7 @@ def fitting_snapshot(checkpoint: Any, nodes: int, width: int) -> dict[str, np.nd
     return snapshot
 
 
-def _fitting_checkpoint(out: Path, experiment: Experiment, methods: list[Method], online: Drivers,
+def _fitting_checkpoint(out: Path, experiment: Experiment, methods: list[Method], drivers: Drivers,
                         store: CheckpointStore, checkpoint: Any) -> dict[str, np.ndarray]:
     """The arrays of ``checkpoint``, the one a resume of ``out`` continues from, checked before anything is written
     or started: this run's config wrote it, its arrays can be this run's (``fitting_snapshot``), and they restore a
@@ -140,7 +139,7 @@ def _fitting_checkpoint(out: Path, experiment: Experiment, methods: list[Method]
     snapshot = fitting_snapshot(checkpoint, experiment.nodes, experiment.state_width)
     try:
         LocalEngine(experiment, round_hooks(methods), device="meta").restore(snapshot)
-        online.load_state(checkpoint.load_driver_state())
+        drivers.load_state(checkpoint.load_driver_state())
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as err:  # arrays of another run
         raise InputError(f"cannot resume {str(out)!r}: checkpoint {checkpoint.path.name} does not fit this run "
                          f"({type(err).__name__}: {first_line(err)[:160]})") from None
@@ -167,24 +166,35 @@ def run_directory(config: RunConfig) -> Path:
         while Path(out).exists():
             out, n = f"{stem}-{n}", n + 1
     path = Path(out)
+    try:
+        path.exists()
+    except OSError as err:  # a name too long, say: Path.exists raises what is not "no such file"
+        raise InputError(f"output.out (--out) {out!r} cannot be a folder here: {err.strerror}") from None
     if path.exists() and not path.is_dir():
         raise InputError(f"output.out (--out) {out!r} exists and is not a directory")
     check_can_make(path, f"output.out (--out) {out!r}")
     if path.is_dir():
         DirectoryLock(path).check()  # a live run's directory is never reused, not even with --overwrite
-    if path.is_dir() and any(p.name != LOCK for p in path.iterdir()) and not config.output.overwrite:
-        raise InputError(f"run directory {out!r} already exists and is not empty; set output.overwrite "
-                         "(--overwrite) or choose another output.out (--out)")
+    if path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
+        if not config.output.overwrite:
+            raise InputError(f"run directory {out!r} already exists and is not empty; set output.overwrite "
+                             "(--overwrite) or choose another output.out (--out)")
+        if not (path / MANIFEST).is_file():  # overwrite deletes a run's tables and plots: never another folder's
+            raise InputError(f"output.out (--out) {out!r} holds files and is not a dice-ray run directory (no "
+                             "manifest.json): output.overwrite (--overwrite) replaces only a run; choose another "
+                             "output.out")
     return path
 
 
 def _versions() -> dict[str, str]:
+    import importlib.metadata
+
     import pyarrow
-    import ray
     import torch
 
     return {"dice_ray": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "ray": ray.__version__, "numpy": np.__version__, "pyarrow": pyarrow.__version__}
+            "ray": importlib.metadata.version("ray"),  # (read from its metadata: a local run imports no Ray)
+            "numpy": np.__version__, "pyarrow": pyarrow.__version__}
 
 
 def _peak_rss_mib() -> float:
@@ -241,21 +251,24 @@ class Manifest:
     @classmethod
     def resumed(cls, out: Path, start: int) -> Manifest:
         """The record in ``out``, continued from round ``start`` (listed under ``resumes``)."""
-        fields = read_json(out / "manifest.json")
+        fields = read_json(out / MANIFEST)
         fields.setdefault("resumes", []).append({"time": _now(), "from_round": start})
         fields.update(status="running", argv_resume=sys.argv)
         fields.pop("error", None)
         return cls(out, fields)
 
     def update(self, **fields: Any) -> None:
+        """Set top-level ``fields`` of the record (written by the next ``write``)."""
         self.fields.update(fields)
 
     def get(self, name: str, default: Any = None) -> Any:
+        """The record's field ``name`` (``default`` if it has none)."""
         return self.fields.get(name, default)
 
     def write(self) -> None:
+        """Write the record to ``manifest.json``, atomically."""
         self.fields["config"]["output"]["out"] = str(self.out)
-        write_json_atomic(self.out / "manifest.json", self.fields)
+        write_json_atomic(self.out / MANIFEST, self.fields)
 
     def add_failures(self, report: TrainingReport, retries: list[dict]) -> None:
         """Record the earlier sessions' recoveries, checkpoint count and resubmitted tasks (``engine.tasks``) with this
@@ -297,6 +310,7 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     out = Path(config.output.out) if resume else run_directory(config)
     if engine_kind == "ray":  # a cluster that cannot hold the run's actors or tasks: one line, the directory untouched
         check_workers_register(config)
+        check_local_cpus(config.engine, experiment.nodes)  # before a local Ray starts
         start_ray(config.engine.address)
         cluster_plan(config.engine, experiment.nodes)
     with DirectoryLock(out):  # one writer per run directory, for as long as this process writes it
@@ -310,8 +324,8 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
     store = CheckpointStore(out, config_digest(config))
     # rounds.parquet last: its presence marks a finished training run
     chosen = methods_for(config, list(methods))
-    online = Drivers(experiment, chosen)
-    tables = RoundTables(out, {**online.tables(), "rounds": ROUNDS})
+    drivers = Drivers(experiment, chosen)
+    tables = RoundTables(out, {**drivers.tables(), "rounds": ROUNDS})
     if resume:
         training_done = (out / "rounds.parquet").exists()
         latest = store.latest(warn=False)  # resume_config looked first, and warned
@@ -319,7 +333,7 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
         manifest = Manifest.resumed(out, start)  # read, not written yet
         _check_same_methods(out, manifest.get("methods", []), chosen)
         _check_same_layout(out, manifest.get("model", {}), experiment)
-        snapshot = _fitting_checkpoint(out, experiment, chosen, online, store, latest) if 0 < start < config.rounds \
+        snapshot = _fitting_checkpoint(out, experiment, chosen, drivers, store, latest) if 0 < start < config.rounds \
             else None
         manifest.update(engine=engine_kind)  # where it runs now: a later resume without --engine continues so
     else:
@@ -365,17 +379,17 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
             write_table_atomic(out / "nodes.parquet", _nodes_table(experiment, blocks), NODES)
             if start > 0:  # ``latest``: the checkpoint that verified and fitted above (the drivers hold its state)
                 engine.restore(snapshot, config.engine.restart_timeout)
-                online.impose_mixing(engine)
+                drivers.impose_mixing(engine)
                 tables.rollback(latest.round)
                 store.remove_after(latest.round)
             else:
                 tables.rollback(-1)
             training = time.time()
-            _run_rounds(engine, config, tables, store, online, start, recorded, report)
+            _run_rounds(engine, config, tables, store, drivers, start, recorded, report)
             training_s = time.time() - training
-            for name, rows, schema in online.finish():  # before rounds.parquet, which marks the end of training
+            for name, rows, schema in drivers.finish():  # before rounds.parquet, which marks the end of training
                 write_table_atomic(out / f"{name}.parquet", rows, schema)
-            manifest.update(**online.summary())
+            manifest.update(**drivers.summary())
             if save_states:  # before rounds.parquet: a resume takes a run with it as trained
                 states = engine.states()
 
@@ -459,8 +473,6 @@ def run_stage(run: Path, stage: type[Stage], changes: dict[str, Any], local: boo
     ``analyze contributions --loo``), with its recorded config and the dotted fields ``changes``: as Ray tasks, or
     in this process if ``local``. A config that names modules to import is refused unless ``allow_imports``
     (``config.rerun_config``)."""
-    from dice_ray.reports.inputs import read_manifest
-
     manifest = read_manifest(run)  # a dict with a config section, or one line
     data = manifest["config"]
     forget_address(data, f"{stage.name} of run {str(run)!r}", warn=not local)
@@ -482,7 +494,7 @@ def _start_engine(experiment: Experiment, engine_kind: str, hooks: list[type[Rou
     return RayEngine(experiment, hooks=hooks)
 
 
-def _run_rounds(engine: Any, config: RunConfig, tables: RoundTables, store: CheckpointStore, online: Drivers,
+def _run_rounds(engine: Any, config: RunConfig, tables: RoundTables, store: CheckpointStore, drivers: Drivers,
                 start: int, on_round: Callable[[Any, Any], None] | None, report: TrainingReport) -> None:
     """``engine.loop.train`` with a progress bar (rounds, mean training loss, held-out accuracy, rounds/s)."""
     from tqdm import tqdm
@@ -490,7 +502,7 @@ def _run_rounds(engine: Any, config: RunConfig, tables: RoundTables, store: Chec
     bar = tqdm(total=config.rounds, initial=start, unit="round", disable=not config.output.progress,
                dynamic_ncols=True, file=sys.stderr)
     try:
-        train(engine, config, tables, store, online, start, on_round, bar, report)
+        train(engine, config, tables, store, drivers, start, on_round, bar, report)
     finally:
         bar.close()
 

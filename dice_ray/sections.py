@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextvars
 import difflib
 from collections import Counter
-from typing import Annotated, Any, get_args
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from dice_ray.errors import InputError
 
@@ -20,6 +21,33 @@ from dice_ray.errors import InputError
 def comma_list(value: Any) -> Any:
     """A comma-separated string from the command line as a list of its non-empty items; anything else as it is."""
     return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The plain types an annotation is made of (``int | None``: int and NoneType; ``Annotated[int, ...]``: int)."""
+    args = get_args(annotation)
+    if not args:
+        return {annotation}
+    if getattr(annotation, "__metadata__", None) is not None:  # Annotated[T, ...]: T
+        return _leaf_types(args[0])
+    if get_origin(annotation) in (Union, UnionType):
+        return set().union(*(_leaf_types(a) for a in args))
+    return {get_origin(annotation)}
+
+
+def check_keys(value: Any, path: str = "") -> None:
+    """Raise an ``InputError`` naming the first mapping key in ``value`` (nested dicts and lists) that is not a string:
+    a config's keys are field names, and pydantic failed on another key with a TypeError traceback. YAML reads an
+    unquoted on, off, yes or no as a boolean, so ``optim: {on: 1}`` is such a key."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if not isinstance(key, str):
+                hint = " (YAML reads an unquoted on, off, yes or no as true or false)" if isinstance(key, bool) else ""
+                raise InputError(f"config: {path or 'top level'}: key {key!r} is not a name{hint}: quote it")
+            check_keys(inner, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for i, inner in enumerate(value):
+            check_keys(inner, f"{path}.{i}")
 
 
 # True while a config recorded in a run, checkpoint or sweep directory is read (``config.read_recorded``): what it
@@ -50,14 +78,27 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
 
     def __init__(self, /, **data: Any) -> None:
+        check_keys(data)
         try:
             super().__init__(**data)
         except ValidationError as err:
             raise one_line(err, type(self)) from None
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_truth_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse true or false for a number field (pydantic reads them as 1 and 0: ``rounds: true`` ran one round;
+        YAML reads an unquoted yes or on as true)."""
+        if isinstance(value, bool) and info.field_name is not None:
+            kinds = _leaf_types(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"{str(value).lower()} is not a number")
+        return value
+
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> Any:
         """Validate ``obj`` (a nested dict); raise ``InputError`` with one line on bad input."""
+        check_keys(obj)
         try:
             return super().model_validate(obj, **kwargs)
         except ValidationError as err:

@@ -155,15 +155,18 @@ class EventFile:
                                           session_log=SessionLog(status=SessionLog.START)))
 
     def add_scalar(self, name: str, value: float, step: int) -> None:
+        """Write ``value`` of scalar ``name`` at ``step`` (the round) to the event file, at once."""
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.summary import scalar
 
         self.events.write_event(Event(summary=scalar(name, value), step=step, wall_time=time.time()))
 
     def flush(self) -> None:
+        """Flush the event file to disk."""
         self.events.flush()
 
     def close(self) -> None:
+        """Flush and close the event file."""
         self.events.close()
 
 
@@ -206,6 +209,7 @@ class Tracker:
 
     @property
     def active(self) -> bool:
+        """Whether the run logs to any tracker."""
         return self.writer is not None or self.client is not None
 
     def _log_params(self, params: dict[str, str]) -> None:
@@ -225,6 +229,7 @@ class Tracker:
             self._pending.append(Metric(name, value, int(time.time() * 1000), step))
 
     def flush(self) -> None:
+        """Flush TensorBoard's events and send MLflow the metrics held since the last flush."""
         if self.writer is not None:
             self.writer.flush()
         if self.client is not None:

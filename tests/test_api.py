@@ -70,6 +70,11 @@ def test_open_run_says_what_is_wrong_with_the_path(tmp_path: Path) -> None:
         dice_ray.open_run(tmp_path / "missing")  # (it said "not a dice-ray run directory (no manifest.json)")
     with pytest.raises(dice_ray.InputError, match="is not a dice-ray run directory"):
         dice_ray.open_run(tmp_path)
+    with pytest.raises(dice_ray.InputError, match="a run directory is a path .*, not int 5"):
+        dice_ray.open_run(5)  # a TypeError
+    (tmp_path / "manifest.json").write_text("[]")  # JSON, not a run's manifest: Run.status was an AttributeError
+    with pytest.raises(dice_ray.InputError, match="manifest.json is not a dice-ray manifest"):
+        _ = dice_ray.open_run(tmp_path).status
 
 
 def test_api_errors_name_the_config_field_before_the_flag(tmp_path: Path) -> None:
@@ -80,6 +85,9 @@ def test_api_errors_name_the_config_field_before_the_flag(tmp_path: Path) -> Non
     with pytest.raises(dice_ray.InputError, match=r"set output.overwrite \(--overwrite\) or choose another "
                                                   r"output.out \(--out\)"):
         dice_ray.run(nodes=4, engine="local", output={"out": str(taken)})
+    with pytest.raises(dice_ray.InputError, match="on_round is called after every round .*: 5 cannot be called"):
+        dice_ray.run(nodes=4, engine="local", on_round=5, output={"out": str(tmp_path / "never")})
+    assert not (tmp_path / "never").exists()  # it failed at round 0, after the run directory was written
     (tmp_path / "a-file").write_text("")
     with pytest.raises(dice_ray.InputError, match=r"^output.out \(--out\) '.*a-file' exists and is not a directory"):
         dice_ray.run(nodes=4, engine="local", output={"out": str(tmp_path / "a-file")})
@@ -138,6 +146,8 @@ def test_the_console_script_is_the_same_command_line(tmp_path: Path, capsys: pyt
     out = subprocess.run([sys.executable, "-m", "dice_ray.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and all(word in out.stdout for word in ("simulate", "analyze", "sweep"))
     from dice_ray.cli.main import main
+
+    assert main([]) == 2 and capsys.readouterr().err.startswith("usage: dice-ray")  # an error: on stderr
 
     for command in ("simulate", "analyze", "sweep"):  # each subcommand's usage names the command typed
         with pytest.raises(SystemExit):

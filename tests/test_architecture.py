@@ -90,3 +90,26 @@ def test_a_planted_cycle_inside_a_function_is_found(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from dice_ray.api import run\n    import dice_ray.runner\n")
     assert _imports(source)[0] == {"dice_ray.api", "dice_ray.runner"}
+
+
+def test_importing_the_math_the_methods_and_the_reports_starts_no_ray() -> None:
+    """Read at run time, not from the source: a module that imports no Ray itself may load it through another (a
+    package's ``__init__`` too; ``methods/retraining.py`` runs whole schedules on ``engine/local.py``, whose package
+    once imported the Ray engine). Ray is imported by the engines that place work on it, when they are used."""
+    import subprocess
+    import sys
+
+    layers = ("dice_ray.core", "dice_ray.data", "dice_ray.methods", "dice_ray.reports")
+    names = sorted(n for n in MODULES if n.startswith(layers)) + ["dice_ray.engine.local", "dice_ray.experiment"]
+    probe = f"import importlib, sys\nfor n in {names!r}:\n    importlib.import_module(n)\nprint('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "False", out.stdout
+
+
+def test_no_module_imports_another_modules_private_name() -> None:
+    """A leading underscore means "this module's own": no ``from dice_ray.x import _name``, at any level."""
+    offenders = [f"{name}: from {node.module} import {alias.name}" for name, path in MODULES.items()
+                 for node in _runtime_nodes(ast.parse(path.read_text()))
+                 if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dice_ray")
+                 for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert not offenders, offenders

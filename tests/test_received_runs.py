@@ -342,7 +342,7 @@ def test_a_received_runs_crafted_files_are_one_line_each(interrupted: Path, tmp_
     run = _copy(interrupted, tmp_path / "deep")
     (run / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
     _one_line(analyze(["anomaly", str(run)]), capsys, "nested too deeply")
-    _one_line(simulate(["--resume", str(run), "--engine", "local"]), capsys, "manifest.json is not a run manifest")
+    _one_line(simulate(["--resume", str(run), "--engine", "local"]), capsys, "manifest.json is not readable JSON")
     run = _copy(interrupted, tmp_path / "records")
     manifest = json.loads((run / "manifest.json").read_text())
     (run / "manifest.json").write_text(json.dumps({**manifest, "recoveries": "x"}))

@@ -229,6 +229,22 @@ def test_models_whose_step_is_no_function_of_the_state_are_refused_before_any_wo
         prepare(_config("digits", model={"name": name}, **sections))
 
 
+class _Silent(nn.Module):
+    """A model whose forward pass raises an error without a message (``raise ValueError``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError
+
+
+def test_an_error_without_a_message_is_named_by_its_type_in_the_one_line() -> None:
+    """The one-line errors quote the first line of the error they catch; an empty message was an IndexError traceback
+    (``str(err).splitlines()[0]``)."""
+    register_model("test-model-silent")(lambda shape, classes: _Silent())
+    with pytest.raises(InputError, match=r"^model 'test-model-silent' does not fit digits inputs of shape .*: "
+                                         r"ValueError$"):
+        prepare(_config("digits", model={"name": "test-model-silent"}))
+
+
 def test_a_float_buffer_the_forward_pass_writes_trains_without_dice() -> None:
     register_model("test-model-float-buffer")(lambda shape, classes: _Writes(int(np.prod(shape)), classes,
                                                                              torch.float32))

@@ -130,11 +130,11 @@ def cascades(runs: list[Path], out: Path | None = None) -> list[Cascade]:
 
 def _out_folder(out: Path) -> Path:
     """``out``, made if it does not exist and checked writable (``--out``)."""
+    check_can_make(out, f"--out {out}", "pass another --out")  # first: it says why (a file there, /proc, ...)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"--out {out}: cannot make the folder: {err.strerror or err}") from None
-    check_can_make(out, f"--out {out}", "pass another --out")
     return out
 
 

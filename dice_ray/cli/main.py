@@ -16,10 +16,12 @@ COMMANDS = {"simulate": "run a simulation (python -m dice_ray.simulate)",
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``argv`` (default ``sys.argv[1:]``) to the subcommand's ``main``; return its exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: dice-ray {simulate,analyze,sweep} [options]   (dice-ray COMMAND --help for its options)\n")
+    if not argv or argv[0] in ("-h", "--help"):  # asked for: the usage on stdout; missing: on stderr, as an error
+        stream = sys.stdout if argv else sys.stderr
+        print("usage: dice-ray {simulate,analyze,sweep} [options]   (dice-ray COMMAND --help for its options)\n",
+              file=stream)
         for name, text in COMMANDS.items():
-            print(f"  {name:<9} {text}")
+            print(f"  {name:<9} {text}", file=stream)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "simulate":

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import signal
 import sys
+import threading
 import types
 import typing
 from collections.abc import Callable
@@ -38,12 +40,14 @@ from dice_ray.config import (
     given_or_bundled,
     import_modules,
     load_config,
+    load_yaml,
     modules_in,
     modules_named,
     refuse_idle_settings,
     set_dotted,
+    yaml_error,
 )
-from dice_ray.errors import InputError, OneLineParser, report
+from dice_ray.errors import InputError, OneLineParser, first_line, report
 from dice_ray.hooks import registered_methods
 from dice_ray.sections import comma_list
 
@@ -152,8 +156,16 @@ def import_named(argv: list[str] | None) -> None:
     import_modules(modules_in(data))
 
 
+# What a str option takes, where it is not a name: a path, or names separated by commas.
+_METAVARS = {"--out": "DIR", "--data-dir": "DIR", "--topology-file": "FILE", "--variants": "NAME,NAME,...",
+             "--ledger-variants": "NAME,NAME,...", "--log": "NAME,NAME,..."}
+
+
 def _yaml_value(text: str) -> Any:
-    return yaml.safe_load(text)
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as err:  # argparse makes a usage error of this one only
+        raise argparse.ArgumentTypeError(f"not YAML ({yaml_error(err)})") from None
 
 
 def _int_list(text: str) -> list[int]:
@@ -189,7 +201,7 @@ def build_parser(prog: str = "python -m dice_ray.simulate") -> argparse.Argument
     for flag, dotted, kind in [*OPTIONS, *method_options()]:
         nullable = isinstance(kind, tuple)
         kind = kind[1] if nullable else kind
-        metavar = names.get(kind, "DIR" if flag == "--out" else "NAME") + ("|null" if nullable else "")
+        metavar = names.get(kind, _METAVARS.get(flag, "NAME")) + ("|null" if nullable else "")
         read = kinds.get(kind, kind)
         alone = {"nargs": "?", "const": True} if kind == "bool" and not nullable else {}  # a bare switch means true
         parser.add_argument(flag, dest=dotted, type=functools.partial(_or_null, read) if nullable else read,
@@ -249,6 +261,15 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     return config
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or ``kill``'s stop), raised in the main thread as Ctrl-C's ``KeyboardInterrupt`` is: the
+    run stops as an interrupted one, its manifest says so, and it resumes (it was left "running", with no line)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.simulate") -> int:
     """Command-line entry point, a thin layer over ``dice_ray.run`` / ``dice_ray.resume``; returns the exit status
     (2 for bad input, found before any work starts; 1 for a run that failed)."""
@@ -262,6 +283,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.simulate
     args = build_parser(prog).parse_args(argv)
     out = args.resume
     allow = " --allow-imports" if args.allow_imports else ""  # the resume of a run whose config imports modules
+    main_thread = threading.current_thread() is threading.main_thread()  # (where Python takes signals)
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # stops the run as Ctrl-C does
     try:
         if args.resume:
             placement = {dotted.replace(".", "__"): value for dotted, value in resume_args(args).items()}
@@ -280,15 +303,23 @@ def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.simulate
     except FloatingPointError as err:  # diverged: the manifest says so, no table reads as complete
         print(f"error: training diverged: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: the manifest says "interrupted"; the last checkpoint is there to resume from
-        print("interrupted" + (f"; continue with python -m dice_ray.simulate --resume {out}{allow}" if out else ""),
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the manifest says "interrupted"; resume from a checkpoint
+        stopped = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(stopped + (f"; continue with python -m dice_ray.simulate --resume {out}{allow}" if out else ""),
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, Terminated) else 130
+    except MemoryError as err:  # past the up-front checks (those count the states, not a run's peak): one line
+        print(f"error: out of memory ({first_line(err)[:200]}): fewer participants (--nodes), a smaller model, or "
+              "more machines (docs: how-to/cluster)", file=sys.stderr)
+        return 1
     except OSError as err:  # a full disk, a folder gone read-only: no table reads as complete
         where = f" ({err.filename})" if err.filename else ""
         print(f"error: cannot write the run directory {out}: {err.strerror or err}{where}; fix that, then continue "
               f"with --resume {out}{allow}", file=sys.stderr)
         return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from dice_ray.errors import first_line
+
 
 class StepGraph:
     """``step(t)`` (a function of the round, an int or a 0-d int64 tensor on ``device``, returning the losses [P])
@@ -61,7 +63,7 @@ class StepGraph:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.loss = self.step(self.t)
         except Exception as err:  # noqa: BLE001 - any operation the capture rejects: step eagerly instead
-            self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            self.failed = first_line(err, named=True)
             self.loss = None
             torch.cuda.synchronize(self.device)
             warnings.warn(f"the local step could not be captured as a CUDA graph ({self.failed}); it runs eagerly "

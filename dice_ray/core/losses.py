@@ -25,8 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dice_ray.core.models import defining_module
-from dice_ray.errors import InputError
+from dice_ray.registry import Registry
 
 
 class Loss:
@@ -71,7 +70,7 @@ class MeanSquaredError(Loss):
         return (outputs - targets).pow(2).mean(dim=-1)
 
 
-_REGISTRY: dict[str, Callable[[], Loss]] = {"cross-entropy": CrossEntropy, "mse": MeanSquaredError}
+LOSSES: Registry[Callable[[], Loss]] = Registry("loss", {"cross-entropy": CrossEntropy, "mse": MeanSquaredError})
 
 
 def register_loss(name: str) -> Callable[[type[Loss]], type[Loss]]:
@@ -79,27 +78,14 @@ def register_loss(name: str) -> Callable[[type[Loss]], type[Loss]]:
 
     def decorator(cls: type[Loss]) -> type[Loss]:
         cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return LOSSES.add(name, cls)
 
     return decorator
 
 
-def loss_module(name: str) -> str | None:
-    """The module that registered loss ``name`` (None: no such loss)."""
-    return defining_module(_REGISTRY[name]) if name in _REGISTRY else None
-
-
-def loss_names() -> tuple[str, ...]:
-    """The registered loss names."""
-    return tuple(_REGISTRY)
-
-
 def build_loss(name: str) -> Loss:
     """Return the ``Loss`` registered as ``name``; raise ``InputError`` for an unknown one."""
-    if name not in _REGISTRY:
-        raise InputError(f"loss {name!r} is unknown; choose one of {', '.join(loss_names())}")
-    return _REGISTRY[name]()
+    return LOSSES.get(name)()
 
 
 CROSS_ENTROPY = CrossEntropy()

@@ -3,11 +3,12 @@
 A kind of misbehaviour is a ``Misbehavior``: it corrupts a participant's local data (``corrupt``), makes it send
 θ + cΔ instead of θ + Δ (``factor``), or both. Built in: ``label-flip`` (a share of k's training labels
 y → C−1−y), ``feature-noise`` (Gaussian noise of std σ added to k's training inputs), ``sign-flip`` (θ − Δ),
-``scale`` (θ + cΔ), ``free-ride`` (k sends the model it received, without training: Δ = 0); their options are the
-config section's own fields. A user's kind is a subclass registered with ``register_misbehavior(name)``, its
-options the constructor's keyword arguments, from ``misbehavior.options`` (the docs' how-to "extend" has an
-example). Every choice is a pure function of (seed, participant), so the same participants misbehave the same way
-however they are placed.
+``scale`` (θ + cΔ), ``free-ride`` (k sends the model it received, without training: Δ = 0); c scales the trained
+parameters' change only (BatchNorm's running statistics are sent as stepped: scaled, a variance could turn
+negative); their options are the config section's own fields. A user's kind is a subclass registered with
+``register_misbehavior(name)``, its options the constructor's keyword arguments, from ``misbehavior.options`` (the
+docs' how-to "extend" has an example). Every choice is a pure function of (seed, participant), so the same
+participants misbehave the same way however they are placed.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from dice_ray.core.models import defining_module
 from dice_ray.core.topology import Topology
-from dice_ray.errors import InputError
+from dice_ray.errors import InputError, unknown_name
+from dice_ray.registry import Registry
 
 if TYPE_CHECKING:
     from dice_ray.config import MisbehaviorConfig
@@ -64,7 +65,7 @@ class Misbehavior:
         return type(self).factor is not Misbehavior.factor
 
 
-_REGISTRY: dict[str, type[Misbehavior]] = {}
+KINDS: Registry[type[Misbehavior]] = Registry("misbehaviour")
 K = TypeVar("K", bound=type[Misbehavior])
 
 
@@ -80,20 +81,14 @@ def _registered(name: str) -> Callable[[K], K]:
         if not (isinstance(cls, type) and issubclass(cls, Misbehavior)):
             raise TypeError(f"register_misbehavior({name!r}) takes a Misbehavior subclass, not {cls!r}")
         cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return KINDS.add(name, cls)
 
     return decorator
 
 
 def misbehavior_names() -> tuple[str, ...]:
     """Return ``none`` and the registered kinds (built-in ones first)."""
-    return ("none", *_REGISTRY)
-
-
-def misbehavior_module(name: str) -> str | None:
-    """The module that registered kind ``name`` (None: ``none`` or no such kind)."""
-    return defining_module(_REGISTRY[name]) if name in _REGISTRY else None
+    return ("none", *KINDS.names())
 
 
 def misbehavior(section: MisbehaviorConfig) -> Misbehavior | None:
@@ -102,11 +97,11 @@ def misbehavior(section: MisbehaviorConfig) -> Misbehavior | None:
     refuses."""
     if section.kind == "none":
         return None
-    if section.kind not in _REGISTRY:
-        raise InputError(f"misbehaviour {section.kind!r} is unknown; choose one of {', '.join(misbehavior_names())}")
+    if section.kind not in KINDS:
+        raise InputError(unknown_name("misbehaviour", section.kind, misbehavior_names(), registry=True))
     options = kind_options(section)
     try:
-        return _REGISTRY[section.kind](**options)
+        return KINDS.get(section.kind)(**options)
     except (TypeError, ValueError) as err:
         raise InputError(f"misbehavior.options {options} for {section.kind!r}: {err}") from None
 

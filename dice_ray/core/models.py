@@ -15,47 +15,32 @@ the data set, so one model definition serves every data set it fits.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 
 from dice_ray.core.convolution import use_conv_mode
 from dice_ray.core.pooling import use_pool_mode
-from dice_ray.errors import InputError, unknown_name
+from dice_ray.registry import Registry
 
 ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
-_REGISTRY: dict[str, ModelFactory] = {}
+MODELS: Registry[ModelFactory] = Registry("model")
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     """Return a decorator registering ``factory(input_shape, num_classes) -> nn.Module`` as ``name``."""
 
     def decorator(factory: ModelFactory) -> ModelFactory:
-        _REGISTRY[name] = factory
-        return factory
+        return MODELS.add(name, factory)
 
     return decorator
 
 
-def defining_module(obj: Any) -> str:
-    """The module that defines a registered callable (a ``functools.partial``'s function)."""
-    while isinstance(obj, functools.partial):
-        obj = obj.func
-    return getattr(obj, "__module__", None) or type(obj).__module__
-
-
-def model_module(name: str) -> str | None:
-    """The module that registered model ``name`` (None: no such model)."""
-    return defining_module(_REGISTRY[name]) if name in _REGISTRY else None
-
-
 def model_names() -> tuple[str, ...]:
     """Return the registered model names, sorted."""
-    return tuple(sorted(_REGISTRY))
+    return tuple(sorted(MODELS.names()))
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0) -> nn.Module:
@@ -67,11 +52,10 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
     originals) keeps the value drawn here, so it too is a function of the seed, the same in every process and actor
     (it was drawn from whatever state the global generator had: another value in every run). Lazy modules
     (``nn.LazyLinear``, ...) take their shapes from one pass over zeros here, before anything reads their sizes."""
-    if name not in _REGISTRY:
-        raise InputError(unknown_name("model", name, model_names(), registry=True))
+    factory = MODELS.get(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _REGISTRY[name](tuple(input_shape), int(num_classes))
+        model = factory(tuple(input_shape), int(num_classes))
         if any(isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
                for m in model.modules()):  # lazy modules take their shapes from one pass over zeros (eval mode)
             training = model.training

@@ -31,6 +31,7 @@ from dice_ray.data import minibatch_indices, minibatch_positions
 
 if TYPE_CHECKING:
     from dice_ray.config import RunConfig
+    from dice_ray.experiment import Experiment
 
 
 def _padded(groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +114,7 @@ class ParticipantBlock:
         self._misbehaving = torch.as_tensor(self.misbehaving, device=self.device)
         # c [m, 1] of the hosted misbehaving participants' sent updates θ + cΔ (None: their updates are honest)
         factors = update_factors(kind, self.nodes[self.misbehaving])
-        self._factors = None if factors is None else torch.as_tensor(
+        self.misbehaving_factors = None if factors is None else torch.as_tensor(
             factors[:, None], dtype=self.population.state.dtype, device=self.device)
         # The minibatch draw's inputs: on a GPU it runs there (``minibatch_positions``, the same numbers); checked
         # here once, as the host draw checks them every round.
@@ -136,7 +137,7 @@ class ParticipantBlock:
         self.y_heldout = as_tensor(heldout[1], self.device)
 
     @classmethod
-    def for_experiment(cls, experiment, device: str = "cpu") -> ParticipantBlock:
+    def for_experiment(cls, experiment: Experiment, device: str = "cpu") -> ParticipantBlock:
         """Return the block of all N participants of ``experiment`` (an ``experiment.Experiment``)."""
         ds, part = experiment.dataset, experiment.partition
         return cls(experiment.config, np.arange(experiment.nodes), ds.x_train, ds.y_train, part.train, part.val,
@@ -188,14 +189,14 @@ class ParticipantBlock:
 
     def _half_step(self, t: int | torch.Tensor) -> torch.Tensor:
         drawn = self.minibatch_rows(t)  # each chunk of participants gathers its own batches (``Population.half_step``)
-        if self._factors is not None:
+        if self.misbehaving_factors is not None:
             rows = self._misbehaving
             before = self.population.params[rows].clone()
         loss = self.population.half_step(lambda rows: (self.x_data[drawn[rows]], self.y_data[drawn[rows]]),
                                          idle=self._idle if len(self.idle) else None)
-        if self._factors is not None:  # they send θ + cΔ instead of θ + Δ
+        if self.misbehaving_factors is not None:  # they send θ + cΔ instead of θ + Δ
             after = self.population.params[rows]
-            self.population.params[rows] = before + self._factors * (after - before)
+            self.population.params[rows] = before + self.misbehaving_factors * (after - before)
         return loss
 
     def mixing_rows(self, weights: list[sp.csr_array] | sp.csr_array) -> list[torch.Tensor]:

@@ -21,7 +21,7 @@ import functools
 import math
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -85,7 +85,10 @@ SIDE_BY_SIDE_HOLDS = 2.0
 # Passes of at least this many rows agree bit for bit, so a run's numbers do not depend on how blocks are cut. That
 # holds for the local step's passes, evaluation's on participants' own samples and DICE-E's derivatives of a set of
 # rows (``functional_step``, the z′ Hessian forms), padded alike; evaluation on one shared batch agrees at any number
-# of rows.
+# of rows. Not for every BatchNorm model: vmap makes its normalization one over P × C channels, whose CPU kernels take
+# a pass's last channels apart from the vectorized rest, and a BatchNorm1d after a Linear layer rounded some rows'
+# parameters 1 ulp apart between cuts of 13 rows into passes of 3 and 5 (torch 2.14.1, one thread), so such a model's
+# numbers depend on the cut to float32 rounding (the promise across actors; one cut, one actor, is still bit for bit).
 MIN_PASS_ROWS = 3
 # CPU gossip goes in column chunks (``Population.mix_``). A sparse product of fewer columns takes another kernel on
 # some CPUs: on an Intel Xeon (AVX-512, torch 2.14.1 with MKL) a product of 4, 8, ..., 24 columns rounded its columns
@@ -246,7 +249,7 @@ class Layout:
 
 
 @contextlib.contextmanager
-def running_statistics_frozen(model: nn.Module):
+def running_statistics_frozen(model: nn.Module) -> Iterator[None]:
     """Within: normalization layers that track running statistics (BatchNorm) normalize a training batch by its own
     statistics, as in training, without updating the running ones or their counter. The gradient is training's;
     nothing is written, as a pure function must not (torch.func's transforms refuse in-place updates of tensors
@@ -287,7 +290,7 @@ def _by_running_statistics(module: nn.modules.batchnorm._BatchNorm, x: torch.Ten
 
 
 @contextlib.contextmanager
-def differentiable_running_statistics(model: nn.Module):
+def differentiable_running_statistics(model: nn.Module) -> Iterator[None]:
     """Within: BatchNorm layers in eval mode normalize by their running statistics in plain tensor operations, which
     autograd and forward mode differentiate with respect to those statistics (torch's kernel refuses to): a z′ loss's
     derivatives over the whole state. The same values, to float rounding; outside, torch's kernel as always."""
@@ -452,11 +455,14 @@ class Population:
                                               + m * inputs.var(dim=dims, correction=1))
         return self.buffer_layout.flatten(new)
 
-    def _losses_of(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+    def losses_of(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                    shared_input: bool, buffers: dict[str, torch.Tensor] | None = None,
                    sample_weights: torch.Tensor | None = None, model: nn.Module | None = None,
                    moving: list[tuple[str, nn.Module]] | None = None):
-        """Per-participant losses [P] (``losses``); with ``moving``, (losses, the buffers the pass moved)."""
+        """Per-participant mean losses [P] of the architecture at ``params`` and ``buffers`` (name -> [P, ...] views
+        of a state; ``buffers`` None: the current ones) on x [P, B, ...], y [P, B] (``shared_input``: x [B, ...],
+        y [B] for all), weighted by ``sample_weights`` [P, B] if given; differentiable. With ``moving`` (train-mode
+        layers whose running statistics the pass updates), (losses, the buffers the pass moved)."""
         buffers = self.buffer_layout.views(self.buffers) if buffers is None else buffers
         logits = self._logits(params, buffers, x, shared_input, model, moving)
         moved = moving is not None
@@ -480,7 +486,7 @@ class Population:
         y: [B] (one batch such as z′ for all). ``params`` [P, D_params] defaults to the current parameters.
         """
         params = self.params if params is None else params
-        return self._losses_of(self.param_layout.views(params), x, y, shared_input)
+        return self.losses_of(self.param_layout.views(params), x, y, shared_input)
 
     def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor, shared_input: bool = False,
                       sample_weights: torch.Tensor | None = None,
@@ -539,7 +545,7 @@ class Population:
         by_statistics = differentiable_running_statistics(model or self.model) if with_buffers else \
             contextlib.nullcontext()
         with torch.enable_grad(), by_statistics:
-            per = self._losses_of(leaves, x, y, shared_input, buffers, sample_weights, model)
+            per = self.losses_of(leaves, x, y, shared_input, buffers, sample_weights, model)
             wrt = [*leaves.values(), *(buffers.values() if with_buffers else ())]
             # a parameter or buffer the forward pass never reads has gradient 0 (autograd says None; torch.optim
             # would skip the parameter, which differs only by weight decay on it, which no loss reads)
@@ -847,7 +853,7 @@ class Population:
         buffers = self.buffer_layout.views(pad_rows(self.buffers if buffers is None else buffers, extra))
 
         def loss(p: torch.Tensor):
-            losses = self._losses_of(self.param_layout.views(p), x, y, False, buffers, moving=layers)
+            losses = self.losses_of(self.param_layout.views(p), x, y, False, buffers, moving=layers)
             return (losses[0].sum(), losses[1]) if layers is not None else (losses.sum(), ())
 
         with running_statistics_frozen(self.model):

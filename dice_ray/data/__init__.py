@@ -18,9 +18,9 @@ from dice_ray.data.partitions import (
     partition_data,
     shrink_partition,
 )
-from dice_ray.data.registry import dataset_module, dataset_names, load_dataset, register_dataset
+from dice_ray.data.registry import DATASETS, dataset_names, load_dataset, register_dataset
 
-__all__ = ["SCHEMES", "WEIGHT_RULES", "Dataset", "Partition", "check_partition", "dataset_module", "dataset_names",
+__all__ = ["DATASETS", "SCHEMES", "WEIGHT_RULES", "Dataset", "Partition", "check_partition", "dataset_names",
            "heldout_batch",
            "load_dataset", "minibatch_indices", "minibatch_positions", "participant_weights", "partition_data",
            "register_dataset", "shrink_partition"]

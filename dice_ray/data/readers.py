@@ -91,6 +91,9 @@ def _idx_path(raw_dir: str, stem: str) -> str:
 
 
 def load_mnist_like(name: str, data_dir: str, download: bool) -> Dataset:
+    """MNIST or Fashion-MNIST (``name`` mnist, fashion-mnist) from the IDX files under ``data_dir`` (fetched there
+    first if ``download``), normalized by the data set's channel statistics; x [n, 1, 28, 28] float32, y [n] int64.
+    A missing or damaged file is an ``InputError`` naming it."""
     folder = "MNIST" if name == "mnist" else "FashionMNIST"
     raw_dir = os.path.join(data_dir, folder, "raw")
     stems = (
@@ -185,6 +188,10 @@ def _read_cifar_pickle(path: str, label_key: str) -> tuple[np.ndarray, np.ndarra
 
 
 def load_cifar(name: str, data_dir: str, download: bool) -> Dataset:
+    """CIFAR-10 or CIFAR-100 (``name``) from the python-version batches under ``data_dir`` (fetched there first if
+    ``download``; unpickled with numpy arrays and plain containers the only objects allowed, ``_ArraysOnly``),
+    normalized by channel statistics; x [n, 3, 32, 32] float32, y [n] int64. A missing or damaged file is an
+    ``InputError`` naming it."""
     if name == "cifar10":
         base, train_files, test_files, key, classes = (
             "cifar-10-batches-py",
@@ -255,6 +262,9 @@ def _read_images(paths: list[str]) -> np.ndarray:
 
 
 def load_tiny_imagenet(data_dir: str, download: bool) -> Dataset:
+    """Tiny ImageNet from the extracted ``tiny-imagenet-200/`` under ``data_dir`` (its validation images as the
+    test split; it cannot be downloaded by dice-ray: ``download`` is refused); x [n, 3, 64, 64] float32, y [n]
+    int64."""
     root = os.path.join(data_dir, "tiny-imagenet-200")
     if download:
         raise InputError(

@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from dice_ray.core.models import defining_module
 from dice_ray.data.datasets import Dataset, load_digits, load_mnist5k, load_synthetic
 from dice_ray.data.readers import load_cifar, load_mnist_like, load_tiny_imagenet
 from dice_ray.errors import InputError
+from dice_ray.registry import Registry, defining_module
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,6 @@ class DataOptions:
 
 
 Loader = Callable[[DataOptions], Dataset]
-_REGISTRY: dict[str, Loader] = {}
 _ON_DISK = ("mnist", "fashion-mnist", "cifar10", "cifar100", "tiny-imagenet")
 
 
@@ -65,24 +64,19 @@ def _on_disk(name: str) -> Loader:
     return load
 
 
-_REGISTRY.update({
+DATASETS: Registry[Loader] = Registry("data set", {
     "digits": lambda o: load_digits(),
     "mnist5k": lambda o: load_mnist5k(),
     "synthetic": lambda o: load_synthetic(o.seed, o.synthetic_samples, o.synthetic_classes,
                                           tuple(o.synthetic_shape)),
     **{name: _on_disk(name) for name in _ON_DISK},
 })
-BUILT_IN = tuple(_REGISTRY)
-
-
-def dataset_module(name: str) -> str | None:
-    """The module that registered data set ``name`` (None: no such data set)."""
-    return _REGISTRY[name].__module__ if name in _REGISTRY else None
+BUILT_IN = DATASETS.names()
 
 
 def dataset_names() -> tuple[str, ...]:
     """The registered data-set names: the built-in ones first, then the user's in registration order."""
-    return tuple(_REGISTRY)
+    return DATASETS.names()
 
 
 def _arrays(name: str, which: str, split: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -197,8 +191,8 @@ def register_dataset(name: str, factory: Callable[..., Any] | None = None, *,
         def load(options: DataOptions) -> Dataset:
             return as_dataset(name, fn(options.seed) if takes_seed else fn(), input_shape, num_classes)
 
-        load.__module__ = defining_module(fn)  # where it was defined (``dataset_module``)
-        _REGISTRY[name] = load
+        load.__module__ = defining_module(fn)  # where it was defined (``DATASETS.module``)
+        DATASETS.add(name, load)
         return fn
 
     return decorator(factory) if factory is not None else decorator
@@ -213,7 +207,6 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Fal
     ``data_dir`` and ``download`` only the on-disk sets. Raises ``InputError`` for an unknown name, a missing or
     corrupt data folder.
     """
-    if name not in _REGISTRY:
-        raise InputError(f"unknown data set {name!r}; choose one of {', '.join(dataset_names())}")
+    loader = DATASETS.get(name)
     options = DataOptions(data_dir, download, seed, synthetic_samples, synthetic_classes, tuple(synthetic_shape))
-    return _REGISTRY[name](options)
+    return loader(options)

@@ -113,6 +113,7 @@ class ParticipantGroup:
 
     @property
     def block(self) -> Any:
+        """The ``ParticipantBlock`` this group hosts."""
         return self.hooked.block
 
     def restore(self, arrays: dict[str, np.ndarray] | None, epoch: int, data: list[Any]) -> int:

@@ -95,7 +95,7 @@ class HookedBlock:
                 "the optimizer's settings": (id(pop.optimizer), pop.optimizer),
                 "the loss": id(pop.loss),
                 "their data": marks(block.x_data, block.y_data, block.sample_rows, block.x_val, block.y_val,
-                                    block.val_mask, block.x_heldout, block.y_heldout, block._factors)}
+                                    block.val_mask, block.x_heldout, block.y_heldout, block.misbehaving_factors)}
 
     def message(self, name: str, t: int, local: bool) -> Any:
         """Hook ``name``'s message of round t (``local``: for this block itself, as the hook returned it; else with

@@ -29,6 +29,7 @@ from dice_ray.checkpoint import CheckpointStore, RoundTables
 from dice_ray.config import RunConfig
 from dice_ray.engine.metrics import RoundMetrics, RoundPlan
 from dice_ray.engine.ray_engine import ACTOR_FAILURES
+from dice_ray.errors import first_line
 from dice_ray.hooks import DriverHook, Method
 
 FLUSH_ROWS = 1 << 20  # rows buffered in memory before they go to a part file between checkpoints
@@ -173,27 +174,27 @@ def check_finite(metrics: RoundMetrics) -> None:
                                  f"{metrics.consensus_distance})")
 
 
-def train(engine: Any, config: RunConfig, tables: RoundTables, store: CheckpointStore, online: Drivers,
+def train(engine: Any, config: RunConfig, tables: RoundTables, store: CheckpointStore, drivers: Drivers,
           start: int = 0, on_round: Callable[[RoundMetrics, Any], None] | None = None, bar: Any = None,
           report: TrainingReport | None = None) -> TrainingReport:
-    """Run rounds ``start``..T−1 on ``engine`` (its state, and ``online``, are those after round ``start``−1);
+    """Run rounds ``start``..T−1 on ``engine`` (its state, and ``drivers``, are those after round ``start``−1);
     see the module docstring. ``on_round(metrics, engine)`` is called after each round's rows are recorded;
     ``bar`` is a tqdm bar; ``report`` (returned) collects the recoveries, also when an exception ends the run.
     """
     n = config.nodes
     report = report if report is not None else TrainingReport()
-    initial = online.state() if start == 0 else None  # restored after a failure before any checkpoint
+    initial = drivers.state() if start == 0 else None  # restored after a failure before any checkpoint
     flushed = time.monotonic()
     while start < config.rounds:
         seen = start - 1
         try:
-            for m in _rounds(engine, online, schedule(config, start)):
+            for m in _rounds(engine, drivers, schedule(config, start)):
                 check_finite(m)
                 tables.append("rounds", round_rows(m, n))
-                online.record(m, tables)
+                drivers.record(m, tables)
                 if m.snapshot is not None:
                     tables.commit(m.round)
-                    store.save(m.round, m.snapshot, online.state(), tables.part_digests())
+                    store.save(m.round, m.snapshot, drivers.state(), tables.part_digests())
                     m.snapshot = None  # on disk now: let its memory (object-store pages, for Ray) go before the next
                     report.checkpoints += 1
                     flushed = time.monotonic()
@@ -216,16 +217,16 @@ def train(engine: Any, config: RunConfig, tables: RoundTables, store: Checkpoint
             raise
         except ACTOR_FAILURES as err:
             if len(report.recoveries) >= config.engine.max_recoveries:
-                raise RuntimeError(f"round {seen + 1}: {_one_line(err)}; gave up after "
+                raise RuntimeError(f"round {seen + 1}: {first_line(err, named=True)[:300]}; gave up after "
                                    f"{len(report.recoveries)} recoveries (engine.max_recoveries)") from err
             latest = store.latest()
             restored = latest.round if latest is not None else -1
             engine.restore(latest.load() if latest is not None else None, config.engine.restart_timeout)
-            online.load_state(latest.load_driver_state() if latest is not None else initial)
-            online.impose_mixing(engine)
+            drivers.load_state(latest.load_driver_state() if latest is not None else initial)
+            drivers.impose_mixing(engine)
             tables.rollback(restored)
-            recovery = {"failed_in_round": seen + 1, "error": _one_line(err), "restored_from_round": restored,
-                        "replayed_rounds": [restored + 1, seen + 1],
+            recovery = {"failed_in_round": seen + 1, "error": first_line(err, named=True)[:300],
+                        "restored_from_round": restored, "replayed_rounds": [restored + 1, seen + 1],
                         "time": dt.datetime.now(dt.timezone.utc).isoformat()}
             report.recoveries.append(recovery)
             print(f"warning: round {seen + 1} failed ({recovery['error']}); restored the state after round "
@@ -237,13 +238,9 @@ def train(engine: Any, config: RunConfig, tables: RoundTables, store: Checkpoint
     return report
 
 
-def _rounds(engine: Any, online: Drivers, plans: Iterator[RoundPlan]) -> Iterator[RoundMetrics]:
+def _rounds(engine: Any, drivers: Drivers, plans: Iterator[RoundPlan]) -> Iterator[RoundMetrics]:
     """The engine's rounds, segment by segment (rewiring W^t between segments)."""
-    for segment in online.segments(plans):
-        online.before(segment[0].t, engine)
+    for segment in drivers.segments(plans):
+        drivers.before(segment[0].t, engine)
         yield from engine.run_rounds(segment)
 
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]

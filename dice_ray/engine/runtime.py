@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dice_ray.config import EngineConfig
-from dice_ray.errors import InputError
+from dice_ray.errors import InputError, first_line
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -117,6 +117,11 @@ def _join(address: str, given_by: str = "engine.address (--address)") -> None:
             except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as err:
                 ray.shutdown()
                 raise _join_error(f"{given_by} {address}", err) from None
+            except ValueError as err:  # a scheme Ray does not take (a dashboard's http:// address, say)
+                ray.shutdown()
+                raise InputError(f"{given_by} {address} is not a Ray address ({first_line(err)[:120]}): give the "
+                                 "head's host:port (`ray status` on the head prints it), or ray://host:port for Ray "
+                                 "Client") from None
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster
 
@@ -200,6 +205,24 @@ class ActorPlan:
     gpus_per_actor: float
     threads_per_actor: int
     per_machine: bool = False
+
+
+def check_local_cpus(engine: EngineConfig, nodes: int) -> None:
+    """Before a local Ray starts (about 5 s, more on a loaded machine): refuse actors whose CPUs this machine lacks,
+    the check ``plan_actors`` makes once Ray counts them. Only what is known without Ray: a given
+    ``engine.cpus_per_actor`` over the given actors (a local Ray's default: one), never more than ``nodes``. Nothing
+    where a cluster is joined (``engine.address``, ``RAY_ADDRESS``) or this process's Ray is running already."""
+    import ray
+
+    if engine.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return
+    cpus, have = engine.cpus_per_actor, os.cpu_count() or 1
+    if cpus is None or (engine.actors is None and engine.gpus_per_actor > 0):  # actors per GPU: Ray counts those
+        return
+    actors = min(engine.actors or 1, nodes)
+    if actors * cpus > have + 1e-9:
+        raise InputError(f"{actors} actors x engine.cpus_per_actor (--cpus-per-actor) {cpus:g} exceed this "
+                         f"machine's {have} CPUs (a local Ray has those)")
 
 
 def plan_actors(engine: EngineConfig, nodes: int, cluster_cpus: float, cluster_gpus: float,

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dice_ray.config import EngineConfig, RunConfig, import_modules, modules_named
-from dice_ray.errors import InputError
+from dice_ray.errors import InputError, first_line
 
 # A task lost with its worker or machine is resubmitted this many times (and recorded); errors raised by the task's
 # own computation are not retried.
@@ -135,7 +135,7 @@ class RayTasks(Tasks):
                     if attempts >= TASK_RETRIES:
                         raise
                     self.retries.append({"stage": stage, **label(jobs[i]),
-                                         "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"})
+                                         "error": first_line(err, named=True)[:200]})
                     work[remote.remote(fn, None, self.modules, *jobs[i])] = (i, attempts + 1)
                     continue
                 bar.update()

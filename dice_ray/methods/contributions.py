@@ -134,12 +134,15 @@ class LedgerProbes(ProbeSchedule):
         return bool(self.config.ledger.enabled)
 
     def starting(self, u: int) -> list[Probe]:
+        """The probes of round u: every source's, if u is a ledger round."""
         return [Probe(u * self.n + j, u, j) for j in range(self.n)] if ledger_round(self.config, u) else []
 
     def round_of(self, probe_id: int) -> int:
+        """The probe round t of probe ``probe_id`` (t·N + j)."""
         return probe_id // self.n
 
     def in_flight(self, hops: int, u: int) -> list[int]:
+        """Ids of the probes whose perturbation exists after round u's gossip (t ≤ u < t + R), ascending."""
         return [t * self.n + j for t in range(max(0, u - hops + 1), u + 1) if ledger_round(self.config, t)
                 for j in range(self.n)]
 

@@ -19,6 +19,7 @@ from dice_ray.data import Partition
 from dice_ray.engine.local import LocalEngine
 from dice_ray.hooks import Method, Stage
 from dice_ray.results import LOO, SHAPLEY
+from dice_ray.rundir import read_table
 
 
 def without_data(experiment: Any, excluded: list[int]) -> Any:
@@ -125,8 +126,6 @@ def retraining_changes(run: Path, loo: bool, shapley: int | None) -> dict[str, A
 def _shapley_permutations(run: Path) -> int | None:
     """The permutations of the run's ``shapley.parquet`` (None: it has none; a table cut short or not a shapley
     table: an ``InputError``, as the reports say it)."""
-    from dice_ray.reports.inputs import read_table
-
     path = run / "shapley.parquet"
     if not path.is_file():
         return None

@@ -37,7 +37,7 @@ from scipy.sparse import csgraph
 from dice_ray.core.topology import metropolis_weights
 from dice_ray.hooks import DriverHook, Method
 from dice_ray.results import REWIRING
-from dice_ray.sections import Section
+from dice_ray.sections import RECORDED, Section
 
 
 class RewiringConfig(Section):
@@ -65,6 +65,9 @@ class RewiringConfig(Section):
             return
         if self.mode in ("influence", "outlier") and not config.proximal.enabled:
             raise ValueError(f"rewiring.mode {self.mode!r} needs proximal influence (proximal.enabled, --proximal)")
+        if self.every > config.rounds - 1 and not RECORDED.get():  # it rewires before rounds K, 2K, ...: none here
+            raise ValueError(f"rewiring.every {self.every} rewires before round {self.every}, but the run has rounds "
+                             f"0..{config.rounds - 1}: no rewiring would happen")
         if self.keep > config.nodes - 1:
             raise ValueError(f"rewiring.keep {self.keep} exceeds the {config.nodes - 1} other participants")
         if config.topology.name in ("one-peer-exponential", "random-matching"):

@@ -17,10 +17,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from dice_ray.config import RunConfig, read_recorded
 from dice_ray.core.misbehavior import kind_options
 from dice_ray.errors import InputError
-from dice_ray.reports.inputs import read_frame, read_manifest, read_table, recorded_topology
+from dice_ray.reports.inputs import read_frame, recorded_topology
 from dice_ray.results import COLLABORATORS
+from dice_ray.rundir import read_manifest, read_table
 
 REWIRINGS = ("none", "influence", "outlier", "random")
 
@@ -40,11 +42,10 @@ def _final_in_edges(run: Path, config, nodes: pd.DataFrame) -> list[np.ndarray]:
 
 def collaborator_row(run: Path) -> dict:
     """Return ``run``'s row of ``collaborators.parquet`` (final accuracy of its honest participants)."""
-    from dice_ray.config import read_recorded
-
-    manifest = read_manifest(run) if (run / "manifest.json").is_file() else None
-    if manifest is None or manifest.get("status") != "complete":
-        raise InputError(f"{run} is not a complete run (manifest.json status)")
+    manifest = read_manifest(run)  # not a run: one line saying so
+    if manifest.get("status") != "complete":
+        raise InputError(f"{run} is not a complete run (its manifest.json says status {manifest.get('status')!r}); "
+                         f"finish it with python -m dice_ray.simulate --resume {run}")
     config = read_recorded(manifest["config"], f"run {str(run)!r}")
     rounds, nodes = read_frame(run, "rounds", "incomplete run"), read_frame(run, "nodes", "incomplete run")
     last = rounds[rounds["round"] == rounds["round"].max()].sort_values("node")
@@ -67,7 +68,7 @@ def collaborator_row(run: Path) -> dict:
 NOT_THE_STUDY = ("model.vectorize", "model.conv", "model.pool", "data.data_dir", "data.download")
 
 
-def study(config) -> dict[str, object]:
+def study(config: RunConfig) -> dict[str, object]:
     """What runs of one collaborators study share: every field but the seed, the rewiring, the misbehaviour, the
     methods' and engine's and output's settings: the participants, rounds, model, optimizer, data and graph."""
     shared = {"nodes": config.nodes, "rounds": config.rounds}

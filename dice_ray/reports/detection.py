@@ -9,8 +9,9 @@ examiner, precision at the true number of anomalous neighbours and the detection
 
 from __future__ import annotations
 
+import numbers
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,8 +245,14 @@ def detection_report(run: str | Path, horizons: list[int] | None = None) -> Dete
         raise InputError(f"{run}: every participant misbehaves, so no examiner has an honest neighbour to tell apart")
     window = config.proximal.window
     last = int(rounds["round"].max()) + 1
+    if horizons is not None and (isinstance(horizons, (str, bytes)) or not isinstance(horizons, Iterable)
+                                 or not all(isinstance(h, numbers.Integral) for h in horizons)):
+        raise InputError(f"horizons {horizons!r}: a list of round numbers, or None for the default")
     if horizons is not None and not list(horizons):
         raise InputError("horizons: give at least one, or None for the default (5, 10, 20 and the whole run)")
+    twice = sorted({h for h in horizons or [] if list(horizons).count(h) > 1})
+    if twice:
+        raise InputError(f"horizons (--horizon) {twice[0]} is given twice: give each once")
     outside = sorted(h for h in horizons or [] if not 0 < h <= last)
     if outside:
         raise InputError(f"horizons (--horizon) {outside[0]}: a horizon counts the rounds before it, 1..{last} "

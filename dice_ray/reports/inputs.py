@@ -8,15 +8,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from dice_ray.errors import InputError, first_line
-from dice_ray.results import TABLES, kept_topology_file
-from dice_ray.rundir import read_json
+from dice_ray.errors import InputError
+from dice_ray.results import kept_topology_file
+from dice_ray.rundir import MANIFEST, not_a_run, read_json, read_manifest, read_table
 
-NONEMPTY = ("rounds", "nodes")  # a finished run writes a row per participant (and round) into these
-FINITE = {"rounds": ("train_loss",)}  # a run whose training loss is not finite stops as diverged: such a value was
-# written by someone else (other float columns may hold NaN: a proximal score where an examiner has no z′, say)
 PROBED = "a run with influence writes rows for every probe: the table was replaced"
 
 
@@ -36,48 +32,6 @@ def _with_rows(table: pa.Table, path: Path, empty: str | None) -> pa.Table:
     return table
 
 
-def read_table(path: Path) -> pa.Table:
-    """The Parquet table at ``path`` (a run's table, named as in ``results.TABLES``), with every column its schema
-    documents; a file cut short, not Parquet, without those columns, with text where numbers belong, without rows
-    (``NONEMPTY``) or with a NaN where a run writes numbers (``FINITE``) is an ``InputError`` naming it."""
-    try:
-        table = plain(pq.read_table(path))
-    except (OSError, pa.ArrowException) as err:
-        raise InputError(f"{path} is not a readable Parquet table ({first_line(err)}): it was cut short or "
-                         "replaced") from None
-    schema = TABLES.get(path.stem)
-    missing = [] if schema is None else [f.name for f in schema if f.name not in table.column_names]
-    if missing:
-        raise InputError(f"{path} lacks column {missing[0]!r} of the {path.stem} table: it is not a dice-ray "
-                         f"{path.stem} table of this version")
-    for field in [] if schema is None else schema:  # the types the reports compute with, or one line
-        column = table.column(field.name)
-        if column.type != field.type:
-            try:
-                column = column.cast(field.type)
-            except pa.ArrowException:
-                raise InputError(f"{path}: column {field.name!r} holds {column.type}, not {field.type}: it is not a "
-                                 f"dice-ray {path.stem} table") from None
-            table = table.set_column(table.schema.get_field_index(field.name), field.name, column)
-    if path.stem in NONEMPTY and table.num_rows == 0:
-        raise InputError(f"{path} holds no rows: a finished run writes one per participant"
-                         f"{' and round' if path.stem == 'rounds' else ''}; the table was replaced")
-    for name in FINITE.get(path.stem, ()):
-        values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
-        bad = np.flatnonzero(~np.isfinite(values))
-        if len(bad):
-            raise InputError(f"{path}: column {name!r} holds {values[bad[0]]} in {len(bad)} of {len(values)} rows "
-                             f"(first: row {bad[0]}); a run writes finite numbers there: the table was changed")
-    return table
-
-
-def plain(table: pa.Table) -> pa.Table:
-    """``table`` without the pandas metadata a file may carry (dice-ray writes none): ``to_pandas`` follows it, and
-    a crafted one (a dtype, an index) made the reports fail with IndexError or ValueError tracebacks."""
-    kept = {k: v for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
-    return table.replace_schema_metadata(kept or None)
-
-
 def check_participants(path: Path, column: str, ids: Any, n: int, every: bool = False) -> None:
     """Raise an ``InputError`` naming ``path`` if a participant id of ``column`` (``ids``) is not one of the run's
     ``n`` (0 .. n − 1), or, with ``every``, if the column does not list each of them once (a table of one row per
@@ -92,34 +46,13 @@ def check_participants(path: Path, column: str, ids: Any, n: int, every: bool = 
                          f"{len(ids)} rows, not each once: the table was cut short or changed")
 
 
-def read_manifest(run: Path) -> dict[str, Any]:
-    """``run``'s manifest.json as a dict with its ``config`` a dict; missing or malformed: an ``InputError``."""
-    path = run / "manifest.json"
-    try:
-        manifest = read_json(path)
-    except FileNotFoundError:
-        raise not_a_run(run) from None
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path} is not readable JSON ({type(err).__name__}: {first_line(err)[:120]}): it was cut "
-                         "short or replaced") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
-        raise InputError(f"{path} is not a dice-ray manifest (no config section)")
-    return manifest
-
-
-def not_a_run(folder: Path) -> InputError:
-    """The error for a folder without a manifest."""
-    return InputError(f"{folder} is not a dice-ray run directory (no manifest.json): give the folder a simulation "
-                      "wrote (its output.out, --out)")
-
-
 def missing_table(path: Path, hint: str) -> InputError:
     """The error for a run's table ``path`` that does not exist: the run did not finish (its manifest says so: its
     tables are written at the end), else ``hint`` (the run was made without the method that writes the table)."""
-    if not (path.parent / "manifest.json").exists():
+    if not (path.parent / MANIFEST).exists():
         return not_a_run(path.parent)
     try:
-        status = read_json(path.parent / "manifest.json").get("status")
+        status = read_json(path.parent / MANIFEST).get("status")
     except (OSError, ValueError, AttributeError):
         status = None
     if status not in (None, "complete"):

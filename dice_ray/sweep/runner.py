@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dice_ray.engine.runtime import dropped_log_lines
-from dice_ray.errors import InputError
+from dice_ray.errors import InputError, first_line
 from dice_ray.results import write_atomic, write_json_atomic
 from dice_ray.rundir import LOCK, DirectoryLock, check_can_make, read_json
 from dice_ray.sweep.metrics import compute_metrics
@@ -116,7 +116,7 @@ def run_trial(tune_config: dict[str, Any], sweep: Sweep, out: str) -> None:
             started -= earlier
             row["metrics"] = compute_metrics(run, config, sweep.spec.metrics)
     except Exception as err:  # a failed trial is a result: recorded with its error while the sweep goes on
-        row.update(status="failed", error=f"{type(err).__name__}: {err}".splitlines()[0])
+        row.update(status="failed", error=first_line(err, named=True))
     if trial_dir(Path(out), trial_id).is_dir() and console.getvalue():
         write_atomic(trial_dir(Path(out), trial_id) / "console.log", lambda p: p.write_text(console.getvalue()))
     row["wall_seconds"] = time.time() - started
@@ -169,7 +169,7 @@ def _recorder(sweep: Sweep, out: Path, total: int, done: int, recorded: dict[str
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             trial_id, params = _identify(sweep, trial.config, trial.trial_id)
             error = trial.get_error()
-            message = f"{type(error).__name__}: {error}".splitlines()[0] if error else "the trial's process failed"
+            message = first_line(error, named=True) if error else "the trial's process failed"
             self._record({"trial_id": trial_id, "status": "failed", "error": message,
                           "run_dir": str(trial_dir(Path("."), trial_id)), "start_time": _now(),
                           "wall_seconds": None, "params": params, "metrics": {}})
@@ -217,6 +217,9 @@ def _claim(sweep: Sweep, out: Path, resume: bool, lock: DirectoryLock) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"sweep out {str(out)!r} exists and is not a directory")
     check_can_make(out, f"sweep out {str(out)!r}")
+    if resume and not out.exists():  # (a sweep stopped before it wrote anything leaves an empty one: that resumes)
+        raise InputError(f"sweep directory {str(out)!r} does not exist: there is nothing to resume; run the sweep "
+                         "without resume (--resume)")
     lock.check()
     if not (out.is_dir() and any(p.name != LOCK for p in out.iterdir())):
         return

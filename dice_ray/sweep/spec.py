@@ -74,7 +74,7 @@ class SweepSpec(BaseModel):
     mode: Literal["max", "min"] = "max"
     seed: int = Field(0, ge=0, description="seed of the Optuna sampler (trial seeds come from the configs)")
     max_concurrent: int = Field(2, ge=1, description="trials running at once")
-    out: str = Field(description="sweep directory")
+    out: str = Field(min_length=1, description="sweep directory")
     metrics: list[str] | None = Field(None, description="trial metric groups to compute (default: all)")
     cpus_per_actor: float = Field(1.0, ge=1, allow_inf_nan=False,
                                   description="CPUs per participant-group actor of a trial, unless the trial's config "
@@ -93,6 +93,11 @@ class SweepSpec(BaseModel):
         elif self.num_samples is not None:
             raise ValueError("num_samples applies to search optuna; a grid runs every combination once (sweep "
                              "the seed field for repeats)")
+        else:
+            trials = math.prod(len(next(iter(dist.values()))) for dist in self.space.values())
+            if trials > MAX_GRID_TRIALS:  # each a whole run; listing 3 million of them alone took 8 minutes
+                raise ValueError(f"space: a grid of {trials:,} trials, more than {MAX_GRID_TRIALS:,}: sweep fewer "
+                                 "values, or search optuna with num_samples")
         return self
 
 
@@ -316,6 +321,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     return sweep
 
 
+MAX_GRID_TRIALS = 100_000  # trials of one grid sweep
 SURVEY_BAR = 2000  # checking more examples than this shows a progress bar (about 1 s per 10,000 here)
 
 
@@ -373,7 +379,7 @@ def _check_metrics_reach_trials(sweep: Sweep, first: RunConfig) -> None:
     refused, one from a module the imports do not list gets a warning line (every trial would end in KeyError after
     its whole simulation otherwise)."""
     from dice_ray.config import check_worker_module, modules_named
-    from dice_ray.core.models import defining_module
+    from dice_ray.registry import defining_module
     from dice_ray.sweep.metrics import METRICS
 
     listed = modules_named(first)

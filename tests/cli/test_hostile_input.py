@@ -107,6 +107,62 @@ def test_malformed_values_found_by_an_audit(argv: list[str], tmp_path: Path,
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and not out.exists(), err
 
 
+# Nine levels of ten aliases each, under a field that takes any JSON: 10^9 values from 300 bytes.
+LAUGHS = "misbehavior:\n  options:\n    a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+    f"    {b}: &{b} [{', '.join([f'*{a}'] * 10)}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True))
+SECOND_AUDIT = {  # (argv, files to write, the one line's words) found by the second audit of every flag
+    "a YAML key read as true": (["--config", "{tmp}/on.yaml"], {"on.yaml": "optim: {on: 1}\n"},
+                                "config: optim: key True is not a name (YAML reads an unquoted on, off, yes or no"),
+    "a key twice": (["--config", "{tmp}/twice.yaml"], {"twice.yaml": "nodes: 4\nnodes: 6\n"},
+                    "found key 'nodes' twice in one mapping (line 2, column 1)"),
+    "a tab": (["--config", "{tmp}/tab.yaml"], {"tab.yaml": "rounds: 1\n\tnodes: 4\n"},
+              "found character '\\t' that cannot start any token (line 2, column 1)"),
+    "nested aliases": (["--config", "{tmp}/laughs.yaml"], {"laughs.yaml": LAUGHS},
+                       "its aliases expand to more than 1,000,000 values"),  # 10^9 values: validation took minutes
+    "true for a number": (["--set", "nodes=true"], {}, "config: nodes: true is not a number"),
+    "a --set twice": (["--set", "nodes=5", "--set", "nodes=6"], {}, "--set nodes is given twice"),
+    "a module that fails": (["--imports", "boom"], {"boom.py": "raise RuntimeError('at import')\n"},
+                            "module 'boom' failed as it was imported: RuntimeError: at import"),
+    "a Ray dashboard's address": (["--engine", "ray", "--address", "http://127.0.0.1:8265"], {},
+                                  "engine.address (--address) http://127.0.0.1:8265 is not a Ray address"),
+    "a graph past memory": (["--topology", "complete", "--nodes", "1000000", "--dataset", "synthetic",
+                             "--set", "data.synthetic_samples=1000000"], {},
+                            "the complete graph's mixing matrix W (1,000,000,000,000 entries) need 37,252.9 GiB"),
+    "states past memory": (["--model", "resnet18", "--nodes", "100000", "--dataset", "synthetic",
+                            "--set", "data.synthetic_samples=200000"], {},
+                           "the 100,000 participants' stacked states (11,1"),  # 4.2 TiB
+    "a batch of one for BatchNorm": (["--model", "resnet18", "--batch-size", "1", "--nodes", "2"], {},
+                                     "on batches of one sample (optim.batch_size, --batch-size): Expected more than "
+                                     "1 value per channel when training"),  # it failed in round 0, a traceback
+    "too few to misbehave": (["--nodes", "4", "--misbehavior", "label-flip", "--misbehaving-fraction", "0.01"], {},
+                             "misbehavior.fraction 0.01 of 4 participants rounds to none misbehaving"),
+    "rewiring past the run": (["--proximal", "--rewire", "random", "--rewire-every", "5"], {},
+                              "rewiring.every 5 rewires before round 5, but the run has rounds 0..0"),
+    "more sources than participants": (["--nodes", "4", "--rounds", "3", "--influence", "--hops", "1",
+                                        "--set", "influence.sample_sources=9"], {},
+                                       "influence.sample_sources 9 exceeds the 4 participants"),
+    "a name too long": (["--out", "{tmp}/" + "x" * 300], {}, "cannot be a folder here: File name too long"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SECOND_AUDIT))
+def test_malformed_input_found_by_the_second_audit(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each was a traceback (exit 1), a hang, or a run that started (or wrote its directory) and then failed or
+    silently did something else; now one line, exit 2, before any work."""
+    argv, files, words = SECOND_AUDIT[case]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    out = tmp_path / "run"
+    code = main([*FAST, "--rounds", "1", "--out", str(out), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and words in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
 def test_a_received_runs_malformed_pieces_are_one_line_each(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Reports on a run directory whose manifest or tables were replaced or cut short, or that cannot be written
     to, end in one line and exit 2 (they were tracebacks); stray files in checkpoints/ are not the store's."""

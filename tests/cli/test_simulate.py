@@ -198,6 +198,13 @@ def test_existing_run_directory_is_not_overwritten(tmp_path: Path, capsys) -> No
     err = capsys.readouterr().err
     assert "already exists" in err and "output.overwrite (--overwrite)" in err and "output.out (--out)" in err
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "plot.png").write_bytes(b"mine")  # --overwrite deleted a folder's PNG and Parquet files: only a run's now
+    assert main([*SMALL, "--engine", "local", "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a dice-ray run directory (no manifest.json)" in err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "plot.png"]
+    assert main([*SMALL, "--engine", "local", "--out", ""]) == 2  # the working directory, which overwrite would sweep
+    assert "output.out: String should have at least 1 character" in capsys.readouterr().err
 
 
 def test_help_documents_every_option(capsys) -> None:
@@ -225,15 +232,17 @@ def test_a_cluster_that_cannot_hold_the_run_exits_2_before_touching_its_director
     assert not out.exists()
     out.mkdir()
     (out / "rounds.parquet").write_bytes(b"an earlier run's")
+    (out / "manifest.json").write_text("{}")
     assert main([*SMALL, *argv, "--out", str(out), "--overwrite"]) == 2
-    assert [p.name for p in out.iterdir()] == ["rounds.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "rounds.parquet"]
     assert (out / "rounds.parquet").read_bytes() == b"an earlier run's"
 
 
-@pytest.mark.parametrize("imports", [[], ["--imports", "json"]])
-def test_ctrl_c_is_one_line_exit_130_with_how_to_resume(tmp_path: Path, imports: list[str]) -> None:
+@pytest.mark.parametrize(("imports", "stop"), [([], "SIGINT"), (["--imports", "json"], "SIGINT"), ([], "SIGTERM")])
+def test_ctrl_c_or_sigterm_is_one_line_with_how_to_resume(tmp_path: Path, imports: list[str], stop: str) -> None:
     """SIGINT to a running simulate (as Ctrl-C sends): one line that says how to continue, exit 130, the manifest
-    marked interrupted. A run whose config imports modules continues only with --allow-imports: the line says so."""
+    marked interrupted. A run whose config imports modules continues only with --allow-imports: the line says so.
+    SIGTERM (a scheduler's stop) the same, exit 143 (it left the manifest "running", with no line)."""
     import json
     import signal
     import subprocess
@@ -248,10 +257,11 @@ def test_ctrl_c_is_one_line_exit_130_with_how_to_resume(tmp_path: Path, imports:
     while not (out / "manifest.json").is_file() and time.monotonic() < deadline:  # training has started
         time.sleep(0.2)
     time.sleep(1.0)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, stop))
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1] == (f"interrupted; continue with python -m dice_ray.simulate --resume {out}"
+    assert process.returncode == (130 if stop == "SIGINT" else 143), err[-2000:]
+    said = "interrupted" if stop == "SIGINT" else "terminated (SIGTERM)"
+    assert err.strip().splitlines()[-1] == (f"{said}; continue with python -m dice_ray.simulate --resume {out}"
                                             + (" --allow-imports" if imports else ""))
     assert "Traceback" not in err
     assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"

@@ -77,6 +77,11 @@ def _sweep(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     ({"space": {"proximal.every": {"grid": [1, 2]}}}, "space.proximal.every does nothing in any trial: it applies "
                                                       "to proximal, which this run leaves off (proximal.enabled, "
                                                       "--proximal)"),
+
+    # 3.2 million trials were listed for 8 minutes before anything ran
+    ({"space": {"seed": {"grid": list(range(2000))}, "optim.lr": {"grid": [0.01 * (i + 1) for i in range(100)]}}},
+     "space: a grid of 200,000 trials, more than 100,000"),
+    ({"base": {**BASE, "optim": {True: 1}}}, "base: config: optim: key True is not a name"),
 ])
 def test_bad_sweep_file_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                               change: dict, message: str) -> None:
@@ -96,6 +101,9 @@ def test_existing_sweep_directory_needs_resume(tmp_path: Path, capsys: pytest.Ca
     assert "set resume (--resume) to finish it" in capsys.readouterr().err
     assert main([str(_write(tmp_path, "s.yaml", {**GRID, "out": str(out)})), "--resume"]) == 2
     assert "not a sweep directory" in capsys.readouterr().err
+    missing = tmp_path / "never"  # --resume of a sweep that never ran started a new one
+    assert main([str(_write(tmp_path, "s.yaml", {**GRID, "out": str(missing)})), "--resume"]) == 2
+    assert "does not exist: there is nothing to resume" in capsys.readouterr().err and not missing.exists()
 
 
 def test_retry_failed_needs_resume_and_a_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

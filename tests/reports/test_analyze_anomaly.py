@@ -99,6 +99,11 @@ def test_anomaly_report_writes_table_and_png(tmp_path, capsys) -> None:
 
     with pytest.raises(dice_ray.InputError, match="horizons: give at least one"):  # not the defaults in silence
         dice_ray.open_run(run).anomaly([])
+    for bad in (2, "5", [2.5]):  # TypeErrors
+        with pytest.raises(dice_ray.InputError, match="a list of round numbers"):
+            dice_ray.open_run(run).anomaly(bad)
+    assert analyze(["anomaly", str(run), "--horizon", "4", "--horizon", "4"]) == 2
+    assert "horizons (--horizon) 4 is given twice" in capsys.readouterr().err
     numbers = dice_ray.open_run(run).anomaly([1]).drop(columns="method")  # NaN where undefined, not None
     assert all(kind in "fi" for kind in numbers.dtypes.map(lambda d: d.kind)), numbers.dtypes
     assert analyze(["anomaly", str(run), "--shapley", "2"]) == 2  # another report's option is not ignored

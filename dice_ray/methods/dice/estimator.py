@@ -297,7 +297,7 @@ def state_losses(pop: Population, state: torch.Tensor, x: torch.Tensor, y: torch
     """L(state_k; z_k) [P] of ``pop``'s architecture at ``state`` [P, D] (parameters and buffers, a function of both:
     forward mode differentiates it along a state's direction)."""
     width = pop.param_layout.width
-    return pop._losses_of(pop.param_layout.views(state[:, :width]), x, y, shared_input,
+    return pop.losses_of(pop.param_layout.views(state[:, :width]), x, y, shared_input,
                           pop.buffer_layout.views(state[:, width:]), sample_weights)
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
-from dice_ray.sections import Ids, Section, comma_list, distinct
+from dice_ray.sections import RECORDED, Ids, Section, comma_list, distinct
 
 
 def distinct_variants(value: list[str]) -> list[str]:
@@ -71,6 +71,9 @@ class InfluenceConfig(Section):
         if self.sources is not None and self.sample_sources is not None:
             raise ValueError("influence.sources and influence.sample_sources both choose the probed participants: "
                              "give one")
+        if self.sample_sources is not None and self.sample_sources > config.nodes and not RECORDED.get():
+            raise ValueError(f"influence.sample_sources {self.sample_sources} exceeds the {config.nodes} "
+                             "participants")
         if self.rounds == [] or self.sources == []:
             raise ValueError(f"influence.{'rounds' if self.rounds == [] else 'sources'} is empty: nothing to probe")
         latest = config.rounds - 1 - self.hops  # the last round whose R hops the run holds

@@ -28,7 +28,7 @@ loss difference (``LossDifference``), each driver evaluating every probe's reque
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -109,7 +109,10 @@ def start(delta: torch.Tensor, opt_delta: dict[str, torch.Tensor], b0: torch.Ten
 COUNTER = "step"
 
 
-def carried_state(optimizer: OptimizerSpec, names) -> list[str]:
+Stepped = tuple[torch.Tensor, dict[str, torch.Tensor]]  # a stepped direction [P, D] and its optimizer part
+
+
+def carried_state(optimizer: OptimizerSpec, names: Iterable[str]) -> list[str]:
     """The optimizer-state entries ``names`` a perturbation carries: all but the step counter, unless the update reads
     it (Adam), when its lag is carried too."""
     return [n for n in names if n != COUNTER or optimizer.counts_steps]
@@ -297,7 +300,7 @@ def sent(steps: LocalSteps, before: torch.Tensor, after: torch.Tensor, width: in
 
 
 def second_order_local_step(steps: LocalSteps, a: torch.Tensor, opt_a: dict[str, torch.Tensor], b: torch.Tensor,
-                            opt_b: dict[str, torch.Tensor]):
+                            opt_b: dict[str, torch.Tensor]) -> tuple[Stepped, Stepped]:
     """One second-order step of P participants' perturbations: returns ((J a [P, D], its optimizer part),
     (J b − ½ D²O[a, a] [P, D], its optimizer part)), O the whole local update (parameters and optimizer
     state; missing tangent entries: 0).
