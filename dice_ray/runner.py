@@ -10,6 +10,7 @@ and ``nodes.parquet``, and the tables of the methods the config enables (``dice_
 from __future__ import annotations
 
 import datetime as dt
+import os
 import platform
 import resource
 import shutil
@@ -34,7 +35,15 @@ from dice_ray.config import (
     rerun_config,
     set_dotted,
 )
-from dice_ray.engine import Engine, LocalEngine, RayEngine, check_local_cpus, cluster_plan, start_ray
+from dice_ray.engine import (
+    Engine,
+    LocalEngine,
+    RayEngine,
+    check_local_cpus,
+    cluster_plan,
+    ray_running,
+    start_ray,
+)
 from dice_ray.engine.loop import Drivers, TrainingReport, train
 from dice_ray.engine.tasks import Tasks, task_backend
 from dice_ray.errors import InputError, absent, first_line
@@ -304,6 +313,7 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     ``on_round(metrics, engine)`` is called after every round (``RoundMetrics``, and the engine running it),
     e.g. to watch a run. ``methods``: a user's own ``hooks.Method``s, run after the built-in ones the config enables.
     """
+    started = time.time()  # "in all" counts Ray's start too (5-15 s: the silence before the first bar)
     experiment = experiment or prepare(config)
     config = experiment.config
     check_tracking(config.output.log, config.output.tracking_uri)  # before anything is made or written
@@ -311,16 +321,17 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     if engine_kind == "ray":  # a cluster that cannot hold the run's actors or tasks: one line, the directory untouched
         check_workers_register(config)
         check_local_cpus(config.engine, experiment.nodes)  # before a local Ray starts
+        if config.output.progress and not (ray_running() or config.engine.address or os.environ.get("RAY_ADDRESS")):
+            print("starting a local Ray (--engine local runs without it)...", file=sys.stderr)  # (a join: one line)
         start_ray(config.engine.address)
         cluster_plan(config.engine, experiment.nodes)
     with DirectoryLock(out):  # one writer per run directory, for as long as this process writes it
-        return _simulate(experiment, out, engine_kind, save_states, resume, on_round, methods)
+        return _simulate(experiment, out, engine_kind, save_states, resume, on_round, methods, started)
 
 
 def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: bool, resume: bool,
-              on_round: Callable[[Any, Any], None] | None, methods: list[Method] | tuple) -> Path:
+              on_round: Callable[[Any, Any], None] | None, methods: list[Method] | tuple, started: float) -> Path:
     config = experiment.config
-    started = time.time()
     store = CheckpointStore(out, config_digest(config))
     # rounds.parquet last: its presence marks a finished training run
     chosen = methods_for(config, list(methods))
@@ -435,8 +446,11 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
                f"{config.nodes} participants trained before, {wall:.1f} s now")
     held_out = (f"accuracy {final['heldout_acc_mean']:.3f}" if final["heldout_acc_mean"] is not None else
                 f"loss {final['heldout_loss_mean']:.4g}")  # a loss without accuracy (MSE): its loss
-    print(f"done: {trained}; final held-out {held_out}; peak memory: driver {_peak_rss_mib():.0f} MiB{actors}; "
-          f"results in {out}/", file=sys.stderr)
+    retried = [f"{len(report.recoveries)} lost actor(s) replaced"] if report.recoveries else []
+    retried += [f"{len(tasks.retries)} task(s) run again"] if tasks.retries else []
+    retried_line = f"; {', '.join(retried)} (manifest.json: recoveries, task_retries)" if retried else ""
+    print(f"done: {trained}; final held-out {held_out}; peak memory: driver {_peak_rss_mib():.0f} MiB{actors}"
+          f"{retried_line}; results in {out}/", file=sys.stderr)
     return out
 
 

@@ -143,7 +143,7 @@ def test_the_console_script_is_the_same_command_line(tmp_path: Path, capsys: pyt
     out = subprocess.run([sys.executable, "-m", "dice_ray.cli", "simulate", "--nodes", "1"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    out = subprocess.run([sys.executable, "-m", "dice_ray.cli", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "dice_ray", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and all(word in out.stdout for word in ("simulate", "analyze", "sweep"))
     from dice_ray.cli.main import main
 

@@ -21,7 +21,7 @@ MODULES = _modules()
 # The command-line front ends, ``dice_ray/cli/``: they parse arguments, call the library and print. Only front ends
 # import them (the ``dice-ray`` console command dispatches to the others).
 FRONT_ENDS = {name for name in MODULES if name.startswith("dice_ray.cli")} | {
-    "dice_ray.simulate", "dice_ray.analyze", "dice_ray.sweep.__main__"}  # these three: the ``python -m`` names
+    "dice_ray.simulate", "dice_ray.analyze", "dice_ray.sweep.__main__", "dice_ray.__main__"}  # the ``python -m`` names
 
 
 def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from dice_ray.rundir import DirectoryLock
@@ -64,6 +65,10 @@ def test_a_second_writer_is_refused_and_a_killed_ones_lock_does_not_block(tmp_pa
             assert time.monotonic() - started < 60  # at once: before any data is loaded or Ray started
             assert _record(run) == manifest  # nothing touched
             assert listing <= _listing(run)  # nothing removed
+        import dice_ray  # a report of the live run: wait for it (it said to resume it, which the lock refuses)
+
+        with pytest.raises(dice_ray.InputError, match=rf"is still running \({holder}.*wait for it"):
+            dice_ray.open_run(run).alignment()
     finally:
         live.send_signal(signal.SIGKILL)
         live.wait(timeout=60)

@@ -100,17 +100,33 @@ SWITCHES: list[tuple[str, str, bool]] = [
 ]
 
 
-
-
-def _field_help(dotted: str) -> str:
-    *parents, leaf = dotted.split(".")
+def _section(dotted: str) -> Any:
+    """The config section (pydantic model) that holds field ``dotted``'s leaf: RunConfig's, a section's, or a
+    registered user method's options."""
+    *parents, _ = dotted.split(".")
     sections = {m.name: m.options for m in registered_methods() if m.options is not None}
     model: Any = sections[parents[0]] if parents and parents[0] in sections else RunConfig
     for p in parents[1 if model is not RunConfig else 0:]:
         model = model.model_fields[p].annotation
-    field = model.model_fields[leaf]
+    return model
+
+
+def _field_help(dotted: str) -> str:
+    field = _section(dotted).model_fields[dotted.split(".")[-1]]
     default = field.default_factory() if field.default_factory else field.default
-    return f"{field.description} [config {dotted}, default {default}]".replace("%", "%%")  # argparse formats help
+    if isinstance(default, (list, tuple)):  # as the flag takes it: comma-separated
+        default = ",".join(str(v) for v in default) or "none"
+    said = "(default" in (field.description or "")  # the description says what None means
+    where = f"config {dotted}" + ("" if said and default is None else f", default {default}")
+    return f"{field.description} [{where}]".replace("%", "%%")  # argparse formats help
+
+
+def _group_title(section: str) -> str:
+    """A help group's title: the config section's name and the first sentence of its docstring."""
+    if section == "run":
+        return "run: participants, rounds, seed and what to import"
+    doc = (_section(f"{section}.x").__doc__ or "").strip().split("\n\n")[0]
+    return f"{section}: {' '.join(doc.replace('``', '').split()).split('. ')[0].rstrip('.')}"
 
 
 def method_options() -> list[tuple[str, str, Any]]:
@@ -157,8 +173,8 @@ def import_named(argv: list[str] | None) -> None:
 
 
 # What a str option takes, where it is not a name: a path, or names separated by commas.
-_METAVARS = {"--out": "DIR", "--data-dir": "DIR", "--topology-file": "FILE", "--variants": "NAME,NAME,...",
-             "--ledger-variants": "NAME,NAME,...", "--log": "NAME,NAME,..."}
+_METAVARS = {"--address": "HOST:PORT", "--out": "DIR", "--data-dir": "DIR", "--topology-file": "FILE",
+             "--variants": "NAME,NAME,...", "--ledger-variants": "NAME,NAME,...", "--log": "NAME,NAME,..."}
 
 
 def _yaml_value(text: str) -> Any:
@@ -189,11 +205,25 @@ def _float_list(text: str) -> list[float]:
 
 def build_parser(prog: str = "python -m dice_ray.simulate") -> argparse.ArgumentParser:
     """Return the command-line parser; every option documents the config field it sets."""
+    epilog = __doc__.split("\n\n", 1)[1].replace("::\n", ":\n").replace("``", "")  # the docstring's markup, plain
     parser = OneLineParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-                     description="Run synchronous adapt-then-communicate decentralized SGD over a topology, on Ray, "
-                     "and write the run's tables to a run directory.", epilog=__doc__.split("\n\n", 1)[1])
+                           description="Run synchronous adapt-then-communicate decentralized SGD over a topology, on "
+                           "Ray, and write the run's tables to a run directory.", epilog=epilog)
     parser.add_argument("--config", metavar="FILE",
                         help="YAML run config; configs/NAME.yaml or NAME: a bundled one, from any folder")
+    groups: dict[str, Any] = {}
+
+    def group(dotted: str) -> Any:  # one help group per config section, in the order they come
+        section = dotted.split(".")[0] if "." in dotted else "run"
+        if section not in groups:
+            groups[section] = parser.add_argument_group(_group_title(section))
+        return groups[section]
+
+    for _, dotted, _ in [*OPTIONS, *method_options()]:
+        group(dotted)  # the groups in the order of the options
+    for flag, dotted, value in SWITCHES:  # a method's switch first, then its options
+        text = _field_help(dotted) if value else f"do not: {_field_help(dotted)}"
+        group(dotted).add_argument(flag, dest=dotted, action="store_const", const=value, default=None, help=text)
     names = {int: "INT", float: "FLOAT", "int-list": "INT,INT,...", "float-list": "FLOAT,FLOAT,...",
              "list": "NAME,NAME,...", "yaml": "VALUE", "bool": "true|false"}
     kinds = {"int-list": _int_list, "float-list": _float_list, "list": comma_list, "yaml": _yaml_value,
@@ -204,15 +234,14 @@ def build_parser(prog: str = "python -m dice_ray.simulate") -> argparse.Argument
         metavar = names.get(kind, _METAVARS.get(flag, "NAME")) + ("|null" if nullable else "")
         read = kinds.get(kind, kind)
         alone = {"nargs": "?", "const": True} if kind == "bool" and not nullable else {}  # a bare switch means true
-        parser.add_argument(flag, dest=dotted, type=functools.partial(_or_null, read) if nullable else read,
-                            default=None, help=_field_help(dotted), metavar=metavar, **alone)
-    for flag, dotted, value in SWITCHES:
-        text = _field_help(dotted) if value else f"do not: {_field_help(dotted)}"
-        parser.add_argument(flag, dest=dotted, action="store_const", const=value, default=None, help=text)
+        group(dotted).add_argument(flag, dest=dotted, type=functools.partial(_or_null, read) if nullable else read,
+                                   default=None, help=_field_help(dotted), metavar=metavar, **alone)
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                         help="override any config field, e.g. --set optim.betas=[0.9,0.99]")
     parser.add_argument("--engine", choices=("ray", "local"), default=None,
-                        help="ray: participant-group actors; local: one process, no Ray (debugging)")
+                        help="ray (default): participant-group actors, and the work after training (DICE-GT replays, "
+                             "retraining) as parallel Ray tasks; local: everything in this process, in turn (no Ray "
+                             "start: quicker for a short run, slower replays where there are several CPUs)")
     parser.add_argument("--save-states", action="store_true",
                         help="also save the final states of all participants to states.npy")
     parser.add_argument("--resume", metavar="RUN_DIR",

@@ -17,6 +17,13 @@ from dice_ray.config import EngineConfig
 from dice_ray.errors import InputError, first_line
 
 
+def ray_running() -> bool:
+    """Whether this process is connected to a Ray cluster already (``start_ray`` then does nothing)."""
+    import ray
+
+    return ray.is_initialized()
+
+
 def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Connect to the Ray cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray (with ``num_gpus``
     GPU resources if given: without CUDA, actors that ask for GPUs then run on the CPU, as in a rehearsal).

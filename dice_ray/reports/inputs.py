@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from dice_ray.errors import InputError
 from dice_ray.results import kept_topology_file
-from dice_ray.rundir import MANIFEST, not_a_run, read_json, read_manifest, read_table
+from dice_ray.rundir import MANIFEST, DirectoryLock, not_a_run, read_json, read_manifest, read_table
 
 PROBED = "a run with influence writes rows for every probe: the table was replaced"
 
@@ -55,6 +55,10 @@ def missing_table(path: Path, hint: str) -> InputError:
         status = read_json(path.parent / MANIFEST).get("status")
     except (OSError, ValueError, AttributeError):
         status = None
+    holder = DirectoryLock(path.parent).holder()
+    if holder is not None:  # a live run: resuming it is refused, waiting is the advice
+        return InputError(f"{path.parent} is still running ({holder}), and {path.name} is written when it "
+                          "finishes: wait for it")
     if status not in (None, "complete"):
         return InputError(f"{path.parent} is not a complete run (status {status!r}, so {path.name} is not written "
                           f"yet): finish it with dice_ray.resume({str(path.parent)!r}) (python -m "

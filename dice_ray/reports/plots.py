@@ -131,10 +131,12 @@ def contribution_shares(table: pd.DataFrame, path: Path) -> None:
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
 
 
-def signed_heatmap(matrix: np.ndarray, title: str, path: Path) -> None:
-    """A source × target heat-map of ``matrix`` [j, k] with a colour scale symmetric about 0; NaN (not measured) in
-    grey, apart from 0's white (the title says so where there are such cells)."""
+def signed_heatmap(matrix: np.ndarray, title: str, path: Path, value: str = "I(j → k)") -> None:
+    """A source × target heat-map of ``matrix`` [j, k] (participant ids 0..N−1 on both axes) with a colour scale
+    symmetric about 0, labelled ``value``; NaN (not measured) in grey, apart from 0's white (the title says so where
+    there are such cells)."""
     import matplotlib
+    from matplotlib.ticker import MaxNLocator
 
     fig = _figure(5, 4.2)
     ax = fig.subplots()
@@ -145,6 +147,8 @@ def signed_heatmap(matrix: np.ndarray, title: str, path: Path) -> None:
         title += "\ngrey: not measured"
     ax.set_xlabel("target k")
     ax.set_ylabel("source j")
+    for axis in (ax.xaxis, ax.yaxis):  # participant ids: whole numbers (matplotlib put ticks at 2.5, 7.5, ...)
+        axis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, label=value)
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
