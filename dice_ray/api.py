@@ -107,6 +107,10 @@ class Run:
             self._tables[name] = read_table(path).to_pandas()
         return self._tables[name]
 
+    def __dir__(self) -> list[str]:
+        """The attributes, the tables the run has written among them (``run.rounds``, ``run.dice``, ...)."""
+        return sorted({*super().__dir__(), *(name for name in self.tables() if name.isidentifier())})
+
     def __getattr__(self, name: str) -> pd.DataFrame:
         if name in TABLES or (not name.startswith("_") and name in self.tables()):
             return self.table(name)  # a built-in table, or one a user's method wrote

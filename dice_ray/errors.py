@@ -12,7 +12,7 @@ import difflib
 import os
 import sys
 from collections.abc import Sequence
-from typing import Literal, NoReturn
+from typing import Any, Literal, NoReturn
 
 
 class InputError(ValueError):
@@ -49,14 +49,19 @@ def report(err: InputError) -> int:
 def unknown_name(what: str, value: str, names: Sequence[str], registry: bool) -> str:
     """The one line for a name that is not one of ``names``: the closest of them, or (``registry``: names a user may
     register) where a name of one's own comes from."""
-    close = difflib.get_close_matches(value, names, n=1)
+    close = difflib.get_close_matches(value, names, n=1) or [n for n in names if n.lower() == str(value).lower()]
     hint = (f" (did you mean {close[0]!r}?)" if close else
             " (one you register is known once its module is imported: imports, --imports MODULE)" if registry else "")
     return f"{what} {value!r} is unknown; choose one of {', '.join(names)}{hint}"
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one ``error:`` line and exit status 2, like ``InputError``."""
+    """An argument parser whose usage errors are one ``error:`` line and exit status 2, like ``InputError``. An
+    option is given in full (argparse took ``--node 8`` for ``--nodes``, and would take a prefix a later option makes
+    ambiguous): a prefix is an unrecognized option, with the one it is closest to."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         print(f"error: {message}{self._hint(message)} (see --help)", file=sys.stderr)

@@ -47,6 +47,7 @@ def test_python_api_end_to_end(tmp_path: Path) -> None:
     assert isinstance(run.rounds, pd.DataFrame) and len(run.rounds) == 8 * 8
     assert {"rounds", "nodes", "influence", "dice"} <= set(run.tables())
     assert run.rounds is run.table("rounds")  # read once, then cached
+    assert {"rounds", "nodes", "alignment", "path"} <= set(dir(run))  # tables too, for completion in a notebook
     alignment = run.alignment()
     assert set(alignment["variant"]) == {"first-order", "curvature"}
     assert not (run.path / "alignment.parquet").exists()  # a report is data: files only when asked

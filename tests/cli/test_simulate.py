@@ -207,6 +207,17 @@ def test_existing_run_directory_is_not_overwritten(tmp_path: Path, capsys) -> No
     assert "output.out: String should have at least 1 character" in capsys.readouterr().err
 
 
+def test_an_option_is_given_in_full_and_a_names_case_is_suggested(capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse took --node 8 for --nodes (a prefix a later option could make ambiguous); a data set's name in
+    capitals had no suggestion."""
+    with pytest.raises(SystemExit) as stop:
+        main([*SMALL, "--node", "8"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: unrecognized arguments: --node 8; did you mean --nodes? (see --help)"
+    assert main([*SMALL, "--dataset", "MNIST"]) == 2
+    assert "(did you mean 'mnist'?)" in capsys.readouterr().err
+
+
 def test_help_documents_every_option(capsys) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
