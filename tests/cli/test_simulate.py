@@ -213,7 +213,8 @@ def test_an_option_is_given_in_full_and_a_names_case_is_suggested(capsys: pytest
     with pytest.raises(SystemExit) as stop:
         main([*SMALL, "--node", "8"])
     assert stop.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: unrecognized arguments: --node 8; did you mean --nodes? (see --help)"
+    said = capsys.readouterr().err.strip()
+    assert said == "error: unrecognized arguments: --node 8; did you mean --nodes? (see --help)"
     assert main([*SMALL, "--dataset", "MNIST"]) == 2
     assert "(did you mean 'mnist'?)" in capsys.readouterr().err
 
