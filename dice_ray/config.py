@@ -740,8 +740,8 @@ def idle_settings(config: RunConfig, fields: Iterable[str]) -> dict[str, str]:
         section, field = chosen.split(".")
         current = getattr(getattr(config, section), field)
         if name in fields and current not in values:
-            idle.setdefault(name, f"applies to {chosen} ({chooser}) {' or '.join(values)}; "
-                                  f"this run has {chosen} {current}")
+            idle.setdefault(name, f"applies only with {chosen} ({chooser}) {' or '.join(values)}; "
+                                  f"this run has {chosen} {current} (give {chooser} {values[0]} too)")
     return idle
 
 

@@ -116,7 +116,7 @@ def test_the_api_refuses_what_it_cannot_use_before_any_work(tmp_path: Path, monk
     with pytest.raises(dice_ray.InputError, match="methods are dice_ray.Method objects"):
         dice_ray.run(nodes=4, engine="local", methods=["foo"])
     for fields, message in (({"misbehavior": {"count": 3}}, r"^misbehavior.count needs misbehavior.kind"),
-                            ({"optim": {"momentum": 0.9}}, r"^optim.momentum applies to optim.name"),
+                            ({"optim": {"momentum": 0.9}}, r"^optim.momentum applies only with optim.name"),
                             ({"influence": {"hops": 2}}, r"^influence.hops applies to influence, which this run")):
         with pytest.raises(dice_ray.InputError, match=message):
             dice_ray.run(nodes=4, engine="local", **fields)
