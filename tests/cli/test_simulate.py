@@ -138,11 +138,13 @@ BAD_INPUTS = [
     (["--rewire", "none", "--rewire-every", "3"], "--rewire-every applies to rewiring"),
     (["--ledger-every", "2"], "--ledger-every applies to ledger"),
     (["--shrink-fraction", "0.5"], "--shrink-fraction applies to data.shrink"),
-    (["--alpha", "0.3"], "--alpha applies only with data.partition (--partition) dirichlet; this run has data.partition iid"),
+    (["--alpha", "0.3"], "--alpha applies only with data.partition (--partition) dirichlet; this run has "
+                         "data.partition iid"),
     (["--partition", "dirichlet", "--shards-per-node", "3"],
      "--shards-per-node applies only with data.partition (--partition) shards"),
     # an option of another choice was recorded in the manifest and did nothing (an audit: --momentum 0.5 with SGD)
-    (["--momentum", "0.5"], "--momentum applies only with optim.name (--optimizer) momentum; this run has optim.name sgd"),
+    (["--momentum", "0.5"], "--momentum applies only with optim.name (--optimizer) momentum; this run has "
+                            "optim.name sgd (give --optimizer momentum too)"),
     (["--optimizer", "adam", "--momentum", "0.5"], "--momentum applies only with optim.name (--optimizer) momentum"),
     (["--set", "optim.betas=[0.8,0.9]"], "--set optim.betas applies only with optim.name (--optimizer) adam"),
     (["--topology", "ring", "--edge-probability", "0.3"],

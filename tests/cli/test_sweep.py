@@ -72,8 +72,8 @@ def _sweep(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     ({"base": {**BASE, "optim": {"batch_size": 100000}}}, "sweep: trial {'optim.lr': 0.02, 'seed': 0}: "),
     # a swept field that does nothing: every trial the same run (the docs' own example swept alpha on iid)
     ({"space": {"data.alpha": {"grid": [0.5, 1.0]}}}, "sweep: space.data.alpha does nothing in any trial: it "
-                                                     "applies only with data.partition (--partition) dirichlet; this run has "
-                                                     "data.partition iid"),
+                                                     "applies only with data.partition (--partition) dirichlet; this "
+                                                     "run has data.partition iid"),
     ({"space": {"proximal.every": {"grid": [1, 2]}}}, "space.proximal.every does nothing in any trial: it applies "
                                                       "to proximal, which this run leaves off (proximal.enabled, "
                                                       "--proximal)"),
