@@ -51,6 +51,7 @@ class Run:
     (``alignment``, ``cascade``, ``anomaly``, ``contributions``), which ``run.table(name)`` reads."""
 
     def __init__(self, path: str | Path):
+        _check_path(path)
         self.path = Path(path).resolve()  # absolute: the handle outlives a change of working directory
         if not self.path.exists():
             raise InputError(f"run directory {str(self.path)!r} does not exist")
@@ -191,7 +192,6 @@ class Run:
 
 def open_run(path: str | Path) -> Run:
     """Return the ``Run`` of an existing run directory (finished or not)."""
-    _check_path(path)
     return Run(path)
 
 

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from dice_ray.errors import first_line
 from dice_ray.results import TableWriter, write_json_atomic, write_table_atomic
-from dice_ray.rundir import read_json
+from dice_ray.rundir import MANIFEST, read_json
 
 CHECKPOINTS = "checkpoints"
 PART = r"-(\d{9})-(\d{9})"  # a part's name: <table>-<first round>-<last round>.parquet
@@ -208,7 +208,7 @@ class CheckpointStore:
     def _counted_digest(self) -> str | None:
         """The digest of the run's recorded config with ``_UNCOUNTED_FIELDS`` counted (None: no manifest)."""
         try:
-            data = read_json(self.root.parent / "manifest.json")["config"]
+            data = read_json(self.root.parent / MANIFEST)["config"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return _digest(data, counted=True) if isinstance(data, dict) else None

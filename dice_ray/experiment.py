@@ -354,25 +354,27 @@ def machine_memory() -> int | None:
         return None
 
 
-def check_fits_in_memory(config: RunConfig, width: int | None = None) -> None:
-    """Refuse, before any work, a run whose mixing matrix (``width`` None) or stacked states (``width``: D, numbers
-    per participant) alone exceed this machine's physical memory: it failed with a MemoryError traceback (W of a
-    complete graph of 10^6 participants: 7 TiB) or was killed, after the run directory was written. The states are
-    checked only where they all live on this machine: no Ray cluster to join (engine.address, RAY_ADDRESS). A run
-    needs about 3 times its states at its peak (docs: results/scaling), so passing this is no promise."""
+def check_graph_fits(config: RunConfig) -> None:
+    """Refuse, before the topology is built, a mixing matrix W larger than this machine's memory (a complete graph of
+    10^6 participants: 37 TiB, a MemoryError traceback after the run directory was written)."""
+    n, name = config.nodes, config.topology.name
+    stored = n * n if name == "complete" else (config.topology.p or 0) * n * n if name == "erdos-renyi" else 0
+    _refuse_past_memory(40 * stored, f"the {name} graph's mixing matrix W ({stored:,.0f} entries)")
+
+
+def check_states_fit(config: RunConfig, width: int) -> None:
+    """Refuse, before any work, stacked states of ``width`` (D) numbers per participant larger than this machine's
+    memory (10^6 MLPs: 64 GiB; the run was killed or failed after its directory was written), where they all live on
+    this machine: no Ray cluster to join (engine.address, RAY_ADDRESS). A run needs about 3 times its states at its
+    peak (docs: results/scaling), so passing this is no promise."""
+    if config.engine.address is None and not os.environ.get("RAY_ADDRESS"):
+        n = config.nodes
+        _refuse_past_memory(4 * n * width, f"the {n:,} participants' stacked states ({width:,} numbers each, float32)")
+
+
+def _refuse_past_memory(need: float, what: str) -> None:
     memory = machine_memory()
-    if memory is None:
-        return
-    n = config.nodes
-    if width is None:
-        name = config.topology.name
-        stored = n * n if name == "complete" else (config.topology.p or 0) * n * n if name == "erdos-renyi" else 0
-        need, what = 40 * stored, f"the {config.topology.name} graph's mixing matrix W ({stored:,.0f} entries)"
-    elif config.engine.address is None and not os.environ.get("RAY_ADDRESS"):
-        need, what = 4 * n * width, f"the {n:,} participants' stacked states ({width:,} numbers each, float32)"
-    else:
-        return
-    if need > memory:
+    if memory is not None and need > memory:
         raise InputError(f"{what} need {need / 2**30:,.1f} GiB, more than this machine's {memory / 2**30:,.1f} GiB: "
                          "fewer participants (nodes, --nodes), a smaller model or a sparser graph")
 
@@ -391,12 +393,12 @@ def prepare(config: RunConfig, topology_file: str | Path | None = None) -> Exper
     (a resume, a retraining)."""
     load_imports(config)
     d = config.data
-    check_fits_in_memory(config)
+    check_graph_fits(config)
     topology = config_topology(config, topology_file)
     dataset = load_dataset(d.dataset, data_dir=d.data_dir, download=d.download, seed=config.seed,
                            synthetic_samples=d.synthetic_samples, synthetic_classes=d.synthetic_classes)
     model = build_model(config.model.name, dataset.input_shape, dataset.num_classes, config.seed)
-    check_fits_in_memory(config, state_width(model))
+    check_states_fit(config, state_width(model))
     if config.nodes > len(dataset.y_train):
         raise InputError(f"nodes (--nodes) {config.nodes} exceeds the {len(dataset.y_train)} training samples "
                          f"of {d.dataset}")

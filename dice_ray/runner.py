@@ -10,7 +10,6 @@ and ``nodes.parquet``, and the tables of the methods the config enables (``dice_
 from __future__ import annotations
 
 import datetime as dt
-import os
 import platform
 import resource
 import shutil
@@ -41,8 +40,8 @@ from dice_ray.engine import (
     RayEngine,
     check_local_cpus,
     cluster_plan,
-    ray_running,
     start_ray,
+    starts_local_ray,
 )
 from dice_ray.engine.loop import Drivers, TrainingReport, train
 from dice_ray.engine.tasks import Tasks, task_backend
@@ -176,10 +175,10 @@ def run_directory(config: RunConfig) -> Path:
             out, n = f"{stem}-{n}", n + 1
     path = Path(out)
     try:
-        path.exists()
+        exists = path.exists()
     except OSError as err:  # a name too long, say: Path.exists raises what is not "no such file"
         raise InputError(f"output.out (--out) {out!r} cannot be a folder here: {err.strerror}") from None
-    if path.exists() and not path.is_dir():
+    if exists and not path.is_dir():
         raise InputError(f"output.out (--out) {out!r} exists and is not a directory")
     check_can_make(path, f"output.out (--out) {out!r}")
     if path.is_dir():
@@ -321,7 +320,7 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     if engine_kind == "ray":  # a cluster that cannot hold the run's actors or tasks: one line, the directory untouched
         check_workers_register(config)
         check_local_cpus(config.engine, experiment.nodes)  # before a local Ray starts
-        if config.output.progress and not (ray_running() or config.engine.address or os.environ.get("RAY_ADDRESS")):
+        if config.output.progress and starts_local_ray(config.engine):
             print("starting a local Ray (--engine local runs without it)...", file=sys.stderr)  # (a join: one line)
         start_ray(config.engine.address)
         cluster_plan(config.engine, experiment.nodes)

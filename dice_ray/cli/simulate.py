@@ -100,10 +100,9 @@ SWITCHES: list[tuple[str, str, bool]] = [
 ]
 
 
-def _section(dotted: str) -> Any:
-    """The config section (pydantic model) that holds field ``dotted``'s leaf: RunConfig's, a section's, or a
-    registered user method's options."""
-    *parents, _ = dotted.split(".")
+def _section(parents: list[str]) -> Any:
+    """The config section (pydantic model) at the dotted path ``parents`` (``[]``: RunConfig; ``["optim"]``; a
+    registered user method's options)."""
     sections = {m.name: m.options for m in registered_methods() if m.options is not None}
     model: Any = sections[parents[0]] if parents and parents[0] in sections else RunConfig
     for p in parents[1 if model is not RunConfig else 0:]:
@@ -112,7 +111,8 @@ def _section(dotted: str) -> Any:
 
 
 def _field_help(dotted: str) -> str:
-    field = _section(dotted).model_fields[dotted.split(".")[-1]]
+    *parents, leaf = dotted.split(".")
+    field = _section(parents).model_fields[leaf]
     default = field.default_factory() if field.default_factory else field.default
     if isinstance(default, (list, tuple)):  # as the flag takes it: comma-separated
         default = ",".join(str(v) for v in default) or "none"
@@ -125,7 +125,7 @@ def _group_title(section: str) -> str:
     """A help group's title: the config section's name and the first sentence of its docstring."""
     if section == "run":
         return "run: participants, rounds, seed and what to import"
-    doc = (_section(f"{section}.x").__doc__ or "").strip().split("\n\n")[0]
+    doc = (_section([section]).__doc__ or "").strip().split("\n\n")[0]
     return f"{section}: {' '.join(doc.replace('``', '').split()).split('. ')[0].rstrip('.')}"
 
 

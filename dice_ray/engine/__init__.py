@@ -22,10 +22,10 @@ from typing import Any
 from dice_ray.engine.base import Engine
 from dice_ray.engine.local import LocalEngine
 from dice_ray.engine.metrics import RoundMetrics
-from dice_ray.engine.runtime import check_local_cpus, plan_actors, ray_running, start_ray
+from dice_ray.engine.runtime import check_local_cpus, plan_actors, start_ray, starts_local_ray
 
 __all__ = ["Engine", "LocalEngine", "RayEngine", "RoundMetrics", "check_local_cpus", "cluster_plan", "plan_actors",
-           "ray_running", "start_ray"]
+           "start_ray", "starts_local_ray"]
 _WITH_RAY = {"RayEngine": "dice_ray.engine.ray_engine", "cluster_plan": "dice_ray.engine.ray_engine"}
 
 

@@ -17,11 +17,12 @@ from dice_ray.config import EngineConfig
 from dice_ray.errors import InputError, first_line
 
 
-def ray_running() -> bool:
-    """Whether this process is connected to a Ray cluster already (``start_ray`` then does nothing)."""
+def starts_local_ray(engine: EngineConfig) -> bool:
+    """Whether ``start_ray`` will start a local Ray for ``engine``: no cluster to join (``engine.address``,
+    ``RAY_ADDRESS``) and none this process is connected to already."""
     import ray
 
-    return ray.is_initialized()
+    return not (engine.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -219,9 +220,7 @@ def check_local_cpus(engine: EngineConfig, nodes: int) -> None:
     the check ``plan_actors`` makes once Ray counts them. Only what is known without Ray: a given
     ``engine.cpus_per_actor`` over the given actors (a local Ray's default: one), never more than ``nodes``. Nothing
     where a cluster is joined (``engine.address``, ``RAY_ADDRESS``) or this process's Ray is running already."""
-    import ray
-
-    if engine.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+    if not starts_local_ray(engine):
         return
     cpus, have = engine.cpus_per_actor, os.cpu_count() or 1
     if cpus is None or (engine.actors is None and engine.gpus_per_actor > 0):  # actors per GPU: Ray counts those

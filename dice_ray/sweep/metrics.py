@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from dice_ray.config import RunConfig
 from dice_ray.reports.alignment import alignment_rows
-from dice_ray.rundir import read_json
+from dice_ray.rundir import MANIFEST, read_json
 
 Values = dict[str, float | None]
 
@@ -74,7 +74,7 @@ def _finite(value: float | None) -> float | None:
 @register_metric("accuracy", lambda config: ["final_heldout_acc", "final_heldout_loss", "consensus_distance"])
 def accuracy(run: Path, config: RunConfig) -> Values:
     """Mean held-out accuracy and loss over participants after the last round, and the consensus distance."""
-    final = read_json(run / "manifest.json")["final"]
+    final = read_json(run / MANIFEST)["final"]
     return {"final_heldout_acc": _finite(final["heldout_acc_mean"]),
             "final_heldout_loss": _finite(final["heldout_loss_mean"]),
             "consensus_distance": _finite(final["consensus_distance"])}

@@ -32,7 +32,7 @@ from typing import Any
 from dice_ray.engine.runtime import dropped_log_lines
 from dice_ray.errors import InputError, first_line
 from dice_ray.results import write_atomic, write_json_atomic
-from dice_ray.rundir import LOCK, DirectoryLock, check_can_make, read_json
+from dice_ray.rundir import LOCK, MANIFEST, DirectoryLock, check_can_make, read_json
 from dice_ray.sweep.metrics import compute_metrics
 from dice_ray.sweep.plot import plot_trials
 from dice_ray.sweep.records import finished_trials, trial_dir, write_result, write_trials_table
@@ -75,7 +75,7 @@ def simulate_or_resume(config: Any) -> tuple[Path, float]:
 
     run = Path(config.output.out)
     try:
-        manifest = read_json(run / "manifest.json")
+        manifest = read_json(run / MANIFEST)
         status = manifest.get("status")
     except (OSError, ValueError, AttributeError):
         manifest, status = {}, None
