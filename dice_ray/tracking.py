@@ -174,7 +174,8 @@ class Tracker:
     """The trackers of one run; ``on_round`` is a ``simulate`` callback, ``finish`` logs summaries and closes.
 
     With no tracker configured every method does nothing, so ``simulate`` calls them unconditionally. ``start``: the
-    first round this session runs (a resume's: TensorBoard drops what an earlier session logged from there on).
+    first round this session runs (a resume's: TensorBoard drops what an earlier session logged from there on, and
+    MLflow's run of this directory and host goes on, from the round after the last it holds, with its parameters).
     ``checkpoint_every``: MLflow's batched values are sent at each checkpoint round too (and at evaluation rounds),
     so a resume, which starts after its checkpoint, finds every round before it recorded."""
 
@@ -187,6 +188,7 @@ class Tracker:
         self._pending: list[Any] = []
         self._last: float | None = None  # the previous round's end (the first round's rate would count start-up)
         self._logged = start - 1  # the last round sent: a round replayed after a recovery is not sent again
+        self._mlflow_from = start  # a continued MLflow run's first round not yet held
         self.checkpoint_every = checkpoint_every
         if "tensorboard" in logs:
             self.writer = EventFile(self.out / "tensorboard", start if start > 0 else None)
@@ -198,14 +200,22 @@ class Tracker:
                 experiment = self.client.get_experiment_by_name(EXPERIMENT)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
             tags = {"run_dir": str(self.out.resolve()), "host": platform.node()}
+            earlier = [r for r in self.client.search_runs([experiment_id], order_by=["attributes.start_time DESC"])
+                       if all(r.data.tags.get(k) == v for k, v in tags.items())] if start > 0 else []
+            if earlier:  # a resume continues the run's MLflow run, after the last round it holds
+                self.run_id = earlier[0].info.run_id
+                self.client.update_run(self.run_id, status="RUNNING")
+                held = self.client.get_metric_history(self.run_id, "train_loss")
+                self._mlflow_from = max([start, *[m.step + 1 for m in held]])
             # An earlier session of this run directory that is still RUNNING was killed (SIGKILL, power): this
             # process holds the directory's lock, so no other writes it. Said so, instead of RUNNING for ever.
             for stale in self.client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'"):
-                if all(stale.data.tags.get(k) == v for k, v in tags.items()):
+                if stale.info.run_id != self.run_id and all(stale.data.tags.get(k) == v for k, v in tags.items()):
                     self.client.set_terminated(stale.info.run_id, status="KILLED")
-            self.run_id = self.client.create_run(experiment_id, run_name=self.out.name, tags=tags).info.run_id
-            if config:
-                self._log_params(flat_params(config))
+            if self.run_id is None:
+                self.run_id = self.client.create_run(experiment_id, run_name=self.out.name, tags=tags).info.run_id
+                if config:
+                    self._log_params(flat_params(config))
 
     @property
     def active(self) -> bool:
@@ -219,11 +229,11 @@ class Tracker:
         for i in range(0, len(items), 100):  # MLflow takes at most 100 parameters per batch
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
-    def log(self, name: str, value: float, step: int) -> None:
-        """Send one scalar to every tracker (MLflow's are batched until ``flush``)."""
+    def log(self, name: str, value: float, step: int, mlflow: bool = True) -> None:
+        """Send one scalar to every tracker (MLflow's are batched until ``flush``; not to MLflow if not ``mlflow``)."""
         if self.writer is not None:
             self.writer.add_scalar(name, value, step)
-        if self.client is not None:
+        if self.client is not None and mlflow:
             from mlflow.entities import Metric
 
             self._pending.append(Metric(name, value, int(time.time() * 1000), step))
@@ -250,7 +260,7 @@ class Tracker:
             values["rounds_per_second"] = 1.0 / max(now - self._last, 1e-9)
         self._last, self._logged = now, metrics.round
         for name, value in values.items():
-            self.log(name, value, metrics.round)
+            self.log(name, value, metrics.round, mlflow=metrics.round >= self._mlflow_from)
         every = self.checkpoint_every
         if metrics.heldout_acc is not None or (every > 0 and (metrics.round + 1) % every == 0):
             self.flush()

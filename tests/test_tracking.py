@@ -161,25 +161,55 @@ def _killed_at(round_: int, config: dict) -> None:
     assert killed.returncode == 9, killed.stderr
 
 
-def test_a_killed_sessions_mlflow_run_is_marked_killed_when_the_run_resumes(tmp_path):
-    """A SIGKILL leaves no chance to close the MLflow run: it stayed RUNNING for ever. The resume, which holds the
-    run directory's lock, marks the earlier session of this directory (and host) KILLED and logs its own."""
-    import json
-
+def _mlflow_runs(out):
     from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    experiment = client.get_experiment_by_name("dice-ray")
+    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_a_resume_continues_the_runs_mlflow_run_with_every_round_once(tmp_path):
+    """A SIGKILL leaves no chance to close the MLflow run: it stayed RUNNING for ever. And each session was its own
+    MLflow run, so a run's curve was split between them and the rounds between a checkpoint and an interruption were
+    in both. The resume, which holds the run directory's lock, continues that MLflow run (its parameters as the
+    first session logged them) after the last round it holds."""
+    import json
 
     out = tmp_path / "run"
     config = {"nodes": 4, "rounds": 4, "data": {"dataset": "digits", "heldout_size": 16},
               "output": {"out": str(out), "progress": False, "log": ["mlflow"], "checkpoint_every": 1}}
     _killed_at(2, config)
-    client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
-    experiment = client.get_experiment_by_name("dice-ray")
-    assert [r.info.status for r in client.search_runs([experiment.experiment_id])] == ["RUNNING"]
+    client, runs = _mlflow_runs(out)
+    assert [r.info.status for r in runs] == ["RUNNING"]
     dice_ray.resume(out, engine="local")
-    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
+    client, runs = _mlflow_runs(out)
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss"))
+    assert steps == [0, 1, 2, 3]
+    assert runs[0].data.params["nodes"] == "4"
     # the killed session's checkpoints (after rounds 0, 1, 2) count: the manifest is written at each (it said 0)
     assert json.loads((out / "manifest.json").read_text())["checkpoints_written"] == 3
+
+    stopped = tmp_path / "stopped"  # Ctrl-C after round 4, evaluated (sent); the checkpoint is after round 3
+
+    def interrupt(metrics, engine) -> None:
+        if metrics.round == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dice_ray.run(dice_ray.as_config(config, rounds=6, output={"out": str(stopped), "checkpoint_every": 2,
+                                                                  "eval_every": 1}),
+                     engine="local", on_round=interrupt)
+    client, runs = _mlflow_runs(stopped)
+    assert [r.info.status for r in runs] == ["KILLED"]
+    dice_ray.resume(stopped, engine="local")
+    client, runs = _mlflow_runs(stopped)
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    history = client.get_metric_history(runs[0].info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(6))
+    expected = dice_ray.open_run(stopped).rounds.groupby("round").train_loss.mean()
+    np.testing.assert_allclose([m.value for m in sorted(history, key=lambda m: m.step)], expected, rtol=1e-5)
 
 
 def _steps(folder, tag):
