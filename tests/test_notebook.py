@@ -5,6 +5,7 @@ thing fails too. The committed copy keeps its outputs for the docs site (rendere
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,14 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "docs" / "tutorial.ipynb"
 
 
-def test_tutorial_notebook_executes():
-    """Run where Jupyter runs it: with the notebook's folder (docs/) as the working directory."""
+def test_tutorial_notebook_executes(tmp_path: Path):
+    """Run where Jupyter runs it: with the notebook's folder (docs/) as the working directory. Its run directories
+    (a ``tempfile.mkdtemp``, as a reader's are) go under the test's own folder, not a new one in /tmp per run."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
                                      resources={"metadata": {"path": str(NOTEBOOK.parent)}})
-    client.execute()  # raises CellExecutionError naming the failing cell
+    client.execute(env={**os.environ, "TMPDIR": str(tmp_path)})  # raises CellExecutionError naming the failing cell
+    assert list(tmp_path.glob("dice-ray-tutorial-*/alignment/manifest.json"))
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert len(images) >= 4  # the plots are inline
