@@ -150,7 +150,8 @@ REWIRING = _schema(
     ("participant", pa.int32(), "participant k choosing its in-neighbours"),
     ("neighbor", pa.int32(), "candidate l"),
     ("action", pa.string(), "kept (was and stays an in-neighbour), added (new), dropped (was one, is not any more)"),
-    ("cumulative_score", pa.float64(), "cumulative proximal influence of l on k before round t (null: never scored)"),
+    ("cumulative_score", pa.float64(), "cumulative proximal influence of l on k before round t (null: never scored: "
+                                       "k has not heard l, or k has no validation data to score on)"),
 )
 
 ANOMALY = _schema(
@@ -198,6 +199,8 @@ COLLABORATORS = _schema(
     ("honest_acc", pa.float64(), "final mean held-out accuracy of the honest participants"),
     ("honest_loss", pa.float64(), "final mean held-out loss of the honest participants"),
     ("anomalous_in_edges", pa.float64(), "share of honest participants' in-edges from misbehaving ones, at the end"),
+    ("fallbacks", pa.int32(), "rewirings whose choices were not rooted, so W stayed as it was (manifest.json: "
+                              "rewiring_fallbacks)"),
 )
 
 # The contribution ledger's column suffix of each DICE-E variant (``influence_curvature``, ``total_second_order``, …).

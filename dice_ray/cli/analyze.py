@@ -196,8 +196,15 @@ def collaborators(runs: list[Path], out: Path | None = None) -> list[dict]:
     for label, row in zip(labels, rows, strict=True):
         gain = f"{'-':>15}" if row["gain"] is None else f"{row['gain']:+15.4f}"
         wins = "-" if row["wins"] is None else f"{int(row['wins'])}/{row['paired']}"
+        spread = "     -" if row["honest_acc_std"] is None else f"{row['honest_acc_std']:.4f}"
         print(f"{label:>{width}} {row['rewiring']:>9} {row['seeds']:>5} {row['honest_acc']:9.4f} ± "
-              f"{row['honest_acc_std']:.4f} {row['anomalous_in_edges']:12.3f} {gain} {wins:>5}")
+              f"{spread} {row['anomalous_in_edges']:12.3f} {gain} {wins:>5}")
+    print("honest acc: mean ± standard deviation over the seeds; gain vs static and wins: over the seeds that "
+          "also have a static run")
+    for run in computed.table.itertuples():
+        if run.fallbacks:
+            print(f"note: {run.run}: {run.fallbacks} rewiring(s) kept the previous W (the choices were not rooted; "
+                  f"manifest.json: rewiring_fallbacks)")
     print(f"wrote {out / 'collaborators.parquet'}")
     return _records(computed.table)
 

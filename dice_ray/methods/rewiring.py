@@ -6,7 +6,10 @@ of them as its in-neighbours:
 
 - ``influence``: the m with the lowest cumulative proximal influence Σ_t p_{k←l}^t (most helpful: negative
   lowers k's loss). A candidate k never heard scores 0 (neutral), so it replaces a harmful neighbour but
-  not a helpful one; ties are broken in a random order.
+  not a helpful one; ties are broken in a random order. A neighbour that sends no change (a free rider, a
+  participant without data) scores 0 too. A participant that has no score for any of its in-neighbours (no
+  validation data to score them on) keeps them, having nothing to choose by (m of them at random where it has
+  more, topped up with candidates at random where fewer).
 - ``outlier``: judged against one's own neighbourhood, which drifts less than an absolute rule (later in
   training honest neighbours' cumulative scores turn positive too, and ``influence`` then swaps them for
   never-heard candidates). An in-neighbour is dropped only if its cumulative score is positive and above the
@@ -21,11 +24,14 @@ the new in-degrees (W_kl = 1/(1 + max(deg_k, deg_l)), W_kk = 1 − Σ; every in-
 are 1/(m+1)); row-stochastic with self-loops. Such a graph need not be strongly connected (that is the
 point of excluding someone), but it must be *rooted*: one strongly connected component that reaches
 everyone, so honest participants still reach consensus. If a choice is not rooted, the previous W stays
-(its rows are recorded as ``kept``). Pure numpy/scipy; the driver hands the new W to the engine.
+(its rows are recorded as ``kept``; a warning line says so). W is row-stochastic but not doubly stochastic: column
+l sums to (1 + the number of participants keeping l)/(m + 1), so consensus weighs the participants many keep more.
+Pure numpy/scipy; the driver hands the new W to the engine.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -161,8 +167,10 @@ def select_collaborators(mode: str, current: list[np.ndarray], keep: int, extra:
             continue
         pool = rng.permutation(pool)  # random tie-break
         if mode == "influence":
-            s = np.nan_to_num(np.asarray(scores(k, pool), np.float64), nan=0.0)
-            pick = pool[np.argsort(s, kind="stable")[:keep]]
+            s = np.asarray(scores(k, pool), np.float64)
+            if len(current[k]) and np.isnan(s[np.isin(pool, current[k])]).all():  # it cannot judge: it keeps them
+                s = np.where(np.isin(pool, current[k]), -1.0, 0.0)
+            pick = pool[np.argsort(np.nan_to_num(s, nan=0.0), kind="stable")[:keep]]
         else:
             pick = pool[:keep]
         chosen.append(np.sort(pick).astype(np.int64))
@@ -204,6 +212,9 @@ class Rewirer:
         if not is_rooted(w):
             self.fallbacks.append(t)
             chosen, w = current, self.w
+            print(f"warning: rewiring before round {t}: the participants' choices leave no group that reaches "
+                  f"everyone (not rooted), so W stays as it was until the next rewiring (manifest.json: "
+                  f"rewiring_fallbacks)", file=sys.stderr)
         for k, (old, new) in enumerate(zip(current, chosen, strict=True)):
             for action, ids in (("kept", np.intersect1d(old, new)), ("added", np.setdiff1d(new, old)),
                                 ("dropped", np.setdiff1d(old, new))):
@@ -231,6 +242,13 @@ class RewiringDriver(DriverHook):
     def setup(self, drivers: Mapping[str, DriverHook]) -> None:
         proximal = drivers.get("proximal")
         self.rewirer.ledger = getattr(proximal, "ledger", None)
+        config = self.experiment.config
+        blind = [k for k, v in enumerate(self.experiment.partition.val) if not len(v)]
+        if blind and self.rewirer.ledger is not None and config.proximal.zprime == "validation":
+            named = ", ".join(map(str, blind[:10])) + (" …" if len(blind) > 10 else "")
+            print(f"warning: {len(blind)} participant(s) ({named}) have no validation data to score their "
+                  f"in-neighbours on, so they keep them at every rewiring (--proximal-zprime heldout scores every "
+                  f"pair on the shared batch)", file=sys.stderr)
 
     def due(self, t: int) -> bool:
         return self.rewirer.due(t)

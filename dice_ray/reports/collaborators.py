@@ -60,6 +60,7 @@ def collaborator_row(run: Path) -> dict:
             "honest_acc": float(last["heldout_acc"].to_numpy()[honest].mean()),
             "honest_loss": float(last["heldout_loss"].to_numpy()[honest].mean()),
             "anomalous_in_edges": float(sum(from_bad) / total) if total else 0.0,
+            "fallbacks": len(manifest.get("rewiring_fallbacks") or []),
             "study": study(config)}  # what the compared runs must share (not a column)
 
 
@@ -106,7 +107,8 @@ def _summary(rows: list[dict]) -> list[dict]:
             out.append({"misbehavior": kind, "misbehavior_options": options, "misbehaving": count,
                         "rewiring": mode, "seeds": len(these),
                         "honest_acc": float(acc.mean()), "honest_acc_std": float(acc.std(ddof=1)) if len(acc) > 1
-                        else 0.0, "anomalous_in_edges": float(np.mean([r["anomalous_in_edges"] for r in these])),
+                        else None, "anomalous_in_edges": float(np.mean([r["anomalous_in_edges"] for r in these])),
+                        "fallbacks": sum(r["fallbacks"] for r in these),
                         "gain": float(np.mean(gains)) if paired else None,
                         "wins": sum(g > 0 for g in gains) if paired else None, "paired": len(gains)})
     return out
@@ -118,7 +120,8 @@ class Collaborators:
 
     ``table``: one row per run (the ``collaborators`` table). ``summary``: one row per (misbehavior,
     misbehavior_options, misbehaving, rewiring) with ``seeds``, the mean and standard deviation of ``honest_acc``
-    over them, the mean ``anomalous_in_edges``, and for a rewiring the mean ``gain`` in honest accuracy over the
+    over them (None for one seed), the mean ``anomalous_in_edges``, the runs' ``fallbacks`` in all, and for a
+    rewiring the mean ``gain`` in honest accuracy over the
     static topology and its ``wins`` over the ``paired`` seeds that have a static run (None for the static topology
     itself).
     """

@@ -30,6 +30,39 @@ def test_influence_keeps_the_m_most_helpful_candidates() -> None:
     assert all(len(c) == 2 and k not in c for k, c in enumerate(rand))
 
 
+def test_a_participant_that_scores_none_of_its_in_neighbours_keeps_them(capsys) -> None:
+    """An audit found an examiner without validation data (every score NaN) rewiring at random, silently: its
+    never-scored neighbours and the candidates all read 0, and the random tie-break chose. It has nothing to choose
+    by, so it keeps them (m of them where it has more); the others still choose by their scores."""
+    current = [np.array([1, 2, 3, 4])] + [np.array([(k + 1) % 8, (k + 2) % 8]) for k in range(1, 8)]
+
+    def scores(k: int, pool: np.ndarray) -> np.ndarray:
+        return np.full(len(pool), np.nan) if k == 0 else np.where(np.isin(pool, current[k]), 1.0, np.nan)
+
+    for seed in range(5):
+        chosen = select_collaborators("influence", current, 4, 3, np.random.default_rng(seed), scores)
+        assert chosen[0].tolist() == [1, 2, 3, 4]
+        # the others' neighbours score 1.0 (harmful): each keeps only the one its 3 candidates leave room for
+        assert all(len(set(chosen[k].tolist()) & set(current[k].tolist())) == 1 for k in range(1, 8))
+        fewer = select_collaborators("influence", current, 2, 3, np.random.default_rng(seed), scores)
+        assert set(fewer[0].tolist()) <= {1, 2, 3, 4}
+
+    from types import SimpleNamespace
+
+    from dice_ray.methods.rewiring import Rewirer
+
+    class Ledger:  # {0..3} and {4..7} each find their own helpful, the other group harmful: no group reaches all
+        def cumulative(self, k: int, pool: np.ndarray) -> np.ndarray:
+            return np.array([-1.0 if (k < 4) == (nb < 4) else 1.0 for nb in pool])
+
+    settings = SimpleNamespace(mode="influence", every=2, keep=3, candidates=7, seed=None, outlier_z=3.0)
+    complete = metropolis_mixing([np.setdiff1d(np.arange(8), [k]) for k in range(8)])
+    rewirer = Rewirer(SimpleNamespace(seed=0, rewiring=settings), complete, Ledger())
+    assert (rewirer.rewire(2) != complete).nnz == 0 and rewirer.fallbacks == [2]
+    assert "rewiring before round 2: the participants' choices leave no group that reaches everyone (not rooted), " \
+           "so W stays as it was until the next rewiring" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mode", ["influence", "outlier", "random"])
 def test_every_participant_keeps_m_even_when_its_pool_would_hold_fewer(mode: str) -> None:
     """A ring's in-degree 2 with no extra candidates and m = 3: the pool takes the candidates it needs (it kept 2,
@@ -129,3 +162,29 @@ def test_rewiring_history_matches_the_w_used_and_ray_equals_local(ray_local, tmp
     random_history, _ = _run(tmp_path, "random", "--engine", "local", "--rewire", "random")
     _check_history(random_history, None, start)
     assert random_history["cumulative_score"].isna().all()
+
+
+def test_a_run_says_which_participants_cannot_score_and_they_keep_their_neighbours(tmp_path, capsys) -> None:
+    """A participant with one sample gets no validation split (a Dirichlet partition of small alpha makes some), so
+    every score it would give its in-neighbours is NaN (null in the tables): it keeps them at each rewiring, and the
+    run says so once, at the start."""
+    import dice_ray
+    from dice_ray.experiment import prepare
+
+    out = tmp_path / "blind"
+    flags = {"nodes": 16, "rounds": 9, "seed": 0, "data": {"dataset": "digits", "partition": "dirichlet",
+                                                           "alpha": 0.02},
+             "optim": {"batch_size": 1}, "proximal": {"enabled": True},
+             "rewiring": {"mode": "influence", "every": 4, "keep": 4, "candidates": 2},
+             "output": {"out": str(out), "progress": False}}
+    config = dice_ray.as_config(flags)
+    blind = [k for k, v in enumerate(prepare(config).partition.val) if not len(v)]
+    assert blind  # the partition this test needs
+    dice_ray.run(config, engine="local")
+    proximal, history = pd.read_parquet(out / "proximal.parquet"), pd.read_parquet(out / "rewiring.parquet")
+    assert proximal.loc[proximal["examiner"].isin(blind), "score"].isna().all()
+    mine = history[history["participant"].isin(blind)]
+    assert set(mine["action"]) == {"kept"} and mine["cumulative_score"].isna().all()
+    err = capsys.readouterr().err
+    assert err.count(f"warning: {len(blind)} participant(s) ({', '.join(map(str, blind))}) have no validation data "
+                     f"to score their in-neighbours on, so they keep them at every rewiring") == 1

@@ -138,7 +138,7 @@ def test_anomaly_report_writes_table_and_png(tmp_path, capsys) -> None:
 
 
 @pytest.mark.parametrize("mode", ["none", "influence"])
-def test_collaborators_report_compares_runs(tmp_path, mode: str) -> None:
+def test_collaborators_report_compares_runs(tmp_path, mode: str, capsys) -> None:
     runs = []
     for rewire in dict.fromkeys(("none", mode)):  # mode none: the static run alone
         out = tmp_path / f"rewire-{rewire}"
@@ -148,9 +148,13 @@ def test_collaborators_report_compares_runs(tmp_path, mode: str) -> None:
                              "4", "--misbehavior", "label-flip", "--misbehaving", "1", "--proximal", "--out", str(out),
                              *flags]) == 0
         runs.append(str(out))
+    capsys.readouterr()
     assert analyze(["collaborators", *runs, "--out", str(tmp_path / "new" / "folder")]) == 0  # made if missing
     table = pd.read_parquet(tmp_path / "new" / "folder" / "collaborators.parquet")
     assert table["honest_acc"].between(0, 1).all() and table["misbehaving"].tolist() == [1] * len(runs)
+    assert table["fallbacks"].tolist() == [0] * len(runs)
+    printed = capsys.readouterr().out
+    assert " ±      - " in printed and "± 0.0000" not in printed  # one seed: no spread (it printed 0.0000)
     from dice_ray.reports import collaborators_report
 
     assert len(collaborators_report(runs).table) == len(runs)  # paths as strings
