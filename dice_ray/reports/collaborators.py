@@ -22,7 +22,7 @@ from dice_ray.core.misbehavior import kind_options
 from dice_ray.errors import InputError
 from dice_ray.reports.inputs import read_frame, recorded_topology
 from dice_ray.results import COLLABORATORS
-from dice_ray.rundir import read_manifest, read_table
+from dice_ray.rundir import MANIFEST, read_manifest, read_table
 
 REWIRINGS = ("none", "influence", "outlier", "random")
 
@@ -52,6 +52,10 @@ def collaborator_row(run: Path) -> dict:
     honest = ~nodes.sort_values("node")["misbehaving"].to_numpy()
     bad = set(np.flatnonzero(~honest).tolist())
     edges = _final_in_edges(run, config, nodes)
+    fallbacks = manifest.get("rewiring_fallbacks", [])
+    if not isinstance(fallbacks, list):
+        raise InputError(f"{run / MANIFEST}: rewiring_fallbacks is {type(fallbacks).__name__}, not the list of "
+                         "rounds a run writes: the manifest was changed")
     from_bad = [np.isin(e, list(bad)).sum() for k, e in enumerate(edges) if honest[k]]
     total = sum(len(e) for k, e in enumerate(edges) if honest[k])
     return {"run": str(run), "rewiring": config.rewiring.mode, "misbehavior": config.misbehavior.kind,
@@ -60,7 +64,7 @@ def collaborator_row(run: Path) -> dict:
             "honest_acc": float(last["heldout_acc"].to_numpy()[honest].mean()),
             "honest_loss": float(last["heldout_loss"].to_numpy()[honest].mean()),
             "anomalous_in_edges": float(sum(from_bad) / total) if total else 0.0,
-            "fallbacks": len(manifest.get("rewiring_fallbacks") or []),
+            "fallbacks": len(fallbacks),
             "study": study(config)}  # what the compared runs must share (not a column)
 
 

@@ -3,6 +3,8 @@ files they write."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -155,6 +157,18 @@ def test_collaborators_report_compares_runs(tmp_path, mode: str, capsys) -> None
     assert table["fallbacks"].tolist() == [0] * len(runs)
     printed = capsys.readouterr().out
     assert " ±      - " in printed and "± 0.0000" not in printed  # one seed: no spread (it printed 0.0000)
+    import json
+
+    manifest = json.loads((Path(runs[-1]) / "manifest.json").read_text())
+    for fallbacks, code in (([2], 0), (5, 2)):  # a rewiring that kept W is noted; a changed record is one line
+        (Path(runs[-1]) / "manifest.json").write_text(json.dumps({**manifest, "rewiring_fallbacks": fallbacks}))
+        assert analyze(["collaborators", *runs, "--out", str(tmp_path)]) == code
+        captured = capsys.readouterr()
+        if code == 0:
+            assert f"note: {runs[-1]}: 1 rewiring(s) kept the previous W (the choices were not rooted" in captured.out
+        else:
+            assert "rewiring_fallbacks is int, not the list of rounds a run writes" in captured.err
+    (Path(runs[-1]) / "manifest.json").write_text(json.dumps(manifest))
     from dice_ray.reports import collaborators_report
 
     assert len(collaborators_report(runs).table) == len(runs)  # paths as strings
