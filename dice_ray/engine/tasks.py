@@ -48,15 +48,26 @@ class Tasks:
         raise NotImplementedError
 
     def map(self, fn: Callable[..., Any], jobs: list[Job], stage: str, label: Callable[[Job], dict[str, Any]],
-            unit: str = "task") -> list[Any]:
+            unit: str = "task", size: Callable[[Job], int] | None = None) -> list[Any]:
         """Return ``[fn(*job, device) for job in jobs]``, in job order; ``stage`` names the progress bar and the
-        retry records, ``label(job)`` says what a retry record names (JSON values)."""
+        retry records, ``label(job)`` says what a retry record names (JSON values). The bar counts ``size(job)``
+        ``unit``s per job (default: 1 task)."""
         raise NotImplementedError
 
-    def _bar(self, stage: str, total: int, unit: str) -> Any:
+    def _bar(self, stage: str, jobs: list[Job], unit: str, size: Callable[[Job], int] | None) -> Callable[[Job], None]:
+        """A progress bar over ``jobs``; returns its ``done(job)``, and ``done(None)`` closes it."""
         from tqdm import tqdm
 
-        return tqdm(total=total, unit=unit, desc=stage, disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=sum(map(size, jobs)) if size else len(jobs), unit=unit, desc=stage,
+                   disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
+
+        def done(job: Job | None) -> None:
+            if job is None:
+                bar.close()
+            else:
+                bar.update(size(job) if size else 1)
+
+        return done
 
 
 class LocalTasks(Tasks):
@@ -66,16 +77,16 @@ class LocalTasks(Tasks):
         return list(fn(*args, "cpu"))
 
     def map(self, fn: Callable[..., Any], jobs: list[Job], stage: str, label: Callable[[Job], dict[str, Any]],
-            unit: str = "task") -> list[Any]:
-        bar = self._bar(stage, len(jobs), unit)
+            unit: str = "task", size: Callable[[Job], int] | None = None) -> list[Any]:
+        done = self._bar(stage, jobs, unit, size)
         try:
             results = []
             for job in jobs:
                 results.append(fn(*job, "cpu"))
-                bar.update()
+                done(job)
             return results
         finally:
-            bar.close()
+            done(None)
 
 
 class RayTasks(Tasks):
@@ -115,7 +126,7 @@ class RayTasks(Tasks):
         return [refs] if returns == 1 else list(refs)
 
     def map(self, fn: Callable[..., Any], jobs: list[Job], stage: str, label: Callable[[Job], dict[str, Any]],
-            unit: str = "task") -> list[Any]:
+            unit: str = "task", size: Callable[[Job], int] | None = None) -> list[Any]:
         import ray
 
         failures = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
@@ -124,7 +135,7 @@ class RayTasks(Tasks):
         # ref -> (job index, attempts)
         work = {remote.remote(fn, None, self.modules, *job): (i, 0) for i, job in enumerate(jobs)}
         results: list[Any] = [None] * len(jobs)
-        bar = self._bar(stage, len(jobs), unit)
+        done = self._bar(stage, jobs, unit, size)
         try:
             while work:
                 [done], _ = ray.wait(list(work), num_returns=1)
@@ -138,10 +149,10 @@ class RayTasks(Tasks):
                                          "error": first_line(err, named=True)[:200]})
                     work[remote.remote(fn, None, self.modules, *jobs[i])] = (i, attempts + 1)
                     continue
-                bar.update()
+                done(jobs[i])
             return results
         finally:
-            bar.close()
+            done(None)
 
 
 def _in_worker(fn: Callable[..., Any], returns: int | None, modules: list[str], *args: Any) -> Any:

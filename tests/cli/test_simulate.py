@@ -298,3 +298,14 @@ def test_a_methods_flags_read_values_as_the_built_in_flags_of_their_type() -> No
     assert isinstance(vars(args)["scaled_norm.scale"], float)  # read as FLOAT, not as YAML's int 2
     assert vars(build_parser().parse_args(["--scaled-norm-enabled"]))["scaled_norm.enabled"] is True  # as --proximal
     assert vars(build_parser().parse_args(["--scaled-norm-enabled", "false"]))["scaled_norm.enabled"] is False
+
+
+def test_the_influence_stage_shows_its_progress_in_probes(tmp_path: Path, capsys) -> None:
+    """The stage's bar counted tasks (one per probe round, several probes each): "4/4 task" for 8 probes."""
+    out = tmp_path / "run"
+    argv = [arg for arg in SMALL if arg != "--no-progress"]
+    assert main([*argv, "--engine", "local", "--influence", "--hops", "1", "--probe-rounds", "1,3", "--out",
+                 str(out)]) == 0
+    probes = len(pd.read_parquet(out / "dice.parquet")["probe_id"].unique())
+    bar = capsys.readouterr().err.split("influence:")[-1]
+    assert probes > 2 and f"{probes}/{probes} [" in bar and ("probe/s" in bar or "s/probe" in bar)

@@ -55,7 +55,8 @@ def measure_influence(experiment: Experiment, tasks: Any) -> tuple[list[dict], l
         mine = [p for p in probes if p.round == t]
         jobs += [(shared, window, mine[i: i + chunk]) for i in range(0, len(mine), chunk)]
     results = tasks.map(measure_task, jobs, "influence",
-                        lambda job: {"round": job[2][0].round, "probe_ids": [p.probe_id for p in job[2]]})
+                        lambda job: {"round": job[2][0].round, "probe_ids": [p.probe_id for p in job[2]]},
+                        unit="probe", size=lambda job: len(job[2]))
     influence = [row for rows, _ in results for row in rows]
     dice = [row for _, rows in results for row in rows]
     order = {p.probe_id: i for i, p in enumerate(probes)}
