@@ -33,7 +33,7 @@ from dice_ray.core.losses import LOSSES
 from dice_ray.core.misbehavior import BUILT_IN_FIELDS, KINDS, misbehavior, misbehavior_names
 from dice_ray.core.models import MODELS, model_names
 from dice_ray.core.population import OPTIMIZERS, OptimizerSpec
-from dice_ray.core.topology import TOPOLOGIES
+from dice_ray.core.topology import MATRIX_SUFFIXES, TIME_VARYING, TOPOLOGIES
 from dice_ray.core.topology import WEIGHT_RULES as MIXING_RULES
 from dice_ray.data import DATASETS, SCHEMES, WEIGHT_RULES, dataset_names
 from dice_ray.errors import InputError, absent, first_line, unknown_name
@@ -66,12 +66,14 @@ class TopologyConfig(Section):
     name: Annotated[str, _one_of("topology", TOPOLOGIES)] = Field(
         "exponential", description=f"graph: {', '.join(TOPOLOGIES)}")
     weights: Annotated[str, _one_of("weight rule", MIXING_RULES)] = Field(
-        "uniform", description=f"weight rule: {', '.join(MIXING_RULES)}")
+        "uniform", description=f"weight rule of a static graph: {', '.join(MIXING_RULES)} (a time-varying topology "
+                               "and a W file set their own)")
     p: float | None = Field(None, gt=0, le=1, description="edge probability for erdos-renyi "
                                                            "(default 2 ln(N)/N)")
     rows: int | None = Field(None, ge=1, description="rows of a grid or torus (default: most square)")
     file: str | None = Field(None, description="edge list (.txt/.csv) or W matrix (.npy/.npz) for 'file'")
-    directed: bool = Field(False, description="edges of an edge-list file are directed (src -> dst)")
+    directed: bool = Field(False, description="edges of an edge-list file are directed (src -> dst); not for a W "
+                                              "file")
 
 
 class ShrinkConfig(Section):
@@ -742,6 +744,14 @@ def idle_settings(config: RunConfig, fields: Iterable[str]) -> dict[str, str]:
         if name in fields and current not in values:
             idle.setdefault(name, f"applies only with {chosen} ({chooser}) {' or '.join(values)}; "
                                   f"this run has {chosen} {current} (give {chooser} {values[0]} too)")
+    topology = config.topology
+    if "topology.weights" in fields and topology.name in TIME_VARYING:
+        idle.setdefault("topology.weights", f"turns a static graph into W; topology {topology.name} sets its own "
+                                            f"weights (½ to each of a round's pair)")
+    if topology.name == "file" and Path(topology.file or "").suffix.lower() in MATRIX_SUFFIXES:
+        for name in ("topology.weights", "topology.directed"):
+            if name in fields:
+                idle.setdefault(name, f"applies to an edge list; topology.file {topology.file!r} holds W itself")
     return idle
 
 

@@ -8,6 +8,7 @@ written, so bad input fails fast with one ``InputError`` line.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,8 +359,14 @@ def check_graph_fits(config: RunConfig) -> None:
     """Refuse, before the topology is built, a mixing matrix W larger than this machine's memory (a complete graph of
     10^6 participants: 37 TiB, a MemoryError traceback after the run directory was written)."""
     n, name = config.nodes, config.topology.name
-    stored = n * n if name == "complete" else (config.topology.p or 0) * n * n if name == "erdos-renyi" else 0
-    _refuse_past_memory(40 * stored, f"the {name} graph's mixing matrix W ({stored:,.0f} entries)")
+    if name not in ("complete", "erdos-renyi"):  # the other graphs store O(n log n) entries at most
+        return
+    p = 1.0 if name == "complete" else config.topology.p or min(1.0, 2 * math.log(n) / n)
+    stored = p * n * n
+    # Building W peaks at ~97 bytes per stored entry (tracemalloc, complete and Erdős–Rényi graphs); an Erdős–Rényi
+    # draw of more than n²/50 cells is numpy's choice without replacement, which shuffles all n² cells (8 bytes each)
+    shuffled = 8 * n * n if name == "erdos-renyi" and stored > n * n // 50 and n * n > 10_000 else 0
+    _refuse_past_memory(100 * stored + shuffled, f"the {name} graph's mixing matrix W ({stored:,.0f} entries)")
 
 
 def check_states_fit(config: RunConfig, width: int) -> None:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 TOPOLOGIES: tuple[str, ...] = ("ring", "exponential", "grid", "torus", "star", "complete", "erdos-renyi",
                                "one-peer-exponential", "random-matching", "file")
+TIME_VARYING: tuple[str, ...] = ("one-peer-exponential", "random-matching")  # W^t with weights of their own
 WEIGHT_RULES: tuple[str, ...] = ("uniform", "metropolis")
 MATRIX_SUFFIXES: tuple[str, ...] = (".npy", ".npz")  # "file" topologies with these suffixes give W itself
 ER_MAX_DRAWS = 100
@@ -224,7 +225,7 @@ def _validated(w: Any, *, atol: float, name: str) -> csr_array:
     components = _strong_components(w)
     if components != 1:
         raise InputError(f"{name} is not strongly connected: its graph has {components} strongly connected "
-                         "components")
+                         "components (every participant's update must reach every other through W)")
     return w
 
 
@@ -252,7 +253,11 @@ def load_edge_list(path: str | Path, n: int | None = None, *, directed: bool = F
         raise InputError(f"edge list file '{path}' {absent(path, 'file')}")
     src, dst = [], []
     first = True  # the first line with content, which may be a header
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (a spreadsheet's CSV) is no node id
+    except UnicodeDecodeError:
+        raise InputError(f"edge list '{path}' is not text (UTF-8): one edge 'src dst' per line") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split("#", 1)[0].split("{", 1)[0].replace(",", " ").split()
         if not fields:
             continue
@@ -292,14 +297,18 @@ def load_mixing_matrix(path: str | Path) -> csr_array:
         raise InputError(f"mixing matrix file '{path}' has suffix {suffix!r}; use .npy, .npz, .csv or .txt")
     try:
         if suffix == ".npy":
-            w = np.asarray(np.load(path, allow_pickle=False), dtype=np.float64)
+            w = np.load(path, allow_pickle=False)
         elif suffix == ".npz":
-            w = sparse.load_npz(path).astype(np.float64)
+            w = sparse.load_npz(path)
         else:
-            w = np.loadtxt(path, delimiter="," if "," in path.read_text() else None, ndmin=2)
-    except (OSError, ValueError, zipfile.BadZipFile, KeyError, MemoryError) as error:  # .npz: a zip of scipy's arrays
+            w = np.loadtxt(path, delimiter="," if "," in path.read_text(encoding="utf-8-sig") else None, ndmin=2,
+                           encoding="utf-8-sig")
+    except (OSError, ValueError, EOFError, UnicodeDecodeError, zipfile.BadZipFile, KeyError,
+            MemoryError) as error:  # .npz: a zip of scipy's arrays; an empty .npy: EOFError
         raise InputError(f"mixing matrix file '{path}' could not be read: {first_line(error)}") from None
-    return _validated(w, atol=1e-6, name=f"W in '{path}'")
+    if w.dtype.kind not in "biuf":  # complex: its imaginary part would be dropped; text: not numbers
+        raise InputError(f"mixing matrix file '{path}' holds {w.dtype} values; W is real numbers")
+    return _validated(w.astype(np.float64), atol=1e-6, name=f"W in '{path}'")
 
 
 # ------------------------------------------------------------------------------------- time-varying W^t

@@ -40,7 +40,7 @@ import scipy.sparse as sp
 from pydantic import Field
 from scipy.sparse import csgraph
 
-from dice_ray.core.topology import metropolis_weights
+from dice_ray.core.topology import TIME_VARYING, metropolis_weights
 from dice_ray.hooks import DriverHook, Method
 from dice_ray.results import REWIRING
 from dice_ray.sections import RECORDED, Section
@@ -76,7 +76,7 @@ class RewiringConfig(Section):
                              f"0..{config.rounds - 1}: no rewiring would happen")
         if self.keep > config.nodes - 1:
             raise ValueError(f"rewiring.keep {self.keep} exceeds the {config.nodes - 1} other participants")
-        if config.topology.name in ("one-peer-exponential", "random-matching"):
+        if config.topology.name in TIME_VARYING:
             raise ValueError(f"rewiring needs a static topology, got time-varying {config.topology.name!r}")
         if config.influence.enabled:
             raise ValueError("rewiring changes W during the run; DICE influence (influence.enabled, --influence) "

@@ -154,6 +154,13 @@ BAD_INPUTS = [
     (["--topology", "ring", "--topology-file", "ring.csv"],
      "--topology-file applies only with topology.name (--topology) file"),
     (["--set", "data.alpha=0.3"], "--set data.alpha applies only with data.partition (--partition) dirichlet"),
+    # weights of a topology that sets its own were recorded and did nothing (an audit: a sweep over them)
+    (["--topology", "random-matching", "--weights", "metropolis"],
+     "--weights turns a static graph into W; topology random-matching sets its own weights"),
+    (["--topology", "file", "--topology-file", "w.npy", "--weights", "metropolis"],
+     "--weights applies to an edge list; topology.file 'w.npy' holds W itself"),
+    (["--topology", "file", "--topology-file", "w.npz", "--set", "topology.directed=true"],
+     "--set topology.directed applies to an edge list; topology.file 'w.npz' holds W itself"),
     (["--set", "influence.hops=3"], "--set influence.hops applies to influence, which this run leaves off"),
     (["--set", "rounds=10", "--rounds", "20"], "--rounds and --set rounds=10 both set rounds: give one"),
     (["--set", "misbehavior.count=2"], "--set misbehavior.count needs misbehavior.kind (--misbehavior KIND)"),

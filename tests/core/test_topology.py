@@ -372,6 +372,21 @@ def test_file_errors(tmp_path):
         load_edge_list(tmp_path / "missing.txt")
 
 
+def test_files_an_audit_found_misread(tmp_path):
+    """A complex W ran with its imaginary part dropped (a ComplexWarning the only sign); an empty .npy and an edge
+    list of binary bytes were tracebacks; a byte-order mark (a spreadsheet's CSV) read as part of the first node id."""
+    ring = make_topology("ring", 4).mixing_matrix(0).toarray()
+    np.save(tmp_path / "complex.npy", ring + 1j)
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+    for name, message in (("complex.npy", "holds complex128 values; W is real numbers"),
+                          ("empty.npy", "could not be read"), ("binary.txt", "is not text (UTF-8)")):
+        with pytest.raises(InputError, match=re.escape(message)):
+            make_topology("file", 4, path=tmp_path / name)
+    (tmp_path / "bom.csv").write_text("\ufeff0,1\n1,2\n2,3\n3,0\n", encoding="utf-8")
+    assert make_topology("file", 4, path=tmp_path / "bom.csv").mixing_matrix(0).nnz == 12
+
+
 def test_topology_rejects_bad_queries_and_invalid_time_varying_sequences():
     ring = make_topology("ring", 4)
     with pytest.raises(InputError, match="k=4 is out of range"):
