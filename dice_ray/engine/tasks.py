@@ -138,10 +138,10 @@ class RayTasks(Tasks):
         done = self._bar(stage, jobs, unit, size)
         try:
             while work:
-                [done], _ = ray.wait(list(work), num_returns=1)
-                i, attempts = work.pop(done)
+                [ready], _ = ray.wait(list(work), num_returns=1)
+                i, attempts = work.pop(ready)
                 try:
-                    results[i] = ray.get(done)
+                    results[i] = ray.get(ready)
                 except failures as err:
                     if attempts >= TASK_RETRIES:
                         raise

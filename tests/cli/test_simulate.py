@@ -307,11 +307,12 @@ def test_a_methods_flags_read_values_as_the_built_in_flags_of_their_type() -> No
     assert vars(build_parser().parse_args(["--scaled-norm-enabled", "false"]))["scaled_norm.enabled"] is False
 
 
-def test_the_influence_stage_shows_its_progress_in_probes(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_the_influence_stage_shows_its_progress_in_probes(engine: str, ray_local, tmp_path: Path, capsys) -> None:
     """The stage's bar counted tasks (one per probe round, several probes each): "4/4 task" for 8 probes."""
     out = tmp_path / "run"
     argv = [arg for arg in SMALL if arg != "--no-progress"]
-    assert main([*argv, "--engine", "local", "--influence", "--hops", "1", "--probe-rounds", "1,3", "--out",
+    assert main([*argv, "--engine", engine, "--influence", "--hops", "1", "--probe-rounds", "1,3", "--out",
                  str(out)]) == 0
     probes = len(pd.read_parquet(out / "dice.parquet")["probe_id"].unique())
     bar = capsys.readouterr().err.split("influence:")[-1]
