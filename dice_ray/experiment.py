@@ -347,6 +347,19 @@ def state_width(model: Any) -> int:
     return sum(layout.width for layout in model_state_layouts(model))
 
 
+def model_width(config: RunConfig, dataset: Any) -> int:
+    """D of ``config``'s model for ``dataset``, counted on a copy built on PyTorch's meta device (shapes without
+    memory: a label of 10^9 made a 256 GB output layer), or built here where a model cannot be built there."""
+    import torch
+
+    args = (config.model.name, dataset.input_shape, dataset.num_classes, config.seed)
+    try:
+        with torch.device("meta"):
+            return state_width(build_model(*args))
+    except Exception:  # a model of one's own that needs real tensors to build
+        return state_width(build_model(*args))
+
+
 def machine_memory() -> int | None:
     """This machine's physical memory in bytes (None where the OS does not say)."""
     try:
@@ -404,8 +417,8 @@ def prepare(config: RunConfig, topology_file: str | Path | None = None) -> Exper
     topology = config_topology(config, topology_file)
     dataset = load_dataset(d.dataset, data_dir=d.data_dir, download=d.download, seed=config.seed,
                            synthetic_samples=d.synthetic_samples, synthetic_classes=d.synthetic_classes)
+    check_states_fit(config, model_width(config, dataset))  # before building one: it may not fit alone
     model = build_model(config.model.name, dataset.input_shape, dataset.num_classes, config.seed)
-    check_states_fit(config, state_width(model))
     if config.nodes > len(dataset.y_train):
         raise InputError(f"nodes (--nodes) {config.nodes} exceeds the {len(dataset.y_train)} training samples "
                          f"of {d.dataset}")

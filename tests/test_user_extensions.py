@@ -19,7 +19,7 @@ from dice_ray.config import build_config
 from dice_ray.core.losses import register_loss
 from dice_ray.core.models import register_model
 from dice_ray.core.population import OptimizerSpec, Population, initial_state
-from dice_ray.data import load_dataset
+from dice_ray.data import Dataset, load_dataset
 from dice_ray.errors import InputError
 from dice_ray.experiment import prepare
 
@@ -55,6 +55,8 @@ def _torch_sets(kind: str) -> tuple:
     x, y = _features(40)
     if kind == "dicts":
         items = [{"x": torch.from_numpy(x[i]), "y": int(y[i])} for i in range(40)]
+    elif kind == "ragged":
+        items = [(torch.from_numpy(x[i][:4] if i == 3 else x[i]), int(y[i])) for i in range(40)]
     else:
         items = [(torch.from_numpy(x[i]), int(y[i])) for i in range(40)]
     return _Pairs(items[:30]), _Pairs([] if kind == "empty" else items[30:])
@@ -83,6 +85,16 @@ REFUSED_DATA = {
     "dict items": (lambda: _torch_sets("dicts"), r"a training Dataset's items must be \(input, target\) pairs, got "
                                                  "dict"),
     "an empty test Dataset": (lambda: _torch_sets("empty"), r"its test Dataset is empty"),
+    # from an audit: each ran, or failed mid-run after the run directory was written
+    "one class": (lambda: _split(_features()[0], np.zeros(240, np.int64)),
+                  r"every training label is 0; a classifier needs at least two classes"),  # accuracy 1.000
+    "a Dataset with a label past its classes": (lambda: Dataset("x", *_split(*_features(), np.full(40, 7)), 3, (6,)),
+                                                r"class labels must lie in 0\.\.2"),  # an IndexError in round 0
+    "a Dataset with NaN": (lambda: Dataset("x", *_with_nan("train"), 3, (6,)), r"1 of its training inputs hold NaN"),
+    "items of two shapes": (lambda: _torch_sets("ragged"), r"training item 3's input has shape \[4\], item 0's "
+                                                           r"\[6\]; every item needs one shape"),
+    "a factory that fails": (lambda: open("/nonexistent/my.csv"),
+                             r"its factory <lambda>\(\) failed: FileNotFoundError: \[Errno 2\]"),
 }
 
 
@@ -94,6 +106,19 @@ def test_data_a_run_cannot_read_is_refused_in_one_line_before_any_work(case: str
     with pytest.raises(InputError, match=rf"^data set '{name}': {message}"):
         dice_ray.run(dice_ray.RunConfig(nodes=4, data={"dataset": name}, output={"out": str(tmp_path / "run")}),
                      engine="local")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_stray_huge_label_is_refused_by_the_models_size_before_it_is_built(tmp_path: Path) -> None:
+    """A label of 10^9 (an id column) makes C = 10^9 + 1 classes: building the model asked for 256 GB (a traceback,
+    or the OOM killer). Its size is counted on PyTorch's meta device first."""
+    x, y = _features()
+    y = y.copy()
+    y[0] = 10**9
+    dice_ray.register_dataset("test-huge-label", lambda: _split(x, y))
+    with pytest.raises(InputError, match=r"the 4 participants' stacked states \(65,000,00\d,\d+ numbers each"):
+        dice_ray.run(dice_ray.RunConfig(nodes=4, data={"dataset": "test-huge-label"},
+                                        output={"out": str(tmp_path / "run")}), engine="local")
     assert not (tmp_path / "run").exists()
 
 

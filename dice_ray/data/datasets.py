@@ -11,8 +11,9 @@ Data sets come back whole as arrays (``Dataset``). Built in:
 
 The names, and ``register_dataset`` for a user's own data, are in ``registry.py``.
 
-The fixed splits of ``digits`` and ``mnist5k`` do not depend on the run seed: held-out data is the same
-in every run, so results across seeds are measured on the same test set.
+The fixed splits of ``digits`` and ``mnist5k`` do not depend on the run seed: the test split is the same in
+every run. The held-out batch z′ a run evaluates on is the whole test split, or, with ``data.heldout_size``
+smaller than it, a sample of it drawn from the run's seed.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ names the data folder, and what it holds is read without running any code it nam
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
@@ -79,7 +80,7 @@ def _read_idx(path: str, ndim: int) -> np.ndarray:
     if magic != 0x800 + ndim:
         raise _corrupt(path, f"magic number {magic}, expected {0x800 + ndim} (uint8, {ndim}-d IDX)")
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    expected = header + int(np.prod(dims))
+    expected = header + math.prod(dims)  # Python integers: a crafted header's product does not wrap to 0
     if len(raw) != expected:
         raise _corrupt(path, f"{len(raw)} bytes, expected {expected} for shape {tuple(dims)} (truncated?)")
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
@@ -165,8 +166,12 @@ def _read_cifar_pickle(path: str, label_key: str) -> tuple[np.ndarray, np.ndarra
             # The official python-format files are pickles (torchvision reads them with pickle.load); here only
             # numpy arrays and plain containers may come out of them (``_ArraysOnly``).
             entry = _ArraysOnly(f, encoding="latin1").load()
-        data = np.asarray(entry["data"], np.uint8)
-        labels = np.asarray(entry[label_key], np.int64)
+        data, labels = np.asarray(entry["data"]), np.asarray(entry[label_key])
+        for what, values in (("pixels", data), ("labels", labels)):  # a cast would turn 300 into 44, 0.7 into 0
+            if values.dtype.kind not in "biu" or (values.size and (values.min() < 0 or values.max() > 255)):
+                raise ValueError(f"its {what} are {values.dtype} in {values.min()}..{values.max()} "
+                                 f"(CIFAR stores whole numbers in 0..255)" if values.size else f"no {what}")
+        data, labels = data.astype(np.uint8), labels.astype(np.int64)
     except (
         pickle.UnpicklingError,
         EOFError,
@@ -246,13 +251,12 @@ def _read_images(paths: list[str]) -> np.ndarray:
     def read(i: int) -> None:
         try:
             with Image.open(paths[i]) as img:
-                arr = np.asarray(img.convert("RGB"))
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+                width, height = img.size  # before decoding: a crafted header may claim gigapixels
+                arr = np.asarray(img.convert("RGB")) if (width, height) == (64, 64) else None
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise _corrupt(paths[i], f"{type(e).__name__}: {e}", can_download=False) from e
-        if arr.shape != (64, 64, 3):
-            raise _corrupt(
-                paths[i], f"image is {arr.shape[1]}x{arr.shape[0]}, expected 64x64", can_download=False
-            )
+        if arr is None or arr.shape != (64, 64, 3):
+            raise _corrupt(paths[i], f"image is {width}x{height}, expected 64x64", can_download=False)
         out[i] = arr.transpose(2, 0, 1) * np.float32(1 / 255)
 
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:

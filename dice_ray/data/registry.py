@@ -29,7 +29,7 @@ import numpy as np
 
 from dice_ray.data.datasets import Dataset, load_digits, load_mnist5k, load_synthetic
 from dice_ray.data.readers import load_cifar, load_mnist_like, load_tiny_imagenet
-from dice_ray.errors import InputError
+from dice_ray.errors import InputError, first_line
 from dice_ray.registry import Registry, defining_module
 
 
@@ -92,7 +92,14 @@ def _arrays(name: str, which: str, split: Any) -> tuple[np.ndarray, np.ndarray]:
     def array(value: Any) -> np.ndarray:
         return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
 
-    return np.stack([array(x) for x, _ in items]), np.stack([array(y) for _, y in items])
+    def stacked(values: list[np.ndarray], what: str) -> np.ndarray:
+        odd = next((i for i, v in enumerate(values) if v.shape != values[0].shape), None)
+        if odd is not None:
+            raise InputError(f"data set {name!r}: {which} item {odd}'s {what} has shape {list(values[odd].shape)}, "
+                             f"item 0's {list(values[0].shape)}; every item needs one shape")
+        return np.stack(values)
+
+    return (stacked([array(x) for x, _ in items], "input"), stacked([array(y) for _, y in items], "target"))
 
 
 def _check_targets(name: str, y_train: np.ndarray, y_test: np.ndarray) -> bool:
@@ -133,8 +140,9 @@ def as_dataset(name: str, value: Any, input_shape: tuple[int, ...] | None = None
                num_classes: int | None = None) -> Dataset:
     """Return a factory's ``value`` — a ``Dataset``, (x_train, y_train, x_test, y_test) arrays, or (train, test)
     torch Datasets — as a ``Dataset`` (float32 inputs; int64 class labels or float32 targets)."""
-    if isinstance(value, Dataset):
-        return value
+    if isinstance(value, Dataset):  # checked as its arrays are
+        input_shape, num_classes = input_shape or value.input_shape, num_classes or value.num_classes
+        value = (value.x_train, value.y_train, value.x_test, value.y_test)
     if isinstance(value, tuple) and len(value) == 2:
         (x_train, y_train), (x_test, y_test) = _arrays(name, "training", value[0]), _arrays(name, "test", value[1])
     elif isinstance(value, tuple) and len(value) == 4:
@@ -171,6 +179,9 @@ def as_dataset(name: str, value: Any, input_shape: tuple[int, ...] | None = None
     if classification and (min(y_train.min(), y_test.min()) < 0 or max(y_train.max(), y_test.max()) >= num_classes):
         raise InputError(f"data set {name!r}: class labels must lie in 0..{num_classes - 1} (training and test "
                          f"labels lie in {min(y_train.min(), y_test.min())}..{max(y_train.max(), y_test.max())})")
+    if classification and len(np.unique(y_train)) < 2:  # cross-entropy 0, accuracy 1: a result that means nothing
+        raise InputError(f"data set {name!r}: every training label is {y_train[0]}; a classifier needs at least two "
+                         "classes to tell apart")
     return Dataset(name, x_train, y_train, x_test, y_test, int(num_classes), shape)
 
 
@@ -189,7 +200,12 @@ def register_dataset(name: str, factory: Callable[..., Any] | None = None, *,
         takes_seed = bool(inspect.signature(fn).parameters)
 
         def load(options: DataOptions) -> Dataset:
-            return as_dataset(name, fn(options.seed) if takes_seed else fn(), input_shape, num_classes)
+            try:
+                value = fn(options.seed) if takes_seed else fn()
+            except Exception as err:  # the user's code: one line naming it, before any work
+                raise InputError(f"data set {name!r}: its factory {fn.__qualname__}() failed: "
+                                 f"{first_line(err, named=True)}") from err
+            return as_dataset(name, value, input_shape, num_classes)
 
         load.__module__ = defining_module(fn)  # where it was defined (``DATASETS.module``)
         DATASETS.add(name, load)

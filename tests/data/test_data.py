@@ -387,6 +387,41 @@ def test_tiny_imagenet_errors(tmp_path) -> None:
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(InputError, match="val_2.JPEG is corrupt"):
         load_dataset("tiny-imagenet", data_dir=str(tmp_path))
+    # a PNG header claiming 30000x30000 pixels: PIL's DecompressionBombError was a traceback
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    with pytest.raises(InputError, match="val_2.JPEG is corrupt: DecompressionBombError"):
+        load_dataset("tiny-imagenet", data_dir=str(tmp_path))
+
+
+def test_files_an_audit_found_misread(tmp_path) -> None:
+    """CIFAR batches of float pixels (black images), pixels past 255 (wrapped) or fractional labels (truncated) ran;
+    an IDX header whose sizes multiply past 2^64 passed the length check and failed in reshape."""
+    for name, edit, message in (("floats", lambda e: {**e, "data": e["data"] / 255.0}, "its pixels are float64"),
+                                ("past", lambda e: {**e, "data": e["data"].astype(np.int64) + 256},
+                                 "its pixels are int64 in 256"),
+                                ("labels", lambda e: {**e, "labels": [v + 0.5 for v in e["labels"]]},
+                                 "its labels are float64")):
+        root = tmp_path / name
+        _fake_cifar(str(root))
+        batch = root / "cifar-10-batches-py" / "data_batch_1"
+        with open(batch, "rb") as f:
+            entry = pickle.load(f)
+        with open(batch, "wb") as f:
+            pickle.dump(edit(entry), f)
+        with pytest.raises(InputError, match=f"data_batch_1 is corrupt: ValueError: {message}"):
+            load_dataset("cifar10", data_dir=str(root))
+    _fake_mnist(str(tmp_path / "wrap"))
+    path = tmp_path / "wrap" / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    path.write_bytes(b"\x00\x00\x08\x03" + b"".join(d.to_bytes(4, "big") for d in (2**22, 2**21, 2**21)))
+    with pytest.raises(InputError, match=r"16 bytes, expected 18446744073709551632 for shape"):
+        load_dataset("mnist", data_dir=str(tmp_path / "wrap"))
 
 
 # ----------------------------------------------------------------------------------------------------
