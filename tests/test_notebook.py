@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "docs" / "tutorial.ipynb"
 
@@ -17,8 +15,8 @@ NOTEBOOK = ROOT / "docs" / "tutorial.ipynb"
 def test_tutorial_notebook_executes(tmp_path: Path):
     """Run where Jupyter runs it: with the notebook's folder (docs/) as the working directory. Its run directories
     (a ``tempfile.mkdtemp``, as a reader's are) go under the test's own folder, not a new one in /tmp per run."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    import nbclient
+    import nbformat
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
                                      resources={"metadata": {"path": str(NOTEBOOK.parent)}})
@@ -33,7 +31,7 @@ def test_tutorial_notebook_executes(tmp_path: Path):
 
 def test_committed_notebook_has_its_plots():
     """The site renders the committed outputs (mkdocs-jupyter, execute: false): they must be there."""
-    nbformat = pytest.importorskip("nbformat")
+    import nbformat
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     codes = [c for c in notebook.cells if c.cell_type == "code"]
     assert all(c.get("execution_count") for c in codes), "run the notebook and save it with its outputs"

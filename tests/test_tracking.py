@@ -3,16 +3,15 @@ back with their own readers and compared with the run's tables (the source of tr
 
 from __future__ import annotations
 
+import mlflow  # noqa: F401 (the test extra installs it: an mlflow that cannot import fails here, not skips the file)
 import numpy as np
 import pandas as pd
 import pytest
+import tensorboard  # noqa: F401
 
 import dice_ray
 from dice_ray.cli.simulate import build_parser, main
 from dice_ray.config import RunConfig
-
-pytest.importorskip("mlflow")
-pytest.importorskip("tensorboard")
 
 
 @pytest.fixture(scope="module")

@@ -125,7 +125,8 @@ def _join(address: str, given_by: str = "engine.address (--address)") -> None:
             except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as err:
                 ray.shutdown()
                 raise _join_error(f"{given_by} {address}", err) from None
-            except ValueError as err:  # a scheme Ray does not take (a dashboard's http:// address, say)
+            except (ValueError, AssertionError) as err:  # a scheme Ray does not take (a dashboard's http://
+                # address, say; Ray before 2.57 asserts it has a client builder for the scheme)
                 ray.shutdown()
                 raise InputError(f"{given_by} {address} is not a Ray address ({first_line(err)[:120]}): give the "
                                  "head's host:port (`ray status` on the head prints it), or ray://host:port for Ray "

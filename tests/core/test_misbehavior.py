@@ -18,7 +18,7 @@ from dice_ray.errors import InputError
 from dice_ray.experiment import prepare
 
 
-def setup(kind: str, **extra):
+def misbehaving_run(kind: str, **extra):
     config = build_config({"nodes": 6, "topology": {"name": "star"}, "data": {"dataset": "digits", "heldout_size": 32},
                            "optim": {"batch_size": 8},
                            "misbehavior": {"kind": kind, "count": 2, **extra}})
@@ -42,16 +42,16 @@ def sent_updates(block) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_selection_random_ids_and_degree() -> None:
-    experiment, _ = setup("label-flip")
+    experiment, _ = misbehaving_run("label-flip")
     assert len(experiment.misbehaving) == 2
-    assert np.array_equal(experiment.misbehaving, setup("label-flip")[0].misbehaving)  # seeded
-    assert setup("label-flip", selection="degree", count=1)[0].misbehaving.tolist() == [0]  # the star's hub
-    assert setup("scale", selection="ids", ids=[4, 1], count=None)[0].misbehaving.tolist() == [1, 4]
-    assert setup("label-flip", count=None, fraction=0.5)[0].misbehaving.size == 3
+    assert np.array_equal(experiment.misbehaving, misbehaving_run("label-flip")[0].misbehaving)  # seeded
+    assert misbehaving_run("label-flip", selection="degree", count=1)[0].misbehaving.tolist() == [0]  # the star's hub
+    assert misbehaving_run("scale", selection="ids", ids=[4, 1], count=None)[0].misbehaving.tolist() == [1, 4]
+    assert misbehaving_run("label-flip", count=None, fraction=0.5)[0].misbehaving.size == 3
 
 
 def test_label_flip_flips_the_chosen_participants_labels_only() -> None:
-    experiment, block = setup("label-flip")
+    experiment, block = misbehaving_run("label-flip")
     bad, honest = block(), block(np.array([], np.int64))
     for i in range(6):
         span = slice(bad.offsets[i], bad.offsets[i] + bad.counts[i])
@@ -59,7 +59,7 @@ def test_label_flip_flips_the_chosen_participants_labels_only() -> None:
             assert torch.equal(bad.y_local[span], 9 - honest.y_local[span])
         else:
             assert torch.equal(bad.y_local[span], honest.y_local[span])
-    half = setup("label-flip", flip_fraction=0.5)[1]()
+    half = misbehaving_run("label-flip", flip_fraction=0.5)[1]()
     i = int(experiment.misbehaving[0])
     span = slice(half.offsets[i], half.offsets[i] + half.counts[i])
     changed = (half.y_local[span] != honest.y_local[span]).float().mean()
@@ -67,7 +67,7 @@ def test_label_flip_flips_the_chosen_participants_labels_only() -> None:
 
 
 def test_feature_noise_has_the_configured_scale() -> None:
-    experiment, block = setup("feature-noise", sigma=0.5)
+    experiment, block = misbehaving_run("feature-noise", sigma=0.5)
     noisy, clean = block(), block(np.array([], np.int64))
     i = int(experiment.misbehaving[0])
     span = slice(noisy.offsets[i], noisy.offsets[i] + noisy.counts[i])
@@ -79,7 +79,7 @@ def test_feature_noise_has_the_configured_scale() -> None:
 
 @pytest.mark.parametrize(("kind", "factor"), [("free-ride", 0.0), ("sign-flip", -1.0), ("scale", 3.0)])
 def test_corrupted_updates_are_c_times_the_honest_update(kind: str, factor: float) -> None:
-    experiment, block = setup(kind, factor=3.0)
+    experiment, block = misbehaving_run(kind, factor=3.0)
     sent, honest_update = sent_updates(block)
     for k in range(6):
         expected = honest_update[k] * (factor if k in experiment.misbehaving else 1.0)
@@ -118,7 +118,7 @@ def test_dice_flags_label_flippers_as_harmful(tmp_path) -> None:
 def test_an_honest_block_reads_the_training_split_in_place_and_a_corrupting_one_never_writes_it() -> None:
     """Memory: without data corruption a block indexes the training split it was given (on a Ray node, the object
     store's array) instead of copying its rows; with corruption it corrupts a copy, leaving the split as it was."""
-    experiment, block = setup("label-flip")
+    experiment, block = misbehaving_run("label-flip")
     y_before = experiment.dataset.y_train.copy()
     honest = block(np.array([], np.int64))
     assert np.shares_memory(honest.x_data.numpy(), experiment.dataset.x_train)
@@ -187,7 +187,7 @@ class WrongShape(Misbehavior):
 
 
 def test_a_registered_data_kind_corrupts_the_chosen_participants_with_its_options() -> None:
-    experiment, block = setup("test-target-label", options={"target": 3})
+    experiment, block = misbehaving_run("test-target-label", options={"target": 3})
     bad, honest = block(), block(np.array([], np.int64))
     for i in range(6):
         span = slice(bad.offsets[i], bad.offsets[i] + bad.counts[i])
@@ -199,7 +199,7 @@ def test_a_registered_data_kind_corrupts_the_chosen_participants_with_its_option
 
 
 def test_a_registered_update_kind_sends_its_own_factor_per_participant() -> None:
-    experiment, block = setup("test-by-participant", options={"scale": 0.5})
+    experiment, block = misbehaving_run("test-by-participant", options={"scale": 0.5})
     sent, honest = sent_updates(block)
     for k in range(6):
         c = (k + 1) * 0.5 if k in experiment.misbehaving else 1.0
@@ -244,7 +244,7 @@ def test_bad_kinds_and_options_are_refused_in_one_line(section: dict, message: s
 
 def test_a_kind_that_changes_the_data_shape_is_refused() -> None:
     with pytest.raises(InputError, match=r"'test-wrong-shape' returned data of shapes \(1, 1, 8, 8\)"):
-        setup("test-wrong-shape")[1]()
+        misbehaving_run("test-wrong-shape")[1]()
 
 
 def test_register_misbehavior_takes_a_misbehavior_subclass_and_no_built_in_name() -> None:
@@ -266,7 +266,7 @@ def test_a_registered_kind_from_the_command_line(tmp_path: Path) -> None:
 
 
 def test_a_subclass_of_a_built_in_kind_takes_its_options() -> None:
-    experiment, block = setup("test-scale-subclass", options={"factor": 2.0})
+    experiment, block = misbehaving_run("test-scale-subclass", options={"factor": 2.0})
     sent, honest = sent_updates(block)
     k = int(experiment.misbehaving[0])
     torch.testing.assert_close(sent[k], 2.0 * honest[k], rtol=1e-5, atol=1e-7)
@@ -274,7 +274,7 @@ def test_a_subclass_of_a_built_in_kind_takes_its_options() -> None:
 
 def test_a_factor_that_is_no_number_is_refused_before_any_work() -> None:
     with pytest.raises(InputError, match=r"'test-no-factor': factor\(\d+\) returned None, not a finite number"):
-        setup("test-no-factor")
+        misbehaving_run("test-no-factor")
 
 
 def test_options_must_be_json_values() -> None:
