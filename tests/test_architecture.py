@@ -113,3 +113,28 @@ def test_no_module_imports_another_modules_private_name() -> None:
                  if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dice_ray")
                  for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
     assert not offenders, offenders
+
+
+def test_the_lowest_pins_are_the_declared_lower_bounds() -> None:
+    """``.ci/lowest`` installs ``.ci/lowest.txt``: every lower bound pyproject.toml declares (the project's and its
+    tracking, notebook and test extras') is pinned there at that release, so the bound is the one checked. At the old
+    bounds every run failed (scipy 1.10 has no eye_array) and nothing said so."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "pyproject.toml").read_text()
+    sections = re.findall(r"^(dependencies|test|notebook|tracking) = \[(.*?)^\]", text, re.S | re.M)
+    bounds = {name.lower(): floor for _, body in sections
+              for name, floor in re.findall(r'^\s*"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?>=([0-9.]+)', body, re.M)}
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([0-9.]+)$", (root / ".ci" / "lowest.txt").read_text(),
+                           re.M))
+    pins = {name.lower(): version for name, version in pins.items()}
+    unpinned = {"torch", "torchvision"}  # this machine's pip serves one release of each
+    forced = {"pydantic": "2.12.0"}  # ray[tune] 2.55, the lowest Ray, asks for pydantic 2.12 or later
+    assert len(bounds) > 20
+    for name, floor in bounds.items():
+        if name in unpinned:
+            continue
+        expected = forced.get(name, floor)
+        assert pins.get(name) is not None and [int(v) for v in pins[name].split(".")][:len(expected.split("."))] == [
+            int(v) for v in expected.split(".")], f"{name}>={floor} in pyproject.toml, {pins.get(name)} in lowest.txt"
