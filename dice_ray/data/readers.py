@@ -131,11 +131,13 @@ def load_mnist_like(name: str, data_dir: str, download: bool) -> Dataset:
     )
 
 
-# What a CIFAR python-format batch may name: numpy's array reconstruction (old and new module paths) and the text
-# codec a Python 3 pickle of protocol 2 turns bytes into (a data transform), nothing else.
+# What a CIFAR python-format batch may name: numpy's array and scalar reconstruction (old and new module paths; a
+# subset written with labels as numpy integers names the scalar) and the text codec a Python 3 pickle of protocol 2
+# turns bytes into (a data transform), nothing else.
 _ARRAY_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
                   ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
-                  ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
+                  ("numpy._core.numeric", "_frombuffer"), ("numpy.core.multiarray", "scalar"),
+                  ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -156,7 +158,7 @@ class _ArraysOnly(pickle.Unpickler):
             return codecs.encode
         from numpy._core import multiarray, numeric
 
-        return multiarray._reconstruct if name == "_reconstruct" else numeric._frombuffer
+        return {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar}.get(name, numeric._frombuffer)
 
 
 def _read_cifar_pickle(path: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -417,6 +417,14 @@ def test_files_an_audit_found_misread(tmp_path) -> None:
             pickle.dump(edit(entry), f)
         with pytest.raises(InputError, match=f"data_batch_1 is corrupt: ValueError: {message}"):
             load_dataset("cifar10", data_dir=str(root))
+    root = tmp_path / "scalars"  # labels written as numpy integers (a subset made with numpy) read as numbers
+    _fake_cifar(str(root))
+    batch = root / "cifar-10-batches-py" / "data_batch_1"
+    with open(batch, "rb") as f:
+        entry = pickle.load(f)
+    with open(batch, "wb") as f:
+        pickle.dump({**entry, "labels": [np.int64(v) for v in entry["labels"]]}, f)
+    assert load_dataset("cifar10", data_dir=str(root)).y_train[:4].tolist() == entry["labels"]
     _fake_mnist(str(tmp_path / "wrap"))
     path = tmp_path / "wrap" / "MNIST" / "raw" / "train-images-idx3-ubyte"
     path.write_bytes(b"\x00\x00\x08\x03" + b"".join(d.to_bytes(4, "big") for d in (2**22, 2**21, 2**21)))
