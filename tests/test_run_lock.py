@@ -52,7 +52,9 @@ def test_a_second_writer_is_refused_and_a_killed_ones_lock_does_not_block(tmp_pa
     run = tmp_path / "run"
     live = _simulate("--rounds", "100000", "--out", str(run), background=True)
     try:
-        _wait_for(lambda: (run / "checkpoints").is_dir())  # training: the lock is held
+        # training, the lock held, and the manifest past its last new key (the actors, written with the first
+        # checkpoint: read before it, the record gained it under a loaded machine's timing)
+        _wait_for(lambda: (run / "checkpoints").is_dir() and "actors" in _record(run))
         holder = f"pid {live.pid} on "
         for second in (["--rounds", "50", "--out", str(run), "--overwrite"], ["--resume", str(run)]):
             listing = _listing(run)
