@@ -200,17 +200,19 @@ class Tracker:
                 experiment = self.client.get_experiment_by_name(EXPERIMENT)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
             tags = {"run_dir": str(self.out.resolve()), "host": platform.node()}
-            earlier = [r for r in self.client.search_runs([experiment_id], order_by=["attributes.start_time DESC"])
-                       if all(r.data.tags.get(k) == v for k, v in tags.items())] if start > 0 else []
-            if earlier:  # a resume continues the run's MLflow run, after the last round it holds
+            wanted = {} if start > 0 else {"filter_string": "attributes.status = 'RUNNING'"}  # a new run: stale ones
+            earlier = [r for r in self.client.search_runs([experiment_id], order_by=["attributes.start_time DESC"],
+                                                          **wanted)
+                       if all(r.data.tags.get(k) == v for k, v in tags.items())]  # this directory's, latest first
+            if start > 0 and earlier:  # a resume continues the run's MLflow run, after the last round it holds
                 self.run_id = earlier[0].info.run_id
                 self.client.update_run(self.run_id, status="RUNNING")
                 held = self.client.get_metric_history(self.run_id, "train_loss")
                 self._mlflow_from = max([start, *[m.step + 1 for m in held]])
             # An earlier session of this run directory that is still RUNNING was killed (SIGKILL, power): this
             # process holds the directory's lock, so no other writes it. Said so, instead of RUNNING for ever.
-            for stale in self.client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'"):
-                if stale.info.run_id != self.run_id and all(stale.data.tags.get(k) == v for k, v in tags.items()):
+            for stale in earlier:
+                if stale.info.status == "RUNNING" and stale.info.run_id != self.run_id:
                     self.client.set_terminated(stale.info.run_id, status="KILLED")
             if self.run_id is None:
                 self.run_id = self.client.create_run(experiment_id, run_name=self.out.name, tags=tags).info.run_id

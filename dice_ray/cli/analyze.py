@@ -196,7 +196,7 @@ def collaborators(runs: list[Path], out: Path | None = None) -> list[dict]:
     for label, row in zip(labels, rows, strict=True):
         gain = f"{'-':>15}" if row["gain"] is None else f"{row['gain']:+15.4f}"
         wins = "-" if row["wins"] is None else f"{int(row['wins'])}/{row['paired']}"
-        spread = "     -" if row["honest_acc_std"] is None else f"{row['honest_acc_std']:.4f}"
+        spread = f"{'-':>6}" if row["honest_acc_std"] is None else f"{row['honest_acc_std']:.4f}"
         print(f"{label:>{width}} {row['rewiring']:>9} {row['seeds']:>5} {row['honest_acc']:9.4f} ± "
               f"{spread} {row['anomalous_in_edges']:12.3f} {gain} {wins:>5}")
     print("honest acc: mean ± standard deviation over the seeds; gain vs static and wins: over the seeds that "

@@ -301,8 +301,8 @@ def load_mixing_matrix(path: str | Path) -> csr_array:
         elif suffix == ".npz":
             w = sparse.load_npz(path)
         else:
-            w = np.loadtxt(path, delimiter="," if "," in path.read_text(encoding="utf-8-sig") else None, ndmin=2,
-                           encoding="utf-8-sig")
+            text = path.read_text(encoding="utf-8-sig")
+            w = np.loadtxt(text.splitlines(), delimiter="," if "," in text else None, ndmin=2)
     except (OSError, ValueError, EOFError, UnicodeDecodeError, zipfile.BadZipFile, KeyError,
             MemoryError) as error:  # .npz: a zip of scipy's arrays; an empty .npy: EOFError
         raise InputError(f"mixing matrix file '{path}' could not be read: {first_line(error)}") from None

@@ -54,20 +54,10 @@ class Tasks:
         ``unit``s per job (default: 1 task)."""
         raise NotImplementedError
 
-    def _bar(self, stage: str, jobs: list[Job], unit: str, size: Callable[[Job], int] | None) -> Callable[[Job], None]:
-        """A progress bar over ``jobs``; returns its ``done(job)``, and ``done(None)`` closes it."""
+    def _bar(self, stage: str, total: int, unit: str) -> Any:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(map(size, jobs)) if size else len(jobs), unit=unit, desc=stage,
-                   disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
-
-        def done(job: Job | None) -> None:
-            if job is None:
-                bar.close()
-            else:
-                bar.update(size(job) if size else 1)
-
-        return done
+        return tqdm(total=total, unit=unit, desc=stage, disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
 
 
 class LocalTasks(Tasks):
@@ -78,15 +68,16 @@ class LocalTasks(Tasks):
 
     def map(self, fn: Callable[..., Any], jobs: list[Job], stage: str, label: Callable[[Job], dict[str, Any]],
             unit: str = "task", size: Callable[[Job], int] | None = None) -> list[Any]:
-        done = self._bar(stage, jobs, unit, size)
+        size = size or _one
+        bar = self._bar(stage, sum(map(size, jobs)), unit)
         try:
             results = []
             for job in jobs:
                 results.append(fn(*job, "cpu"))
-                done(job)
+                bar.update(size(job))
             return results
         finally:
-            done(None)
+            bar.close()
 
 
 class RayTasks(Tasks):
@@ -135,7 +126,8 @@ class RayTasks(Tasks):
         # ref -> (job index, attempts)
         work = {remote.remote(fn, None, self.modules, *job): (i, 0) for i, job in enumerate(jobs)}
         results: list[Any] = [None] * len(jobs)
-        done = self._bar(stage, jobs, unit, size)
+        size = size or _one
+        bar = self._bar(stage, sum(map(size, jobs)), unit)
         try:
             while work:
                 [ready], _ = ray.wait(list(work), num_returns=1)
@@ -149,10 +141,15 @@ class RayTasks(Tasks):
                                          "error": first_line(err, named=True)[:200]})
                     work[remote.remote(fn, None, self.modules, *jobs[i])] = (i, attempts + 1)
                     continue
-                done(jobs[i])
+                bar.update(size(jobs[i]))
             return results
         finally:
-            done(None)
+            bar.close()
+
+
+def _one(job: Job) -> int:
+    """A job's size where a stage gives none: one task."""
+    return 1
 
 
 def _in_worker(fn: Callable[..., Any], returns: int | None, modules: list[str], *args: Any) -> Any:

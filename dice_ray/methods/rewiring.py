@@ -167,9 +167,9 @@ def select_collaborators(mode: str, current: list[np.ndarray], keep: int, extra:
             continue
         pool = rng.permutation(pool)  # random tie-break
         if mode == "influence":
-            s = np.asarray(scores(k, pool), np.float64)
-            if len(current[k]) and np.isnan(s[np.isin(pool, current[k])]).all():  # it cannot judge: it keeps them
-                s = np.where(np.isin(pool, current[k]), -1.0, 0.0)
+            s, own = np.asarray(scores(k, pool), np.float64), np.isin(pool, current[k])
+            if own.any() and np.isnan(s[own]).all():  # it cannot judge: its in-neighbours first, as they are
+                s = -own.astype(np.float64)
             pick = pool[np.argsort(np.nan_to_num(s, nan=0.0), kind="stable")[:keep]]
         else:
             pick = pool[:keep]
