@@ -108,6 +108,16 @@ class DataConfig(Section):
                                  description="drop a share of some participants' training data")
     synthetic_samples: int = Field(10_000, ge=2, le=10_000_000, description="samples of 'synthetic'")
     synthetic_classes: int = Field(10, ge=2, le=10_000, description="classes of 'synthetic'")
+    synthetic_shape: tuple[int, ...] = Field(
+        (1, 8, 8), min_length=1, max_length=3,
+        description="input shape of 'synthetic' (C, H, W for the image models, e.g. [3, 32, 32]; any for an MLP)")
+
+    @field_validator("synthetic_shape")
+    @classmethod
+    def _positive_shape(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not all(0 < d <= 4096 for d in v):
+            raise ValueError(f"every dimension must lie in 1..4096, got {list(v)}")
+        return v
 
 
 class ModelConfig(Section):

@@ -382,6 +382,17 @@ def check_graph_fits(config: RunConfig) -> None:
     _refuse_past_memory(100 * stored + shuffled, f"the {name} graph's mixing matrix W ({stored:,.0f} entries)")
 
 
+def check_synthetic_fits(config: RunConfig) -> None:
+    """Refuse, before it is drawn, a ``synthetic`` data set larger than this machine's memory: drawing it peaks at
+    ~25-34 bytes per input number (tracemalloc; scikit-learn draws float64, then the split copies)."""
+    d = config.data
+    if d.dataset == "synthetic":
+        numbers = d.synthetic_samples * math.prod(d.synthetic_shape)
+        _refuse_past_memory(36 * numbers, f"the synthetic data set ({d.synthetic_samples:,} samples of shape "
+                                          f"{list(d.synthetic_shape)})",
+                            "fewer samples (data.synthetic_samples) or a smaller data.synthetic_shape")
+
+
 def check_states_fit(config: RunConfig, width: int) -> None:
     """Refuse, before any work, stacked states of ``width`` (D) numbers per participant larger than this machine's
     memory (10^6 MLPs: 64 GiB; the run was killed or failed after its directory was written), where they all live on
@@ -392,11 +403,14 @@ def check_states_fit(config: RunConfig, width: int) -> None:
         _refuse_past_memory(4 * n * width, f"the {n:,} participants' stacked states ({width:,} numbers each, float32)")
 
 
-def _refuse_past_memory(need: float, what: str) -> None:
+_FEWER = "fewer participants (nodes, --nodes), a smaller model or a sparser graph"
+
+
+def _refuse_past_memory(need: float, what: str, remedy: str = _FEWER) -> None:
     memory = machine_memory()
     if memory is not None and need > memory:
-        raise InputError(f"{what} need {need / 2**30:,.1f} GiB, more than this machine's {memory / 2**30:,.1f} GiB: "
-                         "fewer participants (nodes, --nodes), a smaller model or a sparser graph")
+        raise InputError(f"{what} would take {need / 2**30:,.1f} GiB, more than this machine's "
+                         f"{memory / 2**30:,.1f} GiB: {remedy}")
 
 
 def config_topology(config: RunConfig, file: str | Path | None = None) -> Topology:
@@ -414,9 +428,11 @@ def prepare(config: RunConfig, topology_file: str | Path | None = None) -> Exper
     load_imports(config)
     d = config.data
     check_graph_fits(config)
+    check_synthetic_fits(config)
     topology = config_topology(config, topology_file)
     dataset = load_dataset(d.dataset, data_dir=d.data_dir, download=d.download, seed=config.seed,
-                           synthetic_samples=d.synthetic_samples, synthetic_classes=d.synthetic_classes)
+                           synthetic_samples=d.synthetic_samples, synthetic_classes=d.synthetic_classes,
+                           synthetic_shape=d.synthetic_shape)
     check_states_fit(config, model_width(config, dataset))  # before building one: it may not fit alone
     model = build_model(config.model.name, dataset.input_shape, dataset.num_classes, config.seed)
     if config.nodes > len(dataset.y_train):

@@ -18,7 +18,8 @@ FAST = ["--engine", "local", "--no-progress", "--dataset", "digits"]
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
                     st.text(max_size=12), st.lists(st.integers(-3, 3), max_size=3))
 FIELDS = ["nodes", "rounds", "seed", "topology.name", "topology.weights", "topology.p", "topology.rows",
-          "data.dataset", "data.partition", "data.alpha", "data.val_fraction", "data.heldout_size",
+          "data.dataset", "data.synthetic_shape", "data.partition", "data.alpha", "data.val_fraction",
+          "data.heldout_size",
           "model.name", "model.init", "optim.name", "optim.lr", "optim.batch_size", "optim.momentum",
           "optim.betas", "engine.actors", "engine.gpus_per_actor", "output.eval_every", "influence.hops",
           "influence.rounds", "influence.sources", "influence.probe_samples", "output.checkpoint_every",
@@ -127,12 +128,17 @@ SECOND_AUDIT = {  # (argv, files to write, the one line's words) found by the se
                                   "engine.address (--address) http://127.0.0.1:8265 is not a Ray address"),
     "a graph past memory": (["--topology", "complete", "--nodes", "1000000", "--dataset", "synthetic",
                              "--set", "data.synthetic_samples=1000000"], {},
-                            "the complete graph's mixing matrix W (1,000,000,000,000 entries) need 93,132.3 GiB"),
+                            "the complete graph's mixing matrix W (1,000,000,000,000 entries) would take 93,132.3 GiB"),
     "a dense random graph past memory": (["--topology", "erdos-renyi", "--edge-probability", "0.03", "--nodes",
                                           "1000000", "--dataset", "synthetic", "--set",
                                           "data.synthetic_samples=1000000"], {},
-                                         "the erdos-renyi graph's mixing matrix W (30,000,000,000 entries) need "
+                                         "the erdos-renyi graph's mixing matrix W (30,000,000,000 entries) would take "
                                          "10,244.5 GiB"),  # numpy's draw shuffles all n² cells: 7,450.6 GiB of it
+    "a synthetic set past memory": (["--dataset", "synthetic", "--set", "data.synthetic_shape=[3,1024,1024]"], {},
+                                    "the synthetic data set (10,000 samples of shape [3, 1024, 1024]) would take "
+                                    "1,054.7 GiB"),  # 36 bytes per number: scikit-learn draws float64, then copies
+    "a synthetic shape of four dimensions": (["--dataset", "synthetic", "--set", "data.synthetic_shape=[1,2,3,4]"],
+                                             {}, "data.synthetic_shape: Tuple should have at most 3 items"),
     "states past memory": (["--model", "resnet18", "--nodes", "100000", "--dataset", "synthetic",
                             "--set", "data.synthetic_samples=200000"], {},
                            "the 100,000 participants' stacked states (11,1"),  # 4.2 TiB

@@ -109,6 +109,18 @@ def test_synthetic_seeded_and_shaped() -> None:
     np.testing.assert_allclose(a.x_train.std(axis=(0, 2, 3)), 1.0, atol=1e-3)
 
 
+def test_a_runs_config_sets_the_synthetic_shape() -> None:
+    from dice_ray import RunConfig
+    from dice_ray.experiment import prepare
+
+    config = RunConfig(nodes=4, model={"name": "cnn"},
+                       data={"dataset": "synthetic", "synthetic_samples": 200, "synthetic_shape": [3, 16, 16]})
+    experiment = prepare(config)
+    assert experiment.dataset.input_shape == (3, 16, 16)
+    assert experiment.dataset.x_train.shape[1:] == (3, 16, 16)
+    assert RunConfig.model_validate_json(config.model_dump_json()).data.synthetic_shape == (3, 16, 16)  # a resume
+
+
 def test_synthetic_default_is_learnable_but_not_linear() -> None:
     from sklearn.linear_model import LogisticRegression
 
