@@ -93,6 +93,9 @@ REFUSED_DATA = {
     "a Dataset with NaN": (lambda: Dataset("x", *_with_nan("train"), 3, (6,)), r"1 of its training inputs hold NaN"),
     "items of two shapes": (lambda: _torch_sets("ragged"), r"training item 3's input has shape \[4\], item 0's "
                                                            r"\[6\]; every item needs one shape"),
+    "a uint64 label past int64": (lambda: _split(_features()[0], np.where(np.arange(240) == 3, 2**64 - 1,
+                                                                           _features()[1]).astype(np.uint64)),
+                                  r"class labels up to 18446744073709551615, beyond int64"),  # it read -1
     "a factory that fails": (lambda: open("/nonexistent/my.csv"),
                              r"its factory <lambda>\(\) failed: FileNotFoundError: \[Errno 2\]"),
 }

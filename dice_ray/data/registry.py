@@ -162,6 +162,10 @@ def as_dataset(name: str, value: Any, input_shape: tuple[int, ...] | None = None
     y_train, y_test = (np.array(y.tolist()) if y.dtype.kind == "O" else y for y in (y_train, y_test))  # numbers?
     classification = _check_targets(name, y_train, y_test)
     kind = np.int64 if classification else np.float32
+    if classification and any(y.dtype.kind == "u" and y.size and y.max() > np.iinfo(np.int64).max
+                              for y in (y_train, y_test)):  # int64 would wrap it to a negative label
+        raise InputError(f"data set {name!r}: class labels up to {max(int(y.max()) for y in (y_train, y_test))}, "
+                         "beyond int64; labels must lie in 0..num_classes - 1")
     with np.errstate(over="ignore"):  # a value beyond float32's range becomes inf, refused below
         x_train, x_test = (np.ascontiguousarray(x, dtype=np.float32) for x in (x_train, x_test))
         y_train, y_test = (np.ascontiguousarray(y, dtype=kind) for y in (y_train, y_test))
