@@ -30,6 +30,8 @@ from dice_ray.hooks import Method, registered_methods
 from dice_ray.results import TABLES, kept_topology_file
 from dice_ray.rundir import MANIFEST, not_a_run, plain, read_manifest, read_table
 
+__all__ = ["Run", "run", "resume", "open_run", "as_config"]
+
 if TYPE_CHECKING:
     from dice_ray.reports import Cascade, Contributions
 

@@ -47,6 +47,19 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
+__all__ = [
+    "Inbox",
+    "Route",
+    "Router",
+    "Stage",
+    "RoundHook",
+    "DriverHook",
+    "RowsDriver",
+    "Method",
+    "register_method",
+    "registered_methods",
+]
+
 Record = Any  # what a hook reports for a round (typically name -> [E] arrays or tensors); None: nothing
 
 

@@ -303,10 +303,10 @@ TABLES: dict[str, pa.Schema] = {"rounds": ROUNDS, "nodes": NODES, "influence": I
 
 
 def describe_tables() -> str:
-    """Return a Markdown description of every table's columns (used for README and ``--help``)."""
+    """Return a Markdown description of every table's columns, a section per table (the docs' Result tables)."""
     lines = []
     for table, schema in TABLES.items():
-        lines += [f"`{table}.parquet`", "", "| column | type | meaning |", "|---|---|---|"]
+        lines += [f"## `{table}.parquet`", "", "| column | type | meaning |", "|---|---|---|"]
         lines += [f"| `{f.name}` | {f.type} | {f.metadata[b'description'].decode().replace('|', chr(92) + '|')} |"
                   for f in schema]
         lines.append("")

@@ -35,6 +35,8 @@ import numpy as np
 
 from dice_ray.errors import InputError, first_line
 
+__all__ = ["Tracker", "open_tracker", "check_tracking", "tracking_uri"]
+
 EXPERIMENT = "dice-ray"
 ROUND_METRICS = ("train_loss", "val_loss", "val_acc", "heldout_loss", "heldout_acc")
 DICE_COLUMNS = ("gt", "est_first_order", "est_curvature")

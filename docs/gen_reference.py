@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import html
 import logging
+import re
 import sys
 import typing
 from pathlib import Path
@@ -28,14 +30,18 @@ sys.path.insert(0, str(ROOT))
 
 def clean(text: str) -> str:
     """Point the code's short citations of the design notes (``(SPEC §5)``) at the concepts page instead."""
-    import re
 
     text = re.sub(r"\(SPEC §[^)]*\)", "(see [Concepts](../concepts.md))", text)
     return re.sub(r"SPEC §[0-9–§]+:?\s*", "", text)
 
 
 def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """``text`` as one Markdown table cell: a code span holding ``|`` becomes HTML code with ``&#124;`` (an escaped
+    ``\\|`` inside backticks shows its backslash), and any other ``|`` is escaped."""
+    def code(match: re.Match) -> str:
+        return f"<code>{html.escape(match[1]).replace('|', '&#124;')}</code>"
+
+    return re.sub(r"`([^`]*\|[^`]*)`", code, str(text).replace("\n", " ")).replace("|", "\\|")
 
 
 def parsers() -> list[tuple[str, argparse.ArgumentParser]]:
@@ -137,7 +143,7 @@ def _config_row(flags: dict[str, list[str]], dotted: str, annotation: Any, defau
     else:
         default_text = f"`{default!r}`"
     cli = ", ".join(f"`{f}`" for f in flags.get(dotted, []))
-    return (f"| `{dotted}` | `{_cell(_type_name(annotation))}` | {_cell(default_text)} | {cli} | "
+    return (f"| `{dotted}` | {_cell(f'`{_type_name(annotation)}`')} | {_cell(default_text)} | {cli} | "
             f"{_cell(description)} |")
 
 
@@ -192,7 +198,6 @@ def _ray_options() -> set[str]:
 
 def _bench_options() -> set[str]:
     """The options the scripts in ``bench/`` declare (``add_argument("--x", ...)``), read from their source."""
-    import re
 
     return {o for path in (ROOT / "bench").glob("*.py")
             for o in re.findall(r"add_argument\(\s*\"(--[a-z][a-z0-9-]*)\"", path.read_text())}
@@ -201,7 +206,6 @@ def _bench_options() -> set[str]:
 def _method_flags(line: str) -> set[str]:
     """The flags ``python -m dice_ray.simulate`` generates for the methods a command line imports (``--imports
     toy_method``: the example method of ``tests/``)."""
-    import re
 
     from dice_ray.cli.simulate import method_options
     from dice_ray.config import import_modules
@@ -217,7 +221,6 @@ def _method_flags(line: str) -> set[str]:
 def unknown_options(docs: Path = ROOT / "docs", readme: Path = ROOT / "README.md") -> list[str]:
     """'page: option' for every ``--option`` a page names that no parser has: in a ``python -m dice_ray.X`` command
     (checked against X's parser) or in inline code (checked against all of them)."""
-    import re
 
     known = {command.split()[-1]: {o for a in parser._actions for o in a.option_strings}
              for command, parser in parsers()}

@@ -222,7 +222,7 @@ def build_parser(prog: str = "python -m dice_ray.simulate") -> argparse.Argument
     for _, dotted, _ in [*OPTIONS, *method_options()]:
         group(dotted)  # the groups in the order of the options
     for flag, dotted, value in SWITCHES:  # a method's switch first, then its options
-        text = _field_help(dotted) if value else f"do not: {_field_help(dotted)}"
+        text = _field_help(dotted) if value else f"turn this off: {_field_help(dotted)}"
         group(dotted).add_argument(flag, dest=dotted, action="store_const", const=value, default=None, help=text)
     names = {int: "INT", float: "FLOAT", "int-list": "INT,INT,...", "float-list": "FLOAT,FLOAT,...",
              "list": "NAME,NAME,...", "yaml": "VALUE", "bool": "true|false"}

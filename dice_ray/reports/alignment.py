@@ -21,6 +21,8 @@ from dice_ray.reports.correlation import compare
 from dice_ray.reports.inputs import PROBED, measured, read_columns, recorded_topology
 from dice_ray.results import ALIGNMENT
 
+__all__ = ["Alignment", "alignment_report", "alignment_rows"]
+
 VARIANTS = {"first-order": "est_first_order", "curvature": "est_curvature", "second-order": "est_second_order",
             "exact-readout": "est_exact_readout"}
 QUANTITIES = {"hop": "_hop", "cumulative": ""}

@@ -23,6 +23,8 @@ from dice_ray.reports.correlation import by_participant, spearman
 from dice_ray.reports.inputs import PROBED, measured, read_columns, recorded_topology
 from dice_ray.results import CASCADE, PAIRWISE
 
+__all__ = ["Cascade", "cascade_report"]
+
 
 def value_column(influence: dict[str, np.ndarray]) -> str:
     """The best influence measured: ground truth, else the second-order estimate, else exact-readout, else curvature,

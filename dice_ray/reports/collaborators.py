@@ -24,6 +24,8 @@ from dice_ray.reports.inputs import read_frame, recorded_topology
 from dice_ray.results import COLLABORATORS
 from dice_ray.rundir import MANIFEST, read_manifest, read_table
 
+__all__ = ["Collaborators", "collaborators_report", "collaborator_row"]
+
 REWIRINGS = ("none", "influence", "outlier", "random")
 
 

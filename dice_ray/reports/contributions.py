@@ -25,6 +25,8 @@ from dice_ray.reports.correlation import by_participant, rank_agreement, ratios,
 from dice_ray.reports.inputs import check_participants, read_frame, recorded_topology
 from dice_ray.results import CONTRIBUTION_REPORT, VARIANT_SUFFIX
 
+__all__ = ["Contributions", "contributions_report", "ledger_tables", "loo_matrix"]
+
 REPORT_HINT = ("run the simulation with ledger.enabled (--ledger) first, or retrain this run now with "
                "contributions(loo=True) or contributions(shapley=K) (analyze contributions --loo / --shapley K)")
 RETRAINED = ("loo", "shapley")  # the retraining measures a run without the ledger is ranked by, in this order

@@ -24,6 +24,8 @@ from dice_ray.reports import plots
 from dice_ray.reports.inputs import read_frame, recorded_topology
 from dice_ray.results import ANOMALY, SUSPECTS
 
+__all__ = ["Detection", "detection_report", "detection_metrics", "auc_curves", "precision_at", "suspects"]
+
 METHODS = ("proximal", "proximal-window", "train-loss", "cosine")
 
 

@@ -14,6 +14,15 @@ import pandas as pd
 
 from dice_ray.results import write_atomic
 
+__all__ = [
+    "alignment_scatter",
+    "cascade_decay",
+    "cascade_comparison",
+    "detection_roc",
+    "contribution_shares",
+    "signed_heatmap",
+]
+
 DPI = 120
 
 

@@ -11,6 +11,8 @@ import pyarrow as pa
 
 from dice_ray.results import write_table_atomic
 
+__all__ = ["Report", "write_frame", "write_report"]
+
 
 class Report(Protocol):
     """What every report (``Alignment``, ``Cascade``, ``Detection``, ``Collaborators``, ``Contributions``) offers
