@@ -462,3 +462,15 @@ def test_a_sweep_out_that_cannot_be_made_or_a_damaged_sweep_directory_is_one_lin
         code = main([str(_write(tmp_path, "s2.yaml", {**spec, "out": str(damaged)})), "--resume"])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and "is not a trial's result (" in err and needle in err, err
+
+
+@pytest.mark.parametrize(("metric", "title"), [
+    ("spearman_h2_curvature", "Spearman, hop 2 (curvature)"),
+    ("relative_error_h1_first_order", "Relative error, hop 1 (first-order)"),
+    ("auc_dice_gt", "ROC AUC, DICE-GT"),
+    ("final_heldout_acc", "final held-out accuracy"),
+])
+def test_a_summary_panel_is_titled_in_words(metric: str, title: str) -> None:
+    from dice_ray.sweep.plot import metric_title
+
+    assert metric_title(metric) == title

@@ -22,7 +22,7 @@ COLUMNS = {"first-order": ("influence", "est_first_order"), "curvature": ("influ
 # measures the probes of rounds 0 and 2 (the last ledger round is truncated by the end of the run).
 BASE = {"nodes": 8, "rounds": 6, "seed": 3, "topology": {"name": "ring"},
         "data": {"dataset": "digits", "heldout_size": 64},
-        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 16},
+        "optim": {"name": "momentum", "lr": 0.05, "momentum": 0.9, "batch_size": 16},
         "misbehavior": {"kind": "scale", "selection": "ids", "ids": [2], "factor": 3.0},
         "ledger": {"enabled": True, "hops": 2, "every": 2, "variants": ALL},
         "output": {"progress": False, "eval_every": 3}}

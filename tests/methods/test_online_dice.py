@@ -17,7 +17,7 @@ from dice_ray.runner import simulate
 # whole batches and one single sample each: rounds 2..7 carry perturbations of several probes at once.
 BASE = {"nodes": 8, "rounds": 8, "seed": 3, "topology": {"name": "ring"},
         "data": {"dataset": "digits", "heldout_size": 64},
-        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 16},
+        "optim": {"name": "momentum", "lr": 0.05, "momentum": 0.9, "batch_size": 16},
         "influence": {"enabled": True, "hops": 3, "rounds": [1, 2, 4], "probe_samples": 1},
         "output": {"progress": False, "eval_every": 4}}
 ESTIMATES = ("est_first_order", "est_curvature")
