@@ -17,6 +17,7 @@ local run per case, one thread, deterministic (about 10 s)::
 
     python bench/optimizer_state_scaling.py                        # sgd momentum adam, probe round 3
     python bench/optimizer_state_scaling.py --optimizers adam --probe-round 12
+    python bench/optimizer_state_scaling.py --optimizers adam --lr 0.01 --model mlp --probe-round 1   # outside it
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ LEARNING_RATES = {"sgd": (0.04, 0.01, 0.0025), "momentum": (0.04, 0.01, 0.0025),
 HOPS = 3
 
 
-def errors(optimizer: str, lr: float, probe_round: int, out: Path) -> np.ndarray:
+def errors(optimizer: str, lr: float, probe_round: int, out: Path, model: str = "mlp-tanh") -> np.ndarray:
     """[variant, step 1..HOPS]: Σ|GT − E| / Σ|GT| over the run's influence terms of that step."""
     config = dice_ray.RunConfig(
         seed=1, nodes=6, rounds=probe_round + HOPS + 1, topology={"name": "ring"},
-        data={"dataset": "digits", "heldout_size": 64}, model={"name": "mlp-tanh"},
+        data={"dataset": "digits", "heldout_size": 64}, model={"name": model},
         optim={"name": optimizer, "lr": lr, "batch_size": 8},
         output={"out": str(out), "progress": False, "eval_every": 100, "checkpoint_every": 0},
         influence={"enabled": True, "hops": HOPS, "rounds": [probe_round], "variants": list(VARIANTS)})
@@ -59,6 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--optimizers", nargs="+", choices=tuple(LEARNING_RATES), default=list(LEARNING_RATES))
     parser.add_argument("--probe-round", type=int, default=3)
+    parser.add_argument("--lr", type=float, nargs="+", help="learning rates (default: three per optimizer, 4x apart)")
+    parser.add_argument("--model", default="mlp-tanh", help="registered model (default mlp-tanh; mlp is ReLU)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.func.jvp's note on torch.jit.script
@@ -67,8 +70,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for optimizer in args.optimizers:
             before = None
-            for lr in LEARNING_RATES[optimizer]:
-                table = errors(optimizer, lr, args.probe_round, Path(scratch) / f"{optimizer}-{lr}")
+            for lr in args.lr or LEARNING_RATES[optimizer]:
+                table = errors(optimizer, lr, args.probe_round, Path(scratch) / f"{optimizer}-{lr}", args.model)
                 print(f"{optimizer:>9} {lr:>9g}  " + "  ".join(
                     f"{' '.join(f'{e:8.1e}' for e in row):>28}" for row in table), flush=True)
                 if before is not None:

@@ -261,7 +261,7 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
         raise InputError(f"method {unregistered[0]!r} has options: register it with dice_ray.register_method before "
                          "its config is built (its section is part of the run config)")
     config = as_config(config, **fields)
-    refuse_idle_settings(config, {name: name for name in _dotted(fields)})
+    refuse_idle_settings(config, {name: name for name in _dotted(fields)}, engine)
     path = run_directory(config)  # fixed now: a default name from the clock is taken once
     config = config.model_copy(update={"output": config.output.model_copy(update={"out": str(path)})})
     experiment = prepare(config)  # simulate joins Ray (and checks what it needs) before anything is written
@@ -293,6 +293,7 @@ def resume(path: str | Path, *, engine: str | None = None, on_round: Callable[[A
     config, manifest = resume_config(Path(path), changes, allow_imports)
     engine = engine or manifest.get("engine", "ray")
     _check_engine(engine, "a resume changes only where it runs, with keywords such as engine__actors=2")
+    refuse_idle_settings(config, {name: name for name in changes}, engine)
     experiment = prepare(config, kept_topology_file(Path(path), manifest))
     return Run(simulate(config, engine, bool(manifest.get("save_states", False)), experiment, resume=True,
                         on_round=on_round, methods=methods))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -608,6 +609,12 @@ class _ConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.2's floats: PyYAML follows YAML 1.1, where an exponent needs a decimal point, so it read ``lr: 1e-3`` as the
+# text '1e-3' (a sweep stored it as text, sorted it as text and took [1e-2, 0.01] for two values).
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
 YAML_LIMIT = 1_000_000  # values a config may hold once aliases are expanded; a run config holds hundreds
 
 
@@ -649,6 +656,8 @@ def read_yaml(path: str | Path, kind: str = "config file") -> Any:
         raise InputError(f"{kind} {str(path)!r} is not valid YAML: {yaml_error(err)}") from None
     except UnicodeDecodeError as err:
         raise InputError(f"{kind} {str(path)!r} is not valid YAML: {first_line(err)}") from None
+    except OSError as err:  # no permission to read it, an I/O error
+        raise InputError(f"{kind} {str(path)!r} cannot be read: {err.strerror or first_line(err)}") from None
 
 
 def bundled_config(name: str) -> Path:
@@ -720,10 +729,19 @@ CHOSEN_BY = [
 ]
 
 
-def refuse_idle_settings(config: RunConfig, given: Mapping[str, str]) -> None:
+# Placement on Ray, which the local engine (everything in this process, on its CPUs) has none of.
+RAY_ONLY = ("engine.actors", "engine.cpus_per_actor", "engine.gpus_per_actor", "engine.gpus_per_task",
+            "engine.transport", "engine.address", "engine.max_recoveries", "engine.restart_timeout")
+
+
+def refuse_idle_settings(config: RunConfig, given: Mapping[str, str], engine: str = "ray") -> None:
     """Raise ``InputError`` for the first of the settings ``given`` (dotted name -> how it was given: a flag,
-    ``--set KEY``, a keyword) that does nothing in ``config`` (``idle_settings``)."""
+    ``--set KEY``, a keyword) that does nothing in ``config`` (``idle_settings``), or on ``engine`` (Ray's placement
+    on the local engine)."""
     idle = idle_settings(config, given)
+    if engine == "local":
+        idle.update({name: "places the run on Ray; this run has engine local (--engine local), which runs in this "
+                           "process" for name in given if name in RAY_ONLY and name not in idle})
     if idle:
         name, why = next(iter(idle.items()))
         raise InputError(f"{given[name]} {why}")

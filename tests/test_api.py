@@ -103,6 +103,11 @@ def test_api_errors_name_the_config_field_before_the_flag(tmp_path: Path) -> Non
         (tmp_path / "old" / "manifest.json").write_text(json.dumps({"status": status, "config": {"nodes": 4}}))
         with pytest.raises(dice_ray.InputError, match=message):
             dice_ray.resume(tmp_path / "old", rounds=30)
+    # a run on the local engine resumes there: Ray's placement would do nothing (it was taken, unused)
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps({"status": "interrupted", "engine": "local",
+                                                                "config": {"nodes": 4}}))
+    with pytest.raises(dice_ray.InputError, match=r"^engine.actors places the run on Ray; this run has engine local"):
+        dice_ray.resume(tmp_path / "old", engine__actors=3)
 
 
 def test_the_api_refuses_what_it_cannot_use_before_any_work(tmp_path: Path, monkeypatch) -> None:

@@ -286,7 +286,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         raise InputError(f"{flags[both[0]]} and --set {set_keys[both[0]]} both set {both[0]}: give one")
     config = build_config(apply_sets(data, args.set))
     # (a config file may keep settings that do nothing in this run)
-    refuse_idle_settings(config, flags | {key: f"--set {key}" for key in set_keys})
+    refuse_idle_settings(config, flags | {key: f"--set {key}" for key in set_keys}, args.engine or "ray")
     return config
 
 

@@ -89,10 +89,12 @@ def _column(values: list[Any]) -> pa.Array:
         return pa.array([None if v is None else json.dumps(v) if not isinstance(v, str) else v for v in values])
 
 
-def write_trials_table(out: Path, rows: list[dict[str, Any]], fields: list[str]) -> Path:
+def write_trials_table(out: Path, rows: list[dict[str, Any]], fields: list[str], grid: bool = True) -> Path:
     """Write ``trials.parquet``: the TRIALS columns, one column per swept field (``fields``, dotted names) and
-    one float64 column per metric any trial reported; rows in start order. Returns its path."""
-    rows = sorted(rows, key=lambda r: (r["start_time"], r["trial_id"]))
+    one float64 column per metric any trial reported. Rows in ``grid`` order (its trial ids: the same in every run
+    of the sweep), else in start order (an Optuna search's trials take Tune's ids, new in each run). Returns its
+    path."""
+    rows = sorted(rows, key=(lambda r: r["trial_id"]) if grid else (lambda r: (r["start_time"], r["trial_id"])))
     metrics = list(dict.fromkeys(c for row in rows for c in row["metrics"]))
     arrays = [pa.array([row[f.name] for row in rows], type=f.type) for f in TRIALS]
     schema = list(TRIALS)

@@ -160,7 +160,7 @@ def _recorder(sweep: Sweep, out: Path, total: int, done: int, recorded: dict[str
             write_result(out, row)
             self.rows[row["trial_id"]] = row
             self.ran.add(row["trial_id"])
-            write_trials_table(out, list(self.rows.values()), list(sweep.spec.space))
+            write_trials_table(out, list(self.rows.values()), list(sweep.spec.space), sweep.spec.search == "grid")
             print(_trial_line(row, done + len(self.ran), total, _shown(sweep)), flush=True)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -401,9 +401,10 @@ def _fit(tuner: Any) -> bool:
     catches = threading.current_thread() is threading.main_thread() and not int(
         os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
     try:
-        # Lines that say the wrong thing here: Tune's way to resume (this sweep's is --resume, printed after), and
+        # Lines that say the wrong thing here: Tune's way to resume and its offer to checkpoint on a second Ctrl-C
+        # (this sweep's way is --resume, printed after; it keeps no Tune state), and
         # Optuna's note that a failed trial's NaN makes it a failed trial (the trial's own line says why it failed)
-        with dropped_log_lines("ray.tune.tune", "Experiment has been interrupted"), \
+        with dropped_log_lines("ray.tune.tune", "Experiment has been interrupted", "Stop signal received"), \
                 dropped_log_lines("ray.tune.search.optuna.optuna_search", "The value nan is not acceptable"):
             tuner.fit()
     finally:
@@ -437,7 +438,7 @@ def _summarize(sweep: Sweep, out: Path, wall: float, interrupted: bool = False) 
     sweep stopped before its trials ended). Returns the table's path and the number of trials recorded."""
     spec = sweep.spec
     rows = list(finished_trials(out).values())
-    path = write_trials_table(out, rows, list(spec.space))
+    path = write_trials_table(out, rows, list(spec.space), spec.search == "grid")
     ok = [r for r in rows if r["status"] == "ok"]
     state = "done" if len(rows) >= _total(sweep, len(rows)) and not interrupted else "stopped"
     lines = [f"sweep {state} in {wall:.0f} s: {len(rows)} trials, {len(ok)} ok, {len(rows) - len(ok)} failed; "

@@ -69,13 +69,15 @@ class SweepSpec(BaseModel):
     base: dict[str, Any] = Field(default_factory=dict, description="run config; `config: FILE` loads a file first")
     space: dict[str, dict[str, list[Scalar]]] = Field(min_length=1, description="dotted field -> distribution")
     search: Literal["grid", "optuna"] = "grid"
-    num_samples: int | None = Field(None, ge=1, description="optuna: number of trials")
+    num_samples: int | None = Field(None, ge=1, strict=True, description="optuna: number of trials")
     metric: str | None = Field(None, description="optuna: the trial metric to optimize")
     mode: Literal["max", "min"] = "max"
-    seed: int = Field(0, ge=0, description="seed of the Optuna sampler (trial seeds come from the configs)")
-    max_concurrent: int = Field(2, ge=1, description="trials running at once")
+    seed: int = Field(0, ge=0, strict=True, description="seed of the Optuna sampler (trial seeds come from the "
+                                                         "configs)")
+    max_concurrent: int = Field(2, ge=1, strict=True, description="trials running at once")
     out: str = Field(min_length=1, description="sweep directory")
-    metrics: list[str] | None = Field(None, description="trial metric groups to compute (default: all)")
+    metrics: list[str] | None = Field(None, min_length=1, description="trial metric groups to compute (default: "
+                                                                       "all)")
     cpus_per_actor: float = Field(1.0, ge=1, allow_inf_nan=False,
                                   description="CPUs per participant-group actor of a trial, unless the trial's config "
                                               "sets engine.cpus_per_actor")
@@ -233,6 +235,8 @@ def _base_config(base: dict[str, Any], sweep_folder: Path) -> dict[str, Any]:
     path = base.pop("config", None)
     if path is None:
         return base
+    if not isinstance(path, str):
+        raise InputError(f"sweep: base: config: expected a file path, got {type(path).__name__} {path!r}")
     data = load_config(base_config_path(path, sweep_folder))
     for key, value in _dotted_items(base):
         set_dotted(data, key, value)
@@ -404,6 +408,11 @@ def _check_names(spec: SweepSpec, columns: set[str], measured: set[str]) -> None
         for field in (spec.plot.x, spec.plot.by):
             if field is not None and field not in spec.space:
                 raise InputError(f"sweep: plot: {field!r} is not a field of the space ({', '.join(spec.space)})")
+        if spec.plot.logx:  # a log axis drops what is not a positive number, without a word
+            values = [v for listed in spec.space[spec.plot.x].values() for v in listed]
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in values):
+                raise InputError(f"sweep: plot: logx needs positive numbers on the x axis; {spec.plot.x} takes "
+                                 f"{values}")
         for metric in spec.plot.y:
             if metric not in columns | {"wall_seconds"}:
                 raise InputError(f"sweep: plot: {metric!r} is not reported by these trials; they report "

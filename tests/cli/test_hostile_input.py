@@ -98,6 +98,7 @@ def test_random_yaml_text(text: str, capsys: pytest.CaptureFixture[str]) -> None
     ["--topology", "file", "--topology-file", "{tmp}/w.npz"],  # a .npz that is no zip: BadZipFile was a traceback
     ["--gpus-per-actor", "inf"],  # was refused only after Ray had started
     ["--partition", "dirichlet", "--alpha", "inf"],  # was a numpy warning and a misleading line
+    ["--actors", "3"],  # on the local engine (FAST): taken, and nothing placed
 ])
 def test_malformed_values_found_by_an_audit(argv: list[str], tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:

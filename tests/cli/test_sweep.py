@@ -82,6 +82,13 @@ def _sweep(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     ({"space": {"seed": {"grid": list(range(2000))}, "optim.lr": {"grid": [0.01 * (i + 1) for i in range(100)]}}},
      "space: a grid of 200,000 trials, more than 100,000"),
     ({"base": {**BASE, "optim": {True: 1}}}, "base: config: optim: key True is not a name"),
+    # from an audit: a traceback (exit 1); taken as 1; quietly every group; points dropped from the plot unsaid
+    ({"base": {"config": 5}}, "sweep: base: config: expected a file path, got int 5"),
+    ({"max_concurrent": True}, "sweep: max_concurrent"),
+    ({"metrics": []}, "sweep: metrics"),
+    ({"space": {"optim.lr": {"grid": [0.02, 0.05]}, "seed": {"grid": [0, 1]}},
+      "plot": {"x": "seed", "y": ["final_heldout_acc"], "logx": True}},
+     "sweep: plot: logx needs positive numbers on the x axis; seed takes [0, 1]"),
 ])
 def test_bad_sweep_file_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                               change: dict, message: str) -> None:
@@ -91,6 +98,23 @@ def test_bad_sweep_file_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, ca
     err = capsys.readouterr().err.strip()
     assert message in err and err.startswith("error: sweep") and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_numbers_in_exponent_notation_are_numbers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """YAML 1.1 reads 1e-2 as text: the trial's value and its column were text, and [1e-2, 0.01] two trials."""
+    spec = _write(tmp_path, "s.yaml", {**GRID, "out": str(tmp_path / "sweep")})
+    text = spec.read_text()
+    spec.write_text(text.replace("- 0.02\n", "- 2e-2\n"))
+    assert load_sweep(spec).spec.space["optim.lr"]["grid"][0] == 0.02
+    spec.write_text(text.replace("- 0.05\n", "- 2e-2\n"))
+    assert main([str(spec)]) == 2
+    assert "space.optim.lr: grid lists 0.02 twice" in capsys.readouterr().err
+
+
+def test_a_sweep_file_that_cannot_be_read_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["/proc/self/mem"]) == 2  # a read fails with EIO (as one without permission does)
+    err = capsys.readouterr().err.strip()
+    assert err == "error: sweep file '/proc/self/mem' cannot be read: Input/output error"
 
 
 def test_existing_sweep_directory_needs_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
