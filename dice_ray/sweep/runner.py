@@ -331,9 +331,10 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None, re
     # nothing per trial at verbose 0, leaving one line per trial to the recorder.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    joined = bool(address or os.environ.get("RAY_ADDRESS"))
-    start_ray(address)
-    _check_fits(sweep, joined)
+    if _remaining(sweep, done):  # a finished sweep's resume only summarizes: no Ray to start (~10 s)
+        joined = bool(address or os.environ.get("RAY_ADDRESS"))
+        start_ray(address)
+        _check_fits(sweep, joined)
     with lock:
         return _run_trials(sweep, out, done, recorded)
 
@@ -347,7 +348,7 @@ def _run_trials(sweep: Sweep, out: Path, done: dict[str, dict[str, Any]],
     spec = sweep.spec
     total = _total(sweep, len(done))
     todo = [t.trial_id for t in sweep.grid if t.trial_id not in done] if spec.search == "grid" else []
-    count = len(todo) if spec.search == "grid" else total - len(done)
+    count = _remaining(sweep, done)
     print(f"sweep {out}: {total} trials ({spec.search}); {len(done)} finished before, running {count}, "
           f"up to {spec.max_concurrent} at a time", flush=True)
     started, interrupted = time.time(), False
@@ -425,6 +426,13 @@ def _grid_space(sweep: Sweep, todo: list[str]) -> dict[str, Any]:
     for field in sweep.spec.space:
         space[field] = tune.sample_from(lambda config, field=field: params[config["trial_id"]][field])
     return space
+
+
+def _remaining(sweep: Sweep, done: dict[str, dict[str, Any]]) -> int:
+    """The number of trials left to run, ``done`` being those recorded (and not to run again)."""
+    if sweep.spec.search == "grid":
+        return sum(t.trial_id not in done for t in sweep.grid)
+    return _total(sweep, len(done)) - len(done)
 
 
 def _total(sweep: Sweep, recorded: int) -> int:

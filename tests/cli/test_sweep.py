@@ -220,6 +220,17 @@ def test_retry_failed_reruns_the_failed_trials_only(killed_and_resumed: dict) ->
 
 
 @pytest.mark.slow  # CI's default run stays under 20 minutes; python -m pytest -q -m slow runs it
+def test_resuming_a_finished_sweep_summarizes_without_starting_ray(killed_and_resumed: dict) -> None:
+    out = killed_and_resumed["out"]
+    script = ("import sys, ray; from dice_ray.cli.sweep import main; code = main(sys.argv[1:]); "
+              "print('ray started:', ray.is_initialized()); sys.exit(code)")
+    again = subprocess.run([sys.executable, "-c", script, str(out.parent / "grid.yaml"), "--resume"], cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "8 finished before, running 0" in again.stdout and "ray started: False" in again.stdout
+
+
+@pytest.mark.slow  # CI's default run stays under 20 minutes; python -m pytest -q -m slow runs it
 def test_each_trial_runs_its_actors_in_its_own_placement_group(killed_and_resumed: dict) -> None:
     out = killed_and_resumed["out"]
     ok = pd.read_parquet(out / "trials.parquet").query("status == 'ok'")
