@@ -110,6 +110,9 @@ ALIGNMENT = _schema(
     ("spearman", pa.float64(), "Spearman rank correlation"),
     ("kendall", pa.float64(), "Kendall's tau"),
     ("relative_error", pa.float64(), "Σ|GT − E| / Σ|GT| over the probes"),
+    ("correction", pa.float64(), "second-order and exact-readout: Σ|E − E_curvature| / Σ|E_curvature| over the probes, "
+                                 "their part beyond the curvature term's first order, which needs no ground truth; "
+                                 "near 1 or above, the expansion does not hold there (null for the other variants)"),
 )
 
 CASCADE = _schema(

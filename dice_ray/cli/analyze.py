@@ -99,11 +99,16 @@ def alignment(run: Path) -> list[dict]:
     pngs = write_report(computed, run)[1:]
     rows = _records(computed.table)
     print(f"{'hops':>4} {'quantity':>10} {'variant':>12} {'probes':>6} {'pearson':>8} {'spearman':>8} "
-          f"{'kendall':>8} {'rel.err':>8}")
+          f"{'kendall':>8} {'rel.err':>8} {'correct.':>8}")
     for row in rows:
         cells = [f"{row[k]:8.4f}" if row[k] is not None else f"{'-':>8}"
-                 for k in ("pearson", "spearman", "kendall", "relative_error")]
+                 for k in ("pearson", "spearman", "kendall", "relative_error", "correction")]
         print(f"{row['hops']:>4} {row['quantity']:>10} {row['variant']:>12} {row['probes']:>6} " + " ".join(cells))
+    outside = sorted({(row["variant"], row["hops"]) for row in rows if (row["correction"] or 0) >= CORRECTION_LIMIT})
+    if outside:  # a higher-order part as large as the first-order term: the expansion is not to be read there
+        print(f"note: {', '.join(f'{v} at hop {r}' for v, r in outside)}: the part beyond first order is at least "
+              f"{CORRECTION_LIMIT:g}x the first-order term (correct.): outside the expansion; read DICE-GT there "
+              "(see docs: concepts, 'When the estimate holds')")
     print(f"wrote {run / 'alignment.parquet'} and {', '.join(p.name for p in pngs)}")
     return rows
 
@@ -218,6 +223,9 @@ def retrain(run: Path, loo: bool, shapley: int | None, local: bool = False, allo
     Run(run).retrain(loo, shapley, local, allow_imports)
 
 
+# A variant's part beyond first order at least this large against the first-order term (the alignment table's
+# correction) is flagged: the expansion does not hold there.
+CORRECTION_LIMIT = 0.5
 RANKED_BY = {"loo": "leave-one-out effect", "shapley": "Shapley value"}  # a run without the ledger, ranked by
 
 

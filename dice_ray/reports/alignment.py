@@ -33,8 +33,22 @@ def measured_variants(dice: dict[str, np.ndarray] | pd.DataFrame) -> dict[str, s
     return {v: c for v, c in VARIANTS.items() if c in dice and measured(np.asarray(dice[c]))}
 
 
+BEYOND_FIRST = ("second-order", "exact-readout")  # variants with a part beyond the curvature term's first order
+
+
+def correction(table: dict[str, np.ndarray], column: str, curvature: str, at: np.ndarray) -> float | None:
+    """Σ|E − E_curvature| / Σ|E_curvature| of ``column`` over the rows ``at`` (finite pairs): how large a variant's
+    part beyond first order is against the first-order term. A Taylor expansion is worth reading where that is well
+    under 1; near 1 or above, the perturbation lies outside it (Adam's first rounds at a larger η: concepts)."""
+    e, first = table[column][at].astype(float), table[curvature][at].astype(float)
+    ok = np.isfinite(e) & np.isfinite(first)
+    total = np.abs(first[ok]).sum()
+    return float(np.abs(e[ok] - first[ok]).sum() / total) if total > 0 else None
+
+
 def alignment_rows(dice: dict[str, np.ndarray], influence: dict[str, np.ndarray] | None = None) -> list[dict]:
-    """Return one row per (hop, quantity, variant): correlations and relative error of E against GT.
+    """Return one row per (hop, quantity, variant): correlations and relative error of E against GT, and for the
+    variants beyond first order their ``correction``.
 
     Quantities: ``hop`` (the hop-r term of DICE^{(r)}), ``cumulative`` (DICE^{(r)}), and, from the influence
     table, ``terms`` (every per-participant term d_k^{(r)} against e_k^{(r)}, k within r hops of the source, itself
@@ -42,18 +56,20 @@ def alignment_rows(dice: dict[str, np.ndarray], influence: dict[str, np.ndarray]
     """
     rows = []
     variants = measured_variants(dice)
+
+    def row(table: dict[str, np.ndarray], at: np.ndarray, r: int, quantity: str, variant: str, suffix: str) -> dict:
+        column = f"{variants[variant]}{suffix}"
+        beyond = variant in BEYOND_FIRST and "curvature" in variants
+        return {"hops": r, "quantity": quantity, "variant": variant,
+                **compare(table[f"gt{suffix}"][at].astype(float), table[column][at].astype(float)),
+                "correction": correction(table, column, f"{VARIANTS['curvature']}{suffix}", at) if beyond else None}
+
     for r in sorted(set(dice["hops"].tolist())):
         at = dice["hops"] == r
         for quantity, suffix in QUANTITIES.items():
-            for variant, column in variants.items():
-                rows.append({"hops": r, "quantity": quantity, "variant": variant,
-                             **compare(dice[f"gt{suffix}"][at].astype(float),
-                                       dice[f"{column}{suffix}"][at].astype(float))})
+            rows += [row(dice, at, r, quantity, variant, suffix) for variant in variants]
         if influence is not None:
-            at = influence["step"] == r
-            for variant, column in variants.items():
-                rows.append({"hops": r, "quantity": "terms", "variant": variant,
-                             **compare(influence["gt"][at].astype(float), influence[column][at].astype(float))})
+            rows += [row(influence, influence["step"] == r, r, "terms", variant, "") for variant in variants]
     return rows
 
 
@@ -61,9 +77,9 @@ def alignment_rows(dice: dict[str, np.ndarray], influence: dict[str, np.ndarray]
 class Alignment:
     """The alignment report of one run.
 
-    ``table``: one row per (hops, quantity, variant) with ``probes``, ``pearson``, ``spearman``, ``kendall`` and
-    ``relative_error`` (the ``alignment`` table; NaN where undefined). ``dice``: the run's ``dice`` table, whose
-    GT and E values per probe the scatter plots show.
+    ``table``: one row per (hops, quantity, variant) with ``probes``, ``pearson``, ``spearman``, ``kendall``,
+    ``relative_error`` and ``correction`` (the ``alignment`` table; NaN where undefined). ``dice``: the run's
+    ``dice`` table, whose GT and E values per probe the scatter plots show.
     """
 
     table: pd.DataFrame

@@ -67,6 +67,23 @@ def test_alignment_report(influence_run: Path, capsys: pytest.CaptureFixture[str
     pd.testing.assert_frame_equal(cascade_report(str(influence_run)).decay, cascade_report(influence_run).decay)
 
 
+def test_the_correction_measures_a_variants_part_beyond_first_order_without_ground_truth() -> None:
+    """Σ|E − E_curvature| / Σ|E_curvature| per hop, for second-order and exact-readout only: 0.1 where they add a
+    tenth to every term, 3 where they add three times it (an Adam probe outside the expansion read 2-4e6)."""
+    from dice_ray.reports.alignment import alignment_rows
+
+    first = np.array([1.0, -2.0, 0.5, 4.0, -1.0, 2.0])
+    hops = np.array([1, 1, 1, 2, 2, 2])
+    beyond = np.where(hops == 1, 1.1, 4.0) * first
+    dice = {"hops": hops, "gt": first, "gt_hop": first, "est_first_order": first, "est_first_order_hop": first,
+            "est_curvature": first, "est_curvature_hop": first, "est_second_order": beyond,
+            "est_second_order_hop": beyond, "est_exact_readout": first * np.nan, "est_exact_readout_hop": first * np.nan}
+    rows = {(r["hops"], r["quantity"], r["variant"]): r["correction"] for r in alignment_rows(dice)}
+    assert rows[(1, "cumulative", "second-order")] == pytest.approx(0.1)
+    assert rows[(2, "hop", "second-order")] == pytest.approx(3.0)
+    assert rows[(1, "hop", "curvature")] is None and ("exact-readout" not in {k[2] for k in rows})  # not measured
+
+
 @pytest.mark.parametrize("argv", [["foo", "run"], ["anomaly", "run", "--horizon", "x"], []])
 def test_a_usage_error_is_one_line_and_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
