@@ -48,8 +48,9 @@ def cluster_plan(engine: EngineConfig, nodes: int, machines: list[dict[str, Any]
     where the cluster cannot hold the run's actors, or its tasks' GPU share (``engine.gpus_per_task``): ``simulate``
     calls it before a run touches its directory."""
     resources = ray.cluster_resources()
+    machines = _machines() if machines is None else machines
     plan = plan_actors(engine, nodes, resources.get("CPU", 0.0), resources.get("GPU", 0.0),
-                       [n["Resources"]["CPU"] for n in (_machines() if machines is None else machines)])
+                       [n["Resources"]["CPU"] for n in machines], [n["Resources"].get("GPU", 0.0) for n in machines])
     task_gpus(engine, resources.get("GPU", 0.0))
     return plan
 

@@ -233,24 +233,37 @@ def check_local_cpus(engine: EngineConfig, nodes: int) -> None:
 
 
 def plan_actors(engine: EngineConfig, nodes: int, cluster_cpus: float, cluster_gpus: float,
-                machine_cpus: list[float] | None = None) -> ActorPlan:
+                machine_cpus: list[float] | None = None, machine_gpus: list[float] | None = None) -> ActorPlan:
     """Return the actor plan: ``engine.actors`` actors, capped at ``nodes``; participants split into
     contiguous blocks. Default: one actor per GPU share when ``gpus_per_actor`` > 0, else one actor per
     machine (``machine_cpus``: the CPUs of each Ray node) with the CPUs of the smallest machine — torch
     parallelizes within an actor, and participants in one actor exchange parameters in place instead of
-    through the object store. ``per_machine`` in the plan says the actors are to be pinned one per node."""
-    machines = len(machine_cpus) if machine_cpus else 1
+    through the object store. ``per_machine`` in the plan says the actors are to be pinned one per node.
+
+    Every actor must fit on one machine (``machine_cpus`` and ``machine_gpus``, each node's; without them the
+    cluster counts as one machine): CPUs an actor is not given are the most that let every actor find a machine
+    (with GPUs: the CPUs of the GPU machines over the actors each holds, not the head's). A plan that does not fit
+    raises ``InputError`` here; Ray would otherwise wait for room that never comes."""
+    machines = list(zip(machine_cpus, machine_gpus if machine_gpus is not None else [0.0] * len(machine_cpus),
+                        strict=True)) if machine_cpus and (machine_gpus is not None or not cluster_gpus) else \
+        [(cluster_cpus, cluster_gpus)]
     gpus = engine.gpus_per_actor
     if gpus > 0 and cluster_gpus < gpus:
         raise InputError(f"engine.gpus_per_actor (--gpus-per-actor) {gpus} but the Ray cluster has "
                          f"{cluster_gpus:g} GPUs")
+
+    def room(cpus: float) -> int:
+        """How many actors of ``cpus`` CPUs (and ``gpus`` GPUs) the machines hold."""
+        return sum(min(math.floor(c / cpus + 1e-9) if cpus > 0 else nodes,
+                       math.floor(g / gpus + 1e-9) if gpus > 0 else nodes) for c, g in machines)
+
     if engine.actors is not None:
         actors = engine.actors
     elif gpus > 0:
-        actors = max(1, math.floor(cluster_gpus / gpus + 1e-9))
+        actors = max(1, sum(math.floor(g / gpus + 1e-9) for _, g in machines))
     else:
-        actors = max(1, machines)
-    per_machine = engine.actors is None and gpus == 0 and machines > 1 and actors <= nodes
+        actors = max(1, len(machines))
+    per_machine = engine.actors is None and gpus == 0 and len(machines) > 1 and actors <= nodes
     actors = min(actors, nodes)
     if gpus > 0 and actors * gpus > cluster_gpus + 1e-9:
         raise InputError(f"{actors} actors x engine.gpus_per_actor (--gpus-per-actor) {gpus} exceed the cluster's "
@@ -258,12 +271,23 @@ def plan_actors(engine: EngineConfig, nodes: int, cluster_cpus: float, cluster_g
     if engine.cpus_per_actor is not None:
         cpus = engine.cpus_per_actor
     elif per_machine:
-        cpus = min(machine_cpus)
-    else:
-        cpus = max(cluster_cpus, 1) / actors
+        cpus = min(c for c, _ in machines)
+    else:  # the most CPUs each (up to an even share) with which every actor finds a machine: some machine's CPUs
+        # over k, and at least total / (actors + machines), which always fits (each machine loses < 1 actor to floor)
+        fair, floor_share = max(cluster_cpus, 1) / actors, max(cluster_cpus, 1) / (actors + len(machines))
+        shares = sorted({c / k for c, _ in machines if c > 0
+                         for k in range(max(1, math.floor(c / fair)), math.ceil(c / floor_share) + 2)
+                         if c / k <= fair + 1e-9}, reverse=True)
+        cpus = next((share for share in shares if room(share) >= actors), fair)
     if actors * cpus > cluster_cpus + 1e-9:
         raise InputError(f"{actors} actors x engine.cpus_per_actor (--cpus-per-actor) {cpus:g} exceed the cluster's "
                          f"{cluster_cpus:g} CPUs")
+    if room(cpus) < actors:
+        shown = ", ".join(f"{c:g} CPUs" + (f" + {g:g} GPUs" if g else "") for c, g in machines[:8])
+        raise InputError(f"{actors} actors of {cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "") +
+                         f" each: only {room(cpus)} fit on the cluster's machines ({shown}"
+                         f"{', ...' if len(machines) > 8 else ''}); an actor runs on one machine — fewer actors "
+                         "(engine.actors, --actors) or fewer CPUs each (engine.cpus_per_actor, --cpus-per-actor)")
     return ActorPlan(blocks=[b.astype(np.int64) for b in np.array_split(np.arange(nodes), actors)],
                      cpus_per_actor=cpus, gpus_per_actor=gpus, threads_per_actor=max(1, math.floor(cpus)),
                      per_machine=per_machine)

@@ -151,3 +151,24 @@ def test_plan_actors_defaults_and_limits() -> None:
         plan_actors(EngineConfig(gpus_per_actor=1), 8, cluster_cpus=4, cluster_gpus=0)
     with pytest.raises(InputError, match="CPUs"):
         plan_actors(EngineConfig(actors=4, cpus_per_actor=2), 8, cluster_cpus=4, cluster_gpus=0)
+
+
+def test_every_actor_of_a_plan_fits_on_one_machine() -> None:
+    """From an audit on simulated clusters: CPUs were shared out over the cluster's total, so an actor could need more
+    than any one machine has, and Ray waited for room forever (10 minutes, then 'did not come back ... after a
+    failure')."""
+    head_and_gpu_worker = {"cluster_cpus": 8, "cluster_gpus": 1, "machine_cpus": [4, 4], "machine_gpus": [0, 1]}
+    shared = plan_actors(EngineConfig(gpus_per_actor=0.5), 64, **head_and_gpu_worker)  # cluster.yaml's command
+    assert len(shared.blocks) == 2 and shared.cpus_per_actor == 2  # the GPU machine's 4 CPUs, not 8 over 2
+    assert plan_actors(EngineConfig(gpus_per_actor=1), 64, **head_and_gpu_worker).cpus_per_actor == 4  # not 8
+    three_small = {"cluster_cpus": 3, "cluster_gpus": 0, "machine_cpus": [1, 1, 1], "machine_gpus": [0, 0, 0]}
+    assert plan_actors(EngineConfig(actors=2), 64, **three_small).cpus_per_actor == 1  # not 1.5 each
+    assert plan_actors(EngineConfig(actors=5), 64, **three_small).cpus_per_actor == 0.5  # not 0.6: two never placed
+    two_gpus = {"cluster_cpus": 4, "cluster_gpus": 2, "machine_cpus": [2, 2], "machine_gpus": [1, 1]}
+    assert len(plan_actors(EngineConfig(gpus_per_actor=0.4), 64, **two_gpus).blocks) == 4  # two per GPU, not 5
+    with pytest.raises(InputError, match=r"^2 actors of 1.5 CPUs each: only 0 fit on the cluster's machines \(1 CPUs, "
+                                         r"1 CPUs, 1 CPUs\); an actor runs on one machine"):
+        plan_actors(EngineConfig(actors=2, cpus_per_actor=1.5), 64, **three_small)
+    uneven = plan_actors(EngineConfig(actors=7), 100, cluster_cpus=13, cluster_gpus=0, machine_cpus=[1, 4, 8],
+                         machine_gpus=[0, 0, 0])
+    assert uneven.cpus_per_actor == pytest.approx(1.6)  # 0 + 2 + 5 actors of 1.6 CPUs

@@ -77,7 +77,8 @@ def test_the_correction_measures_a_variants_part_beyond_first_order_without_grou
     beyond = np.where(hops == 1, 1.1, 4.0) * first
     dice = {"hops": hops, "gt": first, "gt_hop": first, "est_first_order": first, "est_first_order_hop": first,
             "est_curvature": first, "est_curvature_hop": first, "est_second_order": beyond,
-            "est_second_order_hop": beyond, "est_exact_readout": first * np.nan, "est_exact_readout_hop": first * np.nan}
+            "est_second_order_hop": beyond, "est_exact_readout": first * np.nan,
+            "est_exact_readout_hop": first * np.nan}
     rows = {(r["hops"], r["quantity"], r["variant"]): r["correction"] for r in alignment_rows(dice)}
     assert rows[(1, "cumulative", "second-order")] == pytest.approx(0.1)
     assert rows[(2, "hop", "second-order")] == pytest.approx(3.0)
