@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dice_ray.config import RunConfig
-from dice_ray.reports.alignment import alignment_rows
+from dice_ray.reports.alignment import BEYOND_FIRST, alignment_rows
 from dice_ray.rundir import MANIFEST, read_json
 
 Values = dict[str, float | None]
@@ -83,23 +83,31 @@ def accuracy(run: Path, config: RunConfig) -> Values:
 STATISTICS = ("pearson", "spearman", "kendall", "relative_error")
 
 
+def _corrected(config: RunConfig) -> list[str]:
+    """The variants whose ``correction`` (part beyond first order, against the curvature term) the run measures."""
+    variants = config.influence.variants
+    return [v for v in BEYOND_FIRST if v in variants] if "curvature" in variants else []
+
+
 def _alignment_columns(config: RunConfig) -> list[str]:
     inf = config.influence
     if not (inf.enabled and inf.ground_truth):
         return []
     return [f"{stat}_h{r}_{variant.replace('-', '_')}" for r in range(1, inf.hops + 1) for variant in inf.variants
-            for stat in STATISTICS]
+            for stat in (*STATISTICS, *(["correction"] if variant in _corrected(config) else []))]
 
 
 @register_metric("alignment", _alignment_columns)
 def alignment(run: Path, config: RunConfig) -> Values:
     """DICE-E against DICE-GT over the run's probes, per hop r and variant: Pearson, Spearman and Kendall
-    correlation and relative error Σ|GT − E| / Σ|GT| of the cumulative DICE^{(r)} (the alignment report)."""
+    correlation and relative error Σ|GT − E| / Σ|GT| of the cumulative DICE^{(r)} (the alignment report), and for
+    second-order and exact-readout (with curvature measured) their ``correction``."""
     values: Values = {}
     for row in alignment_rows(_table(run, "dice")):
         variant = row["variant"].replace("-", "_")
         if row["quantity"] == "cumulative" and row["variant"] in config.influence.variants:
-            values.update({f"{stat}_h{row['hops']}_{variant}": _finite(row[stat]) for stat in STATISTICS})
+            stats = (*STATISTICS, *(["correction"] if row["variant"] in _corrected(config) else []))
+            values.update({f"{stat}_h{row['hops']}_{variant}": _finite(row[stat]) for stat in stats})
     return values
 
 

@@ -18,7 +18,7 @@ def _key(value: Any) -> tuple[int, Any]:
     return (0, value) if isinstance(value, int | float) and not isinstance(value, bool) else (1, str(value))
 
 
-ALIGNMENT_METRIC = re.compile(r"(pearson|spearman|kendall|relative_error)_h(\d+)_(\w+)")
+ALIGNMENT_METRIC = re.compile(r"(pearson|spearman|kendall|relative_error|correction)_h(\d+)_(\w+)")
 WORDS = {"acc": "accuracy", "auc": "ROC AUC", "heldout": "held-out"}
 
 

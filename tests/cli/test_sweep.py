@@ -509,3 +509,22 @@ def test_a_summary_panel_is_titled_in_words(metric: str, title: str) -> None:
     from dice_ray.sweep.plot import metric_title
 
     assert metric_title(metric) == title
+
+
+def test_the_alignment_metrics_carry_the_higher_order_variants_correction(tmp_path: Path) -> None:
+    """correction_h{r}_{variant}: the alignment report's part beyond first order, for second-order (curvature on)."""
+    import dice_ray
+    from dice_ray.reports import alignment_report
+    from dice_ray.sweep.metrics import compute_metrics, metric_columns
+
+    variants = ["first-order", "curvature", "second-order"]
+    config = dice_ray.RunConfig(**{**BASE, "influence": {**BASE["influence"], "variants": variants},
+                                   "output": {**BASE["output"], "out": str(tmp_path / "run"), "progress": False}})
+    run = dice_ray.run(config, engine="local").path
+    columns = metric_columns(config, ["alignment"])
+    assert "correction_h1_second_order" in columns and "correction_h1_curvature" not in columns
+    values = compute_metrics(run, config, ["alignment"])
+    assert set(values) == set(columns)
+    table = alignment_report(run).table
+    expected = table.query("hops == 1 and quantity == 'cumulative' and variant == 'second-order'").correction.item()
+    assert values["correction_h1_second_order"] == pytest.approx(expected) and 0 <= expected < 0.5
