@@ -283,7 +283,8 @@ def plan_actors(engine: EngineConfig, nodes: int, cluster_cpus: float, cluster_g
         raise InputError(f"{actors} actors x engine.cpus_per_actor (--cpus-per-actor) {cpus:g} exceed the cluster's "
                          f"{cluster_cpus:g} CPUs")
     if room(cpus) < actors:
-        shown = ", ".join(f"{c:g} CPUs" + (f" + {g:g} GPUs" if g else "") for c, g in machines[:8])
+        shown = ", ".join(f"{c:g} CPU{'s' * (c != 1)}" + (f" + {g:g} GPU{'s' * (g != 1)}" if g else "")
+                          for c, g in machines[:8])
         raise InputError(f"{actors} actors of {cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "") +
                          f" each: only {room(cpus)} fit on the cluster's machines ({shown}"
                          f"{', ...' if len(machines) > 8 else ''}); an actor runs on one machine — fewer actors "

@@ -166,8 +166,8 @@ def test_every_actor_of_a_plan_fits_on_one_machine() -> None:
     assert plan_actors(EngineConfig(actors=5), 64, **three_small).cpus_per_actor == 0.5  # not 0.6: two never placed
     two_gpus = {"cluster_cpus": 4, "cluster_gpus": 2, "machine_cpus": [2, 2], "machine_gpus": [1, 1]}
     assert len(plan_actors(EngineConfig(gpus_per_actor=0.4), 64, **two_gpus).blocks) == 4  # two per GPU, not 5
-    with pytest.raises(InputError, match=r"^2 actors of 1.5 CPUs each: only 0 fit on the cluster's machines \(1 CPUs, "
-                                         r"1 CPUs, 1 CPUs\); an actor runs on one machine"):
+    with pytest.raises(InputError, match=r"^2 actors of 1.5 CPUs each: only 0 fit on the cluster's machines \(1 CPU, "
+                                         r"1 CPU, 1 CPU\); an actor runs on one machine"):
         plan_actors(EngineConfig(actors=2, cpus_per_actor=1.5), 64, **three_small)
     uneven = plan_actors(EngineConfig(actors=7), 100, cluster_cpus=13, cluster_gpus=0, machine_cpus=[1, 4, 8],
                          machine_gpus=[0, 0, 0])
