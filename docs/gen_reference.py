@@ -30,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 
 def clean(text: str) -> str:
     """Point the code's short citations of the design notes (``(SPEC §5)``) at the concepts page instead."""
-
     text = re.sub(r"\(SPEC §[^)]*\)", "(see [Concepts](../concepts.md))", text)
     return re.sub(r"SPEC §[0-9–§]+:?\s*", "", text)
 
@@ -198,7 +197,6 @@ def _ray_options() -> set[str]:
 
 def _bench_options() -> set[str]:
     """The options the scripts in ``bench/`` declare (``add_argument("--x", ...)``), read from their source."""
-
     return {o for path in (ROOT / "bench").glob("*.py")
             for o in re.findall(r"add_argument\(\s*\"(--[a-z][a-z0-9-]*)\"", path.read_text())}
 
@@ -206,7 +204,6 @@ def _bench_options() -> set[str]:
 def _method_flags(line: str) -> set[str]:
     """The flags ``python -m dice_ray.simulate`` generates for the methods a command line imports (``--imports
     toy_method``: the example method of ``tests/``)."""
-
     from dice_ray.cli.simulate import method_options
     from dice_ray.config import import_modules
 
@@ -221,7 +218,6 @@ def _method_flags(line: str) -> set[str]:
 def unknown_options(docs: Path = ROOT / "docs", readme: Path = ROOT / "README.md") -> list[str]:
     """'page: option' for every ``--option`` a page names that no parser has: in a ``python -m dice_ray.X`` command
     (checked against X's parser) or in inline code (checked against all of them)."""
-
     known = {command.split()[-1]: {o for a in parser._actions for o in a.option_strings}
              for command, parser in parsers()}
     every = set().union(*known.values()) | OTHER_OPTIONS | _ray_options() | _bench_options()

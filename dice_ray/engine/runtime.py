@@ -244,9 +244,10 @@ def plan_actors(engine: EngineConfig, nodes: int, cluster_cpus: float, cluster_g
     cluster counts as one machine): CPUs an actor is not given are the most that let every actor find a machine
     (with GPUs: the CPUs of the GPU machines over the actors each holds, not the head's). A plan that does not fit
     raises ``InputError`` here; Ray would otherwise wait for room that never comes."""
-    machines = list(zip(machine_cpus, machine_gpus if machine_gpus is not None else [0.0] * len(machine_cpus),
-                        strict=True)) if machine_cpus and (machine_gpus is not None or not cluster_gpus) else \
-        [(cluster_cpus, cluster_gpus)]
+    if not machine_cpus or (machine_gpus is None and cluster_gpus):  # GPUs not known per machine: one machine
+        machines = [(cluster_cpus, cluster_gpus)]
+    else:
+        machines = list(zip(machine_cpus, machine_gpus or [0.0] * len(machine_cpus), strict=True))
     gpus = engine.gpus_per_actor
     if gpus > 0 and cluster_gpus < gpus:
         raise InputError(f"engine.gpus_per_actor (--gpus-per-actor) {gpus} but the Ray cluster has "
@@ -282,11 +283,12 @@ def plan_actors(engine: EngineConfig, nodes: int, cluster_cpus: float, cluster_g
     if actors * cpus > cluster_cpus + 1e-9:
         raise InputError(f"{actors} actors x engine.cpus_per_actor (--cpus-per-actor) {cpus:g} exceed the cluster's "
                          f"{cluster_cpus:g} CPUs")
-    if room(cpus) < actors:
+    fit = room(cpus)
+    if fit < actors:
         shown = ", ".join(f"{c:g} CPU{'s' * (c != 1)}" + (f" + {g:g} GPU{'s' * (g != 1)}" if g else "")
                           for c, g in machines[:8])
         raise InputError(f"{actors} actors of {cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "") +
-                         f" each: only {room(cpus)} fit on the cluster's machines ({shown}"
+                         f" each: only {fit} fit on the cluster's machines ({shown}"
                          f"{', ...' if len(machines) > 8 else ''}); an actor runs on one machine — fewer actors "
                          "(engine.actors, --actors) or fewer CPUs each (engine.cpus_per_actor, --cpus-per-actor)")
     return ActorPlan(blocks=[b.astype(np.int64) for b in np.array_split(np.arange(nodes), actors)],

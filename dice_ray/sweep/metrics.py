@@ -83,18 +83,20 @@ def accuracy(run: Path, config: RunConfig) -> Values:
 STATISTICS = ("pearson", "spearman", "kendall", "relative_error")
 
 
-def _corrected(config: RunConfig) -> list[str]:
-    """The variants whose ``correction`` (part beyond first order, against the curvature term) the run measures."""
+def _statistics(config: RunConfig) -> dict[str, tuple[str, ...]]:
+    """Variant -> the alignment statistics a trial reports for it: ``STATISTICS``, and ``correction`` (the part
+    beyond first order, against the curvature term) for second-order and exact-readout when curvature is measured."""
     variants = config.influence.variants
-    return [v for v in BEYOND_FIRST if v in variants] if "curvature" in variants else []
+    return {v: (*STATISTICS, "correction") if v in BEYOND_FIRST and "curvature" in variants else STATISTICS
+            for v in variants}
 
 
 def _alignment_columns(config: RunConfig) -> list[str]:
     inf = config.influence
     if not (inf.enabled and inf.ground_truth):
         return []
-    return [f"{stat}_h{r}_{variant.replace('-', '_')}" for r in range(1, inf.hops + 1) for variant in inf.variants
-            for stat in (*STATISTICS, *(["correction"] if variant in _corrected(config) else []))]
+    return [f"{stat}_h{r}_{variant.replace('-', '_')}" for r in range(1, inf.hops + 1)
+            for variant, stats in _statistics(config).items() for stat in stats]
 
 
 @register_metric("alignment", _alignment_columns)
@@ -103,11 +105,12 @@ def alignment(run: Path, config: RunConfig) -> Values:
     correlation and relative error Σ|GT − E| / Σ|GT| of the cumulative DICE^{(r)} (the alignment report), and for
     second-order and exact-readout (with curvature measured) their ``correction``."""
     values: Values = {}
+    statistics = _statistics(config)
     for row in alignment_rows(_table(run, "dice")):
         variant = row["variant"].replace("-", "_")
-        if row["quantity"] == "cumulative" and row["variant"] in config.influence.variants:
-            stats = (*STATISTICS, *(["correction"] if row["variant"] in _corrected(config) else []))
-            values.update({f"{stat}_h{row['hops']}_{variant}": _finite(row[stat]) for stat in stats})
+        if row["quantity"] == "cumulative" and row["variant"] in statistics:
+            values.update({f"{stat}_h{row['hops']}_{variant}": _finite(row[stat])
+                           for stat in statistics[row["variant"]]})
     return values
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from dice_ray.results import write_atomic
+from dice_ray.sweep.metrics import STATISTICS
 from dice_ray.sweep.spec import PlotSpec
 
 
@@ -18,7 +19,7 @@ def _key(value: Any) -> tuple[int, Any]:
     return (0, value) if isinstance(value, int | float) and not isinstance(value, bool) else (1, str(value))
 
 
-ALIGNMENT_METRIC = re.compile(r"(pearson|spearman|kendall|relative_error|correction)_h(\d+)_(\w+)")
+ALIGNMENT_METRIC = re.compile(rf"({'|'.join((*STATISTICS, 'correction'))})_h(\d+)_(\w+)")
 WORDS = {"acc": "accuracy", "auc": "ROC AUC", "heldout": "held-out"}
 
 
@@ -47,8 +48,9 @@ def plot_trials(rows: list[dict[str, Any]], plot: PlotSpec, path: Path) -> Path:
     ok = [r for r in rows if r["status"] == "ok"]
     lines = sorted({r["params"].get(plot.by) if plot.by else None for r in ok}, key=_key)
     columns = min(2, len(plot.y))  # two panels to a row: the image stays legible at a page's width
-    fig, axes = plt.subplots(math.ceil(len(plot.y) / columns), columns, figsize=(5.0 * columns, 3.6 * math.ceil(
-        len(plot.y) / columns)), constrained_layout=True, squeeze=False)
+    rows_of_panels = math.ceil(len(plot.y) / columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(5.0 * columns, 3.6 * rows_of_panels),
+                             constrained_layout=True, squeeze=False)
     for ax in axes.flat[len(plot.y):]:
         ax.set_visible(False)
     for ax, metric in zip(axes.flat, plot.y, strict=False):
