@@ -40,3 +40,25 @@ def test_bench_gpu_dry_run_of_the_equivalence_part_measures_the_cpus_own_spread(
     assert mlp["within_tolerance"] and mlp["within_cpu_spread"]
     assert 0 <= mlp["cpu_spread"] < 1e-5, mlp
     assert "CPU spread (vectorized vs portable ATen kernels" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--dry-run is the rehearsal for a machine without CUDA")
+def test_bench_gpu_dry_run_of_the_timed_runs_keeps_where_each_ran_when_stopped_at_its_budget(tmp_path):
+    """(b) stops a slow run at its time budget, before the run's manifest records the placement: the rows still say
+    where the actors ran, how they exchanged and whether the CUDA graph ran (asked of the actors at the stop), and
+    the JSON carries (d)'s memory summary."""
+    import json
+
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--dry-run", "--no-resnet18",
+                           "--nodes", "16", "--parts", "b", "--fractions", "0.5", "--modes", "none",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    rows = results["timing"]
+    assert any(r["stopped_early"] for r in rows)  # the CNN's rounds outlast the budget on the CPU
+    for row in rows:
+        assert row["devices"] == ["cpu"] and row["cuda_graph"] == ["None"], row
+        assert row["transports"] == (["object_store"] if row["gpus_per_actor"] < 1 else ["one actor"]), row
+    assert "memory" in results and "sanity" not in results  # (s) runs only when asked for, or without CUDA

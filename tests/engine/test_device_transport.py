@@ -136,13 +136,16 @@ def device_transport(ray_with_a_logical_gpu, monkeypatch, tmp_path: Path) -> tup
     none kept). On a CUDA machine: CUDA IPC, as ``engine.transport`` auto chooses it. Without CUDA the groups compute
     on the CPU, and every pair exchanges through ``Loopback`` instead: Ray learns it in this process before the
     groups start (it tells them) and in the coordinator, which submits the rounds."""
-    if torch.cuda.is_available():
-        yield CUDA_IPC, None
-        return
     import ray.cloudpickle
 
     module = sys.modules[__name__]
-    ray.cloudpickle.register_pickle_by_value(module)  # Ray workers cannot import this test module
+    ray.cloudpickle.register_pickle_by_value(module)  # Ray workers cannot import this test module (its hook class)
+    if torch.cuda.is_available():
+        try:
+            yield CUDA_IPC, None
+        finally:
+            ray.cloudpickle.unregister_pickle_by_value(module)
+        return
     Loopback.log = str(tmp_path / "received")
     Path(Loopback.log).mkdir()
     _register_loopback()
