@@ -26,7 +26,7 @@ import pandas as pd
 from dice_ray.checkpoint import RoundTables
 from dice_ray.config import RunConfig, build_config, load_config, read_recorded, refuse_idle_settings
 from dice_ray.errors import InputError
-from dice_ray.hooks import Method, registered_methods
+from dice_ray.hooks import Method, check_method, registered_methods
 from dice_ray.results import TABLES, kept_topology_file
 from dice_ray.rundir import MANIFEST, not_a_run, plain, read_manifest, read_table
 
@@ -203,6 +203,26 @@ def _check_path(path: Any) -> None:
         raise InputError(f"a run directory is a path (str or pathlib.Path), not {type(path).__name__} {path!r}")
 
 
+def _check_methods(methods: Any) -> None:
+    """Refuse ``methods`` given to a run that are not ``Method``s, have options but are not registered, or that
+    ``hooks.check_method`` refuses beside the registered ones and each other, in one line."""
+    if not all(isinstance(m, Method) for m in methods):
+        raise InputError(f"methods are dice_ray.Method objects, not {methods!r}")
+    unregistered = [m.name for m in methods if m.options is not None and m not in registered_methods()]
+    if unregistered:
+        raise InputError(f"method {unregistered[0]!r} has options: register it with dice_ray.register_method before "
+                         "its config is built (its section is part of the run config)")
+    names = [m.name for m in [*registered_methods(), *(m for m in methods if m not in registered_methods())]]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"methods: the names {twice} are used twice")
+    for i, method in enumerate(methods):
+        try:
+            check_method(method, [*registered_methods(), *methods[:i]])
+        except ValueError as err:
+            raise InputError(str(err)) from None
+
+
 def _check_callbacks(on_round: Any) -> None:
     """Refuse an ``on_round`` that cannot be called (found after the run directory was written, at round 0)."""
     if on_round is not None and not callable(on_round):
@@ -254,12 +274,7 @@ def run(config: RunConfig | Mapping[str, Any] | str | Path | None = None, *, eng
     _check_callbacks(on_round)
     if not isinstance(save_states, bool):
         raise InputError(f"save_states is True or False, not {save_states!r}")
-    if not all(isinstance(m, Method) for m in methods):
-        raise InputError(f"methods are dice_ray.Method objects, not {methods!r}")
-    unregistered = [m.name for m in methods if m.options is not None and m not in registered_methods()]
-    if unregistered:
-        raise InputError(f"method {unregistered[0]!r} has options: register it with dice_ray.register_method before "
-                         "its config is built (its section is part of the run config)")
+    _check_methods(methods)
     config = as_config(config, **fields)
     refuse_idle_settings(config, {name: name for name in _dotted(fields)}, engine)
     path = run_directory(config)  # fixed now: a default name from the clock is taken once
@@ -289,6 +304,7 @@ def resume(path: str | Path, *, engine: str | None = None, on_round: Callable[[A
 
     _check_path(path)
     _check_callbacks(on_round)
+    _check_methods(methods)
     changes = {key.replace("__", "."): value for key, value in placement.items()}
     config, manifest = resume_config(Path(path), changes, allow_imports)
     engine = engine or manifest.get("engine", "ray")

@@ -319,18 +319,21 @@ def modules_in(data: dict[str, Any]) -> list[str]:
     return [*names, *([module] if isinstance(module, str) and module else [])]
 
 
-def check_workers_register(config: RunConfig) -> None:
-    """Check that Ray workers will know the model, data set, loss and misbehaviour ``config`` names: they look each
-    up by name after importing the config's ``imports`` (``load_imports``). One registered by the script itself
-    (``__main__``, which the workers do not import) raises ``InputError``, before any work (the run would fail
-    inside its actors); one defined in a module the imports do not cover gets a warning line (another listed module
-    may still register it)."""
+def check_workers_register(config: RunConfig, data_in_workers: bool = False, field: str = "imports") -> None:
+    """Check that Ray workers will know the model, loss and misbehaviour ``config`` names, and with
+    ``data_in_workers`` its data set (a sweep's trials load it; a run's actors and tasks receive the arrays from the
+    driver): they look each up by name after importing the config's ``imports`` (``load_imports``; ``field``: where
+    the message says they are listed). One registered by the script itself (``__main__``, which the workers do not
+    import) raises ``InputError``, before any work (the run would fail inside its actors); one defined in a module
+    the imports do not cover gets a warning line (another listed module may still register it)."""
     listed = modules_named(config)
-    for kind, name, module in (("model", config.model.name, MODELS.module(config.model.name)),
-                               ("data set", config.data.dataset, DATASETS.module(config.data.dataset)),
-                               ("loss", config.model.loss, LOSSES.module(config.model.loss)),
-                               ("misbehaviour", config.misbehavior.kind, KINDS.module(config.misbehavior.kind))):
-        check_worker_module(kind, name, module, listed)
+    named = [("model", config.model.name, MODELS.module(config.model.name)),
+             ("loss", config.model.loss, LOSSES.module(config.model.loss)),
+             ("misbehaviour", config.misbehavior.kind, KINDS.module(config.misbehavior.kind))]
+    if data_in_workers:
+        named.insert(1, ("data set", config.data.dataset, DATASETS.module(config.data.dataset)))
+    for kind, name, module in named:
+        check_worker_module(kind, name, module, listed, field)
 
 
 def check_worker_module(kind: str, name: str, module: str | None, listed: list[str], field: str = "imports") -> None:
@@ -485,7 +488,10 @@ class RunConfig(Section):
                 except FieldError as err:
                     raise FieldError((key, *err.loc), err.message, err.extra) from None
             elif not (RECORDED.get() and isinstance(data[key], dict)):
-                raise FieldError((key,), did_you_mean(key, [*cls.model_fields, *options]), extra=True)
+                hint = did_you_mean(key, [*cls.model_fields, *options]) or (
+                    " (a method's section? import the module that registers it first: the config's imports, or "
+                    "--imports)" if isinstance(data[key], dict) else "")
+                raise FieldError((key,), hint, extra=True)
         for key, option in options.items():  # a registered method's section with its defaults, when not given
             data.setdefault(key, option())
         return data

@@ -243,12 +243,14 @@ def test_a_name_the_ray_workers_would_not_know_is_said_before_any_work(tmp_path:
 
     dice_ray.register_dataset("test-api-partial", functools.partial(_digits))
     config = dice_ray.RunConfig(nodes=4, rounds=2, data={"dataset": "test-api-partial"})
-    check_workers_register(config)
+    check_workers_register(config)  # a run's workers receive the data: its set's name is not looked up there
+    assert capsys.readouterr().err == ""
+    check_workers_register(config, data_in_workers=True)  # a sweep's trials load it
     assert capsys.readouterr().err.strip() == (
         f"warning: data set 'test-api-partial' is defined in the module {__name__}, which the config's imports do not "
         f"list: unless a listed module registers it, Ray workers will not know it (imports: [{__name__}], --imports "
         f"{__name__})")
-    check_workers_register(dice_ray.as_config(config, imports=[__name__]))
+    check_workers_register(dice_ray.as_config(config, imports=[__name__]), data_in_workers=True)
     assert capsys.readouterr().err == ""
     code = ("import torch, dice_ray\n"
             "dice_ray.register_loss('test-api-script-loss')(type('L', (dice_ray.Loss,), {'per_sample': "
@@ -322,3 +324,18 @@ def test_registered_names_load_in_ray_workers(ray_local, tmp_path: Path, monkeyp
     finally:
         sys.path.remove(str(tmp_path))
         ray.shutdown()
+
+
+def test_a_data_set_the_ray_workers_do_not_know_still_runs_on_ray(ray_local, tmp_path: Path, capsys) -> None:
+    """A run's actors and its tasks after training (DICE-GT replays, leave-one-out retraining) receive the data from
+    the driver and never look the data set up: one registered in a notebook or a module the imports do not list
+    runs on Ray, with no warning."""
+    dice_ray.register_dataset("test-api-unlisted", functools.partial(_digits))
+    config = dice_ray.RunConfig(nodes=4, rounds=3, data={"dataset": "test-api-unlisted"}, engine={"actors": 2},
+                                influence={"enabled": True, "hops": 1, "rounds": [1]},
+                                ledger={"enabled": True, "hops": 1, "loo": True},
+                                output={"out": str(tmp_path / "u"), "progress": False})
+    run = dice_ray.run(config)
+    assert run.manifest["status"] == "complete" and len(run.manifest["placement"]) == 2
+    assert np.isfinite(run.dice["gt"].to_numpy()).all() and len(run.table("loo")) > 0
+    assert "warning" not in capsys.readouterr().err

@@ -126,7 +126,8 @@ def _group_title(section: str) -> str:
     if section == "run":
         return "run: participants, rounds, seed and what to import"
     doc = (_section([section]).__doc__ or "").strip().split("\n\n")[0]
-    return f"{section}: {' '.join(doc.replace('``', '').split()).split('. ')[0].rstrip('.')}"
+    first = " ".join(doc.replace("``", "").split()).split(". ")[0].rstrip(".")
+    return f"{section}: {first}" if first else section  # (a user's options class without a docstring)
 
 
 def method_options() -> list[tuple[str, str, Any]]:

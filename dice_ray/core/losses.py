@@ -9,13 +9,16 @@ A user adds one like a model::
 
     import dice_ray
 
-    @dice_ray.register_loss("huber")
-    class Huber(dice_ray.Loss):
+    @dice_ray.register_loss("log-cosh")
+    class LogCosh(dice_ray.Loss):
         def per_sample(self, outputs, targets):
-            return torch.nn.functional.huber_loss(outputs.squeeze(-1), targets, reduction="none")
+            error = outputs - targets.reshape(len(targets), -1)
+            return (error + torch.nn.functional.softplus(-2 * error) - math.log(2.0)).mean(dim=1)
 
-and selects it with ``model.loss: huber`` (the module defining it listed in the run config's ``imports``).
-Every function of a ``Loss`` must be differentiable twice (DICE-E takes Hessian-vector products through it).
+and selects it with ``model.loss: log-cosh`` (the module defining it listed in the run config's ``imports``).
+What the run's methods need of a loss (a gradient in the outputs; float64; DICE-E's forward-over-reverse
+derivatives, which a few fused kernels such as ``F.huber_loss``'s backward lack) is checked on two samples before
+the run: the extend guide's "Add a data set or a loss" lists it.
 """
 
 from __future__ import annotations

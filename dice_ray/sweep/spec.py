@@ -378,20 +378,21 @@ def _check_prepares(first: RunConfig, params: dict[str, Scalar]) -> None:
 
 
 def _check_metrics_reach_trials(sweep: Sweep, first: RunConfig) -> None:
-    """Trials compute their metric groups in Ray workers, which import the modules a trial's config names (``first``:
-    the first trial's; the base's ``imports``), not the script: a group the script registers (``__main__``) is
-    refused, one from a module the imports do not list gets a warning line (every trial would end in KeyError after
-    its whole simulation otherwise)."""
-    from dice_ray.config import check_worker_module, modules_named
+    """Trials run in Ray workers, which import the modules a trial's config names (``first``: the first trial's; the
+    base's ``imports``), not the script: a metric group, model, data set, loss or misbehaviour the script registers
+    (``__main__``) is refused, one from a module the imports do not list gets a warning line (every trial would fail,
+    some after their whole simulation, otherwise)."""
+    from dice_ray.config import check_worker_module, check_workers_register, modules_named
     from dice_ray.registry import defining_module
     from dice_ray.sweep.metrics import METRICS
 
     listed = modules_named(first)
-    for name in sweep.spec.metrics or METRICS:
-        try:
+    try:
+        for name in sweep.spec.metrics or METRICS:
             check_worker_module("sweep metric", name, defining_module(METRICS[name].compute), listed, "base.imports")
-        except InputError as err:
-            raise InputError(f"sweep: {err}") from None
+        check_workers_register(first, data_in_workers=True, field="base.imports")  # each trial prepares its data
+    except InputError as err:
+        raise InputError(f"sweep: {err}") from None
 
 
 def _check_names(spec: SweepSpec, columns: set[str], measured: set[str]) -> None:

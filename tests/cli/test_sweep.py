@@ -528,3 +528,27 @@ def test_the_alignment_metrics_carry_the_higher_order_variants_correction(tmp_pa
     table = alignment_report(run).table
     expected = table.query("hops == 1 and quantity == 'cumulative' and variant == 'second-order'").correction.item()
     assert values["correction_h1_second_order"] == pytest.approx(expected) and 0 <= expected < 0.5
+
+
+def test_a_data_set_the_script_registers_is_refused_before_any_trial(tmp_path: Path) -> None:
+    """Each trial prepares its own data in a Ray worker, which imports base.imports, not the script: a data set the
+    script registered would fail every trial (a plain run takes it: its workers receive the arrays)."""
+    import functools
+
+    import numpy as np
+
+    import dice_ray
+    from dice_ray.sweep.spec import load_sweep
+
+    def data(seed: int) -> tuple[np.ndarray, ...]:
+        x = np.random.default_rng(seed).normal(size=(60, 4)).astype(np.float32)
+        return x[:50], (x[:50, 0] > 0).astype(np.int64), x[50:], (x[50:, 0] > 0).astype(np.int64)
+
+    data.__module__ = "__main__"
+    dice_ray.register_dataset("sweep-script-data", functools.partial(data))
+    path = _write(tmp_path, "d.yaml", {"base": {**BASE, "rounds": 2, "data": {"dataset": "sweep-script-data"}},
+                                       "space": {"seed": {"grid": [0, 1]}}, "out": str(tmp_path / "out")})
+    with pytest.raises(InputError, match=r"sweep: data set 'sweep-script-data' is registered by the script itself, "
+                                         r"which Ray workers do not run: move it into a module and list that in "
+                                         r"base.imports$"):
+        load_sweep(path)
