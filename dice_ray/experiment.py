@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -288,7 +289,8 @@ def check_validation_splits(config: RunConfig, partition: Any) -> None:
     """Refuse, naming the first, a participant whose validation split is empty in a run whose DICE or ledger reads
     each participant's own z′ from it (its z′ loss would be a mean over no samples: NaN terms, and NaN totals for it
     and its in-neighbours, which zeroed every share). A participant with a single sample has none (it keeps it for
-    training). Proximal influence may run: its detection report leaves such an examiner's pairs out, saying so."""
+    training). Proximal influence may run, with a warning line: its detection report leaves such an examiner's pairs
+    out, saying so."""
     readers = [name for name, reads in (
         ("influence.zprime", config.influence.enabled and config.influence.zprime == "validation"),
         ("ledger.zprime", config.ledger.active and config.ledger.zprime == "validation")) if reads]
@@ -298,6 +300,10 @@ def check_validation_splits(config: RunConfig, partition: Any) -> None:
         raise InputError(f"participant {k} has no validation samples ({len(partition.train[k])} in all), and "
                          f"{readers[0]} 'validation' reads each participant's own: use {readers[0]} heldout, or give "
                          "every participant at least 2 samples (a larger data.alpha (--alpha), fewer nodes)")
+    if empty and config.proximal.enabled and config.proximal.zprime == "validation":
+        print(f"warning: {len(empty)} of {len(partition.val)} participants have no validation samples (participant "
+              f"{empty[0]}: {len(partition.train[empty[0]])} in all): proximal influence cannot score their "
+              "in-neighbours (proximal.zprime heldout, or more samples per participant)", file=sys.stderr)
 
 
 def check_normalization(config: RunConfig, model: Any) -> None:

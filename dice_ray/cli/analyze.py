@@ -169,9 +169,11 @@ def anomaly(run: Path, horizons: list[int] | None = None) -> list[dict]:
           "anomaly table's columns (their meanings: the docs' Reference, or pyarrow.parquet.read_schema):")
     print(computed.table.apply(_cells).to_string(index=False))
     ranked = computed.suspects
-    top = ranked.head(max(computed.misbehaving, 5))
+    top = ranked.head(min(max(computed.misbehaving, 5), SHOWN))
+    more = min(max(computed.misbehaving, 5), len(ranked)) - len(top)
     print("suspects, by mean cumulative proximal influence over the examiners that score them: " + ", ".join(
         f"{r.participant} ({r.score:.3g}{', misbehaving' if r.misbehaving else ''})" for r in top.itertuples())
+        + (f", … (the next {more}: suspects.parquet)" if more > 0 else "")
         + (f"; ROC AUC of this ranking {computed.suspects_auc:.3f}" if computed.suspects_auc is not None else ""))
     print(f"wrote {run / 'anomaly.parquet'}, {run / 'suspects.parquet'} and {png.name}")
     return rows
@@ -226,6 +228,7 @@ def retrain(run: Path, loo: bool, shapley: int | None, local: bool = False, allo
 # A variant's part beyond first order at least this large against the first-order term (the alignment table's
 # correction) is flagged: the expansion does not hold there.
 CORRECTION_LIMIT = 0.5
+SHOWN = 20  # participants a report prints by name at most (at either end of a ranking); its table has them all
 RANKED_BY = {"loo": "leave-one-out effect", "shapley": "Shapley value"}  # a run without the ledger, ranked by
 
 
@@ -241,7 +244,11 @@ def contributions(run: Path, loo: bool = False, shapley: int | None = None, loca
     shown = rows.drop(columns=[f"total{VARIANT_SUFFIX[v]}" for v in VARIANT_SUFFIX if v not in variants])
     if not computed.ledger:
         print(f"no ledger in this run: ranked by {RANKED_BY[ranking]}")
-    print(shown.sort_values("rank").to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    shown = shown.sort_values("rank")
+    if len(shown) > 2 * SHOWN:  # the first and last ranks; every row is in the table
+        print(f"the {SHOWN} highest and {SHOWN} lowest ranks of {len(shown)} (all: contributions_report.parquet)")
+        shown = pd.concat([shown.head(SHOWN), shown.tail(SHOWN)])
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     measures = variants if computed.ledger else {ranking: computed.agreement}
     for v, agree in sorted(measures.items(), key=lambda item: item[0] != ranking):  # the ranking variant first
         label = (RANKED_BY[v] if not computed.ledger else "ledger total" if v == ranking else

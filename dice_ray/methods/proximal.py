@@ -35,13 +35,14 @@ import scipy.sparse as sp
 import torch
 from pydantic import Field
 
-from dice_ray.core.tensors import as_tensor, edge_dots, sum_by_key
+from dice_ray.core.tensors import as_tensor, edge_dots, sum_by_key, to_device
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook
 from dice_ray.methods.round_quantities import round_quantities
 from dice_ray.results import PROXIMAL
 from dice_ray.sections import Section
 
 FIELDS = ("examiner", "neighbor", "weight", "dot", "cosine")
+CHUNK_BYTES = 2**29  # float64 working memory of one slice of the scoring (``ProximalExaminer.score``)
 
 
 
@@ -65,6 +66,15 @@ class ProximalConfig(Section):
             return
         if self.zprime == "validation" and config.data.val_fraction == 0:
             raise ValueError("proximal.zprime 'validation' needs validation splits (data.val_fraction > 0)")
+
+
+def chunk_bytes(device: Any) -> int:
+    """The float64 working memory ``ProximalExaminer.score`` gives one slice of its work: CHUNK_BYTES, or on a GPU a
+    sixteenth of its memory (fewer slices: each costs the host a few waits for the device)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CHUNK_BYTES
+    return max(CHUNK_BYTES, torch.cuda.get_device_properties(device).total_memory // 16)
 
 
 def scoring_round(config: Any, t: int) -> bool:
@@ -107,33 +117,53 @@ class ProximalExaminer:
         ``cosine`` cos(Δ_k, Δ_l) (0 where either update is zero).
         """
         device = self.block.device
-        g, own = self.shared.gradients(t + 1, self.zprime).double(), self.delta.double()
-        own_norm = own.norm(dim=1)
+        g, own = self.shared.gradients(t + 1, self.zprime), self.delta
         parts: dict[str, list] = {f: [] for f in FIELDS}
         for w, d, ids in zip(weights, deltas, source_ids, strict=True):
             coo = sp.coo_array(w)
             examiner, neighbor = self.block.nodes[coo.row], np.asarray(ids, np.int64)[coo.col]
             keep = (examiner != neighbor) & (coo.data > 0)
-            rows, cols = coo.row[keep].astype(np.int64), coo.col[keep].astype(np.int64)
-            d = (as_tensor(d, device) if isinstance(d, np.ndarray) else d).double()
-            grad_dot, update_dot = edge_dots([(g, d), (own, d)], rows, cols)
-            weight = torch.as_tensor(coo.data[keep], dtype=torch.float64, device=device)
-            norms = own_norm[torch.as_tensor(rows, device=device)] * d.norm(dim=1)[torch.as_tensor(cols, device=device)]
+            rows, cols, data = coo.row[keep].astype(np.int64), coo.col[keep].astype(np.int64), coo.data[keep]
+            d = as_tensor(d, device) if isinstance(d, np.ndarray) else d
+            # Dot products and norms in float64, a slice of the coordinates at a time: float64 copies of whole blocks
+            # took 6x the state's memory at N = 4,096 (sums of the slices' float64 parts: exact to float64 rounding).
+            step = max(1, chunk_bytes(device) // (8 * (2 * g.shape[0] + d.shape[0])))
+            grad_dot, update_dot = (torch.zeros(len(rows), dtype=torch.float64, device=device) for _ in range(2))
+            own_sq = torch.zeros(g.shape[0], dtype=torch.float64, device=device)
+            d_sq = torch.zeros(d.shape[0], dtype=torch.float64, device=device)
+            for lo in range(0, g.shape[1], step):
+                a, own_a, b = (x[:, lo: lo + step].double() for x in (g, own, d))
+                parts_g, parts_u = edge_dots([(a, b), (own_a, b)], rows, cols)
+                grad_dot += parts_g
+                update_dot += parts_u
+                own_sq += own_a.square().sum(dim=1)
+                d_sq += b.square().sum(dim=1)
+            weight = torch.as_tensor(data, dtype=torch.float64, device=device)
+            at_rows, at_cols = to_device([rows, cols], device)
+            norms = (own_sq[at_rows] * d_sq[at_cols]).sqrt()
             cosine = torch.where(norms > 0, update_dot / norms.clamp_min(1e-300), 0.0)
-            score = weight * grad_dot if self.readout == "first-order" else self.exact_scores(t, rows, weight, d[cols])
+            score = weight * grad_dot if self.readout == "first-order" else self.exact_scores(t, rows, weight, d, cols)
             for f, v in zip(FIELDS, (examiner[keep], neighbor[keep], weight, score, cosine), strict=True):
                 parts[f].append(v.cpu().numpy() if isinstance(v, torch.Tensor) else v)
         return sort_scores({f: np.concatenate(v) if v else np.zeros(0) for f, v in parts.items()})
 
 
-    def exact_scores(self, t: int, rows: np.ndarray, weight: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+    def exact_scores(self, t: int, rows: np.ndarray, weight: torch.Tensor, deltas: torch.Tensor,
+                     cols: np.ndarray) -> torch.Tensor:
         """L(θ_k^{t+1}; z′_k) − L(θ_k^{t+1} − W^t_kl Δ_l; z′_k) [E] float64, per edge: examiner rows ``rows`` [E]
-        (positions in the block), ``weight`` W^t_kl [E], ``updates`` Δ_l [E, D]; call after ``mix``."""
+        (positions in the block), ``weight`` W^t_kl [E], the source block's updates ``deltas`` [M, D] and the
+        edges' source rows ``cols`` [E]; call after ``mix``. A bounded number of edges at a time (each needs its
+        own float64 state)."""
         pop = self.block.population
-        pos = torch.as_tensor(rows, device=self.block.device)
-        states = pop.state[pos].double()  # in float64, as the losses are read (``RoundQuantities.losses_at``)
-        states[:, : updates.shape[1]] -= weight[:, None] * updates.double()  # k's state had l not stepped
-        return self.shared.losses(t + 1, self.zprime)[pos] - self.shared.losses_at(pos, states, self.zprime)
+        step = max(1, chunk_bytes(self.block.device) // (8 * 2 * pop.state.shape[1]))
+        out = []
+        for lo in range(0, len(rows), step):
+            pos, src = to_device([rows[lo: lo + step], cols[lo: lo + step]], self.block.device)
+            states = pop.state[pos].double()  # in float64, as the losses are read (``RoundQuantities.losses_at``)
+            updates = deltas[src].double()
+            states[:, : updates.shape[1]] -= weight[lo: lo + step, None] * updates  # k's state had l not stepped
+            out.append(self.shared.losses(t + 1, self.zprime)[pos] - self.shared.losses_at(pos, states, self.zprime))
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=self.block.device)
 
 
 def sort_scores(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

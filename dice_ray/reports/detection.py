@@ -66,12 +66,20 @@ def separation(frame: pd.DataFrame) -> pd.Series:
     """Per (method, round, examiner) that has scored an anomalous and an honest in-neighbour by then: True iff every
     anomalous one's latest running score is above every honest one's (each ranks among the worst a_k). The latest
     score, not only this round's: on a time-varying graph an examiner scores a few of its in-neighbours a round."""
-    wide = frame.pivot_table(index=["method", "examiner", "round"], columns="neighbor", values="value",
-                             aggfunc="last", sort=True)
-    wide = wide.groupby(level=["method", "examiner"]).ffill()  # each in-neighbour's latest running score
-    anomalous = frame.groupby("neighbor")["anomalous"].first().reindex(wide.columns).to_numpy(bool)
-    best_anomalous = wide.loc[:, anomalous].min(axis=1)
-    worst_honest = wide.loc[:, ~anomalous].max(axis=1)
+    # One column per in-neighbour an examiner has scored (its rank among them), not per participant: the table is
+    # (method, examiner, round) x the most in-neighbours any examiner scored, not x N (10 GiB at N = 4,096).
+    frame = frame.assign(slot=frame.groupby(["method", "examiner"])["neighbor"].rank(method="dense").astype(np.int64),
+                         flag=frame["anomalous"].astype(np.float64))
+
+    def wide(values: str) -> pd.DataFrame:  # each in-neighbour's latest value by the round
+        table = frame.pivot_table(index=["method", "examiner", "round"], columns="slot", values=values,
+                                  aggfunc="last", sort=True)
+        return table.groupby(level=["method", "examiner"]).ffill()
+
+    value = wide("value")
+    anomalous = wide("flag").reindex(index=value.index, columns=value.columns)
+    best_anomalous = value.where(anomalous == 1).min(axis=1)
+    worst_honest = value.where(anomalous == 0).max(axis=1)
     both = best_anomalous.notna() & worst_honest.notna()
     return (best_anomalous > worst_honest)[both].reorder_levels(["method", "round", "examiner"]).sort_index()
 
@@ -116,6 +124,18 @@ def precision_at(values: np.ndarray, anomalous: np.ndarray, a: int) -> float:
     return float((anomalous[above].sum() + (a - above.sum()) * anomalous[tied].mean()) / a)
 
 
+def examiner_aucs(at: pd.DataFrame) -> np.ndarray:
+    """Each examiner's ROC AUC of its in-neighbours' ``value`` against ``anomalous`` (rows of one method at one
+    horizon), for the examiners with anomalous and honest in-neighbours, in examiner order: the Mann-Whitney
+    statistic of within-examiner average ranks (ties count one half), which is ``roc_auc_score``'s value, for all
+    examiners at once (one call each took 4 ms: 100 s at N = 4,096)."""
+    rank = at.groupby("examiner")["value"].rank(method="average")
+    flag = at["anomalous"].astype(np.float64)
+    per = pd.DataFrame({"examiner": at["examiner"], "n": 1.0, "a": flag, "r": rank * flag}).groupby("examiner").sum()
+    per = per[(per["a"] > 0) & (per["a"] < per["n"])]
+    return ((per["r"] - per["a"] * (per["a"] + 1) / 2) / (per["a"] * (per["n"] - per["a"]))).to_numpy(np.float64)
+
+
 def detection_metrics(scores: pd.DataFrame, horizon: int,
                       curves: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[dict]:
     """Return one row per method of ``anomaly.parquet`` for the scoring rounds before ``horizon``. ``curves``:
@@ -130,14 +150,12 @@ def detection_metrics(scores: pd.DataFrame, horizon: int,
         at = final[final["method"] == method]
         labels, values = at["anomalous"].to_numpy(), at["value"].to_numpy()
         both = 0 < labels.sum() < len(labels)
-        per_examiner, precision = [], []
+        per_examiner, precision = examiner_aucs(at), []
         for _, group in at.groupby("examiner"):
             a = int(group["anomalous"].sum())
             if a == 0 or a == len(group):  # nothing to rank: no anomalous, or no honest in-neighbour
                 continue
             precision.append(precision_at(group["value"].to_numpy(), group["anomalous"].to_numpy(bool), a))
-            if a < len(group):
-                per_examiner.append(roc_auc_score(group["anomalous"], group["value"]))
         delays = []
         sep = separated[separated["method"] == method]
         examiners = sep["examiner"].nunique()
@@ -156,8 +174,8 @@ def detection_metrics(scores: pd.DataFrame, horizon: int,
             "auc": float(roc_auc_score(labels, values)) if both else None,
             "auc_mean": float(defined.mean()) if len(defined) else None,
             "rounds_to_auc": rounds_to(AUC_TARGET, curve) if len(defined) else None,
-            "auc_examiner_mean": float(np.mean(per_examiner)) if per_examiner else None,
-            "auc_examiner_min": float(np.min(per_examiner)) if per_examiner else None,
+            "auc_examiner_mean": float(np.mean(per_examiner)) if len(per_examiner) else None,
+            "auc_examiner_min": float(np.min(per_examiner)) if len(per_examiner) else None,
             "examiners": len(per_examiner),
             "precision": float(np.mean(precision)) if precision else None,
             "detected": len(delays) / examiners if examiners else None,

@@ -122,19 +122,32 @@ def detection_roc(final: pd.DataFrame, curves: dict[str, tuple[np.ndarray, np.nd
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
 
 
+NAMED_BARS = 64  # participants a bar chart names one by one (0.35 inch each); more are drawn by rank, 12 inches wide
+
+
 def contribution_shares(table: pd.DataFrame, path: Path) -> None:
     """Each participant's share of the helpful budget, by rank (red: flagged harmful; orange: misbehaving, not
     flagged); ``table``: the contributions report's table."""
+    from matplotlib.ticker import MaxNLocator
+
     order = table.sort_values("rank")
-    fig = _figure(max(5, 0.35 * len(table)), 3.6)
+    named = len(table) <= NAMED_BARS  # one labelled bar per participant; past that, bars by rank
+    fig = _figure(max(5, 0.35 * len(table)) if named else 12, 3.6)
     ax = fig.subplots()
     colors = ["tab:red" if h else ("tab:orange" if b else "tab:blue")
               for h, b in zip(order["harmful"], order["misbehaving"], strict=True)]
-    ax.bar([str(j) for j in order["participant"]], order["share"], color=colors)
-    for i, h in enumerate(order["harmful"]):
+    ax.bar([str(j) for j in order["participant"]] if named else np.arange(1, len(order) + 1), order["share"],
+           color=colors, width=0.8 if named else 1.0)
+    for i, h in enumerate(order["harmful"] if named else []):
         if h:
             ax.annotate("harmful", (i, 0), rotation=90, ha="center", va="bottom", fontsize=7, color="tab:red")
-    ax.set_xlabel("participant (by rank)")
+    if not named:  # a harmful participant's share is 0: its rank marked on the axis instead
+        harmful = np.flatnonzero(order["harmful"].to_numpy(bool)) + 1
+        ax.plot(harmful, np.zeros(len(harmful)), linestyle="none", marker="|", markersize=14, color="tab:red",
+                clip_on=False)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(0.5, len(order) + 0.5)
+    ax.set_xlabel("participant (by rank)" if named else f"rank (of {len(order)} participants; ids in the table)")
     ax.set_ylabel("share of the helpful budget")
     ax.set_title("contribution shares\n(red: flagged harmful; orange bar: misbehaving, not flagged)", fontsize=9)
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))

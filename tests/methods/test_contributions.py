@@ -316,3 +316,20 @@ def test_time_varying_topology_ledger_equals_first_order_dice(tmp_path: Path) ->
     theirs = dice["est_first_order"]
     np.testing.assert_allclose(ours.to_numpy(), theirs.loc[ours.index].to_numpy(), rtol=1e-6,
                                atol=1e-6 * theirs.abs().max())
+
+
+def test_the_shares_plot_of_many_participants_draws_ranks_in_a_fixed_width(tmp_path: Path) -> None:
+    """Past NAMED_BARS participants the bars are drawn by rank, 12 inches wide (at N = 4,096 the plot was 172,032
+    pixels wide and took 17 s to draw)."""
+    from PIL import Image
+
+    from dice_ray.reports.plots import DPI, NAMED_BARS, contribution_shares
+
+    n = 4 * NAMED_BARS
+    share = np.linspace(1, 0, n) / np.linspace(1, 0, n).sum()
+    table = pd.DataFrame({"participant": np.arange(n)[::-1], "rank": np.arange(1, n + 1), "share": share,
+                          "harmful": share == 0, "misbehaving": np.arange(n) % 7 == 0})
+    contribution_shares(table, tmp_path / "shares.png")
+    assert Image.open(tmp_path / "shares.png").size[0] <= 12 * DPI
+    contribution_shares(table.head(NAMED_BARS), tmp_path / "named.png")
+    assert Image.open(tmp_path / "named.png").size[0] > 5 * DPI  # one labelled bar per participant
