@@ -143,6 +143,15 @@ def _outlier_choice(current: np.ndarray, extras: np.ndarray, s_current: np.ndarr
     return pick
 
 
+def _draw_others(n: int, excluded: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``rng.choice(others, min(size, len(others)), replace=False)`` for ``others`` the participants 0..n−1 not in
+    ``excluded``, ascending, without building ``others`` (O(n) per participant made rewiring O(N² log N): 43 s at
+    N = 16,384): the same draws, then each index among the others mapped to its id past the excluded below it."""
+    excluded = np.unique(excluded)
+    idx = rng.choice(n - len(excluded), min(size, n - len(excluded)), replace=False)
+    return idx + np.searchsorted(excluded - np.arange(len(excluded)), idx, side="right")
+
+
 def select_collaborators(mode: str, current: list[np.ndarray], keep: int, extra: int, rng: np.random.Generator,
                          scores: Any = None, outlier_z: float = 3.0) -> list[np.ndarray]:
     """Return the new in-neighbour set of every participant (sorted int64 arrays of size ``keep``).
@@ -156,9 +165,8 @@ def select_collaborators(mode: str, current: list[np.ndarray], keep: int, extra:
     n = len(current)
     chosen = []
     for k in range(n):
-        others = np.setdiff1d(np.arange(n), np.append(current[k], k))
-        draw = min(max(extra, keep - len(current[k])), len(others))
-        pool = np.concatenate([current[k], rng.choice(others, draw, replace=False)])
+        pool = np.concatenate([current[k], _draw_others(n, np.append(current[k], k),
+                                                         max(extra, keep - len(current[k])), rng)])
         if mode == "outlier":
             extras = rng.permutation(pool[len(current[k]):])  # random tie-break among candidates
             s = np.asarray(scores(k, np.concatenate([current[k], extras])), np.float64)

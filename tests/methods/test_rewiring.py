@@ -188,3 +188,17 @@ def test_a_run_says_which_participants_cannot_score_and_they_keep_their_neighbou
     err = capsys.readouterr().err
     assert err.count(f"warning: {len(blind)} participant(s) ({', '.join(map(str, blind))}) have no validation data "
                      f"to score their in-neighbours on, so they keep them at every rewiring") == 1
+
+
+def test_candidates_are_drawn_as_from_the_list_of_others_without_building_it() -> None:
+    """``_draw_others`` draws what ``rng.choice`` over the ascending list of the other participants draws (the
+    rewired graphs stay the same), without an O(N) list per participant (43 s per rewiring at N = 16,384)."""
+    from dice_ray.methods.rewiring import _draw_others
+
+    for n in (5, 40, 3000, 20_000):
+        for seed in range(10):
+            excluded = np.random.default_rng(seed + 99).choice(n, min(6, n - 1), replace=True)  # repeats, unsorted
+            others = np.setdiff1d(np.arange(n), excluded)
+            for size in (1, 3, len(others) + 2):
+                want = np.random.default_rng(seed).choice(others, min(size, len(others)), replace=False)
+                np.testing.assert_array_equal(_draw_others(n, excluded, size, np.random.default_rng(seed)), want)
