@@ -166,14 +166,16 @@ class PathWeights:
     def first_reached(self, t: int, s: int) -> sp.csr_array:
         """Return F^{(s)} for the probe round t: csr [N, N], rows targets k, columns sources j."""
         key = (0 if self.static else t, s)
-        if key not in self._cache:
-            product = np.eye(self.n)
+        if key not in self._cache:  # sparse throughout: dense N x N products took 2 GB each at N = 16,384
+            product = sp.identity(self.n, dtype=np.float64, format="csr")
             reached = product != 0  # support of P^{(0)} .. P^{(s-1)}
             for u in range(s):
                 if u:
-                    reached |= product != 0
+                    reached = (reached + (product != 0)) != 0
                 product = sp.csr_array(self.mixing(t + u)) @ product
-            self._cache[key] = sp.csr_array(np.where(reached, 0.0, product))
+            first = sp.csr_array(product - product.multiply(reached))
+            first.eliminate_zeros()
+            self._cache[key] = first
         return self._cache[key]
 
     def terms(self, config: Any, u: int, columns: np.ndarray | None = None) -> list[tuple[int, int, sp.csr_array]]:

@@ -333,3 +333,30 @@ def test_the_shares_plot_of_many_participants_draws_ranks_in_a_fixed_width(tmp_p
     assert Image.open(tmp_path / "shares.png").size[0] <= 12 * DPI
     contribution_shares(table.head(NAMED_BARS), tmp_path / "named.png")
     assert Image.open(tmp_path / "named.png").size[0] > 5 * DPI  # one labelled bar per participant
+
+
+def test_first_reached_path_weights_are_the_dense_products_on_time_varying_graphs() -> None:
+    """F^{(s)}: the products of W over s rounds outside the support of the shorter ones, built sparse (dense N x N
+    products took 2 GB each at N = 16,384, every round on a time-varying graph): the dense form's entries, to
+    float64 rounding, with the same support."""
+    import scipy.sparse as sp
+
+    from dice_ray.methods.contributions import PathWeights
+
+    rng = np.random.default_rng(0)
+    for n in (7, 60):
+        ws = []
+        for _ in range(6):
+            a = (rng.random((n, n)) < 3 / n) | np.eye(n, dtype=bool)
+            ws.append(sp.csr_array(a / a.sum(axis=1, keepdims=True)))
+        paths = PathWeights(lambda t, ws=ws: ws[t], n, static=False)
+        for t in range(3):
+            for s in (1, 2, 3):
+                product, reached = np.eye(n), np.eye(n, dtype=bool)
+                for u in range(s):
+                    reached |= (product != 0) if u else reached
+                    product = ws[t + u] @ product
+                want = np.where(reached, 0.0, product)
+                got = paths.first_reached(t, s).toarray()
+                assert np.array_equal(got != 0, want != 0) and (want != 0).any()
+                np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
