@@ -281,43 +281,24 @@ def register_method(method: Method) -> Method:
     YAML, ``--set`` or the flags ``--<name>-<field>`` that ``python -m dice_ray.simulate`` generates from its fields.
     Call it in a module the config names under ``imports`` (then Ray workers import it too). Returns ``method``.
 
-    Registering a name again replaces the earlier method (a notebook cell run twice). Raises ``ValueError`` where
-    ``check_method`` does: its hook and driver carry the method's name (a class left at the default ``name`` is
-    given it), which must not be a built-in method's or a run config field, and its tables no other method's."""
-    check_method(method, registered_methods())
+    Registering a name again replaces the earlier method (a notebook cell run twice). Raises ``ValueError`` unless
+    its hook and driver carry its name (``check_names``); a run refuses a name that is a built-in method's or a run
+    config field, and a table another method writes (``methods.catalog.check_methods``)."""
+    check_names(method)
     _REGISTERED[method.name] = method
     return method
 
 
-def check_method(method: Method, others: list[Method] | tuple[Method, ...] = ()) -> None:
-    """Check a user's ``method`` beside the methods ``others`` (registered, or given to the same run), and give its
-    hook and driver classes left at the default ``name`` the method's: the engine hands each driver the records of
-    the hook of its name. Raises ``ValueError`` for a name that is a built-in method or a run config field, a hook or
-    driver named otherwise, or a table another method (or the run) writes."""
-    from dice_ray.config import RunConfig  # (the config imports this module)
-    from dice_ray.methods.catalog import METHODS
-    from dice_ray.results import TABLES
-
-    name = method.name
-    if name in {m.name for m in METHODS} or name in RunConfig.model_fields:
-        raise ValueError(f"method {name!r} is a built-in method or run config field; choose another name")
+def check_names(method: Method) -> None:
+    """Raise ``ValueError`` unless ``method``'s hook and driver carry its name: the engine hands each driver the
+    records of the hook of its name, in every process (a hook left at the default ``name`` reached no driver)."""
     for part in (method.hook, method.driver):
-        if part is not None and part.name not in ("hook", name):
-            raise ValueError(f"method {name!r}: its {part.__name__} is named {part.name!r}; a method's hook and "
-                             f"driver carry its name (or leave name out)")
-    taken = {table: f"dice-ray's {table}.parquet" for table in TABLES}
-    for other in others:
-        if other.name != name:
-            taken |= {table: f"method {other.name!r}'s" for table in _tables(other)}
-    clash = next((table for table in _tables(method) if table in taken), None)
-    if clash is not None:
-        raise ValueError(f"method {name!r}: table {clash!r} is {taken[clash]}; choose another name")
-    for part in (method.hook, method.driver):
-        if part is not None:
-            part.name = name
+        if part is not None and part.name != method.name:
+            raise ValueError(f"method {method.name!r}: its {part.__name__} is named {part.name!r}; set name = "
+                             f"{method.name!r} on it (a method's hook and driver carry its name)")
 
 
-def _tables(method: Method) -> list[str]:
+def tables_of(method: Method) -> list[str]:
     """The names of the tables ``method`` writes: its driver's per-round ones and its stages'."""
     return [*(method.driver.tables if method.driver else {}), *(t for stage in method.stages for t in stage.tables)]
 
