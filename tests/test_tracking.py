@@ -118,6 +118,7 @@ def test_sweep_logs_each_trial_through_tune_callbacks(tmp_path):
     done = subprocess.run([sys.executable, "-m", "dice_ray.sweep", str(tmp_path / "s.yaml")], cwd=root, env=env,
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "Creating initial MLflow database tables" not in done.stdout + done.stderr  # as for a plain run
     out = tmp_path / "sweep"
     trials = pd.read_parquet(out / "trials.parquet")
     client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")

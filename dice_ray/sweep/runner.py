@@ -188,7 +188,7 @@ def _trackers(sweep: Sweep, out: Path) -> list[Any]:
     """Ray Tune's own logger callbacks for the base config's ``output.log``: each trial's reported metrics go
     to TensorBoard files under tune/ and to MLflow (``output.tracking_uri``, else MLFLOW_TRACKING_URI, else
     sqlite:///<sweep directory>/mlflow.db), experiment = the sweep directory's name."""
-    from dice_ray.tracking import tracking_uri
+    from dice_ray.tracking import quiet_mlflow, tracking_uri
 
     output = _tracked(sweep)
     callbacks: list[Any] = []
@@ -202,6 +202,10 @@ def _trackers(sweep: Sweep, out: Path) -> list[Any]:
         class MLflowTrials(MLflowLoggerCallback):
             """Tune's MLflow callback, ending a trial that diverged or whose run failed (reported, not raised: Tune
             saw it complete) as FAILED, as ``trials.parquet`` records it."""
+
+            def setup(self, *args: Any, **kwargs: Any) -> None:
+                with quiet_mlflow():  # its note that it creates a new store's tables, as for a plain run
+                    super().setup(*args, **kwargs)
 
             def log_trial_end(self, trial: Any, failed: bool = False) -> None:
                 row = json.loads((trial.last_result or {}).get("row", "{}"))
