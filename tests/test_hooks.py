@@ -459,3 +459,21 @@ def test_a_run_that_used_a_method_resumes_only_with_it_and_says_how(tmp_path: Pa
                              engine="local", methods=(UPDATE_NORM_METHOD,))
     for name in ("rounds", "scaled_norm", "update_norm"):
         pd.testing.assert_frame_equal(resumed.table(name), reference.table(name))
+
+
+class Boom(RoundHook):
+    name = "boom"
+
+    def after_gossip(self, t: int, inbox: Inbox) -> dict:
+        if t == 1:
+            raise RuntimeError("boom")
+        return {}
+
+
+def test_a_hook_that_raises_is_named_in_its_traceback(tmp_path: Path) -> None:
+    """A hook's own bug keeps its traceback (it is not an input error), with a note naming the hook, the call and the
+    round."""
+    config = dice_ray.as_config(CONFIG, output={"out": str(tmp_path / "x")})
+    with pytest.raises(RuntimeError, match="^boom") as err:
+        dice_ray.run(config, engine="local", methods=[Method("boom", lambda c: True, Boom)])
+    assert "(raised in hook 'boom''s after_gossip of round 1)" in (err.value.__notes__ or [])

@@ -73,11 +73,15 @@ class HookedBlock:
         without it, and would measure another run. Free: torch counts a tensor's in-place changes (``_version``); a
         write through ``.data`` or a NumPy view escapes that count."""
         before = self._training_inputs()
-        yield
+        when = "" if t is None else f" of round {t}"
+        try:
+            yield
+        except Exception as err:  # a bug in the hook: its traceback, and which hook and call (notes print with it)
+            err.add_note(f"(raised in hook {name!r}'s {call}{when})")
+            raise
         after = self._training_inputs()
         changed = next((what for what in before if after[what] != before[what]), None)
         if changed is not None:
-            when = "" if t is None else f" of round {t}"
             raise ValueError(f"hook {name!r} changed {changed} in {call}{when}: a round hook observes; what changes "
                              "training is the simulated world (misbehavior), which the replays and estimators "
                              "reproduce")
