@@ -50,7 +50,7 @@ import scipy.sparse as sp
 import torch
 from pydantic import Field
 
-from dice_ray.core.tensors import edge_dots, sum_by_key
+from dice_ray.core.tensors import edge_dots64, float64_budget, sum_by_key
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook, Route, Router
 from dice_ray.methods.dice.estimator import VARIANTS
 from dice_ray.methods.dice.online import OnlineCascades, ProbeSchedule
@@ -203,7 +203,7 @@ class LedgerExaminer:
         self.block, self.config = block, config
         self.shared = round_quantities(block)  # Δ^t and ∇L(θ^u; z′), shared with the block's other hooks
         self.gradient: torch.Tensor | None = None
-        self.deltas: dict[int, torch.Tensor] = {}  # probe round t -> Δ^t [P, D] (float64) of the hosted sources
+        self.deltas: dict[int, torch.Tensor] = {}  # probe round t -> Δ^t [P, D] of the hosted sources
 
     def start(self, u: int) -> torch.Tensor | None:
         """Take g = ∇L(θ^u; z′) [P, D] of the hosted participants if round u needs it (returned), and
@@ -216,7 +216,7 @@ class LedgerExaminer:
     def take_delta(self, u: int) -> None:
         """After round u's local step: keep Δ^u = θ^{u+½} − θ^u on ledger rounds."""
         if ledger_round(self.config, u):
-            self.deltas[u] = self.shared.update(u)[0].double()  # exact; converted once, read by R + 1 rounds
+            self.deltas[u] = self.shared.update(u)[0].clone()  # read by R + 1 rounds, in float64 (exactly)
 
     def terms(self, u: int, paths: list[tuple[int, int, sp.csr_array]], gradients: list[torch.Tensor | np.ndarray],
               ids: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
@@ -240,22 +240,22 @@ class LedgerExaminer:
 
         if paths:  # the g blocks received, converted once (the own block's rows serve the self term)
             blocks = [(torch.as_tensor(b) if isinstance(b, np.ndarray) else b).to(device) for b in gradients]
-            g = (blocks[0] if len(blocks) == 1 else torch.cat(blocks)).double()
+            g = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
             ids = np.arange(len(g)) if ids is None else ids
             row_of = np.full(int(ids.max()) + 1, -1)  # global id -> row of g (own nodes and targets are in ids)
             row_of[ids] = np.arange(len(ids))
             own_g = g[torch.as_tensor(row_of[nodes], device=device)]
         else:
-            own_g = self.gradient.double()
+            own_g = self.gradient
         if u in self.deltas:
-            add(0, u, nodes, nodes, torch.linalg.vecdot(own_g, self.deltas[u]))
+            add(0, u, nodes, nodes, torch.linalg.vecdot(own_g.double(), self.deltas[u].double()))
         if paths:
             for t, s, f in paths:
                 coo = sp.coo_array(f)
                 if not coo.nnz:
                     continue
                 rows, cols = coo.row.astype(np.int64), coo.col.astype(np.int64)
-                [dots] = edge_dots([(g, self.deltas[t])], row_of[rows], cols)
+                dots = edge_dots64(g, self.deltas[t], row_of[rows], cols, float64_budget(device))
                 add(s, t, nodes[cols], rows, torch.as_tensor(coo.data, dtype=torch.float64, device=device) * dots)
         for t in [t for t in self.deltas if t <= u - self.config.ledger.hops]:
             del self.deltas[t]  # no later round reads it
@@ -282,8 +282,7 @@ class LedgerExaminer:
         for i in range(arrays["ledger.rounds"].shape[1]):
             t = int(arrays["ledger.rounds"][0, i]) if len(arrays["ledger.rounds"]) else -1
             if t >= 0:
-                self.deltas[t] = torch.as_tensor(np.array(arrays["ledger.delta"][:, i]),
-                                                 device=self.block.device).double()
+                self.deltas[t] = torch.as_tensor(np.array(arrays["ledger.delta"][:, i]), device=self.block.device)
 
 
 def sort_terms(terms: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -35,14 +35,13 @@ import scipy.sparse as sp
 import torch
 from pydantic import Field
 
-from dice_ray.core.tensors import as_tensor, edge_dots, sum_by_key, to_device
+from dice_ray.core.tensors import as_tensor, edge_dots, float64_budget, sum_by_key, to_device
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook
 from dice_ray.methods.round_quantities import round_quantities
 from dice_ray.results import PROXIMAL
 from dice_ray.sections import Section
 
 FIELDS = ("examiner", "neighbor", "weight", "dot", "cosine")
-CHUNK_BYTES = 2**29  # float64 working memory of one slice of the scoring (``ProximalExaminer.score``)
 
 
 
@@ -66,15 +65,6 @@ class ProximalConfig(Section):
             return
         if self.zprime == "validation" and config.data.val_fraction == 0:
             raise ValueError("proximal.zprime 'validation' needs validation splits (data.val_fraction > 0)")
-
-
-def chunk_bytes(device: Any) -> int:
-    """The float64 working memory ``ProximalExaminer.score`` gives one slice of its work: CHUNK_BYTES, or on a GPU a
-    sixteenth of its memory (fewer slices: each costs the host a few waits for the device)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return CHUNK_BYTES
-    return max(CHUNK_BYTES, torch.cuda.get_device_properties(device).total_memory // 16)
 
 
 def scoring_round(config: Any, t: int) -> bool:
@@ -127,7 +117,7 @@ class ProximalExaminer:
             d = as_tensor(d, device) if isinstance(d, np.ndarray) else d
             # Dot products and norms in float64, a slice of the coordinates at a time: float64 copies of whole blocks
             # took 6x the state's memory at N = 4,096 (sums of the slices' float64 parts: exact to float64 rounding).
-            step = max(1, chunk_bytes(device) // (8 * (2 * g.shape[0] + d.shape[0])))
+            step = max(1, float64_budget(device) // (8 * (2 * g.shape[0] + d.shape[0])))
             grad_dot, update_dot = (torch.zeros(len(rows), dtype=torch.float64, device=device) for _ in range(2))
             own_sq = torch.zeros(g.shape[0], dtype=torch.float64, device=device)
             d_sq = torch.zeros(d.shape[0], dtype=torch.float64, device=device)
@@ -155,7 +145,7 @@ class ProximalExaminer:
         edges' source rows ``cols`` [E]; call after ``mix``. A bounded number of edges at a time (each needs its
         own float64 state)."""
         pop = self.block.population
-        step = max(1, chunk_bytes(self.block.device) // (8 * 2 * pop.state.shape[1]))
+        step = max(1, float64_budget(self.block.device) // (8 * 2 * pop.state.shape[1]))
         out = []
         for lo in range(0, len(rows), step):
             pos, src = to_device([rows[lo: lo + step], cols[lo: lo + step]], self.block.device)

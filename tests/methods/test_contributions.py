@@ -360,3 +360,34 @@ def test_first_reached_path_weights_are_the_dense_products_on_time_varying_graph
                 got = paths.first_reached(t, s).toarray()
                 assert np.array_equal(got != 0, want != 0) and (want != 0).any()
                 np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
+
+
+def test_the_ledgers_float64_products_in_slices_equal_one_slice(monkeypatch) -> None:
+    """The ledger keeps its updates in float32 (their float64 form is exact) and takes its float64 products a slice
+    of the coordinates at a time (``core.tensors.FLOAT64_SLICE_BYTES``): in slices of 200 coordinates its terms are
+    those of one slice to float64 rounding."""
+    from dice_ray.config import build_config
+    from dice_ray.core import tensors
+    from dice_ray.engine import LocalEngine
+    from dice_ray.experiment import prepare
+    from dice_ray.methods.contributions import LedgerHook
+
+    config = build_config({"nodes": 8, "rounds": 6, "seed": 1, "topology": {"name": "exponential"},
+                           "data": {"dataset": "digits", "heldout_size": 32}, "optim": {"batch_size": 8},
+                           "ledger": {"enabled": True, "hops": 2, "every": 1, "zprime": "heldout"}})
+
+    def terms() -> list[dict]:
+        engine = LocalEngine(prepare(config), [LedgerHook])
+        return [engine.run_round(t, evaluate=False).records["ledger"][0] for t in range(5)]
+
+    whole = [r and r["first"] for r in terms()]
+    monkeypatch.setattr(tensors, "FLOAT64_SLICE_BYTES", 8 * 16 * 200)
+    sliced = [r and r["first"] for r in terms()]
+    assert sum(len(r["value"]) for r in whole if r) > 50
+    for one, other in zip(whole, sliced, strict=True):
+        if one is None:
+            assert other is None
+            continue
+        for key in ("step", "probe_round", "source", "target"):
+            np.testing.assert_array_equal(one[key], other[key])
+        np.testing.assert_allclose(other["value"], one["value"], rtol=1e-12, atol=1e-12 * np.abs(one["value"]).max())

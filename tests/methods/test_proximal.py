@@ -134,9 +134,10 @@ def test_bad_proximal_and_rewiring_config_exits_2(tmp_path, capsys, flags: list[
 @pytest.mark.parametrize("readout", ["first-order", "exact"])
 def test_scoring_in_slices_gives_the_same_numbers_to_float64_rounding(readout: str, monkeypatch) -> None:
     """The float64 scoring works through a slice of the coordinates at a time, the exact readout through a bounded
-    number of edges (``CHUNK_BYTES``; float64 copies of whole blocks took 6x the state's memory at N = 4,096): in
-    slices of 300 coordinates (and an edge at a time) it gives the scores of one slice to float64 rounding."""
-    from dice_ray.methods import proximal
+    number of edges (``core.tensors.FLOAT64_SLICE_BYTES``; float64 copies of whole blocks took 6x the state's memory
+    at N = 4,096): in slices of 300 coordinates (and an edge at a time) it gives the scores of one slice to float64
+    rounding."""
+    from dice_ray.core import tensors
 
     def scores() -> tuple[list[dict], int]:
         engine = LocalEngine(prepare(build_config(config(readout=readout))), [ProximalHook])
@@ -144,7 +145,7 @@ def test_scoring_in_slices_gives_the_same_numbers_to_float64_rounding(readout: s
         return records, engine.block.population.param_layout.width
 
     whole, width = scores()
-    monkeypatch.setattr(proximal, "CHUNK_BYTES", 8 * 3 * 8 * 300)  # 8 participants, 8 sources: 300 columns a slice
+    monkeypatch.setattr(tensors, "FLOAT64_SLICE_BYTES", 8 * 3 * 8 * 300)  # P = M = 8: 300 columns a slice
     assert width > 3 * 300
     for one, other in zip(whole, scores()[0], strict=True):
         assert one.keys() == other.keys() and len(one["dot"]) > 8
