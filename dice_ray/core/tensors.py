@@ -113,18 +113,6 @@ def float64_budget(device: Any) -> int:
     return max(FLOAT64_SLICE_BYTES, torch.cuda.get_device_properties(device).total_memory // 16)
 
 
-def edge_dots64(a: torch.Tensor, b: torch.Tensor, ra: np.ndarray, rb: np.ndarray, budget: int) -> torch.Tensor:
-    """``edge_dots`` of ``(a [P, D], b [M, D])`` in float64 for inputs of any float dtype, converted a slice of the
-    D coordinates at a time, so that the float64 slices of both take at most ``budget`` bytes (whole float64 copies
-    of blocks of participants took several times the state's memory at N = 4,096): the sum of the slices' float64
-    dots, equal to one float64 dot to float64 rounding (exactly, in one slice)."""
-    step = max(1, budget // (8 * (a.shape[0] + b.shape[0])))
-    total = torch.zeros(len(ra), dtype=torch.float64, device=a.device)
-    for lo in range(0, a.shape[1], step):
-        total += edge_dots([(a[:, lo: lo + step].double(), b[:, lo: lo + step].double())], ra, rb)[0]
-    return total
-
-
 def sum_by_key(keys: list[np.ndarray] | tuple, values: list[np.ndarray] | tuple) -> tuple[np.ndarray, np.ndarray]:
     """Return (sorted unique keys, per-key sums of values)."""
     unique, inverse = np.unique(np.concatenate(keys), return_inverse=True)
