@@ -49,6 +49,7 @@ from dice_ray.errors import InputError, absent, first_line
 from dice_ray.experiment import Experiment, prepare
 from dice_ray.hooks import Method, RoundHook, Stage, round_hooks
 from dice_ray.methods.catalog import check_methods, methods_for
+from dice_ray.methods.dice.probes import influence_cost
 from dice_ray.results import (
     NODES,
     ROUNDS,
@@ -317,6 +318,9 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     config = experiment.config
     check_tracking(config.output.log, config.output.tracking_uri)  # before anything is made or written
     check_methods(methods)
+    cost = influence_cost(config, experiment.state_width)
+    if cost and not resume:
+        print(cost, file=sys.stderr)
     out = Path(config.output.out) if resume else run_directory(config)
     if engine_kind == "ray":  # a cluster that cannot hold the run's actors or tasks: one line, the directory untouched
         check_workers_register(config)

@@ -322,3 +322,24 @@ def test_dice_gt_of_a_probe_that_removes_nothing_is_zero_in_every_mode(precision
         again = ground_truth_cascade(window, source, 2, np.array([0]))
         assert again.half == cascade.half
         assert all(np.array_equal(a, b) for a, b in zip(again.values, cascade.values, strict=True))
+
+
+def test_a_large_influence_measurement_is_said_before_the_run() -> None:
+    """The default probes (the last 10 rounds x every participant) grow as N and each follows all N participants:
+    past COSTLY_REPLAYS the run says how many and how to choose fewer; in the loop, an upper bound of the
+    perturbations' memory past FLIGHT_WARNING_BYTES. The README's 16-participant study says nothing."""
+    from dice_ray.methods.dice.probes import influence_cost
+
+    def config(**influence: object) -> object:
+        return build_config({"nodes": influence.pop("nodes", 16), "rounds": 30, "data": {"dataset": "digits"},
+                             "influence": {"enabled": True, "hops": 3, **influence}})
+
+    assert influence_cost(config(), 4_000) is None
+    said = influence_cost(config(nodes=256), 4_000)
+    assert said.startswith("warning: influence: 2,560 probes (10 rounds x 256 a round), each following 256 ")
+    assert "--sample-sources K" in said and len(said.splitlines()) == 1
+    assert influence_cost(config(nodes=256, sample_sources=8), 4_000) is None
+    online = influence_cost(config(nodes=256, online=True, sample_sources=64,
+                                   variants=["first-order", "curvature"]), 100_000)
+    # 64 sources a round, 4 rounds in flight (R = 3), 256 participants, 100k numbers, 2 perturbations, 4 bytes
+    assert f"up to 256 probes in flight keep up to {256 * 256 * 100_000 * 2 * 4 / 2**30:,.0f} GiB" in online

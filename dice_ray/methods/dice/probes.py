@@ -55,3 +55,40 @@ def select_probes(config: RunConfig) -> list[Probe]:
                 for pos in sorted(rng.choice(config.optim.batch_size, inf.probe_samples, replace=False).tolist()):
                     probes.append(Probe(len(probes), t, j, int(pos)))
     return probes
+
+
+# Replays of probes x participants beyond which a run says what its influence measurement will cost (the default,
+# the last 10 rounds x every participant, is 10 N probes, each replaying the N participants' window: N = 256 took
+# 2 probes a second on 2 cores, 2026-12-07; N = 1,024 about 1.7 CPU-s a probe).
+COSTLY_REPLAYS = 200_000
+FLIGHT_WARNING_BYTES = 4 * 2**30  # in-loop DICE-E perturbations (upper bound) said past this
+
+
+def influence_cost(config: RunConfig, state_width: int) -> str | None:
+    """One warning line when the run's influence measurement is large: probes x participants past COSTLY_REPLAYS,
+    or, in the loop (``influence.online``), an upper bound of its perturbations' memory past FLIGHT_WARNING_BYTES
+    (every probe in flight reaching every participant: D floats per perturbation kept, with the optimizer state's
+    part, per docs' alignment how-to); None otherwise."""
+    inf, n = config.influence, config.nodes
+    if not inf.enabled:
+        return None
+    probes = select_probes(config)
+    rounds = sorted({p.round for p in probes})
+    fewer = "fewer: --sample-sources K (random participants a round), --probe-last L, --probe-rounds or --probe-sources"
+    said = (f"{len(probes):,} probes ({len(rounds)} rounds x {len(probes) // max(1, len(rounds)):,} a round), each "
+            f"following {n:,} participants")
+    if inf.online:
+        per_round = np.bincount([p.round for p in probes], minlength=config.rounds)
+        flight = max(int(per_round[max(0, u - inf.hops): u + 1].sum()) for u in range(config.rounds))
+        curved = any(v != "first-order" for v in inf.variants)
+        second = any(v in ("second-order", "exact-readout") for v in inf.variants)
+        slots = {"sgd": 0, "momentum": 1}.get(config.optim.name, 2)
+        per = 1 + (curved + second) * (1 + slots)
+        bound = flight * n * state_width * per * 4
+        if bound > FLIGHT_WARNING_BYTES:
+            return (f"warning: influence: {said}; in the loop up to {flight:,} probes in flight keep up to "
+                    f"{bound / 2**30:,.0f} GiB of perturbations (where a probe reaches every participant); {fewer}")
+    if len(probes) * n > COSTLY_REPLAYS:
+        return (f"warning: influence: {said}: long (N = 256: ~2 probes a second on 2 cores, and slower per probe as "
+                f"N grows); {fewer}")
+    return None
