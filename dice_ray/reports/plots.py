@@ -153,24 +153,35 @@ def contribution_shares(table: pd.DataFrame, path: Path) -> None:
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
 
 
-def signed_heatmap(matrix: np.ndarray, title: str, path: Path, value: str = "I(j → k)") -> None:
+def signed_heatmap(matrix: np.ndarray, title: str, path: Path, value: str = "I(j → k)") -> np.ndarray:
     """A source × target heat-map of ``matrix`` [j, k] (participant ids 0..N−1 on both axes) with a colour scale
     symmetric about 0, labelled ``value``; NaN (not measured) in grey, apart from 0's white (the title says so where
-    there are such cells)."""
+    there are such cells). Where some sources were not probed at all, only the probed ones' rows, labelled by id.
+    Returns the ids of the sources drawn."""
     import matplotlib
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     fig = _figure(5, 4.2)
     ax = fig.subplots()
     limit = float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else 0.0
     colors = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.75")
-    image = ax.imshow(matrix, cmap=colors, vmin=-(limit or 1.0), vmax=limit or 1.0)
+    sources = np.arange(len(matrix))
+    probed = ~np.isnan(matrix).all(axis=1)
+    if probed.any() and not probed.all():  # sampled sources: their rows only (at N = 1,024, 0.4 pixel a row)
+        sources, matrix = sources[probed], matrix[probed]
+        title += f"\nthe {len(sources)} probed sources of {len(probed)}"
+    image = ax.imshow(matrix, cmap=colors, vmin=-(limit or 1.0), vmax=limit or 1.0,
+                      aspect="auto" if len(sources) < matrix.shape[1] else None)
     if np.isnan(matrix).any():
         title += "\ngrey: not measured"
     ax.set_xlabel("target k")
     ax.set_ylabel("source j")
     for axis in (ax.xaxis, ax.yaxis):  # participant ids: whole numbers (matplotlib put ticks at 2.5, 7.5, ...)
         axis.set_major_locator(MaxNLocator(integer=True))
+    if len(sources) < len(probed):  # a row's label is its source's id
+        ax.yaxis.set_major_formatter(FuncFormatter(
+            lambda y, _: str(sources[int(round(y))]) if 0 <= round(y) < len(sources) else ""))
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label=value)
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
+    return sources

@@ -204,3 +204,18 @@ def test_cascade_of_a_run_with_exact_readout_alone(tmp_path: Path) -> None:
                      "--variants", "exact-readout", "--no-progress", "--out", str(out)]) == 0
     assert analyze(["cascade", str(out)]) == 0
     assert set(pd.read_parquet(out / "cascade.parquet")["value"]) == {"est_exact_readout"}
+
+
+def test_a_heatmap_of_sampled_sources_draws_their_rows_only(tmp_path: Path) -> None:
+    """With sampled sources most rows of the pairwise matrix are unmeasured: the heat-map draws the probed sources'
+    rows only (at N = 1,024 each row was 0.4 pixel), and a full matrix as it is."""
+    import numpy as np
+
+    from dice_ray.reports.plots import signed_heatmap
+
+    matrix = np.full((200, 200), np.nan)
+    matrix[[3, 50, 199]] = np.linspace(-1, 1, 600).reshape(3, 200)
+    assert signed_heatmap(matrix, "t", tmp_path / "sampled.png").tolist() == [3, 50, 199]
+    full = np.arange(16.0).reshape(4, 4) - 8
+    assert signed_heatmap(full, "t", tmp_path / "full.png").tolist() == [0, 1, 2, 3]
+    assert (tmp_path / "sampled.png").stat().st_size > 0 and (tmp_path / "full.png").stat().st_size > 0
