@@ -437,14 +437,17 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
         actor_info = manifest.get("placement", [])
     actor_peaks = [a["peak_rss_mib"] for a in actor_info] if engine_kind != "local" else []  # local: the driver
     rate = (config.rounds - start) / training_s if training_s > 0 else None
+    task_peak = tasks.peak_rss_mib()  # the work after training: replays, retraining (None: none in other processes)
     manifest.update(status="complete", end_time=_now(), wall_seconds=wall, training_seconds=training_s,
                     rounds_per_second=rate,
-                    peak_rss_mib={"driver": _peak_rss_mib(), "actors": actor_peaks}, placement=actor_info,
+                    peak_rss_mib={"driver": _peak_rss_mib(), "actors": actor_peaks, "tasks": task_peak},
+                    placement=actor_info,
                     final=final)
     manifest.add_failures(report, tasks.retries)
     manifest.write()
     tracker.finish()
     actors = f", actors {sum(actor_peaks):.0f} MiB in total (largest {max(actor_peaks):.0f} MiB)" if actor_peaks else ""
+    actors += f", largest task process {task_peak:.0f} MiB" if task_peak is not None else ""
     trained = (f"rounds {start}..{config.rounds - 1} x {config.nodes} participants in {training_s:.1f} s "
                f"({rate:.2f} rounds/s), {wall:.1f} s in all" if rate else
                f"{config.nodes} participants trained before, {wall:.1f} s now")

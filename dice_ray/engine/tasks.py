@@ -16,6 +16,7 @@ Both give the same numbers: a task starts from the same weights and draws the sa
 
 from __future__ import annotations
 
+import resource
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,6 +38,16 @@ class Tasks:
     def __init__(self, progress: bool = False):
         self.progress = progress
         self.retries: list[dict[str, Any]] = []
+        self._peaks: list[Any] = []  # the task processes' peak RSS, MiB (RayTasks: also handles not yet resolved)
+
+    def peak_rss_mib(self) -> float | None:
+        """The largest peak RSS (MiB) of a process that ran this run's tasks (None: no task ran in another
+        process; a Ray worker's peak counts every task it ran)."""
+        if not self._peaks:
+            return None
+        import ray
+
+        return float(max(ray.get(p) if isinstance(p, ray.ObjectRef) else p for p in self._peaks))
 
     def share(self, value: Any) -> Any:
         """A handle on ``value`` that jobs take as an argument (one copy per machine, not one per task)."""
@@ -112,9 +123,10 @@ class RayTasks(Tasks):
         return ray.put(value)
 
     def call(self, fn: Callable[..., Sequence[Any]], *args: Any, returns: int = 1) -> list[Any]:
-        task = self._remote(name=fn.__name__, num_returns=returns, max_retries=TASK_RETRIES)
-        refs = task.remote(fn, returns, self.modules, *args)
-        return [refs] if returns == 1 else list(refs)
+        task = self._remote(name=fn.__name__, num_returns=returns + 1, max_retries=TASK_RETRIES)
+        *refs, peak = task.remote(fn, returns, self.modules, *args)
+        self._peaks.append(peak)
+        return refs
 
     def map(self, fn: Callable[..., Any], jobs: list[Job], stage: str, label: Callable[[Job], dict[str, Any]],
             unit: str = "task", size: Callable[[Job], int] | None = None) -> list[Any]:
@@ -133,7 +145,8 @@ class RayTasks(Tasks):
                 [ready], _ = ray.wait(list(work), num_returns=1)
                 i, attempts = work.pop(ready)
                 try:
-                    results[i] = ray.get(ready)
+                    results[i], peak = ray.get(ready)
+                    self._peaks.append(peak)
                 except failures as err:
                     if attempts >= TASK_RETRIES:
                         raise
@@ -153,8 +166,9 @@ def _one(job: Job) -> int:
 
 
 def _in_worker(fn: Callable[..., Any], returns: int | None, modules: list[str], *args: Any) -> Any:
-    """A Ray task's body: import ``modules``, prepare the worker (``start_task``), run ``fn(*args, device)``; with
-    ``returns``, hand Ray its values as that many objects."""
+    """A Ray task's body: import ``modules``, prepare the worker (``start_task``), run ``fn(*args, device)``; return
+    (its value, this process's peak RSS in MiB), or with ``returns`` its that many values and the peak, as that many
+    objects and one."""
     import_modules(modules)
     device = start_task()
     try:
@@ -167,9 +181,8 @@ def _in_worker(fn: Callable[..., Any], returns: int | None, modules: list[str], 
                 torch.cuda.empty_cache()
             except RuntimeError:  # a CUDA error of the task itself: the one to report
                 pass
-    if returns is None:
-        return result
-    return result[0] if returns == 1 else tuple(result)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB: the process's, over its tasks so far
+    return (result, peak) if returns is None else (*result, peak)
 
 
 def task_backend(engine_kind: str, config: RunConfig, progress: bool = False) -> Tasks:
