@@ -27,7 +27,6 @@ from dice_ray.checkpoint import RoundTables
 from dice_ray.config import RunConfig, build_config, load_config, read_recorded, refuse_idle_settings
 from dice_ray.errors import InputError
 from dice_ray.hooks import Method, registered_methods
-from dice_ray.methods.catalog import check_methods
 from dice_ray.results import TABLES, kept_topology_file
 from dice_ray.rundir import MANIFEST, not_a_run, plain, read_manifest, read_table
 
@@ -205,15 +204,14 @@ def _check_path(path: Any) -> None:
 
 
 def _check_methods(methods: Any) -> None:
-    """Refuse ``methods`` given to a run that are not ``Method``s, have options but are not registered, or that
-    ``methods.catalog.check_methods`` refuses beside the registered ones and each other, in one line."""
+    """Refuse ``methods`` given to a run that are not ``Method``s or have options but are not registered, in one
+    line (the run checks them beside the registered ones: ``methods.catalog.check_methods``)."""
     if not all(isinstance(m, Method) for m in methods):
         raise InputError(f"methods are dice_ray.Method objects, not {methods!r}")
     unregistered = [m.name for m in methods if m.options is not None and m not in registered_methods()]
     if unregistered:
         raise InputError(f"method {unregistered[0]!r} has options: register it with dice_ray.register_method before "
                          "its config is built (its section is part of the run config)")
-    check_methods(methods)
 
 
 def _check_callbacks(on_round: Any) -> None:

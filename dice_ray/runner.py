@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
-import resource
 import shutil
 import sys
 import time
@@ -44,6 +43,7 @@ from dice_ray.engine import (
     starts_local_ray,
 )
 from dice_ray.engine.loop import Drivers, TrainingReport, train
+from dice_ray.engine.runtime import peak_rss_mib
 from dice_ray.engine.tasks import Tasks, task_backend
 from dice_ray.errors import InputError, absent, first_line
 from dice_ray.experiment import Experiment, prepare
@@ -204,10 +204,6 @@ def _versions() -> dict[str, str]:
     return {"dice_ray": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "ray": importlib.metadata.version("ray"),  # (read from its metadata: a local run imports no Ray)
             "numpy": np.__version__, "pyarrow": pyarrow.__version__}
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _nodes_table(experiment: Experiment, blocks: list[np.ndarray]) -> dict[str, Any]:
@@ -440,7 +436,7 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
     task_peak = tasks.peak_rss_mib()  # the work after training: replays, retraining (None: none in other processes)
     manifest.update(status="complete", end_time=_now(), wall_seconds=wall, training_seconds=training_s,
                     rounds_per_second=rate,
-                    peak_rss_mib={"driver": _peak_rss_mib(), "actors": actor_peaks, "tasks": task_peak},
+                    peak_rss_mib={"driver": peak_rss_mib(), "actors": actor_peaks, "tasks": task_peak},
                     placement=actor_info,
                     final=final)
     manifest.add_failures(report, tasks.retries)
@@ -456,7 +452,7 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
     retried = [f"{len(report.recoveries)} lost actor(s) replaced"] if report.recoveries else []
     retried += [f"{len(tasks.retries)} task(s) run again"] if tasks.retries else []
     retried_line = f"; {', '.join(retried)} (manifest.json: recoveries, task_retries)" if retried else ""
-    print(f"done: {trained}; final held-out {held_out}; peak memory: driver {_peak_rss_mib():.0f} MiB{actors}"
+    print(f"done: {trained}; final held-out {held_out}; peak memory: driver {peak_rss_mib():.0f} MiB{actors}"
           f"{retried_line}; results in {out}/", file=sys.stderr)
     return out
 

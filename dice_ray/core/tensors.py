@@ -113,6 +113,13 @@ def float64_budget(device: Any) -> int:
     return max(FLOAT64_SLICE_BYTES, torch.cuda.get_device_properties(device).total_memory // 16)
 
 
+def float64_chunks(count: int, numbers_each: int, device: Any) -> list[slice]:
+    """Slices of ``range(count)`` items (coordinates, edges) of which one slice, at ``numbers_each`` float64 numbers
+    an item, fits ``float64_budget(device)``."""
+    step = max(1, float64_budget(device) // (8 * max(1, numbers_each)))
+    return [slice(lo, lo + step) for lo in range(0, count, step)]
+
+
 def sum_by_key(keys: list[np.ndarray] | tuple, values: list[np.ndarray] | tuple) -> tuple[np.ndarray, np.ndarray]:
     """Return (sorted unique keys, per-key sums of values)."""
     unique, inverse = np.unique(np.concatenate(keys), return_inverse=True)

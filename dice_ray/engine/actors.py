@@ -26,7 +26,6 @@ losses and metrics.
 
 from __future__ import annotations
 
-import resource
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +36,7 @@ import scipy.sparse as sp
 from dice_ray.config import load_imports
 from dice_ray.core.topology import Topology
 from dice_ray.engine.block import HookedBlock, HookInbox, mixing_key
-from dice_ray.engine.runtime import tune_allocator, worker_device
+from dice_ray.engine.runtime import peak_rss_mib, tune_allocator, worker_device
 from dice_ray.engine.transport import CUDA_IPC, OBJECT_STORE, Placement
 from dice_ray.hooks import RoundHook
 
@@ -213,7 +212,7 @@ class ParticipantGroup:
                 "cuda_graph": self.block.cuda_graph,
                 "node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
                 "placement_group": ray.get_runtime_context().get_placement_group_id(),
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "peak_rss_mib": peak_rss_mib()}
 
     def state(self) -> np.ndarray:
         """Return this block's current states θ^t [P, D] (only when a user asks to save them)."""

@@ -6,7 +6,6 @@ debugging, for tests of the math, for notebooks, and as the no-Ray baseline of `
 
 from __future__ import annotations
 
-import resource
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from dice_ray.core.participants import ParticipantBlock
 from dice_ray.engine.block import HookedBlock, HookInbox, mixing_key
 from dice_ray.engine.metrics import MAX_ROUNDS_PER_CALL, RoundMetrics, RoundPlan, combine_evaluations
-from dice_ray.engine.runtime import tune_allocator
+from dice_ray.engine.runtime import peak_rss_mib, tune_allocator
 from dice_ray.experiment import Experiment
 from dice_ray.hooks import RoundHook
 
@@ -103,7 +102,7 @@ class LocalEngine:
 
         return [{"threads": torch.get_num_threads(), "device": str(self.block.device),
                  "cuda_graph": self.block.cuda_graph, "node_ip": "local",
-                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}]
+                 "peak_rss_mib": peak_rss_mib()}]
 
     def close(self) -> None:
         """Nothing to release."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import resource
 import socket
 import sys
 import tempfile
@@ -173,6 +174,11 @@ def _held_stderr() -> Iterator[None]:
                 held.seek(0)
                 sys.stderr.write(held.read().decode(errors="replace"))
                 sys.stderr.flush()
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, MiB (a Ray worker's: over every task or actor call it ran)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker_device() -> str:

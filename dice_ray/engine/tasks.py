@@ -16,7 +16,6 @@ Both give the same numbers: a task starts from the same weights and draws the sa
 
 from __future__ import annotations
 
-import resource
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -181,7 +180,9 @@ def _in_worker(fn: Callable[..., Any], returns: int | None, modules: list[str], 
                 torch.cuda.empty_cache()
             except RuntimeError:  # a CUDA error of the task itself: the one to report
                 pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB: the process's, over its tasks so far
+    from dice_ray.engine.runtime import peak_rss_mib
+
+    peak = peak_rss_mib()  # the process's, over its tasks so far
     return (result, peak) if returns is None else (*result, peak)
 
 

@@ -50,7 +50,7 @@ import scipy.sparse as sp
 import torch
 from pydantic import Field
 
-from dice_ray.core.tensors import edge_dots, float64_budget, sum_by_key
+from dice_ray.core.tensors import edge_dots, float64_chunks, sum_by_key
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook, Route, Router
 from dice_ray.methods.dice.estimator import VARIANTS
 from dice_ray.methods.dice.online import OnlineCascades, ProbeSchedule
@@ -251,12 +251,11 @@ class LedgerExaminer:
             add(0, u, nodes, nodes, torch.linalg.vecdot(own_g.double(), self.deltas[u].double()))
         hops = [(t, s, coo) for t, s, coo in ((t, s, sp.coo_array(f)) for t, s, f in paths or []) if coo.nnz]
         if hops:  # float64 a slice of the coordinates at a time, each slice of g converted once for every hop
-            step = max(1, float64_budget(device) // (8 * (g.shape[0] + 2 * len(nodes))))
             dots = [torch.zeros(coo.nnz, dtype=torch.float64, device=device) for _, _, coo in hops]
-            for lo in range(0, g.shape[1], step):
-                g64 = g[:, lo: lo + step].double()
+            for cut in float64_chunks(g.shape[1], g.shape[0] + 2 * len(nodes), device):
+                g64 = g[:, cut].double()
                 for total, (t, _, coo) in zip(dots, hops, strict=True):
-                    total += edge_dots([(g64, self.deltas[t][:, lo: lo + step].double())], row_of[coo.row], coo.col)[0]
+                    total += edge_dots([(g64, self.deltas[t][:, cut].double())], row_of[coo.row], coo.col)[0]
             for total, (t, s, coo) in zip(dots, hops, strict=True):
                 add(s, t, nodes[coo.col], coo.row.astype(np.int64),
                     torch.as_tensor(coo.data, dtype=torch.float64, device=device) * total)

@@ -35,7 +35,7 @@ import scipy.sparse as sp
 import torch
 from pydantic import Field
 
-from dice_ray.core.tensors import as_tensor, edge_dots, float64_budget, sum_by_key, to_device
+from dice_ray.core.tensors import as_tensor, edge_dots, float64_chunks, sum_by_key, to_device
 from dice_ray.hooks import DriverHook, Inbox, Method, RoundHook
 from dice_ray.methods.round_quantities import round_quantities
 from dice_ray.results import PROXIMAL
@@ -117,12 +117,11 @@ class ProximalExaminer:
             d = as_tensor(d, device) if isinstance(d, np.ndarray) else d
             # Dot products and norms in float64, a slice of the coordinates at a time: float64 copies of whole blocks
             # took 6x the state's memory at N = 4,096 (sums of the slices' float64 parts: exact to float64 rounding).
-            step = max(1, float64_budget(device) // (8 * (2 * g.shape[0] + d.shape[0])))
             grad_dot, update_dot = (torch.zeros(len(rows), dtype=torch.float64, device=device) for _ in range(2))
             own_sq = torch.zeros(g.shape[0], dtype=torch.float64, device=device)
             d_sq = torch.zeros(d.shape[0], dtype=torch.float64, device=device)
-            for lo in range(0, g.shape[1], step):
-                a, own_a, b = (x[:, lo: lo + step].double() for x in (g, own, d))
+            for cut in float64_chunks(g.shape[1], 2 * g.shape[0] + d.shape[0], device):
+                a, own_a, b = (x[:, cut].double() for x in (g, own, d))
                 parts_g, parts_u = edge_dots([(a, b), (own_a, b)], rows, cols)
                 grad_dot += parts_g
                 update_dot += parts_u
@@ -144,16 +143,16 @@ class ProximalExaminer:
         (positions in the block), ``weight`` W^t_kl [E], the source block's updates ``deltas`` [M, D] and the
         edges' source rows ``cols`` [E]; call after ``mix``. A bounded number of edges at a time (each needs its
         own float64 state)."""
-        pop = self.block.population
-        step = max(1, float64_budget(self.block.device) // (8 * 2 * pop.state.shape[1]))
+        pop, device = self.block.population, self.block.device
+        factual = self.shared.losses(t + 1, self.zprime)
         out = []
-        for lo in range(0, len(rows), step):
-            pos, src = to_device([rows[lo: lo + step], cols[lo: lo + step]], self.block.device)
+        for cut in float64_chunks(len(rows), 2 * pop.state.shape[1], device):
+            pos, src = to_device([rows[cut], cols[cut]], device)
             states = pop.state[pos].double()  # in float64, as the losses are read (``RoundQuantities.losses_at``)
             updates = deltas[src].double()
-            states[:, : updates.shape[1]] -= weight[lo: lo + step, None] * updates  # k's state had l not stepped
-            out.append(self.shared.losses(t + 1, self.zprime)[pos] - self.shared.losses_at(pos, states, self.zprime))
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=self.block.device)
+            states[:, : updates.shape[1]] -= weight[cut, None] * updates  # k's state had l not stepped
+            out.append(factual[pos] - self.shared.losses_at(pos, states, self.zprime))
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=device)
 
 
 def sort_scores(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
