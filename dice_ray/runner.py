@@ -314,7 +314,7 @@ def simulate(config: RunConfig, engine_kind: str = "ray", save_states: bool = Fa
     config = experiment.config
     check_tracking(config.output.log, config.output.tracking_uri)  # before anything is made or written
     check_methods(methods)
-    cost = influence_cost(config, experiment.state_width)
+    cost = influence_cost(config, experiment.state_width, experiment.topology.mixing_matrix)
     if cost and not resume:
         print(cost, file=sys.stderr)
     out = Path(config.output.out) if resume else run_directory(config)

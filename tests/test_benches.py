@@ -60,6 +60,8 @@ def test_bench_quick_modes_run(command, tmp_path):
     done = subprocess.run([sys.executable, *command], cwd=BENCH, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "replays/s" in done.stdout or "cpu tasks" in done.stdout, done.stdout
+    if command[0] == "bench_dice.py":  # (e), the replay against its floor
+        assert "ms a probe, floor" in done.stdout, done.stdout
 
 
 def _declared_options(script: Path) -> set[str]:

@@ -71,9 +71,9 @@ def to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tens
     return [part.view(a.shape) for part, a in zip(torch.split(flat, [a.size for a in arrays]), arrays, strict=True)]
 
 
-def csr_tensor(w: sp.csr_array, device: torch.device) -> torch.Tensor:
-    """Return scipy CSR ``w`` as a float32 torch sparse CSR tensor."""
-    w = w.astype(np.float32)
+def csr_tensor(w: sp.csr_array, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Return scipy CSR ``w`` as a torch sparse CSR tensor of ``dtype`` (float32 or float64)."""
+    w = w.astype(np.float64 if dtype == torch.float64 else np.float32)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
         return torch.sparse_csr_tensor(torch.from_numpy(w.indptr.astype(np.int64)),

@@ -71,10 +71,12 @@ class Tasks:
 
 
 class LocalTasks(Tasks):
-    """Every job in this process, on the CPU, one after another."""
+    """Every job in this process, on ``device`` (the CPU), one after another."""
+
+    device = "cpu"
 
     def call(self, fn: Callable[..., Sequence[Any]], *args: Any, returns: int = 1) -> list[Any]:
-        return list(fn(*args, "cpu"))
+        return list(fn(*args, self.device))
 
     def map(self, fn: Callable[..., Any], jobs: list[Job], stage: str, label: Callable[[Job], dict[str, Any]],
             unit: str = "task", size: Callable[[Job], int] | None = None) -> list[Any]:
@@ -83,7 +85,7 @@ class LocalTasks(Tasks):
         try:
             results = []
             for job in jobs:
-                results.append(fn(*job, "cpu"))
+                results.append(fn(*job, self.device))
                 bar.update(size(job))
             return results
         finally:

@@ -20,10 +20,11 @@ from torch.utils._pytree import tree_leaves
 
 from dice_ray.cli.simulate import build_parser, resolve_config
 from dice_ray.config import TASK_GPU_SHARE, EngineConfig, build_config
+from dice_ray.engine.tasks import LocalTasks
 from dice_ray.errors import InputError
 from dice_ray.experiment import prepare
-from dice_ray.methods.dice.measure import measure_influence_here, measure_round
 from dice_ray.methods.dice.probes import probe_rounds, select_probes
+from dice_ray.methods.dice.replays import measure_influence
 from dice_ray.methods.dice.trajectory import record_windows
 from dice_ray.methods.retraining import final_losses
 
@@ -43,6 +44,12 @@ SETTINGS = {
 
 def _experiment(**changes: Any) -> Any:
     return prepare(build_config({**WORLD, **changes}))
+
+
+class OnMeta(LocalTasks):
+    """A stage's tasks in this process, on the meta device."""
+
+    device = "meta"
 
 
 # Operations that move a tensor between devices on purpose (a module's ``.to``, a copy into a device tensor).
@@ -97,20 +104,17 @@ class OnOneDevice(TorchFunctionMode):
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_a_replay_creates_every_tensor_on_its_windows_device(setting: str) -> None:
-    """Windows recorded on the device, then DICE-GT and every DICE-E variant of every probe measured on them: no
-    CPU tensor meets a device tensor, and the results come back as rows of host numbers (zeros on meta)."""
+    """Windows recorded on the device, then DICE-GT and every DICE-E variant of every probe measured on them (the
+    stage's own tasks, run in this process on the device): no CPU tensor meets a device tensor, and the results come
+    back as rows of host numbers (zeros on meta)."""
     experiment = _experiment(**SETTINGS[setting])
     config = experiment.config
-    rounds, probes = probe_rounds(config), select_probes(config)
-    want_influence, want_dice = measure_influence_here(experiment)  # on the CPU, outside the mode
+    want_influence, want_dice = measure_influence(experiment, LocalTasks())  # on the CPU, outside the mode
     with OnOneDevice() as mode:
-        windows = record_windows(experiment, rounds, config.influence.hops, device="meta")
+        windows = record_windows(experiment, probe_rounds(config), config.influence.hops, device="meta")
         assert {t.device.type for w in windows for t in [*w.states, *w.halves, *tree_leaves(w.opt_states)]} == {"meta"}
-        influence, dice = [], []
-        for t, window in zip(rounds, windows, strict=True):
-            rows_influence, rows_dice = measure_round(experiment, window, [p for p in probes if p.round == t])
-            influence += rows_influence
-            dice += rows_dice
+        # the recording, the rounds' shared z′ gradients and losses, and the measure tasks, on the device
+        influence, dice = measure_influence(experiment, OnMeta())
     assert mode.reads > 0
     key = ("probe_id", "step", "target")
     assert [tuple(r[k] for k in key) for r in influence] == [tuple(r[k] for k in key) for r in want_influence]
@@ -169,7 +173,6 @@ def _rows(rows: list[dict], column: str) -> np.ndarray:
 def test_tasks_ask_for_their_gpu_share_and_return_what_cpu_tasks_return(ray_with_a_logical_gpu, tmp_path) -> None:
     ray = ray_with_a_logical_gpu
     from dice_ray.engine.tasks import RayTasks, start_task, task_options
-    from dice_ray.methods.dice.replays import measure_influence
     from dice_ray.methods.retraining import Retraining
 
     @ray.remote(num_cpus=1, num_gpus=TASK_GPU_SHARE)
@@ -196,6 +199,60 @@ def test_tasks_ask_for_their_gpu_share_and_return_what_cpu_tasks_return(ray_with
         for column in columns:
             np.testing.assert_allclose(_rows(rows_gpu, column), _rows(rows_cpu, column), rtol=0, atol=1e-9)
     np.testing.assert_allclose(gpu_loo["final_loss"], cpu_loo["final_loss"], rtol=0, atol=1e-9)
+
+
+def test_a_rounds_zprime_gradients_and_losses_are_computed_once_for_the_participants_probes_reach(monkeypatch) -> None:
+    """One task per recorded round computes the z′ gradients (and losses) there of the participants some probe
+    reaches (``shared_rows``), each once; the probe tasks compute none of their own, and their tables are those of
+    probe tasks that compute their own."""
+    from dice_ray.methods.dice import replays
+    from dice_ray.methods.dice.estimator import Window
+
+    experiment = _experiment(nodes=12, rounds=8, influence={
+        "enabled": True, "hops": 2, "rounds": [3, 4], "sources": [0, 6], "sources_per_task": 1,
+        "variants": "first-order,curvature,exact-readout"})
+    computed: list[tuple[int, list[int]]] = []
+    compute = Window.compute_test_gradients
+
+    def counted(window: Window, s: int, rows: np.ndarray) -> torch.Tensor:
+        computed.append((window.trajectory.t0 + s, rows.tolist()))
+        return compute(window, s, rows)
+
+    monkeypatch.setattr(Window, "compute_test_gradients", counted)
+    shared = replays.measure_influence(experiment, LocalTasks())
+    rows = replays.shared_rows(select_probes(experiment.config), 2, experiment.topology.mixing_matrix)
+    assert sorted(rows) == [3, 4, 5, 6] and 0 < len(rows[4]) < 12  # two sources' reach, not the ring
+    assert computed == [(u, r.tolist()) for u, r in rows.items()]
+    computed.clear()
+    monkeypatch.setattr(replays, "shared_rows", lambda *_: {})
+    alone = replays.measure_influence(experiment, LocalTasks())
+    assert len(computed) == 4 * 3  # four probe tasks (2 rounds x 2 sources), each at 3 steps
+    for mine, theirs in zip(shared, alone, strict=True):
+        for column in ("gt", "est_first_order", "est_curvature", "est_exact_readout"):
+            np.testing.assert_allclose(_rows(mine, column), _rows(theirs, column), rtol=0, atol=1e-12)
+
+
+def test_a_runs_windows_travel_once_and_tasks_read_them_in_place(ray_with_a_logical_gpu) -> None:
+    """The windows of a run's probe rounds go to the tasks as one object holding each round once (windows that
+    overlap share it), and Ray hands its tensors to a process without copying them: two reads of the object share
+    their memory, as the measure tasks of one machine do."""
+    ray = ray_with_a_logical_gpu
+    from dice_ray.methods.dice.replays import record_windows_task
+
+    experiment = _experiment(rounds=6)
+    [recording] = record_windows_task(experiment, [1, 2, 3], 2, "cpu")
+    assert sorted(recording.states) == [1, 2, 3, 4, 5] and sorted(recording.halves) == [1, 2, 3, 4]
+    ref = ray.put(recording)
+    first, second = ray.get(ref), ray.get(ref)
+    for got, want in ((first.states, recording.states), (first.halves, recording.halves)):
+        assert all(torch.equal(got[t], want[t]) for t in want)
+    assert all(first.states[t].data_ptr() == second.states[t].data_ptr() for t in recording.states)
+    assert first.window(2, 2).states[0].data_ptr() == first.window(1, 2).states[1].data_ptr()
+    windows = record_windows(experiment, [1, 3], 2)
+    for a, b in zip(windows, (first.window(1, 2), first.window(3, 2)), strict=True):
+        assert a.t0 == b.t0 and all(torch.equal(x, y) for x, y in zip(a.states + a.halves, b.states + b.halves,
+                                                                      strict=True))
+        assert all((x != y).nnz == 0 for x, y in zip(a.mixing, b.mixing, strict=True))
 
 
 HOOKED = {

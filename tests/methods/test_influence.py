@@ -15,6 +15,7 @@ from dice_ray.methods.dice.adjoint import adjoint_horizon
 from dice_ray.methods.dice.estimator import (
     Window,
     estimate_cascade,
+    estimate_cascades,
     first_order_all_sources,
     sample_update_difference,
     update_difference,
@@ -116,6 +117,55 @@ def test_replay_hands_back_its_counterfactual_states() -> None:
         exact = (traj.states[s][rows] - states[s - 1])[:, :width].double()
         floor = (window.test_gradients(s, rows).double() * exact).sum(dim=1).numpy()
         assert np.abs(gt.values[s] - floor).sum() <= np.abs(gt.values[s] - curvature.values[s]).sum() * 1.01
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_replay_that_removes_nothing_is_the_recorded_run(optimizer: str) -> None:
+    """On the CPU in fp32, DICE-GT compares its counterfactual states with the recorded ones (``replay_factual`` is
+    off): replaying a probe that removes nothing (j's step on its whole minibatch) reproduces them bit for bit — j's
+    step alone, the reached participants' gossip (over only the columns they read) and their steps — and every term
+    is exactly 0."""
+    window, _ = make_window("exponential", nodes=32, optimizer=optimizer)
+    traj, hops = window.trajectory, 3
+    assert not window.replay_factual
+    for j in (0, 13):
+        states: list[torch.Tensor] = []
+        gt = ground_truth_cascade(window, j, hops, np.zeros(0, np.int64), counterfactual=states)
+        assert len(gt.supports[hops]) < 32  # the replay follows a part of the network
+        for s in range(1, hops + 1):
+            assert torch.equal(states[s - 1], traj.states[s][gt.supports[s]])
+            assert not gt.values[s].any()
+        assert gt.half == 0
+
+
+def test_a_round_computes_test_gradients_and_losses_only_for_the_participants_its_probes_reach() -> None:
+    """The window's z′ gradients and losses (shared by a round's probes) are computed once per participant read, not
+    for all N; the values are the ones computed for everyone."""
+    window, _ = make_window("ring", nodes=24)
+    computed: list[tuple[int, list[int]]] = []
+    compute = window.compute_test_gradients
+
+    def counted(s: int, rows: np.ndarray) -> torch.Tensor:
+        computed.append((s, rows.tolist()))
+        return compute(s, rows)
+
+    window.compute_test_gradients = counted
+    reached: dict[int, set[int]] = {s: set() for s in range(1, 4)}
+    for j in (5, 6):
+        delta, opt_delta = update_difference(window, j)
+        estimate_cascades(window, j, delta, opt_delta, 3, ["first-order", "curvature", "exact-readout"])
+        gt = ground_truth_cascade(window, j, 3)
+        for s in reached:
+            reached[s] |= set(gt.supports[s].tolist())
+            # each reached participant once (the second probe adds only those the first did not reach), no other
+            assert sorted(r for t, rows in computed if t == s for r in rows) == sorted(reached[s])
+    assert len(reached[3]) == 8  # a ring's 3-hop reach from 5 and from 6, of 24
+    everyone = np.arange(24)
+    for s in range(1, 4):
+        rows = np.array(sorted(reached[s]))
+        torch.testing.assert_close(window.test_gradients(s, rows), compute(s, everyone)[rows], rtol=0, atol=1e-7)
+        everyone_losses = window.zprime_losses(everyone, window.trajectory.states[s]).numpy()
+        np.testing.assert_allclose(window.test_losses(s, rows).numpy(), everyone_losses[rows], rtol=1e-12)
 
 
 def test_single_sample_ground_truth_removes_exactly_that_sample() -> None:
@@ -325,21 +375,34 @@ def test_dice_gt_of_a_probe_that_removes_nothing_is_zero_in_every_mode(precision
 
 
 def test_a_large_influence_measurement_is_said_before_the_run() -> None:
-    """The default probes (the last 10 rounds x every participant) grow as N and each follows all N participants:
-    past COSTLY_REPLAYS the run says how many and how to choose fewer; in the loop, an upper bound of the
-    perturbations' memory past FLIGHT_WARNING_BYTES. The README's 16-participant study says nothing."""
+    """The default probes (the last 10 rounds x every participant) grow as N, and each replays the participants it
+    reaches in R hops: past COSTLY_REPLAYS probe-participant pairs the run says how many and how to choose fewer; in
+    the loop, an upper bound of the perturbations' memory past FLIGHT_WARNING_BYTES. The README's 16-participant
+    study says nothing."""
+    from dice_ray.experiment import config_topology
     from dice_ray.methods.dice.probes import influence_cost
 
     def config(**influence: object) -> object:
         return build_config({"nodes": influence.pop("nodes", 16), "rounds": 30, "data": {"dataset": "digits"},
+                             "topology": {"name": influence.pop("topology", "exponential")},
                              "influence": {"enabled": True, "hops": 3, **influence}})
 
-    assert influence_cost(config(), 4_000) is None
-    said = influence_cost(config(nodes=256), 4_000)
-    assert said.startswith("warning: influence: 2,560 probes (10 rounds x 256 a round), each following 256 ")
+    def cost(c: object, width: int = 4_000) -> str | None:
+        return influence_cost(c, width, config_topology(c).mixing_matrix)
+
+    assert cost(config()) is None
+    said = cost(config(nodes=256))
+    w = config_topology(config(nodes=256)).mixing_matrix(0).toarray()
+    reached = np.count_nonzero(np.linalg.matrix_power(w + np.eye(256), 3)[:, 0])  # the same from every source
+    assert said.startswith(f"warning: influence: 2,560 probes (10 rounds x 256 a round), each following {reached} of "
+                           "256 participants on average")
     assert "--sample-sources K" in said and len(said.splitlines()) == 1
-    assert influence_cost(config(nodes=256, sample_sources=8), 4_000) is None
-    online = influence_cost(config(nodes=256, online=True, sample_sources=64,
-                                   variants=["first-order", "curvature"]), 100_000)
+    assert cost(config(nodes=256, sample_sources=8)) is None
+    # a ring's probe reaches 7 participants in 3 hops, whatever N: 10 N x 7 pairs pass 200,000 between N = 2,048 and
+    # 4,096 (the participants themselves, N x 10 N, would have at N = 256)
+    assert cost(config(nodes=2048, topology="ring")) is None
+    assert "40,960 probes (10 rounds x 4,096 a round), each following 7 of 4,096" in cost(config(nodes=4096,
+                                                                                                 topology="ring"))
+    online = cost(config(nodes=256, online=True, sample_sources=64, variants=["first-order", "curvature"]), 100_000)
     # 64 sources a round, 4 rounds in flight (R = 3), 256 participants, 100k numbers, 2 perturbations, 4 bytes
     assert f"up to 256 probes in flight keep up to {256 * 256 * 100_000 * 2 * 4 / 2**30:,.0f} GiB" in online

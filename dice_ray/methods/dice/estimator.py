@@ -19,6 +19,7 @@ sample's Δ (``sample_second_order``): without z the step sees the gradient ḡ 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,7 @@ from dice_ray.core.population import (
     pad_batch,
     pad_rows,
 )
+from dice_ray.core.tensors import as_tensor
 from dice_ray.methods.dice.recursion import (
     READOUTS,
     READS_B,
@@ -87,6 +89,28 @@ class Cascade:
         return float(np.dot(q[self.supports[step]], self.values[step]))
 
 
+class RowCache:
+    """A per-participant quantity (a row each) of the participants computed or given so far, looked up by id."""
+
+    def __init__(self, n: int):
+        self.at = np.full(n, -1, np.int64)  # participant -> its row of ``values``, -1 where none yet
+        self.values: torch.Tensor | None = None
+
+    def add(self, ids: np.ndarray, values: torch.Tensor) -> None:
+        """Hold ``values`` [len(ids), ...] of participants ``ids`` (not held yet)."""
+        start = 0 if self.values is None else len(self.values)
+        self.at[ids] = np.arange(start, start + len(ids))
+        self.values = values if self.values is None else torch.cat([self.values, values])
+
+    def read(self, rows: np.ndarray, compute: Callable[[np.ndarray], torch.Tensor]) -> torch.Tensor:
+        """The rows of participants ``rows``: ``compute(ids)`` [len(ids), ...] runs once for those not held (sorted
+        ids), so memory grows with the participants read, not with N."""
+        missing = np.unique(rows[self.at[rows] < 0])
+        if len(missing):
+            self.add(missing, compute(missing))
+        return self.values[torch.as_tensor(self.at[rows], device=self.values.device)]
+
+
 class Window:
     """A ``Trajectory`` with what is needed to evaluate losses and steps on it.
 
@@ -122,8 +146,9 @@ class Window:
         # Participants with no data (ids): they do not step (θ^{t+½} = θ^t), so their local step is the identity.
         self.idle = np.zeros(0, np.int64) if idle is None else np.asarray(idle, np.int64)
         self._model64: nn.Module | None = None
-        self._test_gradients: dict[int, torch.Tensor] = {}
-        self._test_losses: dict[int, torch.Tensor] = {}
+        # step -> z′ gradients and losses at the recorded states, of the participants read so far (or ``given``)
+        self._test_gradients: dict[int, RowCache] = {}
+        self._test_losses: dict[int, RowCache] = {}
         # DICE-GT's factual side of the last (source, hops) replayed (``ground_truth.factual_side``).
         self.factual_replay: tuple[tuple[int, int], tuple[torch.Tensor, list[torch.Tensor]]] | None = None
 
@@ -156,12 +181,11 @@ class Window:
         """∇L(θ_k^{t0+s}; z′) for k in ``rows``: [len(rows), D] over the state (eval mode, which reads the running
         statistics).
 
-        Computed once per step for all N participants and cached: the probes of one round (every source,
-        both variants) share them, as they share the trajectory.
+        Computed once per participant and step, for the participants asked for (or ``given``): the probes of one round
+        (every source, every variant) share them, as they share the trajectory, and a probe reads only those it
+        reaches.
         """
-        if s not in self._test_gradients:
-            self._test_gradients[s] = self.compute_test_gradients(s, np.arange(self.trajectory.states[s].shape[0]))
-        return self._test_gradients[s][self.index(rows)]
+        return self._cache(self._test_gradients, s).read(rows, lambda ids: self.compute_test_gradients(s, ids))
 
     def compute_test_gradients(self, s: int, rows: np.ndarray) -> torch.Tensor:
         """``test_gradients`` without the cache."""
@@ -176,12 +200,25 @@ class Window:
             self.model.train()
 
     def test_losses(self, s: int, rows: np.ndarray) -> torch.Tensor:
-        """L(θ_k^{t0+s}; z′) for k in ``rows``: [len(rows)] float64 (eval mode), computed once per step for all N and
-        cached: the exact readout's shared term, L(θ_k; z′) of every probe read at k and step s."""
-        if s not in self._test_losses:
-            everyone = np.arange(self.trajectory.states[s].shape[0])
-            self._test_losses[s] = self.zprime_losses(everyone, self.trajectory.states[s])
-        return self._test_losses[s][self.index(rows)]
+        """L(θ_k^{t0+s}; z′) for k in ``rows``: [len(rows)] float64 (eval mode), computed once per participant and
+        step (as ``test_gradients``): DICE-GT's factual side and the exact readout's shared term, L(θ_k; z′) of every
+        probe read at k and step s."""
+        def compute(ids: np.ndarray) -> torch.Tensor:
+            return self.zprime_losses(ids, self.trajectory.states[s][self.index(ids)])
+
+        return self._cache(self._test_losses, s).read(rows, compute)
+
+    def given(self, s: int, rows: np.ndarray, gradients: np.ndarray | None, losses: np.ndarray | None) -> None:
+        """Hold the z′ gradients [len(rows), D] and losses [len(rows)] (float64) at θ^{t0+s} of participants ``rows``,
+        computed elsewhere (a round's, shared by its tasks: ``replays.zprime_task``); None: not given."""
+        for cache, values in ((self._test_gradients, gradients), (self._test_losses, losses)):
+            if values is not None:
+                self._cache(cache, s).add(rows, as_tensor(values, self.trajectory.device))
+
+    def _cache(self, caches: dict[int, RowCache], s: int) -> RowCache:
+        if s not in caches:
+            caches[s] = RowCache(self.trajectory.states[s].shape[0])
+        return caches[s]
 
     def zprime_losses(self, rows: np.ndarray, states: torch.Tensor) -> torch.Tensor:
         """L(θ; z′_k) [P] float64 at ``states`` [P, D] of participants ``rows`` (z′_k: k's validation split when the

@@ -18,6 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from dice_ray.core.tensors import csr_tensor
 from dice_ray.methods.dice.estimator import Cascade, Window
 from dice_ray.methods.dice.trajectory import reach
 
@@ -70,13 +71,17 @@ def ground_truth_cascade(window: Window, source: int, hops: int, removed: np.nda
         counterfactual.extend(state.clone() for state in cf_states)
     half, states = factual_side(window, source, supports, hops)
     # every loss of the probe in one float64 pass (seven calls at 3 hops took 44 s of a 165 s replay stage): the
-    # half-steps, then each hop's factual and counterfactual states; a row's loss is the same in any pass
+    # half-steps, then each hop's counterfactual states, and the factual ones where they were replayed; the recorded
+    # states' losses are the window's, shared by the round's probes (a row's loss is the same in any pass)
     hopped = [supports[s] for s in range(1, hops + 1)]
-    rows = [np.array([source] * 2), *hopped, *hopped]
-    stacked = torch.cat([torch.stack([half, half_cf]), *states, *cf_states])
+    recorded = not window.replay_factual
+    rows = [np.array([source] * 2), *hopped, *([] if recorded else hopped)]
+    stacked = torch.cat([torch.stack([half, half_cf]), *cf_states, *([] if recorded else states)])
     losses = _heldout_losses(window, stacked, np.concatenate(rows))
     parts = np.split(losses, np.cumsum([len(r) for r in rows])[:-1])
-    values = [np.zeros(1)] + [parts[s] - parts[hops + s] for s in range(1, hops + 1)]
+    factual = [window.test_losses(s, supports[s]).cpu().numpy() for s in range(1, hops + 1)] if recorded \
+        else parts[hops + 1:]
+    values = [np.zeros(1)] + [factual[s - 1] - parts[s] for s in range(1, hops + 1)]
     return Cascade(source, float(parts[0][0] - parts[0][1]), supports, values)
 
 
@@ -99,25 +104,25 @@ def _replay(window: Window, supports: list[np.ndarray], source: int, half: torch
             opt_source: dict[str, torch.Tensor], hops: int) -> list[torch.Tensor]:
     """The states [|S_s|, D] of the participants S_s (``supports``) at rounds t0+s, s = 1..hops, when j's half-step
     of round t0 is ``half`` (its optimizer state then ``opt_source``) and everything else is the recorded run but
-    the local steps of the participants reached so far, which are replayed."""
+    the local steps of the participants reached so far, which are replayed.
+
+    Only the reached participants are computed: their gossip reads the recorded half-steps of the participants they
+    listen to, with the replayed ones in place, so a hop costs O((|S_s| + their in-neighbours) · D), not O(N · D)."""
     traj = window.trajectory
-    halves = traj.halves[0].clone()
-    halves[source] = half
-    cf_rows = supports[0]  # rows whose optimizer state differs from the recorded one
+    cf_rows, cf_halves = supports[0], half[None]  # participants whose half-step differs from the recorded one
     cf_opt = {name: value[None] for name, value in opt_source.items()}
     out = []
     for s in range(1, hops + 1):
         rows = supports[s]
-        w = sp.csr_array(traj.mixing[s - 1][rows])
         with torch.no_grad():
-            states = torch.as_tensor(w.toarray(), dtype=halves.dtype, device=halves.device) @ halves  # S_s's states
+            states = gossip_rows(traj.mixing[s - 1][rows], traj.halves[s - 1], cf_rows, cf_halves)  # S_s's states
         out.append(states)
         if s == hops:
             break
         # The local step of round t0+s for S_s; everyone else's half-step is the recorded one.
         index = window.index(rows)
         opt = {name: value[index].clone() for name, value in traj.opt_states[s].items()}
-        at = torch.as_tensor(np.searchsorted(rows, cf_rows), device=halves.device)
+        at = torch.as_tensor(np.searchsorted(rows, cf_rows), device=states.device)
         for name, value in cf_opt.items():
             opt[name][at] = value
         pop = window.population(s, rows, states=states)
@@ -126,9 +131,22 @@ def _replay(window: Window, supports: list[np.ndarray], source: int, half: torch
         before = pop.params.clone()
         idle = window.idle_rows(rows)  # participants with no data do not step
         pop.half_step(x[index], y[index],
-                      idle=None if idle is None else torch.as_tensor(np.flatnonzero(idle), device=halves.device))
+                      idle=None if idle is None else torch.as_tensor(np.flatnonzero(idle), device=states.device))
         window.corrupt_updates_(rows, before, pop)
-        halves = traj.halves[s].clone()
-        halves[index] = pop.state
-        cf_rows, cf_opt = rows, {name: value.clone() for name, value in pop.opt_state.items()}
+        cf_rows, cf_halves = rows, pop.state
+        cf_opt = {name: value.clone() for name, value in pop.opt_state.items()}
     return out
+
+
+def gossip_rows(w: sp.csr_array, recorded: torch.Tensor, rows: np.ndarray, halves: torch.Tensor) -> torch.Tensor:
+    """Σ_l w_kl θ_l^{t+½} [K, D] for the K rows of ``w`` (scipy CSR, K x N): θ_l^{t+½} the ``recorded`` half-steps
+    [N, D], but ``halves`` [len(rows), D] for the participants ``rows`` (sorted ids). Only the columns ``w`` reads
+    are gathered, and the product is the sparse one the engines gossip with (``Population.mix_``)."""
+    columns = np.unique(w.indices)  # a row of W is never empty: it sums to 1
+    device = recorded.device
+    sources = recorded[torch.as_tensor(columns, device=device)]
+    at = np.minimum(np.searchsorted(columns, rows), len(columns) - 1)
+    read = columns[at] == rows
+    sources[torch.as_tensor(at[read], device=device)] = halves[torch.as_tensor(np.flatnonzero(read), device=device)]
+    local = sp.csr_array((w.data, np.searchsorted(columns, w.indices), w.indptr), shape=(w.shape[0], len(columns)))
+    return torch.sparse.mm(csr_tensor(local, device, recorded.dtype), sources)

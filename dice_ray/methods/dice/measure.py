@@ -23,8 +23,8 @@ from dice_ray.methods.dice.estimator import (
     update_difference,
 )
 from dice_ray.methods.dice.ground_truth import ground_truth_cascade
-from dice_ray.methods.dice.probes import Probe, probe_rounds, select_probes
-from dice_ray.methods.dice.trajectory import Trajectory, record_windows
+from dice_ray.methods.dice.probes import Probe
+from dice_ray.methods.dice.trajectory import Trajectory
 
 COLUMNS = {"first-order": "est_first_order", "curvature": "est_curvature", "second-order": "est_second_order",
            "exact-readout": "est_exact_readout"}
@@ -122,25 +122,18 @@ def window_for(experiment: Any, trajectory: Trajectory) -> Window:
                   replay_factual=experiment.config.engine.precision != "fp32" or device.type != "cpu")
 
 
-def measure_round(experiment: Any, trajectory: Trajectory, probes: list[Probe]) -> tuple[list[dict], list[dict]]:
-    """Measure ``probes`` (all of round ``trajectory.t0``) with the run's influence settings."""
+def measure_round(experiment: Any, trajectory: Trajectory, probes: list[Probe],
+                  given: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = ()) -> tuple[list[dict],
+                                                                                                   list[dict]]:
+    """Measure ``probes`` (all of round ``trajectory.t0``) with the run's influence settings. ``given[s]``: (rows,
+    z′ gradients, z′ losses) at θ^{t0+s} computed for the round's tasks (``replays.zprime_task``)."""
     inf = experiment.config.influence
     distances = {j: experiment.topology.hop_distances(j, probes[0].round) for j in {p.source for p in probes}}
-    return measure_probes(window_for(experiment, trajectory), probes, experiment.q, inf.hops, list(inf.variants),
-                          inf.ground_truth, distances, inf.second_order_b, inf.exact_readout_b)
-
-
-def measure_influence_here(experiment: Any) -> tuple[list[dict], list[dict]]:
-    """Measure every probe of the run in this process (no Ray); return (influence rows, dice rows)."""
-    config = experiment.config
-    rounds, probes = probe_rounds(config), select_probes(config)
-    influence: list[dict] = []
-    dice: list[dict] = []
-    for t, window in zip(rounds, record_windows(experiment, rounds, config.influence.hops), strict=True):
-        rows_influence, rows_dice = measure_round(experiment, window, [p for p in probes if p.round == t])
-        influence += rows_influence
-        dice += rows_dice
-    return influence, dice
+    window = window_for(experiment, trajectory)
+    for s, (rows, gradients, losses) in enumerate(given):
+        window.given(s, rows, gradients, losses)
+    return measure_probes(window, probes, experiment.q, inf.hops, list(inf.variants), inf.ground_truth, distances,
+                          inf.second_order_b, inf.exact_readout_b)
 
 
 def _all(cascades: dict[str, Cascade | None]) -> dict[str, Cascade | None]:

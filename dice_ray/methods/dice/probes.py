@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -57,26 +58,40 @@ def select_probes(config: RunConfig) -> list[Probe]:
     return probes
 
 
-# Replays of probes x participants beyond which a run says what its influence measurement will cost (the default,
-# the last 10 rounds x every participant, is 10 N probes, each replaying the N participants' window: N = 256 took
-# 2 probes a second on 2 cores, 2026-12-07; N = 1,024 about 1.7 CPU-s a probe).
+# Replays of probes x participants reached beyond which a run says what its influence measurement will cost (the
+# default, the last 10 rounds x every participant, is 10 N probes, each replaying the participants it reaches in
+# R hops; see docs' alignment how-to, at scale).
 COSTLY_REPLAYS = 200_000
 FLIGHT_WARNING_BYTES = 4 * 2**30  # in-loop DICE-E perturbations (upper bound) said past this
+REACH_SAMPLE = 32  # probes whose reach is counted to estimate the mean
 
 
-def influence_cost(config: RunConfig, state_width: int) -> str | None:
-    """One warning line when the run's influence measurement is large: probes x participants past COSTLY_REPLAYS,
-    or, in the loop (``influence.online``), an upper bound of its perturbations' memory past FLIGHT_WARNING_BYTES
-    (every probe in flight reaching every participant: D floats per perturbation kept, with the optimizer state's
-    part, per docs' alignment how-to); None otherwise."""
+def mean_reach(probes: list[Probe], hops: int, mixing: Callable[[int], Any]) -> float:
+    """The mean number of participants a probe reaches in ``hops`` rounds (|S_R|, ``trajectory.reach``), over up to
+    REACH_SAMPLE of ``probes`` evenly spaced; ``mixing(t)``: W^t (scipy)."""
+    from dice_ray.methods.dice.trajectory import reach
+
+    picked = probes[:: max(1, len(probes) // REACH_SAMPLE)][:REACH_SAMPLE]
+    matrices: dict[int, Any] = {}
+    for t in sorted({p.round + s for p in picked for s in range(hops)}):
+        matrices[t] = mixing(t)
+    return float(np.mean([len(reach([matrices[p.round + s] for s in range(hops)], p.source)[-1]) for p in picked]))
+
+
+def influence_cost(config: RunConfig, state_width: int, mixing: Callable[[int], Any]) -> str | None:
+    """One warning line when the run's influence measurement is large: probes x the participants each reaches
+    (``mean_reach``; ``mixing(t)``: W^t) past COSTLY_REPLAYS, or, in the loop (``influence.online``), an upper bound
+    of its perturbations' memory past FLIGHT_WARNING_BYTES (every probe in flight reaching every participant: D
+    floats per perturbation kept, with the optimizer state's part, per docs' alignment how-to); None otherwise."""
     inf, n = config.influence, config.nodes
     if not inf.enabled:
         return None
     probes = select_probes(config)
     rounds = sorted({p.round for p in probes})
     fewer = "fewer: --sample-sources K (random participants a round), --probe-last L, --probe-rounds or --probe-sources"
+    reached = mean_reach(probes, inf.hops, mixing)
     said = (f"{len(probes):,} probes ({len(rounds)} rounds x {len(probes) // max(1, len(rounds)):,} a round), each "
-            f"following {n:,} participants")
+            f"following {reached:,.0f} of {n:,} participants on average")
     if inf.online:
         per_round = np.bincount([p.round for p in probes], minlength=config.rounds)
         flight = max(int(per_round[max(0, u - inf.hops): u + 1].sum()) for u in range(config.rounds))
@@ -88,7 +103,7 @@ def influence_cost(config: RunConfig, state_width: int) -> str | None:
         if bound > FLIGHT_WARNING_BYTES:
             return (f"warning: influence: {said}; in the loop up to {flight:,} probes in flight keep up to "
                     f"{bound / 2**30:,.0f} GiB of perturbations (where a probe reaches every participant); {fewer}")
-    if len(probes) * n > COSTLY_REPLAYS:
-        return (f"warning: influence: {said}: long (N = 256: ~2 probes a second on 2 cores, and slower per probe as "
-                f"N grows); {fewer}")
+    if len(probes) * reached > COSTLY_REPLAYS:
+        return (f"warning: influence: {said}: long (N = 256, the paper's MLP: ~12 probes a second on 2 cores, "
+                f"fewer as the reach grows); {fewer}")
     return None

@@ -1,22 +1,26 @@
 """Influence measured after training: windows recorded once, probes fanned out as independent tasks.
 
-1. ``record_windows_task`` trains the run in one task and returns one object per probe round: the
-   window t..t+R (states, half-steps, optimizer states, W). It runs the same ``ParticipantBlock`` code as
-   the engines, so the numbers do not depend on how the training run was placed.
+1. ``record_windows_task`` trains the run in one task and returns one object: every round the windows t..t+R of the
+   probe rounds cover (states, half-steps, optimizer states, W), each once (``trajectory.Recording``). It runs the
+   same ``ParticipantBlock`` code as the engines, so the numbers do not depend on how the training run was placed.
 2. ``measure_task`` measures a chunk of one round's probes (DICE-GT replays and DICE-E) on that round's
-   window. Tasks read windows and the experiment through the task backend's shared handles (on Ray: one
-   copy per machine, not one per task) and run in parallel on every free CPU (or GPU share) of the cluster.
+   window. Tasks read the recording and the experiment through the task backend's shared handles (on Ray: one
+   copy per machine, read in place, not one per task) and run in parallel on every free CPU (or GPU share) of the
+   cluster.
 
 ``REPLAYS_METHOD`` is the stage of a run with ``influence.enabled``: it writes ``influence.parquet`` and
 ``dice.parquet``, or, with in-loop DICE-E (``influence.online``) and ``influence.ground_truth``, fills DICE-GT
-into the tables the round loop wrote. Windows travel on the CPU; a task computes on its device (``engine.tasks``).
+into the tables the round loop wrote. The recording travels on the CPU; a task computes on its device
+(``engine.tasks``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from dice_ray.experiment import Experiment
@@ -28,32 +32,70 @@ from dice_ray.results import DICE, INFLUENCE
 
 
 def record_windows_task(experiment: Experiment, starts: list[int], hops: int, device: str) -> list[Any]:
-    """Return the windows t..t+hops for every t in ``starts``, on the CPU."""
-    from dice_ray.methods.dice.trajectory import record_windows
+    """Return [the ``Recording`` of the windows t..t+hops for every t in ``starts``] (pickled as host arrays)."""
+    from dice_ray.methods.dice.trajectory import record_rounds
 
-    return [w.to("cpu") for w in record_windows(experiment, starts, hops, device)]
+    return [record_rounds(experiment, starts, hops, device)]
 
 
-def measure_task(experiment: Experiment, trajectory: Any, probes: list[Probe],
-                 device: str) -> tuple[list[dict], list[dict]]:
-    """Measure ``probes`` (all of one round) on its window; return (influence rows, dice rows)."""
+def zprime_task(experiment: Experiment, recording: Any, u: int, rows: np.ndarray, gradients: bool, losses: bool,
+                device: str) -> list[Any]:
+    """Return [(``rows``, the z′ gradients [len(rows), D] or None, the z′ losses [len(rows)] float64 or None)] at the
+    recorded states θ^u of participants ``rows``, as host arrays: what every measure task reading round u shares."""
+    from dice_ray.methods.dice.measure import window_for
+
+    window = window_for(experiment, recording.window(u, 0).to(device))
+    return [(rows, window.test_gradients(0, rows).cpu().numpy() if gradients else None,
+             window.test_losses(0, rows).cpu().numpy() if losses else None)]
+
+
+def measure_task(experiment: Experiment, recording: Any, probes: list[Probe],
+                 *given_and_device: Any) -> tuple[list[dict], list[dict]]:
+    """Measure ``probes`` (all of one round t) on its window of ``recording``; return (influence rows, dice rows).
+    ``given_and_device``: ``zprime_task``'s values of rounds t..t+R (none where no task computed them), then the
+    device."""
     from dice_ray.methods.dice.measure import measure_round
 
-    return measure_round(experiment, trajectory.to(device), probes)
+    *given, device = given_and_device
+    return measure_round(experiment, recording.window(probes[0].round, experiment.config.influence.hops).to(device),
+                         probes, given)
+
+
+def shared_rows(probes: list[Probe], hops: int, mixing: Callable[[int], Any]) -> dict[int, np.ndarray]:
+    """For every round u the probes' windows hold, the participants whose z′ gradient or loss at θ^u some probe reads:
+    S_{u−t}(j) of every probe (j, t) with t ≤ u ≤ t + R (``trajectory.reach``; of a round's sources together, the
+    union of theirs). ``mixing(t)``: W^t."""
+    from dice_ray.methods.dice.trajectory import reach
+
+    read: dict[int, list[np.ndarray]] = {}
+    for t in sorted({p.round for p in probes}):
+        sources = np.array(sorted({p.source for p in probes if p.round == t}))
+        for s, rows in enumerate(reach([mixing(t + s) for s in range(hops)], sources)):
+            read.setdefault(t + s, []).append(rows)
+    return {u: np.unique(np.concatenate(sets)) for u, sets in sorted(read.items())}
 
 
 def measure_influence(experiment: Experiment, tasks: Any) -> tuple[list[dict], list[dict]]:
     """Measure every probe of ``experiment.config.influence`` through ``tasks`` (an ``engine.tasks.Tasks``); return
-    (influence rows, dice rows) sorted by probe."""
-    config = experiment.config
+    (influence rows, dice rows) sorted by probe.
+
+    Three kinds of task: one records the windows; one per round they hold computes the z′ gradients and losses at
+    its recorded states that the probes read (once, not once per measure task); the measure tasks, a chunk of one
+    round's probes each, replay and estimate."""
+    config, inf = experiment.config, experiment.config.influence
     rounds, probes = probe_rounds(config), select_probes(config)
     shared = tasks.share(experiment)
-    windows = tasks.call(record_windows_task, shared, rounds, config.influence.hops, returns=len(rounds))
-    chunk = config.influence.sources_per_task
+    [recording] = tasks.call(record_windows_task, shared, rounds, inf.hops)
+    gradients, losses = bool(inf.variants), inf.ground_truth or "exact-readout" in inf.variants
+    zprime = {u: tasks.call(zprime_task, shared, recording, u, rows, gradients, losses)[0]
+              for u, rows in shared_rows(probes, inf.hops, experiment.topology.mixing_matrix).items()} \
+        if gradients or losses else {}
     jobs = []
-    for t, window in zip(rounds, windows, strict=True):
+    for t in rounds:
         mine = [p for p in probes if p.round == t]
-        jobs += [(shared, window, mine[i: i + chunk]) for i in range(0, len(mine), chunk)]
+        given = [zprime[t + s] for s in range(inf.hops + 1)] if zprime else []
+        jobs += [(shared, recording, mine[i: i + inf.sources_per_task], *given)
+                 for i in range(0, len(mine), inf.sources_per_task)]
     results = tasks.map(measure_task, jobs, "influence",
                         lambda job: {"round": job[2][0].round, "probe_ids": [p.probe_id for p in job[2]]},
                         unit="probe", size=lambda job: len(job[2]))

@@ -2,9 +2,10 @@
 
 ``Trajectory`` holds, for every participant, the local state θ^{t+s} before round t+s's local step, its
 half-step θ^{t+s+½}, the optimizer state, and W^{t+s}; minibatches are recomputed from
-(seed, participant, round), never stored. ``record_trajectory`` produces one with the same
-``ParticipantBlock`` code the engines run, so the window is exactly the run's. Its tensors live on one device: the
-recording's, the CPU in Ray's object store (``to`` moves them), a replay's where its window is.
+(seed, participant, round), never stored. ``record_rounds`` trains with the same ``ParticipantBlock`` code the
+engines run, so a window is exactly the run's, and keeps each round its windows need once (``Recording``: windows
+that overlap share it). Tensors live on one device: the recording's; the CPU in Ray's object store, where the tasks
+of a machine read one copy in place; a replay's where its window is (``Trajectory.to``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import scipy.sparse as sp
 import torch
 
 from dice_ray.core.participants import ParticipantBlock
+from dice_ray.core.tensors import as_tensor
 
 if TYPE_CHECKING:
     from dice_ray.experiment import Experiment
@@ -65,47 +67,92 @@ class Trajectory:
                           self.opt_states[a: a + hops + 1], self.mixing[a: a + hops])
 
 
+@dataclass
+class Recording:
+    """Rounds of a run, each held once (round -> tensors on one device): what the windows of its probe rounds read,
+    however many windows cover a round (``window``).
+
+    states[t], halves[t], opt_states[t], mixing[t] as in ``Trajectory``, for the rounds some window needs.
+    Pickled (into Ray's object store) as numpy arrays, which every task that reads them maps in place: the tasks
+    of a machine share one copy of each round (read-only: replays clone what they change)."""
+
+    states: dict[int, torch.Tensor]
+    halves: dict[int, torch.Tensor]
+    opt_states: dict[int, dict[str, torch.Tensor]]
+    mixing: dict[int, sp.csr_array]
+
+    def window(self, t0: int, horizon: int) -> Trajectory:
+        """Return the window t0..t0+horizon (no copies)."""
+        return Trajectory(t0, [self.states[t0 + s] for s in range(horizon + 1)],
+                          [self.halves[t0 + s] for s in range(horizon)],
+                          [self.opt_states[t0 + s] for s in range(horizon + 1)],
+                          [self.mixing[t0 + s] for s in range(horizon)])
+
+    def __reduce__(self) -> tuple:
+        def host(value: torch.Tensor) -> np.ndarray:
+            return value.detach().cpu().numpy()
+
+        opt_states = {t: {name: host(v) for name, v in opt.items()} for t, opt in self.opt_states.items()}
+        return _recording_of_arrays, ({t: host(v) for t, v in self.states.items()},
+                                      {t: host(v) for t, v in self.halves.items()}, opt_states, self.mixing)
+
+
+def _recording_of_arrays(states: dict[int, np.ndarray], halves: dict[int, np.ndarray],
+                         opt_states: dict[int, dict[str, np.ndarray]], mixing: dict[int, sp.csr_array]) -> Recording:
+    """A pickled ``Recording``, its tensors on the CPU sharing the arrays' memory."""
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return as_tensor(a, torch.device("cpu"))
+
+    return Recording({t: tensor(a) for t, a in states.items()}, {t: tensor(a) for t, a in halves.items()},
+                     {t: {name: tensor(a) for name, a in opt.items()} for t, opt in opt_states.items()}, mixing)
+
+
 def record_trajectory(experiment: Experiment, t0: int, horizon: int,
                       device: torch.device | str = "cpu") -> Trajectory:
     """Train ``experiment`` from round 0 in this process (on ``device``) and return the window t0..t0+horizon."""
-    return record_windows(experiment, [t0], horizon, device)[0]
+    return record_rounds(experiment, [t0], horizon, device).window(t0, horizon)
 
 
 def record_windows(experiment: Experiment, starts: list[int], horizon: int,
                    device: torch.device | str = "cpu") -> list[Trajectory]:
-    """Train ``experiment`` from round 0 in this process, on ``device``, and return the windows t..t+horizon for
-    every t in ``starts`` (tensors on ``device``). The rounds are the run's own (the same ``ParticipantBlock`` code
-    as the engines, the same initial weights and minibatches on any device), so the windows match a run of the same
-    config and seed; only rounds inside some window are kept.
+    """``record_rounds``' windows t..t+horizon for every t in ``starts`` (windows that overlap share tensors)."""
+    recording = record_rounds(experiment, starts, horizon, device)
+    return [recording.window(t0, horizon) for t0 in starts]
+
+
+def record_rounds(experiment: Experiment, starts: list[int], horizon: int,
+                  device: torch.device | str = "cpu") -> Recording:
+    """Train ``experiment`` from round 0 in this process, on ``device``, and return the rounds of the windows
+    t..t+horizon for every t in ``starts`` (tensors on ``device``). The rounds are the run's own (the same
+    ``ParticipantBlock`` code as the engines, the same initial weights and minibatches on any device), so the windows
+    match a run of the same config and seed; only rounds inside some window are kept.
     """
     block = ParticipantBlock.for_experiment(experiment, device=str(device))
     pop = block.population
     needed = {t + s for t in starts for s in range(horizon + 1)}
-    states, halves, opt_states, mixing = {}, {}, {}, {}
+    recording = Recording({}, {}, {}, {})
     for t in range(max(starts) + horizon + 1):
         if t in needed:
-            states[t] = pop.state.clone()
-            opt_states[t] = {name: value.clone() for name, value in pop.opt_state.items()}
+            recording.states[t] = pop.state.clone()
+            recording.opt_states[t] = {name: value.clone() for name, value in pop.opt_state.items()}
         if t == max(starts) + horizon:
             break
         block.half_step(t)
         w = experiment.topology.mixing_matrix(t)
         if t in needed:
-            halves[t], mixing[t] = pop.state.clone(), w
+            recording.halves[t], recording.mixing[t] = pop.state.clone(), w
         block.mix(block.mixing_rows(w), [pop.state])
-    return [Trajectory(t0, [states[t0 + s] for s in range(horizon + 1)],
-                       [halves[t0 + s] for s in range(horizon)],
-                       [opt_states[t0 + s] for s in range(horizon + 1)],
-                       [mixing[t0 + s] for s in range(horizon)]) for t0 in starts]
+    return recording
 
 
-def reach(mixing: list[sp.csr_array], source: int) -> list[np.ndarray]:
+def reach(mixing: list[sp.csr_array], source: int | np.ndarray) -> list[np.ndarray]:
     """Return S_0 = {j} ⊆ S_1 ⊆ … ⊆ S_R (sorted ids): S_s holds every k with (W^{t+s'-1} ⋯ W^t)_{k j} > 0
-    for some s' ≤ s — every participant whose local state the probe can have changed by round t+s.
+    for some s' ≤ s — every participant whose local state the probe can have changed by round t+s. ``source`` may
+    be several participants (sorted ids): then S_s is the union of theirs.
 
     The perturbation δ^{(s)} of concepts §4 is zero outside S_s; see ``first_reached`` for N^{(s)}(j).
     """
-    sets = [np.array([source])]
+    sets = [np.atleast_1d(np.asarray(source))]
     current = sets[0]
     for w in mixing:
         hits = np.asarray((sp.csr_array(w[:, current]) != 0).sum(axis=1)).ravel()
