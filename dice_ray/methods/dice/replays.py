@@ -3,10 +3,12 @@
 1. ``record_windows_task`` trains the run in one task and returns one object: every round the windows t..t+R of the
    probe rounds cover (states, half-steps, optimizer states, W), each once (``trajectory.Recording``). It runs the
    same ``ParticipantBlock`` code as the engines, so the numbers do not depend on how the training run was placed.
-2. ``measure_task`` measures a chunk of one round's probes (DICE-GT replays and DICE-E) on that round's
-   window. Tasks read the recording and the experiment through the task backend's shared handles (on Ray: one
-   copy per machine, read in place, not one per task) and run in parallel on every free CPU (or GPU share) of the
-   cluster.
+2. ``zprime_task``, one per recorded round, computes the z′ gradients and losses at its states of the participants
+   the probes reach (``shared_rows``): DICE-E reads the gradients, DICE-GT's factual side the losses.
+3. ``measure_task`` measures a chunk of one round's probes (DICE-GT replays and DICE-E) on that round's
+   window. Tasks read the recording, the z′ values and the experiment through the task backend's shared handles
+   (on Ray: one copy per machine, read in place, not one per task) and run in parallel on every free CPU (or GPU
+   share) of the cluster.
 
 ``REPLAYS_METHOD`` is the stage of a run with ``influence.enabled``: it writes ``influence.parquet`` and
 ``dice.parquet``, or, with in-loop DICE-E (``influence.online``) and ``influence.ground_truth``, fills DICE-GT
