@@ -396,6 +396,10 @@ class Population:
         self.step_threads: int | None = None
         self._replicas: list[nn.Module] = []  # the model, one copy per side-by-side pass (``_in_passes``)
         self._mix_chunk: torch.Tensor | None = None  # ``mix_``'s output columns on a CPU, reused every round
+        # ``mix_`` on a CPU from several source blocks: (their weights, the weights side by side), and the buffer of
+        # their sources' columns stacked
+        self._mix_stacked: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
+        self._mix_sources: torch.Tensor | None = None
         # Per-tensor views of the parameters and optimizer buffers, for the optimizer's foreach update.
         self._param_views = list(self.param_layout.views(self.params).values())
         self._opt_views = {name: value if name == "step" else list(self.param_layout.views(value).values())
@@ -874,7 +878,7 @@ class Population:
 
         ``weights[b]`` [P, M_b] (sparse CSR or dense) are the rows of W^t for these participants restricted
         to the participants whose half-step states are ``sources[b]`` [M_b, D]; one pair or matching lists
-        (one per source block, which saves concatenating blocks received from other actors).
+        (one per source block: the blocks received from other actors are never concatenated whole).
         """
         pairs = list(zip(weights, sources, strict=True)) if isinstance(weights, list) else [(weights, sources)]
 
@@ -886,22 +890,44 @@ class Population:
             return
         # On CPU, mix in column chunks whose sources fit in cache (~4 MB): 3-4x faster than one product at
         # N = 256; at least 256 columns (at N = 16,384: 2x faster than 1,024, and a 16 MB chunk, not 64 MB). Each
-        # chunk reads only its own columns, so a source may be ``state`` itself.
+        # chunk reads only its own columns, so a source may be ``state`` itself. Several source blocks (other
+        # actors' half-steps) are stacked, a chunk of columns at a time, under their weights side by side: one
+        # product sums each row's terms in one order, the order of one block holding them all, so a run's numbers
+        # do not depend on how many actors hold its participants (a sum per block, then of the blocks, rounds
+        # otherwise).
         rows = sum(src.shape[0] for _, src in pairs)
         width = max(256, (1 << 20) // max(rows, 1))
-        columns, (first_w, first_src) = self.state.shape[1], pairs[0]
+        columns = self.state.shape[1]
+        weights = pairs[0][0] if len(pairs) == 1 else self._stacked_weights([w for w, _ in pairs])
         if self._mix_chunk is None or self._mix_chunk.shape[1] != width:
             self._mix_chunk = self.state.new_empty(self.size, width)
+        if len(pairs) > 1 and (self._mix_sources is None or self._mix_sources.shape != (rows, width)):
+            self._mix_sources = self.state.new_empty(rows, width)
         starts = list(range(0, columns, width))
         if len(starts) > 1 and columns - starts[-1] < MIN_MIX_COLUMNS:
             starts.pop()  # the narrow remainder joins the last full chunk
         for a, b in zip(starts, [*starts[1:], columns], strict=True):
-            # The first product goes into one reused buffer: a fresh chunk per product is zero-filled first.
+            # The product goes into one reused buffer: a fresh chunk per product is zero-filled first.
             chunk = self._mix_chunk if b - a == width else self.state.new_empty(self.size, b - a)
-            torch.addmm(chunk, first_w, first_src[:, a:b], beta=0, out=chunk)
-            for w, src in pairs[1:]:
-                chunk += product(w, src[:, a:b])
+            if len(pairs) == 1:
+                sources = pairs[0][1][:, a:b]
+            else:
+                sources = self._mix_sources if b - a == width else self.state.new_empty(rows, b - a)
+                torch.cat([src[:, a:b] for _, src in pairs], out=sources)
+            torch.addmm(chunk, weights, sources, beta=0, out=chunk)
             self.state[:, a:b] = chunk
+
+    def _stacked_weights(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """``weights`` [P, M_b] side by side, [P, Σ M_b] (sparse CSR where they all are), kept while the same
+        tensors come back (an engine converts W's rows once per topology)."""
+        if self._mix_stacked is None or len(self._mix_stacked[0]) != len(weights) or \
+                any(a is not b for a, b in zip(self._mix_stacked[0], weights, strict=True)):
+            if all(w.is_sparse_csr for w in weights):
+                stacked = torch.cat([w.to_sparse_coo() for w in weights], dim=1).coalesce().to_sparse_csr()
+            else:
+                stacked = torch.cat([w.to_dense() if w.is_sparse_csr else w for w in weights], dim=1)
+            self._mix_stacked = tuple(weights), stacked
+        return self._mix_stacked[1]
 
 
 # -- optimizers on stacked parameters (one implementation: in place; clone first for a functional use) --
