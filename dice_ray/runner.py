@@ -390,6 +390,7 @@ def _simulate(experiment: Experiment, out: Path, engine_kind: str, save_states: 
             write_table_atomic(out / "nodes.parquet", _nodes_table(experiment, blocks), NODES)
             if start > 0:  # ``latest``: the checkpoint that verified and fitted above (the drivers hold its state)
                 engine.restore(snapshot, config.engine.restart_timeout)
+                snapshot = None  # in the engine now: a whole state less for the rest of the run
                 drivers.impose_mixing(engine)
                 tables.rollback(latest.round)
                 store.remove_after(latest.round)

@@ -369,7 +369,7 @@ def test_a_received_runs_crafted_files_are_one_line_each(interrupted: Path, tmp_
         with open(path, "wb") as f:
             np.savez_compressed(f, **saved)
 
-    for name, write, needle in (("huge", huge, "asks for more memory than there is"),
+    for name, write, needle in (("huge", huge, "size is not the one its header gives"),
                                 ("compressed", compressed, "has compressed members")):
         run = _copy(interrupted, tmp_path / name)
         rewrite_state(run, write)

@@ -51,8 +51,9 @@ class LocalEngine:
         [metrics] = _on_host([self._round(t, evaluate, snapshot)])
         return metrics
 
-    def _round(self, t: int, evaluate: bool, snapshot: bool = False) -> RoundMetrics:
-        """``run_round`` with the training losses left where the block computes (a tensor [P])."""
+    def _round(self, t: int, evaluate: bool, snapshot: bool = False, copy: bool = True) -> RoundMetrics:
+        """``run_round`` with the training losses left where the block computes (a tensor [P]); the snapshot shares
+        the block's memory on a CPU unless ``copy``."""
         train_loss = self.hooked.local_step(t)
         key = mixing_key(self._version, t, self.topology.time_varying)
         self.hooked.set_weights(key, None if key == self._held else [self._mixing_at(t)])
@@ -67,7 +68,7 @@ class LocalEngine:
             metrics = RoundMetrics(t, train_loss)
         metrics.records = {name: [record] for name, record in records.items()}
         if snapshot:
-            metrics.snapshot = self.hooked.snapshot(t)
+            metrics.snapshot = self.hooked.snapshot(t, copy=copy)
         return metrics
 
     def set_mixing_matrix(self, w: Any) -> None:
@@ -78,10 +79,12 @@ class LocalEngine:
     def run_rounds(self, schedule: Iterable[tuple[int, bool] | RoundPlan]) -> Iterator[RoundMetrics]:
         """Run the rounds of ``schedule`` (``RoundPlan``s or (t, evaluate) pairs, in order); yield each
         round's metrics. Up to ``queue`` rounds run before their metrics are yielded, their losses read back in
-        one copy (an evaluation or a snapshot round yields at once)."""
+        one copy (an evaluation or a snapshot round yields at once). A snapshot shares the block's memory on a CPU:
+        it is valid until the next round runs, when the caller asks for the next metrics (the loop writes it before;
+        a copy was a whole state more at every checkpoint)."""
         queued: list[RoundMetrics] = []
         for plan in (RoundPlan(*plan) for plan in schedule):
-            queued.append(self._round(*plan))
+            queued.append(self._round(*plan, copy=False))
             if len(queued) >= self.queue or plan.evaluate or plan.snapshot:
                 yield from _on_host(queued)
                 queued = []
