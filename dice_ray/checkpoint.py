@@ -92,9 +92,7 @@ class Checkpoint:
         """The arrays of ``name``: plain arrays (never a pickle: a checkpoint never runs code), stored uncompressed as
         ``np.savez`` stores them (a compressed member could inflate without bound); an array whose header asks for
         more memory than there is is a ``ValueError`` too."""
-        with zipfile.ZipFile(self.path / name) as archive:
-            if any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist()):
-                raise ValueError("it has compressed members; dice-ray stores its arrays uncompressed")
+        self._plain_arrays(name)
         try:
             with np.load(self.path / name, allow_pickle=False) as arrays:
                 return {key: arrays[key] for key in arrays.files}

@@ -150,7 +150,7 @@ class Window:
         self._test_gradients: dict[int, RowCache] = {}
         self._test_losses: dict[int, RowCache] = {}
         # DICE-GT's factual side of the last (source, hops) replayed (``ground_truth.factual_side``).
-        self.factual_replay: tuple[tuple[int, int], tuple[torch.Tensor, list[torch.Tensor]]] | None = None
+        self.factual_replay: tuple[tuple[int, int], tuple[torch.Tensor, list[np.ndarray]]] | None = None
 
     def clear_cache(self) -> None:
         """Forget cached test gradients, losses and factual replays (for timing)."""

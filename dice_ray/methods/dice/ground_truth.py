@@ -69,34 +69,32 @@ def ground_truth_cascade(window: Window, source: int, hops: int, removed: np.nda
     cf_states = _replay(window, supports, source, half_cf, opt_cf_source, hops)
     if counterfactual is not None:
         counterfactual.extend(state.clone() for state in cf_states)
-    half, states = factual_side(window, source, supports, hops)
-    # every loss of the probe in one float64 pass (seven calls at 3 hops took 44 s of a 165 s replay stage): the
-    # half-steps, then each hop's counterfactual states, and the factual ones where they were replayed; the recorded
-    # states' losses are the window's, shared by the round's probes (a row's loss is the same in any pass)
-    hopped = [supports[s] for s in range(1, hops + 1)]
-    recorded = not window.replay_factual
-    rows = [np.array([source] * 2), *hopped, *([] if recorded else hopped)]
-    stacked = torch.cat([torch.stack([half, half_cf]), *cf_states, *([] if recorded else states)])
-    losses = _heldout_losses(window, stacked, np.concatenate(rows))
+    half, factual = factual_side(window, source, supports, hops)
+    # every loss of the probe's own states in one float64 pass (seven calls at 3 hops took 44 s of a 165 s replay
+    # stage): the half-steps, then each hop's counterfactual states (a row's loss is the same in any pass)
+    rows = [np.array([source] * 2), *(supports[s] for s in range(1, hops + 1))]
+    losses = _heldout_losses(window, torch.cat([torch.stack([half, half_cf]), *cf_states]), np.concatenate(rows))
     parts = np.split(losses, np.cumsum([len(r) for r in rows])[:-1])
-    factual = [window.test_losses(s, supports[s]).cpu().numpy() for s in range(1, hops + 1)] if recorded \
-        else parts[hops + 1:]
     values = [np.zeros(1)] + [factual[s - 1] - parts[s] for s in range(1, hops + 1)]
     return Cascade(source, float(parts[0][0] - parts[0][1]), supports, values)
 
 
 def factual_side(window: Window, source: int, supports: list[np.ndarray],
-                 hops: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The factual θ_j^{t0+½} [D] and θ_k^{t0+s} [|S_s|, D] (rows: ``supports[s]``), s = 1..hops, that DICE-GT's
-    terms compare with: the recorded states, or where the run stepped in another arithmetic
-    (``window.replay_factual``) the replay with nothing removed, kept on the window for the next probe: a source's
-    probes (its whole batch, then its single samples) are consecutive and share it."""
+                 hops: int) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """The factual θ_j^{t0+½} [D] and the z′ losses L(θ_k^{t0+s}; z′) [|S_s|] float64 (rows: ``supports[s]``),
+    s = 1..hops, that DICE-GT's terms compare with: the recorded states' (the window's, shared by the round's probes),
+    or where the run stepped in another arithmetic (``window.replay_factual``) those of the replay with nothing
+    removed, kept on the window for the next probe: a source's probes (its whole batch, then its single samples) are
+    consecutive and share it."""
     traj = window.trajectory
     if not window.replay_factual:
-        return traj.halves[0][source], [traj.states[s][supports[s]] for s in range(1, hops + 1)]
+        return traj.halves[0][source], [window.test_losses(s, supports[s]).cpu().numpy() for s in range(1, hops + 1)]
     if window.factual_replay is None or window.factual_replay[0] != (source, hops):
         half, opt_source = counterfactual_half_step(window, source, np.zeros(0, np.int64))
-        window.factual_replay = (source, hops), (half, _replay(window, supports, source, half, opt_source, hops))
+        states = _replay(window, supports, source, half, opt_source, hops)
+        hopped = [supports[s] for s in range(1, hops + 1)]
+        losses = _heldout_losses(window, torch.cat(states), np.concatenate(hopped))
+        window.factual_replay = (source, hops), (half, np.split(losses, np.cumsum([len(r) for r in hopped])[:-1]))
     return window.factual_replay[1]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -72,10 +73,8 @@ def mean_reach(probes: list[Probe], hops: int, mixing: Callable[[int], Any]) -> 
     from dice_ray.methods.dice.trajectory import reach
 
     picked = probes[:: max(1, len(probes) // REACH_SAMPLE)][:REACH_SAMPLE]
-    matrices: dict[int, Any] = {}
-    for t in sorted({p.round + s for p in picked for s in range(hops)}):
-        matrices[t] = mixing(t)
-    return float(np.mean([len(reach([matrices[p.round + s] for s in range(hops)], p.source)[-1]) for p in picked]))
+    mixing = functools.cache(mixing)  # each round's W^t once (a time-varying topology draws it anew per call)
+    return float(np.mean([len(reach([mixing(p.round + s) for s in range(hops)], p.source)[-1]) for p in picked]))
 
 
 def influence_cost(config: RunConfig, state_width: int, mixing: Callable[[int], Any]) -> str | None:

@@ -19,6 +19,7 @@ into the tables the round loop wrote. The recording travels on the CPU; a task c
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +70,7 @@ def shared_rows(probes: list[Probe], hops: int, mixing: Callable[[int], Any]) ->
     union of theirs). ``mixing(t)``: W^t."""
     from dice_ray.methods.dice.trajectory import reach
 
+    mixing = functools.cache(mixing)  # each round's W^t once (a time-varying topology draws it anew per call)
     read: dict[int, list[np.ndarray]] = {}
     for t in sorted({p.round for p in probes}):
         sources = np.array(sorted({p.source for p in probes if p.round == t}))
