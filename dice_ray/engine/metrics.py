@@ -7,6 +7,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from dice_ray.checkpoint import Rows
+
 # The most rounds an engine runs before their metrics reach the driver (Ray: per coordinator call; on a GPU, the
 # local engine too): the host then waits for the device once per so many rounds, not every round.
 MAX_ROUNDS_PER_CALL = 32
@@ -37,15 +39,15 @@ class RoundMetrics:
     heldout_loss: np.ndarray | None = None
     heldout_acc: np.ndarray | None = None
     consensus_distance: float | None = None
-    snapshot: dict[str, np.ndarray] | None = None  # the state after round t, global order (checkpoint rounds)
+    snapshot: dict[str, np.ndarray | Rows] | None = None  # the state after round t, global order (checkpoints)
     # per round hook (by name): what each block's ``after_gossip`` reported, in block order (``hooks.py``)
     records: dict[str, list[Any]] = field(default_factory=dict)
 
 
-def combine_snapshots(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Concatenate per-block ``HookedBlock.snapshot`` arrays (the block's state and its hooks' arrays; blocks in global
-    participant order)."""
-    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+def combine_snapshots(parts: list[dict[str, np.ndarray]]) -> dict[str, Rows]:
+    """Join per-block ``HookedBlock.snapshot`` arrays (the block's state and its hooks' arrays; blocks in global
+    participant order) as ``Rows``: the checkpoint writes the blocks one after another, never concatenated."""
+    return {key: Rows([p[key] for p in parts]) for key in parts[0]}
 
 
 def combine_evaluations(t: int, train_loss: np.ndarray, parts: list[dict[str, np.ndarray]],

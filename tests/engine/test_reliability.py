@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dice_ray.checkpoint import CheckpointStore, RoundTables
+from dice_ray.checkpoint import CheckpointStore, RoundTables, Rows
 from dice_ray.cli.simulate import main
 from dice_ray.config import build_config
 from dice_ray.results import ROUNDS
@@ -63,6 +63,58 @@ def test_checkpoints_are_atomic_pruned_and_refuse_poison(tmp_path: Path) -> None
     assert store.latest().round == 14
     with pytest.raises(ValueError, match="different config"):
         CheckpointStore(tmp_path, digest="xyz").check(store.latest())
+
+
+def test_a_checkpoint_of_row_blocks_is_the_joined_arrays(tmp_path: Path) -> None:
+    """The Ray engine's groups hand a snapshot over as row blocks (``Rows``), written one after another: the file is
+    the joined arrays as ``np.load`` reads them, its recorded SHA-256 (computed while writing) is the file's, and a
+    row that is not finite is named by its place in the whole state, with nothing written."""
+    import hashlib
+
+    rng = np.random.default_rng(3)
+    blocks = [rng.standard_normal((3, 5)).astype(np.float32), np.zeros((0, 5), np.float32),
+              rng.standard_normal((2, 5)).astype(np.float32)]
+    snapshot = {"state": Rows(blocks), "opt.step": Rows([np.ones(3), np.zeros(0), np.full(2, 2.0)]),
+                "cascade.ids": Rows([np.zeros((n, 0), np.int64) for n in (3, 0, 2)]),
+                "cascade.mask": Rows([np.ones((3, 2), bool), np.zeros((0, 2), bool), np.zeros((2, 2), bool)])}
+    driver = {"names": np.array(["a", "bcd"]), "count": np.array(7)}
+    store = CheckpointStore(tmp_path, digest="abc")
+    checkpoint = store.save(4, snapshot, driver)
+    for saved, given in ((checkpoint.load(), snapshot), (checkpoint.load_driver_state(), driver)):
+        assert saved.keys() == given.keys()
+        for key, value in given.items():
+            joined = np.asarray(value)
+            assert saved[key].dtype == joined.dtype and saved[key].shape == joined.shape, key
+            assert np.array_equal(saved[key], joined), key
+    meta = json.loads((checkpoint.path / "meta.json").read_text())
+    assert meta["sha256"] == {name: hashlib.sha256((checkpoint.path / name).read_bytes()).hexdigest()
+                              for name in ("state.npz", "driver.npz")}
+    assert meta["shapes"]["state"] == [5, 5] and checkpoint.verify() is None
+    blocks[2][1, 3] = np.nan
+    with pytest.raises(FloatingPointError, match=r"round 9: non-finite parameters at participants \[4\]"):
+        store.save(9, snapshot, driver)
+    assert [c.round for c in store.checkpoints()] == [4] and not list(store.root.glob(".tmp-*"))
+
+
+def test_a_file_changed_after_its_check_is_hashed_again(tmp_path: Path, monkeypatch) -> None:
+    """A resume looks at the newest checkpoint twice and hashes it once (the digest of an unchanged file is kept);
+    a write in between, of the same size and with the modification time set back, is still seen."""
+    import dice_ray.checkpoint as checkpoints
+
+    monkeypatch.setattr(checkpoints, "RACY_NS", 0)  # the file was written just now
+    store = CheckpointStore(tmp_path, digest="abc")
+    checkpoint = store.save(4, {"state": np.arange(40, dtype=np.float32).reshape(4, 10)})
+    assert checkpoint.verify() is None and checkpoint.verify() is None
+    path = checkpoint.path / "state.npz"
+    before = path.stat()
+    assert any(key[0] == str(path.resolve()) for key in checkpoints._HASHED)
+    data = bytearray(path.read_bytes())
+    data[-200] ^= 0x01  # within the state's last values (the zip's directory follows them)
+    with open(path, "r+b") as f:
+        f.write(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert checkpoint.verify() == "state.npz does not match its recorded SHA-256"
 
 
 def test_round_tables_roll_back_buffered_and_committed_rows(tmp_path: Path) -> None:
