@@ -157,7 +157,13 @@ class RoundHook:
     def snapshot(self, t: int) -> dict[str, np.ndarray]:
         """Arrays with one row per hosted participant (keys ``<name>.…``) that a later round reads; part of the
         checkpoint after round t (tensors are saved as numpy arrays). Every hook's ``restore`` reads the whole
-        checkpoint: a key the participants' state (``state``, ``opt.…``) or another hook saves is refused."""
+        checkpoint: a key the participants' state (``state``, ``opt.…``) or another hook saves is refused.
+
+        What only some participants hold, or several of (DICE's perturbations: one per probe that reached a
+        participant), can be saved as entries instead of rows: an integer array ``<group>.owner`` [E] names the
+        participant (global id, ascending) owning each of E entries, and every other key ``<group>.…`` is then an
+        array of those E entries along its first axis. A resume, with any number of actors, hands each block its
+        participants' rows and the entries they own, in order."""
         return {}
 
     def restore(self, arrays: Mapping[str, np.ndarray] | None) -> None:

@@ -50,6 +50,18 @@ def combine_snapshots(parts: list[dict[str, np.ndarray]]) -> dict[str, Rows]:
     return {key: Rows([p[key] for p in parts]) for key in parts[0]}
 
 
+def block_rows(snapshot: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The part of a global ``snapshot`` (as ``combine_snapshots`` joins it) that the block of participants ``ids``
+    (ascending global ids) restores: the rows ``ids`` of each array, and of each group of entries (a key
+    ``<group>.owner``, see ``RoundHook.snapshot``) the entries those participants own, in their order."""
+    owned = {key[: -len(".owner")]: np.isin(value, ids) for key, value in snapshot.items() if key.endswith(".owner")}
+    out = {}
+    for key, value in snapshot.items():
+        groups = [g for g in owned if key.startswith(f"{g}.")]
+        out[key] = value[owned[max(groups, key=len)]] if groups else value[ids]
+    return out
+
+
 def combine_evaluations(t: int, train_loss: np.ndarray, parts: list[dict[str, np.ndarray]],
                         n: int) -> RoundMetrics:
     """Merge per-block ``ParticipantBlock.evaluate`` outputs (in global participant order) into one

@@ -16,7 +16,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from dice_ray.config import EngineConfig
 from dice_ray.engine.actors import Coordinator, ParticipantGroup, ParticipantGroupWithTransport
-from dice_ray.engine.metrics import MAX_ROUNDS_PER_CALL, RoundMetrics, RoundPlan, combine_evaluations, combine_snapshots
+from dice_ray.engine.metrics import (
+    MAX_ROUNDS_PER_CALL,
+    RoundMetrics,
+    RoundPlan,
+    block_rows,
+    combine_evaluations,
+    combine_snapshots,
+)
 from dice_ray.engine.runtime import ActorPlan, plan_actors
 from dice_ray.engine.tasks import task_gpus
 from dice_ray.engine.transport import CUDA_IPC, OBJECT_STORE, Placement, choose_transports, may_use_device_transport
@@ -225,7 +232,7 @@ class RayEngine:
 
         def submit(g: int) -> Any:
             block = self.plan.blocks[g]
-            arrays = None if snapshot is None else {k: v[block] for k, v in snapshot.items()}
+            arrays = None if snapshot is None else block_rows(snapshot, block)
             return self.groups[g].restore.remote(arrays, self.epoch, self._data[g])
 
         pending = {g: submit(g) for g in range(len(self.groups))}

@@ -109,6 +109,63 @@ def test_interrupted_run_resumes_with_its_perturbations(optimizer: str, tmp_path
         pd.testing.assert_frame_equal(tables(tmp_path / "run")[name], table)
 
 
+def test_a_checkpoint_keeps_the_perturbations_where_the_cascades_reached(ray_local, tmp_path: Path) -> None:
+    """A checkpoint saves one entry per (probe, participant its perturbation has reached), not a row per participant
+    and probe in flight (92% zeros at N = 1,024); a resume on 3 actors from the local engine's checkpoint, and one
+    from the layout earlier versions saved, end with the tables of the run that was not stopped."""
+    import hashlib
+    import shutil
+
+    from dice_ray.methods.dice.probes import select_probes
+
+    cfg = config(tmp_path / "run", influence__online=True, output__checkpoint_every=3, output__keep_checkpoints=True)
+
+    def interrupt(metrics, engine) -> None:
+        if metrics.round == 4:  # the checkpoint after round 2 holds the probes of rounds 1 and 2 in flight
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        simulate(cfg, engine_kind="local", on_round=interrupt)
+    [checkpoint] = sorted((tmp_path / "run" / "checkpoints").glob("round-*"))
+    with np.load(checkpoint / "state.npz") as arrays:
+        saved = {key: arrays[key] for key in arrays.files}
+    owner, probe = saved["cascade.owner"], saved["cascade.probe"]
+    assert np.all(np.diff(owner) >= 0) and len(set(zip(owner.tolist(), probe.tolist(), strict=True))) == len(owner)
+    flying = [p for p in select_probes(cfg) if p.round <= 2]
+    for p in flying:  # on the ring, after 2 - t + 1 hops: the source and that many neighbours on each side
+        hops = 2 - p.round + 1
+        reached = {(p.source + d) % 8 for d in range(-hops, hops + 1)}
+        assert set(owner[probe == p.probe_id].tolist()) == reached, p
+    assert len(owner) < 8 * len(flying) and saved["cascade.curvature"].shape == (len(owner), saved["state"].shape[1])
+
+    shutil.copytree(tmp_path / "run", tmp_path / "earlier")
+    reference = tables(simulate(config(tmp_path / "ref", influence__online=True), engine_kind="local"))
+    simulate(config(tmp_path / "run", influence__online=True, output__checkpoint_every=3, engine__actors=3),
+             engine_kind="ray", resume=True)
+    assert_same_estimates(tables(tmp_path / "run"), reference)
+
+    # The layout of earlier versions: a row per participant, a slot per probe in flight (cascade.ids, cascade.mask)
+    earlier = tmp_path / "earlier" / "checkpoints" / checkpoint.name
+    ids = np.array(sorted(p.probe_id for p in flying))
+    slot = np.searchsorted(ids, probe)
+    dense = {k: v for k, v in saved.items() if not k.startswith("cascade.")}
+    dense["cascade.ids"] = np.tile(ids, (8, 1))
+    dense["cascade.mask"] = np.zeros((8, len(ids)), bool)
+    dense["cascade.mask"][owner, slot] = True
+    for key in [k for k in saved if k.startswith("cascade.") and k not in ("cascade.owner", "cascade.probe")]:
+        dense[key] = np.zeros((8, len(ids), *saved[key].shape[1:]), saved[key].dtype)
+        dense[key][owner, slot] = saved[key]
+    with open(earlier / "state.npz", "wb") as f:
+        np.savez(f, **dense)
+    meta = json.loads((earlier / "meta.json").read_text())
+    meta["sha256"]["state.npz"] = hashlib.sha256((earlier / "state.npz").read_bytes()).hexdigest()
+    (earlier / "meta.json").write_text(json.dumps(meta))
+    simulate(config(tmp_path / "earlier", influence__online=True, output__checkpoint_every=3), engine_kind="local",
+             resume=True)
+    for name, table in reference.items():
+        pd.testing.assert_frame_equal(tables(tmp_path / "earlier")[name], table)
+
+
 def test_online_dice_without_influence_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from dice_ray.cli.simulate import main
 
