@@ -504,4 +504,4 @@ class RoundTables:
         for name, schema in self.schemas.items():
             with TableWriter(self.run_dir / f"{name}.parquet", schema) as writer:
                 for *_, path in self._parts(name):
-                    writer.write(pq.read_table(path, schema=schema).to_pydict())
+                    writer.write_table(pq.read_table(path, schema=schema))
