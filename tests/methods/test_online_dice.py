@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from oracles import BATCHNORM_MLP, config_from
 
+from dice_ray.errors import InputError
 from dice_ray.runner import simulate
 
 # 8-node ring, momentum (so the optimizer state is perturbed too), probes in rounds 1, 2 and 4 over 3 hops,
@@ -111,8 +112,8 @@ def test_interrupted_run_resumes_with_its_perturbations(optimizer: str, tmp_path
 
 def test_a_checkpoint_keeps_the_perturbations_where_the_cascades_reached(ray_local, tmp_path: Path) -> None:
     """A checkpoint saves one entry per (probe, participant its perturbation has reached), not a row per participant
-    and probe in flight (92% zeros at N = 1,024); a resume on 3 actors from the local engine's checkpoint, and one
-    from the layout earlier versions saved, end with the tables of the run that was not stopped."""
+    and probe in flight (92% zeros at N = 1,024), first-order δ as a scale per entry and Δ_j; a resume on 3 actors
+    from the local engine's checkpoint ends with the tables of the run that was not stopped."""
     import hashlib
     import shutil
 
@@ -144,26 +145,32 @@ def test_a_checkpoint_keeps_the_perturbations_where_the_cascades_reached(ray_loc
              engine_kind="ray", resume=True)
     assert_same_estimates(tables(tmp_path / "run"), reference)
 
-    # The layout of earlier versions: a row per participant, a slot per probe in flight (cascade.ids, cascade.mask)
+    # The layout of earlier versions: a row per participant, a slot per probe in flight (cascade.ids, cascade.mask),
+    # first-order δ as rows [P, A, D]. Its curvature perturbations would restore; its first-order rows cannot become
+    # a scale and a direction exactly: refused in one line, before anything is written.
     earlier = tmp_path / "earlier" / "checkpoints" / checkpoint.name
     ids = np.array(sorted(p.probe_id for p in flying))
     slot = np.searchsorted(ids, probe)
+    entries = {k: v for k, v in saved.items()
+               if k.startswith("cascade.") and k not in ("cascade.owner", "cascade.probe")}
+    entries["cascade.first-order"] = entries["cascade.first-order"][:, None] * entries.pop("cascade.direction")
     dense = {k: v for k, v in saved.items() if not k.startswith("cascade.")}
     dense["cascade.ids"] = np.tile(ids, (8, 1))
     dense["cascade.mask"] = np.zeros((8, len(ids)), bool)
     dense["cascade.mask"][owner, slot] = True
-    for key in [k for k in saved if k.startswith("cascade.") and k not in ("cascade.owner", "cascade.probe")]:
-        dense[key] = np.zeros((8, len(ids), *saved[key].shape[1:]), saved[key].dtype)
-        dense[key][owner, slot] = saved[key]
+    for key, value in entries.items():
+        dense[key] = np.zeros((8, len(ids), *value.shape[1:]), value.dtype)
+        dense[key][owner, slot] = value
     with open(earlier / "state.npz", "wb") as f:
         np.savez(f, **dense)
     meta = json.loads((earlier / "meta.json").read_text())
     meta["sha256"]["state.npz"] = hashlib.sha256((earlier / "state.npz").read_bytes()).hexdigest()
     (earlier / "meta.json").write_text(json.dumps(meta))
-    simulate(config(tmp_path / "earlier", influence__online=True, output__checkpoint_every=3), engine_kind="local",
-             resume=True)
-    for name, table in reference.items():
-        pd.testing.assert_frame_equal(tables(tmp_path / "earlier")[name], table)
+    before = sorted(p.name for p in (tmp_path / "earlier").iterdir())
+    with pytest.raises(InputError, match="first-order perturbations are rows, as versions before 2026-12-07 saved"):
+        simulate(config(tmp_path / "earlier", influence__online=True, output__checkpoint_every=3), engine_kind="local",
+                 resume=True)
+    assert sorted(p.name for p in (tmp_path / "earlier").iterdir()) == before
 
 
 def test_online_dice_without_influence_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

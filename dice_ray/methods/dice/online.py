@@ -7,19 +7,22 @@ participant groups as the rounds happen instead of on a replayed window afterwar
 1. at the start of round u (θ = θ^u) every group hosting a participant k of the probe's support S_s records
    e_k^{(s)} = ∇L(θ_k^u; z′)ᵀ δ_k^{(s)}; for s < R it then takes the step's Jacobian along δ — for
    ``curvature`` J_k^u δ_k by forward-mode differentiation through k's local step on z_k^u (one batched
-   Hessian-vector product over every probe's rows), for ``first-order`` δ itself;
+   Hessian-vector product over every probe's rows), for ``first-order`` δ itself (J = I: δ_k = c_k Δ_j, a scale
+   per row times the source's update, ``ScaledUpdate``);
 2. after the local step of the probe round (s = 0) the source's group takes Δ_j = θ_j^{t+½} − θ_j^t (and the
    optimizer-state change), records e_j^{(½)} and starts the probe with J δ := Δ_j on row j;
 3. gossip mixes the stepped perturbations like the half-steps: δ_k^{(s+1)} = Σ_l W^u_kl (J δ)_l, with the blocks
-   of other groups routed to the groups whose rows of W read them; S_{s+1} = S_s ∪ {k : W^u_kl ≠ 0, l ∈ S_s}.
+   of other groups routed to the groups whose rows of W read them (first-order: only the scales c);
+   S_{s+1} = S_s ∪ {k : W^u_kl ≠ 0, l ∈ S_s}.
    Optimizer-state perturbations stay with their owners (they are not gossiped).
 
-The numbers are those of the replayed recursion (the same functions of ``recursion.py``), whatever the number
-of groups; a test compares them. Δ_j and ∇L(θ^u; z′) come from the block's ``round_quantities``, shared with the
-block's other hooks. No window is recorded and no run is replayed: the
-cost per round is one test-gradient pass over the hosted participants while a probe is in flight, plus one
-Jacobian-vector product per (probe, participant reached) for ``curvature``. The perturbations in flight are
-part of a group's checkpoint snapshot (``snapshot``/``restore``). Pure torch and numpy: no Ray here.
+The numbers are those of the replayed recursion (the same functions of ``recursion.py``; first-order's to
+float32 rounding, its scales mixed before the dot product), whatever the number of groups; a test compares them.
+Δ_j and ∇L(θ^u; z′) come from the block's ``round_quantities``, shared with the block's other hooks. No window is
+recorded and no run is replayed: the cost per round is one test-gradient pass over the hosted participants while a
+probe is in flight, plus one Jacobian-vector product per (probe, participant reached) for ``curvature``. The
+perturbations in flight are part of a group's checkpoint snapshot (``snapshot``/``restore``). Pure torch and
+numpy: no Ray here.
 
 ``second-order`` carries, beside the curvature perturbation a (and its optimizer part), the O(Δ²) perturbation b
 (and its optimizer part): step 1 takes (J a, J b − ½ D²O[a, a]) in one nested forward-mode pass
@@ -122,24 +125,38 @@ class ProbeSchedule:
 
 
 @dataclass
+class ScaledUpdate:
+    """The first-order variant's δ of one probe on m rows: the source's update Δ_j [D] scaled per row by ``c`` [m].
+    J = I, so gossip mixes only the scales: δ_k^{(s+1)} = Σ_l W_kl c_l Δ_j. m numbers and one D-vector a probe
+    instead of [m, D] (at N = 256 with 512 probes in flight the rows were 3.6 GB of the run's 8.5 GB)."""
+
+    c: torch.Tensor  # [m]
+    direction: torch.Tensor | None  # Δ_j [D]; None for no rows yet (``OnlineCascades._empty``)
+
+    def take(self, index: torch.Tensor | slice) -> ScaledUpdate:
+        return ScaledUpdate(self.c[index], self.direction)
+
+    def read(self, gradients: torch.Tensor) -> torch.Tensor:
+        """e_k = ∇L(θ_k; z′)ᵀ δ_k = c_k ∇L(θ_k; z′)ᵀ Δ_j of the rows' gradients [m, D]: [m]."""
+        return self.c * (gradients @ self.direction)
+
+
+@dataclass
 class _Cascade:
     """One probe's perturbation on this block's participants ``rows`` (global ids, ascending) of S_s here: ``first``,
-    the first-order variant's δ (J = I; None when first-order is not recorded), and ``curved``, δ stepped through J — a
-    with its optimizer part, and b where a variant reads it (None when no cascade variant, curvature, second-order or
-    exact-readout, is recorded; a is carried for those even when curvature is not recorded)."""
+    the first-order variant's δ (a ``ScaledUpdate``; None when first-order is not recorded), and ``curved``, δ stepped
+    through J — a with its optimizer part, and b where a variant reads it (None when no cascade variant, curvature,
+    second-order or exact-readout, is recorded; a is carried for those even when curvature is not recorded)."""
 
     rows: np.ndarray
-    first: Perturbation | None
+    first: ScaledUpdate | None
     curved: Perturbation | None
     new: np.ndarray | None = None  # [m] bool: row first reached at this step, k ∈ N^{(s)}(j) (None: unknown)
 
-    def perturbation(self, variant: str) -> Perturbation:
-        """The δ that ``variant``'s readout reads."""
-        return self.first if variant == "first-order" else self.curved
-
     def arrays(self) -> dict[str, torch.Tensor]:
-        """What gossip mixes, by key: ``first-order`` (first's δ), ``curvature`` (a), ``second-order`` (b)."""
-        out = {} if self.first is None else {"first-order": self.first.a}
+        """What gossip mixes, by key: ``first-order`` (first's scales c [m]) with ``direction`` (Δ_j [D]),
+        ``curvature`` (a), ``second-order`` (b)."""
+        out = {} if self.first is None else {"first-order": self.first.c, "direction": self.first.direction}
         if self.curved is not None:
             out["curvature"] = self.curved.a
             if self.curved.b is not None:
@@ -303,7 +320,10 @@ class OnlineCascades:
                 kept = None if keep is None else kept
                 values = {}
                 for v in self.variants:
-                    delta = read_by(c.perturbation(v), self.reads_b[v])
+                    if v == "first-order":
+                        values[v] = (c.first if kept is None else c.first.take(kept)).read(at)
+                        continue
+                    delta = read_by(c.curved, self.reads_b[v])
                     delta = delta if kept is None else delta.take(kept)
                     values[v] = READOUTS[v].linear(at, delta)
                     form = READOUTS[v].form(delta)
@@ -356,7 +376,7 @@ class OnlineCascades:
         """J δ of every stepped cascade into ``self._out`` (``recursion.local_step``: one batched forward-mode pass
         over several probes' rows; J = I for first order)."""
         for pid, c in cascades:
-            self._out[pid] = _Cascade(c.rows, None if c.first is None else recursion.identity_step(c.first), None)
+            self._out[pid] = _Cascade(c.rows, c.first, None)  # J = I for first order: δ as it is
         if not self.curved or not cascades:
             return
         pop = self.block.population
@@ -407,6 +427,9 @@ class OnlineCascades:
         started = recursion.start(delta, opt_delta, b0, opt_b0)
         values = {}
         for v in self.variants:
+            if v == "first-order":  # c = 1: δ = Δ_j
+                values[v] = (self._gradients * started.a).sum(dim=1)
+                continue
             seen = read_by(started, self.reads_b[v])
             values[v] = READOUTS[v].linear(self._gradients, seen)
             form = READOUTS[v].form(seen, update)
@@ -419,7 +442,8 @@ class OnlineCascades:
             rows = np.array([p.source])
             self._record(p.probe_id, 0, rows, {v: values[v][i: i + 1] for v in self.variants})
             one = started.take(slice(i, i + 1))
-            self._out[p.probe_id] = _Cascade(rows, Perturbation(one.a) if "first-order" in self.variants else None,
+            first = ScaledUpdate(torch.ones(1, dtype=one.a.dtype, device=one.a.device), one.a[0])
+            self._out[p.probe_id] = _Cascade(rows, first if "first-order" in self.variants else None,
                                              one if self.curved else None)
         self._gradients, self._samples, self._samples_b, self._before_state = None, {}, {}, None
 
@@ -436,7 +460,8 @@ class OnlineCascades:
         none = torch.zeros(0, pop.state.shape[1], dtype=pop.state.dtype, device=self.block.device)
         opt = {n: pop.opt_state[n][:0] for n in recursion.carried_state(pop.optimizer, pop.opt_state)} \
             if self.curved else {}
-        return _Cascade(np.zeros(0, np.int64), Perturbation(none) if "first-order" in self.variants else None,
+        first = ScaledUpdate(none[:, 0], None) if "first-order" in self.variants else None
+        return _Cascade(np.zeros(0, np.int64), first,
                         Perturbation(none, opt, none if self.with_b else None, opt if self.with_b else {})
                         if self.curved else None)
 
@@ -474,8 +499,7 @@ class OnlineCascades:
             mixing[i] = None  # its δ (own and received) is freed as soon as the probe is mixed
             keep = next(keeps)
             dense = [(next(weights_here), arrays) for _, arrays in parts]
-            first = None if own.first is None else recursion.gossip(
-                [(w, Perturbation(d["first-order"])) for w, d in dense], own.first, keep, len(rows))
+            first = None if own.first is None else _mixed_scales(dense, own.first, len(rows))
             curved = None if own.curved is None else recursion.gossip(
                 [(w, Perturbation(d["curvature"], b=d.get("second-order"))) for w, d in dense], own.curved, keep,
                 len(rows))
@@ -522,7 +546,11 @@ class OnlineCascades:
         parts: dict[str, tuple[list[torch.Tensor], torch.Tensor]] = {}  # key -> (the probes' tensors, an empty one)
         opt_names = recursion.carried_state(pop.optimizer, pop.opt_state) if self.curved else []
         for v in self.keys:
-            parts[f"cascade.{v}"] = ([c.arrays()[v] for _, c in flying], pop.state[:0])
+            parts[f"cascade.{v}"] = ([c.arrays()[v] for _, c in flying],
+                                     pop.state[:0, 0] if v == "first-order" else pop.state[:0])
+        if "first-order" in self.keys:  # Δ_j with each of its probe's entries: a resume may split them differently
+            parts["cascade.direction"] = ([c.first.direction.expand(len(c.rows), -1) for _, c in flying],
+                                          pop.state[:0])
         for n in opt_names:
             parts[f"cascade.opt.{n}"] = ([c.curved.opt_a[n] for _, c in flying], pop.opt_state[n][:0])
             if self.with_b:
@@ -545,18 +573,35 @@ class OnlineCascades:
         opt_names = [k[len("cascade.opt."):] for k in arrays if k.startswith("cascade.opt.")]
         opt_b_names = [k[len("cascade.opt_b."):] for k in arrays if k.startswith("cascade.opt_b.")]
         owner, probe = np.asarray(arrays["cascade.owner"], np.int64), np.asarray(arrays["cascade.probe"], np.int64)
+        if "first-order" in self.keys and np.ndim(arrays["cascade.first-order"]) != 1:
+            raise ValueError("its first-order perturbations are rows, as versions before 2026-12-07 saved them; "
+                             "resume it with the version that wrote it, or leave first-order out of the variants")
         for pid in np.unique(probe).tolist():
             here = np.flatnonzero(probe == pid)  # owners ascending: the cascade's rows in block order
             slot = {key: torch.as_tensor(arrays[key][here], device=device)  # (a fancy index: a copy)
                     for key in [f"cascade.{v}" for v in self.keys] + [f"cascade.opt.{n}" for n in opt_names]
-                    + [f"cascade.opt_b.{n}" for n in opt_b_names]}
-            first = Perturbation(slot["cascade.first-order"]) if "first-order" in self.keys else None
+                    + [f"cascade.opt_b.{n}" for n in opt_b_names]
+                    + (["cascade.direction"] if "first-order" in self.keys else [])}
+            first = ScaledUpdate(slot["cascade.first-order"], slot["cascade.direction"][0]) \
+                if "first-order" in self.keys else None
             curved = Perturbation(slot["cascade.curvature"], {n: slot[f"cascade.opt.{n}"] for n in opt_names},
                                   slot.get("cascade.second-order"),
                                   {n: slot[f"cascade.opt_b.{n}"] for n in opt_b_names}) if self.curved else None
             self.active[int(pid)] = _Cascade(owner[here], first, curved,
                                              np.array(arrays["cascade.new"][here]) if "cascade.new" in arrays
                                              else None)
+
+
+def _mixed_scales(parts: list[tuple[torch.Tensor, dict[str, Any]]], own: ScaledUpdate, size: int) -> ScaledUpdate:
+    """Gossip of a first-order δ on ``size`` rows: c_k = Σ_l W_kl c_l over ``parts`` (w [size, m_b], rows of W over a
+    source block's rows of the probe; that block's arrays, ``first-order`` c [m_b] and ``direction`` Δ_j), summed in
+    order as ``recursion.gossip`` sums; Δ_j is ``own``'s or, where this block had no row of the probe yet, a
+    sender's."""
+    total = torch.zeros(size, dtype=own.c.dtype, device=own.c.device) if not parts else None
+    for w, arrays in parts:
+        product = w.to(own.c.dtype) @ arrays["first-order"]
+        total = product if total is None else total + product
+    return ScaledUpdate(total, own.direction if own.direction is not None else parts[0][1]["direction"])
 
 
 def _entries(arrays: Mapping[str, np.ndarray], nodes: np.ndarray) -> Mapping[str, np.ndarray]:

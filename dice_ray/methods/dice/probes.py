@@ -81,7 +81,8 @@ def influence_cost(config: RunConfig, state_width: int, mixing: Callable[[int], 
     """One warning line when the run's influence measurement is large: probes x the participants each reaches
     (``mean_reach``; ``mixing(t)``: W^t) past COSTLY_REPLAYS, or, in the loop (``influence.online``), an upper bound
     of its perturbations' memory past FLIGHT_WARNING_BYTES (every probe in flight reaching every participant: D
-    floats per perturbation kept, with the optimizer state's part, per docs' alignment how-to); None otherwise."""
+    floats per perturbation carried through J, with the optimizer state's part, per docs' alignment how-to); None
+    otherwise."""
     inf, n = config.influence, config.nodes
     if not inf.enabled:
         return None
@@ -97,7 +98,7 @@ def influence_cost(config: RunConfig, state_width: int, mixing: Callable[[int], 
         curved = any(v != "first-order" for v in inf.variants)
         second = any(v in ("second-order", "exact-readout") for v in inf.variants)
         slots = {"sgd": 0, "momentum": 1}.get(config.optim.name, 2)
-        per = 1 + (curved + second) * (1 + slots)
+        per = (curved + second) * (1 + slots)  # first-order: a scale per row (``online.ScaledUpdate``)
         bound = flight * n * state_width * per * 4
         if bound > FLIGHT_WARNING_BYTES:
             return (f"warning: influence: {said}; in the loop up to {flight:,} probes in flight keep up to "
