@@ -8,11 +8,46 @@ before any work starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal, NoReturn
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or ``kill``'s stop), raised in the main thread as Ctrl-C's ``KeyboardInterrupt`` is
+    (``stops_on_sigterm``): a run or a sweep stops as an interrupted one, says how to resume, and resumes."""
+
+
+class SigtermSeen:
+    """Whether a SIGTERM came while ``stops_on_sigterm`` was on (a library that catches the ``Terminated`` it raised,
+    as Ray Tune does, ends with a plain ``KeyboardInterrupt``)."""
+
+    received = False
+
+
+@contextlib.contextmanager
+def stops_on_sigterm() -> Iterator[SigtermSeen]:
+    """Within: SIGTERM raises ``Terminated`` in the main thread (elsewhere, where Python takes no signals, nothing
+    changes); the earlier handler is put back after. Yields a ``SigtermSeen``."""
+    seen = SigtermSeen()
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        seen.received = True
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class InputError(ValueError):

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import signal
 import sys
-import threading
 import types
 import typing
 from collections.abc import Callable
@@ -47,7 +45,7 @@ from dice_ray.config import (
     set_dotted,
     yaml_error,
 )
-from dice_ray.errors import InputError, OneLineParser, first_line, report
+from dice_ray.errors import InputError, OneLineParser, Terminated, first_line, report, stops_on_sigterm
 from dice_ray.hooks import registered_methods
 from dice_ray.sections import comma_list
 
@@ -292,15 +290,6 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     return config
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's or ``kill``'s stop), raised in the main thread as Ctrl-C's ``KeyboardInterrupt`` is: the
-    run stops as an interrupted one, its manifest says so, and it resumes (it was left "running", with no line)."""
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated
-
-
 def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.simulate") -> int:
     """Command-line entry point, a thin layer over ``dice_ray.run`` / ``dice_ray.resume``; returns the exit status
     (2 for bad input, found before any work starts; 1 for a run that failed)."""
@@ -314,43 +303,40 @@ def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.simulate
     args = build_parser(prog).parse_args(argv)
     out = args.resume
     allow = " --allow-imports" if args.allow_imports else ""  # the resume of a run whose config imports modules
-    main_thread = threading.current_thread() is threading.main_thread()  # (where Python takes signals)
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # stops the run as Ctrl-C does
-    try:
-        if args.resume:
-            placement = {dotted.replace(".", "__"): value for dotted, value in resume_args(args).items()}
-            api.resume(args.resume, engine=args.engine, allow_imports=args.allow_imports, **placement)
-        else:
-            if args.allow_imports:
-                raise InputError("--allow-imports applies to --resume only (a new run imports what its own config "
-                                 "names)")
-            config = resolve_config(args)
-            allow = " --allow-imports" if modules_named(config) else ""
-            out = str(run_directory(config))
-            config = config.model_copy(update={"output": config.output.model_copy(update={"out": out})})
-            api.run(config, engine=args.engine or "ray", save_states=args.save_states)
-    except InputError as err:
-        return report(err)
-    except FloatingPointError as err:  # diverged: the manifest says so, no table reads as complete
-        print(f"error: training diverged: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the manifest says "interrupted"; resume from a checkpoint
-        stopped = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
-        print(stopped + (f"; continue with python -m dice_ray.simulate --resume {out}{allow}" if out else ""),
-              file=sys.stderr)
-        return 143 if isinstance(err, Terminated) else 130
-    except MemoryError as err:  # past the up-front checks (those count the states, not a run's peak): one line
-        print(f"error: out of memory ({first_line(err)[:200]}): fewer participants (--nodes), a smaller model, or "
-              "more machines (docs: how-to/cluster)", file=sys.stderr)
-        return 1
-    except OSError as err:  # a full disk, a folder gone read-only: no table reads as complete
-        where = f" ({err.filename})" if err.filename else ""
-        print(f"error: cannot write the run directory {out}: {err.strerror or err}{where}; fix that, then continue "
-              f"with --resume {out}{allow}", file=sys.stderr)
-        return 1
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+    with stops_on_sigterm() as sigterm:  # SIGTERM stops the run as Ctrl-C does (it was left "running", no line)
+        try:
+            if args.resume:
+                placement = {dotted.replace(".", "__"): value for dotted, value in resume_args(args).items()}
+                api.resume(args.resume, engine=args.engine, allow_imports=args.allow_imports, **placement)
+            else:
+                if args.allow_imports:
+                    raise InputError("--allow-imports applies to --resume only (a new run imports what its own config "
+                                     "names)")
+                config = resolve_config(args)
+                allow = " --allow-imports" if modules_named(config) else ""
+                out = str(run_directory(config))
+                config = config.model_copy(update={"output": config.output.model_copy(update={"out": out})})
+                api.run(config, engine=args.engine or "ray", save_states=args.save_states)
+        except InputError as err:
+            return report(err)
+        except FloatingPointError as err:  # diverged: the manifest says so, no table reads as complete
+            print(f"error: training diverged: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the manifest says "interrupted"; resume from a checkpoint
+            terminated = isinstance(err, Terminated) or sigterm.received  # (inside ray.get: Ray raises its own)
+            stopped = "terminated (SIGTERM)" if terminated else "interrupted"
+            print(stopped + (f"; continue with python -m dice_ray.simulate --resume {out}{allow}" if out else ""),
+                  file=sys.stderr)
+            return 143 if terminated else 130
+        except MemoryError as err:  # past the up-front checks (those count the states, not a run's peak): one line
+            print(f"error: out of memory ({first_line(err)[:200]}): fewer participants (--nodes), a smaller model, or "
+                  "more machines (docs: how-to/cluster)", file=sys.stderr)
+            return 1
+        except OSError as err:  # a full disk, a folder gone read-only: no table reads as complete
+            where = f" ({err.filename})" if err.filename else ""
+            print(f"error: cannot write the run directory {out}: {err.strerror or err}{where}; fix that, then continue "
+                  f"with --resume {out}{allow}", file=sys.stderr)
+            return 1
     return 0
 
 

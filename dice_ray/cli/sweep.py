@@ -17,10 +17,11 @@ recorded (status failed, with the error) and do not stop the sweep.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from dice_ray.config import given_or_bundled
-from dice_ray.errors import InputError, OneLineParser, report
+from dice_ray.errors import InputError, OneLineParser, Terminated, report, stops_on_sigterm
 from dice_ray.sweep.runner import run_sweep
 from dice_ray.sweep.spec import load_sweep
 
@@ -46,18 +47,31 @@ def build_parser(prog: str = "python -m dice_ray.sweep") -> argparse.ArgumentPar
 def main(argv: list[str] | None = None, prog: str = "python -m dice_ray.sweep") -> int:
     """Command-line entry point; returns the exit status (2 for bad input)."""
     args = build_parser(prog).parse_args(argv)
-    try:
-        overrides = {"out": args.out, "max_concurrent": args.max_concurrent, "num_samples": args.num_samples}
-        sweep = load_sweep(given_or_bundled(args.sweep, "sweeps", "sweep"), overrides)
-        run_sweep(sweep, resume=args.resume, address=args.address, retry_failed=args.retry_failed)
-    except InputError as err:
-        return report(err)
-    except KeyboardInterrupt as err:
-        print(f"interrupted{f' ({err})' if str(err) else ''}; continue with python -m dice_ray.sweep {args.sweep} "
-              f"--resume{' --retry-failed' if args.retry_failed else ''}{f' --out {args.out}' if args.out else ''}",
-              file=sys.stderr)
-        return 130
+    with stops_on_sigterm() as sigterm:  # a scheduler's stop ends the sweep as Ctrl-C does (it aborted in Ray's code)
+        try:
+            overrides = {"out": args.out, "max_concurrent": args.max_concurrent, "num_samples": args.num_samples}
+            sweep = load_sweep(given_or_bundled(args.sweep, "sweeps", "sweep"), overrides)
+            run_sweep(sweep, resume=args.resume, address=args.address, retry_failed=args.retry_failed)
+        except InputError as err:
+            return report(err)
+        except KeyboardInterrupt as err:
+            terminated = isinstance(err, Terminated) or sigterm.received  # (Tune raises its own on our Terminated)
+            stopped = "terminated (SIGTERM)" if terminated else "interrupted"
+            print(f"{stopped}{f' ({err})' if str(err) else ''}; continue with python -m dice_ray.sweep {args.sweep} "
+                  f"--resume{resume_options(args)}", file=sys.stderr)
+            return 143 if terminated else 130
     return 0
+
+
+def resume_options(args: argparse.Namespace) -> str:
+    """The options given to a sweep that its resume must repeat: ``--retry-failed`` and what overrides the sweep file
+    (its directory, and its trials: a resume without ``--num-samples`` ran the file's number of trials)."""
+    out = " --retry-failed" if args.retry_failed else ""
+    for flag, value in (("--out", args.out), ("--num-samples", args.num_samples),
+                        ("--max-concurrent", args.max_concurrent)):
+        if value is not None:
+            out += f" {flag} {shlex.quote(str(value))}"
+    return out
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ import contextlib
 import math
 import os
 import resource
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -43,7 +45,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
                              f"at {current}; call ray.shutdown() first to run on another cluster")
         return
     if address or os.environ.get("RAY_ADDRESS"):
-        _join(address or os.environ["RAY_ADDRESS"], "engine.address (--address)" if address else "RAY_ADDRESS")
+        with _sigterm_kept():
+            _join(address or os.environ["RAY_ADDRESS"], "engine.address (--address)" if address else "RAY_ADDRESS")
         return
     # Ray binds a local node to the machine's external address unless it thinks it runs on a laptop
     # OS: this switch (read from the environment by Ray's processes, and by the driver at import time,
@@ -57,10 +60,24 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
     # alone joins the newest local Ray it finds, and dies with it).
     # Ray's notice that a new local cluster uses token authentication (its default, kept) would print on every run,
     # for a cluster this process starts, owns and stops
-    with dropped_log_lines("ray._private.authentication.authentication_token_setup",
-                           "Token authentication is enabled for this Ray cluster"):
+    with _sigterm_kept(), dropped_log_lines("ray._private.authentication.authentication_token_setup",
+                                            "Token authentication is enabled for this Ray cluster"):
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                  _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=True)
+
+
+@contextlib.contextmanager
+def _sigterm_kept() -> Iterator[None]:
+    """Keep the Python handler of SIGTERM set before the block (the command lines' ``errors.stops_on_sigterm``): a
+    Ray driver's start installs Ray's own, which dumped a stack and aborted a run or a sweep that the docs say stops
+    as Ctrl-C does, with its resume line (the local engine, which starts no Ray, did)."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(handler):
+            signal.signal(signal.SIGTERM, handler)
 
 
 @contextlib.contextmanager

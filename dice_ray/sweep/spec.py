@@ -308,6 +308,13 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
             except InputError as err:
                 raise InputError(f"sweep: space.{field} = {value!r}: {err}") from None
             examples.append(example)
+    largest = _largest_trial(spec.space, first)
+    if largest is not None:  # a search may draw every sizing field's largest value at once: it must fit too
+        try:
+            build_config(_with(base, largest))
+            examples.append(largest)
+        except InputError:  # (a combination that cannot be built is a trial that fails, not one that waits)
+            pass
     grid = []
     if spec.search == "grid":
         fields = list(spec.space)
@@ -323,6 +330,23 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     _check_metrics_reach_trials(sweep, first)
     _check_prepares(first, params)
     return sweep
+
+
+# The fields that size a trial's reservation (``bundles``: actors x CPUs and GPUs per actor, and the participants
+# the default plan spreads): a search's drawn trial with all of them at their largest must fit the cluster.
+SIZING_FIELDS = ("nodes", "engine.actors", "engine.cpus_per_actor", "engine.gpus_per_actor")
+
+
+def _largest_trial(space: dict[str, dict[str, Any]], first: dict[str, Scalar]) -> dict[str, Scalar] | None:
+    """The swept values with every sizing field (``SIZING_FIELDS``) of the space at its largest candidate and the
+    others at their first values, if two or more sizing fields are swept (one alone: checked value by value)."""
+    largest = {}
+    for field in SIZING_FIELDS:
+        numbers = [v for v in _candidates(space[field]) if isinstance(v, int | float) and not isinstance(v, bool)] \
+            if field in space else []
+        if numbers:
+            largest[field] = max(numbers)
+    return {**first, **largest} if len(largest) > 1 else None
 
 
 MAX_GRID_TRIALS = 100_000  # trials of one grid sweep

@@ -350,9 +350,10 @@ def test_a_grid_runs_in_chunks_of_tune_runs(tmp_path: Path, monkeypatch: pytest.
 
 
 @pytest.mark.slow  # ~65 s: two sweeps, each its own Ray; the default run keeps CI under 20 minutes
-def test_ctrl_c_stops_a_sweep_with_one_line_and_it_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_a_sweep_with_one_line_and_it_resumes(tmp_path: Path, stop: str) -> None:
     """SIGINT (Ctrl-C) once a trial is recorded: the sweep stops, says how to continue, exit 130; --resume runs only
-    the trials left."""
+    the trials left. SIGTERM (a scheduler's stop) the same, exit 143 (Ray's handler dumped a stack and aborted)."""
     out = tmp_path / "stopped"
     base = {**BASE, "rounds": 2, "misbehavior": {}, "influence": {}}
     path = _write(tmp_path, "stop.yaml", {"base": base, "space": {"seed": {"grid": [0, 1, 2, 3, 4, 5]}},
@@ -363,9 +364,11 @@ def test_ctrl_c_stops_a_sweep_with_one_line_and_it_resumes(tmp_path: Path) -> No
     deadline = time.time() + 300
     while not list(out.glob("trials/*/result.json")) and sweep.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    sweep.send_signal(signal.SIGINT)
+    sweep.send_signal(getattr(signal, stop))
     _, err = sweep.communicate(timeout=120)
-    assert sweep.returncode == 130, err[-2000:]
+    assert sweep.returncode == (130 if stop == "SIGINT" else 143), err[-2000:]
+    said = "interrupted" if stop == "SIGINT" else "terminated (SIGTERM)"
+    assert err.strip().splitlines()[-1].startswith(said) and "Traceback" not in err
     assert f"continue with python -m dice_ray.sweep {path} --resume" in err
     recorded = len(list(out.glob("trials/*/result.json")))
     assert 1 <= recorded < 6
@@ -373,6 +376,30 @@ def test_ctrl_c_stops_a_sweep_with_one_line_and_it_resumes(tmp_path: Path) -> No
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{recorded} finished before, running {6 - recorded}" in resumed.stdout
     assert len(pd.read_parquet(out / "trials.parquet")) == 6
+
+
+def test_the_resume_line_repeats_what_overrode_the_sweep_file() -> None:
+    """The resume line of an interrupted sweep repeats --num-samples and --max-concurrent: a resume without them ran
+    the file's number of trials (14 where 6 were asked for)."""
+    from dice_ray.cli.sweep import build_parser, resume_options
+
+    args = build_parser("sweep").parse_args(["s.yaml", "--out", "my runs/a", "--num-samples", "6", "--max-concurrent",
+                                             "2"])
+    assert resume_options(args) == " --out 'my runs/a' --num-samples 6 --max-concurrent 2"
+    assert resume_options(build_parser("sweep").parse_args(["s.yaml", "--resume", "--retry-failed"])) == \
+        " --retry-failed"
+
+
+def test_a_search_checks_its_largest_trial_too(tmp_path: Path) -> None:
+    """Each swept value fit the machine alone, but an Optuna search then drew engine.actors 2 x cpus_per_actor 2
+    (4 CPUs on 2) and Tune waited forever: the largest values of the fields that size a trial are checked together,
+    so the sweep is refused before it starts (``_check_fits``, against the Ray cluster)."""
+    spec = {"base": {**BASE, "rounds": 2}, "search": "optuna", "num_samples": 4, "metric": "final_heldout_acc",
+            "space": {"engine.actors": {"choice": [1, 2]}, "engine.cpus_per_actor": {"choice": [1, 2]}},
+            "out": str(tmp_path / "s")}
+    sweep = load_sweep(_write(tmp_path, "big.yaml", spec))
+    cpus = {json.dumps(params, sort_keys=True): sum(b.get("CPU", 0.0) for b in need) for params, need in sweep.needs}
+    assert cpus[json.dumps({"engine.actors": 2, "engine.cpus_per_actor": 2}, sort_keys=True)] == 4.0
 
 
 def test_detection_auc_ranks_sources_by_mean_dice(tmp_path: Path) -> None:
