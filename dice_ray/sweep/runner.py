@@ -408,9 +408,12 @@ def _fit(tuner: Any) -> bool:
     try:
         # Lines that say the wrong thing here: Tune's way to resume and its offer to checkpoint on a second Ctrl-C
         # (this sweep's way is --resume, printed after; it keeps no Tune state), and
-        # Optuna's note that a failed trial's NaN makes it a failed trial (the trial's own line says why it failed)
+        # Optuna's note that a failed trial's NaN makes it a failed trial (the trial's own line says why it failed),
+        # and, after a stop, Tune's list of the trials it found no metrics files of (the running ones: this sweep
+        # records its own results, trials/<id>/result.json, and says how many it has)
         with dropped_log_lines("ray.tune.tune", "Experiment has been interrupted", "Stop signal received"), \
-                dropped_log_lines("ray.tune.search.optuna.optuna_search", "The value nan is not acceptable"):
+                dropped_log_lines("ray.tune.search.optuna.optuna_search", "The value nan is not acceptable"), \
+                dropped_log_lines("ray.tune.analysis.experiment_analysis", "Failed to fetch metrics for"):
             tuner.fit()
     finally:
         after = signal.getsignal(signal.SIGINT)
