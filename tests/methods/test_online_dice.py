@@ -110,6 +110,7 @@ def test_interrupted_run_resumes_with_its_perturbations(optimizer: str, tmp_path
         pd.testing.assert_frame_equal(tables(tmp_path / "run")[name], table)
 
 
+@pytest.mark.slow  # ~30 s (three runs and a 3-actor resume); the default run keeps CI under 20 minutes
 def test_a_checkpoint_keeps_the_perturbations_where_the_cascades_reached(ray_local, tmp_path: Path) -> None:
     """A checkpoint saves one entry per (probe, participant its perturbation has reached), not a row per participant
     and probe in flight (92% zeros at N = 1,024), first-order δ as a scale per entry and Δ_j; a resume on 3 actors
