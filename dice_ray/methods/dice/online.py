@@ -499,7 +499,7 @@ class OnlineCascades:
             mixing[i] = None  # its δ (own and received) is freed as soon as the probe is mixed
             keep = next(keeps)
             dense = [(next(weights_here), arrays) for _, arrays in parts]
-            first = None if own.first is None else _mixed_scales(dense, own.first, len(rows))
+            first = None if own.first is None else _mixed_scales(dense, own.first, keep, len(rows))
             curved = None if own.curved is None else recursion.gossip(
                 [(w, Perturbation(d["curvature"], b=d.get("second-order"))) for w, d in dense], own.curved, keep,
                 len(rows))
@@ -592,16 +592,15 @@ class OnlineCascades:
                                              else None)
 
 
-def _mixed_scales(parts: list[tuple[torch.Tensor, dict[str, Any]]], own: ScaledUpdate, size: int) -> ScaledUpdate:
-    """Gossip of a first-order δ on ``size`` rows: c_k = Σ_l W_kl c_l over ``parts`` (w [size, m_b], rows of W over a
-    source block's rows of the probe; that block's arrays, ``first-order`` c [m_b] and ``direction`` Δ_j), summed in
-    order as ``recursion.gossip`` sums; Δ_j is ``own``'s or, where this block had no row of the probe yet, a
-    sender's."""
-    total = torch.zeros(size, dtype=own.c.dtype, device=own.c.device) if not parts else None
-    for w, arrays in parts:
-        product = w.to(own.c.dtype) @ arrays["first-order"]
-        total = product if total is None else total + product
-    return ScaledUpdate(total, own.direction if own.direction is not None else parts[0][1]["direction"])
+def _mixed_scales(parts: list[tuple[torch.Tensor, dict[str, Any]]], own: ScaledUpdate, keep: torch.Tensor,
+                  size: int) -> ScaledUpdate:
+    """Gossip of a first-order δ on ``size`` rows (``recursion.gossip`` of the scales as one column): c_k = Σ_l W_kl
+    c_l over ``parts`` (w [size, m_b], rows of W over a source block's rows of the probe; that block's arrays,
+    ``first-order`` c [m_b] and ``direction`` Δ_j); Δ_j is ``own``'s or, where this block had no row of the probe
+    yet, a sender's."""
+    mixed = recursion.gossip([(w, Perturbation(arrays["first-order"][:, None])) for w, arrays in parts],
+                             Perturbation(own.c[:, None]), keep, size)
+    return ScaledUpdate(mixed.a[:, 0], own.direction if own.direction is not None else parts[0][1]["direction"])
 
 
 def _entries(arrays: Mapping[str, np.ndarray], nodes: np.ndarray) -> Mapping[str, np.ndarray]:
