@@ -274,16 +274,20 @@ def test_ctrl_c_or_sigterm_is_one_line_with_how_to_resume(tmp_path: Path, import
     import sys
     import time
 
+    from child_processes import as_in_a_terminal, killed_if_left
+
     out = tmp_path / "stopped"
     process = subprocess.Popen([sys.executable, "-m", "dice_ray.simulate", "--engine", engine, "--dataset", "digits",
                                 "--nodes", "4", "--rounds", "1000000", "--checkpoint-every", "0", "--no-progress",
-                                "--out", str(out), *imports], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / "manifest.json").is_file() and time.monotonic() < deadline:  # training has started
-        time.sleep(0.2)
-    time.sleep(1.0)
-    process.send_signal(getattr(signal, stop))
-    _, err = process.communicate(timeout=120)
+                                "--out", str(out), *imports], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=as_in_a_terminal)
+    with killed_if_left(process):
+        deadline = time.monotonic() + 120
+        while not (out / "manifest.json").is_file() and time.monotonic() < deadline:  # training has started
+            time.sleep(0.2)
+        time.sleep(1.0)
+        process.send_signal(getattr(signal, stop))
+        _, err = process.communicate(timeout=120)
     assert process.returncode == (130 if stop == "SIGINT" else 143), err[-2000:]
     said = "interrupted" if stop == "SIGINT" else "terminated (SIGTERM)"
     assert err.strip().splitlines()[-1] == (f"{said}; continue with python -m dice_ray.simulate --resume {out}"

@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from child_processes import as_in_a_terminal, killed_if_left
 
 from dice_ray.cli.sweep import main
 from dice_ray.config import build_config
@@ -360,12 +361,13 @@ def test_ctrl_c_stops_a_sweep_with_one_line_and_it_resumes(tmp_path: Path, stop:
                                           "max_concurrent": 1, "out": str(out)})
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     sweep = subprocess.Popen([sys.executable, "-m", "dice_ray.sweep", str(path)], cwd=ROOT, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not list(out.glob("trials/*/result.json")) and sweep.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    sweep.send_signal(getattr(signal, stop))
-    _, err = sweep.communicate(timeout=120)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=as_in_a_terminal)
+    with killed_if_left(sweep):
+        deadline = time.time() + 300
+        while not list(out.glob("trials/*/result.json")) and sweep.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        sweep.send_signal(getattr(signal, stop))
+        _, err = sweep.communicate(timeout=120)
     assert sweep.returncode == (130 if stop == "SIGINT" else 143), err[-2000:]
     said = "interrupted" if stop == "SIGINT" else "terminated (SIGTERM)"
     assert err.strip().splitlines()[-1].startswith(said) and "Traceback" not in err
