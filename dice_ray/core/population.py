@@ -98,6 +98,10 @@ VIEWS = (nn.Flatten, nn.Unflatten, nn.Identity)
 # an AMD EPYC (AVX-512 kernels too) a chunk of 4 agreed, so the kernel choice depends on more than the instruction
 # set. No chunk is narrower than this unless the state is: a remainder joins the chunk before.
 MIN_MIX_COLUMNS = 64
+# Gossip on another device (a GPU) goes in column chunks only to bound its memory: the output columns and, from several
+# source blocks, their columns stacked, at most this many elements each (256 MiB in float32). One product over all
+# columns held a second [P, D] state while it ran (~11 GB for ResNet-18 at N = 256).
+DEVICE_MIX_ELEMENTS = 1 << 26
 
 
 @functools.cache
@@ -395,9 +399,12 @@ class Population:
         # CPU threads whose passes of ``half_step`` run side by side (None: ``step_workers`` decides; 1: in turn)
         self.step_threads: int | None = None
         self._replicas: list[nn.Module] = []  # the model, one copy per side-by-side pass (``_in_passes``)
-        self._mix_chunk: torch.Tensor | None = None  # ``mix_``'s output columns on a CPU, reused every round
-        # ``mix_`` on a CPU from several source blocks: (their weights, the weights side by side), and the buffer of
-        # their sources' columns stacked
+        # Elements of a gossip chunk's columns (``mix_``): None on a CPU (chunks sized for its caches), a memory bound
+        # on other devices
+        self.mix_elements: int | None = None if state.device.type == "cpu" else DEVICE_MIX_ELEMENTS
+        self._mix_chunk: torch.Tensor | None = None  # ``mix_``'s output columns, reused every round
+        # ``mix_`` from several source blocks: (their weights, the weights side by side), and the buffer of their
+        # sources' columns stacked
         self._mix_stacked: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
         self._mix_sources: torch.Tensor | None = None
         # Per-tensor views of the parameters and optimizer buffers, for the optimizer's foreach update.
@@ -882,22 +889,19 @@ class Population:
         """
         pairs = list(zip(weights, sources, strict=True)) if isinstance(weights, list) else [(weights, sources)]
 
-        def product(w: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-            return torch.sparse.mm(w, src) if w.is_sparse_csr else w @ src
-
-        if self.state.device.type != "cpu":  # a GPU's (or another device's) one product per source block
-            self.state.copy_(sum(product(w, src) for w, src in pairs))
-            return
-        # On CPU, mix in column chunks whose sources fit in cache (~4 MB): 3-4x faster than one product at
-        # N = 256; at least 256 columns (at N = 16,384: 2x faster than 1,024, and a 16 MB chunk, not 64 MB). Each
-        # chunk reads only its own columns, so a source may be ``state`` itself. Several source blocks (other
-        # actors' half-steps) are stacked, a chunk of columns at a time, under their weights side by side: one
-        # product sums each row's terms in one order, the order of one block holding them all, so a run's numbers
-        # do not depend on how many actors hold its participants (a sum per block, then of the blocks, rounds
-        # otherwise).
+        # Mix in column chunks. On a CPU, chunks whose sources fit in cache (~4 MB): 3-4x faster than one product at
+        # N = 256; at least 256 columns (at N = 16,384: 2x faster than 1,024, and a 16 MB chunk, not 64 MB). On a
+        # GPU, chunks of ``mix_elements`` (one chunk, most often: the bound is memory, not cache). Each chunk reads
+        # only its own columns, so a source may be ``state`` itself. Several source blocks (other actors'
+        # half-steps) are stacked, a chunk of columns at a time, under their weights side by side: one product sums
+        # each row's terms in one order, the order of one block holding them all, so a run's numbers do not depend
+        # on how many actors hold its participants (a sum per block, then of the blocks, rounds otherwise).
         rows = sum(src.shape[0] for _, src in pairs)
-        width = max(256, (1 << 20) // max(rows, 1))
         columns = self.state.shape[1]
+        if self.mix_elements is None:
+            width = max(256, (1 << 20) // max(rows, 1))
+        else:
+            width = min(columns, max(256, self.mix_elements // max(rows, self.size, 1)))
         weights = pairs[0][0] if len(pairs) == 1 else self._stacked_weights([w for w, _ in pairs])
         if self._mix_chunk is None or self._mix_chunk.shape[1] != width:
             self._mix_chunk = self.state.new_empty(self.size, width)

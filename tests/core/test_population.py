@@ -6,6 +6,7 @@ from row k of the stacked state, stepped by ``torch.optim``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import multiprocessing
 import os
@@ -17,6 +18,7 @@ from torch import nn
 
 from dice_ray.core.models import build_model
 from dice_ray.core.population import (
+    DEVICE_MIX_ELEMENTS,
     EVAL_GROUP_ROWS,
     EVAL_PASS_BYTES,
     MIN_PASS_ROWS,
@@ -329,6 +331,29 @@ def test_mix_in_column_chunks_round_after_round_is_the_product(model: str) -> No
         pop.mix_(w, sources)
         assert pop._mix_chunk is not None and pop._mix_chunk.shape[1] == 256 < pop.state.shape[1]
         assert torch.equal(pop.state, torch.sparse.mm(w, sources))
+
+
+@pytest.mark.parametrize("mix_elements", [None, 4096, DEVICE_MIX_ELEMENTS])
+def test_mix_from_several_source_blocks_is_bit_for_bit_the_one_block_product(mix_elements: int | None) -> None:
+    """Gossip from source blocks (other actors' half-steps) sums each row in the order of one block holding them all,
+    in cache-sized chunks (a CPU's, ``mix_elements`` None) and in chunks that only bound memory (a GPU's: 4,096
+    elements make 256 columns; the default, one chunk of every column). On a GPU it summed one product per block, so
+    its numbers depended on how many actors shared it, and it held a second [P, D] state while it ran."""
+    torch.manual_seed(5)
+    m, cuts = 96, [0, 40, 41, 96]  # a block of one source among them
+    dense = torch.rand(4, m) * (torch.rand(4, m) < 0.4) + torch.eye(4, m)
+    dense /= dense.sum(dim=1, keepdim=True)
+    one, blocks = make_population("mlp", OptimizerSpec(), p=4), make_population("mlp", OptimizerSpec(), p=4)
+    one.mix_elements = blocks.mix_elements = mix_elements
+    for _ in range(2):  # the second round through the buffers the first left
+        sources = torch.randn(m, one.state.shape[1])
+        one.mix_(dense.to_sparse_csr(), sources)
+        blocks.mix_([dense[:, a:b].to_sparse_csr() for a, b in itertools.pairwise(cuts)],
+                    [sources[a:b] for a, b in itertools.pairwise(cuts)])
+        assert torch.equal(one.state, torch.sparse.mm(dense.to_sparse_csr(), sources))
+        assert torch.equal(blocks.state, one.state)
+    width = {None: (1 << 20) // m, 4096: 256, DEVICE_MIX_ELEMENTS: one.state.shape[1]}[mix_elements]
+    assert one._mix_chunk is not None and one._mix_chunk.shape == (4, width)
 
 
 def test_mix_with_identity_leaves_states_unchanged() -> None:
