@@ -326,6 +326,7 @@ def test_a_metric_the_script_registers_is_refused_before_any_trial(tmp_path: Pat
         load_sweep(path)
 
 
+@pytest.mark.slow  # ~20 s (three Tune runs); the default run keeps CI under 20 minutes
 def test_a_grid_runs_in_chunks_of_tune_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """A grid runs GRID_CHUNK trials per Tune run (Tune held 90,000 at once for minutes before the first trial and

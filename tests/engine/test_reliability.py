@@ -274,6 +274,7 @@ def test_divergence_names_round_and_participants_and_keeps_the_last_good_checkpo
 # -- lost influence tasks -----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~23 s (two runs, one with a worker killed); the default run keeps CI under 20 minutes
 def test_lost_influence_task_is_resubmitted_and_reported(ray_local, tmp_path: Path) -> None:
     # two long tasks (every source of a round in one), so the killer sees one while it works
     common = {"rounds": 12, "influence": {"enabled": True, "hops": 3, "rounds": [3, 6], "sources_per_task": 8}}

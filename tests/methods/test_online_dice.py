@@ -50,7 +50,8 @@ def assert_same_estimates(got: dict[str, pd.DataFrame], want: dict[str, pd.DataF
             assert np.abs(mine[column].to_numpy() - table[column].to_numpy()).max() <= 1e-5 * scale, column
 
 
-@pytest.mark.parametrize("actors", [None, 1, 3])  # None: the local engine
+# None: the local engine; 3 actors (~16 s) is left to the slow run, so the default keeps CI under 20 minutes
+@pytest.mark.parametrize("actors", [None, 1, pytest.param(3, marks=pytest.mark.slow)])
 def test_in_loop_estimates_equal_the_replayed_ones(replayed, ray_local, tmp_path: Path, actors: int | None) -> None:
     changes = {"influence__online": True}
     if actors is not None:
