@@ -25,7 +25,7 @@ import pandas as pd
 
 from dice_ray.checkpoint import RoundTables
 from dice_ray.config import RunConfig, build_config, load_config, read_recorded, refuse_idle_settings
-from dice_ray.errors import InputError
+from dice_ray.errors import InputError, NoTable
 from dice_ray.hooks import Method, registered_methods
 from dice_ray.results import TABLES, kept_topology_file
 from dice_ray.rundir import MANIFEST, not_a_run, plain, read_manifest, read_table
@@ -105,7 +105,7 @@ class Run:
                     return plain(committed).to_pandas()  # not kept: a running run commits more
                 unfinished = "" if status == "complete" else (
                     f"; the run is {status} and no checkpoint has committed its rows yet")
-                raise InputError(f"run {str(self.path)!r} has no {name} table (it has: "
+                raise NoTable(f"run {str(self.path)!r} has no {name} table (it has: "
                                  f"{', '.join(self.tables()) or 'none'}{unfinished})")
             self._tables[name] = read_table(path).to_pandas()
         return self._tables[name]

@@ -54,6 +54,11 @@ class InputError(ValueError):
     """Invalid user input: the message is one line that names the bad option and its value."""
 
 
+class NoTable(InputError, AttributeError):
+    """A run directory without the table asked for (``Run.table``). An ``AttributeError`` too, so ``run.dice`` of a
+    run without DICE answers ``hasattr`` and ``getattr(run, "dice", None)`` as a missing attribute does."""
+
+
 def absent(path: str | os.PathLike, want: Literal["file", "folder"]) -> str:
     """How ``path``, which is not the ``want`` it should be, falls short: "does not exist", or what is there instead
     (a folder given for a file, a file for a folder), for the one line that names it."""

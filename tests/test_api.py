@@ -53,11 +53,16 @@ def test_python_api_end_to_end(tmp_path: Path) -> None:
     assert not (run.path / "alignment.parquet").exists()  # a report is data: files only when asked
     pd.testing.assert_frame_equal(run.alignment(write=True), alignment)
     assert (run.path / "alignment.parquet").is_file() and list(run.path.glob("alignment_hop*.png"))
+    # the table the file holds, dtypes and NaN included (it had int64 counts and None where the file reads NaN)
+    pd.testing.assert_frame_equal(pd.read_parquet(run.path / "alignment.parquet"), alignment)
     again = dice_ray.open_run(run.path)
     pd.testing.assert_frame_equal(again.dice, run.dice)
     assert again.config == config
     with pytest.raises(dice_ray.InputError, match="no proximal table"):
         again.table("proximal")
+    with pytest.raises(dice_ray.InputError, match="no proximal table"):
+        _ = again.proximal
+    assert not hasattr(again, "proximal") and getattr(again, "proximal", None) is None  # as a missing attribute
     # overrides as keywords, the same validation and one-line errors as the command line
     with pytest.raises(dice_ray.InputError) as err:
         dice_ray.run(config, engine="local", optim={"lr": -1})

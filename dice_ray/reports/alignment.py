@@ -19,6 +19,7 @@ from dice_ray.errors import InputError
 from dice_ray.reports import plots
 from dice_ray.reports.correlation import compare
 from dice_ray.reports.inputs import PROBED, measured, read_columns, recorded_topology
+from dice_ray.reports.writer import AsWritten
 from dice_ray.results import ALIGNMENT
 
 __all__ = ["Alignment", "alignment_report", "alignment_rows"]
@@ -74,7 +75,7 @@ def alignment_rows(dice: dict[str, np.ndarray], influence: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
-class Alignment:
+class Alignment(AsWritten):
     """The alignment report of one run.
 
     ``table``: one row per (hops, quantity, variant) with ``probes``, ``pearson``, ``spearman``, ``kendall``,

@@ -21,6 +21,7 @@ from dice_ray.errors import InputError
 from dice_ray.reports import plots
 from dice_ray.reports.correlation import by_participant, spearman
 from dice_ray.reports.inputs import PROBED, measured, read_columns, recorded_topology
+from dice_ray.reports.writer import AsWritten
 from dice_ray.results import CASCADE, PAIRWISE
 
 __all__ = ["Cascade", "cascade_report"]
@@ -38,7 +39,7 @@ def value_column(influence: dict[str, np.ndarray]) -> str:
 
 
 @dataclass(frozen=True)
-class Cascade:
+class Cascade(AsWritten):
     """The cascade report of one run.
 
     ``value``: the influence column used (``gt``, ``est_second_order``, ``est_exact_readout``, ``est_curvature`` or

@@ -21,6 +21,7 @@ from dice_ray.config import RunConfig, read_recorded
 from dice_ray.core.misbehavior import kind_options
 from dice_ray.errors import InputError
 from dice_ray.reports.inputs import read_frame, recorded_topology
+from dice_ray.reports.writer import AsWritten
 from dice_ray.results import COLLABORATORS
 from dice_ray.rundir import MANIFEST, read_manifest, read_table
 
@@ -121,7 +122,7 @@ def _summary(rows: list[dict]) -> list[dict]:
 
 
 @dataclass(frozen=True)
-class Collaborators:
+class Collaborators(AsWritten):
     """The collaborators report over several runs.
 
     ``table``: one row per run (the ``collaborators`` table). ``summary``: one row per (misbehavior,

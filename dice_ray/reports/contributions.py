@@ -23,6 +23,7 @@ import pyarrow as pa
 from dice_ray.reports import plots
 from dice_ray.reports.correlation import by_participant, rank_agreement, ratios, spearman
 from dice_ray.reports.inputs import check_participants, read_frame, recorded_topology
+from dice_ray.reports.writer import AsWritten
 from dice_ray.results import CONTRIBUTION_REPORT, VARIANT_SUFFIX
 
 __all__ = ["Contributions", "contributions_report", "ledger_tables", "loo_matrix"]
@@ -34,7 +35,8 @@ RETRAINED = ("loo", "shapley")  # the retraining measures a run without the ledg
 
 def ledger_tables(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Return ``run``'s (shares, contributions, nodes) tables; a run without the ledger is an ``InputError``."""
-    return (read_frame(run, "shares", REPORT_HINT), read_frame(run, "contributions", REPORT_HINT),
+    return (read_frame(run, "shares", REPORT_HINT, enabled="ledger.enabled"),
+            read_frame(run, "contributions", REPORT_HINT, enabled="ledger.enabled"),
             read_frame(run, "nodes", "not a finished run"))
 
 
@@ -61,7 +63,7 @@ def loo_matrix(left_out: pd.DataFrame, n: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class Contributions:
+class Contributions(AsWritten):
     """The contributions report of one run.
 
     ``table``: one row per participant (the ``contributions_report`` table: ledger totals per variant, share,

@@ -22,6 +22,7 @@ import pyarrow as pa
 from dice_ray.errors import InputError
 from dice_ray.reports import plots
 from dice_ray.reports.inputs import read_frame, recorded_topology
+from dice_ray.reports.writer import AsWritten
 from dice_ray.results import ANOMALY, SUSPECTS
 
 __all__ = ["Detection", "detection_report", "detection_metrics", "auc_curves", "precision_at", "suspects"]
@@ -198,7 +199,7 @@ def suspects(scores: pd.DataFrame, horizon: int) -> pd.DataFrame:
 
 
 @dataclass(frozen=True)
-class Detection:
+class Detection(AsWritten):
     """The detection report of one run.
 
     ``table``: one row per (horizon, method) (the ``anomaly`` table; NaN where undefined). ``scores``: every
@@ -257,7 +258,8 @@ def detection_report(run: str | Path, horizons: list[int] | None = None) -> Dete
     config, _ = recorded_topology(run)  # a run directory: its manifest, and as many participants as it recorded
     proximal = _scored(read_frame(run, "proximal", "run the simulation with proximal.enabled (--proximal) first",
                                   empty="a run with proximal influence scores every in-neighbour from round 0: the "
-                                        "table was replaced, or the graph has no edge to score"))
+                                        "table was replaced, or the graph has no edge to score",
+                                  enabled="proximal.enabled"))
     rounds, nodes = read_frame(run, "rounds", "incomplete run"), read_frame(run, "nodes", "incomplete run")
     if not nodes["misbehaving"].any():
         raise InputError(f"{run} has no misbehaving participants: nothing to detect (misbehavior.kind, --misbehavior)")

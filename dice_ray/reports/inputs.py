@@ -21,7 +21,8 @@ def read_columns(run: Path, name: str, empty: str | None = None) -> dict[str, np
     without rows is an ``InputError`` ending in ``empty`` where given (what the run writes there)."""
     path = run / f"{name}.parquet"
     if not path.is_file():
-        raise missing_table(path, "run the simulation with influence.enabled (--influence) first")
+        raise missing_table(path, "run the simulation with influence.enabled (--influence) first",
+                            "influence.enabled")
     table = _with_rows(read_table(path), path, empty)
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
 
@@ -46,9 +47,11 @@ def check_participants(path: Path, column: str, ids: Any, n: int, every: bool = 
                          f"{len(ids)} rows, not each once: the table was cut short or changed")
 
 
-def missing_table(path: Path, hint: str) -> InputError:
+def missing_table(path: Path, hint: str, enabled: str | None = None) -> InputError:
     """The error for a run's table ``path`` that does not exist: the run did not finish (its manifest says so: its
-    tables are written at the end), else ``hint`` (the run was made without the method that writes the table)."""
+    tables are written at the end), else ``hint`` (the run was made without the method that writes the table). With
+    ``enabled`` (the config field that turns that method on, ``influence.enabled``), an unfinished run whose recorded
+    config leaves it off gets ``hint`` too: finishing it would not write the table."""
     if not (path.parent / MANIFEST).exists():
         return not_a_run(path.parent)
     try:
@@ -59,11 +62,25 @@ def missing_table(path: Path, hint: str) -> InputError:
     if holder is not None:  # a live run: resuming it is refused, waiting is the advice
         return InputError(f"{path.parent} is still running ({holder}), and {path.name} is written when it "
                           "finishes: wait for it")
-    if status not in (None, "complete"):
+    if status not in (None, "complete") and not _left_off(path.parent, enabled):
         return InputError(f"{path.parent} is not a complete run (status {status!r}, so {path.name} is not written "
                           f"yet): finish it with dice_ray.resume({str(path.parent)!r}) (python -m "
                           f"dice_ray.simulate --resume {path.parent})")
     return InputError(f"{path} does not exist: {hint}")
+
+
+def _left_off(run: Path, enabled: str | None) -> bool:
+    """Whether ``run``'s recorded config sets the boolean field ``enabled`` (dotted) false; False where it cannot
+    tell (no field given, a config that does not read)."""
+    if enabled is None:
+        return False
+    try:
+        value: Any = recorded_config(run)
+    except (InputError, KeyError, OSError, ValueError):
+        return False
+    for part in enabled.split("."):
+        value = getattr(value, part, None)
+    return value is False
 
 
 def measured(values: np.ndarray) -> bool:
@@ -74,12 +91,12 @@ def measured(values: np.ndarray) -> bool:
     return any(v is not None for v in values)
 
 
-def read_frame(run: Path, name: str, hint: str, empty: str | None = None) -> pd.DataFrame:
-    """Return table ``name`` of ``run`` as a DataFrame; a missing table is an ``InputError`` ending in ``hint``, one
-    without rows too where ``empty`` says what the run writes there."""
+def read_frame(run: Path, name: str, hint: str, empty: str | None = None, enabled: str | None = None) -> pd.DataFrame:
+    """Return table ``name`` of ``run`` as a DataFrame; a missing table is an ``InputError`` ending in ``hint``
+    (``missing_table``, with ``enabled``), one without rows too where ``empty`` says what the run writes there."""
     path = run / f"{name}.parquet"
     if not path.is_file():
-        raise missing_table(path, hint)
+        raise missing_table(path, hint, enabled)
     return _with_rows(read_table(path), path, empty).to_pandas()
 
 

@@ -67,3 +67,28 @@ def test_a_read_only_folder_is_refused_before_any_work(tmp_path: Path) -> None:
         assert not any(folder.iterdir())
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_report_asked_to_write_into_a_read_only_run_says_so_in_one_line(tmp_path: Path) -> None:
+    """A run received on a read-only medium is read as any other; writing a report into it is an ``InputError`` that
+    names the folder, as the command line's (it was an OSError naming a hidden ``.partial`` file)."""
+    import shutil
+
+    import dice_ray
+
+    config = dice_ray.RunConfig(nodes=4, rounds=4, data={"dataset": "digits", "heldout_size": 16},
+                                influence={"enabled": True, "hops": 1, "rounds": [1]},
+                                output={"out": str(tmp_path / "run"), "progress": False})
+    dice_ray.run(config, engine="local")
+    folder = tmp_path / "ro"
+    _mount(folder, "size=16m")
+    try:
+        shutil.copytree(tmp_path / "run", folder, dirs_exist_ok=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        run = dice_ray.open_run(folder)
+        assert len(run.alignment())  # reading it needs no writing
+        with pytest.raises(dice_ray.InputError, match=f"{folder}' is not writable; the report writes there"):
+            run.alignment(write=True)
+        assert not (folder / "alignment.parquet").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

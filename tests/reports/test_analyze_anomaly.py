@@ -125,6 +125,13 @@ def test_anomaly_report_writes_table_and_png(tmp_path, capsys) -> None:
     (stopped / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
     assert analyze(["anomaly", str(stopped)]) == 2
     assert "is not a complete run" in (err := capsys.readouterr().err) and "--resume" in err
+    unfinished = tmp_path / "unfinished"  # stopped too, but made without the methods: finishing it writes no table
+    shutil.copytree(plain, unfinished)
+    manifest = json.loads((unfinished / "manifest.json").read_text())
+    (unfinished / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+    for report, flag in (("anomaly", "proximal.enabled (--proximal)"), ("alignment", "influence.enabled (--influence)")):
+        assert analyze([report, str(unfinished)]) == 2  # it said to resume, and after the resume to enable the method
+        assert flag in (err := capsys.readouterr().err) and "resume" not in err, err
     import pyarrow.parquet as pq
 
     empty = tmp_path / "empty"  # an empty proximal table: it drew an empty ROC and wrote "-" everywhere, exit 0
