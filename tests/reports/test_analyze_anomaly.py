@@ -129,7 +129,8 @@ def test_anomaly_report_writes_table_and_png(tmp_path, capsys) -> None:
     shutil.copytree(plain, unfinished)
     manifest = json.loads((unfinished / "manifest.json").read_text())
     (unfinished / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
-    for report, flag in (("anomaly", "proximal.enabled (--proximal)"), ("alignment", "influence.enabled (--influence)")):
+    for report, flag in (("anomaly", "proximal.enabled (--proximal)"),
+                         ("alignment", "influence.enabled (--influence)")):
         assert analyze([report, str(unfinished)]) == 2  # it said to resume, and after the resume to enable the method
         assert flag in (err := capsys.readouterr().err) and "resume" not in err, err
     import pyarrow.parquet as pq
