@@ -903,7 +903,7 @@ class Population:
         else:
             width = min(columns, max(256, self.mix_elements // max(rows, self.size, 1)))
         weights = pairs[0][0] if len(pairs) == 1 else self._stacked_weights([w for w, _ in pairs])
-        if self._mix_chunk is None or self._mix_chunk.shape[1] != width:
+        if self.mix_elements is None and (self._mix_chunk is None or self._mix_chunk.shape[1] != width):
             self._mix_chunk = self.state.new_empty(self.size, width)
         if len(pairs) > 1 and (self._mix_sources is None or self._mix_sources.shape != (rows, width)):
             self._mix_sources = self.state.new_empty(rows, width)
@@ -911,13 +911,17 @@ class Population:
         if len(starts) > 1 and columns - starts[-1] < MIN_MIX_COLUMNS:
             starts.pop()  # the narrow remainder joins the last full chunk
         for a, b in zip(starts, [*starts[1:], columns], strict=True):
-            # The product goes into one reused buffer: a fresh chunk per product is zero-filled first.
-            chunk = self._mix_chunk if b - a == width else self.state.new_empty(self.size, b - a)
             if len(pairs) == 1:
                 sources = pairs[0][1][:, a:b]
             else:
                 sources = self._mix_sources if b - a == width else self.state.new_empty(rows, b - a)
                 torch.cat([src[:, a:b] for _, src in pairs], out=sources)
+            if self.mix_elements is not None:  # a device's product, out of place (a CSR product with out= has no
+                # kernel on every device: PyTorch's meta device lacks one)
+                self.state[:, a:b] = torch.sparse.mm(weights, sources) if weights.is_sparse_csr else weights @ sources
+                continue
+            # The product goes into one reused buffer: a fresh chunk per product is zero-filled first.
+            chunk = self._mix_chunk if b - a == width else self.state.new_empty(self.size, b - a)
             torch.addmm(chunk, weights, sources, beta=0, out=chunk)
             self.state[:, a:b] = chunk
 
