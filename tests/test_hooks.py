@@ -354,6 +354,7 @@ def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
                           timeout=600, env=env, cwd=tmp_path)
 
 
+@pytest.mark.slow  # ~20 s (six command lines); the default run keeps CI under 20 minutes
 def test_a_method_takes_its_options_from_yaml_and_from_its_generated_flag(tmp_path: Path) -> None:
     """One file (tests/toy_method.py) adds a method with options: YAML sets them, a flag generated from the field
     overrides them, its cross-method check refuses bad input with one line, and its stage runs after training."""

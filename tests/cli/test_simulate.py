@@ -261,7 +261,8 @@ def test_a_cluster_that_cannot_hold_the_run_exits_2_before_touching_its_director
 
 @pytest.mark.parametrize(("imports", "stop", "engine"), [([], "SIGINT", "local"), (["--imports", "json"], "SIGINT",
                                                                                   "local"),
-                                                    ([], "SIGTERM", "local"), ([], "SIGTERM", "ray")])
+                                                    ([], "SIGTERM", "local"),
+                                                    pytest.param([], "SIGTERM", "ray", marks=pytest.mark.slow)])
 def test_ctrl_c_or_sigterm_is_one_line_with_how_to_resume(tmp_path: Path, imports: list[str], stop: str,
                                                           engine: str) -> None:
     """SIGINT to a running simulate (as Ctrl-C sends): one line that says how to continue, exit 130, the manifest
