@@ -916,13 +916,11 @@ class Population:
             else:
                 sources = self._mix_sources if b - a == width else self.state.new_empty(rows, b - a)
                 torch.cat([src[:, a:b] for _, src in pairs], out=sources)
-            if self.mix_elements is not None:  # a device's product, out of place (a CSR product with out= has no
-                # kernel on every device: PyTorch's meta device lacks one)
-                self.state[:, a:b] = torch.sparse.mm(weights, sources) if weights.is_sparse_csr else weights @ sources
-                continue
-            # The product goes into one reused buffer: a fresh chunk per product is zero-filled first.
-            chunk = self._mix_chunk if b - a == width else self.state.new_empty(self.size, b - a)
-            torch.addmm(chunk, weights, sources, beta=0, out=chunk)
+            if self.mix_elements is None:  # into one reused buffer: a fresh chunk per product is zero-filled first
+                chunk = self._mix_chunk if b - a == width else self.state.new_empty(self.size, b - a)
+                torch.addmm(chunk, weights, sources, beta=0, out=chunk)
+            else:  # a device's, out of place (a CSR product with out= has no kernel on PyTorch's meta device)
+                chunk = torch.sparse.mm(weights, sources) if weights.is_sparse_csr else weights @ sources
             self.state[:, a:b] = chunk
 
     def _stacked_weights(self, weights: list[torch.Tensor]) -> torch.Tensor:

@@ -55,28 +55,31 @@ def missing_table(path: Path, hint: str, enabled: str | None = None) -> InputErr
     if not (path.parent / MANIFEST).exists():
         return not_a_run(path.parent)
     try:
-        status = read_json(path.parent / MANIFEST).get("status")
+        manifest = read_json(path.parent / MANIFEST)
+        status = manifest.get("status")
     except (OSError, ValueError, AttributeError):
-        status = None
+        manifest, status = {}, None
     holder = DirectoryLock(path.parent).holder()
     if holder is not None:  # a live run: resuming it is refused, waiting is the advice
         return InputError(f"{path.parent} is still running ({holder}), and {path.name} is written when it "
                           "finishes: wait for it")
-    if status not in (None, "complete") and not _left_off(path.parent, enabled):
+    if status not in (None, "complete") and not _left_off(path.parent, manifest, enabled):
         return InputError(f"{path.parent} is not a complete run (status {status!r}, so {path.name} is not written "
                           f"yet): finish it with dice_ray.resume({str(path.parent)!r}) (python -m "
                           f"dice_ray.simulate --resume {path.parent})")
     return InputError(f"{path} does not exist: {hint}")
 
 
-def _left_off(run: Path, enabled: str | None) -> bool:
-    """Whether ``run``'s recorded config sets the boolean field ``enabled`` (dotted) false; False where it cannot
-    tell (no field given, a config that does not read)."""
+def _left_off(run: Path, manifest: dict, enabled: str | None) -> bool:
+    """Whether the config recorded in ``run``'s ``manifest`` sets the boolean field ``enabled`` (dotted) false;
+    False where it cannot tell (no field given, a config that does not read)."""
+    from dice_ray.config import read_recorded
+
     if enabled is None:
         return False
     try:
-        value: Any = recorded_config(run)
-    except (InputError, KeyError, OSError, ValueError):
+        value: Any = read_recorded(manifest["config"], f"run {str(run)!r}")
+    except (InputError, KeyError, TypeError, ValueError):
         return False
     for part in enabled.split("."):
         value = getattr(value, part, None)
